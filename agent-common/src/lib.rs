@@ -1,0 +1,197 @@
+//! The kernel <-> userspace ABI: map keys and values, verdict and action codes, and the
+//! events the eBPF programs write to the ring buffer.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding and a size assertion, because the
+//! same bytes are read by the verifier-checked kernel programs and by the daemon. The ABI
+//! version is part of the bpffs pin directory name: a daemon never reuses maps pinned by a
+//! build with a different layout.
+#![no_std]
+
+/// Bumped whenever any type in this crate changes layout or meaning.
+pub const ABI_VERSION: u32 = 1;
+
+/// Sandbox indices run from 1 to `MAX_SANDBOXES - 1`; index 0 means "no sandbox found".
+pub const MAX_SANDBOXES: u32 = 1024;
+/// Compiled policies live in numbered slots so a replacement can be written beside the
+/// old one and switched in with a single map update.
+pub const MAX_POLICY_SLOTS: u32 = 2 * MAX_SANDBOXES;
+/// Rules that can apply to one address prefix (including those inherited from shorter
+/// prefixes that contain it).
+pub const MAX_RULES_PER_PREFIX: usize = 16;
+/// Distinct prefixes over all sandboxes, per address family.
+pub const MAX_PREFIXES: u32 = 65536;
+/// How many cgroup levels above the current one the programs search for a sandbox.
+pub const MAX_CGROUP_DEPTH: u32 = 16;
+
+/// What a rule (or a sandbox default) does with a matching destination.
+pub mod action {
+    pub const ALLOW: u8 = 1;
+    pub const DENY: u8 = 2;
+    /// Allow, but record the connection as one the policy would have denied.
+    pub const AUDIT: u8 = 3;
+    /// Rewritten to the credential-injecting proxy (reserved for the proxy).
+    pub const PROXY: u8 = 4;
+    /// Rewritten to the proxy, which relays TLS unchanged (reserved for the proxy).
+    pub const PASSTHROUGH: u8 = 5;
+}
+
+/// The outcome a kernel program returned, as written into events.
+pub mod verdict {
+    pub const ALLOW: u8 = 1;
+    pub const DENY: u8 = 2;
+    /// Allowed only because the sandbox's default is `audit`.
+    pub const AUDIT: u8 = 3;
+    pub const REDIRECT: u8 = 4;
+}
+
+/// Which kernel hook made a decision.
+pub mod hook {
+    pub const CONNECT4: u8 = 1;
+    pub const CONNECT6: u8 = 2;
+    pub const SENDMSG4: u8 = 3;
+    pub const SENDMSG6: u8 = 4;
+}
+
+/// Event kinds. A retired id is never reused.
+pub mod event_kind {
+    pub const CONNECT: u16 = 1;
+}
+
+/// IP protocol numbers as they appear in `bpf_sock_addr.protocol`; 0 in a rule means any.
+pub mod proto {
+    pub const ANY: u8 = 0;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// `SANDBOXES` value: one per attached cgroup, keyed by cgroup id (the directory's inode).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SandboxInfo {
+    /// Stable index for counters and events.
+    pub index: u32,
+    /// Slot whose rules are in force.
+    pub policy_slot: u32,
+    /// `action::DENY` or `action::AUDIT`: what happens when no rule matches.
+    pub default_action: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(core::mem::size_of::<SandboxInfo>() == 16);
+
+/// One rule as the kernel sees it, after the address part has been matched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleEntry {
+    /// Inclusive port range, host byte order. 0..=65535 means any port.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// 1-based position of the rule in its policy; 0 is "the sandbox default".
+    pub rule_id: u16,
+    /// `proto::*`.
+    pub protocol: u8,
+    /// `action::*`.
+    pub action: u8,
+}
+const _: () = assert!(core::mem::size_of::<RuleEntry>() == 8);
+
+/// LPM trie value: the rules that can apply to addresses under one prefix, in the order
+/// they are tried (longest prefix first, then policy order). The first whose port and
+/// protocol match decides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixRules {
+    pub count: u32,
+    pub _pad: u32,
+    pub entries: [RuleEntry; MAX_RULES_PER_PREFIX],
+}
+const _: () = assert!(core::mem::size_of::<PrefixRules>() == 8 + 8 * MAX_RULES_PER_PREFIX);
+
+/// LPM trie key data for IPv4: the policy slot (always matched in full) then the address.
+/// Prefix length = 32 + CIDR length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V4Key {
+    /// Big-endian so the trie compares it byte by byte as a whole.
+    pub slot_be: u32,
+    pub addr: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<V4Key>() == 8);
+
+/// LPM trie key data for IPv6. Prefix length = 32 + CIDR length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V6Key {
+    pub slot_be: u32,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<V6Key>() == 20);
+
+/// Per-sandbox decision counters (a per-CPU array indexed by sandbox index).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SandboxCounters {
+    pub allowed: u64,
+    pub denied: u64,
+    pub audited: u64,
+    pub redirected: u64,
+}
+const _: () = assert!(core::mem::size_of::<SandboxCounters>() == 32);
+
+/// Common header of every ring-buffer event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// `ABI_VERSION` of the program that wrote it.
+    pub version: u16,
+    /// `event_kind::*`.
+    pub kind: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 8);
+
+/// A decision taken by connect4/6 or sendmsg4/6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectEvent {
+    pub header: EventHeader,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    pub socket_cookie: u64,
+    pub netns_cookie: u64,
+    /// Thread-group id (the process id userspace sees).
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// 0 when the cgroup was below an attached one but no sandbox was found.
+    pub sandbox_index: u32,
+    /// 1-based rule position, 0 for the default.
+    pub rule_id: u16,
+    /// Destination port, host byte order.
+    pub dst_port: u16,
+    /// 4 or 6: the socket's address family.
+    pub family: u8,
+    /// `proto::TCP` or `proto::UDP`.
+    pub protocol: u8,
+    /// `verdict::*`.
+    pub verdict: u8,
+    /// `hook::*`.
+    pub hook: u8,
+    pub comm: [u8; 16],
+    /// Destination address: 4 bytes for family 4, 16 for family 6 (network order).
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 96);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are repr(C), Copy, contain only integers and have explicit padding.
+    unsafe impl aya::Pod for SandboxInfo {}
+    unsafe impl aya::Pod for RuleEntry {}
+    unsafe impl aya::Pod for PrefixRules {}
+    unsafe impl aya::Pod for V4Key {}
+    unsafe impl aya::Pod for V6Key {}
+    unsafe impl aya::Pod for SandboxCounters {}
+    unsafe impl aya::Pod for ConnectEvent {}
+}

@@ -1,0 +1,21 @@
+//! `cgroup/connect6`: every IPv6 `connect()` from a sandbox. An AF_INET6 socket connecting
+//! to `::ffff:a.b.c.d` reaches this hook and never connect4, so mapped destinations are
+//! judged by the IPv4 policy (see `decide::v6_dest`).
+use agent_common::hook;
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+use crate::decide::{decide, ipv6, port, protocol, v6_dest, Call};
+
+#[cgroup_sock_addr(connect6)]
+pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
+    let addr = ipv6(&ctx);
+    let call = Call {
+        hook: hook::CONNECT6,
+        family: 6,
+        protocol: protocol(&ctx),
+        dest: v6_dest(addr),
+        port: port(&ctx),
+        raw_addr: addr,
+    };
+    decide(&ctx, &call)
+}

@@ -1,0 +1,258 @@
+//! The decision shared by every hook: find the sandbox, match the destination against its
+//! rules, count, and report.
+use agent_common::{
+    action, event_kind, proto, verdict, ConnectEvent, EventHeader, PrefixRules, SandboxInfo,
+    V4Key, V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX,
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+            bpf_get_socket_cookie, bpf_ktime_get_ns,
+        },
+    },
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
+    EbpfContext,
+};
+
+use crate::maps::{COUNTERS, EVENTS, LOST, RULES_V4, RULES_V6, SANDBOXES};
+
+/// Return value of a cgroup_sock_addr program: 1 lets the call proceed, 0 fails it with EPERM.
+pub const RET_ALLOW: i32 = 1;
+pub const RET_DENY: i32 = 0;
+
+/// A destination as the programs see it. IPv4-mapped IPv6 destinations are carried as
+/// their IPv4 address so both families apply the IPv4 policy.
+pub enum Dest {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+/// What the hook knows about the call being decided.
+pub struct Call {
+    pub hook: u8,
+    /// 4 or 6: the socket's family.
+    pub family: u8,
+    pub protocol: u8,
+    pub dest: Dest,
+    /// Host byte order.
+    pub port: u16,
+    /// Raw address bytes for the event (as the caller passed them).
+    pub raw_addr: [u8; 16],
+}
+
+/// Reads the protocol with a full 4-byte load; the verifier refuses narrower loads.
+#[inline(always)]
+pub fn protocol(ctx: &SockAddrContext) -> u8 {
+    // SAFETY: `sock_addr` is the context pointer the kernel passed to the program.
+    let p = unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).protocol) };
+    p as u8
+}
+
+/// The port the caller asked for, in host byte order. `user_port` holds the port in network
+/// order in its low 16 bits.
+#[inline(always)]
+pub fn port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: context pointer from the kernel.
+    let raw = unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).user_port) };
+    u16::from_be(raw as u16)
+}
+
+/// IPv4 destination bytes in network order.
+#[inline(always)]
+pub fn ipv4(ctx: &SockAddrContext) -> [u8; 4] {
+    // SAFETY: context pointer from the kernel; `user_ip4` is stored in network order.
+    let raw = unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).user_ip4) };
+    raw.to_ne_bytes()
+}
+
+/// IPv6 destination bytes in network order.
+#[inline(always)]
+pub fn ipv6(ctx: &SockAddrContext) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: context pointer from the kernel; each word is in network order.
+        let w = unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).user_ip6[i]) };
+        let b = w.to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+/// `::ffff:a.b.c.d` -> `a.b.c.d`. connect6/sendmsg6 see these for AF_INET6 sockets talking
+/// to IPv4 hosts (connect4 never runs for them), so they must get the IPv4 policy.
+#[inline(always)]
+pub fn v6_dest(addr: [u8; 16]) -> Dest {
+    let mapped = addr[0] == 0
+        && addr[1] == 0
+        && addr[2] == 0
+        && addr[3] == 0
+        && addr[4] == 0
+        && addr[5] == 0
+        && addr[6] == 0
+        && addr[7] == 0
+        && addr[8] == 0
+        && addr[9] == 0
+        && addr[10] == 0xff
+        && addr[11] == 0xff;
+    if mapped {
+        Dest::V4([addr[12], addr[13], addr[14], addr[15]])
+    } else {
+        Dest::V6(addr)
+    }
+}
+
+/// The sandbox the current task belongs to: its own cgroup, or the deepest ancestor that is
+/// a sandbox (programs attached to a cgroup also run for its descendants).
+#[inline(always)]
+fn find_sandbox() -> Option<&'static SandboxInfo> {
+    // SAFETY: helper without arguments.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the value is only read.
+    if let Some(s) = unsafe { SANDBOXES.get(&id) } {
+        return Some(s);
+    }
+    let mut found = None;
+    let mut level = 1u32;
+    while level <= MAX_CGROUP_DEPTH {
+        // SAFETY: helper taking a plain integer.
+        let anc = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if anc == 0 {
+            break;
+        }
+        // SAFETY: the value is only read.
+        if let Some(s) = unsafe { SANDBOXES.get(&anc) } {
+            found = Some(s);
+        }
+        level += 1;
+    }
+    found
+}
+
+/// The first rule under the longest matching prefix whose port and protocol match.
+#[inline(always)]
+fn match_rules(rules: &PrefixRules, port: u16, protocol: u8) -> Option<(u8, u16)> {
+    let n = rules.count as usize;
+    let mut i = 0;
+    while i < MAX_RULES_PER_PREFIX {
+        if i >= n {
+            break;
+        }
+        let r = &rules.entries[i];
+        if (r.protocol == proto::ANY || r.protocol == protocol)
+            && port >= r.port_lo
+            && port <= r.port_hi
+        {
+            return Some((r.action, r.rule_id));
+        }
+        i += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn lookup(slot: u32, dest: &Dest) -> Option<&'static PrefixRules> {
+    match dest {
+        Dest::V4(addr) => {
+            let key = Key::new(64, V4Key { slot_be: slot.to_be(), addr: *addr });
+            RULES_V4.get(&key)
+        }
+        Dest::V6(addr) => {
+            let key = Key::new(160, V6Key { slot_be: slot.to_be(), addr: *addr });
+            RULES_V6.get(&key)
+        }
+    }
+}
+
+/// Decides one call. Returns the program's return value.
+#[inline(always)]
+pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
+    let (index, verdict, rule_id) = match find_sandbox() {
+        // Only reachable below an attached cgroup whose sandbox entry is gone: deny.
+        None => (0, verdict::DENY, 0),
+        Some(sb) => {
+            let matched = lookup(sb.policy_slot, &call.dest)
+                .and_then(|rules| match_rules(rules, call.port, call.protocol));
+            match matched {
+                Some((action::ALLOW, id)) => (sb.index, verdict::ALLOW, id),
+                Some((action::DENY, id)) => (sb.index, verdict::DENY, id),
+                // Actions this build does not implement in the kernel deny.
+                Some((_, id)) => (sb.index, verdict::DENY, id),
+                None if sb.default_action == action::AUDIT => (sb.index, verdict::AUDIT, 0),
+                None => (sb.index, verdict::DENY, 0),
+            }
+        }
+    };
+    count(index, verdict);
+    report(ctx, call, index, verdict, rule_id);
+    if verdict == verdict::DENY {
+        RET_DENY
+    } else {
+        RET_ALLOW
+    }
+}
+
+#[inline(always)]
+fn count(index: u32, v: u8) {
+    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, so no other writer runs concurrently on this CPU's copy.
+        unsafe {
+            match v {
+                verdict::ALLOW => (*c).allowed += 1,
+                verdict::AUDIT => (*c).audited += 1,
+                verdict::REDIRECT => (*c).redirected += 1,
+                _ => (*c).denied += 1,
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn report(ctx: &SockAddrContext, call: &Call, index: u32, v: u8, rule_id: u16) {
+    let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
+        if let Some(lost) = LOST.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot.
+            unsafe { *lost += 1 };
+        }
+        return;
+    };
+    // SAFETY: helpers valid in cgroup_sock_addr programs on the kernels the daemon accepts.
+    let (ts_ns, cgroup_id, socket_cookie, netns_cookie) = unsafe {
+        (
+            bpf_ktime_get_ns(),
+            bpf_get_current_cgroup_id(),
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_netns_cookie(ctx.as_ptr()),
+        )
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let ev = ConnectEvent {
+        header: EventHeader { version: ABI_VERSION as u16, kind: event_kind::CONNECT, _pad: 0 },
+        ts_ns,
+        cgroup_id,
+        socket_cookie,
+        netns_cookie,
+        pid: (pid_tgid >> 32) as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        sandbox_index: index,
+        rule_id,
+        dst_port: call.port,
+        family: call.family,
+        protocol: call.protocol,
+        verdict: v,
+        hook: call.hook,
+        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+        addr: call.raw_addr,
+    };
+    entry.write(ev);
+    entry.submit(0);
+}

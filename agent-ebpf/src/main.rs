@@ -1,0 +1,26 @@
+//! Kernel programs that confine sandbox cgroups.
+//!
+//! Each program is attached to every sandbox's cgroup v2 directory and decides every
+//! `connect()` (TCP and connected UDP) and every unconnected UDP `sendmsg()` against the
+//! sandbox's compiled rules, writes the decision to the ring buffer, and returns the verdict.
+//! The verdict never depends on whether the event could be delivered, and every error path
+//! denies.
+#![no_std]
+#![no_main]
+
+mod connect4;
+mod connect6;
+mod decide;
+mod maps;
+mod sendmsg4;
+mod sendmsg6;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

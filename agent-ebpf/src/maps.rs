@@ -1,0 +1,39 @@
+//! Maps shared by the programs. All are pinned by name under the daemon's versioned bpffs
+//! directory, so enforcement and its counters survive the daemon.
+use agent_common::{
+    ConnectEvent, PrefixRules, SandboxCounters, SandboxInfo, V4Key, V6Key, MAX_PREFIXES,
+    MAX_SANDBOXES,
+};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+
+/// cgroup id -> sandbox.
+#[map]
+pub static SANDBOXES: HashMap<u64, SandboxInfo> = HashMap::pinned(MAX_SANDBOXES, 0);
+
+/// (policy slot, IPv4 prefix) -> rules for that prefix.
+#[map]
+pub static RULES_V4: LpmTrie<V4Key, PrefixRules> = LpmTrie::pinned(MAX_PREFIXES, 0);
+
+/// (policy slot, IPv6 prefix) -> rules for that prefix.
+#[map]
+pub static RULES_V6: LpmTrie<V6Key, PrefixRules> = LpmTrie::pinned(MAX_PREFIXES, 0);
+
+/// Per-sandbox decision counters, indexed by sandbox index.
+#[map]
+pub static COUNTERS: PerCpuArray<SandboxCounters> = PerCpuArray::pinned(MAX_SANDBOXES, 0);
+
+/// Events that could not be reserved in `EVENTS` (index 0). The daemon reports increases.
+#[map]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// Decision events for the audit log. 4 MiB holds ~40k events while the daemon is away.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::pinned(
+    (4 << 20) as u32,
+    0,
+);
+
+const _: () = assert!(core::mem::size_of::<ConnectEvent>() % 8 == 0);

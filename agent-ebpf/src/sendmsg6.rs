@@ -1,0 +1,20 @@
+//! `cgroup/sendmsg6`: unconnected UDP sends with an IPv6 address, including v4-mapped
+//! destinations from dual-stack sockets (judged by the IPv4 policy).
+use agent_common::hook;
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+use crate::decide::{decide, ipv6, port, protocol, v6_dest, Call};
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let addr = ipv6(&ctx);
+    let call = Call {
+        hook: hook::SENDMSG6,
+        family: 6,
+        protocol: protocol(&ctx),
+        dest: v6_dest(addr),
+        port: port(&ctx),
+        raw_addr: addr,
+    };
+    decide(&ctx, &call)
+}

@@ -1,0 +1,1 @@
+//! The JSONL audit trail.

@@ -1,0 +1,8 @@
+//! `egress`: the library behind `egressd` (the privileged daemon) and `egressctl`.
+//!
+//! Modules by concern: `policy` turns policy files into checked rules and kernel map
+//! entries; `bpf` loads, pins and attaches the kernel programs and reads their events;
+//! `audit` writes the JSONL audit trail; `control` is the daemon's Unix-socket protocol;
+//! `daemon` ties them together.
+pub mod audit;
+pub mod policy;
