@@ -5,8 +5,7 @@
 //! sandbox's compiled rules, writes the decision to the ring buffer, and returns the verdict.
 //! The verdict never depends on whether the event could be delivered, and every error path
 //! denies.
-#![no_std]
-#![no_main]
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 mod connect4;
 mod connect6;
@@ -15,7 +14,7 @@ mod maps;
 mod sendmsg4;
 mod sendmsg6;
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
@@ -24,3 +23,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// Built for the host only so `cargo build --workspace` works; the programs run in the kernel.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
