@@ -40,7 +40,9 @@ fn main() -> anyhow::Result<()> {
 
 fn rustup(args: &[&str]) -> Option<String> {
     let out = Command::new("rustup").args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn choose_toolchain() -> anyhow::Result<String> {
@@ -50,7 +52,10 @@ fn choose_toolchain() -> anyhow::Result<String> {
     let list = rustup(&["toolchain", "list"]).ok_or_else(|| {
         anyhow!("rustup is needed to build the eBPF programs; run scripts/setup.sh as root")
     })?;
-    if list.lines().any(|l| l.split_whitespace().next() == Some("bpf")) {
+    if list
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some("bpf"))
+    {
         return Ok("bpf".into());
     }
     if list.lines().any(|l| l.starts_with("nightly"))
@@ -70,18 +75,29 @@ fn llvm_dir_for(toolchain: &str) -> anyhow::Result<Option<PathBuf>> {
     let Some(rustc) = rustup(&["which", "--toolchain", toolchain, "rustc"]) else {
         return Ok(None);
     };
-    let out = Command::new("ldd").arg(rustc.trim()).output().context("running ldd")?;
+    let out = Command::new("ldd")
+        .arg(rustc.trim())
+        .output()
+        .context("running ldd")?;
     let ldd = String::from_utf8_lossy(&out.stdout);
     let Some(lib) = ldd
         .lines()
         .filter(|l| l.trim_start().starts_with("libLLVM"))
-        .find_map(|l| l.split("=>").nth(1)?.split_whitespace().next().map(PathBuf::from))
+        .find_map(|l| {
+            l.split("=>")
+                .nth(1)?
+                .split_whitespace()
+                .next()
+                .map(PathBuf::from)
+        })
     else {
         return Ok(None);
     };
     let dir = PathBuf::from(env::var("OUT_DIR")?).join("llvm");
     fs::create_dir_all(&dir)?;
-    let name = lib.file_name().ok_or_else(|| anyhow!("odd libLLVM path {lib:?}"))?;
+    let name = lib
+        .file_name()
+        .ok_or_else(|| anyhow!("odd libLLVM path {lib:?}"))?;
     let link = dir.join(name);
     let _ = fs::remove_file(&link);
     std::os::unix::fs::symlink(&lib, &link).with_context(|| format!("linking {link:?}"))?;

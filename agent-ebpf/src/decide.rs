@@ -1,8 +1,8 @@
 //! The decision shared by every hook: find the sandbox, match the destination against its
 //! rules, count, and report.
 use agent_common::{
-    action, event_kind, proto, verdict, ConnectEvent, EventHeader, PrefixRules, SandboxInfo,
-    V4Key, V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX,
+    action, event_kind, proto, verdict, ConnectEvent, EventHeader, PrefixRules, SandboxInfo, V4Key,
+    V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX,
 };
 use aya_ebpf::{
     helpers::{
@@ -161,11 +161,23 @@ fn match_rules(rules: &PrefixRules, port: u16, protocol: u8) -> Option<(u8, u16)
 fn lookup(slot: u32, dest: &Dest) -> Option<&'static PrefixRules> {
     match dest {
         Dest::V4(addr) => {
-            let key = Key::new(64, V4Key { slot_be: slot.to_be(), addr: *addr });
+            let key = Key::new(
+                64,
+                V4Key {
+                    slot_be: slot.to_be(),
+                    addr: *addr,
+                },
+            );
             RULES_V4.get(&key)
         }
         Dest::V6(addr) => {
-            let key = Key::new(160, V6Key { slot_be: slot.to_be(), addr: *addr });
+            let key = Key::new(
+                160,
+                V6Key {
+                    slot_be: slot.to_be(),
+                    addr: *addr,
+                },
+            );
             RULES_V6.get(&key)
         }
     }
@@ -235,7 +247,11 @@ fn report(ctx: &SockAddrContext, call: &Call, index: u32, v: u8, rule_id: u16) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
     let ev = ConnectEvent {
-        header: EventHeader { version: ABI_VERSION as u16, kind: event_kind::CONNECT, _pad: 0 },
+        header: EventHeader {
+            version: ABI_VERSION as u16,
+            kind: event_kind::CONNECT,
+            _pad: 0,
+        },
         ts_ns,
         cgroup_id,
         socket_cookie,

@@ -31,9 +31,6 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
 /// Decision events for the audit log. 4 MiB holds ~40k events while the daemon is away.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::pinned(
-    (4 << 20) as u32,
-    0,
-);
+pub static EVENTS: RingBuf = RingBuf::pinned((4 << 20) as u32, 0);
 
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() % 8 == 0);

@@ -5,4 +5,8 @@
 //! `audit` writes the JSONL audit trail; `control` is the daemon's Unix-socket protocol;
 //! `daemon` ties them together.
 pub mod audit;
+pub mod bpf;
+pub mod cgroup;
+pub mod control;
+pub mod daemon;
 pub mod policy;

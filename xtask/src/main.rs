@@ -1,1 +1,46 @@
-fn main() {}
+//! Developer tasks: `cargo xtask build | test | demo | bench connect`. Run through
+//! `./dev.sh`, which first installs what is missing (scripts/setup.sh).
+mod bench;
+mod cmd;
+mod demo;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Build, test, demo and benchmark egressd")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the daemon, the CLI and the test harness.
+    Build,
+    /// Run every test: formatting, lints, unit tests, policy tests, privileged end-to-end tests.
+    Test {
+        /// Only run end-to-end tests whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Skip formatting and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Build, make a sandbox and a small fake internet, confine it, and show the audit log.
+    Demo,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Build => cmd::build(),
+        Command::Test { filter, no_lint } => test::run_all(filter.as_deref(), no_lint),
+        Command::Demo => demo::run(),
+        Command::Bench { which } => bench::run(which),
+    }
+}

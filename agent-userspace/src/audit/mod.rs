@@ -1,1 +1,23 @@
-//! The JSONL audit trail.
+//! The JSONL audit trail a SIEM ingests: one Elastic Common Schema JSON object per line,
+//! built only from typed records ([`Record`]) and written only by [`AuditWriter`], which
+//! numbers every line (`event.sequence`) and appends it with a single `write(2)`. The
+//! daemon sends records through a cloneable [`AuditHandle`] to an [`AuditTask`];
+//! [`ClockOffset`] turns kernel event times into `@timestamp`s. The format is pinned by
+//! `schema/audit-record.schema.json`, which the tests validate every record kind against.
+
+mod clock;
+mod record;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+pub use clock::ClockOffset;
+pub use record::{
+    action, format_timestamp, ConnectionId, DaemonStart, DaemonStop, DecodeError, EncodeError,
+    EventsLost, Hook, NetworkDecision, PolicyChange, PolicyDigest, PolicyRejected, Record, RuleRef,
+    SandboxLifecycle, SocketFamily, StopReason, Verdict, ECS_VERSION, PRODUCT, VERSION,
+};
+pub use writer::{
+    AuditError, AuditHandle, AuditLog, AuditSink, AuditSummary, AuditTask, AuditWriter, LogTail,
+};

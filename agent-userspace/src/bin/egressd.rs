@@ -1,1 +1,126 @@
-fn main() {}
+//! `egressd`: the privileged daemon that confines sandbox cgroups.
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use egress::{
+    control::DEFAULT_SOCKET,
+    daemon::{self, DaemonOptions},
+};
+use serde::Deserialize;
+
+#[derive(Parser)]
+#[command(
+    name = "egressd",
+    version,
+    about = "Confine sandbox cgroups' network egress with eBPF and audit every decision"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground (as root).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Daemon configuration file (YAML); command-line options override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Audit log file (JSONL), or `-` for stdout [default: /var/log/egressd/audit.jsonl].
+    #[arg(long)]
+    audit_log: Option<String>,
+    /// Control socket [default: /run/egressd/egressd.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Directory on bpffs for pinned maps and links [default: /sys/fs/bpf/egressd].
+    #[arg(long)]
+    bpffs: Option<PathBuf>,
+    /// Directory for the daemon's state [default: /var/lib/egressd].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+/// `--config` file. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    /// Audit log path, or `-` for stdout.
+    audit_log: Option<String>,
+    /// Control socket path.
+    socket: Option<PathBuf>,
+    /// bpffs directory for pins.
+    bpffs: Option<PathBuf>,
+    /// State directory.
+    state_dir: Option<PathBuf>,
+}
+
+fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            serde_yaml_ng::from_str::<ConfigFile>(&text).map_err(|e| {
+                let at = e
+                    .location()
+                    .map(|l| format!(":{}:{}", l.line(), l.column()))
+                    .unwrap_or_default();
+                anyhow::anyhow!("{}{at}: {e}", path.display())
+            })?
+        }
+        None => ConfigFile::default(),
+    };
+    Ok(DaemonOptions {
+        audit_log: args
+            .audit_log
+            .or(file.audit_log)
+            .unwrap_or_else(|| "/var/log/egressd/audit.jsonl".into()),
+        socket: args
+            .socket
+            .or(file.socket)
+            .unwrap_or_else(|| DEFAULT_SOCKET.into()),
+        bpffs: args
+            .bpffs
+            .or(file.bpffs)
+            .unwrap_or_else(|| "/sys/fs/bpf/egressd".into()),
+        state_dir: args
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| "/var/lib/egressd".into()),
+    })
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let Command::Run(args) = Cli::parse().command;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "egressd: must run as root (it loads eBPF programs and attaches them to cgroups)"
+        );
+        return ExitCode::FAILURE;
+    }
+    let result = options(args).and_then(|opts| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(daemon::run(opts))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("egressd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,931 @@
+//! Typed audit records and their encoding as one Elastic Common Schema (ECS) JSON object.
+//!
+//! The daemon builds a [`Record`] from typed values; the writer assigns the sequence
+//! number and calls [`Record::encode`]. Fields ECS defines keep their ECS names and
+//! nesting (`event.outcome`, `destination.ip`, `process.pid`, ...); everything else lives
+//! under `egress`. `schema/audit-record.schema.json` describes every kind and is checked
+//! against the encoder by the tests.
+//!
+//! Records must be built only from typed, non-secret data: names, ids, addresses, digests
+//! and error messages that themselves never carry a secret value. There is deliberately no
+//! field for free-form payloads, headers or credential material.
+
+use std::{borrow::Cow, fmt, net::IpAddr, path::PathBuf};
+
+use agent_common::{hook, verdict, ConnectEvent};
+use serde::{Serialize, Serializer};
+use sha2::{Digest, Sha256};
+use time::{format_description::FormatItem, macros::format_description, OffsetDateTime, UtcOffset};
+
+use super::clock::ClockOffset;
+
+/// `observer.product` of every record.
+pub const PRODUCT: &str = "egressd";
+/// `observer.version` of every record: the version of this build.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// `ecs.version`: the ECS release whose field definitions and allowed values we follow.
+pub const ECS_VERSION: &str = "8.11.0";
+
+/// `event.action` values, one per record kind.
+pub mod action {
+    pub const CONNECT: &str = "connect";
+    pub const SENDMSG: &str = "sendmsg";
+    pub const EVENTS_LOST: &str = "events-lost";
+    pub const DAEMON_START: &str = "daemon-start";
+    pub const DAEMON_STOP: &str = "daemon-stop";
+    pub const SANDBOX_ATTACH: &str = "sandbox-attach";
+    pub const SANDBOX_DETACH: &str = "sandbox-detach";
+    pub const SANDBOX_ADOPT: &str = "sandbox-adopt";
+    pub const POLICY_CHANGE: &str = "policy-change";
+    pub const POLICY_REJECTED: &str = "policy-rejected";
+}
+
+/// Microseconds, always six digits, so lines sort and compare as text.
+const TIMESTAMP_FORMAT: &[FormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+
+/// One audit record. The writer adds `@timestamp` formatting, `event.sequence`, `ecs` and
+/// `observer`; everything else comes from the variant.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    /// A connect or sendmsg decision reported by a kernel program.
+    Network(NetworkDecision),
+    /// Kernel events that could not be delivered to the daemon.
+    EventsLost(EventsLost),
+    DaemonStart(DaemonStart),
+    DaemonStop(DaemonStop),
+    /// A cgroup was put under a policy.
+    SandboxAttach(SandboxLifecycle),
+    /// A cgroup was released (its programs and map entries removed).
+    SandboxDetach(SandboxLifecycle),
+    /// A restarted daemon took over a sandbox its predecessor attached.
+    SandboxAdopt(SandboxLifecycle),
+    PolicyChange(PolicyChange),
+    /// A new policy was refused; the sandbox keeps its previous one.
+    PolicyRejected(PolicyRejected),
+}
+
+impl Record {
+    /// The event time the record carries (not the time it is written).
+    pub fn time(&self) -> OffsetDateTime {
+        match self {
+            Self::Network(r) => r.time,
+            Self::EventsLost(r) => r.time,
+            Self::DaemonStart(r) => r.time,
+            Self::DaemonStop(r) => r.time,
+            Self::SandboxAttach(r) | Self::SandboxDetach(r) | Self::SandboxAdopt(r) => r.time,
+            Self::PolicyChange(r) => r.time,
+            Self::PolicyRejected(r) => r.time,
+        }
+    }
+
+    /// `event.action`.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Self::Network(r) => r.hook.action(),
+            Self::EventsLost(_) => action::EVENTS_LOST,
+            Self::DaemonStart(_) => action::DAEMON_START,
+            Self::DaemonStop(_) => action::DAEMON_STOP,
+            Self::SandboxAttach(_) => action::SANDBOX_ATTACH,
+            Self::SandboxDetach(_) => action::SANDBOX_DETACH,
+            Self::SandboxAdopt(_) => action::SANDBOX_ADOPT,
+            Self::PolicyChange(_) => action::POLICY_CHANGE,
+            Self::PolicyRejected(_) => action::POLICY_REJECTED,
+        }
+    }
+
+    /// Serialises the record as one JSON object followed by `\n`. serde_json escapes every
+    /// control character inside strings, so the only newline is the terminator.
+    pub fn encode(&self, sequence: u64) -> Result<Vec<u8>, EncodeError> {
+        let wire = self.to_wire(sequence)?;
+        let mut buf = Vec::with_capacity(768);
+        serde_json::to_writer(&mut buf, &wire).map_err(|source| EncodeError::Json {
+            action: self.action(),
+            source,
+        })?;
+        buf.push(b'\n');
+        Ok(buf)
+    }
+
+    fn to_wire(&self, sequence: u64) -> Result<Wire<'_>, EncodeError> {
+        let action = self.action();
+        let mut wire = Wire {
+            timestamp: format_timestamp(self.time(), action, "@timestamp")?,
+            ecs: Ecs {
+                version: ECS_VERSION,
+            },
+            event: WireEvent {
+                kind: "event",
+                category: ["configuration"],
+                type_: &["info"],
+                action,
+                outcome: Outcome::Success,
+                reason: None,
+                sequence,
+            },
+            observer: Observer {
+                product: PRODUCT,
+                version: VERSION,
+            },
+            process: None,
+            user: None,
+            group: None,
+            network: None,
+            destination: None,
+            rule: None,
+            error: None,
+            egress: WireEgress::default(),
+        };
+        match self {
+            Self::Network(r) => r.fill(&mut wire),
+            Self::EventsLost(r) => {
+                wire.event.category = ["network"];
+                wire.event.type_ = &["error"];
+                wire.event.outcome = Outcome::Failure;
+                wire.egress.lost = Some(WireLost {
+                    count: r.count,
+                    total: r.total,
+                });
+            }
+            Self::DaemonStart(r) => {
+                wire.event.category = ["process"];
+                wire.event.type_ = &["start"];
+                wire.process = Some(WireProcess {
+                    pid: r.pid,
+                    name: Some(PRODUCT),
+                });
+                wire.egress.daemon = Some(WireDaemon {
+                    adopted_sandboxes: r.adopted_sandboxes,
+                });
+                if let Some(previous_seen) = r.previous_seen {
+                    wire.egress.gap = Some(WireGap {
+                        previous_seen: format_timestamp(
+                            previous_seen,
+                            action,
+                            "egress.gap.previous_seen",
+                        )?,
+                        // Microseconds, like the timestamps it is computed from.
+                        seconds: (r.time - previous_seen).whole_microseconds() as f64 / 1e6,
+                    });
+                }
+            }
+            Self::DaemonStop(r) => {
+                wire.event.category = ["process"];
+                wire.event.type_ = &["end"];
+                wire.event.outcome = r.reason.outcome();
+                wire.event.reason = Some(r.reason.as_str());
+                wire.process = Some(WireProcess {
+                    pid: r.pid,
+                    name: Some(PRODUCT),
+                });
+            }
+            Self::SandboxAttach(r) => r.fill(&mut wire, &["creation"]),
+            Self::SandboxDetach(r) => r.fill(&mut wire, &["deletion"]),
+            // The sandbox already existed; what changed is who confines it.
+            Self::SandboxAdopt(r) => r.fill(&mut wire, &["change"]),
+            Self::PolicyChange(r) => {
+                wire.event.type_ = &["change"];
+                wire.egress.sandbox = Some(WireSandbox::named(&r.sandbox));
+                wire.egress.policy = Some(WirePolicy {
+                    path: r.policy_path.to_string_lossy(),
+                    digest: Some(&r.digest),
+                    previous_digest: Some(&r.previous_digest),
+                });
+            }
+            Self::PolicyRejected(r) => {
+                wire.event.type_ = &["change"];
+                wire.event.outcome = Outcome::Failure;
+                wire.egress.sandbox = Some(WireSandbox::named(&r.sandbox));
+                wire.egress.policy = Some(WirePolicy {
+                    path: r.policy_path.to_string_lossy(),
+                    digest: r.policy_digest.as_ref(),
+                    previous_digest: None,
+                });
+                wire.error = Some(WireError { message: &r.error });
+            }
+        }
+        Ok(wire)
+    }
+}
+
+macro_rules! impl_from {
+    ($($ty:ident => $variant:ident),* $(,)?) => {
+        $(impl From<$ty> for Record {
+            fn from(r: $ty) -> Self {
+                Self::$variant(r)
+            }
+        })*
+    };
+}
+impl_from!(
+    NetworkDecision => Network,
+    EventsLost => EventsLost,
+    DaemonStart => DaemonStart,
+    DaemonStop => DaemonStop,
+    PolicyChange => PolicyChange,
+    PolicyRejected => PolicyRejected,
+);
+
+/// Why a record could not be encoded. Carries the action so the message says which
+/// record was dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("{action} record: {field} {value} is outside the years 0000-9999 RFC 3339 allows")]
+    TimestampRange {
+        action: &'static str,
+        field: &'static str,
+        value: OffsetDateTime,
+    },
+    #[error("{action} record: formatting {field}: {source}")]
+    Timestamp {
+        action: &'static str,
+        field: &'static str,
+        #[source]
+        source: time::error::Format,
+    },
+    #[error("{action} record: serialising JSON: {source}")]
+    Json {
+        action: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// RFC 3339 in UTC with exactly six sub-second digits, e.g. `2026-11-21T22:03:04.123456Z`.
+pub fn format_timestamp(
+    t: OffsetDateTime,
+    action: &'static str,
+    field: &'static str,
+) -> Result<String, EncodeError> {
+    let utc = t.to_offset(UtcOffset::UTC);
+    if !(0..=9999).contains(&utc.year()) {
+        return Err(EncodeError::TimestampRange {
+            action,
+            field,
+            value: t,
+        });
+    }
+    utc.format(TIMESTAMP_FORMAT)
+        .map_err(|source| EncodeError::Timestamp {
+            action,
+            field,
+            source,
+        })
+}
+
+// ---------------------------------------------------------------------------------------
+// Record kinds
+// ---------------------------------------------------------------------------------------
+
+/// A connect/sendmsg decision taken by a kernel program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkDecision {
+    /// When the kernel decided (see [`ClockOffset`] to convert `bpf_ktime_get_ns`).
+    pub time: OffsetDateTime,
+    /// `egress.sandbox.name`.
+    pub sandbox: String,
+    /// `egress.sandbox.cgroup_id`: the cgroup the socket's task was in.
+    pub cgroup_id: u64,
+    /// `process.pid` (thread-group id).
+    pub pid: u32,
+    /// `process.name`: the task's `comm`.
+    pub process_name: String,
+    /// `user.id`.
+    pub uid: u32,
+    /// `group.id`.
+    pub gid: u32,
+    /// `egress.socket.cookie`.
+    pub socket_cookie: u64,
+    /// `egress.netns.cookie`.
+    pub netns_cookie: u64,
+    /// `egress.hook`; also decides `event.action` and `egress.socket.family`.
+    pub hook: Hook,
+    /// IANA protocol number (`network.iana_number`, and `network.transport` when known).
+    pub protocol: u8,
+    /// `destination.ip` as the socket saw it; an IPv4-mapped IPv6 address is recorded as
+    /// the IPv4 address it maps (with `network.type` `ipv4`).
+    pub destination_ip: IpAddr,
+    /// `destination.port`.
+    pub destination_port: u16,
+    /// `egress.verdict`; also decides `event.outcome`.
+    pub verdict: Verdict,
+    /// `rule.name`.
+    pub rule: RuleRef,
+}
+
+impl NetworkDecision {
+    /// Converts a kernel event. The sandbox and rule names come from the daemon's tables,
+    /// since the kernel only knows indices.
+    pub fn from_event(
+        event: &ConnectEvent,
+        clock: &ClockOffset,
+        sandbox: String,
+        rule: RuleRef,
+    ) -> Result<Self, DecodeError> {
+        let hook = Hook::from_abi(event.hook).ok_or(DecodeError::Hook(event.hook))?;
+        let verdict =
+            Verdict::from_abi(event.verdict).ok_or(DecodeError::Verdict(event.verdict))?;
+        let destination_ip = match (hook.family(), event.family) {
+            (SocketFamily::Inet, 4) => {
+                let [a, b, c, d, ..] = event.addr;
+                IpAddr::from([a, b, c, d])
+            }
+            (SocketFamily::Inet6, 6) => IpAddr::from(event.addr),
+            (_, family) => return Err(DecodeError::Family { hook, family }),
+        };
+        let comm_len = event
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(event.comm.len());
+        Ok(Self {
+            time: clock.to_wall(event.ts_ns),
+            sandbox,
+            cgroup_id: event.cgroup_id,
+            pid: event.pid,
+            process_name: String::from_utf8_lossy(&event.comm[..comm_len]).into_owned(),
+            uid: event.uid,
+            gid: event.gid,
+            socket_cookie: event.socket_cookie,
+            netns_cookie: event.netns_cookie,
+            hook,
+            protocol: event.protocol,
+            destination_ip,
+            destination_port: event.dst_port,
+            verdict,
+            rule,
+        })
+    }
+
+    /// `egress.connection.id`.
+    pub fn connection_id(&self) -> ConnectionId {
+        ConnectionId::new(self.netns_cookie, self.socket_cookie)
+    }
+
+    fn fill<'a>(&'a self, wire: &mut Wire<'a>) {
+        let ip = self.destination_ip.to_canonical();
+        wire.event.category = ["network"];
+        wire.event.type_ = match self.verdict {
+            Verdict::Deny => &["connection", "denied"],
+            Verdict::Allow | Verdict::Audit | Verdict::Redirect => &["connection", "allowed"],
+        };
+        wire.event.outcome = self.verdict.outcome();
+        wire.process = Some(WireProcess {
+            pid: self.pid,
+            name: Some(&self.process_name),
+        });
+        wire.user = Some(WireId {
+            id: self.uid.to_string(),
+        });
+        wire.group = Some(WireId {
+            id: self.gid.to_string(),
+        });
+        wire.network = Some(WireNetwork {
+            type_: if ip.is_ipv4() { "ipv4" } else { "ipv6" },
+            transport: transport_name(self.protocol),
+            iana_number: self.protocol.to_string(),
+        });
+        wire.destination = Some(WireDestination {
+            ip,
+            port: self.destination_port,
+        });
+        wire.rule = Some(WireRule {
+            name: self.rule.name(),
+        });
+        wire.egress.sandbox = Some(WireSandbox {
+            name: &self.sandbox,
+            cgroup_id: Some(self.cgroup_id),
+            cgroup_path: None,
+        });
+        wire.egress.socket = Some(WireSocket {
+            cookie: self.socket_cookie,
+            family: self.hook.family(),
+        });
+        wire.egress.netns = Some(WireNetns {
+            cookie: self.netns_cookie,
+        });
+        wire.egress.hook = Some(self.hook);
+        wire.egress.verdict = Some(self.verdict);
+        wire.egress.connection = Some(WireConnection {
+            id: self.connection_id(),
+        });
+    }
+}
+
+/// A kernel event the daemon cannot turn into a [`NetworkDecision`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("unknown hook id {0} in kernel event (known: 1-4)")]
+    Hook(u8),
+    #[error("unknown verdict id {0} in kernel event (known: 1-4)")]
+    Verdict(u8),
+    #[error("kernel event from {hook} carries address family {family}, expected {}", hook.family().abi())]
+    Family { hook: Hook, family: u8 },
+}
+
+/// Kernel events that could not be delivered (ring buffer full, or dropped while no daemon
+/// was reading).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventsLost {
+    pub time: OffsetDateTime,
+    /// `egress.lost.count`: lost since the previous `events-lost` record.
+    pub count: u64,
+    /// `egress.lost.total`: lost since the counters were created.
+    pub total: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonStart {
+    pub time: OffsetDateTime,
+    /// `process.pid` of the daemon.
+    pub pid: u32,
+    /// `egress.daemon.adopted_sandboxes`: sandboxes taken over from a previous run.
+    pub adopted_sandboxes: u32,
+    /// `egress.gap.previous_seen`: set only after an unclean stop, to the last time the
+    /// previous daemon was known alive; `egress.gap.seconds` is computed from it.
+    pub previous_seen: Option<OffsetDateTime>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonStop {
+    pub time: OffsetDateTime,
+    /// `process.pid` of the daemon.
+    pub pid: u32,
+    /// `event.reason`.
+    pub reason: StopReason,
+}
+
+/// Why the daemon stops: `event.reason` of a `daemon-stop` record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// Asked to over the control socket.
+    Request,
+    /// A fatal error; `event.outcome` is `failure`.
+    Error,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Signal => "signal",
+            Self::Request => "request",
+            Self::Error => "error",
+        }
+    }
+
+    fn outcome(self) -> Outcome {
+        match self {
+            Self::Signal | Self::Request => Outcome::Success,
+            Self::Error => Outcome::Failure,
+        }
+    }
+}
+
+/// Body of `sandbox-attach`, `sandbox-detach` and `sandbox-adopt`; wrap it with
+/// [`Record::SandboxAttach`] and friends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxLifecycle {
+    pub time: OffsetDateTime,
+    /// `egress.sandbox.name`.
+    pub sandbox: String,
+    /// `egress.sandbox.cgroup_path`.
+    pub cgroup_path: PathBuf,
+    /// `egress.sandbox.cgroup_id`.
+    pub cgroup_id: u64,
+    /// `egress.policy.path`.
+    pub policy_path: PathBuf,
+    /// `egress.policy.digest`.
+    pub policy_digest: PolicyDigest,
+}
+
+impl SandboxLifecycle {
+    fn fill<'a>(&'a self, wire: &mut Wire<'a>, type_: &'static [&'static str]) {
+        wire.event.type_ = type_;
+        wire.egress.sandbox = Some(WireSandbox {
+            name: &self.sandbox,
+            cgroup_id: Some(self.cgroup_id),
+            cgroup_path: Some(self.cgroup_path.to_string_lossy()),
+        });
+        wire.egress.policy = Some(WirePolicy {
+            path: self.policy_path.to_string_lossy(),
+            digest: Some(&self.policy_digest),
+            previous_digest: None,
+        });
+    }
+}
+
+/// A sandbox's policy was replaced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyChange {
+    pub time: OffsetDateTime,
+    /// `egress.sandbox.name`.
+    pub sandbox: String,
+    /// `egress.policy.path` of the new policy.
+    pub policy_path: PathBuf,
+    /// `egress.policy.previous_digest`.
+    pub previous_digest: PolicyDigest,
+    /// `egress.policy.digest`.
+    pub digest: PolicyDigest,
+}
+
+/// A policy was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyRejected {
+    pub time: OffsetDateTime,
+    /// `egress.sandbox.name` the policy was meant for.
+    pub sandbox: String,
+    /// `egress.policy.path`.
+    pub policy_path: PathBuf,
+    /// `egress.policy.digest` of the refused contents, when they could be read.
+    pub policy_digest: Option<PolicyDigest>,
+    /// `error.message`: the policy compiler's message (file, line, field, what is valid).
+    /// Policy errors never quote credential values, which live outside policy files.
+    pub error: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// Value types
+// ---------------------------------------------------------------------------------------
+
+/// `egress.verdict`: what the kernel program returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Allowed only because the sandbox default is `audit`; the policy would have denied it.
+    Audit,
+    /// Rewritten to the local proxy.
+    Redirect,
+}
+
+impl Verdict {
+    /// From `agent_common::verdict::*`.
+    pub fn from_abi(v: u8) -> Option<Self> {
+        match v {
+            verdict::ALLOW => Some(Self::Allow),
+            verdict::DENY => Some(Self::Deny),
+            verdict::AUDIT => Some(Self::Audit),
+            verdict::REDIRECT => Some(Self::Redirect),
+            _ => None,
+        }
+    }
+
+    /// `event.outcome`: whether the connection went ahead.
+    fn outcome(self) -> Outcome {
+        match self {
+            Self::Allow | Self::Audit | Self::Redirect => Outcome::Success,
+            Self::Deny => Outcome::Failure,
+        }
+    }
+}
+
+/// `egress.hook`: the cgroup/sock_addr program that decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    Connect4,
+    Connect6,
+    Sendmsg4,
+    Sendmsg6,
+}
+
+impl Hook {
+    /// From `agent_common::hook::*`.
+    pub fn from_abi(v: u8) -> Option<Self> {
+        match v {
+            hook::CONNECT4 => Some(Self::Connect4),
+            hook::CONNECT6 => Some(Self::Connect6),
+            hook::SENDMSG4 => Some(Self::Sendmsg4),
+            hook::SENDMSG6 => Some(Self::Sendmsg6),
+            _ => None,
+        }
+    }
+
+    /// The socket's family: connect6/sendmsg6 also see IPv4-mapped destinations.
+    pub fn family(self) -> SocketFamily {
+        match self {
+            Self::Connect4 | Self::Sendmsg4 => SocketFamily::Inet,
+            Self::Connect6 | Self::Sendmsg6 => SocketFamily::Inet6,
+        }
+    }
+
+    /// `event.action`.
+    pub fn action(self) -> &'static str {
+        match self {
+            Self::Connect4 | Self::Connect6 => action::CONNECT,
+            Self::Sendmsg4 | Self::Sendmsg6 => action::SENDMSG,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect4 => "connect4",
+            Self::Connect6 => "connect6",
+            Self::Sendmsg4 => "sendmsg4",
+            Self::Sendmsg6 => "sendmsg6",
+        }
+    }
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `egress.socket.family`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketFamily {
+    Inet,
+    Inet6,
+}
+
+impl SocketFamily {
+    /// The `family` byte kernel events carry.
+    fn abi(self) -> u8 {
+        match self {
+            Self::Inet => 4,
+            Self::Inet6 => 6,
+        }
+    }
+}
+
+/// `rule.name`: the matching rule, or the sandbox default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RuleRef {
+    /// Recorded as `default`; policy rule names cannot take that name.
+    Default,
+    Named(String),
+}
+
+impl RuleRef {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Default => "default",
+            Self::Named(name) => name,
+        }
+    }
+}
+
+/// sha256 of a policy file's bytes, lowercase hex.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct PolicyDigest(String);
+
+impl PolicyDigest {
+    /// Digest of the policy file contents exactly as read.
+    pub fn of(contents: &[u8]) -> Self {
+        let hash = Sha256::digest(contents);
+        let mut hex = String::with_capacity(64);
+        for byte in hash.iter() {
+            hex.push(char::from(HEX[usize::from(byte >> 4)]));
+            hex.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+        Self(hex)
+    }
+
+    /// Accepts a digest stored earlier (64 lowercase hex digits).
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        (hex.len() == 64 && hex.bytes().all(|b| HEX.contains(&b))).then(|| Self(hex.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+impl fmt::Display for PolicyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `egress.connection.id`: identifies one socket across the kernel record and the proxy's
+/// records. Socket cookies are unique per boot; the netns cookie makes the id say where
+/// it lives. Written as `<netns cookie>-<socket cookie>`, each 16 lowercase hex digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectionId {
+    pub netns_cookie: u64,
+    pub socket_cookie: u64,
+}
+
+impl ConnectionId {
+    pub fn new(netns_cookie: u64, socket_cookie: u64) -> Self {
+        Self {
+            netns_cookie,
+            socket_cookie,
+        }
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}-{:016x}", self.netns_cookie, self.socket_cookie)
+    }
+}
+
+impl Serialize for ConnectionId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// ECS `network.transport`: the IANA keyword, for the protocols we can name.
+fn transport_name(protocol: u8) -> Option<&'static str> {
+    match protocol {
+        1 => Some("icmp"),
+        6 => Some("tcp"),
+        17 => Some("udp"),
+        58 => Some("ipv6-icmp"),
+        132 => Some("sctp"),
+        _ => None,
+    }
+}
+
+/// ECS `event.outcome`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Outcome {
+    Success,
+    Failure,
+}
+
+// ---------------------------------------------------------------------------------------
+// Wire layout: borrowed views in ECS nesting, built per write.
+// ---------------------------------------------------------------------------------------
+
+#[derive(Serialize)]
+struct Wire<'a> {
+    #[serde(rename = "@timestamp")]
+    timestamp: String,
+    ecs: Ecs,
+    event: WireEvent,
+    observer: Observer,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    process: Option<WireProcess<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<WireId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<WireId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    network: Option<WireNetwork>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destination: Option<WireDestination>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<WireRule<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<WireError<'a>>,
+    egress: WireEgress<'a>,
+}
+
+#[derive(Serialize)]
+struct Ecs {
+    version: &'static str,
+}
+
+#[derive(Serialize)]
+struct WireEvent {
+    kind: &'static str,
+    category: [&'static str; 1],
+    #[serde(rename = "type")]
+    type_: &'static [&'static str],
+    action: &'static str,
+    outcome: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+    sequence: u64,
+}
+
+#[derive(Serialize)]
+struct Observer {
+    product: &'static str,
+    version: &'static str,
+}
+
+#[derive(Serialize)]
+struct WireProcess<'a> {
+    pid: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct WireId {
+    id: String,
+}
+
+#[derive(Serialize)]
+struct WireNetwork {
+    #[serde(rename = "type")]
+    type_: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transport: Option<&'static str>,
+    iana_number: String,
+}
+
+#[derive(Serialize)]
+struct WireDestination {
+    ip: IpAddr,
+    port: u16,
+}
+
+#[derive(Serialize)]
+struct WireRule<'a> {
+    name: &'a str,
+}
+
+#[derive(Serialize)]
+struct WireError<'a> {
+    message: &'a str,
+}
+
+#[derive(Default, Serialize)]
+struct WireEgress<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sandbox: Option<WireSandbox<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    socket: Option<WireSocket>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    netns: Option<WireNetns>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hook: Option<Hook>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verdict: Option<Verdict>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connection: Option<WireConnection>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lost: Option<WireLost>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    daemon: Option<WireDaemon>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gap: Option<WireGap>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<WirePolicy<'a>>,
+}
+
+#[derive(Serialize)]
+struct WireSandbox<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup_path: Option<Cow<'a, str>>,
+}
+
+impl<'a> WireSandbox<'a> {
+    fn named(name: &'a str) -> Self {
+        Self {
+            name,
+            cgroup_id: None,
+            cgroup_path: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct WireSocket {
+    cookie: u64,
+    family: SocketFamily,
+}
+
+#[derive(Serialize)]
+struct WireNetns {
+    cookie: u64,
+}
+
+#[derive(Serialize)]
+struct WireConnection {
+    id: ConnectionId,
+}
+
+#[derive(Serialize)]
+struct WireLost {
+    count: u64,
+    total: u64,
+}
+
+#[derive(Serialize)]
+struct WireDaemon {
+    adopted_sandboxes: u32,
+}
+
+#[derive(Serialize)]
+struct WireGap {
+    previous_seen: String,
+    seconds: f64,
+}
+
+#[derive(Serialize)]
+struct WirePolicy<'a> {
+    path: Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    digest: Option<&'a PolicyDigest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous_digest: Option<&'a PolicyDigest>,
+}

@@ -1,0 +1,92 @@
+//! Reads decision events from the pinned ring buffer. The buffer outlives the daemon, so
+//! events from while it was down are read when it comes back.
+use std::{io, os::fd::AsRawFd};
+
+use agent_common::{event_kind, ConnectEvent, ABI_VERSION};
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+
+use super::{BpfError, Programs};
+
+/// A decoded kernel event.
+#[derive(Clone, Debug)]
+pub enum KernelEvent {
+    Connect(ConnectEvent),
+    /// An entry this build cannot decode (other ABI version or kind): counted, not dropped
+    /// silently.
+    Unknown {
+        version: u16,
+        kind: u16,
+        len: usize,
+    },
+}
+
+pub struct EventReader {
+    ring: AsyncFd<RingBuf<MapData>>,
+}
+
+impl EventReader {
+    pub fn new(programs: &mut Programs) -> Result<Self, BpfError> {
+        let map = programs
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(BpfError::MissingMap("EVENTS"))?;
+        let ring = RingBuf::try_from(map).map_err(|e| BpfError::map("EVENTS", e))?;
+        let fd = ring.as_raw_fd();
+        // SAFETY: the ring buffer owns the fd and lives as long as the AsyncFd that wraps it.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| {
+                BpfError::io("registering ring buffer fd", format!("fd {fd}"), e.into())
+            })?;
+        Ok(Self { ring })
+    }
+
+    /// Waits for events and returns everything available (at least one event).
+    pub async fn next_batch(&mut self) -> io::Result<Vec<KernelEvent>> {
+        loop {
+            let mut guard = self.ring.readable_mut().await?;
+            let ring = guard.get_inner_mut();
+            let mut out = Vec::new();
+            while let Some(item) = ring.next() {
+                out.push(decode(&item));
+            }
+            guard.clear_ready();
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Drains what is buffered now without waiting.
+    pub fn drain_now(&mut self) -> Vec<KernelEvent> {
+        let ring = self.ring.get_mut();
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            out.push(decode(&item));
+        }
+        out
+    }
+}
+
+fn decode(bytes: &[u8]) -> KernelEvent {
+    let read_u16 = |off: usize| {
+        bytes
+            .get(off..off + 2)
+            .map_or(0, |b| u16::from_ne_bytes([b[0], b[1]]))
+    };
+    let (version, kind) = (read_u16(0), read_u16(2));
+    if u32::from(version) == ABI_VERSION
+        && kind == event_kind::CONNECT
+        && bytes.len() >= size_of::<ConnectEvent>()
+    {
+        // SAFETY: length checked; ConnectEvent is plain old data; read_unaligned makes no
+        // alignment assumption about the ring buffer slot.
+        let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ConnectEvent>()) };
+        return KernelEvent::Connect(ev);
+    }
+    KernelEvent::Unknown {
+        version,
+        kind,
+        len: bytes.len(),
+    }
+}

@@ -1,0 +1,182 @@
+//! Typed writers and readers for the pinned maps the programs decide with.
+use agent_common::{PrefixRules, SandboxCounters, SandboxInfo, V4Key, V6Key};
+use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues};
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use super::{BpfError, Programs};
+
+/// A sandbox as the kernel sees it.
+pub type SandboxEntry = SandboxInfo;
+
+/// The maps userspace writes (policies, sandboxes) and reads (counters, losses).
+pub struct PolicyMaps {
+    sandboxes: HashMap<MapData, u64, SandboxInfo>,
+    rules_v4: LpmTrie<MapData, V4Key, PrefixRules>,
+    rules_v6: LpmTrie<MapData, V6Key, PrefixRules>,
+    counters: PerCpuArray<MapData, SandboxCounters>,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+fn take<T>(programs: &mut Programs, name: &'static str) -> Result<T, BpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = programs
+        .ebpf
+        .take_map(name)
+        .ok_or(BpfError::MissingMap(name))?;
+    T::try_from(map).map_err(|e| BpfError::map(name, e))
+}
+
+impl PolicyMaps {
+    pub fn new(programs: &mut Programs) -> Result<Self, BpfError> {
+        Ok(Self {
+            sandboxes: take(programs, "SANDBOXES")?,
+            rules_v4: take(programs, "RULES_V4")?,
+            rules_v6: take(programs, "RULES_V6")?,
+            counters: take(programs, "COUNTERS")?,
+            lost: take(programs, "LOST")?,
+        })
+    }
+
+    /// Writes a compiled policy into `slot`. The slot must not be in use by a sandbox; on
+    /// error whatever was written to the slot is removed again.
+    pub fn install_rules(
+        &mut self,
+        slot: u32,
+        v4: &[(Ipv4Net, PrefixRules)],
+        v6: &[(Ipv6Net, PrefixRules)],
+    ) -> Result<(), BpfError> {
+        let result = (|| {
+            for (net, rules) in v4 {
+                let key = Key::new(
+                    32 + u32::from(net.prefix_len()),
+                    V4Key {
+                        slot_be: slot.to_be(),
+                        addr: net.network().octets(),
+                    },
+                );
+                self.rules_v4
+                    .insert(&key, rules, 0)
+                    .map_err(|e| BpfError::map("RULES_V4", e))?;
+            }
+            for (net, rules) in v6 {
+                let key = Key::new(
+                    32 + u32::from(net.prefix_len()),
+                    V6Key {
+                        slot_be: slot.to_be(),
+                        addr: net.network().octets(),
+                    },
+                );
+                self.rules_v6
+                    .insert(&key, rules, 0)
+                    .map_err(|e| BpfError::map("RULES_V6", e))?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = self.clear_slot(slot);
+        }
+        result
+    }
+
+    /// Removes every rule stored under `slot`.
+    pub fn clear_slot(&mut self, slot: u32) -> Result<(), BpfError> {
+        let slot_be = slot.to_be();
+        let v4: Vec<_> = self
+            .rules_v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().slot_be == slot_be)
+            .collect();
+        for k in v4 {
+            self.rules_v4
+                .remove(&k)
+                .map_err(|e| BpfError::map("RULES_V4", e))?;
+        }
+        let v6: Vec<_> = self
+            .rules_v6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().slot_be == slot_be)
+            .collect();
+        for k in v6 {
+            self.rules_v6
+                .remove(&k)
+                .map_err(|e| BpfError::map("RULES_V6", e))?;
+        }
+        Ok(())
+    }
+
+    /// Policy slots that hold at least one rule.
+    pub fn used_slots(&self) -> Vec<u32> {
+        let mut slots: Vec<u32> = self
+            .rules_v4
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| u32::from_be(k.data().slot_be))
+            .chain(
+                self.rules_v6
+                    .keys()
+                    .filter_map(Result::ok)
+                    .map(|k| u32::from_be(k.data().slot_be)),
+            )
+            .collect();
+        slots.sort_unstable();
+        slots.dedup();
+        slots
+    }
+
+    pub fn set_sandbox(&mut self, cgroup_id: u64, info: SandboxInfo) -> Result<(), BpfError> {
+        self.sandboxes
+            .insert(cgroup_id, info, 0)
+            .map_err(|e| BpfError::map("SANDBOXES", e))
+    }
+
+    pub fn sandbox(&self, cgroup_id: u64) -> Option<SandboxInfo> {
+        self.sandboxes.get(&cgroup_id, 0).ok()
+    }
+
+    pub fn remove_sandbox(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
+        match self.sandboxes.remove(&cgroup_id) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(BpfError::map("SANDBOXES", e)),
+        }
+    }
+
+    /// Every sandbox entry in the kernel: (cgroup id, entry).
+    pub fn sandboxes(&self) -> Vec<(u64, SandboxInfo)> {
+        self.sandboxes.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Counters summed over CPUs.
+    pub fn counters(&self, index: u32) -> SandboxCounters {
+        let mut sum = SandboxCounters::default();
+        if let Ok(per_cpu) = self.counters.get(&index, 0) {
+            for c in per_cpu.iter() {
+                sum.allowed += c.allowed;
+                sum.denied += c.denied;
+                sum.audited += c.audited;
+                sum.redirected += c.redirected;
+            }
+        }
+        sum
+    }
+
+    /// Zeroes a sandbox index's counters before it is given to a new sandbox.
+    pub fn reset_counters(&mut self, index: u32) -> Result<(), BpfError> {
+        let n = aya::util::nr_cpus()
+            .map_err(|(what, e)| BpfError::Other(format!("counting CPUs ({what}): {e}")))?;
+        let zeros = PerCpuValues::try_from(vec![SandboxCounters::default(); n])
+            .map_err(|e| BpfError::Other(format!("per-CPU values: {e}")))?;
+        self.counters
+            .set(index, zeros, 0)
+            .map_err(|e| BpfError::map("COUNTERS", e))
+    }
+
+    /// Events the kernel could not put in the ring buffer, since the maps were created.
+    pub fn lost_total(&self) -> u64 {
+        self.lost.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+}

@@ -1,0 +1,34 @@
+//! Blocking client used by `egressctl`.
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+
+use super::{Request, Response};
+
+/// Sends one request and waits for its response.
+pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to egressd at {} (is `egressd run` running, and are you root?)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reader = BufReader::new(stream);
+    let mut resp = String::new();
+    reader
+        .read_line(&mut resp)
+        .context("reading egressd's response")?;
+    if resp.is_empty() {
+        bail!("egressd closed the connection without answering");
+    }
+    serde_json::from_str(&resp).context("decoding egressd's response")
+}

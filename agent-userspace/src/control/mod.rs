@@ -1,0 +1,12 @@
+//! The daemon's control socket: a root-only Unix socket speaking one JSON request and one
+//! JSON response per line. `egressctl` is its client; container-runtime hooks can be too.
+mod client;
+mod protocol;
+mod server;
+
+pub use client::call;
+pub use protocol::{DaemonStatus, Request, Response, SandboxStatus};
+pub use server::{bind, serve, Handler};
+
+/// Default socket path.
+pub const DEFAULT_SOCKET: &str = "/run/egressd/egressd.sock";

@@ -1,0 +1,81 @@
+//! Request and response types of the control socket.
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Confine a cgroup with a policy, or replace the policy of an attached sandbox.
+    Attach {
+        cgroup: PathBuf,
+        name: Option<String>,
+        /// Where the policy came from (used in messages and records).
+        policy_path: String,
+        /// The policy text; the daemon compiles it itself.
+        policy_source: String,
+    },
+    /// Remove confinement, by sandbox name or by cgroup path.
+    Detach {
+        name: Option<String>,
+        cgroup: Option<PathBuf>,
+    },
+    Status,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<DaemonStatus>,
+}
+
+impl Response {
+    pub fn ok(message: impl Into<String>) -> Self {
+        Self {
+            ok: true,
+            message: Some(message.into()),
+            ..Default::default()
+        }
+    }
+    pub fn error(error: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(error.into()),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub version: String,
+    pub started_at: String,
+    pub bpffs: PathBuf,
+    pub audit_log: String,
+    /// Kernel events that could not be delivered, since the maps were created.
+    pub events_lost: u64,
+    pub sandboxes: Vec<SandboxStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SandboxStatus {
+    pub name: String,
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    pub policy: String,
+    pub policy_digest: String,
+    pub default: String,
+    pub rules: usize,
+    pub attached_at: String,
+    /// Hooks whose links are pinned (all of them when confined).
+    pub hooks: Vec<String>,
+    pub allowed: u64,
+    pub denied: u64,
+    pub audited: u64,
+}

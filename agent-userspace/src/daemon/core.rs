@@ -1,0 +1,424 @@
+//! The daemon's consistent core: kernel maps, pinned links, persistent state and the audit
+//! records of every change to them. Every public method leaves all four in agreement.
+use std::path::{Path, PathBuf};
+
+use agent_common::{SandboxInfo, MAX_POLICY_SLOTS, MAX_SANDBOXES};
+use time::OffsetDateTime;
+
+use super::state::{SandboxRecord, State};
+use crate::{
+    audit::{
+        AuditHandle, PolicyChange, PolicyDigest, PolicyRejected, Record, RuleRef, SandboxLifecycle,
+    },
+    bpf::{attached_cgroups, Links, PinLayout, PolicyMaps, Programs, HOOKS},
+    cgroup::Cgroup,
+    control::{DaemonStatus, SandboxStatus},
+    policy::{self, Policy},
+};
+
+pub struct Core {
+    pub layout: PinLayout,
+    pub bpffs: PathBuf,
+    pub programs: Programs,
+    pub maps: PolicyMaps,
+    pub state: State,
+    pub state_dir: PathBuf,
+    pub audit: AuditHandle,
+    pub audit_log: String,
+    pub started_at: OffsetDateTime,
+    /// Compiled policies by sandbox name (for rule names in records).
+    pub compiled: std::collections::HashMap<String, Policy>,
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+impl Core {
+    fn links(&self) -> Links<'_> {
+        Links {
+            layout: &self.layout,
+        }
+    }
+
+    pub fn save_state(&self) {
+        if let Err(e) = self.state.save(&self.state_dir) {
+            tracing::error!(error = %e, "Saving state failed");
+        }
+    }
+
+    fn lifecycle(rec: &SandboxRecord) -> SandboxLifecycle {
+        SandboxLifecycle {
+            time: now(),
+            sandbox: rec.name.clone(),
+            cgroup_path: rec.cgroup.clone(),
+            cgroup_id: rec.cgroup_id,
+            policy_path: PathBuf::from(&rec.policy_path),
+            policy_digest: PolicyDigest::of(rec.policy_source.as_bytes()),
+        }
+    }
+
+    fn kernel_entry(rec: &SandboxRecord, policy: &Policy) -> SandboxInfo {
+        SandboxInfo {
+            index: rec.index,
+            policy_slot: rec.slot,
+            default_action: policy.default_action().kernel_code(),
+            _pad: [0; 7],
+        }
+    }
+
+    fn install(&mut self, slot: u32, policy: &Policy) -> Result<(), String> {
+        let rules = policy.kernel_rules().map_err(|e| e.to_string())?;
+        self.maps.clear_slot(slot).map_err(|e| e.to_string())?;
+        self.maps
+            .install_rules(slot, &rules.v4, &rules.v6)
+            .map_err(|e| e.to_string())
+    }
+
+    fn free_slot(&self) -> Result<u32, String> {
+        let busy = self.maps.used_slots();
+        self.state
+            .free_slot(MAX_POLICY_SLOTS, &busy)
+            .ok_or_else(|| "no free policy slot in the kernel maps".to_string())
+    }
+
+    /// Attaches a new sandbox or replaces an attached sandbox's policy.
+    pub fn attach(
+        &mut self,
+        cgroup: &Path,
+        name: Option<String>,
+        policy_path: String,
+        source: String,
+    ) -> Result<String, String> {
+        let cgroup = Cgroup::open(cgroup).map_err(|e| e.to_string())?;
+        let name = match name {
+            Some(n) => n,
+            None => cgroup
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| "the cgroup root cannot be a sandbox".to_string())?,
+        };
+        if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
+            return Err(format!(
+                "invalid sandbox name {name:?}: 1-64 printable characters"
+            ));
+        }
+        let policy = match policy::parse_str(&source, &policy_path) {
+            Ok(p) => p,
+            Err(e) => {
+                let error = e.to_string();
+                self.audit.emit(Record::PolicyRejected(PolicyRejected {
+                    time: now(),
+                    sandbox: name.clone(),
+                    policy_path: PathBuf::from(&policy_path),
+                    policy_digest: Some(PolicyDigest::of(source.as_bytes())),
+                    error: error.clone(),
+                }));
+                let keep = if self.state.sandboxes.contains_key(&name) {
+                    "; the sandbox keeps its current policy"
+                } else {
+                    ""
+                };
+                return Err(format!("{error}{keep}"));
+            }
+        };
+        if let Some(other) = self.state.by_cgroup(cgroup.id) {
+            if other.name != name {
+                return Err(format!(
+                    "cgroup {} is already attached as sandbox {:?}",
+                    cgroup.path.display(),
+                    other.name
+                ));
+            }
+        }
+        match self.state.sandboxes.get(&name).cloned() {
+            Some(old) if old.cgroup_id != cgroup.id => Err(format!(
+                "sandbox name {name:?} is already used by cgroup {}",
+                old.cgroup.display()
+            )),
+            Some(old) => self.replace_policy(old, policy, policy_path, source),
+            None => self.attach_new(cgroup, name, policy, policy_path, source),
+        }
+    }
+
+    fn attach_new(
+        &mut self,
+        cgroup: Cgroup,
+        name: String,
+        policy: Policy,
+        policy_path: String,
+        source: String,
+    ) -> Result<String, String> {
+        let index = self
+            .state
+            .free_index(MAX_SANDBOXES)
+            .ok_or_else(|| format!("at most {} sandboxes", MAX_SANDBOXES - 1))?;
+        let slot = self.free_slot()?;
+        let rec = SandboxRecord {
+            name: name.clone(),
+            cgroup: cgroup.path.clone(),
+            cgroup_id: cgroup.id,
+            index,
+            slot,
+            policy_digest: PolicyDigest::of(source.as_bytes()).as_str().to_string(),
+            policy_path,
+            policy_source: source,
+            attached_at: rfc3339(now()),
+        };
+        self.maps.reset_counters(index).map_err(|e| e.to_string())?;
+        self.install(slot, &policy)?;
+        // The sandbox entry exists before the programs run, so the first decision already
+        // has its policy.
+        let result = self
+            .maps
+            .set_sandbox(cgroup.id, Self::kernel_entry(&rec, &policy))
+            .and_then(|()| {
+                Links {
+                    layout: &self.layout,
+                }
+                .attach(&mut self.programs, &cgroup.path, cgroup.id)
+            });
+        if let Err(e) = result {
+            let _ = self.links().detach(cgroup.id);
+            let _ = self.maps.remove_sandbox(cgroup.id);
+            let _ = self.maps.clear_slot(slot);
+            return Err(e.to_string());
+        }
+        self.audit
+            .emit(Record::SandboxAttach(Self::lifecycle(&rec)));
+        let msg = format!(
+            "attached sandbox {name:?} (cgroup {}, id {}) with {} rules, default {}",
+            rec.cgroup.display(),
+            rec.cgroup_id,
+            policy.rules().len(),
+            policy.default_action()
+        );
+        self.state.sandboxes.insert(name.clone(), rec);
+        self.compiled.insert(name, policy);
+        self.save_state();
+        Ok(msg)
+    }
+
+    fn replace_policy(
+        &mut self,
+        old: SandboxRecord,
+        policy: Policy,
+        policy_path: String,
+        source: String,
+    ) -> Result<String, String> {
+        let slot = self.free_slot()?;
+        self.install(slot, &policy)?;
+        let mut rec = old.clone();
+        rec.slot = slot;
+        rec.policy_path = policy_path;
+        rec.policy_digest = PolicyDigest::of(source.as_bytes()).as_str().to_string();
+        rec.policy_source = source;
+        // One map update switches every later decision to the new rules.
+        if let Err(e) = self
+            .maps
+            .set_sandbox(rec.cgroup_id, Self::kernel_entry(&rec, &policy))
+        {
+            let _ = self.maps.clear_slot(slot);
+            return Err(e.to_string());
+        }
+        if let Err(e) = self.maps.clear_slot(old.slot) {
+            tracing::warn!(error = %e, slot = old.slot, "Clearing the replaced policy failed");
+        }
+        self.audit.emit(Record::PolicyChange(PolicyChange {
+            time: now(),
+            sandbox: rec.name.clone(),
+            policy_path: PathBuf::from(&rec.policy_path),
+            previous_digest: PolicyDigest::of(old.policy_source.as_bytes()),
+            digest: PolicyDigest::of(rec.policy_source.as_bytes()),
+        }));
+        let msg = format!(
+            "replaced the policy of sandbox {:?}: {} rules, default {}",
+            rec.name,
+            policy.rules().len(),
+            policy.default_action()
+        );
+        self.compiled.insert(rec.name.clone(), policy);
+        self.state.sandboxes.insert(rec.name.clone(), rec);
+        self.save_state();
+        Ok(msg)
+    }
+
+    /// Removes confinement by name or cgroup path. A cgroup with links pinned but no state
+    /// (left by a lost state directory) is detached too.
+    pub fn detach(
+        &mut self,
+        name: Option<String>,
+        cgroup: Option<PathBuf>,
+    ) -> Result<String, String> {
+        let (rec, cgroup_id) = match (name, cgroup) {
+            (Some(n), _) => {
+                let rec = self
+                    .state
+                    .sandboxes
+                    .get(&n)
+                    .cloned()
+                    .ok_or_else(|| format!("no sandbox named {n:?}"))?;
+                let id = rec.cgroup_id;
+                (Some(rec), id)
+            }
+            (None, Some(path)) => {
+                let cg = Cgroup::open(&path).map_err(|e| e.to_string())?;
+                (self.state.by_cgroup(cg.id).cloned(), cg.id)
+            }
+            (None, None) => return Err("name a sandbox (--name) or a cgroup (--cgroup)".into()),
+        };
+        let unpinned = self.links().detach(cgroup_id).map_err(|e| e.to_string())?;
+        self.maps
+            .remove_sandbox(cgroup_id)
+            .map_err(|e| e.to_string())?;
+        match rec {
+            Some(rec) => {
+                let _ = self.maps.clear_slot(rec.slot);
+                self.audit
+                    .emit(Record::SandboxDetach(Self::lifecycle(&rec)));
+                self.state.sandboxes.remove(&rec.name);
+                self.compiled.remove(&rec.name);
+                self.save_state();
+                Ok(format!(
+                    "detached sandbox {:?} (cgroup {})",
+                    rec.name,
+                    rec.cgroup.display()
+                ))
+            }
+            None if unpinned => Ok(format!(
+                "detached cgroup id {cgroup_id} (no sandbox record)"
+            )),
+            None => Err(format!("cgroup id {cgroup_id} is not attached")),
+        }
+    }
+
+    /// Takes over what a previous daemon left: every sandbox in the state keeps its pinned
+    /// links (programs attached meanwhile keep enforcing); missing pieces are restored.
+    /// Returns the number of sandboxes adopted.
+    pub fn reconcile(&mut self) -> u32 {
+        let mut adopted = 0;
+        let records: Vec<SandboxRecord> = self.state.sandboxes.values().cloned().collect();
+        for rec in records {
+            let policy = match policy::parse_str(&rec.policy_source, &rec.policy_path) {
+                Ok(p) => p,
+                Err(e) => {
+                    // The kernel still holds the rules it had; keep them, say so.
+                    tracing::error!(sandbox = %rec.name, error = %e, "Stored policy no longer compiles; kernel keeps the rules it has");
+                    continue;
+                }
+            };
+            let alive = Cgroup::open(&rec.cgroup).is_ok_and(|c| c.id == rec.cgroup_id);
+            if !alive {
+                tracing::warn!(sandbox = %rec.name, cgroup = %rec.cgroup.display(), "cgroup is gone; removing the sandbox");
+                let _ = self.links().detach(rec.cgroup_id);
+                let _ = self.maps.remove_sandbox(rec.cgroup_id);
+                let _ = self.maps.clear_slot(rec.slot);
+                self.audit
+                    .emit(Record::SandboxDetach(Self::lifecycle(&rec)));
+                self.state.sandboxes.remove(&rec.name);
+                continue;
+            }
+            let want = Self::kernel_entry(&rec, &policy);
+            if self.maps.sandbox(rec.cgroup_id) != Some(want) {
+                if let Err(e) = self.install(rec.slot, &policy).and_then(|()| {
+                    self.maps
+                        .set_sandbox(rec.cgroup_id, want)
+                        .map_err(|e| e.to_string())
+                }) {
+                    tracing::error!(sandbox = %rec.name, error = %e, "Restoring kernel entries failed");
+                }
+            }
+            if self.links().pinned_hooks(rec.cgroup_id).len() < HOOKS.len() {
+                let r = Links {
+                    layout: &self.layout,
+                }
+                .attach(&mut self.programs, &rec.cgroup, rec.cgroup_id);
+                if let Err(e) = r {
+                    tracing::error!(sandbox = %rec.name, error = %e, "Re-attaching missing hooks failed");
+                }
+            }
+            self.audit.emit(Record::SandboxAdopt(Self::lifecycle(&rec)));
+            self.compiled.insert(rec.name.clone(), policy);
+            adopted += 1;
+        }
+        if let Ok(ids) = attached_cgroups(&self.layout) {
+            for id in ids
+                .into_iter()
+                .filter(|id| self.state.by_cgroup(*id).is_none())
+            {
+                tracing::warn!(cgroup_id = id, "Links are pinned for a cgroup with no sandbox record; it stays confined (deny all) until `egressctl detach --cgroup`");
+            }
+        }
+        for (id, _) in self.maps.sandboxes() {
+            if self.state.by_cgroup(id).is_none() && self.links().pinned_hooks(id).is_empty() {
+                let _ = self.maps.remove_sandbox(id);
+            }
+        }
+        self.save_state();
+        adopted
+    }
+
+    /// Sandbox and rule names for a kernel event.
+    pub fn names(&self, sandbox_index: u32, rule_id: u16) -> (String, RuleRef) {
+        let Some(rec) = self.state.by_index(sandbox_index) else {
+            return ("unknown".into(), RuleRef::Default);
+        };
+        let rule = if rule_id == 0 {
+            RuleRef::Default
+        } else {
+            self.compiled
+                .get(&rec.name)
+                .and_then(|p| p.rule_name(rule_id))
+                .map_or(RuleRef::Default, |n| RuleRef::Named(n.to_string()))
+        };
+        (rec.name.clone(), rule)
+    }
+
+    pub fn status(&self) -> DaemonStatus {
+        let sandboxes = self
+            .state
+            .sandboxes
+            .values()
+            .map(|rec| {
+                let c = self.maps.counters(rec.index);
+                let policy = self.compiled.get(&rec.name);
+                SandboxStatus {
+                    name: rec.name.clone(),
+                    cgroup: rec.cgroup.clone(),
+                    cgroup_id: rec.cgroup_id,
+                    policy: rec.policy_path.clone(),
+                    policy_digest: rec.policy_digest.clone(),
+                    default: policy
+                        .map(|p| p.default_action().to_string())
+                        .unwrap_or_default(),
+                    rules: policy.map_or(0, |p| p.rules().len()),
+                    attached_at: rec.attached_at.clone(),
+                    hooks: self
+                        .links()
+                        .pinned_hooks(rec.cgroup_id)
+                        .iter()
+                        .map(|h| h.to_string())
+                        .collect(),
+                    allowed: c.allowed,
+                    denied: c.denied,
+                    audited: c.audited,
+                }
+            })
+            .collect();
+        DaemonStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: rfc3339(self.started_at),
+            bpffs: self.bpffs.clone(),
+            audit_log: self.audit_log.clone(),
+            events_lost: self.maps.lost_total(),
+            sandboxes,
+        }
+    }
+}

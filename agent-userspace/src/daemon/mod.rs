@@ -1,0 +1,11 @@
+//! The daemon: owns the loaded programs and maps, the persistent state, the control socket
+//! and the audit trail, and keeps them consistent.
+//!
+//! Lock order: `Core` is one mutex; the event task and control handlers each hold it only
+//! for map and state work, never across an await.
+mod core;
+mod run;
+mod state;
+
+pub use run::{run, DaemonOptions};
+pub use state::{SandboxRecord, State};

@@ -1,0 +1,225 @@
+//! `egressd run`: start-up, the event and housekeeping loops, and a clean stop.
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use anyhow::Context;
+use time::OffsetDateTime;
+
+use super::{core::Core, state::State};
+use crate::{
+    audit::{
+        AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, NetworkDecision,
+        Record, StopReason,
+    },
+    bpf::{ensure_bpffs, EventReader, KernelEvent, PinLayout, PolicyMaps, Programs},
+    control::{self, Handler, Request, Response},
+};
+
+/// How often the daemon records that it is alive (bounds the gap reported after a crash).
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How often the kernel's lost-event counter is checked.
+const LOST_POLL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// `-` for stdout.
+    pub audit_log: String,
+    pub socket: PathBuf,
+    pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+struct Shared(Mutex<Core>);
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock leaves data that is still consistent enough to
+        // report; keep serving rather than abort enforcement bookkeeping.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Handler for Shared {
+    fn handle(&self, request: Request) -> Response {
+        let mut core = self.lock();
+        let result = match request {
+            Request::Attach {
+                cgroup,
+                name,
+                policy_path,
+                policy_source,
+            } => core.attach(&cgroup, name, policy_path, policy_source),
+            Request::Detach { name, cgroup } => core.detach(name, cgroup),
+            Request::Status => {
+                return Response {
+                    ok: true,
+                    status: Some(core.status()),
+                    ..Default::default()
+                }
+            }
+        };
+        match result {
+            Ok(m) => Response::ok(m),
+            Err(e) => Response::error(e),
+        }
+    }
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
+    ensure_bpffs(&opts.bpffs)?;
+    let layout = PinLayout::new(&opts.bpffs);
+    let mut programs = Programs::load(&layout)?;
+    let maps = PolicyMaps::new(&mut programs)?;
+    let mut events = EventReader::new(&mut programs)?;
+
+    let sink = if opts.audit_log == "-" {
+        AuditSink::Stdout
+    } else {
+        AuditSink::File(PathBuf::from(&opts.audit_log))
+    };
+    let (audit, audit_task) =
+        AuditLog::open(sink).with_context(|| format!("opening audit log {}", opts.audit_log))?;
+    let audit_task = tokio::spawn(audit_task.run());
+    let clock = ClockOffset::sample().context("reading clocks")?;
+
+    let previous = State::load(&opts.state_dir)?;
+    let previous_seen = previous
+        .as_ref()
+        .filter(|s| !s.clean_shutdown)
+        .and_then(|s| s.last_seen.as_deref())
+        .and_then(|t| {
+            OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        });
+    let mut state = previous.unwrap_or_default();
+    state.clean_shutdown = false;
+    state.last_seen = Some(rfc3339(now()));
+
+    let mut core = Core {
+        layout,
+        bpffs: opts.bpffs.clone(),
+        programs,
+        maps,
+        state,
+        state_dir: opts.state_dir.clone(),
+        audit: audit.clone(),
+        audit_log: opts.audit_log.clone(),
+        started_at: now(),
+        compiled: Default::default(),
+    };
+    let adopted = core.reconcile();
+    audit.emit(Record::DaemonStart(DaemonStart {
+        time: now(),
+        pid: std::process::id(),
+        adopted_sandboxes: adopted,
+        previous_seen,
+    }));
+    if let Some(seen) = previous_seen {
+        tracing::warn!(last_seen = %rfc3339(seen), "Previous daemon stopped without shutting down; sandboxes stayed confined by pinned links");
+    }
+    tracing::info!(adopted, bpffs = %opts.bpffs.display(), socket = %opts.socket.display(), "egressd running");
+
+    let shared = Arc::new(Shared(Mutex::new(core)));
+    let listener = control::bind(&opts.socket)
+        .with_context(|| format!("binding control socket {}", opts.socket.display()))?;
+    let server = tokio::spawn(control::serve(listener, shared.clone()));
+
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut lost_poll = tokio::time::interval(LOST_POLL);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            batch = events.next_batch() => {
+                let batch = batch.context("reading the kernel ring buffer")?;
+                record_events(&shared, &clock, batch);
+            }
+            _ = lost_poll.tick() => report_lost(&shared),
+            _ = heartbeat.tick() => {
+                let mut core = shared.lock();
+                core.state.last_seen = Some(rfc3339(now()));
+                core.save_state();
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+
+    tracing::info!("Stopping; sandboxes stay confined (pinned links)");
+    server.abort();
+    let rest = events.drain_now();
+    record_events(&shared, &clock, rest);
+    report_lost(&shared);
+    {
+        let mut core = shared.lock();
+        core.audit.emit(Record::DaemonStop(DaemonStop {
+            time: now(),
+            pid: std::process::id(),
+            reason: StopReason::Signal,
+        }));
+        core.state.clean_shutdown = true;
+        core.state.last_seen = Some(rfc3339(now()));
+        core.save_state();
+    }
+    let _ = std::fs::remove_file(&opts.socket);
+    drop(audit);
+    drop(shared);
+    audit_task
+        .await
+        .context("audit writer task")?
+        .context("writing the audit log")?;
+    Ok(())
+}
+
+fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {
+    let core = shared.lock();
+    for ev in batch {
+        match ev {
+            KernelEvent::Connect(ev) => {
+                let (sandbox, rule) = core.names(ev.sandbox_index, ev.rule_id);
+                match NetworkDecision::from_event(&ev, clock, sandbox, rule) {
+                    Ok(rec) => core.audit.emit(Record::Network(rec)),
+                    Err(e) => tracing::error!(error = %e, "Undecodable kernel event"),
+                }
+            }
+            KernelEvent::Unknown { version, kind, len } => {
+                tracing::error!(
+                    version,
+                    kind,
+                    len,
+                    "Kernel event of an unknown kind or ABI version"
+                );
+            }
+        }
+    }
+}
+
+fn report_lost(shared: &Shared) {
+    let mut core = shared.lock();
+    let total = core.maps.lost_total();
+    if total > core.state.lost_reported {
+        let count = total - core.state.lost_reported;
+        core.audit.emit(Record::EventsLost(EventsLost {
+            time: now(),
+            count,
+            total,
+        }));
+        core.state.lost_reported = total;
+        core.save_state();
+    } else if total < core.state.lost_reported {
+        // Maps were recreated (new ABI directory): start counting afresh.
+        core.state.lost_reported = total;
+    }
+}

@@ -1,0 +1,96 @@
+//! The daemon's persistent state: which sandboxes it confines, with the policy text each
+//! was attached with, so a restarted daemon can re-adopt them. Written atomically
+//! (temporary file + rename) on every change and on a heartbeat.
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::Write,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SandboxRecord {
+    pub name: String,
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    /// Index for counters and events.
+    pub index: u32,
+    /// Policy slot in force.
+    pub slot: u32,
+    pub policy_path: String,
+    pub policy_source: String,
+    pub policy_digest: String,
+    pub attached_at: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    #[serde(default)]
+    pub sandboxes: BTreeMap<String, SandboxRecord>,
+    /// Last heartbeat of the daemon that wrote this state (RFC 3339).
+    #[serde(default)]
+    pub last_seen: Option<String>,
+    /// Whether that daemon stopped cleanly.
+    #[serde(default)]
+    pub clean_shutdown: bool,
+    /// Kernel event losses already reported in the audit log.
+    #[serde(default)]
+    pub lost_reported: u64,
+}
+
+impl State {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("state.json")
+    }
+
+    pub fn load(dir: &Path) -> anyhow::Result<Option<Self>> {
+        let path = Self::path(dir);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
+                anyhow::anyhow!("{}: corrupt state file: {e}", path.display())
+            })?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+        }
+    }
+
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let path = Self::path(dir);
+        let tmp = dir.join(".state.json.tmp");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self)?)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    pub fn by_cgroup(&self, cgroup_id: u64) -> Option<&SandboxRecord> {
+        self.sandboxes.values().find(|s| s.cgroup_id == cgroup_id)
+    }
+
+    pub fn by_index(&self, index: u32) -> Option<&SandboxRecord> {
+        self.sandboxes.values().find(|s| s.index == index)
+    }
+
+    /// Smallest index in 1..max not used by any sandbox.
+    pub fn free_index(&self, max: u32) -> Option<u32> {
+        (1..max).find(|i| !self.sandboxes.values().any(|s| s.index == *i))
+    }
+
+    /// Smallest slot in 1..max used neither by a sandbox nor in `busy`.
+    pub fn free_slot(&self, max: u32, busy: &[u32]) -> Option<u32> {
+        (1..max).find(|i| !busy.contains(i) && !self.sandboxes.values().any(|s| s.slot == *i))
+    }
+}

@@ -1,0 +1,531 @@
+//! The policy file as written: serde types that mirror the YAML one to one.
+//!
+//! Unknown keys are rejected rather than ignored, because a misspelt key (`port:` for
+//! `ports:`) would otherwise silently widen a rule. Scalars with a syntax of their own
+//! (addresses, CIDRs, port ranges, `connect:` strings) are parsed here by their own
+//! `Deserialize` impls, so that a malformed one is reported at its line and column.
+//! Checks that need more than one value live in `compile`.
+use std::{
+    fmt,
+    marker::PhantomData,
+    net::{IpAddr, SocketAddr},
+    str::FromStr,
+};
+
+use ipnet::IpNet;
+use serde::{de, Deserialize, Deserializer};
+
+/// Appended to every port error.
+pub(crate) const VALID_PORTS: &str = "valid: a port 1-65535 or a range \"lo-hi\"";
+/// Appended to every destination error.
+pub(crate) const VALID_DEST: &str = "valid: an IP address like 192.0.2.7 or 2001:db8::7, \
+     a CIDR like 10.0.0.0/8, or a host name like api.example.com";
+/// Appended to every `connect:` error.
+pub(crate) const VALID_CONNECT: &str = "valid: \"192.0.2.7:443\", \"192.0.2.7:53/udp\" or \
+     \"[2001:db8::1]:443/tcp\"; the protocol is tcp (the default) or udp";
+
+/// A whole policy file.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    /// Format version. Only `1` exists.
+    pub version: u64,
+    /// What happens to a connection no rule decides: `deny` (when omitted) or `audit`.
+    #[serde(default)]
+    pub default: RawDefault,
+    /// Rules, in priority order among rules whose destinations are equally specific.
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+    /// Connections with the verdict the policy must give them, checked at load by
+    /// `policy test` and by CI.
+    #[serde(default)]
+    pub tests: Vec<RawTest>,
+}
+
+/// What happens to a connection no rule decides.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawDefault {
+    /// Refuse it.
+    #[default]
+    Deny,
+    /// Let it through, but record it as one the policy would have denied.
+    Audit,
+}
+
+/// One rule.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    /// Unique name of `[A-Za-z0-9_.-]` characters; audit records and tests refer to it.
+    pub name: String,
+    /// Destinations the rule applies to (at least one).
+    pub to: Vec<RawDest>,
+    /// Destination ports; omitted means any port.
+    #[serde(default)]
+    pub ports: Option<Vec<RawPortRange>>,
+    /// `tcp`, `udp` or `any` (when omitted).
+    #[serde(default)]
+    pub protocol: RawProtocol,
+    /// What to do with a matching connection.
+    pub action: RawAction,
+}
+
+/// A destination in a rule's `to:` list.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RawDest {
+    /// An address (as a /32 or /128) or a CIDR whose host bits are clear.
+    Net(IpNet),
+    /// A host name (`api.example.com`) or wildcard (`*.example.com`), lower-cased.
+    /// Needs the DNS resolver, which this build does not have yet.
+    Host(String),
+}
+
+/// An inclusive destination port range; a single port is `lo == hi`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RawPortRange {
+    /// First port, at least 1.
+    pub lo: u16,
+    /// Last port, at least `lo`.
+    pub hi: u16,
+}
+
+/// Which transport a rule applies to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawProtocol {
+    /// Both TCP and UDP.
+    #[default]
+    Any,
+    Tcp,
+    Udp,
+}
+
+/// What a rule does with a matching connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawAction {
+    Allow,
+    Deny,
+    /// Send the connection through the credential-injecting proxy (not in this build).
+    Proxy,
+    /// Send the connection through the proxy, which relays TLS unchanged (not in this build).
+    Passthrough,
+}
+
+impl RawAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::Proxy => "proxy",
+            Self::Passthrough => "passthrough",
+        }
+    }
+}
+
+/// A policy test: a connection and the verdict the policy must give it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTest {
+    /// The connection, like `192.0.2.7:443/tcp` or `[2001:db8::1]:53/udp`.
+    pub connect: RawConnect,
+    /// The verdict it must get.
+    pub expect: RawVerdict,
+    /// The rule that must decide it. Omitted, `~`, `none` or `default` mean that no rule
+    /// may match, so the policy default decides.
+    #[serde(default)]
+    pub rule: Option<String>,
+}
+
+/// A verdict a test expects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawVerdict {
+    Allow,
+    Deny,
+    /// Allowed only because the policy default is `audit`.
+    Audit,
+}
+
+/// The transport of a test connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawTransport {
+    Tcp,
+    Udp,
+}
+
+/// A test's `connect:` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawConnect {
+    /// The text as written, for reports.
+    pub text: String,
+    /// Destination address as written (a v4-mapped address stays v6 here).
+    pub addr: IpAddr,
+    /// Destination port (0 is allowed: a caller may pass it to `connect()`).
+    pub port: u16,
+    /// `tcp` unless the text ends in `/udp`.
+    pub transport: RawTransport,
+}
+
+/// Deserializes a string through `FromStr`, naming what was expected when the YAML value
+/// is not a string at all.
+struct ParsedStr<T>(PhantomData<T>, &'static str);
+
+impl<T> de::Visitor<'_> for ParsedStr<T>
+where
+    T: FromStr<Err = String>,
+{
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.1)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        v.parse().map_err(E::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawDest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(ParsedStr(
+            PhantomData,
+            "an IP address, a CIDR or a host name",
+        ))
+    }
+}
+
+impl<'de> Deserialize<'de> for RawConnect {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(ParsedStr(
+            PhantomData,
+            "a connection like \"192.0.2.7:443/tcp\"",
+        ))
+    }
+}
+
+impl FromStr for RawDest {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let text = s.trim();
+        if let Some((addr, len)) = text.split_once('/') {
+            let addr: IpAddr = addr.parse().map_err(|_| {
+                format!("invalid CIDR {text:?}: {addr:?} is not an IP address ({VALID_DEST})")
+            })?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let len: u8 = len.parse().ok().filter(|l| *l <= max).ok_or_else(|| {
+                format!("invalid CIDR {text:?}: prefix length {len:?} is not a number 0-{max}")
+            })?;
+            let net = IpNet::new(addr, len).map_err(|e| format!("invalid CIDR {text:?}: {e}"))?;
+            check_host_bits(net)?;
+            return Ok(Self::Net(net));
+        }
+        if let Ok(addr) = text.parse::<IpAddr>() {
+            return Ok(Self::Net(IpNet::from(addr)));
+        }
+        if is_host_pattern(text) {
+            return Ok(Self::Host(text.to_ascii_lowercase()));
+        }
+        Err(format!("invalid destination {text:?} ({VALID_DEST})"))
+    }
+}
+
+/// A CIDR such as `10.0.0.1/8` is almost always a typo for the network or for the single
+/// address; accepting it silently would cover far more (or less) than meant.
+pub(crate) fn check_host_bits(net: IpNet) -> Result<(), String> {
+    let network = net.trunc();
+    if network == net {
+        return Ok(());
+    }
+    let single = IpNet::from(net.addr());
+    Err(format!(
+        "CIDR {net} has host bits set: did you mean {network} (the whole network) \
+         or {single} (the single address)?"
+    ))
+}
+
+/// `api.example.com`, `localhost`, `*.example.com`. The last label may not be all digits,
+/// so a mistyped address like `300.1.1.1` is not taken for a name.
+fn is_host_pattern(text: &str) -> bool {
+    let name = text.strip_prefix("*.").unwrap_or(text);
+    if name.is_empty() || name.len() > 253 {
+        return false;
+    }
+    let labels: Vec<&str> = name.split('.').collect();
+    let label_ok = |l: &&str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    labels.iter().all(label_ok)
+        && labels
+            .last()
+            .is_some_and(|l| !l.bytes().all(|b| b.is_ascii_digit()))
+}
+
+impl<'de> Deserialize<'de> for RawPortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(PortVisitor)
+    }
+}
+
+struct PortVisitor;
+
+impl de::Visitor<'_> for PortVisitor {
+    type Value = RawPortRange;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a port 1-65535 or a range \"lo-hi\"")
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawPortRange, E> {
+        let port = single_port(v)
+            .map_err(|why| E::custom(format!("invalid port {v}: {why} ({VALID_PORTS})")))?;
+        Ok(RawPortRange { lo: port, hi: port })
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawPortRange, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(E::custom(format!(
+                "invalid port {v}: ports are not negative ({VALID_PORTS})"
+            ))),
+        }
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<RawPortRange, E> {
+        v.parse().map_err(E::custom)
+    }
+}
+
+impl FromStr for RawPortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let text = s.trim();
+        let Some((lo, hi)) = text.split_once('-') else {
+            let port = parse_port(text)
+                .map_err(|why| format!("invalid port {text:?}: {why} ({VALID_PORTS})"))?;
+            return Ok(Self { lo: port, hi: port });
+        };
+        let bad = |why: String| format!("invalid port range {text:?}: {why} ({VALID_PORTS})");
+        let lo = parse_port(lo.trim()).map_err(|why| bad(format!("start {why}")))?;
+        let hi = parse_port(hi.trim()).map_err(|why| bad(format!("end {why}")))?;
+        check_port_range(lo, hi).map_err(bad)?;
+        Ok(Self { lo, hi })
+    }
+}
+
+fn parse_port(text: &str) -> Result<u16, String> {
+    if text.is_empty() {
+        return Err("is missing".into());
+    }
+    if !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("is not a number".into());
+    }
+    // All digits: the only parse failure left is overflow.
+    let value = text.parse::<u64>().unwrap_or(u64::MAX);
+    single_port(value)
+}
+
+fn single_port(value: u64) -> Result<u16, String> {
+    match u16::try_from(value) {
+        Ok(0) => Err("is 0; ports start at 1".into()),
+        Ok(port) => Ok(port),
+        Err(_) => Err("is above 65535".into()),
+    }
+}
+
+/// Shared with `compile`, which re-checks ranges built in code rather than parsed.
+pub(crate) fn check_port_range(lo: u16, hi: u16) -> Result<(), String> {
+    if lo == 0 {
+        Err("ports start at 1".into())
+    } else if lo > hi {
+        Err("start is greater than end".into())
+    } else {
+        Ok(())
+    }
+}
+
+impl FromStr for RawConnect {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let text = s.trim();
+        let bad = |why: &str| format!("invalid connection {text:?}: {why} ({VALID_CONNECT})");
+        let (target, transport) = match text.rsplit_once('/') {
+            None => (text, RawTransport::Tcp),
+            Some((target, "tcp")) => (target, RawTransport::Tcp),
+            Some((target, "udp")) => (target, RawTransport::Udp),
+            Some((_, other)) => {
+                return Err(bad(&format!("unknown protocol {other:?}")));
+            }
+        };
+        let addr: SocketAddr = target.parse().map_err(|_| {
+            if target.parse::<std::net::Ipv6Addr>().is_ok() {
+                bad("the port is missing (an IPv6 address goes in brackets: [ADDRESS]:PORT)")
+            } else if target.parse::<IpAddr>().is_ok() {
+                bad("the port is missing")
+            } else {
+                bad("expected ADDRESS:PORT, with an IPv6 address in brackets")
+            }
+        })?;
+        if let SocketAddr::V6(v6) = addr {
+            if v6.scope_id() != 0 {
+                return Err(bad("zone indices are not supported"));
+            }
+        }
+        Ok(Self {
+            text: text.to_owned(),
+            addr: addr.ip(),
+            port: addr.port(),
+            transport,
+        })
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+
+    /// Input, and the parsed value or a part of the error message.
+    type Case<T> = (&'static str, Result<T, &'static str>);
+
+    #[test]
+    fn ports() {
+        let cases: &[Case<(u16, u16)>] = &[
+            ("443", Ok((443, 443))),
+            ("1", Ok((1, 1))),
+            ("65535", Ok((65535, 65535))),
+            ("8000-8100", Ok((8000, 8100))),
+            (" 8000 - 8100 ", Ok((8000, 8100))),
+            ("1-65535", Ok((1, 65535))),
+            ("80-80", Ok((80, 80))),
+            ("0", Err("invalid port \"0\": is 0; ports start at 1")),
+            ("65536", Err("invalid port \"65536\": is above 65535")),
+            ("99999999999999999999", Err("is above 65535")),
+            ("http", Err("invalid port \"http\": is not a number")),
+            ("-5", Err("invalid port range \"-5\": start is missing")),
+            ("80-", Err("invalid port range \"80-\": end is missing")),
+            (
+                "0-80",
+                Err("invalid port range \"0-80\": start is 0; ports start at 1"),
+            ),
+            (
+                "9000-80",
+                Err("invalid port range \"9000-80\": start is greater than end"),
+            ),
+            ("1-2-3", Err("end is not a number")),
+        ];
+        for (text, want) in cases {
+            let got = text.parse::<RawPortRange>();
+            match (want, got) {
+                (Ok((lo, hi)), Ok(r)) => assert_eq!((r.lo, r.hi), (*lo, *hi), "{text}"),
+                (Err(msg), Err(e)) => {
+                    assert!(e.contains(msg), "{text}: {e:?} lacks {msg:?}");
+                    assert!(e.contains(VALID_PORTS), "{text}: {e:?}");
+                }
+                (want, got) => unreachable!("{text}: want {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn destinations() {
+        let net = |s: &str| RawDest::Net(s.parse().unwrap());
+        let cases: &[Case<RawDest>] = &[
+            ("192.0.2.7", Ok(net("192.0.2.7/32"))),
+            ("10.0.0.0/8", Ok(net("10.0.0.0/8"))),
+            ("0.0.0.0/0", Ok(net("0.0.0.0/0"))),
+            ("192.0.2.7/32", Ok(net("192.0.2.7/32"))),
+            ("2001:db8::/32", Ok(net("2001:db8::/32"))),
+            ("2001:db8::1/128", Ok(net("2001:db8::1/128"))),
+            ("::/0", Ok(net("::/0"))),
+            ("::ffff:192.0.2.0/120", Ok(net("::ffff:192.0.2.0/120"))),
+            ("API.GitHub.com", Ok(RawDest::Host("api.github.com".into()))),
+            ("*.example.com", Ok(RawDest::Host("*.example.com".into()))),
+            ("localhost", Ok(RawDest::Host("localhost".into()))),
+            (
+                "10.0.0.1/8",
+                Err("did you mean 10.0.0.0/8 (the whole network) or 10.0.0.1/32"),
+            ),
+            ("2001:db8::1/32", Err("did you mean 2001:db8::/32")),
+            (
+                "10.0.0.0/33",
+                Err("prefix length \"33\" is not a number 0-32"),
+            ),
+            (
+                "2001:db8::/129",
+                Err("prefix length \"129\" is not a number 0-128"),
+            ),
+            ("10.0.0.0/x", Err("is not a number")),
+            ("300.1.1.1", Err("invalid destination \"300.1.1.1\"")),
+            ("10.0.0", Err("invalid destination")),
+            ("foo/8", Err("\"foo\" is not an IP address")),
+            ("a..b", Err("invalid destination")),
+            ("*", Err("invalid destination")),
+            ("a.*.b", Err("invalid destination")),
+            ("-a.com", Err("invalid destination")),
+            ("", Err("invalid destination")),
+        ];
+        for (text, want) in cases {
+            match (want, text.parse::<RawDest>()) {
+                (Ok(w), Ok(g)) => assert_eq!(w, &g, "{text}"),
+                (Err(msg), Err(e)) => assert!(e.contains(msg), "{text}: {e:?} lacks {msg:?}"),
+                (want, got) => unreachable!("{text}: want {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn connects() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let cases: &[Case<(IpAddr, u16, RawTransport)>] = &[
+            (
+                "192.0.2.7:443",
+                Ok((ip("192.0.2.7"), 443, RawTransport::Tcp)),
+            ),
+            (
+                "192.0.2.7:443/tcp",
+                Ok((ip("192.0.2.7"), 443, RawTransport::Tcp)),
+            ),
+            (
+                "192.0.2.7:53/udp",
+                Ok((ip("192.0.2.7"), 53, RawTransport::Udp)),
+            ),
+            (
+                "[2001:db8::1]:443/udp",
+                Ok((ip("2001:db8::1"), 443, RawTransport::Udp)),
+            ),
+            (
+                "[::ffff:192.0.2.7]:80",
+                Ok((ip("::ffff:192.0.2.7"), 80, RawTransport::Tcp)),
+            ),
+            ("192.0.2.7:0", Ok((ip("192.0.2.7"), 0, RawTransport::Tcp))),
+            ("192.0.2.7", Err("the port is missing")),
+            ("192.0.2.7:443/sctp", Err("unknown protocol \"sctp\"")),
+            ("2001:db8::1:443", Err("goes in brackets")),
+            ("192.0.2.7:70000", Err("expected ADDRESS:PORT")),
+            ("example.com:443", Err("expected ADDRESS:PORT")),
+            ("[fe80::1%2]:443", Err("zone indices")),
+        ];
+        for (text, want) in cases {
+            match (want, text.parse::<RawConnect>()) {
+                (Ok((a, p, t)), Ok(c)) => {
+                    assert_eq!((c.addr, c.port, c.transport), (*a, *p, *t), "{text}");
+                }
+                (Err(msg), Err(e)) => {
+                    assert!(e.contains(msg), "{text}: {e:?} lacks {msg:?}");
+                    assert!(e.contains(VALID_CONNECT), "{text}: {e:?}");
+                }
+                (want, got) => unreachable!("{text}: want {want:?}, got {got:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Entry point for the README's commands: installs what is missing (idempotent), then runs
+# the xtask. Usage: ./dev.sh demo | ./dev.sh test | ./dev.sh bench connect | ./dev.sh build
+set -euo pipefail
+cd "$(dirname "$0")"
+./scripts/setup.sh
+exec cargo xtask "$@"

@@ -1,0 +1,52 @@
+//! Running cargo and the built binaries, with a progress line per step.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context};
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+pub fn step(what: &str) {
+    eprintln!("\x1b[1m==> {what}\x1b[0m");
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .current_dir(workspace())
+        .status()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args(args);
+    c
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    workspace().join("target/debug").join(name)
+}
+
+pub fn build() -> anyhow::Result<()> {
+    step("Building egressd, egressctl and the test harness");
+    run(&mut cargo(&["build", "--workspace", "--all-targets"]))
+}
+
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (it loads eBPF programs and makes network namespaces)");
+    }
+    Ok(())
+}
