@@ -57,6 +57,38 @@ pub mod event_kind {
     pub const CONNECT: u16 = 1;
 }
 
+/// Entries of the original-destination maps.
+pub const MAX_REDIRECTS: u32 = 65536;
+
+/// Where a redirected connection was going. Written by connect4/6 (keyed by socket cookie),
+/// moved by sock_ops to `BY_PEER` once the source port is known, read by the proxy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Original destination; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub rule_id: u16,
+    pub sandbox_index: u32,
+    /// Cookie of the sandbox's socket (joins the proxy's records to the connect record).
+    pub socket_cookie: u64,
+}
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
+
+/// `BY_PEER` key: the sandbox socket's own address as the proxy sees it as its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerKey {
+    pub netns_cookie: u64,
+    /// IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<PeerKey>() == 32);
+
 /// IP protocol numbers as they appear in `bpf_sock_addr.protocol`; 0 in a rule means any.
 pub mod proto {
     pub const ANY: u8 = 0;
@@ -74,7 +106,11 @@ pub struct SandboxInfo {
     pub policy_slot: u32,
     /// `action::DENY` or `action::AUDIT`: what happens when no rule matches.
     pub default_action: u8,
-    pub _pad: [u8; 7],
+    pub _pad: u8,
+    /// Port of the proxy listener on the loopback of the sandbox's network namespace, host
+    /// order; 0 = no proxy, and `proxy`/`passthrough` rules deny.
+    pub proxy_port: u16,
+    pub _pad2: u32,
 }
 const _: () = assert!(core::mem::size_of::<SandboxInfo>() == 16);
 
@@ -194,4 +230,6 @@ mod pod {
     unsafe impl aya::Pod for V6Key {}
     unsafe impl aya::Pod for SandboxCounters {}
     unsafe impl aya::Pod for ConnectEvent {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for PeerKey {}
 }

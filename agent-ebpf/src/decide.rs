@@ -1,8 +1,8 @@
 //! The decision shared by every hook: find the sandbox, match the destination against its
 //! rules, count, and report.
 use agent_common::{
-    action, event_kind, proto, verdict, ConnectEvent, EventHeader, PrefixRules, SandboxInfo, V4Key,
-    V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX,
+    action, event_kind, proto, verdict, ConnectEvent, EventHeader, OrigDst, PrefixRules,
+    SandboxInfo, V4Key, V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX,
 };
 use aya_ebpf::{
     helpers::{
@@ -17,7 +17,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use crate::maps::{COUNTERS, EVENTS, LOST, RULES_V4, RULES_V6, SANDBOXES};
+use crate::maps::{COUNTERS, EVENTS, LOST, ORIG, RULES_V4, RULES_V6, SANDBOXES};
 
 /// Return value of a cgroup_sock_addr program: 1 lets the call proceed, 0 fails it with EPERM.
 pub const RET_ALLOW: i32 = 1;
@@ -194,8 +194,15 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
                 .and_then(|rules| match_rules(rules, call.port, call.protocol));
             match matched {
                 Some((action::ALLOW, id)) => (sb.index, verdict::ALLOW, id),
-                Some((action::DENY, id)) => (sb.index, verdict::DENY, id),
-                // Actions this build does not implement in the kernel deny.
+                Some((action::PROXY | action::PASSTHROUGH, id))
+                    if call.protocol == proto::TCP
+                        && sb.proxy_port != 0
+                        && redirect(ctx, call, sb, id).is_ok() =>
+                {
+                    (sb.index, verdict::REDIRECT, id)
+                }
+                // Deny, a redirect that cannot be made (no proxy, not TCP, map full), and
+                // actions this build does not know.
                 Some((_, id)) => (sb.index, verdict::DENY, id),
                 None if sb.default_action == action::AUDIT => (sb.index, verdict::AUDIT, 0),
                 None => (sb.index, verdict::DENY, 0),
@@ -209,6 +216,56 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
     } else {
         RET_ALLOW
     }
+}
+
+/// Rewrites the destination to the proxy listener on the loopback of the caller's network
+/// namespace and remembers the original one under the socket cookie. The rewrite happens
+/// before the kernel routes the connect, so nothing is sent to the original destination.
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext, call: &Call, sb: &SandboxInfo, rule_id: u16) -> Result<(), i64> {
+    let mut addr = [0u8; 16];
+    match call.dest {
+        Dest::V4(a) => {
+            addr[10] = 0xff;
+            addr[11] = 0xff;
+            addr[12] = a[0];
+            addr[13] = a[1];
+            addr[14] = a[2];
+            addr[15] = a[3];
+        }
+        Dest::V6(a) => addr = a,
+    }
+    // SAFETY: helper valid in cgroup_sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        addr,
+        port: call.port,
+        rule_id,
+        sandbox_index: sb.index,
+        socket_cookie: cookie,
+    };
+    ORIG.insert(&cookie, &orig, 0)?;
+    let port = u32::from(sb.proxy_port.to_be());
+    let sa = ctx.sock_addr;
+    // SAFETY: context pointer from the kernel; full 4-byte stores as the verifier requires.
+    unsafe {
+        if call.family == 4 {
+            (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+        } else if let Dest::V4(_) = call.dest {
+            // A dual-stack socket going to an IPv4 host: ::ffff:127.0.0.1.
+            (*sa).user_ip6[0] = 0;
+            (*sa).user_ip6[1] = 0;
+            (*sa).user_ip6[2] = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+            (*sa).user_ip6[3] = u32::from_ne_bytes([127, 0, 0, 1]);
+        } else {
+            (*sa).user_ip6[0] = 0;
+            (*sa).user_ip6[1] = 0;
+            (*sa).user_ip6[2] = 0;
+            (*sa).user_ip6[3] = u32::from_ne_bytes([0, 0, 0, 1]);
+        }
+        (*sa).user_port = port;
+    }
+    Ok(())
 }
 
 #[inline(always)]

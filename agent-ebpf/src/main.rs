@@ -13,6 +13,7 @@ mod decide;
 mod maps;
 mod sendmsg4;
 mod sendmsg6;
+mod sock_ops;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

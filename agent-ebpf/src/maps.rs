@@ -1,12 +1,12 @@
 //! Maps shared by the programs. All are pinned by name under the daemon's versioned bpffs
 //! directory, so enforcement and its counters survive the daemon.
 use agent_common::{
-    ConnectEvent, PrefixRules, SandboxCounters, SandboxInfo, V4Key, V6Key, MAX_PREFIXES,
-    MAX_SANDBOXES,
+    ConnectEvent, OrigDst, PeerKey, PrefixRules, SandboxCounters, SandboxInfo, V4Key, V6Key,
+    MAX_PREFIXES, MAX_REDIRECTS, MAX_SANDBOXES,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 
 /// cgroup id -> sandbox.
@@ -34,3 +34,13 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 pub static EVENTS: RingBuf = RingBuf::pinned((4 << 20) as u32, 0);
 
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() % 8 == 0);
+
+/// Socket cookie -> original destination of a connection redirected to the proxy, until
+/// sock_ops knows its source port. LRU: entries of connects that never happen age out.
+#[map]
+pub static ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_REDIRECTS, 0);
+
+/// (netns cookie, source address, source port) -> original destination, read (and removed)
+/// by the proxy after `accept()`.
+#[map]
+pub static BY_PEER: LruHashMap<PeerKey, OrigDst> = LruHashMap::pinned(MAX_REDIRECTS, 0);

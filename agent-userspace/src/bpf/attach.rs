@@ -4,7 +4,7 @@ use std::{fs, fs::File, path::Path};
 
 use aya::programs::{links::FdLink, CgroupAttachMode};
 
-use super::{BpfError, PinLayout, Programs, HOOKS};
+use super::{loader::SOCK_OPS, BpfError, PinLayout, Programs, HOOKS};
 
 /// Operations on the pinned links of sandboxes.
 pub struct Links<'a> {
@@ -32,24 +32,27 @@ impl Links<'_> {
                 continue;
             }
             let result = (|| {
-                let prog = programs.program(name)?;
-                // Single: the kernel's cgroup bpf_link attach accepts only this mode
-                // (AllowMultiple fails with EINVAL), and links still coexist.
-                let id = prog
-                    .attach(&cgroup, CgroupAttachMode::Single)
-                    .map_err(|e| BpfError::Program {
-                        program: name,
-                        hook,
-                        source: Box::new(e),
-                    })?;
-                let link = prog.take_link(id).map_err(|e| BpfError::Program {
+                let err = |e| BpfError::Program {
                     program: name,
                     hook,
                     source: Box::new(e),
-                })?;
-                let fd_link: FdLink = link.try_into().map_err(|e| {
-                    BpfError::Other(format!("link for {hook} is not an fd link: {e}"))
-                })?;
+                };
+                // Single: the kernel's cgroup bpf_link attach accepts only this mode
+                // (AllowMultiple fails with EINVAL), and links still coexist.
+                let fd_link: FdLink = if name == SOCK_OPS {
+                    let prog = programs.sock_ops()?;
+                    let id = prog
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(err)?;
+                    prog.take_link(id).map_err(err)?.try_into()
+                } else {
+                    let prog = programs.program(name)?;
+                    let id = prog
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(err)?;
+                    prog.take_link(id).map_err(err)?.try_into()
+                }
+                .map_err(|e| BpfError::Other(format!("link for {hook} is not an fd link: {e}")))?;
                 fd_link
                     .pin(&pin)
                     .map_err(|e| BpfError::Other(format!("pinning {}: {e}", pin.display())))?;

@@ -1,17 +1,25 @@
 //! Loads the eBPF object once per daemon run, with its maps pinned (and reused) under the
 //! versioned bpffs directory.
-use aya::{programs::CgroupSockAddr, Ebpf, EbpfLoader};
+use aya::{
+    programs::{CgroupSockAddr, SockOps},
+    Ebpf, EbpfLoader,
+};
 
 use super::{BpfError, PinLayout};
 
 /// (program symbol, hook name) for every program attached to a sandbox cgroup. The hook
-/// name is also the link's pin file name.
-pub const HOOKS: [(&str, &str); 4] = [
+/// name is also the link's pin file name. All but the last are cgroup_sock_addr programs;
+/// `sock_ops` records redirected connections' source ports for the proxy.
+pub const HOOKS: [(&str, &str); 5] = [
     ("egress_connect4", "connect4"),
     ("egress_connect6", "connect6"),
     ("egress_sendmsg4", "sendmsg4"),
     ("egress_sendmsg6", "sendmsg6"),
+    (SOCK_OPS, "sock_ops"),
 ];
+
+/// Symbol of the sock_ops program.
+pub const SOCK_OPS: &str = "egress_sock_ops";
 
 /// The loaded programs and the maps they share.
 pub struct Programs {
@@ -24,27 +32,24 @@ impl Programs {
     pub fn load(layout: &PinLayout) -> Result<Self, BpfError> {
         layout.create()?;
         let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
-        let mut ebpf = EbpfLoader::new()
+        let ebpf = EbpfLoader::new()
             .default_map_pin_directory(layout.maps())
             .load(object)
             .map_err(|e| BpfError::Load(Box::new(e)))?;
+        let mut programs = Self { ebpf };
         for (name, hook) in HOOKS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| BpfError::Other(format!("program {name} missing from the object")))?
-                .try_into()
-                .map_err(|e| BpfError::Program {
-                    program: name,
-                    hook,
-                    source: Box::new(e),
-                })?;
-            prog.load().map_err(|e| BpfError::Program {
+            let err = |e| BpfError::Program {
                 program: name,
                 hook,
                 source: Box::new(e),
-            })?;
+            };
+            if name == SOCK_OPS {
+                programs.sock_ops()?.load().map_err(err)?;
+            } else {
+                programs.program(name)?.load().map_err(err)?;
+            }
         }
-        Ok(Self { ebpf })
+        Ok(programs)
     }
 
     pub(crate) fn program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr, BpfError> {
@@ -63,13 +68,25 @@ impl Programs {
             })
     }
 
+    pub(crate) fn sock_ops(&mut self) -> Result<&mut SockOps, BpfError> {
+        self.ebpf
+            .program_mut(SOCK_OPS)
+            .ok_or_else(|| BpfError::Other(format!("program {SOCK_OPS} missing from the object")))?
+            .try_into()
+            .map_err(|e| BpfError::Program {
+                program: SOCK_OPS,
+                hook: "sock_ops",
+                source: Box::new(e),
+            })
+    }
+
     /// (hook, run count, total run time in ns) of this daemon's program instances. Counts
     /// only accumulate while BPF statistics are enabled (`sysctl kernel.bpf_stats_enabled`).
     pub fn stats(&self) -> Vec<(&'static str, u64, u64)> {
         HOOKS
             .iter()
             .filter_map(|(name, hook)| {
-                let prog: &CgroupSockAddr = self.ebpf.program(name)?.try_into().ok()?;
+                let prog = self.ebpf.program(name)?;
                 let info = prog.info().ok()?;
                 Some((*hook, info.run_count(), info.run_time().as_nanos() as u64))
             })

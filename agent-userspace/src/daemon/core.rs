@@ -68,7 +68,9 @@ impl Core {
             index: rec.index,
             policy_slot: rec.slot,
             default_action: policy.default_action().kernel_code(),
-            _pad: [0; 7],
+            _pad: 0,
+            proxy_port: 0,
+            _pad2: 0,
         }
     }
 

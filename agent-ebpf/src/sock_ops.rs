@@ -1,0 +1,76 @@
+//! `sockops` on each sandbox cgroup: when a connection that connect4/6 redirected to the
+//! proxy gets its source port (`BPF_SOCK_OPS_TCP_CONNECT_CB`, before the SYN is sent), move
+//! its original destination from `ORIG[socket cookie]` to `BY_PEER[netns cookie, source
+//! address, source port]`, which is all the proxy can see of it after `accept()`.
+use agent_common::PeerKey;
+use aya_ebpf::{
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::sock_ops,
+    programs::SockOpsContext,
+    EbpfContext,
+};
+
+use crate::maps::{BY_PEER, ORIG};
+
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const AF_INET: u32 = 2;
+
+/// Named `egress_sock_ops`, not `sockops`, which clashes with a symbol in bpf-linker.
+#[sock_ops]
+pub fn egress_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        remember_peer(&ctx);
+    }
+    // sock_ops return values do not decide anything here; 1 = ok.
+    1
+}
+
+#[inline(always)]
+fn remember_peer(ctx: &SockOpsContext) {
+    // SAFETY: helpers valid in sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(orig) = (unsafe { ORIG.get(&cookie) }).copied() else {
+        return;
+    };
+    let mut addr = [0u8; 16];
+    if ctx.family() == AF_INET {
+        let ip = ctx.local_ip4().to_ne_bytes();
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12] = ip[0];
+        addr[13] = ip[1];
+        addr[14] = ip[2];
+        addr[15] = ip[3];
+    } else {
+        // Constant offsets only: the verifier refuses context reads through a computed pointer.
+        // SAFETY: context pointer from the kernel.
+        let words = unsafe {
+            [
+                core::ptr::read_volatile(&(*ctx.ops).local_ip6[0]),
+                core::ptr::read_volatile(&(*ctx.ops).local_ip6[1]),
+                core::ptr::read_volatile(&(*ctx.ops).local_ip6[2]),
+                core::ptr::read_volatile(&(*ctx.ops).local_ip6[3]),
+            ]
+        };
+        let mut i = 0;
+        while i < 4 {
+            let b = words[i].to_ne_bytes();
+            addr[i * 4] = b[0];
+            addr[i * 4 + 1] = b[1];
+            addr[i * 4 + 2] = b[2];
+            addr[i * 4 + 3] = b[3];
+            i += 1;
+        }
+    }
+    let key = PeerKey {
+        // SAFETY: helper valid in sock_ops programs.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        addr,
+        // local_port is host order in sock_ops.
+        port: ctx.local_port() as u16,
+        _pad: [0; 6],
+    };
+    let _ = BY_PEER.insert(&key, &orig, 0);
+    let _ = ORIG.remove(&cookie);
+}
