@@ -1,1 +1,60 @@
-//! Privileged end-to-end test harness.
+//! Privileged end-to-end test harness for egressd.
+//!
+//! Builds the fake internet described in `/work/shared/TESTBED.md` out of network
+//! namespaces, veth pairs and cgroup v2 directories, runs real servers and clients in it,
+//! and drives the `egressd`/`egressctl` binaries. Every resource is owned by an RAII guard
+//! whose `Drop` removes it, also when a test panics, so a second run on the same machine
+//! starts clean. Names carry the test process id (`egress-test-<pid>-<n>-...`) so parallel
+//! runs and other users of the machine never collide with us.
+//!
+//! The modules are public so that `xtask demo` can reuse the topology.
+//!
+//! Running (as root):
+//!
+//! ```text
+//! cargo build -p agent-userspace
+//! cargo test -p egress-tests -- --test-threads=2
+//! ```
+//!
+//! Environment: `EGRESSD_BIN` / `EGRESSCTL_BIN` (binaries, default `target/debug/`),
+//! `EGRESS_TEST_BPFFS_ROOT` (a bpffs directory to create per-daemon dirs under; default
+//! `/sys/fs/bpf` if it is bpffs, else a private bpffs mount per daemon),
+//! `EGRESS_TEST_PYTHON` (interpreter for the fixtures), `EGRESS_TEST_KEEP` (keep temp
+//! dirs and print the daemon log). `tests/harness.rs` checks the harness itself and
+//! needs no daemon. Skips (root, cgroup v2, bpffs, `ip`) print `SKIP ...` and pass.
+//!
+//! A test process killed with SIGKILL cannot run its guards: its servers and daemons die
+//! with it (`PR_SET_PDEATHSIG`), but namespaces, cgroups and bpffs dirs named
+//! `egress-test-<pid>-*` remain and must be removed by hand.
+
+pub mod audit;
+pub mod cgroup;
+pub mod daemon;
+pub mod expect;
+pub mod fixture;
+pub mod netns;
+pub mod sandbox;
+pub mod servers;
+pub mod util;
+pub mod world;
+
+pub use util::skip_reason;
+
+/// Returns early from a test (with `Ok(())`) and prints why, when the machine cannot run
+/// privileged tests: not root, no cgroup v2 mount, no bpf filesystem, no `ip`.
+///
+/// Use at the top of a test returning `anyhow::Result<()>`.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if let Some(why) = $crate::util::skip_reason() {
+            eprintln!(
+                "SKIP {} ({}): {}",
+                module_path!(),
+                std::thread::current().name().unwrap_or("?"),
+                why
+            );
+            return Ok(());
+        }
+    };
+}

@@ -43,6 +43,12 @@ pub fn build() -> anyhow::Result<()> {
     run(&mut cargo(&["build", "--workspace", "--all-targets"]))
 }
 
+/// Only the daemon and the CLI.
+pub fn build_bins() -> anyhow::Result<()> {
+    step("Building egressd and egressctl");
+    run(&mut cargo(&["build", "-p", "agent-userspace", "--bins"]))
+}
+
 pub fn require_root(what: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

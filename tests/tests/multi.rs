@@ -1,0 +1,80 @@
+//! Two sandboxes under one daemon with different policies, then detach.
+//!
+//! Needs root, cgroup v2, bpffs and the egressd binaries; skips otherwise.
+
+use std::net::IpAddr;
+
+use anyhow::{ensure, Context, Result};
+use egress_tests::audit::{get_u64, Match};
+use egress_tests::expect::{self, RECORD_TIMEOUT};
+use egress_tests::fixture::{Fixture, DENY_ALL, WEB_ORIGIN_DENY};
+use egress_tests::require_root;
+use egress_tests::world::{CANARY_V4, ORIGIN_V4};
+
+#[test]
+fn two_sandboxes_side_by_side_then_detach() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    let other = fx.world.add_sandbox("sb2")?;
+    let a = fx.sandbox.label();
+    let b = other.label();
+    fx.attach(WEB_ORIGIN_DENY)?;
+    let deny_all = fx.policy("deny-all.yaml", DENY_ALL)?;
+    fx.daemon.attach_ok(&other, &deny_all, b)?;
+
+    let origin = format!("http://{ORIGIN_V4}/");
+    let origin_ip = IpAddr::V4(ORIGIN_V4);
+    expect::origin_body(&fx.sandbox.curl(&[&origin])?)?;
+    expect::exit_code(&other.curl(&[&origin])?, expect::CURL_COULDNT_CONNECT)?;
+    expect::eperm(&other.probe("tcp-connect", origin_ip, 80, &[])?)?;
+
+    fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::decision("allow", origin_ip, 80).sandbox(a),
+    )?;
+    let deny_b = fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::decision("deny", origin_ip, 80).sandbox(b),
+    )?;
+    ensure!(
+        get_u64(&deny_b, "egress.sandbox.cgroup_id") == Some(other.cgroup().id()),
+        "deny record should name sb2's cgroup: {deny_b}"
+    );
+    let recs = fx.daemon.audit_records()?;
+    ensure!(
+        Match::decision("deny", origin_ip, 80)
+            .sandbox(a)
+            .find(&recs)
+            .is_none(),
+        "sandbox {a} was denied the origin it allows"
+    );
+
+    for (sb, name) in [(&fx.sandbox, a), (&other, b)] {
+        let e = fx
+            .daemon
+            .status_sandbox(name)?
+            .with_context(|| format!("{name} missing from status"))?;
+        ensure!(get_u64(&e, "cgroup_id") == Some(sb.cgroup().id()), "{e}");
+    }
+
+    // Detach sb2: its traffic is no longer confined; sb stays confined.
+    let out = fx.daemon.detach(b)?;
+    ensure!(out.status.success(), "detach failed: {out:?}");
+    ensure!(
+        fx.daemon.status_sandbox(b)?.is_none(),
+        "detached sandbox still in status"
+    );
+    fx.daemon
+        .wait_for_match(RECORD_TIMEOUT, &Match::lifecycle("sandbox-detach"))?;
+    expect::tcp_blocked(
+        &fx.sandbox,
+        a,
+        &fx.daemon,
+        &fx.canary,
+        IpAddr::V4(CANARY_V4),
+        9,
+    )?;
+    expect::origin_body(&other.curl(&[&origin])?)?;
+    expect::probe_ok(&other.probe("tcp-connect", origin_ip, 80, &[])?)?;
+    Ok(())
+}
