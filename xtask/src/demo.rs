@@ -16,8 +16,15 @@ use crate::cmd::{bin, build_bins, require_root, step, workspace};
 
 fn show(what: &str, out: &Output) {
     let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
-    let status = out.status.code().map_or("killed".to_string(), |c| format!("exit {c}"));
-    println!("  $ {what}\n    -> {status}  {}  {}", text(&out.stdout), text(&out.stderr));
+    let status = out
+        .status
+        .code()
+        .map_or("killed".to_string(), |c| format!("exit {c}"));
+    println!(
+        "  $ {what}\n    -> {status}  {}  {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -42,20 +49,32 @@ pub fn run() -> anyhow::Result<()> {
     let daemon = Daemon::start(DaemonOpts::default())?;
     let policy = workspace().join("policies/demo.yaml");
     let out = daemon.attach(&sandbox, &policy, "agent")?;
-    show("egressctl attach --cgroup <sandbox> --policy policies/demo.yaml --name agent", &out);
+    show(
+        "egressctl attach --cgroup <sandbox> --policy policies/demo.yaml --name agent",
+        &out,
+    );
     if !out.status.success() {
         bail!("attach failed:\n{}", daemon.log());
     }
 
     step("Running real clients inside the sandbox");
     let origin = format!("http://{ORIGIN_V4}/");
-    show(&format!("curl {origin}   (allowed by rule web-origin)"), &sandbox.curl(&[&origin])?);
+    show(
+        &format!("curl {origin}   (allowed by rule web-origin)"),
+        &sandbox.curl(&[&origin])?,
+    );
     let canary_url = format!("http://{CANARY_V4}/");
-    show(&format!("curl {canary_url}   (not in the policy)"), &sandbox.curl(&[&canary_url])?);
+    show(
+        &format!("curl {canary_url}   (not in the policy)"),
+        &sandbox.curl(&[&canary_url])?,
+    );
     let udp = format!(
         "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'leak', ('{CANARY_V4}', 53))"
     );
-    show("python3: sendto(b'leak', 203.0.113.66:53/udp)   (not in the policy)", &sandbox.run("python3", &["-c", &udp])?);
+    show(
+        "python3: sendto(b'leak', 203.0.113.66:53/udp)   (not in the policy)",
+        &sandbox.run("python3", &["-c", &udp])?,
+    );
 
     step("egressctl status");
     let status = daemon.ctl(["status"])?;
@@ -67,10 +86,12 @@ pub fn run() -> anyhow::Result<()> {
     for line in log.lines() {
         let v: serde_json::Value = serde_json::from_str(line)?;
         let s = |p: &str| {
-            p.split('.').try_fold(&v, |v, k| v.get(k)).map_or(String::new(), |x| match x {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            })
+            p.split('.')
+                .try_fold(&v, |v, k| v.get(k))
+                .map_or(String::new(), |x| match x {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
         };
         let what = match s("event.action").as_str() {
             "connect" | "sendmsg" => format!(

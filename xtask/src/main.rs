@@ -36,11 +36,18 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().command {
         Command::Build => cmd::build(),
         Command::Test { filter, no_lint } => test::run_all(filter.as_deref(), no_lint),
         Command::Demo => demo::run(),
         Command::Bench { which } => bench::run(which),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
