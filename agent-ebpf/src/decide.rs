@@ -116,7 +116,7 @@ fn find_sandbox() -> Option<&'static SandboxInfo> {
     // SAFETY: helper without arguments.
     let id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: the value is only read.
-    if let Some(s) = unsafe { SANDBOXES.get(&id) } {
+    if let Some(s) = unsafe { SANDBOXES.get(id) } {
         return Some(s);
     }
     let mut found = None;
@@ -128,7 +128,7 @@ fn find_sandbox() -> Option<&'static SandboxInfo> {
             break;
         }
         // SAFETY: the value is only read.
-        if let Some(s) = unsafe { SANDBOXES.get(&anc) } {
+        if let Some(s) = unsafe { SANDBOXES.get(anc) } {
             found = Some(s);
         }
         level += 1;
@@ -244,7 +244,7 @@ fn redirect(ctx: &SockAddrContext, call: &Call, sb: &SandboxInfo, rule_id: u16) 
         sandbox_index: sb.index,
         socket_cookie: cookie,
     };
-    ORIG.insert(&cookie, &orig, 0)?;
+    ORIG.insert(cookie, orig, 0)?;
     let port = u32::from(sb.proxy_port.to_be());
     let sa = ctx.sock_addr;
     // SAFETY: context pointer from the kernel; full 4-byte stores as the verifier requires.

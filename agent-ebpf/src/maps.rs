@@ -33,7 +33,7 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned((4 << 20) as u32, 0);
 
-const _: () = assert!(core::mem::size_of::<ConnectEvent>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<ConnectEvent>().is_multiple_of(8));
 
 /// Socket cookie -> original destination of a connection redirected to the proxy, until
 /// sock_ops knows its source port. LRU: entries of connects that never happen age out.

@@ -30,7 +30,7 @@ fn remember_peer(ctx: &SockOpsContext) {
     // SAFETY: helpers valid in sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(orig) = (unsafe { ORIG.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG.get(cookie) }).copied() else {
         return;
     };
     let mut addr = [0u8; 16];
@@ -71,6 +71,6 @@ fn remember_peer(ctx: &SockOpsContext) {
         port: ctx.local_port() as u16,
         _pad: [0; 6],
     };
-    let _ = BY_PEER.insert(&key, &orig, 0);
-    let _ = ORIG.remove(&cookie);
+    let _ = BY_PEER.insert(key, orig, 0);
+    let _ = ORIG.remove(cookie);
 }

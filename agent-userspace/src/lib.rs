@@ -8,5 +8,7 @@ pub mod audit;
 pub mod bpf;
 pub mod cgroup;
 pub mod control;
+pub mod credentials;
 pub mod daemon;
 pub mod policy;
+pub mod proxy;

@@ -8,7 +8,9 @@
 //!
 //! Records must be built only from typed, non-secret data: names, ids, addresses, digests
 //! and error messages that themselves never carry a secret value. There is deliberately no
-//! field for free-form payloads, headers or credential material.
+//! field for free-form payloads, headers or credential material: a proxy record names the
+//! credential it injected, and its query string is reduced to keys again here, so a value
+//! that slipped through upstream still never reaches the log.
 
 use std::{borrow::Cow, fmt, net::IpAddr, path::PathBuf};
 
@@ -18,6 +20,8 @@ use sha2::{Digest, Sha256};
 use time::{format_description::FormatItem, macros::format_description, OffsetDateTime, UtcOffset};
 
 use super::clock::ClockOffset;
+// `proxy::record` is private; its types are re-exported from `proxy`.
+use crate::proxy::{self, ProxyRecord, RecordKind};
 
 /// `observer.product` of every record.
 pub const PRODUCT: &str = "egressd";
@@ -38,6 +42,8 @@ pub mod action {
     pub const SANDBOX_ADOPT: &str = "sandbox-adopt";
     pub const POLICY_CHANGE: &str = "policy-change";
     pub const POLICY_REJECTED: &str = "policy-rejected";
+    pub const HTTP_REQUEST: &str = "http-request";
+    pub const TLS_CONNECTION: &str = "tls-connection";
 }
 
 /// Microseconds, always six digits, so lines sort and compare as text.
@@ -63,6 +69,10 @@ pub enum Record {
     PolicyChange(PolicyChange),
     /// A new policy was refused; the sandbox keeps its previous one.
     PolicyRejected(PolicyRejected),
+    /// An HTTP request on an intercepted connection (`http-request`), or a whole proxied
+    /// connection: a passthrough relay or one refused before any request
+    /// (`tls-connection`).
+    Proxy(ProxyEvent),
 }
 
 impl Record {
@@ -76,6 +86,7 @@ impl Record {
             Self::SandboxAttach(r) | Self::SandboxDetach(r) | Self::SandboxAdopt(r) => r.time,
             Self::PolicyChange(r) => r.time,
             Self::PolicyRejected(r) => r.time,
+            Self::Proxy(r) => r.time,
         }
     }
 
@@ -91,6 +102,7 @@ impl Record {
             Self::SandboxAdopt(_) => action::SANDBOX_ADOPT,
             Self::PolicyChange(_) => action::POLICY_CHANGE,
             Self::PolicyRejected(_) => action::POLICY_REJECTED,
+            Self::Proxy(r) => r.action(),
         }
     }
 
@@ -116,11 +128,12 @@ impl Record {
             },
             event: WireEvent {
                 kind: "event",
-                category: ["configuration"],
+                category: &["configuration"],
                 type_: &["info"],
                 action,
                 outcome: Outcome::Success,
                 reason: None,
+                duration: None,
                 sequence,
             },
             observer: Observer {
@@ -131,7 +144,11 @@ impl Record {
             user: None,
             group: None,
             network: None,
+            source: None,
             destination: None,
+            url: None,
+            http: None,
+            tls: None,
             rule: None,
             error: None,
             egress: WireEgress::default(),
@@ -139,7 +156,7 @@ impl Record {
         match self {
             Self::Network(r) => r.fill(&mut wire),
             Self::EventsLost(r) => {
-                wire.event.category = ["network"];
+                wire.event.category = &["network"];
                 wire.event.type_ = &["error"];
                 wire.event.outcome = Outcome::Failure;
                 wire.egress.lost = Some(WireLost {
@@ -148,7 +165,7 @@ impl Record {
                 });
             }
             Self::DaemonStart(r) => {
-                wire.event.category = ["process"];
+                wire.event.category = &["process"];
                 wire.event.type_ = &["start"];
                 wire.process = Some(WireProcess {
                     pid: r.pid,
@@ -170,7 +187,7 @@ impl Record {
                 }
             }
             Self::DaemonStop(r) => {
-                wire.event.category = ["process"];
+                wire.event.category = &["process"];
                 wire.event.type_ = &["end"];
                 wire.event.outcome = r.reason.outcome();
                 wire.event.reason = Some(r.reason.as_str());
@@ -203,6 +220,7 @@ impl Record {
                 });
                 wire.error = Some(WireError { message: &r.error });
             }
+            Self::Proxy(r) => r.fill(&mut wire),
         }
         Ok(wire)
     }
@@ -224,6 +242,7 @@ impl_from!(
     DaemonStop => DaemonStop,
     PolicyChange => PolicyChange,
     PolicyRejected => PolicyRejected,
+    ProxyEvent => Proxy,
 );
 
 /// Why a record could not be encoded. Carries the action so the message says which
@@ -364,7 +383,7 @@ impl NetworkDecision {
 
     fn fill<'a>(&'a self, wire: &mut Wire<'a>) {
         let ip = self.destination_ip.to_canonical();
-        wire.event.category = ["network"];
+        wire.event.category = &["network"];
         wire.event.type_ = match self.verdict {
             Verdict::Deny => &["connection", "denied"],
             Verdict::Allow | Verdict::Audit | Verdict::Redirect => &["connection", "allowed"],
@@ -388,6 +407,7 @@ impl NetworkDecision {
         wire.destination = Some(WireDestination {
             ip,
             port: self.destination_port,
+            bytes: None,
         });
         wire.rule = Some(WireRule {
             name: self.rule.name(),
@@ -407,7 +427,7 @@ impl NetworkDecision {
         wire.egress.hook = Some(self.hook);
         wire.egress.verdict = Some(self.verdict);
         wire.egress.connection = Some(WireConnection {
-            id: self.connection_id(),
+            id: WireConnectionId::Kernel(self.connection_id()),
         });
     }
 }
@@ -543,6 +563,106 @@ pub struct PolicyRejected {
     /// `error.message`: the policy compiler's message (file, line, field, what is valid).
     /// Policy errors never quote credential values, which live outside policy files.
     pub error: String,
+}
+
+/// A request or connection reported by the TLS proxy. `record.kind` decides the action:
+/// `http-request` or `tls-connection`.
+///
+/// Requests carry `url.*` and `http.*`, with `http.request.body.bytes` and
+/// `http.response.body.bytes` because the proxy counts body bytes only (ECS
+/// `http.*.bytes` would include headers). Connections carry the relayed totals as
+/// `source.bytes` (from the sandbox) and `destination.bytes` (to the sandbox), and no
+/// `http`. `url.domain` is the request's host, or the TLS server name when there is none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyEvent {
+    /// `@timestamp`. The proxy reports a request or connection once it is over, so this is
+    /// normally its end; `event.duration` says how long it took.
+    pub time: OffsetDateTime,
+    pub record: ProxyRecord,
+}
+
+impl ProxyEvent {
+    /// `event.action`.
+    pub fn action(&self) -> &'static str {
+        match self.record.kind {
+            RecordKind::Request => action::HTTP_REQUEST,
+            RecordKind::Connection => action::TLS_CONNECTION,
+        }
+    }
+
+    /// `egress.verdict`: the proxy only allows or denies, which the kernel verdicts'
+    /// `allow` and `deny` already spell.
+    fn verdict(&self) -> Verdict {
+        match self.record.verdict {
+            proxy::Verdict::Allow => Verdict::Allow,
+            proxy::Verdict::Deny => Verdict::Deny,
+        }
+    }
+
+    fn fill<'a>(&'a self, wire: &mut Wire<'a>) {
+        let r = &self.record;
+        let verdict = self.verdict();
+        wire.event.type_ = match verdict {
+            Verdict::Deny => &["connection", "denied"],
+            Verdict::Allow | Verdict::Audit | Verdict::Redirect => &["connection", "allowed"],
+        };
+        // An allowed request whose upstream then failed is still a success here: the
+        // proxy let it through, and `event.reason` says what went wrong.
+        wire.event.outcome = verdict.outcome();
+        wire.event.reason = non_empty(&r.reason);
+        wire.event.duration = Some(r.duration_ms.saturating_mul(1_000_000));
+        let domain = non_empty(&r.host).or_else(|| non_empty(&r.sni));
+        let mut destination = WireDestination {
+            ip: r.original_dst.ip().to_canonical(),
+            port: r.original_dst.port(),
+            bytes: None,
+        };
+        match r.kind {
+            RecordKind::Request => {
+                wire.event.category = &["network", "web"];
+                // Already keys only; reducing again is a no-op then, and keeps a value
+                // out of the log if one ever got this far.
+                let query = r
+                    .query_keys
+                    .as_deref()
+                    .and_then(|q| proxy::query_keys(Some(q)));
+                wire.url = WireUrl::new(domain, non_empty(&r.path), query);
+                wire.http = Some(WireHttp {
+                    request: WireHttpRequest {
+                        method: non_empty(&r.method),
+                        body: WireBytes { bytes: r.bytes_in },
+                    },
+                    response: WireHttpResponse {
+                        status_code: r.status,
+                        body: WireBytes { bytes: r.bytes_out },
+                    },
+                });
+            }
+            RecordKind::Connection => {
+                wire.event.category = &["network"];
+                wire.url = WireUrl::new(domain, None, None);
+                wire.source = Some(WireBytes { bytes: r.bytes_in });
+                destination.bytes = Some(r.bytes_out);
+            }
+        }
+        wire.destination = Some(destination);
+        wire.tls = non_empty(&r.sni).map(|server_name| WireTls {
+            client: WireTlsClient { server_name },
+        });
+        wire.rule = Some(WireRule { name: &r.rule_name });
+        wire.egress.sandbox = Some(WireSandbox::named(&r.sandbox));
+        wire.egress.connection = Some(WireConnection {
+            id: WireConnectionId::Proxy(&r.connection_id),
+        });
+        wire.egress.verdict = Some(verdict);
+        wire.egress.tls_mode = Some(r.tls_mode.as_str());
+        wire.egress.credential = non_empty(&r.credential).map(|name| WireCredential { name });
+    }
+}
+
+/// An optional string, with an empty one taken as absent.
+fn non_empty(s: &Option<String>) -> Option<&str> {
+    s.as_deref().filter(|s| !s.is_empty())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -765,7 +885,7 @@ struct Wire<'a> {
     #[serde(rename = "@timestamp")]
     timestamp: String,
     ecs: Ecs,
-    event: WireEvent,
+    event: WireEvent<'a>,
     observer: Observer,
     #[serde(skip_serializing_if = "Option::is_none")]
     process: Option<WireProcess<'a>>,
@@ -776,7 +896,15 @@ struct Wire<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     network: Option<WireNetwork>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<WireBytes>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     destination: Option<WireDestination>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<WireUrl<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http: Option<WireHttp<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<WireTls<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rule: Option<WireRule<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -790,15 +918,18 @@ struct Ecs {
 }
 
 #[derive(Serialize)]
-struct WireEvent {
+struct WireEvent<'a> {
     kind: &'static str,
-    category: [&'static str; 1],
+    category: &'static [&'static str],
     #[serde(rename = "type")]
     type_: &'static [&'static str],
     action: &'static str,
     outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'static str>,
+    reason: Option<&'a str>,
+    /// Nanoseconds, as ECS defines it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration: Option<u64>,
     sequence: u64,
 }
 
@@ -833,6 +964,65 @@ struct WireNetwork {
 struct WireDestination {
     ip: IpAddr,
     port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes: Option<u64>,
+}
+
+/// `source`, `http.request.body` and `http.response.body`.
+#[derive(Serialize)]
+struct WireBytes {
+    bytes: u64,
+}
+
+#[derive(Serialize)]
+struct WireUrl<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    domain: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    query: Option<String>,
+}
+
+impl<'a> WireUrl<'a> {
+    /// `None` rather than an empty `url` object.
+    fn new(domain: Option<&'a str>, path: Option<&'a str>, query: Option<String>) -> Option<Self> {
+        (domain.is_some() || path.is_some() || query.is_some()).then_some(Self {
+            domain,
+            path,
+            query,
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct WireHttp<'a> {
+    request: WireHttpRequest<'a>,
+    response: WireHttpResponse,
+}
+
+#[derive(Serialize)]
+struct WireHttpRequest<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    method: Option<&'a str>,
+    body: WireBytes,
+}
+
+#[derive(Serialize)]
+struct WireHttpResponse {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_code: Option<u16>,
+    body: WireBytes,
+}
+
+#[derive(Serialize)]
+struct WireTls<'a> {
+    client: WireTlsClient<'a>,
+}
+
+#[derive(Serialize)]
+struct WireTlsClient<'a> {
+    server_name: &'a str,
 }
 
 #[derive(Serialize)]
@@ -858,7 +1048,11 @@ struct WireEgress<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     verdict: Option<Verdict>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    connection: Option<WireConnection>,
+    connection: Option<WireConnection<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_mode: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credential: Option<WireCredential<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     lost: Option<WireLost>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -900,8 +1094,23 @@ struct WireNetns {
 }
 
 #[derive(Serialize)]
-struct WireConnection {
-    id: ConnectionId,
+struct WireConnection<'a> {
+    id: WireConnectionId<'a>,
+}
+
+/// The kernel record builds the id from its cookies; the proxy hands over the same id
+/// already written out.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum WireConnectionId<'a> {
+    Kernel(ConnectionId),
+    Proxy(&'a str),
+}
+
+/// `egress.credential`: the name only; the value never reaches the audit code.
+#[derive(Serialize)]
+struct WireCredential<'a> {
+    name: &'a str,
 }
 
 #[derive(Serialize)]

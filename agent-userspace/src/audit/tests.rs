@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     fs,
     io::Write,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
@@ -16,6 +16,7 @@ use serde_json::Value;
 use time::{macros::datetime, OffsetDateTime};
 
 use super::*;
+use crate::proxy::{ProxyRecord, RecordKind, TlsMode, Verdict as ProxyVerdict};
 
 const SCHEMA: &str = include_str!("../../schema/audit-record.schema.json");
 
@@ -83,6 +84,111 @@ fn lifecycle(name: &str) -> SandboxLifecycle {
         policy_path: PathBuf::from("/etc/egressd/policies/agent.yaml"),
         policy_digest: digest("default: deny\n"),
     }
+}
+
+/// An allowed intercepted request that got a credential, as the proxy reports it.
+fn proxy_request() -> ProxyRecord {
+    ProxyRecord {
+        kind: RecordKind::Request,
+        sandbox: "agent-1".into(),
+        connection_id: "0000000000001000-0000000100000042".into(),
+        rule_name: "github".into(),
+        tls_mode: TlsMode::Intercept,
+        original_dst: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)), 443),
+        sni: Some("api.github.example".into()),
+        method: Some("GET".into()),
+        host: Some("api.github.example".into()),
+        path: Some("/repos/acme/widget/issues".into()),
+        query_keys: Some("state=&per_page=".into()),
+        status: Some(200),
+        bytes_in: 0,
+        bytes_out: 5123,
+        duration_ms: 87,
+        credential: Some("github-token".into()),
+        verdict: ProxyVerdict::Allow,
+        reason: None,
+    }
+}
+
+/// A passthrough relay that ran to its end.
+fn proxy_passthrough() -> ProxyRecord {
+    ProxyRecord {
+        kind: RecordKind::Connection,
+        rule_name: "npm".into(),
+        tls_mode: TlsMode::Passthrough,
+        // The kernel saw an IPv4-mapped destination on an inet6 socket.
+        original_dst: SocketAddr::new(
+            IpAddr::V6(Ipv4Addr::new(198, 51, 100, 7).to_ipv6_mapped()),
+            443,
+        ),
+        sni: Some("registry.npm.example".into()),
+        method: None,
+        host: None,
+        path: None,
+        query_keys: None,
+        status: None,
+        bytes_in: 2048,
+        bytes_out: 1_048_576,
+        duration_ms: 1500,
+        credential: None,
+        ..proxy_request()
+    }
+}
+
+/// A connection refused at the TLS stage because the client sent no server name.
+fn proxy_refused_no_sni() -> ProxyRecord {
+    ProxyRecord {
+        tls_mode: TlsMode::Intercept,
+        original_dst: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)), 443),
+        sni: None,
+        bytes_in: 0,
+        bytes_out: 7,
+        duration_ms: 3,
+        verdict: ProxyVerdict::Deny,
+        reason: Some(
+            "downstream client 10.200.0.2:40000: sent no TLS server name (SNI); connections \
+             by IP address are not proxied"
+                .into(),
+        ),
+        ..proxy_passthrough()
+    }
+}
+
+fn proxy_event(record: ProxyRecord) -> Record {
+    ProxyEvent { time: T0, record }.into()
+}
+
+/// Both proxy kinds: allow with a credential, deny with a reason, allow whose upstream
+/// failed, passthrough relay, and a connection refused without SNI.
+fn proxy_kinds() -> Vec<Record> {
+    vec![
+        proxy_event(proxy_request()),
+        proxy_event(ProxyRecord {
+            original_dst: SocketAddr::new(IpAddr::V6("2001:db8::443".parse().unwrap()), 8443),
+            method: Some("DELETE".into()),
+            path: Some("/repos/acme/widget".into()),
+            query_keys: None,
+            status: Some(403),
+            bytes_in: 0,
+            bytes_out: 61,
+            duration_ms: 0,
+            credential: None,
+            verdict: ProxyVerdict::Deny,
+            reason: Some("method DELETE is not allowed by rule `github`".into()),
+            ..proxy_request()
+        }),
+        proxy_event(ProxyRecord {
+            method: Some("POST".into()),
+            query_keys: None,
+            status: Some(502),
+            bytes_in: 312,
+            bytes_out: 0,
+            reason: Some("upstream server 192.0.2.10:443: connection reset".into()),
+            ..proxy_request()
+        }),
+        proxy_event(proxy_passthrough()),
+        proxy_event(proxy_refused_no_sni()),
+    ]
 }
 
 /// One of every kind, and every verdict and address shape for network decisions.
@@ -206,6 +312,9 @@ fn every_kind() -> Vec<Record> {
         }
         .into(),
     ]
+    .into_iter()
+    .chain(proxy_kinds())
+    .collect()
 }
 
 fn read_lines(path: &Path) -> Vec<Value> {
@@ -261,7 +370,7 @@ fn every_kind_written_to_a_file_matches_the_schema() {
         .iter()
         .map(|l| l["event"]["action"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(actions.len(), 10, "{actions:?}");
+    assert_eq!(actions.len(), 12, "{actions:?}");
 }
 
 #[test]
@@ -364,6 +473,239 @@ fn lifecycle_fields() {
         line["event"]["category"],
         serde_json::json!(["configuration"])
     );
+}
+
+#[test]
+fn proxy_request_fields_use_ecs_names_and_nesting() {
+    let line: Value =
+        serde_json::from_slice(&proxy_event(proxy_request()).encode(3).unwrap()).unwrap();
+    assert_eq!(
+        line,
+        serde_json::json!({
+            "@timestamp": "2026-11-21T22:03:04.123456Z",
+            "ecs": {"version": ECS_VERSION},
+            "event": {
+                "kind": "event",
+                "category": ["network", "web"],
+                "type": ["connection", "allowed"],
+                "action": "http-request",
+                "outcome": "success",
+                "duration": 87_000_000,
+                "sequence": 3
+            },
+            "observer": {"product": "egressd", "version": VERSION},
+            "destination": {"ip": "192.0.2.10", "port": 443},
+            "url": {
+                "domain": "api.github.example",
+                "path": "/repos/acme/widget/issues",
+                "query": "state=&per_page="
+            },
+            "http": {
+                "request": {"method": "GET", "body": {"bytes": 0}},
+                "response": {"status_code": 200, "body": {"bytes": 5123}}
+            },
+            "tls": {"client": {"server_name": "api.github.example"}},
+            "rule": {"name": "github"},
+            "egress": {
+                "sandbox": {"name": "agent-1"},
+                "connection": {"id": "0000000000001000-0000000100000042"},
+                "verdict": "allow",
+                "tls_mode": "intercept",
+                "credential": {"name": "github-token"}
+            }
+        })
+    );
+}
+
+#[test]
+fn proxy_connection_fields() {
+    let line: Value =
+        serde_json::from_slice(&proxy_event(proxy_passthrough()).encode(1).unwrap()).unwrap();
+    assert_eq!(line["event"]["action"], "tls-connection");
+    assert_eq!(line["event"]["category"], serde_json::json!(["network"]));
+    assert_eq!(line["event"]["duration"], 1_500_000_000_u64);
+    // The v4-mapped original destination is written as IPv4.
+    assert_eq!(
+        line["destination"],
+        serde_json::json!({"ip": "198.51.100.7", "port": 443, "bytes": 1_048_576})
+    );
+    assert_eq!(line["source"], serde_json::json!({"bytes": 2048}));
+    assert_eq!(
+        line["url"],
+        serde_json::json!({"domain": "registry.npm.example"})
+    );
+    assert_eq!(line["tls"]["client"]["server_name"], "registry.npm.example");
+    assert_eq!(line["egress"]["tls_mode"], "passthrough");
+    assert!(line.get("http").is_none(), "{line}");
+
+    let line: Value =
+        serde_json::from_slice(&proxy_event(proxy_refused_no_sni()).encode(2).unwrap()).unwrap();
+    assert_eq!(line["event"]["outcome"], "failure");
+    assert_eq!(
+        line["event"]["type"],
+        serde_json::json!(["connection", "denied"])
+    );
+    assert!(line["event"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("no TLS server name"));
+    assert_eq!(line["egress"]["verdict"], "deny");
+    for absent in ["url", "tls", "http"] {
+        assert!(line.get(absent).is_none(), "{absent} in {line}");
+    }
+    assert!(line["egress"].get("credential").is_none(), "{line}");
+}
+
+#[test]
+fn proxy_query_values_never_reach_the_log() {
+    // The proxy is meant to hand over keys only; a raw query that slipped through is
+    // reduced again.
+    let record = proxy_event(ProxyRecord {
+        query_keys: Some("access_token=s3cret&page=2&&flag".into()),
+        ..proxy_request()
+    });
+    let text = String::from_utf8(record.encode(1).unwrap()).unwrap();
+    assert!(!text.contains("s3cret"), "{text}");
+    let line: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(line["url"]["query"], "access_token=&page=&flag=");
+    assert!(validator().is_valid(&line));
+
+    // Nothing left: no url.query at all.
+    let record = proxy_event(ProxyRecord {
+        query_keys: Some("&&".into()),
+        ..proxy_request()
+    });
+    let line: Value = serde_json::from_slice(&record.encode(1).unwrap()).unwrap();
+    assert!(line["url"].get("query").is_none(), "{line}");
+}
+
+#[test]
+fn proxy_url_domain_falls_back_to_the_server_name() {
+    let record = proxy_event(ProxyRecord {
+        host: None,
+        ..proxy_request()
+    });
+    let line: Value = serde_json::from_slice(&record.encode(1).unwrap()).unwrap();
+    assert_eq!(line["url"]["domain"], "api.github.example");
+    // Empty strings count as absent rather than producing empty ECS values.
+    let record = proxy_event(ProxyRecord {
+        host: Some(String::new()),
+        sni: Some(String::new()),
+        path: None,
+        query_keys: None,
+        credential: Some(String::new()),
+        reason: Some(String::new()),
+        ..proxy_request()
+    });
+    let line: Value = serde_json::from_slice(&record.encode(1).unwrap()).unwrap();
+    for absent in ["url", "tls"] {
+        assert!(line.get(absent).is_none(), "{absent} in {line}");
+    }
+    assert!(line["event"].get("reason").is_none(), "{line}");
+    assert!(line["egress"].get("credential").is_none(), "{line}");
+    assert!(validator().is_valid(&line), "{line}");
+}
+
+#[test]
+fn schema_catches_proxy_drift() {
+    let validator = validator();
+    let encode = |r: ProxyRecord| -> Value {
+        serde_json::from_slice(&proxy_event(r).encode(1).unwrap()).unwrap()
+    };
+    let request = encode(proxy_request());
+    let passthrough = encode(proxy_passthrough());
+    let refused = encode(proxy_refused_no_sni());
+    for good in [&request, &passthrough, &refused] {
+        let errors = violations(&validator, good);
+        assert!(errors.is_empty(), "{good}\n{}", errors.join("\n"));
+    }
+
+    let cases: Vec<(&str, &Value, Mutation)> = vec![
+        ("credential value beside its name", &request, |v| {
+            v["egress"]["credential"]["value"] = "ghp_x".into()
+        }),
+        ("query with a value", &request, |v| {
+            v["url"]["query"] = "state=open".into()
+        }),
+        ("dotted ECS key", &request, |v| {
+            v["http.request.method"] = "GET".into()
+        }),
+        ("header bytes field", &request, |v| {
+            v["http"]["request"]["bytes"] = 10.into()
+        }),
+        ("request headers", &request, |v| {
+            v["http"]["request"]["headers"] = serde_json::json!({"authorization": "x"})
+        }),
+        ("allow reported as failure", &request, |v| {
+            v["event"]["outcome"] = "failure".into()
+        }),
+        ("kernel-only verdict", &request, |v| {
+            v["egress"]["verdict"] = "redirect".into()
+        }),
+        ("request without http", &request, |v| {
+            v.as_object_mut().unwrap().remove("http");
+        }),
+        ("request with connection byte counts", &request, |v| {
+            v["source"] = serde_json::json!({"bytes": 1})
+        }),
+        ("request without web category", &request, |v| {
+            v["event"]["category"] = serde_json::json!(["network"])
+        }),
+        ("missing duration", &request, |v| {
+            v["event"].as_object_mut().unwrap().remove("duration");
+        }),
+        ("duration in seconds", &request, |v| {
+            v["event"]["duration"] = 0.087.into()
+        }),
+        ("mapped destination written as IPv6", &passthrough, |v| {
+            v["destination"]["ip"] = "::ffff:198.51.100.7".into()
+        }),
+        ("passthrough as a request", &passthrough, |v| {
+            v["event"]["action"] = "http-request".into();
+            v["event"]["category"] = serde_json::json!(["network", "web"]);
+            v.as_object_mut().unwrap().remove("source");
+            v["destination"].as_object_mut().unwrap().remove("bytes");
+            v["http"] = serde_json::json!({
+                "request": {"body": {"bytes": 0}},
+                "response": {"body": {"bytes": 0}}
+            });
+        }),
+        ("connection with http", &passthrough, |v| {
+            v["http"] = serde_json::json!({
+                "request": {"body": {"bytes": 0}},
+                "response": {"body": {"bytes": 0}}
+            })
+        }),
+        ("connection with a path", &passthrough, |v| {
+            v["url"]["path"] = "/".into()
+        }),
+        ("connection with a credential", &passthrough, |v| {
+            v["egress"]["credential"] = serde_json::json!({"name": "npm-token"})
+        }),
+        ("connection without destination bytes", &passthrough, |v| {
+            v["destination"].as_object_mut().unwrap().remove("bytes");
+        }),
+        ("server name without url.domain", &passthrough, |v| {
+            v.as_object_mut().unwrap().remove("url");
+        }),
+        ("deny reported as allowed", &refused, |v| {
+            v["event"]["type"] = serde_json::json!(["connection", "allowed"])
+        }),
+        ("empty reason", &refused, |v| {
+            v["event"]["reason"] = "".into()
+        }),
+        ("malformed connection id", &refused, |v| {
+            v["egress"]["connection"]["id"] = "42".into()
+        }),
+        ("unknown tls mode", &refused, |v| {
+            v["egress"]["tls_mode"] = "bump".into()
+        }),
+    ];
+    for (what, good, mutate) in cases {
+        let mut bad = good.clone();
+        mutate(&mut bad);
+        assert!(!validator.is_valid(&bad), "schema accepted: {what}");
+    }
 }
 
 #[test]

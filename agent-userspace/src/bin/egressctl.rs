@@ -36,6 +36,10 @@ enum Command {
         /// Sandbox name shown in status and audit records [default: the cgroup's directory name].
         #[arg(long)]
         name: Option<String>,
+        /// Network namespace of the sandbox, for the proxy listener (e.g. /var/run/netns/X
+        /// or /proc/PID/ns/net) [default: that of a process in the cgroup].
+        #[arg(long)]
+        netns: Option<PathBuf>,
     },
     /// Remove a sandbox's confinement.
     #[command(group = clap::ArgGroup::new("which").required(true))]
@@ -51,11 +55,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The proxy's local certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Check or test policy files without a daemon.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Print the CA certificate (PEM) to install into sandbox images' trust stores.
+    Export,
 }
 
 #[derive(Subcommand)]
@@ -89,6 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cgroup,
             policy: path,
             name,
+            netns,
         } => {
             let source = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
@@ -99,6 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 name,
                 policy_path: path.display().to_string(),
                 policy_source: source,
+                netns: netns.map(|p| std::path::absolute(&p).unwrap_or(p)),
             };
             respond(control::call(&cli.socket, &req)?)
         }
@@ -106,6 +123,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             &cli.socket,
             &Request::Detach { name, cgroup },
         )?),
+        Command::Ca {
+            command: CaCommand::Export,
+        } => {
+            let resp = control::call(&cli.socket, &Request::CaExport)?;
+            if !resp.ok {
+                bail!("{}", resp.error.unwrap_or_default());
+            }
+            print!("{}", resp.message.unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { json } => {
             let resp = control::call(&cli.socket, &Request::Status)?;
             if !resp.ok {

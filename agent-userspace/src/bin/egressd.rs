@@ -4,7 +4,9 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use egress::{
     control::DEFAULT_SOCKET,
+    credentials::{CredentialStore, RawCredentials},
     daemon::{self, DaemonOptions},
+    proxy::ProxyConfig,
 };
 use serde::Deserialize;
 
@@ -56,6 +58,14 @@ struct ConfigFile {
     bpffs: Option<PathBuf>,
     /// State directory.
     state_dir: Option<PathBuf>,
+    /// Port of the proxy listener on each sandbox's loopback (default 15001).
+    proxy_port: Option<u16>,
+    /// Proxy timeouts and the extra upstream CA bundle.
+    #[serde(default)]
+    proxy: ProxyConfig,
+    /// Credentials the proxy injects, by name. Never put in sandbox policies.
+    #[serde(default)]
+    credentials: RawCredentials,
 }
 
 fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
@@ -73,6 +83,10 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
         }
         None => ConfigFile::default(),
     };
+    let config_name = args
+        .config
+        .as_ref()
+        .map_or_else(|| "configuration".to_string(), |p| p.display().to_string());
     Ok(DaemonOptions {
         audit_log: args
             .audit_log
@@ -90,6 +104,10 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
             .state_dir
             .or(file.state_dir)
             .unwrap_or_else(|| "/var/lib/egressd".into()),
+        proxy_port: file.proxy_port.unwrap_or(15001),
+        credentials: CredentialStore::from_config(&file.credentials)
+            .map_err(|e| anyhow::anyhow!("{}: credentials: {e}", config_name))?,
+        proxy: file.proxy,
     })
 }
 

@@ -1,5 +1,5 @@
 //! Typed writers and readers for the pinned maps the programs decide with.
-use agent_common::{PrefixRules, SandboxCounters, SandboxInfo, V4Key, V6Key};
+use agent_common::{OrigDst, PeerKey, PrefixRules, SandboxCounters, SandboxInfo, V4Key, V6Key};
 use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues};
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -178,5 +178,36 @@ impl PolicyMaps {
     /// Events the kernel could not put in the ring buffer, since the maps were created.
     pub fn lost_total(&self) -> u64 {
         self.lost.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+}
+
+/// The proxy's view of redirected connections: original destinations by peer.
+pub struct PeerMap {
+    by_peer: HashMap<MapData, PeerKey, OrigDst>,
+}
+
+impl PeerMap {
+    pub fn new(programs: &mut Programs) -> Result<Self, BpfError> {
+        Ok(Self {
+            by_peer: take(programs, "BY_PEER")?,
+        })
+    }
+
+    /// Looks up and forgets the original destination of the connection whose client is
+    /// `peer` in the network namespace with cookie `netns_cookie`.
+    pub fn take(&mut self, netns_cookie: u64, peer: std::net::SocketAddr) -> Option<OrigDst> {
+        let addr = match peer.ip() {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            std::net::IpAddr::V6(v6) => v6.octets(),
+        };
+        let key = PeerKey {
+            netns_cookie,
+            addr,
+            port: peer.port(),
+            _pad: [0; 6],
+        };
+        let orig = self.by_peer.get(&key, 0).ok()?;
+        let _ = self.by_peer.remove(&key);
+        Some(orig)
     }
 }

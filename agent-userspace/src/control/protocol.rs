@@ -14,6 +14,10 @@ pub enum Request {
         policy_path: String,
         /// The policy text; the daemon compiles it itself.
         policy_source: String,
+        /// Network namespace of the sandbox (for the proxy listener); default: that of a
+        /// process in the cgroup, else the daemon's.
+        #[serde(default)]
+        netns: Option<PathBuf>,
     },
     /// Remove confinement, by sandbox name or by cgroup path.
     Detach {
@@ -21,6 +25,8 @@ pub enum Request {
         cgroup: Option<PathBuf>,
     },
     Status,
+    /// The local CA certificate (PEM) sandboxes must trust for the proxy.
+    CaExport,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

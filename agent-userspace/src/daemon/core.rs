@@ -1,11 +1,18 @@
 //! The daemon's consistent core: kernel maps, pinned links, persistent state and the audit
 //! records of every change to them. Every public method leaves all four in agreement.
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use agent_common::{SandboxInfo, MAX_POLICY_SLOTS, MAX_SANDBOXES};
 use time::OffsetDateTime;
 
-use super::state::{SandboxRecord, State};
+use super::{
+    netns::netns_of_cgroup,
+    proxy::ProxyRuntime,
+    state::{SandboxRecord, State},
+};
 use crate::{
     audit::{
         AuditHandle, PolicyChange, PolicyDigest, PolicyRejected, Record, RuleRef, SandboxLifecycle,
@@ -27,7 +34,9 @@ pub struct Core {
     pub audit_log: String,
     pub started_at: OffsetDateTime,
     /// Compiled policies by sandbox name (for rule names in records).
-    pub compiled: std::collections::HashMap<String, Policy>,
+    pub compiled: std::collections::HashMap<String, Arc<Policy>>,
+    /// The credential-injecting proxy and its listeners.
+    pub proxy: ProxyRuntime,
 }
 
 fn now() -> OffsetDateTime {
@@ -63,15 +72,63 @@ impl Core {
         }
     }
 
-    fn kernel_entry(rec: &SandboxRecord, policy: &Policy) -> SandboxInfo {
+    fn kernel_entry(&self, rec: &SandboxRecord, policy: &Policy) -> SandboxInfo {
         SandboxInfo {
             index: rec.index,
             policy_slot: rec.slot,
             default_action: policy.default_action().kernel_code(),
             _pad: 0,
-            proxy_port: 0,
+            proxy_port: self.proxy.port,
             _pad2: 0,
         }
+    }
+
+    fn uses_proxy(policy: &Policy) -> bool {
+        policy
+            .rules()
+            .iter()
+            .any(|r| r.is_proxy() || r.is_passthrough())
+    }
+
+    /// Checks what a policy needs from the daemon (credentials it names exist) and starts
+    /// the proxy listener in the sandbox's network namespace when it has proxy rules.
+    fn prepare_proxy(
+        &mut self,
+        policy: &Policy,
+        cgroup: &Path,
+        netns: Option<&Path>,
+    ) -> Result<(), String> {
+        for name in policy.credential_names() {
+            if !self.proxy.has_credential(name) {
+                return Err(format!(
+                    "policy names credential {name:?}, which the daemon's config does not define (defined: {})",
+                    self.proxy.credential_names().join(", ")
+                ));
+            }
+        }
+        if !Self::uses_proxy(policy) {
+            return Ok(());
+        }
+        let netns = netns.map_or_else(|| netns_of_cgroup(cgroup), Path::to_path_buf);
+        self.proxy
+            .ensure_listener(&netns)
+            .map_err(|e| format!("starting the proxy listener in {}: {e}", netns.display()))
+    }
+
+    fn set_route(&self, rec: &SandboxRecord, policy: &Arc<Policy>) {
+        self.proxy
+            .routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rec.index, (rec.name.clone(), policy.clone()));
+    }
+
+    fn drop_route(&self, index: u32) {
+        self.proxy
+            .routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&index);
     }
 
     fn install(&mut self, slot: u32, policy: &Policy) -> Result<(), String> {
@@ -96,6 +153,7 @@ impl Core {
         name: Option<String>,
         policy_path: String,
         source: String,
+        netns: Option<PathBuf>,
     ) -> Result<String, String> {
         let cgroup = Cgroup::open(cgroup).map_err(|e| e.to_string())?;
         let name = match name {
@@ -139,13 +197,21 @@ impl Core {
                 ));
             }
         }
-        match self.state.sandboxes.get(&name).cloned() {
-            Some(old) if old.cgroup_id != cgroup.id => Err(format!(
-                "sandbox name {name:?} is already used by cgroup {}",
-                old.cgroup.display()
-            )),
-            Some(old) => self.replace_policy(old, policy, policy_path, source),
-            None => self.attach_new(cgroup, name, policy, policy_path, source),
+        let existing = self.state.sandboxes.get(&name).cloned();
+        if let Some(old) = &existing {
+            if old.cgroup_id != cgroup.id {
+                return Err(format!(
+                    "sandbox name {name:?} is already used by cgroup {}",
+                    old.cgroup.display()
+                ));
+            }
+        }
+        let netns = netns.or_else(|| existing.as_ref().and_then(|o| o.netns.clone()));
+        self.prepare_proxy(&policy, &cgroup.path, netns.as_deref())?;
+        let policy = Arc::new(policy);
+        match existing {
+            Some(old) => self.replace_policy(old, policy, policy_path, source, netns),
+            None => self.attach_new(cgroup, name, policy, policy_path, source, netns),
         }
     }
 
@@ -153,9 +219,10 @@ impl Core {
         &mut self,
         cgroup: Cgroup,
         name: String,
-        policy: Policy,
+        policy: Arc<Policy>,
         policy_path: String,
         source: String,
+        netns: Option<PathBuf>,
     ) -> Result<String, String> {
         let index = self
             .state
@@ -172,6 +239,7 @@ impl Core {
             policy_path,
             policy_source: source,
             attached_at: rfc3339(now()),
+            netns,
         };
         self.maps.reset_counters(index).map_err(|e| e.to_string())?;
         self.install(slot, &policy)?;
@@ -179,7 +247,7 @@ impl Core {
         // has its policy.
         let result = self
             .maps
-            .set_sandbox(cgroup.id, Self::kernel_entry(&rec, &policy))
+            .set_sandbox(cgroup.id, self.kernel_entry(&rec, &policy))
             .and_then(|()| {
                 Links {
                     layout: &self.layout,
@@ -201,6 +269,7 @@ impl Core {
             policy.rules().len(),
             policy.default_action()
         );
+        self.set_route(&rec, &policy);
         self.state.sandboxes.insert(name.clone(), rec);
         self.compiled.insert(name, policy);
         self.save_state();
@@ -210,9 +279,10 @@ impl Core {
     fn replace_policy(
         &mut self,
         old: SandboxRecord,
-        policy: Policy,
+        policy: Arc<Policy>,
         policy_path: String,
         source: String,
+        netns: Option<PathBuf>,
     ) -> Result<String, String> {
         let slot = self.free_slot()?;
         self.install(slot, &policy)?;
@@ -221,10 +291,13 @@ impl Core {
         rec.policy_path = policy_path;
         rec.policy_digest = PolicyDigest::of(source.as_bytes()).as_str().to_string();
         rec.policy_source = source;
+        rec.netns = netns;
+        // Routes first: a connection redirected by the new rules finds its rule.
+        self.set_route(&rec, &policy);
         // One map update switches every later decision to the new rules.
         if let Err(e) = self
             .maps
-            .set_sandbox(rec.cgroup_id, Self::kernel_entry(&rec, &policy))
+            .set_sandbox(rec.cgroup_id, self.kernel_entry(&rec, &policy))
         {
             let _ = self.maps.clear_slot(slot);
             return Err(e.to_string());
@@ -284,6 +357,7 @@ impl Core {
                 let _ = self.maps.clear_slot(rec.slot);
                 self.audit
                     .emit(Record::SandboxDetach(Self::lifecycle(&rec)));
+                self.drop_route(rec.index);
                 self.state.sandboxes.remove(&rec.name);
                 self.compiled.remove(&rec.name);
                 self.save_state();
@@ -326,7 +400,12 @@ impl Core {
                 self.state.sandboxes.remove(&rec.name);
                 continue;
             }
-            let want = Self::kernel_entry(&rec, &policy);
+            if let Err(e) = self.prepare_proxy(&policy, &rec.cgroup, rec.netns.as_deref()) {
+                tracing::error!(sandbox = %rec.name, error = %e, "Restoring the proxy for an adopted sandbox failed; its proxied connections fail until fixed");
+            }
+            let policy = Arc::new(policy);
+            self.set_route(&rec, &policy);
+            let want = self.kernel_entry(&rec, &policy);
             if self.maps.sandbox(rec.cgroup_id) != Some(want) {
                 if let Err(e) = self.install(rec.slot, &policy).and_then(|()| {
                     self.maps

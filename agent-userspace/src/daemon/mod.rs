@@ -4,6 +4,8 @@
 //! Lock order: `Core` is one mutex; the event task and control handlers each hold it only
 //! for map and state work, never across an await.
 mod core;
+mod netns;
+mod proxy;
 mod run;
 mod state;
 

@@ -12,10 +12,12 @@ use super::{core::Core, state::State};
 use crate::{
     audit::{
         AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, NetworkDecision,
-        Record, StopReason,
+        ProxyEvent, Record, StopReason,
     },
-    bpf::{ensure_bpffs, EventReader, KernelEvent, PinLayout, PolicyMaps, Programs},
+    bpf::{ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout, PolicyMaps, Programs},
     control::{self, Handler, Request, Response},
+    credentials::CredentialStore,
+    proxy::{CertAuthority, Proxy, ProxyConfig},
 };
 
 /// How often the daemon records that it is alive (bounds the gap reported after a crash).
@@ -23,13 +25,16 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How often the kernel's lost-event counter is checked.
 const LOST_POLL: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone)]
 pub struct DaemonOptions {
     /// `-` for stdout.
     pub audit_log: String,
     pub socket: PathBuf,
     pub bpffs: PathBuf,
     pub state_dir: PathBuf,
+    /// Port of the proxy listener on each sandbox namespace's loopback.
+    pub proxy_port: u16,
+    pub proxy: ProxyConfig,
+    pub credentials: CredentialStore,
 }
 
 struct Shared(Mutex<Core>);
@@ -51,7 +56,9 @@ impl Handler for Shared {
                 name,
                 policy_path,
                 policy_source,
-            } => core.attach(&cgroup, name, policy_path, policy_source),
+                netns,
+            } => core.attach(&cgroup, name, policy_path, policy_source, netns),
+            Request::CaExport => Ok(core.proxy.ca_pem.clone()),
             Request::Detach { name, cgroup } => core.detach(name, cgroup),
             Request::Status => {
                 return Response {
@@ -95,6 +102,34 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let audit_task = tokio::spawn(audit_task.run());
     let clock = ClockOffset::sample().context("reading clocks")?;
 
+    let ca_dir = opts.state_dir.join("ca");
+    let ca = CertAuthority::load_or_create(&ca_dir)
+        .with_context(|| format!("loading or creating the local CA in {}", ca_dir.display()))?;
+    let ca_pem = ca.ca_pem();
+    let credentials = std::sync::Arc::new(opts.credentials);
+    let proxy_audit = audit.clone();
+    let proxy = Proxy::new(
+        opts.proxy,
+        std::sync::Arc::new(ca),
+        credentials.clone(),
+        std::sync::Arc::new(move |record| {
+            proxy_audit.emit(Record::Proxy(ProxyEvent {
+                time: now(),
+                record,
+            }))
+        }),
+    )
+    .context("setting up the proxy")?;
+    let peers = PeerMap::new(&mut programs)?;
+    let proxy = super::proxy::ProxyRuntime::new(
+        opts.proxy_port,
+        ca_pem,
+        credentials,
+        proxy,
+        peers,
+        tokio::runtime::Handle::current(),
+    );
+
     let previous = State::load(&opts.state_dir)?;
     let previous_seen = previous
         .as_ref()
@@ -118,6 +153,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         audit_log: opts.audit_log.clone(),
         started_at: now(),
         compiled: Default::default(),
+        proxy,
     };
     let adopted = core.reconcile();
     audit.emit(Record::DaemonStart(DaemonStart {

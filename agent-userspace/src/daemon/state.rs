@@ -24,6 +24,9 @@ pub struct SandboxRecord {
     pub policy_source: String,
     pub policy_digest: String,
     pub attached_at: String,
+    /// Network namespace the proxy listener was bound in, when given at attach.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

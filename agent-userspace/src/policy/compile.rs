@@ -8,10 +8,13 @@ use ipnet::{IpNet, Ipv4Net};
 
 use super::{
     error::{CompileError, FieldPath},
+    host::HostPattern,
+    http::HttpRule,
     kernel::KernelRulesError,
     raw::{
-        check_host_bits, check_port_range, RawAction, RawDefault, RawDest, RawPolicy, RawProtocol,
-        RawTest, RawTransport, RawVerdict, VALID_PORTS,
+        check_host_bits, check_port_range, RawAction, RawConnect, RawDefault, RawDest, RawHttpRule,
+        RawPolicy, RawProtocol, RawRequest, RawRule, RawTest, RawTransport, RawVerdict,
+        VALID_PORTS,
     },
     Verdict,
 };
@@ -30,6 +33,7 @@ pub struct Policy {
     pub(super) default: DefaultAction,
     pub(super) rules: Vec<Rule>,
     pub(super) tests: Vec<PolicyTest>,
+    pub(super) request_tests: Vec<RequestTest>,
 }
 
 impl Policy {
@@ -43,9 +47,14 @@ impl Policy {
         &self.rules
     }
 
-    /// The policy's own tests, in file order.
+    /// The policy's own `connect:` tests, in file order.
     pub fn tests(&self) -> &[PolicyTest] {
         &self.tests
+    }
+
+    /// The policy's own `request:` tests, in file order.
+    pub fn request_tests(&self) -> &[RequestTest] {
+        &self.request_tests
     }
 
     /// The rule with a 1-based id; `None` for 0 (the default) and unknown ids.
@@ -58,6 +67,22 @@ impl Policy {
     /// The name of the rule with a 1-based id; `None` for 0 (the default) and unknown ids.
     pub fn rule_name(&self, rule_id: u16) -> Option<&str> {
         self.rule(rule_id).map(Rule::name)
+    }
+
+    /// The proxy or passthrough rule with a 1-based id, as found in a redirected
+    /// connection; `None` for 0, unknown ids and rules with other actions.
+    pub fn proxy_rule(&self, rule_id: u16) -> Option<&Rule> {
+        self.rule(rule_id)
+            .filter(|r| r.is_proxy() || r.is_passthrough())
+    }
+
+    /// The credentials the rules name, sorted, each once: the daemon must have all of
+    /// them configured before it applies this policy.
+    pub fn credential_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.rules.iter().filter_map(Rule::credential).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
     }
 }
 
@@ -96,6 +121,12 @@ pub struct Rule {
     pub(super) ports: Vec<(u16, u16)>,
     pub(super) protocol: Protocol,
     pub(super) action: Action,
+    /// Non-empty exactly for proxy and passthrough rules; no duplicates.
+    pub(super) hosts: Vec<HostPattern>,
+    /// Proxy rules only.
+    pub(super) credential: Option<String>,
+    /// Proxy rules only; non-empty when present.
+    pub(super) http: Option<Vec<HttpRule>>,
 }
 
 impl Rule {
@@ -121,6 +152,38 @@ impl Rule {
 
     pub fn action(&self) -> Action {
         self.action
+    }
+
+    /// The names a proxy or passthrough rule serves (non-empty for those, normalised,
+    /// without duplicates); empty for allow and deny rules.
+    pub fn hosts(&self) -> &[HostPattern] {
+        &self.hosts
+    }
+
+    /// Whether one of [`Rule::hosts`] matches `name`, a TLS server name or an HTTP `Host`
+    /// without its port. Always false for allow and deny rules.
+    pub fn allows_host(&self, name: &str) -> bool {
+        self.hosts.iter().any(|h| h.matches(name))
+    }
+
+    /// The credential a proxy rule injects: a name from the daemon's configuration.
+    pub fn credential(&self) -> Option<&str> {
+        self.credential.as_deref()
+    }
+
+    /// A proxy rule's request rules (non-empty); `None` when every request is allowed.
+    pub fn http(&self) -> Option<&[HttpRule]> {
+        self.http.as_deref()
+    }
+
+    /// TLS intercepted, requests checked, credential injected.
+    pub fn is_proxy(&self) -> bool {
+        self.action == Action::Proxy
+    }
+
+    /// TLS relayed unchanged once the server name is checked against `hosts`.
+    pub fn is_passthrough(&self) -> bool {
+        self.action == Action::Passthrough
     }
 
     /// Whether the rule's port and protocol conditions hold (the address is matched
@@ -172,6 +235,11 @@ impl fmt::Display for Protocol {
 pub enum Action {
     Allow,
     Deny,
+    /// Redirect to the proxy, which terminates TLS, checks requests and injects the
+    /// rule's credential.
+    Proxy,
+    /// Redirect to the proxy, which checks the TLS server name and relays TLS unchanged.
+    Passthrough,
 }
 
 impl Action {
@@ -180,6 +248,8 @@ impl Action {
         match self {
             Self::Allow => action::ALLOW,
             Self::Deny => action::DENY,
+            Self::Proxy => action::PROXY,
+            Self::Passthrough => action::PASSTHROUGH,
         }
     }
 
@@ -188,6 +258,7 @@ impl Action {
         match self {
             Self::Allow => Verdict::Allow,
             Self::Deny => Verdict::Deny,
+            Self::Proxy | Self::Passthrough => Verdict::Redirect,
         }
     }
 }
@@ -197,13 +268,17 @@ impl fmt::Display for Action {
         f.write_str(match self {
             Self::Allow => "allow",
             Self::Deny => "deny",
+            Self::Proxy => "proxy",
+            Self::Passthrough => "passthrough",
         })
     }
 }
 
-/// A checked policy test.
+/// A checked `connect:` policy test.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyTest {
+    /// Position in the file's `tests:` list.
+    pub(super) index: usize,
     pub(super) text: String,
     pub(super) addr: IpAddr,
     pub(super) port: u16,
@@ -241,6 +316,50 @@ impl PolicyTest {
     }
 }
 
+/// A checked `request:` policy test.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestTest {
+    /// Position in the file's `tests:` list.
+    pub(super) index: usize,
+    pub(super) text: String,
+    pub(super) method: String,
+    pub(super) url: String,
+    pub(super) expect: Verdict,
+    pub(super) rule_id: u16,
+    pub(super) credential: Option<String>,
+}
+
+impl RequestTest {
+    /// The `request:` text as written.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// An `https://` URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// `Allow` or `Deny`.
+    pub fn expect(&self) -> Verdict {
+        self.expect
+    }
+
+    /// 1-based id of the rule that must decide; 0 when no rule may serve the host.
+    pub fn rule_id(&self) -> u16 {
+        self.rule_id
+    }
+
+    /// The credential that must be injected; `None` for none.
+    pub fn credential(&self) -> Option<&str> {
+        self.credential.as_deref()
+    }
+}
+
 /// `::ffff:a.b.c.d/n` (n >= 96) becomes `a.b.c.d/(n - 96)`: the kernel judges mapped
 /// destinations by the IPv4 rules, so that is where such a prefix must go.
 pub fn normalise_net(net: IpNet) -> IpNet {
@@ -262,8 +381,13 @@ pub fn normalise_net(net: IpNet) -> IpNet {
 /// Checked here: the version; at most [`MAX_RULES`] rules; rule names non-empty,
 /// `[A-Za-z0-9_.-]`, unique and not `none`/`default`; at least one destination per rule,
 /// none a host name (not supported yet), none with host bits set; port ranges within
-/// 1-65535 with `lo <= hi`, and `ports:` not an empty list; only `allow`/`deny` actions;
-/// test `rule:` values naming a rule; and that the kernel can hold every prefix's rules.
+/// 1-65535 with `lo <= hi`, and `ports:` not an empty list; that proxy and passthrough
+/// rules have non-empty `hosts` and are TCP, that passthrough rules have no `credential`
+/// or `http`, and allow and deny rules none of the three; non-empty `http`, `methods`
+/// and `paths` lists; each test has `connect:` or `request:`, a `rule:` naming a rule
+/// (for a request, a proxy or passthrough rule), and for a request `expect: allow|deny`
+/// and a `credential:` some rule injects; and that the kernel can hold every prefix's
+/// rules.
 pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
     let root = FieldPath::root();
     if raw.version != POLICY_VERSION {
@@ -364,37 +488,32 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         let action = match raw_rule.action {
             RawAction::Allow => Action::Allow,
             RawAction::Deny => Action::Deny,
-            other @ (RawAction::Proxy | RawAction::Passthrough) => {
-                return Err(CompileError::new(
-                    at.key("action"),
-                    format!(
-                        "action `{}` needs the proxy, which this build does not have yet; \
-                         valid here: allow, deny",
-                        other.as_str()
-                    ),
-                ));
-            }
+            RawAction::Proxy => Action::Proxy,
+            RawAction::Passthrough => Action::Passthrough,
         };
+        let proxied = compile_proxied(raw_rule, action, &at)?;
 
         rules.push(Rule {
             name: raw_rule.name.clone(),
             nets,
             ports,
-            protocol: match raw_rule.protocol {
-                RawProtocol::Any => Protocol::Any,
-                RawProtocol::Tcp => Protocol::Tcp,
-                RawProtocol::Udp => Protocol::Udp,
-            },
+            protocol: proxied.protocol,
             action,
+            hosts: proxied.hosts,
+            credential: proxied.credential,
+            http: proxied.http,
         });
     }
 
-    let tests = raw
-        .tests
-        .iter()
-        .enumerate()
-        .map(|(i, t)| compile_test(t, &names, root.key("tests").index(i)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut tests = Vec::new();
+    let mut request_tests = Vec::new();
+    for (i, raw_test) in raw.tests.iter().enumerate() {
+        let at = root.key("tests").index(i);
+        match compile_test(raw_test, i, &names, raw, &rules, at)? {
+            Test::Connect(t) => tests.push(t),
+            Test::Request(t) => request_tests.push(t),
+        }
+    }
 
     let policy = Policy {
         default: match raw.default {
@@ -403,6 +522,7 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         },
         rules,
         tests,
+        request_tests,
     };
 
     // Rejecting here, not when the maps are written, means a policy that loads always fits.
@@ -437,24 +557,244 @@ fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The parts of a rule that only proxy and passthrough rules have, checked.
+struct Proxied {
+    protocol: Protocol,
+    hosts: Vec<HostPattern>,
+    credential: Option<String>,
+    http: Option<Vec<HttpRule>>,
+}
+
+/// Checks `protocol`, `hosts`, `credential` and `http` against the rule's action.
+fn compile_proxied(raw: &RawRule, action: Action, at: &FieldPath) -> Result<Proxied, CompileError> {
+    let is_proxied = matches!(action, Action::Proxy | Action::Passthrough);
+    if !is_proxied {
+        let only = |key: &'static str, who: &str, with: &str| {
+            CompileError::new(
+                at.key(key),
+                format!(
+                    "`{key}` applies only to {who} rules, not to `action: {action}` \
+                     (valid: {with}, or remove `{key}`)"
+                ),
+            )
+        };
+        if raw.hosts.is_some() {
+            return Err(only(
+                "hosts",
+                "proxy and passthrough",
+                "`action: proxy` or `action: passthrough`",
+            ));
+        }
+        if raw.credential.is_some() {
+            return Err(only("credential", "proxy", "`action: proxy`"));
+        }
+        if raw.http.is_some() {
+            return Err(only("http", "proxy", "`action: proxy`"));
+        }
+        return Ok(Proxied {
+            protocol: match raw.protocol {
+                None | Some(RawProtocol::Any) => Protocol::Any,
+                Some(RawProtocol::Tcp) => Protocol::Tcp,
+                Some(RawProtocol::Udp) => Protocol::Udp,
+            },
+            hosts: Vec::new(),
+            credential: None,
+            http: None,
+        });
+    }
+
+    if let Some(p @ (RawProtocol::Any | RawProtocol::Udp)) = raw.protocol {
+        let p = match p {
+            RawProtocol::Udp => "udp",
+            _ => "any",
+        };
+        return Err(CompileError::new(
+            at.key("protocol"),
+            format!(
+                "protocol `{p}` does not fit `action: {action}`: the proxy handles TLS over \
+                 TCP only (valid: `protocol: tcp`, or omit `protocol`)"
+            ),
+        ));
+    }
+    let hosts = match &raw.hosts {
+        None => {
+            return Err(CompileError::new(
+                at.key("action"),
+                format!(
+                    "`action: {action}` needs `hosts`, the names the TLS server name and the \
+                     HTTP Host must match (valid: add a list like `hosts: [api.example.com]`)"
+                ),
+            ));
+        }
+        Some(list) if list.is_empty() => {
+            return Err(CompileError::new(
+                at.key("hosts"),
+                "an empty host list matches nothing (valid: names like [api.example.com, \
+                 \"*.example.com\"])",
+            ));
+        }
+        Some(list) => {
+            let mut hosts: Vec<HostPattern> = Vec::with_capacity(list.len());
+            for host in list {
+                if !hosts.contains(host) {
+                    hosts.push(host.clone());
+                }
+            }
+            hosts
+        }
+    };
+    if action == Action::Passthrough {
+        let relayed = |key: &'static str, what: &str| {
+            CompileError::new(
+                at.key(key),
+                format!(
+                    "a passthrough rule relays TLS unchanged, so it cannot {what} (valid: \
+                     `action: proxy`, or remove `{key}`)"
+                ),
+            )
+        };
+        if raw.credential.is_some() {
+            return Err(relayed("credential", "inject a credential"));
+        }
+        if raw.http.is_some() {
+            return Err(relayed("http", "check requests"));
+        }
+    }
+    if let Some(name) = &raw.credential {
+        check_credential_name(name).map_err(|m| CompileError::new(at.key("credential"), m))?;
+    }
+    let http = raw
+        .http
+        .as_ref()
+        .map(|list| compile_http(list, &at.key("http")))
+        .transpose()?;
+    Ok(Proxied {
+        protocol: Protocol::Tcp,
+        hosts,
+        credential: raw.credential.clone(),
+        http,
+    })
+}
+
+fn compile_http(list: &[RawHttpRule], at: &FieldPath) -> Result<Vec<HttpRule>, CompileError> {
+    if list.is_empty() {
+        return Err(CompileError::new(
+            at.clone(),
+            "an empty `http` list refuses every request (valid: omit `http` to allow every \
+             request, or list entries like `- {methods: [GET], paths: [\"/**\"]}`)",
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(j, entry)| {
+            if entry.methods.is_empty() {
+                return Err(CompileError::new(
+                    at.index(j).key("methods"),
+                    "an empty method list matches nothing (valid: methods like [GET, HEAD], \
+                     or [\"*\"] for any)",
+                ));
+            }
+            if entry.paths.is_empty() {
+                return Err(CompileError::new(
+                    at.index(j).key("paths"),
+                    "an empty path list matches nothing (valid: path patterns like \
+                     [\"/repos/acme/**\"], or [\"/**\"] for any)",
+                ));
+            }
+            Ok(HttpRule {
+                methods: entry.methods.clone(),
+                paths: entry.paths.clone(),
+            })
+        })
+        .collect()
+}
+
+fn check_credential_name(name: &str) -> Result<(), String> {
+    const VALID: &str = "valid: the name of a credential in the daemon configuration: \
+         letters, digits, `_`, `.` and `-`";
+    if name.is_empty() {
+        return Err(format!("a credential name cannot be empty ({VALID})"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!("credential name {name:?} contains {c:?} ({VALID})"));
+    }
+    Ok(())
+}
+
+/// A checked test of either kind.
+enum Test {
+    Connect(PolicyTest),
+    Request(RequestTest),
+}
+
+/// What a raw test is about.
+enum Subject<'a> {
+    Connect(&'a RawConnect),
+    Request(&'a RawRequest),
+}
+
 fn compile_test(
     raw: &RawTest,
+    index: usize,
     names: &HashMap<&str, usize>,
+    raw_policy: &RawPolicy,
+    rules: &[Rule],
     at: FieldPath,
-) -> Result<PolicyTest, CompileError> {
+) -> Result<Test, CompileError> {
+    let subject = match (&raw.connect, &raw.request) {
+        (Some(_), Some(_)) => {
+            return Err(CompileError::new(
+                at.key("request"),
+                "a test has `connect:` or `request:`, not both (valid: one test per \
+                 connection or request)",
+            ));
+        }
+        (None, None) => {
+            return Err(CompileError::new(
+                at,
+                "a test needs `connect:` or `request:` (valid: `connect: 192.0.2.7:443` or \
+                 `request: GET https://api.example.com/`)",
+            ));
+        }
+        (None, Some(request)) => Subject::Request(request),
+        (Some(connect), None) => Subject::Connect(connect),
+    };
+    // Request tests are decided by proxy and passthrough rules only.
+    let eligible = |i: usize| {
+        matches!(subject, Subject::Connect(_))
+            || raw_policy
+                .rules
+                .get(i)
+                .is_some_and(|r| matches!(r.action, RawAction::Proxy | RawAction::Passthrough))
+    };
     let rule_id = match raw.rule.as_deref() {
         None => 0,
         Some(word) if DEFAULT_RULE_WORDS.contains(&word) => 0,
         Some(name) => match names.get(name) {
-            Some(&i) => rule_id(i),
-            None => {
-                let mut known: Vec<&str> = names.keys().copied().collect();
+            Some(&i) if eligible(i) => rule_id(i),
+            found => {
+                let mut known: Vec<&str> = names
+                    .iter()
+                    .filter(|(_, &i)| eligible(i))
+                    .map(|(n, _)| *n)
+                    .collect();
                 known.sort_unstable();
                 known.extend(DEFAULT_RULE_WORDS);
+                let why = if found.is_some() {
+                    format!(
+                        "rule `{name}` is not a proxy or passthrough rule, so it never \
+                         decides a request"
+                    )
+                } else {
+                    format!("no rule is named `{name}`")
+                };
                 return Err(CompileError::new(
                     at.key("rule"),
                     format!(
-                        "no rule is named `{name}` (valid: {})",
+                        "{why} (valid: {})",
                         known
                             .iter()
                             .map(|n| format!("`{n}`"))
@@ -465,21 +805,69 @@ fn compile_test(
             }
         },
     };
-    Ok(PolicyTest {
-        text: raw.connect.text.clone(),
-        addr: raw.connect.addr,
-        port: raw.connect.port,
-        protocol: match raw.connect.transport {
-            RawTransport::Tcp => Protocol::Tcp,
-            RawTransport::Udp => Protocol::Udp,
-        },
-        expect: match raw.expect {
-            RawVerdict::Allow => Verdict::Allow,
-            RawVerdict::Deny => Verdict::Deny,
-            RawVerdict::Audit => Verdict::Audit,
-        },
+    let expect = match raw.expect {
+        RawVerdict::Allow => Verdict::Allow,
+        RawVerdict::Deny => Verdict::Deny,
+        RawVerdict::Audit => Verdict::Audit,
+        RawVerdict::Redirect => Verdict::Redirect,
+    };
+
+    let request = match subject {
+        Subject::Request(request) => request,
+        Subject::Connect(connect) => {
+            if raw.credential.is_some() {
+                return Err(CompileError::new(
+                    at.key("credential"),
+                    "`credential` applies only to `request:` tests (valid: remove it)",
+                ));
+            }
+            return Ok(Test::Connect(PolicyTest {
+                index,
+                text: connect.text.clone(),
+                addr: connect.addr,
+                port: connect.port,
+                protocol: match connect.transport {
+                    RawTransport::Tcp => Protocol::Tcp,
+                    RawTransport::Udp => Protocol::Udp,
+                },
+                expect,
+                rule_id,
+            }));
+        }
+    };
+
+    if !matches!(expect, Verdict::Allow | Verdict::Deny) {
+        return Err(CompileError::new(
+            at.key("expect"),
+            format!("a request is allowed or denied, never `{expect}` (valid: allow, deny)"),
+        ));
+    }
+    if let Some(name) = &raw.credential {
+        let mut known: Vec<&str> = rules.iter().filter_map(Rule::credential).collect();
+        known.sort_unstable();
+        known.dedup();
+        if !known.contains(&name.as_str()) {
+            let valid = known
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .chain(["omit `credential` for none".to_owned()])
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(CompileError::new(
+                at.key("credential"),
+                format!("no rule injects a credential named `{name}` (valid: {valid})"),
+            ));
+        }
+    }
+    Ok(Test::Request(RequestTest {
+        index,
+        text: request.text.clone(),
+        method: request.method.clone(),
+        url: request.url.clone(),
+        expect,
         rule_id,
-    })
+        credential: raw.credential.clone(),
+    }))
 }
 
 /// 1-based id of the rule at `index`. `compile` caps rules at [`MAX_RULES`], so this

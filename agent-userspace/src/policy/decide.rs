@@ -14,6 +14,9 @@ pub enum Verdict {
     Deny,
     /// Allowed only because the policy default is `audit`.
     Audit,
+    /// Sent to the egress proxy by a proxy or passthrough rule, which then judges the TLS
+    /// server name and, for a proxy rule, each request.
+    Redirect,
 }
 
 impl Verdict {
@@ -23,6 +26,7 @@ impl Verdict {
             Self::Allow => verdict::ALLOW,
             Self::Deny => verdict::DENY,
             Self::Audit => verdict::AUDIT,
+            Self::Redirect => verdict::REDIRECT,
         }
     }
 }
@@ -33,6 +37,7 @@ impl fmt::Display for Verdict {
             Self::Allow => "allow",
             Self::Deny => "deny",
             Self::Audit => "audit",
+            Self::Redirect => "redirect",
         })
     }
 }

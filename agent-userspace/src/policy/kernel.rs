@@ -179,6 +179,16 @@ mod tests {
                 verdict: Verdict::Allow,
                 rule_id: e.rule_id,
             },
+            // The kernel redirects TCP only (and denies when it cannot redirect).
+            Some(e)
+                if (e.action == action::PROXY || e.action == action::PASSTHROUGH)
+                    && protocol == Protocol::Tcp =>
+            {
+                Decision {
+                    verdict: Verdict::Redirect,
+                    rule_id: e.rule_id,
+                }
+            }
             Some(e) => Decision {
                 verdict: Verdict::Deny,
                 rule_id: e.rule_id,
@@ -291,6 +301,13 @@ rules:
   - {name: v6host, to: [\"2001:db8:1::1\"], protocol: tcp, action: allow}
   - {name: mapped, to: [\"::ffff:192.0.2.0/120\", 192.0.2.128/25], ports: [80], action: allow}
   - {name: same, to: [192.0.2.0/24], action: deny}
+",
+            "version: 1
+rules:
+  - {name: gh, to: [192.0.2.10], ports: [443], action: proxy, hosts: [api.github.com]}
+  - {name: pin, to: [192.0.2.0/24, \"2001:db8::/32\"], action: passthrough, hosts: [a.example]}
+  - {name: net, to: [192.0.2.0/24], action: allow}
+  - {name: six, to: [\"2001:db8::1\"], ports: [443], protocol: tcp, action: deny}
 ",
         ] {
             assert_kernel_equals_decide(src, &mut rng);
@@ -408,6 +425,45 @@ rules:
                 list(&[entry(0, 65535, 4, proto::ANY, action::ALLOW)])
             )]
         );
+    }
+
+    #[test]
+    fn proxy_and_passthrough_action_codes() {
+        let policy = parse_str(
+            "version: 1
+rules:
+  - {name: gh, to: [192.0.2.10], ports: [443], action: proxy, hosts: [api.github.com]}
+  - {name: pin, to: [192.0.2.20], ports: [443], action: passthrough, hosts: [p.example]}
+  - {name: v6, to: [\"2001:db8::10\"], action: proxy, protocol: tcp, hosts: [\"*.example\"]}
+",
+            "t.yaml",
+        )
+        .unwrap();
+        let k = policy.kernel_rules().unwrap();
+        let entries = |l: &PrefixRules| l.entries[..l.count as usize].to_vec();
+        let entry = |port_lo, port_hi, rule_id, action| RuleEntry {
+            port_lo,
+            port_hi,
+            rule_id,
+            protocol: proto::TCP,
+            action,
+        };
+        assert_eq!(k.v4.len(), 2);
+        assert_eq!(entries(&k.v4[0].1), [entry(443, 443, 1, action::PROXY)]);
+        assert_eq!(
+            entries(&k.v4[1].1),
+            [entry(443, 443, 2, action::PASSTHROUGH)]
+        );
+        assert_eq!(entries(&k.v6[0].1), [entry(0, 65535, 3, action::PROXY)]);
+        assert_eq!(action::PROXY, 4);
+        assert_eq!(action::PASSTHROUGH, 5);
+        let ip = "192.0.2.10".parse().unwrap();
+        let d = policy.decide(ip, 443, Protocol::Tcp);
+        assert_eq!((d.verdict, d.rule_id), (Verdict::Redirect, 1));
+        assert_eq!(d.verdict.kernel_code(), agent_common::verdict::REDIRECT);
+        // Proxy rules are TCP: UDP to the same address falls to the default.
+        let d = policy.decide(ip, 443, Protocol::Udp);
+        assert_eq!((d.verdict, d.rule_id), (Verdict::Deny, 0));
     }
 
     #[test]

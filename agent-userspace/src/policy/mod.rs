@@ -7,22 +7,34 @@
 //! the kernel's LPM-trie entries with [`Policy::kernel_rules`] (equal in effect, checked by
 //! tests), and runs its own `tests:` with [`Policy::run_tests`]. The format is documented
 //! in `policies/README.md`.
+//!
+//! Proxy and passthrough rules send connections to the egress proxy. For those, the
+//! proxy asks [`Policy::proxy_rule`] for the rule the kernel redirected by, checks the TLS
+//! server name and `Host` with [`Rule::allows_host`] and each request with
+//! [`Rule::check_request`], and injects [`Rule::credential`]. [`Policy::decide_request`]
+//! is the same judgement from a URL, used by `request:` tests.
 mod compile;
 mod decide;
 mod error;
+mod host;
+mod http;
 mod kernel;
 mod load;
 pub mod raw;
+mod request;
 mod selftest;
 
 pub use compile::{
-    compile, normalise_net, Action, DefaultAction, Policy, PolicyTest, Protocol, Rule, MAX_RULES,
-    POLICY_VERSION,
+    compile, normalise_net, Action, DefaultAction, Policy, PolicyTest, Protocol, RequestTest, Rule,
+    MAX_RULES, POLICY_VERSION,
 };
 pub use decide::{Decision, Verdict};
 pub use error::{CompileError, FieldPath, Location, PolicyError, Segment};
+pub use host::HostPattern;
+pub use http::{HttpRule, MethodPattern, PathGlob};
 pub use kernel::{KernelRules, KernelRulesError};
 pub use load::{load_file, parse_raw, parse_str};
+pub use request::RequestDecision;
 pub use selftest::TestOutcome;
 
 #[cfg(test)]
@@ -211,14 +223,16 @@ tests:
             (
                 8,
                 "    action: proxy",
-                "p.yaml:8:13: rules[0].action: action `proxy` needs the proxy, which this \
-                 build does not have yet; valid here: allow, deny",
+                "p.yaml:8:13: rules[0].action: `action: proxy` needs `hosts`, the names the \
+                 TLS server name and the HTTP Host must match (valid: add a list like `hosts: \
+                 [api.example.com]`)",
             ),
             (
                 8,
                 "    action: passthrough",
-                "p.yaml:8:13: rules[0].action: action `passthrough` needs the proxy, which \
-                 this build does not have yet; valid here: allow, deny",
+                "p.yaml:8:13: rules[0].action: `action: passthrough` needs `hosts`, the names \
+                 the TLS server name and the HTTP Host must match (valid: add a list like \
+                 `hosts: [api.example.com]`)",
             ),
             (
                 2,
@@ -230,7 +244,7 @@ tests:
                 7,
                 "    port: 443",
                 "p.yaml:7:5: rules[0].port: unknown field `port`, expected one of `name`, \
-                 `to`, `ports`, `protocol`, `action`",
+                 `to`, `ports`, `protocol`, `action`, `hosts`, `credential`, `http`",
             ),
             (
                 2,
@@ -305,7 +319,7 @@ tests:
                 15,
                 "    expect: allowed",
                 "p.yaml:15:13: tests[0].expect: unknown variant `allowed`, expected one of \
-                 `allow`, `deny`, `audit`",
+                 `allow`, `deny`, `audit`, `redirect`",
             ),
             (
                 16,
@@ -320,6 +334,327 @@ tests:
                 let got = error_with(*line, replacement);
                 (&got != want)
                     .then(|| format!("line {line} {replacement:?}\n got: {got}\nwant: {want}"))
+            })
+            .collect();
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    const PROXY: &str = "\
+version: 1
+rules:
+  - name: github-api
+    to: [192.0.2.10]
+    ports: [443]
+    action: proxy
+    hosts: [api.github.com]
+    credential: github
+    http:
+      - methods: [GET, HEAD]
+        paths: [\"/repos/acme/widgets/**\"]
+  - name: pinned
+    to: [192.0.2.20]
+    action: passthrough
+    hosts: [pinned.example]
+  - name: plain
+    to: [192.0.2.30]
+    action: allow
+tests:
+  - request: GET https://api.github.com/repos/acme/widgets/pulls
+    expect: allow
+    rule: github-api
+    credential: github
+";
+
+    /// Applies (1-based line, replacement) edits to `PROXY`; a replacement may hold
+    /// several lines.
+    fn proxy_with(edits: &[(usize, &str)]) -> String {
+        let mut out: Vec<&str> = PROXY.lines().collect();
+        for (line, replacement) in edits {
+            out[line - 1] = replacement;
+        }
+        let mut text = out.join("\n");
+        text.push('\n');
+        text
+    }
+
+    #[test]
+    fn proxy_policy() {
+        let policy = parse_str(PROXY, "p.yaml").unwrap();
+        let rule = &policy.rules()[0];
+        assert_eq!(rule.action(), Action::Proxy);
+        assert_eq!(rule.protocol(), Protocol::Tcp);
+        assert_eq!(policy.rules()[1].action(), Action::Passthrough);
+        assert_eq!(policy.rules()[1].protocol(), Protocol::Tcp);
+        assert_eq!(policy.credential_names(), ["github"]);
+        assert!(policy.run_tests().iter().all(|o| o.passed));
+        // Accepted variations.
+        for edits in [
+            &[(5, "    protocol: tcp")][..],
+            &[(
+                7,
+                "    hosts: [\"API.GitHub.com.\", api.github.com, \"**.api.github.com\"]",
+            )],
+            &[(10, "      - methods: [\"*\"]")],
+            &[(8, ""), (23, "")],
+            &[(9, ""), (10, ""), (11, "")],
+        ] {
+            let src = proxy_with(edits);
+            let policy = parse_str(&src, "p.yaml").unwrap_or_else(|e| unreachable!("{e}"));
+            assert!(policy.run_tests().iter().all(|o| o.passed), "{src}");
+        }
+        let src = proxy_with(&[(
+            7,
+            "    hosts: [\"API.GitHub.com.\", api.github.com, \"**.api.github.com\"]",
+        )]);
+        let hosts: Vec<String> = parse_str(&src, "p.yaml").unwrap().rules()[0]
+            .hosts()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(hosts, ["api.github.com", "**.api.github.com"]);
+    }
+
+    #[test]
+    fn proxy_errors_name_file_line_column_field_and_valid_values() {
+        let cases: &[(&[(usize, &str)], &str)] = &[
+            (
+                &[(7, "    hosts: []")],
+                "p.yaml:7:12: rules[0].hosts: an empty host list matches nothing (valid: names \
+                 like [api.example.com, \"*.example.com\"])",
+            ),
+            (
+                &[(7, "    hosts: [\"a.*.example\"]")],
+                "p.yaml:7:13: rules[0].hosts[0]: invalid host name \"a.*.example\": `*` may only \
+                 be the whole first label, followed by a domain: `*.` for one label or `**.` for \
+                 one or more (valid: a DNS name like api.example.com, *.example.com (one label in \
+                 front) or **.example.com (one or more labels in front))",
+            ),
+            (
+                &[(7, "    hosts: [api.github.com, \"*\"]")],
+                "p.yaml:7:29: rules[0].hosts[1]: invalid host name \"*\": `*` may only be the \
+                 whole first label, followed by a domain: `*.` for one label or `**.` for one or \
+                 more (valid: a DNS name like api.example.com, *.example.com (one label in front) \
+                 or **.example.com (one or more labels in front))",
+            ),
+            (
+                &[(7, "    hosts: [192.0.2.10]")],
+                "p.yaml:7:13: rules[0].hosts[0]: invalid host name \"192.0.2.10\": looks like an \
+                 IP address; `hosts` lists TLS server names, addresses go in `to` (valid: a DNS \
+                 name like api.example.com, *.example.com (one label in front) or **.example.com \
+                 (one or more labels in front))",
+            ),
+            (
+                &[(7, "    hosts: api.github.com")],
+                "p.yaml:7:12: rules[0].hosts: invalid type: string \"api.github.com\", expected a \
+                 sequence",
+            ),
+            (
+                &[(7, "")],
+                "p.yaml:6:13: rules[0].action: `action: proxy` needs `hosts`, the names the TLS \
+                 server name and the HTTP Host must match (valid: add a list like `hosts: \
+                 [api.example.com]`)",
+            ),
+            (
+                &[(5, "    protocol: udp")],
+                "p.yaml:5:15: rules[0].protocol: protocol `udp` does not fit `action: proxy`: the \
+                 proxy handles TLS over TCP only (valid: `protocol: tcp`, or omit `protocol`)",
+            ),
+            (
+                &[(5, "    protocol: any")],
+                "p.yaml:5:15: rules[0].protocol: protocol `any` does not fit `action: proxy`: the \
+                 proxy handles TLS over TCP only (valid: `protocol: tcp`, or omit `protocol`)",
+            ),
+            (
+                &[(8, "    credential: \"git hub\"")],
+                "p.yaml:8:17: rules[0].credential: credential name \"git hub\" contains ' ' \
+                 (valid: the name of a credential in the daemon configuration: letters, digits, \
+                 `_`, `.` and `-`)",
+            ),
+            (
+                &[(8, "    credential: \"\"")],
+                "p.yaml:8:17: rules[0].credential: a credential name cannot be empty (valid: the \
+                 name of a credential in the daemon configuration: letters, digits, `_`, `.` and \
+                 `-`)",
+            ),
+            (
+                &[(9, "    http: []"), (10, ""), (11, "")],
+                "p.yaml:9:11: rules[0].http: an empty `http` list refuses every request (valid: \
+                 omit `http` to allow every request, or list entries like `- {methods: [GET], \
+                 paths: [\"/**\"]}`)",
+            ),
+            (
+                &[(10, "      - methods: []")],
+                "p.yaml:10:18: rules[0].http[0].methods: an empty method list matches nothing \
+                 (valid: methods like [GET, HEAD], or [\"*\"] for any)",
+            ),
+            (
+                &[(11, "        paths: []")],
+                "p.yaml:11:16: rules[0].http[0].paths: an empty path list matches nothing (valid: \
+                 path patterns like [\"/repos/acme/**\"], or [\"/**\"] for any)",
+            ),
+            (
+                &[(10, "      - methods: [get]")],
+                "p.yaml:10:19: rules[0].http[0].methods[0]: invalid method \"get\": methods are \
+                 case-sensitive and upper case: did you mean GET? (valid: an upper-case method \
+                 like GET or POST (letters, digits, `-`, `_`), or \"*\" for any)",
+            ),
+            (
+                &[(10, "      - methods: [GET, \"G*\"]")],
+                "p.yaml:10:24: rules[0].http[0].methods[1]: invalid method \"G*\": is not a \
+                 method name (valid: an upper-case method like GET or POST (letters, digits, `-`, \
+                 `_`), or \"*\" for any)",
+            ),
+            (
+                &[(11, "        paths: [\"repos/**\"]")],
+                "p.yaml:11:17: rules[0].http[0].paths[0]: invalid path pattern \"repos/**\": does \
+                 not start with `/` (valid: an absolute path like /repos/acme/widgets, where `*` \
+                 matches within one segment and a whole segment `**` matches any number of \
+                 segments)",
+            ),
+            (
+                &[(11, "        paths: [\"/a/**b\"]")],
+                "p.yaml:11:17: rules[0].http[0].paths[0]: invalid path pattern \"/a/**b\": \
+                 segment `**b` mixes `**` with other characters; `**` must be a whole segment, \
+                 and `*` matches within one (valid: an absolute path like /repos/acme/widgets, \
+                 where `*` matches within one segment and a whole segment `**` matches any number \
+                 of segments)",
+            ),
+            (
+                &[(11, "        paths: [\"/a?b=c\"]")],
+                "p.yaml:11:17: rules[0].http[0].paths[0]: invalid path pattern \"/a?b=c\": \
+                 contains '?'; patterns match the path only (the query is ignored) (valid: an \
+                 absolute path like /repos/acme/widgets, where `*` matches within one segment and \
+                 a whole segment `**` matches any number of segments)",
+            ),
+            (
+                &[(11, "        paths: [\"/a/../b\"]")],
+                "p.yaml:11:17: rules[0].http[0].paths[0]: invalid path pattern \"/a/../b\": \
+                 contains a `..` segment; such request paths are refused (valid: an absolute path \
+                 like /repos/acme/widgets, where `*` matches within one segment and a whole \
+                 segment `**` matches any number of segments)",
+            ),
+            (
+                &[(10, "      - method: [GET]")],
+                "p.yaml:10:9: rules[0].http[0].method: unknown field `method`, expected `methods` \
+                 or `paths`",
+            ),
+            (
+                &[(11, "")],
+                "p.yaml:10:9: rules[0].http[0]: missing field `paths`",
+            ),
+            (
+                &[(14, "    credential: github\n    action: passthrough")],
+                "p.yaml:14:17: rules[1].credential: a passthrough rule relays TLS unchanged, so \
+                 it cannot inject a credential (valid: `action: proxy`, or remove `credential`)",
+            ),
+            (
+                &[(
+                    14,
+                    "    http: [{methods: [GET], paths: [/]}]\n    action: passthrough",
+                )],
+                "p.yaml:14:11: rules[1].http: a passthrough rule relays TLS unchanged, so it \
+                 cannot check requests (valid: `action: proxy`, or remove `http`)",
+            ),
+            (
+                &[(18, "    action: allow\n    hosts: [a.example]")],
+                "p.yaml:19:12: rules[2].hosts: `hosts` applies only to proxy and passthrough \
+                 rules, not to `action: allow` (valid: `action: proxy` or `action: passthrough`, \
+                 or remove `hosts`)",
+            ),
+            (
+                &[(18, "    action: deny\n    credential: github")],
+                "p.yaml:19:17: rules[2].credential: `credential` applies only to proxy rules, not \
+                 to `action: deny` (valid: `action: proxy`, or remove `credential`)",
+            ),
+            (
+                &[(
+                    18,
+                    "    http: [{methods: [GET], paths: [/]}]\n    action: allow",
+                )],
+                "p.yaml:18:11: rules[2].http: `http` applies only to proxy rules, not to `action: \
+                 allow` (valid: `action: proxy`, or remove `http`)",
+            ),
+            (
+                &[(20, "  - request: GET http://api.github.com/")],
+                "p.yaml:20:14: tests[0].request: invalid request \"GET http://api.github.com/\": \
+                 URL \"http://api.github.com/\" is not https; the proxy only sees HTTPS requests \
+                 (valid: METHOD URL, like \"GET https://api.example.com/path?query\")",
+            ),
+            (
+                &[(20, "  - request: get https://api.github.com/")],
+                "p.yaml:20:14: tests[0].request: invalid request \"get https://api.github.com/\": \
+                 \"get\" is not an upper-case method like GET (valid: METHOD URL, like \"GET \
+                 https://api.example.com/path?query\")",
+            ),
+            (
+                &[(20, "  - request: GET")],
+                "p.yaml:20:14: tests[0].request: invalid request \"GET\": expected a method and a \
+                 URL separated by a space (valid: METHOD URL, like \"GET \
+                 https://api.example.com/path?query\")",
+            ),
+            (
+                &[(20, "  - request: GET https://api.github.com/#frag")],
+                "p.yaml:20:14: tests[0].request: invalid request \"GET \
+                 https://api.github.com/#frag\": URL \"https://api.github.com/#frag\" has a \
+                 fragment (`#`), which is never sent; remove it (valid: METHOD URL, like \"GET \
+                 https://api.example.com/path?query\")",
+            ),
+            (
+                &[(21, "    expect: audit")],
+                "p.yaml:21:13: tests[0].expect: a request is allowed or denied, never `audit` \
+                 (valid: allow, deny)",
+            ),
+            (
+                &[(21, "    expect: redirect")],
+                "p.yaml:21:13: tests[0].expect: a request is allowed or denied, never `redirect` \
+                 (valid: allow, deny)",
+            ),
+            (
+                &[(22, "    rule: plain")],
+                "p.yaml:22:11: tests[0].rule: rule `plain` is not a proxy or passthrough rule, so \
+                 it never decides a request (valid: `github-api`, `pinned`, `none`, `default`)",
+            ),
+            (
+                &[(22, "    rule: github")],
+                "p.yaml:22:11: tests[0].rule: no rule is named `github` (valid: `github-api`, \
+                 `pinned`, `none`, `default`)",
+            ),
+            (
+                &[(23, "    credential: gitlab")],
+                "p.yaml:23:17: tests[0].credential: no rule injects a credential named `gitlab` \
+                 (valid: `github`, omit `credential` for none)",
+            ),
+            (
+                &[(8, ""), (23, "    credential: github")],
+                "p.yaml:23:17: tests[0].credential: no rule injects a credential named `github` \
+                 (valid: omit `credential` for none)",
+            ),
+            (
+                &[(20, "  - connect: 192.0.2.10:443")],
+                "p.yaml:23:17: tests[0].credential: `credential` applies only to `request:` tests \
+                 (valid: remove it)",
+            ),
+            (
+                &[(
+                    20,
+                    "  - connect: 192.0.2.10:443\n    request: GET https://api.github.com/",
+                )],
+                "p.yaml:21:14: tests[0].request: a test has `connect:` or `request:`, not both \
+                 (valid: one test per connection or request)",
+            ),
+            (
+                &[(20, "  - expect: deny"), (21, "")],
+                "p.yaml:20:5: tests[0]: a test needs `connect:` or `request:` (valid: `connect: \
+                 192.0.2.7:443` or `request: GET https://api.example.com/`)",
+            ),
+        ];
+        let wrong: Vec<String> = cases
+            .iter()
+            .filter_map(|(edits, want)| {
+                let got = parse_str(&proxy_with(edits), "p.yaml")
+                    .map(|_| "(no error)".to_owned())
+                    .unwrap_or_else(|e| e.to_string());
+                (&got != want).then(|| format!("{edits:?}\n got: {got}\nwant: {want}"))
             })
             .collect();
         assert!(wrong.is_empty(), "{}", wrong.join("\n"));

@@ -15,6 +15,12 @@ use std::{
 use ipnet::IpNet;
 use serde::{de, Deserialize, Deserializer};
 
+use super::{
+    host::HostPattern,
+    http::{MethodPattern, PathGlob},
+    request::HttpsUrl,
+};
+
 /// Appended to every port error.
 pub(crate) const VALID_PORTS: &str = "valid: a port 1-65535 or a range \"lo-hi\"";
 /// Appended to every destination error.
@@ -23,6 +29,9 @@ pub(crate) const VALID_DEST: &str = "valid: an IP address like 192.0.2.7 or 2001
 /// Appended to every `connect:` error.
 pub(crate) const VALID_CONNECT: &str = "valid: \"192.0.2.7:443\", \"192.0.2.7:53/udp\" or \
      \"[2001:db8::1]:443/tcp\"; the protocol is tcp (the default) or udp";
+/// Appended to every `request:` error.
+pub(crate) const VALID_REQUEST: &str =
+    "valid: METHOD URL, like \"GET https://api.example.com/path?query\"";
 
 /// A whole policy file.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -64,11 +73,32 @@ pub struct RawRule {
     /// Destination ports; omitted means any port.
     #[serde(default)]
     pub ports: Option<Vec<RawPortRange>>,
-    /// `tcp`, `udp` or `any` (when omitted).
+    /// `tcp`, `udp` or `any`. Omitted means `any`, or `tcp` for proxy and passthrough
+    /// rules, which allow nothing else.
     #[serde(default)]
-    pub protocol: RawProtocol,
+    pub protocol: Option<RawProtocol>,
     /// What to do with a matching connection.
     pub action: RawAction,
+    /// Proxy and passthrough rules only (required there): the names the TLS server name
+    /// and the HTTP `Host` must match.
+    #[serde(default)]
+    pub hosts: Option<Vec<HostPattern>>,
+    /// Proxy rules only: the name of the daemon-configured credential to inject.
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// Proxy rules only: the requests allowed; when present, all others are refused.
+    #[serde(default)]
+    pub http: Option<Vec<RawHttpRule>>,
+}
+
+/// One entry of a proxy rule's `http:` list: any of `methods` on any of `paths`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpRule {
+    /// Upper-case method names, or `"*"` for any (at least one).
+    pub methods: Vec<MethodPattern>,
+    /// Absolute path patterns (at least one).
+    pub paths: Vec<PathGlob>,
 }
 
 /// A destination in a rule's `to:` list.
@@ -107,9 +137,11 @@ pub enum RawProtocol {
 pub enum RawAction {
     Allow,
     Deny,
-    /// Send the connection through the credential-injecting proxy (not in this build).
+    /// Send the connection through the proxy, which terminates TLS, checks each request
+    /// and injects the rule's credential.
     Proxy,
-    /// Send the connection through the proxy, which relays TLS unchanged (not in this build).
+    /// Send the connection through the proxy, which checks the TLS server name and then
+    /// relays TLS unchanged.
     Passthrough,
 }
 
@@ -124,18 +156,26 @@ impl RawAction {
     }
 }
 
-/// A policy test: a connection and the verdict the policy must give it.
+/// A policy test: a connection or an HTTPS request, and the verdict the policy must give
+/// it. Exactly one of `connect` and `request` is given (checked by `compile`).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTest {
     /// The connection, like `192.0.2.7:443/tcp` or `[2001:db8::1]:53/udp`.
-    pub connect: RawConnect,
-    /// The verdict it must get.
+    #[serde(default)]
+    pub connect: Option<RawConnect>,
+    /// The request, like `GET https://api.example.com/path`.
+    #[serde(default)]
+    pub request: Option<RawRequest>,
+    /// The verdict it must get (`allow` or `deny` for a request).
     pub expect: RawVerdict,
     /// The rule that must decide it. Omitted, `~`, `none` or `default` mean that no rule
-    /// may match, so the policy default decides.
+    /// may match, so the policy default decides (for a request: it is denied).
     #[serde(default)]
     pub rule: Option<String>,
+    /// Request tests only: the credential that must be injected; omitted means none.
+    #[serde(default)]
+    pub credential: Option<String>,
 }
 
 /// A verdict a test expects.
@@ -146,6 +186,8 @@ pub enum RawVerdict {
     Deny,
     /// Allowed only because the policy default is `audit`.
     Audit,
+    /// Sent to the proxy (a proxy or passthrough rule).
+    Redirect,
 }
 
 /// The transport of a test connection.
@@ -166,6 +208,17 @@ pub struct RawConnect {
     pub port: u16,
     /// `tcp` unless the text ends in `/udp`.
     pub transport: RawTransport,
+}
+
+/// A test's `request:` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawRequest {
+    /// The text as written, for reports.
+    pub text: String,
+    /// The method, an HTTP token (compared case-sensitively).
+    pub method: String,
+    /// The URL as written.
+    pub url: String,
 }
 
 /// Deserializes a string through `FromStr`, naming what was expected when the YAML value
@@ -202,6 +255,63 @@ impl<'de> Deserialize<'de> for RawConnect {
             PhantomData,
             "a connection like \"192.0.2.7:443/tcp\"",
         ))
+    }
+}
+
+impl<'de> Deserialize<'de> for RawRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(ParsedStr(
+            PhantomData,
+            "a request like \"GET https://api.example.com/\"",
+        ))
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(ParsedStr(
+            PhantomData,
+            "a host name like api.example.com or \"*.example.com\"",
+        ))
+    }
+}
+
+impl<'de> Deserialize<'de> for MethodPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(ParsedStr(PhantomData, "a method like GET, or \"*\""))
+    }
+}
+
+impl<'de> Deserialize<'de> for PathGlob {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(ParsedStr(
+            PhantomData,
+            "a path pattern like \"/repos/acme/**\"",
+        ))
+    }
+}
+
+impl FromStr for RawRequest {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let text = s.trim();
+        let bad = |why: &str| format!("invalid request {text:?}: {why} ({VALID_REQUEST})");
+        let mut words = text.split_ascii_whitespace();
+        let (Some(method), Some(url), None) = (words.next(), words.next(), words.next()) else {
+            return Err(bad("expected a method and a URL separated by a space"));
+        };
+        let method = method
+            .parse::<MethodPattern>()
+            .ok()
+            .filter(|m| *m != MethodPattern::Any)
+            .ok_or_else(|| bad(&format!("{method:?} is not an upper-case method like GET")))?;
+        HttpsUrl::parse(url).map_err(|why| bad(&why))?;
+        Ok(Self {
+            text: text.to_owned(),
+            method: method.to_string(),
+            url: url.to_owned(),
+        })
     }
 }
 
@@ -478,6 +588,53 @@ mod tests {
             match (want, text.parse::<RawDest>()) {
                 (Ok(w), Ok(g)) => assert_eq!(w, &g, "{text}"),
                 (Err(msg), Err(e)) => assert!(e.contains(msg), "{text}: {e:?} lacks {msg:?}"),
+                (want, got) => unreachable!("{text}: want {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn requests() {
+        let cases: &[Case<(&str, &str)>] = &[
+            ("GET https://a.example/", Ok(("GET", "https://a.example/"))),
+            (
+                "  POST   https://a.example:8443/x?y=z ",
+                Ok(("POST", "https://a.example:8443/x?y=z")),
+            ),
+            (
+                "M-SEARCH https://a.example",
+                Ok(("M-SEARCH", "https://a.example")),
+            ),
+            ("GET", Err("expected a method and a URL")),
+            (
+                "GET https://a.example/ x",
+                Err("expected a method and a URL"),
+            ),
+            ("https://a.example/", Err("expected a method and a URL")),
+            (
+                "get https://a.example/",
+                Err("\"get\" is not an upper-case method"),
+            ),
+            (
+                "* https://a.example/",
+                Err("\"*\" is not an upper-case method"),
+            ),
+            ("GET ftp://a.example/", Err("is not https")),
+            (
+                "GET https://a.example:99999/",
+                Err("is not a number 1-65535"),
+            ),
+        ];
+        for (text, want) in cases {
+            match (want, text.parse::<RawRequest>()) {
+                (Ok((m, u)), Ok(r)) => {
+                    assert_eq!((r.method.as_str(), r.url.as_str()), (*m, *u), "{text}");
+                    assert_eq!(r.text, text.trim());
+                }
+                (Err(msg), Err(e)) => {
+                    assert!(e.contains(msg), "{text}: {e:?} lacks {msg:?}");
+                    assert!(e.contains(VALID_REQUEST), "{text}: {e:?}");
+                }
                 (want, got) => unreachable!("{text}: want {want:?}, got {got:?}"),
             }
         }

@@ -7,7 +7,7 @@ use super::{compile::Policy, Verdict};
 /// The result of one policy test.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TestOutcome {
-    /// The test's `connect:` text.
+    /// The test's `connect:` or `request:` text.
     pub text: String,
     pub expected: Verdict,
     /// The rule that had to decide; `None` for the default.
@@ -15,62 +15,115 @@ pub struct TestOutcome {
     pub actual: Verdict,
     /// The rule that decided; `None` for the default.
     pub actual_rule: Option<String>,
-    /// Both the verdict and the deciding rule were as expected.
+    /// Request tests: the credential that had to be injected. Always `None` for
+    /// connection tests.
+    pub expected_credential: Option<String>,
+    /// Request tests: the credential that would be injected.
+    pub actual_credential: Option<String>,
+    /// Request tests: why the request got its verdict ([`RequestDecision::reason`]).
+    ///
+    /// [`RequestDecision::reason`]: super::RequestDecision::reason
+    pub reason: Option<String>,
+    /// The verdict, the deciding rule and (for requests) the credential were as expected.
     pub passed: bool,
 }
 
 impl Policy {
-    /// Decides every test's connection and compares verdict and deciding rule.
+    /// Runs every test, in file order: connections through [`Policy::decide`], requests
+    /// through [`Policy::decide_request`], comparing verdict, deciding rule and injected
+    /// credential.
     pub fn run_tests(&self) -> Vec<TestOutcome> {
-        self.tests
-            .iter()
-            .map(|test| {
-                let decision = self.decide(test.addr, test.port, test.protocol);
-                TestOutcome {
-                    text: test.text.clone(),
-                    expected: test.expect,
-                    expected_rule: self.rule_name(test.rule_id).map(str::to_owned),
-                    actual: decision.verdict,
-                    actual_rule: self.rule_name(decision.rule_id).map(str::to_owned),
-                    passed: decision.verdict == test.expect && decision.rule_id == test.rule_id,
-                }
-            })
-            .collect()
+        let connects = self.tests.iter().map(|test| {
+            let decision = self.decide(test.addr, test.port, test.protocol);
+            let outcome = TestOutcome {
+                text: test.text.clone(),
+                expected: test.expect,
+                expected_rule: self.rule_name(test.rule_id).map(str::to_owned),
+                actual: decision.verdict,
+                actual_rule: self.rule_name(decision.rule_id).map(str::to_owned),
+                expected_credential: None,
+                actual_credential: None,
+                reason: None,
+                passed: decision.verdict == test.expect && decision.rule_id == test.rule_id,
+            };
+            (test.index, outcome)
+        });
+        let requests = self.request_tests.iter().map(|test| {
+            let decision = self.decide_request(&test.method, &test.url);
+            let outcome = TestOutcome {
+                text: test.text.clone(),
+                expected: test.expect,
+                expected_rule: self.rule_name(test.rule_id).map(str::to_owned),
+                actual: decision.verdict,
+                actual_rule: self.rule_name(decision.rule_id).map(str::to_owned),
+                passed: decision.verdict == test.expect
+                    && decision.rule_id == test.rule_id
+                    && decision.credential == test.credential,
+                expected_credential: test.credential.clone(),
+                actual_credential: decision.credential,
+                reason: Some(decision.reason),
+            };
+            (test.index, outcome)
+        });
+        let mut all: Vec<(usize, TestOutcome)> = connects.chain(requests).collect();
+        all.sort_by_key(|(index, _)| *index);
+        all.into_iter().map(|(_, outcome)| outcome).collect()
     }
 }
 
-struct By<'a>(&'a Option<String>);
+/// `rule `web``, `the default`, and for a request ` with credential `github``.
+struct By<'a>(&'a Option<String>, &'a Option<String>);
 
 impl fmt::Display for By<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
-            Some(name) => write!(f, "rule `{name}`"),
-            None => f.write_str("the default"),
+            Some(name) => write!(f, "rule `{name}`")?,
+            None => f.write_str("the default")?,
+        }
+        match self.1 {
+            Some(credential) => write!(f, " with credential `{credential}`"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// ` (reason)` for requests.
+struct Why<'a>(&'a Option<String>);
+
+impl fmt::Display for Why<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(reason) => write!(f, " ({reason})"),
+            None => Ok(()),
         }
     }
 }
 
 impl fmt::Display for TestOutcome {
     /// `ok   192.0.2.7:443/tcp: allow by rule `web``, or
-    /// `FAIL 192.0.2.7:22: expected deny by the default, got allow by rule `web``.
+    /// `FAIL 192.0.2.7:22: expected deny by the default, got allow by rule `web``; a
+    /// request also shows the credential and the reason:
+    /// `ok   GET https://a.example/: allow by rule `a` with credential `c` (allowed by rule a)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.passed {
             write!(
                 f,
-                "ok   {}: {} by {}",
+                "ok   {}: {} by {}{}",
                 self.text,
                 self.actual,
-                By(&self.actual_rule)
+                By(&self.actual_rule, &self.actual_credential),
+                Why(&self.reason)
             )
         } else {
             write!(
                 f,
-                "FAIL {}: expected {} by {}, got {} by {}",
+                "FAIL {}: expected {} by {}, got {} by {}{}",
                 self.text,
                 self.expected,
-                By(&self.expected_rule),
+                By(&self.expected_rule, &self.expected_credential),
                 self.actual,
-                By(&self.actual_rule)
+                By(&self.actual_rule, &self.actual_credential),
+                Why(&self.reason)
             )
         }
     }
@@ -127,6 +180,79 @@ tests:
         assert!(outcomes[7..].iter().all(|o| !o.passed));
     }
 
+    #[test]
+    fn request_outcomes_in_file_order() {
+        let policy = parse_str(
+            "version: 1
+rules:
+  - name: gh
+    to: [192.0.2.10]
+    ports: [443]
+    action: proxy
+    hosts: [api.github.com]
+    credential: github
+    http:
+      - {methods: [GET], paths: [\"/repos/acme/**\"]}
+  - {name: pinned, to: [192.0.2.20], ports: [443], action: passthrough, hosts: [pinned.example]}
+tests:
+  - {request: GET https://api.github.com/repos/acme/w, expect: allow, rule: gh, credential: github}
+  - {connect: 192.0.2.10:443, expect: redirect, rule: gh}
+  - {request: POST https://api.github.com/repos/acme/w, expect: deny, rule: gh}
+  - {request: GET https://pinned.example/, expect: allow, rule: pinned}
+  - {request: GET https://example.com/, expect: deny}
+  - {connect: 192.0.2.10:443/udp, expect: deny}
+  - {request: GET https://api.github.com/repos/acme/w, expect: allow, rule: gh}
+  - {request: POST https://api.github.com/repos/acme/w, expect: deny, rule: gh, credential: github}
+  - {request: GET https://pinned.example/, expect: allow, rule: gh}
+  - {request: GET https://api.github.com/, expect: allow, rule: gh, credential: github}
+  - {connect: 192.0.2.20:443, expect: allow, rule: pinned}
+",
+            "t.yaml",
+        )
+        .unwrap();
+        let lines: Vec<String> = policy.run_tests().iter().map(|o| o.to_string()).collect();
+        assert_eq!(
+            lines,
+            [
+                "ok   GET https://api.github.com/repos/acme/w: allow by rule `gh` with \
+                 credential `github` (allowed by rule gh)",
+                "ok   192.0.2.10:443: redirect by rule `gh`",
+                "ok   POST https://api.github.com/repos/acme/w: deny by rule `gh` (POST \
+                 /repos/acme/w not allowed by rule gh (allowed: GET /repos/acme/**))",
+                "ok   GET https://pinned.example/: allow by rule `pinned` (rule pinned passes \
+                 TLS through unchanged; requests are not inspected)",
+                "ok   GET https://example.com/: deny by the default (no proxy or passthrough \
+                 rule serves example.com port 443)",
+                "ok   192.0.2.10:443/udp: deny by the default",
+                "FAIL GET https://api.github.com/repos/acme/w: expected allow by rule `gh`, got \
+                 allow by rule `gh` with credential `github` (allowed by rule gh)",
+                "FAIL POST https://api.github.com/repos/acme/w: expected deny by rule `gh` with \
+                 credential `github`, got deny by rule `gh` (POST /repos/acme/w not allowed by \
+                 rule gh (allowed: GET /repos/acme/**))",
+                "FAIL GET https://pinned.example/: expected allow by rule `gh`, got allow by \
+                 rule `pinned` (rule pinned passes TLS through unchanged; requests are not \
+                 inspected)",
+                "FAIL GET https://api.github.com/: expected allow by rule `gh` with credential \
+                 `github`, got deny by rule `gh` (GET / not allowed by rule gh (allowed: GET \
+                 /repos/acme/**))",
+                "FAIL 192.0.2.20:443: expected allow by rule `pinned`, got redirect by rule \
+                 `pinned`",
+            ]
+        );
+        assert_eq!(policy.tests().len(), 3);
+        assert_eq!(policy.request_tests().len(), 8);
+        let t = &policy.request_tests()[0];
+        assert_eq!(
+            (t.method(), t.url(), t.rule_id(), t.credential()),
+            (
+                "GET",
+                "https://api.github.com/repos/acme/w",
+                1,
+                Some("github")
+            )
+        );
+    }
+
     /// Every example policy loads and passes its own tests.
     #[test]
     fn example_policies_pass_their_tests() {
@@ -145,7 +271,12 @@ tests:
             }
             seen.extend(path.file_name().map(|n| n.to_string_lossy().into_owned()));
         }
-        for required in ["demo.yaml", "audit-only.yaml", "deny-all.yaml"] {
+        for required in [
+            "demo.yaml",
+            "audit-only.yaml",
+            "deny-all.yaml",
+            "github-proxy.yaml",
+        ] {
             assert!(seen.iter().any(|s| s == required), "{required} missing");
         }
     }

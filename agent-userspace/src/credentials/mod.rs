@@ -1,0 +1,21 @@
+//! Credentials the proxy injects on behalf of sandboxes, which never see them.
+//!
+//! The daemon config's `credentials:` section is parsed into the [`raw`] types and
+//! compiled by [`CredentialStore::from_config`]. Each credential has a source (`file`, read
+//! at every use; `env`, read at load; `command`, run without a shell and cached for its
+//! `ttl`), an injection form (a header with a format, or HTTP Basic) and the exact hosts
+//! it may be sent to. Values live in [`Secret`], which never prints them, and no error
+//! of this module contains one.
+mod error;
+pub mod raw;
+mod secret;
+mod store;
+
+pub use error::CredentialError;
+pub use raw::{RawBasic, RawCommand, RawCredential, RawCredentials, RawInject, RawSource};
+pub use secret::Secret;
+pub use store::{normalize_host, CredentialStore, COMMAND_TIMEOUT};
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests;

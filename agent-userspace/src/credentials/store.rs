@@ -1,0 +1,526 @@
+//! The compiled credential store: checked definitions, value fetching and header building.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use http::{HeaderName, HeaderValue};
+use tokio::io::AsyncReadExt as _;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use super::error::CredentialError;
+use super::raw::{RawCredential, RawInject, RawSource};
+use super::secret::Secret;
+
+/// How long a `command` source may run before it is killed.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest secret accepted from a file or a command's output.
+const MAX_SECRET_BYTES: u64 = 64 * 1024;
+
+/// Header names a credential may not set: they frame or route the request, and
+/// overriding them would break or redirect it.
+const FORBIDDEN_HEADERS: &[&str] = &[
+    "host",
+    "connection",
+    "content-length",
+    "content-type",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "cookie",
+];
+
+/// Lower-cases a host name and drops one trailing dot, the form every comparison of
+/// names in the proxy and the credential store uses.
+pub fn normalize_host(host: &str) -> String {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    host.to_ascii_lowercase()
+}
+
+/// All configured credentials, checked. Values are fetched on use by
+/// [`CredentialStore::header_for`].
+#[derive(Debug, Default)]
+pub struct CredentialStore {
+    credentials: BTreeMap<String, Credential>,
+}
+
+#[derive(Debug)]
+struct Credential {
+    name: String,
+    source: Source,
+    inject: Inject,
+    hosts: BTreeSet<String>,
+}
+
+enum Source {
+    File(PathBuf),
+    Env { var: String, value: Arc<Secret> },
+    Command(CommandSource),
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(path) => f.debug_tuple("File").field(path).finish(),
+            Self::Env { var, value } => f
+                .debug_struct("Env")
+                .field("var", var)
+                .field("value", value)
+                .finish(),
+            Self::Command(c) => f
+                .debug_struct("Command")
+                .field("argv", &c.argv)
+                .field("ttl", &c.ttl)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+struct CommandSource {
+    argv: Vec<String>,
+    ttl: Duration,
+    timeout: Duration,
+    /// Held across the program's run, so that concurrent callers wait for one run and
+    /// share its value instead of starting their own.
+    cache: tokio::sync::Mutex<Option<Cached>>,
+}
+
+struct Cached {
+    value: Arc<Secret>,
+    fetched: Instant,
+}
+
+#[derive(Debug)]
+enum Inject {
+    Header {
+        name: HeaderName,
+        prefix: String,
+        suffix: String,
+    },
+    Basic {
+        user: String,
+    },
+}
+
+impl Inject {
+    fn header_name(&self) -> HeaderName {
+        match self {
+            Self::Header { name, .. } => name.clone(),
+            Self::Basic { .. } => http::header::AUTHORIZATION,
+        }
+    }
+}
+
+impl CredentialStore {
+    /// Checks and compiles the `credentials:` section. Any invalid entry rejects the
+    /// whole section. `env` sources are read here.
+    pub fn from_config<'a, I>(raw: I) -> Result<Self, CredentialError>
+    where
+        I: IntoIterator<Item = (&'a String, &'a RawCredential)>,
+    {
+        let mut credentials = BTreeMap::new();
+        for (name, def) in raw {
+            let credential = compile(name, def)?;
+            credentials.insert(name.clone(), credential);
+        }
+        Ok(Self { credentials })
+    }
+
+    /// Whether a credential of that name is configured.
+    pub fn contains(&self, name: &str) -> bool {
+        self.credentials.contains_key(name)
+    }
+
+    /// The configured credential names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        self.credentials.keys().map(String::as_str).collect()
+    }
+
+    /// Every header name some credential sets, each once. The proxy removes these from
+    /// sandbox requests so that a sandbox can neither supply nor probe them.
+    pub fn injected_header_names(&self) -> Vec<HeaderName> {
+        let mut names: Vec<HeaderName> = Vec::new();
+        for credential in self.credentials.values() {
+            let name = credential.inject.header_name();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    }
+
+    /// The header that carries credential `name` to server `host`, or `None` when
+    /// `host` is not one of the credential's `hosts` (the value is then not even
+    /// fetched). The header value is marked sensitive.
+    pub async fn header_for(
+        &self,
+        name: &str,
+        host: &str,
+    ) -> Result<Option<(HeaderName, HeaderValue)>, CredentialError> {
+        let credential = self
+            .credentials
+            .get(name)
+            .ok_or_else(|| CredentialError::Unknown(name.to_owned()))?;
+        if !credential.hosts.contains(&normalize_host(host)) {
+            return Ok(None);
+        }
+        let secret = credential.value().await?;
+        let text: Zeroizing<String> = match &credential.inject {
+            Inject::Header { prefix, suffix, .. } => {
+                let mut s = Zeroizing::new(String::with_capacity(
+                    prefix.len() + secret.expose().len() + suffix.len(),
+                ));
+                s.push_str(prefix);
+                s.push_str(secret.expose());
+                s.push_str(suffix);
+                s
+            }
+            Inject::Basic { user } => {
+                let mut pair = Zeroizing::new(String::new());
+                pair.push_str(user);
+                pair.push(':');
+                pair.push_str(secret.expose());
+                let mut s = Zeroizing::new(String::from("Basic "));
+                base64::engine::general_purpose::STANDARD.encode_string(pair.as_bytes(), &mut s);
+                s
+            }
+        };
+        let mut value =
+            HeaderValue::from_str(&text).map_err(|_| CredentialError::InvalidValue {
+                credential: credential.name.clone(),
+                reason: "is not a valid HTTP header value",
+            })?;
+        value.set_sensitive(true);
+        Ok(Some((credential.inject.header_name(), value)))
+    }
+
+    /// Test hook: a shorter command timeout.
+    #[cfg(test)]
+    pub(crate) fn set_command_timeout(&mut self, timeout: Duration) {
+        for c in self.credentials.values_mut() {
+            if let Source::Command(cmd) = &mut c.source {
+                cmd.timeout = timeout;
+            }
+        }
+    }
+}
+
+impl Credential {
+    async fn value(&self) -> Result<Arc<Secret>, CredentialError> {
+        match &self.source {
+            Source::Env { value, .. } => Ok(value.clone()),
+            Source::File(path) => self.read_file(path).await.map(Arc::new),
+            Source::Command(cmd) => {
+                let mut cache = cmd.cache.lock().await;
+                if let Some(cached) = cache.as_ref() {
+                    if cached.fetched.elapsed() < cmd.ttl {
+                        return Ok(cached.value.clone());
+                    }
+                }
+                let value = Arc::new(self.run(cmd).await?);
+                *cache = Some(Cached {
+                    value: value.clone(),
+                    fetched: Instant::now(),
+                });
+                Ok(value)
+            }
+        }
+    }
+
+    async fn read_file(&self, path: &PathBuf) -> Result<Secret, CredentialError> {
+        let read_err = |source| CredentialError::Read {
+            credential: self.name.clone(),
+            path: path.clone(),
+            source,
+        };
+        let file = tokio::fs::File::open(path).await.map_err(read_err)?;
+        let mut bytes = Zeroizing::new(Vec::new());
+        file.take(MAX_SECRET_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(read_err)?;
+        let mut text = self.to_text(&mut bytes)?;
+        if text.ends_with('\n') {
+            text.pop();
+            if text.ends_with('\r') {
+                text.pop();
+            }
+        }
+        self.check(&text)?;
+        Ok(Secret::new(std::mem::take(&mut *text)))
+    }
+
+    async fn run(&self, cmd: &CommandSource) -> Result<Secret, CredentialError> {
+        let program = cmd.argv.first().cloned().unwrap_or_default();
+        let fail = |reason: String| CredentialError::Command {
+            credential: self.name.clone(),
+            program: program.clone(),
+            reason,
+        };
+        let mut child = tokio::process::Command::new(&program)
+            .args(cmd.argv.iter().skip(1))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            // The program's diagnostics could echo the secret; they are not kept.
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| fail(format!("cannot start: {e}")))?;
+        let stdout = child.stdout.take();
+        let collect = async {
+            let mut bytes = Zeroizing::new(Vec::new());
+            if let Some(out) = stdout {
+                out.take(MAX_SECRET_BYTES + 1)
+                    .read_to_end(&mut bytes)
+                    .await
+                    .map_err(|e| fail(format!("reading its output: {e}")))?;
+            }
+            let status = child
+                .wait()
+                .await
+                .map_err(|e| fail(format!("waiting for it: {e}")))?;
+            Ok::<_, CredentialError>((bytes, status))
+        };
+        let (mut bytes, status) = match tokio::time::timeout(cmd.timeout, collect).await {
+            Ok(result) => result?,
+            // Dropping `collect` drops the child, which kills it (kill_on_drop).
+            Err(_) => {
+                return Err(fail(format!(
+                    "did not finish within {} s and was killed",
+                    cmd.timeout.as_secs_f32()
+                )))
+            }
+        };
+        if !status.success() {
+            return Err(fail(format!("exited with {status}")));
+        }
+        let text = self.to_text(&mut bytes)?;
+        let trimmed = text.trim();
+        self.check(trimmed)?;
+        Ok(Secret::new(trimmed.to_owned()))
+    }
+
+    fn to_text(
+        &self,
+        bytes: &mut Zeroizing<Vec<u8>>,
+    ) -> Result<Zeroizing<String>, CredentialError> {
+        if bytes.len() as u64 > MAX_SECRET_BYTES {
+            return Err(self.invalid("is larger than 64 KiB"));
+        }
+        let owned = std::mem::take(&mut **bytes);
+        match String::from_utf8(owned) {
+            Ok(s) => Ok(Zeroizing::new(s)),
+            Err(e) => {
+                // Put the bytes back so that they are zeroed with `bytes`.
+                **bytes = e.into_bytes();
+                Err(self.invalid("is not valid UTF-8"))
+            }
+        }
+    }
+
+    fn check(&self, value: &str) -> Result<(), CredentialError> {
+        check_value(value).map_err(|reason| self.invalid(reason))
+    }
+
+    fn invalid(&self, reason: &'static str) -> CredentialError {
+        CredentialError::InvalidValue {
+            credential: self.name.clone(),
+            reason,
+        }
+    }
+}
+
+/// Refuses values that would split or corrupt a header. Returns the reason, never the
+/// value.
+fn check_value(value: &str) -> Result<(), &'static str> {
+    if value.is_empty() {
+        return Err("is empty");
+    }
+    if value.contains(['\r', '\n', '\0']) {
+        return Err("contains CR, LF or NUL");
+    }
+    if value.chars().any(|c| c.is_control() && c != '\t') {
+        return Err("contains a control character");
+    }
+    Ok(())
+}
+
+fn compile(name: &str, raw: &RawCredential) -> Result<Credential, CredentialError> {
+    let config = |field: &'static str, reason: String| CredentialError::Config {
+        credential: name.to_owned(),
+        field,
+        reason,
+    };
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(config(
+            "name",
+            "a credential name is non-empty and uses only letters, digits, `-`, `_` and `.`"
+                .to_owned(),
+        ));
+    }
+
+    let source = match &raw.source {
+        RawSource::File(path) => {
+            if !path.is_absolute() {
+                return Err(config(
+                    "source.file",
+                    format!("{} is not an absolute path", path.display()),
+                ));
+            }
+            Source::File(path.clone())
+        }
+        RawSource::Env(var) => {
+            let value = std::env::var(var).map_err(|_| CredentialError::EnvMissing {
+                credential: name.to_owned(),
+                var: var.clone(),
+            })?;
+            let value = Secret::new(value);
+            check_value(value.expose()).map_err(|reason| CredentialError::InvalidValue {
+                credential: name.to_owned(),
+                reason,
+            })?;
+            Source::Env {
+                var: var.clone(),
+                value: Arc::new(value),
+            }
+        }
+        RawSource::Command(cmd) => {
+            let Some(program) = cmd.argv.first() else {
+                return Err(config(
+                    "source.command.argv",
+                    "needs at least the program to run".to_owned(),
+                ));
+            };
+            if !std::path::Path::new(program).is_absolute() {
+                return Err(config(
+                    "source.command.argv",
+                    format!(
+                        "program `{program}` must be an absolute path (no PATH lookup, no shell)"
+                    ),
+                ));
+            }
+            Source::Command(CommandSource {
+                argv: cmd.argv.clone(),
+                ttl: Duration::from_secs(cmd.ttl),
+                timeout: COMMAND_TIMEOUT,
+                cache: tokio::sync::Mutex::new(None),
+            })
+        }
+    };
+
+    let inject = compile_inject(&raw.inject).map_err(|(field, reason)| config(field, reason))?;
+
+    if raw.hosts.is_empty() {
+        return Err(config(
+            "hosts",
+            "must list at least one server name the credential may be sent to".to_owned(),
+        ));
+    }
+    let mut hosts = BTreeSet::new();
+    for host in &raw.hosts {
+        let normalized = normalize_host(host);
+        let valid = !normalized.is_empty()
+            && normalized.len() <= 253
+            && normalized
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+        if !valid {
+            return Err(config(
+                "hosts",
+                format!(
+                    "`{host}` is not an exact host name (letters, digits, `-`, `_`, `.`; no \
+                     wildcards, ports or schemes)"
+                ),
+            ));
+        }
+        hosts.insert(normalized);
+    }
+
+    Ok(Credential {
+        name: name.to_owned(),
+        source,
+        inject,
+        hosts,
+    })
+}
+
+fn compile_inject(raw: &RawInject) -> Result<Inject, (&'static str, String)> {
+    match (&raw.header, &raw.format, &raw.basic) {
+        (Some(header), format, None) => {
+            let name = HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
+                (
+                    "inject.header",
+                    format!("`{header}` is not a valid HTTP header name"),
+                )
+            })?;
+            if FORBIDDEN_HEADERS.contains(&name.as_str()) || name.as_str().starts_with(':') {
+                return Err((
+                    "inject.header",
+                    format!(
+                        "`{header}` frames or routes the request and cannot carry a credential"
+                    ),
+                ));
+            }
+            let format = format.as_deref().unwrap_or("{}");
+            let mut parts = format.split("{}");
+            let (Some(prefix), Some(suffix), None) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err((
+                    "inject.format",
+                    format!("`{format}` must contain `{{}}` (the secret) exactly once"),
+                ));
+            };
+            let fixed = format!("{prefix}{suffix}");
+            if check_value(&format!("{fixed}x")).is_err() || HeaderValue::from_str(&fixed).is_err()
+            {
+                return Err((
+                    "inject.format",
+                    format!("`{format}` contains characters not allowed in a header value"),
+                ));
+            }
+            Ok(Inject::Header {
+                name,
+                prefix: prefix.to_owned(),
+                suffix: suffix.to_owned(),
+            })
+        }
+        (None, None, Some(basic)) => {
+            if basic.user.contains(':') || check_value(&basic.user).is_err() {
+                return Err((
+                    "inject.basic.user",
+                    "must be non-empty, without `:` or control characters".to_owned(),
+                ));
+            }
+            Ok(Inject::Basic {
+                user: basic.user.clone(),
+            })
+        }
+        (None, Some(_), None) => Err((
+            "inject.format",
+            "`format` needs `header`, e.g. { header: Authorization, format: \"Bearer {}\" }"
+                .to_owned(),
+        )),
+        (None, None, None) => Err((
+            "inject",
+            "needs either { header: NAME, format: \"...{}...\" } or { basic: { user: NAME } }"
+                .to_owned(),
+        )),
+        (_, _, Some(_)) => Err((
+            "inject",
+            "`basic` cannot be combined with `header` or `format`".to_owned(),
+        )),
+    }
+}

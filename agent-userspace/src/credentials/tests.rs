@@ -1,0 +1,286 @@
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use http::header::AUTHORIZATION;
+use http::HeaderName;
+
+use super::*;
+
+fn store(yaml: &str) -> Result<CredentialStore, CredentialError> {
+    let raw: RawCredentials = serde_yaml_ng::from_str(yaml).unwrap();
+    CredentialStore::from_config(&raw)
+}
+
+fn write(dir: &Path, name: &str, contents: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path.display().to_string()
+}
+
+async fn value(store: &CredentialStore, name: &str, host: &str) -> Option<String> {
+    store
+        .header_for(name, host)
+        .await
+        .unwrap()
+        .map(|(_, v)| v.to_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn file_source_is_read_at_use_and_one_newline_trimmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "token", "ghp-one\n");
+    let s = store(&format!(
+        "github:\n  source: {{ file: {path} }}\n  inject: {{ header: Authorization, format: \"Bearer {{}}\" }}\n  hosts: [api.github.com, github.com]\n"
+    ))
+    .unwrap();
+    let (name, v) = s
+        .header_for("github", "api.github.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(name, AUTHORIZATION);
+    assert_eq!(v.to_str().unwrap(), "Bearer ghp-one");
+    assert!(v.is_sensitive());
+
+    // Rotation takes effect at the next use; only one trailing newline goes.
+    std::fs::write(&path, "ghp-two\r\n").unwrap();
+    assert_eq!(
+        value(&s, "github", "github.com").await.as_deref(),
+        Some("Bearer ghp-two")
+    );
+    std::fs::write(&path, "ghp-three\n\n").unwrap();
+    assert!(matches!(
+        s.header_for("github", "github.com").await,
+        Err(CredentialError::InvalidValue { .. })
+    ));
+}
+
+#[tokio::test]
+async fn env_source_is_read_at_load() {
+    // A variable every test process has, so no environment needs changing.
+    let var = "CARGO_PKG_NAME";
+    let expected = std::env::var(var).unwrap();
+    let s = store(&format!(
+        "pkg:\n  source: {{ env: {var} }}\n  inject: {{ header: X-Api-Key }}\n  hosts: [api.example.com]\n"
+    ))
+    .unwrap();
+    let (name, v) = s
+        .header_for("pkg", "API.Example.com.")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(name, HeaderName::from_static("x-api-key"));
+    assert_eq!(v.to_str().unwrap(), expected);
+
+    let missing = store(
+        "x:\n  source: { env: EGRESSD_TEST_SURELY_UNSET_VARIABLE }\n  inject: { header: X-Key }\n  hosts: [a.example.com]\n",
+    )
+    .unwrap_err();
+    assert!(matches!(missing, CredentialError::EnvMissing { .. }));
+}
+
+#[tokio::test]
+async fn basic_injection_encodes_user_and_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "pw", "s3cret");
+    let s = store(&format!(
+        "gh:\n  source: {{ file: {path} }}\n  inject: {{ basic: {{ user: x-access-token }} }}\n  hosts: [github.com]\n"
+    ))
+    .unwrap();
+    // base64("x-access-token:s3cret")
+    assert_eq!(
+        value(&s, "gh", "github.com").await.as_deref(),
+        Some("Basic eC1hY2Nlc3MtdG9rZW46czNjcmV0")
+    );
+    assert_eq!(s.injected_header_names(), vec![AUTHORIZATION]);
+}
+
+#[tokio::test]
+async fn command_source_runs_without_shell_and_trims_output() {
+    let s = store(
+        "c:\n  source: { command: { argv: [/bin/echo, \"  tok-en  \"], ttl: 60 } }\n  inject: { header: Authorization, format: \"token {}\" }\n  hosts: [h.example.com]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        value(&s, "c", "h.example.com").await.as_deref(),
+        Some("token tok-en")
+    );
+
+    let relative = store(
+        "c:\n  source: { command: { argv: [echo, x] } }\n  inject: { header: X-K }\n  hosts: [h.example.com]\n",
+    )
+    .unwrap_err();
+    assert!(relative.to_string().contains("absolute path"), "{relative}");
+}
+
+/// A command that increments a counter in a file and prints it.
+fn counter_yaml(dir: &Path, ttl: u64, extra: &str) -> String {
+    let counter = write(dir, "counter", "0");
+    let script =
+        format!("{extra} n=$(cat {counter}); n=$((n+1)); echo $n > {counter}; echo tok-$n");
+    let script = script.replace('"', "\\\"");
+    format!(
+        "c:\n  source: {{ command: {{ argv: [/bin/sh, -c, \"{script}\"], ttl: {ttl} }} }}\n  inject: {{ header: X-Token }}\n  hosts: [h.example.com]\n"
+    )
+}
+
+#[tokio::test]
+async fn command_value_is_cached_for_ttl_then_refreshed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&counter_yaml(dir.path(), 1, "")).unwrap();
+    assert_eq!(
+        value(&s, "c", "h.example.com").await.as_deref(),
+        Some("tok-1")
+    );
+    assert_eq!(
+        value(&s, "c", "h.example.com").await.as_deref(),
+        Some("tok-1")
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        value(&s, "c", "h.example.com").await.as_deref(),
+        Some("tok-2")
+    );
+    assert_eq!(
+        value(&s, "c", "h.example.com").await.as_deref(),
+        Some("tok-2")
+    );
+}
+
+#[tokio::test]
+async fn concurrent_callers_share_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&counter_yaml(dir.path(), 60, "sleep 0.3;")).unwrap();
+    let (a, b, c) = tokio::join!(
+        value(&s, "c", "h.example.com"),
+        value(&s, "c", "h.example.com"),
+        value(&s, "c", "h.example.com"),
+    );
+    assert_eq!(a.as_deref(), Some("tok-1"));
+    assert_eq!(b, a);
+    assert_eq!(c, a);
+}
+
+#[tokio::test]
+async fn command_failures_are_errors() {
+    let s = store(
+        "c:\n  source: { command: { argv: [/bin/sh, -c, \"echo leaked-value; exit 3\"] } }\n  inject: { header: X-K }\n  hosts: [h.example.com]\n",
+    )
+    .unwrap();
+    let err = s.header_for("c", "h.example.com").await.unwrap_err();
+    assert!(matches!(err, CredentialError::Command { .. }));
+    assert!(!err.to_string().contains("leaked-value"), "{err}");
+
+    let mut s = store(
+        "c:\n  source: { command: { argv: [/bin/sleep, \"5\"] } }\n  inject: { header: X-K }\n  hosts: [h.example.com]\n",
+    )
+    .unwrap();
+    s.set_command_timeout(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    let err = s.header_for("c", "h.example.com").await.unwrap_err();
+    assert!(err.to_string().contains("did not finish"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn values_with_cr_lf_or_nul_are_refused_without_showing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, bad) in ["abc\r\nX-Evil: 1", "abc\ndef", "abc\0def", "abc\rdef"]
+        .iter()
+        .enumerate()
+    {
+        let path = write(dir.path(), &format!("t{i}"), bad);
+        let s = store(&format!(
+            "c:\n  source: {{ file: {path} }}\n  inject: {{ header: Authorization, format: \"Bearer {{}}\" }}\n  hosts: [h.example.com]\n"
+        ))
+        .unwrap();
+        let err = s.header_for("c", "h.example.com").await.unwrap_err();
+        assert!(matches!(err, CredentialError::InvalidValue { .. }), "{err}");
+        let text = format!("{err} {err:?}");
+        assert!(!text.contains("abc"), "{text}");
+    }
+
+    let s = store(
+        "c:\n  source: { command: { argv: [/usr/bin/printf, \"ab%bcd\", \"\\\\r\\\\n\"] } }\n  inject: { header: X-K }\n  hosts: [h.example.com]\n",
+    )
+    .unwrap();
+    let err = s.header_for("c", "h.example.com").await.unwrap_err();
+    assert!(matches!(err, CredentialError::InvalidValue { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn credential_goes_only_to_its_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file that does not exist: a host outside `hosts` must not even read it.
+    let path = dir.path().join("missing").display().to_string();
+    let s = store(&format!(
+        "gh:\n  source: {{ file: {path} }}\n  inject: {{ header: Authorization }}\n  hosts: [API.GitHub.com.]\n"
+    ))
+    .unwrap();
+    assert!(s
+        .header_for("gh", "evil.example.com")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s.header_for("gh", "github.com").await.unwrap().is_none());
+    assert!(s
+        .header_for("gh", "api.github.com.evil.example")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(matches!(
+        s.header_for("gh", "api.github.com").await,
+        Err(CredentialError::Read { .. })
+    ));
+    assert!(matches!(
+        s.header_for("nope", "api.github.com").await,
+        Err(CredentialError::Unknown(_))
+    ));
+}
+
+#[test]
+fn secret_debug_and_display_are_redacted() {
+    let secret = Secret::new("hunter2".to_owned());
+    assert_eq!(format!("{secret:?}"), "Secret(<redacted>)");
+    assert_eq!(format!("{secret}"), "Secret(<redacted>)");
+    assert_eq!(secret.expose(), "hunter2");
+
+    let s = store(
+        "pkg:\n  source: { env: CARGO_PKG_NAME }\n  inject: { header: X-Api-Key }\n  hosts: [api.example.com]\n",
+    )
+    .unwrap();
+    let debug = format!("{s:?}");
+    assert!(debug.contains("Secret(<redacted>)"), "{debug}");
+    assert!(
+        !debug.contains(&std::env::var("CARGO_PKG_NAME").unwrap()),
+        "{debug}"
+    );
+}
+
+#[test]
+fn bad_definitions_are_rejected_with_field_names() {
+    let cases = [
+        ("c:\n  source: { file: relative/path }\n  inject: { header: X-K }\n  hosts: [a.example.com]\n", "source.file"),
+        ("c:\n  source: { file: /x }\n  inject: { header: X-K }\n  hosts: []\n", "hosts"),
+        ("c:\n  source: { file: /x }\n  inject: { header: X-K }\n  hosts: [\"*.example.com\"]\n", "hosts"),
+        ("c:\n  source: { file: /x }\n  inject: { header: X-K, format: \"no placeholder\" }\n  hosts: [a.example.com]\n", "inject.format"),
+        ("c:\n  source: { file: /x }\n  inject: { header: X-K, format: \"{} {}\" }\n  hosts: [a.example.com]\n", "inject.format"),
+        ("c:\n  source: { file: /x }\n  inject: { header: Host }\n  hosts: [a.example.com]\n", "inject.header"),
+        ("c:\n  source: { file: /x }\n  inject: { basic: { user: \"a:b\" } }\n  hosts: [a.example.com]\n", "inject.basic.user"),
+        ("c:\n  source: { file: /x }\n  inject: {}\n  hosts: [a.example.com]\n", "inject"),
+        ("c:\n  source: { command: { argv: [] } }\n  inject: { header: X-K }\n  hosts: [a.example.com]\n", "source.command.argv"),
+    ];
+    for (yaml, field) in cases {
+        let err = store(yaml).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("credentials.c.{field}")),
+            "{yaml}: {err}"
+        );
+    }
+    let unknown: Result<BTreeMap<String, RawCredential>, _> = serde_yaml_ng::from_str(
+        "c:\n  source: { file: /x }\n  inject: { header: X-K }\n  hosts: [a.example.com]\n  extra: 1\n",
+    );
+    assert!(unknown.is_err());
+}

@@ -1,0 +1,95 @@
+//! Network namespaces of sandboxes, and binding the proxy's listener inside one.
+//!
+//! A connection redirected to `127.0.0.1:PORT` lands on the loopback of the sandbox's own
+//! network namespace, so the listener must live there. A thread enters the namespace with
+//! `setns`, binds, and exits; the sockets keep their namespace, and the daemon accepts on
+//! them from its own.
+use std::{
+    fs::{self, File},
+    io,
+    net::{SocketAddr, TcpListener},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+};
+
+/// Identity of a network namespace: (device, inode) of its nsfs file.
+pub type NetnsId = (u64, u64);
+
+pub fn netns_id(path: &Path) -> io::Result<NetnsId> {
+    let m = fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// The network namespace a sandbox's processes use: the first process found in the
+/// cgroup (or its descendants), else the daemon's own.
+pub fn netns_of_cgroup(cgroup: &Path) -> PathBuf {
+    fn first_pid(dir: &Path, depth: u32) -> Option<u32> {
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+        if let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok()) {
+            return Some(pid);
+        }
+        if depth == 0 {
+            return None;
+        }
+        fs::read_dir(dir)
+            .ok()?
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .find_map(|e| first_pid(&e.path(), depth - 1))
+    }
+    match first_pid(cgroup, 4) {
+        Some(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+        None => PathBuf::from("/proc/self/ns/net"),
+    }
+}
+
+/// Binds TCP listeners on `addrs` inside the network namespace at `netns`. Addresses that
+/// cannot be bound there (e.g. `::1` with IPv6 disabled) are skipped; at least one must bind.
+pub fn bind_in_netns(netns: &Path, addrs: Vec<SocketAddr>) -> io::Result<Vec<TcpListener>> {
+    let ns = File::open(netns)?;
+    let handle = std::thread::spawn(move || -> io::Result<Vec<TcpListener>> {
+        // SAFETY: setns on this thread only; the thread exits right after binding.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut out = Vec::new();
+        let mut last_err = None;
+        for a in addrs {
+            match TcpListener::bind(a) {
+                Ok(l) => {
+                    l.set_nonblocking(true)?;
+                    out.push(l);
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        match (out.is_empty(), last_err) {
+            (true, Some(e)) => Err(e),
+            _ => Ok(out),
+        }
+    });
+    handle
+        .join()
+        .map_err(|_| io::Error::other("netns bind thread panicked"))?
+}
+
+/// `SO_NETNS_COOKIE` of a socket: the same value the kernel programs see.
+pub fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, out-pointer and length of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}

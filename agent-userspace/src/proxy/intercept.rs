@@ -1,0 +1,552 @@
+//! Intercepted connections: TLS terminated with a leaf from the local CA, HTTP/1 and
+//! HTTP/2 served by hyper, each request checked, stripped of client credentials, given
+//! the rule's credential and re-sent (re-serialised by hyper, never as raw bytes) to the
+//! original destination.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HOST, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use http::uri::{Authority, PathAndQuery};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::body::{CountingBody, Finish, InFlight, RecordedBody};
+use super::error::ProxyError;
+use super::io::{idle_watch, Activity, Metered, PrefixedStream};
+use super::record::{query_keys, RecordKind, TlsMode, Verdict};
+use super::upstream::{DialParams, Sender, UpstreamPool};
+use super::{ConnInfo, Proxy};
+use crate::credentials::normalize_host;
+
+/// Serves the certificate minted for the connection's (already checked) server name,
+/// and nothing for any other name.
+#[derive(Debug)]
+struct FixedCert {
+    name: String,
+    key: Arc<CertifiedKey>,
+}
+
+impl ResolvesServerCert for FixedCert {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name().map(normalize_host)?;
+        (name == self.name).then(|| self.key.clone())
+    }
+}
+
+/// Handles one intercepted connection after its server name has been allowed.
+pub(super) async fn intercept(
+    proxy: Arc<Proxy>,
+    stream: PrefixedStream<TcpStream>,
+    conn: Arc<ConnInfo>,
+    sni: String,
+    started: Instant,
+) {
+    let activity = Activity::new();
+    let connection_record = |reason: String, verdict: Verdict| {
+        let mut record = proxy.record(
+            &conn,
+            TlsMode::Intercept,
+            Some(&sni),
+            RecordKind::Connection,
+        );
+        record.verdict = verdict;
+        record.reason = Some(reason);
+        record.bytes_in = activity.bytes_read();
+        record.bytes_out = activity.bytes_written();
+        record.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        (proxy.audit)(record);
+    };
+
+    let config = match proxy
+        .ca
+        .leaf_for(&sni)
+        .map_err(ProxyError::from)
+        .and_then(|key| {
+            proxy.downstream_tls(Arc::new(FixedCert {
+                name: sni.clone(),
+                key,
+            }))
+        }) {
+        Ok(config) => config,
+        Err(e) => {
+            connection_record(e.to_string(), Verdict::Allow);
+            return;
+        }
+    };
+
+    let metered = Metered::new(stream, activity.clone());
+    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(metered);
+    let tls = match tokio::time::timeout(proxy.timeouts.handshake, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(source)) => {
+            let e = ProxyError::DownstreamIo {
+                peer: conn.peer,
+                op: "TLS handshake (does the sandbox trust the egressd CA?)",
+                source,
+            };
+            connection_record(e.to_string(), Verdict::Allow);
+            return;
+        }
+        Err(_) => {
+            let e = ProxyError::DownstreamTimeout {
+                peer: conn.peer,
+                op: "TLS handshake",
+                secs: proxy.timeouts.handshake.as_secs(),
+            };
+            connection_record(e.to_string(), Verdict::Allow);
+            return;
+        }
+    };
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let ctx = Arc::new(ConnCtx {
+        proxy: proxy.clone(),
+        conn: conn.clone(),
+        sni: sni.clone(),
+        pool: Arc::new(UpstreamPool::default()),
+        in_flight: in_flight.clone(),
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(ctx.handle(req).await) }
+    });
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(proxy.timeouts.header)
+        .max_buf_size(proxy.config.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(proxy.config.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = match alpn.as_deref() {
+        Some(b"h2") => builder.http2_only(),
+        Some(b"http/1.1") => builder.http1_only(),
+        _ => builder,
+    };
+    let served = builder.serve_connection(TokioIo::new(tls), service);
+    let idle = proxy.timeouts.idle;
+    tokio::select! {
+        result = served => {
+            if let Err(error) = result {
+                debug!(peer = %conn.peer, connection_id = %conn.connection_id, %error, "Intercepted connection ended with an error");
+            }
+        }
+        () = idle_watch(&activity, idle, || in_flight.load(Ordering::Relaxed) > 0) => {
+            debug!(peer = %conn.peer, connection_id = %conn.connection_id, idle_secs = idle.as_secs(), "Closing idle intercepted connection");
+        }
+    }
+}
+
+/// Why a request gets a response made by the proxy instead of the upstream's.
+struct Refusal {
+    status: StatusCode,
+    verdict: Verdict,
+    reason: String,
+}
+
+impl Refusal {
+    fn deny(status: StatusCode, reason: impl Into<String>) -> Self {
+        Self {
+            status,
+            verdict: Verdict::Deny,
+            reason: reason.into(),
+        }
+    }
+
+    /// An upstream failure: 502. Refusing to dial an address is a denial; anything
+    /// else happened after the request was allowed.
+    fn upstream(e: ProxyError) -> Self {
+        let verdict = match e {
+            ProxyError::UpstreamRefused { .. } => Verdict::Deny,
+            _ => Verdict::Allow,
+        };
+        Self {
+            status: StatusCode::BAD_GATEWAY,
+            verdict,
+            reason: e.to_string(),
+        }
+    }
+}
+
+struct ConnCtx {
+    proxy: Arc<Proxy>,
+    conn: Arc<ConnInfo>,
+    sni: String,
+    pool: Arc<UpstreamPool>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+type Forwarded = (Response<Incoming>, Option<Box<dyn FnOnce() + Send>>);
+
+impl ConnCtx {
+    async fn handle(&self, req: Request<Incoming>) -> Response<RecordedBody> {
+        let started = Instant::now();
+        let in_flight = InFlight::new(&self.in_flight);
+        let mut record = self.proxy.record(
+            &self.conn,
+            TlsMode::Intercept,
+            Some(&self.sni),
+            RecordKind::Request,
+        );
+        record.method = Some(req.method().as_str().to_owned());
+        record.path = Some(req.uri().path().to_owned());
+        record.query_keys = query_keys(req.uri().query());
+        let bytes_in = Arc::new(AtomicU64::new(0));
+
+        let outcome = self.forward(req, &mut record, &bytes_in).await;
+        let mut finish = Finish {
+            record,
+            started,
+            bytes_in,
+            audit: self.proxy.audit.clone(),
+            on_complete: None,
+            in_flight,
+        };
+        match outcome {
+            Ok((response, on_complete)) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.version = Version::HTTP_11;
+                finish.record.status = Some(parts.status.as_u16());
+                finish.on_complete = on_complete;
+                Response::from_parts(parts, RecordedBody::upstream(body, finish))
+            }
+            Err(refusal) => {
+                debug!(
+                    connection_id = %self.conn.connection_id,
+                    status = refusal.status.as_u16(),
+                    reason = %refusal.reason,
+                    "Request answered by the proxy"
+                );
+                finish.record.status = Some(refusal.status.as_u16());
+                finish.record.verdict = refusal.verdict;
+                let text = Bytes::from(format!("{}\n", refusal.reason));
+                finish.record.reason = Some(refusal.reason);
+                let mut response = Response::new(RecordedBody::local(text, finish));
+                *response.status_mut() = refusal.status;
+                let headers = response.headers_mut();
+                headers.insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                response
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        record: &mut super::ProxyRecord,
+        bytes_in: &Arc<AtomicU64>,
+    ) -> Result<Forwarded, Refusal> {
+        if is_upgrade(&req) {
+            return Err(Refusal::deny(
+                StatusCode::FORBIDDEN,
+                "upgrades are not allowed",
+            ));
+        }
+        let port = self.check_host(&req, record)?;
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        (self.conn.route.request_allowed)(req.method().as_str(), path_and_query.as_str())
+            .map_err(|reason| Refusal::deny(StatusCode::FORBIDDEN, reason))?;
+
+        let (mut parts, body) = req.into_parts();
+        strip_request_headers(&mut parts.headers, &self.proxy.injected);
+        if let Some(name) = &self.conn.route.credential {
+            match self.proxy.credentials.header_for(name, &self.sni).await {
+                Ok(Some((header, value))) => {
+                    parts.headers.insert(header, value);
+                    record.credential = Some(name.clone());
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(Refusal {
+                        status: StatusCode::INTERNAL_SERVER_ERROR,
+                        verdict: Verdict::Allow,
+                        reason: ProxyError::from(e).to_string(),
+                    })
+                }
+            }
+        }
+
+        let timeouts = &self.proxy.timeouts;
+        let params = DialParams {
+            dst: self.conn.original_dst,
+            route: &self.conn.route,
+            server_name: &self.sni,
+            tls: &self.proxy.upstream_tls,
+            connect_timeout: timeouts.connect,
+            handshake_timeout: timeouts.handshake,
+            dialer: &self.proxy.dialer,
+        };
+        let sender = self
+            .pool
+            .acquire(&params)
+            .await
+            .map_err(Refusal::upstream)?;
+
+        let authority = match port {
+            Some(port) if port != 443 => format!("{}:{port}", self.sni),
+            _ => self.sni.clone(),
+        };
+        let bad_name = || {
+            Refusal::deny(
+                StatusCode::BAD_REQUEST,
+                "downstream client: request target cannot be re-sent upstream",
+            )
+        };
+        parts.headers.remove(HOST);
+        parts.extensions = http::Extensions::new();
+        if sender.is_h2() {
+            parts.version = Version::HTTP_2;
+            parts.uri = Uri::builder()
+                .scheme("https")
+                .authority(authority.as_str())
+                .path_and_query(path_and_query)
+                .build()
+                .map_err(|_| bad_name())?;
+        } else {
+            parts.version = Version::HTTP_11;
+            parts.uri = Uri::from(path_and_query);
+            let host = HeaderValue::from_str(&authority).map_err(|_| bad_name())?;
+            parts.headers.insert(HOST, host);
+        }
+        let request = Request::from_parts(parts, CountingBody::new(body, bytes_in.clone()));
+
+        let addr = SocketAddr::new(
+            self.conn.original_dst.ip().to_canonical(),
+            self.conn.original_dst.port(),
+        );
+        let wait = timeouts.idle;
+        let timed_out = || {
+            Refusal::upstream(ProxyError::UpstreamTimeout {
+                addr,
+                op: "waiting for the response",
+                secs: wait.as_secs(),
+            })
+        };
+        let failed = |source| {
+            Refusal::upstream(ProxyError::UpstreamHttp {
+                addr,
+                op: "sending the request",
+                source,
+            })
+        };
+        match sender {
+            Sender::H2(mut sender) => {
+                let response = tokio::time::timeout(wait, sender.send_request(request))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(failed)?;
+                Ok((response, None))
+            }
+            Sender::H1(mut sender) => {
+                let response = tokio::time::timeout(wait, sender.send_request(request))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(failed)?;
+                let pool = self.pool.clone();
+                Ok((response, Some(Box::new(move || pool.release_h1(sender)))))
+            }
+        }
+    }
+
+    /// Checks that every name the request carries (Host header, `:authority` or an
+    /// absolute URI) equals the TLS server name, ports aside. Returns the port given.
+    fn check_host(
+        &self,
+        req: &Request<Incoming>,
+        record: &mut super::ProxyRecord,
+    ) -> Result<Option<u16>, Refusal> {
+        let mut hosts = req.headers().get_all(HOST).iter();
+        let header = hosts.next();
+        if hosts.next().is_some() {
+            return Err(Refusal::deny(
+                StatusCode::BAD_REQUEST,
+                "downstream client: more than one Host header",
+            ));
+        }
+        let mut names: Vec<Authority> = Vec::with_capacity(2);
+        if let Some(authority) = req.uri().authority() {
+            names.push(authority.clone());
+        }
+        if let Some(value) = header {
+            let authority = Authority::try_from(value.as_bytes()).map_err(|_| {
+                Refusal::deny(
+                    StatusCode::BAD_REQUEST,
+                    "downstream client: Host header is not a valid host[:port]",
+                )
+            })?;
+            names.push(authority);
+        }
+        let Some(first) = names.first() else {
+            return Err(Refusal::deny(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!(
+                    "misdirected request: no Host header or :authority (TLS server name {})",
+                    self.sni
+                ),
+            ));
+        };
+        record.host = Some(normalize_host(first.host()));
+        for authority in &names {
+            let host = normalize_host(authority.host());
+            if host != self.sni {
+                return Err(Refusal::deny(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    format!(
+                        "misdirected request: host {host} does not match TLS server name {}",
+                        self.sni
+                    ),
+                ));
+            }
+        }
+        Ok(first.port_u16())
+    }
+}
+
+/// CONNECT, an `Upgrade` header or `Connection: upgrade`, or HTTP/2 extended CONNECT.
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.method() == Method::CONNECT
+        || req.headers().contains_key(UPGRADE)
+        || req.extensions().get::<hyper::ext::Protocol>().is_some()
+        || connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers: the fixed list and those named in `Connection`.
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        CONNECTION,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+        PROXY_AUTHENTICATE,
+        PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection"] {
+        headers.remove(name);
+    }
+}
+
+/// Removes everything a sandbox could use to supply or probe credentials, and the
+/// hop-by-hop headers.
+pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderName]) {
+    // `TE: trailers` is end-to-end in effect (gRPC needs it, and HTTP/2 allows it).
+    let te_trailers = headers
+        .get_all(TE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    strip_hop_by_hop(headers);
+    if te_trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    headers.remove(AUTHORIZATION);
+    headers.remove(PROXY_AUTHORIZATION);
+    for name in injected {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_headers_are_stripped() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("authorization", "Bearer sandbox"),
+            ("proxy-authorization", "Basic x"),
+            ("x-api-key", "sandbox-key"),
+            ("connection", "keep-alive, X-Custom-Hop"),
+            ("x-custom-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "gzip"),
+            ("transfer-encoding", "chunked"),
+            ("accept", "*/*"),
+            ("content-length", "3"),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_request_headers(&mut headers, &[HeaderName::from_static("x-api-key")]);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["accept", "content-length"]);
+
+        let mut headers = HeaderMap::new();
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+        strip_request_headers(&mut headers, &[]);
+        assert_eq!(headers.get(TE).unwrap(), "trailers");
+    }
+
+    #[test]
+    fn upgrades_are_recognised() {
+        let req = |method: Method, headers: &[(&'static str, &'static str)]| {
+            let mut b = Request::builder().method(method).uri("/");
+            for (n, v) in headers {
+                b = b.header(*n, *v);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(is_upgrade(&req(Method::CONNECT, &[])));
+        assert!(is_upgrade(&req(Method::GET, &[("upgrade", "websocket")])));
+        assert!(is_upgrade(&req(
+            Method::GET,
+            &[("connection", "keep-alive, Upgrade")]
+        )));
+        assert!(!is_upgrade(&req(
+            Method::GET,
+            &[("connection", "keep-alive")]
+        )));
+    }
+}

@@ -1,0 +1,398 @@
+//! The proxy: what happens to a sandbox connection the kernel redirected to us.
+//!
+//! The daemon accepts each redirected connection, recovers its original destination and
+//! calls [`Proxy::serve`] with the policy [`Route`] that redirected it. The proxy reads
+//! the TLS ClientHello without consuming it ([`hello`]) and refuses, with no
+//! certificate, a connection whose server name the route does not allow. Then either:
+//!
+//! - **passthrough**: the untouched bytes are relayed to the original destination;
+//! - **intercept**: TLS is terminated with a leaf from the local [`CertAuthority`], each
+//!   HTTP request is checked (Host = server name, method and path allowed, no
+//!   upgrades), stripped of client-supplied credentials and hop-by-hop headers, given
+//!   the route's credential, and re-sent by hyper over verified TLS to the original
+//!   destination, never anywhere else.
+//!
+//! Every request, and every connection refused or ended before a request, produces one
+//! [`ProxyRecord`] for the audit sink.
+mod body;
+mod ca;
+mod dialer;
+mod error;
+mod hello;
+mod intercept;
+mod io;
+mod passthrough;
+mod record;
+mod upstream;
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{NoServerSessionStorage, ResolvesServerCert};
+use rustls::{ClientConfig, ServerConfig};
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+pub use ca::{CaError, CertAuthority, CA_CERT_FILE, CA_COMMON_NAME, CA_KEY_FILE};
+pub use error::{Party, ProxyError};
+pub use record::{query_keys, ProxyRecord, RecordKind, TlsMode, Verdict};
+pub use upstream::special_address;
+
+use crate::credentials::{normalize_host, CredentialStore};
+
+/// Where the audit records go.
+pub type AuditSink = Arc<dyn Fn(ProxyRecord) + Send + Sync>;
+
+/// One redirected connection, as the daemon hands it over.
+#[derive(Debug)]
+pub struct ConnInfo {
+    /// Where the sandbox wanted to go (from the kernel).
+    pub original_dst: SocketAddr,
+    /// The sandbox client's address.
+    pub peer: SocketAddr,
+    /// Sandbox name.
+    pub sandbox: String,
+    /// Shared with the kernel connect audit record.
+    pub connection_id: String,
+    /// The policy rule that redirected it.
+    pub route: Arc<Route>,
+}
+
+/// `Route::host_allowed`: whether a server name is allowed.
+pub type HostCheck = Box<dyn Fn(&str) -> bool + Send + Sync>;
+/// `Route::request_allowed`: `Ok(())` or `Err(reason)` for (method, path-and-query).
+pub type RequestCheck = Box<dyn Fn(&str, &str) -> Result<(), String> + Send + Sync>;
+/// `Route::explicitly_covers`: whether the rule names this special address.
+pub type AddressCheck = Box<dyn Fn(IpAddr) -> bool + Send + Sync>;
+
+/// What the policy rule that redirected a connection allows, as functions of the
+/// connection's names and requests.
+pub struct Route {
+    /// The rule's name, for records and messages.
+    pub rule_name: String,
+    /// Relay bytes unchanged instead of intercepting.
+    pub passthrough: bool,
+    /// The credential to inject, by name (intercept only).
+    pub credential: Option<String>,
+    /// Whether a TLS server name / Host is allowed by the rule's `hosts`.
+    pub host_allowed: HostCheck,
+    /// Ok(()) or Err(short plain-text reason) for (method, path-and-query).
+    pub request_allowed: RequestCheck,
+    /// Whether dialing this upstream IP is explicitly covered by the rule (for loopback,
+    /// link-local, private, metadata addresses).
+    pub explicitly_covers: AddressCheck,
+}
+
+impl fmt::Debug for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Route")
+            .field("rule_name", &self.rule_name)
+            .field("passthrough", &self.passthrough)
+            .field("credential", &self.credential)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `proxy:` section of the daemon configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Extra PEM CA bundle trusted for upstream servers, besides the system roots.
+    pub upstream_ca: Option<PathBuf>,
+    /// Network namespace (e.g. `/var/run/netns/egress`) to dial upstream servers from;
+    /// default: the daemon's own.
+    pub upstream_netns: Option<PathBuf>,
+    /// Seconds for a sandbox to send its ClientHello and finish the TLS handshake; also
+    /// bounds the upstream TLS handshake. Default 10.
+    pub handshake_secs: u64,
+    /// Seconds for a sandbox to send a complete HTTP/1 request header. Default 10.
+    pub header_secs: u64,
+    /// Seconds to connect to the upstream server. Default 10.
+    pub connect_secs: u64,
+    /// Seconds without traffic after which a connection is closed; also bounds the wait
+    /// for an upstream response header. Default 60.
+    pub idle_secs: u64,
+    /// Largest request header accepted, in bytes (at least 8192). Default 65536.
+    pub max_header_bytes: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            upstream_ca: None,
+            upstream_netns: None,
+            handshake_secs: 10,
+            header_secs: 10,
+            connect_secs: 10,
+            idle_secs: 60,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+struct Timeouts {
+    handshake: Duration,
+    header: Duration,
+    connect: Duration,
+    idle: Duration,
+}
+
+/// The proxy; one per daemon, shared by all connections.
+pub struct Proxy {
+    dialer: dialer::Dialer,
+    config: ProxyConfig,
+    timeouts: Timeouts,
+    ca: Arc<CertAuthority>,
+    credentials: Arc<CredentialStore>,
+    /// Header names the credential store sets, removed from every sandbox request.
+    injected: Vec<HeaderName>,
+    upstream_tls: Arc<ClientConfig>,
+    provider: Arc<CryptoProvider>,
+    audit: AuditSink,
+}
+
+impl fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Proxy")
+            .field("config", &self.config)
+            .field("ca", &self.ca)
+            .field("credentials", &self.credentials)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Checks the configuration and loads the upstream trust roots (system roots plus
+    /// `upstream_ca`).
+    pub fn new(
+        config: ProxyConfig,
+        ca: Arc<CertAuthority>,
+        credentials: Arc<CredentialStore>,
+        audit: Arc<dyn Fn(ProxyRecord) + Send + Sync>,
+    ) -> Result<Self, ProxyError> {
+        let secs = |field: &'static str, value: u64| {
+            if (1..=3600).contains(&value) {
+                Ok(Duration::from_secs(value))
+            } else {
+                Err(ProxyError::Config {
+                    field,
+                    reason: format!("{value} is out of range: use 1 to 3600 seconds"),
+                })
+            }
+        };
+        let timeouts = Timeouts {
+            handshake: secs("handshake_secs", config.handshake_secs)?,
+            header: secs("header_secs", config.header_secs)?,
+            connect: secs("connect_secs", config.connect_secs)?,
+            idle: secs("idle_secs", config.idle_secs)?,
+        };
+        // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+        if !(8192..=16 * 1024 * 1024).contains(&config.max_header_bytes) {
+            return Err(ProxyError::Config {
+                field: "max_header_bytes",
+                reason: format!(
+                    "{} is out of range: use 8192 to 16777216 bytes",
+                    config.max_header_bytes
+                ),
+            });
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let upstream_tls =
+            upstream::client_config(provider.clone(), config.upstream_ca.as_deref())?;
+        let dialer = match &config.upstream_netns {
+            Some(ns) => dialer::Dialer::in_netns(ns).map_err(|e| ProxyError::Config {
+                field: "upstream_netns",
+                reason: format!("{}: {e}", ns.display()),
+            })?,
+            None => dialer::Dialer::default(),
+        };
+        Ok(Self {
+            dialer,
+            injected: credentials.injected_header_names(),
+            config,
+            timeouts,
+            ca,
+            credentials,
+            upstream_tls,
+            provider,
+            audit,
+        })
+    }
+
+    /// Handles one redirected connection to its end. Failures are reported as records
+    /// and debug logs; nothing is returned.
+    pub async fn serve(self: Arc<Self>, mut stream: TcpStream, conn: ConnInfo) {
+        let started = Instant::now();
+        let _ = stream.set_nodelay(true);
+        let conn = Arc::new(conn);
+        let hello = tokio::time::timeout(
+            self.timeouts.handshake,
+            hello::read_client_hello(&mut stream),
+        )
+        .await;
+        let hello = match hello {
+            Ok(Ok(hello)) => hello,
+            Ok(Err(e)) => {
+                let alert = match &e {
+                    hello::HelloError::NotTls { alert, .. } => alert.clone(),
+                    _ => Vec::new(),
+                };
+                let reason = ProxyError::Downstream {
+                    peer: conn.peer,
+                    reason: e.to_string(),
+                };
+                self.refuse(&mut stream, &conn, None, reason, &alert, started)
+                    .await;
+                return;
+            }
+            Err(_) => {
+                let reason = ProxyError::DownstreamTimeout {
+                    peer: conn.peer,
+                    op: "waiting for the TLS ClientHello",
+                    secs: self.timeouts.handshake.as_secs(),
+                };
+                self.refuse(&mut stream, &conn, None, reason, &[], started)
+                    .await;
+                return;
+            }
+        };
+        let Some(sni) = hello.server_name.as_deref().map(normalize_host) else {
+            let reason = ProxyError::Downstream {
+                peer: conn.peer,
+                reason: "sent no TLS server name (SNI); connections by IP address are not \
+                         proxied"
+                    .to_owned(),
+            };
+            self.refuse(
+                &mut stream,
+                &conn,
+                None,
+                reason,
+                &hello::ALERT_UNRECOGNIZED_NAME,
+                started,
+            )
+            .await;
+            return;
+        };
+        if !(conn.route.host_allowed)(&sni) {
+            let reason = ProxyError::Downstream {
+                peer: conn.peer,
+                reason: format!(
+                    "server name {sni} is not allowed by rule `{}`",
+                    conn.route.rule_name
+                ),
+            };
+            self.refuse(
+                &mut stream,
+                &conn,
+                Some(sni),
+                reason,
+                &hello::ALERT_UNRECOGNIZED_NAME,
+                started,
+            )
+            .await;
+            return;
+        }
+        debug!(connection_id = %conn.connection_id, %sni, passthrough = conn.route.passthrough, "Server name allowed");
+        let stream = io::PrefixedStream::new(hello.buffered, stream);
+        if conn.route.passthrough {
+            passthrough::relay(self, stream, conn, sni, started).await;
+        } else {
+            intercept::intercept(self, stream, conn, sni, started).await;
+        }
+    }
+
+    /// Ends a connection at the TLS stage: sends `alert` (if any), closes, records a
+    /// denial.
+    async fn refuse(
+        &self,
+        stream: &mut TcpStream,
+        conn: &ConnInfo,
+        sni: Option<String>,
+        reason: ProxyError,
+        alert: &[u8],
+        started: Instant,
+    ) {
+        debug!(connection_id = %conn.connection_id, %reason, "Connection refused at the TLS stage");
+        let mut bytes_out = 0;
+        if !alert.is_empty() {
+            let sent = tokio::time::timeout(Duration::from_secs(1), async {
+                stream.write_all(alert).await?;
+                stream.shutdown().await
+            })
+            .await;
+            if matches!(sent, Ok(Ok(()))) {
+                bytes_out = alert.len() as u64;
+            }
+        }
+        let mode = if conn.route.passthrough {
+            TlsMode::Passthrough
+        } else {
+            TlsMode::Intercept
+        };
+        let mut record = self.record(conn, mode, sni.as_deref(), RecordKind::Connection);
+        record.verdict = Verdict::Deny;
+        record.reason = Some(reason.to_string());
+        record.bytes_out = bytes_out;
+        record.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        (self.audit)(record);
+    }
+
+    /// A record for `conn` with the connection's fields filled in and verdict allow.
+    fn record(
+        &self,
+        conn: &ConnInfo,
+        tls_mode: TlsMode,
+        sni: Option<&str>,
+        kind: RecordKind,
+    ) -> ProxyRecord {
+        ProxyRecord {
+            kind,
+            sandbox: conn.sandbox.clone(),
+            connection_id: conn.connection_id.clone(),
+            rule_name: conn.route.rule_name.clone(),
+            tls_mode,
+            original_dst: conn.original_dst,
+            sni: sni.map(str::to_owned),
+            method: None,
+            host: None,
+            path: None,
+            query_keys: None,
+            status: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 0,
+            credential: None,
+            verdict: Verdict::Allow,
+            reason: None,
+        }
+    }
+
+    /// The TLS server configuration for one intercepted connection: TLS 1.2 and 1.3,
+    /// ALPN `h2` and `http/1.1`, the given certificate, no session resumption.
+    fn downstream_tls(
+        &self,
+        resolver: Arc<dyn ResolvesServerCert>,
+    ) -> Result<Arc<ServerConfig>, ProxyError> {
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver);
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(Arc::new(config))
+    }
+}

@@ -1,0 +1,133 @@
+//! [`ProxyRecord`]: what the proxy reports about each request and refused connection.
+//!
+//! Records are plain data handed to the daemon's audit sink; they hold no secret: the
+//! query string keeps its keys only, and a credential appears by name.
+
+use std::net::SocketAddr;
+
+/// How the connection was handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsMode {
+    /// TLS terminated by the proxy, requests checked, credentials injected.
+    Intercept,
+    /// Bytes relayed unchanged after the server-name check.
+    Passthrough,
+}
+
+impl TlsMode {
+    /// `intercept` or `passthrough`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Intercept => "intercept",
+            Self::Passthrough => "passthrough",
+        }
+    }
+}
+
+/// The proxy's decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// Forwarded (or meant to be: see `status` and `reason` for upstream failures).
+    Allow,
+    /// Refused by the proxy's checks.
+    Deny,
+}
+
+impl Verdict {
+    /// `allow` or `deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+/// What a record describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    /// One HTTP request on an intercepted connection.
+    Request,
+    /// A whole connection: a passthrough relay, or one that ended before any request
+    /// (refused at the TLS stage, failed handshake).
+    Connection,
+}
+
+/// One audit record from the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyRecord {
+    /// Request or connection.
+    pub kind: RecordKind,
+    /// Sandbox name.
+    pub sandbox: String,
+    /// Shared with the kernel's connect record for the same connection.
+    pub connection_id: String,
+    /// The policy rule that redirected the connection.
+    pub rule_name: String,
+    /// Intercept or passthrough.
+    pub tls_mode: TlsMode,
+    /// Where the sandbox was connecting to.
+    pub original_dst: SocketAddr,
+    /// The TLS server name, normalised; `None` when the client sent none.
+    pub sni: Option<String>,
+    /// HTTP method (requests only).
+    pub method: Option<String>,
+    /// Host / `:authority` without port, normalised (requests only).
+    pub host: Option<String>,
+    /// Request path without query (requests only).
+    pub path: Option<String>,
+    /// Query keys with values dropped, e.g. `a=&b=` (requests with a query only).
+    pub query_keys: Option<String>,
+    /// HTTP status returned to the sandbox (requests only).
+    pub status: Option<u16>,
+    /// Bytes from the sandbox: request body bytes for a request, all bytes for a
+    /// connection.
+    pub bytes_in: u64,
+    /// Bytes to the sandbox: response body bytes for a request, all bytes for a
+    /// connection.
+    pub bytes_out: u64,
+    /// From the request (or connection) start to the end of the response (or
+    /// connection).
+    pub duration_ms: u64,
+    /// Name of the credential injected into the request, if one was.
+    pub credential: Option<String>,
+    /// Allow or deny.
+    pub verdict: Verdict,
+    /// Why it was denied, or what failed; `None` for a clean allow.
+    pub reason: Option<String>,
+}
+
+/// `a=1&b&c=x=y` -> `a=&b=&c=`: the keys of a query string, values dropped because they
+/// may carry secrets. `None` for no or an empty query.
+pub fn query_keys(query: Option<&str>) -> Option<String> {
+    let query = query?;
+    let keys: Vec<String> = query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+            format!("{key}=")
+        })
+        .collect();
+    if keys.is_empty() {
+        None
+    } else {
+        Some(keys.join("&"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_keys;
+
+    #[test]
+    fn query_values_are_dropped() {
+        assert_eq!(query_keys(None), None);
+        assert_eq!(query_keys(Some("")), None);
+        assert_eq!(query_keys(Some("a=1&b=&c")).as_deref(), Some("a=&b=&c="));
+        assert_eq!(
+            query_keys(Some("token=s3cret&x=a=b&&")).as_deref(),
+            Some("token=&x=")
+        );
+    }
+}

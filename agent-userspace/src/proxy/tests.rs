@@ -1,0 +1,811 @@
+//! End-to-end tests of [`Proxy::serve`] on loopback: a local HTTPS origin with a test CA
+//! made here, the proxy on accepted sockets, and a rustls + hyper client.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONNECTION, HOST, LOCATION, UPGRADE};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::client::TlsStream;
+
+use super::*;
+use crate::credentials::{CredentialStore, RawCredentials};
+
+const NAME: &str = "api.example.com";
+/// Allowed by the route but not among the credential's hosts.
+const OTHER: &str = "other.example.com";
+const TOKEN: &str = "ghp-test-token-0123";
+const EXPECTED_AUTH: &str = "Bearer ghp-test-token-0123";
+const LIMIT: Duration = Duration::from_secs(20);
+
+async fn within<T>(fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, fut).await.unwrap()
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+// ---------------------------------------------------------------------------------------
+// The origin
+// ---------------------------------------------------------------------------------------
+
+struct Origin {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    ca_pem: String,
+}
+
+/// An HTTPS origin on 127.0.0.1 for NAME and OTHER, signed by a CA made here. It echoes
+/// what it received: whether Authorization was the expected credential, Host, path and
+/// body size. `/redirect` answers 302.
+async fn start_origin(h2: bool) -> Origin {
+    let mut ca_params = CertificateParams::default();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test origin CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![NAME.to_owned(), OTHER.to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+        )
+        .unwrap();
+    config.alpn_protocols = if h2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), hyper::service::service_fn(echo))
+                    .await;
+            });
+        }
+    });
+    Origin {
+        addr,
+        accepted,
+        ca_pem: ca.pem(),
+    }
+}
+
+async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let auths: Vec<_> = req.headers().get_all(AUTHORIZATION).iter().collect();
+    let auth = match auths.as_slice() {
+        [] => "none",
+        [one] if *one == EXPECTED_AUTH => "expected",
+        [_] => "other",
+        _ => "several",
+    };
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    if path == "/redirect" {
+        return Ok(Response::builder()
+            .status(StatusCode::FOUND)
+            .header(LOCATION, "https://elsewhere.example.net/next")
+            .body(Full::new(Bytes::from_static(b"moved\n")))
+            .unwrap());
+    }
+    let version = req.version();
+    let body = req.into_body().collect().await.map(|b| b.to_bytes().len());
+    let text = format!(
+        "auth={auth}\nhost={host}\npath={path}\nbody={}\nversion={version:?}\n",
+        body.unwrap_or(usize::MAX)
+    );
+    Ok(Response::new(Full::new(Bytes::from(text))))
+}
+
+// ---------------------------------------------------------------------------------------
+// The proxy
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+struct Spec {
+    passthrough: bool,
+    covers_loopback: bool,
+}
+
+const INTERCEPT: Spec = Spec {
+    passthrough: false,
+    covers_loopback: true,
+};
+
+struct Harness {
+    addr: SocketAddr,
+    records: mpsc::UnboundedReceiver<ProxyRecord>,
+    ca_pem: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn record(&mut self) -> ProxyRecord {
+        let record = tokio::time::timeout(Duration::from_secs(5), self.records.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let text = format!("{record:?}");
+        assert!(!text.contains(TOKEN), "secret in record: {text}");
+        record
+    }
+}
+
+fn route(spec: Spec) -> Route {
+    Route {
+        rule_name: "test-rule".to_owned(),
+        passthrough: spec.passthrough,
+        credential: Some("github".to_owned()),
+        host_allowed: Box::new(|name| name == NAME || name == OTHER),
+        request_allowed: Box::new(|_method, path| {
+            if path.starts_with("/forbidden") {
+                Err("path /forbidden is not allowed by rule test-rule".to_owned())
+            } else {
+                Ok(())
+            }
+        }),
+        explicitly_covers: Box::new(move |ip| {
+            spec.covers_loopback && ip == IpAddr::from([127, 0, 0, 1])
+        }),
+    }
+}
+
+async fn start_proxy(dst: SocketAddr, origin_ca_pem: &str, spec: Spec) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(CertAuthority::load_or_create(dir.path().join("ca")).unwrap());
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let origin_ca = dir.path().join("origin-ca.pem");
+    std::fs::write(&origin_ca, origin_ca_pem).unwrap();
+    let raw: RawCredentials = serde_yaml_ng::from_str(&format!(
+        "github:\n  source: {{ file: {} }}\n  inject: {{ header: Authorization, format: \"Bearer {{}}\" }}\n  hosts: [{NAME}]\n",
+        token.display()
+    ))
+    .unwrap();
+    let credentials = Arc::new(CredentialStore::from_config(&raw).unwrap());
+    let config = ProxyConfig {
+        upstream_ca: Some(origin_ca),
+        handshake_secs: 5,
+        ..ProxyConfig::default()
+    };
+    let (tx, records) = mpsc::unbounded_channel();
+    let audit: AuditSink = Arc::new(move |record| {
+        let _ = tx.send(record);
+    });
+    let proxy = Arc::new(Proxy::new(config, ca.clone(), credentials, audit).unwrap());
+    let route = Arc::new(route(spec));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Ok((stream, peer)) = listener.accept().await {
+            n += 1;
+            let conn = ConnInfo {
+                original_dst: dst,
+                peer,
+                sandbox: "sbx".to_owned(),
+                connection_id: format!("conn-{n}"),
+                route: route.clone(),
+            };
+            tokio::spawn(proxy.clone().serve(stream, conn));
+        }
+    });
+    Harness {
+        addr,
+        records,
+        ca_pem: ca.ca_pem(),
+        _dir: dir,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The client
+// ---------------------------------------------------------------------------------------
+
+fn client_config(trust_pem: &str, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(trust_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    name: &str,
+    trust_pem: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(name.to_owned()).unwrap();
+    tokio_rustls::TlsConnector::from(client_config(trust_pem, alpn))
+        .connect(name, tcp)
+        .await
+}
+
+async fn h1_client(
+    addr: SocketAddr,
+    name: &str,
+    trust_pem: &str,
+) -> http1::SendRequest<Full<Bytes>> {
+    let tls = tls_connect(addr, name, trust_pem, &[b"http/1.1"])
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (sender, conn) = http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+fn request(
+    method: Method,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &'static str,
+) -> Request<Full<Bytes>> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, host);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    builder
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+async fn send(sender: &mut http1::SendRequest<Full<Bytes>>, req: Request<Full<Bytes>>) -> Reply {
+    sender.ready().await.unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8(body.to_vec()).unwrap(),
+    }
+}
+
+async fn get(sender: &mut http1::SendRequest<Full<Bytes>>, host: &str, path: &str) -> Reply {
+    send(sender, request(Method::GET, host, path, &[], "")).await
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn credential_is_injected_and_client_authorization_replaced() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+
+        let reply = get(&mut client, NAME, "/repos/x?token=abc&page=2").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(reply.body.contains("auth=expected\n"), "{}", reply.body);
+        assert!(
+            reply.body.contains(&format!("host={NAME}\n")),
+            "{}",
+            reply.body
+        );
+        assert!(
+            reply.body.contains("path=/repos/x?token=abc&page=2\n"),
+            "{}",
+            reply.body
+        );
+        // The origin offers h2, so the proxy speaks HTTP/2 upstream.
+        assert!(reply.body.contains("version=HTTP/2.0"), "{}", reply.body);
+        let record = h.record().await;
+        assert_eq!(record.kind, RecordKind::Request);
+        assert_eq!(record.tls_mode, TlsMode::Intercept);
+        assert_eq!(record.verdict, Verdict::Allow);
+        assert_eq!(record.status, Some(200));
+        assert_eq!(record.credential.as_deref(), Some("github"));
+        assert_eq!(record.sni.as_deref(), Some(NAME));
+        assert_eq!(record.host.as_deref(), Some(NAME));
+        assert_eq!(record.method.as_deref(), Some("GET"));
+        assert_eq!(record.path.as_deref(), Some("/repos/x"));
+        assert_eq!(record.query_keys.as_deref(), Some("token=&page="));
+        assert_eq!(record.sandbox, "sbx");
+        assert_eq!(record.rule_name, "test-rule");
+        assert_eq!(record.original_dst, origin.addr);
+        assert_eq!(record.bytes_out, reply.body.len() as u64);
+        assert_eq!(record.reason, None);
+
+        let reply = send(
+            &mut client,
+            request(
+                Method::POST,
+                NAME,
+                "/upload",
+                &[
+                    ("authorization", "Bearer sandbox-own-token"),
+                    ("proxy-authorization", "Basic eA=="),
+                ],
+                "hello",
+            ),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(reply.body.contains("auth=expected\n"), "{}", reply.body);
+        assert!(reply.body.contains("body=5\n"), "{}", reply.body);
+        let record = h.record().await;
+        assert_eq!(record.bytes_in, 5);
+        assert_eq!(record.method.as_deref(), Some("POST"));
+
+        // Both requests went over one upstream connection.
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn http2_downstream_to_http1_upstream_reuses_the_connection() {
+    within(async {
+        let origin = start_origin(false).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"h2", b"http/1.1"])
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (mut client, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for i in 0..3 {
+            let req = Request::builder()
+                .uri(format!("https://{NAME}/item/{i}"))
+                .header(AUTHORIZATION, "Bearer sandbox")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let response = client.send_request(req).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let body = String::from_utf8(body.to_vec()).unwrap();
+            assert!(body.contains("auth=expected\n"), "{body}");
+            assert!(body.contains(&format!("host={NAME}\n")), "{body}");
+            assert!(body.contains("version=HTTP/1.1"), "{body}");
+            let record = h.record().await;
+            assert_eq!(record.status, Some(200));
+            assert_eq!(record.path, Some(format!("/item/{i}")));
+        }
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn host_other_than_sni_is_misdirected() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let reply = get(&mut client, OTHER, "/").await;
+        assert_eq!(reply.status, StatusCode::MISDIRECTED_REQUEST);
+        assert!(
+            reply.body.contains("does not match TLS server name"),
+            "{}",
+            reply.body
+        );
+        let record = h.record().await;
+        assert_eq!(record.verdict, Verdict::Deny);
+        assert_eq!(record.status, Some(421));
+        assert_eq!(record.credential, None);
+        // A port in Host is ignored; case and trailing dot too.
+        let reply = get(&mut client, "API.example.com.:443", "/").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn disallowed_path_is_forbidden_with_the_reason() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let reply = get(&mut client, NAME, "/forbidden/thing?x=1").await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            reply.body,
+            "path /forbidden is not allowed by rule test-rule\n"
+        );
+        assert_eq!(
+            reply.headers.get("content-type").unwrap(),
+            "text/plain; charset=utf-8"
+        );
+        let record = h.record().await;
+        assert_eq!(record.verdict, Verdict::Deny);
+        assert_eq!(record.status, Some(403));
+        assert_eq!(
+            record.reason.as_deref(),
+            Some("path /forbidden is not allowed by rule test-rule")
+        );
+        // Nothing reached the origin.
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn upgrades_are_refused() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let reply = send(
+            &mut client,
+            request(
+                Method::GET,
+                NAME,
+                "/socket",
+                &[
+                    (UPGRADE.as_str(), "websocket"),
+                    (CONNECTION.as_str(), "Upgrade"),
+                ],
+                "",
+            ),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN);
+        assert_eq!(reply.body, "upgrades are not allowed\n");
+        assert_eq!(h.record().await.verdict, Verdict::Deny);
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redirects_come_back_unfollowed() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let reply = get(&mut client, NAME, "/redirect").await;
+        assert_eq!(reply.status, StatusCode::FOUND);
+        assert_eq!(
+            reply.headers.get(LOCATION).unwrap(),
+            "https://elsewhere.example.net/next"
+        );
+        assert_eq!(reply.body, "moved\n");
+        let record = h.record().await;
+        assert_eq!(record.status, Some(302));
+        assert_eq!(record.verdict, Verdict::Allow);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn credential_goes_only_to_its_hosts() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, OTHER, &h.ca_pem).await;
+        let reply = send(
+            &mut client,
+            request(
+                Method::GET,
+                OTHER,
+                "/",
+                &[("authorization", "Bearer sandbox")],
+                "",
+            ),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        // Neither the credential (not for this host) nor the sandbox's own header.
+        assert!(reply.body.contains("auth=none\n"), "{}", reply.body);
+        let record = h.record().await;
+        assert_eq!(record.credential, None);
+        assert_eq!(record.sni.as_deref(), Some(OTHER));
+    })
+    .await;
+}
+
+fn alert_of(err: &std::io::Error) -> Option<rustls::AlertDescription> {
+    match err.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(alert) => Some(*alert),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn server_name_not_allowed_gets_no_certificate() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let err = tls_connect(h.addr, "evil.example.com", &h.ca_pem, &[b"http/1.1"])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            alert_of(&err),
+            Some(rustls::AlertDescription::UnrecognisedName),
+            "{err}"
+        );
+        let record = h.record().await;
+        assert_eq!(record.kind, RecordKind::Connection);
+        assert_eq!(record.verdict, Verdict::Deny);
+        assert_eq!(record.sni.as_deref(), Some("evil.example.com"));
+        let reason = record.reason.unwrap();
+        assert!(reason.starts_with("downstream client"), "{reason}");
+        assert!(
+            reason.contains("not allowed by rule `test-rule`"),
+            "{reason}"
+        );
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn missing_server_name_or_plain_http_is_refused() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        // rustls sends no SNI for an IP address.
+        let err = tls_connect(h.addr, "127.0.0.1", &h.ca_pem, &[])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            alert_of(&err),
+            Some(rustls::AlertDescription::UnrecognisedName),
+            "{err}"
+        );
+        let record = h.record().await;
+        assert_eq!(record.verdict, Verdict::Deny);
+        assert_eq!(record.sni, None);
+        assert!(record.reason.unwrap().contains("no TLS server name"));
+
+        let mut tcp = TcpStream::connect(h.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut tcp,
+            b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let record = h.record().await;
+        assert_eq!(record.verdict, Verdict::Deny);
+        assert!(record
+            .reason
+            .unwrap()
+            .contains("not a valid TLS ClientHello"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn passthrough_relays_to_the_origin_untouched() {
+    within(async {
+        let origin = start_origin(true).await;
+        let spec = Spec {
+            passthrough: true,
+            covers_loopback: true,
+        };
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, spec).await;
+        // The client trusts the origin's CA, not ours: it talks TLS with the origin.
+        let mut client = h1_client(h.addr, NAME, &origin.ca_pem).await;
+        let reply = send(
+            &mut client,
+            request(
+                Method::GET,
+                NAME,
+                "/p?q=1",
+                &[("authorization", "Bearer sandbox-own")],
+                "",
+            ),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        // Not replaced, not stripped: the proxy did not touch the request.
+        assert!(reply.body.contains("auth=other\n"), "{}", reply.body);
+        assert!(reply.body.contains("path=/p?q=1\n"), "{}", reply.body);
+        drop(client);
+        let record = h.record().await;
+        assert_eq!(record.kind, RecordKind::Connection);
+        assert_eq!(record.tls_mode, TlsMode::Passthrough);
+        assert_eq!(record.verdict, Verdict::Allow);
+        assert_eq!(record.sni.as_deref(), Some(NAME));
+        assert_eq!(record.credential, None);
+        assert!(record.bytes_in > 200, "{record:?}");
+        assert!(record.bytes_out > reply.body.len() as u64, "{record:?}");
+
+        // Our CA is not involved: a client trusting only it fails.
+        assert!(tls_connect(h.addr, NAME, &h.ca_pem, &[]).await.is_err());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn loopback_upstream_not_covered_is_refused() {
+    within(async {
+        let origin = start_origin(true).await;
+        let spec = Spec {
+            passthrough: false,
+            covers_loopback: false,
+        };
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, spec).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let reply = get(&mut client, NAME, "/").await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+        assert!(reply.body.starts_with("upstream server"), "{}", reply.body);
+        assert!(reply.body.contains("loopback"), "{}", reply.body);
+        let record = h.record().await;
+        assert_eq!(record.verdict, Verdict::Deny);
+        assert_eq!(record.status, Some(502));
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 0);
+
+        let spec = Spec {
+            passthrough: true,
+            covers_loopback: false,
+        };
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, spec).await;
+        assert!(tls_connect(h.addr, NAME, &origin.ca_pem, &[])
+            .await
+            .is_err());
+        let record = h.record().await;
+        assert_eq!(record.verdict, Verdict::Deny);
+        assert!(record.reason.unwrap().contains("loopback"));
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unreachable_upstream_gives_502_naming_upstream() {
+    within(async {
+        let origin = start_origin(true).await;
+        let closed = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let mut h = start_proxy(closed, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let reply = get(&mut client, NAME, "/").await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+        assert!(
+            reply
+                .body
+                .starts_with(&format!("upstream server {closed}: connecting")),
+            "{}",
+            reply.body
+        );
+        let record = h.record().await;
+        assert_eq!(record.verdict, Verdict::Allow);
+        assert_eq!(record.status, Some(502));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn upstream_with_untrusted_certificate_gives_502() {
+    within(async {
+        let origin = start_origin(true).await;
+        let stranger = start_origin(true).await;
+        // The proxy trusts `stranger`'s CA only, so `origin`'s certificate fails.
+        let mut h = start_proxy(origin.addr, &stranger.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let reply = get(&mut client, NAME, "/").await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+        assert!(reply.body.contains("TLS handshake"), "{}", reply.body);
+        assert_eq!(h.record().await.status, Some(502));
+    })
+    .await;
+}
+
+#[test]
+fn config_defaults_and_unknown_fields() {
+    let config: ProxyConfig = serde_yaml_ng::from_str("idle_secs: 30\n").unwrap();
+    assert_eq!(
+        config,
+        ProxyConfig {
+            idle_secs: 30,
+            ..ProxyConfig::default()
+        }
+    );
+    assert_eq!(ProxyConfig::default().max_header_bytes, 65536);
+    assert!(serde_yaml_ng::from_str::<ProxyConfig>("idle: 30\n").is_err());
+}
+
+#[test]
+fn bad_config_values_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(CertAuthority::load_or_create(dir.path()).unwrap());
+    let credentials = Arc::new(CredentialStore::default());
+    let audit: AuditSink = Arc::new(|_| {});
+    let make = |config| Proxy::new(config, ca.clone(), credentials.clone(), audit.clone());
+    let err = make(ProxyConfig {
+        idle_secs: 0,
+        ..ProxyConfig::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("proxy.idle_secs"), "{err}");
+    assert!(make(ProxyConfig {
+        max_header_bytes: 100,
+        ..ProxyConfig::default()
+    })
+    .is_err());
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let err = make(ProxyConfig {
+        upstream_ca: Some(empty),
+        ..ProxyConfig::default()
+    })
+    .unwrap_err();
+    assert!(matches!(err, ProxyError::UpstreamCa { .. }), "{err}");
+    assert_eq!(err.party(), Party::Proxy);
+    let missing = make(ProxyConfig {
+        upstream_ca: Some(Path::new("/nonexistent/ca.pem").to_owned()),
+        ..ProxyConfig::default()
+    })
+    .unwrap_err();
+    assert!(
+        missing.to_string().contains("/nonexistent/ca.pem"),
+        "{missing}"
+    );
+}
