@@ -52,6 +52,9 @@ pub mod hook {
     pub const SENDMSG6: u8 = 4;
 }
 
+/// `rule_id` of decisions that sent DNS to the sandbox's resolver (no policy rule).
+pub const RULE_DNS: u16 = u16::MAX;
+
 /// Event kinds. A retired id is never reused.
 pub mod event_kind {
     pub const CONNECT: u16 = 1;
@@ -110,7 +113,10 @@ pub struct SandboxInfo {
     /// Port of the proxy listener on the loopback of the sandbox's network namespace, host
     /// order; 0 = no proxy, and `proxy`/`passthrough` rules deny.
     pub proxy_port: u16,
-    pub _pad2: u32,
+    /// Port of the sandbox's DNS resolver on the same loopback, host order; 0 = none, and
+    /// port 53 is decided by the rules like any other port.
+    pub dns_port: u16,
+    pub _pad2: u16,
 }
 const _: () = assert!(core::mem::size_of::<SandboxInfo>() == 16);
 

@@ -2,7 +2,7 @@
 //! rules, count, and report.
 use agent_common::{
     action, event_kind, proto, verdict, ConnectEvent, EventHeader, OrigDst, PrefixRules,
-    SandboxInfo, V4Key, V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX,
+    SandboxInfo, V4Key, V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX, RULE_DNS,
 };
 use aya_ebpf::{
     helpers::{
@@ -189,6 +189,18 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
     let (index, verdict, rule_id) = match find_sandbox() {
         // Only reachable below an attached cgroup whose sandbox entry is gone: deny.
         None => (0, verdict::DENY, 0),
+        // All DNS goes to the sandbox's resolver, whatever server was asked.
+        Some(sb)
+            if call.port == 53
+                && sb.dns_port != 0
+                && (call.protocol == proto::UDP || call.protocol == proto::TCP) =>
+        {
+            if redirect(ctx, call, sb, RULE_DNS, sb.dns_port).is_ok() {
+                (sb.index, verdict::REDIRECT, RULE_DNS)
+            } else {
+                (sb.index, verdict::DENY, RULE_DNS)
+            }
+        }
         Some(sb) => {
             let matched = lookup(sb.policy_slot, &call.dest)
                 .and_then(|rules| match_rules(rules, call.port, call.protocol));
@@ -197,7 +209,7 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
                 Some((action::PROXY | action::PASSTHROUGH, id))
                     if call.protocol == proto::TCP
                         && sb.proxy_port != 0
-                        && redirect(ctx, call, sb, id).is_ok() =>
+                        && redirect(ctx, call, sb, id, sb.proxy_port).is_ok() =>
                 {
                     (sb.index, verdict::REDIRECT, id)
                 }
@@ -222,7 +234,13 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
 /// namespace and remembers the original one under the socket cookie. The rewrite happens
 /// before the kernel routes the connect, so nothing is sent to the original destination.
 #[inline(always)]
-fn redirect(ctx: &SockAddrContext, call: &Call, sb: &SandboxInfo, rule_id: u16) -> Result<(), i64> {
+fn redirect(
+    ctx: &SockAddrContext,
+    call: &Call,
+    sb: &SandboxInfo,
+    rule_id: u16,
+    to_port: u16,
+) -> Result<(), i64> {
     let mut addr = [0u8; 16];
     match call.dest {
         Dest::V4(a) => {
@@ -245,7 +263,7 @@ fn redirect(ctx: &SockAddrContext, call: &Call, sb: &SandboxInfo, rule_id: u16) 
         socket_cookie: cookie,
     };
     ORIG.insert(cookie, orig, 0)?;
-    let port = u32::from(sb.proxy_port.to_be());
+    let port = u32::from(to_port.to_be());
     let sa = ctx.sock_addr;
     // SAFETY: context pointer from the kernel; full 4-byte stores as the verifier requires.
     unsafe {
@@ -328,4 +346,65 @@ fn report(ctx: &SockAddrContext, call: &Call, index: u32, v: u8, rule_id: u16) {
     };
     entry.write(ev);
     entry.submit(0);
+}
+
+/// For replies and peer names of sockets whose destination was rewritten: the address the
+/// socket's owner asked for instead of our loopback listener, so stock resolvers (which
+/// check where a reply came from) accept it. Returns whether it rewrote.
+#[inline(always)]
+pub fn restore_source(ctx: &SockAddrContext, family: u8) -> bool {
+    // SAFETY: helper valid in cgroup_sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out.
+    let Some(orig) = (unsafe { ORIG.get(&cookie) }).copied() else {
+        return false;
+    };
+    let sa = ctx.sock_addr;
+    // Only a reply from our loopback listener is rewritten.
+    // SAFETY: context pointer from the kernel; full 4-byte loads.
+    let from_loopback = unsafe {
+        if family == 4 {
+            core::ptr::read_volatile(&(*sa).user_ip4) == u32::from_ne_bytes([127, 0, 0, 1])
+        } else {
+            let w2 = core::ptr::read_volatile(&(*sa).user_ip6[2]);
+            let w3 = core::ptr::read_volatile(&(*sa).user_ip6[3]);
+            core::ptr::read_volatile(&(*sa).user_ip6[0]) == 0
+                && core::ptr::read_volatile(&(*sa).user_ip6[1]) == 0
+                && ((w2 == 0 && w3 == u32::from_ne_bytes([0, 0, 0, 1]))
+                    || (w2 == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+                        && w3 == u32::from_ne_bytes([127, 0, 0, 1])))
+        }
+    };
+    if !from_loopback {
+        return false;
+    }
+    let a = orig.addr;
+    let mapped = a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff;
+    // SAFETY: context pointer from the kernel; full 4-byte stores.
+    unsafe {
+        if family == 4 {
+            if !mapped {
+                return false;
+            }
+            (*sa).user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        } else {
+            (*sa).user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+            (*sa).user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
+            (*sa).user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
+            (*sa).user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        }
+        (*sa).user_port = u32::from(orig.port.to_be());
+    }
+    true
 }

@@ -11,6 +11,7 @@ mod connect4;
 mod connect6;
 mod decide;
 mod maps;
+mod recvmsg;
 mod sendmsg4;
 mod sendmsg6;
 mod sock_ops;

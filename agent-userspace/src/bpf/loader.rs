@@ -10,11 +10,15 @@ use super::{BpfError, PinLayout};
 /// (program symbol, hook name) for every program attached to a sandbox cgroup. The hook
 /// name is also the link's pin file name. All but the last are cgroup_sock_addr programs;
 /// `sock_ops` records redirected connections' source ports for the proxy.
-pub const HOOKS: [(&str, &str); 5] = [
+pub const HOOKS: [(&str, &str); 9] = [
     ("egress_connect4", "connect4"),
     ("egress_connect6", "connect6"),
     ("egress_sendmsg4", "sendmsg4"),
     ("egress_sendmsg6", "sendmsg6"),
+    ("egress_recvmsg4", "recvmsg4"),
+    ("egress_recvmsg6", "recvmsg6"),
+    ("egress_getpeername4", "getpeername4"),
+    ("egress_getpeername6", "getpeername6"),
     (SOCK_OPS, "sock_ops"),
 ];
 

@@ -79,6 +79,7 @@ impl Core {
             default_action: policy.default_action().kernel_code(),
             _pad: 0,
             proxy_port: self.proxy.port,
+            dns_port: 0,
             _pad2: 0,
         }
     }
