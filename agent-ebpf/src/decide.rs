@@ -356,7 +356,7 @@ pub fn restore_source(ctx: &SockAddrContext, family: u8) -> bool {
     // SAFETY: helper valid in cgroup_sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out.
-    let Some(orig) = (unsafe { ORIG.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG.get(cookie) }).copied() else {
         return false;
     };
     let sa = ctx.sock_addr;
