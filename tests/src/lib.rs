@@ -23,6 +23,10 @@
 //! dirs and print the daemon log). `tests/harness.rs` checks the harness itself and
 //! needs no daemon. Skips (root, cgroup v2, bpffs, `ip`) print `SKIP ...` and pass.
 //!
+//! The proxy tests (`tests/proxy.rs`, and `tests/proxy_origins.rs` for their origins
+//! without a daemon) also need nginx, openssl, curl and git ([`proxy_fixture`]); they
+//! write `/etc/netns/<sandbox netns>/hosts` for name resolution ([`hosts_file`]).
+//!
 //! A test process killed with SIGKILL cannot run its guards: its servers and daemons die
 //! with it (`PR_SET_PDEATHSIG`), but namespaces, cgroups and bpffs dirs named
 //! `egress-test-<pid>-*` remain and must be removed by hand.
@@ -32,13 +36,35 @@ pub mod cgroup;
 pub mod daemon;
 pub mod expect;
 pub mod fixture;
+pub mod hosts_file;
+pub mod https_origin;
 pub mod netns;
+pub mod pki;
+pub mod proxy_fixture;
 pub mod sandbox;
 pub mod servers;
 pub mod util;
 pub mod world;
 
 pub use util::skip_reason;
+
+/// [`require_root!`], then also returns early (printing why) when a program the proxy
+/// tests run (nginx, openssl, curl, git, getent) is missing.
+#[macro_export]
+macro_rules! require_proxy_tools {
+    () => {
+        $crate::require_root!();
+        if let Some(why) = $crate::proxy_fixture::missing_tools() {
+            eprintln!(
+                "SKIP {} ({}): {}",
+                module_path!(),
+                std::thread::current().name().unwrap_or("?"),
+                why
+            );
+            return Ok(());
+        }
+    };
+}
 
 /// Returns early from a test (with `Ok(())`) and prints why, when the machine cannot run
 /// privileged tests: not root, no cgroup v2 mount, no bpf filesystem, no `ip`.

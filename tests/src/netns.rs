@@ -35,6 +35,12 @@ impl Netns {
         &self.name
     }
 
+    /// `/var/run/netns/<name>`, the bind mount `ip netns add` made (what `egressctl
+    /// attach --netns` takes).
+    pub fn path(&self) -> std::path::PathBuf {
+        std::path::Path::new("/var/run/netns").join(&self.name)
+    }
+
     /// Runs `ip -n <ns> <args>` and fails on a non-zero exit.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
         let out = run_checked(Command::new("ip").arg("-n").arg(&self.name).args(args))?;

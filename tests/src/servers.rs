@@ -37,7 +37,7 @@ fn endpoint(sa: &SocketAddr) -> String {
 
 /// Spawns `python3 <script> <args>` in `netns`, logs to `<dir>/<name>.log`, and waits
 /// for `<dir>/<name>.ready`.
-fn spawn_ready(
+pub fn spawn_ready(
     netns: &Netns,
     dir: &TempDir,
     name: &str,

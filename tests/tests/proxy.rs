@@ -1,0 +1,1005 @@
+//! The credential-injecting TLS proxy, end to end: real clients in a sandbox (curl over
+//! HTTP/1.1 and HTTP/2, python's urllib, git) that hold no token and trust only the
+//! proxy's exported CA reach real HTTPS origins (nginx, `git http-backend`) in the world
+//! namespace, and succeed only because egressd adds the credential; everything the
+//! policy does not allow is refused, recorded, and never reaches an origin.
+//!
+//! The setup ([`ProxyFixture`]): `api.github.com` (192.0.2.10) and `github.com`
+//! (192.0.2.11) behind `action: proxy` rules with the `github` (Bearer) and `github-git`
+//! (Basic, `x-access-token`) credentials, `pinned.example` (192.0.2.20) behind an
+//! `action: passthrough` rule, names from the sandbox's `/etc/netns/<ns>/hosts`, and
+//! `elsewhere.example` pointing at the canary. `tests/proxy_origins.rs` checks the
+//! origins themselves without a daemon.
+//!
+//! Needs root, cgroup v2, bpffs, nginx, openssl, curl, git and the egressd binaries
+//! (`cargo build -p agent-userspace`); skips without root. Run:
+//! `cargo test -p egress-tests --test proxy -- --test-threads=2`.
+
+use std::net::IpAddr;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use egress_tests::audit::{get_str, get_u64, Match};
+use egress_tests::expect::{self, all_output, RECORD_TIMEOUT};
+use egress_tests::https_origin::{
+    basic, bearer, OriginRequest, API_V4, GIT_V4, ISSUE_BODY, MOVED_PATH, MOVED_TO, PINNED_BODY,
+    PINNED_V4, REPO_BODY, REPO_FILE, UNAUTHORIZED_BODY,
+};
+use egress_tests::pki::spki_pin;
+use egress_tests::proxy_fixture::{
+    GithubSource, ProxyFixture, ProxyOpts, DIRECT_POLICY, ELSEWHERE_HOST,
+};
+use egress_tests::require_proxy_tools;
+use serde_json::Value;
+
+const REPO_URL: &str = "https://api.github.com/repos/acme/widgets";
+const ISSUES_URL: &str = "https://api.github.com/repos/acme/widgets/issues";
+const GIT_URL: &str = "https://github.com/acme/widgets.git";
+const PINNED_URL: &str = "https://pinned.example/";
+
+/// curl's exit codes.
+const CURL_SSL_CONNECT: i32 = 35;
+const CURL_PEER_FAILED_VERIFICATION: i32 = 60;
+
+/// What curl printed, split from its `-w` trailer.
+#[derive(Debug)]
+struct Resp {
+    body: String,
+    status: u16,
+    version: String,
+    redirect: String,
+    out: Output,
+}
+
+/// curl with `-w` reporting status, HTTP version and redirect URL after the body.
+fn curl_resp(fx: &ProxyFixture, args: &[&str]) -> Result<Resp> {
+    let mut all = args.to_vec();
+    all.extend(["-w", "\n@@%{http_code} %{http_version} %{redirect_url}"]);
+    parse_resp(fx.curl(&all)?)
+}
+
+fn parse_resp(out: Output) -> Result<Resp> {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let Some((body, trailer)) = text.rsplit_once("\n@@") else {
+        bail!("curl printed no -w trailer: {}", all_output(&out));
+    };
+    let mut f = trailer.splitn(3, ' ');
+    let status = f.next().unwrap_or("").parse().unwrap_or(0);
+    let version = f.next().unwrap_or("").to_string();
+    let redirect = f.next().unwrap_or("").trim().to_string();
+    Ok(Resp {
+        body: body.to_string(),
+        status,
+        version,
+        redirect,
+        out,
+    })
+}
+
+/// The response was `status` with `body` (when given) over HTTP `version` (when given).
+fn ensure_resp(r: &Resp, status: u16, body: Option<&str>, version: Option<&str>) -> Result<()> {
+    ensure!(
+        r.out.status.success()
+            && r.status == status
+            && body.is_none_or(|b| r.body == b)
+            && version.is_none_or(|v| r.version == v),
+        "expected {status} {body:?} over HTTP {version:?}, got {} {:?} over {:?}: {}",
+        r.status,
+        r.body,
+        r.version,
+        all_output(&r.out)
+    );
+    Ok(())
+}
+
+fn sandbox_ip(fx: &ProxyFixture) -> String {
+    fx.sandbox.addrs().v4.to_string()
+}
+
+/// Every request reached the origin with `auth`, via the proxy (not from the sandbox's
+/// own address: the daemon dials from the world namespace) and with no
+/// `Proxy-Authorization`.
+fn ensure_injected(fx: &ProxyFixture, reqs: &[OriginRequest], auth: &str) -> Result<()> {
+    for r in reqs {
+        ensure!(
+            r.authorization == auth,
+            "the origin got Authorization {:?}, not the injected credential: {r:#?}",
+            r.authorization
+        );
+        ensure!(
+            r.proxy_authorization.is_empty(),
+            "Proxy-Authorization reached the origin: {r:#?}"
+        );
+        ensure!(
+            r.remote_addr != sandbox_ip(fx),
+            "the request came straight from the sandbox, not through the proxy: {r:#?}"
+        );
+    }
+    Ok(())
+}
+
+fn is_request(r: &Value, method: &str, path: &str) -> bool {
+    get_str(r, "event.action") == Some("http-request")
+        && get_str(r, "http.request.method") == Some(method)
+        && get_str(r, "url.path") == Some(path)
+}
+
+/// The proxy's record of `method path` answered with `status`.
+fn request_record(fx: &ProxyFixture, method: &str, path: &str, status: u16) -> Result<Value> {
+    fx.wait_proxy_record(
+        RECORD_TIMEOUT,
+        &format!("{method} {path} -> {status}"),
+        |r| {
+            is_request(r, method, path)
+                && get_u64(r, "http.response.status_code") == Some(u64::from(status))
+        },
+    )
+}
+
+/// `path` has `want` in the record.
+fn ensure_field(rec: &Value, path: &str, want: &str) -> Result<()> {
+    ensure!(
+        get_str(rec, path) == Some(want),
+        "{path} should be {want:?} in {rec}"
+    );
+    Ok(())
+}
+
+/// The allowed request's record names the rule, credential, server name and sandbox, and
+/// shares its connection id with the kernel's `redirect` record for the connect.
+fn ensure_allowed_record(
+    fx: &ProxyFixture,
+    rec: &Value,
+    rule: &str,
+    credential: Option<&str>,
+    host: &str,
+    dst: IpAddr,
+) -> Result<()> {
+    ensure_field(rec, "egress.verdict", "allow")?;
+    ensure_field(rec, "rule.name", rule)?;
+    ensure_field(rec, "url.domain", host)?;
+    ensure_field(rec, "tls.client.server_name", host)?;
+    ensure_field(rec, "egress.sandbox.name", fx.sandbox.label())?;
+    ensure!(
+        get_str(rec, "egress.credential.name") == credential,
+        "egress.credential.name should be {credential:?} in {rec}"
+    );
+    ensure_linked(fx, rec, dst)
+}
+
+/// The kernel recorded the connect behind `rec` as `redirect`, with the same
+/// `egress.connection.id`.
+fn ensure_linked(fx: &ProxyFixture, rec: &Value, dst: IpAddr) -> Result<()> {
+    let id = get_str(rec, "egress.connection.id")
+        .filter(|id| !id.is_empty())
+        .with_context(|| format!("no egress.connection.id in {rec}"))?
+        .to_string();
+    let m = Match::decision("redirect", dst, 443).sandbox(fx.sandbox.label());
+    fx.daemon
+        .wait_for_record(RECORD_TIMEOUT, |r| {
+            m.matches(r) && get_str(r, "egress.connection.id") == Some(&id)
+        })
+        .with_context(|| format!("kernel redirect record with egress.connection.id {id}"))?;
+    Ok(())
+}
+
+/// The origin logged nothing new since `before`, and the canary heard nothing.
+fn nothing_reached(fx: &ProxyFixture, before: usize) -> Result<()> {
+    fx.origin_new_exactly(before, 0)?;
+    expect::canary_silent(&fx.canary)
+}
+
+#[test]
+fn curl_http1_and_http2_get_the_injected_token() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let before = fx.origin.requests()?.len();
+
+    let h1 = curl_resp(&fx, &["--http1.1", REPO_URL])?;
+    ensure_resp(&h1, 200, Some(REPO_BODY), Some("1.1"))?;
+    let h2 = curl_resp(&fx, &["--http2", REPO_URL])?;
+    ensure_resp(&h2, 200, Some(REPO_BODY), Some("2"))?;
+    let created = curl_resp(
+        &fx,
+        &[
+            "--http2",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            "{\"title\":\"t\"}",
+            ISSUES_URL,
+        ],
+    )?;
+    ensure_resp(&created, 201, Some(ISSUE_BODY), Some("2"))?;
+    let head = curl_resp(&fx, &["--http1.1", "-I", REPO_URL])?;
+    ensure_resp(&head, 200, None, Some("1.1"))?;
+
+    let reqs = fx.origin_new_exactly(before, 4)?;
+    ensure_injected(&fx, &reqs, &bearer(fx.token()))?;
+    ensure!(
+        reqs.iter()
+            .all(|r| r.sni == "api.github.com" && r.host == "api.github.com"),
+        "server name / host at the origin: {reqs:#?}"
+    );
+    let methods: Vec<&str> = reqs.iter().map(|r| r.method.as_str()).collect();
+    ensure!(
+        methods == ["GET", "GET", "POST", "HEAD"],
+        "methods: {reqs:#?}"
+    );
+
+    let api = IpAddr::V4(API_V4);
+    let get = request_record(&fx, "GET", "/repos/acme/widgets", 200)?;
+    ensure_allowed_record(
+        &fx,
+        &get,
+        "github-api",
+        Some("github"),
+        "api.github.com",
+        api,
+    )?;
+    ensure_field(&get, "egress.tls_mode", "intercept")?;
+    let post = request_record(&fx, "POST", "/repos/acme/widgets/issues", 201)?;
+    ensure_allowed_record(
+        &fx,
+        &post,
+        "github-api",
+        Some("github"),
+        "api.github.com",
+        api,
+    )?;
+    request_record(&fx, "HEAD", "/repos/acme/widgets", 200)?;
+    let n = fx
+        .proxy_records()?
+        .iter()
+        .filter(|r| is_request(r, "GET", "/repos/acme/widgets"))
+        .count();
+    ensure!(
+        n == 2,
+        "expected 2 GET records (HTTP/1.1 and HTTP/2), got {n}"
+    );
+
+    fx.assert_token_absent(&[&h1.out, &h2.out, &created.out, &head.out])
+}
+
+#[test]
+fn without_the_proxy_rule_the_origin_answers_401() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let direct = fx.add_sandbox("direct", DIRECT_POLICY)?;
+    let origin_ca = fx.ca.cert().display().to_string();
+    let proxy_ca = fx.proxy_ca().display().to_string();
+    let before = fx.origin.requests()?.len();
+
+    // Allowed plainly, the sandbox reaches the real origin, which wants a token it lacks.
+    let out = fx.curl_in(
+        &direct.sandbox,
+        &origin_ca,
+        &[
+            "-w",
+            "\n@@%{http_code} %{http_version} %{redirect_url}",
+            REPO_URL,
+        ],
+    )?;
+    let r = parse_resp(out)?;
+    ensure_resp(&r, 401, Some(UNAUTHORIZED_BODY), None)?;
+    // It is the origin's own certificate, not one from the proxy's CA.
+    let out = fx.curl_in(&direct.sandbox, &proxy_ca, &[REPO_URL])?;
+    expect::exit_code(&out, CURL_PEER_FAILED_VERIFICATION)?;
+    // git is refused too (asks for a user name it cannot get).
+    let out = fx.git_in(
+        &direct.sandbox,
+        &[
+            "-c",
+            &format!("http.sslCAInfo={origin_ca}"),
+            "clone",
+            "-q",
+            GIT_URL,
+            "direct-clone",
+        ],
+    )?;
+    ensure!(
+        !out.status.success() && all_output(&out).contains("could not read Username"),
+        "a direct clone must be refused with 401: {}",
+        all_output(&out)
+    );
+
+    let reqs = fx
+        .origin
+        .wait_new_at_least(before, 2, Duration::from_secs(5))?;
+    let direct_ip = direct.sandbox.addrs().v4.to_string();
+    ensure!(
+        reqs.iter()
+            .all(|r| r.authorization.is_empty() && r.status == 401 && r.remote_addr == direct_ip),
+        "direct requests: {reqs:#?}"
+    );
+    fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::decision("allow", IpAddr::V4(API_V4), 443)
+            .sandbox("direct")
+            .rule("direct"),
+    )?;
+
+    // The same request from the proxied sandbox succeeds.
+    ensure_resp(&curl_resp(&fx, &[REPO_URL])?, 200, Some(REPO_BODY), None)?;
+    Ok(())
+}
+
+#[test]
+fn python_urllib_gets_the_injected_token() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let ca = fx.proxy_ca().display().to_string();
+    let before = fx.origin.requests()?.len();
+
+    let check = |v: &Value, status: u64, body: Option<&str>| -> Result<()> {
+        ensure!(
+            v["ok"] == true
+                && v["status"].as_u64() == Some(status)
+                && body.is_none_or(|b| v["body"].as_str() == Some(b)),
+            "python: expected {status} {body:?}, got {v}"
+        );
+        Ok(())
+    };
+    check(
+        &fx.python_get(&[REPO_URL, "--cafile", &ca], &[])?,
+        200,
+        Some(REPO_BODY),
+    )?;
+    // The default context with SSL_CERT_FILE pointing at the exported CA.
+    check(
+        &fx.python_get(&[REPO_URL], &[("SSL_CERT_FILE", &ca)])?,
+        200,
+        Some(REPO_BODY),
+    )?;
+    check(
+        &fx.python_get(
+            &[
+                ISSUES_URL,
+                "--cafile",
+                &ca,
+                "--method",
+                "POST",
+                "--header",
+                "Content-Type: application/json",
+                "--data",
+                "{\"title\":\"py\"}",
+            ],
+            &[],
+        )?,
+        201,
+        Some(ISSUE_BODY),
+    )?;
+    // Without the proxy's CA python refuses the intercepted connection.
+    let origin_only = fx.ca.cert().display().to_string();
+    let v = fx.python_get(&[REPO_URL, "--cafile", &origin_only], &[])?;
+    ensure!(
+        v["ok"] == false
+            && v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("CERTIFICATE_VERIFY_FAILED")),
+        "python trusting only the origin CA must fail verification: {v}"
+    );
+
+    let reqs = fx.origin_new_exactly(before, 3)?;
+    ensure_injected(&fx, &reqs, &bearer(fx.token()))?;
+    let rec = request_record(&fx, "POST", "/repos/acme/widgets/issues", 201)?;
+    ensure_allowed_record(
+        &fx,
+        &rec,
+        "github-api",
+        Some("github"),
+        "api.github.com",
+        IpAddr::V4(API_V4),
+    )?;
+    fx.assert_token_absent(&[])
+}
+
+#[test]
+fn git_clone_over_smart_http_gets_the_injected_token() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let ca = format!("http.sslCAInfo={}", fx.proxy_ca().display());
+    let before = fx.origin.requests()?.len();
+
+    let out = fx.git(&["-c", &ca, "clone", "-q", GIT_URL, "widgets"])?;
+    ensure!(
+        out.status.success(),
+        "git clone through the proxy failed: {}\n{}",
+        all_output(&out),
+        fx.origin.error_logs()
+    );
+    let clone = fx.sandbox_dir().join("widgets");
+    let got = std::fs::read_to_string(clone.join(REPO_FILE.0))?;
+    ensure!(got == REPO_FILE.1, "cloned {}: {got:?}", REPO_FILE.0);
+
+    let reqs = fx
+        .origin
+        .wait_new_at_least(before, 2, Duration::from_secs(5))?;
+    ensure_injected(&fx, &reqs, &basic(fx.token()))?;
+    ensure!(
+        reqs.iter().any(|r| r.method == "GET"
+            && r.uri == "/acme/widgets.git/info/refs?service=git-upload-pack"
+            && r.status == 200)
+            && reqs.iter().any(|r| r.method == "POST"
+                && r.uri == "/acme/widgets.git/git-upload-pack"
+                && r.status == 200)
+            && reqs.iter().all(|r| r.sni == "github.com"),
+        "git requests at the origin: {reqs:#?}"
+    );
+    let rec = request_record(&fx, "GET", "/acme/widgets.git/info/refs", 200)?;
+    ensure_allowed_record(
+        &fx,
+        &rec,
+        "github-git",
+        Some("github-git"),
+        "github.com",
+        IpAddr::V4(GIT_V4),
+    )?;
+    request_record(&fx, "POST", "/acme/widgets.git/git-upload-pack", 200)?;
+
+    // Pushing is not in the rule's `http` list: the receive-pack POST is refused by the
+    // proxy and never reaches the origin.
+    let commit = fx.git(&[
+        "-C",
+        "widgets",
+        "-c",
+        "user.name=agent",
+        "-c",
+        "user.email=agent@example.com",
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-m",
+        "agent change",
+    ])?;
+    ensure!(
+        commit.status.success(),
+        "git commit: {}",
+        all_output(&commit)
+    );
+    let mark = fx.origin.requests()?.len();
+    let push = fx.git(&[
+        "-C",
+        "widgets",
+        "-c",
+        &ca,
+        "push",
+        "-q",
+        "origin",
+        "HEAD:refs/heads/main",
+    ])?;
+    ensure!(
+        !push.status.success(),
+        "git push must be refused: {}",
+        all_output(&push)
+    );
+    request_record(&fx, "POST", "/acme/widgets.git/git-receive-pack", 403).and_then(|r| {
+        ensure_field(&r, "egress.verdict", "deny")?;
+        ensure_field(&r, "rule.name", "github-git")
+    })?;
+    std::thread::sleep(expect::CANARY_SETTLE);
+    let after = fx.origin.requests()?;
+    ensure!(
+        after[mark..]
+            .iter()
+            .all(|r| !r.uri.contains("git-receive-pack") || r.method == "GET"),
+        "a receive-pack POST reached the origin: {:#?}",
+        &after[mark..]
+    );
+    fx.assert_token_absent(&[&out, &push])
+}
+
+#[test]
+fn token_appears_nowhere_the_sandbox_or_auditor_looks() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let ca = fx.proxy_ca().display().to_string();
+    // Verbose clients print every header they send and receive.
+    let v1 = fx.curl(&["-v", "--http1.1", REPO_URL])?;
+    let v2 = fx.curl(&[
+        "-v",
+        "--http2",
+        "-H",
+        "Authorization: Bearer stolen",
+        REPO_URL,
+    ])?;
+    let denied = fx.curl(&["-v", "-X", "DELETE", REPO_URL])?;
+    let py = fx.client(
+        20,
+        &egress_tests::util::python().display().to_string(),
+        &[
+            "-c",
+            "import os,ssl,sys,urllib.request as u;\
+             c=ssl.create_default_context(cafile=sys.argv[1]);\
+             r=u.urlopen(sys.argv[2],context=c,timeout=10);\
+             print(r.status,dict(r.headers),r.read().decode(),dict(os.environ))",
+            &ca,
+            REPO_URL,
+        ],
+        &[],
+    )?;
+    ensure!(
+        String::from_utf8_lossy(&py.stdout).starts_with("200 "),
+        "python: {}",
+        all_output(&py)
+    );
+    let git = fx.git(&[
+        "-c",
+        &format!("http.sslCAInfo={ca}"),
+        "clone",
+        "-q",
+        GIT_URL,
+        "w",
+    ])?;
+    ensure!(git.status.success(), "git clone: {}", all_output(&git));
+    let trace = fx.client(
+        30,
+        "git",
+        &["-c", &format!("http.sslCAInfo={ca}"), "ls-remote", GIT_URL],
+        &[
+            ("GIT_TRACE_CURL", "1"),
+            ("GIT_CONFIG_NOSYSTEM", "1"),
+            ("GIT_TERMINAL_PROMPT", "0"),
+        ],
+    )?;
+    ensure!(
+        trace.status.success(),
+        "git ls-remote: {}",
+        all_output(&trace)
+    );
+    for o in [&v1, &v2] {
+        ensure!(o.status.success(), "curl -v: {}", all_output(o));
+    }
+    ensure!(
+        String::from_utf8_lossy(&denied.stdout).len() < 200,
+        "403 body should be a short reason: {}",
+        all_output(&denied)
+    );
+    request_record(&fx, "GET", "/repos/acme/widgets", 200)?;
+    request_record(&fx, "DELETE", "/repos/acme/widgets", 403)?;
+    fx.assert_token_absent(&[&v1, &v2, &denied, &py, &git, &trace])
+}
+
+#[test]
+fn request_outside_the_http_rules_is_refused_with_403() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let before = fx.origin.requests()?.len();
+    // (method, URL, path in the record); each allowed by none of the rule's `http` entries,
+    // or not canonical.
+    let cases: [(&str, &str, &str); 5] = [
+        ("DELETE", REPO_URL, "/repos/acme/widgets"),
+        ("GET", "https://api.github.com/user", "/user"),
+        (
+            "POST",
+            "https://api.github.com/repos/acme/widgets/pulls",
+            "/repos/acme/widgets/pulls",
+        ),
+        (
+            "GET",
+            "https://api.github.com/repos/acme/other",
+            "/repos/acme/other",
+        ),
+        (
+            "GET",
+            "https://api.github.com/repos/acme/widgets/../other",
+            "/repos/acme/widgets/../other",
+        ),
+    ];
+    let mut outs = Vec::new();
+    for (method, url, path) in cases {
+        for http in ["--http1.1", "--http2"] {
+            let r = curl_resp(&fx, &[http, "--path-as-is", "-X", method, url])?;
+            ensure!(
+                r.out.status.success()
+                    && r.status == 403
+                    && !r.body.is_empty()
+                    && r.body.len() < 200,
+                "{method} {url} ({http}): expected 403 with a short reason, got {} {:?}: {}",
+                r.status,
+                r.body,
+                all_output(&r.out)
+            );
+            outs.push(r.out);
+        }
+        let rec = request_record(&fx, method, path, 403)?;
+        ensure_field(&rec, "egress.verdict", "deny")?;
+        ensure_field(&rec, "rule.name", "github-api")?;
+        ensure_field(&rec, "event.outcome", "failure")?;
+        ensure!(
+            get_str(&rec, "event.reason").is_some_and(|r| !r.is_empty()),
+            "deny record without event.reason: {rec}"
+        );
+        ensure!(
+            get_str(&rec, "egress.credential.name").is_none(),
+            "a refused request names an injected credential: {rec}"
+        );
+        ensure_linked(&fx, &rec, IpAddr::V4(API_V4))?;
+    }
+    nothing_reached(&fx, before)?;
+    let refs: Vec<&Output> = outs.iter().collect();
+    fx.assert_token_absent(&refs)
+}
+
+#[test]
+fn host_differing_from_sni_is_refused_with_421() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let before = fx.origin.requests()?.len();
+    // SNI api.github.com, Host github.com (a host the credential also covers) and
+    // evil.example; over HTTP/2 curl sends the Host header as :authority.
+    for host in ["github.com", "evil.example", "api.github.com.evil.example"] {
+        for http in ["--http1.1", "--http2"] {
+            let r = curl_resp(&fx, &[http, "-H", &format!("Host: {host}"), REPO_URL])?;
+            ensure!(
+                r.out.status.success() && r.status == 421,
+                "Host {host} on an api.github.com connection ({http}): expected 421, got {}: {}",
+                r.status,
+                all_output(&r.out)
+            );
+        }
+        let rec = fx.wait_proxy_record(RECORD_TIMEOUT, &format!("421 for Host {host}"), |r| {
+            get_str(r, "event.action") == Some("http-request")
+                && get_u64(r, "http.response.status_code") == Some(421)
+                && get_str(r, "url.domain") == Some(host)
+        })?;
+        ensure_field(&rec, "egress.verdict", "deny")?;
+        ensure_field(&rec, "tls.client.server_name", "api.github.com")?;
+    }
+    nothing_reached(&fx, before)
+}
+
+#[test]
+fn unknown_server_name_gets_no_certificate() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let before = fx.origin.requests()?.len();
+    let ca = fx.proxy_ca().display().to_string();
+    let api = API_V4.to_string();
+    // Names the rule for 192.0.2.10 does not serve: unknown, lookalike, and a name another
+    // rule serves (github.com is the git rule's, at another address).
+    for name in ["evil.example", "api.github.com.evil.example", "github.com"] {
+        let resolve = format!("{name}:443:{api}");
+        let out = fx.curl(&[
+            "--resolve",
+            &resolve,
+            &format!("https://{name}/repos/acme/widgets"),
+        ])?;
+        expect::exit_code(&out, CURL_SSL_CONNECT)?;
+        // Also with verification off: there is simply no certificate to accept.
+        let out = fx.curl(&["-k", "--resolve", &resolve, &format!("https://{name}/")])?;
+        expect::exit_code(&out, CURL_SSL_CONNECT)?;
+        let rec = fx.wait_proxy_record(
+            RECORD_TIMEOUT,
+            &format!("refused server name {name}"),
+            |r| {
+                get_str(r, "event.action") == Some("tls-connection")
+                    && get_str(r, "tls.client.server_name") == Some(name)
+            },
+        )?;
+        ensure_field(&rec, "egress.verdict", "deny")?;
+        ensure_field(&rec, "rule.name", "github-api")?;
+        ensure_linked(&fx, &rec, IpAddr::V4(API_V4))?;
+    }
+    // openssl s_client shows the handshake ending without a certificate, with a bad name
+    // and with none at all.
+    for sni in [&["-servername", "evil.example"][..], &["-noservername"][..]] {
+        let mut args = vec!["s_client", "-connect", "192.0.2.10:443", "-CAfile", &ca];
+        args.extend_from_slice(sni);
+        let out = fx.client(10, "openssl", &args, &[])?;
+        let text = all_output(&out);
+        ensure!(
+            text.contains("no peer certificate available") && !text.contains("BEGIN CERTIFICATE"),
+            "openssl s_client {sni:?} got a certificate: {text}"
+        );
+    }
+    let refused = fx
+        .proxy_records()?
+        .into_iter()
+        .filter(|r| {
+            get_str(r, "event.action") == Some("tls-connection")
+                && get_str(r, "egress.verdict") == Some("deny")
+        })
+        .count();
+    ensure!(
+        refused >= 8,
+        "expected a deny record per refused handshake (8), got {refused}"
+    );
+    nothing_reached(&fx, before)
+}
+
+#[test]
+fn client_authorization_never_reaches_the_origin() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let before = fx.origin.requests()?.len();
+    let stolen = [
+        "-H",
+        "Authorization: Bearer stolen",
+        "-H",
+        "Proxy-Authorization: Basic c3RvbGVuOnN0b2xlbg==",
+    ];
+    for http in ["--http1.1", "--http2"] {
+        let mut args = vec![http];
+        args.extend_from_slice(&stolen);
+        args.push(REPO_URL);
+        ensure_resp(&curl_resp(&fx, &args)?, 200, Some(REPO_BODY), None)?;
+    }
+    // Odd spellings: lower case, twice, and on the git origin with Basic.
+    ensure_resp(
+        &curl_resp(
+            &fx,
+            &[
+                "--http1.1",
+                "-H",
+                "authorization: token stolen",
+                "-H",
+                "AUTHORIZATION: Bearer stolen2",
+                REPO_URL,
+            ],
+        )?,
+        200,
+        Some(REPO_BODY),
+        None,
+    )?;
+    let git_refs = format!("{GIT_URL}/info/refs?service=git-upload-pack");
+    let r = curl_resp(&fx, &["-u", "x-access-token:stolen", &git_refs])?;
+    ensure_resp(&r, 200, None, None)?;
+    let py = fx.python_get(
+        &[
+            REPO_URL,
+            "--cafile",
+            &fx.proxy_ca().display().to_string(),
+            "--header",
+            "Authorization: Bearer stolen",
+        ],
+        &[],
+    )?;
+    ensure!(py["status"].as_u64() == Some(200), "python: {py}");
+
+    let reqs = fx.origin_new_exactly(before, 5)?;
+    let (api, git): (Vec<OriginRequest>, Vec<OriginRequest>) =
+        reqs.into_iter().partition(|r| r.sni == "api.github.com");
+    ensure_injected(&fx, &api, &bearer(fx.token()))?;
+    ensure_injected(&fx, &git, &basic(fx.token()))?;
+    let log = fx.origin.access_log();
+    for s in [
+        "stolen",
+        "c3RvbGVu",
+        &egress_tests::https_origin::base64(b"x-access-token:stolen"),
+    ] {
+        ensure!(!log.contains(s), "{s:?} reached the origin: {log}");
+    }
+    Ok(())
+}
+
+#[test]
+fn redirect_to_another_host_is_returned_unfollowed() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let before = fx.origin.requests()?.len();
+    let url = format!("https://api.github.com{MOVED_PATH}");
+    for http in ["--http1.1", "--http2"] {
+        let r = curl_resp(&fx, &[http, "-D", "-", "-o", "/dev/null", &url])?;
+        ensure!(
+            r.out.status.success()
+                && r.status == 302
+                && r.redirect == MOVED_TO
+                && r.body
+                    .to_ascii_lowercase()
+                    .contains(&format!("location: {MOVED_TO}")),
+            "expected 302 to {MOVED_TO} ({http}): {} {:?} {:?}: {}",
+            r.status,
+            r.redirect,
+            r.body,
+            all_output(&r.out)
+        );
+    }
+    let reqs = fx.origin_new_exactly(before, 2)?;
+    ensure_injected(&fx, &reqs, &bearer(fx.token()))?;
+    ensure!(
+        reqs.iter().all(|r| r.uri == MOVED_PATH && r.status == 302),
+        "{reqs:#?}"
+    );
+    let rec = request_record(&fx, "GET", MOVED_PATH, 302)?;
+    ensure_field(&rec, "egress.verdict", "allow")?;
+    // Nobody went to elsewhere.example (the canary's address, in the world the proxy
+    // dials from), and the proxy made no other request for it.
+    expect::canary_silent(&fx.canary)?;
+    ensure!(
+        !fx.proxy_records()?
+            .iter()
+            .any(|r| get_str(r, "url.domain") == Some(ELSEWHERE_HOST)),
+        "the proxy handled a request for {ELSEWHERE_HOST}"
+    );
+    Ok(())
+}
+
+#[test]
+fn passthrough_keeps_the_origin_certificate() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let before = fx.origin.requests()?.len();
+    let origin_ca = fx.ca.cert().display().to_string();
+    let proxy_ca = fx.proxy_ca().display().to_string();
+    let pin = spki_pin(&fx.origin.pinned_leaf().cert)?;
+
+    // Trusting only the origin's CA and pinning its key: works, so the bytes are the
+    // origin's own TLS.
+    let out = fx.curl_trusting(&origin_ca, &["--pinnedpubkey", &pin, PINNED_URL])?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout) == PINNED_BODY,
+        "pinned client through passthrough: {}",
+        all_output(&out)
+    );
+    let out = fx.curl_trusting(&origin_ca, &["--http1.1", PINNED_URL])?;
+    ensure!(
+        out.status.success(),
+        "passthrough over HTTP/1.1: {}",
+        all_output(&out)
+    );
+    // The proxy's CA minted nothing for it ...
+    let out = fx.curl_trusting(&proxy_ca, &[PINNED_URL])?;
+    expect::exit_code(&out, CURL_PEER_FAILED_VERIFICATION)?;
+    // ... whereas the intercepted origin fails the same pinned client.
+    let out = fx.curl_trusting(&origin_ca, &[REPO_URL])?;
+    expect::exit_code(&out, CURL_PEER_FAILED_VERIFICATION)?;
+    let api_pin = spki_pin(&fx.origin.leaf().cert)?;
+    let out = fx.curl_trusting(&proxy_ca, &["--pinnedpubkey", &api_pin, REPO_URL])?;
+    ensure!(
+        !out.status.success(),
+        "the proxy presented the origin's own key: {}",
+        all_output(&out)
+    );
+
+    // Exactly the two pinned-client requests arrive; the failed handshakes sent none.
+    let reqs = fx.origin_new_exactly(before, 2)?;
+    let pinned: Vec<&OriginRequest> = reqs.iter().filter(|r| r.sni == "pinned.example").collect();
+    ensure!(
+        pinned.len() == 2,
+        "both requests should reach pinned.example: {reqs:#?}"
+    );
+    for r in &pinned {
+        ensure!(
+            r.authorization.is_empty() && r.status == 200 && r.remote_addr != sandbox_ip(&fx),
+            "passthrough request at the origin: {r:#?}"
+        );
+    }
+    let rec = fx.wait_proxy_record(RECORD_TIMEOUT, "passthrough connection", |r| {
+        get_str(r, "event.action") == Some("tls-connection")
+            && get_str(r, "rule.name") == Some("pinned")
+            && get_str(r, "egress.verdict") == Some("allow")
+    })?;
+    ensure_field(&rec, "egress.tls_mode", "passthrough")?;
+    ensure_field(&rec, "tls.client.server_name", "pinned.example")?;
+    ensure!(
+        get_str(&rec, "egress.credential.name").is_none(),
+        "passthrough injected: {rec}"
+    );
+    ensure_linked(&fx, &rec, IpAddr::V4(PINNED_V4))?;
+
+    // A name the passthrough rule does not list is refused before any byte is relayed.
+    let mark = fx.origin.requests()?.len();
+    let out = fx.curl_trusting(
+        &origin_ca,
+        &[
+            "--resolve",
+            &format!("www.pinned.example:443:{PINNED_V4}"),
+            "https://www.pinned.example/",
+        ],
+    )?;
+    expect::exit_code(&out, CURL_SSL_CONNECT)?;
+    let rec = fx.wait_proxy_record(RECORD_TIMEOUT, "refused passthrough name", |r| {
+        get_str(r, "tls.client.server_name") == Some("www.pinned.example")
+    })?;
+    ensure_field(&rec, "egress.verdict", "deny")?;
+    ensure_field(&rec, "rule.name", "pinned")?;
+    nothing_reached(&fx, mark)
+}
+
+#[test]
+fn killed_daemon_leaves_redirected_connections_failing() -> Result<()> {
+    require_proxy_tools!();
+    let mut fx = ProxyFixture::new(ProxyOpts::default())?;
+    ensure_resp(&curl_resp(&fx, &[REPO_URL])?, 200, Some(REPO_BODY), None)?;
+    fx.origin.wait_new(0, Duration::from_secs(5))?;
+    let before = fx.origin.requests()?.len();
+
+    fx.daemon.kill9()?;
+    ensure!(!fx.daemon.is_running(), "egressd survived SIGKILL");
+
+    let origin_ca = fx.ca.cert().display().to_string();
+    for (ca, url) in [
+        (fx.proxy_ca().display().to_string(), REPO_URL),
+        (origin_ca.clone(), REPO_URL),
+        (origin_ca.clone(), PINNED_URL),
+        (origin_ca.clone(), GIT_URL),
+    ] {
+        let out = fx.curl_trusting(&ca, &[url])?;
+        expect::exit_code(&out, expect::CURL_COULDNT_CONNECT)
+            .with_context(|| format!("{url} with the proxy dead"))?;
+    }
+    // The kernel still sends the connect to the (now closed) proxy port: refused, not
+    // EPERM, and not to the origin.
+    for ip in [API_V4, GIT_V4, PINNED_V4] {
+        let p = fx.sandbox.probe("tcp-connect", IpAddr::V4(ip), 443, &[])?;
+        ensure!(
+            !p.ok && p.errname.as_deref() == Some("ECONNREFUSED"),
+            "connect to {ip}:443 with the proxy dead: {}",
+            p.raw
+        );
+    }
+    let git = fx.git(&[
+        "-c",
+        &format!("http.sslCAInfo={origin_ca}"),
+        "clone",
+        "-q",
+        GIT_URL,
+        "w",
+    ])?;
+    ensure!(
+        !git.status.success(),
+        "git clone with the proxy dead: {}",
+        all_output(&git)
+    );
+    nothing_reached(&fx, before)?;
+    // Still confined otherwise.
+    expect::eperm(
+        &fx.sandbox
+            .probe("tcp-connect", IpAddr::V4(API_V4), 80, &[])?,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn command_credential_is_rerun_after_its_ttl() -> Result<()> {
+    require_proxy_tools!();
+    const TTL: u64 = 2;
+    let fx = ProxyFixture::new(ProxyOpts {
+        github: GithubSource::Command { ttl: TTL },
+        ..ProxyOpts::default()
+    })?;
+    let before = fx.origin.requests()?.len();
+    let runs0 = fx.command_runs();
+
+    let t0 = Instant::now();
+    ensure_resp(&curl_resp(&fx, &[REPO_URL])?, 200, Some(REPO_BODY), None)?;
+    let runs1 = fx.command_runs();
+    ensure!(
+        runs1 >= 1 && runs1 <= runs0 + 1,
+        "first request: the command ran {runs0} -> {runs1} times"
+    );
+    ensure_resp(&curl_resp(&fx, &[REPO_URL])?, 200, Some(REPO_BODY), None)?;
+    let runs2 = fx.command_runs();
+    let within = t0.elapsed();
+    ensure!(
+        within < Duration::from_secs(TTL),
+        "two requests took {within:?}, longer than the {TTL} s ttl: cannot test reuse"
+    );
+    ensure!(
+        runs2 == runs1,
+        "a request within the ttl ran the command again ({runs1} -> {runs2})"
+    );
+
+    std::thread::sleep(Duration::from_secs(TTL) + Duration::from_millis(700));
+    ensure_resp(&curl_resp(&fx, &[REPO_URL])?, 200, Some(REPO_BODY), None)?;
+    let runs3 = fx.command_runs();
+    ensure!(
+        runs3 == runs2 + 1,
+        "after the ttl the command should run once more ({runs2} -> {runs3})"
+    );
+
+    let reqs = fx.origin_new_exactly(before, 3)?;
+    let auth: Vec<&str> = reqs.iter().map(|r| r.authorization.as_str()).collect();
+    let first = bearer(&format!("{}-run{runs1}", fx.token()));
+    let fresh = bearer(&format!("{}-run{runs3}", fx.token()));
+    ensure!(
+        auth == [first.as_str(), first.as_str(), fresh.as_str()],
+        "the origin should see run {runs1} twice, then run {runs3}: {auth:?}"
+    );
+    ensure!(reqs.iter().all(|r| r.status == 200), "{reqs:#?}");
+    fx.assert_token_absent(&[])
+}
