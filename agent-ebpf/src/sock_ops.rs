@@ -72,5 +72,6 @@ fn remember_peer(ctx: &SockOpsContext) {
         _pad: [0; 6],
     };
     let _ = BY_PEER.insert(key, orig, 0);
-    let _ = ORIG.remove(cookie);
+    // ORIG keeps the entry (the LRU ages it out): getpeername on the sandbox's socket
+    // still reports the destination it asked for.
 }

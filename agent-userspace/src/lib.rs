@@ -2,7 +2,8 @@
 //!
 //! Modules by concern: `policy` turns policy files into checked rules and kernel map
 //! entries; `bpf` loads, pins and attaches the kernel programs and reads their events;
-//! `audit` writes the JSONL audit trail; `control` is the daemon's Unix-socket protocol;
+//! `dns` answers sandboxes' lookups for allowed names only; `audit` writes the JSONL audit
+//! trail; `control` is the daemon's Unix-socket protocol;
 //! `daemon` ties them together.
 pub mod audit;
 pub mod bpf;
@@ -10,5 +11,6 @@ pub mod cgroup;
 pub mod control;
 pub mod credentials;
 pub mod daemon;
+pub mod dns;
 pub mod policy;
 pub mod proxy;

@@ -2,10 +2,12 @@
 //! over `/etc/hosts` for every program it starts in that namespace (every sandbox and
 //! world command of this harness goes through `ip netns exec`).
 //!
-//! There is no DNS resolver in the test bed yet, so this is how `api.github.com` reaches
-//! a sandbox's curl, git and python. A `resolv.conf` naming `127.0.0.1` goes with it, so
+//! For sandboxes without name-based policy this is how `api.github.com` reaches a
+//! sandbox's curl, git and python. A `resolv.conf` naming `127.0.0.1` goes with it, so
 //! a name that is not in the file fails at once instead of waiting for the host's
-//! nameserver, which is unreachable from our namespaces. The guard removes both files and
+//! nameserver, which is unreachable from our namespaces. The DNS tests instead write a
+//! `resolv.conf` naming a world address nobody serves ([`HostsFile::with_nameserver`]),
+//! whose queries only egressd's interception can answer. The guard removes both files and
 //! their directory on drop, and `/etc/netns` itself when this process created it and
 //! nothing else is left in it.
 
@@ -32,8 +34,33 @@ pub struct HostsFile {
 }
 
 impl HostsFile {
-    /// Writes a hosts file for `netns` with localhost plus `entries` (address, names).
+    /// Writes a hosts file for `netns` with localhost plus `entries` (address, names), and
+    /// a `resolv.conf` naming `127.0.0.1`.
     pub fn new(netns: &Netns, entries: &[(IpAddr, &str)]) -> Result<Self> {
+        Self::with_resolv(
+            netns,
+            entries,
+            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+        )
+    }
+
+    /// Like [`HostsFile::new`], with a `resolv.conf` naming `nameserver` instead. For
+    /// sandboxes whose DNS egressd intercepts: an address nobody serves
+    /// (e.g. 203.0.113.99) proves that an answer came from egressd's resolver, which the
+    /// kernel sends every port-53 packet to, whatever server it was addressed to.
+    pub fn with_nameserver(
+        netns: &Netns,
+        entries: &[(IpAddr, &str)],
+        nameserver: IpAddr,
+    ) -> Result<Self> {
+        Self::with_resolv(
+            netns,
+            entries,
+            &format!("nameserver {nameserver}\noptions timeout:2 attempts:2\n"),
+        )
+    }
+
+    fn with_resolv(netns: &Netns, entries: &[(IpAddr, &str)], resolv_conf: &str) -> Result<Self> {
         let root = Path::new(ETC_NETNS);
         let dir = root.join(netns.name());
         let file = dir.join("hosts");
@@ -55,16 +82,18 @@ impl HostsFile {
         }
         std::fs::write(&guard.file, text)
             .with_context(|| format!("write {}", guard.file.display()))?;
-        std::fs::write(
-            &guard.resolv,
-            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
-        )
-        .with_context(|| format!("write {}", guard.resolv.display()))?;
+        std::fs::write(&guard.resolv, resolv_conf)
+            .with_context(|| format!("write {}", guard.resolv.display()))?;
         Ok(guard)
     }
 
     pub fn path(&self) -> &Path {
         &self.file
+    }
+
+    /// `/etc/netns/<netns>/resolv.conf`.
+    pub fn resolv_path(&self) -> &Path {
+        &self.resolv
     }
 }
 

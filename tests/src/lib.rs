@@ -27,6 +27,11 @@
 //! without a daemon) also need nginx, openssl, curl and git ([`proxy_fixture`]); they
 //! write `/etc/netns/<sandbox netns>/hosts` for name resolution ([`hosts_file`]).
 //!
+//! The DNS tests (`tests/dns.rs`) also need dnsmasq, dig and curl: dnsmasq
+//! ([`dns_server`]) is the world's authoritative server, and each sandbox's
+//! `/etc/netns/<ns>/resolv.conf` names a world address nobody serves ([`dns_fixture`]),
+//! so every answer a sandbox gets comes from egressd's resolver.
+//!
 //! A test process killed with SIGKILL cannot run its guards: its servers and daemons die
 //! with it (`PR_SET_PDEATHSIG`), but namespaces, cgroups and bpffs dirs named
 //! `egress-test-<pid>-*` remain and must be removed by hand.
@@ -34,6 +39,8 @@
 pub mod audit;
 pub mod cgroup;
 pub mod daemon;
+pub mod dns_fixture;
+pub mod dns_server;
 pub mod expect;
 pub mod fixture;
 pub mod hosts_file;
@@ -55,6 +62,24 @@ macro_rules! require_proxy_tools {
     () => {
         $crate::require_root!();
         if let Some(why) = $crate::proxy_fixture::missing_tools() {
+            eprintln!(
+                "SKIP {} ({}): {}",
+                module_path!(),
+                std::thread::current().name().unwrap_or("?"),
+                why
+            );
+            return Ok(());
+        }
+    };
+}
+
+/// [`require_root!`], then also returns early (printing why) when a program the DNS
+/// tests run (dnsmasq, dig, curl) is missing.
+#[macro_export]
+macro_rules! require_dns_tools {
+    () => {
+        $crate::require_root!();
+        if let Some(why) = $crate::dns_server::missing_tools() {
             eprintln!(
                 "SKIP {} ({}): {}",
                 module_path!(),

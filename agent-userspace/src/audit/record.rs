@@ -12,7 +12,12 @@
 //! credential it injected, and its query string is reduced to keys again here, so a value
 //! that slipped through upstream still never reaches the log.
 
-use std::{borrow::Cow, fmt, net::IpAddr, path::PathBuf};
+use std::{
+    borrow::Cow,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use agent_common::{hook, verdict, ConnectEvent};
 use serde::{Serialize, Serializer};
@@ -44,6 +49,7 @@ pub mod action {
     pub const POLICY_REJECTED: &str = "policy-rejected";
     pub const HTTP_REQUEST: &str = "http-request";
     pub const TLS_CONNECTION: &str = "tls-connection";
+    pub const DNS_QUERY: &str = "dns-query";
 }
 
 /// Microseconds, always six digits, so lines sort and compare as text.
@@ -73,6 +79,8 @@ pub enum Record {
     /// connection: a passthrough relay or one refused before any request
     /// (`tls-connection`).
     Proxy(ProxyEvent),
+    /// A DNS query a sandbox's resolver answered, refused or dropped.
+    Dns(DnsEvent),
 }
 
 impl Record {
@@ -87,6 +95,7 @@ impl Record {
             Self::PolicyChange(r) => r.time,
             Self::PolicyRejected(r) => r.time,
             Self::Proxy(r) => r.time,
+            Self::Dns(r) => r.time,
         }
     }
 
@@ -103,6 +112,7 @@ impl Record {
             Self::PolicyChange(_) => action::POLICY_CHANGE,
             Self::PolicyRejected(_) => action::POLICY_REJECTED,
             Self::Proxy(r) => r.action(),
+            Self::Dns(_) => action::DNS_QUERY,
         }
     }
 
@@ -149,6 +159,8 @@ impl Record {
             url: None,
             http: None,
             tls: None,
+            dns: None,
+            server: None,
             rule: None,
             error: None,
             egress: WireEgress::default(),
@@ -221,6 +233,7 @@ impl Record {
                 wire.error = Some(WireError { message: &r.error });
             }
             Self::Proxy(r) => r.fill(&mut wire),
+            Self::Dns(r) => r.fill(&mut wire),
         }
         Ok(wire)
     }
@@ -243,6 +256,7 @@ impl_from!(
     PolicyChange => PolicyChange,
     PolicyRejected => PolicyRejected,
     ProxyEvent => Proxy,
+    DnsEvent => Dns,
 );
 
 /// Why a record could not be encoded. Carries the action so the message says which
@@ -330,6 +344,9 @@ pub struct NetworkDecision {
     pub verdict: Verdict,
     /// `rule.name`.
     pub rule: RuleRef,
+    /// `destination.domain`: the allowed name the destination address was learned from
+    /// through the sandbox's resolver, when it was.
+    pub domain: Option<String>,
 }
 
 impl NetworkDecision {
@@ -373,6 +390,7 @@ impl NetworkDecision {
             destination_port: event.dst_port,
             verdict,
             rule,
+            domain: None,
         })
     }
 
@@ -407,6 +425,7 @@ impl NetworkDecision {
         wire.destination = Some(WireDestination {
             ip,
             port: self.destination_port,
+            domain: self.domain.as_deref(),
             bytes: None,
         });
         wire.rule = Some(WireRule {
@@ -573,6 +592,9 @@ pub struct PolicyRejected {
 /// `http.*.bytes` would include headers). Connections carry the relayed totals as
 /// `source.bytes` (from the sandbox) and `destination.bytes` (to the sandbox), and no
 /// `http`. `url.domain` is the request's host, or the TLS server name when there is none.
+///
+/// A request on a rule with `git:` carries `egress.git`: the repository, the service
+/// and, for a push, every ref update asked for with the rule's verdict on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxyEvent {
     /// `@timestamp`. The proxy reports a request or connection once it is over, so this is
@@ -615,6 +637,7 @@ impl ProxyEvent {
         let mut destination = WireDestination {
             ip: r.original_dst.ip().to_canonical(),
             port: r.original_dst.port(),
+            domain: None,
             bytes: None,
         };
         match r.kind {
@@ -657,6 +680,106 @@ impl ProxyEvent {
         wire.egress.verdict = Some(verdict);
         wire.egress.tls_mode = Some(r.tls_mode.as_str());
         wire.egress.credential = non_empty(&r.credential).map(|name| WireCredential { name });
+        wire.egress.git = r.git.as_ref().map(|git| WireGit {
+            repo: &git.repo,
+            service: &git.service,
+            ref_updates: git
+                .ref_updates
+                .iter()
+                .map(|u| WireRefUpdate {
+                    ref_name: &u.ref_name,
+                    old: &u.old,
+                    new: &u.new,
+                    allowed: u.allowed,
+                })
+                .collect(),
+        });
+    }
+}
+
+/// A DNS query from a sandbox, as its resolver handled it: answered from upstream,
+/// answered NXDOMAIN because the policy does not allow the name, refused, or failed.
+///
+/// Written with the ECS `dns.*` fields; the upstream resolver that answered is
+/// `server.ip`/`server.port` (ECS: the server side of the exchange the resolver made).
+/// The name is recorded lower-case without its trailing dot, so letter case cannot carry
+/// data into the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsEvent {
+    /// `@timestamp`: when the resolver finished with the query.
+    pub time: OffsetDateTime,
+    /// `egress.sandbox.name`.
+    pub sandbox: String,
+    /// `dns.question.name`; empty when the query could not be parsed (then the question
+    /// is left out).
+    pub question_name: String,
+    /// `dns.question.type`, e.g. `A`, `AAAA`, `HTTPS`, or `TYPE65280` for unnamed types.
+    pub question_type: String,
+    /// `dns.response_code` sent to the sandbox: `NOERROR`, `NXDOMAIN`, `REFUSED`,
+    /// `SERVFAIL`, `FORMERR`, or whatever other code the upstream resolver answered.
+    pub response_code: String,
+    /// `dns.resolved_ip`: the A/AAAA addresses released to the sandbox (and installed in
+    /// the kernel before that). IPv4-mapped addresses are written as IPv4.
+    pub resolved_ip: Vec<IpAddr>,
+    /// `egress.verdict`; also decides `event.outcome` and `event.type`.
+    pub verdict: DnsVerdict,
+    /// `rule.name`: the first policy rule that allows the name; for a denied name, the
+    /// `deny` rule that matched it, if any.
+    pub rule: Option<String>,
+    /// `event.reason`: why a query was denied, or what failed after it was allowed.
+    pub reason: Option<String>,
+    /// `server.ip` and `server.port`: the upstream resolver that answered, or the last one
+    /// tried.
+    pub upstream: Option<SocketAddr>,
+}
+
+impl DnsEvent {
+    fn fill<'a>(&'a self, wire: &mut Wire<'a>) {
+        let verdict = self.verdict.as_verdict();
+        wire.event.category = &["network"];
+        wire.event.type_ = match self.verdict {
+            DnsVerdict::Allow => &["protocol", "allowed"],
+            DnsVerdict::Deny => &["protocol", "denied"],
+        };
+        // As for the proxy: only a deny failed; an allowed query whose upstream then failed
+        // is a success whose `event.reason` says what went wrong.
+        wire.event.outcome = verdict.outcome();
+        wire.event.reason = non_empty(&self.reason);
+        wire.dns = Some(WireDns {
+            question: (!self.question_name.is_empty()).then_some(WireDnsQuestion {
+                name: &self.question_name,
+                type_: &self.question_type,
+            }),
+            response_code: &self.response_code,
+            resolved_ip: self
+                .resolved_ip
+                .iter()
+                .map(|ip| ip.to_canonical())
+                .collect(),
+        });
+        wire.server = self.upstream.map(|a| WireServer {
+            ip: a.ip().to_canonical(),
+            port: a.port(),
+        });
+        wire.rule = non_empty(&self.rule).map(|name| WireRule { name });
+        wire.egress.sandbox = Some(WireSandbox::named(&self.sandbox));
+        wire.egress.verdict = Some(verdict);
+    }
+}
+
+/// `egress.verdict` of a DNS query: the resolver answers for a name or it does not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsVerdict {
+    Allow,
+    Deny,
+}
+
+impl DnsVerdict {
+    fn as_verdict(self) -> Verdict {
+        match self {
+            Self::Allow => Verdict::Allow,
+            Self::Deny => Verdict::Deny,
+        }
     }
 }
 
@@ -898,13 +1021,17 @@ struct Wire<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     source: Option<WireBytes>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    destination: Option<WireDestination>,
+    destination: Option<WireDestination<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     url: Option<WireUrl<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     http: Option<WireHttp<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tls: Option<WireTls<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<WireDns<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server: Option<WireServer>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rule: Option<WireRule<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -961,9 +1088,12 @@ struct WireNetwork {
 }
 
 #[derive(Serialize)]
-struct WireDestination {
+struct WireDestination<'a> {
     ip: IpAddr,
     port: u16,
+    /// The name an allowed address was learned from (DNS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    domain: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bytes: Option<u64>,
 }
@@ -1026,6 +1156,28 @@ struct WireTlsClient<'a> {
 }
 
 #[derive(Serialize)]
+struct WireDns<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    question: Option<WireDnsQuestion<'a>>,
+    response_code: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    resolved_ip: Vec<IpAddr>,
+}
+
+#[derive(Serialize)]
+struct WireDnsQuestion<'a> {
+    name: &'a str,
+    #[serde(rename = "type")]
+    type_: &'a str,
+}
+
+#[derive(Serialize)]
+struct WireServer {
+    ip: IpAddr,
+    port: u16,
+}
+
+#[derive(Serialize)]
 struct WireRule<'a> {
     name: &'a str,
 }
@@ -1053,6 +1205,8 @@ struct WireEgress<'a> {
     tls_mode: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     credential: Option<WireCredential<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    git: Option<WireGit<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     lost: Option<WireLost>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1111,6 +1265,23 @@ enum WireConnectionId<'a> {
 #[derive(Serialize)]
 struct WireCredential<'a> {
     name: &'a str,
+}
+
+/// `egress.git`: the repository, service and, for a push, its ref updates.
+#[derive(Serialize)]
+struct WireGit<'a> {
+    repo: &'a str,
+    service: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    ref_updates: Vec<WireRefUpdate<'a>>,
+}
+
+#[derive(Serialize)]
+struct WireRefUpdate<'a> {
+    ref_name: &'a str,
+    old: &'a str,
+    new: &'a str,
+    allowed: bool,
 }
 
 #[derive(Serialize)]

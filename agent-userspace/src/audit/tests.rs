@@ -16,7 +16,9 @@ use serde_json::Value;
 use time::{macros::datetime, OffsetDateTime};
 
 use super::*;
-use crate::proxy::{ProxyRecord, RecordKind, TlsMode, Verdict as ProxyVerdict};
+use crate::proxy::{
+    GitAudit, ProxyRecord, RecordKind, RefUpdate, TlsMode, Verdict as ProxyVerdict,
+};
 
 const SCHEMA: &str = include_str!("../../schema/audit-record.schema.json");
 
@@ -72,6 +74,7 @@ fn network(
         destination_port: port,
         verdict,
         rule,
+        domain: None,
     }
 }
 
@@ -107,6 +110,45 @@ fn proxy_request() -> ProxyRecord {
         credential: Some("github-token".into()),
         verdict: ProxyVerdict::Allow,
         reason: None,
+        git: None,
+    }
+}
+
+/// A push refused by a rule with `git:`: one ref outside `push.refs`, one allowed.
+fn proxy_git_push_refused() -> ProxyRecord {
+    ProxyRecord {
+        host: Some("github.example".into()),
+        sni: Some("github.example".into()),
+        method: Some("POST".into()),
+        path: Some("/acme/widget.git/git-receive-pack".into()),
+        query_keys: None,
+        bytes_in: 1204,
+        bytes_out: 131,
+        verdict: ProxyVerdict::Deny,
+        reason: Some(
+            "git push refused: 1 of 2 ref updates refused; refs/heads/main: refused by egress \
+             policy: allowed refs/heads/agent/**"
+                .into(),
+        ),
+        git: Some(GitAudit {
+            repo: "acme/widget".into(),
+            service: "git-receive-pack".into(),
+            ref_updates: vec![
+                RefUpdate {
+                    ref_name: "refs/heads/main".into(),
+                    old: "1".repeat(40),
+                    new: "2".repeat(40),
+                    allowed: false,
+                },
+                RefUpdate {
+                    ref_name: "refs/heads/agent/x".into(),
+                    old: "0".repeat(40),
+                    new: "2".repeat(40),
+                    allowed: true,
+                },
+            ],
+        }),
+        ..proxy_request()
     }
 }
 
@@ -188,6 +230,92 @@ fn proxy_kinds() -> Vec<Record> {
         }),
         proxy_event(proxy_passthrough()),
         proxy_event(proxy_refused_no_sni()),
+        proxy_event(proxy_git_push_refused()),
+        proxy_event(ProxyRecord {
+            path: Some("/acme/widget/info/refs".into()),
+            query_keys: Some("service=".into()),
+            git: Some(GitAudit {
+                repo: "acme/widget".into(),
+                service: "git-upload-pack".into(),
+                ref_updates: Vec::new(),
+            }),
+            ..proxy_request()
+        }),
+    ]
+}
+
+/// An allowed A query answered with two addresses (one written IPv4-mapped).
+fn dns_allowed() -> DnsEvent {
+    DnsEvent {
+        time: T0,
+        sandbox: "agent-1".into(),
+        question_name: "api.github.example".into(),
+        question_type: "A".into(),
+        response_code: "NOERROR".into(),
+        resolved_ip: vec![
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+            IpAddr::V6(Ipv4Addr::new(192, 0, 2, 11).to_ipv6_mapped()),
+        ],
+        verdict: DnsVerdict::Allow,
+        rule: Some("github".into()),
+        reason: None,
+        upstream: Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 53)),
+            53,
+        )),
+    }
+}
+
+/// A name the policy does not allow: NXDOMAIN, no upstream asked.
+fn dns_denied() -> DnsEvent {
+    DnsEvent {
+        question_name: "exfil.example".into(),
+        question_type: "AAAA".into(),
+        response_code: "NXDOMAIN".into(),
+        resolved_ip: Vec::new(),
+        verdict: DnsVerdict::Deny,
+        rule: None,
+        reason: Some("name is not allowed by the policy".into()),
+        upstream: None,
+        ..dns_allowed()
+    }
+}
+
+/// DNS records: allowed with addresses, denied, refused label, unparseable query, an
+/// allowed query whose upstream timed out, and a forwarded non-address type.
+fn dns_kinds() -> Vec<Record> {
+    vec![
+        dns_allowed().into(),
+        dns_denied().into(),
+        DnsEvent {
+            question_name: format!("{}.example", "a".repeat(41)),
+            response_code: "REFUSED".into(),
+            reason: Some("label of 41 characters is longer than the 40 allowed".into()),
+            ..dns_denied()
+        }
+        .into(),
+        DnsEvent {
+            question_name: String::new(),
+            question_type: String::new(),
+            response_code: "FORMERR".into(),
+            reason: Some("malformed query".into()),
+            ..dns_denied()
+        }
+        .into(),
+        DnsEvent {
+            response_code: "SERVFAIL".into(),
+            resolved_ip: Vec::new(),
+            reason: Some("upstream server [2001:db8::53]:53: no answer within 3 s".into()),
+            upstream: Some("[2001:db8::53]:53".parse().unwrap()),
+            ..dns_allowed()
+        }
+        .into(),
+        DnsEvent {
+            question_type: "TYPE65280".into(),
+            resolved_ip: Vec::new(),
+            ..dns_allowed()
+        }
+        .into(),
     ]
 }
 
@@ -314,6 +442,7 @@ fn every_kind() -> Vec<Record> {
     ]
     .into_iter()
     .chain(proxy_kinds())
+    .chain(dns_kinds())
     .collect()
 }
 
@@ -370,7 +499,7 @@ fn every_kind_written_to_a_file_matches_the_schema() {
         .iter()
         .map(|l| l["event"]["action"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(actions.len(), 12, "{actions:?}");
+    assert_eq!(actions.len(), 13, "{actions:?}");
 }
 
 #[test]
@@ -607,6 +736,44 @@ fn proxy_url_domain_falls_back_to_the_server_name() {
 }
 
 #[test]
+fn proxy_git_fields() {
+    let line: Value =
+        serde_json::from_slice(&proxy_event(proxy_git_push_refused()).encode(1).unwrap()).unwrap();
+    assert_eq!(
+        line["egress"]["git"],
+        serde_json::json!({
+            "repo": "acme/widget",
+            "service": "git-receive-pack",
+            "ref_updates": [
+                {"ref_name": "refs/heads/main", "old": "1".repeat(40), "new": "2".repeat(40), "allowed": false},
+                {"ref_name": "refs/heads/agent/x", "old": "0".repeat(40), "new": "2".repeat(40), "allowed": true}
+            ]
+        })
+    );
+    assert_eq!(line["egress"]["verdict"], "deny");
+    assert!(validator().is_valid(&line), "{line}");
+    // No ref updates: the key is left out.
+    let line: Value = serde_json::from_slice(
+        &proxy_event(ProxyRecord {
+            git: Some(GitAudit {
+                repo: "acme/widget".into(),
+                service: "git-upload-pack".into(),
+                ref_updates: Vec::new(),
+            }),
+            ..proxy_request()
+        })
+        .encode(1)
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        line["egress"]["git"],
+        serde_json::json!({"repo": "acme/widget", "service": "git-upload-pack"})
+    );
+    assert!(proxy_event(proxy_request()).encode(1).is_ok());
+}
+
+#[test]
 fn schema_catches_proxy_drift() {
     let validator = validator();
     let encode = |r: ProxyRecord| -> Value {
@@ -615,7 +782,8 @@ fn schema_catches_proxy_drift() {
     let request = encode(proxy_request());
     let passthrough = encode(proxy_passthrough());
     let refused = encode(proxy_refused_no_sni());
-    for good in [&request, &passthrough, &refused] {
+    let push = encode(proxy_git_push_refused());
+    for good in [&request, &passthrough, &refused, &push] {
         let errors = violations(&validator, good);
         assert!(errors.is_empty(), "{good}\n{}", errors.join("\n"));
     }
@@ -699,6 +867,140 @@ fn schema_catches_proxy_drift() {
         }),
         ("unknown tls mode", &refused, |v| {
             v["egress"]["tls_mode"] = "bump".into()
+        }),
+        ("git on a connection", &passthrough, |v| {
+            v["egress"]["git"] = serde_json::json!({"repo": "a/b", "service": "git-upload-pack"})
+        }),
+        ("git repo as a URL", &push, |v| {
+            v["egress"]["git"]["repo"] = "https://github.example/acme/widget".into()
+        }),
+        ("unknown git service", &push, |v| {
+            v["egress"]["git"]["service"] = "git-upload-archive".into()
+        }),
+        ("ref updates on a fetch", &push, |v| {
+            v["egress"]["git"]["service"] = "git-upload-pack".into()
+        }),
+        ("short object id", &push, |v| {
+            v["egress"]["git"]["ref_updates"][0]["new"] = "abc".into()
+        }),
+        ("ref update without verdict", &push, |v| {
+            v["egress"]["git"]["ref_updates"][0]
+                .as_object_mut()
+                .unwrap()
+                .remove("allowed");
+        }),
+    ];
+    for (what, good, mutate) in cases {
+        let mut bad = good.clone();
+        mutate(&mut bad);
+        assert!(!validator.is_valid(&bad), "schema accepted: {what}");
+    }
+}
+
+#[test]
+fn dns_fields_use_ecs_names_and_nesting() {
+    let line: Value =
+        serde_json::from_slice(&Record::from(dns_allowed()).encode(4).unwrap()).unwrap();
+    assert_eq!(
+        line,
+        serde_json::json!({
+            "@timestamp": "2026-11-21T22:03:04.123456Z",
+            "ecs": {"version": ECS_VERSION},
+            "event": {
+                "kind": "event",
+                "category": ["network"],
+                "type": ["protocol", "allowed"],
+                "action": "dns-query",
+                "outcome": "success",
+                "sequence": 4
+            },
+            "observer": {"product": "egressd", "version": VERSION},
+            "dns": {
+                "question": {"name": "api.github.example", "type": "A"},
+                "response_code": "NOERROR",
+                "resolved_ip": ["192.0.2.10", "192.0.2.11"]
+            },
+            "server": {"ip": "192.0.2.53", "port": 53},
+            "rule": {"name": "github"},
+            "egress": {"sandbox": {"name": "agent-1"}, "verdict": "allow"}
+        })
+    );
+
+    let line: Value =
+        serde_json::from_slice(&Record::from(dns_denied()).encode(5).unwrap()).unwrap();
+    assert_eq!(line["event"]["outcome"], "failure");
+    assert_eq!(
+        line["event"]["type"],
+        serde_json::json!(["protocol", "denied"])
+    );
+    assert_eq!(line["event"]["reason"], "name is not allowed by the policy");
+    assert_eq!(
+        line["dns"],
+        serde_json::json!({
+            "question": {"name": "exfil.example", "type": "AAAA"},
+            "response_code": "NXDOMAIN"
+        })
+    );
+    assert_eq!(line["egress"]["verdict"], "deny");
+    for absent in ["rule", "server"] {
+        assert!(line.get(absent).is_none(), "{absent} in {line}");
+    }
+}
+
+#[test]
+fn schema_catches_dns_drift() {
+    let validator = validator();
+    let allowed: Value =
+        serde_json::from_slice(&Record::from(dns_allowed()).encode(1).unwrap()).unwrap();
+    let denied: Value =
+        serde_json::from_slice(&Record::from(dns_denied()).encode(1).unwrap()).unwrap();
+    for good in [&allowed, &denied] {
+        assert!(validator.is_valid(good), "{good}");
+    }
+    let cases: Vec<(&str, &Value, Mutation)> = vec![
+        ("deny that releases addresses", &denied, |v| {
+            v["dns"]["resolved_ip"] = serde_json::json!(["192.0.2.1"])
+        }),
+        ("deny without a reason", &denied, |v| {
+            v["event"].as_object_mut().unwrap().remove("reason");
+        }),
+        ("deny as success", &denied, |v| {
+            v["event"]["outcome"] = "success".into()
+        }),
+        ("allow typed as denied", &allowed, |v| {
+            v["event"]["type"] = serde_json::json!(["protocol", "denied"])
+        }),
+        ("addresses in an NXDOMAIN answer", &allowed, |v| {
+            v["dns"]["response_code"] = "NXDOMAIN".into()
+        }),
+        ("lower-case response code", &allowed, |v| {
+            v["dns"]["response_code"] = "noerror".into()
+        }),
+        ("empty resolved_ip", &allowed, |v| {
+            v["dns"]["resolved_ip"] = serde_json::json!([])
+        }),
+        ("mapped resolved ip", &allowed, |v| {
+            v["dns"]["resolved_ip"] = serde_json::json!(["::ffff:192.0.2.1"])
+        }),
+        ("unknown dns field", &allowed, |v| {
+            v["dns"]["answers"] = serde_json::json!([])
+        }),
+        ("missing question outside FORMERR", &allowed, |v| {
+            v["dns"].as_object_mut().unwrap().remove("question");
+            v["dns"].as_object_mut().unwrap().remove("resolved_ip");
+        }),
+        ("verdict audit", &allowed, |v| {
+            v["egress"]["verdict"] = "audit".into()
+        }),
+        ("connection id on a dns record", &allowed, |v| {
+            v["egress"]["connection"] =
+                serde_json::json!({"id": "0000000000001000-0000000100000042"})
+        }),
+        ("duration on a dns record", &allowed, |v| {
+            v["event"]["duration"] = 1.into()
+        }),
+        ("server without port", &allowed, |v| {
+            v["server"] = serde_json::json!({"ip": "192.0.2.53"})
         }),
     ];
     for (what, good, mutate) in cases {

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use egress::{
     control::DEFAULT_SOCKET,
-    credentials::{CredentialStore, RawCredentials},
+    credentials::{CredentialStore, RawCredentials, UpstreamOptions},
     daemon::{self, DaemonOptions},
     proxy::ProxyConfig,
 };
@@ -60,6 +60,11 @@ struct ConfigFile {
     state_dir: Option<PathBuf>,
     /// Port of the proxy listener on each sandbox's loopback (default 15001).
     proxy_port: Option<u16>,
+    /// A sandbox's DNS resolver listens on this port plus its index (default 15300).
+    dns_port_base: Option<u16>,
+    /// Resolvers asked for sandboxes whose policy has no `dns:` section.
+    #[serde(default)]
+    dns_upstream: Vec<std::net::SocketAddr>,
     /// Proxy timeouts and the extra upstream CA bundle.
     #[serde(default)]
     proxy: ProxyConfig,
@@ -105,8 +110,14 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
             .or(file.state_dir)
             .unwrap_or_else(|| "/var/lib/egressd".into()),
         proxy_port: file.proxy_port.unwrap_or(15001),
-        credentials: CredentialStore::from_config(&file.credentials)
-            .map_err(|e| anyhow::anyhow!("{}: credentials: {e}", config_name))?,
+        dns_port_base: file.dns_port_base.unwrap_or(15300),
+        dns_upstream: file.dns_upstream,
+        credentials: CredentialStore::from_config_with(
+            &file.credentials,
+            &UpstreamOptions::from_proxy_config(&file.proxy)
+                .map_err(|e| anyhow::anyhow!("{config_name}: proxy: {e}"))?,
+        )
+        .map_err(|e| anyhow::anyhow!("{config_name}: credentials: {e}"))?,
         proxy: file.proxy,
     })
 }

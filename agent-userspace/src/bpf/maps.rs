@@ -80,6 +80,65 @@ impl PolicyMaps {
         result
     }
 
+    /// Writes (or replaces) the rules of one prefix in `slot`.
+    pub fn set_prefix(
+        &mut self,
+        slot: u32,
+        net: ipnet::IpNet,
+        rules: &PrefixRules,
+    ) -> Result<(), BpfError> {
+        match net {
+            ipnet::IpNet::V4(n) => {
+                let key = Key::new(
+                    32 + u32::from(n.prefix_len()),
+                    V4Key {
+                        slot_be: slot.to_be(),
+                        addr: n.network().octets(),
+                    },
+                );
+                self.rules_v4
+                    .insert(&key, rules, 0)
+                    .map_err(|e| BpfError::map("RULES_V4", e))
+            }
+            ipnet::IpNet::V6(n) => {
+                let key = Key::new(
+                    32 + u32::from(n.prefix_len()),
+                    V6Key {
+                        slot_be: slot.to_be(),
+                        addr: n.network().octets(),
+                    },
+                );
+                self.rules_v6
+                    .insert(&key, rules, 0)
+                    .map_err(|e| BpfError::map("RULES_V6", e))
+            }
+        }
+    }
+
+    /// Removes the rules of one prefix from `slot` (absent is fine).
+    pub fn remove_prefix(&mut self, slot: u32, net: ipnet::IpNet) -> Result<(), BpfError> {
+        let r = match net {
+            ipnet::IpNet::V4(n) => self.rules_v4.remove(&Key::new(
+                32 + u32::from(n.prefix_len()),
+                V4Key {
+                    slot_be: slot.to_be(),
+                    addr: n.network().octets(),
+                },
+            )),
+            ipnet::IpNet::V6(n) => self.rules_v6.remove(&Key::new(
+                32 + u32::from(n.prefix_len()),
+                V6Key {
+                    slot_be: slot.to_be(),
+                    addr: n.network().octets(),
+                },
+            )),
+        };
+        match r {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(BpfError::map("RULES", e)),
+        }
+    }
+
     /// Removes every rule stored under `slot`.
     pub fn clear_slot(&mut self, slot: u32) -> Result<(), BpfError> {
         let slot_be = slot.to_be();

@@ -38,6 +38,9 @@ pub enum CredentialError {
         credential: String,
         reason: &'static str,
     },
+    /// A `github_app` source could not mint a token (and had none still valid).
+    #[error("credential `{credential}`: GitHub App token: {reason}")]
+    GithubApp { credential: String, reason: String },
     /// No credential of that name is configured.
     #[error("unknown credential `{0}`: not defined under `credentials:` in the daemon config")]
     Unknown(String),

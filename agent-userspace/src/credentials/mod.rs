@@ -1,18 +1,24 @@
 //! Credentials the proxy injects on behalf of sandboxes, which never see them.
 //!
 //! The daemon config's `credentials:` section is parsed into the [`raw`] types and
-//! compiled by [`CredentialStore::from_config`]. Each credential has a source (`file`, read
-//! at every use; `env`, read at load; `command`, run without a shell and cached for its
-//! `ttl`), an injection form (a header with a format, or HTTP Basic) and the exact hosts
+//! compiled by [`CredentialStore::from_config`] (or [`CredentialStore::from_config_with`],
+//! which says how HTTPS sources reach their servers). Each credential has a source
+//! (`file`, read at every use; `env`, read at load; `command`, run without a shell and
+//! cached for its `ttl`; `github_app`, installation tokens minted with a GitHub App's key
+//! and renewed before they expire, see [`github_app`]), an injection form (a header with a format, or HTTP Basic) and the exact hosts
 //! it may be sent to. Values live in [`Secret`], which never prints them, and no error
 //! of this module contains one.
 mod error;
+pub mod github_app;
 pub mod raw;
 mod secret;
 mod store;
 
 pub use error::CredentialError;
-pub use raw::{RawBasic, RawCommand, RawCredential, RawCredentials, RawInject, RawSource};
+pub use github_app::UpstreamOptions;
+pub use raw::{
+    RawBasic, RawCommand, RawCredential, RawCredentials, RawGithubApp, RawInject, RawSource,
+};
 pub use secret::Secret;
 pub use store::{normalize_host, CredentialStore, COMMAND_TIMEOUT};
 

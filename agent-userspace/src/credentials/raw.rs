@@ -36,6 +36,39 @@ pub enum RawSource {
     Env(String),
     /// `{ command: { argv: [...], ttl: 300 } }`: a program run without a shell.
     Command(RawCommand),
+    /// `{ github_app: { app_id: 123, private_key: /path/key.pem, installation_id: 456 } }`:
+    /// short-lived installation tokens minted with a GitHub App's key.
+    GithubApp(RawGithubApp),
+}
+
+/// A GitHub App whose installation tokens are minted on demand and renewed before they
+/// expire.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGithubApp {
+    /// The App's numeric id ("App ID" in its settings); the JWT's issuer.
+    pub app_id: u64,
+    /// Absolute path of the App's PEM private key (as GitHub issues it, PKCS#1, or
+    /// PKCS#8). Checked at load, read again for every mint so a rotated key takes effect.
+    pub private_key: PathBuf,
+    /// The installation (the App on one account) to mint tokens for.
+    pub installation_id: u64,
+    /// The REST API root; default `https://api.github.com` (GitHub Enterprise Server:
+    /// `https://HOST/api/v3`).
+    #[serde(default = "default_api_url")]
+    pub api_url: String,
+    /// Narrows each token to these repositories of the installation (names without the
+    /// owner); default: all the installation can reach.
+    #[serde(default)]
+    pub repositories: Vec<String>,
+    /// Narrows each token to these permissions, e.g. `{ contents: write }` (levels `read`,
+    /// `write`, `admin`); default: all the App has.
+    #[serde(default)]
+    pub permissions: BTreeMap<String, String>,
+}
+
+fn default_api_url() -> String {
+    super::github_app::GITHUB_API_URL.to_owned()
 }
 
 /// A program that prints the secret on standard output.

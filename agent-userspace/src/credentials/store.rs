@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::error::CredentialError;
+use super::github_app::{GithubApp, UpstreamOptions};
 use super::raw::{RawCredential, RawInject, RawSource};
 use super::secret::Secret;
 
@@ -65,6 +66,7 @@ enum Source {
     File(PathBuf),
     Env { var: String, value: Arc<Secret> },
     Command(CommandSource),
+    GithubApp(GithubApp),
 }
 
 impl fmt::Debug for Source {
@@ -81,6 +83,7 @@ impl fmt::Debug for Source {
                 .field("argv", &c.argv)
                 .field("ttl", &c.ttl)
                 .finish_non_exhaustive(),
+            Self::GithubApp(app) => app.fmt(f),
         }
     }
 }
@@ -122,14 +125,28 @@ impl Inject {
 
 impl CredentialStore {
     /// Checks and compiles the `credentials:` section. Any invalid entry rejects the
-    /// whole section. `env` sources are read here.
+    /// whole section. `env` sources are read here, `github_app` keys checked. HTTPS
+    /// sources trust the system roots and dial from the daemon's own namespace; see
+    /// [`Self::from_config_with`].
     pub fn from_config<'a, I>(raw: I) -> Result<Self, CredentialError>
+    where
+        I: IntoIterator<Item = (&'a String, &'a RawCredential)>,
+    {
+        Self::from_config_with(raw, &UpstreamOptions::default())
+    }
+
+    /// [`Self::from_config`], with HTTPS sources (`github_app`) using `upstream`'s TLS
+    /// trust and dialer, e.g. the proxy's ([`UpstreamOptions::from_proxy_config`]).
+    pub fn from_config_with<'a, I>(
+        raw: I,
+        upstream: &UpstreamOptions,
+    ) -> Result<Self, CredentialError>
     where
         I: IntoIterator<Item = (&'a String, &'a RawCredential)>,
     {
         let mut credentials = BTreeMap::new();
         for (name, def) in raw {
-            let credential = compile(name, def)?;
+            let credential = compile(name, def, upstream)?;
             credentials.insert(name.clone(), credential);
         }
         Ok(Self { credentials })
@@ -203,12 +220,14 @@ impl CredentialStore {
         Ok(Some((credential.inject.header_name(), value)))
     }
 
-    /// Test hook: a shorter command timeout.
+    /// Test hook: a shorter command (and token mint) timeout.
     #[cfg(test)]
     pub(crate) fn set_command_timeout(&mut self, timeout: Duration) {
         for c in self.credentials.values_mut() {
-            if let Source::Command(cmd) = &mut c.source {
-                cmd.timeout = timeout;
+            match &mut c.source {
+                Source::Command(cmd) => cmd.timeout = timeout,
+                Source::GithubApp(app) => app.timeout = timeout,
+                _ => {}
             }
         }
     }
@@ -233,6 +252,7 @@ impl Credential {
                 });
                 Ok(value)
             }
+            Source::GithubApp(app) => app.token().await,
         }
     }
 
@@ -341,7 +361,7 @@ impl Credential {
 
 /// Refuses values that would split or corrupt a header. Returns the reason, never the
 /// value.
-fn check_value(value: &str) -> Result<(), &'static str> {
+pub(super) fn check_value(value: &str) -> Result<(), &'static str> {
     if value.is_empty() {
         return Err("is empty");
     }
@@ -354,7 +374,11 @@ fn check_value(value: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn compile(name: &str, raw: &RawCredential) -> Result<Credential, CredentialError> {
+fn compile(
+    name: &str,
+    raw: &RawCredential,
+    upstream: &UpstreamOptions,
+) -> Result<Credential, CredentialError> {
     let config = |field: &'static str, reason: String| CredentialError::Config {
         credential: name.to_owned(),
         field,
@@ -419,6 +443,7 @@ fn compile(name: &str, raw: &RawCredential) -> Result<Credential, CredentialErro
                 cache: tokio::sync::Mutex::new(None),
             })
         }
+        RawSource::GithubApp(app) => Source::GithubApp(GithubApp::compile(name, app, upstream)?),
     };
 
     let inject = compile_inject(&raw.inject).map_err(|(field, reason)| config(field, reason))?;

@@ -9,6 +9,7 @@ use agent_common::{SandboxInfo, MAX_POLICY_SLOTS, MAX_SANDBOXES};
 use time::OffsetDateTime;
 
 use super::{
+    dns::{host_net, uses_dns, DnsRuntime, LearnedAddr},
     netns::netns_of_cgroup,
     proxy::ProxyRuntime,
     state::{SandboxRecord, State},
@@ -37,6 +38,8 @@ pub struct Core {
     pub compiled: std::collections::HashMap<String, Arc<Policy>>,
     /// The credential-injecting proxy and its listeners.
     pub proxy: ProxyRuntime,
+    /// Per-sandbox resolvers and the addresses they learned.
+    pub dns: DnsRuntime,
 }
 
 fn now() -> OffsetDateTime {
@@ -79,7 +82,11 @@ impl Core {
             default_action: policy.default_action().kernel_code(),
             _pad: 0,
             proxy_port: self.proxy.port,
-            dns_port: 0,
+            dns_port: if uses_dns(policy) {
+                self.dns.port_for(rec.index)
+            } else {
+                0
+            },
             _pad2: 0,
         }
     }
@@ -122,6 +129,103 @@ impl Core {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(rec.index, (rec.name.clone(), policy.clone()));
+    }
+
+    /// Starts (or updates, or stops) the sandbox's resolver to match its policy.
+    fn start_dns(&mut self, rec: &SandboxRecord, policy: &Arc<Policy>) -> Result<(), String> {
+        if !uses_dns(policy) {
+            self.dns.stop(rec.index);
+            return Ok(());
+        }
+        let netns = rec
+            .netns
+            .clone()
+            .unwrap_or_else(|| netns_of_cgroup(&rec.cgroup));
+        self.dns.ensure(rec.index, &rec.name, policy, &netns)
+    }
+
+    /// Puts addresses a sandbox's resolver learned into its kernel rules; called before
+    /// the answer is released to the sandbox.
+    pub fn learn(&mut self, index: u32, learned: &[crate::dns::Learned]) -> Result<(), String> {
+        let rec = self.state.by_index(index).ok_or("sandbox is gone")?.clone();
+        let policy = self
+            .compiled
+            .get(&rec.name)
+            .ok_or("sandbox has no policy")?
+            .clone();
+        let dns = policy.dns().cloned();
+        for l in learned {
+            let key = (index, l.addr.to_canonical());
+            // An address several allowed names resolve to gets all their rules.
+            let mut rule_ids = self
+                .dns
+                .learned
+                .get(&key)
+                .filter(|old| old.slot == rec.slot)
+                .map(|old| old.rule_ids.clone())
+                .unwrap_or_default();
+            for id in &l.rule_ids {
+                if !rule_ids.contains(id) {
+                    rule_ids.push(*id);
+                }
+            }
+            rule_ids.sort_unstable();
+            let entries = policy
+                .learned_entries(l.addr, &rule_ids)
+                .map_err(|e| e.to_string())?;
+            self.maps
+                .set_prefix(rec.slot, host_net(l.addr), &entries)
+                .map_err(|e| e.to_string())?;
+            let lifetime = dns.as_ref().map_or_else(
+                || {
+                    let d = crate::policy::DnsConfig::DEFAULT_MIN_TTL;
+                    std::time::Duration::from_secs(
+                        u64::from(l.ttl.max(d))
+                            + u64::from(crate::policy::DnsConfig::DEFAULT_GRACE),
+                    )
+                },
+                |d| d.lifetime(l.ttl),
+            );
+            let expires = std::time::Instant::now() + lifetime;
+            let expires = self
+                .dns
+                .learned
+                .get(&key)
+                .map_or(expires, |old| old.expires.max(expires));
+            self.dns.learned.insert(
+                key,
+                LearnedAddr {
+                    name: l.name.clone(),
+                    rule_ids,
+                    slot: rec.slot,
+                    expires,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Removes learned addresses whose TTL and grace have run out, restoring what static
+    /// rules say about the same address.
+    pub fn expire_learned(&mut self) {
+        for (index, addr, l) in self.dns.expired(std::time::Instant::now()) {
+            let net = host_net(addr);
+            let name = self.state.by_index(index).map(|r| r.name.clone());
+            let stat = name
+                .as_ref()
+                .and_then(|n| self.compiled.get(n))
+                .and_then(|p| p.static_entry(net));
+            let r = match stat {
+                Some(rules) => self.maps.set_prefix(l.slot, net, &rules),
+                None => self.maps.remove_prefix(l.slot, net),
+            };
+            if let Err(e) = r {
+                tracing::warn!(%addr, error = %e, "Removing an expired learned address failed");
+                continue;
+            }
+            tracing::debug!(%addr, name = %l.name, "Learned address expired");
+            self.dns.learned.remove(&(index, addr));
+        }
     }
 
     fn drop_route(&self, index: u32) {
@@ -243,6 +347,7 @@ impl Core {
             netns,
         };
         self.maps.reset_counters(index).map_err(|e| e.to_string())?;
+        self.start_dns(&rec, &policy)?;
         self.install(slot, &policy)?;
         // The sandbox entry exists before the programs run, so the first decision already
         // has its policy.
@@ -256,6 +361,7 @@ impl Core {
                 .attach(&mut self.programs, &cgroup.path, cgroup.id)
             });
         if let Err(e) = result {
+            self.dns.stop(index);
             let _ = self.links().detach(cgroup.id);
             let _ = self.maps.remove_sandbox(cgroup.id);
             let _ = self.maps.clear_slot(slot);
@@ -295,6 +401,9 @@ impl Core {
         rec.netns = netns;
         // Routes first: a connection redirected by the new rules finds its rule.
         self.set_route(&rec, &policy);
+        // Addresses learned under the old rules go with the old slot; clients re-resolve.
+        self.dns.learned.retain(|(i, _), _| *i != rec.index);
+        self.start_dns(&rec, &policy)?;
         // One map update switches every later decision to the new rules.
         if let Err(e) = self
             .maps
@@ -359,6 +468,7 @@ impl Core {
                 self.audit
                     .emit(Record::SandboxDetach(Self::lifecycle(&rec)));
                 self.drop_route(rec.index);
+                self.dns.stop(rec.index);
                 self.state.sandboxes.remove(&rec.name);
                 self.compiled.remove(&rec.name);
                 self.save_state();
@@ -406,6 +516,9 @@ impl Core {
             }
             let policy = Arc::new(policy);
             self.set_route(&rec, &policy);
+            if let Err(e) = self.start_dns(&rec, &policy) {
+                tracing::error!(sandbox = %rec.name, error = %e, "Restoring the DNS resolver of an adopted sandbox failed");
+            }
             let want = self.kernel_entry(&rec, &policy);
             if self.maps.sandbox(rec.cgroup_id) != Some(want) {
                 if let Err(e) = self.install(rec.slot, &policy).and_then(|()| {
@@ -453,6 +566,9 @@ impl Core {
         };
         let rule = if rule_id == 0 {
             RuleRef::Default
+        } else if rule_id == agent_common::RULE_DNS {
+            // DNS sent to the sandbox's own resolver, not a policy rule.
+            RuleRef::Named("dns-resolver".to_string())
         } else {
             self.compiled
                 .get(&rec.name)

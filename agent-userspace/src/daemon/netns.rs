@@ -73,6 +73,39 @@ pub fn bind_in_netns(netns: &Path, addrs: Vec<SocketAddr>) -> io::Result<Vec<Tcp
         .map_err(|_| io::Error::other("netns bind thread panicked"))?
 }
 
+/// Binds UDP sockets on `addrs` inside the network namespace at `netns` (same rules as
+/// [`bind_in_netns`]).
+pub fn bind_udp_in_netns(
+    netns: &Path,
+    addrs: Vec<SocketAddr>,
+) -> io::Result<Vec<std::net::UdpSocket>> {
+    let ns = File::open(netns)?;
+    let handle = std::thread::spawn(move || -> io::Result<Vec<std::net::UdpSocket>> {
+        // SAFETY: setns on this thread only; the thread exits right after binding.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut out = Vec::new();
+        let mut last_err = None;
+        for a in addrs {
+            match std::net::UdpSocket::bind(a) {
+                Ok(s) => {
+                    s.set_nonblocking(true)?;
+                    out.push(s);
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        match (out.is_empty(), last_err) {
+            (true, Some(e)) => Err(e),
+            _ => Ok(out),
+        }
+    });
+    handle
+        .join()
+        .map_err(|_| io::Error::other("netns bind thread panicked"))?
+}
+
 /// `SO_NETNS_COOKIE` of a socket: the same value the kernel programs see.
 pub fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;

@@ -222,6 +222,7 @@ fn route_for(policy: &Arc<Policy>, rule_id: u16) -> Option<Route> {
                 .map_or(Err("rule is gone".into()), |r| r.check_request(m, p))
         }),
         explicitly_covers: Box::new(move |ip| explicitly_covers(&nets, ip)),
+        git: rule.git().cloned(),
     })
 }
 

@@ -33,6 +33,10 @@ pub struct DaemonOptions {
     pub state_dir: PathBuf,
     /// Port of the proxy listener on each sandbox namespace's loopback.
     pub proxy_port: u16,
+    /// A sandbox's DNS resolver listens on this port plus the sandbox's index.
+    pub dns_port_base: u16,
+    /// Resolvers asked for sandboxes whose policy has no `dns:` section.
+    pub dns_upstream: Vec<std::net::SocketAddr>,
     pub proxy: ProxyConfig,
     pub credentials: CredentialStore,
 }
@@ -121,6 +125,13 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     )
     .context("setting up the proxy")?;
     let peers = PeerMap::new(&mut programs)?;
+    let dns = super::dns::DnsRuntime::new(
+        opts.dns_port_base,
+        opts.dns_upstream.clone(),
+        proxy.dialer(),
+        audit.clone(),
+        tokio::runtime::Handle::current(),
+    );
     let proxy = super::proxy::ProxyRuntime::new(
         opts.proxy_port,
         ca_pem,
@@ -154,6 +165,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         started_at: now(),
         compiled: Default::default(),
         proxy,
+        dns,
     };
     let adopted = core.reconcile();
     audit.emit(Record::DaemonStart(DaemonStart {
@@ -167,7 +179,14 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     }
     tracing::info!(adopted, bpffs = %opts.bpffs.display(), socket = %opts.socket.display(), "egressd running");
 
+    let dns_sink = core.dns.sink.clone();
     let shared = Arc::new(Shared(Mutex::new(core)));
+    let weak = Arc::downgrade(&shared);
+    let _ = dns_sink.set(Arc::new(move |index, learned: &[crate::dns::Learned]| {
+        let shared = weak.upgrade().ok_or("the daemon is stopping")?;
+        let mut core = shared.lock();
+        core.learn(index, learned)
+    }));
     let listener = control::bind(&opts.socket)
         .with_context(|| format!("binding control socket {}", opts.socket.display()))?;
     let server = tokio::spawn(control::serve(listener, shared.clone()));
@@ -182,7 +201,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                 let batch = batch.context("reading the kernel ring buffer")?;
                 record_events(&shared, &clock, batch);
             }
-            _ = lost_poll.tick() => report_lost(&shared),
+            _ = lost_poll.tick() => {
+                report_lost(&shared);
+                shared.lock().expire_learned();
+            }
             _ = heartbeat.tick() => {
                 let mut core = shared.lock();
                 core.state.last_seen = Some(rfc3339(now()));
@@ -226,7 +248,13 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
             KernelEvent::Connect(ev) => {
                 let (sandbox, rule) = core.names(ev.sandbox_index, ev.rule_id);
                 match NetworkDecision::from_event(&ev, clock, sandbox, rule) {
-                    Ok(rec) => core.audit.emit(Record::Network(rec)),
+                    Ok(mut rec) => {
+                        rec.domain = core
+                            .dns
+                            .name_of(ev.sandbox_index, rec.destination_ip)
+                            .map(str::to_string);
+                        core.audit.emit(Record::Network(rec))
+                    }
                     Err(e) => tracing::error!(error = %e, "Undecodable kernel event"),
                 }
             }

@@ -3,18 +3,19 @@
 //! every invariant the decision and kernel code rely on is established here.
 use std::{collections::HashMap, fmt, net::IpAddr};
 
-use agent_common::{action, proto};
+use agent_common::{action, proto, MAX_RULES_PER_PREFIX};
 use ipnet::{IpNet, Ipv4Net};
 
 use super::{
+    dns::{compile_dns, DnsConfig},
     error::{CompileError, FieldPath},
     host::HostPattern,
     http::HttpRule,
     kernel::KernelRulesError,
     raw::{
         check_host_bits, check_port_range, RawAction, RawConnect, RawDefault, RawDest, RawHttpRule,
-        RawPolicy, RawProtocol, RawRequest, RawRule, RawTest, RawTransport, RawVerdict,
-        VALID_PORTS,
+        RawName, RawPolicy, RawProtocol, RawRequest, RawRule, RawTarget, RawTest, RawTransport,
+        RawVerdict, VALID_PORTS,
     },
     Verdict,
 };
@@ -31,9 +32,11 @@ const DEFAULT_RULE_WORDS: [&str; 2] = ["none", "default"];
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     pub(super) default: DefaultAction,
+    pub(super) dns: Option<DnsConfig>,
     pub(super) rules: Vec<Rule>,
     pub(super) tests: Vec<PolicyTest>,
     pub(super) request_tests: Vec<RequestTest>,
+    pub(super) name_tests: Vec<NameTest>,
 }
 
 impl Policy {
@@ -47,9 +50,19 @@ impl Policy {
         &self.rules
     }
 
-    /// The policy's own `connect:` tests, in file order.
+    /// The `dns:` section; `None` when the file has none (the daemon's settings apply).
+    pub fn dns(&self) -> Option<&DnsConfig> {
+        self.dns.as_ref()
+    }
+
+    /// The policy's own `connect:` tests to addresses, in file order.
     pub fn tests(&self) -> &[PolicyTest] {
         &self.tests
+    }
+
+    /// The policy's own `resolve:` tests and `connect:` tests to names, in file order.
+    pub fn name_tests(&self) -> &[NameTest] {
+        &self.name_tests
     }
 
     /// The policy's own `request:` tests, in file order.
@@ -118,6 +131,7 @@ impl fmt::Display for DefaultAction {
 pub struct Rule {
     pub(super) name: String,
     pub(super) nets: Vec<IpNet>,
+    pub(super) names: Vec<HostPattern>,
     pub(super) ports: Vec<(u16, u16)>,
     pub(super) protocol: Protocol,
     pub(super) action: Action,
@@ -127,17 +141,38 @@ pub struct Rule {
     pub(super) credential: Option<String>,
     /// Proxy rules only; non-empty when present.
     pub(super) http: Option<Vec<HttpRule>>,
+    /// Proxy rules only: git smart-HTTP checks.
+    pub(super) git: Option<std::sync::Arc<crate::proxy::git::GitRule>>,
 }
 
 impl Rule {
+    /// The rule's git checks, when it has `git:`.
+    pub fn git(&self) -> Option<&std::sync::Arc<crate::proxy::git::GitRule>> {
+        self.git.as_ref()
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
 
-    /// Destinations: at least one, host bits clear, IPv4-mapped IPv6 ones turned into
-    /// IPv4, no duplicates.
+    /// The addresses and CIDRs of `to`: host bits clear, IPv4-mapped IPv6 ones turned
+    /// into IPv4, no duplicates. Empty when `to` lists only names. Together with
+    /// [`Rule::names`], never both empty.
     pub fn nets(&self) -> &[IpNet] {
         &self.nets
+    }
+
+    /// The host names and wildcards of `to`, normalised, no duplicates. They match no
+    /// address by themselves: the rule covers the addresses the daemon learns when the
+    /// sandbox resolves a matching name ([`Policy::rules_for_name`]).
+    pub fn names(&self) -> &[HostPattern] {
+        &self.names
+    }
+
+    /// Whether one of [`Rule::names`] matches `qname` (case and one trailing dot
+    /// ignored).
+    pub fn matches_name(&self, qname: &str) -> bool {
+        self.names.iter().any(|n| n.matches(qname))
     }
 
     /// Inclusive port ranges with `1 <= lo <= hi`. Empty means any port (including 0,
@@ -155,7 +190,8 @@ impl Rule {
     }
 
     /// The names a proxy or passthrough rule serves (non-empty for those, normalised,
-    /// without duplicates); empty for allow and deny rules.
+    /// without duplicates; when the file omits `hosts`, the names of `to`); empty for
+    /// allow and deny rules.
     pub fn hosts(&self) -> &[HostPattern] {
         &self.hosts
     }
@@ -274,7 +310,7 @@ impl fmt::Display for Action {
     }
 }
 
-/// A checked `connect:` policy test.
+/// A checked `connect:` policy test to an address ([`NameTest`] holds those to names).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyTest {
     /// Position in the file's `tests:` list.
@@ -311,6 +347,54 @@ impl PolicyTest {
     }
 
     /// 1-based id of the rule that must decide; 0 when the default must.
+    pub fn rule_id(&self) -> u16 {
+        self.rule_id
+    }
+}
+
+/// A checked `resolve:` test, or a `connect:` test to a name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameTest {
+    /// Position in the file's `tests:` list.
+    pub(super) index: usize,
+    pub(super) text: String,
+    pub(super) name: String,
+    pub(super) kind: NameTestKind,
+    pub(super) expect: Verdict,
+    pub(super) rule_id: u16,
+}
+
+/// What a [`NameTest`] checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NameTestKind {
+    /// `resolve:`: whether the resolver answers for the name (`expect: allow`) or refuses
+    /// it (`deny`), and which rule decides that ([`Policy::decide_name`]).
+    Resolve,
+    /// `connect: NAME:PORT`: a connection to an address the name resolved to, where no
+    /// rule lists that address ([`Policy::decide_name_connect`]).
+    Connect { port: u16, protocol: Protocol },
+}
+
+impl NameTest {
+    /// The `resolve:` or `connect:` text as written.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The name, lower case, without a trailing dot.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn kind(&self) -> NameTestKind {
+        self.kind
+    }
+
+    pub fn expect(&self) -> Verdict {
+        self.expect
+    }
+
+    /// 1-based id of the rule that must decide; 0 when none may.
     pub fn rule_id(&self) -> u16 {
         self.rule_id
     }
@@ -378,16 +462,19 @@ pub fn normalise_net(net: IpNet) -> IpNet {
 /// Checks `raw` and builds the policy. Fails on the first problem found, naming the
 /// field; a failing policy is never partly applied.
 ///
-/// Checked here: the version; at most [`MAX_RULES`] rules; rule names non-empty,
-/// `[A-Za-z0-9_.-]`, unique and not `none`/`default`; at least one destination per rule,
-/// none a host name (not supported yet), none with host bits set; port ranges within
-/// 1-65535 with `lo <= hi`, and `ports:` not an empty list; that proxy and passthrough
-/// rules have non-empty `hosts` and are TCP, that passthrough rules have no `credential`
-/// or `http`, and allow and deny rules none of the three; non-empty `http`, `methods`
-/// and `paths` lists; each test has `connect:` or `request:`, a `rule:` naming a rule
-/// (for a request, a proxy or passthrough rule), and for a request `expect: allow|deny`
-/// and a `credential:` some rule injects; and that the kernel can hold every prefix's
-/// rules.
+/// Checked here: the version; a `dns:` section's upstreams (at least one) and limits
+/// (`min_ttl` at most a day, `grace` at most an hour); at most [`MAX_RULES`] rules; rule
+/// names non-empty, `[A-Za-z0-9_.-]`, unique and not `none`/`default`; at least one
+/// destination per rule (addresses, CIDRs or host names), none with host bits set; port
+/// ranges within 1-65535 with `lo <= hi`, and `ports:` not an empty list; that proxy and
+/// passthrough rules have non-empty `hosts` (given, or the names of `to`) and are TCP,
+/// that passthrough rules have no `credential` or `http`, and allow and deny rules none of
+/// the three; non-empty `http`, `methods` and `paths` lists; each test has exactly one of
+/// `connect:`, `request:` and `resolve:`, a `rule:` naming a rule that can decide it (for
+/// a request a proxy or passthrough rule, for a name a rule with names), and for a request
+/// or a name `expect: allow|deny`; a `credential:` (requests only) some rule injects; and
+/// that the kernel can hold every prefix's rules, and every name rule's entries for one
+/// learned address.
 pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
     let root = FieldPath::root();
     if raw.version != POLICY_VERSION {
@@ -410,6 +497,12 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         ));
     }
 
+    let dns = raw
+        .dns
+        .as_ref()
+        .map(|d| compile_dns(d, &root.key("dns")))
+        .transpose()?;
+
     let mut rules = Vec::with_capacity(raw.rules.len());
     let mut names: HashMap<&str, usize> = HashMap::new();
     // Where each prefix is first written, to point kernel-limit errors at the file.
@@ -431,23 +524,21 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         if raw_rule.to.is_empty() {
             return Err(CompileError::new(
                 at.key("to"),
-                "a rule needs at least one destination (valid: a list of IP addresses and \
-                 CIDRs, like [192.0.2.7, 10.0.0.0/8])",
+                "a rule needs at least one destination (valid: a list of IP addresses, \
+                 CIDRs and host names, like [192.0.2.7, 10.0.0.0/8, api.example.com])",
             ));
         }
         let mut nets = Vec::with_capacity(raw_rule.to.len());
+        let mut host_names: Vec<HostPattern> = Vec::new();
         for (j, dest) in raw_rule.to.iter().enumerate() {
             let field = at.key("to").index(j);
             let net = match dest {
                 RawDest::Net(net) => *net,
-                RawDest::Host(host) => {
-                    return Err(CompileError::new(
-                        field,
-                        format!(
-                            "host name `{host}` needs the DNS resolver, which this build \
-                             does not have yet; valid here: IP addresses and CIDRs"
-                        ),
-                    ));
+                RawDest::Host(pattern) => {
+                    if !host_names.contains(pattern) {
+                        host_names.push(pattern.clone());
+                    }
+                    continue;
                 }
             };
             check_host_bits(net).map_err(|m| CompileError::new(field.clone(), m))?;
@@ -491,27 +582,47 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
             RawAction::Proxy => Action::Proxy,
             RawAction::Passthrough => Action::Passthrough,
         };
-        let proxied = compile_proxied(raw_rule, action, &at)?;
+        let proxied = compile_proxied(raw_rule, action, &host_names, &at)?;
+
+        // A learned address gets the entries of every rule its name matched; one rule's
+        // must fit on their own. (Static prefixes are checked below, with their whole
+        // lists; a learned list that overflows is refused when it is built.)
+        let own_entries = ports.len().max(1);
+        if !host_names.is_empty() && own_entries > MAX_RULES_PER_PREFIX {
+            return Err(CompileError::new(
+                at.key("ports"),
+                format!(
+                    "{own_entries} port ranges, more than the {MAX_RULES_PER_PREFIX} kernel \
+                     entries one learned address can hold (valid: at most \
+                     {MAX_RULES_PER_PREFIX} ports and ranges; merge them into ranges like \
+                     \"8000-8100\")"
+                ),
+            ));
+        }
 
         rules.push(Rule {
             name: raw_rule.name.clone(),
             nets,
+            names: host_names,
             ports,
             protocol: proxied.protocol,
             action,
             hosts: proxied.hosts,
             credential: proxied.credential,
             http: proxied.http,
+            git: proxied.git,
         });
     }
 
     let mut tests = Vec::new();
     let mut request_tests = Vec::new();
+    let mut name_tests = Vec::new();
     for (i, raw_test) in raw.tests.iter().enumerate() {
         let at = root.key("tests").index(i);
-        match compile_test(raw_test, i, &names, raw, &rules, at)? {
+        match compile_test(raw_test, i, &names, &rules, at)? {
             Test::Connect(t) => tests.push(t),
             Test::Request(t) => request_tests.push(t),
+            Test::Name(t) => name_tests.push(t),
         }
     }
 
@@ -520,9 +631,11 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
             RawDefault::Deny => DefaultAction::Deny,
             RawDefault::Audit => DefaultAction::Audit,
         },
+        dns,
         rules,
         tests,
         request_tests,
+        name_tests,
     };
 
     // Rejecting here, not when the maps are written, means a policy that loads always fits.
@@ -563,10 +676,17 @@ struct Proxied {
     hosts: Vec<HostPattern>,
     credential: Option<String>,
     http: Option<Vec<HttpRule>>,
+    git: Option<std::sync::Arc<crate::proxy::git::GitRule>>,
 }
 
 /// Checks `protocol`, `hosts`, `credential` and `http` against the rule's action.
-fn compile_proxied(raw: &RawRule, action: Action, at: &FieldPath) -> Result<Proxied, CompileError> {
+/// `names` are the host names of the rule's `to`, which `hosts` defaults to.
+fn compile_proxied(
+    raw: &RawRule,
+    action: Action,
+    names: &[HostPattern],
+    at: &FieldPath,
+) -> Result<Proxied, CompileError> {
     let is_proxied = matches!(action, Action::Proxy | Action::Passthrough);
     if !is_proxied {
         let only = |key: &'static str, who: &str, with: &str| {
@@ -591,6 +711,9 @@ fn compile_proxied(raw: &RawRule, action: Action, at: &FieldPath) -> Result<Prox
         if raw.http.is_some() {
             return Err(only("http", "proxy", "`action: proxy`"));
         }
+        if raw.git.is_some() {
+            return Err(only("git", "proxy", "`action: proxy`"));
+        }
         return Ok(Proxied {
             protocol: match raw.protocol {
                 None | Some(RawProtocol::Any) => Protocol::Any,
@@ -600,6 +723,7 @@ fn compile_proxied(raw: &RawRule, action: Action, at: &FieldPath) -> Result<Prox
             hosts: Vec::new(),
             credential: None,
             http: None,
+            git: None,
         });
     }
 
@@ -617,12 +741,15 @@ fn compile_proxied(raw: &RawRule, action: Action, at: &FieldPath) -> Result<Prox
         ));
     }
     let hosts = match &raw.hosts {
+        // The names the sandbox resolved to reach the rule are the names it may ask for.
+        None if !names.is_empty() => names.to_vec(),
         None => {
             return Err(CompileError::new(
                 at.key("action"),
                 format!(
                     "`action: {action}` needs `hosts`, the names the TLS server name and the \
-                     HTTP Host must match (valid: add a list like `hosts: [api.example.com]`)"
+                     HTTP Host must match (valid: add a list like `hosts: [api.example.com]`, \
+                     or put host names in `to`, which `hosts` then defaults to)"
                 ),
             ));
         }
@@ -659,6 +786,9 @@ fn compile_proxied(raw: &RawRule, action: Action, at: &FieldPath) -> Result<Prox
         if raw.http.is_some() {
             return Err(relayed("http", "check requests"));
         }
+        if raw.git.is_some() {
+            return Err(relayed("git", "check git operations"));
+        }
     }
     if let Some(name) = &raw.credential {
         check_credential_name(name).map_err(|m| CompileError::new(at.key("credential"), m))?;
@@ -668,11 +798,21 @@ fn compile_proxied(raw: &RawRule, action: Action, at: &FieldPath) -> Result<Prox
         .as_ref()
         .map(|list| compile_http(list, &at.key("http")))
         .transpose()?;
+    let git = raw
+        .git
+        .as_ref()
+        .map(|g| {
+            crate::proxy::git::GitRule::compile(g)
+                .map(std::sync::Arc::new)
+                .map_err(|m| CompileError::new(at.key("git"), m))
+        })
+        .transpose()?;
     Ok(Proxied {
         protocol: Protocol::Tcp,
         hosts,
         credential: raw.credential.clone(),
         http,
+        git,
     })
 }
 
@@ -724,86 +864,112 @@ fn check_credential_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A checked test of either kind.
+/// A checked test of any kind.
 enum Test {
     Connect(PolicyTest),
     Request(RequestTest),
+    Name(NameTest),
 }
 
 /// What a raw test is about.
 enum Subject<'a> {
     Connect(&'a RawConnect),
     Request(&'a RawRequest),
+    Resolve(&'a RawName),
+}
+
+impl Subject<'_> {
+    /// Whether `rule` can ever decide this test, and if not, why.
+    fn eligible(&self, rule: &Rule) -> Result<(), &'static str> {
+        match self {
+            Self::Connect(RawConnect {
+                target: RawTarget::Addr(_),
+                ..
+            }) => Ok(()),
+            Self::Request(_) if rule.is_proxy() || rule.is_passthrough() => Ok(()),
+            Self::Request(_) => Err("is not a proxy or passthrough rule, so it never decides a \
+                 request"),
+            Self::Connect(_) | Self::Resolve(_) if !rule.names.is_empty() => Ok(()),
+            Self::Connect(_) => Err("has no host names in `to`, so it never decides a \
+                 connection to a name"),
+            Self::Resolve(_) => Err("has no host names in `to`, so it never decides whether a \
+                 name resolves"),
+        }
+    }
 }
 
 fn compile_test(
     raw: &RawTest,
     index: usize,
     names: &HashMap<&str, usize>,
-    raw_policy: &RawPolicy,
     rules: &[Rule],
     at: FieldPath,
 ) -> Result<Test, CompileError> {
-    let subject = match (&raw.connect, &raw.request) {
-        (Some(_), Some(_)) => {
-            return Err(CompileError::new(
-                at.key("request"),
-                "a test has `connect:` or `request:`, not both (valid: one test per \
-                 connection or request)",
-            ));
-        }
-        (None, None) => {
+    let given: Vec<&'static str> = [
+        raw.connect.as_ref().map(|_| "connect"),
+        raw.request.as_ref().map(|_| "request"),
+        raw.resolve.as_ref().map(|_| "resolve"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let subject = match (&raw.connect, &raw.request, &raw.resolve) {
+        (Some(connect), None, None) => Subject::Connect(connect),
+        (None, Some(request), None) => Subject::Request(request),
+        (None, None, Some(name)) => Subject::Resolve(name),
+        (None, None, None) => {
             return Err(CompileError::new(
                 at,
-                "a test needs `connect:` or `request:` (valid: `connect: 192.0.2.7:443` or \
-                 `request: GET https://api.example.com/`)",
+                "a test needs `connect:`, `request:` or `resolve:` (valid: `connect: \
+                 192.0.2.7:443`, `request: GET https://api.example.com/` or `resolve: \
+                 api.example.com`)",
             ));
         }
-        (None, Some(request)) => Subject::Request(request),
-        (Some(connect), None) => Subject::Connect(connect),
-    };
-    // Request tests are decided by proxy and passthrough rules only.
-    let eligible = |i: usize| {
-        matches!(subject, Subject::Connect(_))
-            || raw_policy
-                .rules
-                .get(i)
-                .is_some_and(|r| matches!(r.action, RawAction::Proxy | RawAction::Passthrough))
+        _ => {
+            let second = given.get(1).copied().unwrap_or("request");
+            return Err(CompileError::new(
+                at.key(second),
+                format!(
+                    "a test has one of `connect:`, `request:` and `resolve:`, not several \
+                     (here: `{}`) (valid: one test per connection, request or name)",
+                    given.join("`, `")
+                ),
+            ));
+        }
     };
     let rule_id = match raw.rule.as_deref() {
         None => 0,
         Some(word) if DEFAULT_RULE_WORDS.contains(&word) => 0,
-        Some(name) => match names.get(name) {
-            Some(&i) if eligible(i) => rule_id(i),
-            found => {
-                let mut known: Vec<&str> = names
-                    .iter()
-                    .filter(|(_, &i)| eligible(i))
-                    .map(|(n, _)| *n)
-                    .collect();
-                known.sort_unstable();
-                known.extend(DEFAULT_RULE_WORDS);
-                let why = if found.is_some() {
-                    format!(
-                        "rule `{name}` is not a proxy or passthrough rule, so it never \
-                         decides a request"
-                    )
-                } else {
-                    format!("no rule is named `{name}`")
-                };
-                return Err(CompileError::new(
-                    at.key("rule"),
-                    format!(
-                        "{why} (valid: {})",
-                        known
-                            .iter()
-                            .map(|n| format!("`{n}`"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                ));
+        Some(name) => {
+            let found = names.get(name).and_then(|&i| Some((i, rules.get(i)?)));
+            match found.map(|(i, rule)| (i, subject.eligible(rule))) {
+                Some((i, Ok(()))) => rule_id(i),
+                found => {
+                    let mut known: Vec<&str> = rules
+                        .iter()
+                        .filter(|r| subject.eligible(r).is_ok())
+                        .map(Rule::name)
+                        .collect();
+                    known.sort_unstable();
+                    known.extend(DEFAULT_RULE_WORDS);
+                    let why = match found {
+                        Some((_, Err(why))) => format!("rule `{name}` {why}"),
+                        _ => format!("no rule is named `{name}`"),
+                    };
+                    return Err(CompileError::new(
+                        at.key("rule"),
+                        format!(
+                            "{why} (valid: {})",
+                            known
+                                .iter()
+                                .map(|n| format!("`{n}`"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
             }
-        },
+        }
     };
     let expect = match raw.expect {
         RawVerdict::Allow => Verdict::Allow,
@@ -811,25 +977,66 @@ fn compile_test(
         RawVerdict::Audit => Verdict::Audit,
         RawVerdict::Redirect => Verdict::Redirect,
     };
+    if raw.credential.is_some() && !matches!(subject, Subject::Request(_)) {
+        return Err(CompileError::new(
+            at.key("credential"),
+            "`credential` applies only to `request:` tests (valid: remove it)",
+        ));
+    }
 
     let request = match subject {
         Subject::Request(request) => request,
         Subject::Connect(connect) => {
-            if raw.credential.is_some() {
+            let protocol = match connect.transport {
+                RawTransport::Tcp => Protocol::Tcp,
+                RawTransport::Udp => Protocol::Udp,
+            };
+            return Ok(match &connect.target {
+                RawTarget::Addr(addr) => Test::Connect(PolicyTest {
+                    index,
+                    text: connect.text.clone(),
+                    addr: *addr,
+                    port: connect.port,
+                    protocol,
+                    expect,
+                    rule_id,
+                }),
+                RawTarget::Name(name) => Test::Name(NameTest {
+                    index,
+                    text: connect.text.clone(),
+                    name: name.clone(),
+                    kind: NameTestKind::Connect {
+                        port: connect.port,
+                        protocol,
+                    },
+                    expect,
+                    rule_id,
+                }),
+            });
+        }
+        Subject::Resolve(name) => {
+            if !matches!(expect, Verdict::Allow | Verdict::Deny) {
                 return Err(CompileError::new(
-                    at.key("credential"),
-                    "`credential` applies only to `request:` tests (valid: remove it)",
+                    at.key("expect"),
+                    format!(
+                        "a name resolves or not, so it is allowed or denied, never \
+                         `{expect}` (valid: allow, deny)"
+                    ),
                 ));
             }
-            return Ok(Test::Connect(PolicyTest {
+            if expect == Verdict::Allow && rule_id == 0 {
+                return Err(CompileError::new(
+                    at.key("expect"),
+                    "a name resolves only through a rule: `expect: allow` needs `rule:`, the \
+                     first rule whose names match (valid: add `rule: NAME`, or `expect: \
+                     deny`)",
+                ));
+            }
+            return Ok(Test::Name(NameTest {
                 index,
-                text: connect.text.clone(),
-                addr: connect.addr,
-                port: connect.port,
-                protocol: match connect.transport {
-                    RawTransport::Tcp => Protocol::Tcp,
-                    RawTransport::Udp => Protocol::Udp,
-                },
+                text: name.text.clone(),
+                name: name.name.clone(),
+                kind: NameTestKind::Resolve,
                 expect,
                 rule_id,
             }));

@@ -5,7 +5,7 @@ use std::{fmt, net::IpAddr};
 
 use agent_common::verdict;
 
-use super::compile::{rule_id, DefaultAction, Policy, Protocol, Rule};
+use super::compile::{rule_id, Policy, Protocol, Rule};
 
 /// The outcome for one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -57,7 +57,8 @@ impl Policy {
     /// An IPv4-mapped IPv6 address is judged as its IPv4 address. Among the (rule, net)
     /// pairs whose net contains the address, the longest prefix comes first, then the
     /// earlier rule; the first whose ports and protocol match decides. Otherwise the
-    /// default does.
+    /// default does. Names in `to` play no part: they grant only addresses learned
+    /// through DNS, which [`Policy::decide_learned`] judges.
     pub fn decide(&self, ip: IpAddr, port: u16, protocol: Protocol) -> Decision {
         let ip = ip.to_canonical();
         // (prefix length, rule index) of the best candidate so far; a later rule only
@@ -79,14 +80,24 @@ impl Policy {
                 verdict: rule.action.verdict(),
                 rule_id: rule_id(index),
             },
-            None => Decision {
-                verdict: match self.default {
-                    DefaultAction::Deny => Verdict::Deny,
-                    DefaultAction::Audit => Verdict::Audit,
-                },
-                rule_id: 0,
-            },
+            None => self.default_decision(),
         }
+    }
+
+    /// Decides a connection to `ip`, an address learned by resolving a name that
+    /// [`Policy::rules_for_name`] gave `rule_ids`, as the kernel does with the entry
+    /// [`Policy::learned_entries`] writes for it: first the name rules (policy order),
+    /// then, as [`Policy::decide`], the static rules whose destinations contain `ip`, then
+    /// the default. So a learned address never loses what static rules grant it.
+    pub fn decide_learned(
+        &self,
+        ip: IpAddr,
+        port: u16,
+        protocol: Protocol,
+        rule_ids: &[u16],
+    ) -> Decision {
+        self.decide_by_rules(rule_ids, port, protocol)
+            .unwrap_or_else(|| self.decide(ip, port, protocol))
     }
 }
 

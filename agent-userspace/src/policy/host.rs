@@ -1,7 +1,8 @@
-//! Host-name patterns of proxy and passthrough rules: the TLS server names (SNI) and HTTP
-//! `Host` values a rule serves.
+//! Host-name patterns: the names in a rule's `to` (which DNS names the sandbox may
+//! resolve, and so which learned addresses the rule covers), and the TLS server names
+//! (SNI) and HTTP `Host` values a proxy or passthrough rule serves.
 //!
-//! The proxy compares names a sandboxed client chose, so matching is strict: both the
+//! Both compare names a sandboxed client chose, so matching is strict: both the
 //! pattern and the candidate must be syntactically valid DNS names, comparison is ASCII
 //! case-insensitive and ignores one trailing dot, and a wildcard stands for whole labels
 //! only. `*.github.com` therefore never matches `github.com`, `a.b.github.com`,
@@ -39,7 +40,14 @@ impl HostPattern {
     /// Parses and normalises a pattern (lower case, one trailing dot removed). The error
     /// says what is wrong and what would be valid.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("invalid host name {text:?}: {why} ({VALID_HOST})");
+        Self::parse_bare(text)
+            .map_err(|why| format!("invalid host name {text:?}: {why} ({VALID_HOST})"))
+    }
+
+    /// [`HostPattern::parse`], with an error that says only what is wrong, for callers
+    /// that frame it themselves (a `to:` destination, a test's name).
+    pub(crate) fn parse_bare(text: &str) -> Result<Self, String> {
+        let bad = |why: &str| why.to_owned();
         let lower = text.trim().to_ascii_lowercase();
         let normal = lower.strip_suffix('.').unwrap_or(&lower);
         if normal.is_empty() {
@@ -75,6 +83,11 @@ impl HostPattern {
             kind,
             name: name.to_owned(),
         })
+    }
+
+    /// Whether this is `*.name` or `**.name` rather than one name.
+    pub fn is_wildcard(&self) -> bool {
+        self.kind != Kind::Exact
     }
 
     /// Whether `name` (a TLS server name or an HTTP `Host` without port) is covered. Case

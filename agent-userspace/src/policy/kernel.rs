@@ -6,12 +6,19 @@
 //! prefix first, then rule position, then port-range order). Then the first matching
 //! entry is the rule `decide()` picks: any policy prefix containing the destination also
 //! contains the longest one, so no rule that could apply is missing from its list.
-use std::{collections::BTreeSet, fmt::Write as _};
+//!
+//! Names in `to` add entries at run time: an address learned by resolving a name gets a
+//! /32 or /128 entry ([`Policy::learned_entries`]) listing the name's rules first, then
+//! the static list that address would otherwise get. Being the longest prefix possible,
+//! it shadows every static prefix, which is why it must repeat their rules; when it
+//! expires, the daemon restores the static entry at that prefix, if the policy has one
+//! ([`Policy::static_entry`]), or deletes it.
+use std::{collections::BTreeSet, fmt::Write as _, net::IpAddr};
 
 use agent_common::{PrefixRules, RuleEntry, MAX_RULES_PER_PREFIX};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::compile::{rule_id, Policy};
+use super::compile::{normalise_net, rule_id, Policy};
 
 /// Every prefix of a policy with its entry list, per address family, sorted by prefix.
 /// IPv4-mapped destinations are looked up in `v4`.
@@ -73,7 +80,57 @@ impl Policy {
         Ok(out)
     }
 
+    /// The entry list for an address learned by resolving a name whose rules are
+    /// `rule_ids` (from [`Policy::rules_for_name`]; taken in policy order, unknown ids
+    /// ignored): those rules' entries, then the entries of every static rule whose
+    /// destinations contain `addr` (longest prefix first, then policy order), each rule
+    /// once. To be written at `addr`/32 (IPv4, also for an IPv4-mapped address) or /128.
+    /// [`Policy::decide_learned`] is the same decision. Fails if the list is longer than
+    /// `MAX_RULES_PER_PREFIX`.
+    pub fn learned_entries(
+        &self,
+        addr: IpAddr,
+        rule_ids: &[u16],
+    ) -> Result<PrefixRules, KernelRulesError> {
+        let prefix = IpNet::from(addr.to_canonical());
+        let mut order: Vec<usize> = rule_ids
+            .iter()
+            .filter_map(|&id| usize::from(id).checked_sub(1))
+            .filter(|&index| index < self.rules.len())
+            .collect();
+        order.sort_unstable();
+        order.dedup();
+        // A rule already listed for the name would only repeat itself: same ports,
+        // protocol and action.
+        let statics: Vec<usize> = self
+            .applying(prefix)
+            .into_iter()
+            .filter(|index| !order.contains(index))
+            .collect();
+        order.extend(statics);
+        self.list(prefix, &order)
+    }
+
+    /// The static entry list at exactly `net` (an IPv4-mapped prefix is taken as IPv4),
+    /// as [`Policy::kernel_rules`] has it; `None` when no rule lists that prefix. The
+    /// daemon restores it when a learned entry at the same prefix expires.
+    pub fn static_entry(&self, net: IpNet) -> Option<PrefixRules> {
+        let net = normalise_net(net);
+        self.rules
+            .iter()
+            .any(|rule| rule.nets.contains(&net))
+            .then(|| self.prefix_rules(net).ok())
+            .flatten()
+    }
+
     fn prefix_rules(&self, prefix: IpNet) -> Result<PrefixRules, KernelRulesError> {
+        let order = self.applying(prefix);
+        self.list(prefix, &order)
+    }
+
+    /// Indices of the rules with a destination containing `prefix`, ordered as
+    /// `decide()` tries them: longest such destination first, then policy order.
+    fn applying(&self, prefix: IpNet) -> Vec<usize> {
         // (longest of the rule's nets containing `prefix`, rule index). A rule with
         // several such nets appears once: its later copies could never match where the
         // first did not, since ports and protocol are the same.
@@ -91,9 +148,13 @@ impl Policy {
             })
             .collect();
         applying.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        applying.into_iter().map(|(_, index)| index).collect()
+    }
 
+    /// The entries of the rules at `order` (indices), in that order, as one list.
+    fn list(&self, prefix: IpNet, order: &[usize]) -> Result<PrefixRules, KernelRulesError> {
         let mut entries = Vec::new();
-        for &(_, index) in &applying {
+        for &index in order {
             let Some(rule) = self.rules.get(index) else {
                 continue;
             };
@@ -118,9 +179,9 @@ impl Policy {
             return Err(KernelRulesError::TooManyEntries {
                 prefix,
                 entries: entries.len(),
-                rules: applying
+                rules: order
                     .iter()
-                    .filter_map(|&(_, i)| self.rules.get(i))
+                    .filter_map(|&i| self.rules.get(i))
                     .map(|r| (r.name.clone(), r.ports.len().max(1)))
                     .collect(),
             });
@@ -261,6 +322,37 @@ mod tests {
         out
     }
 
+    /// `k` with `list` written at `ip`/32 or /128, as the daemon writes a learned entry
+    /// (replacing a static entry at the same prefix).
+    fn with_entry(k: &KernelRules, ip: IpAddr, list: Option<PrefixRules>) -> KernelRules {
+        let mut k = k.clone();
+        match ip.to_canonical() {
+            IpAddr::V4(a) => {
+                let net = Ipv4Net::from(a);
+                k.v4.retain(|(n, _)| *n != net);
+                k.v4.extend(list.map(|l| (net, l)));
+                k.v4.sort_by_key(|(n, _)| *n);
+            }
+            IpAddr::V6(a) => {
+                let net = Ipv6Net::from(a);
+                k.v6.retain(|(n, _)| *n != net);
+                k.v6.extend(list.map(|l| (net, l)));
+                k.v6.sort_by_key(|(n, _)| *n);
+            }
+        }
+        k
+    }
+
+    /// Names that the generated and handwritten policies' patterns match in various ways.
+    const QUERIES: [&str; 6] = [
+        "a.example",
+        "b.a.example",
+        "x.example",
+        "api.github.com",
+        "other.test",
+        "a.other.test",
+    ];
+
     fn assert_kernel_equals_decide(src: &str, rng: &mut Lcg) {
         let policy = parse_str(src, "gen.yaml").unwrap();
         let k = policy.kernel_rules().unwrap();
@@ -270,9 +362,11 @@ mod tests {
                 ports.extend([lo - 1, lo, hi, hi.saturating_add(1)]);
             }
         }
-        for ip in probe_addrs(&k, rng) {
+        let protocols = [Protocol::Tcp, Protocol::Udp, Protocol::Any];
+        let probes = probe_addrs(&k, rng);
+        for &ip in &probes {
             for &port in &ports {
-                for protocol in [Protocol::Tcp, Protocol::Udp, Protocol::Any] {
+                for protocol in protocols {
                     assert_eq!(
                         kernel_decide(&k, policy.default_action(), ip, port, protocol),
                         policy.decide(ip, port, protocol),
@@ -280,6 +374,45 @@ mod tests {
                     );
                 }
             }
+        }
+
+        // Learned addresses: some probes (at and beside static prefixes, in both
+        // families, mapped or not), each learned for one query's rules or for any rules.
+        let all: Vec<u16> = (1..=policy.rules().len() as u16).collect();
+        for (n, &ip) in probes.iter().enumerate().filter(|(n, _)| n % 3 == 0) {
+            let rule_ids = match n % 4 {
+                3 => all.iter().copied().filter(|_| rng.one_in(2)).collect(),
+                _ => {
+                    let query: &&str = rng.pick(&QUERIES);
+                    policy.rules_for_name(query)
+                }
+            };
+            let Ok(list) = policy.learned_entries(ip, &rule_ids) else {
+                continue;
+            };
+            let learned = with_entry(&k, ip, Some(list));
+            for &port in &ports {
+                for protocol in protocols {
+                    assert_eq!(
+                        kernel_decide(&learned, policy.default_action(), ip, port, protocol),
+                        policy.decide_learned(ip, port, protocol, &rule_ids),
+                        "learned {ip} for rules {rule_ids:?}, port {port} {protocol}\n{src}"
+                    );
+                }
+            }
+            // Other addresses are not affected.
+            let other = probes[(n + 1) % probes.len()];
+            if other.to_canonical() != ip.to_canonical() {
+                assert_eq!(
+                    kernel_decide(&learned, policy.default_action(), other, 443, Protocol::Tcp),
+                    policy.decide(other, 443, Protocol::Tcp),
+                    "{other} beside learned {ip}\n{src}"
+                );
+            }
+            // Expiry restores exactly the static maps.
+            let host = IpNet::from(ip.to_canonical());
+            let expired = with_entry(&learned, ip, policy.static_entry(host));
+            assert_eq!(expired, k, "after {ip} expired\n{src}");
         }
     }
 
@@ -309,6 +442,17 @@ rules:
   - {name: net, to: [192.0.2.0/24], action: allow}
   - {name: six, to: [\"2001:db8::1\"], ports: [443], protocol: tcp, action: deny}
 ",
+            "version: 1
+default: audit
+rules:
+  - {name: no-b, to: [b.a.example], action: deny}
+  - {name: gh, to: [api.github.com, 192.0.2.10], ports: [443], action: proxy}
+  - {name: web, to: [\"**.example\", 192.0.2.0/24], ports: [80, 443], protocol: tcp, action: allow}
+  - {name: one, to: [\"*.example\"], ports: [\"1-1024\"], protocol: udp, action: allow}
+  - {name: net, to: [10.0.0.0/8, \"2001:db8::/32\"], ports: [22], action: deny}
+  - {name: pin, to: [\"*.other.test\"], action: passthrough}
+  - {name: late, to: [a.example, 10.1.0.0/16], ports: [8080], action: deny}
+",
         ] {
             assert_kernel_equals_decide(src, &mut rng);
         }
@@ -335,6 +479,15 @@ rules:
             "2001:db8::1",
             "2001:db8:0:1::/64",
         ];
+        let names = [
+            "a.example",
+            "*.example",
+            "**.example",
+            "*.a.example",
+            "b.a.example",
+            "api.github.com",
+            "**.test",
+        ];
         let ports = [
             "1",
             "22",
@@ -353,7 +506,13 @@ rules:
             for r in 0..(1 + rng.next() % 5) {
                 let mut to = Vec::new();
                 for _ in 0..(1 + rng.next() % 2) {
-                    let pool: &[&str] = if rng.one_in(3) { &nets6 } else { &nets4 };
+                    let pool: &[&str] = if rng.one_in(3) {
+                        &nets6
+                    } else if rng.one_in(3) {
+                        &names
+                    } else {
+                        &nets4
+                    };
                     to.push(format!("\"{}\"", rng.pick(pool)));
                 }
                 let mut line = format!("  - name: r{r}\n    to: [{}]\n", to.join(", "));
@@ -464,6 +623,127 @@ rules:
         // Proxy rules are TCP: UDP to the same address falls to the default.
         let d = policy.decide(ip, 443, Protocol::Udp);
         assert_eq!((d.verdict, d.rule_id), (Verdict::Deny, 0));
+    }
+
+    #[test]
+    fn learned_entries_keep_static_rules() {
+        let policy = parse_str(
+            "version: 1
+rules:
+  - {name: net, to: [192.0.2.0/24], ports: [80], protocol: tcp, action: allow}
+  - {name: host, to: [192.0.2.7], ports: [22], action: deny}
+  - {name: api, to: [api.example.com], ports: [443], protocol: tcp, action: allow}
+  - {name: both, to: [192.0.2.0/25, \"*.example.com\"], ports: [\"9000-9001\"], action: allow}
+  - {name: six, to: [\"2001:db8::/32\"], action: deny}
+  - {name: gh, to: [api.example.com], ports: [443], action: proxy}
+",
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(policy.rules_for_name("api.example.com"), [3, 4, 6]);
+        let entries = |l: &PrefixRules| l.entries[..l.count as usize].to_vec();
+        let entry = |port_lo, port_hi, rule_id, protocol, action| RuleEntry {
+            port_lo,
+            port_hi,
+            rule_id,
+            protocol,
+            action,
+        };
+        let api = entry(443, 443, 3, proto::TCP, action::ALLOW);
+        let both = entry(9000, 9001, 4, proto::ANY, action::ALLOW);
+        let gh = entry(443, 443, 6, proto::TCP, action::PROXY);
+        let host = entry(22, 22, 2, proto::ANY, action::DENY);
+        let net = entry(80, 80, 1, proto::TCP, action::ALLOW);
+        let six = entry(0, 65535, 5, proto::ANY, action::DENY);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+
+        // Name rules first (policy order, whatever order the ids come in), then the
+        // static rules for the address, longest prefix first; `both` is not repeated.
+        for (addr, ids) in [
+            ("192.0.2.7", &[3, 4, 6][..]),
+            ("::ffff:192.0.2.7", &[6, 4, 3, 4]),
+        ] {
+            let list = policy.learned_entries(ip(addr), ids).unwrap();
+            assert_eq!(entries(&list), [api, both, gh, host, net], "{addr}");
+        }
+        assert_eq!(
+            entries(&policy.learned_entries(ip("192.0.2.7"), &[3]).unwrap()),
+            [api, host, both, net]
+        );
+        // Outside the static prefixes only the name rules apply; unknown ids are ignored.
+        assert_eq!(
+            entries(
+                &policy
+                    .learned_entries(ip("198.51.100.1"), &[3, 0, 99])
+                    .unwrap()
+            ),
+            [api]
+        );
+        assert_eq!(
+            entries(&policy.learned_entries(ip("2001:db8::1"), &[3]).unwrap()),
+            [api, six]
+        );
+        // No name rules: exactly what the static list for that address says.
+        assert_eq!(
+            entries(&policy.learned_entries(ip("192.0.2.7"), &[]).unwrap()),
+            [host, both, net]
+        );
+
+        // Static lists by exact prefix, for restoring after a learned entry expires.
+        let net_of = |s: &str| s.parse::<IpNet>().unwrap();
+        let k = policy.kernel_rules().unwrap();
+        let host_list = k.v4.iter().find(|(n, _)| n.prefix_len() == 32).unwrap().1;
+        assert_eq!(policy.static_entry(net_of("192.0.2.7/32")), Some(host_list));
+        assert_eq!(
+            policy.static_entry(net_of("::ffff:192.0.2.7/128")),
+            Some(host_list)
+        );
+        assert_eq!(entries(&host_list), [host, both, net]);
+        assert_eq!(policy.static_entry(net_of("192.0.2.8/32")), None);
+        assert_eq!(policy.static_entry(net_of("2001:db8::1/128")), None);
+        assert!(policy.static_entry(net_of("2001:db8::/32")).is_some());
+        // Names never reach the static maps.
+        assert_eq!(k.v4.len(), 3);
+        assert_eq!(k.v6.len(), 1);
+    }
+
+    #[test]
+    fn learned_entries_that_overflow_are_refused() {
+        let many: Vec<String> = (1..=15).map(|p| p.to_string()).collect();
+        let src = format!(
+            "version: 1
+rules:
+  - {{name: wide, to: [10.0.0.0/8], ports: [80, 443], action: allow}}
+  - {{name: named, to: [a.example], ports: [{}], action: allow}}
+",
+            many.join(", ")
+        );
+        let policy = parse_str(&src, "t.yaml").unwrap();
+        let ids = policy.rules_for_name("a.example");
+        let fits = policy.learned_entries("192.0.2.1".parse().unwrap(), &ids);
+        assert_eq!(fits.unwrap().count, 15);
+        let err = policy
+            .learned_entries("10.1.2.3".parse().unwrap(), &ids)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "prefix 10.1.2.3/32 needs 17 kernel entries, more than the 16 allowed per \
+             prefix; rules involved: `named` (15 port ranges), `wide` (2 port ranges) (valid: \
+             at most 16 (rule, port range) pairs apply to one prefix, counting rules for \
+             prefixes that contain it; merge port ranges or rules)"
+        );
+        // One name rule alone must fit.
+        let many: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
+        let src = format!(
+            "version: 1\nrules:\n  - {{name: named, to: [a.example], ports: [{}], action: allow}}\n",
+            many.join(", ")
+        );
+        assert_eq!(
+            parse_str(&src, "t.yaml").unwrap_err().to_string(),
+            "t.yaml:3:43: rules[0].ports: 17 port ranges, more than the 16 kernel entries one \
+             learned address can hold (valid: at most 16 ports and ranges; merge them into \
+             ranges like \"8000-8100\")"
+        );
     }
 
     #[test]

@@ -13,22 +13,31 @@
 //! server name and `Host` with [`Rule::allows_host`] and each request with
 //! [`Rule::check_request`], and injects [`Rule::credential`]. [`Policy::decide_request`]
 //! is the same judgement from a URL, used by `request:` tests.
+//!
+//! Rules may name destinations by host name or wildcard (`api.github.com`,
+//! `"*.example.com"`). Those grant nothing by address: the daemon's resolver answers only
+//! names [`Policy::rules_for_name`] allows, asking the resolvers of [`Policy::dns`], and
+//! writes each address it learns into the kernel with [`Policy::learned_entries`];
+//! [`Policy::decide_learned`] is the matching reference decision. See `names`.
 mod compile;
 mod decide;
+mod dns;
 mod error;
 mod host;
 mod http;
 mod kernel;
 mod load;
+mod names;
 pub mod raw;
 mod request;
 mod selftest;
 
 pub use compile::{
-    compile, normalise_net, Action, DefaultAction, Policy, PolicyTest, Protocol, RequestTest, Rule,
-    MAX_RULES, POLICY_VERSION,
+    compile, normalise_net, Action, DefaultAction, NameTest, NameTestKind, Policy, PolicyTest,
+    Protocol, RequestTest, Rule, MAX_RULES, POLICY_VERSION,
 };
 pub use decide::{Decision, Verdict};
+pub use dns::DnsConfig;
 pub use error::{CompileError, FieldPath, Location, PolicyError, Segment};
 pub use host::HostPattern;
 pub use http::{HttpRule, MethodPattern, PathGlob};
@@ -178,28 +187,34 @@ tests:
                 5,
                 "    to: [192.0.2.0/24, 300.1.2.3]",
                 "p.yaml:5:24: rules[0].to[1]: invalid destination \"300.1.2.3\" (valid: an \
-                 IP address like 192.0.2.7 or 2001:db8::7, a CIDR like 10.0.0.0/8, or a host \
-                 name like api.example.com)",
+                 IP address like 192.0.2.7 or 2001:db8::7, a CIDR like 10.0.0.0/8, a host name \
+                 like api.example.com, or a wildcard like \"*.example.com\" (one label in \
+                 front) or \"**.example.com\" (one or more))",
             ),
             (
                 5,
                 "    to: []",
                 "p.yaml:5:9: rules[0].to: a rule needs at least one destination (valid: a \
-                 list of IP addresses and CIDRs, like [192.0.2.7, 10.0.0.0/8])",
+                 list of IP addresses, CIDRs and host names, like [192.0.2.7, 10.0.0.0/8, \
+                 api.example.com])",
             ),
             (
                 5,
-                "    to: [192.0.2.1, api.github.com]",
-                "p.yaml:5:21: rules[0].to[1]: host name `api.github.com` needs the DNS \
-                 resolver, which this build does not have yet; valid here: IP addresses and \
-                 CIDRs",
+                "    to: [192.0.2.1, \"a.*.example.com\"]",
+                "p.yaml:5:21: rules[0].to[1]: invalid destination \"a.*.example.com\": `*` may \
+                 only be the whole first label, followed by a domain: `*.` for one label or \
+                 `**.` for one or more (valid: an IP address like 192.0.2.7 or 2001:db8::7, a \
+                 CIDR like 10.0.0.0/8, a host name like api.example.com, or a wildcard like \
+                 \"*.example.com\" (one label in front) or \"**.example.com\" (one or more))",
             ),
             (
                 5,
-                "    to: [\"*.example.com\"]",
-                "p.yaml:5:10: rules[0].to[0]: host name `*.example.com` needs the DNS \
-                 resolver, which this build does not have yet; valid here: IP addresses and \
-                 CIDRs",
+                "    to: [api_v2.example.com]",
+                "p.yaml:5:10: rules[0].to[0]: invalid destination \"api_v2.example.com\": label \
+                 `api_v2` contains '_'; labels are letters, digits and `-` (valid: an IP \
+                 address like 192.0.2.7 or 2001:db8::7, a CIDR like 10.0.0.0/8, a host name \
+                 like api.example.com, or a wildcard like \"*.example.com\" (one label in \
+                 front) or \"**.example.com\" (one or more))",
             ),
             (
                 5,
@@ -225,14 +240,15 @@ tests:
                 "    action: proxy",
                 "p.yaml:8:13: rules[0].action: `action: proxy` needs `hosts`, the names the \
                  TLS server name and the HTTP Host must match (valid: add a list like `hosts: \
-                 [api.example.com]`)",
+                 [api.example.com]`, or put host names in `to`, which `hosts` then defaults to)",
             ),
             (
                 8,
                 "    action: passthrough",
                 "p.yaml:8:13: rules[0].action: `action: passthrough` needs `hosts`, the names \
                  the TLS server name and the HTTP Host must match (valid: add a list like \
-                 `hosts: [api.example.com]`)",
+                 `hosts: [api.example.com]`, or put host names in `to`, which `hosts` then \
+                 defaults to)",
             ),
             (
                 2,
@@ -244,13 +260,13 @@ tests:
                 7,
                 "    port: 443",
                 "p.yaml:7:5: rules[0].port: unknown field `port`, expected one of `name`, \
-                 `to`, `ports`, `protocol`, `action`, `hosts`, `credential`, `http`",
+                 `to`, `ports`, `protocol`, `action`, `hosts`, `credential`, `http`, `git`",
             ),
             (
                 2,
-                "dns: {}",
-                "p.yaml:2:1: dns: unknown field `dns`, expected one of `version`, `default`, \
-                 `rules`, `tests`",
+                "resolver: {}",
+                "p.yaml:2:1: resolver: unknown field `resolver`, expected one of `version`, \
+                 `default`, `dns`, `rules`, `tests`",
             ),
             (
                 8,
@@ -305,15 +321,39 @@ tests:
                 14,
                 "  - connect: 192.0.2.7",
                 "p.yaml:14:14: tests[0].connect: invalid connection \"192.0.2.7\": the port \
-                 is missing (valid: \"192.0.2.7:443\", \"192.0.2.7:53/udp\" or \
-                 \"[2001:db8::1]:443/tcp\"; the protocol is tcp (the default) or udp)",
+                 is missing (valid: \"192.0.2.7:443\", \"192.0.2.7:53/udp\", \
+                 \"[2001:db8::1]:443/tcp\" or \"api.example.com:443\"; the protocol is tcp \
+                 (the default) or udp)",
             ),
             (
                 14,
                 "  - connect: 192.0.2.7:443/icmp",
                 "p.yaml:14:14: tests[0].connect: invalid connection \"192.0.2.7:443/icmp\": \
-                 unknown protocol \"icmp\" (valid: \"192.0.2.7:443\", \"192.0.2.7:53/udp\" \
-                 or \"[2001:db8::1]:443/tcp\"; the protocol is tcp (the default) or udp)",
+                 unknown protocol \"icmp\" (valid: \"192.0.2.7:443\", \"192.0.2.7:53/udp\", \
+                 \"[2001:db8::1]:443/tcp\" or \"api.example.com:443\"; the protocol is tcp \
+                 (the default) or udp)",
+            ),
+            (
+                14,
+                "  - connect: \"*.example.com:443\"",
+                "p.yaml:14:14: tests[0].connect: invalid connection \"*.example.com:443\": \
+                 name \"*.example.com\" is a wildcard; a test looks up one name (valid: \
+                 \"192.0.2.7:443\", \"192.0.2.7:53/udp\", \"[2001:db8::1]:443/tcp\" or \
+                 \"api.example.com:443\"; the protocol is tcp (the default) or udp)",
+            ),
+            (
+                14,
+                "  - connect: api.example.com:https",
+                "p.yaml:14:14: tests[0].connect: invalid connection \"api.example.com:https\": \
+                 port \"https\" is not a number 0-65535 (valid: \"192.0.2.7:443\", \
+                 \"192.0.2.7:53/udp\", \"[2001:db8::1]:443/tcp\" or \"api.example.com:443\"; \
+                 the protocol is tcp (the default) or udp)",
+            ),
+            (
+                14,
+                "  - connect: api.example.com:443",
+                "p.yaml:16:11: tests[0].rule: rule `local-api` has no host names in `to`, so it \
+                 never decides a connection to a name (valid: `none`, `default`)",
             ),
             (
                 15,
@@ -452,7 +492,7 @@ tests:
                 &[(7, "")],
                 "p.yaml:6:13: rules[0].action: `action: proxy` needs `hosts`, the names the TLS \
                  server name and the HTTP Host must match (valid: add a list like `hosts: \
-                 [api.example.com]`)",
+                 [api.example.com]`, or put host names in `to`, which `hosts` then defaults to)",
             ),
             (
                 &[(5, "    protocol: udp")],
@@ -639,13 +679,24 @@ tests:
                     20,
                     "  - connect: 192.0.2.10:443\n    request: GET https://api.github.com/",
                 )],
-                "p.yaml:21:14: tests[0].request: a test has `connect:` or `request:`, not both \
-                 (valid: one test per connection or request)",
+                "p.yaml:21:14: tests[0].request: a test has one of `connect:`, `request:` and \
+                 `resolve:`, not several (here: `connect`, `request`) (valid: one test per \
+                 connection, request or name)",
+            ),
+            (
+                &[(
+                    20,
+                    "  - request: GET https://api.github.com/\n    resolve: api.github.com",
+                )],
+                "p.yaml:21:14: tests[0].resolve: a test has one of `connect:`, `request:` and \
+                 `resolve:`, not several (here: `request`, `resolve`) (valid: one test per \
+                 connection, request or name)",
             ),
             (
                 &[(20, "  - expect: deny"), (21, "")],
-                "p.yaml:20:5: tests[0]: a test needs `connect:` or `request:` (valid: `connect: \
-                 192.0.2.7:443` or `request: GET https://api.example.com/`)",
+                "p.yaml:20:5: tests[0]: a test needs `connect:`, `request:` or `resolve:` \
+                 (valid: `connect: 192.0.2.7:443`, `request: GET https://api.example.com/` or \
+                 `resolve: api.example.com`)",
             ),
         ];
         let wrong: Vec<String> = cases

@@ -2,9 +2,9 @@
 //!
 //! Unknown keys are rejected rather than ignored, because a misspelt key (`port:` for
 //! `ports:`) would otherwise silently widen a rule. Scalars with a syntax of their own
-//! (addresses, CIDRs, port ranges, `connect:` strings) are parsed here by their own
-//! `Deserialize` impls, so that a malformed one is reported at its line and column.
-//! Checks that need more than one value live in `compile`.
+//! (addresses, CIDRs, host names, port ranges, resolver addresses, `connect:` strings)
+//! are parsed here by their own `Deserialize` impls, so that a malformed one is reported
+//! at its line and column. Checks that need more than one value live in `compile`.
 use std::{
     fmt,
     marker::PhantomData,
@@ -25,10 +25,21 @@ use super::{
 pub(crate) const VALID_PORTS: &str = "valid: a port 1-65535 or a range \"lo-hi\"";
 /// Appended to every destination error.
 pub(crate) const VALID_DEST: &str = "valid: an IP address like 192.0.2.7 or 2001:db8::7, \
-     a CIDR like 10.0.0.0/8, or a host name like api.example.com";
+     a CIDR like 10.0.0.0/8, a host name like api.example.com, or a wildcard like \
+     \"*.example.com\" (one label in front) or \"**.example.com\" (one or more)";
 /// Appended to every `connect:` error.
-pub(crate) const VALID_CONNECT: &str = "valid: \"192.0.2.7:443\", \"192.0.2.7:53/udp\" or \
-     \"[2001:db8::1]:443/tcp\"; the protocol is tcp (the default) or udp";
+pub(crate) const VALID_CONNECT: &str = "valid: \"192.0.2.7:443\", \"192.0.2.7:53/udp\", \
+     \"[2001:db8::1]:443/tcp\" or \"api.example.com:443\"; the protocol is tcp (the default) \
+     or udp";
+/// Appended to every `resolve:` error.
+pub(crate) const VALID_RESOLVE: &str =
+    "valid: one DNS name like api.example.com, not a wildcard or an address";
+/// Appended to every `dns.upstream` error.
+pub(crate) const VALID_UPSTREAM: &str = "valid: a resolver's IP address like 192.0.2.53 or \
+     \"2001:db8::53\" (port 53), or with a port like \"192.0.2.53:5353\" or \
+     \"[2001:db8::53]:5353\"";
+/// Appended to every `dns.min_ttl` and `dns.grace` error.
+pub(crate) const VALID_SECONDS: &str = "valid: a whole number of seconds, like 30";
 /// Appended to every `request:` error.
 pub(crate) const VALID_REQUEST: &str =
     "valid: METHOD URL, like \"GET https://api.example.com/path?query\"";
@@ -42,6 +53,10 @@ pub struct RawPolicy {
     /// What happens to a connection no rule decides: `deny` (when omitted) or `audit`.
     #[serde(default)]
     pub default: RawDefault,
+    /// How the daemon resolves names on the sandbox's behalf. Omitted: the daemon's own
+    /// settings apply.
+    #[serde(default)]
+    pub dns: Option<RawDns>,
     /// Rules, in priority order among rules whose destinations are equally specific.
     #[serde(default)]
     pub rules: Vec<RawRule>,
@@ -50,6 +65,31 @@ pub struct RawPolicy {
     #[serde(default)]
     pub tests: Vec<RawTest>,
 }
+
+/// The `dns:` section.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    /// The resolvers the daemon asks on the sandbox's behalf (at least one), by address:
+    /// `ADDRESS` (port 53) or `ADDRESS:PORT`, an IPv6 address in brackets.
+    pub upstream: Vec<RawUpstream>,
+    /// Seconds a learned address lives at least, whatever the answer's TTL (0-86400;
+    /// 5 when omitted).
+    #[serde(default)]
+    pub min_ttl: Option<RawSeconds>,
+    /// Seconds a learned address lives after its TTL (0-3600; 30 when omitted), so that
+    /// a connection made just before expiry is not refused.
+    #[serde(default)]
+    pub grace: Option<RawSeconds>,
+}
+
+/// A resolver address in `dns.upstream`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RawUpstream(pub SocketAddr);
+
+/// A number of seconds (range checked by `compile`, which knows the field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RawSeconds(pub u64);
 
 /// What happens to a connection no rule decides.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -68,7 +108,8 @@ pub enum RawDefault {
 pub struct RawRule {
     /// Unique name of `[A-Za-z0-9_.-]` characters; audit records and tests refer to it.
     pub name: String,
-    /// Destinations the rule applies to (at least one).
+    /// Destinations the rule applies to (at least one): addresses, CIDRs, and host names
+    /// or wildcards, whose addresses the rule covers once the sandbox resolves them.
     pub to: Vec<RawDest>,
     /// Destination ports; omitted means any port.
     #[serde(default)]
@@ -89,6 +130,10 @@ pub struct RawRule {
     /// Proxy rules only: the requests allowed; when present, all others are refused.
     #[serde(default)]
     pub http: Option<Vec<RawHttpRule>>,
+    /// Proxy rules only: git smart-HTTP to these repositories (fetch, and pushes only to
+    /// the listed refs); other requests on the rule are refused.
+    #[serde(default)]
+    pub git: Option<crate::proxy::git::RawGitRule>,
 }
 
 /// One entry of a proxy rule's `http:` list: any of `methods` on any of `paths`.
@@ -106,9 +151,9 @@ pub struct RawHttpRule {
 pub enum RawDest {
     /// An address (as a /32 or /128) or a CIDR whose host bits are clear.
     Net(IpNet),
-    /// A host name (`api.example.com`) or wildcard (`*.example.com`), lower-cased.
-    /// Needs the DNS resolver, which this build does not have yet.
-    Host(String),
+    /// A host name (`api.example.com`) or wildcard (`*.example.com`, `**.example.com`),
+    /// normalised. It covers the addresses the daemon learns by resolving a matching name.
+    Host(HostPattern),
 }
 
 /// An inclusive destination port range; a single port is `lo == hi`.
@@ -156,18 +201,24 @@ impl RawAction {
     }
 }
 
-/// A policy test: a connection or an HTTPS request, and the verdict the policy must give
-/// it. Exactly one of `connect` and `request` is given (checked by `compile`).
+/// A policy test: a connection, an HTTPS request or a name lookup, and the verdict the
+/// policy must give it. Exactly one of `connect`, `request` and `resolve` is given
+/// (checked by `compile`).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTest {
-    /// The connection, like `192.0.2.7:443/tcp` or `[2001:db8::1]:53/udp`.
+    /// The connection, like `192.0.2.7:443/tcp`, `[2001:db8::1]:53/udp` or
+    /// `api.example.com:443` (judged as if the name resolved to an address no rule lists).
     #[serde(default)]
     pub connect: Option<RawConnect>,
     /// The request, like `GET https://api.example.com/path`.
     #[serde(default)]
     pub request: Option<RawRequest>,
-    /// The verdict it must get (`allow` or `deny` for a request).
+    /// A name the sandbox looks up, like `api.example.com`: `expect: allow` if it
+    /// resolves, `deny` if the resolver refuses it.
+    #[serde(default)]
+    pub resolve: Option<RawName>,
+    /// The verdict it must get (`allow` or `deny` for a request or a name).
     pub expect: RawVerdict,
     /// The rule that must decide it. Omitted, `~`, `none` or `default` mean that no rule
     /// may match, so the policy default decides (for a request: it is denied).
@@ -197,17 +248,35 @@ pub enum RawTransport {
     Udp,
 }
 
+/// Where a test connection goes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RawTarget {
+    /// An address as written (a v4-mapped address stays v6 here).
+    Addr(IpAddr),
+    /// One DNS name, normalised (lower case, no trailing dot).
+    Name(String),
+}
+
 /// A test's `connect:` value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawConnect {
     /// The text as written, for reports.
     pub text: String,
-    /// Destination address as written (a v4-mapped address stays v6 here).
-    pub addr: IpAddr,
+    /// Destination address or name.
+    pub target: RawTarget,
     /// Destination port (0 is allowed: a caller may pass it to `connect()`).
     pub port: u16,
     /// `tcp` unless the text ends in `/udp`.
     pub transport: RawTransport,
+}
+
+/// A test's `resolve:` value: one DNS name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RawName {
+    /// The text as written, for reports.
+    pub text: String,
+    /// Normalised: lower case, no trailing dot.
+    pub name: String,
 }
 
 /// A test's `request:` value.
@@ -255,6 +324,56 @@ impl<'de> Deserialize<'de> for RawConnect {
             PhantomData,
             "a connection like \"192.0.2.7:443/tcp\"",
         ))
+    }
+}
+
+impl<'de> Deserialize<'de> for RawName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(ParsedStr(PhantomData, "a DNS name like api.example.com"))
+    }
+}
+
+impl<'de> Deserialize<'de> for RawUpstream {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(ParsedStr(
+            PhantomData,
+            "a resolver address like 192.0.2.53 or \"192.0.2.53:5353\"",
+        ))
+    }
+}
+
+impl<'de> Deserialize<'de> for RawSeconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SecondsVisitor)
+    }
+}
+
+struct SecondsVisitor;
+
+impl de::Visitor<'_> for SecondsVisitor {
+    type Value = RawSeconds;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a whole number of seconds")
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawSeconds, E> {
+        Ok(RawSeconds(v))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawSeconds, E> {
+        u64::try_from(v).map(RawSeconds).map_err(|_| {
+            E::custom(format!(
+                "invalid duration {v}: seconds are not negative ({VALID_SECONDS})"
+            ))
+        })
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSeconds, E> {
+        Err(E::custom(format!(
+            "invalid duration {v:?}: is not a number; units are not written, the number is \
+             seconds ({VALID_SECONDS})"
+        )))
     }
 }
 
@@ -335,10 +454,85 @@ impl FromStr for RawDest {
         if let Ok(addr) = text.parse::<IpAddr>() {
             return Ok(Self::Net(IpNet::from(addr)));
         }
-        if is_host_pattern(text) {
-            return Ok(Self::Host(text.to_ascii_lowercase()));
+        // `300.1.1.1` and `10.0.0` are mistyped addresses, not names.
+        if looks_numeric(text) {
+            return Err(format!("invalid destination {text:?} ({VALID_DEST})"));
         }
-        Err(format!("invalid destination {text:?} ({VALID_DEST})"))
+        HostPattern::parse_bare(text)
+            .map(Self::Host)
+            .map_err(|why| format!("invalid destination {text:?}: {why} ({VALID_DEST})"))
+    }
+}
+
+/// Whether the last label (ignoring one trailing dot) is all digits, so the text can only
+/// be a (mistyped) address: no top-level domain is numeric.
+fn looks_numeric(text: &str) -> bool {
+    let text = text.strip_suffix('.').unwrap_or(text);
+    text.rsplit('.')
+        .next()
+        .is_some_and(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Parses one DNS name (not a wildcard, not an address) and normalises it; `Err` says
+/// only what is wrong.
+fn parse_name(text: &str) -> Result<String, String> {
+    if text.parse::<IpAddr>().is_ok() || looks_numeric(text) {
+        return Err("is an address, not a name".into());
+    }
+    let pattern = HostPattern::parse_bare(text)?;
+    if pattern.is_wildcard() {
+        return Err("is a wildcard; a test looks up one name".into());
+    }
+    Ok(pattern.to_string())
+}
+
+impl FromStr for RawName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let text = s.trim();
+        let name = parse_name(text)
+            .map_err(|why| format!("invalid name {text:?}: {why} ({VALID_RESOLVE})"))?;
+        Ok(Self {
+            text: text.to_owned(),
+            name,
+        })
+    }
+}
+
+impl FromStr for RawUpstream {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let text = s.trim();
+        let bad = |why: &str| format!("invalid resolver {text:?}: {why} ({VALID_UPSTREAM})");
+        let addr = match text.parse::<SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => match text.parse::<IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, 53),
+                Err(_) => {
+                    let host = text.rsplit_once(':').map_or(text, |(h, _)| h);
+                    return Err(if parse_name(host).is_ok() {
+                        bad("is a name; resolvers are given by address, since finding \
+                             them by name would need a resolver")
+                    } else {
+                        bad(
+                            "is not an address, or ADDRESS:PORT with an IPv6 address in \
+                             brackets",
+                        )
+                    });
+                }
+            },
+        };
+        if addr.port() == 0 {
+            return Err(bad("port 0 is not a port a resolver listens on"));
+        }
+        if let SocketAddr::V6(v6) = addr {
+            if v6.scope_id() != 0 {
+                return Err(bad("zone indices are not supported"));
+            }
+        }
+        Ok(Self(addr))
     }
 }
 
@@ -354,28 +548,6 @@ pub(crate) fn check_host_bits(net: IpNet) -> Result<(), String> {
         "CIDR {net} has host bits set: did you mean {network} (the whole network) \
          or {single} (the single address)?"
     ))
-}
-
-/// `api.example.com`, `localhost`, `*.example.com`. The last label may not be all digits,
-/// so a mistyped address like `300.1.1.1` is not taken for a name.
-fn is_host_pattern(text: &str) -> bool {
-    let name = text.strip_prefix("*.").unwrap_or(text);
-    if name.is_empty() || name.len() > 253 {
-        return false;
-    }
-    let labels: Vec<&str> = name.split('.').collect();
-    let label_ok = |l: &&str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    labels.iter().all(label_ok)
-        && labels
-            .last()
-            .is_some_and(|l| !l.bytes().all(|b| b.is_ascii_digit()))
 }
 
 impl<'de> Deserialize<'de> for RawPortRange {
@@ -476,13 +648,29 @@ impl FromStr for RawConnect {
                 return Err(bad(&format!("unknown protocol {other:?}")));
             }
         };
+        if let Some((host, port)) = target.rsplit_once(':') {
+            if !host.contains(':') && !host.starts_with('[') && !looks_numeric(host) {
+                let name = parse_name(host).map_err(|why| bad(&format!("name {host:?} {why}")))?;
+                // Port 0 is allowed, as for addresses.
+                let port = Some(port)
+                    .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .ok_or_else(|| bad(&format!("port {port:?} is not a number 0-65535")))?;
+                return Ok(Self {
+                    text: text.to_owned(),
+                    target: RawTarget::Name(name),
+                    port,
+                    transport,
+                });
+            }
+        }
         let addr: SocketAddr = target.parse().map_err(|_| {
             if target.parse::<std::net::Ipv6Addr>().is_ok() {
                 bad("the port is missing (an IPv6 address goes in brackets: [ADDRESS]:PORT)")
-            } else if target.parse::<IpAddr>().is_ok() {
+            } else if target.parse::<IpAddr>().is_ok() || parse_name(target).is_ok() {
                 bad("the port is missing")
             } else {
-                bad("expected ADDRESS:PORT, with an IPv6 address in brackets")
+                bad("expected ADDRESS:PORT or NAME:PORT, with an IPv6 address in brackets")
             }
         })?;
         if let SocketAddr::V6(v6) = addr {
@@ -492,7 +680,7 @@ impl FromStr for RawConnect {
         }
         Ok(Self {
             text: text.to_owned(),
-            addr: addr.ip(),
+            target: RawTarget::Addr(addr.ip()),
             port: addr.port(),
             transport,
         })
@@ -549,6 +737,7 @@ mod tests {
     #[test]
     fn destinations() {
         let net = |s: &str| RawDest::Net(s.parse().unwrap());
+        let host = |s: &str| RawDest::Host(HostPattern::parse(s).unwrap());
         let cases: &[Case<RawDest>] = &[
             ("192.0.2.7", Ok(net("192.0.2.7/32"))),
             ("10.0.0.0/8", Ok(net("10.0.0.0/8"))),
@@ -558,9 +747,12 @@ mod tests {
             ("2001:db8::1/128", Ok(net("2001:db8::1/128"))),
             ("::/0", Ok(net("::/0"))),
             ("::ffff:192.0.2.0/120", Ok(net("::ffff:192.0.2.0/120"))),
-            ("API.GitHub.com", Ok(RawDest::Host("api.github.com".into()))),
-            ("*.example.com", Ok(RawDest::Host("*.example.com".into()))),
-            ("localhost", Ok(RawDest::Host("localhost".into()))),
+            ("API.GitHub.com", Ok(host("api.github.com"))),
+            ("api.github.com.", Ok(host("api.github.com"))),
+            ("*.Example.com", Ok(host("*.example.com"))),
+            ("**.example.com", Ok(host("**.example.com"))),
+            ("localhost", Ok(host("localhost"))),
+            ("1password.com", Ok(host("1password.com"))),
             (
                 "10.0.0.1/8",
                 Err("did you mean 10.0.0.0/8 (the whole network) or 10.0.0.1/32"),
@@ -575,19 +767,91 @@ mod tests {
                 Err("prefix length \"129\" is not a number 0-128"),
             ),
             ("10.0.0.0/x", Err("is not a number")),
-            ("300.1.1.1", Err("invalid destination \"300.1.1.1\"")),
-            ("10.0.0", Err("invalid destination")),
+            (
+                "300.1.1.1",
+                Err("invalid destination \"300.1.1.1\" (valid: "),
+            ),
+            ("10.0.0", Err("invalid destination \"10.0.0\" (valid: ")),
+            ("*.10", Err("invalid destination \"*.10\" (valid: ")),
             ("foo/8", Err("\"foo\" is not an IP address")),
-            ("a..b", Err("invalid destination")),
-            ("*", Err("invalid destination")),
-            ("a.*.b", Err("invalid destination")),
-            ("-a.com", Err("invalid destination")),
-            ("", Err("invalid destination")),
+            (
+                "a..b",
+                Err("invalid destination \"a..b\": has an empty label"),
+            ),
+            ("*", Err("`*` may only be the whole first label")),
+            ("a.*.b", Err("`*` may only be the whole first label")),
+            ("***.b", Err("`*` may only be the whole first label")),
+            ("-a.com", Err("label `-a` starts or ends with `-`")),
+            ("a_b.example", Err("label `a_b` contains '_'")),
+            ("", Err("invalid destination \"\": is empty")),
         ];
         for (text, want) in cases {
             match (want, text.parse::<RawDest>()) {
                 (Ok(w), Ok(g)) => assert_eq!(w, &g, "{text}"),
                 (Err(msg), Err(e)) => assert!(e.contains(msg), "{text}: {e:?} lacks {msg:?}"),
+                (want, got) => unreachable!("{text}: want {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn name_connects() {
+        let cases = [
+            (
+                "api.github.com:443",
+                "api.github.com",
+                443,
+                RawTransport::Tcp,
+            ),
+            (
+                "API.GitHub.com.:443/tcp",
+                "api.github.com",
+                443,
+                RawTransport::Tcp,
+            ),
+            ("dns.example:53/udp", "dns.example", 53, RawTransport::Udp),
+            ("localhost:0", "localhost", 0, RawTransport::Tcp),
+        ];
+        for (text, name, port, transport) in cases {
+            let c = text.parse::<RawConnect>().unwrap();
+            assert_eq!(
+                (c.target, c.port, c.transport),
+                (RawTarget::Name(name.to_owned()), port, transport),
+                "{text}"
+            );
+            assert_eq!(c.text, text);
+        }
+    }
+
+    #[test]
+    fn upstreams() {
+        let cases: &[Case<&str>] = &[
+            ("192.0.2.53", Ok("192.0.2.53:53")),
+            (" 2001:db8::53 ", Ok("[2001:db8::53]:53")),
+            ("192.0.2.53:5353", Ok("192.0.2.53:5353")),
+            ("[2001:db8::53]:5353", Ok("[2001:db8::53]:5353")),
+            (
+                "dns.example",
+                Err("is a name; resolvers are given by address"),
+            ),
+            (
+                "dns.example:53",
+                Err("is a name; resolvers are given by address"),
+            ),
+            ("192.0.2.53:0", Err("port 0")),
+            ("192.0.2.53:65536", Err("is not an address")),
+            ("2001:db8::53:5353", Ok("[2001:db8::53:5353]:53")),
+            ("300.1.2.3", Err("is not an address")),
+            ("[fe80::1%2]:53", Err("zone indices")),
+            ("", Err("is not an address")),
+        ];
+        for (text, want) in cases {
+            match (want, text.parse::<RawUpstream>()) {
+                (Ok(w), Ok(g)) => assert_eq!(g.0.to_string(), *w, "{text}"),
+                (Err(msg), Err(e)) => {
+                    assert!(e.contains(msg), "{text}: {e:?} lacks {msg:?}");
+                    assert!(e.contains(VALID_UPSTREAM), "{text}: {e:?}");
+                }
                 (want, got) => unreachable!("{text}: want {want:?}, got {got:?}"),
             }
         }
@@ -669,13 +933,26 @@ mod tests {
             ("192.0.2.7:443/sctp", Err("unknown protocol \"sctp\"")),
             ("2001:db8::1:443", Err("goes in brackets")),
             ("192.0.2.7:70000", Err("expected ADDRESS:PORT")),
-            ("example.com:443", Err("expected ADDRESS:PORT")),
             ("[fe80::1%2]:443", Err("zone indices")),
+            ("example.com", Err("the port is missing")),
+            (
+                "example.com:99999",
+                Err("port \"99999\" is not a number 0-65535"),
+            ),
+            ("example.com:", Err("port \"\" is not a number 0-65535")),
+            ("a..b:443", Err("name \"a..b\" has an empty label")),
+            (
+                "**.example.com:443",
+                Err("name \"**.example.com\" is a wildcard"),
+            ),
+            ("exa mple.com:443", Err("label `exa mple` contains ' '")),
+            ("300.1.1.1:443", Err("expected ADDRESS:PORT or NAME:PORT")),
         ];
         for (text, want) in cases {
             match (want, text.parse::<RawConnect>()) {
                 (Ok((a, p, t)), Ok(c)) => {
-                    assert_eq!((c.addr, c.port, c.transport), (*a, *p, *t), "{text}");
+                    let got = (c.target, c.port, c.transport);
+                    assert_eq!(got, (RawTarget::Addr(*a), *p, *t), "{text}");
                 }
                 (Err(msg), Err(e)) => {
                     assert!(e.contains(msg), "{text}: {e:?} lacks {msg:?}");

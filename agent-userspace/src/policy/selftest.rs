@@ -2,12 +2,15 @@
 //! print these outcomes; a policy whose tests fail should not be deployed.
 use std::fmt;
 
-use super::{compile::Policy, Verdict};
+use super::{
+    compile::{NameTestKind, Policy},
+    Verdict,
+};
 
 /// The result of one policy test.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TestOutcome {
-    /// The test's `connect:` or `request:` text.
+    /// The test's `connect:` or `request:` text, or `resolve NAME`.
     pub text: String,
     pub expected: Verdict,
     /// The rule that had to decide; `None` for the default.
@@ -29,8 +32,10 @@ pub struct TestOutcome {
 }
 
 impl Policy {
-    /// Runs every test, in file order: connections through [`Policy::decide`], requests
-    /// through [`Policy::decide_request`], comparing verdict, deciding rule and injected
+    /// Runs every test, in file order: connections to addresses through
+    /// [`Policy::decide`], requests through [`Policy::decide_request`], `resolve:` tests
+    /// through [`Policy::decide_name`] and connections to names through
+    /// [`Policy::decide_name_connect`], comparing verdict, deciding rule and injected
     /// credential.
     pub fn run_tests(&self) -> Vec<TestOutcome> {
         let connects = self.tests.iter().map(|test| {
@@ -65,7 +70,32 @@ impl Policy {
             };
             (test.index, outcome)
         });
-        let mut all: Vec<(usize, TestOutcome)> = connects.chain(requests).collect();
+        let names = self.name_tests.iter().map(|test| {
+            let decision = match test.kind {
+                NameTestKind::Resolve => self.decide_name(&test.name),
+                NameTestKind::Connect { port, protocol } => {
+                    self.decide_name_connect(&test.name, port, protocol)
+                }
+            };
+            let text = match test.kind {
+                // A bare name would read like a connection.
+                NameTestKind::Resolve => format!("resolve {}", test.text),
+                NameTestKind::Connect { .. } => test.text.clone(),
+            };
+            let outcome = TestOutcome {
+                text,
+                expected: test.expect,
+                expected_rule: self.rule_name(test.rule_id).map(str::to_owned),
+                actual: decision.verdict,
+                actual_rule: self.rule_name(decision.rule_id).map(str::to_owned),
+                expected_credential: None,
+                actual_credential: None,
+                reason: None,
+                passed: decision.verdict == test.expect && decision.rule_id == test.rule_id,
+            };
+            (test.index, outcome)
+        });
+        let mut all: Vec<(usize, TestOutcome)> = connects.chain(requests).chain(names).collect();
         all.sort_by_key(|(index, _)| *index);
         all.into_iter().map(|(_, outcome)| outcome).collect()
     }
@@ -276,6 +306,7 @@ tests:
             "audit-only.yaml",
             "deny-all.yaml",
             "github-proxy.yaml",
+            "names.yaml",
         ] {
             assert!(seen.iter().any(|s| s == required), "{required} missing");
         }

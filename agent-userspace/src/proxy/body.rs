@@ -12,15 +12,22 @@ use tokio::time::Instant;
 use super::record::ProxyRecord;
 use super::AuditSink;
 
-/// A request body on its way upstream, counting its bytes.
+/// A request body on its way upstream, counting its bytes. It may start with bytes the
+/// proxy already read from the client (a git push's command list), sent first.
 pub struct CountingBody {
+    prefix: Option<Bytes>,
     inner: Incoming,
     count: Arc<AtomicU64>,
 }
 
 impl CountingBody {
-    pub fn new(inner: Incoming, count: Arc<AtomicU64>) -> Self {
-        Self { inner, count }
+    /// `prefix`, then what is left of `inner`.
+    pub fn with_prefix(prefix: Bytes, inner: Incoming, count: Arc<AtomicU64>) -> Self {
+        Self {
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            inner,
+            count,
+        }
     }
 }
 
@@ -33,6 +40,10 @@ impl Body for CountingBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
+        if let Some(prefix) = this.prefix.take() {
+            this.count.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
         let poll = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &poll {
             if let Some(data) = frame.data_ref() {
@@ -43,11 +54,21 @@ impl Body for CountingBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.prefix.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let Some(prefix) = &self.prefix else {
+            return inner;
+        };
+        let len = prefix.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(len));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(len));
+        }
+        hint
     }
 }
 

@@ -28,6 +28,7 @@ use tracing::debug;
 
 use super::body::{CountingBody, Finish, InFlight, RecordedBody};
 use super::error::ProxyError;
+use super::git::{self, PushOutcome};
 use super::io::{idle_watch, Activity, Metered, PrefixedStream};
 use super::record::{query_keys, RecordKind, TlsMode, Verdict};
 use super::upstream::{DialParams, Sender, UpstreamPool};
@@ -78,10 +79,16 @@ pub(super) async fn intercept(
         .leaf_for(&sni)
         .map_err(ProxyError::from)
         .and_then(|key| {
-            proxy.downstream_tls(Arc::new(FixedCert {
-                name: sni.clone(),
-                key,
-            }))
+            // Git routes speak HTTP/1.1 only: git's HTTP/2 uploads stall with several
+            // libcurl releases (7.88 in Debian 12 among them) on large pushes.
+            let h2 = conn.route.git.is_none();
+            proxy.downstream_tls(
+                Arc::new(FixedCert {
+                    name: sni.clone(),
+                    key,
+                }),
+                h2,
+            )
         }) {
         Ok(config) => config,
         Err(e) => {
@@ -163,6 +170,8 @@ struct Refusal {
     status: StatusCode,
     verdict: Verdict,
     reason: String,
+    /// A body of this content type instead of `reason` as text (a git status report).
+    body: Option<(&'static str, Bytes)>,
 }
 
 impl Refusal {
@@ -171,6 +180,7 @@ impl Refusal {
             status,
             verdict: Verdict::Deny,
             reason: reason.into(),
+            body: None,
         }
     }
 
@@ -185,6 +195,7 @@ impl Refusal {
             status: StatusCode::BAD_GATEWAY,
             verdict,
             reason: e.to_string(),
+            body: None,
         }
     }
 }
@@ -241,15 +252,17 @@ impl ConnCtx {
                 );
                 finish.record.status = Some(refusal.status.as_u16());
                 finish.record.verdict = refusal.verdict;
-                let text = Bytes::from(format!("{}\n", refusal.reason));
+                let (content_type, body) = refusal.body.unwrap_or_else(|| {
+                    (
+                        "text/plain; charset=utf-8",
+                        Bytes::from(format!("{}\n", refusal.reason)),
+                    )
+                });
                 finish.record.reason = Some(refusal.reason);
-                let mut response = Response::new(RecordedBody::local(text, finish));
+                let mut response = Response::new(RecordedBody::local(body, finish));
                 *response.status_mut() = refusal.status;
                 let headers = response.headers_mut();
-                headers.insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; charset=utf-8"),
-                );
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
                 headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 response
             }
@@ -276,8 +289,50 @@ impl ConnCtx {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         (self.conn.route.request_allowed)(req.method().as_str(), path_and_query.as_str())
             .map_err(|reason| Refusal::deny(StatusCode::FORBIDDEN, reason))?;
+        let push_rule = match &self.conn.route.git {
+            None => None,
+            Some(rule) => {
+                match rule.check_request(req.method().as_str(), req.uri().path(), req.uri().query())
+                {
+                    Ok(request) => {
+                        record.git = Some(request.audit());
+                        request.is_push().then_some(rule)
+                    }
+                    Err(refusal) => {
+                        record.git = refusal.audit;
+                        return Err(Refusal::deny(StatusCode::FORBIDDEN, refusal.reason));
+                    }
+                }
+            }
+        };
 
-        let (mut parts, body) = req.into_parts();
+        let (mut parts, mut body) = req.into_parts();
+        // A push's command list is judged before anything is sent upstream.
+        let mut prefix = Bytes::new();
+        if let Some(rule) = push_rule {
+            let idle = self.proxy.timeouts.idle;
+            let inspected = git::inspect_push(rule, &parts.headers, &mut body, idle).await;
+            if let Some(git) = &mut record.git {
+                git.ref_updates = inspected.updates;
+            }
+            match inspected.outcome {
+                PushOutcome::Forward(read) => prefix = read,
+                PushOutcome::Refuse {
+                    status,
+                    reason,
+                    report,
+                    consumed,
+                } => {
+                    bytes_in.fetch_add(consumed, Ordering::Relaxed);
+                    return Err(Refusal {
+                        status,
+                        verdict: Verdict::Deny,
+                        reason,
+                        body: report.map(|r| (git::RECEIVE_PACK_RESULT, r)),
+                    });
+                }
+            }
+        }
         strip_request_headers(&mut parts.headers, &self.proxy.injected);
         if let Some(name) = &self.conn.route.credential {
             match self.proxy.credentials.header_for(name, &self.sni).await {
@@ -291,6 +346,7 @@ impl ConnCtx {
                         status: StatusCode::INTERNAL_SERVER_ERROR,
                         verdict: Verdict::Allow,
                         reason: ProxyError::from(e).to_string(),
+                        body: None,
                     })
                 }
             }
@@ -338,7 +394,10 @@ impl ConnCtx {
             let host = HeaderValue::from_str(&authority).map_err(|_| bad_name())?;
             parts.headers.insert(HOST, host);
         }
-        let request = Request::from_parts(parts, CountingBody::new(body, bytes_in.clone()));
+        let request = Request::from_parts(
+            parts,
+            CountingBody::with_prefix(prefix, body, bytes_in.clone()),
+        );
 
         let addr = SocketAddr::new(
             self.conn.original_dst.ip().to_canonical(),

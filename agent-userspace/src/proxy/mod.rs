@@ -8,7 +8,8 @@
 //! - **passthrough**: the untouched bytes are relayed to the original destination;
 //! - **intercept**: TLS is terminated with a leaf from the local [`CertAuthority`], each
 //!   HTTP request is checked (Host = server name, method and path allowed, no
-//!   upgrades), stripped of client-supplied credentials and hop-by-hop headers, given
+//!   upgrades; on a rule with `git:`, only git smart-HTTP requests, see [`git`]),
+//!   stripped of client-supplied credentials and hop-by-hop headers, given
 //!   the route's credential, and re-sent by hyper over verified TLS to the original
 //!   destination, never anywhere else.
 //!
@@ -18,6 +19,7 @@ mod body;
 mod ca;
 mod dialer;
 mod error;
+pub mod git;
 mod hello;
 mod intercept;
 mod io;
@@ -46,9 +48,10 @@ use tokio::time::Instant;
 use tracing::debug;
 
 pub use ca::{CaError, CertAuthority, CA_CERT_FILE, CA_COMMON_NAME, CA_KEY_FILE};
+pub use dialer::Dialer;
 pub use error::{Party, ProxyError};
-pub use record::{query_keys, ProxyRecord, RecordKind, TlsMode, Verdict};
-pub use upstream::special_address;
+pub use record::{query_keys, GitAudit, ProxyRecord, RecordKind, RefUpdate, TlsMode, Verdict};
+pub use upstream::{client_config as upstream_client_config, special_address};
 
 use crate::credentials::{normalize_host, CredentialStore};
 
@@ -93,6 +96,10 @@ pub struct Route {
     /// Whether dialing this upstream IP is explicitly covered by the rule (for loopback,
     /// link-local, private, metadata addresses).
     pub explicitly_covers: AddressCheck,
+    /// The rule's `git:` block: when present, only git smart-HTTP requests of its
+    /// repositories pass (after `request_allowed`), and pushes have their ref updates
+    /// checked before anything is forwarded.
+    pub git: Option<Arc<git::GitRule>>,
 }
 
 impl fmt::Debug for Route {
@@ -101,6 +108,7 @@ impl fmt::Debug for Route {
             .field("rule_name", &self.rule_name)
             .field("passthrough", &self.passthrough)
             .field("credential", &self.credential)
+            .field("git", &self.git)
             .finish_non_exhaustive()
     }
 }
@@ -151,7 +159,7 @@ struct Timeouts {
 
 /// The proxy; one per daemon, shared by all connections.
 pub struct Proxy {
-    dialer: dialer::Dialer,
+    dialer: Arc<dialer::Dialer>,
     config: ProxyConfig,
     timeouts: Timeouts,
     ca: Arc<CertAuthority>,
@@ -219,7 +227,7 @@ impl Proxy {
             None => dialer::Dialer::default(),
         };
         Ok(Self {
-            dialer,
+            dialer: Arc::new(dialer),
             injected: credentials.injected_header_names(),
             config,
             timeouts,
@@ -229,6 +237,11 @@ impl Proxy {
             provider,
             audit,
         })
+    }
+
+    /// Where upstream connections (and the DNS resolvers' upstream queries) come from.
+    pub fn dialer(&self) -> Arc<dialer::Dialer> {
+        self.dialer.clone()
     }
 
     /// Handles one redirected connection to its end. Failures are reported as records
@@ -377,20 +390,27 @@ impl Proxy {
             credential: None,
             verdict: Verdict::Allow,
             reason: None,
+            git: None,
         }
     }
 
     /// The TLS server configuration for one intercepted connection: TLS 1.2 and 1.3,
-    /// ALPN `h2` and `http/1.1`, the given certificate, no session resumption.
+    /// ALPN `h2` (unless `h2` is false) and `http/1.1`, the given certificate, no session
+    /// resumption.
     fn downstream_tls(
         &self,
         resolver: Arc<dyn ResolvesServerCert>,
+        h2: bool,
     ) -> Result<Arc<ServerConfig>, ProxyError> {
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_cert_resolver(resolver);
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = if h2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
         Ok(Arc::new(config))

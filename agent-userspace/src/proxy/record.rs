@@ -95,6 +95,34 @@ pub struct ProxyRecord {
     pub verdict: Verdict,
     /// Why it was denied, or what failed; `None` for a clean allow.
     pub reason: Option<String>,
+    /// For a request on a rule with `git:`, once recognised as a git request: the
+    /// repository, service and (for a push) the ref updates asked for.
+    pub git: Option<GitAudit>,
+}
+
+/// What a git smart-HTTP request was about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitAudit {
+    /// `owner/name` as the URL spells it, without `.git`.
+    pub repo: String,
+    /// `git-upload-pack` or `git-receive-pack`.
+    pub service: String,
+    /// A push's commands, in order; empty for anything else.
+    pub ref_updates: Vec<RefUpdate>,
+}
+
+/// One ref update of a push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefUpdate {
+    /// Full ref name, e.g. `refs/heads/agent/x`.
+    pub ref_name: String,
+    /// Object id before, lower-case hex; all zeros for a creation.
+    pub old: String,
+    /// Object id after, lower-case hex; all zeros for a deletion.
+    pub new: String,
+    /// Whether the rule allows this update by itself (a push is refused whole when any
+    /// of its updates is not).
+    pub allowed: bool,
 }
 
 /// `a=1&b&c=x=y` -> `a=&b=&c=`: the keys of a query string, values dropped because they

@@ -197,6 +197,7 @@ fn route(spec: Spec) -> Route {
         explicitly_covers: Box::new(move |ip| {
             spec.covers_loopback && ip == IpAddr::from([127, 0, 0, 1])
         }),
+        git: None,
     }
 }
 

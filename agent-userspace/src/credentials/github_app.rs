@@ -1,0 +1,574 @@
+//! The `github_app` source: short-lived GitHub App installation tokens.
+//!
+//! The daemon holds the App's private key; sandboxes never see it nor the tokens. To
+//! mint a token it signs a JWT (RS256, `iat` a minute in the past to allow for clock
+//! drift, `exp` nine minutes ahead, `iss` the App id) and POSTs it to
+//! `{api_url}/app/installations/{id}/access_tokens`, optionally narrowing the token to
+//! some repositories and permissions. The token is cached and renewed when less than
+//! five minutes (or half its life, if it lives shorter) remain; concurrent callers wait
+//! for one mint. A failed renewal keeps using the current token until it expires.
+//!
+//! The token endpoint is reached over HTTPS with the proxy's upstream trust (system
+//! roots plus `proxy.upstream_ca`) and from the proxy's upstream network namespace, when
+//! the daemon passes them in [`UpstreamOptions`]. Host names are resolved with the
+//! daemon's own resolver.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT};
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
+use hyper::body::Body as _;
+use hyper_util::rt::TokioIo;
+use ring::rand::SystemRandom;
+use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
+use rustls::ClientConfig;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{PrivateKeyDer, ServerName};
+use serde::Deserialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+use zeroize::Zeroizing;
+
+use super::error::CredentialError;
+use super::raw::RawGithubApp;
+use super::secret::Secret;
+use crate::proxy::{Dialer, ProxyConfig, ProxyError};
+
+/// The default `api_url`.
+pub const GITHUB_API_URL: &str = "https://api.github.com";
+/// How long one mint (connect, TLS, request, response) may take.
+pub const MINT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Renew when less than this is left (or half the token's life, if shorter).
+const RENEW_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// After a failed renewal, callers use the current token without retrying for this long.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// Largest token endpoint response read.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// Largest private key file read.
+const MAX_KEY_BYTES: u64 = 64 * 1024;
+
+/// How credential sources that fetch over HTTPS reach their servers. The default trusts
+/// the system roots and dials from the daemon's own network namespace.
+#[derive(Clone, Default)]
+pub struct UpstreamOptions {
+    /// TLS client configuration; `None`: the system roots. Its ALPN list is replaced
+    /// with `http/1.1`.
+    pub tls: Option<Arc<ClientConfig>>,
+    /// Where connections come from; `None`: the daemon's own network namespace.
+    pub dialer: Option<Arc<Dialer>>,
+}
+
+impl fmt::Debug for UpstreamOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamOptions")
+            .field("tls", &self.tls.is_some())
+            .field("dialer", &self.dialer)
+            .finish()
+    }
+}
+
+impl UpstreamOptions {
+    /// What the proxy uses for upstream servers: the system roots plus
+    /// `proxy.upstream_ca`, and sockets from `proxy.upstream_netns`.
+    pub fn from_proxy_config(config: &ProxyConfig) -> Result<Self, ProxyError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = crate::proxy::upstream_client_config(provider, config.upstream_ca.as_deref())?;
+        let dialer = match &config.upstream_netns {
+            Some(ns) => Some(Arc::new(Dialer::in_netns(ns).map_err(|e| {
+                ProxyError::Config {
+                    field: "upstream_netns",
+                    reason: format!("{}: {e}", ns.display()),
+                }
+            })?)),
+            None => None,
+        };
+        Ok(Self {
+            tls: Some(tls),
+            dialer,
+        })
+    }
+}
+
+/// A configured GitHub App source, with its token cache.
+pub(super) struct GithubApp {
+    credential: String,
+    app_id: u64,
+    installation_id: u64,
+    key_path: PathBuf,
+    endpoint: Endpoint,
+    /// The JSON request body (repositories and permissions; no secret).
+    request_body: String,
+    tls: Arc<ClientConfig>,
+    dialer: Option<Arc<Dialer>>,
+    pub(super) timeout: Duration,
+    /// Held across a mint, so that concurrent callers share it.
+    cache: tokio::sync::Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    token: Option<Token>,
+    /// Set after a failed renewal: no new attempt before then.
+    retry_at: Option<Instant>,
+}
+
+struct Token {
+    value: Arc<Secret>,
+    renew_at: Instant,
+    expires: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Endpoint {
+    host: String,
+    port: u16,
+    /// `Host` header value: the URL's authority.
+    authority: String,
+    /// `/app/installations/{id}/access_tokens`, after any path prefix of `api_url`.
+    path: String,
+    url: String,
+}
+
+impl fmt::Debug for GithubApp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GithubApp")
+            .field("app_id", &self.app_id)
+            .field("installation_id", &self.installation_id)
+            .field("private_key", &self.key_path)
+            .field("endpoint", &self.endpoint.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GithubApp {
+    /// Checks the configuration and that the private key is a usable RSA key.
+    pub(super) fn compile(
+        credential: &str,
+        raw: &RawGithubApp,
+        upstream: &UpstreamOptions,
+    ) -> Result<Self, CredentialError> {
+        let config = |field: &'static str, reason: String| CredentialError::Config {
+            credential: credential.to_owned(),
+            field,
+            reason,
+        };
+        if raw.app_id == 0 {
+            return Err(config(
+                "source.github_app.app_id",
+                "must be the App's numeric id (App settings, \"App ID\")".to_owned(),
+            ));
+        }
+        if raw.installation_id == 0 {
+            return Err(config(
+                "source.github_app.installation_id",
+                "must be the numeric id of the App's installation on the account".to_owned(),
+            ));
+        }
+        if !raw.private_key.is_absolute() {
+            return Err(config(
+                "source.github_app.private_key",
+                format!("{} is not an absolute path", raw.private_key.display()),
+            ));
+        }
+        let bytes = read_key_file(&raw.private_key).map_err(|reason| {
+            config(
+                "source.github_app.private_key",
+                format!("{}: {reason}", raw.private_key.display()),
+            )
+        })?;
+        parse_key(&bytes).map_err(|reason| {
+            config(
+                "source.github_app.private_key",
+                format!("{}: {reason}", raw.private_key.display()),
+            )
+        })?;
+
+        let endpoint = endpoint(&raw.api_url, raw.installation_id)
+            .map_err(|reason| config("source.github_app.api_url", reason))?;
+
+        if raw.repositories.len() > 500 {
+            return Err(config(
+                "source.github_app.repositories",
+                "GitHub accepts at most 500 repositories per token".to_owned(),
+            ));
+        }
+        for repo in &raw.repositories {
+            let valid = !repo.is_empty()
+                && repo.len() <= 100
+                && repo
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+            if !valid {
+                return Err(config(
+                    "source.github_app.repositories",
+                    format!(
+                        "`{repo}` is not a repository name (just the name, without the owner: \
+                         letters, digits, `_`, `.`, `-`)"
+                    ),
+                ));
+            }
+        }
+        for (name, level) in &raw.permissions {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                return Err(config(
+                    "source.github_app.permissions",
+                    format!("`{name}` is not a GitHub App permission name (e.g. contents)"),
+                ));
+            }
+            if !matches!(level.as_str(), "read" | "write" | "admin") {
+                return Err(config(
+                    "source.github_app.permissions",
+                    format!("{name}: `{level}` is not one of read, write, admin"),
+                ));
+            }
+        }
+        let mut body = serde_json::Map::new();
+        if !raw.repositories.is_empty() {
+            body.insert("repositories".to_owned(), raw.repositories.clone().into());
+        }
+        if !raw.permissions.is_empty() {
+            let permissions: serde_json::Map<String, serde_json::Value> = raw
+                .permissions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone().into()))
+                .collect();
+            body.insert("permissions".to_owned(), permissions.into());
+        }
+        let request_body = serde_json::Value::Object(body).to_string();
+
+        let tls = match &upstream.tls {
+            Some(tls) => tls.clone(),
+            None => {
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                crate::proxy::upstream_client_config(provider, None)
+                    .map_err(|e| config("source.github_app", format!("TLS client setup: {e}")))?
+            }
+        };
+        let mut tls = (*tls).clone();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+
+        Ok(Self {
+            credential: credential.to_owned(),
+            app_id: raw.app_id,
+            installation_id: raw.installation_id,
+            key_path: raw.private_key.clone(),
+            endpoint,
+            request_body,
+            tls: Arc::new(tls),
+            dialer: upstream.dialer.clone(),
+            timeout: MINT_TIMEOUT,
+            cache: tokio::sync::Mutex::new(Cache::default()),
+        })
+    }
+
+    /// A valid installation token: the cached one, or a new one.
+    pub(super) async fn token(&self) -> Result<Arc<Secret>, CredentialError> {
+        let mut cache = self.cache.lock().await;
+        let now = Instant::now();
+        let current = cache.token.as_ref().filter(|t| now < t.expires);
+        if let Some(token) = current {
+            let waiting = cache.retry_at.is_some_and(|at| now < at);
+            if now < token.renew_at || waiting {
+                return Ok(token.value.clone());
+            }
+        }
+        let minted = match tokio::time::timeout(self.timeout, self.mint()).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "no answer from {} within {} s",
+                self.endpoint.url,
+                self.timeout.as_secs()
+            )),
+        };
+        match minted {
+            Ok(token) => {
+                let value = token.value.clone();
+                cache.token = Some(token);
+                cache.retry_at = None;
+                Ok(value)
+            }
+            Err(reason) => {
+                if let Some(token) = cache.token.as_ref().filter(|t| now < t.expires) {
+                    warn!(credential = %self.credential, %reason, "Could not renew the GitHub App token; using the current one until it expires");
+                    let value = token.value.clone();
+                    cache.retry_at = Some(now + RETRY_AFTER);
+                    return Ok(value);
+                }
+                Err(CredentialError::GithubApp {
+                    credential: self.credential.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Signs a JWT and asks the token endpoint for an installation token.
+    async fn mint(&self) -> Result<Token, String> {
+        let key_bytes = tokio::task::spawn_blocking({
+            let path = self.key_path.clone();
+            move || read_key_file(&path)
+        })
+        .await
+        .map_err(|_| "reading the private key: task failed".to_owned())?
+        .map_err(|reason| format!("private key {}: {reason}", self.key_path.display()))?;
+        let key = parse_key(&key_bytes)
+            .map_err(|reason| format!("private key {}: {reason}", self.key_path.display()))?;
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| "the system clock is before 1970".to_owned())?
+            .as_secs();
+        let jwt = sign_jwt(&key, self.app_id, wall)?;
+        drop(key);
+
+        let started = Instant::now();
+        let (status, body) = self.post(&jwt).await?;
+        drop(jwt);
+        if status != StatusCode::CREATED && status != StatusCode::OK {
+            return Err(format!(
+                "{} answered {status}{}",
+                self.endpoint.url,
+                github_message(&body)
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            ));
+        }
+        #[derive(Deserialize)]
+        struct Answer {
+            token: String,
+            expires_at: String,
+        }
+        let answer: Answer = serde_json::from_slice(&body).map_err(|_| {
+            format!(
+                "{} did not answer a JSON object with `token` and `expires_at`",
+                self.endpoint.url
+            )
+        })?;
+        let value = Secret::new(answer.token);
+        super::store::check_value(value.expose())
+            .map_err(|why| format!("the token {why} (value not shown)"))?;
+        let expires_at = OffsetDateTime::parse(&answer.expires_at, &Rfc3339).map_err(|_| {
+            format!(
+                "expires_at {:?} is not an RFC 3339 time",
+                answer.expires_at.chars().take(40).collect::<String>()
+            )
+        })?;
+        let life = expires_at - OffsetDateTime::now_utc();
+        let life = Duration::try_from(life)
+            .ok()
+            .filter(|l| !l.is_zero())
+            .ok_or_else(|| {
+                format!(
+                    "the token expired at {} already by the local clock (is the clock right?)",
+                    answer.expires_at
+                )
+            })?;
+        let margin = RENEW_MARGIN.min(life / 2);
+        debug!(credential = %self.credential, life_secs = life.as_secs(), "Minted a GitHub App installation token");
+        Ok(Token {
+            value: Arc::new(value),
+            renew_at: started + (life - margin),
+            expires: started + life,
+        })
+    }
+
+    /// One HTTPS POST to the token endpoint over a new connection. Returns the status and
+    /// up to [`MAX_RESPONSE_BYTES`] of the body.
+    async fn post(&self, jwt: &str) -> Result<(StatusCode, Zeroizing<Vec<u8>>), String> {
+        let ep = &self.endpoint;
+        let addrs: Vec<SocketAddr> = match ep.host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, ep.port)],
+            Err(_) => tokio::net::lookup_host((ep.host.as_str(), ep.port))
+                .await
+                .map_err(|e| format!("resolving {}: {e}", ep.host))?
+                .collect(),
+        };
+        let mut last = format!("{} has no addresses", ep.host);
+        let mut tcp = None;
+        for addr in addrs {
+            let connect = async {
+                match &self.dialer {
+                    Some(d) => d.connect(addr).await,
+                    None => tokio::net::TcpStream::connect(addr).await,
+                }
+            };
+            match connect.await {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => last = format!("connecting to {addr}: {e}"),
+            }
+        }
+        let tcp = tcp.ok_or(last)?;
+        let name = ServerName::try_from(ep.host.clone())
+            .map_err(|_| format!("{:?} is not a valid TLS server name", ep.host))?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS with {}: {e}", ep.authority))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP with {}: {e}", ep.authority))?;
+        let conn = tokio::spawn(conn);
+
+        let mut bearer = Zeroizing::new(String::from("Bearer "));
+        bearer.push_str(jwt);
+        let mut authorization = HeaderValue::from_str(&bearer)
+            .map_err(|_| "the signed JWT is not a valid header value".to_owned())?;
+        authorization.set_sensitive(true);
+        let uri: Uri = ep
+            .path
+            .parse()
+            .map_err(|_| format!("{} is not a valid request path", ep.path))?;
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(HOST, ep.authority.as_str())
+            .header(AUTHORIZATION, authorization)
+            .header(ACCEPT, "application/vnd.github+json")
+            .header("x-github-api-version", "2022-11-28")
+            .header(USER_AGENT, concat!("egressd/", env!("CARGO_PKG_VERSION")))
+            .header(CONTENT_TYPE, "application/json")
+            .header(CONTENT_LENGTH, self.request_body.len())
+            .body(self.request_body.clone())
+            .map_err(|e| format!("building the request: {e}"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("POST {}: {e}", ep.url))?;
+        let status = response.status();
+        let mut body = response.into_body();
+        let mut bytes = Zeroizing::new(Vec::new());
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            let frame = frame.map_err(|e| format!("reading the answer of {}: {e}", ep.url))?;
+            if let Ok(data) = frame.into_data() {
+                if bytes.len() + data.len() > MAX_RESPONSE_BYTES {
+                    return Err(format!(
+                        "the answer of {} is larger than {MAX_RESPONSE_BYTES} bytes",
+                        ep.url
+                    ));
+                }
+                bytes.extend_from_slice(&data);
+            }
+        }
+        conn.abort();
+        Ok((status, bytes))
+    }
+}
+
+/// Parses `api_url` and builds the token endpoint of installation `id`.
+fn endpoint(api_url: &str, id: u64) -> Result<Endpoint, String> {
+    let uri: Uri = api_url
+        .parse()
+        .map_err(|_| format!("`{api_url}` is not a URL such as {GITHUB_API_URL}"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(format!("`{api_url}` must be an https:// URL"));
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(format!("`{api_url}` has no host"));
+    };
+    if authority.as_str().contains('@') {
+        return Err(format!("`{api_url}` must not carry user information"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("`{api_url}` must not carry a query"));
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let prefix = uri.path().trim_end_matches('/');
+    Ok(Endpoint {
+        host,
+        port: authority.port_u16().unwrap_or(443),
+        authority: authority.as_str().to_owned(),
+        path: format!("{prefix}/app/installations/{id}/access_tokens"),
+        url: format!("https://{authority}{prefix}/app/installations/{id}/access_tokens"),
+    })
+}
+
+fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.take(MAX_KEY_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_KEY_BYTES {
+        return Err("is larger than 64 KiB; is it a private key?".to_owned());
+    }
+    Ok(bytes)
+}
+
+/// The RSA key in a PEM file: PKCS#1 (`BEGIN RSA PRIVATE KEY`, what GitHub hands out)
+/// or PKCS#8 (`BEGIN PRIVATE KEY`). Errors never quote the file.
+fn parse_key(pem: &[u8]) -> Result<RsaKeyPair, String> {
+    let der = PrivateKeyDer::from_pem_slice(pem).map_err(|_| {
+        "holds no PEM private key (expected `-----BEGIN RSA PRIVATE KEY-----` as GitHub \
+         issues it, or `-----BEGIN PRIVATE KEY-----`)"
+            .to_owned()
+    })?;
+    let key = match &der {
+        PrivateKeyDer::Pkcs1(k) => RsaKeyPair::from_der(k.secret_pkcs1_der()),
+        PrivateKeyDer::Pkcs8(k) => RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()),
+        _ => return Err("holds a private key that is not RSA".to_owned()),
+    };
+    key.map_err(|e| match e.to_string().as_str() {
+        "WrongAlgorithm" => "holds a private key that is not RSA".to_owned(),
+        why => format!("holds an RSA key that cannot sign RS256: {why}"),
+    })
+}
+
+/// `header.claims.signature`, RS256, valid from a minute ago for ten minutes (GitHub's
+/// maximum), issued by the App.
+fn sign_jwt(key: &RsaKeyPair, app_id: u64, now: u64) -> Result<Zeroizing<String>, String> {
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
+    let claims = URL_SAFE_NO_PAD.encode(format!(
+        r#"{{"iat":{},"exp":{},"iss":{app_id}}}"#,
+        now.saturating_sub(60),
+        now + 540
+    ));
+    let mut jwt = Zeroizing::new(format!("{header}.{claims}"));
+    let mut signature = vec![0u8; key.public().modulus_len()];
+    key.sign(
+        &RSA_PKCS1_SHA256,
+        &SystemRandom::new(),
+        jwt.as_bytes(),
+        &mut signature,
+    )
+    .map_err(|_| "signing the JWT failed".to_owned())?;
+    jwt.push('.');
+    URL_SAFE_NO_PAD.encode_string(&signature, &mut jwt);
+    Ok(jwt)
+}
+
+/// GitHub's `message` from an error answer, on one line and cut short.
+fn github_message(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Error {
+        message: String,
+    }
+    let error: Error = serde_json::from_slice(body).ok()?;
+    let message: String = error
+        .message
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
+    Some(message)
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests;

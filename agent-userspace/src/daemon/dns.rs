@@ -1,0 +1,183 @@
+//! The daemon's side of DNS: one resolver per sandbox that uses host names (listening on
+//! its own port on the loopback of the sandbox's network namespace; the kernel sends all
+//! of the sandbox's DNS there), and the table of addresses learned from the answers, which
+//! live in the sandbox's kernel rules until their TTL (plus grace) runs out.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::Path,
+    sync::{Arc, OnceLock, RwLock},
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+
+use super::netns::{bind_in_netns, bind_udp_in_netns};
+use crate::{
+    audit::{AuditHandle, Record},
+    dns::{self, Learned, ResolverCtx},
+    policy::Policy,
+    proxy::Dialer,
+};
+
+/// Installs addresses a sandbox's resolver learned: (sandbox index, addresses).
+pub type LearnSink = Arc<dyn Fn(u32, &[Learned]) -> Result<(), String> + Send + Sync>;
+
+/// One address in a sandbox's kernel rules because an allowed name resolved to it.
+#[derive(Debug, Clone)]
+pub struct LearnedAddr {
+    pub name: String,
+    /// Rules of every name that resolved to this address (they all apply).
+    pub rule_ids: Vec<u16>,
+    pub slot: u32,
+    pub expires: Instant,
+}
+
+struct Server {
+    tasks: Vec<tokio::task::AbortHandle>,
+    policy: Arc<RwLock<Arc<Policy>>>,
+}
+
+pub struct DnsRuntime {
+    /// A sandbox's resolver listens on `base_port + sandbox index`.
+    pub base_port: u16,
+    default_upstream: Vec<SocketAddr>,
+    dialer: Arc<Dialer>,
+    audit: AuditHandle,
+    runtime: tokio::runtime::Handle,
+    servers: HashMap<u32, Server>,
+    /// Set once the daemon's core is shared; resolvers call it before answering.
+    pub sink: Arc<OnceLock<LearnSink>>,
+    /// (sandbox index, address) -> where it came from and when it goes.
+    pub learned: HashMap<(u32, IpAddr), LearnedAddr>,
+}
+
+/// Whether a policy needs a resolver: it names hosts, or configures DNS.
+pub fn uses_dns(policy: &Policy) -> bool {
+    policy.dns().is_some() || policy.rules().iter().any(|r| !r.names().is_empty())
+}
+
+impl DnsRuntime {
+    pub fn new(
+        base_port: u16,
+        default_upstream: Vec<SocketAddr>,
+        dialer: Arc<Dialer>,
+        audit: AuditHandle,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            base_port,
+            default_upstream,
+            dialer,
+            audit,
+            runtime,
+            servers: HashMap::new(),
+            sink: Arc::new(OnceLock::new()),
+            learned: HashMap::new(),
+        }
+    }
+
+    pub fn port_for(&self, index: u32) -> u16 {
+        self.base_port.saturating_add(index as u16)
+    }
+
+    /// Starts the sandbox's resolver, or hands a running one the new policy.
+    pub fn ensure(
+        &mut self,
+        index: u32,
+        sandbox: &str,
+        policy: &Arc<Policy>,
+        netns: &Path,
+    ) -> Result<(), String> {
+        if let Some(server) = self.servers.get(&index) {
+            if server.tasks.iter().all(|t| !t.is_finished()) {
+                *server.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
+                return Ok(());
+            }
+        }
+        let port = self.port_for(index);
+        let addrs = vec![
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+        ];
+        let udp = bind_udp_in_netns(netns, addrs.clone()).map_err(|e| {
+            format!(
+                "binding the DNS resolver (udp {port}) in {}: {e}",
+                netns.display()
+            )
+        })?;
+        let tcp = bind_in_netns(netns, addrs).map_err(|e| {
+            format!(
+                "binding the DNS resolver (tcp {port}) in {}: {e}",
+                netns.display()
+            )
+        })?;
+        let shared_policy = Arc::new(RwLock::new(policy.clone()));
+        let sink = self.sink.clone();
+        let audit = self.audit.clone();
+        let ctx = Arc::new(ResolverCtx {
+            sandbox: sandbox.to_string(),
+            policy: shared_policy.clone(),
+            default_upstream: self.default_upstream.clone(),
+            dialer: self.dialer.clone(),
+            learn: Arc::new(move |learned: &[Learned]| match sink.get() {
+                Some(sink) => sink(index, learned),
+                None => Err("the daemon is still starting".into()),
+            }),
+            audit: Arc::new(move |r| audit.emit(Record::Dns(r))),
+            timeout: Duration::from_secs(3),
+            max_label: dns::DEFAULT_MAX_LABEL,
+        });
+        let _guard = self.runtime.enter();
+        let mut tasks = Vec::new();
+        for s in udp {
+            let s = tokio::net::UdpSocket::from_std(s).map_err(|e| e.to_string())?;
+            tasks.push(tokio::spawn(dns::serve_udp(s, ctx.clone())).abort_handle());
+        }
+        for l in tcp {
+            let l = tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string())?;
+            tasks.push(tokio::spawn(dns::serve_tcp(l, ctx.clone())).abort_handle());
+        }
+        tracing::info!(%sandbox, port, netns = %netns.display(), "DNS resolver listening");
+        self.servers.insert(
+            index,
+            Server {
+                tasks,
+                policy: shared_policy,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops a sandbox's resolver and forgets what it learned (the caller removes the
+    /// kernel entries with the policy slot).
+    pub fn stop(&mut self, index: u32) {
+        if let Some(server) = self.servers.remove(&index) {
+            for t in server.tasks {
+                t.abort();
+            }
+        }
+        self.learned.retain(|(i, _), _| *i != index);
+    }
+
+    /// The name an address of a sandbox was learned from.
+    pub fn name_of(&self, index: u32, ip: IpAddr) -> Option<&str> {
+        self.learned
+            .get(&(index, ip.to_canonical()))
+            .map(|l| l.name.as_str())
+    }
+
+    /// Learned entries whose time is up.
+    pub fn expired(&self, now: Instant) -> Vec<(u32, IpAddr, LearnedAddr)> {
+        self.learned
+            .iter()
+            .filter(|(_, l)| l.expires <= now)
+            .map(|((i, a), l)| (*i, *a, l.clone()))
+            .collect()
+    }
+}
+
+/// The single-address network of a learned address.
+pub fn host_net(addr: IpAddr) -> IpNet {
+    IpNet::from(addr.to_canonical())
+}

@@ -1,0 +1,102 @@
+//! Checking an upstream answer against the policy, and turning it into the sandbox's
+//! answer.
+//!
+//! A CNAME hands the client a new name to connect to, so every CNAME in the answer must
+//! join two names the policy allows, or the whole answer is withheld. The addresses the
+//! kernel learns are only those of the A/AAAA records on the chain from the question's
+//! name; other records in the answer pass through to the client but open nothing.
+use std::net::IpAddr;
+
+use hickory_proto::{
+    op::{Message, MessageType, ResponseCode},
+    rr::{Name, RData},
+    ProtoError,
+};
+
+use super::query::{check_name, normalise, our_edns, Question};
+
+/// Longest label a name in an answer may have (RFC 1035; the exfiltration guard applies
+/// to questions only, and CDNs do use long labels in CNAME targets).
+const MAX_LABEL: usize = 63;
+
+/// The addresses (with TTLs, each address once) an answer gives `qname`, or why the
+/// answer must not reach the client.
+pub(super) fn check(
+    response: &Message,
+    qname: &Name,
+    allowed: impl Fn(&str) -> bool,
+) -> Result<Vec<(IpAddr, u32)>, String> {
+    let mut cnames: Vec<(&Name, &Name)> = Vec::new();
+    for record in &response.answers {
+        if let RData::CNAME(target) = &record.data {
+            let (owner, target) = (&record.name, &target.0);
+            let ok = |n: &Name| check_name(n, MAX_LABEL).is_ok() && allowed(&normalise(n));
+            if !ok(owner) || !ok(target) {
+                return Err(format!(
+                    "the answer's CNAME {} -> {} involves a name the policy does not allow",
+                    normalise(owner),
+                    normalise(target)
+                ));
+            }
+            cnames.push((owner, target));
+        }
+    }
+    if response.metadata.response_code != ResponseCode::NoError {
+        return Ok(Vec::new());
+    }
+    // Follow the chain from the question; each step adds a name, so it ends.
+    let mut chain: Vec<&Name> = vec![qname];
+    while let Some(&(_, target)) = chain
+        .last()
+        .and_then(|last| cnames.iter().find(|(owner, _)| owner == last))
+    {
+        if chain.contains(&target) {
+            break;
+        }
+        chain.push(target);
+    }
+    let mut addrs: Vec<(IpAddr, u32)> = Vec::new();
+    for record in &response.answers {
+        let addr = match &record.data {
+            RData::A(a) => IpAddr::V4(a.0),
+            RData::AAAA(a) => IpAddr::V6(a.0),
+            _ => continue,
+        };
+        if chain.contains(&&record.name) && !addrs.iter().any(|(a, _)| *a == addr) {
+            addrs.push((addr, record.ttl));
+        }
+    }
+    Ok(addrs)
+}
+
+/// The sandbox's answer: the upstream answer under the client's id and question, with
+/// our EDNS if the client sent one (its own, if any, says nothing about our link to the
+/// client). If it does not fit in `limit` bytes it is sent truncated (TC set, no records),
+/// so the client asks again over TCP. Also returns the response code sent.
+pub(super) fn encode(
+    mut response: Message,
+    question: &Question,
+    limit: usize,
+) -> Result<(Vec<u8>, ResponseCode), ProtoError> {
+    response.metadata.id = question.id;
+    response.metadata.message_type = MessageType::Response;
+    response.metadata.recursion_desired = question.recursion_desired;
+    response.queries = vec![question.query.clone()];
+    response.signature = None;
+    response.edns = question.edns.map(|e| our_edns(e.dnssec_ok));
+    // An extended code cannot be sent without EDNS; it concerned our query anyway.
+    if response.edns.is_none() && response.metadata.response_code.high() > 0 {
+        response.metadata.response_code = ResponseCode::ServFail;
+    }
+    let code = response.metadata.response_code;
+    let bytes = response.to_vec()?;
+    if bytes.len() <= limit {
+        return Ok((bytes, code));
+    }
+    let mut truncated = Message::response(question.id, response.metadata.op_code);
+    truncated.metadata = response.metadata;
+    truncated.metadata.truncation = true;
+    truncated.add_query(question.query.clone());
+    truncated.edns = response.edns;
+    Ok((truncated.to_vec()?, code))
+}

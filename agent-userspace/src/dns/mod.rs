@@ -1,0 +1,406 @@
+//! The per-sandbox DNS resolver: it answers only for names the sandbox's policy allows,
+//! and installs every address it releases in the kernel before the sandbox sees it.
+//!
+//! The kernel rewrites all DNS a sandbox sends (UDP and TCP port 53, to any server) to
+//! its resolver port on the sandbox's own loopback, so each sandbox has its own listeners
+//! ([`serve_udp`], [`serve_tcp`]) and a [`ResolverCtx`] saying whose they are. Per query:
+//!
+//! 1. The query is parsed (`query`). Anything but one `IN` question in a standard query
+//!    is refused or answered `FORMERR`; so is a name longer than 253 characters, with a
+//!    label longer than [`ResolverCtx::max_label`] (the exfiltration guard, default
+//!    [`DEFAULT_MAX_LABEL`]), or with characters other than letters, digits, `-` and `_`.
+//! 2. A name [`Policy::name_allowed`] refuses is answered `NXDOMAIN` at once: no upstream
+//!    ever sees it, so the name itself cannot carry data out.
+//! 3. An allowed name is asked of the policy's `dns.upstream` resolvers, or the daemon's
+//!    defaults, in order, from the [`Dialer`]'s namespace (`upstream`); a timeout moves
+//!    on to the next, a truncated UDP answer is asked again over TCP.
+//! 4. The answer is checked (`answer`): every CNAME owner and target must be allowed too,
+//!    or the sandbox gets `NXDOMAIN`. The A/AAAA addresses on the chain from the question
+//!    are handed to [`ResolverCtx::learn`] with the rules of [`Policy::rules_for_name`];
+//!    only when that succeeded is the answer released (else `SERVFAIL`), so the sandbox's
+//!    next connect already finds its address in the kernel. Other query types are
+//!    forwarded the same way but teach the kernel nothing.
+//!
+//! Every query a listener reads ends in exactly one [`DnsRecord`] for the audit trail
+//! (except those shed while [`MAX_UDP_IN_FLIGHT`] queries are already being served).
+//! All upstream work is bounded by [`ResolverCtx::timeout`] per server and transport.
+mod answer;
+mod query;
+mod upstream;
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests;
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use hickory_proto::{op::ResponseCode, rr::RecordType};
+use time::OffsetDateTime;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::Semaphore,
+};
+use tracing::{debug, warn};
+
+pub use crate::audit::{DnsEvent as DnsRecord, DnsVerdict};
+use crate::{policy::Policy, proxy::Dialer};
+
+/// Default [`ResolverCtx::max_label`]: the exfiltration guard. Real host names rarely
+/// have labels over 40 characters, while tunnelling tools pack data into labels of the
+/// full 63; a name whose labels are all at most this long passes.
+pub const DEFAULT_MAX_LABEL: usize = 40;
+/// Longest name, in characters without the trailing dot (RFC 1035's 255 wire bytes).
+pub const MAX_NAME: usize = 253;
+/// Queries one UDP listener serves at once; more are dropped (the client retries).
+pub const MAX_UDP_IN_FLIGHT: usize = 256;
+/// TCP connections one listener serves at once; more are closed at once.
+pub const MAX_TCP_CONNECTIONS: usize = 64;
+/// A TCP connection is closed when a whole query (or writing its answer) takes longer.
+pub const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// One address an answer released, for the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Learned {
+    /// The name the sandbox asked for (lower case, no trailing dot); the rules come from
+    /// it even when the address belongs to a CNAME target.
+    pub name: String,
+    /// An A or AAAA address from the answer.
+    pub addr: IpAddr,
+    /// [`Policy::rules_for_name`] of `name`: never empty.
+    pub rule_ids: Vec<u16>,
+    /// The record's TTL in seconds, as the upstream sent it; the entry should live
+    /// [`DnsConfig::lifetime`](crate::policy::DnsConfig::lifetime) of it.
+    pub ttl: u32,
+}
+
+/// `ResolverCtx::learn`.
+pub type LearnFn = Arc<dyn Fn(&[Learned]) -> Result<(), String> + Send + Sync>;
+/// `ResolverCtx::audit`.
+pub type DnsAuditSink = Arc<dyn Fn(DnsRecord) + Send + Sync>;
+
+/// Everything one sandbox's resolver needs; shared by its UDP and TCP listeners.
+pub struct ResolverCtx {
+    /// `egress.sandbox.name` of the records.
+    pub sandbox: String,
+    /// The sandbox's policy, swapped by the daemon on policy change; read once per query.
+    pub policy: Arc<RwLock<Arc<Policy>>>,
+    /// Used when the policy has no `dns` section.
+    pub default_upstream: Vec<SocketAddr>,
+    /// Makes the upstream sockets, in the upstream network namespace.
+    pub dialer: Arc<Dialer>,
+    /// Installs learned addresses in the kernel; called BEFORE the answer is released.
+    /// `Err(reason)` makes the answer `SERVFAIL`. It runs on a runtime worker thread, so
+    /// it should only make quick calls (map updates), never wait.
+    pub learn: LearnFn,
+    /// Where the records go.
+    pub audit: DnsAuditSink,
+    /// How long one upstream server gets to answer, per transport (e.g. 3 s).
+    pub timeout: Duration,
+    /// Longest label a question may have, at most 63; [`DEFAULT_MAX_LABEL`] is the
+    /// exfiltration guard.
+    pub max_label: usize,
+}
+
+impl fmt::Debug for ResolverCtx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResolverCtx")
+            .field("sandbox", &self.sandbox)
+            .field("default_upstream", &self.default_upstream)
+            .field("timeout", &self.timeout)
+            .field("max_label", &self.max_label)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a query arrived, which bounds the answer's size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// Serves DNS over UDP on `socket` (bound by the daemon in the sandbox's namespace) until
+/// the task is aborted. Each query is answered by its own task.
+pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>) {
+    let socket = Arc::new(socket);
+    let permits = Arc::new(Semaphore::new(MAX_UDP_IN_FLIGHT));
+    // A datagram longer than the buffer is cut short and then fails to parse.
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (len, peer) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(sandbox = %ctx.sandbox, error = %e, "DNS UDP receive failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            debug!(sandbox = %ctx.sandbox, %peer, "Too many DNS queries in flight; dropped one");
+            continue;
+        };
+        let query = buf[..len].to_vec();
+        let (socket, ctx) = (socket.clone(), ctx.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Some(reply) = resolve(&ctx, &query, Transport::Udp).await {
+                if let Err(e) = socket.send_to(&reply, peer).await {
+                    debug!(sandbox = %ctx.sandbox, %peer, error = %e, "DNS UDP answer not sent");
+                }
+            }
+        });
+    }
+}
+
+/// Serves DNS over TCP (RFC 7766: each message behind a 2-byte length) on `listener`
+/// until the task is aborted; one task per connection, queries on a connection answered
+/// in order.
+pub async fn serve_tcp(listener: TcpListener, ctx: Arc<ResolverCtx>) {
+    let permits = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(sandbox = %ctx.sandbox, error = %e, "DNS TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            debug!(sandbox = %ctx.sandbox, %peer, "Too many DNS TCP connections; closed one");
+            continue;
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            serve_connection(stream, &ctx).await;
+        });
+    }
+}
+
+/// Answers the queries on one TCP connection until the client closes it, stalls for
+/// [`TCP_IDLE`], or sends something that gets no answer.
+async fn serve_connection(mut stream: TcpStream, ctx: &ResolverCtx) {
+    loop {
+        let mut len = [0u8; 2];
+        if !matches!(
+            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        if !matches!(
+            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        let Some(reply) = resolve(ctx, &query, Transport::Tcp).await else {
+            return;
+        };
+        // `answer::encode` keeps TCP answers within 65535 bytes.
+        let Ok(reply_len) = u16::try_from(reply.len()) else {
+            return;
+        };
+        let mut framed = Vec::with_capacity(reply.len() + 2);
+        framed.extend_from_slice(&reply_len.to_be_bytes());
+        framed.extend_from_slice(&reply);
+        if !matches!(
+            tokio::time::timeout(TCP_IDLE, stream.write_all(&framed)).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+    }
+}
+
+/// Handles one query: returns the bytes to send back (`None`: send nothing) after
+/// emitting its record.
+async fn resolve(ctx: &ResolverCtx, bytes: &[u8], transport: Transport) -> Option<Vec<u8>> {
+    let (reply, record) = decide(ctx, bytes, transport).await;
+    debug!(
+        sandbox = %ctx.sandbox,
+        name = %record.question_name,
+        qtype = %record.question_type,
+        rcode = %record.response_code,
+        verdict = ?record.verdict,
+        "DNS query"
+    );
+    (ctx.audit)(record);
+    reply
+}
+
+/// The reply and record for one query.
+async fn decide(
+    ctx: &ResolverCtx,
+    bytes: &[u8],
+    transport: Transport,
+) -> (Option<Vec<u8>>, DnsRecord) {
+    let policy = ctx.policy.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut record = DnsRecord {
+        time: OffsetDateTime::now_utc(),
+        sandbox: ctx.sandbox.clone(),
+        question_name: String::new(),
+        question_type: String::new(),
+        response_code: rcode_name(ResponseCode::FormErr),
+        resolved_ip: Vec::new(),
+        verdict: DnsVerdict::Deny,
+        rule: None,
+        reason: None,
+        upstream: None,
+    };
+    let question = match query::inspect(bytes, ctx.max_label) {
+        Ok(q) => q,
+        Err(rejected) => {
+            if let Some((name, qtype)) = rejected.question {
+                record.question_name = name;
+                record.question_type = type_name(qtype);
+            }
+            record.response_code = rcode_name(rejected.code);
+            record.reason = Some(rejected.reason);
+            return (rejected.reply, finish(record));
+        }
+    };
+    record.question_name = question.name.clone();
+    record.question_type = type_name(question.qtype);
+
+    let rule_ids = if policy.name_allowed(&question.name) {
+        policy.rules_for_name(&question.name)
+    } else {
+        Vec::new()
+    };
+    let Some(&first_rule) = rule_ids.first() else {
+        let decision = policy.decide_name(&question.name);
+        record.rule = policy.rule_name(decision.rule_id).map(str::to_owned);
+        record.reason = Some(match &record.rule {
+            Some(rule) => format!("name is denied by rule `{rule}`"),
+            None => "name is not allowed by the policy".to_owned(),
+        });
+        record.response_code = rcode_name(ResponseCode::NXDomain);
+        return (
+            question.error_reply(ResponseCode::NXDomain, true),
+            finish(record),
+        );
+    };
+    record.verdict = DnsVerdict::Allow;
+    record.rule = policy.rule_name(first_rule).map(str::to_owned);
+
+    let upstreams = policy
+        .dns()
+        .map(|d| d.upstream.as_slice())
+        .filter(|u| !u.is_empty())
+        .unwrap_or(&ctx.default_upstream);
+    let servfail = |mut record: DnsRecord, reason: String| {
+        record.response_code = rcode_name(ResponseCode::ServFail);
+        record.resolved_ip.clear();
+        record.reason = Some(reason);
+        (
+            question.error_reply(ResponseCode::ServFail, false),
+            finish(record),
+        )
+    };
+    let exchanged = upstream::exchange(&ctx.dialer, upstreams, ctx.timeout, &question).await;
+    let response = match exchanged {
+        Ok(exchanged) => {
+            record.upstream = Some(exchanged.server);
+            exchanged.response
+        }
+        Err(failure) => {
+            record.upstream = failure.server;
+            return servfail(record, failure.reason);
+        }
+    };
+
+    let addrs = match answer::check(&response, &question.qname, |n| policy.name_allowed(n)) {
+        Ok(addrs) => addrs,
+        Err(reason) => {
+            record.verdict = DnsVerdict::Deny;
+            record.rule = None;
+            record.reason = Some(reason);
+            record.response_code = rcode_name(ResponseCode::NXDomain);
+            return (
+                question.error_reply(ResponseCode::NXDomain, true),
+                finish(record),
+            );
+        }
+    };
+    // Only address questions teach the kernel; an answer to anything else may carry
+    // addresses too (ANY, glue), but they are not what the client asked to connect to.
+    let learned: Vec<Learned> = if matches!(question.qtype, RecordType::A | RecordType::AAAA) {
+        addrs
+            .into_iter()
+            .map(|(addr, ttl)| Learned {
+                name: question.name.clone(),
+                addr,
+                rule_ids: rule_ids.clone(),
+                ttl,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if !learned.is_empty() {
+        if let Err(e) = (ctx.learn)(&learned) {
+            return servfail(
+                record,
+                format!("the agent could not install the answer's addresses: {e}"),
+            );
+        }
+        record.resolved_ip = learned.iter().map(|l| l.addr).collect();
+    }
+    let limit = match transport {
+        Transport::Udp => question.udp_limit(),
+        Transport::Tcp => usize::from(u16::MAX),
+    };
+    match answer::encode(response, &question, limit) {
+        Ok((reply, code)) => {
+            record.response_code = rcode_name(code);
+            (Some(reply), finish(record))
+        }
+        Err(e) => servfail(
+            record,
+            format!("the agent could not encode the answer: {e}"),
+        ),
+    }
+}
+
+/// Stamps the record with the time the query was done.
+fn finish(mut record: DnsRecord) -> DnsRecord {
+    record.time = OffsetDateTime::now_utc();
+    record
+}
+
+/// `dns.response_code`: the RFC mnemonic, upper case.
+fn rcode_name(code: ResponseCode) -> String {
+    match code {
+        ResponseCode::NoError => "NOERROR".into(),
+        ResponseCode::FormErr => "FORMERR".into(),
+        ResponseCode::ServFail => "SERVFAIL".into(),
+        ResponseCode::NXDomain => "NXDOMAIN".into(),
+        ResponseCode::NotImp => "NOTIMP".into(),
+        ResponseCode::Refused => "REFUSED".into(),
+        ResponseCode::YXDomain => "YXDOMAIN".into(),
+        ResponseCode::YXRRSet => "YXRRSET".into(),
+        ResponseCode::NXRRSet => "NXRRSET".into(),
+        ResponseCode::NotAuth => "NOTAUTH".into(),
+        ResponseCode::NotZone => "NOTZONE".into(),
+        ResponseCode::BADVERS => "BADVERS".into(),
+        ResponseCode::BADCOOKIE => "BADCOOKIE".into(),
+        other => format!("RCODE{}", u16::from(other)),
+    }
+}
+
+/// `dns.question.type`: the mnemonic, or `TYPEnnn` (RFC 3597) for unnamed types.
+fn type_name(qtype: RecordType) -> String {
+    match qtype {
+        RecordType::Unknown(n) => format!("TYPE{n}"),
+        other => <&'static str>::from(other).to_owned(),
+    }
+}

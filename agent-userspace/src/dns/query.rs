@@ -1,0 +1,244 @@
+//! Reading a sandbox's query: exactly one `IN` question in a standard query, with a name
+//! short enough and plain enough to be a host name rather than a data channel. The result
+//! is a [`Question`] to resolve, or a [`Rejected`] saying what to send back instead.
+use hickory_proto::{
+    op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
+    rr::{DNSClass, Name, RecordType},
+};
+
+use super::MAX_NAME;
+
+/// Size of the fixed DNS header.
+const HEADER_LEN: usize = 12;
+/// The UDP payload size we advertise and accept, as DNS Flag Day 2020 recommends: it
+/// avoids IP fragmentation on every common path.
+pub(super) const EDNS_PAYLOAD: u16 = 1232;
+/// Answers to a client without EDNS must fit the classic limit.
+const CLASSIC_UDP_LIMIT: usize = 512;
+
+/// The client's EDNS, as far as it matters to its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct ClientEdns {
+    pub payload: u16,
+    pub dnssec_ok: bool,
+}
+
+/// A query to resolve.
+#[derive(Clone, Debug)]
+pub(super) struct Question {
+    /// The client's message id.
+    pub id: u16,
+    pub recursion_desired: bool,
+    pub checking_disabled: bool,
+    /// The question exactly as asked (letter case included), echoed in the answer.
+    pub query: Query,
+    /// The name as asked, for matching the upstream's answer.
+    pub qname: Name,
+    /// Lower case, no trailing dot: what the policy is asked about.
+    pub name: String,
+    pub qtype: RecordType,
+    /// `None` when the client sent no OPT record.
+    pub edns: Option<ClientEdns>,
+}
+
+impl Question {
+    /// Largest UDP answer this client takes.
+    pub fn udp_limit(&self) -> usize {
+        self.edns.map_or(CLASSIC_UDP_LIMIT, |e| {
+            usize::from(e.payload.clamp(512, EDNS_PAYLOAD))
+        })
+    }
+
+    /// An answer with no records and `code`; `authoritative` for names we answer for
+    /// ourselves (a denied name does not exist, as far as the sandbox can tell).
+    pub fn error_reply(&self, code: ResponseCode, authoritative: bool) -> Option<Vec<u8>> {
+        let mut reply = Message::error_msg(self.id, OpCode::Query, code);
+        reply.metadata.authoritative = authoritative;
+        reply.metadata.recursion_desired = self.recursion_desired;
+        reply.metadata.recursion_available = true;
+        reply.metadata.checking_disabled = self.checking_disabled;
+        reply.add_query(self.query.clone());
+        reply.edns = self.edns.map(|e| our_edns(e.dnssec_ok));
+        reply.to_vec().ok()
+    }
+}
+
+/// The OPT record of our answers and upstream queries.
+pub(super) fn our_edns(dnssec_ok: bool) -> Edns {
+    let mut edns = Edns::new();
+    edns.set_max_payload(EDNS_PAYLOAD);
+    edns.set_dnssec_ok(dnssec_ok);
+    edns
+}
+
+/// A query that is not resolved, and what it gets instead.
+#[derive(Debug)]
+pub(super) struct Rejected {
+    /// The bytes to send back; `None` when nothing should be sent.
+    pub reply: Option<Vec<u8>>,
+    pub code: ResponseCode,
+    pub reason: String,
+    /// The question (normalised name, type) when it could be read.
+    pub question: Option<(String, RecordType)>,
+}
+
+/// Parses and checks a query. Labels longer than `max_label` are refused.
+pub(super) fn inspect(bytes: &[u8], max_label: usize) -> Result<Question, Rejected> {
+    if bytes.len() < HEADER_LEN {
+        return Err(Rejected {
+            reply: None,
+            code: ResponseCode::FormErr,
+            reason: format!(
+                "malformed query: {} bytes is too short for a DNS header; dropped without an \
+                 answer",
+                bytes.len()
+            ),
+            question: None,
+        });
+    }
+    // Answering a response could start a loop between two resolvers.
+    if bytes[2] & 0x80 != 0 {
+        return Err(Rejected {
+            reply: None,
+            code: ResponseCode::FormErr,
+            reason: "malformed query: the message is a response (QR set); dropped without an \
+                     answer"
+                .into(),
+            question: None,
+        });
+    }
+    let message = match Message::from_vec(bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            let mut reason = format!("malformed query: {e}");
+            reason.truncate(200);
+            return Err(Rejected {
+                reply: Some(header_only_formerr(bytes)),
+                code: ResponseCode::FormErr,
+                reason,
+                question: None,
+            });
+        }
+    };
+    let meta = &message.metadata;
+    let edns = message.edns.as_ref().map(|e| ClientEdns {
+        payload: e.max_payload(),
+        dnssec_ok: e.flags().dnssec_ok,
+    });
+    let reject = |code: ResponseCode, reason: String, query: Option<&Query>| {
+        let mut reply = Message::error_msg(meta.id, meta.op_code, code);
+        reply.metadata.recursion_desired = meta.recursion_desired;
+        reply.metadata.recursion_available = true;
+        reply.metadata.checking_disabled = meta.checking_disabled;
+        if let Some(q) = query {
+            reply.add_query(q.clone());
+        }
+        reply.edns = edns.map(|e| our_edns(e.dnssec_ok));
+        Rejected {
+            reply: reply.to_vec().ok(),
+            code,
+            reason,
+            question: query.map(|q| (normalise(&q.name), q.query_type)),
+        }
+    };
+    if meta.message_type != MessageType::Query {
+        return Err(reject(
+            ResponseCode::FormErr,
+            "malformed query: not a query".into(),
+            None,
+        ));
+    }
+    if meta.op_code != OpCode::Query {
+        return Err(reject(
+            ResponseCode::NotImp,
+            format!(
+                "opcode {} is not served; only standard queries are",
+                u8::from(meta.op_code)
+            ),
+            None,
+        ));
+    }
+    let [query] = message.queries.as_slice() else {
+        return Err(reject(
+            ResponseCode::FormErr,
+            format!(
+                "malformed query: {} questions; exactly one is served",
+                message.queries.len()
+            ),
+            None,
+        ));
+    };
+    if query.query_class != DNSClass::IN {
+        return Err(reject(
+            ResponseCode::Refused,
+            format!("class {} is not served; only IN is", query.query_class),
+            Some(query),
+        ));
+    }
+    if let Err(why) = check_name(&query.name, max_label) {
+        return Err(reject(ResponseCode::Refused, why, Some(query)));
+    }
+    Ok(Question {
+        id: meta.id,
+        recursion_desired: meta.recursion_desired,
+        checking_disabled: meta.checking_disabled,
+        query: query.clone(),
+        qname: query.name.clone(),
+        name: normalise(&query.name),
+        qtype: query.query_type,
+        edns,
+    })
+}
+
+/// A `FORMERR` answer to a query that could not be parsed: its id, opcode and RD flag,
+/// and nothing else. `bytes` has at least a header.
+fn header_only_formerr(bytes: &[u8]) -> Vec<u8> {
+    let mut reply = vec![0u8; HEADER_LEN];
+    reply[..2].copy_from_slice(&bytes[..2]);
+    // QR, the query's opcode and RD; then RA and RCODE 1.
+    reply[2] = 0x80 | (bytes[2] & 0x79);
+    reply[3] = 0x80 | 0x01;
+    reply
+}
+
+/// Checks a question's name: at most [`MAX_NAME`] characters, no label longer than
+/// `max_label`, and only letters, digits, `-` and `_` in labels. The last rule keeps the
+/// text the policy sees unambiguous: a label holding a `.` (or bytes shown escaped)
+/// could otherwise look like a name it is not.
+pub(super) fn check_name(name: &Name, max_label: usize) -> Result<(), String> {
+    let labels: Vec<&[u8]> = name.iter().collect();
+    let text_len = labels.iter().map(|l| l.len()).sum::<usize>() + labels.len().saturating_sub(1);
+    if text_len > MAX_NAME {
+        return Err(format!(
+            "name of {text_len} characters is longer than the {MAX_NAME} allowed"
+        ));
+    }
+    for label in &labels {
+        if label.len() > max_label {
+            return Err(format!(
+                "label of {} characters is longer than the {max_label} allowed (a guard \
+                 against data tunnelled in names)",
+                label.len()
+            ));
+        }
+        if !label
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+        {
+            return Err(
+                "name has a label with characters other than letters, digits, `-` and `_`".into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The name as the policy and the audit trail see it: lower case, no trailing dot; the
+/// root is `.`.
+pub(super) fn normalise(name: &Name) -> String {
+    let mut text = name.to_ascii().to_ascii_lowercase();
+    if text.len() > 1 && text.ends_with('.') {
+        text.pop();
+    }
+    text
+}

@@ -1,0 +1,641 @@
+//! The resolver end to end on loopback, without privileges: real UDP and TCP listeners,
+//! a fake upstream resolver built with hickory-proto, a policy parsed from YAML, and
+//! `learn`/`audit` closures that write down what they were given and when.
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, Query, ResponseCode},
+    rr::{
+        rdata::{A, AAAA, CNAME, TXT},
+        Name, RData, Record, RecordType,
+    },
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+};
+
+use super::*;
+use crate::policy::parse_str;
+
+/// Upstream timeout in these tests: short, since some tests wait for it on purpose.
+const TIMEOUT: Duration = Duration::from_millis(300);
+/// How long `learn` takes: long enough that an answer released before it returned would
+/// reach the client first.
+const LEARN_DELAY: Duration = Duration::from_millis(150);
+
+/// A fully qualified name, as names are on the wire.
+fn name(text: &str) -> Name {
+    let mut n = Name::from_ascii(text).unwrap();
+    n.set_fqdn(true);
+    n
+}
+
+/// The fake upstream's answer to `query`, or `None` to stay silent. `tcp` says how it was
+/// asked: `big.github.example` answers UDP with TC set and TCP in full.
+fn fake_answer(query: &Message, tcp: bool) -> Option<Message> {
+    let q = query.queries.first()?.clone();
+    let qname = q.name.to_ascii().to_ascii_lowercase();
+    let mut resp = Message::response(query.metadata.id, OpCode::Query);
+    resp.metadata.recursion_available = true;
+    resp.metadata.recursion_desired = query.metadata.recursion_desired;
+    resp.add_query(q.clone());
+    let a = |n: &str, ip: [u8; 4], ttl: u32| {
+        Record::from_rdata(name(n), ttl, RData::A(A(Ipv4Addr::from(ip))))
+    };
+    let cname =
+        |from: &str, to: &str| Record::from_rdata(name(from), 300, RData::CNAME(CNAME(name(to))));
+    match (qname.as_str(), q.query_type) {
+        ("api.github.example.", RecordType::A) => {
+            resp.add_answer(a("api.github.example.", [192, 0, 2, 10], 60));
+            resp.add_answer(a("api.github.example.", [192, 0, 2, 11], 30));
+            // Not on the chain from the question: passed on, never learned.
+            resp.add_answer(a("unrelated.example.", [203, 0, 113, 9], 60));
+        }
+        ("api.github.example.", RecordType::AAAA) => {
+            resp.add_answer(Record::from_rdata(
+                q.name.clone(),
+                120,
+                RData::AAAA(AAAA("2001:db8::10".parse::<Ipv6Addr>().unwrap())),
+            ));
+        }
+        ("api.github.example.", RecordType::TXT) => {
+            resp.add_answer(Record::from_rdata(
+                q.name.clone(),
+                60,
+                RData::TXT(TXT::new(vec!["v=hello".into()])),
+            ));
+        }
+        ("www.github.example.", RecordType::A) => {
+            resp.add_answer(cname("www.github.example.", "edge.github.example."));
+            resp.add_answer(a("edge.github.example.", [192, 0, 2, 20], 45));
+        }
+        ("alias.github.example.", RecordType::A) => {
+            resp.add_answer(cname("alias.github.example.", "tracker.evil.example."));
+            resp.add_answer(a("tracker.evil.example.", [198, 51, 100, 66], 60));
+        }
+        ("slow.github.example.", _) => return None,
+        ("big.github.example.", RecordType::A) => {
+            if tcp {
+                for i in 1..=100u8 {
+                    resp.add_answer(a("big.github.example.", [192, 0, 2, i], 60));
+                }
+            } else {
+                resp.metadata.truncation = true;
+            }
+        }
+        _ => resp.metadata.response_code = ResponseCode::NXDomain,
+    }
+    Some(resp)
+}
+
+/// A fake upstream resolver on 127.0.0.1, UDP and TCP on the same port.
+struct Fake {
+    addr: SocketAddr,
+    /// (`udp` or `tcp`, lower-case name with its trailing dot) of every query seen.
+    seen: Arc<Mutex<Vec<(&'static str, String)>>>,
+}
+
+impl Fake {
+    async fn start() -> Self {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        let tcp = TcpListener::bind(addr).await.unwrap();
+        let seen: Arc<Mutex<Vec<(&'static str, String)>>> = Arc::default();
+        let log = seen.clone();
+        let note = move |transport: &'static str, m: &Message| {
+            if let Some(q) = m.queries.first() {
+                let n = q.name.to_ascii().to_ascii_lowercase();
+                log.lock().unwrap().push((transport, n));
+            }
+        };
+        let note_tcp = note.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let (len, peer) = udp.recv_from(&mut buf).await.unwrap();
+                let query = Message::from_vec(&buf[..len]).unwrap();
+                note("udp", &query);
+                if let Some(resp) = fake_answer(&query, false) {
+                    udp.send_to(&resp.to_vec().unwrap(), peer).await.unwrap();
+                }
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = tcp.accept().await.unwrap();
+                let note = note_tcp.clone();
+                tokio::spawn(async move {
+                    let mut len = [0u8; 2];
+                    stream.read_exact(&mut len).await.unwrap();
+                    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    stream.read_exact(&mut buf).await.unwrap();
+                    let query = Message::from_vec(&buf).unwrap();
+                    note("tcp", &query);
+                    if let Some(resp) = fake_answer(&query, true) {
+                        let bytes = resp.to_vec().unwrap();
+                        let len = u16::try_from(bytes.len()).unwrap().to_be_bytes();
+                        stream.write_all(&len).await.unwrap();
+                        stream.write_all(&bytes).await.unwrap();
+                    }
+                });
+            }
+        });
+        Self { addr, seen }
+    }
+
+    fn seen(&self) -> Vec<(&'static str, String)> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn policy_yaml(upstream: &[SocketAddr]) -> String {
+    let upstream: Vec<String> = upstream.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "\
+version: 1
+dns:
+  upstream: [{}]
+rules:
+  - name: no-secrets
+    to: [secret.github.example]
+    action: deny
+  - name: github
+    to: [\"**.github.example\"]
+    ports: [443]
+    action: allow
+  - name: github-any
+    to: [api.github.example]
+    action: allow
+",
+        upstream.join(", ")
+    )
+}
+
+/// A resolver on loopback with a policy whose upstreams are `upstream`.
+struct Harness {
+    ctx: Arc<ResolverCtx>,
+    udp: SocketAddr,
+    tcp: SocketAddr,
+    learned: Arc<Mutex<Vec<Learned>>>,
+    /// `learn` and test-client events, in the order they happened.
+    order: Arc<Mutex<Vec<&'static str>>>,
+    records: Arc<Mutex<Vec<DnsRecord>>>,
+}
+
+impl Harness {
+    async fn start(upstream: &[SocketAddr], learn_fails: bool) -> Self {
+        let policy = parse_str(&policy_yaml(upstream), "dns-test.yaml").unwrap();
+        let learned: Arc<Mutex<Vec<Learned>>> = Arc::default();
+        let order: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+        let records: Arc<Mutex<Vec<DnsRecord>>> = Arc::default();
+        let (l, o, r) = (learned.clone(), order.clone(), records.clone());
+        let ctx = Arc::new(ResolverCtx {
+            sandbox: "agent-1".into(),
+            policy: Arc::new(RwLock::new(Arc::new(policy))),
+            default_upstream: Vec::new(),
+            dialer: Arc::new(Dialer::default()),
+            learn: Arc::new(move |entries: &[Learned]| {
+                std::thread::sleep(LEARN_DELAY);
+                o.lock().unwrap().push("learn");
+                l.lock().unwrap().extend_from_slice(entries);
+                if learn_fails {
+                    Err("map full".into())
+                } else {
+                    Ok(())
+                }
+            }),
+            audit: Arc::new(move |record| r.lock().unwrap().push(record)),
+            timeout: TIMEOUT,
+            max_label: DEFAULT_MAX_LABEL,
+        });
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (udp_addr, tcp_addr) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
+        tokio::spawn(serve_udp(udp, ctx.clone()));
+        tokio::spawn(serve_tcp(tcp, ctx.clone()));
+        Self {
+            ctx,
+            udp: udp_addr,
+            tcp: tcp_addr,
+            learned,
+            order,
+            records,
+        }
+    }
+
+    fn query(qname: &Name, qtype: RecordType) -> Message {
+        let mut m = Message::query();
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(qname.clone(), qtype));
+        m
+    }
+
+    /// Asks over UDP and checks the answer carries our id and question.
+    async fn udp(&self, qname: &str, qtype: RecordType) -> Message {
+        self.udp_name(&name(qname), qtype).await
+    }
+
+    async fn udp_name(&self, qname: &Name, qtype: RecordType) -> Message {
+        let query = Self::query(qname, qtype);
+        let reply = self.udp_raw(&query.to_vec().unwrap()).await.unwrap();
+        self.order.lock().unwrap().push("answer");
+        let reply = Message::from_vec(&reply).unwrap();
+        assert_eq!(reply.metadata.id, query.metadata.id);
+        assert_eq!(reply.metadata.message_type, MessageType::Response);
+        assert_eq!(reply.queries, query.queries);
+        reply
+    }
+
+    /// Sends raw bytes over UDP; `None` when nothing comes back within 2 s.
+    async fn udp_raw(&self, bytes: &[u8]) -> Option<Vec<u8>> {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.connect(self.udp).await.unwrap();
+        sock.send(bytes).await.unwrap();
+        let mut buf = vec![0u8; 65535];
+        let len = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
+            .await
+            .ok()?
+            .unwrap();
+        Some(buf[..len].to_vec())
+    }
+
+    /// Asks several questions on one TCP connection.
+    async fn tcp(&self, questions: &[(&str, RecordType)]) -> Vec<Message> {
+        let mut stream = TcpStream::connect(self.tcp).await.unwrap();
+        let mut out = Vec::new();
+        for (qname, qtype) in questions {
+            let query = Self::query(&name(qname), *qtype);
+            let bytes = query.to_vec().unwrap();
+            let len = u16::try_from(bytes.len()).unwrap().to_be_bytes();
+            stream.write_all(&len).await.unwrap();
+            stream.write_all(&bytes).await.unwrap();
+            let mut len = [0u8; 2];
+            stream.read_exact(&mut len).await.unwrap();
+            let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            stream.read_exact(&mut buf).await.unwrap();
+            let reply = Message::from_vec(&buf).unwrap();
+            assert_eq!(reply.metadata.id, query.metadata.id);
+            assert_eq!(reply.queries, query.queries);
+            out.push(reply);
+        }
+        out
+    }
+
+    fn records(&self) -> Vec<DnsRecord> {
+        self.records.lock().unwrap().clone()
+    }
+
+    /// The one record so far; fails if there are more or fewer.
+    fn only_record(&self) -> DnsRecord {
+        let records = self.records();
+        assert_eq!(records.len(), 1, "{records:#?}");
+        records.into_iter().next().unwrap()
+    }
+
+    /// Waits for a record that is emitted without an answer.
+    async fn wait_record(&self) -> DnsRecord {
+        for _ in 0..200 {
+            if let Some(r) = self.records().first() {
+                return r.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        unreachable!("no record emitted")
+    }
+}
+
+fn addrs(m: &Message) -> Vec<IpAddr> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_name_is_learned_before_the_answer_is_released() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    let reply = h.udp("API.GitHub.example.", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(
+        addrs(&reply),
+        [ip("192.0.2.10"), ip("192.0.2.11"), ip("203.0.113.9")]
+    );
+    assert_eq!(*h.order.lock().unwrap(), ["learn", "answer"]);
+    // Only the chain's addresses, with the name's rules in policy order and their TTLs.
+    let learned = h.learned.lock().unwrap().clone();
+    assert_eq!(
+        learned,
+        [
+            Learned {
+                name: "api.github.example".into(),
+                addr: ip("192.0.2.10"),
+                rule_ids: vec![2, 3],
+                ttl: 60,
+            },
+            Learned {
+                name: "api.github.example".into(),
+                addr: ip("192.0.2.11"),
+                rule_ids: vec![2, 3],
+                ttl: 30,
+            },
+        ]
+    );
+    assert_eq!(fake.seen(), [("udp", "api.github.example.".to_owned())]);
+    let r = h.only_record();
+    assert_eq!(r.sandbox, "agent-1");
+    assert_eq!(r.question_name, "api.github.example");
+    assert_eq!(r.question_type, "A");
+    assert_eq!(r.response_code, "NOERROR");
+    assert_eq!(r.resolved_ip, [ip("192.0.2.10"), ip("192.0.2.11")]);
+    assert_eq!(r.verdict, DnsVerdict::Allow);
+    assert_eq!(r.rule.as_deref(), Some("github"));
+    assert_eq!(r.reason, None);
+    assert_eq!(r.upstream, Some(fake.addr));
+    // The record encodes and matches the audit schema's shape.
+    crate::audit::Record::from(r).encode(1).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aaaa_and_cname_chains_within_the_policy_are_learned() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    let reply = h.udp("api.github.example", RecordType::AAAA).await;
+    assert_eq!(addrs(&reply), [ip("2001:db8::10")]);
+    let reply = h.udp("www.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(addrs(&reply), [ip("192.0.2.20")]);
+    let learned = h.learned.lock().unwrap().clone();
+    assert_eq!(learned.len(), 2, "{learned:?}");
+    assert_eq!(
+        learned[1],
+        Learned {
+            // The rules are those of the name asked, not of the CNAME target.
+            name: "www.github.example".into(),
+            addr: ip("192.0.2.20"),
+            rule_ids: vec![2],
+            ttl: 45,
+        }
+    );
+    assert_eq!(h.records()[1].resolved_ip, [ip("192.0.2.20")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_not_allowed_is_nxdomain_without_asking_upstream() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    for qname in [
+        "exfil.evil.example",
+        "github.example",
+        "api.github.example.evil.example",
+    ] {
+        let reply = h.udp(qname, RecordType::A).await;
+        assert_eq!(
+            reply.metadata.response_code,
+            ResponseCode::NXDomain,
+            "{qname}"
+        );
+        assert!(reply.metadata.authoritative);
+        assert!(reply.answers.is_empty());
+    }
+    assert!(fake.seen().is_empty(), "{:?}", fake.seen());
+    assert!(h.learned.lock().unwrap().is_empty());
+    let records = h.records();
+    assert_eq!(records.len(), 3);
+    let r = &records[0];
+    assert_eq!(r.question_name, "exfil.evil.example");
+    assert_eq!(r.response_code, "NXDOMAIN");
+    assert_eq!(r.verdict, DnsVerdict::Deny);
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("name is not allowed by the policy")
+    );
+    assert_eq!(r.rule, None);
+    assert_eq!(r.upstream, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_denied_by_a_rule_names_the_rule() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    let reply = h.udp("secret.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+    assert!(fake.seen().is_empty());
+    let r = h.only_record();
+    assert_eq!(r.verdict, DnsVerdict::Deny);
+    assert_eq!(r.rule.as_deref(), Some("no-secrets"));
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("name is denied by rule `no-secrets`")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cname_to_a_name_not_allowed_is_nxdomain() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    let reply = h.udp("alias.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+    assert!(reply.answers.is_empty());
+    assert!(h.learned.lock().unwrap().is_empty());
+    let r = h.only_record();
+    assert_eq!(r.verdict, DnsVerdict::Deny);
+    assert_eq!(r.response_code, "NXDOMAIN");
+    assert!(r.resolved_ip.is_empty());
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap()
+            .contains("tracker.evil.example"),
+        "{r:?}"
+    );
+    assert_eq!(r.upstream, Some(fake.addr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_labels_and_odd_characters_are_refused() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    // 41 characters: over the exfiltration guard, although the policy allows the name.
+    let long = format!("{}.github.example", "a".repeat(DEFAULT_MAX_LABEL + 1));
+    let reply = h.udp(&long, RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+    let r = h.only_record();
+    assert_eq!(r.verdict, DnsVerdict::Deny);
+    assert_eq!(r.response_code, "REFUSED");
+    assert_eq!(r.question_name, long);
+    assert!(
+        r.reason.as_deref().unwrap().contains("41 characters"),
+        "{r:?}"
+    );
+    // A label holding a dot would read as a name under github.example.
+    let mut dotted = Name::from_labels([&b"x.api"[..], b"github", b"example"]).unwrap();
+    dotted.set_fqdn(true);
+    let reply = h.udp_name(&dotted, RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+    assert!(fake.seen().is_empty(), "{:?}", fake.seen());
+    // 40 characters passes the guard and is asked upstream (which knows no such name).
+    let ok = format!("{}.github.example", "b".repeat(DEFAULT_MAX_LABEL));
+    let reply = h.udp(&ok, RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(fake.seen().len(), 1);
+    let r = h.records().pop().unwrap();
+    assert_eq!(r.verdict, DnsVerdict::Allow);
+    assert_eq!(r.response_code, "NXDOMAIN");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_queries_work_and_share_a_connection() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    let replies = h
+        .tcp(&[
+            ("api.github.example", RecordType::A),
+            ("exfil.evil.example", RecordType::A),
+        ])
+        .await;
+    assert_eq!(
+        addrs(&replies[0])[..2],
+        [ip("192.0.2.10"), ip("192.0.2.11")]
+    );
+    assert_eq!(replies[1].metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(h.learned.lock().unwrap().len(), 2);
+    let records = h.records();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].verdict, DnsVerdict::Allow);
+    assert_eq!(records[1].verdict, DnsVerdict::Deny);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_upstream_answer_is_asked_again_over_tcp() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    // Over TCP the client gets all 100 addresses, learned first.
+    let replies = h.tcp(&[("big.github.example", RecordType::A)]).await;
+    assert_eq!(addrs(&replies[0]).len(), 100);
+    assert_eq!(
+        fake.seen(),
+        [
+            ("udp", "big.github.example.".to_owned()),
+            ("tcp", "big.github.example.".to_owned())
+        ]
+    );
+    assert_eq!(h.learned.lock().unwrap().len(), 100);
+    // Over UDP without EDNS the same answer does not fit 512 bytes: sent truncated.
+    let reply = h.udp("big.github.example", RecordType::A).await;
+    assert!(reply.metadata.truncation);
+    assert!(reply.answers.is_empty());
+    assert_eq!(h.records()[1].response_code, "NOERROR");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_timeout_is_servfail_and_the_next_upstream_is_tried() {
+    let fake = Fake::start().await;
+    // A server that never answers.
+    let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let h = Harness::start(&[silent_addr, fake.addr], false).await;
+
+    let reply = h.udp("api.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(h.records()[0].upstream, Some(fake.addr));
+
+    let reply = h.udp("slow.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+    let r = h.records().pop().unwrap();
+    assert_eq!(r.response_code, "SERVFAIL");
+    assert_eq!(r.verdict, DnsVerdict::Allow);
+    assert_eq!(r.upstream, Some(fake.addr));
+    let reason = r.reason.unwrap();
+    assert!(reason.contains("2 upstream servers failed"), "{reason}");
+    assert!(reason.contains("no answer within 300 ms"), "{reason}");
+    drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learn_error_is_servfail() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], true).await;
+    let reply = h.udp("api.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+    assert!(reply.answers.is_empty());
+    let r = h.only_record();
+    assert_eq!(r.response_code, "SERVFAIL");
+    assert!(r.resolved_ip.is_empty());
+    assert!(r.reason.as_deref().unwrap().contains("map full"), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_types_are_forwarded_but_learn_nothing() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    let reply = h.udp("api.github.example", RecordType::TXT).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(reply.answers.len(), 1);
+    assert!(h.learned.lock().unwrap().is_empty());
+    let r = h.only_record();
+    assert_eq!(r.question_type, "TXT");
+    assert_eq!(r.verdict, DnsVerdict::Allow);
+    assert!(r.resolved_ip.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_queries_get_formerr_or_nothing() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    // A header promising one question that is not there.
+    let header = [0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    let reply = Message::from_vec(&h.udp_raw(&header).await.unwrap()).unwrap();
+    assert_eq!(reply.metadata.id, 0x1234);
+    assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+    let r = h.only_record();
+    assert_eq!(r.response_code, "FORMERR");
+    assert_eq!(r.verdict, DnsVerdict::Deny);
+    assert!(r.question_name.is_empty());
+    h.records.lock().unwrap().clear();
+
+    // Too short for a header: no answer, still a record.
+    assert_eq!(h.udp_raw(&[1, 2, 3]).await, None);
+    let r = h.wait_record().await;
+    assert_eq!(r.response_code, "FORMERR");
+    h.records.lock().unwrap().clear();
+
+    // Two questions.
+    let mut two = Harness::query(&name("api.github.example"), RecordType::A);
+    two.add_query(Query::query(name("www.github.example"), RecordType::A));
+    let reply = Message::from_vec(&h.udp_raw(&two.to_vec().unwrap()).await.unwrap()).unwrap();
+    assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+    assert!(fake.seen().is_empty());
+    assert_eq!(h.only_record().response_code, "FORMERR");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_swap_applies_to_the_next_query() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    let stricter = parse_str(
+        &format!(
+            "version: 1\ndns:\n  upstream: [\"{}\"]\nrules:\n  - {{name: other, to: [other.example], action: allow}}\n",
+            fake.addr
+        ),
+        "swap.yaml",
+    )
+    .unwrap();
+    *h.ctx.policy.write().unwrap() = Arc::new(stricter);
+    let reply = h.udp("api.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+    assert!(fake.seen().is_empty());
+}

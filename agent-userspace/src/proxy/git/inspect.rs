@@ -1,0 +1,337 @@
+//! Reading a push's command list off the request body before anything is forwarded, and
+//! draining a refused push so that the client reads the proxy's answer.
+//!
+//! The raw bytes read are kept and forwarded first, unchanged (still gzip-compressed if
+//! they were), followed by the rest of the body as it arrives.
+
+use std::io::Read as _;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::CONTENT_ENCODING;
+use http::{HeaderMap, StatusCode};
+use hyper::body::{Body as _, Incoming};
+
+use super::pkt::{parse_commands, status_report, wants_report, CommandList};
+use super::GitRule;
+use crate::proxy::record::RefUpdate;
+
+/// Largest command section accepted (decompressed), flush included.
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+/// Largest number of raw bytes buffered while looking for the end of the command
+/// section: the section itself, compressed or not, plus what came in the same frames.
+const MAX_BUFFERED_BYTES: usize = 4 * MAX_COMMAND_BYTES;
+
+/// Most bytes of a refused push read and thrown away so that its client reads the answer.
+const MAX_DRAIN_BYTES: u64 = 1 << 30;
+
+/// What to do with a push.
+#[derive(Debug)]
+pub enum PushOutcome {
+    /// Forward these bytes (as read, so possibly compressed), then the rest of the body.
+    Forward(Bytes),
+    /// Answer the client with `status` and, when it asked for one, a receive-pack
+    /// `report` (to be sent as `application/x-git-receive-pack-result`) instead of
+    /// `reason` as text. Nothing was forwarded; `consumed` body bytes were read.
+    Refuse {
+        status: StatusCode,
+        reason: String,
+        report: Option<Bytes>,
+        consumed: u64,
+    },
+}
+
+/// A push as the rule sees it.
+#[derive(Debug)]
+pub struct Inspected {
+    /// The ref updates asked for (empty when the command list could not be read).
+    pub updates: Vec<RefUpdate>,
+    pub outcome: PushOutcome,
+}
+
+/// Reads a `git-receive-pack` request's command list from `body`, judges it with
+/// `rule`, and either hands back the bytes read (to be forwarded first) or refuses
+/// the whole push, having drained the rest of the body.
+pub async fn inspect_push(
+    rule: &GitRule,
+    headers: &HeaderMap,
+    body: &mut Incoming,
+    idle: Duration,
+) -> Inspected {
+    let refuse = |status, reason, report, consumed| Inspected {
+        updates: Vec::new(),
+        outcome: PushOutcome::Refuse {
+            status,
+            reason,
+            report,
+            consumed,
+        },
+    };
+    let encoding = match Encoding::from_headers(headers) {
+        Ok(e) => e,
+        Err(reason) => {
+            let consumed = drain(body, idle, MAX_DRAIN_BYTES).await;
+            return refuse(StatusCode::UNSUPPORTED_MEDIA_TYPE, reason, None, consumed);
+        }
+    };
+    let (raw, list) = match read_commands(body, encoding, idle).await {
+        Ok(read) => read,
+        Err(ReadError::Invalid(reason)) => {
+            let consumed = drain(body, idle, MAX_DRAIN_BYTES).await;
+            return refuse(StatusCode::FORBIDDEN, reason, None, consumed);
+        }
+        Err(ReadError::Downstream(reason)) => {
+            return refuse(StatusCode::BAD_REQUEST, reason, None, 0);
+        }
+    };
+    let judgement = rule.judge_push(&list);
+    let Some(reason) = judgement.refused else {
+        return Inspected {
+            updates: judgement.updates,
+            outcome: PushOutcome::Forward(raw),
+        };
+    };
+    let consumed = raw.len() as u64 + drain(body, idle, MAX_DRAIN_BYTES).await;
+    let (status, report) = if wants_report(&list) {
+        (
+            StatusCode::OK,
+            Some(status_report(&list, &judgement.results)),
+        )
+    } else {
+        (StatusCode::FORBIDDEN, None)
+    };
+    Inspected {
+        updates: judgement.updates,
+        outcome: PushOutcome::Refuse {
+            status,
+            reason,
+            report,
+            consumed,
+        },
+    }
+}
+
+/// How the request body is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Identity,
+    Gzip,
+}
+
+impl Encoding {
+    /// From `Content-Encoding`: none, `identity`, `gzip` or `x-gzip`; anything else (or
+    /// several codings) cannot be inspected and is an error.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Self, String> {
+        let mut codings = headers
+            .get_all(CONTENT_ENCODING)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+            .map(str::trim)
+            .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"));
+        let first = codings.next();
+        if codings.next().is_some() {
+            return Err(
+                "git push: a body with several content codings cannot be inspected".to_owned(),
+            );
+        }
+        match first {
+            None => Ok(Self::Identity),
+            Some(c) if c.eq_ignore_ascii_case("gzip") || c.eq_ignore_ascii_case("x-gzip") => {
+                Ok(Self::Gzip)
+            }
+            Some(c) => Err(format!(
+                "git push: Content-Encoding {c:?} cannot be inspected (use gzip or none)"
+            )),
+        }
+    }
+}
+
+/// Why the command section could not be had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadError {
+    /// The client sent something that is not a valid command section.
+    Invalid(String),
+    /// The client's body failed or stalled.
+    Downstream(String),
+}
+
+/// Reads from `body` until the command section is complete. Returns the raw bytes read
+/// (to be forwarded first) and the parsed section.
+pub async fn read_commands(
+    body: &mut Incoming,
+    encoding: Encoding,
+    idle: Duration,
+) -> Result<(Bytes, CommandList), ReadError> {
+    let mut raw = BytesMut::new();
+    loop {
+        if let Some(list) = try_parse(&raw, encoding)? {
+            return Ok((raw.freeze(), list));
+        }
+        if raw.len() > MAX_BUFFERED_BYTES {
+            return Err(ReadError::Invalid(format!(
+                "git push: no end of the command list within the first {MAX_BUFFERED_BYTES} \
+                 bytes of the body"
+            )));
+        }
+        match next_data(body, idle).await? {
+            Some(data) => raw.extend_from_slice(&data),
+            None => {
+                return Err(ReadError::Invalid(
+                    "git push: the body ended before the command list's flush-pkt".to_owned(),
+                ))
+            }
+        }
+    }
+}
+
+/// The next data frame's bytes (skipping empty ones), `None` at the end of the body.
+async fn next_data(body: &mut Incoming, idle: Duration) -> Result<Option<Bytes>, ReadError> {
+    loop {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx));
+        match tokio::time::timeout(idle, frame).await {
+            Err(_) => {
+                return Err(ReadError::Downstream(format!(
+                    "downstream client: request body stalled for {} s",
+                    idle.as_secs()
+                )))
+            }
+            Ok(None) => return Ok(None),
+            Ok(Some(Err(e))) => {
+                return Err(ReadError::Downstream(format!(
+                    "downstream client: reading the request body: {e}"
+                )))
+            }
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(data) => return Ok(Some(data)),
+                // Trailers end the body.
+                Err(_) => return Ok(None),
+            },
+        }
+    }
+}
+
+fn try_parse(raw: &[u8], encoding: Encoding) -> Result<Option<CommandList>, ReadError> {
+    let invalid = |e: String| ReadError::Invalid(format!("git push: {e}"));
+    let too_long = || {
+        ReadError::Invalid(format!(
+            "git push: the command list is longer than {MAX_COMMAND_BYTES} bytes"
+        ))
+    };
+    match encoding {
+        Encoding::Identity => {
+            let window = &raw[..raw.len().min(MAX_COMMAND_BYTES)];
+            match parse_commands(window).map_err(invalid)? {
+                Some(list) => Ok(Some(list)),
+                None if window.len() == MAX_COMMAND_BYTES => Err(too_long()),
+                None => Ok(None),
+            }
+        }
+        Encoding::Gzip => {
+            let plain = gunzip_prefix(raw, MAX_COMMAND_BYTES).map_err(invalid)?;
+            match parse_commands(&plain).map_err(invalid)? {
+                Some(list) => Ok(Some(list)),
+                None if plain.len() >= MAX_COMMAND_BYTES => Err(too_long()),
+                None => Ok(None),
+            }
+        }
+    }
+}
+
+/// Decompresses as much of the gzip stream's start as `raw` holds, up to `limit` bytes.
+/// A stream cut short is not an error (more may come); a corrupt one is.
+fn gunzip_prefix(raw: &[u8], limit: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(limit.min(raw.len() * 4));
+    let mut decoder = flate2::read::GzDecoder::new(raw).take(limit as u64);
+    match decoder.read_to_end(&mut out) {
+        Ok(_) => Ok(out),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(out),
+        Err(e) => Err(format!("the gzip-encoded body is invalid: {e}")),
+    }
+}
+
+/// Reads and discards the rest of a refused push, so that a client still sending its
+/// pack gets to read the answer. Stops after `max` bytes or a stall of `idle`. Returns
+/// the bytes read.
+pub async fn drain(body: &mut Incoming, idle: Duration, max: u64) -> u64 {
+    let mut total = 0u64;
+    while total < max {
+        match next_data(body, idle).await {
+            Ok(Some(data)) => total += data.len() as u64,
+            Ok(None) | Err(_) => break,
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn gzip_bodies_are_inspected_as_they_arrive() {
+        let a = "1".repeat(40);
+        let b = "2".repeat(40);
+        let line = format!("{a} {b} refs/heads/main\0report-status");
+        let mut plain = format!("{:04x}{line}0000", line.len() + 4).into_bytes();
+        plain.extend_from_slice(&[7u8; 5000]);
+        let compressed = gzip(&plain);
+        let mut found = None;
+        for cut in 0..=compressed.len() {
+            if let Some(list) = try_parse(&compressed[..cut], Encoding::Gzip).unwrap() {
+                found = Some((cut, list));
+                break;
+            }
+        }
+        let (cut, list) = found.unwrap();
+        assert!(cut <= compressed.len());
+        assert_eq!(list.commands[0].name, "refs/heads/main");
+
+        let err = try_parse(
+            b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff\x07\x00\x00",
+            Encoding::Gzip,
+        );
+        assert!(matches!(err, Err(ReadError::Invalid(_))), "{err:?}");
+        assert!(matches!(
+            try_parse(b"not gzip at all", Encoding::Gzip),
+            Err(ReadError::Invalid(_))
+        ));
+
+        // A command list that never ends is cut at the bound, compressed or not.
+        let mut endless = Vec::new();
+        while endless.len() <= MAX_COMMAND_BYTES {
+            let line = format!("{a} {b} refs/heads/x{}", endless.len());
+            endless.extend_from_slice(format!("{:04x}{line}", line.len() + 4).as_bytes());
+        }
+        assert!(try_parse(&endless, Encoding::Identity).is_err());
+        assert!(try_parse(&gzip(&endless), Encoding::Gzip).is_err());
+    }
+
+    #[test]
+    fn content_encodings() {
+        let h = |v: &[&'static str]| {
+            let mut m = HeaderMap::new();
+            for v in v {
+                m.append(CONTENT_ENCODING, http::HeaderValue::from_static(v));
+            }
+            Encoding::from_headers(&m)
+        };
+        assert_eq!(h(&[]), Ok(Encoding::Identity));
+        assert_eq!(h(&["identity"]), Ok(Encoding::Identity));
+        assert_eq!(h(&["gzip"]), Ok(Encoding::Gzip));
+        assert_eq!(h(&["X-Gzip"]), Ok(Encoding::Gzip));
+        assert!(h(&["br"]).is_err());
+        assert!(h(&["gzip", "gzip"]).is_err());
+        assert!(h(&["gzip, deflate"]).is_err());
+    }
+}

@@ -1,0 +1,406 @@
+//! Git over smart HTTP: which repositories a rule lets a sandbox fetch from and push to,
+//! and which refs a push may update.
+//!
+//! A proxy rule with a `git:` block ([`RawGitRule`], compiled into [`GitRule`]) allows
+//! only the three smart-HTTP requests of the listed repositories:
+//!
+//! - `GET /<owner>/<repo>[.git]/info/refs?service=git-upload-pack|git-receive-pack`
+//! - `POST /<owner>/<repo>[.git]/git-upload-pack` (clone, fetch; protocol v0, v1 and v2
+//!   alike, passed through)
+//! - `POST /<owner>/<repo>[.git]/git-receive-pack` (push)
+//!
+//! Anything else on such a rule is refused with 403 and a reason. A push's command list
+//! (the pkt-lines naming each ref update, see [`pkt`]) is read and judged before any byte
+//! of the push reaches the origin; if any update is refused, nothing is forwarded and
+//! the proxy answers like receive-pack would, with a status report (`ng <ref> <reason>`),
+//! so that `git push` prints `! [remote rejected] ... (refused by egress policy: ...)`.
+//! The packfile after the command list is streamed, never parsed.
+
+mod inspect;
+mod pkt;
+mod refs;
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests;
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+
+pub(super) use inspect::{inspect_push, PushOutcome};
+pub use inspect::{Encoding, MAX_COMMAND_BYTES};
+pub use pkt::{parse_commands, status_report, wants_report, Command, CommandList, MAX_PKT_LEN};
+pub use refs::{invalid_ref_name, RefGlob};
+
+use super::record::{GitAudit, RefUpdate};
+
+/// `Content-Type` of the proxy's own receive-pack answer.
+pub const RECEIVE_PACK_RESULT: &str = "application/x-git-receive-pack-result";
+
+/// The `git:` block of a proxy rule, as written in the policy.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGitRule {
+    /// Repositories as `owner/name` (letters, digits, `_`, `.`, `-`; a `.git` suffix is
+    /// ignored), compared case-insensitively like GitHub does. URLs may carry `.git`.
+    pub repos: Vec<String>,
+    /// Whether clone/fetch/pull (`git-upload-pack`) is allowed. Default true.
+    #[serde(default = "default_true")]
+    pub fetch: bool,
+    /// Whether, and to which refs, pushes (`git-receive-pack`) are allowed; absent: none.
+    #[serde(default)]
+    pub push: Option<RawPush>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// What a push may update.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPush {
+    /// Ref globs every updated ref must match, e.g. `refs/heads/agent/**`: `*` matches
+    /// within one segment, `**` whole segments (at least one when last).
+    pub refs: Vec<String>,
+    /// Whether refs may be deleted. Default false.
+    #[serde(default)]
+    pub delete: bool,
+    /// Whether `refs/tags/*` may be touched at all (each tag must also match `refs`).
+    /// Default false.
+    #[serde(default)]
+    pub tags: bool,
+}
+
+/// A checked `git:` block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitRule {
+    /// `owner/name`, lower-case, without `.git`.
+    repos: BTreeSet<String>,
+    fetch: bool,
+    push: Option<PushRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PushRule {
+    refs: Vec<RefGlob>,
+    delete: bool,
+    tags: bool,
+}
+
+/// The two git services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Service {
+    /// Clone and fetch.
+    UploadPack,
+    /// Push.
+    ReceivePack,
+}
+
+impl Service {
+    /// `git-upload-pack` or `git-receive-pack`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UploadPack => "git-upload-pack",
+            Self::ReceivePack => "git-receive-pack",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "git-upload-pack" => Some(Self::UploadPack),
+            "git-receive-pack" => Some(Self::ReceivePack),
+            _ => None,
+        }
+    }
+}
+
+/// A git request a rule allows (so far: a push still has its commands judged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitRequest {
+    /// `owner/name` as the URL spells it, without `.git`.
+    pub repo: String,
+    pub service: Service,
+    /// `GET info/refs` (the ref advertisement) rather than the `POST` itself.
+    pub advertisement: bool,
+}
+
+impl GitRequest {
+    /// Whether this is the push itself, whose body must be inspected.
+    pub fn is_push(&self) -> bool {
+        self.service == Service::ReceivePack && !self.advertisement
+    }
+
+    /// The audit record's `git` part, without ref updates yet.
+    pub fn audit(&self) -> GitAudit {
+        GitAudit {
+            repo: self.repo.clone(),
+            service: self.service.as_str().to_owned(),
+            ref_updates: Vec::new(),
+        }
+    }
+}
+
+/// Why a request was refused, with what is known of it for the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitRefusal {
+    pub reason: String,
+    /// Present once the repository and service were recognised.
+    pub audit: Option<GitAudit>,
+}
+
+/// How a rule judged a push's commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushJudgement {
+    /// Per command: `Ok` or the reason the status report gives.
+    pub results: Vec<Result<(), String>>,
+    /// Per command, for the record: `allowed` is the rule's verdict on that ref alone.
+    pub updates: Vec<RefUpdate>,
+    /// A summary for the record's reason when something was refused.
+    pub refused: Option<String>,
+}
+
+const TAGS: &str = "refs/tags/";
+
+impl GitRule {
+    /// Checks a `git:` block. Errors name the field (`repos[1]`, `push.refs[0]`, ...) and
+    /// say what would be valid.
+    pub fn compile(raw: &RawGitRule) -> Result<Self, String> {
+        if raw.repos.is_empty() {
+            return Err("repos: list at least one repository as `owner/name`".to_owned());
+        }
+        let mut repos = BTreeSet::new();
+        for (i, repo) in raw.repos.iter().enumerate() {
+            let normalized = normalize_repo(repo).ok_or_else(|| {
+                format!(
+                    "repos[{i}]: `{repo}` is not `owner/name` (letters, digits, `_`, `.`, `-`; \
+                     no URL, no wildcards)"
+                )
+            })?;
+            repos.insert(normalized);
+        }
+        let push = match &raw.push {
+            None => None,
+            Some(push) => {
+                if push.refs.is_empty() {
+                    return Err(
+                        "push.refs: list at least one ref glob such as `refs/heads/agent/**` \
+                         (leave `push` out to forbid pushing)"
+                            .to_owned(),
+                    );
+                }
+                let refs = push
+                    .refs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, glob)| {
+                        RefGlob::parse(glob).map_err(|e| format!("push.refs[{i}]: {e}"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Some(PushRule {
+                    refs,
+                    delete: push.delete,
+                    tags: push.tags,
+                })
+            }
+        };
+        if !raw.fetch && push.is_none() {
+            return Err(
+                "fetch is false and there is no push: the rule would allow nothing".to_owned(),
+            );
+        }
+        Ok(Self {
+            repos,
+            fetch: raw.fetch,
+            push,
+        })
+    }
+
+    /// The allowed repositories, `owner/name`, lower-case.
+    pub fn repos(&self) -> impl Iterator<Item = &str> {
+        self.repos.iter().map(String::as_str)
+    }
+
+    /// Whether fetching is allowed.
+    pub fn allows_fetch(&self) -> bool {
+        self.fetch
+    }
+
+    /// Whether pushing (to some refs) is allowed.
+    pub fn allows_push(&self) -> bool {
+        self.push.is_some()
+    }
+
+    /// Judges a request line: the three smart-HTTP requests of an allowed repository, for
+    /// an allowed service. A push's commands are judged later by [`Self::judge_push`].
+    pub fn check_request(
+        &self,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+    ) -> Result<GitRequest, GitRefusal> {
+        let refuse = |reason: String| GitRefusal {
+            reason,
+            audit: None,
+        };
+        let not_git = || {
+            refuse(format!(
+                "git: {method} {path} is not a git smart-HTTP request; only info/refs, \
+                 git-upload-pack and git-receive-pack of the allowed repositories are"
+            ))
+        };
+        let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+        let (owner, name, service, advertisement) = match segments.as_slice() {
+            [owner, name, "info", "refs"] => {
+                let service = query
+                    .and_then(|q| q.strip_prefix("service="))
+                    .and_then(Service::parse)
+                    .ok_or_else(|| {
+                        refuse(format!(
+                            "git: {path} needs ?service=git-upload-pack or \
+                             ?service=git-receive-pack (the dumb HTTP protocol is not allowed)"
+                        ))
+                    })?;
+                (*owner, *name, service, true)
+            }
+            [owner, name, rpc] => {
+                let Some(service) = Service::parse(rpc) else {
+                    return Err(not_git());
+                };
+                if query.is_some_and(|q| !q.is_empty()) {
+                    return Err(refuse(format!(
+                        "git: {method} {path} must not carry a query string"
+                    )));
+                }
+                (*owner, *name, service, false)
+            }
+            _ => return Err(not_git()),
+        };
+        let name = name.strip_suffix(".git").unwrap_or(name);
+        let repo = format!("{owner}/{name}");
+        let Some(normalized) = normalize_repo(&repo) else {
+            return Err(not_git());
+        };
+        let request = GitRequest {
+            repo,
+            service,
+            advertisement,
+        };
+        let refuse_known = |reason: String| GitRefusal {
+            reason,
+            audit: Some(request.audit()),
+        };
+        let expected = if advertisement { "GET" } else { "POST" };
+        if method != expected {
+            return Err(refuse_known(format!(
+                "git: {method} {path}: this git request must be {expected}"
+            )));
+        }
+        if !self.repos.contains(&normalized) {
+            return Err(refuse_known(format!(
+                "git: repository {} is not allowed (allowed: {})",
+                request.repo,
+                self.repos.iter().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        match service {
+            Service::UploadPack if !self.fetch => Err(refuse_known(format!(
+                "git: fetching from {} is not allowed",
+                request.repo
+            ))),
+            Service::ReceivePack if self.push.is_none() => Err(refuse_known(format!(
+                "git: pushing to {} is not allowed",
+                request.repo
+            ))),
+            _ => Ok(request),
+        }
+    }
+
+    /// The reason one ref update is refused (as `ng <ref> <reason>` says it), or `Ok`.
+    pub fn check_update(&self, command: &Command) -> Result<(), String> {
+        let Some(push) = &self.push else {
+            return Err("refused by egress policy: pushing is not allowed".to_owned());
+        };
+        if let Some(why) = invalid_ref_name(&command.name) {
+            return Err(format!(
+                "refused by egress policy: invalid ref name: it {why}"
+            ));
+        }
+        if !push.refs.iter().any(|g| g.matches(&command.name)) {
+            let allowed: Vec<&str> = push.refs.iter().map(RefGlob::as_str).collect();
+            return Err(format!(
+                "refused by egress policy: allowed {}",
+                allowed.join(", ")
+            ));
+        }
+        if !push.tags && command.name.starts_with(TAGS) {
+            return Err("refused by egress policy: tags are not allowed".to_owned());
+        }
+        if !push.delete && command.is_delete() {
+            return Err("refused by egress policy: deleting refs is not allowed".to_owned());
+        }
+        Ok(())
+    }
+
+    /// Judges every command of a push. All or nothing: if one is refused, the others are
+    /// reported as not pushed.
+    pub fn judge_push(&self, list: &CommandList) -> PushJudgement {
+        let verdicts: Vec<Result<(), String>> =
+            list.commands.iter().map(|c| self.check_update(c)).collect();
+        let updates = list
+            .commands
+            .iter()
+            .zip(&verdicts)
+            .map(|(c, v)| RefUpdate {
+                ref_name: c.name.clone(),
+                old: c.old.clone(),
+                new: c.new.clone(),
+                allowed: v.is_ok(),
+            })
+            .collect();
+        let refused: Vec<(&Command, &String)> = list
+            .commands
+            .iter()
+            .zip(&verdicts)
+            .filter_map(|(c, v)| v.as_ref().err().map(|e| (c, e)))
+            .collect();
+        let Some((first, reason)) = refused.first() else {
+            return PushJudgement {
+                results: verdicts,
+                updates,
+                refused: None,
+            };
+        };
+        let summary = format!(
+            "git push refused: {} of {} ref updates refused; {}: {reason}",
+            refused.len(),
+            list.commands.len(),
+            first.name
+        );
+        let results = verdicts
+            .into_iter()
+            .map(|v| v.and(Err("not pushed: another ref was refused".to_owned())))
+            .collect();
+        PushJudgement {
+            results,
+            updates,
+            refused: Some(summary),
+        }
+    }
+}
+
+/// `owner/name` lower-cased without `.git`, or `None` when it is not one.
+fn normalize_repo(repo: &str) -> Option<String> {
+    let (owner, name) = repo.split_once('/')?;
+    let name = name.strip_suffix(".git").unwrap_or(name);
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s != "."
+            && s != ".."
+            && s.len() <= 100
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    };
+    (valid(owner) && valid(name)).then(|| format!("{owner}/{name}").to_ascii_lowercase())
+}

@@ -1,0 +1,372 @@
+//! pkt-lines: the command list at the start of a `git-receive-pack` request, and the
+//! status report the proxy answers with when it refuses a push.
+//!
+//! A pkt-line is four hex digits giving its length (including those four) and that many
+//! bytes less four; `0000` is a flush. The request is (gitprotocol-pack(5)):
+//!
+//! ```text
+//! *PKT-LINE("shallow" SP oid)
+//! PKT-LINE(old-oid SP new-oid SP refname NUL capabilities) *PKT-LINE(old SP new SP ref)
+//! flush-pkt
+//! [push options, flush] [packfile]
+//! ```
+//!
+//! Only the part up to the first flush is parsed; what follows is forwarded untouched.
+
+use bytes::{BufMut as _, Bytes, BytesMut};
+
+/// Largest pkt-line length (header included) git allows.
+pub const MAX_PKT_LEN: usize = 65520;
+/// Largest payload of one side-band-64k packet (length, band byte, data).
+const SIDEBAND_64K_DATA: usize = MAX_PKT_LEN - 5;
+/// Largest payload of one (old, 1000-byte) side-band packet.
+const SIDEBAND_DATA: usize = 1000 - 5;
+
+/// One ref update a push asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// Object id the ref has now, in hex; all zeros to create it.
+    pub old: String,
+    /// Object id the ref is to get, in hex; all zeros to delete it.
+    pub new: String,
+    /// The full ref name, e.g. `refs/heads/main`.
+    pub name: String,
+}
+
+impl Command {
+    /// Whether the update deletes the ref.
+    pub fn is_delete(&self) -> bool {
+        is_zero(&self.new)
+    }
+}
+
+fn is_zero(oid: &str) -> bool {
+    oid.bytes().all(|b| b == b'0')
+}
+
+/// The command section of a push, parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CommandList {
+    pub commands: Vec<Command>,
+    /// The capabilities after the first command's NUL, e.g. `report-status`,
+    /// `side-band-64k`, `agent=git/2.47.0`.
+    pub capabilities: Vec<String>,
+    /// Bytes of the request the section took, flush included.
+    pub len: usize,
+}
+
+impl CommandList {
+    fn has(&self, capability: &str) -> bool {
+        self.capabilities.iter().any(|c| c == capability)
+    }
+}
+
+/// Parses the command section at the start of `buf`. `Ok(None)`: more bytes are
+/// needed. `Err`: the section is malformed (the message says how, and never quotes more
+/// than a ref name).
+pub fn parse_commands(buf: &[u8]) -> Result<Option<CommandList>, String> {
+    let mut list = CommandList::default();
+    let mut at = 0usize;
+    let mut oid_len: Option<usize> = None;
+    let mut seen_command = false;
+    loop {
+        let Some(header) = buf.get(at..at + 4) else {
+            return Ok(None);
+        };
+        let len = pkt_len(header)?;
+        if len == 0 {
+            list.len = at + 4;
+            return Ok(Some(list));
+        }
+        if len < 4 {
+            return Err(format!(
+                "pkt-line length {len} is not allowed in a push's command list"
+            ));
+        }
+        if len == 4 {
+            return Err("empty pkt-line in a push's command list".to_owned());
+        }
+        let Some(payload) = buf.get(at + 4..at + len) else {
+            return Ok(None);
+        };
+        at += len;
+        let payload = payload.strip_suffix(b"\n").unwrap_or(payload);
+
+        if !seen_command {
+            if let Some(oid) = payload.strip_prefix(b"shallow ") {
+                check_oid(oid, &mut oid_len)?;
+                continue;
+            }
+            if payload.starts_with(b"push-cert\0") {
+                return Err(
+                    "signed pushes (push-cert) are not supported through the egress proxy"
+                        .to_owned(),
+                );
+            }
+        }
+        let line = if seen_command {
+            payload
+        } else {
+            match payload.iter().position(|&b| b == 0) {
+                Some(nul) => {
+                    let caps = std::str::from_utf8(&payload[nul + 1..])
+                        .map_err(|_| "the capability list is not UTF-8".to_owned())?;
+                    list.capabilities = caps
+                        .split(' ')
+                        .filter(|c| !c.is_empty())
+                        .map(str::to_owned)
+                        .collect();
+                    &payload[..nul]
+                }
+                None => payload,
+            }
+        };
+        seen_command = true;
+        if line.contains(&0) {
+            return Err("a command after the first carries a NUL byte".to_owned());
+        }
+        list.commands.push(parse_command(line, &mut oid_len)?);
+    }
+}
+
+/// The length a pkt-line header gives.
+fn pkt_len(header: &[u8]) -> Result<usize, String> {
+    let mut len = 0usize;
+    for &b in header {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => {
+                return Err(format!(
+                    "pkt-line length {:?} is not four hex digits",
+                    String::from_utf8_lossy(header)
+                ))
+            }
+        };
+        len = len * 16 + usize::from(digit);
+    }
+    if len > MAX_PKT_LEN {
+        return Err(format!(
+            "pkt-line length {len} exceeds the maximum {MAX_PKT_LEN}"
+        ));
+    }
+    Ok(len)
+}
+
+fn parse_command(line: &[u8], oid_len: &mut Option<usize>) -> Result<Command, String> {
+    let text = std::str::from_utf8(line).map_err(|_| "a push command is not UTF-8".to_owned())?;
+    let mut fields = text.splitn(3, ' ');
+    let (Some(old), Some(new), Some(name)) = (fields.next(), fields.next(), fields.next()) else {
+        return Err("a push command is not `<old-oid> <new-oid> <ref>`".to_owned());
+    };
+    check_oid(old.as_bytes(), oid_len)?;
+    check_oid(new.as_bytes(), oid_len)?;
+    if is_zero(old) && is_zero(new) {
+        return Err(format!(
+            "the command for {name} has zero object ids on both sides"
+        ));
+    }
+    if name.is_empty() {
+        return Err("a push command has an empty ref name".to_owned());
+    }
+    Ok(Command {
+        old: old.to_ascii_lowercase(),
+        new: new.to_ascii_lowercase(),
+        name: name.to_owned(),
+    })
+}
+
+/// An object id: 40 (SHA-1) or 64 (SHA-256) hex digits, the same length throughout.
+fn check_oid(oid: &[u8], oid_len: &mut Option<usize>) -> Result<(), String> {
+    if !(oid.len() == 40 || oid.len() == 64) || !oid.iter().all(u8::is_ascii_hexdigit) {
+        return Err("an object id is not 40 or 64 hex digits".to_owned());
+    }
+    match oid_len {
+        Some(len) if *len != oid.len() => {
+            Err("object ids of different lengths (SHA-1 and SHA-256) are mixed".to_owned())
+        }
+        _ => {
+            *oid_len = Some(oid.len());
+            Ok(())
+        }
+    }
+}
+
+/// Appends one pkt-line holding `payload`. Callers keep payloads under the limit.
+fn put_pkt(out: &mut BytesMut, payload: &[u8]) {
+    let len = payload.len() + 4;
+    out.put_slice(format!("{len:04x}").as_bytes());
+    out.put_slice(payload);
+}
+
+/// Whether the client asked for a status report at all (`report-status` or
+/// `report-status-v2`); without one it would not read the proxy's answer.
+pub fn wants_report(list: &CommandList) -> bool {
+    list.has("report-status") || list.has("report-status-v2")
+}
+
+/// The body of a receive-pack response reporting every command: `unpack ok`, then
+/// `ok <ref>` or `ng <ref> <reason>` per command, then a flush; carried on side-band
+/// channel 1 (followed by a flush) when the client asked for `side-band-64k` or
+/// `side-band`. Reasons are cut to one line of at most 1000 bytes.
+pub fn status_report(list: &CommandList, results: &[Result<(), String>]) -> Bytes {
+    let mut report = BytesMut::new();
+    put_pkt(&mut report, b"unpack ok\n");
+    for (command, result) in list.commands.iter().zip(results) {
+        let line = match result {
+            Ok(()) => format!("ok {}\n", command.name),
+            Err(reason) => {
+                let mut reason: String = reason.replace(['\n', '\r', '\0'], " ");
+                if reason.len() > 1000 {
+                    let mut cut = 1000;
+                    while !reason.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    reason.truncate(cut);
+                }
+                format!("ng {} {reason}\n", command.name)
+            }
+        };
+        // A ref name is bounded by the request's own pkt-line, so this fits.
+        put_pkt(&mut report, line.as_bytes());
+    }
+    report.put_slice(b"0000");
+
+    let chunk = if list.has("side-band-64k") {
+        SIDEBAND_64K_DATA
+    } else if list.has("side-band") {
+        SIDEBAND_DATA
+    } else {
+        return report.freeze();
+    };
+    let mut out = BytesMut::with_capacity(report.len() + 16);
+    for piece in report.chunks(chunk) {
+        let mut payload = Vec::with_capacity(piece.len() + 1);
+        payload.push(1u8);
+        payload.extend_from_slice(piece);
+        put_pkt(&mut out, &payload);
+    }
+    out.put_slice(b"0000");
+    out.freeze()
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+
+    const A: &str = "1111111111111111111111111111111111111111";
+    const B: &str = "2222222222222222222222222222222222222222";
+    const Z: &str = "0000000000000000000000000000000000000000";
+
+    fn pkt(s: &str) -> Vec<u8> {
+        let mut v = format!("{:04x}", s.len() + 4).into_bytes();
+        v.extend_from_slice(s.as_bytes());
+        v
+    }
+
+    fn request(lines: &[String]) -> Vec<u8> {
+        let mut v: Vec<u8> = lines.iter().flat_map(|l| pkt(l)).collect();
+        v.extend_from_slice(b"0000PACK");
+        v
+    }
+
+    #[test]
+    fn command_list_is_parsed() {
+        let body = request(&[
+            format!("{A} {B} refs/heads/main\0report-status side-band-64k agent=git/2.47.3"),
+            format!("{Z} {B} refs/heads/agent/x"),
+            format!("{A} {Z} refs/tags/v1\n"),
+        ]);
+        let list = parse_commands(&body).unwrap().unwrap();
+        assert_eq!(list.len, body.len() - 4);
+        assert_eq!(
+            list.capabilities,
+            ["report-status", "side-band-64k", "agent=git/2.47.3"]
+        );
+        assert_eq!(list.commands.len(), 3);
+        assert_eq!(list.commands[0].name, "refs/heads/main");
+        assert_eq!(list.commands[1].old, Z);
+        assert!(!list.commands[1].is_delete());
+        assert_eq!(list.commands[2].name, "refs/tags/v1");
+        assert!(list.commands[2].is_delete());
+
+        // Every prefix short of the flush needs more bytes.
+        for cut in 0..list.len {
+            assert_eq!(parse_commands(&body[..cut]), Ok(None), "cut at {cut}");
+        }
+        // A bare flush: git's probe request.
+        assert_eq!(parse_commands(b"0000").unwrap().unwrap().commands, []);
+        // Shallow lines first; SHA-256 ids.
+        let a = "a".repeat(64);
+        let b = "b".repeat(64);
+        let body = request(&[
+            format!("shallow {a}"),
+            format!("{a} {b} refs/heads/main\0report-status"),
+        ]);
+        let list = parse_commands(&body).unwrap().unwrap();
+        assert_eq!(list.commands[0].new, b);
+    }
+
+    #[test]
+    fn malformed_command_lists_are_refused() {
+        let bad: Vec<Vec<u8>> = vec![
+            b"00zz".to_vec(),
+            b"0003".to_vec(),
+            b"0004".to_vec(),
+            b"0001".to_vec(),
+            b"fff1".to_vec(),
+            request(&[format!("{A} {B}")]),
+            request(&[format!("{A} {B}refs/heads/x")]),
+            request(&[format!("{A}x {B} refs/heads/x")]),
+            request(&[format!("{Z} {Z} refs/heads/x")]),
+            request(&[format!("{A} {} refs/heads/x", "b".repeat(64))]),
+            request(&[format!("{A} {B} ")]),
+            request(&[
+                format!("{A} {B} refs/heads/x\0caps"),
+                format!("{A} {B} refs/heads/y\0z"),
+            ]),
+            request(&["push-cert\0report-status".to_owned()]),
+            request(&["shallow 12".to_owned()]),
+        ];
+        for body in bad {
+            assert!(
+                parse_commands(&body).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+
+    #[test]
+    fn status_report_bytes() {
+        let body = request(&[
+            format!("{A} {B} refs/heads/main\0report-status side-band-64k"),
+            format!("{Z} {B} refs/heads/agent/x"),
+        ]);
+        let mut list = parse_commands(&body).unwrap().unwrap();
+        let results = [
+            Err("refused by egress policy: allowed refs/heads/agent/**".to_owned()),
+            Err("not pushed: another ref was refused".to_owned()),
+        ];
+        let inner = "000eunpack ok\n\
+                     004dng refs/heads/main refused by egress policy: allowed refs/heads/agent/**\n\
+                     003eng refs/heads/agent/x not pushed: another ref was refused\n\
+                     0000";
+        let mut expected = format!("{:04x}\u{1}", inner.len() + 5).into_bytes();
+        expected.extend_from_slice(inner.as_bytes());
+        expected.extend_from_slice(b"0000");
+        assert_eq!(status_report(&list, &results), expected);
+
+        list.capabilities = vec!["report-status".to_owned()];
+        assert_eq!(status_report(&list, &results), inner.as_bytes());
+        assert!(wants_report(&list));
+        list.capabilities = vec!["side-band".to_owned(), "report-status-v2".to_owned()];
+        let banded = status_report(&list, &[Ok(()), Err("x".repeat(3000))]);
+        // Split into 1000-byte side-band packets, each on band 1.
+        assert!(banded.starts_with(b"03e8\x01000eunpack ok\n"), "{banded:?}");
+        list.capabilities.clear();
+        assert!(!wants_report(&list));
+    }
+}

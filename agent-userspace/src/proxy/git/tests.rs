@@ -1,0 +1,827 @@
+//! Git rules on their own, then the proxy end to end: a real `git` client cloning and
+//! pushing through the proxy to a local HTTPS origin that runs `git http-backend` on
+//! bare repositories made here. The end-to-end tests skip (saying why) without git.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose};
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::credentials::{CredentialStore, RawCredentials};
+use crate::proxy::{
+    AuditSink, CertAuthority, ConnInfo, Proxy, ProxyConfig, ProxyRecord, Route, Verdict,
+};
+
+const A: &str = "1111111111111111111111111111111111111111";
+const B: &str = "2222222222222222222222222222222222222222";
+const Z: &str = "0000000000000000000000000000000000000000";
+
+fn rule(yaml: &str) -> GitRule {
+    GitRule::compile(&serde_yaml_ng::from_str::<RawGitRule>(yaml).unwrap()).unwrap()
+}
+
+fn agent_rule() -> GitRule {
+    rule("repos: [Acme/Widgets, acme/tools.git]\npush: { refs: [\"refs/heads/agent/**\"] }\n")
+}
+
+fn command(old: &str, new: &str, name: &str) -> Command {
+    Command {
+        old: old.to_owned(),
+        new: new.to_owned(),
+        name: name.to_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rules
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn rules_are_checked_when_compiled() {
+    let err = |yaml: &str| {
+        GitRule::compile(&serde_yaml_ng::from_str::<RawGitRule>(yaml).unwrap()).unwrap_err()
+    };
+    assert!(err("repos: []\n").starts_with("repos:"));
+    assert!(err("repos: [widgets]\n").starts_with("repos[0]:"));
+    assert!(err("repos: [a/b, \"https://github.com/a/b\"]\n").starts_with("repos[1]:"));
+    assert!(err("repos: [a/*]\n").starts_with("repos[0]:"));
+    assert!(err("repos: [a/..]\n").starts_with("repos[0]:"));
+    assert!(err("repos: [a/b]\npush: { refs: [] }\n").starts_with("push.refs:"));
+    assert!(err("repos: [a/b]\npush: { refs: [heads/x] }\n").starts_with("push.refs[0]:"));
+    assert!(err("repos: [a/b]\nfetch: false\n").contains("allow nothing"));
+    assert!(serde_yaml_ng::from_str::<RawGitRule>("repos: [a/b]\nclone: true\n").is_err());
+    assert!(serde_yaml_ng::from_str::<RawGitRule>(
+        "repos: [a/b]\npush: { refs: [], force: true }\n"
+    )
+    .is_err());
+
+    let r = agent_rule();
+    assert_eq!(
+        r.repos().collect::<Vec<_>>(),
+        ["acme/tools", "acme/widgets"]
+    );
+    assert!(r.allows_fetch() && r.allows_push());
+    let fetch_only = rule("repos: [a/b]\n");
+    assert!(fetch_only.allows_fetch() && !fetch_only.allows_push());
+}
+
+#[test]
+fn only_smart_http_requests_of_listed_repos_pass() {
+    let r = agent_rule();
+    let ok = |method: &str, path: &str, query: Option<&str>| {
+        r.check_request(method, path, query).unwrap()
+    };
+    let refused = |method: &str, path: &str, query: Option<&str>| {
+        r.check_request(method, path, query).unwrap_err()
+    };
+
+    let g = ok(
+        "GET",
+        "/acme/widgets.git/info/refs",
+        Some("service=git-upload-pack"),
+    );
+    assert_eq!(
+        g,
+        GitRequest {
+            repo: "acme/widgets".to_owned(),
+            service: Service::UploadPack,
+            advertisement: true
+        }
+    );
+    assert!(!g.is_push());
+    let g = ok("POST", "/ACME/Widgets/git-upload-pack", None);
+    assert_eq!(g.repo, "ACME/Widgets");
+    assert_eq!(g.audit().service, "git-upload-pack");
+    assert!(ok("POST", "/acme/tools/git-receive-pack", None).is_push());
+    assert!(!ok(
+        "GET",
+        "/acme/tools/info/refs",
+        Some("service=git-receive-pack")
+    )
+    .is_push());
+
+    // Not git at all, or the dumb protocol: no repository in the record.
+    for (method, path, query) in [
+        ("GET", "/acme/widgets", None),
+        ("GET", "/acme/widgets/info/refs", None),
+        (
+            "GET",
+            "/acme/widgets/info/refs",
+            Some("service=git-upload-archive"),
+        ),
+        (
+            "GET",
+            "/acme/widgets/info/refs",
+            Some("service=git-upload-pack&x=1"),
+        ),
+        ("GET", "/acme/widgets.git/HEAD", None),
+        ("GET", "/acme/widgets.git/objects/info/packs", None),
+        ("POST", "/acme/widgets.git/info/lfs/objects/batch", None),
+        ("GET", "/api/v3/repos/acme/widgets", None),
+        ("POST", "/acme/widgets/git-upload-pack/", None),
+        ("POST", "//acme/widgets/git-upload-pack", None),
+        ("POST", "/acme/wid%67ets/git-upload-pack", None),
+        ("POST", "/acme/../git-upload-pack", None),
+    ] {
+        let e = refused(method, path, query);
+        assert_eq!(e.audit, None, "{path}");
+        assert!(e.reason.starts_with("git: "), "{}", e.reason);
+    }
+    let e = refused("GET", "/acme/widgets/info/refs", None);
+    assert!(e.reason.contains("dumb HTTP"), "{}", e.reason);
+
+    // Recognised, but refused: the record names the repository.
+    let e = refused("POST", "/acme/other/git-upload-pack", None);
+    assert_eq!(e.audit.unwrap().repo, "acme/other");
+    assert!(
+        e.reason.contains("acme/other is not allowed"),
+        "{}",
+        e.reason
+    );
+    let e = refused("GET", "/acme/widgets/git-upload-pack", None);
+    assert!(e.reason.contains("must be POST"), "{}", e.reason);
+    let e = refused("POST", "/acme/widgets/git-receive-pack", Some("x=1"));
+    assert!(e.reason.contains("query"), "{}", e.reason);
+
+    let fetch_only = rule("repos: [a/b]\n");
+    let e = fetch_only
+        .check_request("GET", "/a/b/info/refs", Some("service=git-receive-pack"))
+        .unwrap_err();
+    assert_eq!(e.reason, "git: pushing to a/b is not allowed");
+    assert_eq!(e.audit.unwrap().service, "git-receive-pack");
+    let push_only = rule("repos: [a/b]\nfetch: false\npush: { refs: [\"refs/**\"] }\n");
+    let e = push_only
+        .check_request("POST", "/a/b.git/git-upload-pack", None)
+        .unwrap_err();
+    assert_eq!(e.reason, "git: fetching from a/b is not allowed");
+}
+
+#[test]
+fn ref_updates_are_judged() {
+    let r = agent_rule();
+    assert_eq!(r.check_update(&command(A, B, "refs/heads/agent/x")), Ok(()));
+    assert_eq!(
+        r.check_update(&command(Z, B, "refs/heads/agent/a/b")),
+        Ok(())
+    );
+    assert_eq!(
+        r.check_update(&command(A, B, "refs/heads/main")),
+        Err("refused by egress policy: allowed refs/heads/agent/**".to_owned())
+    );
+    assert_eq!(
+        r.check_update(&command(A, Z, "refs/heads/agent/x")),
+        Err("refused by egress policy: deleting refs is not allowed".to_owned())
+    );
+    assert!(r
+        .check_update(&command(A, B, "refs/heads/agent/x.lock"))
+        .unwrap_err()
+        .contains("invalid ref name"));
+    assert!(r
+        .check_update(&command(A, B, "refs/heads/agent/../../main"))
+        .unwrap_err()
+        .contains("invalid ref name"));
+
+    // Tags: only with `tags: true`, and still only those `refs` matches.
+    let tags = rule(
+        "repos: [a/b]\npush: { refs: [\"refs/heads/agent/**\", \"refs/tags/agent-*\"], delete: true }\n",
+    );
+    assert_eq!(
+        tags.check_update(&command(Z, B, "refs/tags/agent-1")),
+        Err("refused by egress policy: tags are not allowed".to_owned())
+    );
+    assert_eq!(
+        tags.check_update(&command(A, Z, "refs/tags/agent-1")),
+        Err("refused by egress policy: tags are not allowed".to_owned())
+    );
+    let tags = rule(
+        "repos: [a/b]\npush: { refs: [\"refs/heads/agent/**\", \"refs/tags/agent-*\"], delete: true, tags: true }\n",
+    );
+    assert_eq!(
+        tags.check_update(&command(Z, B, "refs/tags/agent-1")),
+        Ok(())
+    );
+    assert_eq!(
+        tags.check_update(&command(A, Z, "refs/heads/agent/x")),
+        Ok(())
+    );
+    assert_eq!(
+        tags.check_update(&command(Z, B, "refs/tags/v1")),
+        Err("refused by egress policy: allowed refs/heads/agent/**, refs/tags/agent-*".to_owned())
+    );
+    let everything = rule("repos: [a/b]\npush: { refs: [\"refs/**\"] }\n");
+    assert!(everything
+        .check_update(&command(Z, B, "refs/tags/v1"))
+        .is_err());
+}
+
+#[test]
+fn a_push_is_all_or_nothing() {
+    let r = agent_rule();
+    let list = CommandList {
+        commands: vec![
+            command(A, B, "refs/heads/main"),
+            command(Z, B, "refs/heads/agent/x"),
+        ],
+        capabilities: vec!["report-status".to_owned()],
+        len: 0,
+    };
+    let j = r.judge_push(&list);
+    assert_eq!(
+        j.results,
+        [
+            Err("refused by egress policy: allowed refs/heads/agent/**".to_owned()),
+            Err("not pushed: another ref was refused".to_owned()),
+        ]
+    );
+    assert_eq!(
+        j.updates.iter().map(|u| u.allowed).collect::<Vec<_>>(),
+        [false, true]
+    );
+    assert_eq!(j.updates[1].old, Z);
+    assert_eq!(
+        j.refused.as_deref(),
+        Some(
+            "git push refused: 1 of 2 ref updates refused; refs/heads/main: refused by egress \
+             policy: allowed refs/heads/agent/**"
+        )
+    );
+    let ok = CommandList {
+        commands: vec![command(Z, B, "refs/heads/agent/x")],
+        ..list
+    };
+    let j = r.judge_push(&ok);
+    assert_eq!(j.results, [Ok(())]);
+    assert_eq!(j.refused, None);
+}
+
+// ---------------------------------------------------------------------------------------
+// End to end with git
+// ---------------------------------------------------------------------------------------
+
+const HOST: &str = "git.example.com";
+const TOKEN: &str = "ghs_gittest_0123456789";
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Whether `git` and `git http-backend` can be run here; prints why not.
+fn have_git() -> bool {
+    let ok = std::process::Command::new("git")
+        .args(["http-backend"])
+        .env("REQUEST_METHOD", "GET")
+        .env("PATH_INFO", "/none")
+        .env("GIT_PROJECT_ROOT", "/nonexistent")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !ok {
+        eprintln!("skipped: `git` (with git http-backend) is not installed");
+    }
+    ok
+}
+
+/// Runs git with a clean environment, trusting `ca` and sending `HOST` to 127.0.0.1.
+async fn git(cwd: &Path, env: &GitEnv, args: &[&str]) -> (bool, String) {
+    let output = tokio::process::Command::new("git")
+        .arg("-c")
+        .arg(format!("http.curloptResolve={HOST}:{}:127.0.0.1", env.port))
+        .args([
+            "-c",
+            "user.name=Agent",
+            "-c",
+            "user.email=agent@example.com",
+            "-c",
+            "init.defaultBranch=main",
+            "-c",
+            "credential.helper=",
+        ])
+        .args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", &env.home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_SSL_CAINFO", &env.ca)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+struct GitEnv {
+    port: u16,
+    home: PathBuf,
+    ca: PathBuf,
+}
+
+/// Plain git on a local path (for the origin's own repositories).
+fn git_local(cwd: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args([
+            "-c",
+            "user.name=Origin",
+            "-c",
+            "user.email=origin@example.com",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(cwd)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", cwd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// An HTTPS origin for `HOST` serving the bare repositories under `root` with `git
+/// http-backend`, refusing requests without the injected credential.
+async fn start_origin(root: PathBuf) -> (SocketAddr, String) {
+    let mut ca_params = CertificateParams::default();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "git origin test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![HOST.to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let root = Arc::new(root);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let root = root.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req| {
+                    let root = root.clone();
+                    async move { Ok::<_, Infallible>(http_backend(req, &root).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, ca.pem())
+}
+
+async fn http_backend(req: Request<Incoming>, root: &Path) -> Response<Full<Bytes>> {
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{TOKEN}"))
+    );
+    if req.headers().get("authorization").map(|v| v.as_bytes()) != Some(expected.as_bytes()) {
+        return Response::builder()
+            .status(StatusCode::FORBIDDEN)
+            .body(Full::new(Bytes::from_static(b"no credential\n")))
+            .unwrap();
+    }
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let mut cmd = tokio::process::Command::new("git");
+    cmd.arg("http-backend")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", root)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_PROJECT_ROOT", root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("REMOTE_USER", "x-access-token")
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .env("GATEWAY_INTERFACE", "CGI/1.1")
+        .env("REQUEST_METHOD", req.method().as_str())
+        .env("PATH_INFO", req.uri().path())
+        .env("QUERY_STRING", req.uri().query().unwrap_or(""))
+        .env("CONTENT_TYPE", header("content-type"))
+        .env("HTTP_CONTENT_ENCODING", header("content-encoding"))
+        .env("GIT_PROTOCOL", header("git-protocol"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    tokio::spawn(async move {
+        let _ = stdin.write_all(&body).await;
+    });
+    let out = child.wait_with_output().await.unwrap().stdout;
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, i + 4))
+        .or_else(|| {
+            out.windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|i| (i, i + 2))
+        })
+        .unwrap();
+    let head = String::from_utf8_lossy(&out[..split.0]).into_owned();
+    let mut response = Response::builder();
+    for line in head.lines() {
+        let (name, value) = line.split_once(':').unwrap();
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("status") {
+            response = response.status(value[..3].parse::<u16>().unwrap());
+        } else {
+            response = response.header(name, value);
+        }
+    }
+    response
+        .body(Full::new(Bytes::copy_from_slice(&out[split.1..])))
+        .unwrap()
+}
+
+struct Harness {
+    env: GitEnv,
+    records: mpsc::UnboundedReceiver<ProxyRecord>,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    /// The record of the last request whose path ends with `suffix`, among those so far.
+    fn last(&mut self, suffix: &str) -> ProxyRecord {
+        let mut found = None;
+        while let Ok(r) = self.records.try_recv() {
+            assert!(!format!("{r:?}").contains(TOKEN), "secret in record");
+            if r.path.as_deref().is_some_and(|p| p.ends_with(suffix)) {
+                found = Some(r);
+            }
+        }
+        found.unwrap()
+    }
+}
+
+/// The proxy on 127.0.0.1 for `HOST`, with a git rule, relaying to `origin`.
+async fn start_proxy(origin: SocketAddr, origin_ca: &str, git_rule: GitRule) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(CertAuthority::load_or_create(dir.path().join("ca")).unwrap());
+    let ca_file = dir.path().join("proxy-ca.pem");
+    std::fs::write(&ca_file, ca.ca_pem()).unwrap();
+    let origin_ca_file = dir.path().join("origin-ca.pem");
+    std::fs::write(&origin_ca_file, origin_ca).unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let raw: RawCredentials = serde_yaml_ng::from_str(&format!(
+        "git:\n  source: {{ file: {} }}\n  inject: {{ basic: {{ user: x-access-token }} }}\n  hosts: [{HOST}]\n",
+        token.display()
+    ))
+    .unwrap();
+    let credentials = Arc::new(CredentialStore::from_config(&raw).unwrap());
+    let config = ProxyConfig {
+        upstream_ca: Some(origin_ca_file),
+        ..ProxyConfig::default()
+    };
+    let (tx, records) = mpsc::unbounded_channel();
+    let audit: AuditSink = Arc::new(move |record| {
+        let _ = tx.send(record);
+    });
+    let proxy = Arc::new(Proxy::new(config, ca, credentials, audit).unwrap());
+    let route = Arc::new(Route {
+        rule_name: "git".to_owned(),
+        passthrough: false,
+        credential: Some("git".to_owned()),
+        host_allowed: Box::new(|name| name == HOST),
+        request_allowed: Box::new(|_, _| Ok(())),
+        explicitly_covers: Box::new(|ip| ip.is_loopback()),
+        git: Some(Arc::new(git_rule)),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Ok((stream, peer)) = listener.accept().await {
+            n += 1;
+            let conn = ConnInfo {
+                original_dst: origin,
+                peer,
+                sandbox: "sbx".to_owned(),
+                connection_id: format!("conn-{n}"),
+                route: route.clone(),
+            };
+            tokio::spawn(proxy.clone().serve(stream, conn));
+        }
+    });
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    Harness {
+        env: GitEnv {
+            port,
+            home,
+            ca: ca_file,
+        },
+        records,
+        _dir: dir,
+    }
+}
+
+/// Bare `acme/widgets.git` and `acme/secret.git` under a new root, each with one
+/// commit on main.
+fn origin_repos() -> (tempfile::TempDir, PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    let seed = root.path().join("seed");
+    std::fs::create_dir(&seed).unwrap();
+    git_local(&seed, &["init", "-q"]);
+    std::fs::write(seed.join("README"), "hello\n").unwrap();
+    git_local(&seed, &["add", "README"]);
+    git_local(&seed, &["commit", "-q", "-m", "first"]);
+    let repos = root.path().join("repos");
+    for name in ["widgets", "secret"] {
+        let bare = repos.join("acme").join(format!("{name}.git"));
+        std::fs::create_dir_all(&bare).unwrap();
+        git_local(&bare, &["init", "-q", "--bare"]);
+        git_local(&seed, &["push", "-q", bare.to_str().unwrap(), "main"]);
+    }
+    (root, repos)
+}
+
+fn origin_ref(repos: &Path, name: &str) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "--verify", "-q", name])
+        .current_dir(repos.join("acme/widgets.git"))
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_clone_and_push_through_the_proxy() {
+    if !have_git() {
+        return;
+    }
+    tokio::time::timeout(LIMIT, async {
+        let (_root, repos) = origin_repos();
+        let (origin, origin_ca) = start_origin(repos.clone()).await;
+        let mut h = start_proxy(origin, &origin_ca, agent_rule()).await;
+        let work = tempfile::tempdir().unwrap();
+        let url = format!("https://{HOST}:{}/acme/widgets.git", h.env.port);
+
+        // Clone (protocol v2 upload-pack) with the credential injected.
+        let (ok, err) = git(work.path(), &h.env, &["clone", "-q", &url, "w"]).await;
+        assert!(ok, "clone: {err}");
+        let r = h.last("/git-upload-pack");
+        assert_eq!(r.verdict, Verdict::Allow);
+        assert_eq!(r.credential.as_deref(), Some("git"));
+        let audit = r.git.unwrap();
+        assert_eq!((audit.repo.as_str(), audit.service.as_str()), ("acme/widgets", "git-upload-pack"));
+
+        let w = work.path().join("w");
+        std::fs::write(w.join("change"), "agent work\n").unwrap();
+        git(&w, &h.env, &["add", "change"]).await;
+        let (ok, err) = git(&w, &h.env, &["commit", "-q", "-m", "agent"]).await;
+        assert!(ok, "{err}");
+
+        // An allowed push goes through.
+        let (ok, err) = git(&w, &h.env, &["push", "origin", "HEAD:refs/heads/agent/one"]).await;
+        assert!(ok, "push: {err}");
+        let head = git_local(&w, &["rev-parse", "HEAD"]);
+        assert_eq!(origin_ref(&repos, "refs/heads/agent/one").as_deref(), Some(head.as_str()));
+        let r = h.last("/git-receive-pack");
+        assert_eq!(r.verdict, Verdict::Allow);
+        assert_eq!(r.status, Some(200));
+        let updates = r.git.unwrap().ref_updates;
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].ref_name, "refs/heads/agent/one");
+        assert_eq!(updates[0].new, head);
+        assert!(updates[0].allowed);
+
+        // Pushing main is refused, and git says why.
+        let main_before = origin_ref(&repos, "refs/heads/main");
+        let (ok, err) = git(&w, &h.env, &["push", "origin", "HEAD:main"]).await;
+        assert!(!ok);
+        assert!(
+            err.contains(
+                "! [remote rejected] HEAD -> main (refused by egress policy: allowed refs/heads/agent/**)"
+            ),
+            "{err}"
+        );
+        assert_eq!(origin_ref(&repos, "refs/heads/main"), main_before);
+        let r = h.last("/git-receive-pack");
+        assert_eq!(r.verdict, Verdict::Deny);
+        assert_eq!(r.status, Some(200));
+        assert!(r.reason.unwrap().starts_with("git push refused: 1 of 1"));
+        assert!(!r.git.unwrap().ref_updates[0].allowed);
+
+        // A push larger than git's post buffer (sent chunked, after a probe request) is
+        // drained, so that git still reads the answer.
+        let mut noise = Vec::with_capacity(3 << 20);
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        while noise.len() < 3 << 20 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            noise.extend_from_slice(&x.to_le_bytes());
+        }
+        std::fs::write(w.join("big"), &noise).unwrap();
+        git(&w, &h.env, &["add", "big"]).await;
+        let (ok, err) = git(&w, &h.env, &["commit", "-q", "-m", "big"]).await;
+        assert!(ok, "{err}");
+        let (ok, err) = git(&w, &h.env, &["push", "origin", "HEAD:main"]).await;
+        assert!(!ok);
+        assert!(
+            err.contains("HEAD -> main (refused by egress policy: allowed refs/heads/agent/**)"),
+            "{err}"
+        );
+        let r = h.last("/git-receive-pack");
+        assert!(r.bytes_in > 3 << 20, "{r:?}");
+        assert_eq!(origin_ref(&repos, "refs/heads/main"), main_before);
+
+        // One refused ref stops the whole push.
+        let (ok, err) = git(
+            &w,
+            &h.env,
+            &["push", "origin", "HEAD:refs/heads/agent/two", "HEAD:refs/heads/release"],
+        )
+        .await;
+        assert!(!ok);
+        assert!(
+            err.contains("! [remote rejected] HEAD -> agent/two (not pushed: another ref was refused)"),
+            "{err}"
+        );
+        assert!(err.contains("HEAD -> release (refused by egress policy"), "{err}");
+        assert_eq!(origin_ref(&repos, "refs/heads/agent/two"), None);
+
+        // Deleting and tagging are off by default.
+        let (ok, err) = git(&w, &h.env, &["push", "origin", ":refs/heads/agent/one"]).await;
+        assert!(!ok);
+        assert!(err.contains("deleting refs is not allowed"), "{err}");
+        assert!(origin_ref(&repos, "refs/heads/agent/one").is_some());
+
+        // Another repository is refused before anything reaches the origin.
+        let secret = format!("https://{HOST}:{}/acme/secret.git", h.env.port);
+        let (ok, err) = git(work.path(), &h.env, &["clone", "-q", &secret, "s"]).await;
+        assert!(!ok);
+        assert!(err.contains("403"), "{err}");
+        let r = h.last("/info/refs");
+        assert_eq!(r.verdict, Verdict::Deny);
+        assert!(r.reason.unwrap().contains("acme/secret is not allowed"));
+    })
+    .await
+    .unwrap();
+}
+
+/// A pkt-line.
+fn pkt(s: &str) -> Vec<u8> {
+    let mut v = format!("{:04x}", s.len() + 4).into_bytes();
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_pushes_are_inspected_and_forwarded_as_sent() {
+    if !have_git() {
+        return;
+    }
+    tokio::time::timeout(LIMIT, async {
+        let (_root, repos) = origin_repos();
+        let (origin, origin_ca) = start_origin(repos.clone()).await;
+        let main = origin_ref(&repos, "refs/heads/main").unwrap();
+        let bare = repos.join("acme/widgets.git");
+        git_local(&bare, &["update-ref", "refs/heads/agent/old", &main]);
+        let rule = rule("repos: [acme/widgets]\npush: { refs: [\"refs/heads/agent/**\"], delete: true }\n");
+        let mut h = start_proxy(origin, &origin_ca, rule).await;
+
+        let tls = {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add_parsable_certificates(
+                rustls_pki_types::CertificateDer::pem_file_iter(&h.env.ca)
+                    .unwrap()
+                    .map(Result::unwrap),
+            );
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        };
+        let port = h.env.port;
+        let push = |body: Vec<u8>| {
+            let tls = tls.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+                let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+                    .connect(rustls_pki_types::ServerName::try_from(HOST).unwrap(), tcp)
+                    .await
+                    .unwrap();
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+                tokio::spawn(conn);
+                let request = Request::builder()
+                    .method(Method::POST)
+                    .uri("/acme/widgets/git-receive-pack")
+                    .header("host", HOST)
+                    .header("content-type", "application/x-git-receive-pack-request")
+                    .header("content-encoding", "gzip")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap();
+                let response = sender.send_request(request).await.unwrap();
+                let status = response.status();
+                let ct = response.headers().get("content-type").cloned();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                (status, ct, body)
+            }
+        };
+
+        // Refused: the proxy answers with a plain (no side-band) status report.
+        let mut body = pkt(&format!("{main} {Z} refs/heads/main\0report-status"));
+        body.extend_from_slice(b"0000");
+        let (status, ct, answer) = push(gzip(&body)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(ct.unwrap(), RECEIVE_PACK_RESULT);
+        assert_eq!(
+            &answer[..],
+            b"000eunpack ok\n004dng refs/heads/main refused by egress policy: allowed refs/heads/agent/**\n0000"
+        );
+        assert!(origin_ref(&repos, "refs/heads/main").is_some());
+        let r = h.last("/git-receive-pack");
+        assert_eq!(r.verdict, Verdict::Deny);
+        assert_eq!(r.bytes_in, gzip(&body).len() as u64);
+
+        // Allowed (a deletion needs no pack): the compressed body reaches git as sent.
+        let mut body = pkt(&format!("{main} {Z} refs/heads/agent/old\0report-status"));
+        body.extend_from_slice(b"0000");
+        let (status, _, answer) = push(gzip(&body)).await;
+        assert_eq!(status, StatusCode::OK);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.contains("ok refs/heads/agent/old"), "{answer}");
+        assert_eq!(origin_ref(&repos, "refs/heads/agent/old"), None);
+        let r = h.last("/git-receive-pack");
+        assert_eq!(r.verdict, Verdict::Allow);
+        assert_eq!(r.bytes_in, gzip(&body).len() as u64);
+
+        // Malformed: refused with 403 and why.
+        let (status, _, answer) = push(gzip(b"00zz")).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(String::from_utf8_lossy(&answer).contains("not four hex digits"));
+    })
+    .await
+    .unwrap();
+}
