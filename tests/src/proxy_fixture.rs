@@ -111,6 +111,9 @@ pub enum GithubSource {
 pub struct ProxyOpts {
     pub policy: String,
     pub github: GithubSource,
+    /// When set, the sandbox resolves names through DNS (this `nameserver`, which the
+    /// daemon's redirect answers) instead of a hosts file naming the origins.
+    pub nameserver: Option<IpAddr>,
 }
 
 impl Default for ProxyOpts {
@@ -118,6 +121,7 @@ impl Default for ProxyOpts {
         Self {
             policy: PROXY_POLICY.to_string(),
             github: GithubSource::File,
+            nameserver: None,
         }
     }
 }
@@ -182,7 +186,10 @@ impl ProxyFixture {
         let origin = HttpsOrigin::start(&world, &ca, &token)?;
         let canary = Canary::start(&world)?;
         let sandbox = world.add_sandbox("sb")?;
-        let hosts = HostsFile::new(sandbox.netns(), &sandbox_hosts())?;
+        let hosts = match opts.nameserver {
+            Some(ns) => HostsFile::with_nameserver(sandbox.netns(), &[], ns)?,
+            None => HostsFile::new(sandbox.netns(), &sandbox_hosts())?,
+        };
 
         let config = write_config(&secrets, &ca, &world, &token, opts.github)?;
         let daemon = Daemon::start(DaemonOpts {

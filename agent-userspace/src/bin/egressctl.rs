@@ -153,18 +153,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     status.events_lost
                 );
                 println!(
-                    "{:<20} {:>10} {:<8} {:>9} {:>9} {:>9}  POLICY",
-                    "SANDBOX", "CGROUP ID", "DEFAULT", "ALLOWED", "DENIED", "AUDITED"
+                    "{:<20} {:>10} {:<8} {:>9} {:>9} {:>9} {:>10}  POLICY",
+                    "SANDBOX", "CGROUP ID", "DEFAULT", "ALLOWED", "DENIED", "AUDITED", "REDIRECTED"
                 );
                 for s in status.sandboxes {
                     println!(
-                        "{:<20} {:>10} {:<8} {:>9} {:>9} {:>9}  {}{}",
+                        "{:<20} {:>10} {:<8} {:>9} {:>9} {:>9} {:>10}  {}{}",
                         s.name,
                         s.cgroup_id,
                         s.default,
                         s.allowed,
                         s.denied,
                         s.audited,
+                        s.redirected,
                         s.policy,
                         if s.hooks.len() < egress::bpf::HOOKS.len() {
                             "  (PARTIALLY ATTACHED)"

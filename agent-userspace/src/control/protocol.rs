@@ -84,4 +84,7 @@ pub struct SandboxStatus {
     pub allowed: u64,
     pub denied: u64,
     pub audited: u64,
+    /// Connections sent to the proxy or DNS to the sandbox's resolver.
+    #[serde(default)]
+    pub redirected: u64,
 }

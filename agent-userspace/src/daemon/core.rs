@@ -606,6 +606,7 @@ impl Core {
                     allowed: c.allowed,
                     denied: c.denied,
                     audited: c.audited,
+                    redirected: c.redirected,
                 }
             })
             .collect();
