@@ -35,7 +35,13 @@ pub fn cargo(args: &[&str]) -> Command {
 }
 
 pub fn bin(name: &str) -> PathBuf {
-    workspace().join("target/debug").join(name)
+    bin_in(false, name)
+}
+
+/// A binary of the debug build, or of the release build when `release`.
+pub fn bin_in(release: bool, name: &str) -> PathBuf {
+    let profile = if release { "release" } else { "debug" };
+    workspace().join("target").join(profile).join(name)
 }
 
 pub fn build() -> anyhow::Result<()> {
@@ -45,8 +51,19 @@ pub fn build() -> anyhow::Result<()> {
 
 /// Only the daemon and the CLI.
 pub fn build_bins() -> anyhow::Result<()> {
-    step("Building egressd and egressctl");
-    run(&mut cargo(&["build", "-p", "agent-userspace", "--bins"]))
+    build_bins_in(false)
+}
+
+/// Only the daemon and the CLI, in the debug or (when `release`) the release profile.
+pub fn build_bins_in(release: bool) -> anyhow::Result<()> {
+    let mut args = vec!["build", "-p", "agent-userspace", "--bins"];
+    if release {
+        step("Building egressd and egressctl (release)");
+        args.push("--release");
+    } else {
+        step("Building egressd and egressctl");
+    }
+    run(&mut cargo(&args))
 }
 
 pub fn require_root(what: &str) -> anyhow::Result<()> {

@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask build | test | demo | bench connect`. Run through
+//! Developer tasks: `cargo xtask build | test | demo | bench connect | bench proxy`. Run through
 //! `./dev.sh`, which first installs what is missing (scripts/setup.sh).
 mod bench;
 mod cmd;

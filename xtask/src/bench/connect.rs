@@ -16,33 +16,11 @@ use egress_tests::{
     daemon::{Daemon, DaemonOpts},
 };
 
+use super::percentile;
 use crate::cmd::{bin, build_bins, require_root, step};
 
-#[derive(clap::Subcommand)]
-pub enum Which {
-    /// connect() latency inside an attached sandbox versus outside.
-    Connect {
-        /// Connects per round per side.
-        #[arg(long, default_value_t = 5000)]
-        connects: usize,
-        /// Rounds (each runs outside, then inside).
-        #[arg(long, default_value_t = 4)]
-        rounds: usize,
-    },
-    /// Internal: the measuring client (run by `bench connect`).
-    #[command(hide = true)]
-    ConnectWorker { addr: SocketAddr, connects: usize },
-}
-
-pub fn run(which: Which) -> anyhow::Result<()> {
-    match which {
-        Which::Connect { connects, rounds } => connect(connects, rounds),
-        Which::ConnectWorker { addr, connects } => worker(addr, connects),
-    }
-}
-
 /// Measures `connects` connects and prints the latencies (ns), one per line.
-fn worker(addr: SocketAddr, connects: usize) -> anyhow::Result<()> {
+pub(super) fn worker(addr: SocketAddr, connects: usize) -> anyhow::Result<()> {
     use std::io::Write;
     let mut lat = Vec::with_capacity(connects);
     for _ in 0..connects.min(200) {
@@ -59,14 +37,6 @@ fn worker(addr: SocketAddr, connects: usize) -> anyhow::Result<()> {
         writeln!(out, "{l}")?;
     }
     Ok(())
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 /// (run count, run time ns) summed over the daemon's cgroup_sock_addr programs.
@@ -99,7 +69,7 @@ fn prog_stats(daemon_pid: u32) -> (u64, u64) {
     (cnt, ns)
 }
 
-fn connect(connects: usize, rounds: usize) -> anyhow::Result<()> {
+pub(super) fn run(connects: usize, rounds: usize) -> anyhow::Result<()> {
     require_root("the connect benchmark")?;
     build_bins()?;
     // SAFETY: single-threaded here.

@@ -1,0 +1,797 @@
+//! `cargo xtask bench proxy`: HTTPS through egressd's credential-injecting proxy, side by
+//! side with the same requests straight to the origin and through nginx configured as a
+//! TLS-terminating reverse proxy that adds the same header.
+//!
+//! One fake internet (see TESTBED.md), one origin, one client, one run:
+//! - the origin is nginx in the world namespace on 192.0.2.10:443 and 192.0.2.11:443, with
+//!   a certificate from a test CA made for the run, HTTP/2 on, no access log, a small
+//!   fixed body at every path and the `Authorization` it received at [`AUTH_PATH`];
+//! - the client (wrk, h2load, curl) always runs inside the sandbox: its network namespace
+//!   and its cgroup, to which egressd attached a policy that sends 192.0.2.10:443 to the
+//!   proxy (credential `bench`, a token made for the run) and allows 192.0.2.11:443 and
+//!   192.0.2.12:443 plainly;
+//! - the paths: `direct` (sandbox -> origin at 192.0.2.11), `egressd` (sandbox ->
+//!   192.0.2.10, redirected by the kernel to the proxy, which dials the origin from the
+//!   world namespace) and `nginx` (sandbox -> nginx at 192.0.2.12 -> origin at
+//!   192.0.2.10, verified TLS, upstream keep-alive pool).
+//!
+//! Before measuring, curl in the sandbox checks each path end to end: through egressd and
+//! through nginx the origin must have received exactly `Bearer <token>`, straight to it
+//! nothing. Measurements alternate between the paths so that machine noise hits all
+//! alike; each reports req/s, latency, errors and the CPU time each process used.
+mod cpu;
+mod load;
+mod nginx;
+
+use std::ffi::OsStr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use egress_tests::{
+    daemon::{tail, Daemon, DaemonOpts},
+    hosts_file::HostsFile,
+    pki::{random_hex, TestCa},
+    sandbox::Sandbox,
+    util::{which, TempDir},
+    world::{World, ORIGIN_V4},
+};
+
+use self::load::{Kind, Load, Report};
+use self::nginx::Nginx;
+use crate::cmd::{bin_in, build_bins_in, require_root, step};
+
+/// Where the proxy rule sends the sandbox (and where nginx forwards to).
+const ORIGIN_IP: Ipv4Addr = ORIGIN_V4;
+/// The same origin, reached without a proxy.
+const DIRECT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
+/// nginx as a reverse proxy.
+const NGINX_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 12);
+/// The name the origin's certificate, the proxy rule and the credential are for.
+const API_HOST: &str = "api.example.com";
+const DIRECT_HOST: &str = "direct.example.com";
+const NGINX_HOST: &str = "nginx-proxy.example.com";
+/// What the origin answers at every path but [`AUTH_PATH`].
+const BODY: &str = "hello from the bench origin\n";
+/// Where the origin answers with the `Authorization` header it received.
+const AUTH_PATH: &str = "/auth";
+/// The credential's name in the daemon configuration and the policy.
+const CREDENTIAL: &str = "bench";
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    duration: u32,
+    /// Seconds of load before each measurement, not counted (0: none).
+    #[arg(long, default_value_t = 2)]
+    warmup: u32,
+    /// Rounds; each measures every kind on every path, and the report shows medians.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Client threads (wrk -t, h2load -t).
+    #[arg(long, default_value_t = 2)]
+    threads: u32,
+    /// HTTP/1.1 connections (wrk -c).
+    #[arg(long, default_value_t = 32)]
+    connections: u32,
+    /// HTTP/2 connections (h2load -c).
+    #[arg(long, default_value_t = 16)]
+    h2_clients: u32,
+    /// HTTP/2 concurrent streams per connection (h2load -m).
+    #[arg(long, default_value_t = 10)]
+    h2_streams: u32,
+    /// Measure the release build of egressd (`cargo build --release`) instead of the
+    /// debug build.
+    #[arg(long)]
+    release: bool,
+    /// Use the egressd and egressctl already in target/ instead of building them first.
+    #[arg(long)]
+    no_build: bool,
+}
+
+/// The three ways from the sandbox to the origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Direct,
+    Egressd,
+    Nginx,
+}
+
+impl Path {
+    const ALL: [Path; 3] = [Path::Direct, Path::Egressd, Path::Nginx];
+
+    fn label(self) -> &'static str {
+        match self {
+            Path::Direct => "direct",
+            Path::Egressd => "egressd",
+            Path::Nginx => "nginx",
+        }
+    }
+
+    fn host(self) -> &'static str {
+        match self {
+            Path::Direct => DIRECT_HOST,
+            Path::Egressd => API_HOST,
+            Path::Nginx => NGINX_HOST,
+        }
+    }
+
+    fn url(self, path: &str) -> String {
+        format!("https://{}{path}", self.host())
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Path::Direct => 0,
+            Path::Egressd => 1,
+            Path::Nginx => 2,
+        }
+    }
+}
+
+/// How long to watch the machine before measuring, and how busy it may be without a
+/// warning in the report.
+const IDLE_PROBE: Duration = Duration::from_secs(2);
+const BUSY_WARNING: f64 = 0.2;
+
+/// Cores the machine kept busy over `span` (anything: other processes, the kernel).
+fn machine_busy_cores(span: Duration) -> Option<f64> {
+    let before = cpu::machine_busy()?;
+    std::thread::sleep(span);
+    let busy = cpu::machine_busy()?.saturating_sub(before);
+    Some(busy.as_secs_f64() / span.as_secs_f64())
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C and SIGTERM set a flag instead of killing us, so that the run stops after the
+/// measurement in progress (at most `--duration` seconds; the load tool runs in its own
+/// process group under `timeout` and does not see Ctrl-C) and every guard still runs.
+fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(
+                sig,
+                on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
+        }
+    }
+}
+
+fn check_interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted; removed the benchmark's namespaces, cgroup, processes and files");
+    }
+    Ok(())
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    require_root("the proxy benchmark")?;
+    ensure!(args.duration >= 1, "--duration must be at least 1 second");
+    ensure!(args.rounds >= 1, "--rounds must be at least 1");
+    ensure!(
+        args.threads >= 1 && args.connections >= args.threads,
+        "--connections must be at least --threads (and --threads at least 1)"
+    );
+    ensure!(
+        args.h2_clients >= 1 && args.h2_streams >= 1,
+        "--h2-clients and --h2-streams must be at least 1"
+    );
+    let missing: Vec<&str> = ["nginx", "wrk", "h2load", "curl", "openssl", "sysctl"]
+        .into_iter()
+        .filter(|t| which(t).is_none())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "missing {} (Debian: apt-get install nginx wrk nghttp2-client curl openssl procps)",
+            missing.join(", ")
+        );
+    }
+    if !args.no_build {
+        build_bins_in(args.release)?;
+    }
+    // SAFETY: single-threaded here; the harness reads these to find the binaries.
+    unsafe {
+        std::env::set_var("EGRESSD_BIN", bin_in(args.release, "egressd"));
+        std::env::set_var("EGRESSCTL_BIN", bin_in(args.release, "egressctl"));
+    }
+    catch_interrupts();
+
+    let bed = Bed::new();
+    check_interrupted()?;
+    let bed = bed?;
+    step("Checking every path end to end with curl in the sandbox");
+    let checked = bed.check();
+    check_interrupted()?;
+    checked?;
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let busy_before = machine_busy_cores(IDLE_PROBE);
+    if let Some(b) = busy_before.filter(|&b| b > BUSY_WARNING) {
+        eprintln!("  warning: {b:.2} cores busy before measuring; the figures will be noisy");
+    }
+
+    let load = Load {
+        threads: args.threads,
+        connections: args.connections,
+        h2_clients: args.h2_clients,
+        h2_streams: args.h2_streams,
+    };
+    let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); 3]; Kind::ALL.len()];
+    let total = args.rounds * Kind::ALL.len() * Path::ALL.len();
+    step(&format!(
+        "Measuring: {} rounds x {} kinds x {} paths, {} s each (+{} s warm-up), about {} s",
+        args.rounds,
+        Kind::ALL.len(),
+        Path::ALL.len(),
+        args.duration,
+        args.warmup,
+        total as u32 * (args.duration + args.warmup + 1)
+    ));
+    let mut done = 0;
+    for round in 0..args.rounds {
+        for (k, kind) in Kind::ALL.into_iter().enumerate() {
+            // Rotate which path goes first, so no path always follows the same one.
+            for i in 0..Path::ALL.len() {
+                let path = Path::ALL[(i + round) % Path::ALL.len()];
+                // A Ctrl-C from the terminal also stops the servers, so an interruption
+                // explains a failed measurement better than the failure does.
+                if args.warmup > 0 {
+                    let warm = bed.measure(kind, path, &load, args.warmup);
+                    check_interrupted()?;
+                    warm.with_context(|| {
+                        format!("warm-up of {} via {}", kind.short(), path.label())
+                    })?;
+                }
+                let s = bed.measure(kind, path, &load, args.duration);
+                check_interrupted()?;
+                let s = s.with_context(|| format!("{} via {}", kind.short(), path.label()))?;
+                done += 1;
+                eprintln!(
+                    "  [{done}/{total}] {:<27} {:<8} {:>10.0} req/s  errors {}",
+                    kind.short(),
+                    path.label(),
+                    s.report.req_per_sec,
+                    s.report.errors
+                );
+                if s.report.errors > 0 {
+                    bed.explain_errors(path);
+                }
+                samples[k][path.index()].push(s);
+            }
+        }
+    }
+    print_report(args, &load, &samples, &load_before, busy_before);
+    step("Done; removing the benchmark's namespaces, cgroup, pins, processes and files");
+    Ok(())
+}
+
+/// Everything the benchmark runs on. Field order is drop order: the sandbox's hosts file
+/// and processes first, then the daemon (and its pins), the nginx processes, the
+/// namespaces, and last the files.
+struct Bed {
+    _hosts: HostsFile,
+    sandbox: Sandbox,
+    daemon: Daemon,
+    reverse_proxy: Nginx,
+    origin: Nginx,
+    _world: World,
+    ca: TestCa,
+    _dir: TempDir,
+    token: String,
+    egressd_ca: PathBuf,
+}
+
+impl Bed {
+    fn new() -> anyhow::Result<Self> {
+        step("Building the test bed: world and sandbox namespaces, test CA, origin, nginx proxy");
+        let dir = TempDir::new("bench-proxy")?;
+        let token = format!("bench_{}", random_hex(20)?);
+        let ca = TestCa::new("bench")?;
+        let leaf = ca.issue("bench", &[API_HOST, DIRECT_HOST, NGINX_HOST])?;
+        let world = World::new()?;
+        for ip in [DIRECT_IP, NGINX_IP] {
+            world.add_host(IpAddr::V4(ip))?;
+        }
+        let origin_dir = dir.path().join("origin");
+        let origin = Nginx::start(
+            &world,
+            &origin_dir,
+            &nginx::origin_conf(
+                &origin_dir,
+                &[IpAddr::V4(ORIGIN_IP), IpAddr::V4(DIRECT_IP)],
+                &leaf,
+                BODY,
+                AUTH_PATH,
+            ),
+            &[
+                SocketAddr::new(IpAddr::V4(ORIGIN_IP), 443),
+                SocketAddr::new(IpAddr::V4(DIRECT_IP), 443),
+            ],
+        )
+        .context("starting the origin")?;
+        let proxy_dir = dir.path().join("nginx-proxy");
+        let reverse_proxy = Nginx::start(
+            &world,
+            &proxy_dir,
+            &nginx::reverse_proxy_conf(
+                &proxy_dir,
+                IpAddr::V4(NGINX_IP),
+                &leaf,
+                IpAddr::V4(ORIGIN_IP),
+                API_HOST,
+                ca.cert(),
+                &format!("Bearer {token}"),
+            ),
+            &[SocketAddr::new(IpAddr::V4(NGINX_IP), 443)],
+        )
+        .context("starting nginx as a reverse proxy")?;
+
+        let token_file = dir.write("token", &format!("{token}\n"))?;
+        let config = dir.write(
+            "egressd.yaml",
+            &format!(
+                r#"proxy:
+  upstream_ca: "{ca}"
+  upstream_netns: "{world_ns}"
+credentials:
+  {CREDENTIAL}:
+    source: {{ file: "{token_file}" }}
+    inject: {{ header: Authorization, format: "Bearer {{}}" }}
+    hosts: [{API_HOST}]
+"#,
+                ca = ca.cert().display(),
+                world_ns = world.netns().path().display(),
+                token_file = token_file.display(),
+            ),
+        )?;
+        step("Starting egressd and attaching the benchmark policy to the sandbox");
+        let daemon = Daemon::start(DaemonOpts {
+            extra_args: vec!["--config".into(), config.display().to_string()],
+            // The daemon's default level, whatever this shell has set.
+            env: vec![("RUST_LOG".into(), "info".into())],
+            ..DaemonOpts::default()
+        })?;
+        let sandbox = world.add_sandbox("bench")?;
+        let hosts = HostsFile::new(
+            sandbox.netns(),
+            &[
+                (IpAddr::V4(ORIGIN_IP), API_HOST),
+                (IpAddr::V4(DIRECT_IP), DIRECT_HOST),
+                (IpAddr::V4(NGINX_IP), NGINX_HOST),
+            ],
+        )?;
+        // A connection per request at thousands per second from one address to one
+        // origin: the proxies' upstream sockets sit in TIME_WAIT for 60 s, so widen the
+        // ephemeral port range and let TIME_WAIT ports be reused, in our namespaces only.
+        for ns in [world.netns(), sandbox.netns()] {
+            let out = ns
+                .command(
+                    10,
+                    "sysctl",
+                    &[
+                        "-q",
+                        "-w",
+                        "net.ipv4.ip_local_port_range=20000 65000",
+                        "net.ipv4.tcp_tw_reuse=1",
+                    ],
+                )
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "sysctl in {}: {}",
+                ns.name(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let policy = dir.write(
+            "policy.yaml",
+            &format!(
+                r#"version: 1
+default: deny
+rules:
+  - name: bench-origin
+    to: [{ORIGIN_IP}]
+    ports: [443]
+    action: proxy
+    hosts: [{API_HOST}]
+    credential: {CREDENTIAL}
+  - name: bench-direct-and-nginx
+    to: [{DIRECT_IP}, {NGINX_IP}]
+    ports: [443]
+    protocol: tcp
+    action: allow
+"#
+            ),
+        )?;
+        daemon
+            .ctl_ok([
+                OsStr::new("attach"),
+                OsStr::new("--cgroup"),
+                sandbox.cgroup().path().as_os_str(),
+                OsStr::new("--policy"),
+                policy.as_os_str(),
+                OsStr::new("--name"),
+                OsStr::new("bench"),
+                OsStr::new("--netns"),
+                sandbox.netns().path().as_os_str(),
+            ])
+            .with_context(|| format!("attach; daemon log:\n{}", tail(&daemon.log(), 30)))?;
+        let pem = daemon.ctl_ok(["ca", "export"])?;
+        let egressd_ca = dir.write(
+            "egressd-ca.pem",
+            &String::from_utf8(pem.stdout).context("`egressctl ca export` is not UTF-8")?,
+        )?;
+        Ok(Self {
+            _hosts: hosts,
+            sandbox,
+            daemon,
+            reverse_proxy,
+            origin,
+            _world: world,
+            ca,
+            _dir: dir,
+            token,
+            egressd_ca,
+        })
+    }
+
+    /// curl in the sandbox, trusting only `ca`; fails unless it exits 0.
+    fn curl(&self, ca: &std::path::Path, args: &[&str]) -> anyhow::Result<String> {
+        let ca = ca.display().to_string();
+        let mut all = vec!["--cacert", ca.as_str(), "--fail"];
+        all.extend_from_slice(args);
+        let out = self.sandbox.curl(&all)?;
+        if !out.status.success() {
+            bail!(
+                "curl {args:?} in the sandbox failed ({}): {}",
+                out.status,
+                self.redact(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Text with the token replaced, for error messages.
+    fn redact(&self, bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes)
+            .trim()
+            .replace(&self.token, "<TOKEN>")
+    }
+
+    /// Each path end to end: the body over HTTP/2 and over HTTP/1.1, and what the origin
+    /// received as `Authorization`.
+    fn check(&self) -> anyhow::Result<()> {
+        let bearer = format!("Bearer {}", self.token);
+        for path in Path::ALL {
+            // The sandbox trusts egressd's CA on the proxied path (proving that egressd
+            // answered, not the origin) and the test CA on the others.
+            let ca = match path {
+                Path::Egressd => &self.egressd_ca,
+                _ => self.ca.cert(),
+            };
+            for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+                let got = self.curl(ca, &[flag, "-w", "\n%{http_version}", &path.url("/")])?;
+                ensure!(
+                    got == format!("{BODY}\n{version}"),
+                    "curl {flag} {} in the sandbox: expected the origin's body over HTTP/{version}, got {:?}",
+                    path.url("/"),
+                    self.redact(got.as_bytes())
+                );
+            }
+            let auth = self.curl(ca, &[&path.url(AUTH_PATH)])?;
+            let want = match path {
+                Path::Direct => "",
+                Path::Egressd | Path::Nginx => bearer.as_str(),
+            };
+            if auth != want {
+                bail!(
+                    "via {}: the origin received Authorization {:?}, expected {:?}",
+                    path.label(),
+                    self.redact(auth.as_bytes()),
+                    self.redact(want.as_bytes())
+                );
+            }
+            println!(
+                "  {:<8} {:<40} ok: HTTP/2 and HTTP/1.1, origin got {}",
+                path.label(),
+                path.url("/"),
+                if want.is_empty() {
+                    "no Authorization"
+                } else {
+                    "Authorization: Bearer <token>"
+                }
+            );
+        }
+        Ok(())
+    }
+
+    /// The pid of the proxy on `path`, if there is one.
+    fn proxy_pid(&self, path: Path) -> Option<u32> {
+        match path {
+            Path::Direct => None,
+            Path::Egressd => self.daemon.pid(),
+            Path::Nginx => self.reverse_proxy.pid(),
+        }
+    }
+
+    /// Runs `kind` for `secs` seconds from the sandbox via `path`.
+    fn measure(&self, kind: Kind, path: Path, load: &Load, secs: u32) -> anyhow::Result<Sample> {
+        let argv = kind.argv(load, secs, &path.url("/"));
+        let proxy_pid = self.proxy_pid(path);
+        let origin_pid = self.origin.pid();
+        let proxy0 = proxy_pid.and_then(cpu::process);
+        let origin0 = origin_pid.and_then(cpu::process);
+        let client0 = cpu::children();
+        let machine0 = cpu::machine_busy();
+        let started = Instant::now();
+        let mut cmd = self
+            .sandbox
+            .command_with_timeout(secs + 30, kind.tool(), &argv);
+        let out: Output = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
+        let wall = started.elapsed();
+        let machine = cpu::machine_busy()
+            .zip(machine0)
+            .map(|(after, before)| after.saturating_sub(before));
+        let client = cpu::children().saturating_sub(client0);
+        let delta = |pid: Option<u32>, before: Option<Duration>| {
+            Some(pid.and_then(cpu::process)?.saturating_sub(before?))
+        };
+        let proxy = delta(proxy_pid, proxy0);
+        let origin = delta(origin_pid, origin0);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "{} {} failed in the sandbox ({}): {}\n{stdout}",
+                kind.tool(),
+                argv.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let report = kind.parse(&stdout)?;
+        Ok(Sample {
+            report,
+            wall,
+            proxy,
+            origin,
+            client,
+            machine,
+        })
+    }
+
+    /// Prints where to look when a measurement saw errors.
+    fn explain_errors(&self, path: Path) {
+        let log = match path {
+            Path::Direct => format!("origin error log:\n{}", tail(&self.origin.errors(), 10)),
+            Path::Egressd => format!(
+                "egressd log:\n{}",
+                tail(&self.redact(self.daemon.log().as_bytes()), 10)
+            ),
+            Path::Nginx => format!(
+                "nginx error log:\n{}\norigin error log:\n{}",
+                tail(&self.reverse_proxy.errors(), 10),
+                tail(&self.origin.errors(), 10)
+            ),
+        };
+        eprintln!("  errors via {}; {log}", path.label());
+    }
+}
+
+/// One measurement.
+#[derive(Debug, Clone)]
+struct Sample {
+    report: Report,
+    wall: Duration,
+    /// CPU time of the proxy (none on the direct path), the origin, and the client.
+    proxy: Option<Duration>,
+    origin: Option<Duration>,
+    client: Duration,
+    /// CPU time the whole machine was busy.
+    machine: Option<Duration>,
+}
+
+impl Sample {
+    /// CPU time as cores busy over the measurement.
+    fn cores(&self, cpu: Option<Duration>) -> Option<f64> {
+        Some(cpu?.as_secs_f64() / self.wall.as_secs_f64().max(1e-9))
+    }
+
+    /// Proxy CPU microseconds per request.
+    fn proxy_us_per_request(&self) -> Option<f64> {
+        let requests = self.report.req_per_sec * self.wall.as_secs_f64();
+        (requests > 0.0).then(|| self.proxy.map(|p| p.as_secs_f64() * 1e6 / requests))?
+    }
+}
+
+/// Median of the values present (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// The medians over rounds of one (kind, path).
+#[derive(Debug, Default, Clone, Copy)]
+struct Summary {
+    req_per_sec: Option<f64>,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    mean_ms: Option<f64>,
+    errors: u64,
+    requests: u64,
+    proxy_cores: Option<f64>,
+    origin_cores: Option<f64>,
+    client_cores: Option<f64>,
+    rest_cores: Option<f64>,
+    proxy_us_per_req: Option<f64>,
+}
+
+fn summarize(samples: &[Sample]) -> Summary {
+    let m = |f: &dyn Fn(&Sample) -> Option<f64>| median(samples.iter().filter_map(f).collect());
+    Summary {
+        req_per_sec: m(&|s| Some(s.report.req_per_sec)),
+        p50_ms: m(&|s| s.report.p50_us.map(|u| u / 1e3)),
+        p99_ms: m(&|s| s.report.p99_us.map(|u| u / 1e3)),
+        mean_ms: m(&|s| s.report.mean_us.map(|u| u / 1e3)),
+        errors: samples.iter().map(|s| s.report.errors).sum(),
+        requests: samples.iter().map(|s| s.report.requests).sum(),
+        proxy_cores: m(&|s| s.cores(s.proxy)),
+        origin_cores: m(&|s| s.cores(s.origin)),
+        client_cores: m(&|s| s.cores(Some(s.client))),
+        rest_cores: m(&|s| {
+            let ours = s.proxy.unwrap_or_default() + s.origin.unwrap_or_default() + s.client;
+            s.cores(Some(s.machine?.saturating_sub(ours)))
+        }),
+        proxy_us_per_req: m(&|s| s.proxy_us_per_request()),
+    }
+}
+
+fn num(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "-".to_string(), |x| format!("{x:.decimals$}"))
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "-".into(),
+    }
+}
+
+fn print_report(
+    args: &Args,
+    load: &Load,
+    samples: &[Vec<Vec<Sample>>],
+    load_before: &str,
+    busy_before: Option<f64>,
+) {
+    let sums: Vec<Vec<Summary>> = samples
+        .iter()
+        .map(|per_path| per_path.iter().map(|s| summarize(s)).collect())
+        .collect();
+    let build = if args.release { "release" } else { "debug" };
+    println!();
+    println!(
+        "HTTPS from inside the sandbox (its netns and cgroup) to one nginx origin; {} s per measurement, median of {} round(s)",
+        args.duration, args.rounds
+    );
+    println!("  direct   sandbox -> origin ({DIRECT_IP}:443)");
+    println!(
+        "  egressd  sandbox -> {ORIGIN_IP}:443, redirected by the kernel -> egressd proxy ({build} build) -> origin ({ORIGIN_IP}:443); injects Authorization"
+    );
+    println!(
+        "  nginx    sandbox -> nginx reverse proxy ({NGINX_IP}:443) -> origin ({ORIGIN_IP}:443, keep-alive pool); injects Authorization"
+    );
+    println!(
+        "  CPU: {} cores shared by client, proxy and origin. egressd: tokio runtime, 2 worker threads (+ audit writer); \
+         nginx proxy: 1 process (worker_processes 1, master_process off); origin: 1 nginx process. \
+         \"cores\" = CPU seconds / wall seconds; \"rest\" = the machine's busy time not charged to these \
+         processes (kernel network work in softirq context, and anything else running).",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "  before measuring: {} cores busy over {IDLE_PROBE:?} (load average {})",
+        num(busy_before, 2),
+        load_before
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    if busy_before.is_some_and(|b| b > BUSY_WARNING) {
+        println!(
+            "  WARNING: something else was using the CPU before measuring; the figures are noisy"
+        );
+    }
+    if !args.release {
+        println!(
+            "  NOTE: egressd is the unoptimised debug build; run with --release for figures comparable to nginx"
+        );
+    }
+    for (k, kind) in Kind::ALL.into_iter().enumerate() {
+        println!();
+        println!("{} ({})", kind.short(), kind.describe(load, args.duration));
+        let lat = if kind.has_percentiles() {
+            format!("{:>8} {:>8}", "p50 ms", "p99 ms")
+        } else {
+            format!("{:>17}", "mean ms")
+        };
+        println!(
+            "  {:<8} {:>10} {lat} {:>7} {:>11} {:>12} {:>12} {:>13} {:>16}",
+            "path",
+            "req/s",
+            "errors",
+            "proxy cores",
+            "origin cores",
+            "client cores",
+            "rest cores",
+            "proxy CPU us/req"
+        );
+        for path in Path::ALL {
+            let s = &sums[k][path.index()];
+            let lat = if kind.has_percentiles() {
+                format!("{:>8} {:>8}", num(s.p50_ms, 2), num(s.p99_ms, 2))
+            } else {
+                format!("{:>17}", num(s.mean_ms, 2))
+            };
+            println!(
+                "  {:<8} {:>10} {lat} {:>7} {:>11} {:>12} {:>12} {:>13} {:>16}",
+                path.label(),
+                num(s.req_per_sec, 0),
+                s.errors,
+                num(s.proxy_cores, 2),
+                num(s.origin_cores, 2),
+                num(s.client_cores, 2),
+                num(s.rest_cores, 2),
+                num(s.proxy_us_per_req, 1),
+            );
+        }
+    }
+
+    println!();
+    println!(
+        "Summary {:<34} {:>9} {:>9} {:>9} {:>13} {:>14}",
+        "", "direct", "egressd", "nginx", "egressd/nginx", "egressd/direct"
+    );
+    let row = |name: &str, get: &dyn Fn(&Summary) -> Option<f64>, k: usize, decimals: usize| {
+        let [d, e, n] = [0, 1, 2].map(|p| get(&sums[k][p]));
+        println!(
+            "  {:<40} {:>9} {:>9} {:>9} {:>13} {:>14}",
+            name,
+            num(d, decimals),
+            num(e, decimals),
+            num(n, decimals),
+            ratio(e, n),
+            ratio(e, d)
+        );
+    };
+    for (k, kind) in Kind::ALL.into_iter().enumerate() {
+        row(kind.short(), &|s| s.req_per_sec, k, 0);
+        if kind.has_percentiles() {
+            row("  p50 latency ms", &|s| s.p50_ms, k, 2);
+            row("  p99 latency ms", &|s| s.p99_ms, k, 2);
+        } else {
+            row("  mean request time ms", &|s| s.mean_ms, k, 2);
+        }
+        row("  proxy CPU us per request", &|s| s.proxy_us_per_req, k, 1);
+    }
+    let errors: u64 = sums.iter().flatten().map(|s| s.errors).sum();
+    let requests: u64 = sums.iter().flatten().map(|s| s.requests).sum();
+    println!("  errors (socket errors, timeouts, non-2xx): {errors} in {requests} requests");
+}
