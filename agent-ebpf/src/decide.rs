@@ -86,23 +86,36 @@ pub fn ipv6(ctx: &SockAddrContext) -> [u8; 16] {
     out
 }
 
+/// `a.b.c.d` as `::ffff:a.b.c.d`, the form the redirect maps store IPv4 in.
+#[inline(always)]
+pub fn mapped(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+/// Whether an IPv6 address is IPv4-mapped (`::ffff:a.b.c.d`).
+#[inline(always)]
+pub fn is_mapped(a: &[u8; 16]) -> bool {
+    a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+}
+
 /// `::ffff:a.b.c.d` -> `a.b.c.d`. connect6/sendmsg6 see these for AF_INET6 sockets talking
 /// to IPv4 hosts (connect4 never runs for them), so they must get the IPv4 policy.
 #[inline(always)]
 pub fn v6_dest(addr: [u8; 16]) -> Dest {
-    let mapped = addr[0] == 0
-        && addr[1] == 0
-        && addr[2] == 0
-        && addr[3] == 0
-        && addr[4] == 0
-        && addr[5] == 0
-        && addr[6] == 0
-        && addr[7] == 0
-        && addr[8] == 0
-        && addr[9] == 0
-        && addr[10] == 0xff
-        && addr[11] == 0xff;
-    if mapped {
+    if is_mapped(&addr) {
         Dest::V4([addr[12], addr[13], addr[14], addr[15]])
     } else {
         Dest::V6(addr)
@@ -241,18 +254,10 @@ fn redirect(
     rule_id: u16,
     to_port: u16,
 ) -> Result<(), i64> {
-    let mut addr = [0u8; 16];
-    match call.dest {
-        Dest::V4(a) => {
-            addr[10] = 0xff;
-            addr[11] = 0xff;
-            addr[12] = a[0];
-            addr[13] = a[1];
-            addr[14] = a[2];
-            addr[15] = a[3];
-        }
-        Dest::V6(a) => addr = a,
-    }
+    let addr = match call.dest {
+        Dest::V4(a) => mapped(a),
+        Dest::V6(a) => a,
+    };
     // SAFETY: helper valid in cgroup_sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst {
@@ -379,18 +384,7 @@ pub fn restore_source(ctx: &SockAddrContext, family: u8) -> bool {
         return false;
     }
     let a = orig.addr;
-    let mapped = a[0] == 0
-        && a[1] == 0
-        && a[2] == 0
-        && a[3] == 0
-        && a[4] == 0
-        && a[5] == 0
-        && a[6] == 0
-        && a[7] == 0
-        && a[8] == 0
-        && a[9] == 0
-        && a[10] == 0xff
-        && a[11] == 0xff;
+    let mapped = is_mapped(&a);
     // SAFETY: context pointer from the kernel; full 4-byte stores.
     unsafe {
         if family == 4 {

@@ -10,7 +10,10 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use crate::maps::{BY_PEER, ORIG};
+use crate::{
+    decide::mapped,
+    maps::{BY_PEER, ORIG},
+};
 
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 const AF_INET: u32 = 2;
@@ -29,19 +32,12 @@ pub fn egress_sock_ops(ctx: SockOpsContext) -> u32 {
 fn remember_peer(ctx: &SockOpsContext) {
     // SAFETY: helpers valid in sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out before the entry is removed.
+    // SAFETY: the value is copied out.
     let Some(orig) = (unsafe { ORIG.get(cookie) }).copied() else {
         return;
     };
-    let mut addr = [0u8; 16];
-    if ctx.family() == AF_INET {
-        let ip = ctx.local_ip4().to_ne_bytes();
-        addr[10] = 0xff;
-        addr[11] = 0xff;
-        addr[12] = ip[0];
-        addr[13] = ip[1];
-        addr[14] = ip[2];
-        addr[15] = ip[3];
+    let addr = if ctx.family() == AF_INET {
+        mapped(ctx.local_ip4().to_ne_bytes())
     } else {
         // Constant offsets only: the verifier refuses context reads through a computed pointer.
         // SAFETY: context pointer from the kernel.
@@ -53,6 +49,7 @@ fn remember_peer(ctx: &SockOpsContext) {
                 core::ptr::read_volatile(&(*ctx.ops).local_ip6[3]),
             ]
         };
+        let mut addr = [0u8; 16];
         let mut i = 0;
         while i < 4 {
             let b = words[i].to_ne_bytes();
@@ -62,7 +59,8 @@ fn remember_peer(ctx: &SockOpsContext) {
             addr[i * 4 + 3] = b[3];
             i += 1;
         }
-    }
+        addr
+    };
     let key = PeerKey {
         // SAFETY: helper valid in sock_ops programs.
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },

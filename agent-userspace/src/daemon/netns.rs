@@ -43,67 +43,67 @@ pub fn netns_of_cgroup(cgroup: &Path) -> PathBuf {
     }
 }
 
-/// Binds TCP listeners on `addrs` inside the network namespace at `netns`. Addresses that
-/// cannot be bound there (e.g. `::1` with IPv6 disabled) are skipped; at least one must bind.
-pub fn bind_in_netns(netns: &Path, addrs: Vec<SocketAddr>) -> io::Result<Vec<TcpListener>> {
+/// Runs `f` on a thread that entered the network namespace at `netns`. Sockets `f` creates
+/// belong to that namespace for their whole life; the thread exits when `f` returns.
+fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
     let ns = File::open(netns)?;
-    let handle = std::thread::spawn(move || -> io::Result<Vec<TcpListener>> {
-        // SAFETY: setns on this thread only; the thread exits right after binding.
+    std::thread::spawn(move || {
+        // SAFETY: setns changes only this thread, which exits after `f`.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut out = Vec::new();
-        let mut last_err = None;
-        for a in addrs {
-            match TcpListener::bind(a) {
-                Ok(l) => {
-                    l.set_nonblocking(true)?;
-                    out.push(l);
-                }
-                Err(e) => last_err = Some(e),
-            }
-        }
-        match (out.is_empty(), last_err) {
-            (true, Some(e)) => Err(e),
-            _ => Ok(out),
-        }
-    });
-    handle
-        .join()
-        .map_err(|_| io::Error::other("netns bind thread panicked"))?
+        f()
+    })
+    .join()
+    .map_err(|_| io::Error::other("netns thread panicked"))?
 }
 
-/// Binds UDP sockets on `addrs` inside the network namespace at `netns` (same rules as
-/// [`bind_in_netns`]).
+/// Binds every address it can with `bind`; fails only if none binds (e.g. `::1` with IPv6
+/// disabled is skipped).
+fn bind_all<S>(
+    addrs: Vec<SocketAddr>,
+    bind: impl Fn(SocketAddr) -> io::Result<S>,
+) -> io::Result<Vec<S>> {
+    let mut out = Vec::new();
+    let mut last_err = None;
+    for a in addrs {
+        match bind(a) {
+            Ok(s) => out.push(s),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    match (out.is_empty(), last_err) {
+        (true, Some(e)) => Err(e),
+        _ => Ok(out),
+    }
+}
+
+/// Non-blocking TCP listeners on `addrs` inside the network namespace at `netns`.
+pub fn bind_in_netns(netns: &Path, addrs: Vec<SocketAddr>) -> io::Result<Vec<TcpListener>> {
+    in_netns(netns, move || {
+        bind_all(addrs, |a| {
+            let l = TcpListener::bind(a)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+    })
+}
+
+/// Non-blocking UDP sockets on `addrs` inside the network namespace at `netns`.
 pub fn bind_udp_in_netns(
     netns: &Path,
     addrs: Vec<SocketAddr>,
 ) -> io::Result<Vec<std::net::UdpSocket>> {
-    let ns = File::open(netns)?;
-    let handle = std::thread::spawn(move || -> io::Result<Vec<std::net::UdpSocket>> {
-        // SAFETY: setns on this thread only; the thread exits right after binding.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut out = Vec::new();
-        let mut last_err = None;
-        for a in addrs {
-            match std::net::UdpSocket::bind(a) {
-                Ok(s) => {
-                    s.set_nonblocking(true)?;
-                    out.push(s);
-                }
-                Err(e) => last_err = Some(e),
-            }
-        }
-        match (out.is_empty(), last_err) {
-            (true, Some(e)) => Err(e),
-            _ => Ok(out),
-        }
-    });
-    handle
-        .join()
-        .map_err(|_| io::Error::other("netns bind thread panicked"))?
+    in_netns(netns, move || {
+        bind_all(addrs, |a| {
+            let s = std::net::UdpSocket::bind(a)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+    })
 }
 
 /// `SO_NETNS_COOKIE` of a socket: the same value the kernel programs see.
