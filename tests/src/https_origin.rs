@@ -7,7 +7,10 @@
 //!   [`MOVED_PATH`] answers `302 Location: `[`MOVED_TO`] (also only with the token).
 //! - `github.com` on [`GIT_V4`]:443: the bare repository `acme/widgets.git`, served by
 //!   `fixtures/git_backend.py` (`git http-backend` as CGI) behind nginx, only with
-//!   `Authorization: Basic base64(x-access-token:<token>)`, else 401.
+//!   `Authorization: Basic base64(x-access-token:<token>)`, else 401. With
+//!   [`GitAuth::TokensFile`] ([`HttpsOrigin::start_with`]) it serves every repository
+//!   under `acme/` (see [`OriginOpts::extra_repos`]) and the git backend itself accepts
+//!   any token listed in a file that may grow while it runs (minted tokens).
 //! - `pinned.example` on [`PINNED_V4`]:443: answers [`PINNED_BODY`] to anyone.
 //!
 //! Certificates come from a [`TestCa`]. nginx writes one JSON line per request to its
@@ -100,6 +103,26 @@ impl OriginRequest {
     }
 }
 
+/// How the git origin (`github.com`) checks the credential.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum GitAuth {
+    /// nginx accepts only `Basic base64(x-access-token:<token>)` with the origin's token.
+    #[default]
+    Token,
+    /// The git backend accepts `Basic base64(x-access-token:<t>)` for any line `<t>` of
+    /// this file, read at each request; nginx passes every `acme/` request through.
+    TokensFile(PathBuf),
+}
+
+/// Knobs for [`HttpsOrigin::start_with`].
+#[derive(Debug, Clone, Default)]
+pub struct OriginOpts {
+    pub git_auth: GitAuth,
+    /// More bare repositories (`owner/name`, served under `acme/` only with
+    /// [`GitAuth::TokensFile`]), each a copy of `acme/widgets` made by [`make_named_repo`].
+    pub extra_repos: Vec<String>,
+}
+
 /// nginx + the git backend, with their certificates and logs.
 ///
 /// Field order is drop order: servers die before their directory goes.
@@ -111,6 +134,7 @@ pub struct HttpsOrigin {
     token: String,
     leaf: Leaf,
     pinned_leaf: Leaf,
+    git_root: PathBuf,
 }
 
 /// `Bearer <token>`: what the API origin wants.
@@ -151,8 +175,23 @@ pub fn base64(data: &[u8]) -> String {
 /// Creates `<root>/acme/widgets.git`, a bare repository with one commit on `main`
 /// holding [`REPO_FILE`].
 pub fn make_repo(root: &Path) -> Result<PathBuf> {
-    let bare = root.join("acme").join("widgets.git");
-    let work = root.join("work");
+    make_named_repo(root, "acme/widgets")
+}
+
+/// Creates `<root>/<owner>/<name>.git`, a bare repository with one commit on `main`
+/// holding [`REPO_FILE`].
+pub fn make_named_repo(root: &Path, repo: &str) -> Result<PathBuf> {
+    let valid = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('.')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    let Some((owner, name)) = repo.split_once('/').filter(|(o, n)| valid(o) && valid(n)) else {
+        bail!("{repo:?} is not owner/name");
+    };
+    let bare = root.join(owner).join(format!("{name}.git"));
+    let work = root.join(format!("work-{owner}-{name}"));
     std::fs::create_dir_all(&bare)?;
     std::fs::create_dir_all(&work)?;
     std::fs::write(work.join(REPO_FILE.0), REPO_FILE.1)?;
@@ -190,6 +229,11 @@ impl HttpsOrigin {
     /// Starts the origins in `world` (adding [`GIT_V4`] and [`PINNED_V4`] to it), with
     /// certificates from `ca`, accepting `token`.
     pub fn start(world: &World, ca: &TestCa, token: &str) -> Result<Self> {
+        Self::start_with(world, ca, token, OriginOpts::default())
+    }
+
+    /// [`HttpsOrigin::start`] with a choice of credential check and more repositories.
+    pub fn start_with(world: &World, ca: &TestCa, token: &str, opts: OriginOpts) -> Result<Self> {
         if token.is_empty() || !token.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             bail!("test tokens are [A-Za-z0-9_]+, got {token:?}");
         }
@@ -202,12 +246,20 @@ impl HttpsOrigin {
 
         let git_root = dir.path().join("git");
         make_repo(&git_root)?;
+        for repo in &opts.extra_repos {
+            make_named_repo(&git_root, repo)?;
+        }
+        let mut backend_args = vec!["--root".to_string(), git_root.display().to_string()];
+        if let GitAuth::TokensFile(file) = &opts.git_auth {
+            backend_args.push("--tokens-file".into());
+            backend_args.push(file.display().to_string());
+        }
         let git_backend = spawn_ready(
             world.netns(),
             &dir,
             "git-backend",
             "git_backend.py",
-            &["--root".to_string(), git_root.display().to_string()],
+            &backend_args,
         )?;
         let ready = dir.path().join("git-backend.ready");
         let port: u16 = std::fs::read_to_string(&ready)
@@ -222,7 +274,7 @@ impl HttpsOrigin {
         let conf = dir.path().join("nginx.conf");
         std::fs::write(
             &conf,
-            nginx_conf(dir.path(), token, &leaf, &pinned_leaf, port),
+            nginx_conf(dir.path(), token, &leaf, &pinned_leaf, port, &opts.git_auth),
         )?;
         let nginx = spawn_nginx(world, dir.path(), &conf)?;
         Ok(Self {
@@ -232,6 +284,7 @@ impl HttpsOrigin {
             token: token.to_string(),
             leaf,
             pinned_leaf,
+            git_root,
         })
     }
 
@@ -252,6 +305,11 @@ impl HttpsOrigin {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The bare repository `owner/name` of the git origin (`<root>/<owner>/<name>.git`).
+    pub fn repo_path(&self, repo: &str) -> PathBuf {
+        self.git_root.join(format!("{repo}.git"))
     }
 
     pub fn nginx_pid(&self) -> Option<u32> {
@@ -388,7 +446,14 @@ pub fn listening(pid: u32, want: &[SocketAddr]) -> bool {
     })
 }
 
-fn nginx_conf(dir: &Path, token: &str, leaf: &Leaf, pinned: &Leaf, git_port: u16) -> String {
+fn nginx_conf(
+    dir: &Path,
+    token: &str,
+    leaf: &Leaf,
+    pinned: &Leaf,
+    git_port: u16,
+    git_auth: &GitAuth,
+) -> String {
     let d = dir.display();
     let (cert, key) = (leaf.cert.display(), leaf.key.display());
     let (pcert, pkey) = (pinned.cert.display(), pinned.key.display());
@@ -397,6 +462,23 @@ fn nginx_conf(dir: &Path, token: &str, leaf: &Leaf, pinned: &Leaf, git_port: u16
     let repo = REPO_BODY.replace('"', "\\\"").replace('\n', "\\n");
     let issue = ISSUE_BODY.replace('"', "\\\"").replace('\n', "\\n");
     let pinned_body = PINNED_BODY.replace('\n', "\\n");
+    let git_location = match git_auth {
+        GitAuth::Token => format!(
+            r#"location /acme/widgets.git/ {{
+            if ($git_ok = 0) {{
+                add_header WWW-Authenticate 'Basic realm="GitHub"' always;
+                return 401 "{unauthorized}";
+            }}
+            proxy_pass http://127.0.0.1:{git_port};
+        }}"#
+        ),
+        // The backend checks the (growing) token list itself.
+        GitAuth::TokensFile(_) => format!(
+            r#"location /acme/ {{
+            proxy_pass http://127.0.0.1:{git_port};
+        }}"#
+        ),
+    };
     format!(
         r#"daemon off;
 master_process off;
@@ -452,13 +534,7 @@ http {{
         server_name {git_host};
         ssl_certificate {cert};
         ssl_certificate_key {key};
-        location /acme/widgets.git/ {{
-            if ($git_ok = 0) {{
-                add_header WWW-Authenticate 'Basic realm="GitHub"' always;
-                return 401 "{unauthorized}";
-            }}
-            proxy_pass http://127.0.0.1:{git_port};
-        }}
+        {git_location}
         location / {{ return 404 "{{\"message\":\"Not Found\"}}\n"; }}
     }}
     server {{

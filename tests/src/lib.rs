@@ -27,6 +27,10 @@
 //! without a daemon) also need nginx, openssl, curl and git ([`proxy_fixture`]); they
 //! write `/etc/netns/<sandbox netns>/hosts` for name resolution ([`hosts_file`]).
 //!
+//! The git tests (`tests/git.rs`) need the same programs; their fixture
+//! ([`git_fixture`]) adds a fake GitHub App token endpoint (`fixtures/token_endpoint.py`)
+//! and a git origin that accepts the tokens it mints.
+//!
 //! The DNS tests (`tests/dns.rs`) also need dnsmasq, dig and curl: dnsmasq
 //! ([`dns_server`]) is the world's authoritative server, and each sandbox's
 //! `/etc/netns/<ns>/resolv.conf` names a world address nobody serves ([`dns_fixture`]),
@@ -43,6 +47,7 @@ pub mod dns_fixture;
 pub mod dns_server;
 pub mod expect;
 pub mod fixture;
+pub mod git_fixture;
 pub mod hosts_file;
 pub mod https_origin;
 pub mod netns;

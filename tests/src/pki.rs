@@ -65,8 +65,9 @@ impl TestCa {
         std::fs::read_to_string(&self.cert).with_context(|| format!("read {}", self.cert.display()))
     }
 
-    /// Issues a server certificate for `names` (DNS subject alternative names; the first
-    /// is also the common name), stored as `<stem>.pem` / `<stem>.key`.
+    /// Issues a server certificate for `names` (subject alternative names: DNS names, or
+    /// IP addresses for names that parse as one; the first is also the common name),
+    /// stored as `<stem>.pem` / `<stem>.key`.
     pub fn issue(&self, stem: &str, names: &[&str]) -> Result<Leaf> {
         let Some(first) = names.first() else {
             bail!("a certificate needs at least one name");
@@ -81,7 +82,13 @@ impl TestCa {
             d.join(format!("{stem}.csr")),
             d.join(format!("{stem}.ext")),
         );
-        let sans: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+        let sans: Vec<String> = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => format!("IP:{ip}"),
+                Err(_) => format!("DNS:{n}"),
+            })
+            .collect();
         std::fs::write(
             &ext,
             format!(
