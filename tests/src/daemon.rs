@@ -314,6 +314,15 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM the daemon and wait (at most `grace`) for it to exit by itself; keeps its
+    /// directories. Returns how long it took.
+    pub fn terminate(&mut self, grace: Duration) -> Result<Duration> {
+        match self.child.take() {
+            Some(mut c) => c.terminate(libc::SIGTERM, grace),
+            None => bail!("egressd is not running"),
+        }
+    }
+
     /// Starts egressd again with the same directories and waits until it is ready.
     pub fn restart(&mut self) -> Result<()> {
         self.spawn()

@@ -231,6 +231,28 @@ impl ChildGuard {
     }
 
     /// Sends `sig`, then waits up to `grace` for exit, then SIGKILLs. Always reaps.
+    /// Sends `sig` and waits up to `grace` for the process to exit by itself; returns how
+    /// long that took, or an error (after SIGKILL) if it did not exit in time.
+    pub fn terminate(&mut self, sig: i32, grace: Duration) -> anyhow::Result<Duration> {
+        let Some(mut child) = self.child.take() else {
+            anyhow::bail!("{} is not running", self.what);
+        };
+        signal(child.id(), sig);
+        let start = Instant::now();
+        while start.elapsed() < grace {
+            if let Ok(Some(_)) = child.try_wait() {
+                return Ok(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        anyhow::bail!(
+            "{} did not exit within {grace:?} of signal {sig}",
+            self.what
+        )
+    }
+
     pub fn stop(&mut self, sig: i32, grace: Duration) {
         let Some(mut child) = self.child.take() else {
             return;

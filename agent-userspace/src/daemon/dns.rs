@@ -160,6 +160,15 @@ impl DnsRuntime {
         self.learned.retain(|(i, _), _| *i != index);
     }
 
+    /// Stops every resolver (daemon shutdown).
+    pub fn shutdown(&mut self) {
+        for (_, server) in self.servers.drain() {
+            for t in server.tasks {
+                t.abort();
+            }
+        }
+    }
+
     /// The name an address of a sandbox was learned from.
     pub fn name_of(&self, index: u32, ip: IpAddr) -> Option<&str> {
         self.learned

@@ -30,7 +30,7 @@ pub struct ProxyRuntime {
     proxy: Arc<Proxy>,
     peers: Arc<Mutex<PeerMap>>,
     pub routes: Routes,
-    listeners: HashMap<NetnsId, tokio::task::AbortHandle>,
+    listeners: HashMap<NetnsId, Vec<tokio::task::AbortHandle>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -55,6 +55,13 @@ impl ProxyRuntime {
         }
     }
 
+    /// Stops accepting in every namespace (daemon shutdown).
+    pub fn shutdown(&mut self) {
+        for handle in self.listeners.drain().flat_map(|(_, hs)| hs) {
+            handle.abort();
+        }
+    }
+
     pub fn has_credential(&self, name: &str) -> bool {
         self.credentials.contains(name)
     }
@@ -70,7 +77,11 @@ impl ProxyRuntime {
     /// Makes sure a listener runs on the loopback of the network namespace at `netns`.
     pub fn ensure_listener(&mut self, netns: &Path) -> std::io::Result<()> {
         let id = netns_id(netns)?;
-        if self.listeners.get(&id).is_some_and(|h| !h.is_finished()) {
+        if self
+            .listeners
+            .get(&id)
+            .is_some_and(|hs| hs.iter().all(|h| !h.is_finished()))
+        {
             return Ok(());
         }
         let addrs = vec![
@@ -89,10 +100,8 @@ impl ProxyRuntime {
             };
             tasks.push(tokio::spawn(accept_loop(listener, ctx)));
         }
-        // One handle per namespace is enough to know whether it is still served.
-        if let Some(t) = tasks.first() {
-            self.listeners.insert(id, t.abort_handle());
-        }
+        self.listeners
+            .insert(id, tasks.iter().map(|t| t.abort_handle()).collect());
         tracing::info!(netns = %netns.display(), port = self.port, "Proxy listening in sandbox network namespace");
         Ok(())
     }

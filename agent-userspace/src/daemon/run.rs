@@ -230,14 +230,24 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         core.state.clean_shutdown = true;
         core.state.last_seen = Some(rfc3339(now()));
         core.save_state();
+        // Listeners and resolvers hold audit handles; stop them so the writer can finish.
+        core.proxy.shutdown();
+        core.dns.shutdown();
     }
     let _ = std::fs::remove_file(&opts.socket);
     drop(audit);
     drop(shared);
-    audit_task
-        .await
-        .context("audit writer task")?
-        .context("writing the audit log")?;
+    // Records are written in order as they arrive, so once the stop record is out nothing
+    // earlier is pending; connections still open may hold a handle, so bound the wait.
+    match tokio::time::timeout(Duration::from_secs(5), audit_task).await {
+        Ok(done) => {
+            done.context("audit writer task")?
+                .context("writing the audit log")?;
+        }
+        Err(_) => {
+            tracing::warn!("Proxied connections still open at shutdown; not waiting for them")
+        }
+    }
     Ok(())
 }
 
