@@ -2,7 +2,7 @@
 //! proxy gets its source port (`BPF_SOCK_OPS_TCP_CONNECT_CB`, before the SYN is sent), move
 //! its original destination from `ORIG[socket cookie]` to `BY_PEER[netns cookie, source
 //! address, source port]`, which is all the proxy can see of it after `accept()`.
-use agent_common::PeerKey;
+use agent_common::{PeerKey, RULE_DNS};
 use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
@@ -36,6 +36,11 @@ fn remember_peer(ctx: &SockOpsContext) {
     let Some(orig) = (unsafe { ORIG.get(cookie) }).copied() else {
         return;
     };
+    // DNS over TCP goes to the resolver, which needs no original destination; keeping it
+    // out of the shared map stops a DNS flood from evicting other sandboxes' entries.
+    if orig.rule_id == RULE_DNS {
+        return;
+    }
     let addr = if ctx.family() == AF_INET {
         mapped(ctx.local_ip4().to_ne_bytes())
     } else {

@@ -78,3 +78,32 @@ fn two_sandboxes_side_by_side_then_detach() -> Result<()> {
     expect::probe_ok(&other.probe("tcp-connect", origin_ip, 80, &[])?)?;
     Ok(())
 }
+
+/// A sandbox cannot be attached inside another (both programs would run and re-judge
+/// each other's redirects): the attach is refused with a message naming the other.
+#[test]
+fn nested_sandbox_is_refused() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    fx.attach(WEB_ORIGIN_DENY)?;
+    let inner = fx.sandbox.cgroup().path().join("inner");
+    std::fs::create_dir(&inner)?;
+    let policy = fx.policy("inner.yaml", DENY_ALL)?;
+    let out = fx.daemon.ctl([
+        "attach".as_ref(),
+        "--cgroup".as_ref(),
+        inner.as_os_str(),
+        "--policy".as_ref(),
+        policy.as_os_str(),
+        "--name".as_ref(),
+        "inner".as_ref(),
+    ]);
+    let _ = std::fs::remove_dir(&inner);
+    let out = out?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("nested"),
+        "nested attach was not refused: {out:?}"
+    );
+    Ok(())
+}

@@ -24,6 +24,11 @@ use crate::{
     policy::{self, Policy},
 };
 
+/// Learned addresses one sandbox may hold at once (the kernel maps are shared).
+const MAX_LEARNED_PER_SANDBOX: usize = 4096;
+/// Longest TTL honoured for a learned address, in seconds.
+const MAX_LEARNED_TTL: u32 = 3600;
+
 pub struct Core {
     pub layout: PinLayout,
     pub bpffs: PathBuf,
@@ -155,43 +160,60 @@ impl Core {
             .clone();
         let dns = policy.dns().cloned();
         for l in learned {
-            let key = (index, l.addr.to_canonical());
-            // An address several allowed names resolve to gets all their rules.
-            let mut rule_ids = self
+            // Judge the name by the policy in force now, not the one the query started
+            // under: a replacement in between must not be widened by a late answer.
+            let ids_now = policy.rules_for_name(&l.name);
+            if ids_now.is_empty() {
+                tracing::info!(sandbox = %rec.name, name = %l.name, "Answer for a name the current policy no longer allows; not learned");
+                continue;
+            }
+            let addr = l.addr.to_canonical();
+            if let Some(why) = self.refuse_learning(&policy, addr) {
+                tracing::warn!(sandbox = %rec.name, name = %l.name, %addr, why, "Not learning a DNS answer");
+                continue;
+            }
+            let key = (index, addr);
+            let known = self
                 .dns
                 .learned
                 .get(&key)
-                .filter(|old| old.slot == rec.slot)
-                .map(|old| old.rule_ids.clone())
-                .unwrap_or_default();
-            for id in &l.rule_ids {
-                if !rule_ids.contains(id) {
-                    rule_ids.push(*id);
+                .filter(|old| old.slot == rec.slot);
+            if known.is_none()
+                && self.dns.learned.keys().filter(|(i, _)| *i == index).count()
+                    >= MAX_LEARNED_PER_SANDBOX
+            {
+                return Err(format!(
+                    "sandbox {} already has {MAX_LEARNED_PER_SANDBOX} learned addresses",
+                    rec.name
+                ));
+            }
+            // An address several allowed names resolve to gets all their rules.
+            let mut rule_ids = known.map(|old| old.rule_ids.clone()).unwrap_or_default();
+            for id in ids_now {
+                if !rule_ids.contains(&id) {
+                    rule_ids.push(id);
                 }
             }
             rule_ids.sort_unstable();
             let entries = policy
-                .learned_entries(l.addr, &rule_ids)
+                .learned_entries(addr, &rule_ids)
                 .map_err(|e| e.to_string())?;
             self.maps
-                .set_prefix(rec.slot, host_net(l.addr), &entries)
+                .set_prefix(rec.slot, host_net(addr), &entries)
                 .map_err(|e| e.to_string())?;
+            // TTLs are capped so an answer cannot pin an address for ever.
+            let ttl = l.ttl.min(MAX_LEARNED_TTL);
             let lifetime = dns.as_ref().map_or_else(
                 || {
                     let d = crate::policy::DnsConfig::DEFAULT_MIN_TTL;
                     std::time::Duration::from_secs(
-                        u64::from(l.ttl.max(d))
-                            + u64::from(crate::policy::DnsConfig::DEFAULT_GRACE),
+                        u64::from(ttl.max(d)) + u64::from(crate::policy::DnsConfig::DEFAULT_GRACE),
                     )
                 },
-                |d| d.lifetime(l.ttl),
+                |d| d.lifetime(ttl),
             );
             let expires = std::time::Instant::now() + lifetime;
-            let expires = self
-                .dns
-                .learned
-                .get(&key)
-                .map_or(expires, |old| old.expires.max(expires));
+            let expires = known.map_or(expires, |old| old.expires.max(expires));
             self.dns.learned.insert(
                 key,
                 LearnedAddr {
@@ -203,6 +225,29 @@ impl Core {
             );
         }
         Ok(())
+    }
+
+    /// Why an answer's address must not become reachable through a name: DNS rebinding to
+    /// loopback, private, link-local or metadata addresses (unless a static rule lists
+    /// them), or an address a static `deny` rule covers.
+    fn refuse_learning(&self, policy: &Policy, addr: std::net::IpAddr) -> Option<&'static str> {
+        let static_rules = || {
+            policy
+                .rules()
+                .iter()
+                .filter(|r| r.nets().iter().any(|n| n.contains(&addr)))
+        };
+        if static_rules().any(|r| r.action() == crate::policy::Action::Deny) {
+            return Some("a deny rule covers the address");
+        }
+        match crate::proxy::special_address(addr) {
+            Some(what)
+                if !static_rules().any(|r| super::proxy::explicitly_covers(r.nets(), addr)) =>
+            {
+                Some(what)
+            }
+            _ => None,
+        }
     }
 
     /// Removes learned addresses whose TTL and grace have run out, restoring what static
@@ -302,6 +347,19 @@ impl Core {
                 ));
             }
         }
+        // A sandbox inside (or around) another would run both sandboxes' programs: the
+        // inner one's redirects would then be judged again by the outer one's.
+        if let Some(other) = self.state.sandboxes.values().find(|o| {
+            o.cgroup_id != cgroup.id
+                && (o.cgroup.starts_with(&cgroup.path) || cgroup.path.starts_with(&o.cgroup))
+        }) {
+            return Err(format!(
+                "cgroup {} is nested with sandbox {:?} ({}); sandboxes cannot nest",
+                cgroup.path.display(),
+                other.name,
+                other.cgroup.display()
+            ));
+        }
         let existing = self.state.sandboxes.get(&name).cloned();
         if let Some(old) = &existing {
             if old.cgroup_id != cgroup.id {
@@ -399,18 +457,21 @@ impl Core {
         rec.policy_digest = PolicyDigest::of(source.as_bytes()).as_str().to_string();
         rec.policy_source = source;
         rec.netns = netns;
-        // Routes first: a connection redirected by the new rules finds its rule.
-        self.set_route(&rec, &policy);
-        // Addresses learned under the old rules go with the old slot; clients re-resolve.
-        self.dns.learned.retain(|(i, _), _| *i != rec.index);
-        self.start_dns(&rec, &policy)?;
-        // One map update switches every later decision to the new rules.
+        // One map update switches every later decision to the new rules; until it has
+        // succeeded nothing else changes, so a failure leaves the old policy whole.
         if let Err(e) = self
             .maps
             .set_sandbox(rec.cgroup_id, self.kernel_entry(&rec, &policy))
         {
             let _ = self.maps.clear_slot(slot);
             return Err(e.to_string());
+        }
+        self.set_route(&rec, &policy);
+        // Addresses learned under the old rules go with the old slot; clients re-resolve.
+        self.dns.learned.retain(|(i, _), _| *i != rec.index);
+        let dns_problem = self.start_dns(&rec, &policy).err();
+        if let Some(e) = &dns_problem {
+            tracing::error!(sandbox = %rec.name, error = %e, "DNS resolver did not start; the sandbox's DNS fails until it does");
         }
         if let Err(e) = self.maps.clear_slot(old.slot) {
             tracing::warn!(error = %e, slot = old.slot, "Clearing the replaced policy failed");
@@ -422,12 +483,15 @@ impl Core {
             previous_digest: PolicyDigest::of(old.policy_source.as_bytes()),
             digest: PolicyDigest::of(rec.policy_source.as_bytes()),
         }));
-        let msg = format!(
+        let mut msg = format!(
             "replaced the policy of sandbox {:?}: {} rules, default {}",
             rec.name,
             policy.rules().len(),
             policy.default_action()
         );
+        if let Some(e) = dns_problem {
+            msg.push_str(&format!("; WARNING: its DNS resolver did not start: {e}"));
+        }
         self.compiled.insert(rec.name.clone(), policy);
         self.state.sandboxes.insert(rec.name.clone(), rec);
         self.save_state();

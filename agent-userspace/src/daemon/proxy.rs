@@ -209,7 +209,7 @@ fn special_block(ip: IpAddr) -> Option<u8> {
 /// Whether the rule's `to` names `ip` explicitly: a listed network that contains it and
 /// lies inside the special block the address belongs to (so `10.1.2.3/32` or `10.0.0.0/8`
 /// covers 10.1.2.3, but `0.0.0.0/0` does not).
-fn explicitly_covers(nets: &[IpNet], ip: IpAddr) -> bool {
+pub(super) fn explicitly_covers(nets: &[IpNet], ip: IpAddr) -> bool {
     let Some(block) = special_block(ip) else {
         return nets.iter().any(|n| n.contains(&ip));
     };

@@ -261,6 +261,10 @@ fn check_canonical(path: &str) -> Result<(), String> {
     if let Some(c) = path.chars().find(|c| !c.is_ascii_graphic() || *c == '\\') {
         return Err(format!("contains {c:?}"));
     }
+    // Path parameters: servers such as Tomcat read `/a/..;/b` as `/b`.
+    if path.contains(';') {
+        return Err("contains `;` (path parameters)".into());
+    }
     let bytes = path.as_bytes();
     for (i, _) in path.match_indices('%') {
         let hex = bytes.get(i + 1..i + 3).and_then(|h| {
@@ -272,6 +276,11 @@ fn check_canonical(path: &str) -> Result<(), String> {
             Some(b'/') => return Err("contains an encoded `/` (%2F)".into()),
             Some(b'\\') => return Err("contains an encoded `\\` (%5C)".into()),
             Some(0) => return Err("contains an encoded NUL (%00)".into()),
+            // Decoded by a server that splits after decoding, or decoded twice.
+            Some(b';') => return Err("contains an encoded `;` (%3B)".into()),
+            Some(b'?') => return Err("contains an encoded `?` (%3F)".into()),
+            Some(b'#') => return Err("contains an encoded `#` (%23)".into()),
+            Some(b'%') => return Err("contains an encoded `%` (%25, double encoding)".into()),
             Some(_) => {}
         }
     }
@@ -421,6 +430,13 @@ mod tests {
             ("/**", "/a\\b", false),
             ("/**", "/a%00b", false),
             ("/**", "/a%zzb", false),
+            ("/**", "/a/..;/b", false),
+            ("/**", "/a;jsessionid=1/b", false),
+            ("/**", "/a%3b/b", false),
+            ("/**", "/a%3F/b", false),
+            ("/**", "/a%23b", false),
+            ("/**", "/a/%252e%252e/b", false),
+            ("/**", "/a/%41b", true),
             ("/**", "/a%2", false),
             ("/**", "/a b", false),
             ("/**", "/a#b", false),
