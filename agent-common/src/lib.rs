@@ -50,6 +50,9 @@ pub mod hook {
     pub const CONNECT6: u8 = 2;
     pub const SENDMSG4: u8 = 3;
     pub const SENDMSG6: u8 = 4;
+    /// A socket refused at creation (raw, ICMP, or any protocol but TCP and UDP).
+    pub const SOCK_CREATE4: u8 = 5;
+    pub const SOCK_CREATE6: u8 = 6;
 }
 
 /// `rule_id` of decisions that sent DNS to the sandbox's resolver (no policy rule).

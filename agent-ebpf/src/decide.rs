@@ -235,7 +235,7 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
         }
     };
     count(index, verdict);
-    report(ctx, call, index, verdict, rule_id);
+    report(ctx.as_ptr(), call, index, verdict, rule_id);
     if verdict == verdict::DENY {
         RET_DENY
     } else {
@@ -307,7 +307,7 @@ fn count(index: u32, v: u8) {
 }
 
 #[inline(always)]
-fn report(ctx: &SockAddrContext, call: &Call, index: u32, v: u8, rule_id: u16) {
+fn report(ctx: *mut core::ffi::c_void, call: &Call, index: u32, v: u8, rule_id: u16) {
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
         if let Some(lost) = LOST.get_ptr_mut(0) {
             // SAFETY: per-CPU slot.
@@ -320,8 +320,8 @@ fn report(ctx: &SockAddrContext, call: &Call, index: u32, v: u8, rule_id: u16) {
         (
             bpf_ktime_get_ns(),
             bpf_get_current_cgroup_id(),
-            bpf_get_socket_cookie(ctx.as_ptr()),
-            bpf_get_netns_cookie(ctx.as_ptr()),
+            bpf_get_socket_cookie(ctx),
+            bpf_get_netns_cookie(ctx),
         )
     };
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -401,4 +401,26 @@ pub fn restore_source(ctx: &SockAddrContext, family: u8) -> bool {
         (*sa).user_port = u32::from(orig.port.to_be());
     }
     true
+}
+
+/// Refuses a socket a sandbox may not have (raw, ICMP, anything but TCP and UDP), which no
+/// connect/sendmsg hook would ever judge. Counted and reported like a denied connect.
+#[inline(always)]
+pub fn deny_socket(ctx: *mut core::ffi::c_void, family: u8, protocol: u8) -> i32 {
+    let index = find_sandbox().map_or(0, |sb| sb.index);
+    let call = Call {
+        hook: if family == 6 {
+            agent_common::hook::SOCK_CREATE6
+        } else {
+            agent_common::hook::SOCK_CREATE4
+        },
+        family,
+        protocol,
+        dest: Dest::V4([0; 4]),
+        port: 0,
+        raw_addr: [0; 16],
+    };
+    count(index, verdict::DENY);
+    report(ctx, &call, index, verdict::DENY, 0);
+    RET_DENY
 }

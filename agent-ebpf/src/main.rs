@@ -14,6 +14,7 @@ mod maps;
 mod recvmsg;
 mod sendmsg4;
 mod sendmsg6;
+mod sock_create;
 mod sock_ops;
 
 #[cfg(target_arch = "bpf")]

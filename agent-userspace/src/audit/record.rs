@@ -39,6 +39,8 @@ pub const ECS_VERSION: &str = "8.11.0";
 pub mod action {
     pub const CONNECT: &str = "connect";
     pub const SENDMSG: &str = "sendmsg";
+    /// A socket refused at creation.
+    pub const SOCKET: &str = "socket";
     pub const EVENTS_LOST: &str = "events-lost";
     pub const DAEMON_START: &str = "daemon-start";
     pub const DAEMON_STOP: &str = "daemon-stop";
@@ -833,6 +835,11 @@ pub enum Hook {
     Connect6,
     Sendmsg4,
     Sendmsg6,
+    /// A raw, ICMP or other non-TCP/UDP socket refused at creation.
+    #[serde(rename = "sock_create4")]
+    SockCreate4,
+    #[serde(rename = "sock_create6")]
+    SockCreate6,
 }
 
 impl Hook {
@@ -843,6 +850,8 @@ impl Hook {
             hook::CONNECT6 => Some(Self::Connect6),
             hook::SENDMSG4 => Some(Self::Sendmsg4),
             hook::SENDMSG6 => Some(Self::Sendmsg6),
+            hook::SOCK_CREATE4 => Some(Self::SockCreate4),
+            hook::SOCK_CREATE6 => Some(Self::SockCreate6),
             _ => None,
         }
     }
@@ -850,8 +859,8 @@ impl Hook {
     /// The socket's family: connect6/sendmsg6 also see IPv4-mapped destinations.
     pub fn family(self) -> SocketFamily {
         match self {
-            Self::Connect4 | Self::Sendmsg4 => SocketFamily::Inet,
-            Self::Connect6 | Self::Sendmsg6 => SocketFamily::Inet6,
+            Self::Connect4 | Self::Sendmsg4 | Self::SockCreate4 => SocketFamily::Inet,
+            Self::Connect6 | Self::Sendmsg6 | Self::SockCreate6 => SocketFamily::Inet6,
         }
     }
 
@@ -860,6 +869,7 @@ impl Hook {
         match self {
             Self::Connect4 | Self::Connect6 => action::CONNECT,
             Self::Sendmsg4 | Self::Sendmsg6 => action::SENDMSG,
+            Self::SockCreate4 | Self::SockCreate6 => action::SOCKET,
         }
     }
 
@@ -869,6 +879,8 @@ impl Hook {
             Self::Connect6 => "connect6",
             Self::Sendmsg4 => "sendmsg4",
             Self::Sendmsg6 => "sendmsg6",
+            Self::SockCreate4 => "sock_create4",
+            Self::SockCreate6 => "sock_create6",
         }
     }
 }

@@ -374,6 +374,25 @@ fn every_kind() -> Vec<Record> {
         .into(),
         // A protocol ECS has no transport name for here: only network.iana_number.
         network(Hook::Connect4, 253, v4, 9, Verdict::Deny, RuleRef::Default).into(),
+        // Raw and ICMP sockets refused at creation: no destination yet.
+        network(
+            Hook::SockCreate4,
+            1,
+            IpAddr::from([0, 0, 0, 0]),
+            0,
+            Verdict::Deny,
+            RuleRef::Default,
+        )
+        .into(),
+        network(
+            Hook::SockCreate6,
+            58,
+            IpAddr::from([0u8; 16]),
+            0,
+            Verdict::Deny,
+            RuleRef::Default,
+        )
+        .into(),
         EventsLost {
             time: T0,
             count: 17,
@@ -499,7 +518,7 @@ fn every_kind_written_to_a_file_matches_the_schema() {
         .iter()
         .map(|l| l["event"]["action"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(actions.len(), 13, "{actions:?}");
+    assert_eq!(actions.len(), 14, "{actions:?}");
 }
 
 #[test]

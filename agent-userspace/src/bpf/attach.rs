@@ -4,7 +4,10 @@ use std::{fs, fs::File, path::Path};
 
 use aya::programs::{links::FdLink, CgroupAttachMode};
 
-use super::{loader::SOCK_OPS, BpfError, PinLayout, Programs, HOOKS};
+use super::{
+    loader::{SOCK_CREATE, SOCK_OPS},
+    BpfError, PinLayout, Programs, HOOKS,
+};
 
 /// Operations on the pinned links of sandboxes.
 pub struct Links<'a> {
@@ -39,7 +42,13 @@ impl Links<'_> {
                 };
                 // Single: the kernel's cgroup bpf_link attach accepts only this mode
                 // (AllowMultiple fails with EINVAL), and links still coexist.
-                let fd_link: FdLink = if name == SOCK_OPS {
+                let fd_link: FdLink = if name == SOCK_CREATE {
+                    let prog = programs.sock_create()?;
+                    let id = prog
+                        .attach(&cgroup, CgroupAttachMode::Single)
+                        .map_err(err)?;
+                    prog.take_link(id).map_err(err)?.try_into()
+                } else if name == SOCK_OPS {
                     let prog = programs.sock_ops()?;
                     let id = prog
                         .attach(&cgroup, CgroupAttachMode::Single)

@@ -1,7 +1,7 @@
 //! Loads the eBPF object once per daemon run, with its maps pinned (and reused) under the
 //! versioned bpffs directory.
 use aya::{
-    programs::{CgroupSockAddr, SockOps},
+    programs::{CgroupSock, CgroupSockAddr, SockOps},
     Ebpf, EbpfLoader,
 };
 
@@ -10,7 +10,7 @@ use super::{BpfError, PinLayout};
 /// (program symbol, hook name) for every program attached to a sandbox cgroup. The hook
 /// name is also the link's pin file name. All but the last are cgroup_sock_addr programs;
 /// `sock_ops` records redirected connections' source ports for the proxy.
-pub const HOOKS: [(&str, &str); 9] = [
+pub const HOOKS: [(&str, &str); 10] = [
     ("egress_connect4", "connect4"),
     ("egress_connect6", "connect6"),
     ("egress_sendmsg4", "sendmsg4"),
@@ -20,7 +20,11 @@ pub const HOOKS: [(&str, &str); 9] = [
     ("egress_getpeername4", "getpeername4"),
     ("egress_getpeername6", "getpeername6"),
     (SOCK_OPS, "sock_ops"),
+    (SOCK_CREATE, "sock_create"),
 ];
+
+/// Symbol of the program that refuses raw, ICMP and other non-TCP/UDP sockets.
+pub const SOCK_CREATE: &str = "egress_sock_create";
 
 /// Symbol of the sock_ops program.
 pub const SOCK_OPS: &str = "egress_sock_ops";
@@ -49,6 +53,8 @@ impl Programs {
             };
             if name == SOCK_OPS {
                 programs.sock_ops()?.load().map_err(err)?;
+            } else if name == SOCK_CREATE {
+                programs.sock_create()?.load().map_err(err)?;
             } else {
                 programs.program(name)?.load().map_err(err)?;
             }
@@ -68,6 +74,20 @@ impl Programs {
             .map_err(|e| BpfError::Program {
                 program: name,
                 hook,
+                source: Box::new(e),
+            })
+    }
+
+    pub(crate) fn sock_create(&mut self) -> Result<&mut CgroupSock, BpfError> {
+        self.ebpf
+            .program_mut(SOCK_CREATE)
+            .ok_or_else(|| {
+                BpfError::Other(format!("program {SOCK_CREATE} missing from the object"))
+            })?
+            .try_into()
+            .map_err(|e| BpfError::Program {
+                program: SOCK_CREATE,
+                hook: "sock_create",
                 source: Box::new(e),
             })
     }
