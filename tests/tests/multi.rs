@@ -107,3 +107,42 @@ fn nested_sandbox_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+/// A container removed without `detach`: egressd notices its cgroup is gone, detaches the
+/// sandbox (recorded) and frees what it held.
+#[test]
+fn removed_cgroup_is_detached() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    let cgroup = egress_tests::cgroup::CgroupGuard::new("vanish")?;
+    let policy = fx.policy("vanish.yaml", DENY_ALL)?;
+    let out = fx.daemon.ctl([
+        "attach".as_ref(),
+        "--cgroup".as_ref(),
+        cgroup.path().as_os_str(),
+        "--policy".as_ref(),
+        policy.as_os_str(),
+        "--name".as_ref(),
+        "vanish".as_ref(),
+    ])?;
+    ensure!(out.status.success(), "attach failed: {out:?}");
+    ensure!(
+        fx.daemon.status_sandbox("vanish")?.is_some(),
+        "not attached"
+    );
+    drop(cgroup);
+    let gone = egress_tests::util::poll(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(100),
+        || Ok(fx.daemon.status_sandbox("vanish")?.is_none().then_some(())),
+    )?;
+    ensure!(
+        gone.is_some(),
+        "sandbox still listed after its cgroup was removed"
+    );
+    fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::lifecycle("sandbox-detach").sandbox("vanish"),
+    )?;
+    Ok(())
+}

@@ -250,6 +250,30 @@ impl Core {
         }
     }
 
+    /// Detaches sandboxes whose cgroup directory is gone (the container was removed
+    /// without `detach`), so their index, slot, links and resolver are freed.
+    pub fn reap_vanished(&mut self) {
+        let gone: Vec<String> = self
+            .state
+            .sandboxes
+            .values()
+            .filter(|r| {
+                std::fs::metadata(&r.cgroup)
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m) != r.cgroup_id)
+                    .unwrap_or(true)
+            })
+            .map(|r| r.name.clone())
+            .collect();
+        for name in gone {
+            match self.detach(Some(name.clone()), None) {
+                Ok(_) => tracing::info!(sandbox = %name, "cgroup removed; sandbox detached"),
+                Err(e) => {
+                    tracing::warn!(sandbox = %name, error = %e, "Detaching a sandbox whose cgroup is gone failed")
+                }
+            }
+        }
+    }
+
     /// Removes learned addresses whose TTL and grace have run out, restoring what static
     /// rules say about the same address.
     pub fn expire_learned(&mut self) {

@@ -203,7 +203,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             }
             _ = lost_poll.tick() => {
                 report_lost(&shared);
-                shared.lock().expire_learned();
+                let mut core = shared.lock();
+                core.expire_learned();
+                core.reap_vanished();
             }
             _ = heartbeat.tick() => {
                 let mut core = shared.lock();
