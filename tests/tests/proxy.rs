@@ -696,14 +696,22 @@ fn unknown_server_name_gets_no_certificate() -> Result<()> {
             "openssl s_client {sni:?} got a certificate: {text}"
         );
     }
-    let refused = fx
-        .proxy_records()?
-        .into_iter()
-        .filter(|r| {
-            get_str(r, "event.action") == Some("tls-connection")
-                && get_str(r, "egress.verdict") == Some("deny")
-        })
-        .count();
+    // Records are written asynchronously: wait (bounded) for the last handshake's.
+    let count_refused = || -> Result<usize> {
+        Ok(fx
+            .proxy_records()?
+            .into_iter()
+            .filter(|r| {
+                get_str(r, "event.action") == Some("tls-connection")
+                    && get_str(r, "egress.verdict") == Some("deny")
+            })
+            .count())
+    };
+    let refused = egress_tests::util::poll(RECORD_TIMEOUT, Duration::from_millis(50), || {
+        let n = count_refused()?;
+        Ok((n >= 8).then_some(n))
+    })?
+    .map_or_else(count_refused, Ok)?;
     ensure!(
         refused >= 8,
         "expected a deny record per refused handshake (8), got {refused}"

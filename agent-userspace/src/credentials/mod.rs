@@ -3,18 +3,21 @@
 //! The daemon config's `credentials:` section is parsed into the [`raw`] types and
 //! compiled by [`CredentialStore::from_config`] (or [`CredentialStore::from_config_with`],
 //! which says how HTTPS sources reach their servers). Each credential has a source
-//! (`file`, read at every use; `env`, read at load; `command`, run without a shell and
+//! (`file`, kept in memory and read again when the file changes, which is checked at most
+//! every [`FILE_CHECK_INTERVAL`]; `env`, read at load; `command`, run without a shell and
 //! cached for its `ttl`; `github_app`, installation tokens minted with a GitHub App's key
-//! and renewed before they expire, see [`github_app`]), an injection form (a header with a format, or HTTP Basic) and the exact hosts
-//! it may be sent to. Values live in [`Secret`], which never prints them, and no error
-//! of this module contains one.
+//! and renewed before they expire, see [`github_app`]), an injection form (a header with a
+//! format, or HTTP Basic) and the exact hosts it may be sent to. Values live in
+//! [`Secret`], which never prints them, and no error of this module contains one.
 mod error;
+mod file;
 pub mod github_app;
 pub mod raw;
 mod secret;
 mod store;
 
 pub use error::CredentialError;
+pub use file::CHECK_INTERVAL as FILE_CHECK_INTERVAL;
 pub use github_app::UpstreamOptions;
 pub use raw::{
     RawBasic, RawCommand, RawCredential, RawCredentials, RawGithubApp, RawInject, RawSource,

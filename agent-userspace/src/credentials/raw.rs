@@ -29,8 +29,9 @@ pub struct RawCredential {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum RawSource {
-    /// `{ file: /path }`: read at every use, one trailing newline removed, so a rotated
-    /// file takes effect at once.
+    /// `{ file: /path }`: one trailing newline removed; kept in memory and read again
+    /// when the file changes (checked at most once a second), so a rotated file takes
+    /// effect within about a second.
     File(PathBuf),
     /// `{ env: NAME }`: the daemon's environment variable, read once at load.
     Env(String),

@@ -2,9 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -14,6 +13,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::error::CredentialError;
+use super::file::FileSource;
 use super::github_app::{GithubApp, UpstreamOptions};
 use super::raw::{RawCredential, RawInject, RawSource};
 use super::secret::Secret;
@@ -47,6 +47,12 @@ pub fn normalize_host(host: &str) -> String {
     host.to_ascii_lowercase()
 }
 
+/// Whether `host` is already in [`normalize_host`]'s form (as the proxy's names are), so
+/// that it can be compared without a copy.
+fn is_normalized(host: &str) -> bool {
+    !host.ends_with('.') && !host.bytes().any(|b| b.is_ascii_uppercase())
+}
+
 /// All configured credentials, checked. Values are fetched on use by
 /// [`CredentialStore::header_for`].
 #[derive(Debug, Default)]
@@ -60,10 +66,36 @@ struct Credential {
     source: Source,
     inject: Inject,
     hosts: BTreeSet<String>,
+    header: HeaderCache,
+}
+
+/// The header value last built, and the secret it was built from: rebuilt only when the
+/// source hands out a different value, so a request costs no formatting or validation.
+#[derive(Default)]
+struct HeaderCache(Mutex<Option<(Arc<Secret>, HeaderValue)>>);
+
+impl fmt::Debug for HeaderCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HeaderCache(<redacted>)")
+    }
+}
+
+impl HeaderCache {
+    fn get(&self, secret: &Arc<Secret>) -> Option<HeaderValue> {
+        let cached = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match cached.as_ref() {
+            Some((from, value)) if Arc::ptr_eq(from, secret) => Some(value.clone()),
+            _ => None,
+        }
+    }
+
+    fn set(&self, secret: Arc<Secret>, value: HeaderValue) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((secret, value));
+    }
 }
 
 enum Source {
-    File(PathBuf),
+    File(FileSource),
     Env { var: String, value: Arc<Secret> },
     Command(CommandSource),
     GithubApp(GithubApp),
@@ -72,7 +104,7 @@ enum Source {
 impl fmt::Debug for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::File(path) => f.debug_tuple("File").field(path).finish(),
+            Self::File(file) => file.fmt(f),
             Self::Env { var, value } => f
                 .debug_struct("Env")
                 .field("var", var)
@@ -187,10 +219,18 @@ impl CredentialStore {
             .credentials
             .get(name)
             .ok_or_else(|| CredentialError::Unknown(name.to_owned()))?;
-        if !credential.hosts.contains(&normalize_host(host)) {
+        let allowed = if is_normalized(host) {
+            credential.hosts.contains(host)
+        } else {
+            credential.hosts.contains(&normalize_host(host))
+        };
+        if !allowed {
             return Ok(None);
         }
         let secret = credential.value().await?;
+        if let Some(value) = credential.header.get(&secret) {
+            return Ok(Some((credential.inject.header_name(), value)));
+        }
         let text: Zeroizing<String> = match &credential.inject {
             Inject::Header { prefix, suffix, .. } => {
                 let mut s = Zeroizing::new(String::with_capacity(
@@ -217,6 +257,7 @@ impl CredentialStore {
                 reason: "is not a valid HTTP header value",
             })?;
         value.set_sensitive(true);
+        credential.header.set(secret, value.clone());
         Ok(Some((credential.inject.header_name(), value)))
     }
 
@@ -231,13 +272,40 @@ impl CredentialStore {
             }
         }
     }
+
+    /// Test hook: check `file` sources more (or less) often than every second.
+    #[cfg(test)]
+    pub(crate) fn set_file_check_interval(&mut self, every: Duration) {
+        for c in self.credentials.values_mut() {
+            if let Source::File(file) = &mut c.source {
+                file.set_check_interval(every);
+            }
+        }
+    }
+
+    /// Test hook: how many times credential `name`'s file was checked, and read.
+    #[cfg(test)]
+    pub(crate) fn file_counts(&self, name: &str) -> Option<(usize, usize)> {
+        match &self.credentials.get(name)?.source {
+            Source::File(file) => Some(file.counts()),
+            _ => None,
+        }
+    }
 }
 
 impl Credential {
     async fn value(&self) -> Result<Arc<Secret>, CredentialError> {
         match &self.source {
             Source::Env { value, .. } => Ok(value.clone()),
-            Source::File(path) => self.read_file(path).await.map(Arc::new),
+            Source::File(file) => {
+                let read_err = |source| CredentialError::Read {
+                    credential: self.name.clone(),
+                    path: file.path().to_owned(),
+                    source,
+                };
+                file.value(MAX_SECRET_BYTES, |bytes| self.file_secret(bytes), read_err)
+                    .await
+            }
             Source::Command(cmd) => {
                 let mut cache = cmd.cache.lock().await;
                 if let Some(cached) = cache.as_ref() {
@@ -256,18 +324,9 @@ impl Credential {
         }
     }
 
-    async fn read_file(&self, path: &PathBuf) -> Result<Secret, CredentialError> {
-        let read_err = |source| CredentialError::Read {
-            credential: self.name.clone(),
-            path: path.clone(),
-            source,
-        };
-        let file = tokio::fs::File::open(path).await.map_err(read_err)?;
-        let mut bytes = Zeroizing::new(Vec::new());
-        file.take(MAX_SECRET_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(read_err)?;
+    /// A secret file's contents as the secret: UTF-8, one trailing newline (LF or CRLF)
+    /// removed, checked.
+    fn file_secret(&self, mut bytes: Zeroizing<Vec<u8>>) -> Result<Secret, CredentialError> {
         let mut text = self.to_text(&mut bytes)?;
         if text.ends_with('\n') {
             text.pop();
@@ -404,7 +463,7 @@ fn compile(
                     format!("{} is not an absolute path", path.display()),
                 ));
             }
-            Source::File(path.clone())
+            Source::File(FileSource::new(path.clone()))
         }
         RawSource::Env(var) => {
             let value = std::env::var(var).map_err(|_| CredentialError::EnvMissing {
@@ -479,6 +538,7 @@ fn compile(
         source,
         inject,
         hosts,
+        header: HeaderCache::default(),
     })
 }
 

@@ -26,8 +26,12 @@ async fn value(store: &CredentialStore, name: &str, host: &str) -> Option<String
         .map(|(_, v)| v.to_str().unwrap().to_owned())
 }
 
+/// Long enough for a `file` source's next check to be due.
+const AFTER_CHECK: Duration = Duration::from_millis(1100);
+
 #[tokio::test]
-async fn file_source_is_read_at_use_and_one_newline_trimmed() {
+async fn file_source_rotation_takes_effect_within_a_second_and_one_newline_trimmed() {
+    assert_eq!(FILE_CHECK_INTERVAL, Duration::from_secs(1));
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "token", "ghp-one\n");
     let s = store(&format!(
@@ -43,17 +47,105 @@ async fn file_source_is_read_at_use_and_one_newline_trimmed() {
     assert_eq!(v.to_str().unwrap(), "Bearer ghp-one");
     assert!(v.is_sensitive());
 
-    // Rotation takes effect at the next use; only one trailing newline goes.
+    // Rotation takes effect within the check interval; only one trailing newline goes.
     std::fs::write(&path, "ghp-two\r\n").unwrap();
+    tokio::time::sleep(AFTER_CHECK).await;
     assert_eq!(
         value(&s, "github", "github.com").await.as_deref(),
         Some("Bearer ghp-two")
     );
     std::fs::write(&path, "ghp-three\n\n").unwrap();
+    tokio::time::sleep(AFTER_CHECK).await;
     assert!(matches!(
         s.header_for("github", "github.com").await,
         Err(CredentialError::InvalidValue { .. })
     ));
+    // A fixed file is used at the next request: failures are not cached.
+    std::fs::write(&path, "ghp-four").unwrap();
+    let (_, v) = s.header_for("github", "github.com").await.unwrap().unwrap();
+    assert_eq!(v.to_str().unwrap(), "Bearer ghp-four");
+    assert!(v.is_sensitive());
+}
+
+#[tokio::test]
+async fn file_source_is_served_from_memory_between_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "token", "tok-aaaa\n");
+    let mut s = store(&format!(
+        "c:\n  source: {{ file: {path} }}\n  inject: {{ header: X-Token }}\n  hosts: [h.example.com]\n"
+    ))
+    .unwrap();
+    s.set_file_check_interval(Duration::from_millis(300));
+    assert_eq!(
+        value(&s, "c", "h.example.com").await.as_deref(),
+        Some("tok-aaaa")
+    );
+    // Within the interval the file is not looked at: neither a rewrite nor a removal shows.
+    std::fs::write(&path, "tok-bbbb\n").unwrap();
+    assert_eq!(
+        value(&s, "c", "h.example.com").await.as_deref(),
+        Some("tok-aaaa")
+    );
+    // The rewrite kept the size and most likely the timestamps of the first version; the
+    // file is read again anyway because it had changed just before the first read.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        value(&s, "c", "h.example.com").await.as_deref(),
+        Some("tok-bbbb")
+    );
+    // Renamed over (a new inode), then removed.
+    let next = write(dir.path(), "token.new", "tok-cccc");
+    std::fs::rename(&next, &path).unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        value(&s, "c", "h.example.com").await.as_deref(),
+        Some("tok-cccc")
+    );
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(
+        value(&s, "c", "h.example.com").await.as_deref(),
+        Some("tok-cccc")
+    );
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let err = s.header_for("c", "h.example.com").await.unwrap_err();
+    assert!(matches!(err, CredentialError::Read { .. }), "{err}");
+    assert!(!err.to_string().contains("tok-"), "{err}");
+}
+
+#[tokio::test]
+async fn file_source_unchanged_file_is_checked_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "token", "tok-1\n");
+    let mut s = store(&format!(
+        "c:\n  source: {{ file: {path} }}\n  inject: {{ basic: {{ user: u }} }}\n  hosts: [h.example.com]\n"
+    ))
+    .unwrap();
+    s.set_file_check_interval(Duration::from_millis(50));
+    let first = value(&s, "c", "h.example.com").await;
+    assert_eq!(first.as_deref(), Some("Basic dTp0b2stMQ=="));
+    assert_eq!(s.file_counts("c"), Some((1, 1)));
+    // Many requests within the interval: no check at all.
+    for _ in 0..100 {
+        assert_eq!(value(&s, "c", "h.example.com").await, first);
+    }
+    assert_eq!(s.file_counts("c"), Some((1, 1)));
+    // A file changed just before it was read is read again at the next check; once it
+    // has been left alone for a while, a check is a stat only.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(value(&s, "c", "h.example.com").await, first);
+    assert_eq!(s.file_counts("c"), Some((2, 2)));
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // Concurrent callers share one check.
+        let (a, b, c) = tokio::join!(
+            value(&s, "c", "h.example.com"),
+            value(&s, "c", "h.example.com"),
+            value(&s, "c", "h.example.com"),
+        );
+        assert_eq!((&a, &b), (&first, &first));
+        assert_eq!(c, first);
+    }
+    assert_eq!(s.file_counts("c"), Some((5, 2)));
 }
 
 #[tokio::test]

@@ -31,16 +31,25 @@ use super::error::ProxyError;
 use super::git::{self, PushOutcome};
 use super::io::{idle_watch, Activity, Metered, PrefixedStream};
 use super::record::{query_keys, RecordKind, TlsMode, Verdict};
-use super::upstream::{DialParams, Sender, UpstreamPool};
+use super::upstream::{DialParams, PoolKey, Sender};
 use super::{ConnInfo, Proxy};
 use crate::credentials::normalize_host;
 
 /// Serves the certificate minted for the connection's (already checked) server name,
 /// and nothing for any other name.
 #[derive(Debug)]
-struct FixedCert {
+pub(super) struct FixedCert {
     name: String,
     key: Arc<CertifiedKey>,
+}
+
+impl FixedCert {
+    pub(super) fn new(name: &str, key: Arc<CertifiedKey>) -> Self {
+        Self {
+            name: name.to_owned(),
+            key,
+        }
+    }
 }
 
 impl ResolvesServerCert for FixedCert {
@@ -82,13 +91,7 @@ pub(super) async fn intercept(
             // Git routes speak HTTP/1.1 only: git's HTTP/2 uploads stall with several
             // libcurl releases (7.88 in Debian 12 among them) on large pushes.
             let h2 = conn.route.git.is_none();
-            proxy.downstream_tls(
-                Arc::new(FixedCert {
-                    name: sni.clone(),
-                    key,
-                }),
-                h2,
-            )
+            proxy.downstream_tls(&sni, key, h2)
         }) {
         Ok(config) => config,
         Err(e) => {
@@ -126,8 +129,9 @@ pub(super) async fn intercept(
     let ctx = Arc::new(ConnCtx {
         proxy: proxy.clone(),
         conn: conn.clone(),
+        pool_key: Arc::new(PoolKey::new(&conn.sandbox, conn.original_dst, &sni)),
+        target: target(&sni, None),
         sni: sni.clone(),
-        pool: Arc::new(UpstreamPool::default()),
         in_flight: in_flight.clone(),
     });
     let service = hyper::service::service_fn(move |req| {
@@ -204,8 +208,22 @@ struct ConnCtx {
     proxy: Arc<Proxy>,
     conn: Arc<ConnInfo>,
     sni: String,
-    pool: Arc<UpstreamPool>,
+    /// Which pooled upstream connections this connection's requests may use.
+    pool_key: Arc<PoolKey>,
+    /// `:authority` and `Host` for requests that name no port (or 443), made once.
+    target: Option<(Authority, HeaderValue)>,
     in_flight: Arc<AtomicUsize>,
+}
+
+/// The upstream `:authority` and `Host` for the server name and the port the request
+/// named, if they can be made.
+fn target(sni: &str, port: Option<u16>) -> Option<(Authority, HeaderValue)> {
+    let authority = match port {
+        Some(port) if port != 443 => Authority::try_from(format!("{sni}:{port}")).ok()?,
+        _ => Authority::try_from(sni).ok()?,
+    };
+    let host = HeaderValue::from_str(authority.as_str()).ok()?;
+    Some((authority, host))
 }
 
 type Forwarded = (Response<Incoming>, Option<Box<dyn FnOnce() + Send>>);
@@ -352,6 +370,18 @@ impl ConnCtx {
             }
         }
 
+        let bad_name = || {
+            Refusal::deny(
+                StatusCode::BAD_REQUEST,
+                "downstream client: request target cannot be re-sent upstream",
+            )
+        };
+        let (authority, host) = match port {
+            Some(port) if port != 443 => target(&self.sni, Some(port)),
+            _ => self.target.clone(),
+        }
+        .ok_or_else(bad_name)?;
+
         let timeouts = &self.proxy.timeouts;
         let params = DialParams {
             dst: self.conn.original_dst,
@@ -363,35 +393,24 @@ impl ConnCtx {
             dialer: &self.proxy.dialer,
         };
         let sender = self
+            .proxy
             .pool
-            .acquire(&params)
+            .acquire(&self.pool_key, &params)
             .await
             .map_err(Refusal::upstream)?;
 
-        let authority = match port {
-            Some(port) if port != 443 => format!("{}:{port}", self.sni),
-            _ => self.sni.clone(),
-        };
-        let bad_name = || {
-            Refusal::deny(
-                StatusCode::BAD_REQUEST,
-                "downstream client: request target cannot be re-sent upstream",
-            )
-        };
         parts.headers.remove(HOST);
         parts.extensions = http::Extensions::new();
         if sender.is_h2() {
             parts.version = Version::HTTP_2;
-            parts.uri = Uri::builder()
-                .scheme("https")
-                .authority(authority.as_str())
-                .path_and_query(path_and_query)
-                .build()
-                .map_err(|_| bad_name())?;
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(http::uri::Scheme::HTTPS);
+            uri.authority = Some(authority);
+            uri.path_and_query = Some(path_and_query);
+            parts.uri = Uri::from_parts(uri).map_err(|_| bad_name())?;
         } else {
             parts.version = Version::HTTP_11;
             parts.uri = Uri::from(path_and_query);
-            let host = HeaderValue::from_str(&authority).map_err(|_| bad_name())?;
             parts.headers.insert(HOST, host);
         }
         let request = Request::from_parts(
@@ -419,20 +438,26 @@ impl ConnCtx {
             })
         };
         match sender {
-            Sender::H2(mut sender) => {
+            Sender::H2(mut sender, slot) => {
                 let response = tokio::time::timeout(wait, sender.send_request(request))
                     .await
                     .map_err(|_| timed_out())?
                     .map_err(failed)?;
-                Ok((response, None))
+                // The request counts as in flight on its connection until its response
+                // has been sent on (or abandoned).
+                Ok((response, Some(Box::new(move || drop(slot)))))
             }
             Sender::H1(mut sender) => {
                 let response = tokio::time::timeout(wait, sender.send_request(request))
                     .await
                     .map_err(|_| timed_out())?
                     .map_err(failed)?;
-                let pool = self.pool.clone();
-                Ok((response, Some(Box::new(move || pool.release_h1(sender)))))
+                let pool = self.proxy.pool.clone();
+                let key = self.pool_key.clone();
+                Ok((
+                    response,
+                    Some(Box::new(move || pool.release_h1(&key, sender))),
+                ))
             }
         }
     }

@@ -11,7 +11,9 @@
 //!   upgrades; on a rule with `git:`, only git smart-HTTP requests, see [`git`]),
 //!   stripped of client-supplied credentials and hop-by-hop headers, given
 //!   the route's credential, and re-sent by hyper over verified TLS to the original
-//!   destination, never anywhere else.
+//!   destination, never anywhere else, on an upstream connection the sandbox's
+//!   intercepted connections to that destination and server name share (see
+//!   [`upstream`]).
 //!
 //! Every request, and every connection refused or ended before a request, produces one
 //! [`ProxyRecord`] for the audit sink.
@@ -31,15 +33,17 @@ mod upstream;
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::HeaderName;
 use rustls::crypto::CryptoProvider;
-use rustls::server::{NoServerSessionStorage, ResolvesServerCert};
+use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt as _;
@@ -130,7 +134,8 @@ pub struct ProxyConfig {
     /// Seconds to connect to the upstream server. Default 10.
     pub connect_secs: u64,
     /// Seconds without traffic after which a connection is closed; also bounds the wait
-    /// for an upstream response header. Default 60.
+    /// for an upstream response header, and how long an unused upstream connection is
+    /// kept for reuse. Default 60.
     pub idle_secs: u64,
     /// Largest request header accepted, in bytes (at least 8192). Default 65536.
     pub max_header_bytes: usize,
@@ -150,6 +155,15 @@ impl Default for ProxyConfig {
     }
 }
 
+/// Server TLS configurations kept (per ALPN set), each for one server name.
+const MAX_SERVER_CONFIGS: usize = 1024;
+/// TLS 1.2 sessions remembered for resumption by session id (TLS 1.3 and TLS 1.2
+/// clients that take tickets use tickets, which take no memory here).
+const SESSION_CACHE_SIZE: usize = 1024;
+
+/// A server TLS configuration for one server name, and the leaf it presents.
+type ServerConfigs = HashMap<String, (Arc<CertifiedKey>, Arc<ServerConfig>)>;
+
 struct Timeouts {
     handshake: Duration,
     header: Duration,
@@ -167,6 +181,17 @@ pub struct Proxy {
     /// Header names the credential store sets, removed from every sandbox request.
     injected: Vec<HeaderName>,
     upstream_tls: Arc<ClientConfig>,
+    /// Upstream connections, shared by all intercepted connections.
+    pool: Arc<upstream::UpstreamPool>,
+    /// Server TLS configurations by server name: `[0]` offers HTTP/1.1 only, `[1]` also
+    /// h2. Built once per name (and leaf), so that connections share them and with them
+    /// the session cache and ticket keys.
+    server_configs: Mutex<[ServerConfigs; 2]>,
+    /// TLS session state shared by every server configuration: a sandbox client that
+    /// reconnects can resume its session, which skips the certificate and its signature
+    /// (the key exchange is still fresh).
+    session_cache: Arc<dyn StoresServerSessions>,
+    ticketer: Arc<dyn ProducesTickets>,
     provider: Arc<CryptoProvider>,
     audit: AuditSink,
 }
@@ -230,10 +255,14 @@ impl Proxy {
             dialer: Arc::new(dialer),
             injected: credentials.injected_header_names(),
             config,
-            timeouts,
             ca,
             credentials,
             upstream_tls,
+            pool: Arc::new(upstream::UpstreamPool::new(timeouts.idle)),
+            timeouts,
+            server_configs: Mutex::new([HashMap::new(), HashMap::new()]),
+            session_cache: ServerSessionMemoryCache::new(SESSION_CACHE_SIZE),
+            ticketer: rustls::crypto::ring::Ticketer::new()?,
             provider,
             audit,
         })
@@ -394,14 +423,31 @@ impl Proxy {
         }
     }
 
-    /// The TLS server configuration for one intercepted connection: TLS 1.2 and 1.3,
-    /// ALPN `h2` (unless `h2` is false) and `http/1.1`, the given certificate, no session
-    /// resumption.
+    /// The TLS server configuration for intercepted connections to `server_name` (already
+    /// allowed by the route): TLS 1.2 and 1.3, ALPN `h2` (unless `h2` is false) and
+    /// `http/1.1`, `leaf` for that name and nothing for any other. One configuration per
+    /// name and leaf, shared by its connections; session resumption by ticket (TLS 1.3
+    /// and 1.2) or session id (TLS 1.2), never 0-RTT data. rustls resumes a session only
+    /// for the server name it was made for, and the name is checked against the route
+    /// before any handshake, resumed or not.
     fn downstream_tls(
         &self,
-        resolver: Arc<dyn ResolvesServerCert>,
+        server_name: &str,
+        leaf: Arc<CertifiedKey>,
         h2: bool,
     ) -> Result<Arc<ServerConfig>, ProxyError> {
+        // Entries are inserted whole; a panic elsewhere cannot leave one half-made.
+        let configs = || {
+            self.server_configs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        };
+        if let Some((key, config)) = configs()[usize::from(h2)].get(server_name) {
+            if Arc::ptr_eq(key, &leaf) {
+                return Ok(config.clone());
+            }
+        }
+        let resolver = Arc::new(intercept::FixedCert::new(server_name, leaf.clone()));
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
@@ -411,8 +457,19 @@ impl Proxy {
         } else {
             vec![b"http/1.1".to_vec()]
         };
-        config.session_storage = Arc::new(NoServerSessionStorage {});
-        config.send_tls13_tickets = 0;
-        Ok(Arc::new(config))
+        config.session_storage = self.session_cache.clone();
+        config.ticketer = self.ticketer.clone();
+        // One ticket is enough to resume the next connection, and each costs an
+        // encryption and a record in every full handshake.
+        config.send_tls13_tickets = 1;
+        config.max_early_data_size = 0;
+        let config = Arc::new(config);
+        let mut all = configs();
+        let map = &mut all[usize::from(h2)];
+        if map.len() >= MAX_SERVER_CONFIGS {
+            map.clear();
+        }
+        map.insert(server_name.to_owned(), (leaf, config.clone()));
+        Ok(config)
     }
 }

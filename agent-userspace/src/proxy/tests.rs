@@ -49,12 +49,13 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 struct Origin {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
     ca_pem: String,
 }
 
 /// An HTTPS origin on 127.0.0.1 for NAME and OTHER, signed by a CA made here. It echoes
 /// what it received: whether Authorization was the expected credential, Host, path and
-/// body size. `/redirect` answers 302.
+/// body size. `/redirect` answers 302; `/slow...` answers after half a second.
 async fn start_origin(h2: bool) -> Origin {
     let mut ca_params = CertificateParams::default();
     ca_params
@@ -89,17 +90,24 @@ async fn start_origin(h2: bool) -> Origin {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
+    let served = requests.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
             let acceptor = acceptor.clone();
+            let served = served.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
+                let service = hyper::service::service_fn(move |req| {
+                    served.fetch_add(1, Ordering::SeqCst);
+                    echo(req)
+                });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), hyper::service::service_fn(echo))
+                    .serve_connection(TokioIo::new(tls), service)
                     .await;
             });
         }
@@ -107,6 +115,7 @@ async fn start_origin(h2: bool) -> Origin {
     Origin {
         addr,
         accepted,
+        requests,
         ca_pem: ca.pem(),
     }
 }
@@ -131,6 +140,9 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
         .path_and_query()
         .map(|p| p.to_string())
         .unwrap_or_default();
+    if path.starts_with("/slow") {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     if path == "/redirect" {
         return Ok(Response::builder()
             .status(StatusCode::FOUND)
@@ -166,6 +178,7 @@ struct Harness {
     addr: SocketAddr,
     records: mpsc::UnboundedReceiver<ProxyRecord>,
     ca_pem: String,
+    proxy: Arc<Proxy>,
     _dir: tempfile::TempDir,
 }
 
@@ -202,6 +215,20 @@ fn route(spec: Spec) -> Route {
 }
 
 async fn start_proxy(dst: SocketAddr, origin_ca_pem: &str, spec: Spec) -> Harness {
+    start_proxy_with(dst, origin_ca_pem, ProxyConfig::default(), move |_| {
+        ("sbx", spec)
+    })
+    .await
+}
+
+/// A proxy with `config` (its CA and handshake timeout set here) whose `n`-th accepted
+/// connection (from 1) comes from the sandbox and through the rule `conn(n)` says.
+async fn start_proxy_with(
+    dst: SocketAddr,
+    origin_ca_pem: &str,
+    config: ProxyConfig,
+    conn: impl Fn(u64) -> (&'static str, Spec) + Send + 'static,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let ca = Arc::new(CertAuthority::load_or_create(dir.path().join("ca")).unwrap());
     let token = dir.path().join("token");
@@ -217,34 +244,36 @@ async fn start_proxy(dst: SocketAddr, origin_ca_pem: &str, spec: Spec) -> Harnes
     let config = ProxyConfig {
         upstream_ca: Some(origin_ca),
         handshake_secs: 5,
-        ..ProxyConfig::default()
+        ..config
     };
     let (tx, records) = mpsc::unbounded_channel();
     let audit: AuditSink = Arc::new(move |record| {
         let _ = tx.send(record);
     });
     let proxy = Arc::new(Proxy::new(config, ca.clone(), credentials, audit).unwrap());
-    let route = Arc::new(route(spec));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let serving = proxy.clone();
     tokio::spawn(async move {
         let mut n = 0u64;
         while let Ok((stream, peer)) = listener.accept().await {
             n += 1;
+            let (sandbox, spec) = conn(n);
             let conn = ConnInfo {
                 original_dst: dst,
                 peer,
-                sandbox: "sbx".to_owned(),
+                sandbox: sandbox.to_owned(),
                 connection_id: format!("conn-{n}"),
-                route: route.clone(),
+                route: Arc::new(route(spec)),
             };
-            tokio::spawn(proxy.clone().serve(stream, conn));
+            tokio::spawn(serving.clone().serve(stream, conn));
         }
     });
     Harness {
         addr,
         records,
         ca_pem: ca.ca_pem(),
+        proxy,
         _dir: dir,
     }
 }
@@ -755,6 +784,213 @@ async fn upstream_with_untrusted_certificate_gives_502() {
         assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
         assert!(reply.body.contains("TLS handshake"), "{}", reply.body);
         assert_eq!(h.record().await.status, Some(502));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn upstream_connections_are_shared_by_downstream_connections() {
+    within(async {
+        for h2 in [true, false] {
+            let origin = start_origin(h2).await;
+            let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+            // One after the other, then two at once: one upstream connection for HTTP/2;
+            // for HTTP/1, one per request in flight.
+            for _ in 0..2 {
+                let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+                let reply = get(&mut client, NAME, "/seq").await;
+                assert!(reply.body.contains("auth=expected\n"), "{}", reply.body);
+                assert_eq!(h.record().await.status, Some(200));
+            }
+            assert_eq!(origin.accepted.load(Ordering::SeqCst), 1, "h2: {h2}");
+            assert_eq!(h.proxy.pool.counts(), (usize::from(h2), usize::from(!h2)));
+            let mut a = h1_client(h.addr, NAME, &h.ca_pem).await;
+            let mut b = h1_client(h.addr, NAME, &h.ca_pem).await;
+            let (ra, rb) = tokio::join!(get(&mut a, NAME, "/a"), get(&mut b, NAME, "/b"));
+            assert_eq!((ra.status, rb.status), (StatusCode::OK, StatusCode::OK));
+            assert!(ra.body.contains("auth=expected\n"), "{}", ra.body);
+            assert!(rb.body.contains("auth=expected\n"), "{}", rb.body);
+            let accepted = origin.accepted.load(Ordering::SeqCst);
+            if h2 {
+                assert_eq!(accepted, 1);
+            } else {
+                assert!((1..=2).contains(&accepted), "{accepted}");
+            }
+            assert_eq!(origin.requests.load(Ordering::SeqCst), 4);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn busy_http2_upstream_connections_get_company() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"h2"])
+            .await
+            .unwrap();
+        let (client, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        // Slow responses keep their requests in flight on the upstream connection.
+        let n = upstream::MAX_STREAMS_PER_H2 + 1;
+        let mut slow = Vec::new();
+        for i in 0..n {
+            let req = Request::builder()
+                .uri(format!("https://{NAME}/slow/{i}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            slow.push(tokio::spawn(client.clone().send_request(req)));
+        }
+        while origin.requests.load(Ordering::SeqCst) < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // 65 requests at once on a cold pool: one waits for another's dial, not 65 dials.
+        assert_eq!(h.proxy.pool.counts(), (2, 0));
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 2);
+        for response in slow {
+            let response = response.await.unwrap().unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert!(String::from_utf8_lossy(&body).contains("auth=expected\n"));
+            assert_eq!(h.record().await.status, Some(200));
+        }
+        // Both stay pooled; new requests go to the first again.
+        let req = Request::builder()
+            .uri(format!("https://{NAME}/after"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = client.clone().send_request(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pooled_connection_is_not_used_by_a_rule_that_may_not_dial_it() {
+    within(async {
+        let origin = start_origin(true).await;
+        let refused = Spec {
+            passthrough: false,
+            covers_loopback: false,
+        };
+        let mut h = start_proxy_with(
+            origin.addr,
+            &origin.ca_pem,
+            ProxyConfig::default(),
+            move |n| ("sbx", if n == 1 { INTERCEPT } else { refused }),
+        )
+        .await;
+        let mut allowed = h1_client(h.addr, NAME, &h.ca_pem).await;
+        assert_eq!(get(&mut allowed, NAME, "/").await.status, StatusCode::OK);
+        assert_eq!(h.record().await.verdict, Verdict::Allow);
+        assert_eq!(h.proxy.pool.counts(), (1, 0));
+
+        // Same sandbox, destination and server name, but a rule that does not cover
+        // loopback: refused although a connection to the address is pooled.
+        let mut other = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let reply = get(&mut other, NAME, "/").await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+        assert!(reply.body.contains("loopback"), "{}", reply.body);
+        let record = h.record().await;
+        assert_eq!(record.verdict, Verdict::Deny);
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 1);
+        // The first connection still has its upstream.
+        assert_eq!(get(&mut allowed, NAME, "/").await.status, StatusCode::OK);
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sandboxes_and_server_names_do_not_share_upstream_connections() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy_with(origin.addr, &origin.ca_pem, ProxyConfig::default(), |n| {
+            (if n % 2 == 1 { "sbx-a" } else { "sbx-b" }, INTERCEPT)
+        })
+        .await;
+        for name in [NAME, NAME, OTHER, OTHER] {
+            let mut client = h1_client(h.addr, name, &h.ca_pem).await;
+            assert_eq!(get(&mut client, name, "/").await.status, StatusCode::OK);
+            assert_eq!(h.record().await.sni.as_deref(), Some(name));
+        }
+        // (sbx-a, NAME), (sbx-b, NAME), (sbx-a, OTHER), (sbx-b, OTHER).
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 4);
+        assert_eq!(h.proxy.pool.counts(), (4, 0));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unused_upstream_connections_are_closed_after_the_idle_timeout() {
+    within(async {
+        for h2 in [true, false] {
+            let origin = start_origin(h2).await;
+            let config = ProxyConfig {
+                idle_secs: 1,
+                ..ProxyConfig::default()
+            };
+            let mut h =
+                start_proxy_with(origin.addr, &origin.ca_pem, config, |_| ("sbx", INTERCEPT)).await;
+            let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+            assert_eq!(get(&mut client, NAME, "/").await.status, StatusCode::OK);
+            h.record().await;
+            drop(client);
+            assert_eq!(h.proxy.pool.counts(), (usize::from(h2), usize::from(!h2)));
+            // The reaper runs every second; the connection is gone within two.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            assert_eq!(h.proxy.pool.counts(), (0, 0), "h2: {h2}");
+            let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+            assert_eq!(get(&mut client, NAME, "/").await.status, StatusCode::OK);
+            assert_eq!(origin.accepted.load(Ordering::SeqCst), 2);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn downstream_tls_sessions_resume() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let mut roots = RootCertStore::empty();
+            roots
+                .add(CertificateDer::from_pem_slice(h.ca_pem.as_bytes()).unwrap())
+                .unwrap();
+            let mut config = ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+            let mut kinds = Vec::new();
+            for _ in 0..2 {
+                let tcp = TcpStream::connect(h.addr).await.unwrap();
+                let name = ServerName::try_from(NAME.to_owned()).unwrap();
+                let tls = connector.connect(name, tcp).await.unwrap();
+                kinds.push(tls.get_ref().1.handshake_kind());
+                // A request, so that the client reads the TLS 1.3 ticket.
+                let (mut sender, conn) = http1::handshake(TokioIo::new(tls)).await.unwrap();
+                tokio::spawn(conn);
+                assert_eq!(get(&mut sender, NAME, "/").await.status, StatusCode::OK);
+                assert_eq!(h.record().await.status, Some(200));
+            }
+            assert_eq!(
+                kinds,
+                [
+                    Some(rustls::HandshakeKind::Full),
+                    Some(rustls::HandshakeKind::Resumed)
+                ],
+                "{version:?}"
+            );
+        }
     })
     .await;
 }
