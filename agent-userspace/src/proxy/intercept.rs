@@ -299,6 +299,13 @@ impl ConnCtx {
                 "upgrades are not allowed",
             ));
         }
+        // TRACE/TRACK echo the request, injected credential included, back to the sandbox.
+        if matches!(req.method().as_str(), "TRACE" | "TRACK") {
+            return Err(Refusal::deny(
+                StatusCode::FORBIDDEN,
+                "TRACE and TRACK are not allowed (they echo the injected credential)",
+            ));
+        }
         let port = self.check_host(&req, record)?;
         let path_and_query = req
             .uri()
@@ -360,12 +367,17 @@ impl ConnCtx {
                 }
                 Ok(None) => {}
                 Err(e) => {
+                    // The details (paths, the token service's answer) go to the audit
+                    // record only; the sandbox learns that the credential is unavailable.
+                    let body = Bytes::from(format!(
+                        "proxy: credential `{name}` is unavailable; see the egress audit log\n"
+                    ));
                     return Err(Refusal {
                         status: StatusCode::INTERNAL_SERVER_ERROR,
                         verdict: Verdict::Allow,
                         reason: ProxyError::from(e).to_string(),
-                        body: None,
-                    })
+                        body: Some(("text/plain; charset=utf-8", body)),
+                    });
                 }
             }
         }
@@ -575,7 +587,23 @@ pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderN
     for name in injected {
         headers.remove(name);
     }
+    // Headers some frameworks honour to run another method or path than the one the
+    // rule checked.
+    for name in OVERRIDE_HEADERS {
+        headers.remove(name);
+    }
 }
+
+/// Method and URL override headers, removed so the checked method and path are the ones
+/// the origin acts on.
+const OVERRIDE_HEADERS: [&str; 6] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-method",
+];
 
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
@@ -588,6 +616,8 @@ mod tests {
         for (name, value) in [
             ("authorization", "Bearer sandbox"),
             ("proxy-authorization", "Basic x"),
+            ("x-http-method-override", "DELETE"),
+            ("x-original-url", "/admin"),
             ("x-api-key", "sandbox-key"),
             ("connection", "keep-alive, X-Custom-Hop"),
             ("x-custom-hop", "1"),

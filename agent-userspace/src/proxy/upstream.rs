@@ -106,6 +106,16 @@ fn special_v4(v4: Ipv4Addr) -> Option<&'static str> {
         Some("multicast address")
     } else if v4.is_broadcast() {
         Some("broadcast address")
+    } else if v4.octets()[0] == 100 && v4.octets()[1] & 0xc0 == 64 {
+        // 100.64.0.0/10: carrier-grade NAT, also cloud metadata (100.100.100.200) and
+        // overlay networks.
+        Some("shared (carrier-grade NAT) address")
+    } else if v4.octets()[0] == 198 && v4.octets()[1] & 0xfe == 18 {
+        Some("benchmarking (198.18.0.0/15) address")
+    } else if v4.octets()[0] >= 240 {
+        Some("reserved (240.0.0.0/4) address")
+    } else if v4.octets()[..3] == [192, 0, 0] {
+        Some("IETF protocol assignment (192.0.0.0/24) address")
     } else {
         None
     }
@@ -696,12 +706,20 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
             "64:ff9b::a9fe:a9fe",
+            "100.100.100.200",
+            "100.64.0.1",
+            "198.18.0.1",
+            "240.0.0.1",
+            "192.0.0.170",
         ] {
             assert!(special(ip).is_some(), "{ip}");
         }
         for ip in [
             "93.184.216.34",
             "203.0.113.5",
+            "100.128.0.1",
+            "198.20.0.1",
+            "192.0.2.10",
             "2001:db8::1",
             "2606:4700::1",
         ] {
