@@ -515,8 +515,8 @@ fn read_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, String> {
 /// or PKCS#8 (`BEGIN PRIVATE KEY`). Errors never quote the file.
 fn parse_key(pem: &[u8]) -> Result<RsaKeyPair, String> {
     let der = PrivateKeyDer::from_pem_slice(pem).map_err(|_| {
-        "holds no PEM private key (expected `-----BEGIN RSA PRIVATE KEY-----` as GitHub \
-         issues it, or `-----BEGIN PRIVATE KEY-----`)"
+        "holds no PEM private key (expected a PEM block of type `RSA PRIVATE KEY`, as \
+         GitHub issues it, or `PRIVATE KEY`)"
             .to_owned()
     })?;
     let key = match &der {
