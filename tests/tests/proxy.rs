@@ -1011,3 +1011,60 @@ fn command_credential_is_rerun_after_its_ttl() -> Result<()> {
     ensure!(reqs.iter().all(|r| r.status == 200), "{reqs:#?}");
     fx.assert_token_absent(&[])
 }
+
+/// A keep-alive connection does not outlive its sandbox's confinement: after a detach,
+/// the proxy closes it, so no further request on it gets the credential.
+#[test]
+fn detach_closes_open_proxied_connections() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let go = fx.sandbox_dir().join("second-request.go");
+    let script = format!(
+        r#"
+import http.client, os, ssl, sys, time
+ctx = ssl.create_default_context(cafile="{ca}")
+c = http.client.HTTPSConnection("api.github.com", 443, context=ctx, timeout=5)
+c.request("GET", "/repos/acme/widgets")
+r = c.getresponse(); r.read()
+print("first", r.status, flush=True)
+for _ in range(200):
+    if os.path.exists("{go}"):
+        break
+    time.sleep(0.05)
+try:
+    c.request("GET", "/repos/acme/widgets")
+    r = c.getresponse(); r.read()
+    print("second", r.status, flush=True)
+except Exception as e:
+    print("second closed", type(e).__name__, flush=True)
+"#,
+        ca = fx.proxy_ca().display(),
+        go = go.display()
+    );
+    let mut cmd = fx.sandbox.command("python3", &["-c", &script]);
+    cmd.env_clear()
+        .env("PATH", egress_tests::proxy_fixture::CLIENT_PATH)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn()?;
+    // Wait until the first request went through, then detach.
+    let first = fx.origin.wait_new_at_least(0, 1, Duration::from_secs(10))?;
+    ensure!(first.len() == 1, "first request did not arrive: {first:?}");
+    let out = fx.daemon.detach(fx.sandbox.label())?;
+    ensure!(out.status.success(), "detach failed: {out:?}");
+    std::fs::write(&go, "go")?;
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(text.contains("first 200"), "first request failed: {out:?}");
+    ensure!(
+        text.contains("second closed"),
+        "the keep-alive connection survived the detach: {out:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let all = fx.origin.requests()?;
+    ensure!(
+        all.len() == 1,
+        "a request reached the origin after the detach: {all:?}"
+    );
+    Ok(())
+}

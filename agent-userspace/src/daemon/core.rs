@@ -491,6 +491,7 @@ impl Core {
             return Err(e.to_string());
         }
         self.set_route(&rec, &policy);
+        self.proxy.close_connections(rec.index);
         // Addresses learned under the old rules go with the old slot; clients re-resolve.
         self.dns.learned.retain(|(i, _), _| *i != rec.index);
         let dns_problem = self.start_dns(&rec, &policy).err();
@@ -556,6 +557,7 @@ impl Core {
                 self.audit
                     .emit(Record::SandboxDetach(Self::lifecycle(&rec)));
                 self.drop_route(rec.index);
+                self.proxy.close_connections(rec.index);
                 self.dns.stop(rec.index);
                 self.state.sandboxes.remove(&rec.name);
                 self.compiled.remove(&rec.name);

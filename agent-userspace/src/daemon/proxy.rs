@@ -31,6 +31,7 @@ pub struct ProxyRuntime {
     peers: Arc<Mutex<PeerMap>>,
     pub routes: Routes,
     listeners: HashMap<NetnsId, Vec<tokio::task::AbortHandle>>,
+    conns: Conns,
     runtime: tokio::runtime::Handle,
 }
 
@@ -51,7 +52,22 @@ impl ProxyRuntime {
             peers: Arc::new(Mutex::new(peers)),
             routes: Arc::default(),
             listeners: HashMap::new(),
+            conns: Conns::default(),
             runtime,
+        }
+    }
+
+    /// Closes a sandbox's open proxied connections (its policy changed or it was
+    /// detached); clients reconnect under the policy in force.
+    pub fn close_connections(&self, index: u32) {
+        let handles = self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&index)
+            .unwrap_or_default();
+        for h in handles {
+            h.abort();
         }
     }
 
@@ -97,6 +113,7 @@ impl ProxyRuntime {
                 proxy: self.proxy.clone(),
                 peers: self.peers.clone(),
                 routes: self.routes.clone(),
+                conns: self.conns.clone(),
             };
             tasks.push(tokio::spawn(accept_loop(listener, ctx)));
         }
@@ -112,7 +129,12 @@ struct AcceptCtx {
     proxy: Arc<Proxy>,
     peers: Arc<Mutex<PeerMap>>,
     routes: Routes,
+    conns: Conns,
 }
+
+/// Open proxied connections by sandbox index, so a detach or a policy replacement can
+/// close them: a keep-alive connection must not outlive the policy it was accepted under.
+type Conns = Arc<Mutex<HashMap<u32, Vec<tokio::task::AbortHandle>>>>;
 
 async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
     loop {
@@ -163,7 +185,11 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
             connection_id: ConnectionId::new(cookie, orig.socket_cookie).to_string(),
             route: Arc::new(route),
         };
-        tokio::spawn(ctx.proxy.clone().serve(stream, conn));
+        let task = tokio::spawn(ctx.proxy.clone().serve(stream, conn));
+        let mut conns = ctx.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let list = conns.entry(orig.sandbox_index).or_default();
+        list.retain(|h| !h.is_finished());
+        list.push(task.abort_handle());
     }
 }
 
