@@ -159,6 +159,8 @@ impl Core {
             .ok_or("sandbox has no policy")?
             .clone();
         let dns = policy.dns().cloned();
+        // Counted once per answer, not per address: the table is shared by all sandboxes.
+        let mut held = self.dns.learned.keys().filter(|(i, _)| *i == index).count();
         for l in learned {
             // Judge the name by the policy in force now, not the one the query started
             // under: a replacement in between must not be widened by a late answer.
@@ -178,10 +180,8 @@ impl Core {
                 .learned
                 .get(&key)
                 .filter(|old| old.slot == rec.slot);
-            if known.is_none()
-                && self.dns.learned.keys().filter(|(i, _)| *i == index).count()
-                    >= MAX_LEARNED_PER_SANDBOX
-            {
+            let is_new = known.is_none();
+            if is_new && held >= MAX_LEARNED_PER_SANDBOX {
                 return Err(format!(
                     "sandbox {} already has {MAX_LEARNED_PER_SANDBOX} learned addresses",
                     rec.name
@@ -214,6 +214,7 @@ impl Core {
             );
             let expires = std::time::Instant::now() + lifetime;
             let expires = known.map_or(expires, |old| old.expires.max(expires));
+            held += usize::from(is_new);
             self.dns.learned.insert(
                 key,
                 LearnedAddr {

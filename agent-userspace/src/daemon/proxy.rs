@@ -193,54 +193,17 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
     }
 }
 
-/// The special block an address falls in (loopback, private, link-local, ...) and its
-/// prefix length; `None` for ordinary addresses.
-fn special_block(ip: IpAddr) -> Option<u8> {
-    const V4: [([u8; 4], u8); 9] = [
-        ([0, 0, 0, 0], 8),
-        ([10, 0, 0, 0], 8),
-        ([100, 64, 0, 0], 10),
-        ([127, 0, 0, 0], 8),
-        ([169, 254, 0, 0], 16),
-        ([172, 16, 0, 0], 12),
-        ([192, 168, 0, 0], 16),
-        ([224, 0, 0, 0], 4),
-        ([240, 0, 0, 0], 4),
-    ];
-    match ip {
-        IpAddr::V4(v4) => V4.iter().find_map(|(net, len)| {
-            let n = ipnet::Ipv4Net::new((*net).into(), *len).ok()?;
-            n.contains(&v4).then_some(*len)
-        }),
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return special_block(IpAddr::V4(v4)).map(|l| l + 96);
-            }
-            [
-                ("::", 128),
-                ("::1", 128),
-                ("fc00::", 7),
-                ("fe80::", 10),
-                ("ff00::", 8),
-            ]
-            .iter()
-            .find_map(|(net, len)| {
-                let n = ipnet::Ipv6Net::new(net.parse().ok()?, *len).ok()?;
-                n.contains(&v6).then_some(*len)
-            })
-        }
-    }
-}
-
 /// Whether the rule's `to` names `ip` explicitly: a listed network that contains it and
 /// lies inside the special block the address belongs to (so `10.1.2.3/32` or `10.0.0.0/8`
 /// covers 10.1.2.3, but `0.0.0.0/0` does not).
 pub(super) fn explicitly_covers(nets: &[IpNet], ip: IpAddr) -> bool {
-    let Some(block) = special_block(ip) else {
-        return nets.iter().any(|n| n.contains(&ip));
-    };
-    nets.iter()
-        .any(|n| n.contains(&ip) && n.prefix_len() >= block)
+    let ip = ip.to_canonical();
+    match crate::proxy::special_block(ip) {
+        None => nets.iter().any(|n| n.contains(&ip)),
+        Some((_, block)) => nets
+            .iter()
+            .any(|n| n.contains(&ip) && n.prefix_len() >= block.prefix_len()),
+    }
 }
 
 fn route_for(policy: &Arc<Policy>, rule_id: u16) -> Option<Route> {
@@ -281,5 +244,12 @@ mod tests {
         assert!(!explicitly_covers(&[n("::/0")], ip("fd00:ec2::254")));
         assert!(explicitly_covers(&[n("fd00::/8")], ip("fd00:ec2::254")));
         assert!(!explicitly_covers(&[n("::/0")], ip("::ffff:127.0.0.1")));
+        // One list of special blocks for the proxy's dial check and this one.
+        assert!(!explicitly_covers(&[n("0.0.0.0/0")], ip("100.100.100.200")));
+        assert!(explicitly_covers(
+            &[n("100.64.0.0/10")],
+            ip("100.100.100.200")
+        ));
+        assert!(!explicitly_covers(&[n("::/0")], ip("64:ff9b::a9fe:a9fe")));
     }
 }

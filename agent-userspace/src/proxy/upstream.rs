@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject as _;
@@ -59,66 +60,94 @@ const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// this, new connections are used for their request and closed.
 const MAX_KEYS: usize = 1024;
 
-/// Why `ip` may not be dialled without the rule covering it explicitly, or `None` for an
-/// ordinary public address. IPv4-mapped and NAT64 addresses are judged by the IPv4
-/// address inside.
-pub fn special_address(ip: IpAddr) -> Option<&'static str> {
+/// Address blocks the proxy does not dial (and DNS answers do not open) unless a rule
+/// names them, most specific first where they overlap. The metadata addresses are named
+/// on their own but belong to the block around them (link-local, unique local): a rule
+/// covering that block covers them too.
+const SPECIAL_V4: [(&str, [u8; 4], u8); 13] = [
+    ("cloud metadata address", [169, 254, 169, 254], 32),
+    ("broadcast address", [255, 255, 255, 255], 32),
+    ("loopback address", [127, 0, 0, 0], 8),
+    ("unspecified address", [0, 0, 0, 0], 8),
+    ("private (RFC 1918) address", [10, 0, 0, 0], 8),
+    ("private (RFC 1918) address", [172, 16, 0, 0], 12),
+    ("private (RFC 1918) address", [192, 168, 0, 0], 16),
+    ("link-local address", [169, 254, 0, 0], 16),
+    ("multicast address", [224, 0, 0, 0], 4),
+    // 100.64.0.0/10 also holds a cloud metadata address (100.100.100.200) and overlays.
+    ("shared (carrier-grade NAT) address", [100, 64, 0, 0], 10),
+    ("benchmarking (198.18.0.0/15) address", [198, 18, 0, 0], 15),
+    ("reserved (240.0.0.0/4) address", [240, 0, 0, 0], 4),
+    (
+        "IETF protocol assignment (192.0.0.0/24) address",
+        [192, 0, 0, 0],
+        24,
+    ),
+];
+
+const SPECIAL_V6: [(&str, Ipv6Addr, u8); 6] = [
+    ("cloud metadata address", METADATA_V6, 128),
+    ("loopback address", Ipv6Addr::LOCALHOST, 128),
+    ("unspecified address", Ipv6Addr::UNSPECIFIED, 128),
+    (
+        "multicast address",
+        Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0),
+        8,
+    ),
+    (
+        "link-local address",
+        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
+        10,
+    ),
+    (
+        "private (unique local) address",
+        Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0),
+        7,
+    ),
+];
+
+/// NAT64's well-known prefix: `64:ff9b::a.b.c.d` reaches the IPv4 host inside.
+const NAT64: Ipv6Addr = Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0);
+
+/// The special block `ip` lies in and why it is special, or `None` for an ordinary
+/// public address. IPv4-mapped and NAT64 addresses are judged by the IPv4 address
+/// inside (a NAT64 address's block is that IPv4 block under `64:ff9b::/96`).
+pub fn special_block(ip: IpAddr) -> Option<(&'static str, IpNet)> {
+    let v4_block = |v4: Ipv4Addr| {
+        let (why, _, len) = SPECIAL_V4.iter().find(|(_, net, len)| {
+            Ipv4Net::new(Ipv4Addr::from(*net), *len).is_ok_and(|n| n.contains(&v4))
+        })?;
+        // The metadata address belongs to link-local 169.254.0.0/16.
+        let len = if v4 == METADATA_V4 { 16 } else { *len };
+        Some((*why, Ipv4Net::new(v4, len).ok()?.trunc()))
+    };
     match ip.to_canonical() {
-        IpAddr::V4(v4) => special_v4(v4),
+        IpAddr::V4(v4) => v4_block(v4).map(|(why, net)| (why, IpNet::V4(net))),
         IpAddr::V6(v6) => {
             let s = v6.segments();
-            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+            if s[..6] == NAT64.segments()[..6] {
                 let [a, b] = s[6].to_be_bytes();
                 let [c, d] = s[7].to_be_bytes();
-                return special_v4(Ipv4Addr::new(a, b, c, d));
+                let (why, net) = v4_block(Ipv4Addr::new(a, b, c, d))?;
+                let mut bytes = NAT64.octets();
+                bytes[12..].copy_from_slice(&net.network().octets());
+                let under = Ipv6Net::new(Ipv6Addr::from(bytes), 96 + net.prefix_len()).ok()?;
+                return Some((why, IpNet::V6(under)));
             }
-            if v6 == METADATA_V6 {
-                Some("cloud metadata address")
-            } else if v6.is_loopback() {
-                Some("loopback address")
-            } else if v6.is_unspecified() {
-                Some("unspecified address")
-            } else if v6.is_multicast() {
-                Some("multicast address")
-            } else if s[0] & 0xffc0 == 0xfe80 {
-                Some("link-local address")
-            } else if s[0] & 0xfe00 == 0xfc00 {
-                Some("private (unique local) address")
-            } else {
-                None
-            }
+            let (why, _, len) = SPECIAL_V6.iter().find(|(_, net, len)| {
+                Ipv6Net::new(*net, *len).is_ok_and(|n| n.trunc().contains(&v6))
+            })?;
+            // The metadata address belongs to unique local fc00::/7.
+            let len = if v6 == METADATA_V6 { 7 } else { *len };
+            Some((*why, IpNet::V6(Ipv6Net::new(v6, len).ok()?.trunc())))
         }
     }
 }
 
-fn special_v4(v4: Ipv4Addr) -> Option<&'static str> {
-    if v4 == METADATA_V4 {
-        Some("cloud metadata address")
-    } else if v4.is_loopback() {
-        Some("loopback address")
-    } else if v4.is_unspecified() || v4.octets()[0] == 0 {
-        Some("unspecified address")
-    } else if v4.is_private() {
-        Some("private (RFC 1918) address")
-    } else if v4.is_link_local() {
-        Some("link-local address")
-    } else if v4.is_multicast() {
-        Some("multicast address")
-    } else if v4.is_broadcast() {
-        Some("broadcast address")
-    } else if v4.octets()[0] == 100 && v4.octets()[1] & 0xc0 == 64 {
-        // 100.64.0.0/10: carrier-grade NAT, also cloud metadata (100.100.100.200) and
-        // overlay networks.
-        Some("shared (carrier-grade NAT) address")
-    } else if v4.octets()[0] == 198 && v4.octets()[1] & 0xfe == 18 {
-        Some("benchmarking (198.18.0.0/15) address")
-    } else if v4.octets()[0] >= 240 {
-        Some("reserved (240.0.0.0/4) address")
-    } else if v4.octets()[..3] == [192, 0, 0] {
-        Some("IETF protocol assignment (192.0.0.0/24) address")
-    } else {
-        None
-    }
+/// Why `ip` may not be dialled without the rule covering it explicitly, or `None` for an
+/// ordinary public address.
+pub fn special_address(ip: IpAddr) -> Option<&'static str> {
+    special_block(ip).map(|(why, _)| why)
 }
 
 /// The client TLS configuration for upstream servers: system roots plus the optional
