@@ -372,18 +372,40 @@ impl Daemon {
         ])
     }
 
-    /// [`Daemon::attach`], failing on a non-zero exit.
-    pub fn attach_ok(&self, sandbox: &Sandbox, policy: &Path, name: &str) -> Result<Output> {
-        let out = self.attach(sandbox, policy, name)?;
+    /// [`Daemon::attach_ok`] naming the sandbox's network namespace (`--netns`), where the
+    /// proxy listener and the DNS resolver are bound.
+    pub fn attach_in_netns_ok(&self, sandbox: &Sandbox, policy: &Path, name: &str) -> Result<()> {
+        let out = self.ctl([
+            OsStr::new("attach"),
+            OsStr::new("--cgroup"),
+            sandbox.cgroup().path().as_os_str(),
+            OsStr::new("--policy"),
+            policy.as_os_str(),
+            OsStr::new("--name"),
+            OsStr::new(name),
+            OsStr::new("--netns"),
+            sandbox.netns().path().as_os_str(),
+        ])?;
+        self.ensure_attached(name, &out)
+    }
+
+    fn ensure_attached(&self, name: &str, out: &Output) -> Result<()> {
         if !out.status.success() {
             bail!(
                 "attach {name} failed ({}): {}{}\ndaemon log:\n{}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim(),
                 String::from_utf8_lossy(&out.stdout).trim(),
-                tail(&self.log(), 20)
+                tail(&self.log(), 30)
             );
         }
+        Ok(())
+    }
+
+    /// [`Daemon::attach`], failing on a non-zero exit.
+    pub fn attach_ok(&self, sandbox: &Sandbox, policy: &Path, name: &str) -> Result<Output> {
+        let out = self.attach(sandbox, policy, name)?;
+        self.ensure_attached(name, &out)?;
         Ok(out)
     }
 

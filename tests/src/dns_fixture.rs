@@ -186,27 +186,7 @@ impl DnsFixture {
     pub fn attach(&self, sandbox: &Sandbox, yaml: &str) -> Result<PathBuf> {
         let name = sandbox.label();
         let policy = self.dir.write(&format!("policy-{name}.yaml"), yaml)?;
-        let netns = sandbox.netns().path();
-        let out = self.daemon.ctl([
-            OsStr::new("attach"),
-            OsStr::new("--cgroup"),
-            sandbox.cgroup().path().as_os_str(),
-            OsStr::new("--policy"),
-            policy.as_os_str(),
-            OsStr::new("--name"),
-            OsStr::new(name),
-            OsStr::new("--netns"),
-            netns.as_os_str(),
-        ])?;
-        if !out.status.success() {
-            bail!(
-                "attach {name} failed ({}): {}{}\ndaemon log:\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim(),
-                String::from_utf8_lossy(&out.stdout).trim(),
-                tail(&self.daemon.log(), 30)
-            );
-        }
+        self.daemon.attach_in_netns_ok(sandbox, &policy, name)?;
         Ok(policy)
     }
 

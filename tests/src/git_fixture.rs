@@ -814,7 +814,7 @@ credentials:
         ensure!(env.status.success(), "env in the sandbox failed: {env:?}");
         let mut places: Vec<(String, Vec<u8>)> =
             vec![("the sandbox's environment".into(), env.stdout)];
-        for f in walk(self.sandbox_dir.path())? {
+        for f in crate::util::files_under(self.sandbox_dir.path())? {
             let bytes = std::fs::read(&f).with_context(|| format!("read {}", f.display()))?;
             places.push((f.display().to_string(), bytes));
         }
@@ -845,26 +845,4 @@ credentials:
         }
         Ok(())
     }
-}
-
-/// Every regular file under `dir` (depth-bounded).
-fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
-    fn go(dir: &Path, out: &mut Vec<PathBuf>, depth: u32) -> Result<()> {
-        if depth > 16 {
-            return Ok(());
-        }
-        for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
-            let e = e?;
-            let t = e.file_type()?;
-            if t.is_dir() {
-                go(&e.path(), out, depth + 1)?;
-            } else if t.is_file() {
-                out.push(e.path());
-            }
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    go(dir, &mut out, 0)?;
-    Ok(out)
 }

@@ -60,13 +60,12 @@ pub mod world;
 
 pub use util::skip_reason;
 
-/// [`require_root!`], then also returns early (printing why) when a program the proxy
-/// tests run (nginx, openssl, curl, git, getent) is missing.
+/// Returns early from a test (with `Ok(())`), printing the test and why, when `$why`
+/// (an `Option<String>`) says the machine cannot run it.
 #[macro_export]
-macro_rules! require_proxy_tools {
-    () => {
-        $crate::require_root!();
-        if let Some(why) = $crate::proxy_fixture::missing_tools() {
+macro_rules! skip_if {
+    ($why:expr) => {
+        if let Some(why) = $why {
             eprintln!(
                 "SKIP {} ({}): {}",
                 module_path!(),
@@ -78,21 +77,23 @@ macro_rules! require_proxy_tools {
     };
 }
 
+/// [`require_root!`], then also returns early (printing why) when a program the proxy
+/// tests run (nginx, openssl, curl, git, getent) is missing.
+#[macro_export]
+macro_rules! require_proxy_tools {
+    () => {
+        $crate::require_root!();
+        $crate::skip_if!($crate::proxy_fixture::missing_tools());
+    };
+}
+
 /// [`require_root!`], then also returns early (printing why) when a program the DNS
 /// tests run (dnsmasq, dig, curl) is missing.
 #[macro_export]
 macro_rules! require_dns_tools {
     () => {
         $crate::require_root!();
-        if let Some(why) = $crate::dns_server::missing_tools() {
-            eprintln!(
-                "SKIP {} ({}): {}",
-                module_path!(),
-                std::thread::current().name().unwrap_or("?"),
-                why
-            );
-            return Ok(());
-        }
+        $crate::skip_if!($crate::dns_server::missing_tools());
     };
 }
 
@@ -103,14 +104,6 @@ macro_rules! require_dns_tools {
 #[macro_export]
 macro_rules! require_root {
     () => {
-        if let Some(why) = $crate::util::skip_reason() {
-            eprintln!(
-                "SKIP {} ({}): {}",
-                module_path!(),
-                std::thread::current().name().unwrap_or("?"),
-                why
-            );
-            return Ok(());
-        }
+        $crate::skip_if!($crate::util::skip_reason());
     };
 }

@@ -264,27 +264,7 @@ impl ProxyFixture {
         let policy = self
             .sandbox_dir
             .write(&format!("policy-{name}.yaml"), yaml)?;
-        let netns = sandbox.netns().path();
-        let out = self.daemon.ctl([
-            OsStr::new("attach"),
-            OsStr::new("--cgroup"),
-            sandbox.cgroup().path().as_os_str(),
-            OsStr::new("--policy"),
-            policy.as_os_str(),
-            OsStr::new("--name"),
-            OsStr::new(name),
-            OsStr::new("--netns"),
-            netns.as_os_str(),
-        ])?;
-        if !out.status.success() {
-            bail!(
-                "attach {name} failed ({}): {}{}\ndaemon log:\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim(),
-                String::from_utf8_lossy(&out.stdout).trim(),
-                tail(&self.daemon.log(), 30)
-            );
-        }
+        self.daemon.attach_in_netns_ok(sandbox, &policy, name)?;
         Ok(policy)
     }
 
@@ -471,7 +451,7 @@ impl ProxyFixture {
             "env printed nothing"
         );
         check_bytes("the sandbox's environment", &env.stdout, token)?;
-        for f in walk(self.sandbox_dir.path())? {
+        for f in crate::util::files_under(self.sandbox_dir.path())? {
             let bytes = std::fs::read(&f).with_context(|| format!("read {}", f.display()))?;
             check_bytes(&f.display().to_string(), &bytes, token)?;
             // git stores objects compressed; the token has no business in them either way
@@ -523,28 +503,6 @@ fn check_bytes(what: &str, bytes: &[u8], token: &str) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Every regular file under `dir` (depth-bounded).
-fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
-    fn go(dir: &Path, out: &mut Vec<PathBuf>, depth: u32) -> Result<()> {
-        if depth > 16 {
-            return Ok(());
-        }
-        for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
-            let e = e?;
-            let t = e.file_type()?;
-            if t.is_dir() {
-                go(&e.path(), out, depth + 1)?;
-            } else if t.is_file() {
-                out.push(e.path());
-            }
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    go(dir, &mut out, 0)?;
-    Ok(out)
 }
 
 /// Writes the daemon configuration (and the token file or command) into `secrets`.

@@ -280,3 +280,25 @@ impl Drop for ChildGuard {
         self.stop(libc::SIGKILL, Duration::from_secs(2));
     }
 }
+
+/// Every regular file under `dir` (depth-bounded).
+pub fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    fn go(dir: &Path, out: &mut Vec<PathBuf>, depth: u32) -> Result<()> {
+        if depth > 16 {
+            return Ok(());
+        }
+        for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+            let e = e?;
+            let t = e.file_type()?;
+            if t.is_dir() {
+                go(&e.path(), out, depth + 1)?;
+            } else if t.is_file() {
+                out.push(e.path());
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    go(dir, &mut out, 0)?;
+    Ok(out)
+}

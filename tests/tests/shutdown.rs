@@ -10,17 +10,13 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use egress_tests::audit::action;
 use egress_tests::expect;
-use egress_tests::proxy_fixture::{missing_tools, ProxyFixture, ProxyOpts};
-use egress_tests::require_root;
+use egress_tests::proxy_fixture::{ProxyFixture, ProxyOpts};
+use egress_tests::require_proxy_tools;
 use egress_tests::world::CANARY_V4;
 
 #[test]
 fn sigterm_stops_promptly_and_confinement_stays() -> Result<()> {
-    require_root!();
-    if let Some(why) = missing_tools() {
-        eprintln!("SKIP shutdown: {why}");
-        return Ok(());
-    }
+    require_proxy_tools!();
     let mut fx = ProxyFixture::new(ProxyOpts::default())?;
     let out = fx.curl(&[
         "-o",
