@@ -89,10 +89,6 @@ impl PinLayout {
         }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn maps(&self) -> PathBuf {
         self.root.join("maps")
     }

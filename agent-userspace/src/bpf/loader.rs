@@ -103,17 +103,4 @@ impl Programs {
                 source: Box::new(e),
             })
     }
-
-    /// (hook, run count, total run time in ns) of this daemon's program instances. Counts
-    /// only accumulate while BPF statistics are enabled (`sysctl kernel.bpf_stats_enabled`).
-    pub fn stats(&self) -> Vec<(&'static str, u64, u64)> {
-        HOOKS
-            .iter()
-            .filter_map(|(name, hook)| {
-                let prog = self.ebpf.program(name)?;
-                let info = prog.info().ok()?;
-                Some((*hook, info.run_count(), info.run_time().as_nanos() as u64))
-            })
-            .collect()
-    }
 }

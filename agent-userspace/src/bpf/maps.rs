@@ -5,9 +5,6 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::{BpfError, Programs};
 
-/// A sandbox as the kernel sees it.
-pub type SandboxEntry = SandboxInfo;
-
 /// The maps userspace writes (policies, sandboxes) and reads (counters, losses).
 pub struct PolicyMaps {
     sandboxes: HashMap<MapData, u64, SandboxInfo>,

@@ -21,7 +21,7 @@ pub use attach::{attached_cgroups, Links};
 pub use bpffs::{ensure_bpffs, PinLayout};
 pub use events::{EventReader, KernelEvent};
 pub use loader::{Programs, HOOKS};
-pub use maps::{PeerMap, PolicyMaps, SandboxEntry};
+pub use maps::{PeerMap, PolicyMaps};
 
 use std::{io, path::PathBuf};
 
