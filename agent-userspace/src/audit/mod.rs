@@ -5,6 +5,7 @@
 //! [`ClockOffset`] turns kernel event times into `@timestamp`s. The format is pinned by
 //! `schema/audit-record.schema.json`, which the tests validate every record kind against.
 
+mod alert;
 mod clock;
 mod record;
 mod writer;
@@ -12,6 +13,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+pub use alert::{Alert, AlertKind, AlertResponse};
 pub use clock::ClockOffset;
 pub use record::{
     action, format_timestamp, ConnectionId, DaemonStart, DaemonStop, DecodeError, DnsEvent,

@@ -24,6 +24,7 @@ use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
 use time::{format_description::FormatItem, macros::format_description, OffsetDateTime, UtcOffset};
 
+use super::alert::Alert;
 use super::clock::ClockOffset;
 // `proxy::record` is private; its types are re-exported from `proxy`.
 use crate::proxy::{self, ProxyRecord, RecordKind};
@@ -83,6 +84,8 @@ pub enum Record {
     Proxy(ProxyEvent),
     /// A DNS query a sandbox's resolver answered, refused or dropped.
     Dns(DnsEvent),
+    /// Something an operator should look at now (`event.kind: alert`).
+    Alert(Alert),
 }
 
 impl Record {
@@ -98,6 +101,7 @@ impl Record {
             Self::PolicyRejected(r) => r.time,
             Self::Proxy(r) => r.time,
             Self::Dns(r) => r.time,
+            Self::Alert(r) => r.time,
         }
     }
 
@@ -115,6 +119,7 @@ impl Record {
             Self::PolicyRejected(_) => action::POLICY_REJECTED,
             Self::Proxy(r) => r.action(),
             Self::Dns(_) => action::DNS_QUERY,
+            Self::Alert(r) => r.kind.as_str(),
         }
     }
 
@@ -236,6 +241,7 @@ impl Record {
             }
             Self::Proxy(r) => r.fill(&mut wire),
             Self::Dns(r) => r.fill(&mut wire),
+            Self::Alert(r) => fill_alert(r, &mut wire),
         }
         Ok(wire)
     }
@@ -259,6 +265,7 @@ impl_from!(
     PolicyRejected => PolicyRejected,
     ProxyEvent => Proxy,
     DnsEvent => Dns,
+    Alert => Alert,
 );
 
 /// Why a record could not be encoded. Carries the action so the message says which
@@ -785,6 +792,23 @@ impl DnsVerdict {
     }
 }
 
+fn fill_alert<'a>(r: &'a Alert, wire: &mut Wire<'a>) {
+    wire.event.kind = "alert";
+    wire.event.category = &["intrusion_detection"];
+    wire.event.type_ = &["info"];
+    wire.event.outcome = Outcome::Success;
+    wire.event.reason = Some(&r.reason);
+    wire.url = WireUrl::new(non_empty(&r.domain), non_empty(&r.path), None);
+    wire.rule = non_empty(&r.rule).map(|name| WireRule { name });
+    wire.egress.sandbox = Some(WireSandbox::named(&r.sandbox));
+    wire.egress.credential = non_empty(&r.credential).map(|name| WireCredential { name });
+    wire.egress.alert = Some(WireAlert {
+        count: r.count.max(1),
+        window_seconds: r.window_seconds,
+        response: r.response.as_str(),
+    });
+}
+
 /// An optional string, with an empty one taken as absent.
 fn non_empty(s: &Option<String>) -> Option<&str> {
     s.as_deref().filter(|s| !s.is_empty())
@@ -1227,6 +1251,8 @@ struct WireEgress<'a> {
     gap: Option<WireGap>,
     #[serde(skip_serializing_if = "Option::is_none")]
     policy: Option<WirePolicy<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alert: Option<WireAlert>,
 }
 
 #[derive(Serialize)]
@@ -1320,4 +1346,12 @@ struct WirePolicy<'a> {
     digest: Option<&'a PolicyDigest>,
     #[serde(skip_serializing_if = "Option::is_none")]
     previous_digest: Option<&'a PolicyDigest>,
+}
+
+#[derive(Serialize)]
+struct WireAlert {
+    count: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window_seconds: Option<u64>,
+    response: &'static str,
 }

@@ -462,7 +462,61 @@ fn every_kind() -> Vec<Record> {
     .into_iter()
     .chain(proxy_kinds())
     .chain(dns_kinds())
+    .chain(alert_kinds())
     .collect()
+}
+
+/// One alert of every kind, with and without the optional fields.
+fn alert_kinds() -> Vec<Record> {
+    AlertKind::ALL
+        .into_iter()
+        .enumerate()
+        .map(|(i, kind)| {
+            let mut alert = Alert::new(T0, kind, "agent-1", format!("{} seen", kind.as_str()));
+            if i % 2 == 0 {
+                alert.count = 12;
+                alert.window_seconds = Some(10);
+                alert.rule = Some("github-api".into());
+                alert.domain = Some("api.github.com".into());
+                alert.path = Some("/repos/acme/widgets".into());
+                alert.credential = Some("github".into());
+                alert.response = AlertResponse::Quarantine;
+            }
+            alert.into()
+        })
+        .collect()
+}
+
+#[test]
+fn alerts_are_alert_kind_and_name_credentials_only() {
+    let mut alert = Alert::new(
+        T0,
+        AlertKind::SecretReflected,
+        "agent-1",
+        "origin echoed it",
+    );
+    alert.credential = Some("github".into());
+    alert.domain = Some("api.github.com".into());
+    alert.count = 0;
+    let line: Value = serde_json::from_slice(&Record::from(alert).encode(3).unwrap()).unwrap();
+    assert_eq!(line["event"]["kind"], "alert");
+    assert_eq!(line["event"]["action"], "secret-reflected");
+    assert_eq!(
+        line["event"]["category"],
+        serde_json::json!(["intrusion_detection"])
+    );
+    assert_eq!(line["egress"]["credential"]["name"], "github");
+    // A count of zero is written as one: an alert is about at least one occurrence.
+    assert_eq!(line["egress"]["alert"]["count"], 1);
+    assert_eq!(line["egress"]["alert"]["response"], "record");
+    assert!(violations(&validator(), &line).is_empty());
+    // A non-alert action may not claim to be an alert.
+    let mut bad = line.clone();
+    bad["event"]["action"] = "dns-query".into();
+    assert!(!validator().is_valid(&bad));
+    let mut bad = line;
+    bad["event"]["kind"] = "event".into();
+    assert!(!validator().is_valid(&bad));
 }
 
 fn read_lines(path: &Path) -> Vec<Value> {
@@ -518,7 +572,7 @@ fn every_kind_written_to_a_file_matches_the_schema() {
         .iter()
         .map(|l| l["event"]["action"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(actions.len(), 14, "{actions:?}");
+    assert_eq!(actions.len(), 14 + AlertKind::ALL.len(), "{actions:?}");
 }
 
 #[test]
