@@ -3,8 +3,9 @@
 //! Modules by concern: `policy` turns policy files into checked rules and kernel map
 //! entries; `bpf` loads, pins and attaches the kernel programs and reads their events;
 //! `dns` answers sandboxes' lookups for allowed names only; `audit` writes the JSONL audit
-//! trail; `control` is the daemon's Unix-socket protocol;
+//! trail; `alerts` applies the configured response to each alert; `control` is the daemon's Unix-socket protocol;
 //! `daemon` ties them together.
+pub mod alerts;
 pub mod audit;
 pub mod bpf;
 pub mod cgroup;
