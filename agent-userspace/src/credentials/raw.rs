@@ -23,6 +23,19 @@ pub struct RawCredential {
     /// The only server names (TLS SNI / Host) the credential is ever sent to: exact names,
     /// compared case-insensitively, a trailing dot ignored. No wildcards.
     pub hosts: Vec<String>,
+    /// How to revoke the live value when a sandbox whose policy names the credential is
+    /// quarantined: `{ argv: [/path/program, args...] }`, run without a shell with the
+    /// value on standard input. (`github_app` tokens are also revoked with the API.)
+    #[serde(default)]
+    pub revoke: Option<RawRevoke>,
+}
+
+/// A program that revokes the value it reads on standard input; exit status 0 = revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRevoke {
+    /// Program (absolute path) and arguments; no shell is involved.
+    pub argv: Vec<String>,
 }
 
 /// Where a secret value comes from.

@@ -16,6 +16,7 @@ use super::error::CredentialError;
 use super::file::FileSource;
 use super::github_app::{GithubApp, UpstreamOptions};
 use super::raw::{RawCredential, RawInject, RawSource};
+use super::revoke::RevokeCommand;
 use super::secret::Secret;
 
 /// How long a `command` source may run before it is killed.
@@ -67,6 +68,7 @@ struct Credential {
     inject: Inject,
     hosts: BTreeSet<String>,
     header: HeaderCache,
+    revoke: Option<RevokeCommand>,
 }
 
 /// The header value last built, and the secret it was built from: rebuilt only when the
@@ -259,6 +261,54 @@ impl CredentialStore {
         value.set_sensitive(true);
         credential.header.set(secret, value.clone());
         Ok(Some((credential.inject.header_name(), value)))
+    }
+
+    /// Whether quarantine can revoke credential `name`: it has a `revoke` command or is a
+    /// `github_app` source.
+    pub fn can_revoke(&self, name: &str) -> bool {
+        self.credentials
+            .get(name)
+            .is_some_and(|c| c.revoke.is_some() || matches!(c.source, Source::GithubApp(_)))
+    }
+
+    /// Revokes credential `name`'s live value: the value the daemon holds (a cached
+    /// command output or installation token, which is dropped so the next use fetches a
+    /// new one; a file's or variable's current value). A `github_app` token is revoked
+    /// with the API; a `revoke` command, if configured, then gets the value on standard
+    /// input. Returns what was done, or why it failed; neither ever contains the value.
+    pub async fn revoke(&self, name: &str) -> Result<String, String> {
+        let credential = self
+            .credentials
+            .get(name)
+            .ok_or_else(|| format!("no credential named {name:?}"))?;
+        let live: Option<Arc<Secret>> = match &credential.source {
+            Source::GithubApp(app) => app.take_token().await,
+            Source::Command(cmd) => cmd.cache.lock().await.take().map(|c| c.value),
+            Source::Env { value, .. } => Some(value.clone()),
+            Source::File(_) => Some(credential.value().await.map_err(|e| e.to_string())?),
+        };
+        let Some(value) = live else {
+            return Ok("no live value held; nothing to revoke".to_owned());
+        };
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        if let Source::GithubApp(app) = &credential.source {
+            match app.revoke(&value).await {
+                Ok(how) => done.push(how),
+                Err(why) => failed.push(why),
+            }
+        }
+        if let Some(cmd) = &credential.revoke {
+            match cmd.run(&value).await {
+                Ok(how) => done.push(how),
+                Err(why) => failed.push(why),
+            }
+        }
+        if failed.is_empty() {
+            Ok(done.join("; "))
+        } else {
+            Err(failed.join("; "))
+        }
     }
 
     /// Test hook: a shorter command (and token mint) timeout.
@@ -533,12 +583,19 @@ fn compile(
         hosts.insert(normalized);
     }
 
+    let revoke = raw
+        .revoke
+        .as_ref()
+        .map(|r| RevokeCommand::compile(name, r))
+        .transpose()?;
+
     Ok(Credential {
         name: name.to_owned(),
         source,
         inject,
         hosts,
         header: HeaderCache::default(),
+        revoke,
     })
 }
 
