@@ -1,5 +1,5 @@
-//! `egressctl`: attach sandboxes to `egressd`, detach them, show status, and check or test
-//! policy files offline.
+//! `egressctl`: attach sandboxes to `egressd`, detach, quarantine and release them, show
+//! status, and check or test policy files offline.
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{bail, Context};
@@ -48,6 +48,22 @@ enum Command {
         name: Option<String>,
         #[arg(long, group = "which")]
         cgroup: Option<PathBuf>,
+    },
+    /// Switch a sandbox to deny-all at once: every connect and send is refused in the
+    /// kernel, its proxied connections are closed, its DNS is refused, and the live values
+    /// of its credentials are revoked where a revocation is configured. Lasts until
+    /// `release`, also across daemon restarts.
+    Quarantine {
+        /// The sandbox's name.
+        name: String,
+        /// Why, for the audit record and `status`.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Give a quarantined sandbox its policy back.
+    Release {
+        /// The sandbox's name.
+        name: String,
     },
     /// Show the daemon and every sandbox with its policy and counters.
     Status {
@@ -123,6 +139,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             &cli.socket,
             &Request::Detach { name, cgroup },
         )?),
+        Command::Quarantine { name, reason } => respond(control::call(
+            &cli.socket,
+            &Request::Quarantine { name, reason },
+        )?),
+        Command::Release { name } => {
+            respond(control::call(&cli.socket, &Request::Release { name })?)
+        }
         Command::Ca {
             command: CaCommand::Export,
         } => {
@@ -173,6 +196,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             ""
                         }
                     );
+                    if let Some(q) = &s.quarantine {
+                        println!(
+                            "{:<20} QUARANTINED since {} by {}{}",
+                            "",
+                            q.since,
+                            q.trigger,
+                            q.reason
+                                .as_deref()
+                                .map(|r| format!(": {r}"))
+                                .unwrap_or_default()
+                        );
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)

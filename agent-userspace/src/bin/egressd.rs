@@ -3,6 +3,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use egress::{
+    alerts::{AlertSettings, RawAlerts},
     control::DEFAULT_SOCKET,
     credentials::{CredentialStore, RawCredentials, UpstreamOptions},
     daemon::{self, DaemonOptions},
@@ -71,6 +72,10 @@ struct ConfigFile {
     /// Credentials the proxy injects, by name. Never put in sandbox policies.
     #[serde(default)]
     credentials: RawCredentials,
+    /// Alert responses and denial-burst figures for sandboxes whose policy does not set
+    /// them (same keys as a policy's `alerts:`).
+    #[serde(default)]
+    alerts: RawAlerts,
 }
 
 fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
@@ -118,6 +123,8 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
                 .map_err(|e| anyhow::anyhow!("{config_name}: proxy: {e}"))?,
         )
         .map_err(|e| anyhow::anyhow!("{config_name}: credentials: {e}"))?,
+        alerts: AlertSettings::compile(&file.alerts)
+            .map_err(|e| anyhow::anyhow!("{config_name}: alerts.{}: {}", e.field, e.message))?,
         proxy: file.proxy,
     })
 }

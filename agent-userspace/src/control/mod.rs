@@ -5,7 +5,7 @@ mod protocol;
 mod server;
 
 pub use client::call;
-pub use protocol::{DaemonStatus, Request, Response, SandboxStatus};
+pub use protocol::{DaemonStatus, QuarantineStatus, Request, Response, SandboxStatus};
 pub use server::{bind, serve, Handler};
 
 /// Default socket path.

@@ -25,6 +25,16 @@ pub enum Request {
         cgroup: Option<PathBuf>,
     },
     Status,
+    /// Switch a sandbox to deny-all: kernel, proxy and DNS; revoke its live credentials.
+    Quarantine {
+        name: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Give a quarantined sandbox its policy back.
+    Release {
+        name: String,
+    },
     /// The local CA certificate (PEM) sandboxes must trust for the proxy.
     CaExport,
 }
@@ -87,4 +97,18 @@ pub struct SandboxStatus {
     /// Connections sent to the proxy or DNS to the sandbox's resolver.
     #[serde(default)]
     pub redirected: u64,
+    /// Set while the sandbox is quarantined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<QuarantineStatus>,
+}
+
+/// Why and since when a sandbox is quarantined.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct QuarantineStatus {
+    /// RFC 3339.
+    pub since: String,
+    /// `operator`, or the alert kind whose response it was.
+    pub trigger: String,
+    #[serde(default)]
+    pub reason: Option<String>,
 }

@@ -12,15 +12,17 @@ use super::{
     dns::{host_net, uses_dns, DnsRuntime, LearnedAddr},
     netns::netns_of_cgroup,
     proxy::ProxyRuntime,
-    state::{SandboxRecord, State},
+    state::{QuarantineState, SandboxRecord, State},
 };
 use crate::{
+    alerts::{Alerts, DenialBursts},
     audit::{
-        AuditHandle, PolicyChange, PolicyDigest, PolicyRejected, Record, RuleRef, SandboxLifecycle,
+        Alert, AlertKind, AuditHandle, CredentialRevoke, PolicyChange, PolicyDigest,
+        PolicyRejected, Quarantine, Record, RuleRef, SandboxLifecycle,
     },
     bpf::{attached_cgroups, Links, PinLayout, PolicyMaps, Programs, HOOKS},
     cgroup::Cgroup,
-    control::{DaemonStatus, SandboxStatus},
+    control::{DaemonStatus, QuarantineStatus, SandboxStatus},
     policy::{self, Policy},
 };
 
@@ -28,6 +30,13 @@ use crate::{
 const MAX_LEARNED_PER_SANDBOX: usize = 4096;
 /// Longest TTL honoured for a learned address, in seconds.
 const MAX_LEARNED_TTL: u32 = 3600;
+/// The policy slot a quarantined sandbox's kernel entry points at. Slots handed out start
+/// at 1, so this one never holds a rule: every decision falls to the (deny) default.
+const QUARANTINE_SLOT: u32 = 0;
+/// `trigger` of a quarantine an operator asked for.
+const BY_OPERATOR: &str = "operator";
+/// Longest `--reason` kept.
+const MAX_REASON: usize = 512;
 
 pub struct Core {
     pub layout: PinLayout,
@@ -45,6 +54,12 @@ pub struct Core {
     pub proxy: ProxyRuntime,
     /// Per-sandbox resolvers and the addresses they learned.
     pub dns: DnsRuntime,
+    /// Where alerts are raised; applies each sandbox's configured responses.
+    pub alerts: Alerts,
+    /// Denied decisions per sandbox, for `denial-burst` alerts.
+    pub bursts: DenialBursts,
+    /// Runs credential revocations after a quarantine.
+    pub runtime: tokio::runtime::Handle,
 }
 
 fn now() -> OffsetDateTime {
@@ -80,13 +95,35 @@ impl Core {
         }
     }
 
+    /// The sandbox's kernel entry: its policy, or deny-all while it is quarantined.
     fn kernel_entry(&self, rec: &SandboxRecord, policy: &Policy) -> SandboxInfo {
+        if rec.quarantine.is_some() {
+            return self.quarantine_entry(rec, policy);
+        }
         SandboxInfo {
             index: rec.index,
             policy_slot: rec.slot,
             default_action: policy.default_action().kernel_code(),
             _pad: 0,
             proxy_port: self.proxy.port,
+            dns_port: if uses_dns(policy) {
+                self.dns.port_for(rec.index)
+            } else {
+                0
+            },
+            _pad2: 0,
+        }
+    }
+
+    /// Deny-all: an empty policy slot, default deny, no proxy. DNS still goes to the
+    /// sandbox's resolver (when it has one), which refuses every query and records it.
+    fn quarantine_entry(&self, rec: &SandboxRecord, policy: &Policy) -> SandboxInfo {
+        SandboxInfo {
+            index: rec.index,
+            policy_slot: QUARANTINE_SLOT,
+            default_action: agent_common::action::DENY,
+            _pad: 0,
+            proxy_port: 0,
             dns_port: if uses_dns(policy) {
                 self.dns.port_for(rec.index)
             } else {
@@ -128,7 +165,13 @@ impl Core {
             .map_err(|e| format!("starting the proxy listener in {}: {e}", netns.display()))
     }
 
+    /// Lets the proxy serve the sandbox's redirected connections (never while it is
+    /// quarantined).
     fn set_route(&self, rec: &SandboxRecord, policy: &Arc<Policy>) {
+        if rec.quarantine.is_some() {
+            self.drop_route(rec.index);
+            return;
+        }
         self.proxy
             .routes
             .write()
@@ -153,6 +196,9 @@ impl Core {
     /// the answer is released to the sandbox.
     pub fn learn(&mut self, index: u32, learned: &[crate::dns::Learned]) -> Result<(), String> {
         let rec = self.state.by_index(index).ok_or("sandbox is gone")?.clone();
+        if rec.quarantine.is_some() {
+            return Err("the sandbox is quarantined".into());
+        }
         let policy = self
             .compiled
             .get(&rec.name)
@@ -428,6 +474,7 @@ impl Core {
             policy_source: source,
             attached_at: rfc3339(now()),
             netns,
+            quarantine: None,
         };
         self.maps.reset_counters(index).map_err(|e| e.to_string())?;
         self.start_dns(&rec, &policy)?;
@@ -460,6 +507,8 @@ impl Core {
             policy.default_action()
         );
         self.set_route(&rec, &policy);
+        self.alerts.set_sandbox(&name, policy.alerts().clone());
+        self.bursts.forget(index);
         self.state.sandboxes.insert(name.clone(), rec);
         self.compiled.insert(name, policy);
         self.save_state();
@@ -492,6 +541,7 @@ impl Core {
             return Err(e.to_string());
         }
         self.set_route(&rec, &policy);
+        self.alerts.set_sandbox(&rec.name, policy.alerts().clone());
         self.proxy.close_connections(rec.index);
         // Addresses learned under the old rules go with the old slot; clients re-resolve.
         self.dns.learned.retain(|(i, _), _| *i != rec.index);
@@ -517,6 +567,9 @@ impl Core {
         );
         if let Some(e) = dns_problem {
             msg.push_str(&format!("; WARNING: its DNS resolver did not start: {e}"));
+        }
+        if rec.quarantine.is_some() {
+            msg.push_str("; the sandbox stays quarantined until `egressctl release`");
         }
         self.compiled.insert(rec.name.clone(), policy);
         self.state.sandboxes.insert(rec.name.clone(), rec);
@@ -559,7 +612,9 @@ impl Core {
                     .emit(Record::SandboxDetach(Self::lifecycle(&rec)));
                 self.drop_route(rec.index);
                 self.proxy.close_connections(rec.index);
-                self.dns.stop(rec.index);
+                self.dns.forget(rec.index);
+                self.alerts.remove_sandbox(&rec.name);
+                self.bursts.forget(rec.index);
                 self.state.sandboxes.remove(&rec.name);
                 self.compiled.remove(&rec.name);
                 self.save_state();
@@ -574,6 +629,210 @@ impl Core {
             )),
             None => Err(format!("cgroup id {cgroup_id} is not attached")),
         }
+    }
+
+    /// Switches a sandbox to deny-all: one kernel map update points it at an empty policy
+    /// slot with default deny and no proxy (so every later connect or send fails with
+    /// EPERM and is recorded), the proxy stops serving it and closes its open
+    /// connections, its resolver refuses every query, and the live values of the
+    /// credentials its policy names are revoked where a revocation is configured. The
+    /// state is saved before the kernel is switched, so a daemon that dies in between
+    /// quarantines it when it restarts. `trigger` is `operator` or an alert kind.
+    pub fn quarantine(
+        &mut self,
+        name: &str,
+        reason: Option<String>,
+        trigger: &str,
+    ) -> Result<String, String> {
+        let mut rec = self
+            .state
+            .sandboxes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("no sandbox named {name:?}"))?;
+        if let Some(q) = &rec.quarantine {
+            return Ok(format!(
+                "sandbox {name:?} is already quarantined (since {}, by {})",
+                q.since, q.trigger
+            ));
+        }
+        let policy = self
+            .compiled
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("sandbox {name:?} has no compiled policy"))?;
+        let reason = reason
+            .map(|r| {
+                r.chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .take(MAX_REASON)
+                    .collect::<String>()
+            })
+            .filter(|r| !r.trim().is_empty());
+        let previous = rec.clone();
+        rec.quarantine = Some(QuarantineState {
+            since: rfc3339(now()),
+            trigger: trigger.to_string(),
+            reason: reason.clone(),
+        });
+        self.state.sandboxes.insert(rec.name.clone(), rec.clone());
+        self.state.save(&self.state_dir).map_err(|e| {
+            self.state
+                .sandboxes
+                .insert(previous.name.clone(), previous.clone());
+            format!("saving the state failed, nothing changed: {e}")
+        })?;
+        // Stale rules in the reserved slot would make quarantine less than deny-all.
+        if let Err(e) = self.maps.clear_slot(QUARANTINE_SLOT) {
+            tracing::warn!(error = %e, "Clearing the quarantine slot failed");
+        }
+        let entry = self.quarantine_entry(&rec, &policy);
+        if let Err(e) = self.maps.set_sandbox(rec.cgroup_id, entry) {
+            self.state.sandboxes.insert(previous.name.clone(), previous);
+            self.save_state();
+            return Err(format!("switching the kernel to deny-all failed: {e}"));
+        }
+        // The route goes before the connections, so the proxy's accept loop cannot keep
+        // one it was still setting up (it checks the route again under the same lock).
+        self.drop_route(rec.index);
+        self.proxy.close_connections(rec.index);
+        self.dns.set_quarantined(rec.index, true);
+        self.audit.emit(Record::SandboxQuarantine(Quarantine {
+            time: now(),
+            sandbox: rec.name.clone(),
+            cgroup_path: rec.cgroup.clone(),
+            cgroup_id: rec.cgroup_id,
+            reason,
+            trigger: trigger.to_string(),
+        }));
+        tracing::warn!(sandbox = %rec.name, trigger, "Sandbox quarantined");
+        let revoking = self.revoke_credentials(&rec.name, &policy);
+        let mut msg = format!(
+            "quarantined sandbox {:?}: every connection is refused, its proxied connections are closed and its DNS is refused",
+            rec.name
+        );
+        if !revoking.is_empty() {
+            msg.push_str(&format!(
+                "; revoking the live values of {} (see the audit log)",
+                revoking.join(", ")
+            ));
+        }
+        Ok(msg)
+    }
+
+    /// Starts revoking, in the background, the live values of the credentials the policy
+    /// names that have a revocation; each outcome is one `credential-revoke` record.
+    /// Returns their names.
+    fn revoke_credentials(&self, sandbox: &str, policy: &Policy) -> Vec<String> {
+        let store = self.proxy.credentials();
+        let names: Vec<String> = policy
+            .credential_names()
+            .into_iter()
+            .map(str::to_string)
+            .filter(|n| store.can_revoke(n))
+            .collect();
+        if names.is_empty() {
+            return names;
+        }
+        let audit = self.audit.clone();
+        let sandbox = sandbox.to_string();
+        let list = names.clone();
+        self.runtime.spawn(async move {
+            for credential in list {
+                let outcome = store.revoke(&credential).await;
+                let (revoked, reason) = match outcome {
+                    Ok(how) => (true, how),
+                    Err(why) => (false, why),
+                };
+                if !revoked {
+                    tracing::error!(%sandbox, %credential, %reason, "Revoking a credential failed");
+                }
+                audit.emit(Record::CredentialRevoke(CredentialRevoke {
+                    time: now(),
+                    sandbox: sandbox.clone(),
+                    credential,
+                    revoked,
+                    reason,
+                }));
+            }
+        });
+        names
+    }
+
+    /// Gives a quarantined sandbox its policy back (one kernel map update), lets the
+    /// proxy serve it and its resolver answer again.
+    pub fn release(&mut self, name: &str) -> Result<String, String> {
+        let mut rec = self
+            .state
+            .sandboxes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("no sandbox named {name:?}"))?;
+        let Some(q) = rec.quarantine.take() else {
+            return Err(format!("sandbox {name:?} is not quarantined"));
+        };
+        let policy = self
+            .compiled
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("sandbox {name:?} has no compiled policy"))?;
+        self.maps
+            .set_sandbox(rec.cgroup_id, self.kernel_entry(&rec, &policy))
+            .map_err(|e| format!("restoring the kernel entry failed, still quarantined: {e}"))?;
+        self.dns.set_quarantined(rec.index, false);
+        self.set_route(&rec, &policy);
+        self.bursts.forget(rec.index);
+        self.audit.emit(Record::SandboxRelease(Quarantine {
+            time: now(),
+            sandbox: rec.name.clone(),
+            cgroup_path: rec.cgroup.clone(),
+            cgroup_id: rec.cgroup_id,
+            reason: None,
+            trigger: BY_OPERATOR.to_string(),
+        }));
+        tracing::info!(sandbox = %rec.name, "Sandbox released");
+        self.state.sandboxes.insert(rec.name.clone(), rec);
+        self.save_state();
+        Ok(format!(
+            "released sandbox {name:?} (quarantined since {} by {}): its policy is in force again",
+            q.since, q.trigger
+        ))
+    }
+
+    /// An operator's `egressctl quarantine`.
+    pub fn quarantine_by_operator(
+        &mut self,
+        name: &str,
+        reason: Option<String>,
+    ) -> Result<String, String> {
+        self.quarantine(name, reason, BY_OPERATOR)
+    }
+
+    /// Counts a denied kernel decision and raises a `denial-burst` alert when it completes
+    /// a burst (at most one per window).
+    pub fn note_denial(&mut self, index: u32, ts_ns: u64) {
+        let Some(name) = self.state.by_index(index).map(|r| r.name.clone()) else {
+            return;
+        };
+        let config = self.alerts.burst_config(&name);
+        let Some(burst) = self.bursts.observe(index, ts_ns, config) else {
+            return;
+        };
+        let mut alert = Alert::new(
+            now(),
+            AlertKind::DenialBurst,
+            name,
+            format!(
+                "{} denied decisions within {:.1} s (threshold {} in {} s)",
+                burst.count,
+                burst.span_ns as f64 / 1e9,
+                config.count,
+                config.seconds
+            ),
+        );
+        alert.count = burst.count;
+        alert.window_seconds = Some(u64::from(config.seconds));
+        self.alerts.raise(alert);
     }
 
     /// Takes over what a previous daemon left: every sandbox in the state keeps its pinned
@@ -607,11 +866,17 @@ impl Core {
             }
             let policy = Arc::new(policy);
             self.set_route(&rec, &policy);
+            self.alerts.set_sandbox(&rec.name, policy.alerts().clone());
+            if rec.quarantine.is_some() {
+                tracing::warn!(sandbox = %rec.name, "Adopted sandbox is quarantined; it stays so until `egressctl release`");
+                self.dns.set_quarantined(rec.index, true);
+            }
             if let Err(e) = self.start_dns(&rec, &policy) {
                 tracing::error!(sandbox = %rec.name, error = %e, "Restoring the DNS resolver of an adopted sandbox failed");
             }
             let want = self.kernel_entry(&rec, &policy);
             if self.maps.sandbox(rec.cgroup_id) != Some(want) {
+                tracing::warn!(sandbox = %rec.name, "Kernel entry differs from the state; restoring it");
                 if let Err(e) = self.install(rec.slot, &policy).and_then(|()| {
                     self.maps
                         .set_sandbox(rec.cgroup_id, want)
@@ -698,6 +963,11 @@ impl Core {
                     denied: c.denied,
                     audited: c.audited,
                     redirected: c.redirected,
+                    quarantine: rec.quarantine.as_ref().map(|q| QuarantineStatus {
+                        since: q.since.clone(),
+                        trigger: q.trigger.clone(),
+                        reason: q.reason.clone(),
+                    }),
                 }
             })
             .collect();

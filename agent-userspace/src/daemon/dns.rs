@@ -3,10 +3,13 @@
 //! of the sandbox's DNS there), and the table of addresses learned from the answers, which
 //! live in the sandbox's kernel rules until their TTL (plus grace) runs out.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv6Addr, SocketAddr},
     path::Path,
-    sync::{Arc, OnceLock, RwLock},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, OnceLock, RwLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -36,6 +39,7 @@ pub struct LearnedAddr {
 struct Server {
     tasks: Vec<tokio::task::AbortHandle>,
     policy: Arc<RwLock<Arc<Policy>>>,
+    quarantined: Arc<AtomicBool>,
 }
 
 pub struct DnsRuntime {
@@ -50,6 +54,8 @@ pub struct DnsRuntime {
     pub sink: Arc<OnceLock<LearnSink>>,
     /// (sandbox index, address) -> where it came from and when it goes.
     pub learned: HashMap<(u32, IpAddr), LearnedAddr>,
+    /// Sandboxes whose resolvers answer `REFUSED` to everything.
+    quarantined: HashSet<u32>,
 }
 
 /// Whether a policy needs a resolver: it names hosts, or configures DNS.
@@ -74,6 +80,20 @@ impl DnsRuntime {
             servers: HashMap::new(),
             sink: Arc::new(OnceLock::new()),
             learned: HashMap::new(),
+            quarantined: HashSet::new(),
+        }
+    }
+
+    /// Makes a sandbox's resolver refuse every query (quarantine) or answer again
+    /// (release). Holds for a resolver started later too.
+    pub fn set_quarantined(&mut self, index: u32, on: bool) {
+        if on {
+            self.quarantined.insert(index);
+        } else {
+            self.quarantined.remove(&index);
+        }
+        if let Some(server) = self.servers.get(&index) {
+            server.quarantined.store(on, Ordering::Release);
         }
     }
 
@@ -113,6 +133,7 @@ impl DnsRuntime {
             )
         })?;
         let shared_policy = Arc::new(RwLock::new(policy.clone()));
+        let quarantined = Arc::new(AtomicBool::new(self.quarantined.contains(&index)));
         let sink = self.sink.clone();
         let audit = self.audit.clone();
         let ctx = Arc::new(ResolverCtx {
@@ -127,6 +148,7 @@ impl DnsRuntime {
             audit: Arc::new(move |r| audit.emit(Record::Dns(r))),
             timeout: Duration::from_secs(3),
             max_label: dns::DEFAULT_MAX_LABEL,
+            quarantined: quarantined.clone(),
         });
         let _guard = self.runtime.enter();
         let mut tasks = Vec::new();
@@ -144,6 +166,7 @@ impl DnsRuntime {
             Server {
                 tasks,
                 policy: shared_policy,
+                quarantined,
             },
         );
         Ok(())
@@ -158,6 +181,12 @@ impl DnsRuntime {
             }
         }
         self.learned.retain(|(i, _), _| *i != index);
+    }
+
+    /// Forgets everything about a detached sandbox, quarantine included.
+    pub fn forget(&mut self, index: u32) {
+        self.stop(index);
+        self.quarantined.remove(&index);
     }
 
     /// Stops every resolver (daemon shutdown).

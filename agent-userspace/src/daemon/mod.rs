@@ -11,4 +11,4 @@ mod run;
 mod state;
 
 pub use run::{run, DaemonOptions};
-pub use state::{SandboxRecord, State};
+pub use state::{QuarantineState, SandboxRecord, State};

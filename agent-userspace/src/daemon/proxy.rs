@@ -71,6 +71,11 @@ impl ProxyRuntime {
         }
     }
 
+    /// The configured credentials (for revocation on quarantine).
+    pub fn credentials(&self) -> Arc<CredentialStore> {
+        self.credentials.clone()
+    }
+
     /// Stops accepting in every namespace (daemon shutdown).
     pub fn shutdown(&mut self) {
         for handle in self.listeners.drain().flat_map(|(_, hs)| hs) {
@@ -187,6 +192,18 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
         };
         let task = tokio::spawn(ctx.proxy.clone().serve(stream, conn));
         let mut conns = ctx.conns.lock().unwrap_or_else(|p| p.into_inner());
+        // The route may have gone (quarantine, detach) after it was read above; the core
+        // removes it before it closes the sandbox's connections, so checking again under
+        // the connection lock leaves no gap for a new one to stay open.
+        let still_routed = ctx
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&orig.sandbox_index);
+        if !still_routed {
+            task.abort();
+            continue;
+        }
         let list = conns.entry(orig.sandbox_index).or_default();
         list.retain(|h| !h.is_finished());
         list.push(task.abort_handle());

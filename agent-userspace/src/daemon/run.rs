@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 
 use super::{core::Core, state::State};
 use crate::{
+    alerts::{AlertSettings, Alerts},
     audit::{
         AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, NetworkDecision,
         ProxyEvent, Record, StopReason,
@@ -39,6 +40,9 @@ pub struct DaemonOptions {
     pub dns_upstream: Vec<std::net::SocketAddr>,
     pub proxy: ProxyConfig,
     pub credentials: CredentialStore,
+    /// The configuration's `alerts:`: responses and burst figures for sandboxes whose
+    /// policy does not set them.
+    pub alerts: AlertSettings,
 }
 
 struct Shared(Mutex<Core>);
@@ -64,6 +68,8 @@ impl Handler for Shared {
             } => core.attach(&cgroup, name, policy_path, policy_source, netns),
             Request::CaExport => Ok(core.proxy.ca_pem.clone()),
             Request::Detach { name, cgroup } => core.detach(name, cgroup),
+            Request::Quarantine { name, reason } => core.quarantine_by_operator(&name, reason),
+            Request::Release { name } => core.release(&name),
             Request::Status => {
                 return Response {
                     ok: true,
@@ -141,6 +147,8 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         tokio::runtime::Handle::current(),
     );
 
+    let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
+
     let previous = State::load(&opts.state_dir)?;
     let previous_seen = previous
         .as_ref()
@@ -166,6 +174,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         compiled: Default::default(),
         proxy,
         dns,
+        alerts,
+        bursts: Default::default(),
+        runtime: tokio::runtime::Handle::current(),
     };
     let adopted = core.reconcile();
     audit.emit(Record::DaemonStart(DaemonStart {
@@ -200,6 +211,13 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             batch = events.next_batch() => {
                 let batch = batch.context("reading the kernel ring buffer")?;
                 record_events(&shared, &clock, batch);
+            }
+            Some(order) = quarantine_orders.recv() => {
+                let mut core = shared.lock();
+                let trigger = order.kind.as_str();
+                if let Err(e) = core.quarantine(&order.sandbox, Some(order.reason), trigger) {
+                    tracing::error!(sandbox = %order.sandbox, trigger, error = %e, "Quarantine ordered by an alert failed");
+                }
             }
             _ = lost_poll.tick() => {
                 report_lost(&shared);
@@ -254,10 +272,13 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
 }
 
 fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {
-    let core = shared.lock();
+    let mut core = shared.lock();
     for ev in batch {
         match ev {
             KernelEvent::Connect(ev) => {
+                if ev.verdict == agent_common::verdict::DENY && ev.sandbox_index != 0 {
+                    core.note_denial(ev.sandbox_index, ev.ts_ns);
+                }
                 let (sandbox, rule) = core.names(ev.sandbox_index, ev.rule_id);
                 match NetworkDecision::from_event(&ev, clock, sandbox, rule) {
                     Ok(mut rec) => {

@@ -21,6 +21,9 @@
 //!    next connect already finds its address in the kernel. Other query types are
 //!    forwarded the same way but teach the kernel nothing.
 //!
+//! A quarantined sandbox's queries ([`ResolverCtx::quarantined`]) are all answered
+//! `REFUSED` after step 1, and recorded.
+//!
 //! Every query a listener reads ends in exactly one [`DnsRecord`] for the audit trail
 //! (except those shed while [`MAX_UDP_IN_FLIGHT`] queries are already being served).
 //! All upstream work is bounded by [`ResolverCtx::timeout`] per server and transport.
@@ -35,7 +38,10 @@ mod tests;
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, RwLock,
+    },
     time::Duration,
 };
 
@@ -105,6 +111,9 @@ pub struct ResolverCtx {
     /// Longest label a question may have, at most 63; [`DEFAULT_MAX_LABEL`] is the
     /// exfiltration guard.
     pub max_label: usize,
+    /// Set while the sandbox is quarantined: every query is answered `REFUSED` and
+    /// recorded, and nothing is asked upstream.
+    pub quarantined: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for ResolverCtx {
@@ -270,6 +279,14 @@ async fn decide(
     };
     record.question_name = question.name.clone();
     record.question_type = type_name(question.qtype);
+    if ctx.quarantined.load(Ordering::Acquire) {
+        record.response_code = rcode_name(ResponseCode::Refused);
+        record.reason = Some("the sandbox is quarantined".to_owned());
+        return (
+            question.error_reply(ResponseCode::Refused, false),
+            finish(record),
+        );
+    }
 
     let rule_ids = if policy.name_allowed(&question.name) {
         policy.rules_for_name(&question.name)
