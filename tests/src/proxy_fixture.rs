@@ -114,6 +114,8 @@ pub struct ProxyOpts {
     /// When set, the sandbox resolves names through DNS (this `nameserver`, which the
     /// daemon's redirect answers) instead of a hosts file naming the origins.
     pub nameserver: Option<IpAddr>,
+    /// The `github` credential's `revoke: { argv }`, when set.
+    pub github_revoke: Option<Vec<String>>,
 }
 
 impl Default for ProxyOpts {
@@ -122,6 +124,7 @@ impl Default for ProxyOpts {
             policy: PROXY_POLICY.to_string(),
             github: GithubSource::File,
             nameserver: None,
+            github_revoke: None,
         }
     }
 }
@@ -191,7 +194,14 @@ impl ProxyFixture {
             None => HostsFile::new(sandbox.netns(), &sandbox_hosts())?,
         };
 
-        let config = write_config(&secrets, &ca, &world, &token, opts.github)?;
+        let config = write_config(
+            &secrets,
+            &ca,
+            &world,
+            &token,
+            opts.github,
+            opts.github_revoke.as_deref(),
+        )?;
         let daemon = Daemon::start(DaemonOpts {
             extra_args: vec!["--config".into(), config.display().to_string()],
             env: vec![
@@ -515,6 +525,7 @@ fn write_config(
     world: &World,
     token: &str,
     github: GithubSource,
+    github_revoke: Option<&[String]>,
 ) -> Result<PathBuf> {
     let source = match github {
         GithubSource::File => {
@@ -539,6 +550,10 @@ fn write_config(
             )
         }
     };
+    let revoke = github_revoke.map_or_else(String::new, |argv| {
+        let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
+        format!("    revoke: {{ argv: [{}] }}\n", argv.join(", "))
+    });
     let config = format!(
         r#"proxy_port: {PROXY_PORT}
 proxy:
@@ -549,7 +564,7 @@ credentials:
     source: {source}
     inject: {{ header: Authorization, format: "Bearer {{}}" }}
     hosts: [{API_HOST}]
-  github-git:
+{revoke}  github-git:
     source: {{ env: {GIT_TOKEN_ENV} }}
     inject: {{ basic: {{ user: x-access-token }} }}
     hosts: [{GIT_HOST}]
