@@ -4,7 +4,7 @@
 //! entries; `bpf` loads, pins and attaches the kernel programs and reads their events;
 //! `dns` answers sandboxes' lookups for allowed names only; `audit` writes the JSONL audit
 //! trail; `control` is the daemon's Unix-socket protocol;
-//! `daemon` ties them together.
+//! `daemon` ties them together; `oci` is the container runtimes' hook.
 pub mod audit;
 pub mod bpf;
 pub mod cgroup;
@@ -12,5 +12,6 @@ pub mod control;
 pub mod credentials;
 pub mod daemon;
 pub mod dns;
+pub mod oci;
 pub mod policy;
 pub mod proxy;
