@@ -74,6 +74,8 @@ pub struct HookSetup {
     pub socket: PathBuf,
     pub policy_dir: PathBuf,
     pub timeout_secs: u32,
+    /// More `oci-hook` options (e.g. `--scope pod`).
+    pub extra: Vec<String>,
 }
 
 impl HookSetup {
@@ -90,6 +92,9 @@ impl HookSetup {
             "--timeout".into(),
             self.timeout_secs.to_string(),
         ]
+        .into_iter()
+        .chain(self.extra.iter().cloned())
+        .collect()
     }
 
     fn entry(&self, stage: &str) -> Value {
@@ -197,6 +202,14 @@ impl Runc {
         let mut cmd = self.command(30, &[OsStr::new("run"), OsStr::new("--bundle")]);
         cmd.arg(&bundle).arg(id);
         cmd.output().with_context(|| format!("spawn {cmd:?}"))
+    }
+
+    /// Deletes `id` when this guard drops (for containers started with [`Runc::command`]).
+    pub fn track(&self, id: &str) {
+        self.ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(id.to_string());
     }
 
     /// Container ids runc still knows.

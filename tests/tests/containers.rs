@@ -64,6 +64,7 @@ fn hook_setup(daemon: &Daemon, policy_dir: &Path, timeout_secs: u32) -> HookSetu
         socket: daemon.socket(),
         policy_dir: policy_dir.to_path_buf(),
         timeout_secs,
+        extra: Vec::new(),
     }
 }
 
@@ -164,6 +165,7 @@ fn runc_container_is_not_created_when_the_daemon_is_slow_or_down() -> Result<()>
         socket: slow_sock,
         policy_dir: policies.clone(),
         timeout_secs: 1,
+        extra: Vec::new(),
     };
     let id = unique_name("slow");
     let cgroups_path = unique_cgroups_path("slow");
@@ -504,5 +506,131 @@ fn attach_by_pid_runtime_paths_empty_cgroups_and_recreated_cgroups() -> Result<(
         Ok(())
     })();
     let _ = std::fs::remove_dir(&empty);
+    result
+}
+
+/// Pod scope: the first container of a pod attaches the pod's cgroup (the parent of its
+/// containers') as one sandbox; the pod's next container starts inside it, confined from
+/// its first instruction; a container of an exempt namespace is not confined; removing
+/// the pod's cgroup detaches the sandbox.
+#[test]
+fn pod_scope_confines_every_container_of_a_pod() -> Result<()> {
+    require_root!();
+    skip_if!(container::missing_tools());
+    let fx = Fixture::new()?;
+    let policies = policy_dir(&fx)?;
+    let image = Image::build()?;
+    let runc = Runc::new()?;
+    let mut hooks = hook_setup(&fx.daemon, &policies, 5);
+    hooks.extra = ["--scope", "pod", "--exempt-namespace", "egressd-system"]
+        .map(String::from)
+        .to_vec();
+    let pod_cgroup = unique_cgroups_path("pod");
+    let pod = unique_name("p");
+    let k8s = |ns: &str| {
+        vec![
+            ("io.kubernetes.pod.namespace".to_string(), ns.to_string()),
+            ("io.kubernetes.pod.name".to_string(), pod.clone()),
+            ("io.egressd.policy".to_string(), "web".to_string()),
+        ]
+    };
+    let spec = |ns: &str, leaf: &str, args: Vec<String>| ContainerSpec {
+        args,
+        netns: Some(fx.sandbox.netns().path()),
+        cgroups_path: format!("{pod_cgroup}/{leaf}"),
+        annotations: k8s(ns),
+        hooks: Some(hooks.clone()),
+    };
+    let result = (|| -> Result<()> {
+        let name = format!("k8s/team/{pod}");
+        // The pod's first container stays up while the second runs.
+        let first = runc.bundle(
+            &image,
+            &format!("{pod}-a"),
+            &spec("team", "a", vec!["sleep".into(), "30".into()]),
+        )?;
+        let mut cmd = runc.command(
+            40,
+            &[OsStr::new("run"), OsStr::new("-d"), OsStr::new("--bundle")],
+        );
+        cmd.arg(&first).arg(format!("{pod}-a"));
+        runc.track(&format!("{pod}-a"));
+        // A detached container keeps runc's stdio: give it a file, not a pipe to wait on.
+        let log = fx.dir.path().join("pod-a.log");
+        let status = cmd
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(fx.dir.path().join("pod-a.err"))?)
+            .status()?;
+        ensure!(
+            status.success(),
+            "first container: {status}: {}",
+            std::fs::read_to_string(fx.dir.path().join("pod-a.err")).unwrap_or_default()
+        );
+        let s = fx
+            .daemon
+            .status_sandbox(&name)?
+            .context("pod sandbox not attached")?;
+        ensure!(
+            get_str(&s, "cgroup").is_some_and(|c| c.ends_with(pod_cgroup.trim_start_matches('/'))),
+            "the pod sandbox is not the pod's cgroup: {s}"
+        );
+        let out = runc.run(
+            &image,
+            &format!("{pod}-b"),
+            &spec("team", "b", first_instruction_script()),
+        )?;
+        check_confined_output(&out)?;
+        fx.daemon.wait_for_match(
+            RECORD_TIMEOUT,
+            &Match::decision("deny", IpAddr::V4(CANARY_V4), 9).sandbox(&name),
+        )?;
+        expect::canary_silent(&fx.canary)?;
+        ensure!(
+            fx.daemon.status_sandbox(&name)?.is_some(),
+            "the pod sandbox went with one of its containers"
+        );
+
+        // Exempt namespace: the hook lets the container start unconfined.
+        let exempt_cgroup = unique_cgroups_path("exempt");
+        let out = runc.run(
+            &image,
+            &unique_name("exempt"),
+            &ContainerSpec {
+                cgroups_path: exempt_cgroup.clone(),
+                ..spec("egressd-system", "unused", vec!["true".into()])
+            },
+        )?;
+        container::remove_cgroup(&exempt_cgroup);
+        ensure!(out.status.success(), "exempt container: {}", text(&out));
+        ensure!(
+            fx.daemon.status_json()?["sandboxes"]
+                .as_array()
+                .map(Vec::len)
+                == Some(1),
+            "an exempt container was attached"
+        );
+
+        // The pod goes: its cgroup is removed and the sandbox with it.
+        let out = runc
+            .command(20, &["delete", "--force", &format!("{pod}-a")])
+            .output()?;
+        ensure!(out.status.success(), "runc delete: {}", text(&out));
+        container::remove_cgroup(&pod_cgroup);
+        let rec = fx.daemon.wait_for_match(
+            RECORD_TIMEOUT,
+            &Match::lifecycle("sandbox-detach").sandbox(&name),
+        )?;
+        ensure!(
+            get_str(&rec, "event.reason") == Some("cgroup-removed"),
+            "{rec}"
+        );
+        Ok(())
+    })();
+    let _ = runc
+        .command(20, &["delete", "--force", &format!("{pod}-a")])
+        .output();
+    container::remove_cgroup(&format!("{pod_cgroup}/a"));
+    container::remove_cgroup(&format!("{pod_cgroup}/b"));
+    container::remove_cgroup(&pod_cgroup);
     result
 }

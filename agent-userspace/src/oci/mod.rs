@@ -256,6 +256,9 @@ pub fn plan(
                     .map(Path::to_path_buf)
                     .context("the container's cgroup has no parent to be its pod's")?,
             };
+            // The daemon names sandboxes' cgroups by their canonical path.
+            let cgroup = std::fs::canonicalize(&cgroup)
+                .with_context(|| format!("cgroup {}", cgroup.display()))?;
             let netns = container_netns(pid, config)?;
             Ok(Plan::Attach {
                 name,
