@@ -11,13 +11,15 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Debian packages: the compiler and library source for the eBPF build (rustc-web, rust-web-src),
-# and the real clients and servers the demo and tests run in the fake internet.
+# the real clients and servers the demo and tests run in the fake internet, and the container
+# runtimes the hook is tested with (runc, podman; images are built from busybox-static).
 packages=(
   rustc-web rust-web-src cargo-web
   build-essential pkg-config
   iproute2 util-linux procps psmisc
-  curl git python3 openssl bind9-dnsutils
+  curl git python3 python3-venv openssl bind9-dnsutils
   nginx dnsmasq-base nghttp2-client wrk
+  runc podman conmon busybox-static
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -66,6 +68,17 @@ have_linker=$(bpf-linker --version 2>/dev/null | awk '{print $2}' || true)
 if [ "$have_linker" != "$want_linker" ]; then
   say "installing bpf-linker $want_linker (about 3 minutes)"
   cargo install "bpf-linker@$want_linker" --locked
+fi
+
+# Python tools in one virtual environment: kubernetes-validate checks the shipped manifests.
+venv=/opt/egressd-venv
+if [ ! -x "$venv/bin/python3" ]; then
+  say "creating the Python virtual environment $venv"
+  python3 -m venv "$venv"
+fi
+if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  say "installing kubernetes-validate into $venv"
+  "$venv/bin/pip" install -q kubernetes-validate
 fi
 
 say "ready: $(/usr/bin/rustc --version) for eBPF, $(rustc --version) for userspace, bpf-linker $(bpf-linker --version | awk '{print $2}')"

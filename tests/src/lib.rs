@@ -42,6 +42,7 @@
 
 pub mod audit;
 pub mod cgroup;
+pub mod container;
 pub mod daemon;
 pub mod dns_fixture;
 pub mod dns_server;

@@ -564,11 +564,36 @@ pub struct SandboxLifecycle {
     pub policy_path: PathBuf,
     /// `egress.policy.digest`.
     pub policy_digest: PolicyDigest,
+    /// `event.reason` of a `sandbox-detach` record: why the confinement ended.
+    pub reason: Option<DetachReason>,
+}
+
+/// Why a sandbox was detached: `event.reason` of a `sandbox-detach` record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DetachReason {
+    /// `egressctl detach` (or another control-socket client that gave no reason).
+    Operator,
+    /// A container runtime's `poststop` hook (`egressctl oci-hook`).
+    Hook,
+    /// The sandbox's cgroup directory was removed (or replaced by a new one at the same path).
+    CgroupRemoved,
+}
+
+impl DetachReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Operator => "operator",
+            Self::Hook => "hook",
+            Self::CgroupRemoved => "cgroup-removed",
+        }
+    }
 }
 
 impl SandboxLifecycle {
     fn fill<'a>(&'a self, wire: &mut Wire<'a>, type_: &'static [&'static str]) {
         wire.event.type_ = type_;
+        wire.event.reason = self.reason.map(DetachReason::as_str);
         wire.egress.sandbox = Some(WireSandbox {
             name: &self.sandbox,
             cgroup_id: Some(self.cgroup_id),

@@ -86,6 +86,14 @@ fn lifecycle(name: &str) -> SandboxLifecycle {
         cgroup_id: 81_234,
         policy_path: PathBuf::from("/etc/egressd/policies/agent.yaml"),
         policy_digest: digest("default: deny\n"),
+        reason: None,
+    }
+}
+
+fn detached(name: &str, reason: DetachReason) -> SandboxLifecycle {
+    SandboxLifecycle {
+        reason: Some(reason),
+        ..lifecycle(name)
     }
 }
 
@@ -432,7 +440,9 @@ fn every_kind() -> Vec<Record> {
         }
         .into(),
         Record::SandboxAttach(lifecycle("agent-1")),
-        Record::SandboxDetach(lifecycle("agent-1")),
+        Record::SandboxDetach(detached("agent-1", DetachReason::Operator)),
+        Record::SandboxDetach(detached("agent-1", DetachReason::Hook)),
+        Record::SandboxDetach(detached("agent-1", DetachReason::CgroupRemoved)),
         Record::SandboxAdopt(lifecycle("agent-2")),
         PolicyChange {
             time: T0,

@@ -10,15 +10,15 @@ use time::OffsetDateTime;
 
 use super::{
     dns::{host_net, uses_dns, DnsRuntime, LearnedAddr},
-    netns::netns_of_cgroup,
+    netns::{netns_id, netns_of_cgroup, NetnsId},
     proxy::ProxyRuntime,
     state::{QuarantineState, SandboxRecord, State},
 };
 use crate::{
     alerts::{Alerts, DenialBursts},
     audit::{
-        Alert, AlertKind, AuditHandle, CredentialRevoke, PolicyChange, PolicyDigest,
-        PolicyRejected, Quarantine, Record, RuleRef, SandboxLifecycle,
+        Alert, AlertKind, AuditHandle, CredentialRevoke, DetachReason, PolicyChange,
+        PolicyDigest, PolicyRejected, Quarantine, Record, RuleRef, SandboxLifecycle,
     },
     bpf::{attached_cgroups, Links, PinLayout, PolicyMaps, Programs, HOOKS},
     cgroup::Cgroup,
@@ -92,6 +92,47 @@ impl Core {
             cgroup_id: rec.cgroup_id,
             policy_path: PathBuf::from(&rec.policy_path),
             policy_digest: PolicyDigest::of(rec.policy_source.as_bytes()),
+            reason: None,
+        }
+    }
+
+    fn detached(rec: &SandboxRecord, reason: DetachReason) -> SandboxLifecycle {
+        SandboxLifecycle {
+            reason: Some(reason),
+            ..Self::lifecycle(rec)
+        }
+    }
+
+    /// The network namespace a sandbox's listeners belong in: the one named at attach
+    /// (checked to be the same namespace it was then), else that of a process in its cgroup.
+    /// An empty cgroup without a named namespace is refused: the daemon's own namespace is
+    /// never a stand-in (the proxy would listen on the host's loopback).
+    fn sandbox_netns(
+        cgroup: &Path,
+        netns: Option<&Path>,
+        inode: Option<u64>,
+    ) -> Result<PathBuf, String> {
+        match netns {
+            Some(p) => {
+                let id =
+                    netns_id(p).map_err(|e| format!("network namespace {}: {e}", p.display()))?;
+                match inode {
+                    Some(want) if want != id.1 => Err(format!(
+                        "network namespace {} is no longer the one attached (inode {} now, {want} then)",
+                        p.display(),
+                        id.1
+                    )),
+                    _ => Ok(p.to_path_buf()),
+                }
+            }
+            None => netns_of_cgroup(cgroup).ok_or_else(|| {
+                format!(
+                    "cgroup {} has no process yet, so its network namespace is unknown; \
+                     name it with --netns PATH (e.g. /var/run/netns/NAME or /proc/PID/ns/net), \
+                     or attach a running process with --pid PID",
+                    cgroup.display()
+                )
+            }),
         }
     }
 
@@ -141,13 +182,15 @@ impl Core {
     }
 
     /// Checks what a policy needs from the daemon (credentials it names exist) and starts
-    /// the proxy listener in the sandbox's network namespace when it has proxy rules.
+    /// the proxy listener in the sandbox's network namespace when it has proxy rules;
+    /// returns that namespace (the caller records the sandbox as its user).
     fn prepare_proxy(
         &mut self,
         policy: &Policy,
         cgroup: &Path,
         netns: Option<&Path>,
-    ) -> Result<(), String> {
+        inode: Option<u64>,
+    ) -> Result<Option<NetnsId>, String> {
         for name in policy.credential_names() {
             if !self.proxy.has_credential(name) {
                 return Err(format!(
@@ -156,12 +199,16 @@ impl Core {
                 ));
             }
         }
-        if !Self::uses_proxy(policy) {
-            return Ok(());
+        if !Self::uses_proxy(policy) && !uses_dns(policy) {
+            return Ok(None);
         }
-        let netns = netns.map_or_else(|| netns_of_cgroup(cgroup), Path::to_path_buf);
+        let netns = Self::sandbox_netns(cgroup, netns, inode)?;
+        if !Self::uses_proxy(policy) {
+            return Ok(None);
+        }
         self.proxy
             .ensure_listener(&netns)
+            .map(Some)
             .map_err(|e| format!("starting the proxy listener in {}: {e}", netns.display()))
     }
 
@@ -185,10 +232,7 @@ impl Core {
             self.dns.stop(rec.index);
             return Ok(());
         }
-        let netns = rec
-            .netns
-            .clone()
-            .unwrap_or_else(|| netns_of_cgroup(&rec.cgroup));
+        let netns = Self::sandbox_netns(&rec.cgroup, rec.netns.as_deref(), rec.netns_inode)?;
         self.dns.ensure(rec.index, &rec.name, policy, &netns)
     }
 
@@ -312,7 +356,7 @@ impl Core {
             .map(|r| r.name.clone())
             .collect();
         for name in gone {
-            match self.detach(Some(name.clone()), None) {
+            match self.detach(Some(name.clone()), None, DetachReason::CgroupRemoved) {
                 Ok(_) => tracing::info!(sandbox = %name, "cgroup removed; sandbox detached"),
                 Err(e) => {
                     tracing::warn!(sandbox = %name, error = %e, "Detaching a sandbox whose cgroup is gone failed")
@@ -377,6 +421,9 @@ impl Core {
         netns: Option<PathBuf>,
     ) -> Result<String, String> {
         let cgroup = Cgroup::open(cgroup).map_err(|e| e.to_string())?;
+        // A container re-created at once under the same id gets a new cgroup at the same
+        // path: the sandbox of the old one goes now, not at the next housekeeping tick.
+        self.reap_vanished();
         let name = match name {
             Some(n) => n,
             None => cgroup
@@ -440,13 +487,33 @@ impl Core {
                 ));
             }
         }
-        let netns = netns.or_else(|| existing.as_ref().and_then(|o| o.netns.clone()));
-        self.prepare_proxy(&policy, &cgroup.path, netns.as_deref())?;
+        let (netns, inode) = match netns {
+            Some(p) => {
+                let id =
+                    netns_id(&p).map_err(|e| format!("network namespace {}: {e}", p.display()))?;
+                (Some(p), Some(id.1))
+            }
+            None => existing
+                .as_ref()
+                .map_or((None, None), |o| (o.netns.clone(), o.netns_inode)),
+        };
+        let listener = match self.prepare_proxy(&policy, &cgroup.path, netns.as_deref(), inode) {
+            Ok(l) => l,
+            Err(e) => {
+                self.proxy.close_unused();
+                return Err(e);
+            }
+        };
         let policy = Arc::new(policy);
-        match existing {
-            Some(old) => self.replace_policy(old, policy, policy_path, source, netns),
-            None => self.attach_new(cgroup, name, policy, policy_path, source, netns),
+        let result = match existing {
+            Some(old) => self.replace_policy(old, policy, policy_path, source, (netns, inode)),
+            None => self.attach_new(cgroup, name, policy, policy_path, source, (netns, inode)),
+        };
+        match &result {
+            Ok((index, _)) => self.proxy.set_user(*index, listener),
+            Err(_) => self.proxy.close_unused(),
         }
+        result.map(|(_, msg)| msg)
     }
 
     fn attach_new(
@@ -456,8 +523,8 @@ impl Core {
         policy: Arc<Policy>,
         policy_path: String,
         source: String,
-        netns: Option<PathBuf>,
-    ) -> Result<String, String> {
+        (netns, netns_inode): (Option<PathBuf>, Option<u64>),
+    ) -> Result<(u32, String), String> {
         let index = self
             .state
             .free_index(MAX_SANDBOXES)
@@ -474,6 +541,7 @@ impl Core {
             policy_source: source,
             attached_at: rfc3339(now()),
             netns,
+            netns_inode,
             quarantine: None,
         };
         self.maps.reset_counters(index).map_err(|e| e.to_string())?;
@@ -512,7 +580,7 @@ impl Core {
         self.state.sandboxes.insert(name.clone(), rec);
         self.compiled.insert(name, policy);
         self.save_state();
-        Ok(msg)
+        Ok((index, msg))
     }
 
     fn replace_policy(
@@ -521,8 +589,8 @@ impl Core {
         policy: Arc<Policy>,
         policy_path: String,
         source: String,
-        netns: Option<PathBuf>,
-    ) -> Result<String, String> {
+        (netns, netns_inode): (Option<PathBuf>, Option<u64>),
+    ) -> Result<(u32, String), String> {
         let slot = self.free_slot()?;
         self.install(slot, &policy)?;
         let mut rec = old.clone();
@@ -531,6 +599,7 @@ impl Core {
         rec.policy_digest = PolicyDigest::of(source.as_bytes()).as_str().to_string();
         rec.policy_source = source;
         rec.netns = netns;
+        rec.netns_inode = netns_inode;
         // One map update switches every later decision to the new rules; until it has
         // succeeded nothing else changes, so a failure leaves the old policy whole.
         if let Err(e) = self
@@ -571,10 +640,11 @@ impl Core {
         if rec.quarantine.is_some() {
             msg.push_str("; the sandbox stays quarantined until `egressctl release`");
         }
+        let index = rec.index;
         self.compiled.insert(rec.name.clone(), policy);
         self.state.sandboxes.insert(rec.name.clone(), rec);
         self.save_state();
-        Ok(msg)
+        Ok((index, msg))
     }
 
     /// Removes confinement by name or cgroup path. A cgroup with links pinned but no state
@@ -583,6 +653,7 @@ impl Core {
         &mut self,
         name: Option<String>,
         cgroup: Option<PathBuf>,
+        reason: DetachReason,
     ) -> Result<String, String> {
         let (rec, cgroup_id) = match (name, cgroup) {
             (Some(n), _) => {
@@ -609,9 +680,10 @@ impl Core {
             Some(rec) => {
                 let _ = self.maps.clear_slot(rec.slot);
                 self.audit
-                    .emit(Record::SandboxDetach(Self::lifecycle(&rec)));
+                    .emit(Record::SandboxDetach(Self::detached(&rec, reason)));
                 self.drop_route(rec.index);
                 self.proxy.close_connections(rec.index);
+                self.proxy.set_user(rec.index, None);
                 self.dns.forget(rec.index);
                 self.alerts.remove_sandbox(&rec.name);
                 self.bursts.forget(rec.index);
@@ -856,13 +928,18 @@ impl Core {
                 let _ = self.links().detach(rec.cgroup_id);
                 let _ = self.maps.remove_sandbox(rec.cgroup_id);
                 let _ = self.maps.clear_slot(rec.slot);
-                self.audit
-                    .emit(Record::SandboxDetach(Self::lifecycle(&rec)));
+                self.audit.emit(Record::SandboxDetach(Self::detached(
+                    &rec,
+                    DetachReason::CgroupRemoved,
+                )));
                 self.state.sandboxes.remove(&rec.name);
                 continue;
             }
-            if let Err(e) = self.prepare_proxy(&policy, &rec.cgroup, rec.netns.as_deref()) {
-                tracing::error!(sandbox = %rec.name, error = %e, "Restoring the proxy for an adopted sandbox failed; its proxied connections fail until fixed");
+            match self.prepare_proxy(&policy, &rec.cgroup, rec.netns.as_deref(), rec.netns_inode) {
+                Ok(listener) => self.proxy.set_user(rec.index, listener),
+                Err(e) => {
+                    tracing::error!(sandbox = %rec.name, error = %e, "Restoring the proxy for an adopted sandbox failed; its proxied connections fail until fixed");
+                }
             }
             let policy = Arc::new(policy);
             self.set_route(&rec, &policy);
@@ -942,6 +1019,11 @@ impl Core {
             .map(|rec| {
                 let c = self.maps.counters(rec.index);
                 let policy = self.compiled.get(&rec.name);
+                let netns = rec.netns.clone().or_else(|| netns_of_cgroup(&rec.cgroup));
+                let netns_inode = netns
+                    .as_deref()
+                    .and_then(|p| netns_id(p).ok())
+                    .map(|id| id.1);
                 SandboxStatus {
                     name: rec.name.clone(),
                     cgroup: rec.cgroup.clone(),
@@ -953,6 +1035,8 @@ impl Core {
                         .unwrap_or_default(),
                     rules: policy.map_or(0, |p| p.rules().len()),
                     attached_at: rec.attached_at.clone(),
+                    netns,
+                    netns_inode,
                     hooks: self
                         .links()
                         .pinned_hooks(rec.cgroup_id)
@@ -978,6 +1062,7 @@ impl Core {
             bpffs: self.bpffs.clone(),
             audit_log: self.audit_log.clone(),
             events_lost: self.maps.lost_total(),
+            proxy_listeners: self.proxy.listening_in().len(),
             sandboxes,
         }
     }

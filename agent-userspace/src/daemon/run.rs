@@ -16,7 +16,7 @@ use crate::{
         ProxyEvent, Record, StopReason,
     },
     bpf::{ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout, PolicyMaps, Programs},
-    control::{self, Handler, Request, Response},
+    control::{self, DetachReason, Handler, Request, Response},
     credentials::CredentialStore,
     proxy::{CertAuthority, Proxy, ProxyConfig},
 };
@@ -67,7 +67,11 @@ impl Handler for Shared {
                 netns,
             } => core.attach(&cgroup, name, policy_path, policy_source, netns),
             Request::CaExport => Ok(core.proxy.ca_pem.clone()),
-            Request::Detach { name, cgroup } => core.detach(name, cgroup),
+            Request::Detach {
+                name,
+                cgroup,
+                reason,
+            } => core.detach(name, cgroup, reason.unwrap_or(DetachReason::Operator)),
             Request::Quarantine { name, reason } => core.quarantine_by_operator(&name, reason),
             Request::Release { name } => core.release(&name),
             Request::Status => {
@@ -201,6 +205,12 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let listener = control::bind(&opts.socket)
         .with_context(|| format!("binding control socket {}", opts.socket.display()))?;
     let server = tokio::spawn(control::serve(listener, shared.clone()));
+    // Ready: sandboxes are adopted and the control socket accepts requests.
+    match super::notify::notify("READY=1") {
+        Ok(true) => tracing::debug!("Readiness sent to the service manager"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "Notifying the service manager failed"),
+    }
 
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut lost_poll = tokio::time::interval(LOST_POLL);
@@ -236,6 +246,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     }
 
     tracing::info!("Stopping; sandboxes stay confined (pinned links)");
+    let _ = super::notify::notify("STOPPING=1");
     server.abort();
     let rest = events.drain_now();
     record_events(&shared, &clock, rest);
