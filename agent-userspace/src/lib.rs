@@ -2,7 +2,8 @@
 //!
 //! Modules by concern: `policy` turns policy files into checked rules and kernel map
 //! entries; `bpf` loads, pins and attaches the kernel programs and reads their events;
-//! `dns` answers sandboxes' lookups for allowed names only; `audit` writes the JSONL audit
+//! `dns` answers sandboxes' lookups for allowed names only; `net` holds the
+//! special-purpose address table; `audit` writes the JSONL audit
 //! trail; `control` is the daemon's Unix-socket protocol;
 //! `daemon` ties them together.
 pub mod audit;
@@ -12,5 +13,6 @@ pub mod control;
 pub mod credentials;
 pub mod daemon;
 pub mod dns;
+pub mod net;
 pub mod policy;
 pub mod proxy;

@@ -21,7 +21,8 @@ use crate::{
 };
 
 /// Installs addresses a sandbox's resolver learned: (sandbox index, addresses).
-pub type LearnSink = Arc<dyn Fn(u32, &[Learned]) -> Result<(), String> + Send + Sync>;
+pub type LearnSink =
+    Arc<dyn Fn(u32, &[Learned]) -> Result<Vec<dns::Refusal>, String> + Send + Sync>;
 
 /// One address in a sandbox's kernel rules because an allowed name resolved to it.
 #[derive(Debug, Clone)]
@@ -115,6 +116,7 @@ impl DnsRuntime {
         let shared_policy = Arc::new(RwLock::new(policy.clone()));
         let sink = self.sink.clone();
         let audit = self.audit.clone();
+        let alerts = self.audit.clone();
         let ctx = Arc::new(ResolverCtx {
             sandbox: sandbox.to_string(),
             policy: shared_policy.clone(),
@@ -125,6 +127,8 @@ impl DnsRuntime {
                 None => Err("the daemon is still starting".into()),
             }),
             audit: Arc::new(move |r| audit.emit(Record::Dns(r))),
+            alert: Arc::new(move |a| alerts.emit(Record::Alert(a))),
+            budget: Arc::default(),
             timeout: Duration::from_secs(3),
             max_label: dns::DEFAULT_MAX_LABEL,
         });
