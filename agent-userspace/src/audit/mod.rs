@@ -18,8 +18,8 @@ pub use clock::ClockOffset;
 pub use record::{
     action, format_timestamp, ConnectionId, CredentialRevoke, DaemonStart, DaemonStop, DecodeError,
     DetachReason, DnsEvent, DnsVerdict, EncodeError, EventsLost, Hook, NetworkDecision,
-    PolicyChange, PolicyDigest, PolicyRejected, ProxyEvent, Quarantine, Record, RuleRef,
-    SandboxLifecycle, SocketFamily, StopReason, Verdict, ECS_VERSION, PRODUCT, VERSION,
+    PolicyChange, PolicyDigest, PolicyRejected, ProxyEvent, Quarantine, Record, RefusedAnswer,
+    RuleRef, SandboxLifecycle, SocketFamily, StopReason, Verdict, ECS_VERSION, PRODUCT, VERSION,
 };
 pub use writer::{
     AuditError, AuditHandle, AuditLog, AuditSink, AuditSummary, AuditTask, AuditWriter, LogTail,

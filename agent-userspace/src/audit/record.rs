@@ -835,8 +835,12 @@ pub struct DnsEvent {
     /// `SERVFAIL`, `FORMERR`, or whatever other code the upstream resolver answered.
     pub response_code: String,
     /// `dns.resolved_ip`: the A/AAAA addresses released to the sandbox (and installed in
-    /// the kernel before that). IPv4-mapped addresses are written as IPv4.
+    /// the kernel before that), and only those. IPv4-mapped addresses are written as IPv4.
     pub resolved_ip: Vec<IpAddr>,
+    /// `egress.dns.refused`: addresses the upstream answer held that were neither
+    /// installed nor released (a special address, outside the rule's `answers`, covered
+    /// by a deny rule, ...), each with why.
+    pub refused: Vec<RefusedAnswer>,
     /// `egress.verdict`; also decides `event.outcome` and `event.type`.
     pub verdict: DnsVerdict,
     /// `rule.name`: the first policy rule that allows the name; for a denied name, the
@@ -847,6 +851,13 @@ pub struct DnsEvent {
     /// `server.ip` and `server.port`: the upstream resolver that answered, or the last one
     /// tried.
     pub upstream: Option<SocketAddr>,
+}
+
+/// An answer's address the resolver did not release, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedAnswer {
+    pub ip: IpAddr,
+    pub reason: String,
 }
 
 impl DnsEvent {
@@ -880,6 +891,16 @@ impl DnsEvent {
         wire.rule = non_empty(&self.rule).map(|name| WireRule { name });
         wire.egress.sandbox = Some(WireSandbox::named(&self.sandbox));
         wire.egress.verdict = Some(verdict);
+        wire.egress.dns = (!self.refused.is_empty()).then(|| WireEgressDns {
+            refused: self
+                .refused
+                .iter()
+                .map(|r| WireRefusedAnswer {
+                    ip: r.ip.to_canonical(),
+                    reason: &r.reason,
+                })
+                .collect(),
+        });
     }
 }
 
@@ -1362,11 +1383,25 @@ struct WireEgress<'a> {
     alert: Option<WireAlert>,
     #[serde(skip_serializing_if = "Option::is_none")]
     quarantine: Option<WireQuarantine<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<WireEgressDns<'a>>,
 }
 
 #[derive(Serialize)]
 struct WireQuarantine<'a> {
     trigger: &'a str,
+}
+
+/// `egress.dns`: what the resolver kept from the sandbox.
+#[derive(Serialize)]
+struct WireEgressDns<'a> {
+    refused: Vec<WireRefusedAnswer<'a>>,
+}
+
+#[derive(Serialize)]
+struct WireRefusedAnswer<'a> {
+    ip: IpAddr,
+    reason: &'a str,
 }
 
 #[derive(Serialize)]

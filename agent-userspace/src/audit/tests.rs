@@ -264,6 +264,7 @@ fn dns_allowed() -> DnsEvent {
             IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
             IpAddr::V6(Ipv4Addr::new(192, 0, 2, 11).to_ipv6_mapped()),
         ],
+        refused: Vec::new(),
         verdict: DnsVerdict::Allow,
         rule: Some("github".into()),
         reason: None,
@@ -324,7 +325,34 @@ fn dns_kinds() -> Vec<Record> {
             ..dns_allowed()
         }
         .into(),
+        dns_with_refused().into(),
+        DnsEvent {
+            question_type: "TXT".into(),
+            response_code: "REFUSED".into(),
+            reason: Some("query type TXT is not answered".into()),
+            ..dns_denied()
+        }
+        .into(),
     ]
+}
+
+/// An answer of which one address was released and two refused.
+fn dns_with_refused() -> DnsEvent {
+    DnsEvent {
+        resolved_ip: vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))],
+        refused: vec![
+            crate::audit::RefusedAnswer {
+                ip: IpAddr::V6(Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped()),
+                reason: "127.0.0.1 is a loopback address".into(),
+            },
+            crate::audit::RefusedAnswer {
+                ip: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)),
+                reason: "the address is outside the `answers` of rule `github`".into(),
+            },
+        ],
+        reason: Some("2 answer address(es) refused; see egress.dns.refused".into()),
+        ..dns_allowed()
+    }
 }
 
 /// One of every kind, and every verdict and address shape for network decisions.
@@ -1129,6 +1157,22 @@ fn dns_fields_use_ecs_names_and_nesting() {
     for absent in ["rule", "server"] {
         assert!(line.get(absent).is_none(), "{absent} in {line}");
     }
+
+    // Refused answer addresses: beside, never inside, dns.resolved_ip.
+    let line: Value =
+        serde_json::from_slice(&Record::from(dns_with_refused()).encode(6).unwrap()).unwrap();
+    assert_eq!(
+        line["dns"]["resolved_ip"],
+        serde_json::json!(["192.0.2.10"])
+    );
+    assert_eq!(
+        line["egress"]["dns"],
+        serde_json::json!({"refused": [
+            {"ip": "127.0.0.1", "reason": "127.0.0.1 is a loopback address"},
+            {"ip": "198.51.100.7", "reason": "the address is outside the `answers` of rule `github`"}
+        ]})
+    );
+    assert!(validator().is_valid(&line), "{line}");
 }
 
 #[test]
@@ -1185,6 +1229,16 @@ fn schema_catches_dns_drift() {
         }),
         ("server without port", &allowed, |v| {
             v["server"] = serde_json::json!({"ip": "192.0.2.53"})
+        }),
+        ("empty refused list", &allowed, |v| {
+            v["egress"]["dns"] = serde_json::json!({"refused": []})
+        }),
+        ("refused address without a reason", &allowed, |v| {
+            v["egress"]["dns"] = serde_json::json!({"refused": [{"ip": "127.0.0.1"}]})
+        }),
+        ("refused address written mapped", &allowed, |v| {
+            v["egress"]["dns"] =
+                serde_json::json!({"refused": [{"ip": "::ffff:127.0.0.1", "reason": "x"}]})
         }),
     ];
     for (what, good, mutate) in cases {

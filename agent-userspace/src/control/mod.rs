@@ -5,7 +5,9 @@ mod protocol;
 mod server;
 
 pub use client::{call, call_timeout};
-pub use protocol::{DaemonStatus, DetachReason, QuarantineStatus, Request, Response, SandboxStatus};
+pub use protocol::{
+    DaemonStatus, DetachReason, QuarantineStatus, Request, Response, SandboxStatus,
+};
 pub use server::{bind, serve, Handler};
 
 /// Default socket path.

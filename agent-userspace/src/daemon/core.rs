@@ -17,8 +17,8 @@ use super::{
 use crate::{
     alerts::{Alerts, DenialBursts},
     audit::{
-        Alert, AlertKind, AuditHandle, CredentialRevoke, DetachReason, PolicyChange,
-        PolicyDigest, PolicyRejected, Quarantine, Record, RuleRef, SandboxLifecycle,
+        Alert, AlertKind, AuditHandle, CredentialRevoke, DetachReason, PolicyChange, PolicyDigest,
+        PolicyRejected, Quarantine, Record, RuleRef, SandboxLifecycle,
     },
     bpf::{attached_cgroups, Links, PinLayout, PolicyMaps, Programs, HOOKS},
     cgroup::Cgroup,
@@ -238,7 +238,13 @@ impl Core {
 
     /// Puts addresses a sandbox's resolver learned into its kernel rules; called before
     /// the answer is released to the sandbox.
-    pub fn learn(&mut self, index: u32, learned: &[crate::dns::Learned]) -> Result<(), String> {
+    /// Returns the addresses it refused to install, with why; the resolver removes them
+    /// from the answer.
+    pub fn learn(
+        &mut self,
+        index: u32,
+        learned: &[crate::dns::Learned],
+    ) -> Result<Vec<crate::dns::Refusal>, String> {
         let rec = self.state.by_index(index).ok_or("sandbox is gone")?.clone();
         if rec.quarantine.is_some() {
             return Err("the sandbox is quarantined".into());
@@ -251,17 +257,23 @@ impl Core {
         let dns = policy.dns().cloned();
         // Counted once per answer, not per address: the table is shared by all sandboxes.
         let mut held = self.dns.learned.keys().filter(|(i, _)| *i == index).count();
+        let mut refused = Vec::new();
         for l in learned {
             // Judge the name by the policy in force now, not the one the query started
             // under: a replacement in between must not be widened by a late answer.
             let ids_now = policy.rules_for_name(&l.name);
             if ids_now.is_empty() {
                 tracing::info!(sandbox = %rec.name, name = %l.name, "Answer for a name the current policy no longer allows; not learned");
+                refused.push((
+                    l.addr,
+                    "the policy in force no longer allows the name".to_owned(),
+                ));
                 continue;
             }
             let addr = l.addr.to_canonical();
-            if let Some(why) = self.refuse_learning(&policy, addr) {
-                tracing::warn!(sandbox = %rec.name, name = %l.name, %addr, why, "Not learning a DNS answer");
+            if let Some(why) = self.refuse_learning(&policy, &ids_now, addr) {
+                tracing::warn!(sandbox = %rec.name, name = %l.name, %addr, %why, "Not learning a DNS answer");
+                refused.push((l.addr, why));
                 continue;
             }
             let key = (index, addr);
@@ -315,13 +327,19 @@ impl Core {
                 },
             );
         }
-        Ok(())
+        Ok(refused)
     }
 
     /// Why an answer's address must not become reachable through a name: DNS rebinding to
-    /// loopback, private, link-local or metadata addresses (unless a static rule lists
-    /// them), or an address a static `deny` rule covers.
-    fn refuse_learning(&self, policy: &Policy, addr: std::net::IpAddr) -> Option<&'static str> {
+    /// a special address ([`crate::net::special`]: loopback, private, link-local,
+    /// metadata, tunnels into IPv4, ...) unless a static rule or the `answers` of one of
+    /// the name's rules (`rule_ids`) names it, or an address a static `deny` rule covers.
+    fn refuse_learning(
+        &self,
+        policy: &Policy,
+        rule_ids: &[u16],
+        addr: std::net::IpAddr,
+    ) -> Option<String> {
         let static_rules = || {
             policy
                 .rules()
@@ -329,16 +347,18 @@ impl Core {
                 .filter(|r| r.nets().iter().any(|n| n.contains(&addr)))
         };
         if static_rules().any(|r| r.action() == crate::policy::Action::Deny) {
-            return Some("a deny rule covers the address");
+            return Some("a deny rule covers the address".to_owned());
         }
-        match crate::proxy::special_address(addr) {
-            Some(what)
-                if !static_rules().any(|r| super::proxy::explicitly_covers(r.nets(), addr)) =>
-            {
-                Some(what)
-            }
-            _ => None,
-        }
+        let special = crate::net::special_address(addr)?;
+        let named = static_rules().any(|r| crate::net::explicitly_covers(r.nets(), addr))
+            || rule_ids
+                .iter()
+                .filter_map(|&id| policy.rule(id))
+                .filter_map(|r| r.answers())
+                .any(|pins| crate::net::explicitly_covers(pins, addr));
+        (!named).then(|| {
+            format!("{addr} is a {special}, and no rule names it explicitly (a static rule or `answers`)")
+        })
     }
 
     /// Detaches sandboxes whose cgroup directory is gone (the container was removed

@@ -3,7 +3,7 @@
 //! and the policy rule that redirected it.
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{Ipv6Addr, SocketAddr},
     path::Path,
     sync::{Arc, Mutex, RwLock},
 };
@@ -248,22 +248,11 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
     }
 }
 
-/// Whether the rule's `to` names `ip` explicitly: a listed network that contains it and
-/// lies inside the special block the address belongs to (so `10.1.2.3/32` or `10.0.0.0/8`
-/// covers 10.1.2.3, but `0.0.0.0/0` does not).
-pub(super) fn explicitly_covers(nets: &[IpNet], ip: IpAddr) -> bool {
-    let ip = ip.to_canonical();
-    match crate::proxy::special_block(ip) {
-        None => nets.iter().any(|n| n.contains(&ip)),
-        Some((_, block)) => nets
-            .iter()
-            .any(|n| n.contains(&ip) && n.prefix_len() >= block.prefix_len()),
-    }
-}
-
 fn route_for(policy: &Arc<Policy>, rule_id: u16) -> Option<Route> {
     let rule = policy.proxy_rule(rule_id)?;
-    let nets: Vec<IpNet> = rule.nets().to_vec();
+    // A special address is named by the rule's static networks or by its `answers`.
+    let mut nets: Vec<IpNet> = rule.nets().to_vec();
+    nets.extend(rule.answers().unwrap_or_default());
     let (p1, p2) = (policy.clone(), policy.clone());
     Some(Route {
         rule_name: rule.name().to_string(),
@@ -274,37 +263,7 @@ fn route_for(policy: &Arc<Policy>, rule_id: u16) -> Option<Route> {
             p2.proxy_rule(rule_id)
                 .map_or(Err("rule is gone".into()), |r| r.check_request(m, p))
         }),
-        explicitly_covers: Box::new(move |ip| explicitly_covers(&nets, ip)),
+        explicitly_covers: Box::new(move |ip| crate::net::explicitly_covers(&nets, ip)),
         git: rule.git().cloned(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn special_addresses_need_an_explicit_rule() {
-        let n = |s: &str| s.parse::<IpNet>().unwrap_or_else(|_| unreachable!());
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|_| unreachable!());
-        assert!(explicitly_covers(&[n("192.0.2.10/32")], ip("192.0.2.10")));
-        assert!(!explicitly_covers(&[n("0.0.0.0/0")], ip("10.1.2.3")));
-        assert!(explicitly_covers(&[n("10.0.0.0/8")], ip("10.1.2.3")));
-        assert!(!explicitly_covers(&[n("0.0.0.0/0")], ip("169.254.169.254")));
-        assert!(explicitly_covers(
-            &[n("169.254.169.254/32")],
-            ip("169.254.169.254")
-        ));
-        assert!(!explicitly_covers(&[n("::/0")], ip("::1")));
-        assert!(!explicitly_covers(&[n("::/0")], ip("fd00:ec2::254")));
-        assert!(explicitly_covers(&[n("fd00::/8")], ip("fd00:ec2::254")));
-        assert!(!explicitly_covers(&[n("::/0")], ip("::ffff:127.0.0.1")));
-        // One list of special blocks for the proxy's dial check and this one.
-        assert!(!explicitly_covers(&[n("0.0.0.0/0")], ip("100.100.100.200")));
-        assert!(explicitly_covers(
-            &[n("100.64.0.0/10")],
-            ip("100.100.100.200")
-        ));
-        assert!(!explicitly_covers(&[n("::/0")], ip("64:ff9b::a9fe:a9fe")));
-    }
 }

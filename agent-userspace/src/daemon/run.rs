@@ -135,11 +135,13 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     )
     .context("setting up the proxy")?;
     let peers = PeerMap::new(&mut programs)?;
+    let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
     let dns = super::dns::DnsRuntime::new(
         opts.dns_port_base,
         opts.dns_upstream.clone(),
         proxy.dialer(),
         audit.clone(),
+        alerts.clone(),
         tokio::runtime::Handle::current(),
     );
     let proxy = super::proxy::ProxyRuntime::new(
@@ -150,8 +152,6 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         peers,
         tokio::runtime::Handle::current(),
     );
-
-    let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
 
     let previous = State::load(&opts.state_dir)?;
     let previous_seen = previous

@@ -37,7 +37,7 @@ pub use compile::{
     Protocol, RequestTest, Rule, MAX_RULES, POLICY_VERSION,
 };
 pub use decide::{Decision, Verdict};
-pub use dns::DnsConfig;
+pub use dns::{DnsBudget, DnsConfig};
 pub use error::{CompileError, FieldPath, Location, PolicyError, Segment};
 pub use host::HostPattern;
 pub use http::{HttpRule, MethodPattern, PathGlob};
@@ -260,7 +260,8 @@ tests:
                 7,
                 "    port: 443",
                 "p.yaml:7:5: rules[0].port: unknown field `port`, expected one of `name`, \
-                 `to`, `ports`, `protocol`, `action`, `hosts`, `credential`, `http`, `git`",
+                 `to`, `ports`, `protocol`, `action`, `hosts`, `credential`, `http`, `git`, \
+                 `answers`",
             ),
             (
                 2,
