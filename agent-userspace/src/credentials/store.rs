@@ -17,6 +17,7 @@ use super::file::FileSource;
 use super::github_app::{GithubApp, UpstreamOptions};
 use super::raw::{RawCredential, RawInject, RawSource};
 use super::secret::Secret;
+use super::vault::Vault;
 
 /// How long a `command` source may run before it is killed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -99,6 +100,7 @@ enum Source {
     Env { var: String, value: Arc<Secret> },
     Command(CommandSource),
     GithubApp(GithubApp),
+    Vault(Vault),
 }
 
 impl fmt::Debug for Source {
@@ -116,6 +118,7 @@ impl fmt::Debug for Source {
                 .field("ttl", &c.ttl)
                 .finish_non_exhaustive(),
             Self::GithubApp(app) => app.fmt(f),
+            Self::Vault(v) => v.fmt(f),
         }
     }
 }
@@ -268,6 +271,7 @@ impl CredentialStore {
             match &mut c.source {
                 Source::Command(cmd) => cmd.timeout = timeout,
                 Source::GithubApp(app) => app.timeout = timeout,
+                Source::Vault(v) => v.timeout = timeout,
                 _ => {}
             }
         }
@@ -321,6 +325,7 @@ impl Credential {
                 Ok(value)
             }
             Source::GithubApp(app) => app.token().await,
+            Source::Vault(v) => v.value().await,
         }
     }
 
@@ -503,6 +508,7 @@ fn compile(
             })
         }
         RawSource::GithubApp(app) => Source::GithubApp(GithubApp::compile(name, app, upstream)?),
+        RawSource::Vault(v) => Source::Vault(Vault::compile(name, v)?),
     };
 
     let inject = compile_inject(&raw.inject).map_err(|(field, reason)| config(field, reason))?;
