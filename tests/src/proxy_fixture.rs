@@ -97,13 +97,15 @@ rules:
 "#;
 
 /// Where the `github` credential's value comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GithubSource {
     /// `{ file: <secrets>/github-token }`.
     File,
     /// `{ command: { argv: [<secrets>/token-cmd.sh], ttl } }`: the script appends a line
     /// to [`ProxyFixture::command_counter`] and prints `<token>-run<N>`, N its run count.
     Command { ttl: u64 },
+    /// A `source:` value written by the test (YAML flow style).
+    Custom(String),
 }
 
 /// Knobs for [`ProxyFixture::new`].
@@ -116,6 +118,8 @@ pub struct ProxyOpts {
     pub nameserver: Option<IpAddr>,
     /// The `github` credential's `revoke: { argv }`, when set.
     pub github_revoke: Option<Vec<String>>,
+    /// More entries of the config's `credentials:` map (YAML, indented by two spaces).
+    pub extra_credentials: String,
 }
 
 impl Default for ProxyOpts {
@@ -125,6 +129,7 @@ impl Default for ProxyOpts {
             github: GithubSource::File,
             nameserver: None,
             github_revoke: None,
+            extra_credentials: String::new(),
         }
     }
 }
@@ -201,6 +206,7 @@ impl ProxyFixture {
             &token,
             opts.github,
             opts.github_revoke.as_deref(),
+            &opts.extra_credentials,
         )?;
         let daemon = Daemon::start(DaemonOpts {
             extra_args: vec!["--config".into(), config.display().to_string()],
@@ -526,6 +532,7 @@ fn write_config(
     token: &str,
     github: GithubSource,
     github_revoke: Option<&[String]>,
+    extra_credentials: &str,
 ) -> Result<PathBuf> {
     let source = match github {
         GithubSource::File => {
@@ -549,6 +556,7 @@ fn write_config(
                 script.display()
             )
         }
+        GithubSource::Custom(source) => source,
     };
     let revoke = github_revoke.map_or_else(String::new, |argv| {
         let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
@@ -568,6 +576,7 @@ credentials:
     source: {{ env: {GIT_TOKEN_ENV} }}
     inject: {{ basic: {{ user: x-access-token }} }}
     hosts: [{GIT_HOST}]
+{extra_credentials}
 "#,
         ca = ca.cert().display(),
         world_ns = world.netns().path().display(),

@@ -640,11 +640,12 @@ impl Quarantine {
     }
 }
 
-/// `credential-revoke`: what quarantine did to one credential's live value. Names only.
+/// `credential-revoke`: what quarantine (or the detach of the last sandbox using a leased
+/// credential) did to one credential's live value. Names only.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CredentialRevoke {
     pub time: OffsetDateTime,
-    /// `egress.sandbox.name`: the quarantined sandbox whose policy names the credential.
+    /// `egress.sandbox.name`: the quarantined (or detached) sandbox whose policy names it.
     pub sandbox: String,
     /// `egress.credential.name`.
     pub credential: String,

@@ -708,8 +708,11 @@ impl Core {
                 self.alerts.remove_sandbox(&rec.name);
                 self.bursts.forget(rec.index);
                 self.state.sandboxes.remove(&rec.name);
-                self.compiled.remove(&rec.name);
+                let policy = self.compiled.remove(&rec.name);
                 self.save_state();
+                if let Some(policy) = policy {
+                    self.revoke_unused_leases(&rec.name, &policy);
+                }
                 Ok(format!(
                     "detached sandbox {:?} (cgroup {})",
                     rec.name,
@@ -823,6 +826,32 @@ impl Core {
             .map(str::to_string)
             .filter(|n| store.can_revoke(n))
             .collect();
+        self.spawn_revocations(sandbox, names)
+    }
+
+    /// After a detach: leases (secret-store credentials) that the detached sandbox's policy
+    /// named and no remaining sandbox's policy names are revoked at the store, so no live
+    /// secret outlasts the last sandbox that could use it.
+    fn revoke_unused_leases(&self, sandbox: &str, policy: &Policy) {
+        let store = self.proxy.credentials();
+        let names: Vec<String> = policy
+            .credential_names()
+            .into_iter()
+            .filter(|n| store.holds_leases(n))
+            .filter(|n| {
+                !self
+                    .compiled
+                    .values()
+                    .any(|p| p.credential_names().contains(n))
+            })
+            .map(str::to_string)
+            .collect();
+        self.spawn_revocations(sandbox, names);
+    }
+
+    /// Revokes `names` in the background, one `credential-revoke` record each.
+    fn spawn_revocations(&self, sandbox: &str, names: Vec<String>) -> Vec<String> {
+        let store = self.proxy.credentials();
         if names.is_empty() {
             return names;
         }
