@@ -142,6 +142,36 @@ fn runc_hook_confines_from_the_first_instruction() -> Result<()> {
             .is_some_and(|p| p.ends_with(cgroups_path.trim_start_matches('/'))),
         "the hook attached another cgroup than the container's: {attach}"
     );
+
+    // A container that claims another's sandbox name is not created, and its poststop
+    // hook (runc runs it while cleaning up) does not release the other sandbox.
+    fx.attach(DENY_ALL)?;
+    let victim = fx.sandbox.label();
+    let cgroups_path = unique_cgroups_path("claim");
+    let out = runc.run(
+        &image,
+        &unique_name("claim"),
+        &ContainerSpec {
+            args: vec!["echo".into(), "container-ran".into()],
+            cgroups_path: cgroups_path.clone(),
+            annotations: vec![
+                ("io.egressd.policy".into(), "web".into()),
+                ("io.egressd.sandbox".into(), victim.into()),
+            ],
+            ..spec
+        },
+    )?;
+    container::remove_cgroup(&cgroups_path);
+    ensure!(
+        !out.status.success() && !text(&out).contains("container-ran\n"),
+        "a container claiming another sandbox's name ran: {}",
+        text(&out)
+    );
+    let s = fx.daemon.status_sandbox(victim)?;
+    ensure!(
+        s.is_some_and(|s| get_u64(&s, "cgroup_id") == Some(fx.sandbox.cgroup().id())),
+        "the other sandbox was released"
+    );
     Ok(())
 }
 
