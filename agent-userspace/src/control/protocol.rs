@@ -21,7 +21,8 @@ pub enum Request {
         #[serde(default)]
         netns: Option<PathBuf>,
     },
-    /// Remove confinement, by sandbox name or by cgroup path.
+    /// Remove confinement, by sandbox name or by cgroup path; with both, the named sandbox
+    /// only if it confines that cgroup.
     Detach {
         name: Option<String>,
         cgroup: Option<PathBuf>,

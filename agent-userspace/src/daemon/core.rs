@@ -667,8 +667,9 @@ impl Core {
         Ok((index, msg))
     }
 
-    /// Removes confinement by name or cgroup path. A cgroup with links pinned but no state
-    /// (left by a lost state directory) is detached too.
+    /// Removes confinement by name or cgroup path (by name, when both are given, only if
+    /// the sandbox is that cgroup's). A cgroup with links pinned but no state (left by a
+    /// lost state directory) is detached too.
     pub fn detach(
         &mut self,
         name: Option<String>,
@@ -676,13 +677,25 @@ impl Core {
         reason: DetachReason,
     ) -> Result<String, String> {
         let (rec, cgroup_id) = match (name, cgroup) {
-            (Some(n), _) => {
+            (Some(n), expected) => {
                 let rec = self
                     .state
                     .sandboxes
                     .get(&n)
                     .cloned()
                     .ok_or_else(|| format!("no sandbox named {n:?}"))?;
+                // Name and cgroup together (a runtime hook): only that cgroup's sandbox
+                // goes, so a container named like another cannot release the other.
+                if let Some(path) = expected {
+                    let want = crate::cgroup::resolve(&path).map_err(|e| e.to_string())?;
+                    if rec.cgroup != want {
+                        return Err(format!(
+                            "sandbox {n:?} confines cgroup {}, not {}; not detached",
+                            rec.cgroup.display(),
+                            want.display()
+                        ));
+                    }
+                }
                 let id = rec.cgroup_id;
                 (Some(rec), id)
             }
