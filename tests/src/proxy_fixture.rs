@@ -114,6 +114,10 @@ pub struct ProxyOpts {
     /// When set, the sandbox resolves names through DNS (this `nameserver`, which the
     /// daemon's redirect answers) instead of a hosts file naming the origins.
     pub nameserver: Option<IpAddr>,
+    /// Appended to the daemon's configuration file (top-level YAML keys).
+    pub extra_config: String,
+    /// Audit log path instead of the daemon's default (see [`DaemonOpts::audit_log`]).
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Default for ProxyOpts {
@@ -122,6 +126,8 @@ impl Default for ProxyOpts {
             policy: PROXY_POLICY.to_string(),
             github: GithubSource::File,
             nameserver: None,
+            extra_config: String::new(),
+            audit_log: None,
         }
     }
 }
@@ -191,8 +197,16 @@ impl ProxyFixture {
             None => HostsFile::new(sandbox.netns(), &sandbox_hosts())?,
         };
 
-        let config = write_config(&secrets, &ca, &world, &token, opts.github)?;
+        let config = write_config(
+            &secrets,
+            &ca,
+            &world,
+            &token,
+            opts.github,
+            &opts.extra_config,
+        )?;
         let daemon = Daemon::start(DaemonOpts {
+            audit_log: opts.audit_log.clone(),
             extra_args: vec!["--config".into(), config.display().to_string()],
             env: vec![
                 (GIT_TOKEN_ENV.into(), token.clone()),
@@ -515,6 +529,7 @@ fn write_config(
     world: &World,
     token: &str,
     github: GithubSource,
+    extra: &str,
 ) -> Result<PathBuf> {
     let source = match github {
         GithubSource::File => {
@@ -557,5 +572,5 @@ credentials:
         ca = ca.cert().display(),
         world_ns = world.netns().path().display(),
     );
-    secrets.write("egressd.yaml", &config)
+    secrets.write("egressd.yaml", &format!("{config}{extra}"))
 }

@@ -19,15 +19,19 @@ pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Response> {
         )
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    // The daemon may answer (e.g. that the request is too large) and close before taking
+    // all of it: then its answer, not the broken pipe, is what to report.
+    let sent = stream.write_all(&line);
     let mut reader = BufReader::new(stream);
     let mut resp = String::new();
     reader
         .read_line(&mut resp)
         .context("reading egressd's response")?;
     if resp.is_empty() {
+        sent.context("sending the request to egressd")?;
         bail!("egressd closed the connection without answering");
     }
     serde_json::from_str(&resp).context("decoding egressd's response")

@@ -66,6 +66,9 @@ pub struct DaemonStatus {
     pub audit_log: String,
     /// Kernel events that could not be delivered, since the maps were created.
     pub events_lost: u64,
+    /// Whether audit records are being written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<crate::audit::AuditHealth>,
     pub sandboxes: Vec<SandboxStatus>,
 }
 

@@ -38,7 +38,7 @@ pub use compile::{
 };
 pub use decide::{Decision, Verdict};
 pub use dns::DnsConfig;
-pub use error::{CompileError, FieldPath, Location, PolicyError, Segment};
+pub use error::{CompileError, FieldPath, Location, PolicyError, Segment, MAX_POLICY_BYTES};
 pub use host::HostPattern;
 pub use http::{HttpRule, MethodPattern, PathGlob};
 pub use kernel::{KernelRules, KernelRulesError};
