@@ -622,6 +622,10 @@ fn idle_proxied_connections_of_one_sandbox_do_not_starve_another() -> Result<()>
         "idle connections: {line:?}"
     );
     eprintln!("{IDLE} idle connections open after {:?}", t0.elapsed());
+    // The daemon holds at most the hog's cap of them (plus its own few dozen descriptors).
+    let pid = fx.daemon.pid().context("daemon pid")?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    ensure!(fds < 1024 + 256, "the daemon holds {fds} descriptors");
 
     // The other sandbox and the control socket are unaffected.
     for _ in 0..5 {
@@ -660,9 +664,11 @@ fn idle_proxied_connections_of_one_sandbox_do_not_starve_another() -> Result<()>
             })
             .count())
     };
+    // (How many of each depends on timing: slots free up as waiting connections are
+    // refused, and later connections take them.)
     let over_cap = poll(Duration::from_secs(10), Duration::from_millis(200), || {
         let n = refused("max_connections_per_sandbox")?;
-        Ok((n >= (IDLE - 1024) as usize).then_some(n))
+        Ok((n > 0).then_some(n))
     })?;
     ensure!(
         over_cap.is_some(),
@@ -682,8 +688,8 @@ fn idle_proxied_connections_of_one_sandbox_do_not_starve_another() -> Result<()>
     let _ = holder.kill();
     let _ = holder.wait();
     eprintln!(
-        "hog refused: {:?} over the connection cap, {:?} waiting for a handshake slot",
-        over_cap, waited
+        "hog refused: {over_cap:?} over the connection cap, {waited:?} waiting for a \
+         handshake slot; daemon descriptors: {fds}"
     );
     Ok(())
 }
