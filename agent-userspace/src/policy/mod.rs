@@ -742,6 +742,24 @@ tests:
     }
 
     #[test]
+    fn policies_over_one_mib_are_refused_whole() {
+        let mut src = String::from("version: 1\ndefault: deny\nrules: []\n");
+        let fits = MAX_POLICY_BYTES - src.len();
+        src.push_str(&"#".repeat(fits - 1));
+        src.push('\n');
+        assert_eq!(src.len(), MAX_POLICY_BYTES);
+        assert!(parse_str(&src, "p.yaml").is_ok());
+        src.push('\n');
+        let err = parse_str(&src, "p.yaml").unwrap_err();
+        assert!(matches!(err, PolicyError::TooLarge { .. }));
+        assert_eq!(
+            err.to_string(),
+            "p.yaml: the policy is 1048577 bytes; policies are limited to 1048576 bytes \
+             (1 MiB): split the sandbox's rules or use wider patterns and CIDRs"
+        );
+    }
+
+    #[test]
     fn io_errors_name_the_path() {
         let err = load_file(std::path::Path::new("/nonexistent/p.yaml")).unwrap_err();
         assert!(matches!(err, PolicyError::Io { .. }));

@@ -1096,6 +1096,24 @@ fn bad_config_values_are_rejected() {
         ..ProxyConfig::default()
     })
     .is_err());
+    let err = make(ProxyConfig {
+        max_connections_per_sandbox: 0,
+        ..ProxyConfig::default()
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("max_connections_per_sandbox"),
+        "{err}"
+    );
+    let err = make(ProxyConfig {
+        max_handshakes_per_sandbox: 0,
+        ..ProxyConfig::default()
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("max_handshakes_per_sandbox"),
+        "{err}"
+    );
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "").unwrap();
     let err = make(ProxyConfig {
