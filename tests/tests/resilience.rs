@@ -1,6 +1,7 @@
 //! The audit trail under faults, and fair limits: a full disk, logrotate in both its
-//! modes, a restart, a thousand idle control clients, an oversize policy, and one sandbox
-//! holding many idle proxied connections while another works.
+//! modes, a restart, a thousand idle control clients, an oversize policy, a large policy
+//! attached while the daemon keeps answering, and one sandbox holding 1,500 idle proxied
+//! connections while another works.
 //!
 //! Sequence numbers are the proof throughout: over every file the log was written to, each
 //! number appears once, and the only numbers missing are those an `audit-lost` record
@@ -691,5 +692,78 @@ fn idle_proxied_connections_of_one_sandbox_do_not_starve_another() -> Result<()>
         "hog refused: {over_cap:?} over the connection cap, {waited:?} waiting for a \
          handshake slot; daemon descriptors: {fds}"
     );
+    Ok(())
+}
+
+/// About 690 KiB: 250 rules, each a /16 and 170 /24s inside it (42,750 prefixes).
+fn large_policy() -> String {
+    let mut y = String::from("version: 1\ndefault: deny\nrules:\n");
+    for r in 0..250u32 {
+        y.push_str(&format!(
+            "  - name: r{r}\n    ports: [443]\n    protocol: tcp\n    action: allow\n    to: [10.{r}.0.0/16"
+        ));
+        for k in 0..170u32 {
+            y.push_str(&format!(", 10.{r}.{k}.0/24"));
+        }
+        y.push_str("]\n");
+    }
+    y
+}
+
+#[test]
+fn a_large_policy_attaches_without_holding_up_the_daemon() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    let other = fx.world.add_sandbox("other")?;
+    fx.daemon
+        .attach_ok(&other, &fx.policy("small.yaml", WEB_ORIGIN_DENY)?, "other")?;
+    let big = large_policy();
+    ensure!(big.len() > 660 * 1024 && big.len() < 1 << 20);
+    let path = fx.policy("large.yaml", &big)?;
+
+    // While the large policy is parsed, compiled and attached, `status` (which needs the
+    // lock that audit delivery and DNS learning take too) keeps answering; the slowest
+    // answer is measured. Only the kernel map writes happen under the lock.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (attach_time, worst_status) = std::thread::scope(|s| -> Result<_> {
+        let watcher = s.spawn(|| -> Result<Duration> {
+            let mut worst = Duration::ZERO;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let t = Instant::now();
+                fx.daemon.ctl_ok(["status"])?;
+                worst = worst.max(t.elapsed());
+            }
+            Ok(worst)
+        });
+        let t = Instant::now();
+        let out = fx.daemon.attach(&fx.sandbox, &path, fx.sandbox.label());
+        let attach_time = t.elapsed();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let out = out?;
+        ensure!(out.status.success(), "large attach: {}", all_output(&out));
+        let worst = watcher
+            .join()
+            .map_err(|_| anyhow::anyhow!("watcher panicked"))??;
+        Ok((attach_time, worst))
+    })?;
+    eprintln!(
+        "{} bytes attached in {attach_time:?}; slowest status meanwhile {worst_status:?}",
+        big.len()
+    );
+    ensure!(
+        attach_time < Duration::from_secs(20),
+        "attaching took {attach_time:?}"
+    );
+    ensure!(
+        worst_status < Duration::from_secs(3),
+        "status took {worst_status:?} during the attach"
+    );
+    // The sandbox is confined by it: the canary, which no rule lists, is refused.
+    deny_connects(&fx.sandbox, 24, 1)?;
+    let status = fx
+        .daemon
+        .status_sandbox(fx.sandbox.label())?
+        .context("not listed")?;
+    ensure!(get_u64(&status, "rules") == Some(250), "status: {status}");
     Ok(())
 }
