@@ -1853,3 +1853,19 @@ fn audit_config_is_checked() {
     assert!(none.validate().unwrap_err().contains("rotate.keep"));
     assert!(parse("queue_records: 0").unwrap().validate().is_err());
 }
+
+#[test]
+fn the_example_config_sections_parse() {
+    let example: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(include_str!("../../config/egressd.example.yaml")).unwrap();
+    let audit: AuditConfig = serde_yaml_ng::from_value(example["audit"].clone()).unwrap();
+    assert_eq!(audit, AuditConfig::default());
+    audit.validate().unwrap();
+    let proxy: crate::proxy::ProxyConfig =
+        serde_yaml_ng::from_value(example["proxy"].clone()).unwrap();
+    assert_eq!(proxy, crate::proxy::ProxyConfig::default());
+    // The commented rotation example is valid too.
+    let rotate: AuditConfig =
+        serde_yaml_ng::from_str("rotate: { max_bytes: 104857600, keep: 10 }").unwrap();
+    rotate.validate().unwrap();
+}
