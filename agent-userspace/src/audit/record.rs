@@ -43,6 +43,8 @@ pub mod action {
     /// A socket refused at creation.
     pub const SOCKET: &str = "socket";
     pub const EVENTS_LOST: &str = "events-lost";
+    /// Audit records numbered but never written (the log could not be written).
+    pub const AUDIT_LOST: &str = "audit-lost";
     pub const DAEMON_START: &str = "daemon-start";
     pub const DAEMON_STOP: &str = "daemon-stop";
     pub const SANDBOX_ATTACH: &str = "sandbox-attach";
@@ -70,6 +72,8 @@ pub enum Record {
     Network(NetworkDecision),
     /// Kernel events that could not be delivered to the daemon.
     EventsLost(EventsLost),
+    /// Audit records that were numbered but could not be written.
+    AuditLost(AuditLost),
     DaemonStart(DaemonStart),
     DaemonStop(DaemonStop),
     /// A cgroup was put under a policy.
@@ -104,6 +108,7 @@ impl Record {
         match self {
             Self::Network(r) => r.time,
             Self::EventsLost(r) => r.time,
+            Self::AuditLost(r) => r.time,
             Self::DaemonStart(r) => r.time,
             Self::DaemonStop(r) => r.time,
             Self::SandboxAttach(r) | Self::SandboxDetach(r) | Self::SandboxAdopt(r) => r.time,
@@ -122,6 +127,7 @@ impl Record {
         match self {
             Self::Network(r) => r.hook.action(),
             Self::EventsLost(_) => action::EVENTS_LOST,
+            Self::AuditLost(_) => action::AUDIT_LOST,
             Self::DaemonStart(_) => action::DAEMON_START,
             Self::DaemonStop(_) => action::DAEMON_STOP,
             Self::SandboxAttach(_) => action::SANDBOX_ATTACH,
@@ -196,6 +202,21 @@ impl Record {
                 wire.egress.lost = Some(WireLost {
                     count: r.count,
                     total: r.total,
+                });
+            }
+            Self::AuditLost(r) => {
+                wire.event.category = &["file"];
+                wire.event.type_ = &["error"];
+                wire.event.outcome = Outcome::Failure;
+                wire.error = Some(WireError { message: &r.error });
+                wire.egress.audit_lost = Some(WireAuditLost {
+                    count: r.count,
+                    first_sequence: r.first_sequence,
+                    last_sequence: r.last_sequence,
+                    since: r
+                        .since
+                        .map(|t| format_timestamp(t, action, "egress.audit_lost.since"))
+                        .transpose()?,
                 });
             }
             Self::DaemonStart(r) => {
@@ -276,6 +297,7 @@ macro_rules! impl_from {
 impl_from!(
     NetworkDecision => Network,
     EventsLost => EventsLost,
+    AuditLost => AuditLost,
     DaemonStart => DaemonStart,
     DaemonStop => DaemonStop,
     PolicyChange => PolicyChange,
@@ -498,6 +520,24 @@ pub struct EventsLost {
     pub count: u64,
     /// `egress.lost.total`: lost since the counters were created.
     pub total: u64,
+}
+
+/// Audit records that were given sequence numbers but never reached the log: the log
+/// could not be written for longer than the writer's queue lasted, or the daemon stopped
+/// before it could write them. The numbers form one range; no other record uses them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditLost {
+    pub time: OffsetDateTime,
+    /// `egress.audit_lost.count`: how many records were lost (the size of the range).
+    pub count: u64,
+    /// `egress.audit_lost.first_sequence`: the first lost `event.sequence`.
+    pub first_sequence: u64,
+    /// `egress.audit_lost.last_sequence`: the last lost `event.sequence`.
+    pub last_sequence: u64,
+    /// `egress.audit_lost.since`: when writes began to fail, when this daemon saw it.
+    pub since: Option<OffsetDateTime>,
+    /// `error.message`: the write error, or why the records were not written.
+    pub error: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1375,6 +1415,8 @@ struct WireEgress<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     lost: Option<WireLost>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    audit_lost: Option<WireAuditLost>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     daemon: Option<WireDaemon>,
     #[serde(skip_serializing_if = "Option::is_none")]
     gap: Option<WireGap>,
@@ -1476,6 +1518,15 @@ struct WireRefUpdate<'a> {
 struct WireLost {
     count: u64,
     total: u64,
+}
+
+#[derive(Serialize)]
+struct WireAuditLost {
+    count: u64,
+    first_sequence: u64,
+    last_sequence: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    since: Option<String>,
 }
 
 #[derive(Serialize)]

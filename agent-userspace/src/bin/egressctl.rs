@@ -264,6 +264,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     status.audit_log,
                     status.events_lost
                 );
+                if let Some(audit) = &status.audit {
+                    if audit.healthy {
+                        println!(
+                            "audit trail: healthy ({} records lost since start)",
+                            audit.lost
+                        );
+                    } else {
+                        println!(
+                            "audit trail: UNHEALTHY since {}: {} ({} records queued, {} lost)",
+                            audit.failing_since.as_deref().unwrap_or("?"),
+                            audit.error.as_deref().unwrap_or("writes fail"),
+                            audit.queued,
+                            audit.lost
+                        );
+                    }
+                }
                 println!(
                     "{:<20} {:>10} {:<16} {:<8} {:>9} {:>9} {:>9} {:>10}  POLICY",
                     "SANDBOX",

@@ -85,6 +85,9 @@ pub struct DaemonStatus {
     /// Network namespaces the proxy listens in (one per namespace some sandbox uses).
     #[serde(default)]
     pub proxy_listeners: usize,
+    /// Whether audit records are being written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<crate::audit::AuditHealth>,
     pub sandboxes: Vec<SandboxStatus>,
 }
 

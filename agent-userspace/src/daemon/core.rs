@@ -431,14 +431,24 @@ impl Core {
             .ok_or_else(|| "no free policy slot in the kernel maps".to_string())
     }
 
-    /// Attaches a new sandbox or replaces an attached sandbox's policy.
-    pub fn attach(
+    /// Parses and compiles a policy, kernel rules included: the slow part of an attach,
+    /// done before the daemon's lock is taken so other sandboxes' audit and DNS go on.
+    pub fn prepare_policy(source: &str, policy_path: &str) -> Result<Policy, String> {
+        let policy = policy::parse_str(source, policy_path).map_err(|e| e.to_string())?;
+        policy.kernel_rules().map_err(|e| e.to_string())?;
+        Ok(policy)
+    }
+
+    /// Attaches a new sandbox or replaces an attached sandbox's policy, with the policy
+    /// already through [`Core::prepare_policy`] (outside the lock).
+    pub fn attach_parsed(
         &mut self,
         cgroup: &Path,
         name: Option<String>,
         policy_path: String,
         source: String,
         netns: Option<PathBuf>,
+        parsed: Result<Policy, String>,
     ) -> Result<String, String> {
         let cgroup = Cgroup::open(cgroup).map_err(|e| e.to_string())?;
         // A container re-created at once under the same id gets a new cgroup at the same
@@ -457,10 +467,9 @@ impl Core {
                 "invalid sandbox name {name:?}: 1-64 printable characters"
             ));
         }
-        let policy = match policy::parse_str(&source, &policy_path) {
+        let policy = match parsed {
             Ok(p) => p,
-            Err(e) => {
-                let error = e.to_string();
+            Err(error) => {
                 self.audit.emit(Record::PolicyRejected(PolicyRejected {
                     time: now(),
                     sandbox: name.clone(),
@@ -1125,6 +1134,7 @@ impl Core {
             audit_log: self.audit_log.clone(),
             events_lost: self.maps.lost_total(),
             proxy_listeners: self.proxy.listening_in().len(),
+            audit: Some(self.audit.health()),
             sandboxes,
         }
     }

@@ -13,7 +13,7 @@ use crate::{
     alerts::{AlertSettings, Alerts},
     audit::{
         AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, NetworkDecision,
-        ProxyEvent, Record, StopReason,
+        OnFailure, ProxyEvent, Record, StopReason,
     },
     bpf::{ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout, PolicyMaps, Programs},
     control::{self, DetachReason, Handler, Request, Response},
@@ -23,12 +23,16 @@ use crate::{
 
 /// How often the daemon records that it is alive (bounds the gap reported after a crash).
 const HEARTBEAT: Duration = Duration::from_secs(2);
+/// In the state directory: the audit trail's last numbered and written sequence numbers.
+const AUDIT_SEQUENCE_FILE: &str = "audit-sequence";
 /// How often the kernel's lost-event counter is checked.
 const LOST_POLL: Duration = Duration::from_secs(1);
 
 pub struct DaemonOptions {
     /// `-` for stdout.
     pub audit_log: String,
+    /// Failure behaviour, rotation and queue of the audit trail.
+    pub audit: crate::audit::AuditConfig,
     pub socket: PathBuf,
     pub bpffs: PathBuf,
     pub state_dir: PathBuf,
@@ -57,6 +61,15 @@ impl Shared {
 
 impl Handler for Shared {
     fn handle(&self, request: Request) -> Response {
+        // Parsing and compiling a large policy takes a while: not under the lock.
+        let parsed = match &request {
+            Request::Attach {
+                policy_path,
+                policy_source,
+                ..
+            } => Some(Core::prepare_policy(policy_source, policy_path)),
+            _ => None,
+        };
         let mut core = self.lock();
         let result = match request {
             Request::Attach {
@@ -65,7 +78,14 @@ impl Handler for Shared {
                 policy_path,
                 policy_source,
                 netns,
-            } => core.attach(&cgroup, name, policy_path, policy_source, netns),
+            } => core.attach_parsed(
+                &cgroup,
+                name,
+                policy_path,
+                policy_source,
+                netns,
+                parsed.unwrap_or_else(|| Err("internal error: policy not parsed".into())),
+            ),
             Request::CaExport => Ok(core.proxy.ca_pem.clone()),
             Request::Detach {
                 name,
@@ -111,8 +131,12 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     } else {
         AuditSink::File(PathBuf::from(&opts.audit_log))
     };
-    let (audit, audit_task) =
-        AuditLog::open(sink).with_context(|| format!("opening audit log {}", opts.audit_log))?;
+    let (audit, audit_task) = AuditLog::open_with(
+        sink,
+        &opts.audit,
+        Some(opts.state_dir.join(AUDIT_SEQUENCE_FILE)),
+    )
+    .with_context(|| format!("opening audit log {}", opts.audit_log))?;
     let audit_task = tokio::spawn(audit_task.run());
     let clock = ClockOffset::sample().context("reading clocks")?;
 
@@ -134,6 +158,21 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         }),
     )
     .context("setting up the proxy")?;
+    let proxy =
+        match opts.audit.on_failure {
+            OnFailure::RefuseCredentials => {
+                let audit = audit.clone();
+                proxy.with_credential_gate(Arc::new(move || {
+                    if audit.healthy() {
+                        Ok(())
+                    } else {
+                        Err("the audit log cannot be written (audit.on_failure: refuse-credentials)"
+                        .to_owned())
+                    }
+                }))
+            }
+            OnFailure::Continue => proxy,
+        };
     let peers = PeerMap::new(&mut programs)?;
     let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
     let dns = super::dns::DnsRuntime::new(
@@ -216,6 +255,8 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let mut lost_poll = tokio::time::interval(LOST_POLL);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    // logrotate's `postrotate` sends SIGHUP after moving the log away (`create` mode).
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
         tokio::select! {
             batch = events.next_batch() => {
@@ -239,6 +280,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                 let mut core = shared.lock();
                 core.state.last_seen = Some(rfc3339(now()));
                 core.save_state();
+            }
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: reopening the audit log");
+                audit.reopen();
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,

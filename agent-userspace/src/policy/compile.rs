@@ -1,7 +1,11 @@
 //! `compile()`: checks a [`RawPolicy`] as a whole and turns it into an immutable [`Policy`]
 //! whose every rule the kernel can hold. Nothing downstream re-validates a `Policy`, so
 //! every invariant the decision and kernel code rely on is established here.
-use std::{collections::HashMap, fmt, net::IpAddr};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::IpAddr,
+};
 
 use agent_common::{action, proto, MAX_RULES_PER_PREFIX};
 use ipnet::{IpNet, Ipv4Net};
@@ -38,6 +42,8 @@ pub struct Policy {
     pub(super) request_tests: Vec<RequestTest>,
     pub(super) name_tests: Vec<NameTest>,
     pub(super) alerts: crate::alerts::AlertSettings,
+    /// The kernel entries, computed once by `compile()` (which must check that they fit).
+    pub(super) kernel: std::sync::OnceLock<super::KernelRules>,
 }
 
 impl Policy {
@@ -599,25 +605,30 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
                  CIDRs and host names, like [192.0.2.7, 10.0.0.0/8, api.example.com])",
             ));
         }
+        // Duplicates are dropped through sets, keeping the first occurrence's order: a rule
+        // may list tens of thousands of destinations.
         let mut nets = Vec::with_capacity(raw_rule.to.len());
+        let mut seen_nets = HashSet::with_capacity(raw_rule.to.len());
         let mut host_names: Vec<HostPattern> = Vec::new();
+        let mut seen_names = HashSet::new();
         for (j, dest) in raw_rule.to.iter().enumerate() {
-            let field = at.key("to").index(j);
             let net = match dest {
                 RawDest::Net(net) => *net,
                 RawDest::Host(pattern) => {
-                    if !host_names.contains(pattern) {
+                    if seen_names.insert(pattern) {
                         host_names.push(pattern.clone());
                     }
                     continue;
                 }
             };
-            check_host_bits(net).map_err(|m| CompileError::new(field.clone(), m))?;
+            check_host_bits(net).map_err(|m| CompileError::new(at.key("to").index(j), m))?;
             let net = normalise_net(net);
-            if !nets.contains(&net) {
+            if seen_nets.insert(net) {
                 nets.push(net);
             }
-            first_seen.entry(net).or_insert(field);
+            first_seen
+                .entry(net)
+                .or_insert_with(|| at.key("to").index(j));
         }
 
         let ports = match &raw_rule.ports {
@@ -710,6 +721,7 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         request_tests,
         name_tests,
         alerts,
+        kernel: std::sync::OnceLock::new(),
     };
 
     // Rejecting here, not when the maps are written, means a policy that loads always fits.
@@ -877,9 +889,10 @@ fn compile_proxied(
             ));
         }
         Some(list) => {
+            let mut seen = HashSet::with_capacity(list.len());
             let mut hosts: Vec<HostPattern> = Vec::with_capacity(list.len());
             for host in list {
-                if !hosts.contains(host) {
+                if seen.insert(host) {
                     hosts.push(host.clone());
                 }
             }
