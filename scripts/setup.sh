@@ -17,7 +17,7 @@ packages=(
   build-essential pkg-config
   iproute2 util-linux procps psmisc
   curl git python3 openssl bind9-dnsutils
-  nginx dnsmasq-base nghttp2-client wrk
+  nginx dnsmasq-base nghttp2-client wrk tcpdump
 )
 missing=()
 for p in "${packages[@]}"; do

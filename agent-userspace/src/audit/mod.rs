@@ -18,8 +18,8 @@ pub use clock::ClockOffset;
 pub use record::{
     action, format_timestamp, ConnectionId, DaemonStart, DaemonStop, DecodeError, DnsEvent,
     DnsVerdict, EncodeError, EventsLost, Hook, NetworkDecision, PolicyChange, PolicyDigest,
-    PolicyRejected, ProxyEvent, Record, RuleRef, SandboxLifecycle, SocketFamily, StopReason,
-    Verdict, ECS_VERSION, PRODUCT, VERSION,
+    PolicyRejected, ProxyEvent, Record, RefusedOption, RuleRef, SandboxLifecycle, SocketFamily,
+    StopReason, Verdict, ECS_VERSION, PRODUCT, VERSION,
 };
 pub use writer::{
     AuditError, AuditHandle, AuditLog, AuditSink, AuditSummary, AuditTask, AuditWriter, LogTail,

@@ -152,6 +152,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     status.audit_log,
                     status.events_lost
                 );
+                if status.packet_sockets_covered {
+                    println!("packet sockets: refused in sandboxes (BPF LSM)");
+                } else {
+                    println!(
+                        "packet sockets: NOT COVERED ({}); sandboxes holding CAP_NET_RAW can send raw frames anywhere",
+                        status.packet_sockets_note.as_deref().unwrap_or("unknown")
+                    );
+                }
                 println!(
                     "{:<20} {:>10} {:<8} {:>9} {:>9} {:>9} {:>10}  POLICY",
                     "SANDBOX", "CGROUP ID", "DEFAULT", "ALLOWED", "DENIED", "AUDITED", "REDIRECTED"

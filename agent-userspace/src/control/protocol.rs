@@ -66,6 +66,13 @@ pub struct DaemonStatus {
     pub audit_log: String,
     /// Kernel events that could not be delivered, since the maps were created.
     pub events_lost: u64,
+    /// Whether sandboxes are kept from creating packet (and other non-inet) sockets: the
+    /// BPF LSM program is attached and `bpf` is an active LSM.
+    #[serde(default)]
+    pub packet_sockets_covered: bool,
+    /// Why not, when they are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packet_sockets_note: Option<String>,
     pub sandboxes: Vec<SandboxStatus>,
 }
 

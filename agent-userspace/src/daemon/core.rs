@@ -16,7 +16,8 @@ use super::{
 };
 use crate::{
     audit::{
-        AuditHandle, PolicyChange, PolicyDigest, PolicyRejected, Record, RuleRef, SandboxLifecycle,
+        Alert, AlertKind, AuditHandle, PolicyChange, PolicyDigest, PolicyRejected, Record, RuleRef,
+        SandboxLifecycle,
     },
     bpf::{attached_cgroups, Links, PinLayout, PolicyMaps, Programs, HOOKS},
     cgroup::Cgroup,
@@ -45,6 +46,20 @@ pub struct Core {
     pub proxy: ProxyRuntime,
     /// Per-sandbox resolvers and the addresses they learned.
     pub dns: DnsRuntime,
+    /// Whether the BPF LSM program keeps sandboxes from creating packet sockets; `Err`
+    /// says why not.
+    pub packet_sockets: Result<(), String>,
+    /// Source-routing refusals per sandbox not yet summarised in an alert.
+    pub source_routing: std::collections::HashMap<String, RefusalWindow>,
+}
+
+/// Refusals of one kind for one sandbox since the last alert about them.
+#[derive(Debug)]
+pub struct RefusalWindow {
+    pub count: u64,
+    pub since: std::time::Instant,
+    /// What was refused (option and header names), for the alert's reason.
+    pub what: std::collections::BTreeSet<&'static str>,
 }
 
 fn now() -> OffsetDateTime {
@@ -77,6 +92,49 @@ impl Core {
             cgroup_id: rec.cgroup_id,
             policy_path: PathBuf::from(&rec.policy_path),
             policy_digest: PolicyDigest::of(rec.policy_source.as_bytes()),
+            packet_sockets_covered: None,
+        }
+    }
+
+    /// An attach or adopt record, which also says what the kernel does not cover.
+    fn confined(&self, rec: &SandboxRecord) -> SandboxLifecycle {
+        SandboxLifecycle {
+            packet_sockets_covered: Some(self.packet_sockets.is_ok()),
+            ..Self::lifecycle(rec)
+        }
+    }
+
+    /// Counts a source-routing refusal for the next summarising alert.
+    pub fn note_source_routing(&mut self, sandbox: &str, what: &'static str) {
+        let w = self
+            .source_routing
+            .entry(sandbox.to_string())
+            .or_insert_with(|| RefusalWindow {
+                count: 0,
+                since: std::time::Instant::now(),
+                what: Default::default(),
+            });
+        w.count += 1;
+        w.what.insert(what);
+    }
+
+    /// One alert per sandbox for the source-routing refusals since the last call.
+    pub fn flush_alerts(&mut self) {
+        for (sandbox, w) in self.source_routing.drain() {
+            let names: Vec<&str> = w.what.iter().copied().collect();
+            let mut alert = Alert::new(
+                now(),
+                AlertKind::SourceRouting,
+                sandbox,
+                format!(
+                    "{} attempt(s) to route packets elsewhere than the judged address were refused ({})",
+                    w.count,
+                    names.join(", ")
+                ),
+            );
+            alert.count = w.count;
+            alert.window_seconds = Some(w.since.elapsed().as_secs().max(1));
+            self.audit.emit(Record::Alert(alert));
         }
     }
 
@@ -450,15 +508,19 @@ impl Core {
             let _ = self.maps.clear_slot(slot);
             return Err(e.to_string());
         }
-        self.audit
-            .emit(Record::SandboxAttach(Self::lifecycle(&rec)));
-        let msg = format!(
+        self.audit.emit(Record::SandboxAttach(self.confined(&rec)));
+        let mut msg = format!(
             "attached sandbox {name:?} (cgroup {}, id {}) with {} rules, default {}",
             rec.cgroup.display(),
             rec.cgroup_id,
             policy.rules().len(),
             policy.default_action()
         );
+        if let Err(why) = &self.packet_sockets {
+            msg.push_str(&format!(
+                "; WARNING: packet sockets are not covered ({why})"
+            ));
+        }
         self.set_route(&rec, &policy);
         self.state.sandboxes.insert(name.clone(), rec);
         self.compiled.insert(name, policy);
@@ -629,7 +691,7 @@ impl Core {
                     tracing::error!(sandbox = %rec.name, error = %e, "Re-attaching missing hooks failed");
                 }
             }
-            self.audit.emit(Record::SandboxAdopt(Self::lifecycle(&rec)));
+            self.audit.emit(Record::SandboxAdopt(self.confined(&rec)));
             self.compiled.insert(rec.name.clone(), policy);
             adopted += 1;
         }
@@ -708,6 +770,8 @@ impl Core {
             bpffs: self.bpffs.clone(),
             audit_log: self.audit_log.clone(),
             events_lost: self.maps.lost_total(),
+            packet_sockets_covered: self.packet_sockets.is_ok(),
+            packet_sockets_note: self.packet_sockets.clone().err(),
             sandboxes,
         }
     }

@@ -11,10 +11,13 @@ use time::OffsetDateTime;
 use super::{core::Core, state::State};
 use crate::{
     audit::{
-        AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, NetworkDecision,
-        ProxyEvent, Record, StopReason,
+        AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, Hook,
+        NetworkDecision, ProxyEvent, Record, StopReason,
     },
-    bpf::{ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout, PolicyMaps, Programs},
+    bpf::{
+        active_lsms, attach_lsm, ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout,
+        PolicyMaps, Programs,
+    },
     control::{self, Handler, Request, Response},
     credentials::CredentialStore,
     proxy::{CertAuthority, Proxy, ProxyConfig},
@@ -95,6 +98,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let mut programs = Programs::load(&layout)?;
     let maps = PolicyMaps::new(&mut programs)?;
     let mut events = EventReader::new(&mut programs)?;
+    let packet_sockets = cover_packet_sockets(&mut programs, &layout);
 
     let sink = if opts.audit_log == "-" {
         AuditSink::Stdout
@@ -166,6 +170,8 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         compiled: Default::default(),
         proxy,
         dns,
+        packet_sockets,
+        source_routing: Default::default(),
     };
     let adopted = core.reconcile();
     audit.emit(Record::DaemonStart(DaemonStart {
@@ -204,6 +210,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             _ = lost_poll.tick() => {
                 report_lost(&shared);
                 let mut core = shared.lock();
+                core.flush_alerts();
                 core.expire_learned();
                 core.reap_vanished();
             }
@@ -224,6 +231,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     report_lost(&shared);
     {
         let mut core = shared.lock();
+        core.flush_alerts();
         core.audit.emit(Record::DaemonStop(DaemonStop {
             time: now(),
             pid: std::process::id(),
@@ -253,18 +261,47 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Attaches the system-wide LSM program that keeps sandboxes from creating packet and other
+/// non-inet sockets, where the kernel runs BPF LSM programs. Says why not otherwise.
+fn cover_packet_sockets(programs: &mut Programs, layout: &PinLayout) -> Result<(), String> {
+    let result = match active_lsms() {
+        Ok(lsms) if lsms.bpf_active() => attach_lsm(programs, layout)
+            .map_err(|e| format!("attaching the BPF LSM program failed: {e}")),
+        Ok(lsms) => Err(format!(
+            "`bpf` is not in the kernel's active LSM list ({}); boot with lsm=...,bpf",
+            lsms.active.join(",")
+        )),
+        Err(e) => Err(format!("cannot read the active LSM list: {e}")),
+    };
+    match &result {
+        Ok(()) => {
+            tracing::info!("Packet and other non-inet sockets are refused in sandboxes (BPF LSM)")
+        }
+        Err(why) => tracing::warn!(
+            why = %why,
+            "Packet sockets are NOT covered: a sandbox holding CAP_NET_RAW can send raw frames to any address"
+        ),
+    }
+    result
+}
+
 fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {
-    let core = shared.lock();
+    let mut core = shared.lock();
     for ev in batch {
         match ev {
             KernelEvent::Connect(ev) => {
                 let (sandbox, rule) = core.names(ev.sandbox_index, ev.rule_id);
                 match NetworkDecision::from_event(&ev, clock, sandbox, rule) {
                     Ok(mut rec) => {
-                        rec.domain = core
-                            .dns
-                            .name_of(ev.sandbox_index, rec.destination_ip)
-                            .map(str::to_string);
+                        if rec.hook.has_destination() && rec.hook != Hook::SkbEgress {
+                            rec.domain = core
+                                .dns
+                                .name_of(ev.sandbox_index, rec.destination_ip)
+                                .map(str::to_string);
+                        }
+                        if let Some(o) = rec.option {
+                            core.note_source_routing(&rec.sandbox, o.name);
+                        }
                         core.audit.emit(Record::Network(rec))
                     }
                     Err(e) => tracing::error!(error = %e, "Undecodable kernel event"),
