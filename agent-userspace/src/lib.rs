@@ -13,4 +13,5 @@ pub mod credentials;
 pub mod daemon;
 pub mod dns;
 pub mod policy;
+pub mod posture;
 pub mod proxy;

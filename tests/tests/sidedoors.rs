@@ -14,6 +14,7 @@
 //! Needs root, cgroup v2, bpffs, gcc, tcpdump and the egressd binaries; skips otherwise.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -286,5 +287,97 @@ fn source_routes_and_packet_sockets_are_refused() -> Result<()> {
         "positive control: no UDPv6 to the origin captured"
     );
     expect::canary_silent(&fx.canary)?;
+    Ok(())
+}
+
+#[test]
+fn posture_is_recorded_and_required() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    // A process in the sandbox at attach; the test bed runs it as root with every
+    // capability, the worst posture a container can have.
+    let child = fx
+        .sandbox
+        .command("sleep", &["30"])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("spawning sleep in the sandbox")?;
+    let _sleeper = ChildGuard::new(child, "sleep");
+    poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        let procs = std::fs::read_to_string(fx.sandbox.cgroup().procs_file())?;
+        Ok((!procs.trim().is_empty()).then_some(()))
+    })?
+    .context("no process joined the sandbox cgroup")?;
+
+    let strict = fx.policy(
+        "strict.yaml",
+        &format!("{POLICY}require:\n  no_capabilities: [sys_admin, net_admin, net_raw]\n"),
+    )?;
+    let out = fx.daemon.ctl([
+        OsStr::new("attach"),
+        OsStr::new("--cgroup"),
+        fx.sandbox.cgroup().path().as_os_str(),
+        OsStr::new("--policy"),
+        strict.as_os_str(),
+        OsStr::new("--name"),
+        OsStr::new(fx.sandbox.label()),
+    ])?;
+    ensure!(
+        !out.status.success(),
+        "attach with a violated require succeeded"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        err.contains("sys_admin"),
+        "refusal does not name sys_admin: {err}"
+    );
+    let rejected = poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        Ok(fx
+            .daemon
+            .audit_records()?
+            .into_iter()
+            .find(|r| action(r) == Some("policy-rejected")))
+    })?
+    .context("no policy-rejected record")?;
+    ensure!(
+        get_str(&rejected, "error.message").is_some_and(|m| m.contains("net_admin")),
+        "policy-rejected record does not name the capabilities: {rejected}"
+    );
+    ensure!(
+        fx.daemon.status_sandbox(fx.sandbox.label())?.is_none(),
+        "the refused sandbox was attached"
+    );
+
+    // Without the requirement: attached, posture recorded, alert raised, status shows it.
+    fx.attach(POLICY)?;
+    let records = poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        let all = fx.daemon.audit_records()?;
+        Ok(all
+            .iter()
+            .any(|r| action(r) == Some("risky-posture"))
+            .then_some(all))
+    })?
+    .context("no risky-posture alert")?;
+    let attach = records
+        .iter()
+        .find(|r| action(r) == Some("sandbox-attach"))
+        .context("no attach record")?;
+    let posture = &attach["egress"]["posture"];
+    ensure!(
+        posture["can_leave_cgroup"].as_bool() == Some(true)
+            && posture["risky_capabilities"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|c| c == "sys_admin"))
+            && posture["processes"].as_u64() >= Some(1),
+        "attach record posture: {posture}"
+    );
+    let status = fx
+        .daemon
+        .status_sandbox(fx.sandbox.label())?
+        .context("sandbox missing from status")?;
+    ensure!(
+        status["can_leave_cgroup"].as_bool() == Some(true),
+        "status posture: {status}"
+    );
     Ok(())
 }

@@ -691,6 +691,8 @@ pub struct SandboxLifecycle {
     /// `egress.coverage.packet_sockets` (attach and adopt): whether the sandbox is kept from
     /// creating packet and other non-inet sockets (BPF LSM active and attached).
     pub packet_sockets_covered: Option<bool>,
+    /// `egress.posture` (attach and adopt): what the sandbox's processes hold.
+    pub posture: Option<crate::posture::Posture>,
 }
 
 impl SandboxLifecycle {
@@ -698,6 +700,12 @@ impl SandboxLifecycle {
         wire.egress.coverage = self
             .packet_sockets_covered
             .map(|packet_sockets| WireCoverage { packet_sockets });
+        wire.egress.posture = self.posture.as_ref().map(|p| WirePosture {
+            processes: p.pids.len(),
+            capabilities: p.capabilities(),
+            risky_capabilities: p.risky(),
+            can_leave_cgroup: p.can_leave_cgroup(),
+        });
         wire.event.type_ = type_;
         wire.egress.sandbox = Some(WireSandbox {
             name: &self.sandbox,
@@ -1497,6 +1505,16 @@ struct WireEgress<'a> {
     alert: Option<WireAlert>,
     #[serde(skip_serializing_if = "Option::is_none")]
     coverage: Option<WireCoverage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    posture: Option<WirePosture>,
+}
+
+#[derive(Serialize)]
+struct WirePosture {
+    processes: usize,
+    capabilities: Vec<&'static str>,
+    risky_capabilities: Vec<&'static str>,
+    can_leave_cgroup: bool,
 }
 
 #[derive(Serialize)]

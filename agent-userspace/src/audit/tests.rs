@@ -161,6 +161,7 @@ fn lifecycle(name: &str) -> SandboxLifecycle {
         policy_path: PathBuf::from("/etc/egressd/policies/agent.yaml"),
         policy_digest: digest("default: deny\n"),
         packet_sockets_covered: None,
+        posture: None,
     }
 }
 
@@ -508,6 +509,10 @@ fn every_kind() -> Vec<Record> {
         .into(),
         Record::SandboxAttach(SandboxLifecycle {
             packet_sockets_covered: Some(false),
+            posture: Some(crate::posture::Posture {
+                pids: [10, 11].into(),
+                cap_eff: 0xa80425fb,
+            }),
             ..lifecycle("agent-1")
         }),
         Record::SandboxDetach(lifecycle("agent-1")),

@@ -181,6 +181,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             ""
                         }
                     );
+                    let risky: Vec<&str> = s
+                        .capabilities
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|c| egress::posture::RISKY.contains(c))
+                        .collect();
+                    if !risky.is_empty() {
+                        println!(
+                            "  posture: {} process(es) hold {}{}",
+                            s.processes,
+                            risky.join(", "),
+                            if s.can_leave_cgroup {
+                                " (can leave its cgroup)"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -94,4 +94,13 @@ pub struct SandboxStatus {
     /// Connections sent to the proxy or DNS to the sandbox's resolver.
     #[serde(default)]
     pub redirected: u64,
+    /// Processes in the sandbox's cgroup tree now.
+    #[serde(default)]
+    pub processes: usize,
+    /// Union of their effective capabilities, by name.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Whether one holds CAP_SYS_ADMIN (could mount cgroup2 and leave the cgroup).
+    #[serde(default)]
+    pub can_leave_cgroup: bool,
 }

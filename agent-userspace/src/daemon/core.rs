@@ -23,6 +23,7 @@ use crate::{
     cgroup::Cgroup,
     control::{DaemonStatus, SandboxStatus},
     policy::{self, Policy},
+    posture::Posture,
 };
 
 /// Learned addresses one sandbox may hold at once (the kernel maps are shared).
@@ -51,6 +52,8 @@ pub struct Core {
     pub packet_sockets: Result<(), String>,
     /// Source-routing refusals per sandbox not yet summarised in an alert.
     pub source_routing: std::collections::HashMap<String, RefusalWindow>,
+    /// Processes whose posture was read, per sandbox; new ones are read on the next pass.
+    pub known_pids: std::collections::HashMap<String, std::collections::BTreeSet<u32>>,
 }
 
 /// Refusals of one kind for one sandbox since the last alert about them.
@@ -93,14 +96,70 @@ impl Core {
             policy_path: PathBuf::from(&rec.policy_path),
             policy_digest: PolicyDigest::of(rec.policy_source.as_bytes()),
             packet_sockets_covered: None,
+            posture: None,
         }
     }
 
-    /// An attach or adopt record, which also says what the kernel does not cover.
-    fn confined(&self, rec: &SandboxRecord) -> SandboxLifecycle {
+    /// An attach or adopt record, which also says what the kernel does not cover and what
+    /// the sandbox's processes hold.
+    fn confined(&self, rec: &SandboxRecord, posture: &Posture) -> SandboxLifecycle {
         SandboxLifecycle {
             packet_sockets_covered: Some(self.packet_sockets.is_ok()),
+            posture: Some(posture.clone()),
             ..Self::lifecycle(rec)
+        }
+    }
+
+    /// Raises a risky-posture alert when processes hold capabilities that get around the
+    /// kernel programs; `who` says which processes (at attach, or new ones).
+    fn alert_posture(&self, sandbox: &str, posture: &Posture, who: &str) {
+        let mut risky = posture.risky();
+        if risky.is_empty() {
+            return;
+        }
+        // CAP_NET_RAW only matters where packet sockets are not refused.
+        if self.packet_sockets.is_ok() {
+            risky.retain(|c| *c != "net_raw");
+            if risky.is_empty() {
+                return;
+            }
+        }
+        let mut reason = format!(
+            "{who} ({} process(es)) hold {}",
+            posture.pids.len(),
+            risky.join(", ")
+        );
+        if posture.can_leave_cgroup() {
+            reason.push_str(
+                "; with sys_admin a process can mount cgroup2 and leave the sandbox's cgroup",
+            );
+        }
+        let mut alert = Alert::new(now(), AlertKind::RiskyPosture, sandbox, reason);
+        alert.count = posture.pids.len().max(1) as u64;
+        self.audit.emit(Record::Alert(alert));
+    }
+
+    /// Reads the posture of processes that appeared in sandboxes since the last pass and
+    /// alerts when they hold risky capabilities.
+    pub fn check_new_processes(&mut self) {
+        let sandboxes: Vec<(String, PathBuf)> = self
+            .state
+            .sandboxes
+            .values()
+            .map(|r| (r.name.clone(), r.cgroup.clone()))
+            .collect();
+        for (name, cgroup) in sandboxes {
+            let known = self.known_pids.entry(name.clone()).or_default().clone();
+            let posture = Posture::read_only(&cgroup, |pid| !known.contains(&pid));
+            if posture.pids.is_empty() {
+                continue;
+            }
+            self.alert_posture(&name, &posture, "new processes");
+            // Forget pids that are gone so the set does not grow without bound.
+            let alive = crate::posture::pids_below(&cgroup);
+            let entry = self.known_pids.entry(name).or_default();
+            entry.retain(|p| alive.contains(p));
+            entry.extend(posture.pids);
         }
     }
 
@@ -452,15 +511,47 @@ impl Core {
                 ));
             }
         }
+        let posture = Posture::read(&cgroup.path);
+        let held = posture.violations(policy.no_capabilities());
+        if !held.is_empty() {
+            let error = format!(
+                "{policy_path}: require.no_capabilities: processes in {} hold {} (pids {})",
+                cgroup.path.display(),
+                held.join(", "),
+                posture
+                    .pids
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            self.audit.emit(Record::PolicyRejected(PolicyRejected {
+                time: now(),
+                sandbox: name.clone(),
+                policy_path: PathBuf::from(&policy_path),
+                policy_digest: Some(PolicyDigest::of(source.as_bytes())),
+                error: error.clone(),
+            }));
+            let keep = if existing.is_some() {
+                "; the sandbox keeps its current policy"
+            } else {
+                ""
+            };
+            return Err(format!("{error}{keep}"));
+        }
         let netns = netns.or_else(|| existing.as_ref().and_then(|o| o.netns.clone()));
         self.prepare_proxy(&policy, &cgroup.path, netns.as_deref())?;
         let policy = Arc::new(policy);
         match existing {
             Some(old) => self.replace_policy(old, policy, policy_path, source, netns),
-            None => self.attach_new(cgroup, name, policy, policy_path, source, netns),
+            None => self.attach_new(cgroup, name, policy, policy_path, source, netns, posture),
         }
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each argument is one checked piece of the attach request"
+    )]
     fn attach_new(
         &mut self,
         cgroup: Cgroup,
@@ -469,6 +560,7 @@ impl Core {
         policy_path: String,
         source: String,
         netns: Option<PathBuf>,
+        posture: Posture,
     ) -> Result<String, String> {
         let index = self
             .state
@@ -508,7 +600,9 @@ impl Core {
             let _ = self.maps.clear_slot(slot);
             return Err(e.to_string());
         }
-        self.audit.emit(Record::SandboxAttach(self.confined(&rec)));
+        self.audit
+            .emit(Record::SandboxAttach(self.confined(&rec, &posture)));
+        self.alert_posture(&name, &posture, "processes at attach");
         let mut msg = format!(
             "attached sandbox {name:?} (cgroup {}, id {}) with {} rules, default {}",
             rec.cgroup.display(),
@@ -691,7 +785,11 @@ impl Core {
                     tracing::error!(sandbox = %rec.name, error = %e, "Re-attaching missing hooks failed");
                 }
             }
-            self.audit.emit(Record::SandboxAdopt(self.confined(&rec)));
+            let posture = Posture::read(&rec.cgroup);
+            self.audit
+                .emit(Record::SandboxAdopt(self.confined(&rec, &posture)));
+            self.alert_posture(&rec.name, &posture, "processes at adoption");
+            self.known_pids.insert(rec.name.clone(), posture.pids);
             self.compiled.insert(rec.name.clone(), policy);
             adopted += 1;
         }
@@ -739,6 +837,7 @@ impl Core {
             .map(|rec| {
                 let c = self.maps.counters(rec.index);
                 let policy = self.compiled.get(&rec.name);
+                let posture = Posture::read(&rec.cgroup);
                 SandboxStatus {
                     name: rec.name.clone(),
                     cgroup: rec.cgroup.clone(),
@@ -760,6 +859,13 @@ impl Core {
                     denied: c.denied,
                     audited: c.audited,
                     redirected: c.redirected,
+                    processes: posture.pids.len(),
+                    capabilities: posture
+                        .capabilities()
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect(),
+                    can_leave_cgroup: posture.can_leave_cgroup(),
                 }
             })
             .collect();

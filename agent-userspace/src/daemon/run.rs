@@ -172,6 +172,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         dns,
         packet_sockets,
         source_routing: Default::default(),
+        known_pids: Default::default(),
     };
     let adopted = core.reconcile();
     audit.emit(Record::DaemonStart(DaemonStart {
@@ -213,6 +214,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                 core.flush_alerts();
                 core.expire_learned();
                 core.reap_vanished();
+                core.check_new_processes();
             }
             _ = heartbeat.tick() => {
                 let mut core = shared.lock();

@@ -266,7 +266,7 @@ tests:
                 2,
                 "resolver: {}",
                 "p.yaml:2:1: resolver: unknown field `resolver`, expected one of `version`, \
-                 `default`, `dns`, `rules`, `tests`",
+                 `default`, `dns`, `require`, `rules`, `tests`",
             ),
             (
                 8,
