@@ -152,6 +152,27 @@ impl Posture {
     }
 }
 
+/// A process's start time (clock ticks since boot, field 22 of `/proc/PID/stat`): with the
+/// pid it names one process, even after the pid is reused.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+/// Field 22 of a `/proc/PID/stat` line; the command name in parentheses may hold spaces.
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The cgroup v2 path of a process as `/proc/PID/cgroup` gives it.
+pub fn cgroup_of(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+}
+
 /// Every pid in `cgroup.procs` of `cgroup` and its descendants (bounded depth).
 pub fn pids_below(cgroup: &Path) -> BTreeSet<u32> {
     let mut pids = BTreeSet::new();
@@ -197,6 +218,13 @@ mod tests {
         let forbidden = vec!["sys_admin".to_string(), "net_raw".to_string()];
         assert_eq!(p.violations(&forbidden), ["net_raw"]);
         assert_eq!(parse_cap_eff("Name: x\n"), None);
+    }
+
+    #[test]
+    fn reads_start_time() {
+        let stat = "1234 (a) b) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 2273280 200 18446744073709551615";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(parse_start_time("1234 (x) S 1"), None);
     }
 
     #[test]

@@ -379,5 +379,31 @@ fn posture_is_recorded_and_required() -> Result<()> {
         status["can_leave_cgroup"].as_bool() == Some(true),
         "status posture: {status}"
     );
+
+    // With CAP_SYS_ADMIN the process can leave: move it to the root cgroup (as it could
+    // itself) and the daemon's next pass raises a cgroup-escape alert.
+    let pid: i32 = std::fs::read_to_string(fx.sandbox.cgroup().procs_file())?
+        .lines()
+        .next()
+        .context("sandbox cgroup is empty")?
+        .trim()
+        .parse()?;
+    let root = egress_tests::cgroup::cgroup2_mount()?.join("cgroup.procs");
+    std::fs::write(&root, pid.to_string()).context("moving the process out")?;
+    let escape = poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        Ok(fx
+            .daemon
+            .audit_records()?
+            .into_iter()
+            .find(|r| action(r) == Some("cgroup-escape")))
+    })?;
+    // The process is outside every guard now: end it before checking.
+    // SAFETY: kill(2) with a positive pid we read from the cgroup just now.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let escape = escape.context("no cgroup-escape alert")?;
+    ensure!(
+        get_str(&escape, "event.reason").is_some_and(|r| r.contains(&format!("pid {pid}"))),
+        "cgroup-escape alert does not name the process: {escape}"
+    );
     Ok(())
 }

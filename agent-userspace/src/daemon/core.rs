@@ -52,8 +52,9 @@ pub struct Core {
     pub packet_sockets: Result<(), String>,
     /// Source-routing refusals per sandbox not yet summarised in an alert.
     pub source_routing: std::collections::HashMap<String, RefusalWindow>,
-    /// Processes whose posture was read, per sandbox; new ones are read on the next pass.
-    pub known_pids: std::collections::HashMap<String, std::collections::BTreeSet<u32>>,
+    /// Processes whose posture was read, per sandbox, with their start times; new ones are
+    /// read on the next pass, and known ones still alive outside the cgroup have left it.
+    pub known_pids: std::collections::HashMap<String, std::collections::BTreeMap<u32, u64>>,
 }
 
 /// Refusals of one kind for one sandbox since the last alert about them.
@@ -140,7 +141,8 @@ impl Core {
     }
 
     /// Reads the posture of processes that appeared in sandboxes since the last pass and
-    /// alerts when they hold risky capabilities.
+    /// alerts when they hold risky capabilities; alerts when a process seen in a sandbox is
+    /// still alive but no longer in its cgroup tree (it moved itself, or was moved, out).
     pub fn check_new_processes(&mut self) {
         let sandboxes: Vec<(String, PathBuf)> = self
             .state
@@ -149,18 +151,57 @@ impl Core {
             .map(|r| (r.name.clone(), r.cgroup.clone()))
             .collect();
         for (name, cgroup) in sandboxes {
-            let known = self.known_pids.entry(name.clone()).or_default().clone();
-            let posture = Posture::read_only(&cgroup, |pid| !known.contains(&pid));
-            if posture.pids.is_empty() {
-                continue;
-            }
-            self.alert_posture(&name, &posture, "new processes");
-            // Forget pids that are gone so the set does not grow without bound.
             let alive = crate::posture::pids_below(&cgroup);
-            let entry = self.known_pids.entry(name).or_default();
-            entry.retain(|p| alive.contains(p));
-            entry.extend(posture.pids);
+            let known = self.known_pids.remove(&name).unwrap_or_default();
+            let mut escaped = Vec::new();
+            for (pid, start) in &known {
+                if !alive.contains(pid) && crate::posture::start_time(*pid) == Some(*start) {
+                    escaped.push(format!(
+                        "pid {pid} now in {}",
+                        crate::posture::cgroup_of(*pid).unwrap_or_else(|| "?".into())
+                    ));
+                }
+            }
+            if !escaped.is_empty() {
+                let mut alert = Alert::new(
+                    now(),
+                    AlertKind::CgroupEscape,
+                    name.clone(),
+                    format!(
+                        "{} process(es) left the sandbox's cgroup {} while alive: {}",
+                        escaped.len(),
+                        cgroup.display(),
+                        escaped.join(", ")
+                    ),
+                );
+                alert.count = escaped.len() as u64;
+                self.audit.emit(Record::Alert(alert));
+            }
+            let posture = Posture::read_only(&cgroup, |pid| !known.contains_key(&pid));
+            if !posture.pids.is_empty() {
+                self.alert_posture(&name, &posture, "new processes");
+            }
+            let mut next: std::collections::BTreeMap<u32, u64> = known
+                .into_iter()
+                .filter(|(p, _)| alive.contains(p))
+                .collect();
+            for pid in posture.pids {
+                if let Some(start) = crate::posture::start_time(pid) {
+                    next.insert(pid, start);
+                }
+            }
+            self.known_pids.insert(name, next);
         }
+    }
+
+    /// Remembers the processes a posture was read from, with their start times.
+    fn remember(&mut self, sandbox: &str, posture: &Posture) {
+        let pids = posture
+            .pids
+            .iter()
+            .filter_map(|p| crate::posture::start_time(*p).map(|s| (*p, s)))
+            .collect();
+        self.known_pids.insert(sandbox.to_string(), pids);
     }
 
     /// Counts a source-routing refusal for the next summarising alert.
@@ -615,6 +656,14 @@ impl Core {
                 "; WARNING: packet sockets are not covered ({why})"
             ));
         }
+        let risky = posture.risky();
+        if !risky.is_empty() {
+            msg.push_str(&format!(
+                "; WARNING: sandbox processes hold {}",
+                risky.join(", ")
+            ));
+        }
+        self.remember(&name, &posture);
         self.set_route(&rec, &policy);
         self.state.sandboxes.insert(name.clone(), rec);
         self.compiled.insert(name, policy);
@@ -789,7 +838,7 @@ impl Core {
             self.audit
                 .emit(Record::SandboxAdopt(self.confined(&rec, &posture)));
             self.alert_posture(&rec.name, &posture, "processes at adoption");
-            self.known_pids.insert(rec.name.clone(), posture.pids);
+            self.remember(&rec.name, &posture);
             self.compiled.insert(rec.name.clone(), policy);
             adopted += 1;
         }
