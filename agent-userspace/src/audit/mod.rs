@@ -19,8 +19,8 @@ pub use record::{
     action, format_timestamp, AuditLost, ConnectionId, CredentialRevoke, DaemonStart, DaemonStop,
     DecodeError, DetachReason, DnsEvent, DnsVerdict, EncodeError, EventsLost, Hook,
     NetworkDecision, PolicyChange, PolicyDigest, PolicyRejected, ProxyEvent, Quarantine, Record,
-    RefusedAnswer, RuleRef, SandboxLifecycle, SocketFamily, StopReason, Verdict, ECS_VERSION,
-    PRODUCT, VERSION,
+    RefusedAnswer, RefusedOption, RuleRef, SandboxLifecycle, SocketFamily, StopReason, Verdict,
+    ECS_VERSION, PRODUCT, VERSION,
 };
 pub use writer::{
     AuditConfig, AuditError, AuditHandle, AuditHealth, AuditLog, AuditSink, AuditSummary,

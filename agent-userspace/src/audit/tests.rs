@@ -52,7 +52,7 @@ fn digest(text: &str) -> PolicyDigest {
 
 fn network(
     hook: Hook,
-    protocol: u8,
+    protocol: u32,
     ip: IpAddr,
     port: u16,
     verdict: Verdict,
@@ -69,13 +69,87 @@ fn network(
         socket_cookie: 0x1_0000_0042,
         netns_cookie: 0x1000,
         hook,
+        family: hook.family().unwrap_or(if ip.is_ipv4() {
+            SocketFamily::Inet
+        } else {
+            SocketFamily::Inet6
+        }),
         protocol,
         destination_ip: ip,
         destination_port: port,
         verdict,
         rule,
         domain: None,
+        option: None,
+        reason: None,
     }
+}
+
+/// A refusal as the option, packet and LSM programs report it, decoded the daemon's way.
+fn refusal(hook: u8, family: u8, protocol: u32, level: u16, name: u16, addr: [u8; 16]) -> Record {
+    let ev = ConnectEvent {
+        header: EventHeader {
+            version: agent_common::ABI_VERSION as u16,
+            kind: agent_common::event_kind::CONNECT,
+            _pad: 0,
+        },
+        ts_ns: 5,
+        cgroup_id: 81_234,
+        socket_cookie: 0x42,
+        netns_cookie: 0,
+        pid: 4242,
+        uid: 1000,
+        gid: 1000,
+        sandbox_index: 1,
+        rule_id: 0,
+        dst_port: 0,
+        family,
+        verdict: agent_common::verdict::DENY,
+        hook,
+        _pad: 0,
+        protocol,
+        opt_level: level,
+        opt_name: name,
+        comm: *b"sidedoor\0\0\0\0\0\0\0\0",
+        addr,
+    };
+    let clock = ClockOffset::from_nanos(T0.unix_timestamp_nanos() - 5);
+    NetworkDecision::from_event(&ev, &clock, "agent-1".into(), RuleRef::Default)
+        .unwrap()
+        .into()
+}
+
+/// One of each refusal kind the option, packet and LSM programs report.
+fn refusals() -> Vec<Record> {
+    use agent_common::{hook, sockopt};
+    let mut v4 = [0u8; 16];
+    v4[..4].copy_from_slice(&[203, 0, 113, 66]);
+    let v6: [u8; 16] = "2001:db8::66"
+        .parse::<std::net::Ipv6Addr>()
+        .unwrap()
+        .octets();
+    vec![
+        refusal(
+            hook::SETSOCKOPT,
+            4,
+            6,
+            sockopt::SOL_IP,
+            sockopt::IP_OPTIONS,
+            [0; 16],
+        ),
+        refusal(
+            hook::SETSOCKOPT,
+            6,
+            17,
+            sockopt::SOL_IPV6,
+            sockopt::IPV6_RTHDR,
+            [0; 16],
+        ),
+        refusal(hook::SKB_EGRESS, 4, 17, 0, sockopt::IPOPT_LSRR, v4),
+        refusal(hook::SKB_EGRESS, 6, 0, sockopt::IPPROTO_ROUTING, 4, v6),
+        refusal(hook::LSM_SOCKET_CREATE, 0, 768, 17, 3, [0; 16]),
+        refusal(hook::SOCK_CREATE4, 4, 262, 0, 0, [0; 16]),
+    ]
 }
 
 fn lifecycle(name: &str) -> SandboxLifecycle {
@@ -87,6 +161,8 @@ fn lifecycle(name: &str) -> SandboxLifecycle {
         policy_path: PathBuf::from("/etc/egressd/policies/agent.yaml"),
         policy_digest: digest("default: deny\n"),
         reason: None,
+        packet_sockets_covered: None,
+        posture: None,
     }
 }
 
@@ -467,7 +543,14 @@ fn every_kind() -> Vec<Record> {
             reason: StopReason::Error,
         }
         .into(),
-        Record::SandboxAttach(lifecycle("agent-1")),
+        Record::SandboxAttach(SandboxLifecycle {
+            packet_sockets_covered: Some(false),
+            posture: Some(crate::posture::Posture {
+                pids: [10, 11].into(),
+                cap_eff: 0xa80425fb,
+            }),
+            ..lifecycle("agent-1")
+        }),
         Record::SandboxDetach(detached("agent-1", DetachReason::Operator)),
         Record::SandboxDetach(detached("agent-1", DetachReason::Hook)),
         Record::SandboxDetach(detached("agent-1", DetachReason::CgroupRemoved)),
@@ -706,7 +789,8 @@ fn schema_is_a_valid_2020_12_schema() {
 fn every_kind_written_to_a_file_matches_the_schema() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    let records = every_kind();
+    let mut records = every_kind();
+    records.extend(refusals());
     let seqs = write_all(&path, &records);
     assert_eq!(seqs, (1..=records.len() as u64).collect::<Vec<_>>());
 
@@ -729,7 +813,51 @@ fn every_kind_written_to_a_file_matches_the_schema() {
         .iter()
         .map(|l| l["event"]["action"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(actions.len(), 18 + AlertKind::ALL.len(), "{actions:?}");
+    assert_eq!(actions.len(), 19 + AlertKind::ALL.len(), "{actions:?}");
+}
+
+#[test]
+fn refusals_name_what_was_refused() {
+    let lines: Vec<Value> = refusals()
+        .iter()
+        .map(|r| serde_json::from_slice(&r.encode(1).unwrap()).unwrap())
+        .collect();
+    assert_eq!(lines[0]["event"]["action"], "setsockopt");
+    assert_eq!(lines[0]["egress"]["option"]["name"], "IP_OPTIONS");
+    assert!(lines[0].get("destination").is_none());
+    assert_eq!(lines[1]["egress"]["option"]["name"], "IPV6_RTHDR");
+    assert_eq!(lines[1]["egress"]["socket"]["family"], "inet6");
+    // A dropped packet names the option and the first hop it was really sent to.
+    assert_eq!(lines[2]["event"]["action"], "packet");
+    assert_eq!(lines[2]["egress"]["option"]["name"], "ipv4-options");
+    assert_eq!(lines[2]["egress"]["option"]["type"], 131);
+    assert_eq!(lines[2]["destination"]["ip"], "203.0.113.66");
+    assert!(lines[2]["event"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("loose source route"));
+    assert!(lines[2].get("process").is_none());
+    assert_eq!(lines[3]["egress"]["option"]["name"], "ipv6-routing-header");
+    assert_eq!(lines[3]["egress"]["option"]["type"], 4);
+    assert!(lines[3]["network"].get("iana_number").is_none());
+    // Packet sockets: the family by name, no network or destination.
+    assert_eq!(lines[4]["event"]["action"], "socket");
+    assert_eq!(lines[4]["egress"]["socket"]["family"], "packet");
+    assert_eq!(lines[4]["egress"]["hook"], "lsm_socket_create");
+    assert!(lines[4].get("network").is_none());
+    // MPTCP is not TCP.
+    assert_eq!(lines[5]["network"]["transport"], "mptcp");
+    assert!(lines[5]["network"].get("iana_number").is_none());
+    assert_eq!(lines[5]["egress"]["socket"]["protocol"], 262);
+}
+
+#[test]
+fn socket_families_are_named() {
+    assert_eq!(SocketFamily::from_af(17).name(), "packet");
+    assert_eq!(SocketFamily::from_af(44).name(), "xdp");
+    assert_eq!(SocketFamily::from_af(40).name(), "vsock");
+    assert_eq!(SocketFamily::from_af(10).name(), "inet6");
+    assert_eq!(SocketFamily::from_af(250).name(), "af-250");
 }
 
 #[test]
@@ -767,7 +895,7 @@ fn network_fields_use_ecs_names_and_nesting() {
             "rule": {"name": "default"},
             "egress": {
                 "sandbox": {"name": "agent-1", "cgroup_id": 81234},
-                "socket": {"cookie": 0x1_0000_0042_u64, "family": "inet6"},
+                "socket": {"cookie": 0x1_0000_0042_u64, "family": "inet6", "protocol": 6},
                 "netns": {"cookie": 4096},
                 "hook": "connect6",
                 "verdict": "audit",
@@ -1588,9 +1716,12 @@ fn kernel_events_decode() {
         rule_id: 0,
         dst_port: 443,
         family: 4,
-        protocol: 6,
         verdict: agent_common::verdict::DENY,
         hook: agent_common::hook::CONNECT4,
+        _pad: 0,
+        protocol: 6,
+        opt_level: 0,
+        opt_name: 0,
         comm: *b"python3\0\0\0\0\0\0\0\0\0",
         addr: [192, 0, 2, 33, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
     };

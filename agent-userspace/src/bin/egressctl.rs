@@ -280,6 +280,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         );
                     }
                 }
+                if status.packet_sockets_covered {
+                    println!("packet sockets: refused in sandboxes (BPF LSM)");
+                } else {
+                    println!(
+                        "packet sockets: NOT COVERED ({}); sandboxes holding CAP_NET_RAW can send raw frames anywhere",
+                        status.packet_sockets_note.as_deref().unwrap_or("unknown")
+                    );
+                }
                 println!(
                     "{:<20} {:>10} {:<16} {:<8} {:>9} {:>9} {:>9} {:>10}  POLICY",
                     "SANDBOX",
@@ -320,6 +328,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                                 .as_deref()
                                 .map(|r| format!(": {r}"))
                                 .unwrap_or_default()
+                        );
+                    }
+                    let risky: Vec<&str> = s
+                        .capabilities
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|c| egress::posture::RISKY.contains(c))
+                        .collect();
+                    if !risky.is_empty() {
+                        println!(
+                            "  posture: {} process(es) hold {}{}",
+                            s.processes,
+                            risky.join(", "),
+                            if s.can_leave_cgroup {
+                                " (can leave its cgroup)"
+                            } else {
+                                ""
+                            }
                         );
                     }
                 }

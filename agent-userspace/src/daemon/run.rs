@@ -12,10 +12,13 @@ use super::{core::Core, state::State};
 use crate::{
     alerts::{AlertSettings, Alerts},
     audit::{
-        AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, NetworkDecision,
-        OnFailure, ProxyEvent, Record, StopReason,
+        AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, Hook,
+        NetworkDecision, OnFailure, ProxyEvent, Record, StopReason,
     },
-    bpf::{ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout, PolicyMaps, Programs},
+    bpf::{
+        active_lsms, attach_lsm, ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout,
+        PolicyMaps, Programs,
+    },
     control::{self, DetachReason, Handler, Request, Response},
     credentials::CredentialStore,
     proxy::{CertAuthority, Proxy, ProxyConfig},
@@ -125,6 +128,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let mut programs = Programs::load(&layout)?;
     let maps = PolicyMaps::new(&mut programs)?;
     let mut events = EventReader::new(&mut programs)?;
+    let packet_sockets = cover_packet_sockets(&mut programs, &layout);
 
     let sink = if opts.audit_log == "-" {
         AuditSink::Stdout
@@ -220,6 +224,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         alerts,
         bursts: Default::default(),
         runtime: tokio::runtime::Handle::current(),
+        packet_sockets,
+        source_routing: Default::default(),
+        known_pids: Default::default(),
     };
     let adopted = core.reconcile();
     audit.emit(Record::DaemonStart(DaemonStart {
@@ -273,8 +280,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             _ = lost_poll.tick() => {
                 report_lost(&shared);
                 let mut core = shared.lock();
+                core.flush_alerts();
                 core.expire_learned();
                 core.reap_vanished();
+                core.check_new_processes();
             }
             _ = heartbeat.tick() => {
                 let mut core = shared.lock();
@@ -298,6 +307,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     report_lost(&shared);
     {
         let mut core = shared.lock();
+        core.flush_alerts();
         core.audit.emit(Record::DaemonStop(DaemonStop {
             time: now(),
             pid: std::process::id(),
@@ -327,6 +337,30 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Attaches the system-wide LSM program that keeps sandboxes from creating packet and other
+/// non-inet sockets, where the kernel runs BPF LSM programs. Says why not otherwise.
+fn cover_packet_sockets(programs: &mut Programs, layout: &PinLayout) -> Result<(), String> {
+    let result = match active_lsms() {
+        Ok(lsms) if lsms.bpf_active() => attach_lsm(programs, layout)
+            .map_err(|e| format!("attaching the BPF LSM program failed: {e}")),
+        Ok(lsms) => Err(format!(
+            "`bpf` is not in the kernel's active LSM list ({}); boot with lsm=...,bpf",
+            lsms.active.join(",")
+        )),
+        Err(e) => Err(format!("cannot read the active LSM list: {e}")),
+    };
+    match &result {
+        Ok(()) => {
+            tracing::info!("Packet and other non-inet sockets are refused in sandboxes (BPF LSM)")
+        }
+        Err(why) => tracing::warn!(
+            why = %why,
+            "Packet sockets are NOT covered: a sandbox holding CAP_NET_RAW can send raw frames to any address"
+        ),
+    }
+    result
+}
+
 fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {
     let mut core = shared.lock();
     for ev in batch {
@@ -338,10 +372,15 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
                 let (sandbox, rule) = core.names(ev.sandbox_index, ev.rule_id);
                 match NetworkDecision::from_event(&ev, clock, sandbox, rule) {
                     Ok(mut rec) => {
-                        rec.domain = core
-                            .dns
-                            .name_of(ev.sandbox_index, rec.destination_ip)
-                            .map(str::to_string);
+                        if rec.hook.has_destination() && rec.hook != Hook::SkbEgress {
+                            rec.domain = core
+                                .dns
+                                .name_of(ev.sandbox_index, rec.destination_ip)
+                                .map(str::to_string);
+                        }
+                        if let Some(o) = rec.option {
+                            core.note_source_routing(&rec.sandbox, o.name);
+                        }
                         core.audit.emit(Record::Network(rec))
                     }
                     Err(e) => tracing::error!(error = %e, "Undecodable kernel event"),

@@ -37,6 +37,8 @@ const DEFAULT_RULE_WORDS: [&str; 2] = ["none", "default"];
 pub struct Policy {
     pub(super) default: DefaultAction,
     pub(super) dns: Option<DnsConfig>,
+    /// `require.no_capabilities`: capability names, checked.
+    pub(super) no_capabilities: Vec<String>,
     pub(super) rules: Vec<Rule>,
     pub(super) tests: Vec<PolicyTest>,
     pub(super) request_tests: Vec<RequestTest>,
@@ -60,6 +62,11 @@ impl Policy {
     /// The `alerts:` section (empty when the file has none: the daemon's settings apply).
     pub fn alerts(&self) -> &crate::alerts::AlertSettings {
         &self.alerts
+    }
+
+    /// Capabilities no sandbox process may hold at attach (`require.no_capabilities`).
+    pub fn no_capabilities(&self) -> &[String] {
+        &self.no_capabilities
     }
 
     /// The `dns:` section; `None` when the file has none (the daemon's settings apply).
@@ -710,7 +717,29 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         }
     }
 
+    let mut no_capabilities = Vec::new();
+    if let Some(req) = &raw.require {
+        for (i, name) in req.no_capabilities.iter().enumerate() {
+            let name = name.trim().to_ascii_lowercase();
+            let name = name.strip_prefix("cap_").unwrap_or(&name).to_string();
+            if crate::posture::capability_bit(&name).is_none() {
+                return Err(CompileError::new(
+                    root.key("require").key("no_capabilities").index(i),
+                    format!(
+                        "unknown capability {:?} (valid: lowercase names such as sys_admin, \
+                         net_admin, net_raw, bpf)",
+                        req.no_capabilities[i]
+                    ),
+                ));
+            }
+            if !no_capabilities.contains(&name) {
+                no_capabilities.push(name);
+            }
+        }
+    }
+
     let policy = Policy {
+        no_capabilities,
         default: match raw.default {
             RawDefault::Deny => DefaultAction::Deny,
             RawDefault::Audit => DefaultAction::Audit,

@@ -267,7 +267,7 @@ tests:
                 2,
                 "resolver: {}",
                 "p.yaml:2:1: resolver: unknown field `resolver`, expected one of `version`, \
-                 `default`, `dns`, `rules`, `tests`, `alerts`",
+                 `default`, `dns`, `require`, `rules`, `tests`, `alerts`",
             ),
             (
                 2,
