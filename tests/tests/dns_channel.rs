@@ -6,7 +6,8 @@
 //! origin, `evil.example` with the canary, `<x>.files.pypi.example` with the second
 //! origin). In [`canonical_queries_listed_types_and_pinned_answers`] the policy's
 //! upstream is a small relay in the world that writes down every query's bytes as they
-//! arrive and passes them on to dnsmasq, so the test reads exactly what left egressd.
+//! arrive and passes them on to dnsmasq, so the test reads exactly what left egressd;
+//! it answers `rebind.example` itself, with 127.0.0.1 beside the origin.
 //!
 //! Needs root, cgroup v2, bpffs, dnsmasq, dig, curl, python3 and the egressd binaries;
 //! skips without root or tools. Run:
@@ -26,6 +27,8 @@ use egress_tests::util::{kill_with_parent, poll, python, ChildGuard, TempDir};
 use egress_tests::world::{CANARY_V4, ORIGIN_V4};
 use serde_json::Value;
 
+/// The name the relay answers with 127.0.0.1 and the origin.
+const REBIND_NAME: &str = "rebind.example";
 /// The relay's address in the world.
 const RELAY_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 54);
 /// curl's exit code for "Couldn't resolve host".
@@ -56,6 +59,11 @@ rules:
     ports: [80]
     protocol: tcp
     action: allow
+  - name: rebind
+    to: [rebind.example]
+    ports: [80]
+    protocol: tcp
+    action: allow
 "#;
 
 /// A tight name budget under `**.pypi.example`; dnsmasq straight.
@@ -77,10 +85,28 @@ rules:
 "#;
 
 /// Receives UDP queries on ADDR:53, appends each one's bytes (hex) to LOG, sends it on
-/// to UPSTREAM:53 unchanged and relays the reply. One query at a time.
+/// to UPSTREAM:53 unchanged and relays the reply. One query at a time. It answers
+/// [`REBIND_NAME`] itself: A records 127.0.0.1 and the origin (a rebinding attempt
+/// beside a real address), no AAAA.
 const RELAY_PY: &str = r#"
 import socket, sys
 listen, upstream, log, ready = sys.argv[1:5]
+
+def local_answer(q):
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode().lower())
+        i += 1 + q[i]
+    if ".".join(labels) != "rebind.example":
+        return None
+    qtype = int.from_bytes(q[i + 1:i + 3], "big")
+    addrs = [bytes([127, 0, 0, 1]), bytes([192, 0, 2, 10])] if qtype == 1 else []
+    head = q[:2] + b"\x81\x80\x00\x01" + len(addrs).to_bytes(2, "big") + b"\x00" * 4
+    body = q[12:i + 5]
+    for a in addrs:
+        body += b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x01\x2c\x00\x04" + a
+    return head + body
+
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((listen, 53))
 open(ready, "w").close()
@@ -88,6 +114,10 @@ while True:
     q, peer = s.recvfrom(4096)
     with open(log, "a") as f:
         f.write(q.hex() + "\n")
+    own = local_answer(q)
+    if own is not None:
+        s.sendto(own, peer)
+        continue
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     u.settimeout(2)
     try:
@@ -294,7 +324,7 @@ fn canonical_queries_listed_types_and_pinned_answers() -> Result<()> {
             .checked_sub(15)
             .map(|at| u16::from_be_bytes([q[at], q[at + 1]]));
         let ok = [1u16, 28].iter().any(|&t| {
-            [API_NAME, EVIL_NAME]
+            [API_NAME, EVIL_NAME, REBIND_NAME]
                 .iter()
                 .any(|n| q[2..] == canonical(n, t)[..])
         });
@@ -345,6 +375,33 @@ fn canonical_queries_listed_types_and_pinned_answers() -> Result<()> {
     expect::tcp_blocked(sb, name, &fx.daemon, &fx.canary, IpAddr::V4(CANARY_V4), 80)?;
     // The allowed name still connects.
     expect::origin_body(&sb.curl(&[&format!("http://{API_NAME}/")])?)?;
+
+    // A rebinding answer: 127.0.0.1 is dropped (special, no rule names it), the origin
+    // beside it is installed, released and connectable.
+    let d = dig(sb, &[REBIND_NAME])?;
+    ensure!(
+        d.is("NOERROR") && d.addrs() == [IpAddr::V4(ORIGIN_V4)],
+        "{REBIND_NAME} should answer only the origin: {}",
+        d.describe()
+    );
+    let rec = fx.wait_dns_record(
+        &DnsMatch::new(name, REBIND_NAME)
+            .qtype("A")
+            .rcode("NOERROR")
+            .verdict("allow"),
+    )?;
+    let refused = get(&rec, "egress.dns.refused")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        egress_tests::dns_fixture::resolved_ips(&rec) == [IpAddr::V4(ORIGIN_V4)]
+            && refused.len() == 1
+            && get_str(&refused[0], "ip") == Some("127.0.0.1")
+            && get_str(&refused[0], "reason").is_some_and(|r| r.contains("loopback address")),
+        "resolved_ip should hold the origin only, 127.0.0.1 refused as loopback: {rec}"
+    );
+    expect::origin_body(&sb.curl(&[&format!("http://{REBIND_NAME}/")])?)?;
     Ok(())
 }
 
