@@ -86,6 +86,14 @@ fn lifecycle(name: &str) -> SandboxLifecycle {
         cgroup_id: 81_234,
         policy_path: PathBuf::from("/etc/egressd/policies/agent.yaml"),
         policy_digest: digest("default: deny\n"),
+        reason: None,
+    }
+}
+
+fn detached(name: &str, reason: DetachReason) -> SandboxLifecycle {
+    SandboxLifecycle {
+        reason: Some(reason),
+        ..lifecycle(name)
     }
 }
 
@@ -460,7 +468,9 @@ fn every_kind() -> Vec<Record> {
         }
         .into(),
         Record::SandboxAttach(lifecycle("agent-1")),
-        Record::SandboxDetach(lifecycle("agent-1")),
+        Record::SandboxDetach(detached("agent-1", DetachReason::Operator)),
+        Record::SandboxDetach(detached("agent-1", DetachReason::Hook)),
+        Record::SandboxDetach(detached("agent-1", DetachReason::CgroupRemoved)),
         Record::SandboxAdopt(lifecycle("agent-2")),
         PolicyChange {
             time: T0,
@@ -491,7 +501,108 @@ fn every_kind() -> Vec<Record> {
     .chain(proxy_kinds())
     .chain(dns_kinds())
     .chain(alert_kinds())
+    .chain(quarantine_kinds())
     .collect()
+}
+
+fn quarantine(reason: Option<&str>, trigger: &str) -> Quarantine {
+    Quarantine {
+        time: T0,
+        sandbox: "agent-1".into(),
+        cgroup_path: PathBuf::from("/sys/fs/cgroup/agents/agent-1"),
+        cgroup_id: 81_234,
+        reason: reason.map(str::to_owned),
+        trigger: trigger.into(),
+    }
+}
+
+/// Quarantine and release, by an operator and by an alert; revocations that worked and
+/// one that failed.
+fn quarantine_kinds() -> Vec<Record> {
+    vec![
+        Record::SandboxQuarantine(quarantine(Some("investigating"), "operator")),
+        Record::SandboxQuarantine(quarantine(
+            Some("60 denied decisions within 10 s"),
+            "denial-burst",
+        )),
+        Record::SandboxRelease(quarantine(None, "operator")),
+        CredentialRevoke {
+            time: T0,
+            sandbox: "agent-1".into(),
+            credential: "github".into(),
+            revoked: true,
+            reason: "installation token revoked with the GitHub API".into(),
+        }
+        .into(),
+        CredentialRevoke {
+            time: T0,
+            sandbox: "agent-1".into(),
+            credential: "vault".into(),
+            revoked: false,
+            reason: "revoke command /usr/local/bin/revoke exited with exit status: 1".into(),
+        }
+        .into(),
+    ]
+}
+
+#[test]
+fn quarantine_and_revoke_fields() {
+    let validator = validator();
+    let encode = |r: Record| -> Value { serde_json::from_slice(&r.encode(1).unwrap()).unwrap() };
+    let q = encode(Record::SandboxQuarantine(quarantine(
+        Some("burst"),
+        "denial-burst",
+    )));
+    assert_eq!(q["event"]["action"], "sandbox-quarantine");
+    assert_eq!(q["event"]["kind"], "event");
+    assert_eq!(q["event"]["type"], serde_json::json!(["change"]));
+    assert_eq!(q["event"]["reason"], "burst");
+    assert_eq!(q["egress"]["quarantine"]["trigger"], "denial-burst");
+    assert_eq!(q["egress"]["sandbox"]["cgroup_id"], 81_234);
+    let r = encode(Record::SandboxRelease(quarantine(None, "operator")));
+    assert_eq!(r["event"]["action"], "sandbox-release");
+    assert!(r["event"].get("reason").is_none());
+    let revoke = encode(
+        CredentialRevoke {
+            time: T0,
+            sandbox: "agent-1".into(),
+            credential: "github".into(),
+            revoked: false,
+            reason: "no answer".into(),
+        }
+        .into(),
+    );
+    assert_eq!(revoke["event"]["outcome"], "failure");
+    assert_eq!(revoke["event"]["category"], serde_json::json!(["iam"]));
+    assert_eq!(revoke["egress"]["credential"]["name"], "github");
+    for good in [&q, &r, &revoke] {
+        assert!(validator.is_valid(good), "{good}");
+    }
+    let cases: Vec<(&str, &Value, Mutation)> = vec![
+        ("unknown trigger", &q, |v| {
+            v["egress"]["quarantine"]["trigger"] = "whim".into()
+        }),
+        ("quarantine without trigger", &q, |v| {
+            v["egress"].as_object_mut().unwrap().remove("quarantine");
+        }),
+        ("quarantine as alert", &q, |v| {
+            v["event"]["kind"] = "alert".into()
+        }),
+        ("revoke without credential", &revoke, |v| {
+            v["egress"].as_object_mut().unwrap().remove("credential");
+        }),
+        ("revoke without reason", &revoke, |v| {
+            v["event"].as_object_mut().unwrap().remove("reason");
+        }),
+        ("revoke carrying a value", &revoke, |v| {
+            v["egress"]["credential"]["value"] = "ghp_x".into()
+        }),
+    ];
+    for (what, good, mutate) in cases {
+        let mut bad = good.clone();
+        mutate(&mut bad);
+        assert!(!validator.is_valid(&bad), "schema accepted: {what}");
+    }
 }
 
 /// One alert of every kind, with and without the optional fields.
@@ -600,7 +711,7 @@ fn every_kind_written_to_a_file_matches_the_schema() {
         .iter()
         .map(|l| l["event"]["action"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(actions.len(), 14 + AlertKind::ALL.len(), "{actions:?}");
+    assert_eq!(actions.len(), 17 + AlertKind::ALL.len(), "{actions:?}");
 }
 
 #[test]

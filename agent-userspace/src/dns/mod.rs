@@ -29,6 +29,9 @@
 //!    listed in the record's `egress.dns.refused` with why. Other query types are
 //!    forwarded the same way but teach the kernel nothing.
 //!
+//! A quarantined sandbox's queries ([`ResolverCtx::quarantined`]) are all answered
+//! `REFUSED` after step 1, and recorded.
+//!
 //! Every query a listener reads ends in exactly one [`DnsRecord`] for the audit trail
 //! (except those shed while [`MAX_UDP_IN_FLIGHT`] queries are already being served).
 //! All upstream work is bounded by [`ResolverCtx::timeout`] per server and transport.
@@ -44,7 +47,10 @@ mod tests;
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, RwLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -128,6 +134,9 @@ pub struct ResolverCtx {
     /// Longest label a question may have, at most 63; [`DEFAULT_MAX_LABEL`] is the
     /// exfiltration guard.
     pub max_label: usize,
+    /// Set while the sandbox is quarantined: every query is answered `REFUSED` and
+    /// recorded, and nothing is asked upstream.
+    pub quarantined: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for ResolverCtx {
@@ -294,6 +303,14 @@ async fn decide(
     };
     record.question_name = question.name.clone();
     record.question_type = type_name(question.qtype);
+    if ctx.quarantined.load(Ordering::Acquire) {
+        record.response_code = rcode_name(ResponseCode::Refused);
+        record.reason = Some("the sandbox is quarantined".to_owned());
+        return (
+            question.error_reply(ResponseCode::Refused, false),
+            finish(record),
+        );
+    }
 
     let rule_ids = if policy.name_allowed(&question.name) {
         policy.rules_for_name(&question.name)

@@ -248,6 +248,7 @@ impl Harness {
             budget: Arc::default(),
             timeout: TIMEOUT,
             max_label: DEFAULT_MAX_LABEL,
+            quarantined: Arc::default(),
         });
         let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -674,6 +675,36 @@ async fn a_policy_swap_applies_to_the_next_query() {
     let reply = h.udp("api.github.example", RecordType::A).await;
     assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
     assert!(fake.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantined_sandbox_is_refused_without_asking_upstream() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    h.ctx
+        .quarantined
+        .store(true, std::sync::atomic::Ordering::Release);
+    let reply = h.udp("api.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+    assert!(reply.answers.is_empty());
+    let replies = h.tcp(&[("api.github.example", RecordType::AAAA)]).await;
+    assert_eq!(replies[0].metadata.response_code, ResponseCode::Refused);
+    assert!(fake.seen().is_empty(), "{:?}", fake.seen());
+    assert!(h.learned.lock().unwrap().is_empty());
+    let records = h.records();
+    assert_eq!(records.len(), 2, "{records:#?}");
+    for r in &records {
+        assert_eq!(r.response_code, "REFUSED");
+        assert_eq!(r.verdict, DnsVerdict::Deny);
+        assert_eq!(r.reason.as_deref(), Some("the sandbox is quarantined"));
+        assert_eq!(r.question_name, "api.github.example");
+    }
+    // Released: answered again.
+    h.ctx
+        .quarantined
+        .store(false, std::sync::atomic::Ordering::Release);
+    let reply = h.udp("api.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,7 @@ pub struct Policy {
     pub(super) tests: Vec<PolicyTest>,
     pub(super) request_tests: Vec<RequestTest>,
     pub(super) name_tests: Vec<NameTest>,
+    pub(super) alerts: crate::alerts::AlertSettings,
 }
 
 impl Policy {
@@ -48,6 +49,11 @@ impl Policy {
     /// Rules in file order; rule id `n` is `rules()[n - 1]`.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// The `alerts:` section (empty when the file has none: the daemon's settings apply).
+    pub fn alerts(&self) -> &crate::alerts::AlertSettings {
+        &self.alerts
     }
 
     /// The `dns:` section; `None` when the file has none (the daemon's settings apply).
@@ -562,6 +568,12 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         .map(|d| compile_dns(d, &root.key("dns")))
         .transpose()?;
 
+    let alerts = match &raw.alerts {
+        None => crate::alerts::AlertSettings::default(),
+        Some(a) => crate::alerts::AlertSettings::compile(a)
+            .map_err(|e| CompileError::new(root.key("alerts").key(e.field), e.message))?,
+    };
+
     let mut rules = Vec::with_capacity(raw.rules.len());
     let mut names: HashMap<&str, usize> = HashMap::new();
     // Where each prefix is first written, to point kernel-limit errors at the file.
@@ -697,6 +709,7 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         tests,
         request_tests,
         name_tests,
+        alerts,
     };
 
     // Rejecting here, not when the maps are written, means a policy that loads always fits.

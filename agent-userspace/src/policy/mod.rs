@@ -267,7 +267,19 @@ tests:
                 2,
                 "resolver: {}",
                 "p.yaml:2:1: resolver: unknown field `resolver`, expected one of `version`, \
-                 `default`, `dns`, `rules`, `tests`",
+                 `default`, `dns`, `rules`, `tests`, `alerts`",
+            ),
+            (
+                2,
+                "alerts: {responses: {secret-leak: quarantine}}",
+                "p.yaml:2:21: alerts.responses: `secret-leak` is not an alert kind (valid: \
+                 secret-reflected, secret-outbound, dns-budget, denial-burst, cgroup-escape, \
+                 risky-posture, source-routing, rate-limit)",
+            ),
+            (
+                2,
+                "alerts: {denial_burst: {count: 5, seconds: 0}}",
+                "p.yaml:2:24: alerts.denial_burst: seconds 0 is out of range (valid: 1-3600)",
             ),
             (
                 8,

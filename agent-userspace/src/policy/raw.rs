@@ -64,6 +64,10 @@ pub struct RawPolicy {
     /// `policy test` and by CI.
     #[serde(default)]
     pub tests: Vec<RawTest>,
+    /// What the daemon does about this sandbox's alerts (`record` or `quarantine` per
+    /// kind) and when denials count as a burst. Omitted: the daemon's settings.
+    #[serde(default)]
+    pub alerts: Option<crate::alerts::RawAlerts>,
 }
 
 /// The `dns:` section.
