@@ -428,7 +428,7 @@ impl Core {
                 continue;
             }
             let addr = l.addr.to_canonical();
-            if let Some(why) = self.refuse_learning(&policy, &ids_now, addr) {
+            if let Some(why) = super::dns::learning_refusal(&policy, &ids_now, addr) {
                 tracing::warn!(sandbox = %rec.name, name = %l.name, %addr, %why, "Not learning a DNS answer");
                 refused.push((l.addr, why));
                 continue;
@@ -485,37 +485,6 @@ impl Core {
             );
         }
         Ok(refused)
-    }
-
-    /// Why an answer's address must not become reachable through a name: DNS rebinding to
-    /// a special address ([`crate::net::special`]: loopback, private, link-local,
-    /// metadata, tunnels into IPv4, ...) unless a static rule or the `answers` of one of
-    /// the name's rules (`rule_ids`) names it, or an address a static `deny` rule covers.
-    fn refuse_learning(
-        &self,
-        policy: &Policy,
-        rule_ids: &[u16],
-        addr: std::net::IpAddr,
-    ) -> Option<String> {
-        let static_rules = || {
-            policy
-                .rules()
-                .iter()
-                .filter(|r| r.nets().iter().any(|n| n.contains(&addr)))
-        };
-        if static_rules().any(|r| r.action() == crate::policy::Action::Deny) {
-            return Some("a deny rule covers the address".to_owned());
-        }
-        let special = crate::net::special_address(addr)?;
-        let named = static_rules().any(|r| crate::net::explicitly_covers(r.nets(), addr))
-            || rule_ids
-                .iter()
-                .filter_map(|&id| policy.rule(id))
-                .filter_map(|r| r.answers())
-                .any(|pins| crate::net::explicitly_covers(pins, addr));
-        (!named).then(|| {
-            format!("{addr} is a {special}, and no rule names it explicitly (a static rule or `answers`)")
-        })
     }
 
     /// Detaches sandboxes whose cgroup directory is gone (the container was removed

@@ -226,7 +226,98 @@ impl DnsRuntime {
     }
 }
 
+/// Why an answer's address must not become reachable through a name whose rules are
+/// `rule_ids`: DNS rebinding to a special address ([`crate::net::special`]: loopback,
+/// private, link-local, metadata, tunnels into IPv4, ...) unless a static rule or the
+/// `answers` of one of the name's rules names it explicitly, or an address a static
+/// `deny` rule covers. `None`: it may be learned.
+pub fn learning_refusal(policy: &Policy, rule_ids: &[u16], addr: IpAddr) -> Option<String> {
+    let addr = addr.to_canonical();
+    let static_rules = || {
+        policy
+            .rules()
+            .iter()
+            .filter(move |r| r.nets().iter().any(|n| n.contains(&addr)))
+    };
+    if let Some(rule) = static_rules().find(|r| r.action() == crate::policy::Action::Deny) {
+        return Some(format!("deny rule `{}` covers the address", rule.name()));
+    }
+    let special = crate::net::special_address(addr)?;
+    let named = static_rules().any(|r| crate::net::explicitly_covers(r.nets(), addr))
+        || rule_ids
+            .iter()
+            .filter_map(|&id| policy.rule(id))
+            .filter_map(|r| r.answers())
+            .any(|pins| crate::net::explicitly_covers(pins, addr));
+    (!named).then(|| {
+        format!(
+            "{addr} is a {special}, and no rule names it explicitly (a static rule or `answers`)"
+        )
+    })
+}
+
 /// The single-address network of a learned address.
 pub fn host_net(addr: IpAddr) -> IpNet {
     IpNet::from(addr.to_canonical())
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+    use crate::policy::parse_str;
+
+    #[test]
+    fn rebinding_to_special_addresses_needs_a_rule_naming_them() {
+        let policy = parse_str(
+            "version: 1
+rules:
+  - {name: open, to: [\"**.example.com\"], action: allow}
+  - {name: internal, to: [wiki.corp.example], answers: [10.0.0.0/8], action: allow}
+  - {name: lab, to: [192.168.7.0/24], action: allow}
+  - {name: world, to: [0.0.0.0/0, \"::/0\"], action: allow}
+  - {name: no-doc, to: [198.51.100.0/24], action: deny}
+",
+            "l.yaml",
+        )
+        .unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let open = policy.rules_for_name("a.example.com");
+        let internal = policy.rules_for_name("wiki.corp.example");
+        let refused = |ids: &[u16], a: &str| learning_refusal(&policy, ids, ip(a));
+        // Ordinary and documentation addresses are learned.
+        assert_eq!(refused(&open, "93.184.216.34"), None);
+        assert_eq!(refused(&open, "192.0.2.10"), None);
+        // Special ones are not, even with `0.0.0.0/0` in a static rule.
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "169.254.169.254",
+            "100.100.100.200",
+            "::1",
+            "fd00:ec2::254",
+            "64:ff9b::7f00:1",
+            "2002:7f00:1::1",
+            "::ffff:127.0.0.1",
+            "0.0.0.0",
+            "240.0.0.1",
+        ] {
+            let why = refused(&open, a).unwrap_or_default();
+            assert!(why.contains("no rule names it explicitly"), "{a}: {why}");
+        }
+        assert_eq!(
+            refused(&open, "64:ff9b::7f00:1").unwrap(),
+            "64:ff9b::7f00:1 is a NAT64 (64:ff9b::/96) address carrying 127.0.0.1, a \
+             loopback address, and no rule names it explicitly (a static rule or `answers`)"
+        );
+        // Named by the name's own `answers`, or by a static rule inside the block.
+        assert_eq!(refused(&internal, "10.1.2.3"), None);
+        assert!(refused(&internal, "127.0.0.1").is_some());
+        assert_eq!(refused(&open, "192.168.7.9"), None);
+        // A deny rule covering the address wins.
+        assert_eq!(
+            refused(&open, "198.51.100.7").as_deref(),
+            Some("deny rule `no-doc` covers the address")
+        );
+    }
 }

@@ -258,3 +258,77 @@ pub(super) fn normalise(name: &Name) -> String {
     }
     text
 }
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use hickory_proto::rr::rdata::opt::EdnsOption;
+
+    use super::*;
+
+    /// A client query for `name`/`qtype` with every header bit and EDNS field a client
+    /// could use to carry data set.
+    fn noisy(name: &str, qtype: RecordType) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 0xbeef;
+        m.metadata.recursion_desired = false;
+        m.metadata.checking_disabled = true;
+        m.metadata.authentic_data = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+        let mut edns = Edns::new();
+        edns.set_max_payload(65000);
+        edns.set_dnssec_ok(true);
+        edns.set_version(0);
+        edns.options_mut()
+            .insert(EdnsOption::Unknown(65001, b"payload bytes".to_vec()));
+        m.edns = Some(edns);
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn upstream_request_depends_on_the_question_only() {
+        let plain = {
+            let mut m = Message::query();
+            m.add_query(Query::query(
+                Name::from_ascii("api.example.com.").unwrap(),
+                RecordType::AAAA,
+            ));
+            m.to_vec().unwrap()
+        };
+        let forms = [
+            noisy("API.Example.COM.", RecordType::AAAA),
+            noisy("api.example.com", RecordType::AAAA),
+            plain,
+        ];
+        let mut wires = Vec::new();
+        for bytes in &forms {
+            let q = inspect(bytes, 63).unwrap();
+            let up = q.upstream_request();
+            assert_eq!(up.queries.len(), 1);
+            assert!(up.metadata.recursion_desired);
+            assert!(!up.metadata.checking_disabled && !up.metadata.authentic_data);
+            let edns = up.edns.as_ref().unwrap();
+            assert_eq!(edns.max_payload(), EDNS_PAYLOAD);
+            assert!(!edns.flags().dnssec_ok);
+            assert!(edns.options().as_ref().is_empty());
+            let mut wire = up.to_vec().unwrap();
+            wire[..2].copy_from_slice(&[0, 0]);
+            wires.push(wire);
+        }
+        assert!(wires.iter().all(|w| *w == wires[0]), "{wires:02x?}");
+        // Lower case on the wire, and the client's question kept for its answer.
+        let q = inspect(&forms[0], 63).unwrap();
+        assert_eq!(
+            q.upstream_request().queries[0].name.to_ascii(),
+            "api.example.com."
+        );
+        assert_eq!(q.query.name.to_ascii(), "API.Example.COM.");
+        // A fresh random id each time, not the client's.
+        let ids: std::collections::HashSet<u16> =
+            (0..16).map(|_| q.upstream_request().metadata.id).collect();
+        assert!(
+            ids.len() > 1 && !ids.iter().all(|&id| id == 0xbeef),
+            "{ids:?}"
+        );
+    }
+}

@@ -5,8 +5,9 @@
 //! sandbox itself asked the kernel for: it never resolves names, so a Host header
 //! cannot steer it elsewhere. Special addresses ([`crate::net::special`]: loopback,
 //! private, link-local, cloud metadata, tunnels into IPv4, ...) are refused unless the
-//! rule covers them explicitly; that check is made for every request, also when a pooled connection
-//! serves it, so a rule that may not dial an address never gets a connection to it.
+//! rule covers them explicitly; that check is made for every request, also when a
+//! pooled connection serves it, so a rule that may not dial an address never gets a
+//! connection to it.
 //!
 //! The pool is keyed by sandbox, original destination and TLS server name: everything
 //! that decides what an upstream connection is (where it goes, which name its
