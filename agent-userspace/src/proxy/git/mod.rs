@@ -389,11 +389,9 @@ impl GitRule {
             None => (name, ""),
         };
         let repo = format!("{owner}/{name}");
-        let Some(normalized) = normalize_repo(&repo) else {
-            return Err(not_git());
-        };
-        // `normalize_repo` strips a `.git` of its own: `name.git.git` is another repository.
-        if normalized != repo {
+        // `name.git.git` is the repository `name.git`, which no rule lists (a listed
+        // name has its `.git` dropped): refused below as not allowed.
+        if normalize_repo(&repo).is_none() {
             return Err(not_git());
         }
         let rpc = if advertisement {
