@@ -288,8 +288,9 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
-/// Characters NFKC folds into ASCII punctuation a router acts on (`.`, `/`, `\`, `;`,
-/// `?`, `#`, `%`): full-width and small forms, and the dot leaders.
+/// Characters NFKC folds into ASCII, among them the punctuation a router acts on (`.`,
+/// `/`, `\`, `;`, `?`, `#`, `%`): the full-width forms (letters too), the small forms and
+/// the dot leaders.
 fn folds_to_ascii(c: char) -> bool {
     matches!(c, '\u{2024}'..='\u{2026}' | '\u{FE50}'..='\u{FE6B}' | '\u{FF01}'..='\u{FF5E}')
 }
