@@ -10,12 +10,13 @@ use time::OffsetDateTime;
 
 use super::{core::Core, state::State};
 use crate::{
+    alerts::{AlertSettings, Alerts},
     audit::{
         AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, NetworkDecision,
         ProxyEvent, Record, StopReason,
     },
     bpf::{ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout, PolicyMaps, Programs},
-    control::{self, Handler, Request, Response},
+    control::{self, DetachReason, Handler, Request, Response},
     credentials::CredentialStore,
     proxy::{CertAuthority, Proxy, ProxyConfig},
 };
@@ -39,6 +40,9 @@ pub struct DaemonOptions {
     pub dns_upstream: Vec<std::net::SocketAddr>,
     pub proxy: ProxyConfig,
     pub credentials: CredentialStore,
+    /// The configuration's `alerts:`: responses and burst figures for sandboxes whose
+    /// policy does not set them.
+    pub alerts: AlertSettings,
 }
 
 struct Shared(Mutex<Core>);
@@ -63,7 +67,13 @@ impl Handler for Shared {
                 netns,
             } => core.attach(&cgroup, name, policy_path, policy_source, netns),
             Request::CaExport => Ok(core.proxy.ca_pem.clone()),
-            Request::Detach { name, cgroup } => core.detach(name, cgroup),
+            Request::Detach {
+                name,
+                cgroup,
+                reason,
+            } => core.detach(name, cgroup, reason.unwrap_or(DetachReason::Operator)),
+            Request::Quarantine { name, reason } => core.quarantine_by_operator(&name, reason),
+            Request::Release { name } => core.release(&name),
             Request::Status => {
                 return Response {
                     ok: true,
@@ -125,11 +135,13 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     )
     .context("setting up the proxy")?;
     let peers = PeerMap::new(&mut programs)?;
+    let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
     let dns = super::dns::DnsRuntime::new(
         opts.dns_port_base,
         opts.dns_upstream.clone(),
         proxy.dialer(),
         audit.clone(),
+        alerts.clone(),
         tokio::runtime::Handle::current(),
     );
     let proxy = super::proxy::ProxyRuntime::new(
@@ -166,6 +178,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         compiled: Default::default(),
         proxy,
         dns,
+        alerts,
+        bursts: Default::default(),
+        runtime: tokio::runtime::Handle::current(),
     };
     let adopted = core.reconcile();
     audit.emit(Record::DaemonStart(DaemonStart {
@@ -190,6 +205,12 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let listener = control::bind(&opts.socket)
         .with_context(|| format!("binding control socket {}", opts.socket.display()))?;
     let server = tokio::spawn(control::serve(listener, shared.clone()));
+    // Ready: sandboxes are adopted and the control socket accepts requests.
+    match super::notify::notify("READY=1") {
+        Ok(true) => tracing::debug!("Readiness sent to the service manager"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "Notifying the service manager failed"),
+    }
 
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut lost_poll = tokio::time::interval(LOST_POLL);
@@ -200,6 +221,13 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             batch = events.next_batch() => {
                 let batch = batch.context("reading the kernel ring buffer")?;
                 record_events(&shared, &clock, batch);
+            }
+            Some(order) = quarantine_orders.recv() => {
+                let mut core = shared.lock();
+                let trigger = order.kind.as_str();
+                if let Err(e) = core.quarantine(&order.sandbox, Some(order.reason), trigger) {
+                    tracing::error!(sandbox = %order.sandbox, trigger, error = %e, "Quarantine ordered by an alert failed");
+                }
             }
             _ = lost_poll.tick() => {
                 report_lost(&shared);
@@ -218,6 +246,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     }
 
     tracing::info!("Stopping; sandboxes stay confined (pinned links)");
+    let _ = super::notify::notify("STOPPING=1");
     server.abort();
     let rest = events.drain_now();
     record_events(&shared, &clock, rest);
@@ -254,10 +283,13 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
 }
 
 fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {
-    let core = shared.lock();
+    let mut core = shared.lock();
     for ev in batch {
         match ev {
             KernelEvent::Connect(ev) => {
+                if ev.verdict == agent_common::verdict::DENY && ev.sandbox_index != 0 {
+                    core.note_denial(ev.sandbox_index, ev.ts_ns);
+                }
                 let (sandbox, rule) = core.names(ev.sandbox_index, ev.rule_id);
                 match NetworkDecision::from_event(&ev, clock, sandbox, rule) {
                     Ok(mut rec) => {

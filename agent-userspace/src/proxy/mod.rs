@@ -58,7 +58,7 @@ pub use ca::{CaError, CertAuthority, CA_CERT_FILE, CA_COMMON_NAME, CA_KEY_FILE};
 pub use dialer::Dialer;
 pub use error::{Party, ProxyError};
 pub use record::{query_keys, GitAudit, ProxyRecord, RecordKind, RefUpdate, TlsMode, Verdict};
-pub use upstream::{client_config as upstream_client_config, special_address, special_block};
+pub use upstream::client_config as upstream_client_config;
 
 use crate::credentials::{normalize_host, CredentialStore};
 
