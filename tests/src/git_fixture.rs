@@ -445,7 +445,8 @@ credentials:
         Ok(fx)
     }
 
-    fn attach(&self, yaml: &str) -> Result<()> {
+    /// Attaches `yaml` as the sandbox's policy (replacing the one it has).
+    pub fn attach(&self, yaml: &str) -> Result<()> {
         let policy = self.sandbox_dir.write("policy.yaml", yaml)?;
         let out = self.daemon.ctl([
             OsStr::new("attach"),

@@ -564,48 +564,51 @@ fn token_appears_nowhere_the_sandbox_or_auditor_looks() -> Result<()> {
 }
 
 #[test]
-fn request_outside_the_http_rules_is_refused_with_403() -> Result<()> {
+fn request_outside_the_http_rules_is_refused_with_403_or_400() -> Result<()> {
     require_proxy_tools!();
     let fx = ProxyFixture::new(ProxyOpts::default())?;
     let before = fx.origin.requests()?.len();
-    // (method, URL, path in the record); each allowed by none of the rule's `http` entries,
-    // or not canonical.
-    let cases: [(&str, &str, &str); 5] = [
-        ("DELETE", REPO_URL, "/repos/acme/widgets"),
-        ("GET", "https://api.github.com/user", "/user"),
+    // (method, URL, path in the record, status); each allowed by none of the rule's `http`
+    // entries (403), or ambiguous (400).
+    let cases: [(&str, &str, &str, u16); 5] = [
+        ("DELETE", REPO_URL, "/repos/acme/widgets", 403),
+        ("GET", "https://api.github.com/user", "/user", 403),
         (
             "POST",
             "https://api.github.com/repos/acme/widgets/pulls",
             "/repos/acme/widgets/pulls",
+            403,
         ),
         (
             "GET",
             "https://api.github.com/repos/acme/other",
             "/repos/acme/other",
+            403,
         ),
         (
             "GET",
             "https://api.github.com/repos/acme/widgets/../other",
             "/repos/acme/widgets/../other",
+            400,
         ),
     ];
     let mut outs = Vec::new();
-    for (method, url, path) in cases {
+    for (method, url, path, want) in cases {
         for http in ["--http1.1", "--http2"] {
             let r = curl_resp(&fx, &[http, "--path-as-is", "-X", method, url])?;
             ensure!(
                 r.out.status.success()
-                    && r.status == 403
+                    && r.status == want
                     && !r.body.is_empty()
                     && r.body.len() < 200,
-                "{method} {url} ({http}): expected 403 with a short reason, got {} {:?}: {}",
+                "{method} {url} ({http}): expected {want} with a short reason, got {} {:?}: {}",
                 r.status,
                 r.body,
                 all_output(&r.out)
             );
             outs.push(r.out);
         }
-        let rec = request_record(&fx, method, path, 403)?;
+        let rec = request_record(&fx, method, path, want)?;
         ensure_field(&rec, "egress.verdict", "deny")?;
         ensure_field(&rec, "rule.name", "github-api")?;
         ensure_field(&rec, "event.outcome", "failure")?;

@@ -314,6 +314,33 @@ fn proxy_kinds() -> Vec<Record> {
         }),
         proxy_event(proxy_passthrough()),
         proxy_event(proxy_refused_no_sni()),
+        // Refused by the HTTP/1 parser before any method or path was known.
+        proxy_event(ProxyRecord {
+            method: None,
+            host: None,
+            path: None,
+            query_keys: None,
+            status: Some(431),
+            bytes_in: 0,
+            bytes_out: 0,
+            credential: None,
+            verdict: ProxyVerdict::Deny,
+            reason: Some(
+                "downstream client: HTTP/1 request refused by the parser: message head is too \
+                 large"
+                    .into(),
+            ),
+            ..proxy_request()
+        }),
+        // The client went away mid-upload.
+        proxy_event(ProxyRecord {
+            status: None,
+            bytes_out: 0,
+            reason: Some(
+                "client aborted: the downstream client went away before the response".into(),
+            ),
+            ..proxy_request()
+        }),
         proxy_event(proxy_git_push_refused()),
         proxy_event(ProxyRecord {
             path: Some("/acme/widget/info/refs".into()),

@@ -1,9 +1,11 @@
 //! HTTP request rules of proxy rules: which methods and paths the proxy lets through.
 //!
-//! Paths are compared as sent, byte for byte, without decoding: an upstream server may
-//! decode and normalise a path differently from any rule here, so a path that could be
-//! read two ways (`/a/../b`, `/a//b`, `/a/%2e%2e/b`, `/a%2Fb`, ...) is refused outright
-//! rather than interpreted. The query string is ignored.
+//! A request target is normalised once ([`normalize_target`]): percent-encoded
+//! unreserved characters are decoded and other encodings get upper-case hex, which no
+//! origin reads differently; a path that an origin could read two ways (`/a/../b`,
+//! `/a//b`, `/a/%2e%2e/b`, `/a%2Fb`, `/a/%C0%AE%C0%AE/b`, ...) is refused outright rather
+//! than interpreted. The proxy judges that form and forwards exactly it. The query string
+//! is ignored by path rules.
 use std::{fmt, str::FromStr};
 
 /// Appended to every method error.
@@ -128,9 +130,16 @@ impl FromStr for PathGlob {
                 "contains {c:?}, which a request path never does unencoded"
             )));
         }
-        // A pattern only a refused path could match would silently allow nothing.
-        if let Err(why) = check_canonical(s) {
-            return Err(bad(&format!("{why}; such request paths are refused")));
+        // A pattern only a refused or rewritten path could match would silently allow
+        // nothing.
+        match normalize_path(s) {
+            Err(why) => return Err(bad(&format!("{why}; such request paths are refused"))),
+            Ok(normal) if normal != s => {
+                return Err(bad(&format!(
+                    "request paths are matched in their normal form: write it as {normal}"
+                )))
+            }
+            Ok(_) => {}
         }
         let mut segments = Vec::new();
         for segment in rest.split('/') {
@@ -216,22 +225,40 @@ fn match_segment(pattern: &[u8], text: &[u8]) -> bool {
     pattern[p..].iter().all(|&c| c == b'*')
 }
 
-/// Splits a request target into path and query, and refuses it unless the path is
-/// canonical. Returns the path; the error says why in a few words, without the target
-/// (see [`target_for_reason`]).
-pub(crate) fn canonical_path(path_and_query: &str) -> Result<&str, String> {
-    let path = path_only(path_and_query);
-    if !path.starts_with('/') {
-        return Err("not an absolute path".into());
-    }
+/// The one form of a request target that the proxy judges and forwards, or why there is
+/// none. Percent-encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`) are decoded and
+/// other percent-encodings get upper-case hex digits (forms every origin reads alike,
+/// RFC 3986 section 6.2.2); anything an origin could read two ways is refused: `.` and
+/// `..` segments (also encoded), `//`, an encoded `/`, `\`, `;`, `?`, `#` or `%`, a
+/// control character (raw or encoded), percent-encoded bytes that are not
+/// UTF-8 (overlong forms such as `%C0%AE` included), characters that Unicode
+/// compatibility folding turns into ASCII (full-width `．` or `／`), and fragments. The
+/// query is kept as sent. The error says why in a few words, without the target (see
+/// [`target_for_reason`]). Normalising a normalised target gives it back unchanged.
+pub fn normalize_target(path_and_query: &str) -> Result<String, String> {
     if path_and_query.contains('#') {
         return Err("has a fragment (`#`)".into());
     }
-    check_canonical(path).map_err(|why| format!("non-canonical path: {why}"))?;
-    Ok(path)
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    if !path.starts_with('/') {
+        return Err("not an absolute path".into());
+    }
+    let mut out = normalize_path(path).map_err(|why| format!("ambiguous path: {why}"))?;
+    if let Some(query) = query {
+        if let Some(c) = query.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(format!("the query contains {c:?}"));
+        }
+        out.push('?');
+        out.push_str(query);
+    }
+    Ok(out)
 }
 
-fn path_only(path_and_query: &str) -> &str {
+/// The path of a normalised target (without its query).
+pub(crate) fn path_only(path_and_query: &str) -> &str {
     path_and_query
         .split_once('?')
         .map_or(path_and_query, |(p, _)| p)
@@ -256,48 +283,88 @@ pub(crate) fn target_for_reason(path_and_query: &str) -> String {
     out
 }
 
-/// Why `path` (starting with `/`, no query) could be read two ways, if it could.
-fn check_canonical(path: &str) -> Result<(), String> {
-    if let Some(c) = path.chars().find(|c| !c.is_ascii_graphic() || *c == '\\') {
-        return Err(format!("contains {c:?}"));
-    }
-    // Path parameters: servers such as Tomcat read `/a/..;/b` as `/b`.
-    if path.contains(';') {
-        return Err("contains `;` (path parameters)".into());
-    }
+/// Whether RFC 3986 calls `b` unreserved: decoding it never changes what a URI means.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Characters NFKC folds into ASCII, among them the punctuation a router acts on (`.`,
+/// `/`, `\`, `;`, `?`, `#`, `%`): the full-width forms (letters too), the small forms and
+/// the dot leaders.
+fn folds_to_ascii(c: char) -> bool {
+    matches!(c, '\u{2024}'..='\u{2026}' | '\u{FE50}'..='\u{FE6B}' | '\u{FF01}'..='\u{FF5E}')
+}
+
+/// [`normalize_target`] for the path alone (starting with `/`).
+fn normalize_path(path: &str) -> Result<String, String> {
     let bytes = path.as_bytes();
-    for (i, _) in path.match_indices('%') {
+    let mut out = String::with_capacity(path.len());
+    // Every byte the origin sees once it has decoded everything: must be UTF-8.
+    let mut decoded: Vec<u8> = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b != b'%' {
+            if !b.is_ascii_graphic() || b == b'\\' {
+                let c = path[i..].chars().next().unwrap_or('?');
+                return Err(format!("contains {c:?}"));
+            }
+            // Path parameters: servers such as Tomcat read `/a/..;/b` as `/b`.
+            if b == b';' {
+                return Err("contains `;` (path parameters)".into());
+            }
+            out.push(char::from(b));
+            decoded.push(b);
+            i += 1;
+            continue;
+        }
         let hex = bytes.get(i + 1..i + 3).and_then(|h| {
             let h = std::str::from_utf8(h).ok()?;
             u8::from_str_radix(h, 16).ok()
         });
-        match hex {
-            None => return Err("has a `%` not followed by two hex digits".into()),
-            Some(b'/') => return Err("contains an encoded `/` (%2F)".into()),
-            Some(b'\\') => return Err("contains an encoded `\\` (%5C)".into()),
-            Some(0) => return Err("contains an encoded NUL (%00)".into()),
+        let Some(value) = hex else {
+            return Err("has a `%` not followed by two hex digits".into());
+        };
+        match value {
+            b'/' => return Err("contains an encoded `/` (%2F)".into()),
+            b'\\' => return Err("contains an encoded `\\` (%5C)".into()),
+            0 => return Err("contains an encoded NUL (%00)".into()),
             // Decoded by a server that splits after decoding, or decoded twice.
-            Some(b';') => return Err("contains an encoded `;` (%3B)".into()),
-            Some(b'?') => return Err("contains an encoded `?` (%3F)".into()),
-            Some(b'#') => return Err("contains an encoded `#` (%23)".into()),
-            Some(b'%') => return Err("contains an encoded `%` (%25, double encoding)".into()),
-            Some(_) => {}
+            b';' => return Err("contains an encoded `;` (%3B)".into()),
+            b'?' => return Err("contains an encoded `?` (%3F)".into()),
+            b'#' => return Err("contains an encoded `#` (%23)".into()),
+            b'%' => return Err("contains an encoded `%` (%25, double encoding)".into()),
+            v if v < 0x20 || v == 0x7f => {
+                return Err(format!("contains an encoded control character (%{v:02X})"))
+            }
+            v if is_unreserved(v) => out.push(char::from(v)),
+            v => out.push_str(&format!("%{v:02X}")),
         }
+        decoded.push(value);
+        i += 3;
     }
-    let segments: Vec<&str> = path.get(1..).unwrap_or_default().split('/').collect();
+    let text = std::str::from_utf8(&decoded)
+        .map_err(|_| "percent-encoded bytes that are not UTF-8 (or an overlong form)")?;
+    if let Some(c) = text.chars().find(|c| c.is_control()) {
+        return Err(format!("contains an encoded control character {c:?}"));
+    }
+    if let Some(c) = text.chars().find(|&c| folds_to_ascii(c)) {
+        return Err(format!(
+            "contains {c:?}, which Unicode folding turns into ASCII punctuation"
+        ));
+    }
+    let segments: Vec<&str> = out.get(1..).unwrap_or_default().split('/').collect();
     let last = segments.len() - 1;
     for (i, segment) in segments.iter().enumerate() {
         // An empty last segment is a trailing slash, which is canonical.
         if segment.is_empty() && i != last {
             return Err("contains `//`".into());
         }
-        // `%2e` is `.` to servers that decode before normalising.
-        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
-        if decoded == "." || decoded == ".." {
+        if *segment == "." || *segment == ".." {
             return Err(format!("contains a `{segment}` segment"));
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// One entry of a proxy rule's `http:` list: any of `methods` on any of `paths`.
@@ -319,11 +386,13 @@ impl HttpRule {
     }
 
     /// Whether a request with this method and target (a path, optionally with a query,
-    /// which is ignored) is allowed by this entry. A non-canonical path is never allowed.
+    /// which is ignored) is allowed by this entry, judged in its normal form (see
+    /// [`normalize_target`]). An ambiguous path is never allowed.
     pub fn allows(&self, method: &str, path: &str) -> bool {
-        let Ok(path) = canonical_path(path) else {
+        let Ok(target) = normalize_target(path) else {
             return false;
         };
+        let path = path_only(&target);
         self.methods.iter().any(|m| m.matches(method))
             && self.paths.iter().any(|p| p.matches_canonical(path))
     }
@@ -530,21 +599,62 @@ mod tests {
 
     #[test]
     fn canonical_reasons() {
-        assert_eq!(canonical_path("/a/b?c=d"), Ok("/a/b"));
+        assert_eq!(normalize_target("/a/b?c=d"), Ok("/a/b?c=d".into()));
         assert_eq!(
-            canonical_path("/a/../b?x"),
-            Err("non-canonical path: contains a `..` segment".into())
+            normalize_target("/a/../b?x"),
+            Err("ambiguous path: contains a `..` segment".into())
         );
         assert_eq!(
-            canonical_path("/a%2fb"),
-            Err("non-canonical path: contains an encoded `/` (%2F)".into())
+            normalize_target("/a%2fb"),
+            Err("ambiguous path: contains an encoded `/` (%2F)".into())
         );
-        assert_eq!(canonical_path("a"), Err("not an absolute path".into()));
-        assert_eq!(canonical_path("/a?b#c"), Err("has a fragment (`#`)".into()));
+        assert_eq!(normalize_target("a"), Err("not an absolute path".into()));
+        assert_eq!(
+            normalize_target("/a?b#c"),
+            Err("has a fragment (`#`)".into())
+        );
         assert_eq!(target_for_reason("/a?token=x"), "/a");
         assert_eq!(target_for_reason("/a b\n/é"), "/a b\\n/\\u{e9}");
         let long = format!("/{}", "a".repeat(300));
         assert_eq!(target_for_reason(&long), format!("/{}...", "a".repeat(199)));
+    }
+
+    #[test]
+    fn normal_forms() {
+        for (raw, normal) in [
+            ("/", "/"),
+            ("/a/%41b", "/a/Ab"),
+            ("/%7Euser/%5f%2D%2e", "/~user/_-."),
+            ("/a%20b", "/a%20B".replace('B', "b").as_str()),
+            ("/a%2a", "/a%2A"),
+            ("/%c3%a9", "/%C3%A9"),
+            ("/a/?q=%2e%2e/x", "/a/?q=%2e%2e/x"),
+            ("/a/b.git/", "/a/b.git/"),
+        ] {
+            assert_eq!(normalize_target(raw).as_deref(), Ok(normal), "{raw}");
+            assert_eq!(normalize_target(normal).as_deref(), Ok(normal), "{normal}");
+        }
+        for raw in [
+            "/a/%2e%2E/b",
+            "/a/%2e",
+            "/a/.%2e",
+            "/%2e%2e",
+            "/a/%C0%AE%C0%AE/b",
+            "/a/%E0%80%AE",
+            "/a/%ff",
+            "/a/%c3",
+            "/a%01b",
+            "/a%7Fb",
+            "/a%C2%85b",
+            "/a/%EF%BC%8E%EF%BC%8E/b",
+            "/a%EF%BC%8Fb",
+            "/a\\b",
+            "/a;b",
+            "/a/%3b",
+            "/a/b?x y",
+        ] {
+            assert!(normalize_target(raw).is_err(), "{raw}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{fmt, net::Ipv6Addr};
 
 use super::{
     compile::{rule_id, Action, Policy, Protocol, Rule},
-    http::{canonical_path, is_token, target_for_reason},
+    http::{is_token, normalize_target, path_only, target_for_reason},
     Verdict,
 };
 
@@ -125,10 +125,11 @@ impl fmt::Display for Allowed<'_> {
 
 impl Rule {
     /// Whether a request with `method` and request target `path_and_query` may go through
-    /// this rule. `Err` holds a short plain-text reason. Non-canonical paths (`//`, `.` or
-    /// `..` segments, also percent-encoded, encoded `/` or `\`, ...) are always refused;
-    /// otherwise, without `http:` every request is allowed, with it only those an entry
-    /// lists. The query string is ignored and never appears in the reason.
+    /// this rule, judged in its normal form ([`normalize_target`]). `Err` holds a short
+    /// plain-text reason. Ambiguous paths (`//`, `.` or `..` segments, also
+    /// percent-encoded, encoded `/` or `\`, ...) are always refused; otherwise, without
+    /// `http:` every request is allowed, with it only those an entry lists. The query
+    /// string is ignored and never appears in the reason.
     pub fn check_request(&self, method: &str, path_and_query: &str) -> Result<(), String> {
         if !is_token(method) {
             return Err(format!(
@@ -137,13 +138,14 @@ impl Rule {
                 self.name
             ));
         }
-        let path = canonical_path(path_and_query).map_err(|why| {
+        let target = normalize_target(path_and_query).map_err(|why| {
             format!(
                 "{method} {} refused by rule {}: {why}",
                 target_for_reason(path_and_query),
                 self.name
             )
         })?;
+        let path = path_only(&target);
         match &self.http {
             None => Ok(()),
             Some(http) if http.iter().any(|r| r.allows(method, path)) => Ok(()),
@@ -346,7 +348,7 @@ rules:
                 Verdict::Deny,
                 1,
                 None,
-                "GET /repos/acme/widgets/../secrets refused by rule gh: non-canonical path: \
+                "GET /repos/acme/widgets/../secrets refused by rule gh: ambiguous path: \
                  contains a `..` segment",
             ),
             (
@@ -395,7 +397,7 @@ rules:
                 Verdict::Deny,
                 2,
                 None,
-                "GET //etc refused by rule open: non-canonical path: contains `//`",
+                "GET //etc refused by rule open: ambiguous path: contains `//`",
             ),
             (
                 "get",

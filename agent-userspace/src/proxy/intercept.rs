@@ -4,7 +4,10 @@
 //! original destination.
 
 use std::convert::Infallible;
+use std::error::Error as _;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -31,6 +34,9 @@ use super::error::ProxyError;
 use super::git::{self, PushOutcome};
 use super::io::{idle_watch, Activity, Metered, PrefixedStream};
 use super::record::{query_keys, RecordKind, TlsMode, Verdict};
+use super::refused::{connection_refusal, is_client_abort, H2Watch, StreamReset, CLIENT_ABORTED};
+use super::target::{judge_target, TargetRefusal};
+use super::text::sanitize;
 use super::upstream::{DialParams, PoolKey, Sender};
 use super::{ConnInfo, Proxy};
 use crate::credentials::normalize_host;
@@ -142,6 +148,25 @@ pub(super) async fn intercept(
         async move { Ok::<_, Infallible>(ctx.handle(req).await) }
     });
 
+    // Every refusal below the handler is recorded as a denied request: HTTP/1 parse
+    // errors (hyper answers those itself), HTTP/2 connection errors, and HTTP/2 streams
+    // the HTTP/2 layer resets (seen in the frames written).
+    let refused = {
+        let (proxy, conn, sni) = (proxy.clone(), conn.clone(), sni.clone());
+        move |status: Option<u16>, reason: String| {
+            let mut record =
+                proxy.record(&conn, TlsMode::Intercept, Some(&sni), RecordKind::Request);
+            record.verdict = Verdict::Deny;
+            record.status = status;
+            record.reason = Some(reason);
+            (proxy.audit)(record);
+        }
+    };
+    let on_reset = {
+        let refused = refused.clone();
+        move |reset: StreamReset| refused(None, reset.reason())
+    };
+
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -149,21 +174,33 @@ pub(super) async fn intercept(
         .header_read_timeout(proxy.timeouts.header)
         .max_buf_size(proxy.config.max_header_bytes)
         .keep_alive(true);
+    // Extended CONNECT (`:protocol`) reaches the handler, which refuses and records it,
+    // instead of being reset unseen by the HTTP/2 layer.
     builder
         .http2()
         .timer(TokioTimer::new())
+        .enable_connect_protocol()
         .max_header_list_size(u32::try_from(proxy.config.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = match alpn.as_deref() {
-        Some(b"h2") => builder.http2_only(),
-        Some(b"http/1.1") => builder.http1_only(),
-        _ => builder,
+    // HTTP/2 only when the client chose it in ALPN.
+    let h2 = alpn.as_deref() == Some(b"h2");
+    let builder = if h2 {
+        builder.http2_only()
+    } else {
+        builder.http1_only()
     };
-    let served = builder.serve_connection(TokioIo::new(tls), service);
+    let served: Pin<Box<dyn Future<Output = Result<(), ServeError>> + Send + '_>> = if h2 {
+        Box::pin(builder.serve_connection(TokioIo::new(H2Watch::new(tls, on_reset)), service))
+    } else {
+        Box::pin(builder.serve_connection(TokioIo::new(tls), service))
+    };
     let idle = proxy.timeouts.idle;
     tokio::select! {
         result = served => {
             if let Err(error) = result {
                 debug!(peer = %conn.peer, connection_id = %conn.connection_id, %error, "Intercepted connection ended with an error");
+                if let Some((status, reason)) = connection_refusal(&*error) {
+                    refused(status, reason);
+                }
             }
         }
         () = idle_watch(&activity, idle, || in_flight.load(Ordering::Relaxed) > 0) => {
@@ -207,6 +244,44 @@ impl Refusal {
     }
 }
 
+/// A request's record while the handler runs: if hyper drops the handler first (the
+/// client reset the stream or closed the connection), the record is emitted as a client
+/// abort.
+struct Pending {
+    record: super::ProxyRecord,
+    started: Instant,
+    bytes_in: Arc<AtomicU64>,
+    audit: super::AuditSink,
+    armed: bool,
+}
+
+impl Pending {
+    fn disarm(mut self) -> super::ProxyRecord {
+        self.armed = false;
+        self.record.clone()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut record = self.record.clone();
+        record.bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        record.duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        record.reason = Some(format!(
+            "{CLIENT_ABORTED}: the downstream client went away before the response{}",
+            record
+                .reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        ));
+        (self.audit)(record);
+    }
+}
+
 struct ConnCtx {
     proxy: Arc<Proxy>,
     conn: Arc<ConnInfo>,
@@ -229,6 +304,8 @@ fn target(sni: &str, port: Option<u16>) -> Option<(Authority, HeaderValue)> {
     Some((authority, host))
 }
 
+type ServeError = Box<dyn std::error::Error + Send + Sync>;
+
 type Forwarded = (Response<Incoming>, Option<Box<dyn FnOnce() + Send>>);
 
 impl ConnCtx {
@@ -246,7 +323,15 @@ impl ConnCtx {
         record.query_keys = query_keys(req.uri().query());
         let bytes_in = Arc::new(AtomicU64::new(0));
 
-        let outcome = self.forward(req, &mut record, &bytes_in).await;
+        let mut pending = Pending {
+            record,
+            started,
+            bytes_in: bytes_in.clone(),
+            audit: self.proxy.audit.clone(),
+            armed: true,
+        };
+        let outcome = self.forward(req, &mut pending.record, &bytes_in).await;
+        let record = pending.disarm();
         let mut finish = Finish {
             record,
             started,
@@ -273,10 +358,11 @@ impl ConnCtx {
                 );
                 finish.record.status = Some(refusal.status.as_u16());
                 finish.record.verdict = refusal.verdict;
+                // Reasons may quote what the request carried: never echo control characters.
                 let (content_type, body) = refusal.body.unwrap_or_else(|| {
                     (
                         "text/plain; charset=utf-8",
-                        Bytes::from(format!("{}\n", refusal.reason)),
+                        Bytes::from(format!("{}\n", sanitize(&refusal.reason, 1000))),
                     )
                 });
                 finish.record.reason = Some(refusal.reason);
@@ -310,28 +396,31 @@ impl ConnCtx {
             ));
         }
         let port = self.check_host(&req, record)?;
-        let path_and_query = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        (self.conn.route.request_allowed)(req.method().as_str(), path_and_query.as_str())
-            .map_err(|reason| Refusal::deny(StatusCode::FORBIDDEN, reason))?;
-        let push_rule = match &self.conn.route.git {
-            None => None,
-            Some(rule) => {
-                match rule.check_request(req.method().as_str(), req.uri().path(), req.uri().query())
-                {
-                    Ok(request) => {
-                        record.git = Some(request.audit());
-                        request.is_push().then_some(rule)
-                    }
-                    Err(refusal) => {
-                        record.git = refusal.audit;
-                        return Err(Refusal::deny(StatusCode::FORBIDDEN, refusal.reason));
-                    }
-                }
+        // Judged once, in its normal form, and forwarded in exactly that form.
+        let raw = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
+        let judged = match judge_target(&self.conn.route, req.method().as_str(), raw) {
+            Ok(judged) => judged,
+            Err(TargetRefusal::Ambiguous(reason)) => {
+                return Err(Refusal::deny(StatusCode::BAD_REQUEST, reason))
             }
+            Err(TargetRefusal::Denied { reason, git }) => {
+                record.git = git;
+                return Err(Refusal::deny(StatusCode::FORBIDDEN, reason));
+            }
+        };
+        record.path = Some(judged.path().to_owned());
+        let path_and_query = PathAndQuery::try_from(judged.target.as_str()).map_err(|_| {
+            Refusal::deny(
+                StatusCode::BAD_REQUEST,
+                "downstream client: request target cannot be re-sent upstream",
+            )
+        })?;
+        let push_rule = match (&self.conn.route.git, &judged.git) {
+            (Some(rule), Some(request)) => {
+                record.git = Some(request.audit());
+                request.is_push().then_some(rule)
+            }
+            _ => None,
         };
 
         let (mut parts, mut body) = req.into_parts();
@@ -457,7 +546,20 @@ impl ConnCtx {
                 secs: wait.as_secs(),
             })
         };
-        let failed = |source| {
+        let failed = |source: hyper::Error| {
+            if is_client_abort(&source) {
+                return Refusal {
+                    status: StatusCode::BAD_REQUEST,
+                    verdict: Verdict::Allow,
+                    reason: format!(
+                        "{CLIENT_ABORTED}: the downstream client's request body failed: {}",
+                        source
+                            .source()
+                            .map_or_else(|| source.to_string(), ToString::to_string)
+                    ),
+                    body: None,
+                };
+            }
             Refusal::upstream(ProxyError::UpstreamHttp {
                 addr,
                 op: "sending the request",

@@ -27,6 +27,9 @@ mod intercept;
 mod io;
 mod passthrough;
 mod record;
+mod refused;
+mod target;
+mod text;
 mod upstream;
 
 #[cfg(test)]

@@ -1133,3 +1133,207 @@ fn bad_config_values_are_rejected() {
         "{missing}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// What is forwarded is what was judged; refusals below the handler are recorded
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_normal_form_is_forwarded_and_ambiguous_paths_get_400() {
+    within(async {
+        let origin = start_origin(false).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let reply = get(&mut client, NAME, "/a/%41b/%7e%c3%a9?q=%2e%2e").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(
+            reply.body.contains("path=/a/Ab/~%C3%A9?q=%2e%2e\n"),
+            "{}",
+            reply.body
+        );
+        let record = h.record().await;
+        assert_eq!(record.path.as_deref(), Some("/a/Ab/~%C3%A9"));
+        // `%2e%2e` is `..` to the origin: refused, never interpreted.
+        let reply = get(&mut client, NAME, "/a/%2e%2e/forbidden").await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        assert!(reply.body.contains("`..` segment"), "{}", reply.body);
+        let record = h.record().await;
+        assert_eq!((record.verdict, record.status), (Verdict::Deny, Some(400)));
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+/// Writes `raw` on a fresh TLS connection (ALPN `alpn`) and reads until the proxy closes
+/// it or `until` holds for what was read.
+async fn raw_exchange(
+    h: &Harness,
+    alpn: &[u8],
+    raw: &[u8],
+    until: impl Fn(&[u8]) -> bool,
+) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tls = tls_connect(h.addr, NAME, &h.ca_pem, &[alpn]).await.unwrap();
+    tls.write_all(raw).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !until(&got) {
+        match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn requests_the_http1_parser_refuses_are_recorded() {
+    within(async {
+        let origin = start_origin(false).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let flood: String = (0..200).map(|i| format!("x-h{i}: v\r\n")).collect();
+        for (raw, status) in [
+            (
+                format!("GET /a HTTP/1.1\r\nHost: {NAME}\r\nBad Header\r\n\r\n"),
+                400,
+            ),
+            (format!("GET /a HTTP/9.9\r\nHost: {NAME}\r\n\r\n"), 400),
+            (format!("G(T /a HTTP/1.1\r\nHost: {NAME}\r\n\r\n"), 400),
+            (
+                format!("GET /a HTTP/1.1\r\nHost: {NAME}\r\n{flood}\r\n"),
+                431,
+            ),
+        ] {
+            let got = raw_exchange(&h, b"http/1.1", raw.as_bytes(), |_| false).await;
+            let text = String::from_utf8_lossy(&got);
+            assert!(
+                text.starts_with(&format!("HTTP/1.1 {status}")),
+                "{raw:?}: {text}"
+            );
+            let record = h.record().await;
+            assert_eq!(record.verdict, Verdict::Deny, "{raw:?}");
+            assert_eq!(record.kind, RecordKind::Request);
+            assert_eq!(record.status, Some(status));
+            let reason = record.reason.unwrap();
+            assert!(reason.contains("refused by the parser"), "{reason}");
+        }
+        // HTTP/2 without choosing it in ALPN: refused by the HTTP/1 parser.
+        let got = raw_exchange(&h, b"http/1.1", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", |_| {
+            false
+        })
+        .await;
+        assert!(got.is_empty() || got.starts_with(b"HTTP/1.1 "), "{got:?}");
+        assert_eq!(h.record().await.verdict, Verdict::Deny);
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
+
+/// One HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut v = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    v.extend_from_slice(&stream.to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+/// An HPACK literal header field without indexing, new name.
+fn hpack(name: &str, value: &str) -> Vec<u8> {
+    let mut v = vec![0u8, name.len() as u8];
+    v.extend_from_slice(name.as_bytes());
+    v.push(value.len() as u8);
+    v.extend_from_slice(value.as_bytes());
+    v
+}
+
+/// The frames (type, stream, payload) in `bytes`, as far as they are complete.
+fn h2_frames(bytes: &[u8]) -> Vec<(u8, u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(h) = bytes.get(at..at + 9) {
+        let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+        let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+        let Some(payload) = bytes.get(at + 9..at + 9 + len) else {
+            break;
+        };
+        out.push((h[3], stream, payload.to_vec()));
+        at += 9 + len;
+    }
+    out
+}
+
+#[tokio::test]
+async fn http2_protocol_errors_and_extended_connect_are_recorded() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut raw = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        raw.extend(h2_frame(0x4, 0, 0, &[]));
+        // Stream 1: a connection-specific header, which HTTP/2 forbids.
+        let mut block = vec![0x82, 0x87, 0x84];
+        block.extend(hpack(":authority", NAME));
+        block.extend(hpack("connection", "keep-alive"));
+        raw.extend(h2_frame(0x1, 0x5, 1, &block));
+        // Stream 3: extended CONNECT (a WebSocket over HTTP/2).
+        let mut block = hpack(":method", "CONNECT");
+        block.extend(hpack(":protocol", "websocket"));
+        block.extend([0x87, 0x84]);
+        block.extend(hpack(":authority", NAME));
+        raw.extend(h2_frame(0x1, 0x5, 3, &block));
+        let done = |got: &[u8]| {
+            let frames = h2_frames(got);
+            frames.iter().any(|f| f.0 == 0x3 && f.1 == 1)
+                && frames.iter().any(|f| f.0 == 0x0 && f.1 == 3)
+        };
+        let got = raw_exchange(&h, b"h2", &raw, done).await;
+        let frames = h2_frames(&got);
+        assert!(
+            frames
+                .iter()
+                .any(|(kind, stream, p)| *kind == 0x3 && *stream == 1 && p[..] == [0, 0, 0, 1]),
+            "no PROTOCOL_ERROR reset: {frames:?}"
+        );
+        let mut reasons = Vec::new();
+        for _ in 0..2 {
+            let record = h.record().await;
+            assert_eq!(record.verdict, Verdict::Deny);
+            reasons.push(record.reason.unwrap());
+        }
+        reasons.sort();
+        assert!(
+            reasons[0].contains("HTTP/2 stream 1 refused by the HTTP/2 layer: PROTOCOL_ERROR"),
+            "{reasons:?}"
+        );
+        assert_eq!(reasons[1], "upgrades are not allowed");
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_aborted_upload_is_recorded_as_a_client_abort() {
+    within(async {
+        let origin = start_origin(false).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nHost: {NAME}\r\nContent-Length: 100000\r\n\r\n{}",
+            "x".repeat(1000)
+        );
+        {
+            use tokio::io::AsyncWriteExt as _;
+            let mut tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"http/1.1"])
+                .await
+                .unwrap();
+            tls.write_all(head.as_bytes()).await.unwrap();
+            tls.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Dropped mid-body.
+        }
+        let record = h.record().await;
+        let reason = record.reason.unwrap_or_default();
+        assert!(reason.starts_with("client aborted"), "{reason}");
+        assert!(!reason.contains("upstream"), "{reason}");
+    })
+    .await;
+}

@@ -16,6 +16,7 @@ use hyper::body::{Body as _, Incoming};
 use super::pkt::{parse_commands, status_report, wants_report, CommandList};
 use super::GitRule;
 use crate::proxy::record::RefUpdate;
+use crate::proxy::refused::CLIENT_ABORTED;
 
 /// Largest command section accepted (decompressed), flush included.
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -199,7 +200,7 @@ async fn next_data(body: &mut Incoming, idle: Duration) -> Result<Option<Bytes>,
             Ok(None) => return Ok(None),
             Ok(Some(Err(e))) => {
                 return Err(ReadError::Downstream(format!(
-                    "downstream client: reading the request body: {e}"
+                    "{CLIENT_ABORTED}: reading the request body: {e}"
                 )))
             }
             Ok(Some(Ok(frame))) => match frame.into_data() {

@@ -9,6 +9,12 @@
 //!   alike, passed through)
 //! - `POST /<owner>/<repo>[.git]/git-receive-pack` (push)
 //!
+//! `<owner>/<repo>` must be spelled as the rule lists it, case included, with or without
+//! one `.git`: an origin such as `git http-backend` on a case-sensitive file system serves
+//! `Acme/Widgets` and `acme/widgets.git.git` as other repositories than `acme/widgets`.
+//! The request target forwarded is [`GitRequest::target`], rebuilt from the judged parts,
+//! so the origin routes exactly the repository and service that were judged.
+//!
 //! Anything else on such a rule is refused with 403 and a reason. A push's command list
 //! (the pkt-lines naming each ref update, see [`pkt`]) is read and judged before any byte
 //! of the push reaches the origin; if any update is refused, nothing is forwarded and
@@ -34,6 +40,7 @@ pub use pkt::{parse_commands, status_report, wants_report, Command, CommandList,
 pub use refs::{invalid_ref_name, RefGlob};
 
 use super::record::{GitAudit, RefUpdate};
+use super::text::sanitize;
 
 /// `Content-Type` of the proxy's own receive-pack answer.
 pub const RECEIVE_PACK_RESULT: &str = "application/x-git-receive-pack-result";
@@ -43,7 +50,7 @@ pub const RECEIVE_PACK_RESULT: &str = "application/x-git-receive-pack-result";
 #[serde(deny_unknown_fields)]
 pub struct RawGitRule {
     /// Repositories as `owner/name` (letters, digits, `_`, `.`, `-`; a `.git` suffix is
-    /// ignored), compared case-insensitively like GitHub does. URLs may carry `.git`.
+    /// ignored), compared exactly, case included. URLs may add one `.git`.
     pub repos: Vec<String>,
     /// Whether clone/fetch/pull (`git-upload-pack`) is allowed. Default true.
     #[serde(default = "default_true")]
@@ -71,12 +78,31 @@ pub struct RawPush {
     /// Default false.
     #[serde(default)]
     pub tags: bool,
+    /// Push options (`git push -o <option>`) allowed: `true` for any, `false` for none,
+    /// or a list of options, each exact (`ci.skip`) or `<name>=*` for any value of one
+    /// (`merge_request.title=*`). Default: none.
+    #[serde(default)]
+    pub options: RawPushOptions,
+}
+
+/// `push.options`: a switch or a list.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RawPushOptions {
+    All(bool),
+    Listed(Vec<String>),
+}
+
+impl Default for RawPushOptions {
+    fn default() -> Self {
+        Self::All(false)
+    }
 }
 
 /// A checked `git:` block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GitRule {
-    /// `owner/name`, lower-case, without `.git`.
+    /// `owner/name` as the rule spells it, without `.git`.
     repos: BTreeSet<String>,
     fetch: bool,
     push: Option<PushRule>,
@@ -87,6 +113,83 @@ struct PushRule {
     refs: Vec<RefGlob>,
     delete: bool,
     tags: bool,
+    options: PushOptions,
+}
+
+/// Which push options a push may carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PushOptions {
+    Any,
+    /// Exact options, and names (with their `=`) whose options may take any value.
+    Listed {
+        exact: Vec<String>,
+        any_value: Vec<String>,
+    },
+}
+
+impl PushOptions {
+    fn allows(&self, option: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Listed { exact, any_value } => {
+                exact.iter().any(|o| o == option)
+                    || any_value
+                        .iter()
+                        .any(|prefix| option.starts_with(prefix.as_str()))
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Any => "any".to_owned(),
+            Self::Listed { exact, any_value } if exact.is_empty() && any_value.is_empty() => {
+                "none".to_owned()
+            }
+            Self::Listed { exact, any_value } => exact
+                .iter()
+                .cloned()
+                .chain(any_value.iter().map(|p| format!("{p}*")))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+}
+
+/// Checks `push.options`.
+fn compile_options(raw: &RawPushOptions) -> Result<PushOptions, String> {
+    let listed = match raw {
+        RawPushOptions::All(true) => return Ok(PushOptions::Any),
+        RawPushOptions::All(false) => &[][..],
+        RawPushOptions::Listed(listed) => listed.as_slice(),
+    };
+    let (mut exact, mut any_value) = (Vec::new(), Vec::new());
+    for (i, option) in listed.iter().enumerate() {
+        let bad = |why: &str| {
+            format!(
+                "push.options[{i}]: `{}` {why} (valid: an option such as `ci.skip`, or \
+                 `<name>=*` for any value of one; printable characters, no spaces)",
+                sanitize(option, 100)
+            )
+        };
+        if option.is_empty() {
+            return Err(bad("is empty"));
+        }
+        if option.chars().any(|c| !c.is_ascii_graphic()) {
+            return Err(bad("contains a space, control or non-ASCII character"));
+        }
+        match option.strip_suffix('*') {
+            Some(prefix) if prefix.ends_with('=') && !prefix[..prefix.len() - 1].is_empty() => {
+                if prefix.contains('*') {
+                    return Err(bad("has `*` other than as a whole value"));
+                }
+                any_value.push(prefix.to_owned());
+            }
+            _ if option.contains('*') => return Err(bad("has `*` other than as `<name>=*`")),
+            _ => exact.push(option.clone()),
+        }
+    }
+    Ok(PushOptions::Listed { exact, any_value })
 }
 
 /// The two git services.
@@ -124,6 +227,9 @@ pub struct GitRequest {
     pub service: Service,
     /// `GET info/refs` (the ref advertisement) rather than the `POST` itself.
     pub advertisement: bool,
+    /// The request target judged, and the one to forward: `/<owner>/<name>[.git]/`
+    /// followed by `info/refs?service=<service>` or `<service>`, nothing else.
+    pub target: String,
 }
 
 impl GitRequest {
@@ -202,6 +308,7 @@ impl GitRule {
                     refs,
                     delete: push.delete,
                     tags: push.tags,
+                    options: compile_options(&push.options)?,
                 })
             }
         };
@@ -217,7 +324,7 @@ impl GitRule {
         })
     }
 
-    /// The allowed repositories, `owner/name`, lower-case.
+    /// The allowed repositories, `owner/name` as the rule spells them.
     pub fn repos(&self) -> impl Iterator<Item = &str> {
         self.repos.iter().map(String::as_str)
     }
@@ -277,12 +384,23 @@ impl GitRule {
             }
             _ => return Err(not_git()),
         };
-        let name = name.strip_suffix(".git").unwrap_or(name);
+        let (name, suffix) = match name.strip_suffix(".git") {
+            Some(bare) => (bare, ".git"),
+            None => (name, ""),
+        };
         let repo = format!("{owner}/{name}");
-        let Some(normalized) = normalize_repo(&repo) else {
+        // `name.git.git` is the repository `name.git`, which no rule lists (a listed
+        // name has its `.git` dropped): refused below as not allowed.
+        if normalize_repo(&repo).is_none() {
             return Err(not_git());
+        }
+        let rpc = if advertisement {
+            format!("info/refs?service={}", service.as_str())
+        } else {
+            service.as_str().to_owned()
         };
         let request = GitRequest {
+            target: format!("/{repo}{suffix}/{rpc}"),
             repo,
             service,
             advertisement,
@@ -297,9 +415,15 @@ impl GitRule {
                 "git: {method} {path}: this git request must be {expected}"
             )));
         }
-        if !self.repos.contains(&normalized) {
+        if !self.repos.contains(&request.repo) {
+            let spelled = self
+                .repos
+                .iter()
+                .find(|r| r.eq_ignore_ascii_case(&request.repo))
+                .map(|r| format!("; names are compared exactly: did you mean {r}?"))
+                .unwrap_or_default();
             return Err(refuse_known(format!(
-                "git: repository {} is not allowed (allowed: {})",
+                "git: repository {} is not allowed (allowed: {}){spelled}",
                 request.repo,
                 self.repos.iter().cloned().collect::<Vec<_>>().join(", ")
             )));
@@ -343,7 +467,22 @@ impl GitRule {
         Ok(())
     }
 
-    /// Judges every command of a push. All or nothing: if one is refused, the others are
+    /// Why a push carrying `options` is refused, if it is: the first option the rule does
+    /// not list (shown escaped and cut short).
+    pub fn refused_option(&self, options: &[String]) -> Option<String> {
+        let allowed = match &self.push {
+            Some(push) => &push.options,
+            None => return Some("refused by egress policy: pushing is not allowed".to_owned()),
+        };
+        let option = options.iter().find(|o| !allowed.allows(o))?;
+        Some(format!(
+            "refused by egress policy: push option \"{}\" is not allowed (allowed: {})",
+            sanitize(option, 100),
+            allowed.describe()
+        ))
+    }
+
+    /// Judges every command of a push, and its push options. All or nothing: if one is refused, the others are
     /// reported as not pushed.
     pub fn judge_push(&self, list: &CommandList) -> PushJudgement {
         let verdicts: Vec<Result<(), String>> =
@@ -365,6 +504,14 @@ impl GitRule {
             .zip(&verdicts)
             .filter_map(|(c, v)| v.as_ref().err().map(|e| (c, e)))
             .collect();
+        if let Some(reason) = self.refused_option(&list.options) {
+            let results = list.commands.iter().map(|_| Err(reason.clone())).collect();
+            return PushJudgement {
+                results,
+                updates,
+                refused: Some(format!("git push refused: {reason}")),
+            };
+        }
         let Some((first, reason)) = refused.first() else {
             return PushJudgement {
                 results: verdicts,
@@ -390,7 +537,7 @@ impl GitRule {
     }
 }
 
-/// `owner/name` lower-cased without `.git`, or `None` when it is not one.
+/// `owner/name` without `.git`, or `None` when it is not one.
 fn normalize_repo(repo: &str) -> Option<String> {
     let (owner, name) = repo.split_once('/')?;
     let name = name.strip_suffix(".git").unwrap_or(name);
@@ -402,5 +549,5 @@ fn normalize_repo(repo: &str) -> Option<String> {
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
     };
-    (valid(owner) && valid(name)).then(|| format!("{owner}/{name}").to_ascii_lowercase())
+    (valid(owner) && valid(name)).then(|| format!("{owner}/{name}"))
 }

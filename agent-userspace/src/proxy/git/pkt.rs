@@ -11,9 +11,12 @@
 //! [push options, flush] [packfile]
 //! ```
 //!
-//! Only the part up to the first flush is parsed; what follows is forwarded untouched.
+//! The command list is parsed, and, when the first command announces `push-options`, the
+//! option lines up to the next flush; what follows is forwarded untouched.
 
 use bytes::{BufMut as _, Bytes, BytesMut};
+
+use crate::proxy::text::sanitize;
 
 /// Largest pkt-line length (header included) git allows.
 pub const MAX_PKT_LEN: usize = 65520;
@@ -51,12 +54,16 @@ pub struct CommandList {
     /// The capabilities after the first command's NUL, e.g. `report-status`,
     /// `side-band-64k`, `agent=git/2.47.0`.
     pub capabilities: Vec<String>,
-    /// Bytes of the request the section took, flush included.
+    /// The push options (`git push -o`), when the `push-options` capability was given.
+    pub options: Vec<String>,
+    /// Bytes of the request the section took, flush included (and the push options with
+    /// their flush).
     pub len: usize,
 }
 
 impl CommandList {
-    fn has(&self, capability: &str) -> bool {
+    /// Whether the first command announced `capability`.
+    pub fn has(&self, capability: &str) -> bool {
         self.capabilities.iter().any(|c| c == capability)
     }
 }
@@ -75,7 +82,11 @@ pub fn parse_commands(buf: &[u8]) -> Result<Option<CommandList>, String> {
         };
         let len = pkt_len(header)?;
         if len == 0 {
-            list.len = at + 4;
+            at += 4;
+            if seen_command && list.has("push-options") {
+                return parse_options(buf, at, list);
+            }
+            list.len = at;
             return Ok(Some(list));
         }
         if len < 4 {
@@ -126,6 +137,37 @@ pub fn parse_commands(buf: &[u8]) -> Result<Option<CommandList>, String> {
             return Err("a command after the first carries a NUL byte".to_owned());
         }
         list.commands.push(parse_command(line, &mut oid_len)?);
+    }
+}
+
+/// The push options after the command list (from `at`): pkt-lines up to a flush.
+fn parse_options(
+    buf: &[u8],
+    mut at: usize,
+    mut list: CommandList,
+) -> Result<Option<CommandList>, String> {
+    loop {
+        let Some(header) = buf.get(at..at + 4) else {
+            return Ok(None);
+        };
+        let len = pkt_len(header)?;
+        if len == 0 {
+            list.len = at + 4;
+            return Ok(Some(list));
+        }
+        if len <= 4 {
+            return Err(format!(
+                "pkt-line length {len} is not allowed among push options"
+            ));
+        }
+        let Some(payload) = buf.get(at + 4..at + len) else {
+            return Ok(None);
+        };
+        at += len;
+        let payload = payload.strip_suffix(b"\n").unwrap_or(payload);
+        let option =
+            std::str::from_utf8(payload).map_err(|_| "a push option is not UTF-8".to_owned())?;
+        list.options.push(option.to_owned());
     }
 }
 
@@ -209,24 +251,18 @@ pub fn wants_report(list: &CommandList) -> bool {
 /// The body of a receive-pack response reporting every command: `unpack ok`, then
 /// `ok <ref>` or `ng <ref> <reason>` per command, then a flush; carried on side-band
 /// channel 1 (followed by a flush) when the client asked for `side-band-64k` or
-/// `side-band`. Reasons are cut to one line of at most 1000 bytes.
+/// `side-band`. Reasons are cut to at most 1000 bytes; control characters in reasons and
+/// ref names are escaped (`\u{a}`), never echoed.
 pub fn status_report(list: &CommandList, results: &[Result<(), String>]) -> Bytes {
     let mut report = BytesMut::new();
     put_pkt(&mut report, b"unpack ok\n");
     for (command, result) in list.commands.iter().zip(results) {
+        // Echoed as sent when it is printable (git matches it to the ref it pushed);
+        // a name with control characters is refused anyway, and escaped here.
+        let name = sanitize(&command.name, MAX_PKT_LEN / 2);
         let line = match result {
-            Ok(()) => format!("ok {}\n", command.name),
-            Err(reason) => {
-                let mut reason: String = reason.replace(['\n', '\r', '\0'], " ");
-                if reason.len() > 1000 {
-                    let mut cut = 1000;
-                    while !reason.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    reason.truncate(cut);
-                }
-                format!("ng {} {reason}\n", command.name)
-            }
+            Ok(()) => format!("ok {name}\n"),
+            Err(reason) => format!("ng {name} {}\n", sanitize(reason, 1000)),
         };
         // A ref name is bounded by the request's own pkt-line, so this fits.
         put_pkt(&mut report, line.as_bytes());

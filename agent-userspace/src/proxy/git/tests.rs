@@ -38,7 +38,7 @@ fn rule(yaml: &str) -> GitRule {
 }
 
 fn agent_rule() -> GitRule {
-    rule("repos: [Acme/Widgets, acme/tools.git]\npush: { refs: [\"refs/heads/agent/**\"] }\n")
+    rule("repos: [acme/widgets, acme/tools.git]\npush: { refs: [\"refs/heads/agent/**\"] }\n")
 }
 
 fn command(old: &str, new: &str, name: &str) -> Command {
@@ -102,12 +102,39 @@ fn only_smart_http_requests_of_listed_repos_pass() {
         GitRequest {
             repo: "acme/widgets".to_owned(),
             service: Service::UploadPack,
-            advertisement: true
+            advertisement: true,
+            target: "/acme/widgets.git/info/refs?service=git-upload-pack".to_owned(),
         }
     );
+    // Spelled otherwise, it is another repository to a case-sensitive origin; and
+    // `.git` goes only once.
+    for path in ["/Acme/Widgets.git/info/refs", "/ACME/WIDGETS/info/refs"] {
+        let e = r
+            .check_request("GET", path, Some("service=git-upload-pack"))
+            .unwrap_err();
+        assert!(
+            e.reason.contains("not allowed") && e.reason.contains("did you mean acme/widgets?"),
+            "{}",
+            e.reason
+        );
+    }
+    for path in [
+        "/acme/widgets.git.git/git-upload-pack",
+        "/acme/tools.git.git/git-upload-pack",
+        "/acme/widgets.git/.git/git-upload-pack",
+        "/acme/widgets/.git/git-upload-pack",
+    ] {
+        assert!(r.check_request("POST", path, None).is_err(), "{path}");
+    }
+    // An empty query on a POST is not forwarded.
+    assert_eq!(
+        ok("POST", "/acme/tools/git-upload-pack", Some("")).target,
+        "/acme/tools/git-upload-pack"
+    );
     assert!(!g.is_push());
-    let g = ok("POST", "/ACME/Widgets/git-upload-pack", None);
-    assert_eq!(g.repo, "ACME/Widgets");
+    let g = ok("POST", "/acme/widgets/git-upload-pack", None);
+    assert_eq!(g.repo, "acme/widgets");
+    assert_eq!(g.target, "/acme/widgets/git-upload-pack");
     assert_eq!(g.audit().service, "git-upload-pack");
     assert!(ok("POST", "/acme/tools/git-receive-pack", None).is_push());
     assert!(!ok(
@@ -240,6 +267,7 @@ fn a_push_is_all_or_nothing() {
             command(Z, B, "refs/heads/agent/x"),
         ],
         capabilities: vec!["report-status".to_owned()],
+        options: Vec::new(),
         len: 0,
     };
     let j = r.judge_push(&list);
@@ -824,4 +852,113 @@ async fn gzip_pushes_are_inspected_and_forwarded_as_sent() {
     })
     .await
     .unwrap();
+}
+
+#[test]
+fn push_options_are_refused_unless_listed() {
+    let pkt = |s: &str| format!("{:04x}{s}", s.len() + 4);
+    let body = |options: &[&str]| {
+        let mut b = pkt(&format!(
+            "{Z} {B} refs/heads/agent/x\0report-status push-options"
+        ));
+        b.push_str("0000");
+        for o in options {
+            b.push_str(&pkt(&format!("{o}\n")));
+        }
+        b.push_str("0000PACK");
+        b.into_bytes()
+    };
+    let raw = body(&["ci.skip", "merge_request.title=x\u{1b}[31m"]);
+    let list = parse_commands(&raw).unwrap().unwrap();
+    assert_eq!(list.options, ["ci.skip", "merge_request.title=x\u{1b}[31m"]);
+    assert_eq!(list.len, raw.len() - 4);
+    // Cut anywhere before the options' flush: more bytes needed.
+    for cut in 0..list.len {
+        assert_eq!(parse_commands(&raw[..cut]), Ok(None), "cut at {cut}");
+    }
+    // Without the capability, what follows the flush is the pack, not options.
+    let plain = parse_commands(
+        format!(
+            "{}0000PACK",
+            pkt(&format!("{Z} {B} refs/heads/agent/x\0report-status"))
+        )
+        .as_bytes(),
+    )
+    .unwrap()
+    .unwrap();
+    assert!(plain.options.is_empty());
+
+    let none = agent_rule();
+    let j = none.judge_push(&list);
+    let summary = j.refused.unwrap();
+    assert!(
+        summary.contains("push option \"ci.skip\" is not allowed (allowed: none)"),
+        "{summary}"
+    );
+    assert!(j.results.iter().all(Result::is_err));
+    let report = status_report(&list, &j.results);
+    let text = String::from_utf8_lossy(&report);
+    assert!(
+        text.contains("ng refs/heads/agent/x refused by egress policy: push option"),
+        "{text}"
+    );
+
+    let listed = rule(
+        "repos: [a/b]\npush: { refs: [\"refs/heads/agent/**\"], options: [ci.skip, \"merge_request.title=*\"] }\n",
+    );
+    assert_eq!(listed.judge_push(&list).refused, None);
+    let other = parse_commands(&body(&["ci.skipx"])).unwrap().unwrap();
+    assert!(listed.judge_push(&other).refused.is_some());
+    let escaped = parse_commands(&body(&["x\u{1b}]0;owned\u{7}"]))
+        .unwrap()
+        .unwrap();
+    let j = listed.judge_push(&escaped);
+    let report = status_report(&escaped, &j.results);
+    assert!(
+        !report.contains(&0x1b) && !report.contains(&0x07),
+        "{report:?}"
+    );
+    let any = rule("repos: [a/b]\npush: { refs: [\"refs/**\"], options: true }\n");
+    assert_eq!(any.judge_push(&escaped).refused, None);
+    let off = rule("repos: [a/b]\npush: { refs: [\"refs/**\"], options: false }\n");
+    assert!(off.judge_push(&other).refused.is_some());
+
+    let err = |yaml: &str| {
+        GitRule::compile(&serde_yaml_ng::from_str::<RawGitRule>(yaml).unwrap()).unwrap_err()
+    };
+    for bad in [
+        "[\"\"]",
+        "[\"a b\"]",
+        "[\"ci.*\"]",
+        "[\"=*\"]",
+        "[\"a*=*\"]",
+    ] {
+        let e = err(&format!(
+            "repos: [a/b]\npush: {{ refs: [\"refs/**\"], options: {bad} }}\n"
+        ));
+        assert!(e.starts_with("push.options[0]:"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn control_characters_in_ref_names_are_escaped_in_reports() {
+    let name = "refs/heads/agent/x\u{1b}[2J\r\u{85}";
+    let list = CommandList {
+        commands: vec![command(Z, B, name)],
+        capabilities: vec!["report-status".to_owned()],
+        options: Vec::new(),
+        len: 0,
+    };
+    let j = agent_rule().judge_push(&list);
+    assert!(j.refused.is_some());
+    let report = status_report(&list, &j.results);
+    let text = String::from_utf8(report.to_vec()).unwrap();
+    assert!(
+        !text.chars().any(|c| c.is_control() && c != '\n'),
+        "{text:?}"
+    );
+    assert!(
+        text.contains("ng refs/heads/agent/x\\u{1b}[2J\\u{d}\\u{85} refused"),
+        "{text:?}"
+    );
 }

@@ -1,0 +1,57 @@
+//! Text the proxy sends back to the sandbox (refusal bodies, git status reports): never a
+//! control character, and bounded, whatever the request carried.
+
+/// `s` with every control character (C0, DEL, C1) written as `\u{..}`, and cut to at most
+/// `max` bytes (on a character boundary, ending in `...` when cut).
+pub fn sanitize(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max));
+    for c in s.chars() {
+        let start = out.len();
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+        if out.len() > max {
+            out.truncate(start);
+            // Room for the ellipsis.
+            while out.len() + 3 > max {
+                match out.pop() {
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            out.push_str("...");
+            break;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sanitize;
+
+    #[test]
+    fn control_characters_never_pass() {
+        assert_eq!(sanitize("plain text", 100), "plain text");
+        assert_eq!(
+            sanitize("a\nb\r\0c\u{1b}[31m", 100),
+            "a\\u{a}b\\u{d}\\u{0}c\\u{1b}[31m"
+        );
+        assert_eq!(sanitize("x\u{85}y\u{7f}é", 100), "x\\u{85}y\\u{7f}é");
+        assert_eq!(sanitize(&"a".repeat(50), 10), "aaaaaaa...");
+        assert_eq!(sanitize(&"é".repeat(50), 10), "ééé...");
+        assert_eq!(sanitize("ab\n", 5), "ab...");
+        for s in [
+            "\u{0}\u{1}\u{9}\u{a}\u{d}\u{1b}\u{7f}\u{80}\u{9f}",
+            &"\n".repeat(2000),
+        ] {
+            let out = sanitize(s, 64);
+            assert!(
+                out.len() <= 64 && !out.chars().any(char::is_control),
+                "{out:?}"
+            );
+        }
+    }
+}
