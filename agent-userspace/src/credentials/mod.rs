@@ -12,6 +12,7 @@
 mod error;
 mod file;
 pub mod github_app;
+pub mod matcher;
 pub mod raw;
 mod secret;
 mod store;
@@ -19,6 +20,7 @@ mod store;
 pub use error::CredentialError;
 pub use file::CHECK_INTERVAL as FILE_CHECK_INTERVAL;
 pub use github_app::UpstreamOptions;
+pub use matcher::SecretMatcher;
 pub use raw::{
     RawBasic, RawCommand, RawCredential, RawCredentials, RawGithubApp, RawInject, RawSource,
 };

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{
-    AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HOST, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HOST,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery};
 use http::{
@@ -26,11 +26,12 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::body::{CountingBody, Finish, InFlight, RecordedBody};
+use super::body::{CountingBody, Finish, InFlight, RecordedBody, SecretWatch};
 use super::error::ProxyError;
 use super::git::{self, PushOutcome};
 use super::io::{idle_watch, Activity, Metered, PrefixedStream};
-use super::record::{query_keys, RecordKind, TlsMode, Verdict};
+use super::record::{query_keys, RecordKind, SecretFinding, TlsMode, Verdict};
+use super::scrub::{self, OutboundScan, ResponseBody};
 use super::upstream::{DialParams, PoolKey, Sender};
 use super::{ConnInfo, Proxy};
 use crate::credentials::normalize_host;
@@ -242,8 +243,17 @@ impl ConnCtx {
         record.path = Some(req.uri().path().to_owned());
         record.query_keys = query_keys(req.uri().query());
         let bytes_in = Arc::new(AtomicU64::new(0));
+        let secrets = SecretWatch::default();
 
-        let outcome = self.forward(req, &mut record, &bytes_in).await;
+        let outcome = self
+            .forward(req, &mut record, &bytes_in, &secrets)
+            .await
+            .and_then(|(response, on_complete)| {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let body = self.response_body(&mut parts.headers, body, &secrets)?;
+                Ok((parts, body, on_complete))
+            });
         let mut finish = Finish {
             record,
             started,
@@ -251,11 +261,10 @@ impl ConnCtx {
             audit: self.proxy.audit.clone(),
             on_complete: None,
             in_flight,
+            secrets,
         };
         match outcome {
-            Ok((response, on_complete)) => {
-                let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
+            Ok((mut parts, body, on_complete)) => {
                 parts.version = Version::HTTP_11;
                 finish.record.status = Some(parts.status.as_u16());
                 finish.on_complete = on_complete;
@@ -287,12 +296,46 @@ impl ConnCtx {
         }
     }
 
+    /// The response body sent on: scrubbed of every known secret on a rule with a
+    /// credential (its headers too), as received elsewhere. A body whose encoding cannot
+    /// be scanned is refused.
+    fn response_body(
+        &self,
+        headers: &mut HeaderMap,
+        body: Incoming,
+        secrets: &SecretWatch,
+    ) -> Result<ResponseBody, Refusal> {
+        let matcher = match self.proxy.secret_matcher() {
+            Some(m) if self.conn.route.credential.is_some() => m,
+            _ => return Ok(ResponseBody::Plain(body)),
+        };
+        scrub::scrub_response(headers, body, matcher, secrets.scrubbed.clone())
+            .map_err(|reason| Refusal::deny(StatusCode::BAD_GATEWAY, reason))
+    }
+
     async fn forward(
         &self,
         req: Request<Incoming>,
         record: &mut super::ProxyRecord,
         bytes_in: &Arc<AtomicU64>,
+        secrets: &SecretWatch,
     ) -> Result<Forwarded, Refusal> {
+        // The sandbox should never hold a secret: one in its request has leaked, and goes
+        // no further, whatever the rule.
+        if let Some(matcher) = self.proxy.secret_matcher() {
+            let found = if matcher.failed() {
+                Some((String::new(), "an unscanned request"))
+            } else {
+                scrub::find_in_head(req.uri(), req.headers(), &matcher)
+            };
+            if let Some((name, place)) = found {
+                record.secret = Some(SecretFinding::outbound(&name, place));
+                return Err(Refusal::deny(
+                    StatusCode::FORBIDDEN,
+                    format!("request carries the value of credential `{name}` in {place}"),
+                ));
+            }
+        }
         if is_upgrade(&req) {
             return Err(Refusal::deny(
                 StatusCode::FORBIDDEN,
@@ -382,6 +425,13 @@ impl ConnCtx {
             }
         }
 
+        if self.proxy.config.scrub && self.conn.route.credential.is_some() {
+            // Responses on this rule are scanned as they stream: ask for them unencoded.
+            parts
+                .headers
+                .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        }
+
         let bad_name = || {
             Refusal::deny(
                 StatusCode::BAD_REQUEST,
@@ -425,9 +475,13 @@ impl ConnCtx {
             parts.uri = Uri::from(path_and_query);
             parts.headers.insert(HOST, host);
         }
+        let scan = self
+            .proxy
+            .secret_matcher()
+            .map(|m| OutboundScan::new(m, secrets.outbound.clone()));
         let request = Request::from_parts(
             parts,
-            CountingBody::with_prefix(prefix, body, bytes_in.clone()),
+            CountingBody::with_prefix(prefix, body, bytes_in.clone(), scan),
         );
 
         let addr = SocketAddr::new(
@@ -443,6 +497,16 @@ impl ConnCtx {
             })
         };
         let failed = |source| {
+            // The body's scan stopped the request: nothing of the secret went out.
+            if let Some(name) = secrets.outbound.credential() {
+                return Refusal::deny(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "request carries the value of credential `{name}` in the body; the \
+                         upstream request was aborted before it was sent"
+                    ),
+                );
+            }
             Refusal::upstream(ProxyError::UpstreamHttp {
                 addr,
                 op: "sending the request",

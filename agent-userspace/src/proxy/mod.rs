@@ -27,6 +27,7 @@ mod intercept;
 mod io;
 mod passthrough;
 mod record;
+mod scrub;
 mod upstream;
 
 #[cfg(test)]
@@ -54,7 +55,11 @@ use tracing::debug;
 pub use ca::{CaError, CertAuthority, CA_CERT_FILE, CA_COMMON_NAME, CA_KEY_FILE};
 pub use dialer::Dialer;
 pub use error::{Party, ProxyError};
-pub use record::{query_keys, GitAudit, ProxyRecord, RecordKind, RefUpdate, TlsMode, Verdict};
+pub use record::{
+    query_keys, GitAudit, ProxyRecord, RecordKind, RefUpdate, SecretDirection, SecretFinding,
+    TlsMode, Verdict,
+};
+pub use scrub::MARKER as SCRUB_MARKER;
 pub use upstream::{client_config as upstream_client_config, special_address, special_block};
 
 use crate::credentials::{normalize_host, CredentialStore};
@@ -139,6 +144,10 @@ pub struct ProxyConfig {
     pub idle_secs: u64,
     /// Largest request header accepted, in bytes (at least 8192). Default 65536.
     pub max_header_bytes: usize,
+    /// Scrub secrets from responses and refuse requests that carry one. Default true.
+    /// `false` is for measuring what that costs only: it lets an origin hand the
+    /// injected credential to the sandbox. UNSAFE.
+    pub scrub: bool,
 }
 
 impl Default for ProxyConfig {
@@ -151,6 +160,7 @@ impl Default for ProxyConfig {
             connect_secs: 10,
             idle_secs: 60,
             max_header_bytes: 64 * 1024,
+            scrub: true,
         }
     }
 }
@@ -266,6 +276,16 @@ impl Proxy {
             provider,
             audit,
         })
+    }
+
+    /// The matcher over every known secret, or `None` when there is none or scrubbing
+    /// is switched off (`proxy.scrub: false`).
+    fn secret_matcher(&self) -> Option<Arc<crate::credentials::SecretMatcher>> {
+        if !self.config.scrub {
+            return None;
+        }
+        let matcher = self.credentials.matcher();
+        (!matcher.is_empty()).then_some(matcher)
     }
 
     /// Where upstream connections (and the DNS resolvers' upstream queries) come from.
@@ -420,6 +440,8 @@ impl Proxy {
             verdict: Verdict::Allow,
             reason: None,
             git: None,
+            scrubbed: 0,
+            secret: None,
         }
     }
 
