@@ -531,19 +531,35 @@ rules:
             Path::Egressd => &self.egressd_ca,
             _ => self.ca.cert(),
         };
-        let got = self.curl(
-            ca,
-            &[
-                flag,
-                "--max-time",
-                "300",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{size_download} %{time_total}",
-                &path.url(LARGE_PATH),
-            ],
-        )?;
+        let ca = ca.display().to_string();
+        let url = path.url(LARGE_PATH);
+        let argv = [
+            "-sS",
+            "--fail",
+            "--cacert",
+            ca.as_str(),
+            flag,
+            "--max-time",
+            "300",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{time_total}",
+            url.as_str(),
+        ];
+        let out = self
+            .sandbox
+            .command_with_timeout(320, "curl", &argv)
+            .output()
+            .context("spawn curl")?;
+        if !out.status.success() {
+            bail!(
+                "curl {argv:?} in the sandbox failed ({}): {}",
+                out.status,
+                self.redact(&out.stderr)
+            );
+        }
+        let got = String::from_utf8_lossy(&out.stdout).into_owned();
         let mut f = got.split_whitespace();
         let size: u64 = f.next().unwrap_or("").parse().unwrap_or(0);
         let secs: f64 = f.next().unwrap_or("").parse().unwrap_or(0.0);
