@@ -17,7 +17,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
 };
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -475,10 +475,14 @@ impl ConnCtx {
             parts.uri = Uri::from(path_and_query);
             parts.headers.insert(HOST, host);
         }
-        let scan = self
-            .proxy
-            .secret_matcher()
-            .map(|m| OutboundScan::new(m, secrets.outbound.clone()));
+        // A body already over (a GET) has nothing to scan.
+        let scan = if body.is_end_stream() && prefix.is_empty() {
+            None
+        } else {
+            self.proxy
+                .secret_matcher()
+                .map(|m| OutboundScan::new(m, secrets.outbound.clone()))
+        };
         let request = Request::from_parts(
             parts,
             CountingBody::with_prefix(prefix, body, bytes_in.clone(), scan),

@@ -145,7 +145,14 @@ pub fn find_in_head(
     headers: &HeaderMap,
     matcher: &SecretMatcher,
 ) -> Option<(String, &'static str)> {
-    if let Some(name) = matcher.find(uri.to_string().as_bytes()) {
+    let url_parts = [
+        uri.authority().map_or("", |a| a.as_str()),
+        uri.path_and_query().map_or("", |p| p.as_str()),
+    ];
+    if let Some(name) = url_parts
+        .iter()
+        .find_map(|part| matcher.find(part.as_bytes()))
+    {
         return Some((name.to_owned(), "the URL"));
     }
     for (name, value) in headers {
