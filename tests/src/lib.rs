@@ -42,6 +42,7 @@
 
 pub mod audit;
 pub mod cgroup;
+pub mod container;
 pub mod daemon;
 pub mod dns_fixture;
 pub mod dns_server;
@@ -51,6 +52,7 @@ pub mod git_fixture;
 pub mod hosts_file;
 pub mod https_origin;
 pub mod netns;
+pub mod openbao;
 pub mod pki;
 pub mod proxy_fixture;
 pub mod sandbox;

@@ -97,13 +97,15 @@ rules:
 "#;
 
 /// Where the `github` credential's value comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GithubSource {
     /// `{ file: <secrets>/github-token }`.
     File,
     /// `{ command: { argv: [<secrets>/token-cmd.sh], ttl } }`: the script appends a line
     /// to [`ProxyFixture::command_counter`] and prints `<token>-run<N>`, N its run count.
     Command { ttl: u64 },
+    /// A `source:` value written by the test (YAML flow style).
+    Custom(String),
 }
 
 /// Knobs for [`ProxyFixture::new`].
@@ -114,6 +116,10 @@ pub struct ProxyOpts {
     /// When set, the sandbox resolves names through DNS (this `nameserver`, which the
     /// daemon's redirect answers) instead of a hosts file naming the origins.
     pub nameserver: Option<IpAddr>,
+    /// The `github` credential's `revoke: { argv }`, when set.
+    pub github_revoke: Option<Vec<String>>,
+    /// More entries of the config's `credentials:` map (YAML, indented by two spaces).
+    pub extra_credentials: String,
 }
 
 impl Default for ProxyOpts {
@@ -122,6 +128,8 @@ impl Default for ProxyOpts {
             policy: PROXY_POLICY.to_string(),
             github: GithubSource::File,
             nameserver: None,
+            github_revoke: None,
+            extra_credentials: String::new(),
         }
     }
 }
@@ -191,7 +199,15 @@ impl ProxyFixture {
             None => HostsFile::new(sandbox.netns(), &sandbox_hosts())?,
         };
 
-        let config = write_config(&secrets, &ca, &world, &token, opts.github)?;
+        let config = write_config(
+            &secrets,
+            &ca,
+            &world,
+            &token,
+            opts.github,
+            opts.github_revoke.as_deref(),
+            &opts.extra_credentials,
+        )?;
         let daemon = Daemon::start(DaemonOpts {
             extra_args: vec!["--config".into(), config.display().to_string()],
             env: vec![
@@ -515,6 +531,8 @@ fn write_config(
     world: &World,
     token: &str,
     github: GithubSource,
+    github_revoke: Option<&[String]>,
+    extra_credentials: &str,
 ) -> Result<PathBuf> {
     let source = match github {
         GithubSource::File => {
@@ -538,7 +556,12 @@ fn write_config(
                 script.display()
             )
         }
+        GithubSource::Custom(source) => source,
     };
+    let revoke = github_revoke.map_or_else(String::new, |argv| {
+        let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
+        format!("    revoke: {{ argv: [{}] }}\n", argv.join(", "))
+    });
     let config = format!(
         r#"proxy_port: {PROXY_PORT}
 proxy:
@@ -549,10 +572,11 @@ credentials:
     source: {source}
     inject: {{ header: Authorization, format: "Bearer {{}}" }}
     hosts: [{API_HOST}]
-  github-git:
+{revoke}  github-git:
     source: {{ env: {GIT_TOKEN_ENV} }}
     inject: {{ basic: {{ user: x-access-token }} }}
     hosts: [{GIT_HOST}]
+{extra_credentials}
 "#,
         ca = ca.cert().display(),
         world_ns = world.netns().path().display(),

@@ -53,6 +53,9 @@ pub mod action {
     pub const HTTP_REQUEST: &str = "http-request";
     pub const TLS_CONNECTION: &str = "tls-connection";
     pub const DNS_QUERY: &str = "dns-query";
+    pub const SANDBOX_QUARANTINE: &str = "sandbox-quarantine";
+    pub const SANDBOX_RELEASE: &str = "sandbox-release";
+    pub const CREDENTIAL_REVOKE: &str = "credential-revoke";
 }
 
 /// Microseconds, always six digits, so lines sort and compare as text.
@@ -86,6 +89,13 @@ pub enum Record {
     Dns(DnsEvent),
     /// Something an operator should look at now (`event.kind: alert`).
     Alert(Alert),
+    /// A sandbox was switched to deny-all (by an operator or an alert's response).
+    SandboxQuarantine(Quarantine),
+    /// A quarantined sandbox got its policy back.
+    SandboxRelease(Quarantine),
+    /// A credential's live value was revoked (or the attempt failed) because its sandbox
+    /// was quarantined.
+    CredentialRevoke(CredentialRevoke),
 }
 
 impl Record {
@@ -102,6 +112,8 @@ impl Record {
             Self::Proxy(r) => r.time,
             Self::Dns(r) => r.time,
             Self::Alert(r) => r.time,
+            Self::SandboxQuarantine(r) | Self::SandboxRelease(r) => r.time,
+            Self::CredentialRevoke(r) => r.time,
         }
     }
 
@@ -120,6 +132,9 @@ impl Record {
             Self::Proxy(r) => r.action(),
             Self::Dns(_) => action::DNS_QUERY,
             Self::Alert(r) => r.kind.as_str(),
+            Self::SandboxQuarantine(_) => action::SANDBOX_QUARANTINE,
+            Self::SandboxRelease(_) => action::SANDBOX_RELEASE,
+            Self::CredentialRevoke(_) => action::CREDENTIAL_REVOKE,
         }
     }
 
@@ -242,6 +257,8 @@ impl Record {
             Self::Proxy(r) => r.fill(&mut wire),
             Self::Dns(r) => r.fill(&mut wire),
             Self::Alert(r) => fill_alert(r, &mut wire),
+            Self::SandboxQuarantine(r) | Self::SandboxRelease(r) => r.fill(&mut wire),
+            Self::CredentialRevoke(r) => r.fill(&mut wire),
         }
         Ok(wire)
     }
@@ -266,6 +283,7 @@ impl_from!(
     ProxyEvent => Proxy,
     DnsEvent => Dns,
     Alert => Alert,
+    CredentialRevoke => CredentialRevoke,
 );
 
 /// Why a record could not be encoded. Carries the action so the message says which
@@ -546,11 +564,36 @@ pub struct SandboxLifecycle {
     pub policy_path: PathBuf,
     /// `egress.policy.digest`.
     pub policy_digest: PolicyDigest,
+    /// `event.reason` of a `sandbox-detach` record: why the confinement ended.
+    pub reason: Option<DetachReason>,
+}
+
+/// Why a sandbox was detached: `event.reason` of a `sandbox-detach` record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DetachReason {
+    /// `egressctl detach` (or another control-socket client that gave no reason).
+    Operator,
+    /// A container runtime's `poststop` hook (`egressctl oci-hook`).
+    Hook,
+    /// The sandbox's cgroup directory was removed (or replaced by a new one at the same path).
+    CgroupRemoved,
+}
+
+impl DetachReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Operator => "operator",
+            Self::Hook => "hook",
+            Self::CgroupRemoved => "cgroup-removed",
+        }
+    }
 }
 
 impl SandboxLifecycle {
     fn fill<'a>(&'a self, wire: &mut Wire<'a>, type_: &'static [&'static str]) {
         wire.event.type_ = type_;
+        wire.event.reason = self.reason.map(DetachReason::as_str);
         wire.egress.sandbox = Some(WireSandbox {
             name: &self.sandbox,
             cgroup_id: Some(self.cgroup_id),
@@ -560,6 +603,71 @@ impl SandboxLifecycle {
             path: self.policy_path.to_string_lossy(),
             digest: Some(&self.policy_digest),
             previous_digest: None,
+        });
+    }
+}
+
+/// Body of `sandbox-quarantine` and `sandbox-release`; wrap it with
+/// [`Record::SandboxQuarantine`] or [`Record::SandboxRelease`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quarantine {
+    pub time: OffsetDateTime,
+    /// `egress.sandbox.name`.
+    pub sandbox: String,
+    /// `egress.sandbox.cgroup_path`.
+    pub cgroup_path: PathBuf,
+    /// `egress.sandbox.cgroup_id`.
+    pub cgroup_id: u64,
+    /// `event.reason`: why, in the operator's words or the alert's.
+    pub reason: Option<String>,
+    /// `egress.quarantine.trigger`: `operator`, or the alert kind whose configured
+    /// response it was (`denial-burst`, ...).
+    pub trigger: String,
+}
+
+impl Quarantine {
+    fn fill<'a>(&'a self, wire: &mut Wire<'a>) {
+        wire.event.type_ = &["change"];
+        wire.event.reason = non_empty(&self.reason);
+        wire.egress.sandbox = Some(WireSandbox {
+            name: &self.sandbox,
+            cgroup_id: Some(self.cgroup_id),
+            cgroup_path: Some(self.cgroup_path.to_string_lossy()),
+        });
+        wire.egress.quarantine = Some(WireQuarantine {
+            trigger: &self.trigger,
+        });
+    }
+}
+
+/// `credential-revoke`: what quarantine (or the detach of the last sandbox using a leased
+/// credential) did to one credential's live value. Names only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialRevoke {
+    pub time: OffsetDateTime,
+    /// `egress.sandbox.name`: the quarantined (or detached) sandbox whose policy names it.
+    pub sandbox: String,
+    /// `egress.credential.name`.
+    pub credential: String,
+    /// `event.outcome`: whether the revocation succeeded.
+    pub revoked: bool,
+    /// `event.reason`: how it was revoked, or why it failed (never the value).
+    pub reason: String,
+}
+
+impl CredentialRevoke {
+    fn fill<'a>(&'a self, wire: &mut Wire<'a>) {
+        wire.event.category = &["iam"];
+        wire.event.type_ = &["deletion"];
+        wire.event.outcome = if self.revoked {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        };
+        wire.event.reason = Some(&self.reason);
+        wire.egress.sandbox = Some(WireSandbox::named(&self.sandbox));
+        wire.egress.credential = Some(WireCredential {
+            name: &self.credential,
         });
     }
 }
@@ -729,8 +837,12 @@ pub struct DnsEvent {
     /// `SERVFAIL`, `FORMERR`, or whatever other code the upstream resolver answered.
     pub response_code: String,
     /// `dns.resolved_ip`: the A/AAAA addresses released to the sandbox (and installed in
-    /// the kernel before that). IPv4-mapped addresses are written as IPv4.
+    /// the kernel before that), and only those. IPv4-mapped addresses are written as IPv4.
     pub resolved_ip: Vec<IpAddr>,
+    /// `egress.dns.refused`: addresses the upstream answer held that were neither
+    /// installed nor released (a special address, outside the rule's `answers`, covered
+    /// by a deny rule, ...), each with why.
+    pub refused: Vec<RefusedAnswer>,
     /// `egress.verdict`; also decides `event.outcome` and `event.type`.
     pub verdict: DnsVerdict,
     /// `rule.name`: the first policy rule that allows the name; for a denied name, the
@@ -741,6 +853,13 @@ pub struct DnsEvent {
     /// `server.ip` and `server.port`: the upstream resolver that answered, or the last one
     /// tried.
     pub upstream: Option<SocketAddr>,
+}
+
+/// An answer's address the resolver did not release, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedAnswer {
+    pub ip: IpAddr,
+    pub reason: String,
 }
 
 impl DnsEvent {
@@ -774,6 +893,16 @@ impl DnsEvent {
         wire.rule = non_empty(&self.rule).map(|name| WireRule { name });
         wire.egress.sandbox = Some(WireSandbox::named(&self.sandbox));
         wire.egress.verdict = Some(verdict);
+        wire.egress.dns = (!self.refused.is_empty()).then(|| WireEgressDns {
+            refused: self
+                .refused
+                .iter()
+                .map(|r| WireRefusedAnswer {
+                    ip: r.ip.to_canonical(),
+                    reason: &r.reason,
+                })
+                .collect(),
+        });
     }
 }
 
@@ -1256,6 +1385,27 @@ struct WireEgress<'a> {
     policy: Option<WirePolicy<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     alert: Option<WireAlert>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quarantine: Option<WireQuarantine<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<WireEgressDns<'a>>,
+}
+
+#[derive(Serialize)]
+struct WireQuarantine<'a> {
+    trigger: &'a str,
+}
+
+/// `egress.dns`: what the resolver kept from the sandbox.
+#[derive(Serialize)]
+struct WireEgressDns<'a> {
+    refused: Vec<WireRefusedAnswer<'a>>,
+}
+
+#[derive(Serialize)]
+struct WireRefusedAnswer<'a> {
+    ip: IpAddr,
+    reason: &'a str,
 }
 
 #[derive(Serialize)]

@@ -86,6 +86,14 @@ fn lifecycle(name: &str) -> SandboxLifecycle {
         cgroup_id: 81_234,
         policy_path: PathBuf::from("/etc/egressd/policies/agent.yaml"),
         policy_digest: digest("default: deny\n"),
+        reason: None,
+    }
+}
+
+fn detached(name: &str, reason: DetachReason) -> SandboxLifecycle {
+    SandboxLifecycle {
+        reason: Some(reason),
+        ..lifecycle(name)
     }
 }
 
@@ -303,6 +311,7 @@ fn dns_allowed() -> DnsEvent {
             IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
             IpAddr::V6(Ipv4Addr::new(192, 0, 2, 11).to_ipv6_mapped()),
         ],
+        refused: Vec::new(),
         verdict: DnsVerdict::Allow,
         rule: Some("github".into()),
         reason: None,
@@ -363,7 +372,34 @@ fn dns_kinds() -> Vec<Record> {
             ..dns_allowed()
         }
         .into(),
+        dns_with_refused().into(),
+        DnsEvent {
+            question_type: "TXT".into(),
+            response_code: "REFUSED".into(),
+            reason: Some("query type TXT is not answered".into()),
+            ..dns_denied()
+        }
+        .into(),
     ]
+}
+
+/// An answer of which one address was released and two refused.
+fn dns_with_refused() -> DnsEvent {
+    DnsEvent {
+        resolved_ip: vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))],
+        refused: vec![
+            crate::audit::RefusedAnswer {
+                ip: IpAddr::V6(Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped()),
+                reason: "127.0.0.1 is a loopback address".into(),
+            },
+            crate::audit::RefusedAnswer {
+                ip: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)),
+                reason: "the address is outside the `answers` of rule `github`".into(),
+            },
+        ],
+        reason: Some("2 answer address(es) refused; see egress.dns.refused".into()),
+        ..dns_allowed()
+    }
 }
 
 /// One of every kind, and every verdict and address shape for network decisions.
@@ -479,7 +515,9 @@ fn every_kind() -> Vec<Record> {
         }
         .into(),
         Record::SandboxAttach(lifecycle("agent-1")),
-        Record::SandboxDetach(lifecycle("agent-1")),
+        Record::SandboxDetach(detached("agent-1", DetachReason::Operator)),
+        Record::SandboxDetach(detached("agent-1", DetachReason::Hook)),
+        Record::SandboxDetach(detached("agent-1", DetachReason::CgroupRemoved)),
         Record::SandboxAdopt(lifecycle("agent-2")),
         PolicyChange {
             time: T0,
@@ -510,7 +548,108 @@ fn every_kind() -> Vec<Record> {
     .chain(proxy_kinds())
     .chain(dns_kinds())
     .chain(alert_kinds())
+    .chain(quarantine_kinds())
     .collect()
+}
+
+fn quarantine(reason: Option<&str>, trigger: &str) -> Quarantine {
+    Quarantine {
+        time: T0,
+        sandbox: "agent-1".into(),
+        cgroup_path: PathBuf::from("/sys/fs/cgroup/agents/agent-1"),
+        cgroup_id: 81_234,
+        reason: reason.map(str::to_owned),
+        trigger: trigger.into(),
+    }
+}
+
+/// Quarantine and release, by an operator and by an alert; revocations that worked and
+/// one that failed.
+fn quarantine_kinds() -> Vec<Record> {
+    vec![
+        Record::SandboxQuarantine(quarantine(Some("investigating"), "operator")),
+        Record::SandboxQuarantine(quarantine(
+            Some("60 denied decisions within 10 s"),
+            "denial-burst",
+        )),
+        Record::SandboxRelease(quarantine(None, "operator")),
+        CredentialRevoke {
+            time: T0,
+            sandbox: "agent-1".into(),
+            credential: "github".into(),
+            revoked: true,
+            reason: "installation token revoked with the GitHub API".into(),
+        }
+        .into(),
+        CredentialRevoke {
+            time: T0,
+            sandbox: "agent-1".into(),
+            credential: "vault".into(),
+            revoked: false,
+            reason: "revoke command /usr/local/bin/revoke exited with exit status: 1".into(),
+        }
+        .into(),
+    ]
+}
+
+#[test]
+fn quarantine_and_revoke_fields() {
+    let validator = validator();
+    let encode = |r: Record| -> Value { serde_json::from_slice(&r.encode(1).unwrap()).unwrap() };
+    let q = encode(Record::SandboxQuarantine(quarantine(
+        Some("burst"),
+        "denial-burst",
+    )));
+    assert_eq!(q["event"]["action"], "sandbox-quarantine");
+    assert_eq!(q["event"]["kind"], "event");
+    assert_eq!(q["event"]["type"], serde_json::json!(["change"]));
+    assert_eq!(q["event"]["reason"], "burst");
+    assert_eq!(q["egress"]["quarantine"]["trigger"], "denial-burst");
+    assert_eq!(q["egress"]["sandbox"]["cgroup_id"], 81_234);
+    let r = encode(Record::SandboxRelease(quarantine(None, "operator")));
+    assert_eq!(r["event"]["action"], "sandbox-release");
+    assert!(r["event"].get("reason").is_none());
+    let revoke = encode(
+        CredentialRevoke {
+            time: T0,
+            sandbox: "agent-1".into(),
+            credential: "github".into(),
+            revoked: false,
+            reason: "no answer".into(),
+        }
+        .into(),
+    );
+    assert_eq!(revoke["event"]["outcome"], "failure");
+    assert_eq!(revoke["event"]["category"], serde_json::json!(["iam"]));
+    assert_eq!(revoke["egress"]["credential"]["name"], "github");
+    for good in [&q, &r, &revoke] {
+        assert!(validator.is_valid(good), "{good}");
+    }
+    let cases: Vec<(&str, &Value, Mutation)> = vec![
+        ("unknown trigger", &q, |v| {
+            v["egress"]["quarantine"]["trigger"] = "whim".into()
+        }),
+        ("quarantine without trigger", &q, |v| {
+            v["egress"].as_object_mut().unwrap().remove("quarantine");
+        }),
+        ("quarantine as alert", &q, |v| {
+            v["event"]["kind"] = "alert".into()
+        }),
+        ("revoke without credential", &revoke, |v| {
+            v["egress"].as_object_mut().unwrap().remove("credential");
+        }),
+        ("revoke without reason", &revoke, |v| {
+            v["event"].as_object_mut().unwrap().remove("reason");
+        }),
+        ("revoke carrying a value", &revoke, |v| {
+            v["egress"]["credential"]["value"] = "ghp_x".into()
+        }),
+    ];
+    for (what, good, mutate) in cases {
+        let mut bad = good.clone();
+        mutate(&mut bad);
+        assert!(!validator.is_valid(&bad), "schema accepted: {what}");
+    }
 }
 
 /// One alert of every kind, with and without the optional fields.
@@ -619,7 +758,7 @@ fn every_kind_written_to_a_file_matches_the_schema() {
         .iter()
         .map(|l| l["event"]["action"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(actions.len(), 14 + AlertKind::ALL.len(), "{actions:?}");
+    assert_eq!(actions.len(), 17 + AlertKind::ALL.len(), "{actions:?}");
 }
 
 #[test]
@@ -1065,6 +1204,22 @@ fn dns_fields_use_ecs_names_and_nesting() {
     for absent in ["rule", "server"] {
         assert!(line.get(absent).is_none(), "{absent} in {line}");
     }
+
+    // Refused answer addresses: beside, never inside, dns.resolved_ip.
+    let line: Value =
+        serde_json::from_slice(&Record::from(dns_with_refused()).encode(6).unwrap()).unwrap();
+    assert_eq!(
+        line["dns"]["resolved_ip"],
+        serde_json::json!(["192.0.2.10"])
+    );
+    assert_eq!(
+        line["egress"]["dns"],
+        serde_json::json!({"refused": [
+            {"ip": "127.0.0.1", "reason": "127.0.0.1 is a loopback address"},
+            {"ip": "198.51.100.7", "reason": "the address is outside the `answers` of rule `github`"}
+        ]})
+    );
+    assert!(validator().is_valid(&line), "{line}");
 }
 
 #[test]
@@ -1121,6 +1276,16 @@ fn schema_catches_dns_drift() {
         }),
         ("server without port", &allowed, |v| {
             v["server"] = serde_json::json!({"ip": "192.0.2.53"})
+        }),
+        ("empty refused list", &allowed, |v| {
+            v["egress"]["dns"] = serde_json::json!({"refused": []})
+        }),
+        ("refused address without a reason", &allowed, |v| {
+            v["egress"]["dns"] = serde_json::json!({"refused": [{"ip": "127.0.0.1"}]})
+        }),
+        ("refused address written mapped", &allowed, |v| {
+            v["egress"]["dns"] =
+                serde_json::json!({"refused": [{"ip": "::ffff:127.0.0.1", "reason": "x"}]})
         }),
     ];
     for (what, good, mutate) in cases {

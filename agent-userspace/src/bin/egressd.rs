@@ -3,6 +3,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use egress::{
+    alerts::{AlertSettings, RawAlerts},
     control::DEFAULT_SOCKET,
     credentials::{CredentialStore, RawCredentials, UpstreamOptions},
     daemon::{self, DaemonOptions},
@@ -25,6 +26,15 @@ struct Cli {
 enum Command {
     /// Run the daemon in the foreground (as root).
     Run(RunArgs),
+    /// Print shell completions for egressd (the build installs them).
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print egressd's man page (roff; the build installs it).
+    #[command(hide = true)]
+    Manpage,
 }
 
 #[derive(clap::Args)]
@@ -71,6 +81,10 @@ struct ConfigFile {
     /// Credentials the proxy injects, by name. Never put in sandbox policies.
     #[serde(default)]
     credentials: RawCredentials,
+    /// Alert responses and denial-burst figures for sandboxes whose policy does not set
+    /// them (same keys as a policy's `alerts:`).
+    #[serde(default)]
+    alerts: RawAlerts,
 }
 
 fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
@@ -118,6 +132,8 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
                 .map_err(|e| anyhow::anyhow!("{config_name}: proxy: {e}"))?,
         )
         .map_err(|e| anyhow::anyhow!("{config_name}: credentials: {e}"))?,
+        alerts: AlertSettings::compile(&file.alerts)
+            .map_err(|e| anyhow::anyhow!("{config_name}: alerts.{}: {}", e.field, e.message))?,
         proxy: file.proxy,
     })
 }
@@ -130,7 +146,24 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let Command::Run(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Run(args) => args,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "egressd", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Manpage => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            return match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("egressd: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!(

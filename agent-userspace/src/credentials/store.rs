@@ -17,7 +17,9 @@ use super::file::FileSource;
 use super::github_app::{GithubApp, UpstreamOptions};
 use super::matcher::SecretMatcher;
 use super::raw::{RawCredential, RawInject, RawSource};
+use super::revoke::RevokeCommand;
 use super::secret::Secret;
+use super::vault::Vault;
 
 /// How long a `command` source may run before it is killed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -120,6 +122,7 @@ struct Credential {
     inject: Inject,
     hosts: BTreeSet<String>,
     header: HeaderCache,
+    revoke: Option<RevokeCommand>,
 }
 
 /// The header value last built, and the secret it was built from: rebuilt only when the
@@ -152,6 +155,7 @@ enum Source {
     Env { var: String, value: Arc<Secret> },
     Command(CommandSource),
     GithubApp(GithubApp),
+    Vault(Vault),
 }
 
 impl fmt::Debug for Source {
@@ -169,6 +173,7 @@ impl fmt::Debug for Source {
                 .field("ttl", &c.ttl)
                 .finish_non_exhaustive(),
             Self::GithubApp(app) => app.fmt(f),
+            Self::Vault(v) => v.fmt(f),
         }
     }
 }
@@ -349,6 +354,77 @@ impl CredentialStore {
         Ok(Some((credential.inject.header_name(), value)))
     }
 
+    /// Whether quarantine can revoke credential `name`: it has a `revoke` command or is a
+    /// `github_app` source.
+    pub fn can_revoke(&self, name: &str) -> bool {
+        self.credentials.get(name).is_some_and(|c| {
+            c.revoke.is_some()
+                || matches!(c.source, Source::GithubApp(_))
+                || matches!(&c.source, Source::Vault(v) if v.is_lease())
+        })
+    }
+
+    /// Whether credential `name` holds leases from a secret store (revoked when the last
+    /// sandbox using it goes).
+    pub fn holds_leases(&self, name: &str) -> bool {
+        self.credentials
+            .get(name)
+            .is_some_and(|c| matches!(&c.source, Source::Vault(v) if v.is_lease()))
+    }
+
+    /// Revokes credential `name`'s live value: the value the daemon holds (a cached
+    /// command output or installation token, which is dropped so the next use fetches a
+    /// new one; a file's or variable's current value). A `github_app` token is revoked
+    /// with the API; a `revoke` command, if configured, then gets the value on standard
+    /// input. A `vault` lease is revoked at the store (a KV secret is only dropped from the
+    /// cache). Returns what was done, or why it failed; neither ever contains the value.
+    pub async fn revoke(&self, name: &str) -> Result<String, String> {
+        let credential = self
+            .credentials
+            .get(name)
+            .ok_or_else(|| format!("no credential named {name:?}"))?;
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        let live: Option<Arc<Secret>> = match &credential.source {
+            Source::Vault(v) => {
+                let (value, outcome) = v.revoke().await;
+                match outcome {
+                    Ok(how) => done.push(how),
+                    Err(why) => failed.push(why),
+                }
+                value
+            }
+            Source::GithubApp(app) => app.take_token().await,
+            Source::Command(cmd) => cmd.cache.lock().await.take().map(|c| c.value),
+            Source::Env { value, .. } => Some(value.clone()),
+            Source::File(_) => Some(credential.value().await.map_err(|e| e.to_string())?),
+        };
+        let Some(value) = live else {
+            return if failed.is_empty() {
+                Ok("no live value held; nothing to revoke".to_owned())
+            } else {
+                Err(failed.join("; "))
+            };
+        };
+        if let Source::GithubApp(app) = &credential.source {
+            match app.revoke(&value).await {
+                Ok(how) => done.push(how),
+                Err(why) => failed.push(why),
+            }
+        }
+        if let Some(cmd) = &credential.revoke {
+            match cmd.run(&value).await {
+                Ok(how) => done.push(how),
+                Err(why) => failed.push(why),
+            }
+        }
+        if failed.is_empty() {
+            Ok(done.join("; "))
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
     /// Test hook: a shorter command (and token mint) timeout.
     #[cfg(test)]
     pub(crate) fn set_command_timeout(&mut self, timeout: Duration) {
@@ -356,6 +432,7 @@ impl CredentialStore {
             match &mut c.source {
                 Source::Command(cmd) => cmd.timeout = timeout,
                 Source::GithubApp(app) => app.timeout = timeout,
+                Source::Vault(v) => v.timeout = timeout,
                 _ => {}
             }
         }
@@ -409,6 +486,7 @@ impl Credential {
                 Ok(value)
             }
             Source::GithubApp(app) => app.token().await,
+            Source::Vault(v) => v.value().await,
         }
     }
 
@@ -591,6 +669,7 @@ fn compile(
             })
         }
         RawSource::GithubApp(app) => Source::GithubApp(GithubApp::compile(name, app, upstream)?),
+        RawSource::Vault(v) => Source::Vault(Vault::compile(name, v)?),
     };
 
     let inject = compile_inject(&raw.inject).map_err(|(field, reason)| config(field, reason))?;
@@ -621,12 +700,19 @@ fn compile(
         hosts.insert(normalized);
     }
 
+    let revoke = raw
+        .revoke
+        .as_ref()
+        .map(|r| RevokeCommand::compile(name, r))
+        .transpose()?;
+
     Ok(Credential {
         name: name.to_owned(),
         source,
         inject,
         hosts,
         header: HeaderCache::default(),
+        revoke,
     })
 }
 

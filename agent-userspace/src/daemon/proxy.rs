@@ -3,7 +3,7 @@
 //! and the policy rule that redirected it.
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{Ipv6Addr, SocketAddr},
     path::Path,
     sync::{Arc, Mutex, RwLock},
 };
@@ -31,6 +31,9 @@ pub struct ProxyRuntime {
     peers: Arc<Mutex<PeerMap>>,
     pub routes: Routes,
     listeners: HashMap<NetnsId, Vec<tokio::task::AbortHandle>>,
+    /// Which namespace's listener each sandbox (by index) uses; a listener no sandbox
+    /// uses is closed, so it does not keep a deleted container's namespace alive.
+    users: HashMap<u32, NetnsId>,
     conns: Conns,
     runtime: tokio::runtime::Handle,
 }
@@ -52,6 +55,7 @@ impl ProxyRuntime {
             peers: Arc::new(Mutex::new(peers)),
             routes: Arc::default(),
             listeners: HashMap::new(),
+            users: HashMap::new(),
             conns: Conns::default(),
             runtime,
         }
@@ -69,6 +73,11 @@ impl ProxyRuntime {
         for h in handles {
             h.abort();
         }
+    }
+
+    /// The configured credentials (for revocation on quarantine).
+    pub fn credentials(&self) -> Arc<CredentialStore> {
+        self.credentials.clone()
     }
 
     /// Stops accepting in every namespace (daemon shutdown).
@@ -90,15 +99,49 @@ impl ProxyRuntime {
             .collect()
     }
 
-    /// Makes sure a listener runs on the loopback of the network namespace at `netns`.
-    pub fn ensure_listener(&mut self, netns: &Path) -> std::io::Result<()> {
+    /// Records that sandbox `index` uses the listener of namespace `id` (or none), then
+    /// closes every listener no sandbox uses any more.
+    pub fn set_user(&mut self, index: u32, id: Option<NetnsId>) {
+        match id {
+            Some(id) => self.users.insert(index, id),
+            None => self.users.remove(&index),
+        };
+        self.close_unused();
+    }
+
+    /// Closes the listeners of namespaces no sandbox uses.
+    pub fn close_unused(&mut self) {
+        let users = &self.users;
+        self.listeners.retain(|id, handles| {
+            let used = users.values().any(|u| u == id);
+            if !used {
+                for h in handles.iter() {
+                    h.abort();
+                }
+                tracing::info!(
+                    netns_inode = id.1,
+                    "Proxy listener closed: no sandbox uses its network namespace"
+                );
+            }
+            used
+        });
+    }
+
+    /// Network namespaces with a proxy listener (for tests and status).
+    pub fn listening_in(&self) -> Vec<NetnsId> {
+        self.listeners.keys().copied().collect()
+    }
+
+    /// Makes sure a listener runs on the loopback of the network namespace at `netns`;
+    /// returns the namespace's identity.
+    pub fn ensure_listener(&mut self, netns: &Path) -> std::io::Result<NetnsId> {
         let id = netns_id(netns)?;
         if self
             .listeners
             .get(&id)
             .is_some_and(|hs| hs.iter().all(|h| !h.is_finished()))
         {
-            return Ok(());
+            return Ok(id);
         }
         let addrs = vec![
             SocketAddr::from(([127, 0, 0, 1], self.port)),
@@ -120,7 +163,7 @@ impl ProxyRuntime {
         self.listeners
             .insert(id, tasks.iter().map(|t| t.abort_handle()).collect());
         tracing::info!(netns = %netns.display(), port = self.port, "Proxy listening in sandbox network namespace");
-        Ok(())
+        Ok(id)
     }
 }
 
@@ -187,28 +230,29 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
         };
         let task = tokio::spawn(ctx.proxy.clone().serve(stream, conn));
         let mut conns = ctx.conns.lock().unwrap_or_else(|p| p.into_inner());
+        // The route may have gone (quarantine, detach) after it was read above; the core
+        // removes it before it closes the sandbox's connections, so checking again under
+        // the connection lock leaves no gap for a new one to stay open.
+        let still_routed = ctx
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&orig.sandbox_index);
+        if !still_routed {
+            task.abort();
+            continue;
+        }
         let list = conns.entry(orig.sandbox_index).or_default();
         list.retain(|h| !h.is_finished());
         list.push(task.abort_handle());
     }
 }
 
-/// Whether the rule's `to` names `ip` explicitly: a listed network that contains it and
-/// lies inside the special block the address belongs to (so `10.1.2.3/32` or `10.0.0.0/8`
-/// covers 10.1.2.3, but `0.0.0.0/0` does not).
-pub(super) fn explicitly_covers(nets: &[IpNet], ip: IpAddr) -> bool {
-    let ip = ip.to_canonical();
-    match crate::proxy::special_block(ip) {
-        None => nets.iter().any(|n| n.contains(&ip)),
-        Some((_, block)) => nets
-            .iter()
-            .any(|n| n.contains(&ip) && n.prefix_len() >= block.prefix_len()),
-    }
-}
-
 fn route_for(policy: &Arc<Policy>, rule_id: u16) -> Option<Route> {
     let rule = policy.proxy_rule(rule_id)?;
-    let nets: Vec<IpNet> = rule.nets().to_vec();
+    // A special address is named by the rule's static networks or by its `answers`.
+    let mut nets: Vec<IpNet> = rule.nets().to_vec();
+    nets.extend(rule.answers().unwrap_or_default());
     let (p1, p2) = (policy.clone(), policy.clone());
     Some(Route {
         rule_name: rule.name().to_string(),
@@ -219,37 +263,7 @@ fn route_for(policy: &Arc<Policy>, rule_id: u16) -> Option<Route> {
             p2.proxy_rule(rule_id)
                 .map_or(Err("rule is gone".into()), |r| r.check_request(m, p))
         }),
-        explicitly_covers: Box::new(move |ip| explicitly_covers(&nets, ip)),
+        explicitly_covers: Box::new(move |ip| crate::net::explicitly_covers(&nets, ip)),
         git: rule.git().cloned(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn special_addresses_need_an_explicit_rule() {
-        let n = |s: &str| s.parse::<IpNet>().unwrap_or_else(|_| unreachable!());
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|_| unreachable!());
-        assert!(explicitly_covers(&[n("192.0.2.10/32")], ip("192.0.2.10")));
-        assert!(!explicitly_covers(&[n("0.0.0.0/0")], ip("10.1.2.3")));
-        assert!(explicitly_covers(&[n("10.0.0.0/8")], ip("10.1.2.3")));
-        assert!(!explicitly_covers(&[n("0.0.0.0/0")], ip("169.254.169.254")));
-        assert!(explicitly_covers(
-            &[n("169.254.169.254/32")],
-            ip("169.254.169.254")
-        ));
-        assert!(!explicitly_covers(&[n("::/0")], ip("::1")));
-        assert!(!explicitly_covers(&[n("::/0")], ip("fd00:ec2::254")));
-        assert!(explicitly_covers(&[n("fd00::/8")], ip("fd00:ec2::254")));
-        assert!(!explicitly_covers(&[n("::/0")], ip("::ffff:127.0.0.1")));
-        // One list of special blocks for the proxy's dial check and this one.
-        assert!(!explicitly_covers(&[n("0.0.0.0/0")], ip("100.100.100.200")));
-        assert!(explicitly_covers(
-            &[n("100.64.0.0/10")],
-            ip("100.100.100.200")
-        ));
-        assert!(!explicitly_covers(&[n("::/0")], ip("64:ff9b::a9fe:a9fe")));
-    }
 }

@@ -10,12 +10,13 @@ use time::OffsetDateTime;
 
 use super::{core::Core, state::State};
 use crate::{
+    alerts::{AlertSettings, Alerts},
     audit::{
         AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, NetworkDecision,
         ProxyEvent, Record, StopReason,
     },
     bpf::{ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout, PolicyMaps, Programs},
-    control::{self, Handler, Request, Response},
+    control::{self, DetachReason, Handler, Request, Response},
     credentials::CredentialStore,
     proxy::{CertAuthority, Proxy, ProxyConfig},
 };
@@ -39,6 +40,9 @@ pub struct DaemonOptions {
     pub dns_upstream: Vec<std::net::SocketAddr>,
     pub proxy: ProxyConfig,
     pub credentials: CredentialStore,
+    /// The configuration's `alerts:`: responses and burst figures for sandboxes whose
+    /// policy does not set them.
+    pub alerts: AlertSettings,
 }
 
 struct Shared(Mutex<Core>);
@@ -63,7 +67,13 @@ impl Handler for Shared {
                 netns,
             } => core.attach(&cgroup, name, policy_path, policy_source, netns),
             Request::CaExport => Ok(core.proxy.ca_pem.clone()),
-            Request::Detach { name, cgroup } => core.detach(name, cgroup),
+            Request::Detach {
+                name,
+                cgroup,
+                reason,
+            } => core.detach(name, cgroup, reason.unwrap_or(DetachReason::Operator)),
+            Request::Quarantine { name, reason } => core.quarantine_by_operator(&name, reason),
+            Request::Release { name } => core.release(&name),
             Request::Status => {
                 return Response {
                     ok: true,
@@ -113,18 +123,21 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let credentials = std::sync::Arc::new(opts.credentials);
     // Secret files are read once now, so that their values are matched from the start.
     credentials.prime().await;
+    let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
     let proxy_audit = audit.clone();
+    let proxy_alerts = alerts.clone();
     let proxy = Proxy::new(
         opts.proxy,
         std::sync::Arc::new(ca),
         credentials.clone(),
         std::sync::Arc::new(move |record: crate::proxy::ProxyRecord| {
             let time = now();
-            // A secret seen in either direction raises an alert beside the request's record.
+            // A secret seen in either direction raises an alert beside the request's
+            // record, with the response the sandbox's alert settings give it.
             let alert = record.alert(time);
             proxy_audit.emit(Record::Proxy(ProxyEvent { time, record }));
             if let Some(alert) = alert {
-                proxy_audit.emit(Record::Alert(alert));
+                proxy_alerts.raise(alert);
             }
         }),
     )
@@ -135,6 +148,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         opts.dns_upstream.clone(),
         proxy.dialer(),
         audit.clone(),
+        alerts.clone(),
         tokio::runtime::Handle::current(),
     );
     let proxy = super::proxy::ProxyRuntime::new(
@@ -171,6 +185,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         compiled: Default::default(),
         proxy,
         dns,
+        alerts,
+        bursts: Default::default(),
+        runtime: tokio::runtime::Handle::current(),
     };
     let adopted = core.reconcile();
     audit.emit(Record::DaemonStart(DaemonStart {
@@ -195,6 +212,12 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let listener = control::bind(&opts.socket)
         .with_context(|| format!("binding control socket {}", opts.socket.display()))?;
     let server = tokio::spawn(control::serve(listener, shared.clone()));
+    // Ready: sandboxes are adopted and the control socket accepts requests.
+    match super::notify::notify("READY=1") {
+        Ok(true) => tracing::debug!("Readiness sent to the service manager"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "Notifying the service manager failed"),
+    }
 
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut lost_poll = tokio::time::interval(LOST_POLL);
@@ -205,6 +228,13 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             batch = events.next_batch() => {
                 let batch = batch.context("reading the kernel ring buffer")?;
                 record_events(&shared, &clock, batch);
+            }
+            Some(order) = quarantine_orders.recv() => {
+                let mut core = shared.lock();
+                let trigger = order.kind.as_str();
+                if let Err(e) = core.quarantine(&order.sandbox, Some(order.reason), trigger) {
+                    tracing::error!(sandbox = %order.sandbox, trigger, error = %e, "Quarantine ordered by an alert failed");
+                }
             }
             _ = lost_poll.tick() => {
                 report_lost(&shared);
@@ -223,6 +253,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     }
 
     tracing::info!("Stopping; sandboxes stay confined (pinned links)");
+    let _ = super::notify::notify("STOPPING=1");
     server.abort();
     let rest = events.drain_now();
     record_events(&shared, &clock, rest);
@@ -259,10 +290,13 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
 }
 
 fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {
-    let core = shared.lock();
+    let mut core = shared.lock();
     for ev in batch {
         match ev {
             KernelEvent::Connect(ev) => {
+                if ev.verdict == agent_common::verdict::DENY && ev.sandbox_index != 0 {
+                    core.note_denial(ev.sandbox_index, ev.ts_ns);
+                }
                 let (sandbox, rule) = core.names(ev.sandbox_index, ev.rule_id);
                 match NetworkDecision::from_event(&ev, clock, sandbox, rule) {
                     Ok(mut rec) => {

@@ -37,6 +37,7 @@ pub struct Policy {
     pub(super) tests: Vec<PolicyTest>,
     pub(super) request_tests: Vec<RequestTest>,
     pub(super) name_tests: Vec<NameTest>,
+    pub(super) alerts: crate::alerts::AlertSettings,
 }
 
 impl Policy {
@@ -48,6 +49,11 @@ impl Policy {
     /// Rules in file order; rule id `n` is `rules()[n - 1]`.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// The `alerts:` section (empty when the file has none: the daemon's settings apply).
+    pub fn alerts(&self) -> &crate::alerts::AlertSettings {
+        &self.alerts
     }
 
     /// The `dns:` section; `None` when the file has none (the daemon's settings apply).
@@ -87,6 +93,56 @@ impl Policy {
     pub fn proxy_rule(&self, rule_id: u16) -> Option<&Rule> {
         self.rule(rule_id)
             .filter(|r| r.is_proxy() || r.is_passthrough())
+    }
+
+    /// Whether the resolver answers questions of `qtype`: A and AAAA always, others when
+    /// `dns.query_types` lists them.
+    pub fn query_type_allowed(&self, qtype: hickory_proto::rr::RecordType) -> bool {
+        use hickory_proto::rr::RecordType;
+        matches!(qtype, RecordType::A | RecordType::AAAA)
+            || self
+                .dns
+                .as_ref()
+                .is_some_and(|d| d.query_types.contains(&qtype))
+    }
+
+    /// `dns.budget`, or the defaults.
+    pub fn dns_budget(&self) -> super::DnsBudget {
+        self.dns.as_ref().map(|d| d.budget).unwrap_or_default()
+    }
+
+    /// Why `addr`, in an answer for a name whose rules are `rule_ids`, is outside what
+    /// those rules' `answers` allow (it must lie in the `answers` of every one that has
+    /// them); `None` when it may be learned as far as `answers` go.
+    pub fn answer_refusal(&self, rule_ids: &[u16], addr: IpAddr) -> Option<String> {
+        let addr = addr.to_canonical();
+        rule_ids
+            .iter()
+            .filter_map(|&id| self.rule(id))
+            .find_map(|rule| {
+                let pins = rule.answers()?;
+                (!pins.iter().any(|n| n.contains(&addr))).then(|| {
+                    format!(
+                        "the address is outside the `answers` of rule `{}`",
+                        rule.name()
+                    )
+                })
+            })
+    }
+
+    /// The wildcard patterns (`*.x`, `**.x`) of the rules in `rule_ids` that match
+    /// `qname`, written out, each once: the suffixes whose name budget the query spends.
+    pub fn wildcards_for_name(&self, rule_ids: &[u16], qname: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for rule in rule_ids.iter().filter_map(|&id| self.rule(id)) {
+            for pattern in rule.names() {
+                let text = pattern.to_string();
+                if pattern.is_wildcard() && pattern.matches(qname) && !out.contains(&text) {
+                    out.push(text);
+                }
+            }
+        }
+        out
     }
 
     /// The credentials the rules name, sorted, each once: the daemon must have all of
@@ -143,6 +199,9 @@ pub struct Rule {
     pub(super) http: Option<Vec<HttpRule>>,
     /// Proxy rules only: git smart-HTTP checks.
     pub(super) git: Option<std::sync::Arc<crate::proxy::git::GitRule>>,
+    /// Rules with names only: the networks those names may resolve to (non-empty when
+    /// present; normalised like `nets`).
+    pub(super) answers: Option<Vec<IpNet>>,
 }
 
 impl Rule {
@@ -153,6 +212,12 @@ impl Rule {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// `answers`: the networks the rule's names may resolve to; `None` when any address
+    /// may be learned (special ones still need a rule naming them).
+    pub fn answers(&self) -> Option<&[IpNet]> {
+        self.answers.as_deref()
     }
 
     /// The addresses and CIDRs of `to`: host bits clear, IPv4-mapped IPv6 ones turned
@@ -503,6 +568,12 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         .map(|d| compile_dns(d, &root.key("dns")))
         .transpose()?;
 
+    let alerts = match &raw.alerts {
+        None => crate::alerts::AlertSettings::default(),
+        Some(a) => crate::alerts::AlertSettings::compile(a)
+            .map_err(|e| CompileError::new(root.key("alerts").key(e.field), e.message))?,
+    };
+
     let mut rules = Vec::with_capacity(raw.rules.len());
     let mut names: HashMap<&str, usize> = HashMap::new();
     // Where each prefix is first written, to point kernel-limit errors at the file.
@@ -600,6 +671,7 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
             ));
         }
 
+        let answers = compile_answers(raw_rule, &host_names, &at)?;
         rules.push(Rule {
             name: raw_rule.name.clone(),
             nets,
@@ -611,6 +683,7 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
             credential: proxied.credential,
             http: proxied.http,
             git: proxied.git,
+            answers,
         });
     }
 
@@ -636,6 +709,7 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         tests,
         request_tests,
         name_tests,
+        alerts,
     };
 
     // Rejecting here, not when the maps are written, means a policy that loads always fits.
@@ -648,6 +722,48 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
             e.to_string(),
         )),
     }
+}
+
+/// A rule's `answers`: only beside names in `to`, addresses and CIDRs only, at least one.
+fn compile_answers(
+    raw: &RawRule,
+    names: &[HostPattern],
+    at: &FieldPath,
+) -> Result<Option<Vec<IpNet>>, CompileError> {
+    let Some(list) = &raw.answers else {
+        return Ok(None);
+    };
+    let field = at.key("answers");
+    if names.is_empty() {
+        return Err(CompileError::new(
+            field,
+            "`answers` pins what the rule's host names resolve to, and this rule's `to` has \
+             none (valid: host names in `to`, or remove `answers`)",
+        ));
+    }
+    if list.is_empty() {
+        return Err(CompileError::new(
+            field,
+            "an empty `answers` list lets the names resolve to nothing (valid: addresses and \
+             CIDRs like [192.0.2.0/24, \"2001:db8::/32\"], or remove `answers`)",
+        ));
+    }
+    let mut nets = Vec::with_capacity(list.len());
+    for (j, dest) in list.iter().enumerate() {
+        let RawDest::Net(net) = dest else {
+            return Err(CompileError::new(
+                field.index(j),
+                "`answers` lists addresses and CIDRs, not names (valid: like 192.0.2.0/24 or \
+                 \"2001:db8::/32\")",
+            ));
+        };
+        check_host_bits(*net).map_err(|m| CompileError::new(field.index(j), m))?;
+        let net = normalise_net(*net);
+        if !nets.contains(&net) {
+            nets.push(net);
+        }
+    }
+    Ok(Some(nets))
 }
 
 fn check_name(name: &str) -> Result<(), String> {

@@ -37,7 +37,7 @@ pub use compile::{
     Protocol, RequestTest, Rule, MAX_RULES, POLICY_VERSION,
 };
 pub use decide::{Decision, Verdict};
-pub use dns::DnsConfig;
+pub use dns::{DnsBudget, DnsConfig};
 pub use error::{CompileError, FieldPath, Location, PolicyError, Segment};
 pub use host::HostPattern;
 pub use http::{HttpRule, MethodPattern, PathGlob};
@@ -260,13 +260,26 @@ tests:
                 7,
                 "    port: 443",
                 "p.yaml:7:5: rules[0].port: unknown field `port`, expected one of `name`, \
-                 `to`, `ports`, `protocol`, `action`, `hosts`, `credential`, `http`, `git`",
+                 `to`, `ports`, `protocol`, `action`, `hosts`, `credential`, `http`, `git`, \
+                 `answers`",
             ),
             (
                 2,
                 "resolver: {}",
                 "p.yaml:2:1: resolver: unknown field `resolver`, expected one of `version`, \
-                 `default`, `dns`, `rules`, `tests`",
+                 `default`, `dns`, `rules`, `tests`, `alerts`",
+            ),
+            (
+                2,
+                "alerts: {responses: {secret-leak: quarantine}}",
+                "p.yaml:2:21: alerts.responses: `secret-leak` is not an alert kind (valid: \
+                 secret-reflected, secret-outbound, dns-budget, denial-burst, cgroup-escape, \
+                 risky-posture, source-routing, rate-limit)",
+            ),
+            (
+                2,
+                "alerts: {denial_burst: {count: 5, seconds: 0}}",
+                "p.yaml:2:24: alerts.denial_burst: seconds 0 is out of range (valid: 1-3600)",
             ),
             (
                 8,

@@ -60,7 +60,7 @@ pub use record::{
     TlsMode, Verdict,
 };
 pub use scrub::MARKER as SCRUB_MARKER;
-pub use upstream::{client_config as upstream_client_config, special_address, special_block};
+pub use upstream::client_config as upstream_client_config;
 
 use crate::credentials::{normalize_host, CredentialStore};
 
