@@ -18,8 +18,8 @@ packages=(
   build-essential pkg-config
   iproute2 util-linux procps psmisc
   curl git python3 python3-venv openssl bind9-dnsutils
-  nginx dnsmasq-base nghttp2-client wrk
-  runc podman conmon busybox-static
+  nginx dnsmasq-base nghttp2-client wrk tcpdump
+  runc podman conmon busybox-static logrotate
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -17,4 +17,5 @@ pub mod dns;
 pub mod net;
 pub mod oci;
 pub mod policy;
+pub mod posture;
 pub mod proxy;

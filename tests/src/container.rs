@@ -66,6 +66,41 @@ impl Image {
     pub fn rootfs(&self) -> PathBuf {
         self.dir.path().join("rootfs")
     }
+
+    /// Adds Debian's curl with the shared libraries it loads (as `ldd` lists them, at the
+    /// same paths), so the image has a real TLS client.
+    pub fn add_curl(&self) -> Result<()> {
+        let curl = which("curl").context("curl not found")?;
+        let out = crate::util::run_checked(Command::new("ldd").arg(&curl))?;
+        let mut files = vec![curl.clone()];
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = match line.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next(),
+                None => line.split_whitespace().next(),
+            };
+            if let Some(p) = path.filter(|p| p.starts_with('/')) {
+                files.push(PathBuf::from(p));
+            }
+        }
+        for f in files {
+            let dest = self.rootfs().join(f.strip_prefix("/").unwrap_or(&f));
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::copy(&f, &dest).with_context(|| format!("copy {}", f.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a file into the image (e.g. the proxy's CA certificate).
+    pub fn add_file(&self, path: &str, contents: &[u8]) -> Result<()> {
+        let dest = self.rootfs().join(path.trim_start_matches('/'));
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&dest, contents).with_context(|| format!("write {}", dest.display()))
+    }
 }
 
 /// Settings of the hook entries a bundle's `config.json` carries.

@@ -120,6 +120,10 @@ pub struct ProxyOpts {
     pub github_revoke: Option<Vec<String>>,
     /// More entries of the config's `credentials:` map (YAML, indented by two spaces).
     pub extra_credentials: String,
+    /// Appended to the daemon's configuration file (top-level YAML keys).
+    pub extra_config: String,
+    /// Audit log path instead of the daemon's default (see [`DaemonOpts::audit_log`]).
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Default for ProxyOpts {
@@ -130,6 +134,8 @@ impl Default for ProxyOpts {
             nameserver: None,
             github_revoke: None,
             extra_credentials: String::new(),
+            extra_config: String::new(),
+            audit_log: None,
         }
     }
 }
@@ -207,8 +213,10 @@ impl ProxyFixture {
             opts.github,
             opts.github_revoke.as_deref(),
             &opts.extra_credentials,
+            &opts.extra_config,
         )?;
         let daemon = Daemon::start(DaemonOpts {
+            audit_log: opts.audit_log.clone(),
             extra_args: vec!["--config".into(), config.display().to_string()],
             env: vec![
                 (GIT_TOKEN_ENV.into(), token.clone()),
@@ -525,6 +533,10 @@ fn check_bytes(what: &str, bytes: &[u8], token: &str) -> Result<()> {
 /// The daemon dials upstream servers from the world namespace (`proxy.upstream_netns`):
 /// from its own (the host's) it would send packets for documentation addresses out of
 /// this machine.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site, each argument a distinct part of the configuration"
+)]
 fn write_config(
     secrets: &TempDir,
     ca: &TestCa,
@@ -533,6 +545,7 @@ fn write_config(
     github: GithubSource,
     github_revoke: Option<&[String]>,
     extra_credentials: &str,
+    extra: &str,
 ) -> Result<PathBuf> {
     let source = match github {
         GithubSource::File => {
@@ -581,5 +594,5 @@ credentials:
         ca = ca.cert().display(),
         world_ns = world.netns().path().display(),
     );
-    secrets.write("egressd.yaml", &config)
+    secrets.write("egressd.yaml", &format!("{config}{extra}"))
 }

@@ -23,6 +23,8 @@ use egress_tests::container::{
 use egress_tests::daemon::Daemon;
 use egress_tests::expect::{self, RECORD_TIMEOUT};
 use egress_tests::fixture::{Fixture, DENY_ALL, WEB_ORIGIN_DENY};
+use egress_tests::https_origin::REPO_BODY;
+use egress_tests::proxy_fixture::{ProxyFixture, ProxyOpts, PROXY_POLICY};
 use egress_tests::servers::ORIGIN_BODY;
 use egress_tests::util::{bounded, poll, unique_name};
 use egress_tests::world::{CANARY_V4, ORIGIN_V4};
@@ -139,6 +141,36 @@ fn runc_hook_confines_from_the_first_instruction() -> Result<()> {
         get_str(&attach, "egress.sandbox.cgroup_path")
             .is_some_and(|p| p.ends_with(cgroups_path.trim_start_matches('/'))),
         "the hook attached another cgroup than the container's: {attach}"
+    );
+
+    // A container that claims another's sandbox name is not created, and its poststop
+    // hook (runc runs it while cleaning up) does not release the other sandbox.
+    fx.attach(DENY_ALL)?;
+    let victim = fx.sandbox.label();
+    let cgroups_path = unique_cgroups_path("claim");
+    let out = runc.run(
+        &image,
+        &unique_name("claim"),
+        &ContainerSpec {
+            args: vec!["echo".into(), "container-ran".into()],
+            cgroups_path: cgroups_path.clone(),
+            annotations: vec![
+                ("io.egressd.policy".into(), "web".into()),
+                ("io.egressd.sandbox".into(), victim.into()),
+            ],
+            ..spec
+        },
+    )?;
+    container::remove_cgroup(&cgroups_path);
+    ensure!(
+        !out.status.success() && !text(&out).contains("container-ran\n"),
+        "a container claiming another sandbox's name ran: {}",
+        text(&out)
+    );
+    let s = fx.daemon.status_sandbox(victim)?;
+    ensure!(
+        s.is_some_and(|s| get_u64(&s, "cgroup_id") == Some(fx.sandbox.cgroup().id())),
+        "the other sandbox was released"
     );
     Ok(())
 }
@@ -633,4 +665,63 @@ fn pod_scope_confines_every_container_of_a_pod() -> Result<()> {
     container::remove_cgroup(&format!("{pod_cgroup}/b"));
     container::remove_cgroup(&pod_cgroup);
     result
+}
+
+/// A container whose image trusts the proxy's CA reaches the API through the proxy, which
+/// adds the credential; the container never sees the token.
+#[test]
+fn runc_container_uses_the_proxy_with_the_ca_in_its_image() -> Result<()> {
+    egress_tests::require_proxy_tools!();
+    skip_if!(container::missing_tools());
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let dir = egress_tests::util::TempDir::new("policies")?;
+    std::fs::write(dir.path().join("github.yaml"), PROXY_POLICY)?;
+    let image = Image::build()?;
+    image.add_curl()?;
+    image.add_file("/etc/egressd-ca.pem", &std::fs::read(fx.proxy_ca())?)?;
+    let runc = Runc::new()?;
+    let id = unique_name("api");
+    let cgroups_path = unique_cgroups_path("api");
+    let url = "https://api.github.com/repos/acme/widgets";
+    let out = runc.run(
+        &image,
+        &id,
+        &ContainerSpec {
+            args: [
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "--cacert",
+                "/etc/egressd-ca.pem",
+                "--capath",
+                "/nonexistent",
+                "--resolve",
+                "api.github.com:443:192.0.2.10",
+                url,
+            ]
+            .map(String::from)
+            .to_vec(),
+            netns: Some(fx.sandbox.netns().path()),
+            cgroups_path: cgroups_path.clone(),
+            annotations: vec![("io.egressd.policy".into(), "github".into())],
+            hooks: Some(hook_setup(&fx.daemon, dir.path(), 5)),
+        },
+    )?;
+    container::remove_cgroup(&cgroups_path);
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout) == REPO_BODY,
+        "the container did not get the API's answer through the proxy: {}",
+        text(&out)
+    );
+    let rec = fx.wait_proxy_record(RECORD_TIMEOUT, "the container's request", |r| {
+        get_str(r, "egress.sandbox.name") == Some(id.as_str())
+            && get_u64(r, "http.response.status_code") == Some(200)
+    })?;
+    ensure!(
+        get_str(&rec, "egress.credential.name") == Some("github"),
+        "the request record does not name the injected credential: {rec}"
+    );
+    fx.assert_token_absent(&[&out])?;
+    Ok(())
 }

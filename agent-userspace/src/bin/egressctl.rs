@@ -264,6 +264,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     status.audit_log,
                     status.events_lost
                 );
+                if let Some(audit) = &status.audit {
+                    if audit.healthy {
+                        println!(
+                            "audit trail: healthy ({} records lost since start)",
+                            audit.lost
+                        );
+                    } else {
+                        println!(
+                            "audit trail: UNHEALTHY since {}: {} ({} records queued, {} lost)",
+                            audit.failing_since.as_deref().unwrap_or("?"),
+                            audit.error.as_deref().unwrap_or("writes fail"),
+                            audit.queued,
+                            audit.lost
+                        );
+                    }
+                }
+                if status.packet_sockets_covered {
+                    println!("packet sockets: refused in sandboxes (BPF LSM)");
+                } else {
+                    println!(
+                        "packet sockets: NOT COVERED ({}); sandboxes holding CAP_NET_RAW can send raw frames anywhere",
+                        status.packet_sockets_note.as_deref().unwrap_or("unknown")
+                    );
+                }
                 println!(
                     "{:<20} {:>10} {:<16} {:<8} {:>9} {:>9} {:>9} {:>10}  POLICY",
                     "SANDBOX",
@@ -304,6 +328,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                                 .as_deref()
                                 .map(|r| format!(": {r}"))
                                 .unwrap_or_default()
+                        );
+                    }
+                    let risky: Vec<&str> = s
+                        .capabilities
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|c| egress::posture::RISKY.contains(c))
+                        .collect();
+                    if !risky.is_empty() {
+                        println!(
+                            "  posture: {} process(es) hold {}{}",
+                            s.processes,
+                            risky.join(", "),
+                            if s.can_leave_cgroup {
+                                " (can leave its cgroup)"
+                            } else {
+                                ""
+                            }
                         );
                     }
                 }

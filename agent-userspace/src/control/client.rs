@@ -32,13 +32,16 @@ pub fn call_timeout(
     stream.set_write_timeout(Some(timeout))?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    // The daemon may answer (e.g. that the request is too large) and close before taking
+    // all of it: then its answer, not the broken pipe, is what to report.
+    let sent = stream.write_all(&line);
     let mut reader = BufReader::new(stream);
     let mut resp = String::new();
     reader
         .read_line(&mut resp)
         .context("reading egressd's response")?;
     if resp.is_empty() {
+        sent.context("sending the request to egressd")?;
         bail!("egressd closed the connection without answering");
     }
     serde_json::from_str(&resp).context("decoding egressd's response")

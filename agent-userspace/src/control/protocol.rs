@@ -21,7 +21,8 @@ pub enum Request {
         #[serde(default)]
         netns: Option<PathBuf>,
     },
-    /// Remove confinement, by sandbox name or by cgroup path.
+    /// Remove confinement, by sandbox name or by cgroup path; with both, the named sandbox
+    /// only if it confines that cgroup.
     Detach {
         name: Option<String>,
         cgroup: Option<PathBuf>,
@@ -84,6 +85,16 @@ pub struct DaemonStatus {
     /// Network namespaces the proxy listens in (one per namespace some sandbox uses).
     #[serde(default)]
     pub proxy_listeners: usize,
+    /// Whether audit records are being written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<crate::audit::AuditHealth>,
+    /// Whether sandboxes are kept from creating packet (and other non-inet) sockets: the
+    /// BPF LSM program is attached and `bpf` is an active LSM.
+    #[serde(default)]
+    pub packet_sockets_covered: bool,
+    /// Why not, when they are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packet_sockets_note: Option<String>,
     pub sandboxes: Vec<SandboxStatus>,
 }
 
@@ -115,6 +126,15 @@ pub struct SandboxStatus {
     /// Set while the sandbox is quarantined.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantine: Option<QuarantineStatus>,
+    /// Processes in the sandbox's cgroup tree now.
+    #[serde(default)]
+    pub processes: usize,
+    /// Union of their effective capabilities, by name.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Whether one holds CAP_SYS_ADMIN (could mount cgroup2 and leave the cgroup).
+    #[serde(default)]
+    pub can_leave_cgroup: bool,
 }
 
 /// Why and since when a sandbox is quarantined.

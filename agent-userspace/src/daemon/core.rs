@@ -24,6 +24,7 @@ use crate::{
     cgroup::Cgroup,
     control::{DaemonStatus, QuarantineStatus, SandboxStatus},
     policy::{self, Policy},
+    posture::Posture,
 };
 
 /// Learned addresses one sandbox may hold at once (the kernel maps are shared).
@@ -60,6 +61,23 @@ pub struct Core {
     pub bursts: DenialBursts,
     /// Runs credential revocations after a quarantine.
     pub runtime: tokio::runtime::Handle,
+    /// Whether the BPF LSM program keeps sandboxes from creating packet sockets; `Err`
+    /// says why not.
+    pub packet_sockets: Result<(), String>,
+    /// Source-routing refusals per sandbox not yet summarised in an alert.
+    pub source_routing: std::collections::HashMap<String, RefusalWindow>,
+    /// Processes whose posture was read, per sandbox, with their start times; new ones are
+    /// read on the next pass, and known ones still alive outside the cgroup have left it.
+    pub known_pids: std::collections::HashMap<String, std::collections::BTreeMap<u32, u64>>,
+}
+
+/// Refusals of one kind for one sandbox since the last alert about them.
+#[derive(Debug)]
+pub struct RefusalWindow {
+    pub count: u64,
+    pub since: std::time::Instant,
+    /// What was refused (option and header names), for the alert's reason.
+    pub what: std::collections::BTreeSet<&'static str>,
 }
 
 fn now() -> OffsetDateTime {
@@ -93,6 +111,145 @@ impl Core {
             policy_path: PathBuf::from(&rec.policy_path),
             policy_digest: PolicyDigest::of(rec.policy_source.as_bytes()),
             reason: None,
+            packet_sockets_covered: None,
+            posture: None,
+        }
+    }
+
+    /// An attach or adopt record, which also says what the kernel does not cover and what
+    /// the sandbox's processes hold.
+    fn confined(&self, rec: &SandboxRecord, posture: &Posture) -> SandboxLifecycle {
+        SandboxLifecycle {
+            packet_sockets_covered: Some(self.packet_sockets.is_ok()),
+            posture: Some(posture.clone()),
+            ..Self::lifecycle(rec)
+        }
+    }
+
+    /// Raises a risky-posture alert when processes hold capabilities that get around the
+    /// kernel programs; `who` says which processes (at attach, or new ones).
+    fn alert_posture(&self, sandbox: &str, posture: &Posture, who: &str) {
+        let mut risky = posture.risky();
+        if risky.is_empty() {
+            return;
+        }
+        // CAP_NET_RAW only matters where packet sockets are not refused.
+        if self.packet_sockets.is_ok() {
+            risky.retain(|c| *c != "net_raw");
+            if risky.is_empty() {
+                return;
+            }
+        }
+        let mut reason = format!(
+            "{who} ({} process(es)) hold {}",
+            posture.pids.len(),
+            risky.join(", ")
+        );
+        if posture.can_leave_cgroup() {
+            reason.push_str(
+                "; with sys_admin a process can mount cgroup2 and leave the sandbox's cgroup",
+            );
+        }
+        let mut alert = Alert::new(now(), AlertKind::RiskyPosture, sandbox, reason);
+        alert.count = posture.pids.len().max(1) as u64;
+        self.alerts.raise(alert);
+    }
+
+    /// Reads the posture of processes that appeared in sandboxes since the last pass and
+    /// alerts when they hold risky capabilities; alerts when a process seen in a sandbox is
+    /// still alive but no longer in its cgroup tree (it moved itself, or was moved, out).
+    pub fn check_new_processes(&mut self) {
+        let sandboxes: Vec<(String, PathBuf)> = self
+            .state
+            .sandboxes
+            .values()
+            .map(|r| (r.name.clone(), r.cgroup.clone()))
+            .collect();
+        for (name, cgroup) in sandboxes {
+            let alive = crate::posture::pids_below(&cgroup);
+            let known = self.known_pids.remove(&name).unwrap_or_default();
+            let mut escaped = Vec::new();
+            for (pid, start) in &known {
+                if !alive.contains(pid) && crate::posture::start_time(*pid) == Some(*start) {
+                    escaped.push(format!(
+                        "pid {pid} now in {}",
+                        crate::posture::cgroup_of(*pid).unwrap_or_else(|| "?".into())
+                    ));
+                }
+            }
+            if !escaped.is_empty() {
+                let mut alert = Alert::new(
+                    now(),
+                    AlertKind::CgroupEscape,
+                    name.clone(),
+                    format!(
+                        "{} process(es) left the sandbox's cgroup {} while alive: {}",
+                        escaped.len(),
+                        cgroup.display(),
+                        escaped.join(", ")
+                    ),
+                );
+                alert.count = escaped.len() as u64;
+                self.alerts.raise(alert);
+            }
+            let posture = Posture::read_only(&cgroup, |pid| !known.contains_key(&pid));
+            if !posture.pids.is_empty() {
+                self.alert_posture(&name, &posture, "new processes");
+            }
+            let mut next: std::collections::BTreeMap<u32, u64> = known
+                .into_iter()
+                .filter(|(p, _)| alive.contains(p))
+                .collect();
+            for pid in posture.pids {
+                if let Some(start) = crate::posture::start_time(pid) {
+                    next.insert(pid, start);
+                }
+            }
+            self.known_pids.insert(name, next);
+        }
+    }
+
+    /// Remembers the processes a posture was read from, with their start times.
+    fn remember(&mut self, sandbox: &str, posture: &Posture) {
+        let pids = posture
+            .pids
+            .iter()
+            .filter_map(|p| crate::posture::start_time(*p).map(|s| (*p, s)))
+            .collect();
+        self.known_pids.insert(sandbox.to_string(), pids);
+    }
+
+    /// Counts a source-routing refusal for the next summarising alert.
+    pub fn note_source_routing(&mut self, sandbox: &str, what: &'static str) {
+        let w = self
+            .source_routing
+            .entry(sandbox.to_string())
+            .or_insert_with(|| RefusalWindow {
+                count: 0,
+                since: std::time::Instant::now(),
+                what: Default::default(),
+            });
+        w.count += 1;
+        w.what.insert(what);
+    }
+
+    /// One alert per sandbox for the source-routing refusals since the last call.
+    pub fn flush_alerts(&mut self) {
+        for (sandbox, w) in self.source_routing.drain() {
+            let names: Vec<&str> = w.what.iter().copied().collect();
+            let mut alert = Alert::new(
+                now(),
+                AlertKind::SourceRouting,
+                sandbox,
+                format!(
+                    "{} attempt(s) to route packets elsewhere than the judged address were refused ({})",
+                    w.count,
+                    names.join(", ")
+                ),
+            );
+            alert.count = w.count;
+            alert.window_seconds = Some(w.since.elapsed().as_secs().max(1));
+            self.alerts.raise(alert);
         }
     }
 
@@ -431,14 +588,24 @@ impl Core {
             .ok_or_else(|| "no free policy slot in the kernel maps".to_string())
     }
 
-    /// Attaches a new sandbox or replaces an attached sandbox's policy.
-    pub fn attach(
+    /// Parses and compiles a policy, kernel rules included: the slow part of an attach,
+    /// done before the daemon's lock is taken so other sandboxes' audit and DNS go on.
+    pub fn prepare_policy(source: &str, policy_path: &str) -> Result<Policy, String> {
+        let policy = policy::parse_str(source, policy_path).map_err(|e| e.to_string())?;
+        policy.kernel_rules().map_err(|e| e.to_string())?;
+        Ok(policy)
+    }
+
+    /// Attaches a new sandbox or replaces an attached sandbox's policy, with the policy
+    /// already through [`Core::prepare_policy`] (outside the lock).
+    pub fn attach_parsed(
         &mut self,
         cgroup: &Path,
         name: Option<String>,
         policy_path: String,
         source: String,
         netns: Option<PathBuf>,
+        parsed: Result<Policy, String>,
     ) -> Result<String, String> {
         let cgroup = Cgroup::open(cgroup).map_err(|e| e.to_string())?;
         // A container re-created at once under the same id gets a new cgroup at the same
@@ -457,10 +624,9 @@ impl Core {
                 "invalid sandbox name {name:?}: 1-64 printable characters"
             ));
         }
-        let policy = match policy::parse_str(&source, &policy_path) {
+        let policy = match parsed {
             Ok(p) => p,
-            Err(e) => {
-                let error = e.to_string();
+            Err(error) => {
                 self.audit.emit(Record::PolicyRejected(PolicyRejected {
                     time: now(),
                     sandbox: name.clone(),
@@ -507,6 +673,34 @@ impl Core {
                 ));
             }
         }
+        let posture = Posture::read(&cgroup.path);
+        let held = posture.violations(policy.no_capabilities());
+        if !held.is_empty() {
+            let error = format!(
+                "{policy_path}: require.no_capabilities: processes in {} hold {} (pids {})",
+                cgroup.path.display(),
+                held.join(", "),
+                posture
+                    .pids
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            self.audit.emit(Record::PolicyRejected(PolicyRejected {
+                time: now(),
+                sandbox: name.clone(),
+                policy_path: PathBuf::from(&policy_path),
+                policy_digest: Some(PolicyDigest::of(source.as_bytes())),
+                error: error.clone(),
+            }));
+            let keep = if existing.is_some() {
+                "; the sandbox keeps its current policy"
+            } else {
+                ""
+            };
+            return Err(format!("{error}{keep}"));
+        }
         let (netns, inode) = match netns {
             Some(p) => {
                 let id =
@@ -527,7 +721,15 @@ impl Core {
         let policy = Arc::new(policy);
         let result = match existing {
             Some(old) => self.replace_policy(old, policy, policy_path, source, (netns, inode)),
-            None => self.attach_new(cgroup, name, policy, policy_path, source, (netns, inode)),
+            None => self.attach_new(
+                cgroup,
+                name,
+                policy,
+                policy_path,
+                source,
+                (netns, inode),
+                posture,
+            ),
         };
         match &result {
             Ok((index, _)) => self.proxy.set_user(*index, listener),
@@ -536,6 +738,10 @@ impl Core {
         result.map(|(_, msg)| msg)
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each argument is one checked piece of the attach request"
+    )]
     fn attach_new(
         &mut self,
         cgroup: Cgroup,
@@ -544,6 +750,7 @@ impl Core {
         policy_path: String,
         source: String,
         (netns, netns_inode): (Option<PathBuf>, Option<u64>),
+        posture: Posture,
     ) -> Result<(u32, String), String> {
         let index = self
             .state
@@ -586,14 +793,28 @@ impl Core {
             return Err(e.to_string());
         }
         self.audit
-            .emit(Record::SandboxAttach(Self::lifecycle(&rec)));
-        let msg = format!(
+            .emit(Record::SandboxAttach(self.confined(&rec, &posture)));
+        self.alert_posture(&name, &posture, "processes at attach");
+        let mut msg = format!(
             "attached sandbox {name:?} (cgroup {}, id {}) with {} rules, default {}",
             rec.cgroup.display(),
             rec.cgroup_id,
             policy.rules().len(),
             policy.default_action()
         );
+        if let Err(why) = &self.packet_sockets {
+            msg.push_str(&format!(
+                "; WARNING: packet sockets are not covered ({why})"
+            ));
+        }
+        let risky = posture.risky();
+        if !risky.is_empty() {
+            msg.push_str(&format!(
+                "; WARNING: sandbox processes hold {}",
+                risky.join(", ")
+            ));
+        }
+        self.remember(&name, &posture);
         self.set_route(&rec, &policy);
         self.alerts.set_sandbox(&name, policy.alerts().clone());
         self.bursts.forget(index);
@@ -667,8 +888,9 @@ impl Core {
         Ok((index, msg))
     }
 
-    /// Removes confinement by name or cgroup path. A cgroup with links pinned but no state
-    /// (left by a lost state directory) is detached too.
+    /// Removes confinement by name or cgroup path (by name, when both are given, only if
+    /// the sandbox is that cgroup's). A cgroup with links pinned but no state (left by a
+    /// lost state directory) is detached too.
     pub fn detach(
         &mut self,
         name: Option<String>,
@@ -676,13 +898,25 @@ impl Core {
         reason: DetachReason,
     ) -> Result<String, String> {
         let (rec, cgroup_id) = match (name, cgroup) {
-            (Some(n), _) => {
+            (Some(n), expected) => {
                 let rec = self
                     .state
                     .sandboxes
                     .get(&n)
                     .cloned()
                     .ok_or_else(|| format!("no sandbox named {n:?}"))?;
+                // Name and cgroup together (a runtime hook): only that cgroup's sandbox
+                // goes, so a container named like another cannot release the other.
+                if let Some(path) = expected {
+                    let want = crate::cgroup::resolve(&path).map_err(|e| e.to_string())?;
+                    if rec.cgroup != want {
+                        return Err(format!(
+                            "sandbox {n:?} confines cgroup {}, not {}; not detached",
+                            rec.cgroup.display(),
+                            want.display()
+                        ));
+                    }
+                }
                 let id = rec.cgroup_id;
                 (Some(rec), id)
             }
@@ -1020,7 +1254,11 @@ impl Core {
                     tracing::error!(sandbox = %rec.name, error = %e, "Re-attaching missing hooks failed");
                 }
             }
-            self.audit.emit(Record::SandboxAdopt(Self::lifecycle(&rec)));
+            let posture = Posture::read(&rec.cgroup);
+            self.audit
+                .emit(Record::SandboxAdopt(self.confined(&rec, &posture)));
+            self.alert_posture(&rec.name, &posture, "processes at adoption");
+            self.remember(&rec.name, &posture);
             self.compiled.insert(rec.name.clone(), policy);
             adopted += 1;
         }
@@ -1073,6 +1311,7 @@ impl Core {
                     .as_deref()
                     .and_then(|p| netns_id(p).ok())
                     .map(|id| id.1);
+                let posture = Posture::read(&rec.cgroup);
                 SandboxStatus {
                     name: rec.name.clone(),
                     cgroup: rec.cgroup.clone(),
@@ -1101,6 +1340,13 @@ impl Core {
                         trigger: q.trigger.clone(),
                         reason: q.reason.clone(),
                     }),
+                    processes: posture.pids.len(),
+                    capabilities: posture
+                        .capabilities()
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect(),
+                    can_leave_cgroup: posture.can_leave_cgroup(),
                 }
             })
             .collect();
@@ -1112,6 +1358,9 @@ impl Core {
             audit_log: self.audit_log.clone(),
             events_lost: self.maps.lost_total(),
             proxy_listeners: self.proxy.listening_in().len(),
+            audit: Some(self.audit.health()),
+            packet_sockets_covered: self.packet_sockets.is_ok(),
+            packet_sockets_note: self.packet_sockets.clone().err(),
             sandboxes,
         }
     }

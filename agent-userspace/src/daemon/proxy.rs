@@ -9,6 +9,7 @@ use std::{
 };
 
 use ipnet::IpNet;
+use tokio::sync::Semaphore;
 
 use super::netns::{bind_in_netns, netns_cookie, netns_id, NetnsId};
 use crate::{
@@ -35,6 +36,7 @@ pub struct ProxyRuntime {
     /// uses is closed, so it does not keep a deleted container's namespace alive.
     users: HashMap<u32, NetnsId>,
     conns: Conns,
+    limits: Limits,
     runtime: tokio::runtime::Handle,
 }
 
@@ -57,6 +59,7 @@ impl ProxyRuntime {
             listeners: HashMap::new(),
             users: HashMap::new(),
             conns: Conns::default(),
+            limits: Limits::default(),
             runtime,
         }
     }
@@ -157,6 +160,7 @@ impl ProxyRuntime {
                 peers: self.peers.clone(),
                 routes: self.routes.clone(),
                 conns: self.conns.clone(),
+                limits: self.limits.clone(),
             };
             tasks.push(tokio::spawn(accept_loop(listener, ctx)));
         }
@@ -173,6 +177,35 @@ struct AcceptCtx {
     peers: Arc<Mutex<PeerMap>>,
     routes: Routes,
     conns: Conns,
+    limits: Limits,
+}
+
+/// One sandbox's share of the proxy: its open connections and its handshakes in progress
+/// are capped, so one sandbox cannot use up the daemon's descriptors or handshake work
+/// that other sandboxes need.
+struct SandboxLimits {
+    connections: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
+}
+
+/// By sandbox index.
+type Limits = Arc<Mutex<HashMap<u32, Arc<SandboxLimits>>>>;
+
+impl AcceptCtx {
+    fn limits_for(&self, index: u32) -> Arc<SandboxLimits> {
+        let config = self.proxy.config();
+        self.limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(index)
+            .or_insert_with(|| {
+                Arc::new(SandboxLimits {
+                    connections: Arc::new(Semaphore::new(config.max_connections_per_sandbox)),
+                    handshakes: Arc::new(Semaphore::new(config.max_handshakes_per_sandbox)),
+                })
+            })
+            .clone()
+    }
 }
 
 /// Open proxied connections by sandbox index, so a detach or a policy replacement can
@@ -228,7 +261,38 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
             connection_id: ConnectionId::new(cookie, orig.socket_cookie).to_string(),
             route: Arc::new(route),
         };
-        let task = tokio::spawn(ctx.proxy.clone().serve(stream, conn));
+        let limits = ctx.limits_for(orig.sandbox_index);
+        let Ok(conn_permit) = limits.connections.clone().try_acquire_owned() else {
+            let max = ctx.proxy.config().max_connections_per_sandbox;
+            tracing::debug!(sandbox = %conn.sandbox, max, "Proxied connection refused: sandbox at its connection limit");
+            let proxy = ctx.proxy.clone();
+            tokio::spawn(async move {
+                let reason = format!(
+                    "sandbox already has {max} proxied connections open \
+                     (proxy.max_connections_per_sandbox)"
+                );
+                proxy.refuse_connection(stream, conn, reason).await;
+            });
+            continue;
+        };
+        let proxy = ctx.proxy.clone();
+        let handshakes = limits.handshakes.clone();
+        let task = tokio::spawn(async move {
+            let _conn_permit = conn_permit;
+            let wait = std::time::Duration::from_secs(proxy.config().handshake_secs);
+            match tokio::time::timeout(wait, handshakes.acquire_owned()).await {
+                Ok(Ok(permit)) => proxy.serve_limited(stream, conn, Some(permit)).await,
+                _ => {
+                    let reason = format!(
+                        "waited {} s for one of the sandbox's {} TLS handshake slots \
+                         (proxy.max_handshakes_per_sandbox)",
+                        wait.as_secs(),
+                        proxy.config().max_handshakes_per_sandbox
+                    );
+                    proxy.refuse_connection(stream, conn, reason).await;
+                }
+            }
+        });
         let mut conns = ctx.conns.lock().unwrap_or_else(|p| p.into_inner());
         // The route may have gone (quarantine, detach) after it was read above; the core
         // removes it before it closes the sandbox's connections, so checking again under

@@ -91,9 +91,9 @@ pub enum Plan {
         netns: PathBuf,
         policy_path: PathBuf,
     },
-    Detach {
-        name: String,
-    },
+    /// Detach the named sandbox if it confines `cgroup` (the container's, from its
+    /// config: at `poststop` its process is gone).
+    Detach { name: String, cgroup: PathBuf },
     /// Nothing to do at this stage (pod scope: the pod outlives its containers).
     Nothing(String),
 }
@@ -137,12 +137,12 @@ pub fn run(stage: Stage, opts: &HookOptions, stdin: impl Read) -> anyhow::Result
             )?;
             answer(resp)
         }
-        Plan::Detach { name } => {
+        Plan::Detach { name, cgroup } => {
             let resp = call(
                 opts,
                 Request::Detach {
                     name: Some(name.clone()),
-                    cgroup: None,
+                    cgroup: Some(cgroup),
                     reason: Some(DetachReason::Hook),
                 },
             )?;
@@ -229,7 +229,15 @@ pub fn plan(
         Stage::Poststop if opts.scope == Scope::Pod => Ok(Plan::Nothing(format!(
             "pod sandbox {name:?} stays until its cgroup is removed"
         ))),
-        Stage::Poststop => Ok(Plan::Detach { name }),
+        Stage::Poststop => match config.cgroups_path() {
+            Some(p) => Ok(Plan::Detach {
+                name,
+                cgroup: configured_cgroup(p)?,
+            }),
+            None => Ok(Plan::Nothing(format!(
+                "no cgroupsPath in the config to match sandbox {name:?} against; the daemon detaches it when its cgroup is removed"
+            ))),
+        },
         Stage::CreateRuntime | Stage::Prestart => {
             let policy = annotations
                 .get(ANNOTATION_POLICY)
@@ -335,6 +343,15 @@ pub fn policy_file(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The cgroup v2 directory a config's `linux.cgroupsPath` names (cgroupfs or systemd form).
+fn configured_cgroup(cgroups_path: &str) -> anyhow::Result<PathBuf> {
+    let rel = match cgroup::systemd_cgroup_path(cgroups_path) {
+        Some(p) => p,
+        None => PathBuf::from(cgroups_path.trim_start_matches('/')),
+    };
+    Ok(cgroup::cgroup2_mount()?.join(rel))
+}
+
 /// The container's cgroup v2 directory: where its process is. When the config names a
 /// cgroup (cgroupfs or systemd form), the process must be in it (or below it), or the
 /// hook refuses: it confines what it was asked to, or nothing.
@@ -343,17 +360,13 @@ pub fn container_cgroup(pid: u32, cgroups_path: Option<&str>) -> anyhow::Result<
     let Some(configured) = cgroups_path else {
         return Ok(actual);
     };
-    let rel = match cgroup::systemd_cgroup_path(configured) {
-        Some(p) => p,
-        None => PathBuf::from(configured.trim_start_matches('/')),
-    };
-    let mount = cgroup::cgroup2_mount()?;
-    let expected = mount.join(&rel);
+    let expected = configured_cgroup(configured)?;
     if actual.starts_with(&expected) {
         return Ok(expected);
     }
     // A relative cgroupfs path is placed under the runtime's own cgroup by some runtimes.
-    if !configured.starts_with('/') && !configured.contains(':') && actual.ends_with(&rel) {
+    let rel = Path::new(configured);
+    if rel.is_relative() && !configured.contains(':') && actual.ends_with(rel) {
         return Ok(actual);
     }
     bail!(
@@ -524,9 +537,21 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("refusing to start it unconfined"), "{e}");
+        // Without a cgroupsPath the hook cannot tell whose sandbox a name is: it leaves
+        // the detach to the daemon's reaper.
+        assert!(matches!(
+            plan(Stage::Poststop, &opts(Scope::Container), &state, &config).unwrap(),
+            Plan::Nothing(_)
+        ));
+        let config: Config =
+            serde_json::from_str(r#"{"linux":{"cgroupsPath":"/agents/c1"}}"#).unwrap();
+        let mount = cgroup::cgroup2_mount().unwrap();
         assert_eq!(
             plan(Stage::Poststop, &opts(Scope::Container), &state, &config).unwrap(),
-            Plan::Detach { name: "c1".into() }
+            Plan::Detach {
+                name: "c1".into(),
+                cgroup: mount.join("agents/c1")
+            }
         );
     }
 }

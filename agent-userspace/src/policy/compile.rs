@@ -1,7 +1,11 @@
 //! `compile()`: checks a [`RawPolicy`] as a whole and turns it into an immutable [`Policy`]
 //! whose every rule the kernel can hold. Nothing downstream re-validates a `Policy`, so
 //! every invariant the decision and kernel code rely on is established here.
-use std::{collections::HashMap, fmt, net::IpAddr};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::IpAddr,
+};
 
 use agent_common::{action, proto, MAX_RULES_PER_PREFIX};
 use ipnet::{IpNet, Ipv4Net};
@@ -33,11 +37,15 @@ const DEFAULT_RULE_WORDS: [&str; 2] = ["none", "default"];
 pub struct Policy {
     pub(super) default: DefaultAction,
     pub(super) dns: Option<DnsConfig>,
+    /// `require.no_capabilities`: capability names, checked.
+    pub(super) no_capabilities: Vec<String>,
     pub(super) rules: Vec<Rule>,
     pub(super) tests: Vec<PolicyTest>,
     pub(super) request_tests: Vec<RequestTest>,
     pub(super) name_tests: Vec<NameTest>,
     pub(super) alerts: crate::alerts::AlertSettings,
+    /// The kernel entries, computed once by `compile()` (which must check that they fit).
+    pub(super) kernel: std::sync::OnceLock<super::KernelRules>,
 }
 
 impl Policy {
@@ -54,6 +62,11 @@ impl Policy {
     /// The `alerts:` section (empty when the file has none: the daemon's settings apply).
     pub fn alerts(&self) -> &crate::alerts::AlertSettings {
         &self.alerts
+    }
+
+    /// Capabilities no sandbox process may hold at attach (`require.no_capabilities`).
+    pub fn no_capabilities(&self) -> &[String] {
+        &self.no_capabilities
     }
 
     /// The `dns:` section; `None` when the file has none (the daemon's settings apply).
@@ -599,25 +612,30 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
                  CIDRs and host names, like [192.0.2.7, 10.0.0.0/8, api.example.com])",
             ));
         }
+        // Duplicates are dropped through sets, keeping the first occurrence's order: a rule
+        // may list tens of thousands of destinations.
         let mut nets = Vec::with_capacity(raw_rule.to.len());
+        let mut seen_nets = HashSet::with_capacity(raw_rule.to.len());
         let mut host_names: Vec<HostPattern> = Vec::new();
+        let mut seen_names = HashSet::new();
         for (j, dest) in raw_rule.to.iter().enumerate() {
-            let field = at.key("to").index(j);
             let net = match dest {
                 RawDest::Net(net) => *net,
                 RawDest::Host(pattern) => {
-                    if !host_names.contains(pattern) {
+                    if seen_names.insert(pattern) {
                         host_names.push(pattern.clone());
                     }
                     continue;
                 }
             };
-            check_host_bits(net).map_err(|m| CompileError::new(field.clone(), m))?;
+            check_host_bits(net).map_err(|m| CompileError::new(at.key("to").index(j), m))?;
             let net = normalise_net(net);
-            if !nets.contains(&net) {
+            if seen_nets.insert(net) {
                 nets.push(net);
             }
-            first_seen.entry(net).or_insert(field);
+            first_seen
+                .entry(net)
+                .or_insert_with(|| at.key("to").index(j));
         }
 
         let ports = match &raw_rule.ports {
@@ -699,7 +717,29 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         }
     }
 
+    let mut no_capabilities = Vec::new();
+    if let Some(req) = &raw.require {
+        for (i, name) in req.no_capabilities.iter().enumerate() {
+            let name = name.trim().to_ascii_lowercase();
+            let name = name.strip_prefix("cap_").unwrap_or(&name).to_string();
+            if crate::posture::capability_bit(&name).is_none() {
+                return Err(CompileError::new(
+                    root.key("require").key("no_capabilities").index(i),
+                    format!(
+                        "unknown capability {:?} (valid: lowercase names such as sys_admin, \
+                         net_admin, net_raw, bpf)",
+                        req.no_capabilities[i]
+                    ),
+                ));
+            }
+            if !no_capabilities.contains(&name) {
+                no_capabilities.push(name);
+            }
+        }
+    }
+
     let policy = Policy {
+        no_capabilities,
         default: match raw.default {
             RawDefault::Deny => DefaultAction::Deny,
             RawDefault::Audit => DefaultAction::Audit,
@@ -710,6 +750,7 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         request_tests,
         name_tests,
         alerts,
+        kernel: std::sync::OnceLock::new(),
     };
 
     // Rejecting here, not when the maps are written, means a policy that loads always fits.
@@ -877,9 +918,10 @@ fn compile_proxied(
             ));
         }
         Some(list) => {
+            let mut seen = HashSet::with_capacity(list.len());
             let mut hosts: Vec<HostPattern> = Vec::with_capacity(list.len());
             for host in list {
-                if !hosts.contains(host) {
+                if seen.insert(host) {
                     hosts.push(host.clone());
                 }
             }

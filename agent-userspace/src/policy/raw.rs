@@ -57,6 +57,10 @@ pub struct RawPolicy {
     /// settings apply.
     #[serde(default)]
     pub dns: Option<RawDns>,
+    /// What the sandbox's processes must not hold; an attach that finds them holding it is
+    /// refused.
+    #[serde(default)]
+    pub require: Option<RawRequire>,
     /// Rules, in priority order among rules whose destinations are equally specific.
     #[serde(default)]
     pub rules: Vec<RawRule>,
@@ -68,6 +72,16 @@ pub struct RawPolicy {
     /// kind) and when denials count as a burst. Omitted: the daemon's settings.
     #[serde(default)]
     pub alerts: Option<crate::alerts::RawAlerts>,
+}
+
+/// The `require:` section.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRequire {
+    /// Capabilities (lowercase, without `cap_`: `sys_admin`, `net_admin`, `net_raw`, ...)
+    /// that no process in the sandbox may hold in its effective set at attach.
+    #[serde(default)]
+    pub no_capabilities: Vec<String>,
 }
 
 /// The `dns:` section.

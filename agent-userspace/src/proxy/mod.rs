@@ -67,6 +67,10 @@ use crate::credentials::{normalize_host, CredentialStore};
 /// Where the audit records go.
 pub type AuditSink = Arc<dyn Fn(ProxyRecord) + Send + Sync>;
 
+/// Asked right before a credential is added to a request: `Err(reason)` refuses the
+/// request instead (e.g. while the audit trail cannot record it). Cheap: once per request.
+pub type CredentialGate = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// One redirected connection, as the daemon hands it over.
 #[derive(Debug)]
 pub struct ConnInfo {
@@ -148,6 +152,12 @@ pub struct ProxyConfig {
     /// `false` is for measuring what that costs only: it lets an origin hand the
     /// injected credential to the sandbox. UNSAFE.
     pub scrub: bool,
+    /// Proxied connections one sandbox may have open at once; more are refused (and
+    /// recorded) at once. Default 1024.
+    pub max_connections_per_sandbox: usize,
+    /// TLS handshakes (ClientHello included) one sandbox may have in progress; more wait
+    /// up to `handshake_secs` for a turn, then are refused and recorded. Default 64.
+    pub max_handshakes_per_sandbox: usize,
 }
 
 impl Default for ProxyConfig {
@@ -161,6 +171,8 @@ impl Default for ProxyConfig {
             idle_secs: 60,
             max_header_bytes: 64 * 1024,
             scrub: true,
+            max_connections_per_sandbox: 1024,
+            max_handshakes_per_sandbox: 64,
         }
     }
 }
@@ -204,6 +216,7 @@ pub struct Proxy {
     ticketer: Arc<dyn ProducesTickets>,
     provider: Arc<CryptoProvider>,
     audit: AuditSink,
+    credential_gate: Option<CredentialGate>,
 }
 
 impl fmt::Debug for Proxy {
@@ -251,6 +264,23 @@ impl Proxy {
                 ),
             });
         }
+        for (field, value) in [
+            (
+                "max_connections_per_sandbox",
+                config.max_connections_per_sandbox,
+            ),
+            (
+                "max_handshakes_per_sandbox",
+                config.max_handshakes_per_sandbox,
+            ),
+        ] {
+            if !(1..=1 << 20).contains(&value) {
+                return Err(ProxyError::Config {
+                    field,
+                    reason: format!("{value} is out of range: use 1 to 1048576"),
+                });
+            }
+        }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let upstream_tls =
             upstream::client_config(provider.clone(), config.upstream_ca.as_deref())?;
@@ -275,6 +305,7 @@ impl Proxy {
             ticketer: rustls::crypto::ring::Ticketer::new()?,
             provider,
             audit,
+            credential_gate: None,
         })
     }
 
@@ -288,14 +319,47 @@ impl Proxy {
         (!matcher.is_empty()).then_some(matcher)
     }
 
+    /// Refuses requests that would get a credential while `gate` says no.
+    pub fn with_credential_gate(mut self, gate: CredentialGate) -> Self {
+        self.credential_gate = Some(gate);
+        self
+    }
+
     /// Where upstream connections (and the DNS resolvers' upstream queries) come from.
     pub fn dialer(&self) -> Arc<dialer::Dialer> {
         self.dialer.clone()
     }
 
+    /// The configuration it was built from.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
+    /// Closes a connection the daemon will not serve (a per-sandbox limit is reached)
+    /// and records the refusal; `reason` says which limit.
+    pub async fn refuse_connection(&self, mut stream: TcpStream, conn: ConnInfo, reason: String) {
+        let reason = ProxyError::Downstream {
+            peer: conn.peer,
+            reason,
+        };
+        self.refuse(&mut stream, &conn, None, reason, &[], Instant::now())
+            .await;
+    }
+
     /// Handles one redirected connection to its end. Failures are reported as records
     /// and debug logs; nothing is returned.
-    pub async fn serve(self: Arc<Self>, mut stream: TcpStream, conn: ConnInfo) {
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, conn: ConnInfo) {
+        self.serve_limited(stream, conn, None).await;
+    }
+
+    /// [`Proxy::serve`] holding `handshake_permit` (the sandbox's turn to handshake)
+    /// until the TLS handshake is done.
+    pub async fn serve_limited(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        conn: ConnInfo,
+        handshake_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         let started = Instant::now();
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(conn);
@@ -370,9 +434,10 @@ impl Proxy {
         debug!(connection_id = %conn.connection_id, %sni, passthrough = conn.route.passthrough, "Server name allowed");
         let stream = io::PrefixedStream::new(hello.buffered, stream);
         if conn.route.passthrough {
+            drop(handshake_permit);
             passthrough::relay(self, stream, conn, sni, started).await;
         } else {
-            intercept::intercept(self, stream, conn, sni, started).await;
+            intercept::intercept(self, stream, conn, sni, started, handshake_permit).await;
         }
     }
 
