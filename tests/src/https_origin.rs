@@ -12,6 +12,11 @@
 //!   under `acme/` (see [`OriginOpts::extra_repos`]) and the git backend itself accepts
 //!   any token listed in a file that may grow while it runs (minted tokens).
 //! - `pinned.example` on [`PINNED_V4`]:443: answers [`PINNED_BODY`] to anyone.
+//! - [`ECHO_PATH`]`<route>` on `api.github.com` and `/echo/<route>` on `github.com`:
+//!   `fixtures/echo_origin.py` behind nginx (unbuffered), which reflects the
+//!   `Authorization` it received in a header, a JSON body, a chunked body split inside
+//!   the token, a gzip body, base64; `/echo/plain` has no secret; `POST .../sink` stores
+//!   the body it got ([`HttpsOrigin::echo_received`]).
 //!
 //! Certificates come from a [`TestCa`]. nginx writes one JSON line per request to its
 //! access log, including the `Authorization` and `Proxy-Authorization` headers it
@@ -56,6 +61,9 @@ pub const PINNED_BODY: &str = "pinned origin\n";
 pub const MOVED_PATH: &str = "/repos/acme/widgets/moved";
 /// Where [`MOVED_PATH`] points.
 pub const MOVED_TO: &str = "https://elsewhere.example/";
+/// Prefix of the reflecting routes on `api.github.com`.
+pub const ECHO_PATH: &str = "/repos/acme/widgets/echo/";
+
 /// The file at the top of the `acme/widgets` repository, and its contents.
 pub const REPO_FILE: (&str, &str) = ("README.md", "# widgets\nmade by the egress test bed\n");
 
@@ -130,6 +138,7 @@ pub struct OriginOpts {
 pub struct HttpsOrigin {
     nginx: ChildGuard,
     git_backend: ChildGuard,
+    echo: ChildGuard,
     dir: TempDir,
     token: String,
     leaf: Leaf,
@@ -268,18 +277,45 @@ impl HttpsOrigin {
             .parse()
             .context("git backend port")?;
 
+        let received = dir.path().join("echo-received.jsonl");
+        let echo = spawn_ready(
+            world.netns(),
+            &dir,
+            "echo-origin",
+            "echo_origin.py",
+            &["--received".to_string(), received.display().to_string()],
+        )?;
+        let ready = dir.path().join("echo-origin.ready");
+        let echo_port: u16 = std::fs::read_to_string(&ready)
+            .with_context(|| format!("read {}", ready.display()))?
+            .trim()
+            .parse()
+            .context("echo origin port")?;
+
         for sub in ["tmp", "logs"] {
             std::fs::create_dir_all(dir.path().join(sub))?;
         }
         let conf = dir.path().join("nginx.conf");
+        let ports = Ports {
+            git: port,
+            echo: echo_port,
+        };
         std::fs::write(
             &conf,
-            nginx_conf(dir.path(), token, &leaf, &pinned_leaf, port, &opts.git_auth),
+            nginx_conf(
+                dir.path(),
+                token,
+                &leaf,
+                &pinned_leaf,
+                ports,
+                &opts.git_auth,
+            ),
         )?;
         let nginx = spawn_nginx(world, dir.path(), &conf)?;
         Ok(Self {
             nginx,
             git_backend,
+            echo,
             dir,
             token: token.to_string(),
             leaf,
@@ -318,6 +354,16 @@ impl HttpsOrigin {
 
     pub fn git_backend_pid(&self) -> Option<u32> {
         self.git_backend.pid()
+    }
+
+    pub fn echo_pid(&self) -> Option<u32> {
+        self.echo.pid()
+    }
+
+    /// Every request body the echo origin's `sink` route received, raw (one JSON line
+    /// each: `{"path": ..., "body": ...}`).
+    pub fn echo_received(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("echo-received.jsonl")).unwrap_or_default()
     }
 
     /// The raw access log.
@@ -446,14 +492,27 @@ pub fn listening(pid: u32, want: &[SocketAddr]) -> bool {
     })
 }
 
+/// Loopback ports of the servers behind nginx.
+struct Ports {
+    git: u16,
+    echo: u16,
+}
+
 fn nginx_conf(
     dir: &Path,
     token: &str,
     leaf: &Leaf,
     pinned: &Leaf,
-    git_port: u16,
+    ports: Ports,
     git_auth: &GitAuth,
 ) -> String {
+    let git_port = ports.git;
+    let echo_port = ports.echo;
+    // Unbuffered, so that the echo origin's pieces reach the client as separate reads.
+    let echo_proxy = format!(
+        "proxy_pass http://127.0.0.1:{echo_port}; proxy_buffering off; \
+         proxy_http_version 1.1; gzip off;"
+    );
     let d = dir.display();
     let (cert, key) = (leaf.cert.display(), leaf.key.display());
     let (pcert, pkey) = (pinned.cert.display(), pinned.key.display());
@@ -519,6 +578,7 @@ http {{
             if ($api_ok = 0) {{ return 401 "{unauthorized}"; }}
             return 302 {moved_to};
         }}
+        location {echo} {{ {echo_proxy} }}
         location = /repos/acme/widgets/issues {{
             if ($api_ok = 0) {{ return 401 "{unauthorized}"; }}
             return 201 "{issue}";
@@ -535,6 +595,7 @@ http {{
         ssl_certificate {cert};
         ssl_certificate_key {key};
         {git_location}
+        location /echo/ {{ {echo_proxy} }}
         location / {{ return 404 "{{\"message\":\"Not Found\"}}\n"; }}
     }}
     server {{
@@ -555,6 +616,7 @@ http {{
         pinned_host = PINNED_HOST,
         moved = MOVED_PATH,
         moved_to = MOVED_TO,
+        echo = ECHO_PATH,
     )
 }
 

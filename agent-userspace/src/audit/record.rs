@@ -993,6 +993,7 @@ impl ProxyEvent {
         wire.egress.verdict = Some(verdict);
         wire.egress.tls_mode = Some(r.tls_mode.as_str());
         wire.egress.credential = non_empty(&r.credential).map(|name| WireCredential { name });
+        wire.egress.scrubbed = (r.scrubbed > 0).then_some(r.scrubbed);
         wire.egress.git = r.git.as_ref().map(|git| WireGit {
             repo: &git.repo,
             service: &git.service,
@@ -1660,6 +1661,8 @@ struct WireEgress<'a> {
     tls_mode: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     credential: Option<WireCredential<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scrubbed: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     git: Option<WireGit<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]

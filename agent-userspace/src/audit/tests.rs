@@ -17,7 +17,7 @@ use time::{macros::datetime, OffsetDateTime};
 
 use super::*;
 use crate::proxy::{
-    GitAudit, ProxyRecord, RecordKind, RefUpdate, TlsMode, Verdict as ProxyVerdict,
+    GitAudit, ProxyRecord, RecordKind, RefUpdate, SecretFinding, TlsMode, Verdict as ProxyVerdict,
 };
 
 const SCHEMA: &str = include_str!("../../schema/audit-record.schema.json");
@@ -195,6 +195,8 @@ fn proxy_request() -> ProxyRecord {
         verdict: ProxyVerdict::Allow,
         reason: None,
         git: None,
+        scrubbed: 0,
+        secret: None,
     }
 }
 
@@ -280,6 +282,50 @@ fn proxy_refused_no_sni() -> ProxyRecord {
     }
 }
 
+/// A response whose origin reflected the injected credential three times.
+fn proxy_scrubbed() -> ProxyRecord {
+    ProxyRecord {
+        path: Some("/repos/acme/widget/echo".into()),
+        scrubbed: 3,
+        secret: Some(SecretFinding::reflected(vec!["github-token".into()], 3)),
+        ..proxy_request()
+    }
+}
+
+#[test]
+fn scrubbed_secrets_are_counted_and_alerted_by_name_only() {
+    let line: Value =
+        serde_json::from_slice(&proxy_event(proxy_scrubbed()).encode(1).unwrap()).unwrap();
+    assert_eq!(line["egress"]["scrubbed"], 3);
+    assert!(validator().is_valid(&line), "{line}");
+    // Nothing scrubbed: no field.
+    let line: Value =
+        serde_json::from_slice(&proxy_event(proxy_request()).encode(1).unwrap()).unwrap();
+    assert!(line["egress"].get("scrubbed").is_none(), "{line}");
+
+    let alert = proxy_scrubbed().alert(T0).unwrap();
+    assert_eq!(alert.kind, AlertKind::SecretReflected);
+    assert_eq!(alert.count, 3);
+    assert_eq!(alert.rule.as_deref(), Some("github"));
+    assert_eq!(alert.domain.as_deref(), Some("api.github.example"));
+    assert_eq!(alert.path.as_deref(), Some("/repos/acme/widget/echo"));
+    assert_eq!(alert.credential.as_deref(), Some("github-token"));
+    let line: Value = serde_json::from_slice(&Record::from(alert).encode(2).unwrap()).unwrap();
+    assert_eq!(line["event"]["action"], "secret-reflected");
+    assert!(validator().is_valid(&line), "{line}");
+
+    let outbound = ProxyRecord {
+        verdict: ProxyVerdict::Deny,
+        status: Some(403),
+        secret: Some(SecretFinding::outbound("github-token", "the URL")),
+        ..proxy_request()
+    };
+    let alert = outbound.alert(T0).unwrap();
+    assert_eq!(alert.kind, AlertKind::SecretOutbound);
+    assert!(alert.reason.contains("the URL"), "{}", alert.reason);
+    assert!(proxy_request().alert(T0).is_none());
+}
+
 fn proxy_event(record: ProxyRecord) -> Record {
     ProxyEvent { time: T0, record }.into()
 }
@@ -342,6 +388,7 @@ fn proxy_kinds() -> Vec<Record> {
             ..proxy_request()
         }),
         proxy_event(proxy_git_push_refused()),
+        proxy_event(proxy_scrubbed()),
         proxy_event(ProxyRecord {
             path: Some("/acme/widget/info/refs".into()),
             query_keys: Some("service=".into()),

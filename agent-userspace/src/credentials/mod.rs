@@ -15,6 +15,7 @@ mod error;
 mod file;
 pub mod github_app;
 mod https;
+pub mod matcher;
 pub mod raw;
 mod revoke;
 mod secret;
@@ -24,6 +25,7 @@ mod vault;
 pub use error::CredentialError;
 pub use file::CHECK_INTERVAL as FILE_CHECK_INTERVAL;
 pub use github_app::UpstreamOptions;
+pub use matcher::SecretMatcher;
 pub use raw::{
     RawAppRole, RawBasic, RawCommand, RawCredential, RawCredentials, RawGithubApp, RawInject,
     RawRevoke, RawSource, RawVault, RawVaultAuth, RawVaultKv, RawVaultLease,

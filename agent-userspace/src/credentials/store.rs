@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 use super::error::CredentialError;
 use super::file::FileSource;
 use super::github_app::{GithubApp, UpstreamOptions};
+use super::matcher::SecretMatcher;
 use super::raw::{RawCredential, RawInject, RawSource};
 use super::revoke::RevokeCommand;
 use super::secret::Secret;
@@ -55,11 +56,63 @@ fn is_normalized(host: &str) -> bool {
     !host.ends_with('.') && !host.bytes().any(|b| b.is_ascii_uppercase())
 }
 
+/// Values kept per credential for matching: the current one and the one before it (a
+/// rotated or renewed token stays valid for a while at its issuer).
+const KNOWN_PER_CREDENTIAL: usize = 2;
+
 /// All configured credentials, checked. Values are fetched on use by
 /// [`CredentialStore::header_for`].
 #[derive(Debug, Default)]
 pub struct CredentialStore {
     credentials: BTreeMap<String, Credential>,
+    known: KnownSecrets,
+}
+
+/// The values the store has handed out (or read ahead, see
+/// [`CredentialStore::prime`]), and the matcher over them.
+#[derive(Default)]
+struct KnownSecrets {
+    values: Mutex<BTreeMap<String, Vec<Arc<Secret>>>>,
+    matcher: RwLock<Arc<SecretMatcher>>,
+}
+
+impl fmt::Debug for KnownSecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KnownSecrets(<redacted>)")
+    }
+}
+
+impl KnownSecrets {
+    /// Records `secret` as credential `name`'s current value; rebuilds the matcher when it
+    /// is new.
+    fn note(&self, name: &str, secret: &Arc<Secret>) {
+        let mut values = self.values.lock().unwrap_or_else(|p| p.into_inner());
+        let list = values.entry(name.to_owned()).or_default();
+        if list
+            .iter()
+            .any(|s| Arc::ptr_eq(s, secret) || **s == **secret)
+        {
+            return;
+        }
+        list.push(secret.clone());
+        if list.len() > KNOWN_PER_CREDENTIAL {
+            list.remove(0);
+        }
+        if secret.expose().len() < super::matcher::MIN_PATTERN_LEN {
+            tracing::warn!(
+                credential = name,
+                min = super::matcher::MIN_PATTERN_LEN,
+                "Credential value is too short to be scrubbed from responses or detected in requests"
+            );
+        }
+        let matcher = SecretMatcher::new(
+            values
+                .iter()
+                .flat_map(|(n, list)| list.iter().map(move |s| (n.as_str(), s.expose()))),
+        );
+        tracing::debug!(credential = name, ?matcher, "Secret matcher rebuilt");
+        *self.matcher.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(matcher);
+    }
 }
 
 #[derive(Debug)]
@@ -186,7 +239,39 @@ impl CredentialStore {
             let credential = compile(name, def, upstream)?;
             credentials.insert(name.clone(), credential);
         }
-        Ok(Self { credentials })
+        let store = Self {
+            credentials,
+            known: KnownSecrets::default(),
+        };
+        for credential in store.credentials.values() {
+            if let Source::Env { value, .. } = &credential.source {
+                store.known.note(&credential.name, value);
+            }
+        }
+        Ok(store)
+    }
+
+    /// Reads every `file` source once, so that its value is matched from the start, before
+    /// any request used it. (`command` and `github_app` values become known when first
+    /// fetched, which is before they are first injected.) Errors are left for the request
+    /// that needs the value to report.
+    pub async fn prime(&self) {
+        for credential in self.credentials.values() {
+            if matches!(credential.source, Source::File(_)) {
+                if let Ok(secret) = credential.value().await {
+                    self.known.note(&credential.name, &secret);
+                }
+            }
+        }
+    }
+
+    /// The matcher over every credential's current (and previous) value seen so far.
+    pub fn matcher(&self) -> Arc<SecretMatcher> {
+        self.known
+            .matcher
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Whether a credential of that name is configured.
@@ -236,6 +321,9 @@ impl CredentialStore {
         if let Some(value) = credential.header.get(&secret) {
             return Ok(Some((credential.inject.header_name(), value)));
         }
+        // A value not seen before (first use, rotation, renewal): match it from now on,
+        // before it is sent anywhere.
+        self.known.note(&credential.name, &secret);
         let text: Zeroizing<String> = match &credential.inject {
             Inject::Header { prefix, suffix, .. } => {
                 let mut s = Zeroizing::new(String::with_capacity(

@@ -438,3 +438,45 @@ async fn revoke_command_gets_the_live_value_on_stdin_only() {
     let err = store("c:\n  source: { env: PATH }\n  inject: { header: X-K }\n  hosts: [h.example.com]\n  revoke: { argv: [revoke] }\n").unwrap_err();
     assert!(err.to_string().contains("revoke.argv"), "{err}");
 }
+
+#[tokio::test]
+async fn the_matcher_follows_every_value_and_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "token", "file-secret-one\n");
+    // SAFETY: this variable is set once, by this test only.
+    unsafe { std::env::set_var("EGRESS_MATCHER_TEST_TOKEN", "env-secret-value") };
+    let mut s = store(&format!(
+        "github:\n  source: {{ file: {path} }}\n  inject: {{ header: Authorization, format: \"Bearer {{}}\" }}\n  hosts: [api.github.com]\n\
+         git:\n  source: {{ env: EGRESS_MATCHER_TEST_TOKEN }}\n  inject: {{ basic: {{ user: x-access-token }} }}\n  hosts: [github.com]\n"
+    ))
+    .unwrap();
+    s.set_file_check_interval(Duration::from_millis(50));
+    let found =
+        |s: &CredentialStore, text: &str| s.matcher().find(text.as_bytes()).map(str::to_owned);
+    // Environment values are known at load, files once read.
+    assert_eq!(found(&s, "x env-secret-value x").as_deref(), Some("git"));
+    assert_eq!(found(&s, "file-secret-one"), None);
+    s.prime().await;
+    assert_eq!(
+        found(&s, "Bearer file-secret-one").as_deref(),
+        Some("github")
+    );
+    assert!(!format!("{:?}", s.matcher()).contains("secret-one"));
+
+    // A rotation is matched as soon as the new value is used; the previous value stays
+    // matched, the one before it no longer.
+    write(dir.path(), "token", "file-secret-two\n");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(
+        value(&s, "github", "api.github.com").await.as_deref(),
+        Some("Bearer file-secret-two")
+    );
+    assert_eq!(found(&s, "file-secret-two").as_deref(), Some("github"));
+    assert_eq!(found(&s, "file-secret-one").as_deref(), Some("github"));
+    write(dir.path(), "token", "file-secret-three\n");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    value(&s, "github", "api.github.com").await;
+    assert_eq!(found(&s, "file-secret-three").as_deref(), Some("github"));
+    assert_eq!(found(&s, "file-secret-one"), None);
+    assert_eq!(found(&s, "file-secret-two").as_deref(), Some("github"));
+}

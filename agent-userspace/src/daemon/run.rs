@@ -149,16 +149,24 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         .with_context(|| format!("loading or creating the local CA in {}", ca_dir.display()))?;
     let ca_pem = ca.ca_pem();
     let credentials = std::sync::Arc::new(opts.credentials);
+    // Secret files are read once now, so that their values are matched from the start.
+    credentials.prime().await;
+    let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
     let proxy_audit = audit.clone();
+    let proxy_alerts = alerts.clone();
     let proxy = Proxy::new(
         opts.proxy,
         std::sync::Arc::new(ca),
         credentials.clone(),
-        std::sync::Arc::new(move |record| {
-            proxy_audit.emit(Record::Proxy(ProxyEvent {
-                time: now(),
-                record,
-            }))
+        std::sync::Arc::new(move |record: crate::proxy::ProxyRecord| {
+            let time = now();
+            // A secret seen in either direction raises an alert beside the request's
+            // record, with the response the sandbox's alert settings give it.
+            let alert = record.alert(time);
+            proxy_audit.emit(Record::Proxy(ProxyEvent { time, record }));
+            if let Some(alert) = alert {
+                proxy_alerts.raise(alert);
+            }
         }),
     )
     .context("setting up the proxy")?;
@@ -178,7 +186,6 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             OnFailure::Continue => proxy,
         };
     let peers = PeerMap::new(&mut programs)?;
-    let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
     let dns = super::dns::DnsRuntime::new(
         opts.dns_port_base,
         opts.dns_upstream.clone(),

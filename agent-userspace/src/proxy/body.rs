@@ -1,4 +1,5 @@
-//! Body wrappers that count bytes, and emit a request's record when its response ends.
+//! Body wrappers that count bytes (and scan request bodies for secrets), and emit a
+//! request's record when its response ends.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -9,60 +10,176 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
-use super::record::ProxyRecord;
+use super::record::{ProxyRecord, SecretFinding};
+use super::scrub::{OutboundHit, OutboundScan, ResponseBody, Tally};
 use super::AuditSink;
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A request body on its way upstream, counting its bytes. It may start with bytes the
-/// proxy already read from the client (a git push's command list), sent first.
+/// proxy already read from the client (a git push's command list), sent first. With a
+/// scan, pieces are held back and scanned for secrets (see [`OutboundScan`]); the body
+/// fails, which aborts the upstream request, at the first one seen.
 pub struct CountingBody {
     prefix: Option<Bytes>,
-    inner: Incoming,
+    /// Taken out when the scan stops the body, to be drained (see [`drain`]).
+    inner: Option<Incoming>,
     count: Arc<AtomicU64>,
+    scan: Option<OutboundScan>,
+    /// The scan is over and what it held back has been sent.
+    flushed: bool,
+    /// Trailers to send after the held-back bytes.
+    trailers: Option<http::HeaderMap>,
 }
 
 impl CountingBody {
-    /// `prefix`, then what is left of `inner`.
-    pub fn with_prefix(prefix: Bytes, inner: Incoming, count: Arc<AtomicU64>) -> Self {
+    /// `prefix`, then what is left of `inner`, scanned by `scan` if given.
+    pub fn with_prefix(
+        prefix: Bytes,
+        inner: Incoming,
+        count: Arc<AtomicU64>,
+        scan: Option<OutboundScan>,
+    ) -> Self {
         Self {
             prefix: (!prefix.is_empty()).then_some(prefix),
-            inner,
+            inner: Some(inner),
             count,
+            flushed: scan.is_none(),
+            scan,
+            trailers: None,
         }
+    }
+
+    /// A piece from the client: counted, and passed through the scan.
+    fn piece(&mut self, data: Bytes) -> Result<Bytes, BoxError> {
+        self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let out = match &mut self.scan {
+            None => Ok(data),
+            Some(scan) => scan.push(&data),
+        };
+        if out.is_err() {
+            self.stop();
+        }
+        out
+    }
+
+    /// The scan stopped the body: the upstream request is aborted (this body fails), and
+    /// the rest of the client's upload is read and dropped, so that the client gets the
+    /// proxy's refusal instead of a reset stream.
+    fn stop(&mut self) {
+        if let (Some(inner), Ok(runtime)) =
+            (self.inner.take(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(drain(inner));
+        }
+    }
+
+    fn inner_ended(&self) -> bool {
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 }
 
 impl Body for CountingBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(trailers) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
         if let Some(prefix) = this.prefix.take() {
-            this.count.fetch_add(prefix.len() as u64, Ordering::Relaxed);
-            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+            let out = this.piece(prefix);
+            return Poll::Ready(Some(out.map(Frame::data)));
         }
-        let poll = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &poll {
-            if let Some(data) = frame.data_ref() {
-                this.count.fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
+        loop {
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(Some(Err("request body refused".into())));
+            };
+            let frame = match Pin::new(inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(None) => {
+                    if !this.flushed {
+                        this.flushed = true;
+                        if let Some(scan) = &mut this.scan {
+                            let rest = scan.finish();
+                            if !rest.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::data(rest))));
+                            }
+                        }
+                    }
+                    return Poll::Ready(None);
+                }
+            };
+            let frame = match frame.into_data() {
+                Ok(data) => {
+                    let mut out = match this.piece(data) {
+                        Ok(out) => out,
+                        Err(e) => return Poll::Ready(Some(Err(e))),
+                    };
+                    if this.inner_ended() && !this.flushed {
+                        // The last piece: send what was held back with it.
+                        this.flushed = true;
+                        if let Some(scan) = &mut this.scan {
+                            let rest = scan.finish();
+                            if !rest.is_empty() {
+                                let mut all = Vec::with_capacity(out.len() + rest.len());
+                                all.extend_from_slice(&out);
+                                all.extend_from_slice(&rest);
+                                out = Bytes::from(all);
+                            }
+                        }
+                    }
+                    if out.is_empty() && !this.inner_ended() {
+                        continue;
+                    }
+                    Frame::data(out)
+                }
+                Err(frame) => match frame.into_trailers() {
+                    Ok(trailers) => {
+                        if let Some(scan) = &mut this.scan {
+                            if let Err(e) = scan.trailers(&trailers) {
+                                this.stop();
+                                return Poll::Ready(Some(Err(e)));
+                            }
+                            if !this.flushed {
+                                // Trailers end the body: what was held back goes first.
+                                this.flushed = true;
+                                let rest = scan.finish();
+                                if !rest.is_empty() {
+                                    this.trailers = Some(trailers);
+                                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                                }
+                            }
+                        }
+                        Frame::trailers(trailers)
+                    }
+                    Err(_) => continue,
+                },
+            };
+            return Poll::Ready(Some(Ok(frame)));
         }
-        poll
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.inner.is_end_stream()
+        self.prefix.is_none() && self.trailers.is_none() && self.inner_ended() && self.flushed
     }
 
     fn size_hint(&self) -> SizeHint {
-        let inner = self.inner.size_hint();
-        let Some(prefix) = &self.prefix else {
+        let inner = self
+            .inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint);
+        let held = self.scan.as_ref().map_or(0, |s| s.held() as u64);
+        let len = self.prefix.as_ref().map_or(0, |p| p.len() as u64) + held;
+        if len == 0 {
             return inner;
-        };
-        let len = prefix.len() as u64;
+        }
         let mut hint = SizeHint::new();
         hint.set_lower(inner.lower().saturating_add(len));
         if let Some(upper) = inner.upper() {
@@ -70,6 +187,26 @@ impl Body for CountingBody {
         }
         hint
     }
+}
+
+/// Bytes of a refused upload read and dropped at most, and for how long.
+const DRAIN_BYTES: u64 = 64 * 1024 * 1024;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads what is left of a refused request body and drops it, within bounds.
+async fn drain(mut body: Incoming) {
+    let read = async {
+        let mut total = 0u64;
+        while let Some(Ok(frame)) =
+            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            total += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if total > DRAIN_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
 }
 
 /// Counts a connection's requests whose response is still being sent, so that the idle
@@ -101,10 +238,37 @@ pub struct Finish {
     /// for reuse).
     pub on_complete: Option<Box<dyn FnOnce() + Send>>,
     pub in_flight: InFlight,
+    /// Secrets scrubbed from the response, and one seen in the request body.
+    pub secrets: SecretWatch,
+}
+
+/// What a request's scans found, filled in while its bodies stream.
+#[derive(Debug, Default, Clone)]
+pub struct SecretWatch {
+    pub scrubbed: Arc<Tally>,
+    pub outbound: Arc<OutboundHit>,
+}
+
+impl SecretWatch {
+    /// Puts the findings into the record: the scrub count and at most one finding
+    /// (a secret going out outweighs one coming back).
+    pub fn fill(&self, record: &mut ProxyRecord) {
+        record.scrubbed = self.scrubbed.count();
+        if let Some(name) = self.outbound.credential() {
+            if record.secret.is_none() {
+                record.secret = Some(SecretFinding::outbound(name, "the body"));
+            }
+        } else if record.scrubbed > 0 && record.secret.is_none() {
+            record.secret = Some(SecretFinding::reflected(
+                self.scrubbed.credentials(),
+                record.scrubbed,
+            ));
+        }
+    }
 }
 
 enum Inner {
-    Upstream(Incoming),
+    Upstream(ResponseBody),
     Local(Option<Bytes>),
 }
 
@@ -117,7 +281,7 @@ pub struct RecordedBody {
 }
 
 impl RecordedBody {
-    pub fn upstream(body: Incoming, finish: Finish) -> Self {
+    pub fn upstream(body: ResponseBody, finish: Finish) -> Self {
         Self {
             inner: Inner::Upstream(body),
             bytes_out: 0,
@@ -151,7 +315,9 @@ impl RecordedBody {
             audit,
             on_complete,
             in_flight,
+            secrets,
         } = finish;
+        secrets.fill(&mut record);
         record.bytes_in = bytes_in.load(Ordering::Relaxed);
         record.bytes_out = self.bytes_out;
         record.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -207,7 +373,7 @@ impl Body for RecordedBody {
                     false,
                     Some(format!("upstream server: response body failed: {e}")),
                 );
-                Poll::Ready(Some(Err(Box::new(e))))
+                Poll::Ready(Some(Err(e)))
             }
             None => {
                 this.complete(true, None);

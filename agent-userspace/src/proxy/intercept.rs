@@ -13,14 +13,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{
-    AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HOST, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HOST,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery};
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
 };
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -29,12 +29,13 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::body::{CountingBody, Finish, InFlight, RecordedBody};
+use super::body::{CountingBody, Finish, InFlight, RecordedBody, SecretWatch};
 use super::error::ProxyError;
 use super::git::{self, PushOutcome};
 use super::io::{idle_watch, Activity, Metered, PrefixedStream};
-use super::record::{query_keys, RecordKind, TlsMode, Verdict};
+use super::record::{query_keys, RecordKind, SecretFinding, TlsMode, Verdict};
 use super::refused::{connection_refusal, is_client_abort, H2Watch, StreamReset, CLIENT_ABORTED};
+use super::scrub::{self, OutboundScan, ResponseBody};
 use super::target::{judge_target, TargetRefusal};
 use super::text::sanitize;
 use super::upstream::{DialParams, PoolKey, Sender};
@@ -322,6 +323,7 @@ impl ConnCtx {
         record.path = Some(req.uri().path().to_owned());
         record.query_keys = query_keys(req.uri().query());
         let bytes_in = Arc::new(AtomicU64::new(0));
+        let secrets = SecretWatch::default();
 
         let mut pending = Pending {
             record,
@@ -330,7 +332,15 @@ impl ConnCtx {
             audit: self.proxy.audit.clone(),
             armed: true,
         };
-        let outcome = self.forward(req, &mut pending.record, &bytes_in).await;
+        let outcome = self
+            .forward(req, &mut pending.record, &bytes_in, &secrets)
+            .await
+            .and_then(|(response, on_complete)| {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let body = self.response_body(&mut parts.headers, body, &secrets)?;
+                Ok((parts, body, on_complete))
+            });
         let record = pending.disarm();
         let mut finish = Finish {
             record,
@@ -339,11 +349,10 @@ impl ConnCtx {
             audit: self.proxy.audit.clone(),
             on_complete: None,
             in_flight,
+            secrets,
         };
         match outcome {
-            Ok((response, on_complete)) => {
-                let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
+            Ok((mut parts, body, on_complete)) => {
                 parts.version = Version::HTTP_11;
                 finish.record.status = Some(parts.status.as_u16());
                 finish.on_complete = on_complete;
@@ -376,12 +385,46 @@ impl ConnCtx {
         }
     }
 
+    /// The response body sent on: scrubbed of every known secret on a rule with a
+    /// credential (its headers too), as received elsewhere. A body whose encoding cannot
+    /// be scanned is refused.
+    fn response_body(
+        &self,
+        headers: &mut HeaderMap,
+        body: Incoming,
+        secrets: &SecretWatch,
+    ) -> Result<ResponseBody, Refusal> {
+        let matcher = match self.proxy.secret_matcher() {
+            Some(m) if self.conn.route.credential.is_some() => m,
+            _ => return Ok(ResponseBody::Plain(body)),
+        };
+        scrub::scrub_response(headers, body, matcher, secrets.scrubbed.clone())
+            .map_err(|reason| Refusal::deny(StatusCode::BAD_GATEWAY, reason))
+    }
+
     async fn forward(
         &self,
         req: Request<Incoming>,
         record: &mut super::ProxyRecord,
         bytes_in: &Arc<AtomicU64>,
+        secrets: &SecretWatch,
     ) -> Result<Forwarded, Refusal> {
+        // The sandbox should never hold a secret: one in its request has leaked, and goes
+        // no further, whatever the rule.
+        if let Some(matcher) = self.proxy.secret_matcher() {
+            let found = if matcher.failed() {
+                Some((String::new(), "an unscanned request"))
+            } else {
+                scrub::find_in_head(req.uri(), req.headers(), &matcher)
+            };
+            if let Some((name, place)) = found {
+                record.secret = Some(SecretFinding::outbound(&name, place));
+                return Err(Refusal::deny(
+                    StatusCode::FORBIDDEN,
+                    format!("request carries the value of credential `{name}` in {place}"),
+                ));
+            }
+        }
         if is_upgrade(&req) {
             return Err(Refusal::deny(
                 StatusCode::FORBIDDEN,
@@ -486,6 +529,13 @@ impl ConnCtx {
             }
         }
 
+        if self.proxy.config.scrub && self.conn.route.credential.is_some() {
+            // Responses on this rule are scanned as they stream: ask for them unencoded.
+            parts
+                .headers
+                .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        }
+
         let bad_name = || {
             Refusal::deny(
                 StatusCode::BAD_REQUEST,
@@ -529,9 +579,17 @@ impl ConnCtx {
             parts.uri = Uri::from(path_and_query);
             parts.headers.insert(HOST, host);
         }
+        // A body already over (a GET) has nothing to scan.
+        let scan = if body.is_end_stream() && prefix.is_empty() {
+            None
+        } else {
+            self.proxy
+                .secret_matcher()
+                .map(|m| OutboundScan::new(m, secrets.outbound.clone()))
+        };
         let request = Request::from_parts(
             parts,
-            CountingBody::with_prefix(prefix, body, bytes_in.clone()),
+            CountingBody::with_prefix(prefix, body, bytes_in.clone(), scan),
         );
 
         let addr = SocketAddr::new(
@@ -547,6 +605,16 @@ impl ConnCtx {
             })
         };
         let failed = |source: hyper::Error| {
+            // The body's scan stopped the request: nothing of the secret went out.
+            if let Some(name) = secrets.outbound.credential() {
+                return Refusal::deny(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "request carries the value of credential `{name}` in the body; the \
+                         upstream request was aborted before it was sent"
+                    ),
+                );
+            }
             if is_client_abort(&source) {
                 return Refusal {
                     status: StatusCode::BAD_REQUEST,

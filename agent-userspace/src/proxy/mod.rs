@@ -28,6 +28,7 @@ mod io;
 mod passthrough;
 mod record;
 mod refused;
+mod scrub;
 mod target;
 mod text;
 mod upstream;
@@ -57,7 +58,11 @@ use tracing::debug;
 pub use ca::{CaError, CertAuthority, CA_CERT_FILE, CA_COMMON_NAME, CA_KEY_FILE};
 pub use dialer::Dialer;
 pub use error::{Party, ProxyError};
-pub use record::{query_keys, GitAudit, ProxyRecord, RecordKind, RefUpdate, TlsMode, Verdict};
+pub use record::{
+    query_keys, GitAudit, ProxyRecord, RecordKind, RefUpdate, SecretDirection, SecretFinding,
+    TlsMode, Verdict,
+};
+pub use scrub::MARKER as SCRUB_MARKER;
 pub use upstream::client_config as upstream_client_config;
 
 use crate::credentials::{normalize_host, CredentialStore};
@@ -146,6 +151,10 @@ pub struct ProxyConfig {
     pub idle_secs: u64,
     /// Largest request header accepted, in bytes (at least 8192). Default 65536.
     pub max_header_bytes: usize,
+    /// Scrub secrets from responses and refuse requests that carry one. Default true.
+    /// `false` is for measuring what that costs only: it lets an origin hand the
+    /// injected credential to the sandbox. UNSAFE.
+    pub scrub: bool,
     /// Proxied connections one sandbox may have open at once; more are refused (and
     /// recorded) at once. Default 1024.
     pub max_connections_per_sandbox: usize,
@@ -164,6 +173,7 @@ impl Default for ProxyConfig {
             connect_secs: 10,
             idle_secs: 60,
             max_header_bytes: 64 * 1024,
+            scrub: true,
             max_connections_per_sandbox: 1024,
             max_handshakes_per_sandbox: 64,
         }
@@ -300,6 +310,16 @@ impl Proxy {
             audit,
             credential_gate: None,
         })
+    }
+
+    /// The matcher over every known secret, or `None` when there is none or scrubbing
+    /// is switched off (`proxy.scrub: false`).
+    fn secret_matcher(&self) -> Option<Arc<crate::credentials::SecretMatcher>> {
+        if !self.config.scrub {
+            return None;
+        }
+        let matcher = self.credentials.matcher();
+        (!matcher.is_empty()).then_some(matcher)
     }
 
     /// Refuses requests that would get a credential while `gate` says no.
@@ -488,6 +508,8 @@ impl Proxy {
             verdict: Verdict::Allow,
             reason: None,
             git: None,
+            scrubbed: 0,
+            secret: None,
         }
     }
 

@@ -98,6 +98,88 @@ pub struct ProxyRecord {
     /// For a request on a rule with `git:`, once recognised as a git request: the
     /// repository, service and (for a push) the ref updates asked for.
     pub git: Option<GitAudit>,
+    /// Secret values the proxy replaced in the response (headers, body, trailers).
+    pub scrubbed: u64,
+    /// A secret seen: reflected by the origin (and scrubbed), or carried by the
+    /// sandbox's request (which was refused). Raises an alert beside the record.
+    pub secret: Option<Box<SecretFinding>>,
+}
+
+/// Which way a secret was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretDirection {
+    /// In a response: the origin sent back what the proxy injected.
+    Reflected,
+    /// In a request from the sandbox, which should never hold a secret.
+    Outbound,
+}
+
+/// A secret seen in a request or its response, by credential name only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretFinding {
+    pub direction: SecretDirection,
+    /// The credentials whose values were seen, sorted.
+    pub credentials: Vec<String>,
+    /// How many times.
+    pub count: u64,
+    /// Where in the request (outbound only): `the URL`, `a header`, `the body`.
+    pub place: &'static str,
+}
+
+impl SecretFinding {
+    pub fn reflected(credentials: Vec<String>, count: u64) -> Box<Self> {
+        Box::new(Self {
+            direction: SecretDirection::Reflected,
+            credentials,
+            count,
+            place: "the response",
+        })
+    }
+
+    pub fn outbound(credential: &str, place: &'static str) -> Box<Self> {
+        Box::new(Self {
+            direction: SecretDirection::Outbound,
+            credentials: vec![credential.to_owned()],
+            count: 1,
+            place,
+        })
+    }
+}
+
+impl ProxyRecord {
+    /// The alert this record raises, if it carries a secret finding: one per request,
+    /// naming the rule, origin, path and credential(s), never a value.
+    pub fn alert(&self, time: time::OffsetDateTime) -> Option<crate::audit::Alert> {
+        use crate::audit::{Alert, AlertKind};
+        let finding = self.secret.as_ref()?;
+        let names = finding.credentials.join(",");
+        let origin = self.host.as_deref().or(self.sni.as_deref()).unwrap_or("?");
+        let (kind, reason) = match finding.direction {
+            SecretDirection::Reflected => (
+                AlertKind::SecretReflected,
+                format!(
+                    "{origin} sent back the value of credential {names} ({} time(s)); the \
+                     proxy replaced it before the sandbox saw it",
+                    finding.count
+                ),
+            ),
+            SecretDirection::Outbound => (
+                AlertKind::SecretOutbound,
+                format!(
+                    "a request from the sandbox to {origin} carried the value of credential \
+                     {names} in {}; it was refused before reaching the origin",
+                    finding.place
+                ),
+            ),
+        };
+        let mut alert = Alert::new(time, kind, self.sandbox.clone(), reason);
+        alert.count = finding.count.max(1);
+        alert.rule = Some(self.rule_name.clone());
+        alert.domain = Some(origin.to_owned());
+        alert.path = self.path.clone();
+        alert.credential = (!names.is_empty()).then_some(names);
+        Some(alert)
+    }
 }
 
 /// What a git smart-HTTP request was about.

@@ -15,10 +15,17 @@
 //!   world namespace) and `nginx` (sandbox -> nginx at 192.0.2.12 -> origin at
 //!   192.0.2.10, verified TLS, upstream keep-alive pool).
 //!
-//! Before measuring, curl in the sandbox checks each path end to end: through egressd and
-//! through nginx the origin must have received exactly `Bearer <token>`, straight to it
-//! nothing. Measurements alternate between the paths so that machine noise hits all
-//! alike; each reports req/s, latency, errors and the CPU time each process used.
+//! Before measuring, curl in the sandbox checks each path end to end: through nginx the
+//! origin must have received exactly `Bearer <token>`, straight to it nothing; through
+//! egressd the same, which the sandbox sees scrubbed (or, with `--no-scrub`, as is).
+//! Measurements alternate between the paths so that machine noise hits all alike; each
+//! reports req/s, latency, errors and the CPU time each process used. Then curl downloads
+//! a large body ([`LARGE_PATH`], `--large-mb`) over each path, HTTP/1.1 and HTTP/2, for
+//! MB/s.
+//!
+//! `--no-scrub` runs egressd with `proxy.scrub: false` (no response scrubbing, no
+//! outbound secret detection): run the benchmark with and without it to see what
+//! scrubbing costs.
 mod cpu;
 mod load;
 mod nginx;
@@ -60,6 +67,11 @@ const BODY: &str = "hello from the bench origin\n";
 const AUTH_PATH: &str = "/auth";
 /// The credential's name in the daemon configuration and the policy.
 const CREDENTIAL: &str = "bench";
+/// What egressd's proxy writes in place of a secret (its `proxy::SCRUB_MARKER`), padded
+/// with `*` to the secret's length.
+const SCRUB_MARKER: &[u8] = b"[egressd:scrubbed]";
+/// Where the origin serves the large body.
+const LARGE_PATH: &str = "/large";
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -91,6 +103,13 @@ pub struct Args {
     /// Use the egressd and egressctl already in target/ instead of building them first.
     #[arg(long)]
     no_build: bool,
+    /// Run egressd with `proxy.scrub: false` (for measuring what scrubbing costs; unsafe
+    /// outside a benchmark).
+    #[arg(long)]
+    no_scrub: bool,
+    /// Size of the large body downloaded for MB/s, in MiB (0: skip).
+    #[arg(long, default_value_t = 256)]
+    large_mb: u32,
 }
 
 /// The three ways from the sandbox to the origin.
@@ -206,7 +225,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     catch_interrupts();
 
-    let bed = Bed::new();
+    let bed = Bed::new(!args.no_scrub, args.large_mb);
     check_interrupted()?;
     let bed = bed?;
     step("Checking every path end to end with curl in the sandbox");
@@ -269,7 +288,47 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
     }
+    let mut large: Vec<Vec<f64>> = vec![Vec::new(); 2 * Path::ALL.len()];
+    if args.large_mb > 0 {
+        step(&format!(
+            "Downloading {} MiB over each path, HTTP/1.1 and HTTP/2, {} round(s)",
+            args.large_mb, args.rounds
+        ));
+        for _ in 0..args.rounds {
+            for path in Path::ALL {
+                for (v, flag) in ["--http1.1", "--http2"].into_iter().enumerate() {
+                    let mbs = bed.download(path, flag, args.large_mb);
+                    check_interrupted()?;
+                    let mbs = mbs.with_context(|| format!("large body via {}", path.label()))?;
+                    eprintln!("  {:<8} {flag:<10} {mbs:>8.1} MB/s", path.label());
+                    large[v * Path::ALL.len() + path.index()].push(mbs);
+                }
+            }
+        }
+    }
     print_report(args, &load, &samples, &load_before, busy_before);
+    if args.large_mb > 0 {
+        println!();
+        println!(
+            "Large body ({} MiB, curl -o /dev/null in the sandbox), MB/s, median of {} round(s); egressd scrubbing {}",
+            args.large_mb,
+            args.rounds,
+            if args.no_scrub { "off" } else { "on" }
+        );
+        println!(
+            "  {:<10} {:>9} {:>9} {:>9}",
+            "", "direct", "egressd", "nginx"
+        );
+        for (v, name) in ["HTTP/1.1", "HTTP/2"].into_iter().enumerate() {
+            let [d, e, n] = [0, 1, 2].map(|p| median(large[v * Path::ALL.len() + p].clone()));
+            println!(
+                "  {name:<10} {:>9} {:>9} {:>9}",
+                num(d, 1),
+                num(e, 1),
+                num(n, 1)
+            );
+        }
+    }
     step("Done; removing the benchmark's namespaces, cgroup, pins, processes and files");
     Ok(())
 }
@@ -288,10 +347,11 @@ struct Bed {
     _dir: TempDir,
     token: String,
     egressd_ca: PathBuf,
+    scrub: bool,
 }
 
 impl Bed {
-    fn new() -> anyhow::Result<Self> {
+    fn new(scrub: bool, large_mb: u32) -> anyhow::Result<Self> {
         step("Building the test bed: world and sandbox namespaces, test CA, origin, nginx proxy");
         let dir = TempDir::new("bench-proxy")?;
         let token = format!("bench_{}", random_hex(20)?);
@@ -300,6 +360,24 @@ impl Bed {
         let world = World::new()?;
         for ip in [DIRECT_IP, NGINX_IP] {
             world.add_host(IpAddr::V4(ip))?;
+        }
+        // Bytes that hold no secret and do not compress (a simple generator, repeated).
+        let large_file = dir.path().join("large.bin");
+        {
+            use std::io::Write as _;
+            let mut block = vec![0u8; 1024 * 1024];
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            for b in &mut block {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = (x >> 24) as u8;
+            }
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&large_file)?);
+            for _ in 0..large_mb {
+                f.write_all(&block)?;
+            }
+            f.flush()?;
         }
         let origin_dir = dir.path().join("origin");
         let origin = Nginx::start(
@@ -311,6 +389,7 @@ impl Bed {
                 &leaf,
                 BODY,
                 AUTH_PATH,
+                (LARGE_PATH, &large_file),
             ),
             &[
                 SocketAddr::new(IpAddr::V4(ORIGIN_IP), 443),
@@ -342,6 +421,7 @@ impl Bed {
                 r#"proxy:
   upstream_ca: "{ca}"
   upstream_netns: "{world_ns}"
+  scrub: {scrub}
 credentials:
   {CREDENTIAL}:
     source: {{ file: "{token_file}" }}
@@ -441,7 +521,52 @@ rules:
             _dir: dir,
             token,
             egressd_ca,
+            scrub,
         })
+    }
+
+    /// Downloads the large body from the sandbox via `path` with curl `flag`; MB/s.
+    fn download(&self, path: Path, flag: &str, mb: u32) -> anyhow::Result<f64> {
+        let ca = match path {
+            Path::Egressd => &self.egressd_ca,
+            _ => self.ca.cert(),
+        };
+        let ca = ca.display().to_string();
+        let url = path.url(LARGE_PATH);
+        let argv = [
+            "-sS",
+            "--fail",
+            "--cacert",
+            ca.as_str(),
+            flag,
+            "--max-time",
+            "300",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{time_total}",
+            url.as_str(),
+        ];
+        let out = self
+            .sandbox
+            .command_with_timeout(320, "curl", &argv)
+            .output()
+            .context("spawn curl")?;
+        if !out.status.success() {
+            bail!(
+                "curl {argv:?} in the sandbox failed ({}): {}",
+                out.status,
+                self.redact(&out.stderr)
+            );
+        }
+        let got = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut f = got.split_whitespace();
+        let size: u64 = f.next().unwrap_or("").parse().unwrap_or(0);
+        let secs: f64 = f.next().unwrap_or("").parse().unwrap_or(0.0);
+        let want = u64::from(mb) * 1024 * 1024;
+        ensure!(size == want, "downloaded {size} bytes, expected {want}");
+        ensure!(secs > 0.0, "curl reported no time: {got:?}");
+        Ok(size as f64 / 1e6 / secs)
     }
 
     /// curl in the sandbox, trusting only `ca`; fails unless it exits 0.
@@ -488,8 +613,17 @@ rules:
                 );
             }
             let auth = self.curl(ca, &[&path.url(AUTH_PATH)])?;
+            // Through egressd the origin's echo of the token comes back scrubbed (same
+            // length, marker in place of the token), which also proves the origin got it.
+            let scrubbed = format!(
+                "Bearer {}",
+                (0..self.token.len())
+                    .map(|i| char::from(SCRUB_MARKER.get(i).copied().unwrap_or(b'*')))
+                    .collect::<String>()
+            );
             let want = match path {
                 Path::Direct => "",
+                Path::Egressd if self.scrub => scrubbed.as_str(),
                 Path::Egressd | Path::Nginx => bearer.as_str(),
             };
             if auth != want {

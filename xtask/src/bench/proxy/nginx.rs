@@ -116,14 +116,16 @@ http {{
     )
 }
 
-/// The origin: `listen` (HTTPS and HTTP/2) with `leaf`, answering `body` at every path
-/// and the request's `Authorization` header at `auth_path`.
+/// The origin: `listen` (HTTPS and HTTP/2) with `leaf`, answering `body` at every path,
+/// the request's `Authorization` header at `auth_path`, and the file `large.1` at
+/// `large.0`.
 pub fn origin_conf(
     dir: &Path,
     listen: &[IpAddr],
     leaf: &Leaf,
     body: &str,
     auth_path: &str,
+    large: (&str, &Path),
 ) -> String {
     let mut c = preamble(dir);
     c.push_str("    server {\n");
@@ -135,6 +137,7 @@ pub fn origin_conf(
         ssl_certificate_key {key};
         default_type text/plain;
         location = {auth_path} {{ return 200 "$http_authorization"; }}
+        location = {large_path} {{ default_type application/octet-stream; alias {large_file}; }}
         location / {{ return 200 "{body}"; }}
     }}
 }}
@@ -142,6 +145,8 @@ pub fn origin_conf(
         cert = leaf.cert.display(),
         key = leaf.key.display(),
         body = body.replace('\n', "\\n"),
+        large_path = large.0,
+        large_file = large.1.display(),
     ));
     c
 }

@@ -1,0 +1,328 @@
+//! [`SecretMatcher`]: one Aho-Corasick automaton over every current secret value of every
+//! credential, in each form it can take on the wire ([`forms`]). The proxy uses it to
+//! scrub secrets an origin reflects back and to refuse requests from a sandbox that carry
+//! one. The store rebuilds it whenever a value changes (a file rotates, a command runs
+//! again after its `ttl`, a token is minted).
+//!
+//! The automaton reports overlapping matches (`MatchKind::Standard`), so that when two
+//! patterns overlap every byte of both is found, not only the leftmost one.
+
+use std::fmt;
+use std::ops::Range;
+
+use aho_corasick::{AhoCorasick, MatchKind};
+use base64::Engine as _;
+
+/// Forms shorter than this are not matched: they would match ordinary text. A secret this
+/// short is a configuration mistake the daemon warns about.
+pub const MIN_PATTERN_LEN: usize = 8;
+
+/// The automaton over all known secret forms, and which credential each pattern is of.
+pub struct SecretMatcher {
+    ac: Option<AhoCorasick>,
+    /// Index into `names` of each pattern.
+    owner: Vec<usize>,
+    names: Vec<String>,
+    max_len: usize,
+}
+
+impl fmt::Debug for SecretMatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretMatcher")
+            .field("credentials", &self.names)
+            .field("patterns", &self.owner.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for SecretMatcher {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl SecretMatcher {
+    /// Matches nothing.
+    pub fn empty() -> Self {
+        Self {
+            ac: None,
+            owner: Vec::new(),
+            names: Vec::new(),
+            max_len: 0,
+        }
+    }
+
+    /// An automaton over `(credential name, secret value)` pairs, each expanded to its
+    /// [`forms`]. A credential may appear more than once (its current and previous value).
+    pub fn new<'a>(secrets: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let mut names: Vec<String> = Vec::new();
+        let mut patterns: Vec<Vec<u8>> = Vec::new();
+        let mut owner = Vec::new();
+        for (name, value) in secrets {
+            let index = match names.iter().position(|n| n == name) {
+                Some(i) => i,
+                None => {
+                    names.push(name.to_owned());
+                    names.len() - 1
+                }
+            };
+            for form in forms(value) {
+                if !patterns.contains(&form) {
+                    patterns.push(form);
+                    owner.push(index);
+                }
+            }
+        }
+        let max_len = patterns.iter().map(Vec::len).max().unwrap_or(0);
+        let ac = if patterns.is_empty() {
+            None
+        } else {
+            AhoCorasick::builder()
+                .match_kind(MatchKind::Standard)
+                .build(&patterns)
+                .ok()
+        };
+        // Zero the copies of the secrets made for the automaton's construction.
+        for p in &mut patterns {
+            zeroize::Zeroize::zeroize(p);
+        }
+        Self {
+            // A build failure (far beyond any real pattern set) leaves no automaton over
+            // patterns that exist: see `failed`, on which callers fail closed.
+            ac,
+            owner,
+            names,
+            max_len,
+        }
+    }
+
+    /// No secret is known: nothing to look for.
+    pub fn is_empty(&self) -> bool {
+        self.owner.is_empty()
+    }
+
+    /// Patterns exist but the automaton could not be built; callers fail closed.
+    pub fn failed(&self) -> bool {
+        !self.owner.is_empty() && self.ac.is_none()
+    }
+
+    /// Length of the longest pattern: a stream scanner keeps `max_len - 1` bytes back.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// The credential of a match, by the index [`Self::each_match`] reports.
+    pub fn name(&self, index: usize) -> &str {
+        self.names.get(index).map_or("", String::as_str)
+    }
+
+    /// The first credential whose secret (in any form) occurs in `hay`.
+    pub fn find(&self, hay: &[u8]) -> Option<&str> {
+        let ac = self.ac.as_ref()?;
+        let m = ac.find(hay)?;
+        Some(self.name(self.owner[m.pattern().as_usize()]))
+    }
+
+    /// Calls `f(range, credential index)` for every match in `hay`, overlapping ones
+    /// included, in order of their end.
+    pub fn each_match(&self, hay: &[u8], mut f: impl FnMut(Range<usize>, usize)) {
+        let Some(ac) = &self.ac else { return };
+        for m in ac.find_overlapping_iter(hay) {
+            f(m.range(), self.owner[m.pattern().as_usize()]);
+        }
+    }
+}
+
+/// The forms a secret takes on the wire, each at least [`MIN_PATTERN_LEN`] bytes:
+///
+/// - the value itself (which every header value built from it contains, and `user:secret`
+///   before it is encoded);
+/// - base64 (standard and URL-safe alphabets) of the value at each of the three byte
+///   alignments it can have inside a larger encoded text, keeping only the characters
+///   that depend on the value alone: this covers the base64 of the bare value, of
+///   `user:secret` (HTTP Basic) and of anything else with the value inside;
+/// - each of those percent-encoded (upper- and lower-case hex), and JSON-escaped (with
+///   and without `/` as `\/`, and with non-ASCII as `\uXXXX`).
+pub fn forms(secret: &str) -> Vec<Vec<u8>> {
+    let raw = secret.as_bytes();
+    let mut bases: Vec<Vec<u8>> = vec![raw.to_vec()];
+    for engine in [
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ] {
+        for align in 0..3 {
+            let mut input = vec![0u8; align];
+            input.extend_from_slice(raw);
+            let encoded = engine.encode(&input);
+            // Characters of groups that mix in bytes before or after the value depend on
+            // those bytes: keep whole groups of the value only.
+            let start = if align == 0 { 0 } else { 4 };
+            let end = (input.len() / 3) * 4;
+            if end > start {
+                bases.push(encoded.as_bytes()[start..end].to_vec());
+            }
+            zeroize::Zeroize::zeroize(&mut input);
+        }
+    }
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut add = |form: Vec<u8>| {
+        if form.len() >= MIN_PATTERN_LEN && !out.contains(&form) {
+            out.push(form);
+        }
+    };
+    for base in &bases {
+        add(base.clone());
+        add(percent_encode(base, b"0123456789ABCDEF"));
+        add(percent_encode(base, b"0123456789abcdef"));
+        if let Ok(text) = std::str::from_utf8(base) {
+            add(json_escape(text, false, false));
+            add(json_escape(text, true, false));
+            add(json_escape(text, false, true));
+            add(json_escape(text, true, true));
+        }
+    }
+    out
+}
+
+/// Every byte outside RFC 3986's unreserved set as `%XX`.
+fn percent_encode(bytes: &[u8], hex: &[u8; 16]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b);
+        } else {
+            out.extend_from_slice(&[b'%', hex[usize::from(b >> 4)], hex[usize::from(b & 15)]]);
+        }
+    }
+    out
+}
+
+/// The JSON string body of `text` (no quotes): `"`, `\` and control characters escaped,
+/// `/` as `\/` if `slash`, non-ASCII as `\uXXXX` (UTF-16) if `ascii`.
+fn json_escape(text: &str, slash: bool, ascii: bool) -> Vec<u8> {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '/' if slash => out.push_str("\\/"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || (ascii && !c.is_ascii()) => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.into_bytes()
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// Some form of the secret occurs in `text`.
+    fn found(secret: &str, text: &str) -> bool {
+        let m = SecretMatcher::new([("c", secret)]);
+        m.find(text.as_bytes()).is_some()
+    }
+
+    #[test]
+    fn every_derived_form_is_found() {
+        let secret = "ghp_Ab/9+x\"é~tok";
+        let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        let b64url = |s: &[u8]| base64::engine::general_purpose::URL_SAFE.encode(s);
+        let cases = [
+            format!("Authorization: Bearer {secret}"),
+            format!(
+                "Basic {}",
+                b64(format!("x-access-token:{secret}").as_bytes())
+            ),
+            format!("Basic {}", b64(format!("u:{secret}").as_bytes())),
+            format!("Basic {}", b64(format!("ab:{secret}").as_bytes())),
+            format!("token={}", b64(secret.as_bytes())),
+            format!("token={}", b64url(secret.as_bytes())),
+            format!(
+                "q={}",
+                String::from_utf8(percent_encode(secret.as_bytes(), b"0123456789ABCDEF")).unwrap()
+            ),
+            format!(
+                "q={}",
+                String::from_utf8(percent_encode(secret.as_bytes(), b"0123456789abcdef")).unwrap()
+            ),
+            serde_json::json!({ "auth": secret }).to_string(),
+            format!(
+                "{{\"auth\":\"{}\"}}",
+                String::from_utf8(json_escape(secret, true, true)).unwrap()
+            ),
+            format!(
+                "{{\"auth\":\"{}\"}}",
+                String::from_utf8(json_escape(secret, true, false)).unwrap()
+            ),
+        ];
+        for text in &cases {
+            assert!(found(secret, text), "not found in {text:?}");
+        }
+        // Python's json.dumps: ensure_ascii, `/` left alone.
+        assert!(found(secret, "{\"a\": \"ghp_Ab/9+x\\\"\\u00e9~tok\"}"));
+        assert!(!found(secret, "ghp_Ab/9+x\"e~tok"));
+        assert!(!found(secret, "nothing to see here"));
+    }
+
+    #[test]
+    fn base64_at_any_offset_in_a_larger_text() {
+        let secret = "s3cr3t-t0ken-value";
+        for prefix in ["", "a", "ab", "abc", "user:", "x-access-token:"] {
+            for suffix in ["", "z", "zz", "zzz"] {
+                let text = format!("{prefix}{secret}{suffix}");
+                for e in [
+                    &base64::engine::general_purpose::STANDARD,
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                ] {
+                    let enc = e.encode(text.as_bytes());
+                    assert!(found(secret, &enc), "{text:?} -> {enc:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn short_forms_are_left_out_and_names_are_reported() {
+        assert!(forms("abc").is_empty());
+        assert!(SecretMatcher::new([("c", "abc")]).is_empty());
+        let m = SecretMatcher::new([("one", "first-secret-1"), ("two", "second-secret-2")]);
+        assert_eq!(m.find(b"xx second-secret-2 xx"), Some("two"));
+        assert_eq!(m.find(b"first-secret-1"), Some("one"));
+        let mut seen = Vec::new();
+        m.each_match(b"first-secret-1second-secret-2", |r, i| {
+            seen.push((r, m.name(i).to_owned()));
+        });
+        assert_eq!(
+            seen,
+            [(0..14, "one".to_owned()), (14..29, "two".to_owned())]
+        );
+        assert!(m.max_len() >= 15);
+        assert!(!format!("{m:?}").contains("secret-1"));
+    }
+
+    #[test]
+    fn overlapping_patterns_are_all_reported() {
+        let m = SecretMatcher::new([("a", "abcdefgh"), ("b", "efghijkl")]);
+        let mut ranges = Vec::new();
+        m.each_match(b"..abcdefghijkl..", |r, _| ranges.push(r));
+        assert!(
+            ranges.contains(&(2..10)) && ranges.contains(&(6..14)),
+            "{ranges:?}"
+        );
+        assert!(contains(b"..abcdefghijkl..", b"efgh"));
+    }
+}

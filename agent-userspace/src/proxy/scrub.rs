@@ -1,0 +1,818 @@
+//! Secrets in transit: scrubbing what an origin reflects, refusing what a sandbox sends.
+//!
+//! Both directions use the credential store's [`SecretMatcher`] (every current secret of
+//! every credential, in every form it takes on the wire) through a [`StreamScrubber`],
+//! which finds matches split across reads, chunks and frames by keeping the last
+//! `max_len - 1` bytes of the stream back until the next piece arrives. Memory stays
+//! bounded whatever the size of the body.
+//!
+//! - **Responses** on a rule with a credential: every match in a header, trailer or body
+//!   is replaced by [`MARKER`] cut or padded to the length of what it replaces, so the
+//!   framing (`Content-Length`, chunk sizes) stays valid and a body is never buffered.
+//!   Such requests go upstream with `Accept-Encoding: identity`; an origin that encodes
+//!   anyway with gzip or deflate has its body decoded, scrubbed and sent on unencoded
+//!   (`Content-Encoding` and `Content-Length` removed); any other encoding is refused with
+//!   a 502, as it could not be scanned.
+//! - **Requests** on every intercepted rule: a secret in the URL or a header refuses the
+//!   request before anything is sent; one in the body aborts the upstream request before
+//!   the piece holding it is sent (the held-back tail guarantees no complete match has
+//!   gone out).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io::Write as _;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
+use http::{HeaderMap, HeaderValue};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::credentials::SecretMatcher;
+
+/// What replaces a secret: cut to the length of a shorter match, padded with `*` for a
+/// longer one, so that the response keeps its length.
+pub const MARKER: &[u8] = b"[egressd:scrubbed]";
+
+/// Body input decoded per step (gzip and deflate), which bounds the decoded output held
+/// at once to about this times the best compression ratio (1032 for deflate).
+const DECODE_STEP: usize = 1024;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The marker byte at offset `i` of a replaced range.
+fn marker_byte(i: usize) -> u8 {
+    MARKER.get(i).copied().unwrap_or(b'*')
+}
+
+/// Matches of one request, in either direction: how many, and of which credentials.
+#[derive(Debug, Default)]
+pub struct Tally {
+    count: AtomicU64,
+    credentials: Mutex<BTreeSet<String>>,
+}
+
+impl Tally {
+    fn add(&self, matcher: &SecretMatcher, index: usize) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut names = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+        if !names.contains(matcher.name(index)) {
+            names.insert(matcher.name(index).to_owned());
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The credentials matched, sorted.
+    pub fn credentials(&self) -> Vec<String> {
+        self.credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Replaces every match in `bytes` (a whole, self-contained value) with the marker.
+/// Returns whether anything was replaced.
+fn scrub_in_place(bytes: &mut [u8], matcher: &SecretMatcher, tally: &Tally) -> bool {
+    let ranges = merged_matches(bytes, matcher, 0, tally);
+    mask(bytes, &ranges);
+    !ranges.is_empty()
+}
+
+/// Matches in `hay`, overlapping ones merged, in order. Matches that end at or before
+/// `seen` were counted before and are not counted again.
+fn merged_matches(
+    hay: &[u8],
+    matcher: &SecretMatcher,
+    seen: usize,
+    tally: &Tally,
+) -> Vec<std::ops::Range<usize>> {
+    let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+    matcher.each_match(hay, |range, index| {
+        if range.end > seen {
+            tally.add(matcher, index);
+        }
+        ranges.push(range);
+    });
+    ranges.sort_by_key(|r| r.start);
+    let mut merged: Vec<std::ops::Range<usize>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+fn mask(bytes: &mut [u8], ranges: &[std::ops::Range<usize>]) {
+    for r in ranges {
+        for (i, b) in bytes[r.clone()].iter_mut().enumerate() {
+            *b = marker_byte(i);
+        }
+    }
+}
+
+/// Scrubs header values (response headers and trailers); returns how many values changed.
+pub fn scrub_headers(headers: &mut HeaderMap, matcher: &SecretMatcher, tally: &Tally) -> usize {
+    let mut changed = 0;
+    for value in headers.values_mut() {
+        if matcher.find(value.as_bytes()).is_none() {
+            continue;
+        }
+        let mut bytes = value.as_bytes().to_vec();
+        if scrub_in_place(&mut bytes, matcher, tally) {
+            // The marker is visible ASCII: the value stays valid. Should that ever fail,
+            // the value is emptied rather than kept.
+            *value = HeaderValue::from_bytes(&bytes).unwrap_or(HeaderValue::from_static(""));
+            changed += 1;
+        }
+    }
+    changed
+}
+
+/// The first credential whose secret occurs in the request target or a header (name or
+/// value), and where.
+pub fn find_in_head(
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    matcher: &SecretMatcher,
+) -> Option<(String, &'static str)> {
+    let url_parts = [
+        uri.authority().map_or("", |a| a.as_str()),
+        uri.path_and_query().map_or("", |p| p.as_str()),
+    ];
+    if let Some(name) = url_parts
+        .iter()
+        .find_map(|part| matcher.find(part.as_bytes()))
+    {
+        return Some((name.to_owned(), "the URL"));
+    }
+    for (name, value) in headers {
+        if let Some(c) = matcher
+            .find(value.as_bytes())
+            .or_else(|| matcher.find(name.as_str().as_bytes()))
+        {
+            return Some((c.to_owned(), "a header"));
+        }
+    }
+    None
+}
+
+/// A byte stream with secrets replaced, matches split across pieces included.
+pub struct StreamScrubber {
+    matcher: Arc<SecretMatcher>,
+    /// Bytes kept back: a match may start in them and end in the next piece.
+    keep: usize,
+    /// The kept bytes as received (matched against)...
+    tail_in: Vec<u8>,
+    /// ...and as they will be sent (with what is already known to be masked).
+    tail_out: Vec<u8>,
+    tally: Arc<Tally>,
+}
+
+impl StreamScrubber {
+    pub fn new(matcher: Arc<SecretMatcher>, tally: Arc<Tally>) -> Self {
+        let keep = matcher.max_len().saturating_sub(1);
+        Self {
+            matcher,
+            keep,
+            tail_in: Vec::new(),
+            tail_out: Vec::new(),
+            tally,
+        }
+    }
+
+    /// Takes the next piece; returns what may be sent now (possibly empty).
+    pub fn push(&mut self, piece: &[u8]) -> Bytes {
+        let old = self.tail_in.len();
+        let mut buf = Vec::with_capacity(old + piece.len());
+        buf.extend_from_slice(&self.tail_in);
+        buf.extend_from_slice(piece);
+        // Matches wholly inside the old tail were found (and counted) last time.
+        let ranges = merged_matches(&buf, &self.matcher, old, &self.tally);
+        let cut = buf.len().saturating_sub(self.keep);
+        if ranges.is_empty() && self.tail_in == self.tail_out {
+            self.tail_in.clear();
+            self.tail_in.extend_from_slice(&buf[cut..]);
+            self.tail_out.clone_from(&self.tail_in);
+            buf.truncate(cut);
+            return Bytes::from(buf);
+        }
+        let next_in = buf[cut..].to_vec();
+        buf[..old].copy_from_slice(&self.tail_out);
+        mask(&mut buf, &ranges);
+        self.tail_in = next_in;
+        self.tail_out = buf[cut..].to_vec();
+        buf.truncate(cut);
+        Bytes::from(buf)
+    }
+
+    /// The end of the stream: what was kept back.
+    pub fn finish(&mut self) -> Bytes {
+        self.tail_in.clear();
+        Bytes::from(std::mem::take(&mut self.tail_out))
+    }
+
+    /// Bytes kept back now.
+    pub fn held(&self) -> usize {
+        self.tail_out.len()
+    }
+}
+
+/// A response's `Content-Encoding`, as far as scrubbing is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Encoding {
+    Identity,
+    Gzip,
+    Deflate,
+    /// Anything else (br, zstd, compress, a list of codings): cannot be scanned.
+    Other(String),
+}
+
+impl Encoding {
+    pub fn of(headers: &HeaderMap) -> Self {
+        let codings: Vec<String> = headers
+            .get_all(CONTENT_ENCODING)
+            .iter()
+            .flat_map(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .split(',')
+                    .map(|c| c.trim().to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|c| !c.is_empty() && c != "identity")
+            .collect();
+        match codings.as_slice() {
+            [] => Self::Identity,
+            [one] if one == "gzip" || one == "x-gzip" => Self::Gzip,
+            [one] if one == "deflate" => Self::Deflate,
+            _ => Self::Other(codings.join(", ")),
+        }
+    }
+}
+
+/// A streaming decoder for a body the origin encoded although asked not to.
+enum Decoder {
+    Gzip(flate2::write::GzDecoder<Vec<u8>>),
+    /// `deflate` is zlib-wrapped by the RFC; some servers send raw deflate. Decided on the
+    /// first two bytes.
+    Deflate(Option<DeflateKind>, Vec<u8>),
+}
+
+enum DeflateKind {
+    Zlib(flate2::write::ZlibDecoder<Vec<u8>>),
+    Raw(flate2::write::DeflateDecoder<Vec<u8>>),
+}
+
+impl Decoder {
+    fn new(encoding: &Encoding) -> Option<Self> {
+        match encoding {
+            Encoding::Gzip => Some(Self::Gzip(flate2::write::GzDecoder::new(Vec::new()))),
+            Encoding::Deflate => Some(Self::Deflate(None, Vec::new())),
+            _ => None,
+        }
+    }
+
+    /// Decodes `input`, returning the output so far.
+    fn write(&mut self, input: &[u8]) -> std::io::Result<Vec<u8>> {
+        match self {
+            Self::Gzip(d) => {
+                d.write_all(input)?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            Self::Deflate(kind, start) => {
+                let kind = match kind {
+                    Some(k) => k,
+                    None => {
+                        start.extend_from_slice(input);
+                        if start.len() < 2 {
+                            return Ok(Vec::new());
+                        }
+                        let zlib = start[0] & 0x0f == 8
+                            && (u16::from(start[0]) << 8 | u16::from(start[1])) % 31 == 0;
+                        let first = std::mem::take(start);
+                        let k = kind.insert(if zlib {
+                            DeflateKind::Zlib(flate2::write::ZlibDecoder::new(Vec::new()))
+                        } else {
+                            DeflateKind::Raw(flate2::write::DeflateDecoder::new(Vec::new()))
+                        });
+                        return k.write(&first);
+                    }
+                };
+                kind.write(input)
+            }
+        }
+    }
+
+    fn finish(&mut self) -> std::io::Result<Vec<u8>> {
+        match self {
+            Self::Gzip(d) => {
+                d.try_finish()?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            Self::Deflate(Some(k), _) => k.finish(),
+            Self::Deflate(None, start) if start.is_empty() => Ok(Vec::new()),
+            Self::Deflate(None, _) => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "truncated deflate stream",
+            )),
+        }
+    }
+}
+
+impl DeflateKind {
+    fn write(&mut self, input: &[u8]) -> std::io::Result<Vec<u8>> {
+        match self {
+            Self::Zlib(d) => {
+                d.write_all(input)?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            Self::Raw(d) => {
+                d.write_all(input)?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+        }
+    }
+
+    fn finish(&mut self) -> std::io::Result<Vec<u8>> {
+        match self {
+            Self::Zlib(d) => {
+                d.try_finish()?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+            Self::Raw(d) => {
+                d.try_finish()?;
+                Ok(std::mem::take(d.get_mut()))
+            }
+        }
+    }
+}
+
+/// Sets up scrubbing of a response on a rule with a credential: scrubs its headers,
+/// and returns its body scrubbed, or `Err(reason)` when its encoding cannot be scanned.
+pub fn scrub_response(
+    headers: &mut HeaderMap,
+    body: Incoming,
+    matcher: Arc<SecretMatcher>,
+    tally: Arc<Tally>,
+) -> Result<ResponseBody, String> {
+    if matcher.failed() {
+        return Err("the proxy could not build its secret matcher".to_owned());
+    }
+    scrub_headers(headers, &matcher, &tally);
+    let encoding = Encoding::of(headers);
+    let decoder = if body.is_end_stream() {
+        None
+    } else {
+        match &encoding {
+            Encoding::Identity => None,
+            Encoding::Gzip | Encoding::Deflate => {
+                // Sent on decoded: its length is not known until the end.
+                headers.remove(CONTENT_ENCODING);
+                headers.remove(CONTENT_LENGTH);
+                Decoder::new(&encoding)
+            }
+            Encoding::Other(coding) => {
+                return Err(format!(
+                    "upstream server: response Content-Encoding `{coding}` cannot be scanned \
+                     for reflected secrets (the request asked for identity)"
+                ))
+            }
+        }
+    };
+    Ok(ResponseBody::Scrubbed(Box::new(ScrubbedBody {
+        inner: body,
+        decoder,
+        pending: Bytes::new(),
+        scrubber: StreamScrubber::new(matcher.clone(), tally.clone()),
+        matcher,
+        tally,
+        queue: VecDeque::new(),
+        ended: false,
+    })))
+}
+
+/// A response body on its way to the sandbox: as received, or scrubbed.
+pub enum ResponseBody {
+    Plain(Incoming),
+    Scrubbed(Box<ScrubbedBody>),
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Plain(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
+            Self::Scrubbed(b) => b.poll(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Plain(b) => b.is_end_stream(),
+            Self::Scrubbed(b) => b.ended && b.queue.is_empty(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Plain(b) => b.size_hint(),
+            // Same length as received, unless decoded.
+            Self::Scrubbed(b) if b.decoder.is_none() => b.inner.size_hint(),
+            Self::Scrubbed(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// A response body scrubbed (and decoded, if the origin encoded it) as it streams.
+pub struct ScrubbedBody {
+    inner: Incoming,
+    decoder: Option<Decoder>,
+    /// Encoded input not yet decoded (decoded one step at a time).
+    pending: Bytes,
+    scrubber: StreamScrubber,
+    matcher: Arc<SecretMatcher>,
+    tally: Arc<Tally>,
+    /// Frames ready to go, in order.
+    queue: VecDeque<Frame<Bytes>>,
+    /// The upstream body is over (its end is in `queue` or sent).
+    ended: bool,
+}
+
+impl ScrubbedBody {
+    fn data(&mut self, decoded: &[u8]) {
+        let out = self.scrubber.push(decoded);
+        if !out.is_empty() {
+            self.queue.push_back(Frame::data(out));
+        }
+    }
+
+    /// The upstream body ended: flushes the decoder and the scrubber.
+    fn end(&mut self, trailers: Option<HeaderMap>) -> Result<(), BoxError> {
+        if let Some(d) = &mut self.decoder {
+            let rest = d
+                .finish()
+                .map_err(|e| format!("upstream server: response body cannot be decoded: {e}"))?;
+            self.data(&rest);
+        }
+        let tail = self.scrubber.finish();
+        if !tail.is_empty() {
+            self.queue.push_back(Frame::data(tail));
+        }
+        if let Some(mut t) = trailers {
+            scrub_headers(&mut t, &self.matcher, &self.tally);
+            self.queue.push_back(Frame::trailers(t));
+        }
+        self.ended = true;
+        Ok(())
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if let Some(frame) = self.queue.pop_front() {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            if self.ended {
+                return Poll::Ready(None);
+            }
+            if !self.pending.is_empty() {
+                let step = self.pending.split_to(self.pending.len().min(DECODE_STEP));
+                let decoded = match &mut self.decoder {
+                    Some(d) => d.write(&step).map_err(|e| {
+                        format!("upstream server: response body cannot be decoded: {e}")
+                    })?,
+                    None => step.to_vec(),
+                };
+                self.data(&decoded);
+                if self.pending.is_empty() && self.inner.is_end_stream() {
+                    self.end(None)?;
+                }
+                continue;
+            }
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => self.end(None)?,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        if self.decoder.is_some() {
+                            self.pending = data;
+                        } else {
+                            self.data(&data);
+                            if self.inner.is_end_stream() {
+                                self.end(None)?;
+                            }
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            self.end(Some(trailers))?;
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// What a request body's scan found: set once, by the body, read by the request's
+/// handler and record.
+#[derive(Debug, Default)]
+pub struct OutboundHit(OnceLock<String>);
+
+impl OutboundHit {
+    /// The credential seen, if any.
+    pub fn credential(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+}
+
+/// A request body's scan for secrets on the way out: pieces are held back as the
+/// scrubber holds them, and the stream fails at the first match, before the piece
+/// holding it is sent.
+pub struct OutboundScan {
+    scrubber: StreamScrubber,
+    tally: Arc<Tally>,
+    hit: Arc<OutboundHit>,
+}
+
+impl OutboundScan {
+    pub fn new(matcher: Arc<SecretMatcher>, hit: Arc<OutboundHit>) -> Self {
+        let tally = Arc::new(Tally::default());
+        Self {
+            scrubber: StreamScrubber::new(matcher, tally.clone()),
+            tally,
+            hit,
+        }
+    }
+
+    fn check(&self) -> Result<(), BoxError> {
+        if self.tally.count() == 0 {
+            return Ok(());
+        }
+        let name = self
+            .tally
+            .credentials()
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        let _ = self.hit.0.set(name);
+        Err("request body carries a secret: upstream request aborted".into())
+    }
+
+    /// The part of `piece` (after what was held) that may be sent, or an error if a
+    /// secret was seen.
+    pub fn push(&mut self, piece: &[u8]) -> Result<Bytes, BoxError> {
+        let out = self.scrubber.push(piece);
+        self.check()?;
+        Ok(out)
+    }
+
+    /// Trailers are scanned whole.
+    pub fn trailers(&mut self, trailers: &HeaderMap) -> Result<(), BoxError> {
+        for value in trailers.values() {
+            let mut bytes = value.as_bytes().to_vec();
+            scrub_in_place(&mut bytes, &self.scrubber.matcher, &self.tally);
+        }
+        self.check()
+    }
+
+    /// The end of the body: what was held back.
+    pub fn finish(&mut self) -> Bytes {
+        self.scrubber.finish()
+    }
+
+    pub fn held(&self) -> usize {
+        self.scrubber.held()
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "ghp_0123456789abcdefXYZ";
+
+    fn matcher(secrets: &[(&'static str, &'static str)]) -> Arc<SecretMatcher> {
+        Arc::new(SecretMatcher::new(secrets.iter().copied()))
+    }
+
+    /// Runs `input` through a scrubber in the given pieces.
+    fn scrub_pieces(m: &Arc<SecretMatcher>, pieces: &[&[u8]]) -> (Vec<u8>, Arc<Tally>) {
+        let tally = Arc::new(Tally::default());
+        let mut s = StreamScrubber::new(m.clone(), tally.clone());
+        let mut out = Vec::new();
+        for p in pieces {
+            out.extend_from_slice(&s.push(p));
+            assert!(s.held() < m.max_len().max(1));
+        }
+        out.extend_from_slice(&s.finish());
+        (out, tally)
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn split_at_every_byte_position_in_every_form() {
+        use base64::Engine as _;
+        let m = matcher(&[("github", SECRET)]);
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let forms = [
+            format!("{{\"headers\":{{\"Authorization\":\"Bearer {SECRET}\"}}}}"),
+            format!(
+                "auth=Basic {}\n",
+                b64.encode(format!("x-access-token:{SECRET}"))
+            ),
+            format!("b64={}", b64.encode(SECRET)),
+            format!(
+                "q={}",
+                b64.encode(format!("x-access-token:{SECRET}"))
+                    .replace('+', "%2B")
+                    .replace('/', "%2F")
+                    .replace('=', "%3D")
+            ),
+            format!("x{SECRET}y{SECRET}"),
+        ];
+        for text in &forms {
+            let input = text.as_bytes();
+            let (whole, t) = scrub_pieces(&m, &[input]);
+            assert_eq!(whole.len(), input.len());
+            assert!(t.count() >= 1, "{text}");
+            assert!(!contains(&whole, SECRET.as_bytes()), "{text}");
+            for at in 0..=input.len() {
+                let (out, tally) = scrub_pieces(&m, &[&input[..at], &input[at..]]);
+                assert_eq!(out, whole, "split at {at} of {text}");
+                assert_eq!(tally.count(), t.count(), "split at {at} of {text}");
+                assert_eq!(tally.credentials(), ["github"]);
+            }
+            // One byte at a time.
+            let pieces: Vec<&[u8]> = input.chunks(1).collect();
+            assert_eq!(scrub_pieces(&m, &pieces).0, whole);
+        }
+    }
+
+    #[test]
+    fn the_marker_keeps_the_length_and_the_rest_is_untouched() {
+        let m = matcher(&[("github", SECRET)]);
+        let input = format!("before {SECRET} after");
+        let (out, tally) = scrub_pieces(&m, &[input.as_bytes()]);
+        let expected = format!(
+            "before {}{} after",
+            std::str::from_utf8(MARKER).unwrap(),
+            "*".repeat(SECRET.len() - MARKER.len())
+        );
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+        assert_eq!(tally.count(), 1);
+
+        // No secret: byte for byte, whatever the pieces.
+        let plain: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let pieces: Vec<&[u8]> = plain.chunks(333).collect();
+        let (out, tally) = scrub_pieces(&m, &pieces);
+        assert_eq!(out, plain);
+        assert_eq!(tally.count(), 0);
+    }
+
+    #[test]
+    fn overlapping_secrets_are_masked_whole() {
+        let m = matcher(&[("a", "abcdefgh1234"), ("b", "1234ijklmnop")]);
+        let input = b"..abcdefgh1234ijklmnop..";
+        for at in 0..=input.len() {
+            let (out, tally) = scrub_pieces(&m, &[&input[..at], &input[at..]]);
+            assert_eq!(&out[..2], b"..");
+            assert_eq!(&out[out.len() - 2..], b"..");
+            assert!(
+                out[2..22].iter().all(|b| MARKER.contains(b) || *b == b'*'),
+                "{at}: {}",
+                String::from_utf8_lossy(&out)
+            );
+            assert_eq!(tally.count(), 2, "split at {at}");
+            assert_eq!(tally.credentials(), ["a", "b"]);
+        }
+    }
+
+    #[test]
+    fn headers_and_head_checks() {
+        let m = matcher(&[("github", SECRET)]);
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-echo",
+            HeaderValue::from_str(&format!("Bearer {SECRET}")).unwrap(),
+        );
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        let tally = Tally::default();
+        assert_eq!(scrub_headers(&mut h, &m, &tally), 1);
+        assert!(!h["x-echo"].to_str().unwrap().contains(SECRET));
+        assert!(h["x-echo"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer [egressd:scrubbed]"));
+        assert_eq!(h["content-type"], "application/json");
+
+        let uri: http::Uri = format!("/search?q={SECRET}").parse().unwrap();
+        assert_eq!(
+            find_in_head(&uri, &HeaderMap::new(), &m),
+            Some(("github".into(), "the URL"))
+        );
+        let uri: http::Uri = "/search?q=ok".parse().unwrap();
+        assert_eq!(find_in_head(&uri, &h, &m), None);
+        h.insert("x-leak", HeaderValue::from_str(SECRET).unwrap());
+        assert_eq!(
+            find_in_head(&uri, &h, &m),
+            Some(("github".into(), "a header"))
+        );
+    }
+
+    #[test]
+    fn outbound_scan_stops_before_the_secret_is_released() {
+        let m = matcher(&[("github", SECRET)]);
+        let body = format!("{{\"note\":\"hello\",\"token\":\"{SECRET}\"}}");
+        let input = body.as_bytes();
+        for at in 0..=input.len() {
+            let hit = Arc::new(OutboundHit::default());
+            let mut scan = OutboundScan::new(m.clone(), hit.clone());
+            let mut sent = Vec::new();
+            let mut failed = false;
+            for piece in [&input[..at], &input[at..]] {
+                match scan.push(piece) {
+                    Ok(b) => sent.extend_from_slice(&b),
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            assert!(failed, "split at {at}");
+            assert_eq!(hit.credential(), Some("github"));
+            assert!(!contains(&sent, SECRET.as_bytes()), "split at {at}");
+        }
+        // A clean body passes whole.
+        let hit = Arc::new(OutboundHit::default());
+        let mut scan = OutboundScan::new(m, hit.clone());
+        let mut sent = scan.push(b"{\"note\":\"fine\"}").unwrap().to_vec();
+        sent.extend_from_slice(&scan.finish());
+        assert_eq!(sent, b"{\"note\":\"fine\"}");
+        assert_eq!(hit.credential(), None);
+    }
+
+    #[test]
+    fn encodings() {
+        let enc = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(CONTENT_ENCODING, HeaderValue::from_str(v).unwrap());
+            Encoding::of(&h)
+        };
+        assert_eq!(Encoding::of(&HeaderMap::new()), Encoding::Identity);
+        assert_eq!(enc("identity"), Encoding::Identity);
+        assert_eq!(enc("GZIP"), Encoding::Gzip);
+        assert_eq!(enc("x-gzip"), Encoding::Gzip);
+        assert_eq!(enc("deflate"), Encoding::Deflate);
+        assert_eq!(enc("br"), Encoding::Other("br".into()));
+        assert_eq!(enc("gzip, br"), Encoding::Other("gzip, br".into()));
+
+        // The decoders, one byte at a time.
+        let text = format!("{{\"echo\":\"Bearer {SECRET}\"}}").repeat(50);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(text.as_bytes()).unwrap();
+        let gz = gz.finish().unwrap();
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(text.as_bytes()).unwrap();
+        let z = z.finish().unwrap();
+        let mut raw =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        raw.write_all(text.as_bytes()).unwrap();
+        let raw = raw.finish().unwrap();
+        for (encoding, bytes) in [
+            (Encoding::Gzip, gz),
+            (Encoding::Deflate, z),
+            (Encoding::Deflate, raw),
+        ] {
+            let mut d = Decoder::new(&encoding).unwrap();
+            let mut out = Vec::new();
+            for b in bytes.chunks(1) {
+                out.extend(d.write(b).unwrap());
+            }
+            out.extend(d.finish().unwrap());
+            assert_eq!(out, text.as_bytes());
+        }
+        let mut d = Decoder::new(&Encoding::Gzip).unwrap();
+        assert!(d.write(b"not gzip at all").is_err() || d.finish().is_err());
+    }
+}

@@ -1,0 +1,413 @@
+//! Secrets never come back and never go out, end to end.
+//!
+//! - Reflected: an origin (`fixtures/echo_origin.py` behind nginx) sends the injected
+//!   `Authorization` back in a header, a JSON body, a chunked body split inside the token,
+//!   a gzip body it encodes although asked for identity, and base64; curl in the sandbox,
+//!   over HTTP/1.1 and HTTP/2, receives the marker instead, never the token in any form;
+//!   each request's record counts what was scrubbed and raises a `secret-reflected` alert.
+//!   A body in an encoding the proxy cannot scan is refused (502); a body with no secret
+//!   passes byte for byte.
+//! - Outbound: a request from the sandbox carrying the token (a leak: the sandbox was
+//!   handed it for the test) in the query, a header, base64 in a header, a JSON body or
+//!   deep inside a large body is refused with 403 and a `secret-outbound` alert, on the
+//!   rule with the credential and on a rule with none; the origin gets nothing of it. The
+//!   same requests without the token pass.
+//!
+//! Needs what `tests/proxy.rs` needs, and python3. Run:
+//! `cargo test -p egress-tests --test secrets -- --test-threads=2`.
+
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use egress_tests::audit::{get_str, get_u64};
+use egress_tests::expect::{all_output, RECORD_TIMEOUT};
+use egress_tests::https_origin::{base64, bearer, ECHO_PATH};
+use egress_tests::proxy_fixture::{ProxyFixture, ProxyOpts};
+use egress_tests::require_proxy_tools;
+use egress_tests::util::poll;
+use serde_json::Value;
+
+/// The API behind the `github` credential, with the echo routes, and `github.com` behind
+/// a rule with no credential.
+const POLICY: &str = r#"version: 1
+default: deny
+rules:
+  - name: github-api
+    to: [192.0.2.10]
+    ports: [443]
+    action: proxy
+    hosts: [api.github.com]
+    credential: github
+    http:
+      - methods: [GET, POST]
+        paths: ["/repos/acme/widgets/**"]
+  - name: no-credential
+    to: [192.0.2.11]
+    ports: [443]
+    action: proxy
+    hosts: [github.com]
+    http:
+      - methods: [GET, POST]
+        paths: ["/echo/**"]
+"#;
+
+/// What the proxy puts in place of a secret (its start).
+const MARKER: &str = "[egressd:scrubbed]";
+
+fn echo_url(route: &str) -> String {
+    format!("https://api.github.com{ECHO_PATH}{route}")
+}
+
+/// `curl -i` (headers and body on stdout) plus the status code after `@@`.
+fn curl_i(fx: &ProxyFixture, args: &[&str]) -> Result<(u16, String, Output)> {
+    let mut all = vec!["-i"];
+    all.extend_from_slice(args);
+    all.extend(["-w", "\n@@%{http_code}"]);
+    let out = fx.curl(&all)?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let Some((body, code)) = text.rsplit_once("\n@@") else {
+        bail!("curl printed no -w trailer: {}", all_output(&out));
+    };
+    Ok((code.trim().parse().unwrap_or(0), body.to_string(), out))
+}
+
+/// The body of `fixtures/echo_origin.py`'s `plain` route.
+fn plain_body() -> String {
+    (0..4000)
+        .map(|i| format!("line {i:05} of the plain body\n"))
+        .collect()
+}
+
+/// Waits for records matching `pred` until there are `n`; returns them.
+fn wait_records(
+    fx: &ProxyFixture,
+    n: usize,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Result<Vec<Value>> {
+    let found = poll(RECORD_TIMEOUT, Duration::from_millis(50), || {
+        let got: Vec<Value> = fx
+            .daemon
+            .audit_records()?
+            .into_iter()
+            .filter(|r| pred(r))
+            .collect();
+        Ok((got.len() >= n).then_some(got))
+    })?;
+    match found {
+        Some(v) => Ok(v),
+        None => bail!(
+            "fewer than {n} records {what} within {RECORD_TIMEOUT:?}; records:\n{}",
+            fx.daemon
+                .audit_records()?
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+    }
+}
+
+fn path_is(r: &Value, path: &str) -> bool {
+    get_str(r, "url.path") == Some(path)
+}
+
+#[test]
+fn reflected_secrets_are_scrubbed_over_http1_and_http2() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts {
+        policy: POLICY.to_string(),
+        ..ProxyOpts::default()
+    })?;
+    let token = fx.token().to_string();
+    // Every form the origin sends back.
+    let forms = [
+        token.clone(),
+        base64(token.as_bytes()),
+        base64(bearer(&token).as_bytes()),
+    ];
+    let mut outputs = Vec::new();
+    for version in ["--http1.1", "--http2"] {
+        for (route, status) in [
+            ("header", 200),
+            ("json", 401),
+            ("chunked", 200),
+            ("gzip", 200),
+            ("base64", 200),
+        ] {
+            let (code, text, out) = curl_i(&fx, &[version, &echo_url(route)])?;
+            let ctx = || format!("{version} {route}: {}", all_output(&out));
+            ensure!(code == status, "status {code}, wanted {status}: {}", ctx());
+            for form in &forms {
+                ensure!(
+                    !text.contains(form.as_str()),
+                    "a form of the token reached the sandbox: {}",
+                    ctx()
+                );
+            }
+            ensure!(text.contains(MARKER), "no marker: {}", ctx());
+            if route == "gzip" {
+                // The proxy asked for identity; the origin encoded anyway and the proxy
+                // decoded, scrubbed and sent the body on unencoded.
+                ensure!(
+                    text.contains("\"accept_encoding\": \"identity\""),
+                    "the origin was not asked for identity: {}",
+                    ctx()
+                );
+                ensure!(
+                    !text.to_ascii_lowercase().contains("content-encoding: gzip"),
+                    "{}",
+                    ctx()
+                );
+            }
+            outputs.push(out);
+        }
+
+        // An encoding the proxy cannot scan is refused, and recorded.
+        let (code, text, out) = curl_i(&fx, &[version, &echo_url("br")])?;
+        ensure!(code == 502, "br must be refused: {}", all_output(&out));
+        ensure!(!text.contains(&token), "{}", all_output(&out));
+        outputs.push(out);
+
+        // Positive control: no secret, byte for byte (and the whole body).
+        let out = fx.curl(&[version, &echo_url("plain")])?;
+        ensure!(out.status.success(), "{}", all_output(&out));
+        ensure!(
+            out.stdout == plain_body().as_bytes(),
+            "the plain body changed on its way ({} bytes, wanted {})",
+            out.stdout.len(),
+            plain_body().len()
+        );
+        outputs.push(out);
+    }
+
+    // Each reflecting request's record counts what was scrubbed, and has an alert.
+    for route in ["header", "json", "chunked", "gzip", "base64"] {
+        let path = format!("{ECHO_PATH}{route}");
+        let records = wait_records(&fx, 2, &format!("scrubbed on {path}"), |r| {
+            get_str(r, "event.action") == Some("http-request")
+                && path_is(r, &path)
+                && get_u64(r, "egress.scrubbed").is_some_and(|n| n >= 1)
+        })?;
+        for r in &records {
+            ensure!(
+                get_str(r, "egress.credential.name") == Some("github"),
+                "{r}"
+            );
+        }
+        let alerts = wait_records(&fx, 2, &format!("alerting on {path}"), |r| {
+            get_str(r, "event.action") == Some("secret-reflected") && path_is(r, &path)
+        })?;
+        for a in &alerts {
+            ensure!(get_str(a, "event.kind") == Some("alert"), "{a}");
+            ensure!(get_str(a, "rule.name") == Some("github-api"), "{a}");
+            ensure!(get_str(a, "url.domain") == Some("api.github.com"), "{a}");
+            ensure!(
+                matches!(
+                    get_str(a, "egress.credential.name"),
+                    Some("github" | "github-git")
+                ),
+                "{a}"
+            );
+            ensure!(
+                get_u64(a, "egress.alert.count").is_some_and(|n| n >= 1),
+                "{a}"
+            );
+        }
+    }
+    let br = format!("{ECHO_PATH}br");
+    let refused = wait_records(&fx, 2, "refusing br", |r| {
+        get_str(r, "event.action") == Some("http-request") && path_is(r, &br)
+    })?;
+    for r in &refused {
+        ensure!(get_str(r, "egress.verdict") == Some("deny"), "{r}");
+        ensure!(get_u64(r, "http.response.status_code") == Some(502), "{r}");
+        ensure!(
+            get_str(r, "event.reason").is_some_and(|m| m.contains("Content-Encoding `br`")),
+            "{r}"
+        );
+    }
+    // The control raised nothing.
+    let plain = format!("{ECHO_PATH}plain");
+    let records = fx.daemon.audit_records()?;
+    ensure!(
+        !records.iter().any(|r| path_is(r, &plain)
+            && (get_u64(r, "egress.scrubbed").is_some()
+                || get_str(r, "event.kind") == Some("alert"))),
+        "the positive control was scrubbed"
+    );
+
+    let outs: Vec<&Output> = outputs.iter().collect();
+    fx.assert_token_absent(&outs)?;
+    for form in &forms[1..] {
+        for o in &outs {
+            ensure!(
+                !String::from_utf8_lossy(&o.stdout).contains(form.as_str()),
+                "base64 form leaked"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn requests_carrying_a_secret_are_refused_before_they_leave() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts {
+        policy: POLICY.to_string(),
+        ..ProxyOpts::default()
+    })?;
+    // The sandbox holds the token for this test: a leak the proxy must stop.
+    let token = fx.token().to_string();
+    let big = {
+        let mut b = "x".repeat(150_000);
+        b.push_str(&format!("\"token\":\"{token}\""));
+        b.push_str(&"y".repeat(50_000));
+        b
+    };
+    let big_file = fx.sandbox_dir().join("big-body.txt");
+    std::fs::write(&big_file, &big)?;
+    let big_arg = format!("@{}", big_file.display());
+    let header = format!("X-Debug: {token}");
+    let b64_header = format!("X-Debug: {}", base64(format!("user:{token}").as_bytes()));
+    let json = format!("{{\"note\":\"hi\",\"token\":\"{token}\"}}");
+
+    for (rule, base) in [
+        ("github-api", format!("https://api.github.com{ECHO_PATH}")),
+        ("no-credential", "https://github.com/echo/".to_string()),
+    ] {
+        let cases: Vec<(&str, Vec<String>)> = vec![
+            ("query", vec![format!("{base}json?access_token={token}")]),
+            (
+                "header",
+                vec!["-H".into(), header.clone(), format!("{base}json")],
+            ),
+            (
+                "base64 header",
+                vec!["-H".into(), b64_header.clone(), format!("{base}json")],
+            ),
+            (
+                "json body",
+                vec![
+                    "-H".into(),
+                    "Content-Type: application/json".into(),
+                    "--data-binary".into(),
+                    json.clone(),
+                    format!("{base}sink"),
+                ],
+            ),
+            (
+                "large body",
+                vec![
+                    "--data-binary".into(),
+                    big_arg.clone(),
+                    format!("{base}sink"),
+                ],
+            ),
+        ];
+        for (what, args) in &cases {
+            let before = fx.origin.requests()?.len();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (code, text, out) = curl_i(&fx, &args)?;
+            let ctx = || format!("{rule} {what}: {}", all_output(&out));
+            ensure!(code == 403, "not refused: {}", ctx());
+            ensure!(
+                text.contains("carries the value of credential"),
+                "{}",
+                ctx()
+            );
+            if what.contains("body") {
+                // The headers may have gone ahead of the body; the body never did, so
+                // nginx (which buffers request bodies) passed nothing on, and whatever it
+                // logged was not answered by the origin.
+                let new = fx.origin.requests()?[before..].to_vec();
+                ensure!(new.iter().all(|r| r.status != 200), "{}: {new:#?}", ctx());
+            } else {
+                fx.origin_new_exactly(before, 0).with_context(ctx)?;
+            }
+            ensure!(
+                !fx.origin.echo_received().contains(&token),
+                "the origin got the token: {}",
+                ctx()
+            );
+            // (nginx logs the Authorization the proxy injected; the URI is the sandbox's.)
+            ensure!(
+                fx.origin
+                    .requests()?
+                    .iter()
+                    .all(|r| !r.uri.contains(&token)),
+                "the token reached the origin in a URL: {}",
+                ctx()
+            );
+        }
+        let alerts = wait_records(
+            &fx,
+            cases.len(),
+            &format!("secret-outbound on {rule}"),
+            |r| {
+                get_str(r, "event.action") == Some("secret-outbound")
+                    && get_str(r, "rule.name") == Some(rule)
+            },
+        )?;
+        for a in &alerts {
+            ensure!(get_str(a, "event.kind") == Some("alert"), "{a}");
+            ensure!(
+                matches!(
+                    get_str(a, "egress.credential.name"),
+                    Some("github" | "github-git")
+                ),
+                "{a}"
+            );
+        }
+        let denied = wait_records(&fx, cases.len(), &format!("denied on {rule}"), |r| {
+            get_str(r, "event.action") == Some("http-request")
+                && get_str(r, "rule.name") == Some(rule)
+                && get_str(r, "egress.verdict") == Some("deny")
+                && get_u64(r, "http.response.status_code") == Some(403)
+        })?;
+        ensure!(denied.len() == cases.len(), "{denied:#?}");
+
+        // Positive controls: the same requests without the token pass.
+        let (code, _, out) = curl_i(
+            &fx,
+            &[
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                "{\"note\":\"hi\"}",
+                &format!("{base}sink"),
+            ],
+        )?;
+        ensure!(code == 200, "{rule} clean body: {}", all_output(&out));
+        let clean = big.replace(&token, &"t".repeat(token.len()));
+        std::fs::write(&big_file, &clean)?;
+        let (code, _, out) = curl_i(&fx, &["--data-binary", &big_arg, &format!("{base}sink")])?;
+        ensure!(code == 200, "{rule} clean large body: {}", all_output(&out));
+        std::fs::write(&big_file, &big)?;
+        let (code, _, out) = curl_i(
+            &fx,
+            &["-H", "X-Debug: nothing", &format!("{base}plain?q=1")],
+        )?;
+        ensure!(
+            code == 200,
+            "{rule} clean query and header: {}",
+            all_output(&out)
+        );
+    }
+    let received = fx.origin.echo_received();
+    ensure!(
+        received.matches(r#"\"note\":\"hi\""#).count() == 2,
+        "the clean bodies did not arrive: {received}"
+    );
+    ensure!(
+        received.contains(&"t".repeat(40)),
+        "the clean large body did not arrive"
+    );
+    ensure!(!received.contains(&token));
+    for p in [fx.daemon.audit_log(), fx.daemon.log_path()] {
+        let text = std::fs::read_to_string(&p)?;
+        ensure!(!text.contains(&token), "the token reached {}", p.display());
+    }
+    Ok(())
+}
