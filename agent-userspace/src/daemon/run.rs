@@ -110,6 +110,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let (audit, audit_task) =
         AuditLog::open(sink).with_context(|| format!("opening audit log {}", opts.audit_log))?;
     let audit_task = tokio::spawn(audit_task.run());
+    // Every alert producer raises through a clone of this (see `Alerts::raise`); the
+    // quarantine orders it issues are carried out by the loop below.
+    let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
     let clock = ClockOffset::sample().context("reading clocks")?;
 
     let ca_dir = opts.state_dir.join("ca");
@@ -146,8 +149,6 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         peers,
         tokio::runtime::Handle::current(),
     );
-
-    let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
 
     let previous = State::load(&opts.state_dir)?;
     let previous_seen = previous
