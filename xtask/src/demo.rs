@@ -264,6 +264,11 @@ pub fn run() -> anyhow::Result<()> {
         &format!("curl {api}   (quarantined)"),
         &fx.curl(&["-w", " [HTTP %{http_code}]", api])?,
     );
+    let cached = format!("api.github.com:443:{API_V4}");
+    show(
+        &format!("curl --resolve {cached} {api}   (quarantined, a cached answer)"),
+        &fx.curl(&["-w", " [HTTP %{http_code}]", "--resolve", &cached, api])?,
+    );
     show(
         "dig api.github.com   (quarantined)",
         &fx.sandbox
