@@ -98,7 +98,7 @@ impl Core {
     /// The sandbox's kernel entry: its policy, or deny-all while it is quarantined.
     fn kernel_entry(&self, rec: &SandboxRecord, policy: &Policy) -> SandboxInfo {
         if rec.quarantine.is_some() {
-            return self.quarantine_entry(rec, policy);
+            return self.quarantine_entry(rec, Some(policy));
         }
         SandboxInfo {
             index: rec.index,
@@ -117,14 +117,16 @@ impl Core {
 
     /// Deny-all: an empty policy slot, default deny, no proxy. DNS still goes to the
     /// sandbox's resolver (when it has one), which refuses every query and records it.
-    fn quarantine_entry(&self, rec: &SandboxRecord, policy: &Policy) -> SandboxInfo {
+    /// Without a compiled policy (one that no longer compiles after an upgrade) there is
+    /// no resolver either, and port 53 is denied like everything else.
+    fn quarantine_entry(&self, rec: &SandboxRecord, policy: Option<&Policy>) -> SandboxInfo {
         SandboxInfo {
             index: rec.index,
             policy_slot: QUARANTINE_SLOT,
             default_action: agent_common::action::DENY,
             _pad: 0,
             proxy_port: 0,
-            dns_port: if uses_dns(policy) {
+            dns_port: if policy.is_some_and(uses_dns) {
                 self.dns.port_for(rec.index)
             } else {
                 0
@@ -656,11 +658,8 @@ impl Core {
                 q.since, q.trigger
             ));
         }
-        let policy = self
-            .compiled
-            .get(name)
-            .cloned()
-            .ok_or_else(|| format!("sandbox {name:?} has no compiled policy"))?;
+        // A sandbox whose stored policy no longer compiles can still be quarantined.
+        let policy = self.compiled.get(name).cloned();
         let reason = reason
             .map(|r| {
                 r.chars()
@@ -686,7 +685,7 @@ impl Core {
         if let Err(e) = self.maps.clear_slot(QUARANTINE_SLOT) {
             tracing::warn!(error = %e, "Clearing the quarantine slot failed");
         }
-        let entry = self.quarantine_entry(&rec, &policy);
+        let entry = self.quarantine_entry(&rec, policy.as_deref());
         if let Err(e) = self.maps.set_sandbox(rec.cgroup_id, entry) {
             self.state.sandboxes.insert(previous.name.clone(), previous);
             self.save_state();
@@ -706,7 +705,9 @@ impl Core {
             trigger: trigger.to_string(),
         }));
         tracing::warn!(sandbox = %rec.name, trigger, "Sandbox quarantined");
-        let revoking = self.revoke_credentials(&rec.name, &policy);
+        let revoking = policy
+            .map(|p| self.revoke_credentials(&rec.name, &p))
+            .unwrap_or_default();
         let mut msg = format!(
             "quarantined sandbox {:?}: every connection is refused, its proxied connections are closed and its DNS is refused",
             rec.name
