@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use super::{core::Core, state::State};
 use crate::{
-    alerts::{AlertSettings, Alerts},
+    alerts::{AlertSettings, Alerts, QuarantineOrder},
     audit::{
         AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, NetworkDecision,
         ProxyEvent, Record, StopReason,
@@ -213,13 +213,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                 let batch = batch.context("reading the kernel ring buffer")?;
                 record_events(&shared, &clock, batch);
             }
-            Some(order) = quarantine_orders.recv() => {
-                let mut core = shared.lock();
-                let trigger = order.kind.as_str();
-                if let Err(e) = core.quarantine(&order.sandbox, Some(order.reason), trigger) {
-                    tracing::error!(sandbox = %order.sandbox, trigger, error = %e, "Quarantine ordered by an alert failed");
-                }
-            }
+            Some(order) = quarantine_orders.recv() => carry_out(&shared, order),
             _ = lost_poll.tick() => {
                 report_lost(&shared);
                 let mut core = shared.lock();
@@ -240,6 +234,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     server.abort();
     let rest = events.drain_now();
     record_events(&shared, &clock, rest);
+    // Alerts raised until now still get the response their records say.
+    while let Ok(order) = quarantine_orders.try_recv() {
+        carry_out(&shared, order);
+    }
     report_lost(&shared);
     {
         let mut core = shared.lock();
@@ -272,14 +270,20 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Quarantines a sandbox because an alert's configured response says so.
+fn carry_out(shared: &Shared, order: QuarantineOrder) {
+    let mut core = shared.lock();
+    let trigger = order.kind.as_str();
+    if let Err(e) = core.quarantine(&order.sandbox, Some(order.reason), trigger) {
+        tracing::error!(sandbox = %order.sandbox, trigger, error = %e, "Quarantine ordered by an alert failed");
+    }
+}
+
 fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {
     let mut core = shared.lock();
     for ev in batch {
         match ev {
             KernelEvent::Connect(ev) => {
-                if ev.verdict == agent_common::verdict::DENY && ev.sandbox_index != 0 {
-                    core.note_denial(ev.sandbox_index, ev.ts_ns);
-                }
                 let (sandbox, rule) = core.names(ev.sandbox_index, ev.rule_id);
                 match NetworkDecision::from_event(&ev, clock, sandbox, rule) {
                     Ok(mut rec) => {
@@ -290,6 +294,11 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
                         core.audit.emit(Record::Network(rec))
                     }
                     Err(e) => tracing::error!(error = %e, "Undecodable kernel event"),
+                }
+                // After the decision's own record, so a burst alert follows the denial
+                // that completed it.
+                if ev.verdict == agent_common::verdict::DENY && ev.sandbox_index != 0 {
+                    core.note_denial(ev.sandbox_index, ev.ts_ns);
                 }
             }
             KernelEvent::Unknown { version, kind, len } => {
