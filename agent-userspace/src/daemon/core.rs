@@ -639,7 +639,7 @@ impl Core {
     /// connections, its resolver refuses every query, and the live values of the
     /// credentials its policy names are revoked where a revocation is configured. The
     /// state is saved before the kernel is switched, so a daemon that dies in between
-    /// quarantines it when it restarts. `trigger` is `operator` or an alert kind.
+    /// quarantines it when it restarts (a failed save is reported, not a reason to wait). `trigger` is `operator` or an alert kind.
     pub fn quarantine(
         &mut self,
         name: &str,
@@ -675,12 +675,12 @@ impl Core {
             reason: reason.clone(),
         });
         self.state.sandboxes.insert(rec.name.clone(), rec.clone());
-        self.state.save(&self.state_dir).map_err(|e| {
-            self.state
-                .sandboxes
-                .insert(previous.name.clone(), previous.clone());
-            format!("saving the state failed, nothing changed: {e}")
-        })?;
+        // Isolation comes first: a state that cannot be saved does not stop it, but the
+        // operator is told it may not outlive a daemon restart.
+        let unsaved = self.state.save(&self.state_dir).err().map(|e| {
+            tracing::error!(sandbox = %rec.name, error = %e, "Saving the quarantine failed; quarantining anyway");
+            format!("; WARNING: saving the state failed ({e}), so a restarted daemon would not know it is quarantined")
+        });
         // Stale rules in the reserved slot would make quarantine less than deny-all.
         if let Err(e) = self.maps.clear_slot(QUARANTINE_SLOT) {
             tracing::warn!(error = %e, "Clearing the quarantine slot failed");
@@ -712,6 +712,7 @@ impl Core {
             "quarantined sandbox {:?}: every connection is refused, its proxied connections are closed and its DNS is refused",
             rec.name
         );
+        msg.push_str(unsaved.as_deref().unwrap_or_default());
         if !revoking.is_empty() {
             msg.push_str(&format!(
                 "; revoking the live values of {} (see the audit log)",
