@@ -97,13 +97,15 @@ rules:
 "#;
 
 /// Where the `github` credential's value comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GithubSource {
     /// `{ file: <secrets>/github-token }`.
     File,
     /// `{ command: { argv: [<secrets>/token-cmd.sh], ttl } }`: the script appends a line
     /// to [`ProxyFixture::command_counter`] and prints `<token>-run<N>`, N its run count.
     Command { ttl: u64 },
+    /// A `source:` value written by the test (YAML flow style).
+    Custom(String),
 }
 
 /// Knobs for [`ProxyFixture::new`].
@@ -116,6 +118,12 @@ pub struct ProxyOpts {
     pub nameserver: Option<IpAddr>,
     /// The `github` credential's `revoke: { argv }`, when set.
     pub github_revoke: Option<Vec<String>>,
+    /// More entries of the config's `credentials:` map (YAML, indented by two spaces).
+    pub extra_credentials: String,
+    /// Appended to the daemon's configuration file (top-level YAML keys).
+    pub extra_config: String,
+    /// Audit log path instead of the daemon's default (see [`DaemonOpts::audit_log`]).
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Default for ProxyOpts {
@@ -125,6 +133,9 @@ impl Default for ProxyOpts {
             github: GithubSource::File,
             nameserver: None,
             github_revoke: None,
+            extra_credentials: String::new(),
+            extra_config: String::new(),
+            audit_log: None,
         }
     }
 }
@@ -194,15 +205,9 @@ impl ProxyFixture {
             None => HostsFile::new(sandbox.netns(), &sandbox_hosts())?,
         };
 
-        let config = write_config(
-            &secrets,
-            &ca,
-            &world,
-            &token,
-            opts.github,
-            opts.github_revoke.as_deref(),
-        )?;
+        let config = write_config(&secrets, &ca, &world, &token, &opts)?;
         let daemon = Daemon::start(DaemonOpts {
+            audit_log: opts.audit_log.clone(),
             extra_args: vec!["--config".into(), config.display().to_string()],
             env: vec![
                 (GIT_TOKEN_ENV.into(), token.clone()),
@@ -524,10 +529,12 @@ fn write_config(
     ca: &TestCa,
     world: &World,
     token: &str,
-    github: GithubSource,
-    github_revoke: Option<&[String]>,
+    opts: &ProxyOpts,
 ) -> Result<PathBuf> {
-    let source = match github {
+    let github_revoke = opts.github_revoke.as_deref();
+    let extra_credentials = opts.extra_credentials.as_str();
+    let extra = opts.extra_config.as_str();
+    let source = match &opts.github {
         GithubSource::File => {
             let f = secrets.write("github-token", &format!("{token}\n"))?;
             format!("{{ file: \"{}\" }}", f.display())
@@ -549,6 +556,7 @@ fn write_config(
                 script.display()
             )
         }
+        GithubSource::Custom(source) => source.clone(),
     };
     let revoke = github_revoke.map_or_else(String::new, |argv| {
         let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
@@ -568,9 +576,10 @@ credentials:
     source: {{ env: {GIT_TOKEN_ENV} }}
     inject: {{ basic: {{ user: x-access-token }} }}
     hosts: [{GIT_HOST}]
+{extra_credentials}
 "#,
         ca = ca.cert().display(),
         world_ns = world.netns().path().display(),
     );
-    secrets.write("egressd.yaml", &config)
+    secrets.write("egressd.yaml", &format!("{config}{extra}"))
 }

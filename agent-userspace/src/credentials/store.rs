@@ -18,6 +18,7 @@ use super::github_app::{GithubApp, UpstreamOptions};
 use super::raw::{RawCredential, RawInject, RawSource};
 use super::revoke::RevokeCommand;
 use super::secret::Secret;
+use super::vault::Vault;
 
 /// How long a `command` source may run before it is killed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -101,6 +102,7 @@ enum Source {
     Env { var: String, value: Arc<Secret> },
     Command(CommandSource),
     GithubApp(GithubApp),
+    Vault(Vault),
 }
 
 impl fmt::Debug for Source {
@@ -118,6 +120,7 @@ impl fmt::Debug for Source {
                 .field("ttl", &c.ttl)
                 .finish_non_exhaustive(),
             Self::GithubApp(app) => app.fmt(f),
+            Self::Vault(v) => v.fmt(f),
         }
     }
 }
@@ -266,32 +269,55 @@ impl CredentialStore {
     /// Whether quarantine can revoke credential `name`: it has a `revoke` command or is a
     /// `github_app` source.
     pub fn can_revoke(&self, name: &str) -> bool {
+        self.credentials.get(name).is_some_and(|c| {
+            c.revoke.is_some()
+                || matches!(c.source, Source::GithubApp(_))
+                || matches!(&c.source, Source::Vault(v) if v.is_lease())
+        })
+    }
+
+    /// Whether credential `name` holds leases from a secret store (revoked when the last
+    /// sandbox using it goes).
+    pub fn holds_leases(&self, name: &str) -> bool {
         self.credentials
             .get(name)
-            .is_some_and(|c| c.revoke.is_some() || matches!(c.source, Source::GithubApp(_)))
+            .is_some_and(|c| matches!(&c.source, Source::Vault(v) if v.is_lease()))
     }
 
     /// Revokes credential `name`'s live value: the value the daemon holds (a cached
     /// command output or installation token, which is dropped so the next use fetches a
     /// new one; a file's or variable's current value). A `github_app` token is revoked
     /// with the API; a `revoke` command, if configured, then gets the value on standard
-    /// input. Returns what was done, or why it failed; neither ever contains the value.
+    /// input. A `vault` lease is revoked at the store (a KV secret is only dropped from the
+    /// cache). Returns what was done, or why it failed; neither ever contains the value.
     pub async fn revoke(&self, name: &str) -> Result<String, String> {
         let credential = self
             .credentials
             .get(name)
             .ok_or_else(|| format!("no credential named {name:?}"))?;
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
         let live: Option<Arc<Secret>> = match &credential.source {
+            Source::Vault(v) => {
+                let (value, outcome) = v.revoke().await;
+                match outcome {
+                    Ok(how) => done.push(how),
+                    Err(why) => failed.push(why),
+                }
+                value
+            }
             Source::GithubApp(app) => app.take_token().await,
             Source::Command(cmd) => cmd.cache.lock().await.take().map(|c| c.value),
             Source::Env { value, .. } => Some(value.clone()),
             Source::File(_) => Some(credential.value().await.map_err(|e| e.to_string())?),
         };
         let Some(value) = live else {
-            return Ok("no live value held; nothing to revoke".to_owned());
+            return if failed.is_empty() {
+                Ok("no live value held; nothing to revoke".to_owned())
+            } else {
+                Err(failed.join("; "))
+            };
         };
-        let mut done = Vec::new();
-        let mut failed = Vec::new();
         if let Source::GithubApp(app) = &credential.source {
             match app.revoke(&value).await {
                 Ok(how) => done.push(how),
@@ -318,6 +344,7 @@ impl CredentialStore {
             match &mut c.source {
                 Source::Command(cmd) => cmd.timeout = timeout,
                 Source::GithubApp(app) => app.timeout = timeout,
+                Source::Vault(v) => v.timeout = timeout,
                 _ => {}
             }
         }
@@ -371,6 +398,7 @@ impl Credential {
                 Ok(value)
             }
             Source::GithubApp(app) => app.token().await,
+            Source::Vault(v) => v.value().await,
         }
     }
 
@@ -553,6 +581,7 @@ fn compile(
             })
         }
         RawSource::GithubApp(app) => Source::GithubApp(GithubApp::compile(name, app, upstream)?),
+        RawSource::Vault(v) => Source::Vault(Vault::compile(name, v)?),
     };
 
     let inject = compile_inject(&raw.inject).map_err(|(field, reason)| config(field, reason))?;

@@ -17,6 +17,7 @@ use ipnet::IpNet;
 
 use super::netns::{bind_in_netns, bind_udp_in_netns};
 use crate::{
+    alerts::Alerts,
     audit::{AuditHandle, Record},
     dns::{self, Learned, ResolverCtx},
     policy::Policy,
@@ -24,7 +25,8 @@ use crate::{
 };
 
 /// Installs addresses a sandbox's resolver learned: (sandbox index, addresses).
-pub type LearnSink = Arc<dyn Fn(u32, &[Learned]) -> Result<(), String> + Send + Sync>;
+pub type LearnSink =
+    Arc<dyn Fn(u32, &[Learned]) -> Result<Vec<dns::Refusal>, String> + Send + Sync>;
 
 /// One address in a sandbox's kernel rules because an allowed name resolved to it.
 #[derive(Debug, Clone)]
@@ -48,6 +50,8 @@ pub struct DnsRuntime {
     default_upstream: Vec<SocketAddr>,
     dialer: Arc<Dialer>,
     audit: AuditHandle,
+    /// Where budget alerts are raised (so a `dns-budget: quarantine` response applies).
+    alerts: Alerts,
     runtime: tokio::runtime::Handle,
     servers: HashMap<u32, Server>,
     /// Set once the daemon's core is shared; resolvers call it before answering.
@@ -69,6 +73,7 @@ impl DnsRuntime {
         default_upstream: Vec<SocketAddr>,
         dialer: Arc<Dialer>,
         audit: AuditHandle,
+        alerts: Alerts,
         runtime: tokio::runtime::Handle,
     ) -> Self {
         Self {
@@ -76,6 +81,7 @@ impl DnsRuntime {
             default_upstream,
             dialer,
             audit,
+            alerts,
             runtime,
             servers: HashMap::new(),
             sink: Arc::new(OnceLock::new()),
@@ -136,6 +142,7 @@ impl DnsRuntime {
         let quarantined = Arc::new(AtomicBool::new(self.quarantined.contains(&index)));
         let sink = self.sink.clone();
         let audit = self.audit.clone();
+        let alerts = self.alerts.clone();
         let ctx = Arc::new(ResolverCtx {
             sandbox: sandbox.to_string(),
             policy: shared_policy.clone(),
@@ -146,6 +153,10 @@ impl DnsRuntime {
                 None => Err("the daemon is still starting".into()),
             }),
             audit: Arc::new(move |r| audit.emit(Record::Dns(r))),
+            alert: Arc::new(move |a| {
+                alerts.raise(a);
+            }),
+            budget: Arc::default(),
             timeout: Duration::from_secs(3),
             max_label: dns::DEFAULT_MAX_LABEL,
             quarantined: quarantined.clone(),

@@ -6,6 +6,7 @@
 mod core;
 mod dns;
 mod netns;
+mod notify;
 mod proxy;
 mod run;
 mod state;
