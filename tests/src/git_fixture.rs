@@ -243,6 +243,17 @@ impl TokenEndpoint {
             .collect()
     }
 
+    /// Tokens revoked with `DELETE /installation/token` so far, in order.
+    pub fn revoked(&self) -> Result<Vec<String>> {
+        let mut path = self.tokens.clone().into_os_string();
+        path.push(".revoked");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(text.lines().map(str::to_owned).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Every refused mint request so far (`status`, `reason`).
     pub fn rejects(&self) -> Result<Vec<Value>> {
         read_jsonl(&self.rejects)

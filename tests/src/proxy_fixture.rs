@@ -205,16 +205,7 @@ impl ProxyFixture {
             None => HostsFile::new(sandbox.netns(), &sandbox_hosts())?,
         };
 
-        let config = write_config(
-            &secrets,
-            &ca,
-            &world,
-            &token,
-            opts.github,
-            opts.github_revoke.as_deref(),
-            &opts.extra_credentials,
-            &opts.extra_config,
-        )?;
+        let config = write_config(&secrets, &ca, &world, &token, &opts)?;
         let daemon = Daemon::start(DaemonOpts {
             audit_log: opts.audit_log.clone(),
             extra_args: vec!["--config".into(), config.display().to_string()],
@@ -542,12 +533,12 @@ fn write_config(
     ca: &TestCa,
     world: &World,
     token: &str,
-    github: GithubSource,
-    github_revoke: Option<&[String]>,
-    extra_credentials: &str,
-    extra: &str,
+    opts: &ProxyOpts,
 ) -> Result<PathBuf> {
-    let source = match github {
+    let github_revoke = opts.github_revoke.as_deref();
+    let extra_credentials = opts.extra_credentials.as_str();
+    let extra = opts.extra_config.as_str();
+    let source = match &opts.github {
         GithubSource::File => {
             let f = secrets.write("github-token", &format!("{token}\n"))?;
             format!("{{ file: \"{}\" }}", f.display())
@@ -569,7 +560,7 @@ fn write_config(
                 script.display()
             )
         }
-        GithubSource::Custom(source) => source,
+        GithubSource::Custom(source) => source.clone(),
     };
     let revoke = github_revoke.map_or_else(String::new, |argv| {
         let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();

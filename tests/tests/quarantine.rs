@@ -1,8 +1,8 @@
 //! Quarantine end to end: `egressctl quarantine` under load closes the sandbox's open
 //! keep-alive proxied connection, refuses every new connect (also to addresses it resolved
 //! and used before) with a deny record and nothing reaching an origin, refuses its DNS,
-//! revokes the credential with its `revoke` command, survives a daemon restart, and
-//! `egressctl release` restores the policy. A burst of denials quarantines a sandbox by
+//! revokes the credential with its `revoke` command (and a GitHub App token with the API),
+//! survives a daemon restart, and `egressctl release` restores the policy. A burst of denials quarantines a sandbox by
 //! itself when its policy says so.
 //!
 //! Needs root, nginx, openssl, curl, git, python3, dnsmasq and dig; skips otherwise.
@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use egress_tests::audit::{get_str, get_u64, Match};
+use egress_tests::daemon::Daemon;
 use egress_tests::dns_fixture::{dig, UNSERVED_RESOLVER};
 use egress_tests::dns_server::{Answer, DnsServer};
 use egress_tests::expect::{self, all_output, CURL_COULDNT_CONNECT};
+use egress_tests::git_fixture::{GitFixture, GitOpts};
 use egress_tests::https_origin::{
-    API_HOST, API_V4, GIT_HOST, GIT_V4, PINNED_BODY, PINNED_HOST, PINNED_V4, REPO_BODY,
+    basic, API_HOST, API_V4, GIT_HOST, GIT_V4, PINNED_BODY, PINNED_HOST, PINNED_V4, REPO_BODY,
 };
 use egress_tests::proxy_fixture::{ProxyFixture, ProxyOpts, CLIENT_PATH, PROXY_POLICY};
 use egress_tests::util::TempDir;
@@ -100,8 +102,8 @@ fn status_of(fx: &ProxyFixture, name: &str) -> Result<Value> {
         .with_context(|| format!("sandbox {name} missing from status"))
 }
 
-fn records(fx: &ProxyFixture, m: &Match, n: usize) -> Result<Vec<Value>> {
-    expect::records(&fx.daemon, m, n)
+fn records(daemon: &Daemon, m: &Match, n: usize) -> Result<Vec<Value>> {
+    expect::records(daemon, m, n)
 }
 
 fn dig_status(fx: &ProxyFixture, name: &str) -> Result<String> {
@@ -190,7 +192,7 @@ fn quarantine_under_load_survives_restart_and_release_restores() -> Result<()> {
 
     // Recorded: the quarantine, and the refused connect.
     let q = records(
-        &fx,
+        &fx.daemon,
         &Match::lifecycle("sandbox-quarantine").sandbox(&name),
         1,
     )?;
@@ -201,13 +203,13 @@ fn quarantine_under_load_survives_restart_and_release_restores() -> Result<()> {
         q[0]
     );
     records(
-        &fx,
+        &fx.daemon,
         &Match::decision("deny", IpAddr::V4(API_V4), 443).sandbox(&name),
         1,
     )?;
     // The revoke command got the token on stdin; the revocation is recorded by name.
     let r = records(
-        &fx,
+        &fx.daemon,
         &Match::lifecycle("credential-revoke").sandbox(&name),
         1,
     )?;
@@ -230,7 +232,7 @@ fn quarantine_under_load_survives_restart_and_release_restores() -> Result<()> {
     let out = fx.curl_trusting(&ca, &["--resolve", &resolve, "https://pinned.example/"])?;
     expect::exit_code(&out, CURL_COULDNT_CONNECT)?;
     records(
-        &fx,
+        &fx.daemon,
         &Match::decision("deny", IpAddr::V4(PINNED_V4), 443).sandbox(&name),
         1,
     )?;
@@ -239,7 +241,7 @@ fn quarantine_under_load_survives_restart_and_release_restores() -> Result<()> {
         "the pinned origin got a request"
     );
     ensure!(dig_status(&fx, API_HOST)? == "REFUSED");
-    let refused = records(&fx, &Match::lifecycle("dns-query").sandbox(&name), 1)?;
+    let refused = records(&fx.daemon, &Match::lifecycle("dns-query").sandbox(&name), 1)?;
     ensure!(
         refused
             .iter()
@@ -272,7 +274,11 @@ fn quarantine_under_load_survives_restart_and_release_restores() -> Result<()> {
             .probe("tcp-connect", IpAddr::V4(API_V4), 443, &[])?,
     )?;
     fx.daemon.restart()?;
-    records(&fx, &Match::lifecycle("sandbox-adopt").sandbox(&name), 1)?;
+    records(
+        &fx.daemon,
+        &Match::lifecycle("sandbox-adopt").sandbox(&name),
+        1,
+    )?;
     let st = status_of(&fx, &name)?;
     ensure!(
         st["quarantine"]["trigger"] == "operator",
@@ -293,7 +299,11 @@ fn quarantine_under_load_survives_restart_and_release_restores() -> Result<()> {
     // Release: the policy is back (positive control for everything refused above).
     let out = fx.daemon.ctl_ok(["release", &name])?;
     ensure!(String::from_utf8_lossy(&out.stdout).contains("released"));
-    records(&fx, &Match::lifecycle("sandbox-release").sandbox(&name), 1)?;
+    records(
+        &fx.daemon,
+        &Match::lifecycle("sandbox-release").sandbox(&name),
+        1,
+    )?;
     ensure!(status_of(&fx, &name)?.get("quarantine").is_none());
     ensure!(dig_status(&fx, API_HOST)? == "NOERROR");
     let out = fx.curl(&[REPO_URL])?;
@@ -352,7 +362,11 @@ fn a_denial_burst_quarantines_when_the_policy_says_so() -> Result<()> {
 
     // 12 more within a second: one alert, and the sandbox is quarantined.
     ensure!(run(12)?.matches("EPERM").count() == 12);
-    let alert = records(&fx, &Match::lifecycle("denial-burst").sandbox(&name), 1)?;
+    let alert = records(
+        &fx.daemon,
+        &Match::lifecycle("denial-burst").sandbox(&name),
+        1,
+    )?;
     let a = &alert[0];
     ensure!(
         get_str(a, "event.kind") == Some("alert")
@@ -362,7 +376,7 @@ fn a_denial_burst_quarantines_when_the_policy_says_so() -> Result<()> {
         "alert: {a}"
     );
     let q = records(
-        &fx,
+        &fx.daemon,
         &Match::lifecycle("sandbox-quarantine").sandbox(&name),
         1,
     )?;
@@ -384,7 +398,7 @@ fn a_denial_burst_quarantines_when_the_policy_says_so() -> Result<()> {
     let out = fx.curl(&[REPO_URL])?;
     expect::exit_code(&out, CURL_COULDNT_CONNECT)?;
     records(
-        &fx,
+        &fx.daemon,
         &Match::decision("deny", IpAddr::V4(API_V4), 443).sandbox(&name),
         1,
     )?;
@@ -399,4 +413,79 @@ fn a_denial_burst_quarantines_when_the_policy_says_so() -> Result<()> {
         all_output(&out)
     );
     fx.assert_token_absent(&[])
+}
+
+/// A `github_app` credential's live installation token is revoked with the API when its
+/// sandbox is quarantined: the origin refuses it from then on; after release the next use
+/// mints a new one.
+#[test]
+fn quarantine_revokes_the_github_app_token() -> Result<()> {
+    require_proxy_tools!();
+    let fx = GitFixture::new(GitOpts::default())?;
+    let name = fx.sandbox.label().to_string();
+    fx.git_ok(&["clone", "-q", &GitFixture::url("acme/widgets"), "widgets"])?;
+    let minted = fx.tokens.mints()?;
+    ensure!(minted.len() == 1, "expected one mint: {minted:#?}");
+    let first = minted[0].token.clone();
+    let info_refs = "https://github.com/acme/widgets.git/info/refs?service=git-upload-pack";
+    let auth = format!("Authorization: {}", basic(&first));
+    let direct = |want: &str| -> Result<()> {
+        let out = fx.world_curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &auth,
+            info_refs,
+        ])?;
+        ensure!(
+            String::from_utf8_lossy(&out.stdout) == want,
+            "the origin answered the first token with {} (want {want})",
+            all_output(&out)
+        );
+        Ok(())
+    };
+    direct("200")?;
+
+    fx.daemon
+        .ctl_ok(["quarantine", &name, "--reason", "test"])?;
+    let r = records(
+        &fx.daemon,
+        &Match::lifecycle("credential-revoke").sandbox(&name),
+        1,
+    )?;
+    ensure!(
+        get_str(&r[0], "egress.credential.name") == Some("github-app")
+            && get_str(&r[0], "event.outcome") == Some("success"),
+        "revoke record: {}",
+        r[0]
+    );
+    ensure!(
+        fx.tokens.revoked()? == [first.clone()],
+        "the endpoint revoked {:?}",
+        fx.tokens.revoked()?
+    );
+    // Revoked for everyone, not only refused to the sandbox.
+    direct("401")?;
+    let fetch = fx.git(&["-C", "widgets", "fetch", "-q", "origin"])?;
+    ensure!(
+        !fetch.status.success(),
+        "fetch while quarantined: {}",
+        all_output(&fetch)
+    );
+
+    fx.daemon.ctl_ok(["release", &name])?;
+    fx.git_ok(&["-C", "widgets", "fetch", "-q", "origin"])?;
+    let minted = fx.tokens.mints()?;
+    ensure!(
+        minted.len() == 2 && minted[1].token != first,
+        "expected a new token after release: {minted:#?}"
+    );
+    let log = std::fs::read_to_string(fx.daemon.audit_log())?;
+    ensure!(
+        !log.contains(&first),
+        "the revoked token is in the audit log"
+    );
+    Ok(())
 }

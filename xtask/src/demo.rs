@@ -82,6 +82,21 @@ pub(crate) fn summary(v: &serde_json::Value) -> String {
             s("egress.git.ref_updates"),
             s("event.reason")
         ),
+        "sandbox-quarantine" | "sandbox-release" => format!(
+            "{:<12} {} by {} {}",
+            s("event.action"),
+            s("egress.sandbox.name"),
+            s("egress.quarantine.trigger"),
+            s("event.reason")
+        ),
+        "credential-revoke" => format!(
+            "{:<12} {} credential={} {} {}",
+            s("event.action"),
+            s("egress.sandbox.name"),
+            s("egress.credential.name"),
+            s("event.outcome"),
+            s("event.reason")
+        ),
         other => format!("{other:<12} {}", s("egress.sandbox.name")),
     }
 }
@@ -232,6 +247,42 @@ pub fn run() -> anyhow::Result<()> {
     println!(
         "  token in the sandbox's environment: {}",
         if leaked { "YES" } else { "no" }
+    );
+
+    step("Incident response: egressctl quarantine (deny-all at once), then release");
+    let name = fx.sandbox.label().to_string();
+    show(
+        &format!("egressctl quarantine {name} --reason \"demo: suspected exfiltration\""),
+        &fx.daemon.ctl([
+            "quarantine",
+            &name,
+            "--reason",
+            "demo: suspected exfiltration",
+        ])?,
+    );
+    show(
+        &format!("curl {api}   (quarantined)"),
+        &fx.curl(&["-w", " [HTTP %{http_code}]", api])?,
+    );
+    let cached = format!("api.github.com:443:{API_V4}");
+    show(
+        &format!("curl --resolve {cached} {api}   (quarantined, a cached answer)"),
+        &fx.curl(&["-w", " [HTTP %{http_code}]", "--resolve", &cached, api])?,
+    );
+    show(
+        "dig api.github.com   (quarantined)",
+        &fx.sandbox
+            .sh("dig +time=3 +tries=1 api.github.com | grep -E 'status'")?,
+    );
+    let status = fx.daemon.ctl(["status"])?;
+    show("egressctl status", &status);
+    show(
+        &format!("egressctl release {name}"),
+        &fx.daemon.ctl(["release", &name])?,
+    );
+    show(
+        &format!("curl {api}   (released)"),
+        &fx.curl(&["-w", " [HTTP %{http_code}]", api])?,
     );
 
     step("egressctl status");

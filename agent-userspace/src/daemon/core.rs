@@ -296,7 +296,7 @@ impl Core {
     /// The sandbox's kernel entry: its policy, or deny-all while it is quarantined.
     fn kernel_entry(&self, rec: &SandboxRecord, policy: &Policy) -> SandboxInfo {
         if rec.quarantine.is_some() {
-            return self.quarantine_entry(rec, policy);
+            return self.quarantine_entry(rec, Some(policy));
         }
         SandboxInfo {
             index: rec.index,
@@ -315,14 +315,16 @@ impl Core {
 
     /// Deny-all: an empty policy slot, default deny, no proxy. DNS still goes to the
     /// sandbox's resolver (when it has one), which refuses every query and records it.
-    fn quarantine_entry(&self, rec: &SandboxRecord, policy: &Policy) -> SandboxInfo {
+    /// Without a compiled policy (one that no longer compiles after an upgrade) there is
+    /// no resolver either, and port 53 is denied like everything else.
+    fn quarantine_entry(&self, rec: &SandboxRecord, policy: Option<&Policy>) -> SandboxInfo {
         SandboxInfo {
             index: rec.index,
             policy_slot: QUARANTINE_SLOT,
             default_action: agent_common::action::DENY,
             _pad: 0,
             proxy_port: 0,
-            dns_port: if uses_dns(policy) {
+            dns_port: if policy.is_some_and(uses_dns) {
                 self.dns.port_for(rec.index)
             } else {
                 0
@@ -935,7 +937,7 @@ impl Core {
     /// connections, its resolver refuses every query, and the live values of the
     /// credentials its policy names are revoked where a revocation is configured. The
     /// state is saved before the kernel is switched, so a daemon that dies in between
-    /// quarantines it when it restarts. `trigger` is `operator` or an alert kind.
+    /// quarantines it when it restarts (a failed save is reported, not a reason to wait). `trigger` is `operator` or an alert kind.
     pub fn quarantine(
         &mut self,
         name: &str,
@@ -954,11 +956,8 @@ impl Core {
                 q.since, q.trigger
             ));
         }
-        let policy = self
-            .compiled
-            .get(name)
-            .cloned()
-            .ok_or_else(|| format!("sandbox {name:?} has no compiled policy"))?;
+        // A sandbox whose stored policy no longer compiles can still be quarantined.
+        let policy = self.compiled.get(name).cloned();
         let reason = reason
             .map(|r| {
                 r.chars()
@@ -974,17 +973,17 @@ impl Core {
             reason: reason.clone(),
         });
         self.state.sandboxes.insert(rec.name.clone(), rec.clone());
-        self.state.save(&self.state_dir).map_err(|e| {
-            self.state
-                .sandboxes
-                .insert(previous.name.clone(), previous.clone());
-            format!("saving the state failed, nothing changed: {e}")
-        })?;
+        // Isolation comes first: a state that cannot be saved does not stop it, but the
+        // operator is told it may not outlive a daemon restart.
+        let unsaved = self.state.save(&self.state_dir).err().map(|e| {
+            tracing::error!(sandbox = %rec.name, error = %e, "Saving the quarantine failed; quarantining anyway");
+            format!("; WARNING: saving the state failed ({e}), so a restarted daemon would not know it is quarantined")
+        });
         // Stale rules in the reserved slot would make quarantine less than deny-all.
         if let Err(e) = self.maps.clear_slot(QUARANTINE_SLOT) {
             tracing::warn!(error = %e, "Clearing the quarantine slot failed");
         }
-        let entry = self.quarantine_entry(&rec, &policy);
+        let entry = self.quarantine_entry(&rec, policy.as_deref());
         if let Err(e) = self.maps.set_sandbox(rec.cgroup_id, entry) {
             self.state.sandboxes.insert(previous.name.clone(), previous);
             self.save_state();
@@ -1004,11 +1003,14 @@ impl Core {
             trigger: trigger.to_string(),
         }));
         tracing::warn!(sandbox = %rec.name, trigger, "Sandbox quarantined");
-        let revoking = self.revoke_credentials(&rec.name, &policy);
+        let revoking = policy
+            .map(|p| self.revoke_credentials(&rec.name, &p))
+            .unwrap_or_default();
         let mut msg = format!(
             "quarantined sandbox {:?}: every connection is refused, its proxied connections are closed and its DNS is refused",
             rec.name
         );
+        msg.push_str(unsaved.as_deref().unwrap_or_default());
         if !revoking.is_empty() {
             msg.push_str(&format!(
                 "; revoking the live values of {} (see the audit log)",

@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use super::{core::Core, state::State};
 use crate::{
-    alerts::{AlertSettings, Alerts},
+    alerts::{AlertSettings, Alerts, QuarantineOrder},
     audit::{
         AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, Hook,
         NetworkDecision, OnFailure, ProxyEvent, Record, StopReason,
@@ -142,6 +142,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     )
     .with_context(|| format!("opening audit log {}", opts.audit_log))?;
     let audit_task = tokio::spawn(audit_task.run());
+    // Every alert producer raises through a clone of this (see `Alerts::raise`); the
+    // quarantine orders it issues are carried out by the loop below.
+    let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
     let clock = ClockOffset::sample().context("reading clocks")?;
 
     let ca_dir = opts.state_dir.join("ca");
@@ -277,13 +280,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                 let batch = batch.context("reading the kernel ring buffer")?;
                 record_events(&shared, &clock, batch);
             }
-            Some(order) = quarantine_orders.recv() => {
-                let mut core = shared.lock();
-                let trigger = order.kind.as_str();
-                if let Err(e) = core.quarantine(&order.sandbox, Some(order.reason), trigger) {
-                    tracing::error!(sandbox = %order.sandbox, trigger, error = %e, "Quarantine ordered by an alert failed");
-                }
-            }
+            Some(order) = quarantine_orders.recv() => carry_out(&shared, order),
             _ = lost_poll.tick() => {
                 report_lost(&shared);
                 let mut core = shared.lock();
@@ -311,6 +308,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     server.abort();
     let rest = events.drain_now();
     record_events(&shared, &clock, rest);
+    // Alerts raised until now still get the response their records say.
+    while let Ok(order) = quarantine_orders.try_recv() {
+        carry_out(&shared, order);
+    }
     report_lost(&shared);
     {
         let mut core = shared.lock();
@@ -344,6 +345,15 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Quarantines a sandbox because an alert's configured response says so.
+fn carry_out(shared: &Shared, order: QuarantineOrder) {
+    let mut core = shared.lock();
+    let trigger = order.kind.as_str();
+    if let Err(e) = core.quarantine(&order.sandbox, Some(order.reason), trigger) {
+        tracing::error!(sandbox = %order.sandbox, trigger, error = %e, "Quarantine ordered by an alert failed");
+    }
+}
+
 /// Attaches the system-wide LSM program that keeps sandboxes from creating packet and other
 /// non-inet sockets, where the kernel runs BPF LSM programs. Says why not otherwise.
 fn cover_packet_sockets(programs: &mut Programs, layout: &PinLayout) -> Result<(), String> {
@@ -373,9 +383,6 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
     for ev in batch {
         match ev {
             KernelEvent::Connect(ev) => {
-                if ev.verdict == agent_common::verdict::DENY && ev.sandbox_index != 0 {
-                    core.note_denial(ev.sandbox_index, ev.ts_ns);
-                }
                 let (sandbox, rule) = core.names(ev.sandbox_index, ev.rule_id);
                 match NetworkDecision::from_event(&ev, clock, sandbox, rule) {
                     Ok(mut rec) => {
@@ -391,6 +398,11 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
                         core.audit.emit(Record::Network(rec))
                     }
                     Err(e) => tracing::error!(error = %e, "Undecodable kernel event"),
+                }
+                // After the decision's own record, so a burst alert follows the denial
+                // that completed it.
+                if ev.verdict == agent_common::verdict::DENY && ev.sandbox_index != 0 {
+                    core.note_denial(ev.sandbox_index, ev.ts_ns);
                 }
             }
             KernelEvent::Unknown { version, kind, len } => {
