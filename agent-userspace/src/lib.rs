@@ -3,7 +3,8 @@
 //! Modules by concern: `policy` turns policy files into checked rules and kernel map
 //! entries; `bpf` loads, pins and attaches the kernel programs and reads their events;
 //! `dns` answers sandboxes' lookups for allowed names only; `audit` writes the JSONL audit
-//! trail; `control` is the daemon's Unix-socket protocol;
+//! trail; `metrics` serves Prometheus metrics counted from that trail; `observe` is the
+//! live, filtered view of the audit log; `control` is the daemon's Unix-socket protocol;
 //! `daemon` ties them together.
 pub mod audit;
 pub mod bpf;
@@ -12,5 +13,7 @@ pub mod control;
 pub mod credentials;
 pub mod daemon;
 pub mod dns;
+pub mod metrics;
+pub mod observe;
 pub mod policy;
 pub mod proxy;

@@ -212,17 +212,20 @@ impl AuditWriter {
             match self.out.write(&line[written..]) {
                 Ok(0) => {
                     self.torn |= written > 0;
+                    crate::metrics::audit_write_failed();
                     return Err(io::ErrorKind::WriteZero.into());
                 }
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     self.torn |= written > 0;
+                    crate::metrics::audit_write_failed();
                     return Err(e);
                 }
             }
         }
         self.torn = false;
+        crate::metrics::audit_written(written);
         Ok(sequence)
     }
 
@@ -407,7 +410,9 @@ impl AuditHandle {
     /// unbounded, so a slow disk costs memory, not audit records. If the task has stopped
     /// (it returns the write error) the record cannot be written and that is logged.
     pub fn emit(&self, record: impl Into<Record>) {
-        if let Err(mpsc::error::SendError(record)) = self.tx.send(record.into()) {
+        let record = record.into();
+        crate::metrics::observe(&record);
+        if let Err(mpsc::error::SendError(record)) = self.tx.send(record) {
             error!(
                 action = record.action(),
                 "Audit writer has stopped; record not written"

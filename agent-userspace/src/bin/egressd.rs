@@ -44,6 +44,9 @@ struct RunArgs {
     /// Directory for the daemon's state [default: /var/lib/egressd].
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464 [default: off].
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// `--config` file. Every key is optional.
@@ -58,6 +61,8 @@ struct ConfigFile {
     bpffs: Option<PathBuf>,
     /// State directory.
     state_dir: Option<PathBuf>,
+    /// Address to serve Prometheus metrics on (`/metrics`); off when unset.
+    metrics: Option<std::net::SocketAddr>,
     /// Port of the proxy listener on each sandbox's loopback (default 15001).
     proxy_port: Option<u16>,
     /// A sandbox's DNS resolver listens on this port plus its index (default 15300).
@@ -119,6 +124,7 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
         )
         .map_err(|e| anyhow::anyhow!("{config_name}: credentials: {e}"))?,
         proxy: file.proxy,
+        metrics: args.metrics.or(file.metrics),
     })
 }
 

@@ -16,12 +16,14 @@ mod bpffs;
 mod events;
 mod loader;
 mod maps;
+mod ring_usage;
 
 pub use attach::{attached_cgroups, Links};
 pub use bpffs::{ensure_bpffs, PinLayout};
 pub use events::{EventReader, KernelEvent};
 pub use loader::{Programs, HOOKS};
 pub use maps::{PeerMap, PolicyMaps};
+pub use ring_usage::RingUsageProbe;
 
 use std::{io, path::PathBuf};
 

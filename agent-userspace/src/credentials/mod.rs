@@ -23,7 +23,7 @@ pub use raw::{
     RawBasic, RawCommand, RawCredential, RawCredentials, RawGithubApp, RawInject, RawSource,
 };
 pub use secret::Secret;
-pub use store::{normalize_host, CredentialStore, COMMAND_TIMEOUT};
+pub use store::{normalize_host, CredentialStats, CredentialStore, COMMAND_TIMEOUT};
 
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]

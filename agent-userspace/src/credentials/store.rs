@@ -3,7 +3,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc, Mutex,
+};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -67,6 +70,27 @@ struct Credential {
     inject: Inject,
     hosts: BTreeSet<String>,
     header: HeaderCache,
+    /// Fetches from a `command` source and failed fetches from any source except
+    /// `github_app`, which counts its own mints.
+    fetches: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// A credential's state for metrics: its name and source kind, never its value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CredentialStats {
+    pub name: String,
+    /// `file`, `env`, `command` or `github_app`.
+    pub source: &'static str,
+    /// Values obtained from the source: token mints and command runs (files and
+    /// environment variables are read, not fetched: 0).
+    pub fetches: u64,
+    /// Fetches or reads that failed, including a failed token renewal while the current
+    /// token was still used.
+    pub failures: u64,
+    /// How long the current value is still used: until a token expires or a command's
+    /// output is fetched again. `None` when there is none or it does not expire.
+    pub expires_in: Option<Duration>,
 }
 
 /// The header value last built, and the secret it was built from: rebuilt only when the
@@ -261,6 +285,44 @@ impl CredentialStore {
         Ok(Some((credential.inject.header_name(), value)))
     }
 
+    /// Each credential's fetch counts and time left, by name. Never waits: a value being
+    /// fetched right now shows no expiry until it is in.
+    pub fn stats(&self) -> Vec<CredentialStats> {
+        self.credentials
+            .values()
+            .map(|c| {
+                let (source, fetches, failures, expires_in) = match &c.source {
+                    Source::File(_) => ("file", 0, c.failures.load(Ordering::Relaxed), None),
+                    Source::Env { .. } => ("env", 0, 0, None),
+                    Source::Command(cmd) => {
+                        let left = cmd.cache.try_lock().ok().and_then(|cache| {
+                            cache
+                                .as_ref()
+                                .map(|cached| cmd.ttl.saturating_sub(cached.fetched.elapsed()))
+                        });
+                        (
+                            "command",
+                            c.fetches.load(Ordering::Relaxed),
+                            c.failures.load(Ordering::Relaxed),
+                            left,
+                        )
+                    }
+                    Source::GithubApp(app) => {
+                        let (mints, failures, left) = app.stats();
+                        ("github_app", mints, failures, left)
+                    }
+                };
+                CredentialStats {
+                    name: c.name.clone(),
+                    source,
+                    fetches,
+                    failures,
+                    expires_in,
+                }
+            })
+            .collect()
+    }
+
     /// Test hook: a shorter command (and token mint) timeout.
     #[cfg(test)]
     pub(crate) fn set_command_timeout(&mut self, timeout: Duration) {
@@ -303,8 +365,13 @@ impl Credential {
                     path: file.path().to_owned(),
                     source,
                 };
-                file.value(MAX_SECRET_BYTES, |bytes| self.file_secret(bytes), read_err)
-                    .await
+                let value = file
+                    .value(MAX_SECRET_BYTES, |bytes| self.file_secret(bytes), read_err)
+                    .await;
+                if value.is_err() {
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                }
+                value
             }
             Source::Command(cmd) => {
                 let mut cache = cmd.cache.lock().await;
@@ -313,7 +380,14 @@ impl Credential {
                         return Ok(cached.value.clone());
                     }
                 }
-                let value = Arc::new(self.run(cmd).await?);
+                let value = self.run(cmd).await;
+                let counter = if value.is_ok() {
+                    &self.fetches
+                } else {
+                    &self.failures
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let value = Arc::new(value?);
                 *cache = Some(Cached {
                     value: value.clone(),
                     fetched: Instant::now(),
@@ -539,6 +613,8 @@ fn compile(
         inject,
         hosts,
         header: HeaderCache::default(),
+        fetches: AtomicU64::new(0),
+        failures: AtomicU64::new(0),
     })
 }
 

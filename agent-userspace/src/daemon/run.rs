@@ -1,7 +1,7 @@
 //! `egressd run`: start-up, the event and housekeeping loops, and a clean stop.
 use std::{
     path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
     time::Duration,
 };
 
@@ -17,6 +17,7 @@ use crate::{
     bpf::{ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout, PolicyMaps, Programs},
     control::{self, Handler, Request, Response},
     credentials::CredentialStore,
+    metrics,
     proxy::{CertAuthority, Proxy, ProxyConfig},
 };
 
@@ -39,6 +40,8 @@ pub struct DaemonOptions {
     pub dns_upstream: Vec<std::net::SocketAddr>,
     pub proxy: ProxyConfig,
     pub credentials: CredentialStore,
+    /// Where to serve Prometheus metrics (`/metrics`); none when unset.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 struct Shared(Mutex<Core>);
@@ -95,6 +98,12 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let mut programs = Programs::load(&layout)?;
     let maps = PolicyMaps::new(&mut programs)?;
     let mut events = EventReader::new(&mut programs)?;
+    // Before the audit trail opens, so that every record is counted.
+    let scrape_sources = Arc::new(OnceLock::new());
+    let metrics_server = match opts.metrics {
+        Some(addr) => Some(start_metrics(addr, &events, scrape_sources.clone()).await?),
+        None => None,
+    };
 
     let sink = if opts.audit_log == "-" {
         AuditSink::Stdout
@@ -111,6 +120,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         .with_context(|| format!("loading or creating the local CA in {}", ca_dir.display()))?;
     let ca_pem = ca.ca_pem();
     let credentials = std::sync::Arc::new(opts.credentials);
+    let metrics_credentials = credentials.clone();
     let proxy_audit = audit.clone();
     let proxy = Proxy::new(
         opts.proxy,
@@ -190,6 +200,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let listener = control::bind(&opts.socket)
         .with_context(|| format!("binding control socket {}", opts.socket.display()))?;
     let server = tokio::spawn(control::serve(listener, shared.clone()));
+    let _ = scrape_sources.set(ScrapeSources {
+        shared: Arc::downgrade(&shared),
+        credentials: metrics_credentials,
+    });
 
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut lost_poll = tokio::time::interval(LOST_POLL);
@@ -219,6 +233,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
 
     tracing::info!("Stopping; sandboxes stay confined (pinned links)");
     server.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     let rest = events.drain_now();
     record_events(&shared, &clock, rest);
     report_lost(&shared);
@@ -251,6 +268,52 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What a scrape reads from the running daemon, set once it is up.
+struct ScrapeSources {
+    shared: std::sync::Weak<Shared>,
+    credentials: Arc<CredentialStore>,
+}
+
+/// Installs the metrics fed by the audit records and serves them on `addr`; the values
+/// no record carries are read from the daemon on each scrape.
+async fn start_metrics(
+    addr: std::net::SocketAddr,
+    events: &EventReader,
+    sources: Arc<OnceLock<ScrapeSources>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let ring = match events.usage_probe() {
+        Ok(probe) => Some(probe),
+        Err(e) => {
+            tracing::warn!(error = %e, "Ring buffer fill not available as a metric");
+            None
+        }
+    };
+    let snapshot: metrics::SnapshotFn = Arc::new(move || {
+        let mut s = metrics::Snapshot {
+            ring: ring.as_ref().map(|p| metrics::RingUsage {
+                used_bytes: p.used_bytes(),
+                capacity_bytes: p.capacity_bytes(),
+            }),
+            ..Default::default()
+        };
+        let Some(sources) = sources.get() else {
+            return s;
+        };
+        s.credentials = sources.credentials.stats();
+        if let Some(shared) = sources.shared.upgrade() {
+            let core = shared.lock();
+            s.sandboxes = Some(core.state.sandboxes.len() as u64);
+            s.kernel_events_lost = Some(core.maps.lost_total());
+            s.proxy_open_connections = core.proxy.open_connections();
+        }
+        s
+    });
+    let installed = metrics::install(Arc::new(metrics::Metrics::new(Some(snapshot))));
+    let (bound, serving) = metrics::serve(addr, installed).await?;
+    tracing::info!(%bound, "Serving Prometheus metrics at /metrics");
+    Ok(tokio::spawn(serving))
 }
 
 fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {

@@ -1,0 +1,161 @@
+//! Reading an audit log as it grows, across rotations.
+//!
+//! Each [`Follower::poll`] reads what was appended since the last one and then looks at
+//! the path again: a different inode there means the file was rotated (renamed away and
+//! a new one created), so the old file is read to its end once more and reading goes on
+//! at the start of the new one; the same inode with fewer bytes than were read means it
+//! was truncated (`copytruncate`), so reading starts over at 0. While the path is missing
+//! (between the rename and the create) the old file is still read.
+
+use std::{
+    fs::File,
+    io,
+    os::unix::fs::{FileExt, MetadataExt},
+    path::{Path, PathBuf},
+};
+
+/// Where a follower starts in the file that is there when it starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    Beginning,
+    /// After what the file holds now (only new records are shown).
+    End,
+}
+
+/// A line longer than this is handed out in pieces rather than buffered without bound.
+const MAX_LINE: usize = 1 << 20;
+const CHUNK: usize = 64 * 1024;
+
+pub struct Follower {
+    path: PathBuf,
+    current: Option<Open>,
+    /// Bytes after the last newline read, waiting for the rest of their line.
+    partial: Vec<u8>,
+    /// Set when the follower has switched files: counts rotations, for the caller.
+    rotations: u64,
+}
+
+struct Open {
+    file: File,
+    dev: u64,
+    ino: u64,
+    offset: u64,
+}
+
+impl Follower {
+    /// Starts following `path`. A missing file is waited for (and then read from its
+    /// start); any other error opening it is returned.
+    pub fn open(path: impl Into<PathBuf>, start: Start) -> io::Result<Self> {
+        let path = path.into();
+        let current = match open(&path) {
+            Ok(mut o) => {
+                if start == Start::End {
+                    o.offset = o.file.metadata()?.len();
+                }
+                Some(o)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            path,
+            current,
+            partial: Vec::new(),
+            rotations: 0,
+        })
+    }
+
+    /// How many times a rotation or truncation was followed.
+    pub fn rotations(&self) -> u64 {
+        self.rotations
+    }
+
+    /// Complete lines appended since the last call, without their `\n`.
+    pub fn poll(&mut self) -> io::Result<Vec<String>> {
+        let mut lines = Vec::new();
+        let Some(cur) = self.current.as_mut() else {
+            match open(&self.path) {
+                Ok(o) => self.current = Some(o),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(lines),
+                Err(e) => return Err(e),
+            }
+            return self.poll();
+        };
+        read_to_end(cur, &mut self.partial, &mut lines)?;
+        match std::fs::metadata(&self.path) {
+            Ok(meta) if (meta.dev(), meta.ino()) != (cur.dev, cur.ino) => {
+                // Rotated: whatever reached the old file before its writer moved on.
+                read_to_end(cur, &mut self.partial, &mut lines)?;
+                self.flush_partial(&mut lines);
+                self.rotations += 1;
+                match open(&self.path) {
+                    Ok(o) => {
+                        self.current = Some(o);
+                        let Some(new) = self.current.as_mut() else {
+                            return Ok(lines);
+                        };
+                        read_to_end(new, &mut self.partial, &mut lines)?;
+                    }
+                    // Gone again already: keep the old one until a new file appears.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(meta) if meta.len() < cur.offset => {
+                // Truncated in place (copytruncate): the file starts over.
+                cur.offset = 0;
+                self.partial.clear();
+                self.rotations += 1;
+                read_to_end(cur, &mut self.partial, &mut lines)?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(lines)
+    }
+
+    /// The unterminated end of a file that will not grow any more is a line of its own.
+    fn flush_partial(&mut self, lines: &mut Vec<String>) {
+        if !self.partial.is_empty() {
+            lines.push(String::from_utf8_lossy(&self.partial).into_owned());
+            self.partial.clear();
+        }
+    }
+}
+
+fn open(path: &Path) -> io::Result<Open> {
+    let file = File::open(path)?;
+    let meta = file.metadata()?;
+    Ok(Open {
+        file,
+        dev: meta.dev(),
+        ino: meta.ino(),
+        offset: 0,
+    })
+}
+
+fn read_to_end(cur: &mut Open, partial: &mut Vec<u8>, lines: &mut Vec<String>) -> io::Result<()> {
+    let mut buf = vec![0; CHUNK];
+    loop {
+        let n = match cur.file.read_at(&mut buf, cur.offset) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        cur.offset += n as u64;
+        let mut rest = &buf[..n];
+        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            partial.extend_from_slice(&rest[..nl]);
+            lines.push(String::from_utf8_lossy(partial).into_owned());
+            partial.clear();
+            rest = &rest[nl + 1..];
+        }
+        partial.extend_from_slice(rest);
+        if partial.len() > MAX_LINE {
+            lines.push(String::from_utf8_lossy(partial).into_owned());
+            partial.clear();
+        }
+    }
+}
