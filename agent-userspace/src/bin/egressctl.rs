@@ -331,6 +331,18 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
     if !follow && !path.exists() {
         bail!("{}: no such file", path.display());
     }
+    if follow {
+        // On stderr, so that stdout carries records only.
+        eprintln!(
+            "egressctl: following {}{}",
+            path.display(),
+            if path.exists() {
+                ""
+            } else {
+                " (not there yet)"
+            }
+        );
+    }
     let mut out = std::io::stdout().lock();
     loop {
         let lines = follower

@@ -1,5 +1,6 @@
 //! Prometheus metrics, served on an opt-in address (`metrics:` in the daemon config, or
-//! `--metrics`) at `/metrics` in the OpenMetrics text format.
+//! `--metrics`) at `/metrics`: OpenMetrics text when the scraper asks for it (Prometheus
+//! does), the Prometheus text format otherwise.
 //!
 //! Almost everything is counted from the typed audit record stream: the audit handle
 //! calls [`observe`] for every record it is given and the writer reports every line it
@@ -23,7 +24,7 @@ use std::sync::{Arc, OnceLock};
 
 pub use registry::Metrics;
 pub use scrape::{RingUsage, Snapshot, SnapshotFn};
-pub use server::{serve, MetricsError, CONTENT_TYPE};
+pub use server::{serve, MetricsError, CONTENT_TYPE, TEXT_CONTENT_TYPE};
 
 use crate::audit::Record;
 

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use prometheus_client::{
-    encoding::{text::encode, EncodeLabelSet},
+    encoding::{prometheus_text, text, EncodeLabelSet},
     metrics::{
         counter::Counter,
         family::{Family, MetricConstructor},
@@ -213,7 +213,14 @@ impl Metrics {
     /// The OpenMetrics text exposition of every metric, ending in `# EOF`.
     pub fn encode(&self) -> Result<String, fmt::Error> {
         let mut out = String::with_capacity(16 * 1024);
-        encode(&mut out, &self.registry)?;
+        text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+
+    /// The Prometheus text format 0.0.4, for clients that do not ask for OpenMetrics.
+    pub fn encode_prometheus_text(&self) -> Result<String, fmt::Error> {
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_text::encode(&mut out, &self.registry)?;
         Ok(out)
     }
 

@@ -14,8 +14,11 @@ use tokio::net::TcpListener;
 
 use super::Metrics;
 
-/// The OpenMetrics text format Prometheus asks for.
+/// The OpenMetrics text format, served when the client's `Accept` names it (Prometheus
+/// does).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The Prometheus text format, served to every other client (curl, `promtool`).
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// A scrape connection that sends no complete request header within this is closed.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -98,8 +101,21 @@ async fn handle(
             .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
         return Ok(resp);
     }
+    let openmetrics = req
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
     // The snapshot may wait for the daemon's lock: keep it off the runtime's workers.
-    let text = match tokio::task::spawn_blocking(move || metrics.encode()).await {
+    let encoded = tokio::task::spawn_blocking(move || {
+        if openmetrics {
+            metrics.encode()
+        } else {
+            metrics.encode_prometheus_text()
+        }
+    });
+    let text = match encoded.await {
         Ok(Ok(text)) => text,
         Ok(Err(_)) | Err(_) => {
             tracing::error!("Encoding metrics failed");
@@ -112,7 +128,11 @@ async fn handle(
     let mut resp = Response::new(Full::new(Bytes::from(text)));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static(CONTENT_TYPE),
+        header::HeaderValue::from_static(if openmetrics {
+            CONTENT_TYPE
+        } else {
+            TEXT_CONTENT_TYPE
+        }),
     );
     Ok(resp)
 }

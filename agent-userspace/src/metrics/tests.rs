@@ -285,9 +285,8 @@ fn audit_writes_bytes_and_errors() {
     assert!(text.ends_with("# EOF\n"), "{text}");
 }
 
-#[test]
-fn scrape_time_values_come_from_the_snapshot() {
-    let snapshot: SnapshotFn = Arc::new(|| Snapshot {
+fn full_snapshot() -> Snapshot {
+    Snapshot {
         sandboxes: Some(2),
         ring: Some(RingUsage {
             used_bytes: 4096,
@@ -311,8 +310,12 @@ fn scrape_time_values_come_from_the_snapshot() {
                 expires_in: None,
             },
         ],
-    });
-    let m = Metrics::new(Some(snapshot));
+    }
+}
+
+#[test]
+fn scrape_time_values_come_from_the_snapshot() {
+    let m = Metrics::new(Some(Arc::new(full_snapshot)));
     let text = m.encode().unwrap_or_default();
     assert_eq!(value(&text, "egressd_sandboxes"), Some(2.0), "{text}");
     assert_eq!(value(&text, "egressd_ring_buffer_used_bytes"), Some(4096.0));
@@ -376,7 +379,9 @@ async fn endpoint_serves_openmetrics_and_nothing_else() {
         let mut s = tokio::net::TcpStream::connect(addr)
             .await
             .unwrap_or_else(|e| unreachable!("{e}"));
-        let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\nConnection: close\r\n\r\n"
+        );
         s.write_all(req.as_bytes())
             .await
             .unwrap_or_else(|e| unreachable!("{e}"));
@@ -395,7 +400,65 @@ async fn endpoint_serves_openmetrics_and_nothing_else() {
     );
     assert!(ok.contains(r#"egressd_decisions_total{sandbox="agent-1""#));
     assert!(ok.trim_end().ends_with("# EOF"));
+    // Without OpenMetrics in `Accept`: the Prometheus text format.
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let mut plain = String::new();
+    s.read_to_string(&mut plain)
+        .await
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    assert!(
+        plain
+            .to_ascii_lowercase()
+            .contains(&format!("content-type: {TEXT_CONTENT_TYPE}")),
+        "{plain}"
+    );
+    assert!(plain.contains("# HELP egressd_decisions_total "), "{plain}");
+    assert!(!plain.contains("# EOF"));
     assert!(get("/", "GET").await.starts_with("HTTP/1.1 404"));
     assert!(get("/metrics", "POST").await.starts_with("HTTP/1.1 405"));
     task.abort();
+}
+
+#[test]
+fn every_metric_the_dashboard_uses_exists() {
+    let m = Metrics::new(Some(Arc::new(full_snapshot)));
+    m.observe(&request(ProxyVerdict::Allow, Some("upstream reset"), 87));
+    m.observe(&decision(
+        "agent-1",
+        Hook::Connect4,
+        Verdict::Deny,
+        RuleRef::Default,
+    ));
+    m.observe(&dns(DnsVerdict::Deny, "NXDOMAIN"));
+    m.observe(&Record::Alert(Alert::new(
+        T0,
+        AlertKind::DenialBurst,
+        "agent-1",
+        "burst",
+    )));
+    m.audit_write_failed();
+    let text = m.encode_prometheus_text().unwrap_or_default();
+    let dashboard = include_str!("../../../deploy/grafana/egressd.json");
+    let mut checked = 0;
+    for (i, _) in dashboard.match_indices("egressd_") {
+        let name: String = dashboard[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        assert!(
+            text.lines().any(|l| {
+                l.starts_with(&format!("{name}{{"))
+                    || l.starts_with(&format!("{name} "))
+                    || l.starts_with(&format!("# TYPE {name} "))
+            }),
+            "dashboard uses {name}, which the daemon does not export"
+        );
+        checked += 1;
+    }
+    assert!(checked > 10, "{checked}");
 }

@@ -3,9 +3,11 @@
 //! Each [`Follower::poll`] reads what was appended since the last one and then looks at
 //! the path again: a different inode there means the file was rotated (renamed away and
 //! a new one created), so the old file is read to its end once more and reading goes on
-//! at the start of the new one; the same inode with fewer bytes than were read means it
-//! was truncated (`copytruncate`), so reading starts over at 0. While the path is missing
-//! (between the rename and the create) the old file is still read.
+//! at the start of the new one. The same inode with fewer bytes than were read, or with
+//! other bytes than were read just before the read position, means it was truncated
+//! (`copytruncate`) and written again, so reading starts over at 0; the second check
+//! catches a file rewritten to the same length between two polls. While the path is
+//! missing (between the rename and the create) the old file is still read.
 
 use std::{
     fs::File,
@@ -40,7 +42,15 @@ struct Open {
     dev: u64,
     ino: u64,
     offset: u64,
+    /// The last bytes read, ending at `offset`: if the file no longer holds them there,
+    /// it was truncated and written again.
+    seen: Vec<u8>,
 }
+
+/// How many of the last bytes read are kept to recognise a rewritten file: more than a
+/// whole record, so that they include the last record's `@timestamp` and
+/// `event.sequence` (records often end alike).
+const SEEN: usize = 4096;
 
 impl Follower {
     /// Starts following `path`. A missing file is waited for (and then read from its
@@ -51,6 +61,10 @@ impl Follower {
             Ok(mut o) => {
                 if start == Start::End {
                     o.offset = o.file.metadata()?.len();
+                    let from = o.offset.saturating_sub(SEEN as u64);
+                    let mut seen = vec![0; usize::try_from(o.offset - from).unwrap_or(0)];
+                    o.file.read_exact_at(&mut seen, from)?;
+                    o.seen = seen;
                 }
                 Some(o)
             }
@@ -81,6 +95,12 @@ impl Follower {
             }
             return self.poll();
         };
+        if rewritten(cur)? {
+            cur.offset = 0;
+            cur.seen.clear();
+            self.partial.clear();
+            self.rotations += 1;
+        }
         read_to_end(cur, &mut self.partial, &mut lines)?;
         match std::fs::metadata(&self.path) {
             Ok(meta) if (meta.dev(), meta.ino()) != (cur.dev, cur.ino) => {
@@ -104,6 +124,7 @@ impl Follower {
             Ok(meta) if meta.len() < cur.offset => {
                 // Truncated in place (copytruncate): the file starts over.
                 cur.offset = 0;
+                cur.seen.clear();
                 self.partial.clear();
                 self.rotations += 1;
                 read_to_end(cur, &mut self.partial, &mut lines)?;
@@ -132,7 +153,23 @@ fn open(path: &Path) -> io::Result<Open> {
         dev: meta.dev(),
         ino: meta.ino(),
         offset: 0,
+        seen: Vec::new(),
     })
+}
+
+/// Whether the bytes before the read position are not the ones read there.
+fn rewritten(cur: &Open) -> io::Result<bool> {
+    if cur.seen.is_empty() {
+        return Ok(false);
+    }
+    let len = cur.file.metadata()?.len();
+    if len < cur.offset {
+        return Ok(true);
+    }
+    let mut now = vec![0; cur.seen.len()];
+    cur.file
+        .read_exact_at(&mut now, cur.offset - cur.seen.len() as u64)?;
+    Ok(now != cur.seen)
 }
 
 fn read_to_end(cur: &mut Open, partial: &mut Vec<u8>, lines: &mut Vec<String>) -> io::Result<()> {
@@ -145,6 +182,9 @@ fn read_to_end(cur: &mut Open, partial: &mut Vec<u8>, lines: &mut Vec<String>) -
             Err(e) => return Err(e),
         };
         cur.offset += n as u64;
+        let keep = cur.seen.len().saturating_add(n).saturating_sub(SEEN);
+        cur.seen.drain(..keep.min(cur.seen.len()));
+        cur.seen.extend_from_slice(&buf[n.saturating_sub(SEEN)..n]);
         let mut rest = &buf[..n];
         while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
             partial.extend_from_slice(&rest[..nl]);

@@ -207,6 +207,18 @@ fn follows_appends_renames_and_truncation() {
     append(&log, "c-1\n");
     assert_eq!(f.poll().unwrap_or_default(), vec!["c-1"]);
     assert_eq!(f.rotations(), 2);
+
+    // Truncated and written to the very same length between two polls.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .and_then(|f| f.set_len(0))
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    append(&log, "c-2\n");
+    assert_eq!(f.poll().unwrap_or_default(), vec!["c-2"]);
+    assert_eq!(f.rotations(), 3);
+    append(&log, "c-3\n");
+    assert_eq!(f.poll().unwrap_or_default(), vec!["c-3"]);
 }
 
 #[test]
