@@ -5,6 +5,7 @@ use agent_common::{
     SandboxInfo, V4Key, V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX, RULE_DNS,
 };
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
@@ -350,7 +351,24 @@ fn report(ctx: *mut core::ffi::c_void, call: &Call, index: u32, v: u8, rule_id: 
         addr: call.raw_addr,
     };
     entry.write(ev);
-    entry.submit(0);
+    entry.submit(submit_flags());
+}
+
+/// Unread bytes in `EVENTS` past which a submit wakes the reader at once. Below it, events
+/// are submitted without a wake-up and the daemon picks them up on its short poll (see
+/// `bpf::events`), so a burst costs one wake-up instead of one per event. 64 KiB is about
+/// 600 events: a few milliseconds at the highest rates, far from the 4 MiB the buffer holds.
+const WAKEUP_THRESHOLD: u64 = 64 << 10;
+
+/// `BPF_RB_NO_WAKEUP` while the reader is keeping up, `BPF_RB_FORCE_WAKEUP` once unread
+/// data passes [`WAKEUP_THRESHOLD`]. Verdicts never depend on this.
+#[inline(always)]
+fn submit_flags() -> u64 {
+    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_THRESHOLD {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    }
 }
 
 /// For replies and peer names of sockets whose destination was rewritten: the address the

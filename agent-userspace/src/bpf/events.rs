@@ -1,6 +1,11 @@
 //! Reads decision events from the pinned ring buffer. The buffer outlives the daemon, so
 //! events from while it was down are read when it comes back.
-use std::{io, os::fd::AsRawFd};
+//!
+//! The kernel programs submit events without waking the reader while it keeps up, and force
+//! a wake-up only once unread data passes a threshold (see `submit_flags` in the eBPF
+//! crate): a wake-up per event would cost several times the decision itself. The reader
+//! therefore also polls every [`POLL_INTERVAL`], which bounds how late a record is.
+use std::{io, os::fd::AsRawFd, time::Duration};
 
 use agent_common::{event_kind, ConnectEvent, ABI_VERSION};
 use aya::maps::{MapData, RingBuf};
@@ -20,6 +25,10 @@ pub enum KernelEvent {
         len: usize,
     },
 }
+
+/// How often the reader looks for events submitted without a wake-up. Records reach the
+/// audit log at most this late (plus the writer's own batching).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
@@ -41,18 +50,28 @@ impl EventReader {
         Ok(Self { ring })
     }
 
-    /// Waits for events and returns everything available (at least one event).
+    /// Waits for events and returns everything available (at least one event): woken by
+    /// the kernel past its threshold, or finding them on the next poll.
     pub async fn next_batch(&mut self) -> io::Result<Vec<KernelEvent>> {
         loop {
-            let mut guard = self.ring.readable_mut().await?;
-            let ring = guard.get_inner_mut();
-            let mut out = Vec::new();
-            while let Some(item) = ring.next() {
-                out.push(decode(&item));
-            }
-            guard.clear_ready();
+            let out = self.drain_now();
             if !out.is_empty() {
                 return Ok(out);
+            }
+            tokio::select! {
+                guard = self.ring.readable_mut() => {
+                    let mut guard = guard?;
+                    let ring = guard.get_inner_mut();
+                    let mut out = Vec::new();
+                    while let Some(item) = ring.next() {
+                        out.push(decode(&item));
+                    }
+                    guard.clear_ready();
+                    if !out.is_empty() {
+                        return Ok(out);
+                    }
+                }
+                () = tokio::time::sleep(POLL_INTERVAL) => {}
             }
         }
     }

@@ -4,6 +4,10 @@
 //! sandbox and from one inside an attached sandbox (policy allows the listener), in
 //! alternating rounds so machine noise hits both alike. Reports p50/p99 per side and their
 //! ratio, and the kernel programs' own run time from BPF statistics.
+//!
+//! Then the audit pipeline: two workers inside the sandbox connect as fast as they can; the
+//! bench reports connects per second, whether every one became an audit record (or was
+//! counted as lost), and the daemon's CPU time per record.
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     process::Command,
@@ -17,7 +21,7 @@ use egress_tests::{
 };
 
 use super::percentile;
-use crate::cmd::{bin, build_bins, require_root, step};
+use crate::cmd::{bin_in, build_bins_in, require_root, step};
 
 /// Measures `connects` connects and prints the latencies (ns), one per line.
 pub(super) fn worker(addr: SocketAddr, connects: usize) -> anyhow::Result<()> {
@@ -69,16 +73,72 @@ fn prog_stats(daemon_pid: u32) -> (u64, u64) {
     (cnt, ns)
 }
 
-pub(super) fn run(connects: usize, rounds: usize) -> anyhow::Result<()> {
+/// A loopback listener with a deep accept queue: at flood rates a queue of std's 128 fills
+/// whenever the accepting thread is descheduled, and every SYN dropped then costs its
+/// connect a one-second retransmission, which would measure the queue, not confinement.
+fn deep_listener() -> std::io::Result<TcpListener> {
+    use std::os::fd::AsRawFd;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    // SAFETY: listen(2) on a socket we own; calling it again only changes the backlog.
+    if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(listener)
+}
+
+/// User + system CPU time of a process, in nanoseconds (from `/proc/PID/stat`).
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after `)`.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    ticks * 1_000_000_000 / hz
+}
+
+/// (connect records of sandbox `bench`, events reported lost) in the daemon's audit log.
+fn audit_counts(daemon: &Daemon) -> (u64, u64) {
+    let Ok(records) = daemon.audit_records() else {
+        return (0, 0);
+    };
+    let mut connects = 0;
+    let mut lost = 0;
+    for r in &records {
+        match r["event"]["action"].as_str() {
+            Some("connect") if r["egress"]["sandbox"]["name"] == "bench" => connects += 1,
+            Some("events-lost") => lost += r["egress"]["lost"]["count"].as_u64().unwrap_or(0),
+            _ => {}
+        }
+    }
+    (connects, lost)
+}
+
+pub(super) fn run(
+    connects: usize,
+    rounds: usize,
+    flood: usize,
+    release: bool,
+) -> anyhow::Result<()> {
     require_root("the connect benchmark")?;
-    build_bins()?;
+    build_bins_in(release)?;
+    let build = if release { "release" } else { "debug" };
     // SAFETY: single-threaded here.
     unsafe {
-        std::env::set_var("EGRESSD_BIN", bin("egressd"));
-        std::env::set_var("EGRESSCTL_BIN", bin("egressctl"));
+        std::env::set_var("EGRESSD_BIN", bin_in(release, "egressd"));
+        std::env::set_var("EGRESSCTL_BIN", bin_in(release, "egressctl"));
     }
     step("Starting a loopback listener, egressd, and a sandbox cgroup allowed to reach it");
-    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let listener = deep_listener()?;
     let addr = listener.local_addr()?;
     std::thread::spawn(move || {
         for s in listener.incoming() {
@@ -90,10 +150,7 @@ pub(super) fn run(connects: usize, rounds: usize) -> anyhow::Result<()> {
     let policy = daemon.dir().join("bench.yaml");
     std::fs::write(
         &policy,
-        format!(
-            "version: 1\ndefault: deny\nrules:\n  - name: bench-listener\n    to: [127.0.0.1]\n    ports: [{}]\n    protocol: tcp\n    action: allow\n",
-            addr.port()
-        ),
+        "version: 1\ndefault: deny\nrules:\n  - name: bench-listener\n    to: [127.0.0.1]\n    protocol: tcp\n    action: allow\n",
     )?;
     let out = daemon.ctl([
         "attach".as_ref(),
@@ -144,6 +201,56 @@ pub(super) fn run(connects: usize, rounds: usize) -> anyhow::Result<()> {
         eprintln!("  round {}/{rounds} done", r + 1);
     }
     let (c1, t1) = prog_stats(daemon_pid);
+
+    step(&format!(
+        "Audit pipeline: {flood} connects from two workers inside the sandbox at once"
+    ));
+    // First let the latency rounds' records arrive, so they are not counted here.
+    let latency_inside = (rounds * (connects + connects.min(200))) as u64;
+    let settle = Instant::now() + std::time::Duration::from_secs(30);
+    let (mut records0, mut lost0) = audit_counts(&daemon);
+    while records0 + lost0 < latency_inside && Instant::now() < settle {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        (records0, lost0) = audit_counts(&daemon);
+    }
+    let cpu0 = cpu_ns(daemon_pid);
+    let started = Instant::now();
+    let per_worker = flood / 2;
+    // Each worker gets a listener of its own, so the connects of the latency rounds (in
+    // TIME_WAIT) and of the other worker do not crowd its source ports.
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let listener = deep_listener()?;
+            let port = listener.local_addr()?.port();
+            std::thread::spawn(move || {
+                for s in listener.incoming() {
+                    drop(s);
+                }
+            });
+            let script = format!(
+                "echo $$ > '{}' && exec '{}' bench connect-worker 127.0.0.1:{port} {per_worker} >/dev/null",
+                cgroup.procs_file().display(),
+                me.display()
+            );
+            Command::new("sh").args(["-c", &script]).spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    for mut w in workers {
+        if !w.wait()?.success() {
+            bail!("flood worker failed");
+        }
+    }
+    let flood_secs = started.elapsed().as_secs_f64();
+    // Every connect made (warm-up included) must reach the log or be counted lost.
+    let expected = 2 * (per_worker + per_worker.min(200)) as u64;
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    let (mut records, mut lost) = audit_counts(&daemon);
+    while records - records0 + (lost - lost0) < expected && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        (records, lost) = audit_counts(&daemon);
+    }
+    let cpu = cpu_ns(daemon_pid).saturating_sub(cpu0);
+    let written = records - records0;
     let _ = std::fs::write(stats_path, stats_before.trim());
     outside.sort_unstable();
     inside.sort_unstable();
@@ -159,7 +266,7 @@ pub(super) fn run(connects: usize, rounds: usize) -> anyhow::Result<()> {
     };
     println!();
     println!(
-        "connect() to 127.0.0.1 ({} samples per side)",
+        "connect() to 127.0.0.1 ({} samples per side, {build} build)",
         outside.len()
     );
     println!("{:<28} {:>10} {:>10}", "", "p50 (us)", "p99 (us)");
@@ -183,6 +290,12 @@ pub(super) fn run(connects: usize, rounds: usize) -> anyhow::Result<()> {
     );
     println!(
         "kernel programs: {runs} runs, {per_run:.0} ns per run (bpf_stats run_time_ns / run_cnt)"
+    );
+    println!(
+        "audit pipeline: {expected} connects in {flood_secs:.2} s = {:.0} connects/s; {written} records written, {} lost; daemon CPU {:.2} us per record",
+        expected as f64 / flood_secs,
+        lost - lost0,
+        cpu as f64 / 1000.0 / written.max(1) as f64
     );
     drop(daemon);
     drop(cgroup);

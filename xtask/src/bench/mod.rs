@@ -20,6 +20,14 @@ pub enum Which {
         /// Rounds (each runs outside, then inside).
         #[arg(long, default_value_t = 4)]
         rounds: usize,
+        /// Connects in the audit-pipeline case (two workers inside the sandbox at once).
+        /// Keep it under the ephemeral port range (~28k): past it, connect() itself slows
+        /// down searching for a port while earlier connections sit in TIME_WAIT.
+        #[arg(long, default_value_t = 20_000)]
+        flood: usize,
+        /// Measure the release build (as users run it); the default debug build is labelled.
+        #[arg(long)]
+        release: bool,
     },
     /// HTTPS req/s and latency through egressd's proxy, straight to the origin, and
     /// through nginx as a reverse proxy (needs nginx, wrk, h2load, curl, openssl).
@@ -31,7 +39,12 @@ pub enum Which {
 
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
-        Which::Connect { connects, rounds } => connect::run(connects, rounds),
+        Which::Connect {
+            connects,
+            rounds,
+            flood,
+            release,
+        } => connect::run(connects, rounds, flood, release),
         Which::Proxy(args) => proxy::run(&args),
         Which::ConnectWorker { addr, connects } => connect::worker(addr, connects),
     }
