@@ -348,6 +348,7 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
         let lines = follower
             .poll()
             .with_context(|| format!("reading {}", path.display()))?;
+        let caught_up = lines.is_empty();
         for line in lines {
             if let Some(text) = observe::render(&line, &filter, args.json) {
                 if writeln!(out, "{text}").is_err() {
@@ -355,6 +356,9 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::SUCCESS);
                 }
             }
+        }
+        if !caught_up {
+            continue;
         }
         if !follow {
             return Ok(ExitCode::SUCCESS);

@@ -26,6 +26,9 @@ pub enum Start {
 
 /// A line longer than this is handed out in pieces rather than buffered without bound.
 const MAX_LINE: usize = 1 << 20;
+/// Most bytes one poll reads, so that a large log is shown a piece at a time. More than
+/// `MAX_LINE`, so a poll that stops here has always handed out at least one line.
+const POLL_BUDGET: u64 = 4 << 20;
 const CHUNK: usize = 64 * 1024;
 
 pub struct Follower {
@@ -84,7 +87,8 @@ impl Follower {
         self.rotations
     }
 
-    /// Complete lines appended since the last call, without their `\n`.
+    /// Complete lines appended since the last call, without their `\n`, up to a few
+    /// MiB at a time: an empty result means the follower has caught up.
     pub fn poll(&mut self) -> io::Result<Vec<String>> {
         let mut lines = Vec::new();
         let Some(cur) = self.current.as_mut() else {
@@ -101,11 +105,14 @@ impl Follower {
             self.partial.clear();
             self.rotations += 1;
         }
-        read_to_end(cur, &mut self.partial, &mut lines)?;
+        if read_to_end(cur, &mut self.partial, &mut lines)? {
+            // Not caught up yet: rotation is looked for once the end is reached.
+            return Ok(lines);
+        }
         match std::fs::metadata(&self.path) {
             Ok(meta) if (meta.dev(), meta.ino()) != (cur.dev, cur.ino) => {
                 // Rotated: whatever reached the old file before its writer moved on.
-                read_to_end(cur, &mut self.partial, &mut lines)?;
+                while read_to_end(cur, &mut self.partial, &mut lines)? {}
                 self.flush_partial(&mut lines);
                 self.rotations += 1;
                 match open(&self.path) {
@@ -172,16 +179,23 @@ fn rewritten(cur: &Open) -> io::Result<bool> {
     Ok(now != cur.seen)
 }
 
-fn read_to_end(cur: &mut Open, partial: &mut Vec<u8>, lines: &mut Vec<String>) -> io::Result<()> {
+/// Reads from the read position on, up to [`POLL_BUDGET`] bytes; returns whether it
+/// stopped there (more may follow) rather than at the end of the file.
+fn read_to_end(cur: &mut Open, partial: &mut Vec<u8>, lines: &mut Vec<String>) -> io::Result<bool> {
     let mut buf = vec![0; CHUNK];
+    let mut budget = POLL_BUDGET;
     loop {
+        if budget == 0 {
+            return Ok(true);
+        }
         let n = match cur.file.read_at(&mut buf, cur.offset) {
-            Ok(0) => return Ok(()),
+            Ok(0) => return Ok(false),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
         cur.offset += n as u64;
+        budget = budget.saturating_sub(n as u64);
         let keep = cur.seen.len().saturating_add(n).saturating_sub(SEEN);
         cur.seen.drain(..keep.min(cur.seen.len()));
         cur.seen.extend_from_slice(&buf[n.saturating_sub(SEEN)..n]);

@@ -230,3 +230,22 @@ fn waits_for_a_missing_file_and_reads_it_from_the_start() {
     append(&log, "first\n");
     assert_eq!(f.poll().unwrap_or_default(), vec!["first"]);
 }
+
+#[test]
+fn a_large_log_is_read_a_piece_at_a_time() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+    let log = dir.path().join("audit.jsonl");
+    let line = format!("{}\n", "x".repeat(999));
+    append(&log, &line.repeat(10_000)); // 10 MB
+    let mut f = Follower::open(&log, Start::Beginning).unwrap_or_else(|e| unreachable!("{e}"));
+    let mut polls = Vec::new();
+    loop {
+        let n = f.poll().unwrap_or_default().len();
+        if n == 0 {
+            break;
+        }
+        polls.push(n);
+    }
+    assert_eq!(polls.iter().sum::<usize>(), 10_000);
+    assert!(polls.len() >= 3, "{polls:?}");
+}
