@@ -18,7 +18,7 @@ packages=(
   iproute2 util-linux procps psmisc
   curl git python3 openssl bind9-dnsutils
   nginx dnsmasq-base nghttp2-client wrk
-  prometheus
+  prometheus rsyslog
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -3,12 +3,13 @@
 //! Modules by concern: `policy` turns policy files into checked rules and kernel map
 //! entries; `bpf` loads, pins and attaches the kernel programs and reads their events;
 //! `dns` answers sandboxes' lookups for allowed names only; `audit` writes the JSONL audit
-//! trail; `metrics` serves Prometheus metrics counted from that trail; `observe` is the
-//! live, filtered view of the audit log; `control` is the daemon's Unix-socket protocol;
-//! `daemon` ties them together.
+//! trail; `collector` ships that trail to a syslog collector; `metrics` serves Prometheus
+//! metrics counted from it; `observe` is the live, filtered view of the audit log;
+//! `control` is the daemon's Unix-socket protocol; `daemon` ties them together.
 pub mod audit;
 pub mod bpf;
 pub mod cgroup;
+pub mod collector;
 pub mod control;
 pub mod credentials;
 pub mod daemon;

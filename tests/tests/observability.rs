@@ -1,10 +1,12 @@
 //! Observability: a real Prometheus server scrapes the daemon's `/metrics` while a sandbox
-//! makes an allowed and a denied connect, `promtool` checks the exposition, and
-//! `egressctl audit show|follow` render the audit log and follow it through rotation.
+//! makes an allowed and a denied connect, `promtool` checks the exposition,
+//! `egressctl audit show|follow` render the audit log and follow it through rotation, and
+//! a real rsyslogd receives the collector feed through a restart, with the overflow
+//! accounted for by a `collector-lost` record.
 //!
 //! Needs root, cgroup v2 and bpffs (skipped with a message otherwise), Debian's
-//! `prometheus` package (`prometheus`, `promtool`; installed by scripts/setup.sh) and the
-//! egressd / egressctl binaries.
+//! `prometheus` (`prometheus`, `promtool`) and `rsyslog` packages (installed by
+//! scripts/setup.sh) and the egressd / egressctl binaries.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -353,5 +355,170 @@ fn audit_follow_filters_and_follows_rotation() -> Result<()> {
             ),
         "audit show --json printed:\n{shown}"
     );
+    Ok(())
+}
+
+/// An rsyslogd of our own: `imtcp` on `port` (octet-counted framing), each message's MSG
+/// written to `received.log` in `dir`.
+fn start_rsyslog(rsyslogd: &Path, dir: &Path, port: u16) -> Result<ChildGuard> {
+    let conf = dir.join("rsyslog.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"global(workDirectory="{dir}")
+module(load="imtcp")
+template(name="msgonly" type="string" string="%msg%\n")
+ruleset(name="egressd") {{
+  action(type="omfile" file="{dir}/received.log" template="msgonly")
+}}
+input(type="imtcp" address="127.0.0.1" port="{port}" ruleset="egressd")
+"#,
+            dir = dir.display()
+        ),
+    )?;
+    let mut cmd = Command::new(rsyslogd);
+    cmd.arg("-n")
+        .arg("-f")
+        .arg(&conf)
+        .arg("-i")
+        .arg(dir.join("rsyslogd.pid"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("rsyslogd.err"))?);
+    kill_with_parent(&mut cmd);
+    let guard = ChildGuard::new(cmd.spawn().context("spawn rsyslogd")?, "rsyslogd");
+    let up = poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        Ok(std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ()))
+    })?;
+    ensure!(
+        up.is_some(),
+        "rsyslogd did not listen on {port}: {}",
+        std::fs::read_to_string(dir.join("rsyslogd.err")).unwrap_or_default()
+    );
+    Ok(guard)
+}
+
+/// The JSON records rsyslog received.
+fn received(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("received.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l.trim()).ok())
+        .collect()
+}
+
+fn sequence(v: &Value) -> Option<u64> {
+    v["event"]["sequence"].as_u64()
+}
+
+#[test]
+fn records_reach_rsyslog_through_a_restart_and_overflow_is_reported() -> Result<()> {
+    require_root!();
+    let Some(rsyslogd) = which("rsyslogd") else {
+        bail!("rsyslogd is needed (Debian package `rsyslog`; scripts/setup.sh installs it)");
+    };
+    let dir = TempDir::new("rsyslog")?;
+    let port = free_loopback_port()?;
+    let config = dir.write(
+        "egressd.yaml",
+        &format!("collector:\n  syslog_tcp: 127.0.0.1:{port}\n  queue: 4\n"),
+    )?;
+    let mut rsyslog = start_rsyslog(&rsyslogd, dir.path(), port)?;
+    let fx = Fixture::with_opts(DaemonOpts {
+        extra_args: vec!["--config".into(), config.display().to_string()],
+        ..Default::default()
+    })?;
+    fx.attach(WEB_ORIGIN_DENY)?;
+    let name = fx.sandbox.label().to_owned();
+    expect::origin_body(&fx.sandbox.curl(&[&format!("http://{ORIGIN_V4}/")])?)?;
+    fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::decision("allow", IpAddr::V4(ORIGIN_V4), 80).sandbox(&name),
+    )?;
+
+    // Every record so far reaches the collector as written to the log.
+    let got = poll(Duration::from_secs(15), Duration::from_millis(200), || {
+        let r = received(dir.path());
+        Ok(r.iter()
+            .any(|v| v["event"]["action"] == "connect")
+            .then_some(r))
+    })?
+    .context("the allowed connect never reached rsyslog")?;
+    let log = fx.daemon.audit_records()?;
+    for v in &got {
+        ensure!(
+            log.contains(v),
+            "rsyslog got a record the audit log does not hold: {v}"
+        );
+    }
+    ensure!(
+        got.iter().any(|v| v["event"]["action"] == "daemon-start"),
+        "daemon-start not shipped: {got:?}"
+    );
+
+    // The collector goes away; more records than the queue holds are written meanwhile.
+    rsyslog.stop(libc::SIGTERM, Duration::from_secs(5));
+    let before = fx.daemon.audit_records()?.len();
+    for port in 20..30 {
+        let p = fx
+            .sandbox
+            .probe("tcp-connect", IpAddr::V4(CANARY_V4), port, &[])?;
+        expect::eperm(&p)?;
+    }
+    poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        Ok((fx.daemon.audit_records()?.len() >= before + 10).then_some(()))
+    })?
+    .context("the denied connects were not recorded")?;
+    expect::canary_silent(&fx.canary)?;
+
+    // Back again: the queued records arrive, and a collector-lost record accounts for the
+    // rest, so every sequence number since the first shipped is either there or counted.
+    let _rsyslog = start_rsyslog(&rsyslogd, dir.path(), port)?;
+    let got = poll(Duration::from_secs(20), Duration::from_millis(200), || {
+        let r = received(dir.path());
+        Ok(r.iter()
+            .any(|v| v["event"]["action"] == "collector-lost")
+            .then_some(r))
+    })?
+    .with_context(|| {
+        format!(
+            "no collector-lost record; rsyslog got {:?}",
+            received(dir.path())
+        )
+    })?;
+    let mut lost_ranges = Vec::new();
+    let mut shipped = std::collections::BTreeSet::new();
+    for v in &got {
+        if v["event"]["action"] == "collector-lost" {
+            let l = &v["egress"]["lost"];
+            let (count, first, last) = (
+                l["count"].as_u64().unwrap_or(0),
+                l["first_sequence"].as_u64().unwrap_or(0),
+                l["last_sequence"].as_u64().unwrap_or(0),
+            );
+            ensure!(
+                count >= 1 && first <= last && count <= last - first + 1,
+                "bad loss record {v}"
+            );
+            lost_ranges.push((first, last));
+        } else if let Some(s) = sequence(v) {
+            shipped.insert(s);
+        }
+    }
+    let log = fx.daemon.audit_records()?;
+    let first = shipped.iter().next().copied().unwrap_or(1);
+    let newest_lost = lost_ranges.iter().map(|r| r.1).max().unwrap_or(0);
+    for s in log
+        .iter()
+        .filter_map(sequence)
+        .filter(|s| (first..=newest_lost).contains(s))
+    {
+        ensure!(
+            shipped.contains(&s) || lost_ranges.iter().any(|(a, b)| (*a..=*b).contains(&s)),
+            "sequence {s} neither shipped nor reported lost (lost: {lost_ranges:?})"
+        );
+    }
     Ok(())
 }

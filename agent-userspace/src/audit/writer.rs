@@ -226,6 +226,7 @@ impl AuditWriter {
         }
         self.torn = false;
         crate::metrics::audit_written(written);
+        crate::collector::forward(sequence, &line);
         Ok(sequence)
     }
 

@@ -63,6 +63,8 @@ struct ConfigFile {
     state_dir: Option<PathBuf>,
     /// Address to serve Prometheus metrics on (`/metrics`); off when unset.
     metrics: Option<std::net::SocketAddr>,
+    /// Also ship every audit record to a syslog collector (RFC 5424 over TCP).
+    collector: Option<egress::collector::CollectorConfig>,
     /// Port of the proxy listener on each sandbox's loopback (default 15001).
     proxy_port: Option<u16>,
     /// A sandbox's DNS resolver listens on this port plus its index (default 15300).
@@ -125,6 +127,7 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
         .map_err(|e| anyhow::anyhow!("{config_name}: credentials: {e}"))?,
         proxy: file.proxy,
         metrics: args.metrics.or(file.metrics),
+        collector: file.collector,
     })
 }
 

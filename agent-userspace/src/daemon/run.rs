@@ -42,6 +42,8 @@ pub struct DaemonOptions {
     pub credentials: CredentialStore,
     /// Where to serve Prometheus metrics (`/metrics`); none when unset.
     pub metrics: Option<std::net::SocketAddr>,
+    /// A syslog collector that also gets every audit record; none when unset.
+    pub collector: Option<crate::collector::CollectorConfig>,
 }
 
 struct Shared(Mutex<Core>);
@@ -98,7 +100,12 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let mut programs = Programs::load(&layout)?;
     let maps = PolicyMaps::new(&mut programs)?;
     let mut events = EventReader::new(&mut programs)?;
-    // Before the audit trail opens, so that every record is counted.
+    // Before the audit trail opens, so that every record is shipped and counted.
+    if let Some(config) = &opts.collector {
+        if let Some(task) = crate::collector::start(config) {
+            tokio::spawn(task);
+        }
+    }
     let scrape_sources = Arc::new(OnceLock::new());
     let metrics_server = match opts.metrics {
         Some(addr) => Some(start_metrics(addr, &events, scrape_sources.clone()).await?),
@@ -267,6 +274,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             tracing::warn!("Proxied connections still open at shutdown; not waiting for them")
         }
     }
+    crate::collector::flush(Duration::from_secs(2)).await;
     Ok(())
 }
 
