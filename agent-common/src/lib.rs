@@ -8,7 +8,7 @@
 #![no_std]
 
 /// Bumped whenever any type in this crate changes layout or meaning.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Sandbox indices run from 1 to `MAX_SANDBOXES - 1`; index 0 means "no sandbox found".
 pub const MAX_SANDBOXES: u32 = 1024;
@@ -53,6 +53,14 @@ pub mod hook {
     /// A socket refused at creation (raw, ICMP, or any protocol but TCP and UDP).
     pub const SOCK_CREATE4: u8 = 5;
     pub const SOCK_CREATE6: u8 = 6;
+    /// `cgroup/setsockopt`: a socket option that would route packets elsewhere than the
+    /// judged address (IPv4 options, IPv6 routing headers). `opt_level`/`opt_name` say which.
+    pub const SETSOCKOPT: u8 = 7;
+    /// `cgroup_skb/egress`: a packet leaving with IPv4 options or an IPv6 routing header
+    /// (set through per-message control data, or any way the option hook did not see).
+    pub const SKB_EGRESS: u8 = 8;
+    /// BPF LSM `socket_create`: a socket family other than unix, inet, inet6 and netlink.
+    pub const LSM_SOCKET_CREATE: u8 = 9;
 }
 
 /// `rule_id` of decisions that sent DNS to the sandbox's resolver (no policy rule).
@@ -100,6 +108,38 @@ pub mod proto {
     pub const ANY: u8 = 0;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+}
+
+/// Kernel constants the option, packet and socket-family checks use, named once for both
+/// sides (userspace names them in records).
+pub mod sockopt {
+    pub const SOL_IP: u16 = 0;
+    pub const SOL_IPV6: u16 = 41;
+    /// IPv4 options on every packet of the socket (source routes among them).
+    pub const IP_OPTIONS: u16 = 4;
+    /// As a socket option only asks for options to be received; as control data it sets
+    /// the options of one packet.
+    pub const IP_RETOPTS: u16 = 7;
+    pub const IPV6_2292RTHDR: u16 = 5;
+    /// RFC 2292 sticky options given as control data, which may carry a routing header.
+    pub const IPV6_2292PKTOPTIONS: u16 = 6;
+    pub const IPV6_NEXTHOP: u16 = 9;
+    pub const IPV6_RTHDR: u16 = 57;
+    /// `IPPROTO_ROUTING`: the IPv6 routing extension header.
+    pub const IPPROTO_ROUTING: u16 = 43;
+    /// IPv4 option types (first byte of an option, copy flag included).
+    pub const IPOPT_LSRR: u16 = 131;
+    pub const IPOPT_SSRR: u16 = 137;
+}
+
+/// Socket families (`AF_*`) a sandbox may create; every other one is refused by the BPF
+/// LSM `socket_create` program.
+pub mod family {
+    pub const AF_UNIX: u16 = 1;
+    pub const AF_INET: u16 = 2;
+    pub const AF_INET6: u16 = 10;
+    pub const AF_NETLINK: u16 = 16;
+    pub const AF_PACKET: u16 = 17;
 }
 
 /// `SANDBOXES` value: one per attached cgroup, keyed by cgroup id (the directory's inode).
@@ -214,19 +254,34 @@ pub struct ConnectEvent {
     pub rule_id: u16,
     /// Destination port, host byte order.
     pub dst_port: u16,
-    /// 4 or 6: the socket's address family.
+    /// 4 or 6: the socket's address family (for `hook::LSM_SOCKET_CREATE`: 0, and the
+    /// kernel's `AF_*` number is in `opt_level`).
     pub family: u8,
-    /// `proto::TCP` or `proto::UDP`.
-    pub protocol: u8,
     /// `verdict::*`.
     pub verdict: u8,
     /// `hook::*`.
     pub hook: u8,
+    pub _pad: u8,
+    /// The socket's protocol as the kernel numbers it, full width (MPTCP is 262, which a
+    /// byte would turn into TCP's 6).
+    pub protocol: u32,
+    /// What was refused, by hook:
+    /// - `SETSOCKOPT`: the option's level (0 = `SOL_IP`, 41 = `SOL_IPV6`);
+    /// - `SKB_EGRESS`: 0 for IPv4 options, 43 (`IPPROTO_ROUTING`) for an IPv6 routing header;
+    /// - `LSM_SOCKET_CREATE`: the address family (`AF_PACKET` = 17, ...).
+    pub opt_level: u16,
+    /// - `SETSOCKOPT`: the option name (`IP_OPTIONS` = 4, `IPV6_RTHDR` = 57, ...);
+    /// - `SKB_EGRESS`: the first IPv4 option type (131 = LSRR, 137 = SSRR, ...) or the IPv6
+    ///   routing type (0, 2, 3, 4 = segment routing);
+    /// - `LSM_SOCKET_CREATE`: the socket type (`SOCK_RAW` = 3, ...).
+    pub opt_name: u16,
     pub comm: [u8; 16],
-    /// Destination address: 4 bytes for family 4, 16 for family 6 (network order).
+    /// Destination address: 4 bytes for family 4, 16 for family 6 (network order). For
+    /// `SKB_EGRESS` the address in the packet's IP header, which is the first hop a source
+    /// route names, not the address connect/sendmsg judged.
     pub addr: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 96);
+const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 104);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -17,6 +17,8 @@ pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
         dest: Dest::V4(addr),
         port: port(&ctx),
         raw_addr,
+        opt_level: 0,
+        opt_name: 0,
     };
     decide(&ctx, &call)
 }

@@ -36,20 +36,68 @@ pub struct Call {
     pub hook: u8,
     /// 4 or 6: the socket's family.
     pub family: u8,
-    pub protocol: u8,
+    /// Full width: MPTCP (262) must not read as TCP (6).
+    pub protocol: u32,
     pub dest: Dest,
     /// Host byte order.
     pub port: u16,
     /// Raw address bytes for the event (as the caller passed them).
     pub raw_addr: [u8; 16],
+    /// `ConnectEvent::opt_level` / `opt_name`: what was refused (0 for connect decisions).
+    pub opt_level: u16,
+    pub opt_name: u16,
+}
+
+/// Who an event is about. Each program type has its own helpers (a packet has no current
+/// task it can trust, a socket being created no cookie yet), so each fills this itself.
+pub struct Origin {
+    pub cgroup_id: u64,
+    pub socket_cookie: u64,
+    pub netns_cookie: u64,
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: [u8; 16],
+}
+
+impl Origin {
+    /// The current task, with the socket's cookies from a context whose program type has
+    /// `bpf_get_socket_cookie` and `bpf_get_netns_cookie` (cgroup_sock_addr, cgroup_sock).
+    #[inline(always)]
+    pub fn task_and_socket(ctx: *mut core::ffi::c_void) -> Self {
+        // SAFETY: helpers valid in cgroup_sock_addr and cgroup_sock programs.
+        let (socket_cookie, netns_cookie) =
+            unsafe { (bpf_get_socket_cookie(ctx), bpf_get_netns_cookie(ctx)) };
+        Self {
+            socket_cookie,
+            netns_cookie,
+            ..Self::task()
+        }
+    }
+
+    /// The current task only (LSM, cgroup_sockopt).
+    #[inline(always)]
+    pub fn task() -> Self {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        let uid_gid = bpf_get_current_uid_gid();
+        Self {
+            // SAFETY: helper without arguments.
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            socket_cookie: 0,
+            netns_cookie: 0,
+            pid: (pid_tgid >> 32) as u32,
+            uid: uid_gid as u32,
+            gid: (uid_gid >> 32) as u32,
+            comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+        }
+    }
 }
 
 /// Reads the protocol with a full 4-byte load; the verifier refuses narrower loads.
 #[inline(always)]
-pub fn protocol(ctx: &SockAddrContext) -> u8 {
+pub fn protocol(ctx: &SockAddrContext) -> u32 {
     // SAFETY: `sock_addr` is the context pointer the kernel passed to the program.
-    let p = unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).protocol) };
-    p as u8
+    unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).protocol) }
 }
 
 /// The port the caller asked for, in host byte order. `user_port` holds the port in network
@@ -126,9 +174,19 @@ pub fn v6_dest(addr: [u8; 16]) -> Dest {
 /// The sandbox the current task belongs to: its own cgroup, or the deepest ancestor that is
 /// a sandbox (programs attached to a cgroup also run for its descendants).
 #[inline(always)]
-fn find_sandbox() -> Option<&'static SandboxInfo> {
+pub fn find_sandbox() -> Option<&'static SandboxInfo> {
     // SAFETY: helper without arguments.
     let id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: helper taking a plain integer.
+    find_sandbox_from(id, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    })
+}
+
+/// The sandbox of cgroup `id`, or of its deepest ancestor that is one; `ancestor(level)`
+/// gives the ancestor at depth `level` (0 = root), or 0 past the cgroup itself.
+#[inline(always)]
+pub fn find_sandbox_from(id: u64, ancestor: impl Fn(i32) -> u64) -> Option<&'static SandboxInfo> {
     // SAFETY: the value is only read.
     if let Some(s) = unsafe { SANDBOXES.get(id) } {
         return Some(s);
@@ -136,8 +194,7 @@ fn find_sandbox() -> Option<&'static SandboxInfo> {
     let mut found = None;
     let mut level = 1u32;
     while level <= MAX_CGROUP_DEPTH {
-        // SAFETY: helper taking a plain integer.
-        let anc = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        let anc = ancestor(level as i32);
         if anc == 0 {
             break;
         }
@@ -152,7 +209,7 @@ fn find_sandbox() -> Option<&'static SandboxInfo> {
 
 /// The first rule under the longest matching prefix whose port and protocol match.
 #[inline(always)]
-fn match_rules(rules: &PrefixRules, port: u16, protocol: u8) -> Option<(u8, u16)> {
+fn match_rules(rules: &PrefixRules, port: u16, protocol: u32) -> Option<(u8, u16)> {
     let n = rules.count as usize;
     let mut i = 0;
     while i < MAX_RULES_PER_PREFIX {
@@ -160,7 +217,7 @@ fn match_rules(rules: &PrefixRules, port: u16, protocol: u8) -> Option<(u8, u16)
             break;
         }
         let r = &rules.entries[i];
-        if (r.protocol == proto::ANY || r.protocol == protocol)
+        if (r.protocol == proto::ANY || u32::from(r.protocol) == protocol)
             && port >= r.port_lo
             && port <= r.port_hi
         {
@@ -207,7 +264,8 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
         Some(sb)
             if call.port == 53
                 && sb.dns_port != 0
-                && (call.protocol == proto::UDP || call.protocol == proto::TCP) =>
+                && (call.protocol == u32::from(proto::UDP)
+                    || call.protocol == u32::from(proto::TCP)) =>
         {
             if redirect(ctx, call, sb, RULE_DNS, sb.dns_port).is_ok() {
                 (sb.index, verdict::REDIRECT, RULE_DNS)
@@ -221,7 +279,7 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
             match matched {
                 Some((action::ALLOW, id)) => (sb.index, verdict::ALLOW, id),
                 Some((action::PROXY | action::PASSTHROUGH, id))
-                    if call.protocol == proto::TCP
+                    if call.protocol == u32::from(proto::TCP)
                         && sb.proxy_port != 0
                         && redirect(ctx, call, sb, id, sb.proxy_port).is_ok() =>
                 {
@@ -236,7 +294,13 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
         }
     };
     count(index, verdict);
-    report(ctx.as_ptr(), call, index, verdict, rule_id);
+    report(
+        &Origin::task_and_socket(ctx.as_ptr()),
+        call,
+        index,
+        verdict,
+        rule_id,
+    );
     if verdict == verdict::DENY {
         RET_DENY
     } else {
@@ -307,8 +371,9 @@ fn count(index: u32, v: u8) {
     }
 }
 
+/// Writes one event; a full ring buffer is counted in `LOST`, never ignored.
 #[inline(always)]
-fn report(ctx: *mut core::ffi::c_void, call: &Call, index: u32, v: u8, rule_id: u16) {
+pub fn report(origin: &Origin, call: &Call, index: u32, v: u8, rule_id: u16) {
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
         if let Some(lost) = LOST.get_ptr_mut(0) {
             // SAFETY: per-CPU slot.
@@ -316,38 +381,31 @@ fn report(ctx: *mut core::ffi::c_void, call: &Call, index: u32, v: u8, rule_id: 
         }
         return;
     };
-    // SAFETY: helpers valid in cgroup_sock_addr programs on the kernels the daemon accepts.
-    let (ts_ns, cgroup_id, socket_cookie, netns_cookie) = unsafe {
-        (
-            bpf_ktime_get_ns(),
-            bpf_get_current_cgroup_id(),
-            bpf_get_socket_cookie(ctx),
-            bpf_get_netns_cookie(ctx),
-        )
-    };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let uid_gid = bpf_get_current_uid_gid();
     let ev = ConnectEvent {
         header: EventHeader {
             version: ABI_VERSION as u16,
             kind: event_kind::CONNECT,
             _pad: 0,
         },
-        ts_ns,
-        cgroup_id,
-        socket_cookie,
-        netns_cookie,
-        pid: (pid_tgid >> 32) as u32,
-        uid: uid_gid as u32,
-        gid: (uid_gid >> 32) as u32,
+        // SAFETY: helper without arguments, valid in every program type used here.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        cgroup_id: origin.cgroup_id,
+        socket_cookie: origin.socket_cookie,
+        netns_cookie: origin.netns_cookie,
+        pid: origin.pid,
+        uid: origin.uid,
+        gid: origin.gid,
         sandbox_index: index,
         rule_id,
         dst_port: call.port,
         family: call.family,
-        protocol: call.protocol,
         verdict: v,
         hook: call.hook,
-        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+        _pad: 0,
+        protocol: call.protocol,
+        opt_level: call.opt_level,
+        opt_name: call.opt_name,
+        comm: origin.comm,
         addr: call.raw_addr,
     };
     entry.write(ev);
@@ -424,7 +482,7 @@ pub fn restore_source(ctx: &SockAddrContext, family: u8) -> bool {
 /// Refuses a socket a sandbox may not have (raw, ICMP, anything but TCP and UDP), which no
 /// connect/sendmsg hook would ever judge. Counted and reported like a denied connect.
 #[inline(always)]
-pub fn deny_socket(ctx: *mut core::ffi::c_void, family: u8, protocol: u8) -> i32 {
+pub fn deny_socket(ctx: *mut core::ffi::c_void, family: u8, protocol: u32) -> i32 {
     let index = find_sandbox().map_or(0, |sb| sb.index);
     let call = Call {
         hook: if family == 6 {
@@ -437,8 +495,22 @@ pub fn deny_socket(ctx: *mut core::ffi::c_void, family: u8, protocol: u8) -> i32
         dest: Dest::V4([0; 4]),
         port: 0,
         raw_addr: [0; 16],
+        opt_level: 0,
+        opt_name: 0,
     };
     count(index, verdict::DENY);
-    report(ctx, &call, index, verdict::DENY, 0);
+    report(
+        &Origin::task_and_socket(ctx),
+        &call,
+        index,
+        verdict::DENY,
+        0,
+    );
     RET_DENY
+}
+
+/// Counts a refusal against a sandbox (index 0 when none was found).
+#[inline(always)]
+pub fn count_deny(index: u32) {
+    count(index, verdict::DENY);
 }

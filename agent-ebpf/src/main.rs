@@ -10,12 +10,15 @@
 mod connect4;
 mod connect6;
 mod decide;
+mod lsm;
 mod maps;
 mod recvmsg;
 mod sendmsg4;
 mod sendmsg6;
+mod skb;
 mod sock_create;
 mod sock_ops;
+mod sockopt;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

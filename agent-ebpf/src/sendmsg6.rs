@@ -15,6 +15,8 @@ pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
         dest: v6_dest(addr),
         port: port(&ctx),
         raw_addr: addr,
+        opt_level: 0,
+        opt_name: 0,
     };
     decide(&ctx, &call)
 }

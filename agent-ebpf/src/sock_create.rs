@@ -27,5 +27,5 @@ pub fn egress_sock_create(ctx: SockContext) -> i32 {
         return 1;
     }
     let family = if family == AF_INET6 { 6 } else { 4 };
-    deny_socket(ctx.as_ptr(), family, protocol as u8)
+    deny_socket(ctx.as_ptr(), family, protocol)
 }

@@ -20,6 +20,8 @@ pub enum CgroupError {
     },
     #[error("{0} is not a directory on the cgroup2 filesystem (mounted at {1})")]
     NotCgroup2(PathBuf, PathBuf),
+    #[error("{0} has no cgroup v2 line (0::PATH)")]
+    NoUnifiedLine(PathBuf),
 }
 
 /// The mount point of the cgroup v2 hierarchy, read from `/proc/self/mountinfo` (it is
@@ -71,15 +73,10 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
-    /// Resolves `path` (absolute, or relative to the cgroup2 mount) and checks that it is a
-    /// cgroup v2 directory.
+    /// Resolves `path` (see [`resolve`]) and checks that it is a cgroup v2 directory.
     pub fn open(path: &Path) -> Result<Self, CgroupError> {
         let mount = cgroup2_mount()?;
-        let full = if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            mount.join(path)
-        };
+        let full = resolve_in(&mount, path);
         let full = fs::canonicalize(&full).map_err(|source| CgroupError::Io {
             path: full.clone(),
             source,
@@ -96,6 +93,96 @@ impl Cgroup {
             id: meta.ino(),
         })
     }
+}
+
+/// Where a cgroup path points: a relative path is under the cgroup2 mount; an absolute
+/// one is taken as it is when it names a cgroup2 directory, else as relative to the mount
+/// (the form `/proc/PID/cgroup`, `podman inspect` and runtimes print, e.g.
+/// `/libpod_parent/libpod-ID`).
+pub fn resolve(path: &Path) -> Result<PathBuf, CgroupError> {
+    Ok(resolve_in(&cgroup2_mount()?, path))
+}
+
+fn resolve_in(mount: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        if path.starts_with(mount) || (path.is_dir() && is_cgroup2(path)) {
+            return path.to_path_buf();
+        }
+        let rel = path.strip_prefix("/").unwrap_or(path);
+        let under = mount.join(rel);
+        if under.is_dir() {
+            return under;
+        }
+        path.to_path_buf()
+    } else {
+        mount.join(path)
+    }
+}
+
+/// The cgroup v2 directory of process `pid`, from its `0::PATH` line in `/proc/PID/cgroup`.
+pub fn of_pid(pid: u32) -> Result<PathBuf, CgroupError> {
+    let file = PathBuf::from(format!("/proc/{pid}/cgroup"));
+    let text = fs::read_to_string(&file).map_err(|source| CgroupError::Io {
+        path: file.clone(),
+        source,
+    })?;
+    let rel = parse_proc_cgroup(&text).ok_or_else(|| CgroupError::NoUnifiedLine(file.clone()))?;
+    Ok(cgroup2_mount()?.join(rel.trim_start_matches('/')))
+}
+
+/// The unified-hierarchy path in a `/proc/PID/cgroup` file (`0::/a/b`; hybrid hosts list
+/// the v1 hierarchies too).
+pub fn parse_proc_cgroup(text: &str) -> Option<&str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim_end_matches(" (deleted)"))
+}
+
+/// The cgroup path a runtime makes from an OCI `linux.cgroupsPath` written for the
+/// systemd driver, `SLICE:PREFIX:NAME`: `a-b.slice` nests as `a.slice/a-b.slice`, and the
+/// unit is `PREFIX-NAME.scope` (or `NAME` itself when it is a `.slice`). Returns `None`
+/// when the string is not of that form.
+pub fn systemd_cgroup_path(cgroups_path: &str) -> Option<PathBuf> {
+    let mut parts = cgroups_path.split(':');
+    let (slice, prefix, name) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || name.is_empty() || cgroups_path.contains('/') {
+        return None;
+    }
+    let slice = if slice.is_empty() {
+        "system.slice"
+    } else {
+        slice
+    };
+    let mut out = expand_slice(slice)?;
+    if name.ends_with(".slice") {
+        out.push(name);
+    } else if prefix.is_empty() {
+        out.push(format!("{name}.scope"));
+    } else {
+        out.push(format!("{prefix}-{name}.scope"));
+    }
+    Some(out)
+}
+
+/// `a-b-c.slice` -> `a.slice/a-b.slice/a-b-c.slice` (`-.slice` is the root).
+fn expand_slice(slice: &str) -> Option<PathBuf> {
+    let stem = slice.strip_suffix(".slice")?;
+    if stem == "-" {
+        return Some(PathBuf::new());
+    }
+    if stem.is_empty() || stem.starts_with('-') || stem.ends_with('-') || stem.contains("--") {
+        return None;
+    }
+    let mut out = PathBuf::new();
+    let mut acc = String::new();
+    for part in stem.split('-') {
+        if !acc.is_empty() {
+            acc.push('-');
+        }
+        acc.push_str(part);
+        out.push(format!("{acc}.slice"));
+    }
+    Some(out)
 }
 
 fn is_cgroup2(path: &Path) -> bool {
@@ -130,6 +217,57 @@ mod tests {
             parse_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"),
             None
         );
+    }
+
+    #[test]
+    fn leading_slash_is_under_the_mount_unless_it_exists() {
+        let mount = Path::new("/sys/fs/cgroup/unified");
+        assert_eq!(
+            resolve_in(mount, Path::new("/sys/fs/cgroup/unified/a")),
+            PathBuf::from("/sys/fs/cgroup/unified/a")
+        );
+        assert_eq!(
+            resolve_in(mount, Path::new("agents/a")),
+            PathBuf::from("/sys/fs/cgroup/unified/agents/a")
+        );
+        // Neither exists here: taken as given, and the caller's open reports that path.
+        assert_eq!(
+            resolve_in(mount, Path::new("/no-such-egressd-dir/x")),
+            PathBuf::from("/no-such-egressd-dir/x")
+        );
+    }
+
+    #[test]
+    fn proc_cgroup_unified_line() {
+        let hybrid =
+            "12:pids:/libpod_parent/libpod-abc\n1:name=systemd:/x\n0::/libpod_parent/libpod-abc\n";
+        assert_eq!(parse_proc_cgroup(hybrid), Some("/libpod_parent/libpod-abc"));
+        assert_eq!(parse_proc_cgroup("0::/\n"), Some("/"));
+        assert_eq!(parse_proc_cgroup("3:cpu:/a\n"), None);
+    }
+
+    #[test]
+    fn systemd_cgroups_paths() {
+        let p = |s: &str| systemd_cgroup_path(s).map(|p| p.display().to_string());
+        assert_eq!(
+            p("machine.slice:libpod:0123abcd").as_deref(),
+            Some("machine.slice/libpod-0123abcd.scope")
+        );
+        assert_eq!(
+            p("kubepods-besteffort-pod12.slice:crio:ffee").as_deref(),
+            Some("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12.slice/crio-ffee.scope")
+        );
+        assert_eq!(p(":runc:c1").as_deref(), Some("system.slice/runc-c1.scope"));
+        assert_eq!(p("-.slice::c1").as_deref(), Some("c1.scope"));
+        assert_eq!(
+            p("user.slice::agents.slice").as_deref(),
+            Some("user.slice/agents.slice")
+        );
+        assert_eq!(p("/libpod_parent/x"), None);
+        assert_eq!(p("a:b"), None);
+        assert_eq!(p("bad:p:n"), None);
+        assert_eq!(p("a--b.slice:p:n"), None);
+        assert_eq!(p("machine.slice:p:"), None);
     }
 
     #[test]

@@ -161,6 +161,8 @@ pub struct DaemonOpts {
     pub env: Vec<(String, String)>,
     /// Bound on waiting for `egressctl status` to succeed.
     pub ready_timeout: Duration,
+    /// Audit log path instead of `<temp dir>/audit.jsonl` (e.g. on a small tmpfs).
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Default for DaemonOpts {
@@ -169,6 +171,7 @@ impl Default for DaemonOpts {
             extra_args: Vec::new(),
             env: Vec::new(),
             ready_timeout: Duration::from_secs(20),
+            audit_log: None,
         }
     }
 }
@@ -205,7 +208,10 @@ impl Daemon {
     }
 
     pub fn audit_log(&self) -> PathBuf {
-        self.dir.path().join("audit.jsonl")
+        self.opts
+            .audit_log
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("audit.jsonl"))
     }
 
     pub fn socket(&self) -> PathBuf {

@@ -36,12 +36,20 @@
 //! `/etc/netns/<ns>/resolv.conf` names a world address nobody serves ([`dns_fixture`]),
 //! so every answer a sandbox gets comes from egressd's resolver.
 //!
+//! The container tests (`tests/containers.rs`) also need runc and busybox (podman for
+//! one): [`container`] builds an image from busybox-static (and Debian's curl with its
+//! libraries), writes OCI bundles that join a sandbox's network namespace and run
+//! `egressctl oci-hook`, and runs runc with a private state directory. `tests/deploy.rs`
+//! checks the shipped manifests and unit (`kubernetes-validate` from `/opt/egressd-venv`,
+//! `systemd-analyze`).
+//!
 //! A test process killed with SIGKILL cannot run its guards: its servers and daemons die
 //! with it (`PR_SET_PDEATHSIG`), but namespaces, cgroups and bpffs dirs named
 //! `egress-test-<pid>-*` remain and must be removed by hand.
 
 pub mod audit;
 pub mod cgroup;
+pub mod container;
 pub mod daemon;
 pub mod dns_fixture;
 pub mod dns_server;
@@ -51,6 +59,7 @@ pub mod git_fixture;
 pub mod hosts_file;
 pub mod https_origin;
 pub mod netns;
+pub mod openbao;
 pub mod pki;
 pub mod proxy_fixture;
 pub mod sandbox;

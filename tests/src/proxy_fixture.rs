@@ -97,13 +97,15 @@ rules:
 "#;
 
 /// Where the `github` credential's value comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GithubSource {
     /// `{ file: <secrets>/github-token }`.
     File,
     /// `{ command: { argv: [<secrets>/token-cmd.sh], ttl } }`: the script appends a line
     /// to [`ProxyFixture::command_counter`] and prints `<token>-run<N>`, N its run count.
     Command { ttl: u64 },
+    /// A `source:` value written by the test (YAML flow style).
+    Custom(String),
 }
 
 /// Knobs for [`ProxyFixture::new`].
@@ -114,6 +116,14 @@ pub struct ProxyOpts {
     /// When set, the sandbox resolves names through DNS (this `nameserver`, which the
     /// daemon's redirect answers) instead of a hosts file naming the origins.
     pub nameserver: Option<IpAddr>,
+    /// The `github` credential's `revoke: { argv }`, when set.
+    pub github_revoke: Option<Vec<String>>,
+    /// More entries of the config's `credentials:` map (YAML, indented by two spaces).
+    pub extra_credentials: String,
+    /// Appended to the daemon's configuration file (top-level YAML keys).
+    pub extra_config: String,
+    /// Audit log path instead of the daemon's default (see [`DaemonOpts::audit_log`]).
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Default for ProxyOpts {
@@ -122,6 +132,10 @@ impl Default for ProxyOpts {
             policy: PROXY_POLICY.to_string(),
             github: GithubSource::File,
             nameserver: None,
+            github_revoke: None,
+            extra_credentials: String::new(),
+            extra_config: String::new(),
+            audit_log: None,
         }
     }
 }
@@ -191,8 +205,18 @@ impl ProxyFixture {
             None => HostsFile::new(sandbox.netns(), &sandbox_hosts())?,
         };
 
-        let config = write_config(&secrets, &ca, &world, &token, opts.github)?;
+        let config = write_config(
+            &secrets,
+            &ca,
+            &world,
+            &token,
+            opts.github,
+            opts.github_revoke.as_deref(),
+            &opts.extra_credentials,
+            &opts.extra_config,
+        )?;
         let daemon = Daemon::start(DaemonOpts {
+            audit_log: opts.audit_log.clone(),
             extra_args: vec!["--config".into(), config.display().to_string()],
             env: vec![
                 (GIT_TOKEN_ENV.into(), token.clone()),
@@ -509,12 +533,19 @@ fn check_bytes(what: &str, bytes: &[u8], token: &str) -> Result<()> {
 /// The daemon dials upstream servers from the world namespace (`proxy.upstream_netns`):
 /// from its own (the host's) it would send packets for documentation addresses out of
 /// this machine.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one test helper that lays out every part of the daemon config"
+)]
 fn write_config(
     secrets: &TempDir,
     ca: &TestCa,
     world: &World,
     token: &str,
     github: GithubSource,
+    github_revoke: Option<&[String]>,
+    extra_credentials: &str,
+    extra: &str,
 ) -> Result<PathBuf> {
     let source = match github {
         GithubSource::File => {
@@ -538,7 +569,12 @@ fn write_config(
                 script.display()
             )
         }
+        GithubSource::Custom(source) => source,
     };
+    let revoke = github_revoke.map_or_else(String::new, |argv| {
+        let argv: Vec<String> = argv.iter().map(|a| format!("{a:?}")).collect();
+        format!("    revoke: {{ argv: [{}] }}\n", argv.join(", "))
+    });
     let config = format!(
         r#"proxy_port: {PROXY_PORT}
 proxy:
@@ -549,13 +585,14 @@ credentials:
     source: {source}
     inject: {{ header: Authorization, format: "Bearer {{}}" }}
     hosts: [{API_HOST}]
-  github-git:
+{revoke}  github-git:
     source: {{ env: {GIT_TOKEN_ENV} }}
     inject: {{ basic: {{ user: x-access-token }} }}
     hosts: [{GIT_HOST}]
+{extra_credentials}
 "#,
         ca = ca.cert().display(),
         world_ns = world.netns().path().display(),
     );
-    secrets.write("egressd.yaml", &config)
+    secrets.write("egressd.yaml", &format!("{config}{extra}"))
 }

@@ -13,7 +13,7 @@ use egress_tests::fixture::{Fixture, WEB_ORIGIN_DENY};
 use egress_tests::require_root;
 use egress_tests::world::CANARY_V4;
 
-/// More connects than the 4 MiB ring buffer holds (96-byte events plus 8-byte headers).
+/// More connects than the 4 MiB ring buffer holds (104-byte events plus 8-byte headers).
 const CONNECTS: usize = 60_000;
 
 #[test]

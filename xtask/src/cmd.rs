@@ -46,7 +46,46 @@ pub fn bin_in(release: bool, name: &str) -> PathBuf {
 
 pub fn build() -> anyhow::Result<()> {
     step("Building egressd, egressctl and the test harness");
-    run(&mut cargo(&["build", "--workspace", "--all-targets"]))
+    run(&mut cargo(&["build", "--workspace", "--all-targets"]))?;
+    generate_docs(false)
+}
+
+/// Writes the binaries' man pages and shell completions (generated from their command
+/// lines by clap_mangen and clap_complete) under `target/<profile>/share/`:
+/// `man/man1/egressd.1`, `completions/egressctl.bash`, `_egressctl` (zsh), `.fish`.
+pub fn generate_docs(release: bool) -> anyhow::Result<()> {
+    let profile = if release { "release" } else { "debug" };
+    let share = workspace().join("target").join(profile).join("share");
+    let man = share.join("man").join("man1");
+    let completions = share.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    for name in ["egressd", "egressctl"] {
+        let exe = bin_in(release, name);
+        let output = |args: &[&str]| -> anyhow::Result<Vec<u8>> {
+            let out = Command::new(&exe)
+                .args(args)
+                .output()
+                .with_context(|| format!("running {} {args:?}", exe.display()))?;
+            if !out.status.success() {
+                bail!(
+                    "{} {args:?} failed: {}",
+                    exe.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(out.stdout)
+        };
+        std::fs::write(man.join(format!("{name}.1")), output(&["manpage"])?)?;
+        for (shell, file) in [
+            ("bash", format!("{name}.bash")),
+            ("zsh", format!("_{name}")),
+            ("fish", format!("{name}.fish")),
+        ] {
+            std::fs::write(completions.join(file), output(&["completions", shell])?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Only the daemon and the CLI.
@@ -63,7 +102,8 @@ pub fn build_bins_in(release: bool) -> anyhow::Result<()> {
     } else {
         step("Building egressd and egressctl");
     }
-    run(&mut cargo(&args))
+    run(&mut cargo(&args))?;
+    generate_docs(release)
 }
 
 pub fn require_root(what: &str) -> anyhow::Result<()> {

@@ -36,7 +36,7 @@ fn show(what: &str, out: &Output) {
     }
 }
 
-fn field(v: &serde_json::Value, path: &str) -> String {
+pub(crate) fn field(v: &serde_json::Value, path: &str) -> String {
     path.split('.')
         .try_fold(v, |v, k| v.get(k))
         .map_or(String::new(), |x| match x {
@@ -45,7 +45,7 @@ fn field(v: &serde_json::Value, path: &str) -> String {
         })
 }
 
-fn summary(v: &serde_json::Value) -> String {
+pub(crate) fn summary(v: &serde_json::Value) -> String {
     let s = |p| field(v, p);
     match s("event.action").as_str() {
         "connect" | "sendmsg" => format!(

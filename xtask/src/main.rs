@@ -1,8 +1,9 @@
-//! Developer tasks: `cargo xtask build | test | demo | bench connect | bench proxy`. Run through
+//! Developer tasks: `cargo xtask build | test | demo | demo-containers | bench connect | bench proxy`. Run through
 //! `./dev.sh`, which first installs what is missing (scripts/setup.sh).
 mod bench;
 mod cmd;
 mod demo;
+mod demo_containers;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ enum Command {
     },
     /// Build, make a sandbox and a small fake internet, confine it, and show the audit log.
     Demo,
+    /// Confine runc and podman containers from their first instruction with the OCI hook.
+    DemoContainers,
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -41,6 +44,7 @@ fn main() -> std::process::ExitCode {
         Command::Build => cmd::build(),
         Command::Test { filter, no_lint } => test::run_all(filter.as_deref(), no_lint),
         Command::Demo => demo::run(),
+        Command::DemoContainers => demo_containers::run(),
         Command::Bench { which } => bench::run(which),
     };
     match result {

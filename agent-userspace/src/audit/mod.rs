@@ -16,11 +16,13 @@ mod tests;
 pub use alert::{Alert, AlertKind, AlertResponse};
 pub use clock::ClockOffset;
 pub use record::{
-    action, format_timestamp, ConnectionId, DaemonStart, DaemonStop, DecodeError, DnsEvent,
-    DnsVerdict, EncodeError, EventsLost, Hook, NetworkDecision, PolicyChange, PolicyDigest,
-    PolicyRejected, ProxyEvent, Record, RuleRef, SandboxLifecycle, SocketFamily, StopReason,
-    Verdict, ECS_VERSION, PRODUCT, VERSION,
+    action, format_timestamp, AuditLost, ConnectionId, CredentialRevoke, DaemonStart, DaemonStop,
+    DecodeError, DetachReason, DnsEvent, DnsVerdict, EncodeError, EventsLost, Hook,
+    NetworkDecision, PolicyChange, PolicyDigest, PolicyRejected, ProxyEvent, Quarantine, Record,
+    RefusedAnswer, RefusedOption, RuleRef, SandboxLifecycle, SocketFamily, StopReason, Verdict,
+    ECS_VERSION, PRODUCT, VERSION,
 };
 pub use writer::{
-    AuditError, AuditHandle, AuditLog, AuditSink, AuditSummary, AuditTask, AuditWriter, LogTail,
+    AuditConfig, AuditError, AuditHandle, AuditHealth, AuditLog, AuditSink, AuditSummary,
+    AuditTask, AuditWriter, LogTail, OnFailure, RotateConfig,
 };

@@ -19,7 +19,7 @@ use std::{
     path::PathBuf,
 };
 
-use agent_common::{hook, verdict, ConnectEvent};
+use agent_common::{hook, sockopt, verdict, ConnectEvent};
 use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
 use time::{format_description::FormatItem, macros::format_description, OffsetDateTime, UtcOffset};
@@ -42,7 +42,13 @@ pub mod action {
     pub const SENDMSG: &str = "sendmsg";
     /// A socket refused at creation.
     pub const SOCKET: &str = "socket";
+    /// A socket option refused (source routes, routing headers).
+    pub const SETSOCKOPT: &str = "setsockopt";
+    /// A packet dropped on its way out (IPv4 options, IPv6 routing header).
+    pub const PACKET: &str = "packet";
     pub const EVENTS_LOST: &str = "events-lost";
+    /// Audit records numbered but never written (the log could not be written).
+    pub const AUDIT_LOST: &str = "audit-lost";
     pub const DAEMON_START: &str = "daemon-start";
     pub const DAEMON_STOP: &str = "daemon-stop";
     pub const SANDBOX_ATTACH: &str = "sandbox-attach";
@@ -53,6 +59,9 @@ pub mod action {
     pub const HTTP_REQUEST: &str = "http-request";
     pub const TLS_CONNECTION: &str = "tls-connection";
     pub const DNS_QUERY: &str = "dns-query";
+    pub const SANDBOX_QUARANTINE: &str = "sandbox-quarantine";
+    pub const SANDBOX_RELEASE: &str = "sandbox-release";
+    pub const CREDENTIAL_REVOKE: &str = "credential-revoke";
 }
 
 /// Microseconds, always six digits, so lines sort and compare as text.
@@ -67,6 +76,8 @@ pub enum Record {
     Network(NetworkDecision),
     /// Kernel events that could not be delivered to the daemon.
     EventsLost(EventsLost),
+    /// Audit records that were numbered but could not be written.
+    AuditLost(AuditLost),
     DaemonStart(DaemonStart),
     DaemonStop(DaemonStop),
     /// A cgroup was put under a policy.
@@ -86,6 +97,13 @@ pub enum Record {
     Dns(DnsEvent),
     /// Something an operator should look at now (`event.kind: alert`).
     Alert(Alert),
+    /// A sandbox was switched to deny-all (by an operator or an alert's response).
+    SandboxQuarantine(Quarantine),
+    /// A quarantined sandbox got its policy back.
+    SandboxRelease(Quarantine),
+    /// A credential's live value was revoked (or the attempt failed) because its sandbox
+    /// was quarantined.
+    CredentialRevoke(CredentialRevoke),
 }
 
 impl Record {
@@ -94,6 +112,7 @@ impl Record {
         match self {
             Self::Network(r) => r.time,
             Self::EventsLost(r) => r.time,
+            Self::AuditLost(r) => r.time,
             Self::DaemonStart(r) => r.time,
             Self::DaemonStop(r) => r.time,
             Self::SandboxAttach(r) | Self::SandboxDetach(r) | Self::SandboxAdopt(r) => r.time,
@@ -102,6 +121,8 @@ impl Record {
             Self::Proxy(r) => r.time,
             Self::Dns(r) => r.time,
             Self::Alert(r) => r.time,
+            Self::SandboxQuarantine(r) | Self::SandboxRelease(r) => r.time,
+            Self::CredentialRevoke(r) => r.time,
         }
     }
 
@@ -110,6 +131,7 @@ impl Record {
         match self {
             Self::Network(r) => r.hook.action(),
             Self::EventsLost(_) => action::EVENTS_LOST,
+            Self::AuditLost(_) => action::AUDIT_LOST,
             Self::DaemonStart(_) => action::DAEMON_START,
             Self::DaemonStop(_) => action::DAEMON_STOP,
             Self::SandboxAttach(_) => action::SANDBOX_ATTACH,
@@ -120,6 +142,9 @@ impl Record {
             Self::Proxy(r) => r.action(),
             Self::Dns(_) => action::DNS_QUERY,
             Self::Alert(r) => r.kind.as_str(),
+            Self::SandboxQuarantine(_) => action::SANDBOX_QUARANTINE,
+            Self::SandboxRelease(_) => action::SANDBOX_RELEASE,
+            Self::CredentialRevoke(_) => action::CREDENTIAL_REVOKE,
         }
     }
 
@@ -183,6 +208,21 @@ impl Record {
                     total: r.total,
                 });
             }
+            Self::AuditLost(r) => {
+                wire.event.category = &["file"];
+                wire.event.type_ = &["error"];
+                wire.event.outcome = Outcome::Failure;
+                wire.error = Some(WireError { message: &r.error });
+                wire.egress.audit_lost = Some(WireAuditLost {
+                    count: r.count,
+                    first_sequence: r.first_sequence,
+                    last_sequence: r.last_sequence,
+                    since: r
+                        .since
+                        .map(|t| format_timestamp(t, action, "egress.audit_lost.since"))
+                        .transpose()?,
+                });
+            }
             Self::DaemonStart(r) => {
                 wire.event.category = &["process"];
                 wire.event.type_ = &["start"];
@@ -242,6 +282,8 @@ impl Record {
             Self::Proxy(r) => r.fill(&mut wire),
             Self::Dns(r) => r.fill(&mut wire),
             Self::Alert(r) => fill_alert(r, &mut wire),
+            Self::SandboxQuarantine(r) | Self::SandboxRelease(r) => r.fill(&mut wire),
+            Self::CredentialRevoke(r) => r.fill(&mut wire),
         }
         Ok(wire)
     }
@@ -259,6 +301,7 @@ macro_rules! impl_from {
 impl_from!(
     NetworkDecision => Network,
     EventsLost => EventsLost,
+    AuditLost => AuditLost,
     DaemonStart => DaemonStart,
     DaemonStop => DaemonStop,
     PolicyChange => PolicyChange,
@@ -266,6 +309,7 @@ impl_from!(
     ProxyEvent => Proxy,
     DnsEvent => Dns,
     Alert => Alert,
+    CredentialRevoke => CredentialRevoke,
 );
 
 /// Why a record could not be encoded. Carries the action so the message says which
@@ -340,10 +384,14 @@ pub struct NetworkDecision {
     pub socket_cookie: u64,
     /// `egress.netns.cookie`.
     pub netns_cookie: u64,
-    /// `egress.hook`; also decides `event.action` and `egress.socket.family`.
+    /// `egress.hook`; also decides `event.action`.
     pub hook: Hook,
-    /// IANA protocol number (`network.iana_number`, and `network.transport` when known).
-    pub protocol: u8,
+    /// `egress.socket.family`.
+    pub family: SocketFamily,
+    /// The socket's protocol as the kernel numbers it (`egress.socket.protocol`); also
+    /// `network.iana_number` when it is an IANA number (MPTCP's 262 is not), and
+    /// `network.transport` when known. 0 where unknown (a dropped IPv6 packet).
+    pub protocol: u32,
     /// `destination.ip` as the socket saw it; an IPv4-mapped IPv6 address is recorded as
     /// the IPv4 address it maps (with `network.type` `ipv4`).
     pub destination_ip: IpAddr,
@@ -356,6 +404,10 @@ pub struct NetworkDecision {
     /// `destination.domain`: the allowed name the destination address was learned from
     /// through the sandbox's resolver, when it was.
     pub domain: Option<String>,
+    /// `egress.option`: the socket option or header refused (option and packet hooks).
+    pub option: Option<RefusedOption>,
+    /// `event.reason`: what was refused, in words (option, packet and LSM hooks).
+    pub reason: Option<String>,
 }
 
 impl NetworkDecision {
@@ -370,20 +422,28 @@ impl NetworkDecision {
         let hook = Hook::from_abi(event.hook).ok_or(DecodeError::Hook(event.hook))?;
         let verdict =
             Verdict::from_abi(event.verdict).ok_or(DecodeError::Verdict(event.verdict))?;
-        let destination_ip = match (hook.family(), event.family) {
-            (SocketFamily::Inet, 4) => {
+        let family = match (hook, event.family) {
+            (Hook::LsmSocketCreate, _) => SocketFamily::from_af(event.opt_level),
+            (Hook::Setsockopt | Hook::SkbEgress, 4) => SocketFamily::Inet,
+            (Hook::Setsockopt | Hook::SkbEgress, 6) => SocketFamily::Inet6,
+            (_, f) if hook.family().map(SocketFamily::abi) == Some(f) => SocketFamily::from_abi(f),
+            (_, family) => return Err(DecodeError::Family { hook, family }),
+        };
+        let destination_ip = match event.family {
+            4 => {
                 let [a, b, c, d, ..] = event.addr;
                 IpAddr::from([a, b, c, d])
             }
-            (SocketFamily::Inet6, 6) => IpAddr::from(event.addr),
-            (_, family) => return Err(DecodeError::Family { hook, family }),
+            6 => IpAddr::from(event.addr),
+            _ => IpAddr::from([0u8; 4]),
         };
+        let option = RefusedOption::from_event(hook, event.opt_level, event.opt_name);
         let comm_len = event
             .comm
             .iter()
             .position(|&b| b == 0)
             .unwrap_or(event.comm.len());
-        Ok(Self {
+        let mut rec = Self {
             time: clock.to_wall(event.ts_ns),
             sandbox,
             cgroup_id: event.cgroup_id,
@@ -394,13 +454,44 @@ impl NetworkDecision {
             socket_cookie: event.socket_cookie,
             netns_cookie: event.netns_cookie,
             hook,
+            family,
             protocol: event.protocol,
             destination_ip,
             destination_port: event.dst_port,
             verdict,
             rule,
             domain: None,
-        })
+            option,
+            reason: None,
+        };
+        rec.reason = rec.describe();
+        Ok(rec)
+    }
+
+    /// What was refused, in words (option, packet and LSM hooks only).
+    fn describe(&self) -> Option<String> {
+        match self.hook {
+            Hook::Setsockopt => self.option.as_ref().map(|o| {
+                format!(
+                    "{} set by setsockopt: {}; refused so packets go only to the judged address",
+                    o.name,
+                    o.meaning()
+                )
+            }),
+            Hook::SkbEgress => self.option.as_ref().map(|o| {
+                format!(
+                    "packet to {} carried {} ({}); dropped",
+                    self.destination_ip.to_canonical(),
+                    o.name,
+                    o.meaning()
+                )
+            }),
+            Hook::LsmSocketCreate => Some(format!(
+                "socket family {} refused: only unix, inet, inet6 and netlink sockets may be created in a sandbox",
+                self.family.name()
+            )),
+            _ => None,
+        }
     }
 
     /// `egress.connection.id`.
@@ -416,27 +507,44 @@ impl NetworkDecision {
             Verdict::Allow | Verdict::Audit | Verdict::Redirect => &["connection", "allowed"],
         };
         wire.event.outcome = self.verdict.outcome();
-        wire.process = Some(WireProcess {
-            pid: self.pid,
-            name: Some(&self.process_name),
-        });
+        wire.event.reason = self.reason.as_deref();
+        // A dropped packet may be sent from a timer, where no task is the sender.
+        if self.hook != Hook::SkbEgress {
+            wire.process = Some(WireProcess {
+                pid: self.pid,
+                name: Some(&self.process_name),
+            });
+            wire.group = Some(WireId {
+                id: self.gid.to_string(),
+            });
+        }
         wire.user = Some(WireId {
             id: self.uid.to_string(),
         });
-        wire.group = Some(WireId {
-            id: self.gid.to_string(),
-        });
-        wire.network = Some(WireNetwork {
-            type_: if ip.is_ipv4() { "ipv4" } else { "ipv6" },
-            transport: transport_name(self.protocol),
-            iana_number: self.protocol.to_string(),
-        });
-        wire.destination = Some(WireDestination {
-            ip,
-            port: self.destination_port,
-            domain: self.domain.as_deref(),
-            bytes: None,
-        });
+        let net_type = match self.family {
+            SocketFamily::Inet => Some("ipv4"),
+            SocketFamily::Inet6 => Some(if ip.is_ipv4() { "ipv4" } else { "ipv6" }),
+            SocketFamily::Other(_) => None,
+        };
+        let known_protocol = !(self.hook == Hook::SkbEgress && self.protocol == 0);
+        if let Some(type_) = net_type {
+            wire.network = Some(WireNetwork {
+                type_,
+                transport: known_protocol
+                    .then(|| transport_name(self.protocol))
+                    .flatten(),
+                iana_number: (known_protocol && self.protocol <= 255)
+                    .then(|| self.protocol.to_string()),
+            });
+        }
+        if self.hook.has_destination() {
+            wire.destination = Some(WireDestination {
+                ip,
+                port: (self.hook != Hook::SkbEgress).then_some(self.destination_port),
+                domain: self.domain.as_deref(),
+                bytes: None,
+            });
+        }
         wire.rule = Some(WireRule {
             name: self.rule.name(),
         });
@@ -447,27 +555,101 @@ impl NetworkDecision {
         });
         wire.egress.socket = Some(WireSocket {
             cookie: self.socket_cookie,
-            family: self.hook.family(),
+            family: self.family,
+            protocol: self.protocol,
         });
         wire.egress.netns = Some(WireNetns {
             cookie: self.netns_cookie,
         });
         wire.egress.hook = Some(self.hook);
         wire.egress.verdict = Some(self.verdict);
+        wire.egress.option = self.option.as_ref().map(|o| WireOption {
+            name: o.name,
+            type_: o.type_,
+        });
         wire.egress.connection = Some(WireConnection {
             id: WireConnectionId::Kernel(self.connection_id()),
         });
     }
 }
 
+/// `egress.option`: a socket option or packet header refused because it would send packets
+/// elsewhere than the judged address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefusedOption {
+    /// The socket option (`IP_OPTIONS`, `IPV6_RTHDR`, ...) or header (`ipv4-options`,
+    /// `ipv6-routing-header`).
+    pub name: &'static str,
+    /// IPv4 option type or IPv6 routing type, for packets.
+    pub type_: Option<u16>,
+}
+
+impl RefusedOption {
+    fn from_event(hook: Hook, level: u16, name: u16) -> Option<Self> {
+        match hook {
+            Hook::Setsockopt => Some(Self {
+                name: sockopt_name(level, name),
+                type_: None,
+            }),
+            Hook::SkbEgress if level == sockopt::IPPROTO_ROUTING => Some(Self {
+                name: "ipv6-routing-header",
+                type_: (name != u16::MAX).then_some(name),
+            }),
+            Hook::SkbEgress => Some(Self {
+                name: "ipv4-options",
+                type_: (name != 0).then_some(name),
+            }),
+            _ => None,
+        }
+    }
+
+    /// What the option or header does, in words.
+    pub fn meaning(&self) -> String {
+        match (self.name, self.type_) {
+            ("ipv4-options", Some(t)) if t == sockopt::IPOPT_LSRR => {
+                "option 131, loose source route".into()
+            }
+            ("ipv4-options", Some(t)) if t == sockopt::IPOPT_SSRR => {
+                "option 137, strict source route".into()
+            }
+            ("ipv4-options", Some(t)) => format!("first option type {t}"),
+            ("ipv4-options", None) => "IPv4 header options".into(),
+            ("ipv6-routing-header", Some(4)) => "routing type 4, segment routing".into(),
+            ("ipv6-routing-header", Some(t)) => format!("routing type {t}"),
+            ("ipv6-routing-header", None) => "more extension headers than the check walks".into(),
+            ("IP_OPTIONS", _) => "IPv4 options, which can carry a source route".into(),
+            ("IP_RETOPTS", _) => "IPv4 options".into(),
+            ("IPV6_RTHDR" | "IPV6_2292RTHDR", _) => "an IPv6 routing header".into(),
+            ("IPV6_2292PKTOPTIONS", _) => {
+                "IPv6 sticky options, which can carry a routing header".into()
+            }
+            ("IPV6_NEXTHOP", _) => "an IPv6 next hop".into(),
+            _ => "an option that routes packets".into(),
+        }
+    }
+}
+
+/// The name of a refused socket option.
+fn sockopt_name(level: u16, name: u16) -> &'static str {
+    match (level, name) {
+        (sockopt::SOL_IP, sockopt::IP_OPTIONS) => "IP_OPTIONS",
+        (sockopt::SOL_IP, sockopt::IP_RETOPTS) => "IP_RETOPTS",
+        (sockopt::SOL_IPV6, sockopt::IPV6_RTHDR) => "IPV6_RTHDR",
+        (sockopt::SOL_IPV6, sockopt::IPV6_2292RTHDR) => "IPV6_2292RTHDR",
+        (sockopt::SOL_IPV6, sockopt::IPV6_2292PKTOPTIONS) => "IPV6_2292PKTOPTIONS",
+        (sockopt::SOL_IPV6, sockopt::IPV6_NEXTHOP) => "IPV6_NEXTHOP",
+        _ => "unknown",
+    }
+}
+
 /// A kernel event the daemon cannot turn into a [`NetworkDecision`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("unknown hook id {0} in kernel event (known: 1-4)")]
+    #[error("unknown hook id {0} in kernel event (known: 1-9)")]
     Hook(u8),
     #[error("unknown verdict id {0} in kernel event (known: 1-4)")]
     Verdict(u8),
-    #[error("kernel event from {hook} carries address family {family}, expected {}", hook.family().abi())]
+    #[error("kernel event from {hook} carries address family {family}, which it cannot")]
     Family { hook: Hook, family: u8 },
 }
 
@@ -480,6 +662,24 @@ pub struct EventsLost {
     pub count: u64,
     /// `egress.lost.total`: lost since the counters were created.
     pub total: u64,
+}
+
+/// Audit records that were given sequence numbers but never reached the log: the log
+/// could not be written for longer than the writer's queue lasted, or the daemon stopped
+/// before it could write them. The numbers form one range; no other record uses them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditLost {
+    pub time: OffsetDateTime,
+    /// `egress.audit_lost.count`: how many records were lost (the size of the range).
+    pub count: u64,
+    /// `egress.audit_lost.first_sequence`: the first lost `event.sequence`.
+    pub first_sequence: u64,
+    /// `egress.audit_lost.last_sequence`: the last lost `event.sequence`.
+    pub last_sequence: u64,
+    /// `egress.audit_lost.since`: when writes began to fail, when this daemon saw it.
+    pub since: Option<OffsetDateTime>,
+    /// `error.message`: the write error, or why the records were not written.
+    pub error: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -546,11 +746,50 @@ pub struct SandboxLifecycle {
     pub policy_path: PathBuf,
     /// `egress.policy.digest`.
     pub policy_digest: PolicyDigest,
+    /// `event.reason` of a `sandbox-detach` record: why the confinement ended.
+    pub reason: Option<DetachReason>,
+    /// `egress.coverage.packet_sockets` (attach and adopt): whether the sandbox is kept from
+    /// creating packet and other non-inet sockets (BPF LSM active and attached).
+    pub packet_sockets_covered: Option<bool>,
+    /// `egress.posture` (attach and adopt): what the sandbox's processes hold.
+    pub posture: Option<crate::posture::Posture>,
+}
+
+/// Why a sandbox was detached: `event.reason` of a `sandbox-detach` record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DetachReason {
+    /// `egressctl detach` (or another control-socket client that gave no reason).
+    Operator,
+    /// A container runtime's `poststop` hook (`egressctl oci-hook`).
+    Hook,
+    /// The sandbox's cgroup directory was removed (or replaced by a new one at the same path).
+    CgroupRemoved,
+}
+
+impl DetachReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Operator => "operator",
+            Self::Hook => "hook",
+            Self::CgroupRemoved => "cgroup-removed",
+        }
+    }
 }
 
 impl SandboxLifecycle {
     fn fill<'a>(&'a self, wire: &mut Wire<'a>, type_: &'static [&'static str]) {
+        wire.egress.coverage = self
+            .packet_sockets_covered
+            .map(|packet_sockets| WireCoverage { packet_sockets });
+        wire.egress.posture = self.posture.as_ref().map(|p| WirePosture {
+            processes: p.pids.len(),
+            capabilities: p.capabilities(),
+            risky_capabilities: p.risky(),
+            can_leave_cgroup: p.can_leave_cgroup(),
+        });
         wire.event.type_ = type_;
+        wire.event.reason = self.reason.map(DetachReason::as_str);
         wire.egress.sandbox = Some(WireSandbox {
             name: &self.sandbox,
             cgroup_id: Some(self.cgroup_id),
@@ -560,6 +799,71 @@ impl SandboxLifecycle {
             path: self.policy_path.to_string_lossy(),
             digest: Some(&self.policy_digest),
             previous_digest: None,
+        });
+    }
+}
+
+/// Body of `sandbox-quarantine` and `sandbox-release`; wrap it with
+/// [`Record::SandboxQuarantine`] or [`Record::SandboxRelease`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quarantine {
+    pub time: OffsetDateTime,
+    /// `egress.sandbox.name`.
+    pub sandbox: String,
+    /// `egress.sandbox.cgroup_path`.
+    pub cgroup_path: PathBuf,
+    /// `egress.sandbox.cgroup_id`.
+    pub cgroup_id: u64,
+    /// `event.reason`: why, in the operator's words or the alert's.
+    pub reason: Option<String>,
+    /// `egress.quarantine.trigger`: `operator`, or the alert kind whose configured
+    /// response it was (`denial-burst`, ...).
+    pub trigger: String,
+}
+
+impl Quarantine {
+    fn fill<'a>(&'a self, wire: &mut Wire<'a>) {
+        wire.event.type_ = &["change"];
+        wire.event.reason = non_empty(&self.reason);
+        wire.egress.sandbox = Some(WireSandbox {
+            name: &self.sandbox,
+            cgroup_id: Some(self.cgroup_id),
+            cgroup_path: Some(self.cgroup_path.to_string_lossy()),
+        });
+        wire.egress.quarantine = Some(WireQuarantine {
+            trigger: &self.trigger,
+        });
+    }
+}
+
+/// `credential-revoke`: what quarantine (or the detach of the last sandbox using a leased
+/// credential) did to one credential's live value. Names only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialRevoke {
+    pub time: OffsetDateTime,
+    /// `egress.sandbox.name`: the quarantined (or detached) sandbox whose policy names it.
+    pub sandbox: String,
+    /// `egress.credential.name`.
+    pub credential: String,
+    /// `event.outcome`: whether the revocation succeeded.
+    pub revoked: bool,
+    /// `event.reason`: how it was revoked, or why it failed (never the value).
+    pub reason: String,
+}
+
+impl CredentialRevoke {
+    fn fill<'a>(&'a self, wire: &mut Wire<'a>) {
+        wire.event.category = &["iam"];
+        wire.event.type_ = &["deletion"];
+        wire.event.outcome = if self.revoked {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        };
+        wire.event.reason = Some(&self.reason);
+        wire.egress.sandbox = Some(WireSandbox::named(&self.sandbox));
+        wire.egress.credential = Some(WireCredential {
+            name: &self.credential,
         });
     }
 }
@@ -645,7 +949,7 @@ impl ProxyEvent {
         let domain = non_empty(&r.host).or_else(|| non_empty(&r.sni));
         let mut destination = WireDestination {
             ip: r.original_dst.ip().to_canonical(),
-            port: r.original_dst.port(),
+            port: Some(r.original_dst.port()),
             domain: None,
             bytes: None,
         };
@@ -728,8 +1032,12 @@ pub struct DnsEvent {
     /// `SERVFAIL`, `FORMERR`, or whatever other code the upstream resolver answered.
     pub response_code: String,
     /// `dns.resolved_ip`: the A/AAAA addresses released to the sandbox (and installed in
-    /// the kernel before that). IPv4-mapped addresses are written as IPv4.
+    /// the kernel before that), and only those. IPv4-mapped addresses are written as IPv4.
     pub resolved_ip: Vec<IpAddr>,
+    /// `egress.dns.refused`: addresses the upstream answer held that were neither
+    /// installed nor released (a special address, outside the rule's `answers`, covered
+    /// by a deny rule, ...), each with why.
+    pub refused: Vec<RefusedAnswer>,
     /// `egress.verdict`; also decides `event.outcome` and `event.type`.
     pub verdict: DnsVerdict,
     /// `rule.name`: the first policy rule that allows the name; for a denied name, the
@@ -740,6 +1048,13 @@ pub struct DnsEvent {
     /// `server.ip` and `server.port`: the upstream resolver that answered, or the last one
     /// tried.
     pub upstream: Option<SocketAddr>,
+}
+
+/// An answer's address the resolver did not release, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedAnswer {
+    pub ip: IpAddr,
+    pub reason: String,
 }
 
 impl DnsEvent {
@@ -773,6 +1088,16 @@ impl DnsEvent {
         wire.rule = non_empty(&self.rule).map(|name| WireRule { name });
         wire.egress.sandbox = Some(WireSandbox::named(&self.sandbox));
         wire.egress.verdict = Some(verdict);
+        wire.egress.dns = (!self.refused.is_empty()).then(|| WireEgressDns {
+            refused: self
+                .refused
+                .iter()
+                .map(|r| WireRefusedAnswer {
+                    ip: r.ip.to_canonical(),
+                    reason: &r.reason,
+                })
+                .collect(),
+        });
     }
 }
 
@@ -851,7 +1176,7 @@ impl Verdict {
     }
 }
 
-/// `egress.hook`: the cgroup/sock_addr program that decided.
+/// `egress.hook`: the kernel program that decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Hook {
@@ -864,6 +1189,14 @@ pub enum Hook {
     SockCreate4,
     #[serde(rename = "sock_create6")]
     SockCreate6,
+    /// A source-routing socket option refused.
+    Setsockopt,
+    /// A packet with IPv4 options or an IPv6 routing header dropped.
+    #[serde(rename = "skb_egress")]
+    SkbEgress,
+    /// A socket of a family other than unix, inet, inet6 and netlink refused (BPF LSM).
+    #[serde(rename = "lsm_socket_create")]
+    LsmSocketCreate,
 }
 
 impl Hook {
@@ -876,16 +1209,26 @@ impl Hook {
             hook::SENDMSG6 => Some(Self::Sendmsg6),
             hook::SOCK_CREATE4 => Some(Self::SockCreate4),
             hook::SOCK_CREATE6 => Some(Self::SockCreate6),
+            hook::SETSOCKOPT => Some(Self::Setsockopt),
+            hook::SKB_EGRESS => Some(Self::SkbEgress),
+            hook::LSM_SOCKET_CREATE => Some(Self::LsmSocketCreate),
             _ => None,
         }
     }
 
-    /// The socket's family: connect6/sendmsg6 also see IPv4-mapped destinations.
-    pub fn family(self) -> SocketFamily {
+    /// The socket family a hook implies, for hooks that run for one family only.
+    pub fn family(self) -> Option<SocketFamily> {
         match self {
-            Self::Connect4 | Self::Sendmsg4 | Self::SockCreate4 => SocketFamily::Inet,
-            Self::Connect6 | Self::Sendmsg6 | Self::SockCreate6 => SocketFamily::Inet6,
+            Self::Connect4 | Self::Sendmsg4 | Self::SockCreate4 => Some(SocketFamily::Inet),
+            Self::Connect6 | Self::Sendmsg6 | Self::SockCreate6 => Some(SocketFamily::Inet6),
+            Self::Setsockopt | Self::SkbEgress | Self::LsmSocketCreate => None,
         }
+    }
+
+    /// Whether records of this hook carry a destination (an option or a socket being
+    /// created has none yet).
+    pub fn has_destination(self) -> bool {
+        !matches!(self, Self::Setsockopt | Self::LsmSocketCreate)
     }
 
     /// `event.action`.
@@ -893,7 +1236,9 @@ impl Hook {
         match self {
             Self::Connect4 | Self::Connect6 => action::CONNECT,
             Self::Sendmsg4 | Self::Sendmsg6 => action::SENDMSG,
-            Self::SockCreate4 | Self::SockCreate6 => action::SOCKET,
+            Self::SockCreate4 | Self::SockCreate6 | Self::LsmSocketCreate => action::SOCKET,
+            Self::Setsockopt => action::SETSOCKOPT,
+            Self::SkbEgress => action::PACKET,
         }
     }
 
@@ -905,6 +1250,9 @@ impl Hook {
             Self::Sendmsg6 => "sendmsg6",
             Self::SockCreate4 => "sock_create4",
             Self::SockCreate6 => "sock_create6",
+            Self::Setsockopt => "setsockopt",
+            Self::SkbEgress => "skb_egress",
+            Self::LsmSocketCreate => "lsm_socket_create",
         }
     }
 }
@@ -915,21 +1263,86 @@ impl fmt::Display for Hook {
     }
 }
 
-/// `egress.socket.family`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+/// `egress.socket.family`: `inet`, `inet6`, or the name of another family a sandbox
+/// tried to create (`packet`, `xdp`, `vsock`, ...; `af-N` when unnamed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SocketFamily {
     Inet,
     Inet6,
+    /// Another `AF_*` number.
+    Other(u16),
 }
 
 impl SocketFamily {
-    /// The `family` byte kernel events carry.
+    /// The `family` byte kernel events carry (4 or 6).
     fn abi(self) -> u8 {
         match self {
             Self::Inet => 4,
             Self::Inet6 => 6,
+            Self::Other(_) => 0,
         }
+    }
+
+    fn from_abi(v: u8) -> Self {
+        if v == 6 {
+            Self::Inet6
+        } else {
+            Self::Inet
+        }
+    }
+
+    /// From the kernel's `AF_*` number.
+    pub fn from_af(af: u16) -> Self {
+        match af {
+            2 => Self::Inet,
+            10 => Self::Inet6,
+            n => Self::Other(n),
+        }
+    }
+
+    /// The record's name for the family.
+    pub fn name(self) -> Cow<'static, str> {
+        let named = match self {
+            Self::Inet => "inet",
+            Self::Inet6 => "inet6",
+            Self::Other(n) => match n {
+                1 => "unix",
+                3 => "ax25",
+                4 => "ipx",
+                5 => "appletalk",
+                9 => "x25",
+                16 => "netlink",
+                17 => "packet",
+                21 => "rds",
+                24 => "pppox",
+                26 => "llc",
+                27 => "ib",
+                28 => "mpls",
+                29 => "can",
+                30 => "tipc",
+                31 => "bluetooth",
+                34 => "isdn",
+                35 => "phonet",
+                36 => "ieee802154",
+                37 => "caif",
+                38 => "alg",
+                39 => "nfc",
+                40 => "vsock",
+                41 => "kcm",
+                42 => "qipcrtr",
+                43 => "smc",
+                44 => "xdp",
+                45 => "mctp",
+                n => return Cow::Owned(format!("af-{n}")),
+            },
+        };
+        Cow::Borrowed(named)
+    }
+}
+
+impl Serialize for SocketFamily {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
     }
 }
 
@@ -1015,14 +1428,16 @@ impl Serialize for ConnectionId {
     }
 }
 
-/// ECS `network.transport`: the IANA keyword, for the protocols we can name.
-fn transport_name(protocol: u8) -> Option<&'static str> {
+/// ECS `network.transport`: the IANA keyword, for the protocols we can name; MPTCP
+/// (the kernel's 262) is named too, since calling it TCP would hide it.
+fn transport_name(protocol: u32) -> Option<&'static str> {
     match protocol {
         1 => Some("icmp"),
         6 => Some("tcp"),
         17 => Some("udp"),
         58 => Some("ipv6-icmp"),
         132 => Some("sctp"),
+        262 => Some("mptcp"),
         _ => None,
     }
 }
@@ -1120,13 +1535,15 @@ struct WireNetwork {
     type_: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     transport: Option<&'static str>,
-    iana_number: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iana_number: Option<String>,
 }
 
 #[derive(Serialize)]
 struct WireDestination<'a> {
     ip: IpAddr,
-    port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
     /// The name an allowed address was learned from (DNS).
     #[serde(skip_serializing_if = "Option::is_none")]
     domain: Option<&'a str>,
@@ -1236,6 +1653,8 @@ struct WireEgress<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     verdict: Option<Verdict>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    option: Option<WireOption>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     connection: Option<WireConnection<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_mode: Option<&'static str>,
@@ -1246,6 +1665,8 @@ struct WireEgress<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     lost: Option<WireLost>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    audit_lost: Option<WireAuditLost>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     daemon: Option<WireDaemon>,
     #[serde(skip_serializing_if = "Option::is_none")]
     gap: Option<WireGap>,
@@ -1253,6 +1674,44 @@ struct WireEgress<'a> {
     policy: Option<WirePolicy<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     alert: Option<WireAlert>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quarantine: Option<WireQuarantine<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<WireEgressDns<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    coverage: Option<WireCoverage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    posture: Option<WirePosture>,
+}
+
+#[derive(Serialize)]
+struct WireQuarantine<'a> {
+    trigger: &'a str,
+}
+
+/// `egress.dns`: what the resolver kept from the sandbox.
+#[derive(Serialize)]
+struct WireEgressDns<'a> {
+    refused: Vec<WireRefusedAnswer<'a>>,
+}
+
+#[derive(Serialize)]
+struct WireRefusedAnswer<'a> {
+    ip: IpAddr,
+    reason: &'a str,
+}
+
+#[derive(Serialize)]
+struct WirePosture {
+    processes: usize,
+    capabilities: Vec<&'static str>,
+    risky_capabilities: Vec<&'static str>,
+    can_leave_cgroup: bool,
+}
+
+#[derive(Serialize)]
+struct WireCoverage {
+    packet_sockets: bool,
 }
 
 #[derive(Serialize)]
@@ -1278,6 +1737,15 @@ impl<'a> WireSandbox<'a> {
 struct WireSocket {
     cookie: u64,
     family: SocketFamily,
+    /// The kernel's protocol number, full width.
+    protocol: u32,
+}
+
+#[derive(Serialize)]
+struct WireOption {
+    name: &'static str,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    type_: Option<u16>,
 }
 
 #[derive(Serialize)]
@@ -1326,6 +1794,15 @@ struct WireRefUpdate<'a> {
 struct WireLost {
     count: u64,
     total: u64,
+}
+
+#[derive(Serialize)]
+struct WireAuditLost {
+    count: u64,
+    first_sequence: u64,
+    last_sequence: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    since: Option<String>,
 }
 
 #[derive(Serialize)]

@@ -52,7 +52,7 @@ fn digest(text: &str) -> PolicyDigest {
 
 fn network(
     hook: Hook,
-    protocol: u8,
+    protocol: u32,
     ip: IpAddr,
     port: u16,
     verdict: Verdict,
@@ -69,13 +69,87 @@ fn network(
         socket_cookie: 0x1_0000_0042,
         netns_cookie: 0x1000,
         hook,
+        family: hook.family().unwrap_or(if ip.is_ipv4() {
+            SocketFamily::Inet
+        } else {
+            SocketFamily::Inet6
+        }),
         protocol,
         destination_ip: ip,
         destination_port: port,
         verdict,
         rule,
         domain: None,
+        option: None,
+        reason: None,
     }
+}
+
+/// A refusal as the option, packet and LSM programs report it, decoded the daemon's way.
+fn refusal(hook: u8, family: u8, protocol: u32, level: u16, name: u16, addr: [u8; 16]) -> Record {
+    let ev = ConnectEvent {
+        header: EventHeader {
+            version: agent_common::ABI_VERSION as u16,
+            kind: agent_common::event_kind::CONNECT,
+            _pad: 0,
+        },
+        ts_ns: 5,
+        cgroup_id: 81_234,
+        socket_cookie: 0x42,
+        netns_cookie: 0,
+        pid: 4242,
+        uid: 1000,
+        gid: 1000,
+        sandbox_index: 1,
+        rule_id: 0,
+        dst_port: 0,
+        family,
+        verdict: agent_common::verdict::DENY,
+        hook,
+        _pad: 0,
+        protocol,
+        opt_level: level,
+        opt_name: name,
+        comm: *b"sidedoor\0\0\0\0\0\0\0\0",
+        addr,
+    };
+    let clock = ClockOffset::from_nanos(T0.unix_timestamp_nanos() - 5);
+    NetworkDecision::from_event(&ev, &clock, "agent-1".into(), RuleRef::Default)
+        .unwrap()
+        .into()
+}
+
+/// One of each refusal kind the option, packet and LSM programs report.
+fn refusals() -> Vec<Record> {
+    use agent_common::{hook, sockopt};
+    let mut v4 = [0u8; 16];
+    v4[..4].copy_from_slice(&[203, 0, 113, 66]);
+    let v6: [u8; 16] = "2001:db8::66"
+        .parse::<std::net::Ipv6Addr>()
+        .unwrap()
+        .octets();
+    vec![
+        refusal(
+            hook::SETSOCKOPT,
+            4,
+            6,
+            sockopt::SOL_IP,
+            sockopt::IP_OPTIONS,
+            [0; 16],
+        ),
+        refusal(
+            hook::SETSOCKOPT,
+            6,
+            17,
+            sockopt::SOL_IPV6,
+            sockopt::IPV6_RTHDR,
+            [0; 16],
+        ),
+        refusal(hook::SKB_EGRESS, 4, 17, 0, sockopt::IPOPT_LSRR, v4),
+        refusal(hook::SKB_EGRESS, 6, 0, sockopt::IPPROTO_ROUTING, 4, v6),
+        refusal(hook::LSM_SOCKET_CREATE, 0, 768, 17, 3, [0; 16]),
+        refusal(hook::SOCK_CREATE4, 4, 262, 0, 0, [0; 16]),
+    ]
 }
 
 fn lifecycle(name: &str) -> SandboxLifecycle {
@@ -86,6 +160,16 @@ fn lifecycle(name: &str) -> SandboxLifecycle {
         cgroup_id: 81_234,
         policy_path: PathBuf::from("/etc/egressd/policies/agent.yaml"),
         policy_digest: digest("default: deny\n"),
+        reason: None,
+        packet_sockets_covered: None,
+        posture: None,
+    }
+}
+
+fn detached(name: &str, reason: DetachReason) -> SandboxLifecycle {
+    SandboxLifecycle {
+        reason: Some(reason),
+        ..lifecycle(name)
     }
 }
 
@@ -256,6 +340,7 @@ fn dns_allowed() -> DnsEvent {
             IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
             IpAddr::V6(Ipv4Addr::new(192, 0, 2, 11).to_ipv6_mapped()),
         ],
+        refused: Vec::new(),
         verdict: DnsVerdict::Allow,
         rule: Some("github".into()),
         reason: None,
@@ -316,7 +401,34 @@ fn dns_kinds() -> Vec<Record> {
             ..dns_allowed()
         }
         .into(),
+        dns_with_refused().into(),
+        DnsEvent {
+            question_type: "TXT".into(),
+            response_code: "REFUSED".into(),
+            reason: Some("query type TXT is not answered".into()),
+            ..dns_denied()
+        }
+        .into(),
     ]
+}
+
+/// An answer of which one address was released and two refused.
+fn dns_with_refused() -> DnsEvent {
+    DnsEvent {
+        resolved_ip: vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))],
+        refused: vec![
+            crate::audit::RefusedAnswer {
+                ip: IpAddr::V6(Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped()),
+                reason: "127.0.0.1 is a loopback address".into(),
+            },
+            crate::audit::RefusedAnswer {
+                ip: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)),
+                reason: "the address is outside the `answers` of rule `github`".into(),
+            },
+        ],
+        reason: Some("2 answer address(es) refused; see egress.dns.refused".into()),
+        ..dns_allowed()
+    }
 }
 
 /// One of every kind, and every verdict and address shape for network decisions.
@@ -431,8 +543,17 @@ fn every_kind() -> Vec<Record> {
             reason: StopReason::Error,
         }
         .into(),
-        Record::SandboxAttach(lifecycle("agent-1")),
-        Record::SandboxDetach(lifecycle("agent-1")),
+        Record::SandboxAttach(SandboxLifecycle {
+            packet_sockets_covered: Some(false),
+            posture: Some(crate::posture::Posture {
+                pids: [10, 11].into(),
+                cap_eff: 0xa80425fb,
+            }),
+            ..lifecycle("agent-1")
+        }),
+        Record::SandboxDetach(detached("agent-1", DetachReason::Operator)),
+        Record::SandboxDetach(detached("agent-1", DetachReason::Hook)),
+        Record::SandboxDetach(detached("agent-1", DetachReason::CgroupRemoved)),
         Record::SandboxAdopt(lifecycle("agent-2")),
         PolicyChange {
             time: T0,
@@ -458,12 +579,131 @@ fn every_kind() -> Vec<Record> {
             error: "/etc/egressd/policies/missing.yaml: No such file or directory".into(),
         }
         .into(),
+        AuditLost {
+            time: T0,
+            count: 7,
+            first_sequence: 4,
+            last_sequence: 10,
+            since: Some(T0),
+            error: "No space left on device (os error 28)".into(),
+        }
+        .into(),
+        AuditLost {
+            time: T0,
+            count: 1,
+            first_sequence: 9,
+            last_sequence: 9,
+            since: None,
+            error: "numbered by the previous run of the daemon but not written".into(),
+        }
+        .into(),
     ]
     .into_iter()
     .chain(proxy_kinds())
     .chain(dns_kinds())
     .chain(alert_kinds())
+    .chain(quarantine_kinds())
     .collect()
+}
+
+fn quarantine(reason: Option<&str>, trigger: &str) -> Quarantine {
+    Quarantine {
+        time: T0,
+        sandbox: "agent-1".into(),
+        cgroup_path: PathBuf::from("/sys/fs/cgroup/agents/agent-1"),
+        cgroup_id: 81_234,
+        reason: reason.map(str::to_owned),
+        trigger: trigger.into(),
+    }
+}
+
+/// Quarantine and release, by an operator and by an alert; revocations that worked and
+/// one that failed.
+fn quarantine_kinds() -> Vec<Record> {
+    vec![
+        Record::SandboxQuarantine(quarantine(Some("investigating"), "operator")),
+        Record::SandboxQuarantine(quarantine(
+            Some("60 denied decisions within 10 s"),
+            "denial-burst",
+        )),
+        Record::SandboxRelease(quarantine(None, "operator")),
+        CredentialRevoke {
+            time: T0,
+            sandbox: "agent-1".into(),
+            credential: "github".into(),
+            revoked: true,
+            reason: "installation token revoked with the GitHub API".into(),
+        }
+        .into(),
+        CredentialRevoke {
+            time: T0,
+            sandbox: "agent-1".into(),
+            credential: "vault".into(),
+            revoked: false,
+            reason: "revoke command /usr/local/bin/revoke exited with exit status: 1".into(),
+        }
+        .into(),
+    ]
+}
+
+#[test]
+fn quarantine_and_revoke_fields() {
+    let validator = validator();
+    let encode = |r: Record| -> Value { serde_json::from_slice(&r.encode(1).unwrap()).unwrap() };
+    let q = encode(Record::SandboxQuarantine(quarantine(
+        Some("burst"),
+        "denial-burst",
+    )));
+    assert_eq!(q["event"]["action"], "sandbox-quarantine");
+    assert_eq!(q["event"]["kind"], "event");
+    assert_eq!(q["event"]["type"], serde_json::json!(["change"]));
+    assert_eq!(q["event"]["reason"], "burst");
+    assert_eq!(q["egress"]["quarantine"]["trigger"], "denial-burst");
+    assert_eq!(q["egress"]["sandbox"]["cgroup_id"], 81_234);
+    let r = encode(Record::SandboxRelease(quarantine(None, "operator")));
+    assert_eq!(r["event"]["action"], "sandbox-release");
+    assert!(r["event"].get("reason").is_none());
+    let revoke = encode(
+        CredentialRevoke {
+            time: T0,
+            sandbox: "agent-1".into(),
+            credential: "github".into(),
+            revoked: false,
+            reason: "no answer".into(),
+        }
+        .into(),
+    );
+    assert_eq!(revoke["event"]["outcome"], "failure");
+    assert_eq!(revoke["event"]["category"], serde_json::json!(["iam"]));
+    assert_eq!(revoke["egress"]["credential"]["name"], "github");
+    for good in [&q, &r, &revoke] {
+        assert!(validator.is_valid(good), "{good}");
+    }
+    let cases: Vec<(&str, &Value, Mutation)> = vec![
+        ("unknown trigger", &q, |v| {
+            v["egress"]["quarantine"]["trigger"] = "whim".into()
+        }),
+        ("quarantine without trigger", &q, |v| {
+            v["egress"].as_object_mut().unwrap().remove("quarantine");
+        }),
+        ("quarantine as alert", &q, |v| {
+            v["event"]["kind"] = "alert".into()
+        }),
+        ("revoke without credential", &revoke, |v| {
+            v["egress"].as_object_mut().unwrap().remove("credential");
+        }),
+        ("revoke without reason", &revoke, |v| {
+            v["event"].as_object_mut().unwrap().remove("reason");
+        }),
+        ("revoke carrying a value", &revoke, |v| {
+            v["egress"]["credential"]["value"] = "ghp_x".into()
+        }),
+    ];
+    for (what, good, mutate) in cases {
+        let mut bad = good.clone();
+        mutate(&mut bad);
+        assert!(!validator.is_valid(&bad), "schema accepted: {what}");
+    }
 }
 
 /// One alert of every kind, with and without the optional fields.
@@ -549,7 +789,8 @@ fn schema_is_a_valid_2020_12_schema() {
 fn every_kind_written_to_a_file_matches_the_schema() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    let records = every_kind();
+    let mut records = every_kind();
+    records.extend(refusals());
     let seqs = write_all(&path, &records);
     assert_eq!(seqs, (1..=records.len() as u64).collect::<Vec<_>>());
 
@@ -572,7 +813,51 @@ fn every_kind_written_to_a_file_matches_the_schema() {
         .iter()
         .map(|l| l["event"]["action"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(actions.len(), 14 + AlertKind::ALL.len(), "{actions:?}");
+    assert_eq!(actions.len(), 19 + AlertKind::ALL.len(), "{actions:?}");
+}
+
+#[test]
+fn refusals_name_what_was_refused() {
+    let lines: Vec<Value> = refusals()
+        .iter()
+        .map(|r| serde_json::from_slice(&r.encode(1).unwrap()).unwrap())
+        .collect();
+    assert_eq!(lines[0]["event"]["action"], "setsockopt");
+    assert_eq!(lines[0]["egress"]["option"]["name"], "IP_OPTIONS");
+    assert!(lines[0].get("destination").is_none());
+    assert_eq!(lines[1]["egress"]["option"]["name"], "IPV6_RTHDR");
+    assert_eq!(lines[1]["egress"]["socket"]["family"], "inet6");
+    // A dropped packet names the option and the first hop it was really sent to.
+    assert_eq!(lines[2]["event"]["action"], "packet");
+    assert_eq!(lines[2]["egress"]["option"]["name"], "ipv4-options");
+    assert_eq!(lines[2]["egress"]["option"]["type"], 131);
+    assert_eq!(lines[2]["destination"]["ip"], "203.0.113.66");
+    assert!(lines[2]["event"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("loose source route"));
+    assert!(lines[2].get("process").is_none());
+    assert_eq!(lines[3]["egress"]["option"]["name"], "ipv6-routing-header");
+    assert_eq!(lines[3]["egress"]["option"]["type"], 4);
+    assert!(lines[3]["network"].get("iana_number").is_none());
+    // Packet sockets: the family by name, no network or destination.
+    assert_eq!(lines[4]["event"]["action"], "socket");
+    assert_eq!(lines[4]["egress"]["socket"]["family"], "packet");
+    assert_eq!(lines[4]["egress"]["hook"], "lsm_socket_create");
+    assert!(lines[4].get("network").is_none());
+    // MPTCP is not TCP.
+    assert_eq!(lines[5]["network"]["transport"], "mptcp");
+    assert!(lines[5]["network"].get("iana_number").is_none());
+    assert_eq!(lines[5]["egress"]["socket"]["protocol"], 262);
+}
+
+#[test]
+fn socket_families_are_named() {
+    assert_eq!(SocketFamily::from_af(17).name(), "packet");
+    assert_eq!(SocketFamily::from_af(44).name(), "xdp");
+    assert_eq!(SocketFamily::from_af(40).name(), "vsock");
+    assert_eq!(SocketFamily::from_af(10).name(), "inet6");
+    assert_eq!(SocketFamily::from_af(250).name(), "af-250");
 }
 
 #[test]
@@ -610,7 +895,7 @@ fn network_fields_use_ecs_names_and_nesting() {
             "rule": {"name": "default"},
             "egress": {
                 "sandbox": {"name": "agent-1", "cgroup_id": 81234},
-                "socket": {"cookie": 0x1_0000_0042_u64, "family": "inet6"},
+                "socket": {"cookie": 0x1_0000_0042_u64, "family": "inet6", "protocol": 6},
                 "netns": {"cookie": 4096},
                 "hook": "connect6",
                 "verdict": "audit",
@@ -1018,6 +1303,22 @@ fn dns_fields_use_ecs_names_and_nesting() {
     for absent in ["rule", "server"] {
         assert!(line.get(absent).is_none(), "{absent} in {line}");
     }
+
+    // Refused answer addresses: beside, never inside, dns.resolved_ip.
+    let line: Value =
+        serde_json::from_slice(&Record::from(dns_with_refused()).encode(6).unwrap()).unwrap();
+    assert_eq!(
+        line["dns"]["resolved_ip"],
+        serde_json::json!(["192.0.2.10"])
+    );
+    assert_eq!(
+        line["egress"]["dns"],
+        serde_json::json!({"refused": [
+            {"ip": "127.0.0.1", "reason": "127.0.0.1 is a loopback address"},
+            {"ip": "198.51.100.7", "reason": "the address is outside the `answers` of rule `github`"}
+        ]})
+    );
+    assert!(validator().is_valid(&line), "{line}");
 }
 
 #[test]
@@ -1074,6 +1375,16 @@ fn schema_catches_dns_drift() {
         }),
         ("server without port", &allowed, |v| {
             v["server"] = serde_json::json!({"ip": "192.0.2.53"})
+        }),
+        ("empty refused list", &allowed, |v| {
+            v["egress"]["dns"] = serde_json::json!({"refused": []})
+        }),
+        ("refused address without a reason", &allowed, |v| {
+            v["egress"]["dns"] = serde_json::json!({"refused": [{"ip": "127.0.0.1"}]})
+        }),
+        ("refused address written mapped", &allowed, |v| {
+            v["egress"]["dns"] =
+                serde_json::json!({"refused": [{"ip": "::ffff:127.0.0.1", "reason": "x"}]})
         }),
     ];
     for (what, good, mutate) in cases {
@@ -1405,9 +1716,12 @@ fn kernel_events_decode() {
         rule_id: 0,
         dst_port: 443,
         family: 4,
-        protocol: 6,
         verdict: agent_common::verdict::DENY,
         hook: agent_common::hook::CONNECT4,
+        _pad: 0,
+        protocol: 6,
+        opt_level: 0,
+        opt_name: 0,
         comm: *b"python3\0\0\0\0\0\0\0\0\0",
         addr: [192, 0, 2, 33, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
     };
@@ -1560,4 +1874,294 @@ fn a_line_completed_after_open_is_not_taken_for_torn() {
     let text = fs::read_to_string(&path).unwrap();
     assert_eq!(text.lines().count(), 3);
     assert!(text.lines().all(|l| !l.is_empty()));
+}
+
+// ---------------------------------------------------------------------------------------
+// Never silent: write failures, loss accounting, sequence continuity, rotation
+// ---------------------------------------------------------------------------------------
+
+fn denied(port: u16) -> Record {
+    network(
+        Hook::Connect4,
+        6,
+        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+        port,
+        Verdict::Deny,
+        RuleRef::Default,
+    )
+    .into()
+}
+
+/// Polls `cond` every 20 ms for at most 10 s.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(cond(), "timed out waiting for: {what}");
+}
+
+fn lines_of(paths: &[PathBuf]) -> Vec<Value> {
+    paths
+        .iter()
+        .filter(|p| fs::metadata(p).is_ok_and(|m| m.len() > 0))
+        .flat_map(|p| read_lines(p))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_queues_counts_and_reports_the_exact_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    // Every write to /dev/full fails with ENOSPC; replacing the link "frees space".
+    std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+    let config = AuditConfig {
+        queue_records: 3,
+        ..AuditConfig::default()
+    };
+    let seq_file = dir.path().join("state/audit-sequence");
+    let (handle, task) = AuditLog::open_with(
+        AuditSink::File(path.clone()),
+        &config,
+        Some(seq_file.clone()),
+    )
+    .unwrap();
+    assert!(handle.healthy());
+    let writer = tokio::spawn(task.run());
+    for port in 1..=10 {
+        handle.emit(denied(port));
+    }
+    eventually("unhealthy", || !handle.healthy()).await;
+    eventually("all ten taken", || handle.health().lost == 7).await;
+    let health = handle.health();
+    assert!(!health.healthy);
+    assert!(
+        health.error.as_deref().unwrap().contains("No space left"),
+        "{health:?}"
+    );
+    assert!(health.failing_since.is_some());
+    assert!(health.write_errors >= 1);
+
+    fs::remove_file(&path).unwrap();
+    eventually("healthy again", || handle.healthy()).await;
+    handle.emit(denied(11));
+    drop(handle);
+    let summary = writer.await.unwrap().unwrap();
+    assert_eq!(summary.next_sequence, 13);
+
+    let lines = read_lines(&path);
+    let seqs: Vec<u64> = lines.iter().map(sequence).collect();
+    // 1-3 were kept in memory and written late; 4-10 were dropped and are accounted for
+    // by the loss record (11); 12 came after recovery.
+    assert_eq!(seqs, vec![1, 2, 3, 11, 12]);
+    let lost = &lines[3];
+    assert_eq!(lost["event"]["action"], "audit-lost");
+    assert_eq!(lost["egress"]["audit_lost"]["count"], 7);
+    assert_eq!(lost["egress"]["audit_lost"]["first_sequence"], 4);
+    assert_eq!(lost["egress"]["audit_lost"]["last_sequence"], 10);
+    assert!(lost["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("No space left"));
+    let validator = validator();
+    for line in &lines {
+        let errors = violations(&validator, line);
+        assert!(errors.is_empty(), "{line}\n{}", errors.join("\n"));
+    }
+    assert_eq!(
+        fs::read_to_string(&seq_file)
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        vec![format!("{:020}", 12), format!("{:020}", 12)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_when_the_outage_fits_in_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("logs/audit.jsonl");
+    let (handle, task) = AuditLog::open(AuditSink::File(path.clone())).unwrap();
+    let writer = tokio::spawn(task.run());
+    handle.emit(denied(1));
+    eventually("first written", || {
+        fs::read_to_string(&path).is_ok_and(|t| t.lines().count() == 1)
+    })
+    .await;
+    // The directory is removed, and a file takes its name so it cannot be made again.
+    fs::remove_dir_all(dir.path().join("logs")).unwrap();
+    fs::write(dir.path().join("logs"), "in the way").unwrap();
+    for port in 2..=5 {
+        handle.emit(denied(port));
+    }
+    eventually("unhealthy", || !handle.healthy()).await;
+    assert_eq!(handle.health().lost, 0);
+    fs::remove_file(dir.path().join("logs")).unwrap();
+    eventually("healthy again", || handle.healthy()).await;
+    drop(handle);
+    writer.await.unwrap().unwrap();
+    // The directory was created again; the queued records are all there, in order, and
+    // no loss record was needed.
+    let seqs: Vec<u64> = read_lines(&path).iter().map(sequence).collect();
+    assert_eq!(seqs, vec![2, 3, 4, 5]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_log_is_created_again_with_the_records_written_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (handle, task) = AuditLog::open(AuditSink::File(path.clone())).unwrap();
+    let writer = tokio::spawn(task.run());
+    handle.emit(denied(1));
+    eventually("first written", || {
+        fs::read_to_string(&path).is_ok_and(|t| t.lines().count() == 1)
+    })
+    .await;
+    fs::remove_file(&path).unwrap();
+    handle.emit(denied(2));
+    handle.emit(denied(3));
+    drop(handle);
+    writer.await.unwrap().unwrap();
+    let seqs: Vec<u64> = read_lines(&path).iter().map(sequence).collect();
+    assert_eq!(seqs, vec![2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopen_follows_a_moved_log_and_numbering_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let rotated = dir.path().join("audit.jsonl.1");
+    let seq_file = dir.path().join("audit-sequence");
+    let (handle, task) = AuditLog::open_with(
+        AuditSink::File(path.clone()),
+        &AuditConfig::default(),
+        Some(seq_file.clone()),
+    )
+    .unwrap();
+    let writer = tokio::spawn(task.run());
+    for port in 1..=3 {
+        handle.emit(denied(port));
+    }
+    eventually("three written", || {
+        fs::read_to_string(&path).is_ok_and(|t| t.lines().count() == 3)
+    })
+    .await;
+    // logrotate `create`: move away, then SIGHUP.
+    fs::rename(&path, &rotated).unwrap();
+    handle.emit(denied(4));
+    handle.reopen();
+    handle.emit(denied(5));
+    drop(handle);
+    writer.await.unwrap().unwrap();
+    let old: Vec<u64> = read_lines(&rotated).iter().map(sequence).collect();
+    let new: Vec<u64> = read_lines(&path).iter().map(sequence).collect();
+    assert_eq!((old, new), (vec![1, 2, 3, 4], vec![5]));
+
+    // A restart after the log was rotated away again continues from the state file.
+    fs::rename(&path, &rotated).unwrap();
+    let (handle, task) = AuditLog::open_with(
+        AuditSink::File(path.clone()),
+        &AuditConfig::default(),
+        Some(seq_file.clone()),
+    )
+    .unwrap();
+    assert_eq!(task.next_sequence(), 6);
+    drop((handle, task));
+
+    // Numbers a previous run gave out but never wrote are reported first.
+    fs::write(&seq_file, format!("{:020} {:020}\n", 9, 5)).unwrap();
+    let (handle, task) = AuditLog::open_with(
+        AuditSink::File(path.clone()),
+        &AuditConfig::default(),
+        Some(seq_file.clone()),
+    )
+    .unwrap();
+    let writer = tokio::spawn(task.run());
+    handle.emit(denied(6));
+    drop(handle);
+    writer.await.unwrap().unwrap();
+    let lines = read_lines(&path);
+    assert_eq!(lines.iter().map(sequence).collect::<Vec<_>>(), vec![10, 11]);
+    assert_eq!(lines[0]["event"]["action"], "audit-lost");
+    assert_eq!(lines[0]["egress"]["audit_lost"]["first_sequence"], 6);
+    assert_eq!(lines[0]["egress"]["audit_lost"]["last_sequence"], 9);
+    assert_eq!(lines[0]["egress"]["audit_lost"]["count"], 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn built_in_rotation_keeps_n_files_and_a_continuous_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let config = AuditConfig {
+        rotate: Some(RotateConfig {
+            max_bytes: 4096,
+            keep: 2,
+        }),
+        ..AuditConfig::default()
+    };
+    let (handle, task) = AuditLog::open_with(AuditSink::File(path.clone()), &config, None).unwrap();
+    let writer = tokio::spawn(task.run());
+    for port in 1..=60 {
+        handle.emit(denied(port));
+        if port % 5 == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+    drop(handle);
+    let summary = writer.await.unwrap().unwrap();
+    assert_eq!(summary.next_sequence, 61);
+    let files: Vec<PathBuf> = ["audit.jsonl.2", "audit.jsonl.1", "audit.jsonl"]
+        .iter()
+        .map(|n| dir.path().join(n))
+        .collect();
+    assert!(files.iter().all(|f| f.exists()), "{files:?}");
+    assert!(!dir.path().join("audit.jsonl.3").exists());
+    // Checked after each batch the writer takes, so a file may pass the size a little.
+    for f in &files[..2] {
+        let len = fs::metadata(f).unwrap().len();
+        assert!(len >= 4096, "{}: {len}", f.display());
+    }
+    let seqs: Vec<u64> = lines_of(&files).iter().map(sequence).collect();
+    let first = seqs[0];
+    assert!(first > 1, "the oldest file was removed");
+    assert_eq!(seqs, (first..=60).collect::<Vec<_>>());
+}
+
+#[test]
+fn audit_config_is_checked() {
+    let parse = |y: &str| serde_yaml_ng::from_str::<AuditConfig>(y);
+    let c = parse("{}").unwrap();
+    assert_eq!(c.on_failure, OnFailure::RefuseCredentials);
+    assert!(c.validate().is_ok());
+    let c = parse("on_failure: continue\nrotate: {max_bytes: 1048576, keep: 5}").unwrap();
+    assert_eq!(c.on_failure, OnFailure::Continue);
+    assert_eq!(c.rotate.unwrap().keep, 5);
+    assert!(parse("on_failure: ignore").is_err());
+    assert!(
+        parse("rotate: {max_bytes: 10}").is_err(),
+        "keep is required"
+    );
+    let small = parse("rotate: {max_bytes: 10, keep: 1}").unwrap();
+    assert!(small.validate().unwrap_err().contains("rotate.max_bytes"));
+    let none = parse("rotate: {max_bytes: 5000, keep: 0}").unwrap();
+    assert!(none.validate().unwrap_err().contains("rotate.keep"));
+    assert!(parse("queue_records: 0").unwrap().validate().is_err());
+}
+
+#[test]
+fn the_example_config_sections_parse() {
+    let example: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(include_str!("../../config/egressd.example.yaml")).unwrap();
+    let audit: AuditConfig = serde_yaml_ng::from_value(example["audit"].clone()).unwrap();
+    assert_eq!(audit, AuditConfig::default());
+    audit.validate().unwrap();
+    let proxy: crate::proxy::ProxyConfig =
+        serde_yaml_ng::from_value(example["proxy"].clone()).unwrap();
+    assert_eq!(proxy, crate::proxy::ProxyConfig::default());
+    // The commented rotation example is valid too.
+    let rotate: AuditConfig =
+        serde_yaml_ng::from_str("rotate: { max_bytes: 104857600, keep: 10 }").unwrap();
+    rotate.validate().unwrap();
 }

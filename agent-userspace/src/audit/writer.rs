@@ -13,23 +13,28 @@
 //! record, so the fragment stays a line of its own instead of spoiling that record.
 
 use std::{
+    collections::VecDeque,
     fmt,
     fs::{DirBuilder, File, OpenOptions},
-    io::{self, Write},
+    io::{self, Read, Write},
     os::{
         fd::AsFd,
-        unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt},
+        unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt},
     },
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 use tokio::sync::mpsc;
 use tracing::error;
 
-use super::record::{action, EncodeError, Record};
+use super::record::{action, AuditLost, EncodeError, Record};
 
 /// Where the audit trail goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,7 +134,8 @@ impl LogTail {
 #[derive(Debug)]
 pub struct AuditWriter {
     sink: AuditSink,
-    out: File,
+    /// `None` after a write failed: the next write opens the path again.
+    out: Option<File>,
     next_sequence: u64,
     tail: Option<LogTail>,
     /// The output ends in a partial line (a crash or a failed write cut it short): the next
@@ -152,7 +158,7 @@ impl AuditWriter {
                     .map_err(|source| AuditError::Stdout { source })?;
                 Ok(Self {
                     sink,
-                    out: File::from(fd),
+                    out: Some(File::from(fd)),
                     next_sequence: 1,
                     tail: None,
                     torn: false,
@@ -160,11 +166,7 @@ impl AuditWriter {
                 })
             }
             AuditSink::File(path) => {
-                let out = open_append(path)?;
-                let scan = scan_tail(&out).map_err(|source| AuditError::ReadTail {
-                    path: path.clone(),
-                    source,
-                })?;
+                let (out, scan) = open_and_scan(path)?;
                 let tail = match scan.found {
                     Found::Record(tail) => Some(tail),
                     Found::Nothing => None,
@@ -178,7 +180,7 @@ impl AuditWriter {
                 let next_sequence = tail.as_ref().map_or(1, |t| t.sequence.saturating_add(1));
                 Ok(Self {
                     sink,
-                    out,
+                    out: Some(out),
                     next_sequence,
                     tail,
                     torn: scan.torn,
@@ -190,29 +192,57 @@ impl AuditWriter {
 
     /// Numbers, encodes and appends one record; returns its `event.sequence`.
     ///
-    /// A number is used up even when the write fails, so the log shows a gap rather than
-    /// two records with one number. An encoding failure is `InvalidData` wrapping an
-    /// [`EncodeError`].
+    /// A number is used up once the record is encoded, even when the write fails, so the
+    /// log shows a gap rather than two records with one number. An encoding failure is
+    /// `InvalidData` wrapping an [`EncodeError`] and uses no number.
     pub fn write(&mut self, record: &Record) -> io::Result<u64> {
-        let sequence = self.next_sequence;
-        self.next_sequence = sequence.saturating_add(1);
-        let mut line = record
-            .encode(sequence)
+        let (sequence, line) = self
+            .encode_next(record)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        self.write_line(&line)?;
+        Ok(sequence)
+    }
+
+    /// Gives `record` the next sequence number and encodes it; the number is used up only
+    /// when encoding succeeds.
+    pub fn encode_next(&mut self, record: &Record) -> Result<(u64, Vec<u8>), EncodeError> {
+        let sequence = self.next_sequence;
+        let line = record.encode(sequence)?;
+        self.next_sequence = sequence.saturating_add(1);
+        Ok((sequence, line))
+    }
+
+    /// Appends one encoded line with a single `write(2)` (continued only after a short
+    /// write). After a failed write the file is closed, and the next call opens the path
+    /// again (creating its directory and the file if they are gone).
+    pub fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        if self.out.is_none() {
+            self.reopen().map_err(into_io)?;
+        }
+        let Some(out) = self.out.as_mut() else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
         if self.recheck_torn {
             self.recheck_torn = false;
             // If the check fails, a stray blank line is the lesser harm.
-            self.torn = ends_mid_line(&self.out).unwrap_or(true);
+            self.torn = ends_mid_line(out).unwrap_or(true);
         }
-        if self.torn {
-            line.insert(0, b'\n');
-        }
+        let mut buf;
+        let line = if self.torn {
+            buf = Vec::with_capacity(line.len() + 1);
+            buf.push(b'\n');
+            buf.extend_from_slice(line);
+            &buf[..]
+        } else {
+            line
+        };
         let mut written = 0;
         while written < line.len() {
-            match self.out.write(&line[written..]) {
+            match out.write(&line[written..]) {
                 Ok(0) => {
                     self.torn |= written > 0;
                     crate::metrics::audit_write_failed();
+                    self.close();
                     return Err(io::ErrorKind::WriteZero.into());
                 }
                 Ok(n) => written += n,
@@ -220,27 +250,76 @@ impl AuditWriter {
                 Err(e) => {
                     self.torn |= written > 0;
                     crate::metrics::audit_write_failed();
+                    self.close();
                     return Err(e);
                 }
             }
         }
         self.torn = false;
         crate::metrics::audit_written(written);
-        crate::collector::forward(sequence, &line);
-        Ok(sequence)
+        crate::collector::forward(line);
+        Ok(())
     }
 
-    /// Forces written records to stable storage (a no-op for stdout).
+    /// Opens the path again and appends there from now on: after `logrotate` moved the
+    /// file away (`SIGHUP`), after a failed write, or after built-in rotation. Numbering
+    /// continues; if the file found there already holds a higher `event.sequence`, after
+    /// that. A no-op for stdout.
+    pub fn reopen(&mut self) -> Result<(), AuditError> {
+        let AuditSink::File(path) = &self.sink else {
+            return Ok(());
+        };
+        self.out = None;
+        let (out, scan) = open_and_scan(path)?;
+        if let Found::Record(tail) = &scan.found {
+            self.next_sequence = self.next_sequence.max(tail.sequence.saturating_add(1));
+        }
+        self.torn = scan.torn;
+        self.recheck_torn = scan.torn;
+        self.out = Some(out);
+        Ok(())
+    }
+
+    fn close(&mut self) {
+        if matches!(self.sink, AuditSink::File(_)) {
+            self.out = None;
+        }
+    }
+
+    /// Whether the open file has been deleted (no name links to it any more), so what is
+    /// written to it is lost. False for stdout and when the file is not open.
+    pub fn file_removed(&self) -> bool {
+        match (&self.sink, &self.out) {
+            (AuditSink::File(_), Some(out)) => out.metadata().is_ok_and(|m| m.nlink() == 0),
+            _ => false,
+        }
+    }
+
+    /// Size of the open file, if one is open.
+    fn file_len(&self) -> Option<u64> {
+        match (&self.sink, &self.out) {
+            (AuditSink::File(_), Some(out)) => out.metadata().ok().map(|m| m.len()),
+            _ => None,
+        }
+    }
+
+    /// Forces written records to stable storage (a no-op for stdout or a closed file).
     pub fn sync(&mut self) -> io::Result<()> {
-        match self.sink {
-            AuditSink::File(_) => self.out.sync_data(),
-            AuditSink::Stdout => Ok(()),
+        match (&self.sink, &self.out) {
+            (AuditSink::File(_), Some(out)) => out.sync_data(),
+            _ => Ok(()),
         }
     }
 
     /// The number the next record will get.
     pub fn next_sequence(&self) -> u64 {
         self.next_sequence
+    }
+
+    /// Makes numbering continue after `last_used` if that is further than where it stands
+    /// (a number persisted by an earlier run whose log has since been rotated away).
+    pub fn continue_after(&mut self, last_used: u64) {
+        self.next_sequence = self.next_sequence.max(last_used.saturating_add(1));
     }
 
     /// The last record the file held when it was opened.
@@ -251,6 +330,24 @@ impl AuditWriter {
     pub fn sink(&self) -> &AuditSink {
         &self.sink
     }
+}
+
+fn into_io(e: AuditError) -> io::Error {
+    match e {
+        AuditError::CreateDir { source, .. }
+        | AuditError::Open { source, .. }
+        | AuditError::ReadTail { source, .. } => source,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+fn open_and_scan(path: &Path) -> Result<(File, TailScan), AuditError> {
+    let out = open_append(path)?;
+    let scan = scan_tail(&out).map_err(|source| AuditError::ReadTail {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok((out, scan))
 }
 
 fn open_append(path: &Path) -> Result<File, AuditError> {
@@ -385,6 +482,200 @@ fn scan_tail(file: &File) -> io::Result<TailScan> {
     }
 }
 
+/// The `audit:` section of the daemon configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// What the proxy does while audit records cannot be written.
+    pub on_failure: OnFailure,
+    /// Built-in size-based rotation; off by default (use logrotate and `SIGHUP`).
+    pub rotate: Option<RotateConfig>,
+    /// Records held in memory while the log cannot be written; records beyond this are
+    /// counted and reported in an `audit-lost` record once writing works again.
+    pub queue_records: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            on_failure: OnFailure::RefuseCredentials,
+            rotate: None,
+            queue_records: 20_000,
+        }
+    }
+}
+
+impl AuditConfig {
+    /// Checks the values; the message names the field and what would be valid.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=10_000_000).contains(&self.queue_records) {
+            return Err(format!(
+                "queue_records: {} is out of range: use 1 to 10000000",
+                self.queue_records
+            ));
+        }
+        if let Some(r) = &self.rotate {
+            if r.max_bytes < 4096 {
+                return Err(format!(
+                    "rotate.max_bytes: {} is too small: use at least 4096",
+                    r.max_bytes
+                ));
+            }
+            if !(1..=1000).contains(&r.keep) {
+                return Err(format!(
+                    "rotate.keep: {} is out of range: use 1 to 1000",
+                    r.keep
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `audit.on_failure`: what happens to requests that would use a credential while the
+/// audit log cannot be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// The proxy refuses them (503), so no credential is used unrecorded. Everything else,
+    /// and kernel enforcement, goes on; their records wait in the queue.
+    #[default]
+    RefuseCredentials,
+    /// The proxy goes on injecting credentials; their records wait in the queue and are
+    /// lost (and counted) once it overflows. Weaker: credentials may be used unrecorded.
+    Continue,
+}
+
+/// `audit.rotate`: once the log reaches `max_bytes` it is renamed to `<path>.1` (older
+/// ones shift to `.2` ... `.<keep>`, the oldest is removed) and a new file is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateConfig {
+    pub max_bytes: u64,
+    pub keep: u32,
+}
+
+/// How the audit trail is doing, for `egressctl status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHealth {
+    /// False while records cannot be written.
+    pub healthy: bool,
+    /// When writes began to fail (RFC 3339), while they do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<String>,
+    /// The last write error, while writes fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Records waiting to be written.
+    pub queued: u64,
+    /// Records lost (numbered, never written) since this daemon started.
+    pub lost: u64,
+    /// Failed writes since this daemon started.
+    pub write_errors: u64,
+}
+
+/// Shared between the writer thread and every handle.
+#[derive(Debug, Default)]
+struct Health {
+    failing: AtomicBool,
+    report: Mutex<AuditHealth>,
+}
+
+impl Health {
+    fn report(&self) -> MutexGuard<'_, AuditHealth> {
+        self.report.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The sequence numbers of the last record numbered and the last written, kept in a small
+/// file in the state directory so numbering continues after a restart even when the log
+/// itself was rotated away, and so records numbered but never written are reported by the
+/// next run. Overwritten in place (fixed width), which needs no new disk blocks.
+#[derive(Debug)]
+struct SequenceFile {
+    path: PathBuf,
+    file: Option<File>,
+    stored: (u64, u64),
+    warned: bool,
+}
+
+const SEQUENCE_LINE: usize = 20 + 1 + 20 + 1;
+
+impl SequenceFile {
+    /// Opens (creating) the file; returns it and the stored (numbered, written) pair.
+    fn open(path: PathBuf) -> Result<(Self, Option<(u64, u64)>), AuditError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| AuditError::CreateDir {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| AuditError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let mut text = String::new();
+        (&file)
+            .read_to_string(&mut text)
+            .map_err(|source| AuditError::ReadTail {
+                path: path.clone(),
+                source,
+            })?;
+        let stored = parse_sequence_line(&text);
+        if stored.is_none() && !text.trim().is_empty() {
+            tracing::warn!(path = %path.display(), "Audit sequence file is damaged; numbering continues from the log");
+        }
+        let this = Self {
+            path,
+            file: Some(file),
+            stored: stored.unwrap_or((0, 0)),
+            warned: false,
+        };
+        Ok((this, stored))
+    }
+
+    fn store(&mut self, numbered: u64, written: u64) {
+        if self.stored == (numbered, written) {
+            return;
+        }
+        let line = format!("{numbered:020} {written:020}\n");
+        debug_assert_eq!(line.len(), SEQUENCE_LINE);
+        let result = match &self.file {
+            Some(f) => f.write_all_at(line.as_bytes(), 0),
+            None => return,
+        };
+        match result {
+            Ok(()) => {
+                self.stored = (numbered, written);
+                self.warned = false;
+            }
+            Err(e) if !self.warned => {
+                self.warned = true;
+                error!(path = %self.path.display(), error = %e, "Saving the audit sequence number failed");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+fn parse_sequence_line(text: &str) -> Option<(u64, u64)> {
+    let mut parts = text.split_whitespace();
+    let numbered = parts.next()?.parse().ok()?;
+    let written = parts.next()?.parse().ok()?;
+    (written <= numbered).then_some((numbered, written))
+}
+
 /// Entry point of the asynchronous API.
 #[derive(Debug)]
 pub struct AuditLog;
@@ -394,31 +685,138 @@ impl AuditLog {
     /// handle records are sent through and the task that writes them. Spawn
     /// `task.run()`; it finishes once every handle is dropped.
     pub fn open(sink: AuditSink) -> Result<(AuditHandle, AuditTask), AuditError> {
-        let writer = AuditWriter::open(sink)?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        Ok((AuditHandle { tx }, AuditTask { writer, rx }))
+        Self::open_with(sink, &AuditConfig::default(), None)
     }
+
+    /// [`AuditLog::open`] with rotation and queue settings, and a file (in the daemon's
+    /// state directory) that carries the sequence numbers across restarts and rotations.
+    /// Records an earlier run numbered but never wrote are reported first, in an
+    /// `audit-lost` record.
+    pub fn open_with(
+        sink: AuditSink,
+        config: &AuditConfig,
+        sequence_file: Option<PathBuf>,
+    ) -> Result<(AuditHandle, AuditTask), AuditError> {
+        let mut writer = AuditWriter::open(sink)?;
+        let mut pending = VecDeque::new();
+        let mut written = writer.next_sequence().saturating_sub(1);
+        let sequence_file = match sequence_file {
+            None => None,
+            Some(path) => {
+                let (file, stored) = SequenceFile::open(path)?;
+                if let Some((numbered, stored_written)) = stored {
+                    let in_log = writer.tail().map_or(0, |t| t.sequence);
+                    writer.continue_after(numbered);
+                    let done = stored_written.max(in_log);
+                    written = done.max(numbered);
+                    if numbered > done {
+                        written = done;
+                        let lost = AuditLost {
+                            time: OffsetDateTime::now_utc(),
+                            count: numbered - done,
+                            first_sequence: done + 1,
+                            last_sequence: numbered,
+                            since: None,
+                            error: "numbered by the previous run of the daemon but not written \
+                                    before it stopped"
+                                .to_owned(),
+                        };
+                        error!(
+                            count = lost.count,
+                            first = lost.first_sequence,
+                            last = lost.last_sequence,
+                            "Audit records of the previous run were never written"
+                        );
+                        if let Ok(line) = writer.encode_next(&Record::AuditLost(lost)) {
+                            pending.push_back(line);
+                        }
+                    }
+                }
+                Some(file)
+            }
+        };
+        let health = Arc::new(Health::default());
+        health.report().healthy = true;
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok((
+            AuditHandle {
+                tx,
+                health: health.clone(),
+            },
+            AuditTask {
+                writer,
+                rx,
+                health,
+                pending,
+                dropped: None,
+                failing_since: None,
+                last_error: None,
+                reopen_wanted: false,
+                rotate: config.rotate,
+                queue_records: config.queue_records.max(1),
+                sequence_file,
+                written,
+                records: 0,
+            },
+        ))
+    }
+}
+
+/// What goes through the queue to the writer thread.
+#[derive(Debug)]
+enum Message {
+    Record(Box<Record>),
+    /// Open the path again (`SIGHUP` after logrotate moved the file).
+    Reopen,
 }
 
 /// Cheap to clone; hand one to every component that produces records.
 #[derive(Clone, Debug)]
 pub struct AuditHandle {
-    tx: mpsc::UnboundedSender<Record>,
+    tx: mpsc::UnboundedSender<Message>,
+    health: Arc<Health>,
 }
 
 impl AuditHandle {
-    /// Queues a record. Never blocks and never drops while the task runs: the queue is
-    /// unbounded, so a slow disk costs memory, not audit records. If the task has stopped
-    /// (it returns the write error) the record cannot be written and that is logged.
+    /// Queues a record. Never blocks: the queue is unbounded, so a slow disk costs memory,
+    /// not audit records. While the log cannot be written the writer keeps a bounded
+    /// number of records and counts the rest (see [`AuditConfig::queue_records`]). If the
+    /// task has stopped the record cannot be written and that is logged.
     pub fn emit(&self, record: impl Into<Record>) {
         let record = record.into();
         crate::metrics::observe(&record);
-        if let Err(mpsc::error::SendError(record)) = self.tx.send(record) {
+        if let Err(mpsc::error::SendError(Message::Record(record))) =
+            self.tx.send(Message::Record(Box::new(record)))
+        {
             error!(
                 action = record.action(),
                 "Audit writer has stopped; record not written"
             );
         }
+    }
+
+    /// Asks the writer to open the log's path again (after logrotate moved the file).
+    /// Records emitted before this call go to the old file, later ones to the new one.
+    pub fn reopen(&self) {
+        let _ = self.tx.send(Message::Reopen);
+    }
+
+    /// Whether records are being written: false from a failed write until everything
+    /// queued meanwhile is written. One atomic load.
+    pub fn healthy(&self) -> bool {
+        !self.health.failing.load(Ordering::Acquire) && !self.tx.is_closed()
+    }
+
+    /// The details behind [`AuditHandle::healthy`], for status.
+    pub fn health(&self) -> AuditHealth {
+        let mut report = self.health.report().clone();
+        if self.tx.is_closed() {
+            report.healthy = false;
+            report
+                .error
+                .get_or_insert_with(|| "the audit writer has stopped".to_owned());
+        }
+        report
     }
 
     /// Whether the task has stopped, so emitted records go nowhere.
@@ -437,11 +835,36 @@ const BATCH: usize = 1024;
 /// written, in order, with its own `write(2)`.
 const GATHER: Duration = Duration::from_millis(2);
 
+/// First wait before writing again after a failure; doubled up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Records numbered but dropped because the queue was full: one contiguous range, since
+/// once dropping starts every later record is dropped until the queue is written.
+#[derive(Clone, Copy, Debug)]
+struct Dropped {
+    first: u64,
+    last: u64,
+}
+
 /// Writes queued records in order until every [`AuditHandle`] is gone.
 #[derive(Debug)]
 pub struct AuditTask {
     writer: AuditWriter,
-    rx: mpsc::UnboundedReceiver<Record>,
+    rx: mpsc::UnboundedReceiver<Message>,
+    health: Arc<Health>,
+    /// Numbered and encoded, not yet known to be written.
+    pending: VecDeque<(u64, Vec<u8>)>,
+    dropped: Option<Dropped>,
+    failing_since: Option<OffsetDateTime>,
+    last_error: Option<String>,
+    reopen_wanted: bool,
+    rotate: Option<RotateConfig>,
+    queue_records: usize,
+    sequence_file: Option<SequenceFile>,
+    /// The last sequence number known written.
+    written: u64,
+    records: u64,
 }
 
 /// What a finished [`AuditTask`] wrote.
@@ -468,9 +891,14 @@ impl AuditTask {
     /// a couple of milliseconds for more before it sleeps on the queue again, so that it
     /// is not woken once per record; each record is still one `write(2)`.
     ///
-    /// A record that cannot be encoded is logged and skipped (its number stays unused);
-    /// an I/O error stops the task and is returned, after which [`AuditHandle::is_closed`]
-    /// is true, so the daemon can decide whether to go on without an audit trail.
+    /// A record that cannot be encoded is logged and skipped (it gets no number). A write
+    /// error never stops the task: it closes the file, marks the trail unhealthy, keeps
+    /// up to `queue_records` records (numbering and counting the rest) and tries again,
+    /// opening the path afresh, with a growing pause (0.1 s to 2 s). Once everything kept
+    /// is written it writes an `audit-lost` record for what was dropped, with the exact
+    /// count and sequence range, and the trail is healthy again. If the log was deleted
+    /// while open, it is created again and the last batch written again. The task returns
+    /// an error only if records are still unwritten when the last handle is dropped.
     pub async fn run(self) -> Result<AuditSummary, AuditError> {
         tokio::task::spawn_blocking(move || self.run_blocking())
             .await
@@ -478,34 +906,240 @@ impl AuditTask {
     }
 
     fn run_blocking(mut self) -> Result<AuditSummary, AuditError> {
-        let mut records = 0;
         let mut batch = Vec::with_capacity(BATCH);
-        while self.rx.blocking_recv_many(&mut batch, BATCH) > 0 {
-            let full = batch.len() == BATCH;
-            for record in batch.drain(..) {
-                match self.writer.write(&record) {
-                    Ok(_) => records += 1,
-                    Err(e) if e.get_ref().is_some_and(|inner| inner.is::<EncodeError>()) => {
-                        error!(action = record.action(), error = %e, "Audit record not encodable; skipped");
-                    }
-                    Err(source) => {
-                        let sink = self.writer.sink().clone();
-                        error!(%sink, action = record.action(), error = %source, "Audit write failed; audit writer stopping");
-                        return Err(AuditError::Write { sink, source });
+        let mut retry = RETRY_MIN;
+        // A loss an earlier run left is reported before anything else.
+        if !self.pending.is_empty() {
+            self.flush();
+        }
+        let mut closed = false;
+        loop {
+            if self.failing_since.is_some() {
+                // Wait, then take what arrived meanwhile without blocking.
+                std::thread::sleep(retry);
+                retry = (retry * 2).min(RETRY_MAX);
+                loop {
+                    match self.rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            closed = true;
+                            break;
+                        }
                     }
                 }
+            } else {
+                retry = RETRY_MIN;
+                if closed || self.rx.blocking_recv_many(&mut batch, BATCH) == 0 {
+                    break;
+                }
             }
-            if !full {
+            let full = batch.len() >= BATCH;
+            for message in batch.drain(..) {
+                self.take(message);
+            }
+            self.store_sequence();
+            self.flush();
+            self.store_sequence();
+            if closed && self.failing_since.is_some() {
+                break;
+            }
+            if self.failing_since.is_none() && !full {
                 std::thread::sleep(GATHER);
             }
         }
-        self.writer.sync().map_err(|source| AuditError::Sync {
-            sink: self.writer.sink().clone(),
-            source,
-        })?;
+        let _ = self.writer.sync();
+        if let Some((first, _)) = self.pending.front() {
+            let last = self
+                .dropped
+                .map_or(self.pending.back().map_or(*first, |(s, _)| *s), |d| d.last);
+            let source = io::Error::other(format!(
+                "records {first} to {last} could not be written before the daemon stopped: {}",
+                self.last_error.as_deref().unwrap_or("write failed")
+            ));
+            error!(first, last, "Audit records not written at shutdown");
+            return Err(AuditError::Write {
+                sink: self.writer.sink().clone(),
+                source,
+            });
+        }
         Ok(AuditSummary {
-            records,
+            records: self.records,
             next_sequence: self.writer.next_sequence(),
         })
+    }
+
+    /// Numbers and queues one record, or counts it as dropped when the queue is full.
+    fn take(&mut self, message: Message) {
+        let record = match message {
+            Message::Reopen => {
+                // Records emitted before the reopen go to the old file.
+                self.flush();
+                self.reopen_wanted = true;
+                return;
+            }
+            Message::Record(record) => record,
+        };
+        let (sequence, line) = match self.writer.encode_next(&record) {
+            Ok(x) => x,
+            Err(e) => {
+                error!(action = record.action(), error = %e, "Audit record not encodable; skipped");
+                return;
+            }
+        };
+        if self.dropped.is_some() || self.pending.len() >= self.queue_records {
+            let d = self.dropped.get_or_insert(Dropped {
+                first: sequence,
+                last: sequence,
+            });
+            d.last = sequence;
+            self.health.report().lost += 1;
+        } else {
+            self.pending.push_back((sequence, line));
+        }
+    }
+
+    fn store_sequence(&mut self) {
+        let numbered = self.writer.next_sequence().saturating_sub(1);
+        let written = self.written;
+        if let Some(f) = &mut self.sequence_file {
+            f.store(numbered, written);
+        }
+    }
+
+    /// Writes what is pending (then the loss record, if records were dropped); on an
+    /// error, notes it and leaves the rest for the next try.
+    fn flush(&mut self) {
+        if std::mem::take(&mut self.reopen_wanted) {
+            match self.writer.reopen() {
+                Ok(()) => tracing::info!(sink = %self.writer.sink(), "Audit log reopened"),
+                Err(e) => {
+                    self.failed(e.to_string());
+                    return;
+                }
+            }
+        }
+        loop {
+            if let Err(e) = self.write_pending() {
+                self.failed(e.to_string());
+                return;
+            }
+            let Some(dropped) = self.dropped.take() else {
+                break;
+            };
+            let lost = AuditLost {
+                time: OffsetDateTime::now_utc(),
+                count: dropped.last - dropped.first + 1,
+                first_sequence: dropped.first,
+                last_sequence: dropped.last,
+                since: self.failing_since,
+                error: self
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "audit log could not be written".to_owned()),
+            };
+            error!(
+                count = lost.count,
+                first = lost.first_sequence,
+                last = lost.last_sequence,
+                "Audit records lost while the log could not be written"
+            );
+            match self.writer.encode_next(&Record::AuditLost(lost)) {
+                Ok(line) => self.pending.push_back(line),
+                Err(e) => error!(error = %e, "Loss record not encodable"),
+            }
+        }
+        if let Some(since) = self.failing_since.take() {
+            tracing::warn!(sink = %self.writer.sink(), failing_since = %since, "Audit log writable again");
+            self.last_error = None;
+            let mut report = self.health.report();
+            report.healthy = true;
+            report.failing_since = None;
+            report.error = None;
+            report.queued = 0;
+            drop(report);
+            self.health.failing.store(false, Ordering::Release);
+        }
+        self.rotate_if_due();
+    }
+
+    /// Writes every pending line; they leave the queue only once written to a file that
+    /// still has a name (a deleted log is created again and the lines written again).
+    fn write_pending(&mut self) -> io::Result<()> {
+        let mut attempts = 0;
+        loop {
+            let mut done = 0;
+            let mut result = Ok(());
+            for (_, line) in &self.pending {
+                if let Err(e) = self.writer.write_line(line) {
+                    result = Err(e);
+                    break;
+                }
+                done += 1;
+            }
+            if self.writer.file_removed() && attempts < 2 {
+                attempts += 1;
+                tracing::warn!(sink = %self.writer.sink(), records = done, "Audit log was deleted while open; creating it again and writing the last records again");
+                self.writer.reopen().map_err(into_io)?;
+                continue;
+            }
+            for (sequence, _) in self.pending.drain(..done) {
+                self.written = sequence;
+                self.records += 1;
+            }
+            return result;
+        }
+    }
+
+    fn failed(&mut self, error: String) {
+        if self.failing_since.is_none() {
+            self.failing_since = Some(OffsetDateTime::now_utc());
+            error!(sink = %self.writer.sink(), error = %error, "Audit log cannot be written; keeping records in memory and retrying");
+        }
+        self.health.failing.store(true, Ordering::Release);
+        let mut report = self.health.report();
+        report.healthy = false;
+        report.failing_since = self.failing_since.and_then(|t| t.format(&Rfc3339).ok());
+        report.error = Some(error.clone());
+        report.queued = self.pending.len() as u64;
+        report.write_errors += 1;
+        self.last_error = Some(error);
+    }
+
+    /// Built-in rotation: once the file reaches `max_bytes`, shift `<path>.N` up by one,
+    /// rename the log to `<path>.1` and start a new one. Numbering continues.
+    fn rotate_if_due(&mut self) {
+        let (Some(rotate), AuditSink::File(path)) = (self.rotate, self.writer.sink().clone())
+        else {
+            return;
+        };
+        if self
+            .writer
+            .file_len()
+            .is_none_or(|len| len < rotate.max_bytes)
+        {
+            return;
+        }
+        let numbered = |n: u32| {
+            let mut p = path.clone().into_os_string();
+            p.push(format!(".{n}"));
+            PathBuf::from(p)
+        };
+        let _ = self.writer.sync();
+        for n in (1..rotate.keep).rev() {
+            match std::fs::rename(numbered(n), numbered(n + 1)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(error = %e, "Shifting a rotated audit log failed"),
+            }
+        }
+        if let Err(e) = std::fs::rename(&path, numbered(1)) {
+            tracing::error!(path = %path.display(), error = %e, "Rotating the audit log failed; appending to it");
+            return;
+        }
+        match self.writer.reopen() {
+            Ok(()) => tracing::info!(path = %path.display(), "Audit log rotated"),
+            Err(e) => self.failed(e.to_string()),
+        }
     }
 }

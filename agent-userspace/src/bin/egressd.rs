@@ -3,6 +3,8 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use egress::{
+    alerts::{AlertSettings, RawAlerts},
+    audit::AuditConfig,
     control::DEFAULT_SOCKET,
     credentials::{CredentialStore, RawCredentials, UpstreamOptions},
     daemon::{self, DaemonOptions},
@@ -25,6 +27,15 @@ struct Cli {
 enum Command {
     /// Run the daemon in the foreground (as root).
     Run(RunArgs),
+    /// Print shell completions for egressd (the build installs them).
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print egressd's man page (roff; the build installs it).
+    #[command(hide = true)]
+    Manpage,
 }
 
 #[derive(clap::Args)]
@@ -72,12 +83,19 @@ struct ConfigFile {
     /// Resolvers asked for sandboxes whose policy has no `dns:` section.
     #[serde(default)]
     dns_upstream: Vec<std::net::SocketAddr>,
-    /// Proxy timeouts and the extra upstream CA bundle.
+    /// Proxy timeouts, per-sandbox limits and the extra upstream CA bundle.
     #[serde(default)]
     proxy: ProxyConfig,
+    /// What happens while the audit log cannot be written, and built-in rotation.
+    #[serde(default)]
+    audit: AuditConfig,
     /// Credentials the proxy injects, by name. Never put in sandbox policies.
     #[serde(default)]
     credentials: RawCredentials,
+    /// Alert responses and denial-burst figures for sandboxes whose policy does not set
+    /// them (same keys as a policy's `alerts:`).
+    #[serde(default)]
+    alerts: RawAlerts,
 }
 
 fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
@@ -99,7 +117,11 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
         .config
         .as_ref()
         .map_or_else(|| "configuration".to_string(), |p| p.display().to_string());
+    file.audit
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{config_name}: audit: {e}"))?;
     Ok(DaemonOptions {
+        audit: file.audit,
         audit_log: args
             .audit_log
             .or(file.audit_log)
@@ -125,10 +147,46 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
                 .map_err(|e| anyhow::anyhow!("{config_name}: proxy: {e}"))?,
         )
         .map_err(|e| anyhow::anyhow!("{config_name}: credentials: {e}"))?,
+        alerts: AlertSettings::compile(&file.alerts)
+            .map_err(|e| anyhow::anyhow!("{config_name}: alerts.{}: {}", e.field, e.message))?,
         proxy: file.proxy,
         metrics: args.metrics.or(file.metrics),
         collector: file.collector,
     })
+}
+
+/// Raises the soft limit on open files as far as it goes: every proxied connection, DNS
+/// socket and control connection is a descriptor, and the per-sandbox and control-socket
+/// caps are what keep one client from using them all, not this limit.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "Reading the open-file limit failed");
+        return;
+    }
+    let before = lim.rlim_cur;
+    // Root may raise the hard limit up to fs.nr_open.
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(lim.rlim_max);
+    let want = nr_open.clamp(lim.rlim_max, 1 << 20);
+    for target in [want, lim.rlim_max] {
+        let new = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: target.max(lim.rlim_max),
+        };
+        // SAFETY: setrlimit only reads the struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+            tracing::info!(before, now = target, "Open-file limit raised");
+            return;
+        }
+    }
+    tracing::warn!(limit = before, error = %std::io::Error::last_os_error(), "Could not raise the open-file limit");
 }
 
 fn main() -> ExitCode {
@@ -139,7 +197,24 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let Command::Run(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Run(args) => args,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "egressd", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Manpage => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            return match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("egressd: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!(
@@ -147,6 +222,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    raise_nofile_limit();
     let result = options(args).and_then(|opts| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

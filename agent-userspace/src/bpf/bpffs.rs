@@ -97,12 +97,17 @@ impl PinLayout {
         self.root.join("links")
     }
 
+    /// Links that are not per sandbox (the LSM program).
+    pub fn global(&self) -> PathBuf {
+        self.root.join("global")
+    }
+
     pub fn sandbox_links(&self, cgroup_id: u64) -> PathBuf {
         self.links().join(cgroup_id.to_string())
     }
 
     pub fn create(&self) -> Result<(), BpfError> {
-        for d in [self.maps(), self.links()] {
+        for d in [self.maps(), self.links(), self.global()] {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)

@@ -1,16 +1,17 @@
 //! Loads the eBPF object once per daemon run, with its maps pinned (and reused) under the
 //! versioned bpffs directory.
 use aya::{
-    programs::{CgroupSock, CgroupSockAddr, SockOps},
-    Ebpf, EbpfLoader,
+    programs::{CgroupSkb, CgroupSock, CgroupSockAddr, CgroupSockopt, Lsm, SockOps},
+    Btf, Ebpf, EbpfLoader,
 };
 
 use super::{BpfError, PinLayout};
 
 /// (program symbol, hook name) for every program attached to a sandbox cgroup. The hook
-/// name is also the link's pin file name. All but the last are cgroup_sock_addr programs;
-/// `sock_ops` records redirected connections' source ports for the proxy.
-pub const HOOKS: [(&str, &str); 10] = [
+/// name is also the link's pin file name. The first eight are cgroup_sock_addr programs;
+/// `sock_ops` records redirected connections' source ports for the proxy; `setsockopt` and
+/// `skb_egress` refuse source routes set by socket option and drop packets carrying one.
+pub const HOOKS: [(&str, &str); 12] = [
     ("egress_connect4", "connect4"),
     ("egress_connect6", "connect6"),
     ("egress_sendmsg4", "sendmsg4"),
@@ -21,7 +22,19 @@ pub const HOOKS: [(&str, &str); 10] = [
     ("egress_getpeername6", "getpeername6"),
     (SOCK_OPS, "sock_ops"),
     (SOCK_CREATE, "sock_create"),
+    (SETSOCKOPT, "setsockopt"),
+    (SKB_EGRESS, "skb_egress"),
 ];
+
+/// Symbol of the program refusing source-routing socket options.
+pub const SETSOCKOPT: &str = "egress_setsockopt";
+
+/// Symbol of the program dropping packets with IPv4 options or an IPv6 routing header.
+pub const SKB_EGRESS: &str = "egress_skb";
+
+/// Symbol of the BPF LSM program refusing non-inet socket families in sandboxes; attached
+/// once for the whole system, not per cgroup.
+pub const LSM_SOCKET_CREATE: &str = "egress_lsm_socket_create";
 
 /// Symbol of the program that refuses raw, ICMP and other non-TCP/UDP sockets.
 pub const SOCK_CREATE: &str = "egress_sock_create";
@@ -55,6 +68,10 @@ impl Programs {
                 programs.sock_ops()?.load().map_err(err)?;
             } else if name == SOCK_CREATE {
                 programs.sock_create()?.load().map_err(err)?;
+            } else if name == SETSOCKOPT {
+                programs.setsockopt()?.load().map_err(err)?;
+            } else if name == SKB_EGRESS {
+                programs.skb_egress()?.load().map_err(err)?;
             } else {
                 programs.program(name)?.load().map_err(err)?;
             }
@@ -90,6 +107,51 @@ impl Programs {
                 hook: "sock_create",
                 source: Box::new(e),
             })
+    }
+
+    fn typed<T>(&mut self, name: &'static str, hook: &'static str) -> Result<&mut T, BpfError>
+    where
+        for<'p> &'p mut T:
+            TryFrom<&'p mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| BpfError::Other(format!("program {name} missing from the object")))?
+            .try_into()
+            .map_err(|e| BpfError::Program {
+                program: name,
+                hook,
+                source: Box::new(e),
+            })
+    }
+
+    pub(crate) fn setsockopt(&mut self) -> Result<&mut CgroupSockopt, BpfError> {
+        self.typed(SETSOCKOPT, "setsockopt")
+    }
+
+    pub(crate) fn skb_egress(&mut self) -> Result<&mut CgroupSkb, BpfError> {
+        self.typed(SKB_EGRESS, "skb_egress")
+    }
+
+    /// Loads the LSM program against the kernel's BTF. Fails where the kernel has no BTF
+    /// or no BPF LSM support; the caller reports that packet sockets are not covered.
+    pub(crate) fn lsm_socket_create(&mut self) -> Result<&mut Lsm, BpfError> {
+        let btf = Btf::from_sys_fs().map_err(|e| {
+            BpfError::Other(format!(
+                "reading the kernel BTF (/sys/kernel/btf/vmlinux): {e}"
+            ))
+        })?;
+        let prog: &mut Lsm = self.typed(LSM_SOCKET_CREATE, "lsm/socket_create")?;
+        if prog.fd().is_err() {
+            prog.load("socket_create", &btf).map_err(|e| {
+                BpfError::Other(format!(
+                    "the kernel refused to load the BPF LSM program {LSM_SOCKET_CREATE}: {e} \
+                     (kernels under lockdown or built to refuse BTF tracing and LSM programs \
+                     answer EPERM)"
+                ))
+            })?;
+        }
+        Ok(prog)
     }
 
     pub(crate) fn sock_ops(&mut self) -> Result<&mut SockOps, BpfError> {

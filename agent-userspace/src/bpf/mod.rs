@@ -7,6 +7,7 @@
 //! ```text
 //! v<ABI>/maps/<MAP>                 maps, pinned by name (shared by every program instance)
 //! v<ABI>/links/<cgroup id>/<hook>   one pinned link per program per sandbox
+//! v<ABI>/global/lsm_socket_create    the system-wide BPF LSM link
 //! ```
 //!
 //! Pinned links keep every sandbox confined while no daemon runs; removing a link pin (and
@@ -15,13 +16,15 @@ mod attach;
 mod bpffs;
 mod events;
 mod loader;
+mod lsm;
 mod maps;
 mod ring_usage;
 
-pub use attach::{attached_cgroups, Links};
+pub use attach::{attach_lsm, attached_cgroups, lsm_pinned, Links};
 pub use bpffs::{ensure_bpffs, PinLayout};
 pub use events::{EventReader, KernelEvent};
 pub use loader::{Programs, HOOKS};
+pub use lsm::{active_lsms, LsmSupport};
 pub use maps::{PeerMap, PolicyMaps};
 pub use ring_usage::RingUsageProbe;
 

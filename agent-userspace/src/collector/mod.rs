@@ -74,11 +74,16 @@ pub fn start(config: &CollectorConfig) -> Option<impl std::future::Future<Output
 }
 
 /// Queues one line the audit writer wrote (called by the writer). Never blocks.
-pub fn forward(sequence: u64, line: &[u8]) {
+pub fn forward(line: &[u8]) {
     let Some(sink) = SINK.get() else {
         return;
     };
-    if sink.tx.try_send(line.trim_ascii().to_vec()).is_err() {
+    let line = line.trim_ascii();
+    if sink.tx.try_send(line.to_vec()).is_err() {
+        // Only on this rare path is the line read again, for its number.
+        let sequence = serde_json::from_slice::<SequenceOnly>(line)
+            .map(|r| r.event.sequence)
+            .unwrap_or(0);
         let mut lost = sink.lost.lock().unwrap_or_else(|p| p.into_inner());
         if lost.count == 0 {
             lost.first = sequence;
@@ -86,6 +91,16 @@ pub fn forward(sequence: u64, line: &[u8]) {
         lost.count += 1;
         lost.last = sequence;
     }
+}
+
+#[derive(Deserialize)]
+struct SequenceOnly {
+    event: EventSequence,
+}
+
+#[derive(Deserialize)]
+struct EventSequence {
+    sequence: u64,
 }
 
 /// Waits (at most `limit`) until the queue is empty, e.g. before the daemon exits.

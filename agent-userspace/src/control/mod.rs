@@ -4,8 +4,10 @@ mod client;
 mod protocol;
 mod server;
 
-pub use client::call;
-pub use protocol::{DaemonStatus, Request, Response, SandboxStatus};
+pub use client::{call, call_timeout};
+pub use protocol::{
+    DaemonStatus, DetachReason, QuarantineStatus, Request, Response, SandboxStatus,
+};
 pub use server::{bind, serve, Handler};
 
 /// Default socket path.

@@ -3,6 +3,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::audit::DetachReason;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
@@ -19,12 +21,26 @@ pub enum Request {
         #[serde(default)]
         netns: Option<PathBuf>,
     },
-    /// Remove confinement, by sandbox name or by cgroup path.
+    /// Remove confinement, by sandbox name or by cgroup path; with both, the named sandbox
+    /// only if it confines that cgroup.
     Detach {
         name: Option<String>,
         cgroup: Option<PathBuf>,
+        /// Why, for the audit record [default: operator].
+        #[serde(default)]
+        reason: Option<DetachReason>,
     },
     Status,
+    /// Switch a sandbox to deny-all: kernel, proxy and DNS; revoke its live credentials.
+    Quarantine {
+        name: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Give a quarantined sandbox its policy back.
+    Release {
+        name: String,
+    },
     /// The local CA certificate (PEM) sandboxes must trust for the proxy.
     CaExport,
 }
@@ -66,6 +82,19 @@ pub struct DaemonStatus {
     pub audit_log: String,
     /// Kernel events that could not be delivered, since the maps were created.
     pub events_lost: u64,
+    /// Network namespaces the proxy listens in (one per namespace some sandbox uses).
+    #[serde(default)]
+    pub proxy_listeners: usize,
+    /// Whether audit records are being written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<crate::audit::AuditHealth>,
+    /// Whether sandboxes are kept from creating packet (and other non-inet) sockets: the
+    /// BPF LSM program is attached and `bpf` is an active LSM.
+    #[serde(default)]
+    pub packet_sockets_covered: bool,
+    /// Why not, when they are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packet_sockets_note: Option<String>,
     pub sandboxes: Vec<SandboxStatus>,
 }
 
@@ -79,6 +108,13 @@ pub struct SandboxStatus {
     pub default: String,
     pub rules: usize,
     pub attached_at: String,
+    /// Network namespace of the sandbox's proxy listener and resolver: the path given at
+    /// attach, else that of a process in the cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    /// Inode of that network namespace (`net:[INODE]` in `/proc/PID/ns/net`'s link).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_inode: Option<u64>,
     /// Hooks whose links are pinned (all of them when confined).
     pub hooks: Vec<String>,
     pub allowed: u64,
@@ -87,4 +123,27 @@ pub struct SandboxStatus {
     /// Connections sent to the proxy or DNS to the sandbox's resolver.
     #[serde(default)]
     pub redirected: u64,
+    /// Set while the sandbox is quarantined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<QuarantineStatus>,
+    /// Processes in the sandbox's cgroup tree now.
+    #[serde(default)]
+    pub processes: usize,
+    /// Union of their effective capabilities, by name.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Whether one holds CAP_SYS_ADMIN (could mount cgroup2 and leave the cgroup).
+    #[serde(default)]
+    pub can_leave_cgroup: bool,
+}
+
+/// Why and since when a sandbox is quarantined.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct QuarantineStatus {
+    /// RFC 3339.
+    pub since: String,
+    /// `operator`, or the alert kind whose response it was.
+    pub trigger: String,
+    #[serde(default)]
+    pub reason: Option<String>,
 }

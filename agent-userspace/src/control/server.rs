@@ -1,20 +1,26 @@
 //! The listening side: binds the socket root-only and hands each request to the daemon.
+//! A client has a few seconds to send its request and to take the response; at most
+//! [`MAX_CONNECTIONS`] are open at once, and a new one displaces the longest-idle one, so
+//! idle clients cannot lock out `status`.
 use std::{
+    collections::VecDeque,
     fs,
     os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::Path,
-    sync::Arc,
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
+    sync::Notify,
 };
 
 use super::{Request, Response};
 
-/// Longest request accepted (a policy file is sent inline).
-const MAX_REQUEST: usize = 1 << 20;
+/// Longest request accepted: a policy of the largest size allowed is sent inline, JSON-escaped.
+const MAX_REQUEST: usize = 8 * crate::policy::MAX_POLICY_BYTES;
 
 /// Handles one decoded request.
 pub trait Handler: Send + Sync + 'static {
@@ -45,37 +51,162 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Connections served at once. Beyond this, the connection that has waited longest for its
+/// request is closed to make room (a busy one, whose request is being handled, never is).
+const MAX_CONNECTIONS: usize = 64;
+/// Time for a client to send its whole request line.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for a client to take the response.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections open, and those still waiting for their request (oldest first), each with a
+/// way to close it.
+#[derive(Default)]
+struct Slots {
+    open: usize,
+    next_id: u64,
+    waiting: VecDeque<(u64, Arc<Notify>)>,
+}
+
 /// Accepts connections until the listener fails.
 pub async fn serve(listener: UnixListener, handler: Arc<dyn Handler>) {
+    let slots = Arc::new(Mutex::new(Slots::default()));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                let (id, evict) = {
+                    let mut s = slots.lock().unwrap_or_else(|p| p.into_inner());
+                    if s.open >= MAX_CONNECTIONS {
+                        match s.waiting.pop_front() {
+                            Some((_, oldest)) => oldest.notify_one(),
+                            None => {
+                                drop(s);
+                                tokio::spawn(refuse_busy(stream));
+                                continue;
+                            }
+                        }
+                    }
+                    s.open += 1;
+                    s.next_id += 1;
+                    let id = s.next_id;
+                    let evict = Arc::new(Notify::new());
+                    s.waiting.push_back((id, evict.clone()));
+                    (id, evict)
+                };
                 let handler = handler.clone();
+                let slots = slots.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, handler).await {
+                    if let Err(e) = connection(stream, handler, &slots, id, evict).await {
                         tracing::debug!(error = %e, "Control connection ended with an error");
                     }
+                    let mut s = slots.lock().unwrap_or_else(|p| p.into_inner());
+                    s.open -= 1;
+                    s.waiting.retain(|(i, _)| *i != id);
                 });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Accepting on the control socket failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
-async fn connection(stream: UnixStream, handler: Arc<dyn Handler>) -> std::io::Result<()> {
+/// Every slot is busy handling a request: say so instead of queueing without bound.
+async fn refuse_busy(stream: UnixStream) {
+    let response = Response::error(format!(
+        "egressd is busy: {MAX_CONNECTIONS} control requests are being handled; try again"
+    ));
+    let mut stream = stream;
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &response)).await;
+}
+
+async fn respond(stream: &mut UnixStream, response: &Response) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(response).unwrap_or_default();
+    out.push(b'\n');
+    stream.write_all(&out).await?;
+    stream.shutdown().await
+}
+
+/// Why reading a request ended without one.
+enum ReadEnd {
+    Request(String),
+    /// The response to send instead.
+    Refuse(Response),
+    /// The request is over the size limit: this response, then the rest is drained.
+    TooLarge(Response),
+    /// Closed to make room for a newer connection, or the client went away.
+    Drop,
+}
+
+async fn read_request(stream: &mut UnixStream) -> std::io::Result<ReadEnd> {
+    let mut reader = BufReader::new((&mut *stream).take(MAX_REQUEST as u64 + 1));
+    let mut line = Vec::new();
+    let read = tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    match read {
+        Err(_) => Ok(ReadEnd::Refuse(Response::error(format!(
+            "no complete request within {} seconds",
+            READ_TIMEOUT.as_secs()
+        )))),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(0)) => Ok(ReadEnd::Drop),
+        Ok(Ok(_)) if line.len() > MAX_REQUEST => Ok(ReadEnd::TooLarge(Response::error(format!(
+            "request larger than {MAX_REQUEST} bytes (a policy may have at most {} bytes)",
+            crate::policy::MAX_POLICY_BYTES
+        )))),
+        Ok(Ok(_)) => match String::from_utf8(line) {
+            Ok(s) => Ok(ReadEnd::Request(s)),
+            Err(_) => Ok(ReadEnd::Refuse(Response::error(
+                "malformed request: not UTF-8",
+            ))),
+        },
+    }
+}
+
+async fn connection(
+    mut stream: UnixStream,
+    handler: Arc<dyn Handler>,
+    slots: &Mutex<Slots>,
+    id: u64,
+    evict: Arc<Notify>,
+) -> std::io::Result<()> {
     // Only root may drive the daemon, whatever the socket's mode says.
     let cred = stream.peer_cred()?;
-    let (read, mut write) = stream.into_split();
-    let response = if cred.uid() != 0 {
-        Response::error("permission denied: only root may use the egressd control socket")
-    } else {
-        let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
-        let mut line = String::new();
-        reader.read_line(&mut line).await?;
-        match serde_json::from_str::<Request>(&line) {
+    if cred.uid() != 0 {
+        let response =
+            Response::error("permission denied: only root may use the egressd control socket");
+        return tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &response))
+            .await
+            .unwrap_or(Ok(()));
+    }
+    let end = tokio::select! {
+        end = read_request(&mut stream) => end?,
+        () = evict.notified() => ReadEnd::Drop,
+    };
+    // From here on the connection is busy, not idle: it is never evicted.
+    slots
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .waiting
+        .retain(|(i, _)| *i != id);
+    let response = match end {
+        ReadEnd::Drop => return Ok(()),
+        ReadEnd::TooLarge(r) => {
+            // Take (and discard) the rest for a while, so the client finishes sending
+            // and reads this answer instead of failing with a broken pipe.
+            let sent = tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &r)).await;
+            let _ = tokio::time::timeout(
+                READ_TIMEOUT,
+                tokio::io::copy(
+                    &mut (&mut stream).take(8 * MAX_REQUEST as u64),
+                    &mut tokio::io::sink(),
+                ),
+            )
+            .await;
+            return sent.unwrap_or(Ok(()));
+        }
+        ReadEnd::Refuse(r) => r,
+        ReadEnd::Request(line) => match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
                 let handler = handler.clone();
                 tokio::task::spawn_blocking(move || handler.handle(req))
@@ -83,10 +214,9 @@ async fn connection(stream: UnixStream, handler: Arc<dyn Handler>) -> std::io::R
                     .unwrap_or_else(|e| Response::error(format!("internal error: {e}")))
             }
             Err(e) => Response::error(format!("malformed request: {e}")),
-        }
+        },
     };
-    let mut out = serde_json::to_vec(&response).unwrap_or_default();
-    out.push(b'\n');
-    write.write_all(&out).await?;
-    write.shutdown().await
+    tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &response))
+        .await
+        .unwrap_or(Ok(()))
 }

@@ -41,6 +41,10 @@ pub enum CredentialError {
     /// A `github_app` source could not mint a token (and had none still valid).
     #[error("credential `{credential}`: GitHub App token: {reason}")]
     GithubApp { credential: String, reason: String },
+    /// A `vault` source could not read, issue or renew the secret (and had none still
+    /// valid).
+    #[error("credential `{credential}`: secret store: {reason}")]
+    Vault { credential: String, reason: String },
     /// No credential of that name is configured.
     #[error("unknown credential `{0}`: not defined under `credentials:` in the daemon config")]
     Unknown(String),

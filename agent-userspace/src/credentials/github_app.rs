@@ -139,6 +139,9 @@ struct Endpoint {
     /// `/app/installations/{id}/access_tokens`, after any path prefix of `api_url`.
     path: String,
     url: String,
+    /// `/installation/token` (DELETE revokes the token it is called with).
+    revoke_path: String,
+    revoke_url: String,
 }
 
 impl fmt::Debug for GithubApp {
@@ -409,9 +412,78 @@ impl GithubApp {
         })
     }
 
+    /// Takes the cached installation token out of the cache (the next use mints a new
+    /// one), if one is still valid.
+    pub(super) async fn take_token(&self) -> Option<Arc<Secret>> {
+        let mut cache = self.cache.lock().await;
+        let token = cache.token.take()?;
+        (Instant::now() < token.expires).then_some(token.value)
+    }
+
+    /// Revokes an installation token: `DELETE {api_url}/installation/token`, authorised
+    /// by the token itself; GitHub answers 204.
+    pub(super) async fn revoke(&self, token: &Secret) -> Result<String, String> {
+        let mut bearer = Zeroizing::new(String::from("Bearer "));
+        bearer.push_str(token.expose());
+        let call = self.request(
+            Method::DELETE,
+            &self.endpoint.revoke_path,
+            &self.endpoint.revoke_url,
+            &bearer,
+            None,
+        );
+        let (status, body) = match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(format!(
+                    "no answer from {} within {} s",
+                    self.endpoint.revoke_url,
+                    self.timeout.as_secs()
+                ))
+            }
+        };
+        if status != StatusCode::NO_CONTENT {
+            return Err(format!(
+                "DELETE {} answered {status}{}",
+                self.endpoint.revoke_url,
+                github_message(&body)
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            ));
+        }
+        debug!(credential = %self.credential, "Revoked a GitHub App installation token");
+        Ok(format!(
+            "installation token revoked (DELETE {} answered {status})",
+            self.endpoint.revoke_url
+        ))
+    }
+
     /// One HTTPS POST to the token endpoint over a new connection. Returns the status and
     /// up to [`MAX_RESPONSE_BYTES`] of the body.
     async fn post(&self, jwt: &str) -> Result<(StatusCode, Zeroizing<Vec<u8>>), String> {
+        let mut bearer = Zeroizing::new(String::from("Bearer "));
+        bearer.push_str(jwt);
+        let ep = &self.endpoint;
+        self.request(
+            Method::POST,
+            &ep.path,
+            &ep.url,
+            &bearer,
+            Some(self.request_body.clone()),
+        )
+        .await
+    }
+
+    /// One HTTPS request to the API over a new connection, with `authorization`. Returns
+    /// the status and up to [`MAX_RESPONSE_BYTES`] of the body.
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        url: &str,
+        authorization: &str,
+        body: Option<String>,
+    ) -> Result<(StatusCode, Zeroizing<Vec<u8>>), String> {
         let ep = &self.endpoint;
         let addrs: Vec<SocketAddr> = match ep.host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, ep.port)],
@@ -449,42 +521,46 @@ impl GithubApp {
             .map_err(|e| format!("HTTP with {}: {e}", ep.authority))?;
         let conn = tokio::spawn(conn);
 
-        let mut bearer = Zeroizing::new(String::from("Bearer "));
-        bearer.push_str(jwt);
-        let mut authorization = HeaderValue::from_str(&bearer)
-            .map_err(|_| "the signed JWT is not a valid header value".to_owned())?;
+        let mut authorization = HeaderValue::from_str(authorization)
+            .map_err(|_| "the authorization is not a valid header value".to_owned())?;
         authorization.set_sensitive(true);
-        let uri: Uri = ep
-            .path
+        let uri: Uri = path
             .parse()
-            .map_err(|_| format!("{} is not a valid request path", ep.path))?;
-        let request = Request::builder()
-            .method(Method::POST)
+            .map_err(|_| format!("{path} is not a valid request path"))?;
+        let mut request = Request::builder()
+            .method(method.clone())
             .uri(uri)
             .header(HOST, ep.authority.as_str())
             .header(AUTHORIZATION, authorization)
             .header(ACCEPT, "application/vnd.github+json")
             .header("x-github-api-version", "2022-11-28")
-            .header(USER_AGENT, concat!("egressd/", env!("CARGO_PKG_VERSION")))
-            .header(CONTENT_TYPE, "application/json")
-            .header(CONTENT_LENGTH, self.request_body.len())
-            .body(self.request_body.clone())
+            .header(USER_AGENT, concat!("egressd/", env!("CARGO_PKG_VERSION")));
+        let body = match body {
+            Some(body) => {
+                request = request
+                    .header(CONTENT_TYPE, "application/json")
+                    .header(CONTENT_LENGTH, body.len());
+                body
+            }
+            None => String::new(),
+        };
+        let request = request
+            .body(body)
             .map_err(|e| format!("building the request: {e}"))?;
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| format!("POST {}: {e}", ep.url))?;
+            .map_err(|e| format!("{method} {url}: {e}"))?;
         let status = response.status();
         let mut body = response.into_body();
         let mut bytes = Zeroizing::new(Vec::new());
         while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
         {
-            let frame = frame.map_err(|e| format!("reading the answer of {}: {e}", ep.url))?;
+            let frame = frame.map_err(|e| format!("reading the answer of {url}: {e}"))?;
             if let Ok(data) = frame.into_data() {
                 if bytes.len() + data.len() > MAX_RESPONSE_BYTES {
                     return Err(format!(
-                        "the answer of {} is larger than {MAX_RESPONSE_BYTES} bytes",
-                        ep.url
+                        "the answer of {url} is larger than {MAX_RESPONSE_BYTES} bytes"
                     ));
                 }
                 bytes.extend_from_slice(&data);
@@ -524,6 +600,8 @@ fn endpoint(api_url: &str, id: u64) -> Result<Endpoint, String> {
         authority: authority.as_str().to_owned(),
         path: format!("{prefix}/app/installations/{id}/access_tokens"),
         url: format!("https://{authority}{prefix}/app/installations/{id}/access_tokens"),
+        revoke_path: format!("{prefix}/installation/token"),
+        revoke_url: format!("https://{authority}{prefix}/installation/token"),
     })
 }
 

@@ -6,24 +6,32 @@
 //! (`file`, kept in memory and read again when the file changes, which is checked at most
 //! every [`FILE_CHECK_INTERVAL`]; `env`, read at load; `command`, run without a shell and
 //! cached for its `ttl`; `github_app`, installation tokens minted with a GitHub App's key
-//! and renewed before they expire, see [`github_app`]), an injection form (a header with a
-//! format, or HTTP Basic) and the exact hosts it may be sent to. Values live in
+//! and renewed before they expire, see [`github_app`]; `vault`, KV secrets and leases from
+//! an OpenBao or Vault server, see `vault.rs`), an injection form (a header with a
+//! format, or HTTP Basic), the exact hosts it may be sent to, and optionally how to revoke
+//! its live value when a sandbox using it is quarantined ([`CredentialStore::revoke`]). Values live in
 //! [`Secret`], which never prints them, and no error of this module contains one.
 mod error;
 mod file;
 pub mod github_app;
+mod https;
 pub mod raw;
+mod revoke;
 mod secret;
 mod store;
+mod vault;
 
 pub use error::CredentialError;
 pub use file::CHECK_INTERVAL as FILE_CHECK_INTERVAL;
 pub use github_app::UpstreamOptions;
 pub use raw::{
-    RawBasic, RawCommand, RawCredential, RawCredentials, RawGithubApp, RawInject, RawSource,
+    RawAppRole, RawBasic, RawCommand, RawCredential, RawCredentials, RawGithubApp, RawInject,
+    RawRevoke, RawSource, RawVault, RawVaultAuth, RawVaultKv, RawVaultLease,
 };
+pub use revoke::REVOKE_TIMEOUT;
 pub use secret::Secret;
 pub use store::{normalize_host, CredentialStats, CredentialStore, COMMAND_TIMEOUT};
+pub use vault::VAULT_TIMEOUT;
 
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]

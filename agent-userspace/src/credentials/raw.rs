@@ -23,6 +23,19 @@ pub struct RawCredential {
     /// The only server names (TLS SNI / Host) the credential is ever sent to: exact names,
     /// compared case-insensitively, a trailing dot ignored. No wildcards.
     pub hosts: Vec<String>,
+    /// How to revoke the live value when a sandbox whose policy names the credential is
+    /// quarantined: `{ argv: [/path/program, args...] }`, run without a shell with the
+    /// value on standard input. (`github_app` tokens are also revoked with the API.)
+    #[serde(default)]
+    pub revoke: Option<RawRevoke>,
+}
+
+/// A program that revokes the value it reads on standard input; exit status 0 = revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRevoke {
+    /// Program (absolute path) and arguments; no shell is involved.
+    pub argv: Vec<String>,
 }
 
 /// Where a secret value comes from.
@@ -40,6 +53,94 @@ pub enum RawSource {
     /// `{ github_app: { app_id: 123, private_key: /path/key.pem, installation_id: 456 } }`:
     /// short-lived installation tokens minted with a GitHub App's key.
     GithubApp(RawGithubApp),
+    /// `{ vault: { address, auth: {...}, kv: {...} | lease: {...} } }`: a secret from an
+    /// OpenBao or Vault server, read with the daemon's own AppRole or token.
+    Vault(RawVault),
+}
+
+/// An OpenBao / HashiCorp Vault source.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVault {
+    /// The server, e.g. `https://vault.example:8200` (`http://` only to a loopback address).
+    pub address: String,
+    /// A PEM bundle of CAs to trust for the server besides the system roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// How the daemon logs in: `{ approle: {...} }` or `{ token_file: /path }`.
+    #[serde(with = "serde_yaml_ng::with::singleton_map")]
+    pub auth: RawVaultAuth,
+    /// A KV version 2 secret's field, read again every `refresh` seconds. Exactly one of
+    /// `kv` and `lease` is given.
+    #[serde(default)]
+    pub kv: Option<RawVaultKv>,
+    /// A dynamic secret with a lease, renewed before it ends and revocable.
+    #[serde(default)]
+    pub lease: Option<RawVaultLease>,
+}
+
+/// The daemon's own identity at the store.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum RawVaultAuth {
+    /// A token in a file (read again at each login, so a rotated file takes effect).
+    TokenFile(PathBuf),
+    /// AppRole login with a role id and a secret id, each in a file.
+    Approle(RawAppRole),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAppRole {
+    pub role_id_file: PathBuf,
+    pub secret_id_file: PathBuf,
+    /// Where the AppRole method is mounted; default `approle`.
+    #[serde(default = "default_approle_mount")]
+    pub mount: String,
+}
+
+fn default_approle_mount() -> String {
+    "approle".to_owned()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVaultKv {
+    /// The KV v2 mount; default `secret`.
+    #[serde(default = "default_kv_mount")]
+    pub mount: String,
+    /// The secret's path inside the mount, e.g. `agents/github`.
+    pub path: String,
+    /// The field of the secret that holds the value.
+    pub field: String,
+    /// Seconds between reads; a new version takes effect within this time. Default 60.
+    #[serde(default = "default_refresh")]
+    pub refresh: u64,
+}
+
+fn default_kv_mount() -> String {
+    "secret".to_owned()
+}
+
+fn default_refresh() -> u64 {
+    60
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVaultLease {
+    /// The API path that issues the secret, e.g. `database/creds/agent` or
+    /// `auth/token/create/agent`.
+    pub path: String,
+    /// `GET` (secrets engines' `creds` paths) or `POST` (token creation); default `GET`.
+    #[serde(default = "default_lease_method")]
+    pub method: String,
+    /// Dotted path of the value in the answer, e.g. `data.password` or `auth.client_token`.
+    pub field: String,
+}
+
+fn default_lease_method() -> String {
+    "GET".to_owned()
 }
 
 /// A GitHub App whose installation tokens are minted on demand and renewed before they

@@ -19,7 +19,9 @@ use super::error::CredentialError;
 use super::file::FileSource;
 use super::github_app::{GithubApp, UpstreamOptions};
 use super::raw::{RawCredential, RawInject, RawSource};
+use super::revoke::RevokeCommand;
 use super::secret::Secret;
+use super::vault::Vault;
 
 /// How long a `command` source may run before it is killed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,16 +76,18 @@ struct Credential {
     /// `github_app`, which counts its own mints.
     fetches: AtomicU64,
     failures: AtomicU64,
+    revoke: Option<RevokeCommand>,
 }
 
 /// A credential's state for metrics: its name and source kind, never its value.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CredentialStats {
     pub name: String,
-    /// `file`, `env`, `command` or `github_app`.
+    /// `file`, `env`, `command`, `github_app` or `vault`.
     pub source: &'static str,
     /// Values obtained from the source: token mints and command runs (files and
-    /// environment variables are read, not fetched: 0).
+    /// environment variables are read, not fetched, and secret-store reads are not
+    /// counted here: 0).
     pub fetches: u64,
     /// Fetches or reads that failed, including a failed token renewal while the current
     /// token was still used.
@@ -123,6 +127,7 @@ enum Source {
     Env { var: String, value: Arc<Secret> },
     Command(CommandSource),
     GithubApp(GithubApp),
+    Vault(Vault),
 }
 
 impl fmt::Debug for Source {
@@ -140,6 +145,7 @@ impl fmt::Debug for Source {
                 .field("ttl", &c.ttl)
                 .finish_non_exhaustive(),
             Self::GithubApp(app) => app.fmt(f),
+            Self::Vault(v) => v.fmt(f),
         }
     }
 }
@@ -311,6 +317,12 @@ impl CredentialStore {
                         let (mints, failures, left) = app.stats();
                         ("github_app", mints, failures, left)
                     }
+                    Source::Vault(_) => (
+                        "vault",
+                        c.fetches.load(Ordering::Relaxed),
+                        c.failures.load(Ordering::Relaxed),
+                        None,
+                    ),
                 };
                 CredentialStats {
                     name: c.name.clone(),
@@ -323,6 +335,77 @@ impl CredentialStore {
             .collect()
     }
 
+    /// Whether quarantine can revoke credential `name`: it has a `revoke` command or is a
+    /// `github_app` source.
+    pub fn can_revoke(&self, name: &str) -> bool {
+        self.credentials.get(name).is_some_and(|c| {
+            c.revoke.is_some()
+                || matches!(c.source, Source::GithubApp(_))
+                || matches!(&c.source, Source::Vault(v) if v.is_lease())
+        })
+    }
+
+    /// Whether credential `name` holds leases from a secret store (revoked when the last
+    /// sandbox using it goes).
+    pub fn holds_leases(&self, name: &str) -> bool {
+        self.credentials
+            .get(name)
+            .is_some_and(|c| matches!(&c.source, Source::Vault(v) if v.is_lease()))
+    }
+
+    /// Revokes credential `name`'s live value: the value the daemon holds (a cached
+    /// command output or installation token, which is dropped so the next use fetches a
+    /// new one; a file's or variable's current value). A `github_app` token is revoked
+    /// with the API; a `revoke` command, if configured, then gets the value on standard
+    /// input. A `vault` lease is revoked at the store (a KV secret is only dropped from the
+    /// cache). Returns what was done, or why it failed; neither ever contains the value.
+    pub async fn revoke(&self, name: &str) -> Result<String, String> {
+        let credential = self
+            .credentials
+            .get(name)
+            .ok_or_else(|| format!("no credential named {name:?}"))?;
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        let live: Option<Arc<Secret>> = match &credential.source {
+            Source::Vault(v) => {
+                let (value, outcome) = v.revoke().await;
+                match outcome {
+                    Ok(how) => done.push(how),
+                    Err(why) => failed.push(why),
+                }
+                value
+            }
+            Source::GithubApp(app) => app.take_token().await,
+            Source::Command(cmd) => cmd.cache.lock().await.take().map(|c| c.value),
+            Source::Env { value, .. } => Some(value.clone()),
+            Source::File(_) => Some(credential.value().await.map_err(|e| e.to_string())?),
+        };
+        let Some(value) = live else {
+            return if failed.is_empty() {
+                Ok("no live value held; nothing to revoke".to_owned())
+            } else {
+                Err(failed.join("; "))
+            };
+        };
+        if let Source::GithubApp(app) = &credential.source {
+            match app.revoke(&value).await {
+                Ok(how) => done.push(how),
+                Err(why) => failed.push(why),
+            }
+        }
+        if let Some(cmd) = &credential.revoke {
+            match cmd.run(&value).await {
+                Ok(how) => done.push(how),
+                Err(why) => failed.push(why),
+            }
+        }
+        if failed.is_empty() {
+            Ok(done.join("; "))
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
     /// Test hook: a shorter command (and token mint) timeout.
     #[cfg(test)]
     pub(crate) fn set_command_timeout(&mut self, timeout: Duration) {
@@ -330,6 +413,7 @@ impl CredentialStore {
             match &mut c.source {
                 Source::Command(cmd) => cmd.timeout = timeout,
                 Source::GithubApp(app) => app.timeout = timeout,
+                Source::Vault(v) => v.timeout = timeout,
                 _ => {}
             }
         }
@@ -395,6 +479,13 @@ impl Credential {
                 Ok(value)
             }
             Source::GithubApp(app) => app.token().await,
+            Source::Vault(v) => {
+                let value = v.value().await;
+                if value.is_err() {
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                }
+                value
+            }
         }
     }
 
@@ -577,6 +668,7 @@ fn compile(
             })
         }
         RawSource::GithubApp(app) => Source::GithubApp(GithubApp::compile(name, app, upstream)?),
+        RawSource::Vault(v) => Source::Vault(Vault::compile(name, v)?),
     };
 
     let inject = compile_inject(&raw.inject).map_err(|(field, reason)| config(field, reason))?;
@@ -607,6 +699,12 @@ fn compile(
         hosts.insert(normalized);
     }
 
+    let revoke = raw
+        .revoke
+        .as_ref()
+        .map(|r| RevokeCommand::compile(name, r))
+        .transpose()?;
+
     Ok(Credential {
         name: name.to_owned(),
         source,
@@ -615,6 +713,7 @@ fn compile(
         header: HeaderCache::default(),
         fetches: AtomicU64::new(0),
         failures: AtomicU64::new(0),
+        revoke,
     })
 }
 

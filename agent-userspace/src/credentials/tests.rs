@@ -409,3 +409,65 @@ async fn stats_count_fetches_and_failures_and_show_time_left() {
         (0, 1, None)
     );
 }
+
+#[tokio::test]
+async fn revoke_command_gets_the_live_value_on_stdin_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let got = dir.path().join("revoked");
+    let args = dir.path().join("args");
+    // Writes its stdin, its arguments and its environment where the test can read them,
+    // and prints the value (which must not end up anywhere).
+    let script = write(
+        dir.path(),
+        "revoke.sh",
+        &format!(
+            "#!/bin/sh\ncat > '{got}'\necho \"$@\" > '{args}'\nenv >> '{args}'\ncat '{got}'\ncat '{got}' >&2\n",
+            got = got.display(),
+            args = args.display()
+        ),
+    );
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let s = store(&format!(
+        "c:\n  source: {{ command: {{ argv: [/bin/echo, tok-live-1], ttl: 60 }} }}\n  inject: {{ header: X-K }}\n  hosts: [h.example.com]\n  revoke: {{ argv: [\"{script}\", --why, quarantine] }}\n"
+    ))
+    .unwrap();
+    assert!(s.can_revoke("c"));
+    // No value held yet: the command is not run.
+    assert!(s.revoke("c").await.unwrap().contains("no live value"));
+    assert!(!got.exists());
+    assert_eq!(
+        value(&s, "c", "h.example.com").await.as_deref(),
+        Some("tok-live-1")
+    );
+    let how = s.revoke("c").await.unwrap();
+    assert!(
+        how.contains("succeeded") && !how.contains("tok-live"),
+        "{how}"
+    );
+    assert_eq!(std::fs::read_to_string(&got).unwrap(), "tok-live-1\n");
+    let seen = std::fs::read_to_string(&args).unwrap();
+    assert!(seen.starts_with("--why quarantine\n"), "{seen}");
+    assert!(
+        !seen.contains("tok-live"),
+        "the value reached argv or env: {seen}"
+    );
+    // The held value was dropped: the next use runs the source again.
+    std::fs::remove_file(&got).unwrap();
+    assert!(s.revoke("c").await.unwrap().contains("no live value"));
+    assert!(!got.exists());
+
+    // A failing command is an error naming the program and status, never the value.
+    let s = store(
+        "c:\n  source: { env: PATH }\n  inject: { header: X-K }\n  hosts: [h.example.com]\n  revoke: { argv: [/bin/sh, -c, \"cat; exit 4\"] }\n",
+    )
+    .unwrap();
+    let err = s.revoke("c").await.unwrap_err();
+    assert!(err.contains("/bin/sh") && err.contains("4"), "{err}");
+    // A credential without a revocation cannot be revoked; a relative program is refused.
+    let s =
+        store("c:\n  source: { env: PATH }\n  inject: { header: X-K }\n  hosts: [h.example.com]\n")
+            .unwrap();
+    assert!(!s.can_revoke("c"));
+    let err = store("c:\n  source: { env: PATH }\n  inject: { header: X-K }\n  hosts: [h.example.com]\n  revoke: { argv: [revoke] }\n").unwrap_err();
+    assert!(err.to_string().contains("revoke.argv"), "{err}");
+}

@@ -10,24 +10,34 @@ use time::OffsetDateTime;
 
 use super::{
     dns::{host_net, uses_dns, DnsRuntime, LearnedAddr},
-    netns::netns_of_cgroup,
+    netns::{netns_id, netns_of_cgroup, NetnsId},
     proxy::ProxyRuntime,
-    state::{SandboxRecord, State},
+    state::{QuarantineState, SandboxRecord, State},
 };
 use crate::{
+    alerts::{Alerts, DenialBursts},
     audit::{
-        AuditHandle, PolicyChange, PolicyDigest, PolicyRejected, Record, RuleRef, SandboxLifecycle,
+        Alert, AlertKind, AuditHandle, CredentialRevoke, DetachReason, PolicyChange, PolicyDigest,
+        PolicyRejected, Quarantine, Record, RuleRef, SandboxLifecycle,
     },
     bpf::{attached_cgroups, Links, PinLayout, PolicyMaps, Programs, HOOKS},
     cgroup::Cgroup,
-    control::{DaemonStatus, SandboxStatus},
+    control::{DaemonStatus, QuarantineStatus, SandboxStatus},
     policy::{self, Policy},
+    posture::Posture,
 };
 
 /// Learned addresses one sandbox may hold at once (the kernel maps are shared).
 const MAX_LEARNED_PER_SANDBOX: usize = 4096;
 /// Longest TTL honoured for a learned address, in seconds.
 const MAX_LEARNED_TTL: u32 = 3600;
+/// The policy slot a quarantined sandbox's kernel entry points at. Slots handed out start
+/// at 1, so this one never holds a rule: every decision falls to the (deny) default.
+const QUARANTINE_SLOT: u32 = 0;
+/// `trigger` of a quarantine an operator asked for.
+const BY_OPERATOR: &str = "operator";
+/// Longest `--reason` kept.
+const MAX_REASON: usize = 512;
 
 pub struct Core {
     pub layout: PinLayout,
@@ -45,6 +55,29 @@ pub struct Core {
     pub proxy: ProxyRuntime,
     /// Per-sandbox resolvers and the addresses they learned.
     pub dns: DnsRuntime,
+    /// Where alerts are raised; applies each sandbox's configured responses.
+    pub alerts: Alerts,
+    /// Denied decisions per sandbox, for `denial-burst` alerts.
+    pub bursts: DenialBursts,
+    /// Runs credential revocations after a quarantine.
+    pub runtime: tokio::runtime::Handle,
+    /// Whether the BPF LSM program keeps sandboxes from creating packet sockets; `Err`
+    /// says why not.
+    pub packet_sockets: Result<(), String>,
+    /// Source-routing refusals per sandbox not yet summarised in an alert.
+    pub source_routing: std::collections::HashMap<String, RefusalWindow>,
+    /// Processes whose posture was read, per sandbox, with their start times; new ones are
+    /// read on the next pass, and known ones still alive outside the cgroup have left it.
+    pub known_pids: std::collections::HashMap<String, std::collections::BTreeMap<u32, u64>>,
+}
+
+/// Refusals of one kind for one sandbox since the last alert about them.
+#[derive(Debug)]
+pub struct RefusalWindow {
+    pub count: u64,
+    pub since: std::time::Instant,
+    /// What was refused (option and header names), for the alert's reason.
+    pub what: std::collections::BTreeSet<&'static str>,
 }
 
 fn now() -> OffsetDateTime {
@@ -77,16 +110,218 @@ impl Core {
             cgroup_id: rec.cgroup_id,
             policy_path: PathBuf::from(&rec.policy_path),
             policy_digest: PolicyDigest::of(rec.policy_source.as_bytes()),
+            reason: None,
+            packet_sockets_covered: None,
+            posture: None,
         }
     }
 
+    /// An attach or adopt record, which also says what the kernel does not cover and what
+    /// the sandbox's processes hold.
+    fn confined(&self, rec: &SandboxRecord, posture: &Posture) -> SandboxLifecycle {
+        SandboxLifecycle {
+            packet_sockets_covered: Some(self.packet_sockets.is_ok()),
+            posture: Some(posture.clone()),
+            ..Self::lifecycle(rec)
+        }
+    }
+
+    /// Raises a risky-posture alert when processes hold capabilities that get around the
+    /// kernel programs; `who` says which processes (at attach, or new ones).
+    fn alert_posture(&self, sandbox: &str, posture: &Posture, who: &str) {
+        let mut risky = posture.risky();
+        if risky.is_empty() {
+            return;
+        }
+        // CAP_NET_RAW only matters where packet sockets are not refused.
+        if self.packet_sockets.is_ok() {
+            risky.retain(|c| *c != "net_raw");
+            if risky.is_empty() {
+                return;
+            }
+        }
+        let mut reason = format!(
+            "{who} ({} process(es)) hold {}",
+            posture.pids.len(),
+            risky.join(", ")
+        );
+        if posture.can_leave_cgroup() {
+            reason.push_str(
+                "; with sys_admin a process can mount cgroup2 and leave the sandbox's cgroup",
+            );
+        }
+        let mut alert = Alert::new(now(), AlertKind::RiskyPosture, sandbox, reason);
+        alert.count = posture.pids.len().max(1) as u64;
+        self.alerts.raise(alert);
+    }
+
+    /// Reads the posture of processes that appeared in sandboxes since the last pass and
+    /// alerts when they hold risky capabilities; alerts when a process seen in a sandbox is
+    /// still alive but no longer in its cgroup tree (it moved itself, or was moved, out).
+    pub fn check_new_processes(&mut self) {
+        let sandboxes: Vec<(String, PathBuf)> = self
+            .state
+            .sandboxes
+            .values()
+            .map(|r| (r.name.clone(), r.cgroup.clone()))
+            .collect();
+        for (name, cgroup) in sandboxes {
+            let alive = crate::posture::pids_below(&cgroup);
+            let known = self.known_pids.remove(&name).unwrap_or_default();
+            let mut escaped = Vec::new();
+            for (pid, start) in &known {
+                if !alive.contains(pid) && crate::posture::start_time(*pid) == Some(*start) {
+                    escaped.push(format!(
+                        "pid {pid} now in {}",
+                        crate::posture::cgroup_of(*pid).unwrap_or_else(|| "?".into())
+                    ));
+                }
+            }
+            if !escaped.is_empty() {
+                let mut alert = Alert::new(
+                    now(),
+                    AlertKind::CgroupEscape,
+                    name.clone(),
+                    format!(
+                        "{} process(es) left the sandbox's cgroup {} while alive: {}",
+                        escaped.len(),
+                        cgroup.display(),
+                        escaped.join(", ")
+                    ),
+                );
+                alert.count = escaped.len() as u64;
+                self.alerts.raise(alert);
+            }
+            let posture = Posture::read_only(&cgroup, |pid| !known.contains_key(&pid));
+            if !posture.pids.is_empty() {
+                self.alert_posture(&name, &posture, "new processes");
+            }
+            let mut next: std::collections::BTreeMap<u32, u64> = known
+                .into_iter()
+                .filter(|(p, _)| alive.contains(p))
+                .collect();
+            for pid in posture.pids {
+                if let Some(start) = crate::posture::start_time(pid) {
+                    next.insert(pid, start);
+                }
+            }
+            self.known_pids.insert(name, next);
+        }
+    }
+
+    /// Remembers the processes a posture was read from, with their start times.
+    fn remember(&mut self, sandbox: &str, posture: &Posture) {
+        let pids = posture
+            .pids
+            .iter()
+            .filter_map(|p| crate::posture::start_time(*p).map(|s| (*p, s)))
+            .collect();
+        self.known_pids.insert(sandbox.to_string(), pids);
+    }
+
+    /// Counts a source-routing refusal for the next summarising alert.
+    pub fn note_source_routing(&mut self, sandbox: &str, what: &'static str) {
+        let w = self
+            .source_routing
+            .entry(sandbox.to_string())
+            .or_insert_with(|| RefusalWindow {
+                count: 0,
+                since: std::time::Instant::now(),
+                what: Default::default(),
+            });
+        w.count += 1;
+        w.what.insert(what);
+    }
+
+    /// One alert per sandbox for the source-routing refusals since the last call.
+    pub fn flush_alerts(&mut self) {
+        for (sandbox, w) in self.source_routing.drain() {
+            let names: Vec<&str> = w.what.iter().copied().collect();
+            let mut alert = Alert::new(
+                now(),
+                AlertKind::SourceRouting,
+                sandbox,
+                format!(
+                    "{} attempt(s) to route packets elsewhere than the judged address were refused ({})",
+                    w.count,
+                    names.join(", ")
+                ),
+            );
+            alert.count = w.count;
+            alert.window_seconds = Some(w.since.elapsed().as_secs().max(1));
+            self.alerts.raise(alert);
+        }
+    }
+
+    fn detached(rec: &SandboxRecord, reason: DetachReason) -> SandboxLifecycle {
+        SandboxLifecycle {
+            reason: Some(reason),
+            ..Self::lifecycle(rec)
+        }
+    }
+
+    /// The network namespace a sandbox's listeners belong in: the one named at attach
+    /// (checked to be the same namespace it was then), else that of a process in its cgroup.
+    /// An empty cgroup without a named namespace is refused: the daemon's own namespace is
+    /// never a stand-in (the proxy would listen on the host's loopback).
+    fn sandbox_netns(
+        cgroup: &Path,
+        netns: Option<&Path>,
+        inode: Option<u64>,
+    ) -> Result<PathBuf, String> {
+        match netns {
+            Some(p) => {
+                let id =
+                    netns_id(p).map_err(|e| format!("network namespace {}: {e}", p.display()))?;
+                match inode {
+                    Some(want) if want != id.1 => Err(format!(
+                        "network namespace {} is no longer the one attached (inode {} now, {want} then)",
+                        p.display(),
+                        id.1
+                    )),
+                    _ => Ok(p.to_path_buf()),
+                }
+            }
+            None => netns_of_cgroup(cgroup).ok_or_else(|| {
+                format!(
+                    "cgroup {} has no process yet, so its network namespace is unknown; \
+                     name it with --netns PATH (e.g. /var/run/netns/NAME or /proc/PID/ns/net), \
+                     or attach a running process with --pid PID",
+                    cgroup.display()
+                )
+            }),
+        }
+    }
+
+    /// The sandbox's kernel entry: its policy, or deny-all while it is quarantined.
     fn kernel_entry(&self, rec: &SandboxRecord, policy: &Policy) -> SandboxInfo {
+        if rec.quarantine.is_some() {
+            return self.quarantine_entry(rec, policy);
+        }
         SandboxInfo {
             index: rec.index,
             policy_slot: rec.slot,
             default_action: policy.default_action().kernel_code(),
             _pad: 0,
             proxy_port: self.proxy.port,
+            dns_port: if uses_dns(policy) {
+                self.dns.port_for(rec.index)
+            } else {
+                0
+            },
+            _pad2: 0,
+        }
+    }
+
+    /// Deny-all: an empty policy slot, default deny, no proxy. DNS still goes to the
+    /// sandbox's resolver (when it has one), which refuses every query and records it.
+    fn quarantine_entry(&self, rec: &SandboxRecord, policy: &Policy) -> SandboxInfo {
+        SandboxInfo {
+            index: rec.index,
+            policy_slot: QUARANTINE_SLOT,
+            default_action: agent_common::action::DENY,
+            _pad: 0,
+            proxy_port: 0,
             dns_port: if uses_dns(policy) {
                 self.dns.port_for(rec.index)
             } else {
@@ -104,13 +339,15 @@ impl Core {
     }
 
     /// Checks what a policy needs from the daemon (credentials it names exist) and starts
-    /// the proxy listener in the sandbox's network namespace when it has proxy rules.
+    /// the proxy listener in the sandbox's network namespace when it has proxy rules;
+    /// returns that namespace (the caller records the sandbox as its user).
     fn prepare_proxy(
         &mut self,
         policy: &Policy,
         cgroup: &Path,
         netns: Option<&Path>,
-    ) -> Result<(), String> {
+        inode: Option<u64>,
+    ) -> Result<Option<NetnsId>, String> {
         for name in policy.credential_names() {
             if !self.proxy.has_credential(name) {
                 return Err(format!(
@@ -119,16 +356,26 @@ impl Core {
                 ));
             }
         }
-        if !Self::uses_proxy(policy) {
-            return Ok(());
+        if !Self::uses_proxy(policy) && !uses_dns(policy) {
+            return Ok(None);
         }
-        let netns = netns.map_or_else(|| netns_of_cgroup(cgroup), Path::to_path_buf);
+        let netns = Self::sandbox_netns(cgroup, netns, inode)?;
+        if !Self::uses_proxy(policy) {
+            return Ok(None);
+        }
         self.proxy
             .ensure_listener(&netns)
+            .map(Some)
             .map_err(|e| format!("starting the proxy listener in {}: {e}", netns.display()))
     }
 
+    /// Lets the proxy serve the sandbox's redirected connections (never while it is
+    /// quarantined).
     fn set_route(&self, rec: &SandboxRecord, policy: &Arc<Policy>) {
+        if rec.quarantine.is_some() {
+            self.drop_route(rec.index);
+            return;
+        }
         self.proxy
             .routes
             .write()
@@ -142,17 +389,23 @@ impl Core {
             self.dns.stop(rec.index);
             return Ok(());
         }
-        let netns = rec
-            .netns
-            .clone()
-            .unwrap_or_else(|| netns_of_cgroup(&rec.cgroup));
+        let netns = Self::sandbox_netns(&rec.cgroup, rec.netns.as_deref(), rec.netns_inode)?;
         self.dns.ensure(rec.index, &rec.name, policy, &netns)
     }
 
     /// Puts addresses a sandbox's resolver learned into its kernel rules; called before
     /// the answer is released to the sandbox.
-    pub fn learn(&mut self, index: u32, learned: &[crate::dns::Learned]) -> Result<(), String> {
+    /// Returns the addresses it refused to install, with why; the resolver removes them
+    /// from the answer.
+    pub fn learn(
+        &mut self,
+        index: u32,
+        learned: &[crate::dns::Learned],
+    ) -> Result<Vec<crate::dns::Refusal>, String> {
         let rec = self.state.by_index(index).ok_or("sandbox is gone")?.clone();
+        if rec.quarantine.is_some() {
+            return Err("the sandbox is quarantined".into());
+        }
         let policy = self
             .compiled
             .get(&rec.name)
@@ -161,17 +414,23 @@ impl Core {
         let dns = policy.dns().cloned();
         // Counted once per answer, not per address: the table is shared by all sandboxes.
         let mut held = self.dns.learned.keys().filter(|(i, _)| *i == index).count();
+        let mut refused = Vec::new();
         for l in learned {
             // Judge the name by the policy in force now, not the one the query started
             // under: a replacement in between must not be widened by a late answer.
             let ids_now = policy.rules_for_name(&l.name);
             if ids_now.is_empty() {
                 tracing::info!(sandbox = %rec.name, name = %l.name, "Answer for a name the current policy no longer allows; not learned");
+                refused.push((
+                    l.addr,
+                    "the policy in force no longer allows the name".to_owned(),
+                ));
                 continue;
             }
             let addr = l.addr.to_canonical();
-            if let Some(why) = self.refuse_learning(&policy, addr) {
-                tracing::warn!(sandbox = %rec.name, name = %l.name, %addr, why, "Not learning a DNS answer");
+            if let Some(why) = self.refuse_learning(&policy, &ids_now, addr) {
+                tracing::warn!(sandbox = %rec.name, name = %l.name, %addr, %why, "Not learning a DNS answer");
+                refused.push((l.addr, why));
                 continue;
             }
             let key = (index, addr);
@@ -225,13 +484,19 @@ impl Core {
                 },
             );
         }
-        Ok(())
+        Ok(refused)
     }
 
     /// Why an answer's address must not become reachable through a name: DNS rebinding to
-    /// loopback, private, link-local or metadata addresses (unless a static rule lists
-    /// them), or an address a static `deny` rule covers.
-    fn refuse_learning(&self, policy: &Policy, addr: std::net::IpAddr) -> Option<&'static str> {
+    /// a special address ([`crate::net::special`]: loopback, private, link-local,
+    /// metadata, tunnels into IPv4, ...) unless a static rule or the `answers` of one of
+    /// the name's rules (`rule_ids`) names it, or an address a static `deny` rule covers.
+    fn refuse_learning(
+        &self,
+        policy: &Policy,
+        rule_ids: &[u16],
+        addr: std::net::IpAddr,
+    ) -> Option<String> {
         let static_rules = || {
             policy
                 .rules()
@@ -239,16 +504,18 @@ impl Core {
                 .filter(|r| r.nets().iter().any(|n| n.contains(&addr)))
         };
         if static_rules().any(|r| r.action() == crate::policy::Action::Deny) {
-            return Some("a deny rule covers the address");
+            return Some("a deny rule covers the address".to_owned());
         }
-        match crate::proxy::special_address(addr) {
-            Some(what)
-                if !static_rules().any(|r| super::proxy::explicitly_covers(r.nets(), addr)) =>
-            {
-                Some(what)
-            }
-            _ => None,
-        }
+        let special = crate::net::special_address(addr)?;
+        let named = static_rules().any(|r| crate::net::explicitly_covers(r.nets(), addr))
+            || rule_ids
+                .iter()
+                .filter_map(|&id| policy.rule(id))
+                .filter_map(|r| r.answers())
+                .any(|pins| crate::net::explicitly_covers(pins, addr));
+        (!named).then(|| {
+            format!("{addr} is a {special}, and no rule names it explicitly (a static rule or `answers`)")
+        })
     }
 
     /// Detaches sandboxes whose cgroup directory is gone (the container was removed
@@ -266,7 +533,7 @@ impl Core {
             .map(|r| r.name.clone())
             .collect();
         for name in gone {
-            match self.detach(Some(name.clone()), None) {
+            match self.detach(Some(name.clone()), None, DetachReason::CgroupRemoved) {
                 Ok(_) => tracing::info!(sandbox = %name, "cgroup removed; sandbox detached"),
                 Err(e) => {
                     tracing::warn!(sandbox = %name, error = %e, "Detaching a sandbox whose cgroup is gone failed")
@@ -321,16 +588,29 @@ impl Core {
             .ok_or_else(|| "no free policy slot in the kernel maps".to_string())
     }
 
-    /// Attaches a new sandbox or replaces an attached sandbox's policy.
-    pub fn attach(
+    /// Parses and compiles a policy, kernel rules included: the slow part of an attach,
+    /// done before the daemon's lock is taken so other sandboxes' audit and DNS go on.
+    pub fn prepare_policy(source: &str, policy_path: &str) -> Result<Policy, String> {
+        let policy = policy::parse_str(source, policy_path).map_err(|e| e.to_string())?;
+        policy.kernel_rules().map_err(|e| e.to_string())?;
+        Ok(policy)
+    }
+
+    /// Attaches a new sandbox or replaces an attached sandbox's policy, with the policy
+    /// already through [`Core::prepare_policy`] (outside the lock).
+    pub fn attach_parsed(
         &mut self,
         cgroup: &Path,
         name: Option<String>,
         policy_path: String,
         source: String,
         netns: Option<PathBuf>,
+        parsed: Result<Policy, String>,
     ) -> Result<String, String> {
         let cgroup = Cgroup::open(cgroup).map_err(|e| e.to_string())?;
+        // A container re-created at once under the same id gets a new cgroup at the same
+        // path: the sandbox of the old one goes now, not at the next housekeeping tick.
+        self.reap_vanished();
         let name = match name {
             Some(n) => n,
             None => cgroup
@@ -344,10 +624,9 @@ impl Core {
                 "invalid sandbox name {name:?}: 1-64 printable characters"
             ));
         }
-        let policy = match policy::parse_str(&source, &policy_path) {
+        let policy = match parsed {
             Ok(p) => p,
-            Err(e) => {
-                let error = e.to_string();
+            Err(error) => {
                 self.audit.emit(Record::PolicyRejected(PolicyRejected {
                     time: now(),
                     sandbox: name.clone(),
@@ -394,15 +673,75 @@ impl Core {
                 ));
             }
         }
-        let netns = netns.or_else(|| existing.as_ref().and_then(|o| o.netns.clone()));
-        self.prepare_proxy(&policy, &cgroup.path, netns.as_deref())?;
-        let policy = Arc::new(policy);
-        match existing {
-            Some(old) => self.replace_policy(old, policy, policy_path, source, netns),
-            None => self.attach_new(cgroup, name, policy, policy_path, source, netns),
+        let posture = Posture::read(&cgroup.path);
+        let held = posture.violations(policy.no_capabilities());
+        if !held.is_empty() {
+            let error = format!(
+                "{policy_path}: require.no_capabilities: processes in {} hold {} (pids {})",
+                cgroup.path.display(),
+                held.join(", "),
+                posture
+                    .pids
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            self.audit.emit(Record::PolicyRejected(PolicyRejected {
+                time: now(),
+                sandbox: name.clone(),
+                policy_path: PathBuf::from(&policy_path),
+                policy_digest: Some(PolicyDigest::of(source.as_bytes())),
+                error: error.clone(),
+            }));
+            let keep = if existing.is_some() {
+                "; the sandbox keeps its current policy"
+            } else {
+                ""
+            };
+            return Err(format!("{error}{keep}"));
         }
+        let (netns, inode) = match netns {
+            Some(p) => {
+                let id =
+                    netns_id(&p).map_err(|e| format!("network namespace {}: {e}", p.display()))?;
+                (Some(p), Some(id.1))
+            }
+            None => existing
+                .as_ref()
+                .map_or((None, None), |o| (o.netns.clone(), o.netns_inode)),
+        };
+        let listener = match self.prepare_proxy(&policy, &cgroup.path, netns.as_deref(), inode) {
+            Ok(l) => l,
+            Err(e) => {
+                self.proxy.close_unused();
+                return Err(e);
+            }
+        };
+        let policy = Arc::new(policy);
+        let result = match existing {
+            Some(old) => self.replace_policy(old, policy, policy_path, source, (netns, inode)),
+            None => self.attach_new(
+                cgroup,
+                name,
+                policy,
+                policy_path,
+                source,
+                (netns, inode),
+                posture,
+            ),
+        };
+        match &result {
+            Ok((index, _)) => self.proxy.set_user(*index, listener),
+            Err(_) => self.proxy.close_unused(),
+        }
+        result.map(|(_, msg)| msg)
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each argument is one checked piece of the attach request"
+    )]
     fn attach_new(
         &mut self,
         cgroup: Cgroup,
@@ -410,8 +749,9 @@ impl Core {
         policy: Arc<Policy>,
         policy_path: String,
         source: String,
-        netns: Option<PathBuf>,
-    ) -> Result<String, String> {
+        (netns, netns_inode): (Option<PathBuf>, Option<u64>),
+        posture: Posture,
+    ) -> Result<(u32, String), String> {
         let index = self
             .state
             .free_index(MAX_SANDBOXES)
@@ -428,6 +768,8 @@ impl Core {
             policy_source: source,
             attached_at: rfc3339(now()),
             netns,
+            netns_inode,
+            quarantine: None,
         };
         self.maps.reset_counters(index).map_err(|e| e.to_string())?;
         self.start_dns(&rec, &policy)?;
@@ -451,19 +793,35 @@ impl Core {
             return Err(e.to_string());
         }
         self.audit
-            .emit(Record::SandboxAttach(Self::lifecycle(&rec)));
-        let msg = format!(
+            .emit(Record::SandboxAttach(self.confined(&rec, &posture)));
+        self.alert_posture(&name, &posture, "processes at attach");
+        let mut msg = format!(
             "attached sandbox {name:?} (cgroup {}, id {}) with {} rules, default {}",
             rec.cgroup.display(),
             rec.cgroup_id,
             policy.rules().len(),
             policy.default_action()
         );
+        if let Err(why) = &self.packet_sockets {
+            msg.push_str(&format!(
+                "; WARNING: packet sockets are not covered ({why})"
+            ));
+        }
+        let risky = posture.risky();
+        if !risky.is_empty() {
+            msg.push_str(&format!(
+                "; WARNING: sandbox processes hold {}",
+                risky.join(", ")
+            ));
+        }
+        self.remember(&name, &posture);
         self.set_route(&rec, &policy);
+        self.alerts.set_sandbox(&name, policy.alerts().clone());
+        self.bursts.forget(index);
         self.state.sandboxes.insert(name.clone(), rec);
         self.compiled.insert(name, policy);
         self.save_state();
-        Ok(msg)
+        Ok((index, msg))
     }
 
     fn replace_policy(
@@ -472,8 +830,8 @@ impl Core {
         policy: Arc<Policy>,
         policy_path: String,
         source: String,
-        netns: Option<PathBuf>,
-    ) -> Result<String, String> {
+        (netns, netns_inode): (Option<PathBuf>, Option<u64>),
+    ) -> Result<(u32, String), String> {
         let slot = self.free_slot()?;
         self.install(slot, &policy)?;
         let mut rec = old.clone();
@@ -482,6 +840,7 @@ impl Core {
         rec.policy_digest = PolicyDigest::of(source.as_bytes()).as_str().to_string();
         rec.policy_source = source;
         rec.netns = netns;
+        rec.netns_inode = netns_inode;
         // One map update switches every later decision to the new rules; until it has
         // succeeded nothing else changes, so a failure leaves the old policy whole.
         if let Err(e) = self
@@ -492,6 +851,7 @@ impl Core {
             return Err(e.to_string());
         }
         self.set_route(&rec, &policy);
+        self.alerts.set_sandbox(&rec.name, policy.alerts().clone());
         self.proxy.close_connections(rec.index);
         // Addresses learned under the old rules go with the old slot; clients re-resolve.
         self.dns.learned.retain(|(i, _), _| *i != rec.index);
@@ -518,27 +878,45 @@ impl Core {
         if let Some(e) = dns_problem {
             msg.push_str(&format!("; WARNING: its DNS resolver did not start: {e}"));
         }
+        if rec.quarantine.is_some() {
+            msg.push_str("; the sandbox stays quarantined until `egressctl release`");
+        }
+        let index = rec.index;
         self.compiled.insert(rec.name.clone(), policy);
         self.state.sandboxes.insert(rec.name.clone(), rec);
         self.save_state();
-        Ok(msg)
+        Ok((index, msg))
     }
 
-    /// Removes confinement by name or cgroup path. A cgroup with links pinned but no state
-    /// (left by a lost state directory) is detached too.
+    /// Removes confinement by name or cgroup path (by name, when both are given, only if
+    /// the sandbox is that cgroup's). A cgroup with links pinned but no state (left by a
+    /// lost state directory) is detached too.
     pub fn detach(
         &mut self,
         name: Option<String>,
         cgroup: Option<PathBuf>,
+        reason: DetachReason,
     ) -> Result<String, String> {
         let (rec, cgroup_id) = match (name, cgroup) {
-            (Some(n), _) => {
+            (Some(n), expected) => {
                 let rec = self
                     .state
                     .sandboxes
                     .get(&n)
                     .cloned()
                     .ok_or_else(|| format!("no sandbox named {n:?}"))?;
+                // Name and cgroup together (a runtime hook): only that cgroup's sandbox
+                // goes, so a container named like another cannot release the other.
+                if let Some(path) = expected {
+                    let want = crate::cgroup::resolve(&path).map_err(|e| e.to_string())?;
+                    if rec.cgroup != want {
+                        return Err(format!(
+                            "sandbox {n:?} confines cgroup {}, not {}; not detached",
+                            rec.cgroup.display(),
+                            want.display()
+                        ));
+                    }
+                }
                 let id = rec.cgroup_id;
                 (Some(rec), id)
             }
@@ -556,13 +934,19 @@ impl Core {
             Some(rec) => {
                 let _ = self.maps.clear_slot(rec.slot);
                 self.audit
-                    .emit(Record::SandboxDetach(Self::lifecycle(&rec)));
+                    .emit(Record::SandboxDetach(Self::detached(&rec, reason)));
                 self.drop_route(rec.index);
                 self.proxy.close_connections(rec.index);
-                self.dns.stop(rec.index);
+                self.proxy.set_user(rec.index, None);
+                self.dns.forget(rec.index);
+                self.alerts.remove_sandbox(&rec.name);
+                self.bursts.forget(rec.index);
                 self.state.sandboxes.remove(&rec.name);
-                self.compiled.remove(&rec.name);
+                let policy = self.compiled.remove(&rec.name);
                 self.save_state();
+                if let Some(policy) = policy {
+                    self.revoke_unused_leases(&rec.name, &policy);
+                }
                 Ok(format!(
                     "detached sandbox {:?} (cgroup {})",
                     rec.name,
@@ -574,6 +958,236 @@ impl Core {
             )),
             None => Err(format!("cgroup id {cgroup_id} is not attached")),
         }
+    }
+
+    /// Switches a sandbox to deny-all: one kernel map update points it at an empty policy
+    /// slot with default deny and no proxy (so every later connect or send fails with
+    /// EPERM and is recorded), the proxy stops serving it and closes its open
+    /// connections, its resolver refuses every query, and the live values of the
+    /// credentials its policy names are revoked where a revocation is configured. The
+    /// state is saved before the kernel is switched, so a daemon that dies in between
+    /// quarantines it when it restarts. `trigger` is `operator` or an alert kind.
+    pub fn quarantine(
+        &mut self,
+        name: &str,
+        reason: Option<String>,
+        trigger: &str,
+    ) -> Result<String, String> {
+        let mut rec = self
+            .state
+            .sandboxes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("no sandbox named {name:?}"))?;
+        if let Some(q) = &rec.quarantine {
+            return Ok(format!(
+                "sandbox {name:?} is already quarantined (since {}, by {})",
+                q.since, q.trigger
+            ));
+        }
+        let policy = self
+            .compiled
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("sandbox {name:?} has no compiled policy"))?;
+        let reason = reason
+            .map(|r| {
+                r.chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .take(MAX_REASON)
+                    .collect::<String>()
+            })
+            .filter(|r| !r.trim().is_empty());
+        let previous = rec.clone();
+        rec.quarantine = Some(QuarantineState {
+            since: rfc3339(now()),
+            trigger: trigger.to_string(),
+            reason: reason.clone(),
+        });
+        self.state.sandboxes.insert(rec.name.clone(), rec.clone());
+        self.state.save(&self.state_dir).map_err(|e| {
+            self.state
+                .sandboxes
+                .insert(previous.name.clone(), previous.clone());
+            format!("saving the state failed, nothing changed: {e}")
+        })?;
+        // Stale rules in the reserved slot would make quarantine less than deny-all.
+        if let Err(e) = self.maps.clear_slot(QUARANTINE_SLOT) {
+            tracing::warn!(error = %e, "Clearing the quarantine slot failed");
+        }
+        let entry = self.quarantine_entry(&rec, &policy);
+        if let Err(e) = self.maps.set_sandbox(rec.cgroup_id, entry) {
+            self.state.sandboxes.insert(previous.name.clone(), previous);
+            self.save_state();
+            return Err(format!("switching the kernel to deny-all failed: {e}"));
+        }
+        // The route goes before the connections, so the proxy's accept loop cannot keep
+        // one it was still setting up (it checks the route again under the same lock).
+        self.drop_route(rec.index);
+        self.proxy.close_connections(rec.index);
+        self.dns.set_quarantined(rec.index, true);
+        self.audit.emit(Record::SandboxQuarantine(Quarantine {
+            time: now(),
+            sandbox: rec.name.clone(),
+            cgroup_path: rec.cgroup.clone(),
+            cgroup_id: rec.cgroup_id,
+            reason,
+            trigger: trigger.to_string(),
+        }));
+        tracing::warn!(sandbox = %rec.name, trigger, "Sandbox quarantined");
+        let revoking = self.revoke_credentials(&rec.name, &policy);
+        let mut msg = format!(
+            "quarantined sandbox {:?}: every connection is refused, its proxied connections are closed and its DNS is refused",
+            rec.name
+        );
+        if !revoking.is_empty() {
+            msg.push_str(&format!(
+                "; revoking the live values of {} (see the audit log)",
+                revoking.join(", ")
+            ));
+        }
+        Ok(msg)
+    }
+
+    /// Starts revoking, in the background, the live values of the credentials the policy
+    /// names that have a revocation; each outcome is one `credential-revoke` record.
+    /// Returns their names.
+    fn revoke_credentials(&self, sandbox: &str, policy: &Policy) -> Vec<String> {
+        let store = self.proxy.credentials();
+        let names: Vec<String> = policy
+            .credential_names()
+            .into_iter()
+            .map(str::to_string)
+            .filter(|n| store.can_revoke(n))
+            .collect();
+        self.spawn_revocations(sandbox, names)
+    }
+
+    /// After a detach: leases (secret-store credentials) that the detached sandbox's policy
+    /// named and no remaining sandbox's policy names are revoked at the store, so no live
+    /// secret outlasts the last sandbox that could use it.
+    fn revoke_unused_leases(&self, sandbox: &str, policy: &Policy) {
+        let store = self.proxy.credentials();
+        let names: Vec<String> = policy
+            .credential_names()
+            .into_iter()
+            .filter(|n| store.holds_leases(n))
+            .filter(|n| {
+                !self
+                    .compiled
+                    .values()
+                    .any(|p| p.credential_names().contains(n))
+            })
+            .map(str::to_string)
+            .collect();
+        self.spawn_revocations(sandbox, names);
+    }
+
+    /// Revokes `names` in the background, one `credential-revoke` record each.
+    fn spawn_revocations(&self, sandbox: &str, names: Vec<String>) -> Vec<String> {
+        let store = self.proxy.credentials();
+        if names.is_empty() {
+            return names;
+        }
+        let audit = self.audit.clone();
+        let sandbox = sandbox.to_string();
+        let list = names.clone();
+        self.runtime.spawn(async move {
+            for credential in list {
+                let outcome = store.revoke(&credential).await;
+                let (revoked, reason) = match outcome {
+                    Ok(how) => (true, how),
+                    Err(why) => (false, why),
+                };
+                if !revoked {
+                    tracing::error!(%sandbox, %credential, %reason, "Revoking a credential failed");
+                }
+                audit.emit(Record::CredentialRevoke(CredentialRevoke {
+                    time: now(),
+                    sandbox: sandbox.clone(),
+                    credential,
+                    revoked,
+                    reason,
+                }));
+            }
+        });
+        names
+    }
+
+    /// Gives a quarantined sandbox its policy back (one kernel map update), lets the
+    /// proxy serve it and its resolver answer again.
+    pub fn release(&mut self, name: &str) -> Result<String, String> {
+        let mut rec = self
+            .state
+            .sandboxes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("no sandbox named {name:?}"))?;
+        let Some(q) = rec.quarantine.take() else {
+            return Err(format!("sandbox {name:?} is not quarantined"));
+        };
+        let policy = self
+            .compiled
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("sandbox {name:?} has no compiled policy"))?;
+        self.maps
+            .set_sandbox(rec.cgroup_id, self.kernel_entry(&rec, &policy))
+            .map_err(|e| format!("restoring the kernel entry failed, still quarantined: {e}"))?;
+        self.dns.set_quarantined(rec.index, false);
+        self.set_route(&rec, &policy);
+        self.bursts.forget(rec.index);
+        self.audit.emit(Record::SandboxRelease(Quarantine {
+            time: now(),
+            sandbox: rec.name.clone(),
+            cgroup_path: rec.cgroup.clone(),
+            cgroup_id: rec.cgroup_id,
+            reason: None,
+            trigger: BY_OPERATOR.to_string(),
+        }));
+        tracing::info!(sandbox = %rec.name, "Sandbox released");
+        self.state.sandboxes.insert(rec.name.clone(), rec);
+        self.save_state();
+        Ok(format!(
+            "released sandbox {name:?} (quarantined since {} by {}): its policy is in force again",
+            q.since, q.trigger
+        ))
+    }
+
+    /// An operator's `egressctl quarantine`.
+    pub fn quarantine_by_operator(
+        &mut self,
+        name: &str,
+        reason: Option<String>,
+    ) -> Result<String, String> {
+        self.quarantine(name, reason, BY_OPERATOR)
+    }
+
+    /// Counts a denied kernel decision and raises a `denial-burst` alert when it completes
+    /// a burst (at most one per window).
+    pub fn note_denial(&mut self, index: u32, ts_ns: u64) {
+        let Some(name) = self.state.by_index(index).map(|r| r.name.clone()) else {
+            return;
+        };
+        let config = self.alerts.burst_config(&name);
+        let Some(burst) = self.bursts.observe(index, ts_ns, config) else {
+            return;
+        };
+        let mut alert = Alert::new(
+            now(),
+            AlertKind::DenialBurst,
+            name,
+            format!(
+                "{} denied decisions within {:.1} s (threshold {} in {} s)",
+                burst.count,
+                burst.span_ns as f64 / 1e9,
+                config.count,
+                config.seconds
+            ),
+        );
+        alert.count = burst.count;
+        alert.window_seconds = Some(u64::from(config.seconds));
+        self.alerts.raise(alert);
     }
 
     /// Takes over what a previous daemon left: every sandbox in the state keeps its pinned
@@ -597,21 +1211,32 @@ impl Core {
                 let _ = self.links().detach(rec.cgroup_id);
                 let _ = self.maps.remove_sandbox(rec.cgroup_id);
                 let _ = self.maps.clear_slot(rec.slot);
-                self.audit
-                    .emit(Record::SandboxDetach(Self::lifecycle(&rec)));
+                self.audit.emit(Record::SandboxDetach(Self::detached(
+                    &rec,
+                    DetachReason::CgroupRemoved,
+                )));
                 self.state.sandboxes.remove(&rec.name);
                 continue;
             }
-            if let Err(e) = self.prepare_proxy(&policy, &rec.cgroup, rec.netns.as_deref()) {
-                tracing::error!(sandbox = %rec.name, error = %e, "Restoring the proxy for an adopted sandbox failed; its proxied connections fail until fixed");
+            match self.prepare_proxy(&policy, &rec.cgroup, rec.netns.as_deref(), rec.netns_inode) {
+                Ok(listener) => self.proxy.set_user(rec.index, listener),
+                Err(e) => {
+                    tracing::error!(sandbox = %rec.name, error = %e, "Restoring the proxy for an adopted sandbox failed; its proxied connections fail until fixed");
+                }
             }
             let policy = Arc::new(policy);
             self.set_route(&rec, &policy);
+            self.alerts.set_sandbox(&rec.name, policy.alerts().clone());
+            if rec.quarantine.is_some() {
+                tracing::warn!(sandbox = %rec.name, "Adopted sandbox is quarantined; it stays so until `egressctl release`");
+                self.dns.set_quarantined(rec.index, true);
+            }
             if let Err(e) = self.start_dns(&rec, &policy) {
                 tracing::error!(sandbox = %rec.name, error = %e, "Restoring the DNS resolver of an adopted sandbox failed");
             }
             let want = self.kernel_entry(&rec, &policy);
             if self.maps.sandbox(rec.cgroup_id) != Some(want) {
+                tracing::warn!(sandbox = %rec.name, "Kernel entry differs from the state; restoring it");
                 if let Err(e) = self.install(rec.slot, &policy).and_then(|()| {
                     self.maps
                         .set_sandbox(rec.cgroup_id, want)
@@ -629,7 +1254,11 @@ impl Core {
                     tracing::error!(sandbox = %rec.name, error = %e, "Re-attaching missing hooks failed");
                 }
             }
-            self.audit.emit(Record::SandboxAdopt(Self::lifecycle(&rec)));
+            let posture = Posture::read(&rec.cgroup);
+            self.audit
+                .emit(Record::SandboxAdopt(self.confined(&rec, &posture)));
+            self.alert_posture(&rec.name, &posture, "processes at adoption");
+            self.remember(&rec.name, &posture);
             self.compiled.insert(rec.name.clone(), policy);
             adopted += 1;
         }
@@ -677,6 +1306,12 @@ impl Core {
             .map(|rec| {
                 let c = self.maps.counters(rec.index);
                 let policy = self.compiled.get(&rec.name);
+                let netns = rec.netns.clone().or_else(|| netns_of_cgroup(&rec.cgroup));
+                let netns_inode = netns
+                    .as_deref()
+                    .and_then(|p| netns_id(p).ok())
+                    .map(|id| id.1);
+                let posture = Posture::read(&rec.cgroup);
                 SandboxStatus {
                     name: rec.name.clone(),
                     cgroup: rec.cgroup.clone(),
@@ -688,6 +1323,8 @@ impl Core {
                         .unwrap_or_default(),
                     rules: policy.map_or(0, |p| p.rules().len()),
                     attached_at: rec.attached_at.clone(),
+                    netns,
+                    netns_inode,
                     hooks: self
                         .links()
                         .pinned_hooks(rec.cgroup_id)
@@ -698,6 +1335,18 @@ impl Core {
                     denied: c.denied,
                     audited: c.audited,
                     redirected: c.redirected,
+                    quarantine: rec.quarantine.as_ref().map(|q| QuarantineStatus {
+                        since: q.since.clone(),
+                        trigger: q.trigger.clone(),
+                        reason: q.reason.clone(),
+                    }),
+                    processes: posture.pids.len(),
+                    capabilities: posture
+                        .capabilities()
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect(),
+                    can_leave_cgroup: posture.can_leave_cgroup(),
                 }
             })
             .collect();
@@ -708,6 +1357,10 @@ impl Core {
             bpffs: self.bpffs.clone(),
             audit_log: self.audit_log.clone(),
             events_lost: self.maps.lost_total(),
+            proxy_listeners: self.proxy.listening_in().len(),
+            audit: Some(self.audit.health()),
+            packet_sockets_covered: self.packet_sockets.is_ok(),
+            packet_sockets_note: self.packet_sockets.clone().err(),
             sandboxes,
         }
     }

@@ -3,10 +3,13 @@
 //! of the sandbox's DNS there), and the table of addresses learned from the answers, which
 //! live in the sandbox's kernel rules until their TTL (plus grace) runs out.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv6Addr, SocketAddr},
     path::Path,
-    sync::{Arc, OnceLock, RwLock},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, OnceLock, RwLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -14,6 +17,7 @@ use ipnet::IpNet;
 
 use super::netns::{bind_in_netns, bind_udp_in_netns};
 use crate::{
+    alerts::Alerts,
     audit::{AuditHandle, Record},
     dns::{self, Learned, ResolverCtx},
     policy::Policy,
@@ -21,7 +25,8 @@ use crate::{
 };
 
 /// Installs addresses a sandbox's resolver learned: (sandbox index, addresses).
-pub type LearnSink = Arc<dyn Fn(u32, &[Learned]) -> Result<(), String> + Send + Sync>;
+pub type LearnSink =
+    Arc<dyn Fn(u32, &[Learned]) -> Result<Vec<dns::Refusal>, String> + Send + Sync>;
 
 /// One address in a sandbox's kernel rules because an allowed name resolved to it.
 #[derive(Debug, Clone)]
@@ -36,6 +41,7 @@ pub struct LearnedAddr {
 struct Server {
     tasks: Vec<tokio::task::AbortHandle>,
     policy: Arc<RwLock<Arc<Policy>>>,
+    quarantined: Arc<AtomicBool>,
 }
 
 pub struct DnsRuntime {
@@ -44,12 +50,16 @@ pub struct DnsRuntime {
     default_upstream: Vec<SocketAddr>,
     dialer: Arc<Dialer>,
     audit: AuditHandle,
+    /// Where budget alerts are raised (so a `dns-budget: quarantine` response applies).
+    alerts: Alerts,
     runtime: tokio::runtime::Handle,
     servers: HashMap<u32, Server>,
     /// Set once the daemon's core is shared; resolvers call it before answering.
     pub sink: Arc<OnceLock<LearnSink>>,
     /// (sandbox index, address) -> where it came from and when it goes.
     pub learned: HashMap<(u32, IpAddr), LearnedAddr>,
+    /// Sandboxes whose resolvers answer `REFUSED` to everything.
+    quarantined: HashSet<u32>,
 }
 
 /// Whether a policy needs a resolver: it names hosts, or configures DNS.
@@ -63,6 +73,7 @@ impl DnsRuntime {
         default_upstream: Vec<SocketAddr>,
         dialer: Arc<Dialer>,
         audit: AuditHandle,
+        alerts: Alerts,
         runtime: tokio::runtime::Handle,
     ) -> Self {
         Self {
@@ -70,10 +81,25 @@ impl DnsRuntime {
             default_upstream,
             dialer,
             audit,
+            alerts,
             runtime,
             servers: HashMap::new(),
             sink: Arc::new(OnceLock::new()),
             learned: HashMap::new(),
+            quarantined: HashSet::new(),
+        }
+    }
+
+    /// Makes a sandbox's resolver refuse every query (quarantine) or answer again
+    /// (release). Holds for a resolver started later too.
+    pub fn set_quarantined(&mut self, index: u32, on: bool) {
+        if on {
+            self.quarantined.insert(index);
+        } else {
+            self.quarantined.remove(&index);
+        }
+        if let Some(server) = self.servers.get(&index) {
+            server.quarantined.store(on, Ordering::Release);
         }
     }
 
@@ -113,8 +139,10 @@ impl DnsRuntime {
             )
         })?;
         let shared_policy = Arc::new(RwLock::new(policy.clone()));
+        let quarantined = Arc::new(AtomicBool::new(self.quarantined.contains(&index)));
         let sink = self.sink.clone();
         let audit = self.audit.clone();
+        let alerts = self.alerts.clone();
         let ctx = Arc::new(ResolverCtx {
             sandbox: sandbox.to_string(),
             policy: shared_policy.clone(),
@@ -125,8 +153,13 @@ impl DnsRuntime {
                 None => Err("the daemon is still starting".into()),
             }),
             audit: Arc::new(move |r| audit.emit(Record::Dns(r))),
+            alert: Arc::new(move |a| {
+                alerts.raise(a);
+            }),
+            budget: Arc::default(),
             timeout: Duration::from_secs(3),
             max_label: dns::DEFAULT_MAX_LABEL,
+            quarantined: quarantined.clone(),
         });
         let _guard = self.runtime.enter();
         let mut tasks = Vec::new();
@@ -144,6 +177,7 @@ impl DnsRuntime {
             Server {
                 tasks,
                 policy: shared_policy,
+                quarantined,
             },
         );
         Ok(())
@@ -158,6 +192,12 @@ impl DnsRuntime {
             }
         }
         self.learned.retain(|(i, _), _| *i != index);
+    }
+
+    /// Forgets everything about a detached sandbox, quarantine included.
+    pub fn forget(&mut self, index: u32) {
+        self.stop(index);
+        self.quarantined.remove(&index);
     }
 
     /// Stops every resolver (daemon shutdown).

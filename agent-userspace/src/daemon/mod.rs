@@ -6,9 +6,10 @@
 mod core;
 mod dns;
 mod netns;
+mod notify;
 mod proxy;
 mod run;
 mod state;
 
 pub use run::{run, DaemonOptions};
-pub use state::{SandboxRecord, State};
+pub use state::{QuarantineState, SandboxRecord, State};

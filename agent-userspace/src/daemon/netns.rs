@@ -20,9 +20,10 @@ pub fn netns_id(path: &Path) -> io::Result<NetnsId> {
     Ok((m.dev(), m.ino()))
 }
 
-/// The network namespace a sandbox's processes use: the first process found in the
-/// cgroup (or its descendants), else the daemon's own.
-pub fn netns_of_cgroup(cgroup: &Path) -> PathBuf {
+/// The network namespace a sandbox's processes use: that of the first process found in
+/// the cgroup (or its descendants). `None` while the cgroup is empty: the daemon's own
+/// namespace is never a stand-in, or the proxy would listen on the host's loopback.
+pub fn netns_of_cgroup(cgroup: &Path) -> Option<PathBuf> {
     fn first_pid(dir: &Path, depth: u32) -> Option<u32> {
         let procs = fs::read_to_string(dir.join("cgroup.procs")).ok()?;
         if let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok()) {
@@ -37,10 +38,7 @@ pub fn netns_of_cgroup(cgroup: &Path) -> PathBuf {
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .find_map(|e| first_pid(&e.path(), depth - 1))
     }
-    match first_pid(cgroup, 4) {
-        Some(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
-        None => PathBuf::from("/proc/self/ns/net"),
-    }
+    first_pid(cgroup, 4).map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")))
 }
 
 /// Runs `f` on a thread that entered the network namespace at `netns`. Sockets `f` creates

@@ -3,12 +3,13 @@
 //! and the policy rule that redirected it.
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{Ipv6Addr, SocketAddr},
     path::Path,
     sync::{Arc, Mutex, RwLock},
 };
 
 use ipnet::IpNet;
+use tokio::sync::Semaphore;
 
 use super::netns::{bind_in_netns, netns_cookie, netns_id, NetnsId};
 use crate::{
@@ -31,7 +32,11 @@ pub struct ProxyRuntime {
     peers: Arc<Mutex<PeerMap>>,
     pub routes: Routes,
     listeners: HashMap<NetnsId, Vec<tokio::task::AbortHandle>>,
+    /// Which namespace's listener each sandbox (by index) uses; a listener no sandbox
+    /// uses is closed, so it does not keep a deleted container's namespace alive.
+    users: HashMap<u32, NetnsId>,
     conns: Conns,
+    limits: Limits,
     runtime: tokio::runtime::Handle,
 }
 
@@ -52,7 +57,9 @@ impl ProxyRuntime {
             peers: Arc::new(Mutex::new(peers)),
             routes: Arc::default(),
             listeners: HashMap::new(),
+            users: HashMap::new(),
             conns: Conns::default(),
+            limits: Limits::default(),
             runtime,
         }
     }
@@ -86,6 +93,11 @@ impl ProxyRuntime {
             .collect()
     }
 
+    /// The configured credentials (for revocation on quarantine).
+    pub fn credentials(&self) -> Arc<CredentialStore> {
+        self.credentials.clone()
+    }
+
     /// Stops accepting in every namespace (daemon shutdown).
     pub fn shutdown(&mut self) {
         for handle in self.listeners.drain().flat_map(|(_, hs)| hs) {
@@ -105,15 +117,49 @@ impl ProxyRuntime {
             .collect()
     }
 
-    /// Makes sure a listener runs on the loopback of the network namespace at `netns`.
-    pub fn ensure_listener(&mut self, netns: &Path) -> std::io::Result<()> {
+    /// Records that sandbox `index` uses the listener of namespace `id` (or none), then
+    /// closes every listener no sandbox uses any more.
+    pub fn set_user(&mut self, index: u32, id: Option<NetnsId>) {
+        match id {
+            Some(id) => self.users.insert(index, id),
+            None => self.users.remove(&index),
+        };
+        self.close_unused();
+    }
+
+    /// Closes the listeners of namespaces no sandbox uses.
+    pub fn close_unused(&mut self) {
+        let users = &self.users;
+        self.listeners.retain(|id, handles| {
+            let used = users.values().any(|u| u == id);
+            if !used {
+                for h in handles.iter() {
+                    h.abort();
+                }
+                tracing::info!(
+                    netns_inode = id.1,
+                    "Proxy listener closed: no sandbox uses its network namespace"
+                );
+            }
+            used
+        });
+    }
+
+    /// Network namespaces with a proxy listener (for tests and status).
+    pub fn listening_in(&self) -> Vec<NetnsId> {
+        self.listeners.keys().copied().collect()
+    }
+
+    /// Makes sure a listener runs on the loopback of the network namespace at `netns`;
+    /// returns the namespace's identity.
+    pub fn ensure_listener(&mut self, netns: &Path) -> std::io::Result<NetnsId> {
         let id = netns_id(netns)?;
         if self
             .listeners
             .get(&id)
             .is_some_and(|hs| hs.iter().all(|h| !h.is_finished()))
         {
-            return Ok(());
+            return Ok(id);
         }
         let addrs = vec![
             SocketAddr::from(([127, 0, 0, 1], self.port)),
@@ -129,13 +175,14 @@ impl ProxyRuntime {
                 peers: self.peers.clone(),
                 routes: self.routes.clone(),
                 conns: self.conns.clone(),
+                limits: self.limits.clone(),
             };
             tasks.push(tokio::spawn(accept_loop(listener, ctx)));
         }
         self.listeners
             .insert(id, tasks.iter().map(|t| t.abort_handle()).collect());
         tracing::info!(netns = %netns.display(), port = self.port, "Proxy listening in sandbox network namespace");
-        Ok(())
+        Ok(id)
     }
 }
 
@@ -145,6 +192,35 @@ struct AcceptCtx {
     peers: Arc<Mutex<PeerMap>>,
     routes: Routes,
     conns: Conns,
+    limits: Limits,
+}
+
+/// One sandbox's share of the proxy: its open connections and its handshakes in progress
+/// are capped, so one sandbox cannot use up the daemon's descriptors or handshake work
+/// that other sandboxes need.
+struct SandboxLimits {
+    connections: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
+}
+
+/// By sandbox index.
+type Limits = Arc<Mutex<HashMap<u32, Arc<SandboxLimits>>>>;
+
+impl AcceptCtx {
+    fn limits_for(&self, index: u32) -> Arc<SandboxLimits> {
+        let config = self.proxy.config();
+        self.limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(index)
+            .or_insert_with(|| {
+                Arc::new(SandboxLimits {
+                    connections: Arc::new(Semaphore::new(config.max_connections_per_sandbox)),
+                    handshakes: Arc::new(Semaphore::new(config.max_handshakes_per_sandbox)),
+                })
+            })
+            .clone()
+    }
 }
 
 /// Open proxied connections by sandbox index, so a detach or a policy replacement can
@@ -200,30 +276,62 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
             connection_id: ConnectionId::new(cookie, orig.socket_cookie).to_string(),
             route: Arc::new(route),
         };
-        let task = tokio::spawn(ctx.proxy.clone().serve(stream, conn));
+        let limits = ctx.limits_for(orig.sandbox_index);
+        let Ok(conn_permit) = limits.connections.clone().try_acquire_owned() else {
+            let max = ctx.proxy.config().max_connections_per_sandbox;
+            tracing::debug!(sandbox = %conn.sandbox, max, "Proxied connection refused: sandbox at its connection limit");
+            let proxy = ctx.proxy.clone();
+            tokio::spawn(async move {
+                let reason = format!(
+                    "sandbox already has {max} proxied connections open \
+                     (proxy.max_connections_per_sandbox)"
+                );
+                proxy.refuse_connection(stream, conn, reason).await;
+            });
+            continue;
+        };
+        let proxy = ctx.proxy.clone();
+        let handshakes = limits.handshakes.clone();
+        let task = tokio::spawn(async move {
+            let _conn_permit = conn_permit;
+            let wait = std::time::Duration::from_secs(proxy.config().handshake_secs);
+            match tokio::time::timeout(wait, handshakes.acquire_owned()).await {
+                Ok(Ok(permit)) => proxy.serve_limited(stream, conn, Some(permit)).await,
+                _ => {
+                    let reason = format!(
+                        "waited {} s for one of the sandbox's {} TLS handshake slots \
+                         (proxy.max_handshakes_per_sandbox)",
+                        wait.as_secs(),
+                        proxy.config().max_handshakes_per_sandbox
+                    );
+                    proxy.refuse_connection(stream, conn, reason).await;
+                }
+            }
+        });
         let mut conns = ctx.conns.lock().unwrap_or_else(|p| p.into_inner());
+        // The route may have gone (quarantine, detach) after it was read above; the core
+        // removes it before it closes the sandbox's connections, so checking again under
+        // the connection lock leaves no gap for a new one to stay open.
+        let still_routed = ctx
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&orig.sandbox_index);
+        if !still_routed {
+            task.abort();
+            continue;
+        }
         let list = conns.entry(orig.sandbox_index).or_default();
         list.retain(|h| !h.is_finished());
         list.push(task.abort_handle());
     }
 }
 
-/// Whether the rule's `to` names `ip` explicitly: a listed network that contains it and
-/// lies inside the special block the address belongs to (so `10.1.2.3/32` or `10.0.0.0/8`
-/// covers 10.1.2.3, but `0.0.0.0/0` does not).
-pub(super) fn explicitly_covers(nets: &[IpNet], ip: IpAddr) -> bool {
-    let ip = ip.to_canonical();
-    match crate::proxy::special_block(ip) {
-        None => nets.iter().any(|n| n.contains(&ip)),
-        Some((_, block)) => nets
-            .iter()
-            .any(|n| n.contains(&ip) && n.prefix_len() >= block.prefix_len()),
-    }
-}
-
 fn route_for(policy: &Arc<Policy>, rule_id: u16) -> Option<Route> {
     let rule = policy.proxy_rule(rule_id)?;
-    let nets: Vec<IpNet> = rule.nets().to_vec();
+    // A special address is named by the rule's static networks or by its `answers`.
+    let mut nets: Vec<IpNet> = rule.nets().to_vec();
+    nets.extend(rule.answers().unwrap_or_default());
     let (p1, p2) = (policy.clone(), policy.clone());
     Some(Route {
         rule_name: rule.name().to_string(),
@@ -234,37 +342,7 @@ fn route_for(policy: &Arc<Policy>, rule_id: u16) -> Option<Route> {
             p2.proxy_rule(rule_id)
                 .map_or(Err("rule is gone".into()), |r| r.check_request(m, p))
         }),
-        explicitly_covers: Box::new(move |ip| explicitly_covers(&nets, ip)),
+        explicitly_covers: Box::new(move |ip| crate::net::explicitly_covers(&nets, ip)),
         git: rule.git().cloned(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn special_addresses_need_an_explicit_rule() {
-        let n = |s: &str| s.parse::<IpNet>().unwrap_or_else(|_| unreachable!());
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|_| unreachable!());
-        assert!(explicitly_covers(&[n("192.0.2.10/32")], ip("192.0.2.10")));
-        assert!(!explicitly_covers(&[n("0.0.0.0/0")], ip("10.1.2.3")));
-        assert!(explicitly_covers(&[n("10.0.0.0/8")], ip("10.1.2.3")));
-        assert!(!explicitly_covers(&[n("0.0.0.0/0")], ip("169.254.169.254")));
-        assert!(explicitly_covers(
-            &[n("169.254.169.254/32")],
-            ip("169.254.169.254")
-        ));
-        assert!(!explicitly_covers(&[n("::/0")], ip("::1")));
-        assert!(!explicitly_covers(&[n("::/0")], ip("fd00:ec2::254")));
-        assert!(explicitly_covers(&[n("fd00::/8")], ip("fd00:ec2::254")));
-        assert!(!explicitly_covers(&[n("::/0")], ip("::ffff:127.0.0.1")));
-        // One list of special blocks for the proxy's dial check and this one.
-        assert!(!explicitly_covers(&[n("0.0.0.0/0")], ip("100.100.100.200")));
-        assert!(explicitly_covers(
-            &[n("100.64.0.0/10")],
-            ip("100.100.100.200")
-        ));
-        assert!(!explicitly_covers(&[n("::/0")], ip("64:ff9b::a9fe:a9fe")));
-    }
 }

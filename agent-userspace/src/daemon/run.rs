@@ -10,12 +10,16 @@ use time::OffsetDateTime;
 
 use super::{core::Core, state::State};
 use crate::{
+    alerts::{AlertSettings, Alerts},
     audit::{
-        AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, NetworkDecision,
-        ProxyEvent, Record, StopReason,
+        AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, Hook,
+        NetworkDecision, OnFailure, ProxyEvent, Record, StopReason,
     },
-    bpf::{ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout, PolicyMaps, Programs},
-    control::{self, Handler, Request, Response},
+    bpf::{
+        active_lsms, attach_lsm, ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout,
+        PolicyMaps, Programs,
+    },
+    control::{self, DetachReason, Handler, Request, Response},
     credentials::CredentialStore,
     metrics,
     proxy::{CertAuthority, Proxy, ProxyConfig},
@@ -23,12 +27,16 @@ use crate::{
 
 /// How often the daemon records that it is alive (bounds the gap reported after a crash).
 const HEARTBEAT: Duration = Duration::from_secs(2);
+/// In the state directory: the audit trail's last numbered and written sequence numbers.
+const AUDIT_SEQUENCE_FILE: &str = "audit-sequence";
 /// How often the kernel's lost-event counter is checked.
 const LOST_POLL: Duration = Duration::from_secs(1);
 
 pub struct DaemonOptions {
     /// `-` for stdout.
     pub audit_log: String,
+    /// Failure behaviour, rotation and queue of the audit trail.
+    pub audit: crate::audit::AuditConfig,
     pub socket: PathBuf,
     pub bpffs: PathBuf,
     pub state_dir: PathBuf,
@@ -44,6 +52,9 @@ pub struct DaemonOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// A syslog collector that also gets every audit record; none when unset.
     pub collector: Option<crate::collector::CollectorConfig>,
+    /// The configuration's `alerts:`: responses and burst figures for sandboxes whose
+    /// policy does not set them.
+    pub alerts: AlertSettings,
 }
 
 struct Shared(Mutex<Core>);
@@ -58,6 +69,15 @@ impl Shared {
 
 impl Handler for Shared {
     fn handle(&self, request: Request) -> Response {
+        // Parsing and compiling a large policy takes a while: not under the lock.
+        let parsed = match &request {
+            Request::Attach {
+                policy_path,
+                policy_source,
+                ..
+            } => Some(Core::prepare_policy(policy_source, policy_path)),
+            _ => None,
+        };
         let mut core = self.lock();
         let result = match request {
             Request::Attach {
@@ -66,9 +86,22 @@ impl Handler for Shared {
                 policy_path,
                 policy_source,
                 netns,
-            } => core.attach(&cgroup, name, policy_path, policy_source, netns),
+            } => core.attach_parsed(
+                &cgroup,
+                name,
+                policy_path,
+                policy_source,
+                netns,
+                parsed.unwrap_or_else(|| Err("internal error: policy not parsed".into())),
+            ),
             Request::CaExport => Ok(core.proxy.ca_pem.clone()),
-            Request::Detach { name, cgroup } => core.detach(name, cgroup),
+            Request::Detach {
+                name,
+                cgroup,
+                reason,
+            } => core.detach(name, cgroup, reason.unwrap_or(DetachReason::Operator)),
+            Request::Quarantine { name, reason } => core.quarantine_by_operator(&name, reason),
+            Request::Release { name } => core.release(&name),
             Request::Status => {
                 return Response {
                     ok: true,
@@ -111,14 +144,19 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         Some(addr) => Some(start_metrics(addr, &events, scrape_sources.clone()).await?),
         None => None,
     };
+    let packet_sockets = cover_packet_sockets(&mut programs, &layout);
 
     let sink = if opts.audit_log == "-" {
         AuditSink::Stdout
     } else {
         AuditSink::File(PathBuf::from(&opts.audit_log))
     };
-    let (audit, audit_task) =
-        AuditLog::open(sink).with_context(|| format!("opening audit log {}", opts.audit_log))?;
+    let (audit, audit_task) = AuditLog::open_with(
+        sink,
+        &opts.audit,
+        Some(opts.state_dir.join(AUDIT_SEQUENCE_FILE)),
+    )
+    .with_context(|| format!("opening audit log {}", opts.audit_log))?;
     let audit_task = tokio::spawn(audit_task.run());
     let clock = ClockOffset::sample().context("reading clocks")?;
 
@@ -141,12 +179,29 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         }),
     )
     .context("setting up the proxy")?;
+    let proxy =
+        match opts.audit.on_failure {
+            OnFailure::RefuseCredentials => {
+                let audit = audit.clone();
+                proxy.with_credential_gate(Arc::new(move || {
+                    if audit.healthy() {
+                        Ok(())
+                    } else {
+                        Err("the audit log cannot be written (audit.on_failure: refuse-credentials)"
+                        .to_owned())
+                    }
+                }))
+            }
+            OnFailure::Continue => proxy,
+        };
     let peers = PeerMap::new(&mut programs)?;
+    let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
     let dns = super::dns::DnsRuntime::new(
         opts.dns_port_base,
         opts.dns_upstream.clone(),
         proxy.dialer(),
         audit.clone(),
+        alerts.clone(),
         tokio::runtime::Handle::current(),
     );
     let proxy = super::proxy::ProxyRuntime::new(
@@ -183,6 +238,12 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         compiled: Default::default(),
         proxy,
         dns,
+        alerts,
+        bursts: Default::default(),
+        runtime: tokio::runtime::Handle::current(),
+        packet_sockets,
+        source_routing: Default::default(),
+        known_pids: Default::default(),
     };
     let adopted = core.reconcile();
     audit.emit(Record::DaemonStart(DaemonStart {
@@ -211,27 +272,48 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         shared: Arc::downgrade(&shared),
         credentials: metrics_credentials,
     });
+    // Ready: sandboxes are adopted and the control socket accepts requests.
+    match super::notify::notify("READY=1") {
+        Ok(true) => tracing::debug!("Readiness sent to the service manager"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "Notifying the service manager failed"),
+    }
 
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut lost_poll = tokio::time::interval(LOST_POLL);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    // logrotate's `postrotate` sends SIGHUP after moving the log away (`create` mode).
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
         tokio::select! {
             batch = events.next_batch() => {
                 let batch = batch.context("reading the kernel ring buffer")?;
                 record_events(&shared, &clock, batch);
             }
+            Some(order) = quarantine_orders.recv() => {
+                let mut core = shared.lock();
+                let trigger = order.kind.as_str();
+                if let Err(e) = core.quarantine(&order.sandbox, Some(order.reason), trigger) {
+                    tracing::error!(sandbox = %order.sandbox, trigger, error = %e, "Quarantine ordered by an alert failed");
+                }
+            }
             _ = lost_poll.tick() => {
                 report_lost(&shared);
                 let mut core = shared.lock();
+                core.flush_alerts();
                 core.expire_learned();
                 core.reap_vanished();
+                core.check_new_processes();
             }
             _ = heartbeat.tick() => {
                 let mut core = shared.lock();
                 core.state.last_seen = Some(rfc3339(now()));
                 core.save_state();
+            }
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: reopening the audit log");
+                audit.reopen();
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -239,6 +321,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     }
 
     tracing::info!("Stopping; sandboxes stay confined (pinned links)");
+    let _ = super::notify::notify("STOPPING=1");
     server.abort();
     if let Some(m) = metrics_server {
         m.abort();
@@ -248,6 +331,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     report_lost(&shared);
     {
         let mut core = shared.lock();
+        core.flush_alerts();
         core.audit.emit(Record::DaemonStop(DaemonStop {
             time: now(),
             pid: std::process::id(),
@@ -324,18 +408,50 @@ async fn start_metrics(
     Ok(tokio::spawn(serving))
 }
 
+/// Attaches the system-wide LSM program that keeps sandboxes from creating packet and other
+/// non-inet sockets, where the kernel runs BPF LSM programs. Says why not otherwise.
+fn cover_packet_sockets(programs: &mut Programs, layout: &PinLayout) -> Result<(), String> {
+    let result = match active_lsms() {
+        Ok(lsms) if lsms.bpf_active() => attach_lsm(programs, layout)
+            .map_err(|e| format!("attaching the BPF LSM program failed: {e}")),
+        Ok(lsms) => Err(format!(
+            "`bpf` is not in the kernel's active LSM list ({}); boot with lsm=...,bpf",
+            lsms.active.join(",")
+        )),
+        Err(e) => Err(format!("cannot read the active LSM list: {e}")),
+    };
+    match &result {
+        Ok(()) => {
+            tracing::info!("Packet and other non-inet sockets are refused in sandboxes (BPF LSM)")
+        }
+        Err(why) => tracing::warn!(
+            why = %why,
+            "Packet sockets are NOT covered: a sandbox holding CAP_NET_RAW can send raw frames to any address"
+        ),
+    }
+    result
+}
+
 fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {
-    let core = shared.lock();
+    let mut core = shared.lock();
     for ev in batch {
         match ev {
             KernelEvent::Connect(ev) => {
+                if ev.verdict == agent_common::verdict::DENY && ev.sandbox_index != 0 {
+                    core.note_denial(ev.sandbox_index, ev.ts_ns);
+                }
                 let (sandbox, rule) = core.names(ev.sandbox_index, ev.rule_id);
                 match NetworkDecision::from_event(&ev, clock, sandbox, rule) {
                     Ok(mut rec) => {
-                        rec.domain = core
-                            .dns
-                            .name_of(ev.sandbox_index, rec.destination_ip)
-                            .map(str::to_string);
+                        if rec.hook.has_destination() && rec.hook != Hook::SkbEgress {
+                            rec.domain = core
+                                .dns
+                                .name_of(ev.sandbox_index, rec.destination_ip)
+                                .map(str::to_string);
+                        }
+                        if let Some(o) = rec.option {
+                            core.note_source_routing(&rec.sandbox, o.name);
+                        }
                         core.audit.emit(Record::Network(rec))
                     }
                     Err(e) => tracing::error!(error = %e, "Undecodable kernel event"),

@@ -27,6 +27,24 @@ pub struct SandboxRecord {
     /// Network namespace the proxy listener was bound in, when given at attach.
     #[serde(default)]
     pub netns: Option<PathBuf>,
+    /// Inode of that namespace when it was given, so a reused `/proc/PID/ns/net` path
+    /// (the process gone, its pid taken by another) is never taken for it.
+    #[serde(default)]
+    pub netns_inode: Option<u64>,
+    /// Set while the sandbox is quarantined (deny-all); a restarted daemon keeps it so.
+    #[serde(default)]
+    pub quarantine: Option<QuarantineState>,
+}
+
+/// Why and since when a sandbox is quarantined.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QuarantineState {
+    /// RFC 3339.
+    pub since: String,
+    /// `operator`, or the alert kind whose response it was.
+    pub trigger: String,
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -69,6 +69,31 @@ pub(super) fn check(
     Ok(addrs)
 }
 
+/// Removes from every section of `response` the A and AAAA records whose address is not
+/// in `installed`, so the sandbox is handed only addresses the kernel already knows.
+/// Returns the addresses removed, each once.
+pub(super) fn keep_only(response: &mut Message, installed: &[IpAddr]) -> Vec<IpAddr> {
+    let mut removed: Vec<IpAddr> = Vec::new();
+    let mut keep = |record: &hickory_proto::rr::Record| {
+        let addr = match &record.data {
+            RData::A(a) => IpAddr::V4(a.0),
+            RData::AAAA(a) => IpAddr::V6(a.0),
+            _ => return true,
+        };
+        if installed.contains(&addr) {
+            return true;
+        }
+        if !removed.contains(&addr) {
+            removed.push(addr);
+        }
+        false
+    };
+    response.answers.retain(&mut keep);
+    response.authorities.retain(&mut keep);
+    response.additionals.retain(&mut keep);
+    removed
+}
+
 /// The sandbox's answer: the upstream answer under the client's id and question, with
 /// our EDNS if the client sent one (its own, if any, says nothing about our link to the
 /// client). If it does not fit in `limit` bytes it is sent truncated (TC set, no records),

@@ -11,20 +11,32 @@
 //!    [`DEFAULT_MAX_LABEL`]), or with characters other than letters, digits, `-` and `_`.
 //! 2. A name [`Policy::name_allowed`] refuses is answered `NXDOMAIN` at once: no upstream
 //!    ever sees it, so the name itself cannot carry data out.
-//! 3. An allowed name is asked of the policy's `dns.upstream` resolvers, or the daemon's
-//!    defaults, in order, from the [`Dialer`]'s namespace (`upstream`); a timeout moves
-//!    on to the next, a truncated UDP answer is asked again over TCP.
-//! 4. The answer is checked (`answer`): every CNAME owner and target must be allowed too,
+//! 3. A query type other than A and AAAA is `REFUSED` unless the policy's
+//!    `dns.query_types` lists it (never `ANY`, `AXFR` or `IXFR`); a query over the
+//!    sandbox's budget ([`budget`]) is `REFUSED` too, and summarised in one alert per
+//!    window. Neither reaches upstream.
+//! 4. An allowed name is asked of the policy's `dns.upstream` resolvers, or the daemon's
+//!    defaults, in order, from the [`Dialer`]'s namespace (`upstream`), in a query rebuilt
+//!    canonically (lower-case name, fresh id, RD only, our own OPT record): the client's
+//!    letter case, id, flags and EDNS options never leave. A timeout moves on to the
+//!    next server, a truncated UDP answer is asked again over TCP.
+//! 5. The answer is checked (`answer`): every CNAME owner and target must be allowed too,
 //!    or the sandbox gets `NXDOMAIN`. The A/AAAA addresses on the chain from the question
-//!    are handed to [`ResolverCtx::learn`] with the rules of [`Policy::rules_for_name`];
-//!    only when that succeeded is the answer released (else `SERVFAIL`), so the sandbox's
-//!    next connect already finds its address in the kernel. Other query types are
+//!    are checked against the rules' `answers` and handed to [`ResolverCtx::learn`] with
+//!    the rules of [`Policy::rules_for_name`]; only when that succeeded is the answer
+//!    released (else `SERVFAIL`), so the sandbox's next connect already finds its address
+//!    in the kernel. Every A/AAAA record not installed is removed from the answer and
+//!    listed in the record's `egress.dns.refused` with why. Other query types are
 //!    forwarded the same way but teach the kernel nothing.
+//!
+//! A quarantined sandbox's queries ([`ResolverCtx::quarantined`]) are all answered
+//! `REFUSED` after step 1, and recorded.
 //!
 //! Every query a listener reads ends in exactly one [`DnsRecord`] for the audit trail
 //! (except those shed while [`MAX_UDP_IN_FLIGHT`] queries are already being served).
 //! All upstream work is bounded by [`ResolverCtx::timeout`] per server and transport.
 mod answer;
+pub mod budget;
 mod query;
 mod upstream;
 
@@ -35,8 +47,11 @@ mod tests;
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, RwLock},
-    time::Duration,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, Instant},
 };
 
 use hickory_proto::{op::ResponseCode, rr::RecordType};
@@ -48,8 +63,13 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-pub use crate::audit::{DnsEvent as DnsRecord, DnsVerdict};
-use crate::{policy::Policy, proxy::Dialer};
+pub use crate::audit::{DnsEvent as DnsRecord, DnsVerdict, RefusedAnswer};
+use crate::{
+    audit::{Alert, AlertKind},
+    policy::Policy,
+    proxy::Dialer,
+};
+use budget::{Budget, ALERT_WINDOW};
 
 /// Default [`ResolverCtx::max_label`]: the exfiltration guard. Real host names rarely
 /// have labels over 40 characters, while tunnelling tools pack data into labels of the
@@ -79,10 +99,14 @@ pub struct Learned {
     pub ttl: u32,
 }
 
+/// An address [`ResolverCtx::learn`] would not install, and why.
+pub type Refusal = (IpAddr, String);
 /// `ResolverCtx::learn`.
-pub type LearnFn = Arc<dyn Fn(&[Learned]) -> Result<(), String> + Send + Sync>;
+pub type LearnFn = Arc<dyn Fn(&[Learned]) -> Result<Vec<Refusal>, String> + Send + Sync>;
 /// `ResolverCtx::audit`.
 pub type DnsAuditSink = Arc<dyn Fn(DnsRecord) + Send + Sync>;
+/// `ResolverCtx::alert`.
+pub type AlertSink = Arc<dyn Fn(Alert) + Send + Sync>;
 
 /// Everything one sandbox's resolver needs; shared by its UDP and TCP listeners.
 pub struct ResolverCtx {
@@ -95,16 +119,24 @@ pub struct ResolverCtx {
     /// Makes the upstream sockets, in the upstream network namespace.
     pub dialer: Arc<Dialer>,
     /// Installs learned addresses in the kernel; called BEFORE the answer is released.
-    /// `Err(reason)` makes the answer `SERVFAIL`. It runs on a runtime worker thread, so
-    /// it should only make quick calls (map updates), never wait.
+    /// Returns the addresses it refused to install (with why), which are then removed
+    /// from the answer; `Err(reason)` makes the answer `SERVFAIL`. It runs on a runtime
+    /// worker thread, so it should only make quick calls (map updates), never wait.
     pub learn: LearnFn,
     /// Where the records go.
     pub audit: DnsAuditSink,
+    /// Where budget alerts go (one per [`ALERT_WINDOW`] over budget).
+    pub alert: AlertSink,
+    /// The sandbox's DNS budget state; limits come from the policy of each query.
+    pub budget: Arc<Mutex<Budget>>,
     /// How long one upstream server gets to answer, per transport (e.g. 3 s).
     pub timeout: Duration,
     /// Longest label a question may have, at most 63; [`DEFAULT_MAX_LABEL`] is the
     /// exfiltration guard.
     pub max_label: usize,
+    /// Set while the sandbox is quarantined: every query is answered `REFUSED` and
+    /// recorded, and nothing is asked upstream.
+    pub quarantined: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for ResolverCtx {
@@ -251,6 +283,7 @@ async fn decide(
         question_type: String::new(),
         response_code: rcode_name(ResponseCode::FormErr),
         resolved_ip: Vec::new(),
+        refused: Vec::new(),
         verdict: DnsVerdict::Deny,
         rule: None,
         reason: None,
@@ -270,6 +303,14 @@ async fn decide(
     };
     record.question_name = question.name.clone();
     record.question_type = type_name(question.qtype);
+    if ctx.quarantined.load(Ordering::Acquire) {
+        record.response_code = rcode_name(ResponseCode::Refused);
+        record.reason = Some("the sandbox is quarantined".to_owned());
+        return (
+            question.error_reply(ResponseCode::Refused, false),
+            finish(record),
+        );
+    }
 
     let rule_ids = if policy.name_allowed(&question.name) {
         policy.rules_for_name(&question.name)
@@ -291,6 +332,27 @@ async fn decide(
     };
     record.verdict = DnsVerdict::Allow;
     record.rule = policy.rule_name(first_rule).map(str::to_owned);
+
+    let refuse = |mut record: DnsRecord, reason: String| {
+        record.verdict = DnsVerdict::Deny;
+        record.response_code = rcode_name(ResponseCode::Refused);
+        record.reason = Some(reason);
+        (
+            question.error_reply(ResponseCode::Refused, false),
+            finish(record),
+        )
+    };
+    if !policy.query_type_allowed(question.qtype) {
+        let why = format!(
+            "query type {} is not answered (A and AAAA are, and the types the policy's \
+             `dns.query_types` lists; never ANY, AXFR or IXFR)",
+            type_name(question.qtype)
+        );
+        return refuse(record, why);
+    }
+    if let Err(why) = spend_budget(ctx, &policy, &rule_ids, &question.name) {
+        return refuse(record, why);
+    }
 
     let upstreams = policy
         .dns()
@@ -333,28 +395,57 @@ async fn decide(
     };
     // Only address questions teach the kernel; an answer to anything else may carry
     // addresses too (ANY, glue), but they are not what the client asked to connect to.
-    let learned: Vec<Learned> = if matches!(question.qtype, RecordType::A | RecordType::AAAA) {
-        addrs
-            .into_iter()
-            .map(|(addr, ttl)| Learned {
-                name: question.name.clone(),
-                addr,
-                rule_ids: rule_ids.clone(),
-                ttl,
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    if !learned.is_empty() {
-        if let Err(e) = (ctx.learn)(&learned) {
-            return servfail(
-                record,
-                format!("the agent could not install the answer's addresses: {e}"),
-            );
+    let mut response = response;
+    let mut refused: Vec<RefusedAnswer> = Vec::new();
+    let mut learned: Vec<Learned> = Vec::new();
+    if matches!(question.qtype, RecordType::A | RecordType::AAAA) {
+        for (addr, ttl) in addrs {
+            match policy.answer_refusal(&rule_ids, addr) {
+                Some(reason) => refused.push(RefusedAnswer { ip: addr, reason }),
+                None => learned.push(Learned {
+                    name: question.name.clone(),
+                    addr,
+                    rule_ids: rule_ids.clone(),
+                    ttl,
+                }),
+            }
         }
-        record.resolved_ip = learned.iter().map(|l| l.addr).collect();
     }
+    if !learned.is_empty() {
+        match (ctx.learn)(&learned) {
+            Ok(not_installed) => {
+                for (ip, reason) in not_installed {
+                    learned.retain(|l| l.addr != ip);
+                    refused.push(RefusedAnswer { ip, reason });
+                }
+            }
+            Err(e) => {
+                return servfail(
+                    record,
+                    format!("the agent could not install the answer's addresses: {e}"),
+                )
+            }
+        }
+    }
+    let installed: Vec<IpAddr> = learned.iter().map(|l| l.addr).collect();
+    for ip in answer::keep_only(&mut response, &installed) {
+        if !refused.iter().any(|r| r.ip == ip) {
+            refused.push(RefusedAnswer {
+                ip,
+                reason: "not an address of the name asked in an address question (only \
+                         those are installed)"
+                    .into(),
+            });
+        }
+    }
+    record.resolved_ip = installed;
+    if !refused.is_empty() {
+        record.reason = Some(format!(
+            "{} answer address(es) refused; see egress.dns.refused",
+            refused.len()
+        ));
+    }
+    record.refused = refused;
     let limit = match transport {
         Transport::Udp => question.udp_limit(),
         Transport::Tcp => usize::from(u16::MAX),
@@ -369,6 +460,46 @@ async fn decide(
             format!("the agent could not encode the answer: {e}"),
         ),
     }
+}
+
+/// Spends one query of the sandbox's budget, or says why it is over; the first refusal
+/// in a window schedules the window's one alert.
+fn spend_budget(
+    ctx: &ResolverCtx,
+    policy: &Policy,
+    rule_ids: &[u16],
+    name: &str,
+) -> Result<(), String> {
+    let patterns = policy.wildcards_for_name(rule_ids, name);
+    let limits = policy.dns_budget();
+    let now = Instant::now();
+    let mut budget = ctx.budget.lock().unwrap_or_else(|p| p.into_inner());
+    let Err(over) = budget.admit(now, &limits, name, &patterns) else {
+        return Ok(());
+    };
+    if budget.refused(now, &over) {
+        let (state, alert, sandbox) = (ctx.budget.clone(), ctx.alert.clone(), ctx.sandbox.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(ALERT_WINDOW).await;
+            let summary = state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take_alert(Instant::now());
+            if let Some(summary) = summary {
+                warn!(%sandbox, count = summary.count, "DNS budget exceeded");
+                let mut record = Alert::new(
+                    OffsetDateTime::now_utc(),
+                    AlertKind::DnsBudget,
+                    sandbox,
+                    summary.reason(),
+                );
+                record.count = summary.count;
+                record.window_seconds = Some(summary.window.as_secs().max(1));
+                alert(record);
+            }
+        });
+    }
+    Err(over.reason())
 }
 
 /// Stamps the record with the time the query was done.

@@ -63,6 +63,22 @@ impl Question {
     }
 }
 
+impl Question {
+    /// The query we send upstream, rebuilt from the question alone so that nothing the
+    /// client chose beyond the name and type can carry data out: the name in lower case,
+    /// a fresh random id, class `IN`, only the RD flag (no CD, AD or opcode bits from the
+    /// client), and a plain OPT record with our payload size (no client options, no DO).
+    pub fn upstream_request(&self) -> Message {
+        let mut name = self.qname.to_lowercase();
+        name.set_fqdn(true);
+        let mut request = Message::query();
+        request.metadata.recursion_desired = true;
+        request.add_query(Query::query(name, self.qtype));
+        request.edns = Some(our_edns(false));
+        request
+    }
+}
+
 /// The OPT record of our answers and upstream queries.
 pub(super) fn our_edns(dnssec_ok: bool) -> Edns {
     let mut edns = Edns::new();

@@ -78,6 +78,9 @@ fn fake_answer(query: &Message, tcp: bool) -> Option<Message> {
             resp.add_answer(cname("alias.github.example.", "tracker.evil.example."));
             resp.add_answer(a("tracker.evil.example.", [198, 51, 100, 66], 60));
         }
+        ("loop.github.example.", RecordType::A) => {
+            resp.add_answer(a("loop.github.example.", [127, 0, 0, 1], 60));
+        }
         ("slow.github.example.", _) => return None,
         ("big.github.example.", RecordType::A) => {
             if tcp {
@@ -98,6 +101,8 @@ struct Fake {
     addr: SocketAddr,
     /// (`udp` or `tcp`, lower-case name with its trailing dot) of every query seen.
     seen: Arc<Mutex<Vec<(&'static str, String)>>>,
+    /// Every query as it arrived.
+    messages: Arc<Mutex<Vec<Message>>>,
 }
 
 impl Fake {
@@ -106,12 +111,14 @@ impl Fake {
         let addr = udp.local_addr().unwrap();
         let tcp = TcpListener::bind(addr).await.unwrap();
         let seen: Arc<Mutex<Vec<(&'static str, String)>>> = Arc::default();
-        let log = seen.clone();
+        let messages: Arc<Mutex<Vec<Message>>> = Arc::default();
+        let (log, raw) = (seen.clone(), messages.clone());
         let note = move |transport: &'static str, m: &Message| {
             if let Some(q) = m.queries.first() {
                 let n = q.name.to_ascii().to_ascii_lowercase();
                 log.lock().unwrap().push((transport, n));
             }
+            raw.lock().unwrap().push(m.clone());
         };
         let note_tcp = note.clone();
         tokio::spawn(async move {
@@ -145,7 +152,11 @@ impl Fake {
                 });
             }
         });
-        Self { addr, seen }
+        Self {
+            addr,
+            seen,
+            messages,
+        }
     }
 
     fn seen(&self) -> Vec<(&'static str, String)> {
@@ -154,13 +165,20 @@ impl Fake {
 }
 
 fn policy_yaml(upstream: &[SocketAddr]) -> String {
+    policy_with(upstream, "  query_types: [TXT]\n", "")
+}
+
+/// The tests' policy with more `dns:` keys (`dns_extra`, indented) and more rules
+/// (`rules_extra`, first in the list).
+fn policy_with(upstream: &[SocketAddr], dns_extra: &str, rules_extra: &str) -> String {
     let upstream: Vec<String> = upstream.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
         "\
 version: 1
 dns:
   upstream: [{}]
-rules:
+{dns_extra}rules:
+{rules_extra}
   - name: no-secrets
     to: [secret.github.example]
     action: deny
@@ -185,15 +203,26 @@ struct Harness {
     /// `learn` and test-client events, in the order they happened.
     order: Arc<Mutex<Vec<&'static str>>>,
     records: Arc<Mutex<Vec<DnsRecord>>>,
+    alerts: Arc<Mutex<Vec<Alert>>>,
 }
 
 impl Harness {
     async fn start(upstream: &[SocketAddr], learn_fails: bool) -> Self {
-        let policy = parse_str(&policy_yaml(upstream), "dns-test.yaml").unwrap();
+        Self::start_with(&policy_yaml(upstream), learn_fails).await
+    }
+
+    async fn start_with(policy: &str, learn_fails: bool) -> Self {
+        let policy = parse_str(policy, "dns-test.yaml").unwrap();
         let learned: Arc<Mutex<Vec<Learned>>> = Arc::default();
         let order: Arc<Mutex<Vec<&'static str>>> = Arc::default();
         let records: Arc<Mutex<Vec<DnsRecord>>> = Arc::default();
-        let (l, o, r) = (learned.clone(), order.clone(), records.clone());
+        let alerts: Arc<Mutex<Vec<Alert>>> = Arc::default();
+        let (l, o, r, a) = (
+            learned.clone(),
+            order.clone(),
+            records.clone(),
+            alerts.clone(),
+        );
         let ctx = Arc::new(ResolverCtx {
             sandbox: "agent-1".into(),
             policy: Arc::new(RwLock::new(Arc::new(policy))),
@@ -206,12 +235,20 @@ impl Harness {
                 if learn_fails {
                     Err("map full".into())
                 } else {
-                    Ok(())
+                    // The daemon refuses special addresses it is handed.
+                    Ok(entries
+                        .iter()
+                        .filter(|e| crate::net::special_address(e.addr).is_some())
+                        .map(|e| (e.addr, "a special address".to_owned()))
+                        .collect())
                 }
             }),
             audit: Arc::new(move |record| r.lock().unwrap().push(record)),
+            alert: Arc::new(move |alert| a.lock().unwrap().push(alert)),
+            budget: Arc::default(),
             timeout: TIMEOUT,
             max_label: DEFAULT_MAX_LABEL,
+            quarantined: Arc::default(),
         });
         let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -225,6 +262,7 @@ impl Harness {
             learned,
             order,
             records,
+            alerts,
         }
     }
 
@@ -330,10 +368,8 @@ async fn allowed_name_is_learned_before_the_answer_is_released() {
     let h = Harness::start(&[fake.addr], false).await;
     let reply = h.udp("API.GitHub.example.", RecordType::A).await;
     assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
-    assert_eq!(
-        addrs(&reply),
-        [ip("192.0.2.10"), ip("192.0.2.11"), ip("203.0.113.9")]
-    );
+    // The address off the chain from the question is neither learned nor released.
+    assert_eq!(addrs(&reply), [ip("192.0.2.10"), ip("192.0.2.11")]);
     assert_eq!(*h.order.lock().unwrap(), ["learn", "answer"]);
     // Only the chain's addresses, with the name's rules in policy order and their TTLs.
     let learned = h.learned.lock().unwrap().clone();
@@ -361,9 +397,10 @@ async fn allowed_name_is_learned_before_the_answer_is_released() {
     assert_eq!(r.question_type, "A");
     assert_eq!(r.response_code, "NOERROR");
     assert_eq!(r.resolved_ip, [ip("192.0.2.10"), ip("192.0.2.11")]);
+    assert_eq!(r.refused.len(), 1, "{r:?}");
+    assert_eq!(r.refused[0].ip, ip("203.0.113.9"));
     assert_eq!(r.verdict, DnsVerdict::Allow);
     assert_eq!(r.rule.as_deref(), Some("github"));
-    assert_eq!(r.reason, None);
     assert_eq!(r.upstream, Some(fake.addr));
     // The record encodes and matches the audit schema's shape.
     crate::audit::Record::from(r).encode(1).unwrap();
@@ -579,7 +616,7 @@ async fn learn_error_is_servfail() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn other_types_are_forwarded_but_learn_nothing() {
+async fn listed_types_are_forwarded_but_learn_nothing() {
     let fake = Fake::start().await;
     let h = Harness::start(&[fake.addr], false).await;
     let reply = h.udp("api.github.example", RecordType::TXT).await;
@@ -638,4 +675,264 @@ async fn a_policy_swap_applies_to_the_next_query() {
     let reply = h.udp("api.github.example", RecordType::A).await;
     assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
     assert!(fake.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantined_sandbox_is_refused_without_asking_upstream() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    h.ctx
+        .quarantined
+        .store(true, std::sync::atomic::Ordering::Release);
+    let reply = h.udp("api.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+    assert!(reply.answers.is_empty());
+    let replies = h.tcp(&[("api.github.example", RecordType::AAAA)]).await;
+    assert_eq!(replies[0].metadata.response_code, ResponseCode::Refused);
+    assert!(fake.seen().is_empty(), "{:?}", fake.seen());
+    assert!(h.learned.lock().unwrap().is_empty());
+    let records = h.records();
+    assert_eq!(records.len(), 2, "{records:#?}");
+    for r in &records {
+        assert_eq!(r.response_code, "REFUSED");
+        assert_eq!(r.verdict, DnsVerdict::Deny);
+        assert_eq!(r.reason.as_deref(), Some("the sandbox is quarantined"));
+        assert_eq!(r.question_name, "api.github.example");
+    }
+    // Released: answered again.
+    h.ctx
+        .quarantined
+        .store(false, std::sync::atomic::Ordering::Release);
+    let reply = h.udp("api.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlisted_types_zone_transfers_and_any_are_refused_without_upstream() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    for qtype in [
+        RecordType::MX,
+        RecordType::HTTPS,
+        RecordType::NULL,
+        RecordType::ANY,
+        RecordType::AXFR,
+        RecordType::IXFR,
+        RecordType::Unknown(65280),
+    ] {
+        let reply = h.udp("api.github.example", qtype).await;
+        assert_eq!(
+            reply.metadata.response_code,
+            ResponseCode::Refused,
+            "{qtype}"
+        );
+        assert!(reply.answers.is_empty());
+    }
+    // Over TCP too.
+    let replies = h.tcp(&[("api.github.example", RecordType::AXFR)]).await;
+    assert_eq!(replies[0].metadata.response_code, ResponseCode::Refused);
+    assert!(fake.seen().is_empty(), "{:?}", fake.seen());
+    let records = h.records();
+    assert_eq!(records.len(), 8);
+    for r in &records {
+        assert_eq!(r.verdict, DnsVerdict::Deny, "{r:?}");
+        assert_eq!(r.response_code, "REFUSED");
+        assert!(
+            r.reason.as_deref().unwrap().contains("is not answered"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(records[0].question_type, "MX");
+    assert_eq!(records[6].question_type, "TYPE65280");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_queries_are_rebuilt_canonically() {
+    use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    // Mixed case, CD and AD set, opcode bits and EDNS with DO and two options.
+    let mut query = Harness::query(&name("aPi.GiThUb.ExAmPlE."), RecordType::A);
+    query.metadata.checking_disabled = true;
+    query.metadata.authentic_data = true;
+    let mut edns = hickory_proto::op::Edns::new();
+    edns.set_max_payload(4000);
+    edns.set_dnssec_ok(true);
+    edns.options_mut().insert(EdnsOption::Unknown(
+        u16::from(EdnsCode::Padding),
+        vec![7; 40],
+    ));
+    edns.options_mut()
+        .insert(EdnsOption::Unknown(65001, b"chosen-data".to_vec()));
+    query.edns = Some(edns);
+    let reply = h.udp_raw(&query.to_vec().unwrap()).await.unwrap();
+    let reply = Message::from_vec(&reply).unwrap();
+    assert_eq!(reply.metadata.id, query.metadata.id);
+    assert_eq!(addrs(&reply), [ip("192.0.2.10"), ip("192.0.2.11")]);
+    // The client's question, as asked, comes back to it.
+    assert_eq!(reply.queries, query.queries);
+
+    let sent = fake.messages.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1);
+    let up = &sent[0];
+    assert_eq!(up.queries.len(), 1);
+    assert_eq!(up.queries[0].name.to_ascii(), "api.github.example.");
+    assert_eq!(up.queries[0].query_type, RecordType::A);
+    assert_eq!(up.queries[0].query_class, hickory_proto::rr::DNSClass::IN);
+    assert_ne!(up.metadata.id, query.metadata.id);
+    assert!(up.metadata.recursion_desired);
+    assert!(!up.metadata.checking_disabled);
+    assert!(!up.metadata.authentic_data);
+    assert_eq!(up.metadata.op_code, OpCode::Query);
+    let up_edns = up.edns.as_ref().unwrap();
+    assert_eq!(up_edns.max_payload(), super::query::EDNS_PAYLOAD);
+    assert!(!up_edns.flags().dnssec_ok);
+    assert!(up_edns.options().as_ref().is_empty(), "{up_edns:?}");
+    // The whole wire form is what the question alone determines, bar the id.
+    let mut wire = up.to_vec().unwrap();
+    wire[..2].copy_from_slice(&[0, 0]);
+    let mut canonical = Harness::query(&name("api.github.example."), RecordType::A);
+    canonical.metadata.id = 0;
+    canonical.edns = Some(super::query::our_edns(false));
+    assert_eq!(wire, canonical.to_vec().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_names_over_budget_are_refused_with_one_alert() {
+    let fake = Fake::start().await;
+    let policy = policy_with(
+        &[fake.addr],
+        "  budget: {names_per_suffix_per_minute: 3}\n",
+        "",
+    );
+    let h = Harness::start_with(&policy, false).await;
+    let mut codes = Vec::new();
+    for i in 0..8 {
+        let reply = h.udp(&format!("x{i}.github.example"), RecordType::A).await;
+        codes.push(reply.metadata.response_code);
+    }
+    // Three distinct names go upstream (NXDOMAIN from the fake), then REFUSED.
+    assert_eq!(codes[..3], [ResponseCode::NXDomain; 3]);
+    assert_eq!(codes[3..], [ResponseCode::Refused; 5]);
+    assert_eq!(fake.seen().len(), 3);
+    // A name already counted, and an exact name of another rule, still resolve.
+    let reply = h.udp("x0.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+    // `api.github.example` is under the wildcard too: over budget as a new name.
+    let reply = h.udp("api.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+    let refused: Vec<DnsRecord> = h
+        .records()
+        .into_iter()
+        .filter(|r| r.response_code == "REFUSED")
+        .collect();
+    assert_eq!(refused.len(), 6);
+    assert!(refused.iter().all(|r| r.verdict == DnsVerdict::Deny
+        && r.reason
+            .as_deref()
+            .unwrap()
+            .contains("distinct names under `**.github.example`")));
+    // One alert for the window, with the count, after it closes.
+    assert!(h.alerts.lock().unwrap().is_empty());
+    tokio::time::sleep(budget::ALERT_WINDOW + Duration::from_millis(500)).await;
+    let alerts = h.alerts.lock().unwrap().clone();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0].kind, AlertKind::DnsBudget);
+    assert_eq!(alerts[0].count, 6);
+    assert_eq!(alerts[0].sandbox, "agent-1");
+    assert_eq!(alerts[0].window_seconds, Some(10));
+    crate::audit::Record::Alert(alerts[0].clone())
+        .encode(1)
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_rate_over_budget_is_refused() {
+    let fake = Fake::start().await;
+    let policy = policy_with(
+        &[fake.addr],
+        "  budget: {queries_per_second: 1, burst: 2}\n",
+        "",
+    );
+    let h = Harness::start_with(&policy, false).await;
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        codes.push(
+            h.udp("api.github.example", RecordType::A)
+                .await
+                .metadata
+                .response_code,
+        );
+    }
+    assert_eq!(
+        codes,
+        [
+            ResponseCode::NoError,
+            ResponseCode::NoError,
+            ResponseCode::Refused,
+            ResponseCode::Refused
+        ]
+    );
+    assert_eq!(fake.seen().len(), 2);
+    let last = h.records().pop().unwrap();
+    assert!(last.reason.unwrap().contains("queries per second"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_outside_the_pins_are_refused_and_recorded() {
+    let fake = Fake::start().await;
+    let policy = policy_with(
+        &[fake.addr],
+        "",
+        "  - name: pinned\n    to: [api.github.example]\n    answers: [192.0.2.10/32]\n    action: allow\n",
+    );
+    let h = Harness::start_with(&policy, false).await;
+    let reply = h.udp("api.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(addrs(&reply), [ip("192.0.2.10")]);
+    let learned = h.learned.lock().unwrap().clone();
+    assert_eq!(learned.len(), 1);
+    assert_eq!(learned[0].addr, ip("192.0.2.10"));
+    let r = h.only_record();
+    assert_eq!(r.resolved_ip, [ip("192.0.2.10")]);
+    let refused: Vec<(IpAddr, &str)> = r
+        .refused
+        .iter()
+        .map(|x| (x.ip, x.reason.as_str()))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            (
+                ip("192.0.2.11"),
+                "the address is outside the `answers` of rule `pinned`"
+            ),
+            (
+                ip("203.0.113.9"),
+                "not an address of the name asked in an address question (only those are \
+                 installed)"
+            ),
+        ]
+    );
+    let line = String::from_utf8(crate::audit::Record::from(r).encode(1).unwrap()).unwrap();
+    assert!(
+        line.contains(r#""refused":[{"ip":"192.0.2.11","reason":"#),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_the_daemon_refuses_are_not_released() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    let reply = h.udp("www.github.example", RecordType::A).await;
+    assert_eq!(addrs(&reply), [ip("192.0.2.20")]);
+    let reply = h.udp("loop.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    assert!(addrs(&reply).is_empty(), "{reply:?}");
+    let r = h.records().pop().unwrap();
+    assert!(r.resolved_ip.is_empty());
+    assert_eq!(r.refused.len(), 1);
+    assert_eq!(r.refused[0].ip, ip("127.0.0.1"));
+    assert_eq!(r.refused[0].reason, "a special address");
 }

@@ -1,6 +1,8 @@
-//! Asking the upstream resolvers. Each query goes out fresh: a new message with a random
-//! id and only the sandbox's question (nothing else the client put in its message is
-//! passed on), from a new UDP socket (a random source port) in the dialer's namespace.
+//! Asking the upstream resolvers. Each query goes out rebuilt canonically
+//! ([`Question::upstream_request`]): the name in lower case, a fresh random id, only the
+//! RD flag, our own plain OPT record; nothing else the client put in its message (letter
+//! case, id, flags, EDNS options) is passed on. It leaves from a new UDP socket (a random
+//! source port) in the dialer's namespace.
 //! A reply counts only if it comes from the server asked, carries our id and repeats our
 //! question; a truncated one is asked again over TCP.
 use std::{io, net::SocketAddr, time::Duration};
@@ -9,7 +11,7 @@ use hickory_proto::op::{Message, MessageType, Query};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::debug;
 
-use super::query::{our_edns, Question};
+use super::query::Question;
 use crate::proxy::Dialer;
 
 /// Largest UDP reply we read; bigger than the [`EDNS_PAYLOAD`](super::query::EDNS_PAYLOAD)
@@ -70,11 +72,7 @@ async fn ask(
     timeout: Duration,
     question: &Question,
 ) -> Result<Message, String> {
-    let mut request = Message::query();
-    request.metadata.recursion_desired = true;
-    request.metadata.checking_disabled = question.checking_disabled;
-    request.add_query(question.query.clone());
-    request.edns = Some(our_edns(question.edns.is_some_and(|e| e.dnssec_ok)));
+    let request = question.upstream_request();
     let bytes = request
         .to_vec()
         .map_err(|e| format!("the agent could not encode the upstream query: {e}"))?;

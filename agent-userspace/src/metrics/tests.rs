@@ -34,9 +34,12 @@ fn decision(sandbox: &str, hook: Hook, verdict: Verdict, rule: RuleRef) -> Recor
         protocol: 6,
         destination_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
         destination_port: 443,
+        family: hook.family().unwrap_or(crate::audit::SocketFamily::Inet),
         verdict,
         rule,
         domain: Some("api.github.example".into()),
+        option: None,
+        reason: None,
     })
 }
 
@@ -79,6 +82,7 @@ fn dns(verdict: DnsVerdict, rcode: &str) -> Record {
         rule: None,
         reason: None,
         upstream: None,
+        refused: Vec::new(),
     })
 }
 

@@ -1,7 +1,11 @@
 //! `compile()`: checks a [`RawPolicy`] as a whole and turns it into an immutable [`Policy`]
 //! whose every rule the kernel can hold. Nothing downstream re-validates a `Policy`, so
 //! every invariant the decision and kernel code rely on is established here.
-use std::{collections::HashMap, fmt, net::IpAddr};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::IpAddr,
+};
 
 use agent_common::{action, proto, MAX_RULES_PER_PREFIX};
 use ipnet::{IpNet, Ipv4Net};
@@ -33,10 +37,15 @@ const DEFAULT_RULE_WORDS: [&str; 2] = ["none", "default"];
 pub struct Policy {
     pub(super) default: DefaultAction,
     pub(super) dns: Option<DnsConfig>,
+    /// `require.no_capabilities`: capability names, checked.
+    pub(super) no_capabilities: Vec<String>,
     pub(super) rules: Vec<Rule>,
     pub(super) tests: Vec<PolicyTest>,
     pub(super) request_tests: Vec<RequestTest>,
     pub(super) name_tests: Vec<NameTest>,
+    pub(super) alerts: crate::alerts::AlertSettings,
+    /// The kernel entries, computed once by `compile()` (which must check that they fit).
+    pub(super) kernel: std::sync::OnceLock<super::KernelRules>,
 }
 
 impl Policy {
@@ -48,6 +57,16 @@ impl Policy {
     /// Rules in file order; rule id `n` is `rules()[n - 1]`.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// The `alerts:` section (empty when the file has none: the daemon's settings apply).
+    pub fn alerts(&self) -> &crate::alerts::AlertSettings {
+        &self.alerts
+    }
+
+    /// Capabilities no sandbox process may hold at attach (`require.no_capabilities`).
+    pub fn no_capabilities(&self) -> &[String] {
+        &self.no_capabilities
     }
 
     /// The `dns:` section; `None` when the file has none (the daemon's settings apply).
@@ -87,6 +106,56 @@ impl Policy {
     pub fn proxy_rule(&self, rule_id: u16) -> Option<&Rule> {
         self.rule(rule_id)
             .filter(|r| r.is_proxy() || r.is_passthrough())
+    }
+
+    /// Whether the resolver answers questions of `qtype`: A and AAAA always, others when
+    /// `dns.query_types` lists them.
+    pub fn query_type_allowed(&self, qtype: hickory_proto::rr::RecordType) -> bool {
+        use hickory_proto::rr::RecordType;
+        matches!(qtype, RecordType::A | RecordType::AAAA)
+            || self
+                .dns
+                .as_ref()
+                .is_some_and(|d| d.query_types.contains(&qtype))
+    }
+
+    /// `dns.budget`, or the defaults.
+    pub fn dns_budget(&self) -> super::DnsBudget {
+        self.dns.as_ref().map(|d| d.budget).unwrap_or_default()
+    }
+
+    /// Why `addr`, in an answer for a name whose rules are `rule_ids`, is outside what
+    /// those rules' `answers` allow (it must lie in the `answers` of every one that has
+    /// them); `None` when it may be learned as far as `answers` go.
+    pub fn answer_refusal(&self, rule_ids: &[u16], addr: IpAddr) -> Option<String> {
+        let addr = addr.to_canonical();
+        rule_ids
+            .iter()
+            .filter_map(|&id| self.rule(id))
+            .find_map(|rule| {
+                let pins = rule.answers()?;
+                (!pins.iter().any(|n| n.contains(&addr))).then(|| {
+                    format!(
+                        "the address is outside the `answers` of rule `{}`",
+                        rule.name()
+                    )
+                })
+            })
+    }
+
+    /// The wildcard patterns (`*.x`, `**.x`) of the rules in `rule_ids` that match
+    /// `qname`, written out, each once: the suffixes whose name budget the query spends.
+    pub fn wildcards_for_name(&self, rule_ids: &[u16], qname: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for rule in rule_ids.iter().filter_map(|&id| self.rule(id)) {
+            for pattern in rule.names() {
+                let text = pattern.to_string();
+                if pattern.is_wildcard() && pattern.matches(qname) && !out.contains(&text) {
+                    out.push(text);
+                }
+            }
+        }
+        out
     }
 
     /// The credentials the rules name, sorted, each once: the daemon must have all of
@@ -143,6 +212,9 @@ pub struct Rule {
     pub(super) http: Option<Vec<HttpRule>>,
     /// Proxy rules only: git smart-HTTP checks.
     pub(super) git: Option<std::sync::Arc<crate::proxy::git::GitRule>>,
+    /// Rules with names only: the networks those names may resolve to (non-empty when
+    /// present; normalised like `nets`).
+    pub(super) answers: Option<Vec<IpNet>>,
 }
 
 impl Rule {
@@ -153,6 +225,12 @@ impl Rule {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// `answers`: the networks the rule's names may resolve to; `None` when any address
+    /// may be learned (special ones still need a rule naming them).
+    pub fn answers(&self) -> Option<&[IpNet]> {
+        self.answers.as_deref()
     }
 
     /// The addresses and CIDRs of `to`: host bits clear, IPv4-mapped IPv6 ones turned
@@ -503,6 +581,12 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         .map(|d| compile_dns(d, &root.key("dns")))
         .transpose()?;
 
+    let alerts = match &raw.alerts {
+        None => crate::alerts::AlertSettings::default(),
+        Some(a) => crate::alerts::AlertSettings::compile(a)
+            .map_err(|e| CompileError::new(root.key("alerts").key(e.field), e.message))?,
+    };
+
     let mut rules = Vec::with_capacity(raw.rules.len());
     let mut names: HashMap<&str, usize> = HashMap::new();
     // Where each prefix is first written, to point kernel-limit errors at the file.
@@ -528,25 +612,30 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
                  CIDRs and host names, like [192.0.2.7, 10.0.0.0/8, api.example.com])",
             ));
         }
+        // Duplicates are dropped through sets, keeping the first occurrence's order: a rule
+        // may list tens of thousands of destinations.
         let mut nets = Vec::with_capacity(raw_rule.to.len());
+        let mut seen_nets = HashSet::with_capacity(raw_rule.to.len());
         let mut host_names: Vec<HostPattern> = Vec::new();
+        let mut seen_names = HashSet::new();
         for (j, dest) in raw_rule.to.iter().enumerate() {
-            let field = at.key("to").index(j);
             let net = match dest {
                 RawDest::Net(net) => *net,
                 RawDest::Host(pattern) => {
-                    if !host_names.contains(pattern) {
+                    if seen_names.insert(pattern) {
                         host_names.push(pattern.clone());
                     }
                     continue;
                 }
             };
-            check_host_bits(net).map_err(|m| CompileError::new(field.clone(), m))?;
+            check_host_bits(net).map_err(|m| CompileError::new(at.key("to").index(j), m))?;
             let net = normalise_net(net);
-            if !nets.contains(&net) {
+            if seen_nets.insert(net) {
                 nets.push(net);
             }
-            first_seen.entry(net).or_insert(field);
+            first_seen
+                .entry(net)
+                .or_insert_with(|| at.key("to").index(j));
         }
 
         let ports = match &raw_rule.ports {
@@ -600,6 +689,7 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
             ));
         }
 
+        let answers = compile_answers(raw_rule, &host_names, &at)?;
         rules.push(Rule {
             name: raw_rule.name.clone(),
             nets,
@@ -611,6 +701,7 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
             credential: proxied.credential,
             http: proxied.http,
             git: proxied.git,
+            answers,
         });
     }
 
@@ -626,7 +717,29 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         }
     }
 
+    let mut no_capabilities = Vec::new();
+    if let Some(req) = &raw.require {
+        for (i, name) in req.no_capabilities.iter().enumerate() {
+            let name = name.trim().to_ascii_lowercase();
+            let name = name.strip_prefix("cap_").unwrap_or(&name).to_string();
+            if crate::posture::capability_bit(&name).is_none() {
+                return Err(CompileError::new(
+                    root.key("require").key("no_capabilities").index(i),
+                    format!(
+                        "unknown capability {:?} (valid: lowercase names such as sys_admin, \
+                         net_admin, net_raw, bpf)",
+                        req.no_capabilities[i]
+                    ),
+                ));
+            }
+            if !no_capabilities.contains(&name) {
+                no_capabilities.push(name);
+            }
+        }
+    }
+
     let policy = Policy {
+        no_capabilities,
         default: match raw.default {
             RawDefault::Deny => DefaultAction::Deny,
             RawDefault::Audit => DefaultAction::Audit,
@@ -636,6 +749,8 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         tests,
         request_tests,
         name_tests,
+        alerts,
+        kernel: std::sync::OnceLock::new(),
     };
 
     // Rejecting here, not when the maps are written, means a policy that loads always fits.
@@ -648,6 +763,48 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
             e.to_string(),
         )),
     }
+}
+
+/// A rule's `answers`: only beside names in `to`, addresses and CIDRs only, at least one.
+fn compile_answers(
+    raw: &RawRule,
+    names: &[HostPattern],
+    at: &FieldPath,
+) -> Result<Option<Vec<IpNet>>, CompileError> {
+    let Some(list) = &raw.answers else {
+        return Ok(None);
+    };
+    let field = at.key("answers");
+    if names.is_empty() {
+        return Err(CompileError::new(
+            field,
+            "`answers` pins what the rule's host names resolve to, and this rule's `to` has \
+             none (valid: host names in `to`, or remove `answers`)",
+        ));
+    }
+    if list.is_empty() {
+        return Err(CompileError::new(
+            field,
+            "an empty `answers` list lets the names resolve to nothing (valid: addresses and \
+             CIDRs like [192.0.2.0/24, \"2001:db8::/32\"], or remove `answers`)",
+        ));
+    }
+    let mut nets = Vec::with_capacity(list.len());
+    for (j, dest) in list.iter().enumerate() {
+        let RawDest::Net(net) = dest else {
+            return Err(CompileError::new(
+                field.index(j),
+                "`answers` lists addresses and CIDRs, not names (valid: like 192.0.2.0/24 or \
+                 \"2001:db8::/32\")",
+            ));
+        };
+        check_host_bits(*net).map_err(|m| CompileError::new(field.index(j), m))?;
+        let net = normalise_net(*net);
+        if !nets.contains(&net) {
+            nets.push(net);
+        }
+    }
+    Ok(Some(nets))
 }
 
 fn check_name(name: &str) -> Result<(), String> {
@@ -761,9 +918,10 @@ fn compile_proxied(
             ));
         }
         Some(list) => {
+            let mut seen = HashSet::with_capacity(list.len());
             let mut hosts: Vec<HostPattern> = Vec::with_capacity(list.len());
             for host in list {
-                if !hosts.contains(host) {
+                if seen.insert(host) {
                     hosts.push(host.clone());
                 }
             }

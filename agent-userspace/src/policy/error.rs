@@ -3,6 +3,9 @@
 //! person reading it is editing a YAML file, not reading Rust.
 use std::{fmt, path::PathBuf};
 
+/// Largest policy accepted, in bytes of YAML.
+pub const MAX_POLICY_BYTES: usize = 1 << 20;
+
 /// Why a policy could not be loaded. A file with any error is rejected whole.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -13,6 +16,14 @@ pub enum PolicyError {
         #[source]
         source: std::io::Error,
     },
+    /// The policy is larger than [`MAX_POLICY_BYTES`] (the same limit for `policy check`,
+    /// `attach` and the daemon).
+    #[error(
+        "{origin}: the policy is {size} bytes; policies are limited to {max} bytes (1 MiB): \
+         split the sandbox's rules or use wider patterns and CIDRs",
+        max = MAX_POLICY_BYTES
+    )]
+    TooLarge { origin: String, size: usize },
     /// The file is not valid YAML, or does not have the shape of a policy (unknown key,
     /// wrong type, malformed address, port or connection).
     #[error("{origin}:{line}:{column}: {}{message}", field_prefix(field))]

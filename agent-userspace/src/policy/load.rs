@@ -6,7 +6,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 
 use super::{
     compile::{compile, Policy},
-    error::{FieldPath, Location, PolicyError, Segment},
+    error::{FieldPath, Location, PolicyError, Segment, MAX_POLICY_BYTES},
     raw::RawPolicy,
 };
 
@@ -21,6 +21,12 @@ pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
 
 /// Parses and compiles a policy; `origin` stands for the file name in messages.
 pub fn parse_str(src: &str, origin: &str) -> Result<Policy, PolicyError> {
+    if src.len() > MAX_POLICY_BYTES {
+        return Err(PolicyError::TooLarge {
+            origin: origin.to_owned(),
+            size: src.len(),
+        });
+    }
     let raw = parse_raw(src, origin)?;
     compile(&raw).map_err(|e| PolicyError::Invalid {
         origin: origin.to_owned(),

@@ -37,8 +37,8 @@ pub use compile::{
     Protocol, RequestTest, Rule, MAX_RULES, POLICY_VERSION,
 };
 pub use decide::{Decision, Verdict};
-pub use dns::DnsConfig;
-pub use error::{CompileError, FieldPath, Location, PolicyError, Segment};
+pub use dns::{DnsBudget, DnsConfig};
+pub use error::{CompileError, FieldPath, Location, PolicyError, Segment, MAX_POLICY_BYTES};
 pub use host::HostPattern;
 pub use http::{HttpRule, MethodPattern, PathGlob};
 pub use kernel::{KernelRules, KernelRulesError};
@@ -260,13 +260,26 @@ tests:
                 7,
                 "    port: 443",
                 "p.yaml:7:5: rules[0].port: unknown field `port`, expected one of `name`, \
-                 `to`, `ports`, `protocol`, `action`, `hosts`, `credential`, `http`, `git`",
+                 `to`, `ports`, `protocol`, `action`, `hosts`, `credential`, `http`, `git`, \
+                 `answers`",
             ),
             (
                 2,
                 "resolver: {}",
                 "p.yaml:2:1: resolver: unknown field `resolver`, expected one of `version`, \
-                 `default`, `dns`, `rules`, `tests`",
+                 `default`, `dns`, `require`, `rules`, `tests`, `alerts`",
+            ),
+            (
+                2,
+                "alerts: {responses: {secret-leak: quarantine}}",
+                "p.yaml:2:21: alerts.responses: `secret-leak` is not an alert kind (valid: \
+                 secret-reflected, secret-outbound, dns-budget, denial-burst, cgroup-escape, \
+                 risky-posture, source-routing, rate-limit)",
+            ),
+            (
+                2,
+                "alerts: {denial_burst: {count: 5, seconds: 0}}",
+                "p.yaml:2:24: alerts.denial_burst: seconds 0 is out of range (valid: 1-3600)",
             ),
             (
                 8,
@@ -738,6 +751,24 @@ tests:
             err(&format!("version: 1\nrules:\n{many}")),
             "e.yaml:3:3: rules: 256 rules, more than the 255 a policy may have (valid: at \
              most 255 rules; list several destinations or ports in one rule)"
+        );
+    }
+
+    #[test]
+    fn policies_over_one_mib_are_refused_whole() {
+        let mut src = String::from("version: 1\ndefault: deny\nrules: []\n");
+        let fits = MAX_POLICY_BYTES - src.len();
+        src.push_str(&"#".repeat(fits - 1));
+        src.push('\n');
+        assert_eq!(src.len(), MAX_POLICY_BYTES);
+        assert!(parse_str(&src, "p.yaml").is_ok());
+        src.push('\n');
+        let err = parse_str(&src, "p.yaml").unwrap_err();
+        assert!(matches!(err, PolicyError::TooLarge { .. }));
+        assert_eq!(
+            err.to_string(),
+            "p.yaml: the policy is 1048577 bytes; policies are limited to 1048576 bytes \
+             (1 MiB): split the sandbox's rules or use wider patterns and CIDRs"
         );
     }
 

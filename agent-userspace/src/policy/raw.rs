@@ -57,6 +57,10 @@ pub struct RawPolicy {
     /// settings apply.
     #[serde(default)]
     pub dns: Option<RawDns>,
+    /// What the sandbox's processes must not hold; an attach that finds them holding it is
+    /// refused.
+    #[serde(default)]
+    pub require: Option<RawRequire>,
     /// Rules, in priority order among rules whose destinations are equally specific.
     #[serde(default)]
     pub rules: Vec<RawRule>,
@@ -64,15 +68,31 @@ pub struct RawPolicy {
     /// `policy test` and by CI.
     #[serde(default)]
     pub tests: Vec<RawTest>,
+    /// What the daemon does about this sandbox's alerts (`record` or `quarantine` per
+    /// kind) and when denials count as a burst. Omitted: the daemon's settings.
+    #[serde(default)]
+    pub alerts: Option<crate::alerts::RawAlerts>,
+}
+
+/// The `require:` section.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRequire {
+    /// Capabilities (lowercase, without `cap_`: `sys_admin`, `net_admin`, `net_raw`, ...)
+    /// that no process in the sandbox may hold in its effective set at attach.
+    #[serde(default)]
+    pub no_capabilities: Vec<String>,
 }
 
 /// The `dns:` section.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDns {
-    /// The resolvers the daemon asks on the sandbox's behalf (at least one), by address:
-    /// `ADDRESS` (port 53) or `ADDRESS:PORT`, an IPv6 address in brackets.
-    pub upstream: Vec<RawUpstream>,
+    /// The resolvers the daemon asks on the sandbox's behalf (at least one when given),
+    /// by address: `ADDRESS` (port 53) or `ADDRESS:PORT`, an IPv6 address in brackets.
+    /// Omitted: the daemon's `dns_upstream`.
+    #[serde(default)]
+    pub upstream: Option<Vec<RawUpstream>>,
     /// Seconds a learned address lives at least, whatever the answer's TTL (0-86400;
     /// 5 when omitted).
     #[serde(default)]
@@ -81,6 +101,28 @@ pub struct RawDns {
     /// a connection made just before expiry is not refused.
     #[serde(default)]
     pub grace: Option<RawSeconds>,
+    /// Query types answered besides A and AAAA (`HTTPS`, `SVCB`, `TXT`, `MX`, `SRV`, ...);
+    /// all others are refused without reaching upstream. `ANY`, `AXFR` and `IXFR` never.
+    #[serde(default)]
+    pub query_types: Option<Vec<String>>,
+    /// Limits on the queries a sandbox sends upstream.
+    #[serde(default)]
+    pub budget: Option<RawDnsBudget>,
+}
+
+/// `dns.budget`: each omitted key takes its default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDnsBudget {
+    /// Queries per second sent upstream, on average (a token bucket's rate).
+    #[serde(default)]
+    pub queries_per_second: Option<u64>,
+    /// Queries that may go upstream at once after a quiet spell (the bucket's size).
+    #[serde(default)]
+    pub burst: Option<u64>,
+    /// Distinct names under one allowed wildcard (`*.x`, `**.x`) per minute.
+    #[serde(default)]
+    pub names_per_suffix_per_minute: Option<u64>,
 }
 
 /// A resolver address in `dns.upstream`.
@@ -134,6 +176,10 @@ pub struct RawRule {
     /// the listed refs); other requests on the rule are refused.
     #[serde(default)]
     pub git: Option<crate::proxy::git::RawGitRule>,
+    /// Rules with names in `to` only: the addresses and CIDRs those names may resolve to;
+    /// an answer's address elsewhere is refused (not installed, not released).
+    #[serde(default)]
+    pub answers: Option<Vec<RawDest>>,
 }
 
 /// One entry of a proxy rule's `http:` list: any of `methods` on any of `paths`.

@@ -66,6 +66,7 @@ pub(super) async fn intercept(
     conn: Arc<ConnInfo>,
     sni: String,
     started: Instant,
+    handshake_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     let activity = Activity::new();
     let connection_record = |reason: String, verdict: Verdict| {
@@ -123,6 +124,8 @@ pub(super) async fn intercept(
             return;
         }
     };
+    // The sandbox's handshake slot is free once the handshake is done.
+    drop(handshake_permit);
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
 
     let in_flight = Arc::new(AtomicUsize::new(0));
@@ -360,6 +363,18 @@ impl ConnCtx {
         }
         strip_request_headers(&mut parts.headers, &self.proxy.injected);
         if let Some(name) = &self.conn.route.credential {
+            // No credential is used that the audit trail could not record.
+            if let Some(Err(reason)) = self.proxy.credential_gate.as_ref().map(|gate| gate()) {
+                let body = Bytes::from(format!(
+                    "proxy: credential `{name}` is not used right now ({reason}); try again later\n"
+                ));
+                return Err(Refusal {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    verdict: Verdict::Deny,
+                    reason,
+                    body: Some(("text/plain; charset=utf-8", body)),
+                });
+            }
             match self.proxy.credentials.header_for(name, &self.sni).await {
                 Ok(Some((header, value))) => {
                     parts.headers.insert(header, value);

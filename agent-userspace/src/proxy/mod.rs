@@ -55,12 +55,16 @@ pub use ca::{CaError, CertAuthority, CA_CERT_FILE, CA_COMMON_NAME, CA_KEY_FILE};
 pub use dialer::Dialer;
 pub use error::{Party, ProxyError};
 pub use record::{query_keys, GitAudit, ProxyRecord, RecordKind, RefUpdate, TlsMode, Verdict};
-pub use upstream::{client_config as upstream_client_config, special_address, special_block};
+pub use upstream::client_config as upstream_client_config;
 
 use crate::credentials::{normalize_host, CredentialStore};
 
 /// Where the audit records go.
 pub type AuditSink = Arc<dyn Fn(ProxyRecord) + Send + Sync>;
+
+/// Asked right before a credential is added to a request: `Err(reason)` refuses the
+/// request instead (e.g. while the audit trail cannot record it). Cheap: once per request.
+pub type CredentialGate = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// One redirected connection, as the daemon hands it over.
 #[derive(Debug)]
@@ -139,6 +143,12 @@ pub struct ProxyConfig {
     pub idle_secs: u64,
     /// Largest request header accepted, in bytes (at least 8192). Default 65536.
     pub max_header_bytes: usize,
+    /// Proxied connections one sandbox may have open at once; more are refused (and
+    /// recorded) at once. Default 1024.
+    pub max_connections_per_sandbox: usize,
+    /// TLS handshakes (ClientHello included) one sandbox may have in progress; more wait
+    /// up to `handshake_secs` for a turn, then are refused and recorded. Default 64.
+    pub max_handshakes_per_sandbox: usize,
 }
 
 impl Default for ProxyConfig {
@@ -151,6 +161,8 @@ impl Default for ProxyConfig {
             connect_secs: 10,
             idle_secs: 60,
             max_header_bytes: 64 * 1024,
+            max_connections_per_sandbox: 1024,
+            max_handshakes_per_sandbox: 64,
         }
     }
 }
@@ -194,6 +206,7 @@ pub struct Proxy {
     ticketer: Arc<dyn ProducesTickets>,
     provider: Arc<CryptoProvider>,
     audit: AuditSink,
+    credential_gate: Option<CredentialGate>,
 }
 
 impl fmt::Debug for Proxy {
@@ -241,6 +254,23 @@ impl Proxy {
                 ),
             });
         }
+        for (field, value) in [
+            (
+                "max_connections_per_sandbox",
+                config.max_connections_per_sandbox,
+            ),
+            (
+                "max_handshakes_per_sandbox",
+                config.max_handshakes_per_sandbox,
+            ),
+        ] {
+            if !(1..=1 << 20).contains(&value) {
+                return Err(ProxyError::Config {
+                    field,
+                    reason: format!("{value} is out of range: use 1 to 1048576"),
+                });
+            }
+        }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let upstream_tls =
             upstream::client_config(provider.clone(), config.upstream_ca.as_deref())?;
@@ -265,7 +295,14 @@ impl Proxy {
             ticketer: rustls::crypto::ring::Ticketer::new()?,
             provider,
             audit,
+            credential_gate: None,
         })
+    }
+
+    /// Refuses requests that would get a credential while `gate` says no.
+    pub fn with_credential_gate(mut self, gate: CredentialGate) -> Self {
+        self.credential_gate = Some(gate);
+        self
     }
 
     /// Where upstream connections (and the DNS resolvers' upstream queries) come from.
@@ -273,9 +310,36 @@ impl Proxy {
         self.dialer.clone()
     }
 
+    /// The configuration it was built from.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
+    /// Closes a connection the daemon will not serve (a per-sandbox limit is reached)
+    /// and records the refusal; `reason` says which limit.
+    pub async fn refuse_connection(&self, mut stream: TcpStream, conn: ConnInfo, reason: String) {
+        let reason = ProxyError::Downstream {
+            peer: conn.peer,
+            reason,
+        };
+        self.refuse(&mut stream, &conn, None, reason, &[], Instant::now())
+            .await;
+    }
+
     /// Handles one redirected connection to its end. Failures are reported as records
     /// and debug logs; nothing is returned.
-    pub async fn serve(self: Arc<Self>, mut stream: TcpStream, conn: ConnInfo) {
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, conn: ConnInfo) {
+        self.serve_limited(stream, conn, None).await;
+    }
+
+    /// [`Proxy::serve`] holding `handshake_permit` (the sandbox's turn to handshake)
+    /// until the TLS handshake is done.
+    pub async fn serve_limited(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        conn: ConnInfo,
+        handshake_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         let started = Instant::now();
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(conn);
@@ -350,9 +414,10 @@ impl Proxy {
         debug!(connection_id = %conn.connection_id, %sni, passthrough = conn.route.passthrough, "Server name allowed");
         let stream = io::PrefixedStream::new(hello.buffered, stream);
         if conn.route.passthrough {
+            drop(handshake_permit);
             passthrough::relay(self, stream, conn, sni, started).await;
         } else {
-            intercept::intercept(self, stream, conn, sni, started).await;
+            intercept::intercept(self, stream, conn, sni, started, handshake_permit).await;
         }
     }
 

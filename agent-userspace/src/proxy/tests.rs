@@ -229,6 +229,17 @@ async fn start_proxy_with(
     config: ProxyConfig,
     conn: impl Fn(u64) -> (&'static str, Spec) + Send + 'static,
 ) -> Harness {
+    start_proxy_gated(dst, origin_ca_pem, config, conn, None).await
+}
+
+/// [`start_proxy_with`] with a credential gate.
+async fn start_proxy_gated(
+    dst: SocketAddr,
+    origin_ca_pem: &str,
+    config: ProxyConfig,
+    conn: impl Fn(u64) -> (&'static str, Spec) + Send + 'static,
+    gate: Option<super::CredentialGate>,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let ca = Arc::new(CertAuthority::load_or_create(dir.path().join("ca")).unwrap());
     let token = dir.path().join("token");
@@ -250,7 +261,11 @@ async fn start_proxy_with(
     let audit: AuditSink = Arc::new(move |record| {
         let _ = tx.send(record);
     });
-    let proxy = Arc::new(Proxy::new(config, ca.clone(), credentials, audit).unwrap());
+    let mut proxy = Proxy::new(config, ca.clone(), credentials, audit).unwrap();
+    if let Some(gate) = gate {
+        proxy = proxy.with_credential_gate(gate);
+    }
+    let proxy = Arc::new(proxy);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let serving = proxy.clone();
@@ -430,6 +445,60 @@ async fn credential_is_injected_and_client_authorization_replaced() {
 
         // Both requests went over one upstream connection.
         assert_eq!(origin.accepted.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn credentials_are_refused_while_the_gate_is_closed() {
+    within(async {
+        let origin = start_origin(true).await;
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gate_open = open.clone();
+        let gate: super::CredentialGate = Arc::new(move || {
+            if gate_open.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("the audit log cannot be written".to_owned())
+            }
+        });
+        let mut h = start_proxy_gated(
+            origin.addr,
+            &origin.ca_pem,
+            ProxyConfig::default(),
+            |_| ("sbx", INTERCEPT),
+            Some(gate),
+        )
+        .await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+
+        let reply = get(&mut client, NAME, "/repos/x").await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            reply.body.contains("the audit log cannot be written"),
+            "{}",
+            reply.body
+        );
+        assert!(!reply.body.contains(TOKEN));
+        let record = h.record().await;
+        assert_eq!(record.verdict, Verdict::Deny);
+        assert_eq!(record.status, Some(503));
+        assert_eq!(record.credential, None);
+        assert_eq!(
+            record.reason.as_deref(),
+            Some("the audit log cannot be written")
+        );
+        assert_eq!(
+            origin.accepted.load(Ordering::SeqCst),
+            0,
+            "nothing was sent"
+        );
+
+        open.store(true, Ordering::SeqCst);
+        let reply = get(&mut client, NAME, "/repos/x").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(reply.body.contains("auth=expected\n"), "{}", reply.body);
+        assert_eq!(h.record().await.credential.as_deref(), Some("github"));
     })
     .await;
 }
@@ -1027,6 +1096,24 @@ fn bad_config_values_are_rejected() {
         ..ProxyConfig::default()
     })
     .is_err());
+    let err = make(ProxyConfig {
+        max_connections_per_sandbox: 0,
+        ..ProxyConfig::default()
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("max_connections_per_sandbox"),
+        "{err}"
+    );
+    let err = make(ProxyConfig {
+        max_handshakes_per_sandbox: 0,
+        ..ProxyConfig::default()
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("max_handshakes_per_sandbox"),
+        "{err}"
+    );
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "").unwrap();
     let err = make(ProxyConfig {

@@ -3,9 +3,9 @@
 //!
 //! The proxy only ever dials the connection's original destination, the address the
 //! sandbox itself asked the kernel for: it never resolves names, so a Host header
-//! cannot steer it elsewhere. Addresses that reach the host or its network (loopback,
-//! private, link-local, cloud metadata, ...) are refused unless the rule covers them
-//! explicitly; that check is made for every request, also when a pooled connection
+//! cannot steer it elsewhere. Special addresses ([`crate::net::special`]: loopback,
+//! private, link-local, cloud metadata, tunnels into IPv4, ...) are refused unless the
+//! rule covers them explicitly; that check is made for every request, also when a pooled connection
 //! serves it, so a rule that may not dial an address never gets a connection to it.
 //!
 //! The pool is keyed by sandbox, original destination and TLS server name: everything
@@ -20,7 +20,7 @@
 //! them on a server's stream limit.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject as _;
@@ -41,9 +40,6 @@ use tracing::{debug, warn};
 use super::body::CountingBody;
 use super::error::ProxyError;
 use super::Route;
-
-const METADATA_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
-const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x254);
 
 /// Idle upstream HTTP/1 connections kept per pool key, and in all.
 const MAX_IDLE_H1: usize = 64;
@@ -59,96 +55,6 @@ const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Pool keys (sandbox, destination, server name) with connections kept at most; past
 /// this, new connections are used for their request and closed.
 const MAX_KEYS: usize = 1024;
-
-/// Address blocks the proxy does not dial (and DNS answers do not open) unless a rule
-/// names them, most specific first where they overlap. The metadata addresses are named
-/// on their own but belong to the block around them (link-local, unique local): a rule
-/// covering that block covers them too.
-const SPECIAL_V4: [(&str, [u8; 4], u8); 13] = [
-    ("cloud metadata address", [169, 254, 169, 254], 32),
-    ("broadcast address", [255, 255, 255, 255], 32),
-    ("loopback address", [127, 0, 0, 0], 8),
-    ("unspecified address", [0, 0, 0, 0], 8),
-    ("private (RFC 1918) address", [10, 0, 0, 0], 8),
-    ("private (RFC 1918) address", [172, 16, 0, 0], 12),
-    ("private (RFC 1918) address", [192, 168, 0, 0], 16),
-    ("link-local address", [169, 254, 0, 0], 16),
-    ("multicast address", [224, 0, 0, 0], 4),
-    // 100.64.0.0/10 also holds a cloud metadata address (100.100.100.200) and overlays.
-    ("shared (carrier-grade NAT) address", [100, 64, 0, 0], 10),
-    ("benchmarking (198.18.0.0/15) address", [198, 18, 0, 0], 15),
-    ("reserved (240.0.0.0/4) address", [240, 0, 0, 0], 4),
-    (
-        "IETF protocol assignment (192.0.0.0/24) address",
-        [192, 0, 0, 0],
-        24,
-    ),
-];
-
-const SPECIAL_V6: [(&str, Ipv6Addr, u8); 6] = [
-    ("cloud metadata address", METADATA_V6, 128),
-    ("loopback address", Ipv6Addr::LOCALHOST, 128),
-    ("unspecified address", Ipv6Addr::UNSPECIFIED, 128),
-    (
-        "multicast address",
-        Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0),
-        8,
-    ),
-    (
-        "link-local address",
-        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
-        10,
-    ),
-    (
-        "private (unique local) address",
-        Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0),
-        7,
-    ),
-];
-
-/// NAT64's well-known prefix: `64:ff9b::a.b.c.d` reaches the IPv4 host inside.
-const NAT64: Ipv6Addr = Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0);
-
-/// The special block `ip` lies in and why it is special, or `None` for an ordinary
-/// public address. IPv4-mapped and NAT64 addresses are judged by the IPv4 address
-/// inside (a NAT64 address's block is that IPv4 block under `64:ff9b::/96`).
-pub fn special_block(ip: IpAddr) -> Option<(&'static str, IpNet)> {
-    let v4_block = |v4: Ipv4Addr| {
-        let (why, _, len) = SPECIAL_V4.iter().find(|(_, net, len)| {
-            Ipv4Net::new(Ipv4Addr::from(*net), *len).is_ok_and(|n| n.contains(&v4))
-        })?;
-        // The metadata address belongs to link-local 169.254.0.0/16.
-        let len = if v4 == METADATA_V4 { 16 } else { *len };
-        Some((*why, Ipv4Net::new(v4, len).ok()?.trunc()))
-    };
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => v4_block(v4).map(|(why, net)| (why, IpNet::V4(net))),
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            if s[..6] == NAT64.segments()[..6] {
-                let [a, b] = s[6].to_be_bytes();
-                let [c, d] = s[7].to_be_bytes();
-                let (why, net) = v4_block(Ipv4Addr::new(a, b, c, d))?;
-                let mut bytes = NAT64.octets();
-                bytes[12..].copy_from_slice(&net.network().octets());
-                let under = Ipv6Net::new(Ipv6Addr::from(bytes), 96 + net.prefix_len()).ok()?;
-                return Some((why, IpNet::V6(under)));
-            }
-            let (why, _, len) = SPECIAL_V6.iter().find(|(_, net, len)| {
-                Ipv6Net::new(*net, *len).is_ok_and(|n| n.trunc().contains(&v6))
-            })?;
-            // The metadata address belongs to unique local fc00::/7.
-            let len = if v6 == METADATA_V6 { 7 } else { *len };
-            Some((*why, IpNet::V6(Ipv6Net::new(v6, len).ok()?.trunc())))
-        }
-    }
-}
-
-/// Why `ip` may not be dialled without the rule covering it explicitly, or `None` for an
-/// ordinary public address.
-pub fn special_address(ip: IpAddr) -> Option<&'static str> {
-    special_block(ip).map(|(why, _)| why)
-}
 
 /// The client TLS configuration for upstream servers: system roots plus the optional
 /// extra CA bundle, ALPN `h2` and `http/1.1`.
@@ -203,12 +109,12 @@ pub fn client_config(
 pub fn check_dial(dst: SocketAddr, route: &Route) -> Result<SocketAddr, ProxyError> {
     let ip = dst.ip().to_canonical();
     let addr = SocketAddr::new(ip, dst.port());
-    if let Some(what) = special_address(ip) {
+    if let Some(special) = crate::net::special_address(ip) {
         if !(route.explicitly_covers)(ip) {
             return Err(ProxyError::UpstreamRefused {
                 addr,
                 reason: format!(
-                    "{ip} is a {what}, not covered explicitly by rule `{}`",
+                    "{ip} is a {special}, not covered explicitly by rule `{}`",
                     route.rule_name
                 ),
             });
@@ -704,57 +610,5 @@ async fn connect(params: &DialParams<'_>) -> Result<Connected, ProxyError> {
             }
         });
         Ok(Connected::H1(sender))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::special_address;
-
-    #[test]
-    fn special_addresses() {
-        let special = |s: &str| special_address(s.parse().unwrap_or_else(|_| [0, 0, 0, 0].into()));
-        for ip in [
-            "127.0.0.1",
-            "127.8.9.10",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.1.1",
-            "169.254.169.254",
-            "0.0.0.0",
-            "224.0.0.1",
-            "255.255.255.255",
-            "::1",
-            "::",
-            "fe80::1",
-            "fc00::1",
-            "fd12::1",
-            "fd00:ec2::254",
-            "ff02::1",
-            "::ffff:127.0.0.1",
-            "::ffff:10.0.0.1",
-            "64:ff9b::a9fe:a9fe",
-            "100.100.100.200",
-            "100.64.0.1",
-            "198.18.0.1",
-            "240.0.0.1",
-            "192.0.0.170",
-        ] {
-            assert!(special(ip).is_some(), "{ip}");
-        }
-        for ip in [
-            "93.184.216.34",
-            "203.0.113.5",
-            "100.128.0.1",
-            "198.20.0.1",
-            "192.0.2.10",
-            "2001:db8::1",
-            "2606:4700::1",
-        ] {
-            assert!(special(ip).is_none(), "{ip}");
-        }
-        assert_eq!(special("169.254.169.254"), Some("cloud metadata address"));
-        assert_eq!(special("fd00:ec2::254"), Some("cloud metadata address"));
     }
 }

@@ -48,6 +48,8 @@ struct Endpoint {
     life_ms: Arc<AtomicU64>,
     /// Answer 500 instead of a token.
     failing: Arc<AtomicBool>,
+    /// Tokens revoked with `DELETE /installation/token`.
+    revoked: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// Starts the token endpoint with a fresh test CA and a certificate for 127.0.0.1.
@@ -92,7 +94,13 @@ async fn start_endpoint() -> Endpoint {
     let life_ms = Arc::new(AtomicU64::new(3_600_000));
     let failing = Arc::new(AtomicBool::new(false));
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-    let state = (minted.clone(), life_ms.clone(), failing.clone());
+    let revoked: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let state = (
+        minted.clone(),
+        life_ms.clone(),
+        failing.clone(),
+        revoked.clone(),
+    );
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
@@ -103,7 +111,12 @@ async fn start_endpoint() -> Endpoint {
                 };
                 let service = hyper::service::service_fn(move |req| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(answer(req, &state.0, &state.1, &state.2).await) }
+                    async move {
+                        if req.method() == Method::DELETE {
+                            return Ok::<_, Infallible>(revoke(&req, &state.0, &state.3));
+                        }
+                        Ok::<_, Infallible>(answer(req, &state.0, &state.1, &state.2).await)
+                    }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), service)
@@ -117,7 +130,39 @@ async fn start_endpoint() -> Endpoint {
         minted,
         life_ms,
         failing,
+        revoked,
     }
+}
+
+/// `DELETE /installation/token`, authorised by a token this endpoint minted: 204.
+fn revoke(
+    req: &Request<Incoming>,
+    minted: &AtomicUsize,
+    revoked: &std::sync::Mutex<Vec<String>>,
+) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/installation/token" {
+        return json(404, &serde_json::json!({ "message": "Not Found" }));
+    }
+    let token = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_owned();
+    let known = token
+        .strip_prefix("ghs_test")
+        .and_then(|n| n.parse::<usize>().ok())
+        .is_some_and(|n| n >= 1 && n <= minted.load(Ordering::SeqCst));
+    let mut list = revoked.lock().unwrap();
+    if !known || list.contains(&token) {
+        return json(401, &serde_json::json!({ "message": "Bad credentials" }));
+    }
+    list.push(token);
+    Response::builder()
+        .status(204)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
 }
 
 fn json(status: u16, value: &serde_json::Value) -> Response<Full<Bytes>> {
@@ -422,4 +467,28 @@ fn jwt_has_the_claims_github_expects() {
     assert!(endpoint("https://user:pw@api.github.com", 1).is_err());
     assert!(endpoint("https://api.github.com/?x=1", 1).is_err());
     assert!(endpoint("api.github.com", 1).is_err());
+}
+
+#[tokio::test]
+async fn quarantine_revokes_the_live_token_with_the_api() {
+    let ep = start_endpoint().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_for(&ep, &write_key(dir.path()));
+    assert!(store.can_revoke("github"));
+    // Nothing minted yet: nothing to revoke, and nothing is minted to revoke it.
+    let none = store.revoke("github").await.unwrap();
+    assert!(none.contains("no live value"), "{none}");
+    assert_eq!(ep.minted.load(Ordering::SeqCst), 0);
+    assert_eq!(token(&store).await.unwrap(), "ghs_test1");
+    let how = store.revoke("github").await.unwrap();
+    assert!(how.contains("204"), "{how}");
+    assert!(!how.contains("ghs_"), "{how}");
+    assert_eq!(*ep.revoked.lock().unwrap(), ["ghs_test1"]);
+    // The revoked token is gone from the cache: the next use mints a new one.
+    assert_eq!(token(&store).await.unwrap(), "ghs_test2");
+    // A refusal is an error that names the endpoint and status, never the token.
+    ep.revoked.lock().unwrap().push("ghs_test2".into());
+    let err = store.revoke("github").await.unwrap_err();
+    assert!(err.contains("401"), "{err}");
+    assert!(!err.contains("ghs_"), "{err}");
 }

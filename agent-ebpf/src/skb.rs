@@ -1,0 +1,167 @@
+//! `cgroup_skb/egress` on each sandbox cgroup: the last look at a packet before it leaves.
+//! Source routes set per message (`IP_RETOPTS`, `IPV6_RTHDR` or `IPV6_2292RTHDR` control
+//! data on sendmsg), which no socket-option hook sees, and anything set by a path the
+//! setsockopt hook misses (compat syscalls), show up here: an IPv4 header with options
+//! (IHL > 5) or an IPv6 extension-header chain holding a routing header (next header 43).
+//! Such packets are dropped; the sender's sendmsg fails with EPERM.
+//!
+//! Runs for every packet of the sandbox's sockets, so the common case is one byte load for
+//! IPv4 and two for IPv6 without extension headers. A packet is attributed to the cgroup
+//! of the socket that sent it (`bpf_skb_cgroup_id`), not to whatever task runs the stack.
+use agent_common::{hook, sockopt, verdict};
+use aya_ebpf::{
+    helpers::generated::{bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+    EbpfContext,
+};
+
+use crate::decide::{count_deny, find_sandbox_from, report, Call, Dest, Origin};
+
+/// cgroup_skb return values.
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+/// Extension headers walked before giving up (and dropping): the socket API can stack at
+/// most four, so a longer chain is not something a sandbox's stack builds.
+const MAX_EXT_HEADERS: u32 = 8;
+
+const IPOPT_END: u8 = 0;
+const IPOPT_NOOP: u8 = 1;
+
+#[cgroup_skb(egress)]
+pub fn egress_skb(ctx: SkBuffContext) -> i32 {
+    // Any error reading the packet drops it: the wrapper holds the closed default.
+    try_egress_skb(&ctx).unwrap_or(DROP)
+}
+
+#[inline(always)]
+fn try_egress_skb(ctx: &SkBuffContext) -> Result<i32, i64> {
+    // cgroup_skb programs see the packet from its network header.
+    let b0: u8 = ctx.load(0)?;
+    match b0 >> 4 {
+        4 => {
+            if b0 & 0x0f <= 5 {
+                return Ok(PASS);
+            }
+            let kind = first_ipv4_option(ctx, usize::from(b0 & 0x0f) * 4);
+            let mut addr = [0u8; 16];
+            let daddr: [u8; 4] = ctx.load(16)?;
+            addr[..4].copy_from_slice(&daddr);
+            let protocol: u8 = ctx.load(9)?;
+            Ok(drop(ctx, 4, u32::from(protocol), 0, kind, addr))
+        }
+        6 => {
+            let mut nh: u8 = ctx.load(6)?;
+            let mut off = 40usize;
+            let mut i = 0u32;
+            while i < MAX_EXT_HEADERS {
+                match nh {
+                    NEXTHDR_ROUTING => {
+                        let rtype: u8 = ctx.load(off + 2)?;
+                        let addr: [u8; 16] = ctx.load(24)?;
+                        return Ok(drop(
+                            ctx,
+                            6,
+                            0,
+                            sockopt::IPPROTO_ROUTING,
+                            u16::from(rtype),
+                            addr,
+                        ));
+                    }
+                    NEXTHDR_HOP | NEXTHDR_DEST => {
+                        let next: u8 = ctx.load(off)?;
+                        let len: u8 = ctx.load(off + 1)?;
+                        off += (usize::from(len) + 1) * 8;
+                        nh = next;
+                    }
+                    NEXTHDR_FRAGMENT => {
+                        nh = ctx.load(off)?;
+                        off += 8;
+                    }
+                    NEXTHDR_AUTH => {
+                        let next: u8 = ctx.load(off)?;
+                        let len: u8 = ctx.load(off + 1)?;
+                        off += (usize::from(len) + 2) * 4;
+                        nh = next;
+                    }
+                    _ => return Ok(PASS),
+                }
+                i += 1;
+            }
+            let addr: [u8; 16] = ctx.load(24)?;
+            Ok(drop(ctx, 6, 0, sockopt::IPPROTO_ROUTING, u16::MAX, addr))
+        }
+        _ => Ok(PASS),
+    }
+}
+
+/// The type of the first IPv4 option that is not padding (131 LSRR, 137 SSRR, 7 RR, 68
+/// timestamp, ...), or 0 when it cannot be read.
+#[inline(always)]
+fn first_ipv4_option(ctx: &SkBuffContext, header_len: usize) -> u16 {
+    let mut off = 20usize;
+    let mut i = 0;
+    while i < 40 {
+        if off >= header_len {
+            break;
+        }
+        let Ok(t) = ctx.load::<u8>(off) else {
+            break;
+        };
+        if t != IPOPT_NOOP && t != IPOPT_END {
+            return u16::from(t);
+        }
+        off += 1;
+        i += 1;
+    }
+    0
+}
+
+#[inline(always)]
+fn drop(
+    ctx: &SkBuffContext,
+    family: u8,
+    protocol: u32,
+    level: u16,
+    name: u16,
+    addr: [u8; 16],
+) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: helpers valid in cgroup_skb programs, taking the program's own context.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
+    let index = find_sandbox_from(cgroup_id, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(skb, level)
+    })
+    .map_or(0, |sb| sb.index);
+    // The task running the stack may not be the sender (retransmits run from timers), so
+    // only the socket's owner uid is recorded, and no pid or name.
+    let origin = Origin {
+        cgroup_id,
+        // SAFETY: helper valid in cgroup_skb programs.
+        socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        netns_cookie: 0,
+        pid: 0,
+        uid: ctx.get_socket_uid(),
+        gid: 0,
+        comm: [0; 16],
+    };
+    let call = Call {
+        hook: hook::SKB_EGRESS,
+        family,
+        protocol,
+        dest: Dest::V4([0; 4]),
+        port: 0,
+        raw_addr: addr,
+        opt_level: level,
+        opt_name: name,
+    };
+    count_deny(index);
+    report(&origin, &call, index, verdict::DENY, 0);
+    DROP
+}

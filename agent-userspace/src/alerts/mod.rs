@@ -1,0 +1,372 @@
+//! What the daemon does about alerts: the configured response per alert kind (`record` or
+//! `quarantine`), the one entry point every producer raises alerts through
+//! ([`Alerts::raise`]), and the denial-burst detector ([`DenialBursts`]).
+//!
+//! Responses come from the sandbox's policy (`alerts.responses`), then from the daemon's
+//! configuration (the same keys), else `record`. `raise` writes the alert with the
+//! response it got; a `quarantine` response is handed to the daemon's core as a
+//! [`QuarantineOrder`], which switches the sandbox to deny-all at once (see
+//! `egressctl quarantine`). `raise` never blocks and takes no daemon lock, so any task or
+//! thread may call it, including code that holds the daemon's core.
+mod burst;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, RwLock},
+};
+
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+pub use burst::{Burst, BurstConfig, DenialBursts};
+
+use crate::audit::{Alert, AlertKind, AlertResponse, AuditHandle, Record};
+
+/// The `alerts:` section of a policy, and of the daemon's configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    /// Alert kind (`secret-reflected`, `secret-outbound`, `dns-budget`, `denial-burst`,
+    /// `cgroup-escape`, `risky-posture`, `source-routing`, `rate-limit`) -> `record` or
+    /// `quarantine`. Kinds not listed take the daemon's setting, else `record`.
+    #[serde(default)]
+    pub responses: BTreeMap<String, RawResponse>,
+    /// When a `denial-burst` alert is raised: `count` denied decisions within `seconds`
+    /// (default 50 in 10).
+    #[serde(default)]
+    pub denial_burst: Option<RawBurst>,
+}
+
+/// `record` or `quarantine`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawResponse {
+    Record,
+    Quarantine,
+}
+
+/// `alerts.denial_burst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBurst {
+    /// Denied decisions that make a burst (1-100000).
+    pub count: u64,
+    /// Window length in seconds (1-3600).
+    pub seconds: u64,
+}
+
+/// A checked `alerts:` section.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AlertSettings {
+    /// Only the kinds the section lists.
+    pub responses: Vec<(AlertKind, AlertResponse)>,
+    pub denial_burst: Option<BurstConfig>,
+}
+
+/// Why an `alerts:` section is invalid: the field (below `alerts`) and what would be valid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertsError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl AlertSettings {
+    /// Checks an `alerts:` section.
+    pub fn compile(raw: &RawAlerts) -> Result<Self, AlertsError> {
+        let mut responses = Vec::new();
+        for (name, response) in &raw.responses {
+            let kind = AlertKind::parse(name).ok_or_else(|| AlertsError {
+                field: "responses",
+                message: format!(
+                    "`{name}` is not an alert kind (valid: {})",
+                    AlertKind::ALL.map(AlertKind::as_str).join(", ")
+                ),
+            })?;
+            let response = match response {
+                RawResponse::Record => AlertResponse::Record,
+                RawResponse::Quarantine => AlertResponse::Quarantine,
+            };
+            responses.push((kind, response));
+        }
+        let denial_burst = match raw.denial_burst {
+            None => None,
+            Some(b) => {
+                let count = u32::try_from(b.count)
+                    .ok()
+                    .filter(|c| (1..=BurstConfig::MAX_COUNT).contains(c))
+                    .ok_or_else(|| AlertsError {
+                        field: "denial_burst",
+                        message: format!(
+                            "count {} is out of range (valid: 1-{})",
+                            b.count,
+                            BurstConfig::MAX_COUNT
+                        ),
+                    })?;
+                let seconds = u32::try_from(b.seconds)
+                    .ok()
+                    .filter(|s| (1..=BurstConfig::MAX_SECONDS).contains(s))
+                    .ok_or_else(|| AlertsError {
+                        field: "denial_burst",
+                        message: format!(
+                            "seconds {} is out of range (valid: 1-{})",
+                            b.seconds,
+                            BurstConfig::MAX_SECONDS
+                        ),
+                    })?;
+                Some(BurstConfig { count, seconds })
+            }
+        };
+        Ok(Self {
+            responses,
+            denial_burst,
+        })
+    }
+
+    fn response(&self, kind: AlertKind) -> Option<AlertResponse> {
+        self.responses
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, r)| *r)
+    }
+}
+
+/// A sandbox to quarantine because of an alert; carried out by the daemon's core.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuarantineOrder {
+    pub sandbox: String,
+    pub kind: AlertKind,
+    /// The alert's reason.
+    pub reason: String,
+}
+
+/// The alert dispatcher. Cheap to clone; hand one to every alert producer.
+#[derive(Clone, Debug)]
+pub struct Alerts {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    audit: AuditHandle,
+    /// The daemon configuration's `alerts:`.
+    defaults: AlertSettings,
+    /// Each attached sandbox's policy `alerts:`, by sandbox name.
+    sandboxes: RwLock<HashMap<String, AlertSettings>>,
+    orders: mpsc::UnboundedSender<QuarantineOrder>,
+}
+
+impl Alerts {
+    /// A dispatcher writing to `audit`, and the queue of quarantine orders the daemon's
+    /// core must carry out.
+    pub fn new(
+        audit: AuditHandle,
+        defaults: AlertSettings,
+    ) -> (Self, mpsc::UnboundedReceiver<QuarantineOrder>) {
+        let (orders, rx) = mpsc::unbounded_channel();
+        let inner = Inner {
+            audit,
+            defaults,
+            sandboxes: RwLock::default(),
+            orders,
+        };
+        (
+            Self {
+                inner: Arc::new(inner),
+            },
+            rx,
+        )
+    }
+
+    /// Sets the policy's `alerts:` of a sandbox (attach, policy change, adoption).
+    pub fn set_sandbox(&self, sandbox: &str, settings: AlertSettings) {
+        self.inner
+            .sandboxes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sandbox.to_owned(), settings);
+    }
+
+    /// Forgets a detached sandbox.
+    pub fn remove_sandbox(&self, sandbox: &str) {
+        self.inner
+            .sandboxes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(sandbox);
+    }
+
+    /// The response configured for `kind` alerts of `sandbox`.
+    pub fn response_for(&self, sandbox: &str, kind: AlertKind) -> AlertResponse {
+        let from_policy = self
+            .inner
+            .sandboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sandbox)
+            .and_then(|s| s.response(kind));
+        from_policy
+            .or_else(|| self.inner.defaults.response(kind))
+            .unwrap_or_default()
+    }
+
+    /// The denial-burst figures for `sandbox`.
+    pub fn burst_config(&self, sandbox: &str) -> BurstConfig {
+        let from_policy = self
+            .inner
+            .sandboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sandbox)
+            .and_then(|s| s.denial_burst);
+        from_policy
+            .or(self.inner.defaults.denial_burst)
+            .unwrap_or_default()
+    }
+
+    /// Raises an alert: applies the response configured for its kind and sandbox, sets
+    /// [`Alert::response`] accordingly, writes it to the audit trail, and for
+    /// `quarantine` orders the sandbox quarantined (the `sandbox-quarantine` record
+    /// follows the alert). Returns the response. Producers summarise before calling this:
+    /// one alert per burst or window, never one per packet.
+    pub fn raise(&self, mut alert: Alert) -> AlertResponse {
+        let response = self.response_for(&alert.sandbox, alert.kind);
+        alert.response = response;
+        let order = (response == AlertResponse::Quarantine).then(|| QuarantineOrder {
+            sandbox: alert.sandbox.clone(),
+            kind: alert.kind,
+            reason: alert.reason.clone(),
+        });
+        tracing::warn!(sandbox = %alert.sandbox, kind = alert.kind.as_str(), count = alert.count, response = response.as_str(), "Alert");
+        self.inner.audit.emit(Record::Alert(alert));
+        if let Some(order) = order {
+            if self.inner.orders.send(order).is_err() {
+                tracing::error!(
+                    "The daemon is stopping; a quarantine ordered by an alert was not carried out"
+                );
+            }
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+    use crate::audit::AuditLog;
+
+    fn settings(yaml: &str) -> Result<AlertSettings, AlertsError> {
+        let raw: RawAlerts = serde_yaml_ng::from_str(yaml).unwrap();
+        AlertSettings::compile(&raw)
+    }
+
+    #[test]
+    fn sections_are_checked() {
+        let s = settings(
+            "responses: {secret-outbound: quarantine, denial-burst: record}\n\
+             denial_burst: {count: 5, seconds: 2}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.response(AlertKind::SecretOutbound),
+            Some(AlertResponse::Quarantine)
+        );
+        assert_eq!(
+            s.response(AlertKind::DenialBurst),
+            Some(AlertResponse::Record)
+        );
+        assert_eq!(s.response(AlertKind::DnsBudget), None);
+        assert_eq!(
+            s.denial_burst,
+            Some(BurstConfig {
+                count: 5,
+                seconds: 2
+            })
+        );
+        let e = settings("responses: {secret-leak: quarantine}\n").unwrap_err();
+        assert_eq!(e.field, "responses");
+        assert!(e.message.contains("secret-reflected"), "{e:?}");
+        let e = settings("denial_burst: {count: 0, seconds: 2}\n").unwrap_err();
+        assert!(e.message.contains("count 0"), "{e:?}");
+        let e = settings("denial_burst: {count: 3, seconds: 0}\n").unwrap_err();
+        assert!(e.message.contains("seconds 0"), "{e:?}");
+        assert!(serde_yaml_ng::from_str::<RawAlerts>("responses: {dns-budget: panic}\n").is_err());
+        assert!(serde_yaml_ng::from_str::<RawAlerts>("respond: {}\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn raise_applies_policy_then_daemon_then_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (audit, task) = AuditLog::open(crate::audit::AuditSink::File(path.clone())).unwrap();
+        let task = tokio::spawn(task.run());
+        let defaults =
+            settings("responses: {dns-budget: quarantine, secret-reflected: quarantine}\n")
+                .unwrap();
+        let (alerts, mut orders) = Alerts::new(audit, defaults);
+        alerts.set_sandbox(
+            "a",
+            settings("responses: {secret-reflected: record, denial-burst: quarantine}\ndenial_burst: {count: 3, seconds: 1}\n").unwrap(),
+        );
+        let t = time::OffsetDateTime::now_utc();
+        let raise = |kind, sandbox: &str| alerts.raise(Alert::new(t, kind, sandbox, "seen"));
+        // The policy overrides the daemon; the daemon fills in; else record.
+        assert_eq!(
+            raise(AlertKind::SecretReflected, "a"),
+            AlertResponse::Record
+        );
+        assert_eq!(
+            raise(AlertKind::DenialBurst, "a"),
+            AlertResponse::Quarantine
+        );
+        assert_eq!(raise(AlertKind::DnsBudget, "a"), AlertResponse::Quarantine);
+        assert_eq!(raise(AlertKind::RateLimit, "a"), AlertResponse::Record);
+        assert_eq!(
+            raise(AlertKind::SecretReflected, "b"),
+            AlertResponse::Quarantine
+        );
+        assert_eq!(
+            alerts.burst_config("a"),
+            BurstConfig {
+                count: 3,
+                seconds: 1
+            }
+        );
+        assert_eq!(alerts.burst_config("b"), BurstConfig::DEFAULT);
+        let got: Vec<(String, AlertKind)> = std::iter::from_fn(|| orders.try_recv().ok())
+            .map(|o| (o.sandbox, o.kind))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a".to_owned(), AlertKind::DenialBurst),
+                ("a".to_owned(), AlertKind::DnsBudget),
+                ("b".to_owned(), AlertKind::SecretReflected),
+            ]
+        );
+        alerts.remove_sandbox("a");
+        assert_eq!(raise(AlertKind::DenialBurst, "a"), AlertResponse::Record);
+        drop(alerts);
+        task.await.unwrap().unwrap();
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let responses: Vec<&str> = lines
+            .iter()
+            .map(|l| l["egress"]["alert"]["response"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            responses,
+            [
+                "record",
+                "quarantine",
+                "quarantine",
+                "record",
+                "quarantine",
+                "record"
+            ]
+        );
+    }
+}

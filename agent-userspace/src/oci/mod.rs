@@ -1,0 +1,557 @@
+//! The OCI runtime hook (`egressctl oci-hook`): confines a container before its first
+//! instruction and releases it when it stops.
+//!
+//! A runtime (runc, crun, podman, CRI-O) runs the hook at `createRuntime`, after it made
+//! the container's namespaces and cgroup and before the container's process runs anything
+//! of its own; the hook attaches that cgroup with the policy the container's annotations
+//! name, and the runtime starts the container only when the hook exits 0. Any doubt (the
+//! daemon down or slow, no policy, an unknown policy name, a container sharing the host's
+//! network) is a non-zero exit, so the container is not created. At `poststop` the hook
+//! detaches the sandbox (recorded with reason `hook`).
+//!
+//! Policies are chosen by name from a host directory (`/etc/egressd/policies/NAME.yaml`),
+//! never read from a path the container's creator supplies.
+mod spec;
+
+use std::{
+    collections::BTreeMap,
+    io::Read,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+
+pub use spec::{Config, State};
+
+use crate::{
+    cgroup,
+    control::{self, DetachReason, Request, Response},
+};
+
+/// Annotation naming the policy (a file name in the policy directory, without `.yaml`).
+pub const ANNOTATION_POLICY: &str = "io.egressd.policy";
+/// Annotation naming the sandbox in status and audit records [default: the container id].
+pub const ANNOTATION_SANDBOX: &str = "io.egressd.sandbox";
+/// Set by CRI-O and containerd's CRI on every container of a pod.
+pub const ANNOTATION_K8S_NAMESPACE: &str = "io.kubernetes.pod.namespace";
+pub const ANNOTATION_K8S_POD: &str = "io.kubernetes.pod.name";
+
+/// Longest state document read from standard input.
+const MAX_STATE: u64 = 1 << 20;
+/// Longest `config.json` read.
+const MAX_CONFIG: u64 = 16 << 20;
+
+/// When the runtime runs the hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    /// After the namespaces and cgroup exist, before the container runs anything: attach.
+    CreateRuntime,
+    /// The older name of the same moment, for runtimes without `createRuntime`.
+    Prestart,
+    /// After the container stopped: detach.
+    Poststop,
+}
+
+/// What one sandbox covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scope {
+    /// Each container is its own sandbox (its cgroup, its network namespace).
+    Container,
+    /// A Kubernetes pod is one sandbox: the pod's cgroup (the parent of its containers')
+    /// with the pod's network namespace covers every container in it. The first container
+    /// attaches it; the pod cgroup's removal detaches it.
+    Pod,
+}
+
+/// The hook's settings (from its command line in the runtime's hook configuration).
+#[derive(Debug, Clone)]
+pub struct HookOptions {
+    pub socket: PathBuf,
+    /// Host directory of policies, chosen by name.
+    pub policy_dir: PathBuf,
+    /// Policy for containers without the annotation; none: such containers are refused.
+    pub default_policy: Option<String>,
+    /// Bound on the whole exchange with the daemon.
+    pub timeout: Duration,
+    /// Kubernetes namespaces whose containers are not confined (the daemon's own).
+    pub exempt_namespaces: Vec<String>,
+    pub scope: Scope,
+}
+
+/// What the hook decided to do for a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Not confined, and why.
+    Exempt(String),
+    Attach {
+        name: String,
+        cgroup: PathBuf,
+        netns: PathBuf,
+        policy_path: PathBuf,
+    },
+    /// Detach the named sandbox if it confines `cgroup` (the container's, from its
+    /// config: at `poststop` its process is gone).
+    Detach { name: String, cgroup: PathBuf },
+    /// Nothing to do at this stage (pod scope: the pod outlives its containers).
+    Nothing(String),
+}
+
+/// Runs the hook: reads the state from `stdin`, does the stage's work, and returns the
+/// line to print. An error means a non-zero exit (the runtime does not start the container).
+pub fn run(stage: Stage, opts: &HookOptions, stdin: impl Read) -> anyhow::Result<String> {
+    let mut text = String::new();
+    stdin
+        .take(MAX_STATE)
+        .read_to_string(&mut text)
+        .context("reading the OCI state from standard input")?;
+    let state: State =
+        serde_json::from_str(&text).context("the OCI state on standard input is not valid")?;
+    let config = read_config(&state.bundle)?;
+    match plan(stage, opts, &state, &config)? {
+        Plan::Exempt(why) | Plan::Nothing(why) => Ok(why),
+        Plan::Attach {
+            name,
+            cgroup,
+            netns,
+            policy_path,
+        } => {
+            let source = std::fs::read_to_string(&policy_path)
+                .with_context(|| format!("reading policy {}", policy_path.display()))?;
+            if opts.scope == Scope::Pod && pod_already_attached(opts, &name, &cgroup)? {
+                return Ok(format!(
+                    "pod sandbox {name:?} already confines {}",
+                    cgroup.display()
+                ));
+            }
+            let resp = call(
+                opts,
+                Request::Attach {
+                    cgroup,
+                    name: Some(name),
+                    policy_path: policy_path.display().to_string(),
+                    policy_source: source,
+                    netns: Some(netns),
+                },
+            )?;
+            answer(resp)
+        }
+        Plan::Detach { name, cgroup } => {
+            let resp = call(
+                opts,
+                Request::Detach {
+                    name: Some(name.clone()),
+                    cgroup: Some(cgroup),
+                    reason: Some(DetachReason::Hook),
+                },
+            )?;
+            match resp.error.as_deref() {
+                // Already gone (the daemon reaped the removed cgroup first).
+                Some(e) if !resp.ok && e.starts_with("no sandbox named") => {
+                    Ok(format!("sandbox {name:?} was already detached"))
+                }
+                _ => answer(resp),
+            }
+        }
+    }
+}
+
+fn answer(resp: Response) -> anyhow::Result<String> {
+    if resp.ok {
+        Ok(resp.message.unwrap_or_default())
+    } else {
+        bail!(
+            "egressd refused: {}",
+            resp.error.unwrap_or_else(|| "no reason given".into())
+        )
+    }
+}
+
+fn read_config(bundle: &Path) -> anyhow::Result<Config> {
+    let path = bundle.join("config.json");
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut text = String::new();
+    file.take(MAX_CONFIG)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))
+}
+
+/// The daemon's answer within the timeout, or an error (the daemon is down or slow).
+fn call(opts: &HookOptions, req: Request) -> anyhow::Result<Response> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let socket = opts.socket.clone();
+    let timeout = opts.timeout;
+    std::thread::spawn(move || {
+        let _ = tx.send(control::call_timeout(&socket, &req, timeout));
+    });
+    match rx.recv_timeout(opts.timeout) {
+        Ok(r) => r,
+        Err(_) => bail!(
+            "egressd did not answer within {:?} (socket {}); refusing to start the container unconfined",
+            opts.timeout,
+            opts.socket.display()
+        ),
+    }
+}
+
+fn pod_already_attached(opts: &HookOptions, name: &str, cgroup: &Path) -> anyhow::Result<bool> {
+    let resp = call(opts, Request::Status)?;
+    let Some(status) = resp.status else {
+        bail!("egressd sent no status");
+    };
+    Ok(status
+        .sandboxes
+        .iter()
+        .any(|s| s.name == name && s.cgroup == cgroup))
+}
+
+/// Decides what to do from the state and config alone (plus the host's `/proc` and
+/// cgroup filesystem for the container's process).
+pub fn plan(
+    stage: Stage,
+    opts: &HookOptions,
+    state: &State,
+    config: &Config,
+) -> anyhow::Result<Plan> {
+    let annotations = merged_annotations(state, config);
+    if let Some(ns) = annotations.get(ANNOTATION_K8S_NAMESPACE) {
+        if opts.exempt_namespaces.iter().any(|e| e == ns) {
+            return Ok(Plan::Exempt(format!(
+                "container {} is in exempt namespace {ns:?}; not confined",
+                state.id
+            )));
+        }
+    }
+    let name = sandbox_name(opts.scope, &state.id, &annotations)?;
+    match stage {
+        Stage::Poststop if opts.scope == Scope::Pod => Ok(Plan::Nothing(format!(
+            "pod sandbox {name:?} stays until its cgroup is removed"
+        ))),
+        Stage::Poststop => match config.cgroups_path() {
+            Some(p) => Ok(Plan::Detach {
+                name,
+                cgroup: configured_cgroup(p)?,
+            }),
+            None => Ok(Plan::Nothing(format!(
+                "no cgroupsPath in the config to match sandbox {name:?} against; the daemon detaches it when its cgroup is removed"
+            ))),
+        },
+        Stage::CreateRuntime | Stage::Prestart => {
+            let policy = annotations
+                .get(ANNOTATION_POLICY)
+                .cloned()
+                .or_else(|| opts.default_policy.clone())
+                .with_context(|| {
+                    format!(
+                        "container {} has no {ANNOTATION_POLICY} annotation and the hook has no --default-policy; refusing to start it unconfined",
+                        state.id
+                    )
+                })?;
+            let policy_path = policy_file(&opts.policy_dir, &policy)?;
+            let pid = state.pid.filter(|p| *p > 0).with_context(|| {
+                format!(
+                    "the OCI state of {} has no pid (run the hook at createRuntime)",
+                    state.id
+                )
+            })?;
+            let cgroup = container_cgroup(pid, config.cgroups_path())?;
+            let cgroup = match opts.scope {
+                Scope::Container => cgroup,
+                Scope::Pod => cgroup
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .context("the container's cgroup has no parent to be its pod's")?,
+            };
+            // The daemon names sandboxes' cgroups by their canonical path.
+            let cgroup = std::fs::canonicalize(&cgroup)
+                .with_context(|| format!("cgroup {}", cgroup.display()))?;
+            let netns = container_netns(pid, config)?;
+            Ok(Plan::Attach {
+                name,
+                cgroup,
+                netns,
+                policy_path,
+            })
+        }
+    }
+}
+
+/// Annotations of the config, overridden by those the runtime put in the state.
+fn merged_annotations(state: &State, config: &Config) -> BTreeMap<String, String> {
+    let mut all = config.annotations.clone();
+    all.extend(state.annotations.clone());
+    all
+}
+
+/// The sandbox's name: the annotation, else (pod scope) `k8s/NAMESPACE/POD`, else the
+/// container id.
+pub fn sandbox_name(
+    scope: Scope,
+    id: &str,
+    annotations: &BTreeMap<String, String>,
+) -> anyhow::Result<String> {
+    let name = match (annotations.get(ANNOTATION_SANDBOX), scope) {
+        (Some(n), _) => n.clone(),
+        (None, Scope::Pod) => {
+            let ns = annotations.get(ANNOTATION_K8S_NAMESPACE);
+            let pod = annotations.get(ANNOTATION_K8S_POD);
+            match (ns, pod) {
+                (Some(ns), Some(pod)) => format!("k8s/{ns}/{pod}"),
+                _ => bail!(
+                    "pod scope needs the {ANNOTATION_K8S_NAMESPACE} and {ANNOTATION_K8S_POD} annotations (set by CRI-O), or {ANNOTATION_SANDBOX}"
+                ),
+            }
+        }
+        (None, Scope::Container) => id.to_string(),
+    };
+    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+        bail!("sandbox name {name:?} must be 1-64 printable characters");
+    }
+    Ok(name)
+}
+
+/// `DIR/NAME.yaml` for a policy name; names with a `/`, `..`, or anything but letters,
+/// digits, `-`, `_` and `.` are refused, so an annotation can only pick among the host's
+/// policies.
+pub fn policy_file(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && !name.contains("..")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        bail!(
+            "policy name {name:?} is not valid: a file name in {} without `.yaml` (letters, digits, -, _, ., no `/` or `..`)",
+            dir.display()
+        );
+    }
+    let path = dir.join(format!("{name}.yaml"));
+    let meta = std::fs::metadata(&path).with_context(|| {
+        format!(
+            "policy {name:?}: {} does not exist (policies are chosen by name from {})",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    if !meta.is_file() {
+        bail!("policy {name:?}: {} is not a file", path.display());
+    }
+    Ok(path)
+}
+
+/// The cgroup v2 directory a config's `linux.cgroupsPath` names (cgroupfs or systemd form).
+fn configured_cgroup(cgroups_path: &str) -> anyhow::Result<PathBuf> {
+    let rel = match cgroup::systemd_cgroup_path(cgroups_path) {
+        Some(p) => p,
+        None => PathBuf::from(cgroups_path.trim_start_matches('/')),
+    };
+    Ok(cgroup::cgroup2_mount()?.join(rel))
+}
+
+/// The container's cgroup v2 directory: where its process is. When the config names a
+/// cgroup (cgroupfs or systemd form), the process must be in it (or below it), or the
+/// hook refuses: it confines what it was asked to, or nothing.
+pub fn container_cgroup(pid: u32, cgroups_path: Option<&str>) -> anyhow::Result<PathBuf> {
+    let actual = cgroup::of_pid(pid).context("reading the container process's cgroup")?;
+    let Some(configured) = cgroups_path else {
+        return Ok(actual);
+    };
+    let expected = configured_cgroup(configured)?;
+    if actual.starts_with(&expected) {
+        return Ok(expected);
+    }
+    // A relative cgroupfs path is placed under the runtime's own cgroup by some runtimes.
+    let rel = Path::new(configured);
+    if rel.is_relative() && !configured.contains(':') && actual.ends_with(rel) {
+        return Ok(actual);
+    }
+    bail!(
+        "the container's process {pid} is in cgroup {}, not in {} (from cgroupsPath {configured:?}); refusing",
+        actual.display(),
+        expected.display()
+    )
+}
+
+/// The container's network namespace: the one its config joins (a stable path such as
+/// `/var/run/netns/NAME`) when that is the process's, else `/proc/PID/ns/net`. A
+/// container that shares the host's namespace is refused: its proxy listener would be on
+/// the host's loopback.
+pub fn container_netns(pid: u32, config: &Config) -> anyhow::Result<PathBuf> {
+    let proc_path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    let inode = |p: &Path| -> anyhow::Result<u64> {
+        Ok(std::fs::metadata(p)
+            .with_context(|| format!("network namespace {}", p.display()))?
+            .ino())
+    };
+    let own = inode(&proc_path)?;
+    let host = inode(Path::new("/proc/self/ns/net"))?;
+    if !config.has_network_namespace() || own == host {
+        bail!(
+            "the container shares the host's network namespace; egressd confines containers with their own"
+        );
+    }
+    match config.network_namespace_path() {
+        Some(p) if inode(p).ok() == Some(own) => Ok(p.clone()),
+        _ => Ok(proc_path),
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
+mod tests {
+    use super::*;
+
+    fn opts(scope: Scope) -> HookOptions {
+        HookOptions {
+            socket: "/nonexistent/egressd.sock".into(),
+            policy_dir: "/nonexistent".into(),
+            default_policy: None,
+            timeout: Duration::from_secs(1),
+            exempt_namespaces: vec!["egressd-system".into()],
+            scope,
+        }
+    }
+
+    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_runtime_state_and_config() {
+        let state: State = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2","id":"c1","status":"creating","pid":4242,
+                "bundle":"/run/b","annotations":{"io.egressd.policy":"agent"}}"#,
+        )
+        .unwrap();
+        assert_eq!(state.pid, Some(4242));
+        assert_eq!(state.annotations[ANNOTATION_POLICY], "agent");
+        let config: Config = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2","process":{"args":["sh"]},
+                "linux":{"cgroupsPath":"machine.slice:libpod:abc",
+                "namespaces":[{"type":"pid"},{"type":"network","path":"/var/run/netns/x"}]}}"#,
+        )
+        .unwrap();
+        assert!(config.has_network_namespace());
+        assert_eq!(
+            config.network_namespace_path(),
+            Some(&PathBuf::from("/var/run/netns/x"))
+        );
+        assert_eq!(config.cgroups_path(), Some("machine.slice:libpod:abc"));
+        let bare: Config = serde_json::from_str("{}").unwrap();
+        assert!(!bare.has_network_namespace());
+    }
+
+    #[test]
+    fn policy_names_cannot_leave_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("agent.yaml"), "version: 1\n").unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/x.yaml"), "version: 1\n").unwrap();
+        assert_eq!(
+            policy_file(dir.path(), "agent").unwrap(),
+            dir.path().join("agent.yaml")
+        );
+        for bad in [
+            "../agent",
+            "sub/x",
+            "/etc/passwd",
+            "..",
+            ".hidden",
+            "a..b",
+            "",
+            "a b",
+            "x\n",
+        ] {
+            assert!(policy_file(dir.path(), bad).is_err(), "{bad:?} accepted");
+        }
+        let e = policy_file(dir.path(), "missing").unwrap_err().to_string();
+        assert!(e.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn sandbox_names() {
+        let id = "0123456789abcdef";
+        assert_eq!(sandbox_name(Scope::Container, id, &ann(&[])).unwrap(), id);
+        assert_eq!(
+            sandbox_name(
+                Scope::Container,
+                id,
+                &ann(&[(ANNOTATION_SANDBOX, "agent-7")])
+            )
+            .unwrap(),
+            "agent-7"
+        );
+        assert_eq!(
+            sandbox_name(
+                Scope::Pod,
+                id,
+                &ann(&[
+                    (ANNOTATION_K8S_NAMESPACE, "team"),
+                    (ANNOTATION_K8S_POD, "p-1")
+                ])
+            )
+            .unwrap(),
+            "k8s/team/p-1"
+        );
+        assert!(sandbox_name(Scope::Pod, id, &ann(&[])).is_err());
+        assert!(sandbox_name(Scope::Container, &"x".repeat(65), &ann(&[])).is_err());
+    }
+
+    #[test]
+    fn exempt_namespace_and_missing_policy() {
+        let state = State {
+            id: "c1".into(),
+            status: "creating".into(),
+            pid: Some(1),
+            bundle: "/nonexistent".into(),
+            annotations: ann(&[(ANNOTATION_K8S_NAMESPACE, "egressd-system")]),
+        };
+        let config = Config::default();
+        assert!(matches!(
+            plan(
+                Stage::CreateRuntime,
+                &opts(Scope::Container),
+                &state,
+                &config
+            )
+            .unwrap(),
+            Plan::Exempt(_)
+        ));
+        let state = State {
+            annotations: ann(&[(ANNOTATION_K8S_NAMESPACE, "team")]),
+            ..state
+        };
+        let e = plan(
+            Stage::CreateRuntime,
+            &opts(Scope::Container),
+            &state,
+            &config,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("refusing to start it unconfined"), "{e}");
+        // Without a cgroupsPath the hook cannot tell whose sandbox a name is: it leaves
+        // the detach to the daemon's reaper.
+        assert!(matches!(
+            plan(Stage::Poststop, &opts(Scope::Container), &state, &config).unwrap(),
+            Plan::Nothing(_)
+        ));
+        let config: Config =
+            serde_json::from_str(r#"{"linux":{"cgroupsPath":"/agents/c1"}}"#).unwrap();
+        let mount = cgroup::cgroup2_mount().unwrap();
+        assert_eq!(
+            plan(Stage::Poststop, &opts(Scope::Container), &state, &config).unwrap(),
+            Plan::Detach {
+                name: "c1".into(),
+                cgroup: mount.join("agents/c1")
+            }
+        );
+    }
+}

@@ -1,0 +1,78 @@
+//! The parts of the OCI runtime documents the hook reads: the container state a runtime
+//! writes to a hook's standard input, and the bundle's `config.json`. Unknown fields are
+//! ignored (runtimes add their own); only what the hook uses is modelled.
+use std::{collections::BTreeMap, path::PathBuf};
+
+use serde::Deserialize;
+
+/// The state JSON on a hook's standard input (runtime-spec `state`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct State {
+    /// The container id.
+    pub id: String,
+    /// `creating` at `createRuntime`, `stopped` at `poststop`.
+    #[serde(default)]
+    pub status: String,
+    /// The container's init process, in its namespaces and cgroup (0 or absent once gone).
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// The bundle directory holding `config.json`.
+    pub bundle: PathBuf,
+    /// Annotations from the config (runtimes copy them into the state).
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The bundle's `config.json`, as far as the hook reads it.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Config {
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pub linux: Option<Linux>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Linux {
+    /// cgroupfs (`/a/b` or `a/b`) or systemd (`SLICE:PREFIX:NAME`) form.
+    #[serde(default, rename = "cgroupsPath")]
+    pub cgroups_path: Option<String>,
+    #[serde(default)]
+    pub namespaces: Vec<Namespace>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Namespace {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// A namespace to join (e.g. `/var/run/netns/NAME`); absent when the runtime makes one.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+impl Config {
+    /// Whether the container gets a network namespace of its own (or joins a named one),
+    /// rather than sharing the runtime's.
+    pub fn has_network_namespace(&self) -> bool {
+        self.linux
+            .as_ref()
+            .is_some_and(|l| l.namespaces.iter().any(|n| n.type_ == "network"))
+    }
+
+    /// The path of the network namespace the container joins, when the config names one.
+    pub fn network_namespace_path(&self) -> Option<&PathBuf> {
+        self.linux.as_ref().and_then(|l| {
+            l.namespaces
+                .iter()
+                .find(|n| n.type_ == "network")
+                .and_then(|n| n.path.as_ref())
+        })
+    }
+
+    pub fn cgroups_path(&self) -> Option<&str> {
+        self.linux
+            .as_ref()
+            .and_then(|l| l.cgroups_path.as_deref())
+            .filter(|p| !p.is_empty())
+    }
+}

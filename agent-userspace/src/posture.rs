@@ -1,0 +1,241 @@
+//! A sandbox's posture: what its processes could do to get around the kernel programs.
+//! `CAP_SYS_ADMIN` can mount cgroup2 and move a process out of the sandbox's cgroup,
+//! `CAP_NET_ADMIN` can change routes and interfaces, `CAP_NET_RAW` opens packet sockets
+//! (refused only where BPF LSM runs). Read from `/proc/PID/status` (`CapEff`) of every
+//! process in the sandbox's cgroup and its descendants.
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
+
+/// Capability names as policies and records spell them (lowercase, no `cap_` prefix),
+/// with their bit numbers (`include/uapi/linux/capability.h`).
+pub const CAPABILITIES: [(&str, u8); 41] = [
+    ("chown", 0),
+    ("dac_override", 1),
+    ("dac_read_search", 2),
+    ("fowner", 3),
+    ("fsetid", 4),
+    ("kill", 5),
+    ("setgid", 6),
+    ("setuid", 7),
+    ("setpcap", 8),
+    ("linux_immutable", 9),
+    ("net_bind_service", 10),
+    ("net_broadcast", 11),
+    ("net_admin", 12),
+    ("net_raw", 13),
+    ("ipc_lock", 14),
+    ("ipc_owner", 15),
+    ("sys_module", 16),
+    ("sys_rawio", 17),
+    ("sys_chroot", 18),
+    ("sys_ptrace", 19),
+    ("sys_pacct", 20),
+    ("sys_admin", 21),
+    ("sys_boot", 22),
+    ("sys_nice", 23),
+    ("sys_resource", 24),
+    ("sys_time", 25),
+    ("sys_tty_config", 26),
+    ("mknod", 27),
+    ("lease", 28),
+    ("audit_write", 29),
+    ("audit_control", 30),
+    ("setfcap", 31),
+    ("mac_override", 32),
+    ("mac_admin", 33),
+    ("syslog", 34),
+    ("wake_alarm", 35),
+    ("block_suspend", 36),
+    ("audit_read", 37),
+    ("perfmon", 38),
+    ("bpf", 39),
+    ("checkpoint_restore", 40),
+];
+
+/// Capabilities that let a sandbox get around or change its confinement; holding any is a
+/// risky posture.
+pub const RISKY: [&str; 6] = [
+    "sys_admin",
+    "net_admin",
+    "net_raw",
+    "bpf",
+    "sys_module",
+    "sys_ptrace",
+];
+
+/// The bit of a capability name, if it is one.
+pub fn capability_bit(name: &str) -> Option<u8> {
+    CAPABILITIES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, b)| *b)
+}
+
+/// Names of the capabilities set in a `CapEff` mask, in bit order.
+pub fn capability_names(mask: u64) -> Vec<&'static str> {
+    CAPABILITIES
+        .iter()
+        .filter(|(_, b)| mask & (1u64 << b) != 0)
+        .map(|(n, _)| *n)
+        .collect()
+}
+
+/// The `CapEff` mask in the text of `/proc/PID/status`.
+pub fn parse_cap_eff(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// What the sandbox's processes hold, summed over all of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Posture {
+    /// Processes seen in the cgroup tree.
+    pub pids: BTreeSet<u32>,
+    /// Union of their effective capabilities.
+    pub cap_eff: u64,
+}
+
+impl Posture {
+    /// Effective capabilities any process holds, by name.
+    pub fn capabilities(&self) -> Vec<&'static str> {
+        capability_names(self.cap_eff)
+    }
+
+    /// The risky capabilities held.
+    pub fn risky(&self) -> Vec<&'static str> {
+        self.capabilities()
+            .into_iter()
+            .filter(|c| RISKY.contains(c))
+            .collect()
+    }
+
+    /// Whether a process could mount cgroup2 and move itself out of the cgroup.
+    pub fn can_leave_cgroup(&self) -> bool {
+        capability_bit("sys_admin").is_some_and(|b| self.cap_eff & (1u64 << b) != 0)
+    }
+
+    /// Which of `forbidden` (capability names) are held.
+    pub fn violations<'a>(&self, forbidden: &'a [String]) -> Vec<&'a str> {
+        forbidden
+            .iter()
+            .filter(|n| capability_bit(n).is_some_and(|b| self.cap_eff & (1u64 << b) != 0))
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// Reads the posture of every process in `cgroup` and the cgroups below it. Processes
+    /// that exit meanwhile are skipped.
+    pub fn read(cgroup: &Path) -> Self {
+        Self::read_only(cgroup, |_| true)
+    }
+
+    /// Like [`Posture::read`] for the processes `want` accepts only.
+    pub fn read_only(cgroup: &Path, want: impl Fn(u32) -> bool) -> Self {
+        let mut posture = Self::default();
+        for pid in pids_below(cgroup) {
+            if !want(pid) {
+                continue;
+            }
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                continue;
+            };
+            if let Some(mask) = parse_cap_eff(&status) {
+                posture.pids.insert(pid);
+                posture.cap_eff |= mask;
+            }
+        }
+        posture
+    }
+}
+
+/// A process's start time (clock ticks since boot, field 22 of `/proc/PID/stat`): with the
+/// pid it names one process, even after the pid is reused.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+/// Field 22 of a `/proc/PID/stat` line; the command name in parentheses may hold spaces.
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The cgroup v2 path of a process as `/proc/PID/cgroup` gives it.
+pub fn cgroup_of(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+}
+
+/// Every pid in `cgroup.procs` of `cgroup` and its descendants (bounded depth).
+pub fn pids_below(cgroup: &Path) -> BTreeSet<u32> {
+    let mut pids = BTreeSet::new();
+    let mut stack: Vec<(PathBuf, u32)> = vec![(cgroup.to_path_buf(), 0)];
+    while let Some((dir, depth)) = stack.pop() {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            pids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        if depth >= 16 {
+            continue;
+        }
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push((e.path(), depth + 1));
+                }
+            }
+        }
+    }
+    pids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_cap_eff() {
+        let status = "Name:\tsh\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t00000000a80425fb\n";
+        assert_eq!(parse_cap_eff(status), Some(0xa80425fb));
+        let mask = 0xa80425fb;
+        // Docker's default set: net_raw is in it, sys_admin and net_admin are not.
+        let names = capability_names(mask);
+        assert!(names.contains(&"net_raw"));
+        assert!(!names.contains(&"sys_admin"));
+        assert!(!names.contains(&"net_admin"));
+        let p = Posture {
+            pids: [1].into(),
+            cap_eff: mask,
+        };
+        assert_eq!(p.risky(), ["net_raw"]);
+        assert!(!p.can_leave_cgroup());
+        let forbidden = vec!["sys_admin".to_string(), "net_raw".to_string()];
+        assert_eq!(p.violations(&forbidden), ["net_raw"]);
+        assert_eq!(parse_cap_eff("Name: x\n"), None);
+    }
+
+    #[test]
+    fn reads_start_time() {
+        let stat = "1234 (a) b) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 2273280 200 18446744073709551615";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(parse_start_time("1234 (x) S 1"), None);
+    }
+
+    #[test]
+    fn full_root_can_leave() {
+        let p = Posture {
+            pids: [1].into(),
+            cap_eff: 0x1ff_ffff_ffff,
+        };
+        assert!(p.can_leave_cgroup());
+        assert_eq!(p.capabilities().len(), CAPABILITIES.len());
+        assert_eq!(capability_bit("sys_admin"), Some(21));
+        assert_eq!(capability_bit("cap_sys_admin"), None);
+    }
+}

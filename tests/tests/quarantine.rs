@@ -1,0 +1,402 @@
+//! Quarantine end to end: `egressctl quarantine` under load closes the sandbox's open
+//! keep-alive proxied connection, refuses every new connect (also to addresses it resolved
+//! and used before) with a deny record and nothing reaching an origin, refuses its DNS,
+//! revokes the credential with its `revoke` command, survives a daemon restart, and
+//! `egressctl release` restores the policy. A burst of denials quarantines a sandbox by
+//! itself when its policy says so.
+//!
+//! Needs root, nginx, openssl, curl, git, python3, dnsmasq and dig; skips otherwise.
+use std::net::IpAddr;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use egress_tests::audit::{get_str, get_u64, Match};
+use egress_tests::dns_fixture::{dig, UNSERVED_RESOLVER};
+use egress_tests::dns_server::{Answer, DnsServer};
+use egress_tests::expect::{self, all_output, CURL_COULDNT_CONNECT};
+use egress_tests::https_origin::{
+    API_HOST, API_V4, GIT_HOST, GIT_V4, PINNED_BODY, PINNED_HOST, PINNED_V4, REPO_BODY,
+};
+use egress_tests::proxy_fixture::{ProxyFixture, ProxyOpts, CLIENT_PATH, PROXY_POLICY};
+use egress_tests::util::TempDir;
+use egress_tests::world::CANARY_V4;
+use egress_tests::{require_dns_tools, require_proxy_tools};
+use serde_json::Value;
+
+const REPO_URL: &str = "https://api.github.com/repos/acme/widgets";
+
+/// Names resolved by the daemon (dnsmasq upstream), the API through the proxy with the
+/// `github` credential, the pinned origin allowed directly.
+const NAMES_POLICY: &str = r#"version: 1
+default: deny
+dns:
+  upstream: [192.0.2.53]
+  min_ttl: 300
+rules:
+  - name: github-api
+    to: [api.github.com]
+    ports: [443]
+    action: proxy
+    credential: github
+    http:
+      - methods: [GET, HEAD]
+        paths: ["/repos/acme/widgets/**"]
+  - name: pinned
+    to: [pinned.example]
+    ports: [443]
+    protocol: tcp
+    action: allow
+"#;
+
+/// A keep-alive client that resolves the API's name once, then sends requests on one
+/// connection every 20 ms until it fails (at most 20 s), then connects afresh to the
+/// address it resolved. Prints one JSON line.
+const KEEPALIVE_CLIENT: &str = r#"
+import errno, http.client, json, socket, ssl, sys, time
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+addr = socket.getaddrinfo("api.github.com", 443, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+c = http.client.HTTPSConnection("api.github.com", 443, context=ctx, timeout=5)
+ok, err, deadline = 0, None, time.time() + 20
+while time.time() < deadline:
+    try:
+        c.request("GET", "/repos/acme/widgets")
+        r = c.getresponse()
+        r.read()
+        if r.status != 200:
+            err = "status %d" % r.status
+            break
+        ok += 1
+    except Exception as e:
+        err = type(e).__name__
+        break
+    time.sleep(0.02)
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.settimeout(3)
+try:
+    s.connect((addr, 443))
+    new = "connected"
+except OSError as e:
+    new = errno.errorcode.get(e.errno, str(e.errno))
+print(json.dumps({"addr": addr, "ok": ok, "err": err, "new": new}), flush=True)
+"#;
+
+fn world_answers() -> Vec<Answer> {
+    vec![
+        Answer::new(API_HOST, IpAddr::V4(API_V4)),
+        Answer::new(GIT_HOST, IpAddr::V4(GIT_V4)),
+        Answer::new(PINNED_HOST, IpAddr::V4(PINNED_V4)),
+    ]
+}
+
+fn curl_pinned(fx: &ProxyFixture) -> Result<Output> {
+    let ca = fx.ca.cert().display().to_string();
+    fx.curl_trusting(&ca, &["https://pinned.example/"])
+}
+
+fn status_of(fx: &ProxyFixture, name: &str) -> Result<Value> {
+    fx.daemon
+        .status_sandbox(name)?
+        .with_context(|| format!("sandbox {name} missing from status"))
+}
+
+fn records(fx: &ProxyFixture, m: &Match, n: usize) -> Result<Vec<Value>> {
+    expect::records(&fx.daemon, m, n)
+}
+
+fn dig_status(fx: &ProxyFixture, name: &str) -> Result<String> {
+    let d = dig(&fx.sandbox, &[&format!("@{UNSERVED_RESOLVER}"), name, "A"])?;
+    Ok(d.status.clone().unwrap_or_else(|| d.describe()))
+}
+
+#[test]
+fn quarantine_under_load_survives_restart_and_release_restores() -> Result<()> {
+    require_proxy_tools!();
+    require_dns_tools!();
+    // The revoke command writes what it reads on stdin where only this test looks, and
+    // prints it too: that output must go nowhere.
+    let revoke_dir = TempDir::new("revoke")?;
+    let revoked = revoke_dir.path().join("revoked");
+    let script = revoke_dir.write(
+        "revoke.sh",
+        &format!(
+            "#!/bin/sh\ncat > '{}'\ncat '{}'\ncat '{}' >&2\n",
+            revoked.display(),
+            revoked.display(),
+            revoked.display()
+        ),
+    )?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let mut fx = ProxyFixture::new(ProxyOpts {
+        policy: NAMES_POLICY.into(),
+        nameserver: Some(IpAddr::V4(UNSERVED_RESOLVER)),
+        github_revoke: Some(vec![script.display().to_string()]),
+        ..ProxyOpts::default()
+    })?;
+    let _dns = DnsServer::start(&fx.world, &world_answers(), 300)?;
+    let name = fx.sandbox.label().to_string();
+    let proxy_ca = fx.proxy_ca().display().to_string();
+
+    // Positive controls: the direct rule and DNS work before quarantine.
+    let out = curl_pinned(&fx)?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout) == PINNED_BODY,
+        "pinned origin before quarantine: {}",
+        all_output(&out)
+    );
+    ensure!(dig_status(&fx, API_HOST)? == "NOERROR");
+
+    // Load: a keep-alive connection sending requests through the proxy.
+    let mut cmd =
+        fx.sandbox
+            .command_with_timeout(40, "python3", &["-c", KEEPALIVE_CLIENT, &proxy_ca]);
+    cmd.env_clear()
+        .env("PATH", CLIENT_PATH)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let client = cmd.spawn()?;
+    let before = fx.origin.requests()?.len();
+    fx.origin
+        .wait_new_at_least(before, 5, Duration::from_secs(15))?;
+    let pinned_before = pinned_requests(&fx)?;
+
+    let out = fx.daemon.ctl([
+        "quarantine",
+        &name,
+        "--reason",
+        "test: suspected exfiltration",
+    ])?;
+    ensure!(out.status.success(), "quarantine: {}", all_output(&out));
+    // A request already on its way when the switch happened may still land; none after.
+    std::thread::sleep(Duration::from_millis(300));
+    let settled = fx.origin.requests()?.len();
+
+    let out = client.wait_with_output()?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    let result: Value = serde_json::from_str(line.trim())
+        .with_context(|| format!("client printed no result: {}", all_output(&out)))?;
+    ensure!(
+        result["ok"].as_u64().unwrap_or(0) >= 5 && !result["err"].is_null(),
+        "the keep-alive connection was not closed by quarantine: {result}"
+    );
+    ensure!(
+        result["new"] == "EPERM" && result["addr"] == API_V4.to_string(),
+        "a new connect to the resolved address was not refused with EPERM: {result}"
+    );
+    ensure!(
+        fx.origin.requests()?.len() == settled,
+        "a request reached the origin after quarantine"
+    );
+
+    // Recorded: the quarantine, and the refused connect.
+    let q = records(
+        &fx,
+        &Match::lifecycle("sandbox-quarantine").sandbox(&name),
+        1,
+    )?;
+    ensure!(
+        get_str(&q[0], "egress.quarantine.trigger") == Some("operator")
+            && get_str(&q[0], "event.reason") == Some("test: suspected exfiltration"),
+        "quarantine record: {}",
+        q[0]
+    );
+    records(
+        &fx,
+        &Match::decision("deny", IpAddr::V4(API_V4), 443).sandbox(&name),
+        1,
+    )?;
+    // The revoke command got the token on stdin; the revocation is recorded by name.
+    let r = records(
+        &fx,
+        &Match::lifecycle("credential-revoke").sandbox(&name),
+        1,
+    )?;
+    ensure!(
+        get_str(&r[0], "egress.credential.name") == Some("github")
+            && get_str(&r[0], "event.outcome") == Some("success"),
+        "revoke record: {}",
+        r[0]
+    );
+    let got = std::fs::read_to_string(&revoked).context("the revoke command did not run")?;
+    ensure!(
+        got == format!("{}\n", fx.token()),
+        "the revoke command did not get the token"
+    );
+
+    // Every other way out is refused too: a direct rule's address (resolved before, as a
+    // client with a cached answer would use it), and DNS.
+    let ca = fx.ca.cert().display().to_string();
+    let resolve = format!("{PINNED_HOST}:443:{PINNED_V4}");
+    let out = fx.curl_trusting(&ca, &["--resolve", &resolve, "https://pinned.example/"])?;
+    expect::exit_code(&out, CURL_COULDNT_CONNECT)?;
+    records(
+        &fx,
+        &Match::decision("deny", IpAddr::V4(PINNED_V4), 443).sandbox(&name),
+        1,
+    )?;
+    ensure!(
+        pinned_requests(&fx)? == pinned_before,
+        "the pinned origin got a request"
+    );
+    ensure!(dig_status(&fx, API_HOST)? == "REFUSED");
+    let refused = records(&fx, &Match::lifecycle("dns-query").sandbox(&name), 1)?;
+    ensure!(
+        refused
+            .iter()
+            .any(|r| get_str(r, "dns.response_code") == Some("REFUSED")),
+        "no REFUSED dns-query record: {refused:?}"
+    );
+    expect::canary_silent(&fx.canary)?;
+
+    let st = status_of(&fx, &name)?;
+    ensure!(
+        st["quarantine"]["trigger"] == "operator"
+            && st["quarantine"]["reason"] == "test: suspected exfiltration",
+        "status: {st}"
+    );
+    let table = fx.daemon.ctl_ok(["status"])?;
+    ensure!(
+        String::from_utf8_lossy(&table.stdout).contains("QUARANTINED since"),
+        "status table: {}",
+        all_output(&table)
+    );
+    // Quarantining again changes nothing.
+    let again = fx.daemon.ctl_ok(["quarantine", &name])?;
+    ensure!(String::from_utf8_lossy(&again.stdout).contains("already quarantined"));
+
+    // Restart while quarantined: the kernel stays deny-all all along, the new daemon
+    // keeps the sandbox quarantined.
+    fx.daemon.terminate(Duration::from_secs(10))?;
+    expect::eperm(
+        &fx.sandbox
+            .probe("tcp-connect", IpAddr::V4(API_V4), 443, &[])?,
+    )?;
+    fx.daemon.restart()?;
+    records(&fx, &Match::lifecycle("sandbox-adopt").sandbox(&name), 1)?;
+    let st = status_of(&fx, &name)?;
+    ensure!(
+        st["quarantine"]["trigger"] == "operator",
+        "after restart: {st}"
+    );
+    expect::eperm(
+        &fx.sandbox
+            .probe("tcp-connect", IpAddr::V4(PINNED_V4), 443, &[])?,
+    )?;
+    ensure!(dig_status(&fx, API_HOST)? == "REFUSED");
+    let out = fx.curl(&[REPO_URL])?;
+    ensure!(
+        !out.status.success(),
+        "API reachable after restart: {}",
+        all_output(&out)
+    );
+
+    // Release: the policy is back (positive control for everything refused above).
+    let out = fx.daemon.ctl_ok(["release", &name])?;
+    ensure!(String::from_utf8_lossy(&out.stdout).contains("released"));
+    records(&fx, &Match::lifecycle("sandbox-release").sandbox(&name), 1)?;
+    ensure!(status_of(&fx, &name)?.get("quarantine").is_none());
+    ensure!(dig_status(&fx, API_HOST)? == "NOERROR");
+    let out = fx.curl(&[REPO_URL])?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout) == REPO_BODY,
+        "API after release: {}",
+        all_output(&out)
+    );
+    let out = curl_pinned(&fx)?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout) == PINNED_BODY,
+        "pinned origin after release: {}",
+        all_output(&out)
+    );
+    let second = fx.daemon.ctl(["release", &name])?;
+    ensure!(!second.status.success(), "a second release succeeded");
+    fx.assert_token_absent(&[])
+}
+
+/// Requests the pinned origin received so far.
+fn pinned_requests(fx: &ProxyFixture) -> Result<usize> {
+    Ok(fx
+        .origin
+        .requests()?
+        .iter()
+        .filter(|r| r.sni == PINNED_HOST || r.host == PINNED_HOST)
+        .count())
+}
+
+#[test]
+fn a_denial_burst_quarantines_when_the_policy_says_so() -> Result<()> {
+    require_proxy_tools!();
+    let policy = format!(
+        "{PROXY_POLICY}alerts:\n  responses: {{ denial-burst: quarantine }}\n  denial_burst: {{ count: 8, seconds: 5 }}\n"
+    );
+    let fx = ProxyFixture::new(ProxyOpts {
+        policy,
+        ..ProxyOpts::default()
+    })?;
+    let name = fx.sandbox.label().to_string();
+    // Positive control, and fewer denials than the threshold do nothing.
+    let out = fx.curl(&[REPO_URL])?;
+    ensure!(out.status.success(), "before: {}", all_output(&out));
+    let run = |n: usize| -> Result<String> {
+        let script = format!(
+            "import socket\nfor i in range({n}):\n    s = socket.socket()\n    s.settimeout(1)\n    \
+             try:\n        s.connect(('{CANARY_V4}', 80))\n    except PermissionError:\n        \
+             print('EPERM')\n    except OSError as e:\n        print(e)\n"
+        );
+        let out = fx.client(10, "python3", &["-c", &script], &[])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    ensure!(run(3)?.matches("EPERM").count() == 3);
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(status_of(&fx, &name)?.get("quarantine").is_none());
+
+    // 12 more within a second: one alert, and the sandbox is quarantined.
+    ensure!(run(12)?.matches("EPERM").count() == 12);
+    let alert = records(&fx, &Match::lifecycle("denial-burst").sandbox(&name), 1)?;
+    let a = &alert[0];
+    ensure!(
+        get_str(a, "event.kind") == Some("alert")
+            && get_str(a, "egress.alert.response") == Some("quarantine")
+            && get_u64(a, "egress.alert.count") == Some(8)
+            && get_u64(a, "egress.alert.window_seconds") == Some(5),
+        "alert: {a}"
+    );
+    let q = records(
+        &fx,
+        &Match::lifecycle("sandbox-quarantine").sandbox(&name),
+        1,
+    )?;
+    ensure!(
+        get_str(&q[0], "egress.quarantine.trigger") == Some("denial-burst"),
+        "quarantine record: {}",
+        q[0]
+    );
+    ensure!(status_of(&fx, &name)?["quarantine"]["trigger"] == "denial-burst");
+    // Summarised: the 7 denials after the 8th, in the same window, raise nothing more.
+    std::thread::sleep(Duration::from_millis(500));
+    let all = fx.daemon.audit_records()?;
+    ensure!(
+        Match::lifecycle("denial-burst").all(&all).len() == 1,
+        "more than one burst alert"
+    );
+    // The API the policy allowed is refused now, and its origin got nothing.
+    let before = fx.origin.requests()?.len();
+    let out = fx.curl(&[REPO_URL])?;
+    expect::exit_code(&out, CURL_COULDNT_CONNECT)?;
+    records(
+        &fx,
+        &Match::decision("deny", IpAddr::V4(API_V4), 443).sandbox(&name),
+        1,
+    )?;
+    ensure!(fx.origin.requests()?.len() == before);
+    expect::canary_silent(&fx.canary)?;
+
+    fx.daemon.ctl_ok(["release", &name])?;
+    let out = fx.curl(&[REPO_URL])?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout) == REPO_BODY,
+        "after release: {}",
+        all_output(&out)
+    );
+    fx.assert_token_absent(&[])
+}

@@ -1,0 +1,409 @@
+//! Packets go only where the judged address says. A sandbox cannot make the kernel route
+//! its packets through another address than the one connect/sendmsg judged: IPv4 source
+//! routes (`IP_OPTIONS` loose and strict, by setsockopt on TCP and UDP; `IP_RETOPTS` as
+//! control data on a UDP message) and IPv6 routing headers (`IPV6_RTHDR` types 0, 2 and 4
+//! by setsockopt, the RFC 2292 form, and control data) are refused and recorded, with an
+//! alert that summarises them. Packet sockets are refused where the kernel runs BPF LSM
+//! programs; where it does not, `status` and the attach record say they are not covered.
+//! MPTCP sockets are refused and recorded as MPTCP, not TCP.
+//!
+//! Proved three ways: the C helper's errno, the deny records, and a packet capture in the
+//! world namespace that saw nothing addressed to the first hop (and nothing with IPv4
+//! options or an IPv6 routing header), beside positive controls that did go out.
+//!
+//! Needs root, cgroup v2, bpffs, gcc, tcpdump and the egressd binaries; skips otherwise.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use egress_tests::audit::{action, get_str, get_u64};
+use egress_tests::expect;
+use egress_tests::fixture::Fixture;
+use egress_tests::require_root;
+use egress_tests::util::{fixture, poll, which, ChildGuard};
+use egress_tests::world::{CANARY_V4, CANARY_V6, ORIGIN_V4, ORIGIN_V6};
+use serde_json::Value;
+
+/// TCP and UDP to the origin on port 80 are allowed; everything else is denied.
+const POLICY: &str = r#"version: 1
+default: deny
+rules:
+  - name: origin
+    to: [192.0.2.10, "2001:db8::10"]
+    ports: [80]
+    action: allow
+"#;
+
+/// Cases the helper must see refused with EPERM by egressd.
+const REFUSED: [&str; 13] = [
+    "tcp4-lsrr-setsockopt",
+    "udp4-lsrr-setsockopt",
+    "tcp4-ssrr-setsockopt",
+    "udp4-ssrr-setsockopt",
+    "udp4-retopts-cmsg",
+    "udp6-rthdr0-setsockopt",
+    "tcp6-rthdr0-setsockopt",
+    "udp6-rthdr2-setsockopt",
+    "tcp6-rthdr2-setsockopt",
+    "udp6-rthdr4-setsockopt",
+    "tcp6-rthdr4-setsockopt",
+    "udp6-2292rthdr-setsockopt",
+    "mptcp-socket",
+];
+
+/// Positive controls that must succeed.
+const ALLOWED: [&str; 8] = [
+    "tcp4-lsrr-then-connect",
+    "tcp4-ssrr-then-connect",
+    "udp4-ip-tos",
+    "udp4-plain-send",
+    "udp4-clear-options",
+    "udp6-plain-send",
+    "tcp4-nodelay",
+    "tcp4-plain-connect",
+];
+
+fn build_helper(dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    let out = dir.join("sidedoor");
+    let status = Command::new("gcc")
+        .args(["-Wall", "-O1", "-o"])
+        .arg(&out)
+        .arg(fixture("sidedoor.c"))
+        .status()
+        .context("running gcc")?;
+    ensure!(status.success(), "gcc failed on sidedoor.c");
+    Ok(out)
+}
+
+/// Lines of a pcap that match a tcpdump filter.
+fn matching(pcap: &std::path::Path, filter: &str) -> Result<Vec<String>> {
+    let out = Command::new("tcpdump")
+        .args(["-n", "-r"])
+        .arg(pcap)
+        .arg(filter)
+        .stderr(Stdio::null())
+        .output()
+        .context("tcpdump -r")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+#[test]
+fn source_routes_and_packet_sockets_are_refused() -> Result<()> {
+    require_root!();
+    if which("gcc").is_none() || which("tcpdump").is_none() {
+        eprintln!("skipping: needs gcc and tcpdump (scripts/setup.sh installs them)");
+        return Ok(());
+    }
+    let fx = Fixture::new()?;
+    fx.attach(POLICY)?;
+    let helper = build_helper(fx.dir.path())?;
+
+    // Capture everything the world receives from the sandbox while the helper runs.
+    let pcap = fx.dir.path().join("world.pcap");
+    let log = fx.dir.path().join("tcpdump.log");
+    let child = fx
+        .world
+        .netns()
+        .spawn_command(
+            "tcpdump",
+            &[
+                "-i",
+                "any",
+                "-n",
+                "-U",
+                "-Z",
+                "root",
+                "-w",
+                &pcap.display().to_string(),
+                "ip or ip6",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("spawning tcpdump")?;
+    let mut tcpdump = ChildGuard::new(child, "tcpdump");
+    poll(Duration::from_secs(10), Duration::from_millis(50), || {
+        Ok(std::fs::read_to_string(&log)?
+            .contains("listening on")
+            .then_some(()))
+    })?
+    .context("tcpdump did not start listening")?;
+
+    let out = fx.sandbox.run(
+        &helper,
+        &[
+            CANARY_V4.to_string(),
+            ORIGIN_V4.to_string(),
+            CANARY_V6.to_string(),
+            ORIGIN_V6.to_string(),
+            "80".to_string(),
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let results: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once(' ')).collect();
+    for case in REFUSED {
+        ensure!(
+            results.get(case) == Some(&"EPERM"),
+            "{case}: expected EPERM, got {:?}\n{text}",
+            results.get(case)
+        );
+    }
+    for case in ALLOWED {
+        ensure!(
+            results.get(case) == Some(&"ok"),
+            "{case}: expected ok, got {:?}\n{text}",
+            results.get(case)
+        );
+    }
+    // The kernel takes only type 2 (Mobile IPv6) routing headers as control data, and only
+    // when built with it; either the kernel refuses it or the packet is dropped (EPERM).
+    let cmsg6 = results.get("udp6-rthdr2-cmsg").copied();
+    ensure!(
+        matches!(cmsg6, Some("EPERM" | "EINVAL")),
+        "udp6-rthdr2-cmsg: expected EPERM or EINVAL, got {cmsg6:?}\n{text}"
+    );
+
+    // Packet sockets: refused where BPF LSM runs; otherwise said plainly.
+    let status = fx.daemon.status_json()?;
+    let covered = status["packet_sockets_covered"].as_bool() == Some(true);
+    let packet = results.get("packet-socket").copied();
+    if covered {
+        ensure!(packet == Some("EPERM"), "packet socket: {packet:?}\n{text}");
+    } else {
+        eprintln!(
+            "note: packet sockets are not covered on this kernel: {}",
+            status["packet_sockets_note"]
+        );
+        ensure!(
+            status["packet_sockets_note"]
+                .as_str()
+                .is_some_and(|s| !s.is_empty()),
+            "status says packet sockets are not covered but not why: {status}"
+        );
+        let text_status = fx.daemon.ctl_ok(["status"])?;
+        ensure!(
+            String::from_utf8_lossy(&text_status.stdout).contains("packet sockets: NOT COVERED"),
+            "egressctl status does not say packet sockets are not covered"
+        );
+    }
+
+    // Records: every refusal, named.
+    let records = poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        let all = fx.daemon.audit_records()?;
+        let alerts: u64 = all
+            .iter()
+            .filter(|r| action(r) == Some("source-routing"))
+            .filter_map(|r| get_u64(r, "egress.alert.count"))
+            .sum();
+        Ok((alerts >= 12).then_some(all))
+    })?
+    .context("no source-routing alerts summing to 12 refusals")?;
+    let denied = |act: &str, name: &str| -> Vec<&Value> {
+        records
+            .iter()
+            .filter(|r| {
+                action(r) == Some(act)
+                    && get_str(r, "egress.verdict") == Some("deny")
+                    && get_str(r, "egress.option.name") == Some(name)
+                    && get_str(r, "egress.sandbox.name") == Some(fx.sandbox.label())
+            })
+            .collect()
+    };
+    ensure!(
+        denied("setsockopt", "IP_OPTIONS").len() >= 4,
+        "IP_OPTIONS records"
+    );
+    ensure!(
+        denied("setsockopt", "IPV6_RTHDR").len() >= 6,
+        "IPV6_RTHDR records"
+    );
+    ensure!(
+        !denied("setsockopt", "IPV6_2292RTHDR").is_empty(),
+        "IPV6_2292RTHDR records"
+    );
+    let dropped = denied("packet", "ipv4-options");
+    ensure!(
+        dropped
+            .iter()
+            .any(|r| get_u64(r, "egress.option.type") == Some(131)
+                && get_str(r, "destination.ip") == Some(&CANARY_V4.to_string())),
+        "no packet record naming the loose source route and its first hop: {dropped:?}"
+    );
+    let mptcp = records
+        .iter()
+        .find(|r| get_u64(r, "egress.socket.protocol") == Some(262))
+        .context("no record of the MPTCP socket")?;
+    ensure!(
+        get_str(mptcp, "network.transport") == Some("mptcp"),
+        "MPTCP recorded as {:?}",
+        get_str(mptcp, "network.transport")
+    );
+    let attach = records
+        .iter()
+        .find(|r| action(r) == Some("sandbox-attach"))
+        .context("no attach record")?;
+    ensure!(
+        attach["egress"]["coverage"]["packet_sockets"].as_bool() == Some(covered),
+        "attach record coverage disagrees with status: {attach}"
+    );
+    if covered {
+        ensure!(
+            records
+                .iter()
+                .any(|r| get_str(r, "egress.hook") == Some("lsm_socket_create")
+                    && get_str(r, "egress.socket.family") == Some("packet")),
+            "no record of the refused packet socket"
+        );
+    }
+
+    // Nothing reached the first hops; the positive controls did reach the origin.
+    std::thread::sleep(expect::CANARY_SETTLE);
+    tcpdump.terminate(libc::SIGINT, Duration::from_secs(5))?;
+    for filter in [
+        "dst host 203.0.113.66 or dst host 2001:db8::66",
+        "ip and ip[0] & 0xf > 5",
+        "ip6 and ip6[6] == 43",
+    ] {
+        let seen = matching(&pcap, filter)?;
+        ensure!(seen.is_empty(), "capture matched {filter:?}: {seen:?}");
+    }
+    let to_origin = matching(&pcap, "dst host 192.0.2.10 and udp")?;
+    ensure!(
+        !to_origin.is_empty(),
+        "positive control: no UDP to the origin captured; capture: {:?}; tcpdump: {}",
+        matching(&pcap, "ip or ip6")?,
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let to_origin6 = matching(&pcap, "dst host 2001:db8::10 and udp")?;
+    ensure!(
+        !to_origin6.is_empty(),
+        "positive control: no UDPv6 to the origin captured"
+    );
+    expect::canary_silent(&fx.canary)?;
+    Ok(())
+}
+
+#[test]
+fn posture_is_recorded_and_required() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    // A process in the sandbox at attach; the test bed runs it as root with every
+    // capability, the worst posture a container can have.
+    let child = fx
+        .sandbox
+        .command("sleep", &["30"])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("spawning sleep in the sandbox")?;
+    let _sleeper = ChildGuard::new(child, "sleep");
+    poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        let procs = std::fs::read_to_string(fx.sandbox.cgroup().procs_file())?;
+        Ok((!procs.trim().is_empty()).then_some(()))
+    })?
+    .context("no process joined the sandbox cgroup")?;
+
+    let strict = fx.policy(
+        "strict.yaml",
+        &format!("{POLICY}require:\n  no_capabilities: [sys_admin, net_admin, net_raw]\n"),
+    )?;
+    let out = fx.daemon.ctl([
+        OsStr::new("attach"),
+        OsStr::new("--cgroup"),
+        fx.sandbox.cgroup().path().as_os_str(),
+        OsStr::new("--policy"),
+        strict.as_os_str(),
+        OsStr::new("--name"),
+        OsStr::new(fx.sandbox.label()),
+    ])?;
+    ensure!(
+        !out.status.success(),
+        "attach with a violated require succeeded"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        err.contains("sys_admin"),
+        "refusal does not name sys_admin: {err}"
+    );
+    let rejected = poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        Ok(fx
+            .daemon
+            .audit_records()?
+            .into_iter()
+            .find(|r| action(r) == Some("policy-rejected")))
+    })?
+    .context("no policy-rejected record")?;
+    ensure!(
+        get_str(&rejected, "error.message").is_some_and(|m| m.contains("net_admin")),
+        "policy-rejected record does not name the capabilities: {rejected}"
+    );
+    ensure!(
+        fx.daemon.status_sandbox(fx.sandbox.label())?.is_none(),
+        "the refused sandbox was attached"
+    );
+
+    // Without the requirement: attached, posture recorded, alert raised, status shows it.
+    fx.attach(POLICY)?;
+    let records = poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        let all = fx.daemon.audit_records()?;
+        Ok(all
+            .iter()
+            .any(|r| action(r) == Some("risky-posture"))
+            .then_some(all))
+    })?
+    .context("no risky-posture alert")?;
+    let attach = records
+        .iter()
+        .find(|r| action(r) == Some("sandbox-attach"))
+        .context("no attach record")?;
+    let posture = &attach["egress"]["posture"];
+    ensure!(
+        posture["can_leave_cgroup"].as_bool() == Some(true)
+            && posture["risky_capabilities"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|c| c == "sys_admin"))
+            && posture["processes"].as_u64() >= Some(1),
+        "attach record posture: {posture}"
+    );
+    let status = fx
+        .daemon
+        .status_sandbox(fx.sandbox.label())?
+        .context("sandbox missing from status")?;
+    ensure!(
+        status["can_leave_cgroup"].as_bool() == Some(true),
+        "status posture: {status}"
+    );
+
+    // With CAP_SYS_ADMIN the process can leave: move it to the root cgroup (as it could
+    // itself) and the daemon's next pass raises a cgroup-escape alert.
+    let pid: i32 = std::fs::read_to_string(fx.sandbox.cgroup().procs_file())?
+        .lines()
+        .next()
+        .context("sandbox cgroup is empty")?
+        .trim()
+        .parse()?;
+    let root = egress_tests::cgroup::cgroup2_mount()?.join("cgroup.procs");
+    std::fs::write(&root, pid.to_string()).context("moving the process out")?;
+    let escape = poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        Ok(fx
+            .daemon
+            .audit_records()?
+            .into_iter()
+            .find(|r| action(r) == Some("cgroup-escape")))
+    })?;
+    // The process is outside every guard now: end it before checking.
+    // SAFETY: kill(2) with a positive pid we read from the cgroup just now.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let escape = escape.context("no cgroup-escape alert")?;
+    ensure!(
+        get_str(&escape, "event.reason").is_some_and(|r| r.contains(&format!("pid {pid}"))),
+        "cgroup-escape alert does not name the process: {escape}"
+    );
+    Ok(())
+}
