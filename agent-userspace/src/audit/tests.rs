@@ -813,7 +813,7 @@ fn every_kind_written_to_a_file_matches_the_schema() {
         .iter()
         .map(|l| l["event"]["action"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(actions.len(), 19 + AlertKind::ALL.len(), "{actions:?}");
+    assert_eq!(actions.len(), 20 + AlertKind::ALL.len(), "{actions:?}");
 }
 
 #[test]
