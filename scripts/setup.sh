@@ -20,6 +20,7 @@ packages=(
   curl git python3 python3-venv openssl bind9-dnsutils
   nginx dnsmasq-base nghttp2-client wrk tcpdump
   runc podman conmon busybox-static logrotate
+  prometheus rsyslog
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -241,6 +241,7 @@ impl AuditWriter {
             match out.write(&line[written..]) {
                 Ok(0) => {
                     self.torn |= written > 0;
+                    crate::metrics::audit_write_failed();
                     self.close();
                     return Err(io::ErrorKind::WriteZero.into());
                 }
@@ -248,12 +249,15 @@ impl AuditWriter {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     self.torn |= written > 0;
+                    crate::metrics::audit_write_failed();
                     self.close();
                     return Err(e);
                 }
             }
         }
         self.torn = false;
+        crate::metrics::audit_written(written);
+        crate::collector::forward(line);
         Ok(())
     }
 
@@ -779,8 +783,10 @@ impl AuditHandle {
     /// number of records and counts the rest (see [`AuditConfig::queue_records`]). If the
     /// task has stopped the record cannot be written and that is logged.
     pub fn emit(&self, record: impl Into<Record>) {
+        let record = record.into();
+        crate::metrics::observe(&record);
         if let Err(mpsc::error::SendError(Message::Record(record))) =
-            self.tx.send(Message::Record(Box::new(record.into())))
+            self.tx.send(Message::Record(Box::new(record)))
         {
             error!(
                 action = record.action(),

@@ -1,12 +1,12 @@
 //! `egressctl`: attach sandboxes to `egressd`, detach, quarantine and release them, show
-//! status, and check or test policy files offline.
-use std::{path::PathBuf, process::ExitCode};
+//! status, check or test policy files offline, and read the audit log.
+use std::{io::Write as _, path::PathBuf, process::ExitCode};
 
 use anyhow::{bail, Context};
 use clap::{CommandFactory, Parser, Subcommand};
 use egress::{
     control::{self, Request, DEFAULT_SOCKET},
-    policy,
+    observe, policy,
 };
 
 #[derive(Parser)]
@@ -122,6 +122,46 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Read the audit log: one line per record, filtered.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Print the records in the log that match, then exit.
+    Show(AuditArgs),
+    /// Print new records as they are written, following rotations (with --since: first
+    /// the matching records already there).
+    Follow(AuditArgs),
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// Only this sandbox's records.
+    #[arg(long, value_name = "NAME")]
+    sandbox: Option<String>,
+    /// Only records with this verdict: allow, deny, audit or redirect.
+    #[arg(long, value_parser = observe::parse_verdict)]
+    verdict: Option<String>,
+    /// Only records of this kind: an event.action (connect, dns-query, http-request,
+    /// secret-outbound, ...), `alert`, or a group: network, dns, proxy, http, lifecycle, policy.
+    #[arg(long, value_name = "K")]
+    kind: Option<String>,
+    /// Only records at or after T: RFC 3339 (2026-11-21T22:03:04Z) or a duration ago (30s, 10m, 2h, 1d).
+    #[arg(long, value_name = "T")]
+    since: Option<String>,
+    /// Print the matching records as they are in the log (JSON lines).
+    #[arg(long)]
+    json: bool,
+    /// The audit log [default: `audit_log` of --config, else /var/log/egressd/audit.jsonl].
+    #[arg(long, value_name = "PATH")]
+    file: Option<PathBuf>,
+    /// The daemon's config file, to find its audit log.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -352,6 +392,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Audit { command } => audit(command),
         Command::Policy {
             command: PolicyCommand::Check { files },
         } => {
@@ -407,6 +448,100 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+    }
+}
+
+/// Where the daemon writes its audit log by default.
+const DEFAULT_AUDIT_LOG: &str = "/var/log/egressd/audit.jsonl";
+
+fn audit_log_path(args: &AuditArgs) -> anyhow::Result<PathBuf> {
+    if let Some(file) = &args.file {
+        return Ok(file.clone());
+    }
+    let Some(config) = &args.config else {
+        return Ok(DEFAULT_AUDIT_LOG.into());
+    };
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let doc: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+    match doc.get("audit_log") {
+        None => Ok(DEFAULT_AUDIT_LOG.into()),
+        Some(serde_yaml_ng::Value::String(s)) if s == "-" => bail!(
+            "{}: audit_log is `-` (stdout): read it where the daemon's stdout goes",
+            config.display()
+        ),
+        Some(serde_yaml_ng::Value::String(s)) => Ok(s.into()),
+        Some(_) => bail!("{}: audit_log must be a path", config.display()),
+    }
+}
+
+/// How often `audit follow` looks for new records.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
+    let (follow, args) = match command {
+        AuditCommand::Show(a) => (false, a),
+        AuditCommand::Follow(a) => (true, a),
+    };
+    let path = audit_log_path(&args)?;
+    let since = args
+        .since
+        .as_deref()
+        .map(|s| observe::parse_since(s, time::OffsetDateTime::now_utc()))
+        .transpose()?;
+    let filter = observe::Filter {
+        sandbox: args.sandbox,
+        verdict: args.verdict,
+        kind: args.kind,
+        since,
+    };
+    let start = if follow && since.is_none() {
+        observe::Start::End
+    } else {
+        observe::Start::Beginning
+    };
+    let mut follower = observe::Follower::open(&path, start)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if !follow && !path.exists() {
+        bail!("{}: no such file", path.display());
+    }
+    if follow {
+        // On stderr, so that stdout carries records only.
+        eprintln!(
+            "egressctl: following {}{}",
+            path.display(),
+            if path.exists() {
+                ""
+            } else {
+                " (not there yet)"
+            }
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    loop {
+        let lines = follower
+            .poll()
+            .with_context(|| format!("reading {}", path.display()))?;
+        let caught_up = lines.is_empty();
+        for line in lines {
+            if let Some(text) = observe::render(&line, &filter, args.json) {
+                if writeln!(out, "{text}").is_err() {
+                    // The reader went away (e.g. `| head`): nothing left to do.
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
+        if !caught_up {
+            continue;
+        }
+        if !follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        if out.flush().is_err() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(FOLLOW_POLL);
     }
 }
 

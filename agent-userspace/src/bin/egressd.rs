@@ -55,6 +55,9 @@ struct RunArgs {
     /// Directory for the daemon's state [default: /var/lib/egressd].
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464 [default: off].
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// `--config` file. Every key is optional.
@@ -69,6 +72,10 @@ struct ConfigFile {
     bpffs: Option<PathBuf>,
     /// State directory.
     state_dir: Option<PathBuf>,
+    /// Address to serve Prometheus metrics on (`/metrics`); off when unset.
+    metrics: Option<std::net::SocketAddr>,
+    /// Also ship every audit record to a syslog collector (RFC 5424 over TCP).
+    collector: Option<egress::collector::CollectorConfig>,
     /// Port of the proxy listener on each sandbox's loopback (default 15001).
     proxy_port: Option<u16>,
     /// A sandbox's DNS resolver listens on this port plus its index (default 15300).
@@ -143,6 +150,8 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
         alerts: AlertSettings::compile(&file.alerts)
             .map_err(|e| anyhow::anyhow!("{config_name}: alerts.{}: {}", e.field, e.message))?,
         proxy: file.proxy,
+        metrics: args.metrics.or(file.metrics),
+        collector: file.collector,
     })
 }
 

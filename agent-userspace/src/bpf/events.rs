@@ -76,6 +76,11 @@ impl EventReader {
         }
     }
 
+    /// A probe of how full the ring buffer is, usable from other threads.
+    pub fn usage_probe(&self) -> Result<super::RingUsageProbe, BpfError> {
+        super::RingUsageProbe::new(std::os::fd::AsFd::as_fd(self.ring.get_ref()))
+    }
+
     /// Drains what is buffered now without waiting.
     pub fn drain_now(&mut self) -> Vec<KernelEvent> {
         let ring = self.ring.get_mut();

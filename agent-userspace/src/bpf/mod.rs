@@ -18,6 +18,7 @@ mod events;
 mod loader;
 mod lsm;
 mod maps;
+mod ring_usage;
 
 pub use attach::{attach_lsm, attached_cgroups, lsm_pinned, Links};
 pub use bpffs::{ensure_bpffs, PinLayout};
@@ -25,6 +26,7 @@ pub use events::{EventReader, KernelEvent};
 pub use loader::{Programs, HOOKS};
 pub use lsm::{active_lsms, LsmSupport};
 pub use maps::{PeerMap, PolicyMaps};
+pub use ring_usage::RingUsageProbe;
 
 use std::{io, path::PathBuf};
 

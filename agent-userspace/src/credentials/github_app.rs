@@ -112,6 +112,9 @@ pub(super) struct GithubApp {
     pub(super) timeout: Duration,
     /// Held across a mint, so that concurrent callers share it.
     cache: tokio::sync::Mutex<Cache>,
+    /// Tokens minted, and mints that failed (metrics).
+    mints: std::sync::atomic::AtomicU64,
+    failures: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -270,6 +273,8 @@ impl GithubApp {
             dialer: upstream.dialer.clone(),
             timeout: MINT_TIMEOUT,
             cache: tokio::sync::Mutex::new(Cache::default()),
+            mints: Default::default(),
+            failures: Default::default(),
         })
     }
 
@@ -292,6 +297,12 @@ impl GithubApp {
                 self.timeout.as_secs()
             )),
         };
+        let counter = if minted.is_ok() {
+            &self.mints
+        } else {
+            &self.failures
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match minted {
             Ok(token) => {
                 let value = token.value.clone();
@@ -312,6 +323,24 @@ impl GithubApp {
                 })
             }
         }
+    }
+
+    /// Tokens minted, failed mints, and how long the current token is still valid (`None`
+    /// without one, or while a mint holds the cache).
+    pub(super) fn stats(&self) -> (u64, u64, Option<Duration>) {
+        let left = self.cache.try_lock().ok().and_then(|cache| {
+            let now = Instant::now();
+            cache
+                .token
+                .as_ref()
+                .filter(|t| now < t.expires)
+                .map(|t| t.expires - now)
+        });
+        (
+            self.mints.load(std::sync::atomic::Ordering::Relaxed),
+            self.failures.load(std::sync::atomic::Ordering::Relaxed),
+            left,
+        )
     }
 
     /// Signs a JWT and asks the token endpoint for an installation token.

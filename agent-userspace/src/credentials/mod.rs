@@ -32,7 +32,7 @@ pub use raw::{
 };
 pub use revoke::REVOKE_TIMEOUT;
 pub use secret::Secret;
-pub use store::{normalize_host, CredentialStore, COMMAND_TIMEOUT};
+pub use store::{normalize_host, CredentialStats, CredentialStore, COMMAND_TIMEOUT};
 pub use vault::VAULT_TIMEOUT;
 
 #[cfg(test)]

@@ -3,7 +3,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc, Mutex, RwLock,
+};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -122,7 +125,29 @@ struct Credential {
     inject: Inject,
     hosts: BTreeSet<String>,
     header: HeaderCache,
+    /// Fetches from a `command` source and failed fetches from any source except
+    /// `github_app`, which counts its own mints.
+    fetches: AtomicU64,
+    failures: AtomicU64,
     revoke: Option<RevokeCommand>,
+}
+
+/// A credential's state for metrics: its name and source kind, never its value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CredentialStats {
+    pub name: String,
+    /// `file`, `env`, `command`, `github_app` or `vault`.
+    pub source: &'static str,
+    /// Values obtained from the source: token mints and command runs (files and
+    /// environment variables are read, not fetched, and secret-store reads are not
+    /// counted here: 0).
+    pub fetches: u64,
+    /// Fetches or reads that failed, including a failed token renewal while the current
+    /// token was still used.
+    pub failures: u64,
+    /// How long the current value is still used: until a token expires or a command's
+    /// output is fetched again. `None` when there is none or it does not expire.
+    pub expires_in: Option<Duration>,
 }
 
 /// The header value last built, and the secret it was built from: rebuilt only when the
@@ -354,6 +379,50 @@ impl CredentialStore {
         Ok(Some((credential.inject.header_name(), value)))
     }
 
+    /// Each credential's fetch counts and time left, by name. Never waits: a value being
+    /// fetched right now shows no expiry until it is in.
+    pub fn stats(&self) -> Vec<CredentialStats> {
+        self.credentials
+            .values()
+            .map(|c| {
+                let (source, fetches, failures, expires_in) = match &c.source {
+                    Source::File(_) => ("file", 0, c.failures.load(Ordering::Relaxed), None),
+                    Source::Env { .. } => ("env", 0, 0, None),
+                    Source::Command(cmd) => {
+                        let left = cmd.cache.try_lock().ok().and_then(|cache| {
+                            cache
+                                .as_ref()
+                                .map(|cached| cmd.ttl.saturating_sub(cached.fetched.elapsed()))
+                        });
+                        (
+                            "command",
+                            c.fetches.load(Ordering::Relaxed),
+                            c.failures.load(Ordering::Relaxed),
+                            left,
+                        )
+                    }
+                    Source::GithubApp(app) => {
+                        let (mints, failures, left) = app.stats();
+                        ("github_app", mints, failures, left)
+                    }
+                    Source::Vault(_) => (
+                        "vault",
+                        c.fetches.load(Ordering::Relaxed),
+                        c.failures.load(Ordering::Relaxed),
+                        None,
+                    ),
+                };
+                CredentialStats {
+                    name: c.name.clone(),
+                    source,
+                    fetches,
+                    failures,
+                    expires_in,
+                }
+            })
+            .collect()
+    }
+
     /// Whether quarantine can revoke credential `name`: it has a `revoke` command or is a
     /// `github_app` source.
     pub fn can_revoke(&self, name: &str) -> bool {
@@ -468,8 +537,13 @@ impl Credential {
                     path: file.path().to_owned(),
                     source,
                 };
-                file.value(MAX_SECRET_BYTES, |bytes| self.file_secret(bytes), read_err)
-                    .await
+                let value = file
+                    .value(MAX_SECRET_BYTES, |bytes| self.file_secret(bytes), read_err)
+                    .await;
+                if value.is_err() {
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                }
+                value
             }
             Source::Command(cmd) => {
                 let mut cache = cmd.cache.lock().await;
@@ -478,7 +552,14 @@ impl Credential {
                         return Ok(cached.value.clone());
                     }
                 }
-                let value = Arc::new(self.run(cmd).await?);
+                let value = self.run(cmd).await;
+                let counter = if value.is_ok() {
+                    &self.fetches
+                } else {
+                    &self.failures
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let value = Arc::new(value?);
                 *cache = Some(Cached {
                     value: value.clone(),
                     fetched: Instant::now(),
@@ -486,7 +567,13 @@ impl Credential {
                 Ok(value)
             }
             Source::GithubApp(app) => app.token().await,
-            Source::Vault(v) => v.value().await,
+            Source::Vault(v) => {
+                let value = v.value().await;
+                if value.is_err() {
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                }
+                value
+            }
         }
     }
 
@@ -712,6 +799,8 @@ fn compile(
         inject,
         hosts,
         header: HeaderCache::default(),
+        fetches: AtomicU64::new(0),
+        failures: AtomicU64::new(0),
         revoke,
     })
 }

@@ -378,6 +378,39 @@ fn bad_definitions_are_rejected_with_field_names() {
 }
 
 #[tokio::test]
+async fn stats_count_fetches_and_failures_and_show_time_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&counter_yaml(dir.path(), 60, "")).unwrap();
+    let before = s.stats();
+    assert_eq!(before.len(), 1);
+    assert_eq!(
+        (before[0].source, before[0].fetches, before[0].failures),
+        ("command", 0, 0)
+    );
+    assert_eq!(before[0].expires_in, None, "nothing fetched yet");
+    value(&s, "c", "h.example.com").await;
+    value(&s, "c", "h.example.com").await; // cached: no second run
+    let after = s.stats();
+    assert_eq!((after[0].fetches, after[0].failures), (1, 0));
+    let left = after[0].expires_in.unwrap();
+    assert!(
+        left <= Duration::from_secs(60) && left > Duration::from_secs(55),
+        "{left:?}"
+    );
+
+    let failing = store(
+        "c:\n  source: { command: { argv: [/bin/sh, -c, \"exit 3\"] } }\n  inject: { header: X-K }\n  hosts: [h.example.com]\n",
+    )
+    .unwrap();
+    assert!(failing.header_for("c", "h.example.com").await.is_err());
+    let st = failing.stats();
+    assert_eq!(
+        (st[0].fetches, st[0].failures, st[0].expires_in),
+        (0, 1, None)
+    );
+}
+
+#[tokio::test]
 async fn revoke_command_gets_the_live_value_on_stdin_only() {
     let dir = tempfile::tempdir().unwrap();
     let got = dir.path().join("revoked");

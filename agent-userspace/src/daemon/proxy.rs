@@ -78,6 +78,21 @@ impl ProxyRuntime {
         }
     }
 
+    /// Proxied connections open now, by sandbox name (for metrics).
+    pub fn open_connections(&self) -> Vec<(String, u64)> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        routes
+            .iter()
+            .map(|(index, (name, _))| {
+                let open = conns
+                    .get(index)
+                    .map_or(0, |hs| hs.iter().filter(|h| !h.is_finished()).count());
+                (name.clone(), open as u64)
+            })
+            .collect()
+    }
+
     /// The configured credentials (for revocation on quarantine).
     pub fn credentials(&self) -> Arc<CredentialStore> {
         self.credentials.clone()

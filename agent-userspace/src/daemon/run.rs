@@ -1,7 +1,7 @@
 //! `egressd run`: start-up, the event and housekeeping loops, and a clean stop.
 use std::{
     path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
     time::Duration,
 };
 
@@ -21,6 +21,7 @@ use crate::{
     },
     control::{self, DetachReason, Handler, Request, Response},
     credentials::CredentialStore,
+    metrics,
     proxy::{CertAuthority, Proxy, ProxyConfig},
 };
 
@@ -47,6 +48,10 @@ pub struct DaemonOptions {
     pub dns_upstream: Vec<std::net::SocketAddr>,
     pub proxy: ProxyConfig,
     pub credentials: CredentialStore,
+    /// Where to serve Prometheus metrics (`/metrics`); none when unset.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// A syslog collector that also gets every audit record; none when unset.
+    pub collector: Option<crate::collector::CollectorConfig>,
     /// The configuration's `alerts:`: responses and burst figures for sandboxes whose
     /// policy does not set them.
     pub alerts: AlertSettings,
@@ -128,6 +133,17 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let mut programs = Programs::load(&layout)?;
     let maps = PolicyMaps::new(&mut programs)?;
     let mut events = EventReader::new(&mut programs)?;
+    // Before the audit trail opens, so that every record is shipped and counted.
+    if let Some(config) = &opts.collector {
+        if let Some(task) = crate::collector::start(config) {
+            tokio::spawn(task);
+        }
+    }
+    let scrape_sources = Arc::new(OnceLock::new());
+    let metrics_server = match opts.metrics {
+        Some(addr) => Some(start_metrics(addr, &events, scrape_sources.clone()).await?),
+        None => None,
+    };
     let packet_sockets = cover_packet_sockets(&mut programs, &layout);
 
     let sink = if opts.audit_log == "-" {
@@ -154,7 +170,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let credentials = std::sync::Arc::new(opts.credentials);
     // Secret files are read once now, so that their values are matched from the start.
     credentials.prime().await;
-    let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
+    let metrics_credentials = credentials.clone();
     let proxy_audit = audit.clone();
     let proxy_alerts = alerts.clone();
     let proxy = Proxy::new(
@@ -261,6 +277,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let listener = control::bind(&opts.socket)
         .with_context(|| format!("binding control socket {}", opts.socket.display()))?;
     let server = tokio::spawn(control::serve(listener, shared.clone()));
+    let _ = scrape_sources.set(ScrapeSources {
+        shared: Arc::downgrade(&shared),
+        credentials: metrics_credentials,
+    });
     // Ready: sandboxes are adopted and the control socket accepts requests.
     match super::notify::notify("READY=1") {
         Ok(true) => tracing::debug!("Readiness sent to the service manager"),
@@ -306,6 +326,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     tracing::info!("Stopping; sandboxes stay confined (pinned links)");
     let _ = super::notify::notify("STOPPING=1");
     server.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     let rest = events.drain_now();
     record_events(&shared, &clock, rest);
     // Alerts raised until now still get the response their records say.
@@ -342,6 +365,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             tracing::warn!("Proxied connections still open at shutdown; not waiting for them")
         }
     }
+    crate::collector::flush(Duration::from_secs(2)).await;
     Ok(())
 }
 
@@ -352,6 +376,52 @@ fn carry_out(shared: &Shared, order: QuarantineOrder) {
     if let Err(e) = core.quarantine(&order.sandbox, Some(order.reason), trigger) {
         tracing::error!(sandbox = %order.sandbox, trigger, error = %e, "Quarantine ordered by an alert failed");
     }
+}
+
+/// What a scrape reads from the running daemon, set once it is up.
+struct ScrapeSources {
+    shared: std::sync::Weak<Shared>,
+    credentials: Arc<CredentialStore>,
+}
+
+/// Installs the metrics fed by the audit records and serves them on `addr`; the values
+/// no record carries are read from the daemon on each scrape.
+async fn start_metrics(
+    addr: std::net::SocketAddr,
+    events: &EventReader,
+    sources: Arc<OnceLock<ScrapeSources>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let ring = match events.usage_probe() {
+        Ok(probe) => Some(probe),
+        Err(e) => {
+            tracing::warn!(error = %e, "Ring buffer fill not available as a metric");
+            None
+        }
+    };
+    let snapshot: metrics::SnapshotFn = Arc::new(move || {
+        let mut s = metrics::Snapshot {
+            ring: ring.as_ref().map(|p| metrics::RingUsage {
+                used_bytes: p.used_bytes(),
+                capacity_bytes: p.capacity_bytes(),
+            }),
+            ..Default::default()
+        };
+        let Some(sources) = sources.get() else {
+            return s;
+        };
+        s.credentials = sources.credentials.stats();
+        if let Some(shared) = sources.shared.upgrade() {
+            let core = shared.lock();
+            s.sandboxes = Some(core.state.sandboxes.len() as u64);
+            s.kernel_events_lost = Some(core.maps.lost_total());
+            s.proxy_open_connections = core.proxy.open_connections();
+        }
+        s
+    });
+    let installed = metrics::install(Arc::new(metrics::Metrics::new(Some(snapshot))));
+    let (bound, serving) = metrics::serve(addr, installed).await?;
+    tracing::info!(%bound, "Serving Prometheus metrics at /metrics");
+    Ok(tokio::spawn(serving))
 }
 
 /// Attaches the system-wide LSM program that keeps sandboxes from creating packet and other

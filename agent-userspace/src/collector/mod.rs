@@ -1,0 +1,234 @@
+//! An optional second audit sink: every record written to the audit log is also shipped
+//! to a collector as RFC 5424 syslog over TCP with octet-counting framing (RFC 6587), e.g.
+//! to rsyslog's `imtcp` or a SIEM's syslog input.
+//!
+//! The audit log stays the record of truth: the writer hands each line it wrote to a
+//! bounded queue and never waits for the collector. A task sends the queue in order,
+//! reconnecting (with back-off) when the connection fails; the message being sent when it
+//! failed is sent again, so a collector may see a record twice (same `event.sequence`)
+//! but, short of the queue overflowing, not lose one. When the queue is full, records are
+//! dropped and counted, and the next message the collector gets is a `collector-lost`
+//! record with the count and the sequence range, so a gap is always explained.
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    net::SocketAddr,
+    sync::{Mutex, OnceLock},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use time::OffsetDateTime;
+use tokio::{io::AsyncWriteExt, net::TcpStream, sync::mpsc};
+
+use crate::audit::{format_timestamp, ECS_VERSION, PRODUCT, VERSION};
+
+/// `collector:` in the daemon config.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// The collector's syslog TCP input, `address:port`.
+    pub syslog_tcp: SocketAddr,
+    /// Records held while the collector is slow or unreachable; beyond this they are
+    /// dropped and reported in a `collector-lost` record (default 10000).
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+}
+
+fn default_queue() -> usize {
+    10_000
+}
+
+/// syslog facility 13 (log audit), severity 6 (informational).
+const PRI: u8 = 13 * 8 + 6;
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Records dropped because the queue was full, not yet reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Lost {
+    count: u64,
+    first: u64,
+    last: u64,
+}
+
+struct Sink {
+    tx: mpsc::Sender<Vec<u8>>,
+    lost: Mutex<Lost>,
+}
+
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+/// Starts shipping to the collector (once per process); returns the task to spawn.
+pub fn start(config: &CollectorConfig) -> Option<impl std::future::Future<Output = ()>> {
+    let (tx, rx) = mpsc::channel(config.queue.max(1));
+    SINK.set(Sink {
+        tx,
+        lost: Mutex::new(Lost::default()),
+    })
+    .ok()?;
+    Some(run(config.syslog_tcp, rx))
+}
+
+/// Queues one line the audit writer wrote (called by the writer). Never blocks.
+pub fn forward(line: &[u8]) {
+    let Some(sink) = SINK.get() else {
+        return;
+    };
+    let line = line.trim_ascii();
+    if sink.tx.try_send(line.to_vec()).is_err() {
+        // Only on this rare path is the line read again, for its number.
+        let sequence = serde_json::from_slice::<SequenceOnly>(line)
+            .map(|r| r.event.sequence)
+            .unwrap_or(0);
+        let mut lost = sink.lost.lock().unwrap_or_else(|p| p.into_inner());
+        if lost.count == 0 {
+            lost.first = sequence;
+        }
+        lost.count += 1;
+        lost.last = sequence;
+    }
+}
+
+#[derive(Deserialize)]
+struct SequenceOnly {
+    event: EventSequence,
+}
+
+#[derive(Deserialize)]
+struct EventSequence {
+    sequence: u64,
+}
+
+/// Waits (at most `limit`) until the queue is empty, e.g. before the daemon exits.
+pub async fn flush(limit: Duration) {
+    let Some(sink) = SINK.get() else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    while sink.tx.capacity() < sink.tx.max_capacity() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if sink.tx.capacity() < sink.tx.max_capacity() {
+        tracing::warn!(
+            queued = sink.tx.max_capacity() - sink.tx.capacity(),
+            "Stopping with audit records not yet sent to the collector (they are in the audit log)"
+        );
+    }
+}
+
+fn take_lost() -> Option<Lost> {
+    let sink = SINK.get()?;
+    let mut lost = sink.lost.lock().unwrap_or_else(|p| p.into_inner());
+    (lost.count > 0).then(|| std::mem::take(&mut *lost))
+}
+
+/// `LEN SP <PRI>1 TIMESTAMP HOSTNAME APP PROCID MSGID SD MSG`: one octet-counted RFC 5424
+/// message carrying `json` as its MSG.
+fn frame(json: &[u8], hostname: &str, now: OffsetDateTime) -> Vec<u8> {
+    let ts = format_timestamp(now, "syslog", "timestamp").unwrap_or_else(|_| "-".into());
+    let head = format!(
+        "<{PRI}>1 {ts} {hostname} {PRODUCT} {} audit - ",
+        std::process::id()
+    );
+    let len = head.len() + json.len();
+    let mut out = format!("{len} {head}").into_bytes();
+    out.extend_from_slice(json);
+    out
+}
+
+/// The record sent in place of records the queue could not hold.
+fn lost_record(lost: Lost, now: OffsetDateTime) -> Vec<u8> {
+    let ts = format_timestamp(now, "collector-lost", "@timestamp").unwrap_or_default();
+    serde_json::json!({
+        "@timestamp": ts,
+        "ecs": {"version": ECS_VERSION},
+        "event": {
+            "kind": "event",
+            "category": ["network"],
+            "type": ["error"],
+            "action": "collector-lost",
+            "outcome": "failure",
+            "reason": "the collector queue was full; these records are in the audit log only",
+        },
+        "observer": {"product": PRODUCT, "version": VERSION},
+        "egress": {"lost": {"count": lost.count, "first_sequence": lost.first, "last_sequence": lost.last}},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]);
+    // RFC 5424 HOSTNAME: printable US-ASCII without spaces, or `-`.
+    if rc != 0 || name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+        "-".into()
+    } else {
+        name.into_owned()
+    }
+}
+
+async fn run(addr: SocketAddr, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let host = hostname();
+    let mut backoff = BACKOFF_MIN;
+    // A message taken from the queue but not known to be sent.
+    let mut pending: Option<Vec<u8>> = None;
+    loop {
+        let mut stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(%addr, error = %e, "Cannot reach the audit collector; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(%addr, "Connecting to the audit collector timed out; retrying");
+                continue;
+            }
+        };
+        tracing::info!(%addr, "Shipping audit records to the collector");
+        backoff = BACKOFF_MIN;
+        loop {
+            let msg = match pending.take() {
+                Some(m) => m,
+                None => match take_lost() {
+                    Some(lost) => frame(
+                        &lost_record(lost, OffsetDateTime::now_utc()),
+                        &host,
+                        OffsetDateTime::now_utc(),
+                    ),
+                    None => match rx.recv().await {
+                        Some(json) => frame(&json, &host, OffsetDateTime::now_utc()),
+                        None => return,
+                    },
+                },
+            };
+            // The collector never talks back: anything readable is its end closing. A
+            // write into a connection already closed would be lost without an error.
+            let closed = match stream.try_read(&mut [0u8; 1]) {
+                Ok(_) => true,
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            };
+            if closed {
+                tracing::warn!(%addr, "The audit collector closed the connection; reconnecting");
+                pending = Some(msg);
+                break;
+            }
+            if let Err(e) = stream.write_all(&msg).await {
+                tracing::warn!(%addr, error = %e, "Sending to the audit collector failed; reconnecting");
+                pending = Some(msg);
+                break;
+            }
+        }
+        tokio::time::sleep(backoff).await;
+    }
+}

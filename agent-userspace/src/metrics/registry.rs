@@ -1,0 +1,350 @@
+//! The metric families and how each audit record kind updates them.
+
+use std::fmt;
+
+use prometheus_client::{
+    encoding::{prometheus_text, text, EncodeLabelSet},
+    metrics::{
+        counter::Counter,
+        family::{Family, MetricConstructor},
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::{Registry, Unit},
+};
+
+use super::scrape::{ScrapeCollector, SnapshotFn};
+use crate::{
+    audit::{DnsEvent, DnsVerdict, NetworkDecision, ProxyEvent, Record, Verdict},
+    proxy::{self, RecordKind},
+};
+
+/// Kernel decisions (`connect`, `sendmsg`, `socket` records).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    sandbox: String,
+    hook: &'static str,
+    verdict: &'static str,
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DnsLabels {
+    sandbox: String,
+    verdict: &'static str,
+    /// The response code sent to the sandbox, from a fixed list (`other` beyond it).
+    rcode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProxyLabels {
+    sandbox: String,
+    rule: String,
+    /// `request` (one HTTP request) or `connection` (a passthrough relay, or a connection
+    /// that ended before any request).
+    kind: &'static str,
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SandboxRuleLabels {
+    sandbox: String,
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DurationLabels {
+    sandbox: String,
+    rule: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AlertLabels {
+    sandbox: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: &'static str,
+}
+
+/// Proxy durations from 5 ms to about 41 s.
+#[derive(Clone)]
+struct DurationBuckets;
+
+impl MetricConstructor<Histogram> for DurationBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(exponential_buckets(0.005, 2.0, 14))
+    }
+}
+
+/// Every metric of the daemon. Cheap to update from any thread.
+pub struct Metrics {
+    registry: Registry,
+    records: Family<ActionLabels, Counter>,
+    decisions: Family<DecisionLabels, Counter>,
+    dns_queries: Family<DnsLabels, Counter>,
+    proxy: Family<ProxyLabels, Counter>,
+    proxy_upstream_errors: Family<SandboxRuleLabels, Counter>,
+    proxy_duration: Family<DurationLabels, Histogram, DurationBuckets>,
+    proxy_bytes_sent: Family<SandboxRuleLabels, Counter>,
+    proxy_bytes_received: Family<SandboxRuleLabels, Counter>,
+    credentials_injected: Family<SandboxRuleLabels, Counter>,
+    alerts: Family<AlertLabels, Counter>,
+    alert_occurrences: Family<AlertLabels, Counter>,
+    audit_written: Counter,
+    audit_bytes: Counter,
+    audit_errors: Counter,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new(None)
+    }
+}
+
+impl Metrics {
+    /// All families, registered under the `egressd_` prefix. `snapshot`, if given, is
+    /// called on each scrape for the values no audit record carries.
+    pub fn new(snapshot: Option<SnapshotFn>) -> Self {
+        let mut registry = Registry::with_prefix("egressd");
+        let m = Self {
+            records: Family::default(),
+            decisions: Family::default(),
+            dns_queries: Family::default(),
+            proxy: Family::default(),
+            proxy_upstream_errors: Family::default(),
+            proxy_duration: Family::new_with_constructor(DurationBuckets),
+            proxy_bytes_sent: Family::default(),
+            proxy_bytes_received: Family::default(),
+            credentials_injected: Family::default(),
+            alerts: Family::default(),
+            alert_occurrences: Family::default(),
+            audit_written: Counter::default(),
+            audit_bytes: Counter::default(),
+            audit_errors: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "audit_records",
+            "Records given to the audit trail, by event.action",
+            m.records.clone(),
+        );
+        registry.register(
+            "decisions",
+            "Kernel decisions on connect, sendmsg and socket creation, by sandbox, hook, verdict and rule",
+            m.decisions.clone(),
+        );
+        registry.register(
+            "dns_queries",
+            "DNS queries answered for sandboxes, by verdict and response code",
+            m.dns_queries.clone(),
+        );
+        registry.register(
+            "proxy_requests",
+            "Proxied HTTP requests and connections, by sandbox, rule, kind and verdict",
+            m.proxy.clone(),
+        );
+        registry.register(
+            "proxy_upstream_errors",
+            "Allowed proxied requests or connections whose upstream failed",
+            m.proxy_upstream_errors.clone(),
+        );
+        registry.register_with_unit(
+            "proxy_duration",
+            "Time from the start of a proxied request (or connection) to its end",
+            Unit::Seconds,
+            m.proxy_duration.clone(),
+        );
+        registry.register_with_unit(
+            "proxy_sent",
+            "Body bytes (connections: all bytes) the proxy relayed from sandboxes upstream",
+            Unit::Bytes,
+            m.proxy_bytes_sent.clone(),
+        );
+        registry.register_with_unit(
+            "proxy_received",
+            "Body bytes (connections: all bytes) the proxy relayed from upstream to sandboxes",
+            Unit::Bytes,
+            m.proxy_bytes_received.clone(),
+        );
+        registry.register(
+            "credential_injections",
+            "Proxied requests a credential was added to, by sandbox and rule",
+            m.credentials_injected.clone(),
+        );
+        registry.register(
+            "alerts",
+            "Alert records, by sandbox and kind (dns-budget counts DNS budget hits)",
+            m.alerts.clone(),
+        );
+        registry.register(
+            "alert_occurrences",
+            "Occurrences the alert records summarise (the sum of egress.alert.count)",
+            m.alert_occurrences.clone(),
+        );
+        registry.register(
+            "audit_written_records",
+            "Audit records written to the audit log",
+            m.audit_written.clone(),
+        );
+        registry.register_with_unit(
+            "audit_written",
+            "Bytes written to the audit log",
+            Unit::Bytes,
+            m.audit_bytes.clone(),
+        );
+        registry.register(
+            "audit_write_errors",
+            "Failed writes to the audit log",
+            m.audit_errors.clone(),
+        );
+        registry.register_collector(Box::new(ScrapeCollector::new(snapshot)));
+        Self { registry, ..m }
+    }
+
+    /// The OpenMetrics text exposition of every metric, ending in `# EOF`.
+    pub fn encode(&self) -> Result<String, fmt::Error> {
+        let mut out = String::with_capacity(16 * 1024);
+        text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+
+    /// The Prometheus text format 0.0.4, for clients that do not ask for OpenMetrics.
+    pub fn encode_prometheus_text(&self) -> Result<String, fmt::Error> {
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+
+    /// Counts one record given to the audit trail.
+    pub fn observe(&self, record: &Record) {
+        self.records
+            .get_or_create(&ActionLabels {
+                action: record.action(),
+            })
+            .inc();
+        match record {
+            Record::Network(r) => self.decision(r),
+            Record::Dns(r) => self.dns(r),
+            Record::Proxy(r) => self.proxy(r),
+            Record::Alert(a) => {
+                let labels = AlertLabels {
+                    sandbox: a.sandbox.clone(),
+                    kind: a.kind.as_str(),
+                };
+                self.alerts.get_or_create(&labels).inc();
+                self.alert_occurrences
+                    .get_or_create(&labels)
+                    .inc_by(a.count.max(1));
+            }
+            _ => {}
+        }
+    }
+
+    fn decision(&self, r: &NetworkDecision) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                sandbox: r.sandbox.clone(),
+                hook: r.hook.as_str(),
+                verdict: verdict_label(r.verdict),
+                rule: r.rule.name().to_owned(),
+            })
+            .inc();
+    }
+
+    fn dns(&self, r: &DnsEvent) {
+        self.dns_queries
+            .get_or_create(&DnsLabels {
+                sandbox: r.sandbox.clone(),
+                verdict: match r.verdict {
+                    DnsVerdict::Allow => "allow",
+                    DnsVerdict::Deny => "deny",
+                },
+                rcode: rcode_label(&r.response_code),
+            })
+            .inc();
+    }
+
+    fn proxy(&self, e: &ProxyEvent) {
+        let r = &e.record;
+        let kind = match r.kind {
+            RecordKind::Request => "request",
+            RecordKind::Connection => "connection",
+        };
+        let sandbox_rule = SandboxRuleLabels {
+            sandbox: r.sandbox.clone(),
+            rule: r.rule_name.clone(),
+        };
+        self.proxy
+            .get_or_create(&ProxyLabels {
+                sandbox: r.sandbox.clone(),
+                rule: r.rule_name.clone(),
+                kind,
+                verdict: r.verdict.as_str(),
+            })
+            .inc();
+        // The proxy reports an allowed request whose upstream then failed as an allow
+        // with a reason (the proxy let it through; the origin did not answer).
+        if r.verdict == proxy::Verdict::Allow && r.reason.as_deref().is_some_and(|s| !s.is_empty())
+        {
+            self.proxy_upstream_errors
+                .get_or_create(&sandbox_rule)
+                .inc();
+        }
+        if r.verdict == proxy::Verdict::Allow
+            && r.credential.as_deref().is_some_and(|s| !s.is_empty())
+        {
+            self.credentials_injected.get_or_create(&sandbox_rule).inc();
+        }
+        self.proxy_duration
+            .get_or_create(&DurationLabels {
+                sandbox: r.sandbox.clone(),
+                rule: r.rule_name.clone(),
+                kind,
+            })
+            .observe(r.duration_ms as f64 / 1000.0);
+        self.proxy_bytes_sent
+            .get_or_create(&sandbox_rule)
+            .inc_by(r.bytes_in);
+        self.proxy_bytes_received
+            .get_or_create(&sandbox_rule)
+            .inc_by(r.bytes_out);
+    }
+
+    pub fn audit_written(&self, bytes: usize) {
+        self.audit_written.inc();
+        self.audit_bytes
+            .inc_by(u64::try_from(bytes).unwrap_or(u64::MAX));
+    }
+
+    pub fn audit_write_failed(&self) {
+        self.audit_errors.inc();
+    }
+}
+
+/// DNS response codes as a label: the common ones by name, anything an upstream might
+/// invent as `other`, so a resolver cannot grow the label set.
+fn rcode_label(code: &str) -> &'static str {
+    const KNOWN: [&str; 6] = [
+        "NOERROR", "NXDOMAIN", "REFUSED", "SERVFAIL", "FORMERR", "NOTIMP",
+    ];
+    KNOWN.into_iter().find(|k| *k == code).unwrap_or("other")
+}
+
+/// `egress.verdict` of a kernel decision.
+fn verdict_label(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Allow => "allow",
+        Verdict::Deny => "deny",
+        Verdict::Audit => "audit",
+        Verdict::Redirect => "redirect",
+    }
+}
