@@ -524,10 +524,6 @@ fn check_bytes(what: &str, bytes: &[u8], token: &str) -> Result<()> {
 /// The daemon dials upstream servers from the world namespace (`proxy.upstream_netns`):
 /// from its own (the host's) it would send packets for documentation addresses out of
 /// this machine.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site, each argument a distinct part of the configuration"
-)]
 fn write_config(
     secrets: &TempDir,
     ca: &TestCa,
