@@ -70,7 +70,7 @@ pub(crate) fn summary(v: &serde_json::Value) -> String {
             s("rule.name")
         ),
         "http-request" | "tls-connection" => format!(
-            "{:<12} {:<8} {} {}{} -> {} rule={} credential={} {} {}",
+            "{:<12} {:<8} {} {}{} -> {} rule={} credential={}{} {} {}",
             s("event.action"),
             s("egress.verdict"),
             s("http.request.method"),
@@ -79,6 +79,10 @@ pub(crate) fn summary(v: &serde_json::Value) -> String {
             s("http.response.status_code"),
             s("rule.name"),
             s("egress.credential.name"),
+            match s("egress.scrubbed").as_str() {
+                "" => String::new(),
+                n => format!(" scrubbed={n}"),
+            },
             s("egress.git.ref_updates"),
             s("event.reason")
         ),
@@ -95,6 +99,18 @@ pub(crate) fn summary(v: &serde_json::Value) -> String {
             s("egress.sandbox.name"),
             s("egress.credential.name"),
             s("event.outcome"),
+            s("event.reason")
+        ),
+        other if s("event.kind") == "alert" => format!(
+            "{:<12} ALERT    {} {}{} rule={} credential={} count={} response={} {}",
+            other,
+            s("egress.sandbox.name"),
+            s("url.domain"),
+            s("url.path"),
+            s("rule.name"),
+            s("egress.credential.name"),
+            s("egress.alert.count"),
+            s("egress.alert.response"),
             s("event.reason")
         ),
         other => format!("{other:<12} {}", s("egress.sandbox.name")),
@@ -248,6 +264,23 @@ pub fn run() -> anyhow::Result<()> {
         "  token in the sandbox's environment: {}",
         if leaked { "YES" } else { "no" }
     );
+
+    step("Secrets never come back: an origin that echoes the Authorization it received");
+    let echo = "https://api.github.com/repos/acme/widgets/echo/json";
+    let echoed = fx.curl(&["-i", echo])?;
+    show(&format!("curl -i {echo}"), &echoed);
+    let leaked = String::from_utf8_lossy(&echoed.stdout).contains(fx.token());
+    println!(
+        "  the token reached the sandbox: {}",
+        if leaked { "YES" } else { "no (scrubbed by the proxy)" }
+    );
+    let records = fx.daemon.audit_records()?;
+    if let Some(alert) = records
+        .iter()
+        .find(|r| r["event"]["action"] == "secret-reflected")
+    {
+        println!("  alert: {}", summary(alert));
+    }
 
     step("Incident response: egressctl quarantine (deny-all at once), then release");
     let name = fx.sandbox.label().to_string();
