@@ -272,7 +272,11 @@ pub fn run() -> anyhow::Result<()> {
     let leaked = String::from_utf8_lossy(&echoed.stdout).contains(fx.token());
     println!(
         "  the token reached the sandbox: {}",
-        if leaked { "YES" } else { "no (scrubbed by the proxy)" }
+        if leaked {
+            "YES"
+        } else {
+            "no (scrubbed by the proxy)"
+        }
     );
     let records = fx.daemon.audit_records()?;
     if let Some(alert) = records
