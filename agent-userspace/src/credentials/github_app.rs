@@ -14,23 +14,19 @@
 //! daemon's own resolver.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT};
-use http::{HeaderValue, Method, Request, StatusCode, Uri};
-use hyper::body::Body as _;
-use hyper_util::rt::TokioIo;
+use http::header::{ACCEPT, AUTHORIZATION};
+use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use ring::rand::SystemRandom;
 use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
 use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{PrivateKeyDer, ServerName};
+use rustls_pki_types::PrivateKeyDer;
 use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -39,6 +35,7 @@ use tracing::{debug, warn};
 use zeroize::Zeroizing;
 
 use super::error::CredentialError;
+use super::https::{Client, Server};
 use super::raw::RawGithubApp;
 use super::secret::Secret;
 use crate::proxy::{Dialer, ProxyConfig, ProxyError};
@@ -107,8 +104,8 @@ pub(super) struct GithubApp {
     endpoint: Endpoint,
     /// The JSON request body (repositories and permissions; no secret).
     request_body: String,
-    tls: Arc<ClientConfig>,
-    dialer: Option<Arc<Dialer>>,
+    /// HTTPS to the API (the proxy's upstream trust and dialer).
+    client: Client,
     pub(super) timeout: Duration,
     /// Held across a mint, so that concurrent callers share it.
     cache: tokio::sync::Mutex<Cache>,
@@ -132,11 +129,7 @@ struct Token {
 
 #[derive(Debug, Clone)]
 struct Endpoint {
-    host: String,
-    port: u16,
-    /// `Host` header value: the URL's authority.
-    authority: String,
-    /// `/app/installations/{id}/access_tokens`, after any path prefix of `api_url`.
+    /// `/app/installations/{id}/access_tokens`, below any path prefix of `api_url`.
     path: String,
     url: String,
     /// `/installation/token` (DELETE revokes the token it is called with).
@@ -259,8 +252,9 @@ impl GithubApp {
                     .map_err(|e| config("source.github_app", format!("TLS client setup: {e}")))?
             }
         };
-        let mut tls = (*tls).clone();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let server = Server::parse(&raw.api_url)
+            .map_err(|reason| config("source.github_app.api_url", reason))?;
+        let client = Client::new(server, &tls, upstream.dialer.clone());
 
         Ok(Self {
             credential: credential.to_owned(),
@@ -269,8 +263,7 @@ impl GithubApp {
             key_path: raw.private_key.clone(),
             endpoint,
             request_body,
-            tls: Arc::new(tls),
-            dialer: upstream.dialer.clone(),
+            client,
             timeout: MINT_TIMEOUT,
             cache: tokio::sync::Mutex::new(Cache::default()),
             mints: Default::default(),
@@ -484,89 +477,34 @@ impl GithubApp {
         authorization: &str,
         body: Option<String>,
     ) -> Result<(StatusCode, Zeroizing<Vec<u8>>), String> {
-        let ep = &self.endpoint;
-        let addrs: Vec<SocketAddr> = match ep.host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, ep.port)],
-            Err(_) => tokio::net::lookup_host((ep.host.as_str(), ep.port))
-                .await
-                .map_err(|e| format!("resolving {}: {e}", ep.host))?
-                .collect(),
-        };
-        let mut last = format!("{} has no addresses", ep.host);
-        let mut tcp = None;
-        for addr in addrs {
-            let connect = async {
-                match &self.dialer {
-                    Some(d) => d.connect(addr).await,
-                    None => tokio::net::TcpStream::connect(addr).await,
-                }
-            };
-            match connect.await {
-                Ok(s) => {
-                    tcp = Some(s);
-                    break;
-                }
-                Err(e) => last = format!("connecting to {addr}: {e}"),
-            }
-        }
-        let tcp = tcp.ok_or(last)?;
-        let name = ServerName::try_from(ep.host.clone())
-            .map_err(|_| format!("{:?} is not a valid TLS server name", ep.host))?;
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS with {}: {e}", ep.authority))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| format!("HTTP with {}: {e}", ep.authority))?;
-        let conn = tokio::spawn(conn);
-
         let mut authorization = HeaderValue::from_str(authorization)
             .map_err(|_| "the authorization is not a valid header value".to_owned())?;
         authorization.set_sensitive(true);
-        let uri: Uri = path
-            .parse()
-            .map_err(|_| format!("{path} is not a valid request path"))?;
-        let mut request = Request::builder()
-            .method(method.clone())
-            .uri(uri)
-            .header(HOST, ep.authority.as_str())
-            .header(AUTHORIZATION, authorization)
-            .header(ACCEPT, "application/vnd.github+json")
-            .header("x-github-api-version", "2022-11-28")
-            .header(USER_AGENT, concat!("egressd/", env!("CARGO_PKG_VERSION")));
-        let body = match body {
-            Some(body) => {
-                request = request
-                    .header(CONTENT_TYPE, "application/json")
-                    .header(CONTENT_LENGTH, body.len());
-                body
-            }
-            None => String::new(),
-        };
-        let request = request
-            .body(body)
-            .map_err(|e| format!("building the request: {e}"))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("{method} {url}: {e}"))?;
-        let status = response.status();
-        let mut body = response.into_body();
-        let mut bytes = Zeroizing::new(Vec::new());
-        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
-        {
-            let frame = frame.map_err(|e| format!("reading the answer of {url}: {e}"))?;
-            if let Ok(data) = frame.into_data() {
-                if bytes.len() + data.len() > MAX_RESPONSE_BYTES {
-                    return Err(format!(
-                        "the answer of {url} is larger than {MAX_RESPONSE_BYTES} bytes"
-                    ));
-                }
-                bytes.extend_from_slice(&data);
-            }
+        let headers = vec![
+            (AUTHORIZATION, authorization),
+            (
+                ACCEPT,
+                HeaderValue::from_static("application/vnd.github+json"),
+            ),
+            (
+                HeaderName::from_static("x-github-api-version"),
+                HeaderValue::from_static("2022-11-28"),
+            ),
+        ];
+        let (status, bytes) = self
+            .client
+            .call(
+                method,
+                path,
+                headers,
+                body.map(|b| Zeroizing::new(b.into_bytes())),
+            )
+            .await?;
+        if bytes.len() > MAX_RESPONSE_BYTES {
+            return Err(format!(
+                "the answer of {url} is larger than {MAX_RESPONSE_BYTES} bytes"
+            ));
         }
-        conn.abort();
         Ok((status, bytes))
     }
 }
@@ -588,19 +526,11 @@ fn endpoint(api_url: &str, id: u64) -> Result<Endpoint, String> {
     if uri.query().is_some() {
         return Err(format!("`{api_url}` must not carry a query"));
     }
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
     let prefix = uri.path().trim_end_matches('/');
     Ok(Endpoint {
-        host,
-        port: authority.port_u16().unwrap_or(443),
-        authority: authority.as_str().to_owned(),
-        path: format!("{prefix}/app/installations/{id}/access_tokens"),
+        path: format!("/app/installations/{id}/access_tokens"),
         url: format!("https://{authority}{prefix}/app/installations/{id}/access_tokens"),
-        revoke_path: format!("{prefix}/installation/token"),
+        revoke_path: "/installation/token".to_owned(),
         revoke_url: format!("https://{authority}{prefix}/installation/token"),
     })
 }

@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use http::Response;
+use http::header::USER_AGENT;
+use http::{Request, Response};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose};
 use ring::signature::{UnparsedPublicKey, RSA_PKCS1_2048_8192_SHA256};
 use rsa::pkcs1::{EncodeRsaPrivateKey as _, EncodeRsaPublicKey as _};
@@ -457,13 +458,24 @@ fn jwt_has_the_claims_github_expects() {
         .unwrap();
 
     let ep = endpoint("https://ghe.example.com:8443/api/v3/", 9).unwrap();
-    assert_eq!(ep.host, "ghe.example.com");
-    assert_eq!(ep.port, 8443);
-    assert_eq!(ep.authority, "ghe.example.com:8443");
-    assert_eq!(ep.path, "/api/v3/app/installations/9/access_tokens");
+    // Host, port and path prefix of api_url: the client requests `path` below the prefix.
+    assert_eq!(
+        ep.url,
+        "https://ghe.example.com:8443/api/v3/app/installations/9/access_tokens"
+    );
+    assert_eq!(ep.path, "/app/installations/9/access_tokens");
+    assert_eq!(
+        Server::parse("https://ghe.example.com:8443/api/v3/")
+            .unwrap()
+            .url(&ep.path),
+        ep.url
+    );
     let ep = endpoint(GITHUB_API_URL, 9).unwrap();
     assert_eq!(ep.path, "/app/installations/9/access_tokens");
-    assert_eq!(ep.port, 443);
+    assert_eq!(
+        ep.url,
+        "https://api.github.com/app/installations/9/access_tokens"
+    );
     assert!(endpoint("https://user:pw@api.github.com", 1).is_err());
     assert!(endpoint("https://api.github.com/?x=1", 1).is_err());
     assert!(endpoint("api.github.com", 1).is_err());
