@@ -98,6 +98,27 @@ fn curl_status(fx: &ProxyFixture, url: &str) -> Result<(u16, String)> {
     Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
 }
 
+/// Which of the two configured sources the `github` credential uses.
+enum Source {
+    Kv,
+    Lease,
+}
+
+/// A configured OpenBao server and a proxy fixture whose `github` credential comes from it.
+fn start(source: Source) -> Result<(OpenBao, egress_tests::util::TempDir, ProxyFixture)> {
+    let bao = OpenBao::start()?;
+    let ids = egress_tests::util::TempDir::new("openbao-ids")?;
+    let (kv, lease) = configure(&bao, ids.path())?;
+    let fx = ProxyFixture::new(ProxyOpts {
+        github: GithubSource::Custom(match source {
+            Source::Kv => kv,
+            Source::Lease => lease,
+        }),
+        ..ProxyOpts::default()
+    })?;
+    Ok((bao, ids, fx))
+}
+
 /// The Authorization of the requests the origin received after the first `before`.
 fn new_auth(fx: &ProxyFixture, before: usize) -> Result<Vec<OriginRequest>> {
     Ok(fx.origin.requests()?.into_iter().skip(before).collect())
@@ -107,13 +128,7 @@ fn new_auth(fx: &ProxyFixture, before: usize) -> Result<Vec<OriginRequest>> {
 fn openbao_kv_secret_is_injected_follows_versions_and_fails_closed() -> Result<()> {
     require_proxy_tools!();
     skip_if!(openbao::missing());
-    let bao = OpenBao::start()?;
-    let ids = egress_tests::util::TempDir::new("openbao-ids")?;
-    let (kv_source, _) = configure(&bao, ids.path())?;
-    let fx = ProxyFixture::new(ProxyOpts {
-        github: GithubSource::Custom(kv_source),
-        ..ProxyOpts::default()
-    })?;
+    let (bao, ids, fx) = start(Source::Kv)?;
 
     // KV: the origin's token, stored after the daemon started (read on first use).
     bao.ok(&[
@@ -197,13 +212,7 @@ fn openbao_kv_secret_is_injected_follows_versions_and_fails_closed() -> Result<(
 fn openbao_lease_is_renewed_then_replaced_at_its_maximum() -> Result<()> {
     require_proxy_tools!();
     skip_if!(openbao::missing());
-    let bao = OpenBao::start()?;
-    let ids = egress_tests::util::TempDir::new("openbao-ids")?;
-    let (_, lease_source) = configure(&bao, ids.path())?;
-    let fx = ProxyFixture::new(ProxyOpts {
-        github: GithubSource::Custom(lease_source),
-        ..ProxyOpts::default()
-    })?;
+    let (bao, ids, fx) = start(Source::Lease)?;
 
     // Lease: a token issued by the `agent` role, renewed while it may be, replaced at its
     // maximum. The origin refuses it (it is not the origin's token) but logs what came.
