@@ -255,8 +255,7 @@ impl Vault {
                 return Ok(held.value.clone());
             }
         }
-        if let Some(at) = state.retry_at.filter(|at| now < *at) {
-            let _ = at;
+        if state.retry_at.is_some_and(|at| now < at) {
             // A lease still valid is used until its end while the store is away.
             if let Some(held) = state
                 .value
