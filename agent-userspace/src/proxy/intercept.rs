@@ -32,6 +32,7 @@ use tracing::debug;
 use super::body::{CountingBody, Finish, InFlight, RecordedBody, SecretWatch};
 use super::error::ProxyError;
 use super::git::{self, PushOutcome};
+use super::head::{HeadClock, HeadTimed};
 use super::io::{idle_watch, Activity, Metered, PrefixedStream};
 use super::record::{query_keys, RecordKind, SecretFinding, TlsMode, Verdict};
 use super::refused::{connection_refusal, is_client_abort, H2Watch, StreamReset, CLIENT_ABORTED};
@@ -136,6 +137,7 @@ pub(super) async fn intercept(
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
 
     let in_flight = Arc::new(AtomicUsize::new(0));
+    let head_clock = HeadClock::new();
     let ctx = Arc::new(ConnCtx {
         proxy: proxy.clone(),
         conn: conn.clone(),
@@ -144,10 +146,16 @@ pub(super) async fn intercept(
         sni: sni.clone(),
         in_flight: in_flight.clone(),
     });
-    let service = hyper::service::service_fn(move |req| {
-        let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(ctx.handle(req).await) }
-    });
+    let service = {
+        let head_clock = head_clock.clone();
+        hyper::service::service_fn(move |req| {
+            // Called as soon as hyper has parsed the request head.
+            head_clock.head_received();
+            let in_flight = InFlight::new(&ctx.in_flight);
+            let ctx = ctx.clone();
+            async move { Ok::<_, Infallible>(ctx.handle(req, in_flight).await) }
+        })
+    };
 
     // Every refusal below the handler is recorded as a denied request: HTTP/1 parse
     // errors (hyper answers those itself), HTTP/2 connection errors, and HTTP/2 streams
@@ -169,10 +177,11 @@ pub(super) async fn intercept(
     };
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's header timer would also close idle keep-alive connections: the header
+    // timer is [`HeadTimed`]'s, the idle timer `idle_watch` below.
     builder
         .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(proxy.timeouts.header)
+        .header_read_timeout(None)
         .max_buf_size(proxy.config.max_header_bytes)
         .keep_alive(true);
     // Extended CONNECT (`:protocol`) reaches the handler, which refuses and records it,
@@ -192,20 +201,39 @@ pub(super) async fn intercept(
     let served: Pin<Box<dyn Future<Output = Result<(), ServeError>> + Send + '_>> = if h2 {
         Box::pin(builder.serve_connection(TokioIo::new(H2Watch::new(tls, on_reset)), service))
     } else {
-        Box::pin(builder.serve_connection(TokioIo::new(tls), service))
+        let timed = HeadTimed::new(
+            tls,
+            head_clock.clone(),
+            in_flight.clone(),
+            proxy.timeouts.header,
+        );
+        Box::pin(builder.serve_connection(TokioIo::new(timed), service))
     };
     let idle = proxy.timeouts.idle;
     tokio::select! {
         result = served => {
             if let Err(error) = result {
                 debug!(peer = %conn.peer, connection_id = %conn.connection_id, %error, "Intercepted connection ended with an error");
-                if let Some((status, reason)) = connection_refusal(&*error) {
+                if head_clock.timed_out() {
+                    refused(None, format!(
+                        "downstream client: request header not complete {} s after its first \
+                         byte (proxy.header_secs); connection closed",
+                        proxy.timeouts.header.as_secs()
+                    ));
+                } else if let Some((status, reason)) = connection_refusal(&*error) {
                     refused(status, reason);
                 }
             }
         }
         () = idle_watch(&activity, idle, || in_flight.load(Ordering::Relaxed) > 0) => {
             debug!(peer = %conn.peer, connection_id = %conn.connection_id, idle_secs = idle.as_secs(), "Closing idle intercepted connection");
+            if head_clock.head_started().is_some() {
+                refused(None, format!(
+                    "downstream client: request header incomplete and no byte for {} s \
+                     (proxy.idle_secs); connection closed",
+                    idle.as_secs()
+                ));
+            }
         }
     }
 }
@@ -310,9 +338,8 @@ type ServeError = Box<dyn std::error::Error + Send + Sync>;
 type Forwarded = (Response<Incoming>, Option<Box<dyn FnOnce() + Send>>);
 
 impl ConnCtx {
-    async fn handle(&self, req: Request<Incoming>) -> Response<RecordedBody> {
+    async fn handle(&self, req: Request<Incoming>, in_flight: InFlight) -> Response<RecordedBody> {
         let started = Instant::now();
-        let in_flight = InFlight::new(&self.in_flight);
         let mut record = self.proxy.record(
             &self.conn,
             TlsMode::Intercept,

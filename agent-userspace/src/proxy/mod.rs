@@ -22,6 +22,7 @@ mod ca;
 mod dialer;
 mod error;
 pub mod git;
+mod head;
 mod hello;
 mod intercept;
 mod io;
@@ -141,7 +142,8 @@ pub struct ProxyConfig {
     /// Seconds for a sandbox to send its ClientHello and finish the TLS handshake; also
     /// bounds the upstream TLS handshake. Default 10.
     pub handshake_secs: u64,
-    /// Seconds for a sandbox to send a complete HTTP/1 request header. Default 10.
+    /// Seconds for a sandbox to send a complete HTTP/1 request header, counted from the
+    /// header's first byte (waiting for a request is `idle_secs`). Default 10.
     pub header_secs: u64,
     /// Seconds to connect to the upstream server. Default 10.
     pub connect_secs: u64,

@@ -1337,3 +1337,75 @@ async fn an_aborted_upload_is_recorded_as_a_client_abort() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn idle_connections_last_idle_secs_and_slow_headers_header_secs() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    within(async {
+        let origin = start_origin(false).await;
+        let config = ProxyConfig {
+            header_secs: 1,
+            idle_secs: 3,
+            ..ProxyConfig::default()
+        };
+        let mut h =
+            start_proxy_with(origin.addr, &origin.ca_pem, config, |_| ("sbx", INTERCEPT)).await;
+
+        // An idle keep-alive connection outlives header_secs and is closed after idle_secs.
+        let tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"http/1.1"])
+            .await
+            .unwrap();
+        let (mut sender, conn) = http1::handshake(TokioIo::new(tls)).await.unwrap();
+        let conn = tokio::spawn(conn);
+        assert_eq!(get(&mut sender, NAME, "/").await.status, StatusCode::OK);
+        h.record().await;
+        tokio::time::sleep(Duration::from_millis(1800)).await;
+        assert!(!conn.is_finished(), "closed after header_secs while idle");
+        assert_eq!(get(&mut sender, NAME, "/").await.status, StatusCode::OK);
+        h.record().await;
+        let quiet = tokio::time::Instant::now();
+        // Closed by the proxy (without a TLS close_notify: the connection is dropped).
+        let _ = conn.await.unwrap();
+        let closed_after = quiet.elapsed();
+        assert!(
+            closed_after >= Duration::from_millis(2900) && closed_after < Duration::from_secs(8),
+            "closed after {closed_after:?}, idle_secs is 3"
+        );
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 2);
+
+        // A header dripped one line at a time (never idle) is cut off after header_secs.
+        let tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"http/1.1"])
+            .await
+            .unwrap();
+        let (mut rd, mut wr) = tokio::io::split(tls);
+        let started = tokio::time::Instant::now();
+        let drip = tokio::spawn(async move {
+            wr.write_all(format!("GET /loris HTTP/1.1\r\nHost: {NAME}\r\n").as_bytes())
+                .await?;
+            for i in 0..20 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                wr.write_all(format!("x-drip-{i}: 1\r\n").as_bytes())
+                    .await?;
+            }
+            std::io::Result::Ok(())
+        });
+        let mut buf = [0u8; 1024];
+        let got = rd.read(&mut buf).await;
+        let cut_after = started.elapsed();
+        assert!(matches!(got, Ok(0) | Err(_)), "{got:?}");
+        assert!(
+            cut_after >= Duration::from_millis(900) && cut_after < Duration::from_millis(2900),
+            "cut after {cut_after:?}: header_secs is 1, idle_secs 3"
+        );
+        drip.abort();
+        let record = h.record().await;
+        assert_eq!(record.kind, RecordKind::Request);
+        assert_eq!(record.verdict, Verdict::Deny);
+        let reason = record.reason.unwrap();
+        assert!(reason.contains("proxy.header_secs"), "{reason}");
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 2);
+        // The idle close above recorded nothing.
+        assert!(h.records.try_recv().is_err());
+    })
+    .await;
+}
