@@ -29,8 +29,9 @@ pub enum Which {
         #[arg(long)]
         release: bool,
     },
-    /// HTTPS req/s and latency through egressd's proxy, straight to the origin, and
-    /// through nginx as a reverse proxy (needs nginx, wrk, h2load, curl, openssl).
+    /// HTTPS req/s, latency and CPU per request through egressd's proxy, straight to the
+    /// origin, and through nginx (and mitmproxy) as reverse proxies; memory per held
+    /// connection (needs nginx, wrk, h2load, curl, openssl, python3).
     Proxy(proxy::Args),
     /// Internal: the measuring client (run by `bench connect`).
     #[command(hide = true)]

@@ -23,11 +23,18 @@
 //! a large body ([`LARGE_PATH`], `--large-mb`) over each path, HTTP/1.1 and HTTP/2, for
 //! MB/s.
 //!
+//! `--peers nginx,mitmproxy` adds mitmproxy ([`mitm`]: mitmdump in reverse mode, an addon
+//! adding the header) beside nginx on every path-by-path measurement but the large body.
+//! Before the load, the memory case ([`memory`], `--held`) holds idle TLS connections
+//! through each proxy and reads its resident memory before, meanwhile and after.
+//!
 //! `--no-scrub` runs egressd with `proxy.scrub: false` (no response scrubbing, no
 //! outbound secret detection): run the benchmark with and without it to see what
 //! scrubbing costs.
 mod cpu;
 mod load;
+mod memory;
+mod mitm;
 mod nginx;
 
 use std::ffi::OsStr;
@@ -48,6 +55,8 @@ use egress_tests::{
 };
 
 use self::load::{Kind, Load, Report};
+use self::memory::Held;
+use self::mitm::Mitmproxy;
 use self::nginx::Nginx;
 use crate::cmd::{bin_in, build_bins_in, require_root, step};
 
@@ -57,10 +66,15 @@ const ORIGIN_IP: Ipv4Addr = ORIGIN_V4;
 const DIRECT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
 /// nginx as a reverse proxy.
 const NGINX_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 12);
+/// Connections the memory case holds through mitmproxy at most.
+const MITM_HELD: u32 = 100;
+/// mitmproxy as a reverse proxy.
+const MITM_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 13);
 /// The name the origin's certificate, the proxy rule and the credential are for.
 const API_HOST: &str = "api.example.com";
 const DIRECT_HOST: &str = "direct.example.com";
 const NGINX_HOST: &str = "nginx-proxy.example.com";
+const MITM_HOST: &str = "mitm-proxy.example.com";
 /// What the origin answers at every path but [`AUTH_PATH`].
 const BODY: &str = "hello from the bench origin\n";
 /// Where the origin answers with the `Authorization` header it received.
@@ -110,6 +124,37 @@ pub struct Args {
     /// Size of the large body downloaded for MB/s, in MiB (0: skip).
     #[arg(long, default_value_t = 256)]
     large_mb: u32,
+    /// The proxies egressd is compared with, side by side: `nginx`, `mitmproxy`
+    /// (installed from PyPI into /opt/egressd-bench-venv on first use).
+    #[arg(long, value_delimiter = ',', default_value = "nginx")]
+    peers: Vec<Peer>,
+    /// Connections held open at once in the memory case (0: skip it; at most 100 through
+    /// mitmproxy, which is slow to open them).
+    #[arg(long, default_value_t = 1000)]
+    held: u32,
+    /// Skip the req/s measurements (e.g. to run only the memory case).
+    #[arg(long)]
+    no_load: bool,
+    /// Extra environment for egressd, `NAME=VALUE` (repeatable), e.g. to measure another
+    /// allocator with `LD_PRELOAD=...`.
+    #[arg(long = "egressd-env")]
+    egressd_env: Vec<String>,
+}
+
+/// A proxy egressd is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Peer {
+    Nginx,
+    Mitmproxy,
+}
+
+impl Peer {
+    fn path(self) -> Path {
+        match self {
+            Peer::Nginx => Path::Nginx,
+            Peer::Mitmproxy => Path::Mitmproxy,
+        }
+    }
 }
 
 /// The three ways from the sandbox to the origin.
@@ -118,16 +163,30 @@ enum Path {
     Direct,
     Egressd,
     Nginx,
+    Mitmproxy,
 }
 
+/// Slots per path in the sample tables (every [`Path::index`]).
+const PATHS: usize = 4;
+
 impl Path {
-    const ALL: [Path; 3] = [Path::Direct, Path::Egressd, Path::Nginx];
+    /// direct, egressd, then the peers asked for.
+    fn measured(args: &Args) -> Vec<Path> {
+        let mut paths = vec![Path::Direct, Path::Egressd];
+        for peer in &args.peers {
+            if !paths.contains(&peer.path()) {
+                paths.push(peer.path());
+            }
+        }
+        paths
+    }
 
     fn label(self) -> &'static str {
         match self {
             Path::Direct => "direct",
             Path::Egressd => "egressd",
             Path::Nginx => "nginx",
+            Path::Mitmproxy => "mitmproxy",
         }
     }
 
@@ -136,6 +195,7 @@ impl Path {
             Path::Direct => DIRECT_HOST,
             Path::Egressd => API_HOST,
             Path::Nginx => NGINX_HOST,
+            Path::Mitmproxy => MITM_HOST,
         }
     }
 
@@ -148,6 +208,16 @@ impl Path {
             Path::Direct => 0,
             Path::Egressd => 1,
             Path::Nginx => 2,
+            Path::Mitmproxy => 3,
+        }
+    }
+
+    fn ip(self) -> Ipv4Addr {
+        match self {
+            Path::Direct => DIRECT_IP,
+            Path::Egressd => ORIGIN_IP,
+            Path::Nginx => NGINX_IP,
+            Path::Mitmproxy => MITM_IP,
         }
     }
 }
@@ -225,11 +295,22 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     catch_interrupts();
 
-    let bed = Bed::new(!args.no_scrub, args.large_mb);
+    let mitmdump = if args.peers.contains(&Peer::Mitmproxy) {
+        Some(mitm::ensure_installed()?)
+    } else {
+        None
+    };
+    let paths = Path::measured(args);
+    let bed = Bed::new(
+        !args.no_scrub,
+        args.large_mb,
+        mitmdump.as_deref(),
+        &args.egressd_env,
+    );
     check_interrupted()?;
     let bed = bed?;
     step("Checking every path end to end with curl in the sandbox");
-    let checked = bed.check();
+    let checked = bed.check(&paths);
     check_interrupted()?;
     checked?;
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -244,23 +325,55 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         h2_clients: args.h2_clients,
         h2_streams: args.h2_streams,
     };
-    let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); 3]; Kind::ALL.len()];
-    let total = args.rounds * Kind::ALL.len() * Path::ALL.len();
+    let mut held: Vec<(Path, Held)> = Vec::new();
+    if args.held > 0 {
+        step(&format!(
+            "Memory: {} idle TLS connections held through each proxy (one request each), \
+             then closed",
+            args.held
+        ));
+        for &path in paths.iter().filter(|p| **p != Path::Direct) {
+            // mitmproxy takes about half a second per connection here (it dials the
+            // origin for each): fewer, per connection all the same.
+            let n = match path {
+                Path::Mitmproxy => args.held.min(MITM_HELD),
+                _ => args.held,
+            };
+            let h = bed.hold(path, n);
+            check_interrupted()?;
+            let h = h.with_context(|| format!("memory case via {}", path.label()))?;
+            eprintln!(
+                "  {:<9} {:>7.1} KiB per connection; RSS {} -> {} KiB held -> {} KiB {:?} after close, {} KiB after {:?}",
+                path.label(),
+                h.per_connection_kib(),
+                h.before_kib,
+                h.held_kib,
+                h.after_kib,
+                memory::AFTER,
+                h.later_kib,
+                memory::LATER
+            );
+            held.push((path, h));
+        }
+    }
+    let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); PATHS]; Kind::ALL.len()];
+    let kinds: &[Kind] = if args.no_load { &[] } else { &Kind::ALL };
+    let total = args.rounds * kinds.len() * paths.len();
     step(&format!(
         "Measuring: {} rounds x {} kinds x {} paths, {} s each (+{} s warm-up), about {} s",
         args.rounds,
-        Kind::ALL.len(),
-        Path::ALL.len(),
+        kinds.len(),
+        paths.len(),
         args.duration,
         args.warmup,
         total as u32 * (args.duration + args.warmup + 1)
     ));
     let mut done = 0;
     for round in 0..args.rounds {
-        for (k, kind) in Kind::ALL.into_iter().enumerate() {
+        for (k, kind) in kinds.iter().copied().enumerate() {
             // Rotate which path goes first, so no path always follows the same one.
-            for i in 0..Path::ALL.len() {
-                let path = Path::ALL[(i + round) % Path::ALL.len()];
+            for i in 0..paths.len() {
+                let path = paths[(i + round) % paths.len()];
                 // A Ctrl-C from the terminal also stops the servers, so an interruption
                 // explains a failed measurement better than the failure does.
                 if args.warmup > 0 {
@@ -288,26 +401,40 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
     }
-    let mut large: Vec<Vec<f64>> = vec![Vec::new(); 2 * Path::ALL.len()];
-    if args.large_mb > 0 {
+    let mut large: Vec<Vec<f64>> = vec![Vec::new(); 2 * PATHS];
+    // mitmproxy keeps whole bodies in memory unless told otherwise: not measured here.
+    let large_paths: Vec<Path> = paths
+        .iter()
+        .copied()
+        .filter(|p| *p != Path::Mitmproxy)
+        .collect();
+    if args.large_mb > 0 && !args.no_load {
         step(&format!(
             "Downloading {} MiB over each path, HTTP/1.1 and HTTP/2, {} round(s)",
             args.large_mb, args.rounds
         ));
         for _ in 0..args.rounds {
-            for path in Path::ALL {
+            for &path in &large_paths {
                 for (v, flag) in ["--http1.1", "--http2"].into_iter().enumerate() {
                     let mbs = bed.download(path, flag, args.large_mb);
                     check_interrupted()?;
                     let mbs = mbs.with_context(|| format!("large body via {}", path.label()))?;
                     eprintln!("  {:<8} {flag:<10} {mbs:>8.1} MB/s", path.label());
-                    large[v * Path::ALL.len() + path.index()].push(mbs);
+                    large[v * PATHS + path.index()].push(mbs);
                 }
             }
         }
     }
-    print_report(args, &load, &samples, &load_before, busy_before);
-    if args.large_mb > 0 {
+    print_report(
+        args,
+        &paths,
+        &load,
+        &samples,
+        &held,
+        &load_before,
+        busy_before,
+    );
+    if args.large_mb > 0 && !args.no_load {
         println!();
         println!(
             "Large body ({} MiB, curl -o /dev/null in the sandbox), MB/s, median of {} round(s); egressd scrubbing {}",
@@ -315,18 +442,20 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             args.rounds,
             if args.no_scrub { "off" } else { "on" }
         );
-        println!(
-            "  {:<10} {:>9} {:>9} {:>9}",
-            "", "direct", "egressd", "nginx"
-        );
+        print!("  {:<10}", "");
+        for path in &large_paths {
+            print!(" {:>9}", path.label());
+        }
+        println!();
         for (v, name) in ["HTTP/1.1", "HTTP/2"].into_iter().enumerate() {
-            let [d, e, n] = [0, 1, 2].map(|p| median(large[v * Path::ALL.len() + p].clone()));
-            println!(
-                "  {name:<10} {:>9} {:>9} {:>9}",
-                num(d, 1),
-                num(e, 1),
-                num(n, 1)
-            );
+            print!("  {name:<10}");
+            for path in &large_paths {
+                print!(
+                    " {:>9}",
+                    num(median(large[v * PATHS + path.index()].clone()), 1)
+                );
+            }
+            println!();
         }
     }
     step("Done; removing the benchmark's namespaces, cgroup, pins, processes and files");
@@ -338,27 +467,34 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 /// namespaces, and last the files.
 struct Bed {
     _hosts: HostsFile,
+    _world_hosts: HostsFile,
     sandbox: Sandbox,
     daemon: Daemon,
+    mitmproxy: Option<Mitmproxy>,
     reverse_proxy: Nginx,
     origin: Nginx,
     _world: World,
     ca: TestCa,
-    _dir: TempDir,
+    dir: TempDir,
     token: String,
     egressd_ca: PathBuf,
     scrub: bool,
 }
 
 impl Bed {
-    fn new(scrub: bool, large_mb: u32) -> anyhow::Result<Self> {
+    fn new(
+        scrub: bool,
+        large_mb: u32,
+        mitmdump: Option<&std::path::Path>,
+        egressd_env: &[String],
+    ) -> anyhow::Result<Self> {
         step("Building the test bed: world and sandbox namespaces, test CA, origin, nginx proxy");
         let dir = TempDir::new("bench-proxy")?;
         let token = format!("bench_{}", random_hex(20)?);
         let ca = TestCa::new("bench")?;
-        let leaf = ca.issue("bench", &[API_HOST, DIRECT_HOST, NGINX_HOST])?;
+        let leaf = ca.issue("bench", &[API_HOST, DIRECT_HOST, NGINX_HOST, MITM_HOST])?;
         let world = World::new()?;
-        for ip in [DIRECT_IP, NGINX_IP] {
+        for ip in [DIRECT_IP, NGINX_IP, MITM_IP] {
             world.add_host(IpAddr::V4(ip))?;
         }
         // Bytes that hold no secret and do not compress (a simple generator, repeated).
@@ -413,6 +549,27 @@ impl Bed {
             &[SocketAddr::new(IpAddr::V4(NGINX_IP), 443)],
         )
         .context("starting nginx as a reverse proxy")?;
+        // mitmproxy's reverse mode names its upstream by host name (for SNI and
+        // verification), which the world namespace resolves to the origin.
+        let world_hosts = HostsFile::new(world.netns(), &[(IpAddr::V4(ORIGIN_IP), API_HOST)])?;
+        let mitmproxy = match mitmdump {
+            Some(mitmdump) => Some(
+                Mitmproxy::start(
+                    mitmdump,
+                    &world,
+                    &dir.path().join("mitmproxy"),
+                    &mitm::Spec {
+                        listen: SocketAddr::new(IpAddr::V4(MITM_IP), 443),
+                        leaf: &leaf,
+                        upstream_host: API_HOST,
+                        ca: ca.cert(),
+                        authorization: &format!("Bearer {token}"),
+                    },
+                )
+                .context("starting mitmproxy as a reverse proxy")?,
+            ),
+            None => None,
+        };
 
         let token_file = dir.write("token", &format!("{token}\n"))?;
         let config = dir.write(
@@ -437,7 +594,12 @@ credentials:
         let daemon = Daemon::start(DaemonOpts {
             extra_args: vec!["--config".into(), config.display().to_string()],
             // The daemon's default level, whatever this shell has set.
-            env: vec![("RUST_LOG".into(), "info".into())],
+            env: std::iter::once(("RUST_LOG".to_owned(), "info".to_owned()))
+                .chain(egressd_env.iter().map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (k.to_owned(), v.to_owned())
+                }))
+                .collect(),
             ..DaemonOpts::default()
         })?;
         let sandbox = world.add_sandbox("bench")?;
@@ -447,6 +609,7 @@ credentials:
                 (IpAddr::V4(ORIGIN_IP), API_HOST),
                 (IpAddr::V4(DIRECT_IP), DIRECT_HOST),
                 (IpAddr::V4(NGINX_IP), NGINX_HOST),
+                (IpAddr::V4(MITM_IP), MITM_HOST),
             ],
         )?;
         // A connection per request at thousands per second from one address to one
@@ -485,7 +648,7 @@ rules:
     hosts: [{API_HOST}]
     credential: {CREDENTIAL}
   - name: bench-direct-and-nginx
-    to: [{DIRECT_IP}, {NGINX_IP}]
+    to: [{DIRECT_IP}, {NGINX_IP}, {MITM_IP}]
     ports: [443]
     protocol: tcp
     action: allow
@@ -512,13 +675,15 @@ rules:
         )?;
         Ok(Self {
             _hosts: hosts,
+            _world_hosts: world_hosts,
             sandbox,
             daemon,
+            mitmproxy,
             reverse_proxy,
             origin,
             _world: world,
             ca,
-            _dir: dir,
+            dir,
             token,
             egressd_ca,
             scrub,
@@ -594,9 +759,9 @@ rules:
 
     /// Each path end to end: the body over HTTP/2 and over HTTP/1.1, and what the origin
     /// received as `Authorization`.
-    fn check(&self) -> anyhow::Result<()> {
+    fn check(&self, paths: &[Path]) -> anyhow::Result<()> {
         let bearer = format!("Bearer {}", self.token);
-        for path in Path::ALL {
+        for &path in paths {
             // The sandbox trusts egressd's CA on the proxied path (proving that egressd
             // answered, not the origin) and the test CA on the others.
             let ca = match path {
@@ -624,7 +789,7 @@ rules:
             let want = match path {
                 Path::Direct => "",
                 Path::Egressd if self.scrub => scrubbed.as_str(),
-                Path::Egressd | Path::Nginx => bearer.as_str(),
+                Path::Egressd | Path::Nginx | Path::Mitmproxy => bearer.as_str(),
             };
             if auth != want {
                 bail!(
@@ -654,7 +819,26 @@ rules:
             Path::Direct => None,
             Path::Egressd => self.daemon.pid(),
             Path::Nginx => self.reverse_proxy.pid(),
+            Path::Mitmproxy => self.mitmproxy.as_ref().and_then(Mitmproxy::pid),
         }
+    }
+
+    /// The memory case ([`memory`]) through `path`.
+    fn hold(&self, path: Path, n: u32) -> anyhow::Result<Held> {
+        let pid = self.proxy_pid(path).context("no proxy on this path")?;
+        let ca = match path {
+            Path::Egressd => &self.egressd_ca,
+            _ => self.ca.cert(),
+        };
+        memory::measure(
+            &self.sandbox,
+            self.dir.path(),
+            pid,
+            path.host(),
+            IpAddr::V4(path.ip()),
+            ca,
+            n,
+        )
     }
 
     /// Runs `kind` for `secs` seconds from the sandbox via `path`.
@@ -709,6 +893,17 @@ rules:
             Path::Egressd => format!(
                 "egressd log:\n{}",
                 tail(&self.redact(self.daemon.log().as_bytes()), 10)
+            ),
+            Path::Mitmproxy => format!(
+                "mitmproxy log:\n{}",
+                tail(
+                    &self
+                        .mitmproxy
+                        .as_ref()
+                        .map(Mitmproxy::errors)
+                        .unwrap_or_default(),
+                    10
+                )
             ),
             Path::Nginx => format!(
                 "nginx error log:\n{}\norigin error log:\n{}",
@@ -810,8 +1005,10 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 
 fn print_report(
     args: &Args,
+    paths: &[Path],
     load: &Load,
     samples: &[Vec<Vec<Sample>>],
+    held: &[(Path, Held)],
     load_before: &str,
     busy_before: Option<f64>,
 ) {
@@ -820,25 +1017,40 @@ fn print_report(
         .map(|per_path| per_path.iter().map(|s| summarize(s)).collect())
         .collect();
     let build = if args.release { "release" } else { "debug" };
+    let peers: Vec<Path> = paths
+        .iter()
+        .copied()
+        .filter(|p| !matches!(p, Path::Direct | Path::Egressd))
+        .collect();
     println!();
     println!(
         "HTTPS from inside the sandbox (its netns and cgroup) to one nginx origin; {} s per measurement, median of {} round(s)",
         args.duration, args.rounds
     );
-    println!("  direct   sandbox -> origin ({DIRECT_IP}:443)");
+    println!("  direct    sandbox -> origin ({DIRECT_IP}:443)");
     println!(
-        "  egressd  sandbox -> {ORIGIN_IP}:443, redirected by the kernel -> egressd proxy ({build} build) -> origin ({ORIGIN_IP}:443); injects Authorization"
+        "  egressd   sandbox -> {ORIGIN_IP}:443, redirected by the kernel -> egressd proxy ({build} build) -> origin ({ORIGIN_IP}:443); injects Authorization"
     );
-    println!(
-        "  nginx    sandbox -> nginx reverse proxy ({NGINX_IP}:443) -> origin ({ORIGIN_IP}:443, keep-alive pool); injects Authorization"
-    );
+    if peers.contains(&Path::Nginx) {
+        println!(
+            "  nginx     sandbox -> nginx reverse proxy ({NGINX_IP}:443) -> origin ({ORIGIN_IP}:443, keep-alive pool); injects Authorization"
+        );
+    }
+    if peers.contains(&Path::Mitmproxy) {
+        println!(
+            "  mitmproxy sandbox -> mitmdump in reverse mode ({MITM_IP}:443) -> origin ({ORIGIN_IP}:443); an addon injects Authorization"
+        );
+    }
     println!(
         "  CPU: {} cores shared by client, proxy and origin. egressd: tokio runtime, 2 worker threads (+ audit writer); \
-         nginx proxy: 1 process (worker_processes 1, master_process off); origin: 1 nginx process. \
+         nginx proxy: 1 process (worker_processes 1, master_process off); mitmproxy: 1 Python process; origin: 1 nginx process. \
          \"cores\" = CPU seconds / wall seconds; \"rest\" = the machine's busy time not charged to these \
          processes (kernel network work in softirq context, and anything else running).",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    if !args.egressd_env.is_empty() {
+        println!("  egressd environment: {}", args.egressd_env.join(" "));
+    }
     println!(
         "  before measuring: {} cores busy over {IDLE_PROBE:?} (load average {})",
         num(busy_before, 2),
@@ -858,6 +1070,40 @@ fn print_report(
             "  NOTE: egressd is the unoptimised debug build; run with --release for figures comparable to nginx"
         );
     }
+    if !held.is_empty() {
+        println!();
+        println!(
+            "Held connections: idle TLS connections (HTTP/1.1, one request each) held through each proxy, then closed; proxy RSS in KiB",
+        );
+        println!(
+            "  {:<9} {:>6} {:>9} {:>9} {:>14} {:>16} {:>16}",
+            "path",
+            "conns",
+            "before",
+            "held",
+            "KiB per conn",
+            format!("+{:?} closed", memory::AFTER),
+            format!("+{:?} closed", memory::LATER),
+        );
+        for (path, h) in held {
+            println!(
+                "  {:<9} {:>6} {:>9} {:>9} {:>14.1} {:>16} {:>16}",
+                path.label(),
+                h.connections,
+                h.before_kib,
+                h.held_kib,
+                h.per_connection_kib(),
+                h.after_kib,
+                h.later_kib
+            );
+        }
+    }
+    if args.no_load {
+        return;
+    }
+    let cols = |v: &dyn Fn(Path) -> String| -> String {
+        paths.iter().map(|p| format!(" {:>11}", v(*p))).collect()
+    };
     for (k, kind) in Kind::ALL.into_iter().enumerate() {
         println!();
         println!("{} ({})", kind.short(), kind.describe(load, args.duration));
@@ -867,7 +1113,7 @@ fn print_report(
             format!("{:>17}", "mean ms")
         };
         println!(
-            "  {:<8} {:>10} {lat} {:>7} {:>11} {:>12} {:>12} {:>13} {:>16}",
+            "  {:<9} {:>10} {lat} {:>7} {:>11} {:>12} {:>12} {:>13} {:>16}",
             "path",
             "req/s",
             "errors",
@@ -877,7 +1123,7 @@ fn print_report(
             "rest cores",
             "proxy CPU us/req"
         );
-        for path in Path::ALL {
+        for &path in paths {
             let s = &sums[k][path.index()];
             let lat = if kind.has_percentiles() {
                 format!("{:>8} {:>8}", num(s.p50_ms, 2), num(s.p99_ms, 2))
@@ -885,7 +1131,7 @@ fn print_report(
                 format!("{:>17}", num(s.mean_ms, 2))
             };
             println!(
-                "  {:<8} {:>10} {lat} {:>7} {:>11} {:>12} {:>12} {:>13} {:>16}",
+                "  {:<9} {:>10} {lat} {:>7} {:>11} {:>12} {:>12} {:>13} {:>16}",
                 path.label(),
                 num(s.req_per_sec, 0),
                 s.errors,
@@ -899,20 +1145,27 @@ fn print_report(
     }
 
     println!();
+    let ratio_heads: String = peers
+        .iter()
+        .map(|p| format!(" {:>17}", format!("egressd/{}", p.label())))
+        .collect();
     println!(
-        "Summary {:<34} {:>9} {:>9} {:>9} {:>13} {:>14}",
-        "", "direct", "egressd", "nginx", "egressd/nginx", "egressd/direct"
+        "Summary {:<34}{}{ratio_heads} {:>14}",
+        "",
+        cols(&|p| p.label().to_owned()),
+        "egressd/direct"
     );
     let row = |name: &str, get: &dyn Fn(&Summary) -> Option<f64>, k: usize, decimals: usize| {
-        let [d, e, n] = [0, 1, 2].map(|p| get(&sums[k][p]));
+        let value = |p: Path| get(&sums[k][p.index()]);
+        let ratios: String = peers
+            .iter()
+            .map(|p| format!(" {:>17}", ratio(value(Path::Egressd), value(*p))))
+            .collect();
         println!(
-            "  {:<40} {:>9} {:>9} {:>9} {:>13} {:>14}",
+            "  {:<40}{}{ratios} {:>14}",
             name,
-            num(d, decimals),
-            num(e, decimals),
-            num(n, decimals),
-            ratio(e, n),
-            ratio(e, d)
+            cols(&|p| num(value(p), decimals)),
+            ratio(value(Path::Egressd), value(Path::Direct))
         );
     };
     for (k, kind) in Kind::ALL.into_iter().enumerate() {
