@@ -6,7 +6,7 @@
 use anyhow::{bail, Context};
 
 /// One kind of measurement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kind {
     /// HTTP/1.1 requests on kept-alive connections (wrk).
     H1KeepAlive,
@@ -18,6 +18,15 @@ pub enum Kind {
 
 impl Kind {
     pub const ALL: [Kind; 3] = [Kind::H1KeepAlive, Kind::H1NewConnection, Kind::H2KeepAlive];
+
+    /// Its place in [`Kind::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Kind::H1KeepAlive => 0,
+            Kind::H1NewConnection => 1,
+            Kind::H2KeepAlive => 2,
+        }
+    }
 
     pub fn tool(self) -> &'static str {
         match self {

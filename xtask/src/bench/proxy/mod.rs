@@ -135,6 +135,13 @@ pub struct Args {
     /// Skip the req/s measurements (e.g. to run only the memory case).
     #[arg(long)]
     no_load: bool,
+    /// The req/s measurements to make (default: all three).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "h1-keep-alive,h1-new-connection,h2-keep-alive"
+    )]
+    kinds: Vec<Kind>,
     /// Extra environment for egressd, `NAME=VALUE` (repeatable), e.g. to measure another
     /// allocator with `LD_PRELOAD=...`.
     #[arg(long = "egressd-env")]
@@ -357,7 +364,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         }
     }
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); PATHS]; Kind::ALL.len()];
-    let kinds: &[Kind] = if args.no_load { &[] } else { &Kind::ALL };
+    let kinds: &[Kind] = if args.no_load { &[] } else { &args.kinds };
     let total = args.rounds * kinds.len() * paths.len();
     step(&format!(
         "Measuring: {} rounds x {} kinds x {} paths, {} s each (+{} s warm-up), about {} s",
@@ -370,7 +377,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     ));
     let mut done = 0;
     for round in 0..args.rounds {
-        for (k, kind) in kinds.iter().copied().enumerate() {
+        for kind in kinds.iter().copied() {
+            let k = kind.index();
             // Rotate which path goes first, so no path always follows the same one.
             for i in 0..paths.len() {
                 let path = paths[(i + round) % paths.len()];
@@ -1105,6 +1113,9 @@ fn print_report(
         paths.iter().map(|p| format!(" {:>11}", v(*p))).collect()
     };
     for (k, kind) in Kind::ALL.into_iter().enumerate() {
+        if !args.kinds.contains(&kind) {
+            continue;
+        }
         println!();
         println!("{} ({})", kind.short(), kind.describe(load, args.duration));
         let lat = if kind.has_percentiles() {
@@ -1169,6 +1180,9 @@ fn print_report(
         );
     };
     for (k, kind) in Kind::ALL.into_iter().enumerate() {
+        if !args.kinds.contains(&kind) {
+            continue;
+        }
         row(kind.short(), &|s| s.req_per_sec, k, 0);
         if kind.has_percentiles() {
             row("  p50 latency ms", &|s| s.p50_ms, k, 2);
