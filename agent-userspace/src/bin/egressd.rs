@@ -189,6 +189,22 @@ fn raise_nofile_limit() {
     tracing::warn!(limit = before, error = %std::io::Error::last_os_error(), "Could not raise the open-file limit");
 }
 
+/// jemalloc, with background threads that return freed memory to the system: measured
+/// against glibc's malloc (which kept the memory of closed connections) and mimalloc,
+/// it keeps idle proxied connections smallest and gives their memory back after they
+/// close (BENCHMARKS.md, Memory).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// The runtime's worker threads: `EGRESSD_WORKER_THREADS` (1 to 64), default 2.
+fn worker_threads() -> usize {
+    std::env::var("EGRESSD_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|n| (1..=64).contains(n))
+        .unwrap_or(2)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -225,7 +241,7 @@ fn main() -> ExitCode {
     raise_nofile_limit();
     let result = options(args).and_then(|opts| {
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(worker_threads())
             .enable_all()
             .build()?
             .block_on(daemon::run(opts))
