@@ -25,7 +25,6 @@ mod hello;
 mod intercept;
 mod io;
 mod passthrough;
-mod record;
 mod refused;
 mod scrub;
 mod target;
@@ -56,12 +55,9 @@ use tracing::debug;
 
 pub use ca::{CaError, CertAuthority, CA_CERT_FILE, CA_COMMON_NAME, CA_KEY_FILE};
 pub use error::{Party, ProxyError};
-pub use record::{
-    query_keys, GitAudit, ProxyRecord, RecordKind, RefUpdate, SecretDirection, SecretFinding,
-    TlsMode, Verdict,
-};
 pub use scrub::MARKER as SCRUB_MARKER;
 
+use crate::audit::{ProxyRecord, ProxyVerdict as Verdict, RecordKind, TlsMode};
 use crate::credentials::{normalize_host, CredentialStore};
 use crate::net::{self, Dialer};
 

@@ -7,8 +7,8 @@
 //! with 400; nothing else is forwarded.
 
 use super::git::GitRequest;
-use super::record::GitAudit;
 use super::Route;
+use crate::audit::GitAudit;
 use crate::policy::normalize_target;
 
 /// What was judged, and is to be forwarded.

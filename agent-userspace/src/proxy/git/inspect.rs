@@ -15,7 +15,7 @@ use hyper::body::{Body as _, Incoming};
 
 use super::pkt::{parse_commands, status_report, wants_report, CommandList};
 use super::GitRule;
-use crate::proxy::record::RefUpdate;
+use crate::audit::RefUpdate;
 use crate::proxy::refused::CLIENT_ABORTED;
 
 /// Largest command section accepted (decompressed), flush included.

@@ -39,8 +39,8 @@ pub use inspect::{Encoding, MAX_COMMAND_BYTES};
 pub use pkt::{parse_commands, status_report, wants_report, Command, CommandList, MAX_PKT_LEN};
 pub use refs::{invalid_ref_name, RefGlob};
 
-use super::record::{GitAudit, RefUpdate};
 use super::text::sanitize;
+use crate::audit::{GitAudit, RefUpdate};
 
 /// `Content-Type` of the proxy's own receive-pack answer.
 pub const RECEIVE_PACK_RESULT: &str = "application/x-git-receive-pack-result";

@@ -24,10 +24,9 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::*;
+use crate::audit::{ProxyRecord, ProxyVerdict as Verdict};
 use crate::credentials::{CredentialStore, RawCredentials};
-use crate::proxy::{
-    AuditSink, CertAuthority, ConnInfo, Proxy, ProxyConfig, ProxyRecord, Route, Verdict,
-};
+use crate::proxy::{AuditSink, CertAuthority, ConnInfo, Proxy, ProxyConfig, Route};
 
 const A: &str = "1111111111111111111111111111111111111111";
 const B: &str = "2222222222222222222222222222222222222222";
