@@ -36,11 +36,11 @@ use super::io::{idle_watch, Activity, Metered, PrefixedStream};
 use super::refused::{connection_refusal, is_client_abort, H2Watch, StreamReset, CLIENT_ABORTED};
 use super::scrub::{self, OutboundScan, ResponseBody};
 use super::target::{judge_target, TargetRefusal};
-use super::text::sanitize;
 use super::upstream::{DialParams, PoolKey, Sender};
 use super::{ConnInfo, Proxy};
 use crate::audit::{query_keys, ProxyVerdict as Verdict, RecordKind, SecretFinding, TlsMode};
 use crate::credentials::normalize_host;
+use crate::text::sanitize;
 
 /// Serves the certificate minted for the connection's (already checked) server name,
 /// and nothing for any other name.
@@ -460,7 +460,7 @@ impl ConnCtx {
         })?;
         let push_rule = match (&self.conn.route.git, &judged.git) {
             (Some(rule), Some(request)) => {
-                record.git = Some(request.audit());
+                record.git = Some(git::audit_of(request));
                 request.is_push().then_some(rule)
             }
             _ => None,

@@ -28,7 +28,6 @@ mod passthrough;
 mod refused;
 mod scrub;
 mod target;
-mod text;
 mod upstream;
 
 #[cfg(test)]
@@ -109,7 +108,7 @@ pub struct Route {
     /// The rule's `git:` block: when present, only git smart-HTTP requests of its
     /// repositories pass (after `request_allowed`), and pushes have their ref updates
     /// checked before anything is forwarded.
-    pub git: Option<Arc<git::GitRule>>,
+    pub git: Option<Arc<crate::policy::git::GitRule>>,
 }
 
 impl fmt::Debug for Route {
