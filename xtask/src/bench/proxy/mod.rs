@@ -387,9 +387,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 if args.warmup > 0 {
                     let warm = bed.measure(kind, path, &load, args.warmup);
                     check_interrupted()?;
-                    warm.with_context(|| {
-                        format!("warm-up of {} via {}", kind.short(), path.label())
-                    })?;
+                    // A slow proxy (mitmproxy) may finish nothing in a short warm-up; the
+                    // measurement itself fails if the path is broken.
+                    if let Err(e) = warm {
+                        eprintln!(
+                            "  warm-up of {} via {}: {}",
+                            kind.short(),
+                            path.label(),
+                            format!("{e:#}").lines().next().unwrap_or_default()
+                        );
+                    }
                 }
                 let s = bed.measure(kind, path, &load, args.duration);
                 check_interrupted()?;
