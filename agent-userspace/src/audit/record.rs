@@ -862,9 +862,7 @@ impl CredentialRevoke {
         };
         wire.event.reason = Some(&self.reason);
         wire.egress.sandbox = Some(WireSandbox::named(&self.sandbox));
-        wire.egress.credential = Some(WireCredential {
-            name: &self.credential,
-        });
+        wire.egress.credential = Some(WireCredential::named(&self.credential));
     }
 }
 
@@ -992,7 +990,15 @@ impl ProxyEvent {
         });
         wire.egress.verdict = Some(verdict);
         wire.egress.tls_mode = Some(r.tls_mode.as_str());
-        wire.egress.credential = non_empty(&r.credential).map(|name| WireCredential { name });
+        wire.egress.credential = non_empty(&r.credential).map(|name| {
+            let mut credential = WireCredential::named(name);
+            if let Some(usage) = &r.credential_use {
+                credential.kind = Some(usage.kind);
+                credential.source = Some(usage.source);
+                credential.expires = usage.expires.map(crate::credentials::rfc3339);
+            }
+            credential
+        });
         wire.egress.scrubbed = (r.scrubbed > 0).then_some(r.scrubbed);
         wire.egress.git = r.git.as_ref().map(|git| WireGit {
             repo: &git.repo,
@@ -1127,7 +1133,7 @@ fn fill_alert<'a>(r: &'a Alert, wire: &mut Wire<'a>) {
     wire.url = WireUrl::new(non_empty(&r.domain), non_empty(&r.path), None);
     wire.rule = non_empty(&r.rule).map(|name| WireRule { name });
     wire.egress.sandbox = Some(WireSandbox::named(&r.sandbox));
-    wire.egress.credential = non_empty(&r.credential).map(|name| WireCredential { name });
+    wire.egress.credential = non_empty(&r.credential).map(WireCredential::named);
     wire.egress.alert = Some(WireAlert {
         count: r.count.max(1),
         window_seconds: r.window_seconds,
@@ -1770,10 +1776,28 @@ enum WireConnectionId<'a> {
     Proxy(&'a str),
 }
 
-/// `egress.credential`: the name only; the value never reaches the audit code.
+/// `egress.credential`: the name, and on a proxy record how it was sent, where it came
+/// from and when it expires; the value never reaches the audit code.
 #[derive(Serialize)]
 struct WireCredential<'a> {
     name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires: Option<String>,
+}
+
+impl<'a> WireCredential<'a> {
+    fn named(name: &'a str) -> Self {
+        Self {
+            name,
+            kind: None,
+            source: None,
+            expires: None,
+        }
+    }
 }
 
 /// `egress.git`: the repository, service and, for a push, its ref updates.

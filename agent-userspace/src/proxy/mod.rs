@@ -23,6 +23,7 @@ mod dialer;
 mod error;
 pub mod git;
 mod hello;
+mod inject;
 mod intercept;
 mod io;
 mod passthrough;
@@ -510,6 +511,7 @@ impl Proxy {
             git: None,
             scrubbed: 0,
             secret: None,
+            credential_use: None,
         }
     }
 

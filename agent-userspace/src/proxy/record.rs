@@ -91,6 +91,8 @@ pub struct ProxyRecord {
     pub duration_ms: u64,
     /// Name of the credential injected into the request, if one was.
     pub credential: Option<String>,
+    /// That credential's kind, source and expiry (never its value).
+    pub credential_use: Option<Box<crate::credentials::CredentialUse>>,
     /// Allow or deny.
     pub verdict: Verdict,
     /// Why it was denied, or what failed; `None` for a clean allow.
@@ -112,6 +114,8 @@ pub enum SecretDirection {
     Reflected,
     /// In a request from the sandbox, which should never hold a secret.
     Outbound,
+    /// A placeholder sentinel in a request to a host its credential does not list.
+    Placeholder,
 }
 
 /// A secret seen in a request or its response, by credential name only.
@@ -133,6 +137,15 @@ impl SecretFinding {
             credentials,
             count,
             place: "the response",
+        })
+    }
+
+    pub fn placeholder(credential: &str, place: &'static str) -> Box<Self> {
+        Box::new(Self {
+            direction: SecretDirection::Placeholder,
+            credentials: vec![credential.to_owned()],
+            count: 1,
+            place,
         })
     }
 
@@ -168,6 +181,15 @@ impl ProxyRecord {
                 format!(
                     "a request from the sandbox to {origin} carried the value of credential \
                      {names} in {}; it was refused before reaching the origin",
+                    finding.place
+                ),
+            ),
+            SecretDirection::Placeholder => (
+                AlertKind::PlaceholderMisdirected,
+                format!(
+                    "a request from the sandbox to {origin} carried its placeholder for \
+                     credential {names} in {}, a host the credential does not list; it was \
+                     refused before reaching the origin",
                     finding.place
                 ),
             ),
