@@ -220,6 +220,9 @@ pub struct StreamReplacer {
 impl StreamReplacer {
     /// `None` only if the automaton cannot be built (never for a sentinel).
     pub fn new(needle: &str, with: zeroize::Zeroizing<Vec<u8>>) -> Option<Self> {
+        if needle.is_empty() {
+            return None;
+        }
         let ac = AhoCorasick::new([needle]).ok()?;
         Some(Self {
             ac,

@@ -520,8 +520,12 @@ impl ConnCtx {
             .filter(|c| self.proxy.credentials.sends_to(c, &self.sni));
         let mut body_placeholder = None;
         let mut restore = Vec::new();
-        if let (Some(name), Some(set)) = (own, &placeholders) {
-            let sentinel = set.sentinel(name).unwrap_or_default().to_owned();
+        let own_sentinel = own.zip(placeholders.as_ref()).and_then(|(name, set)| {
+            set.sentinel(name)
+                .filter(|s| !s.is_empty())
+                .map(|s| (name, s.to_owned()))
+        });
+        if let Some((name, sentinel)) = own_sentinel {
             let in_head = judged.target.contains(&sentinel)
                 || parts.headers.iter().any(|(_, v)| {
                     let v = v.as_bytes();
