@@ -25,9 +25,9 @@ mod state;
 mod store;
 mod vault;
 
+pub use crate::net::UpstreamOptions;
 pub use error::CredentialError;
 pub use file::CHECK_INTERVAL as FILE_CHECK_INTERVAL;
-pub use github_app::UpstreamOptions;
 pub use matcher::SecretMatcher;
 pub use placeholder::{SandboxPlaceholders, StreamReplacer};
 pub use raw::{

@@ -211,7 +211,7 @@ pub struct Rule {
     /// Proxy rules only; non-empty when present.
     pub(super) http: Option<Vec<HttpRule>>,
     /// Proxy rules only: git smart-HTTP checks.
-    pub(super) git: Option<std::sync::Arc<crate::proxy::git::GitRule>>,
+    pub(super) git: Option<std::sync::Arc<super::git::GitRule>>,
     /// Rules with names only: the networks those names may resolve to (non-empty when
     /// present; normalised like `nets`).
     pub(super) answers: Option<Vec<IpNet>>,
@@ -219,7 +219,7 @@ pub struct Rule {
 
 impl Rule {
     /// The rule's git checks, when it has `git:`.
-    pub fn git(&self) -> Option<&std::sync::Arc<crate::proxy::git::GitRule>> {
+    pub fn git(&self) -> Option<&std::sync::Arc<super::git::GitRule>> {
         self.git.as_ref()
     }
 
@@ -833,7 +833,7 @@ struct Proxied {
     hosts: Vec<HostPattern>,
     credential: Option<String>,
     http: Option<Vec<HttpRule>>,
-    git: Option<std::sync::Arc<crate::proxy::git::GitRule>>,
+    git: Option<std::sync::Arc<super::git::GitRule>>,
 }
 
 /// Checks `protocol`, `hosts`, `credential` and `http` against the rule's action.
@@ -960,7 +960,7 @@ fn compile_proxied(
         .git
         .as_ref()
         .map(|g| {
-            crate::proxy::git::GitRule::compile(g)
+            super::git::GitRule::compile(g)
                 .map(std::sync::Arc::new)
                 .map_err(|m| CompileError::new(at.key("git"), m))
         })

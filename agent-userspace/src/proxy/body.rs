@@ -11,9 +11,9 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
 use super::inject::RequestScan;
-use super::record::{ProxyRecord, SecretFinding};
 use super::scrub::{OutboundHit, ResponseBody, Tally};
 use super::AuditSink;
+use crate::audit::{ProxyRecord, SecretFinding};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

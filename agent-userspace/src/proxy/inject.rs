@@ -203,7 +203,7 @@ pub(super) fn body_encoding_refusal(headers: &HeaderMap) -> Option<String> {
     Some(format!(
         "downstream client: request body has Content-Encoding `{}`; a placeholder in it could \
          not be replaced: send it unencoded",
-        super::text::sanitize(&coding, 40)
+        crate::text::sanitize(&coding, 40)
     ))
 }
 
@@ -336,7 +336,7 @@ mod tests {
         );
         // Keys only reach the record: the value never does.
         let forwarded = set_query_param("/p?q=1", "api_key", &s);
-        let keys = super::super::record::query_keys(forwarded.split_once('?').map(|x| x.1));
+        let keys = crate::audit::query_keys(forwarded.split_once('?').map(|x| x.1));
         assert_eq!(keys.as_deref(), Some("q=&api_key="));
     }
 
