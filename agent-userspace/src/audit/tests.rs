@@ -194,6 +194,11 @@ fn proxy_request() -> ProxyRecord {
         git: None,
         scrubbed: 0,
         secret: None,
+        credential_use: Some(Box::new(crate::credentials::CredentialUse {
+            kind: "header",
+            source: "vault",
+            expires: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000)),
+        })),
     }
 }
 
@@ -321,6 +326,26 @@ fn scrubbed_secrets_are_counted_and_alerted_by_name_only() {
     assert_eq!(alert.kind, AlertKind::SecretOutbound);
     assert!(alert.reason.contains("the URL"), "{}", alert.reason);
     assert!(proxy_request().alert(T0).is_none());
+
+    // A placeholder at a host its credential does not list: its own alert kind.
+    let misdirected = ProxyRecord {
+        verdict: ProxyVerdict::Deny,
+        status: Some(403),
+        credential: None,
+        credential_use: None,
+        secret: Some(SecretFinding::placeholder("openai", "the body")),
+        ..proxy_request()
+    };
+    let line: Value =
+        serde_json::from_slice(&proxy_event(misdirected.clone()).encode(3).unwrap()).unwrap();
+    assert!(validator().is_valid(&line), "{line}");
+    let alert = misdirected.alert(T0).unwrap();
+    assert_eq!(alert.kind, AlertKind::PlaceholderMisdirected);
+    assert_eq!(alert.credential.as_deref(), Some("openai"));
+    assert!(alert.reason.contains("the body"), "{}", alert.reason);
+    let line: Value = serde_json::from_slice(&Record::from(alert).encode(4).unwrap()).unwrap();
+    assert_eq!(line["event"]["action"], "placeholder-misdirected");
+    assert!(validator().is_valid(&line), "{line}");
 }
 
 fn proxy_event(record: ProxyRecord) -> Record {
@@ -1069,7 +1094,12 @@ fn proxy_request_fields_use_ecs_names_and_nesting() {
                 "connection": {"id": "0000000000001000-0000000100000042"},
                 "verdict": "allow",
                 "tls_mode": "intercept",
-                "credential": {"name": "github-token"}
+                "credential": {
+                    "name": "github-token",
+                    "kind": "header",
+                    "source": "vault",
+                    "expires": "2027-01-15T08:00:00Z"
+                }
             }
         })
     );

@@ -112,6 +112,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List each credential the daemon holds: kind, source, hosts, last fetch, expiry,
+    /// last error and the sandboxes using it. Never a value.
+    Credentials {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a sandbox's placeholder for a `placeholder` credential: give it to the
+    /// sandbox (an environment variable, a config file); the proxy replaces it with the
+    /// credential's value on requests to the credential's hosts.
+    Placeholder {
+        /// The sandbox's name.
+        sandbox: String,
+        /// The credential's name (its `inject:` is `{ placeholder: {} }`).
+        credential: String,
+    },
     /// The proxy's local certificate authority.
     Ca {
         #[command(subcommand)]
@@ -283,6 +299,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 bail!("{}", resp.error.unwrap_or_default());
             }
             print!("{}", resp.message.unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Credentials { json } => {
+            let resp = control::call(&cli.socket, &Request::Credentials)?;
+            if !resp.ok {
+                bail!("{}", resp.error.unwrap_or_default());
+            }
+            let Some(states) = resp.credentials else {
+                bail!("egressd sent no credentials")
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&states)?);
+            } else {
+                print!("{}", credentials_table(&states));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Placeholder {
+            sandbox,
+            credential,
+        } => {
+            let resp = control::call(
+                &cli.socket,
+                &Request::Placeholder {
+                    sandbox,
+                    credential,
+                },
+            )?;
+            if !resp.ok {
+                bail!("{}", resp.error.unwrap_or_default());
+            }
+            println!("{}", resp.message.unwrap_or_default());
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {
@@ -558,4 +606,66 @@ fn respond(resp: control::Response) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|| "egressd refused the request".into())
         )
     }
+}
+
+/// `egressctl credentials` as a table: one line per credential, then its last error.
+fn credentials_table(states: &[egress::credentials::CredentialState]) -> String {
+    let dash = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".to_owned());
+    let rows: Vec<[String; 8]> = states
+        .iter()
+        .map(|c| {
+            [
+                c.name.clone(),
+                c.kind.clone(),
+                c.source.clone(),
+                c.hosts.join(","),
+                dash(&c.last_fetch),
+                dash(&c.expires),
+                if c.sandboxes.is_empty() {
+                    "-".to_owned()
+                } else {
+                    c.sandboxes.join(",")
+                },
+                dash(&c.detail),
+            ]
+        })
+        .collect();
+    let header = [
+        "CREDENTIAL",
+        "KIND",
+        "SOURCE",
+        "HOSTS",
+        "LAST FETCH",
+        "EXPIRES",
+        "SANDBOXES",
+        "DETAIL",
+    ];
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: &[&str], out: &mut String| {
+        let mut text = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&header, &mut out);
+    for (row, state) in rows.iter().zip(states) {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        line(&cells, &mut out);
+        if let Some(error) = &state.last_error {
+            out.push_str(&format!("  last error: {error}\n"));
+        }
+    }
+    out
 }

@@ -43,6 +43,14 @@ pub enum Request {
     },
     /// The local CA certificate (PEM) sandboxes must trust for the proxy.
     CaExport,
+    /// Each credential's state (kind, source, hosts, last fetch, expiry, last error,
+    /// sandboxes using it), never a value.
+    Credentials,
+    /// A sandbox's placeholder sentinel for a `placeholder` credential.
+    Placeholder {
+        sandbox: String,
+        credential: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -54,6 +62,8 @@ pub struct Response {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<DaemonStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Vec<crate::credentials::CredentialState>>,
 }
 
 impl Response {

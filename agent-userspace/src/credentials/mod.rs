@@ -8,7 +8,8 @@
 //! cached for its `ttl`; `github_app`, installation tokens minted with a GitHub App's key
 //! and renewed before they expire, see [`github_app`]; `vault`, KV secrets and leases from
 //! an OpenBao or Vault server, see `vault.rs`), an injection form (a header with a
-//! format, or HTTP Basic), the exact hosts it may be sent to, and optionally how to revoke
+//! format, HTTP Basic, a query parameter, or a per-sandbox placeholder the proxy replaces,
+//! see [`placeholder`]), the exact hosts it may be sent to, and optionally how to revoke
 //! its live value when a sandbox using it is quarantined ([`CredentialStore::revoke`]). Values live in
 //! [`Secret`], which never prints them, and no error of this module contains one.
 mod error;
@@ -16,9 +17,11 @@ mod file;
 pub mod github_app;
 mod https;
 pub mod matcher;
+pub mod placeholder;
 pub mod raw;
 mod revoke;
 mod secret;
+mod state;
 mod store;
 mod vault;
 
@@ -26,12 +29,15 @@ pub use crate::net::UpstreamOptions;
 pub use error::CredentialError;
 pub use file::CHECK_INTERVAL as FILE_CHECK_INTERVAL;
 pub use matcher::SecretMatcher;
+pub use placeholder::{SandboxPlaceholders, StreamReplacer};
 pub use raw::{
     RawAppRole, RawBasic, RawCommand, RawCredential, RawCredentials, RawGithubApp, RawInject,
-    RawRevoke, RawSource, RawVault, RawVaultAuth, RawVaultKv, RawVaultLease,
+    RawPlaceholder, RawQuery, RawRevoke, RawSource, RawVault, RawVaultAuth, RawVaultKv,
+    RawVaultLease,
 };
 pub use revoke::REVOKE_TIMEOUT;
 pub use secret::Secret;
+pub use state::{rfc3339, CredentialState, CredentialUse};
 pub use store::{normalize_host, CredentialStats, CredentialStore, COMMAND_TIMEOUT};
 pub use vault::VAULT_TIMEOUT;
 

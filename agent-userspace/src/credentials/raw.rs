@@ -189,8 +189,8 @@ fn default_ttl() -> u64 {
     300
 }
 
-/// How the value is injected: either `{ header: NAME, format: "Bearer {}" }` or
-/// `{ basic: { user: NAME } }`.
+/// How the value is injected: `{ header: NAME, format: "Bearer {}" }`,
+/// `{ basic: { user: NAME } }`, `{ query: { param: NAME } }` or `{ placeholder: {} }`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawInject {
@@ -200,7 +200,29 @@ pub struct RawInject {
     pub format: Option<String>,
     /// HTTP Basic authentication: `Authorization: Basic base64(user:secret)`.
     pub basic: Option<RawBasic>,
+    /// The value as a query parameter of the forwarded request (replacing any the
+    /// sandbox sent under that name).
+    #[serde(default)]
+    pub query: Option<RawQuery>,
+    /// The sandbox is given a sentinel (`egressctl placeholder SANDBOX CREDENTIAL`) to
+    /// put wherever its client wants a key; the proxy replaces it with the value in
+    /// headers, query and body of requests its rule allows to the credential's hosts.
+    #[serde(default)]
+    pub placeholder: Option<RawPlaceholder>,
 }
+
+/// `inject: { query: { param: api_key } }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuery {
+    /// The query parameter's name, e.g. `api_key` (letters, digits, `-`, `_`, `.`).
+    pub param: String,
+}
+
+/// `inject: { placeholder: {} }`; no options yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlaceholder {}
 
 /// HTTP Basic authentication with the secret as password.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

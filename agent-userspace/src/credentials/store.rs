@@ -19,9 +19,11 @@ use super::error::CredentialError;
 use super::file::FileSource;
 use super::github_app::GithubApp;
 use super::matcher::SecretMatcher;
+use super::placeholder::{Placeholders, SandboxPlaceholders};
 use super::raw::{RawCredential, RawInject, RawSource};
 use super::revoke::RevokeCommand;
 use super::secret::Secret;
+use super::state::{CredentialState, CredentialUse, LastFetch};
 use super::vault::Vault;
 use crate::net::UpstreamOptions;
 
@@ -70,6 +72,7 @@ const KNOWN_PER_CREDENTIAL: usize = 2;
 pub struct CredentialStore {
     credentials: BTreeMap<String, Credential>,
     known: KnownSecrets,
+    placeholders: Placeholders,
 }
 
 /// The values the store has handed out (or read ahead, see
@@ -131,6 +134,8 @@ struct Credential {
     fetches: AtomicU64,
     failures: AtomicU64,
     revoke: Option<RevokeCommand>,
+    /// When a new value was last had, and the last error (for `egressctl credentials`).
+    last: LastFetch,
 }
 
 /// A credential's state for metrics: its name and source kind, never its value.
@@ -228,13 +233,31 @@ enum Inject {
     Basic {
         user: String,
     },
+    /// `inject.query`: the value as this query parameter.
+    Query {
+        param: String,
+    },
+    /// `inject.placeholder`: a per-sandbox sentinel replaced by the proxy.
+    Placeholder,
 }
 
 impl Inject {
-    fn header_name(&self) -> HeaderName {
+    /// The header the credential sets, if it is sent in one.
+    fn header_name(&self) -> Option<HeaderName> {
         match self {
-            Self::Header { name, .. } => name.clone(),
-            Self::Basic { .. } => http::header::AUTHORIZATION,
+            Self::Header { name, .. } => Some(name.clone()),
+            Self::Basic { .. } => Some(http::header::AUTHORIZATION),
+            Self::Query { .. } | Self::Placeholder => None,
+        }
+    }
+
+    /// `egress.credential.kind`: how the value is sent.
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Header { .. } => "header",
+            Self::Basic { .. } => "basic",
+            Self::Query { .. } => "query",
+            Self::Placeholder => "placeholder",
         }
     }
 }
@@ -265,9 +288,17 @@ impl CredentialStore {
             let credential = compile(name, def, upstream)?;
             credentials.insert(name.clone(), credential);
         }
+        let placeholders = Placeholders::new(
+            credentials
+                .values()
+                .filter(|c| matches!(c.inject, Inject::Placeholder))
+                .map(|c| c.name.clone())
+                .collect(),
+        );
         let store = Self {
             credentials,
             known: KnownSecrets::default(),
+            placeholders,
         };
         for credential in store.credentials.values() {
             if let Source::Env { value, .. } = &credential.source {
@@ -315,7 +346,9 @@ impl CredentialStore {
     pub fn injected_header_names(&self) -> Vec<HeaderName> {
         let mut names: Vec<HeaderName> = Vec::new();
         for credential in self.credentials.values() {
-            let name = credential.inject.header_name();
+            let Some(name) = credential.inject.header_name() else {
+                continue;
+            };
             if !names.contains(&name) {
                 names.push(name);
             }
@@ -335,17 +368,15 @@ impl CredentialStore {
             .credentials
             .get(name)
             .ok_or_else(|| CredentialError::Unknown(name.to_owned()))?;
-        let allowed = if is_normalized(host) {
-            credential.hosts.contains(host)
-        } else {
-            credential.hosts.contains(&normalize_host(host))
+        let Some(header) = credential.inject.header_name() else {
+            return Ok(None);
         };
-        if !allowed {
+        if !credential.sends_to(host) {
             return Ok(None);
         }
-        let secret = credential.value().await?;
+        let secret = credential.fetch().await?;
         if let Some(value) = credential.header.get(&secret) {
-            return Ok(Some((credential.inject.header_name(), value)));
+            return Ok(Some((header, value)));
         }
         // A value not seen before (first use, rotation, renewal): match it from now on,
         // before it is sent anywhere.
@@ -360,6 +391,7 @@ impl CredentialStore {
                 s.push_str(suffix);
                 s
             }
+            Inject::Query { .. } | Inject::Placeholder => return Ok(None),
             Inject::Basic { user } => {
                 let mut pair = Zeroizing::new(String::new());
                 pair.push_str(user);
@@ -377,7 +409,116 @@ impl CredentialStore {
             })?;
         value.set_sensitive(true);
         credential.header.set(secret, value.clone());
-        Ok(Some((credential.inject.header_name(), value)))
+        Ok(Some((header, value)))
+    }
+
+    /// Credential `name`'s value for a request to `host`, for the injection forms the
+    /// proxy applies itself (`query`, `placeholder`); `None` when `host` is not one of
+    /// the credential's `hosts` (the value is then not fetched).
+    pub async fn value_for(
+        &self,
+        name: &str,
+        host: &str,
+    ) -> Result<Option<Arc<Secret>>, CredentialError> {
+        let credential = self
+            .credentials
+            .get(name)
+            .ok_or_else(|| CredentialError::Unknown(name.to_owned()))?;
+        if !credential.sends_to(host) {
+            return Ok(None);
+        }
+        let secret = credential.fetch().await?;
+        // Matched (scrubbed, refused outbound) from now on, before it is sent anywhere.
+        self.known.note(&credential.name, &secret);
+        Ok(Some(secret))
+    }
+
+    /// The query parameter credential `name` is sent in, if it is a `query` credential.
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        match &self.credentials.get(name)?.inject {
+            Inject::Query { param } => Some(param),
+            _ => None,
+        }
+    }
+
+    /// Whether credential `name` is injected as a placeholder.
+    pub fn is_placeholder(&self, name: &str) -> bool {
+        self.credentials
+            .get(name)
+            .is_some_and(|c| matches!(c.inject, Inject::Placeholder))
+    }
+
+    /// Whether credential `name` may be sent to server `host`.
+    pub fn sends_to(&self, name: &str, host: &str) -> bool {
+        self.credentials.get(name).is_some_and(|c| c.sends_to(host))
+    }
+
+    /// Uses the placeholder key in `dir` (see [`super::placeholder`]), creating it if
+    /// needed, so that sentinels survive daemon restarts.
+    pub fn load_placeholder_key(&mut self, dir: &std::path::Path) -> Result<(), CredentialError> {
+        self.placeholders.load_key(dir)
+    }
+
+    /// Sandbox `sandbox`'s sentinel for placeholder credential `credential`.
+    pub fn placeholder(&self, sandbox: &str, credential: &str) -> Result<String, String> {
+        if !self.contains(credential) {
+            return Err(CredentialError::Unknown(credential.to_owned()).to_string());
+        }
+        if !self.is_placeholder(credential) {
+            return Err(format!(
+                "credential `{credential}` is not injected as a placeholder (its `inject:` \
+                 is not `{{ placeholder: {{}} }}`)"
+            ));
+        }
+        Ok(self.placeholders.sentinel(sandbox, credential))
+    }
+
+    /// Every placeholder sentinel of sandbox `sandbox`; `None` when no credential is a
+    /// placeholder.
+    pub fn placeholders_for(&self, sandbox: &str) -> Option<Arc<SandboxPlaceholders>> {
+        if self.placeholders.is_empty() {
+            return None;
+        }
+        self.placeholders.for_sandbox(sandbox)
+    }
+
+    /// What an audit record says about credential `name` having been used: its kind,
+    /// source and when its value expires (if known). Never waits.
+    pub fn usage(&self, name: &str) -> Option<CredentialUse> {
+        let c = self.credentials.get(name)?;
+        Some(CredentialUse {
+            kind: c.inject.kind(),
+            source: c.source_kind(),
+            expires: c
+                .expires_in()
+                .map(|left| std::time::SystemTime::now() + left),
+        })
+    }
+
+    /// Each credential's state for `egressctl credentials`: never a value. Never waits.
+    pub fn states(&self) -> Vec<CredentialState> {
+        self.credentials
+            .values()
+            .map(|c| {
+                let (at, error) = c.last.get();
+                CredentialState {
+                    name: c.name.clone(),
+                    kind: c.inject.kind().to_owned(),
+                    source: c.source_kind().to_owned(),
+                    hosts: c.hosts.iter().cloned().collect(),
+                    last_fetch: at.map(super::state::rfc3339),
+                    expires: c
+                        .expires_in()
+                        .map(|left| super::state::rfc3339(std::time::SystemTime::now() + left)),
+                    last_error: error,
+                    detail: match &c.source {
+                        Source::Vault(v) => v.detail(),
+                        _ => None,
+                    },
+                    sandboxes: Vec::new(),
+                }
+            })
+            .collect()
     }
 
     /// Each credential's fetch counts and time left, by name. Never waits: a value being
@@ -406,11 +547,11 @@ impl CredentialStore {
                         let (mints, failures, left) = app.stats();
                         ("github_app", mints, failures, left)
                     }
-                    Source::Vault(_) => (
+                    Source::Vault(v) => (
                         "vault",
                         c.fetches.load(Ordering::Relaxed),
                         c.failures.load(Ordering::Relaxed),
-                        None,
+                        v.expires_in(),
                     ),
                 };
                 CredentialStats {
@@ -529,6 +670,45 @@ impl CredentialStore {
 }
 
 impl Credential {
+    fn sends_to(&self, host: &str) -> bool {
+        if is_normalized(host) {
+            self.hosts.contains(host)
+        } else {
+            self.hosts.contains(&normalize_host(host))
+        }
+    }
+
+    fn source_kind(&self) -> &'static str {
+        match &self.source {
+            Source::File(_) => "file",
+            Source::Env { .. } => "env",
+            Source::Command(_) => "command",
+            Source::GithubApp(_) => "github_app",
+            Source::Vault(_) => "vault",
+        }
+    }
+
+    /// How long the current value is still used, when that is known. Never waits.
+    fn expires_in(&self) -> Option<Duration> {
+        match &self.source {
+            Source::Command(cmd) => cmd.cache.try_lock().ok().and_then(|cache| {
+                cache
+                    .as_ref()
+                    .map(|cached| cmd.ttl.saturating_sub(cached.fetched.elapsed()))
+            }),
+            Source::GithubApp(app) => app.stats().2,
+            Source::Vault(v) => v.expires_in(),
+            Source::File(_) | Source::Env { .. } => None,
+        }
+    }
+
+    /// [`Self::value`], noting when a new value came and the last error.
+    async fn fetch(&self) -> Result<Arc<Secret>, CredentialError> {
+        let result = self.value().await;
+        self.last.note(result.as_ref().map_err(ToString::to_string));
+        result
+    }
+
     async fn value(&self) -> Result<Arc<Secret>, CredentialError> {
         match &self.source {
             Source::Env { value, .. } => Ok(value.clone()),
@@ -803,10 +983,17 @@ fn compile(
         fetches: AtomicU64::new(0),
         failures: AtomicU64::new(0),
         revoke,
+        last: LastFetch::default(),
     })
 }
 
 fn compile_inject(raw: &RawInject) -> Result<Inject, (&'static str, String)> {
+    if let Some(inject) = super::state::compile_query_or_placeholder(raw)? {
+        return Ok(match inject {
+            super::state::OtherInject::Query(param) => Inject::Query { param },
+            super::state::OtherInject::Placeholder => Inject::Placeholder,
+        });
+    }
     match (&raw.header, &raw.format, &raw.basic) {
         (Some(header), format, None) => {
             let name = HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
@@ -864,7 +1051,8 @@ fn compile_inject(raw: &RawInject) -> Result<Inject, (&'static str, String)> {
         )),
         (None, None, None) => Err((
             "inject",
-            "needs either { header: NAME, format: \"...{}...\" } or { basic: { user: NAME } }"
+            "needs one of { header: NAME, format: \"...{}...\" }, { basic: { user: NAME } }, \
+             { query: { param: NAME } } or { placeholder: {} }"
                 .to_owned(),
         )),
         (_, _, Some(_)) => Err((

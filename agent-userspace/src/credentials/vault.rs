@@ -385,18 +385,17 @@ impl Vault {
             }
         }
         let token = self.login_token(state).await?;
-        let held = match &self.secret {
-            SecretSpec::Kv {
-                mount,
-                path,
-                field,
-                refresh,
-            } => self.read_kv(&token, mount, path, field, *refresh).await?,
-            SecretSpec::Lease {
-                path,
-                method,
-                field,
-            } => self.issue_lease(&token, path, method, field).await?,
+        let held = match self.read_or_issue(&token).await {
+            Ok(held) => held,
+            // The store refused the daemon's token (revoked, or its policy changed): log
+            // in again at once rather than keep a dead token until it would expire.
+            Err(e) if e.forbidden && state.login.as_ref().is_some_and(|l| l.token == token) => {
+                info!(credential = %self.credential, "The store refused the daemon's token; logging in again");
+                state.login = None;
+                let token = self.login_token(state).await?;
+                self.read_or_issue(&token).await.map_err(|e| e.reason)?
+            }
+            Err(e) => return Err(e.reason),
         };
         if let Some(old) = &state.value {
             if old.version != held.version && held.lease.is_none() {
@@ -406,6 +405,57 @@ impl Vault {
         let value = held.value.clone();
         state.value = Some(held);
         Ok(value)
+    }
+
+    async fn read_or_issue(&self, token: &Secret) -> Result<Held, StoreError> {
+        match &self.secret {
+            SecretSpec::Kv {
+                mount,
+                path,
+                field,
+                refresh,
+            } => self.read_kv(token, mount, path, field, *refresh).await,
+            SecretSpec::Lease {
+                path,
+                method,
+                field,
+            } => self.issue_lease(token, path, method, field).await,
+        }
+    }
+
+    /// How long the value held is still used: a lease's end, a KV secret's next read.
+    /// `None` when nothing is held or the state is busy. Never waits.
+    pub(super) fn expires_in(&self) -> Option<Duration> {
+        let state = self.state.try_lock().ok()?;
+        let held = state.value.as_ref()?;
+        let now = Instant::now();
+        Some(
+            held.expires
+                .unwrap_or(held.renew_at)
+                .saturating_duration_since(now),
+        )
+    }
+
+    /// What `egressctl credentials` shows of the source: the KV version or the lease held,
+    /// and the last failure. Never a value or token. Never waits.
+    pub(super) fn detail(&self) -> Option<String> {
+        let state = self.state.try_lock().ok()?;
+        let held = match (&state.value, &self.secret) {
+            (Some(held), SecretSpec::Kv { mount, path, .. }) => {
+                format!("kv {mount}/{path} version {}", held.version)
+            }
+            (Some(held), SecretSpec::Lease { path, .. }) => format!(
+                "lease from {path}{}",
+                match &held.lease {
+                    Some(Lease::Id { renewable, .. } | Lease::Token { renewable })
+                        if *renewable =>
+                        " (renewable)",
+                    _ => "",
+                }
+            ),
+            (None, _) => "no value held".to_owned(),
+        };
+        Some(held)
     }
 
     /// The daemon's token: the cached one, renewed when due, or a new login.
@@ -530,18 +580,13 @@ impl Vault {
         path: &str,
         field: &str,
         refresh: Duration,
-    ) -> Result<Held, String> {
+    ) -> Result<Held, StoreError> {
         let url_path = format!("/v1/{mount}/data/{path}");
         let url = self.client.server().url(&url_path);
         let started = Instant::now();
         let (status, body) = self.call(Method::GET, &url_path, Some(token), None).await?;
         if !status.is_success() {
-            return Err(format!(
-                "{url} answered {status}{}",
-                store_message(&body)
-                    .map(|m| format!(": {m}"))
-                    .unwrap_or_default()
-            ));
+            return Err(StoreError::answered(&url, status, &body));
         }
         let answer: Answer = parse(&body)?;
         let data = answer.data.unwrap_or(Value::Null);
@@ -574,7 +619,7 @@ impl Vault {
         path: &str,
         method: &Method,
         field: &[String],
-    ) -> Result<Held, String> {
+    ) -> Result<Held, StoreError> {
         let url_path = format!("/v1/{path}");
         let url = self.client.server().url(&url_path);
         let started = Instant::now();
@@ -583,12 +628,7 @@ impl Vault {
             .call(method.clone(), &url_path, Some(token), body)
             .await?;
         if !status.is_success() {
-            return Err(format!(
-                "{url} answered {status}{}",
-                store_message(&answer)
-                    .map(|m| format!(": {m}"))
-                    .unwrap_or_default()
-            ));
+            return Err(StoreError::answered(&url, status, &answer));
         }
         let json: Value = serde_json::from_slice(&answer)
             .map_err(|_| format!("{url} did not answer a JSON object"))?;
@@ -624,10 +664,11 @@ impl Vault {
         } else {
             return Err(format!(
                 "{url} answered no lease (neither lease_id nor auth); use `kv:` for static secrets"
-            ));
+            )
+            .into());
         };
         if duration == 0 {
-            return Err(format!("{url} answered a lease of 0 seconds"));
+            return Err(format!("{url} answered a lease of 0 seconds").into());
         }
         let life = Duration::from_secs(duration);
         debug!(credential = %self.credential, life_secs = duration, "Issued a new lease");
@@ -708,6 +749,35 @@ impl Vault {
             HeaderValue::from_static("true"),
         ));
         self.client.call(method, path, headers, body).await
+    }
+}
+
+/// A failed read or issue: why, and whether the store refused the daemon's token.
+struct StoreError {
+    reason: String,
+    forbidden: bool,
+}
+
+impl From<String> for StoreError {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            forbidden: false,
+        }
+    }
+}
+
+impl StoreError {
+    fn answered(url: &str, status: StatusCode, body: &[u8]) -> Self {
+        Self {
+            reason: format!(
+                "{url} answered {status}{}",
+                store_message(body)
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            ),
+            forbidden: status == StatusCode::FORBIDDEN,
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! Lock order: `Core` is one mutex; the event task and control handlers each hold it only
 //! for map and state work, never across an await.
 mod core;
+mod credentials;
 mod dns;
 mod netns;
 mod notify;

@@ -95,6 +95,17 @@ impl Handler for Shared {
                 parsed.unwrap_or_else(|| Err("internal error: policy not parsed".into())),
             ),
             Request::CaExport => Ok(core.proxy.ca_pem.clone()),
+            Request::Placeholder {
+                sandbox,
+                credential,
+            } => core.placeholder(&sandbox, &credential),
+            Request::Credentials => {
+                return Response {
+                    ok: true,
+                    credentials: Some(core.credential_states()),
+                    ..Default::default()
+                }
+            }
             Request::Detach {
                 name,
                 cgroup,
@@ -167,7 +178,12 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let ca = CertAuthority::load_or_create(&ca_dir)
         .with_context(|| format!("loading or creating the local CA in {}", ca_dir.display()))?;
     let ca_pem = ca.ca_pem();
-    let credentials = std::sync::Arc::new(opts.credentials);
+    let mut credentials = opts.credentials;
+    // Placeholder sentinels stay the same across restarts: derived with a kept key.
+    credentials
+        .load_placeholder_key(&opts.state_dir)
+        .context("loading the placeholder key")?;
+    let credentials = std::sync::Arc::new(credentials);
     // Secret files are read once now, so that their values are matched from the start.
     credentials.prime().await;
     let metrics_credentials = credentials.clone();

@@ -276,7 +276,7 @@ tests:
                 "alerts: {responses: {secret-leak: quarantine}}",
                 "p.yaml:2:21: alerts.responses: `secret-leak` is not an alert kind (valid: \
                  secret-reflected, secret-outbound, dns-budget, denial-burst, cgroup-escape, \
-                 risky-posture, source-routing, rate-limit)",
+                 risky-posture, source-routing, rate-limit, placeholder-misdirected)",
             ),
             (
                 2,

@@ -10,7 +10,8 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
-use super::scrub::{OutboundHit, OutboundScan, ResponseBody, Tally};
+use super::inject::RequestScan;
+use super::scrub::{OutboundHit, ResponseBody, Tally};
 use super::AuditSink;
 use crate::audit::{ProxyRecord, SecretFinding};
 
@@ -18,14 +19,14 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request body on its way upstream, counting its bytes. It may start with bytes the
 /// proxy already read from the client (a git push's command list), sent first. With a
-/// scan, pieces are held back and scanned for secrets (see [`OutboundScan`]); the body
+/// scan, pieces are held back and scanned for secrets (see [`RequestScan`]); the body
 /// fails, which aborts the upstream request, at the first one seen.
 pub struct CountingBody {
     prefix: Option<Bytes>,
     /// Taken out when the scan stops the body, to be drained (see [`drain`]).
     inner: Option<Incoming>,
     count: Arc<AtomicU64>,
-    scan: Option<OutboundScan>,
+    scan: Option<RequestScan>,
     /// The scan is over and what it held back has been sent.
     flushed: bool,
     /// Trailers to send after the held-back bytes.
@@ -38,7 +39,7 @@ impl CountingBody {
         prefix: Bytes,
         inner: Incoming,
         count: Arc<AtomicU64>,
-        scan: Option<OutboundScan>,
+        scan: Option<RequestScan>,
     ) -> Self {
         Self {
             prefix: (!prefix.is_empty()).then_some(prefix),
@@ -107,7 +108,13 @@ impl Body for CountingBody {
                     if !this.flushed {
                         this.flushed = true;
                         if let Some(scan) = &mut this.scan {
-                            let rest = scan.finish();
+                            let rest = match scan.finish() {
+                                Ok(rest) => rest,
+                                Err(e) => {
+                                    this.stop();
+                                    return Poll::Ready(Some(Err(e)));
+                                }
+                            };
                             if !rest.is_empty() {
                                 return Poll::Ready(Some(Ok(Frame::data(rest))));
                             }
@@ -126,7 +133,13 @@ impl Body for CountingBody {
                         // The last piece: send what was held back with it.
                         this.flushed = true;
                         if let Some(scan) = &mut this.scan {
-                            let rest = scan.finish();
+                            let rest = match scan.finish() {
+                                Ok(rest) => rest,
+                                Err(e) => {
+                                    this.stop();
+                                    return Poll::Ready(Some(Err(e)));
+                                }
+                            };
                             if !rest.is_empty() {
                                 let mut all = Vec::with_capacity(out.len() + rest.len());
                                 all.extend_from_slice(&out);
@@ -150,7 +163,13 @@ impl Body for CountingBody {
                             if !this.flushed {
                                 // Trailers end the body: what was held back goes first.
                                 this.flushed = true;
-                                let rest = scan.finish();
+                                let rest = match scan.finish() {
+                                    Ok(rest) => rest,
+                                    Err(e) => {
+                                        this.stop();
+                                        return Poll::Ready(Some(Err(e)));
+                                    }
+                                };
                                 if !rest.is_empty() {
                                     this.trailers = Some(trailers);
                                     return Poll::Ready(Some(Ok(Frame::data(rest))));
@@ -171,6 +190,11 @@ impl Body for CountingBody {
     }
 
     fn size_hint(&self) -> SizeHint {
+        // A body whose sentinels are replaced has a length no one knows in advance: it
+        // goes chunked (HTTP/1.1) or as DATA frames without a length (HTTP/2).
+        if self.scan.as_ref().is_some_and(RequestScan::resizes) && !self.is_end_stream() {
+            return SizeHint::new();
+        }
         let inner = self
             .inner
             .as_ref()
@@ -247,6 +271,8 @@ pub struct Finish {
 pub struct SecretWatch {
     pub scrubbed: Arc<Tally>,
     pub outbound: Arc<OutboundHit>,
+    /// A placeholder sentinel in the body, at a host its credential does not list.
+    pub placeholder: Arc<OutboundHit>,
 }
 
 impl SecretWatch {
@@ -254,7 +280,11 @@ impl SecretWatch {
     /// (a secret going out outweighs one coming back).
     pub fn fill(&self, record: &mut ProxyRecord) {
         record.scrubbed = self.scrubbed.count();
-        if let Some(name) = self.outbound.credential() {
+        if let Some(name) = self.placeholder.credential() {
+            if record.secret.is_none() {
+                record.secret = Some(SecretFinding::placeholder(name, "the body"));
+            }
+        } else if let Some(name) = self.outbound.credential() {
             if record.secret.is_none() {
                 record.secret = Some(SecretFinding::outbound(name, "the body"));
             }

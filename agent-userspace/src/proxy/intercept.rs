@@ -33,6 +33,7 @@ use super::body::{CountingBody, Finish, InFlight, RecordedBody, SecretWatch};
 use super::error::ProxyError;
 use super::git::{self, PushOutcome};
 use super::head::{HeadClock, HeadTimed};
+use super::inject::{self, RequestScan};
 use super::io::{idle_watch, Activity, Metered, PrefixedStream};
 use super::refused::{connection_refusal, is_client_abort, H2Watch, StreamReset, CLIENT_ABORTED};
 use super::scrub::{self, OutboundScan, ResponseBody};
@@ -452,6 +453,21 @@ impl ConnCtx {
                 ));
             }
         }
+        // A placeholder travels only to its credential's hosts.
+        let placeholders = self.proxy.credentials.placeholders_for(&self.conn.sandbox);
+        if let Some(set) = &placeholders {
+            if let Some((name, place)) = self.misdirected_in_head(&req, set.detector()) {
+                record.secret = Some(SecretFinding::placeholder(&name, place));
+                return Err(Refusal::deny(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "request carries the placeholder of credential `{name}` in {place}, \
+                         but {} is not one of the credential's hosts",
+                        self.sni
+                    ),
+                ));
+            }
+        }
         if is_upgrade(&req) {
             return Err(Refusal::deny(
                 StatusCode::FORBIDDEN,
@@ -479,7 +495,7 @@ impl ConnCtx {
             }
         };
         record.path = Some(judged.path().to_owned());
-        let path_and_query = PathAndQuery::try_from(judged.target.as_str()).map_err(|_| {
+        let mut path_and_query = PathAndQuery::try_from(judged.target.as_str()).map_err(|_| {
             Refusal::deny(
                 StatusCode::BAD_REQUEST,
                 "downstream client: request target cannot be re-sent upstream",
@@ -520,7 +536,71 @@ impl ConnCtx {
                 }
             }
         }
+        // The rule's own placeholder credential, when this host is one of its hosts: its
+        // sentinel is replaced in the head now and in the body as it streams.
+        let own = self
+            .conn
+            .route
+            .credential
+            .as_deref()
+            .filter(|c| self.proxy.credentials.is_placeholder(c))
+            .filter(|c| self.proxy.credentials.sends_to(c, &self.sni));
+        let mut body_placeholder = None;
+        let mut restore = Vec::new();
+        let own_sentinel = own.zip(placeholders.as_ref()).and_then(|(name, set)| {
+            set.sentinel(name)
+                .filter(|s| !s.is_empty())
+                .map(|s| (name, s.to_owned()))
+        });
+        if let Some((name, sentinel)) = own_sentinel {
+            let in_head = judged.target.contains(&sentinel)
+                || parts.headers.iter().any(|(_, v)| {
+                    let v = v.as_bytes();
+                    v.windows(sentinel.len()).any(|w| w == sentinel.as_bytes())
+                        || v.len() > 6 && v[..6].eq_ignore_ascii_case(b"basic ")
+                });
+            let has_body = !(body.is_end_stream() && prefix.is_empty());
+            if in_head || has_body {
+                let value = self.credential_value(name).await?;
+                let taken = inject::take_replaced_headers(&mut parts.headers, &sentinel, &value)
+                    .map_err(|()| {
+                        Refusal::deny(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!(
+                                "credential `{name}`: the value cannot be put in a header \
+                                 (value not shown)"
+                            ),
+                        )
+                    })?;
+                let replaced_head = !taken.is_empty() || judged.target.contains(&sentinel);
+                // Put back after the sandbox's credential headers are stripped.
+                restore = taken;
+                if judged.target.contains(&sentinel) {
+                    let target = inject::replace_in_query(&judged.target, &sentinel, &value);
+                    path_and_query = PathAndQuery::try_from(target.as_str()).map_err(|_| {
+                        Refusal::deny(
+                            StatusCode::BAD_REQUEST,
+                            "downstream client: request target cannot be re-sent upstream",
+                        )
+                    })?;
+                }
+                if has_body {
+                    if let Some(reason) = inject::body_encoding_refusal(&parts.headers) {
+                        return Err(Refusal::deny(StatusCode::UNSUPPORTED_MEDIA_TYPE, reason));
+                    }
+                    let with = inject::body_replacement(&parts.headers, &value);
+                    body_placeholder = Some((sentinel, with));
+                }
+                if replaced_head || has_body {
+                    record.credential = Some(name.to_owned());
+                    record.credential_use = self.proxy.credentials.usage(name).map(Box::new);
+                }
+            }
+        }
         strip_request_headers(&mut parts.headers, &self.proxy.injected);
+        for (header, value) in restore {
+            parts.headers.append(header, value);
+        }
         if let Some(name) = &self.conn.route.credential {
             // No credential is used that the audit trail could not record.
             if let Some(Err(reason)) = self.proxy.credential_gate.as_ref().map(|gate| gate()) {
@@ -534,10 +614,26 @@ impl ConnCtx {
                     body: Some(("text/plain; charset=utf-8", body)),
                 });
             }
+            if let Some(param) = self.proxy.credentials.query_param(name) {
+                if self.proxy.credentials.sends_to(name, &self.sni) {
+                    let value = self.credential_value(name).await?;
+                    let target = inject::set_query_param(&judged.target, param, &value);
+                    path_and_query = PathAndQuery::try_from(target.as_str()).map_err(|_| {
+                        Refusal::deny(
+                            StatusCode::BAD_REQUEST,
+                            "downstream client: request target cannot be re-sent upstream",
+                        )
+                    })?;
+                    record.query_keys = query_keys(path_and_query.query());
+                    record.credential = Some(name.clone());
+                    record.credential_use = self.proxy.credentials.usage(name).map(Box::new);
+                }
+            }
             match self.proxy.credentials.header_for(name, &self.sni).await {
                 Ok(Some((header, value))) => {
                     parts.headers.insert(header, value);
                     record.credential = Some(name.clone());
+                    record.credential_use = self.proxy.credentials.usage(name).map(Box::new);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -610,9 +706,40 @@ impl ConnCtx {
         let scan = if body.is_end_stream() && prefix.is_empty() {
             None
         } else {
-            self.proxy
-                .secret_matcher()
-                .map(|m| OutboundScan::new(m, secrets.outbound.clone()))
+            let mut scan = RequestScan {
+                secrets: self
+                    .proxy
+                    .secret_matcher()
+                    .map(|m| OutboundScan::new(m, secrets.outbound.clone())),
+                ..RequestScan::default()
+            };
+            if let Some(set) = &placeholders {
+                let store = &self.proxy.credentials;
+                let sni = self.sni.as_str();
+                // The full set is built once per sandbox; a narrower one only at a host
+                // that some placeholder credential lists.
+                let guard = if store
+                    .names()
+                    .iter()
+                    .any(|c| store.is_placeholder(c) && store.sends_to(c, sni))
+                {
+                    set.detector_for(|c| !store.sends_to(c, sni))
+                } else {
+                    Some(set.detector().clone())
+                };
+                scan.guard = guard.map(|m| OutboundScan::new(m, secrets.placeholder.clone()));
+            }
+            if let Some((sentinel, with)) = body_placeholder {
+                scan.replace = crate::credentials::StreamReplacer::new(&sentinel, with);
+                if scan.replace.is_none() {
+                    return Err(Refusal::deny(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the placeholder's replacement could not be set up",
+                    ));
+                }
+                parts.headers.remove(http::header::CONTENT_LENGTH);
+            }
+            (!scan.is_empty()).then_some(scan)
         };
         let request = Request::from_parts(
             parts,
@@ -632,6 +759,18 @@ impl ConnCtx {
             })
         };
         let failed = |source: hyper::Error| {
+            // A placeholder in the body, at a host its credential does not list.
+            if let Some(name) = secrets.placeholder.credential() {
+                return Refusal::deny(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "request carries the placeholder of credential `{name}` in the body, \
+                         but {} is not one of the credential's hosts; the upstream request \
+                         was aborted before it was sent",
+                        self.sni
+                    ),
+                );
+            }
             // The body's scan stopped the request: nothing of the secret went out.
             if let Some(name) = secrets.outbound.credential() {
                 return Refusal::deny(
@@ -683,6 +822,77 @@ impl ConnCtx {
                     Some(Box::new(move || pool.release_h1(&key, sender))),
                 ))
             }
+        }
+    }
+
+    /// A placeholder sentinel (any wire form) in the URL or a header whose credential does
+    /// not list this connection's server name: the credential and where.
+    fn misdirected_in_head(
+        &self,
+        req: &Request<Incoming>,
+        detector: &crate::credentials::SecretMatcher,
+    ) -> Option<(String, &'static str)> {
+        let store = &self.proxy.credentials;
+        let mut found = None;
+        let mut check = |hay: &[u8], place: &'static str| {
+            if found.is_some() {
+                return;
+            }
+            detector.each_match(hay, |_, index| {
+                let name = detector.name(index);
+                if found.is_none() && !store.sends_to(name, &self.sni) {
+                    found = Some((name.to_owned(), place));
+                }
+            });
+        };
+        check(
+            req.uri()
+                .path_and_query()
+                .map_or("", PathAndQuery::as_str)
+                .as_bytes(),
+            "the URL",
+        );
+        for (name, value) in req.headers() {
+            check(value.as_bytes(), "a header");
+            check(name.as_str().as_bytes(), "a header");
+        }
+        found
+    }
+
+    /// Credential `name`'s value for this connection's server name, through the
+    /// credential gate; a refusal (recorded with the reason, never the value) otherwise.
+    async fn credential_value(
+        &self,
+        name: &str,
+    ) -> Result<Arc<crate::credentials::Secret>, Refusal> {
+        if let Some(Err(reason)) = self.proxy.credential_gate.as_ref().map(|gate| gate()) {
+            let body = Bytes::from(format!(
+                "proxy: credential `{name}` is not used right now ({reason}); try again later\n"
+            ));
+            return Err(Refusal {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                verdict: Verdict::Deny,
+                reason,
+                body: Some(("text/plain; charset=utf-8", body)),
+            });
+        }
+        match self.proxy.credentials.value_for(name, &self.sni).await {
+            Ok(Some(value)) => Ok(value),
+            Ok(None) => Err(Refusal::deny(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("credential `{name}` is not sent to {}", self.sni),
+            )),
+            Err(e) => Err(Refusal {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                verdict: Verdict::Allow,
+                reason: ProxyError::from(e).to_string(),
+                body: Some((
+                    "text/plain; charset=utf-8",
+                    Bytes::from(format!(
+                        "proxy: credential `{name}` is unavailable; see the egress audit log\n"
+                    )),
+                )),
+            }),
         }
     }
 

@@ -23,6 +23,7 @@ mod error;
 pub mod git;
 mod head;
 mod hello;
+mod inject;
 mod intercept;
 mod io;
 mod passthrough;
@@ -505,6 +506,7 @@ impl Proxy {
             git: None,
             scrubbed: 0,
             secret: None,
+            credential_use: None,
         }
     }
 

@@ -206,9 +206,7 @@ impl CredentialRevoke {
         };
         wire.event.reason = Some(&self.reason);
         wire.egress.sandbox = Some(WireSandbox::named(&self.sandbox));
-        wire.egress.credential = Some(WireCredential {
-            name: &self.credential,
-        });
+        wire.egress.credential = Some(WireCredential::named(&self.credential));
     }
 }
 
@@ -250,7 +248,7 @@ pub(super) fn fill_alert<'a>(r: &'a Alert, wire: &mut Wire<'a>) {
     wire.url = WireUrl::new(non_empty(&r.domain), non_empty(&r.path), None);
     wire.rule = non_empty(&r.rule).map(|name| WireRule { name });
     wire.egress.sandbox = Some(WireSandbox::named(&r.sandbox));
-    wire.egress.credential = non_empty(&r.credential).map(|name| WireCredential { name });
+    wire.egress.credential = non_empty(&r.credential).map(WireCredential::named);
     wire.egress.alert = Some(WireAlert {
         count: r.count.max(1),
         window_seconds: r.window_seconds,

@@ -104,7 +104,15 @@ impl ProxyEvent {
         });
         wire.egress.verdict = Some(verdict);
         wire.egress.tls_mode = Some(r.tls_mode.as_str());
-        wire.egress.credential = non_empty(&r.credential).map(|name| WireCredential { name });
+        wire.egress.credential = non_empty(&r.credential).map(|name| {
+            let mut credential = WireCredential::named(name);
+            if let Some(usage) = &r.credential_use {
+                credential.kind = Some(usage.kind);
+                credential.source = Some(usage.source);
+                credential.expires = usage.expires.map(crate::credentials::rfc3339);
+            }
+            credential
+        });
         wire.egress.scrubbed = (r.scrubbed > 0).then_some(r.scrubbed);
         wire.egress.git = r.git.as_ref().map(|git| WireGit {
             repo: &git.repo,
@@ -209,6 +217,8 @@ pub struct ProxyRecord {
     pub duration_ms: u64,
     /// Name of the credential injected into the request, if one was.
     pub credential: Option<String>,
+    /// That credential's kind, source and expiry (never its value).
+    pub credential_use: Option<Box<crate::credentials::CredentialUse>>,
     /// Allow or deny.
     pub verdict: ProxyVerdict,
     /// Why it was denied, or what failed; `None` for a clean allow.
@@ -230,6 +240,8 @@ pub enum SecretDirection {
     Reflected,
     /// In a request from the sandbox, which should never hold a secret.
     Outbound,
+    /// A placeholder sentinel in a request to a host its credential does not list.
+    Placeholder,
 }
 
 /// A secret seen in a request or its response, by credential name only.
@@ -251,6 +263,15 @@ impl SecretFinding {
             credentials,
             count,
             place: "the response",
+        })
+    }
+
+    pub fn placeholder(credential: &str, place: &'static str) -> Box<Self> {
+        Box::new(Self {
+            direction: SecretDirection::Placeholder,
+            credentials: vec![credential.to_owned()],
+            count: 1,
+            place,
         })
     }
 
@@ -285,6 +306,15 @@ impl ProxyRecord {
                 format!(
                     "a request from the sandbox to {origin} carried the value of credential \
                      {names} in {}; it was refused before reaching the origin",
+                    finding.place
+                ),
+            ),
+            SecretDirection::Placeholder => (
+                AlertKind::PlaceholderMisdirected,
+                format!(
+                    "a request from the sandbox to {origin} carried its placeholder for \
+                     credential {names} in {}, a host the credential does not list; it was \
+                     refused before reaching the origin",
                     finding.place
                 ),
             ),

@@ -326,10 +326,28 @@ pub(super) enum WireConnectionId<'a> {
     Proxy(&'a str),
 }
 
-/// `egress.credential`: the name only; the value never reaches the audit code.
+/// `egress.credential`: the name, and on a proxy record how it was sent, where it came
+/// from and when it expires; the value never reaches the audit code.
 #[derive(Serialize)]
 pub(super) struct WireCredential<'a> {
     pub(super) name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) source: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) expires: Option<String>,
+}
+
+impl<'a> WireCredential<'a> {
+    pub(super) fn named(name: &'a str) -> Self {
+        Self {
+            name,
+            kind: None,
+            source: None,
+            expires: None,
+        }
+    }
 }
 
 /// `egress.git`: the repository, service and, for a push, its ref updates.

@@ -1,0 +1,176 @@
+//! What the daemon tells about its credentials without their values: the state
+//! `egressctl credentials` lists ([`CredentialState`]) and what an audit record says about
+//! the credential a request used ([`CredentialUse`]). Also the `query` and `placeholder`
+//! injection forms' configuration checks.
+
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use super::raw::RawInject;
+
+/// One credential as `egressctl credentials` shows it. Never a value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialState {
+    pub name: String,
+    /// How the value is sent: `header`, `basic`, `query`, `placeholder`.
+    pub kind: String,
+    /// Where it comes from: `file`, `env`, `command`, `github_app`, `vault`.
+    pub source: String,
+    /// The only hosts it is sent to.
+    pub hosts: Vec<String>,
+    /// When a new value was last read, fetched or minted (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_fetch: Option<String>,
+    /// When the current value stops being used (RFC 3339), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+    /// The last failure to get the value, cleared by the next success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Source details without secrets: a KV secret's version, whether a lease is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Attached sandboxes whose policy names it.
+    #[serde(default)]
+    pub sandboxes: Vec<String>,
+}
+
+/// `egress.credential` of a proxy record, beside its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CredentialUse {
+    /// How the value was sent: `header`, `basic`, `query`, `placeholder`.
+    pub kind: &'static str,
+    /// Where it came from: `file`, `env`, `command`, `github_app`, `vault`.
+    pub source: &'static str,
+    /// When the value used stops being used, when known.
+    pub expires: Option<SystemTime>,
+}
+
+/// When a credential last got a new value, and its last error.
+#[derive(Debug, Default)]
+pub(super) struct LastFetch(Mutex<LastInner>);
+
+#[derive(Debug, Default)]
+struct LastInner {
+    at: Option<SystemTime>,
+    /// Address of the value last seen: a different one is a new value.
+    value: usize,
+    error: Option<String>,
+}
+
+impl LastFetch {
+    /// Notes a fetch's outcome: the value (by address) or the error's text.
+    pub(super) fn note(&self, outcome: Result<&std::sync::Arc<super::Secret>, String>) {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match outcome {
+            Ok(value) => {
+                let addr = std::sync::Arc::as_ptr(value) as usize;
+                if addr != last.value {
+                    last.value = addr;
+                    last.at = Some(SystemTime::now());
+                }
+                last.error = None;
+            }
+            Err(error) => last.error = Some(error),
+        }
+    }
+
+    pub(super) fn get(&self) -> (Option<SystemTime>, Option<String>) {
+        let last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        (last.at, last.error.clone())
+    }
+}
+
+/// RFC 3339 in UTC, seconds precision.
+pub fn rfc3339(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    let t = t.replace_nanosecond(0).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The `query` or `placeholder` form, compiled.
+pub(super) enum OtherInject {
+    Query(String),
+    Placeholder,
+}
+
+/// `Some` when `raw` asks for `query` or `placeholder` (and nothing else), `None` when it
+/// asks for neither; an error when it mixes forms or names a bad parameter.
+pub(super) fn compile_query_or_placeholder(
+    raw: &RawInject,
+) -> Result<Option<OtherInject>, (&'static str, String)> {
+    let others = usize::from(raw.header.is_some())
+        + usize::from(raw.format.is_some())
+        + usize::from(raw.basic.is_some());
+    let result = match (&raw.query, &raw.placeholder) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => None,
+        (Some(q), None) => {
+            let valid = !q.param.is_empty()
+                && q.param.len() <= 128
+                && q.param
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !valid {
+                return Err((
+                    "inject.query.param",
+                    format!(
+                        "`{}` is not a query parameter name (letters, digits, `-`, `_`, `.`)",
+                        q.param
+                    ),
+                ));
+            }
+            Some(OtherInject::Query(q.param.clone()))
+        }
+        (None, Some(_)) => Some(OtherInject::Placeholder),
+    };
+    match result {
+        Some(inject) if others == 0 => Ok(Some(inject)),
+        _ => Err((
+            "inject",
+            "give exactly one of `header` (with `format`), `basic`, `query` and `placeholder`"
+                .to_owned(),
+        )),
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+    use crate::credentials::raw::{RawPlaceholder, RawQuery};
+
+    fn raw(yaml: &str) -> RawInject {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn query_and_placeholder_forms() {
+        assert!(matches!(
+            compile_query_or_placeholder(&raw("{ query: { param: api_key } }")),
+            Ok(Some(OtherInject::Query(p))) if p == "api_key"
+        ));
+        assert!(matches!(
+            compile_query_or_placeholder(&raw("{ placeholder: {} }")),
+            Ok(Some(OtherInject::Placeholder))
+        ));
+        assert!(matches!(
+            compile_query_or_placeholder(&raw("{ header: X-Key }")),
+            Ok(None)
+        ));
+        for bad in [
+            "{ query: { param: \"a&b\" } }",
+            "{ query: { param: \"\" } }",
+            "{ query: { param: k }, placeholder: {} }",
+            "{ query: { param: k }, header: X-Key }",
+            "{ placeholder: {}, basic: { user: u } }",
+        ] {
+            assert!(compile_query_or_placeholder(&raw(bad)).is_err(), "{bad}");
+        }
+        assert!(serde_yaml_ng::from_str::<RawInject>("{ placeholder: { x: 1 } }").is_err());
+        let _ = (RawQuery { param: "k".into() }, RawPlaceholder {});
+    }
+}
