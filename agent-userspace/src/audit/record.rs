@@ -862,9 +862,7 @@ impl CredentialRevoke {
         };
         wire.event.reason = Some(&self.reason);
         wire.egress.sandbox = Some(WireSandbox::named(&self.sandbox));
-        wire.egress.credential = Some(WireCredential {
-            name: &self.credential,
-        });
+        wire.egress.credential = Some(WireCredential::named(&self.credential));
     }
 }
 
@@ -992,7 +990,11 @@ impl ProxyEvent {
         });
         wire.egress.verdict = Some(verdict);
         wire.egress.tls_mode = Some(r.tls_mode.as_str());
-        wire.egress.credential = non_empty(&r.credential).map(|name| WireCredential { name });
+        wire.egress.credential = non_empty(&r.credential).map(|name| WireCredential {
+            name,
+            kind: r.credential_kind,
+            expires: r.credential_expires.as_deref(),
+        });
         wire.egress.scrubbed = (r.scrubbed > 0).then_some(r.scrubbed);
         wire.egress.git = r.git.as_ref().map(|git| WireGit {
             repo: &git.repo,
@@ -1127,7 +1129,7 @@ fn fill_alert<'a>(r: &'a Alert, wire: &mut Wire<'a>) {
     wire.url = WireUrl::new(non_empty(&r.domain), non_empty(&r.path), None);
     wire.rule = non_empty(&r.rule).map(|name| WireRule { name });
     wire.egress.sandbox = Some(WireSandbox::named(&r.sandbox));
-    wire.egress.credential = non_empty(&r.credential).map(|name| WireCredential { name });
+    wire.egress.credential = non_empty(&r.credential).map(WireCredential::named);
     wire.egress.alert = Some(WireAlert {
         count: r.count.max(1),
         window_seconds: r.window_seconds,
@@ -1770,10 +1772,25 @@ enum WireConnectionId<'a> {
     Proxy(&'a str),
 }
 
-/// `egress.credential`: the name only; the value never reaches the audit code.
+/// `egress.credential`: the name, and for a session credential its kind and end; the
+/// value never reaches the audit code.
 #[derive(Serialize)]
 struct WireCredential<'a> {
     name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires: Option<&'a str>,
+}
+
+impl<'a> WireCredential<'a> {
+    fn named(name: &'a str) -> Self {
+        Self {
+            name,
+            kind: None,
+            expires: None,
+        }
+    }
 }
 
 /// `egress.git`: the repository, service and, for a push, its ref updates.

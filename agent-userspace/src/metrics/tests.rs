@@ -63,6 +63,8 @@ fn request(verdict: ProxyVerdict, reason: Option<&str>, duration_ms: u64) -> Rec
             bytes_out: 5000,
             duration_ms,
             credential: Some("github-token".into()),
+            credential_kind: None,
+            credential_expires: None,
             verdict,
             reason: reason.map(str::to_owned),
             git: None,

@@ -17,6 +17,7 @@
 //!
 //! Every request, and every connection refused or ended before a request, produces one
 //! [`ProxyRecord`] for the audit sink.
+mod aws;
 mod body;
 mod ca;
 mod dialer;
@@ -505,6 +506,8 @@ impl Proxy {
             bytes_out: 0,
             duration_ms: 0,
             credential: None,
+            credential_kind: None,
+            credential_expires: None,
             verdict: Verdict::Allow,
             reason: None,
             git: None,

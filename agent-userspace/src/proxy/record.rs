@@ -91,6 +91,10 @@ pub struct ProxyRecord {
     pub duration_ms: u64,
     /// Name of the credential injected into the request, if one was.
     pub credential: Option<String>,
+    /// The injected credential's kind when it is not a plain value (`sts_assume_role`).
+    pub credential_kind: Option<&'static str>,
+    /// When the injected credential ends (RFC 3339), when it is a session with an end.
+    pub credential_expires: Option<String>,
     /// Allow or deny.
     pub verdict: Verdict,
     /// Why it was denied, or what failed; `None` for a clean allow.
