@@ -342,25 +342,24 @@ impl AwsSts {
     async fn assume_role(&self, sandbox: &str) -> Result<Session, String> {
         let base = self.base_key()?;
         let name = session_name(&self.session_name, &self.credential, sandbox);
-        let duration = self.duration.to_string();
-        // The serializer is not Send: built and dropped before any await.
-        let body = {
-            let mut form = form_urlencoded::Serializer::new(String::new());
-            form.append_pair("Action", "AssumeRole")
-                .append_pair("Version", STS_VERSION)
-                .append_pair("RoleArn", &self.role_arn)
-                .append_pair("RoleSessionName", &name)
-                .append_pair("DurationSeconds", &duration);
-            if let Some(policy) = &self.session_policy {
-                form.append_pair("Policy", policy);
-            }
-            for (i, (k, v)) in self.tags.iter().enumerate() {
-                let v = v.replace("{sandbox}", sandbox);
-                form.append_pair(&format!("Tags.member.{}.Key", i + 1), k)
-                    .append_pair(&format!("Tags.member.{}.Value", i + 1), &v);
-            }
-            Zeroizing::new(form.finish().into_bytes())
-        };
+        let mut pairs: Vec<(String, String)> = vec![
+            ("Action".into(), "AssumeRole".into()),
+            ("Version".into(), STS_VERSION.into()),
+            ("RoleArn".into(), self.role_arn.clone()),
+            ("RoleSessionName".into(), name),
+            ("DurationSeconds".into(), self.duration.to_string()),
+        ];
+        if let Some(policy) = &self.session_policy {
+            pairs.push(("Policy".into(), policy.clone()));
+        }
+        for (i, (k, v)) in self.tags.iter().enumerate() {
+            pairs.push((format!("Tags.member.{}.Key", i + 1), k.clone()));
+            pairs.push((
+                format!("Tags.member.{}.Value", i + 1),
+                v.replace("{sandbox}", sandbox),
+            ));
+        }
+        let body = Zeroizing::new(form(&pairs).into_bytes());
 
         let server = self.client.server();
         let content_type = "application/x-www-form-urlencoded";
@@ -407,9 +406,19 @@ impl AwsSts {
         let text = std::str::from_utf8(&answer)
             .map_err(|_| format!("{url} answered {status} with a body that is not UTF-8"))?;
         if !status.is_success() {
-            let why = quick_xml::de::from_str::<ErrorResponse>(text)
-                .map(|e| format!("{}: {}", e.error.code, printable(&e.error.message)))
-                .unwrap_or_else(|_| "no STS error in the answer".to_owned());
+            // `<ErrorResponse><Error>...` (STS), `<ErrorResponse><Errors><Error>...` or a
+            // bare `<Error>` (emulations).
+            let error = quick_xml::de::from_str::<ErrorResponse>(text)
+                .map(|e| e.error)
+                .or_else(|_| {
+                    quick_xml::de::from_str::<ErrorsResponse>(text).map(|e| e.errors.error)
+                })
+                .or_else(|_| quick_xml::de::from_str::<StsError>(text));
+            let why = match error {
+                Ok(e) => format!("{}: {}", printable(&e.code), printable(&e.message)),
+                // An error answer holds no secret; its start says what went wrong.
+                Err(_) => format!("answer not understood: {}", printable(text)),
+            };
             return Err(format!(
                 "STS AssumeRole of {} at {url} answered {status}: {why}",
                 self.role_arn
@@ -473,6 +482,33 @@ impl AwsSts {
             Base::File { path, profile } => read_key_file(path, profile),
         }
     }
+}
+
+/// `application/x-www-form-urlencoded`, every byte but letters, digits and `-_.~`
+/// percent-encoded (space as `+`): the form AWS SDKs send, which servers that re-encode
+/// the parsed form before checking its hash also arrive at.
+fn form(pairs: &[(String, String)]) -> String {
+    let encode = |s: &str, out: &mut String| {
+        for b in s.bytes() {
+            match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    out.push(char::from(b));
+                }
+                b' ' => out.push('+'),
+                _ => out.push_str(&format!("%{b:02X}")),
+            }
+        }
+    };
+    let mut out = String::new();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        encode(k, &mut out);
+        out.push('=');
+        encode(v, &mut out);
+    }
+    out
 }
 
 /// STS's error message as one line of printable ASCII, at most 200 characters.
@@ -582,8 +618,13 @@ struct ErrorResponse {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
+struct ErrorsResponse {
+    errors: ErrorResponse,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
 struct StsError {
-    #[serde(default)]
     code: String,
     #[serde(default)]
     message: String,
@@ -652,5 +693,25 @@ mod tests {
         let e: ErrorResponse = quick_xml::de::from_str(err).unwrap();
         assert_eq!(e.error.code, "AccessDenied");
         assert!(e.error.message.contains("sts:AssumeRole"));
+        let nested = "<ErrorResponse><Errors><Error><Code>SignatureDoesNotMatch</Code>\
+                      <Message>m</Message></Error></Errors></ErrorResponse>";
+        let e: ErrorsResponse = quick_xml::de::from_str(nested).unwrap();
+        assert_eq!(e.errors.error.code, "SignatureDoesNotMatch");
+        assert!(quick_xml::de::from_str::<ErrorResponse>(nested).is_err());
+    }
+
+    #[test]
+    fn forms_encode_all_but_unreserved() {
+        let pairs = [
+            (
+                "Policy".to_owned(),
+                r#"{"Resource":"arn:aws:s3:::b/a/*"} x~"#.to_owned(),
+            ),
+            ("RoleSessionName".to_owned(), "sb".to_owned()),
+        ];
+        assert_eq!(
+            form(&pairs),
+            "Policy=%7B%22Resource%22%3A%22arn%3Aaws%3As3%3A%3A%3Ab%2Fa%2F%2A%22%7D+x~&RoleSessionName=sb"
+        );
     }
 }
