@@ -31,10 +31,10 @@ use tracing::{info, warn};
 use zeroize::Zeroizing;
 
 use super::error::CredentialError;
-use super::github_app::UpstreamOptions;
 use super::https::{Client, Server};
 use super::raw::RawStsAssumeRole;
 use super::secret::Secret;
+use crate::net::UpstreamOptions;
 
 /// How long one `AssumeRole` exchange may take.
 pub const STS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -228,7 +228,7 @@ impl AwsSts {
             Some(tls) => (**tls).clone(),
             None => {
                 let provider = Arc::new(rustls::crypto::ring::default_provider());
-                let tls = crate::proxy::upstream_client_config(provider, None)
+                let tls = crate::net::tls::client_config(provider, None)
                     .map_err(|e| config("source.sts_assume_role.endpoint", e.to_string()))?;
                 (*tls).clone()
             }

@@ -25,10 +25,10 @@ pub mod sigv4;
 mod store;
 mod vault;
 
+pub use crate::net::UpstreamOptions;
 pub use aws::{Session as AwsSession, STS_TIMEOUT};
 pub use error::CredentialError;
 pub use file::CHECK_INTERVAL as FILE_CHECK_INTERVAL;
-pub use github_app::UpstreamOptions;
 pub use matcher::SecretMatcher;
 pub use raw::{
     RawAppRole, RawAwsSigv4, RawBasic, RawCommand, RawCredential, RawCredentials, RawGithubApp,

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use http::{HeaderMap, StatusCode};
 
 use super::error::ProxyError;
-use super::record::Verdict;
+use crate::audit::ProxyVerdict as Verdict;
 use crate::credentials::sigv4::{self, Payload};
 use crate::credentials::{AwsSession, CredentialStore};
 
