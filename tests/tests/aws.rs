@@ -9,7 +9,7 @@
 //!   upload's content checked on the server;
 //! - PUT and GET outside the prefix are refused (CLI error, audit deny record, nothing
 //!   reached the server, the object does not exist);
-//! - a presigned URL is refused the same way;
+//! - a presigned URL and a signed aws-chunked upload are refused the same way;
 //! - an STS failure refuses the request with the reason in the audit record, and the next
 //!   request after the fault is fixed succeeds;
 //! - neither the daemon's IAM secret nor any session secret or token is in the sandbox's
@@ -393,6 +393,46 @@ fn aws_cli_is_re_signed_within_its_prefix_and_refused_outside() -> Result<()> {
     ensure!(
         t.moto.access_log().lines().count() == before,
         "the presigned request reached moto"
+    );
+
+    // A signed aws-chunked upload (chunk signatures chained from the sandbox's key) is
+    // refused, not forwarded.
+    let before = t.moto.access_log().lines().count();
+    let chunked = t.fx.curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "PUT",
+        "-H",
+        "x-amz-content-sha256: STREAMING-AWS4-HMAC-SHA256-PAYLOAD",
+        "-H",
+        "x-amz-decoded-content-length: 5",
+        "--data-binary",
+        "5;chunk-signature=00\r\nhello\r\n0;chunk-signature=00\r\n\r\n",
+        "https://acme-data.s3.amazonaws.com/agent/out/chunked.txt",
+    ])?;
+    ensure!(
+        String::from_utf8_lossy(&chunked.stdout) == "400",
+        "a signed-chunk upload must be refused: {}",
+        all_output(&chunked)
+    );
+    let record = t.record_for("/agent/out/chunked.txt")?;
+    ensure!(
+        record["egress"]["verdict"] == "deny"
+            && record["event"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("aws-chunked")),
+        "signed-chunk refusal record: {record}"
+    );
+    ensure!(
+        t.moto.access_log().lines().count() == before
+            && t.moto
+                .object(&t.fx.world, "agent/out/chunked.txt")?
+                .is_none(),
+        "the signed-chunk upload reached moto"
     );
 
     // The session is named after the sandbox and carries the session policy.

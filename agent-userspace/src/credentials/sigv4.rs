@@ -14,6 +14,7 @@
 //!   (its chunks carry no signatures);
 //! - `UNSIGNED-PAYLOAD`, none, or anything else: `UNSIGNED-PAYLOAD` (S3 only), or the
 //!   empty body's hash when the request has no body;
+//! - a copy (`X-Amz-Copy-Source`, an object the rules never saw): refused;
 //! - signed aws-chunked forms (`STREAMING-AWS4-HMAC-SHA256-PAYLOAD[-TRAILER]`,
 //!   `STREAMING-AWS4-ECDSA-...`): refused, because each chunk carries a signature chained
 //!   from the sandbox's dummy key that no server would accept and the proxy does not
@@ -85,6 +86,15 @@ pub fn presigned_key(query: Option<&str>) -> Option<String> {
 /// Removes the sandbox's signing headers and says how the body is to be signed, or why
 /// the request cannot be signed (never quoting a header value).
 pub fn strip(headers: &mut HeaderMap, has_body: bool, service: &str) -> Result<Payload, String> {
+    // CopyObject / UploadPartCopy read a second object, named in a header that no rule
+    // judges: refused rather than signed.
+    if headers.contains_key("x-amz-copy-source") {
+        return Err(
+            "X-Amz-Copy-Source names an object the policy's rules do not judge; copies are \
+             refused"
+                .to_owned(),
+        );
+    }
     let mut values = headers.get_all("x-amz-content-sha256").iter();
     let declared = values
         .next()

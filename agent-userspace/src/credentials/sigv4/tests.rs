@@ -100,6 +100,17 @@ fn signing_headers_are_stripped_and_the_payload_classified() {
     }
 }
 
+#[test]
+fn copies_are_refused() {
+    let mut h = HeaderMap::new();
+    h.insert(
+        "x-amz-copy-source",
+        HeaderValue::from_static("/acme-data/private/secret.txt"),
+    );
+    let err = strip(&mut h, false, "s3").unwrap_err();
+    assert!(err.contains("Copy-Source"), "{err}");
+}
+
 /// The Authorization value's parts.
 fn auth_parts(h: &HeaderMap) -> (String, String, String) {
     let auth = h.get("authorization").unwrap().to_str().unwrap().to_owned();
