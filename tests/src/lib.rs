@@ -58,6 +58,7 @@ pub mod fixture;
 pub mod git_fixture;
 pub mod hosts_file;
 pub mod https_origin;
+pub mod moto;
 pub mod netns;
 pub mod openbao;
 pub mod pki;

@@ -354,9 +354,44 @@ fn proxy_event(record: ProxyRecord) -> Record {
 
 /// Both proxy kinds: allow with a credential, deny with a reason, allow whose upstream
 /// failed, passthrough relay, and a connection refused without SNI.
+/// A request re-signed with an AWS STS session.
+fn proxy_aws_signed() -> ProxyRecord {
+    ProxyRecord {
+        sni: Some("acme-data.s3.amazonaws.com".into()),
+        host: Some("acme-data.s3.amazonaws.com".into()),
+        method: Some("PUT".into()),
+        path: Some("/agent/out/report.txt".into()),
+        query_keys: None,
+        credential: Some("aws-s3".into()),
+        credential_use: Some(Box::new(crate::credentials::CredentialUse {
+            kind: "aws_sigv4",
+            source: "sts_assume_role",
+            expires: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_763_763_484)),
+        })),
+        ..proxy_request()
+    }
+}
+
+#[test]
+fn aws_session_credentials_name_kind_and_end() {
+    let line: Value =
+        serde_json::from_slice(&proxy_event(proxy_aws_signed()).encode(1).unwrap()).unwrap();
+    assert_eq!(
+        line["egress"]["credential"],
+        serde_json::json!({
+            "name": "aws-s3",
+            "kind": "aws_sigv4",
+            "source": "sts_assume_role",
+            "expires": "2025-11-21T22:18:04Z"
+        })
+    );
+    assert!(violations(&validator(), &line).is_empty());
+}
+
 fn proxy_kinds() -> Vec<Record> {
     vec![
         proxy_event(proxy_request()),
+        proxy_event(proxy_aws_signed()),
         proxy_event(ProxyRecord {
             original_dst: SocketAddr::new(IpAddr::V6("2001:db8::443".parse().unwrap()), 8443),
             method: Some("DELETE".into()),

@@ -45,6 +45,9 @@ pub enum CredentialError {
     /// valid).
     #[error("credential `{credential}`: secret store: {reason}")]
     Vault { credential: String, reason: String },
+    /// An `sts_assume_role` source could not get a session (and had none still valid).
+    #[error("credential `{credential}`: AWS: {reason}")]
+    Aws { credential: String, reason: String },
     /// No credential of that name is configured.
     #[error("unknown credential `{0}`: not defined under `credentials:` in the daemon config")]
     Unknown(String),

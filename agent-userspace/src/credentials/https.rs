@@ -74,6 +74,16 @@ impl Server {
         })
     }
 
+    /// `host[:port]` as the URL gave it: the `Host` header sent.
+    pub(super) fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// The URL's path prefix (no trailing `/`).
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The full URL of `path` (which starts with `/`), for messages.
     pub(super) fn url(&self, path: &str) -> String {
         let scheme = if self.tls { "https" } else { "http" };
@@ -113,6 +123,19 @@ impl Client {
         path: &str,
         headers: Vec<(HeaderName, HeaderValue)>,
         body: Option<Zeroizing<Vec<u8>>>,
+    ) -> Result<(StatusCode, Zeroizing<Vec<u8>>), String> {
+        self.call_as(method, path, headers, body, "application/json")
+            .await
+    }
+
+    /// [`Self::call`] with a body of another content type (a form for AWS STS).
+    pub(super) async fn call_as(
+        &self,
+        method: Method,
+        path: &str,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        body: Option<Zeroizing<Vec<u8>>>,
+        content_type: &'static str,
     ) -> Result<(StatusCode, Zeroizing<Vec<u8>>), String> {
         let s = &self.server;
         let url = s.url(path);
@@ -156,7 +179,7 @@ impl Client {
         let body = body.unwrap_or_default();
         if !body.is_empty() {
             request = request
-                .header(CONTENT_TYPE, "application/json")
+                .header(CONTENT_TYPE, content_type)
                 .header(CONTENT_LENGTH, body.len());
         }
         // The body may hold a secret (a login's secret id): sent from a copy that hyper

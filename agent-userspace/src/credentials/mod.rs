@@ -7,11 +7,14 @@
 //! every [`FILE_CHECK_INTERVAL`]; `env`, read at load; `command`, run without a shell and
 //! cached for its `ttl`; `github_app`, installation tokens minted with a GitHub App's key
 //! and renewed before they expire, see [`github_app`]; `vault`, KV secrets and leases from
-//! an OpenBao or Vault server, see `vault.rs`), an injection form (a header with a
-//! format, HTTP Basic, a query parameter, or a per-sandbox placeholder the proxy replaces,
-//! see [`placeholder`]), the exact hosts it may be sent to, and optionally how to revoke
-//! its live value when a sandbox using it is quarantined ([`CredentialStore::revoke`]). Values live in
-//! [`Secret`], which never prints them, and no error of this module contains one.
+//! an OpenBao or Vault server, see `vault.rs`; `sts_assume_role`, AWS session credentials
+//! per sandbox, see `aws.rs`), an injection form (a header with a format, HTTP Basic, a
+//! query parameter, a per-sandbox placeholder the proxy replaces, see [`placeholder`], or
+//! `aws_sigv4`: the request re-signed, see [`sigv4`]), the exact hosts it may be sent to,
+//! and optionally how to revoke its live value when a sandbox using it is quarantined
+//! ([`CredentialStore::revoke`]). Values live in [`Secret`], which never prints them, and
+//! no error of this module contains one.
+mod aws;
 mod error;
 mod file;
 pub mod github_app;
@@ -21,19 +24,21 @@ pub mod placeholder;
 pub mod raw;
 mod revoke;
 mod secret;
+pub mod sigv4;
 mod state;
 mod store;
 mod vault;
 
 pub use crate::net::UpstreamOptions;
+pub use aws::{Session as AwsSession, STS_TIMEOUT};
 pub use error::CredentialError;
 pub use file::CHECK_INTERVAL as FILE_CHECK_INTERVAL;
 pub use matcher::SecretMatcher;
 pub use placeholder::{SandboxPlaceholders, StreamReplacer};
 pub use raw::{
-    RawAppRole, RawBasic, RawCommand, RawCredential, RawCredentials, RawGithubApp, RawInject,
-    RawPlaceholder, RawQuery, RawRevoke, RawSource, RawVault, RawVaultAuth, RawVaultKv,
-    RawVaultLease,
+    RawAppRole, RawAwsSigv4, RawBasic, RawCommand, RawCredential, RawCredentials, RawGithubApp,
+    RawInject, RawPlaceholder, RawQuery, RawRevoke, RawSource, RawStsAssumeRole, RawVault,
+    RawVaultAuth, RawVaultKv, RawVaultLease,
 };
 pub use revoke::REVOKE_TIMEOUT;
 pub use secret::Secret;

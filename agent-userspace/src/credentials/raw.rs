@@ -56,6 +56,72 @@ pub enum RawSource {
     /// `{ vault: { address, auth: {...}, kv: {...} | lease: {...} } }`: a secret from an
     /// OpenBao or Vault server, read with the daemon's own AppRole or token.
     Vault(RawVault),
+    /// `{ sts_assume_role: { role_arn, duration, session_name, ... } }`: AWS session
+    /// credentials, one STS session per sandbox; only with `inject: { aws_sigv4: ... }`.
+    StsAssumeRole(RawStsAssumeRole),
+}
+
+/// AWS STS `AssumeRole` with the daemon's own AWS key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStsAssumeRole {
+    /// The role to assume, e.g. `arn:aws:iam::123456789012:role/agent-s3`.
+    pub role_arn: String,
+    /// Seconds each session lasts (900..=43200); default 900. Renewed when a third is left.
+    #[serde(default = "default_sts_duration")]
+    pub duration: u32,
+    /// The session's name, `{sandbox}` (required) and `{credential}` replaced; default
+    /// `{sandbox}`, so the provider's logs (CloudTrail) name the sandbox.
+    #[serde(default = "default_session_name")]
+    pub session_name: String,
+    /// An inline IAM policy (JSON text) narrowing the session below the role's rights.
+    #[serde(default)]
+    pub session_policy: Option<String>,
+    /// Session tags; `{sandbox}` in a value is replaced by the sandbox's name.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// The region of the STS endpoint and of its signature; default `us-east-1`.
+    #[serde(default = "default_aws_region")]
+    pub region: String,
+    /// The STS endpoint; default `https://sts.<region>.amazonaws.com` (a private STS or
+    /// a test server; `http://` only to a loopback address).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The daemon's own AWS key: an AWS shared-credentials file (or plain
+    /// `aws_access_key_id = ...` / `aws_secret_access_key = ...` lines), read again for
+    /// each `AssumeRole`. Absent: the daemon's `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`) environment variables.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    /// The profile (section) of `credentials_file`; default `default`.
+    #[serde(default = "default_aws_profile")]
+    pub profile: String,
+}
+
+fn default_sts_duration() -> u32 {
+    900
+}
+
+fn default_session_name() -> String {
+    "{sandbox}".to_owned()
+}
+
+fn default_aws_region() -> String {
+    "us-east-1".to_owned()
+}
+
+fn default_aws_profile() -> String {
+    "default".to_owned()
+}
+
+/// `inject: { aws_sigv4: { service: s3, region: us-east-1 } }`: every request is re-signed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAwsSigv4 {
+    /// The signing name of the service, e.g. `s3`.
+    pub service: String,
+    /// The region the requests are signed for, e.g. `eu-west-1`.
+    pub region: String,
 }
 
 /// An OpenBao / HashiCorp Vault source.
@@ -209,6 +275,10 @@ pub struct RawInject {
     /// headers, query and body of requests its rule allows to the credential's hosts.
     #[serde(default)]
     pub placeholder: Option<RawPlaceholder>,
+    /// AWS Signature Version 4 with an `sts_assume_role` source's session: whatever
+    /// signing the sandbox sent is stripped and the forwarded request signed anew.
+    #[serde(default)]
+    pub aws_sigv4: Option<RawAwsSigv4>,
 }
 
 /// `inject: { query: { param: api_key } }`.

@@ -15,6 +15,7 @@ use tokio::io::AsyncReadExt as _;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
+use super::aws::{AwsSts, Session as AwsSession};
 use super::error::CredentialError;
 use super::file::FileSource;
 use super::github_app::GithubApp;
@@ -91,8 +92,10 @@ impl fmt::Debug for KnownSecrets {
 
 impl KnownSecrets {
     /// Records `secret` as credential `name`'s current value; rebuilds the matcher when it
-    /// is new.
+    /// is new. `name` may be a slot of a credential, `credential\0slot` (one per AWS
+    /// session value): the matcher reports the part before the NUL.
     fn note(&self, name: &str, secret: &Arc<Secret>) {
+        let shown = name.split('\0').next().unwrap_or(name);
         let mut values = self.values.lock().unwrap_or_else(|p| p.into_inner());
         let list = values.entry(name.to_owned()).or_default();
         if list
@@ -107,17 +110,16 @@ impl KnownSecrets {
         }
         if secret.expose().len() < super::matcher::MIN_PATTERN_LEN {
             tracing::warn!(
-                credential = name,
+                credential = shown,
                 min = super::matcher::MIN_PATTERN_LEN,
                 "Credential value is too short to be scrubbed from responses or detected in requests"
             );
         }
-        let matcher = SecretMatcher::new(
-            values
-                .iter()
-                .flat_map(|(n, list)| list.iter().map(move |s| (n.as_str(), s.expose()))),
-        );
-        tracing::debug!(credential = name, ?matcher, "Secret matcher rebuilt");
+        let matcher = SecretMatcher::new(values.iter().flat_map(|(n, list)| {
+            let n = n.split('\0').next().unwrap_or(n);
+            list.iter().map(move |s| (n, s.expose()))
+        }));
+        tracing::debug!(credential = shown, ?matcher, "Secret matcher rebuilt");
         *self.matcher.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(matcher);
     }
 }
@@ -187,6 +189,7 @@ enum Source {
     Command(CommandSource),
     GithubApp(GithubApp),
     Vault(Vault),
+    Aws(AwsSts),
 }
 
 impl fmt::Debug for Source {
@@ -205,6 +208,7 @@ impl fmt::Debug for Source {
                 .finish_non_exhaustive(),
             Self::GithubApp(app) => app.fmt(f),
             Self::Vault(v) => v.fmt(f),
+            Self::Aws(a) => a.fmt(f),
         }
     }
 }
@@ -239,6 +243,11 @@ enum Inject {
     },
     /// `inject.placeholder`: a per-sandbox sentinel replaced by the proxy.
     Placeholder,
+    /// The request is re-signed with AWS SigV4 (see [`CredentialStore::aws_session`]).
+    AwsSigv4 {
+        service: String,
+        region: String,
+    },
 }
 
 impl Inject {
@@ -246,7 +255,8 @@ impl Inject {
     fn header_name(&self) -> Option<HeaderName> {
         match self {
             Self::Header { name, .. } => Some(name.clone()),
-            Self::Basic { .. } => Some(http::header::AUTHORIZATION),
+            // A re-signed request's Authorization is the proxy's: the sandbox's is stripped.
+            Self::Basic { .. } | Self::AwsSigv4 { .. } => Some(http::header::AUTHORIZATION),
             Self::Query { .. } | Self::Placeholder => None,
         }
     }
@@ -258,6 +268,7 @@ impl Inject {
             Self::Basic { .. } => "basic",
             Self::Query { .. } => "query",
             Self::Placeholder => "placeholder",
+            Self::AwsSigv4 { .. } => "aws_sigv4",
         }
     }
 }
@@ -374,6 +385,12 @@ impl CredentialStore {
         if !credential.sends_to(host) {
             return Ok(None);
         }
+        if matches!(credential.inject, Inject::AwsSigv4 { .. }) {
+            return Err(CredentialError::Aws {
+                credential: credential.name.clone(),
+                reason: "signs requests (aws_sigv4) and is never sent as a header".to_owned(),
+            });
+        }
         let secret = credential.fetch().await?;
         if let Some(value) = credential.header.get(&secret) {
             return Ok(Some((header, value)));
@@ -391,7 +408,9 @@ impl CredentialStore {
                 s.push_str(suffix);
                 s
             }
-            Inject::Query { .. } | Inject::Placeholder => return Ok(None),
+            Inject::Query { .. } | Inject::Placeholder | Inject::AwsSigv4 { .. } => {
+                return Ok(None)
+            }
             Inject::Basic { user } => {
                 let mut pair = Zeroizing::new(String::new());
                 pair.push_str(user);
@@ -521,6 +540,54 @@ impl CredentialStore {
             .collect()
     }
 
+    /// The signing service and region of credential `name` when it is an `aws_sigv4`
+    /// credential, else `None`.
+    pub fn aws_signing(&self, name: &str) -> Option<(&str, &str)> {
+        match &self.credentials.get(name)?.inject {
+            Inject::AwsSigv4 { service, region } => Some((service, region)),
+            _ => None,
+        }
+    }
+
+    /// Sandbox `sandbox`'s STS session of credential `name` for server `host`, or `None`
+    /// when `host` is not one of the credential's `hosts`. Its secret key and token are
+    /// matched (scrubbed from responses, refused in requests) before they are used.
+    pub async fn aws_session(
+        &self,
+        name: &str,
+        sandbox: &str,
+        host: &str,
+    ) -> Result<Option<Arc<AwsSession>>, CredentialError> {
+        let credential = self
+            .credentials
+            .get(name)
+            .ok_or_else(|| CredentialError::Unknown(name.to_owned()))?;
+        if !credential.hosts.contains(&normalize_host(host)) {
+            return Ok(None);
+        }
+        let Source::Aws(sts) = &credential.source else {
+            return Err(CredentialError::Aws {
+                credential: name.to_owned(),
+                reason: "is not an sts_assume_role credential".to_owned(),
+            });
+        };
+        let session = sts.session(sandbox).await;
+        credential.last.note(
+            session
+                .as_ref()
+                .map(|s| &s.secret_access_key)
+                .map_err(ToString::to_string),
+        );
+        let session = session?;
+        self.known.note(
+            &format!("{name}\0{sandbox}\0secret"),
+            &session.secret_access_key,
+        );
+        self.known
+            .note(&format!("{name}\0{sandbox}\0token"), &session.session_token);
+        Ok(Some(session))
+    }
+
     /// Each credential's fetch counts and time left, by name. Never waits: a value being
     /// fetched right now shows no expiry until it is in.
     pub fn stats(&self) -> Vec<CredentialStats> {
@@ -553,6 +620,10 @@ impl CredentialStore {
                         c.failures.load(Ordering::Relaxed),
                         v.expires_in(),
                     ),
+                    Source::Aws(a) => {
+                        let (mints, failures) = a.counts();
+                        ("sts_assume_role", mints, failures, None)
+                    }
                 };
                 CredentialStats {
                     name: c.name.clone(),
@@ -606,6 +677,13 @@ impl CredentialStore {
                 value
             }
             Source::GithubApp(app) => app.take_token().await,
+            Source::Aws(a) => {
+                let n = a.forget().await;
+                return Ok(format!(
+                    "{n} STS session(s) dropped from the cache (STS sessions cannot be revoked \
+                     before they end; new requests get new sessions)"
+                ));
+            }
             Source::Command(cmd) => cmd.cache.lock().await.take().map(|c| c.value),
             Source::Env { value, .. } => Some(value.clone()),
             Source::File(_) => Some(credential.value().await.map_err(|e| e.to_string())?),
@@ -644,6 +722,7 @@ impl CredentialStore {
                 Source::Command(cmd) => cmd.timeout = timeout,
                 Source::GithubApp(app) => app.timeout = timeout,
                 Source::Vault(v) => v.timeout = timeout,
+                Source::Aws(a) => a.timeout = timeout,
                 _ => {}
             }
         }
@@ -685,6 +764,7 @@ impl Credential {
             Source::Command(_) => "command",
             Source::GithubApp(_) => "github_app",
             Source::Vault(_) => "vault",
+            Source::Aws(_) => "sts_assume_role",
         }
     }
 
@@ -698,7 +778,8 @@ impl Credential {
             }),
             Source::GithubApp(app) => app.stats().2,
             Source::Vault(v) => v.expires_in(),
-            Source::File(_) | Source::Env { .. } => None,
+            // One session per sandbox: each record names its own session's end.
+            Source::File(_) | Source::Env { .. } | Source::Aws(_) => None,
         }
     }
 
@@ -755,6 +836,11 @@ impl Credential {
                 }
                 value
             }
+            Source::Aws(_) => Err(CredentialError::Aws {
+                credential: self.name.clone(),
+                reason: "an sts_assume_role source has no single value; it signs requests"
+                    .to_owned(),
+            }),
         }
     }
 
@@ -938,9 +1024,31 @@ fn compile(
         }
         RawSource::GithubApp(app) => Source::GithubApp(GithubApp::compile(name, app, upstream)?),
         RawSource::Vault(v) => Source::Vault(Vault::compile(name, v)?),
+        RawSource::StsAssumeRole(r) => Source::Aws(AwsSts::compile(name, r, upstream)?),
     };
 
-    let inject = compile_inject(&raw.inject).map_err(|(field, reason)| config(field, reason))?;
+    let inject = match &raw.inject.aws_sigv4 {
+        Some(aws) => compile_aws_inject(&raw.inject, aws),
+        None => compile_inject(&raw.inject),
+    }
+    .map_err(|(field, reason)| config(field, reason))?;
+    match (&source, &inject) {
+        (Source::Aws(_), Inject::AwsSigv4 { .. }) => {}
+        (Source::Aws(_), _) => {
+            return Err(config(
+                "inject",
+                "an sts_assume_role source needs inject: { aws_sigv4: { service, region } }"
+                    .to_owned(),
+            ))
+        }
+        (_, Inject::AwsSigv4 { .. }) => {
+            return Err(config(
+                "source",
+                "inject: aws_sigv4 needs an { sts_assume_role: {...} } source".to_owned(),
+            ))
+        }
+        _ => {}
+    }
 
     if raw.hosts.is_empty() {
         return Err(config(
@@ -1060,4 +1168,38 @@ fn compile_inject(raw: &RawInject) -> Result<Inject, (&'static str, String)> {
             "`basic` cannot be combined with `header` or `format`".to_owned(),
         )),
     }
+}
+
+fn compile_aws_inject(
+    raw: &RawInject,
+    aws: &super::raw::RawAwsSigv4,
+) -> Result<Inject, (&'static str, String)> {
+    if raw.header.is_some() || raw.format.is_some() || raw.basic.is_some() {
+        return Err((
+            "inject",
+            "`aws_sigv4` cannot be combined with `header`, `format` or `basic`".to_owned(),
+        ));
+    }
+    let word = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    if !word(&aws.service) {
+        return Err((
+            "inject.aws_sigv4.service",
+            format!("`{}` is not a signing name such as s3", aws.service),
+        ));
+    }
+    if !word(&aws.region) {
+        return Err((
+            "inject.aws_sigv4.region",
+            format!("`{}` is not a region such as us-east-1", aws.region),
+        ));
+    }
+    Ok(Inject::AwsSigv4 {
+        service: aws.service.clone(),
+        region: aws.region.clone(),
+    })
 }

@@ -513,3 +513,70 @@ async fn the_matcher_follows_every_value_and_rotation() {
     assert_eq!(found(&s, "file-secret-one"), None);
     assert_eq!(found(&s, "file-secret-two").as_deref(), Some("github"));
 }
+
+#[tokio::test]
+async fn aws_credentials_pair_sts_with_sigv4_and_fail_closed() {
+    let sts = |extra: &str, inject: &str| {
+        store(&format!(
+            "aws:\n  source: {{ sts_assume_role: {{ role_arn: \"arn:aws:iam::123456789012:role/agent\", endpoint: \"http://127.0.0.1:9\"{extra} }} }}\n  inject: {inject}\n  hosts: [acme-data.s3.amazonaws.com]\n"
+        ))
+    };
+    let sigv4 = "{ aws_sigv4: { service: s3, region: us-east-1 } }";
+    let s = sts("", sigv4).unwrap();
+    assert_eq!(s.aws_signing("aws"), Some(("s3", "us-east-1")));
+    assert_eq!(s.injected_header_names(), [AUTHORIZATION]);
+    // Another host: no session, nothing fetched.
+    assert!(s
+        .aws_session("aws", "sb", "evil.example")
+        .await
+        .unwrap()
+        .is_none());
+    // No key in the environment, nothing listening: refused, the credential named.
+    let err = s
+        .aws_session("aws", "sb", "acme-data.s3.amazonaws.com")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("credential `aws`") && err.contains("AWS"),
+        "{err}"
+    );
+    // Never as a header.
+    assert!(s
+        .header_for("aws", "acme-data.s3.amazonaws.com")
+        .await
+        .is_err());
+
+    for (extra, inject, field) in [
+        ("", "{ header: Authorization }", "inject"),
+        (", duration: 60", sigv4, "duration"),
+        (", session_name: fixed", sigv4, "session_name"),
+        (", session_policy: 'not json'", sigv4, "session_policy"),
+        (
+            ", credentials_file: relative/path",
+            sigv4,
+            "credentials_file",
+        ),
+        (", endpoint2: x", sigv4, ""),
+    ] {
+        let raw: Result<RawCredentials, _> = serde_yaml_ng::from_str(&format!(
+            "aws:\n  source: {{ sts_assume_role: {{ role_arn: \"arn:aws:iam::1:role/a\"{extra} }} }}\n  inject: {inject}\n  hosts: [s3.amazonaws.com]\n"
+        ));
+        match raw {
+            Err(_) => assert!(field.is_empty(), "{extra}: unexpected parse error"),
+            Ok(raw) => {
+                let err = CredentialStore::from_config(&raw).unwrap_err().to_string();
+                assert!(err.contains(field), "{extra} {inject}: {err}");
+            }
+        }
+    }
+    // aws_sigv4 needs an STS source.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "t", "token-value-123\n");
+    let err = store(&format!(
+        "x:\n  source: {{ file: {path} }}\n  inject: {sigv4}\n  hosts: [s3.amazonaws.com]\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("sts_assume_role"), "{err}");
+}

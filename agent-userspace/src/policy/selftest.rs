@@ -307,6 +307,7 @@ tests:
             "deny-all.yaml",
             "github-proxy.yaml",
             "names.yaml",
+            "aws-s3.yaml",
         ] {
             assert!(seen.iter().any(|s| s == required), "{required} missing");
         }

@@ -601,6 +601,7 @@ impl ConnCtx {
         for (header, value) in restore {
             parts.headers.append(header, value);
         }
+        let mut aws_signing = None;
         if let Some(name) = &self.conn.route.credential {
             // No credential is used that the audit trail could not record.
             if let Some(Err(reason)) = self.proxy.credential_gate.as_ref().map(|gate| gate()) {
@@ -629,26 +630,61 @@ impl ConnCtx {
                     record.credential_use = self.proxy.credentials.usage(name).map(Box::new);
                 }
             }
-            match self.proxy.credentials.header_for(name, &self.sni).await {
-                Ok(Some((header, value))) => {
-                    parts.headers.insert(header, value);
-                    record.credential = Some(name.clone());
-                    record.credential_use = self.proxy.credentials.usage(name).map(Box::new);
+            let aws = self.proxy.credentials.aws_signing(name);
+            match aws {
+                Some(signing) => {
+                    let has_body = !body.is_end_stream() || !prefix.is_empty();
+                    let prepared = super::aws::prepare(
+                        &self.proxy.credentials,
+                        name,
+                        signing,
+                        &self.conn.sandbox,
+                        &self.sni,
+                        &judged.target,
+                        &mut parts.headers,
+                        has_body,
+                    )
+                    .await
+                    .map_err(|r| Refusal {
+                        status: r.status,
+                        verdict: r.verdict,
+                        reason: r.reason,
+                        body: r
+                            .body
+                            .map(|b| ("text/plain; charset=utf-8", Bytes::from(b))),
+                    })?;
+                    if let Some(signing) = &prepared {
+                        record.credential = Some(name.clone());
+                        record.credential_use = self.proxy.credentials.usage(name).map(|usage| {
+                            Box::new(crate::credentials::CredentialUse {
+                                expires: Some(signing.expires()),
+                                ..usage
+                            })
+                        });
+                    }
+                    aws_signing = prepared;
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    // The details (paths, the token service's answer) go to the audit
-                    // record only; the sandbox learns that the credential is unavailable.
-                    let body = Bytes::from(format!(
-                        "proxy: credential `{name}` is unavailable; see the egress audit log\n"
-                    ));
-                    return Err(Refusal {
-                        status: StatusCode::INTERNAL_SERVER_ERROR,
-                        verdict: Verdict::Allow,
-                        reason: ProxyError::from(e).to_string(),
-                        body: Some(("text/plain; charset=utf-8", body)),
-                    });
-                }
+                None => match self.proxy.credentials.header_for(name, &self.sni).await {
+                    Ok(Some((header, value))) => {
+                        parts.headers.insert(header, value);
+                        record.credential = Some(name.clone());
+                        record.credential_use = self.proxy.credentials.usage(name).map(Box::new);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        // The details (paths, the token service's answer) go to the audit
+                        // record only; the sandbox learns that the credential is unavailable.
+                        let body = Bytes::from(format!(
+                            "proxy: credential `{name}` is unavailable; see the egress audit log\n"
+                        ));
+                        return Err(Refusal {
+                            status: StatusCode::INTERNAL_SERVER_ERROR,
+                            verdict: Verdict::Allow,
+                            reason: ProxyError::from(e).to_string(),
+                            body: Some(("text/plain; charset=utf-8", body)),
+                        });
+                    }
+                },
             }
         }
 
@@ -688,6 +724,17 @@ impl ConnCtx {
             .await
             .map_err(Refusal::upstream)?;
 
+        // Signed last, over the request exactly as it is sent.
+        if let Some(signing) = &aws_signing {
+            signing
+                .sign(
+                    parts.method.as_str(),
+                    authority.as_str(),
+                    path_and_query.as_str(),
+                    &mut parts.headers,
+                )
+                .map_err(|reason| Refusal::deny(StatusCode::BAD_REQUEST, reason))?;
+        }
         parts.headers.remove(HOST);
         parts.extensions = http::Extensions::new();
         if sender.is_h2() {

@@ -17,6 +17,7 @@
 //!
 //! Every request, and every connection refused or ended before a request, produces one
 //! [`ProxyRecord`] for the audit sink.
+mod aws;
 mod body;
 mod ca;
 mod error;
