@@ -24,3 +24,4 @@ pub mod oci;
 pub mod policy;
 pub mod posture;
 pub mod proxy;
+pub mod text;

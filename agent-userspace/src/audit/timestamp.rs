@@ -31,6 +31,7 @@ fn digits(out: &mut [u8], mut value: u32) {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
 mod tests {
     use time::{format_description::well_known::Rfc3339, macros::format_description};
 
