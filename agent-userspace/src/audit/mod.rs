@@ -1,13 +1,15 @@
 //! The JSONL audit trail a SIEM ingests: one Elastic Common Schema JSON object per line,
 //! built only from typed records ([`Record`]) and written only by [`AuditWriter`], which
-//! numbers every line (`event.sequence`) and appends it with a single `write(2)`. The
+//! numbers every line (`event.sequence`) and appends whole lines, many per `write(2)`. The
 //! daemon sends records through a cloneable [`AuditHandle`] to an [`AuditTask`];
 //! [`ClockOffset`] turns kernel event times into `@timestamp`s. The format is pinned by
 //! `schema/audit-record.schema.json`, which the tests validate every record kind against.
 
 mod alert;
+mod batch;
 mod clock;
 mod record;
+mod timestamp;
 mod writer;
 
 #[cfg(test)]

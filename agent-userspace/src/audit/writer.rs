@@ -1,10 +1,10 @@
 //! Appends encoded records to the audit file (or stdout) and numbers them.
 //!
-//! Each record becomes one buffer ending in `\n` and goes out in a single `write(2)`;
-//! only a short write is continued. On a file opened with `O_APPEND` the kernel places
-//! every such write whole at the end, so lines from concurrent appenders never interleave.
-//! (On a pipe the same holds up to `PIPE_BUF`, 4096 bytes, which every record stays
-//! well under.)
+//! Each record becomes one line ending in `\n`. The writer task appends the lines queued
+//! at each wake-up back to back with a single `write(2)` (whole lines only, at most 1 MiB;
+//! to stdout at most `PIPE_BUF`, 4096 bytes, the most a pipe keeps whole); only a short
+//! write is continued. On a file opened with `O_APPEND` the kernel places every such write
+//! whole at the end, so lines from concurrent appenders never interleave.
 //!
 //! Sequence numbers belong to the writer, not the caller: a reopened file continues after
 //! the `event.sequence` of its last complete record, so a restarted daemon extends the
@@ -13,7 +13,6 @@
 //! record, so the fragment stays a line of its own instead of spoiling that record.
 
 use std::{
-    collections::VecDeque,
     fmt,
     fs::{DirBuilder, File, OpenOptions},
     io::{self, Read, Write},
@@ -34,7 +33,10 @@ use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 use tokio::sync::mpsc;
 use tracing::error;
 
-use super::record::{action, AuditLost, EncodeError, Record};
+use super::{
+    batch::{PendingLines, FILE_CHUNK, PIPE_CHUNK},
+    record::{action, AuditLost, EncodeError, Record},
+};
 
 /// Where the audit trail goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -212,15 +214,36 @@ impl AuditWriter {
         Ok((sequence, line))
     }
 
+    /// [`AuditWriter::encode_next`] into the pending lines of the writer task.
+    fn encode_next_into(
+        &mut self,
+        record: &Record,
+        pending: &mut PendingLines,
+    ) -> Result<u64, EncodeError> {
+        let sequence = self.next_sequence;
+        pending.push_with(sequence, |buf| record.encode_into(sequence, buf))?;
+        self.next_sequence = sequence.saturating_add(1);
+        Ok(sequence)
+    }
+
     /// Appends one encoded line with a single `write(2)` (continued only after a short
     /// write). After a failed write the file is closed, and the next call opens the path
     /// again (creating its directory and the file if they are gone).
     pub fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        self.write_lines(line).map_err(|(_, e)| e)?;
+        line_written(line);
+        Ok(())
+    }
+
+    /// Appends whole lines (each ending in `\n`) with a single `write(2)` (continued only
+    /// after a short write). On an error, says how many bytes of `lines` were written; the
+    /// file is then closed, and the next call opens the path again.
+    fn write_lines(&mut self, lines: &[u8]) -> Result<(), (usize, io::Error)> {
         if self.out.is_none() {
-            self.reopen().map_err(into_io)?;
+            self.reopen().map_err(|e| (0, into_io(e)))?;
         }
         let Some(out) = self.out.as_mut() else {
-            return Err(io::ErrorKind::NotConnected.into());
+            return Err((0, io::ErrorKind::NotConnected.into()));
         };
         if self.recheck_torn {
             self.recheck_torn = false;
@@ -228,36 +251,36 @@ impl AuditWriter {
             self.torn = ends_mid_line(out).unwrap_or(true);
         }
         let mut buf;
-        let line = if self.torn {
-            buf = Vec::with_capacity(line.len() + 1);
+        // A `\n` in front ends the fragment a failed write left, in the same write(2).
+        let prefix = usize::from(self.torn);
+        let bytes = if self.torn {
+            buf = Vec::with_capacity(lines.len() + 1);
             buf.push(b'\n');
-            buf.extend_from_slice(line);
+            buf.extend_from_slice(lines);
             &buf[..]
         } else {
-            line
+            lines
         };
         let mut written = 0;
-        while written < line.len() {
-            match out.write(&line[written..]) {
-                Ok(0) => {
-                    self.torn |= written > 0;
-                    crate::metrics::audit_write_failed();
-                    self.close();
-                    return Err(io::ErrorKind::WriteZero.into());
+        while written < bytes.len() {
+            let error = match out.write(&bytes[written..]) {
+                Ok(0) => io::ErrorKind::WriteZero.into(),
+                Ok(n) => {
+                    written += n;
+                    continue;
                 }
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.torn |= written > 0;
-                    crate::metrics::audit_write_failed();
-                    self.close();
-                    return Err(e);
-                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => e,
+            };
+            // The file now ends mid-line unless the write stopped exactly after one.
+            if written > 0 {
+                self.torn = bytes[written - 1] != b'\n';
             }
+            crate::metrics::audit_write_failed();
+            self.close();
+            return Err((written.saturating_sub(prefix), error));
         }
         self.torn = false;
-        crate::metrics::audit_written(written);
-        crate::collector::forward(line);
         Ok(())
     }
 
@@ -330,6 +353,12 @@ impl AuditWriter {
     pub fn sink(&self) -> &AuditSink {
         &self.sink
     }
+}
+
+/// Counts a written line and hands it to the collector.
+fn line_written(line: &[u8]) {
+    crate::metrics::audit_written(line.len());
+    crate::collector::forward(line);
 }
 
 fn into_io(e: AuditError) -> io::Error {
@@ -698,7 +727,7 @@ impl AuditLog {
         sequence_file: Option<PathBuf>,
     ) -> Result<(AuditHandle, AuditTask), AuditError> {
         let mut writer = AuditWriter::open(sink)?;
-        let mut pending = VecDeque::new();
+        let mut pending = PendingLines::default();
         let mut written = writer.next_sequence().saturating_sub(1);
         let sequence_file = match sequence_file {
             None => None,
@@ -727,9 +756,7 @@ impl AuditLog {
                             last = lost.last_sequence,
                             "Audit records of the previous run were never written"
                         );
-                        if let Ok(line) = writer.encode_next(&Record::AuditLost(lost)) {
-                            pending.push_back(line);
-                        }
+                        let _ = writer.encode_next_into(&Record::AuditLost(lost), &mut pending);
                     }
                 }
                 Some(file)
@@ -832,7 +859,7 @@ const BATCH: usize = 1024;
 /// Under load this turns one wake-up of the writer thread per record (a futex wake and a
 /// context switch, paid partly by the thread that emitted it) into one per interval; it
 /// delays a record by at most this much and changes nothing else: every record is still
-/// written, in order, with its own `write(2)`.
+/// written, in order, as one whole line; the lines gathered go out in one `write(2)`.
 const GATHER: Duration = Duration::from_millis(2);
 
 /// First wait before writing again after a failure; doubled up to [`RETRY_MAX`].
@@ -854,7 +881,7 @@ pub struct AuditTask {
     rx: mpsc::UnboundedReceiver<Message>,
     health: Arc<Health>,
     /// Numbered and encoded, not yet known to be written.
-    pending: VecDeque<(u64, Vec<u8>)>,
+    pending: PendingLines,
     dropped: Option<Dropped>,
     failing_since: Option<OffsetDateTime>,
     last_error: Option<String>,
@@ -889,7 +916,8 @@ impl AuditTask {
     /// blocking-pool thread so a slow disk never stalls the runtime. The thread takes
     /// everything queued at each wake-up and, after a batch that emptied the queue, waits
     /// a couple of milliseconds for more before it sleeps on the queue again, so that it
-    /// is not woken once per record; each record is still one `write(2)`.
+    /// is not woken once per record. The lines taken at a wake-up are written back to back
+    /// with one `write(2)` (whole lines, at most 1 MiB, or `PIPE_BUF` to stdout).
     ///
     /// A record that cannot be encoded is logged and skipped (it gets no number). A write
     /// error never stops the task: it closes the file, marks the trail unhealthy, keeps
@@ -949,10 +977,10 @@ impl AuditTask {
             }
         }
         let _ = self.writer.sync();
-        if let Some((first, _)) = self.pending.front() {
+        if let Some(first) = self.pending.first_sequence() {
             let last = self
                 .dropped
-                .map_or(self.pending.back().map_or(*first, |(s, _)| *s), |d| d.last);
+                .map_or(self.pending.last_sequence().unwrap_or(first), |d| d.last);
             let source = io::Error::other(format!(
                 "records {first} to {last} could not be written before the daemon stopped: {}",
                 self.last_error.as_deref().unwrap_or("write failed")
@@ -980,22 +1008,22 @@ impl AuditTask {
             }
             Message::Record(record) => record,
         };
-        let (sequence, line) = match self.writer.encode_next(&record) {
-            Ok(x) => x,
-            Err(e) => {
-                error!(action = record.action(), error = %e, "Audit record not encodable; skipped");
-                return;
-            }
-        };
         if self.dropped.is_some() || self.pending.len() >= self.queue_records {
+            let sequence = match self.writer.encode_next(&record) {
+                Ok((sequence, _)) => sequence,
+                Err(e) => {
+                    error!(action = record.action(), error = %e, "Audit record not encodable; skipped");
+                    return;
+                }
+            };
             let d = self.dropped.get_or_insert(Dropped {
                 first: sequence,
                 last: sequence,
             });
             d.last = sequence;
             self.health.report().lost += 1;
-        } else {
-            self.pending.push_back((sequence, line));
+        } else if let Err(e) = self.writer.encode_next_into(&record, &mut self.pending) {
+            error!(action = record.action(), error = %e, "Audit record not encodable; skipped");
         }
     }
 
@@ -1044,9 +1072,11 @@ impl AuditTask {
                 last = lost.last_sequence,
                 "Audit records lost while the log could not be written"
             );
-            match self.writer.encode_next(&Record::AuditLost(lost)) {
-                Ok(line) => self.pending.push_back(line),
-                Err(e) => error!(error = %e, "Loss record not encodable"),
+            if let Err(e) = self
+                .writer
+                .encode_next_into(&Record::AuditLost(lost), &mut self.pending)
+            {
+                error!(error = %e, "Loss record not encodable");
             }
         }
         if let Some(since) = self.failing_since.take() {
@@ -1063,19 +1093,39 @@ impl AuditTask {
         self.rotate_if_due();
     }
 
-    /// Writes every pending line; they leave the queue only once written to a file that
-    /// still has a name (a deleted log is created again and the lines written again).
+    /// Writes every pending line, as many whole lines per `write(2)` as a chunk holds;
+    /// they leave the queue only once written to a file that still has a name (a deleted
+    /// log is created again and the lines written again).
     fn write_pending(&mut self) -> io::Result<()> {
+        let max = match self.writer.sink() {
+            AuditSink::Stdout => PIPE_CHUNK,
+            AuditSink::File(_) => FILE_CHUNK,
+        };
         let mut attempts = 0;
         loop {
             let mut done = 0;
             let mut result = Ok(());
-            for (_, line) in &self.pending {
-                if let Err(e) = self.writer.write_line(line) {
+            while done < self.pending.len() {
+                let (bytes, lengths) = self.pending.chunk(done, max);
+                let (written, error) = match self.writer.write_lines(bytes) {
+                    Ok(()) => (bytes.len(), None),
+                    Err((written, e)) => (written, Some(e)),
+                };
+                // Lines written whole are counted and forwarded; a line cut short stays
+                // pending and is written again whole.
+                let mut offset = 0;
+                for len in lengths {
+                    if offset + len > written {
+                        break;
+                    }
+                    line_written(&bytes[offset..offset + len]);
+                    offset += len;
+                    done += 1;
+                }
+                if let Some(e) = error {
                     result = Err(e);
                     break;
                 }
-                done += 1;
             }
             if self.writer.file_removed() && attempts < 2 {
                 attempts += 1;
@@ -1083,9 +1133,9 @@ impl AuditTask {
                 self.writer.reopen().map_err(into_io)?;
                 continue;
             }
-            for (sequence, _) in self.pending.drain(..done) {
-                self.written = sequence;
-                self.records += 1;
+            if let Some(last) = self.pending.remove_front(done) {
+                self.written = last;
+                self.records += done as u64;
             }
             return result;
         }

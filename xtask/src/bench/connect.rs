@@ -5,13 +5,14 @@
 //! alternating rounds so machine noise hits both alike. Reports p50/p99 per side and their
 //! ratio, and the kernel programs' own run time from BPF statistics.
 //!
-//! Then the audit pipeline: two workers inside the sandbox connect as fast as they can; the
-//! bench reports connects per second, whether every one became an audit record (or was
-//! counted as lost), and the daemon's CPU time per record.
+//! Then the audit pipeline, twice: two workers inside the sandbox make TCP connects as fast
+//! as they can (connects per second, whether every one became an audit record or was
+//! counted as lost, and the daemon's CPU time per record); then UDP connects at a ladder
+//! of fixed rates ([`super::audit`]), for the most records per second with none lost.
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::Command,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context};
@@ -20,7 +21,10 @@ use egress_tests::{
     daemon::{Daemon, DaemonOpts},
 };
 
-use super::percentile;
+use super::{
+    audit::{Ladder, LogCounter},
+    percentile,
+};
 use crate::cmd::{bin_in, build_bins_in, require_root, step};
 
 /// Measures `connects` connects and prints the latencies (ns), one per line.
@@ -87,7 +91,7 @@ fn deep_listener() -> std::io::Result<TcpListener> {
 }
 
 /// User + system CPU time of a process, in nanoseconds (from `/proc/PID/stat`).
-fn cpu_ns(pid: u32) -> u64 {
+pub(super) fn cpu_ns(pid: u32) -> u64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0;
     };
@@ -106,29 +110,25 @@ fn cpu_ns(pid: u32) -> u64 {
     ticks * 1_000_000_000 / hz
 }
 
-/// (connect records of sandbox `bench`, events reported lost) in the daemon's audit log.
-fn audit_counts(daemon: &Daemon) -> (u64, u64) {
-    let Ok(records) = daemon.audit_records() else {
-        return (0, 0);
-    };
-    let mut connects = 0;
-    let mut lost = 0;
-    for r in &records {
-        match r["event"]["action"].as_str() {
-            Some("connect") if r["egress"]["sandbox"]["name"] == "bench" => connects += 1,
-            Some("events-lost") => lost += r["egress"]["lost"]["count"].as_u64().unwrap_or(0),
-            _ => {}
-        }
-    }
-    (connects, lost)
+/// The audit-pipeline settings of `bench connect`.
+pub(super) struct AuditOpts {
+    /// TCP connects in the flood case.
+    pub flood: usize,
+    /// Rungs of the UDP ladder, events per second.
+    pub rates: Vec<u64>,
+    /// Seconds per rung.
+    pub secs: f64,
+    /// Workers sharing each rung's rate.
+    pub workers: u64,
 }
 
 pub(super) fn run(
     connects: usize,
     rounds: usize,
-    flood: usize,
+    audit: &AuditOpts,
     release: bool,
 ) -> anyhow::Result<()> {
+    let flood = audit.flood;
     require_root("the connect benchmark")?;
     build_bins_in(release)?;
     let build = if release { "release" } else { "debug" };
@@ -150,7 +150,7 @@ pub(super) fn run(
     let policy = daemon.dir().join("bench.yaml");
     std::fs::write(
         &policy,
-        "version: 1\ndefault: deny\nrules:\n  - name: bench-listener\n    to: [127.0.0.1]\n    protocol: tcp\n    action: allow\n",
+        "version: 1\ndefault: deny\nrules:\n  - name: bench-listener\n    to: [127.0.0.1]\n    protocol: tcp\n    action: allow\n  - name: bench-udp\n    to: [127.0.0.1]\n    protocol: udp\n    action: allow\n",
     )?;
     let out = daemon.ctl([
         "attach".as_ref(),
@@ -207,12 +207,9 @@ pub(super) fn run(
     ));
     // First let the latency rounds' records arrive, so they are not counted here.
     let latency_inside = (rounds * (connects + connects.min(200))) as u64;
-    let settle = Instant::now() + std::time::Duration::from_secs(30);
-    let (mut records0, mut lost0) = audit_counts(&daemon);
-    while records0 + lost0 < latency_inside && Instant::now() < settle {
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        (records0, lost0) = audit_counts(&daemon);
-    }
+    let mut log = LogCounter::new(&daemon.audit_log());
+    log.wait_for(latency_inside, Duration::from_secs(30))?;
+    let (records0, lost0) = (log.connects, log.lost);
     let cpu0 = cpu_ns(daemon_pid);
     let started = Instant::now();
     let per_worker = flood / 2;
@@ -243,14 +240,30 @@ pub(super) fn run(
     let flood_secs = started.elapsed().as_secs_f64();
     // Every connect made (warm-up included) must reach the log or be counted lost.
     let expected = 2 * (per_worker + per_worker.min(200)) as u64;
-    let deadline = Instant::now() + std::time::Duration::from_secs(30);
-    let (mut records, mut lost) = audit_counts(&daemon);
-    while records - records0 + (lost - lost0) < expected && Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        (records, lost) = audit_counts(&daemon);
-    }
+    log.wait_for(records0 + lost0 + expected, Duration::from_secs(30))?;
+    let (records, lost) = (log.connects, log.lost);
     let cpu = cpu_ns(daemon_pid).saturating_sub(cpu0);
     let written = records - records0;
+
+    let rungs = if audit.rates.is_empty() {
+        Vec::new()
+    } else {
+        step(&format!(
+            "Audit pipeline: UDP connects from {} workers inside the sandbox at {:?}/s, {} s each",
+            audit.workers, audit.rates, audit.secs
+        ));
+        // Nothing is ever sent to it: a UDP connect only sets the peer.
+        let udp_target = UdpSocket::bind("127.0.0.1:0")?;
+        let ladder = Ladder {
+            procs_file: &cgroup.procs_file(),
+            exe: &me,
+            target: udp_target.local_addr()?,
+            daemon_pid,
+            workers: audit.workers.max(1),
+            secs: audit.secs,
+        };
+        ladder.climb(&audit.rates, &mut log)?
+    };
     let _ = std::fs::write(stats_path, stats_before.trim());
     outside.sort_unstable();
     inside.sort_unstable();
@@ -292,11 +305,40 @@ pub(super) fn run(
         "kernel programs: {runs} runs, {per_run:.0} ns per run (bpf_stats run_time_ns / run_cnt)"
     );
     println!(
-        "audit pipeline: {expected} connects in {flood_secs:.2} s = {:.0} connects/s; {written} records written, {} lost; daemon CPU {:.2} us per record",
+        "audit pipeline, TCP flood: {expected} connects in {flood_secs:.2} s = {:.0} connects/s; {written} records written, {} lost; daemon CPU {:.2} us per record",
         expected as f64 / flood_secs,
         lost - lost0,
         cpu as f64 / 1000.0 / written.max(1) as f64
     );
+    if !rungs.is_empty() {
+        println!(
+            "audit pipeline, UDP connects at fixed rates ({} s per rate):",
+            audit.secs
+        );
+        println!(
+            "{:>12} {:>12} {:>10} {:>10} {:>8} {:>14}",
+            "offered /s", "made /s", "events", "written", "lost", "daemon us/rec"
+        );
+        for r in &rungs {
+            println!(
+                "{:>12} {:>12.0} {:>10} {:>10} {:>8} {:>14.2}",
+                r.offered,
+                r.achieved(),
+                r.events,
+                r.written,
+                r.lost,
+                r.cpu_per_record_us()
+            );
+        }
+        match rungs.iter().filter(|r| r.complete()).max_by(|a, b| a.achieved().total_cmp(&b.achieved())) {
+            Some(best) => println!(
+                "audit pipeline: {:.0} records/s with none lost at {:.2} us of daemon CPU per record",
+                best.achieved(),
+                best.cpu_per_record_us()
+            ),
+            None => println!("audit pipeline: every rate lost records"),
+        }
+    }
     drop(daemon);
     drop(cgroup);
     Ok(())

@@ -5,6 +5,7 @@
 //! - `connect` ([`connect`]): what confinement costs a `connect()`.
 //! - `proxy` ([`proxy`]): HTTPS through egressd's credential-injecting proxy versus
 //!   straight to the origin and versus nginx as a TLS-terminating reverse proxy.
+mod audit;
 mod connect;
 mod proxy;
 
@@ -25,6 +26,20 @@ pub enum Which {
         /// down searching for a port while earlier connections sit in TIME_WAIT.
         #[arg(long, default_value_t = 20_000)]
         flood: usize,
+        /// Rates (events per second, comma-separated) of the UDP audit-pipeline ladder,
+        /// climbed until a rate loses a record; empty to skip it.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "50000,100000,150000,200000,300000"
+        )]
+        audit_rates: Vec<u64>,
+        /// Seconds per rate of the ladder.
+        #[arg(long, default_value_t = 1.0)]
+        audit_secs: f64,
+        /// Workers sharing each rate of the ladder.
+        #[arg(long, default_value_t = 2)]
+        audit_workers: u64,
         /// Measure the release build (as users run it); the default debug build is labelled.
         #[arg(long)]
         release: bool,
@@ -36,6 +51,13 @@ pub enum Which {
     /// Internal: the measuring client (run by `bench connect`).
     #[command(hide = true)]
     ConnectWorker { addr: SocketAddr, connects: usize },
+    /// Internal: a paced UDP connect() loop (run by `bench connect`).
+    #[command(hide = true)]
+    AuditWorker {
+        addr: SocketAddr,
+        count: u64,
+        rate: u64,
+    },
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
@@ -44,10 +66,24 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             connects,
             rounds,
             flood,
+            audit_rates,
+            audit_secs,
+            audit_workers,
             release,
-        } => connect::run(connects, rounds, flood, release),
+        } => connect::run(
+            connects,
+            rounds,
+            &connect::AuditOpts {
+                flood,
+                rates: audit_rates,
+                secs: audit_secs,
+                workers: audit_workers,
+            },
+            release,
+        ),
         Which::Proxy(args) => proxy::run(&args),
         Which::ConnectWorker { addr, connects } => connect::worker(addr, connects),
+        Which::AuditWorker { addr, count, rate } => audit::worker(addr, count, rate),
     }
 }
 

@@ -12,7 +12,7 @@
 //! credential it injected, and its query string is reduced to keys again here, so a value
 //! that slipped through upstream still never reaches the log.
 
-use time::{format_description::FormatItem, macros::format_description, OffsetDateTime, UtcOffset};
+use time::OffsetDateTime;
 
 mod dns;
 mod kernel;
@@ -65,10 +65,6 @@ pub mod action {
     pub const SANDBOX_RELEASE: &str = "sandbox-release";
     pub const CREDENTIAL_REVOKE: &str = "credential-revoke";
 }
-
-/// Microseconds, always six digits, so lines sort and compare as text.
-const TIMESTAMP_FORMAT: &[FormatItem<'static>] =
-    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
 
 /// One audit record. The writer adds `@timestamp` formatting, `event.sequence`, `ecs` and
 /// `observer`; everything else comes from the variant.
@@ -153,14 +149,20 @@ impl Record {
     /// Serialises the record as one JSON object followed by `\n`. serde_json escapes every
     /// control character inside strings, so the only newline is the terminator.
     pub fn encode(&self, sequence: u64) -> Result<Vec<u8>, EncodeError> {
-        let wire = self.to_wire(sequence)?;
         let mut buf = Vec::with_capacity(768);
-        serde_json::to_writer(&mut buf, &wire).map_err(|source| EncodeError::Json {
+        self.encode_into(sequence, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// [`Record::encode`], appended to `out`; on an error `out` may hold part of a line.
+    pub fn encode_into(&self, sequence: u64, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        let wire = self.to_wire(sequence)?;
+        serde_json::to_writer(&mut *out, &wire).map_err(|source| EncodeError::Json {
             action: self.action(),
             source,
         })?;
-        buf.push(b'\n');
-        Ok(buf)
+        out.push(b'\n');
+        Ok(())
     }
 
     fn to_wire(&self, sequence: u64) -> Result<Wire<'_>, EncodeError> {
@@ -345,18 +347,9 @@ pub fn format_timestamp(
     action: &'static str,
     field: &'static str,
 ) -> Result<String, EncodeError> {
-    let utc = t.to_offset(UtcOffset::UTC);
-    if !(0..=9999).contains(&utc.year()) {
-        return Err(EncodeError::TimestampRange {
-            action,
-            field,
-            value: t,
-        });
-    }
-    utc.format(TIMESTAMP_FORMAT)
-        .map_err(|source| EncodeError::Timestamp {
-            action,
-            field,
-            source,
-        })
+    super::timestamp::rfc3339_micros(t).ok_or(EncodeError::TimestampRange {
+        action,
+        field,
+        value: t,
+    })
 }
