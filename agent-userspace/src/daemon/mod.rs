@@ -7,7 +7,7 @@ mod core;
 mod dns;
 mod netns;
 mod notify;
-mod proxy;
+pub(crate) mod proxy;
 mod run;
 mod state;
 

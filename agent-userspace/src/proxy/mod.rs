@@ -22,14 +22,14 @@ mod ca;
 mod dialer;
 mod error;
 pub mod git;
-mod hello;
+pub(crate) mod hello;
 mod intercept;
 mod io;
 mod passthrough;
 mod record;
 mod refused;
 mod scrub;
-mod target;
+pub(crate) mod target;
 mod text;
 mod upstream;
 

@@ -35,6 +35,7 @@ use std::collections::BTreeSet;
 use serde::Deserialize;
 
 pub(super) use inspect::{inspect_push, PushOutcome};
+pub(crate) use inspect::{try_parse, ReadError};
 pub use inspect::{Encoding, MAX_COMMAND_BYTES};
 pub use pkt::{parse_commands, status_report, wants_report, Command, CommandList, MAX_PKT_LEN};
 pub use refs::{invalid_ref_name, RefGlob};
