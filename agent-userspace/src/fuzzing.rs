@@ -19,8 +19,8 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::{
     dns::{answer, query},
-    policy::Policy,
-    proxy::git::{CommandList, Encoding, ReadError},
+    policy::{git::CommandList, Policy},
+    proxy::git::{Encoding, ReadError},
 };
 
 /// What the resolver made of one query and, when it was resolved, one upstream answer.

@@ -27,3 +27,4 @@ pub mod oci;
 pub mod policy;
 pub mod posture;
 pub mod proxy;
+pub mod text;

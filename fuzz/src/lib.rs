@@ -22,8 +22,11 @@ use std::{
 use egress::{
     control::{decode_request, Response},
     fuzzing::{self, DnsRun},
-    policy::{normalize_target, parse_str, Policy, Protocol},
-    proxy::git::{status_report, GitRule, RawGitRule, MAX_PKT_LEN},
+    policy::{
+        git::{GitRule, RawGitRule},
+        normalize_target, parse_str, Policy, Protocol,
+    },
+    proxy::git::{status_report, MAX_PKT_LEN},
 };
 use hickory_proto::{
     op::{Message, MessageType},

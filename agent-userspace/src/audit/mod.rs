@@ -16,10 +16,11 @@ mod tests;
 pub use alert::{Alert, AlertKind, AlertResponse};
 pub use clock::ClockOffset;
 pub use record::{
-    action, format_timestamp, AuditLost, ConnectionId, CredentialRevoke, DaemonStart, DaemonStop,
-    DecodeError, DetachReason, DnsEvent, DnsVerdict, EncodeError, EventsLost, Hook,
-    NetworkDecision, PolicyChange, PolicyDigest, PolicyRejected, ProxyEvent, Quarantine, Record,
-    RefusedAnswer, RefusedOption, RuleRef, SandboxLifecycle, SocketFamily, StopReason, Verdict,
+    action, format_timestamp, query_keys, AuditLost, ConnectionId, CredentialRevoke, DaemonStart,
+    DaemonStop, DecodeError, DetachReason, DnsEvent, DnsVerdict, EncodeError, EventsLost, GitAudit,
+    Hook, NetworkDecision, PolicyChange, PolicyDigest, PolicyRejected, ProxyEvent, ProxyRecord,
+    ProxyVerdict, Quarantine, Record, RecordKind, RefUpdate, RefusedAnswer, RefusedOption, RuleRef,
+    SandboxLifecycle, SecretDirection, SecretFinding, SocketFamily, StopReason, TlsMode, Verdict,
     ECS_VERSION, PRODUCT, VERSION,
 };
 pub use writer::{

@@ -16,9 +16,6 @@ use serde_json::Value;
 use time::{macros::datetime, OffsetDateTime};
 
 use super::*;
-use crate::proxy::{
-    GitAudit, ProxyRecord, RecordKind, RefUpdate, SecretFinding, TlsMode, Verdict as ProxyVerdict,
-};
 
 const SCHEMA: &str = include_str!("../../schema/audit-record.schema.json");
 

@@ -143,8 +143,11 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
         dns_upstream: file.dns_upstream,
         credentials: CredentialStore::from_config_with(
             &file.credentials,
-            &UpstreamOptions::from_proxy_config(&file.proxy)
-                .map_err(|e| anyhow::anyhow!("{config_name}: proxy: {e}"))?,
+            &UpstreamOptions::new(
+                file.proxy.upstream_ca.as_deref(),
+                file.proxy.upstream_netns.as_deref(),
+            )
+            .map_err(|e| anyhow::anyhow!("{config_name}: proxy: {e}"))?,
         )
         .map_err(|e| anyhow::anyhow!("{config_name}: credentials: {e}"))?,
         alerts: AlertSettings::compile(&file.alerts)

@@ -8,9 +8,9 @@
 //! five minutes (or half its life, if it lives shorter) remain; concurrent callers wait
 //! for one mint. A failed renewal keeps using the current token until it expires.
 //!
-//! The token endpoint is reached over HTTPS with the proxy's upstream trust (system
-//! roots plus `proxy.upstream_ca`) and from the proxy's upstream network namespace, when
-//! the daemon passes them in [`UpstreamOptions`]. Host names are resolved with the
+//! The token endpoint is reached over HTTPS with the daemon's upstream trust (system
+//! roots plus `proxy.upstream_ca`) and from its upstream network namespace, when the
+//! daemon passes them in [`UpstreamOptions`]. Host names are resolved with the
 //! daemon's own resolver.
 
 use std::fmt;
@@ -24,7 +24,6 @@ use http::header::{ACCEPT, AUTHORIZATION};
 use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use ring::rand::SystemRandom;
 use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
-use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::PrivateKeyDer;
 use serde::Deserialize;
@@ -38,7 +37,7 @@ use super::error::CredentialError;
 use super::https::{Client, Server};
 use super::raw::RawGithubApp;
 use super::secret::Secret;
-use crate::proxy::{Dialer, ProxyConfig, ProxyError};
+use crate::net::{tls::client_config, UpstreamOptions};
 
 /// The default `api_url`.
 pub const GITHUB_API_URL: &str = "https://api.github.com";
@@ -52,48 +51,6 @@ const RETRY_AFTER: Duration = Duration::from_secs(10);
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// Largest private key file read.
 const MAX_KEY_BYTES: u64 = 64 * 1024;
-
-/// How credential sources that fetch over HTTPS reach their servers. The default trusts
-/// the system roots and dials from the daemon's own network namespace.
-#[derive(Clone, Default)]
-pub struct UpstreamOptions {
-    /// TLS client configuration; `None`: the system roots. Its ALPN list is replaced
-    /// with `http/1.1`.
-    pub tls: Option<Arc<ClientConfig>>,
-    /// Where connections come from; `None`: the daemon's own network namespace.
-    pub dialer: Option<Arc<Dialer>>,
-}
-
-impl fmt::Debug for UpstreamOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UpstreamOptions")
-            .field("tls", &self.tls.is_some())
-            .field("dialer", &self.dialer)
-            .finish()
-    }
-}
-
-impl UpstreamOptions {
-    /// What the proxy uses for upstream servers: the system roots plus
-    /// `proxy.upstream_ca`, and sockets from `proxy.upstream_netns`.
-    pub fn from_proxy_config(config: &ProxyConfig) -> Result<Self, ProxyError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = crate::proxy::upstream_client_config(provider, config.upstream_ca.as_deref())?;
-        let dialer = match &config.upstream_netns {
-            Some(ns) => Some(Arc::new(Dialer::in_netns(ns).map_err(|e| {
-                ProxyError::Config {
-                    field: "upstream_netns",
-                    reason: format!("{}: {e}", ns.display()),
-                }
-            })?)),
-            None => None,
-        };
-        Ok(Self {
-            tls: Some(tls),
-            dialer,
-        })
-    }
-}
 
 /// A configured GitHub App source, with its token cache.
 pub(super) struct GithubApp {
@@ -248,7 +205,7 @@ impl GithubApp {
             Some(tls) => tls.clone(),
             None => {
                 let provider = Arc::new(rustls::crypto::ring::default_provider());
-                crate::proxy::upstream_client_config(provider, None)
+                client_config(provider, None)
                     .map_err(|e| config("source.github_app", format!("TLS client setup: {e}")))?
             }
         };

@@ -19,7 +19,7 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use zeroize::Zeroizing;
 
-use crate::proxy::Dialer;
+use crate::net::Dialer;
 
 /// Largest answer read.
 pub(super) const MAX_ANSWER_BYTES: usize = 256 * 1024;

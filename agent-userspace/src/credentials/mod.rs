@@ -22,9 +22,9 @@ mod secret;
 mod store;
 mod vault;
 
+pub use crate::net::UpstreamOptions;
 pub use error::CredentialError;
 pub use file::CHECK_INTERVAL as FILE_CHECK_INTERVAL;
-pub use github_app::UpstreamOptions;
 pub use matcher::SecretMatcher;
 pub use raw::{
     RawAppRole, RawBasic, RawCommand, RawCredential, RawCredentials, RawGithubApp, RawInject,

@@ -17,12 +17,13 @@ use zeroize::Zeroizing;
 
 use super::error::CredentialError;
 use super::file::FileSource;
-use super::github_app::{GithubApp, UpstreamOptions};
+use super::github_app::GithubApp;
 use super::matcher::SecretMatcher;
 use super::raw::{RawCredential, RawInject, RawSource};
 use super::revoke::RevokeCommand;
 use super::secret::Secret;
 use super::vault::Vault;
+use crate::net::UpstreamOptions;
 
 /// How long a `command` source may run before it is killed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -251,7 +252,7 @@ impl CredentialStore {
     }
 
     /// [`Self::from_config`], with HTTPS sources (`github_app`) using `upstream`'s TLS
-    /// trust and dialer, e.g. the proxy's ([`UpstreamOptions::from_proxy_config`]).
+    /// trust and dialer, e.g. the proxy's ([`UpstreamOptions::new`]).
     pub fn from_config_with<'a, I>(
         raw: I,
         upstream: &UpstreamOptions,

@@ -152,7 +152,7 @@ impl Vault {
         };
         let server = Server::parse(&raw.address).map_err(|r| config("source.vault.address", r))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = crate::proxy::upstream_client_config(provider, raw.ca_file.as_deref())
+        let tls = crate::net::tls::client_config(provider, raw.ca_file.as_deref())
             .map_err(|e| config("source.vault.ca_file", e.to_string()))?;
         let client = Client::new(server, &tls, None);
 

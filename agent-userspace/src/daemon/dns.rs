@@ -20,8 +20,8 @@ use crate::{
     alerts::Alerts,
     audit::{AuditHandle, Record},
     dns::{self, Learned, ResolverCtx},
+    net::Dialer,
     policy::Policy,
-    proxy::Dialer,
 };
 
 /// Installs addresses a sandbox's resolver learned: (sandbox index, addresses).

@@ -177,7 +177,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         opts.proxy,
         std::sync::Arc::new(ca),
         credentials.clone(),
-        std::sync::Arc::new(move |record: crate::proxy::ProxyRecord| {
+        std::sync::Arc::new(move |record: crate::audit::ProxyRecord| {
             let time = now();
             // A secret seen in either direction raises an alert beside the request's
             // record, with the response the sandbox's alert settings give it.

@@ -66,8 +66,8 @@ use tracing::{debug, warn};
 pub use crate::audit::{DnsEvent as DnsRecord, DnsVerdict, RefusedAnswer};
 use crate::{
     audit::{Alert, AlertKind},
+    net::Dialer,
     policy::Policy,
-    proxy::Dialer,
 };
 use budget::{Budget, ALERT_WINDOW};
 

@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::debug;
 
 use super::query::Question;
-use crate::proxy::Dialer;
+use crate::net::Dialer;
 
 /// Largest UDP reply we read; bigger than the [`EDNS_PAYLOAD`](super::query::EDNS_PAYLOAD)
 /// we advertise, for servers that ignore it.

@@ -15,7 +15,7 @@ use prometheus_client::{
 use super::scrape::{ScrapeCollector, SnapshotFn};
 use crate::{
     audit::{DnsEvent, DnsVerdict, NetworkDecision, ProxyEvent, Record, Verdict},
-    proxy::{self, RecordKind},
+    audit::{ProxyVerdict, RecordKind},
 };
 
 /// Kernel decisions (`connect`, `sendmsg`, `socket` records).
@@ -293,13 +293,12 @@ impl Metrics {
             .inc();
         // The proxy reports an allowed request whose upstream then failed as an allow
         // with a reason (the proxy let it through; the origin did not answer).
-        if r.verdict == proxy::Verdict::Allow && r.reason.as_deref().is_some_and(|s| !s.is_empty())
-        {
+        if r.verdict == ProxyVerdict::Allow && r.reason.as_deref().is_some_and(|s| !s.is_empty()) {
             self.proxy_upstream_errors
                 .get_or_create(&sandbox_rule)
                 .inc();
         }
-        if r.verdict == proxy::Verdict::Allow
+        if r.verdict == ProxyVerdict::Allow
             && r.credential.as_deref().is_some_and(|s| !s.is_empty())
         {
             self.credentials_injected.get_or_create(&sandbox_rule).inc();

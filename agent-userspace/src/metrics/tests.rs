@@ -13,8 +13,8 @@ use crate::{
     audit::{
         Alert, AlertKind, DnsEvent, DnsVerdict, Hook, NetworkDecision, ProxyEvent, RuleRef, Verdict,
     },
+    audit::{ProxyRecord, ProxyVerdict, RecordKind, TlsMode},
     credentials::CredentialStats,
-    proxy::{ProxyRecord, RecordKind, TlsMode, Verdict as ProxyVerdict},
 };
 
 const T0: time::OffsetDateTime = datetime!(2026-11-21 22:03:04.123456 UTC);

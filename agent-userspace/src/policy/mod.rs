@@ -23,6 +23,7 @@ mod compile;
 mod decide;
 mod dns;
 mod error;
+pub mod git;
 mod host;
 mod http;
 mod kernel;

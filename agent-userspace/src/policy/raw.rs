@@ -175,7 +175,7 @@ pub struct RawRule {
     /// Proxy rules only: git smart-HTTP to these repositories (fetch, and pushes only to
     /// the listed refs); other requests on the rule are refused.
     #[serde(default)]
-    pub git: Option<crate::proxy::git::RawGitRule>,
+    pub git: Option<super::git::RawGitRule>,
     /// Rules with names in `to` only: the addresses and CIDRs those names may resolve to;
     /// an answer's address elsewhere is refused (not installed, not released).
     #[serde(default)]

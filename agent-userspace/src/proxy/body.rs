@@ -10,9 +10,9 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
-use super::record::{ProxyRecord, SecretFinding};
 use super::scrub::{OutboundHit, OutboundScan, ResponseBody, Tally};
 use super::AuditSink;
+use crate::audit::{ProxyRecord, SecretFinding};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -70,8 +70,8 @@ pub enum ProxyError {
         source: std::io::Error,
     },
     /// The extra upstream CA bundle is unusable.
-    #[error("proxy: upstream_ca {path}: {reason}")]
-    UpstreamCa { path: PathBuf, reason: String },
+    #[error("proxy: upstream_ca: {0}")]
+    UpstreamCa(#[from] crate::net::TrustError),
     /// A configuration value is out of range.
     #[error("proxy: config field `proxy.{field}`: {reason}")]
     Config { field: &'static str, reason: String },
@@ -98,7 +98,7 @@ impl ProxyError {
             | Self::UpstreamTimeout { .. }
             | Self::UpstreamRefused { .. } => Party::Upstream,
             Self::Io { .. }
-            | Self::UpstreamCa { .. }
+            | Self::UpstreamCa(_)
             | Self::Config { .. }
             | Self::Tls(_)
             | Self::Ca(_)

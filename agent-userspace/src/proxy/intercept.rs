@@ -33,14 +33,14 @@ use super::body::{CountingBody, Finish, InFlight, RecordedBody, SecretWatch};
 use super::error::ProxyError;
 use super::git::{self, PushOutcome};
 use super::io::{idle_watch, Activity, Metered, PrefixedStream};
-use super::record::{query_keys, RecordKind, SecretFinding, TlsMode, Verdict};
 use super::refused::{connection_refusal, is_client_abort, H2Watch, StreamReset, CLIENT_ABORTED};
 use super::scrub::{self, OutboundScan, ResponseBody};
 use super::target::{judge_target, TargetRefusal};
-use super::text::sanitize;
 use super::upstream::{DialParams, PoolKey, Sender};
 use super::{ConnInfo, Proxy};
+use crate::audit::{query_keys, ProxyVerdict as Verdict, RecordKind, SecretFinding, TlsMode};
 use crate::credentials::normalize_host;
+use crate::text::sanitize;
 
 /// Serves the certificate minted for the connection's (already checked) server name,
 /// and nothing for any other name.
@@ -249,7 +249,7 @@ impl Refusal {
 /// client reset the stream or closed the connection), the record is emitted as a client
 /// abort.
 struct Pending {
-    record: super::ProxyRecord,
+    record: crate::audit::ProxyRecord,
     started: Instant,
     bytes_in: Arc<AtomicU64>,
     audit: super::AuditSink,
@@ -257,7 +257,7 @@ struct Pending {
 }
 
 impl Pending {
-    fn disarm(mut self) -> super::ProxyRecord {
+    fn disarm(mut self) -> crate::audit::ProxyRecord {
         self.armed = false;
         self.record.clone()
     }
@@ -405,7 +405,7 @@ impl ConnCtx {
     async fn forward(
         &self,
         req: Request<Incoming>,
-        record: &mut super::ProxyRecord,
+        record: &mut crate::audit::ProxyRecord,
         bytes_in: &Arc<AtomicU64>,
         secrets: &SecretWatch,
     ) -> Result<Forwarded, Refusal> {
@@ -460,7 +460,7 @@ impl ConnCtx {
         })?;
         let push_rule = match (&self.conn.route.git, &judged.git) {
             (Some(rule), Some(request)) => {
-                record.git = Some(request.audit());
+                record.git = Some(git::audit_of(request));
                 request.is_push().then_some(rule)
             }
             _ => None,
@@ -664,7 +664,7 @@ impl ConnCtx {
     fn check_host(
         &self,
         req: &Request<Incoming>,
-        record: &mut super::ProxyRecord,
+        record: &mut crate::audit::ProxyRecord,
     ) -> Result<Option<u16>, Refusal> {
         let mut hosts = req.headers().get_all(HOST).iter();
         let header = hosts.next();

@@ -19,18 +19,15 @@
 //! [`ProxyRecord`] for the audit sink.
 mod body;
 mod ca;
-mod dialer;
 mod error;
 pub mod git;
 pub(crate) mod hello;
 mod intercept;
 mod io;
 mod passthrough;
-mod record;
 mod refused;
 mod scrub;
 pub(crate) mod target;
-mod text;
 mod upstream;
 
 #[cfg(test)]
@@ -56,16 +53,12 @@ use tokio::time::Instant;
 use tracing::debug;
 
 pub use ca::{CaError, CertAuthority, CA_CERT_FILE, CA_COMMON_NAME, CA_KEY_FILE};
-pub use dialer::Dialer;
 pub use error::{Party, ProxyError};
-pub use record::{
-    query_keys, GitAudit, ProxyRecord, RecordKind, RefUpdate, SecretDirection, SecretFinding,
-    TlsMode, Verdict,
-};
 pub use scrub::MARKER as SCRUB_MARKER;
-pub use upstream::client_config as upstream_client_config;
 
+use crate::audit::{ProxyRecord, ProxyVerdict as Verdict, RecordKind, TlsMode};
 use crate::credentials::{normalize_host, CredentialStore};
+use crate::net::{self, Dialer};
 
 /// Where the audit records go.
 pub type AuditSink = Arc<dyn Fn(ProxyRecord) + Send + Sync>;
@@ -115,7 +108,7 @@ pub struct Route {
     /// The rule's `git:` block: when present, only git smart-HTTP requests of its
     /// repositories pass (after `request_allowed`), and pushes have their ref updates
     /// checked before anything is forwarded.
-    pub git: Option<Arc<git::GitRule>>,
+    pub git: Option<Arc<crate::policy::git::GitRule>>,
 }
 
 impl fmt::Debug for Route {
@@ -198,7 +191,7 @@ struct Timeouts {
 
 /// The proxy; one per daemon, shared by all connections.
 pub struct Proxy {
-    dialer: Arc<dialer::Dialer>,
+    dialer: Arc<Dialer>,
     config: ProxyConfig,
     timeouts: Timeouts,
     ca: Arc<CertAuthority>,
@@ -286,13 +279,13 @@ impl Proxy {
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let upstream_tls =
-            upstream::client_config(provider.clone(), config.upstream_ca.as_deref())?;
+            net::tls::client_config(provider.clone(), config.upstream_ca.as_deref())?;
         let dialer = match &config.upstream_netns {
-            Some(ns) => dialer::Dialer::in_netns(ns).map_err(|e| ProxyError::Config {
+            Some(ns) => Dialer::in_netns(ns).map_err(|e| ProxyError::Config {
                 field: "upstream_netns",
                 reason: format!("{}: {e}", ns.display()),
             })?,
-            None => dialer::Dialer::default(),
+            None => Dialer::default(),
         };
         Ok(Self {
             dialer: Arc::new(dialer),
@@ -329,7 +322,7 @@ impl Proxy {
     }
 
     /// Where upstream connections (and the DNS resolvers' upstream queries) come from.
-    pub fn dialer(&self) -> Arc<dialer::Dialer> {
+    pub fn dialer(&self) -> Arc<Dialer> {
         self.dialer.clone()
     }
 

@@ -9,9 +9,9 @@ use tokio::time::Instant;
 
 use super::error::ProxyError;
 use super::io::{idle_watch, Activity, Metered, PrefixedStream};
-use super::record::{RecordKind, TlsMode, Verdict};
 use super::upstream::dial;
 use super::{ConnInfo, Proxy};
+use crate::audit::{ProxyVerdict as Verdict, RecordKind, TlsMode};
 
 pub(super) async fn relay(
     proxy: Arc<Proxy>,

@@ -6,9 +6,10 @@
 //! rebuilt from the repository and service it judged. An ambiguous target is refused
 //! with 400; nothing else is forwarded.
 
-use super::git::GitRequest;
-use super::record::GitAudit;
+use super::git::audit_of;
 use super::Route;
+use crate::audit::GitAudit;
+use crate::policy::git::GitRequest;
 use crate::policy::normalize_target;
 
 /// What was judged, and is to be forwarded.
@@ -66,7 +67,7 @@ pub fn judge_target(route: &Route, method: &str, raw: &str) -> Result<Judged, Ta
         }),
         Err(refusal) => Err(TargetRefusal::Denied {
             reason: refusal.reason,
-            git: refusal.audit,
+            git: refusal.request.as_ref().map(audit_of),
         }),
     }
 }

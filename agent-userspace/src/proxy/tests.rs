@@ -1121,7 +1121,7 @@ fn bad_config_values_are_rejected() {
         ..ProxyConfig::default()
     })
     .unwrap_err();
-    assert!(matches!(err, ProxyError::UpstreamCa { .. }), "{err}");
+    assert!(matches!(err, ProxyError::UpstreamCa(_)), "{err}");
     assert_eq!(err.party(), Party::Proxy);
     let missing = make(ProxyConfig {
         upstream_ca: Some(Path::new("/nonexistent/ca.pem").to_owned()),

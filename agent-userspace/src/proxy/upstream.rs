@@ -22,21 +22,18 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::crypto::CryptoProvider;
-use rustls::{ClientConfig, RootCertStore};
-use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::body::CountingBody;
 use super::error::ProxyError;
@@ -56,54 +53,6 @@ const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Pool keys (sandbox, destination, server name) with connections kept at most; past
 /// this, new connections are used for their request and closed.
 const MAX_KEYS: usize = 1024;
-
-/// The client TLS configuration for upstream servers: system roots plus the optional
-/// extra CA bundle, ALPN `h2` and `http/1.1`.
-pub fn client_config(
-    provider: Arc<CryptoProvider>,
-    extra_ca: Option<&Path>,
-) -> Result<Arc<ClientConfig>, ProxyError> {
-    let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for error in &native.errors {
-        warn!(%error, "Could not load some system root certificates");
-    }
-    let (added, ignored) = roots.add_parsable_certificates(native.certs);
-    debug!(added, ignored, "Loaded system root certificates");
-    if let Some(path) = extra_ca {
-        let bundle_err = |reason: String| ProxyError::UpstreamCa {
-            path: path.to_owned(),
-            reason,
-        };
-        let pem = std::fs::read(path).map_err(|source| ProxyError::Io {
-            op: "reading upstream CA bundle",
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut count = 0usize;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| bundle_err(format!("invalid PEM: {e}")))?;
-            roots
-                .add(cert)
-                .map_err(|e| bundle_err(format!("certificate {}: {e}", count + 1)))?;
-            count += 1;
-        }
-        if count == 0 {
-            return Err(bundle_err(
-                "contains no `-----BEGIN CERTIFICATE-----` block".to_owned(),
-            ));
-        }
-    }
-    if roots.is_empty() {
-        warn!("No trusted root certificates for upstream servers: every intercepted request will fail");
-    }
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
 
 /// `dst` in canonical form if `route` may dial it: refuses special addresses the rule
 /// does not cover.
@@ -129,7 +78,7 @@ pub async fn dial(
     dst: SocketAddr,
     route: &Route,
     connect_timeout: Duration,
-    dialer: &super::dialer::Dialer,
+    dialer: &crate::net::Dialer,
 ) -> Result<TcpStream, ProxyError> {
     let addr = check_dial(dst, route)?;
     let stream = tokio::time::timeout(connect_timeout, dialer.connect(addr))
@@ -187,7 +136,7 @@ pub struct DialParams<'a> {
     pub tls: &'a Arc<ClientConfig>,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
-    pub dialer: &'a super::dialer::Dialer,
+    pub dialer: &'a crate::net::Dialer,
 }
 
 /// What a pooled connection is for: a connection is only ever reused for the same key.

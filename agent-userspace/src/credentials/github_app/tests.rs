@@ -15,12 +15,13 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair,
 use ring::signature::{UnparsedPublicKey, RSA_PKCS1_2048_8192_SHA256};
 use rsa::pkcs1::{EncodeRsaPrivateKey as _, EncodeRsaPublicKey as _};
 use rsa::pkcs8::EncodePrivateKey as _;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
 
 use super::*;
 use crate::credentials::{CredentialStore, RawCredentials, RawSource};
+use crate::net::Dialer;
 
 const APP_ID: u64 = 123;
 const INSTALLATION: u64 = 456;

@@ -13,9 +13,9 @@ use http::header::CONTENT_ENCODING;
 use http::{HeaderMap, StatusCode};
 use hyper::body::{Body as _, Incoming};
 
-use super::pkt::{parse_commands, status_report, wants_report, CommandList};
-use super::GitRule;
-use crate::proxy::record::RefUpdate;
+use super::pkt::{parse_commands, status_report, wants_report};
+use crate::audit::RefUpdate;
+use crate::policy::git::{CommandList, GitRule, PushJudgement};
 use crate::proxy::refused::CLIENT_ABORTED;
 
 /// Largest command section accepted (decompressed), flush included.
@@ -87,9 +87,10 @@ pub async fn inspect_push(
         }
     };
     let judgement = rule.judge_push(&list);
+    let updates = ref_updates(&list, &judgement);
     let Some(reason) = judgement.refused else {
         return Inspected {
-            updates: judgement.updates,
+            updates,
             outcome: PushOutcome::Forward(raw),
         };
     };
@@ -103,7 +104,7 @@ pub async fn inspect_push(
         (StatusCode::FORBIDDEN, None)
     };
     Inspected {
-        updates: judgement.updates,
+        updates,
         outcome: PushOutcome::Refuse {
             status,
             reason,
@@ -264,6 +265,20 @@ pub async fn drain(body: &mut Incoming, idle: Duration, max: u64) -> u64 {
         }
     }
     total
+}
+
+/// The record's ref updates: every command of the push with the rule's verdict on it.
+fn ref_updates(list: &CommandList, judgement: &PushJudgement) -> Vec<RefUpdate> {
+    list.commands
+        .iter()
+        .zip(&judgement.allowed)
+        .map(|(c, &allowed)| RefUpdate {
+            ref_name: c.name.clone(),
+            old: c.old.clone(),
+            new: c.new.clone(),
+            allowed,
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -16,7 +16,8 @@
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 
-use crate::proxy::text::sanitize;
+use crate::policy::git::{is_zero, Command, CommandList};
+use crate::text::sanitize;
 
 /// Largest pkt-line length (header included) git allows.
 pub const MAX_PKT_LEN: usize = 65520;
@@ -24,49 +25,6 @@ pub const MAX_PKT_LEN: usize = 65520;
 const SIDEBAND_64K_DATA: usize = MAX_PKT_LEN - 5;
 /// Largest payload of one (old, 1000-byte) side-band packet.
 const SIDEBAND_DATA: usize = 1000 - 5;
-
-/// One ref update a push asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Command {
-    /// Object id the ref has now, in hex; all zeros to create it.
-    pub old: String,
-    /// Object id the ref is to get, in hex; all zeros to delete it.
-    pub new: String,
-    /// The full ref name, e.g. `refs/heads/main`.
-    pub name: String,
-}
-
-impl Command {
-    /// Whether the update deletes the ref.
-    pub fn is_delete(&self) -> bool {
-        is_zero(&self.new)
-    }
-}
-
-fn is_zero(oid: &str) -> bool {
-    oid.bytes().all(|b| b == b'0')
-}
-
-/// The command section of a push, parsed.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct CommandList {
-    pub commands: Vec<Command>,
-    /// The capabilities after the first command's NUL, e.g. `report-status`,
-    /// `side-band-64k`, `agent=git/2.47.0`.
-    pub capabilities: Vec<String>,
-    /// The push options (`git push -o`), when the `push-options` capability was given.
-    pub options: Vec<String>,
-    /// Bytes of the request the section took, flush included (and the push options with
-    /// their flush).
-    pub len: usize,
-}
-
-impl CommandList {
-    /// Whether the first command announced `capability`.
-    pub fn has(&self, capability: &str) -> bool {
-        self.capabilities.iter().any(|c| c == capability)
-    }
-}
 
 /// Parses the command section at the start of `buf`. `Ok(None)`: more bytes are
 /// needed. `Err`: the section is malformed (the message says how, and never quotes more

@@ -1,5 +1,6 @@
-//! Text the proxy sends back to the sandbox (refusal bodies, git status reports): never a
-//! control character, and bounded, whatever the request carried.
+//! Text the daemon sends back to a sandbox or writes in a reason (refusal bodies, git
+//! status reports, policy messages): never a control character, and bounded, whatever the
+//! request carried.
 
 /// `s` with every control character (C0, DEL, C1) written as `\u{..}`, and cut to at most
 /// `max` bytes (on a character boundary, ending in `...` when cut).

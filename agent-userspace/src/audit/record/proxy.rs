@@ -1,9 +1,127 @@
-//! [`ProxyRecord`]: what the proxy reports about each request and refused connection.
+//! Records of the TLS proxy: one per request on an intercepted connection, one per
+//! passthrough or refused connection. The proxy fills in a [`ProxyRecord`]; the daemon
+//! stamps it into a [`ProxyEvent`].
 //!
-//! Records are plain data handed to the daemon's audit sink; they hold no secret: the
-//! query string keeps its keys only, and a credential appears by name.
+//! Records are plain data; they hold no secret: the query string keeps its keys only, and
+//! a credential appears by name.
 
 use std::net::SocketAddr;
+
+use time::OffsetDateTime;
+
+use super::*;
+use crate::audit::AlertKind;
+
+/// A request or connection reported by the TLS proxy. `record.kind` decides the action:
+/// `http-request` or `tls-connection`.
+///
+/// Requests carry `url.*` and `http.*`, with `http.request.body.bytes` and
+/// `http.response.body.bytes` because the proxy counts body bytes only (ECS
+/// `http.*.bytes` would include headers). Connections carry the relayed totals as
+/// `source.bytes` (from the sandbox) and `destination.bytes` (to the sandbox), and no
+/// `http`. `url.domain` is the request's host, or the TLS server name when there is none.
+///
+/// A request on a rule with `git:` carries `egress.git`: the repository, the service
+/// and, for a push, every ref update asked for with the rule's verdict on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyEvent {
+    /// `@timestamp`. The proxy reports a request or connection once it is over, so this is
+    /// normally its end; `event.duration` says how long it took.
+    pub time: OffsetDateTime,
+    pub record: ProxyRecord,
+}
+
+impl ProxyEvent {
+    /// `event.action`.
+    pub fn action(&self) -> &'static str {
+        match self.record.kind {
+            RecordKind::Request => action::HTTP_REQUEST,
+            RecordKind::Connection => action::TLS_CONNECTION,
+        }
+    }
+
+    /// `egress.verdict`: the proxy only allows or denies, which the kernel verdicts'
+    /// `allow` and `deny` already spell.
+    pub(super) fn verdict(&self) -> Verdict {
+        match self.record.verdict {
+            ProxyVerdict::Allow => Verdict::Allow,
+            ProxyVerdict::Deny => Verdict::Deny,
+        }
+    }
+
+    pub(super) fn fill<'a>(&'a self, wire: &mut Wire<'a>) {
+        let r = &self.record;
+        let verdict = self.verdict();
+        wire.event.type_ = match verdict {
+            Verdict::Deny => &["connection", "denied"],
+            Verdict::Allow | Verdict::Audit | Verdict::Redirect => &["connection", "allowed"],
+        };
+        // An allowed request whose upstream then failed is still a success here: the
+        // proxy let it through, and `event.reason` says what went wrong.
+        wire.event.outcome = verdict.outcome();
+        wire.event.reason = non_empty(&r.reason);
+        wire.event.duration = Some(r.duration_ms.saturating_mul(1_000_000));
+        let domain = non_empty(&r.host).or_else(|| non_empty(&r.sni));
+        let mut destination = WireDestination {
+            ip: r.original_dst.ip().to_canonical(),
+            port: Some(r.original_dst.port()),
+            domain: None,
+            bytes: None,
+        };
+        match r.kind {
+            RecordKind::Request => {
+                wire.event.category = &["network", "web"];
+                // Already keys only; reducing again is a no-op then, and keeps a value
+                // out of the log if one ever got this far.
+                let query = r.query_keys.as_deref().and_then(|q| query_keys(Some(q)));
+                wire.url = WireUrl::new(domain, non_empty(&r.path), query);
+                wire.http = Some(WireHttp {
+                    request: WireHttpRequest {
+                        method: non_empty(&r.method),
+                        body: WireBytes { bytes: r.bytes_in },
+                    },
+                    response: WireHttpResponse {
+                        status_code: r.status,
+                        body: WireBytes { bytes: r.bytes_out },
+                    },
+                });
+            }
+            RecordKind::Connection => {
+                wire.event.category = &["network"];
+                wire.url = WireUrl::new(domain, None, None);
+                wire.source = Some(WireBytes { bytes: r.bytes_in });
+                destination.bytes = Some(r.bytes_out);
+            }
+        }
+        wire.destination = Some(destination);
+        wire.tls = non_empty(&r.sni).map(|server_name| WireTls {
+            client: WireTlsClient { server_name },
+        });
+        wire.rule = Some(WireRule { name: &r.rule_name });
+        wire.egress.sandbox = Some(WireSandbox::named(&r.sandbox));
+        wire.egress.connection = Some(WireConnection {
+            id: WireConnectionId::Proxy(&r.connection_id),
+        });
+        wire.egress.verdict = Some(verdict);
+        wire.egress.tls_mode = Some(r.tls_mode.as_str());
+        wire.egress.credential = non_empty(&r.credential).map(|name| WireCredential { name });
+        wire.egress.scrubbed = (r.scrubbed > 0).then_some(r.scrubbed);
+        wire.egress.git = r.git.as_ref().map(|git| WireGit {
+            repo: &git.repo,
+            service: &git.service,
+            ref_updates: git
+                .ref_updates
+                .iter()
+                .map(|u| WireRefUpdate {
+                    ref_name: &u.ref_name,
+                    old: &u.old,
+                    new: &u.new,
+                    allowed: u.allowed,
+                })
+                .collect(),
+        });
+    }
+}
 
 /// How the connection was handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,14 +144,14 @@ impl TlsMode {
 
 /// The proxy's decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Verdict {
+pub enum ProxyVerdict {
     /// Forwarded (or meant to be: see `status` and `reason` for upstream failures).
     Allow,
     /// Refused by the proxy's checks.
     Deny,
 }
 
-impl Verdict {
+impl ProxyVerdict {
     /// `allow` or `deny`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -92,7 +210,7 @@ pub struct ProxyRecord {
     /// Name of the credential injected into the request, if one was.
     pub credential: Option<String>,
     /// Allow or deny.
-    pub verdict: Verdict,
+    pub verdict: ProxyVerdict,
     /// Why it was denied, or what failed; `None` for a clean allow.
     pub reason: Option<String>,
     /// For a request on a rule with `git:`, once recognised as a git request: the
@@ -149,8 +267,7 @@ impl SecretFinding {
 impl ProxyRecord {
     /// The alert this record raises, if it carries a secret finding: one per request,
     /// naming the rule, origin, path and credential(s), never a value.
-    pub fn alert(&self, time: time::OffsetDateTime) -> Option<crate::audit::Alert> {
-        use crate::audit::{Alert, AlertKind};
+    pub fn alert(&self, time: OffsetDateTime) -> Option<Alert> {
         let finding = self.secret.as_ref()?;
         let names = finding.credentials.join(",");
         let origin = self.host.as_deref().or(self.sni.as_deref()).unwrap_or("?");
@@ -231,7 +348,7 @@ mod tests {
     use super::query_keys;
 
     #[test]
-    fn query_values_are_dropped() {
+    pub(super) fn query_values_are_dropped() {
         assert_eq!(query_keys(None), None);
         assert_eq!(query_keys(Some("")), None);
         assert_eq!(query_keys(Some("a=1&b=&c")).as_deref(), Some("a=&b=&c="));

@@ -1,0 +1,73 @@
+//! Names in rules: a `to:` name's spelling, and the `answers:` a named rule pins.
+
+use ipnet::IpNet;
+
+use crate::policy::{
+    error::{CompileError, FieldPath},
+    host::HostPattern,
+    raw::{check_host_bits, RawDest, RawRule},
+};
+
+use super::*;
+
+/// A rule's `answers`: only beside names in `to`, addresses and CIDRs only, at least one.
+pub(super) fn compile_answers(
+    raw: &RawRule,
+    names: &[HostPattern],
+    at: &FieldPath,
+) -> Result<Option<Vec<IpNet>>, CompileError> {
+    let Some(list) = &raw.answers else {
+        return Ok(None);
+    };
+    let field = at.key("answers");
+    if names.is_empty() {
+        return Err(CompileError::new(
+            field,
+            "`answers` pins what the rule's host names resolve to, and this rule's `to` has \
+             none (valid: host names in `to`, or remove `answers`)",
+        ));
+    }
+    if list.is_empty() {
+        return Err(CompileError::new(
+            field,
+            "an empty `answers` list lets the names resolve to nothing (valid: addresses and \
+             CIDRs like [192.0.2.0/24, \"2001:db8::/32\"], or remove `answers`)",
+        ));
+    }
+    let mut nets = Vec::with_capacity(list.len());
+    for (j, dest) in list.iter().enumerate() {
+        let RawDest::Net(net) = dest else {
+            return Err(CompileError::new(
+                field.index(j),
+                "`answers` lists addresses and CIDRs, not names (valid: like 192.0.2.0/24 or \
+                 \"2001:db8::/32\")",
+            ));
+        };
+        check_host_bits(*net).map_err(|m| CompileError::new(field.index(j), m))?;
+        let net = normalise_net(*net);
+        if !nets.contains(&net) {
+            nets.push(net);
+        }
+    }
+    Ok(Some(nets))
+}
+
+pub(super) fn check_name(name: &str) -> Result<(), String> {
+    const VALID: &str = "valid: letters, digits, `_`, `.` and `-`";
+    if name.is_empty() {
+        return Err(format!("a rule needs a non-empty name ({VALID})"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!("rule name {name:?} contains {c:?} ({VALID})"));
+    }
+    if DEFAULT_RULE_WORDS.contains(&name) {
+        return Err(format!(
+            "rule name `{name}` is reserved: tests write `rule: {name}` for the default \
+             ({VALID}, other than `none` and `default`)"
+        ));
+    }
+    Ok(())
+}
