@@ -116,6 +116,9 @@ fn source_routes_and_packet_sockets_are_refused() -> Result<()> {
                 "-i",
                 "any",
                 "-n",
+                // Hand each packet over as it arrives: without it, packets still in the
+                // kernel's capture block when tcpdump is stopped are counted but lost.
+                "--immediate-mode",
                 "-U",
                 "-Z",
                 "root",
