@@ -7,7 +7,8 @@
 //! that trail to a syslog collector; `metrics` serves Prometheus metrics counted from it;
 //! `observe` is the live, filtered view of the audit log; `alerts` applies the configured
 //! response to each alert; `control` is the daemon's Unix-socket protocol; `daemon` ties
-//! them together; `oci` is the container runtimes' hook.
+//! them together; `oci` is the container runtimes' hook. `fuzzing` holds the entry points
+//! of the fuzz targets in `fuzz/`.
 pub mod alerts;
 pub mod audit;
 pub mod bpf;
@@ -17,6 +18,8 @@ pub mod control;
 pub mod credentials;
 pub mod daemon;
 pub mod dns;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod net;
 pub mod observe;

@@ -1,9 +1,10 @@
-//! Developer tasks: `cargo xtask build | test | demo | demo-containers | bench connect | bench proxy`. Run through
+//! Developer tasks: `cargo xtask build | test | fuzz | demo | demo-containers | bench connect | bench proxy`. Run through
 //! `./dev.sh`, which first installs what is missing (scripts/setup.sh).
 mod bench;
 mod cmd;
 mod demo;
 mod demo_containers;
+mod fuzz;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,22 @@ enum Command {
     Demo,
     /// Confine runc and podman containers from their first instruction with the OCI hook.
     DemoContainers,
+    /// Build the fuzz targets (fuzz/) with libFuzzer and run each from its seed corpus;
+    /// fails on a crash, printing the input's path.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (dns, git_push, http_target, tls_hello, policy_yaml, control).
+        #[arg(long)]
+        target: Option<String>,
+        /// Instrument every crate (dependencies' parsers too), optimised, in target/fuzz/.
+        #[arg(long)]
+        deep: bool,
+        /// `address` adds AddressSanitizer (with --deep, where the toolchain has its runtime).
+        #[arg(long, value_enum, default_value_t = fuzz::Sanitizer::None)]
+        sanitizer: fuzz::Sanitizer,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -45,6 +62,17 @@ fn main() -> std::process::ExitCode {
         Command::Test { filter, no_lint } => test::run_all(filter.as_deref(), no_lint),
         Command::Demo => demo::run(),
         Command::DemoContainers => demo_containers::run(),
+        Command::Fuzz {
+            seconds,
+            target,
+            deep,
+            sanitizer,
+        } => fuzz::run_fuzz(&fuzz::Options {
+            seconds,
+            target,
+            deep,
+            sanitizer,
+        }),
         Command::Bench { which } => bench::run(which),
     };
     match result {

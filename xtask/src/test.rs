@@ -3,6 +3,9 @@ use std::fs;
 
 use crate::cmd::{bin, build, cargo, require_root, run, step, workspace};
 
+/// Seconds each fuzz target runs in the suite.
+const CI_FUZZ_SECONDS: u64 = 10;
+
 pub fn run_all(filter: Option<&str>, no_lint: bool) -> anyhow::Result<()> {
     require_root("the test suite")?;
     if !no_lint {
@@ -26,6 +29,15 @@ pub fn run_all(filter: Option<&str>, no_lint: bool) -> anyhow::Result<()> {
         "--exclude",
         "egress-tests",
     ]))?;
+
+    // The corpora were replayed by the unit tests above; now each target gets a short
+    // coverage-guided run (the project's crates instrumented, no sanitizer).
+    crate::fuzz::run_fuzz(&crate::fuzz::Options {
+        seconds: CI_FUZZ_SECONDS,
+        target: None,
+        deep: false,
+        sanitizer: crate::fuzz::Sanitizer::None,
+    })?;
 
     step("Policy tests (every policies/*.yaml)");
     let mut files: Vec<_> = fs::read_dir(workspace().join("policies"))?

@@ -6,7 +6,7 @@ mod server;
 
 pub use client::{call, call_timeout};
 pub use protocol::{
-    DaemonStatus, DetachReason, QuarantineStatus, Request, Response, SandboxStatus,
+    decode_request, DaemonStatus, DetachReason, QuarantineStatus, Request, Response, SandboxStatus,
 };
 pub use server::{bind, serve, Handler};
 

@@ -53,6 +53,13 @@ pub enum Request {
     },
 }
 
+/// Decodes one request line as the daemon reads it off the socket (the newline may still
+/// be on it): UTF-8 JSON of a [`Request`]. `Err` is the error to answer with instead.
+pub fn decode_request(line: Vec<u8>) -> Result<Request, String> {
+    let line = String::from_utf8(line).map_err(|_| "malformed request: not UTF-8".to_owned())?;
+    serde_json::from_str::<Request>(&line).map_err(|e| format!("malformed request: {e}"))
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,

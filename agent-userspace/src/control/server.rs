@@ -17,7 +17,7 @@ use tokio::{
     sync::Notify,
 };
 
-use super::{Request, Response};
+use super::{decode_request, Request, Response};
 
 /// Longest request accepted: a policy of the largest size allowed is sent inline, JSON-escaped.
 const MAX_REQUEST: usize = 8 * crate::policy::MAX_POLICY_BYTES;
@@ -130,7 +130,7 @@ async fn respond(stream: &mut UnixStream, response: &Response) -> std::io::Resul
 
 /// Why reading a request ended without one.
 enum ReadEnd {
-    Request(String),
+    Request(Request),
     /// The response to send instead.
     Refuse(Response),
     /// The request is over the size limit: this response, then the rest is drained.
@@ -154,12 +154,10 @@ async fn read_request(stream: &mut UnixStream) -> std::io::Result<ReadEnd> {
             "request larger than {MAX_REQUEST} bytes (a policy may have at most {} bytes)",
             crate::policy::MAX_POLICY_BYTES
         )))),
-        Ok(Ok(_)) => match String::from_utf8(line) {
-            Ok(s) => Ok(ReadEnd::Request(s)),
-            Err(_) => Ok(ReadEnd::Refuse(Response::error(
-                "malformed request: not UTF-8",
-            ))),
-        },
+        Ok(Ok(_)) => Ok(match decode_request(line) {
+            Ok(request) => ReadEnd::Request(request),
+            Err(error) => ReadEnd::Refuse(Response::error(error)),
+        }),
     }
 }
 
@@ -206,15 +204,12 @@ async fn connection(
             return sent.unwrap_or(Ok(()));
         }
         ReadEnd::Refuse(r) => r,
-        ReadEnd::Request(line) => match serde_json::from_str::<Request>(&line) {
-            Ok(req) => {
-                let handler = handler.clone();
-                tokio::task::spawn_blocking(move || handler.handle(req))
-                    .await
-                    .unwrap_or_else(|e| Response::error(format!("internal error: {e}")))
-            }
-            Err(e) => Response::error(format!("malformed request: {e}")),
-        },
+        ReadEnd::Request(req) => {
+            let handler = handler.clone();
+            tokio::task::spawn_blocking(move || handler.handle(req))
+                .await
+                .unwrap_or_else(|e| Response::error(format!("internal error: {e}")))
+        }
     };
     tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &response))
         .await

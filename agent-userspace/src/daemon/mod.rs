@@ -8,7 +8,7 @@ mod credentials;
 mod dns;
 mod netns;
 mod notify;
-mod proxy;
+pub(crate) mod proxy;
 mod run;
 mod state;
 

@@ -327,7 +327,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
     }
 }
 
-fn route_for(policy: &Arc<Policy>, rule_id: u16) -> Option<Route> {
+pub(crate) fn route_for(policy: &Arc<Policy>, rule_id: u16) -> Option<Route> {
     let rule = policy.proxy_rule(rule_id)?;
     // A special address is named by the rule's static networks or by its `answers`.
     let mut nets: Vec<IpNet> = rule.nets().to_vec();

@@ -21,7 +21,7 @@ const MAX_LABEL: usize = 63;
 
 /// The addresses (with TTLs, each address once) an answer gives `qname`, or why the
 /// answer must not reach the client.
-pub(super) fn check(
+pub(crate) fn check(
     response: &Message,
     qname: &Name,
     allowed: impl Fn(&str) -> bool,
@@ -72,7 +72,7 @@ pub(super) fn check(
 /// Removes from every section of `response` the A and AAAA records whose address is not
 /// in `installed`, so the sandbox is handed only addresses the kernel already knows.
 /// Returns the addresses removed, each once.
-pub(super) fn keep_only(response: &mut Message, installed: &[IpAddr]) -> Vec<IpAddr> {
+pub(crate) fn keep_only(response: &mut Message, installed: &[IpAddr]) -> Vec<IpAddr> {
     let mut removed: Vec<IpAddr> = Vec::new();
     let mut keep = |record: &hickory_proto::rr::Record| {
         let addr = match &record.data {
@@ -98,7 +98,7 @@ pub(super) fn keep_only(response: &mut Message, installed: &[IpAddr]) -> Vec<IpA
 /// our EDNS if the client sent one (its own, if any, says nothing about our link to the
 /// client). If it does not fit in `limit` bytes it is sent truncated (TC set, no records),
 /// so the client asks again over TCP. Also returns the response code sent.
-pub(super) fn encode(
+pub(crate) fn encode(
     mut response: Message,
     question: &Question,
     limit: usize,

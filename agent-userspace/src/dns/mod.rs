@@ -35,9 +35,9 @@
 //! Every query a listener reads ends in exactly one [`DnsRecord`] for the audit trail
 //! (except those shed while [`MAX_UDP_IN_FLIGHT`] queries are already being served).
 //! All upstream work is bounded by [`ResolverCtx::timeout`] per server and transport.
-mod answer;
+pub(crate) mod answer;
 pub mod budget;
-mod query;
+pub(crate) mod query;
 mod upstream;
 
 #[cfg(test)]

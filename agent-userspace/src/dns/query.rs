@@ -12,20 +12,20 @@ use super::MAX_NAME;
 const HEADER_LEN: usize = 12;
 /// The UDP payload size we advertise and accept, as DNS Flag Day 2020 recommends: it
 /// avoids IP fragmentation on every common path.
-pub(super) const EDNS_PAYLOAD: u16 = 1232;
+pub(crate) const EDNS_PAYLOAD: u16 = 1232;
 /// Answers to a client without EDNS must fit the classic limit.
 const CLASSIC_UDP_LIMIT: usize = 512;
 
 /// The client's EDNS, as far as it matters to its answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct ClientEdns {
+pub(crate) struct ClientEdns {
     pub payload: u16,
     pub dnssec_ok: bool,
 }
 
 /// A query to resolve.
 #[derive(Clone, Debug)]
-pub(super) struct Question {
+pub(crate) struct Question {
     /// The client's message id.
     pub id: u16,
     pub recursion_desired: bool,
@@ -80,7 +80,7 @@ impl Question {
 }
 
 /// The OPT record of our answers and upstream queries.
-pub(super) fn our_edns(dnssec_ok: bool) -> Edns {
+pub(crate) fn our_edns(dnssec_ok: bool) -> Edns {
     let mut edns = Edns::new();
     edns.set_max_payload(EDNS_PAYLOAD);
     edns.set_dnssec_ok(dnssec_ok);
@@ -89,7 +89,7 @@ pub(super) fn our_edns(dnssec_ok: bool) -> Edns {
 
 /// A query that is not resolved, and what it gets instead.
 #[derive(Debug)]
-pub(super) struct Rejected {
+pub(crate) struct Rejected {
     /// The bytes to send back; `None` when nothing should be sent.
     pub reply: Option<Vec<u8>>,
     pub code: ResponseCode,
@@ -99,7 +99,7 @@ pub(super) struct Rejected {
 }
 
 /// Parses and checks a query. Labels longer than `max_label` are refused.
-pub(super) fn inspect(bytes: &[u8], max_label: usize) -> Result<Question, Rejected> {
+pub(crate) fn inspect(bytes: &[u8], max_label: usize) -> Result<Question, Rejected> {
     if bytes.len() < HEADER_LEN {
         return Err(Rejected {
             reply: None,
@@ -221,7 +221,7 @@ fn header_only_formerr(bytes: &[u8]) -> Vec<u8> {
 /// `max_label`, and only letters, digits, `-` and `_` in labels. The last rule keeps the
 /// text the policy sees unambiguous: a label holding a `.` (or bytes shown escaped)
 /// could otherwise look like a name it is not.
-pub(super) fn check_name(name: &Name, max_label: usize) -> Result<(), String> {
+pub(crate) fn check_name(name: &Name, max_label: usize) -> Result<(), String> {
     let labels: Vec<&[u8]> = name.iter().collect();
     let text_len = labels.iter().map(|l| l.len()).sum::<usize>() + labels.len().saturating_sub(1);
     if text_len > MAX_NAME {
@@ -250,8 +250,21 @@ pub(super) fn check_name(name: &Name, max_label: usize) -> Result<(), String> {
 }
 
 /// The name as the policy and the audit trail see it: lower case, no trailing dot; the
-/// root is `.`.
-pub(super) fn normalise(name: &Name) -> String {
+/// root is `.`. A name [`check_name`] accepts is its labels as sent, joined by dots (the
+/// DNS presentation format would escape some of them, such as a leading `-`, which no
+/// policy name matches); any other name is shown escaped, for the record only.
+pub(crate) fn normalise(name: &Name) -> String {
+    let plain = |l: &[u8]| {
+        l.iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+    };
+    if name.num_labels() > 0 && name.iter().all(plain) {
+        let labels: Vec<String> = name
+            .iter()
+            .map(|l| String::from_utf8_lossy(l).to_ascii_lowercase())
+            .collect();
+        return labels.join(".");
+    }
     let mut text = name.to_ascii().to_ascii_lowercase();
     if text.len() > 1 && text.ends_with('.') {
         text.pop();
@@ -283,6 +296,38 @@ mod tests {
             .insert(EdnsOption::Unknown(65001, b"payload bytes".to_vec()));
         m.edns = Some(edns);
         m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn the_policy_sees_the_labels_as_sent() {
+        // Found by the `dns` fuzz target: the presentation format escapes a leading `-`
+        // (`x.\-ple.com`), which is not the name asked.
+        for (asked, seen) in [
+            ("x.-ple.com", "x.-ple.com"),
+            ("-A.Example.COM", "-a.example.com"),
+            ("_dmarc.example.com", "_dmarc.example.com"),
+            ("a-.b", "a-.b"),
+            ("", "."),
+        ] {
+            // From labels: the presentation-format parser refuses some of these names.
+            let labels = asked
+                .split('.')
+                .filter(|l| !l.is_empty())
+                .map(str::as_bytes);
+            let mut m = Message::query();
+            m.add_query(Query::query(
+                Name::from_labels(labels).unwrap(),
+                RecordType::A,
+            ));
+            let bytes = m.to_vec().unwrap();
+            let q = inspect(&bytes, 63).unwrap();
+            assert_eq!(q.name, seen, "{asked}");
+            let up = q.upstream_request();
+            assert_eq!(up.queries[0].name.to_lowercase(), q.qname.to_lowercase());
+        }
+        // A name refused for its characters is still shown escaped in the record.
+        let odd = Name::from_labels(vec![b"a.b".to_vec(), b"c".to_vec()]).unwrap();
+        assert_eq!(normalise(&odd), "a\\.b.c");
     }
 
     #[test]

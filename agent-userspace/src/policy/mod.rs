@@ -49,6 +49,9 @@ pub use request::RequestDecision;
 pub use selftest::TestOutcome;
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;

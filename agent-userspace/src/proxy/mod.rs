@@ -23,14 +23,14 @@ mod ca;
 mod error;
 pub mod git;
 mod head;
-mod hello;
+pub(crate) mod hello;
 mod inject;
 mod intercept;
 mod io;
 mod passthrough;
 mod refused;
 mod scrub;
-mod target;
+pub(crate) mod target;
 mod upstream;
 
 #[cfg(test)]

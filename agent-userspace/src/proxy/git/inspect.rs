@@ -214,7 +214,7 @@ async fn next_data(body: &mut Incoming, idle: Duration) -> Result<Option<Bytes>,
     }
 }
 
-fn try_parse(raw: &[u8], encoding: Encoding) -> Result<Option<CommandList>, ReadError> {
+pub(crate) fn try_parse(raw: &[u8], encoding: Encoding) -> Result<Option<CommandList>, ReadError> {
     let invalid = |e: String| ReadError::Invalid(format!("git push: {e}"));
     let too_long = || {
         ReadError::Invalid(format!(

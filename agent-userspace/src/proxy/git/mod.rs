@@ -12,6 +12,7 @@ mod pkt;
 mod tests;
 
 pub(super) use inspect::{inspect_push, PushOutcome};
+pub(crate) use inspect::{try_parse, ReadError};
 pub use inspect::{Encoding, MAX_COMMAND_BYTES};
 pub use pkt::{parse_commands, status_report, wants_report, MAX_PKT_LEN};
 
