@@ -28,6 +28,18 @@ impl Netns {
         run_checked(Command::new("ip").args(["netns", "add", &name]))?;
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"])?;
+        // No duplicate address detection on links made here (link-local addresses
+        // included): an address still tentative drops the first packets sent through it.
+        run_checked(&mut ns.command(
+            10,
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        ))
+        .context("sysctl accept_dad")?;
         Ok(ns)
     }
 

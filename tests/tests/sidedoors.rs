@@ -266,7 +266,14 @@ fn source_routes_and_packet_sockets_are_refused() -> Result<()> {
         );
     }
 
-    // Nothing reached the first hops; the positive controls did reach the origin.
+    // Nothing reached the first hops; the positive controls did reach the origin. Wait
+    // for the controls first (a packet held for neighbour discovery arrives up to a
+    // second or more after it was sent), then a settle time for anything else.
+    let _ = poll(Duration::from_secs(5), Duration::from_millis(100), || {
+        let v4 = matching(&pcap, "dst host 192.0.2.10 and udp").unwrap_or_default();
+        let v6 = matching(&pcap, "dst host 2001:db8::10 and udp").unwrap_or_default();
+        Ok((!v4.is_empty() && !v6.is_empty()).then_some(()))
+    });
     std::thread::sleep(expect::CANARY_SETTLE);
     tcpdump.terminate(libc::SIGINT, Duration::from_secs(5))?;
     for filter in [
@@ -287,7 +294,8 @@ fn source_routes_and_packet_sockets_are_refused() -> Result<()> {
     let to_origin6 = matching(&pcap, "dst host 2001:db8::10 and udp")?;
     ensure!(
         !to_origin6.is_empty(),
-        "positive control: no UDPv6 to the origin captured"
+        "positive control: no UDPv6 to the origin captured; IPv6 capture: {:?}; helper: {text}",
+        matching(&pcap, "ip6")?
     );
     expect::canary_silent(&fx.canary)?;
     Ok(())
