@@ -9,7 +9,9 @@
 //!   upload's content checked on the server;
 //! - PUT and GET outside the prefix are refused (CLI error, audit deny record, nothing
 //!   reached the server, the object does not exist);
-//! - a presigned URL and a signed aws-chunked upload are refused the same way;
+//! - a multipart upload (the CLI's large files) is signed;
+//! - a presigned URL, a signed aws-chunked upload, a header that changes what S3 does
+//!   (`--acl`) and a sub-resource (`?acl`) are refused the same way;
 //! - an STS failure refuses the request with the reason in the audit record, and the next
 //!   request after the fault is fixed succeeds;
 //! - neither the daemon's IAM secret nor any session secret or token is in the sandbox's
@@ -45,7 +47,7 @@ rules:
     http:
       - methods: [GET, HEAD]
         paths: ["/agent/**"]
-      - methods: [PUT]
+      - methods: [PUT, POST]
         paths: ["/agent/out/**"]
   - name: s3-path-style
     to: [192.0.2.31]
@@ -113,9 +115,10 @@ impl Aws {
         std::fs::write(
             &config,
             format!(
-                "[default]\nregion = us-east-1\nretry_mode = standard\nmax_attempts = 1\n{}",
+                "[default]\nregion = us-east-1\nretry_mode = standard\nmax_attempts = 1\n\
+                 s3 =\n    multipart_threshold = 5MB\n    multipart_chunksize = 5MB\n{}",
                 if path_style {
-                    "s3 =\n    addressing_style = path\n"
+                    "    addressing_style = path\n"
                 } else {
                     ""
                 }
@@ -436,6 +439,68 @@ fn aws_cli_is_re_signed_within_its_prefix_and_refused_outside() -> Result<()> {
         "the signed-chunk upload reached moto"
     );
 
+    // A header that changes what S3 does (an ACL) and a sub-resource (`?acl`) on an
+    // allowed PUT are refused, named in the record, and never reach moto.
+    let before = t.moto.access_log().lines().count();
+    let acl = t.cli(
+        sb,
+        false,
+        &[
+            "s3",
+            "cp",
+            "--acl",
+            "public-read",
+            &upload_s,
+            "s3://acme-data/agent/out/acl.txt",
+        ],
+    )?;
+    ensure!(
+        !acl.status.success(),
+        "a PUT with x-amz-acl must fail: {}",
+        all_output(&acl)
+    );
+    let record = t.record_for("/agent/out/acl.txt")?;
+    ensure!(
+        record["egress"]["verdict"] == "deny"
+            && record["event"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("x-amz-acl")),
+        "x-amz-acl refusal record: {record}"
+    );
+    let put_acl = t.cli(
+        sb,
+        false,
+        &[
+            "s3api",
+            "put-object-acl",
+            "--bucket",
+            "acme-data",
+            "--key",
+            "agent/out/report.txt",
+            "--acl",
+            "public-read",
+        ],
+    )?;
+    ensure!(
+        !put_acl.status.success(),
+        "PUT ?acl must fail: {}",
+        all_output(&put_acl)
+    );
+    let record = t.record_for("/agent/out/report.txt")?;
+    ensure!(
+        record["egress"]["verdict"] == "deny"
+            && record["event"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("`acl`")),
+        "?acl refusal record: {record}"
+    );
+    ensure!(
+        t.moto.access_log().lines().count() == before
+            && t.moto.object(&t.fx.world, "agent/out/acl.txt")?.is_none(),
+        "a refused ACL request reached moto:\n{}",
+        t.moto.access_log()
+    );
+
     // The session is named after the sandbox and carries the session policy.
     let sessions = t.moto.sessions(&t.fx.world)?;
     let label = sb.label();
@@ -540,5 +605,25 @@ fn aws_cli_is_re_signed_within_its_prefix_and_refused_outside() -> Result<()> {
             }
         }
     }
+
+    // A multipart upload (CreateMultipartUpload `?uploads`, UploadPart
+    // `?partNumber&uploadId`, CompleteMultipartUpload `?uploadId`) is signed. Last: moto's
+    // state dump (`Moto::sessions`) fails once it holds upload parts.
+    let big = t.fx.sandbox_dir().join("big.txt");
+    let big_body = "0123456789abcdef".repeat(6 * 65536);
+    std::fs::write(&big, &big_body)?;
+    let big_s = big.display().to_string();
+    let put = t.cli(
+        sb,
+        false,
+        &["s3", "cp", &big_s, "s3://acme-data/agent/out/big.txt"],
+    )?;
+    t.ok("multipart PUT agent/out/big.txt", &put)?;
+    ensure!(
+        t.moto.access_log().contains("uploadId=")
+            && t.moto.object(&t.fx.world, "agent/out/big.txt")?.as_deref() == Some(&*big_body),
+        "moto should hold the multipart upload:\n{}",
+        t.moto.access_log()
+    );
     Ok(())
 }

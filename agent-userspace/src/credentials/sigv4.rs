@@ -4,7 +4,9 @@
 //! header it sent ([`strip`]), refuses presigned URLs ([`presigned_key`]: a signature in
 //! the query would be forwarded as the sandbox wrote it), and signs exactly the request it
 //! forwards ([`sign`]) with the sandbox's STS session, using the `aws-sigv4` crate. Signed
-//! headers are `host`, `content-type`, `content-md5` and every `x-amz-*` header.
+//! headers are `host`, `content-type`, `content-md5` and every `x-amz-*` header, of
+//! which only an allowlist is accepted ([`s3::refused_header`]), as only ordinary S3
+//! query keys are ([`s3::refused_query_key`]).
 //!
 //! The payload hash ([`Payload`]) follows what the sandbox's client declared in
 //! `X-Amz-Content-Sha256`:
@@ -30,6 +32,8 @@ use aws_sigv4::sign::v4;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::aws::Session;
+
+pub mod s3;
 
 /// The headers a sandbox's own signature travels in; removed from every request on an
 /// `aws_sigv4` rule.

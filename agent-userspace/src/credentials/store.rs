@@ -1174,10 +1174,17 @@ fn compile_aws_inject(
     raw: &RawInject,
     aws: &super::raw::RawAwsSigv4,
 ) -> Result<Inject, (&'static str, String)> {
-    if raw.header.is_some() || raw.format.is_some() || raw.basic.is_some() {
+    if raw.header.is_some()
+        || raw.format.is_some()
+        || raw.basic.is_some()
+        || raw.query.is_some()
+        || raw.placeholder.is_some()
+    {
         return Err((
             "inject",
-            "`aws_sigv4` cannot be combined with `header`, `format` or `basic`".to_owned(),
+            "give one injection form: `aws_sigv4` cannot be combined with `header`, \
+             `format`, `basic`, `query` or `placeholder`"
+                .to_owned(),
         ));
     }
     let word = |s: &str| {
@@ -1190,6 +1197,18 @@ fn compile_aws_inject(
         return Err((
             "inject.aws_sigv4.service",
             format!("`{}` is not a signing name such as s3", aws.service),
+        ));
+    }
+    // Only S3's operations are judged (method, path, sub-resources and headers, see
+    // `sigv4::s3`); another service's operation travels in `X-Amz-Target` or the body.
+    if aws.service != "s3" {
+        return Err((
+            "inject.aws_sigv4.service",
+            format!(
+                "`{}` is not supported: only `s3` is signed, because the operations of other \
+                 services (in X-Amz-Target or an Action= body) cannot be judged by the rules yet",
+                aws.service
+            ),
         ));
     }
     if !word(&aws.region) {

@@ -558,6 +558,26 @@ async fn aws_credentials_pair_sts_with_sigv4_and_fail_closed() {
             "credentials_file",
         ),
         (", endpoint2: x", sigv4, ""),
+        (
+            "",
+            "{ aws_sigv4: { service: dynamodb, region: us-east-1 } }",
+            "only `s3`",
+        ),
+        (
+            "",
+            "{ aws_sigv4: { service: s3, region: us-east-1 }, query: { param: k } }",
+            "one injection form",
+        ),
+        (
+            "",
+            "{ aws_sigv4: { service: s3, region: us-east-1 }, placeholder: {} }",
+            "one injection form",
+        ),
+        (
+            "",
+            "{ aws_sigv4: { service: s3, region: us-east-1 }, header: X-Key }",
+            "one injection form",
+        ),
     ] {
         let raw: Result<RawCredentials, _> = serde_yaml_ng::from_str(&format!(
             "aws:\n  source: {{ sts_assume_role: {{ role_arn: \"arn:aws:iam::1:role/a\"{extra} }} }}\n  inject: {inject}\n  hosts: [s3.amazonaws.com]\n"

@@ -97,8 +97,17 @@ pub(super) async fn prepare(
             ),
         ));
     }
+    // Only S3 is signed (the credential store accepts no other service): an operation
+    // is its method and path, which the rules judged, plus the sub-resources and
+    // headers refused here.
+    if let Some(reason) = sigv4::s3::refused_query_key(query) {
+        return Err(AwsRefusal::deny(StatusCode::FORBIDDEN, reason));
+    }
     let payload = sigv4::strip(headers, has_body, service)
         .map_err(|reason| AwsRefusal::deny(StatusCode::BAD_REQUEST, reason))?;
+    if let Some(reason) = sigv4::s3::refused_header(headers) {
+        return Err(AwsRefusal::deny(StatusCode::FORBIDDEN, reason));
+    }
     match store.aws_session(name, sandbox, host).await {
         Ok(None) => Ok(None),
         Ok(Some(session)) => Ok(Some(AwsSigning {
