@@ -4,7 +4,7 @@ use std::fs;
 use crate::cmd::{bin, build, cargo, require_root, run, step, workspace};
 
 /// Seconds each fuzz target runs in the suite.
-const CI_FUZZ_SECONDS: u64 = 10;
+const CI_FUZZ_SECONDS: u64 = 3;
 
 pub fn run_all(filter: Option<&str>, no_lint: bool) -> anyhow::Result<()> {
     require_root("the test suite")?;
