@@ -456,7 +456,7 @@ impl ConnCtx {
         // A placeholder travels only to its credential's hosts, and is replaced only where
         // its credential allows: any other sentinel in the head is refused here; the
         // rule's own (at one of its hosts) once it has been replaced where allowed.
-        let own = self
+        let rule_placeholder = self
             .conn
             .route
             .credential
@@ -464,6 +464,17 @@ impl ConnCtx {
             .filter(|c| self.proxy.credentials.is_placeholder(c))
             .filter(|c| self.proxy.credentials.sends_to(c, &self.sni));
         let placeholders = self.proxy.credentials.placeholders_for(&self.conn.sandbox);
+        // Only a sentinel the proxy can replace is exempt from the check below.
+        let own_sentinel = rule_placeholder
+            .as_deref()
+            .zip(placeholders.as_ref())
+            .and_then(|(name, set)| {
+                let sentinel = set.sentinel(name).filter(|s| !s.is_empty())?;
+                let scope = self.proxy.credentials.placeholder_scope(name)?;
+                let detect = set.detector_for(|c| c == name)?;
+                Some((name, sentinel.to_owned(), scope.clone(), detect))
+            });
+        let own: Option<String> = own_sentinel.as_ref().map(|o| o.0.to_owned());
         if let Some(set) = &placeholders {
             let path = req.uri().path_and_query().map_or("", PathAndQuery::as_str);
             let found = misdirected_in_head(path, req.headers(), set.detector(), |c| {
@@ -546,15 +557,6 @@ impl ConnCtx {
         // body as it streams if it allows that; anywhere else it refuses the request.
         let mut body_placeholder = None;
         let mut restore = Vec::new();
-        let own_sentinel = own
-            .as_deref()
-            .zip(placeholders.as_ref())
-            .and_then(|(name, set)| {
-                let sentinel = set.sentinel(name).filter(|s| !s.is_empty())?;
-                let scope = self.proxy.credentials.placeholder_scope(name)?;
-                let detect = set.detector_for(|c| c == name)?;
-                Some((name, sentinel.to_owned(), scope.clone(), detect))
-            });
         if let Some((name, sentinel, scope, detect)) = own_sentinel {
             let in_head =
                 misdirected_in_head(&judged.target, &parts.headers, &detect, |_| true).is_some();
