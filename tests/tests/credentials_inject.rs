@@ -3,15 +3,19 @@
 //!
 //! - `inject: { query: { param: api_key } }` on `github.com`: the origin gets the token as
 //!   `api_key` (the value the sandbox sent under that name is gone), the audit record
-//!   shows the query by its keys only, and names the credential, its kind and source.
-//! - `inject: { placeholder: {} }` on `api.github.com`: the sandbox is given its sentinel
-//!   by `egressctl placeholder`; in a header (the API answers only with the real token),
-//!   the query and a JSON body (python, `Content-Length` re-framed) the origin gets the
-//!   token. The same sentinel sent to `github.com` (allowed, but not one of the
-//!   credential's hosts) in a header or a body is refused (403) with a deny record and a
-//!   `placeholder-misdirected` alert, and the origin gets nothing; the same requests
-//!   without it pass (positive control), and without the sentinel the API refuses (the
-//!   credential is not added by itself).
+//!   shows the query by its keys only, and names the credential, its kind and source; a
+//!   key a server could read as `api_key` (`API_KEY`, `api_key;x`) is refused (400).
+//! - `inject: { placeholder: { query: [key], body: true } }` on `api.github.com`: the
+//!   sandbox is given its sentinel by `egressctl placeholder`; in `Authorization` (the
+//!   API answers only with the real token), the `key` query parameter and a JSON body
+//!   (python, `Content-Length` re-framed) the origin gets the token. At that same host, in
+//!   a header or query parameter not enabled, or in the path, it is refused (403) with a
+//!   deny record and a `placeholder-misdirected` alert; beside a second `Authorization`
+//!   value it is refused (400). The same sentinel sent to `github.com` (allowed, but not
+//!   one of the credential's hosts) in a header or a body is refused (403) likewise; the
+//!   origin gets nothing of any of these; the same requests without it pass (positive
+//!   control), and without the sentinel the API refuses (the credential is not added by
+//!   itself, nor recorded as used).
 //!
 //! Needs what `tests/proxy.rs` needs, and python3. Run:
 //! `cargo test -p egress-tests --test credentials_inject -- --test-threads=2`.
@@ -58,7 +62,7 @@ fn credentials() -> String {
     hosts: [github.com]
   api-placeholder:
     source: {{ env: {GIT_TOKEN_ENV} }}
-    inject: {{ placeholder: {{}} }}
+    inject: {{ placeholder: {{ query: [key], body: true }} }}
     hosts: [api.github.com]
 "
     )
@@ -166,8 +170,20 @@ fn query_and_placeholder_injection_reach_only_the_credentials_hosts() -> Result<
             && r["egress"]["credential"]["source"] == "env",
         "the record should show the query by its keys and name the credential: {r}"
     );
+    // A key a server could take for the injected one: refused, nothing sent.
+    let before = fx.origin.requests()?.len();
+    for url in [
+        "https://github.com/echo/variant?API_KEY=mine",
+        "https://github.com/echo/variant?api_key;x=1",
+    ] {
+        let (status, _) = curl_status(&fx, &[url])?;
+        ensure!(status == 400, "{url}: {status}");
+    }
+    fx.origin_new_exactly(before, 0)?;
+    let r = record(&fx, "/echo/variant", 400)?;
+    ensure!(get_str(&r, "egress.verdict") == Some("deny"), "{r}");
 
-    // Placeholder in a header: the API answers only with the real token.
+    // Placeholder in Authorization: the API answers only with the real token.
     let before = fx.origin.requests()?.len();
     let auth = format!("Authorization: Bearer {sentinel}");
     let (status, body) = curl_status(
@@ -189,8 +205,63 @@ fn query_and_placeholder_injection_reach_only_the_credentials_hosts() -> Result<
     // Without it, nothing is added: the API refuses.
     let (status, _) = curl_status(&fx, &["https://api.github.com/repos/acme/widgets"])?;
     ensure!(status == 401, "no placeholder, no credential: {status}");
+    let r = record(&fx, "/repos/acme/widgets", 401)?;
+    ensure!(
+        r["egress"]["credential"].is_null(),
+        "nothing replaced, no credential recorded: {r}"
+    );
 
-    // Placeholder in the query.
+    // At the credential's own host, anywhere not enabled: refused, recorded, alerted;
+    // beside a second Authorization value: refused as ambiguous. The origin gets nothing.
+    let before = fx.origin.requests()?.len();
+    let other_header = format!("X-Other: {sentinel}");
+    let widgets = "https://api.github.com/repos/acme/widgets";
+    let in_query = format!("{widgets}?q={sentinel}");
+    let in_path = format!("{widgets}/{sentinel}");
+    for (args, place) in [
+        (
+            vec!["-H", auth.as_str(), "-H", &other_header, widgets],
+            "a header",
+        ),
+        (vec!["-H", auth.as_str(), &in_query], "the URL"),
+        (vec![in_path.as_str()], "the URL"),
+    ] {
+        let (status, _) = curl_status(&fx, &args)?;
+        ensure!(status == 403, "sentinel in {place} not enabled: {status}");
+    }
+    let (status, _) = curl_status(
+        &fx,
+        &[
+            "-H",
+            &auth,
+            "-H",
+            "Authorization: Bearer sandbox-own",
+            widgets,
+        ],
+    )?;
+    ensure!(status == 400, "second Authorization value: {status}");
+    fx.origin_new_exactly(before, 0)?;
+    for place in ["a header", "the URL"] {
+        let denied = fx.wait_proxy_record(RECORD_TIMEOUT, place, |r| {
+            get_str(r, "url.domain") == Some("api.github.com")
+                && get_str(r, "egress.verdict") == Some("deny")
+                && get_str(r, "event.reason").is_some_and(|why| {
+                    why.contains("placeholder of credential `api-placeholder`")
+                        && why.contains(place)
+                        && why.contains("does not allow it")
+                })
+        })?;
+        ensure!(denied["http"]["response"]["status_code"] == 403, "{denied}");
+    }
+    let ambiguous = record(&fx, "/repos/acme/widgets", 400)?;
+    ensure!(
+        get_str(&ambiguous, "egress.verdict") == Some("deny")
+            && get_str(&ambiguous, "event.reason")
+                .is_some_and(|why| why.contains("`authorization`")),
+        "{ambiguous}"
+    );
+
+    // Placeholder in the query parameter it is enabled for.
     let before = fx.origin.requests()?.len();
     let url = format!("https://api.github.com{ECHO_PATH}plain?key={sentinel}&y=2");
     let (status, _) = curl_status(&fx, &[&url])?;
@@ -263,14 +334,21 @@ fn query_and_placeholder_injection_reach_only_the_credentials_hosts() -> Result<
             .into_iter()
             .filter(|r| get_str(r, "event.action") == Some("placeholder-misdirected"))
             .collect();
-        Ok((alerts.len() >= 2).then_some(alerts))
+        Ok((alerts.len() >= 5).then_some(alerts))
     })?
     .context("no placeholder-misdirected alerts")?;
+    let at = |domain: &str| {
+        alerts
+            .iter()
+            .filter(|a| get_str(a, "url.domain") == Some(domain))
+            .count()
+    };
     ensure!(
-        alerts.iter().all(|a| {
-            get_str(a, "egress.credential.name") == Some("api-placeholder")
-                && get_str(a, "url.domain") == Some("github.com")
-        }),
+        alerts
+            .iter()
+            .all(|a| get_str(a, "egress.credential.name") == Some("api-placeholder"))
+            && at("github.com") == 2
+            && at("api.github.com") == 3,
         "{alerts:?}"
     );
 

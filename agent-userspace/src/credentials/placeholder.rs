@@ -3,10 +3,10 @@
 //! A credential with `inject: { placeholder: {} }` is never added to requests by itself.
 //! Each sandbox is given its own sentinel for it (`egressctl placeholder SANDBOX
 //! CREDENTIAL` prints it), `egress-placeholder-` followed by 32 hex digits, to put wherever
-//! its client insists on a key (a config file, an SDK constructor, a JSON field). The
-//! proxy replaces the sentinel with the value only in requests its rule allows to the
-//! credential's hosts (see `proxy/placeholder.rs`); a sentinel seen at a host the
-//! credential does not list refuses the request.
+//! its client insists on a key (a config file, an SDK constructor). The proxy replaces
+//! the sentinel with the value only in requests its rule allows to the credential's
+//! hosts, and there only where the credential's `inject.placeholder` allows (see
+//! `proxy/inject.rs`); a sentinel seen anywhere else refuses the request.
 //!
 //! The sentinel is an HMAC-SHA256 of the sandbox and credential names under a key the
 //! daemon keeps in `<state_dir>/placeholder.key` (made on first start, mode 0600), so a

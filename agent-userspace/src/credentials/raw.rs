@@ -271,8 +271,9 @@ pub struct RawInject {
     #[serde(default)]
     pub query: Option<RawQuery>,
     /// The sandbox is given a sentinel (`egressctl placeholder SANDBOX CREDENTIAL`) to
-    /// put wherever its client wants a key; the proxy replaces it with the value in
-    /// headers, query and body of requests its rule allows to the credential's hosts.
+    /// put where its client wants a key; the proxy replaces it with the value, in
+    /// requests its rule allows to the credential's hosts, in `Authorization` and only
+    /// where [`RawPlaceholder`] enables more. A sentinel anywhere else is refused.
     #[serde(default)]
     pub placeholder: Option<RawPlaceholder>,
     /// AWS Signature Version 4 with an `sts_assume_role` source's session: whatever
@@ -289,10 +290,23 @@ pub struct RawQuery {
     pub param: String,
 }
 
-/// `inject: { placeholder: {} }`; no options yet.
+/// `inject: { placeholder: { headers: [X-Api-Key], query: [key], body: false } }`: where,
+/// besides `Authorization`, the sentinel is replaced.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawPlaceholder {}
+pub struct RawPlaceholder {
+    /// Further request headers whose value may carry the sentinel.
+    #[serde(default)]
+    pub headers: Vec<String>,
+    /// Query parameters whose value may carry the sentinel.
+    #[serde(default)]
+    pub query: Vec<String>,
+    /// Replace it in the request body too. This lets the sandbox choose where the value
+    /// lands (any field of any request the rule allows): only for APIs that neither echo
+    /// nor store request content.
+    #[serde(default)]
+    pub body: bool,
+}
 
 /// HTTP Basic authentication with the secret as password.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -94,7 +94,89 @@ pub fn rfc3339(t: SystemTime) -> String {
 /// The `query` or `placeholder` form, compiled.
 pub(super) enum OtherInject {
     Query(String),
-    Placeholder,
+    Placeholder(PlaceholderScope),
+}
+
+/// Where a placeholder credential's sentinel is replaced: always in `Authorization`
+/// (also inside HTTP Basic), and in these headers, query parameters and the body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlaceholderScope {
+    /// Further headers (never hop-by-hop, framing or method/URL override headers).
+    pub headers: Vec<http::HeaderName>,
+    /// Query parameters (by decoded name) whose value may carry it.
+    pub query: Vec<String>,
+    /// The body too (the sandbox then chooses where in it the value lands).
+    pub body: bool,
+}
+
+/// Headers a placeholder may never be replaced in: they frame, route or are stripped.
+const NOT_PLACEHOLDER_HEADERS: [&str; 19] = [
+    "host",
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "content-encoding",
+    "content-type",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-method",
+];
+
+/// Whether `name` is a query parameter name the config may give.
+fn valid_param(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn compile_placeholder(
+    raw: &crate::credentials::raw::RawPlaceholder,
+) -> Result<PlaceholderScope, (&'static str, String)> {
+    let mut scope = PlaceholderScope {
+        body: raw.body,
+        ..PlaceholderScope::default()
+    };
+    for header in &raw.headers {
+        let name = http::HeaderName::from_bytes(header.as_bytes()).map_err(|_| {
+            (
+                "inject.placeholder.headers",
+                format!("`{header}` is not a header name"),
+            )
+        })?;
+        if NOT_PLACEHOLDER_HEADERS.contains(&name.as_str()) {
+            return Err((
+                "inject.placeholder.headers",
+                format!("`{header}` frames, routes or overrides the request; it cannot carry a placeholder"),
+            ));
+        }
+        if name != http::header::AUTHORIZATION && !scope.headers.contains(&name) {
+            scope.headers.push(name);
+        }
+    }
+    for param in &raw.query {
+        if !valid_param(param) {
+            return Err((
+                "inject.placeholder.query",
+                format!("`{param}` is not a query parameter name (letters, digits, `-`, `_`, `.`)"),
+            ));
+        }
+        if !scope.query.contains(param) {
+            scope.query.push(param.clone());
+        }
+    }
+    Ok(scope)
 }
 
 /// `Some` when `raw` asks for `query` or `placeholder` (and nothing else), `None` when it
@@ -109,12 +191,7 @@ pub(super) fn compile_query_or_placeholder(
         (None, None) => return Ok(None),
         (Some(_), Some(_)) => None,
         (Some(q), None) => {
-            let valid = !q.param.is_empty()
-                && q.param.len() <= 128
-                && q.param
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-            if !valid {
+            if !valid_param(&q.param) {
                 return Err((
                     "inject.query.param",
                     format!(
@@ -125,7 +202,7 @@ pub(super) fn compile_query_or_placeholder(
             }
             Some(OtherInject::Query(q.param.clone()))
         }
-        (None, Some(_)) => Some(OtherInject::Placeholder),
+        (None, Some(p)) => Some(OtherInject::Placeholder(compile_placeholder(p)?)),
     };
     match result {
         Some(inject) if others == 0 => Ok(Some(inject)),
@@ -155,7 +232,16 @@ mod tests {
         ));
         assert!(matches!(
             compile_query_or_placeholder(&raw("{ placeholder: {} }")),
-            Ok(Some(OtherInject::Placeholder))
+            Ok(Some(OtherInject::Placeholder(s))) if s == PlaceholderScope::default()
+        ));
+        assert!(matches!(
+            compile_query_or_placeholder(&raw(
+                "{ placeholder: { headers: [X-Api-Key, authorization, x-api-key], query: [key], body: true } }"
+            )),
+            Ok(Some(OtherInject::Placeholder(s)))
+                if s.headers == [http::HeaderName::from_static("x-api-key")]
+                    && s.query == ["key"]
+                    && s.body
         ));
         assert!(matches!(
             compile_query_or_placeholder(&raw("{ header: X-Key }")),
@@ -167,10 +253,15 @@ mod tests {
             "{ query: { param: k }, placeholder: {} }",
             "{ query: { param: k }, header: X-Key }",
             "{ placeholder: {}, basic: { user: u } }",
+            "{ placeholder: { headers: [Connection] } }",
+            "{ placeholder: { headers: [X-HTTP-Method-Override] } }",
+            "{ placeholder: { headers: [Host] } }",
+            "{ placeholder: { headers: [\"a b\"] } }",
+            "{ placeholder: { query: [\"a&b\"] } }",
         ] {
             assert!(compile_query_or_placeholder(&raw(bad)).is_err(), "{bad}");
         }
         assert!(serde_yaml_ng::from_str::<RawInject>("{ placeholder: { x: 1 } }").is_err());
-        let _ = (RawQuery { param: "k".into() }, RawPlaceholder {});
+        let _ = (RawQuery { param: "k".into() }, RawPlaceholder::default());
     }
 }

@@ -241,8 +241,9 @@ enum Inject {
     Query {
         param: String,
     },
-    /// `inject.placeholder`: a per-sandbox sentinel replaced by the proxy.
-    Placeholder,
+    /// `inject.placeholder`: a per-sandbox sentinel replaced by the proxy, where this
+    /// allows.
+    Placeholder(super::state::PlaceholderScope),
     /// The request is re-signed with AWS SigV4 (see [`CredentialStore::aws_session`]).
     AwsSigv4 {
         service: String,
@@ -257,7 +258,7 @@ impl Inject {
             Self::Header { name, .. } => Some(name.clone()),
             // A re-signed request's Authorization is the proxy's: the sandbox's is stripped.
             Self::Basic { .. } | Self::AwsSigv4 { .. } => Some(http::header::AUTHORIZATION),
-            Self::Query { .. } | Self::Placeholder => None,
+            Self::Query { .. } | Self::Placeholder(_) => None,
         }
     }
 
@@ -267,7 +268,7 @@ impl Inject {
             Self::Header { .. } => "header",
             Self::Basic { .. } => "basic",
             Self::Query { .. } => "query",
-            Self::Placeholder => "placeholder",
+            Self::Placeholder(_) => "placeholder",
             Self::AwsSigv4 { .. } => "aws_sigv4",
         }
     }
@@ -302,7 +303,7 @@ impl CredentialStore {
         let placeholders = Placeholders::new(
             credentials
                 .values()
-                .filter(|c| matches!(c.inject, Inject::Placeholder))
+                .filter(|c| matches!(c.inject, Inject::Placeholder(_)))
                 .map(|c| c.name.clone())
                 .collect(),
         );
@@ -408,7 +409,7 @@ impl CredentialStore {
                 s.push_str(suffix);
                 s
             }
-            Inject::Query { .. } | Inject::Placeholder | Inject::AwsSigv4 { .. } => {
+            Inject::Query { .. } | Inject::Placeholder(_) | Inject::AwsSigv4 { .. } => {
                 return Ok(None)
             }
             Inject::Basic { user } => {
@@ -464,7 +465,15 @@ impl CredentialStore {
     pub fn is_placeholder(&self, name: &str) -> bool {
         self.credentials
             .get(name)
-            .is_some_and(|c| matches!(c.inject, Inject::Placeholder))
+            .is_some_and(|c| matches!(c.inject, Inject::Placeholder(_)))
+    }
+
+    /// Where credential `name`'s placeholder is replaced, if it is a placeholder.
+    pub fn placeholder_scope(&self, name: &str) -> Option<&super::state::PlaceholderScope> {
+        match &self.credentials.get(name)?.inject {
+            Inject::Placeholder(scope) => Some(scope),
+            _ => None,
+        }
     }
 
     /// Whether credential `name` may be sent to server `host`.
@@ -1099,7 +1108,7 @@ fn compile_inject(raw: &RawInject) -> Result<Inject, (&'static str, String)> {
     if let Some(inject) = super::state::compile_query_or_placeholder(raw)? {
         return Ok(match inject {
             super::state::OtherInject::Query(param) => Inject::Query { param },
-            super::state::OtherInject::Placeholder => Inject::Placeholder,
+            super::state::OtherInject::Placeholder(scope) => Inject::Placeholder(scope),
         });
     }
     match (&raw.header, &raw.format, &raw.basic) {

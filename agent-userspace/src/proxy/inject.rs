@@ -2,16 +2,18 @@
 //!
 //! - **query**: the judged target (normalised once) gets the credential as one query
 //!   parameter; any parameter the sandbox sent under that name (also percent-encoded)
-//!   is removed first. That target is what is forwarded. The audit record keeps query
-//!   keys only, so the value never reaches it.
+//!   is removed first, and one whose name a server could take for it (case, `[]`, `.`
+//!   or space for `_`, a `;` separator) refuses the request. That target is what is
+//!   forwarded. The audit record keeps query keys only, so the value never reaches it.
 //! - **placeholder**: the sandbox's sentinel for the rule's credential is replaced by the
-//!   value in headers (also inside an HTTP Basic value), the query and the body (as it
-//!   streams; the framing becomes chunked or HTTP/2 DATA without a length). A compressed
-//!   request body is refused, as the sentinel in it could not be replaced. A sentinel of
-//!   any placeholder credential in a request to a host that credential does not list
-//!   refuses the request (403), before anything is sent or, in a body, before the piece
-//!   holding it is sent; elsewhere (a listed host on a rule with another credential) it
-//!   goes on unchanged, inert.
+//!   value only where the credential's `inject.placeholder` allows: `Authorization`
+//!   (also inside an HTTP Basic value) and the headers it lists, the values of the query
+//!   parameters it lists, and the body (as it streams; the framing becomes chunked or
+//!   HTTP/2 DATA without a length) only with `body: true`. A compressed request body is
+//!   then refused, as the sentinel in it could not be replaced. A sentinel anywhere
+//!   else, or of any placeholder credential other than the rule's own at one of its
+//!   hosts, refuses the request (403), before anything is sent or, in a body, before the
+//!   piece holding it is sent: it is never forwarded as it is.
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -57,13 +59,36 @@ fn percent_decode(s: &str) -> Vec<u8> {
     out
 }
 
+/// A query key as servers may read it, for comparison: decoded, ASCII lower case,
+/// leading spaces dropped, cut at the first `[` (`key[]`, `key[0]`), `.` and space read
+/// as `_` (as PHP does).
+fn loose_key(key: &[u8]) -> Vec<u8> {
+    let start = key.iter().position(|&b| b != b' ').unwrap_or(key.len());
+    let key = &key[start..];
+    let end = key.iter().position(|&b| b == b'[').unwrap_or(key.len());
+    key[..end]
+        .iter()
+        .map(|&b| match b {
+            b'.' | b' ' => b'_',
+            b => b.to_ascii_lowercase(),
+        })
+        .collect()
+}
+
 /// `target` (a normalised path and query) with every `param` parameter removed (by its
-/// decoded name) and `param=<value, percent-encoded>` appended.
-pub(super) fn set_query_param(target: &str, param: &str, value: &Secret) -> Zeroizing<String> {
+/// exact decoded name) and `param=<value, percent-encoded>` appended. A key that is not
+/// `param` but that a server could read as it ([`loose_key`], or `param` before a `;`)
+/// is an error: which of the two the origin would use cannot be known.
+pub(super) fn set_query_param(
+    target: &str,
+    param: &str,
+    value: &Secret,
+) -> Result<Zeroizing<String>, String> {
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, q),
         None => (target, ""),
     };
+    let loose_param = loose_key(param.as_bytes());
     let mut out = Zeroizing::new(String::with_capacity(target.len() + param.len() + 64));
     out.push_str(path);
     out.push('?');
@@ -72,13 +97,24 @@ pub(super) fn set_query_param(target: &str, param: &str, value: &Secret) -> Zero
         if percent_decode(key) == param.as_bytes() {
             continue;
         }
+        let confusable = pair.split(';').any(|part| {
+            let key = part.split_once('=').map_or(part, |(k, _)| k);
+            loose_key(&percent_decode(key)) == loose_param
+        });
+        if confusable {
+            return Err(format!(
+                "downstream client: a query parameter could be read as `{param}`, which the \
+                 proxy sets: send it under its exact name or not at all (key `{}`)",
+                crate::text::sanitize(key, 60)
+            ));
+        }
         out.push_str(pair);
         out.push('&');
     }
     out.push_str(param);
     out.push('=');
     out.push_str(&percent_encode(value.expose()));
-    out
+    Ok(out)
 }
 
 /// Headers that frame or route the request: a sentinel in them is never replaced.
@@ -139,53 +175,112 @@ fn replace_in_value(
     )
 }
 
-/// Takes out of `headers` every header (all values of its name) holding `sentinel`, with
-/// the sentinel replaced by `secret`, so that stripping the sandbox's credential headers
-/// leaves them; the caller puts them back afterwards. Framing headers are left alone.
-/// `Err` when the value cannot be put in a header.
+/// Why the sentinel could not be replaced in a header.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum HeaderReplaceError {
+    /// The header holding the sentinel has other values too.
+    Ambiguous(HeaderName),
+    /// The value cannot be put in a header.
+    Value,
+}
+
+/// Takes out of `headers` each header allowed to carry the sentinel (`Authorization` and
+/// `extra`, never a framing, hop-by-hop, `Connection`-listed or method/URL override
+/// header) that holds it, with it replaced by `secret`, so that stripping the sandbox's
+/// credential headers leaves it; the caller puts back exactly these afterwards. A header
+/// holding the sentinel must have that one value only. Sentinels anywhere else stay, for
+/// the caller to refuse.
 pub(super) fn take_replaced_headers(
     headers: &mut HeaderMap,
     sentinel: &str,
     secret: &Secret,
-) -> Result<Vec<(HeaderName, HeaderValue)>, ()> {
-    let names: Vec<HeaderName> = headers
+    extra: &[HeaderName],
+) -> Result<Vec<(HeaderName, HeaderValue)>, HeaderReplaceError> {
+    let listed: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
         .iter()
-        .filter(|(name, value)| {
-            !framing(name) && replace_in_value(value, sentinel, secret).is_some()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
         })
-        .map(|(name, _)| name.clone())
         .collect();
     let mut out = Vec::new();
-    for name in names {
-        if out.iter().any(|(n, _)| *n == name) {
+    for name in std::iter::once(&http::header::AUTHORIZATION).chain(extra) {
+        if framing(name)
+            || OVERRIDE_HEADERS.contains(&name.as_str())
+            || listed.iter().any(|t| t == name.as_str())
+            || out.iter().any(|(n, _)| n == name)
+        {
             continue;
         }
-        let values: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
-        headers.remove(&name);
-        for value in values {
-            let value = match replace_in_value(&value, sentinel, secret) {
-                Some(replaced) => replaced?,
-                None => value,
-            };
-            out.push((name.clone(), value));
+        let values: Vec<&HeaderValue> = headers.get_all(name).iter().collect();
+        let Some(replaced) = values
+            .iter()
+            .find_map(|v| replace_in_value(v, sentinel, secret))
+        else {
+            continue;
+        };
+        if values.len() > 1 {
+            return Err(HeaderReplaceError::Ambiguous(name.clone()));
         }
+        let replaced = replaced.map_err(|()| HeaderReplaceError::Value)?;
+        headers.remove(name);
+        out.push((name.clone(), replaced));
     }
     Ok(out)
 }
 
-/// The query of `target` with `sentinel` replaced by the percent-encoded `secret`
-/// (the path is left as judged).
-pub(super) fn replace_in_query(target: &str, sentinel: &str, secret: &Secret) -> Zeroizing<String> {
-    match target.split_once('?') {
-        Some((path, query)) if query.contains(sentinel) => {
-            let mut out = Zeroizing::new(String::with_capacity(target.len() + 64));
-            out.push_str(path);
-            out.push('?');
-            out.push_str(&query.replace(sentinel, &percent_encode(secret.expose())));
-            out
-        }
-        _ => Zeroizing::new(target.to_owned()),
+/// Method and URL override headers the proxy strips (see `strip_request_headers`).
+pub(super) const OVERRIDE_HEADERS: [&str; 6] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-method",
+];
+
+/// The target with `sentinel` replaced by the percent-encoded `secret` in the values of
+/// the query parameters `params` (by exact decoded name, in a `&`-separated pair holding
+/// no `;`), and how many were replaced. The path and everything else are left as judged.
+pub(super) fn replace_in_query(
+    target: &str,
+    sentinel: &str,
+    secret: &Secret,
+    params: &[String],
+) -> (Zeroizing<String>, usize) {
+    let Some((path, query)) = target.split_once('?') else {
+        return (Zeroizing::new(target.to_owned()), 0);
+    };
+    if !query.contains(sentinel) {
+        return (Zeroizing::new(target.to_owned()), 0);
     }
+    let encoded = percent_encode(secret.expose());
+    let mut count = 0;
+    let mut out = Zeroizing::new(String::with_capacity(target.len() + 64));
+    out.push_str(path);
+    out.push('?');
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
+            Some((key, value))
+                if !pair.contains(';')
+                    && value.contains(sentinel)
+                    && params.iter().any(|p| percent_decode(key) == p.as_bytes()) =>
+            {
+                count += value.matches(sentinel).count();
+                out.push_str(key);
+                out.push('=');
+                out.push_str(&value.replace(sentinel, &encoded));
+            }
+            _ => out.push_str(pair),
+        }
+    }
+    (out, count)
 }
 
 /// Why a request body cannot have its sentinel replaced: a `Content-Encoding` other than
@@ -318,7 +413,7 @@ mod tests {
     fn the_query_parameter_replaces_the_sandboxs() {
         let s = secret("k3y/with+&=");
         assert_eq!(
-            set_query_param("/v1/x", "api_key", &s).as_str(),
+            set_query_param("/v1/x", "api_key", &s).unwrap().as_str(),
             "/v1/x?api_key=k3y%2Fwith%2B%26%3D"
         );
         assert_eq!(
@@ -327,86 +422,192 @@ mod tests {
                 "api_key",
                 &s
             )
+            .unwrap()
             .as_str(),
             "/v1/x?a=1&b&api_keyx=2&api_key=k3y%2Fwith%2B%26%3D"
         );
         assert_eq!(
-            set_query_param("/?api_key", "api_key", &s).as_str(),
+            set_query_param("/?api_key", "api_key", &s)
+                .unwrap()
+                .as_str(),
             "/?api_key=k3y%2Fwith%2B%26%3D"
         );
         // Keys only reach the record: the value never does.
-        let forwarded = set_query_param("/p?q=1", "api_key", &s);
+        let forwarded = set_query_param("/p?q=1", "api_key", &s).unwrap();
         let keys = crate::audit::query_keys(forwarded.split_once('?').map(|x| x.1));
         assert_eq!(keys.as_deref(), Some("q=&api_key="));
     }
 
     #[test]
-    fn headers_with_the_sentinel_are_replaced_basic_included() {
+    fn a_query_key_a_server_could_read_as_the_parameter_is_refused() {
+        let s = secret("v");
+        for variant in [
+            "API_KEY=x",
+            "Api_Key=x",
+            "api_key[]=x",
+            "api_key[0]=x",
+            "api_key%5B%5D=x",
+            "api.key=x",
+            "api%2Ekey=x",
+            "api+key=x",
+            "api%20key=x",
+            "%20api_key=x",
+            "api_key;x=1",
+            "a=1;api_key=x",
+            "API.KEY[]=x",
+        ] {
+            let target = format!("/p?q=1&{variant}");
+            let err = set_query_param(&target, "api_key", &s).unwrap_err();
+            assert!(err.contains("api_key"), "{variant}: {err}");
+        }
+        // A parameter named with `.` matches its `_` spellings too.
+        assert!(set_query_param("/p?api_key=1", "api.key", &s).is_err());
+        // Different names stay.
+        for other in ["api_keys=1", "apikey=1", "xapi_key=1", "api-key=1", "key=1"] {
+            let target = format!("/p?{other}");
+            let out = set_query_param(&target, "api_key", &s).unwrap();
+            assert_eq!(out.as_str(), format!("/p?{other}&api_key=v"), "{other}");
+        }
+    }
+
+    fn basic(pair: &str) -> HeaderValue {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+        HeaderValue::from_str(&format!("Basic {encoded}")).unwrap()
+    }
+
+    fn shown(taken: &[(HeaderName, HeaderValue)]) -> Vec<(String, String)> {
+        taken
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn only_authorization_and_listed_headers_are_replaced() {
         let s = secret("real-token-value");
+        let x_api_key = HeaderName::from_static("x-api-key");
         let mut headers = HeaderMap::new();
         headers.insert(
             "authorization",
             HeaderValue::from_str(&format!("Bearer {SENTINEL}")).unwrap(),
         );
         headers.insert("x-api-key", HeaderValue::from_static(SENTINEL));
-        headers.append("x-api-key", HeaderValue::from_static("other"));
+        headers.insert("x-other", HeaderValue::from_static(SENTINEL));
         headers.insert("x-plain", HeaderValue::from_static("nothing"));
-        headers.insert("connection", HeaderValue::from_static(SENTINEL));
-        let basic = base64::engine::general_purpose::STANDARD.encode(format!("user:{SENTINEL}"));
-        headers.insert(
-            "proxy-authorization",
-            HeaderValue::from_str(&format!("Basic {basic}")).unwrap(),
-        );
-        let mut taken = take_replaced_headers(&mut headers, SENTINEL, &s).unwrap();
-        taken.sort_by(|a, b| {
-            a.0.as_str()
-                .cmp(b.0.as_str())
-                .then(a.1.as_bytes().cmp(b.1.as_bytes()))
-        });
-        let shown: Vec<(String, String)> = taken
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
-            .collect();
+        headers.insert("proxy-authorization", basic(&format!("u:{SENTINEL}")));
+        let taken =
+            take_replaced_headers(&mut headers, SENTINEL, &s, std::slice::from_ref(&x_api_key))
+                .unwrap();
         assert_eq!(
-            shown,
+            shown(&taken),
             [
                 (
                     "authorization".to_owned(),
                     "Bearer real-token-value".to_owned()
                 ),
-                ("x-api-key".to_owned(), "other".to_owned()),
                 ("x-api-key".to_owned(), "real-token-value".to_owned()),
             ]
         );
-        assert!(taken
-            .iter()
-            .all(|(n, v)| v.is_sensitive() || n == "x-api-key"));
-        // Framing and proxy headers are never touched; the rest stays.
-        assert!(headers.contains_key("connection") && headers.contains_key("x-plain"));
-        assert!(headers.contains_key("proxy-authorization"));
+        assert!(taken.iter().all(|(_, v)| v.is_sensitive()));
+        // A header not listed keeps its sentinel (for the caller to refuse), as do proxy
+        // headers; the rest stays.
+        assert_eq!(headers.get("x-other").unwrap(), SENTINEL);
+        assert!(headers.contains_key("proxy-authorization") && headers.contains_key("x-plain"));
+        assert!(!headers.contains_key("authorization") && !headers.contains_key("x-api-key"));
 
+        // Not listed: nothing taken.
         let mut h = HeaderMap::new();
-        let basic = base64::engine::general_purpose::STANDARD.encode(format!("user:{SENTINEL}"));
-        h.insert(
-            "authorization",
-            HeaderValue::from_str(&format!("Basic {basic}")).unwrap(),
-        );
-        let taken = take_replaced_headers(&mut h, SENTINEL, &s).unwrap();
+        h.insert("x-api-key", HeaderValue::from_static(SENTINEL));
+        assert!(take_replaced_headers(&mut h, SENTINEL, &s, &[])
+            .unwrap()
+            .is_empty());
+        assert!(h.contains_key("x-api-key"));
+
+        // Basic in Authorization.
+        let mut h = HeaderMap::new();
+        h.insert("authorization", basic(&format!("user:{SENTINEL}")));
+        let taken = take_replaced_headers(&mut h, SENTINEL, &s, &[]).unwrap();
         let want = base64::engine::general_purpose::STANDARD.encode("user:real-token-value");
         assert_eq!(taken[0].1.to_str().unwrap(), format!("Basic {want}"));
         // A value that cannot be a header value is an error, not a split header.
         let mut h = HeaderMap::new();
-        h.insert("x-key", HeaderValue::from_static(SENTINEL));
-        assert!(take_replaced_headers(&mut h, SENTINEL, &secret("a\r\nb")).is_err());
+        h.insert("authorization", HeaderValue::from_static(SENTINEL));
+        assert_eq!(
+            take_replaced_headers(&mut h, SENTINEL, &secret("a\r\nb"), &[]),
+            Err(HeaderReplaceError::Value)
+        );
+    }
+
+    #[test]
+    fn a_second_value_beside_the_sentinel_is_refused_and_nothing_else_is_restored() {
+        let s = secret("real-token-value");
+        // The sandbox's own key as a second Authorization value.
+        let mut h = HeaderMap::new();
+        h.append(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {SENTINEL}")).unwrap(),
+        );
+        h.append(
+            "authorization",
+            HeaderValue::from_static("Bearer sandbox-own"),
+        );
+        assert_eq!(
+            take_replaced_headers(&mut h, SENTINEL, &s, &[]),
+            Err(HeaderReplaceError::Ambiguous(http::header::AUTHORIZATION))
+        );
+        let x_api_key = HeaderName::from_static("x-api-key");
+        let mut h = HeaderMap::new();
+        h.append("x-api-key", HeaderValue::from_static("other"));
+        h.append("x-api-key", HeaderValue::from_static(SENTINEL));
+        assert_eq!(
+            take_replaced_headers(&mut h, SENTINEL, &s, std::slice::from_ref(&x_api_key)),
+            Err(HeaderReplaceError::Ambiguous(x_api_key.clone()))
+        );
+        // Override, hop-by-hop and Connection-listed headers are never taken, even when
+        // listed, so stripping removes them.
+        let listed = [
+            HeaderName::from_static("x-http-method-override"),
+            HeaderName::from_static("x-original-url"),
+            HeaderName::from_static("connection"),
+            HeaderName::from_static("te"),
+            x_api_key.clone(),
+        ];
+        let mut h = HeaderMap::new();
+        for name in &listed {
+            h.insert(name.clone(), HeaderValue::from_static(SENTINEL));
+        }
+        h.append("connection", HeaderValue::from_static("x-api-key"));
+        let taken = take_replaced_headers(&mut h, SENTINEL, &s, &listed).unwrap();
+        assert!(taken.is_empty(), "{:?}", shown(&taken));
+        assert_eq!(h.len(), 6);
     }
 
     #[test]
     fn query_and_body_forms() {
         let s = secret("a\"b c");
-        assert_eq!(
-            replace_in_query(&format!("/p{SENTINEL}?k={SENTINEL}&x=1"), SENTINEL, &s).as_str(),
-            format!("/p{SENTINEL}?k=a%22b%20c&x=1")
+        let params = ["k".to_owned()];
+        let (out, n) = replace_in_query(
+            &format!("/p{SENTINEL}?k={SENTINEL}&x=1&o={SENTINEL}&k=1;{SENTINEL}"),
+            SENTINEL,
+            &s,
+            &params,
         );
+        // Only in the value of `k`, never the path, another parameter or a `;` pair.
+        assert_eq!(
+            out.as_str(),
+            format!("/p{SENTINEL}?k=a%22b%20c&x=1&o={SENTINEL}&k=1;{SENTINEL}")
+        );
+        assert_eq!(n, 1);
+        let (out, n) = replace_in_query(&format!("/p?k={SENTINEL}"), SENTINEL, &s, &[]);
+        assert_eq!((out.as_str(), n), (format!("/p?k={SENTINEL}").as_str(), 0));
+        let (out, n) = replace_in_query(
+            &format!("/p?%6B={SENTINEL}x{SENTINEL}"),
+            SENTINEL,
+            &s,
+            &params,
+        );
+        assert_eq!(out.as_str(), "/p?%6B=a%22b%20cxa%22b%20c");
+        assert_eq!(n, 2);
         let mut h = HeaderMap::new();
         h.insert(
             CONTENT_TYPE,

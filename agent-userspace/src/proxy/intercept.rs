@@ -453,19 +453,35 @@ impl ConnCtx {
                 ));
             }
         }
-        // A placeholder travels only to its credential's hosts.
+        // A placeholder travels only to its credential's hosts, and is replaced only where
+        // its credential allows: any other sentinel in the head is refused here; the
+        // rule's own (at one of its hosts) once it has been replaced where allowed.
+        let rule_placeholder = self
+            .conn
+            .route
+            .credential
+            .clone()
+            .filter(|c| self.proxy.credentials.is_placeholder(c))
+            .filter(|c| self.proxy.credentials.sends_to(c, &self.sni));
         let placeholders = self.proxy.credentials.placeholders_for(&self.conn.sandbox);
+        // Only a sentinel the proxy can replace is exempt from the check below.
+        let own_sentinel = rule_placeholder
+            .as_deref()
+            .zip(placeholders.as_ref())
+            .and_then(|(name, set)| {
+                let sentinel = set.sentinel(name).filter(|s| !s.is_empty())?;
+                let scope = self.proxy.credentials.placeholder_scope(name)?;
+                let detect = set.detector_for(|c| c == name)?;
+                Some((name, sentinel.to_owned(), scope.clone(), detect))
+            });
+        let own: Option<String> = own_sentinel.as_ref().map(|o| o.0.to_owned());
         if let Some(set) = &placeholders {
-            if let Some((name, place)) = self.misdirected_in_head(&req, set.detector()) {
-                record.secret = Some(SecretFinding::placeholder(&name, place));
-                return Err(Refusal::deny(
-                    StatusCode::FORBIDDEN,
-                    format!(
-                        "request carries the placeholder of credential `{name}` in {place}, \
-                         but {} is not one of the credential's hosts",
-                        self.sni
-                    ),
-                ));
+            let path = req.uri().path_and_query().map_or("", PathAndQuery::as_str);
+            let found = misdirected_in_head(path, req.headers(), set.detector(), |c| {
+                own.as_deref() != Some(c)
+            });
+            if let Some((name, place)) = found {
+                return Err(self.misdirected(record, &name, place));
             }
         }
         if is_upgrade(&req) {
@@ -537,46 +553,46 @@ impl ConnCtx {
             }
         }
         // The rule's own placeholder credential, when this host is one of its hosts: its
-        // sentinel is replaced in the head now and in the body as it streams.
-        let own = self
-            .conn
-            .route
-            .credential
-            .as_deref()
-            .filter(|c| self.proxy.credentials.is_placeholder(c))
-            .filter(|c| self.proxy.credentials.sends_to(c, &self.sni));
+        // sentinel is replaced in the head now where the credential allows, and in the
+        // body as it streams if it allows that; anywhere else it refuses the request.
         let mut body_placeholder = None;
         let mut restore = Vec::new();
-        let own_sentinel = own.zip(placeholders.as_ref()).and_then(|(name, set)| {
-            set.sentinel(name)
-                .filter(|s| !s.is_empty())
-                .map(|s| (name, s.to_owned()))
-        });
-        if let Some((name, sentinel)) = own_sentinel {
-            let in_head = judged.target.contains(&sentinel)
-                || parts.headers.iter().any(|(_, v)| {
-                    let v = v.as_bytes();
-                    v.windows(sentinel.len()).any(|w| w == sentinel.as_bytes())
-                        || v.len() > 6 && v[..6].eq_ignore_ascii_case(b"basic ")
-                });
+        if let Some((name, sentinel, scope, detect)) = own_sentinel {
+            let in_head =
+                misdirected_in_head(&judged.target, &parts.headers, &detect, |_| true).is_some();
             let has_body = !(body.is_end_stream() && prefix.is_empty());
-            if in_head || has_body {
+            let mut replaced = 0;
+            if in_head || (has_body && scope.body) {
                 let value = self.credential_value(name).await?;
-                let taken = inject::take_replaced_headers(&mut parts.headers, &sentinel, &value)
-                    .map_err(|()| {
-                        Refusal::deny(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            format!(
-                                "credential `{name}`: the value cannot be put in a header \
-                                 (value not shown)"
-                            ),
-                        )
-                    })?;
-                let replaced_head = !taken.is_empty() || judged.target.contains(&sentinel);
+                let taken = inject::take_replaced_headers(
+                    &mut parts.headers,
+                    &sentinel,
+                    &value,
+                    &scope.headers,
+                )
+                .map_err(|e| match e {
+                    inject::HeaderReplaceError::Ambiguous(header) => Refusal::deny(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "downstream client: header `{header}` carries the placeholder of \
+                             credential `{name}` and other values too; send it once"
+                        ),
+                    ),
+                    inject::HeaderReplaceError::Value => Refusal::deny(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!(
+                            "credential `{name}`: the value cannot be put in a header \
+                             (value not shown)"
+                        ),
+                    ),
+                })?;
+                replaced += taken.len();
                 // Put back after the sandbox's credential headers are stripped.
                 restore = taken;
-                if judged.target.contains(&sentinel) {
-                    let target = inject::replace_in_query(&judged.target, &sentinel, &value);
+                let (target, in_query) =
+                    inject::replace_in_query(&judged.target, &sentinel, &value, &scope.query);
+                if in_query > 0 {
+                    replaced += in_query;
                     path_and_query = PathAndQuery::try_from(target.as_str()).map_err(|_| {
                         Refusal::deny(
                             StatusCode::BAD_REQUEST,
@@ -584,14 +600,23 @@ impl ConnCtx {
                         )
                     })?;
                 }
-                if has_body {
+                // Whatever is left of it is in a place its credential does not allow.
+                let left =
+                    misdirected_in_head(path_and_query.as_str(), &parts.headers, &detect, |_| true);
+                if let Some((_, place)) = left {
+                    return Err(self.misdirected(record, name, place));
+                }
+                if has_body && scope.body {
                     if let Some(reason) = inject::body_encoding_refusal(&parts.headers) {
                         return Err(Refusal::deny(StatusCode::UNSUPPORTED_MEDIA_TYPE, reason));
                     }
                     let with = inject::body_replacement(&parts.headers, &value);
                     body_placeholder = Some((sentinel, with));
                 }
-                if replaced_head || has_body {
+                // A body's replacements are counted only as it streams, after the record
+                // is made: with body replacement on, a request with a body is recorded as
+                // using the credential.
+                if replaced > 0 || body_placeholder.is_some() {
                     record.credential = Some(name.to_owned());
                     record.credential_use = self.proxy.credentials.usage(name).map(Box::new);
                 }
@@ -618,7 +643,8 @@ impl ConnCtx {
             if let Some(param) = self.proxy.credentials.query_param(name) {
                 if self.proxy.credentials.sends_to(name, &self.sni) {
                     let value = self.credential_value(name).await?;
-                    let target = inject::set_query_param(&judged.target, param, &value);
+                    let target = inject::set_query_param(&judged.target, param, &value)
+                        .map_err(|reason| Refusal::deny(StatusCode::BAD_REQUEST, reason))?;
                     path_and_query = PathAndQuery::try_from(target.as_str()).map_err(|_| {
                         Refusal::deny(
                             StatusCode::BAD_REQUEST,
@@ -762,17 +788,13 @@ impl ConnCtx {
             };
             if let Some(set) = &placeholders {
                 let store = &self.proxy.credentials;
-                let sni = self.sni.as_str();
-                // The full set is built once per sandbox; a narrower one only at a host
-                // that some placeholder credential lists.
-                let guard = if store
-                    .names()
-                    .iter()
-                    .any(|c| store.is_placeholder(c) && store.sends_to(c, sni))
-                {
-                    set.detector_for(|c| !store.sends_to(c, sni))
-                } else {
-                    Some(set.detector().clone())
+                // Every sentinel but the rule's own where its body replacement is on.
+                let own_in_body = own
+                    .as_deref()
+                    .filter(|c| store.placeholder_scope(c).is_some_and(|s| s.body));
+                let guard = match own_in_body {
+                    Some(own) => set.detector_for(|c| c != own),
+                    None => Some(set.detector().clone()),
                 };
                 scan.guard = guard.map(|m| OutboundScan::new(m, secrets.placeholder.clone()));
             }
@@ -812,9 +834,8 @@ impl ConnCtx {
                     StatusCode::FORBIDDEN,
                     format!(
                         "request carries the placeholder of credential `{name}` in the body, \
-                         but {} is not one of the credential's hosts; the upstream request \
-                         was aborted before it was sent",
-                        self.sni
+                         {}; the upstream request was aborted before it was sent",
+                        self.not_replaced_here(name)
                     ),
                 );
             }
@@ -872,38 +893,30 @@ impl ConnCtx {
         }
     }
 
-    /// A placeholder sentinel (any wire form) in the URL or a header whose credential does
-    /// not list this connection's server name: the credential and where.
-    fn misdirected_in_head(
-        &self,
-        req: &Request<Incoming>,
-        detector: &crate::credentials::SecretMatcher,
-    ) -> Option<(String, &'static str)> {
-        let store = &self.proxy.credentials;
-        let mut found = None;
-        let mut check = |hay: &[u8], place: &'static str| {
-            if found.is_some() {
-                return;
-            }
-            detector.each_match(hay, |_, index| {
-                let name = detector.name(index);
-                if found.is_none() && !store.sends_to(name, &self.sni) {
-                    found = Some((name.to_owned(), place));
-                }
-            });
-        };
-        check(
-            req.uri()
-                .path_and_query()
-                .map_or("", PathAndQuery::as_str)
-                .as_bytes(),
-            "the URL",
-        );
-        for (name, value) in req.headers() {
-            check(value.as_bytes(), "a header");
-            check(name.as_str().as_bytes(), "a header");
+    /// Why credential `name`'s placeholder is not replaced in this request.
+    fn not_replaced_here(&self, name: &str) -> String {
+        if self.proxy.credentials.sends_to(name, &self.sni) {
+            "where the credential's `inject.placeholder` does not allow it".to_owned()
+        } else {
+            format!("but {} is not one of the credential's hosts", self.sni)
         }
-        found
+    }
+
+    /// The refusal of a placeholder where it is not replaced (recorded, alerted).
+    fn misdirected(
+        &self,
+        record: &mut crate::audit::ProxyRecord,
+        name: &str,
+        place: &'static str,
+    ) -> Refusal {
+        record.secret = Some(SecretFinding::placeholder(name, place));
+        Refusal::deny(
+            StatusCode::FORBIDDEN,
+            format!(
+                "request carries the placeholder of credential `{name}` in {place}, {}",
+                self.not_replaced_here(name)
+            ),
+        )
     }
 
     /// Credential `name`'s value for this connection's server name, through the
@@ -1041,6 +1054,34 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes everything a sandbox could use to supply or probe credentials, and the
 /// hop-by-hop headers.
+/// A placeholder sentinel (any wire form) of a credential `check` accepts in the target
+/// or a header: the credential and where.
+fn misdirected_in_head(
+    target: &str,
+    headers: &HeaderMap,
+    detector: &crate::credentials::SecretMatcher,
+    check: impl Fn(&str) -> bool,
+) -> Option<(String, &'static str)> {
+    let mut found = None;
+    let mut scan = |hay: &[u8], place: &'static str| {
+        if found.is_some() {
+            return;
+        }
+        detector.each_match(hay, |_, index| {
+            let name = detector.name(index);
+            if found.is_none() && check(name) {
+                found = Some((name.to_owned(), place));
+            }
+        });
+    };
+    scan(target.as_bytes(), "the URL");
+    for (name, value) in headers {
+        scan(value.as_bytes(), "a header");
+        scan(name.as_str().as_bytes(), "a header");
+    }
+    found
+}
+
 pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderName]) {
     // `TE: trailers` is end-to-end in effect (gRPC needs it, and HTTP/2 allows it).
     let te_trailers = headers
@@ -1063,16 +1104,9 @@ pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderN
     }
 }
 
-/// Method and URL override headers, removed so the checked method and path are the ones
-/// the origin acts on.
-const OVERRIDE_HEADERS: [&str; 6] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-original-url",
-    "x-rewrite-url",
-    "x-original-method",
-];
+// Method and URL override headers, removed so the checked method and path are the ones
+// the origin acts on.
+use super::inject::OVERRIDE_HEADERS;
 
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]

@@ -313,8 +313,9 @@ impl ProxyRecord {
                 AlertKind::PlaceholderMisdirected,
                 format!(
                     "a request from the sandbox to {origin} carried its placeholder for \
-                     credential {names} in {}, a host the credential does not list; it was \
-                     refused before reaching the origin",
+                     credential {names} in {}, where it is not replaced (a host the \
+                     credential does not list, or a place its `inject.placeholder` does not \
+                     allow); it was refused before reaching the origin",
                     finding.place
                 ),
             ),
