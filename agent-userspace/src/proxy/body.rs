@@ -218,7 +218,7 @@ const DRAIN_BYTES: u64 = 64 * 1024 * 1024;
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Reads what is left of a refused request body and drops it, within bounds.
-async fn drain(mut body: Incoming) {
+pub(super) async fn drain(mut body: Incoming) {
     let read = async {
         let mut total = 0u64;
         while let Some(Ok(frame)) =

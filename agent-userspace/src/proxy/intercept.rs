@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{
-    ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HOST,
+    ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, EXPECT, HOST,
     PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery};
@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::body::{CountingBody, Finish, InFlight, RecordedBody, SecretWatch};
+use super::body::{drain, CountingBody, Finish, InFlight, RecordedBody, SecretWatch};
 use super::error::ProxyError;
 use super::git::{self, PushOutcome};
 use super::head::{HeadClock, HeadTimed};
@@ -360,8 +360,24 @@ impl ConnCtx {
             audit: self.proxy.audit.clone(),
             armed: true,
         };
+        // The body stays here until it is sent on. A refused request's is read to its end
+        // (within bounds) beside the answer: dropped unread, HTTP/2 would reset the stream
+        // under an upload still being sent, and the client could lose the answer. A client
+        // waiting for `100 Continue` is not invited to send a body that goes nowhere.
+        let (head, body) = req.into_parts();
+        let waits_for_continue = head
+            .headers
+            .get(EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let mut unsent = Some(body);
         let outcome = self
-            .forward(req, &mut pending.record, &bytes_in, &secrets)
+            .forward(
+                Request::from_parts(head, ()),
+                &mut unsent,
+                &mut pending.record,
+                &bytes_in,
+                &secrets,
+            )
             .await
             .and_then(|(response, on_complete)| {
                 let (mut parts, body) = response.into_parts();
@@ -387,6 +403,9 @@ impl ConnCtx {
                 Response::from_parts(parts, RecordedBody::upstream(body, finish))
             }
             Err(refusal) => {
+                if let Some(body) = unsent.filter(|b| !b.is_end_stream() && !waits_for_continue) {
+                    tokio::spawn(drain(body));
+                }
                 debug!(
                     connection_id = %self.conn.connection_id,
                     status = refusal.status.as_u16(),
@@ -430,9 +449,12 @@ impl ConnCtx {
             .map_err(|reason| Refusal::deny(StatusCode::BAD_GATEWAY, reason))
     }
 
+    /// Judges `req`, makes the upstream request and sends it. `unsent` holds the
+    /// request's body until it is sent on; a refusal may leave it there.
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<()>,
+        unsent: &mut Option<Incoming>,
         record: &mut crate::audit::ProxyRecord,
         bytes_in: &Arc<AtomicU64>,
         secrets: &SecretWatch,
@@ -525,12 +547,18 @@ impl ConnCtx {
             _ => None,
         };
 
-        let (mut parts, mut body) = req.into_parts();
+        let (mut parts, ()) = req.into_parts();
+        let Some(body) = unsent.as_mut() else {
+            return Err(Refusal::deny(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the request's body was already taken",
+            ));
+        };
         // A push's command list is judged before anything is sent upstream.
         let mut prefix = Bytes::new();
         if let Some(rule) = push_rule {
             let idle = self.proxy.timeouts.idle;
-            let inspected = git::inspect_push(rule, &parts.headers, &mut body, idle).await;
+            let inspected = git::inspect_push(rule, &parts.headers, body, idle).await;
             if let Some(git) = &mut record.git {
                 git.ref_updates = inspected.updates;
             }
@@ -810,6 +838,12 @@ impl ConnCtx {
             }
             (!scan.is_empty()).then_some(scan)
         };
+        let Some(body) = unsent.take() else {
+            return Err(Refusal::deny(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the request's body was already taken",
+            ));
+        };
         let request = Request::from_parts(
             parts,
             CountingBody::with_prefix(prefix, body, bytes_in.clone(), scan),
@@ -960,7 +994,7 @@ impl ConnCtx {
     /// absolute URI) equals the TLS server name, ports aside. Returns the port given.
     fn check_host(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<()>,
         record: &mut crate::audit::ProxyRecord,
     ) -> Result<Option<u16>, Refusal> {
         let mut hosts = req.headers().get_all(HOST).iter();

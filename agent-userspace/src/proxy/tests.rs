@@ -1409,3 +1409,55 @@ async fn idle_connections_last_idle_secs_and_slow_headers_header_secs() {
     })
     .await;
 }
+
+/// A request refused on its head while its client is still uploading (the body arriving
+/// in two pieces) gets the proxy's answer and, over HTTP/2, a cleanly ended stream: the
+/// rest of the body is read and dropped, never reset under the client's upload.
+#[tokio::test]
+async fn a_request_refused_mid_upload_gets_its_answer() {
+    use std::process::Stdio;
+    use tokio::io::AsyncWriteExt as _;
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, &h.ca_pem).unwrap();
+        let port = h.addr.port();
+        for version in ["--http2", "--http1.1"] {
+            let mut curl = tokio::process::Command::new("curl")
+                .args(["-sS", version, "-o", "/dev/null", "-w", "%{http_code}"])
+                .args(["--cacert", ca.to_str().unwrap()])
+                .args(["--resolve", &format!("{NAME}:{port}:127.0.0.1")])
+                .args(["-H", "content-length: 10", "-T", "-"])
+                .arg(format!("https://{NAME}:{port}/forbidden/upload"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let mut stdin = curl.stdin.take().unwrap();
+            stdin.write_all(b"hello").await.unwrap();
+            stdin.flush().await.unwrap();
+            let record = h.record().await;
+            assert_eq!(record.status, Some(403));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Over HTTP/1.1 curl may stop sending once the answer is in.
+            let _ = stdin.write_all(b"world").await;
+            drop(stdin);
+            let out = curl.wait_with_output().await.unwrap();
+            assert_eq!(
+                (
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stdout).as_ref()
+                ),
+                (Some(0), "403"),
+                "curl {version}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
