@@ -11,7 +11,8 @@ pub(super) const FILE_CHUNK: usize = 1 << 20;
 /// The most bytes one `write(2)` carries to stdout: a write to a pipe of at most
 /// `PIPE_BUF` bytes is never interleaved with another writer's, so lines stay whole even
 /// when the daemon's own diagnostics share the pipe.
-pub(super) const PIPE_CHUNK: usize = libc::PIPE_BUF;
+/// Every line fits: records are encoded within [`super::MAX_LINE`] bytes.
+pub(super) const PIPE_CHUNK: usize = super::MAX_LINE;
 
 /// Encoded lines in sequence order: `buf` holds them end to end, each ending in `\n`;
 /// `lines` their sequence numbers and lengths, front first.

@@ -23,7 +23,7 @@ pub use record::{
     Hook, NetworkDecision, PolicyChange, PolicyDigest, PolicyRejected, ProxyEvent, ProxyRecord,
     ProxyVerdict, Quarantine, Record, RecordKind, RefUpdate, RefusedAnswer, RefusedOption, RuleRef,
     SandboxLifecycle, SecretDirection, SecretFinding, SocketFamily, StopReason, TlsMode, Verdict,
-    ECS_VERSION, PRODUCT, VERSION,
+    ECS_VERSION, MAX_LINE, PRODUCT, VERSION,
 };
 pub use writer::{
     AuditConfig, AuditError, AuditHandle, AuditHealth, AuditLog, AuditSink, AuditSummary,

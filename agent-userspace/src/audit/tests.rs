@@ -1792,8 +1792,9 @@ fn concurrent_appenders_never_interleave_lines() {
                         sandbox: format!("writer-{t}"),
                         policy_path: PathBuf::from("/etc/egressd/policies/agent.yaml"),
                         policy_digest: None,
-                        // Spans several pages, so a write split by the kernel would show.
-                        error: "x".repeat(10_000),
+                        // Most lines cross a page boundary, so a write split by the
+                        // kernel would show.
+                        error: "x".repeat(3_500),
                     }
                     .into();
                     writer.write(&r).unwrap();
@@ -1808,7 +1809,7 @@ fn concurrent_appenders_never_interleave_lines() {
     assert_eq!(lines.len(), 4 * PER_WRITER);
     let mut per_writer: HashMap<String, usize> = HashMap::new();
     for line in &lines {
-        assert_eq!(line["error"]["message"].as_str().unwrap().len(), 10_000);
+        assert_eq!(line["error"]["message"].as_str().unwrap().len(), 3_500);
         *per_writer
             .entry(line["egress"]["sandbox"]["name"].to_string())
             .or_default() += 1;
@@ -2300,4 +2301,60 @@ fn the_example_config_sections_parse() {
     let rotate: AuditConfig =
         serde_yaml_ng::from_str("rotate: { max_bytes: 104857600, keep: 10 }").unwrap();
     rotate.validate().unwrap();
+}
+
+/// A record whose strings and lists come from the sandbox (a long path, many query keys,
+/// many ref updates, a reason quoting them) is still one line of at most `PIPE_BUF`
+/// bytes, valid against the schema, marked truncated, its identity fields intact.
+#[test]
+fn oversized_records_are_shortened_to_one_pipe_write() {
+    let validator = validator();
+    let update = |i: usize| RefUpdate {
+        ref_name: format!("refs/heads/agent/{}", "b".repeat(200 + i)),
+        old: "1".repeat(40),
+        new: "2".repeat(40),
+        allowed: false,
+    };
+    let record = ProxyRecord {
+        path: Some(format!("/acme/{}/git-receive-pack", "é".repeat(5000))),
+        query_keys: Some(
+            (0..500)
+                .map(|i| format!("key{i}="))
+                .collect::<Vec<_>>()
+                .join("&"),
+        ),
+        reason: Some(format!("git push refused: {}", "\u{1}quoted ".repeat(800))),
+        git: Some(GitAudit {
+            repo: "acme/widget".into(),
+            service: "git-receive-pack".into(),
+            ref_updates: (0..100).map(update).collect(),
+        }),
+        ..proxy_git_push_refused()
+    };
+    let full = proxy_event(record.clone());
+    let line = full.encode(77).unwrap();
+    assert!(line.len() <= MAX_LINE, "{} bytes", line.len());
+    assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+    assert_eq!(line.last(), Some(&b'\n'));
+    let value: Value = serde_json::from_slice(&line).unwrap();
+    assert_eq!(violations(&validator, &value), Vec::<String>::new());
+    assert_eq!(value["egress"]["truncated"], true);
+    assert_eq!(value["event"]["sequence"], 77);
+    assert_eq!(value["event"]["action"], "http-request");
+    assert_eq!(
+        value["egress"]["connection"]["id"],
+        record.connection_id.as_str()
+    );
+    let path = value["url"]["path"].as_str().unwrap();
+    assert!(
+        path.starts_with("/acme/éé") && path.ends_with('…'),
+        "{path}"
+    );
+    assert!(value["event"]["reason"].as_str().unwrap().ends_with('…'));
+
+    // An ordinary record is untouched and carries no mark.
+    let line = proxy_event(proxy_git_push_refused()).encode(78).unwrap();
+    let value: Value = serde_json::from_slice(&line).unwrap();
+    assert!(value["egress"].get("truncated").is_none());
+    assert_eq!(value["url"]["path"], "/acme/widget.git/git-receive-pack");
 }

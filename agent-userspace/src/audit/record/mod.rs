@@ -15,6 +15,7 @@
 use time::OffsetDateTime;
 
 mod dns;
+mod fit;
 mod kernel;
 mod lifecycle;
 mod proxy;
@@ -22,6 +23,7 @@ mod values;
 mod wire;
 
 pub use dns::{DnsEvent, DnsVerdict, RefusedAnswer};
+pub use fit::MAX_LINE;
 pub use kernel::*;
 pub use lifecycle::*;
 pub use proxy::*;
@@ -146,8 +148,9 @@ impl Record {
         }
     }
 
-    /// Serialises the record as one JSON object followed by `\n`. serde_json escapes every
-    /// control character inside strings, so the only newline is the terminator.
+    /// Serialises the record as one JSON object followed by `\n`, at most [`MAX_LINE`]
+    /// bytes. serde_json escapes every control character inside strings, so the only
+    /// newline is the terminator.
     pub fn encode(&self, sequence: u64) -> Result<Vec<u8>, EncodeError> {
         let mut buf = Vec::with_capacity(768);
         self.encode_into(sequence, &mut buf)?;
@@ -155,12 +158,19 @@ impl Record {
     }
 
     /// [`Record::encode`], appended to `out`; on an error `out` may hold part of a line.
+    /// A line longer than [`MAX_LINE`] is encoded again, shortened (see [`fit`]).
     pub fn encode_into(&self, sequence: u64, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         let wire = self.to_wire(sequence)?;
-        serde_json::to_writer(&mut *out, &wire).map_err(|source| EncodeError::Json {
+        let failed = |source| EncodeError::Json {
             action: self.action(),
             source,
-        })?;
+        };
+        let start = out.len();
+        serde_json::to_writer(&mut *out, &wire).map_err(failed)?;
+        if out.len() - start >= MAX_LINE {
+            out.truncate(start);
+            out.extend_from_slice(&fit::shortened(&wire).map_err(failed)?);
+        }
         out.push(b'\n');
         Ok(())
     }
