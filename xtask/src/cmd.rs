@@ -2,6 +2,8 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    sync::OnceLock,
+    time::Instant,
 };
 
 use anyhow::{bail, Context};
@@ -13,8 +15,15 @@ pub fn workspace() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// Prints a progress line, with the time since the first one (so a slow step shows).
 pub fn step(what: &str) {
-    eprintln!("\x1b[1m==> {what}\x1b[0m");
+    static FIRST: OnceLock<Instant> = OnceLock::new();
+    let since = FIRST.get_or_init(Instant::now).elapsed().as_secs();
+    eprintln!(
+        "\x1b[1m==> {what}\x1b[0m  [{}:{:02}]",
+        since / 60,
+        since % 60
+    );
 }
 
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
