@@ -37,9 +37,27 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A cargo command with the environment a developer's shell would give it: without the
+/// variables `cargo run` set for the xtask itself, which some build scripts watch (ring's
+/// watches `CARGO_MANIFEST_DIR`), so builds from here and by hand share their artifacts.
 pub fn cargo(args: &[&str]) -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.args(args);
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || matches!(
+                name.as_ref(),
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            c.env_remove(name.as_ref());
+        }
+    }
     c
 }
 
