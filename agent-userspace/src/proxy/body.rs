@@ -10,6 +10,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
+use super::head::HeadClock;
 use super::inject::RequestScan;
 use super::scrub::{OutboundHit, ResponseBody, Tally};
 use super::AuditSink;
@@ -31,6 +32,8 @@ pub struct CountingBody {
     flushed: bool,
     /// Trailers to send after the held-back bytes.
     trailers: Option<http::HeaderMap>,
+    /// Told once the client's body has been read to its end (HTTP/1).
+    end_clock: Option<Arc<HeadClock>>,
 }
 
 impl CountingBody {
@@ -48,7 +51,14 @@ impl CountingBody {
             flushed: scan.is_none(),
             scan,
             trailers: None,
+            end_clock: None,
         }
+    }
+
+    /// Tells `clock` (an HTTP/1 connection's) when the client's body has been read.
+    pub fn ending_to(mut self, clock: Option<Arc<HeadClock>>) -> Self {
+        self.end_clock = clock;
+        self
     }
 
     /// A piece from the client: counted, and passed through the scan.
@@ -71,7 +81,7 @@ impl CountingBody {
         if let (Some(inner), Ok(runtime)) =
             (self.inner.take(), tokio::runtime::Handle::try_current())
         {
-            runtime.spawn(drain(inner));
+            runtime.spawn(drain(inner, self.end_clock.take()));
         }
     }
 
@@ -80,15 +90,9 @@ impl CountingBody {
     }
 }
 
-impl Body for CountingBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
+impl CountingBody {
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self;
         if let Some(trailers) = this.trailers.take() {
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
@@ -184,6 +188,29 @@ impl Body for CountingBody {
             return Poll::Ready(Some(Ok(frame)));
         }
     }
+}
+
+impl Body for CountingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let out = this.poll_body(cx);
+        // The client's body is over (not stopped by the scan: then it is being drained).
+        if this.end_clock.is_some()
+            && (matches!(out, Poll::Ready(None))
+                || this.inner.as_ref().is_some_and(Incoming::is_end_stream))
+        {
+            if let Some(clock) = this.end_clock.take() {
+                clock.body_ended();
+            }
+        }
+        out
+    }
 
     fn is_end_stream(&self) -> bool {
         self.prefix.is_none() && self.trailers.is_none() && self.inner_ended() && self.flushed
@@ -217,17 +244,25 @@ impl Body for CountingBody {
 const DRAIN_BYTES: u64 = 64 * 1024 * 1024;
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Reads what is left of a refused request body and drops it, within bounds.
-pub(super) async fn drain(mut body: Incoming) {
+/// Reads what is left of a refused request body and drops it, within bounds; tells
+/// `end_clock` (an HTTP/1 connection's) if it reached the end.
+pub(super) async fn drain(mut body: Incoming, end_clock: Option<Arc<HeadClock>>) {
     let read = async {
         let mut total = 0u64;
-        while let Some(Ok(frame)) =
-            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
-        {
-            total += frame.data_ref().map_or(0, |d| d.len() as u64);
-            if total > DRAIN_BYTES {
-                break;
+        loop {
+            match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                Some(Ok(frame)) => {
+                    total += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if total > DRAIN_BYTES {
+                        return;
+                    }
+                }
+                Some(Err(_)) => return,
+                None => break,
             }
+        }
+        if let Some(clock) = end_clock {
+            clock.body_ended();
         }
     };
     let _ = tokio::time::timeout(DRAIN_TIME, read).await;

@@ -9,6 +9,14 @@
 //! ([`HeadClock::head_received`]), and a read still waiting when `header_secs` have
 //! passed fails with [`io::ErrorKind::TimedOut`], which ends the connection. Between
 //! requests only the idle timer applies.
+//!
+//! A pipelined request's head is timed too. Bytes that arrive while a request is in
+//! flight are its body until the proxy says the body has ended ([`HeadClock::body_ended`]);
+//! after that they are the next request's head, and start the clock. A read that carries
+//! a whole head, its body (by `Content-Length`) and more bytes besides carries the next
+//! head as well: the clock restarts for it when the first is received. The limit is
+//! enforced once no request is in flight (a head cannot be parsed before the response
+//! ahead of it is done).
 
 use std::future::Future as _;
 use std::io;
@@ -28,6 +36,10 @@ pub struct HeadClock {
     /// Milliseconds after `origin`, plus one, when the first byte of the head being
     /// received arrived; 0 while none is.
     since: AtomicU64,
+    /// The body of the request in flight has been read to its end.
+    body_done: AtomicBool,
+    /// The head being received came with the start of the next one.
+    pipelined: AtomicBool,
     timed_out: AtomicBool,
 }
 
@@ -36,13 +48,27 @@ impl HeadClock {
         Arc::new(Self {
             origin: Instant::now(),
             since: AtomicU64::new(0),
+            body_done: AtomicBool::new(false),
+            pipelined: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
         })
     }
 
     /// hyper parsed a whole request head: the clock stops until the next one starts.
+    /// When the next head arrived with this one, its clock starts now.
     pub fn head_received(&self) {
-        self.since.store(0, Ordering::Relaxed);
+        self.body_done.store(false, Ordering::Relaxed);
+        if self.pipelined.swap(false, Ordering::Relaxed) {
+            self.start();
+        } else {
+            self.since.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The body of the request in flight has been read to its end: bytes that follow
+    /// belong to the next request's head.
+    pub fn body_ended(&self) {
+        self.body_done.store(true, Ordering::Relaxed);
     }
 
     /// When the head being received started, if one is.
@@ -103,11 +129,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadTimed<S> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before
-                    && this.in_flight.load(Ordering::Relaxed) == 0
-                    && this.clock.head_started().is_none()
-                {
-                    this.clock.start();
+                if buf.filled().len() > before && this.clock.head_started().is_none() {
+                    if this.in_flight.load(Ordering::Relaxed) == 0 {
+                        this.clock.start();
+                        if carries_next_head(&buf.filled()[before..]) {
+                            this.clock.pipelined.store(true, Ordering::Relaxed);
+                        }
+                    } else if this.clock.body_done.load(Ordering::Relaxed) {
+                        this.clock.start();
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
@@ -115,6 +145,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadTimed<S> {
                 let Some(started) = this.clock.head_started() else {
                     return Poll::Pending;
                 };
+                // A pipelined head waits for the response ahead of it; hyper reads again
+                // once that is done, and the limit is checked then.
+                if this.in_flight.load(Ordering::Relaxed) > 0 {
+                    return Poll::Pending;
+                }
                 let deadline = started + this.limit;
                 let sleep = match &mut this.sleep {
                     Some(sleep) => {
@@ -145,6 +180,42 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadTimed<S> {
 }
 
 super::io::write_through!(HeadTimed);
+
+/// Whether `bytes`, read at the start of a request head, hold more than that head and
+/// its body (`Content-Length`, or none): the start of a pipelined request. A head not
+/// whole in `bytes`, a chunked body or a head hyper would refuse anyway gives `false`.
+fn carries_next_head(bytes: &[u8]) -> bool {
+    let Some(end) = memchr::memmem::find(bytes, b"\r\n\r\n").map(|p| p + 4) else {
+        return false;
+    };
+    if end == bytes.len() {
+        return false;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    if !matches!(
+        request.parse(&bytes[..end]),
+        Ok(httparse::Status::Complete(_))
+    ) {
+        return false;
+    }
+    let mut length = 0usize;
+    for header in request.headers.iter() {
+        if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            return false;
+        }
+        if header.name.eq_ignore_ascii_case("content-length") {
+            match std::str::from_utf8(header.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+            {
+                Some(n) => length = n,
+                None => return false,
+            }
+        }
+    }
+    bytes.len() - end > length
+}
 
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
@@ -185,6 +256,53 @@ mod tests {
         let err = s.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(started.elapsed() <= limit + Duration::from_secs(5));
+        assert!(clock.timed_out());
+    }
+
+    #[test]
+    fn a_read_carrying_the_next_head_is_recognised() {
+        assert!(carries_next_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET"));
+        assert!(!carries_next_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(!carries_next_head(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        let post = b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody";
+        assert!(!carries_next_head(post));
+        assert!(carries_next_head(&[&post[..], b"G"].concat()));
+        assert!(!carries_next_head(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\nGET"
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_pipelined_head_is_timed_once_the_response_ahead_is_done() {
+        let (mut client, server) = tokio::io::duplex(256);
+        let clock = HeadClock::new();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let limit = Duration::from_millis(300);
+        let mut s = HeadTimed::new(server, clock.clone(), in_flight.clone(), limit);
+        let mut buf = [0u8; 256];
+
+        // A request with a body is in flight; its body is not timed.
+        client.write_all(b"POST / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(s.read(&mut buf).await.unwrap() > 0);
+        clock.head_received();
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        client.write_all(b"body").await.unwrap();
+        assert!(s.read(&mut buf).await.unwrap() > 0);
+        assert!(clock.head_started().is_none());
+        clock.body_ended();
+
+        // The next head arrives behind it, incomplete: its clock starts, but nothing
+        // fails while the response ahead is still being sent.
+        client.write_all(b"GET /next HTTP/1.1\r\nHo").await.unwrap();
+        assert!(s.read(&mut buf).await.unwrap() > 0);
+        assert!(clock.head_started().is_some());
+        let waited = tokio::time::timeout(limit * 2, s.read(&mut buf)).await;
+        assert!(waited.is_err(), "no timeout while a response is in flight");
+
+        // The response is done and the head has had its time: the read fails at once.
+        in_flight.fetch_sub(1, Ordering::Relaxed);
+        let err = s.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(clock.timed_out());
     }
 }

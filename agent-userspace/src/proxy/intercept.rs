@@ -139,7 +139,10 @@ pub(super) async fn intercept(
 
     let in_flight = Arc::new(AtomicUsize::new(0));
     let head_clock = HeadClock::new();
+    // HTTP/2 only when the client chose it in ALPN.
+    let h2 = alpn.as_deref() == Some(b"h2");
     let ctx = Arc::new(ConnCtx {
+        head_clock: (!h2).then(|| head_clock.clone()),
         proxy: proxy.clone(),
         conn: conn.clone(),
         pool_key: Arc::new(PoolKey::new(&conn.sandbox, conn.original_dst, &sni)),
@@ -192,8 +195,6 @@ pub(super) async fn intercept(
         .timer(TokioTimer::new())
         .enable_connect_protocol()
         .max_header_list_size(u32::try_from(proxy.config.max_header_bytes).unwrap_or(u32::MAX));
-    // HTTP/2 only when the client chose it in ALPN.
-    let h2 = alpn.as_deref() == Some(b"h2");
     let builder = if h2 {
         builder.http2_only()
     } else {
@@ -321,6 +322,8 @@ struct ConnCtx {
     /// `:authority` and `Host` for requests that name no port (or 443), made once.
     target: Option<(Authority, HeaderValue)>,
     in_flight: Arc<AtomicUsize>,
+    /// An HTTP/1 connection's header clock, told when each request's body has ended.
+    head_clock: Option<Arc<HeadClock>>,
 }
 
 /// The upstream `:authority` and `Host` for the server name and the port the request
@@ -369,6 +372,9 @@ impl ConnCtx {
             .headers
             .get(EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if body.is_end_stream() {
+            self.body_ended();
+        }
         let mut unsent = Some(body);
         let outcome = self
             .forward(
@@ -403,8 +409,12 @@ impl ConnCtx {
                 Response::from_parts(parts, RecordedBody::upstream(body, finish))
             }
             Err(refusal) => {
-                if let Some(body) = unsent.filter(|b| !b.is_end_stream() && !waits_for_continue) {
-                    tokio::spawn(drain(body));
+                match unsent {
+                    Some(body) if body.is_end_stream() => self.body_ended(),
+                    Some(body) if !waits_for_continue => {
+                        tokio::spawn(drain(body, self.head_clock.clone()));
+                    }
+                    _ => {}
                 }
                 debug!(
                     connection_id = %self.conn.connection_id,
@@ -429,6 +439,12 @@ impl ConnCtx {
                 headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 response
             }
+        }
+    }
+
+    fn body_ended(&self) {
+        if let Some(clock) = &self.head_clock {
+            clock.body_ended();
         }
     }
 
@@ -846,7 +862,8 @@ impl ConnCtx {
         };
         let request = Request::from_parts(
             parts,
-            CountingBody::with_prefix(prefix, body, bytes_in.clone(), scan),
+            CountingBody::with_prefix(prefix, body, bytes_in.clone(), scan)
+                .ending_to(self.head_clock.clone()),
         );
 
         let addr = SocketAddr::new(

@@ -1461,3 +1461,73 @@ async fn a_request_refused_mid_upload_gets_its_answer() {
     })
     .await;
 }
+
+/// A request head pipelined behind another and left incomplete is cut off after
+/// `header_secs` (not kept for `idle_secs`) and recorded: whether it came in the same
+/// write as the request ahead of it or after that request's body.
+#[tokio::test]
+async fn a_stalled_pipelined_head_is_timed_and_recorded() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    within(async {
+        let origin = start_origin(false).await;
+        let config = ProxyConfig {
+            header_secs: 1,
+            idle_secs: 6,
+            ..ProxyConfig::default()
+        };
+        let mut h =
+            start_proxy_with(origin.addr, &origin.ca_pem, config, |_| ("sbx", INTERCEPT)).await;
+        let cases = [
+            format!("GET /a HTTP/1.1\r\nHost: {NAME}\r\n\r\nGET /b HTTP/1.1\r\nHo"),
+            format!(
+                "POST /a HTTP/1.1\r\nHost: {NAME}\r\nContent-Length: 4\r\n\r\nbodyGET /b HTTP/1.1\r\nHo"
+            ),
+        ];
+        for (i, bytes) in cases.iter().enumerate() {
+            let mut tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"http/1.1"])
+                .await
+                .unwrap();
+            let started = tokio::time::Instant::now();
+            tls.write_all(bytes.as_bytes()).await.unwrap();
+            let mut response = Vec::new();
+            let _ = tls.read_to_end(&mut response).await;
+            let closed_after = started.elapsed();
+            let text = String::from_utf8_lossy(&response);
+            assert!(text.starts_with("HTTP/1.1 200"), "case {i}: {text}");
+            assert!(
+                closed_after < Duration::from_secs(4),
+                "case {i}: closed after {closed_after:?}: header_secs is 1, idle_secs 6"
+            );
+            assert_eq!(h.record().await.status, Some(200), "case {i}");
+            let record = h.record().await;
+            assert_eq!(record.verdict, Verdict::Deny, "case {i}");
+            let reason = record.reason.unwrap();
+            assert!(reason.contains("proxy.header_secs"), "case {i}: {reason}");
+        }
+
+        // Control: two whole heads in one write are both answered, and the connection
+        // then stays open past header_secs like any idle keep-alive connection.
+        let mut tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"http/1.1"])
+            .await
+            .unwrap();
+        let two = format!("GET /a HTTP/1.1\r\nHost: {NAME}\r\n\r\nGET /b HTTP/1.1\r\nHost: {NAME}\r\n\r\n");
+        tls.write_all(two.as_bytes()).await.unwrap();
+        for _ in 0..2 {
+            assert_eq!(h.record().await.status, Some(200));
+        }
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        tls.write_all(format!("GET /c HTTP/1.1\r\nHost: {NAME}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(h.record().await.status, Some(200));
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while seen.windows(12).filter(|w| w == b"HTTP/1.1 200").count() < 3 {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        assert!(h.records.try_recv().is_err());
+    })
+    .await;
+}
