@@ -412,7 +412,14 @@ impl ConnCtx {
                 match unsent {
                     Some(body) if body.is_end_stream() => self.body_ended(),
                     Some(body) if !waits_for_continue => {
-                        tokio::spawn(drain(body, self.head_clock.clone()));
+                        // Still in flight while its body is read: those bytes are not the
+                        // next head, nor is the connection idle.
+                        let reading = InFlight::new(&self.in_flight);
+                        let clock = self.head_clock.clone();
+                        tokio::spawn(async move {
+                            drain(body, clock).await;
+                            drop(reading);
+                        });
                     }
                     _ => {}
                 }

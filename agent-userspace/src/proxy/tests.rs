@@ -1531,3 +1531,46 @@ async fn a_stalled_pipelined_head_is_timed_and_recorded() {
     })
     .await;
 }
+
+/// A refused HTTP/1.1 upload still arriving slowly is read to its end without being
+/// taken for a stalled request head, and the connection serves the next request.
+#[tokio::test]
+async fn a_slow_refused_upload_is_not_a_stalled_head() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    within(async {
+        let origin = start_origin(false).await;
+        let config = ProxyConfig {
+            header_secs: 1,
+            idle_secs: 6,
+            ..ProxyConfig::default()
+        };
+        let mut h =
+            start_proxy_with(origin.addr, &origin.ca_pem, config, |_| ("sbx", INTERCEPT)).await;
+        let mut tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"http/1.1"])
+            .await
+            .unwrap();
+        let head =
+            format!("PUT /forbidden/x HTTP/1.1\r\nHost: {NAME}\r\nContent-Length: 30\r\n\r\n");
+        tls.write_all(head.as_bytes()).await.unwrap();
+        let record = h.record().await;
+        assert_eq!(record.status, Some(403));
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            tls.write_all(&[b'x'; 10]).await.unwrap();
+        }
+        tls.write_all(format!("GET /next HTTP/1.1\r\nHost: {NAME}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !seen.windows(12).any(|w| w == b"HTTP/1.1 200") {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 403"));
+        assert_eq!(h.record().await.status, Some(200));
+        assert!(h.records.try_recv().is_err());
+    })
+    .await;
+}
