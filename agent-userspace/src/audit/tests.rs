@@ -2303,9 +2303,9 @@ fn the_example_config_sections_parse() {
     rotate.validate().unwrap();
 }
 
-/// A record whose strings and lists come from the sandbox (a long path, many query keys,
-/// many ref updates, a reason quoting them) is still one line of at most `PIPE_BUF`
-/// bytes, valid against the schema, marked truncated, its identity fields intact.
+/// A record whose strings come from the sandbox (a long path, many query keys, long ref
+/// names, a reason quoting them) is still one line of at most `PIPE_BUF` bytes, valid
+/// against the schema, marked truncated, its identity fields and every list entry intact.
 #[test]
 fn oversized_records_are_shortened_to_one_pipe_write() {
     let validator = validator();
@@ -2315,24 +2315,19 @@ fn oversized_records_are_shortened_to_one_pipe_write() {
         new: "2".repeat(40),
         allowed: false,
     };
-    let record = ProxyRecord {
+    let record = |updates: usize| ProxyRecord {
         path: Some(format!("/acme/{}/git-receive-pack", "é".repeat(5000))),
-        query_keys: Some(
-            (0..500)
-                .map(|i| format!("key{i}="))
-                .collect::<Vec<_>>()
-                .join("&"),
-        ),
+        query_keys: Some((0..500).map(|i| format!("key{i}=")).collect::<Vec<_>>().join("&")),
         reason: Some(format!("git push refused: {}", "\u{1}quoted ".repeat(800))),
         git: Some(GitAudit {
             repo: "acme/widget".into(),
             service: "git-receive-pack".into(),
-            ref_updates: (0..100).map(update).collect(),
+            ref_updates: (0..updates).map(update).collect(),
         }),
         ..proxy_git_push_refused()
     };
-    let full = proxy_event(record.clone());
-    let line = full.encode(77).unwrap();
+    let record_10 = record(10);
+    let line = proxy_event(record_10.clone()).encode(77).unwrap();
     assert!(line.len() <= MAX_LINE, "{} bytes", line.len());
     assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
     assert_eq!(line.last(), Some(&b'\n'));
@@ -2341,19 +2336,23 @@ fn oversized_records_are_shortened_to_one_pipe_write() {
     assert_eq!(value["egress"]["truncated"], true);
     assert_eq!(value["event"]["sequence"], 77);
     assert_eq!(value["event"]["action"], "http-request");
-    assert_eq!(
-        value["egress"]["connection"]["id"],
-        record.connection_id.as_str()
-    );
+    assert_eq!(value["egress"]["connection"]["id"], record_10.connection_id.as_str());
+    assert_eq!(value["egress"]["git"]["ref_updates"].as_array().unwrap().len(), 10);
+    assert_eq!(value["egress"]["git"]["ref_updates"][3]["old"], "1".repeat(40));
     let path = value["url"]["path"].as_str().unwrap();
-    assert!(
-        path.starts_with("/acme/éé") && path.ends_with('…'),
-        "{path}"
-    );
+    assert!(path.starts_with("/acme/éé") && path.ends_with('…'), "{path}");
     assert!(value["event"]["reason"].as_str().unwrap().ends_with('…'));
 
+    // Lists are never cut: a push of 200 long refs is written whole, longer, and marked.
+    let line = proxy_event(record(200)).encode(78).unwrap();
+    assert!(line.len() > MAX_LINE);
+    let value: Value = serde_json::from_slice(&line).unwrap();
+    assert_eq!(violations(&validator, &value), Vec::<String>::new());
+    assert_eq!(value["egress"]["truncated"], true);
+    assert_eq!(value["egress"]["git"]["ref_updates"].as_array().unwrap().len(), 200);
+
     // An ordinary record is untouched and carries no mark.
-    let line = proxy_event(proxy_git_push_refused()).encode(78).unwrap();
+    let line = proxy_event(proxy_git_push_refused()).encode(79).unwrap();
     let value: Value = serde_json::from_slice(&line).unwrap();
     assert!(value["egress"].get("truncated").is_none());
     assert_eq!(value["url"]["path"], "/acme/widget.git/git-receive-pack");

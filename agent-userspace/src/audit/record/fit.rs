@@ -1,88 +1,131 @@
-//! Keeping every audit line within one atomic pipe write.
+//! Keeping audit lines within one atomic pipe write.
 //!
 //! Some of a record's strings come from the sandbox or the network (paths, query keys,
 //! names, reasons quoting them), so a line could otherwise grow without bound. A write of
 //! more than `PIPE_BUF` bytes to a pipe may be interleaved with another writer's (the
 //! daemon's own diagnostics when both streams share a pipe), and log shippers cut long
 //! lines. A record whose line would be longer is encoded again with its longest strings
-//! cut (ending in `…`) and its longest lists shortened, tighter each pass, and carries
-//! `egress.truncated: true`. Timestamps, versions, `event` (but its reason) and the
-//! sequence number are never touched.
+//! cut to one length (ending in `…`; query keys after a whole key), the shortest that
+//! makes it fit, and carries `egress.truncated: true`.
+//!
+//! Nothing that identifies or decides is cut: strings of at most [`FLOOR`] bytes
+//! (addresses, ids, timestamps, digests, names of rules and sandboxes), `@timestamp`,
+//! `ecs`, `observer`, `event` (but its reason), and no list loses an entry (the
+//! addresses a DNS answer installed, the refs a push updated). A record whose protected
+//! part alone is longer than `PIPE_BUF` is written whole, longer.
 
 use serde::Serialize;
 use serde_json::Value;
 
-/// The longest line, its `\n` included.
+/// The longest line, its `\n` included, when the record allows.
 pub const MAX_LINE: usize = libc::PIPE_BUF;
 
-/// The passes: (most bytes kept of a string, most entries kept of a list).
-const PASSES: [(usize, usize); 4] = [(1024, 32), (256, 8), (64, 2), (16, 1)];
+/// Strings this long or shorter are never cut.
+const FLOOR: usize = 64;
 
 /// Keys at the top of a record that are never shortened.
 const KEPT: [&str; 3] = ["@timestamp", "ecs", "observer"];
 
-/// `wire` encoded (without its `\n`) so that the line fits in [`MAX_LINE`], for a record
-/// whose full encoding does not. After the last pass the line is returned as it is.
+/// `wire` encoded (without its `\n`) for a record whose full encoding is at least
+/// [`MAX_LINE`] bytes: shortened to fit if it can be.
 pub(super) fn shortened(wire: &impl Serialize) -> serde_json::Result<Vec<u8>> {
     let mut value = serde_json::to_value(wire)?;
     if let Some(egress) = value.get_mut("egress").and_then(Value::as_object_mut) {
         egress.insert("truncated".to_owned(), Value::Bool(true));
     }
-    let mut line = Vec::new();
-    for (string_max, list_max) in PASSES {
-        if let Some(top) = value.as_object_mut() {
-            for (key, field) in top.iter_mut() {
-                match key.as_str() {
-                    k if KEPT.contains(&k) => {}
-                    "event" => {
-                        if let Some(reason) = field.get_mut("reason") {
-                            shorten(reason, string_max, list_max);
-                        }
-                    }
-                    // Query keys stay `key=&key=...`: cut after a whole key.
-                    "url" => {
-                        let Some(url) = field.as_object_mut() else {
-                            continue;
-                        };
-                        for (name, part) in url.iter_mut() {
-                            match (name.as_str(), part) {
-                                ("query", Value::String(query)) => cut_query(query, string_max),
-                                (_, part) => shorten(part, string_max, list_max),
-                            }
-                        }
-                        // No whole key fits: none is written.
-                        if url.get("query").is_some_and(|q| q == "") {
-                            url.remove("query");
-                        }
-                    }
-                    _ => shorten(field, string_max, list_max),
-                }
-            }
-        }
-        line.clear();
-        serde_json::to_writer(&mut line, &value)?;
+    let mut line = serde_json::to_vec(&value)?;
+    // Escaping makes the encoded length differ from the strings' own: a few rounds.
+    for _ in 0..8 {
         if line.len() < MAX_LINE {
             break;
         }
+        let mut lengths = Vec::new();
+        visit(&mut value, &mut |s, _| lengths.push(s.len()));
+        let Some(cap) = cap_for(&mut lengths, line.len() + 1 - MAX_LINE) else {
+            break;
+        };
+        visit(&mut value, &mut |s, query| {
+            if query {
+                cut_query(s, cap);
+            } else {
+                cut(s, cap);
+            }
+        });
+        // A query none of whose keys fits is not written.
+        if let Some(url) = value.get_mut("url").and_then(Value::as_object_mut) {
+            if url.get("query").is_some_and(|q| q == "") {
+                url.remove("query");
+            }
+        }
+        line = serde_json::to_vec(&value)?;
     }
     Ok(line)
 }
 
-fn shorten(value: &mut Value, string_max: usize, list_max: usize) {
+/// The largest length that, every cuttable string longer than it cut to it, saves at
+/// least `excess` bytes; the floor if none does; `None` if nothing can be cut.
+fn cap_for(lengths: &mut [usize], excess: usize) -> Option<usize> {
+    lengths.sort_unstable_by(|a, b| b.cmp(a));
+    if lengths.first().is_none_or(|&l| l <= FLOOR) {
+        return None;
+    }
+    let saved = |cap: usize| -> usize { lengths.iter().map(|&l| l.saturating_sub(cap)).sum() };
+    // `saved` falls as `cap` grows: the largest cap in [FLOOR, longest) saving enough.
+    let (mut low, mut high) = (FLOOR, lengths[0]);
+    if saved(low) < excess {
+        return Some(FLOOR);
+    }
+    while high - low > 1 {
+        let mid = low + (high - low) / 2;
+        if saved(mid) >= excess {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    Some(low)
+}
+
+/// Calls `f` on every string that may be cut (longer than [`FLOOR`], outside the kept
+/// keys), with whether it is `url.query`.
+fn visit(value: &mut Value, f: &mut impl FnMut(&mut String, bool)) {
+    let Some(top) = value.as_object_mut() else {
+        return;
+    };
+    for (key, field) in top.iter_mut() {
+        match key.as_str() {
+            k if KEPT.contains(&k) => {}
+            "event" => {
+                if let Some(Value::String(reason)) = field.get_mut("reason") {
+                    if reason.len() > FLOOR {
+                        f(reason, false);
+                    }
+                }
+            }
+            "url" => {
+                for (name, part) in field.as_object_mut().into_iter().flatten() {
+                    if name == "query" {
+                        if let Value::String(query) = part {
+                            if query.len() > FLOOR {
+                                f(query, true);
+                            }
+                        }
+                    } else {
+                        strings(part, f);
+                    }
+                }
+            }
+            _ => strings(field, f),
+        }
+    }
+}
+
+fn strings(value: &mut Value, f: &mut impl FnMut(&mut String, bool)) {
     match value {
-        Value::String(s) => cut(s, string_max),
-        Value::Array(items) => {
-            items.truncate(list_max);
-            for item in items {
-                shorten(item, string_max, list_max);
-            }
-        }
-        Value::Object(fields) => {
-            for field in fields.values_mut() {
-                shorten(field, string_max, list_max);
-            }
-        }
-        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+        Value::String(s) if s.len() > FLOOR => f(s, false),
+        Value::Array(items) => items.iter_mut().for_each(|v| strings(v, f)),
+        Value::Object(fields) => fields.values_mut().for_each(|v| strings(v, f)),
+        _ => {}
     }
 }
 
@@ -140,5 +183,14 @@ mod tests {
         let mut q = "abcdef=&b=".to_owned();
         cut_query(&mut q, 4);
         assert_eq!(q, "");
+    }
+
+    #[test]
+    fn the_cap_is_the_largest_that_saves_enough() {
+        assert_eq!(cap_for(&mut [10, 20], 5), None);
+        assert_eq!(cap_for(&mut [1000, 100], 100), Some(900));
+        // 1000 and 500 both cut to 400 save 700.
+        assert_eq!(cap_for(&mut [500, 1000, 80], 700), Some(400));
+        assert_eq!(cap_for(&mut [500, 1000], 10_000), Some(FLOOR));
     }
 }
