@@ -2317,7 +2317,12 @@ fn oversized_records_are_shortened_to_one_pipe_write() {
     };
     let record = |updates: usize| ProxyRecord {
         path: Some(format!("/acme/{}/git-receive-pack", "é".repeat(5000))),
-        query_keys: Some((0..500).map(|i| format!("key{i}=")).collect::<Vec<_>>().join("&")),
+        query_keys: Some(
+            (0..500)
+                .map(|i| format!("key{i}="))
+                .collect::<Vec<_>>()
+                .join("&"),
+        ),
         reason: Some(format!("git push refused: {}", "\u{1}quoted ".repeat(800))),
         git: Some(GitAudit {
             repo: "acme/widget".into(),
@@ -2336,11 +2341,26 @@ fn oversized_records_are_shortened_to_one_pipe_write() {
     assert_eq!(value["egress"]["truncated"], true);
     assert_eq!(value["event"]["sequence"], 77);
     assert_eq!(value["event"]["action"], "http-request");
-    assert_eq!(value["egress"]["connection"]["id"], record_10.connection_id.as_str());
-    assert_eq!(value["egress"]["git"]["ref_updates"].as_array().unwrap().len(), 10);
-    assert_eq!(value["egress"]["git"]["ref_updates"][3]["old"], "1".repeat(40));
+    assert_eq!(
+        value["egress"]["connection"]["id"],
+        record_10.connection_id.as_str()
+    );
+    assert_eq!(
+        value["egress"]["git"]["ref_updates"]
+            .as_array()
+            .unwrap()
+            .len(),
+        10
+    );
+    assert_eq!(
+        value["egress"]["git"]["ref_updates"][3]["old"],
+        "1".repeat(40)
+    );
     let path = value["url"]["path"].as_str().unwrap();
-    assert!(path.starts_with("/acme/éé") && path.ends_with('…'), "{path}");
+    assert!(
+        path.starts_with("/acme/éé") && path.ends_with('…'),
+        "{path}"
+    );
     assert!(value["event"]["reason"].as_str().unwrap().ends_with('…'));
 
     // Lists are never cut: a push of 200 long refs is written whole, longer, and marked.
@@ -2349,7 +2369,13 @@ fn oversized_records_are_shortened_to_one_pipe_write() {
     let value: Value = serde_json::from_slice(&line).unwrap();
     assert_eq!(violations(&validator, &value), Vec::<String>::new());
     assert_eq!(value["egress"]["truncated"], true);
-    assert_eq!(value["egress"]["git"]["ref_updates"].as_array().unwrap().len(), 200);
+    assert_eq!(
+        value["egress"]["git"]["ref_updates"]
+            .as_array()
+            .unwrap()
+            .len(),
+        200
+    );
 
     // An ordinary record is untouched and carries no mark.
     let line = proxy_event(proxy_git_push_refused()).encode(79).unwrap();

@@ -33,7 +33,7 @@ pub struct CountingBody {
     /// Trailers to send after the held-back bytes.
     trailers: Option<http::HeaderMap>,
     /// Told once the client's body has been read to its end (HTTP/1).
-    end_clock: Option<Arc<HeadClock>>,
+    end: Option<BodyEnd>,
 }
 
 impl CountingBody {
@@ -51,13 +51,13 @@ impl CountingBody {
             flushed: scan.is_none(),
             scan,
             trailers: None,
-            end_clock: None,
+            end: None,
         }
     }
 
-    /// Tells `clock` (an HTTP/1 connection's) when the client's body has been read.
-    pub fn ending_to(mut self, clock: Option<Arc<HeadClock>>) -> Self {
-        self.end_clock = clock;
+    /// Tells `end` (an HTTP/1 request's) when the client's body has been read.
+    pub fn ending_to(mut self, end: Option<BodyEnd>) -> Self {
+        self.end = end;
         self
     }
 
@@ -81,7 +81,7 @@ impl CountingBody {
         if let (Some(inner), Ok(runtime)) =
             (self.inner.take(), tokio::runtime::Handle::try_current())
         {
-            runtime.spawn(drain(inner, self.end_clock.take()));
+            runtime.spawn(drain(inner, self.end.take()));
         }
     }
 
@@ -201,12 +201,12 @@ impl Body for CountingBody {
         let this = self.get_mut();
         let out = this.poll_body(cx);
         // The client's body is over (not stopped by the scan: then it is being drained).
-        if this.end_clock.is_some()
+        if this.end.is_some()
             && (matches!(out, Poll::Ready(None))
                 || this.inner.as_ref().is_some_and(Incoming::is_end_stream))
         {
-            if let Some(clock) = this.end_clock.take() {
-                clock.body_ended();
+            if let Some(end) = this.end.take() {
+                end.ended();
             }
         }
         out
@@ -245,8 +245,8 @@ const DRAIN_BYTES: u64 = 64 * 1024 * 1024;
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Reads what is left of a refused request body and drops it, within bounds; tells
-/// `end_clock` (an HTTP/1 connection's) if it reached the end.
-pub(super) async fn drain(mut body: Incoming, end_clock: Option<Arc<HeadClock>>) {
+/// `end` (an HTTP/1 request's) if it reached the end.
+pub(super) async fn drain(mut body: Incoming, end: Option<BodyEnd>) {
     let read = async {
         let mut total = 0u64;
         loop {
@@ -261,11 +261,35 @@ pub(super) async fn drain(mut body: Incoming, end_clock: Option<Arc<HeadClock>>)
                 None => break,
             }
         }
-        if let Some(clock) = end_clock {
-            clock.body_ended();
+        if let Some(end) = end {
+            end.ended();
         }
     };
     let _ = tokio::time::timeout(DRAIN_TIME, read).await;
+}
+
+/// The end of one HTTP/1 request's body, for its connection's header clock. Until it is
+/// told (or dropped), the request counts as in flight: bytes read meanwhile are its body,
+/// not the next request's head, and the connection is not idle.
+pub struct BodyEnd {
+    clock: Arc<HeadClock>,
+    request: u64,
+    _reading: InFlight,
+}
+
+impl BodyEnd {
+    /// For the request whose head `clock` received last.
+    pub fn new(clock: &Arc<HeadClock>, in_flight: &Arc<AtomicUsize>) -> Self {
+        Self {
+            clock: clock.clone(),
+            request: clock.requests(),
+            _reading: InFlight::new(in_flight),
+        }
+    }
+
+    pub fn ended(self) {
+        self.clock.body_ended(self.request);
+    }
 }
 
 /// Counts a connection's requests whose response is still being sent, so that the idle

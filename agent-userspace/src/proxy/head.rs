@@ -36,6 +36,8 @@ pub struct HeadClock {
     /// Milliseconds after `origin`, plus one, when the first byte of the head being
     /// received arrived; 0 while none is.
     since: AtomicU64,
+    /// Request heads received so far.
+    requests: AtomicU64,
     /// The body of the request in flight has been read to its end.
     body_done: AtomicBool,
     /// The head being received came with the start of the next one.
@@ -48,6 +50,7 @@ impl HeadClock {
         Arc::new(Self {
             origin: Instant::now(),
             since: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
             body_done: AtomicBool::new(false),
             pipelined: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
@@ -57,6 +60,7 @@ impl HeadClock {
     /// hyper parsed a whole request head: the clock stops until the next one starts.
     /// When the next head arrived with this one, its clock starts now.
     pub fn head_received(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         self.body_done.store(false, Ordering::Relaxed);
         if self.pipelined.swap(false, Ordering::Relaxed) {
             self.start();
@@ -65,10 +69,18 @@ impl HeadClock {
         }
     }
 
-    /// The body of the request in flight has been read to its end: bytes that follow
-    /// belong to the next request's head.
-    pub fn body_ended(&self) {
-        self.body_done.store(true, Ordering::Relaxed);
+    /// Request heads received so far: names the request in flight.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// The body of request `request` (see [`HeadClock::requests`]) has been read to its
+    /// end: bytes that follow belong to the next request's head. Late news of an earlier
+    /// request is ignored.
+    pub fn body_ended(&self, request: u64) {
+        if request == self.requests() {
+            self.body_done.store(true, Ordering::Relaxed);
+        }
     }
 
     /// When the head being received started, if one is.
@@ -100,6 +112,8 @@ pub struct HeadTimed<S> {
     limit: Duration,
     /// Made the first time a head is not complete in one read; reset after that.
     sleep: Option<Pin<Box<Sleep>>>,
+    /// A head is waiting for the response ahead of it: its time starts when that is done.
+    behind_response: bool,
 }
 
 impl<S> HeadTimed<S> {
@@ -115,6 +129,7 @@ impl<S> HeadTimed<S> {
             in_flight,
             limit,
             sleep: None,
+            behind_response: false,
         }
     }
 }
@@ -129,10 +144,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadTimed<S> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before && this.clock.head_started().is_none() {
+                let read = &buf.filled()[before..];
+                // Line ends between messages are ignored (RFC 9112, 2.2): not a head.
+                if this.clock.head_started().is_none() && !only_line_ends(read) {
                     if this.in_flight.load(Ordering::Relaxed) == 0 {
                         this.clock.start();
-                        if carries_next_head(&buf.filled()[before..]) {
+                        if carries_next_head(read) {
                             this.clock.pipelined.store(true, Ordering::Relaxed);
                         }
                     } else if this.clock.body_done.load(Ordering::Relaxed) {
@@ -145,11 +162,24 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadTimed<S> {
                 let Some(started) = this.clock.head_started() else {
                     return Poll::Pending;
                 };
-                // A pipelined head waits for the response ahead of it; hyper reads again
-                // once that is done, and the limit is checked then.
+                // A pipelined head waits for the response ahead of it (or the rest of a
+                // refused body) and gets its whole time after that: look again shortly.
                 if this.in_flight.load(Ordering::Relaxed) > 0 {
+                    this.behind_response = true;
+                    let again = Instant::now() + RECHECK;
+                    let sleep = this
+                        .sleep
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(again)));
+                    sleep.as_mut().reset(again);
+                    let _ = sleep.as_mut().poll(cx);
                     return Poll::Pending;
                 }
+                let started = if std::mem::take(&mut this.behind_response) {
+                    this.clock.start();
+                    Instant::now()
+                } else {
+                    started
+                };
                 let deadline = started + this.limit;
                 let sleep = match &mut this.sleep {
                     Some(sleep) => {
@@ -181,6 +211,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadTimed<S> {
 
 super::io::write_through!(HeadTimed);
 
+/// How often a head waiting behind a response looks whether its turn has come.
+const RECHECK: Duration = Duration::from_millis(250);
+
+/// Whether `bytes` hold nothing but CR and LF.
+fn only_line_ends(bytes: &[u8]) -> bool {
+    bytes.iter().all(|b| matches!(b, b'\r' | b'\n'))
+}
+
 /// Whether `bytes`, read at the start of a request head, hold more than that head and
 /// its body (`Content-Length`, or none): the start of a pipelined request. A head not
 /// whole in `bytes`, a chunked body or a head hyper would refuse anyway gives `false`.
@@ -191,7 +229,8 @@ fn carries_next_head(bytes: &[u8]) -> bool {
     if end == bytes.len() {
         return false;
     }
-    let mut headers = [httparse::EMPTY_HEADER; 64];
+    // As many as hyper accepts.
+    let mut headers = [httparse::EMPTY_HEADER; 100];
     let mut request = httparse::Request::new(&mut headers);
     if !matches!(
         request.parse(&bytes[..end]),
@@ -214,7 +253,9 @@ fn carries_next_head(bytes: &[u8]) -> bool {
             }
         }
     }
-    bytes.len() - end > length
+    bytes
+        .get(end.saturating_add(length)..)
+        .is_some_and(|rest| !rest.is_empty() && !only_line_ends(rest))
 }
 
 #[cfg(test)]
@@ -267,6 +308,7 @@ mod tests {
         let post = b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody";
         assert!(!carries_next_head(post));
         assert!(carries_next_head(&[&post[..], b"G"].concat()));
+        assert!(!carries_next_head(&[&post[..], b"\r\n"].concat()));
         assert!(!carries_next_head(
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\nGET"
         ));
@@ -289,7 +331,16 @@ mod tests {
         client.write_all(b"body").await.unwrap();
         assert!(s.read(&mut buf).await.unwrap() > 0);
         assert!(clock.head_started().is_none());
-        clock.body_ended();
+        // News of an earlier request's body changes nothing; this one's does.
+        clock.body_ended(clock.requests() - 1);
+        client.write_all(b"more").await.unwrap();
+        assert!(s.read(&mut buf).await.unwrap() > 0);
+        assert!(clock.head_started().is_none());
+        clock.body_ended(clock.requests());
+        // Line ends between messages are not a head.
+        client.write_all(b"\r\n").await.unwrap();
+        assert!(s.read(&mut buf).await.unwrap() > 0);
+        assert!(clock.head_started().is_none());
 
         // The next head arrives behind it, incomplete: its clock starts, but nothing
         // fails while the response ahead is still being sent.
@@ -299,10 +350,13 @@ mod tests {
         let waited = tokio::time::timeout(limit * 2, s.read(&mut buf)).await;
         assert!(waited.is_err(), "no timeout while a response is in flight");
 
-        // The response is done and the head has had its time: the read fails at once.
+        // The response is done: the head gets its whole time from then, no more.
         in_flight.fetch_sub(1, Ordering::Relaxed);
+        let done = Instant::now();
         let err = s.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(done.elapsed() >= limit - Duration::from_millis(50));
+        assert!(done.elapsed() <= limit + Duration::from_secs(5));
         assert!(clock.timed_out());
     }
 }

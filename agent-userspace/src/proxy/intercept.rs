@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::body::{drain, CountingBody, Finish, InFlight, RecordedBody, SecretWatch};
+use super::body::{drain, BodyEnd, CountingBody, Finish, InFlight, RecordedBody, SecretWatch};
 use super::error::ProxyError;
 use super::git::{self, PushOutcome};
 use super::head::{HeadClock, HeadTimed};
@@ -372,14 +372,21 @@ impl ConnCtx {
             .headers
             .get(EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        if body.is_end_stream() {
-            self.body_ended();
+        // HTTP/1: the header clock learns where this request's body ends.
+        let mut body_end = None;
+        if let Some(clock) = &self.head_clock {
+            if body.is_end_stream() {
+                clock.body_ended(clock.requests());
+            } else {
+                body_end = Some(BodyEnd::new(clock, &self.in_flight));
+            }
         }
         let mut unsent = Some(body);
         let outcome = self
             .forward(
                 Request::from_parts(head, ()),
                 &mut unsent,
+                &mut body_end,
                 &mut pending.record,
                 &bytes_in,
                 &secrets,
@@ -409,17 +416,16 @@ impl ConnCtx {
                 Response::from_parts(parts, RecordedBody::upstream(body, finish))
             }
             Err(refusal) => {
+                // A body already read from (a push's commands) has had its `100 Continue`.
+                let invited = !waits_for_continue || finish.bytes_in.load(Ordering::Relaxed) > 0;
                 match unsent {
-                    Some(body) if body.is_end_stream() => self.body_ended(),
-                    Some(body) if !waits_for_continue => {
-                        // Still in flight while its body is read: those bytes are not the
-                        // next head, nor is the connection idle.
-                        let reading = InFlight::new(&self.in_flight);
-                        let clock = self.head_clock.clone();
-                        tokio::spawn(async move {
-                            drain(body, clock).await;
-                            drop(reading);
-                        });
+                    Some(body) if body.is_end_stream() => {
+                        if let Some(end) = body_end {
+                            end.ended();
+                        }
+                    }
+                    Some(body) if invited => {
+                        tokio::spawn(drain(body, body_end));
                     }
                     _ => {}
                 }
@@ -449,12 +455,6 @@ impl ConnCtx {
         }
     }
 
-    fn body_ended(&self) {
-        if let Some(clock) = &self.head_clock {
-            clock.body_ended();
-        }
-    }
-
     /// The response body sent on: scrubbed of every known secret on a rule with a
     /// credential (its headers too), as received elsewhere. A body whose encoding cannot
     /// be scanned is refused.
@@ -478,6 +478,7 @@ impl ConnCtx {
         &self,
         req: Request<()>,
         unsent: &mut Option<Incoming>,
+        body_end: &mut Option<BodyEnd>,
         record: &mut crate::audit::ProxyRecord,
         bytes_in: &Arc<AtomicU64>,
         secrets: &SecretWatch,
@@ -870,7 +871,7 @@ impl ConnCtx {
         let request = Request::from_parts(
             parts,
             CountingBody::with_prefix(prefix, body, bytes_in.clone(), scan)
-                .ending_to(self.head_clock.clone()),
+                .ending_to(body_end.take()),
         );
 
         let addr = SocketAddr::new(
