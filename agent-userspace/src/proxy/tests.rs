@@ -1440,8 +1440,15 @@ async fn a_request_refused_mid_upload_gets_its_answer() {
             let mut stdin = curl.stdin.take().unwrap();
             stdin.write_all(b"hello").await.unwrap();
             stdin.flush().await.unwrap();
-            let record = h.record().await;
-            assert_eq!(record.status, Some(403));
+            // This request's record (the previous client's connection may end with one).
+            let mut record = h.record().await;
+            for _ in 0..3 {
+                if record.path.as_deref() == Some("/forbidden/upload") {
+                    break;
+                }
+                record = h.record().await;
+            }
+            assert_eq!(record.status, Some(403), "{version}: {record:?}");
             tokio::time::sleep(Duration::from_millis(300)).await;
             // Over HTTP/1.1 curl may stop sending once the answer is in.
             let _ = stdin.write_all(b"world").await;
