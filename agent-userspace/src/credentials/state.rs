@@ -109,8 +109,20 @@ pub struct PlaceholderScope {
     pub body: bool,
 }
 
-/// Headers a placeholder may never be replaced in: they frame, route or are stripped.
-const NOT_PLACEHOLDER_HEADERS: [&str; 19] = [
+/// Method and URL override headers: some frameworks run another method or path than the
+/// request line's on them, so the proxy strips them and no credential goes in them.
+pub const OVERRIDE_HEADERS: [&str; 6] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-method",
+];
+
+/// Headers a placeholder may never be replaced in: they frame, route or are stripped
+/// (and [`OVERRIDE_HEADERS`]).
+const NOT_PLACEHOLDER_HEADERS: [&str; 13] = [
     "host",
     "connection",
     "content-length",
@@ -124,12 +136,6 @@ const NOT_PLACEHOLDER_HEADERS: [&str; 19] = [
     "proxy-authenticate",
     "content-encoding",
     "content-type",
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-original-url",
-    "x-rewrite-url",
-    "x-original-method",
 ];
 
 /// Whether `name` is a query parameter name the config may give.
@@ -155,7 +161,9 @@ fn compile_placeholder(
                 format!("`{header}` is not a header name"),
             )
         })?;
-        if NOT_PLACEHOLDER_HEADERS.contains(&name.as_str()) {
+        if NOT_PLACEHOLDER_HEADERS.contains(&name.as_str())
+            || OVERRIDE_HEADERS.contains(&name.as_str())
+        {
             return Err((
                 "inject.placeholder.headers",
                 format!("`{header}` frames, routes or overrides the request; it cannot carry a placeholder"),

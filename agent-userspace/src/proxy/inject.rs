@@ -22,7 +22,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use zeroize::Zeroizing;
 
 use super::scrub::OutboundScan;
-use crate::credentials::{Secret, StreamReplacer};
+use crate::credentials::{Secret, StreamReplacer, OVERRIDE_HEADERS};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -231,16 +231,6 @@ pub(super) fn take_replaced_headers(
     }
     Ok(out)
 }
-
-/// Method and URL override headers the proxy strips (see `strip_request_headers`).
-pub(super) const OVERRIDE_HEADERS: [&str; 6] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-original-url",
-    "x-rewrite-url",
-    "x-original-method",
-];
 
 /// The target with `sentinel` replaced by the percent-encoded `secret` in the values of
 /// the query parameters `params` (by exact decoded name, in a `&`-separated pair holding

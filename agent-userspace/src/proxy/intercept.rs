@@ -1163,9 +1163,7 @@ pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderN
     }
 }
 
-// Method and URL override headers, removed so the checked method and path are the ones
-// the origin acts on.
-use super::inject::OVERRIDE_HEADERS;
+use crate::credentials::OVERRIDE_HEADERS;
 
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
