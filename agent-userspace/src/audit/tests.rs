@@ -1983,6 +1983,47 @@ fn schema_checks_each_kind_by_action() {
     }
 }
 
+/// The encoder writes the layout itself; serde_json, given the same layout, must write the
+/// same bytes, for every kind and for strings that need escaping.
+#[test]
+fn lines_are_what_serde_json_writes() {
+    let awkward =
+        "quote \" backslash \\ newline \n tab \t nul \u{0} esc \u{1b} del \u{7f} é … \u{2028}";
+    let mut odd_network = network(
+        Hook::Sendmsg6,
+        17,
+        IpAddr::V6("fe80::1:2:3:4".parse().unwrap()),
+        53,
+        Verdict::Redirect,
+        RuleRef::Named(awkward.into()),
+    );
+    odd_network.process_name = awkward.into();
+    odd_network.sandbox = awkward.into();
+    odd_network.domain = Some(awkward.into());
+    odd_network.reason = Some(awkward.into());
+    odd_network.socket_cookie = u64::MAX;
+    odd_network.netns_cookie = 0x0123_4567_89ab_cdef;
+    odd_network.uid = u32::MAX;
+    let mut odd_proxy = proxy_request();
+    odd_proxy.path = Some(format!("/{awkward}"));
+    odd_proxy.reason = Some(awkward.into());
+    odd_proxy.method = Some(awkward.into());
+    let mut records = every_kind();
+    records.extend(refusals());
+    records.push(odd_network.into());
+    records.push(proxy_event(odd_proxy));
+    for (i, record) in records.iter().enumerate() {
+        let sequence = [1, 9, 10, 99_999, u64::MAX][i % 5];
+        let line = record.encode(sequence).unwrap();
+        assert_eq!(
+            String::from_utf8(line).unwrap(),
+            String::from_utf8(record.encode_with_serde(sequence).unwrap()).unwrap(),
+            "{}",
+            record.action()
+        );
+    }
+}
+
 #[test]
 #[ignore = "prints one line of every kind, for reading"]
 fn print_every_kind() {

@@ -5,7 +5,13 @@ use time::{OffsetDateTime, UtcOffset};
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` (RFC 3339, UTC, microseconds); `None` outside the years
 /// 0000-9999.
-pub(super) fn rfc3339_micros(t: OffsetDateTime) -> Option<String> {
+#[cfg(test)]
+fn rfc3339_micros(t: OffsetDateTime) -> Option<String> {
+    rfc3339_micros_text(t).map(|text| String::from_utf8_lossy(&text).into_owned())
+}
+
+/// The bytes of [`rfc3339_micros`]' text (ASCII), without allocating.
+pub(super) fn rfc3339_micros_text(t: OffsetDateTime) -> Option<[u8; 27]> {
     let utc = t.to_offset(UtcOffset::UTC);
     let year = u32::try_from(utc.year()).ok().filter(|y| *y <= 9999)?;
     let (hour, minute, second, micro) = utc.to_hms_micro();
@@ -17,8 +23,7 @@ pub(super) fn rfc3339_micros(t: OffsetDateTime) -> Option<String> {
     digits(&mut out[14..16], u32::from(minute));
     digits(&mut out[17..19], u32::from(second));
     digits(&mut out[20..26], micro);
-    // Only ASCII digits and separators were written.
-    String::from_utf8(out.to_vec()).ok()
+    Some(out)
 }
 
 /// Writes `value` in decimal into `out`, right-aligned and zero-padded (the caller sizes

@@ -161,11 +161,11 @@ impl NetworkDecision {
                 name: Some(&self.process_name),
             });
             wire.group = Some(WireId {
-                id: self.gid.to_string(),
+                id: NumberText(self.gid),
             });
         }
         wire.user = Some(WireId {
-            id: self.uid.to_string(),
+            id: NumberText(self.uid),
         });
         let net_type = match self.family {
             SocketFamily::Inet => Some("ipv4"),
@@ -180,7 +180,7 @@ impl NetworkDecision {
                     .then(|| transport_name(self.protocol))
                     .flatten(),
                 iana_number: (known_protocol && self.protocol <= 255)
-                    .then(|| self.protocol.to_string()),
+                    .then_some(NumberText(self.protocol)),
             });
         }
         if self.hook.has_destination() {

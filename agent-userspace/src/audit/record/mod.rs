@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 
 mod dns;
 mod fit;
+mod json;
 mod kernel;
 mod lifecycle;
 mod proxy;
@@ -149,8 +150,8 @@ impl Record {
     }
 
     /// Serialises the record as one JSON object followed by `\n`, at most [`MAX_LINE`]
-    /// bytes. serde_json escapes every control character inside strings, so the only
-    /// newline is the terminator.
+    /// bytes. Every control character inside strings is escaped, so the only newline is
+    /// the terminator.
     pub fn encode(&self, sequence: u64) -> Result<Vec<u8>, EncodeError> {
         let mut buf = Vec::with_capacity(768);
         self.encode_into(sequence, &mut buf)?;
@@ -161,24 +162,37 @@ impl Record {
     /// A line longer than [`MAX_LINE`] is encoded again, shortened (see [`fit`]).
     pub fn encode_into(&self, sequence: u64, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         let wire = self.to_wire(sequence)?;
-        let failed = |source| EncodeError::Json {
-            action: self.action(),
-            source,
-        };
         let start = out.len();
-        serde_json::to_writer(&mut *out, &wire).map_err(failed)?;
+        json::Json::json(&wire, out);
         if out.len() - start >= MAX_LINE {
             out.truncate(start);
-            out.extend_from_slice(&fit::shortened(&wire).map_err(failed)?);
+            let shortened = fit::shortened(&wire).map_err(|source| EncodeError::Json {
+                action: self.action(),
+                source,
+            })?;
+            out.extend_from_slice(&shortened);
         }
         out.push(b'\n');
         Ok(())
     }
 
+    /// The record's line as serde_json writes the same layout (what [`Record::encode`]
+    /// must equal, for lines that need no shortening).
+    #[cfg(test)]
+    pub(crate) fn encode_with_serde(&self, sequence: u64) -> Result<Vec<u8>, EncodeError> {
+        let mut line =
+            serde_json::to_vec(&self.to_wire(sequence)?).map_err(|source| EncodeError::Json {
+                action: self.action(),
+                source,
+            })?;
+        line.push(b'\n');
+        Ok(line)
+    }
+
     fn to_wire(&self, sequence: u64) -> Result<Wire<'_>, EncodeError> {
         let action = self.action();
         let mut wire = Wire {
-            timestamp: format_timestamp(self.time(), action, "@timestamp")?,
+            timestamp: stamp(self.time(), action, "@timestamp")?,
             ecs: Ecs {
                 version: ECS_VERSION,
             },
@@ -233,7 +247,7 @@ impl Record {
                     last_sequence: r.last_sequence,
                     since: r
                         .since
-                        .map(|t| format_timestamp(t, action, "egress.audit_lost.since"))
+                        .map(|t| stamp(t, action, "egress.audit_lost.since"))
                         .transpose()?,
                 });
             }
@@ -249,11 +263,7 @@ impl Record {
                 });
                 if let Some(previous_seen) = r.previous_seen {
                     wire.egress.gap = Some(WireGap {
-                        previous_seen: format_timestamp(
-                            previous_seen,
-                            action,
-                            "egress.gap.previous_seen",
-                        )?,
+                        previous_seen: stamp(previous_seen, action, "egress.gap.previous_seen")?,
                         // Microseconds, like the timestamps it is computed from.
                         seconds: (r.time - previous_seen).whole_microseconds() as f64 / 1e6,
                     });
@@ -357,9 +367,20 @@ pub fn format_timestamp(
     action: &'static str,
     field: &'static str,
 ) -> Result<String, EncodeError> {
-    super::timestamp::rfc3339_micros(t).ok_or(EncodeError::TimestampRange {
-        action,
-        field,
-        value: t,
-    })
+    stamp(t, action, field).map(|s| s.as_str().to_owned())
+}
+
+/// [`format_timestamp`]'s text, kept on the stack.
+fn stamp(
+    t: OffsetDateTime,
+    action: &'static str,
+    field: &'static str,
+) -> Result<Stamp, EncodeError> {
+    super::timestamp::rfc3339_micros_text(t)
+        .map(Stamp)
+        .ok_or(EncodeError::TimestampRange {
+            action,
+            field,
+            value: t,
+        })
 }

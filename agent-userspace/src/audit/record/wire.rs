@@ -1,16 +1,62 @@
 //! The wire layout: borrowed views of a record in ECS nesting, built per write and
-//! serialised once.
+//! serialised once, by the [`Json`] impls beside each type. The `Serialize` derives
+//! describe the same layout for [`super::fit`]'s rare second pass; a test holds the two
+//! to the same bytes.
 
 use std::{borrow::Cow, net::IpAddr};
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
+use super::json::{string, Json, Obj};
 use super::*;
+
+/// An RFC 3339 timestamp's text (see [`format_timestamp`]), kept on the stack.
+#[derive(Clone, Copy)]
+pub(super) struct Stamp(pub(super) [u8; 27]);
+
+impl Stamp {
+    pub(super) fn as_str(&self) -> &str {
+        // Written as ASCII digits and separators only.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl Serialize for Stamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl Json for Stamp {
+    fn json(&self, out: &mut Vec<u8>) {
+        out.push(b'"');
+        out.extend_from_slice(&self.0);
+        out.push(b'"');
+    }
+}
+
+/// A number written as a JSON string (`user.id`, `network.iana_number`), as ECS types them.
+#[derive(Clone, Copy)]
+pub(super) struct NumberText(pub(super) u32);
+
+impl Serialize for NumberText {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(itoa::Buffer::new().format(self.0))
+    }
+}
+
+impl Json for NumberText {
+    fn json(&self, out: &mut Vec<u8>) {
+        out.push(b'"');
+        out.extend_from_slice(itoa::Buffer::new().format(self.0).as_bytes());
+        out.push(b'"');
+    }
+}
 
 #[derive(Serialize)]
 pub(super) struct Wire<'a> {
     #[serde(rename = "@timestamp")]
-    pub(super) timestamp: String,
+    pub(super) timestamp: Stamp,
     pub(super) ecs: Ecs,
     pub(super) event: WireEvent<'a>,
     pub(super) observer: Observer,
@@ -43,9 +89,40 @@ pub(super) struct Wire<'a> {
     pub(super) egress: WireEgress<'a>,
 }
 
+impl Json for Wire<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        let mut o = Obj::new(out);
+        o.field("@timestamp", &self.timestamp)
+            .field("ecs", &self.ecs)
+            .field("event", &self.event)
+            .field("observer", &self.observer)
+            .opt("process", &self.process)
+            .opt("user", &self.user)
+            .opt("group", &self.group)
+            .opt("network", &self.network)
+            .opt("source", &self.source)
+            .opt("destination", &self.destination)
+            .opt("url", &self.url)
+            .opt("http", &self.http)
+            .opt("tls", &self.tls)
+            .opt("dns", &self.dns)
+            .opt("server", &self.server)
+            .opt("rule", &self.rule)
+            .opt("error", &self.error)
+            .field("egress", &self.egress)
+            .end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct Ecs {
     pub(super) version: &'static str,
+}
+
+impl Json for Ecs {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out).field("version", self.version).end();
+    }
 }
 
 #[derive(Serialize)]
@@ -64,10 +141,34 @@ pub(super) struct WireEvent<'a> {
     pub(super) sequence: u64,
 }
 
+impl Json for WireEvent<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("kind", self.kind)
+            .field("category", self.category)
+            .field("type", self.type_)
+            .field("action", self.action)
+            .field("outcome", &self.outcome)
+            .opt("reason", &self.reason)
+            .opt("duration", &self.duration)
+            .field("sequence", &self.sequence)
+            .end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct Observer {
     pub(super) product: &'static str,
     pub(super) version: &'static str,
+}
+
+impl Json for Observer {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("product", self.product)
+            .field("version", self.version)
+            .end();
+    }
 }
 
 #[derive(Serialize)]
@@ -77,9 +178,24 @@ pub(super) struct WireProcess<'a> {
     pub(super) name: Option<&'a str>,
 }
 
+impl Json for WireProcess<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("pid", &self.pid)
+            .opt("name", &self.name)
+            .end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireId {
-    pub(super) id: String,
+    pub(super) id: NumberText,
+}
+
+impl Json for WireId {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out).field("id", &self.id).end();
+    }
 }
 
 #[derive(Serialize)]
@@ -89,7 +205,17 @@ pub(super) struct WireNetwork {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) transport: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) iana_number: Option<String>,
+    pub(super) iana_number: Option<NumberText>,
+}
+
+impl Json for WireNetwork {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("type", self.type_)
+            .opt("transport", &self.transport)
+            .opt("iana_number", &self.iana_number)
+            .end();
+    }
 }
 
 #[derive(Serialize)]
@@ -104,10 +230,27 @@ pub(super) struct WireDestination<'a> {
     pub(super) bytes: Option<u64>,
 }
 
+impl Json for WireDestination<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("ip", &self.ip)
+            .opt("port", &self.port)
+            .opt("domain", &self.domain)
+            .opt("bytes", &self.bytes)
+            .end();
+    }
+}
+
 /// `source`, `http.request.body` and `http.response.body`.
 #[derive(Serialize)]
 pub(super) struct WireBytes {
     pub(super) bytes: u64,
+}
+
+impl Json for WireBytes {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out).field("bytes", &self.bytes).end();
+    }
 }
 
 #[derive(Serialize)]
@@ -118,6 +261,16 @@ pub(super) struct WireUrl<'a> {
     pub(super) path: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) query: Option<String>,
+}
+
+impl Json for WireUrl<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .opt("domain", &self.domain)
+            .opt("path", &self.path)
+            .opt("query", &self.query)
+            .end();
+    }
 }
 
 impl<'a> WireUrl<'a> {
@@ -141,11 +294,29 @@ pub(super) struct WireHttp<'a> {
     pub(super) response: WireHttpResponse,
 }
 
+impl Json for WireHttp<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("request", &self.request)
+            .field("response", &self.response)
+            .end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireHttpRequest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) method: Option<&'a str>,
     pub(super) body: WireBytes,
+}
+
+impl Json for WireHttpRequest<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .opt("method", &self.method)
+            .field("body", &self.body)
+            .end();
+    }
 }
 
 #[derive(Serialize)]
@@ -155,14 +326,35 @@ pub(super) struct WireHttpResponse {
     pub(super) body: WireBytes,
 }
 
+impl Json for WireHttpResponse {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .opt("status_code", &self.status_code)
+            .field("body", &self.body)
+            .end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireTls<'a> {
     pub(super) client: WireTlsClient<'a>,
 }
 
+impl Json for WireTls<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out).field("client", &self.client).end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireTlsClient<'a> {
     pub(super) server_name: &'a str,
+}
+
+impl Json for WireTlsClient<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out).field("server_name", self.server_name).end();
+    }
 }
 
 #[derive(Serialize)]
@@ -174,11 +366,32 @@ pub(super) struct WireDns<'a> {
     pub(super) resolved_ip: Vec<IpAddr>,
 }
 
+impl Json for WireDns<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        let mut o = Obj::new(out);
+        o.opt("question", &self.question)
+            .field("response_code", self.response_code);
+        if !self.resolved_ip.is_empty() {
+            o.field("resolved_ip", &self.resolved_ip);
+        }
+        o.end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireDnsQuestion<'a> {
     pub(super) name: &'a str,
     #[serde(rename = "type")]
     pub(super) type_: &'a str,
+}
+
+impl Json for WireDnsQuestion<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("name", self.name)
+            .field("type", self.type_)
+            .end();
+    }
 }
 
 #[derive(Serialize)]
@@ -187,14 +400,35 @@ pub(super) struct WireServer {
     pub(super) port: u16,
 }
 
+impl Json for WireServer {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("ip", &self.ip)
+            .field("port", &self.port)
+            .end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireRule<'a> {
     pub(super) name: &'a str,
 }
 
+impl Json for WireRule<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out).field("name", self.name).end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireError<'a> {
     pub(super) message: &'a str,
+}
+
+impl Json for WireError<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out).field("message", self.message).end();
+    }
 }
 
 #[derive(Default, Serialize)]
@@ -243,9 +477,43 @@ pub(super) struct WireEgress<'a> {
     pub(super) posture: Option<WirePosture>,
 }
 
+impl Json for WireEgress<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .opt("sandbox", &self.sandbox)
+            .opt("socket", &self.socket)
+            .opt("netns", &self.netns)
+            .opt("hook", &self.hook)
+            .opt("verdict", &self.verdict)
+            .opt("option", &self.option)
+            .opt("connection", &self.connection)
+            .opt("tls_mode", &self.tls_mode)
+            .opt("credential", &self.credential)
+            .opt("scrubbed", &self.scrubbed)
+            .opt("git", &self.git)
+            .opt("lost", &self.lost)
+            .opt("audit_lost", &self.audit_lost)
+            .opt("daemon", &self.daemon)
+            .opt("gap", &self.gap)
+            .opt("policy", &self.policy)
+            .opt("alert", &self.alert)
+            .opt("quarantine", &self.quarantine)
+            .opt("dns", &self.dns)
+            .opt("coverage", &self.coverage)
+            .opt("posture", &self.posture)
+            .end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireQuarantine<'a> {
     pub(super) trigger: &'a str,
+}
+
+impl Json for WireQuarantine<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out).field("trigger", self.trigger).end();
+    }
 }
 
 /// `egress.dns`: what the resolver kept from the sandbox.
@@ -254,10 +522,25 @@ pub(super) struct WireEgressDns<'a> {
     pub(super) refused: Vec<WireRefusedAnswer<'a>>,
 }
 
+impl Json for WireEgressDns<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out).field("refused", &self.refused).end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireRefusedAnswer<'a> {
     pub(super) ip: IpAddr,
     pub(super) reason: &'a str,
+}
+
+impl Json for WireRefusedAnswer<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("ip", &self.ip)
+            .field("reason", self.reason)
+            .end();
+    }
 }
 
 #[derive(Serialize)]
@@ -268,9 +551,28 @@ pub(super) struct WirePosture {
     pub(super) can_leave_cgroup: bool,
 }
 
+impl Json for WirePosture {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("processes", &self.processes)
+            .field("capabilities", &self.capabilities)
+            .field("risky_capabilities", &self.risky_capabilities)
+            .field("can_leave_cgroup", &self.can_leave_cgroup)
+            .end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireCoverage {
     pub(super) packet_sockets: bool,
+}
+
+impl Json for WireCoverage {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("packet_sockets", &self.packet_sockets)
+            .end();
+    }
 }
 
 #[derive(Serialize)]
@@ -280,6 +582,16 @@ pub(super) struct WireSandbox<'a> {
     pub(super) cgroup_id: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) cgroup_path: Option<Cow<'a, str>>,
+}
+
+impl Json for WireSandbox<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("name", self.name)
+            .opt("cgroup_id", &self.cgroup_id)
+            .opt("cgroup_path", &self.cgroup_path)
+            .end();
+    }
 }
 
 impl<'a> WireSandbox<'a> {
@@ -300,6 +612,16 @@ pub(super) struct WireSocket {
     pub(super) protocol: u32,
 }
 
+impl Json for WireSocket {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("cookie", &self.cookie)
+            .field("family", &self.family)
+            .field("protocol", &self.protocol)
+            .end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireOption {
     pub(super) name: &'static str,
@@ -307,14 +629,35 @@ pub(super) struct WireOption {
     pub(super) type_: Option<u16>,
 }
 
+impl Json for WireOption {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("name", self.name)
+            .opt("type", &self.type_)
+            .end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireNetns {
     pub(super) cookie: u64,
 }
 
+impl Json for WireNetns {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out).field("cookie", &self.cookie).end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireConnection<'a> {
     pub(super) id: WireConnectionId<'a>,
+}
+
+impl Json for WireConnection<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out).field("id", &self.id).end();
+    }
 }
 
 /// The kernel record builds the id from its cookies; the proxy hands over the same id
@@ -324,6 +667,15 @@ pub(super) struct WireConnection<'a> {
 pub(super) enum WireConnectionId<'a> {
     Kernel(ConnectionId),
     Proxy(&'a str),
+}
+
+impl Json for WireConnectionId<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        match self {
+            Self::Kernel(id) => id.json(out),
+            Self::Proxy(id) => string(id, out),
+        }
+    }
 }
 
 /// `egress.credential`: the name, and on a proxy record how it was sent, where it came
@@ -337,6 +689,17 @@ pub(super) struct WireCredential<'a> {
     pub(super) source: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) expires: Option<String>,
+}
+
+impl Json for WireCredential<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("name", self.name)
+            .opt("kind", &self.kind)
+            .opt("source", &self.source)
+            .opt("expires", &self.expires)
+            .end();
+    }
 }
 
 impl<'a> WireCredential<'a> {
@@ -359,6 +722,17 @@ pub(super) struct WireGit<'a> {
     pub(super) ref_updates: Vec<WireRefUpdate<'a>>,
 }
 
+impl Json for WireGit<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        let mut o = Obj::new(out);
+        o.field("repo", self.repo).field("service", self.service);
+        if !self.ref_updates.is_empty() {
+            o.field("ref_updates", &self.ref_updates);
+        }
+        o.end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireRefUpdate<'a> {
     pub(super) ref_name: &'a str,
@@ -367,10 +741,30 @@ pub(super) struct WireRefUpdate<'a> {
     pub(super) allowed: bool,
 }
 
+impl Json for WireRefUpdate<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("ref_name", self.ref_name)
+            .field("old", self.old)
+            .field("new", self.new)
+            .field("allowed", &self.allowed)
+            .end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireLost {
     pub(super) count: u64,
     pub(super) total: u64,
+}
+
+impl Json for WireLost {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("count", &self.count)
+            .field("total", &self.total)
+            .end();
+    }
 }
 
 #[derive(Serialize)]
@@ -379,7 +773,18 @@ pub(super) struct WireAuditLost {
     pub(super) first_sequence: u64,
     pub(super) last_sequence: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) since: Option<String>,
+    pub(super) since: Option<Stamp>,
+}
+
+impl Json for WireAuditLost {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("count", &self.count)
+            .field("first_sequence", &self.first_sequence)
+            .field("last_sequence", &self.last_sequence)
+            .opt("since", &self.since)
+            .end();
+    }
 }
 
 #[derive(Serialize)]
@@ -387,10 +792,27 @@ pub(super) struct WireDaemon {
     pub(super) adopted_sandboxes: u32,
 }
 
+impl Json for WireDaemon {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("adopted_sandboxes", &self.adopted_sandboxes)
+            .end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireGap {
-    pub(super) previous_seen: String,
+    pub(super) previous_seen: Stamp,
     pub(super) seconds: f64,
+}
+
+impl Json for WireGap {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("previous_seen", &self.previous_seen)
+            .field("seconds", &self.seconds)
+            .end();
+    }
 }
 
 #[derive(Serialize)]
@@ -402,10 +824,87 @@ pub(super) struct WirePolicy<'a> {
     pub(super) previous_digest: Option<&'a PolicyDigest>,
 }
 
+impl Json for WirePolicy<'_> {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("path", &self.path)
+            .opt("digest", &self.digest)
+            .opt("previous_digest", &self.previous_digest)
+            .end();
+    }
+}
+
 #[derive(Serialize)]
 pub(super) struct WireAlert {
     pub(super) count: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) window_seconds: Option<u64>,
     pub(super) response: &'static str,
+}
+
+impl Json for WireAlert {
+    fn json(&self, out: &mut Vec<u8>) {
+        Obj::new(out)
+            .field("count", &self.count)
+            .opt("window_seconds", &self.window_seconds)
+            .field("response", self.response)
+            .end();
+    }
+}
+
+impl Json for Hook {
+    fn json(&self, out: &mut Vec<u8>) {
+        string(self.as_str(), out);
+    }
+}
+
+impl Json for Verdict {
+    fn json(&self, out: &mut Vec<u8>) {
+        string(
+            match self {
+                Verdict::Allow => "allow",
+                Verdict::Deny => "deny",
+                Verdict::Audit => "audit",
+                Verdict::Redirect => "redirect",
+            },
+            out,
+        );
+    }
+}
+
+impl Json for Outcome {
+    fn json(&self, out: &mut Vec<u8>) {
+        string(
+            match self {
+                Outcome::Success => "success",
+                Outcome::Failure => "failure",
+            },
+            out,
+        );
+    }
+}
+
+impl Json for SocketFamily {
+    fn json(&self, out: &mut Vec<u8>) {
+        string(&self.name(), out);
+    }
+}
+
+impl Json for PolicyDigest {
+    fn json(&self, out: &mut Vec<u8>) {
+        string(self.as_str(), out);
+    }
+}
+
+impl Json for ConnectionId {
+    /// `"<netns cookie>-<socket cookie>"`, 16 lowercase hex digits each.
+    fn json(&self, out: &mut Vec<u8>) {
+        let mut text = *b"\"0000000000000000-0000000000000000\"";
+        for (cookie, at) in [(self.netns_cookie, 1), (self.socket_cookie, 18)] {
+            for (i, b) in text[at..at + 16].iter_mut().enumerate() {
+                *b = HEX[((cookie >> (60 - 4 * i)) & 0xf) as usize];
+            }
+        }
+        out.extend_from_slice(&text);
+    }
 }
