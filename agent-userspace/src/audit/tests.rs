@@ -1833,6 +1833,33 @@ async fn emitting_after_the_task_is_gone_does_not_panic() {
     });
 }
 
+#[tokio::test]
+async fn records_sent_together_keep_their_order_and_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (handle, task) = AuditLog::open(AuditSink::File(path.clone())).unwrap();
+    let writer = tokio::spawn(task.run());
+    handle.emit(denied(1));
+    handle.emit_all((2..=5).map(denied).collect());
+    handle.emit_all(Vec::new());
+    handle.emit(denied(6));
+    handle.emit_all(vec![denied(7)]);
+    drop(handle);
+    let summary = writer.await.unwrap().unwrap();
+    assert_eq!(summary.records, 7);
+    let lines = read_lines(&path);
+    let ports: Vec<u64> = lines
+        .iter()
+        .map(|l| l["destination"]["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ports, (1..=7).collect::<Vec<_>>());
+    let sequences: Vec<u64> = lines.iter().map(sequence).collect();
+    assert!(
+        sequences.windows(2).all(|w| w[1] == w[0] + 1),
+        "{sequences:?}"
+    );
+}
+
 #[test]
 fn kernel_events_decode() {
     let clock = ClockOffset::from_nanos(1_700_000_000_000_000_000);

@@ -793,6 +793,9 @@ impl AuditLog {
 #[derive(Debug)]
 enum Message {
     Record(Box<Record>),
+    /// Records in order, sent at once by a producer that makes many together (the kernel
+    /// event reader).
+    Records(Vec<Record>),
     /// Open the path again (`SIGHUP` after logrotate moved the file).
     Reopen,
 }
@@ -818,6 +821,23 @@ impl AuditHandle {
             error!(
                 action = record.action(),
                 "Audit writer has stopped; record not written"
+            );
+        }
+    }
+
+    /// Queues records in order with one message: what [`AuditHandle::emit`] does for each,
+    /// for a producer that makes many at a time.
+    pub fn emit_all(&self, records: Vec<Record>) {
+        if records.is_empty() {
+            return;
+        }
+        records.iter().for_each(crate::metrics::observe);
+        if let Err(mpsc::error::SendError(Message::Records(records))) =
+            self.tx.send(Message::Records(records))
+        {
+            error!(
+                records = records.len(),
+                "Audit writer has stopped; records not written"
             );
         }
     }
@@ -997,19 +1017,23 @@ impl AuditTask {
         })
     }
 
-    /// Numbers and queues one record, or counts it as dropped when the queue is full.
+    /// Takes one message: numbers and queues its records, or reopens.
     fn take(&mut self, message: Message) {
-        let record = match message {
+        match message {
             Message::Reopen => {
                 // Records emitted before the reopen go to the old file.
                 self.flush();
                 self.reopen_wanted = true;
-                return;
             }
-            Message::Record(record) => record,
-        };
+            Message::Record(record) => self.take_record(&record),
+            Message::Records(records) => records.iter().for_each(|r| self.take_record(r)),
+        }
+    }
+
+    /// Numbers and queues one record, or counts it as dropped when the queue is full.
+    fn take_record(&mut self, record: &Record) {
         if self.dropped.is_some() || self.pending.len() >= self.queue_records {
-            let sequence = match self.writer.encode_next(&record) {
+            let sequence = match self.writer.encode_next(record) {
                 Ok((sequence, _)) => sequence,
                 Err(e) => {
                     error!(action = record.action(), error = %e, "Audit record not encodable; skipped");
@@ -1022,7 +1046,7 @@ impl AuditTask {
             });
             d.last = sequence;
             self.health.report().lost += 1;
-        } else if let Err(e) = self.writer.encode_next_into(&record, &mut self.pending) {
+        } else if let Err(e) = self.writer.encode_next_into(record, &mut self.pending) {
             error!(action = record.action(), error = %e, "Audit record not encodable; skipped");
         }
     }

@@ -466,6 +466,9 @@ fn cover_packet_sockets(programs: &mut Programs, layout: &PinLayout) -> Result<(
 
 fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {
     let mut core = shared.lock();
+    // Sent to the writer together; anything that may raise an alert sends them first,
+    // so records stay in the order of the events.
+    let mut records = Vec::with_capacity(batch.len());
     for ev in batch {
         match ev {
             KernelEvent::Connect(ev) => {
@@ -478,16 +481,20 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
                                 .name_of(ev.sandbox_index, rec.destination_ip)
                                 .map(str::to_string);
                         }
-                        if let Some(o) = rec.option {
-                            core.note_source_routing(&rec.sandbox, o.name);
+                        let option = rec.option;
+                        let sandbox = option.map(|_| rec.sandbox.clone());
+                        records.push(Record::Network(rec));
+                        if let (Some(o), Some(sandbox)) = (option, sandbox) {
+                            core.audit.emit_all(std::mem::take(&mut records));
+                            core.note_source_routing(&sandbox, o.name);
                         }
-                        core.audit.emit(Record::Network(rec))
                     }
                     Err(e) => tracing::error!(error = %e, "Undecodable kernel event"),
                 }
                 // After the decision's own record, so a burst alert follows the denial
                 // that completed it.
                 if ev.verdict == agent_common::verdict::DENY && ev.sandbox_index != 0 {
+                    core.audit.emit_all(std::mem::take(&mut records));
                     core.note_denial(ev.sandbox_index, ev.ts_ns);
                 }
             }
@@ -501,6 +508,7 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
             }
         }
     }
+    core.audit.emit_all(records);
 }
 
 fn report_lost(shared: &Shared) {
