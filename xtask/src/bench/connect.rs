@@ -148,6 +148,7 @@ pub(super) fn run(
     rounds: usize,
     audit: &AuditOpts,
     release: bool,
+    pause_daemon: bool,
 ) -> anyhow::Result<()> {
     let flood = audit.flood;
     require_root("the connect benchmark")?;
@@ -216,9 +217,18 @@ pub(super) fn run(
     ));
     let (mut outside, mut inside) = (Vec::new(), Vec::new());
     let (c0, t0) = prog_stats(daemon_pid);
+    let signal = |sig: libc::c_int| {
+        if pause_daemon && daemon_pid > 0 {
+            // SAFETY: kill(2) on the daemon this bench started.
+            unsafe { libc::kill(daemon_pid as libc::pid_t, sig) };
+        }
+    };
     for r in 0..rounds {
         outside.extend(run_side(false)?);
-        inside.extend(run_side(true)?);
+        signal(libc::SIGSTOP);
+        let side = run_side(true);
+        signal(libc::SIGCONT);
+        inside.extend(side?);
         eprintln!("  round {}/{rounds} done", r + 1);
     }
     let (c1, t1) = prog_stats(daemon_pid);
@@ -300,8 +310,13 @@ pub(super) fn run(
     };
     println!();
     println!(
-        "connect() to 127.0.0.1 ({} samples per side, {build} build)",
-        outside.len()
+        "connect() to 127.0.0.1 ({} samples per side, {build} build{})",
+        outside.len(),
+        if pause_daemon {
+            "; daemon stopped during the inside rounds"
+        } else {
+            ""
+        }
     );
     println!("{:<28} {:>10} {:>10}", "", "p50 (us)", "p99 (us)");
     println!(

@@ -43,6 +43,11 @@ pub enum Which {
         /// Measure the release build (as users run it); the default debug build is labelled.
         #[arg(long)]
         release: bool,
+        /// Diagnostic: stop the daemon (SIGSTOP) during the inside latency rounds, so they
+        /// show what the kernel programs cost without the daemon's work on the same cores
+        /// (events wait in the ring buffer; the records come once it continues).
+        #[arg(long)]
+        pause_daemon: bool,
     },
     /// HTTPS req/s, latency and CPU per request through egressd's proxy, straight to the
     /// origin, and through nginx (and mitmproxy) as reverse proxies; memory per held
@@ -70,6 +75,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
             audit_secs,
             audit_workers,
             release,
+            pause_daemon,
         } => connect::run(
             connects,
             rounds,
@@ -80,6 +86,7 @@ pub fn run(which: Which) -> anyhow::Result<()> {
                 workers: audit_workers,
             },
             release,
+            pause_daemon,
         ),
         Which::Proxy(args) => proxy::run(&args),
         Which::ConnectWorker { addr, connects } => connect::worker(addr, connects),
