@@ -27,10 +27,11 @@ pub enum Which {
         #[arg(long, default_value_t = 20_000)]
         flood: usize,
         /// Rates (events per second, comma-separated) of the UDP audit-pipeline ladder,
-        /// climbed until a rate loses a record; empty to skip it.
+        /// climbed until a rate loses a record; `--audit-rates` alone skips it.
         #[arg(
             long,
             value_delimiter = ',',
+            num_args = 0..,
             default_value = "50000,100000,150000,200000,300000"
         )]
         audit_rates: Vec<u64>,
