@@ -412,17 +412,26 @@ pub fn report(origin: &Origin, call: &Call, index: u32, v: u8, rule_id: u16) {
     entry.submit(submit_flags());
 }
 
-/// Unread bytes in `EVENTS` past which a submit wakes the reader at once. Below it, events
-/// are submitted without a wake-up and the daemon picks them up on its short poll (see
-/// `bpf::events`), so a burst costs one wake-up instead of one per event. 64 KiB is about
-/// 600 events: a few milliseconds at the highest rates, far from the 4 MiB the buffer holds.
+/// Unread bytes in `EVENTS` at each multiple of which a submit wakes the reader at once.
+/// Between them, events are submitted without a wake-up and the daemon picks them up on
+/// its short poll (see `bpf::events`), so a burst costs one wake-up instead of one per
+/// event. 64 KiB is about 550 events: a few milliseconds at the highest rates, far from
+/// the 4 MiB the buffer holds.
 const WAKEUP_THRESHOLD: u64 = 64 << 10;
 
-/// `BPF_RB_NO_WAKEUP` while the reader is keeping up, `BPF_RB_FORCE_WAKEUP` once unread
-/// data passes [`WAKEUP_THRESHOLD`]. Verdicts never depend on this.
+/// What one event takes in `EVENTS`: its 8-byte record header and the event, rounded up
+/// to 8 bytes (unread data is counted in these).
+const ENTRY_BYTES: u64 = ((core::mem::size_of::<ConnectEvent>() + 8 + 7) & !7) as u64;
+
+/// `BPF_RB_FORCE_WAKEUP` for the submit that takes unread data across a multiple of
+/// [`WAKEUP_THRESHOLD`], `BPF_RB_NO_WAKEUP` otherwise: a reader that falls behind (or is
+/// stopped) is woken once per 64 KiB, not once per event, which would cost each decision
+/// a wake-up (about 12 µs here). Racing submits on other CPUs can hide a crossing; the
+/// reader's poll still comes within its interval. Verdicts never depend on this.
 #[inline(always)]
 fn submit_flags() -> u64 {
-    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_THRESHOLD {
+    let unread = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    if unread / WAKEUP_THRESHOLD != unread.saturating_sub(ENTRY_BYTES) / WAKEUP_THRESHOLD {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)

@@ -1,8 +1,8 @@
 //! Reads decision events from the pinned ring buffer. The buffer outlives the daemon, so
 //! events from while it was down are read when it comes back.
 //!
-//! The kernel programs submit events without waking the reader while it keeps up, and force
-//! a wake-up only once unread data passes a threshold (see `submit_flags` in the eBPF
+//! The kernel programs submit events without waking the reader, and force a wake-up only
+//! when unread data grows past another multiple of 64 KiB (see `submit_flags` in the eBPF
 //! crate): a wake-up per event would cost several times the decision itself. The reader
 //! therefore also polls every [`POLL_INTERVAL`], which bounds how late a record is.
 use std::{io, os::fd::AsRawFd, time::Duration};
