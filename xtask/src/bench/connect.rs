@@ -90,6 +90,18 @@ fn deep_listener() -> std::io::Result<TcpListener> {
     Ok(listener)
 }
 
+/// A loopback listener whose connections a thread accepts and closes; its address.
+fn accepting_listener() -> std::io::Result<SocketAddr> {
+    let listener = deep_listener()?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+    Ok(addr)
+}
+
 /// CPU time of a process (all its threads, also those that have ended), in nanoseconds:
 /// the kernel's per-process CPU clock, exact to the nanosecond; `/proc/PID/stat`'s
 /// clock ticks (10 ms each) if that clock cannot be read.
@@ -160,13 +172,6 @@ pub(super) fn run(
         std::env::set_var("EGRESSCTL_BIN", bin_in(release, "egressctl"));
     }
     step("Starting a loopback listener, egressd, and a sandbox cgroup allowed to reach it");
-    let listener = deep_listener()?;
-    let addr = listener.local_addr()?;
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            drop(s);
-        }
-    });
     let cgroup = CgroupGuard::new("bench")?;
     let daemon = Daemon::start(DaemonOpts::default())?;
     let policy = daemon.dir().join("bench.yaml");
@@ -192,7 +197,11 @@ pub(super) fn run(
     let me = std::env::current_exe()?;
     let daemon_pid = daemon.pid().unwrap_or(0);
 
+    // Each side of each round connects to a listener of its own: connections of earlier
+    // rounds sit in TIME_WAIT, and sharing a destination with them would make connect()
+    // search longer for a free source port as the rounds go on.
     let run_side = |inside: bool| -> anyhow::Result<Vec<u64>> {
+        let addr = accepting_listener()?;
         let worker = format!(
             "exec '{}' bench connect-worker {addr} {connects}",
             me.display()
@@ -248,13 +257,7 @@ pub(super) fn run(
     // TIME_WAIT) and of the other worker do not crowd its source ports.
     let workers: Vec<_> = (0..2)
         .map(|_| {
-            let listener = deep_listener()?;
-            let port = listener.local_addr()?.port();
-            std::thread::spawn(move || {
-                for s in listener.incoming() {
-                    drop(s);
-                }
-            });
+            let port = accepting_listener()?.port();
             let script = format!(
                 "echo $$ > '{}' && exec '{}' bench connect-worker 127.0.0.1:{port} {per_worker} >/dev/null",
                 cgroup.procs_file().display(),
