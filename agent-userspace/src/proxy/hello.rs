@@ -53,18 +53,25 @@ impl std::fmt::Display for HelloError {
 /// this with its handshake timeout.
 pub async fn read_client_hello<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Hello, HelloError> {
     let mut acceptor = Acceptor::default();
+    // Read straight into the buffer kept for the handshake (no read buffer in the
+    // connection's future, which lives as long as the connection).
     let mut buffered = Vec::with_capacity(2048);
-    let mut chunk = [0u8; 4096];
     loop {
-        let n = stream.read(&mut chunk).await.map_err(HelloError::Io)?;
+        if buffered.capacity() - buffered.len() < 1024 {
+            buffered.reserve(4096);
+        }
+        let start = buffered.len();
+        let n = stream
+            .read_buf(&mut buffered)
+            .await
+            .map_err(HelloError::Io)?;
         if n == 0 {
             return Err(HelloError::Closed);
         }
-        if buffered.len() + n > MAX_HELLO_BYTES {
+        if buffered.len() > MAX_HELLO_BYTES {
             return Err(HelloError::TooLarge);
         }
-        buffered.extend_from_slice(&chunk[..n]);
-        let mut rest = &chunk[..n];
+        let mut rest = &buffered[start..];
         while !rest.is_empty() {
             match acceptor.read_tls(&mut rest) {
                 Ok(0) => return Err(HelloError::TooLarge),

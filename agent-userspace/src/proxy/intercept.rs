@@ -157,7 +157,11 @@ pub(super) async fn intercept(
             head_clock.head_received();
             let in_flight = InFlight::new(&ctx.in_flight);
             let ctx = ctx.clone();
-            async move { Ok::<_, Infallible>(ctx.handle(req, in_flight).await) }
+            // Boxed: hyper keeps room for one request's future beside every HTTP/1
+            // connection for as long as it is open, so the (large) handler lives on the
+            // heap only while a request is being handled, not in every idle connection.
+            let handling = Box::pin(async move { ctx.handle(req, in_flight).await });
+            async move { Ok::<_, Infallible>(handling.await) }
         })
     };
 
