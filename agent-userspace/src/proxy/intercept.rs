@@ -111,7 +111,9 @@ pub(super) async fn intercept(
     };
 
     let metered = Metered::new(stream, activity.clone());
-    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(metered);
+    // Boxed, so the handshake's state is freed once it is done instead of sizing the
+    // connection's future for as long as the connection is open.
+    let handshake = Box::pin(tokio_rustls::TlsAcceptor::from(config).accept(metered));
     let tls = match tokio::time::timeout(proxy.timeouts.handshake, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(source)) => {
