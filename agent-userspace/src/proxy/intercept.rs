@@ -22,7 +22,6 @@ use http::{
 };
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpStream;
@@ -186,28 +185,18 @@ pub(super) async fn intercept(
         move |reset: StreamReset| refused(None, reset.reason())
     };
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper's header timer would also close idle keep-alive connections: the header
-    // timer is [`HeadTimed`]'s, the idle timer `idle_watch` below.
-    builder
-        .http1()
-        .header_read_timeout(None)
-        .max_buf_size(proxy.config.max_header_bytes)
-        .keep_alive(true);
-    // Extended CONNECT (`:protocol`) reaches the handler, which refuses and records it,
-    // instead of being reset unseen by the HTTP/2 layer.
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .enable_connect_protocol()
-        .max_header_list_size(u32::try_from(proxy.config.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = if h2 {
-        builder.http2_only()
-    } else {
-        builder.http1_only()
-    };
+    // ALPN has decided the protocol, so each connection gets only its own protocol's
+    // state (a connection that could become either is sized for both).
     let served: Pin<Box<dyn Future<Output = Result<(), ServeError>> + Send + '_>> = if h2 {
-        Box::pin(builder.serve_connection(TokioIo::new(H2Watch::new(tls, on_reset)), service))
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        // Extended CONNECT (`:protocol`) reaches the handler, which refuses and records
+        // it, instead of being reset unseen by the HTTP/2 layer.
+        builder
+            .timer(TokioTimer::new())
+            .enable_connect_protocol()
+            .max_header_list_size(u32::try_from(proxy.config.max_header_bytes).unwrap_or(u32::MAX));
+        let conn = builder.serve_connection(TokioIo::new(H2Watch::new(tls, on_reset)), service);
+        Box::pin(async move { conn.await.map_err(ServeError::from) })
     } else {
         let timed = HeadTimed::new(
             tls,
@@ -215,7 +204,15 @@ pub(super) async fn intercept(
             in_flight.clone(),
             proxy.timeouts.header,
         );
-        Box::pin(builder.serve_connection(TokioIo::new(timed), service))
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        // hyper's header timer would also close idle keep-alive connections: the header
+        // timer is [`HeadTimed`]'s, the idle timer `idle_watch` below.
+        builder
+            .header_read_timeout(None)
+            .max_buf_size(proxy.config.max_header_bytes)
+            .keep_alive(true);
+        let conn = builder.serve_connection(TokioIo::new(timed), service);
+        Box::pin(async move { conn.await.map_err(ServeError::from) })
     };
     let idle = proxy.timeouts.idle;
     tokio::select! {
