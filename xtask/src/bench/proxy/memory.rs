@@ -68,6 +68,9 @@ pub struct Held {
     pub connections: u64,
     pub before_kib: u64,
     pub held_kib: u64,
+    /// Still held, [`SETTLE`] later: allocators keep freed pages a while (jemalloc's
+    /// default decay is 10 s), so this is what a long-held connection costs.
+    pub settled_kib: u64,
     /// Soon after the close, and later (allocators return memory with some delay).
     pub after_kib: u64,
     pub later_kib: u64,
@@ -77,7 +80,14 @@ impl Held {
     pub fn per_connection_kib(&self) -> f64 {
         self.held_kib.saturating_sub(self.before_kib) as f64 / self.connections.max(1) as f64
     }
+
+    pub fn settled_per_connection_kib(&self) -> f64 {
+        self.settled_kib.saturating_sub(self.before_kib) as f64 / self.connections.max(1) as f64
+    }
 }
+
+/// How long the connections stay held after the first reading, for the second.
+pub const SETTLE: Duration = Duration::from_secs(12);
 
 /// How long after the close the two readings are taken.
 pub const AFTER: Duration = Duration::from_secs(2);
@@ -125,6 +135,8 @@ pub fn measure(
         // Let the proxy finish whatever the last responses left (records, pool).
         std::thread::sleep(Duration::from_secs(1));
         let held_kib = rss()?;
+        std::thread::sleep(SETTLE);
+        let settled_kib = rss()?;
         writeln!(stdin)?;
         expect("closed")?;
         std::thread::sleep(AFTER);
@@ -135,6 +147,7 @@ pub fn measure(
             connections: u64::from(n),
             before_kib,
             held_kib,
+            settled_kib,
             after_kib,
             later_kib,
         })

@@ -350,11 +350,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             check_interrupted()?;
             let h = h.with_context(|| format!("memory case via {}", path.label()))?;
             eprintln!(
-                "  {:<9} {:>7.1} KiB per connection; RSS {} -> {} KiB held -> {} KiB {:?} after close, {} KiB after {:?}",
+                "  {:<9} {:>7.1} KiB per connection ({:.1} after {:?}); RSS {} -> {} KiB held -> {} KiB {:?} later -> {} KiB {:?} after close, {} KiB after {:?}",
                 path.label(),
                 h.per_connection_kib(),
+                h.settled_per_connection_kib(),
+                memory::SETTLE,
                 h.before_kib,
                 h.held_kib,
+                h.settled_kib,
+                memory::SETTLE,
                 h.after_kib,
                 memory::AFTER,
                 h.later_kib,
@@ -1091,23 +1095,27 @@ fn print_report(
             "Held connections: idle TLS connections (HTTP/1.1, one request each) held through each proxy, then closed; proxy RSS in KiB",
         );
         println!(
-            "  {:<9} {:>6} {:>9} {:>9} {:>14} {:>16} {:>16}",
+            "  {:<9} {:>6} {:>9} {:>9} {:>14} {:>12} {:>14} {:>16} {:>16}",
             "path",
             "conns",
             "before",
             "held",
+            "KiB per conn",
+            format!("held +{:?}", memory::SETTLE),
             "KiB per conn",
             format!("+{:?} closed", memory::AFTER),
             format!("+{:?} closed", memory::LATER),
         );
         for (path, h) in held {
             println!(
-                "  {:<9} {:>6} {:>9} {:>9} {:>14.1} {:>16} {:>16}",
+                "  {:<9} {:>6} {:>9} {:>9} {:>14.1} {:>12} {:>14.1} {:>16} {:>16}",
                 path.label(),
                 h.connections,
                 h.before_kib,
                 h.held_kib,
                 h.per_connection_kib(),
+                h.settled_kib,
+                h.settled_per_connection_kib(),
                 h.after_kib,
                 h.later_kib
             );
