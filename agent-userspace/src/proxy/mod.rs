@@ -363,9 +363,12 @@ impl Proxy {
         let started = Instant::now();
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(conn);
+        // Boxed, like the handshake and the relay below: their state is large and
+        // short-lived (or belongs to another kind of connection), and the connection's own
+        // future is sized for the largest state it can be in, for as long as it lives.
         let hello = tokio::time::timeout(
             self.timeouts.handshake,
-            hello::read_client_hello(&mut stream),
+            Box::pin(hello::read_client_hello(&mut stream)),
         )
         .await;
         let hello = match hello {
@@ -435,7 +438,7 @@ impl Proxy {
         let stream = io::PrefixedStream::new(hello.buffered, stream);
         if conn.route.passthrough {
             drop(handshake_permit);
-            passthrough::relay(self, stream, conn, sni, started).await;
+            Box::pin(passthrough::relay(self, stream, conn, sni, started)).await;
         } else {
             intercept::intercept(self, stream, conn, sni, started, handshake_permit).await;
         }
