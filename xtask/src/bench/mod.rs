@@ -16,10 +16,11 @@ pub enum Which {
     /// connect() latency inside an attached sandbox versus outside.
     Connect {
         /// Connects per round per side.
-        #[arg(long, default_value_t = 5000)]
+        #[arg(long, default_value_t = 1000)]
         connects: usize,
-        /// Rounds (each runs outside, then inside).
-        #[arg(long, default_value_t = 4)]
+        /// Rounds (each runs outside, then inside): many short ones, so that the machine's
+        /// drift between rounds falls on both sides alike.
+        #[arg(long, default_value_t = 20)]
         rounds: usize,
         /// Connects in the audit-pipeline case (two workers inside the sandbox at once).
         /// Keep it under the ephemeral port range (~28k): past it, connect() itself slows
