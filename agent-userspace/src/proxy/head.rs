@@ -96,6 +96,12 @@ impl HeadClock {
         self.timed_out.load(Ordering::Relaxed)
     }
 
+    /// Marks the connection as cut for a request header not complete in time (HTTP/2's
+    /// timer, [`super::h2head::H2HeadTimed`], tells it this way).
+    pub fn time_out(&self) {
+        self.timed_out.store(true, Ordering::Relaxed);
+    }
+
     fn start(&self) {
         let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
         self.since.store(ms + 1, Ordering::Relaxed);
@@ -193,7 +199,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadTimed<S> {
                         .insert(Box::pin(tokio::time::sleep_until(deadline))),
                 };
                 if sleep.as_mut().poll(cx).is_ready() {
-                    this.clock.timed_out.store(true, Ordering::Relaxed);
+                    this.clock.time_out();
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         format!(

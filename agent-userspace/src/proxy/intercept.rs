@@ -31,6 +31,7 @@ use tracing::debug;
 use super::body::{drain, BodyEnd, CountingBody, Finish, InFlight, RecordedBody, SecretWatch};
 use super::error::ProxyError;
 use super::git::{self, PushOutcome};
+use super::h2head::H2HeadTimed;
 use super::head::{HeadClock, HeadTimed};
 use super::inject::{self, RequestScan};
 use super::io::{idle_watch, Activity, Metered, PrefixedStream};
@@ -195,7 +196,8 @@ pub(super) async fn intercept(
             .timer(TokioTimer::new())
             .enable_connect_protocol()
             .max_header_list_size(u32::try_from(proxy.config.max_header_bytes).unwrap_or(u32::MAX));
-        let conn = builder.serve_connection(TokioIo::new(H2Watch::new(tls, on_reset)), service);
+        let timed = H2HeadTimed::new(tls, head_clock.clone(), proxy.timeouts.header);
+        let conn = builder.serve_connection(TokioIo::new(H2Watch::new(timed, on_reset)), service);
         Box::pin(async move { conn.await.map_err(ServeError::from) })
     } else {
         let timed = HeadTimed::new(
@@ -219,7 +221,13 @@ pub(super) async fn intercept(
         result = served => {
             if let Err(error) = result {
                 debug!(peer = %conn.peer, connection_id = %conn.connection_id, %error, "Intercepted connection ended with an error");
-                if head_clock.timed_out() {
+                if head_clock.timed_out() && h2 {
+                    refused(None, format!(
+                        "downstream client: HTTP/2 request header block not complete {} s \
+                         after its first frame (proxy.header_secs); connection closed",
+                        proxy.timeouts.header.as_secs()
+                    ));
+                } else if head_clock.timed_out() {
                     refused(None, format!(
                         "downstream client: request header not complete {} s after its first \
                          byte (proxy.header_secs); connection closed",

@@ -22,6 +22,7 @@ mod body;
 mod ca;
 mod error;
 pub mod git;
+mod h2head;
 mod head;
 pub(crate) mod hello;
 mod inject;
@@ -137,8 +138,9 @@ pub struct ProxyConfig {
     /// Seconds for a sandbox to send its ClientHello and finish the TLS handshake; also
     /// bounds the upstream TLS handshake. Default 10.
     pub handshake_secs: u64,
-    /// Seconds for a sandbox to send a complete HTTP/1 request header, counted from the
-    /// header's first byte (waiting for a request is `idle_secs`). Default 10.
+    /// Seconds for a sandbox to send a complete request header, counted from the header's
+    /// first byte (HTTP/2: from the header block's first frame to its END_HEADERS);
+    /// waiting for a request is `idle_secs`. Default 10.
     pub header_secs: u64,
     /// Seconds to connect to the upstream server. Default 10.
     pub connect_secs: u64,

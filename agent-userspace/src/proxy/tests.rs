@@ -1410,6 +1410,101 @@ async fn idle_connections_last_idle_secs_and_slow_headers_header_secs() {
     .await;
 }
 
+/// HTTP/2's header timer: a header block begun and never finished (CONTINUATION frames
+/// without END_HEADERS, then silence) is cut after `header_secs` and recorded; a whole request
+/// on another connection is answered, and an idle HTTP/2 connection outlives
+/// `header_secs`.
+#[tokio::test]
+async fn an_unfinished_http2_header_block_is_cut_after_header_secs_and_recorded() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    within(async {
+        let origin = start_origin(false).await;
+        let config = ProxyConfig {
+            header_secs: 1,
+            idle_secs: 4,
+            ..ProxyConfig::default()
+        };
+        let mut h =
+            start_proxy_with(origin.addr, &origin.ca_pem, config, |_| ("sbx", INTERCEPT)).await;
+
+        // Control: a whole request is answered, and the idle connection stays open past
+        // header_secs.
+        let tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"h2"])
+            .await
+            .unwrap();
+        let (mut client, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = Request::builder()
+            .uri(format!("https://{NAME}/whole"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(
+            client.send_request(req).await.unwrap().status(),
+            StatusCode::OK
+        );
+        assert_eq!(h.record().await.status, Some(200));
+        tokio::time::sleep(Duration::from_millis(1800)).await;
+        assert!(
+            !conn.is_finished(),
+            "an idle HTTP/2 connection closed after header_secs"
+        );
+
+        // A header block that never ends, its CONTINUATION frames dripping (never idle).
+        let tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"h2"])
+            .await
+            .unwrap();
+        let (mut rd, mut wr) = tokio::io::split(tls);
+        let started = tokio::time::Instant::now();
+        let drip = tokio::spawn(async move {
+            let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            opening.extend(frame(0x4, 0, 0, &[]));
+            // HEADERS (END_STREAM, no END_HEADERS): :method GET, :scheme https.
+            opening.extend(frame(0x1, 0x1, 1, &[0x82, 0x87]));
+            wr.write_all(&opening).await?;
+            // Two CONTINUATION frames (accept-encoding, a header that may repeat), never
+            // END_HEADERS, then nothing: the cut comes from the timer, not from a read.
+            for _ in 0..2 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                wr.write_all(&frame(0x9, 0, 1, &[0x90])).await?;
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            std::io::Result::Ok(())
+        });
+        // Read until the proxy closes (its SETTINGS and ACK come first).
+        let mut buf = [0u8; 4096];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let cut_after = started.elapsed();
+        assert!(
+            cut_after >= Duration::from_millis(900) && cut_after < Duration::from_millis(3500),
+            "cut after {cut_after:?}: header_secs is 1, idle_secs 4"
+        );
+        drip.abort();
+        let record = h.record().await;
+        assert_eq!(record.kind, RecordKind::Request);
+        assert_eq!(record.verdict, Verdict::Deny);
+        let reason = record.reason.unwrap();
+        assert!(reason.contains("HTTP/2 request header block"), "{reason}");
+        assert!(reason.contains("proxy.header_secs"), "{reason}");
+        // Nothing of the unfinished request reached the origin.
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
 /// A request refused on its head while its client is still uploading (the body arriving
 /// in two pieces) gets the proxy's answer and, over HTTP/2, a cleanly ended stream: the
 /// rest of the body is read and dropped, never reset under the client's upload.
