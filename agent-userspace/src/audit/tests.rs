@@ -1860,6 +1860,30 @@ async fn records_sent_together_keep_their_order_and_numbers() {
     );
 }
 
+/// The queue bounds only what waits for a log that cannot be written: a batch larger
+/// than it, sent to a writable log, is written whole.
+#[tokio::test]
+async fn a_batch_larger_than_the_queue_is_written_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let config = AuditConfig {
+        queue_records: 3,
+        ..AuditConfig::default()
+    };
+    let (handle, task) = AuditLog::open_with(AuditSink::File(path.clone()), &config, None).unwrap();
+    let writer = tokio::spawn(task.run());
+    handle.emit_all((1..=10).map(denied).collect());
+    drop(handle);
+    let summary = writer.await.unwrap().unwrap();
+    assert_eq!(summary.records, 10);
+    let lines = read_lines(&path);
+    assert_eq!(lines.len(), 10);
+    assert!(
+        lines.iter().all(|l| l["event"]["action"] == "connect"),
+        "{lines:?}"
+    );
+}
+
 #[test]
 fn kernel_events_decode() {
     let clock = ClockOffset::from_nanos(1_700_000_000_000_000_000);

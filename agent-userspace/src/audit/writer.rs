@@ -1032,6 +1032,15 @@ impl AuditTask {
 
     /// Numbers and queues one record, or counts it as dropped when the queue is full.
     fn take_record(&mut self, record: &Record) {
+        // The queue bounds what waits for a log that cannot be written: while the log is
+        // writable, a full queue is written out first (one message can carry a whole
+        // ring buffer of kernel events).
+        if self.pending.len() >= self.queue_records
+            && self.failing_since.is_none()
+            && self.dropped.is_none()
+        {
+            self.flush();
+        }
         if self.dropped.is_some() || self.pending.len() >= self.queue_records {
             let sequence = match self.writer.encode_next(record) {
                 Ok((sequence, _)) => sequence,
