@@ -1,12 +1,16 @@
 //! The header timer of an HTTP/2 connection from a sandbox.
 //!
 //! A request's header block is a HEADERS frame and the CONTINUATION frames after it, up to
-//! the one flagged END_HEADERS. While a block is open the HTTP/2 layer can take no other
-//! frame on the connection, so a client that stops in the middle of one (or drips
-//! CONTINUATION frames) would hold the connection, unrecorded, until `idle_secs` or
-//! forever. [`H2HeadTimed`] follows the frame headers the client sends and fails the read
-//! once a block has been open for `header_secs`; the connection then ends and the caller
-//! records the request as refused (see [`HeadClock::timed_out`]).
+//! the end of the one flagged END_HEADERS. While a block is open the HTTP/2 layer can take
+//! no other frame on the connection, so a client that stops in the middle of one, or
+//! drips it (a frame's payload a byte at a time), would hold the connection, unrecorded,
+//! until `idle_secs` or for ever. The same holds for any other frame but DATA (a slow
+//! upload is allowed, as over HTTP/1.1) and for the connection preface. [`H2HeadTimed`]
+//! follows the frame headers the client sends and fails the read once such a part has
+//! been incomplete for `header_secs`; the connection then ends and the caller records the
+//! request as refused (see [`HeadClock::timed_out`]). Time the server spends unable to
+//! write (a client not reading what it is sent stops the HTTP/2 layer from reading) does
+//! not count, as an HTTP/1 head waiting behind a response is not timed.
 
 use std::{
     future::Future,
@@ -18,7 +22,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, ReadBuf},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     time::{Instant, Sleep},
 };
 
@@ -27,21 +31,27 @@ use super::head::HeadClock;
 /// The client connection preface (RFC 9113, 3.4), before the first frame.
 const PREFACE_LEN: usize = 24;
 const FRAME_HEADER_LEN: usize = 9;
+const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const PUSH_PROMISE: u8 = 0x5;
 const CONTINUATION: u8 = 0x9;
 const END_HEADERS: u8 = 0x4;
 
-/// Follows the frames a client sends: whether a header block is open.
+/// Follows the frames a client sends: whether something the client must send whole (the
+/// preface, a header block, a frame other than DATA) has begun and not ended.
 #[derive(Debug)]
 pub struct BlockScan {
     /// Preface bytes still to pass.
     preface_left: usize,
     header: [u8; FRAME_HEADER_LEN],
     have: usize,
-    /// Payload bytes of the current frame still to pass.
+    /// The frame whose payload is being passed, and how much of it is left.
+    kind: u8,
     skip: usize,
-    open: bool,
+    /// A header block has begun, and not all of its END_HEADERS frame has arrived.
+    in_block: bool,
+    /// The frame being passed ends the header block.
+    ends_block: bool,
 }
 
 impl Default for BlockScan {
@@ -50,20 +60,28 @@ impl Default for BlockScan {
             preface_left: PREFACE_LEN,
             header: [0; FRAME_HEADER_LEN],
             have: 0,
+            kind: DATA,
             skip: 0,
-            open: false,
+            in_block: false,
+            ends_block: false,
         }
     }
 }
 
 impl BlockScan {
-    /// Whether a header block has begun and not ended.
+    /// Whether the client is in the middle of something it must send whole.
     pub fn open(&self) -> bool {
-        self.open
+        (self.preface_left > 0 && self.preface_left < PREFACE_LEN)
+            || self.in_block
+            || self.have > 0
+            || (self.skip > 0 && self.kind != DATA)
     }
 
-    /// Feeds bytes read from the client, in order.
-    pub fn feed(&mut self, mut data: &[u8]) {
+    /// Feeds bytes read from the client, in order. Returns whether something began that
+    /// is still open at the end of them.
+    pub fn feed(&mut self, mut data: &[u8]) -> bool {
+        let mut began = false;
+        let mut was_open = self.open();
         while !data.is_empty() {
             if self.preface_left > 0 {
                 let take = self.preface_left.min(data.len());
@@ -73,6 +91,9 @@ impl BlockScan {
                 let take = self.skip.min(data.len());
                 self.skip -= take;
                 data = &data[take..];
+                if self.skip == 0 {
+                    self.frame_done();
+                }
             } else {
                 let take = (FRAME_HEADER_LEN - self.have).min(data.len());
                 self.header[self.have..self.have + take].copy_from_slice(&data[..take]);
@@ -83,27 +104,45 @@ impl BlockScan {
                     let h = &self.header;
                     self.skip =
                         usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
-                    let ends = h[4] & END_HEADERS != 0;
-                    match h[3] {
-                        HEADERS | PUSH_PROMISE => self.open = !ends,
-                        CONTINUATION if ends => self.open = false,
-                        _ => {}
+                    self.kind = h[3];
+                    self.ends_block = false;
+                    if matches!(self.kind, HEADERS | PUSH_PROMISE | CONTINUATION) {
+                        self.in_block = true;
+                        self.ends_block = h[4] & END_HEADERS != 0;
+                    }
+                    if self.skip == 0 {
+                        self.frame_done();
                     }
                 }
             }
+            let open = self.open();
+            began |= open && !was_open;
+            was_open = open;
         }
+        began && was_open
+    }
+
+    fn frame_done(&mut self) {
+        if self.ends_block {
+            self.in_block = false;
+            self.ends_block = false;
+        }
+        self.kind = DATA;
     }
 }
 
-/// The stream hyper's HTTP/2 server reads, failing once a header block has been open for
-/// `limit` (told to `clock`, so that the connection's end is recorded as a refusal).
+/// The stream hyper's HTTP/2 server reads and writes, failing reads once the client has
+/// left something incomplete (see [`BlockScan`]) for `limit` (told to `clock`, so that the
+/// connection's end is recorded as a refusal).
 pub struct H2HeadTimed<S> {
     inner: S,
     scan: BlockScan,
     clock: Arc<HeadClock>,
     limit: Duration,
-    /// When the open header block began.
+    /// When the open part began (moved later by the time writes were stalled).
     since: Option<Instant>,
+    /// Since when the server's writes have been waiting for the client to read.
+    stalled: Option<Instant>,
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
@@ -115,7 +154,23 @@ impl<S> H2HeadTimed<S> {
             clock,
             limit,
             since: None,
+            stalled: None,
             sleep: None,
+        }
+    }
+
+    /// Notes whether a write went through: time stalled does not count against the
+    /// client's open part.
+    fn wrote<T>(&mut self, poll: &Poll<T>) {
+        match (poll.is_pending(), self.stalled) {
+            (true, None) => self.stalled = Some(Instant::now()),
+            (false, Some(stalled)) => {
+                self.stalled = None;
+                if let Some(since) = &mut self.since {
+                    *since += Instant::now().saturating_duration_since(stalled.max(*since));
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -130,20 +185,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for H2HeadTimed<S> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &poll {
-            this.scan.feed(&buf.filled()[before..]);
-            match (this.since, this.scan.open()) {
-                (None, true) => this.since = Some(Instant::now()),
-                (Some(_), false) => this.since = None,
-                _ => {}
+            let began = this.scan.feed(&buf.filled()[before..]);
+            let open = this.scan.open();
+            if !open {
+                this.since = None;
+            } else if began || this.since.is_none() {
+                this.since = Some(Instant::now());
             }
+            this.clock.set_h2_open(open);
         }
         let Some(since) = this.since else {
             return poll;
         };
+        if this.stalled.is_some() {
+            return poll;
+        }
         let deadline = since + this.limit;
         let expired = match poll {
-            // Bytes of the block (or of nothing else: the layer can take nothing else)
-            // still count against the block's time.
             Poll::Ready(Ok(())) => Instant::now() >= deadline,
             Poll::Pending => {
                 let sleep = match &mut this.sleep {
@@ -168,14 +226,51 @@ impl<S: AsyncRead + Unpin> AsyncRead for H2HeadTimed<S> {
         Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!(
-                "HTTP/2 request header block not complete {} s after its first frame",
+                "HTTP/2 header block or frame not complete {} s after it began",
                 this.limit.as_secs()
             ),
         )))
     }
 }
 
-super::io::write_through!(H2HeadTimed);
+impl<S: AsyncWrite + Unpin> AsyncWrite for H2HeadTimed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.wrote(&poll);
+        poll
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(&poll);
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_flush(cx);
+        this.wrote(&poll);
+        poll
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -192,28 +287,50 @@ mod tests {
     }
 
     #[test]
-    fn a_block_is_open_from_its_headers_to_end_headers() {
+    fn a_block_is_open_from_its_headers_to_the_end_of_end_headers() {
         let mut scan = BlockScan::default();
-        scan.feed(PREFACE);
+        assert!(!scan.open());
+        assert!(scan.feed(&PREFACE[..10]), "a preface begun");
+        assert!(!scan.feed(&PREFACE[10..]));
+        assert!(!scan.open());
         scan.feed(&frame(0x4, 0, 0, &[]));
         assert!(!scan.open());
         // HEADERS without END_HEADERS, whose payload happens to look like frame headers.
-        let headers = frame(HEADERS, 0x1, 1, &[0x1; 20]);
-        scan.feed(&headers);
+        assert!(scan.feed(&frame(HEADERS, 0x1, 1, &[0x1; 20])));
         assert!(scan.open());
-        scan.feed(&frame(CONTINUATION, 0, 1, &[0x9; 30]));
+        assert!(!scan.feed(&frame(CONTINUATION, 0, 1, &[0x9; 30])));
         assert!(scan.open());
-        // Fed a byte at a time.
-        for b in frame(CONTINUATION, END_HEADERS, 1, &[0x4; 7]) {
-            scan.feed(&[b]);
+        // The END_HEADERS frame ends the block with its last byte, not its header.
+        let last = frame(CONTINUATION, END_HEADERS, 1, &[0x4; 7]);
+        for b in &last[..last.len() - 1] {
+            scan.feed(&[*b]);
+            assert!(scan.open());
         }
+        scan.feed(&last[last.len() - 1..]);
         assert!(!scan.open());
-        // A whole block in one frame never counts as open.
-        scan.feed(&frame(HEADERS, END_HEADERS | 0x1, 3, &[0x82]));
+        // A whole block in one frame is open until its payload is in.
+        let whole = frame(HEADERS, END_HEADERS | 0x1, 3, &[0x82; 5]);
+        assert!(scan.feed(&whole[..12]));
+        assert!(scan.open());
+        scan.feed(&whole[12..]);
         assert!(!scan.open());
-        // DATA and PING frames change nothing.
-        scan.feed(&frame(0x0, 0x1, 3, &[0; 100]));
-        scan.feed(&frame(0x6, 0, 0, &[0; 8]));
+        // A DATA frame may arrive slowly; other frames are timed like header blocks.
+        let data = frame(DATA, 0x1, 3, &[0; 100]);
+        assert!(!scan.feed(&data[..50]));
         assert!(!scan.open());
+        scan.feed(&data[50..]);
+        let ping = frame(0x6, 0, 0, &[0; 8]);
+        assert!(scan.feed(&ping[..11]));
+        scan.feed(&ping[11..]);
+        assert!(!scan.open());
+        // A frame header cut short is open.
+        assert!(scan.feed(&ping[..4]));
+        scan.feed(&ping[4..]);
+        assert!(!scan.open());
+        // A block that ends and another that begins in one read: the second began.
+        let mut two = frame(HEADERS, END_HEADERS, 5, &[0x82]);
+        two.extend(frame(HEADERS, 0, 7, &[0x82]));
+        assert!(scan.feed(&two));
+        assert!(scan.open());
     }
 }

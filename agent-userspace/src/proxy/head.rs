@@ -43,6 +43,9 @@ pub struct HeadClock {
     /// The head being received came with the start of the next one.
     pipelined: AtomicBool,
     timed_out: AtomicBool,
+    /// HTTP/2: the client is in the middle of a header block or another frame it must
+    /// send whole (see [`super::h2head::BlockScan`]).
+    h2_open: AtomicBool,
 }
 
 impl HeadClock {
@@ -54,6 +57,7 @@ impl HeadClock {
             body_done: AtomicBool::new(false),
             pipelined: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
+            h2_open: AtomicBool::new(false),
         })
     }
 
@@ -100,6 +104,15 @@ impl HeadClock {
     /// timer, [`super::h2head::H2HeadTimed`], tells it this way).
     pub fn time_out(&self) {
         self.timed_out.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_h2_open(&self, open: bool) {
+        self.h2_open.store(open, Ordering::Relaxed);
+    }
+
+    /// Whether an HTTP/2 client is in the middle of a header block or another frame.
+    pub fn h2_open(&self) -> bool {
+        self.h2_open.load(Ordering::Relaxed)
     }
 
     fn start(&self) {

@@ -223,8 +223,8 @@ pub(super) async fn intercept(
                 debug!(peer = %conn.peer, connection_id = %conn.connection_id, %error, "Intercepted connection ended with an error");
                 if head_clock.timed_out() && h2 {
                     refused(None, format!(
-                        "downstream client: HTTP/2 request header block not complete {} s \
-                         after its first frame (proxy.header_secs); connection closed",
+                        "downstream client: HTTP/2 header block or frame not complete {} s \
+                         after it began (proxy.header_secs); connection closed",
                         proxy.timeouts.header.as_secs()
                     ));
                 } else if head_clock.timed_out() {
@@ -244,6 +244,12 @@ pub(super) async fn intercept(
                 refused(None, format!(
                     "downstream client: request header incomplete and no byte for {} s \
                      (proxy.idle_secs); connection closed",
+                    idle.as_secs()
+                ));
+            } else if h2 && head_clock.h2_open() {
+                refused(None, format!(
+                    "downstream client: HTTP/2 header block or frame incomplete and no byte \
+                     for {} s (proxy.idle_secs); connection closed",
                     idle.as_secs()
                 ));
             }

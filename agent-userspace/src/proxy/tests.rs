@@ -1497,9 +1497,44 @@ async fn an_unfinished_http2_header_block_is_cut_after_header_secs_and_recorded(
         assert_eq!(record.kind, RecordKind::Request);
         assert_eq!(record.verdict, Verdict::Deny);
         let reason = record.reason.unwrap();
-        assert!(reason.contains("HTTP/2 request header block"), "{reason}");
+        assert!(reason.contains("HTTP/2 header block"), "{reason}");
         assert!(reason.contains("proxy.header_secs"), "{reason}");
         // Nothing of the unfinished request reached the origin.
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+
+        // One frame flagged END_HEADERS whose payload drips a byte at a time (the
+        // connection never idle): timed until the frame's last byte.
+        let tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"h2"])
+            .await
+            .unwrap();
+        let (mut rd, mut wr) = tokio::io::split(tls);
+        let started = tokio::time::Instant::now();
+        let drip = tokio::spawn(async move {
+            let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            opening.extend(frame(0x4, 0, 0, &[]));
+            let headers = frame(0x1, 0x4 | 0x1, 1, &[0x90; 60]);
+            opening.extend_from_slice(&headers[..12]);
+            wr.write_all(&opening).await?;
+            for b in &headers[12..] {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                wr.write_all(&[*b]).await?;
+            }
+            std::io::Result::Ok(())
+        });
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let cut_after = started.elapsed();
+        assert!(
+            cut_after >= Duration::from_millis(900) && cut_after < Duration::from_millis(3500),
+            "dripped frame cut after {cut_after:?}: header_secs is 1, idle_secs 4"
+        );
+        drip.abort();
+        let reason = h.record().await.reason.unwrap();
+        assert!(reason.contains("proxy.header_secs"), "{reason}");
         assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
     })
     .await;
