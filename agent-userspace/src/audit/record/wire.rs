@@ -91,25 +91,46 @@ pub(super) struct Wire<'a> {
 
 impl Json for Wire<'_> {
     fn json(&self, out: &mut Vec<u8>) {
+        // Every field, so that one added to the struct cannot be left out here.
+        let Self {
+            timestamp,
+            ecs,
+            event,
+            observer,
+            process,
+            user,
+            group,
+            network,
+            source,
+            destination,
+            url,
+            http,
+            tls,
+            dns,
+            server,
+            rule,
+            error,
+            egress,
+        } = self;
         let mut o = Obj::new(out);
-        o.field("@timestamp", &self.timestamp)
-            .field("ecs", &self.ecs)
-            .field("event", &self.event)
-            .field("observer", &self.observer)
-            .opt("process", &self.process)
-            .opt("user", &self.user)
-            .opt("group", &self.group)
-            .opt("network", &self.network)
-            .opt("source", &self.source)
-            .opt("destination", &self.destination)
-            .opt("url", &self.url)
-            .opt("http", &self.http)
-            .opt("tls", &self.tls)
-            .opt("dns", &self.dns)
-            .opt("server", &self.server)
-            .opt("rule", &self.rule)
-            .opt("error", &self.error)
-            .field("egress", &self.egress)
+        o.field("@timestamp", timestamp)
+            .field("ecs", ecs)
+            .field("event", event)
+            .field("observer", observer)
+            .opt("process", process)
+            .opt("user", user)
+            .opt("group", group)
+            .opt("network", network)
+            .opt("source", source)
+            .opt("destination", destination)
+            .opt("url", url)
+            .opt("http", http)
+            .opt("tls", tls)
+            .opt("dns", dns)
+            .opt("server", server)
+            .opt("rule", rule)
+            .opt("error", error)
+            .field("egress", egress)
             .end();
     }
 }
@@ -121,7 +142,8 @@ pub(super) struct Ecs {
 
 impl Json for Ecs {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out).field("version", self.version).end();
+        let Self { version } = self;
+        Obj::new(out).field("version", version).end();
     }
 }
 
@@ -143,15 +165,25 @@ pub(super) struct WireEvent<'a> {
 
 impl Json for WireEvent<'_> {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            kind,
+            category,
+            type_,
+            action,
+            outcome,
+            reason,
+            duration,
+            sequence,
+        } = self;
         Obj::new(out)
-            .field("kind", self.kind)
-            .field("category", self.category)
-            .field("type", self.type_)
-            .field("action", self.action)
-            .field("outcome", &self.outcome)
-            .opt("reason", &self.reason)
-            .opt("duration", &self.duration)
-            .field("sequence", &self.sequence)
+            .field("kind", kind)
+            .field("category", category)
+            .field("type", type_)
+            .field("action", action)
+            .field("outcome", outcome)
+            .opt("reason", reason)
+            .opt("duration", duration)
+            .field("sequence", sequence)
             .end();
     }
 }
@@ -164,9 +196,10 @@ pub(super) struct Observer {
 
 impl Json for Observer {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self { product, version } = self;
         Obj::new(out)
-            .field("product", self.product)
-            .field("version", self.version)
+            .field("product", product)
+            .field("version", version)
             .end();
     }
 }
@@ -180,10 +213,8 @@ pub(super) struct WireProcess<'a> {
 
 impl Json for WireProcess<'_> {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out)
-            .field("pid", &self.pid)
-            .opt("name", &self.name)
-            .end();
+        let Self { pid, name } = self;
+        Obj::new(out).field("pid", pid).opt("name", name).end();
     }
 }
 
@@ -194,7 +225,8 @@ pub(super) struct WireId {
 
 impl Json for WireId {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out).field("id", &self.id).end();
+        let Self { id } = self;
+        Obj::new(out).field("id", id).end();
     }
 }
 
@@ -210,10 +242,15 @@ pub(super) struct WireNetwork {
 
 impl Json for WireNetwork {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            type_,
+            transport,
+            iana_number,
+        } = self;
         Obj::new(out)
-            .field("type", self.type_)
-            .opt("transport", &self.transport)
-            .opt("iana_number", &self.iana_number)
+            .field("type", type_)
+            .opt("transport", transport)
+            .opt("iana_number", iana_number)
             .end();
     }
 }
@@ -232,11 +269,17 @@ pub(super) struct WireDestination<'a> {
 
 impl Json for WireDestination<'_> {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            ip,
+            port,
+            domain,
+            bytes,
+        } = self;
         Obj::new(out)
-            .field("ip", &self.ip)
-            .opt("port", &self.port)
-            .opt("domain", &self.domain)
-            .opt("bytes", &self.bytes)
+            .field("ip", ip)
+            .opt("port", port)
+            .opt("domain", domain)
+            .opt("bytes", bytes)
             .end();
     }
 }
@@ -249,7 +292,8 @@ pub(super) struct WireBytes {
 
 impl Json for WireBytes {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out).field("bytes", &self.bytes).end();
+        let Self { bytes } = self;
+        Obj::new(out).field("bytes", bytes).end();
     }
 }
 
@@ -265,10 +309,15 @@ pub(super) struct WireUrl<'a> {
 
 impl Json for WireUrl<'_> {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            domain,
+            path,
+            query,
+        } = self;
         Obj::new(out)
-            .opt("domain", &self.domain)
-            .opt("path", &self.path)
-            .opt("query", &self.query)
+            .opt("domain", domain)
+            .opt("path", path)
+            .opt("query", query)
             .end();
     }
 }
@@ -296,9 +345,10 @@ pub(super) struct WireHttp<'a> {
 
 impl Json for WireHttp<'_> {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self { request, response } = self;
         Obj::new(out)
-            .field("request", &self.request)
-            .field("response", &self.response)
+            .field("request", request)
+            .field("response", response)
             .end();
     }
 }
@@ -312,9 +362,10 @@ pub(super) struct WireHttpRequest<'a> {
 
 impl Json for WireHttpRequest<'_> {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self { method, body } = self;
         Obj::new(out)
-            .opt("method", &self.method)
-            .field("body", &self.body)
+            .opt("method", method)
+            .field("body", body)
             .end();
     }
 }
@@ -328,9 +379,10 @@ pub(super) struct WireHttpResponse {
 
 impl Json for WireHttpResponse {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self { status_code, body } = self;
         Obj::new(out)
-            .opt("status_code", &self.status_code)
-            .field("body", &self.body)
+            .opt("status_code", status_code)
+            .field("body", body)
             .end();
     }
 }
@@ -342,7 +394,8 @@ pub(super) struct WireTls<'a> {
 
 impl Json for WireTls<'_> {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out).field("client", &self.client).end();
+        let Self { client } = self;
+        Obj::new(out).field("client", client).end();
     }
 }
 
@@ -353,7 +406,8 @@ pub(super) struct WireTlsClient<'a> {
 
 impl Json for WireTlsClient<'_> {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out).field("server_name", self.server_name).end();
+        let Self { server_name } = self;
+        Obj::new(out).field("server_name", server_name).end();
     }
 }
 
@@ -368,11 +422,16 @@ pub(super) struct WireDns<'a> {
 
 impl Json for WireDns<'_> {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            question,
+            response_code,
+            resolved_ip,
+        } = self;
         let mut o = Obj::new(out);
-        o.opt("question", &self.question)
-            .field("response_code", self.response_code);
-        if !self.resolved_ip.is_empty() {
-            o.field("resolved_ip", &self.resolved_ip);
+        o.opt("question", question)
+            .field("response_code", response_code);
+        if !resolved_ip.is_empty() {
+            o.field("resolved_ip", resolved_ip);
         }
         o.end();
     }
@@ -387,10 +446,8 @@ pub(super) struct WireDnsQuestion<'a> {
 
 impl Json for WireDnsQuestion<'_> {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out)
-            .field("name", self.name)
-            .field("type", self.type_)
-            .end();
+        let Self { name, type_ } = self;
+        Obj::new(out).field("name", name).field("type", type_).end();
     }
 }
 
@@ -402,10 +459,8 @@ pub(super) struct WireServer {
 
 impl Json for WireServer {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out)
-            .field("ip", &self.ip)
-            .field("port", &self.port)
-            .end();
+        let Self { ip, port } = self;
+        Obj::new(out).field("ip", ip).field("port", port).end();
     }
 }
 
@@ -416,7 +471,8 @@ pub(super) struct WireRule<'a> {
 
 impl Json for WireRule<'_> {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out).field("name", self.name).end();
+        let Self { name } = self;
+        Obj::new(out).field("name", name).end();
     }
 }
 
@@ -427,7 +483,8 @@ pub(super) struct WireError<'a> {
 
 impl Json for WireError<'_> {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out).field("message", self.message).end();
+        let Self { message } = self;
+        Obj::new(out).field("message", message).end();
     }
 }
 
@@ -479,28 +536,51 @@ pub(super) struct WireEgress<'a> {
 
 impl Json for WireEgress<'_> {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            sandbox,
+            socket,
+            netns,
+            hook,
+            verdict,
+            option,
+            connection,
+            tls_mode,
+            credential,
+            scrubbed,
+            git,
+            lost,
+            audit_lost,
+            daemon,
+            gap,
+            policy,
+            alert,
+            quarantine,
+            dns,
+            coverage,
+            posture,
+        } = self;
         Obj::new(out)
-            .opt("sandbox", &self.sandbox)
-            .opt("socket", &self.socket)
-            .opt("netns", &self.netns)
-            .opt("hook", &self.hook)
-            .opt("verdict", &self.verdict)
-            .opt("option", &self.option)
-            .opt("connection", &self.connection)
-            .opt("tls_mode", &self.tls_mode)
-            .opt("credential", &self.credential)
-            .opt("scrubbed", &self.scrubbed)
-            .opt("git", &self.git)
-            .opt("lost", &self.lost)
-            .opt("audit_lost", &self.audit_lost)
-            .opt("daemon", &self.daemon)
-            .opt("gap", &self.gap)
-            .opt("policy", &self.policy)
-            .opt("alert", &self.alert)
-            .opt("quarantine", &self.quarantine)
-            .opt("dns", &self.dns)
-            .opt("coverage", &self.coverage)
-            .opt("posture", &self.posture)
+            .opt("sandbox", sandbox)
+            .opt("socket", socket)
+            .opt("netns", netns)
+            .opt("hook", hook)
+            .opt("verdict", verdict)
+            .opt("option", option)
+            .opt("connection", connection)
+            .opt("tls_mode", tls_mode)
+            .opt("credential", credential)
+            .opt("scrubbed", scrubbed)
+            .opt("git", git)
+            .opt("lost", lost)
+            .opt("audit_lost", audit_lost)
+            .opt("daemon", daemon)
+            .opt("gap", gap)
+            .opt("policy", policy)
+            .opt("alert", alert)
+            .opt("quarantine", quarantine)
+            .opt("dns", dns)
+            .opt("coverage", coverage)
+            .opt("posture", posture)
             .end();
     }
 }
@@ -512,7 +592,8 @@ pub(super) struct WireQuarantine<'a> {
 
 impl Json for WireQuarantine<'_> {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out).field("trigger", self.trigger).end();
+        let Self { trigger } = self;
+        Obj::new(out).field("trigger", trigger).end();
     }
 }
 
@@ -524,7 +605,8 @@ pub(super) struct WireEgressDns<'a> {
 
 impl Json for WireEgressDns<'_> {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out).field("refused", &self.refused).end();
+        let Self { refused } = self;
+        Obj::new(out).field("refused", refused).end();
     }
 }
 
@@ -536,10 +618,8 @@ pub(super) struct WireRefusedAnswer<'a> {
 
 impl Json for WireRefusedAnswer<'_> {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out)
-            .field("ip", &self.ip)
-            .field("reason", self.reason)
-            .end();
+        let Self { ip, reason } = self;
+        Obj::new(out).field("ip", ip).field("reason", reason).end();
     }
 }
 
@@ -553,11 +633,17 @@ pub(super) struct WirePosture {
 
 impl Json for WirePosture {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            processes,
+            capabilities,
+            risky_capabilities,
+            can_leave_cgroup,
+        } = self;
         Obj::new(out)
-            .field("processes", &self.processes)
-            .field("capabilities", &self.capabilities)
-            .field("risky_capabilities", &self.risky_capabilities)
-            .field("can_leave_cgroup", &self.can_leave_cgroup)
+            .field("processes", processes)
+            .field("capabilities", capabilities)
+            .field("risky_capabilities", risky_capabilities)
+            .field("can_leave_cgroup", can_leave_cgroup)
             .end();
     }
 }
@@ -569,9 +655,8 @@ pub(super) struct WireCoverage {
 
 impl Json for WireCoverage {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out)
-            .field("packet_sockets", &self.packet_sockets)
-            .end();
+        let Self { packet_sockets } = self;
+        Obj::new(out).field("packet_sockets", packet_sockets).end();
     }
 }
 
@@ -586,10 +671,15 @@ pub(super) struct WireSandbox<'a> {
 
 impl Json for WireSandbox<'_> {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            name,
+            cgroup_id,
+            cgroup_path,
+        } = self;
         Obj::new(out)
-            .field("name", self.name)
-            .opt("cgroup_id", &self.cgroup_id)
-            .opt("cgroup_path", &self.cgroup_path)
+            .field("name", name)
+            .opt("cgroup_id", cgroup_id)
+            .opt("cgroup_path", cgroup_path)
             .end();
     }
 }
@@ -614,10 +704,15 @@ pub(super) struct WireSocket {
 
 impl Json for WireSocket {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            cookie,
+            family,
+            protocol,
+        } = self;
         Obj::new(out)
-            .field("cookie", &self.cookie)
-            .field("family", &self.family)
-            .field("protocol", &self.protocol)
+            .field("cookie", cookie)
+            .field("family", family)
+            .field("protocol", protocol)
             .end();
     }
 }
@@ -631,10 +726,8 @@ pub(super) struct WireOption {
 
 impl Json for WireOption {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out)
-            .field("name", self.name)
-            .opt("type", &self.type_)
-            .end();
+        let Self { name, type_ } = self;
+        Obj::new(out).field("name", name).opt("type", type_).end();
     }
 }
 
@@ -645,7 +738,8 @@ pub(super) struct WireNetns {
 
 impl Json for WireNetns {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out).field("cookie", &self.cookie).end();
+        let Self { cookie } = self;
+        Obj::new(out).field("cookie", cookie).end();
     }
 }
 
@@ -656,7 +750,8 @@ pub(super) struct WireConnection<'a> {
 
 impl Json for WireConnection<'_> {
     fn json(&self, out: &mut Vec<u8>) {
-        Obj::new(out).field("id", &self.id).end();
+        let Self { id } = self;
+        Obj::new(out).field("id", id).end();
     }
 }
 
@@ -693,11 +788,17 @@ pub(super) struct WireCredential<'a> {
 
 impl Json for WireCredential<'_> {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            name,
+            kind,
+            source,
+            expires,
+        } = self;
         Obj::new(out)
-            .field("name", self.name)
-            .opt("kind", &self.kind)
-            .opt("source", &self.source)
-            .opt("expires", &self.expires)
+            .field("name", name)
+            .opt("kind", kind)
+            .opt("source", source)
+            .opt("expires", expires)
             .end();
     }
 }
@@ -724,10 +825,15 @@ pub(super) struct WireGit<'a> {
 
 impl Json for WireGit<'_> {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            repo,
+            service,
+            ref_updates,
+        } = self;
         let mut o = Obj::new(out);
-        o.field("repo", self.repo).field("service", self.service);
-        if !self.ref_updates.is_empty() {
-            o.field("ref_updates", &self.ref_updates);
+        o.field("repo", repo).field("service", service);
+        if !ref_updates.is_empty() {
+            o.field("ref_updates", ref_updates);
         }
         o.end();
     }
@@ -743,11 +849,17 @@ pub(super) struct WireRefUpdate<'a> {
 
 impl Json for WireRefUpdate<'_> {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            ref_name,
+            old,
+            new,
+            allowed,
+        } = self;
         Obj::new(out)
-            .field("ref_name", self.ref_name)
-            .field("old", self.old)
-            .field("new", self.new)
-            .field("allowed", &self.allowed)
+            .field("ref_name", ref_name)
+            .field("old", old)
+            .field("new", new)
+            .field("allowed", allowed)
             .end();
     }
 }
@@ -760,9 +872,10 @@ pub(super) struct WireLost {
 
 impl Json for WireLost {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self { count, total } = self;
         Obj::new(out)
-            .field("count", &self.count)
-            .field("total", &self.total)
+            .field("count", count)
+            .field("total", total)
             .end();
     }
 }
@@ -778,11 +891,17 @@ pub(super) struct WireAuditLost {
 
 impl Json for WireAuditLost {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            count,
+            first_sequence,
+            last_sequence,
+            since,
+        } = self;
         Obj::new(out)
-            .field("count", &self.count)
-            .field("first_sequence", &self.first_sequence)
-            .field("last_sequence", &self.last_sequence)
-            .opt("since", &self.since)
+            .field("count", count)
+            .field("first_sequence", first_sequence)
+            .field("last_sequence", last_sequence)
+            .opt("since", since)
             .end();
     }
 }
@@ -794,8 +913,9 @@ pub(super) struct WireDaemon {
 
 impl Json for WireDaemon {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self { adopted_sandboxes } = self;
         Obj::new(out)
-            .field("adopted_sandboxes", &self.adopted_sandboxes)
+            .field("adopted_sandboxes", adopted_sandboxes)
             .end();
     }
 }
@@ -808,9 +928,13 @@ pub(super) struct WireGap {
 
 impl Json for WireGap {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            previous_seen,
+            seconds,
+        } = self;
         Obj::new(out)
-            .field("previous_seen", &self.previous_seen)
-            .field("seconds", &self.seconds)
+            .field("previous_seen", previous_seen)
+            .field("seconds", seconds)
             .end();
     }
 }
@@ -826,10 +950,15 @@ pub(super) struct WirePolicy<'a> {
 
 impl Json for WirePolicy<'_> {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            path,
+            digest,
+            previous_digest,
+        } = self;
         Obj::new(out)
-            .field("path", &self.path)
-            .opt("digest", &self.digest)
-            .opt("previous_digest", &self.previous_digest)
+            .field("path", path)
+            .opt("digest", digest)
+            .opt("previous_digest", previous_digest)
             .end();
     }
 }
@@ -844,10 +973,15 @@ pub(super) struct WireAlert {
 
 impl Json for WireAlert {
     fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            count,
+            window_seconds,
+            response,
+        } = self;
         Obj::new(out)
-            .field("count", &self.count)
-            .opt("window_seconds", &self.window_seconds)
-            .field("response", self.response)
+            .field("count", count)
+            .opt("window_seconds", window_seconds)
+            .field("response", response)
             .end();
     }
 }
