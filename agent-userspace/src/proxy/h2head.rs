@@ -13,7 +13,6 @@
 //! not count, as an HTTP/1 head waiting behind a response is not timed.
 
 use std::{
-    future::Future,
     io,
     pin::Pin,
     sync::Arc,
@@ -23,10 +22,10 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    time::{Instant, Sleep},
+    time::Instant,
 };
 
-use super::head::HeadClock;
+use super::{head::HeadClock, io::Deadline};
 
 /// The client connection preface (RFC 9113, 3.4), before the first frame.
 const PREFACE_LEN: usize = 24;
@@ -143,7 +142,7 @@ pub struct H2HeadTimed<S> {
     since: Option<Instant>,
     /// Since when the server's writes have been waiting for the client to read.
     stalled: Option<Instant>,
-    sleep: Option<Pin<Box<Sleep>>>,
+    deadline: Deadline,
 }
 
 impl<S> H2HeadTimed<S> {
@@ -155,7 +154,7 @@ impl<S> H2HeadTimed<S> {
             limit,
             since: None,
             stalled: None,
-            sleep: None,
+            deadline: Deadline::default(),
         }
     }
 
@@ -203,20 +202,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for H2HeadTimed<S> {
         let deadline = since + this.limit;
         let expired = match poll {
             Poll::Ready(Ok(())) => Instant::now() >= deadline,
-            Poll::Pending => {
-                let sleep = match &mut this.sleep {
-                    Some(sleep) => {
-                        if sleep.deadline() != deadline {
-                            sleep.as_mut().reset(deadline);
-                        }
-                        sleep
-                    }
-                    None => this
-                        .sleep
-                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
-                };
-                sleep.as_mut().poll(cx).is_ready()
-            }
+            Poll::Pending => this.deadline.poll_at(deadline, cx),
             Poll::Ready(Err(_)) => false,
         };
         if !expired {

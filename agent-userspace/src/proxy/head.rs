@@ -18,7 +18,6 @@
 //! enforced once no request is in flight (a head cannot be parsed before the response
 //! ahead of it is done).
 
-use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -27,7 +26,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
+
+use super::io::Deadline;
 
 /// Whether a request head is being received on one HTTP/1 connection, and since when.
 #[derive(Debug)]
@@ -129,8 +130,8 @@ pub struct HeadTimed<S> {
     clock: Arc<HeadClock>,
     in_flight: Arc<AtomicUsize>,
     limit: Duration,
-    /// Made the first time a head is not complete in one read; reset after that.
-    sleep: Option<Pin<Box<Sleep>>>,
+    /// The head's deadline (or the next look at a head waiting behind a response).
+    deadline: Deadline,
     /// A head is waiting for the response ahead of it: its time starts when that is done.
     behind_response: bool,
 }
@@ -147,7 +148,7 @@ impl<S> HeadTimed<S> {
             clock,
             in_flight,
             limit,
-            sleep: None,
+            deadline: Deadline::default(),
             behind_response: false,
         }
     }
@@ -185,12 +186,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadTimed<S> {
                 // refused body) and gets its whole time after that: look again shortly.
                 if this.in_flight.load(Ordering::Relaxed) > 0 {
                     this.behind_response = true;
-                    let again = Instant::now() + RECHECK;
-                    let sleep = this
-                        .sleep
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(again)));
-                    sleep.as_mut().reset(again);
-                    let _ = sleep.as_mut().poll(cx);
+                    this.deadline.poll_at(Instant::now() + RECHECK, cx);
                     return Poll::Pending;
                 }
                 let started = if std::mem::take(&mut this.behind_response) {
@@ -199,19 +195,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for HeadTimed<S> {
                 } else {
                     started
                 };
-                let deadline = started + this.limit;
-                let sleep = match &mut this.sleep {
-                    Some(sleep) => {
-                        if sleep.deadline() != deadline {
-                            sleep.as_mut().reset(deadline);
-                        }
-                        sleep
-                    }
-                    None => this
-                        .sleep
-                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
-                };
-                if sleep.as_mut().poll(cx).is_ready() {
+                if this.deadline.poll_at(started + this.limit, cx) {
                     this.clock.time_out();
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,

@@ -1,5 +1,7 @@
-//! Stream wrappers: replaying buffered bytes, and counting bytes and activity.
+//! Stream wrappers: replaying buffered bytes, and counting bytes and activity; the timer
+//! the header-timing wrappers share.
 
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,7 +10,28 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
+
+/// A timer kept across polls of a stream wrapper: made on first use, moved when its
+/// deadline changes.
+#[derive(Debug, Default)]
+pub struct Deadline(Option<Pin<Box<Sleep>>>);
+
+impl Deadline {
+    /// Whether `at` has passed; if not, the task is woken when it does.
+    pub fn poll_at(&mut self, at: Instant, cx: &mut Context<'_>) -> bool {
+        let sleep = match &mut self.0 {
+            Some(sleep) => {
+                if sleep.deadline() != at {
+                    sleep.as_mut().reset(at);
+                }
+                sleep
+            }
+            None => self.0.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
+        sleep.as_mut().poll(cx).is_ready()
+    }
+}
 
 /// A stream whose first reads return `prefix` (bytes already read from `inner`, such as
 /// a peeked ClientHello), then continue with `inner`. Writes go straight to `inner`.
