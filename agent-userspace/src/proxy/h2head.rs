@@ -21,7 +21,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, ReadBuf},
     time::Instant,
 };
 
@@ -158,10 +158,10 @@ impl<S> H2HeadTimed<S> {
         }
     }
 
-    /// Notes whether a write went through: time stalled does not count against the
+    /// Notes whether a write had to wait: time stalled does not count against the
     /// client's open part.
-    fn wrote<T>(&mut self, poll: &Poll<T>) {
-        match (poll.is_pending(), self.stalled) {
+    fn wrote(&mut self, pending: bool) {
+        match (pending, self.stalled) {
             (true, None) => self.stalled = Some(Instant::now()),
             (false, Some(stalled)) => {
                 self.stalled = None;
@@ -219,44 +219,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for H2HeadTimed<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for H2HeadTimed<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.wrote(&poll);
-        poll
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.wrote(&poll);
-        poll
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let poll = Pin::new(&mut this.inner).poll_flush(cx);
-        this.wrote(&poll);
-        poll
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
+super::io::write_through!(H2HeadTimed, observe = wrote);
 
 #[cfg(test)]
 mod tests {

@@ -76,16 +76,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for PrefixedStream<S> {
 }
 
 /// `AsyncWrite` for a read-side wrapper `$wrapper<S>` (a struct with an `inner: S`
-/// field): every write goes straight to `inner`.
+/// field): every write goes straight to `inner`. With `observe = method`, the wrapper's
+/// `method(pending: bool)` is told after each write and flush whether it had to wait.
 macro_rules! write_through {
-    ($wrapper:ident) => {
+    ($wrapper:ident $(, observe = $observe:ident)?) => {
         impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $wrapper<S> {
             fn poll_write(
                 self: std::pin::Pin<&mut Self>,
                 cx: &mut std::task::Context<'_>,
                 buf: &[u8],
             ) -> std::task::Poll<std::io::Result<usize>> {
-                std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+                let this = self.get_mut();
+                let poll = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+                $(this.$observe(poll.is_pending());)?
+                poll
             }
 
             fn poll_write_vectored(
@@ -93,7 +97,10 @@ macro_rules! write_through {
                 cx: &mut std::task::Context<'_>,
                 bufs: &[std::io::IoSlice<'_>],
             ) -> std::task::Poll<std::io::Result<usize>> {
-                std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+                let this = self.get_mut();
+                let poll = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+                $(this.$observe(poll.is_pending());)?
+                poll
             }
 
             fn is_write_vectored(&self) -> bool {
@@ -104,7 +111,10 @@ macro_rules! write_through {
                 self: std::pin::Pin<&mut Self>,
                 cx: &mut std::task::Context<'_>,
             ) -> std::task::Poll<std::io::Result<()>> {
-                std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+                let this = self.get_mut();
+                let poll = std::pin::Pin::new(&mut this.inner).poll_flush(cx);
+                $(this.$observe(poll.is_pending());)?
+                poll
             }
 
             fn poll_shutdown(
