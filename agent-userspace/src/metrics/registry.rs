@@ -14,7 +14,7 @@ use prometheus_client::{
 
 use super::scrape::{ScrapeCollector, SnapshotFn};
 use crate::{
-    audit::{DnsEvent, DnsVerdict, NetworkDecision, ProxyEvent, Record, Verdict},
+    audit::{DnsEvent, DnsVerdict, NetworkDecision, ProxyEvent, Record},
     audit::{ProxyVerdict, RecordKind},
 };
 
@@ -254,7 +254,7 @@ impl Metrics {
             .get_or_create(&DecisionLabels {
                 sandbox: r.sandbox.clone(),
                 hook: r.hook.as_str(),
-                verdict: verdict_label(r.verdict),
+                verdict: r.verdict.as_str(),
                 rule: r.rule.name().to_owned(),
             })
             .inc();
@@ -336,14 +336,4 @@ fn rcode_label(code: &str) -> &'static str {
         "NOERROR", "NXDOMAIN", "REFUSED", "SERVFAIL", "FORMERR", "NOTIMP",
     ];
     KNOWN.into_iter().find(|k| *k == code).unwrap_or("other")
-}
-
-/// `egress.verdict` of a kernel decision.
-fn verdict_label(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Allow => "allow",
-        Verdict::Deny => "deny",
-        Verdict::Audit => "audit",
-        Verdict::Redirect => "redirect",
-    }
 }

@@ -334,6 +334,16 @@ impl Verdict {
         }
     }
 
+    /// `egress.verdict`'s text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::Audit => "audit",
+            Self::Redirect => "redirect",
+        }
+    }
+
     /// `event.outcome`: whether the connection went ahead.
     pub(super) fn outcome(self) -> Outcome {
         match self {

@@ -99,3 +99,12 @@ pub(super) enum Outcome {
     Success,
     Failure,
 }
+
+impl Outcome {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Failure => "failure",
+        }
+    }
+}

@@ -994,27 +994,13 @@ impl Json for Hook {
 
 impl Json for Verdict {
     fn json(&self, out: &mut Vec<u8>) {
-        string(
-            match self {
-                Verdict::Allow => "allow",
-                Verdict::Deny => "deny",
-                Verdict::Audit => "audit",
-                Verdict::Redirect => "redirect",
-            },
-            out,
-        );
+        string(self.as_str(), out);
     }
 }
 
 impl Json for Outcome {
     fn json(&self, out: &mut Vec<u8>) {
-        string(
-            match self {
-                Outcome::Success => "success",
-                Outcome::Failure => "failure",
-            },
-            out,
-        );
+        string(self.as_str(), out);
     }
 }
 
