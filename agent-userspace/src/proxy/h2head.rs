@@ -221,19 +221,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for H2HeadTimed<S> {
 
 super::io::write_through!(H2HeadTimed, observe = wrote);
 
+/// One HTTP/2 frame's bytes, for tests that speak the protocol by hand.
+#[cfg(test)]
+pub(super) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let len = payload.len();
-        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
 
     #[test]
     fn a_block_is_open_from_its_headers_to_the_end_of_end_headers() {

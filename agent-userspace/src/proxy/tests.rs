@@ -1416,14 +1416,8 @@ async fn idle_connections_last_idle_secs_and_slow_headers_header_secs() {
 /// `header_secs`.
 #[tokio::test]
 async fn an_unfinished_http2_header_block_is_cut_after_header_secs_and_recorded() {
+    use super::h2head::frame;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let len = payload.len();
-        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
     within(async {
         let origin = start_origin(false).await;
         let config = ProxyConfig {
@@ -1458,84 +1452,67 @@ async fn an_unfinished_http2_header_block_is_cut_after_header_secs_and_recorded(
             "an idle HTTP/2 connection closed after header_secs"
         );
 
-        // A header block that never ends, its CONTINUATION frames dripping (never idle).
-        let tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"h2"])
-            .await
-            .unwrap();
-        let (mut rd, mut wr) = tokio::io::split(tls);
-        let started = tokio::time::Instant::now();
-        let drip = tokio::spawn(async move {
+        // Each attack: what opens the connection, then pieces sent one after another,
+        // each after a pause; the connection is never idle for idle_secs.
+        let preface = || {
             let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
             opening.extend(frame(0x4, 0, 0, &[]));
-            // HEADERS (END_STREAM, no END_HEADERS): :method GET, :scheme https.
-            opening.extend(frame(0x1, 0x1, 1, &[0x82, 0x87]));
-            wr.write_all(&opening).await?;
-            // Two CONTINUATION frames (accept-encoding, a header that may repeat), never
-            // END_HEADERS, then nothing: the cut comes from the timer, not from a read.
-            for _ in 0..2 {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                wr.write_all(&frame(0x9, 0, 1, &[0x90])).await?;
-            }
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            std::io::Result::Ok(())
-        });
-        // Read until the proxy closes (its SETTINGS and ACK come first).
-        let mut buf = [0u8; 4096];
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
+            opening
+        };
+        let long_frame = frame(0x1, 0x4 | 0x1, 1, &[0x90; 60]);
+        let attacks = [
+            (
+                // HEADERS (END_STREAM, no END_HEADERS): :method GET, :scheme https; two
+                // CONTINUATION frames (accept-encoding, a header that may repeat), never
+                // END_HEADERS, then nothing: the cut comes from the timer, not a read.
+                "a header block that never ends",
+                [preface(), frame(0x1, 0x1, 1, &[0x82, 0x87])].concat(),
+                vec![
+                    (300, frame(0x9, 0, 1, &[0x90])),
+                    (300, frame(0x9, 0, 1, &[0x90])),
+                    (30_000, Vec::new()),
+                ],
+            ),
+            (
+                // One frame flagged END_HEADERS whose payload drips a byte at a time:
+                // timed until the frame's last byte.
+                "a header frame dripped a byte at a time",
+                [preface(), long_frame[..12].to_vec()].concat(),
+                long_frame[12..].iter().map(|b| (200, vec![*b])).collect(),
+            ),
+        ];
+        for (what, opening, pieces) in attacks {
+            let tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"h2"])
+                .await
+                .unwrap();
+            let (mut rd, mut wr) = tokio::io::split(tls);
+            let started = tokio::time::Instant::now();
+            let drip = tokio::spawn(async move {
+                wr.write_all(&opening).await?;
+                for (pause, piece) in pieces {
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    wr.write_all(&piece).await?;
+                }
+                std::io::Result::Ok(())
+            });
+            // Read until the proxy closes (its SETTINGS and ACK come first).
+            let mut buf = [0u8; 4096];
+            while let Ok(1..) = rd.read(&mut buf).await {}
+            let cut_after = started.elapsed();
+            assert!(
+                cut_after >= Duration::from_millis(900) && cut_after < Duration::from_millis(3500),
+                "{what}: cut after {cut_after:?}; header_secs is 1, idle_secs 4"
+            );
+            drip.abort();
+            let record = h.record().await;
+            assert_eq!(record.kind, RecordKind::Request, "{what}");
+            assert_eq!(record.verdict, Verdict::Deny, "{what}");
+            let reason = record.reason.unwrap();
+            assert!(reason.contains("HTTP/2 header block"), "{what}: {reason}");
+            assert!(reason.contains("proxy.header_secs"), "{what}: {reason}");
+            // Nothing of the unfinished request reached the origin.
+            assert_eq!(origin.requests.load(Ordering::SeqCst), 1, "{what}");
         }
-        let cut_after = started.elapsed();
-        assert!(
-            cut_after >= Duration::from_millis(900) && cut_after < Duration::from_millis(3500),
-            "cut after {cut_after:?}: header_secs is 1, idle_secs 4"
-        );
-        drip.abort();
-        let record = h.record().await;
-        assert_eq!(record.kind, RecordKind::Request);
-        assert_eq!(record.verdict, Verdict::Deny);
-        let reason = record.reason.unwrap();
-        assert!(reason.contains("HTTP/2 header block"), "{reason}");
-        assert!(reason.contains("proxy.header_secs"), "{reason}");
-        // Nothing of the unfinished request reached the origin.
-        assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
-
-        // One frame flagged END_HEADERS whose payload drips a byte at a time (the
-        // connection never idle): timed until the frame's last byte.
-        let tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"h2"])
-            .await
-            .unwrap();
-        let (mut rd, mut wr) = tokio::io::split(tls);
-        let started = tokio::time::Instant::now();
-        let drip = tokio::spawn(async move {
-            let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-            opening.extend(frame(0x4, 0, 0, &[]));
-            let headers = frame(0x1, 0x4 | 0x1, 1, &[0x90; 60]);
-            opening.extend_from_slice(&headers[..12]);
-            wr.write_all(&opening).await?;
-            for b in &headers[12..] {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                wr.write_all(&[*b]).await?;
-            }
-            std::io::Result::Ok(())
-        });
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-        let cut_after = started.elapsed();
-        assert!(
-            cut_after >= Duration::from_millis(900) && cut_after < Duration::from_millis(3500),
-            "dripped frame cut after {cut_after:?}: header_secs is 1, idle_secs 4"
-        );
-        drip.abort();
-        let reason = h.record().await.reason.unwrap();
-        assert!(reason.contains("proxy.header_secs"), "{reason}");
-        assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
     })
     .await;
 }
