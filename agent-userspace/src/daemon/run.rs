@@ -466,8 +466,8 @@ fn cover_packet_sockets(programs: &mut Programs, layout: &PinLayout) -> Result<(
 
 fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {
     let mut core = shared.lock();
-    // Sent to the writer together; anything that may raise an alert sends them first,
-    // so records stay in the order of the events.
+    // Sent to the writer together; a denial, which may raise a burst alert at once, sends
+    // them first, so records stay in the order of the events.
     let mut records = Vec::with_capacity(batch.len());
     for ev in batch {
         match ev {
@@ -481,13 +481,11 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
                                 .name_of(ev.sandbox_index, rec.destination_ip)
                                 .map(str::to_string);
                         }
-                        let option = rec.option;
-                        let sandbox = option.map(|_| rec.sandbox.clone());
-                        records.push(Record::Network(rec));
-                        if let (Some(o), Some(sandbox)) = (option, sandbox) {
-                            core.audit.emit_all(std::mem::take(&mut records));
-                            core.note_source_routing(&sandbox, o.name);
+                        // Only counted here; the alert comes later (`flush_alerts`).
+                        if let Some(o) = rec.option {
+                            core.note_source_routing(&rec.sandbox, o.name);
                         }
+                        records.push(Record::Network(rec));
                     }
                     Err(e) => tracing::error!(error = %e, "Undecodable kernel event"),
                 }
