@@ -111,9 +111,10 @@ impl HeadClock {
         self.h2_open.store(open, Ordering::Relaxed);
     }
 
-    /// Whether an HTTP/2 client is in the middle of a header block or another frame.
-    pub fn h2_open(&self) -> bool {
-        self.h2_open.load(Ordering::Relaxed)
+    /// Whether a request head (HTTP/2: a header block or another frame) has begun and not
+    /// ended.
+    pub fn incomplete(&self) -> bool {
+        self.head_started().is_some() || self.h2_open.load(Ordering::Relaxed)
     }
 
     fn start(&self) {

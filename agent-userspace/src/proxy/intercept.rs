@@ -217,20 +217,20 @@ pub(super) async fn intercept(
         Box::pin(async move { conn.await.map_err(ServeError::from) })
     };
     let idle = proxy.timeouts.idle;
+    // What a header timer cut off, in the refusal's words.
+    let unfinished = if h2 {
+        "HTTP/2 header block or frame"
+    } else {
+        "request header"
+    };
     tokio::select! {
         result = served => {
             if let Err(error) = result {
                 debug!(peer = %conn.peer, connection_id = %conn.connection_id, %error, "Intercepted connection ended with an error");
-                if head_clock.timed_out() && h2 {
+                if head_clock.timed_out() {
                     refused(None, format!(
-                        "downstream client: HTTP/2 header block or frame not complete {} s \
-                         after it began (proxy.header_secs); connection closed",
-                        proxy.timeouts.header.as_secs()
-                    ));
-                } else if head_clock.timed_out() {
-                    refused(None, format!(
-                        "downstream client: request header not complete {} s after its first \
-                         byte (proxy.header_secs); connection closed",
+                        "downstream client: {unfinished} not complete {} s after it began \
+                         (proxy.header_secs); connection closed",
                         proxy.timeouts.header.as_secs()
                     ));
                 } else if let Some((status, reason)) = connection_refusal(&*error) {
@@ -240,16 +240,10 @@ pub(super) async fn intercept(
         }
         () = idle_watch(&activity, idle, || in_flight.load(Ordering::Relaxed) > 0) => {
             debug!(peer = %conn.peer, connection_id = %conn.connection_id, idle_secs = idle.as_secs(), "Closing idle intercepted connection");
-            if head_clock.head_started().is_some() {
+            if head_clock.incomplete() {
                 refused(None, format!(
-                    "downstream client: request header incomplete and no byte for {} s \
+                    "downstream client: {unfinished} incomplete and no byte for {} s \
                      (proxy.idle_secs); connection closed",
-                    idle.as_secs()
-                ));
-            } else if h2 && head_clock.h2_open() {
-                refused(None, format!(
-                    "downstream client: HTTP/2 header block or frame incomplete and no byte \
-                     for {} s (proxy.idle_secs); connection closed",
                     idle.as_secs()
                 ));
             }
