@@ -223,6 +223,16 @@ async fn start_proxy(dst: SocketAddr, origin_ca_pem: &str, spec: Spec) -> Harnes
 
 /// A proxy with `config` (its CA and handshake timeout set here) whose `n`-th accepted
 /// connection (from 1) comes from the sandbox and through the rule `conn(n)` says.
+/// An intercepting proxy with short header and idle timers, for the timer tests.
+async fn start_timed_proxy(origin: &Origin, header_secs: u64, idle_secs: u64) -> Harness {
+    let config = ProxyConfig {
+        header_secs,
+        idle_secs,
+        ..ProxyConfig::default()
+    };
+    start_proxy_with(origin.addr, &origin.ca_pem, config, |_| ("sbx", INTERCEPT)).await
+}
+
 async fn start_proxy_with(
     dst: SocketAddr,
     origin_ca_pem: &str,
@@ -1343,13 +1353,7 @@ async fn idle_connections_last_idle_secs_and_slow_headers_header_secs() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     within(async {
         let origin = start_origin(false).await;
-        let config = ProxyConfig {
-            header_secs: 1,
-            idle_secs: 3,
-            ..ProxyConfig::default()
-        };
-        let mut h =
-            start_proxy_with(origin.addr, &origin.ca_pem, config, |_| ("sbx", INTERCEPT)).await;
+        let mut h = start_timed_proxy(&origin, 1, 3).await;
 
         // An idle keep-alive connection outlives header_secs and is closed after idle_secs.
         let tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"http/1.1"])
@@ -1420,13 +1424,7 @@ async fn an_unfinished_http2_header_block_is_cut_after_header_secs_and_recorded(
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     within(async {
         let origin = start_origin(false).await;
-        let config = ProxyConfig {
-            header_secs: 1,
-            idle_secs: 4,
-            ..ProxyConfig::default()
-        };
-        let mut h =
-            start_proxy_with(origin.addr, &origin.ca_pem, config, |_| ("sbx", INTERCEPT)).await;
+        let mut h = start_timed_proxy(&origin, 1, 4).await;
 
         // Control: a whole request is answered, and the idle connection stays open past
         // header_secs.
@@ -1584,13 +1582,7 @@ async fn a_stalled_pipelined_head_is_timed_and_recorded() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     within(async {
         let origin = start_origin(false).await;
-        let config = ProxyConfig {
-            header_secs: 1,
-            idle_secs: 6,
-            ..ProxyConfig::default()
-        };
-        let mut h =
-            start_proxy_with(origin.addr, &origin.ca_pem, config, |_| ("sbx", INTERCEPT)).await;
+        let mut h = start_timed_proxy(&origin, 1, 6).await;
         let cases = [
             format!("GET /a HTTP/1.1\r\nHost: {NAME}\r\n\r\nGET /b HTTP/1.1\r\nHo"),
             format!(
@@ -1653,13 +1645,7 @@ async fn a_slow_refused_upload_is_not_a_stalled_head() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     within(async {
         let origin = start_origin(false).await;
-        let config = ProxyConfig {
-            header_secs: 1,
-            idle_secs: 6,
-            ..ProxyConfig::default()
-        };
-        let mut h =
-            start_proxy_with(origin.addr, &origin.ca_pem, config, |_| ("sbx", INTERCEPT)).await;
+        let mut h = start_timed_proxy(&origin, 1, 6).await;
         let mut tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"http/1.1"])
             .await
             .unwrap();
