@@ -68,6 +68,9 @@ impl ResolvesServerCert for FixedCert {
     }
 }
 
+/// The sandbox's side of an intercepted connection once its TLS handshake is done.
+type SandboxTls = tokio_rustls::server::TlsStream<Metered<PrefixedStream<TcpStream>>>;
+
 /// Handles one intercepted connection after its server name has been allowed.
 pub(super) async fn intercept(
     proxy: Arc<Proxy>,
@@ -78,14 +81,30 @@ pub(super) async fn intercept(
     handshake_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     let activity = Activity::new();
-    let connection_record = |reason: String, verdict: Verdict| {
-        let mut record = proxy.record(
-            &conn,
-            TlsMode::Intercept,
-            Some(&sni),
-            RecordKind::Connection,
-        );
-        record.verdict = verdict;
+    // Boxed: the handshake, its timer and its refusals are over within a few round trips,
+    // and the connection's future keeps room for its largest state for as long as the
+    // connection is open.
+    let handshake = Box::pin(handshake(&proxy, stream, &conn, &sni, started, &activity));
+    let Some(tls) = handshake.await else {
+        return;
+    };
+    // The sandbox's handshake slot is free once the handshake is done.
+    drop(handshake_permit);
+    serve(proxy, tls, conn, sni, activity).await;
+}
+
+/// The sandbox-side TLS handshake with a leaf for `sni`; `None` once a failure is
+/// recorded.
+async fn handshake(
+    proxy: &Proxy,
+    stream: PrefixedStream<TcpStream>,
+    conn: &ConnInfo,
+    sni: &str,
+    started: Instant,
+    activity: &Arc<Activity>,
+) -> Option<SandboxTls> {
+    let connection_record = |reason: String| {
+        let mut record = proxy.record(conn, TlsMode::Intercept, Some(sni), RecordKind::Connection);
         record.reason = Some(reason);
         record.bytes_in = activity.bytes_read();
         record.bytes_out = activity.bytes_written();
@@ -95,35 +114,33 @@ pub(super) async fn intercept(
 
     let config = match proxy
         .ca
-        .leaf_for(&sni)
+        .leaf_for(sni)
         .map_err(ProxyError::from)
         .and_then(|key| {
             // Git routes speak HTTP/1.1 only: git's HTTP/2 uploads stall with several
             // libcurl releases (7.88 in Debian 12 among them) on large pushes.
             let h2 = conn.route.git.is_none();
-            proxy.downstream_tls(&sni, key, h2)
+            proxy.downstream_tls(sni, key, h2)
         }) {
         Ok(config) => config,
         Err(e) => {
-            connection_record(e.to_string(), Verdict::Allow);
-            return;
+            connection_record(e.to_string());
+            return None;
         }
     };
 
     let metered = Metered::new(stream, activity.clone());
-    // Boxed, so the handshake's state is freed once it is done instead of sizing the
-    // connection's future for as long as the connection is open.
-    let handshake = Box::pin(tokio_rustls::TlsAcceptor::from(config).accept(metered));
-    let tls = match tokio::time::timeout(proxy.timeouts.handshake, handshake).await {
-        Ok(Ok(tls)) => tls,
+    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(metered);
+    match tokio::time::timeout(proxy.timeouts.handshake, handshake).await {
+        Ok(Ok(tls)) => Some(tls),
         Ok(Err(source)) => {
             let e = ProxyError::DownstreamIo {
                 peer: conn.peer,
                 op: "TLS handshake (does the sandbox trust the egressd CA?)",
                 source,
             };
-            connection_record(e.to_string(), Verdict::Allow);
-            return;
+            connection_record(e.to_string());
+            None
         }
         Err(_) => {
             let e = ProxyError::DownstreamTimeout {
@@ -131,12 +148,23 @@ pub(super) async fn intercept(
                 op: "TLS handshake",
                 secs: proxy.timeouts.handshake.as_secs(),
             };
-            connection_record(e.to_string(), Verdict::Allow);
-            return;
+            connection_record(e.to_string());
+            None
         }
-    };
-    // The sandbox's handshake slot is free once the handshake is done.
-    drop(handshake_permit);
+    }
+}
+
+/// Serves HTTP on an intercepted connection until it ends, is cut by a timer or is idle
+/// for `idle_secs`. The future returned is what every open connection holds: set up
+/// before it is made, so it keeps no room for the values the setup moves away (an async
+/// fn keeps its arguments, the TLS connection among them, for as long as it runs).
+fn serve(
+    proxy: Arc<Proxy>,
+    tls: SandboxTls,
+    conn: Arc<ConnInfo>,
+    sni: String,
+    activity: Arc<Activity>,
+) -> impl Future<Output = ()> + Send {
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
 
     let in_flight = Arc::new(AtomicUsize::new(0));
@@ -187,8 +215,10 @@ pub(super) async fn intercept(
     };
 
     // ALPN has decided the protocol, so each connection gets only its own protocol's
-    // state (a connection that could become either is sized for both).
-    let served: Pin<Box<dyn Future<Output = Result<(), ServeError>> + Send + '_>> = if h2 {
+    // state (a connection that could become either is sized for both). Boxed as it is:
+    // an `async` block around it would keep room for it twice (the block's captured copy
+    // beside the one being polled) for as long as the connection is open.
+    let served: Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>> = if h2 {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         // Extended CONNECT (`:protocol`) reaches the handler, which refuses and records
         // it, instead of being reset unseen by the HTTP/2 layer.
@@ -198,7 +228,7 @@ pub(super) async fn intercept(
             .max_header_list_size(u32::try_from(proxy.config.max_header_bytes).unwrap_or(u32::MAX));
         let timed = H2HeadTimed::new(tls, head_clock.clone(), proxy.timeouts.header);
         let conn = builder.serve_connection(TokioIo::new(H2Watch::new(timed, on_reset)), service);
-        Box::pin(async move { conn.await.map_err(ServeError::from) })
+        Box::pin(conn)
     } else {
         let timed = HeadTimed::new(
             tls,
@@ -214,7 +244,7 @@ pub(super) async fn intercept(
             .max_buf_size(proxy.config.max_header_bytes)
             .keep_alive(true);
         let conn = builder.serve_connection(TokioIo::new(timed), service);
-        Box::pin(async move { conn.await.map_err(ServeError::from) })
+        Box::pin(conn)
     };
     let idle = proxy.timeouts.idle;
     // What a header timer cut off, in the refusal's words.
@@ -223,29 +253,31 @@ pub(super) async fn intercept(
     } else {
         "request header"
     };
-    tokio::select! {
-        result = served => {
-            if let Err(error) = result {
-                debug!(peer = %conn.peer, connection_id = %conn.connection_id, %error, "Intercepted connection ended with an error");
-                if head_clock.timed_out() {
-                    refused(None, format!(
-                        "downstream client: {unfinished} not complete {} s after it began \
-                         (proxy.header_secs); connection closed",
-                        proxy.timeouts.header.as_secs()
-                    ));
-                } else if let Some((status, reason)) = connection_refusal(&*error) {
-                    refused(status, reason);
+    async move {
+        tokio::select! {
+            result = served => {
+                if let Err(error) = result {
+                    debug!(peer = %conn.peer, connection_id = %conn.connection_id, %error, "Intercepted connection ended with an error");
+                    if head_clock.timed_out() {
+                        refused(None, format!(
+                            "downstream client: {unfinished} not complete {} s after it began \
+                             (proxy.header_secs); connection closed",
+                            proxy.timeouts.header.as_secs()
+                        ));
+                    } else if let Some((status, reason)) = connection_refusal(&error) {
+                        refused(status, reason);
+                    }
                 }
             }
-        }
-        () = idle_watch(&activity, idle, || in_flight.load(Ordering::Relaxed) > 0) => {
-            debug!(peer = %conn.peer, connection_id = %conn.connection_id, idle_secs = idle.as_secs(), "Closing idle intercepted connection");
-            if head_clock.incomplete() {
-                refused(None, format!(
-                    "downstream client: {unfinished} incomplete and no byte for {} s \
-                     (proxy.idle_secs); connection closed",
-                    idle.as_secs()
-                ));
+            () = idle_watch(&activity, idle, || in_flight.load(Ordering::Relaxed) > 0) => {
+                debug!(peer = %conn.peer, connection_id = %conn.connection_id, idle_secs = idle.as_secs(), "Closing idle intercepted connection");
+                if head_clock.incomplete() {
+                    refused(None, format!(
+                        "downstream client: {unfinished} incomplete and no byte for {} s \
+                         (proxy.idle_secs); connection closed",
+                        idle.as_secs()
+                    ));
+                }
             }
         }
     }
@@ -347,8 +379,6 @@ fn target(sni: &str, port: Option<u16>) -> Option<(Authority, HeaderValue)> {
     let host = HeaderValue::from_str(authority.as_str()).ok()?;
     Some((authority, host))
 }
-
-type ServeError = Box<dyn std::error::Error + Send + Sync>;
 
 type Forwarded = (Response<Incoming>, Option<Box<dyn FnOnce() + Send>>);
 

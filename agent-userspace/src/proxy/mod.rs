@@ -358,19 +358,39 @@ impl Proxy {
     /// until the TLS handshake is done.
     pub async fn serve_limited(
         self: Arc<Self>,
-        mut stream: TcpStream,
+        stream: TcpStream,
         conn: ConnInfo,
         handshake_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
         let started = Instant::now();
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(conn);
-        // Boxed, like the handshake and the relay below: their state is large and
-        // short-lived (or belongs to another kind of connection), and the connection's own
-        // future is sized for the largest state it can be in, for as long as it lives.
+        // Boxed, like the TLS handshake and the relay: a connection's future is sized for
+        // the largest state it can be in, for as long as it lives, and the ClientHello's
+        // read, timer and refusals are large and over within the first round trip.
+        let Some((stream, sni)) = Box::pin(self.admit(stream, &conn, started)).await else {
+            return;
+        };
+        if conn.route.passthrough {
+            drop(handshake_permit);
+            Box::pin(passthrough::relay(self, stream, conn, sni, started)).await;
+        } else {
+            intercept::intercept(self, stream, conn, sni, started, handshake_permit).await;
+        }
+    }
+
+    /// Reads the ClientHello and checks its server name against the route: the stream
+    /// (the hello put back in front) and the normalised name, or `None` once the
+    /// connection is refused and recorded.
+    async fn admit(
+        &self,
+        mut stream: TcpStream,
+        conn: &ConnInfo,
+        started: Instant,
+    ) -> Option<(io::PrefixedStream<TcpStream>, String)> {
         let hello = tokio::time::timeout(
             self.timeouts.handshake,
-            Box::pin(hello::read_client_hello(&mut stream)),
+            hello::read_client_hello(&mut stream),
         )
         .await;
         let hello = match hello {
@@ -384,9 +404,9 @@ impl Proxy {
                     peer: conn.peer,
                     reason: e.to_string(),
                 };
-                self.refuse(&mut stream, &conn, None, reason, &alert, started)
+                self.refuse(&mut stream, conn, None, reason, &alert, started)
                     .await;
-                return;
+                return None;
             }
             Err(_) => {
                 let reason = ProxyError::DownstreamTimeout {
@@ -394,9 +414,9 @@ impl Proxy {
                     op: "waiting for the TLS ClientHello",
                     secs: self.timeouts.handshake.as_secs(),
                 };
-                self.refuse(&mut stream, &conn, None, reason, &[], started)
+                self.refuse(&mut stream, conn, None, reason, &[], started)
                     .await;
-                return;
+                return None;
             }
         };
         let Some(sni) = hello.server_name.as_deref().map(normalize_host) else {
@@ -408,14 +428,14 @@ impl Proxy {
             };
             self.refuse(
                 &mut stream,
-                &conn,
+                conn,
                 None,
                 reason,
                 &hello::ALERT_UNRECOGNIZED_NAME,
                 started,
             )
             .await;
-            return;
+            return None;
         };
         if !(conn.route.host_allowed)(&sni) {
             let reason = ProxyError::Downstream {
@@ -427,23 +447,17 @@ impl Proxy {
             };
             self.refuse(
                 &mut stream,
-                &conn,
+                conn,
                 Some(sni),
                 reason,
                 &hello::ALERT_UNRECOGNIZED_NAME,
                 started,
             )
             .await;
-            return;
+            return None;
         }
         debug!(connection_id = %conn.connection_id, %sni, passthrough = conn.route.passthrough, "Server name allowed");
-        let stream = io::PrefixedStream::new(hello.buffered, stream);
-        if conn.route.passthrough {
-            drop(handshake_permit);
-            Box::pin(passthrough::relay(self, stream, conn, sni, started)).await;
-        } else {
-            intercept::intercept(self, stream, conn, sni, started, handshake_permit).await;
-        }
+        Some((io::PrefixedStream::new(hello.buffered, stream), sni))
     }
 
     /// Ends a connection at the TLS stage: sends `alert` (if any), closes, records a
