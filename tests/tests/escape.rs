@@ -1,5 +1,7 @@
 //! Escape attempts from inside a sandbox: confinement follows the cgroup, so neither
-//! daemonising away from the launching shell nor making a new network namespace helps.
+//! daemonising away from the launching shell nor making a new network namespace helps,
+//! and a connection opened by TCP Fast Open (from `sendto`, with no `connect`) is judged
+//! like any other.
 //! `harness.rs` shows both attempts succeed when no daemon is running.
 //!
 //! Needs root, cgroup v2, bpffs and the egressd binaries; skips otherwise.
@@ -13,7 +15,7 @@ use egress_tests::expect::{self, RECORD_TIMEOUT};
 use egress_tests::fixture::{Fixture, WEB_ORIGIN_DENY};
 use egress_tests::require_root;
 use egress_tests::sandbox::wait_probe_file;
-use egress_tests::world::{CANARY_V4, CANARY_V6};
+use egress_tests::world::{CANARY_V4, CANARY_V6, ORIGIN_V4};
 
 /// Session id of this test process (field 6 of /proc/self/stat).
 fn own_sid() -> Result<u64> {
@@ -93,6 +95,40 @@ fn new_network_namespace_inside_sandbox_is_confined() -> Result<()> {
                 .transport("tcp")
                 .sandbox(fx.sandbox.label()),
         )?;
+    }
+    expect::canary_silent(&fx.canary)?;
+    Ok(())
+}
+
+#[test]
+fn tcp_fast_open_from_sendto_is_judged_like_connect() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    fx.attach(WEB_ORIGIN_DENY)?;
+    // Positive control: the allowed origin, reached the same way, gets the data.
+    let p = fx
+        .sandbox
+        .probe("tcp-fastopen", IpAddr::V4(ORIGIN_V4), 80, &[])?;
+    expect::probe_ok(&p)?;
+    fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::decision("allow", IpAddr::V4(ORIGIN_V4), 80)
+            .transport("tcp")
+            .sandbox(fx.sandbox.label()),
+    )?;
+    // The SYN leaves from `sendto(MSG_FASTOPEN)`: IPv4, IPv6 and IPv4-mapped IPv6.
+    for (host, ip) in [
+        (CANARY_V4.to_string(), IpAddr::V4(CANARY_V4)),
+        (CANARY_V6.to_string(), IpAddr::V6(CANARY_V6)),
+        (format!("::ffff:{CANARY_V4}"), IpAddr::V4(CANARY_V4)),
+    ] {
+        let m = Match::decision("deny", ip, 9)
+            .transport("tcp")
+            .sandbox(fx.sandbox.label());
+        let before = m.all(&fx.daemon.audit_records()?).len();
+        let p = fx.sandbox.probe_host("tcp-fastopen", &host, 9, &[])?;
+        expect::eperm(&p)?;
+        expect::records(&fx.daemon, &m, before + 1)?;
     }
     expect::canary_silent(&fx.canary)?;
     Ok(())

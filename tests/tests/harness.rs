@@ -75,6 +75,7 @@ fn canary_records_tcp_and_udp_without_daemon() -> Result<()> {
         80,
         &["--send", "m"],
     )?)?;
+    expect::probe_ok(&sb.probe("tcp-fastopen", IpAddr::V6(CANARY_V6), 9, &["--send", "f6"])?)?;
     // curl too, so "curl exit 7" in the real tests is not a quirk of the topology.
     let out = sb.curl(&[&format!("http://{CANARY_V4}:9/")])?;
     ensure!(
@@ -82,7 +83,7 @@ fn canary_records_tcp_and_udp_without_daemon() -> Result<()> {
         "curl could not connect to the canary without a daemon: {out:?}"
     );
 
-    let want: [(&str, &str, SocketAddr, &[u8]); 5] = [
+    let want: [(&str, &str, SocketAddr, &[u8]); 6] = [
         (
             "tcp",
             "data",
@@ -112,6 +113,12 @@ fn canary_records_tcp_and_udp_without_daemon() -> Result<()> {
             "data",
             SocketAddr::new(IpAddr::V4(CANARY_V4), 80),
             b"m",
+        ),
+        (
+            "tcp",
+            "data",
+            SocketAddr::new(IpAddr::V6(CANARY_V6), 9),
+            b"f6",
         ),
     ];
     for (proto, kind, local, data) in want {
