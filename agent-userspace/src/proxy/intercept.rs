@@ -435,6 +435,11 @@ impl ConnCtx {
             .await
             .and_then(|(response, on_complete)| {
                 let (mut parts, body) = response.into_parts();
+                // hyper keeps an HTTP/1 origin's own reason phrase among the extensions
+                // and its server writes it back out: text that is never scanned for
+                // secrets, so it goes (the sandbox gets the standard phrase), with
+                // anything else hyper's client attached.
+                parts.extensions.clear();
                 strip_hop_by_hop(&mut parts.headers);
                 let body = self.response_body(&mut parts.headers, body, &secrets)?;
                 Ok((parts, body, on_complete))

@@ -143,6 +143,20 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
     if path.starts_with("/slow") {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    if path == "/reason" {
+        // An origin whose error's status line quotes the credential it was sent.
+        let sent = req
+            .headers()
+            .get(AUTHORIZATION)
+            .map_or(&b""[..], |v| v.as_bytes());
+        let phrase = [&b"bad credential "[..], sent].concat();
+        let mut response = Response::new(Full::new(Bytes::from_static(b"denied\n")));
+        *response.status_mut() = StatusCode::UNAUTHORIZED;
+        response
+            .extensions_mut()
+            .insert(hyper::ext::ReasonPhrase::try_from(phrase).unwrap());
+        return Ok(response);
+    }
     if path == "/redirect" {
         return Ok(Response::builder()
             .status(StatusCode::FOUND)
@@ -509,6 +523,31 @@ async fn credentials_are_refused_while_the_gate_is_closed() {
         assert_eq!(reply.status, StatusCode::OK);
         assert!(reply.body.contains("auth=expected\n"), "{}", reply.body);
         assert_eq!(h.record().await.credential.as_deref(), Some("github"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_origin_reason_phrase_is_not_sent_back() {
+    within(async {
+        let origin = start_origin(false).await;
+        let h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let response = client
+            .send_request(request(Method::GET, NAME, "/reason", &[], ""))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        // hyper's client hands a non-standard phrase over as this extension; the
+        // standard one ("Unauthorized") is not.
+        let phrase = response.extensions().get::<hyper::ext::ReasonPhrase>();
+        assert!(
+            phrase.is_none(),
+            "{:?}",
+            phrase.map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned())
+        );
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"denied\n");
     })
     .await;
 }
