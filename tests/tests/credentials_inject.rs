@@ -12,7 +12,8 @@
 //!   a header or query parameter not enabled, or in the path, it is refused (403) with a
 //!   deny record and a `placeholder-misdirected` alert; beside a second `Authorization`
 //!   value it is refused (400). The same sentinel sent to `github.com` (allowed, but not
-//!   one of the credential's hosts) in a header or a body is refused (403) likewise; the
+//!   one of the credential's hosts) in a header, in the URL (percent-encoded) or in a
+//!   body is refused (403) likewise; the
 //!   origin gets nothing of any of these; the same requests without it pass (positive
 //!   control), and without the sentinel the API refuses (the credential is not added by
 //!   itself, nor recorded as used).
@@ -287,13 +288,22 @@ fn query_and_placeholder_injection_reach_only_the_credentials_hosts() -> Result<
     );
 
     // The sentinel at github.com (allowed, not the credential's host): refused in a
-    // header and in a body, recorded, alerted; the origin gets nothing.
+    // header, in the URL and in a body, recorded, alerted; the origin gets nothing.
     let before = fx.origin.requests()?.len();
     let header = format!("X-Api-Key: {sentinel}");
     let (status, _) = curl_status(&fx, &["-H", &header, "https://github.com/echo/plain"])?;
     ensure!(
         status == 403,
         "misdirected placeholder in a header: {status}"
+    );
+    fx.origin_new_exactly(before, 0)?;
+    // The same in the URL, its first letter percent-encoded (an origin decodes it).
+    let before = fx.origin.requests()?.len();
+    let encoded = format!("https://github.com/echo/plain?k=%65{}", &sentinel[1..]);
+    let (status, _) = curl_status(&fx, &[&encoded])?;
+    ensure!(
+        status == 403,
+        "misdirected placeholder, encoded, in the URL: {status}"
     );
     fx.origin_new_exactly(before, 0)?;
     let received_before = fx.origin.echo_received();
@@ -316,7 +326,7 @@ fn query_and_placeholder_injection_reach_only_the_credentials_hosts() -> Result<
         fx.origin.echo_received() == received_before,
         "the origin received a misdirected placeholder"
     );
-    for place in ["a header", "the body"] {
+    for place in ["a header", "the URL", "the body"] {
         let denied = fx.wait_proxy_record(RECORD_TIMEOUT, place, |r| {
             get_str(r, "url.domain") == Some("github.com")
                 && get_str(r, "egress.verdict") == Some("deny")
@@ -334,7 +344,7 @@ fn query_and_placeholder_injection_reach_only_the_credentials_hosts() -> Result<
             .into_iter()
             .filter(|r| get_str(r, "event.action") == Some("placeholder-misdirected"))
             .collect();
-        Ok((alerts.len() >= 5).then_some(alerts))
+        Ok((alerts.len() >= 6).then_some(alerts))
     })?
     .context("no placeholder-misdirected alerts")?;
     let at = |domain: &str| {
@@ -347,7 +357,7 @@ fn query_and_placeholder_injection_reach_only_the_credentials_hosts() -> Result<
         alerts
             .iter()
             .all(|a| get_str(a, "egress.credential.name") == Some("api-placeholder"))
-            && at("github.com") == 2
+            && at("github.com") == 3
             && at("api.github.com") == 3,
         "{alerts:?}"
     );

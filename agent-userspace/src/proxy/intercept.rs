@@ -1180,6 +1180,9 @@ fn misdirected_in_head(
         });
     };
     scan(target.as_bytes(), "the URL");
+    for form in scrub::decoded_forms(target) {
+        scan(&form, "the URL");
+    }
     for (name, value) in headers {
         scan(value.as_bytes(), "a header");
         scan(name.as_str().as_bytes(), "a header");

@@ -145,13 +145,16 @@ pub fn find_in_head(
     headers: &HeaderMap,
     matcher: &SecretMatcher,
 ) -> Option<(String, &'static str)> {
-    let url_parts = [
-        uri.authority().map_or("", |a| a.as_str()),
-        uri.path_and_query().map_or("", |p| p.as_str()),
-    ];
+    let target = uri.path_and_query().map_or("", |p| p.as_str());
+    let url_parts = [uri.authority().map_or("", |a| a.as_str()), target];
     if let Some(name) = url_parts
         .iter()
         .find_map(|part| matcher.find(part.as_bytes()))
+        .or_else(|| {
+            decoded_forms(target)
+                .iter()
+                .find_map(|form| matcher.find(form))
+        })
     {
         return Some((name.to_owned(), "the URL"));
     }
@@ -164,6 +167,52 @@ pub fn find_in_head(
         }
     }
     None
+}
+
+/// How many times a request target is percent-decoded for the head checks: once, and
+/// again for a target encoded twice.
+const DECODE_ROUNDS: usize = 2;
+
+/// `target` as an origin may read it: with its `%XX` escapes decoded, once and then again
+/// while escapes remain (at most [`DECODE_ROUNDS`]). Empty when it has none. The head
+/// checks look for secrets and sentinels in these forms as well as in the one sent, so
+/// `%67hp_...` is seen as what it decodes to.
+pub(super) fn decoded_forms(target: &str) -> Vec<Vec<u8>> {
+    let mut forms: Vec<Vec<u8>> = Vec::new();
+    for _ in 0..DECODE_ROUNDS {
+        let last = forms.last().map_or(target.as_bytes(), Vec::as_slice);
+        match percent_decode_once(last) {
+            Some(decoded) => forms.push(decoded),
+            None => break,
+        }
+    }
+    forms
+}
+
+/// `bytes` with every valid `%XX` escape decoded (others kept as they are), or `None` if
+/// it has no valid escape.
+fn percent_decode_once(bytes: &[u8]) -> Option<Vec<u8>> {
+    let hex = |c: u8| {
+        char::from(c)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut decoded = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(h << 4 | l);
+                decoded = true;
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    decoded.then_some(out)
 }
 
 /// A byte stream with secrets replaced, matches split across pieces included.
@@ -731,6 +780,31 @@ mod tests {
             find_in_head(&uri, &HeaderMap::new(), &m),
             Some(("github".into(), "the URL"))
         );
+        // Percent-encoded, even where nothing needs encoding, and encoded twice: an
+        // origin may decode what the proxy forwards as it is.
+        let every = SECRET
+            .bytes()
+            .map(|b| format!("%{b:02x}"))
+            .collect::<String>();
+        for target in [
+            format!("/search?q=%67hp_{}", &SECRET[4..]),
+            format!("/a/{every}"),
+            format!("/search?q=%2567hp_{}", &SECRET[4..]),
+        ] {
+            let uri: http::Uri = target.parse().unwrap();
+            assert_eq!(
+                find_in_head(&uri, &HeaderMap::new(), &m),
+                Some(("github".into(), "the URL")),
+                "{target}"
+            );
+        }
+        let uri: http::Uri = "/search?q=ok%20%zz%4".parse().unwrap();
+        assert_eq!(find_in_head(&uri, &HeaderMap::new(), &m), None);
+        assert_eq!(
+            decoded_forms("/a%2541b%zz%4"),
+            [b"/a%41b%zz%4".to_vec(), b"/aAb%zz%4".to_vec()]
+        );
+        assert!(decoded_forms("/plain?x=%zz").is_empty());
         let uri: http::Uri = "/search?q=ok".parse().unwrap();
         assert_eq!(find_in_head(&uri, &h, &m), None);
         h.insert("x-leak", HeaderValue::from_str(SECRET).unwrap());
