@@ -34,7 +34,12 @@ pub struct CountingBody {
     trailers: Option<http::HeaderMap>,
     /// Told once the client's body has been read to its end (HTTP/1).
     end: Option<BodyEnd>,
+    /// Takes out of the client's trailers what is not sent on (they are scanned whole).
+    trailer_filter: Option<TrailerFilter>,
 }
+
+/// What [`CountingBody::stripping_trailers`] applies to a request's trailers.
+pub type TrailerFilter = Box<dyn Fn(&mut http::HeaderMap) + Send + Sync>;
 
 impl CountingBody {
     /// `prefix`, then what is left of `inner`, scanned by `scan` if given.
@@ -52,12 +57,19 @@ impl CountingBody {
             scan,
             trailers: None,
             end: None,
+            trailer_filter: None,
         }
     }
 
     /// Tells `end` (an HTTP/1 request's) when the client's body has been read.
     pub fn ending_to(mut self, end: Option<BodyEnd>) -> Self {
         self.end = end;
+        self
+    }
+
+    /// Applies `filter` to the client's trailers before they are sent on.
+    pub fn stripping_trailers(mut self, filter: TrailerFilter) -> Self {
+        self.trailer_filter = Some(filter);
         self
     }
 
@@ -158,12 +170,17 @@ impl CountingBody {
                     Frame::data(out)
                 }
                 Err(frame) => match frame.into_trailers() {
-                    Ok(trailers) => {
+                    Ok(mut trailers) => {
                         if let Some(scan) = &mut this.scan {
                             if let Err(e) = scan.trailers(&trailers) {
                                 this.stop();
                                 return Poll::Ready(Some(Err(e)));
                             }
+                        }
+                        if let Some(filter) = &this.trailer_filter {
+                            filter(&mut trailers);
+                        }
+                        if let Some(scan) = &mut this.scan {
                             if !this.flushed {
                                 // Trailers end the body: what was held back goes first.
                                 this.flushed = true;

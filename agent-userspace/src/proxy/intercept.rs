@@ -917,7 +917,11 @@ impl ConnCtx {
         let request = Request::from_parts(
             parts,
             CountingBody::with_prefix(prefix, body, bytes_in.clone(), scan)
-                .ending_to(body_end.take()),
+                .ending_to(body_end.take())
+                .stripping_trailers({
+                    let injected = self.proxy.injected.clone();
+                    Box::new(move |trailers| strip_request_trailers(trailers, &injected))
+                }),
         );
 
         let addr = SocketAddr::new(
@@ -1212,6 +1216,25 @@ pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderN
     }
 }
 
+/// A request's trailers get what its headers get, and lose as well the fields a trailer
+/// must not carry (RFC 9110, 6.5.1) that an origin merging trailers into the head could
+/// act on: routing, framing and content fields.
+fn strip_request_trailers(trailers: &mut HeaderMap, injected: &[HeaderName]) {
+    strip_request_headers(trailers, injected);
+    for name in [
+        TE,
+        HOST,
+        http::header::CONTENT_LENGTH,
+        http::header::CONTENT_ENCODING,
+        http::header::CONTENT_TYPE,
+        http::header::CONTENT_RANGE,
+        http::header::COOKIE,
+        EXPECT,
+    ] {
+        trailers.remove(name);
+    }
+}
+
 use crate::credentials::OVERRIDE_HEADERS;
 
 #[cfg(test)]
@@ -1250,6 +1273,28 @@ mod tests {
         headers.insert(TE, HeaderValue::from_static("trailers"));
         strip_request_headers(&mut headers, &[]);
         assert_eq!(headers.get(TE).unwrap(), "trailers");
+    }
+
+    #[test]
+    fn request_trailers_lose_what_headers_lose_and_routing_and_framing_fields() {
+        let mut trailers = HeaderMap::new();
+        for (name, value) in [
+            ("authorization", "Bearer sandbox"),
+            ("x-http-method-override", "DELETE"),
+            ("x-api-key", "sandbox-key"),
+            ("host", "elsewhere.example.net"),
+            ("content-length", "0"),
+            ("te", "trailers"),
+            ("x-checksum", "abc"),
+        ] {
+            trailers.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_request_trailers(&mut trailers, &[HeaderName::from_static("x-api-key")]);
+        let left: Vec<_> = trailers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-checksum"]);
     }
 
     #[test]
