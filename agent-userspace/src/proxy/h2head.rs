@@ -51,6 +51,13 @@ pub struct BlockScan {
     in_block: bool,
     /// The frame being passed ends the header block.
     ends_block: bool,
+    /// The open header block opens a request: a HEADERS frame on a stream above every
+    /// earlier request's (not trailers, not a server's PUSH_PROMISE).
+    block_request: Option<u32>,
+    /// The stream of the last request whose header block was complete.
+    last_request: u32,
+    /// Requests whose header block was complete.
+    requests: u64,
 }
 
 impl Default for BlockScan {
@@ -63,11 +70,20 @@ impl Default for BlockScan {
             skip: 0,
             in_block: false,
             ends_block: false,
+            block_request: None,
+            last_request: 0,
+            requests: 0,
         }
     }
 }
 
 impl BlockScan {
+    /// Requests whose whole header block has arrived: each reaches the proxy's handler
+    /// or is refused by the HTTP/2 layer.
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+
     /// Whether the client is in the middle of something it must send whole.
     pub fn open(&self) -> bool {
         (self.preface_left > 0 && self.preface_left < PREFACE_LEN)
@@ -106,6 +122,12 @@ impl BlockScan {
                     self.kind = h[3];
                     self.ends_block = false;
                     if matches!(self.kind, HEADERS | PUSH_PROMISE | CONTINUATION) {
+                        if !self.in_block {
+                            let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+                            self.block_request = (self.kind == HEADERS
+                                && stream > self.last_request)
+                                .then_some(stream);
+                        }
                         self.in_block = true;
                         self.ends_block = h[4] & END_HEADERS != 0;
                     }
@@ -125,6 +147,10 @@ impl BlockScan {
         if self.ends_block {
             self.in_block = false;
             self.ends_block = false;
+            if let Some(stream) = self.block_request.take() {
+                self.last_request = stream;
+                self.requests += 1;
+            }
         }
         self.kind = DATA;
     }
@@ -192,6 +218,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for H2HeadTimed<S> {
                 this.since = Some(Instant::now());
             }
             this.clock.set_h2_open(open);
+            this.clock.set_h2_requests(this.scan.requests());
         }
         let Some(since) = this.since else {
             return poll;
@@ -236,6 +263,29 @@ mod tests {
     use super::*;
 
     const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    #[test]
+    fn requests_are_counted_once_their_block_is_whole_and_trailers_are_not() {
+        let mut scan = BlockScan::default();
+        scan.feed(PREFACE);
+        scan.feed(&frame(0x4, 0, 0, &[]));
+        scan.feed(&frame(HEADERS, END_HEADERS, 1, &[0x82; 5]));
+        assert_eq!(scan.requests(), 1);
+        // Trailers on the same stream, then DATA: no new request.
+        scan.feed(&frame(HEADERS, END_HEADERS | 0x1, 1, &[0x90; 3]));
+        scan.feed(&frame(DATA, 0, 1, &[0; 8]));
+        assert_eq!(scan.requests(), 1);
+        // A block in two frames counts once, with the last byte of its END_HEADERS frame.
+        scan.feed(&frame(HEADERS, 0, 3, &[0x82; 5]));
+        let last = frame(CONTINUATION, END_HEADERS, 3, &[0x90; 4]);
+        scan.feed(&last[..last.len() - 1]);
+        assert_eq!(scan.requests(), 1);
+        scan.feed(&last[last.len() - 1..]);
+        assert_eq!(scan.requests(), 2);
+        // A PUSH_PROMISE opens no request of the client's.
+        scan.feed(&frame(PUSH_PROMISE, END_HEADERS, 3, &[0, 0, 0, 4, 0x82]));
+        assert_eq!(scan.requests(), 2);
+    }
 
     #[test]
     fn a_block_is_open_from_its_headers_to_the_end_of_end_headers() {

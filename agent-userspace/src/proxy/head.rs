@@ -47,6 +47,9 @@ pub struct HeadClock {
     /// HTTP/2: the client is in the middle of a header block or another frame it must
     /// send whole (see [`super::h2head::BlockScan`]).
     h2_open: AtomicBool,
+    /// HTTP/2: requests whose whole header block has arrived (see
+    /// [`super::h2head::BlockScan::requests`]).
+    h2_requests: AtomicU64,
 }
 
 impl HeadClock {
@@ -59,6 +62,7 @@ impl HeadClock {
             pipelined: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
             h2_open: AtomicBool::new(false),
+            h2_requests: AtomicU64::new(0),
         })
     }
 
@@ -109,6 +113,21 @@ impl HeadClock {
 
     pub fn set_h2_open(&self, open: bool) {
         self.h2_open.store(open, Ordering::Relaxed);
+    }
+
+    pub fn set_h2_requests(&self, requests: u64) {
+        self.h2_requests.store(requests, Ordering::Relaxed);
+    }
+
+    /// HTTP/2: requests whose header block arrived whole and that the proxy's handler was
+    /// not given, leaving out those the HTTP/2 layer reset (`reset`, each recorded as
+    /// such): refused by that layer without a reset (a header list over its limit with
+    /// the stream ended is answered 431 and nothing else), or dropped as the connection
+    /// ended before they were handed over.
+    pub fn h2_unhandled(&self, reset: u64) -> u64 {
+        self.h2_requests
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.requests().saturating_add(reset))
     }
 
     /// Whether a request head (HTTP/2: a header block or another frame) has begun and not

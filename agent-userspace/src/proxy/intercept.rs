@@ -209,9 +209,14 @@ fn serve(
             (proxy.audit)(record);
         }
     };
+    // Refusing resets the HTTP/2 layer wrote, each recorded as it is seen.
+    let resets = Arc::new(AtomicU64::new(0));
     let on_reset = {
-        let refused = refused.clone();
-        move |reset: StreamReset| refused(None, reset.reason())
+        let (refused, resets) = (refused.clone(), resets.clone());
+        move |reset: StreamReset| {
+            resets.fetch_add(1, Ordering::Relaxed);
+            refused(None, reset.reason());
+        }
     };
 
     // ALPN has decided the protocol, so each connection gets only its own protocol's
@@ -278,6 +283,23 @@ fn serve(
                         idle.as_secs()
                     ));
                 }
+            }
+        }
+        // HTTP/2 requests that never reached the handler and were not reset left no
+        // other trace: the HTTP/2 layer answers 431 to a header list over its limit on a
+        // request without a body, and writes nothing more.
+        if h2 {
+            for _ in 0..head_clock.h2_unhandled(resets.load(Ordering::Relaxed)) {
+                refused(
+                    None,
+                    format!(
+                        "downstream client: HTTP/2 request not given to the proxy's checks: \
+                         refused by the HTTP/2 layer (a header list over \
+                         proxy.max_header_bytes, {} bytes, is answered 431) or dropped as \
+                         the connection ended; not forwarded",
+                        proxy.config.max_header_bytes
+                    ),
+                );
             }
         }
     }

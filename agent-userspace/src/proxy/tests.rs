@@ -1458,6 +1458,78 @@ async fn idle_connections_last_idle_secs_and_slow_headers_header_secs() {
 /// on another connection is answered, and an idle HTTP/2 connection outlives
 /// `header_secs`.
 #[tokio::test]
+async fn an_http2_header_list_over_the_limit_is_recorded_though_the_http2_layer_answers_it() {
+    use super::h2head::frame;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    within(async {
+        let origin = start_origin(false).await;
+        let config = ProxyConfig {
+            max_header_bytes: 8192,
+            ..ProxyConfig::default()
+        };
+        let mut h =
+            start_proxy_with(origin.addr, &origin.ca_pem, config, |_| ("sbx", INTERCEPT)).await;
+        let tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"h2"])
+            .await
+            .unwrap();
+        let (mut rd, mut wr) = tokio::io::split(tls);
+        // :method GET, :scheme https, :path /, :authority NAME (HPACK, no huffman).
+        let mut small = vec![0x82, 0x87, 0x84, 0x41, u8::try_from(NAME.len()).unwrap()];
+        small.extend_from_slice(NAME.as_bytes());
+        // The same and 200 x `accept-encoding: gzip, deflate` (one byte each, 60 in the
+        // header list's size): 12,000 bytes decoded from a 220-byte frame.
+        let mut big = small.clone();
+        big.extend([0x90; 200]);
+        let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        opening.extend(frame(0x4, 0, 0, &[]));
+        // Both END_STREAM | END_HEADERS: a positive control on stream 1, the oversized
+        // request on stream 3.
+        opening.extend(frame(0x1, 0x5, 1, &small));
+        opening.extend(frame(0x1, 0x5, 3, &big));
+        wr.write_all(&opening).await.unwrap();
+
+        // Frames back until stream 1 has ended and stream 3 has had its answer.
+        let (mut ended_1, mut answered_3) = (false, false);
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !(ended_1 && answered_3) {
+            let n = rd.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the proxy closed the connection");
+            buf.extend_from_slice(&chunk[..n]);
+            while buf.len() >= 9 {
+                let len =
+                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (buf[3], buf[4]);
+                let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]);
+                ended_1 |= stream == 1 && matches!(kind, 0x0 | 0x1) && flags & 0x1 != 0;
+                answered_3 |= stream == 3 && kind == 0x1;
+                buf.drain(..9 + len);
+            }
+        }
+        drop((rd, wr));
+
+        let control = h.record().await;
+        assert_eq!(control.verdict, Verdict::Allow);
+        assert_eq!(control.status, Some(200));
+        let refused = h.record().await;
+        assert_eq!(refused.kind, RecordKind::Request);
+        assert_eq!(refused.verdict, Verdict::Deny);
+        let reason = refused.reason.unwrap();
+        assert!(
+            reason.contains("refused by the HTTP/2 layer")
+                && reason.contains("proxy.max_header_bytes"),
+            "{reason}"
+        );
+        // Only the control reached the origin.
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_unfinished_http2_header_block_is_cut_after_header_secs_and_recorded() {
     use super::h2head::frame;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
