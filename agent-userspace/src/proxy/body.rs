@@ -39,7 +39,7 @@ pub struct CountingBody {
 }
 
 /// What [`CountingBody::stripping_trailers`] applies to a request's trailers.
-pub type TrailerFilter = Box<dyn Fn(&mut http::HeaderMap) + Send + Sync>;
+pub type TrailerFilter = Arc<dyn Fn(&mut http::HeaderMap) + Send + Sync>;
 
 impl CountingBody {
     /// `prefix`, then what is left of `inner`, scanned by `scan` if given.

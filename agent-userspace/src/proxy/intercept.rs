@@ -940,10 +940,7 @@ impl ConnCtx {
             parts,
             CountingBody::with_prefix(prefix, body, bytes_in.clone(), scan)
                 .ending_to(body_end.take())
-                .stripping_trailers({
-                    let injected = self.proxy.injected.clone();
-                    Box::new(move |trailers| strip_request_trailers(trailers, &injected))
-                }),
+                .stripping_trailers(self.proxy.trailer_filter.clone()),
         );
 
         let addr = SocketAddr::new(
@@ -1241,7 +1238,7 @@ pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderN
 /// A request's trailers get what its headers get, and lose as well the fields a trailer
 /// must not carry (RFC 9110, 6.5.1) that an origin merging trailers into the head could
 /// act on: routing, framing and content fields.
-fn strip_request_trailers(trailers: &mut HeaderMap, injected: &[HeaderName]) {
+pub(super) fn strip_request_trailers(trailers: &mut HeaderMap, injected: &[HeaderName]) {
     strip_request_headers(trailers, injected);
     for name in [
         TE,

@@ -203,7 +203,9 @@ pub struct Proxy {
     ca: Arc<CertAuthority>,
     credentials: Arc<CredentialStore>,
     /// Header names the credential store sets, removed from every sandbox request.
-    injected: Vec<HeaderName>,
+    injected: Arc<[HeaderName]>,
+    /// What is taken out of a sandbox request's trailers (made once, shared by requests).
+    trailer_filter: body::TrailerFilter,
     upstream_tls: Arc<ClientConfig>,
     /// Upstream connections, shared by all intercepted connections.
     pool: Arc<upstream::UpstreamPool>,
@@ -293,9 +295,14 @@ impl Proxy {
             })?,
             None => Dialer::default(),
         };
+        let injected: Arc<[HeaderName]> = credentials.injected_header_names().into();
         Ok(Self {
             dialer: Arc::new(dialer),
-            injected: credentials.injected_header_names(),
+            trailer_filter: {
+                let injected = injected.clone();
+                Arc::new(move |trailers| intercept::strip_request_trailers(trailers, &injected))
+            },
+            injected,
             config,
             ca,
             credentials,
