@@ -1884,6 +1884,76 @@ async fn a_batch_larger_than_the_queue_is_written_whole() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_blocked_by_a_reader_that_stopped_reading_makes_the_trail_unhealthy() {
+    use std::io::Read as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.fifo");
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let (handle, task) =
+        AuditLog::open_with(AuditSink::File(path.clone()), &AuditConfig::default(), None).unwrap();
+    let writer = tokio::spawn(task.run());
+    // The reader's end, opened now but not read: the test always drains it before it
+    // asserts, so a failure cannot leave the writer's thread blocked for ever.
+    let mut fifo = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+        .unwrap();
+    // Far more than the pipe holds, with nothing reading it: the writer's write blocks.
+    let records = 2000u16;
+    handle.emit_all((1..=records).map(denied).collect());
+    let started = std::time::Instant::now();
+    while handle.healthy() && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let unhealthy_after = started.elapsed();
+    let gate_closed = !handle.healthy();
+    let report = handle.health();
+    // The reader comes back: everything is written and the trail is healthy again.
+    let mut text = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    let draining = std::time::Instant::now();
+    while text.iter().filter(|b| **b == b'\n').count() < usize::from(records)
+        && draining.elapsed() < Duration::from_secs(10)
+    {
+        match fifo.read(&mut chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            read => text.extend_from_slice(&chunk[..read.unwrap()]),
+        }
+    }
+    assert!(
+        gate_closed && !report.healthy,
+        "the trail stayed healthy behind a blocked write"
+    );
+    // Not before the write had been blocked for WRITE_STALL (500 ms in tests).
+    assert!(
+        unhealthy_after >= Duration::from_millis(400),
+        "{unhealthy_after:?}"
+    );
+    assert!(
+        report
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("blocked")),
+        "{report:?}"
+    );
+    assert_eq!(
+        text.iter().filter(|b| **b == b'\n').count(),
+        usize::from(records)
+    );
+    assert!(handle.healthy());
+    drop(handle);
+    writer.await.unwrap().unwrap();
+}
+
 #[test]
 fn kernel_events_decode() {
     let clock = ClockOffset::from_nanos(1_700_000_000_000_000_000);

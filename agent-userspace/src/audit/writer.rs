@@ -22,10 +22,10 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -603,16 +603,62 @@ pub struct AuditHealth {
     pub write_errors: u64,
 }
 
+/// How long one `write(2)` to the log may be blocked before the trail counts as
+/// unhealthy. A sink that blocks (a reader of stdout that stopped reading, a frozen or
+/// hung file system) fails no write, yet records no longer reach it.
+#[cfg(not(test))]
+const WRITE_STALL: Duration = Duration::from_secs(5);
+#[cfg(test)]
+const WRITE_STALL: Duration = Duration::from_millis(500);
+
 /// Shared between the writer thread and every handle.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Health {
     failing: AtomicBool,
     report: Mutex<AuditHealth>,
+    origin: Instant,
+    /// Milliseconds after `origin`, plus one, when the write in progress began; 0 while
+    /// none is.
+    writing_since: AtomicU64,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            failing: AtomicBool::new(false),
+            report: Mutex::new(AuditHealth::default()),
+            origin: Instant::now(),
+            writing_since: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Health {
     fn report(&self) -> MutexGuard<'_, AuditHealth> {
         self.report.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_started(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.writing_since.store(ms + 1, Ordering::Release);
+    }
+
+    fn write_ended(&self) {
+        self.writing_since.store(0, Ordering::Release);
+    }
+
+    /// How long the write in progress has been blocked, once that is past
+    /// [`WRITE_STALL`].
+    fn stalled(&self) -> Option<Duration> {
+        let since = self.writing_since.load(Ordering::Acquire);
+        if since == 0 {
+            return None;
+        }
+        let blocked = self
+            .origin
+            .elapsed()
+            .saturating_sub(Duration::from_millis(since - 1));
+        (blocked > WRITE_STALL).then_some(blocked)
     }
 }
 
@@ -849,14 +895,27 @@ impl AuditHandle {
     }
 
     /// Whether records are being written: false from a failed write until everything
-    /// queued meanwhile is written. One atomic load.
+    /// queued meanwhile is written, and while a write has been blocked for longer than
+    /// [`WRITE_STALL`]. Two atomic loads (and a clock read during a write).
     pub fn healthy(&self) -> bool {
-        !self.health.failing.load(Ordering::Acquire) && !self.tx.is_closed()
+        !self.health.failing.load(Ordering::Acquire)
+            && self.health.stalled().is_none()
+            && !self.tx.is_closed()
     }
 
     /// The details behind [`AuditHandle::healthy`], for status.
     pub fn health(&self) -> AuditHealth {
         let mut report = self.health.report().clone();
+        if let Some(blocked) = self.health.stalled() {
+            report.healthy = false;
+            report.error.get_or_insert_with(|| {
+                format!(
+                    "a write to the audit log has been blocked for {} s (a reader that \
+                     stopped reading, or a frozen file system)",
+                    blocked.as_secs()
+                )
+            });
+        }
         if self.tx.is_closed() {
             report.healthy = false;
             report
@@ -1140,7 +1199,10 @@ impl AuditTask {
             let mut result = Ok(());
             while done < self.pending.len() {
                 let (bytes, lengths) = self.pending.chunk(done, max);
-                let (written, error) = match self.writer.write_lines(bytes) {
+                self.health.write_started();
+                let outcome = self.writer.write_lines(bytes);
+                self.health.write_ended();
+                let (written, error) = match outcome {
                     Ok(()) => (bytes.len(), None),
                     Err((written, e)) => (written, Some(e)),
                 };
