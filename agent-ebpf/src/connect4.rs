@@ -3,7 +3,7 @@
 use agent_common::hook;
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
-use crate::decide::{decide, ipv4, port, protocol, Call, Dest};
+use crate::decide::{decide, ipv4, port, protocol, routed, Call, Dest};
 
 #[cgroup_sock_addr(connect4)]
 pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
@@ -14,7 +14,7 @@ pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
         hook: hook::CONNECT4,
         family: 4,
         protocol: protocol(&ctx),
-        dest: Dest::V4(addr),
+        dest: routed(Dest::V4(addr)),
         port: port(&ctx),
         raw_addr,
         opt_level: 0,

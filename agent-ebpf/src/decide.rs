@@ -160,6 +160,23 @@ pub fn is_mapped(a: &[u8; 16]) -> bool {
         && a[11] == 0xff
 }
 
+/// Where the kernel takes a call to `dest`: Linux connects and sends to the unspecified
+/// address (`0.0.0.0`, `::`, `::ffff:0.0.0.0`) as to loopback, so it is judged as
+/// `127.0.0.1` / `::1` (a policy denying loopback must not be passed by spelling it
+/// `0.0.0.0`).
+#[inline(always)]
+pub fn routed(dest: Dest) -> Dest {
+    match dest {
+        Dest::V4([0, 0, 0, 0]) => Dest::V4([127, 0, 0, 1]),
+        Dest::V6(a) if a == [0u8; 16] => {
+            let mut loopback = [0u8; 16];
+            loopback[15] = 1;
+            Dest::V6(loopback)
+        }
+        other => other,
+    }
+}
+
 /// `::ffff:a.b.c.d` -> `a.b.c.d`. connect6/sendmsg6 see these for AF_INET6 sockets talking
 /// to IPv4 hosts (connect4 never runs for them), so they must get the IPv4 policy.
 #[inline(always)]

@@ -1,7 +1,8 @@
 //! Escape attempts from inside a sandbox: confinement follows the cgroup, so neither
 //! daemonising away from the launching shell nor making a new network namespace helps,
-//! and a connection opened by TCP Fast Open (from `sendto`, with no `connect`) is judged
-//! like any other.
+//! a connection opened by TCP Fast Open (from `sendto`, with no `connect`) is judged
+//! like any other, and the unspecified address (`0.0.0.0`, `::`), which the kernel
+//! takes to loopback, is judged as loopback.
 //! `harness.rs` shows both attempts succeed when no daemon is running.
 //!
 //! Needs root, cgroup v2, bpffs and the egressd binaries; skips otherwise.
@@ -131,5 +132,58 @@ fn tcp_fast_open_from_sendto_is_judged_like_connect() -> Result<()> {
         expect::records(&fx.daemon, &m, before + 1)?;
     }
     expect::canary_silent(&fx.canary)?;
+    Ok(())
+}
+
+/// Loopback denied, everything else allowed.
+const NO_LOOPBACK: &str = r#"version: 1
+default: deny
+rules:
+  - name: no-loopback
+    to: [127.0.0.0/8, "::1"]
+    action: deny
+  - name: anything-else
+    to: [0.0.0.0/0, "::/0"]
+    action: allow
+"#;
+
+#[test]
+fn the_unspecified_address_is_judged_as_the_loopback_it_reaches() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    fx.attach(NO_LOOPBACK)?;
+    // Positive control: an address the policy allows.
+    expect::probe_ok(
+        &fx.sandbox
+            .probe("tcp-connect", IpAddr::V4(ORIGIN_V4), 80, &[])?,
+    )?;
+    // A listener on the sandbox's own loopback; without the hook each of these connects
+    // reaches it (the kernel sends 0.0.0.0 and :: to loopback).
+    for (op, host, ip) in [
+        ("tcp-connect", "0.0.0.0", IpAddr::from([0u8; 4])),
+        ("tcp-connect", "::", IpAddr::from([0u8; 16])),
+        ("udp-sendto", "0.0.0.0", IpAddr::from([0u8; 4])),
+    ] {
+        let listen: &[&str] = if op == "tcp-connect" {
+            &["--listen"]
+        } else {
+            &[]
+        };
+        let p = fx.sandbox.probe_host(op, host, 7777, listen)?;
+        expect::eperm(&p)?;
+        ensure!(
+            p.raw["listener_accepted"].as_bool() != Some(true),
+            "{op} {host}: the loopback listener accepted: {}",
+            p.raw
+        );
+        let rec = fx.daemon.wait_for_match(
+            RECORD_TIMEOUT,
+            &Match::decision("deny", ip, 7777).sandbox(fx.sandbox.label()),
+        )?;
+        ensure!(
+            egress_tests::audit::get_str(&rec, "rule.name") == Some("no-loopback"),
+            "{op} {host}: {rec}"
+        );
+    }
     Ok(())
 }

@@ -60,7 +60,7 @@ impl Policy {
     /// default does. Names in `to` play no part: they grant only addresses learned
     /// through DNS, which [`Policy::decide_learned`] judges.
     pub fn decide(&self, ip: IpAddr, port: u16, protocol: Protocol) -> Decision {
-        let ip = ip.to_canonical();
+        let ip = routed(ip.to_canonical());
         // (prefix length, rule index) of the best candidate so far; a later rule only
         // wins with a strictly longer prefix, so equal prefixes keep file order.
         let mut best: Option<(u8, usize)> = None;
@@ -98,6 +98,16 @@ impl Policy {
     ) -> Decision {
         self.decide_by_rules(rule_ids, port, protocol)
             .unwrap_or_else(|| self.decide(ip, port, protocol))
+    }
+}
+
+/// Where the kernel takes a connection to `ip`: the unspecified address (`0.0.0.0`, `::`)
+/// goes to loopback, so it is judged as `127.0.0.1` / `::1`, as the kernel programs do.
+fn routed(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        other => other,
     }
 }
 
@@ -166,6 +176,28 @@ rules:
                 ("10.1.2.3:443", Deny, "narrow"),
                 ("[::ffff:10.1.2.3]:443", Deny, "narrow"),
                 ("11.0.0.1:22", Deny, ""),
+            ],
+        );
+    }
+
+    #[test]
+    fn the_unspecified_address_is_judged_as_loopback() {
+        check(
+            "version: 1
+default: deny
+rules:
+  - name: no-loopback
+    to: [127.0.0.0/8, \"::1\"]
+    action: deny
+  - name: anything-else
+    to: [0.0.0.0/0, \"::/0\"]
+    action: allow
+",
+            &[
+                ("0.0.0.0:22", Deny, "no-loopback"),
+                ("[::]:22", Deny, "no-loopback"),
+                ("[::ffff:0.0.0.0]:22/udp", Deny, "no-loopback"),
+                ("192.0.2.1:22", Allow, "anything-else"),
             ],
         );
     }
