@@ -16,11 +16,21 @@ pub const MAX_HELLO_BYTES: usize = 32 * 1024;
 /// gets when its server name is missing or not allowed.
 pub const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
 
+/// TLS alert `illegal_parameter` (47), fatal, as a plaintext record.
+pub const ALERT_ILLEGAL_PARAMETER: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 47];
+
+/// The `encrypted_client_hello` extension (RFC 9849): the hello carries another, encrypted
+/// one, whose server name the proxy cannot read.
+const EXTENSION_ECH: u16 = 0xfe0d;
+
 /// A parsed ClientHello and the raw bytes it came in.
 #[derive(Debug)]
 pub struct Hello {
     /// The SNI server name, if the client sent one.
     pub server_name: Option<String>,
+    /// The hello carries an Encrypted Client Hello (or a GREASE one: they cannot be told
+    /// apart): the server may act on a server name other than `server_name`.
+    pub encrypted_client_hello: bool,
     /// Everything read from the client so far, to be replayed.
     pub buffered: Vec<u8>,
 }
@@ -87,8 +97,13 @@ pub async fn read_client_hello<S: AsyncRead + Unpin>(stream: &mut S) -> Result<H
         match acceptor.accept() {
             Ok(Some(accepted)) => {
                 let server_name = accepted.client_hello().server_name().map(str::to_owned);
+                // rustls has parsed the hello, so it is well formed; unreadable counts as
+                // carrying one.
+                let encrypted_client_hello =
+                    extension_types(&buffered).is_none_or(|types| types.contains(&EXTENSION_ECH));
                 return Ok(Hello {
                     server_name,
+                    encrypted_client_hello,
                     buffered,
                 });
             }
@@ -104,6 +119,82 @@ pub async fn read_client_hello<S: AsyncRead + Unpin>(stream: &mut S) -> Result<H
             }
         }
     }
+}
+
+/// The extension types of the ClientHello at the start of `records` (TLS records as
+/// read, the hello possibly spread over several), or `None` if they cannot be read.
+fn extension_types(records: &[u8]) -> Option<Vec<u16>> {
+    let u16_at = |b: &[u8], at: usize| Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]));
+    let u24_at = |b: &[u8], at: usize| -> Option<usize> {
+        Some(usize::from(*b.get(at)?) << 16 | usize::from(u16_at(b, at + 1)?))
+    };
+    // The handshake message, from the payloads of the handshake records that carry it.
+    let mut message = Vec::new();
+    let mut rest = records;
+    while rest.first() == Some(&22) {
+        let len = usize::from(u16_at(rest, 3)?);
+        message.extend_from_slice(rest.get(5..5 + len)?);
+        rest = &rest[5 + len..];
+        if message.len() >= 4 && message.len() >= 4 + u24_at(&message, 1)? {
+            break;
+        }
+    }
+    if message.first() != Some(&1) {
+        return None;
+    }
+    let body = message.get(4..4 + u24_at(&message, 1)?)?;
+    // Version and random, then the session id, cipher suites and compression methods.
+    let mut at = 2 + 32;
+    at += 1 + usize::from(*body.get(at)?);
+    at += 2 + usize::from(u16_at(body, at)?);
+    at += 1 + usize::from(*body.get(at)?);
+    let end = at + 2 + usize::from(u16_at(body, at)?);
+    let extensions = body.get(at + 2..end)?;
+    let mut types = Vec::new();
+    let mut at = 0;
+    while at < extensions.len() {
+        types.push(u16_at(extensions, at)?);
+        at += 4 + usize::from(u16_at(extensions, at + 2)?);
+    }
+    (at == extensions.len()).then_some(types)
+}
+
+/// `hello` (one record, as a rustls client writes it) with an extension added at the
+/// end of its list, every length it sits in grown to match.
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+pub(super) fn with_extension(hello: &[u8], kind: u16, data: &[u8]) -> Vec<u8> {
+    let added = 4 + data.len();
+    let mut out = hello.to_vec();
+    let grow16 = |b: &mut [u8], at: usize| {
+        let v = usize::from(u16::from_be_bytes([b[at], b[at + 1]])) + added;
+        b[at..at + 2].copy_from_slice(&u16::try_from(v).unwrap().to_be_bytes());
+    };
+    grow16(&mut out, 3);
+    let hs = usize::from(out[6]) << 16 | usize::from(out[7]) << 8 | usize::from(out[8]);
+    let hs = (hs + added).to_be_bytes();
+    out[6..9].copy_from_slice(&hs[hs.len() - 3..]);
+    // The extensions' length: after version, random, session id, suites, compression.
+    let mut at = 9 + 2 + 32;
+    at += 1 + usize::from(out[at]);
+    at += 2 + usize::from(u16::from_be_bytes([out[at], out[at + 1]]));
+    at += 1 + usize::from(out[at]);
+    grow16(&mut out, at);
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&u16::try_from(data.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// An outer Encrypted Client Hello extension's body (RFC 9849): type outer, HKDF-SHA256,
+/// AES-128-GCM, a config id, an encapsulated key and an encrypted payload.
+#[cfg(test)]
+pub(super) fn ech_outer() -> Vec<u8> {
+    let mut ech = vec![0, 0, 1, 0, 1, 7, 0, 32];
+    ech.extend([0x42; 32]);
+    ech.extend([0, 96]);
+    ech.extend([0x17; 96]);
+    ech
 }
 
 #[cfg(test)]
@@ -146,6 +237,35 @@ mod tests {
         assert_eq!(got.server_name.as_deref(), Some("api.example.com"));
         assert_eq!(got.buffered, hello);
         drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_encrypted_client_hello_is_seen() {
+        let plain = client_hello("api.example.com");
+        let got = read_client_hello(&mut &plain[..]).await.unwrap();
+        assert!(!got.encrypted_client_hello);
+        assert!(!extension_types(&plain).unwrap().contains(&EXTENSION_ECH));
+        let ech = with_extension(&plain, EXTENSION_ECH, &ech_outer());
+        let got = read_client_hello(&mut &ech[..]).await.unwrap();
+        assert_eq!(got.server_name.as_deref(), Some("api.example.com"));
+        assert!(got.encrypted_client_hello);
+        // Another extension added the same way is not taken for one.
+        let other = with_extension(&plain, 0xfafa, &[]);
+        assert!(
+            !read_client_hello(&mut &other[..])
+                .await
+                .unwrap()
+                .encrypted_client_hello
+        );
+        // The same hello split over two records.
+        let body = &ech[5..];
+        let mut split = Vec::new();
+        for part in [&body[..100], &body[100..]] {
+            split.extend([22, 3, 3]);
+            split.extend(u16::try_from(part.len()).unwrap().to_be_bytes());
+            split.extend_from_slice(part);
+        }
+        assert!(extension_types(&split).unwrap().contains(&EXTENSION_ECH));
     }
 
     #[tokio::test]

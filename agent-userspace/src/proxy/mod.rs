@@ -463,6 +463,29 @@ impl Proxy {
             .await;
             return None;
         }
+        if conn.route.passthrough && hello.encrypted_client_hello {
+            // The server reads the encrypted inner hello and may serve the name in it,
+            // which the proxy cannot see to judge.
+            let reason = ProxyError::Downstream {
+                peer: conn.peer,
+                reason: format!(
+                    "sent an Encrypted Client Hello: the server name it is for is hidden, so \
+                     it is not passed through (rule `{}`; clients that send one, GREASE \
+                     included, need an intercept rule)",
+                    conn.route.rule_name
+                ),
+            };
+            self.refuse(
+                &mut stream,
+                conn,
+                Some(sni),
+                reason,
+                &hello::ALERT_ILLEGAL_PARAMETER,
+                started,
+            )
+            .await;
+            return None;
+        }
         debug!(connection_id = %conn.connection_id, %sni, passthrough = conn.route.passthrough, "Server name allowed");
         Some((io::PrefixedStream::new(hello.buffered, stream), sni))
     }

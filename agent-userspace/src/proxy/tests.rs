@@ -788,6 +788,48 @@ async fn missing_server_name_or_plain_http_is_refused() {
 }
 
 #[tokio::test]
+async fn passthrough_refuses_an_encrypted_client_hello() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    within(async {
+        let origin = start_origin(true).await;
+        let spec = Spec {
+            passthrough: true,
+            covers_loopback: true,
+        };
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, spec).await;
+        // Control: the same client hello without the extension is passed through.
+        let mut client = h1_client(h.addr, NAME, &origin.ca_pem).await;
+        let reply = get(&mut client, NAME, "/control").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        drop(client);
+        assert_eq!(h.record().await.verdict, Verdict::Allow);
+
+        let mut conn = rustls::ClientConnection::new(
+            client_config(&origin.ca_pem, &[b"http/1.1"]),
+            ServerName::try_from(NAME).unwrap(),
+        )
+        .unwrap();
+        let mut plain = Vec::new();
+        conn.write_tls(&mut plain).unwrap();
+        let hello = super::hello::with_extension(&plain, 0xfe0d, &super::hello::ech_outer());
+        let mut tcp = TcpStream::connect(h.addr).await.unwrap();
+        tcp.write_all(&hello).await.unwrap();
+        let mut answer = Vec::new();
+        tcp.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, super::hello::ALERT_ILLEGAL_PARAMETER);
+        let record = h.record().await;
+        assert_eq!(record.kind, RecordKind::Connection);
+        assert_eq!(record.verdict, Verdict::Deny);
+        assert_eq!(record.sni.as_deref(), Some(NAME));
+        let reason = record.reason.unwrap();
+        assert!(reason.contains("Encrypted Client Hello"), "{reason}");
+        // The origin saw the control's connection only.
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn passthrough_relays_to_the_origin_untouched() {
     within(async {
         let origin = start_origin(true).await;
