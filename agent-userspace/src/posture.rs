@@ -1,7 +1,8 @@
 //! A sandbox's posture: what its processes could do to get around the kernel programs.
 //! `CAP_SYS_ADMIN` can mount cgroup2 and move a process out of the sandbox's cgroup,
 //! `CAP_NET_ADMIN` can change routes and interfaces, `CAP_NET_RAW` opens packet sockets
-//! (refused only where BPF LSM runs). Read from `/proc/PID/status` (`CapEff`) of every
+//! (refused only where BPF LSM runs). Read from `/proc/PID/status` (`CapEff`, with
+//! `CapPrm` and `CapAmb`: what a process can raise at will counts as held) of every
 //! process in the sandbox's cgroup and its descendants.
 use std::{
     collections::BTreeSet,
@@ -82,12 +83,19 @@ pub fn capability_names(mask: u64) -> Vec<&'static str> {
         .collect()
 }
 
-/// The `CapEff` mask in the text of `/proc/PID/status`.
-pub fn parse_cap_eff(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+/// The capabilities a process holds or can take up at will, from the text of
+/// `/proc/PID/status`: its effective set with its permitted and ambient sets (a process
+/// may raise any permitted capability into its effective set at any time, without a new
+/// pid to be read again). `None` without a `CapEff` line.
+pub fn parse_capabilities(status: &str) -> Option<u64> {
+    let set = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    };
+    let effective = set("CapEff:")?;
+    Some(effective | set("CapPrm:").unwrap_or(0) | set("CapAmb:").unwrap_or(0))
 }
 
 /// What the sandbox's processes hold, summed over all of them.
@@ -95,14 +103,14 @@ pub fn parse_cap_eff(status: &str) -> Option<u64> {
 pub struct Posture {
     /// Processes seen in the cgroup tree.
     pub pids: BTreeSet<u32>,
-    /// Union of their effective capabilities.
-    pub cap_eff: u64,
+    /// Union of their capabilities: effective, permitted and ambient.
+    pub caps: u64,
 }
 
 impl Posture {
-    /// Effective capabilities any process holds, by name.
+    /// Capabilities any process holds or can raise, by name.
     pub fn capabilities(&self) -> Vec<&'static str> {
-        capability_names(self.cap_eff)
+        capability_names(self.caps)
     }
 
     /// The risky capabilities held.
@@ -115,14 +123,14 @@ impl Posture {
 
     /// Whether a process could mount cgroup2 and move itself out of the cgroup.
     pub fn can_leave_cgroup(&self) -> bool {
-        capability_bit("sys_admin").is_some_and(|b| self.cap_eff & (1u64 << b) != 0)
+        capability_bit("sys_admin").is_some_and(|b| self.caps & (1u64 << b) != 0)
     }
 
     /// Which of `forbidden` (capability names) are held.
     pub fn violations<'a>(&self, forbidden: &'a [String]) -> Vec<&'a str> {
         forbidden
             .iter()
-            .filter(|n| capability_bit(n).is_some_and(|b| self.cap_eff & (1u64 << b) != 0))
+            .filter(|n| capability_bit(n).is_some_and(|b| self.caps & (1u64 << b) != 0))
             .map(String::as_str)
             .collect()
     }
@@ -143,9 +151,9 @@ impl Posture {
             let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
                 continue;
             };
-            if let Some(mask) = parse_cap_eff(&status) {
+            if let Some(mask) = parse_capabilities(&status) {
                 posture.pids.insert(pid);
-                posture.cap_eff |= mask;
+                posture.caps |= mask;
             }
         }
         posture
@@ -196,13 +204,25 @@ pub fn pids_below(cgroup: &Path) -> BTreeSet<u32> {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;
 
     #[test]
-    fn reads_cap_eff() {
-        let status = "Name:\tsh\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t00000000a80425fb\n";
-        assert_eq!(parse_cap_eff(status), Some(0xa80425fb));
+    fn reads_capabilities() {
+        let status = "Name:\tsh\nCapInh:\t0000000000000000\nCapPrm:\t00000000a80425fb\nCapEff:\t00000000a80425fb\nCapAmb:\t0000000000000000\n";
+        assert_eq!(parse_capabilities(status), Some(0xa80425fb));
+        // Dropped from the effective set but still permitted (or ambient): held, since
+        // the process can raise it again whenever it likes.
+        let lowered =
+            "CapPrm:\t000001ffffffffff\nCapEff:\t0000000000000000\nCapAmb:\t0000000000000000\n";
+        assert_eq!(parse_capabilities(lowered), Some(0x1ff_ffff_ffff));
+        let ambient =
+            "CapPrm:\t0000000000000000\nCapEff:\t0000000000000000\nCapAmb:\t0000000000001000\n";
+        assert_eq!(
+            capability_names(parse_capabilities(ambient).unwrap()),
+            ["net_admin"]
+        );
         let mask = 0xa80425fb;
         // Docker's default set: net_raw is in it, sys_admin and net_admin are not.
         let names = capability_names(mask);
@@ -211,13 +231,13 @@ mod tests {
         assert!(!names.contains(&"net_admin"));
         let p = Posture {
             pids: [1].into(),
-            cap_eff: mask,
+            caps: mask,
         };
         assert_eq!(p.risky(), ["net_raw"]);
         assert!(!p.can_leave_cgroup());
         let forbidden = vec!["sys_admin".to_string(), "net_raw".to_string()];
         assert_eq!(p.violations(&forbidden), ["net_raw"]);
-        assert_eq!(parse_cap_eff("Name: x\n"), None);
+        assert_eq!(parse_capabilities("Name: x\n"), None);
     }
 
     #[test]
@@ -231,7 +251,7 @@ mod tests {
     fn full_root_can_leave() {
         let p = Posture {
             pids: [1].into(),
-            cap_eff: 0x1ff_ffff_ffff,
+            caps: 0x1ff_ffff_ffff,
         };
         assert!(p.can_leave_cgroup());
         assert_eq!(p.capabilities().len(), CAPABILITIES.len());

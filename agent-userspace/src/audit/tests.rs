@@ -678,7 +678,7 @@ fn every_kind() -> Vec<Record> {
             packet_sockets_covered: Some(false),
             posture: Some(crate::posture::Posture {
                 pids: [10, 11].into(),
-                cap_eff: 0xa80425fb,
+                caps: 0xa80425fb,
             }),
             ..lifecycle("agent-1")
         }),
