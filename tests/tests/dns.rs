@@ -376,6 +376,50 @@ fn learned_address_expires_after_ttl_and_grace() -> Result<()> {
 }
 
 #[test]
+fn addresses_learned_before_a_restart_are_not_kept_by_the_next_run() -> Result<()> {
+    require_dns_tools!();
+    // A long TTL: only the restart can take the learned address away.
+    let mut fx = DnsFixture::new(300)?;
+    fx.attach(&fx.sandbox, NAMES_POLICY)?;
+    let name = fx.sandbox.label().to_owned();
+    ensure_resolves(
+        &fx.sandbox,
+        &[API_NAME],
+        origin(),
+        &UNSERVED_RESOLVER.to_string(),
+    )?;
+    expect::probe_ok(&fx.sandbox.probe("tcp-connect", origin(), 80, &[])?)?;
+
+    // The next run keeps its learned addresses in memory only: the previous run's are
+    // dropped from the kernel, not kept without an expiry.
+    fx.daemon.kill9()?;
+    fx.daemon.restart()?;
+    fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::lifecycle("sandbox-adopt").sandbox(&name),
+    )?;
+    tcp_blocked_at(&fx, &fx.sandbox, origin(), 80, || {
+        origin_hits(&fx.origin, v4(&fx.sandbox))
+    })?;
+
+    // Resolving again opens it again.
+    ensure_resolves(
+        &fx.sandbox,
+        &[API_NAME],
+        origin(),
+        &UNSERVED_RESOLVER.to_string(),
+    )?;
+    expect::origin_body(&fx.sandbox.curl(&[&format!("http://{ORIGIN_V4}/")])?)?;
+    fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::decision("allow", origin(), 80)
+            .sandbox(&name)
+            .rule("api"),
+    )?;
+    Ok(())
+}
+
+#[test]
 fn wildcard_allows_subdomains_not_apex_or_lookalike() -> Result<()> {
     require_dns_tools!();
     let fx = DnsFixture::new(LONG_TTL)?;

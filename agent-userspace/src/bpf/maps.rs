@@ -77,6 +77,60 @@ impl PolicyMaps {
         result
     }
 
+    /// Makes a slot in use hold exactly `v4` and `v6`: each written (replacing what was
+    /// there), then every other prefix of the slot removed, so that no lookup meanwhile
+    /// finds the slot empty. Returns how many other prefixes were removed.
+    pub fn sync_rules(
+        &mut self,
+        slot: u32,
+        v4: &[(Ipv4Net, PrefixRules)],
+        v6: &[(Ipv6Net, PrefixRules)],
+    ) -> Result<usize, BpfError> {
+        for (net, rules) in v4 {
+            self.set_prefix(slot, ipnet::IpNet::V4(*net), rules)?;
+        }
+        for (net, rules) in v6 {
+            self.set_prefix(slot, ipnet::IpNet::V6(*net), rules)?;
+        }
+        let slot_be = slot.to_be();
+        let keep_v4: std::collections::HashSet<(u32, [u8; 4])> = v4
+            .iter()
+            .map(|(n, _)| (32 + u32::from(n.prefix_len()), n.network().octets()))
+            .collect();
+        let keep_v6: std::collections::HashSet<(u32, [u8; 16])> = v6
+            .iter()
+            .map(|(n, _)| (32 + u32::from(n.prefix_len()), n.network().octets()))
+            .collect();
+        let stale_v4: Vec<_> = self
+            .rules_v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                k.data().slot_be == slot_be && !keep_v4.contains(&(k.prefix_len(), k.data().addr))
+            })
+            .collect();
+        let stale_v6: Vec<_> = self
+            .rules_v6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                k.data().slot_be == slot_be && !keep_v6.contains(&(k.prefix_len(), k.data().addr))
+            })
+            .collect();
+        let removed = stale_v4.len() + stale_v6.len();
+        for k in stale_v4 {
+            self.rules_v4
+                .remove(&k)
+                .map_err(|e| BpfError::map("RULES_V4", e))?;
+        }
+        for k in stale_v6 {
+            self.rules_v6
+                .remove(&k)
+                .map_err(|e| BpfError::map("RULES_V6", e))?;
+        }
+        Ok(removed)
+    }
+
     /// Writes (or replaces) the rules of one prefix in `slot`.
     pub fn set_prefix(
         &mut self,

@@ -1205,6 +1205,26 @@ impl Core {
             if let Err(e) = self.start_dns(&rec, &policy) {
                 tracing::error!(sandbox = %rec.name, error = %e, "Restoring the DNS resolver of an adopted sandbox failed");
             }
+            // The slot gets exactly the policy's static rules again: addresses a previous
+            // run learned through DNS have no expiry in this one (it keeps them in
+            // memory), so they are dropped and clients resolve again, as after a policy
+            // replacement.
+            match policy
+                .kernel_rules()
+                .map_err(|e| e.to_string())
+                .and_then(|rules| {
+                    self.maps
+                        .sync_rules(rec.slot, &rules.v4, &rules.v6)
+                        .map_err(|e| e.to_string())
+                }) {
+                Ok(0) => {}
+                Ok(dropped) => {
+                    tracing::info!(sandbox = %rec.name, dropped, "Addresses learned before the restart dropped; clients resolve again")
+                }
+                Err(e) => {
+                    tracing::error!(sandbox = %rec.name, error = %e, "Restoring the policy's kernel rules failed")
+                }
+            }
             let want = self.kernel_entry(&rec, &policy);
             if self.maps.sandbox(rec.cgroup_id) != Some(want) {
                 tracing::warn!(sandbox = %rec.name, "Kernel entry differs from the state; restoring it");
