@@ -32,8 +32,10 @@
 //! A quarantined sandbox's queries ([`ResolverCtx::quarantined`]) are all answered
 //! `REFUSED` after step 1, and recorded.
 //!
-//! Every query a listener reads ends in exactly one [`DnsRecord`] for the audit trail
-//! (except those shed while [`MAX_UDP_IN_FLIGHT`] queries are already being served).
+//! Every query a listener reads ends in exactly one [`DnsRecord`] for the audit trail,
+//! except those shed while [`MAX_UDP_IN_FLIGHT`] queries (or [`MAX_TCP_CONNECTIONS`]
+//! connections) are already being served: those are counted, and each [`ALERT_WINDOW`]
+//! with any raises one `rate-limit` alert with the count ([`Shed`]).
 //! All upstream work is bounded by [`ResolverCtx::timeout`] per server and transport.
 pub(crate) mod answer;
 pub mod budget;
@@ -157,11 +159,68 @@ enum Transport {
     Tcp,
 }
 
+/// Queries (or TCP connections) a listener drops because too many are being served:
+/// too many to record one by one while the resolver is overloaded, so counted, with one
+/// `rate-limit` alert per [`ALERT_WINDOW`] in which any were.
+struct Shed {
+    ctx: Arc<ResolverCtx>,
+    what: String,
+    count: Arc<std::sync::atomic::AtomicU64>,
+    window_open: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Shed {
+    fn new(ctx: Arc<ResolverCtx>, what: String) -> Self {
+        Self {
+            ctx,
+            what,
+            count: Arc::default(),
+            window_open: Arc::default(),
+        }
+    }
+
+    /// Counts one; the first of a window starts its timer.
+    fn one(&self) {
+        use std::sync::atomic::Ordering;
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if self.window_open.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (count, open, ctx, what) = (
+            self.count.clone(),
+            self.window_open.clone(),
+            self.ctx.clone(),
+            self.what.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(ALERT_WINDOW).await;
+            open.store(false, Ordering::Release);
+            let n = count.swap(0, Ordering::AcqRel);
+            warn!(sandbox = %ctx.sandbox, dropped = n, %what, "DNS resolver overloaded");
+            let mut record = Alert::new(
+                OffsetDateTime::now_utc(),
+                AlertKind::RateLimit,
+                ctx.sandbox.clone(),
+                format!(
+                    "{n} DNS {what} dropped unanswered: the sandbox's resolver was at its limit"
+                ),
+            );
+            record.count = n;
+            record.window_seconds = Some(ALERT_WINDOW.as_secs().max(1));
+            (ctx.alert)(record);
+        });
+    }
+}
+
 /// Serves DNS over UDP on `socket` (bound by the daemon in the sandbox's namespace) until
 /// the task is aborted. Each query is answered by its own task.
 pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>) {
     let socket = Arc::new(socket);
     let permits = Arc::new(Semaphore::new(MAX_UDP_IN_FLIGHT));
+    let shed = Shed::new(
+        ctx.clone(),
+        format!("queries (over {MAX_UDP_IN_FLIGHT} in flight)"),
+    );
     // A datagram longer than the buffer is cut short and then fails to parse.
     let mut buf = vec![0u8; 4096];
     loop {
@@ -175,6 +234,7 @@ pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>) {
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             debug!(sandbox = %ctx.sandbox, %peer, "Too many DNS queries in flight; dropped one");
+            shed.one();
             continue;
         };
         let query = buf[..len].to_vec();
@@ -195,6 +255,10 @@ pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>) {
 /// in order.
 pub async fn serve_tcp(listener: TcpListener, ctx: Arc<ResolverCtx>) {
     let permits = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    let shed = Shed::new(
+        ctx.clone(),
+        format!("TCP connections (over {MAX_TCP_CONNECTIONS} open)"),
+    );
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -206,6 +270,7 @@ pub async fn serve_tcp(listener: TcpListener, ctx: Arc<ResolverCtx>) {
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             debug!(sandbox = %ctx.sandbox, %peer, "Too many DNS TCP connections; closed one");
+            shed.one();
             continue;
         };
         let ctx = ctx.clone();

@@ -847,6 +847,33 @@ async fn distinct_names_over_budget_are_refused_with_one_alert() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_resolvers_limit_are_counted_in_one_alert() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    // Held open without a query: each keeps one of the listener's slots.
+    let mut held = Vec::new();
+    for _ in 0..MAX_TCP_CONNECTIONS + 5 {
+        held.push(TcpStream::connect(h.tcp).await.unwrap());
+    }
+    // The five over the limit are closed at once, unanswered.
+    let mut closed = 0;
+    for stream in &mut held[MAX_TCP_CONNECTIONS..] {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut byte)).await;
+        closed += usize::from(matches!(read, Ok(Ok(0) | Err(_))));
+    }
+    assert_eq!(closed, 5);
+    assert!(h.alerts.lock().unwrap().is_empty());
+    tokio::time::sleep(budget::ALERT_WINDOW + Duration::from_millis(500)).await;
+    let alerts = h.alerts.lock().unwrap().clone();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0].kind, AlertKind::RateLimit);
+    assert_eq!(alerts[0].count, 5);
+    assert!(alerts[0].reason.contains("TCP connections"), "{alerts:?}");
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_rate_over_budget_is_refused() {
     let fake = Fake::start().await;
     let policy = policy_with(
