@@ -18,7 +18,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use crate::maps::{COUNTERS, EVENTS, LOST, ORIG, RULES_V4, RULES_V6, SANDBOXES};
+use crate::maps::{COUNTERS, EVENTS, LOST, LOST_BY_SANDBOX, ORIG, RULES_V4, RULES_V6, SANDBOXES};
 
 /// Return value of a cgroup_sock_addr program: 1 lets the call proceed, 0 fails it with EPERM.
 pub const RET_ALLOW: i32 = 1;
@@ -394,6 +394,10 @@ pub fn report(origin: &Origin, call: &Call, index: u32, v: u8, rule_id: u16) {
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
         if let Some(lost) = LOST.get_ptr_mut(0) {
             // SAFETY: per-CPU slot.
+            unsafe { *lost += 1 };
+        }
+        if let Some(lost) = LOST_BY_SANDBOX.get_ptr_mut(index) {
+            // SAFETY: per-CPU slot (the helper checks the index).
             unsafe { *lost += 1 };
         }
         return;

@@ -29,6 +29,11 @@ pub static COUNTERS: PerCpuArray<SandboxCounters> = PerCpuArray::pinned(MAX_SAND
 #[map]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
+/// The same, by the sandbox index of the event that could not be reserved (0: none
+/// found), so a report can say whose records are missing.
+#[map]
+pub static LOST_BY_SANDBOX: PerCpuArray<u64> = PerCpuArray::pinned(MAX_SANDBOXES, 0);
+
 /// Decision events for the audit log. 4 MiB holds ~40k events while the daemon is away.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned((4 << 20) as u32, 0);

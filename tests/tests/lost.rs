@@ -1,7 +1,7 @@
 //! Nothing is silently lost: when the ring buffer fills while egressd is away, the kernel
 //! counts the events it could not reserve, and the daemon reports them in an
-//! `events-lost` record once it is back; the decisions themselves never depended on
-//! delivery (every connect is still denied).
+//! `events-lost` record once it is back, naming the sandbox whose events they were; the
+//! decisions themselves never depended on delivery (every connect is still denied).
 //!
 //! Needs root, cgroup v2, bpffs and the egressd binaries; skips otherwise.
 
@@ -68,6 +68,14 @@ fn ring_buffer_overflow_is_reported_not_silent() -> Result<()> {
     ensure!(
         count > 0 && total >= count,
         "events-lost record without a count: {lost}"
+    );
+    // And whose they were: all this sandbox's.
+    let by_sandbox = lost["egress"]["lost"]["sandboxes"].as_array();
+    ensure!(
+        by_sandbox.is_some_and(|list| list.len() == 1
+            && list[0]["name"].as_str() == Some(fx.sandbox.label())
+            && list[0]["count"].as_u64() == Some(count)),
+        "events-lost record does not name the sandbox and its count: {lost}"
     );
     // Every connect is accounted for: delivered as a record, or counted as lost.
     ensure!(

@@ -20,10 +20,10 @@ pub use clock::ClockOffset;
 pub use record::{
     action, format_timestamp, query_keys, AuditLost, ConnectionId, CredentialRevoke, DaemonStart,
     DaemonStop, DecodeError, DetachReason, DnsEvent, DnsVerdict, EncodeError, EventsLost, GitAudit,
-    Hook, NetworkDecision, PolicyChange, PolicyDigest, PolicyRejected, ProxyEvent, ProxyRecord,
-    ProxyVerdict, Quarantine, Record, RecordKind, RefUpdate, RefusedAnswer, RefusedOption, RuleRef,
-    SandboxLifecycle, SecretDirection, SecretFinding, SocketFamily, StopReason, TlsMode, Verdict,
-    ECS_VERSION, MAX_LINE, PRODUCT, VERSION,
+    Hook, LostBySandbox, NetworkDecision, PolicyChange, PolicyDigest, PolicyRejected, ProxyEvent,
+    ProxyRecord, ProxyVerdict, Quarantine, Record, RecordKind, RefUpdate, RefusedAnswer,
+    RefusedOption, RuleRef, SandboxLifecycle, SecretDirection, SecretFinding, SocketFamily,
+    StopReason, TlsMode, Verdict, ECS_VERSION, MAX_LINE, PRODUCT, VERSION,
 };
 pub use writer::{
     AuditConfig, AuditError, AuditHandle, AuditHealth, AuditLog, AuditSink, AuditSummary,

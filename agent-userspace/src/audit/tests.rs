@@ -640,6 +640,16 @@ fn every_kind() -> Vec<Record> {
             time: T0,
             count: 17,
             total: 40,
+            sandboxes: vec![
+                LostBySandbox {
+                    name: "agent-1".into(),
+                    count: 15,
+                },
+                LostBySandbox {
+                    name: "index 7".into(),
+                    count: 2,
+                },
+            ],
         }
         .into(),
         DaemonStart {
@@ -1830,6 +1840,7 @@ async fn emitting_after_the_task_is_gone_does_not_panic() {
         time: T0,
         count: 1,
         total: 1,
+        sandboxes: Vec::new(),
     });
 }
 
@@ -2061,6 +2072,10 @@ fn schema_checks_each_kind_by_action() {
             time: T0,
             count: 1,
             total: 1,
+            sandboxes: vec![LostBySandbox {
+                name: "agent-1".into(),
+                count: 1,
+            }],
         }
         .into(),
     );

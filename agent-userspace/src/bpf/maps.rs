@@ -12,6 +12,7 @@ pub struct PolicyMaps {
     rules_v6: LpmTrie<MapData, V6Key, PrefixRules>,
     counters: PerCpuArray<MapData, SandboxCounters>,
     lost: PerCpuArray<MapData, u64>,
+    lost_by_sandbox: PerCpuArray<MapData, u64>,
 }
 
 fn take<T>(programs: &mut Programs, name: &'static str) -> Result<T, BpfError>
@@ -33,6 +34,7 @@ impl PolicyMaps {
             rules_v6: take(programs, "RULES_V6")?,
             counters: take(programs, "COUNTERS")?,
             lost: take(programs, "LOST")?,
+            lost_by_sandbox: take(programs, "LOST_BY_SANDBOX")?,
         })
     }
 
@@ -286,6 +288,17 @@ impl PolicyMaps {
     }
 
     /// Events the kernel could not put in the ring buffer, since the maps were created.
+    /// Lost events by the sandbox index of the event (0: none found), non-zero only,
+    /// since the counters were created.
+    pub fn lost_by_sandbox(&self) -> Vec<(u32, u64)> {
+        (0..agent_common::MAX_SANDBOXES)
+            .filter_map(|index| {
+                let total: u64 = self.lost_by_sandbox.get(&index, 0).ok()?.iter().sum();
+                (total > 0).then_some((index, total))
+            })
+            .collect()
+    }
+
     pub fn lost_total(&self) -> u64 {
         self.lost.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }

@@ -12,7 +12,7 @@ use super::{core::Core, state::State};
 use crate::{
     alerts::{AlertSettings, Alerts, QuarantineOrder},
     audit::{
-        AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, Hook,
+        AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, Hook, LostBySandbox,
         NetworkDecision, OnFailure, ProxyEvent, Record, StopReason,
     },
     bpf::{
@@ -514,15 +514,41 @@ fn report_lost(shared: &Shared) {
     let total = core.maps.lost_total();
     if total > core.state.lost_reported {
         let count = total - core.state.lost_reported;
+        // Whose events they were: the per-sandbox counters' increases since the last
+        // report (a counter below what was reported was recreated: all of it is new).
+        let mut sandboxes = Vec::new();
+        for (index, lost) in core.maps.lost_by_sandbox() {
+            let reported = core
+                .state
+                .lost_reported_by_index
+                .insert(index, lost)
+                .unwrap_or(0);
+            let new = if lost >= reported {
+                lost - reported
+            } else {
+                lost
+            };
+            if new == 0 {
+                continue;
+            }
+            let name = match core.state.by_index(index) {
+                Some(rec) => rec.name.clone(),
+                None if index == 0 => "none".to_owned(),
+                None => format!("index {index}"),
+            };
+            sandboxes.push(LostBySandbox { name, count: new });
+        }
         core.audit.emit(Record::EventsLost(EventsLost {
             time: now(),
             count,
             total,
+            sandboxes,
         }));
         core.state.lost_reported = total;
         core.save_state();
     } else if total < core.state.lost_reported {
         // Maps were recreated (new ABI directory): start counting afresh.
         core.state.lost_reported = total;
+        core.state.lost_reported_by_index.clear();
     }
 }

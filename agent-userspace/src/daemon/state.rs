@@ -60,6 +60,9 @@ pub struct State {
     /// Kernel event losses already reported in the audit log.
     #[serde(default)]
     pub lost_reported: u64,
+    /// The same by sandbox index (the kernel's per-sandbox loss counters).
+    #[serde(default)]
+    pub lost_reported_by_index: std::collections::BTreeMap<u32, u64>,
 }
 
 impl State {

@@ -308,6 +308,16 @@ pub struct EventsLost {
     pub count: u64,
     /// `egress.lost.total`: lost since the counters were created.
     pub total: u64,
+    /// `egress.lost.sandboxes`: of `count`, how many were each sandbox's (by the event's
+    /// sandbox; `index N` for one no longer attached, `none` for no sandbox).
+    pub sandboxes: Vec<LostBySandbox>,
+}
+
+/// One sandbox's part of an `events-lost` record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LostBySandbox {
+    pub name: String,
+    pub count: u64,
 }
 
 /// `egress.verdict`: what the kernel program returned.

@@ -234,6 +234,7 @@ impl Record {
                 wire.egress.lost = Some(WireLost {
                     count: r.count,
                     total: r.total,
+                    sandboxes: &r.sandboxes,
                 });
             }
             Self::AuditLost(r) => {

@@ -513,7 +513,7 @@ pub(super) struct WireEgress<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) git: Option<WireGit<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) lost: Option<WireLost>,
+    pub(super) lost: Option<WireLost<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) audit_lost: Option<WireAuditLost>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -865,17 +865,35 @@ impl Json for WireRefUpdate<'_> {
 }
 
 #[derive(Serialize)]
-pub(super) struct WireLost {
+pub(super) struct WireLost<'a> {
     pub(super) count: u64,
     pub(super) total: u64,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub(super) sandboxes: &'a [LostBySandbox],
 }
 
-impl Json for WireLost {
+impl Json for WireLost<'_> {
     fn json(&self, out: &mut Vec<u8>) {
-        let Self { count, total } = self;
+        let Self {
+            count,
+            total,
+            sandboxes,
+        } = self;
+        let mut obj = Obj::new(out);
+        obj.field("count", count).field("total", total);
+        if !sandboxes.is_empty() {
+            obj.field("sandboxes", *sandboxes);
+        }
+        obj.end();
+    }
+}
+
+impl Json for LostBySandbox {
+    fn json(&self, out: &mut Vec<u8>) {
+        let Self { name, count } = self;
         Obj::new(out)
+            .field("name", name)
             .field("count", count)
-            .field("total", total)
             .end();
     }
 }
