@@ -323,6 +323,12 @@ tests:
             ),
             (
                 4,
+                "  - name: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                "p.yaml:4:11: rules[0].name: rule name \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"... \
+                 is 65 characters long (at most 64)",
+            ),
+            (
+                4,
                 "  - name: none",
                 "p.yaml:4:11: rules[0].name: rule name `none` is reserved: tests write \
                  `rule: none` for the default (valid: letters, digits, `_`, `.` and `-`, \

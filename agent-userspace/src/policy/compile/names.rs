@@ -52,6 +52,10 @@ pub(super) fn compile_answers(
     Ok(Some(nets))
 }
 
+/// Longest rule name: audit records keep strings of up to 64 bytes whole when they
+/// shorten a long record, so a rule is always named in full.
+pub const MAX_RULE_NAME: usize = 64;
+
 pub(super) fn check_name(name: &str) -> Result<(), String> {
     const VALID: &str = "valid: letters, digits, `_`, `.` and `-`";
     if name.is_empty() {
@@ -62,6 +66,14 @@ pub(super) fn check_name(name: &str) -> Result<(), String> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
     {
         return Err(format!("rule name {name:?} contains {c:?} ({VALID})"));
+    }
+    // ASCII from here on.
+    if name.len() > MAX_RULE_NAME {
+        return Err(format!(
+            "rule name {:?}... is {} characters long (at most {MAX_RULE_NAME})",
+            &name[..MAX_RULE_NAME],
+            name.len()
+        ));
     }
     if DEFAULT_RULE_WORDS.contains(&name) {
         return Err(format!(
