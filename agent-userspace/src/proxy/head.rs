@@ -122,8 +122,8 @@ impl HeadClock {
     /// HTTP/2: requests whose header block arrived whole and that the proxy's handler was
     /// not given, leaving out those the HTTP/2 layer reset (`reset`, each recorded as
     /// such): refused by that layer without a reset (a header list over its limit with
-    /// the stream ended is answered 431 and nothing else), or dropped as the connection
-    /// ended before they were handed over.
+    /// the stream ended is answered 431 and nothing else), reset by the client before
+    /// they were taken, or dropped as the connection ended before they were handed over.
     pub fn h2_unhandled(&self, reset: u64) -> u64 {
         self.h2_requests
             .load(Ordering::Relaxed)

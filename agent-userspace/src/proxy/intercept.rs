@@ -295,8 +295,9 @@ fn serve(
                     format!(
                         "downstream client: HTTP/2 request not given to the proxy's checks: \
                          refused by the HTTP/2 layer (a header list over \
-                         proxy.max_header_bytes, {} bytes, is answered 431) or dropped as \
-                         the connection ended; not forwarded",
+                         proxy.max_header_bytes, {} bytes, is answered 431), cancelled by the \
+                         client before it was taken, or dropped as the connection ended; not \
+                         forwarded",
                         proxy.config.max_header_bytes
                     ),
                 );
