@@ -430,6 +430,12 @@ async fn start_metrics(
             let core = shared.lock();
             s.sandboxes = Some(core.state.sandboxes.len() as u64);
             s.kernel_events_lost = Some(core.maps.lost_total());
+            let audit = core.audit.health();
+            s.audit = Some(metrics::AuditTrail {
+                healthy: audit.healthy && core.audit.healthy(),
+                queued: audit.queued,
+                lost: audit.lost,
+            });
             s.proxy_open_connections = core.proxy.open_connections();
         }
         s

@@ -23,7 +23,7 @@ mod tests;
 use std::sync::{Arc, OnceLock};
 
 pub use registry::Metrics;
-pub use scrape::{RingUsage, Snapshot, SnapshotFn};
+pub use scrape::{AuditTrail, RingUsage, Snapshot, SnapshotFn};
 pub use server::{serve, MetricsError, CONTENT_TYPE, TEXT_CONTENT_TYPE};
 
 use crate::audit::Record;

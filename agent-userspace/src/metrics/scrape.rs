@@ -21,6 +21,17 @@ pub struct RingUsage {
     pub capacity_bytes: u64,
 }
 
+/// The audit trail as a scrape sees it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AuditTrail {
+    /// Records are being written (false while writes fail or one is blocked).
+    pub healthy: bool,
+    /// Records kept in memory while the log cannot be written.
+    pub queued: u64,
+    /// Records numbered and never written, since the daemon started.
+    pub lost: u64,
+}
+
 /// What the daemon reports at scrape time. `None` leaves a metric out (not known).
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
@@ -29,6 +40,8 @@ pub struct Snapshot {
     pub ring: Option<RingUsage>,
     /// Kernel events that could not be put in the ring buffer, since the maps were made.
     pub kernel_events_lost: Option<u64>,
+    /// The audit trail's state (`egressctl status`'s), if known.
+    pub audit: Option<AuditTrail>,
     /// Open proxied connections, by sandbox name.
     pub proxy_open_connections: Vec<(String, u64)>,
     /// Every configured credential.
@@ -140,6 +153,28 @@ impl Collector for ScrapeCollector {
                 "kernel_events_lost",
                 "Kernel decision events that did not fit in the ring buffer (each is also reported in an events-lost audit record)",
                 lost,
+            )?;
+        }
+        if let Some(audit) = s.audit {
+            gauge(
+                &mut encoder,
+                "audit_healthy",
+                "1 while audit records are being written, 0 while writes fail or one is blocked (credentials are then refused unless audit.on_failure is continue)",
+                None,
+                i64::from(audit.healthy),
+            )?;
+            gauge(
+                &mut encoder,
+                "audit_queued_records",
+                "Audit records kept in memory while the log cannot be written",
+                None,
+                to_i64(audit.queued),
+            )?;
+            counter(
+                &mut encoder,
+                "audit_records_lost",
+                "Audit records numbered and never written (each range is reported in an audit-lost record)",
+                audit.lost,
             )?;
         }
         {

@@ -300,6 +300,11 @@ fn full_snapshot() -> Snapshot {
             capacity_bytes: 4 << 20,
         }),
         kernel_events_lost: Some(17),
+        audit: Some(AuditTrail {
+            healthy: false,
+            queued: 12,
+            lost: 3,
+        }),
         proxy_open_connections: vec![("agent-1".into(), 3), ("agent-2".into(), 0)],
         credentials: vec![
             CredentialStats {
@@ -331,6 +336,9 @@ fn scrape_time_values_come_from_the_snapshot() {
         Some(4_194_304.0)
     );
     assert_eq!(value(&text, "egressd_kernel_events_lost_total"), Some(17.0));
+    assert_eq!(value(&text, "egressd_audit_healthy"), Some(0.0), "{text}");
+    assert_eq!(value(&text, "egressd_audit_queued_records"), Some(12.0));
+    assert_eq!(value(&text, "egressd_audit_records_lost_total"), Some(3.0));
     assert_eq!(
         value(
             &text,
