@@ -327,7 +327,8 @@ pub fn http_target(data: &[u8]) {
 ///
 /// Input: a count byte (0-3), that many read sizes, the client's bytes. Properties: what
 /// is kept for replay is exactly the bytes read, never more than the limit; a server
-/// name is a plain DNS name; reads of any size give the same answer.
+/// name is a DNS name (letters, digits, `-`, `_` and dots, as rustls accepts and policies
+/// match); reads of any size give the same answer.
 pub fn tls_hello(data: &[u8]) {
     let Some((&count, rest)) = data.split_first() else {
         return;
@@ -348,7 +349,7 @@ pub fn tls_hello(data: &[u8]) {
                 !name.is_empty()
                     && name
                         .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'),
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')),
                 "server name {name:?}"
             );
         }
