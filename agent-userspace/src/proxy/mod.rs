@@ -444,46 +444,36 @@ impl Proxy {
             .await;
             return None;
         };
-        if !(conn.route.host_allowed)(&sni) {
-            let reason = ProxyError::Downstream {
-                peer: conn.peer,
-                reason: format!(
+        let refusal = if !(conn.route.host_allowed)(&sni) {
+            Some((
+                format!(
                     "server name {sni} is not allowed by rule `{}`",
                     conn.route.rule_name
                 ),
-            };
-            self.refuse(
-                &mut stream,
-                conn,
-                Some(sni),
-                reason,
                 &hello::ALERT_UNRECOGNIZED_NAME,
-                started,
-            )
-            .await;
-            return None;
-        }
-        if conn.route.passthrough && hello.encrypted_client_hello {
+            ))
+        } else if conn.route.passthrough && hello.encrypted_client_hello {
             // The server reads the encrypted inner hello and may serve the name in it,
             // which the proxy cannot see to judge.
-            let reason = ProxyError::Downstream {
-                peer: conn.peer,
-                reason: format!(
+            Some((
+                format!(
                     "sent an Encrypted Client Hello: the server name it is for is hidden, so \
                      it is not passed through (rule `{}`; clients that send one, GREASE \
                      included, need an intercept rule)",
                     conn.route.rule_name
                 ),
-            };
-            self.refuse(
-                &mut stream,
-                conn,
-                Some(sni),
-                reason,
                 &hello::ALERT_ILLEGAL_PARAMETER,
-                started,
-            )
-            .await;
+            ))
+        } else {
+            None
+        };
+        if let Some((reason, alert)) = refusal {
+            let reason = ProxyError::Downstream {
+                peer: conn.peer,
+                reason,
+            };
+            self.refuse(&mut stream, conn, Some(sni), reason, alert, started)
+                .await;
             return None;
         }
         debug!(connection_id = %conn.connection_id, %sni, passthrough = conn.route.passthrough, "Server name allowed");
