@@ -326,7 +326,6 @@ fn learned_address_expires_after_ttl_and_grace() -> Result<()> {
     let fx = DnsFixture::new(1)?;
     fx.attach(&fx.sandbox, NAMES_POLICY)?;
     let sb = &fx.sandbox;
-    let name = sb.label();
 
     let d = dig(sb, &[API_NAME])?;
     ensure!(
@@ -364,12 +363,18 @@ fn learned_address_expires_after_ttl_and_grace() -> Result<()> {
     tcp_blocked_at(&fx, sb, origin(), 80, || origin_hits(&fx.origin, v4(sb)))?;
 
     // Resolving again opens it again.
+    resolves_and_reaches_the_origin(&fx, sb)
+}
+
+/// `API_NAME` resolves to the origin again, curl reaches it, and the connect is
+/// recorded as allowed by rule `api`.
+fn resolves_and_reaches_the_origin(fx: &DnsFixture, sb: &Sandbox) -> Result<()> {
     ensure_resolves(sb, &[API_NAME], origin(), &UNSERVED_RESOLVER.to_string())?;
     expect::origin_body(&sb.curl(&[&format!("http://{ORIGIN_V4}/")])?)?;
     fx.daemon.wait_for_match(
         RECORD_TIMEOUT,
         &Match::decision("allow", origin(), 80)
-            .sandbox(name)
+            .sandbox(sb.label())
             .rule("api"),
     )?;
     Ok(())
@@ -403,20 +408,7 @@ fn addresses_learned_before_a_restart_are_not_kept_by_the_next_run() -> Result<(
     })?;
 
     // Resolving again opens it again.
-    ensure_resolves(
-        &fx.sandbox,
-        &[API_NAME],
-        origin(),
-        &UNSERVED_RESOLVER.to_string(),
-    )?;
-    expect::origin_body(&fx.sandbox.curl(&[&format!("http://{ORIGIN_V4}/")])?)?;
-    fx.daemon.wait_for_match(
-        RECORD_TIMEOUT,
-        &Match::decision("allow", origin(), 80)
-            .sandbox(&name)
-            .rule("api"),
-    )?;
-    Ok(())
+    resolves_and_reaches_the_origin(&fx, &fx.sandbox)
 }
 
 #[test]
