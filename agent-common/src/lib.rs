@@ -66,6 +66,10 @@ pub mod hook {
 /// `rule_id` of decisions that sent DNS to the sandbox's resolver (no policy rule).
 pub const RULE_DNS: u16 = u16::MAX;
 
+/// `rule_id` of refusals of a connect to the proxy's own port on loopback that the kernel
+/// did not redirect there: only redirected connections may reach the proxy.
+pub const RULE_PROXY_PORT: u16 = u16::MAX - 1;
+
 /// Event kinds. A retired id is never reused.
 pub mod event_kind {
     pub const CONNECT: u16 = 1;

@@ -3,6 +3,7 @@
 use agent_common::{
     action, event_kind, proto, verdict, ConnectEvent, EventHeader, OrigDst, PrefixRules,
     SandboxInfo, V4Key, V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX, RULE_DNS,
+    RULE_PROXY_PORT,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -177,6 +178,24 @@ pub fn routed(dest: Dest) -> Dest {
     }
 }
 
+/// Whether `dest` is a loopback address (`127.0.0.0/8`, `::1`), where the proxy listens.
+#[inline(always)]
+fn is_loopback(dest: &Dest) -> bool {
+    match dest {
+        Dest::V4(a) => a[0] == 127,
+        Dest::V6(a) => {
+            let mut i = 0;
+            while i < 15 {
+                if a[i] != 0 {
+                    return false;
+                }
+                i += 1;
+            }
+            a[15] == 1
+        }
+    }
+}
+
 /// `::ffff:a.b.c.d` -> `a.b.c.d`. connect6/sendmsg6 see these for AF_INET6 sockets talking
 /// to IPv4 hosts (connect4 never runs for them), so they must get the IPv4 policy.
 #[inline(always)]
@@ -289,6 +308,17 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
             } else {
                 (sb.index, verdict::DENY, RULE_DNS)
             }
+        }
+        // The proxy serves only connections the kernel sent it (it learns their
+        // destination from the redirect); one made to its port directly is refused here,
+        // where it is recorded, whatever the policy says of loopback.
+        Some(sb)
+            if call.protocol == u32::from(proto::TCP)
+                && sb.proxy_port != 0
+                && call.port == sb.proxy_port
+                && is_loopback(&call.dest) =>
+        {
+            (sb.index, verdict::DENY, RULE_PROXY_PORT)
         }
         Some(sb) => {
             let matched = lookup(sb.policy_slot, &call.dest)

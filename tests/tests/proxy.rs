@@ -327,6 +327,55 @@ fn without_the_proxy_rule_the_origin_answers_401() -> Result<()> {
     Ok(())
 }
 
+/// A policy that allows the sandbox its own loopback, with the proxy rules beside it.
+fn loopback_allowed_policy() -> String {
+    format!(
+        "{}  - name: own-loopback\n    to: [127.0.0.0/8, \"::1\"]\n    action: allow\n",
+        egress_tests::proxy_fixture::PROXY_POLICY
+    )
+}
+
+#[test]
+fn connecting_to_the_proxy_port_directly_is_refused_even_with_loopback_allowed() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts {
+        policy: loopback_allowed_policy(),
+        ..ProxyOpts::default()
+    })?;
+    // Controls: loopback is allowed (a listener on another port accepts), and the
+    // redirected path to the proxy works.
+    expect::probe_ok(
+        &fx.sandbox
+            .probe_host("tcp-connect", "127.0.0.1", 7777, &["--listen"])?,
+    )?;
+    ensure_resp(&curl_resp(&fx, &[REPO_URL])?, 200, Some(REPO_BODY), None)?;
+    // The proxy's own port, reached without the kernel's redirect, in each spelling.
+    let port = egress_tests::proxy_fixture::PROXY_PORT;
+    for (host, ip) in [
+        ("127.0.0.1", IpAddr::from([127, 0, 0, 1])),
+        ("::1", IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+        ("0.0.0.0", IpAddr::from([0u8; 4])),
+        ("::ffff:127.0.0.1", IpAddr::from([127, 0, 0, 1])),
+    ] {
+        let p = fx.sandbox.probe_host("tcp-connect", host, port, &[])?;
+        expect::eperm(&p).with_context(|| format!("connect to {host}:{port}"))?;
+        let rec = fx.daemon.wait_for_match(
+            RECORD_TIMEOUT,
+            &Match::decision("deny", ip, port).sandbox(fx.sandbox.label()),
+        )?;
+        ensure!(
+            get_str(&rec, "rule.name") == Some("proxy-port"),
+            "{host}: {rec}"
+        );
+    }
+    // The proxy itself never saw those connections.
+    ensure!(
+        !fx.daemon.log().contains("did not redirect"),
+        "a direct connection reached the proxy"
+    );
+    Ok(())
+}
+
 #[test]
 fn python_urllib_gets_the_injected_token() -> Result<()> {
     require_proxy_tools!();

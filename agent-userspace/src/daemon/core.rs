@@ -1280,6 +1280,9 @@ impl Core {
         } else if rule_id == agent_common::RULE_DNS {
             // DNS sent to the sandbox's own resolver, not a policy rule.
             RuleRef::Named("dns-resolver".to_string())
+        } else if rule_id == agent_common::RULE_PROXY_PORT {
+            // A connect to the proxy's port the kernel did not redirect there.
+            RuleRef::Named("proxy-port".to_string())
         } else {
             self.compiled
                 .get(&rec.name)
