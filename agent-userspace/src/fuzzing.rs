@@ -113,15 +113,15 @@ pub fn dns_exchange(query: &[u8], upstream: &[u8], allowed: impl Fn(&str) -> boo
     }))
 }
 
-/// The proxy's reading of a push's command section from the body bytes received so far
-/// (`gzip`: the body has `Content-Encoding: gzip`). `Ok(None)`: more bytes are needed.
+/// The proxy's reading of a push's command section from a whole body (`gzip`: the body
+/// has `Content-Encoding: gzip`). `Ok(None)`: the section is not complete.
 pub fn git_push_commands(raw: &[u8], gzip: bool) -> Result<Option<CommandList>, String> {
     let encoding = if gzip {
         Encoding::Gzip
     } else {
         Encoding::Identity
     };
-    crate::proxy::git::try_parse(raw, encoding).map_err(|e| match e {
+    crate::proxy::git::try_parse(raw, encoding, true).map_err(|e| match e {
         ReadError::Invalid(why) | ReadError::Downstream(why) => why,
     })
 }

@@ -748,6 +748,31 @@ fn malformed_receive_pack_bodies_never_reach_the_origin() -> Result<()> {
             format!("{}0000", pkt(&format!("{a} {b} HEAD\n"))).into_bytes(),
             Some(Update::new("HEAD", &a, &b, false)),
         ),
+        // git reads a tab as a capability separator: push options announced that way
+        // must not pass unjudged.
+        (
+            "push-options after a tab",
+            format!(
+                "{}0000{}0000PACK",
+                pkt(&format!(
+                    "{a} {b} refs/heads/agent/x\0report-status\tpush-options"
+                )),
+                pkt("ci.skip\n")
+            )
+            .into_bytes(),
+            None,
+        ),
+        // Whatever follows the command list is forwarded unread: only a pack may.
+        (
+            "pkt-lines where the pack belongs",
+            format!(
+                "{}0000{}0000PACK",
+                pkt(&format!("{a} {b} refs/heads/agent/x\0report-status")),
+                pkt("ci.skip\n")
+            )
+            .into_bytes(),
+            None,
+        ),
     ];
     let url = format!("https://github.com{RECEIVE_PACK}");
     let mut outs = Vec::new();

@@ -71,9 +71,13 @@ pub struct CommandList {
 }
 
 impl CommandList {
-    /// Whether the first command announced `capability`.
+    /// Whether the first command announced `capability`, bare or with a value
+    /// (`push-options=1`), as git reads it.
     pub fn has(&self, capability: &str) -> bool {
-        self.capabilities.iter().any(|c| c == capability)
+        self.capabilities.iter().any(|c| {
+            c.strip_prefix(capability)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('='))
+        })
     }
 }
 

@@ -167,7 +167,7 @@ pub async fn read_commands(
 ) -> Result<(Bytes, CommandList), ReadError> {
     let mut raw = BytesMut::new();
     loop {
-        if let Some(list) = try_parse(&raw, encoding)? {
+        if let Some(list) = try_parse(&raw, encoding, false)? {
             return Ok((raw.freeze(), list));
         }
         if raw.len() > MAX_BUFFERED_BYTES {
@@ -179,9 +179,12 @@ pub async fn read_commands(
         match next_data(body, idle).await? {
             Some(data) => raw.extend_from_slice(&data),
             None => {
-                return Err(ReadError::Invalid(
-                    "git push: the body ended before the command list's flush-pkt".to_owned(),
-                ))
+                return match try_parse(&raw, encoding, true)? {
+                    Some(list) => Ok((raw.freeze(), list)),
+                    None => Err(ReadError::Invalid(
+                        "git push: the body ended before the command list's flush-pkt".to_owned(),
+                    )),
+                }
             }
         }
     }
@@ -214,32 +217,50 @@ async fn next_data(body: &mut Incoming, idle: Duration) -> Result<Option<Bytes>,
     }
 }
 
-pub(crate) fn try_parse(raw: &[u8], encoding: Encoding) -> Result<Option<CommandList>, ReadError> {
+/// The command section at the start of the body bytes received so far (`ended`: the
+/// whole body), with what follows it checked: a pack (`PACK`) or, at the end of the
+/// body, nothing. `Ok(None)`: more bytes are needed.
+///
+/// The bytes after the section are forwarded unread, so a section that ends earlier than
+/// git's own reading of it (options or commands git would see and the parse did not)
+/// must not pass: those bytes would not start a pack.
+pub(crate) fn try_parse(
+    raw: &[u8],
+    encoding: Encoding,
+    ended: bool,
+) -> Result<Option<CommandList>, ReadError> {
     let invalid = |e: String| ReadError::Invalid(format!("git push: {e}"));
-    let too_long = || {
-        ReadError::Invalid(format!(
-            "git push: the command list is longer than {MAX_COMMAND_BYTES} bytes"
-        ))
+    let plain = match encoding {
+        Encoding::Identity => std::borrow::Cow::Borrowed(raw),
+        Encoding::Gzip => std::borrow::Cow::Owned(
+            gunzip_prefix(raw, MAX_COMMAND_BYTES + PACK_MAGIC.len()).map_err(invalid)?,
+        ),
     };
-    match encoding {
-        Encoding::Identity => {
-            let window = &raw[..raw.len().min(MAX_COMMAND_BYTES)];
-            match parse_commands(window).map_err(invalid)? {
-                Some(list) => Ok(Some(list)),
-                None if window.len() == MAX_COMMAND_BYTES => Err(too_long()),
-                None => Ok(None),
-            }
+    let window = &plain[..plain.len().min(MAX_COMMAND_BYTES)];
+    let Some(list) = parse_commands(window).map_err(invalid)? else {
+        if window.len() == MAX_COMMAND_BYTES {
+            return Err(invalid(format!(
+                "the command list is longer than {MAX_COMMAND_BYTES} bytes"
+            )));
         }
-        Encoding::Gzip => {
-            let plain = gunzip_prefix(raw, MAX_COMMAND_BYTES).map_err(invalid)?;
-            match parse_commands(&plain).map_err(invalid)? {
-                Some(list) => Ok(Some(list)),
-                None if plain.len() >= MAX_COMMAND_BYTES => Err(too_long()),
-                None => Ok(None),
-            }
-        }
+        return Ok(None);
+    };
+    let rest = &plain[list.len..];
+    let seen = &rest[..rest.len().min(PACK_MAGIC.len())];
+    if seen == PACK_MAGIC || (ended && seen.is_empty()) {
+        return Ok(Some(list));
     }
+    if !ended && PACK_MAGIC.starts_with(seen) {
+        return Ok(None);
+    }
+    Err(invalid(format!(
+        "what follows the command list is not a pack (starts {:?}, not \"PACK\")",
+        String::from_utf8_lossy(seen)
+    )))
 }
+
+/// The first bytes of a packfile.
+const PACK_MAGIC: &[u8] = b"PACK";
 
 /// Decompresses as much of the gzip stream's start as `raw` holds, up to `limit` bytes.
 /// A stream cut short is not an error (more may come); a corrupt one is.
@@ -300,11 +321,12 @@ mod tests {
         let b = "2".repeat(40);
         let line = format!("{a} {b} refs/heads/main\0report-status");
         let mut plain = format!("{:04x}{line}0000", line.len() + 4).into_bytes();
+        plain.extend_from_slice(b"PACK");
         plain.extend_from_slice(&[7u8; 5000]);
         let compressed = gzip(&plain);
         let mut found = None;
         for cut in 0..=compressed.len() {
-            if let Some(list) = try_parse(&compressed[..cut], Encoding::Gzip).unwrap() {
+            if let Some(list) = try_parse(&compressed[..cut], Encoding::Gzip, false).unwrap() {
                 found = Some((cut, list));
                 break;
             }
@@ -316,10 +338,11 @@ mod tests {
         let err = try_parse(
             b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff\x07\x00\x00",
             Encoding::Gzip,
+            false,
         );
         assert!(matches!(err, Err(ReadError::Invalid(_))), "{err:?}");
         assert!(matches!(
-            try_parse(b"not gzip at all", Encoding::Gzip),
+            try_parse(b"not gzip at all", Encoding::Gzip, false),
             Err(ReadError::Invalid(_))
         ));
 
@@ -329,8 +352,39 @@ mod tests {
             let line = format!("{a} {b} refs/heads/x{}", endless.len());
             endless.extend_from_slice(format!("{:04x}{line}", line.len() + 4).as_bytes());
         }
-        assert!(try_parse(&endless, Encoding::Identity).is_err());
-        assert!(try_parse(&gzip(&endless), Encoding::Gzip).is_err());
+        assert!(try_parse(&endless, Encoding::Identity, false).is_err());
+        assert!(try_parse(&gzip(&endless), Encoding::Gzip, false).is_err());
+    }
+
+    #[test]
+    fn only_a_pack_or_the_end_of_the_body_may_follow_the_command_list() {
+        let a = "1".repeat(40);
+        let line = format!("{a} {} refs/heads/main\0report-status", "0".repeat(40));
+        let section = format!("{:04x}{line}0000", line.len() + 4).into_bytes();
+        let with = |tail: &[u8]| [section.as_slice(), tail].concat();
+        for encoding in [Encoding::Identity, Encoding::Gzip] {
+            let body = |tail: &[u8]| match encoding {
+                Encoding::Identity => with(tail),
+                Encoding::Gzip => gzip(&with(tail)),
+            };
+            let parse = |tail: &[u8], ended| try_parse(&body(tail), encoding, ended);
+            // A pack, or (a delete-only push) nothing at the end of the body.
+            assert!(parse(b"PACK\0\0\0\x02", false).unwrap().is_some());
+            assert!(parse(b"", true).unwrap().is_some());
+            // Not yet known: more bytes are needed.
+            assert_eq!(parse(b"", false), Ok(None));
+            if encoding == Encoding::Identity {
+                assert_eq!(parse(b"PA", false), Ok(None));
+            }
+            // Anything else (pkt-lines git would read as options or commands) is refused.
+            for tail in [&b"000cci.skip\n0000PACK"[..], b"0000", b"PA", b"junk"] {
+                let err = parse(tail, true).unwrap_err();
+                assert!(
+                    matches!(&err, ReadError::Invalid(why) if why.contains("not a pack")),
+                    "{tail:?}: {err:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -78,7 +78,18 @@ pub fn parse_commands(buf: &[u8]) -> Result<Option<CommandList>, String> {
         } else {
             match payload.iter().position(|&b| b == 0) {
                 Some(nul) => {
-                    let caps = std::str::from_utf8(&payload[nul + 1..])
+                    let caps = &payload[nul + 1..];
+                    // git separates capabilities by any of space, tab, CR and LF: only
+                    // single spaces are read here, so anything else is refused rather
+                    // than read differently (a tab-separated `push-options` would hide
+                    // the options from the judgement).
+                    if let Some(&b) = caps.iter().find(|&&b| b != b' ' && !b.is_ascii_graphic()) {
+                        return Err(format!(
+                            "the capability list holds byte 0x{b:02x} (only printable ASCII \
+                             separated by spaces is accepted)"
+                        ));
+                    }
+                    let caps = std::str::from_utf8(caps)
                         .map_err(|_| "the capability list is not UTF-8".to_owned())?;
                     list.capabilities = caps
                         .split(' ')

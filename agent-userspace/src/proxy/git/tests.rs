@@ -582,6 +582,47 @@ async fn gzip_pushes_are_inspected_and_forwarded_as_sent() {
     .unwrap();
 }
 
+/// git reads capabilities split by tabs and line ends too, and `push-options=<x>` as
+/// `push-options`: neither may hide the options that follow from the judgement.
+#[test]
+fn push_options_cannot_hide_behind_another_capability_spelling() {
+    let pkt = |s: &str| format!("{:04x}{s}", s.len() + 4);
+    let body = |caps: &str| {
+        format!(
+            "{}0000{}0000PACK",
+            pkt(&format!("{Z} {B} refs/heads/agent/x\0{caps}")),
+            pkt("ci.skip\n")
+        )
+        .into_bytes()
+    };
+    // Announced with a value: the options are read (and judged).
+    let list = parse_commands(&body("report-status push-options=1"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(list.options, ["ci.skip"]);
+    assert!(agent_rule().judge_push(&list).refused.is_some());
+    // Separated as git also separates them: refused, never read as "no options".
+    for caps in [
+        "report-status\tpush-options",
+        "report-status\rpush-options",
+        "report-status\npush-options side-band-64k",
+        "report-status\u{b}push-options",
+    ] {
+        let err = parse_commands(&body(caps)).unwrap_err();
+        assert!(
+            err.contains("capability list holds byte"),
+            "{caps:?}: {err}"
+        );
+    }
+    // A capability that only starts like it is another one: the options are not read as
+    // options, and what follows the section is then not a pack, so the push is refused.
+    let raw = body("report-status push-optionsx");
+    let list = parse_commands(&raw).unwrap().unwrap();
+    assert!(list.options.is_empty());
+    let err = super::try_parse(&raw, super::Encoding::Identity, true);
+    assert!(err.is_err(), "{err:?}");
+}
+
 #[test]
 fn push_options_are_refused_unless_listed() {
     let pkt = |s: &str| format!("{:04x}{s}", s.len() + 4);
