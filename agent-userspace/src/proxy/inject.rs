@@ -40,7 +40,7 @@ pub(super) fn percent_encode(value: &str) -> Zeroizing<String> {
 }
 
 /// Percent-decodes `s` for comparison (invalid escapes stay as they are).
-fn percent_decode(s: &str) -> Vec<u8> {
+pub(super) fn percent_decode(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

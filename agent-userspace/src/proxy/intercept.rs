@@ -176,7 +176,7 @@ fn serve(
         proxy: proxy.clone(),
         conn: conn.clone(),
         pool_key: Arc::new(PoolKey::new(&conn.sandbox, conn.original_dst, &sni)),
-        target: target(&sni, None),
+        target: target(&sni, Some(conn.original_dst.port())),
         sni: sni.clone(),
         in_flight: in_flight.clone(),
     });
@@ -385,15 +385,16 @@ struct ConnCtx {
     sni: String,
     /// Which pooled upstream connections this connection's requests may use.
     pool_key: Arc<PoolKey>,
-    /// `:authority` and `Host` for requests that name no port (or 443), made once.
+    /// `:authority` and `Host` of every upstream request, made once: the server name and
+    /// the port the connection was made to (whatever port the request named).
     target: Option<(Authority, HeaderValue)>,
     in_flight: Arc<AtomicUsize>,
     /// An HTTP/1 connection's header clock, told when each request's body has ended.
     head_clock: Option<Arc<HeadClock>>,
 }
 
-/// The upstream `:authority` and `Host` for the server name and the port the request
-/// named, if they can be made.
+/// The upstream `:authority` and `Host` for the server name and port, if they can be
+/// made (443 is left out).
 fn target(sni: &str, port: Option<u16>) -> Option<(Authority, HeaderValue)> {
     let authority = match port {
         Some(port) if port != 443 => Authority::try_from(format!("{sni}:{port}")).ok()?,
@@ -463,8 +464,9 @@ impl ConnCtx {
                 // secrets, so it goes (the sandbox gets the standard phrase), with
                 // anything else hyper's client attached.
                 parts.extensions.clear();
-                strip_hop_by_hop(&mut parts.headers);
+                // Judged before the hop-by-hop headers (its transfer codings) go.
                 let body = self.response_body(&mut parts.headers, body, &secrets)?;
+                strip_hop_by_hop(&mut parts.headers);
                 Ok((parts, body, on_complete))
             });
         let record = pending.disarm();
@@ -612,7 +614,7 @@ impl ConnCtx {
                 "TRACE and TRACK are not allowed (they echo the injected credential)",
             ));
         }
-        let port = self.check_host(&req, record)?;
+        self.check_host(&req, record)?;
         // Judged once, in its normal form, and forwarded in exactly that form.
         let raw = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
         let judged = match judge_target(&self.conn.route, req.method().as_str(), raw) {
@@ -848,11 +850,7 @@ impl ConnCtx {
                 "downstream client: request target cannot be re-sent upstream",
             )
         };
-        let (authority, host) = match port {
-            Some(port) if port != 443 => target(&self.sni, Some(port)),
-            _ => self.target.clone(),
-        }
-        .ok_or_else(bad_name)?;
+        let (authority, host) = self.target.clone().ok_or_else(bad_name)?;
 
         let timeouts = &self.proxy.timeouts;
         let params = DialParams {
@@ -1086,12 +1084,13 @@ impl ConnCtx {
     }
 
     /// Checks that every name the request carries (Host header, `:authority` or an
-    /// absolute URI) equals the TLS server name, ports aside. Returns the port given.
+    /// absolute URI) equals the TLS server name. A port given there is not used: the
+    /// upstream request names the port the connection was made to (see `forward`).
     fn check_host(
         &self,
         req: &Request<()>,
         record: &mut crate::audit::ProxyRecord,
-    ) -> Result<Option<u16>, Refusal> {
+    ) -> Result<(), Refusal> {
         let mut hosts = req.headers().get_all(HOST).iter();
         let header = hosts.next();
         if hosts.next().is_some() {
@@ -1135,7 +1134,7 @@ impl ConnCtx {
                 ));
             }
         }
-        Ok(first.port_u16())
+        Ok(())
     }
 }
 

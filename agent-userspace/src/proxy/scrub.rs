@@ -123,6 +123,17 @@ fn mask(bytes: &mut [u8], ranges: &[std::ops::Range<usize>]) {
 /// Scrubs header values (response headers and trailers); returns how many values changed.
 pub fn scrub_headers(headers: &mut HeaderMap, matcher: &SecretMatcher, tally: &Tally) -> usize {
     let mut changed = 0;
+    // A secret in a header's name (names cannot carry the marker): the header goes.
+    let named: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|name| matcher.find(name.as_str().as_bytes()).is_some())
+        .cloned()
+        .collect();
+    for name in named {
+        merged_matches(name.as_str().as_bytes(), matcher, 0, tally);
+        headers.remove(&name);
+        changed += 1;
+    }
     for value in headers.values_mut() {
         if matcher.find(value.as_bytes()).is_none() {
             continue;
@@ -308,6 +319,21 @@ impl Encoding {
     }
 }
 
+/// The transfer codings of a response, lower-cased.
+fn transfer_codings(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|c| c.trim().to_ascii_lowercase())
+                .filter(|c| !c.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// A streaming decoder for a body the origin encoded although asked not to.
 enum Decoder {
     Gzip(flate2::write::GzDecoder<Vec<u8>>),
@@ -415,6 +441,16 @@ pub fn scrub_response(
 ) -> Result<ResponseBody, String> {
     if matcher.failed() {
         return Err("the proxy could not build its secret matcher".to_owned());
+    }
+    // hyper undoes `chunked` only: another transfer coding (`gzip, chunked`) would pass
+    // the scan still encoded and be undone by the sandbox's client.
+    let codings = transfer_codings(headers);
+    if codings.iter().any(|c| c != "chunked") {
+        return Err(format!(
+            "upstream server: response Transfer-Encoding `{}` cannot be scanned for \
+             reflected secrets",
+            codings.join(", ")
+        ));
     }
     scrub_headers(headers, &matcher, &tally);
     let encoding = Encoding::of(headers);

@@ -51,6 +51,13 @@ pub fn judge_target(route: &Route, method: &str, raw: &str) -> Result<Judged, Ta
             crate::policy::target_for_reason(raw)
         ))
     })?;
+    if let Some(key) = method_override_key(&target) {
+        return Err(TargetRefusal::Ambiguous(format!(
+            "downstream client: {method} {} refused: query parameter {key} makes some \
+             origins run another method than the request's",
+            crate::policy::target_for_reason(raw)
+        )));
+    }
     (route.request_allowed)(method, &target)
         .map_err(|reason| TargetRefusal::Denied { reason, git: None })?;
     let Some(rule) = &route.git else {
@@ -70,6 +77,23 @@ pub fn judge_target(route: &Route, method: &str, raw: &str) -> Result<Judged, Ta
             git: refusal.request.as_ref().map(audit_of),
         }),
     }
+}
+
+/// A query key of `target` that frameworks read as the method to run (Rails' and
+/// Laravel's `_method`, and the override headers' names), decoded as they decode it, any
+/// case.
+fn method_override_key(target: &str) -> Option<String> {
+    let (_, query) = target.split_once('?')?;
+    query
+        .split('&')
+        .map(|pair| pair.split_once('=').map_or(pair, |(k, _)| k))
+        .map(|key| String::from_utf8_lossy(&super::inject::percent_decode(key)).into_owned())
+        .find(|key| {
+            key.eq_ignore_ascii_case("_method")
+                || crate::credentials::OVERRIDE_HEADERS
+                    .iter()
+                    .any(|h| key.eq_ignore_ascii_case(h))
+        })
 }
 
 #[cfg(test)]
@@ -362,6 +386,32 @@ rules:
         }
         // Not vacuous: plenty of each kind passed.
         assert!(passed.0 > 1000 && passed.1 > 300, "{passed:?}");
+    }
+
+    #[test]
+    fn method_override_query_parameters_are_refused() {
+        let policy = Arc::new(parse_str(POLICY, "test.yaml").unwrap());
+        let api = route(&policy, 1);
+        let base = "/repos/acme/widgets/issues";
+        for query in [
+            "_method=DELETE",
+            "a=1&_method=PUT",
+            "%5Fmethod=DELETE",
+            "%5fMETHOD=delete",
+            "_method",
+            "X-HTTP-Method-Override=DELETE",
+        ] {
+            let raw = format!("{base}?{query}");
+            let refused = judge_target(&api, "POST", &raw).map(|j| j.target);
+            assert!(
+                matches!(&refused, Err(TargetRefusal::Ambiguous(why)) if why.contains("another method")),
+                "{raw}: {refused:?}"
+            );
+        }
+        for query in ["method=x", "x_method=1", "a=_method"] {
+            let raw = format!("{base}?{query}");
+            assert!(judge_target(&api, "POST", &raw).is_ok(), "{raw}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONNECTION, HOST, LOCATION, UPGRADE};
+use http::header::{AUTHORIZATION, CONNECTION, HOST, LOCATION, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
@@ -156,6 +156,20 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
             .extensions_mut()
             .insert(hyper::ext::ReasonPhrase::try_from(phrase).unwrap());
         return Ok(response);
+    }
+    if path == "/te-gzip" {
+        // An origin that gzips the credential it was sent as a transfer coding, which
+        // the sandbox's client could undo itself.
+        let sent = req
+            .headers()
+            .get(AUTHORIZATION)
+            .map_or(&b""[..], |v| v.as_bytes());
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, sent).unwrap();
+        return Ok(Response::builder()
+            .header(TRANSFER_ENCODING, "gzip, chunked")
+            .body(Full::new(Bytes::from(gz.finish().unwrap())))
+            .unwrap());
     }
     if path == "/redirect" {
         return Ok(Response::builder()
@@ -418,7 +432,9 @@ async fn credential_is_injected_and_client_authorization_replaced() {
         assert_eq!(reply.status, StatusCode::OK);
         assert!(reply.body.contains("auth=expected\n"), "{}", reply.body);
         assert!(
-            reply.body.contains(&format!("host={NAME}\n")),
+            reply
+                .body
+                .contains(&format!("host={NAME}:{}\n", origin.addr.port())),
             "{}",
             reply.body
         );
@@ -553,6 +569,24 @@ async fn an_origin_reason_phrase_is_not_sent_back() {
 }
 
 #[tokio::test]
+async fn a_transfer_coding_other_than_chunked_is_refused() {
+    within(async {
+        let origin = start_origin(false).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let reply = get(&mut client, NAME, "/te-gzip").await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.body);
+        assert!(reply.body.contains("Transfer-Encoding"), "{}", reply.body);
+        let record = h.record().await;
+        assert_eq!(record.verdict, Verdict::Deny);
+        assert_eq!(record.status, Some(502));
+        // Control: the same origin's plain answers pass.
+        assert_eq!(get(&mut client, NAME, "/").await.status, StatusCode::OK);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn http2_downstream_to_http1_upstream_reuses_the_connection() {
     within(async {
         let origin = start_origin(false).await;
@@ -576,7 +610,10 @@ async fn http2_downstream_to_http1_upstream_reuses_the_connection() {
             let body = response.into_body().collect().await.unwrap().to_bytes();
             let body = String::from_utf8(body.to_vec()).unwrap();
             assert!(body.contains("auth=expected\n"), "{body}");
-            assert!(body.contains(&format!("host={NAME}\n")), "{body}");
+            assert!(
+                body.contains(&format!("host={NAME}:{}\n", origin.addr.port())),
+                "{body}"
+            );
             assert!(body.contains("version=HTTP/1.1"), "{body}");
             let record = h.record().await;
             assert_eq!(record.status, Some(200));
@@ -604,9 +641,12 @@ async fn host_other_than_sni_is_misdirected() {
         assert_eq!(record.verdict, Verdict::Deny);
         assert_eq!(record.status, Some(421));
         assert_eq!(record.credential, None);
-        // A port in Host is ignored; case and trailing dot too.
-        let reply = get(&mut client, "API.example.com.:443", "/").await;
+        // Case and a trailing dot are ignored; a port in Host is not forwarded: the
+        // origin is told the port the connection was made to (origins may route on it).
+        let reply = get(&mut client, "API.example.com.:8443", "/").await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        let forwarded = format!("host={NAME}:{}\n", origin.addr.port());
+        assert!(reply.body.contains(&forwarded), "{}", reply.body);
         assert_eq!(origin.accepted.load(Ordering::SeqCst), 1);
     })
     .await;
