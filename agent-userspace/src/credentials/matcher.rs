@@ -17,6 +17,12 @@ use base64::Engine as _;
 /// short is a configuration mistake the daemon warns about.
 pub const MIN_PATTERN_LEN: usize = 8;
 
+/// Runs of letters and digits of a secret (or of its base64) at least this long are
+/// patterns of their own: nearly every text encoding (percent-encoding that keeps some
+/// punctuation, `\u002B`-style escapes of every symbol, HTML entities, ...) leaves such
+/// runs as they are, so a form nobody listed is still found (and the run scrubbed).
+pub const FRAGMENT_LEN: usize = 12;
+
 /// The automaton over all known secret forms, and which credential each pattern is of.
 pub struct SecretMatcher {
     ac: Option<AhoCorasick>,
@@ -77,8 +83,11 @@ impl SecretMatcher {
         let ac = if patterns.is_empty() {
             None
         } else {
+            // Any case: hex comes in both, and an origin that upper-cases what it echoes
+            // still gives most of the secret away.
             AhoCorasick::builder()
                 .match_kind(MatchKind::Standard)
+                .ascii_case_insensitive(true)
                 .build(&patterns)
                 .ok()
         };
@@ -141,8 +150,13 @@ impl SecretMatcher {
 ///   alignments it can have inside a larger encoded text, keeping only the characters
 ///   that depend on the value alone: this covers the base64 of the bare value, of
 ///   `user:secret` (HTTP Basic) and of anything else with the value inside;
-/// - each of those percent-encoded (upper- and lower-case hex), and JSON-escaped (with
-///   and without `/` as `\/`, and with non-ASCII as `\uXXXX`).
+/// - each of those percent-encoded, and JSON-escaped (with and without `/` as `\/`, and
+///   with non-ASCII as `\uXXXX`);
+/// - each run of at least [`FRAGMENT_LEN`] letters and digits of those;
+/// - the value's bytes in hex: contiguous, space-separated (as in AWS's
+///   `CanonicalRequestBytes`), each behind `%` or `\x`; and in decimal, comma-separated.
+///
+/// Patterns match in any ASCII case.
 pub fn forms(secret: &str) -> Vec<Vec<u8>> {
     let raw = secret.as_bytes();
     let mut bases: Vec<Vec<u8>> = vec![raw.to_vec()];
@@ -170,10 +184,26 @@ pub fn forms(secret: &str) -> Vec<Vec<u8>> {
             out.push(form);
         }
     };
+    // Only for a value long enough to be a form itself: the hex of a short one is long
+    // enough to be a pattern but not to be told from ordinary text.
+    if raw.len() >= MIN_PATTERN_LEN {
+        for hex_sep in ["", " ", "%", "\\x"] {
+            add(hex_bytes(raw, hex_sep));
+        }
+        for sep in [",", ", "] {
+            let decimal: Vec<String> = raw.iter().map(u8::to_string).collect();
+            add(decimal.join(sep).into_bytes());
+        }
+    }
     for base in &bases {
         add(base.clone());
         add(percent_encode(base, b"0123456789ABCDEF"));
-        add(percent_encode(base, b"0123456789abcdef"));
+        for run in base
+            .split(|b| !b.is_ascii_alphanumeric())
+            .filter(|run| run.len() >= FRAGMENT_LEN)
+        {
+            add(run.to_vec());
+        }
         if let Ok(text) = std::str::from_utf8(base) {
             add(json_escape(text, false, false));
             add(json_escape(text, true, false));
@@ -182,6 +212,20 @@ pub fn forms(secret: &str) -> Vec<Vec<u8>> {
         }
     }
     out
+}
+
+/// Each byte as two lower-case hex digits, `sep` before each but the first (`%` and `\x`:
+/// before each).
+fn hex_bytes(bytes: &[u8], sep: &str) -> Vec<u8> {
+    let leading = matches!(sep, "%" | "\\x");
+    let mut out = String::with_capacity(bytes.len() * (2 + sep.len()));
+    for (i, b) in bytes.iter().enumerate() {
+        if leading || i > 0 {
+            out.push_str(sep);
+        }
+        out.push_str(&format!("{b:02x}"));
+    }
+    out.into_bytes()
 }
 
 /// Every byte outside RFC 3986's unreserved set as `%XX`.
@@ -276,6 +320,48 @@ mod tests {
         assert!(found(secret, "{\"a\": \"ghp_Ab/9+x\\\"\\u00e9~tok\"}"));
         assert!(!found(secret, "ghp_Ab/9+x\"e~tok"));
         assert!(!found(secret, "nothing to see here"));
+    }
+
+    /// Encodings nobody listed one by one: an AWS-style secret (with `/` and `+`) as
+    /// Python's `quote()` (keeps `/`), .NET's JSON (`\u002B`), HTML entities, upper case,
+    /// hex as AWS's `CanonicalRequestBytes` shows it, and byte arrays.
+    #[test]
+    fn unlisted_encodings_are_found_by_runs_and_hex() {
+        let secret = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+        let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+        let spaced: Vec<String> = secret.bytes().map(|b| format!("{b:02x}")).collect();
+        let decimal: Vec<String> = secret.bytes().map(|b| b.to_string()).collect();
+        let cases = [
+            secret.replace('+', "%2B"),
+            secret.replace('+', "\\u002B").replace('/', "\\u002F"),
+            secret.replace('+', "&#43;").replace('/', "&#x2F;"),
+            secret.to_ascii_uppercase(),
+            hex.clone(),
+            hex.to_ascii_uppercase(),
+            spaced.join(" "),
+            format!("%{}", spaced.join("%").to_ascii_uppercase()),
+            format!("\\x{}", spaced.join("\\x")),
+            format!("[{}]", decimal.join(", ")),
+        ];
+        let m = SecretMatcher::new([("aws", secret)]);
+        for text in &cases {
+            assert!(m.find(text.as_bytes()).is_some(), "not found in {text:?}");
+        }
+        // Every run of the secret long enough to be a pattern is masked by the scrubber
+        // (what is left of it are runs shorter than FRAGMENT_LEN).
+        let text = cases[1].as_bytes();
+        let mut masked = text.to_vec();
+        m.each_match(text, |r, _| masked[r].iter_mut().for_each(|c| *c = b'*'));
+        for run in secret.split(|c: char| !c.is_ascii_alphanumeric()) {
+            if run.len() >= FRAGMENT_LEN {
+                assert!(
+                    !contains(&masked, run.as_bytes()),
+                    "{run} left in {masked:?}"
+                );
+            }
+        }
+        // Ordinary text with a short shared run is not a match.
+        assert!(m.find(b"the EXAMPLE of a KEY").is_none());
     }
 
     #[test]

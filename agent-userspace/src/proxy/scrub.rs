@@ -86,24 +86,28 @@ fn scrub_in_place(bytes: &mut [u8], matcher: &SecretMatcher, tally: &Tally) -> b
     !ranges.is_empty()
 }
 
-/// Matches in `hay`, overlapping ones merged, in order. Matches that end at or before
-/// `seen` were counted before and are not counted again.
+/// Matches in `hay`, overlapping ones merged, in order. Each occurrence is counted once:
+/// a match inside another (a run of the secret within the whole value) is not counted,
+/// nor are matches that end at or before `seen` (counted before).
 fn merged_matches(
     hay: &[u8],
     matcher: &SecretMatcher,
     seen: usize,
     tally: &Tally,
 ) -> Vec<std::ops::Range<usize>> {
-    let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
-    matcher.each_match(hay, |range, index| {
-        if range.end > seen {
-            tally.add(matcher, index);
+    let mut found: Vec<(std::ops::Range<usize>, usize)> = Vec::new();
+    matcher.each_match(hay, |range, index| found.push((range, index)));
+    // By start, the longest first: a match ending within one before it lies inside it.
+    found.sort_by(|(a, _), (b, _)| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
+    let mut reach = 0;
+    for (range, index) in &found {
+        if range.end > reach && range.end > seen {
+            tally.add(matcher, *index);
         }
-        ranges.push(range);
-    });
-    ranges.sort_by_key(|r| r.start);
-    let mut merged: Vec<std::ops::Range<usize>> = Vec::with_capacity(ranges.len());
-    for r in ranges {
+        reach = reach.max(range.end);
+    }
+    let mut merged: Vec<std::ops::Range<usize>> = Vec::with_capacity(found.len());
+    for (r, _) in found {
         match merged.last_mut() {
             Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
             _ => merged.push(r),
