@@ -74,6 +74,19 @@ pub fn capability_bit(name: &str) -> Option<u8> {
         .map(|(_, b)| *b)
 }
 
+/// The mask of capabilities named as an OCI config names them (`CAP_NET_RAW`, any case);
+/// `Err` names one that is not known.
+pub fn oci_capability_mask(names: &[String]) -> Result<u64, String> {
+    names.iter().try_fold(0u64, |mask, name| {
+        let lower = name.to_ascii_lowercase();
+        let bit = lower
+            .strip_prefix("cap_")
+            .and_then(capability_bit)
+            .ok_or_else(|| format!("unknown capability {name:?}"))?;
+        Ok(mask | (1u64 << bit))
+    })
+}
+
 /// Names of the capabilities set in a `CapEff` mask, in bit order.
 pub fn capability_names(mask: u64) -> Vec<&'static str> {
     CAPABILITIES
@@ -139,6 +152,19 @@ impl Posture {
     /// that exit meanwhile are skipped.
     pub fn read(cgroup: &Path) -> Self {
         Self::read_only(cgroup, |_| true)
+    }
+
+    /// Like [`Posture::read`], with process `pid` taken to hold `caps` (a container's
+    /// init process at `createRuntime`, which still runs the runtime's code with the
+    /// runtime's capabilities and drops to `caps` before the container's first
+    /// instruction).
+    pub fn read_declared(cgroup: &Path, pid: u32, caps: u64) -> Self {
+        let mut posture = Self::read_only(cgroup, |p| p != pid);
+        if pids_below(cgroup).contains(&pid) {
+            posture.pids.insert(pid);
+            posture.caps |= caps;
+        }
+        posture
     }
 
     /// Like [`Posture::read`] for the processes `want` accepts only.
@@ -238,6 +264,16 @@ mod tests {
         let forbidden = vec!["sys_admin".to_string(), "net_raw".to_string()];
         assert_eq!(p.violations(&forbidden), ["net_raw"]);
         assert_eq!(parse_capabilities("Name: x\n"), None);
+    }
+
+    #[test]
+    fn oci_names_map_to_bits() {
+        let names = ["CAP_NET_RAW".to_string(), "cap_kill".to_string()];
+        assert_eq!(oci_capability_mask(&names), Ok((1 << 13) | (1 << 5)));
+        assert_eq!(oci_capability_mask(&[]), Ok(0));
+        let err = oci_capability_mask(&["CAP_WARP_DRIVE".to_string()]).unwrap_err();
+        assert!(err.contains("CAP_WARP_DRIVE"), "{err}");
+        assert!(oci_capability_mask(&["NET_RAW".to_string()]).is_err());
     }
 
     #[test]

@@ -56,7 +56,14 @@ fn first_instruction_script() -> Vec<String> {
 fn policy_dir(fx: &Fixture) -> Result<PathBuf> {
     let dir = fx.dir.path().join("policies");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("web.yaml"), WEB_ORIGIN_DENY)?;
+    // Requires what a runtime's default set leaves out: the container's own
+    // capabilities are judged, not those its runtime's init process holds at attach.
+    let strict = WEB_ORIGIN_DENY.replacen(
+        "version: 1\n",
+        "version: 1\nrequire:\n  no_capabilities: [sys_admin, net_admin, net_raw]\n",
+        1,
+    );
+    std::fs::write(dir.join("web.yaml"), strict)?;
     std::fs::write(dir.join("passthrough.yaml"), PASSTHROUGH)?;
     Ok(dir)
 }
@@ -141,6 +148,20 @@ fn runc_hook_confines_from_the_first_instruction() -> Result<()> {
         get_str(&attach, "egress.sandbox.cgroup_path")
             .is_some_and(|p| p.ends_with(cgroups_path.trim_start_matches('/'))),
         "the hook attached another cgroup than the container's: {attach}"
+    );
+    // The posture is the container's (`runc spec`'s default set), not that of `runc
+    // init`, which still holds every capability when the hook runs.
+    let caps: Vec<&str> = attach["egress"]["posture"]["capabilities"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    ensure!(
+        caps == ["kill", "net_bind_service", "audit_write"],
+        "attach posture: {attach}"
+    );
+    ensure!(
+        attach["egress"]["posture"]["can_leave_cgroup"] == false,
+        "attach posture: {attach}"
     );
 
     // A container that claims another's sandbox name is not created, and its poststop

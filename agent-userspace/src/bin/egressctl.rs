@@ -239,6 +239,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 policy_path: path.display().to_string(),
                 policy_source: source,
                 netns: netns.map(|p| std::path::absolute(&p).unwrap_or(p)),
+                runtime_init: None,
             };
             respond(control::call(&cli.socket, &req)?)
         }

@@ -6,7 +6,8 @@ mod server;
 
 pub use client::{call, call_timeout};
 pub use protocol::{
-    decode_request, DaemonStatus, DetachReason, QuarantineStatus, Request, Response, SandboxStatus,
+    decode_request, DaemonStatus, DetachReason, QuarantineStatus, Request, Response, RuntimeInit,
+    SandboxStatus,
 };
 pub use server::{bind, serve, Handler};
 

@@ -5,6 +5,19 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::audit::DetachReason;
 
+/// A container's init process as a runtime hook sees it at `createRuntime`: it runs the
+/// runtime's own code with the runtime's capabilities, and drops to the container's
+/// (`process.capabilities` of its OCI config) before the container's first instruction.
+/// Its posture is read from those.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeInit {
+    pub pid: u32,
+    /// Capability names as the OCI config spells them (`CAP_NET_RAW`): the union of its
+    /// effective, permitted and ambient sets.
+    pub capabilities: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
@@ -20,6 +33,10 @@ pub enum Request {
         /// process in the cgroup, else the daemon's.
         #[serde(default)]
         netns: Option<PathBuf>,
+        /// Set by the OCI hook at `createRuntime`: the container's init process, which
+        /// still holds the runtime's capabilities, and those it will hold.
+        #[serde(default)]
+        runtime_init: Option<RuntimeInit>,
     },
     /// Remove confinement, by sandbox name or by cgroup path; with both, the named sandbox
     /// only if it confines that cgroup.

@@ -39,6 +39,17 @@ const BY_OPERATOR: &str = "operator";
 /// Longest `--reason` kept.
 const MAX_REASON: usize = 512;
 
+/// How a sandbox arrives at `attach`, besides its cgroup and policy.
+#[derive(Debug, Default)]
+pub struct Arrival {
+    /// Its network namespace (for the proxy listener); default: that of a process in the
+    /// cgroup, else the daemon's.
+    pub netns: Option<PathBuf>,
+    /// The container's init process at `createRuntime` (the OCI hook), whose posture is
+    /// read from the capabilities its config gives it.
+    pub runtime_init: Option<crate::control::RuntimeInit>,
+}
+
 pub struct Core {
     pub layout: PinLayout,
     pub bpffs: PathBuf,
@@ -575,9 +586,13 @@ impl Core {
         name: Option<String>,
         policy_path: String,
         source: String,
-        netns: Option<PathBuf>,
+        arrival: Arrival,
         parsed: Result<Policy, String>,
     ) -> Result<String, String> {
+        let Arrival {
+            netns,
+            runtime_init,
+        } = arrival;
         let cgroup = Cgroup::open(cgroup).map_err(|e| e.to_string())?;
         // A container re-created at once under the same id gets a new cgroup at the same
         // path: the sandbox of the old one goes now, not at the next housekeeping tick.
@@ -644,7 +659,14 @@ impl Core {
                 ));
             }
         }
-        let posture = Posture::read(&cgroup.path);
+        let posture = match &runtime_init {
+            Some(init) => {
+                let caps = crate::posture::oci_capability_mask(&init.capabilities)
+                    .map_err(|e| format!("the container's OCI config: {e}"))?;
+                Posture::read_declared(&cgroup.path, init.pid, caps)
+            }
+            None => Posture::read(&cgroup.path),
+        };
         let held = posture.violations(policy.no_capabilities());
         if !held.is_empty() {
             let error = format!(

@@ -86,12 +86,16 @@ impl Handler for Shared {
                 policy_path,
                 policy_source,
                 netns,
+                runtime_init,
             } => core.attach_parsed(
                 &cgroup,
                 name,
                 policy_path,
                 policy_source,
-                netns,
+                super::core::Arrival {
+                    netns,
+                    runtime_init,
+                },
                 parsed.unwrap_or_else(|| Err("internal error: policy not parsed".into())),
             ),
             Request::CaExport => Ok(core.proxy.ca_pem.clone()),

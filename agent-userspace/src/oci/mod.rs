@@ -27,7 +27,7 @@ pub use spec::{Config, State};
 
 use crate::{
     cgroup,
-    control::{self, DetachReason, Request, Response},
+    control::{self, DetachReason, Request, Response, RuntimeInit},
 };
 
 /// Annotation naming the policy (a file name in the policy directory, without `.yaml`).
@@ -90,6 +90,8 @@ pub enum Plan {
         cgroup: PathBuf,
         netns: PathBuf,
         policy_path: PathBuf,
+        /// The container's init process and the capabilities its config gives it.
+        init: RuntimeInit,
     },
     /// Detach the named sandbox if it confines `cgroup` (the container's, from its
     /// config: at `poststop` its process is gone).
@@ -116,6 +118,7 @@ pub fn run(stage: Stage, opts: &HookOptions, stdin: impl Read) -> anyhow::Result
             cgroup,
             netns,
             policy_path,
+            init,
         } => {
             let source = std::fs::read_to_string(&policy_path)
                 .with_context(|| format!("reading policy {}", policy_path.display()))?;
@@ -133,6 +136,7 @@ pub fn run(stage: Stage, opts: &HookOptions, stdin: impl Read) -> anyhow::Result
                     policy_path: policy_path.display().to_string(),
                     policy_source: source,
                     netns: Some(netns),
+                    runtime_init: Some(init),
                 },
             )?;
             answer(resp)
@@ -273,6 +277,10 @@ pub fn plan(
                 cgroup,
                 netns,
                 policy_path,
+                init: RuntimeInit {
+                    pid,
+                    capabilities: config.process_capabilities(),
+                },
             })
         }
     }

@@ -30,6 +30,26 @@ pub struct Config {
     pub annotations: BTreeMap<String, String>,
     #[serde(default)]
     pub linux: Option<Linux>,
+    #[serde(default)]
+    pub process: Option<Process>,
+}
+
+/// `process`: what the container's first process runs with.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Process {
+    #[serde(default)]
+    pub capabilities: Option<Capabilities>,
+}
+
+/// `process.capabilities`: names such as `CAP_NET_RAW`, per set.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Capabilities {
+    #[serde(default)]
+    pub effective: Vec<String>,
+    #[serde(default)]
+    pub permitted: Vec<String>,
+    #[serde(default)]
+    pub ambient: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -67,6 +87,25 @@ impl Config {
                 .find(|n| n.type_ == "network")
                 .and_then(|n| n.path.as_ref())
         })
+    }
+
+    /// The capabilities the container's process holds or can raise at will (its
+    /// effective, permitted and ambient sets), as named in the config; none when the
+    /// config gives none.
+    pub fn process_capabilities(&self) -> Vec<String> {
+        let Some(caps) = self.process.as_ref().and_then(|p| p.capabilities.as_ref()) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = caps
+            .effective
+            .iter()
+            .chain(&caps.permitted)
+            .chain(&caps.ambient)
+            .cloned()
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     pub fn cgroups_path(&self) -> Option<&str> {
