@@ -87,3 +87,77 @@ fn sigkill_keeps_enforcing_and_restart_readopts() -> Result<()> {
     expect::origin_body(&fx.sandbox.curl(&[&origin_url])?)?;
     Ok(())
 }
+
+/// The pinned link directory of cgroup `id` (`<bpffs>/v<ABI>/links/<id>`).
+fn links_dir(fx: &Fixture, id: u64) -> Result<std::path::PathBuf> {
+    std::fs::read_dir(fx.daemon.bpffs().path())?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("links").join(id.to_string()))
+        .find(|p| p.is_dir())
+        .context("no pinned links for the sandbox's cgroup")
+}
+
+/// A sandbox attached by another build keeps that build's programs while no daemon runs;
+/// a restarted daemon replaces every pinned link whose program is not its own, without
+/// detaching. The other build is played by a link of the wrong program pinned under a
+/// hook's name (the `sendmsg4` link as `connect4`): TCP connects are then not judged at
+/// all until the daemon replaces it.
+#[test]
+fn a_restarted_daemon_replaces_programs_of_another_build() -> Result<()> {
+    require_root!();
+    let mut fx = Fixture::new()?;
+    fx.attach(WEB_ORIGIN_DENY)?;
+    let name = fx.sandbox.label().to_string();
+    let canary = IpAddr::V4(CANARY_V4);
+    let links = links_dir(&fx, fx.sandbox.cgroup().id())?;
+
+    fx.daemon.kill9()?;
+    std::fs::rename(links.join("sendmsg4"), links.join("connect4"))?;
+    // The harness's own check that the stand-in leaves connects unjudged: a port the
+    // policy refuses reaches the origin host, which has nothing there (not EPERM).
+    let unjudged = fx
+        .sandbox
+        .probe("tcp-connect", IpAddr::V4(ORIGIN_V4), 81, &[])?;
+    ensure!(
+        unjudged.raw["errname"] == "ECONNREFUSED",
+        "the stand-in program judged the connect: {}",
+        unjudged.raw
+    );
+
+    fx.daemon.restart()?;
+    fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::lifecycle("sandbox-adopt").sandbox(&name),
+    )?;
+    ensure!(
+        fx.daemon
+            .log()
+            .contains("Programs of another build replaced"),
+        "no replacement logged:\n{}",
+        fx.daemon.log()
+    );
+    expect::tcp_blocked(&fx.sandbox, &name, &fx.daemon, &fx.canary, canary, 9)?;
+    expect::eperm(&fx.sandbox.probe("udp-sendto", canary, 53, &[])?)?;
+    expect::eperm(
+        &fx.sandbox
+            .probe("tcp-connect", IpAddr::V4(ORIGIN_V4), 81, &[])?,
+    )?;
+    expect::origin_body(&fx.sandbox.curl(&[&format!("http://{ORIGIN_V4}/")])?)?;
+    expect::canary_silent(&fx.canary)?;
+
+    // A daemon of the same build replaces nothing.
+    fx.daemon.kill9()?;
+    fx.daemon.restart()?;
+    expect::records(
+        &fx.daemon,
+        &Match::lifecycle("sandbox-adopt").sandbox(&name),
+        2,
+    )?;
+    let replaced = fx
+        .daemon
+        .log()
+        .matches("Programs of another build replaced")
+        .count();
+    ensure!(replaced == 1, "{replaced} replacements logged");
+    Ok(())
+}

@@ -7,7 +7,10 @@ use std::{
     path::Path,
 };
 
-use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSkbAttachType};
+use aya::programs::{
+    links::{FdLink, PinnedLink},
+    CgroupAttachMode, CgroupSkbAttachType,
+};
 
 use super::{
     loader::{SETSOCKOPT, SKB_EGRESS, SOCK_CREATE, SOCK_OPS},
@@ -39,61 +42,7 @@ impl Links<'_> {
             if pin.exists() {
                 continue;
             }
-            let result = (|| {
-                let err = |e| BpfError::Program {
-                    program: name,
-                    hook,
-                    source: Box::new(e),
-                };
-                // Single: the kernel's cgroup bpf_link attach accepts only this mode
-                // (AllowMultiple fails with EINVAL), and links still coexist.
-                let fd_link: FdLink = if name == SOCK_CREATE {
-                    let prog = programs.sock_create()?;
-                    let id = prog
-                        .attach(&cgroup, CgroupAttachMode::Single)
-                        .map_err(err)?;
-                    prog.take_link(id).map_err(err)?.try_into()
-                } else if name == SETSOCKOPT {
-                    // aya 0.14 cannot turn a cgroup_sockopt link into a pinnable FdLink, so
-                    // this one link is created and pinned with the bpf syscall directly.
-                    let prog = programs.setsockopt()?;
-                    let prog_fd = prog.fd().map_err(err)?.as_fd().as_raw_fd();
-                    raw::link_create_and_pin(
-                        prog_fd,
-                        cgroup.as_raw_fd(),
-                        raw::BPF_CGROUP_SETSOCKOPT,
-                        &pin,
-                    )?;
-                    return Ok(());
-                } else if name == SKB_EGRESS {
-                    let prog = programs.skb_egress()?;
-                    let id = prog
-                        .attach(
-                            &cgroup,
-                            CgroupSkbAttachType::Egress,
-                            CgroupAttachMode::Single,
-                        )
-                        .map_err(err)?;
-                    prog.take_link(id).map_err(err)?.try_into()
-                } else if name == SOCK_OPS {
-                    let prog = programs.sock_ops()?;
-                    let id = prog
-                        .attach(&cgroup, CgroupAttachMode::Single)
-                        .map_err(err)?;
-                    prog.take_link(id).map_err(err)?.try_into()
-                } else {
-                    let prog = programs.program(name)?;
-                    let id = prog
-                        .attach(&cgroup, CgroupAttachMode::Single)
-                        .map_err(err)?;
-                    prog.take_link(id).map_err(err)?.try_into()
-                }
-                .map_err(|e| BpfError::Other(format!("link for {hook} is not an fd link: {e}")))?;
-                fd_link
-                    .pin(&pin)
-                    .map_err(|e| BpfError::Other(format!("pinning {}: {e}", pin.display())))?;
-                Ok::<_, BpfError>(())
-            })();
+            let result = attach_hook(programs, &cgroup, name, hook, &pin);
             if let Err(e) = result {
                 for p in &made {
                     let _ = fs::remove_file(p);
@@ -105,14 +54,56 @@ impl Links<'_> {
         Ok(())
     }
 
+    /// Replaces each pinned link whose program is not the one this daemon loaded (the
+    /// sandbox was attached by an older build): the new link is attached and pinned beside
+    /// the old one, then renamed over it, so the cgroup is never without the hook (both
+    /// run for a moment, which can only refuse more). Returns the hooks replaced.
+    pub fn refresh(
+        &self,
+        programs: &mut Programs,
+        cgroup_dir: &Path,
+        cgroup_id: u64,
+    ) -> Result<Vec<&'static str>, BpfError> {
+        let dir = self.layout.sandbox_links(cgroup_id);
+        let cgroup =
+            File::open(cgroup_dir).map_err(|e| BpfError::io("opening cgroup", cgroup_dir, e))?;
+        let tags: std::collections::HashMap<u32, u64> = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .map(|info| (info.id(), info.tag()))
+            .collect();
+        let mut replaced = Vec::new();
+        for (name, hook) in HOOKS {
+            let pin = dir.join(hook);
+            if !pin.exists() {
+                continue;
+            }
+            let linked = PinnedLink::from_pin(&pin)
+                .ok()
+                .and_then(|link| FdLink::from(link).info().ok())
+                .and_then(|info| tags.get(&info.program_id()).copied());
+            if linked == Some(programs.tag(name)?) {
+                continue;
+            }
+            // bpffs refuses names with a dot.
+            let fresh = dir.join(format!("{hook}_new"));
+            let _ = fs::remove_file(&fresh);
+            attach_hook(programs, &cgroup, name, hook, &fresh)?;
+            fs::rename(&fresh, &pin).map_err(|e| BpfError::io("renaming link pin to", &pin, e))?;
+            replaced.push(hook);
+        }
+        Ok(replaced)
+    }
+
     /// Removes every link pin of the sandbox: the programs stop running for that cgroup.
     pub fn detach(&self, cgroup_id: u64) -> Result<bool, BpfError> {
         let dir = self.layout.sandbox_links(cgroup_id);
         if !dir.exists() {
             return Ok(false);
         }
-        for (_, hook) in HOOKS {
-            let pin = dir.join(hook);
+        for pin in HOOKS
+            .iter()
+            .flat_map(|(_, hook)| [dir.join(hook), dir.join(format!("{hook}_new"))])
+        {
             match fs::remove_file(&pin) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -132,6 +123,58 @@ impl Links<'_> {
             .filter(|h| dir.join(h).exists())
             .collect()
     }
+}
+
+/// Attaches program `name` to `cgroup` at `hook` and pins the link at `pin`.
+fn attach_hook(
+    programs: &mut Programs,
+    cgroup: &File,
+    name: &'static str,
+    hook: &'static str,
+    pin: &Path,
+) -> Result<(), BpfError> {
+    let err = |e| BpfError::Program {
+        program: name,
+        hook,
+        source: Box::new(e),
+    };
+    // Single: the kernel's cgroup bpf_link attach accepts only this mode
+    // (AllowMultiple fails with EINVAL), and links still coexist.
+    let fd_link: FdLink = if name == SOCK_CREATE {
+        let prog = programs.sock_create()?;
+        let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+        prog.take_link(id).map_err(err)?.try_into()
+    } else if name == SETSOCKOPT {
+        // aya 0.14 cannot turn a cgroup_sockopt link into a pinnable FdLink, so
+        // this one link is created and pinned with the bpf syscall directly.
+        let prog = programs.setsockopt()?;
+        let prog_fd = prog.fd().map_err(err)?.as_fd().as_raw_fd();
+        raw::link_create_and_pin(prog_fd, cgroup.as_raw_fd(), raw::BPF_CGROUP_SETSOCKOPT, pin)?;
+        return Ok(());
+    } else if name == SKB_EGRESS {
+        let prog = programs.skb_egress()?;
+        let id = prog
+            .attach(
+                cgroup,
+                CgroupSkbAttachType::Egress,
+                CgroupAttachMode::Single,
+            )
+            .map_err(err)?;
+        prog.take_link(id).map_err(err)?.try_into()
+    } else if name == SOCK_OPS {
+        let prog = programs.sock_ops()?;
+        let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+        prog.take_link(id).map_err(err)?.try_into()
+    } else {
+        let prog = programs.program(name)?;
+        let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+        prog.take_link(id).map_err(err)?.try_into()
+    }
+    .map_err(|e| BpfError::Other(format!("link for {hook} is not an fd link: {e}")))?;
+    fd_link
+        .pin(pin)
+        .map_err(|e| BpfError::Other(format!("pinning {}: {e}", pin.display())))?;
+    Ok::<_, BpfError>(())
 }
 
 /// cgroup ids that have a link directory pinned.

@@ -79,6 +79,19 @@ impl Programs {
         Ok(programs)
     }
 
+    /// The tag (a hash of the instructions, the same however often they are loaded) of
+    /// the loaded program `name`.
+    pub(crate) fn tag(&self, name: &'static str) -> Result<u64, BpfError> {
+        let program = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| BpfError::Other(format!("program {name} missing from the object")))?;
+        program
+            .info()
+            .map(|info| info.tag())
+            .map_err(|e| BpfError::Other(format!("reading the tag of program {name}: {e}")))
+    }
+
     pub(crate) fn program(&mut self, name: &'static str) -> Result<&mut CgroupSockAddr, BpfError> {
         let hook = HOOKS
             .iter()

@@ -1258,13 +1258,23 @@ impl Core {
                     tracing::error!(sandbox = %rec.name, error = %e, "Restoring kernel entries failed");
                 }
             }
-            if self.links().pinned_hooks(rec.cgroup_id).len() < HOOKS.len() {
-                let r = Links {
-                    layout: &self.layout,
-                }
-                .attach(&mut self.programs, &rec.cgroup, rec.cgroup_id);
+            let links = Links {
+                layout: &self.layout,
+            };
+            if links.pinned_hooks(rec.cgroup_id).len() < HOOKS.len() {
+                let r = links.attach(&mut self.programs, &rec.cgroup, rec.cgroup_id);
                 if let Err(e) = r {
                     tracing::error!(sandbox = %rec.name, error = %e, "Re-attaching missing hooks failed");
+                }
+            }
+            // Programs of an older build keep running for the sandbox until replaced.
+            match links.refresh(&mut self.programs, &rec.cgroup, rec.cgroup_id) {
+                Ok(replaced) if replaced.is_empty() => {}
+                Ok(replaced) => {
+                    tracing::info!(sandbox = %rec.name, hooks = ?replaced, "Programs of another build replaced by this daemon's")
+                }
+                Err(e) => {
+                    tracing::error!(sandbox = %rec.name, error = %e, "Replacing programs of another build failed")
                 }
             }
             let posture = Posture::read(&rec.cgroup);
