@@ -24,6 +24,13 @@ pub enum CgroupError {
     NoUnifiedLine(PathBuf),
 }
 
+impl CgroupError {
+    /// The cgroup directory does not exist (as opposed to a failure to look).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
 /// The mount point of the cgroup v2 hierarchy, read from `/proc/self/mountinfo` (it is
 /// `/sys/fs/cgroup` on unified hosts and `/sys/fs/cgroup/unified` on hybrid ones).
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
@@ -199,6 +206,17 @@ fn is_cgroup2(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_missing_directory_is_not_found() {
+        let io = |kind| CgroupError::Io {
+            path: "/x".into(),
+            source: std::io::Error::from(kind),
+        };
+        assert!(io(std::io::ErrorKind::NotFound).is_not_found());
+        assert!(!io(std::io::ErrorKind::PermissionDenied).is_not_found());
+        assert!(!CgroupError::NoCgroup2.is_not_found());
+    }
 
     #[test]
     fn finds_hybrid_and_unified_mounts() {

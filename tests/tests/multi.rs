@@ -80,9 +80,10 @@ fn two_sandboxes_side_by_side_then_detach() -> Result<()> {
 }
 
 /// A sandbox cannot be attached inside another (both programs would run and re-judge
-/// each other's redirects): the attach is refused with a message naming the other.
+/// each other's redirects), deeper than the programs look, or around the daemon itself:
+/// each attach is refused with a message saying why.
 #[test]
-fn nested_sandbox_is_refused() -> Result<()> {
+fn nested_deep_and_daemon_cgroups_are_refused() -> Result<()> {
     require_root!();
     let fx = Fixture::new()?;
     fx.attach(WEB_ORIGIN_DENY)?;
@@ -104,6 +105,61 @@ fn nested_sandbox_is_refused() -> Result<()> {
     ensure!(
         !out.status.success() && err.contains("nested"),
         "nested attach was not refused: {out:?}"
+    );
+
+    // Deeper than the programs look for a sandbox among a task's ancestors.
+    let deep_root = egress_tests::cgroup::CgroupGuard::new("deep")?;
+    let mut deep = deep_root.path().to_path_buf();
+    let mut made = Vec::new();
+    for level in 0..16 {
+        deep = deep.join(format!("l{level}"));
+        std::fs::create_dir(&deep)?;
+        made.push(deep.clone());
+    }
+    let out = fx.daemon.ctl([
+        "attach".as_ref(),
+        "--cgroup".as_ref(),
+        deep.as_os_str(),
+        "--policy".as_ref(),
+        policy.as_os_str(),
+        "--name".as_ref(),
+        "deep".as_ref(),
+    ]);
+    for dir in made.iter().rev() {
+        let _ = std::fs::remove_dir(dir);
+    }
+    let out = out?;
+    ensure!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("levels deep"),
+        "a cgroup 17 levels deep was attached: {out:?}"
+    );
+
+    // The daemon's own cgroup: it would judge the daemon's own traffic. (The policy only
+    // audits, should the refusal ever fail.)
+    let pid = fx.daemon.pid().context("daemon pid")?;
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cgroup v2 line")?;
+    let own = egress_tests::cgroup::cgroup2_mount()?.join(own.trim_start_matches('/'));
+    let audit = fx.policy("audit.yaml", "version: 1\ndefault: audit\nrules: []\n")?;
+    let out = fx.daemon.ctl([
+        "attach".as_ref(),
+        "--cgroup".as_ref(),
+        own.as_os_str(),
+        "--policy".as_ref(),
+        audit.as_os_str(),
+        "--name".as_ref(),
+        "daemon-own".as_ref(),
+    ])?;
+    if out.status.success() {
+        let _ = fx.daemon.ctl(["detach", "--name", "daemon-own"]);
+    }
+    ensure!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("holds egressd itself"),
+        "the daemon's own cgroup was attached: {out:?}"
     );
     Ok(())
 }
@@ -144,5 +200,44 @@ fn removed_cgroup_is_detached() -> Result<()> {
         RECORD_TIMEOUT,
         &Match::lifecycle("sandbox-detach").sandbox("vanish"),
     )?;
+    Ok(())
+}
+
+/// A process inside a sandbox that can reach the control socket (root, host mounts, as
+/// the test bed's sandboxes) is refused, and the attempt raises a `control-socket` alert;
+/// the same command from the host works.
+#[test]
+fn the_control_socket_refuses_processes_in_sandboxes() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    fx.attach(WEB_ORIGIN_DENY)?;
+    let socket = fx.daemon.socket();
+    let args = [
+        "--socket".as_ref(),
+        socket.as_os_str(),
+        "detach".as_ref(),
+        "--name".as_ref(),
+        fx.sandbox.label().as_ref(),
+    ];
+    let out = fx
+        .sandbox
+        .run(egress_tests::daemon::egressctl_bin(), &args)?;
+    ensure!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("may not use it"),
+        "a sandboxed egressctl was served: {out:?}"
+    );
+    ensure!(
+        fx.daemon.status_sandbox(fx.sandbox.label())?.is_some(),
+        "the sandbox detached itself"
+    );
+    let alert = fx.daemon.wait_for_record(RECORD_TIMEOUT, |r| {
+        egress_tests::audit::get_str(r, "event.action") == Some("control-socket")
+    })?;
+    ensure!(
+        egress_tests::audit::get_str(&alert, "egress.sandbox.name") == Some(fx.sandbox.label()),
+        "{alert}"
+    );
+    // Control: the host's own call.
+    ensure!(fx.daemon.ctl(["status"])?.status.success());
     Ok(())
 }

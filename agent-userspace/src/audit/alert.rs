@@ -30,6 +30,8 @@ pub enum AlertKind {
     /// A sandbox sent a credential's placeholder to a host the credential does not list;
     /// the request was refused.
     PlaceholderMisdirected,
+    /// A process in a sandbox connected to the daemon's control socket; refused.
+    ControlSocket,
 }
 
 impl AlertKind {
@@ -45,11 +47,12 @@ impl AlertKind {
             Self::SourceRouting => "source-routing",
             Self::RateLimit => "rate-limit",
             Self::PlaceholderMisdirected => "placeholder-misdirected",
+            Self::ControlSocket => "control-socket",
         }
     }
 
     /// Every kind, for schema tests and configuration parsing.
-    pub const ALL: [AlertKind; 9] = [
+    pub const ALL: [AlertKind; 10] = [
         Self::SecretReflected,
         Self::SecretOutbound,
         Self::DnsBudget,
@@ -59,6 +62,7 @@ impl AlertKind {
         Self::SourceRouting,
         Self::RateLimit,
         Self::PlaceholderMisdirected,
+        Self::ControlSocket,
     ];
 
     /// The kind named `s` (its `event.action`).

@@ -25,6 +25,13 @@ const MAX_REQUEST: usize = 8 * crate::policy::MAX_POLICY_BYTES;
 /// Handles one decoded request.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, request: Request) -> Response;
+
+    /// The sandbox whose cgroup tree holds cgroup directory `cgroup`, if any (and records
+    /// that a process there tried to drive the daemon): such processes are refused, root
+    /// or not.
+    fn refuse_sandboxed(&self, _cgroup: &Path) -> Option<String> {
+        None
+    }
 }
 
 /// Binds the control socket with mode 0600 in a 0700 directory, replacing a stale socket.
@@ -173,6 +180,23 @@ async fn connection(
     if cred.uid() != 0 {
         let response =
             Response::error("permission denied: only root may use the egressd control socket");
+        return tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &response))
+            .await
+            .unwrap_or(Ok(()));
+    }
+    // Nor may a process confined by it (a sandbox sharing the host's mounts), and a peer
+    // whose cgroup cannot be told is refused too.
+    let refused = match cred
+        .pid()
+        .map(|pid| crate::cgroup::of_pid(pid.unsigned_abs()))
+    {
+        Some(Ok(cgroup)) => handler
+            .refuse_sandboxed(&cgroup)
+            .map(|sandbox| format!("processes in sandbox {sandbox:?} may not use it")),
+        _ => Some("the caller's cgroup cannot be read".to_owned()),
+    };
+    if let Some(why) = refused {
+        let response = Response::error(format!("permission denied: egressd control socket: {why}"));
         return tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &response))
             .await
             .unwrap_or(Ok(()));

@@ -507,10 +507,11 @@ impl Core {
             .state
             .sandboxes
             .values()
-            .filter(|r| {
-                std::fs::metadata(&r.cgroup)
-                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m) != r.cgroup_id)
-                    .unwrap_or(true)
+            .filter(|r| match std::fs::metadata(&r.cgroup) {
+                Ok(m) => std::os::unix::fs::MetadataExt::ino(&m) != r.cgroup_id,
+                // Only a cgroup that is not there is gone: any other error (a transient
+                // failure, too many open files) must not detach a live sandbox.
+                Err(e) => e.kind() == std::io::ErrorKind::NotFound,
             })
             .map(|r| r.name.clone())
             .collect();
@@ -610,6 +611,7 @@ impl Core {
                 "invalid sandbox name {name:?}: 1-64 printable characters"
             ));
         }
+        check_placement(&cgroup.path)?;
         let policy = match parsed {
             Ok(p) => p,
             Err(error) => {
@@ -1198,7 +1200,11 @@ impl Core {
                     continue;
                 }
             };
-            let alive = Cgroup::open(&rec.cgroup).is_ok_and(|c| c.id == rec.cgroup_id);
+            let alive = match Cgroup::open(&rec.cgroup) {
+                Ok(c) => c.id == rec.cgroup_id,
+                // Kept (and confined) unless the directory is really gone.
+                Err(e) => !e.is_not_found(),
+            };
             if !alive {
                 tracing::warn!(sandbox = %rec.name, cgroup = %rec.cgroup.display(), "cgroup is gone; removing the sandbox");
                 let _ = self.links().detach(rec.cgroup_id);
@@ -1302,6 +1308,28 @@ impl Core {
         adopted
     }
 
+    /// The sandbox holding cgroup `cgroup`, if any, with a `control-socket` alert: a
+    /// process there connected to the control socket (and is refused).
+    pub fn control_from(&mut self, cgroup: &Path) -> Option<String> {
+        let rec = self
+            .state
+            .sandboxes
+            .values()
+            .find(|r| cgroup.starts_with(&r.cgroup))?;
+        let name = rec.name.clone();
+        tracing::warn!(sandbox = %name, cgroup = %cgroup.display(), "A process in a sandbox used the control socket; refused");
+        self.alerts.raise(Alert::new(
+            now(),
+            AlertKind::ControlSocket,
+            name.clone(),
+            format!(
+                "a process in cgroup {} connected to the daemon's control socket; refused",
+                cgroup.display()
+            ),
+        ));
+        Some(name)
+    }
+
     /// Sandbox and rule names for a kernel event.
     pub fn names(&self, sandbox_index: u32, rule_id: u16) -> (String, RuleRef) {
         let Some(rec) = self.state.by_index(sandbox_index) else {
@@ -1390,4 +1418,32 @@ impl Core {
             sandboxes,
         }
     }
+}
+
+/// Refuses a cgroup the kernel programs cannot confine as a sandbox: one deeper than they
+/// look for sandboxes among a task's ancestors (its descendants would be judged by no
+/// policy), or one holding the daemon itself (its own upstream and DNS traffic would be
+/// judged by a sandbox's policy).
+fn check_placement(cgroup: &Path) -> Result<(), String> {
+    let mount = crate::cgroup::cgroup2_mount().map_err(|e| e.to_string())?;
+    let depth = cgroup
+        .strip_prefix(&mount)
+        .map_or(0, |rel| rel.components().count());
+    if depth > agent_common::MAX_CGROUP_DEPTH as usize {
+        return Err(format!(
+            "cgroup {} is {depth} levels deep; sandboxes may be at most {} levels below the \
+             cgroup2 root",
+            cgroup.display(),
+            agent_common::MAX_CGROUP_DEPTH
+        ));
+    }
+    let own = crate::cgroup::of_pid(std::process::id()).map_err(|e| e.to_string())?;
+    if own.starts_with(cgroup) {
+        return Err(format!(
+            "cgroup {} holds egressd itself ({}); attach the sandbox's own cgroup",
+            cgroup.display(),
+            own.display()
+        ));
+    }
+    Ok(())
 }

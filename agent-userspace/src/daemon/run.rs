@@ -68,6 +68,10 @@ impl Shared {
 }
 
 impl Handler for Shared {
+    fn refuse_sandboxed(&self, cgroup: &std::path::Path) -> Option<String> {
+        self.lock().control_from(cgroup)
+    }
+
     fn handle(&self, request: Request) -> Response {
         // Parsing and compiling a large policy takes a while: not under the lock.
         let parsed = match &request {

@@ -279,7 +279,7 @@ tests:
                 "alerts: {responses: {secret-leak: quarantine}}",
                 "p.yaml:2:21: alerts.responses: `secret-leak` is not an alert kind (valid: \
                  secret-reflected, secret-outbound, dns-budget, denial-burst, cgroup-escape, \
-                 risky-posture, source-routing, rate-limit, placeholder-misdirected)",
+                 risky-posture, source-routing, rate-limit, placeholder-misdirected, control-socket)",
             ),
             (
                 2,
