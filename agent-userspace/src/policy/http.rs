@@ -288,11 +288,14 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
-/// Characters NFKC folds into ASCII, among them the punctuation a router acts on (`.`,
-/// `/`, `\`, `;`, `?`, `#`, `%`): the full-width forms (letters too), the small forms and
-/// the dot leaders.
+/// A non-ASCII character whose compatibility form (NFKC, which some origins apply before
+/// routing) holds ASCII: full-width and small forms, dot leaders, vertical presentation
+/// forms (`︰` is `..`), `℀` (`a/c`), the Greek question mark (`;`), ligatures (`ﬁ`)...
+/// Any of them could become punctuation a router acts on (`.`, `/`, `;`, `?`) or letters
+/// the patterns did not see.
 fn folds_to_ascii(c: char) -> bool {
-    matches!(c, '\u{2024}'..='\u{2026}' | '\u{FE50}'..='\u{FE6B}' | '\u{FF01}'..='\u{FF5E}')
+    use unicode_normalization::UnicodeNormalization as _;
+    !c.is_ascii() && std::iter::once(c).nfkc().any(|d| d.is_ascii())
 }
 
 /// [`normalize_target`] for the path alone (starting with `/`).
@@ -648,6 +651,15 @@ mod tests {
             "/a%C2%85b",
             "/a/%EF%BC%8E%EF%BC%8E/b",
             "/a%EF%BC%8Fb",
+            // Compatibility forms beyond the full-width block: `︰` (`..`), `︙`,
+            // `℀` (`a/c`), the Greek question mark (`;`), `⁇`, `⒈` (`1.`), `ﬁ`.
+            "/a/%EF%B8%B0/b",
+            "/a/%EF%B8%99/b",
+            "/a/%E2%84%80/b",
+            "/a/%CD%BE/b",
+            "/a/%E2%81%87/b",
+            "/a/%E2%92%88/b",
+            "/a/%EF%AC%81/b",
             "/a\\b",
             "/a;b",
             "/a/%3b",
