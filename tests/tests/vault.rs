@@ -193,6 +193,10 @@ fn openbao_kv_secret_is_injected_follows_versions_and_fails_closed() -> Result<(
         reason.contains("secret store") && reason.contains("agents/api"),
         "the record should say the store failed and where: {refused}"
     );
+    ensure!(
+        refused["egress"]["verdict"] == "deny",
+        "a request refused for want of its credential is a denial: {refused}"
+    );
 
     // Back in the store: recovery needs nothing from the operator (at most one retry
     // pause of a second).

@@ -118,7 +118,7 @@ pub(super) async fn prepare(
         })),
         Err(e) => Err(AwsRefusal {
             status: StatusCode::SERVICE_UNAVAILABLE,
-            verdict: Verdict::Allow,
+            verdict: Verdict::Deny,
             reason: ProxyError::from(e).to_string(),
             body: Some(format!(
                 "proxy: credential `{name}` is unavailable; see the egress audit log\n"

@@ -826,9 +826,10 @@ impl ConnCtx {
                         let body = Bytes::from(format!(
                             "proxy: credential `{name}` is unavailable; see the egress audit log\n"
                         ));
+                        // Not sent: a refusal (the credential's failure closes it).
                         return Err(Refusal {
                             status: StatusCode::INTERNAL_SERVER_ERROR,
-                            verdict: Verdict::Allow,
+                            verdict: Verdict::Deny,
                             reason: ProxyError::from(e).to_string(),
                             body: Some(("text/plain; charset=utf-8", body)),
                         });
@@ -1071,7 +1072,7 @@ impl ConnCtx {
             )),
             Err(e) => Err(Refusal {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
-                verdict: Verdict::Allow,
+                verdict: Verdict::Deny,
                 reason: ProxyError::from(e).to_string(),
                 body: Some((
                     "text/plain; charset=utf-8",
