@@ -61,6 +61,11 @@ pub mod hook {
     pub const SKB_EGRESS: u8 = 8;
     /// BPF LSM `socket_create`: a socket family other than unix, inet, inet6 and netlink.
     pub const LSM_SOCKET_CREATE: u8 = 9;
+    /// `cgroup/bind4|6`: a bind to a port of the daemon's own listeners in the sandbox's
+    /// network namespace (the proxy, the DNS resolvers), which would take their traffic
+    /// while they are not bound (a daemon restart).
+    pub const BIND4: u8 = 10;
+    pub const BIND6: u8 = 11;
 }
 
 /// `rule_id` of decisions that sent DNS to the sandbox's resolver (no policy rule).
@@ -163,7 +168,10 @@ pub struct SandboxInfo {
     /// Port of the sandbox's DNS resolver on the same loopback, host order; 0 = none, and
     /// port 53 is decided by the rules like any other port.
     pub dns_port: u16,
-    pub _pad2: u16,
+    /// First port of the daemon's DNS resolvers, host order (each sandbox's is
+    /// `dns_base + index`): binds to `dns_base..dns_base + MAX_SANDBOXES` are refused; 0 =
+    /// none.
+    pub dns_base: u16,
 }
 const _: () = assert!(core::mem::size_of::<SandboxInfo>() == 16);
 

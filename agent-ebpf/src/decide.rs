@@ -2,8 +2,8 @@
 //! rules, count, and report.
 use agent_common::{
     action, event_kind, proto, verdict, ConnectEvent, EventHeader, OrigDst, PrefixRules,
-    SandboxInfo, V4Key, V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX, RULE_DNS,
-    RULE_PROXY_PORT,
+    SandboxInfo, V4Key, V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX, MAX_SANDBOXES,
+    RULE_DNS, RULE_PROXY_PORT,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -353,6 +353,49 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
     } else {
         RET_ALLOW
     }
+}
+
+/// Decides a bind: refused (and reported) when it names the port of one of the daemon's
+/// listeners: the proxy's, or any sandbox's DNS resolver's. Other binds pass unrecorded.
+#[inline(always)]
+pub fn decide_bind(ctx: &SockAddrContext, call: &Call) -> i32 {
+    let Some(sb) = find_sandbox() else {
+        // Only below an attached cgroup whose sandbox entry is gone: nothing is judged
+        // there but everything is refused.
+        report(
+            &Origin::task_and_socket(ctx.as_ptr()),
+            call,
+            0,
+            verdict::DENY,
+            0,
+        );
+        return RET_DENY;
+    };
+    let port = call.port;
+    let rule = if port == 0 {
+        None
+    } else if sb.proxy_port != 0 && port == sb.proxy_port {
+        Some(RULE_PROXY_PORT)
+    } else if sb.dns_base != 0
+        && port >= sb.dns_base
+        && u32::from(port - sb.dns_base) < MAX_SANDBOXES
+    {
+        Some(RULE_DNS)
+    } else {
+        None
+    };
+    let Some(rule_id) = rule else {
+        return RET_ALLOW;
+    };
+    count(sb.index, verdict::DENY);
+    report(
+        &Origin::task_and_socket(ctx.as_ptr()),
+        call,
+        sb.index,
+        verdict::DENY,
+        rule_id,
+    );
+    RET_DENY
 }
 
 /// Rewrites the destination to the proxy listener on the loopback of the caller's network

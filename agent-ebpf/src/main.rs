@@ -7,6 +7,7 @@
 //! denies.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
+mod bind;
 mod connect4;
 mod connect6;
 mod decide;

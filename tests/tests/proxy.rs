@@ -336,7 +336,7 @@ fn loopback_allowed_policy() -> String {
 }
 
 #[test]
-fn connecting_to_the_proxy_port_directly_is_refused_even_with_loopback_allowed() -> Result<()> {
+fn the_proxy_port_is_neither_reachable_directly_nor_bindable_from_the_sandbox() -> Result<()> {
     require_proxy_tools!();
     let fx = ProxyFixture::new(ProxyOpts {
         policy: loopback_allowed_policy(),
@@ -373,6 +373,62 @@ fn connecting_to_the_proxy_port_directly_is_refused_even_with_loopback_allowed()
         !fx.daemon.log().contains("did not redirect"),
         "a direct connection reached the proxy"
     );
+
+    // Nor may the sandbox bind the ports of the daemon's listeners (it would take their
+    // traffic while the daemon restarts): the proxy's, and any sandbox's resolver's.
+    // Control: another port binds.
+    expect::probe_ok(&fx.sandbox.probe_host("tcp-bind", "127.0.0.1", 7778, &[])?)?;
+    let dns_port = 15300 + 7;
+    for (op, host, ip, port, rule) in [
+        (
+            "tcp-bind",
+            "127.0.0.1",
+            IpAddr::from([127, 0, 0, 1]),
+            port,
+            "proxy-port",
+        ),
+        (
+            "tcp-bind",
+            "0.0.0.0",
+            IpAddr::from([0u8; 4]),
+            port,
+            "proxy-port",
+        ),
+        (
+            "tcp-bind",
+            "::",
+            IpAddr::from([0u8; 16]),
+            port,
+            "proxy-port",
+        ),
+        (
+            "udp-bind",
+            "127.0.0.1",
+            IpAddr::from([127, 0, 0, 1]),
+            dns_port,
+            "dns-resolver",
+        ),
+        (
+            "udp-bind",
+            "::1",
+            IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            dns_port,
+            "dns-resolver",
+        ),
+    ] {
+        let p = fx.sandbox.probe_host(op, host, port, &[])?;
+        expect::eperm(&p).with_context(|| format!("{op} {host}:{port}"))?;
+        let rec = fx.daemon.wait_for_record(RECORD_TIMEOUT, |r| {
+            get_str(r, "event.action") == Some("bind")
+                && get_str(r, "destination.ip") == Some(&ip.to_string())
+                && get_u64(r, "destination.port") == Some(u64::from(port))
+        })?;
+        ensure!(
+            get_str(&rec, "rule.name") == Some(rule)
+                && get_str(&rec, "egress.verdict") == Some("deny"),
+            "{op} {host}: {rec}"
+        );
+    }
     Ok(())
 }
 

@@ -617,6 +617,25 @@ fn every_kind() -> Vec<Record> {
         .into(),
         // A protocol ECS has no transport name for here: only network.iana_number.
         network(Hook::Connect4, 253, v4, 9, Verdict::Deny, RuleRef::Default).into(),
+        // A bind to the proxy's port refused.
+        network(
+            Hook::Bind4,
+            6,
+            IpAddr::from([127, 0, 0, 1]),
+            15001,
+            Verdict::Deny,
+            RuleRef::Named("proxy-port".into()),
+        )
+        .into(),
+        network(
+            Hook::Bind6,
+            17,
+            IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            15302,
+            Verdict::Deny,
+            RuleRef::Named("dns-resolver".into()),
+        )
+        .into(),
         // Raw and ICMP sockets refused at creation: no destination yet.
         network(
             Hook::SockCreate4,
@@ -954,7 +973,7 @@ fn every_kind_written_to_a_file_matches_the_schema() {
         .iter()
         .map(|l| l["event"]["action"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(actions.len(), 20 + AlertKind::ALL.len(), "{actions:?}");
+    assert_eq!(actions.len(), 21 + AlertKind::ALL.len(), "{actions:?}");
 }
 
 #[test]

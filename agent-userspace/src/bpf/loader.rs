@@ -11,7 +11,7 @@ use super::{BpfError, PinLayout};
 /// name is also the link's pin file name. The first eight are cgroup_sock_addr programs;
 /// `sock_ops` records redirected connections' source ports for the proxy; `setsockopt` and
 /// `skb_egress` refuse source routes set by socket option and drop packets carrying one.
-pub const HOOKS: [(&str, &str); 12] = [
+pub const HOOKS: [(&str, &str); 14] = [
     ("egress_connect4", "connect4"),
     ("egress_connect6", "connect6"),
     ("egress_sendmsg4", "sendmsg4"),
@@ -20,6 +20,8 @@ pub const HOOKS: [(&str, &str); 12] = [
     ("egress_recvmsg6", "recvmsg6"),
     ("egress_getpeername4", "getpeername4"),
     ("egress_getpeername6", "getpeername6"),
+    ("egress_bind4", "bind4"),
+    ("egress_bind6", "bind6"),
     (SOCK_OPS, "sock_ops"),
     (SOCK_CREATE, "sock_create"),
     (SETSOCKOPT, "setsockopt"),

@@ -320,7 +320,7 @@ impl Core {
             } else {
                 0
             },
-            _pad2: 0,
+            dns_base: self.dns.base_port,
         }
     }
 
@@ -340,7 +340,7 @@ impl Core {
             } else {
                 0
             },
-            _pad2: 0,
+            dns_base: self.dns.base_port,
         }
     }
 

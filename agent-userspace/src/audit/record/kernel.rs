@@ -384,6 +384,9 @@ pub enum Hook {
     /// A socket of a family other than unix, inet, inet6 and netlink refused (BPF LSM).
     #[serde(rename = "lsm_socket_create")]
     LsmSocketCreate,
+    /// A bind to the port of one of the daemon's listeners refused.
+    Bind4,
+    Bind6,
 }
 
 impl Hook {
@@ -399,6 +402,8 @@ impl Hook {
             hook::SETSOCKOPT => Some(Self::Setsockopt),
             hook::SKB_EGRESS => Some(Self::SkbEgress),
             hook::LSM_SOCKET_CREATE => Some(Self::LsmSocketCreate),
+            hook::BIND4 => Some(Self::Bind4),
+            hook::BIND6 => Some(Self::Bind6),
             _ => None,
         }
     }
@@ -406,8 +411,12 @@ impl Hook {
     /// The socket family a hook implies, for hooks that run for one family only.
     pub fn family(self) -> Option<SocketFamily> {
         match self {
-            Self::Connect4 | Self::Sendmsg4 | Self::SockCreate4 => Some(SocketFamily::Inet),
-            Self::Connect6 | Self::Sendmsg6 | Self::SockCreate6 => Some(SocketFamily::Inet6),
+            Self::Connect4 | Self::Sendmsg4 | Self::SockCreate4 | Self::Bind4 => {
+                Some(SocketFamily::Inet)
+            }
+            Self::Connect6 | Self::Sendmsg6 | Self::SockCreate6 | Self::Bind6 => {
+                Some(SocketFamily::Inet6)
+            }
             Self::Setsockopt | Self::SkbEgress | Self::LsmSocketCreate => None,
         }
     }
@@ -426,6 +435,7 @@ impl Hook {
             Self::SockCreate4 | Self::SockCreate6 | Self::LsmSocketCreate => action::SOCKET,
             Self::Setsockopt => action::SETSOCKOPT,
             Self::SkbEgress => action::PACKET,
+            Self::Bind4 | Self::Bind6 => action::BIND,
         }
     }
 
@@ -440,6 +450,8 @@ impl Hook {
             Self::Setsockopt => "setsockopt",
             Self::SkbEgress => "skb_egress",
             Self::LsmSocketCreate => "lsm_socket_create",
+            Self::Bind4 => "bind4",
+            Self::Bind6 => "bind6",
         }
     }
 }

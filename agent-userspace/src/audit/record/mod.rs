@@ -51,6 +51,8 @@ pub mod action {
     pub const SETSOCKOPT: &str = "setsockopt";
     /// A packet dropped on its way out (IPv4 options, IPv6 routing header).
     pub const PACKET: &str = "packet";
+    /// A bind to a port of the daemon's listeners refused.
+    pub const BIND: &str = "bind";
     pub const EVENTS_LOST: &str = "events-lost";
     /// Audit records numbered but never written (the log could not be written).
     pub const AUDIT_LOST: &str = "audit-lost";
