@@ -27,8 +27,8 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, request: Request) -> Response;
 
     /// The sandbox whose cgroup tree holds cgroup directory `cgroup`, if any (and records
-    /// that a process there tried to drive the daemon): such processes are refused, root
-    /// or not.
+    /// that a process there tried to drive the daemon): such processes may only read the
+    /// status, root or not.
     fn refuse_sandboxed(&self, _cgroup: &Path) -> Option<String> {
         None
     }
@@ -184,23 +184,16 @@ async fn connection(
             .await
             .unwrap_or(Ok(()));
     }
-    // Nor may a process confined by it (a sandbox sharing the host's mounts), and a peer
-    // whose cgroup cannot be told is refused too.
-    let refused = match cred
+    // A process confined by it (a sandbox sharing the host's mounts) may only read the
+    // status (a runtime's hook can run inside a pod's cgroup: CRI-O's conmon with
+    // `conmon_cgroup = "pod"`); a peer whose cgroup cannot be told is treated alike.
+    let caller = match cred
         .pid()
         .map(|pid| crate::cgroup::of_pid(pid.unsigned_abs()))
     {
-        Some(Ok(cgroup)) => handler
-            .refuse_sandboxed(&cgroup)
-            .map(|sandbox| format!("processes in sandbox {sandbox:?} may not use it")),
-        _ => Some("the caller's cgroup cannot be read".to_owned()),
+        Some(Ok(cgroup)) => Caller::Cgroup(cgroup),
+        _ => Caller::Unknown,
     };
-    if let Some(why) = refused {
-        let response = Response::error(format!("permission denied: egressd control socket: {why}"));
-        return tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &response))
-            .await
-            .unwrap_or(Ok(()));
-    }
     let end = tokio::select! {
         end = read_request(&mut stream) => end?,
         () = evict.notified() => ReadEnd::Drop,
@@ -228,14 +221,36 @@ async fn connection(
             return sent.unwrap_or(Ok(()));
         }
         ReadEnd::Refuse(r) => r,
-        ReadEnd::Request(req) => {
-            let handler = handler.clone();
-            tokio::task::spawn_blocking(move || handler.handle(req))
-                .await
-                .unwrap_or_else(|e| Response::error(format!("internal error: {e}")))
+        ReadEnd::Request(req) if !matches!(req, Request::Status) => {
+            let refused = match &caller {
+                Caller::Cgroup(cgroup) => handler.refuse_sandboxed(cgroup).map(|sandbox| {
+                    format!("processes in sandbox {sandbox:?} may only read the status")
+                }),
+                Caller::Unknown => Some("the caller's cgroup cannot be read".to_owned()),
+            };
+            match refused {
+                Some(why) => {
+                    Response::error(format!("permission denied: egressd control socket: {why}"))
+                }
+                None => handle(handler.clone(), req).await,
+            }
         }
+        ReadEnd::Request(req) => handle(handler.clone(), req).await,
     };
     tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &response))
         .await
         .unwrap_or(Ok(()))
+}
+
+/// Who is calling, as far as the socket tells.
+enum Caller {
+    Cgroup(std::path::PathBuf),
+    Unknown,
+}
+
+/// Runs `req` on the handler (off the async threads).
+async fn handle(handler: Arc<dyn Handler>, req: Request) -> Response {
+    tokio::task::spawn_blocking(move || handler.handle(req))
+        .await
+        .unwrap_or_else(|e| Response::error(format!("internal error: {e}")))
 }
