@@ -135,16 +135,46 @@ fn framing(name: &HeaderName) -> bool {
     )
 }
 
-/// `value` with `sentinel` replaced by `secret`: as is, or inside an HTTP Basic value
-/// (decoded, replaced, encoded again). `None` when it holds no sentinel.
+/// Why a value holding the sentinel cannot have it replaced.
+#[derive(Debug, PartialEq, Eq)]
+enum ValueFault {
+    /// The sentinel is not the whole value (or the whole Basic user or password), so the
+    /// sandbox would choose the text around the secret (and could shift it into what an
+    /// origin echoes back).
+    Shape,
+    /// The secret cannot be put in a header.
+    Value,
+}
+
+/// Whether `text` is the sentinel alone or behind an authentication scheme
+/// (`Bearer <sentinel>`).
+fn whole_or_after_scheme(text: &str, sentinel: &str) -> bool {
+    text == sentinel
+        || text
+            .strip_suffix(sentinel)
+            .and_then(|rest| rest.strip_suffix(' '))
+            .is_some_and(|scheme| {
+                !scheme.is_empty()
+                    && scheme
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            })
+}
+
+/// `value` with `sentinel` replaced by `secret`: the whole value, after a scheme, or the
+/// whole user or password inside an HTTP Basic value (decoded, replaced, encoded again).
+/// `None` when it holds no sentinel.
 fn replace_in_value(
     value: &HeaderValue,
     sentinel: &str,
     secret: &Secret,
-) -> Option<Result<HeaderValue, ()>> {
+) -> Option<Result<HeaderValue, ValueFault>> {
     let bytes = value.as_bytes();
     let text = std::str::from_utf8(bytes).ok()?;
     let replaced: Zeroizing<String> = if text.contains(sentinel) {
+        if !whole_or_after_scheme(text, sentinel) {
+            return Some(Err(ValueFault::Shape));
+        }
         Zeroizing::new(text.replace(sentinel, secret.expose()))
     } else {
         let (scheme, encoded) = text.split_once(' ')?;
@@ -160,6 +190,13 @@ fn replace_in_value(
         if !decoded.contains(sentinel) {
             return None;
         }
+        let whole_field = decoded.split_once(':').is_some_and(|(user, password)| {
+            (user == sentinel && !password.contains(sentinel))
+                || (password == sentinel && !user.contains(sentinel))
+        });
+        if !whole_field {
+            return Some(Err(ValueFault::Shape));
+        }
         let pair = Zeroizing::new(decoded.replace(sentinel, secret.expose()));
         let mut s = Zeroizing::new(format!("{scheme} "));
         base64::engine::general_purpose::STANDARD.encode_string(pair.as_bytes(), &mut s);
@@ -171,7 +208,7 @@ fn replace_in_value(
                 v.set_sensitive(true);
                 v
             })
-            .map_err(|_| ()),
+            .map_err(|_| ValueFault::Value),
     )
 }
 
@@ -180,6 +217,9 @@ fn replace_in_value(
 pub(super) enum HeaderReplaceError {
     /// The header holding the sentinel has other values too.
     Ambiguous(HeaderName),
+    /// The sentinel is not the header's whole value (nor follows a scheme, nor is the
+    /// whole Basic user or password).
+    Shape(HeaderName),
     /// The value cannot be put in a header.
     Value,
 }
@@ -225,7 +265,10 @@ pub(super) fn take_replaced_headers(
         if values.len() > 1 {
             return Err(HeaderReplaceError::Ambiguous(name.clone()));
         }
-        let replaced = replaced.map_err(|()| HeaderReplaceError::Value)?;
+        let replaced = replaced.map_err(|fault| match fault {
+            ValueFault::Shape => HeaderReplaceError::Shape(name.clone()),
+            ValueFault::Value => HeaderReplaceError::Value,
+        })?;
         headers.remove(name);
         out.push((name.clone(), replaced));
     }
@@ -235,17 +278,19 @@ pub(super) fn take_replaced_headers(
 /// The target with `sentinel` replaced by the percent-encoded `secret` in the values of
 /// the query parameters `params` (by exact decoded name, in a `&`-separated pair holding
 /// no `;`), and how many were replaced. The path and everything else are left as judged.
+/// `Err(param)`: a listed parameter holds the sentinel and more (the sandbox would choose
+/// the text around the secret).
 pub(super) fn replace_in_query(
     target: &str,
     sentinel: &str,
     secret: &Secret,
     params: &[String],
-) -> (Zeroizing<String>, usize) {
+) -> Result<(Zeroizing<String>, usize), String> {
     let Some((path, query)) = target.split_once('?') else {
-        return (Zeroizing::new(target.to_owned()), 0);
+        return Ok((Zeroizing::new(target.to_owned()), 0));
     };
     if !query.contains(sentinel) {
-        return (Zeroizing::new(target.to_owned()), 0);
+        return Ok((Zeroizing::new(target.to_owned()), 0));
     }
     let encoded = percent_encode(secret.expose());
     let mut count = 0;
@@ -262,15 +307,18 @@ pub(super) fn replace_in_query(
                     && value.contains(sentinel)
                     && params.iter().any(|p| percent_decode(key) == p.as_bytes()) =>
             {
-                count += value.matches(sentinel).count();
+                if value != sentinel {
+                    return Err(String::from_utf8_lossy(&percent_decode(key)).into_owned());
+                }
+                count += 1;
                 out.push_str(key);
                 out.push('=');
-                out.push_str(&value.replace(sentinel, &encoded));
+                out.push_str(&encoded);
             }
             _ => out.push_str(pair),
         }
     }
-    (out, count)
+    Ok((out, count))
 }
 
 /// Why a request body cannot have its sentinel replaced: a `Content-Encoding` other than
@@ -573,6 +621,54 @@ mod tests {
     }
 
     #[test]
+    fn the_sentinel_must_be_a_whole_value_or_field() {
+        let s = secret("real-token-value");
+        let auth = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("authorization", HeaderValue::from_str(v).unwrap());
+            take_replaced_headers(&mut h, SENTINEL, &s, &[])
+        };
+        for ok in [
+            SENTINEL.to_owned(),
+            format!("Bearer {SENTINEL}"),
+            format!("token {SENTINEL}"),
+        ] {
+            assert!(auth(&ok).is_ok_and(|t| t.len() == 1), "{ok}");
+        }
+        for shaped in [
+            format!("Bearer AAAA{SENTINEL}"),
+            format!("Bearer {SENTINEL}{SENTINEL}"),
+            format!("Bearer {SENTINEL} x"),
+            format!("key={SENTINEL}"),
+            format!("a b {SENTINEL}"),
+        ] {
+            assert_eq!(
+                auth(&shaped),
+                Err(HeaderReplaceError::Shape(http::header::AUTHORIZATION)),
+                "{shaped}"
+            );
+        }
+        let basic_of = |pair: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("authorization", basic(pair));
+            take_replaced_headers(&mut h, SENTINEL, &s, &[])
+        };
+        assert!(basic_of(&format!("x-access-token:{SENTINEL}")).is_ok());
+        assert!(basic_of(&format!("{SENTINEL}:")).is_ok());
+        for shaped in [
+            format!("user:pad{SENTINEL}"),
+            format!("{SENTINEL}:{SENTINEL}"),
+            format!("u{SENTINEL}:x"),
+        ] {
+            assert_eq!(
+                basic_of(&shaped),
+                Err(HeaderReplaceError::Shape(http::header::AUTHORIZATION)),
+                "{shaped}"
+            );
+        }
+    }
+
+    #[test]
     fn query_and_body_forms() {
         let s = secret("a\"b c");
         let params = ["k".to_owned()];
@@ -581,23 +677,30 @@ mod tests {
             SENTINEL,
             &s,
             &params,
-        );
+        )
+        .unwrap();
         // Only in the value of `k`, never the path, another parameter or a `;` pair.
         assert_eq!(
             out.as_str(),
             format!("/p{SENTINEL}?k=a%22b%20c&x=1&o={SENTINEL}&k=1;{SENTINEL}")
         );
         assert_eq!(n, 1);
-        let (out, n) = replace_in_query(&format!("/p?k={SENTINEL}"), SENTINEL, &s, &[]);
+        let (out, n) = replace_in_query(&format!("/p?k={SENTINEL}"), SENTINEL, &s, &[]).unwrap();
         assert_eq!((out.as_str(), n), (format!("/p?k={SENTINEL}").as_str(), 0));
-        let (out, n) = replace_in_query(
-            &format!("/p?%6B={SENTINEL}x{SENTINEL}"),
-            SENTINEL,
-            &s,
-            &params,
-        );
-        assert_eq!(out.as_str(), "/p?%6B=a%22b%20cxa%22b%20c");
-        assert_eq!(n, 2);
+        let (out, n) =
+            replace_in_query(&format!("/p?%6B={SENTINEL}"), SENTINEL, &s, &params).unwrap();
+        assert_eq!((out.as_str(), n), ("/p?%6B=a%22b%20c", 1));
+        // The sandbox may not choose text around the secret (or repeat it).
+        for value in [
+            format!("{SENTINEL}x{SENTINEL}"),
+            format!("pad{SENTINEL}"),
+            format!("{SENTINEL}{SENTINEL}"),
+        ] {
+            assert_eq!(
+                replace_in_query(&format!("/p?k={value}"), SENTINEL, &s, &params),
+                Err("k".to_owned())
+            );
+        }
         let mut h = HeaderMap::new();
         h.insert(
             CONTENT_TYPE,

@@ -701,6 +701,15 @@ impl ConnCtx {
                              credential `{name}` and other values too; send it once"
                         ),
                     ),
+                    inject::HeaderReplaceError::Shape(header) => Refusal::deny(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "downstream client: header `{header}` carries the placeholder of \
+                             credential `{name}` with other text; send it as the whole value, \
+                             after a scheme (`Bearer <placeholder>`) or as the whole Basic user \
+                             or password"
+                        ),
+                    ),
                     inject::HeaderReplaceError::Value => Refusal::deny(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         format!(
@@ -713,7 +722,17 @@ impl ConnCtx {
                 // Put back after the sandbox's credential headers are stripped.
                 restore = taken;
                 let (target, in_query) =
-                    inject::replace_in_query(&judged.target, &sentinel, &value, &scope.query);
+                    inject::replace_in_query(&judged.target, &sentinel, &value, &scope.query)
+                        .map_err(|param| {
+                            Refusal::deny(
+                                StatusCode::BAD_REQUEST,
+                                format!(
+                                    "downstream client: query parameter `{param}` carries the \
+                                     placeholder of credential `{name}` with other text; send \
+                                     it as the whole value"
+                                ),
+                            )
+                        })?;
                 if in_query > 0 {
                     replaced += in_query;
                     path_and_query = PathAndQuery::try_from(target.as_str()).map_err(|_| {
