@@ -81,18 +81,20 @@ pub fn judge_target(route: &Route, method: &str, raw: &str) -> Result<Judged, Ta
 
 /// A query key of `target` that frameworks read as the method to run (Rails' and
 /// Laravel's `_method`, and the override headers' names), decoded as they decode it, any
-/// case.
+/// case: pairs split at `&` and `;` (older Rack), `.` and spaces read as `_` (PHP).
 fn method_override_key(target: &str) -> Option<String> {
     let (_, query) = target.split_once('?')?;
     query
-        .split('&')
+        .split(['&', ';'])
         .map(|pair| pair.split_once('=').map_or(pair, |(k, _)| k))
-        .map(|key| String::from_utf8_lossy(&super::inject::percent_decode(key)).into_owned())
+        .map(|key| {
+            String::from_utf8_lossy(&super::inject::percent_decode(key)).replace(['.', ' '], "_")
+        })
         .find(|key| {
             key.eq_ignore_ascii_case("_method")
-                || crate::credentials::OVERRIDE_HEADERS
-                    .iter()
-                    .any(|h| key.eq_ignore_ascii_case(h))
+                || crate::credentials::OVERRIDE_HEADERS.iter().any(|h| {
+                    key.eq_ignore_ascii_case(&h.replace('-', "_")) || key.eq_ignore_ascii_case(h)
+                })
         })
 }
 
@@ -401,6 +403,10 @@ rules:
             "%5fMETHOD=delete",
             "_method",
             "X-HTTP-Method-Override=DELETE",
+            "a=1;_method=DELETE",
+            ".method=DELETE",
+            "+method=DELETE",
+            "%20method=DELETE",
         ] {
             let raw = format!("{base}?{query}");
             let refused = judge_target(&api, "POST", &raw).map(|j| j.target);
