@@ -2,7 +2,8 @@
 //! `CAP_SYS_ADMIN` can mount cgroup2 and move a process out of the sandbox's cgroup,
 //! `CAP_NET_ADMIN` can change routes and interfaces, `CAP_NET_RAW` opens packet sockets
 //! (refused only where BPF LSM runs). Read from `/proc/PID/status` (`CapEff`, with
-//! `CapPrm` and `CapAmb`: what a process can raise at will counts as held) of every
+//! `CapPrm` and `CapAmb`: what a process can raise at will counts as held; and `CapBnd`
+//! for a process running as uid 0, which any program it executes gets) of every
 //! process in the sandbox's cgroup and its descendants.
 use std::{
     collections::BTreeSet,
@@ -108,7 +109,14 @@ pub fn parse_capabilities(status: &str) -> Option<u64> {
             .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
     };
     let effective = set("CapEff:")?;
-    Some(effective | set("CapPrm:").unwrap_or(0) | set("CapAmb:").unwrap_or(0))
+    // Run as uid 0, any program it executes gets the bounding set.
+    let root = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        == Some("0");
+    let bounding = if root { set("CapBnd:").unwrap_or(0) } else { 0 };
+    Some(effective | set("CapPrm:").unwrap_or(0) | set("CapAmb:").unwrap_or(0) | bounding)
 }
 
 /// What the sandbox's processes hold, summed over all of them.
@@ -264,6 +272,14 @@ mod tests {
         let forbidden = vec!["sys_admin".to_string(), "net_raw".to_string()];
         assert_eq!(p.violations(&forbidden), ["net_raw"]);
         assert_eq!(parse_capabilities("Name: x\n"), None);
+        // Effective uid 0: what it executes gets the bounding set.
+        let root = "Uid:\t0\t0\t0\t0\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\nCapBnd:\t0000000000002000\n";
+        assert_eq!(
+            capability_names(parse_capabilities(root).unwrap()),
+            ["net_raw"]
+        );
+        let user = root.replace("Uid:\t0\t0", "Uid:\t1000\t1000");
+        assert_eq!(parse_capabilities(&user), Some(0));
     }
 
     #[test]

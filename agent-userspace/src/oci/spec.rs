@@ -39,6 +39,15 @@ pub struct Config {
 pub struct Process {
     #[serde(default)]
     pub capabilities: Option<Capabilities>,
+    #[serde(default)]
+    pub user: Option<User>,
+}
+
+/// `process.user`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct User {
+    #[serde(default)]
+    pub uid: u32,
 }
 
 /// `process.capabilities`: names such as `CAP_NET_RAW`, per set.
@@ -50,6 +59,10 @@ pub struct Capabilities {
     pub permitted: Vec<String>,
     #[serde(default)]
     pub ambient: Vec<String>,
+    #[serde(default)]
+    pub bounding: Vec<String>,
+    #[serde(default)]
+    pub inheritable: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -90,17 +103,26 @@ impl Config {
     }
 
     /// The capabilities the container's process holds or can raise at will (its
-    /// effective, permitted and ambient sets), as named in the config; none when the
-    /// config gives none.
+    /// effective, permitted and ambient sets; run as uid 0 (the default), also its
+    /// bounding and inheritable sets, which any program it runs gets), as named in the
+    /// config; none when the config gives none.
     pub fn process_capabilities(&self) -> Vec<String> {
-        let Some(caps) = self.process.as_ref().and_then(|p| p.capabilities.as_ref()) else {
+        let Some(process) = self.process.as_ref() else {
             return Vec::new();
         };
+        let Some(caps) = process.capabilities.as_ref() else {
+            return Vec::new();
+        };
+        let root = process.user.as_ref().is_none_or(|u| u.uid == 0);
+        let on_exec: &[String] = if root { &caps.bounding } else { &[] };
+        let inherited: &[String] = if root { &caps.inheritable } else { &[] };
         let mut names: Vec<String> = caps
             .effective
             .iter()
             .chain(&caps.permitted)
             .chain(&caps.ambient)
+            .chain(on_exec)
+            .chain(inherited)
             .cloned()
             .collect();
         names.sort();
