@@ -17,12 +17,6 @@ use base64::Engine as _;
 /// short is a configuration mistake the daemon warns about.
 pub const MIN_PATTERN_LEN: usize = 8;
 
-/// Runs of letters and digits of a secret (or of its base64) at least this long are
-/// patterns of their own: nearly every text encoding (percent-encoding that keeps some
-/// punctuation, `\u002B`-style escapes of every symbol, HTML entities, ...) leaves such
-/// runs as they are, so a form nobody listed is still found (and the run scrubbed).
-pub const FRAGMENT_LEN: usize = 12;
-
 /// The automaton over all known secret forms, and which credential each pattern is of.
 pub struct SecretMatcher {
     ac: Option<AhoCorasick>,
@@ -63,6 +57,7 @@ impl SecretMatcher {
     pub fn new<'a>(secrets: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
         let mut names: Vec<String> = Vec::new();
         let mut patterns: Vec<Vec<u8>> = Vec::new();
+        let mut seen: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
         let mut owner = Vec::new();
         for (name, value) in secrets {
             let index = match names.iter().position(|n| n == name) {
@@ -73,7 +68,7 @@ impl SecretMatcher {
                 }
             };
             for form in forms(value) {
-                if !patterns.contains(&form) {
+                if seen.insert(form.clone()) {
                     patterns.push(form);
                     owner.push(index);
                 }
@@ -92,8 +87,11 @@ impl SecretMatcher {
                 .ok()
         };
         // Zero the copies of the secrets made for the automaton's construction.
-        for p in &mut patterns {
+        for p in patterns.iter_mut() {
             zeroize::Zeroize::zeroize(p);
+        }
+        for mut p in seen.drain() {
+            zeroize::Zeroize::zeroize(&mut p);
         }
         Self {
             // A build failure (far beyond any real pattern set) leaves no automaton over
@@ -150,13 +148,16 @@ impl SecretMatcher {
 ///   alignments it can have inside a larger encoded text, keeping only the characters
 ///   that depend on the value alone: this covers the base64 of the bare value, of
 ///   `user:secret` (HTTP Basic) and of anything else with the value inside;
-/// - each of those percent-encoded, and JSON-escaped (with and without `/` as `\/`, and
-///   with non-ASCII as `\uXXXX`);
-/// - each run of at least [`FRAGMENT_LEN`] letters and digits of those;
+/// - each of those percent-encoded (every byte outside the unreserved set, or all but `/`
+///   as Python's `quote()` does), JSON-escaped (with and without `/` as `\/`, non-ASCII
+///   as `\uXXXX`, or every symbol as `\u00XX` as .NET and Go may), and with every symbol
+///   as an HTML character reference (`&#x2F;`, `&#47;`);
 /// - the value's bytes in hex: contiguous, space-separated (as in AWS's
-///   `CanonicalRequestBytes`), each behind `%` or `\x`; and in decimal, comma-separated.
+///   `CanonicalRequestBytes`) and each behind `%`.
 ///
-/// Patterns match in any ASCII case.
+/// Patterns match in any ASCII case. Each is a whole form (never a piece of one, which a
+/// structured secret could share with others: a JWT's header, a token's fixed prefix), so
+/// the longest, the space-separated hex, sets how much of a streamed body is held back.
 pub fn forms(secret: &str) -> Vec<Vec<u8>> {
     let raw = secret.as_bytes();
     let mut bases: Vec<Vec<u8>> = vec![raw.to_vec()];
@@ -187,37 +188,31 @@ pub fn forms(secret: &str) -> Vec<Vec<u8>> {
     // Only for a value long enough to be a form itself: the hex of a short one is long
     // enough to be a pattern but not to be told from ordinary text.
     if raw.len() >= MIN_PATTERN_LEN {
-        for hex_sep in ["", " ", "%", "\\x"] {
+        for hex_sep in ["", " ", "%"] {
             add(hex_bytes(raw, hex_sep));
-        }
-        for sep in [",", ", "] {
-            let decimal: Vec<String> = raw.iter().map(u8::to_string).collect();
-            add(decimal.join(sep).into_bytes());
         }
     }
     for base in &bases {
         add(base.clone());
-        add(percent_encode(base, b"0123456789ABCDEF"));
-        for run in base
-            .split(|b| !b.is_ascii_alphanumeric())
-            .filter(|run| run.len() >= FRAGMENT_LEN)
-        {
-            add(run.to_vec());
-        }
+        add(percent_encode(base, b""));
+        add(percent_encode(base, b"/"));
+        add(html_references(base, true));
+        add(html_references(base, false));
         if let Ok(text) = std::str::from_utf8(base) {
             add(json_escape(text, false, false));
             add(json_escape(text, true, false));
             add(json_escape(text, false, true));
             add(json_escape(text, true, true));
+            add(json_escape_symbols(text));
         }
     }
     out
 }
 
-/// Each byte as two lower-case hex digits, `sep` before each but the first (`%` and `\x`:
-/// before each).
+/// Each byte as two lower-case hex digits, `sep` before each but the first (`%`: before
+/// each).
 fn hex_bytes(bytes: &[u8], sep: &str) -> Vec<u8> {
-    let leading = matches!(sep, "%" | "\\x");
+    let leading = sep == "%";
     let mut out = String::with_capacity(bytes.len() * (2 + sep.len()));
     for (i, b) in bytes.iter().enumerate() {
         if leading || i > 0 {
@@ -228,17 +223,52 @@ fn hex_bytes(bytes: &[u8], sep: &str) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// Every byte outside RFC 3986's unreserved set as `%XX`.
-fn percent_encode(bytes: &[u8], hex: &[u8; 16]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len());
+/// Every byte but letters and digits (and non-ASCII ones) as an HTML character
+/// reference, in hex (`&#x2f;`) or decimal (`&#47;`).
+fn html_references(bytes: &[u8], hex: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() * 2);
     for &b in bytes {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+        if b.is_ascii_alphanumeric() || !b.is_ascii() {
             out.push(b);
+        } else if hex {
+            out.extend_from_slice(format!("&#x{b:x};").as_bytes());
         } else {
-            out.extend_from_slice(&[b'%', hex[usize::from(b >> 4)], hex[usize::from(b & 15)]]);
+            out.extend_from_slice(format!("&#{b};").as_bytes());
         }
     }
     out
+}
+
+/// Every byte outside RFC 3986's unreserved set and `keep` as `%XX`.
+fn percent_encode(bytes: &[u8], keep: &[u8]) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = Vec::with_capacity(bytes.len());
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') || keep.contains(&b)
+        {
+            out.push(b);
+        } else {
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+        }
+    }
+    out
+}
+
+/// The JSON string body of `text` with every character but ASCII letters and digits as
+/// `\uXXXX` (UTF-16), as some encoders write symbols (`\u002B`).
+fn json_escape_symbols(text: &str) -> Vec<u8> {
+    let mut out = String::with_capacity(text.len() * 2);
+    for c in text.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out.into_bytes()
 }
 
 /// The JSON string body of `text` (no quotes): `"`, `\` and control characters escaped,
@@ -297,11 +327,13 @@ mod tests {
             format!("token={}", b64url(secret.as_bytes())),
             format!(
                 "q={}",
-                String::from_utf8(percent_encode(secret.as_bytes(), b"0123456789ABCDEF")).unwrap()
+                String::from_utf8(percent_encode(secret.as_bytes(), b"")).unwrap()
             ),
             format!(
                 "q={}",
-                String::from_utf8(percent_encode(secret.as_bytes(), b"0123456789abcdef")).unwrap()
+                lower_hex_escapes(
+                    &String::from_utf8(percent_encode(secret.as_bytes(), b"")).unwrap()
+                )
             ),
             serde_json::json!({ "auth": secret }).to_string(),
             format!(
@@ -322,46 +354,60 @@ mod tests {
         assert!(!found(secret, "nothing to see here"));
     }
 
-    /// Encodings nobody listed one by one: an AWS-style secret (with `/` and `+`) as
-    /// Python's `quote()` (keeps `/`), .NET's JSON (`\u002B`), HTML entities, upper case,
-    /// hex as AWS's `CanonicalRequestBytes` shows it, and byte arrays.
+    /// `%XX` escapes with lower-case hex digits.
+    fn lower_hex_escapes(s: &str) -> String {
+        let mut out = String::new();
+        let mut rest = s;
+        while let Some(at) = rest.find('%') {
+            out.push_str(&rest[..at]);
+            let esc = rest.get(at..at + 3).unwrap_or(&rest[at..]);
+            out.push_str(&esc.to_ascii_lowercase());
+            rest = &rest[at + esc.len()..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// Encodings that escape only some characters: an AWS-style secret (with `/` and `+`)
+    /// as Python's `quote()` (keeps `/`), .NET's JSON (`\u002B`), HTML references, upper
+    /// case, and hex as AWS's `CanonicalRequestBytes` shows it.
     #[test]
-    fn unlisted_encodings_are_found_by_runs_and_hex() {
+    fn partial_escapes_case_and_hex_are_found() {
         let secret = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
-        let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
         let spaced: Vec<String> = secret.bytes().map(|b| format!("{b:02x}")).collect();
-        let decimal: Vec<String> = secret.bytes().map(|b| b.to_string()).collect();
         let cases = [
             secret.replace('+', "%2B"),
+            secret.replace('+', "%2b"),
             secret.replace('+', "\\u002B").replace('/', "\\u002F"),
-            secret.replace('+', "&#43;").replace('/', "&#x2F;"),
+            secret.replace('+', "&#x2B;").replace('/', "&#x2F;"),
+            secret.replace('+', "&#43;").replace('/', "&#47;"),
             secret.to_ascii_uppercase(),
-            hex.clone(),
-            hex.to_ascii_uppercase(),
+            spaced.concat(),
+            spaced.concat().to_ascii_uppercase(),
             spaced.join(" "),
             format!("%{}", spaced.join("%").to_ascii_uppercase()),
-            format!("\\x{}", spaced.join("\\x")),
-            format!("[{}]", decimal.join(", ")),
         ];
         let m = SecretMatcher::new([("aws", secret)]);
         for text in &cases {
             assert!(m.find(text.as_bytes()).is_some(), "not found in {text:?}");
         }
-        // Every run of the secret long enough to be a pattern is masked by the scrubber
-        // (what is left of it are runs shorter than FRAGMENT_LEN).
-        let text = cases[1].as_bytes();
-        let mut masked = text.to_vec();
-        m.each_match(text, |r, _| masked[r].iter_mut().for_each(|c| *c = b'*'));
-        for run in secret.split(|c: char| !c.is_ascii_alphanumeric()) {
-            if run.len() >= FRAGMENT_LEN {
-                assert!(
-                    !contains(&masked, run.as_bytes()),
-                    "{run} left in {masked:?}"
-                );
-            }
-        }
-        // Ordinary text with a short shared run is not a match.
         assert!(m.find(b"the EXAMPLE of a KEY").is_none());
+    }
+
+    /// A structured secret shares parts with others of its kind (every HS256 JWT starts
+    /// with the same header): only the whole value is a pattern, so another token of the
+    /// kind is not taken for it.
+    #[test]
+    fn another_token_of_the_same_kind_is_not_a_match() {
+        let header = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9";
+        let ours = format!("{header}.eyJzdWIiOiJhZ2VudC0xIn0.c2lnbmF0dXJlLW9mLXRoZS1maXJzdA");
+        let theirs = format!("{header}.eyJzdWIiOiJhZ2VudC0yIn0.YW5vdGhlci1zaWduYXR1cmUtaGVyZQ");
+        let m = SecretMatcher::new([("jwt", ours.as_str())]);
+        assert!(m.find(ours.as_bytes()).is_some());
+        assert!(m.find(format!("Bearer {theirs}").as_bytes()).is_none());
+        assert!(m
+            .find(format!("{{\"token\":\"{theirs}\"}}").as_bytes())
+            .is_none());
     }
 
     #[test]
