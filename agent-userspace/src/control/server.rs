@@ -187,13 +187,10 @@ async fn connection(
     // A process confined by it (a sandbox sharing the host's mounts) may only read the
     // status (a runtime's hook can run inside a pod's cgroup: CRI-O's conmon with
     // `conmon_cgroup = "pod"`); a peer whose cgroup cannot be told is treated alike.
-    let caller = match cred
-        .pid()
-        .map(|pid| crate::cgroup::of_pid(pid.unsigned_abs()))
-    {
-        Some(Ok(cgroup)) => Caller::Cgroup(cgroup),
-        _ => Caller::Unknown,
-    };
+    let caller = Caller::of(
+        cred.pid()
+            .and_then(|pid| crate::cgroup::of_pid(pid.unsigned_abs()).ok()),
+    );
     let end = tokio::select! {
         end = read_request(&mut stream) => end?,
         () = evict.notified() => ReadEnd::Drop,
@@ -243,9 +240,24 @@ async fn connection(
 }
 
 /// Who is calling, as far as the socket tells.
+#[derive(Debug, PartialEq, Eq)]
 enum Caller {
     Cgroup(std::path::PathBuf),
     Unknown,
+}
+
+impl Caller {
+    /// From the caller's cgroup directory, if it could be read. A path outside the
+    /// daemon's cgroup namespace (`/../..`: the daemon runs in a private one) cannot be
+    /// placed: unknown.
+    fn of(cgroup: Option<std::path::PathBuf>) -> Self {
+        match cgroup {
+            Some(c) if !c.components().any(|p| p == std::path::Component::ParentDir) => {
+                Self::Cgroup(c)
+            }
+            _ => Self::Unknown,
+        }
+    }
 }
 
 /// Runs `req` on the handler (off the async threads).
@@ -253,4 +265,20 @@ async fn handle(handler: Arc<dyn Handler>, req: Request) -> Response {
     tokio::task::spawn_blocking(move || handler.handle(req))
         .await
         .unwrap_or_else(|e| Response::error(format!("internal error: {e}")))
+}
+
+#[cfg(test)]
+mod caller_tests {
+    use super::Caller;
+
+    #[test]
+    fn a_caller_outside_the_cgroup_namespace_is_unknown() {
+        let c = |p: &str| Caller::of(Some(p.into()));
+        assert_eq!(
+            c("/sys/fs/cgroup/a/b"),
+            Caller::Cgroup("/sys/fs/cgroup/a/b".into())
+        );
+        assert_eq!(c("/sys/fs/cgroup/../../user.slice"), Caller::Unknown);
+        assert_eq!(Caller::of(None), Caller::Unknown);
+    }
 }
