@@ -821,6 +821,19 @@ impl ConnCtx {
                             .body
                             .map(|b| ("text/plain; charset=utf-8", Bytes::from(b))),
                     })?;
+                    if prepared.is_some() {
+                        // S3 checks the signature over the path it decodes and encodes
+                        // again: the path goes out in that form (the same key).
+                        let wire =
+                            crate::credentials::sigv4::s3::wire_target(path_and_query.as_str())
+                                .map_err(|reason| Refusal::deny(StatusCode::BAD_REQUEST, reason))?;
+                        path_and_query = PathAndQuery::try_from(wire.as_str()).map_err(|_| {
+                            Refusal::deny(
+                                StatusCode::BAD_REQUEST,
+                                "downstream client: request target cannot be re-sent upstream",
+                            )
+                        })?;
+                    }
                     if let Some(signing) = &prepared {
                         record.credential = Some(name.clone());
                         record.credential_use = self.proxy.credentials.usage(name).map(|usage| {

@@ -126,6 +126,53 @@ pub fn refused_query_key(query: Option<&str>) -> Option<String> {
         })
 }
 
+/// The request target as sent to S3 and signed: the path with every byte outside the
+/// unreserved set and `/` percent-encoded (S3 signs the key it decodes, encoded so; a raw
+/// `(` signed as `(` fails its check), escapes kept as they are. The query as judged,
+/// but a raw `+` is refused: the signer reads it as a space, S3 may not.
+pub fn wire_target(target: &str) -> Result<String, String> {
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    if query.is_some_and(|q| q.contains('+')) {
+        return Err(
+            "a raw `+` in an S3 query is read as a space by the signer and may not be by S3; \
+             send it as %2B (or %20)"
+                .to_owned(),
+        );
+    }
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(target.len() + 8);
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let escape = b == b'%'
+            && bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
+        if escape {
+            out.push_str(&path[i..i + 3]);
+            i += 3;
+            continue;
+        }
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        }
+        i += 1;
+    }
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests;

@@ -133,3 +133,25 @@ fn sub_resources_other_than_reads_listings_and_multipart_are_refused() {
         assert!(reason.contains(&format!("`{key}`")), "{q}: {reason}");
     }
 }
+
+/// S3 signs the key it decodes, encoded with everything but unreserved characters and
+/// `/` as `%XX`: the path goes out in exactly that form (what the SDKs send already
+/// passes unchanged), so what is signed is what S3 checks.
+#[test]
+fn the_path_goes_out_as_s3_encodes_it() {
+    assert_eq!(
+        wire_target("/agent/x(1)!$'*,=:@.txt").unwrap(),
+        "/agent/x%281%29%21%24%27%2A%2C%3D%3A%40.txt"
+    );
+    // Escapes stay; unreserved and `/` stay; the query is kept.
+    assert_eq!(
+        wire_target("/agent/a%20b~c_d-e.f?list-type=2&prefix=agent%2F").unwrap(),
+        "/agent/a%20b~c_d-e.f?list-type=2&prefix=agent%2F"
+    );
+    // What botocore sends for the same key is already in this form.
+    assert_eq!(
+        wire_target("/agent/x%281%29.txt").unwrap(),
+        "/agent/x%281%29.txt"
+    );
+    assert!(wire_target("/agent/x?prefix=a+b").is_err());
+}
