@@ -182,16 +182,19 @@ impl Posture {
             if !want(pid) {
                 continue;
             }
-            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-                continue;
-            };
-            if let Some(mask) = parse_capabilities(&status) {
+            if let Some(mask) = capabilities_of(pid) {
                 posture.pids.insert(pid);
                 posture.caps |= mask;
             }
         }
         posture
     }
+}
+
+/// What process `pid` holds now ([`parse_capabilities`]), if it can be read.
+pub fn capabilities_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_capabilities(&status)
 }
 
 /// A process's start time (clock ticks since boot, field 22 of `/proc/PID/stat`): with the

@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -416,5 +417,67 @@ fn posture_is_recorded_and_required() -> Result<()> {
         get_str(&escape, "event.reason").is_some_and(|r| r.contains(&format!("pid {pid}"))),
         "cgroup-escape alert does not name the process: {escape}"
     );
+    Ok(())
+}
+
+/// A process read without risky capabilities that later runs a set-user-ID root program
+/// holds them from then on: the daemon reads known processes again and raises a
+/// `risky-posture` alert for the gain.
+#[test]
+fn capabilities_gained_after_attach_are_alerted() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    fx.attach(POLICY)?;
+    // A set-user-ID root copy of `sleep`, where an unprivileged user can run it.
+    let dir = egress_tests::util::TempDir::new("suid")?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let suid = dir.path().join("suid-sleep");
+    std::fs::copy("/bin/sleep", &suid)?;
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755))?;
+    // As nobody, with no capabilities; after a while it becomes the set-user-ID program.
+    let script = format!("sleep 2.5; exec {} 8", suid.display());
+    let child = fx
+        .sandbox
+        .command(
+            "setpriv",
+            &[
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "sh",
+                "-c",
+                &script,
+            ],
+        )
+        .stdout(Stdio::null())
+        .spawn()
+        .context("spawning setpriv in the sandbox")?;
+    let _guard = ChildGuard::new(child, "setpriv");
+    let gained = |records: &[Value]| {
+        records.iter().any(|r| {
+            action(r) == Some("risky-posture")
+                && get_str(r, "event.reason").is_some_and(|m| m.contains("gained"))
+        })
+    };
+    // Before the exec: read as holding nothing, no gain alerted.
+    std::thread::sleep(Duration::from_millis(2000));
+    ensure!(
+        !gained(&fx.daemon.audit_records()?),
+        "a gain was alerted before the program ran"
+    );
+    let alert = poll(Duration::from_secs(8), Duration::from_millis(100), || {
+        let all = fx.daemon.audit_records()?;
+        Ok(gained(&all).then_some(all))
+    })?
+    .context("no risky-posture alert for the gained capabilities")?;
+    let reason = alert
+        .iter()
+        .filter(|r| action(r) == Some("risky-posture"))
+        .filter_map(|r| get_str(r, "event.reason"))
+        .find(|m| m.contains("gained"))
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(reason.contains("sys_admin"), "{reason}");
     Ok(())
 }

@@ -77,9 +77,23 @@ pub struct Core {
     pub packet_sockets: Result<(), String>,
     /// Source-routing refusals per sandbox not yet summarised in an alert.
     pub source_routing: std::collections::HashMap<String, RefusalWindow>,
-    /// Processes whose posture was read, per sandbox, with their start times; new ones are
-    /// read on the next pass, and known ones still alive outside the cgroup have left it.
-    pub known_pids: std::collections::HashMap<String, std::collections::BTreeMap<u32, u64>>,
+    /// Processes whose posture was read, per sandbox, by pid; new ones are read on the
+    /// next pass, known ones still alive outside the cgroup have left it, and known ones
+    /// are read again for capabilities they gained.
+    pub known_pids:
+        std::collections::HashMap<String, std::collections::BTreeMap<u32, KnownProcess>>,
+}
+
+/// A sandbox process whose posture was read.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KnownProcess {
+    /// Its start time: with the pid it names one process.
+    pub start: u64,
+    /// The capabilities it held when last read without a gain pending.
+    pub caps: u64,
+    /// Capabilities gained since, seen once: a gain seen on two passes in a row is
+    /// alerted (a runtime's init holds more for a moment, never after a pass).
+    pub pending: u64,
 }
 
 /// Refusals of one kind for one sandbox since the last alert about them.
@@ -178,10 +192,10 @@ impl Core {
             .collect();
         for (name, cgroup) in sandboxes {
             let alive = crate::posture::pids_below(&cgroup);
-            let known = self.known_pids.remove(&name).unwrap_or_default();
+            let mut known = self.known_pids.remove(&name).unwrap_or_default();
             let mut escaped = Vec::new();
-            for (pid, start) in &known {
-                if !alive.contains(pid) && crate::posture::start_time(*pid) == Some(*start) {
+            for (pid, k) in &known {
+                if !alive.contains(pid) && crate::posture::start_time(*pid) == Some(k.start) {
                     escaped.push(format!(
                         "pid {pid} now in {}",
                         crate::posture::cgroup_of(*pid).unwrap_or_else(|| "?".into())
@@ -203,30 +217,75 @@ impl Core {
                 alert.count = escaped.len() as u64;
                 self.alerts.raise(alert);
             }
+            // Known processes that gained capabilities (a set-user-ID or file-capability
+            // program run after they were read).
+            for (pid, k) in known.iter_mut().filter(|(p, _)| alive.contains(p)) {
+                let Some(now) = crate::posture::capabilities_of(*pid) else {
+                    continue;
+                };
+                let gained = now & !k.caps;
+                if gained == 0 {
+                    *k = KnownProcess {
+                        caps: now,
+                        pending: 0,
+                        ..*k
+                    };
+                } else if gained & k.pending != 0 {
+                    let posture = Posture {
+                        pids: [*pid].into(),
+                        caps: gained & k.pending,
+                    };
+                    self.alert_posture(
+                        &name,
+                        &posture,
+                        &format!("pid {pid} (capabilities gained since it was first read)"),
+                    );
+                    *k = KnownProcess {
+                        caps: now,
+                        pending: 0,
+                        ..*k
+                    };
+                } else {
+                    k.pending = gained;
+                }
+            }
             let posture = Posture::read_only(&cgroup, |pid| !known.contains_key(&pid));
             if !posture.pids.is_empty() {
                 self.alert_posture(&name, &posture, "new processes");
             }
-            let mut next: std::collections::BTreeMap<u32, u64> = known
+            let mut next: std::collections::BTreeMap<u32, KnownProcess> = known
                 .into_iter()
                 .filter(|(p, _)| alive.contains(p))
                 .collect();
-            for pid in posture.pids {
-                if let Some(start) = crate::posture::start_time(pid) {
-                    next.insert(pid, start);
-                }
-            }
+            next.extend(Self::known(&posture));
             self.known_pids.insert(name, next);
         }
     }
 
-    /// Remembers the processes a posture was read from, with their start times.
-    fn remember(&mut self, sandbox: &str, posture: &Posture) {
-        let pids = posture
+    /// The processes a posture was read from, with their start times and capabilities as
+    /// they are now.
+    fn known(posture: &Posture) -> Vec<(u32, KnownProcess)> {
+        posture
             .pids
             .iter()
-            .filter_map(|p| crate::posture::start_time(*p).map(|s| (*p, s)))
-            .collect();
+            .filter_map(|&pid| {
+                let start = crate::posture::start_time(pid)?;
+                let caps = crate::posture::capabilities_of(pid)?;
+                Some((
+                    pid,
+                    KnownProcess {
+                        start,
+                        caps,
+                        pending: 0,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Remembers the processes a posture was read from.
+    fn remember(&mut self, sandbox: &str, posture: &Posture) {
+        let pids = Self::known(posture).into_iter().collect();
         self.known_pids.insert(sandbox.to_string(), pids);
     }
 
