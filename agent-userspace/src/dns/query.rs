@@ -126,8 +126,9 @@ pub(crate) fn inspect(bytes: &[u8], max_label: usize) -> Result<Question, Reject
     let message = match Message::from_vec(bytes) {
         Ok(m) => m,
         Err(e) => {
-            let mut reason = format!("malformed query: {e}");
-            reason.truncate(200);
+            // The parser's message may quote the query's names (punycode shown as
+            // Unicode): cut on a character boundary, control characters escaped.
+            let reason = crate::text::sanitize(&format!("malformed query: {e}"), 200);
             return Err(Rejected {
                 reply: Some(header_only_formerr(bytes)),
                 code: ResponseCode::FormErr,
@@ -278,6 +279,26 @@ mod tests {
     use hickory_proto::rr::rdata::opt::EdnsOption;
 
     use super::*;
+
+    /// A query whose OPT record has a non-root owner of IDNA labels: the parser's error
+    /// shows them as Unicode, at every offset against the reason's length bound.
+    #[test]
+    fn a_parse_error_quoting_unicode_names_is_refused_whole() {
+        let label = b"xn--1kqaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        for pad in 1..64u8 {
+            let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 0, 0, 0, 0, 0, 0, 1];
+            q.push(pad);
+            q.extend(std::iter::repeat_n(b'a', usize::from(pad)));
+            for _ in 0..3 {
+                q.push(label.len() as u8);
+                q.extend_from_slice(label);
+            }
+            q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+            let rejected = inspect(&q, 63).unwrap_err();
+            assert_eq!(rejected.code, ResponseCode::FormErr);
+            assert!(rejected.reason.len() <= 200, "{}", rejected.reason);
+        }
+    }
 
     /// A client query for `name`/`qtype` with every header bit and EDNS field a client
     /// could use to carry data set.
