@@ -165,7 +165,9 @@ pub fn format_line(r: &Value) -> String {
     if let Some(reason) = reason {
         let _ = write!(line, "  reason=\"{}\"", reason.replace(['\n', '\r'], " "));
     }
-    line
+    // Fields a sandbox chose (a process name, a ref name, a path) must not drive the
+    // operator's terminal: control characters are shown escaped.
+    crate::text::sanitize(&line, usize::MAX)
 }
 
 /// What the record is about, in a few words.
@@ -292,7 +294,8 @@ pub fn render(line: &str, filter: &Filter, json: bool) -> Option<String> {
                 && filter.verdict.is_none()
                 && filter.kind.is_none()
                 && filter.since.is_none();
-            (unfiltered && !json).then(|| format!("(not a record) {trimmed}"))
+            (unfiltered && !json)
+                .then(|| crate::text::sanitize(&format!("(not a record) {trimmed}"), usize::MAX))
         }
     }
 }

@@ -47,6 +47,23 @@ fn alert() -> Value {
     })
 }
 
+/// A process name, a reason or a torn line holding terminal escapes is shown escaped.
+#[test]
+fn control_characters_never_reach_the_terminal() {
+    let mut r = connect_deny();
+    r["process"]["name"] = serde_json::json!("\u{1b}[8mhide");
+    r["event"]["reason"] = serde_json::json!("ref \u{1b}[1A\u{1b}[2K\u{7}");
+    let line = format_line(&r);
+    assert!(!line.chars().any(char::is_control), "{line:?}");
+    assert!(line.contains("\\u{1b}[8mhide"), "{line}");
+    let torn = render("{\"torn \u{1b}[2J", &Filter::default(), false);
+    assert!(
+        torn.as_deref()
+            .is_some_and(|t| !t.chars().any(char::is_control)),
+        "{torn:?}"
+    );
+}
+
 #[test]
 fn lines_say_who_what_verdict_rule_and_reason() {
     let line = format_line(&connect_deny());
