@@ -320,6 +320,16 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
         {
             (sb.index, verdict::DENY, RULE_PROXY_PORT)
         }
+        // Likewise the resolvers' ports: a sandbox sending to another's resolver would
+        // spend its budget and use its names, in its name.
+        Some(sb)
+            if sb.dns_base != 0
+                && call.port >= sb.dns_base
+                && u32::from(call.port - sb.dns_base) < MAX_SANDBOXES
+                && is_loopback(&call.dest) =>
+        {
+            (sb.index, verdict::DENY, RULE_DNS)
+        }
         Some(sb) => {
             let matched = lookup(sb.policy_slot, &call.dest)
                 .and_then(|rules| match_rules(rules, call.port, call.protocol));
@@ -559,7 +569,13 @@ pub fn restore_source(ctx: &SockAddrContext, family: u8) -> bool {
                         && w3 == u32::from_ne_bytes([127, 0, 0, 1])))
         }
     };
-    if !from_loopback {
+    // ...and only from the port of the sandbox's resolver or proxy: another process on
+    // the same loopback must not pass its datagrams off as the server's answer.
+    let from_port = port(ctx);
+    let ours = find_sandbox().is_some_and(|sb| {
+        from_port != 0 && (from_port == sb.dns_port || from_port == sb.proxy_port)
+    });
+    if !from_loopback || !ours {
         return false;
     }
     let a = orig.addr;

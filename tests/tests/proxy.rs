@@ -374,6 +374,17 @@ fn the_proxy_port_is_neither_reachable_directly_nor_bindable_from_the_sandbox() 
         "a direct connection reached the proxy"
     );
 
+    // Nor the resolvers' ports (another sandbox's resolver would answer in its name).
+    for (op, host) in [("udp-sendto", "127.0.0.1"), ("tcp-connect", "::1")] {
+        let p = fx.sandbox.probe_host(op, host, 15300 + 9, &[])?;
+        expect::eperm(&p).with_context(|| format!("{op} {host}:15309"))?;
+    }
+    let rec = fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::decision("deny", IpAddr::from([127, 0, 0, 1]), 15309).sandbox(fx.sandbox.label()),
+    )?;
+    ensure!(get_str(&rec, "rule.name") == Some("dns-resolver"), "{rec}");
+
     // Nor may the sandbox bind the ports of the daemon's listeners (it would take their
     // traffic while the daemon restarts): the proxy's, and any sandbox's resolver's.
     // Control: another port binds.
