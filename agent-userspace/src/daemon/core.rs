@@ -30,7 +30,7 @@ use crate::{
 /// Learned addresses one sandbox may hold at once (the kernel maps are shared).
 const MAX_LEARNED_PER_SANDBOX: usize = 4096;
 /// Longest TTL honoured for a learned address, in seconds.
-const MAX_LEARNED_TTL: u32 = 3600;
+const MAX_LEARNED_TTL: u32 = crate::dns::MAX_ANSWER_TTL;
 /// The policy slot a quarantined sandbox's kernel entry points at. Slots handed out start
 /// at 1, so this one never holds a rule: every decision falls to the (deny) default.
 const QUARANTINE_SLOT: u32 = 0;

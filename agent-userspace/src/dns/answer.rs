@@ -94,6 +94,19 @@ pub(crate) fn keep_only(response: &mut Message, installed: &[IpAddr]) -> Vec<IpA
     removed
 }
 
+/// Caps every record's TTL at `max`, what the kernel keeps a learned address for: a
+/// client caching an answer longer would be refused its address once it expires.
+pub(crate) fn cap_ttls(response: &mut Message, max: u32) {
+    for record in response
+        .answers
+        .iter_mut()
+        .chain(response.authorities.iter_mut())
+        .chain(response.additionals.iter_mut())
+    {
+        record.ttl = record.ttl.min(max);
+    }
+}
+
 /// The sandbox's answer: the upstream answer under the client's id and question, with
 /// our EDNS if the client sent one (its own, if any, says nothing about our link to the
 /// client). If it does not fit in `limit` bytes it is sent truncated (TC set, no records),
@@ -124,4 +137,31 @@ pub(crate) fn encode(
     truncated.add_query(question.query.clone());
     truncated.edns = response.edns;
     Ok((truncated.to_vec()?, code))
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use hickory_proto::rr::{rdata::A, Name, Record};
+
+    use super::*;
+
+    #[test]
+    fn ttls_are_capped_at_what_the_kernel_keeps() {
+        let name = Name::from_ascii("api.example.").unwrap();
+        let mut m = Message::query();
+        m.add_answer(Record::from_rdata(
+            name.clone(),
+            86_400,
+            RData::A(A([192, 0, 2, 1].into())),
+        ));
+        m.add_answer(Record::from_rdata(
+            name,
+            30,
+            RData::A(A([192, 0, 2, 2].into())),
+        ));
+        cap_ttls(&mut m, 3600);
+        let ttls: Vec<u32> = m.answers.iter().map(|r| r.ttl).collect();
+        assert_eq!(ttls, [3600, 30]);
+    }
 }

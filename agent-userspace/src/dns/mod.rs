@@ -73,6 +73,8 @@ use crate::{
 };
 use budget::{Budget, ALERT_WINDOW};
 
+/// The longest a learned address is kept in the kernel (seconds); answers say no more.
+pub const MAX_ANSWER_TTL: u32 = 3600;
 /// Default [`ResolverCtx::max_label`]: the exfiltration guard. Real host names rarely
 /// have labels over 40 characters, while tunnelling tools pack data into labels of the
 /// full 63; a name whose labels are all at most this long passes.
@@ -503,6 +505,7 @@ async fn decide(
             });
         }
     }
+    answer::cap_ttls(&mut response, MAX_ANSWER_TTL);
     record.resolved_ip = installed;
     if !refused.is_empty() {
         record.reason = Some(format!(
