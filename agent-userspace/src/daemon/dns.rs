@@ -233,6 +233,10 @@ impl DnsRuntime {
 /// `deny` rule covers. `None`: it may be learned.
 pub fn learning_refusal(policy: &Policy, rule_ids: &[u16], addr: IpAddr) -> Option<String> {
     let addr = addr.to_canonical();
+    // The `answers` pins of the policy in force (the query may have started under another).
+    if let Some(why) = policy.answer_refusal(rule_ids, addr) {
+        return Some(why);
+    }
     let static_rules = || {
         policy
             .rules()
@@ -313,6 +317,10 @@ rules:
         // Named by the name's own `answers`, or by a static rule inside the block.
         assert_eq!(refused(&internal, "10.1.2.3"), None);
         assert!(refused(&internal, "127.0.0.1").is_some());
+        // Outside the name's `answers` (checked again here, against the policy in force
+        // when the answer is installed): refused, even an ordinary address.
+        assert!(refused(&internal, "93.184.216.34")
+            .is_some_and(|why| why.contains("outside the `answers` of rule `internal`")));
         assert_eq!(refused(&open, "192.168.7.9"), None);
         // A deny rule covering the address wins.
         assert_eq!(
