@@ -1984,6 +1984,103 @@ async fn a_write_blocked_by_a_reader_that_stopped_reading_makes_the_trail_unheal
     writer.await.unwrap().unwrap();
 }
 
+/// A write that blocks must not grow the daemon without bound: the queue to the writer
+/// is bounded, and records that find it full are numbered and reported as lost, so the
+/// sequence has no gap an `audit-lost` record does not explain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_find_the_queue_full_are_reported_lost() {
+    use std::io::Read as _;
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.fifo");
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let (handle, task) =
+        AuditLog::open_with(AuditSink::File(path.clone()), &AuditConfig::default(), None).unwrap();
+    let writer = tokio::spawn(task.run());
+    let mut fifo = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+        .unwrap();
+    // Nothing reads: the writer blocks, the queue fills, the rest cannot be queued.
+    let emitted = super::writer::QUEUE_MESSAGES + 20_000;
+    for i in 0..emitted {
+        handle.emit(denied((i % 60_000) as u16 + 1));
+    }
+    // The reader comes back.
+    let mut text = Vec::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    let draining = std::time::Instant::now();
+    let lost_seen = |text: &[u8]| String::from_utf8_lossy(text).contains("\"audit-lost\"");
+    // A record after the flood makes the writer take the count.
+    handle.emit(denied(1));
+    while !(lost_seen(&text) && text.ends_with(b"\n"))
+        && draining.elapsed() < Duration::from_secs(20)
+    {
+        match fifo.read(&mut chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            read => text.extend_from_slice(&chunk[..read.unwrap()]),
+        }
+    }
+    drop(handle);
+    // Whatever is still on its way.
+    let finishing = std::time::Instant::now();
+    while !writer.is_finished() && finishing.elapsed() < Duration::from_secs(10) {
+        match fifo.read(&mut chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            read => text.extend_from_slice(&chunk[..read.unwrap()]),
+        }
+    }
+    while let Ok(n) = fifo.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        text.extend_from_slice(&chunk[..n]);
+    }
+    writer.await.unwrap().unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8(text)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut covered = std::collections::BTreeSet::new();
+    let mut lost = 0;
+    for l in &lines {
+        covered.insert(l["event"]["sequence"].as_u64().unwrap());
+        if l["event"]["action"] == "audit-lost" {
+            let (first, last) = (
+                l["egress"]["audit_lost"]["first_sequence"]
+                    .as_u64()
+                    .unwrap(),
+                l["egress"]["audit_lost"]["last_sequence"].as_u64().unwrap(),
+            );
+            lost += last - first + 1;
+            covered.extend(first..=last);
+        }
+    }
+    assert!(lost > 0, "nothing found the queue full");
+    let written = lines
+        .iter()
+        .filter(|l| l["event"]["action"] == "connect")
+        .count();
+    assert_eq!(written as u64 + lost, emitted as u64 + 1);
+    // Every number from the first to the last is a record or inside a reported range.
+    let (first, last) = (*covered.first().unwrap(), *covered.last().unwrap());
+    assert_eq!(
+        covered.len() as u64,
+        last - first + 1,
+        "a gap no record explains"
+    );
+}
+
 #[test]
 fn kernel_events_decode() {
     let clock = ClockOffset::from_nanos(1_700_000_000_000_000_000);

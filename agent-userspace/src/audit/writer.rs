@@ -339,6 +339,14 @@ impl AuditWriter {
         self.next_sequence
     }
 
+    /// Numbers `n` records that were lost before they could be encoded; returns the first
+    /// and last number given.
+    fn skip(&mut self, n: u64) -> (u64, u64) {
+        let first = self.next_sequence;
+        self.next_sequence = first.saturating_add(n);
+        (first, self.next_sequence.saturating_sub(1))
+    }
+
     /// Makes numbering continue after `last_used` if that is further than where it stands
     /// (a number persisted by an earlier run whose log has since been rotated away).
     pub fn continue_after(&mut self, last_used: u64) {
@@ -413,6 +421,10 @@ fn ends_mid_line(file: &File) -> io::Result<bool> {
 }
 
 /// The first window read from the end of an existing log; doubled while no record is found.
+/// Messages the queue to the writer holds (a message is a record, or a batch of kernel
+/// events); producers that find it full count what they could not queue.
+pub const QUEUE_MESSAGES: usize = 65_536;
+
 const TAIL_WINDOW_START: u64 = 64 * 1024;
 /// Beyond this much unparseable tail the file is not taken for an audit log.
 const TAIL_WINDOW_MAX: u64 = 16 * 1024 * 1024;
@@ -614,6 +626,9 @@ const WRITE_STALL: Duration = Duration::from_millis(500);
 /// Shared between the writer thread and every handle.
 #[derive(Debug)]
 struct Health {
+    /// Records the queue to the writer had no room for: numbered and reported as lost by
+    /// the writer when it next takes from the queue.
+    unqueued: AtomicU64,
     failing: AtomicBool,
     report: Mutex<AuditHealth>,
     origin: Instant,
@@ -625,6 +640,7 @@ struct Health {
 impl Default for Health {
     fn default() -> Self {
         Self {
+            unqueued: AtomicU64::new(0),
             failing: AtomicBool::new(false),
             report: Mutex::new(AuditHealth::default()),
             origin: Instant::now(),
@@ -810,7 +826,7 @@ impl AuditLog {
         };
         let health = Arc::new(Health::default());
         health.report().healthy = true;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
         Ok((
             AuditHandle {
                 tx,
@@ -849,25 +865,33 @@ enum Message {
 /// Cheap to clone; hand one to every component that produces records.
 #[derive(Clone, Debug)]
 pub struct AuditHandle {
-    tx: mpsc::UnboundedSender<Message>,
+    tx: mpsc::Sender<Message>,
     health: Arc<Health>,
 }
 
 impl AuditHandle {
-    /// Queues a record. Never blocks: the queue is unbounded, so a slow disk costs memory,
-    /// not audit records. While the log cannot be written the writer keeps a bounded
-    /// number of records and counts the rest (see [`AuditConfig::queue_records`]). If the
-    /// task has stopped the record cannot be written and that is logged.
+    /// Queues a record. Never blocks. The queue to the writer holds [`QUEUE_MESSAGES`]
+    /// messages (a write that blocks must not grow the daemon without bound): what finds
+    /// it full is counted, and the writer numbers it and reports it in an `audit-lost`
+    /// record, so the gap is always explained. While the log cannot be written the writer
+    /// keeps a bounded number of records and counts the rest (see
+    /// [`AuditConfig::queue_records`]). If the task has stopped the record cannot be
+    /// written and that is logged.
     pub fn emit(&self, record: impl Into<Record>) {
         let record = record.into();
         crate::metrics::observe(&record);
-        if let Err(mpsc::error::SendError(Message::Record(record))) =
-            self.tx.send(Message::Record(Box::new(record)))
-        {
-            error!(
-                action = record.action(),
-                "Audit writer has stopped; record not written"
-            );
+        self.send(Message::Record(Box::new(record)), 1);
+    }
+
+    fn send(&self, message: Message, records: u64) {
+        match self.tx.try_send(message) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.health.unqueued.fetch_add(records, Ordering::Relaxed);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                error!(records, "Audit writer has stopped; records not written");
+            }
         }
     }
 
@@ -878,20 +902,14 @@ impl AuditHandle {
             return;
         }
         records.iter().for_each(crate::metrics::observe);
-        if let Err(mpsc::error::SendError(Message::Records(records))) =
-            self.tx.send(Message::Records(records))
-        {
-            error!(
-                records = records.len(),
-                "Audit writer has stopped; records not written"
-            );
-        }
+        let n = records.len() as u64;
+        self.send(Message::Records(records), n);
     }
 
     /// Asks the writer to open the log's path again (after logrotate moved the file).
     /// Records emitted before this call go to the old file, later ones to the new one.
     pub fn reopen(&self) {
-        let _ = self.tx.send(Message::Reopen);
+        let _ = self.tx.try_send(Message::Reopen);
     }
 
     /// Whether records are being written: false from a failed write until everything
@@ -957,7 +975,7 @@ struct Dropped {
 #[derive(Debug)]
 pub struct AuditTask {
     writer: AuditWriter,
-    rx: mpsc::UnboundedReceiver<Message>,
+    rx: mpsc::Receiver<Message>,
     health: Arc<Health>,
     /// Numbered and encoded, not yet known to be written.
     pending: PendingLines,
@@ -1055,6 +1073,11 @@ impl AuditTask {
                 std::thread::sleep(GATHER);
             }
         }
+        // Records that could not be queued at the very end are reported too.
+        if self.health.unqueued.load(Ordering::Relaxed) > 0 {
+            self.take_unqueued();
+            self.flush();
+        }
         let _ = self.writer.sync();
         if let Some(first) = self.pending.first_sequence() {
             let last = self
@@ -1078,6 +1101,7 @@ impl AuditTask {
 
     /// Takes one message: numbers and queues its records, or reopens.
     fn take(&mut self, message: Message) {
+        self.take_unqueued();
         match message {
             Message::Reopen => {
                 // Records emitted before the reopen go to the old file.
@@ -1087,6 +1111,30 @@ impl AuditTask {
             Message::Record(record) => self.take_record(&record),
             Message::Records(records) => records.iter().for_each(|r| self.take_record(r)),
         }
+    }
+
+    /// Numbers the records producers could not queue (the queue to this thread was full)
+    /// as dropped: the next `audit-lost` record reports them with the rest.
+    fn take_unqueued(&mut self) {
+        let n = self.health.unqueued.swap(0, Ordering::Relaxed);
+        if n == 0 {
+            return;
+        }
+        // Records already kept are written first when the log is writable, so the range
+        // lost joins only what follows.
+        if self.dropped.is_none() && self.failing_since.is_none() {
+            self.flush();
+        }
+        let (first, last) = self.writer.skip(n);
+        let d = self.dropped.get_or_insert(Dropped { first, last });
+        d.last = last;
+        self.health.report().lost += n;
+        tracing::warn!(
+            count = n,
+            first,
+            last,
+            "Audit queue full; records lost (reported as audit-lost)"
+        );
     }
 
     /// Numbers and queues one record, or counts it as dropped when the queue is full.
