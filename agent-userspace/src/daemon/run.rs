@@ -176,7 +176,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         Some(opts.state_dir.join(AUDIT_SEQUENCE_FILE)),
     )
     .with_context(|| format!("opening audit log {}", opts.audit_log))?;
-    let audit_task = tokio::spawn(audit_task.run());
+    let mut audit_task = tokio::spawn(audit_task.run());
     // Every alert producer raises through a clone of this (see `Alerts::raise`); the
     // quarantine orders it issues are carried out by the loop below.
     let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
@@ -344,6 +344,18 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+            // The writer ends only when every handle is gone, which the daemon never lets
+            // happen while it runs: it failed. Nothing more could be recorded, so stop
+            // (sandboxes stay confined; a supervisor restarts the daemon).
+            done = &mut audit_task => {
+                let why = match done {
+                    Ok(Ok(_)) => "it ended".to_owned(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                let _ = super::notify::notify("STOPPING=1");
+                anyhow::bail!("the audit writer stopped ({why}); stopping, sandboxes stay confined");
+            }
         }
     }
 
