@@ -4,9 +4,11 @@
 //!
 //! The audit log stays the record of truth: the writer hands each line it wrote to a
 //! bounded queue and never waits for the collector. A task sends the queue in order,
-//! reconnecting (with back-off) when the connection fails; the message being sent when it
-//! failed is sent again, so a collector may see a record twice (same `event.sequence`)
-//! but, short of the queue overflowing, not lose one. When the queue is full, records are
+//! reconnecting (with back-off) when the connection fails or the collector stops reading;
+//! the message being sent when it failed is sent again, after those written before it
+//! that the collector had not acknowledged (a reset discards TCP's send queue), so a
+//! collector may see a record twice (same `event.sequence`) but, short of the queue
+//! overflowing, not lose one. When the queue is full, records are
 //! dropped and counted, and the next message the collector gets is a `collector-lost`
 //! record with the count and the sequence range, so a gap is always explained.
 
@@ -42,6 +44,11 @@ fn default_queue() -> usize {
 }
 
 /// syslog facility 13 (log audit), severity 6 (informational).
+/// A write the collector does not take within this long forces a new connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many unacknowledged messages are kept to send again.
+const MAX_UNACKED: usize = 16_384;
+
 const PRI: u8 = 13 * 8 + 6;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -178,8 +185,11 @@ fn hostname() -> String {
 async fn run(addr: SocketAddr, mut rx: mpsc::Receiver<Vec<u8>>) {
     let host = hostname();
     let mut backoff = BACKOFF_MIN;
-    // A message taken from the queue but not known to be sent.
-    let mut pending: Option<Vec<u8>> = None;
+    // Messages to send before the queue: those taken but not known to be received.
+    let mut pending: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
+    // Messages written to the connection that the collector has not yet acknowledged
+    // (the kernel's send queue): a reset loses them, so they go again on the next one.
+    let mut unacked = Unacked::default();
     loop {
         let mut stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await
         {
@@ -198,7 +208,7 @@ async fn run(addr: SocketAddr, mut rx: mpsc::Receiver<Vec<u8>>) {
         tracing::info!(%addr, "Shipping audit records to the collector");
         backoff = BACKOFF_MIN;
         loop {
-            let msg = match pending.take() {
+            let msg = match pending.pop_front() {
                 Some(m) => m,
                 None => match take_lost() {
                     Some(lost) => frame(
@@ -218,17 +228,77 @@ async fn run(addr: SocketAddr, mut rx: mpsc::Receiver<Vec<u8>>) {
                 Ok(_) => true,
                 Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
             };
-            if closed {
-                tracing::warn!(%addr, "The audit collector closed the connection; reconnecting");
-                pending = Some(msg);
+            let failed = if closed {
+                Some("the audit collector closed the connection".to_owned())
+            } else {
+                match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&msg)).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(format!("sending to the audit collector failed: {e}")),
+                    Err(_) => Some(format!(
+                        "the audit collector read nothing for {} s",
+                        WRITE_TIMEOUT.as_secs()
+                    )),
+                }
+            };
+            if let Some(why) = failed {
+                tracing::warn!(%addr, %why, resent = unacked.len(), "Reconnecting to the audit collector");
+                // What it may not have received goes first, then this message.
+                let mut again = unacked.take();
+                again.push_back(msg);
+                again.append(&mut pending);
+                pending = again;
                 break;
             }
-            if let Err(e) = stream.write_all(&msg).await {
-                tracing::warn!(%addr, error = %e, "Sending to the audit collector failed; reconnecting");
-                pending = Some(msg);
+            unacked.push(msg, unsent_bytes(&stream));
+        }
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Bytes written to `stream` that its peer has not acknowledged (`SIOCOUTQ`); unknown is
+/// taken as everything.
+fn unsent_bytes(stream: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd as _;
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer, which outlives the call.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut outq) };
+    if rc == 0 {
+        usize::try_from(outq).unwrap_or(usize::MAX)
+    } else {
+        usize::MAX
+    }
+}
+
+/// The last messages written, as many as cover the bytes not yet acknowledged.
+#[derive(Default)]
+struct Unacked {
+    messages: std::collections::VecDeque<Vec<u8>>,
+    bytes: usize,
+}
+
+impl Unacked {
+    /// Adds `msg`, just written, and forgets the oldest messages the peer has
+    /// acknowledged, given `outstanding` bytes still unacknowledged.
+    fn push(&mut self, msg: Vec<u8>, outstanding: usize) {
+        self.bytes += msg.len();
+        self.messages.push_back(msg);
+        // The oldest goes while the rest still covers what is outstanding (or past the cap).
+        while let Some(front) = self.messages.front().map(Vec::len) {
+            if self.bytes - front >= outstanding || self.messages.len() > MAX_UNACKED {
+                self.bytes -= front;
+                self.messages.pop_front();
+            } else {
                 break;
             }
         }
-        tokio::time::sleep(backoff).await;
+    }
+
+    fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    fn take(&mut self) -> std::collections::VecDeque<Vec<u8>> {
+        self.bytes = 0;
+        std::mem::take(&mut self.messages)
     }
 }

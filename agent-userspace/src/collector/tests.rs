@@ -110,3 +110,56 @@ async fn sends_in_order_and_again_after_the_collector_drops_the_connection() {
     drop(tx);
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
 }
+
+#[test]
+fn unacknowledged_messages_are_kept_to_send_again() {
+    let mut u = Unacked::default();
+    u.push(b"aaaa".to_vec(), 4);
+    u.push(b"bbbb".to_vec(), 6);
+    // 6 bytes outstanding: the last two messages cover them.
+    assert_eq!(u.len(), 2);
+    u.push(b"cc".to_vec(), 2);
+    assert_eq!(u.len(), 1);
+    // Everything acknowledged.
+    u.push(b"dd".to_vec(), 0);
+    assert_eq!(u.len(), 0);
+    // Unknown: kept, up to the cap.
+    for _ in 0..(MAX_UNACKED + 5) {
+        u.push(b"e".to_vec(), usize::MAX);
+    }
+    assert_eq!(u.len(), MAX_UNACKED);
+    assert_eq!(u.take().len(), MAX_UNACKED);
+    assert_eq!(u.len(), 0);
+}
+
+/// A collector that accepts but never reads: after the write timeout the task
+/// reconnects instead of hanging for ever, and what it wrote unacknowledged comes again.
+#[tokio::test]
+async fn a_collector_that_stops_reading_gets_a_new_connection() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let (tx, rx) = mpsc::channel(100_000);
+    let task = tokio::spawn(run(addr, rx));
+    // Enough to fill both sockets' buffers.
+    let big = vec![b'x'; 64 * 1024];
+    for _ in 0..200 {
+        tx.send(big.clone())
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
+    }
+    let (stalled, _) = listener
+        .accept()
+        .await
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let again = tokio::time::timeout(WRITE_TIMEOUT + Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap_or_else(|_| unreachable!("no new connection after the write timeout"));
+    assert!(again.is_ok());
+    drop(stalled);
+    drop(tx);
+    task.abort();
+}
