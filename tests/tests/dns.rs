@@ -236,7 +236,9 @@ fn allowed_name_resolves_and_connects_by_name() -> Result<()> {
 fn unlisted_name_is_nxdomain_and_never_forwarded() -> Result<()> {
     require_dns_tools!();
     let fx = DnsFixture::new(LONG_TTL)?;
-    fx.attach(&fx.sandbox, NAMES_POLICY)?;
+    // Refused queries count toward a denial burst as kernel denials do.
+    let policy = format!("{NAMES_POLICY}alerts:\n  denial_burst: {{ count: 5, seconds: 30 }}\n");
+    fx.attach(&fx.sandbox, &policy)?;
     let sb = &fx.sandbox;
     let name = sb.label();
 
@@ -255,6 +257,14 @@ fn unlisted_name_is_nxdomain_and_never_forwarded() -> Result<()> {
             .rcode("NXDOMAIN")
             .verdict("deny"),
     )?;
+    // Six refused queries and no kernel denial yet: the burst is the resolver's.
+    let burst = fx.daemon.wait_for_record(RECORD_TIMEOUT, |r| {
+        get_str(r, "event.action") == Some("denial-burst")
+    })?;
+    ensure!(
+        get_str(&burst, "egress.sandbox.name") == Some(name),
+        "{burst}"
+    );
     ensure!(
         get_str(&rec, "event.outcome") == Some("failure")
             && get_str(&rec, "event.reason").is_some_and(|r| !r.is_empty())

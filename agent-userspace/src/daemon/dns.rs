@@ -24,6 +24,9 @@ use crate::{
     policy::Policy,
 };
 
+/// Counts a refused query toward the sandbox's `denial-burst` (sandbox index).
+pub type DenialSink = Arc<dyn Fn(u32) + Send + Sync>;
+
 /// Installs addresses a sandbox's resolver learned: (sandbox index, addresses).
 pub type LearnSink =
     Arc<dyn Fn(u32, &[Learned]) -> Result<Vec<dns::Refusal>, String> + Send + Sync>;
@@ -56,6 +59,8 @@ pub struct DnsRuntime {
     servers: HashMap<u32, Server>,
     /// Set once the daemon's core is shared; resolvers call it before answering.
     pub sink: Arc<OnceLock<LearnSink>>,
+    /// Set with `sink`; told of each refused query.
+    pub denials: Arc<OnceLock<DenialSink>>,
     /// (sandbox index, address) -> where it came from and when it goes.
     pub learned: HashMap<(u32, IpAddr), LearnedAddr>,
     /// Sandboxes whose resolvers answer `REFUSED` to everything.
@@ -85,6 +90,7 @@ impl DnsRuntime {
             runtime,
             servers: HashMap::new(),
             sink: Arc::new(OnceLock::new()),
+            denials: Arc::new(OnceLock::new()),
             learned: HashMap::new(),
             quarantined: HashSet::new(),
         }
@@ -142,6 +148,7 @@ impl DnsRuntime {
         let quarantined = Arc::new(AtomicBool::new(self.quarantined.contains(&index)));
         let sink = self.sink.clone();
         let audit = self.audit.clone();
+        let denials = self.denials.clone();
         let alerts = self.alerts.clone();
         let ctx = Arc::new(ResolverCtx {
             sandbox: sandbox.to_string(),
@@ -152,7 +159,14 @@ impl DnsRuntime {
                 Some(sink) => sink(index, learned),
                 None => Err("the daemon is still starting".into()),
             }),
-            audit: Arc::new(move |r| audit.emit(Record::Dns(r))),
+            audit: Arc::new(move |r| {
+                // A refused query counts toward a denial burst as a kernel denial does.
+                let denied = r.verdict == crate::audit::DnsVerdict::Deny;
+                audit.emit(Record::Dns(r));
+                if let Some(count) = denials.get().filter(|_| denied) {
+                    count(index);
+                }
+            }),
             alert: Arc::new(move |a| {
                 alerts.raise(a);
             }),

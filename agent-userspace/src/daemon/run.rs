@@ -291,8 +291,15 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     tracing::info!(adopted, bpffs = %opts.bpffs.display(), socket = %opts.socket.display(), "egressd running");
 
     let dns_sink = core.dns.sink.clone();
+    let dns_denials = core.dns.denials.clone();
     let shared = Arc::new(Shared(Mutex::new(core)));
     let weak = Arc::downgrade(&shared);
+    let denials_to = weak.clone();
+    let _ = dns_denials.set(Arc::new(move |index| {
+        if let Some(shared) = denials_to.upgrade() {
+            shared.lock().note_denial(index, monotonic_ns());
+        }
+    }));
     let _ = dns_sink.set(Arc::new(move |index, learned: &[crate::dns::Learned]| {
         let shared = weak.upgrade().ok_or("the daemon is stopping")?;
         let mut core = shared.lock();
@@ -577,4 +584,15 @@ fn report_lost(shared: &Shared) {
         core.state.lost_reported = total;
         core.state.lost_reported_by_index.clear();
     }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of the kernel's event timestamps.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the pointer, which outlives the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
