@@ -161,3 +161,48 @@ fn a_restarted_daemon_replaces_programs_of_another_build() -> Result<()> {
     ensure!(replaced == 1, "{replaced} replacements logged");
     Ok(())
 }
+
+/// Pinned links whose sandbox the state no longer lists (the state file was lost) keep
+/// their cgroup confined, denying everything: the kernel entry is rewritten, so the old
+/// policy slot (which a new sandbox may get) no longer applies.
+#[test]
+fn a_cgroup_pinned_without_a_sandbox_record_denies_everything() -> Result<()> {
+    require_root!();
+    let mut fx = Fixture::new()?;
+    fx.attach(WEB_ORIGIN_DENY)?;
+    let origin_url = format!("http://{ORIGIN_V4}/");
+    expect::origin_body(&fx.sandbox.curl(&[&origin_url])?)?;
+
+    fx.daemon.kill9()?;
+    std::fs::remove_file(fx.daemon.state_dir().join("state.json"))?;
+    fx.daemon.restart()?;
+    // The old rules allowed the origin; now nothing is.
+    let p = fx
+        .sandbox
+        .probe("tcp-connect", IpAddr::V4(ORIGIN_V4), 80, &[])?;
+    expect::eperm(&p)?;
+    let rec = fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::decision("deny", IpAddr::V4(ORIGIN_V4), 80),
+    )?;
+    ensure!(
+        egress_tests::audit::get_str(&rec, "egress.sandbox.name") == Some("unknown"),
+        "{rec}"
+    );
+    expect::tcp_blocked(
+        &fx.sandbox,
+        "unknown",
+        &fx.daemon,
+        &fx.canary,
+        IpAddr::V4(CANARY_V4),
+        9,
+    )?;
+    // Detach by cgroup releases it.
+    fx.daemon.ctl_ok([
+        std::ffi::OsStr::new("detach"),
+        std::ffi::OsStr::new("--cgroup"),
+        fx.sandbox.cgroup().path().as_os_str(),
+    ])?;
+    expect::origin_body(&fx.sandbox.curl(&[&origin_url])?)?;
+    Ok(())
+}

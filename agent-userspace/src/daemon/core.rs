@@ -1355,6 +1355,21 @@ impl Core {
                 .into_iter()
                 .filter(|id| self.state.by_cgroup(*id).is_none())
             {
+                // Its kernel entry still names the index and policy slot it had, which a
+                // new sandbox may be given: it would then be judged by that sandbox's
+                // rules, in its name. Deny all, in no sandbox's name.
+                let orphan = SandboxInfo {
+                    index: 0,
+                    policy_slot: QUARANTINE_SLOT,
+                    default_action: agent_common::action::DENY,
+                    _pad: 0,
+                    proxy_port: 0,
+                    dns_port: 0,
+                    dns_base: self.dns.base_port,
+                };
+                if let Err(e) = self.maps.set_sandbox(id, orphan) {
+                    tracing::error!(cgroup_id = id, error = %e, "Could not make the kernel entry of a cgroup with no sandbox record deny all");
+                }
                 tracing::warn!(cgroup_id = id, "Links are pinned for a cgroup with no sandbox record; it stays confined (deny all) until `egressctl detach --cgroup`");
             }
         }
