@@ -629,6 +629,8 @@ struct Health {
     /// Records the queue to the writer had no room for: numbered and reported as lost by
     /// the writer when it next takes from the queue.
     unqueued: AtomicU64,
+    /// A reopen was asked for (set even when the queue had no room for the message).
+    reopen: AtomicBool,
     failing: AtomicBool,
     report: Mutex<AuditHealth>,
     origin: Instant,
@@ -641,6 +643,7 @@ impl Default for Health {
     fn default() -> Self {
         Self {
             unqueued: AtomicU64::new(0),
+            reopen: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             report: Mutex::new(AuditHealth::default()),
             origin: Instant::now(),
@@ -841,6 +844,7 @@ impl AuditLog {
                 failing_since: None,
                 last_error: None,
                 reopen_wanted: false,
+                lost_reason: None,
                 rotate: config.rotate,
                 queue_records: config.queue_records.max(1),
                 sequence_file,
@@ -909,6 +913,8 @@ impl AuditHandle {
     /// Asks the writer to open the log's path again (after logrotate moved the file).
     /// Records emitted before this call go to the old file, later ones to the new one.
     pub fn reopen(&self) {
+        // A flag as well as a message: the message cannot be lost to a full queue.
+        self.health.reopen.store(true, Ordering::Release);
         let _ = self.tx.try_send(Message::Reopen);
     }
 
@@ -983,6 +989,8 @@ pub struct AuditTask {
     failing_since: Option<OffsetDateTime>,
     last_error: Option<String>,
     reopen_wanted: bool,
+    /// Why records were lost when the log itself did not fail (the queue was full).
+    lost_reason: Option<String>,
     rotate: Option<RotateConfig>,
     queue_records: usize,
     sequence_file: Option<SequenceFile>,
@@ -1077,9 +1085,11 @@ impl AuditTask {
         if self.health.unqueued.load(Ordering::Relaxed) > 0 {
             self.take_unqueued();
             self.flush();
+            self.store_sequence();
         }
         let _ = self.writer.sync();
-        if let Some(first) = self.pending.first_sequence() {
+        let unreported = self.dropped.map(|d| d.first);
+        if let Some(first) = self.pending.first_sequence().or(unreported) {
             let last = self
                 .dropped
                 .map_or(self.pending.last_sequence().unwrap_or(first), |d| d.last);
@@ -1135,6 +1145,18 @@ impl AuditTask {
             last,
             "Audit queue full; records lost (reported as audit-lost)"
         );
+        if self.last_error.is_none() {
+            self.lost_reason = Some(
+                "the queue to the audit writer was full (records came faster than the log \
+                 took them)"
+                    .to_owned(),
+            );
+        }
+        // Reported now while the log is writable, so the records queued behind are
+        // written, not dropped after the range.
+        if self.failing_since.is_none() {
+            self.flush();
+        }
     }
 
     /// Numbers and queues one record, or counts it as dropped when the queue is full.
@@ -1178,6 +1200,10 @@ impl AuditTask {
     /// Writes what is pending (then the loss record, if records were dropped); on an
     /// error, notes it and leaves the rest for the next try.
     fn flush(&mut self) {
+        // A reopen whose message found the queue full.
+        if self.health.reopen.swap(false, Ordering::AcqRel) {
+            self.reopen_wanted = true;
+        }
         if std::mem::take(&mut self.reopen_wanted) {
             match self.writer.reopen() {
                 Ok(()) => tracing::info!(sink = %self.writer.sink(), "Audit log reopened"),
@@ -1204,6 +1230,7 @@ impl AuditTask {
                 error: self
                     .last_error
                     .clone()
+                    .or_else(|| self.lost_reason.take())
                     .unwrap_or_else(|| "audit log could not be written".to_owned()),
             };
             error!(
