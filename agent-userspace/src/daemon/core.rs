@@ -219,6 +219,10 @@ impl Core {
             }
             // Known processes that gained capabilities (a set-user-ID or file-capability
             // program run after they were read).
+            // A pid now naming another process (reused) is read as a new one below.
+            known.retain(|pid, k| {
+                !alive.contains(pid) || crate::posture::start_time(*pid) == Some(k.start)
+            });
             for (pid, k) in known.iter_mut().filter(|(p, _)| alive.contains(p)) {
                 let Some(now) = crate::posture::capabilities_of(*pid) else {
                     continue;
