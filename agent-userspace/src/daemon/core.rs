@@ -62,6 +62,10 @@ pub struct Core {
     pub started_at: OffsetDateTime,
     /// Compiled policies by sandbox name (for rule names in records).
     pub compiled: std::collections::HashMap<String, Arc<Policy>>,
+    /// Sandboxes detached within [`DEPARTED_FOR`], by index: kernel events they caused
+    /// before the detach may be read after it, and still name them and their rules. Their
+    /// indices are not given to new sandboxes meanwhile.
+    pub departed: std::collections::HashMap<u32, Departed>,
     /// The credential-injecting proxy and its listeners.
     pub proxy: ProxyRuntime,
     /// Per-sandbox resolvers and the addresses they learned.
@@ -83,6 +87,17 @@ pub struct Core {
     pub known_pids:
         std::collections::HashMap<String, std::collections::BTreeMap<u32, KnownProcess>>,
 }
+
+/// A detached sandbox, kept for naming its last kernel events.
+#[derive(Clone, Debug)]
+pub struct Departed {
+    pub name: String,
+    pub policy: Option<Arc<Policy>>,
+    pub at: std::time::Instant,
+}
+
+/// How long a detached sandbox's index keeps naming it (and is not reused).
+const DEPARTED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A sandbox process whose posture was read.
 #[derive(Clone, Copy, Debug, Default)]
@@ -810,9 +825,11 @@ impl Core {
         (netns, netns_inode): (Option<PathBuf>, Option<u64>),
         posture: Posture,
     ) -> Result<(u32, String), String> {
+        self.departed.retain(|_, d| d.at.elapsed() < DEPARTED_FOR);
+        let departed: Vec<u32> = self.departed.keys().copied().collect();
         let index = self
             .state
-            .free_index(MAX_SANDBOXES)
+            .free_index(MAX_SANDBOXES, &departed)
             .ok_or_else(|| format!("at most {} sandboxes", MAX_SANDBOXES - 1))?;
         let slot = self.free_slot()?;
         let rec = SandboxRecord {
@@ -1001,6 +1018,14 @@ impl Core {
                 self.bursts.forget(rec.index);
                 self.state.sandboxes.remove(&rec.name);
                 let policy = self.compiled.remove(&rec.name);
+                self.departed.insert(
+                    rec.index,
+                    Departed {
+                        name: rec.name.clone(),
+                        policy: policy.clone(),
+                        at: std::time::Instant::now(),
+                    },
+                );
                 self.save_state();
                 if let Some(policy) = policy {
                     self.revoke_unused_leases(&rec.name, &policy);
@@ -1411,7 +1436,19 @@ impl Core {
     /// Sandbox and rule names for a kernel event.
     pub fn names(&self, sandbox_index: u32, rule_id: u16) -> (String, RuleRef) {
         let Some(rec) = self.state.by_index(sandbox_index) else {
-            return ("unknown".into(), RuleRef::Default);
+            // Detached since the event: its name and rules as they were.
+            return match self.departed.get(&sandbox_index) {
+                Some(d) => {
+                    let rule = match (rule_id, &d.policy) {
+                        (0, _) | (_, None) => RuleRef::Default,
+                        (id, Some(p)) => p
+                            .rule_name(id)
+                            .map_or(RuleRef::Default, |n| RuleRef::Named(n.to_string())),
+                    };
+                    (d.name.clone(), rule)
+                }
+                None => ("unknown".into(), RuleRef::Default),
+            };
         };
         let rule = if rule_id == 0 {
             RuleRef::Default

@@ -277,6 +277,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         packet_sockets,
         source_routing: Default::default(),
         known_pids: Default::default(),
+        departed: Default::default(),
     };
     let adopted = core.reconcile();
     audit.emit(Record::DaemonStart(DaemonStart {

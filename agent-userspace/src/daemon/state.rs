@@ -108,9 +108,9 @@ impl State {
         self.sandboxes.values().find(|s| s.index == index)
     }
 
-    /// Smallest index in 1..max not used by any sandbox.
-    pub fn free_index(&self, max: u32) -> Option<u32> {
-        (1..max).find(|i| !self.sandboxes.values().any(|s| s.index == *i))
+    /// Smallest index in 1..max used by no sandbox and not `reserved` (recently detached).
+    pub fn free_index(&self, max: u32, reserved: &[u32]) -> Option<u32> {
+        (1..max).find(|i| !reserved.contains(i) && !self.sandboxes.values().any(|s| s.index == *i))
     }
 
     /// Smallest slot in 1..max used neither by a sandbox nor in `busy`.
