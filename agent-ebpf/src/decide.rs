@@ -310,25 +310,16 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
             }
         }
         // The proxy serves only connections the kernel sent it (it learns their
-        // destination from the redirect); one made to its port directly is refused here,
-        // where it is recorded, whatever the policy says of loopback.
+        // destination from the redirect), and a sandbox sending to another's resolver
+        // would spend its budget and use its names, in its name: a call made to their
+        // ports directly is refused here, where it is recorded, whatever the policy says
+        // of loopback.
         Some(sb)
-            if call.protocol == u32::from(proto::TCP)
-                && sb.proxy_port != 0
-                && call.port == sb.proxy_port
-                && is_loopback(&call.dest) =>
+            if is_loopback(&call.dest)
+                && listener_rule(sb, call.port, Some(call.protocol)).is_some() =>
         {
-            (sb.index, verdict::DENY, RULE_PROXY_PORT)
-        }
-        // Likewise the resolvers' ports: a sandbox sending to another's resolver would
-        // spend its budget and use its names, in its name.
-        Some(sb)
-            if sb.dns_base != 0
-                && call.port >= sb.dns_base
-                && u32::from(call.port - sb.dns_base) < MAX_SANDBOXES
-                && is_loopback(&call.dest) =>
-        {
-            (sb.index, verdict::DENY, RULE_DNS)
+            let rule = listener_rule(sb, call.port, Some(call.protocol)).unwrap_or(0);
+            (sb.index, verdict::DENY, rule)
         }
         Some(sb) => {
             let matched = lookup(sb.policy_slot, &call.dest)
@@ -381,19 +372,7 @@ pub fn decide_bind(ctx: &SockAddrContext, call: &Call) -> i32 {
         );
         return RET_DENY;
     };
-    let port = call.port;
-    let rule = if port == 0 {
-        None
-    } else if sb.proxy_port != 0 && port == sb.proxy_port {
-        Some(RULE_PROXY_PORT)
-    } else if sb.dns_base != 0
-        && port >= sb.dns_base
-        && u32::from(port - sb.dns_base) < MAX_SANDBOXES
-    {
-        Some(RULE_DNS)
-    } else {
-        None
-    };
+    let rule = listener_rule(sb, call.port, None);
     let Some(rule_id) = rule else {
         return RET_ALLOW;
     };
@@ -406,6 +385,26 @@ pub fn decide_bind(ctx: &SockAddrContext, call: &Call) -> i32 {
         rule_id,
     );
     RET_DENY
+}
+
+/// The rule id naming a port of the daemon's own listeners in the sandbox's namespace,
+/// if `port` is one: the proxy's (TCP, or any `protocol` when `None`), or any sandbox's
+/// resolver's.
+#[inline(always)]
+fn listener_rule(sb: &SandboxInfo, port: u16, protocol: Option<u32>) -> Option<u16> {
+    let tcp = protocol.is_none_or(|p| p == u32::from(proto::TCP));
+    if port == 0 {
+        None
+    } else if tcp && sb.proxy_port != 0 && port == sb.proxy_port {
+        Some(RULE_PROXY_PORT)
+    } else if sb.dns_base != 0
+        && port >= sb.dns_base
+        && u32::from(port - sb.dns_base) < MAX_SANDBOXES
+    {
+        Some(RULE_DNS)
+    } else {
+        None
+    }
 }
 
 /// Rewrites the destination to the proxy listener on the loopback of the caller's network
