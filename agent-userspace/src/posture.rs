@@ -159,7 +159,7 @@ impl Posture {
     /// Reads the posture of every process in `cgroup` and the cgroups below it. Processes
     /// that exit meanwhile are skipped.
     pub fn read(cgroup: &Path) -> Self {
-        Self::read_only(cgroup, |_| true)
+        Self::of(pids_below(cgroup), capabilities_of)
     }
 
     /// Like [`Posture::read`], with process `pid` taken to hold `caps` (a container's
@@ -167,22 +167,21 @@ impl Posture {
     /// runtime's capabilities and drops to `caps` before the container's first
     /// instruction).
     pub fn read_declared(cgroup: &Path, pid: u32, caps: u64) -> Self {
-        let mut posture = Self::read_only(cgroup, |p| p != pid);
-        if pids_below(cgroup).contains(&pid) {
-            posture.pids.insert(pid);
-            posture.caps |= caps;
-        }
-        posture
+        Self::of(pids_below(cgroup), |p| {
+            if p == pid {
+                Some(caps)
+            } else {
+                capabilities_of(p)
+            }
+        })
     }
 
-    /// Like [`Posture::read`] for the processes `want` accepts only.
-    pub fn read_only(cgroup: &Path, want: impl Fn(u32) -> bool) -> Self {
+    /// The posture of `pids`, each holding what `caps_of` says (processes it cannot
+    /// read, gone meanwhile, are left out).
+    pub fn of(pids: impl IntoIterator<Item = u32>, caps_of: impl Fn(u32) -> Option<u64>) -> Self {
         let mut posture = Self::default();
-        for pid in pids_below(cgroup) {
-            if !want(pid) {
-                continue;
-            }
-            if let Some(mask) = capabilities_of(pid) {
+        for pid in pids {
+            if let Some(mask) = caps_of(pid) {
                 posture.pids.insert(pid);
                 posture.caps |= mask;
             }

@@ -268,7 +268,11 @@ impl Core {
                     k.pending = gained;
                 }
             }
-            let posture = Posture::read_only(&cgroup, |pid| !known.contains_key(&pid));
+            // The processes listed above, not read before (the tree is walked once).
+            let posture = Posture::of(
+                alive.iter().copied().filter(|p| !known.contains_key(p)),
+                crate::posture::capabilities_of,
+            );
             if !posture.pids.is_empty() {
                 self.alert_posture(&name, &posture, "new processes");
             }
