@@ -1914,12 +1914,16 @@ async fn a_batch_larger_than_the_queue_is_written_whole() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_blocked_by_a_reader_that_stopped_reading_makes_the_trail_unhealthy() {
-    use std::io::Read as _;
+/// An audit log on a FIFO with its writer running, and the FIFO's reading end, opened
+/// non-blocking and not read yet (the writer's writes block once the pipe is full).
+fn log_on_a_fifo() -> (
+    tempfile::TempDir,
+    AuditHandle,
+    tokio::task::JoinHandle<Result<AuditSummary, AuditError>>,
+    std::fs::File,
+) {
     use std::os::unix::ffi::OsStrExt as _;
     use std::os::unix::fs::OpenOptionsExt as _;
-    use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.fifo");
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
@@ -1928,13 +1932,21 @@ async fn a_write_blocked_by_a_reader_that_stopped_reading_makes_the_trail_unheal
     let (handle, task) =
         AuditLog::open_with(AuditSink::File(path.clone()), &AuditConfig::default(), None).unwrap();
     let writer = tokio::spawn(task.run());
-    // The reader's end, opened now but not read: the test always drains it before it
-    // asserts, so a failure cannot leave the writer's thread blocked for ever.
-    let mut fifo = std::fs::OpenOptions::new()
+    let fifo = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(&path)
         .unwrap();
+    (dir, handle, writer, fifo)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_blocked_by_a_reader_that_stopped_reading_makes_the_trail_unhealthy() {
+    use std::io::Read as _;
+    use std::time::Duration;
+    // The reader's end is open but not read: the test always drains it before it
+    // asserts, so a failure cannot leave the writer's thread blocked for ever.
+    let (_dir, handle, writer, mut fifo) = log_on_a_fifo();
     // Far more than the pipe holds, with nothing reading it: the writer's write blocks.
     let records = 2000u16;
     handle.emit_all((1..=records).map(denied).collect());
@@ -1990,22 +2002,8 @@ async fn a_write_blocked_by_a_reader_that_stopped_reading_makes_the_trail_unheal
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_that_find_the_queue_full_are_reported_lost() {
     use std::io::Read as _;
-    use std::os::unix::ffi::OsStrExt as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     use std::time::Duration;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.fifo");
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
-    let (handle, task) =
-        AuditLog::open_with(AuditSink::File(path.clone()), &AuditConfig::default(), None).unwrap();
-    let writer = tokio::spawn(task.run());
-    let mut fifo = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&path)
-        .unwrap();
+    let (_dir, handle, writer, mut fifo) = log_on_a_fifo();
     // Nothing reads: the writer blocks, the queue fills, the rest cannot be queued.
     let emitted = super::writer::QUEUE_MESSAGES + 20_000;
     for i in 0..emitted {
