@@ -913,9 +913,11 @@ impl AuditHandle {
     /// Asks the writer to open the log's path again (after logrotate moved the file).
     /// Records emitted before this call go to the old file, later ones to the new one.
     pub fn reopen(&self) {
-        // A flag as well as a message: the message cannot be lost to a full queue.
-        self.health.reopen.store(true, Ordering::Release);
-        let _ = self.tx.try_send(Message::Reopen);
+        // In the queue, so records emitted before go to the old file; a flag only when
+        // the queue is full, so the reopen is not lost.
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(Message::Reopen) {
+            self.health.reopen.store(true, Ordering::Release);
+        }
     }
 
     /// Whether records are being written: false from a failed write until everything
