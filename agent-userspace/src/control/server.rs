@@ -26,11 +26,13 @@ const MAX_REQUEST: usize = 8 * crate::policy::MAX_POLICY_BYTES;
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, request: Request) -> Response;
 
-    /// The sandbox whose cgroup tree holds cgroup directory `cgroup`, if any (and records
-    /// that a process there tried to drive the daemon): such processes may only read the
-    /// status, root or not.
-    fn refuse_sandboxed(&self, _cgroup: &Path) -> Option<String> {
-        None
+    /// Why a caller in cgroup directory `cgroup` (`None`: a cgroup that cannot be placed)
+    /// may only read the status, if it may not do more: it is in a sandbox's cgroup tree,
+    /// root or not, or it cannot be told apart from one. A refusal is recorded.
+    fn refuse_caller(&self, cgroup: Option<&Path>) -> Option<String> {
+        cgroup
+            .is_none()
+            .then(|| "the caller's cgroup cannot be read".to_owned())
     }
 }
 
@@ -219,13 +221,7 @@ async fn connection(
         }
         ReadEnd::Refuse(r) => r,
         ReadEnd::Request(req) if !matches!(req, Request::Status) => {
-            let refused = match &caller {
-                Caller::Cgroup(cgroup) => handler.refuse_sandboxed(cgroup).map(|sandbox| {
-                    format!("processes in sandbox {sandbox:?} may only read the status")
-                }),
-                Caller::Unknown => Some("the caller's cgroup cannot be read".to_owned()),
-            };
-            match refused {
+            match caller.refusal(handler.as_ref()) {
                 Some(why) => {
                     Response::error(format!("permission denied: egressd control socket: {why}"))
                 }
@@ -258,6 +254,14 @@ impl Caller {
             _ => Self::Unknown,
         }
     }
+
+    /// Why this caller may only read the status, if so (recorded by `handler`).
+    fn refusal(&self, handler: &dyn Handler) -> Option<String> {
+        handler.refuse_caller(match self {
+            Self::Cgroup(cgroup) => Some(cgroup),
+            Self::Unknown => None,
+        })
+    }
 }
 
 /// Runs `req` on the handler (off the async threads).
@@ -268,6 +272,7 @@ async fn handle(handler: Arc<dyn Handler>, req: Request) -> Response {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod caller_tests {
     use super::Caller;
 
@@ -280,5 +285,47 @@ mod caller_tests {
         );
         assert_eq!(c("/sys/fs/cgroup/../../user.slice"), Caller::Unknown);
         assert_eq!(Caller::of(None), Caller::Unknown);
+    }
+
+    /// Records which callers the handler was asked about.
+    #[derive(Default)]
+    struct Asked(std::sync::Mutex<Vec<Option<std::path::PathBuf>>>);
+
+    impl super::Handler for Asked {
+        fn handle(&self, _: super::Request) -> super::Response {
+            super::Response::error("unused")
+        }
+
+        fn refuse_caller(&self, cgroup: Option<&std::path::Path>) -> Option<String> {
+            self.0.lock().unwrap().push(cgroup.map(Into::into));
+            Some("refused".into())
+        }
+    }
+
+    /// A caller that cannot be placed is put to the handler too (which records the
+    /// refusal), not refused by the socket alone.
+    #[test]
+    fn every_caller_is_put_to_the_handler() {
+        let asked = Asked::default();
+        assert_eq!(Caller::Unknown.refusal(&asked).as_deref(), Some("refused"));
+        let placed = Caller::Cgroup("/sys/fs/cgroup/a".into());
+        assert_eq!(placed.refusal(&asked).as_deref(), Some("refused"));
+        assert_eq!(
+            *asked.0.lock().unwrap(),
+            [None, Some("/sys/fs/cgroup/a".into())]
+        );
+    }
+
+    /// The default handler refuses a caller it cannot place, and no other.
+    #[test]
+    fn by_default_only_an_unplaced_caller_is_refused() {
+        struct Plain;
+        impl super::Handler for Plain {
+            fn handle(&self, _: super::Request) -> super::Response {
+                super::Response::error("unused")
+            }
+        }
+        assert!(Caller::Unknown.refusal(&Plain).is_some());
+        assert!(Caller::Cgroup("/a".into()).refusal(&Plain).is_none());
     }
 }

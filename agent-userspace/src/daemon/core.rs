@@ -1415,26 +1415,44 @@ impl Core {
         adopted
     }
 
-    /// The sandbox holding cgroup `cgroup`, if any, with a `control-socket` alert: a
-    /// process there connected to the control socket (and is refused).
-    pub fn control_from(&mut self, cgroup: &Path) -> Option<String> {
-        let rec = self
-            .state
-            .sandboxes
-            .values()
-            .find(|r| cgroup.starts_with(&r.cgroup))?;
-        let name = rec.name.clone();
-        tracing::warn!(sandbox = %name, cgroup = %cgroup.display(), "A process in a sandbox used the control socket; refused");
+    /// Why a control-socket caller in `cgroup` (`None`: one that cannot be placed) is
+    /// refused anything but the status, with a `control-socket` alert: it is in a
+    /// sandbox's cgroup tree, or could be.
+    pub fn control_from(&mut self, cgroup: Option<&Path>) -> Option<String> {
+        let (sandbox, seen, why) = match cgroup {
+            Some(cgroup) => {
+                let rec = self
+                    .state
+                    .sandboxes
+                    .values()
+                    .find(|r| cgroup.starts_with(&r.cgroup))?;
+                (
+                    rec.name.clone(),
+                    format!("a process in cgroup {}", cgroup.display()),
+                    format!(
+                        "processes in sandbox {:?} may only read the status",
+                        rec.name
+                    ),
+                )
+            }
+            // Outside the daemon's cgroup namespace, or gone before it could be read: it
+            // may be a sandbox's.
+            None => (
+                "unknown".to_owned(),
+                "a process whose cgroup cannot be placed".to_owned(),
+                "the caller's cgroup cannot be read".to_owned(),
+            ),
+        };
+        tracing::warn!(sandbox = %sandbox, caller = %seen, "Control socket request refused: status only");
         self.alerts.raise(Alert::new(
             now(),
             AlertKind::ControlSocket,
-            name.clone(),
+            sandbox,
             format!(
-                "a process in cgroup {} connected to the daemon's control socket; refused",
-                cgroup.display()
+                "{seen} sent a request other than status to the daemon's control socket; refused"
             ),
         ));
-        Some(name)
+        Some(why)
     }
 
     /// Sandbox and rule names for a kernel event.

@@ -68,7 +68,7 @@ impl Shared {
 }
 
 impl Handler for Shared {
-    fn refuse_sandboxed(&self, cgroup: &std::path::Path) -> Option<String> {
+    fn refuse_caller(&self, cgroup: Option<&std::path::Path>) -> Option<String> {
         self.lock().control_from(cgroup)
     }
 
