@@ -2,7 +2,8 @@
 //! HTTP/1.1 and HTTP/2, python's urllib, git) that hold no token and trust only the
 //! proxy's exported CA reach real HTTPS origins (nginx, `git http-backend`) in the world
 //! namespace, and succeed only because egressd adds the credential; everything the
-//! policy does not allow is refused, recorded, and never reaches an origin.
+//! policy does not allow is refused, recorded, and never reaches an origin (a POST whose
+//! form body names another method among them).
 //!
 //! The setup ([`ProxyFixture`]): `api.github.com` (192.0.2.10) and `github.com`
 //! (192.0.2.11) behind `action: proxy` rules with the `github` (Bearer) and `github-git`
@@ -738,6 +739,24 @@ fn request_outside_the_http_rules_is_refused_with_403_or_400() -> Result<()> {
         );
         ensure_linked(&fx, &rec, IpAddr::V4(API_V4))?;
     }
+    // A POST the rule allows whose form body names a method it refuses (Rails and
+    // Laravel would run a DELETE): 400. (`curl_http1_and_http2_get_the_injected_token`
+    // POSTs a JSON body to the same path: the positive control.)
+    for body in [["-d", "_method=DELETE"], ["-F", "_method=DELETE"]] {
+        for http in ["--http1.1", "--http2"] {
+            let r = curl_resp(&fx, &[http, body[0], body[1], ISSUES_URL])?;
+            ensure!(
+                r.status == 400 && r.body.contains("\"_method\""),
+                "POST {body:?} ({http}): expected 400 naming _method, got {} {:?}: {}",
+                r.status,
+                r.body,
+                all_output(&r.out)
+            );
+            outs.push(r.out);
+        }
+    }
+    let rec = request_record(&fx, "POST", "/repos/acme/widgets/issues", 400)?;
+    ensure_field(&rec, "egress.verdict", "deny")?;
     nothing_reached(&fx, before)?;
     let refs: Vec<&Output> = outs.iter().collect();
     fx.assert_token_absent(&refs)

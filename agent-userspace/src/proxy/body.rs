@@ -18,6 +18,41 @@ use crate::audit::{ProxyRecord, SecretFinding};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What the next frame of a request body read before it is sent on brought.
+pub enum Piece {
+    Data(Bytes),
+    Trailers,
+    End,
+}
+
+/// The next piece of `body` (empty data frames skipped); `Err` (why, for the record) if
+/// the client's body failed or stalled for `idle`.
+pub async fn next_piece(body: &mut Incoming, idle: std::time::Duration) -> Result<Piece, String> {
+    loop {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx));
+        match tokio::time::timeout(idle, frame).await {
+            Err(_) => {
+                return Err(format!(
+                    "downstream client: request body stalled for {} s",
+                    idle.as_secs()
+                ))
+            }
+            Ok(None) => return Ok(Piece::End),
+            Ok(Some(Err(e))) => {
+                return Err(format!(
+                    "{}: reading the request body: {e}",
+                    super::refused::CLIENT_ABORTED
+                ))
+            }
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(data) => return Ok(Piece::Data(data)),
+                Err(_) => return Ok(Piece::Trailers),
+            },
+        }
+    }
+}
+
 /// A request body on its way upstream, counting its bytes. It may start with bytes the
 /// proxy already read from the client (a git push's command list), sent first. With a
 /// scan, pieces are held back and scanned for secrets (see [`RequestScan`]); the body

@@ -35,6 +35,7 @@ use super::h2head::H2HeadTimed;
 use super::head::{HeadClock, HeadTimed};
 use super::inject::{self, RequestScan};
 use super::io::{idle_watch, Activity, Metered, PrefixedStream};
+use super::method_override::{self, BodyCheck};
 use super::refused::{connection_refusal, is_client_abort, H2Watch, StreamReset, CLIENT_ABORTED};
 use super::scrub::{self, OutboundScan, ResponseBody};
 use super::target::{judge_target, TargetRefusal};
@@ -672,6 +673,27 @@ impl ConnCtx {
                         reason,
                         body: report.map(|r| (git::RECEIVE_PACK_RESULT, r)),
                     });
+                }
+            }
+        }
+        // A POST whose body could name another method, where the rule refuses others:
+        // the body is read whole and judged before anything is sent upstream.
+        if push_rule.is_none()
+            && method_override::body_matters(
+                &self.conn.route,
+                parts.method.as_str(),
+                &judged.target,
+            )
+        {
+            let idle = self.proxy.timeouts.idle;
+            match method_override::check_body(&parts.headers, body, idle).await {
+                BodyCheck::Forward(read) => prefix = read,
+                BodyCheck::Refuse { reason, consumed } => {
+                    bytes_in.fetch_add(consumed, Ordering::Relaxed);
+                    return Err(Refusal::deny(StatusCode::BAD_REQUEST, reason));
+                }
+                BodyCheck::Downstream(reason) => {
+                    return Err(Refusal::deny(StatusCode::BAD_REQUEST, reason));
                 }
             }
         }

@@ -28,6 +28,7 @@ pub(crate) mod hello;
 mod inject;
 mod intercept;
 mod io;
+mod method_override;
 mod passthrough;
 mod refused;
 mod scrub;

@@ -51,7 +51,7 @@ pub fn judge_target(route: &Route, method: &str, raw: &str) -> Result<Judged, Ta
             crate::policy::target_for_reason(raw)
         ))
     })?;
-    if let Some(key) = method_override_key(&target) {
+    if let Some(key) = super::method_override::in_query(&target) {
         return Err(TargetRefusal::Ambiguous(format!(
             "downstream client: {method} {} refused: query parameter {key} makes some \
              origins run another method than the request's",
@@ -77,25 +77,6 @@ pub fn judge_target(route: &Route, method: &str, raw: &str) -> Result<Judged, Ta
             git: refusal.request.as_ref().map(audit_of),
         }),
     }
-}
-
-/// A query key of `target` that frameworks read as the method to run (Rails' and
-/// Laravel's `_method`, and the override headers' names), decoded as they decode it, any
-/// case: pairs split at `&` and `;` (older Rack), `.` and spaces read as `_` (PHP).
-fn method_override_key(target: &str) -> Option<String> {
-    let (_, query) = target.split_once('?')?;
-    query
-        .split(['&', ';'])
-        .map(|pair| pair.split_once('=').map_or(pair, |(k, _)| k))
-        .map(|key| {
-            String::from_utf8_lossy(&super::inject::percent_decode(key)).replace(['.', ' '], "_")
-        })
-        .find(|key| {
-            key.eq_ignore_ascii_case("_method")
-                || crate::credentials::OVERRIDE_HEADERS.iter().any(|h| {
-                    key.eq_ignore_ascii_case(&h.replace('-', "_")) || key.eq_ignore_ascii_case(h)
-                })
-        })
 }
 
 #[cfg(test)]

@@ -228,9 +228,13 @@ fn route(spec: Spec) -> Route {
         passthrough: spec.passthrough,
         credential: Some("github".to_owned()),
         host_allowed: Box::new(|name| name == NAME || name == OTHER),
-        request_allowed: Box::new(|_method, path| {
+        request_allowed: Box::new(|method, path| {
             if path.starts_with("/forbidden") {
                 Err("path /forbidden is not allowed by rule test-rule".to_owned())
+            } else if path.starts_with("/post-only") && method != "POST" {
+                Err(format!(
+                    "{method} is not allowed on /post-only by rule test-rule"
+                ))
             } else {
                 Ok(())
             }
@@ -1291,6 +1295,58 @@ async fn the_normal_form_is_forwarded_and_ambiguous_paths_get_400() {
         let record = h.record().await;
         assert_eq!((record.verdict, record.status), (Verdict::Deny, Some(400)));
         assert_eq!(origin.accepted.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+/// Where a rule allows POST but not DELETE, a POST whose form, multipart or JSON body
+/// names another method is refused before anything reaches the origin; a POST body
+/// without one arrives whole, and bodies frameworks do not parse are not read.
+#[tokio::test]
+async fn a_post_body_naming_another_method_is_refused_where_the_rule_refuses_it() {
+    within(async {
+        let origin = start_origin(false).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let post = |path: &str, ct: Option<&'static str>, body: &'static str| {
+            let headers: Vec<(&str, &str)> = ct.map(|ct| ("content-type", ct)).into_iter().collect();
+            request(Method::POST, NAME, path, &headers, body)
+        };
+        let form = Some("application/x-www-form-urlencoded");
+        for (ct, body) in [
+            (form, "title=x&_method=DELETE"),
+            (form, "title=x&%5Fmethod=DELETE"),
+            (None, "+_method=DELETE"),
+            (
+                Some("multipart/form-data; boundary=b"),
+                "--b\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--b--\r\n",
+            ),
+            (Some("application/json"), r#"{"title":"x","_method":"DELETE"}"#),
+        ] {
+            let reply = send(&mut client, post("/post-only/1", ct, body)).await;
+            assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{body}: {}", reply.body);
+            assert!(reply.body.contains("names a method to run"), "{}", reply.body);
+            let record = h.record().await;
+            assert_eq!((record.verdict, record.status), (Verdict::Deny, Some(400)));
+        }
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 0);
+        // Positive controls: no override field; a body no framework parses; a path
+        // where the rule allows every method.
+        for (path, ct, body) in [
+            ("/post-only/1", form, "title=x&payment_method=card"),
+            ("/post-only/1", Some("application/octet-stream"), "_method=DELETE"),
+            ("/any/1", form, "_method=DELETE"),
+        ] {
+            let reply = send(&mut client, post(path, ct, body)).await;
+            assert_eq!(reply.status, StatusCode::OK, "{path} {body}: {}", reply.body);
+            assert!(
+                reply.body.contains(&format!("body={}\n", body.len())),
+                "{}",
+                reply.body
+            );
+            assert_eq!(h.record().await.verdict, Verdict::Allow);
+        }
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 3);
     })
     .await;
 }

@@ -5,18 +5,17 @@
 //! they were), followed by the rest of the body as it arrives.
 
 use std::io::Read as _;
-use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::CONTENT_ENCODING;
 use http::{HeaderMap, StatusCode};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Incoming;
 
 use super::pkt::{parse_commands, status_report, wants_report};
 use crate::audit::RefUpdate;
 use crate::policy::git::{CommandList, GitRule, PushJudgement};
-use crate::proxy::refused::CLIENT_ABORTED;
+use crate::proxy::body::{next_piece, Piece};
 
 /// Largest command section accepted (decompressed), flush included.
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -190,30 +189,13 @@ pub async fn read_commands(
     }
 }
 
-/// The next data frame's bytes (skipping empty ones), `None` at the end of the body.
+/// The next data frame's bytes (skipping empty ones), `None` at the end of the body
+/// (trailers end it).
 async fn next_data(body: &mut Incoming, idle: Duration) -> Result<Option<Bytes>, ReadError> {
-    loop {
-        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx));
-        match tokio::time::timeout(idle, frame).await {
-            Err(_) => {
-                return Err(ReadError::Downstream(format!(
-                    "downstream client: request body stalled for {} s",
-                    idle.as_secs()
-                )))
-            }
-            Ok(None) => return Ok(None),
-            Ok(Some(Err(e))) => {
-                return Err(ReadError::Downstream(format!(
-                    "{CLIENT_ABORTED}: reading the request body: {e}"
-                )))
-            }
-            Ok(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) if data.is_empty() => {}
-                Ok(data) => return Ok(Some(data)),
-                // Trailers end the body.
-                Err(_) => return Ok(None),
-            },
-        }
+    match next_piece(body, idle).await {
+        Ok(Piece::Data(data)) => Ok(Some(data)),
+        Ok(Piece::Trailers | Piece::End) => Ok(None),
+        Err(why) => Err(ReadError::Downstream(why)),
     }
 }
 

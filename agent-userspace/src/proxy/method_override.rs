@@ -1,0 +1,403 @@
+//! Method overrides that frameworks read from a request's query or body: a POST that
+//! carries `_method=DELETE` runs as a DELETE in Rails (`Rack::MethodOverride`, from the
+//! form fields), Laravel (query, form or JSON fields) and Symfony (query or form fields).
+//! A rule that allows `POST /x` must not allow `DELETE /x` that way, so such keys are
+//! refused wherever those frameworks read them. The override headers themselves are
+//! removed from every request (see `inject`).
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
+use http::HeaderMap;
+use hyper::body::{Body as _, Incoming};
+
+use super::body::{next_piece, Piece};
+use super::Route;
+
+/// Largest POST body read whole to look for an override field; a larger one of a kind
+/// frameworks parse is refused where an override would matter.
+pub const MAX_FORM_BYTES: usize = 1 << 20;
+
+/// A method no rule lists: a rule that refuses it lists its methods, so some method an
+/// override could name (Laravel and Symfony take any) is refused there.
+const UNLISTED_METHOD: &str = "EGRESSD-OVERRIDE-PROBE";
+
+/// A query key of `target` that names a method override, as written.
+pub fn in_query(target: &str) -> Option<String> {
+    let (_, query) = target.split_once('?')?;
+    form_keys(query.as_bytes()).find(|key| is_override_key(key))
+}
+
+/// Whether a `method` request to `target` on `route` must have its body read for an
+/// override field: it is a POST (the only method the frameworks override) and the rule
+/// refuses some other method there.
+pub fn body_matters(route: &Route, method: &str, target: &str) -> bool {
+    method == "POST" && (route.request_allowed)(UNLISTED_METHOD, target).is_err()
+}
+
+/// How a body is parsed by the frameworks that read overrides from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyKind {
+    /// `application/x-www-form-urlencoded`, or no `Content-Type` (Rack parses a POST
+    /// without one as a form).
+    UrlEncoded,
+    /// `multipart/*` (Rack parses `form-data`, `mixed` and `related`).
+    Multipart,
+    /// A type naming JSON (`/json` or `+json`, as Laravel tells it).
+    Json,
+}
+
+impl BodyKind {
+    fn of(headers: &HeaderMap) -> Result<Option<Self>, String> {
+        let mut types = headers.get_all(CONTENT_TYPE).iter();
+        let (first, second) = (types.next(), types.next());
+        if second.is_some() {
+            return Err("several Content-Type headers".to_owned());
+        }
+        let Some(value) = first else {
+            return Ok(Some(Self::UrlEncoded));
+        };
+        let value = value
+            .to_str()
+            .map_err(|_| "a Content-Type that is not ASCII".to_owned())?
+            .to_ascii_lowercase();
+        let media = value.split(';').next().unwrap_or("").trim();
+        Ok(
+            if media.is_empty() || media == "application/x-www-form-urlencoded" {
+                Some(Self::UrlEncoded)
+            } else if media.starts_with("multipart/") {
+                Some(Self::Multipart)
+            } else if value.contains("/json") || value.contains("+json") {
+                Some(Self::Json)
+            } else {
+                None
+            },
+        )
+    }
+}
+
+/// The outcome of [`check_body`].
+#[derive(Debug)]
+pub enum BodyCheck {
+    /// No override: forward these bytes (the whole body, read) first.
+    Forward(Bytes),
+    /// Refused: why, and how many bytes of the body were read.
+    Refuse { reason: String, consumed: u64 },
+    /// The client's body failed or stalled.
+    Downstream(String),
+}
+
+/// Reads a POST body that frameworks parse (form, multipart or JSON) and refuses it if
+/// it holds an override field; any other body is left unread (`Forward` of nothing).
+pub async fn check_body(headers: &HeaderMap, body: &mut Incoming, idle: Duration) -> BodyCheck {
+    let refuse = |why: String, consumed| BodyCheck::Refuse {
+        reason: format!(
+            "downstream client: POST refused: {why} (the rule refuses other methods here, \
+             and frameworks run the method a POST body names)"
+        ),
+        consumed,
+    };
+    let kind = match BodyKind::of(headers) {
+        Ok(Some(kind)) => kind,
+        Ok(None) => return BodyCheck::Forward(Bytes::new()),
+        Err(why) => return refuse(why, 0),
+    };
+    if body.is_end_stream() {
+        return BodyCheck::Forward(Bytes::new());
+    }
+    let encoded = headers
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return refuse(
+            "a form or JSON body with a Content-Encoding cannot be checked for a method \
+             override"
+                .to_owned(),
+            0,
+        );
+    }
+    let read = match read_whole(body, idle).await {
+        Ok(read) => read,
+        Err(ReadError::TooLarge(consumed)) => {
+            return refuse(
+                format!(
+                    "a form or JSON body over {MAX_FORM_BYTES} bytes cannot be checked for a \
+                     method override"
+                ),
+                consumed,
+            )
+        }
+        Err(ReadError::Trailers(consumed)) => {
+            return refuse(
+                "a form or JSON body with trailers cannot be checked for a method override"
+                    .to_owned(),
+                consumed,
+            )
+        }
+        Err(ReadError::Downstream(why)) => return BodyCheck::Downstream(why),
+    };
+    let found = match kind {
+        BodyKind::UrlEncoded => form_keys(&read).find(|key| is_override_key(key)),
+        BodyKind::Multipart => multipart_names(&read).find(|name| is_override_key(name)),
+        BodyKind::Json => json_keys(&read).into_iter().find(|k| is_override_key(k)),
+    };
+    match found {
+        Some(key) => refuse(
+            format!("body field {key:?} names a method to run instead"),
+            read.len() as u64,
+        ),
+        None => BodyCheck::Forward(read),
+    }
+}
+
+enum ReadError {
+    TooLarge(u64),
+    Trailers(u64),
+    Downstream(String),
+}
+
+/// The whole body, at most [`MAX_FORM_BYTES`].
+async fn read_whole(body: &mut Incoming, idle: Duration) -> Result<Bytes, ReadError> {
+    let mut read = BytesMut::new();
+    loop {
+        match next_piece(body, idle).await {
+            Ok(Piece::End) => return Ok(read.freeze()),
+            Ok(Piece::Data(data)) => {
+                read.extend_from_slice(&data);
+                if read.len() > MAX_FORM_BYTES {
+                    return Err(ReadError::TooLarge(read.len() as u64));
+                }
+            }
+            Ok(Piece::Trailers) => return Err(ReadError::Trailers(read.len() as u64)),
+            Err(why) => return Err(ReadError::Downstream(why)),
+        }
+    }
+}
+
+/// Whether `key`, as a framework decoded it, names a method override: `_method`, or an
+/// override header's name (dashes or underscores), any case. Read as PHP names a
+/// variable too (leading spaces dropped, `.` and spaces read as `_`, an array's `[`
+/// ending the name), and with its leading spaces kept as `_`.
+fn is_override_key(key: &str) -> bool {
+    let named = |name: &str| {
+        let name = name
+            .split('[')
+            .next()
+            .unwrap_or("")
+            .replace(['.', ' '], "_");
+        name.eq_ignore_ascii_case("_method")
+            || crate::credentials::OVERRIDE_HEADERS.iter().any(|h| {
+                name.eq_ignore_ascii_case(&h.replace('-', "_")) || name.eq_ignore_ascii_case(h)
+            })
+    };
+    named(key) || named(key.trim_start_matches(' '))
+}
+
+/// The keys of an `application/x-www-form-urlencoded` text (or query), decoded: pairs
+/// split at `&` and `;` (older Rack), `+` read as a space, then percent-decoded.
+fn form_keys(text: &[u8]) -> impl Iterator<Item = String> + '_ {
+    text.split(|&b| b == b'&' || b == b';').map(|pair| {
+        let key = pair.split(|&b| b == b'=').next().unwrap_or(b"");
+        let spaced: Vec<u8> = key
+            .iter()
+            .map(|&b| if b == b'+' { b' ' } else { b })
+            .collect();
+        String::from_utf8_lossy(&super::inject::percent_decode(&String::from_utf8_lossy(
+            &spaced,
+        )))
+        .into_owned()
+    })
+}
+
+/// Every `name` (and `name*`, RFC 5987) parameter value anywhere in a multipart body,
+/// read loosely (any case, spaces around `=`, quoted or not, `filename` too): a field's
+/// name is among them however its part's headers are laid out.
+fn multipart_names(body: &[u8]) -> impl Iterator<Item = String> + '_ {
+    let lower = body.to_ascii_lowercase();
+    let starts: Vec<usize> = lower
+        .windows(4)
+        .enumerate()
+        .filter(|(_, w)| *w == b"name")
+        .map(|(i, _)| i + 4)
+        .collect();
+    starts.into_iter().filter_map(move |mut i| {
+        let skip_spaces = |i: &mut usize| {
+            while body.get(*i).is_some_and(|b| *b == b' ' || *b == b'\t') {
+                *i += 1;
+            }
+        };
+        skip_spaces(&mut i);
+        let extended = body.get(i) == Some(&b'*');
+        if extended {
+            i += 1;
+            skip_spaces(&mut i);
+        }
+        if body.get(i) != Some(&b'=') {
+            return None;
+        }
+        i += 1;
+        skip_spaces(&mut i);
+        let rest = &body[i..];
+        let value: Vec<u8> = if rest.first() == Some(&b'"') {
+            let mut out = Vec::new();
+            let mut bytes = rest[1..].iter();
+            while let Some(&b) = bytes.next() {
+                match b {
+                    b'"' | b'\r' | b'\n' => break,
+                    b'\\' => out.extend(bytes.next()),
+                    _ => out.push(b),
+                }
+            }
+            out
+        } else {
+            rest.iter()
+                .take_while(|&&b| !matches!(b, b';' | b'\r' | b'\n' | b' ' | b'\t'))
+                .copied()
+                .collect()
+        };
+        let value = String::from_utf8_lossy(&value).into_owned();
+        Some(if extended {
+            // charset'language'percent-encoded
+            let encoded = value.splitn(3, '\'').nth(2).unwrap_or(&value);
+            String::from_utf8_lossy(&super::inject::percent_decode(encoded)).into_owned()
+        } else {
+            value
+        })
+    })
+}
+
+/// The keys of a JSON body's top-level object (none if it is not one: no framework
+/// reads fields from it then).
+fn json_keys(body: &[u8]) -> Vec<String> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn override_keys_are_read_as_the_frameworks_read_them() {
+        for key in [
+            "_method",
+            "_METHOD",
+            " _method",
+            "_method[]",
+            " method",
+            "x-http-method-override",
+            "X_HTTP_METHOD_OVERRIDE",
+        ] {
+            assert!(is_override_key(key), "{key:?}");
+        }
+        for key in ["method", "x_method", "payment_method", "__method", ""] {
+            assert!(!is_override_key(key), "{key:?}");
+        }
+    }
+
+    #[test]
+    fn query_overrides_in_every_spelling_are_found() {
+        for query in [
+            "_method=DELETE",
+            "a=1&_method=PUT",
+            "a=1;_method=DELETE",
+            "%5Fmethod=DELETE",
+            "_Method=x",
+            "_method",
+            // PHP: leading spaces dropped, `.` and spaces read as `_`.
+            "+_method=DELETE",
+            "%20_method=DELETE",
+            "+method=DELETE",
+            ".method=DELETE",
+            "+method.=x&%2Emethod=DELETE",
+            "_method[]=DELETE",
+            "x-http-method-override=DELETE",
+        ] {
+            assert!(in_query(&format!("/x?{query}")).is_some(), "{query:?}");
+        }
+        for query in ["method=x", "x_method=1", "a=_method", "+x_method=1"] {
+            assert_eq!(in_query(&format!("/x?{query}")), None, "{query:?}");
+        }
+        assert_eq!(in_query("/_method"), None);
+    }
+
+    #[test]
+    fn multipart_field_names_are_found_however_written() {
+        let part = |disposition: &str| {
+            format!("--b\r\nContent-Disposition: {disposition}\r\n\r\nDELETE\r\n--b--\r\n")
+        };
+        for disposition in [
+            "form-data; name=\"_method\"",
+            "form-data; name=_method",
+            "form-data;NAME = \"_method\"",
+            "form-data; name=\"_me\\thod\"",
+            "form-data; name*=UTF-8''%5Fmethod",
+            "form-data; name=\" _method\"",
+        ] {
+            let body = part(disposition);
+            assert!(
+                multipart_names(body.as_bytes()).any(|n| is_override_key(&n)),
+                "{disposition:?}"
+            );
+        }
+        let body = part("form-data; name=\"payment_method\"");
+        assert!(!multipart_names(body.as_bytes()).any(|n| is_override_key(&n)));
+    }
+
+    #[test]
+    fn json_top_level_keys_are_read() {
+        assert!(json_keys(br#"{"a":1,"_method":"DELETE"}"#)
+            .iter()
+            .any(|k| is_override_key(k)));
+        assert!(json_keys(br#"{"\u005fmethod":"DELETE"}"#)
+            .iter()
+            .any(|k| is_override_key(k)));
+        assert!(!json_keys(br#"{"a":{"_method":"DELETE"}}"#)
+            .iter()
+            .any(|k| is_override_key(k)));
+        assert!(json_keys(b"[1]").is_empty());
+    }
+
+    #[test]
+    fn body_kinds_follow_the_content_type() {
+        let kind = |ct: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(ct) = ct {
+                h.insert(CONTENT_TYPE, ct.parse().unwrap_or_else(|_| unreachable!()));
+            }
+            BodyKind::of(&h)
+        };
+        assert_eq!(kind(None), Ok(Some(BodyKind::UrlEncoded)));
+        assert_eq!(kind(Some("")), Ok(Some(BodyKind::UrlEncoded)));
+        assert_eq!(
+            kind(Some("Application/X-WWW-Form-Urlencoded ; charset=utf-8")),
+            Ok(Some(BodyKind::UrlEncoded))
+        );
+        assert_eq!(
+            kind(Some("multipart/form-data; boundary=b")),
+            Ok(Some(BodyKind::Multipart))
+        );
+        assert_eq!(kind(Some("multipart/mixed")), Ok(Some(BodyKind::Multipart)));
+        assert_eq!(kind(Some("application/json")), Ok(Some(BodyKind::Json)));
+        assert_eq!(
+            kind(Some("application/vnd.api+json")),
+            Ok(Some(BodyKind::Json))
+        );
+        assert_eq!(kind(Some("application/octet-stream")), Ok(None));
+        assert_eq!(
+            kind(Some("application/x-git-receive-pack-request")),
+            Ok(None)
+        );
+        let mut two = HeaderMap::new();
+        two.append(CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+        two.append(
+            CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        assert!(BodyKind::of(&two).is_err());
+    }
+}
