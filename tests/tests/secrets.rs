@@ -8,8 +8,9 @@
 //!   A body in an encoding the proxy cannot scan is refused (502); a body with no secret
 //!   passes byte for byte.
 //! - Outbound: a request from the sandbox carrying the token (a leak: the sandbox was
-//!   handed it for the test) in the query, a header, base64 in a header, a JSON body or
-//!   deep inside a large body is refused with 403 and a `secret-outbound` alert, on the
+//!   handed it for the test) in the query, the path, a query key, the method, a header,
+//!   base64 in a header, a JSON body or deep inside a large body is refused with 403 and
+//!   a `secret-outbound` alert (the record shows none of it), on the
 //!   rule with the credential and on a rule with none; the origin gets nothing of it. The
 //!   same requests without the token pass.
 //!
@@ -279,6 +280,13 @@ fn requests_carrying_a_secret_are_refused_before_they_leave() -> Result<()> {
     ] {
         let cases: Vec<(&str, Vec<String>)> = vec![
             ("query", vec![format!("{base}json?access_token={token}")]),
+            // Where the record would show it: the path, a query key, the method.
+            ("path", vec![format!("{base}json/{token}")]),
+            ("query key", vec![format!("{base}json?{token}")]),
+            (
+                "method",
+                vec!["-X".into(), token.clone(), format!("{base}json")],
+            ),
             (
                 "header",
                 vec!["-H".into(), header.clone(), format!("{base}json")],

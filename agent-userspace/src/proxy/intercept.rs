@@ -561,9 +561,10 @@ impl ConnCtx {
             let found = if matcher.failed() {
                 Some((String::new(), "an unscanned request"))
             } else {
-                scrub::find_in_head(req.uri(), req.headers(), &matcher)
+                scrub::find_in_head(req.method(), req.uri(), req.headers(), &matcher)
             };
             if let Some((name, place)) = found {
+                redact_record(record, &matcher);
                 record.secret = Some(SecretFinding::outbound(&name, place));
                 return Err(Refusal::deny(
                     StatusCode::FORBIDDEN,
@@ -1190,6 +1191,25 @@ impl ConnCtx {
             }
         }
         Ok(())
+    }
+}
+
+/// What a record shows of a request field that held a secret.
+const REDACTED: &str = "[egressd:redacted]";
+
+/// A request refused for carrying a secret is recorded without it: its method, path and
+/// query keys are replaced where they hold one (all of them if the scan failed).
+fn redact_record(
+    record: &mut crate::audit::ProxyRecord,
+    matcher: &crate::credentials::SecretMatcher,
+) {
+    for field in [&mut record.method, &mut record.path, &mut record.query_keys] {
+        let holds = field
+            .as_deref()
+            .is_some_and(|t| matcher.failed() || scrub::find_in_target(t, matcher).is_some());
+        if holds {
+            *field = Some(REDACTED.to_owned());
+        }
     }
 }
 

@@ -153,23 +153,21 @@ pub fn scrub_headers(headers: &mut HeaderMap, matcher: &SecretMatcher, tally: &T
     changed
 }
 
-/// The first credential whose secret occurs in the request target or a header (name or
-/// value), and where.
+/// The first credential whose secret occurs in the request's method, target or a header
+/// (name or value), and where.
 pub fn find_in_head(
+    method: &http::Method,
     uri: &http::Uri,
     headers: &HeaderMap,
     matcher: &SecretMatcher,
 ) -> Option<(String, &'static str)> {
+    if let Some(name) = matcher.find(method.as_str().as_bytes()) {
+        return Some((name.to_owned(), "the method"));
+    }
     let target = uri.path_and_query().map_or("", |p| p.as_str());
-    let url_parts = [uri.authority().map_or("", |a| a.as_str()), target];
-    if let Some(name) = url_parts
-        .iter()
-        .find_map(|part| matcher.find(part.as_bytes()))
-        .or_else(|| {
-            decoded_forms(target)
-                .iter()
-                .find_map(|form| matcher.find(form))
-        })
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    if let Some(name) =
+        find_in_target(authority, matcher).or_else(|| find_in_target(target, matcher))
     {
         return Some((name.to_owned(), "the URL"));
     }
@@ -182,6 +180,16 @@ pub fn find_in_head(
         }
     }
     None
+}
+
+/// The credential whose secret occurs in `target` (part of a URL), as sent or
+/// percent-decoded (see [`decoded_forms`]).
+pub fn find_in_target<'m>(target: &str, matcher: &'m SecretMatcher) -> Option<&'m str> {
+    matcher.find(target.as_bytes()).or_else(|| {
+        decoded_forms(target)
+            .iter()
+            .find_map(|form| matcher.find(form))
+    })
 }
 
 /// How many times a request target is percent-decoded for the head checks: once, and
@@ -318,9 +326,42 @@ impl Encoding {
             [] => Self::Identity,
             [one] if one == "gzip" || one == "x-gzip" => Self::Gzip,
             [one] if one == "deflate" => Self::Deflate,
-            _ => Self::Other(codings.join(", ")),
+            _ => Self::Other(shown(&codings)),
         }
     }
+}
+
+/// Codings as a reason may show them: registered names as they are, anything else (an
+/// origin's free text, which could hold a secret it was sent) as `?`.
+fn shown(codings: &[String]) -> String {
+    const REGISTERED: &[&str] = &[
+        "aes128gcm",
+        "br",
+        "chunked",
+        "compress",
+        "dcb",
+        "dcz",
+        "deflate",
+        "exi",
+        "gzip",
+        "identity",
+        "pack200-gzip",
+        "trailers",
+        "x-compress",
+        "x-gzip",
+        "zstd",
+    ];
+    codings
+        .iter()
+        .map(|c| {
+            if REGISTERED.contains(&c.as_str()) {
+                c.as_str()
+            } else {
+                "?"
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The transfer codings of a response, lower-cased.
@@ -453,7 +494,7 @@ pub fn scrub_response(
         return Err(format!(
             "upstream server: response Transfer-Encoding `{}` cannot be scanned for \
              reflected secrets",
-            codings.join(", ")
+            shown(&codings)
         ));
     }
     scrub_headers(headers, &matcher, &tally);
@@ -817,7 +858,7 @@ mod tests {
 
         let uri: http::Uri = format!("/search?q={SECRET}").parse().unwrap();
         assert_eq!(
-            find_in_head(&uri, &HeaderMap::new(), &m),
+            find_in_head(&http::Method::GET, &uri, &HeaderMap::new(), &m),
             Some(("github".into(), "the URL"))
         );
         // Percent-encoded, even where nothing needs encoding, and encoded twice: an
@@ -833,23 +874,26 @@ mod tests {
         ] {
             let uri: http::Uri = target.parse().unwrap();
             assert_eq!(
-                find_in_head(&uri, &HeaderMap::new(), &m),
+                find_in_head(&http::Method::GET, &uri, &HeaderMap::new(), &m),
                 Some(("github".into(), "the URL")),
                 "{target}"
             );
         }
         let uri: http::Uri = "/search?q=ok%20%zz%4".parse().unwrap();
-        assert_eq!(find_in_head(&uri, &HeaderMap::new(), &m), None);
+        assert_eq!(
+            find_in_head(&http::Method::GET, &uri, &HeaderMap::new(), &m),
+            None
+        );
         assert_eq!(
             decoded_forms("/a%2541b%zz%4"),
             [b"/a%41b%zz%4".to_vec(), b"/aAb%zz%4".to_vec()]
         );
         assert!(decoded_forms("/plain?x=%zz").is_empty());
         let uri: http::Uri = "/search?q=ok".parse().unwrap();
-        assert_eq!(find_in_head(&uri, &h, &m), None);
+        assert_eq!(find_in_head(&http::Method::GET, &uri, &h, &m), None);
         h.insert("x-leak", HeaderValue::from_str(SECRET).unwrap());
         assert_eq!(
-            find_in_head(&uri, &h, &m),
+            find_in_head(&http::Method::GET, &uri, &h, &m),
             Some(("github".into(), "a header"))
         );
     }
@@ -900,6 +944,11 @@ mod tests {
         assert_eq!(enc("deflate"), Encoding::Deflate);
         assert_eq!(enc("br"), Encoding::Other("br".into()));
         assert_eq!(enc("gzip, br"), Encoding::Other("gzip, br".into()));
+        // An unregistered coding is not repeated: it is the origin's free text.
+        assert_eq!(
+            enc("gzip, Bearer ghp_secret"),
+            Encoding::Other("gzip, ?".into())
+        );
 
         // The decoders, one byte at a time.
         let text = format!("{{\"echo\":\"Bearer {SECRET}\"}}").repeat(50);

@@ -171,6 +171,18 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
             .body(Full::new(Bytes::from(gz.finish().unwrap())))
             .unwrap());
     }
+    if path == "/te-echo" {
+        // An origin that names the credential it was sent as a transfer coding.
+        let sent = req
+            .headers()
+            .get(AUTHORIZATION)
+            .map_or(&b""[..], |v| v.as_bytes());
+        let coding = [sent, &b", chunked"[..]].concat();
+        return Ok(Response::builder()
+            .header(TRANSFER_ENCODING, coding)
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap());
+    }
     if path == "/redirect" {
         return Ok(Response::builder()
             .status(StatusCode::FOUND)
@@ -584,6 +596,22 @@ async fn a_transfer_coding_other_than_chunked_is_refused() {
         let record = h.record().await;
         assert_eq!(record.verdict, Verdict::Deny);
         assert_eq!(record.status, Some(502));
+        // The refusal does not repeat a coding the origin made up (the credential).
+        let reply = get(&mut client, NAME, "/te-echo").await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.body);
+        let lower = reply.body.to_ascii_lowercase();
+        assert!(
+            !lower.contains(&TOKEN.to_ascii_lowercase()),
+            "{}",
+            reply.body
+        );
+        let record = h.record().await;
+        assert!(
+            !format!("{record:?}")
+                .to_ascii_lowercase()
+                .contains(&TOKEN.to_ascii_lowercase()),
+            "{record:?}"
+        );
         // Control: the same origin's plain answers pass.
         assert_eq!(get(&mut client, NAME, "/").await.status, StatusCode::OK);
     })
