@@ -42,7 +42,9 @@ pub use raw::{
 };
 pub use revoke::REVOKE_TIMEOUT;
 pub use secret::Secret;
-pub use state::{rfc3339, CredentialState, CredentialUse, PlaceholderScope, OVERRIDE_HEADERS};
+pub use state::{
+    is_routing_header, rfc3339, CredentialState, CredentialUse, PlaceholderScope, OVERRIDE_HEADERS,
+};
 pub use store::{normalize_host, CredentialStats, CredentialStore, COMMAND_TIMEOUT};
 pub use vault::VAULT_TIMEOUT;
 

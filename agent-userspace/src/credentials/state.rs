@@ -120,6 +120,25 @@ pub const OVERRIDE_HEADERS: [&str; 6] = [
     "x-original-method",
 ];
 
+/// Whether `name` (lower case) is a header that proxies and frameworks read as where the
+/// request was sent or came from (`Forwarded`, `X-Forwarded-Host`, `X-Original-URI`,
+/// `X-Real-IP`...): an origin that trusts one would act on a host, path or client the
+/// rule never judged, so the proxy strips them.
+pub fn is_routing_header(name: &str) -> bool {
+    const NAMES: [&str; 9] = [
+        "forwarded",
+        "x-host",
+        "x-original-host",
+        "x-original-uri",
+        "x-real-ip",
+        "x-client-ip",
+        "true-client-ip",
+        "client-ip",
+        "via",
+    ];
+    NAMES.contains(&name) || name.starts_with("x-forwarded-") || name.starts_with("x-envoy-")
+}
+
 /// Headers a placeholder may never be replaced in: they frame, route or are stripped
 /// (and [`OVERRIDE_HEADERS`]).
 const NOT_PLACEHOLDER_HEADERS: [&str; 13] = [

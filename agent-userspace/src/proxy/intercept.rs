@@ -1308,6 +1308,15 @@ pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderN
     for name in OVERRIDE_HEADERS {
         headers.remove(name);
     }
+    // And those that tell it where the request was sent or came from.
+    let routing: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| crate::credentials::is_routing_header(n.as_str()))
+        .cloned()
+        .collect();
+    for name in routing {
+        headers.remove(name);
+    }
 }
 
 /// A request's trailers get what its headers get, and lose as well the fields a trailer
@@ -1344,6 +1353,11 @@ mod tests {
             ("proxy-authorization", "Basic x"),
             ("x-http-method-override", "DELETE"),
             ("x-original-url", "/admin"),
+            ("x-forwarded-host", "admin.internal"),
+            ("x-forwarded-for", "127.0.0.1"),
+            ("forwarded", "host=admin.internal"),
+            ("x-original-uri", "/admin"),
+            ("x-real-ip", "127.0.0.1"),
             ("x-api-key", "sandbox-key"),
             ("connection", "keep-alive, X-Custom-Hop"),
             ("x-custom-hop", "1"),
