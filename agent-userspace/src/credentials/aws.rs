@@ -519,21 +519,36 @@ fn printable(message: &str) -> String {
 }
 
 /// The session name for `sandbox`: the template with `{sandbox}` and `{credential}`
-/// replaced, characters STS refuses turned into `-`, cut to STS's 64.
+/// replaced, as it is when STS takes every character and it fits STS's 64. Otherwise the
+/// characters STS refuses are turned into `-`, and a hash of the whole name follows what
+/// fits, so that two sandboxes never share a session name (`k8s/team/a-x` and
+/// `k8s/team-a/x` would both read `k8s-team-a-x`).
 fn session_name(template: &str, credential: &str, sandbox: &str) -> String {
+    use sha2::Digest as _;
+    const MAX: usize = 64;
+    const HASH_HEX: usize = 12;
     let name = template
         .replace("{sandbox}", sandbox)
         .replace("{credential}", credential);
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_+=,.@-".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(64)
-        .collect()
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c);
+    if name.len() <= MAX && name.chars().all(allowed) {
+        return name;
+    }
+    let hash = sha2::Sha256::digest(name.as_bytes());
+    let hex: String = hash
+        .iter()
+        .flat_map(|b| [b >> 4, b & 0xf])
+        .take(HASH_HEX)
+        .map(|n| char::from_digit(u32::from(n), 16).unwrap_or('0'))
+        .collect();
+    let mut out: String = name
+        .chars()
+        .map(|c| if allowed(c) { c } else { '-' })
+        .take(MAX - HASH_HEX - 1)
+        .collect();
+    out.push('-');
+    out.push_str(&hex);
+    out
 }
 
 /// Reads the daemon's key from an AWS shared-credentials file (`[profile]` sections) or a
@@ -636,11 +651,21 @@ mod tests {
     #[test]
     fn session_names_carry_the_sandbox_and_fit_sts() {
         assert_eq!(session_name("{sandbox}", "s3", "agent-1"), "agent-1");
-        assert_eq!(
-            session_name("egressd-{credential}-{sandbox}", "s3", "pod/ns:x y"),
-            "egressd-s3-pod-ns-x-y"
-        );
-        assert_eq!(session_name("{sandbox}", "c", &"a".repeat(100)).len(), 64);
+        let mapped = session_name("egressd-{credential}-{sandbox}", "s3", "pod/ns:x y");
+        assert!(mapped.starts_with("egressd-s3-pod-ns-x-y-"), "{mapped}");
+        assert_eq!(mapped.len(), "egressd-s3-pod-ns-x-y-".len() + 12);
+        // Names that map or cut alike stay apart.
+        let a = session_name("{sandbox}", "c", "k8s/team/a-x");
+        let b = session_name("{sandbox}", "c", "k8s/team-a/x");
+        assert_ne!(a, b);
+        let long = |last| session_name("{sandbox}", "c", &format!("{}{last}", "a".repeat(100)));
+        assert_ne!(long('1'), long('2'));
+        assert_eq!(long('1').len(), 64);
+        for n in [a, b, long('1')] {
+            assert!(n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c)));
+        }
     }
 
     #[test]
