@@ -71,6 +71,11 @@ pub struct CountingBody {
     end: Option<BodyEnd>,
     /// Takes out of the client's trailers what is not sent on (they are scanned whole).
     trailer_filter: Option<TrailerFilter>,
+    /// The length the client's `Content-Length` declared: a body that ends at another
+    /// (an HTTP/2 stream reset with `NO_ERROR` ends it early) fails.
+    declared: Option<u64>,
+    /// Set once the whole body has been handed on.
+    sent: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What [`CountingBody::stripping_trailers`] applies to a request's trailers.
@@ -93,7 +98,22 @@ impl CountingBody {
             trailers: None,
             end: None,
             trailer_filter: None,
+            declared: None,
+            sent: None,
         }
+    }
+
+    /// Fails the body if the client's ends at another length than `declared`.
+    pub fn declaring(mut self, declared: Option<u64>) -> Self {
+        self.declared = declared;
+        self
+    }
+
+    /// Sets `sent` once the whole body has been handed on (at once, if there is none).
+    pub fn reporting_sent(mut self, sent: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        sent.store(self.is_end_stream(), Ordering::Relaxed);
+        self.sent = Some(sent);
+        self
     }
 
     /// Tells `end` (an HTTP/1 request's) when the client's body has been read.
@@ -132,6 +152,19 @@ impl CountingBody {
         }
     }
 
+    /// The client's body is over: an error if it did not bring what it declared.
+    fn short_of_declared(&self) -> Option<BoxError> {
+        let got = self.count.load(Ordering::Relaxed);
+        let declared = self.declared.filter(|&d| d != got)?;
+        Some(
+            format!(
+                "the request body ended after {got} of the {declared} bytes its Content-Length \
+                 declared"
+            )
+            .into(),
+        )
+    }
+
     fn inner_ended(&self) -> bool {
         self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
@@ -156,6 +189,9 @@ impl CountingBody {
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
                 Poll::Ready(Some(Ok(frame))) => frame,
                 Poll::Ready(None) => {
+                    if let Some(e) = this.short_of_declared() {
+                        return Poll::Ready(Some(Err(e)));
+                    }
                     if !this.flushed {
                         this.flushed = true;
                         if let Some(scan) = &mut this.scan {
@@ -180,6 +216,11 @@ impl CountingBody {
                         Ok(out) => out,
                         Err(e) => return Poll::Ready(Some(Err(e))),
                     };
+                    if this.inner_ended() {
+                        if let Some(e) = this.short_of_declared() {
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    }
                     if this.inner_ended() && !this.flushed {
                         // The last piece: send what was held back with it.
                         this.flushed = true;
@@ -252,6 +293,11 @@ impl Body for CountingBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let out = this.poll_body(cx);
+        if let Some(sent) = &this.sent {
+            if matches!(out, Poll::Ready(None)) || this.is_end_stream() {
+                sent.store(true, Ordering::Relaxed);
+            }
+        }
         // The client's body is over (not stopped by the scan: then it is being drained).
         if this.end.is_some()
             && (matches!(out, Poll::Ready(None))

@@ -609,6 +609,11 @@ impl ConnCtx {
                 "upgrades are not allowed",
             ));
         }
+        // What the origin will not see is not judged: the hop-by-hop headers, and those
+        // `Connection` lists (a `Content-Type` listed there would be judged, then
+        // removed), go before anything below reads the head.
+        let mut req = req;
+        strip_hop_by_hop(req.headers_mut());
         // TRACE/TRACK echo the request, injected credential included, back to the sandbox.
         if matches!(req.method().as_str(), "TRACE" | "TRACK") {
             return Err(Refusal::deny(
@@ -645,6 +650,12 @@ impl ConnCtx {
         };
 
         let (mut parts, ()) = req.into_parts();
+        // The length the client declared: its body must bring exactly that.
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
         let Some(body) = unsent.as_mut() else {
             return Err(Refusal::deny(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -788,6 +799,19 @@ impl ConnCtx {
             }
         }
         strip_request_headers(&mut parts.headers, &self.proxy.injected);
+        // A body where the method gives it no meaning: an origin that ignores it would
+        // read it as the next request on a shared HTTP/1 connection, and the proxy's next
+        // request (with its credential) as that one's rest. It gets a connection of its
+        // own, closed after it.
+        let own_connection = matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+        ) && !(body.is_end_stream() && prefix.is_empty());
+        if own_connection {
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         for (header, value) in restore {
             parts.headers.append(header, value);
         }
@@ -991,11 +1015,14 @@ impl ConnCtx {
                 "the request's body was already taken",
             ));
         };
+        let body_sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let request = Request::from_parts(
             parts,
             CountingBody::with_prefix(prefix, body, bytes_in.clone(), scan)
                 .ending_to(body_end.take())
-                .stripping_trailers(self.proxy.trailer_filter.clone()),
+                .stripping_trailers(self.proxy.trailer_filter.clone())
+                .declaring(declared)
+                .reporting_sent(body_sent.clone()),
         );
 
         let addr = SocketAddr::new(
@@ -1066,11 +1093,18 @@ impl ConnCtx {
                     .await
                     .map_err(|_| timed_out())?
                     .map_err(failed)?;
+                // A response that came before the whole body went out: the origin may
+                // read the rest as a request of its own. The connection is not reused.
+                let reuse = !own_connection && body_sent.load(Ordering::Relaxed);
                 let pool = self.proxy.pool.clone();
                 let key = self.pool_key.clone();
                 Ok((
                     response,
-                    Some(Box::new(move || pool.release_h1(&key, sender))),
+                    Some(Box::new(move || {
+                        if reuse {
+                            pool.release_h1(&key, sender);
+                        }
+                    })),
                 ))
             }
         }
@@ -1233,6 +1267,11 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 
 /// Removes hop-by-hop headers: the fixed list and those named in `Connection`.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // `TE: trailers` is end-to-end in effect (gRPC needs it, and HTTP/2 allows it).
+    let te_trailers = headers
+        .get_all(TE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     let listed: Vec<HeaderName> = connection_tokens(headers)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
@@ -1252,6 +1291,9 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in ["keep-alive", "proxy-connection"] {
         headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -1289,15 +1331,7 @@ fn misdirected_in_head(
 }
 
 pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderName]) {
-    // `TE: trailers` is end-to-end in effect (gRPC needs it, and HTTP/2 allows it).
-    let te_trailers = headers
-        .get_all(TE)
-        .iter()
-        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     strip_hop_by_hop(headers);
-    if te_trailers {
-        headers.insert(TE, HeaderValue::from_static("trailers"));
-    }
     headers.remove(AUTHORIZATION);
     headers.remove(PROXY_AUTHORIZATION);
     for name in injected {
@@ -1306,6 +1340,23 @@ pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderN
     // Headers some frameworks honour to run another method or path than the one the
     // rule checked.
     for name in OVERRIDE_HEADERS {
+        headers.remove(name);
+    }
+    // `Expect` was answered here (hyper's server sent `100 Continue` as the body was
+    // read); sent on, an origin could answer it again, or wait for a body already sent.
+    headers.remove(EXPECT);
+    // CGI gateways and Puma read `X_HTTP_Method_Override` as `X-HTTP-Method-Override`:
+    // a name with `_` goes if its `-` spelling would, or if the head holds that too.
+    let folded: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().contains('_'))
+        .filter(|n| {
+            let dashed = n.as_str().replace('_', "-");
+            stripped_by_name(&dashed, injected) || headers.contains_key(dashed.as_str())
+        })
+        .cloned()
+        .collect();
+    for name in folded {
         headers.remove(name);
     }
     // And those that tell it where the request was sent or came from.
@@ -1317,6 +1368,29 @@ pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderN
     for name in routing {
         headers.remove(name);
     }
+}
+
+/// Whether a request header of this (lower-case) name is never sent on: credentials,
+/// hop-by-hop and framing fields, the injected headers, overrides and routing headers.
+fn stripped_by_name(name: &str, injected: &[HeaderName]) -> bool {
+    const FIELDS: [&str; 12] = [
+        "authorization",
+        "proxy-authorization",
+        "connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "keep-alive",
+        "proxy-connection",
+        "content-length",
+        "host",
+        "expect",
+    ];
+    FIELDS.contains(&name)
+        || injected.iter().any(|h| h.as_str() == name)
+        || OVERRIDE_HEADERS.contains(&name)
+        || crate::credentials::is_routing_header(name)
 }
 
 /// A request's trailers get what its headers get, and lose as well the fields a trailer
@@ -1358,6 +1432,11 @@ mod tests {
             ("forwarded", "host=admin.internal"),
             ("x-original-uri", "/admin"),
             ("x-real-ip", "127.0.0.1"),
+            ("x_http_method_override", "DELETE"),
+            ("x_api_key", "sandbox-key"),
+            ("content_length", "0"),
+            ("accept_language", "x"),
+            ("expect", "100-continue"),
             ("x-api-key", "sandbox-key"),
             ("connection", "keep-alive, X-Custom-Hop"),
             ("x-custom-hop", "1"),
@@ -1375,7 +1454,7 @@ mod tests {
         strip_request_headers(&mut headers, &[HeaderName::from_static("x-api-key")]);
         let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
-        assert_eq!(left, ["accept", "content-length"]);
+        assert_eq!(left, ["accept", "accept_language", "content-length"]);
 
         let mut headers = HeaderMap::new();
         headers.insert(TE, HeaderValue::from_static("trailers"));

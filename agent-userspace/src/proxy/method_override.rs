@@ -62,7 +62,12 @@ impl BodyKind {
             .to_str()
             .map_err(|_| "a Content-Type that is not ASCII".to_owned())?
             .to_ascii_lowercase();
-        let media = value.split(';').next().unwrap_or("").trim();
+        // Cut as Rack (at `;` or `,`) and PHP (also at a space) cut it.
+        let media = value
+            .trim_start()
+            .split([';', ',', ' ', '\t'])
+            .next()
+            .unwrap_or("");
         Ok(
             if media.is_empty() || media == "application/x-www-form-urlencoded" {
                 Some(Self::UrlEncoded)
@@ -141,7 +146,17 @@ pub async fn check_body(headers: &HeaderMap, body: &mut Incoming, idle: Duration
     let found = match kind {
         BodyKind::UrlEncoded => form_keys(&read).find(|key| is_override_key(key)),
         BodyKind::Multipart => multipart_names(&read).find(|name| is_override_key(name)),
-        BodyKind::Json => json_keys(&read).into_iter().find(|k| is_override_key(k)),
+        BodyKind::Json => match json_keys(&read) {
+            Ok(keys) => keys.into_iter().find(|k| is_override_key(k)),
+            Err(e) => {
+                return refuse(
+                    format!(
+                    "a JSON body that cannot be read ({e}) cannot be checked for a method override"
+                ),
+                    read.len() as u64,
+                )
+            }
+        },
     };
     match found {
         Some(key) => refuse(
@@ -181,6 +196,8 @@ async fn read_whole(body: &mut Incoming, idle: Duration) -> Result<Bytes, ReadEr
 /// variable too (leading spaces dropped, `.` and spaces read as `_`, an array's `[`
 /// ending the name), and with its leading spaces kept as `_`.
 fn is_override_key(key: &str) -> bool {
+    // PHP reads a name up to a NUL.
+    let key = key.split('\0').next().unwrap_or("");
     let named = |name: &str| {
         let name = name
             .split('[')
@@ -268,13 +285,56 @@ fn multipart_names(body: &[u8]) -> impl Iterator<Item = String> + '_ {
     })
 }
 
-/// The keys of a JSON body's top-level object (none if it is not one: no framework
-/// reads fields from it then).
-fn json_keys(body: &[u8]) -> Vec<String> {
-    match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
-        _ => Vec::new(),
+/// The keys of a JSON body's top-level object (none if it is another value: no
+/// framework reads fields from it then). Values are skipped, not built: a number out of
+/// `f64`'s range or nesting deeper than a parser's limit does not hide a key. `Err`:
+/// not JSON.
+fn json_keys(body: &[u8]) -> Result<Vec<String>, serde_json::Error> {
+    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+    struct TopKeys;
+    impl<'de> Visitor<'de> for TopKeys {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut keys = Vec::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                keys.push(key);
+            }
+            Ok(keys)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Vec::new())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
     }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let keys = (&mut de).deserialize_any(TopKeys)?;
+    de.end()?;
+    Ok(keys)
 }
 
 #[cfg(test)]
@@ -315,6 +375,8 @@ mod tests {
             ".method=DELETE",
             "+method.=x&%2Emethod=DELETE",
             "_method[]=DELETE",
+            "_method%00=DELETE",
+            "_method%00x=DELETE",
             "x-http-method-override=DELETE",
         ] {
             assert!(in_query(&format!("/x?{query}")).is_some(), "{query:?}");
@@ -350,16 +412,24 @@ mod tests {
 
     #[test]
     fn json_top_level_keys_are_read() {
-        assert!(json_keys(br#"{"a":1,"_method":"DELETE"}"#)
-            .iter()
-            .any(|k| is_override_key(k)));
-        assert!(json_keys(br#"{"\u005fmethod":"DELETE"}"#)
-            .iter()
-            .any(|k| is_override_key(k)));
-        assert!(!json_keys(br#"{"a":{"_method":"DELETE"}}"#)
-            .iter()
-            .any(|k| is_override_key(k)));
-        assert!(json_keys(b"[1]").is_empty());
+        let found =
+            |body: &str| json_keys(body.as_bytes()).map(|k| k.iter().any(|k| is_override_key(k)));
+        assert_eq!(found(r#"{"a":1,"_method":"DELETE"}"#).ok(), Some(true));
+        assert_eq!(found(r#"{"\u005fmethod":"DELETE"}"#).ok(), Some(true));
+        assert_eq!(found(r#"{"a":{"_method":"DELETE"}}"#).ok(), Some(false));
+        assert_eq!(found("[1]").ok(), Some(false));
+        assert_eq!(found(" 3 ").ok(), Some(false));
+        // Values a parser building them would refuse do not hide the key.
+        let deep = format!(
+            r#"{{"_method":"DELETE","p":{}{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(found(&deep).ok(), Some(true));
+        assert_eq!(found(r#"{"_method":"DELETE","n":1e400}"#).ok(), Some(true));
+        // Not JSON: an error (refused by the caller), not "no keys".
+        assert!(found(r#"{"_method":"DELETE""#).is_err());
+        assert!(found(r#"{"a":1} x"#).is_err());
     }
 
     #[test]
@@ -387,6 +457,13 @@ mod tests {
             kind(Some("application/vnd.api+json")),
             Ok(Some(BodyKind::Json))
         );
+        for cut in [
+            "application/x-www-form-urlencoded,x",
+            "application/x-www-form-urlencoded x",
+            " application/x-www-form-urlencoded;x",
+        ] {
+            assert_eq!(kind(Some(cut)), Ok(Some(BodyKind::UrlEncoded)), "{cut:?}");
+        }
         assert_eq!(kind(Some("application/octet-stream")), Ok(None));
         assert_eq!(
             kind(Some("application/x-git-receive-pack-request")),

@@ -1020,6 +1020,38 @@ async fn upstream_with_untrusted_certificate_gives_502() {
     .await;
 }
 
+/// A GET with a body (which an origin may ignore and then read as a request of its
+/// own) goes on an HTTP/1 connection that is not used again; plain GETs share one.
+#[tokio::test]
+async fn a_body_on_a_get_gets_an_upstream_connection_of_its_own() {
+    within(async {
+        let origin = start_origin(false).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        for _ in 0..2 {
+            assert_eq!(
+                get(&mut client, NAME, "/plain").await.status,
+                StatusCode::OK
+            );
+            h.record().await;
+        }
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 1);
+        let with_body = request(Method::GET, NAME, "/smuggle", &[], "GET /x HTTP/1.1\r\n");
+        let reply = send(&mut client, with_body).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        h.record().await;
+        assert_eq!(
+            get(&mut client, NAME, "/after").await.status,
+            StatusCode::OK
+        );
+        h.record().await;
+        // The body's request reused the idle connection; the one after it needed a new one.
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 4);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn upstream_connections_are_shared_by_downstream_connections() {
     within(async {
@@ -1357,6 +1389,20 @@ async fn a_post_body_naming_another_method_is_refused_where_the_rule_refuses_it(
             let record = h.record().await;
             assert_eq!((record.verdict, record.status), (Verdict::Deny, Some(400)));
         }
+        // A type the origin never sees (`Connection` lists it) is not the one judged.
+        let hidden = request(
+            Method::POST,
+            NAME,
+            "/post-only/1",
+            &[
+                ("content-type", "application/octet-stream"),
+                ("connection", "content-type"),
+            ],
+            "_method=DELETE",
+        );
+        let reply = send(&mut client, hidden).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+        h.record().await;
         assert_eq!(origin.requests.load(Ordering::SeqCst), 0);
         // Positive controls: no override field; a body no framework parses; a path
         // where the rule allows every method.
