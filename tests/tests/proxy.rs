@@ -441,6 +441,34 @@ fn the_proxy_port_is_neither_reachable_directly_nor_bindable_from_the_sandbox() 
             "{op} {host}: {rec}"
         );
     }
+    // A quarantined sandbox may still not bind it (it would take the proxy's traffic
+    // across a restart, other sandboxes' in a shared namespace included).
+    let out = fx.daemon.ctl([
+        "quarantine",
+        fx.sandbox.label(),
+        "--reason",
+        "test: listener ports",
+    ])?;
+    ensure!(out.status.success(), "quarantine: {}", all_output(&out));
+    let binds = || -> Result<usize> {
+        Ok(fx
+            .daemon
+            .audit_records()?
+            .iter()
+            .filter(|r| {
+                get_str(r, "event.action") == Some("bind")
+                    && get_u64(r, "destination.port") == Some(u64::from(port))
+                    && get_str(r, "rule.name") == Some("proxy-port")
+            })
+            .count())
+    };
+    let before = binds()?;
+    let p = fx.sandbox.probe_host("tcp-bind", "127.0.0.1", port, &[])?;
+    expect::eperm(&p).context("bind to the proxy's port while quarantined")?;
+    egress_tests::util::poll(RECORD_TIMEOUT, Duration::from_millis(50), || {
+        Ok((binds()? > before).then_some(()))
+    })?
+    .context("no proxy-port bind record while quarantined")?;
     Ok(())
 }
 

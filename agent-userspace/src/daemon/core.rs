@@ -406,7 +406,7 @@ impl Core {
         }
     }
 
-    /// Deny-all: an empty policy slot, default deny, no proxy. DNS still goes to the
+    /// Deny-all: an empty policy slot, default deny, nothing redirected. DNS still goes to the
     /// sandbox's resolver (when it has one), which refuses every query and records it.
     /// Without a compiled policy (one that no longer compiles after an upgrade) there is
     /// no resolver either, and port 53 is denied like everything else.
@@ -416,7 +416,9 @@ impl Core {
             policy_slot: QUARANTINE_SLOT,
             default_action: agent_common::action::DENY,
             _pad: 0,
-            proxy_port: 0,
+            // Nothing is redirected from an empty slot; the port names the listener a
+            // quarantined sandbox still may not connect to or bind.
+            proxy_port: self.proxy.port,
             dns_port: if policy.is_some_and(uses_dns) {
                 self.dns.port_for(rec.index)
             } else {
@@ -1329,7 +1331,7 @@ impl Core {
             // run learned through DNS have no expiry in this one (it keeps them in
             // memory), so they are dropped and clients resolve again, as after a policy
             // replacement.
-            match policy
+            let synced = match policy
                 .kernel_rules()
                 .map_err(|e| e.to_string())
                 .and_then(|rules| {
@@ -1337,22 +1339,26 @@ impl Core {
                         .sync_rules(rec.slot, &rules.v4, &rules.v6)
                         .map_err(|e| e.to_string())
                 }) {
-                Ok(0) => {}
+                Ok(0) => true,
                 Ok(dropped) => {
-                    tracing::info!(sandbox = %rec.name, dropped, "Addresses learned before the restart dropped; clients resolve again")
+                    tracing::info!(sandbox = %rec.name, dropped, "Addresses learned before the restart dropped; clients resolve again");
+                    true
                 }
                 Err(e) => {
-                    tracing::error!(sandbox = %rec.name, error = %e, "Restoring the policy's kernel rules failed")
+                    tracing::error!(sandbox = %rec.name, error = %e, "Restoring the policy's kernel rules failed; the sandbox is denied everything until it is attached again");
+                    false
                 }
-            }
-            let want = self.kernel_entry(&rec, &policy);
+            };
+            // The slot was brought to the policy in place (never emptied while in use);
+            // a slot that could not be is not used: deny all.
+            let want = if synced {
+                self.kernel_entry(&rec, &policy)
+            } else {
+                self.quarantine_entry(&rec, Some(&policy))
+            };
             if self.maps.sandbox(rec.cgroup_id) != Some(want) {
                 tracing::warn!(sandbox = %rec.name, "Kernel entry differs from the state; restoring it");
-                if let Err(e) = self.install(rec.slot, &policy).and_then(|()| {
-                    self.maps
-                        .set_sandbox(rec.cgroup_id, want)
-                        .map_err(|e| e.to_string())
-                }) {
+                if let Err(e) = self.maps.set_sandbox(rec.cgroup_id, want) {
                     tracing::error!(sandbox = %rec.name, error = %e, "Restoring kernel entries failed");
                 }
             }
@@ -1396,7 +1402,7 @@ impl Core {
                     policy_slot: QUARANTINE_SLOT,
                     default_action: agent_common::action::DENY,
                     _pad: 0,
-                    proxy_port: 0,
+                    proxy_port: self.proxy.port,
                     dns_port: 0,
                     dns_base: self.dns.base_port,
                 };

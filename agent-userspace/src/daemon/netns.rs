@@ -59,8 +59,9 @@ fn in_netns<T: Send + 'static>(
     .map_err(|_| io::Error::other("netns thread panicked"))?
 }
 
-/// Binds every address it can with `bind`; fails only if none binds (e.g. `::1` with IPv6
-/// disabled is skipped).
+/// Binds every address it can with `bind`; fails if none binds, or if one is taken (a
+/// process there would get the traffic the kernel sends to it). An address the namespace
+/// does not have (`::1` with IPv6 disabled) is skipped.
 fn bind_all<S>(
     addrs: Vec<SocketAddr>,
     bind: impl Fn(SocketAddr) -> io::Result<S>,
@@ -70,6 +71,12 @@ fn bind_all<S>(
     for a in addrs {
         match bind(a) {
             Ok(s) => out.push(s),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{a} is already taken by another process: {e}"),
+                ))
+            }
             Err(e) => last_err = Some(e),
         }
     }
@@ -123,4 +130,45 @@ pub fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs() -> Vec<SocketAddr> {
+        vec![
+            SocketAddr::from(([127, 0, 0, 1], 15001)),
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 15001)),
+        ]
+    }
+
+    /// An address another process holds fails the bind (its traffic would go there); an
+    /// address the namespace lacks is skipped.
+    #[test]
+    fn a_taken_address_fails_and_a_missing_one_is_skipped() {
+        let taken = bind_all(addrs(), |a| {
+            if a.is_ipv4() {
+                Err(io::Error::from(io::ErrorKind::AddrInUse))
+            } else {
+                Ok(a)
+            }
+        });
+        assert_eq!(
+            taken.map_err(|e| e.kind()).err(),
+            Some(io::ErrorKind::AddrInUse)
+        );
+        let missing = bind_all(addrs(), |a| {
+            if a.is_ipv6() {
+                Err(io::Error::from(io::ErrorKind::AddrNotAvailable))
+            } else {
+                Ok(a)
+            }
+        });
+        assert_eq!(missing.ok(), Some(vec![addrs()[0]]));
+        let none = bind_all(addrs(), |_| -> io::Result<SocketAddr> {
+            Err(io::Error::from(io::ErrorKind::AddrNotAvailable))
+        });
+        assert!(none.is_err());
+    }
 }
