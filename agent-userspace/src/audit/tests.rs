@@ -2009,6 +2009,9 @@ async fn records_that_find_the_queue_full_are_reported_lost() {
     for i in 0..emitted {
         handle.emit(denied((i % 60_000) as u16 + 1));
     }
+    // Records are being lost (not yet reported): no credential is used meanwhile
+    // (asserted once the log is read, so a failure does not leave the writer blocked).
+    let healthy_while_losing = handle.healthy();
     // The reader comes back.
     let mut text = Vec::new();
     let mut chunk = vec![0u8; 1 << 20];
@@ -2026,6 +2029,8 @@ async fn records_that_find_the_queue_full_are_reported_lost() {
             read => text.extend_from_slice(&chunk[..read.unwrap()]),
         }
     }
+    // Reported: healthy again.
+    let healthy_after = lost_seen(&text) && handle.healthy();
     drop(handle);
     // Whatever is still on its way.
     let finishing = std::time::Instant::now();
@@ -2044,6 +2049,11 @@ async fn records_that_find_the_queue_full_are_reported_lost() {
         text.extend_from_slice(&chunk[..n]);
     }
     writer.await.unwrap().unwrap();
+    assert!(
+        !healthy_while_losing,
+        "healthy while records found the queue full"
+    );
+    assert!(healthy_after, "still unhealthy after the loss was reported");
     let lines: Vec<serde_json::Value> = String::from_utf8(text)
         .unwrap()
         .lines()

@@ -921,10 +921,13 @@ impl AuditHandle {
     }
 
     /// Whether records are being written: false from a failed write until everything
-    /// queued meanwhile is written, and while a write has been blocked for longer than
-    /// [`WRITE_STALL`]. Two atomic loads (and a clock read during a write).
+    /// queued meanwhile is written, while a write has been blocked for longer than
+    /// [`WRITE_STALL`], and while records that found the queue full are not yet reported
+    /// (a credential is not used while its request's record could be among them). Three
+    /// atomic loads (and a clock read during a write).
     pub fn healthy(&self) -> bool {
         !self.health.failing.load(Ordering::Acquire)
+            && self.health.unqueued.load(Ordering::Relaxed) == 0
             && self.health.stalled().is_none()
             && !self.tx.is_closed()
     }
