@@ -198,6 +198,39 @@ fn source_routes_and_packet_sockets_are_refused() -> Result<()> {
         );
     }
 
+    // A policy can make that a condition of the attach: where it is not met, the
+    // replacement is refused (recorded) and the sandbox keeps its policy.
+    let strict = fx.policy(
+        "strict.yaml",
+        &POLICY.replace(
+            "default: deny\n",
+            "default: deny\nrequire:\n  non_inet_sockets_refused: true\n",
+        ),
+    )?;
+    let out = fx.daemon.attach(&fx.sandbox, &strict, fx.sandbox.label())?;
+    if covered {
+        ensure!(out.status.success(), "strict policy refused: {out:?}");
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.contains("require.non_inet_sockets_refused"),
+            "strict policy attached where non-inet sockets are not refused: {out:?}"
+        );
+        poll(Duration::from_secs(5), Duration::from_millis(100), || {
+            Ok(fx
+                .daemon
+                .audit_records()?
+                .iter()
+                .any(|r| {
+                    action(r) == Some("policy-rejected")
+                        && get_str(r, "error.message")
+                            .is_some_and(|m| m.contains("non_inet_sockets_refused"))
+                })
+                .then_some(()))
+        })?
+        .context("no policy-rejected record for require.non_inet_sockets_refused")?;
+    }
+
     // Records: every refusal, named.
     let records = poll(Duration::from_secs(10), Duration::from_millis(100), || {
         let all = fx.daemon.audit_records()?;

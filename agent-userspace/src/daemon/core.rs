@@ -754,8 +754,8 @@ impl Core {
             None => Posture::read(&cgroup.path),
         };
         let held = posture.violations(policy.no_capabilities());
-        if !held.is_empty() {
-            let error = format!(
+        let unmet = if !held.is_empty() {
+            Some(format!(
                 "{policy_path}: require.no_capabilities: processes in {} hold {} (pids {})",
                 cgroup.path.display(),
                 held.join(", "),
@@ -765,7 +765,18 @@ impl Core {
                     .map(u32::to_string)
                     .collect::<Vec<_>>()
                     .join(" ")
-            );
+            ))
+        } else if policy.requires_non_inet_refused() {
+            self.packet_sockets.as_ref().err().map(|why| {
+                format!(
+                    "{policy_path}: require.non_inet_sockets_refused: this daemon cannot \
+                     refuse packet, vsock and other non-inet sockets ({why})"
+                )
+            })
+        } else {
+            None
+        };
+        if let Some(error) = unmet {
             self.audit.emit(Record::PolicyRejected(PolicyRejected {
                 time: now(),
                 sandbox: name.clone(),

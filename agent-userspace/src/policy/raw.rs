@@ -82,6 +82,10 @@ pub struct RawRequire {
     /// that no process in the sandbox may hold in its effective set at attach.
     #[serde(default)]
     pub no_capabilities: Vec<String>,
+    /// The daemon must refuse packet, vsock and other non-inet sockets in the sandbox
+    /// (BPF LSM): without that the attach is refused.
+    #[serde(default)]
+    pub non_inet_sockets_refused: bool,
 }
 
 /// The `dns:` section.

@@ -44,6 +44,8 @@ pub struct Policy {
     pub(in crate::policy) dns: Option<DnsConfig>,
     /// `require.no_capabilities`: capability names, checked.
     pub(in crate::policy) no_capabilities: Vec<String>,
+    /// `require.non_inet_sockets_refused`.
+    pub(in crate::policy) non_inet_sockets_refused: bool,
     pub(in crate::policy) rules: Vec<Rule>,
     pub(in crate::policy) tests: Vec<PolicyTest>,
     pub(in crate::policy) request_tests: Vec<RequestTest>,
@@ -72,6 +74,12 @@ impl Policy {
     /// Capabilities no sandbox process may hold at attach (`require.no_capabilities`).
     pub fn no_capabilities(&self) -> &[String] {
         &self.no_capabilities
+    }
+
+    /// Whether the attach needs non-inet sockets refused in the sandbox
+    /// (`require.non_inet_sockets_refused`).
+    pub fn requires_non_inet_refused(&self) -> bool {
+        self.non_inet_sockets_refused
     }
 
     /// The `dns:` section; `None` when the file has none (the daemon's settings apply).
@@ -391,6 +399,10 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
 
     let policy = Policy {
         no_capabilities,
+        non_inet_sockets_refused: raw
+            .require
+            .as_ref()
+            .is_some_and(|r| r.non_inet_sockets_refused),
         default: match raw.default {
             RawDefault::Deny => DefaultAction::Deny,
             RawDefault::Audit => DefaultAction::Audit,
