@@ -38,7 +38,7 @@ use super::io::{idle_watch, Activity, Metered, PrefixedStream};
 use super::method_override::{self, BodyCheck};
 use super::refused::{connection_refusal, is_client_abort, H2Watch, StreamReset, CLIENT_ABORTED};
 use super::scrub::{self, OutboundScan, ResponseBody};
-use super::target::{judge_target, TargetRefusal};
+use super::target::{judge_destination, judge_target, TargetRefusal};
 use super::upstream::{DialParams, PoolKey, Sender};
 use super::{ConnInfo, Proxy};
 use crate::audit::{query_keys, ProxyVerdict as Verdict, RecordKind, SecretFinding, TlsMode};
@@ -635,6 +635,17 @@ impl ConnCtx {
             }
         };
         record.path = Some(judged.path().to_owned());
+        // WebDAV's second target (COPY, MOVE) is judged too, and sent as judged.
+        let destination = judge_destination(
+            &self.conn.route,
+            &self.sni,
+            req.method().as_str(),
+            req.headers(),
+        )
+        .map_err(|refusal| match refusal {
+            TargetRefusal::Ambiguous(reason) => Refusal::deny(StatusCode::BAD_REQUEST, reason),
+            TargetRefusal::Denied { reason, .. } => Refusal::deny(StatusCode::FORBIDDEN, reason),
+        })?;
         let mut path_and_query = PathAndQuery::try_from(judged.target.as_str()).map_err(|_| {
             Refusal::deny(
                 StatusCode::BAD_REQUEST,
@@ -650,6 +661,9 @@ impl ConnCtx {
         };
 
         let (mut parts, ()) = req.into_parts();
+        if let Some(destination) = destination {
+            parts.headers.insert("destination", destination);
+        }
         // The length the client declared: its body must bring exactly that.
         let declared = parts
             .headers

@@ -79,6 +79,62 @@ pub fn judge_target(route: &Route, method: &str, raw: &str) -> Result<Judged, Ta
     }
 }
 
+/// The second target a request acts on, named in `Destination` (WebDAV's COPY and MOVE):
+/// judged as the request's own is, for `method`, and returned in the form to forward
+/// (the judged path behind the scheme and authority the client gave, whose host must be
+/// `server_name`). `Ok(None)`: there is none.
+pub fn judge_destination(
+    route: &Route,
+    server_name: &str,
+    method: &str,
+    headers: &http::HeaderMap,
+) -> Result<Option<http::HeaderValue>, TargetRefusal> {
+    let ambiguous = |why: &str| {
+        TargetRefusal::Ambiguous(format!(
+            "downstream client: {method} refused: Destination {why}"
+        ))
+    };
+    let mut all = headers.get_all("destination").iter();
+    let Some(value) = all.next() else {
+        return Ok(None);
+    };
+    if all.next().is_some() {
+        return Err(ambiguous("given more than once"));
+    }
+    if route.git.is_some() {
+        return Err(ambiguous("on a git route"));
+    }
+    let text = value.to_str().map_err(|_| ambiguous("is not ASCII"))?;
+    let uri: http::Uri = text.parse().map_err(|_| ambiguous("is not a URI"))?;
+    let (front, raw) = match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme), Some(authority)) => {
+            if crate::credentials::normalize_host(authority.host()) != server_name {
+                return Err(ambiguous(&format!(
+                    "names host {}, not {server_name}",
+                    crate::policy::target_for_reason(authority.host())
+                )));
+            }
+            (
+                format!("{scheme}://{authority}"),
+                uri.path_and_query()
+                    .map_or("/", http::uri::PathAndQuery::as_str),
+            )
+        }
+        (None, None) if text.starts_with('/') => (String::new(), text),
+        _ => return Err(ambiguous("is neither an absolute URI nor an absolute path")),
+    };
+    let judged = judge_target(route, method, raw).map_err(|refusal| match refusal {
+        TargetRefusal::Ambiguous(why) => TargetRefusal::Ambiguous(format!("Destination: {why}")),
+        TargetRefusal::Denied { reason, git } => TargetRefusal::Denied {
+            reason: format!("Destination: {reason}"),
+            git,
+        },
+    })?;
+    http::HeaderValue::try_from(format!("{front}{}", judged.target))
+        .map(Some)
+        .map_err(|_| ambiguous("cannot be re-sent"))
+}
+
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
@@ -120,6 +176,64 @@ rules:
             explicitly_covers: Box::new(|_| false),
             git: rule.git().cloned(),
         }
+    }
+
+    /// WebDAV's second target is judged like the first, and sent in the form judged.
+    #[test]
+    fn destinations_are_judged_and_normalised() {
+        let policy = Arc::new(parse_str(POLICY, "test.yaml").unwrap());
+        let api = route(&policy, 1);
+        let judge = |values: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for v in values {
+                h.append("destination", http::HeaderValue::from_str(v).unwrap());
+            }
+            judge_destination(&api, "api.github.com", "POST", &h)
+        };
+        assert!(matches!(judge(&[]), Ok(None)));
+        let sent = |v: &str| {
+            judge(&[v])
+                .ok()
+                .flatten()
+                .map(|h| h.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            sent("https://API.github.com./repos/acme/widgets/b%41").as_deref(),
+            Some("https://API.github.com./repos/acme/widgets/bA")
+        );
+        assert_eq!(
+            sent("/repos/acme/widgets/x").as_deref(),
+            Some("/repos/acme/widgets/x")
+        );
+        assert!(matches!(
+            judge(&["https://api.github.com/repos/acme/other"]),
+            Err(TargetRefusal::Denied { .. })
+        ));
+        for ambiguous in [
+            "https://evil.example/repos/acme/widgets/x",
+            "https://api.github.com/repos/acme/widgets/../other",
+            "https://api.github.com/repos/acme/widgets/%2e%2e/x",
+            "repos/acme/widgets/x",
+        ] {
+            assert!(
+                matches!(judge(&[ambiguous]), Err(TargetRefusal::Ambiguous(_))),
+                "{ambiguous}"
+            );
+        }
+        assert!(matches!(
+            judge(&["/repos/acme/widgets/a", "/repos/acme/widgets/b"]),
+            Err(TargetRefusal::Ambiguous(_))
+        ));
+        let git = route(&policy, 2);
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "destination",
+            http::HeaderValue::from_static("/acme/widgets.git"),
+        );
+        assert!(matches!(
+            judge_destination(&git, "github.com", "POST", &h),
+            Err(TargetRefusal::Ambiguous(_))
+        ));
     }
 
     /// Every byte of `s` percent-decoded, as an origin that decodes everything reads it.

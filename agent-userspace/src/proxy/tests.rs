@@ -191,9 +191,14 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
             .unwrap());
     }
     let version = req.version();
+    let destination = req
+        .headers()
+        .get("destination")
+        .map(|d| format!("destination={}\n", d.to_str().unwrap_or("?")))
+        .unwrap_or_default();
     let body = req.into_body().collect().await.map(|b| b.to_bytes().len());
     let text = format!(
-        "auth={auth}\nhost={host}\npath={path}\nbody={}\nversion={version:?}\n",
+        "auth={auth}\nhost={host}\npath={path}\nbody={}\nversion={version:?}\n{destination}",
         body.unwrap_or(usize::MAX)
     );
     Ok(Response::new(Full::new(Bytes::from(text))))
@@ -1421,6 +1426,47 @@ async fn a_post_body_naming_another_method_is_refused_where_the_rule_refuses_it(
             assert_eq!(h.record().await.verdict, Verdict::Allow);
         }
         assert_eq!(origin.requests.load(Ordering::SeqCst), 3);
+    })
+    .await;
+}
+
+/// WebDAV's COPY and MOVE act on `Destination` too: judged like the request's target
+/// (refused where the rule refuses it, or names another host) and sent as judged.
+#[tokio::test]
+async fn a_destination_is_judged_and_sent_as_judged() {
+    within(async {
+        let origin = start_origin(false).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let mv = |dest: &str| {
+            let dest = dest.replace("{NAME}", NAME);
+            let mut req = request(Method::from_bytes(b"MOVE").unwrap(), NAME, "/a", &[], "");
+            req.headers_mut()
+                .insert("destination", http::HeaderValue::from_str(&dest).unwrap());
+            req
+        };
+        let reply = send(&mut client, mv("https://{NAME}/b%41")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert!(
+            reply
+                .body
+                .contains(&format!("destination=https://{NAME}/bA\n")),
+            "{}",
+            reply.body
+        );
+        h.record().await;
+        for (dest, status) in [
+            ("https://{NAME}/forbidden/x", StatusCode::FORBIDDEN),
+            ("/forbidden/x", StatusCode::FORBIDDEN),
+            ("https://elsewhere.example/b", StatusCode::BAD_REQUEST),
+            ("https://{NAME}/a/%2e%2e/forbidden", StatusCode::BAD_REQUEST),
+        ] {
+            let reply = send(&mut client, mv(dest)).await;
+            assert_eq!(reply.status, status, "{dest}: {}", reply.body);
+            assert!(reply.body.contains("Destination"), "{}", reply.body);
+            assert_eq!(h.record().await.verdict, Verdict::Deny);
+        }
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
     })
     .await;
 }
