@@ -17,6 +17,13 @@ use base64::Engine as _;
 /// short is a configuration mistake the daemon warns about.
 pub const MIN_PATTERN_LEN: usize = 8;
 
+/// How many final characters a value (plain or base64) may lack and still be matched.
+pub const CUT_SHORT: usize = 8;
+
+/// The fewest characters a cut-short value keeps to be matched: fewer would be a piece
+/// other values of its kind could share.
+const MIN_CUT_LEN: usize = 16;
+
 /// The automaton over all known secret forms, and which credential each pattern is of.
 pub struct SecretMatcher {
     ac: Option<AhoCorasick>,
@@ -155,9 +162,12 @@ impl SecretMatcher {
 /// - the value's bytes in hex: contiguous, space-separated (as in AWS's
 ///   `CanonicalRequestBytes`) and each behind `%`.
 ///
-/// Patterns match in any ASCII case. Each is a whole form (never a piece of one, which a
-/// structured secret could share with others: a JWT's header, a token's fixed prefix), so
-/// the longest, the space-separated hex, sets how much of a streamed body is held back.
+/// Patterns match in any ASCII case. Each is a whole form, or the value (plain or
+/// base64) cut short by at most [`CUT_SHORT`] characters, as an origin that quotes the
+/// first N bytes of a header would return it (the sandbox may choose what precedes the
+/// secret, and so where the cut falls); never a shorter piece, which a structured secret
+/// could share with others (a JWT's header, a token's fixed prefix). The longest, the
+/// space-separated hex, sets how much of a streamed body is held back.
 pub fn forms(secret: &str) -> Vec<Vec<u8>> {
     let raw = secret.as_bytes();
     let mut bases: Vec<Vec<u8>> = vec![raw.to_vec()];
@@ -193,6 +203,14 @@ pub fn forms(secret: &str) -> Vec<Vec<u8>> {
         }
     }
     for base in &bases {
+        // Cut short: every length from the whole down to CUT_SHORT fewer, so what a cut
+        // leaves is scrubbed whole wherever it falls; only where that keeps
+        // MIN_CUT_LEN characters.
+        for cut in 1..=CUT_SHORT {
+            if base.len() >= MIN_CUT_LEN + cut {
+                add(base[..base.len() - cut].to_vec());
+            }
+        }
         add(base.clone());
         add(percent_encode(base, b""));
         add(percent_encode(base, b"/"));
@@ -408,6 +426,29 @@ mod tests {
         assert!(m
             .find(format!("{{\"token\":\"{theirs}\"}}").as_bytes())
             .is_none());
+    }
+
+    /// An origin quoting the first N bytes of what it was sent returns the value cut
+    /// short: scrubbed wherever the cut falls within the last CUT_SHORT characters, its
+    /// base64 too; a cut that keeps less is not the value's (it may be a shared prefix).
+    #[test]
+    fn a_value_cut_short_is_found() {
+        let secret = "ghp_0123456789abcdefghijABCDEFGHIJklmnop";
+        let m = SecretMatcher::new([("c", secret)]);
+        for cut in 1..=CUT_SHORT {
+            let echo = format!("bad credential: Bearer {}", &secret[..secret.len() - cut]);
+            let mut ranges = Vec::new();
+            m.each_match(echo.as_bytes(), |r, _| ranges.push(r));
+            let end = ranges.iter().map(|r| r.end).max();
+            assert_eq!(end, Some(echo.len()), "cut {cut}: {ranges:?}");
+        }
+        let short = &secret[..secret.len() - CUT_SHORT - 1];
+        assert!(m.find(short.as_bytes()).is_none());
+        let basic = base64::engine::general_purpose::STANDARD
+            .encode(format!("x-access-token:{secret}").as_bytes());
+        assert!(m.find(&basic.as_bytes()[..basic.len() - 6]).is_some());
+        // A short value has no cut-short forms.
+        assert!(forms("short-secret-123").iter().all(|f| f.len() >= 16));
     }
 
     #[test]

@@ -30,6 +30,7 @@ use http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
 use http::{HeaderMap, HeaderValue};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use crate::credentials::matcher::CUT_SHORT;
 use crate::credentials::SecretMatcher;
 
 /// What replaces a secret: cut to the length of a shorter match, padded with `*` for a
@@ -81,18 +82,19 @@ impl Tally {
 /// Replaces every match in `bytes` (a whole, self-contained value) with the marker.
 /// Returns whether anything was replaced.
 fn scrub_in_place(bytes: &mut [u8], matcher: &SecretMatcher, tally: &Tally) -> bool {
-    let ranges = merged_matches(bytes, matcher, 0, tally);
+    let ranges = merged_matches(bytes, matcher, 0..bytes.len(), tally);
     mask(bytes, &ranges);
     !ranges.is_empty()
 }
 
 /// Matches in `hay`, overlapping ones merged, in order. Each occurrence is counted once:
 /// a match inside another (a run of the secret within the whole value) is not counted,
-/// nor are matches that end at or before `seen` (counted before).
+/// and only matches ending within `counted` are (the others were counted before, or will
+/// be once the bytes after them are known).
 fn merged_matches(
     hay: &[u8],
     matcher: &SecretMatcher,
-    seen: usize,
+    counted: std::ops::Range<usize>,
     tally: &Tally,
 ) -> Vec<std::ops::Range<usize>> {
     let mut found: Vec<(std::ops::Range<usize>, usize)> = Vec::new();
@@ -101,7 +103,7 @@ fn merged_matches(
     found.sort_by(|(a, _), (b, _)| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
     let mut reach = 0;
     for (range, index) in &found {
-        if range.end > reach && range.end > seen {
+        if range.end > reach && range.end > counted.start && range.end <= counted.end {
             tally.add(matcher, *index);
         }
         reach = reach.max(range.end);
@@ -134,7 +136,12 @@ pub fn scrub_headers(headers: &mut HeaderMap, matcher: &SecretMatcher, tally: &T
         .cloned()
         .collect();
     for name in named {
-        merged_matches(name.as_str().as_bytes(), matcher, 0, tally);
+        merged_matches(
+            name.as_str().as_bytes(),
+            matcher,
+            0..name.as_str().len(),
+            tally,
+        );
         headers.remove(&name);
         changed += 1;
     }
@@ -268,8 +275,11 @@ impl StreamScrubber {
         let mut buf = Vec::with_capacity(old + piece.len());
         buf.extend_from_slice(&self.tail_in);
         buf.extend_from_slice(piece);
-        // Matches wholly inside the old tail were found (and counted) last time.
-        let ranges = merged_matches(&buf, &self.matcher, old, &self.tally);
+        // Matches that ended in the old tail were counted last time, but for its last
+        // CUT_SHORT bytes: a value cut short there could have been the start of the whole
+        // one, which the bytes after it tell. So are matches ending in this buffer's.
+        let counted = old.saturating_sub(CUT_SHORT)..buf.len().saturating_sub(CUT_SHORT);
+        let ranges = merged_matches(&buf, &self.matcher, counted, &self.tally);
         let cut = buf.len().saturating_sub(self.keep);
         if ranges.is_empty() && self.tail_in == self.tail_out {
             self.tail_in.clear();
@@ -287,8 +297,16 @@ impl StreamScrubber {
         Bytes::from(buf)
     }
 
-    /// The end of the stream: what was kept back.
+    /// The end of the stream: what was kept back (its matches masked already; those in
+    /// its last CUT_SHORT bytes counted now).
     pub fn finish(&mut self) -> Bytes {
+        let len = self.tail_in.len();
+        merged_matches(
+            &self.tail_in,
+            &self.matcher,
+            len.saturating_sub(CUT_SHORT)..len,
+            &self.tally,
+        );
         self.tail_in.clear();
         Bytes::from(std::mem::take(&mut self.tail_out))
     }
@@ -722,9 +740,12 @@ impl OutboundScan {
         self.check()
     }
 
-    /// The end of the body: what was held back.
-    pub fn finish(&mut self) -> Bytes {
-        self.scrubber.finish()
+    /// The end of the body: what was held back, or an error if a secret was seen (one
+    /// ending in the last bytes is counted only now).
+    pub fn finish(&mut self) -> Result<Bytes, BoxError> {
+        let out = self.scrubber.finish();
+        self.check()?;
+        Ok(out)
     }
 
     pub fn held(&self) -> usize {
@@ -917,6 +938,13 @@ mod tests {
                     }
                 }
             }
+            // A secret in the body's last bytes is known for whole only at its end.
+            if !failed {
+                match scan.finish() {
+                    Ok(b) => sent.extend_from_slice(&b),
+                    Err(_) => failed = true,
+                }
+            }
             assert!(failed, "split at {at}");
             assert_eq!(hit.credential(), Some("github"));
             assert!(!contains(&sent, SECRET.as_bytes()), "split at {at}");
@@ -925,7 +953,7 @@ mod tests {
         let hit = Arc::new(OutboundHit::default());
         let mut scan = OutboundScan::new(m, hit.clone());
         let mut sent = scan.push(b"{\"note\":\"fine\"}").unwrap().to_vec();
-        sent.extend_from_slice(&scan.finish());
+        sent.extend_from_slice(&scan.finish().unwrap());
         assert_eq!(sent, b"{\"note\":\"fine\"}");
         assert_eq!(hit.credential(), None);
     }
