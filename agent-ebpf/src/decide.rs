@@ -196,11 +196,31 @@ fn is_loopback(dest: &Dest) -> bool {
     }
 }
 
+/// Whether an IPv6 address is in the NAT64 well-known prefix (`64:ff9b::/96`, RFC 6052):
+/// a translator delivers it to the IPv4 address in its last 32 bits.
+#[inline(always)]
+pub fn is_nat64(a: &[u8; 16]) -> bool {
+    a[0] == 0
+        && a[1] == 0x64
+        && a[2] == 0xff
+        && a[3] == 0x9b
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0
+        && a[11] == 0
+}
+
 /// `::ffff:a.b.c.d` -> `a.b.c.d`. connect6/sendmsg6 see these for AF_INET6 sockets talking
-/// to IPv4 hosts (connect4 never runs for them), so they must get the IPv4 policy.
+/// to IPv4 hosts (connect4 never runs for them), so they must get the IPv4 policy. So do
+/// NAT64 addresses (`64:ff9b::a.b.c.d`), which reach `a.b.c.d` through a translator: an
+/// IPv4 `deny` rule must not be passed by writing its address that way.
 #[inline(always)]
 pub fn v6_dest(addr: [u8; 16]) -> Dest {
-    if is_mapped(&addr) {
+    if is_mapped(&addr) || is_nat64(&addr) {
         Dest::V4([addr[12], addr[13], addr[14], addr[15]])
     } else {
         Dest::V6(addr)
@@ -418,7 +438,11 @@ fn redirect(
     rule_id: u16,
     to_port: u16,
 ) -> Result<(), i64> {
+    // A NAT64 destination, judged by its IPv4 address, is still reached through the
+    // translator: the proxy dials the address the client named, from IPv6 loopback.
+    let nat64 = call.family == 6 && is_nat64(&call.raw_addr);
     let addr = match call.dest {
+        Dest::V4(_) if nat64 => call.raw_addr,
         Dest::V4(a) => mapped(a),
         Dest::V6(a) => a,
     };
@@ -438,7 +462,7 @@ fn redirect(
     unsafe {
         if call.family == 4 {
             (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
-        } else if let Dest::V4(_) = call.dest {
+        } else if matches!(call.dest, Dest::V4(_)) && !nat64 {
             // A dual-stack socket going to an IPv4 host: ::ffff:127.0.0.1.
             (*sa).user_ip6[0] = 0;
             (*sa).user_ip6[1] = 0;

@@ -115,3 +115,72 @@ fn ipv4_mapped_ipv6_follows_ipv4_rules() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// A NAT64 address (`64:ff9b::a.b.c.d`) reaches `a.b.c.d` through a translator: it is
+/// judged by the IPv4 rules, so an IPv4 `deny` holds even where IPv6 is allowed broadly.
+#[test]
+fn nat64_addresses_follow_ipv4_rules() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    fx.attach(&format!(
+        r#"version: 1
+default: deny
+rules:
+  - name: any-v6
+    to: ["::/0"]
+    action: allow
+  - name: canary
+    to: [{CANARY_V4}]
+    action: deny
+  - name: web-origin
+    to: [{ORIGIN_V4}]
+    ports: [80]
+    action: allow
+"#
+    ))?;
+    let name = fx.sandbox.label();
+    let nat64 = |v4: std::net::Ipv4Addr| {
+        let [a, b, c, d] = v4.octets();
+        std::net::Ipv6Addr::new(
+            0x64,
+            0xff9b,
+            0,
+            0,
+            0,
+            0,
+            u16::from_be_bytes([a, b]),
+            u16::from_be_bytes([c, d]),
+        )
+    };
+    let p = fx
+        .sandbox
+        .probe_host("tcp-connect", &nat64(CANARY_V4).to_string(), 9, &[])?;
+    expect::eperm(&p)?;
+    // The record names the address the client wrote, and the IPv4 rule that judged it.
+    let rec = fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::decision("deny", IpAddr::V6(nat64(CANARY_V4)), 9)
+            .hook("connect6")
+            .sandbox(name),
+    )?;
+    ensure!(get_str(&rec, "rule.name") == Some("canary"), "{rec}");
+    // Positive control: the IPv4 allow rule applies the same way (the kernel lets the
+    // connect go; this test bed has no translator to carry it).
+    let p = fx
+        .sandbox
+        .probe_host("tcp-connect", &nat64(ORIGIN_V4).to_string(), 80, &[])?;
+    ensure!(
+        !p.is_eperm(),
+        "NAT64 of the allowed origin refused: {}",
+        p.raw
+    );
+    fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::decision("allow", IpAddr::V6(nat64(ORIGIN_V4)), 80)
+            .hook("connect6")
+            .sandbox(name)
+            .rule("web-origin"),
+    )?;
+    expect::canary_silent(&fx.canary)?;
+    Ok(())
+}

@@ -524,7 +524,7 @@ impl Core {
                 ));
                 continue;
             }
-            let addr = l.addr.to_canonical();
+            let addr = crate::net::judged_as(l.addr);
             if let Some(why) = super::dns::learning_refusal(&policy, &ids_now, addr) {
                 tracing::warn!(sandbox = %rec.name, name = %l.name, %addr, %why, "Not learning a DNS answer");
                 refused.push((l.addr, why));

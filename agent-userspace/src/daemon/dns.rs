@@ -226,7 +226,7 @@ impl DnsRuntime {
     /// The name an address of a sandbox was learned from.
     pub fn name_of(&self, index: u32, ip: IpAddr) -> Option<&str> {
         self.learned
-            .get(&(index, ip.to_canonical()))
+            .get(&(index, crate::net::judged_as(ip)))
             .map(|l| l.name.as_str())
     }
 
@@ -246,7 +246,7 @@ impl DnsRuntime {
 /// `answers` of one of the name's rules names it explicitly, or an address a static
 /// `deny` rule covers. `None`: it may be learned.
 pub fn learning_refusal(policy: &Policy, rule_ids: &[u16], addr: IpAddr) -> Option<String> {
-    let addr = addr.to_canonical();
+    let addr = crate::net::judged_as(addr);
     // The `answers` pins of the policy in force (the query may have started under another).
     if let Some(why) = policy.answer_refusal(rule_ids, addr) {
         return Some(why);
@@ -276,7 +276,7 @@ pub fn learning_refusal(policy: &Policy, rule_ids: &[u16], addr: IpAddr) -> Opti
 
 /// The single-address network of a learned address.
 pub fn host_net(addr: IpAddr) -> IpNet {
-    IpNet::from(addr.to_canonical())
+    IpNet::from(crate::net::judged_as(addr))
 }
 
 #[cfg(test)]
@@ -323,11 +323,9 @@ rules:
             let why = refused(&open, a).unwrap_or_default();
             assert!(why.contains("no rule names it explicitly"), "{a}: {why}");
         }
-        assert_eq!(
-            refused(&open, "64:ff9b::7f00:1").unwrap(),
-            "64:ff9b::7f00:1 is a NAT64 (64:ff9b::/96) address carrying 127.0.0.1, a \
-             loopback address, and no rule names it explicitly (a static rule or `answers`)"
-        );
+        // A NAT64 address is judged as the IPv4 address it reaches.
+        let why = refused(&open, "64:ff9b::7f00:1").unwrap();
+        assert!(why.starts_with("127.0.0.1 is a loopback"), "{why}");
         // Named by the name's own `answers`, or by a static rule inside the block.
         assert_eq!(refused(&internal, "10.1.2.3"), None);
         assert!(refused(&internal, "127.0.0.1").is_some());
@@ -341,5 +339,13 @@ rules:
             refused(&open, "198.51.100.7").as_deref(),
             Some("deny rule `no-doc` covers the address")
         );
+        // In any IPv6 spelling that reaches it (a DNS64 answer).
+        for a in ["64:ff9b::c633:6407", "::ffff:198.51.100.7"] {
+            assert_eq!(
+                refused(&open, a).as_deref(),
+                Some("deny rule `no-doc` covers the address"),
+                "{a}"
+            );
+        }
     }
 }

@@ -54,13 +54,13 @@ impl Policy {
     /// Decides a connection to `ip:port` over `protocol` (`Tcp` or `Udp`; `Any` matches
     /// only rules without a protocol, as the kernel does for other protocol numbers).
     ///
-    /// An IPv4-mapped IPv6 address is judged as its IPv4 address. Among the (rule, net)
+    /// An IPv4-mapped or NAT64 IPv6 address is judged as its IPv4 address. Among the (rule, net)
     /// pairs whose net contains the address, the longest prefix comes first, then the
     /// earlier rule; the first whose ports and protocol match decides. Otherwise the
     /// default does. Names in `to` play no part: they grant only addresses learned
     /// through DNS, which [`Policy::decide_learned`] judges.
     pub fn decide(&self, ip: IpAddr, port: u16, protocol: Protocol) -> Decision {
-        let ip = routed(ip.to_canonical());
+        let ip = routed(crate::net::judged_as(ip));
         // (prefix length, rule index) of the best candidate so far; a later rule only
         // wins with a strictly longer prefix, so equal prefixes keep file order.
         let mut best: Option<(u8, usize)> = None;
@@ -271,6 +271,11 @@ rules:
                 ("203.0.113.9:8080", Allow, "mapped"),
                 ("[::ffff:203.0.113.9]:8080", Allow, "mapped"),
                 ("203.0.114.9:8080", Deny, ""),
+                // So do NAT64 ones (64:ff9b::/96), and a NAT64 CIDR is an IPv4 rule.
+                ("[64:ff9b::808:808]:53/udp", Allow, "all4"),
+                ("[64:ff9b::808:808]:80/tcp", Deny, ""),
+                ("[64:ff9b::cb00:7109]:8080", Allow, "mapped"),
+                ("[64:ff9b:1::808:808]:80/tcp", Allow, "all6"),
             ],
         );
     }

@@ -143,7 +143,7 @@ impl Policy {
         addr: IpAddr,
         rule_ids: &[u16],
     ) -> Result<PrefixRules, KernelRulesError> {
-        let prefix = IpNet::from(addr.to_canonical());
+        let prefix = IpNet::from(crate::net::judged_as(addr));
         let mut order: Vec<usize> = rule_ids
             .iter()
             .filter_map(|&id| usize::from(id).checked_sub(1))
@@ -264,7 +264,7 @@ mod tests {
         port: u16,
         protocol: Protocol,
     ) -> Decision {
-        let list = match ip.to_canonical() {
+        let list = match crate::net::judged_as(ip) {
             IpAddr::V4(a) => {
                 k.v4.iter()
                     .filter(|(n, _)| n.contains(&a))
@@ -377,7 +377,7 @@ mod tests {
     /// (replacing a static entry at the same prefix).
     fn with_entry(k: &KernelRules, ip: IpAddr, list: Option<PrefixRules>) -> KernelRules {
         let mut k = k.clone();
-        match ip.to_canonical() {
+        match crate::net::judged_as(ip) {
             IpAddr::V4(a) => {
                 let net = Ipv4Net::from(a);
                 k.v4.retain(|(n, _)| *n != net);
@@ -453,7 +453,7 @@ mod tests {
             }
             // Other addresses are not affected.
             let other = probes[(n + 1) % probes.len()];
-            if other.to_canonical() != ip.to_canonical() {
+            if crate::net::judged_as(other) != crate::net::judged_as(ip) {
                 assert_eq!(
                     kernel_decide(&learned, policy.default_action(), other, 443, Protocol::Tcp),
                     policy.decide(other, 443, Protocol::Tcp),
@@ -461,7 +461,7 @@ mod tests {
                 );
             }
             // Expiry restores exactly the static maps.
-            let host = IpNet::from(ip.to_canonical());
+            let host = IpNet::from(crate::net::judged_as(ip));
             let expired = with_entry(&learned, ip, policy.static_entry(host));
             assert_eq!(expired, k, "after {ip} expired\n{src}");
         }

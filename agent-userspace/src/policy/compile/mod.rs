@@ -141,7 +141,7 @@ impl Policy {
     /// those rules' `answers` allow (it must lie in the `answers` of every one that has
     /// them); `None` when it may be learned as far as `answers` go.
     pub fn answer_refusal(&self, rule_ids: &[u16], addr: IpAddr) -> Option<String> {
-        let addr = addr.to_canonical();
+        let addr = crate::net::judged_as(addr);
         rule_ids
             .iter()
             .filter_map(|&id| self.rule(id))
@@ -181,11 +181,16 @@ impl Policy {
     }
 }
 
-/// `::ffff:a.b.c.d/n` (n >= 96) becomes `a.b.c.d/(n - 96)`: the kernel judges mapped
-/// destinations by the IPv4 rules, so that is where such a prefix must go.
+/// `::ffff:a.b.c.d/n` and `64:ff9b::a.b.c.d/n` (n >= 96) become `a.b.c.d/(n - 96)`: the
+/// kernel judges mapped and NAT64 destinations by the IPv4 rules, so that is where such a
+/// prefix must go.
 pub fn normalise_net(net: IpNet) -> IpNet {
     if let IpNet::V6(v6) = net {
-        if let Some(v4) = v6.addr().to_ipv4_mapped() {
+        let carried = v6
+            .addr()
+            .to_ipv4_mapped()
+            .or_else(|| crate::net::nat64_v4(v6.addr()));
+        if let Some(v4) = carried {
             if let Some(len) = v6.prefix_len().checked_sub(96) {
                 if let Ok(n) = Ipv4Net::new(v4, len) {
                     return IpNet::V4(n);
