@@ -68,6 +68,13 @@ pub enum Request {
         sandbox: String,
         credential: String,
     },
+    /// The OCI hook refused to let a container start (it is not attached): recorded.
+    HookRefused {
+        /// The container's id, from the runtime's state.
+        container: String,
+        /// Why (at most a few hundred characters).
+        reason: String,
+    },
 }
 
 /// Decodes one request line as the daemon reads it off the socket (the newline may still

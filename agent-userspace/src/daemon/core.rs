@@ -1472,6 +1472,21 @@ impl Core {
         Some(why)
     }
 
+    /// The OCI hook refused to start container `container`: a `policy-rejected` record in
+    /// the container's name (`oci:ID`), so the refusal is in the trail.
+    pub fn hook_refused(&mut self, container: &str, reason: &str) {
+        let cut = |s: &str, n: usize| s.chars().take(n).collect::<String>();
+        let sandbox = format!("oci:{}", cut(container, 64));
+        tracing::warn!(%sandbox, reason = %cut(reason, 1000), "The OCI hook refused a container");
+        self.audit.emit(Record::PolicyRejected(PolicyRejected {
+            time: now(),
+            sandbox,
+            policy_path: PathBuf::from("oci-hook"),
+            policy_digest: None,
+            error: format!("OCI hook refused the container: {}", cut(reason, 1000)),
+        }));
+    }
+
     /// Sandbox and rule names for a kernel event.
     pub fn names(&self, sandbox_index: u32, rule_id: u16) -> (String, RuleRef) {
         let Some(rec) = self.state.by_index(sandbox_index) else {

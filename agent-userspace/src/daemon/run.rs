@@ -121,6 +121,10 @@ impl Handler for Shared {
             } => core.detach(name, cgroup, reason.unwrap_or(DetachReason::Operator)),
             Request::Quarantine { name, reason } => core.quarantine_by_operator(&name, reason),
             Request::Release { name } => core.release(&name),
+            Request::HookRefused { container, reason } => {
+                core.hook_refused(&container, &reason);
+                Ok("recorded".to_owned())
+            }
             Request::Status => {
                 return Response {
                     ok: true,

@@ -111,7 +111,19 @@ pub fn run(stage: Stage, opts: &HookOptions, stdin: impl Read) -> anyhow::Result
     let state: State =
         serde_json::from_str(&text).context("the OCI state on standard input is not valid")?;
     let config = read_config(&state.bundle)?;
-    match plan(stage, opts, &state, &config)? {
+    let planned = plan(stage, opts, &state, &config);
+    if let Err(e) = &planned {
+        // The container will not start: the daemon records why (if it can be reached;
+        // the runtime logs the error either way).
+        let _ = call(
+            opts,
+            Request::HookRefused {
+                container: state.id.clone(),
+                reason: format!("{e:#}"),
+            },
+        );
+    }
+    match planned? {
         Plan::Exempt(why) | Plan::Nothing(why) => Ok(why),
         Plan::Attach {
             name,
