@@ -18,7 +18,7 @@ packages=(
   build-essential pkg-config
   iproute2 util-linux procps psmisc
   curl git python3 python3-venv openssl bind9-dnsutils
-  nginx dnsmasq-base nghttp2-client wrk tcpdump
+  nginx dnsmasq-base nghttp2-client wrk tcpdump bpftool
   runc podman conmon busybox-static logrotate
   prometheus rsyslog
 )

@@ -1,7 +1,7 @@
 //! The decision shared by every hook: find the sandbox, match the destination against its
 //! rules, count, and report.
 use agent_common::{
-    action, event_kind, proto, verdict, ConnectEvent, EventHeader, OrigDst, PrefixRules,
+    action, event_kind, hook, proto, verdict, ConnectEvent, EventHeader, OrigDst, PrefixRules,
     SandboxInfo, V4Key, V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX, MAX_SANDBOXES,
     RULE_DNS, RULE_PROXY_PORT,
 };
@@ -369,6 +369,18 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
         verdict,
         rule_id,
     );
+    // A TCP socket connected again without a redirect (after `connect(AF_UNSPEC)`) must
+    // not keep an earlier redirect's destination: sock_ops would hand it to the proxy
+    // under the new connection's source address, where another socket (of this sandbox
+    // or, in a shared namespace, another's) may be connecting to the proxy.
+    if verdict != verdict::REDIRECT
+        && call.protocol == u32::from(proto::TCP)
+        && (call.hook == hook::CONNECT4 || call.hook == hook::CONNECT6)
+    {
+        // SAFETY: helper valid in cgroup_sock_addr programs.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = ORIG.remove(cookie);
+    }
     if verdict == verdict::DENY {
         RET_DENY
     } else {

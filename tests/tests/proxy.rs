@@ -441,6 +441,69 @@ fn the_proxy_port_is_neither_reachable_directly_nor_bindable_from_the_sandbox() 
             "{op} {host}: {rec}"
         );
     }
+    // A socket the kernel redirected, disconnected (`connect(AF_UNSPEC)`) and connected
+    // again elsewhere, without a redirect, leaves no destination for the proxy under its
+    // new source address (another socket connecting to the proxy from that address would
+    // be served as if it were going there).
+    let script = r#"
+import ctypes, json, socket, struct, sys
+listener = socket.socket()
+listener.bind(("127.0.0.1", 7779))
+listener.listen(1)
+s = socket.socket()
+s.connect((sys.argv[1], 443))
+libc = ctypes.CDLL(None, use_errno=True)
+unspec = struct.pack("=H14x", socket.AF_UNSPEC)
+rc = libc.connect(s.fileno(), unspec, len(unspec))
+s.connect(("127.0.0.1", 7779))
+print(json.dumps({"rc": rc, "port": s.getsockname()[1]}))
+"#;
+    let python = egress_tests::util::python().display().to_string();
+    let out = fx.client(
+        20,
+        &python,
+        &[
+            "-c",
+            script,
+            &egress_tests::https_origin::API_V4.to_string(),
+        ],
+        &[],
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line: Value = serde_json::from_str(
+        stdout
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .with_context(|| format!("reconnect script: {}", all_output(&out)))?,
+    )?;
+    ensure!(line["rc"] == 0, "connect(AF_UNSPEC) failed: {line}");
+    let second = line["port"].as_u64().context("no port")?;
+    let by_peer = fx.daemon.bpffs().path().join("v2/maps/BY_PEER");
+    let dump = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&by_peer)
+        .output()
+        .context("bpftool (scripts/setup.sh installs it)")?;
+    ensure!(dump.status.success(), "bpftool: {}", all_output(&dump));
+    let entries: Vec<Value> = serde_json::from_slice(&dump.stdout)?;
+    let byte = |v: &Value| {
+        u8::from_str_radix(v.as_str().unwrap_or("").trim_start_matches("0x"), 16).unwrap_or(0)
+    };
+    let stale = entries.iter().any(|e| {
+        let key: Vec<u8> = e["key"]
+            .as_array()
+            .map(|k| k.iter().map(byte).collect())
+            .unwrap_or_default();
+        key.len() >= 26
+            && key[8..24] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1]
+            && u64::from(u16::from_ne_bytes([key[24], key[25]])) == second
+    });
+    ensure!(
+        !stale,
+        "the proxy would take 127.0.0.1:{second} (an unredirected connection) for a redirected one"
+    );
+
     // A quarantined sandbox may still not bind it (it would take the proxy's traffic
     // across a restart, other sandboxes' in a shared namespace included).
     let out = fx.daemon.ctl([

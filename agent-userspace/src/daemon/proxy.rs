@@ -309,14 +309,16 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
             }
         });
         let mut conns = ctx.conns.lock().unwrap_or_else(|p| p.into_inner());
-        // The route may have gone (quarantine, detach) after it was read above; the core
-        // removes it before it closes the sandbox's connections, so checking again under
-        // the connection lock leaves no gap for a new one to stay open.
+        // The route may have gone (quarantine, detach) or changed (a new policy) after it
+        // was read above; the core changes it before it closes the sandbox's connections,
+        // so checking again under the connection lock leaves no gap for a connection
+        // served under a policy no longer in force to stay open.
         let still_routed = ctx
             .routes
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&orig.sandbox_index);
+            .get(&orig.sandbox_index)
+            .is_some_and(|(_, now)| Arc::ptr_eq(now, &policy));
         if !still_routed {
             task.abort();
             continue;
