@@ -489,3 +489,70 @@ fn quarantine_revokes_the_github_app_token() -> Result<()> {
     );
     Ok(())
 }
+
+/// A quarantine the sandbox set off itself (a denial burst) does not revoke a credential
+/// another sandbox still uses: the shared `github_app` token stays valid, and the record
+/// says why it was not revoked.
+#[test]
+fn a_self_inflicted_quarantine_leaves_shared_credentials_alone() -> Result<()> {
+    require_proxy_tools!();
+    let policy = format!(
+        "{}alerts:\n  responses: {{ denial-burst: quarantine }}\n  denial_burst: {{ count: 8, seconds: 5 }}\n",
+        egress_tests::git_fixture::GIT_POLICY
+    );
+    let fx = GitFixture::new(GitOpts {
+        policy: policy.clone(),
+        ..GitOpts::default()
+    })?;
+    let name = fx.sandbox.label().to_string();
+    // A second sandbox (an empty cgroup in the same namespace) with the same credential.
+    let other_cgroup =
+        egress_tests::cgroup::CgroupGuard::new(&egress_tests::util::unique_name("other"))?;
+    let other_policy = fx.sandbox_dir().join("other.yaml");
+    std::fs::write(&other_policy, &policy)?;
+    fx.daemon.ctl_ok([
+        std::ffi::OsStr::new("attach"),
+        std::ffi::OsStr::new("--cgroup"),
+        other_cgroup.path().as_os_str(),
+        std::ffi::OsStr::new("--policy"),
+        other_policy.as_os_str(),
+        std::ffi::OsStr::new("--name"),
+        std::ffi::OsStr::new("other"),
+        std::ffi::OsStr::new("--netns"),
+        fx.sandbox.netns().path().as_os_str(),
+    ])?;
+    fx.git_ok(&["clone", "-q", &GitFixture::url("acme/widgets"), "widgets"])?;
+    ensure!(fx.tokens.mints()?.len() == 1, "expected one mint");
+
+    // Denied connects, fast: the sandbox quarantines itself.
+    let script = format!(
+        "import socket\nfor i in range(12):\n    s = socket.socket()\n    s.settimeout(1)\n    \
+         try:\n        s.connect(('{CANARY_V4}', 80))\n    except OSError:\n        pass\n"
+    );
+    fx.client(10, "python3", &["-c", &script], &[])?;
+    records(
+        &fx.daemon,
+        &Match::lifecycle("sandbox-quarantine").sandbox(&name),
+        1,
+    )?;
+    let r = records(
+        &fx.daemon,
+        &Match::lifecycle("credential-revoke").sandbox(&name),
+        1,
+    )?;
+    ensure!(
+        get_str(&r[0], "egress.credential.name") == Some("github-app")
+            && get_str(&r[0], "event.outcome") == Some("failure")
+            && get_str(&r[0], "event.reason").is_some_and(|why| why.contains("other")),
+        "revoke record: {}",
+        r[0]
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(
+        fx.tokens.revoked()?.is_empty(),
+        "the shared token was revoked: {:?}",
+        fx.tokens.revoked()?
+    );
+    fx.daemon.ctl_ok(["detach", "--name", "other"])?;
+    Ok(())
+}

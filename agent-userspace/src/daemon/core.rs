@@ -1133,7 +1133,7 @@ impl Core {
         }));
         tracing::warn!(sandbox = %rec.name, trigger, "Sandbox quarantined");
         let revoking = policy
-            .map(|p| self.revoke_credentials(&rec.name, &p))
+            .map(|p| self.revoke_credentials(&rec.name, &p, trigger == BY_OPERATOR))
             .unwrap_or_default();
         let mut msg = format!(
             "quarantined sandbox {:?}: every connection is refused, its proxied connections are closed and its DNS is refused",
@@ -1151,16 +1151,60 @@ impl Core {
 
     /// Starts revoking, in the background, the live values of the credentials the policy
     /// names that have a revocation; each outcome is one `credential-revoke` record.
-    /// Returns their names.
-    fn revoke_credentials(&self, sandbox: &str, policy: &Policy) -> Vec<String> {
+    /// Returns their names. Unless `shared_too` (an operator's quarantine), a credential
+    /// another sandbox that is not quarantined still uses is left alone, with a record
+    /// saying so: a sandbox that sets off its own quarantine (a denial burst) must not be
+    /// able to revoke what the others work with.
+    fn revoke_credentials(&self, sandbox: &str, policy: &Policy, shared_too: bool) -> Vec<String> {
         let store = self.proxy.credentials();
-        let names: Vec<String> = policy
-            .credential_names()
-            .into_iter()
-            .map(str::to_string)
-            .filter(|n| store.can_revoke(n))
-            .collect();
+        let mut names = Vec::new();
+        let mut shared = Vec::new();
+        for name in policy.credential_names() {
+            if !store.can_revoke(name) {
+                continue;
+            }
+            let users = self.other_users(sandbox, name);
+            if shared_too || users.is_empty() {
+                names.push(name.to_string());
+            } else {
+                shared.push((name.to_string(), users));
+            }
+        }
+        for (credential, users) in shared {
+            tracing::warn!(%sandbox, %credential, others = users.len(), "Not revoking a credential other sandboxes use");
+            self.audit.emit(Record::CredentialRevoke(CredentialRevoke {
+                time: now(),
+                sandbox: sandbox.to_string(),
+                credential,
+                revoked: false,
+                reason: format!(
+                    "not revoked: still used by {} other sandbox(es) ({}); an automatic \
+                     quarantine revokes only credentials no other sandbox uses",
+                    users.len(),
+                    users.join(", ")
+                ),
+            }));
+        }
         self.spawn_revocations(sandbox, names)
+    }
+
+    /// The sandboxes other than `sandbox`, not quarantined, whose policy names `credential`.
+    fn other_users(&self, sandbox: &str, credential: &str) -> Vec<String> {
+        let mut users: Vec<String> = self
+            .compiled
+            .iter()
+            .filter(|(name, _)| name.as_str() != sandbox)
+            .filter(|(name, _)| {
+                self.state
+                    .sandboxes
+                    .get(name.as_str())
+                    .is_some_and(|r| r.quarantine.is_none())
+            })
+            .filter(|(_, p)| p.credential_names().contains(&credential))
+            .map(|(name, _)| name.clone())
+            .collect();
+        users.sort();
+        users
     }
 
     /// After a detach: leases (secret-store credentials) that the detached sandbox's policy
