@@ -41,6 +41,43 @@ pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
     parse_cgroup2_mount(&text).ok_or(CgroupError::NoCgroup2)
 }
 
+/// Why sandboxes could not be confined on this host, if so: before Linux 5.15, writing
+/// `net_cls.classid` or `net_prio.ifpriomap` in a cgroup v1 hierarchy stops the kernel
+/// from giving new sockets their cgroup v2 cgroup (they get the root's, where no sandbox's
+/// programs run), so with either controller mounted any process allowed to write those
+/// files could turn confinement off for every socket made after. Read from
+/// `/proc/self/mountinfo` and the kernel release.
+pub fn v1_socket_hazard() -> Option<String> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    socket_hazard(&mountinfo, release.trim())
+}
+
+fn socket_hazard(mountinfo: &str, release: &str) -> Option<String> {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    if version >= (5, 15) {
+        return None;
+    }
+    let controller = mountinfo.lines().find_map(|line| {
+        let (_, right) = line.split_once(" - ")?;
+        let mut fields = right.split_whitespace();
+        (fields.next()? == "cgroup").then_some(())?;
+        let options = fields.nth(1)?;
+        options
+            .split(',')
+            .find(|o| *o == "net_cls" || *o == "net_prio")
+            .map(str::to_owned)
+    })?;
+    Some(format!(
+        "the cgroup v1 {controller} controller is mounted on Linux {release} (before 5.15): \
+         a write to its files would take every new socket out of its cgroup v2 cgroup, and \
+         so out of confinement; unmount net_cls/net_prio or run Linux 5.15 or later"
+    ))
+}
+
 fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
         // "<id> <parent> <maj:min> <root> <mount point> <opts> ... - <fstype> <source> ..."
@@ -216,6 +253,32 @@ mod tests {
         assert!(io(std::io::ErrorKind::NotFound).is_not_found());
         assert!(!io(std::io::ErrorKind::PermissionDenied).is_not_found());
         assert!(!CgroupError::NoCgroup2.is_not_found());
+    }
+
+    #[test]
+    fn net_cls_or_net_prio_before_5_15_is_a_hazard() {
+        let with = |controllers: &str| {
+            format!(
+                "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755\n\
+                 40 31 0:35 / /sys/fs/cgroup/x rw,relatime - cgroup cgroup rw,{controllers}\n\
+                 41 31 0:36 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+            )
+        };
+        let why = socket_hazard(&with("net_cls,net_prio"), "5.10.0-28-amd64").unwrap_or_default();
+        assert!(why.contains("net_cls") && why.contains("5.10.0"), "{why}");
+        assert!(socket_hazard(&with("net_prio"), "5.4.0").is_some());
+        // Fixed in 5.15; other controllers do not matter.
+        assert_eq!(socket_hazard(&with("net_cls"), "5.15.0"), None);
+        assert_eq!(socket_hazard(&with("net_cls"), "6.18.44-fc"), None);
+        assert_eq!(socket_hazard(&with("cpu,cpuacct"), "5.10.0"), None);
+        // A v2 mount is not a v1 controller.
+        assert_eq!(
+            socket_hazard(
+                "41 31 0:36 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,net_cls\n",
+                "5.4.0"
+            ),
+            None
+        );
     }
 
     #[test]

@@ -151,6 +151,9 @@ fn rfc3339(t: OffsetDateTime) -> String {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
+    if let Some(why) = crate::cgroup::v1_socket_hazard() {
+        anyhow::bail!("refusing to start: {why}");
+    }
     ensure_bpffs(&opts.bpffs)?;
     let layout = PinLayout::new(&opts.bpffs);
     let mut programs = Programs::load(&layout)?;
