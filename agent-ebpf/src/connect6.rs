@@ -4,7 +4,7 @@
 use agent_common::hook;
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
-use crate::decide::{decide, ipv6, port, protocol, routed, v6_dest, Call};
+use crate::decide::{decide, ipv6, port, protocol, routed, unspecified_v6_target, v6_dest, Call};
 
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
@@ -13,7 +13,11 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
         hook: hook::CONNECT6,
         family: 6,
         protocol: protocol(&ctx),
-        dest: routed(v6_dest(addr)),
+        dest: if addr == [0u8; 16] {
+            unspecified_v6_target(&ctx)
+        } else {
+            routed(v6_dest(addr))
+        },
         port: port(&ctx),
         raw_addr: addr,
         opt_level: 0,

@@ -178,6 +178,32 @@ pub fn routed(dest: Dest) -> Dest {
     }
 }
 
+/// Where the kernel takes an IPv6 `connect()` to `::`: to `::ffff:127.0.0.1` for a socket
+/// bound to an IPv4-mapped address (`tcp_v6_connect`, `__ip6_datagram_connect`), to `::1`
+/// otherwise. Judged as that, so a policy whose IPv4 and IPv6 loopback rules differ is not
+/// passed by spelling `127.0.0.1` as `::`.
+#[inline(always)]
+pub fn unspecified_v6_target(ctx: &SockAddrContext) -> Dest {
+    // SAFETY: context pointer from the kernel; `sk` is the socket being connected.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if !sk.is_null() {
+        // SAFETY: a socket pointer the verifier checked; constant offsets only.
+        let (w0, w1, w2) = unsafe {
+            (
+                core::ptr::read_volatile(&(*sk).src_ip6[0]),
+                core::ptr::read_volatile(&(*sk).src_ip6[1]),
+                core::ptr::read_volatile(&(*sk).src_ip6[2]),
+            )
+        };
+        if w0 == 0 && w1 == 0 && w2 == u32::from_ne_bytes([0, 0, 0xff, 0xff]) {
+            return Dest::V4([127, 0, 0, 1]);
+        }
+    }
+    let mut loopback = [0u8; 16];
+    loopback[15] = 1;
+    Dest::V6(loopback)
+}
+
 /// Whether `dest` is a loopback address (`127.0.0.0/8`, `::1`), where the proxy listens.
 #[inline(always)]
 fn is_loopback(dest: &Dest) -> bool {

@@ -184,3 +184,67 @@ rules:
     expect::canary_silent(&fx.canary)?;
     Ok(())
 }
+
+/// `connect(::)` goes to `::ffff:127.0.0.1` from a socket bound to an IPv4-mapped address
+/// (to `::1` from others): it is judged as where it goes, so an IPv6-only loopback rule
+/// does not let it reach IPv4 loopback.
+#[test]
+fn unspecified_ipv6_is_judged_as_where_the_kernel_takes_it() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    fx.attach(
+        r#"version: 1
+default: deny
+rules:
+  - name: v6-loopback
+    to: ["::1"]
+    action: allow
+"#,
+    )?;
+    let script = r#"
+import json, socket
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", 7781))
+listener.listen(4)
+out = {}
+for case, bind in [("mapped", ("::ffff:127.0.0.1", 0)), ("plain", None)]:
+    s = socket.socket(socket.AF_INET6)
+    if bind:
+        s.bind(bind)
+    try:
+        s.connect(("::", 7781))
+        out[case] = "ok"
+    except OSError as e:
+        out[case] = e.__class__.__name__ + ":" + str(e.errno)
+print(json.dumps(out))
+"#;
+    let python = egress_tests::util::python().display().to_string();
+    let out = fx.sandbox.run(&python, &["-c", script])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or("{}"))?;
+    // Bound to a mapped address: to 127.0.0.1, which the policy does not allow.
+    ensure!(
+        v["mapped"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("PermissionError")),
+        "connect(::) from a mapped-bound socket: {v} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The record names the address the client wrote.
+    fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::decision("deny", IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 7781)
+            .hook("connect6")
+            .sandbox(fx.sandbox.label()),
+    )?;
+    // Positive control: from an unbound socket it is ::1, which the policy allows (no
+    // listener there: refused by the peer, not by the policy).
+    ensure!(
+        v["plain"]
+            .as_str()
+            .is_some_and(|r| !r.starts_with("PermissionError")),
+        "connect(::) from an unbound socket: {v}"
+    );
+    Ok(())
+}
