@@ -29,6 +29,8 @@ pub struct SecretMatcher {
     ac: Option<AhoCorasick>,
     /// Index into `names` of each pattern.
     owner: Vec<usize>,
+    /// Whether each pattern is a value cut short (it may be the start of a longer match).
+    cut: Vec<bool>,
     names: Vec<String>,
     max_len: usize,
 }
@@ -54,6 +56,7 @@ impl SecretMatcher {
         Self {
             ac: None,
             owner: Vec::new(),
+            cut: Vec::new(),
             names: Vec::new(),
             max_len: 0,
         }
@@ -66,6 +69,7 @@ impl SecretMatcher {
         let mut patterns: Vec<Vec<u8>> = Vec::new();
         let mut seen: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
         let mut owner = Vec::new();
+        let mut cut = Vec::new();
         for (name, value) in secrets {
             let index = match names.iter().position(|n| n == name) {
                 Some(i) => i,
@@ -74,10 +78,11 @@ impl SecretMatcher {
                     names.len() - 1
                 }
             };
-            for form in forms(value) {
+            for (form, cut_short) in forms_of(value) {
                 if seen.insert(form.clone()) {
                     patterns.push(form);
                     owner.push(index);
+                    cut.push(cut_short);
                 }
             }
         }
@@ -105,6 +110,7 @@ impl SecretMatcher {
             // patterns that exist: see `failed`, on which callers fail closed.
             ac,
             owner,
+            cut,
             names,
             max_len,
         }
@@ -140,9 +146,16 @@ impl SecretMatcher {
     /// Calls `f(range, credential index)` for every match in `hay`, overlapping ones
     /// included, in order of their end.
     pub fn each_match(&self, hay: &[u8], mut f: impl FnMut(Range<usize>, usize)) {
+        self.each_match_cut(hay, |range, index, _| f(range, index));
+    }
+
+    /// [`Self::each_match`], also telling whether the match is of a value cut short (so
+    /// that bytes after it could make it part of a longer one).
+    pub fn each_match_cut(&self, hay: &[u8], mut f: impl FnMut(Range<usize>, usize, bool)) {
         let Some(ac) = &self.ac else { return };
         for m in ac.find_overlapping_iter(hay) {
-            f(m.range(), self.owner[m.pattern().as_usize()]);
+            let pattern = m.pattern().as_usize();
+            f(m.range(), self.owner[pattern], self.cut[pattern]);
         }
     }
 }
@@ -169,6 +182,11 @@ impl SecretMatcher {
 /// could share with others (a JWT's header, a token's fixed prefix). The longest, the
 /// space-separated hex, sets how much of a streamed body is held back.
 pub fn forms(secret: &str) -> Vec<Vec<u8>> {
+    forms_of(secret).into_iter().map(|(form, _)| form).collect()
+}
+
+/// [`forms`], each with whether it is the value cut short.
+fn forms_of(secret: &str) -> Vec<(Vec<u8>, bool)> {
     let raw = secret.as_bytes();
     let mut bases: Vec<Vec<u8>> = vec![raw.to_vec()];
     for engine in [
@@ -189,39 +207,41 @@ pub fn forms(secret: &str) -> Vec<Vec<u8>> {
             zeroize::Zeroize::zeroize(&mut input);
         }
     }
-    let mut out: Vec<Vec<u8>> = Vec::new();
-    let mut add = |form: Vec<u8>| {
-        if form.len() >= MIN_PATTERN_LEN && !out.contains(&form) {
-            out.push(form);
+    let mut out: Vec<(Vec<u8>, bool)> = Vec::new();
+    let mut add_as = |form: Vec<u8>, cut_short: bool| {
+        if form.len() >= MIN_PATTERN_LEN && !out.iter().any(|(f, _)| *f == form) {
+            out.push((form, cut_short));
         }
     };
     // Only for a value long enough to be a form itself: the hex of a short one is long
     // enough to be a pattern but not to be told from ordinary text.
     if raw.len() >= MIN_PATTERN_LEN {
         for hex_sep in ["", " ", "%"] {
-            add(hex_bytes(raw, hex_sep));
+            add_as(hex_bytes(raw, hex_sep), false);
         }
     }
     for base in &bases {
-        // Cut short: every length from the whole down to CUT_SHORT fewer, so what a cut
-        // leaves is scrubbed whole wherever it falls; only where that keeps
-        // MIN_CUT_LEN characters.
+        add_as(base.clone(), false);
+        add_as(percent_encode(base, b""), false);
+        add_as(percent_encode(base, b"/"), false);
+        add_as(html_references(base, true), false);
+        add_as(html_references(base, false), false);
+        if let Ok(text) = std::str::from_utf8(base) {
+            add_as(json_escape(text, false, false), false);
+            add_as(json_escape(text, true, false), false);
+            add_as(json_escape(text, false, true), false);
+            add_as(json_escape(text, true, true), false);
+            add_as(json_escape_symbols(text), false);
+        }
+    }
+    // Cut short: every length from the whole down to CUT_SHORT fewer, so what a cut
+    // leaves is scrubbed whole wherever it falls; only where that keeps MIN_CUT_LEN
+    // characters. After the whole forms, so a piece equal to one of them is that.
+    for base in &bases {
         for cut in 1..=CUT_SHORT {
             if base.len() >= MIN_CUT_LEN + cut {
-                add(base[..base.len() - cut].to_vec());
+                add_as(base[..base.len() - cut].to_vec(), true);
             }
-        }
-        add(base.clone());
-        add(percent_encode(base, b""));
-        add(percent_encode(base, b"/"));
-        add(html_references(base, true));
-        add(html_references(base, false));
-        if let Ok(text) = std::str::from_utf8(base) {
-            add(json_escape(text, false, false));
-            add(json_escape(text, true, false));
-            add(json_escape(text, false, true));
-            add(json_escape(text, true, true));
-            add(json_escape_symbols(text));
         }
     }
     out

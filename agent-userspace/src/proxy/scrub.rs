@@ -82,34 +82,39 @@ impl Tally {
 /// Replaces every match in `bytes` (a whole, self-contained value) with the marker.
 /// Returns whether anything was replaced.
 fn scrub_in_place(bytes: &mut [u8], matcher: &SecretMatcher, tally: &Tally) -> bool {
-    let ranges = merged_matches(bytes, matcher, 0..bytes.len(), tally);
+    let ranges = merged_matches(bytes, matcher, 0, bytes.len(), tally);
     mask(bytes, &ranges);
     !ranges.is_empty()
 }
 
 /// Matches in `hay`, overlapping ones merged, in order. Each occurrence is counted once:
 /// a match inside another (a run of the secret within the whole value) is not counted,
-/// and only matches ending within `counted` are (the others were counted before, or will
-/// be once the bytes after them are known).
+/// nor one ending at or before `seen` (counted before). A value cut short that ends at or
+/// after `open_from` is not counted yet either: the bytes after it, still to come, may
+/// make it part of the whole value (it is found again with them, in the bytes kept back).
 fn merged_matches(
     hay: &[u8],
     matcher: &SecretMatcher,
-    counted: std::ops::Range<usize>,
+    seen: usize,
+    open_from: usize,
     tally: &Tally,
 ) -> Vec<std::ops::Range<usize>> {
-    let mut found: Vec<(std::ops::Range<usize>, usize)> = Vec::new();
-    matcher.each_match(hay, |range, index| found.push((range, index)));
+    let mut found: Vec<(std::ops::Range<usize>, usize, bool)> = Vec::new();
+    matcher.each_match_cut(hay, |range, index, cut| found.push((range, index, cut)));
     // By start, the longest first: a match ending within one before it lies inside it.
-    found.sort_by(|(a, _), (b, _)| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
+    found.sort_by(|(a, ..), (b, ..)| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
     let mut reach = 0;
-    for (range, index) in &found {
-        if range.end > reach && range.end > counted.start && range.end <= counted.end {
+    for (range, index, cut) in &found {
+        let counted_before =
+            range.end <= seen && !(*cut && range.end > seen.saturating_sub(CUT_SHORT));
+        let still_open = *cut && range.end > open_from;
+        if range.end > reach && !counted_before && !still_open {
             tally.add(matcher, *index);
         }
         reach = reach.max(range.end);
     }
     let mut merged: Vec<std::ops::Range<usize>> = Vec::with_capacity(found.len());
-    for (r, _) in found {
+    for (r, ..) in found {
         match merged.last_mut() {
             Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
             _ => merged.push(r),
@@ -136,12 +141,8 @@ pub fn scrub_headers(headers: &mut HeaderMap, matcher: &SecretMatcher, tally: &T
         .cloned()
         .collect();
     for name in named {
-        merged_matches(
-            name.as_str().as_bytes(),
-            matcher,
-            0..name.as_str().len(),
-            tally,
-        );
+        let bytes = name.as_str().as_bytes();
+        merged_matches(bytes, matcher, 0, bytes.len(), tally);
         headers.remove(&name);
         changed += 1;
     }
@@ -275,11 +276,11 @@ impl StreamScrubber {
         let mut buf = Vec::with_capacity(old + piece.len());
         buf.extend_from_slice(&self.tail_in);
         buf.extend_from_slice(piece);
-        // Matches that ended in the old tail were counted last time, but for its last
-        // CUT_SHORT bytes: a value cut short there could have been the start of the whole
-        // one, which the bytes after it tell. So are matches ending in this buffer's.
-        let counted = old.saturating_sub(CUT_SHORT)..buf.len().saturating_sub(CUT_SHORT);
-        let ranges = merged_matches(&buf, &self.matcher, counted, &self.tally);
+        // Matches that ended in the old tail were counted last time, but for values cut
+        // short in its last CUT_SHORT bytes: the bytes after them tell whether they were
+        // the start of the whole one. So are those ending in this buffer's last bytes.
+        let open_from = buf.len().saturating_sub(CUT_SHORT);
+        let ranges = merged_matches(&buf, &self.matcher, old, open_from, &self.tally);
         let cut = buf.len().saturating_sub(self.keep);
         if ranges.is_empty() && self.tail_in == self.tail_out {
             self.tail_in.clear();
@@ -300,13 +301,10 @@ impl StreamScrubber {
     /// The end of the stream: what was kept back (its matches masked already; those in
     /// its last CUT_SHORT bytes counted now).
     pub fn finish(&mut self) -> Bytes {
+        // Only the values cut short left open last time are counted now: everything
+        // else in the tail was counted when it arrived.
         let len = self.tail_in.len();
-        merged_matches(
-            &self.tail_in,
-            &self.matcher,
-            len.saturating_sub(CUT_SHORT)..len,
-            &self.tally,
-        );
+        merged_matches(&self.tail_in, &self.matcher, len, len, &self.tally);
         self.tail_in.clear();
         Bytes::from(std::mem::take(&mut self.tail_out))
     }
@@ -801,6 +799,16 @@ mod tests {
                     .replace('=', "%3D")
             ),
             format!("x{SECRET}y{SECRET}"),
+            // The longest form a few bytes before the end, and the value cut short.
+            format!(
+                "q={}\"}}",
+                SECRET
+                    .bytes()
+                    .map(|b| format!("%{b:02X}"))
+                    .collect::<String>()
+            ),
+            format!("err: Bearer {}", &SECRET[..SECRET.len() - 3]),
+            format!("err: Bearer {}\n", &SECRET[..SECRET.len() - 5]),
         ];
         for text in &forms {
             let input = text.as_bytes();
@@ -922,12 +930,33 @@ mod tests {
     #[test]
     fn outbound_scan_stops_before_the_secret_is_released() {
         let m = matcher(&[("github", SECRET)]);
-        let body = format!("{{\"note\":\"hello\",\"token\":\"{SECRET}\"}}");
+        let pct_hex: String = SECRET.bytes().map(|b| format!("%{b:02X}")).collect();
+        let spaced: Vec<String> = SECRET.bytes().map(|b| format!("{b:02x}")).collect();
+        // The raw value, and the longest forms a few bytes before the body's end.
+        for body in [
+            format!("{{\"note\":\"hello\",\"token\":\"{SECRET}\"}}"),
+            format!("q={pct_hex}\"}}"),
+            format!("dump: {} ok", spaced.join(" ")),
+            format!("t={}", &SECRET[..SECRET.len() - 3]),
+        ] {
+            stopped_at_every_split(&m, &body);
+        }
+        // A clean body passes whole.
+        let hit = Arc::new(OutboundHit::default());
+        let mut scan = OutboundScan::new(m, hit.clone());
+        let mut sent = scan.push(b"{\"note\":\"fine\"}").unwrap().to_vec();
+        sent.extend_from_slice(&scan.finish().unwrap());
+        assert_eq!(sent, b"{\"note\":\"fine\"}");
+        assert_eq!(hit.credential(), None);
+    }
+
+    /// `body`, cut in two anywhere, is refused before the secret in it is released.
+    fn stopped_at_every_split(m: &Arc<SecretMatcher>, body: &str) {
         let input = body.as_bytes();
         for at in 0..=input.len() {
             let hit = Arc::new(OutboundHit::default());
             let mut scan = OutboundScan::new(m.clone(), hit.clone());
-            let mut sent = Vec::new();
+            let mut sent: Vec<u8> = Vec::new();
             let mut failed = false;
             for piece in [&input[..at], &input[at..]] {
                 match scan.push(piece) {
@@ -945,17 +974,10 @@ mod tests {
                     Err(_) => failed = true,
                 }
             }
-            assert!(failed, "split at {at}");
+            assert!(failed, "split at {at} of {body}");
             assert_eq!(hit.credential(), Some("github"));
             assert!(!contains(&sent, SECRET.as_bytes()), "split at {at}");
         }
-        // A clean body passes whole.
-        let hit = Arc::new(OutboundHit::default());
-        let mut scan = OutboundScan::new(m, hit.clone());
-        let mut sent = scan.push(b"{\"note\":\"fine\"}").unwrap().to_vec();
-        sent.extend_from_slice(&scan.finish().unwrap());
-        assert_eq!(sent, b"{\"note\":\"fine\"}");
-        assert_eq!(hit.credential(), None);
     }
 
     #[test]
