@@ -510,7 +510,8 @@ pub fn classify(ip: IpAddr) -> Option<Special> {
 /// holding it; for a special one, a network holding it that lies inside its
 /// [`Special::block`] (so `0.0.0.0/0` or `::/0` names no special address).
 pub fn explicitly_covers(nets: &[IpNet], ip: IpAddr) -> bool {
-    let ip = ip.to_canonical();
+    // As the kernel judges it (a NAT64 address by the IPv4 address it carries).
+    let ip = super::judged_as(ip);
     match classify(ip) {
         None => nets.iter().any(|n| n.contains(&ip)),
         Some(s) => nets
@@ -756,12 +757,18 @@ mod tests {
         assert!(covers(&["fd00::/8"], "fd00:ec2::254"));
         assert!(!covers(&["::/0"], "::ffff:127.0.0.1"));
         assert!(covers(&["127.0.0.0/8"], "::ffff:127.0.0.1"));
+        // A NAT64 address as the kernel judges it: by the IPv4 address it carries.
+        assert!(covers(&["10.0.0.0/8"], "64:ff9b::a00:5"));
+        assert!(!covers(&["0.0.0.0/0"], "64:ff9b::a00:5"));
+        assert!(!covers(&["::/0"], "64:ff9b::a00:5"));
+        assert!(covers(&["192.0.2.0/24"], "64:ff9b::c000:20a"));
         assert!(!covers(&["0.0.0.0/0"], "100.100.100.200"));
         assert!(covers(&["100.64.0.0/10"], "100.100.100.200"));
         assert!(!covers(&["::/0"], "64:ff9b::a9fe:a9fe"));
-        assert!(!covers(&["64:ff9b::/96"], "64:ff9b::a9fe:a9fe"));
-        assert!(covers(&["64:ff9b::a9fe:0/112"], "64:ff9b::a9fe:a9fe"));
-        assert!(covers(&["64:ff9b::/96"], "64:ff9b::5db8:d822"));
+        // (Policies name NAT64 destinations by their IPv4 networks.)
+        assert!(!covers(&["0.0.0.0/0"], "64:ff9b::a9fe:a9fe"));
+        assert!(covers(&["169.254.0.0/16"], "64:ff9b::a9fe:a9fe"));
+        assert!(covers(&["0.0.0.0/0"], "64:ff9b::5db8:d822"));
         assert!(!covers(&["::/0"], "2002:5db8:d822::1"));
         assert!(covers(&["2002::/16"], "2002:5db8:d822::1"));
         // 6to4 of loopback needs more than the 6to4 block, and an IPv4 rule is no IPv6 one.

@@ -271,7 +271,7 @@ rules:
                 ("203.0.113.9:8080", Allow, "mapped"),
                 ("[::ffff:203.0.113.9]:8080", Allow, "mapped"),
                 ("203.0.114.9:8080", Deny, ""),
-                // So do NAT64 ones (64:ff9b::/96), and a NAT64 CIDR is an IPv4 rule.
+                // So do NAT64 ones (64:ff9b::/96), never ::/0.
                 ("[64:ff9b::808:808]:53/udp", Allow, "all4"),
                 ("[64:ff9b::808:808]:80/tcp", Deny, ""),
                 ("[64:ff9b::cb00:7109]:8080", Allow, "mapped"),

@@ -184,6 +184,20 @@ tests:
             // Destinations.
             (
                 5,
+                "    to: [\"64:ff9b::/96\"]",
+                "p.yaml:5:10: rules[0].to[0]: 64:ff9b::/96 is inside the NAT64 prefix \
+                 64:ff9b::/96, whose addresses are judged by the IPv4 address they carry: \
+                 write the IPv4 network (0.0.0.0/0)",
+            ),
+            (
+                5,
+                "    to: [\"64:ff9b::c000:20a\"]",
+                "p.yaml:5:10: rules[0].to[0]: 64:ff9b::c000:20a/128 is inside the NAT64 \
+                 prefix 64:ff9b::/96, whose addresses are judged by the IPv4 address they \
+                 carry: write the IPv4 network (192.0.2.10/32)",
+            ),
+            (
+                5,
                 "    to: [10.0.0.1/8]",
                 "p.yaml:5:10: rules[0].to[0]: CIDR 10.0.0.1/8 has host bits set: did you \
                  mean 10.0.0.0/8 (the whole network) or 10.0.0.1/32 (the single address)?",

@@ -589,6 +589,7 @@ impl FromStr for RawUpstream {
 /// A CIDR such as `10.0.0.1/8` is almost always a typo for the network or for the single
 /// address; accepting it silently would cover far more (or less) than meant.
 pub(crate) fn check_host_bits(net: IpNet) -> Result<(), String> {
+    check_nat64(net)?;
     let network = net.trunc();
     if network == net {
         return Ok(());
@@ -597,6 +598,26 @@ pub(crate) fn check_host_bits(net: IpNet) -> Result<(), String> {
     Err(format!(
         "CIDR {net} has host bits set: did you mean {network} (the whole network) \
          or {single} (the single address)?"
+    ))
+}
+
+/// A network inside the NAT64 prefix (`64:ff9b::/96`) cannot be a rule's: the kernel
+/// judges NAT64 destinations by the IPv4 address they carry, so the IPv4 network is what
+/// a rule names (folding it silently would turn `64:ff9b::/96` into `0.0.0.0/0`).
+fn check_nat64(net: IpNet) -> Result<(), String> {
+    let IpNet::V6(v6) = net else {
+        return Ok(());
+    };
+    let Some(v4) = crate::net::nat64_v4(v6.network()) else {
+        return Ok(());
+    };
+    let Some(len) = v6.prefix_len().checked_sub(96) else {
+        return Ok(());
+    };
+    let v4 = ipnet::Ipv4Net::new(v4, len).map_or_else(|_| v4.to_string(), |n| n.trunc().to_string());
+    Err(format!(
+        "{net} is inside the NAT64 prefix 64:ff9b::/96, whose addresses are judged by the \
+         IPv4 address they carry: write the IPv4 network ({v4})"
     ))
 }
 

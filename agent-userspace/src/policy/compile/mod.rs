@@ -181,16 +181,12 @@ impl Policy {
     }
 }
 
-/// `::ffff:a.b.c.d/n` and `64:ff9b::a.b.c.d/n` (n >= 96) become `a.b.c.d/(n - 96)`: the
-/// kernel judges mapped and NAT64 destinations by the IPv4 rules, so that is where such a
-/// prefix must go.
+/// `::ffff:a.b.c.d/n` (n >= 96) becomes `a.b.c.d/(n - 96)`: the kernel judges mapped
+/// destinations by the IPv4 rules, so that is where such a prefix must go. (A NAT64
+/// prefix is refused instead: see `raw::check_nat64`.)
 pub fn normalise_net(net: IpNet) -> IpNet {
     if let IpNet::V6(v6) = net {
-        let carried = v6
-            .addr()
-            .to_ipv4_mapped()
-            .or_else(|| crate::net::nat64_v4(v6.addr()));
-        if let Some(v4) = carried {
+        if let Some(v4) = v6.addr().to_ipv4_mapped() {
             if let Some(len) = v6.prefix_len().checked_sub(96) {
                 if let Ok(n) = Ipv4Net::new(v4, len) {
                     return IpNet::V4(n);
