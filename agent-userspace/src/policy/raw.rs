@@ -614,7 +614,8 @@ fn check_nat64(net: IpNet) -> Result<(), String> {
     let Some(len) = v6.prefix_len().checked_sub(96) else {
         return Ok(());
     };
-    let v4 = ipnet::Ipv4Net::new(v4, len).map_or_else(|_| v4.to_string(), |n| n.trunc().to_string());
+    let v4 =
+        ipnet::Ipv4Net::new(v4, len).map_or_else(|_| v4.to_string(), |n| n.trunc().to_string());
     Err(format!(
         "{net} is inside the NAT64 prefix 64:ff9b::/96, whose addresses are judged by the \
          IPv4 address they carry: write the IPv4 network ({v4})"

@@ -36,49 +36,71 @@ pub fn body_matters(route: &Route, method: &str, target: &str) -> bool {
     method == "POST" && (route.request_allowed)(UNLISTED_METHOD, target).is_err()
 }
 
-/// How a body is parsed by the frameworks that read overrides from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BodyKind {
-    /// `application/x-www-form-urlencoded`, or no `Content-Type` (Rack parses a POST
+/// How the frameworks that read overrides from a POST's body read this one: as a form
+/// (Rack and PHP, by the media type), and as JSON (Laravel, by `/json` or `+json`
+/// anywhere in `Content-Type`), each independently of the other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Readings {
+    /// `application/x-www-form-urlencoded`, or no media type (Rack parses a POST
     /// without one as a form).
-    UrlEncoded,
-    /// `multipart/*` (Rack parses `form-data`, `mixed` and `related`).
-    Multipart,
-    /// A type naming JSON (`/json` or `+json`, as Laravel tells it).
-    Json,
+    url_encoded: bool,
+    /// `multipart/*` (Rack parses `form-data`, `mixed` and `related`; PHP `form-data`).
+    multipart: bool,
+    /// Laravel reads the body as JSON.
+    json: bool,
 }
 
-impl BodyKind {
-    fn of(headers: &HeaderMap) -> Result<Option<Self>, String> {
+impl Readings {
+    fn any(self) -> bool {
+        self.url_encoded || self.multipart || self.json
+    }
+
+    fn of(headers: &HeaderMap) -> Result<Self, String> {
         let mut types = headers.get_all(CONTENT_TYPE).iter();
         let (first, second) = (types.next(), types.next());
         if second.is_some() {
             return Err("several Content-Type headers".to_owned());
         }
         let Some(value) = first else {
-            return Ok(Some(Self::UrlEncoded));
+            return Ok(Self {
+                url_encoded: true,
+                ..Self::default()
+            });
         };
         let value = value
             .to_str()
             .map_err(|_| "a Content-Type that is not ASCII".to_owned())?
             .to_ascii_lowercase();
-        // Cut as Rack (at `;` or `,`) and PHP (also at a space) cut it.
+        // Cut as Rack (at `;` or `,`) and PHP (also at white space) cut it.
         let media = value
             .trim_start()
-            .split([';', ',', ' ', '\t'])
+            .split(|c: char| c == ';' || c == ',' || c.is_ascii_whitespace())
             .next()
             .unwrap_or("");
-        Ok(
-            if media.is_empty() || media == "application/x-www-form-urlencoded" {
-                Some(Self::UrlEncoded)
-            } else if media.starts_with("multipart/") {
-                Some(Self::Multipart)
-            } else if value.contains("/json") || value.contains("+json") {
-                Some(Self::Json)
-            } else {
-                None
-            },
-        )
+        let readings = Self {
+            url_encoded: media.is_empty() || media == "application/x-www-form-urlencoded",
+            multipart: media.starts_with("multipart/"),
+            json: value.contains("/json") || value.contains("+json"),
+        };
+        // A form in another character set hides its keys from a byte-wise reading
+        // (Tomcat and ASP.NET decode the charset the request names).
+        if readings.url_encoded || readings.multipart {
+            if let Some(charset) = value
+                .split(';')
+                .skip(1)
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim() == "charset")
+                .map(|(_, v)| v.trim().trim_matches('"').to_owned())
+            {
+                if !matches!(
+                    charset.as_str(),
+                    "utf-8" | "utf8" | "us-ascii" | "ascii" | "iso-8859-1" | "latin1"
+                ) {
+                    return Err(format!("a form in charset {charset:?}"));
+                }
+            }
+        }
+        Ok(readings)
     }
 }
 
@@ -103,10 +125,10 @@ pub async fn check_body(headers: &HeaderMap, body: &mut Incoming, idle: Duration
         ),
         consumed,
     };
-    let kind = match BodyKind::of(headers) {
-        Ok(Some(kind)) => kind,
-        Ok(None) => return BodyCheck::Forward(Bytes::new()),
-        Err(why) => return refuse(why, 0),
+    let readings = match Readings::of(headers) {
+        Ok(readings) if readings.any() => readings,
+        Ok(_) => return BodyCheck::Forward(Bytes::new()),
+        Err(why) => return refuse(format!("{why} cannot be checked for a method override"), 0),
     };
     if body.is_end_stream() {
         return BodyCheck::Forward(Bytes::new());
@@ -143,21 +165,26 @@ pub async fn check_body(headers: &HeaderMap, body: &mut Incoming, idle: Duration
         }
         Err(ReadError::Downstream(why)) => return BodyCheck::Downstream(why),
     };
-    let found = match kind {
-        BodyKind::UrlEncoded => form_keys(&read).find(|key| is_override_key(key)),
-        BodyKind::Multipart => multipart_names(&read).find(|name| is_override_key(name)),
-        BodyKind::Json => match json_keys(&read) {
-            Ok(keys) => keys.into_iter().find(|k| is_override_key(k)),
-            Err(e) => {
-                return refuse(
-                    format!(
-                    "a JSON body that cannot be read ({e}) cannot be checked for a method override"
-                ),
-                    read.len() as u64,
-                )
-            }
-        },
-    };
+    let found = [
+        readings
+            .url_encoded
+            .then(|| form_keys(&read).find(|key| is_override_key(key)))
+            .flatten(),
+        readings
+            .multipart
+            .then(|| multipart_names(&read).find(|name| is_override_key(name)))
+            .flatten(),
+        // What is not JSON gives Laravel no fields (its parser is as strict as this one,
+        // which skips values rather than build them, so no depth or number hides a key).
+        readings
+            .json
+            .then(|| json_keys(&read).ok())
+            .flatten()
+            .and_then(|keys| keys.into_iter().find(|k| is_override_key(k))),
+    ]
+    .into_iter()
+    .flatten()
+    .next();
     match found {
         Some(key) => refuse(
             format!("body field {key:?} names a method to run instead"),
@@ -196,8 +223,9 @@ async fn read_whole(body: &mut Incoming, idle: Duration) -> Result<Bytes, ReadEr
 /// variable too (leading spaces dropped, `.` and spaces read as `_`, an array's `[`
 /// ending the name), and with its leading spaces kept as `_`.
 fn is_override_key(key: &str) -> bool {
-    // PHP reads a name up to a NUL.
-    let key = key.split('\0').next().unwrap_or("");
+    // PHP reads a name up to a NUL; a decoder might drop NULs instead.
+    let cut = key.split('\0').next().unwrap_or("");
+    let dropped = key.replace('\0', "");
     let named = |name: &str| {
         let name = name
             .split('[')
@@ -209,7 +237,9 @@ fn is_override_key(key: &str) -> bool {
                 name.eq_ignore_ascii_case(&h.replace('-', "_")) || name.eq_ignore_ascii_case(h)
             })
     };
-    named(key) || named(key.trim_start_matches(' '))
+    [cut, dropped.as_str()]
+        .iter()
+        .any(|key| named(key) || named(key.trim_start_matches(' ')))
 }
 
 /// The keys of an `application/x-www-form-urlencoded` text (or query), decoded: pairs
@@ -240,8 +270,13 @@ fn multipart_names(body: &[u8]) -> impl Iterator<Item = String> + '_ {
         .map(|(i, _)| i + 4)
         .collect();
     starts.into_iter().filter_map(move |mut i| {
+        // Any white space, line breaks included (PHP joins a header's continuation
+        // lines and skips `isspace` around the `=`).
         let skip_spaces = |i: &mut usize| {
-            while body.get(*i).is_some_and(|b| *b == b' ' || *b == b'\t') {
+            while body
+                .get(*i)
+                .is_some_and(|b| b.is_ascii_whitespace() || *b == 0x0b)
+            {
                 *i += 1;
             }
         };
@@ -257,22 +292,26 @@ fn multipart_names(body: &[u8]) -> impl Iterator<Item = String> + '_ {
         i += 1;
         skip_spaces(&mut i);
         let rest = &body[i..];
-        let value: Vec<u8> = if rest.first() == Some(&b'"') {
-            let mut out = Vec::new();
-            let mut bytes = rest[1..].iter();
-            while let Some(&b) = bytes.next() {
-                match b {
-                    b'"' | b'\r' | b'\n' => break,
-                    b'\\' => out.extend(bytes.next()),
-                    _ => out.push(b),
+        let value: Vec<u8> = match rest.first() {
+            // Quoted with `"` or `'` (PHP takes either), backslash escapes, to the
+            // closing quote (a name is short: at most a line's worth is read).
+            Some(&quote) if quote == b'"' || quote == b'\'' => {
+                let mut out = Vec::new();
+                let mut bytes = rest[1..].iter().take(4096);
+                while let Some(&b) = bytes.next() {
+                    match b {
+                        b'\\' => out.extend(bytes.next()),
+                        b if b == quote => break,
+                        _ => out.push(b),
+                    }
                 }
+                out
             }
-            out
-        } else {
-            rest.iter()
-                .take_while(|&&b| !matches!(b, b';' | b'\r' | b'\n' | b' ' | b'\t'))
+            _ => rest
+                .iter()
+                .take_while(|&&b| !(b == b';' || b == b',' || b.is_ascii_whitespace() || b == 0x0b))
                 .copied()
-                .collect()
+                .collect(),
         };
         let value = String::from_utf8_lossy(&value).into_owned();
         Some(if extended {
@@ -399,6 +438,12 @@ mod tests {
             "form-data; name=\"_me\\thod\"",
             "form-data; name*=UTF-8''%5Fmethod",
             "form-data; name=\" _method\"",
+            // As PHP reads them: single quotes, any white space, a continuation line.
+            "form-data; name='_method'",
+            "form-data; name=\u{b}\"_method\"",
+            "form-data; name=\r\"_method\"",
+            "form-data; name=\r\n \"_method\"",
+            "form-data; name=\"_method\u{0}x\"",
         ] {
             let body = part(disposition);
             assert!(
@@ -427,47 +472,86 @@ mod tests {
         );
         assert_eq!(found(&deep).ok(), Some(true));
         assert_eq!(found(r#"{"_method":"DELETE","n":1e400}"#).ok(), Some(true));
-        // Not JSON: an error (refused by the caller), not "no keys".
+        // Not JSON: an error (no fields for Laravel either), not "no keys".
         assert!(found(r#"{"_method":"DELETE""#).is_err());
         assert!(found(r#"{"a":1} x"#).is_err());
     }
 
     #[test]
-    fn body_kinds_follow_the_content_type() {
-        let kind = |ct: Option<&str>| {
+    fn readings_follow_the_content_type() {
+        let readings = |ct: Option<&str>| {
             let mut h = HeaderMap::new();
             if let Some(ct) = ct {
                 h.insert(CONTENT_TYPE, ct.parse().unwrap_or_else(|_| unreachable!()));
             }
-            BodyKind::of(&h)
+            Readings::of(&h)
         };
-        assert_eq!(kind(None), Ok(Some(BodyKind::UrlEncoded)));
-        assert_eq!(kind(Some("")), Ok(Some(BodyKind::UrlEncoded)));
+        let form = Readings {
+            url_encoded: true,
+            ..Readings::default()
+        };
+        let multipart = Readings {
+            multipart: true,
+            ..Readings::default()
+        };
+        let json = Readings {
+            json: true,
+            ..Readings::default()
+        };
+        assert_eq!(readings(None), Ok(form));
+        assert_eq!(readings(Some("")), Ok(form));
         assert_eq!(
-            kind(Some("Application/X-WWW-Form-Urlencoded ; charset=utf-8")),
-            Ok(Some(BodyKind::UrlEncoded))
+            readings(Some("Application/X-WWW-Form-Urlencoded ; charset=utf-8")),
+            Ok(form)
         );
         assert_eq!(
-            kind(Some("multipart/form-data; boundary=b")),
-            Ok(Some(BodyKind::Multipart))
+            readings(Some("multipart/form-data; boundary=b")),
+            Ok(multipart)
         );
-        assert_eq!(kind(Some("multipart/mixed")), Ok(Some(BodyKind::Multipart)));
-        assert_eq!(kind(Some("application/json")), Ok(Some(BodyKind::Json)));
-        assert_eq!(
-            kind(Some("application/vnd.api+json")),
-            Ok(Some(BodyKind::Json))
-        );
+        assert_eq!(readings(Some("multipart/mixed")), Ok(multipart));
+        assert_eq!(readings(Some("application/json")), Ok(json));
+        assert_eq!(readings(Some("application/vnd.api+json")), Ok(json));
         for cut in [
             "application/x-www-form-urlencoded,x",
             "application/x-www-form-urlencoded x",
             " application/x-www-form-urlencoded;x",
         ] {
-            assert_eq!(kind(Some(cut)), Ok(Some(BodyKind::UrlEncoded)), "{cut:?}");
+            assert_eq!(readings(Some(cut)), Ok(form), "{cut:?}");
         }
-        assert_eq!(kind(Some("application/octet-stream")), Ok(None));
+        // Laravel reads JSON wherever `/json` or `+json` appears: both readings apply.
+        for both in [
+            "application/x-www-form-urlencoded, application/json",
+            "application/x-www-form-urlencoded; x=+json",
+        ] {
+            assert_eq!(
+                readings(Some(both)),
+                Ok(Readings {
+                    url_encoded: true,
+                    json: true,
+                    ..Readings::default()
+                }),
+                "{both:?}"
+            );
+        }
         assert_eq!(
-            kind(Some("application/x-git-receive-pack-request")),
-            Ok(None)
+            readings(Some("multipart/form-data; boundary=a+json")),
+            Ok(Readings {
+                multipart: true,
+                json: true,
+                ..Readings::default()
+            })
+        );
+        assert!(!readings(Some("application/octet-stream"))
+            .unwrap_or_default()
+            .any());
+        assert!(!readings(Some("application/x-git-receive-pack-request"))
+            .unwrap_or_default()
+            .any());
+        // A form in a charset that hides its keys from a byte-wise reading.
+        assert!(readings(Some("application/x-www-form-urlencoded; charset=UTF-16LE")).is_err());
+        assert_eq!(
+            readings(Some("application/x-www-form-urlencoded; charset=\"UTF-8\"")),
+            Ok(form)
         );
         let mut two = HeaderMap::new();
         two.append(CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
@@ -475,6 +559,6 @@ mod tests {
             CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
         );
-        assert!(BodyKind::of(&two).is_err());
+        assert!(Readings::of(&two).is_err());
     }
 }

@@ -1387,6 +1387,15 @@ async fn a_post_body_naming_another_method_is_refused_where_the_rule_refuses_it(
                 "--b\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--b--\r\n",
             ),
             (Some("application/json"), r#"{"title":"x","_method":"DELETE"}"#),
+            // Laravel reads JSON wherever the type names it; PHP takes `'` quotes.
+            (
+                Some("application/x-www-form-urlencoded, application/json"),
+                r#"{"_method":"DELETE"}"#,
+            ),
+            (
+                Some("multipart/form-data; boundary=b"),
+                "--b\r\nContent-Disposition: form-data; name='_method'\r\n\r\nDELETE\r\n--b--\r\n",
+            ),
         ] {
             let reply = send(&mut client, post("/post-only/1", ct, body)).await;
             assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{body}: {}", reply.body);
@@ -1414,6 +1423,12 @@ async fn a_post_body_naming_another_method_is_refused_where_the_rule_refuses_it(
         for (path, ct, body) in [
             ("/post-only/1", form, "title=x&payment_method=card"),
             ("/post-only/1", Some("application/octet-stream"), "_method=DELETE"),
+            // Not one JSON value (NDJSON): no framework reads fields from it.
+            (
+                "/post-only/1",
+                Some("application/json"),
+                "{\"index\":{}}\n{\"_method\":\"DELETE\"}\n",
+            ),
             ("/any/1", form, "_method=DELETE"),
         ] {
             let reply = send(&mut client, post(path, ct, body)).await;
@@ -1425,7 +1440,7 @@ async fn a_post_body_naming_another_method_is_refused_where_the_rule_refuses_it(
             );
             assert_eq!(h.record().await.verdict, Verdict::Allow);
         }
-        assert_eq!(origin.requests.load(Ordering::SeqCst), 3);
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 4);
     })
     .await;
 }
