@@ -120,6 +120,15 @@ pub struct RefusalWindow {
     pub what: std::collections::BTreeSet<&'static str>,
 }
 
+/// Whether a quarantine set off by `trigger` revokes credentials other sandboxes still
+/// use: an operator's does, and so does one for a secret seen where it should not be (the
+/// sandbox sent one, or an origin echoed one): the value itself is exposed. One for
+/// behaviour (a denial burst, a budget) revokes only what the sandbox alone uses, so that
+/// a sandbox cannot revoke what the others work with by misbehaving.
+fn revokes_shared(trigger: &str) -> bool {
+    trigger == BY_OPERATOR || trigger.starts_with("secret-")
+}
+
 fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
@@ -1133,7 +1142,7 @@ impl Core {
         }));
         tracing::warn!(sandbox = %rec.name, trigger, "Sandbox quarantined");
         let revoking = policy
-            .map(|p| self.revoke_credentials(&rec.name, &p, trigger == BY_OPERATOR))
+            .map(|p| self.revoke_credentials(&rec.name, &p, revokes_shared(trigger)))
             .unwrap_or_default();
         let mut msg = format!(
             "quarantined sandbox {:?}: every connection is refused, its proxied connections are closed and its DNS is refused",
@@ -1151,10 +1160,9 @@ impl Core {
 
     /// Starts revoking, in the background, the live values of the credentials the policy
     /// names that have a revocation; each outcome is one `credential-revoke` record.
-    /// Returns their names. Unless `shared_too` (an operator's quarantine), a credential
+    /// Returns their names. Unless `shared_too` (see [`revokes_shared`]), a credential
     /// another sandbox that is not quarantined still uses is left alone, with a record
-    /// saying so: a sandbox that sets off its own quarantine (a denial burst) must not be
-    /// able to revoke what the others work with.
+    /// saying so.
     fn revoke_credentials(&self, sandbox: &str, policy: &Policy, shared_too: bool) -> Vec<String> {
         let store = self.proxy.credentials();
         let mut names = Vec::new();
@@ -1178,8 +1186,8 @@ impl Core {
                 credential,
                 revoked: false,
                 reason: format!(
-                    "not revoked: still used by {} other sandbox(es) ({}); an automatic \
-                     quarantine revokes only credentials no other sandbox uses",
+                    "not revoked: still used by {} other sandbox(es) ({}); a quarantine for \
+                     behaviour revokes only credentials no other sandbox uses",
                     users.len(),
                     users.join(", ")
                 ),
@@ -1659,4 +1667,19 @@ fn check_placement(cgroup: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::revokes_shared;
+    use crate::audit::AlertKind;
+
+    #[test]
+    fn only_exposure_or_an_operator_revokes_shared_credentials() {
+        assert!(revokes_shared("operator"));
+        assert!(revokes_shared(AlertKind::SecretOutbound.as_str()));
+        assert!(revokes_shared(AlertKind::SecretReflected.as_str()));
+        assert!(!revokes_shared(AlertKind::DenialBurst.as_str()));
+        assert!(!revokes_shared(AlertKind::RateLimit.as_str()));
+    }
 }
