@@ -294,7 +294,12 @@ impl Body for CountingBody {
         let this = self.get_mut();
         let out = this.poll_body(cx);
         if let Some(sent) = &this.sent {
-            if matches!(out, Poll::Ready(None)) || this.is_end_stream() {
+            // Over, or all the declared bytes handed on (an HTTP/1 upstream stops polling
+            // there, before an HTTP/2 client's separate end of stream or trailers).
+            let all_declared = this.declared.is_some_and(|d| {
+                d == this.count.load(Ordering::Relaxed) && this.prefix.is_none() && this.flushed
+            });
+            if matches!(out, Poll::Ready(None)) || this.is_end_stream() || all_declared {
                 sent.store(true, Ordering::Relaxed);
             }
         }
