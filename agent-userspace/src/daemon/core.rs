@@ -1409,6 +1409,16 @@ impl Core {
                 }
                 Err(e) => {
                     tracing::error!(sandbox = %rec.name, error = %e, "Restoring the policy's kernel rules failed; the sandbox is denied everything until it is attached again");
+                    self.audit.emit(Record::PolicyRejected(PolicyRejected {
+                        time: now(),
+                        sandbox: rec.name.clone(),
+                        policy_path: PathBuf::from(&rec.policy_path),
+                        policy_digest: None,
+                        error: format!(
+                            "restoring the policy's kernel rules at adoption failed ({e}); \
+                             the sandbox is denied everything until it is attached again"
+                        ),
+                    }));
                     false
                 }
             };
