@@ -125,15 +125,23 @@ pub const OVERRIDE_HEADERS: [&str; 6] = [
 /// `X-Real-IP`...): an origin that trusts one would act on a host, path or client the
 /// rule never judged, so the proxy strips them.
 pub fn is_routing_header(name: &str) -> bool {
-    const NAMES: [&str; 9] = [
+    const NAMES: [&str; 17] = [
         "forwarded",
+        "forwarded-for",
+        "x-forwarded",
         "x-host",
         "x-original-host",
         "x-original-uri",
+        "x-original-forwarded-for",
         "x-real-ip",
         "x-client-ip",
+        "x-cluster-client-ip",
+        "x-remote-ip",
+        "x-remote-addr",
         "true-client-ip",
         "client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
         "via",
     ];
     NAMES.contains(&name) || name.starts_with("x-forwarded-") || name.starts_with("x-envoy-")

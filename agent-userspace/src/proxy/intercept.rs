@@ -1446,6 +1446,8 @@ mod tests {
             ("forwarded", "host=admin.internal"),
             ("x-original-uri", "/admin"),
             ("x-real-ip", "127.0.0.1"),
+            ("cf-connecting-ip", "127.0.0.1"),
+            ("x-cluster-client-ip", "127.0.0.1"),
             ("x_http_method_override", "DELETE"),
             ("x_api_key", "sandbox-key"),
             ("content_length", "0"),
