@@ -883,6 +883,7 @@ async fn query_rate_over_budget_is_refused() {
     );
     let h = Harness::start_with(&policy, false).await;
     let mut codes = Vec::new();
+    let started = std::time::Instant::now();
     for _ in 0..4 {
         codes.push(
             h.udp("api.github.example", RecordType::A)
@@ -891,18 +892,25 @@ async fn query_rate_over_budget_is_refused() {
                 .response_code,
         );
     }
-    assert_eq!(
-        codes,
-        [
-            ResponseCode::NoError,
-            ResponseCode::NoError,
-            ResponseCode::Refused,
-            ResponseCode::Refused
-        ]
+    // A second's worth of budget comes back while the queries run on a loaded machine
+    // (one query a second): that many may pass beyond the burst.
+    let refilled = usize::try_from(started.elapsed().as_secs()).unwrap_or(usize::MAX);
+    assert_eq!(codes[..2], [ResponseCode::NoError, ResponseCode::NoError]);
+    let refused = codes
+        .iter()
+        .filter(|c| **c == ResponseCode::Refused)
+        .count();
+    assert!(
+        refused >= 2usize.saturating_sub(refilled),
+        "{codes:?} in {refilled} s"
     );
-    assert_eq!(fake.seen().len(), 2);
-    let last = h.records().pop().unwrap();
-    assert!(last.reason.unwrap().contains("queries per second"));
+    assert_eq!(fake.seen().len(), 4 - refused);
+    if refused > 0 {
+        assert!(h.records().iter().any(|r| r
+            .reason
+            .as_deref()
+            .is_some_and(|w| w.contains("queries per second"))));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
