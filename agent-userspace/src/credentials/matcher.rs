@@ -338,6 +338,19 @@ fn json_escape(text: &str, slash: bool, ascii: bool) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// A token-shaped value made at run time: `ghp_` and `n` random letters and digits.
+    fn fake_token(n: usize) -> String {
+        use ring::rand::SecureRandom as _;
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+        let mut bytes = vec![0u8; n];
+        ring::rand::SystemRandom::new().fill(&mut bytes).unwrap();
+        let body: String = bytes
+            .iter()
+            .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
+            .collect();
+        format!("ghp_{body}")
+    }
+
     fn contains(hay: &[u8], needle: &[u8]) -> bool {
         hay.windows(needle.len()).any(|w| w == needle)
     }
@@ -453,7 +466,8 @@ mod tests {
     /// base64 too; a cut that keeps less is not the value's (it may be a shared prefix).
     #[test]
     fn a_value_cut_short_is_found() {
-        let secret = "ghp_0123456789abcdefghijABCDEFGHIJklmnop";
+        let secret = fake_token(36);
+        let secret = secret.as_str();
         let m = SecretMatcher::new([("c", secret)]);
         for cut in 1..=CUT_SHORT {
             let echo = format!("bad credential: Bearer {}", &secret[..secret.len() - cut]);

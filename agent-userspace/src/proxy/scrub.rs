@@ -996,7 +996,7 @@ mod tests {
         assert_eq!(enc("gzip, br"), Encoding::Other("gzip, br".into()));
         // An unregistered coding is not repeated: it is the origin's free text.
         assert_eq!(
-            enc("gzip, Bearer ghp_secret"),
+            enc("gzip, Bearer not-a-registered-coding"),
             Encoding::Other("gzip, ?".into())
         );
 
