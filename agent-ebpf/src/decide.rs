@@ -144,21 +144,30 @@ pub fn mapped(v4: [u8; 4]) -> [u8; 16] {
     ]
 }
 
+/// The first 96 bits of IPv4-mapped addresses (`::ffff:a.b.c.d`).
+const MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+
+/// The NAT64 well-known prefix (`64:ff9b::/96`, RFC 6052).
+const NAT64_PREFIX: [u8; 12] = [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// Whether `a` starts with the 96-bit `prefix` (its last 32 bits then carry an IPv4
+/// address).
+#[inline(always)]
+fn in_prefix96(a: &[u8; 16], prefix: &[u8; 12]) -> bool {
+    let mut i = 0;
+    while i < 12 {
+        if a[i] != prefix[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// Whether an IPv6 address is IPv4-mapped (`::ffff:a.b.c.d`).
 #[inline(always)]
 pub fn is_mapped(a: &[u8; 16]) -> bool {
-    a[0] == 0
-        && a[1] == 0
-        && a[2] == 0
-        && a[3] == 0
-        && a[4] == 0
-        && a[5] == 0
-        && a[6] == 0
-        && a[7] == 0
-        && a[8] == 0
-        && a[9] == 0
-        && a[10] == 0xff
-        && a[11] == 0xff
+    in_prefix96(a, &MAPPED_PREFIX)
 }
 
 /// Where the kernel takes a call to `dest`: Linux connects and sends to the unspecified
@@ -222,22 +231,11 @@ fn is_loopback(dest: &Dest) -> bool {
     }
 }
 
-/// Whether an IPv6 address is in the NAT64 well-known prefix (`64:ff9b::/96`, RFC 6052):
-/// a translator delivers it to the IPv4 address in its last 32 bits.
+/// Whether an IPv6 address is in the NAT64 well-known prefix: a translator delivers it to
+/// the IPv4 address in its last 32 bits.
 #[inline(always)]
 pub fn is_nat64(a: &[u8; 16]) -> bool {
-    a[0] == 0
-        && a[1] == 0x64
-        && a[2] == 0xff
-        && a[3] == 0x9b
-        && a[4] == 0
-        && a[5] == 0
-        && a[6] == 0
-        && a[7] == 0
-        && a[8] == 0
-        && a[9] == 0
-        && a[10] == 0
-        && a[11] == 0
+    in_prefix96(a, &NAT64_PREFIX)
 }
 
 /// `::ffff:a.b.c.d` -> `a.b.c.d`. connect6/sendmsg6 see these for AF_INET6 sockets talking
