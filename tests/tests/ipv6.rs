@@ -139,18 +139,9 @@ rules:
 "#
     ))?;
     let name = fx.sandbox.label();
+    // 64:ff9b::a.b.c.d
     let nat64 = |v4: std::net::Ipv4Addr| {
-        let [a, b, c, d] = v4.octets();
-        std::net::Ipv6Addr::new(
-            0x64,
-            0xff9b,
-            0,
-            0,
-            0,
-            0,
-            u16::from_be_bytes([a, b]),
-            u16::from_be_bytes([c, d]),
-        )
+        std::net::Ipv6Addr::from((0x64_ff9b_u128 << 96) | u128::from(u32::from(v4)))
     };
     let p = fx
         .sandbox

@@ -106,6 +106,16 @@ fn records(daemon: &Daemon, m: &Match, n: usize) -> Result<Vec<Value>> {
     expect::records(daemon, m, n)
 }
 
+/// A python script making `n` TCP connects to the canary, printing `EPERM` for each the
+/// kernel refuses (and the error otherwise).
+fn canary_connects(n: usize) -> String {
+    format!(
+        "import socket\nfor i in range({n}):\n    s = socket.socket()\n    s.settimeout(1)\n    \
+         try:\n        s.connect(('{CANARY_V4}', 80))\n    except PermissionError:\n        \
+         print('EPERM')\n    except OSError as e:\n        print(e)\n"
+    )
+}
+
 fn dig_status(fx: &ProxyFixture, name: &str) -> Result<String> {
     let d = dig(&fx.sandbox, &[&format!("@{UNSERVED_RESOLVER}"), name, "A"])?;
     Ok(d.status.clone().unwrap_or_else(|| d.describe()))
@@ -348,12 +358,7 @@ fn a_denial_burst_quarantines_when_the_policy_says_so() -> Result<()> {
     let out = fx.curl(&[REPO_URL])?;
     ensure!(out.status.success(), "before: {}", all_output(&out));
     let run = |n: usize| -> Result<String> {
-        let script = format!(
-            "import socket\nfor i in range({n}):\n    s = socket.socket()\n    s.settimeout(1)\n    \
-             try:\n        s.connect(('{CANARY_V4}', 80))\n    except PermissionError:\n        \
-             print('EPERM')\n    except OSError as e:\n        print(e)\n"
-        );
-        let out = fx.client(10, "python3", &["-c", &script], &[])?;
+        let out = fx.client(10, "python3", &["-c", &canary_connects(n)], &[])?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
     ensure!(run(3)?.matches("EPERM").count() == 3);
@@ -525,11 +530,15 @@ fn a_self_inflicted_quarantine_leaves_shared_credentials_alone() -> Result<()> {
     ensure!(fx.tokens.mints()?.len() == 1, "expected one mint");
 
     // Denied connects, fast: the sandbox quarantines itself.
-    let script = format!(
-        "import socket\nfor i in range(12):\n    s = socket.socket()\n    s.settimeout(1)\n    \
-         try:\n        s.connect(('{CANARY_V4}', 80))\n    except OSError:\n        pass\n"
+    let out = fx.client(10, "python3", &["-c", &canary_connects(12)], &[])?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("EPERM")
+            .count()
+            == 12,
+        "denied connects: {}",
+        all_output(&out)
     );
-    fx.client(10, "python3", &["-c", &script], &[])?;
     records(
         &fx.daemon,
         &Match::lifecycle("sandbox-quarantine").sandbox(&name),
