@@ -208,6 +208,15 @@ for case, bind in [("mapped", ("::ffff:127.0.0.1", 0)), ("plain", None)]:
         out[case] = "ok"
     except OSError as e:
         out[case] = e.__class__.__name__ + ":" + str(e.errno)
+listener.setblocking(False)
+accepted = 0
+try:
+    while True:
+        listener.accept()
+        accepted += 1
+except BlockingIOError:
+    pass
+out["accepted"] = accepted
 print(json.dumps(out))
 "#;
     let python = egress_tests::util::python().display().to_string();
@@ -229,6 +238,11 @@ print(json.dumps(out))
             .hook("connect6")
             .sandbox(fx.sandbox.label()),
     )?;
+    // Nothing reached the IPv4 loopback listener.
+    ensure!(
+        v["accepted"] == 0,
+        "the IPv4 loopback listener accepted: {v}"
+    );
     // Positive control: from an unbound socket it is ::1, which the policy allows (no
     // listener there: refused by the peer, not by the policy).
     ensure!(
