@@ -247,12 +247,9 @@ fn is_override_key(key: &str) -> bool {
 fn form_keys(text: &[u8]) -> impl Iterator<Item = String> + '_ {
     text.split(|&b| b == b'&' || b == b';').map(|pair| {
         let key = pair.split(|&b| b == b'=').next().unwrap_or(b"");
-        let spaced: Vec<u8> = key
-            .iter()
-            .map(|&b| if b == b'+' { b' ' } else { b })
-            .collect();
+        // (`percent_decode` reads `+` as a space, as form decoding does.)
         String::from_utf8_lossy(&super::inject::percent_decode(&String::from_utf8_lossy(
-            &spaced,
+            key,
         )))
         .into_owned()
     })
@@ -262,14 +259,12 @@ fn form_keys(text: &[u8]) -> impl Iterator<Item = String> + '_ {
 /// read loosely (any case, spaces around `=`, quoted or not, `filename` too): a field's
 /// name is among them however its part's headers are laid out.
 fn multipart_names(body: &[u8]) -> impl Iterator<Item = String> + '_ {
-    let lower = body.to_ascii_lowercase();
-    let starts: Vec<usize> = lower
+    let starts = body
         .windows(4)
         .enumerate()
-        .filter(|(_, w)| *w == b"name")
-        .map(|(i, _)| i + 4)
-        .collect();
-    starts.into_iter().filter_map(move |mut i| {
+        .filter(|(_, w)| w.eq_ignore_ascii_case(b"name"))
+        .map(|(i, _)| i + 4);
+    starts.filter_map(move |mut i| {
         // Any white space, line breaks included (PHP joins a header's continuation
         // lines and skips `isspace` around the `=`).
         let skip_spaces = |i: &mut usize| {
