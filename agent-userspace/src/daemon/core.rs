@@ -420,19 +420,26 @@ impl Core {
     /// Without a compiled policy (one that no longer compiles after an upgrade) there is
     /// no resolver either, and port 53 is denied like everything else.
     fn quarantine_entry(&self, rec: &SandboxRecord, policy: Option<&Policy>) -> SandboxInfo {
+        let dns_port = if policy.is_some_and(uses_dns) {
+            self.dns.port_for(rec.index)
+        } else {
+            0
+        };
+        self.deny_all_entry(rec.index, dns_port)
+    }
+
+    /// An entry in sandbox `index`'s name that denies everything (the empty quarantine
+    /// slot), sending DNS to `dns_port` if not 0.
+    fn deny_all_entry(&self, index: u32, dns_port: u16) -> SandboxInfo {
         SandboxInfo {
-            index: rec.index,
+            index,
             policy_slot: QUARANTINE_SLOT,
             default_action: agent_common::action::DENY,
             _pad: 0,
-            // Nothing is redirected from an empty slot; the port names the listener a
-            // quarantined sandbox still may not connect to or bind.
+            // Nothing is redirected from an empty slot; the port names the listener the
+            // sandbox still may not connect to or bind.
             proxy_port: self.proxy.port,
-            dns_port: if policy.is_some_and(uses_dns) {
-                self.dns.port_for(rec.index)
-            } else {
-                0
-            },
+            dns_port,
             dns_base: self.dns.base_port,
         }
     }
@@ -1171,8 +1178,12 @@ impl Core {
             if !store.can_revoke(name) {
                 continue;
             }
-            let users = self.other_users(sandbox, name);
-            if shared_too || users.is_empty() {
+            let users = if shared_too {
+                Vec::new()
+            } else {
+                self.other_users(sandbox, name)
+            };
+            if users.is_empty() {
                 names.push(name.to_string());
             } else {
                 shared.push((name.to_string(), users));
@@ -1470,15 +1481,7 @@ impl Core {
                 // Its kernel entry still names the index and policy slot it had, which a
                 // new sandbox may be given: it would then be judged by that sandbox's
                 // rules, in its name. Deny all, in no sandbox's name.
-                let orphan = SandboxInfo {
-                    index: 0,
-                    policy_slot: QUARANTINE_SLOT,
-                    default_action: agent_common::action::DENY,
-                    _pad: 0,
-                    proxy_port: self.proxy.port,
-                    dns_port: 0,
-                    dns_base: self.dns.base_port,
-                };
+                let orphan = self.deny_all_entry(0, 0);
                 if let Err(e) = self.maps.set_sandbox(id, orphan) {
                     tracing::error!(cgroup_id = id, error = %e, "Could not make the kernel entry of a cgroup with no sandbox record deny all");
                 }
