@@ -813,14 +813,12 @@ impl ConnCtx {
             }
         }
         strip_request_headers(&mut parts.headers, &self.proxy.injected);
-        // A body where the method gives it no meaning: an origin that ignores it would
-        // read it as the next request on a shared HTTP/1 connection, and the proxy's next
-        // request (with its credential) as that one's rest. It gets a connection of its
-        // own, closed after it.
-        let own_connection = matches!(
-            parts.method,
-            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
-        ) && !(body.is_end_stream() && prefix.is_empty());
+        // A request with a body gets an HTTP/1 connection of its own, closed after it:
+        // an origin that answers without reading the body (a method that gives it no
+        // meaning, a static file, an early error) would read it as the next request on a
+        // shared connection, and the proxy's next request (with its credential) as that
+        // one's rest: a method and path nobody judged. Whatever the method or its case.
+        let own_connection = !(body.is_end_stream() && prefix.is_empty());
         if own_connection {
             parts
                 .headers

@@ -1025,34 +1025,44 @@ async fn upstream_with_untrusted_certificate_gives_502() {
     .await;
 }
 
-/// A GET with a body (which an origin may ignore and then read as a request of its
-/// own) goes on an HTTP/1 connection that is not used again; plain GETs share one.
+/// A request with a body, whatever its method (an origin may answer without reading the
+/// body and then read it as a request of its own), goes on an HTTP/1 connection that is
+/// not used again; bodiless requests share one.
 #[tokio::test]
-async fn a_body_on_a_get_gets_an_upstream_connection_of_its_own() {
+async fn a_request_with_a_body_gets_an_upstream_connection_of_its_own() {
     within(async {
-        let origin = start_origin(false).await;
-        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
-        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
-        for _ in 0..2 {
+        let methods = [
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::from_bytes(b"get").unwrap(),
+        ];
+        for method in methods {
+            let origin = start_origin(false).await;
+            let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+            let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+            for _ in 0..2 {
+                assert_eq!(
+                    get(&mut client, NAME, "/plain").await.status,
+                    StatusCode::OK
+                );
+                h.record().await;
+            }
+            assert_eq!(origin.accepted.load(Ordering::SeqCst), 1);
+            let with_body = request(method.clone(), NAME, "/smuggle", &[], "GET /x HTTP/1.1\r\n");
+            let reply = send(&mut client, with_body).await;
+            assert_eq!(reply.status, StatusCode::OK, "{method}: {}", reply.body);
+            h.record().await;
             assert_eq!(
-                get(&mut client, NAME, "/plain").await.status,
+                get(&mut client, NAME, "/after").await.status,
                 StatusCode::OK
             );
             h.record().await;
+            // The body's request reused the idle connection; the one after it needed a
+            // new one.
+            assert_eq!(origin.accepted.load(Ordering::SeqCst), 2, "{method}");
+            assert_eq!(origin.requests.load(Ordering::SeqCst), 4, "{method}");
         }
-        assert_eq!(origin.accepted.load(Ordering::SeqCst), 1);
-        let with_body = request(Method::GET, NAME, "/smuggle", &[], "GET /x HTTP/1.1\r\n");
-        let reply = send(&mut client, with_body).await;
-        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-        h.record().await;
-        assert_eq!(
-            get(&mut client, NAME, "/after").await.status,
-            StatusCode::OK
-        );
-        h.record().await;
-        // The body's request reused the idle connection; the one after it needed a new one.
-        assert_eq!(origin.accepted.load(Ordering::SeqCst), 2);
-        assert_eq!(origin.requests.load(Ordering::SeqCst), 4);
     })
     .await;
 }
