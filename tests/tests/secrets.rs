@@ -6,7 +6,8 @@
 //!   over HTTP/1.1 and HTTP/2, receives the marker instead, never the token in any form;
 //!   each request's record counts what was scrubbed and raises a `secret-reflected` alert.
 //!   A body in an encoding the proxy cannot scan is refused (502); a body with no secret
-//!   passes byte for byte.
+//!   passes byte for byte. The origin's stored copy, read back through a rule with no
+//!   credential, is scrubbed too.
 //! - Outbound: a request from the sandbox carrying the token (a leak: the sandbox was
 //!   handed it for the test) in the query, the path, a query key, the method, a header,
 //!   base64 in a header, a JSON body or deep inside a large body is refused with 403 and
@@ -181,6 +182,30 @@ fn reflected_secrets_are_scrubbed_over_http1_and_http2() -> Result<()> {
             plain_body().len()
         );
         outputs.push(out);
+    }
+
+    // An origin that keeps what it was sent serves the token back through a rule with no
+    // credential (github.com, same origin): scrubbed there too.
+    for version in ["--http1.1", "--http2"] {
+        let (code, text, out) = curl_i(&fx, &[version, "https://github.com/echo/stored"])?;
+        let ctx = || format!("{version} stored: {}", all_output(&out));
+        ensure!(code == 200, "status {code}: {}", ctx());
+        ensure!(text.contains(MARKER), "no marker: {}", ctx());
+        for form in &forms {
+            ensure!(
+                !text.contains(form.as_str()),
+                "the token came back: {}",
+                ctx()
+            );
+        }
+        outputs.push(out);
+    }
+    let stored = wait_records(&fx, 2, "alerting on /echo/stored", |r| {
+        get_str(r, "event.action") == Some("secret-reflected") && path_is(r, "/echo/stored")
+    })?;
+    for a in &stored {
+        ensure!(get_str(a, "rule.name") == Some("no-credential"), "{a}");
+        ensure!(get_str(a, "url.domain") == Some("github.com"), "{a}");
     }
 
     // Each reflecting request's record counts what was scrubbed, and has an alert.

@@ -527,18 +527,18 @@ impl ConnCtx {
         }
     }
 
-    /// The response body sent on: scrubbed of every known secret on a rule with a
-    /// credential (its headers too), as received elsewhere. A body whose encoding cannot
-    /// be scanned is refused.
+    /// The response body sent on: scrubbed of every known secret (its headers too), on
+    /// every rule: a secret an origin stored (a placeholder sent in a body, a header it
+    /// logged) could be read back through a host whose rule has no credential. A body
+    /// whose encoding cannot be scanned is refused.
     fn response_body(
         &self,
         headers: &mut HeaderMap,
         body: Incoming,
         secrets: &SecretWatch,
     ) -> Result<ResponseBody, Refusal> {
-        let matcher = match self.proxy.secret_matcher() {
-            Some(m) if self.conn.route.credential.is_some() => m,
-            _ => return Ok(ResponseBody::Plain(body)),
+        let Some(matcher) = self.proxy.secret_matcher() else {
+            return Ok(ResponseBody::Plain(body));
         };
         scrub::scrub_response(headers, body, matcher, secrets.scrubbed.clone())
             .map_err(|reason| Refusal::deny(StatusCode::BAD_GATEWAY, reason))
@@ -929,8 +929,8 @@ impl ConnCtx {
             }
         }
 
-        if self.proxy.config.scrub && self.conn.route.credential.is_some() {
-            // Responses on this rule are scanned as they stream: ask for them unencoded.
+        if self.proxy.secret_matcher().is_some() {
+            // Responses are scanned as they stream: ask for them unencoded.
             parts
                 .headers
                 .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
