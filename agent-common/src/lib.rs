@@ -134,6 +134,14 @@ pub mod sockopt {
     pub const IPV6_2292PKTOPTIONS: u16 = 6;
     pub const IPV6_NEXTHOP: u16 = 9;
     pub const IPV6_RTHDR: u16 = 57;
+    /// Bind to, or send from (`IP_PKTINFO`/`IPV6_PKTINFO`), an address that is not the
+    /// host's: a forged source, whose answers (ICMP errors quoting the packet, echoing
+    /// servers) go to that address. `IP_TRANSPARENT` needs `CAP_NET_RAW`; the freebind
+    /// options need nothing.
+    pub const IP_FREEBIND: u16 = 15;
+    pub const IP_TRANSPARENT: u16 = 19;
+    pub const IPV6_TRANSPARENT: u16 = 75;
+    pub const IPV6_FREEBIND: u16 = 78;
     /// `IPPROTO_ROUTING`: the IPv6 routing extension header.
     pub const IPPROTO_ROUTING: u16 = 43;
     /// IPv4 option types (first byte of an option, copy flag included).

@@ -3,7 +3,11 @@
 //! with EPERM. An IPv4 loose or strict source route (`IP_OPTIONS`) or an IPv6 routing
 //! header (`IPV6_RTHDR`, the RFC 2292 `IPV6_2292RTHDR`, and `IPV6_2292PKTOPTIONS`, whose
 //! control data may carry one) routes the packet to its first hop or segment, which no hook
-//! judged. Any non-empty IP options are refused: a sandbox has no use for them.
+//! judged. Any non-empty IP options are refused: a sandbox has no use for them. So are the
+//! options that let a socket send from an address that is not the host's
+//! (`IP_FREEBIND`, `IP_TRANSPARENT` and their IPv6 forms): a forged source sends the
+//! answers to a packet (an ICMP error quoting it, an echoing server) to an address no hook
+//! judged.
 //!
 //! The hook runs for every setsockopt from the cgroup except compat (32-bit) syscalls,
 //! which the kernel does not pass to it; `cgroup_skb/egress` (skb.rs) drops the packets
@@ -53,7 +57,8 @@ pub fn egress_setsockopt(ctx: SockoptContext) -> i32 {
 }
 
 /// Whether setting `optname` at `level` with `optlen` bytes would install a source route or
-/// routing header. A zero length clears the option and stays allowed.
+/// routing header, or allow a source address that is not the host's. A zero length clears
+/// the option and stays allowed.
 #[inline(always)]
 fn refused(level: i32, optname: i32, optlen: i32) -> bool {
     if optlen <= 0 {
@@ -61,12 +66,17 @@ fn refused(level: i32, optname: i32, optlen: i32) -> bool {
     }
     let (level, optname) = (level as u32, optname as u32);
     if level == u32::from(sockopt::SOL_IP) {
-        optname == u32::from(sockopt::IP_OPTIONS) || optname == u32::from(sockopt::IP_RETOPTS)
+        optname == u32::from(sockopt::IP_OPTIONS)
+            || optname == u32::from(sockopt::IP_RETOPTS)
+            || optname == u32::from(sockopt::IP_FREEBIND)
+            || optname == u32::from(sockopt::IP_TRANSPARENT)
     } else if level == u32::from(sockopt::SOL_IPV6) {
         optname == u32::from(sockopt::IPV6_RTHDR)
             || optname == u32::from(sockopt::IPV6_2292RTHDR)
             || optname == u32::from(sockopt::IPV6_2292PKTOPTIONS)
             || optname == u32::from(sockopt::IPV6_NEXTHOP)
+            || optname == u32::from(sockopt::IPV6_TRANSPARENT)
+            || optname == u32::from(sockopt::IPV6_FREEBIND)
     } else {
         false
     }

@@ -3,7 +3,9 @@
 //! routes (`IP_OPTIONS` loose and strict, by setsockopt on TCP and UDP; `IP_RETOPTS` as
 //! control data on a UDP message) and IPv6 routing headers (`IPV6_RTHDR` types 0, 2 and 4
 //! by setsockopt, the RFC 2292 form, and control data) are refused and recorded, with an
-//! alert that summarises them. Packet sockets are refused where the kernel runs BPF LSM
+//! alert that summarises them. So are the options that would let a socket send from an
+//! address that is not the host's (`IP_FREEBIND`, `IP_TRANSPARENT`, IPv6 forms): the bind
+//! to that address then fails, and nothing leaves from it. Packet sockets are refused where the kernel runs BPF LSM
 //! programs; where it does not, `status` and the attach record say they are not covered.
 //! MPTCP sockets are refused and recorded as MPTCP, not TCP.
 //!
@@ -39,7 +41,11 @@ rules:
 "#;
 
 /// Cases the helper must see refused with EPERM by egressd.
-const REFUSED: [&str; 13] = [
+const REFUSED: [&str; 17] = [
+    "udp4-freebind-setsockopt",
+    "udp4-transparent-setsockopt",
+    "udp6-freebind-setsockopt",
+    "udp6-transparent-setsockopt",
     "tcp4-lsrr-setsockopt",
     "udp4-lsrr-setsockopt",
     "tcp4-ssrr-setsockopt",
@@ -239,9 +245,9 @@ fn source_routes_and_packet_sockets_are_refused() -> Result<()> {
             .filter(|r| action(r) == Some("source-routing"))
             .filter_map(|r| get_u64(r, "egress.alert.count"))
             .sum();
-        Ok((alerts >= 12).then_some(all))
+        Ok((alerts >= 16).then_some(all))
     })?
-    .context("no source-routing alerts summing to 12 refusals")?;
+    .context("no source-routing alerts summing to 16 refusals")?;
     let denied = |act: &str, name: &str| -> Vec<&Value> {
         records
             .iter()
@@ -265,6 +271,14 @@ fn source_routes_and_packet_sockets_are_refused() -> Result<()> {
         !denied("setsockopt", "IPV6_2292RTHDR").is_empty(),
         "IPV6_2292RTHDR records"
     );
+    for name in [
+        "IP_FREEBIND",
+        "IP_TRANSPARENT",
+        "IPV6_FREEBIND",
+        "IPV6_TRANSPARENT",
+    ] {
+        ensure!(!denied("setsockopt", name).is_empty(), "{name} records");
+    }
     let dropped = denied("packet", "ipv4-options");
     ensure!(
         dropped
@@ -310,8 +324,17 @@ fn source_routes_and_packet_sockets_are_refused() -> Result<()> {
     });
     std::thread::sleep(expect::CANARY_SETTLE);
     tcpdump.terminate(libc::SIGINT, Duration::from_secs(5))?;
+    // The forged source's bind failed: the address is not the host's.
+    for case in ["udp4-forged-bind", "udp6-forged-bind"] {
+        ensure!(
+            results.get(case) == Some(&"EADDRNOTAVAIL"),
+            "{case}: expected EADDRNOTAVAIL, got {:?}\n{text}",
+            results.get(case)
+        );
+    }
     for filter in [
         "dst host 203.0.113.66 or dst host 2001:db8::66",
+        "src host 203.0.113.66 or src host 2001:db8::66",
         "ip and ip[0] & 0xf > 5",
         "ip6 and ip6[6] == 43",
     ] {

@@ -344,7 +344,8 @@ impl Core {
                 AlertKind::SourceRouting,
                 sandbox,
                 format!(
-                    "{} attempt(s) to route packets elsewhere than the judged address were refused ({})",
+                    "{} attempt(s) to route packets elsewhere than the judged address, or to send \
+                     them from an address not the host's, were refused ({})",
                     w.count,
                     names.join(", ")
                 ),

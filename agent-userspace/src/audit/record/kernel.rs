@@ -270,6 +270,9 @@ impl RefusedOption {
                 "IPv6 sticky options, which can carry a routing header".into()
             }
             ("IPV6_NEXTHOP", _) => "an IPv6 next hop".into(),
+            ("IP_FREEBIND" | "IP_TRANSPARENT" | "IPV6_FREEBIND" | "IPV6_TRANSPARENT", _) => {
+                "a source address that is not the host's (a forged source)".into()
+            }
             _ => "an option that routes packets".into(),
         }
     }
@@ -284,6 +287,10 @@ pub(super) fn sockopt_name(level: u16, name: u16) -> &'static str {
         (sockopt::SOL_IPV6, sockopt::IPV6_2292RTHDR) => "IPV6_2292RTHDR",
         (sockopt::SOL_IPV6, sockopt::IPV6_2292PKTOPTIONS) => "IPV6_2292PKTOPTIONS",
         (sockopt::SOL_IPV6, sockopt::IPV6_NEXTHOP) => "IPV6_NEXTHOP",
+        (sockopt::SOL_IP, sockopt::IP_FREEBIND) => "IP_FREEBIND",
+        (sockopt::SOL_IP, sockopt::IP_TRANSPARENT) => "IP_TRANSPARENT",
+        (sockopt::SOL_IPV6, sockopt::IPV6_TRANSPARENT) => "IPV6_TRANSPARENT",
+        (sockopt::SOL_IPV6, sockopt::IPV6_FREEBIND) => "IPV6_FREEBIND",
         _ => "unknown",
     }
 }
