@@ -110,6 +110,18 @@ pub fn port(ctx: &SockAddrContext) -> u16 {
     u16::from_be(raw as u16)
 }
 
+/// Whether a sendmsg4/6 call with destination port `port` is a send on a connected
+/// socket that gave no address. The kernel refuses port 0 in an address before the hook,
+/// so port 0 here means none was given: a connected UDP socket's send carrying control
+/// data (`IP_TOS`, `IPV6_TCLASS`, ...) or `MSG_DONTROUTE`, which the kernel passes through
+/// the hook with an empty address. It goes to the peer that connect4/6 judged (and may
+/// have redirected), as every send on that socket without control data does without
+/// calling the hook at all.
+#[inline(always)]
+pub fn sends_to_connected_peer(port: u16) -> bool {
+    port == 0
+}
+
 /// IPv4 destination bytes in network order.
 #[inline(always)]
 pub fn ipv4(ctx: &SockAddrContext) -> [u8; 4] {

@@ -1,12 +1,19 @@
 //! `cgroup/sendmsg4`: unconnected UDP `sendto()`/`sendmsg()` carrying an IPv4 address.
-//! Connected UDP sockets are decided at connect4 and do not come here.
+//! Connected UDP sockets are decided at connect4; their sends come here only with control
+//! data, and no address (see [`sends_to_connected_peer`]).
 use agent_common::hook;
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
-use crate::decide::{decide, ipv4, port, protocol, routed, Call, Dest};
+use crate::decide::{
+    decide, ipv4, port, protocol, routed, sends_to_connected_peer, Call, Dest, RET_ALLOW,
+};
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let port = port(&ctx);
+    if sends_to_connected_peer(port) {
+        return RET_ALLOW;
+    }
     let addr = ipv4(&ctx);
     let mut raw_addr = [0u8; 16];
     raw_addr[..4].copy_from_slice(&addr);
@@ -15,7 +22,7 @@ pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
         family: 4,
         protocol: protocol(&ctx),
         dest: routed(Dest::V4(addr)),
-        port: port(&ctx),
+        port,
         raw_addr,
         opt_level: 0,
         opt_name: 0,

@@ -3,17 +3,23 @@
 use agent_common::hook;
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
-use crate::decide::{decide, ipv6, port, protocol, routed, v6_dest, Call};
+use crate::decide::{
+    decide, ipv6, port, protocol, routed, sends_to_connected_peer, v6_dest, Call, RET_ALLOW,
+};
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let port = port(&ctx);
+    if sends_to_connected_peer(port) {
+        return RET_ALLOW;
+    }
     let addr = ipv6(&ctx);
     let call = Call {
         hook: hook::SENDMSG6,
         family: 6,
         protocol: protocol(&ctx),
         dest: routed(v6_dest(addr)),
-        port: port(&ctx),
+        port,
         raw_addr: addr,
         opt_level: 0,
         opt_name: 0,
