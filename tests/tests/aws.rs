@@ -242,6 +242,33 @@ fn aws_cli_is_re_signed_within_its_prefix_and_refused_outside() -> Result<()> {
         "downloaded: {}",
         all_output(&get)
     );
+    // A byte range: asked of moto widened (room for a whole secret around it), signed
+    // as sent, and cut by the proxy to the bytes the client asked for.
+    let part = t.fx.sandbox_dir().join("part.txt");
+    let part_s = part.display().to_string();
+    let ranged = t.cli(
+        sb,
+        false,
+        &[
+            "s3api",
+            "get-object",
+            "--bucket",
+            "acme-data",
+            "--key",
+            "agent/in/data.txt",
+            "--range",
+            "bytes=6-8",
+            &part_s,
+        ],
+    )?;
+    t.ok("ranged GET agent/in/data.txt", &ranged)?;
+    ensure!(
+        std::fs::read_to_string(&part)? == "for"
+            && String::from_utf8_lossy(&ranged.stdout).contains("bytes 6-8/20"),
+        "ranged GET: {:?}, {}",
+        std::fs::read_to_string(&part),
+        all_output(&ranged)
+    );
     let record = t.record_for("/agent/in/data.txt")?;
     let credential = &record["egress"]["credential"];
     ensure!(

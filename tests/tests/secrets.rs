@@ -208,6 +208,75 @@ fn reflected_secrets_are_scrubbed_over_http1_and_http2() -> Result<()> {
         ensure!(get_str(a, "url.domain") == Some("github.com"), "{a}");
     }
 
+    // Byte ranges: the sandbox learns where the marker is, then asks for the token's
+    // bytes a few at a time (each piece too short for any scan to recognise). Each piece
+    // is cut from the scrubbed body: the pieces put together are the marker's bytes.
+    let ranged = echo_url("ranged");
+    for version in ["--http1.1", "--http2"] {
+        let whole = fx.curl(&[version, &ranged])?;
+        ensure!(whole.status.success(), "{}", all_output(&whole));
+        let whole = String::from_utf8_lossy(&whole.stdout).into_owned();
+        let at = whole
+            .find(MARKER)
+            .with_context(|| format!("{version} ranged: no marker in {whole:?}"))?;
+        let len = token.len();
+        let mut pieces = String::new();
+        for first in (at..at + len).step_by(7) {
+            let last = (first + 6).min(at + len - 1);
+            let (code, text, out) = curl_i(
+                &fx,
+                &[
+                    version,
+                    "-H",
+                    &format!("Range: bytes={first}-{last}"),
+                    &ranged,
+                ],
+            )?;
+            let ctx = || format!("{version} bytes={first}-{last}: {}", all_output(&out));
+            ensure!(code == 206, "status {code}: {}", ctx());
+            ensure!(
+                text.to_ascii_lowercase().contains(&format!(
+                    "content-range: bytes {first}-{last}/{}",
+                    whole.len()
+                )),
+                "{}",
+                ctx()
+            );
+            let body = text
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b)
+                .with_context(ctx)?;
+            ensure!(body.len() == last - first + 1, "{}", ctx());
+            pieces.push_str(body);
+            outputs.push(out);
+        }
+        ensure!(
+            pieces == whole[at..at + len] && pieces != token,
+            "{version}: the pieces put together are {pieces:?}, not the scrubbed bytes"
+        );
+        // Positive controls: a range without the token is the origin's bytes; a suffix
+        // range is cut from the end; a list of ranges gets the whole (scrubbed) body.
+        let (code, text, out) = curl_i(&fx, &[version, "-H", "Range: bytes=0-17", &ranged])?;
+        ensure!(
+            code == 206 && text.ends_with("\r\n\r\n{\"authorization\": "),
+            "{version} bytes=0-17: {}",
+            all_output(&out)
+        );
+        let (code, text, out) = curl_i(&fx, &[version, "-H", "Range: bytes=-3", &ranged])?;
+        ensure!(
+            code == 206 && text.ends_with("\"}\n"),
+            "{version} bytes=-3: {}",
+            all_output(&out)
+        );
+        let (code, text, out) = curl_i(&fx, &[version, "-H", "Range: bytes=0-3,5-8", &ranged])?;
+        ensure!(
+            code == 200 && text.ends_with(whole.as_str()),
+            "{version} a list of ranges: {}",
+            all_output(&out)
+        );
+        outputs.push(out);
+    }
+
     // Each reflecting request's record counts what was scrubbed, and has an alert.
     for route in ["header", "json", "chunked", "gzip", "base64"] {
         let path = format!("{ECHO_PATH}{route}");

@@ -36,6 +36,7 @@ use super::head::{HeadClock, HeadTimed};
 use super::inject::{self, RequestScan};
 use super::io::{idle_watch, Activity, Metered, PrefixedStream};
 use super::method_override::{self, BodyCheck};
+use super::range;
 use super::refused::{connection_refusal, is_client_abort, H2Watch, StreamReset, CLIENT_ABORTED};
 use super::scrub::{self, OutboundScan, ResponseBody};
 use super::target::{judge_destination, judge_target, TargetRefusal};
@@ -460,13 +461,20 @@ impl ConnCtx {
             .await
             .and_then(|(response, on_complete)| {
                 let (mut parts, body) = response.into_parts();
+                let asked_range = parts.extensions.remove::<range::Asked>();
                 // hyper keeps an HTTP/1 origin's own reason phrase among the extensions
                 // and its server writes it back out: text that is never scanned for
                 // secrets, so it goes (the sandbox gets the standard phrase), with
                 // anything else hyper's client attached.
                 parts.extensions.clear();
+                // The byte range asked for, cut from the widened one the origin sent.
+                let window = match asked_range {
+                    Some(asked) => range::narrow(asked, &mut parts.status, &mut parts.headers)
+                        .map_err(|reason| Refusal::deny(StatusCode::BAD_GATEWAY, reason))?,
+                    None => None,
+                };
                 // Judged before the hop-by-hop headers (its transfer codings) go.
-                let body = self.response_body(&mut parts.headers, body, &secrets)?;
+                let body = self.response_body(&mut parts.headers, body, &secrets, window)?;
                 strip_hop_by_hop(&mut parts.headers);
                 Ok((parts, body, on_complete))
             });
@@ -536,11 +544,16 @@ impl ConnCtx {
         headers: &mut HeaderMap,
         body: Incoming,
         secrets: &SecretWatch,
+        window: Option<range::Window>,
     ) -> Result<ResponseBody, Refusal> {
         let Some(matcher) = self.proxy.secret_matcher() else {
-            return Ok(ResponseBody::Plain(body));
+            // A range was widened while secrets were known: still cut to what was asked.
+            return Ok(match window {
+                Some(window) => ResponseBody::Cut(body, window),
+                None => ResponseBody::Plain(body),
+            });
         };
-        scrub::scrub_response(headers, body, matcher, secrets.scrubbed.clone())
+        scrub::scrub_response(headers, body, matcher, secrets.scrubbed.clone(), window)
             .map_err(|reason| Refusal::deny(StatusCode::BAD_GATEWAY, reason))
     }
 
@@ -929,11 +942,15 @@ impl ConnCtx {
             }
         }
 
-        if self.proxy.secret_matcher().is_some() {
-            // Responses are scanned as they stream: ask for them unencoded.
+        let mut asked_range = None;
+        if let Some(matcher) = self.proxy.secret_matcher() {
+            // Responses are scanned as they stream: ask for them unencoded, and for any
+            // byte range with room around it for a whole secret.
             parts
                 .headers
                 .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+            let margin = u64::try_from(matcher.max_len()).unwrap_or(u64::MAX);
+            asked_range = range::widen(&mut parts.headers, margin);
         }
 
         let bad_name = || {
@@ -1090,11 +1107,18 @@ impl ConnCtx {
                 source,
             })
         };
+        let with_range = |mut response: Response<Incoming>| {
+            if let Some(asked) = asked_range {
+                response.extensions_mut().insert(asked);
+            }
+            response
+        };
         match sender {
             Sender::H2(mut sender, slot) => {
                 let response = tokio::time::timeout(wait, sender.send_request(request))
                     .await
                     .map_err(|_| timed_out())?
+                    .map(with_range)
                     .map_err(failed)?;
                 // The request counts as in flight on its connection until its response
                 // has been sent on (or abandoned).
@@ -1104,6 +1128,7 @@ impl ConnCtx {
                 let response = tokio::time::timeout(wait, sender.send_request(request))
                     .await
                     .map_err(|_| timed_out())?
+                    .map(with_range)
                     .map_err(failed)?;
                 // A response that came before the whole body went out: the origin may
                 // read the rest as a request of its own. The connection is not reused.

@@ -30,6 +30,7 @@ mod intercept;
 mod io;
 mod method_override;
 mod passthrough;
+mod range;
 mod refused;
 mod scrub;
 pub(crate) mod target;

@@ -23,7 +23,7 @@ use std::io::Write as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
@@ -32,6 +32,8 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::credentials::matcher::CUT_SHORT;
 use crate::credentials::SecretMatcher;
+
+use super::range::Window;
 
 /// What replaces a secret: cut to the length of a shorter match, padded with `*` for a
 /// longer one, so that the response keeps its length.
@@ -492,13 +494,15 @@ impl DeflateKind {
     }
 }
 
-/// Sets up scrubbing of a response on a rule with a credential: scrubs its headers,
-/// and returns its body scrubbed, or `Err(reason)` when its encoding cannot be scanned.
+/// Sets up scrubbing of a response: scrubs its headers, and returns its body scrubbed
+/// (then cut to `window`, the byte range the sandbox asked for, when the origin was asked
+/// for a wider one), or `Err(reason)` when its encoding cannot be scanned.
 pub fn scrub_response(
     headers: &mut HeaderMap,
     body: Incoming,
     matcher: Arc<SecretMatcher>,
     tally: Arc<Tally>,
+    window: Option<Window>,
 ) -> Result<ResponseBody, String> {
     if matcher.failed() {
         return Err("the proxy could not build its secret matcher".to_owned());
@@ -543,12 +547,15 @@ pub fn scrub_response(
         tally,
         queue: VecDeque::new(),
         ended: false,
+        window,
     })))
 }
 
-/// A response body on its way to the sandbox: as received, or scrubbed.
+/// A response body on its way to the sandbox: as received, cut to a byte range, or
+/// scrubbed.
 pub enum ResponseBody {
     Plain(Incoming),
+    Cut(Incoming, Window),
     Scrubbed(Box<ScrubbedBody>),
 }
 
@@ -565,12 +572,30 @@ impl Body for ResponseBody {
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BoxError::from))),
             Self::Scrubbed(b) => b.poll(cx),
+            Self::Cut(b, window) => loop {
+                if window.remaining() == 0 {
+                    return Poll::Ready(None);
+                }
+                match ready!(Pin::new(&mut *b).poll_frame(cx)) {
+                    None => return Poll::Ready(None),
+                    Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                    Some(Ok(frame)) => {
+                        if let Some(data) = frame.data_ref() {
+                            let kept = window.cut(data);
+                            if !kept.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::data(kept))));
+                            }
+                        }
+                    }
+                }
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Plain(b) => b.is_end_stream(),
+            Self::Cut(b, window) => window.remaining() == 0 || b.is_end_stream(),
             Self::Scrubbed(b) => b.ended && b.queue.is_empty(),
         }
     }
@@ -578,9 +603,13 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Plain(b) => b.size_hint(),
-            // Same length as received, unless decoded.
-            Self::Scrubbed(b) if b.decoder.is_none() => b.inner.size_hint(),
-            Self::Scrubbed(_) => SizeHint::default(),
+            Self::Cut(_, window) => SizeHint::with_exact(window.remaining()),
+            Self::Scrubbed(b) => match &b.window {
+                Some(window) => SizeHint::with_exact(b.queued() + window.remaining()),
+                // Same length as received, unless decoded.
+                None if b.decoder.is_none() => b.inner.size_hint(),
+                None => SizeHint::default(),
+            },
         }
     }
 }
@@ -598,14 +627,35 @@ pub struct ScrubbedBody {
     queue: VecDeque<Frame<Bytes>>,
     /// The upstream body is over (its end is in `queue` or sent).
     ended: bool,
+    /// The bytes of the scrubbed body the sandbox asked for (a byte range cut from the
+    /// wider one asked of the origin); all of them when `None`.
+    window: Option<Window>,
 }
 
 impl ScrubbedBody {
     fn data(&mut self, decoded: &[u8]) {
         let out = self.scrubber.push(decoded);
+        self.send(out);
+    }
+
+    /// Queues scrubbed bytes, cut to the window.
+    fn send(&mut self, out: Bytes) {
+        let out = match &mut self.window {
+            Some(window) => window.cut(&out),
+            None => out,
+        };
         if !out.is_empty() {
             self.queue.push_back(Frame::data(out));
         }
+    }
+
+    /// Data bytes queued and not yet sent.
+    fn queued(&self) -> u64 {
+        self.queue
+            .iter()
+            .filter_map(Frame::data_ref)
+            .map(|d| d.len() as u64)
+            .sum()
     }
 
     /// The upstream body ended: flushes the decoder and the scrubber.
@@ -617,9 +667,7 @@ impl ScrubbedBody {
             self.data(&rest);
         }
         let tail = self.scrubber.finish();
-        if !tail.is_empty() {
-            self.queue.push_back(Frame::data(tail));
-        }
+        self.send(tail);
         if let Some(mut t) = trailers {
             scrub_headers(&mut t, &self.matcher, &self.tally);
             self.queue.push_back(Frame::trailers(t));
