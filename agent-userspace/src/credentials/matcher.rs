@@ -168,10 +168,12 @@ impl SecretMatcher {
 ///   alignments it can have inside a larger encoded text, keeping only the characters
 ///   that depend on the value alone: this covers the base64 of the bare value, of
 ///   `user:secret` (HTTP Basic) and of anything else with the value inside;
-/// - each of those percent-encoded (every byte outside the unreserved set, or all but `/`
-///   as Python's `quote()` does), JSON-escaped (with and without `/` as `\/`, non-ASCII
-///   as `\uXXXX`, or every symbol as `\u00XX` as .NET and Go may), and with every symbol
-///   as an HTML character reference (`&#x2F;`, `&#47;`);
+/// - each of those with its symbols percent-encoded (`%2B`), as `\u00XX` (JSON) or as HTML
+///   character references (`&#x2F;`, `&#47;`): every combination of its symbols escaped
+///   and kept when it has at most [`MAX_ESCAPE_SUBSET`] kinds (encoders differ: Python's
+///   `quote()` keeps `/`, .NET escapes `+` and keeps `/`), else all of them and all but
+///   `/`; percent-encoded twice (a URL quoted inside another); JSON-escaped (with and
+///   without `/` as `\/`, non-ASCII as `\uXXXX`, or every symbol as `\u00XX`);
 /// - the value's bytes in hex: contiguous, space-separated (as in AWS's
 ///   `CanonicalRequestBytes`) and each behind `%`.
 ///
@@ -222,10 +224,21 @@ fn forms_of(secret: &str) -> Vec<(Vec<u8>, bool)> {
     }
     for base in &bases {
         add_as(base.clone(), false);
-        add_as(percent_encode(base, b""), false);
-        add_as(percent_encode(base, b"/"), false);
-        add_as(html_references(base, true), false);
-        add_as(html_references(base, false), false);
+        for style in [
+            Escape::Percent,
+            Escape::JsonUnicode,
+            Escape::HtmlHex,
+            Escape::HtmlDecimal,
+        ] {
+            for escaped in escaped_sets(base, style) {
+                add_as(escape_some(base, &escaped, style), false);
+            }
+        }
+        // A URL quoted again inside another (`next=...%252B...`).
+        for once in [percent_encode(base, b""), percent_encode(base, b"/")] {
+            add_as(percent_encode(&once, b""), false);
+            add_as(percent_encode(&once, b"/"), false);
+        }
         if let Ok(text) = std::str::from_utf8(base) {
             add_as(json_escape(text, false, false), false);
             add_as(json_escape(text, true, false), false);
@@ -261,17 +274,69 @@ fn hex_bytes(bytes: &[u8], sep: &str) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// Every byte but letters and digits (and non-ASCII ones) as an HTML character
-/// reference, in hex (`&#x2f;`) or decimal (`&#47;`).
-fn html_references(bytes: &[u8], hex: bool) -> Vec<u8> {
+/// How an escaped ASCII symbol is written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Escape {
+    /// `%2B` (non-ASCII bytes are always escaped so).
+    Percent,
+    /// `\u002B`
+    JsonUnicode,
+    /// `&#x2b;`
+    HtmlHex,
+    /// `&#43;`
+    HtmlDecimal,
+}
+
+/// Distinct symbols in a value up to which every combination of them escaped or kept is a
+/// form; past it, only all of them escaped and all but `/`.
+const MAX_ESCAPE_SUBSET: usize = 3;
+
+/// The sets of symbols an encoder in `style` may escape in `bytes`: encoders differ on
+/// which (Python's `quote()` keeps `/`, .NET's JSON and HTML encoders escape `+` and keep
+/// `/`), so every combination of the symbols present, when they are few.
+fn escaped_sets(bytes: &[u8], style: Escape) -> Vec<Vec<u8>> {
+    let mut symbols: Vec<u8> = bytes
+        .iter()
+        .copied()
+        .filter(|b| b.is_ascii() && !b.is_ascii_alphanumeric())
+        .filter(|b| style != Escape::Percent || !matches!(b, b'-' | b'.' | b'_' | b'~'))
+        .collect();
+    symbols.sort_unstable();
+    symbols.dedup();
+    if symbols.len() > MAX_ESCAPE_SUBSET {
+        let but_slash = symbols.iter().copied().filter(|&b| b != b'/').collect();
+        return vec![symbols, but_slash];
+    }
+    (0..1u32 << symbols.len())
+        .map(|mask| {
+            symbols
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, &b)| b)
+                .collect()
+        })
+        .collect()
+}
+
+/// `bytes` with the symbols in `escaped` written in `style` (and, for percent-encoding,
+/// every non-ASCII byte as `%XX`).
+fn escape_some(bytes: &[u8], escaped: &[u8], style: Escape) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut out = Vec::with_capacity(bytes.len() * 2);
     for &b in bytes {
-        if b.is_ascii_alphanumeric() || !b.is_ascii() {
+        let escape = escaped.contains(&b) || (style == Escape::Percent && !b.is_ascii());
+        if !escape {
             out.push(b);
-        } else if hex {
-            out.extend_from_slice(format!("&#x{b:x};").as_bytes());
-        } else {
-            out.extend_from_slice(format!("&#{b};").as_bytes());
+            continue;
+        }
+        match style {
+            Escape::Percent => {
+                out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+            }
+            Escape::JsonUnicode => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            Escape::HtmlHex => out.extend_from_slice(format!("&#x{b:x};").as_bytes()),
+            Escape::HtmlDecimal => out.extend_from_slice(format!("&#{b};").as_bytes()),
         }
     }
     out
@@ -437,6 +502,15 @@ mod tests {
             spaced.concat().to_ascii_uppercase(),
             spaced.join(" "),
             format!("%{}", spaced.join("%").to_ascii_uppercase()),
+            // One symbol escaped, the other kept (.NET's JSON and HTML encoders escape
+            // `+` and keep `/`), and the value percent-encoded twice (a URL quoted again
+            // inside another: `next=...%252B...`).
+            secret.replace('+', "\\u002B"),
+            secret.replace('+', "&#x2B;"),
+            secret.replace('/', "%2F"),
+            secret.replace('+', "%252B"),
+            secret.replace('+', "%252B").replace('/', "%252F"),
+            secret.replace('+', "%252B").replace('/', "%2F"),
         ];
         let m = SecretMatcher::new([("aws", secret)]);
         for text in &cases {
