@@ -507,6 +507,23 @@ fn requests_carrying_a_secret_are_refused_before_they_leave() -> Result<()> {
         "the clean large body did not arrive"
     );
     ensure!(!received.contains(&token));
+
+    // A name the sandbox chooses (here the TLS server name, refused) reaches the audit
+    // trail only masked: every record is searched before it is written.
+    let name = format!("{token}.api.github.com");
+    let out = fx.curl(&[
+        "--resolve",
+        &format!("{name}:443:192.0.2.10"),
+        &format!("https://{name}/"),
+    ])?;
+    ensure!(
+        !out.status.success(),
+        "a server name no rule lists was served: {}",
+        all_output(&out)
+    );
+    wait_records(&fx, 1, "naming the masked server name", |r| {
+        get_str(r, "tls.client.server_name").is_some_and(|n| n.starts_with("[redacted]"))
+    })?;
     for p in [fx.daemon.audit_log(), fx.daemon.log_path()] {
         let text = std::fs::read_to_string(&p)?;
         ensure!(!text.contains(&token), "the token reached {}", p.display());

@@ -9,6 +9,7 @@ mod alert;
 mod batch;
 mod clock;
 mod record;
+mod redact;
 mod timestamp;
 mod writer;
 
@@ -25,6 +26,7 @@ pub use record::{
     RefusedOption, RuleRef, SandboxLifecycle, SecretDirection, SecretFinding, SocketFamily,
     StopReason, TlsMode, Verdict, ECS_VERSION, MAX_LINE, PRODUCT, VERSION,
 };
+pub use redact::FindSecrets;
 pub use writer::{
     AuditConfig, AuditError, AuditHandle, AuditHealth, AuditLog, AuditSink, AuditSummary,
     AuditTask, AuditWriter, LogTail, OnFailure, RotateConfig,

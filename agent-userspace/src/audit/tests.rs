@@ -2684,3 +2684,53 @@ fn oversized_records_are_shortened_to_one_pipe_write() {
     assert!(value["egress"].get("truncated").is_none());
     assert_eq!(value["url"]["path"], "/acme/widget.git/git-receive-pack");
 }
+
+/// Whatever field a secret reached (a ref name a sandbox chose, a reason quoting it), the
+/// line written has it masked and is still a record of its kind.
+#[tokio::test]
+async fn a_secret_in_any_field_is_masked_before_the_record_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (handle, task) =
+        AuditLog::open_with(AuditSink::File(path.clone()), &AuditConfig::default(), None).unwrap();
+    let secret = "Zq8rTq2Lw0pXv5Nc3Hs7";
+    assert!(handle.redact_with(std::sync::Arc::new(move |line: &[u8]| {
+        line.windows(secret.len())
+            .enumerate()
+            .filter(|(_, w)| *w == secret.as_bytes())
+            .map(|(i, _)| i..i + secret.len())
+            .collect()
+    })));
+    let mut record = proxy_git_push_refused();
+    record.reason = Some(format!(
+        "git push refused: refs/heads/agent/{secret}: refused"
+    ));
+    if let Some(git) = record.git.as_mut() {
+        git.ref_updates[1].ref_name = format!("refs/heads/agent/{secret}");
+    }
+    handle.emit(proxy_event(record));
+    handle.emit(proxy_event(proxy_git_push_refused()));
+    writer_done(handle, task).await;
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(!text.contains(secret), "{text}");
+    let lines = read_lines(&path);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        lines[0]["egress"]["git"]["ref_updates"][1]["ref_name"],
+        "refs/heads/agent/[redacted]**********"
+    );
+    assert!(lines[0]["event"]["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("agent/[redacted]")));
+    // The record without it is written as it was.
+    assert_eq!(
+        lines[1]["egress"]["git"]["ref_updates"][1]["ref_name"],
+        "refs/heads/agent/x"
+    );
+}
+
+async fn writer_done(handle: AuditHandle, task: AuditTask) {
+    let writer = tokio::spawn(task.run());
+    drop(handle);
+    writer.await.unwrap().unwrap();
+}

@@ -36,6 +36,7 @@ use tracing::error;
 use super::{
     batch::{PendingLines, FILE_CHUNK, PIPE_CHUNK},
     record::{action, AuditLost, EncodeError, Record},
+    redact::{FindSecrets, Redactor},
 };
 
 /// Where the audit trail goes.
@@ -146,6 +147,8 @@ pub struct AuditWriter {
     /// The file looked torn when opened. That may also have been another appender caught
     /// mid-write, so it is checked again right before the first write.
     recheck_torn: bool,
+    /// Masks secrets in each record as it is encoded.
+    redactor: Redactor,
 }
 
 impl AuditWriter {
@@ -165,6 +168,7 @@ impl AuditWriter {
                     tail: None,
                     torn: false,
                     recheck_torn: false,
+                    redactor: Redactor::default(),
                 })
             }
             AuditSink::File(path) => {
@@ -187,6 +191,7 @@ impl AuditWriter {
                     tail,
                     torn: scan.torn,
                     recheck_torn: scan.torn,
+                    redactor: Redactor::default(),
                 })
             }
         }
@@ -209,7 +214,8 @@ impl AuditWriter {
     /// when encoding succeeds.
     pub fn encode_next(&mut self, record: &Record) -> Result<(u64, Vec<u8>), EncodeError> {
         let sequence = self.next_sequence;
-        let line = record.encode(sequence)?;
+        let mut line = record.encode(sequence)?;
+        redact(&self.redactor, &mut line, sequence);
         self.next_sequence = sequence.saturating_add(1);
         Ok((sequence, line))
     }
@@ -221,7 +227,13 @@ impl AuditWriter {
         pending: &mut PendingLines,
     ) -> Result<u64, EncodeError> {
         let sequence = self.next_sequence;
-        pending.push_with(sequence, |buf| record.encode_into(sequence, buf))?;
+        let redactor = &self.redactor;
+        pending.push_with(sequence, |buf| {
+            let start = buf.len();
+            record.encode_into(sequence, buf)?;
+            redact(redactor, &mut buf[start..], sequence);
+            Ok(())
+        })?;
         self.next_sequence = sequence.saturating_add(1);
         Ok(sequence)
     }
@@ -364,6 +376,18 @@ impl AuditWriter {
 }
 
 /// Counts a written line and hands it to the collector.
+/// Masks the secrets in one encoded record, and says so in the daemon's log.
+fn redact(redactor: &Redactor, line: &mut [u8], sequence: u64) {
+    let masked = redactor.apply(line);
+    if masked > 0 {
+        tracing::warn!(
+            sequence,
+            masked,
+            "A secret reached an audit record; masked before it was written"
+        );
+    }
+}
+
 fn line_written(line: &[u8]) {
     crate::metrics::audit_written(line.len());
     crate::collector::forward(line);
@@ -834,6 +858,7 @@ impl AuditLog {
             AuditHandle {
                 tx,
                 health: health.clone(),
+                redactor: writer.redactor.clone(),
             },
             AuditTask {
                 writer,
@@ -871,9 +896,16 @@ enum Message {
 pub struct AuditHandle {
     tx: mpsc::Sender<Message>,
     health: Arc<Health>,
+    redactor: Redactor,
 }
 
 impl AuditHandle {
+    /// Installs the search for secrets every record goes through before it is written
+    /// (only the first call counts; records encoded before it are not searched).
+    pub fn redact_with(&self, find: FindSecrets) -> bool {
+        self.redactor.install(find)
+    }
+
     /// Queues a record. Never blocks. The queue to the writer holds [`QUEUE_MESSAGES`]
     /// messages (a write that blocks must not grow the daemon without bound): what finds
     /// it full is counted, and the writer numbers it and reports it in an `audit-lost`

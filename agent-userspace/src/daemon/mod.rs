@@ -6,6 +6,7 @@
 mod core;
 mod credentials;
 mod dns;
+pub mod log;
 mod netns;
 mod notify;
 pub(crate) mod proxy;

@@ -201,6 +201,19 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let credentials = std::sync::Arc::new(credentials);
     // Secret files are read once now, so that their values are matched from the start.
     credentials.prime().await;
+    // The audit trail's last check: whatever field a secret reached (a ref name a sandbox
+    // chose, a DNS name, a reason quoting a request), it is masked before it is written.
+    // The daemon's own log lines likewise.
+    let redact_credentials = credentials.clone();
+    let find_secrets: crate::audit::FindSecrets = std::sync::Arc::new(move |line: &[u8]| {
+        let mut found = Vec::new();
+        redact_credentials
+            .matcher()
+            .each_match_cut(line, |range, _, _| found.push(range));
+        found
+    });
+    audit.redact_with(find_secrets.clone());
+    super::log::redact_with(find_secrets);
     let metrics_credentials = credentials.clone();
     let proxy_audit = audit.clone();
     let proxy_alerts = alerts.clone();
