@@ -241,6 +241,16 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    // Its memory holds credentials: no core dump of it, and no ptrace or /proc/PID/mem
+    // by anything short of CAP_SYS_PTRACE.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        eprintln!(
+            "egressd: cannot make itself non-dumpable: {}",
+            std::io::Error::last_os_error()
+        );
+        return ExitCode::FAILURE;
+    }
     raise_nofile_limit();
     let result = options(args).and_then(|opts| {
         tokio::runtime::Builder::new_multi_thread()
