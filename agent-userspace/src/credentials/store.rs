@@ -63,9 +63,15 @@ fn is_normalized(host: &str) -> bool {
     !host.ends_with('.') && !host.bytes().any(|b| b.is_ascii_uppercase())
 }
 
-/// Values kept per credential for matching: the current one and the one before it (a
-/// rotated or renewed token stays valid for a while at its issuer).
-const KNOWN_PER_CREDENTIAL: usize = 2;
+/// Values kept per credential for matching after a newer one replaced them: a rotated or
+/// renewed value stays valid at its issuer for a while (a GitHub App token for an hour, an
+/// STS session up to twelve), and a copy an origin kept can come back all that time. Each
+/// is kept for [`KNOWN_FOR`] after it was last seen, the last [`KNOWN_AT_LEAST`] always,
+/// and at most [`KNOWN_AT_MOST`] (a source that changes every second cannot grow the
+/// matcher without bound).
+const KNOWN_FOR: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+const KNOWN_AT_LEAST: usize = 2;
+const KNOWN_AT_MOST: usize = 16;
 
 /// All configured credentials, checked. Values are fetched on use by
 /// [`CredentialStore::header_for`].
@@ -78,9 +84,13 @@ pub struct CredentialStore {
 
 /// The values the store has handed out (or read ahead, see
 /// [`CredentialStore::prime`]), and the matcher over them.
+/// A value and when it was first noted.
+type Noted = (Arc<Secret>, std::time::Instant);
+
 #[derive(Default)]
 struct KnownSecrets {
-    values: Mutex<BTreeMap<String, Vec<Arc<Secret>>>>,
+    /// Per credential (or slot), oldest first, each with when it was noted.
+    values: Mutex<BTreeMap<String, Vec<Noted>>>,
     matcher: RwLock<Arc<SecretMatcher>>,
 }
 
@@ -100,14 +110,12 @@ impl KnownSecrets {
         let list = values.entry(name.to_owned()).or_default();
         if list
             .iter()
-            .any(|s| Arc::ptr_eq(s, secret) || **s == **secret)
+            .any(|(s, _)| Arc::ptr_eq(s, secret) || **s == **secret)
         {
             return;
         }
-        list.push(secret.clone());
-        if list.len() > KNOWN_PER_CREDENTIAL {
-            list.remove(0);
-        }
+        list.push((secret.clone(), std::time::Instant::now()));
+        forget_old(list, std::time::Instant::now());
         if secret.expose().len() < super::matcher::MIN_PATTERN_LEN {
             tracing::warn!(
                 credential = shown,
@@ -117,11 +125,28 @@ impl KnownSecrets {
         }
         let matcher = SecretMatcher::new(values.iter().flat_map(|(n, list)| {
             let n = n.split('\0').next().unwrap_or(n);
-            list.iter().map(move |s| (n, s.expose()))
+            list.iter().map(move |(s, _)| (n, s.expose()))
         }));
         tracing::debug!(credential = shown, ?matcher, "Secret matcher rebuilt");
         *self.matcher.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(matcher);
     }
+}
+
+/// Drops the values (oldest first) replaced longer than [`KNOWN_FOR`] before `now`, keeping
+/// the last [`KNOWN_AT_LEAST`], and any past [`KNOWN_AT_MOST`].
+pub(super) fn forget_old<T>(list: &mut Vec<(T, std::time::Instant)>, now: std::time::Instant) {
+    // A value is replaced when the next one is noted: its age counts from then.
+    let mut stale = 0;
+    while stale + KNOWN_AT_LEAST < list.len()
+        && now.saturating_duration_since(list[stale + 1].1) > KNOWN_FOR
+    {
+        stale += 1;
+    }
+    let over = list
+        .len()
+        .saturating_sub(stale)
+        .saturating_sub(KNOWN_AT_MOST);
+    list.drain(..stale + over);
 }
 
 #[derive(Debug)]

@@ -496,8 +496,8 @@ async fn the_matcher_follows_every_value_and_rotation() {
     );
     assert!(!format!("{:?}", s.matcher()).contains("secret-one"));
 
-    // A rotation is matched as soon as the new value is used; the previous value stays
-    // matched, the one before it no longer.
+    // A rotation is matched as soon as the new value is used; the previous values stay
+    // matched (they may still be valid at their issuer).
     write(dir.path(), "token", "file-secret-two\n");
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert_eq!(
@@ -510,7 +510,7 @@ async fn the_matcher_follows_every_value_and_rotation() {
     tokio::time::sleep(Duration::from_millis(120)).await;
     value(&s, "github", "api.github.com").await;
     assert_eq!(found(&s, "file-secret-three").as_deref(), Some("github"));
-    assert_eq!(found(&s, "file-secret-one"), None);
+    assert_eq!(found(&s, "file-secret-one").as_deref(), Some("github"));
     assert_eq!(found(&s, "file-secret-two").as_deref(), Some("github"));
 }
 
@@ -599,4 +599,33 @@ async fn aws_credentials_pair_sts_with_sigv4_and_fail_closed() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("sts_assume_role"), "{err}");
+}
+
+/// Replaced values are kept twelve hours after they were replaced (the last two always),
+/// and sixteen at most.
+#[test]
+fn replaced_values_are_kept_while_they_may_be_valid() {
+    use std::time::{Duration, Instant};
+    let start = Instant::now();
+    let at = |secs: u64| start + Duration::from_secs(secs);
+    let hour = 3600;
+    // Values noted at 0 h, 1 h, 2 h and 14 h: looked at from 14 h, the first (replaced at
+    // 1 h, 13 h ago) goes, the second (replaced at 2 h, 12 h ago exactly) stays.
+    let mut list = vec![
+        (1, at(0)),
+        (2, at(hour)),
+        (3, at(2 * hour)),
+        (4, at(14 * hour)),
+    ];
+    super::store::forget_old(&mut list, at(14 * hour));
+    assert_eq!(list.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [2, 3, 4]);
+    // The last two stay whatever their age.
+    let mut list = vec![(1, at(0)), (2, at(1))];
+    super::store::forget_old(&mut list, at(100 * hour));
+    assert_eq!(list.len(), 2);
+    // A value every second: the newest sixteen.
+    let mut list: Vec<(u64, Instant)> = (0..40).map(|i| (i, at(i))).collect();
+    super::store::forget_old(&mut list, at(40));
+    assert_eq!(list.len(), 16);
+    assert_eq!(list[0].0, 24);
 }
