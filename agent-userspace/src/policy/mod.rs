@@ -181,6 +181,31 @@ tests:
                  omit `ports` for any port, or list ports and ranges like [443, \
                  \"8000-8100\"])",
             ),
+            // An empty value is not a key left out (which may mean no restriction).
+            (
+                6,
+                "    ports:",
+                "p.yaml:4:5: rules[0].ports: empty value: give it a value, or remove the key (an empty key is not read as \
+                 one left out, which may mean no restriction)",
+            ),
+            (
+                6,
+                "    ports: ~",
+                "p.yaml:4:5: rules[0].ports: empty value: give it a value, or remove the key (an empty key is not read as \
+                 one left out, which may mean no restriction)",
+            ),
+            (
+                6,
+                "    protocol: ~",
+                "p.yaml:4:5: rules[0].protocol: empty value: give it a value, or remove the key (an empty key is not read as \
+                 one left out, which may mean no restriction)",
+            ),
+            (
+                2,
+                "require:",
+                "p.yaml:1:1: require: empty value: give it a value, or remove the key (an empty key is not read as \
+                 one left out, which may mean no restriction)",
+            ),
             // Destinations.
             (
                 5,

@@ -59,7 +59,7 @@ pub struct RawPolicy {
     pub dns: Option<RawDns>,
     /// What the sandbox's processes must not hold; an attach that finds them holding it is
     /// refused.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub require: Option<RawRequire>,
     /// Rules, in priority order among rules whose destinations are equally specific.
     #[serde(default)]
@@ -70,7 +70,7 @@ pub struct RawPolicy {
     pub tests: Vec<RawTest>,
     /// What the daemon does about this sandbox's alerts (`record` or `quarantine` per
     /// kind) and when denials count as a burst. Omitted: the daemon's settings.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub alerts: Option<crate::alerts::RawAlerts>,
 }
 
@@ -95,22 +95,22 @@ pub struct RawDns {
     /// The resolvers the daemon asks on the sandbox's behalf (at least one when given),
     /// by address: `ADDRESS` (port 53) or `ADDRESS:PORT`, an IPv6 address in brackets.
     /// Omitted: the daemon's `dns_upstream`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub upstream: Option<Vec<RawUpstream>>,
     /// Seconds a learned address lives at least, whatever the answer's TTL (0-86400;
     /// 5 when omitted).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub min_ttl: Option<RawSeconds>,
     /// Seconds a learned address lives after its TTL (0-3600; 30 when omitted), so that
     /// a connection made just before expiry is not refused.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub grace: Option<RawSeconds>,
     /// Query types answered besides A and AAAA (`HTTPS`, `SVCB`, `TXT`, `MX`, `SRV`, ...);
     /// all others are refused without reaching upstream. `ANY`, `AXFR` and `IXFR` never.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub query_types: Option<Vec<String>>,
     /// Limits on the queries a sandbox sends upstream.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub budget: Option<RawDnsBudget>,
 }
 
@@ -119,13 +119,13 @@ pub struct RawDns {
 #[serde(deny_unknown_fields)]
 pub struct RawDnsBudget {
     /// Queries per second sent upstream, on average (a token bucket's rate).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub queries_per_second: Option<u64>,
     /// Queries that may go upstream at once after a quiet spell (the bucket's size).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub burst: Option<u64>,
     /// Distinct names under one allowed wildcard (`*.x`, `**.x`) per minute.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub names_per_suffix_per_minute: Option<u64>,
 }
 
@@ -136,6 +136,23 @@ pub struct RawUpstream(pub SocketAddr);
 /// A number of seconds (range checked by `compile`, which knows the field).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RawSeconds(pub u64);
+
+/// For keys whose omission means "no restriction" or a default: when present they must
+/// have a value. An empty one (`http:` with its entries commented out, or `~`) is an
+/// error, not the same as leaving the key out, which would silently widen the rule.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    match Option::<T>::deserialize(d)? {
+        Some(value) => Ok(Some(value)),
+        None => Err(serde::de::Error::custom(
+            "empty value: give it a value, or remove the key (an empty key is not read as \
+             one left out, which may mean no restriction)",
+        )),
+    }
+}
 
 /// What happens to a connection no rule decides.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -158,31 +175,31 @@ pub struct RawRule {
     /// or wildcards, whose addresses the rule covers once the sandbox resolves them.
     pub to: Vec<RawDest>,
     /// Destination ports; omitted means any port.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub ports: Option<Vec<RawPortRange>>,
     /// `tcp`, `udp` or `any`. Omitted means `any`, or `tcp` for proxy and passthrough
     /// rules, which allow nothing else.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub protocol: Option<RawProtocol>,
     /// What to do with a matching connection.
     pub action: RawAction,
     /// Proxy and passthrough rules only (required there): the names the TLS server name
     /// and the HTTP `Host` must match.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub hosts: Option<Vec<HostPattern>>,
     /// Proxy rules only: the name of the daemon-configured credential to inject.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub credential: Option<String>,
     /// Proxy rules only: the requests allowed; when present, all others are refused.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub http: Option<Vec<RawHttpRule>>,
     /// Proxy rules only: git smart-HTTP to these repositories (fetch, and pushes only to
     /// the listed refs); other requests on the rule are refused.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub git: Option<super::git::RawGitRule>,
     /// Rules with names in `to` only: the addresses and CIDRs those names may resolve to;
     /// an answer's address elsewhere is refused (not installed, not released).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub answers: Option<Vec<RawDest>>,
 }
 
