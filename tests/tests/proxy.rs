@@ -948,6 +948,50 @@ fn unknown_server_name_gets_no_certificate() -> Result<()> {
     nothing_reached(&fx, before)
 }
 
+/// A name a `deny` rule keeps from resolving is not served by a proxy rule whose wildcard
+/// `hosts` cover it either (on an address it shares with an allowed name, a front end
+/// serving both would otherwise answer for it).
+#[test]
+fn a_denied_name_is_not_served_under_a_wildcard() -> Result<()> {
+    require_proxy_tools!();
+    let policy = r#"version: 1
+default: deny
+rules:
+  - name: no-uploads
+    to: [uploads.github.com]
+    action: deny
+  - name: github-api
+    to: [192.0.2.10]
+    ports: [443]
+    action: proxy
+    hosts: ["*.github.com"]
+    credential: github
+"#;
+    let fx = ProxyFixture::new(ProxyOpts {
+        policy: policy.to_string(),
+        ..ProxyOpts::default()
+    })?;
+    // Positive control: a name the wildcard serves.
+    let ok = curl_resp(&fx, &[REPO_URL])?;
+    ensure_resp(&ok, 200, Some(REPO_BODY), None)?;
+    let before = fx.origin.requests()?.len();
+    let name = "uploads.github.com";
+    let resolve = format!("{name}:443:{API_V4}");
+    let out = fx.curl(&[
+        "--resolve",
+        &resolve,
+        &format!("https://{name}/repos/acme/widgets"),
+    ])?;
+    expect::exit_code(&out, CURL_SSL_CONNECT)?;
+    let rec = fx.wait_proxy_record(RECORD_TIMEOUT, "the denied name refused", |r| {
+        get_str(r, "event.action") == Some("tls-connection")
+            && get_str(r, "tls.client.server_name") == Some(name)
+    })?;
+    ensure_field(&rec, "egress.verdict", "deny")?;
+    ensure_field(&rec, "rule.name", "github-api")?;
+    nothing_reached(&fx, before)
+}
+
 #[test]
 fn client_authorization_never_reaches_the_origin() -> Result<()> {
     require_proxy_tools!();

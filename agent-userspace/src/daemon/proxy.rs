@@ -339,7 +339,10 @@ pub(crate) fn route_for(policy: &Arc<Policy>, rule_id: u16) -> Option<Route> {
         rule_name: rule.name().to_string(),
         passthrough: rule.is_passthrough(),
         credential: rule.credential().map(str::to_string),
-        host_allowed: Box::new(move |h| p1.proxy_rule(rule_id).is_some_and(|r| r.allows_host(h))),
+        host_allowed: Box::new(move |h| {
+            p1.proxy_rule(rule_id).is_some_and(|r| r.allows_host(h))
+                && p1.name_denied_by(h).is_none()
+        }),
         request_allowed: Box::new(move |m, p| {
             p2.proxy_rule(rule_id)
                 .map_or(Err("rule is gone".into()), |r| r.check_request(m, p))

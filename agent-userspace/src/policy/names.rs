@@ -74,6 +74,15 @@ impl Policy {
         }
     }
 
+    /// The `deny` rule that keeps `host` from resolving, if one does: the first rule
+    /// whose names match it is a `deny` rule. A proxy or passthrough rule does not serve
+    /// such a name either (as TLS server name or `Host`), whatever its own `hosts` say,
+    /// or a wildcard rule would serve it on an address it shares with an allowed name.
+    pub fn name_denied_by(&self, host: &str) -> Option<u16> {
+        let decision = self.decide_name(host);
+        (decision.verdict == Verdict::Deny && decision.rule_id != 0).then_some(decision.rule_id)
+    }
+
     /// Decides a connection to `qname:port` as if the name had resolved to an address no
     /// rule lists: the first of [`Policy::rules_for_name`] whose ports and protocol
     /// match decides, otherwise the default does (also when the name does not resolve:

@@ -194,6 +194,16 @@ impl Policy {
             );
         };
         let id = rule_id(index);
+        if let Some(denied_by) = self.name_denied_by(&url.host) {
+            let name = self.rule_name(denied_by).unwrap_or("?");
+            return deny(
+                denied_by,
+                format!(
+                    "{} is denied by rule {name}, which no proxy or passthrough rule serves",
+                    url.host
+                ),
+            );
+        }
         if rule.action == Action::Passthrough {
             return RequestDecision {
                 verdict: Verdict::Allow,
@@ -285,6 +295,9 @@ rules:
   - name: plain
     to: [192.0.2.0/24]
     action: allow
+  - name: no-uploads
+    to: [uploads.example.com]
+    action: deny
 ";
 
     #[test]
@@ -406,6 +419,15 @@ rules:
                 2,
                 None,
                 "allowed by rule open",
+            ),
+            (
+                "GET",
+                "https://UPLOADS.example.com./x",
+                Verdict::Deny,
+                5,
+                None,
+                "uploads.example.com. is denied by rule no-uploads, which no proxy or \
+                 passthrough rule serves",
             ),
             (
                 "GET /",
