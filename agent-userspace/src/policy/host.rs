@@ -117,6 +117,43 @@ impl HostPattern {
     }
 }
 
+impl HostPattern {
+    /// Whether some name matches both patterns.
+    pub fn overlaps(&self, other: &Self) -> bool {
+        let under = |longer: &str, shorter: &str| {
+            longer
+                .strip_suffix(shorter)
+                .is_some_and(|p| p.ends_with('.'))
+        };
+        match (self.kind, other.kind) {
+            (Kind::Exact, _) => other.matches(&self.name),
+            (_, Kind::Exact) => self.matches(&other.name),
+            (Kind::OneLabel, Kind::OneLabel) => self.name == other.name,
+            (Kind::AnyLabels, Kind::AnyLabels) => {
+                self.name == other.name
+                    || under(&self.name, &other.name)
+                    || under(&other.name, &self.name)
+            }
+            // `*.x` and `**.y` share names when x is y or lies under it.
+            (Kind::OneLabel, Kind::AnyLabels) => {
+                self.name == other.name || under(&self.name, &other.name)
+            }
+            (Kind::AnyLabels, Kind::OneLabel) => {
+                self.name == other.name || under(&other.name, &self.name)
+            }
+        }
+    }
+
+    /// The pattern as written in a policy (`*.example.com`).
+    pub fn shown(&self) -> String {
+        match self.kind {
+            Kind::Exact => self.name.clone(),
+            Kind::OneLabel => format!("*.{}", self.name),
+            Kind::AnyLabels => format!("**.{}", self.name),
+        }
+    }
+}
+
 impl FromStr for HostPattern {
     type Err = String;
 
@@ -248,6 +285,30 @@ mod tests {
         assert!(HostPattern::parse(&long)
             .unwrap_err()
             .contains("longer than 253"));
+    }
+
+    #[test]
+    fn overlapping_patterns() {
+        let p = |t: &str| HostPattern::parse(t).unwrap();
+        for (a, b, shared) in [
+            ("api.example.com", "api.example.com", true),
+            ("api.example.com", "*.example.com", true),
+            ("api.example.com", "**.example.com", true),
+            ("a.api.example.com", "*.example.com", false),
+            ("example.com", "*.example.com", false),
+            ("*.example.com", "*.example.com", true),
+            ("*.api.example.com", "*.example.com", false),
+            ("**.example.com", "**.api.example.com", true),
+            ("*.api.example.com", "**.example.com", true),
+            ("*.example.com", "**.api.example.com", false),
+            ("*.example.com", "**.example.com", true),
+            ("**.example.org", "**.example.com", false),
+            ("*.evilexample.com", "**.example.com", false),
+        ] {
+            assert_eq!(p(a).overlaps(&p(b)), shared, "{a} {b}");
+            assert_eq!(p(b).overlaps(&p(a)), shared, "{b} {a}");
+        }
+        assert_eq!(p("**.Example.com.").shown(), "**.example.com");
     }
 
     #[test]

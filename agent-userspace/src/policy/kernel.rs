@@ -686,7 +686,7 @@ rules:
   - {name: api, to: [api.example.com], ports: [443], protocol: tcp, action: allow}
   - {name: both, to: [192.0.2.0/25, \"*.example.com\"], ports: [\"9000-9001\"], action: allow}
   - {name: six, to: [\"2001:db8::/32\"], action: deny}
-  - {name: gh, to: [api.example.com], ports: [443], action: proxy}
+  - {name: gh, to: [api.example.com], ports: [8443], action: proxy}
 ",
             "t.yaml",
         )
@@ -702,7 +702,7 @@ rules:
         };
         let api = entry(443, 443, 3, proto::TCP, action::ALLOW);
         let both = entry(9000, 9001, 4, proto::ANY, action::ALLOW);
-        let gh = entry(443, 443, 6, proto::TCP, action::PROXY);
+        let gh = entry(8443, 8443, 6, proto::TCP, action::PROXY);
         let host = entry(22, 22, 2, proto::ANY, action::DENY);
         let net = entry(80, 80, 1, proto::TCP, action::ALLOW);
         let six = entry(0, 65535, 5, proto::ANY, action::DENY);

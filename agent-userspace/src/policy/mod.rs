@@ -181,6 +181,17 @@ tests:
                  omit `ports` for any port, or list ports and ranges like [443, \
                  \"8000-8100\"])",
             ),
+            // A proxy rule whose names an earlier allow rule lets through directly.
+            (
+                12,
+                "    action: deny\n  - {name: pkgs, to: [\"**.example.com\"], action: allow}\n  \
+                 - {name: web, to: [api.example.com], ports: [443], action: proxy}",
+                "p.yaml:14:21: rules[3].to: names matching `api.example.com` are allowed \
+                 directly by the earlier rule `pkgs` on a port this rule takes, so their \
+                 connections would never reach the proxy and nothing this rule checks would \
+                 apply (valid: put this rule before `pkgs`, or narrow that rule's names or \
+                 ports)",
+            ),
             // An empty value is not a key left out (which may mean no restriction).
             (
                 6,

@@ -29,6 +29,52 @@ pub use rule::{Action, DefaultAction, Protocol, Rule};
 use test_cases::{compile_test, Test};
 pub use test_cases::{NameTest, NameTestKind, PolicyTest, RequestTest};
 
+/// A proxy or passthrough rule's names must not be allowed directly by an earlier `allow`
+/// rule on a port both take: an address learned for such a name gets its rules in file
+/// order, so the kernel would let the connection through before the proxy rule is
+/// reached, and nothing the proxy rule checks (requests, git refs, the credential) would
+/// apply, while `request:` tests still judged them as the proxy would.
+fn check_shadowed_proxy_names(rules: &[Rule], root: &FieldPath) -> Result<(), CompileError> {
+    let overlap = |a: &[(u16, u16)], b: &[(u16, u16)]| {
+        a.is_empty()
+            || b.is_empty()
+            || a.iter()
+                .any(|&(lo, hi)| b.iter().any(|&(l, h)| lo <= h && l <= hi))
+    };
+    for (i, rule) in rules.iter().enumerate() {
+        if !matches!(rule.action, Action::Proxy | Action::Passthrough) {
+            continue;
+        }
+        for earlier in &rules[..i] {
+            if earlier.action != Action::Allow
+                || !earlier.protocol.covers(Protocol::Tcp)
+                || !overlap(&earlier.ports, &rule.ports)
+            {
+                continue;
+            }
+            let shared = rule
+                .names
+                .iter()
+                .find(|n| earlier.names.iter().any(|e| e.overlaps(n)));
+            if let Some(name) = shared {
+                return Err(CompileError::new(
+                    root.key("rules").index(i).key("to"),
+                    format!(
+                        "names matching `{}` are allowed directly by the earlier rule `{}` on \
+                         a port this rule takes, so their connections would never reach the \
+                         proxy and nothing this rule checks would apply (valid: put this \
+                         rule before `{}`, or narrow that rule's names or ports)",
+                        name.shown(),
+                        earlier.name,
+                        earlier.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The only policy format version.
 pub const POLICY_VERSION: u64 = 1;
 /// Rule ids are 1-based and 0 means "the default"; the limit keeps ids small in events.
@@ -364,6 +410,8 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
             answers,
         });
     }
+
+    check_shadowed_proxy_names(&rules, &root)?;
 
     let mut tests = Vec::new();
     let mut request_tests = Vec::new();
