@@ -28,3 +28,4 @@ pub mod policy;
 pub mod posture;
 pub mod proxy;
 pub mod text;
+pub mod unique_keys;

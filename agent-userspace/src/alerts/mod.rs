@@ -153,6 +153,21 @@ mod tests {
         AlertSettings::compile(&raw)
     }
 
+    /// A kind listed twice is an error, not the last one winning silently (a
+    /// `quarantine` above turned into `record` below).
+    #[test]
+    fn a_kind_listed_twice_is_an_error() {
+        let err = serde_yaml_ng::from_str::<RawAlerts>(
+            "responses:\n  secret-outbound: quarantine\n  secret-outbound: record\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`secret-outbound` is listed twice"), "{err}");
+        let ok: RawAlerts =
+            serde_yaml_ng::from_str("responses:\n  secret-outbound: quarantine\n").unwrap();
+        assert_eq!(ok.responses.len(), 1);
+    }
+
     #[test]
     fn sections_are_checked() {
         let s = settings(

@@ -15,7 +15,7 @@ pub struct RawAlerts {
     /// Alert kind (`secret-reflected`, `secret-outbound`, `dns-budget`, `denial-burst`,
     /// `cgroup-escape`, `risky-posture`, `source-routing`, `rate-limit`) -> `record` or
     /// `quarantine`. Kinds not listed take the daemon's setting, else `record`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::unique_keys::map")]
     pub responses: BTreeMap<String, RawResponse>,
     /// When a `denial-burst` alert is raised: `count` denied decisions within `seconds`
     /// (default 50 in 10).

@@ -90,7 +90,7 @@ struct ConfigFile {
     #[serde(default)]
     audit: AuditConfig,
     /// Credentials the proxy injects, by name. Never put in sandbox policies.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "egress::unique_keys::map")]
     credentials: RawCredentials,
     /// Alert responses and denial-burst figures for sandboxes whose policy does not set
     /// them (same keys as a policy's `alerts:`).
