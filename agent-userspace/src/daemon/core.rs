@@ -1330,13 +1330,17 @@ impl Core {
     /// Counts a denied kernel decision and raises a `denial-burst` alert when it completes
     /// a burst (at most one per window).
     pub fn note_denial(&mut self, index: u32, ts_ns: u64) {
-        let Some(name) = self.state.by_index(index).map(|r| r.name.clone()) else {
-            return;
-        };
+        if let Some(alert) = self.denial_burst(index, ts_ns) {
+            self.alerts.raise(alert);
+        }
+    }
+
+    /// Counts one denial toward sandbox `index`'s burst window; the `denial-burst` alert
+    /// it completes, if any, for the caller to raise (after the records before it).
+    pub fn denial_burst(&mut self, index: u32, ts_ns: u64) -> Option<Alert> {
+        let name = self.state.by_index(index).map(|r| r.name.clone())?;
         let config = self.alerts.burst_config(&name);
-        let Some(burst) = self.bursts.observe(index, ts_ns, config) else {
-            return;
-        };
+        let burst = self.bursts.observe(index, ts_ns, config)?;
         let mut alert = Alert::new(
             now(),
             AlertKind::DenialBurst,
@@ -1351,7 +1355,7 @@ impl Core {
         );
         alert.count = burst.count;
         alert.window_seconds = Some(u64::from(config.seconds));
-        self.alerts.raise(alert);
+        Some(alert)
     }
 
     /// Takes over what a previous daemon left: every sandbox in the state keeps its pinned

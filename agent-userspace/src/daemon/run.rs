@@ -520,8 +520,9 @@ fn cover_packet_sockets(programs: &mut Programs, layout: &PinLayout) -> Result<(
 
 fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {
     let mut core = shared.lock();
-    // Sent to the writer together; a denial, which may raise a burst alert at once, sends
-    // them first, so records stay in the order of the events.
+    // Sent to the writer together, as one message: a denial that completes a burst sends
+    // the records before it first, then its alert, so records stay in the order of the
+    // events (one message per denial let a flood of them fill the writer's queue).
     let mut records = Vec::with_capacity(batch.len());
     for ev in batch {
         match ev {
@@ -546,8 +547,10 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
                 // After the decision's own record, so a burst alert follows the denial
                 // that completed it.
                 if ev.verdict == agent_common::verdict::DENY && ev.sandbox_index != 0 {
-                    core.audit.emit_all(std::mem::take(&mut records));
-                    core.note_denial(ev.sandbox_index, ev.ts_ns);
+                    if let Some(alert) = core.denial_burst(ev.sandbox_index, ev.ts_ns) {
+                        core.audit.emit_all(std::mem::take(&mut records));
+                        core.alerts.raise(alert);
+                    }
                 }
             }
             KernelEvent::Unknown { version, kind, len } => {
