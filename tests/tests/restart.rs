@@ -206,3 +206,37 @@ fn a_cgroup_pinned_without_a_sandbox_record_denies_everything() -> Result<()> {
     expect::origin_body(&fx.sandbox.curl(&[&origin_url])?)?;
     Ok(())
 }
+
+/// A stored policy the restarted daemon can no longer compile (an upgrade with a stricter
+/// parser, a damaged state file) is reported in the trail, naming the sandbox; the kernel
+/// keeps the rules it has.
+#[test]
+fn a_stored_policy_that_no_longer_compiles_is_recorded() -> Result<()> {
+    require_root!();
+    let mut fx = Fixture::new()?;
+    fx.attach(WEB_ORIGIN_DENY)?;
+    fx.daemon.kill9()?;
+    let state = fx.daemon.state_dir().join("state.json");
+    let text = std::fs::read_to_string(&state)?;
+    ensure!(
+        text.contains("version: 1"),
+        "no policy source in the state: {text}"
+    );
+    std::fs::write(&state, text.replace("version: 1", "version: 99"))?;
+    fx.daemon.restart()?;
+    let rec = fx
+        .daemon
+        .wait_for_match(RECORD_TIMEOUT, &Match::lifecycle("policy-rejected"))?;
+    ensure!(
+        egress_tests::audit::get_str(&rec, "egress.sandbox.name") == Some(fx.sandbox.label()),
+        "{rec}"
+    );
+    ensure!(
+        egress_tests::audit::get_str(&rec, "error.message")
+            .is_some_and(|m| m.contains("no longer compiles at adoption")),
+        "{rec}"
+    );
+    // The kernel kept its rules: the origin the policy allowed is still reached.
+    expect::origin_body(&fx.sandbox.curl(&[&format!("http://{ORIGIN_V4}/")])?)?;
+    Ok(())
+}

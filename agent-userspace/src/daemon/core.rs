@@ -1368,8 +1368,20 @@ impl Core {
             let policy = match policy::parse_str(&rec.policy_source, &rec.policy_path) {
                 Ok(p) => p,
                 Err(e) => {
-                    // The kernel still holds the rules it had; keep them, say so.
+                    // The kernel still holds the rules it had; keep them, say so, in the
+                    // trail too: its proxied connections and DNS have nothing to serve them.
                     tracing::error!(sandbox = %rec.name, error = %e, "Stored policy no longer compiles; kernel keeps the rules it has");
+                    self.audit.emit(Record::PolicyRejected(PolicyRejected {
+                        time: now(),
+                        sandbox: rec.name.clone(),
+                        policy_path: PathBuf::from(&rec.policy_path),
+                        policy_digest: None,
+                        error: format!(
+                            "the stored policy no longer compiles at adoption ({e}); the \
+                             kernel keeps the rules it has, and connections through the proxy \
+                             and DNS are refused until the sandbox is attached again"
+                        ),
+                    }));
                     continue;
                 }
             };
