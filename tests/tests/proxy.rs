@@ -374,6 +374,37 @@ fn the_proxy_port_is_neither_reachable_directly_nor_bindable_from_the_sandbox() 
         !fx.daemon.log().contains("did not redirect"),
         "a direct connection reached the proxy"
     );
+    // A process in the sandbox's network namespace but outside its cgroup (no program
+    // judges it) does reach the port: the proxy closes the connection unserved, and that
+    // refusal is recorded too.
+    let out = fx
+        .sandbox
+        .netns()
+        .command(
+            10,
+            "curl",
+            &[
+                "-sk",
+                "--max-time",
+                "5",
+                &format!("https://127.0.0.1:{port}/"),
+            ],
+        )
+        .output()?;
+    ensure!(
+        !out.status.success(),
+        "the proxy served it: {}",
+        all_output(&out)
+    );
+    let rec = fx.wait_proxy_record(RECORD_TIMEOUT, "the unredirected connection", |r| {
+        get_str(r, "event.action") == Some("tls-connection")
+            && get_str(r, "rule.name") == Some("proxy-port")
+    })?;
+    ensure_field(&rec, "egress.verdict", "deny")?;
+    ensure!(
+        get_str(&rec, "event.reason").is_some_and(|m| m.contains("did not redirect")),
+        "{rec}"
+    );
 
     // Nor the resolvers' ports (another sandbox's resolver would answer in its name).
     for (op, host) in [("udp-sendto", "127.0.0.1"), ("tcp-connect", "::1")] {

@@ -237,7 +237,21 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
                 continue;
             }
         };
+        // What the closes below record: the sandbox is not known (or has no route), so
+        // the record names what is, and says why the connection was not served.
+        let unserved = |sandbox: &str, rule: &str, id: String, dst, reason: String| {
+            tracing::warn!(%peer, sandbox, %reason, "Connection to the proxy closed unserved");
+            ctx.proxy.record_unserved(sandbox, rule, id, dst, reason);
+        };
+        let at_port = stream.local_addr().unwrap_or(peer);
         let Ok(cookie) = netns_cookie(&stream) else {
+            unserved(
+                "unknown",
+                "proxy-port",
+                String::new(),
+                at_port,
+                format!("connection from {peer}: its network namespace could not be read; closed"),
+            );
             continue;
         };
         let orig = ctx
@@ -248,9 +262,21 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
         // Only connections the kernel redirected are served: anything else that reaches
         // the port is closed (the proxy never acts as an open relay).
         let Some(orig) = orig else {
-            tracing::warn!(%peer, "Connection to the proxy port that the kernel did not redirect; closing");
+            unserved(
+                "unknown",
+                "proxy-port",
+                String::new(),
+                at_port,
+                format!(
+                    "connection from {peer} to the proxy's port that the kernel did not \
+                     redirect (not from a sandbox, or its redirect entry is gone); closed"
+                ),
+            );
             continue;
         };
+        let ip = Ipv6Addr::from(orig.addr).to_canonical();
+        let original_dst = SocketAddr::new(ip, orig.port);
+        let connection_id = ConnectionId::new(cookie, orig.socket_cookie).to_string();
         let entry = ctx
             .routes
             .read()
@@ -258,22 +284,39 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
             .get(&orig.sandbox_index)
             .cloned();
         let Some((sandbox, policy)) = entry else {
-            tracing::warn!(
-                index = orig.sandbox_index,
-                "Redirected connection of an unknown sandbox; closing"
+            unserved(
+                "unknown",
+                "unknown",
+                connection_id,
+                original_dst,
+                format!(
+                    "redirected connection from {peer} of sandbox index {}, which has no \
+                     route in the proxy (detached, quarantined, or its policy could not be \
+                     restored); closed",
+                    orig.sandbox_index
+                ),
             );
             continue;
         };
         let Some(route) = route_for(&policy, orig.rule_id) else {
-            tracing::warn!(%sandbox, rule_id = orig.rule_id, "Redirected connection without a proxy rule; closing");
+            unserved(
+                &sandbox,
+                "unknown",
+                connection_id,
+                original_dst,
+                format!(
+                    "redirected connection from {peer} under rule id {}, which is not a \
+                     proxy or passthrough rule of the sandbox's policy; closed",
+                    orig.rule_id
+                ),
+            );
             continue;
         };
-        let ip = Ipv6Addr::from(orig.addr).to_canonical();
         let conn = ConnInfo {
-            original_dst: SocketAddr::new(ip, orig.port),
+            original_dst,
             peer,
             sandbox,
-            connection_id: ConnectionId::new(cookie, orig.socket_cookie).to_string(),
+            connection_id,
             route: Arc::new(route),
         };
         let limits = ctx.limits_for(orig.sandbox_index);

@@ -357,6 +357,45 @@ impl Proxy {
             .await;
     }
 
+    /// Records a connection to the proxy's port that is closed before it could be served
+    /// (not redirected by the kernel, a sandbox without a route, a rule that is not a
+    /// proxy rule): every refusal leaves a record, also those no sandbox policy decided.
+    pub fn record_unserved(
+        &self,
+        sandbox: &str,
+        rule_name: &str,
+        connection_id: String,
+        original_dst: std::net::SocketAddr,
+        reason: String,
+    ) {
+        let mut record = ProxyRecord {
+            kind: RecordKind::Connection,
+            sandbox: sandbox.to_owned(),
+            connection_id,
+            rule_name: rule_name.to_owned(),
+            tls_mode: TlsMode::Intercept,
+            original_dst,
+            sni: None,
+            method: None,
+            host: None,
+            path: None,
+            query_keys: None,
+            status: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 0,
+            credential: None,
+            verdict: Verdict::Deny,
+            reason: None,
+            git: None,
+            scrubbed: 0,
+            secret: None,
+            credential_use: None,
+        };
+        record.reason = Some(reason);
+        (self.audit)(record);
+    }
+
     /// Handles one redirected connection to its end. Failures are reported as records
     /// and debug logs; nothing is returned.
     pub async fn serve(self: Arc<Self>, stream: TcpStream, conn: ConnInfo) {
