@@ -461,17 +461,26 @@ impl ConnCtx {
             .await
             .and_then(|(response, on_complete)| {
                 let (mut parts, body) = response.into_parts();
-                let asked_range = parts.extensions.remove::<range::Asked>();
+                let asked_range = parts.extensions.remove::<(range::Asked, u64)>();
                 // hyper keeps an HTTP/1 origin's own reason phrase among the extensions
                 // and its server writes it back out: text that is never scanned for
                 // secrets, so it goes (the sandbox gets the standard phrase), with
                 // anything else hyper's client attached.
                 parts.extensions.clear();
-                // The byte range asked for, cut from the widened one the origin sent.
-                let window = match asked_range {
-                    Some(asked) => range::narrow(asked, &mut parts.status, &mut parts.headers)
-                        .map_err(|reason| Refusal::deny(StatusCode::BAD_GATEWAY, reason))?,
-                    None => None,
+                // The byte range asked for, cut from the widened one the origin sent; a
+                // partial answer the proxy did not ask for is not sent where responses are
+                // scanned.
+                let bad_gateway = |reason| Refusal::deny(StatusCode::BAD_GATEWAY, reason);
+                let window = match (asked_range, self.proxy.secret_matcher()) {
+                    (Some((asked, margin)), _) => {
+                        range::narrow(asked, margin, &mut parts.status, &mut parts.headers)
+                            .map_err(bad_gateway)?
+                    }
+                    (None, Some(_)) => {
+                        range::unasked(parts.status, &parts.headers).map_err(bad_gateway)?;
+                        None
+                    }
+                    (None, None) => None,
                 };
                 // Judged before the hop-by-hop headers (its transfer codings) go.
                 let body = self.response_body(&mut parts.headers, body, &secrets, window)?;
@@ -950,7 +959,7 @@ impl ConnCtx {
                 .headers
                 .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
             let margin = u64::try_from(matcher.max_len()).unwrap_or(u64::MAX);
-            asked_range = range::widen(&mut parts.headers, margin);
+            asked_range = range::widen(&mut parts.headers, margin).map(|asked| (asked, margin));
         }
 
         let bad_name = || {

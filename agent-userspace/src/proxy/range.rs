@@ -25,9 +25,17 @@ pub enum Asked {
     Suffix(u64),
 }
 
+/// Headers some origins read as a range in place of `Range` (Apache's `Request-Range`,
+/// Azure Storage's `x-ms-range`): removed, so that only the widened `Range` selects bytes.
+const OTHER_RANGE_HEADERS: [&str; 2] = ["request-range", "x-ms-range"];
+
 /// Rewrites the request's `Range` to the widened one and returns what was asked; removes
-/// `Range` and `If-Range` when it is not one byte range. `None`: no range was asked.
+/// `Range` and `If-Range` when it is not one byte range, and every other header an origin
+/// may take a range from. `None`: no range was asked.
 pub fn widen(headers: &mut HeaderMap, margin: u64) -> Option<Asked> {
+    for name in OTHER_RANGE_HEADERS {
+        headers.remove(name);
+    }
     if !headers.contains_key(RANGE) {
         return None;
     }
@@ -109,14 +117,32 @@ impl Window {
     }
 }
 
+/// A partial answer to a request the proxy did not widen (no `Range` asked, or one it
+/// removed): its bytes were chosen some other way (a query like S3's `partNumber`) and
+/// may cut a secret anywhere, so it is refused.
+pub fn unasked(status: StatusCode, headers: &HeaderMap) -> Result<(), String> {
+    if status == StatusCode::PARTIAL_CONTENT || headers.contains_key(CONTENT_RANGE) {
+        return Err(
+            "upstream server: answered with part of a body the proxy did not ask for as a \
+             byte range, whose edges could cut a reflected secret where no scan finds it"
+                .to_owned(),
+        );
+    }
+    Ok(())
+}
+
 /// Turns the origin's answer to a widened range into the answer to the range asked:
-/// its `Content-Range` and `Content-Length`, and the window of its body to send. A
-/// `206` that is not one plain byte range of identity bytes cannot be cut (a piece of a
+/// its `Content-Range` and `Content-Length`, and the window of its body to send. Only
+/// bytes at least `margin` inside the origin's piece (or at the body's own start or end)
+/// are sent, so a secret crossing an edge of the piece is never sent cut: an origin that
+/// started later than asked is refused, one that ended sooner gets its answer shortened.
+/// A `206` that is not one plain byte range of identity bytes cannot be cut (a piece of a
 /// compressed stream cannot be scanned either): `Err(reason)`. Other statuses pass as
 /// they are (`200`: the origin sent everything; `416`: the asked range is unsatisfiable
 /// too, as it lies inside the widened one).
 pub fn narrow(
     asked: Asked,
+    margin: u64,
     status: &mut StatusCode,
     headers: &mut HeaderMap,
 ) -> Result<Option<Window>, String> {
@@ -173,8 +199,23 @@ pub fn narrow(
         headers.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
         return Ok(Some(Window { skip: 0, take: 0 }));
     }
-    if first < start || last > end {
-        return refuse("bytes other than those asked");
+    // The bytes whose every neighbourhood of `margin` the scan saw.
+    let safe_from = if start == 0 {
+        0
+    } else {
+        start.saturating_add(margin)
+    };
+    let safe_to = if total.is_some_and(|t| end + 1 == t) {
+        end
+    } else {
+        end.saturating_sub(margin)
+    };
+    if first < safe_from {
+        return refuse("bytes starting later than asked");
+    }
+    let last = last.min(safe_to);
+    if last < first {
+        return refuse("too few bytes around the range asked");
     }
     let take = last - first + 1;
     if first != start || last != end {
@@ -288,7 +329,7 @@ mod tests {
             (checksum.clone(), "rC90eQ=="),
             (http::header::ETAG, "\"e\""),
         ]);
-        let mut w = narrow(Asked::FromTo(100, 106), &mut status, &mut h)
+        let mut w = narrow(Asked::FromTo(100, 106), 60, &mut status, &mut h)
             .unwrap()
             .unwrap();
         assert_eq!(h.get(CONTENT_RANGE).unwrap(), "bytes 100-106/1000");
@@ -303,17 +344,73 @@ mod tests {
 
         // A suffix and an open range near the end, resolved against the length.
         let mut h = headers(&[(CONTENT_RANGE, "bytes 933-999/1000")]);
-        let w = narrow(Asked::Suffix(7), &mut status, &mut h)
+        let w = narrow(Asked::Suffix(7), 60, &mut status, &mut h)
             .unwrap()
             .unwrap();
         assert_eq!(h.get(CONTENT_RANGE).unwrap(), "bytes 993-999/1000");
         assert_eq!(w, Window { skip: 60, take: 7 });
-        let mut h = headers(&[(CONTENT_RANGE, "bytes 940-999/*")]);
-        let w = narrow(Asked::From(1000 - 7), &mut status, &mut h)
+        let mut h = headers(&[(CONTENT_RANGE, "bytes 933-999/1000")]);
+        let w = narrow(Asked::From(1000 - 7), 60, &mut status, &mut h)
             .unwrap()
             .unwrap();
-        assert_eq!(h.get(CONTENT_RANGE).unwrap(), "bytes 993-999/*");
-        assert_eq!(w, Window { skip: 53, take: 7 });
+        assert_eq!(h.get(CONTENT_RANGE).unwrap(), "bytes 993-999/1000");
+        assert_eq!(w, Window { skip: 60, take: 7 });
+    }
+
+    /// An origin that sends less than the widened range: bytes within `margin` of an edge
+    /// of its piece (other than the body's own start or end) are not sent, since a secret
+    /// crossing that edge was scanned cut.
+    #[test]
+    fn bytes_near_the_edges_of_a_shorter_piece_are_not_sent() {
+        let mut status = StatusCode::PARTIAL_CONTENT;
+        // Asked 1000-, widened to 940-; the origin capped it at 66475 of 100000.
+        let mut h = headers(&[(CONTENT_RANGE, "bytes 940-66475/100000")]);
+        let w = narrow(Asked::From(1000), 60, &mut status, &mut h)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.get(CONTENT_RANGE).unwrap(), "bytes 1000-66415/100000");
+        assert_eq!(
+            w,
+            Window {
+                skip: 60,
+                take: 65416
+            }
+        );
+        // Started later than asked: the first bytes asked were not seen with what
+        // precedes them.
+        let mut h = headers(&[(CONTENT_RANGE, "bytes 990-2000/100000")]);
+        assert!(narrow(Asked::From(1000), 60, &mut status, &mut h).is_err());
+        // The body's own start and end are edges no secret crosses.
+        let mut h = headers(&[(CONTENT_RANGE, "bytes 0-9/10")]);
+        let w = narrow(Asked::FromTo(2, 5), 60, &mut status, &mut h)
+            .unwrap()
+            .unwrap();
+        assert_eq!(w, Window { skip: 2, take: 4 });
+        // Of an unknown length, the end is an edge too.
+        let mut h = headers(&[(CONTENT_RANGE, "bytes 940-999/*")]);
+        assert!(narrow(Asked::From(993), 60, &mut status, &mut h).is_err());
+    }
+
+    #[test]
+    fn a_partial_answer_not_asked_for_is_refused() {
+        assert!(unasked(StatusCode::PARTIAL_CONTENT, &HeaderMap::new()).is_err());
+        let h = headers(&[(CONTENT_RANGE, "bytes 0-9/100")]);
+        assert!(unasked(StatusCode::OK, &h).is_err());
+        assert!(unasked(StatusCode::OK, &HeaderMap::new()).is_ok());
+        let mut h = headers(&[
+            (RANGE, "bytes=0-6"),
+            (
+                http::header::HeaderName::from_static("x-ms-range"),
+                "bytes=0-6",
+            ),
+            (
+                http::header::HeaderName::from_static("request-range"),
+                "bytes=0-6",
+            ),
+        ]);
+        widen(&mut h, 60);
+        assert!(!h.contains_key("x-ms-range") && !h.contains_key("request-range"));
+        assert_eq!(h.get(RANGE).unwrap(), "bytes=0-66");
     }
 
     #[test]
@@ -321,7 +418,7 @@ mod tests {
         // Asked 1000-1010 of 990 bytes: the widened 940-1070 still reached bytes.
         let mut status = StatusCode::PARTIAL_CONTENT;
         let mut h = headers(&[(CONTENT_RANGE, "bytes 940-989/990")]);
-        let w = narrow(Asked::FromTo(1000, 1010), &mut status, &mut h)
+        let w = narrow(Asked::FromTo(1000, 1010), 60, &mut status, &mut h)
             .unwrap()
             .unwrap();
         assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE);
@@ -349,13 +446,13 @@ mod tests {
             let mut status = StatusCode::PARTIAL_CONTENT;
             let mut h = headers(&pairs);
             assert!(
-                narrow(Asked::FromTo(100, 106), &mut status, &mut h).is_err(),
+                narrow(Asked::FromTo(100, 106), 60, &mut status, &mut h).is_err(),
                 "{pairs:?}"
             );
         }
         let mut status = StatusCode::PARTIAL_CONTENT;
         let mut h = headers(&[(CONTENT_RANGE, "bytes 0-9/*")]);
-        assert!(narrow(Asked::Suffix(5), &mut status, &mut h).is_err());
+        assert!(narrow(Asked::Suffix(5), 60, &mut status, &mut h).is_err());
     }
 
     #[test]
@@ -363,7 +460,7 @@ mod tests {
         for status in [StatusCode::OK, StatusCode::RANGE_NOT_SATISFIABLE] {
             let mut s = status;
             let mut h = headers(&[(CONTENT_LENGTH, "1000")]);
-            assert_eq!(narrow(Asked::FromTo(0, 6), &mut s, &mut h), Ok(None));
+            assert_eq!(narrow(Asked::FromTo(0, 6), 60, &mut s, &mut h), Ok(None));
             assert_eq!(s, status);
             assert_eq!(h.get(CONTENT_LENGTH).unwrap(), "1000");
         }
