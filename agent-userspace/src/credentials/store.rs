@@ -66,12 +66,13 @@ fn is_normalized(host: &str) -> bool {
 /// Values kept per credential for matching after a newer one replaced them: a rotated or
 /// renewed value stays valid at its issuer for a while (a GitHub App token for an hour, an
 /// STS session up to twelve), and a copy an origin kept can come back all that time. Each
-/// is kept for [`KNOWN_FOR`] after it was last seen, the last [`KNOWN_AT_LEAST`] always,
-/// and at most [`KNOWN_AT_MOST`] (a source that changes every second cannot grow the
-/// matcher without bound).
+/// is kept for [`KNOWN_FOR`] after it was replaced, the last [`KNOWN_AT_LEAST`] always,
+/// and at most [`KNOWN_AT_MOST`]: every value is a set of patterns in the one automaton
+/// that scans every response and record, and a source that changes often (STS sessions
+/// every ten minutes per sandbox) must not grow it without bound.
 const KNOWN_FOR: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 const KNOWN_AT_LEAST: usize = 2;
-const KNOWN_AT_MOST: usize = 16;
+const KNOWN_AT_MOST: usize = 4;
 
 /// All configured credentials, checked. Values are fetched on use by
 /// [`CredentialStore::header_for`].
@@ -108,10 +109,13 @@ impl KnownSecrets {
         let shown = name.split('\0').next().unwrap_or(name);
         let mut values = self.values.lock().unwrap_or_else(|p| p.into_inner());
         let list = values.entry(name.to_owned()).or_default();
-        if list
+        if let Some(at) = list
             .iter()
-            .any(|(s, _)| Arc::ptr_eq(s, secret) || **s == **secret)
+            .position(|(s, _)| Arc::ptr_eq(s, secret) || **s == **secret)
         {
+            // In use again (a value rolled back): the newest, from now.
+            let (known, _) = list.remove(at);
+            list.push((known, std::time::Instant::now()));
             return;
         }
         list.push((secret.clone(), std::time::Instant::now()));

@@ -602,7 +602,7 @@ async fn aws_credentials_pair_sts_with_sigv4_and_fail_closed() {
 }
 
 /// Replaced values are kept twelve hours after they were replaced (the last two always),
-/// and sixteen at most.
+/// and four at most.
 #[test]
 fn replaced_values_are_kept_while_they_may_be_valid() {
     use std::time::{Duration, Instant};
@@ -623,9 +623,9 @@ fn replaced_values_are_kept_while_they_may_be_valid() {
     let mut list = vec![(1, at(0)), (2, at(1))];
     super::store::forget_old(&mut list, at(100 * hour));
     assert_eq!(list.len(), 2);
-    // A value every second: the newest sixteen.
+    // A value every second: the newest four.
     let mut list: Vec<(u64, Instant)> = (0..40).map(|i| (i, at(i))).collect();
     super::store::forget_old(&mut list, at(40));
-    assert_eq!(list.len(), 16);
-    assert_eq!(list[0].0, 24);
+    assert_eq!(list.len(), 4);
+    assert_eq!(list[0].0, 36);
 }
