@@ -1,13 +1,18 @@
 //! Turns kernel event times (`bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC) into wall-clock UTC
 //! for `@timestamp`.
 //!
-//! The offset between the two clocks is sampled once. A later wall-clock step (NTP
-//! correction, manual change) therefore does not reorder events in the log; take a new
-//! sample after a step if wall time matters more than order.
+//! The offset between the two clocks is sampled at start and again every second; it is
+//! replaced only when the wall clock stepped ([`ClockOffset::after_step`]: by a second or
+//! more, as when time synchronisation first sets the clock after the daemon started), so
+//! kernel records keep the same wall time as the proxy's and the resolver's, which read
+//! the wall clock themselves, while slewing never moves the offset.
 
 use std::io;
 
 use time::OffsetDateTime;
+
+/// How far the wall clock must move against the monotonic one to count as a step.
+pub const STEP: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `CLOCK_REALTIME - CLOCK_MONOTONIC`, in nanoseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +32,13 @@ impl ClockOffset {
         Ok(Self {
             realtime_minus_monotonic_ns: real - mono,
         })
+    }
+
+    /// `sample` if the wall clock stepped since `self` was taken (the offsets differ by
+    /// [`STEP`] or more), else `None`.
+    pub fn after_step(self, sample: Self) -> Option<Self> {
+        let moved = (sample.realtime_minus_monotonic_ns - self.realtime_minus_monotonic_ns).abs();
+        (moved >= STEP.as_nanos() as i128).then_some(sample)
     }
 
     /// An offset given directly (tests, or one computed elsewhere).
@@ -78,6 +90,24 @@ mod tests {
             "wall clock off by {diff}"
         );
         Ok(())
+    }
+
+    /// A wall clock set forward or back by a second or more is followed; slewing within
+    /// that is not (the offset, and the order it gives events, stays).
+    #[test]
+    fn only_a_step_replaces_the_offset() {
+        let at = ClockOffset::from_nanos(1_700_000_000_000_000_000);
+        let moved = |ns: i128| ClockOffset::from_nanos(at.as_nanos() + ns);
+        assert_eq!(
+            at.after_step(moved(3_600_000_000_000)),
+            Some(moved(3_600_000_000_000))
+        );
+        assert_eq!(
+            at.after_step(moved(-1_000_000_000)),
+            Some(moved(-1_000_000_000))
+        );
+        assert_eq!(at.after_step(moved(999_999_999)), None);
+        assert_eq!(at.after_step(moved(-2_000_000)), None);
     }
 
     #[test]

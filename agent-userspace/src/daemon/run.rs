@@ -187,7 +187,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     // Every alert producer raises through a clone of this (see `Alerts::raise`); the
     // quarantine orders it issues are carried out by the loop below.
     let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
-    let clock = ClockOffset::sample().context("reading clocks")?;
+    let mut clock = ClockOffset::sample().context("reading clocks")?;
 
     let ca_dir = opts.state_dir.join("ca");
     let ca = CertAuthority::load_or_create(&ca_dir)
@@ -354,6 +354,15 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             }
             Some(order) = quarantine_orders.recv() => carry_out(&shared, order),
             _ = lost_poll.tick() => {
+                // A wall clock set after the daemon started (time synchronisation at
+                // boot): kernel records follow it, as the proxy's and resolver's do.
+                if let Some(stepped) = ClockOffset::sample().ok().and_then(|s| clock.after_step(s)) {
+                    tracing::warn!(
+                        moved_ms = (stepped.as_nanos() - clock.as_nanos()) / 1_000_000,
+                        "Wall clock stepped; kernel event times follow it from now"
+                    );
+                    clock = stepped;
+                }
                 report_lost(&shared);
                 let mut core = shared.lock();
                 core.flush_alerts();
