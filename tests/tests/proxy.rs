@@ -1130,6 +1130,81 @@ fn redirect_to_another_host_is_returned_unfollowed() -> Result<()> {
     Ok(())
 }
 
+/// A passthrough connection the daemon closes (here on a quarantine) is recorded, with
+/// its byte counts and why it ended: the record was made only when the relay ended by
+/// itself.
+#[test]
+fn a_passthrough_connection_closed_by_the_daemon_is_recorded() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let origin_ca = fx.ca.cert().display().to_string();
+    // A TLS session with the origin, held open (its input stays open).
+    let mut client = fx
+        .sandbox
+        .command_with_timeout(
+            30,
+            "openssl",
+            &[
+                "s_client",
+                "-connect",
+                &format!("{PINNED_V4}:443"),
+                "-servername",
+                "pinned.example",
+                "-CAfile",
+                &origin_ca,
+            ],
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut guard_stdin = client.stdin.take();
+    // The handshake is done once openssl prints the certificate chain it verified.
+    let mut stdout = client.stdout.take().context("no stdout")?;
+    let mut seen = Vec::new();
+    let started = std::time::Instant::now();
+    while !String::from_utf8_lossy(&seen).contains("Verify return code")
+        && started.elapsed() < Duration::from_secs(10)
+    {
+        let mut chunk = [0u8; 4096];
+        let n = std::io::Read::read(&mut stdout, &mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    ensure!(
+        String::from_utf8_lossy(&seen).contains("Verify return code: 0"),
+        "no TLS session with the origin: {}",
+        String::from_utf8_lossy(&seen)
+    );
+    let out = fx.daemon.ctl([
+        "quarantine",
+        fx.sandbox.label(),
+        "--reason",
+        "test: passthrough record",
+    ])?;
+    ensure!(out.status.success(), "quarantine: {}", all_output(&out));
+    let rec = fx.wait_proxy_record(RECORD_TIMEOUT, "the closed passthrough relay", |r| {
+        get_str(r, "event.action") == Some("tls-connection")
+            && get_str(r, "rule.name") == Some("pinned")
+    })?;
+    ensure_field(&rec, "egress.tls_mode", "passthrough")?;
+    ensure!(
+        get_str(&rec, "event.reason").is_some_and(|m| m.contains("closed by the daemon")),
+        "{rec}"
+    );
+    ensure!(
+        get_u64(&rec, "source.bytes").is_some_and(|n| n > 0)
+            || get_u64(&rec, "destination.bytes").is_some_and(|n| n > 0),
+        "no byte counts: {rec}"
+    );
+    drop(guard_stdin.take());
+    let _ = client.kill();
+    let _ = client.wait();
+    Ok(())
+}
+
 #[test]
 fn passthrough_keeps_the_origin_certificate() -> Result<()> {
     require_proxy_tools!();

@@ -11,7 +11,7 @@ use super::error::ProxyError;
 use super::io::{idle_watch, Activity, Metered, PrefixedStream};
 use super::upstream::dial;
 use super::{ConnInfo, Proxy};
-use crate::audit::{ProxyVerdict as Verdict, RecordKind, TlsMode};
+use crate::audit::{ProxyRecord, ProxyVerdict as Verdict, RecordKind, TlsMode};
 
 pub(super) async fn relay(
     proxy: Arc<Proxy>,
@@ -20,13 +20,21 @@ pub(super) async fn relay(
     sni: String,
     started: Instant,
 ) {
-    let mut record = proxy.record(
-        &conn,
-        TlsMode::Passthrough,
-        Some(&sni),
-        RecordKind::Connection,
-    );
     let activity = Activity::new();
+    // Recorded however the relay ends, also when the daemon closes it (its task aborted
+    // on a quarantine, a policy change, a detach or shutdown) before it ends by itself.
+    let mut relayed = Relayed {
+        record: proxy.record(
+            &conn,
+            TlsMode::Passthrough,
+            Some(&sni),
+            RecordKind::Connection,
+        ),
+        ended: false,
+        proxy: proxy.clone(),
+        activity: activity.clone(),
+        started,
+    };
     let mut downstream = Metered::new(stream, activity.clone());
     match dial(
         conn.original_dst,
@@ -38,13 +46,13 @@ pub(super) async fn relay(
     {
         Err(e) => {
             if matches!(e, ProxyError::UpstreamRefused { .. }) {
-                record.verdict = Verdict::Deny;
+                relayed.record.verdict = Verdict::Deny;
             }
-            record.reason = Some(e.to_string());
+            relayed.record.reason = Some(e.to_string());
         }
         Ok(mut upstream) => {
             let idle = proxy.timeouts.idle;
-            record.reason = tokio::select! {
+            relayed.record.reason = tokio::select! {
                 result = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => {
                     result.err().map(|e| format!("relay ended with an error: {e}"))
                 }
@@ -54,8 +62,32 @@ pub(super) async fn relay(
             };
         }
     }
-    record.bytes_in = activity.bytes_read();
-    record.bytes_out = activity.bytes_written();
-    record.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    (proxy.audit)(record);
+    relayed.ended = true;
+}
+
+/// A passthrough connection's record, sent when it is dropped: at the relay's end, or
+/// when its task is aborted before that, saying the daemon closed it.
+struct Relayed {
+    record: ProxyRecord,
+    ended: bool,
+    proxy: Arc<Proxy>,
+    activity: Arc<Activity>,
+    started: Instant,
+}
+
+impl Drop for Relayed {
+    fn drop(&mut self) {
+        let mut record = self.record.clone();
+        if !self.ended {
+            record.reason = Some(
+                "closed by the daemon before the relay ended (the sandbox was quarantined or \
+                 detached, its policy replaced, or the daemon stopped)"
+                    .to_owned(),
+            );
+        }
+        record.bytes_in = self.activity.bytes_read();
+        record.bytes_out = self.activity.bytes_written();
+        record.duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        (self.proxy.audit)(record);
+    }
 }
