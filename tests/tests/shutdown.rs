@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use egress_tests::audit::action;
 use egress_tests::expect;
 use egress_tests::proxy_fixture::{ProxyFixture, ProxyOpts};
@@ -46,5 +46,27 @@ fn sigterm_stops_promptly_and_confinement_stays() -> Result<()> {
             .probe("tcp-connect", IpAddr::V4(CANARY_V4), 9, &[])?,
     )?;
     expect::canary_silent(&fx.canary)?;
+
+    // The stop counts as clean (its last records were written before it said so): the
+    // next start reports no gap.
+    fx.daemon.restart()?;
+    let starts =
+        egress_tests::util::poll(Duration::from_secs(10), Duration::from_millis(100), || {
+            let starts: Vec<_> = fx
+                .daemon
+                .audit_records()?
+                .into_iter()
+                .filter(|r| action(r) == Some("daemon-start"))
+                .collect();
+            Ok((starts.len() >= 2).then_some(starts))
+        })?
+        .context("no daemon-start record after the restart")?;
+    let again = &starts[starts.len() - 1];
+    ensure!(
+        again["egress"]
+            .get("gap")
+            .is_none_or(serde_json::Value::is_null),
+        "a clean stop was reported as a gap: {again}"
+    );
     Ok(())
 }

@@ -409,6 +409,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         carry_out(&shared, order);
     }
     report_lost(&shared);
+    let mut stopped_state = None;
     {
         let mut core = shared.lock();
         core.flush_alerts();
@@ -417,9 +418,11 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             pid: std::process::id(),
             reason: StopReason::Signal,
         }));
-        core.state.clean_shutdown = true;
+        // Saved as a clean stop only once the writer has written everything (below): a
+        // stop whose last records never reached the log is reported by the next run.
         core.state.last_seen = Some(rfc3339(now()));
         core.save_state();
+        stopped_state = Some(core.state.clone());
         // Listeners and resolvers hold audit handles; stop them so the writer can finish.
         core.proxy.shutdown();
         core.dns.shutdown();
@@ -433,9 +436,18 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         Ok(done) => {
             done.context("audit writer task")?
                 .context("writing the audit log")?;
+            if let Some(mut state) = stopped_state {
+                state.clean_shutdown = true;
+                if let Err(e) = state.save(&opts.state_dir) {
+                    tracing::error!(error = %e, "Saving state failed");
+                }
+            }
         }
         Err(_) => {
-            tracing::warn!("Proxied connections still open at shutdown; not waiting for them")
+            tracing::warn!(
+                "Proxied connections still open at shutdown; not waiting for them (the next \
+                 start reports this stop as unclean)"
+            )
         }
     }
     crate::collector::flush(Duration::from_secs(2)).await;
