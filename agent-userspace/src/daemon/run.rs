@@ -409,8 +409,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         carry_out(&shared, order);
     }
     report_lost(&shared);
-    let mut stopped_state = None;
-    {
+    let mut stopped_state = {
         let mut core = shared.lock();
         core.flush_alerts();
         core.audit.emit(Record::DaemonStop(DaemonStop {
@@ -422,11 +421,11 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         // stop whose last records never reached the log is reported by the next run.
         core.state.last_seen = Some(rfc3339(now()));
         core.save_state();
-        stopped_state = Some(core.state.clone());
         // Listeners and resolvers hold audit handles; stop them so the writer can finish.
         core.proxy.shutdown();
         core.dns.shutdown();
-    }
+        core.state.clone()
+    };
     let _ = std::fs::remove_file(&opts.socket);
     drop(audit);
     drop(shared);
@@ -436,11 +435,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         Ok(done) => {
             done.context("audit writer task")?
                 .context("writing the audit log")?;
-            if let Some(mut state) = stopped_state {
-                state.clean_shutdown = true;
-                if let Err(e) = state.save(&opts.state_dir) {
-                    tracing::error!(error = %e, "Saving state failed");
-                }
+            stopped_state.clean_shutdown = true;
+            if let Err(e) = stopped_state.save(&opts.state_dir) {
+                tracing::error!(error = %e, "Saving state failed");
             }
         }
         Err(_) => {
