@@ -37,13 +37,38 @@ impl Redactor {
     /// Masks every secret in `line` (one encoded record). Returns how many ranges were
     /// masked.
     pub fn apply(&self, line: &mut [u8]) -> usize {
-        let Some(find) = self.0.get() else {
-            return 0;
-        };
-        let mut found = find(line);
-        if found.is_empty() {
-            return 0;
+        let merged = self.found(line);
+        mask_json(line, &merged);
+        merged.len()
+    }
+
+    /// Masks every secret in one string of a record, before it is encoded (and perhaps
+    /// cut): a match that does not begin and end on character boundaries takes the whole
+    /// string with it.
+    pub fn mask_string(&self, s: &mut String) {
+        let merged = self.found(s.as_bytes());
+        if merged
+            .iter()
+            .any(|r| !s.is_char_boundary(r.start) || !s.is_char_boundary(r.end))
+        {
+            *s = String::from_utf8_lossy(MARKER).into_owned();
+            return;
         }
+        for r in merged {
+            let len = r.len();
+            let marker: String = (0..len)
+                .map(|i| char::from(MARKER.get(i).copied().unwrap_or(b'*')))
+                .collect();
+            s.replace_range(r, &marker);
+        }
+    }
+
+    /// The secrets' ranges in `text`, overlapping ones merged, in order.
+    fn found(&self, text: &[u8]) -> Vec<Range<usize>> {
+        let Some(find) = self.0.get() else {
+            return Vec::new();
+        };
+        let mut found = find(text);
         found.sort_by_key(|r| r.start);
         let mut merged: Vec<Range<usize>> = Vec::with_capacity(found.len());
         for r in found {
@@ -52,8 +77,7 @@ impl Redactor {
                 _ => merged.push(r),
             }
         }
-        mask_json(line, &merged);
-        merged.len()
+        merged
     }
 }
 

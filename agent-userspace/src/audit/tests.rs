@@ -2734,3 +2734,40 @@ async fn writer_done(handle: AuditHandle, task: AuditTask) {
     drop(handle);
     writer.await.unwrap().unwrap();
 }
+
+/// A record too long for one line is shortened by cutting its strings; a secret in them is
+/// masked before the cut, so no piece of it (too short for the search to recognise)
+/// survives.
+#[tokio::test]
+async fn a_secret_is_masked_before_a_long_record_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (handle, task) =
+        AuditLog::open_with(AuditSink::File(path.clone()), &AuditConfig::default(), None).unwrap();
+    let secret = "Zq8rTq2Lw0pXv5Nc3Hs7";
+    handle.redact_with(std::sync::Arc::new(move |line: &[u8]| {
+        line.windows(secret.len())
+            .enumerate()
+            .filter(|(_, w)| *w == secret.as_bytes())
+            .map(|(i, _)| i..i + secret.len())
+            .collect()
+    }));
+    let mut record = proxy_git_push_refused();
+    if let Some(git) = record.git.as_mut() {
+        let template = git.ref_updates[0].clone();
+        git.ref_updates = (0..80)
+            .map(|k| RefUpdate {
+                ref_name: format!("refs/heads/agent/{}{secret}", "x".repeat(k)),
+                ..template.clone()
+            })
+            .collect();
+    }
+    handle.emit(proxy_event(record));
+    writer_done(handle, task).await;
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines = read_lines(&path);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["egress"]["truncated"], true, "{text}");
+    assert!(!text.contains(&secret[..12]), "{text}");
+    assert!(text.contains("[redacted]"), "{text}");
+}

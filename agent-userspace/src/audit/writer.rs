@@ -214,8 +214,10 @@ impl AuditWriter {
     /// when encoding succeeds.
     pub fn encode_next(&mut self, record: &Record) -> Result<(u64, Vec<u8>), EncodeError> {
         let sequence = self.next_sequence;
-        let mut line = record.encode(sequence)?;
-        redact(&self.redactor, &mut line, sequence);
+        let mut line = Vec::with_capacity(768);
+        let redactor = &self.redactor;
+        record.encode_into_masked(sequence, &mut line, &|s| redactor.mask_string(s))?;
+        redact(redactor, &mut line, sequence);
         self.next_sequence = sequence.saturating_add(1);
         Ok((sequence, line))
     }
@@ -230,7 +232,7 @@ impl AuditWriter {
         let redactor = &self.redactor;
         pending.push_with(sequence, |buf| {
             let start = buf.len();
-            record.encode_into(sequence, buf)?;
+            record.encode_into_masked(sequence, buf, &|s| redactor.mask_string(s))?;
             redact(redactor, &mut buf[start..], sequence);
             Ok(())
         })?;

@@ -28,8 +28,14 @@ const KEPT: [&str; 3] = ["@timestamp", "ecs", "observer"];
 
 /// `wire` encoded (without its `\n`) for a record whose full encoding is at least
 /// [`MAX_LINE`] bytes: shortened to fit if it can be.
-pub(super) fn shortened(wire: &impl Serialize) -> serde_json::Result<Vec<u8>> {
+pub(super) fn shortened(
+    wire: &impl Serialize,
+    mask: &dyn Fn(&mut String),
+) -> serde_json::Result<Vec<u8>> {
     let mut value = serde_json::to_value(wire)?;
+    // Secrets are masked before anything is cut: a cut could leave a piece of one too
+    // short for the search to recognise.
+    visit(&mut value, &mut |s, _| mask(s));
     if let Some(egress) = value.get_mut("egress").and_then(Value::as_object_mut) {
         egress.insert("truncated".to_owned(), Value::Bool(true));
     }

@@ -163,12 +163,23 @@ impl Record {
     /// [`Record::encode`], appended to `out`; on an error `out` may hold part of a line.
     /// A line longer than [`MAX_LINE`] is encoded again, shortened (see [`fit`]).
     pub fn encode_into(&self, sequence: u64, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        self.encode_into_masked(sequence, out, &|_| {})
+    }
+
+    /// [`Record::encode_into`], with `mask` applied to every string a shortening may cut,
+    /// before it cuts them.
+    pub fn encode_into_masked(
+        &self,
+        sequence: u64,
+        out: &mut Vec<u8>,
+        mask: &dyn Fn(&mut String),
+    ) -> Result<(), EncodeError> {
         let wire = self.to_wire(sequence)?;
         let start = out.len();
         json::Json::json(&wire, out);
         if out.len() - start >= MAX_LINE {
             out.truncate(start);
-            let shortened = fit::shortened(&wire).map_err(|source| EncodeError::Json {
+            let shortened = fit::shortened(&wire, mask).map_err(|source| EncodeError::Json {
                 action: self.action(),
                 source,
             })?;
