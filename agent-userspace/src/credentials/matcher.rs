@@ -288,7 +288,7 @@ enum Escape {
 }
 
 /// Distinct symbols in a value up to which every combination of them escaped or kept is a
-/// form; past it, only all of them escaped and all but `/`.
+/// form; past it, all of them escaped, all but `/`, and each one alone.
 const MAX_ESCAPE_SUBSET: usize = 3;
 
 /// The sets of symbols an encoder in `style` may escape in `bytes`: encoders differ on
@@ -304,8 +304,12 @@ fn escaped_sets(bytes: &[u8], style: Escape) -> Vec<Vec<u8>> {
     symbols.sort_unstable();
     symbols.dedup();
     if symbols.len() > MAX_ESCAPE_SUBSET {
+        // All, all but `/`, and each symbol alone (an encoder that escapes only `+`).
         let but_slash = symbols.iter().copied().filter(|&b| b != b'/').collect();
-        return vec![symbols, but_slash];
+        let mut sets: Vec<Vec<u8>> = symbols.iter().map(|&b| vec![b]).collect();
+        sets.push(but_slash);
+        sets.push(symbols);
+        return sets;
     }
     (0..1u32 << symbols.len())
         .map(|mask| {
@@ -512,6 +516,17 @@ mod tests {
             secret.replace('+', "%252B").replace('/', "%252F"),
             secret.replace('+', "%252B").replace('/', "%2F"),
         ];
+        // A value with more kinds of symbol than every combination is made for: each one
+        // escaped alone is still found.
+        let many = "wJalrXUtnFEMI/K7MDENG+bPx=RfiCYEX!AMPLEKEY";
+        let m = SecretMatcher::new([("aws", many)]);
+        for text in [
+            many.replace('+', "\\u002B"),
+            many.replace('!', "%21"),
+            many.replace('=', "&#61;"),
+        ] {
+            assert!(m.find(text.as_bytes()).is_some(), "not found in {text:?}");
+        }
         let m = SecretMatcher::new([("aws", secret)]);
         for text in &cases {
             assert!(m.find(text.as_bytes()).is_some(), "not found in {text:?}");
