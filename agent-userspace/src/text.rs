@@ -2,13 +2,29 @@
 //! status reports, policy messages): never a control character, and bounded, whatever the
 //! request carried.
 
-/// `s` with every control character (C0, DEL, C1) written as `\u{..}`, and cut to at most
-/// `max` bytes (on a character boundary, ending in `...` when cut).
+/// Characters that change how the text around them is shown without being seen: the
+/// bidirectional formatting controls (an override makes `rule=gh` read backwards or
+/// moves text across a field) and zero-width ones.
+fn reorders_or_hides(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{feff}'
+    )
+}
+
+/// `s` with every control character (C0, DEL, C1) and every bidirectional or zero-width
+/// formatting character written as `\u{..}`, and cut to at most `max` bytes (on a
+/// character boundary, ending in `...` when cut).
 pub fn sanitize(s: &str, max: usize) -> String {
     let mut out = String::with_capacity(s.len().min(max));
     for c in s.chars() {
         let start = out.len();
-        if c.is_control() {
+        if c.is_control() || reorders_or_hides(c) {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);
@@ -41,6 +57,11 @@ mod tests {
             "a\\u{a}b\\u{d}\\u{0}c\\u{1b}[31m"
         );
         assert_eq!(sanitize("x\u{85}y\u{7f}é", 100), "x\\u{85}y\\u{7f}é");
+        // Bidirectional overrides and zero-width characters are shown, not obeyed.
+        assert_eq!(
+            sanitize("a\u{202e}hg=elur\u{2066}b\u{200b}", 100),
+            "a\\u{202e}hg=elur\\u{2066}b\\u{200b}"
+        );
         assert_eq!(sanitize(&"a".repeat(50), 10), "aaaaaaa...");
         assert_eq!(sanitize(&"é".repeat(50), 10), "ééé...");
         assert_eq!(sanitize("ab\n", 5), "ab...");

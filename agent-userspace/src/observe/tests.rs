@@ -56,6 +56,13 @@ fn control_characters_never_reach_the_terminal() {
     let line = format_line(&r);
     assert!(!line.chars().any(char::is_control), "{line:?}");
     assert!(line.contains("\\u{1b}[8mhide"), "{line}");
+    // Nor a bidirectional override, which would show the fields after it reordered.
+    r["process"]["name"] = serde_json::json!("x\u{202e}hg=elur");
+    let line = format_line(&r);
+    assert!(
+        !line.contains('\u{202e}') && line.contains("x\\u{202e}hg=elur"),
+        "{line}"
+    );
     let torn = render("{\"torn \u{1b}[2J", &Filter::default(), false);
     assert!(
         torn.as_deref()
