@@ -547,6 +547,7 @@ impl Core {
                 refused.push((l.addr, why));
                 continue;
             }
+            let ids_now = super::dns::rules_carrying(&policy, ids_now, addr);
             let key = (index, addr);
             let known = self
                 .dns

@@ -274,6 +274,26 @@ pub fn learning_refusal(policy: &Policy, rule_ids: &[u16], addr: IpAddr) -> Opti
     })
 }
 
+/// The rules of `rule_ids` (a name's) that a learned `addr` gets. A special address
+/// ([`crate::net::special`]) gets only those whose own `answers` name it: one named only
+/// by a static rule (`db: 10.1.2.3, ports [5432]`) is reachable as that rule says, not on
+/// every port a wildcard name rule (`**.example.com`, any port) would add.
+pub fn rules_carrying(policy: &Policy, rule_ids: Vec<u16>, addr: IpAddr) -> Vec<u16> {
+    let addr = crate::net::judged_as(addr);
+    if crate::net::special_address(addr).is_none() {
+        return rule_ids;
+    }
+    rule_ids
+        .into_iter()
+        .filter(|&id| {
+            policy
+                .rule(id)
+                .and_then(|r| r.answers())
+                .is_some_and(|pins| crate::net::explicitly_covers(pins, addr))
+        })
+        .collect()
+}
+
 /// The single-address network of a learned address.
 pub fn host_net(addr: IpAddr) -> IpNet {
     IpNet::from(crate::net::judged_as(addr))
@@ -284,6 +304,33 @@ pub fn host_net(addr: IpAddr) -> IpNet {
 mod tests {
     use super::*;
     use crate::policy::parse_str;
+
+    #[test]
+    fn a_special_address_named_by_a_static_rule_gets_only_the_rules_that_pin_it() {
+        let policy = parse_str(
+            "version: 1
+rules:
+  - {name: db, to: [10.1.2.3], ports: [5432], action: allow}
+  - {name: web, to: [\"**.example.com\"], action: allow}
+  - {name: pinned, to: [wiki.example.com], answers: [10.1.2.0/24], action: allow}
+",
+            "s.yaml",
+        )
+        .unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // Learnable (the static rule names it), but not with `web`'s any port.
+        assert_eq!(learning_refusal(&policy, &[2], ip("10.1.2.3")), None);
+        assert_eq!(
+            rules_carrying(&policy, vec![2], ip("10.1.2.3")),
+            Vec::<u16>::new()
+        );
+        assert_eq!(rules_carrying(&policy, vec![2, 3], ip("10.1.2.3")), [3]);
+        // An ordinary address keeps every rule of its name.
+        assert_eq!(rules_carrying(&policy, vec![2, 3], ip("192.0.2.7")), [2, 3]);
+        // The learned entry then allows 5432 only.
+        let entries = policy.learned_entries(ip("10.1.2.3"), &[]).unwrap();
+        assert_eq!(entries.count, 1);
+    }
 
     #[test]
     fn rebinding_to_special_addresses_needs_a_rule_naming_them() {
