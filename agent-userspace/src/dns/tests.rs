@@ -107,9 +107,23 @@ struct Fake {
 
 impl Fake {
     async fn start() -> Self {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).await.unwrap();
+        // The UDP port the kernel picks may be taken for TCP (by another test's
+        // connection, say): try again with another.
+        let mut tries = 0;
+        let (udp, addr, tcp) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = udp.local_addr().unwrap();
+            let bound = TcpListener::bind(addr).await;
+            if tries < 20
+                && bound
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+            {
+                tries += 1;
+                continue;
+            }
+            break (udp, addr, bound.unwrap());
+        };
         let seen: Arc<Mutex<Vec<(&'static str, String)>>> = Arc::default();
         let messages: Arc<Mutex<Vec<Message>>> = Arc::default();
         let (log, raw) = (seen.clone(), messages.clone());
