@@ -64,9 +64,7 @@ fn check_shadowed_proxy_names(rules: &[Rule], root: &FieldPath) -> Result<(), Co
                          a port this rule takes, so their connections would never reach the \
                          proxy and nothing this rule checks would apply (valid: put this \
                          rule before `{}`, or narrow that rule's names or ports)",
-                        name.shown(),
-                        earlier.name,
-                        earlier.name
+                        name, earlier.name, earlier.name
                     ),
                 ));
             }
