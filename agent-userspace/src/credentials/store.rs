@@ -83,11 +83,11 @@ pub struct CredentialStore {
     placeholders: Placeholders,
 }
 
-/// The values the store has handed out (or read ahead, see
-/// [`CredentialStore::prime`]), and the matcher over them.
-/// A value and when it was first noted.
+/// A value and when it was noted (again, if it came back into use).
 type Noted = (Arc<Secret>, std::time::Instant);
 
+/// The values the store has handed out (or read ahead, see
+/// [`CredentialStore::prime`]), and the matcher over them.
 #[derive(Default)]
 struct KnownSecrets {
     /// Per credential (or slot), oldest first, each with when it was noted.
@@ -109,17 +109,18 @@ impl KnownSecrets {
         let shown = name.split('\0').next().unwrap_or(name);
         let mut values = self.values.lock().unwrap_or_else(|p| p.into_inner());
         let list = values.entry(name.to_owned()).or_default();
+        let now = std::time::Instant::now();
         if let Some(at) = list
             .iter()
             .position(|(s, _)| Arc::ptr_eq(s, secret) || **s == **secret)
         {
             // In use again (a value rolled back): the newest, from now.
             let (known, _) = list.remove(at);
-            list.push((known, std::time::Instant::now()));
+            list.push((known, now));
             return;
         }
-        list.push((secret.clone(), std::time::Instant::now()));
-        forget_old(list, std::time::Instant::now());
+        list.push((secret.clone(), now));
+        forget_old(list, now);
         if secret.expose().len() < super::matcher::MIN_PATTERN_LEN {
             tracing::warn!(
                 credential = shown,
