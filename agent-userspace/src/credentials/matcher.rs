@@ -348,17 +348,10 @@ fn escape_some(bytes: &[u8], escaped: &[u8], style: Escape) -> Vec<u8> {
 
 /// Every byte outside RFC 3986's unreserved set and `keep` as `%XX`.
 fn percent_encode(bytes: &[u8], keep: &[u8]) -> Vec<u8> {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let mut out = Vec::with_capacity(bytes.len());
-    for &b in bytes {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') || keep.contains(&b)
-        {
-            out.push(b);
-        } else {
-            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
-        }
-    }
-    out
+    let escaped: Vec<u8> = (0..0x80u8)
+        .filter(|b| !b.is_ascii_alphanumeric() && !b"-._~".contains(b) && !keep.contains(b))
+        .collect();
+    escape_some(bytes, &escaped, Escape::Percent)
 }
 
 /// The JSON string body of `text` with every character but ASCII letters and digits as
