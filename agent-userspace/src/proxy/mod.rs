@@ -368,30 +368,16 @@ impl Proxy {
         original_dst: std::net::SocketAddr,
         reason: String,
     ) {
-        let mut record = ProxyRecord {
-            kind: RecordKind::Connection,
-            sandbox: sandbox.to_owned(),
+        let mut record = blank_record(
+            RecordKind::Connection,
+            sandbox.to_owned(),
             connection_id,
-            rule_name: rule_name.to_owned(),
-            tls_mode: TlsMode::Intercept,
+            rule_name.to_owned(),
+            TlsMode::Intercept,
             original_dst,
-            sni: None,
-            method: None,
-            host: None,
-            path: None,
-            query_keys: None,
-            status: None,
-            bytes_in: 0,
-            bytes_out: 0,
-            duration_ms: 0,
-            credential: None,
-            verdict: Verdict::Deny,
-            reason: None,
-            git: None,
-            scrubbed: 0,
-            secret: None,
-            credential_use: None,
-        };
+            None,
+        );
+        record.verdict = Verdict::Deny;
         record.reason = Some(reason);
         (self.audit)(record);
     }
@@ -565,30 +551,15 @@ impl Proxy {
         sni: Option<&str>,
         kind: RecordKind,
     ) -> ProxyRecord {
-        ProxyRecord {
+        blank_record(
             kind,
-            sandbox: conn.sandbox.clone(),
-            connection_id: conn.connection_id.clone(),
-            rule_name: conn.route.rule_name.clone(),
+            conn.sandbox.clone(),
+            conn.connection_id.clone(),
+            conn.route.rule_name.clone(),
             tls_mode,
-            original_dst: conn.original_dst,
-            sni: sni.map(str::to_owned),
-            method: None,
-            host: None,
-            path: None,
-            query_keys: None,
-            status: None,
-            bytes_in: 0,
-            bytes_out: 0,
-            duration_ms: 0,
-            credential: None,
-            verdict: Verdict::Allow,
-            reason: None,
-            git: None,
-            scrubbed: 0,
-            secret: None,
-            credential_use: None,
-        }
+            conn.original_dst,
+            sni.map(str::to_owned),
+        )
     }
 
     /// The TLS server configuration for intercepted connections to `server_name` (already
@@ -639,5 +610,42 @@ impl Proxy {
         }
         map.insert(server_name.to_owned(), (leaf, config.clone()));
         Ok(config)
+    }
+}
+
+/// A record of a connection or request with nothing yet known of what it did (allowed,
+/// until a refusal says otherwise).
+fn blank_record(
+    kind: RecordKind,
+    sandbox: String,
+    connection_id: String,
+    rule_name: String,
+    tls_mode: TlsMode,
+    original_dst: std::net::SocketAddr,
+    sni: Option<String>,
+) -> ProxyRecord {
+    ProxyRecord {
+        kind,
+        sandbox,
+        connection_id,
+        rule_name,
+        tls_mode,
+        original_dst,
+        sni,
+        method: None,
+        host: None,
+        path: None,
+        query_keys: None,
+        status: None,
+        bytes_in: 0,
+        bytes_out: 0,
+        duration_ms: 0,
+        credential: None,
+        verdict: Verdict::Allow,
+        reason: None,
+        git: None,
+        scrubbed: 0,
+        secret: None,
+        credential_use: None,
     }
 }
