@@ -717,13 +717,12 @@ impl Core {
         let policy = match parsed {
             Ok(p) => p,
             Err(error) => {
-                self.audit.emit(Record::PolicyRejected(PolicyRejected {
-                    time: now(),
-                    sandbox: name.clone(),
-                    policy_path: PathBuf::from(&policy_path),
-                    policy_digest: Some(PolicyDigest::of(source.as_bytes())),
-                    error: error.clone(),
-                }));
+                self.policy_rejected(
+                    name.clone(),
+                    &policy_path,
+                    Some(PolicyDigest::of(source.as_bytes())),
+                    error.clone(),
+                );
                 let keep = if self.state.sandboxes.contains_key(&name) {
                     "; the sandbox keeps its current policy"
                 } else {
@@ -795,13 +794,12 @@ impl Core {
             None
         };
         if let Some(error) = unmet {
-            self.audit.emit(Record::PolicyRejected(PolicyRejected {
-                time: now(),
-                sandbox: name.clone(),
-                policy_path: PathBuf::from(&policy_path),
-                policy_digest: Some(PolicyDigest::of(source.as_bytes())),
-                error: error.clone(),
-            }));
+            self.policy_rejected(
+                name.clone(),
+                &policy_path,
+                Some(PolicyDigest::of(source.as_bytes())),
+                error.clone(),
+            );
             let keep = if existing.is_some() {
                 "; the sandbox keeps its current policy"
             } else {
@@ -1372,17 +1370,16 @@ impl Core {
                     // The kernel still holds the rules it had; keep them, say so, in the
                     // trail too: its proxied connections and DNS have nothing to serve them.
                     tracing::error!(sandbox = %rec.name, error = %e, "Stored policy no longer compiles; kernel keeps the rules it has");
-                    self.audit.emit(Record::PolicyRejected(PolicyRejected {
-                        time: now(),
-                        sandbox: rec.name.clone(),
-                        policy_path: PathBuf::from(&rec.policy_path),
-                        policy_digest: None,
-                        error: format!(
+                    self.policy_rejected(
+                        rec.name.clone(),
+                        &rec.policy_path,
+                        Some(PolicyDigest::of(rec.policy_source.as_bytes())),
+                        format!(
                             "the stored policy no longer compiles at adoption ({e}); the \
                              kernel keeps the rules it has, and connections through the proxy \
                              and DNS are refused until the sandbox is attached again"
                         ),
-                    }));
+                    );
                     continue;
                 }
             };
@@ -1438,16 +1435,15 @@ impl Core {
                 }
                 Err(e) => {
                     tracing::error!(sandbox = %rec.name, error = %e, "Restoring the policy's kernel rules failed; the sandbox is denied everything until it is attached again");
-                    self.audit.emit(Record::PolicyRejected(PolicyRejected {
-                        time: now(),
-                        sandbox: rec.name.clone(),
-                        policy_path: PathBuf::from(&rec.policy_path),
-                        policy_digest: None,
-                        error: format!(
+                    self.policy_rejected(
+                        rec.name.clone(),
+                        &rec.policy_path,
+                        Some(PolicyDigest::of(rec.policy_source.as_bytes())),
+                        format!(
                             "restoring the policy's kernel rules at adoption failed ({e}); \
                              the sandbox is denied everything until it is attached again"
                         ),
-                    }));
+                    );
                     false
                 }
             };
@@ -1561,12 +1557,28 @@ impl Core {
         let cut = |s: &str, n: usize| s.chars().take(n).collect::<String>();
         let sandbox = format!("oci:{}", cut(container, 64));
         tracing::warn!(%sandbox, reason = %cut(reason, 1000), "The OCI hook refused a container");
+        self.policy_rejected(
+            sandbox,
+            "oci-hook",
+            None,
+            format!("OCI hook refused the container: {}", cut(reason, 1000)),
+        );
+    }
+
+    /// Records a policy (or container) refused for `sandbox`.
+    fn policy_rejected(
+        &self,
+        sandbox: String,
+        policy_path: &str,
+        policy_digest: Option<PolicyDigest>,
+        error: String,
+    ) {
         self.audit.emit(Record::PolicyRejected(PolicyRejected {
             time: now(),
             sandbox,
-            policy_path: PathBuf::from("oci-hook"),
-            policy_digest: None,
-            error: format!("OCI hook refused the container: {}", cut(reason, 1000)),
+            policy_path: PathBuf::from(policy_path),
+            policy_digest,
+            error,
         }));
     }
 
