@@ -461,7 +461,7 @@ impl ConnCtx {
             .await
             .and_then(|(response, on_complete)| {
                 let (mut parts, body) = response.into_parts();
-                let asked_range = parts.extensions.remove::<(range::Asked, u64)>();
+                let asked_range = parts.extensions.remove::<range::Widened>();
                 // hyper keeps an HTTP/1 origin's own reason phrase among the extensions
                 // and its server writes it back out: text that is never scanned for
                 // secrets, so it goes (the sandbox gets the standard phrase), with
@@ -470,20 +470,38 @@ impl ConnCtx {
                 // The byte range asked for, cut from the widened one the origin sent; a
                 // partial answer the proxy did not ask for is not sent where responses are
                 // scanned.
+                // A widened range is scrubbed with the matcher it was widened for.
                 let bad_gateway = |reason| Refusal::deny(StatusCode::BAD_GATEWAY, reason);
-                let window = match (asked_range, self.proxy.secret_matcher()) {
-                    (Some((asked, margin)), _) => {
-                        range::narrow(asked, margin, &mut parts.status, &mut parts.headers)
-                            .map_err(bad_gateway)?
+                let (matcher, window) = match asked_range {
+                    Some(widened) => {
+                        let window = widened
+                            .narrow(&mut parts.status, &mut parts.headers)
+                            .map_err(bad_gateway)?;
+                        (Some(widened.matcher), window)
                     }
-                    (None, Some(_)) => {
-                        range::unasked(parts.status, &parts.headers).map_err(bad_gateway)?;
-                        None
+                    None => {
+                        let matcher = self.proxy.secret_matcher();
+                        if matcher.is_some() {
+                            range::unasked(parts.status, &parts.headers).map_err(bad_gateway)?;
+                        }
+                        (matcher, None)
                     }
-                    (None, None) => None,
                 };
-                // Judged before the hop-by-hop headers (its transfer codings) go.
-                let body = self.response_body(&mut parts.headers, body, &secrets, window)?;
+                // Scrubbed (headers too) on every rule, with a credential or not: a secret
+                // an origin stored could be read back through another host. Judged before
+                // the hop-by-hop headers (its transfer codings) go; a body whose encoding
+                // cannot be scanned is refused.
+                let body = match matcher {
+                    Some(matcher) => scrub::scrub_response(
+                        &mut parts.headers,
+                        body,
+                        matcher,
+                        secrets.scrubbed.clone(),
+                        window,
+                    )
+                    .map_err(bad_gateway)?,
+                    None => ResponseBody::Plain(body),
+                };
                 strip_hop_by_hop(&mut parts.headers);
                 Ok((parts, body, on_complete))
             });
@@ -542,28 +560,6 @@ impl ConnCtx {
                 response
             }
         }
-    }
-
-    /// The response body sent on: scrubbed of every known secret (its headers too), on
-    /// every rule: a secret an origin stored (a placeholder sent in a body, a header it
-    /// logged) could be read back through a host whose rule has no credential. A body
-    /// whose encoding cannot be scanned is refused.
-    fn response_body(
-        &self,
-        headers: &mut HeaderMap,
-        body: Incoming,
-        secrets: &SecretWatch,
-        window: Option<range::Window>,
-    ) -> Result<ResponseBody, Refusal> {
-        let Some(matcher) = self.proxy.secret_matcher() else {
-            // A range was widened while secrets were known: still cut to what was asked.
-            return Ok(match window {
-                Some(window) => ResponseBody::Cut(body, window),
-                None => ResponseBody::Plain(body),
-            });
-        };
-        scrub::scrub_response(headers, body, matcher, secrets.scrubbed.clone(), window)
-            .map_err(|reason| Refusal::deny(StatusCode::BAD_GATEWAY, reason))
     }
 
     /// Judges `req`, makes the upstream request and sends it. `unsent` holds the
@@ -958,8 +954,7 @@ impl ConnCtx {
             parts
                 .headers
                 .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-            let margin = u64::try_from(matcher.max_len()).unwrap_or(u64::MAX);
-            asked_range = range::widen(&mut parts.headers, margin).map(|asked| (asked, margin));
+            asked_range = range::widen(&mut parts.headers, matcher);
         }
 
         let bad_name = || {
@@ -1117,8 +1112,8 @@ impl ConnCtx {
             })
         };
         let with_range = |mut response: Response<Incoming>| {
-            if let Some(asked) = asked_range {
-                response.extensions_mut().insert(asked);
+            if let Some(widened) = asked_range {
+                response.extensions_mut().insert(widened);
             }
             response
         };

@@ -8,11 +8,15 @@
 //! ranges, or in another unit, goes without `Range` and `If-Range`; the origin answers
 //! with the whole representation, as HTTP lets any server answer a range request.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::header::{
     CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, IF_RANGE, RANGE,
 };
 use http::{HeaderMap, HeaderValue, StatusCode};
+
+use crate::credentials::SecretMatcher;
 
 /// The one byte range the sandbox asked for (first and last byte, inclusive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,25 +33,62 @@ pub enum Asked {
 /// Azure Storage's `x-ms-range`): removed, so that only the widened `Range` selects bytes.
 const OTHER_RANGE_HEADERS: [&str; 2] = ["request-range", "x-ms-range"];
 
-/// Rewrites the request's `Range` to the widened one and returns what was asked; removes
-/// `Range` and `If-Range` when it is not one byte range, and every other header an origin
-/// may take a range from. `None`: no range was asked.
-pub fn widen(headers: &mut HeaderMap, margin: u64) -> Option<Asked> {
+/// A range asked of the origin wider than the sandbox asked: what it asked, by how much it
+/// was widened, and the matcher whose longest form set that (the answer is scrubbed with
+/// it, whatever the credentials became meanwhile).
+#[derive(Clone)]
+pub struct Widened {
+    pub asked: Asked,
+    pub margin: u64,
+    pub matcher: Arc<SecretMatcher>,
+}
+
+impl Widened {
+    /// [`narrow`] for this range.
+    pub fn narrow(
+        &self,
+        status: &mut StatusCode,
+        headers: &mut HeaderMap,
+    ) -> Result<Option<Window>, String> {
+        narrow(self.asked, self.margin, status, headers)
+    }
+}
+
+/// Rewrites the request's `Range` to one widened by `matcher`'s longest form and returns
+/// what was asked; removes `Range` and `If-Range` when it is not one byte range, and every
+/// other header an origin may take a range from. `None`: no range goes to the origin.
+pub fn widen(headers: &mut HeaderMap, matcher: Arc<SecretMatcher>) -> Option<Widened> {
+    let margin = u64::try_from(matcher.max_len()).unwrap_or(u64::MAX);
+    widen_by(headers, margin).map(|asked| Widened {
+        asked,
+        margin,
+        matcher,
+    })
+}
+
+/// [`widen`] by `margin` bytes.
+fn widen_by(headers: &mut HeaderMap, margin: u64) -> Option<Asked> {
     for name in OTHER_RANGE_HEADERS {
         headers.remove(name);
     }
     if !headers.contains_key(RANGE) {
         return None;
     }
-    let mut values = headers.get_all(RANGE).iter();
-    let asked = match (values.next(), values.next()) {
-        (Some(value), None) => value.to_str().ok().and_then(parse),
-        _ => None,
-    };
-    let Some(asked) = asked else {
+    let widened = widened_range(headers, margin);
+    if widened.is_none() {
         headers.remove(RANGE);
         headers.remove(IF_RANGE);
-        return None;
+    }
+    widened
+}
+
+/// Sets `Range` to the one byte range it holds widened by `margin`; `None` when it holds
+/// anything else (the caller removes it).
+fn widened_range(headers: &mut HeaderMap, margin: u64) -> Option<Asked> {
+    let mut values = headers.get_all(RANGE).iter();
+    let asked = match (values.next(), values.next()) {
+        (Some(value), None) => value.to_str().ok().and_then(parse)?,
+        _ => return None,
     };
     let widened = match asked {
         Asked::FromTo(first, last) => format!(
@@ -58,12 +99,7 @@ pub fn widen(headers: &mut HeaderMap, margin: u64) -> Option<Asked> {
         Asked::From(first) => format!("bytes={}-", first.saturating_sub(margin)),
         Asked::Suffix(len) => format!("bytes=-{}", len.saturating_add(margin)),
     };
-    let Ok(widened) = HeaderValue::from_str(&widened) else {
-        headers.remove(RANGE);
-        headers.remove(IF_RANGE);
-        return None;
-    };
-    headers.insert(RANGE, widened);
+    headers.insert(RANGE, HeaderValue::from_str(&widened).ok()?);
     Some(asked)
 }
 
@@ -289,7 +325,7 @@ mod tests {
             ("bytes=-7", Asked::Suffix(7), "bytes=-67"),
         ] {
             let mut h = headers(&[(RANGE, value), (IF_RANGE, "\"etag\"")]);
-            assert_eq!(widen(&mut h, 60), Some(asked), "{value}");
+            assert_eq!(widen_by(&mut h, 60), Some(asked), "{value}");
             assert_eq!(h.get(RANGE).unwrap(), widened, "{value}");
             assert!(h.contains_key(IF_RANGE), "{value}");
         }
@@ -307,16 +343,16 @@ mod tests {
             "bytes 0-6",
         ] {
             let mut h = headers(&[(RANGE, value), (IF_RANGE, "\"etag\"")]);
-            assert_eq!(widen(&mut h, 60), None, "{value}");
+            assert_eq!(widen_by(&mut h, 60), None, "{value}");
             assert!(
                 !h.contains_key(RANGE) && !h.contains_key(IF_RANGE),
                 "{value}"
             );
         }
         let mut two = headers(&[(RANGE, "bytes=0-6"), (RANGE, "bytes=7-13")]);
-        assert_eq!(widen(&mut two, 60), None);
+        assert_eq!(widen_by(&mut two, 60), None);
         assert!(!two.contains_key(RANGE));
-        assert_eq!(widen(&mut HeaderMap::new(), 60), None);
+        assert_eq!(widen_by(&mut HeaderMap::new(), 60), None);
     }
 
     #[test]
@@ -408,7 +444,7 @@ mod tests {
                 "bytes=0-6",
             ),
         ]);
-        widen(&mut h, 60);
+        widen_by(&mut h, 60);
         assert!(!h.contains_key("x-ms-range") && !h.contains_key("request-range"));
         assert_eq!(h.get(RANGE).unwrap(), "bytes=0-66");
     }

@@ -23,7 +23,7 @@ use std::io::Write as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
@@ -551,11 +551,10 @@ pub fn scrub_response(
     })))
 }
 
-/// A response body on its way to the sandbox: as received, cut to a byte range, or
-/// scrubbed.
+/// A response body on its way to the sandbox: as received, or scrubbed (and cut to a
+/// byte range).
 pub enum ResponseBody {
     Plain(Incoming),
-    Cut(Incoming, Window),
     Scrubbed(Box<ScrubbedBody>),
 }
 
@@ -572,30 +571,12 @@ impl Body for ResponseBody {
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BoxError::from))),
             Self::Scrubbed(b) => b.poll(cx),
-            Self::Cut(b, window) => loop {
-                if window.remaining() == 0 {
-                    return Poll::Ready(None);
-                }
-                match ready!(Pin::new(&mut *b).poll_frame(cx)) {
-                    None => return Poll::Ready(None),
-                    Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                    Some(Ok(frame)) => {
-                        if let Some(data) = frame.data_ref() {
-                            let kept = window.cut(data);
-                            if !kept.is_empty() {
-                                return Poll::Ready(Some(Ok(Frame::data(kept))));
-                            }
-                        }
-                    }
-                }
-            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Plain(b) => b.is_end_stream(),
-            Self::Cut(b, window) => window.remaining() == 0 || b.is_end_stream(),
             Self::Scrubbed(b) => b.ended && b.queue.is_empty(),
         }
     }
@@ -603,7 +584,6 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Plain(b) => b.size_hint(),
-            Self::Cut(_, window) => SizeHint::with_exact(window.remaining()),
             Self::Scrubbed(b) => match &b.window {
                 Some(window) => SizeHint::with_exact(b.queued() + window.remaining()),
                 // Same length as received, unless decoded.
