@@ -26,7 +26,7 @@ pub use record::{
     RefusedOption, RuleRef, SandboxLifecycle, SecretDirection, SecretFinding, SocketFamily,
     StopReason, TlsMode, Verdict, ECS_VERSION, MAX_LINE, PRODUCT, VERSION,
 };
-pub use redact::FindSecrets;
+pub use redact::{FindSecrets, Redactor};
 pub use writer::{
     AuditConfig, AuditError, AuditHandle, AuditHealth, AuditLog, AuditSink, AuditSummary,
     AuditTask, AuditWriter, LogTail, OnFailure, RotateConfig,

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 pub type FindSecrets = Arc<dyn Fn(&[u8]) -> Vec<Range<usize>> + Send + Sync>;
 
 /// What stands in for a masked byte, as the proxy's marker does: `[redacted]` and then
-/// `*` for as long as the secret was.
+/// `*` for as long as the secret was (in records and the daemon's log alike).
 const MARKER: &[u8] = b"[redacted]";
 
 /// The search every record goes through before it is written, shared by the audit

@@ -1,20 +1,18 @@
 //! The daemon's own log (tracing, on stderr): each event is written whole, with every
-//! known secret masked, as the audit trail's records are. A name or value a sandbox sent
-//! (a TLS server name, a path) can reach a log line; the secret in it never does.
+//! known secret masked by the same search and marker as the audit trail's records. A name
+//! or value a sandbox sent (a TLS server name, a path) can reach a log line; the secret in
+//! it never does.
 
 use std::io::Write;
-use std::sync::OnceLock;
+use std::sync::LazyLock;
 
-use crate::audit::FindSecrets;
+use crate::audit::{FindSecrets, Redactor};
 
-/// What stands in for a masked byte: `[redacted]`, then `*` for as long as the secret was.
-const MARKER: &[u8] = b"[redacted]";
-
-static FIND: OnceLock<FindSecrets> = OnceLock::new();
+static REDACTOR: LazyLock<Redactor> = LazyLock::new(Redactor::default);
 
 /// Installs the search for secrets in log lines; only the first call counts.
 pub fn redact_with(find: FindSecrets) -> bool {
-    FIND.set(find).is_ok()
+    REDACTOR.install(find)
 }
 
 /// One log event, collected as it is formatted and written to stderr (masked) when
@@ -41,22 +39,8 @@ impl Write for LogLine {
 
 impl Drop for LogLine {
     fn drop(&mut self) {
-        mask(&mut self.0);
-        let _ = std::io::stderr().write_all(&self.0);
-    }
-}
-
-/// Masks every secret the installed search finds in `text`.
-fn mask(text: &mut [u8]) {
-    let Some(find) = FIND.get() else {
-        return;
-    };
-    for range in find(text) {
-        let Some(bytes) = text.get_mut(range) else {
-            continue;
-        };
-        for (i, b) in bytes.iter_mut().enumerate() {
-            *b = MARKER.get(i).copied().unwrap_or(b'*');
-        }
+        let mut text = String::from_utf8_lossy(&self.0).into_owned();
+        REDACTOR.mask_string(&mut text);
+        let _ = std::io::stderr().write_all(text.as_bytes());
     }
 }
