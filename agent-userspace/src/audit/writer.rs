@@ -215,9 +215,7 @@ impl AuditWriter {
     pub fn encode_next(&mut self, record: &Record) -> Result<(u64, Vec<u8>), EncodeError> {
         let sequence = self.next_sequence;
         let mut line = Vec::with_capacity(768);
-        let redactor = &self.redactor;
-        record.encode_into_masked(sequence, &mut line, &|s| redactor.mask_string(s))?;
-        redact(redactor, &mut line, sequence);
+        encode_masked(&self.redactor, record, sequence, &mut line)?;
         self.next_sequence = sequence.saturating_add(1);
         Ok((sequence, line))
     }
@@ -229,12 +227,8 @@ impl AuditWriter {
         pending: &mut PendingLines,
     ) -> Result<u64, EncodeError> {
         let sequence = self.next_sequence;
-        let redactor = &self.redactor;
         pending.push_with(sequence, |buf| {
-            let start = buf.len();
-            record.encode_into_masked(sequence, buf, &|s| redactor.mask_string(s))?;
-            redact(redactor, &mut buf[start..], sequence);
-            Ok(())
+            encode_masked(&self.redactor, record, sequence, buf)
         })?;
         self.next_sequence = sequence.saturating_add(1);
         Ok(sequence)
@@ -378,9 +372,17 @@ impl AuditWriter {
 }
 
 /// Counts a written line and hands it to the collector.
-/// Masks the secrets in one encoded record, and says so in the daemon's log.
-fn redact(redactor: &Redactor, line: &mut [u8], sequence: u64) {
-    let masked = redactor.apply(line);
+/// Appends `record` to `out` as one line with every secret masked (its strings before a
+/// shortening cuts them, then the whole line), and says so in the daemon's log.
+fn encode_masked(
+    redactor: &Redactor,
+    record: &Record,
+    sequence: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    let start = out.len();
+    record.encode_into_masked(sequence, out, &|s| redactor.mask_string(s))?;
+    let masked = redactor.apply(&mut out[start..]);
     if masked > 0 {
         tracing::warn!(
             sequence,
@@ -388,6 +390,7 @@ fn redact(redactor: &Redactor, line: &mut [u8], sequence: u64) {
             "A secret reached an audit record; masked before it was written"
         );
     }
+    Ok(())
 }
 
 fn line_written(line: &[u8]) {
