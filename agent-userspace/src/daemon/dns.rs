@@ -262,11 +262,7 @@ pub fn learning_refusal(policy: &Policy, rule_ids: &[u16], addr: IpAddr) -> Opti
     }
     let special = crate::net::special_address(addr)?;
     let named = static_rules().any(|r| crate::net::explicitly_covers(r.nets(), addr))
-        || rule_ids
-            .iter()
-            .filter_map(|&id| policy.rule(id))
-            .filter_map(|r| r.answers())
-            .any(|pins| crate::net::explicitly_covers(pins, addr));
+        || !rules_carrying(policy, rule_ids.to_vec(), addr).is_empty();
     (!named).then(|| {
         format!(
             "{addr} is a {special}, and no rule names it explicitly (a static rule or `answers`)"
