@@ -2694,13 +2694,7 @@ async fn a_secret_in_any_field_is_masked_before_the_record_is_written() {
     let (handle, task) =
         AuditLog::open_with(AuditSink::File(path.clone()), &AuditConfig::default(), None).unwrap();
     let secret = "Zq8rTq2Lw0pXv5Nc3Hs7";
-    assert!(handle.redact_with(std::sync::Arc::new(move |line: &[u8]| {
-        line.windows(secret.len())
-            .enumerate()
-            .filter(|(_, w)| *w == secret.as_bytes())
-            .map(|(i, _)| i..i + secret.len())
-            .collect()
-    })));
+    assert!(handle.redact_with(finds(secret)));
     let mut record = proxy_git_push_refused();
     record.reason = Some(format!(
         "git push refused: refs/heads/agent/{secret}: refused"
@@ -2745,13 +2739,7 @@ async fn a_secret_is_masked_before_a_long_record_is_cut() {
     let (handle, task) =
         AuditLog::open_with(AuditSink::File(path.clone()), &AuditConfig::default(), None).unwrap();
     let secret = "Zq8rTq2Lw0pXv5Nc3Hs7";
-    handle.redact_with(std::sync::Arc::new(move |line: &[u8]| {
-        line.windows(secret.len())
-            .enumerate()
-            .filter(|(_, w)| *w == secret.as_bytes())
-            .map(|(i, _)| i..i + secret.len())
-            .collect()
-    }));
+    handle.redact_with(finds(secret));
     let mut record = proxy_git_push_refused();
     if let Some(git) = record.git.as_mut() {
         let template = git.ref_updates[0].clone();
@@ -2770,4 +2758,15 @@ async fn a_secret_is_masked_before_a_long_record_is_cut() {
     assert_eq!(lines[0]["egress"]["truncated"], true, "{text}");
     assert!(!text.contains(&secret[..12]), "{text}");
     assert!(text.contains("[redacted]"), "{text}");
+}
+
+/// A search for secrets that finds `secret` wherever it occurs.
+fn finds(secret: &'static str) -> crate::audit::FindSecrets {
+    std::sync::Arc::new(move |line: &[u8]| {
+        line.windows(secret.len())
+            .enumerate()
+            .filter(|(_, w)| *w == secret.as_bytes())
+            .map(|(i, _)| i..i + secret.len())
+            .collect()
+    })
 }
