@@ -294,8 +294,9 @@ fn reflected_secrets_are_scrubbed_over_http1_and_http2() -> Result<()> {
         outputs.push(out);
     }
 
-    // Each reflecting request's record counts what was scrubbed, and has an alert.
-    for route in ["header", "json", "chunked", "gzip", "base64"] {
+    // Each reflecting request's record counts what was scrubbed, and has an alert; so
+    // does each byte range cut from a scrubbed piece.
+    for route in ["header", "json", "chunked", "gzip", "base64", "ranged"] {
         let path = format!("{ECHO_PATH}{route}");
         let records = wait_records(&fx, 2, &format!("scrubbed on {path}"), |r| {
             get_str(r, "event.action") == Some("http-request")
