@@ -127,6 +127,13 @@ impl DnsRuntime {
                 return Ok(());
             }
         }
+        // A listener that ended takes the others down with it (and their connections):
+        // none may go on under the old context beside the new one.
+        if let Some(server) = self.servers.remove(&index) {
+            for t in server.tasks {
+                t.abort();
+            }
+        }
         let port = self.port_for(index);
         let addrs = vec![
             SocketAddr::from(([127, 0, 0, 1], port)),

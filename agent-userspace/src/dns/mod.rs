@@ -62,6 +62,7 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream, UdpSocket},
     sync::Semaphore,
+    task::JoinSet,
 };
 use tracing::{debug, warn};
 
@@ -225,8 +226,15 @@ pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>) {
     );
     // A datagram longer than the buffer is cut short and then fails to parse.
     let mut buf = vec![0u8; 4096];
+    // The queries' tasks end with this one: a resolver stopped (a policy that names no
+    // hosts, a detach) answers nothing more under the context it was stopped with.
+    let mut queries = JoinSet::new();
     loop {
-        let (len, peer) = match socket.recv_from(&mut buf).await {
+        let received = tokio::select! {
+            received = socket.recv_from(&mut buf) => received,
+            Some(_) = queries.join_next(), if !queries.is_empty() => continue,
+        };
+        let (len, peer) = match received {
             Ok(x) => x,
             Err(e) => {
                 warn!(sandbox = %ctx.sandbox, error = %e, "DNS UDP receive failed");
@@ -241,7 +249,7 @@ pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>) {
         };
         let query = buf[..len].to_vec();
         let (socket, ctx) = (socket.clone(), ctx.clone());
-        tokio::spawn(async move {
+        queries.spawn(async move {
             let _permit = permit;
             if let Some(reply) = resolve(&ctx, &query, Transport::Udp).await {
                 if let Err(e) = socket.send_to(&reply, peer).await {
@@ -261,8 +269,15 @@ pub async fn serve_tcp(listener: TcpListener, ctx: Arc<ResolverCtx>) {
         ctx.clone(),
         format!("TCP connections (over {MAX_TCP_CONNECTIONS} open)"),
     );
+    // Each connection's task ends with this one: a connection held open must not go on
+    // resolving under the policy (and outside the quarantine) of a resolver that stopped.
+    let mut connections = JoinSet::new();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 warn!(sandbox = %ctx.sandbox, error = %e, "DNS TCP accept failed");
@@ -276,7 +291,7 @@ pub async fn serve_tcp(listener: TcpListener, ctx: Arc<ResolverCtx>) {
             continue;
         };
         let ctx = ctx.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _permit = permit;
             serve_connection(stream, &ctx).await;
         });

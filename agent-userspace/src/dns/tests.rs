@@ -213,6 +213,8 @@ struct Harness {
     ctx: Arc<ResolverCtx>,
     udp: SocketAddr,
     tcp: SocketAddr,
+    /// The UDP and TCP listeners' tasks, as the daemon holds them to stop the resolver.
+    listeners: Vec<tokio::task::AbortHandle>,
     learned: Arc<Mutex<Vec<Learned>>>,
     /// `learn` and test-client events, in the order they happened.
     order: Arc<Mutex<Vec<&'static str>>>,
@@ -267,10 +269,13 @@ impl Harness {
         let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (udp_addr, tcp_addr) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
-        tokio::spawn(serve_udp(udp, ctx.clone()));
-        tokio::spawn(serve_tcp(tcp, ctx.clone()));
+        let listeners = vec![
+            tokio::spawn(serve_udp(udp, ctx.clone())).abort_handle(),
+            tokio::spawn(serve_tcp(tcp, ctx.clone())).abort_handle(),
+        ];
         Self {
             ctx,
+            listeners,
             udp: udp_addr,
             tcp: tcp_addr,
             learned,
@@ -885,6 +890,46 @@ async fn connections_over_the_resolvers_limit_are_counted_in_one_alert() {
     assert_eq!(alerts[0].count, 5);
     assert!(alerts[0].reason.contains("TCP connections"), "{alerts:?}");
     drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_resolver_answers_nothing_more_on_connections_held_open() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    let ask = |qname: &str| {
+        let bytes = Harness::query(&name(qname), RecordType::A)
+            .to_vec()
+            .unwrap();
+        let mut framed = u16::try_from(bytes.len()).unwrap().to_be_bytes().to_vec();
+        framed.extend_from_slice(&bytes);
+        framed
+    };
+    // Positive control: the connection is served before the resolver stops.
+    let mut stream = TcpStream::connect(h.tcp).await.unwrap();
+    stream.write_all(&ask("api.github.example")).await.unwrap();
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len).await.unwrap();
+    let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut answer).await.unwrap();
+    let asked = fake.seen.lock().unwrap().len();
+    assert_eq!(asked, 1, "the positive control was asked upstream");
+    // The daemon stops the resolver (a policy naming no hosts, a detach).
+    for listener in &h.listeners {
+        listener.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The connection held open is closed, not served under the old policy.
+    let _ = stream.write_all(&ask("api.github.example")).await;
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        fake.seen.lock().unwrap().len(),
+        asked,
+        "nothing more was asked upstream"
+    );
+    assert_eq!(h.records().len(), 1, "{:#?}", h.records());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
