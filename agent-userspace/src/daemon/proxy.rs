@@ -201,6 +201,7 @@ struct AcceptCtx {
 struct SandboxLimits {
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
+    requests: Arc<Semaphore>,
 }
 
 /// By sandbox index.
@@ -217,6 +218,7 @@ impl AcceptCtx {
                 Arc::new(SandboxLimits {
                     connections: Arc::new(Semaphore::new(config.max_connections_per_sandbox)),
                     handshakes: Arc::new(Semaphore::new(config.max_handshakes_per_sandbox)),
+                    requests: Arc::new(Semaphore::new(config.max_requests_per_sandbox)),
                 })
             })
             .clone()
@@ -312,14 +314,15 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
             );
             continue;
         };
+        let limits = ctx.limits_for(orig.sandbox_index);
         let conn = ConnInfo {
             original_dst,
             peer,
             sandbox,
             connection_id,
             route: Arc::new(route),
+            requests: limits.requests.clone(),
         };
-        let limits = ctx.limits_for(orig.sandbox_index);
         let Ok(conn_permit) = limits.connections.clone().try_acquire_owned() else {
             let max = ctx.proxy.config().max_connections_per_sandbox;
             tracing::debug!(sandbox = %conn.sandbox, max, "Proxied connection refused: sandbox at its connection limit");

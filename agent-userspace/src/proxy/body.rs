@@ -397,18 +397,32 @@ impl BodyEnd {
 
 /// Counts a connection's requests whose response is still being sent, so that the idle
 /// timeout never cuts a request that is waiting on its upstream.
-pub struct InFlight(Arc<AtomicUsize>);
+pub struct InFlight {
+    counter: Arc<AtomicUsize>,
+    /// The sandbox's turn among its requests in flight, held to the end of the answer.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
 
 impl InFlight {
     pub fn new(counter: &Arc<AtomicUsize>) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
-        Self(counter.clone())
+        Self {
+            counter: counter.clone(),
+            permit: None,
+        }
+    }
+
+    /// Takes one of the sandbox's `requests` permits for this request; `false` when
+    /// none is free.
+    pub fn admit(&mut self, requests: &Arc<tokio::sync::Semaphore>) -> bool {
+        self.permit = requests.clone().try_acquire_owned().ok();
+        self.permit.is_some()
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.counter.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -156,6 +156,10 @@ async fn handshake(
     }
 }
 
+/// HTTP/2 streams one intercepted connection may have open at once (nginx's default is
+/// 128).
+const MAX_H2_STREAMS: u32 = 100;
+
 /// Serves HTTP on an intercepted connection until it ends, is cut by a timer or is idle
 /// for `idle_secs`. The future returned is what every open connection holds: set up
 /// before it is made, so it keeps no room for the values the setup moves away (an async
@@ -232,6 +236,9 @@ fn serve(
         builder
             .timer(TokioTimer::new())
             .enable_connect_protocol()
+            // Streams in flight on one connection (hyper's default is 200); the
+            // sandbox's requests over all its connections are bounded in `handle`.
+            .max_concurrent_streams(MAX_H2_STREAMS)
             .max_header_list_size(u32::try_from(proxy.config.max_header_bytes).unwrap_or(u32::MAX));
         let timed = H2HeadTimed::new(tls, head_clock.clone(), proxy.timeouts.header);
         let conn = builder.serve_connection(TokioIo::new(H2Watch::new(timed, on_reset)), service);
@@ -409,7 +416,11 @@ fn target(sni: &str, port: Option<u16>) -> Option<(Authority, HeaderValue)> {
 type Forwarded = (Response<Incoming>, Option<Box<dyn FnOnce() + Send>>);
 
 impl ConnCtx {
-    async fn handle(&self, req: Request<Incoming>, in_flight: InFlight) -> Response<RecordedBody> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        mut in_flight: InFlight,
+    ) -> Response<RecordedBody> {
         let started = Instant::now();
         let mut record = self.proxy.record(
             &self.conn,
@@ -449,8 +460,11 @@ impl ConnCtx {
             }
         }
         let mut unsent = Some(body);
-        let outcome = self
-            .forward(
+        // One sandbox's requests in flight are bounded over all its connections and
+        // streams (each may hold a body read whole, an upstream connection, a response
+        // the client does not read), so that it cannot take the proxy from the others.
+        let forwarded = if in_flight.admit(&self.conn.requests) {
+            self.forward(
                 Request::from_parts(head, ()),
                 &mut unsent,
                 &mut body_end,
@@ -459,52 +473,62 @@ impl ConnCtx {
                 &secrets,
             )
             .await
-            .and_then(|(response, on_complete)| {
-                let (mut parts, body) = response.into_parts();
-                let asked_range = parts.extensions.remove::<range::Widened>();
-                // hyper keeps an HTTP/1 origin's own reason phrase among the extensions
-                // and its server writes it back out: text that is never scanned for
-                // secrets, so it goes (the sandbox gets the standard phrase), with
-                // anything else hyper's client attached.
-                parts.extensions.clear();
-                // The byte range asked for, cut from the widened one the origin sent; a
-                // partial answer the proxy did not ask for is not sent where responses are
-                // scanned.
-                // A widened range is scrubbed with the matcher it was widened for.
-                let bad_gateway = |reason| Refusal::deny(StatusCode::BAD_GATEWAY, reason);
-                let (matcher, window) = match asked_range {
-                    Some(widened) => {
-                        let window = widened
-                            .narrow(&mut parts.status, &mut parts.headers)
-                            .map_err(bad_gateway)?;
-                        (Some(widened.matcher), window)
+        } else {
+            Err(Refusal::deny(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "sandbox already has {} requests in flight through the proxy \
+                     (proxy.max_requests_per_sandbox)",
+                    self.proxy.config.max_requests_per_sandbox
+                ),
+            ))
+        };
+        let outcome = forwarded.and_then(|(response, on_complete)| {
+            let (mut parts, body) = response.into_parts();
+            let asked_range = parts.extensions.remove::<range::Widened>();
+            // hyper keeps an HTTP/1 origin's own reason phrase among the extensions
+            // and its server writes it back out: text that is never scanned for
+            // secrets, so it goes (the sandbox gets the standard phrase), with
+            // anything else hyper's client attached.
+            parts.extensions.clear();
+            // The byte range asked for, cut from the widened one the origin sent; a
+            // partial answer the proxy did not ask for is not sent where responses are
+            // scanned.
+            // A widened range is scrubbed with the matcher it was widened for.
+            let bad_gateway = |reason| Refusal::deny(StatusCode::BAD_GATEWAY, reason);
+            let (matcher, window) = match asked_range {
+                Some(widened) => {
+                    let window = widened
+                        .narrow(&mut parts.status, &mut parts.headers)
+                        .map_err(bad_gateway)?;
+                    (Some(widened.matcher), window)
+                }
+                None => {
+                    let matcher = self.proxy.secret_matcher();
+                    if matcher.is_some() {
+                        range::unasked(parts.status, &parts.headers).map_err(bad_gateway)?;
                     }
-                    None => {
-                        let matcher = self.proxy.secret_matcher();
-                        if matcher.is_some() {
-                            range::unasked(parts.status, &parts.headers).map_err(bad_gateway)?;
-                        }
-                        (matcher, None)
-                    }
-                };
-                // Scrubbed (headers too) on every rule, with a credential or not: a secret
-                // an origin stored could be read back through another host. Judged before
-                // the hop-by-hop headers (its transfer codings) go; a body whose encoding
-                // cannot be scanned is refused.
-                let body = match matcher {
-                    Some(matcher) => scrub::scrub_response(
-                        &mut parts.headers,
-                        body,
-                        matcher,
-                        secrets.scrubbed.clone(),
-                        window,
-                    )
-                    .map_err(bad_gateway)?,
-                    None => ResponseBody::Plain(body),
-                };
-                strip_hop_by_hop(&mut parts.headers);
-                Ok((parts, body, on_complete))
-            });
+                    (matcher, None)
+                }
+            };
+            // Scrubbed (headers too) on every rule, with a credential or not: a secret
+            // an origin stored could be read back through another host. Judged before
+            // the hop-by-hop headers (its transfer codings) go; a body whose encoding
+            // cannot be scanned is refused.
+            let body = match matcher {
+                Some(matcher) => scrub::scrub_response(
+                    &mut parts.headers,
+                    body,
+                    matcher,
+                    secrets.scrubbed.clone(),
+                    window,
+                )
+                .map_err(bad_gateway)?,
+                None => ResponseBody::Plain(body),
+            };
+            strip_hop_by_hop(&mut parts.headers);
+            Ok((parts, body, on_complete))
+        });
         let record = pending.disarm();
         let mut finish = Finish {
             record,

@@ -86,6 +86,9 @@ pub struct ConnInfo {
     pub connection_id: String,
     /// The policy rule that redirected it.
     pub route: Arc<Route>,
+    /// The sandbox's requests in flight, shared by all its connections
+    /// (`max_requests_per_sandbox` permits).
+    pub requests: Arc<tokio::sync::Semaphore>,
 }
 
 /// `Route::host_allowed`: whether a server name is allowed.
@@ -162,6 +165,10 @@ pub struct ProxyConfig {
     /// TLS handshakes (ClientHello included) one sandbox may have in progress; more wait
     /// up to `handshake_secs` for a turn, then are refused and recorded. Default 64.
     pub max_handshakes_per_sandbox: usize,
+    /// Requests one sandbox may have in flight at once, over all its connections (HTTP/2
+    /// streams included), from their head to the end of their answer; more are answered
+    /// 503 and recorded. Default 256.
+    pub max_requests_per_sandbox: usize,
 }
 
 impl Default for ProxyConfig {
@@ -177,6 +184,7 @@ impl Default for ProxyConfig {
             scrub: true,
             max_connections_per_sandbox: 1024,
             max_handshakes_per_sandbox: 64,
+            max_requests_per_sandbox: 256,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests of [`Proxy::serve`] on loopback: a local HTTPS origin with a test CA
 //! made here, the proxy on accepted sockets, and a rustls + hyper client.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -330,15 +331,22 @@ async fn start_proxy_gated(
     let serving = proxy.clone();
     tokio::spawn(async move {
         let mut n = 0u64;
+        // Each sandbox's requests in flight, as the daemon keeps them.
+        let mut requests: HashMap<&'static str, Arc<tokio::sync::Semaphore>> = HashMap::new();
         while let Ok((stream, peer)) = listener.accept().await {
             n += 1;
             let (sandbox, spec) = conn(n);
+            let max = serving.config().max_requests_per_sandbox;
             let conn = ConnInfo {
                 original_dst: dst,
                 peer,
                 sandbox: sandbox.to_owned(),
                 connection_id: format!("conn-{n}"),
                 route: Arc::new(route(spec)),
+                requests: requests
+                    .entry(sandbox)
+                    .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(max)))
+                    .clone(),
             };
             tokio::spawn(serving.clone().serve(stream, conn));
         }
@@ -1144,6 +1152,74 @@ async fn busy_http2_upstream_connections_get_company() {
         let response = client.clone().send_request(req).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(origin.accepted.load(Ordering::SeqCst), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_sandboxs_requests_in_flight_are_bounded_over_its_connections() {
+    within(async {
+        let origin = start_origin(true).await;
+        let config = ProxyConfig {
+            max_requests_per_sandbox: 2,
+            ..ProxyConfig::default()
+        };
+        // Connections 1 and 2 are the sandbox's, 3 another sandbox's.
+        let mut h = start_proxy_with(origin.addr, &origin.ca_pem, config, |n| {
+            (if n == 3 { "other" } else { "sbx" }, INTERCEPT)
+        })
+        .await;
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"h2"])
+                .await
+                .unwrap();
+            let (client, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            clients.push(client);
+        }
+        let slow = |client: &http2::SendRequest<Full<Bytes>>, i: usize| {
+            let req = Request::builder()
+                .uri(format!("https://{NAME}/slow/{i}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            tokio::spawn(client.clone().send_request(req))
+        };
+        // Two slow requests on the first connection take the sandbox's two turns.
+        let held = [slow(&clients[0], 0), slow(&clients[0], 1)];
+        while origin.requests.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A third, on its other connection, is refused at once, and recorded.
+        let refused = slow(&clients[1], 2).await.unwrap().unwrap();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let record = h.record().await;
+        assert_eq!(record.verdict, Verdict::Deny);
+        assert_eq!(record.status, Some(503));
+        assert!(
+            record
+                .reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("proxy.max_requests_per_sandbox"),
+            "{record:?}"
+        );
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 2, "not sent on");
+        // Another sandbox is not held up by it.
+        let mut other = h1_client(h.addr, NAME, &h.ca_pem).await;
+        assert_eq!(get(&mut other, NAME, "/").await.status, StatusCode::OK);
+        assert_eq!(h.record().await.status, Some(200));
+        // The turns come back with the answers.
+        for response in held {
+            let response = response.await.unwrap().unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            response.into_body().collect().await.unwrap();
+            assert_eq!(h.record().await.status, Some(200));
+        }
+        let again = slow(&clients[1], 3).await.unwrap().unwrap();
+        assert_eq!(again.status(), StatusCode::OK);
     })
     .await;
 }

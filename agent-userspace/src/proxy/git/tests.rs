@@ -302,6 +302,9 @@ async fn start_proxy(origin: SocketAddr, origin_ca: &str, git_rule: GitRule) -> 
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    let requests = Arc::new(tokio::sync::Semaphore::new(
+        proxy.config().max_requests_per_sandbox,
+    ));
     tokio::spawn(async move {
         let mut n = 0u64;
         while let Ok((stream, peer)) = listener.accept().await {
@@ -312,6 +315,7 @@ async fn start_proxy(origin: SocketAddr, origin_ca: &str, git_rule: GitRule) -> 
                 sandbox: "sbx".to_owned(),
                 connection_id: format!("conn-{n}"),
                 route: route.clone(),
+                requests: requests.clone(),
             };
             tokio::spawn(proxy.clone().serve(stream, conn));
         }
