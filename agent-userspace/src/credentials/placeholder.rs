@@ -218,6 +218,11 @@ pub struct StreamReplacer {
 }
 
 impl StreamReplacer {
+    /// Whether the sentinel occurs in `bytes` (a part of the request it is not replaced in).
+    pub fn occurs_in(&self, bytes: &[u8]) -> bool {
+        self.ac.is_match(bytes)
+    }
+
     /// `None` only if the automaton cannot be built (never for a sentinel).
     pub fn new(needle: &str, with: zeroize::Zeroizing<Vec<u8>>) -> Option<Self> {
         if needle.is_empty() {

@@ -397,6 +397,19 @@ impl RequestScan {
         if let Some(guard) = &mut self.guard {
             guard.trailers(trailers)?;
         }
+        // The rule's own sentinel is replaced in the body only: in a trailer it would go
+        // out as it is, for an origin to keep or echo.
+        if let Some(replace) = &self.replace {
+            if trailers.iter().any(|(n, v)| {
+                replace.occurs_in(n.as_str().as_bytes()) || replace.occurs_in(v.as_bytes())
+            }) {
+                return Err(
+                    "request trailer carries the placeholder, which is replaced only in \
+                            the body: upstream request aborted"
+                        .into(),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -756,5 +769,25 @@ mod tests {
             out.extend_from_slice(&scan.finish().unwrap());
             assert_eq!(String::from_utf8(out).unwrap(), "{\"a\":\"VALUE\"}");
         }
+    }
+
+    #[test]
+    fn the_rules_own_sentinel_in_a_trailer_stops_the_body() {
+        let scan = || RequestScan {
+            replace: StreamReplacer::new(SENTINEL, Zeroizing::new(b"VALUE".to_vec())),
+            ..RequestScan::default()
+        };
+        let mut clean = HeaderMap::new();
+        clean.insert("x-checksum", HeaderValue::from_static("abc"));
+        assert!(scan().trailers(&clean).is_ok());
+        let mut valued = clean.clone();
+        valued.insert("x-note", HeaderValue::from_str(SENTINEL).unwrap());
+        assert!(scan().trailers(&valued).is_err());
+        let mut named = clean;
+        named.insert(
+            http::HeaderName::from_bytes(SENTINEL.to_ascii_lowercase().as_bytes()).unwrap(),
+            HeaderValue::from_static("1"),
+        );
+        assert!(scan().trailers(&named).is_err());
     }
 }

@@ -17,9 +17,7 @@ use http::header::{
     PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery};
-use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
-};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -656,8 +654,10 @@ impl ConnCtx {
         // removed), go before anything below reads the head.
         let mut req = req;
         strip_hop_by_hop(req.headers_mut());
-        // TRACE/TRACK echo the request, injected credential included, back to the sandbox.
-        if matches!(req.method().as_str(), "TRACE" | "TRACK") {
+        // TRACE/TRACK echo the request, injected credential included, back to the sandbox
+        // (in any case: some servers read method names so).
+        let method = req.method().as_str();
+        if method.eq_ignore_ascii_case("TRACE") || method.eq_ignore_ascii_case("TRACK") {
             return Err(Refusal::deny(
                 StatusCode::FORBIDDEN,
                 "TRACE and TRACK are not allowed (they echo the injected credential)",
@@ -1314,7 +1314,7 @@ fn redact_record(
 
 /// CONNECT, an `Upgrade` header or `Connection: upgrade`, or HTTP/2 extended CONNECT.
 fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.method() == Method::CONNECT
+    req.method().as_str().eq_ignore_ascii_case("CONNECT")
         || req.headers().contains_key(UPGRADE)
         || req.extensions().get::<hyper::ext::Protocol>().is_some()
         || connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
@@ -1472,6 +1472,13 @@ pub(super) fn strip_request_trailers(trailers: &mut HeaderMap, injected: &[Heade
         http::header::CONTENT_RANGE,
         http::header::COOKIE,
         EXPECT,
+        // What the proxy judges or rewrites in the head (a byte range it widens, a
+        // WebDAV destination it judges), never taken from a trailer.
+        http::header::RANGE,
+        http::header::IF_RANGE,
+        HeaderName::from_static("request-range"),
+        HeaderName::from_static("x-ms-range"),
+        HeaderName::from_static("destination"),
     ] {
         trailers.remove(name);
     }
@@ -1539,6 +1546,11 @@ mod tests {
             ("host", "elsewhere.example.net"),
             ("content-length", "0"),
             ("te", "trailers"),
+            ("range", "bytes=0-3"),
+            ("request-range", "bytes=0-3"),
+            ("x-ms-range", "bytes=0-3"),
+            ("if-range", "\"x\""),
+            ("destination", "/elsewhere"),
             ("x-checksum", "abc"),
         ] {
             trailers.insert(
@@ -1553,6 +1565,7 @@ mod tests {
 
     #[test]
     fn upgrades_are_recognised() {
+        use http::Method;
         let req = |method: Method, headers: &[(&'static str, &'static str)]| {
             let mut b = Request::builder().method(method).uri("/");
             for (n, v) in headers {

@@ -757,11 +757,13 @@ impl OutboundScan {
         Ok(out)
     }
 
-    /// Trailers are scanned whole.
+    /// Trailers are scanned whole, names and values (a name is forwarded too).
     pub fn trailers(&mut self, trailers: &HeaderMap) -> Result<(), BoxError> {
-        for value in trailers.values() {
-            let mut bytes = value.as_bytes().to_vec();
-            scrub_in_place(&mut bytes, &self.scrubber.matcher, &self.tally);
+        for (name, value) in trailers {
+            for text in [name.as_str().as_bytes(), value.as_bytes()] {
+                let mut bytes = text.to_vec();
+                scrub_in_place(&mut bytes, &self.scrubber.matcher, &self.tally);
+            }
         }
         self.check()
     }
@@ -976,6 +978,27 @@ mod tests {
         sent.extend_from_slice(&scan.finish().unwrap());
         assert_eq!(sent, b"{\"note\":\"fine\"}");
         assert_eq!(hit.credential(), None);
+    }
+
+    #[test]
+    fn outbound_trailers_are_scanned_by_name_and_value() {
+        let m = matcher(&[("github", SECRET)]);
+        let hex: String = SECRET.bytes().map(|b| format!("{b:02x}")).collect();
+        let mut clean = HeaderMap::new();
+        clean.insert("x-checksum", HeaderValue::from_static("abc"));
+        let mut named = clean.clone();
+        named.insert(
+            http::HeaderName::from_bytes(hex.as_bytes()).unwrap(),
+            HeaderValue::from_static("1"),
+        );
+        let mut valued = clean.clone();
+        valued.insert("x-note", HeaderValue::from_str(SECRET).unwrap());
+        for (trailers, refused) in [(clean, false), (named, true), (valued, true)] {
+            let hit = Arc::new(OutboundHit::default());
+            let mut scan = OutboundScan::new(m.clone(), hit.clone());
+            assert_eq!(scan.trailers(&trailers).is_err(), refused, "{trailers:?}");
+            assert_eq!(hit.credential().is_some(), refused);
+        }
     }
 
     /// `body`, cut in two anywhere, is refused before the secret in it is released.

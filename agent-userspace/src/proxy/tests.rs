@@ -727,6 +727,32 @@ async fn disallowed_path_is_forbidden_with_the_reason() {
 }
 
 #[tokio::test]
+async fn trace_is_refused_in_any_case() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        for method in ["TRACE", "trace", "Track"] {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let reply = send(&mut client, request(method, NAME, "/", &[], "")).await;
+            assert_eq!(reply.status, StatusCode::FORBIDDEN);
+            let record = h.record().await;
+            assert_eq!(record.verdict, Verdict::Deny);
+            assert!(
+                record.reason.as_deref().unwrap_or("").contains("TRACE"),
+                "{record:?}"
+            );
+        }
+        // Positive control: another method in lower case is judged as the rule says.
+        let lower = Method::from_bytes(b"get").unwrap();
+        let reply = send(&mut client, request(lower, NAME, "/", &[], "")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn upgrades_are_refused() {
     within(async {
         let origin = start_origin(true).await;
