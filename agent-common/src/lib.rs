@@ -75,6 +75,12 @@ pub const RULE_DNS: u16 = u16::MAX;
 /// did not redirect there: only redirected connections may reach the proxy.
 pub const RULE_PROXY_PORT: u16 = u16::MAX - 1;
 
+/// `rule_id` of refusals of a call to the unspecified IPv4 address (`0.0.0.0`,
+/// `::ffff:0.0.0.0`) that the kernel could deliver to a local address other than loopback:
+/// it routes `0.0.0.0` to the call's source address, which a bound socket, a bound device
+/// or a UDP send's control data chooses (an address the policy may refuse).
+pub const RULE_UNSPECIFIED: u16 = u16::MAX - 2;
+
 /// Event kinds. A retired id is never reused.
 pub mod event_kind {
     pub const CONNECT: u16 = 1;

@@ -9,14 +9,15 @@ use crate::decide::{decide, ipv6, port, protocol, routed, unspecified_v6_target,
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
     let addr = ipv6(&ctx);
+    let protocol = protocol(&ctx);
     let call = Call {
         hook: hook::CONNECT6,
         family: 6,
-        protocol: protocol(&ctx),
+        protocol,
         dest: if addr == [0u8; 16] {
             unspecified_v6_target(&ctx)
         } else {
-            routed(v6_dest(addr))
+            routed(&ctx, v6_dest(addr), protocol)
         },
         port: port(&ctx),
         raw_addr: addr,

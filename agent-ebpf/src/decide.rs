@@ -3,7 +3,7 @@
 use agent_common::{
     action, event_kind, hook, proto, verdict, ConnectEvent, EventHeader, OrigDst, PrefixRules,
     SandboxInfo, V4Key, V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX, MAX_SANDBOXES,
-    RULE_DNS, RULE_PROXY_PORT,
+    RULE_DNS, RULE_PROXY_PORT, RULE_UNSPECIFIED,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -182,14 +182,20 @@ pub fn is_mapped(a: &[u8; 16]) -> bool {
     in_prefix96(a, &MAPPED_PREFIX)
 }
 
-/// Where the kernel takes a call to `dest`: Linux connects and sends to the unspecified
-/// address (`0.0.0.0`, `::`, `::ffff:0.0.0.0`) as to loopback, so it is judged as
-/// `127.0.0.1` / `::1` (a policy denying loopback must not be passed by spelling it
-/// `0.0.0.0`).
+/// Where the kernel takes a call to `dest`: Linux connects and sends to `::` as to
+/// loopback, so it is judged as `::1` (a policy denying loopback must not be passed by
+/// spelling it `::`). The unspecified IPv4 address (`0.0.0.0`, `::ffff:0.0.0.0`) goes to
+/// the call's source address, loopback only when nothing chose one: judged as `127.0.0.1`
+/// for a TCP connect from a socket bound to no address and no device (`tcp_v4_connect`
+/// routes by those alone), and left as it is otherwise (a UDP call, whose source a send's
+/// `IP_PKTINFO` or the socket's `IP_UNICAST_IF` may choose unseen here), which
+/// [`decide`] refuses.
 #[inline(always)]
-pub fn routed(dest: Dest) -> Dest {
+pub fn routed(ctx: &SockAddrContext, dest: Dest, protocol: u32) -> Dest {
     match dest {
-        Dest::V4([0, 0, 0, 0]) => Dest::V4([127, 0, 0, 1]),
+        Dest::V4([0, 0, 0, 0]) if protocol == u32::from(proto::TCP) && unbound(ctx) => {
+            Dest::V4([127, 0, 0, 1])
+        }
         Dest::V6(a) if a == [0u8; 16] => {
             let mut loopback = [0u8; 16];
             loopback[15] = 1;
@@ -197,6 +203,24 @@ pub fn routed(dest: Dest) -> Dest {
         }
         other => other,
     }
+}
+
+/// Whether the socket making the call has no IPv4 source address and no bound device.
+#[inline(always)]
+fn unbound(ctx: &SockAddrContext) -> bool {
+    // SAFETY: context pointer from the kernel; `sk` is the socket making the call.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket pointer the verifier checked; constant offsets only.
+    let (src, dev) = unsafe {
+        (
+            core::ptr::read_volatile(&(*sk).src_ip4),
+            core::ptr::read_volatile(&(*sk).bound_dev_if),
+        )
+    };
+    src == 0 && dev == 0
 }
 
 /// Where the kernel takes an IPv6 `connect()` to `::`: to `::ffff:127.0.0.1` for a socket
@@ -364,6 +388,11 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
             } else {
                 (sb.index, verdict::DENY, RULE_DNS)
             }
+        }
+        // `0.0.0.0` that [`routed`] could not show reaches loopback: it goes to a source
+        // address the call chose, which no rule was asked about.
+        Some(sb) if matches!(call.dest, Dest::V4([0, 0, 0, 0])) => {
+            (sb.index, verdict::DENY, RULE_UNSPECIFIED)
         }
         // The proxy serves only connections the kernel sent it (it learns their
         // destination from the redirect), and a sandbox sending to another's resolver

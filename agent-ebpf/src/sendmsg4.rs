@@ -17,11 +17,12 @@ pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
     let addr = ipv4(&ctx);
     let mut raw_addr = [0u8; 16];
     raw_addr[..4].copy_from_slice(&addr);
+    let protocol = protocol(&ctx);
     let call = Call {
         hook: hook::SENDMSG4,
         family: 4,
-        protocol: protocol(&ctx),
-        dest: routed(Dest::V4(addr)),
+        protocol,
+        dest: routed(&ctx, Dest::V4(addr), protocol),
         port,
         raw_addr,
         opt_level: 0,

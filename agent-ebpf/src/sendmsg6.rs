@@ -14,11 +14,12 @@ pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
         return RET_ALLOW;
     }
     let addr = ipv6(&ctx);
+    let protocol = protocol(&ctx);
     let call = Call {
         hook: hook::SENDMSG6,
         family: 6,
-        protocol: protocol(&ctx),
-        dest: routed(v6_dest(addr)),
+        protocol,
+        dest: routed(&ctx, v6_dest(addr), protocol),
         port,
         raw_addr: addr,
         opt_level: 0,

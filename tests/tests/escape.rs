@@ -187,3 +187,71 @@ fn the_unspecified_address_is_judged_as_the_loopback_it_reaches() -> Result<()> 
     }
     Ok(())
 }
+
+/// Loopback allowed; the sandbox's own address (and everything else) refused.
+const LOOPBACK_ONLY: &str = r#"version: 1
+default: deny
+rules:
+  - name: loopback
+    to: [127.0.0.0/8, "::1"]
+    action: allow
+"#;
+
+#[test]
+fn the_unspecified_address_from_a_chosen_source_is_refused() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    fx.attach(LOOPBACK_ONLY)?;
+    let own = fx.sandbox.addrs().v4.to_string();
+    let mapped_own = format!("::ffff:{own}");
+    // Positive control: from an unbound socket, 0.0.0.0 reaches loopback, which is allowed.
+    let p = fx
+        .sandbox
+        .probe_host("tcp-connect", "0.0.0.0", 7780, &["--listen"])?;
+    expect::probe_ok(&p)?;
+    ensure!(
+        p.raw["listener_accepted"].as_bool() == Some(true),
+        "{}",
+        p.raw
+    );
+    // The sandbox's own address is refused by the policy when named...
+    let p = fx
+        .sandbox
+        .probe_host("tcp-connect", &own, 7781, &["--listen"])?;
+    expect::eperm(&p)?;
+    // ...and the kernel takes 0.0.0.0 from a socket bound to it there, not to loopback:
+    // refused, not judged as loopback; the listener on that address gets nothing.
+    for (op, host, source, port) in [
+        ("tcp-connect", "0.0.0.0", own.as_str(), 7782),
+        ("tcp-connect", "::ffff:0.0.0.0", mapped_own.as_str(), 7783),
+        // UDP's source may be chosen per message (IP_PKTINFO) or by IP_UNICAST_IF.
+        ("udp-sendto", "0.0.0.0", own.as_str(), 7784),
+        ("udp-connect-send", "0.0.0.0", own.as_str(), 7785),
+    ] {
+        let listen_on = if host.contains(':') {
+            mapped_own.as_str()
+        } else {
+            own.as_str()
+        };
+        let mut extra = vec!["--source", source];
+        if op == "tcp-connect" {
+            extra.extend(["--listen-on", listen_on]);
+        }
+        let p = fx.sandbox.probe_host(op, host, port, &extra)?;
+        expect::eperm(&p)?;
+        ensure!(
+            p.raw["listener_accepted"].as_bool() != Some(true),
+            "{op} {host} from {source}: the listener on the sandbox's own address accepted: {}",
+            p.raw
+        );
+        let rec = fx.daemon.wait_for_match(
+            RECORD_TIMEOUT,
+            &Match::decision("deny", IpAddr::from([0u8; 4]), port).sandbox(fx.sandbox.label()),
+        )?;
+        ensure!(
+            egress_tests::audit::get_str(&rec, "rule.name") == Some("unspecified-address"),
+            "{op} {host}: {rec}"
+        );
+    }
+    Ok(())
+}

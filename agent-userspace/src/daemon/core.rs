@@ -1607,6 +1607,9 @@ impl Core {
         } else if rule_id == agent_common::RULE_PROXY_PORT {
             // A connect to the proxy's port the kernel did not redirect there.
             RuleRef::Named("proxy-port".to_string())
+        } else if rule_id == agent_common::RULE_UNSPECIFIED {
+            // 0.0.0.0 from a call that chose its source address: not judged as loopback.
+            RuleRef::Named("unspecified-address".to_string())
         } else {
             self.compiled
                 .get(&rec.name)
