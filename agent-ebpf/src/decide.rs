@@ -122,6 +122,41 @@ pub fn sends_to_connected_peer(port: u16) -> bool {
     port == 0
 }
 
+/// Whether a sendmsg4 call to `addr`:`port` is a send on a dual-stack (AF_INET6) UDP
+/// socket to the IPv4-mapped peer it is connected to. The kernel sends those through the
+/// IPv4 path with the peer's address (`udpv6_sendmsg`), so the hook runs on every such
+/// send; the peer is the one connect6 judged (and may have redirected to the sandbox's
+/// resolver, whose port the hook would otherwise refuse).
+#[inline(always)]
+pub fn sends_to_mapped_peer(ctx: &SockAddrContext, addr: [u8; 4], port: u16) -> bool {
+    const AF_INET6: u32 = 10;
+    const TCP_ESTABLISHED: u32 = 1;
+    // SAFETY: context pointer from the kernel; `sk` is the sending socket.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket pointer the verifier checked; constant offsets only.
+    let (family, state, peer_port, w0, w1, w2, w3) = unsafe {
+        (
+            core::ptr::read_volatile(&(*sk).family),
+            core::ptr::read_volatile(&(*sk).state),
+            core::ptr::read_volatile(&(*sk).dst_port),
+            core::ptr::read_volatile(&(*sk).dst_ip6[0]),
+            core::ptr::read_volatile(&(*sk).dst_ip6[1]),
+            core::ptr::read_volatile(&(*sk).dst_ip6[2]),
+            core::ptr::read_volatile(&(*sk).dst_ip6[3]),
+        )
+    };
+    family == AF_INET6
+        && state == TCP_ESTABLISHED
+        && w0 == 0
+        && w1 == 0
+        && w2 == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+        && w3 == u32::from_ne_bytes(addr)
+        && u16::from_be(peer_port) == port
+}
+
 /// IPv4 destination bytes in network order.
 #[inline(always)]
 pub fn ipv4(ctx: &SockAddrContext) -> [u8; 4] {

@@ -1,11 +1,14 @@
 //! `cgroup/sendmsg4`: unconnected UDP `sendto()`/`sendmsg()` carrying an IPv4 address.
-//! Connected UDP sockets are decided at connect4; their sends come here only with control
-//! data, and no address (see [`sends_to_connected_peer`]).
+//! Connected UDP sockets are decided at connect4 (connect6 for a dual-stack socket); their
+//! sends come here only with control data, and no address (see
+//! [`sends_to_connected_peer`]), or, from a dual-stack socket connected to an IPv4-mapped
+//! peer, with that peer's address (see [`sends_to_mapped_peer`]).
 use agent_common::hook;
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
 use crate::decide::{
-    decide, ipv4, port, protocol, routed, sends_to_connected_peer, Call, Dest, RET_ALLOW,
+    decide, ipv4, port, protocol, routed, sends_to_connected_peer, sends_to_mapped_peer, Call,
+    Dest, RET_ALLOW,
 };
 
 #[cgroup_sock_addr(sendmsg4)]
@@ -15,6 +18,9 @@ pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
         return RET_ALLOW;
     }
     let addr = ipv4(&ctx);
+    if sends_to_mapped_peer(&ctx, addr, port) {
+        return RET_ALLOW;
+    }
     let mut raw_addr = [0u8; 16];
     raw_addr[..4].copy_from_slice(&addr);
     let protocol = protocol(&ctx);
