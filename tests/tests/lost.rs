@@ -85,3 +85,82 @@ fn ring_buffer_overflow_is_reported_not_silent() -> Result<()> {
     );
     Ok(())
 }
+
+/// UDP to the origin's port 9 allowed, everything else denied.
+const UDP_ALLOWED: &str = r#"version: 1
+default: deny
+rules:
+  - name: origin-udp
+    to: [192.0.2.10]
+    ports: [9]
+    protocol: udp
+    action: allow
+"#;
+
+/// Allowed UDP connects that fill the ring buffer (each one event, no packet sent).
+const FILLERS: usize = 45_000;
+/// Denials made once it is full: none of them can be recorded one by one.
+const HIDDEN_DENIALS: usize = 100;
+
+/// A sandbox that fills the ring buffer with allowed calls cannot hide its denials from the
+/// denial burst: the decisions lost count toward it as denials.
+#[test]
+fn denials_lost_in_a_full_ring_still_make_a_burst() -> Result<()> {
+    require_root!();
+    let mut fx = Fixture::new()?;
+    fx.attach(UDP_ALLOWED)?;
+    // Nothing drains the ring while the sandbox fills it (a daemon that cannot keep up).
+    fx.daemon.kill9()?;
+    let script = format!(
+        "import socket\n\
+         allowed = denied = 0\n\
+         for _ in range({FILLERS}):\n\
+         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20   s.connect(('192.0.2.10', 9))\n\
+         \x20   allowed += 1\n\
+         \x20   s.close()\n\
+         for _ in range({HIDDEN_DENIALS}):\n\
+         \x20   s = socket.socket()\n\
+         \x20   try:\n\
+         \x20       s.connect(('{CANARY_V4}', 9))\n\
+         \x20   except PermissionError:\n\
+         \x20       denied += 1\n\
+         \x20   finally:\n\
+         \x20       s.close()\n\
+         print(allowed, denied)\n"
+    );
+    let out = fx.sandbox.run("python3", &["-c", &script])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        stdout.trim() == format!("{FILLERS} {HIDDEN_DENIALS}"),
+        "fillers allowed and denials refused: {stdout:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fx.daemon.restart()?;
+    let burst = fx.daemon.wait_for_record(Duration::from_secs(20), |r| {
+        egress_tests::audit::action(r) == Some("denial-burst")
+    })?;
+    ensure!(
+        egress_tests::audit::get_str(&burst, "egress.sandbox.name") == Some(fx.sandbox.label())
+            && egress_tests::audit::get_str(&burst, "event.reason")
+                .is_some_and(|r| r.contains("could not be recorded")),
+        "{burst}"
+    );
+    // The denials themselves were lost, not delivered: the burst came from the count.
+    let delivered = fx
+        .daemon
+        .audit_records()?
+        .iter()
+        .filter(|r| egress_tests::audit::verdict(r) == Some("deny"))
+        .count();
+    ensure!(
+        delivered < 50,
+        "{delivered} denials delivered: the ring was not full\n{}",
+        summarize(&fx.daemon.audit_records()?)
+    );
+    ensure!(
+        fx.canary.received()?.is_empty(),
+        "the canary received traffic"
+    );
+    Ok(())
+}

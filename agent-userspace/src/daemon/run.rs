@@ -12,8 +12,8 @@ use super::{core::Core, state::State};
 use crate::{
     alerts::{AlertSettings, Alerts, QuarantineOrder},
     audit::{
-        AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, Hook, LostBySandbox,
-        NetworkDecision, OnFailure, ProxyEvent, Record, StopReason,
+        Alert, AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, Hook,
+        LostBySandbox, NetworkDecision, OnFailure, ProxyEvent, Record, StopReason,
     },
     bpf::{
         active_lsms, attach_lsm, ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout,
@@ -592,6 +592,7 @@ fn report_lost(shared: &Shared) {
         // Whose events they were: the per-sandbox counters' increases since the last
         // report (a counter below what was reported was recreated: all of it is new).
         let mut sandboxes = Vec::new();
+        let mut alerts = Vec::new();
         for (index, lost) in core.maps.lost_by_sandbox() {
             let reported = core
                 .state
@@ -612,6 +613,9 @@ fn report_lost(shared: &Shared) {
                 None => format!("index {index}"),
             };
             sandboxes.push(LostBySandbox { name, count: new });
+            if let Some(alert) = lost_as_denials(&mut core, index, new) {
+                alerts.push(alert);
+            }
         }
         core.audit.emit(Record::EventsLost(EventsLost {
             time: now(),
@@ -619,6 +623,9 @@ fn report_lost(shared: &Shared) {
             total,
             sandboxes,
         }));
+        for alert in alerts {
+            core.alerts.raise(alert);
+        }
         core.state.lost_reported = total;
         core.save_state();
     } else if total < core.state.lost_reported {
@@ -626,6 +633,29 @@ fn report_lost(shared: &Shared) {
         core.state.lost_reported = total;
         core.state.lost_reported_by_index.clear();
     }
+}
+
+/// A sandbox's decisions the kernel could not record count toward its denial burst as
+/// denials: which they were is unknown, and a sandbox that floods the ring buffer (with
+/// allowed sends, say) must not hide its denials from the burst, and its response, so.
+/// Returns the `denial-burst` alert they complete, if any.
+fn lost_as_denials(core: &mut Core, index: u32, lost: u64) -> Option<Alert> {
+    let name = core.state.by_index(index)?.name.clone();
+    let needed = u64::from(core.alerts.burst_config(&name).count);
+    let at = monotonic_ns();
+    let mut alert = None;
+    for _ in 0..lost.min(needed) {
+        if let Some(a) = core.denial_burst(index, at) {
+            alert = Some(a);
+        }
+    }
+    let mut alert = alert?;
+    alert.reason = format!(
+        "{}; {lost} of the sandbox's decisions could not be recorded (the kernel's ring \
+         buffer was full) and count as denials",
+        alert.reason
+    );
+    Some(alert)
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds, the clock of the kernel's event timestamps.
