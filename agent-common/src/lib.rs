@@ -98,12 +98,20 @@ pub struct OrigDst {
     pub addr: [u8; 16],
     /// Host byte order.
     pub port: u16,
+    /// The rule of `policy_slot` that redirected it.
     pub rule_id: u16,
-    pub sandbox_index: u32,
+    pub sandbox_index: u16,
+    /// The policy slot in force when it was redirected: a rule id means something only in
+    /// its slot's policy, and the proxy serves no connection redirected under a policy
+    /// since replaced. (Where a build before it wrote a 32-bit index here, this reads 0,
+    /// the slot of no policy, and such a connection is refused.)
+    pub policy_slot: u16,
     /// Cookie of the sandbox's socket (joins the proxy's records to the connect record).
     pub socket_cookie: u64,
 }
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
+// MAX_SANDBOXES is smaller still.
+const _: () = assert!(MAX_POLICY_SLOTS <= u16::MAX as u32);
 
 /// `BY_PEER` key: the sandbox socket's own address as the proxy sees it as its peer.
 #[repr(C)]

@@ -564,7 +564,9 @@ fn redirect(
         addr,
         port: call.port,
         rule_id,
-        sandbox_index: sb.index,
+        // Both below MAX_SANDBOXES / MAX_POLICY_SLOTS, which fit (agent-common checks).
+        sandbox_index: sb.index as u16,
+        policy_slot: sb.policy_slot as u16,
         socket_cookie: cookie,
     };
     ORIG.insert(cookie, orig, 0)?;

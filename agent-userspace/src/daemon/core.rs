@@ -494,7 +494,7 @@ impl Core {
             .routes
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(rec.index, (rec.name.clone(), policy.clone()));
+            .insert(rec.index, (rec.name.clone(), policy.clone(), rec.slot));
     }
 
     /// Starts (or updates, or stops) the sandbox's resolver to match its policy.

@@ -20,9 +20,9 @@ use crate::{
     proxy::{ConnInfo, Proxy, Route},
 };
 
-/// Sandbox index -> (name, policy in force). Written by the daemon core on attach, policy
-/// change and detach; read for every accepted connection.
-pub type Routes = Arc<RwLock<HashMap<u32, (String, Arc<Policy>)>>>;
+/// Sandbox index -> (name, policy in force, its kernel slot). Written by the daemon core on
+/// attach, policy change and detach; read for every accepted connection.
+pub type Routes = Arc<RwLock<HashMap<u32, (String, Arc<Policy>, u32)>>>;
 
 pub struct ProxyRuntime {
     pub port: u16,
@@ -84,7 +84,7 @@ impl ProxyRuntime {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         routes
             .iter()
-            .map(|(index, (name, _))| {
+            .map(|(index, (name, _, _))| {
                 let open = conns
                     .get(index)
                     .map_or(0, |hs| hs.iter().filter(|h| !h.is_finished()).count());
@@ -279,13 +279,14 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
         let ip = Ipv6Addr::from(orig.addr).to_canonical();
         let original_dst = SocketAddr::new(ip, orig.port);
         let connection_id = ConnectionId::new(cookie, orig.socket_cookie).to_string();
+        let index = u32::from(orig.sandbox_index);
         let entry = ctx
             .routes
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&orig.sandbox_index)
+            .get(&index)
             .cloned();
-        let Some((sandbox, policy)) = entry else {
+        let Some((sandbox, policy, slot)) = entry else {
             unserved(
                 "unknown",
                 "unknown",
@@ -300,6 +301,23 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
             );
             continue;
         };
+        // Redirected under a policy since replaced (the connection waited in the listen
+        // backlog meanwhile): its rule id names a rule of that policy, not of this one.
+        if u32::from(orig.policy_slot) != slot {
+            unserved(
+                &sandbox,
+                "unknown",
+                connection_id,
+                original_dst,
+                format!(
+                    "redirected connection from {peer} under a policy since replaced (slot \
+                     {}, now {slot}); closed, the client connects again under the policy in \
+                     force",
+                    orig.policy_slot
+                ),
+            );
+            continue;
+        }
         let Some(route) = route_for(&policy, orig.rule_id) else {
             unserved(
                 &sandbox,
@@ -314,7 +332,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
             );
             continue;
         };
-        let limits = ctx.limits_for(orig.sandbox_index);
+        let limits = ctx.limits_for(index);
         let conn = ConnInfo {
             original_dst,
             peer,
@@ -363,13 +381,13 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
             .routes
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&orig.sandbox_index)
-            .is_some_and(|(_, now)| Arc::ptr_eq(now, &policy));
+            .get(&index)
+            .is_some_and(|(_, now, _)| Arc::ptr_eq(now, &policy));
         if !still_routed {
             task.abort();
             continue;
         }
-        let list = conns.entry(orig.sandbox_index).or_default();
+        let list = conns.entry(index).or_default();
         list.retain(|h| !h.is_finished());
         list.push(task.abort_handle());
     }
