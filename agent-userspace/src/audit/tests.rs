@@ -774,6 +774,7 @@ fn quarantine(reason: Option<&str>, trigger: &str) -> Quarantine {
         cgroup_id: 81_234,
         reason: reason.map(str::to_owned),
         trigger: trigger.into(),
+        error: None,
     }
 }
 
@@ -787,6 +788,10 @@ fn quarantine_kinds() -> Vec<Record> {
             "denial-burst",
         )),
         Record::SandboxRelease(quarantine(None, "operator")),
+        Record::SandboxQuarantine(Quarantine {
+            error: Some("switching the kernel to deny-all failed: no space".into()),
+            ..quarantine(Some("60 denied decisions within 10 s"), "denial-burst")
+        }),
         CredentialRevoke {
             time: T0,
             sandbox: "agent-1".into(),

@@ -1130,9 +1130,21 @@ impl Core {
         }
         let entry = self.quarantine_entry(&rec, policy.as_deref());
         if let Err(e) = self.maps.set_sandbox(rec.cgroup_id, entry) {
+            let error = format!("switching the kernel to deny-all failed: {e}");
+            // The trail must not leave an alert's `response: quarantine` standing for an
+            // isolation that did not happen.
+            self.audit.emit(Record::SandboxQuarantine(Quarantine {
+                time: now(),
+                sandbox: rec.name.clone(),
+                cgroup_path: rec.cgroup.clone(),
+                cgroup_id: rec.cgroup_id,
+                reason,
+                trigger: trigger.to_string(),
+                error: Some(format!("{error}; the sandbox is NOT quarantined")),
+            }));
             self.state.sandboxes.insert(previous.name.clone(), previous);
             self.save_state();
-            return Err(format!("switching the kernel to deny-all failed: {e}"));
+            return Err(error);
         }
         // The route goes before the connections, so the proxy's accept loop cannot keep
         // one it was still setting up (it checks the route again under the same lock).
@@ -1146,6 +1158,7 @@ impl Core {
             cgroup_id: rec.cgroup_id,
             reason,
             trigger: trigger.to_string(),
+            error: None,
         }));
         tracing::warn!(sandbox = %rec.name, trigger, "Sandbox quarantined");
         let revoking = policy
@@ -1307,6 +1320,7 @@ impl Core {
             cgroup_id: rec.cgroup_id,
             reason: None,
             trigger: BY_OPERATOR.to_string(),
+            error: None,
         }));
         tracing::info!(sandbox = %rec.name, "Sandbox released");
         self.state.sandboxes.insert(rec.name.clone(), rec);

@@ -163,12 +163,19 @@ pub struct Quarantine {
     /// `egress.quarantine.trigger`: `operator`, or the alert kind whose configured
     /// response it was (`denial-burst`, ...).
     pub trigger: String,
+    /// `error.message`, with `event.outcome: failure`: why it could not be done (a
+    /// quarantine an alert ordered that the kernel refused, say).
+    pub error: Option<String>,
 }
 
 impl Quarantine {
     pub(super) fn fill<'a>(&'a self, wire: &mut Wire<'a>) {
         wire.event.type_ = &["change"];
         wire.event.reason = non_empty(&self.reason);
+        if let Some(message) = &self.error {
+            wire.event.outcome = Outcome::Failure;
+            wire.error = Some(WireError { message });
+        }
         wire.egress.sandbox = Some(WireSandbox {
             name: &self.sandbox,
             cgroup_id: Some(self.cgroup_id),
