@@ -146,19 +146,19 @@ enum ValueFault {
     Value,
 }
 
-/// Whether `text` is the sentinel alone or behind an authentication scheme
-/// (`Bearer <sentinel>`).
+/// The authentication schemes a sentinel may follow: a scheme of the sandbox's choosing
+/// (`AAAAAAAA <sentinel>`) would let it slide the secret, a byte at a time, across the
+/// cut of an origin that echoes the first N bytes of the header.
+const TOKEN_SCHEMES: [&str; 2] = ["Bearer", "token"];
+
+/// Whether `text` is the sentinel alone or behind a token scheme (`Bearer <sentinel>`,
+/// `token <sentinel>`, in any case).
 fn whole_or_after_scheme(text: &str, sentinel: &str) -> bool {
     text == sentinel
         || text
             .strip_suffix(sentinel)
             .and_then(|rest| rest.strip_suffix(' '))
-            .is_some_and(|scheme| {
-                !scheme.is_empty()
-                    && scheme
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-            })
+            .is_some_and(|scheme| TOKEN_SCHEMES.iter().any(|s| s.eq_ignore_ascii_case(scheme)))
 }
 
 /// `value` with `sentinel` replaced by `secret`: the whole value, after a scheme, or the
@@ -644,12 +644,16 @@ mod tests {
         for ok in [
             SENTINEL.to_owned(),
             format!("Bearer {SENTINEL}"),
+            format!("bearer {SENTINEL}"),
             format!("token {SENTINEL}"),
         ] {
             assert!(auth(&ok).is_ok_and(|t| t.len() == 1), "{ok}");
         }
         for shaped in [
             format!("Bearer AAAA{SENTINEL}"),
+            // A scheme of the sandbox's choosing would slide the secret.
+            format!("AAAAAAAAAAAAAAAAAAAA {SENTINEL}"),
+            format!("Bearer. {SENTINEL}"),
             format!("Bearer {SENTINEL}{SENTINEL}"),
             format!("Bearer {SENTINEL} x"),
             format!("key={SENTINEL}"),

@@ -854,7 +854,15 @@ impl ConnCtx {
                 }
             }
         }
-        strip_request_headers(&mut parts.headers, &self.proxy.injected);
+        // A header whose placeholder was replaced goes back below, alone: a spelling of it
+        // with `_` (read as the same name by CGI and Puma) goes as the injected ones' do.
+        if restore.is_empty() {
+            strip_request_headers(&mut parts.headers, &self.proxy.injected);
+        } else {
+            let mut names = self.proxy.injected.to_vec();
+            names.extend(restore.iter().map(|(header, _)| header.clone()));
+            strip_request_headers(&mut parts.headers, &names);
+        }
         // A request with a body gets an HTTP/1 connection of its own, closed after it:
         // an origin that answers without reading the body (a method that gives it no
         // meaning, a static file, an early error) would read it as the next request on a
