@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{
     ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, EXPECT, HOST,
-    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -525,6 +525,12 @@ impl ConnCtx {
                 None => ResponseBody::Plain(body),
             };
             strip_hop_by_hop(&mut parts.headers);
+            // A session an origin opens for a request that carried the injected
+            // credential is that credential's power in a form the scrubber does not know:
+            // it stays with the proxy's side, which sends the credential each time.
+            if self.conn.route.credential.is_some() {
+                parts.headers.remove(SET_COOKIE);
+            }
             Ok((parts, body, on_complete))
         });
         let record = pending.disarm();
@@ -1418,6 +1424,7 @@ pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderN
     // `Expect` was answered here (hyper's server sent `100 Continue` as the body was
     // read); sent on, an origin could answer it again, or wait for a body already sent.
     headers.remove(EXPECT);
+    headers.remove("x-vault-wrap-ttl");
     // CGI gateways and Puma read `X_HTTP_Method_Override` as `X-HTTP-Method-Override`:
     // a name with `_` goes if its `-` spelling would, or if the head holds that too.
     let folded: Vec<HeaderName> = headers
@@ -1446,7 +1453,7 @@ pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderN
 /// Whether a request header of this (lower-case) name is never sent on: credentials,
 /// hop-by-hop and framing fields, the injected headers, overrides and routing headers.
 fn stripped_by_name(name: &str, injected: &[HeaderName]) -> bool {
-    const FIELDS: [&str; 12] = [
+    const FIELDS: [&str; 13] = [
         "authorization",
         "proxy-authorization",
         "connection",
@@ -1459,6 +1466,9 @@ fn stripped_by_name(name: &str, injected: &[HeaderName]) -> bool {
         "content-length",
         "host",
         "expect",
+        // Asks Vault to answer with a token that unwraps to the answer: a credential
+        // minted from the injected one, which the sandbox would hold.
+        "x-vault-wrap-ttl",
     ];
     FIELDS.contains(&name)
         || injected.iter().any(|h| h.as_str() == name)

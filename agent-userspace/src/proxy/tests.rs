@@ -184,6 +184,18 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
             .body(Full::new(Bytes::from_static(b"x")))
             .unwrap());
     }
+    if path == "/cookie" {
+        // An origin that opens a session for the credential it was sent.
+        return Ok(Response::builder()
+            .header("set-cookie", "session=opened-for-the-credential; Secure")
+            .header("x-kept", "yes")
+            .header(
+                "x-vault-wrap-ttl-seen",
+                req.headers().contains_key("x-vault-wrap-ttl").to_string(),
+            )
+            .body(Full::new(Bytes::from_static(b"ok\n")))
+            .unwrap());
+    }
     if path == "/redirect" {
         return Ok(Response::builder()
             .status(StatusCode::FOUND)
@@ -722,6 +734,37 @@ async fn disallowed_path_is_forbidden_with_the_reason() {
         );
         // Nothing reached the origin.
         assert_eq!(origin.accepted.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sessions_opened_for_the_credential_stay_with_the_proxy() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let reply = send(
+            &mut client,
+            request(
+                Method::GET,
+                NAME,
+                "/cookie",
+                &[("x-vault-wrap-ttl", "60s")],
+                "",
+            ),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(
+            reply.headers.get("set-cookie").is_none(),
+            "{:?}",
+            reply.headers
+        );
+        assert_eq!(reply.headers.get("x-kept").unwrap(), "yes");
+        // A wrapped answer (a token that unwraps to it) is never asked for.
+        assert_eq!(reply.headers.get("x-vault-wrap-ttl-seen").unwrap(), "false");
+        assert_eq!(h.record().await.status, Some(200));
     })
     .await;
 }
