@@ -527,7 +527,27 @@ impl Core {
             .clone();
         let dns = policy.dns().cloned();
         // Counted once per answer, not per address: the table is shared by all sandboxes.
-        let mut held = self.dns.learned.keys().filter(|(i, _)| *i == index).count();
+        let held = self.dns.learned.keys().filter(|(i, _)| *i == index).count();
+        // An answer goes in whole or not at all under the cap: one refused half-way would
+        // leave addresses installed that its SERVFAIL record does not list.
+        let mut new: Vec<std::net::IpAddr> = learned
+            .iter()
+            .map(|l| crate::net::judged_as(l.addr))
+            .filter(|a| {
+                self.dns
+                    .learned
+                    .get(&(index, *a))
+                    .is_none_or(|old| old.slot != rec.slot)
+            })
+            .collect();
+        new.sort_unstable();
+        new.dedup();
+        if held + new.len() > MAX_LEARNED_PER_SANDBOX {
+            return Err(format!(
+                "sandbox {} would hold more than {MAX_LEARNED_PER_SANDBOX} learned addresses",
+                rec.name
+            ));
+        }
         let mut refused = Vec::new();
         for l in learned {
             // Judge the name by the policy in force now, not the one the query started
@@ -554,13 +574,6 @@ impl Core {
                 .learned
                 .get(&key)
                 .filter(|old| old.slot == rec.slot);
-            let is_new = known.is_none();
-            if is_new && held >= MAX_LEARNED_PER_SANDBOX {
-                return Err(format!(
-                    "sandbox {} already has {MAX_LEARNED_PER_SANDBOX} learned addresses",
-                    rec.name
-                ));
-            }
             // An address several allowed names resolve to gets all their rules.
             let mut rule_ids = known.map(|old| old.rule_ids.clone()).unwrap_or_default();
             for id in ids_now {
@@ -569,12 +582,21 @@ impl Core {
                 }
             }
             rule_ids.sort_unstable();
-            let entries = policy
+            // An address that cannot be installed is left out of the answer (and listed
+            // among its refused addresses); those installed before it stay, and are listed.
+            let installed = policy
                 .learned_entries(addr, &rule_ids)
-                .map_err(|e| e.to_string())?;
-            self.maps
-                .set_prefix(rec.slot, host_net(addr), &entries)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())
+                .and_then(|entries| {
+                    self.maps
+                        .set_prefix(rec.slot, host_net(addr), &entries)
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(e) = installed {
+                tracing::warn!(sandbox = %rec.name, name = %l.name, %addr, error = %e, "Installing a learned address failed");
+                refused.push((l.addr, format!("installing it in the kernel failed: {e}")));
+                continue;
+            }
             // TTLs are capped so an answer cannot pin an address for ever.
             let ttl = l.ttl.min(MAX_LEARNED_TTL);
             let lifetime = dns.as_ref().map_or_else(
@@ -588,7 +610,6 @@ impl Core {
             );
             let expires = std::time::Instant::now() + lifetime;
             let expires = known.map_or(expires, |old| old.expires.max(expires));
-            held += usize::from(is_new);
             self.dns.learned.insert(
                 key,
                 LearnedAddr {
