@@ -1447,3 +1447,69 @@ except Exception as e:
     );
     Ok(())
 }
+
+/// A connection the daemon closes before its TLS handshake (here: it never sends its
+/// ClientHello, and the sandbox is detached meanwhile) leaves a record, as every other
+/// closed connection does.
+#[test]
+fn a_connection_closed_before_its_handshake_is_recorded() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let go = fx.sandbox_dir().join("detached");
+    let ready = fx.sandbox_dir().join("connected");
+    let script = format!(
+        r#"
+import os, socket, time
+s = socket.create_connection(("api.github.com", 443), timeout=5)
+print("connected", flush=True)
+open("{ready}", "w").close()
+for _ in range(200):
+    if os.path.exists("{go}"):
+        break
+    time.sleep(0.05)
+s.settimeout(5)
+try:
+    print("read", len(s.recv(1)), flush=True)
+except Exception as e:
+    print("read failed", type(e).__name__, flush=True)
+"#,
+        go = go.display(),
+        ready = ready.display()
+    );
+    let mut cmd = fx.sandbox.command("python3", &["-c", &script]);
+    cmd.env_clear()
+        .env("PATH", egress_tests::proxy_fixture::CLIENT_PATH)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn()?;
+    let connected = Instant::now();
+    while !ready.exists() {
+        ensure!(
+            connected.elapsed() < Duration::from_secs(10),
+            "the sandbox did not connect"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The proxy has accepted it and waits for its ClientHello.
+    std::thread::sleep(Duration::from_millis(300));
+    let out = fx.daemon.detach(fx.sandbox.label())?;
+    ensure!(out.status.success(), "detach failed: {out:?}");
+    std::fs::write(&go, "go")?;
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(text.contains("connected"), "{out:?}");
+    ensure!(
+        text.contains("read 0") || text.contains("read failed"),
+        "the connection outlived the detach: {out:?}"
+    );
+    let closed = fx.daemon.wait_for_record(Duration::from_secs(10), |r| {
+        get_str(r, "event.action") == Some("tls-connection")
+            && get_str(r, "event.reason").is_some_and(|s| s.contains("before its TLS handshake"))
+    })?;
+    ensure!(
+        get_str(&closed, "egress.sandbox.name") == Some(fx.sandbox.label())
+            && get_str(&closed, "event.outcome") == Some("failure"),
+        "{closed}"
+    );
+    Ok(())
+}

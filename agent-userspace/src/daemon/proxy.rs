@@ -17,7 +17,7 @@ use crate::{
     bpf::PeerMap,
     credentials::CredentialStore,
     policy::Policy,
-    proxy::{ConnInfo, Proxy, Route},
+    proxy::{ConnInfo, Proxy, Route, Unrecorded},
 };
 
 /// Sandbox index -> (name, policy in force, its kernel slot). Written by the daemon core on
@@ -356,12 +356,19 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
         };
         let proxy = ctx.proxy.clone();
         let handshakes = limits.handshakes.clone();
+        // Armed from here: the daemon may close the connection while it waits its turn.
+        let unrecorded = Unrecorded::new(&proxy, &conn);
         let task = tokio::spawn(async move {
             let _conn_permit = conn_permit;
             let wait = std::time::Duration::from_secs(proxy.config().handshake_secs);
             match tokio::time::timeout(wait, handshakes.acquire_owned()).await {
-                Ok(Ok(permit)) => proxy.serve_limited(stream, conn, Some(permit)).await,
+                Ok(Ok(permit)) => {
+                    proxy
+                        .serve_limited(stream, conn, Some(permit), unrecorded)
+                        .await
+                }
                 _ => {
+                    unrecorded.disarm();
                     let reason = format!(
                         "waited {} s for one of the sandbox's {} TLS handshake slots \
                          (proxy.max_handshakes_per_sandbox)",
@@ -384,6 +391,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
             .get(&index)
             .is_some_and(|(_, now, _)| Arc::ptr_eq(now, &policy));
         if !still_routed {
+            // Recorded by its guard as closed unserved.
             task.abort();
             continue;
         }

@@ -79,13 +79,17 @@ pub(super) async fn intercept(
     sni: String,
     started: Instant,
     handshake_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    unrecorded: super::Unrecorded,
 ) {
     let activity = Activity::new();
     // Boxed: the handshake, its timer and its refusals are over within a few round trips,
     // and the connection's future keeps room for its largest state for as long as the
     // connection is open.
     let handshake = Box::pin(handshake(&proxy, stream, &conn, &sni, started, &activity));
-    let Some(tls) = handshake.await else {
+    let handshaken = handshake.await;
+    // A failed handshake is recorded; a finished one's end is recorded by `serve`.
+    unrecorded.disarm();
+    let Some(tls) = handshaken else {
         return;
     };
     // The sandbox's handshake slot is free once the handshake is done.

@@ -368,6 +368,7 @@ impl Proxy {
     /// Records a connection to the proxy's port that is closed before it could be served
     /// (not redirected by the kernel, a sandbox without a route, a rule that is not a
     /// proxy rule): every refusal leaves a record, also those no sandbox policy decided.
+    /// The record of a connection closed unserved.
     pub fn record_unserved(
         &self,
         sandbox: &str,
@@ -393,16 +394,19 @@ impl Proxy {
     /// Handles one redirected connection to its end. Failures are reported as records
     /// and debug logs; nothing is returned.
     pub async fn serve(self: Arc<Self>, stream: TcpStream, conn: ConnInfo) {
-        self.serve_limited(stream, conn, None).await;
+        let unrecorded = Unrecorded::new(&self, &conn);
+        self.serve_limited(stream, conn, None, unrecorded).await;
     }
 
     /// [`Proxy::serve`] holding `handshake_permit` (the sandbox's turn to handshake)
-    /// until the TLS handshake is done.
+    /// until the TLS handshake is done, and `unrecorded` until a stage that records the
+    /// connection's end takes over.
     pub async fn serve_limited(
         self: Arc<Self>,
         stream: TcpStream,
         conn: ConnInfo,
         handshake_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        unrecorded: Unrecorded,
     ) {
         let started = Instant::now();
         let _ = stream.set_nodelay(true);
@@ -411,13 +415,26 @@ impl Proxy {
         // the largest state it can be in, for as long as it lives, and the ClientHello's
         // read, timer and refusals are large and over within the first round trip.
         let Some((stream, sni)) = Box::pin(self.admit(stream, &conn, started)).await else {
+            // Refused and recorded.
+            unrecorded.disarm();
             return;
         };
         if conn.route.passthrough {
             drop(handshake_permit);
+            // The relay records its end, however it comes.
+            unrecorded.disarm();
             Box::pin(passthrough::relay(self, stream, conn, sni, started)).await;
         } else {
-            intercept::intercept(self, stream, conn, sni, started, handshake_permit).await;
+            intercept::intercept(
+                self,
+                stream,
+                conn,
+                sni,
+                started,
+                handshake_permit,
+                unrecorded,
+            )
+            .await;
         }
     }
 
@@ -655,5 +672,52 @@ fn blank_record(
         scrubbed: 0,
         secret: None,
         credential_use: None,
+    }
+}
+
+/// A redirected connection's record should the daemon close it (a policy replaced, a
+/// detach, a quarantine, the daemon stopping) before it reaches a stage that records its
+/// own end: while it waits for a TLS handshake turn, its ClientHello or its TLS handshake.
+/// Dropped armed, it records the connection as closed unserved.
+pub struct Unrecorded {
+    proxy: Arc<Proxy>,
+    sandbox: String,
+    rule_name: String,
+    connection_id: String,
+    original_dst: std::net::SocketAddr,
+    armed: bool,
+}
+
+impl Unrecorded {
+    pub fn new(proxy: &Arc<Proxy>, conn: &ConnInfo) -> Self {
+        Self {
+            proxy: proxy.clone(),
+            sandbox: conn.sandbox.clone(),
+            rule_name: conn.route.rule_name.clone(),
+            connection_id: conn.connection_id.clone(),
+            original_dst: conn.original_dst,
+            armed: true,
+        }
+    }
+
+    /// A stage that records the connection's end has it now (or has recorded it).
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Unrecorded {
+    fn drop(&mut self) {
+        if self.armed {
+            self.proxy.record_unserved(
+                &self.sandbox,
+                &self.rule_name,
+                std::mem::take(&mut self.connection_id),
+                self.original_dst,
+                "closed by the daemon before its TLS handshake was done (the sandbox's \
+                 policy was replaced, it was detached or quarantined, or the daemon stopped)"
+                    .to_owned(),
+            );
+        }
     }
 }
