@@ -1435,10 +1435,27 @@ impl Core {
                 self.state.sandboxes.remove(&rec.name);
                 continue;
             }
+            // What could not be restored is said in the trail too, not only in the log:
+            // the sandbox's traffic that depends on it is refused meanwhile.
+            let adoption_failed = |core: &Self, what: String| {
+                core.policy_rejected(
+                    rec.name.clone(),
+                    &rec.policy_path,
+                    Some(PolicyDigest::of(rec.policy_source.as_bytes())),
+                    format!("at adoption: {what}"),
+                );
+            };
             match self.prepare_proxy(&policy, &rec.cgroup, rec.netns.as_deref(), rec.netns_inode) {
                 Ok(listener) => self.proxy.set_user(rec.index, listener),
                 Err(e) => {
                     tracing::error!(sandbox = %rec.name, error = %e, "Restoring the proxy for an adopted sandbox failed; its proxied connections fail until fixed");
+                    adoption_failed(
+                        self,
+                        format!(
+                            "restoring the proxy failed ({e}); its proxied connections are \
+                             refused until the sandbox is attached again"
+                        ),
+                    );
                 }
             }
             let policy = Arc::new(policy);
@@ -1450,6 +1467,13 @@ impl Core {
             }
             if let Err(e) = self.start_dns(&rec, &policy) {
                 tracing::error!(sandbox = %rec.name, error = %e, "Restoring the DNS resolver of an adopted sandbox failed");
+                adoption_failed(
+                    self,
+                    format!(
+                        "restoring the DNS resolver failed ({e}); its DNS queries are refused \
+                         until the sandbox is attached again"
+                    ),
+                );
             }
             // The slot gets exactly the policy's static rules again: addresses a previous
             // run learned through DNS have no expiry in this one (it keeps them in
@@ -1493,6 +1517,13 @@ impl Core {
                 tracing::warn!(sandbox = %rec.name, "Kernel entry differs from the state; restoring it");
                 if let Err(e) = self.maps.set_sandbox(rec.cgroup_id, want) {
                     tracing::error!(sandbox = %rec.name, error = %e, "Restoring kernel entries failed");
+                    adoption_failed(
+                        self,
+                        format!(
+                            "restoring the sandbox's kernel entry failed ({e}); the kernel \
+                             keeps the entry it has"
+                        ),
+                    );
                 }
             }
             let links = Links {
@@ -1502,6 +1533,13 @@ impl Core {
                 let r = links.attach(&mut self.programs, &rec.cgroup, rec.cgroup_id);
                 if let Err(e) = r {
                     tracing::error!(sandbox = %rec.name, error = %e, "Re-attaching missing hooks failed");
+                    adoption_failed(
+                        self,
+                        format!(
+                            "re-attaching its missing hooks failed ({e}); calls those hooks \
+                             judge are NOT judged until the sandbox is attached again"
+                        ),
+                    );
                 }
             }
             // Programs of an older build keep running for the sandbox until replaced.
@@ -1511,7 +1549,14 @@ impl Core {
                     tracing::info!(sandbox = %rec.name, hooks = ?replaced, "Programs of another build replaced by this daemon's")
                 }
                 Err(e) => {
-                    tracing::error!(sandbox = %rec.name, error = %e, "Replacing programs of another build failed")
+                    tracing::error!(sandbox = %rec.name, error = %e, "Replacing programs of another build failed");
+                    adoption_failed(
+                        self,
+                        format!(
+                            "replacing the programs of another build failed ({e}); they keep \
+                             judging the sandbox's calls"
+                        ),
+                    );
                 }
             }
             let posture = Posture::read(&rec.cgroup);
