@@ -32,15 +32,6 @@ pub fn egress_sock_ops(ctx: SockOpsContext) -> u32 {
 fn remember_peer(ctx: &SockOpsContext) {
     // SAFETY: helpers valid in sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out.
-    let Some(orig) = (unsafe { ORIG.get(cookie) }).copied() else {
-        return;
-    };
-    // DNS over TCP goes to the resolver, which needs no original destination; keeping it
-    // out of the shared map stops a DNS flood from evicting other sandboxes' entries.
-    if orig.rule_id == RULE_DNS {
-        return;
-    }
     let addr = if ctx.family() == AF_INET {
         mapped(ctx.local_ip4().to_ne_bytes())
     } else {
@@ -74,7 +65,23 @@ fn remember_peer(ctx: &SockOpsContext) {
         port: ctx.local_port() as u16,
         _pad: [0; 6],
     };
-    let _ = BY_PEER.insert(key, orig, 0);
+    // SAFETY: the value is copied out.
+    let orig = unsafe { ORIG.get(cookie) }.copied();
+    match orig {
+        // DNS over TCP goes to the resolver, which needs no original destination;
+        // keeping it out of the shared map stops a DNS flood from evicting other
+        // sandboxes' entries.
+        Some(orig) if orig.rule_id == RULE_DNS => {}
+        Some(orig) => {
+            let _ = BY_PEER.insert(key, orig, 0);
+        }
+        // Not redirected (or its entry is gone): an entry left under this source by an
+        // earlier connection the proxy never accepted (the daemon was away) must not
+        // be read as this one's destination, rule and sandbox.
+        None => {
+            let _ = BY_PEER.remove(key);
+        }
+    }
     // ORIG keeps the entry (the LRU ages it out): getpeername on the sandbox's socket
     // still reports the destination it asked for.
 }
