@@ -151,6 +151,18 @@ fn only_installed(m: &Message, installed: &[IpAddr]) {
         let addr = match &record.data {
             RData::A(a) => IpAddr::V4(a.0),
             RData::AAAA(a) => IpAddr::V6(a.0),
+            // Address hints are never installed: none may reach the client.
+            RData::SVCB(svcb) | RData::HTTPS(hickory_proto::rr::rdata::HTTPS(svcb)) => {
+                assert!(
+                    !svcb.svc_params.iter().any(|(key, _)| matches!(
+                        key,
+                        hickory_proto::rr::rdata::svcb::SvcParamKey::Ipv4Hint
+                            | hickory_proto::rr::rdata::svcb::SvcParamKey::Ipv6Hint
+                    )),
+                    "an address hint reached the client: {record:?}"
+                );
+                continue;
+            }
             _ => continue,
         };
         assert!(

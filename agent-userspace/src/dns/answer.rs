@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use hickory_proto::{
     op::{Message, MessageType, ResponseCode},
-    rr::{Name, RData},
+    rr::{rdata::svcb::SvcParamKey, Name, RData},
     ProtoError,
 };
 
@@ -70,9 +70,25 @@ pub(crate) fn check(
 }
 
 /// Removes from every section of `response` the A and AAAA records whose address is not
-/// in `installed`, so the sandbox is handed only addresses the kernel already knows.
+/// in `installed`, so the sandbox is handed only addresses the kernel already knows, and
+/// the address hints of SVCB and HTTPS records (`ipv4hint`, `ipv6hint`), which nothing
+/// installs (a client that would connect to a hint resolves the name's A/AAAA instead).
 /// Returns the addresses removed, each once.
 pub(crate) fn keep_only(response: &mut Message, installed: &[IpAddr]) -> Vec<IpAddr> {
+    for record in response
+        .answers
+        .iter_mut()
+        .chain(response.authorities.iter_mut())
+        .chain(response.additionals.iter_mut())
+    {
+        let svcb = match &mut record.data {
+            RData::SVCB(svcb) => svcb,
+            RData::HTTPS(https) => &mut https.0,
+            _ => continue,
+        };
+        svcb.svc_params
+            .retain(|(key, _)| !matches!(key, SvcParamKey::Ipv4Hint | SvcParamKey::Ipv6Hint));
+    }
     let mut removed: Vec<IpAddr> = Vec::new();
     let mut keep = |record: &hickory_proto::rr::Record| {
         let addr = match &record.data {
@@ -145,6 +161,53 @@ mod tests {
     use hickory_proto::rr::{rdata::A, Name, Record};
 
     use super::*;
+
+    #[test]
+    fn only_installed_addresses_and_no_address_hints_reach_the_client() {
+        use hickory_proto::rr::rdata::{
+            svcb::{IpHint, SvcParamValue, SVCB},
+            HTTPS,
+        };
+        let name = Name::from_ascii("api.example.").unwrap();
+        let mut m = Message::query();
+        for last in [1, 2] {
+            m.add_answer(Record::from_rdata(
+                name.clone(),
+                300,
+                RData::A(A([192, 0, 2, last].into())),
+            ));
+        }
+        let hinted = SVCB::new(
+            1,
+            Name::root(),
+            vec![
+                (
+                    SvcParamKey::Ipv4Hint,
+                    SvcParamValue::Ipv4Hint(IpHint(vec![A([203, 0, 113, 66].into())])),
+                ),
+                (SvcParamKey::Port, SvcParamValue::Port(8443)),
+            ],
+        );
+        m.add_answer(Record::from_rdata(
+            name.clone(),
+            300,
+            RData::HTTPS(HTTPS(hinted.clone())),
+        ));
+        m.add_additional(Record::from_rdata(name, 300, RData::SVCB(hinted)));
+        let removed = keep_only(&mut m, &[IpAddr::from([192, 0, 2, 1])]);
+        assert_eq!(removed, [IpAddr::from([192, 0, 2, 2])]);
+        for record in m.answers.iter().chain(m.additionals.iter()) {
+            let params = match &record.data {
+                RData::HTTPS(h) => &h.0.svc_params,
+                RData::SVCB(s) => &s.svc_params,
+                _ => continue,
+            };
+            let keys: Vec<_> = params.iter().map(|(k, _)| *k).collect();
+            assert_eq!(keys, [SvcParamKey::Port], "{record:?}");
+        }
+        assert_eq!(m.answers.len(), 2);
+        assert_eq!(m.additionals.len(), 1);
+    }
 
     #[test]
     fn ttls_are_capped_at_what_the_kernel_keeps() {
