@@ -19,6 +19,7 @@ mod sendmsg6;
 mod skb;
 mod sock_create;
 mod sock_ops;
+mod sock_release;
 mod sockopt;
 
 #[cfg(target_arch = "bpf")]

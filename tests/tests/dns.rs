@@ -869,3 +869,60 @@ fn two_sandboxes_resolve_and_learn_separately() -> Result<()> {
     expect::origin_body(&a.curl(&[&format!("http://{ORIGIN_V4}/")])?)?;
     Ok(())
 }
+
+/// The entries of the pinned `ORIG` map (redirected sockets' original destinations).
+fn redirect_entries(fx: &DnsFixture) -> Result<usize> {
+    let orig = fx.daemon.bpffs().path().join("v2/maps/ORIG");
+    let dump = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&orig)
+        .output()
+        .context("bpftool (scripts/setup.sh installs it)")?;
+    ensure!(
+        dump.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    Ok(serde_json::from_slice::<Vec<Value>>(&dump.stdout)?.len())
+}
+
+/// Every query redirected to the resolver keeps its socket's original destination in a
+/// map all sandboxes share; a closed socket's entry goes with it, so a sandbox opening and
+/// closing sockets to port 53 cannot push out other sandboxes' entries (whose answers
+/// would then come from the resolver's own address, which clients drop).
+#[test]
+fn a_closed_sockets_redirect_is_forgotten() -> Result<()> {
+    require_dns_tools!();
+    let fx = DnsFixture::new(LONG_TTL)?;
+    fx.attach(&fx.sandbox, NAMES_POLICY)?;
+    let before = redirect_entries(&fx)?;
+    const SOCKETS: usize = 2000;
+    let script = format!(
+        "import socket\n\
+         for _ in range({SOCKETS}):\n\
+         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20   s.connect(('{UNSERVED_RESOLVER}', 53))\n\
+         \x20   s.close()\n\
+         print('done')\n"
+    );
+    let out = fx.sandbox.run("python3", &["-c", &script])?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).trim() == "done",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = redirect_entries(&fx)?;
+    ensure!(
+        after < before + SOCKETS / 10,
+        "{SOCKETS} sockets opened and closed left {} redirect entries (from {before})",
+        after
+    );
+    // Positive control: the redirect itself still works.
+    ensure_resolves(
+        &fx.sandbox,
+        &[&format!("@{UNSERVED_RESOLVER}"), API_NAME],
+        origin(),
+        &UNSERVED_RESOLVER.to_string(),
+    )?;
+    Ok(())
+}

@@ -13,7 +13,7 @@ use aya::programs::{
 };
 
 use super::{
-    loader::{SETSOCKOPT, SKB_EGRESS, SOCK_CREATE, SOCK_OPS},
+    loader::{SETSOCKOPT, SKB_EGRESS, SOCK_CREATE, SOCK_OPS, SOCK_RELEASE},
     BpfError, PinLayout, Programs, HOOKS,
 };
 
@@ -140,8 +140,8 @@ fn attach_hook(
     };
     // Single: the kernel's cgroup bpf_link attach accepts only this mode
     // (AllowMultiple fails with EINVAL), and links still coexist.
-    let fd_link: FdLink = if name == SOCK_CREATE {
-        let prog = programs.sock_create()?;
+    let fd_link: FdLink = if name == SOCK_CREATE || name == SOCK_RELEASE {
+        let prog = programs.cgroup_sock(name, hook)?;
         let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
         prog.take_link(id).map_err(err)?.try_into()
     } else if name == SETSOCKOPT {

@@ -8,10 +8,11 @@ use aya::{
 use super::{BpfError, PinLayout};
 
 /// (program symbol, hook name) for every program attached to a sandbox cgroup. The hook
-/// name is also the link's pin file name. The first eight are cgroup_sock_addr programs;
-/// `sock_ops` records redirected connections' source ports for the proxy; `setsockopt` and
-/// `skb_egress` refuse source routes set by socket option and drop packets carrying one.
-pub const HOOKS: [(&str, &str); 14] = [
+/// name is also the link's pin file name. The first ten are cgroup_sock_addr programs;
+/// `sock_ops` records redirected connections' source ports for the proxy; `sock_release`
+/// forgets a closed socket's redirect; `setsockopt` and `skb_egress` refuse source routes
+/// set by socket option and drop packets carrying one.
+pub const HOOKS: [(&str, &str); 15] = [
     ("egress_connect4", "connect4"),
     ("egress_connect6", "connect6"),
     ("egress_sendmsg4", "sendmsg4"),
@@ -24,6 +25,7 @@ pub const HOOKS: [(&str, &str); 14] = [
     ("egress_bind6", "bind6"),
     (SOCK_OPS, "sock_ops"),
     (SOCK_CREATE, "sock_create"),
+    (SOCK_RELEASE, "sock_release"),
     (SETSOCKOPT, "setsockopt"),
     (SKB_EGRESS, "skb_egress"),
 ];
@@ -40,6 +42,9 @@ pub const LSM_SOCKET_CREATE: &str = "egress_lsm_socket_create";
 
 /// Symbol of the program that refuses raw, ICMP and other non-TCP/UDP sockets.
 pub const SOCK_CREATE: &str = "egress_sock_create";
+
+/// Symbol of the program that forgets a closed socket's redirect entry.
+pub const SOCK_RELEASE: &str = "egress_sock_release";
 
 /// Symbol of the sock_ops program.
 pub const SOCK_OPS: &str = "egress_sock_ops";
@@ -68,8 +73,8 @@ impl Programs {
             };
             if name == SOCK_OPS {
                 programs.sock_ops()?.load().map_err(err)?;
-            } else if name == SOCK_CREATE {
-                programs.sock_create()?.load().map_err(err)?;
+            } else if name == SOCK_CREATE || name == SOCK_RELEASE {
+                programs.cgroup_sock(name, hook)?.load().map_err(err)?;
             } else if name == SETSOCKOPT {
                 programs.setsockopt()?.load().map_err(err)?;
             } else if name == SKB_EGRESS {
@@ -110,18 +115,13 @@ impl Programs {
             })
     }
 
-    pub(crate) fn sock_create(&mut self) -> Result<&mut CgroupSock, BpfError> {
-        self.ebpf
-            .program_mut(SOCK_CREATE)
-            .ok_or_else(|| {
-                BpfError::Other(format!("program {SOCK_CREATE} missing from the object"))
-            })?
-            .try_into()
-            .map_err(|e| BpfError::Program {
-                program: SOCK_CREATE,
-                hook: "sock_create",
-                source: Box::new(e),
-            })
+    /// A cgroup_sock program (`sock_create`, `sock_release`).
+    pub(crate) fn cgroup_sock(
+        &mut self,
+        name: &'static str,
+        hook: &'static str,
+    ) -> Result<&mut CgroupSock, BpfError> {
+        self.typed(name, hook)
     }
 
     fn typed<T>(&mut self, name: &'static str, hook: &'static str) -> Result<&mut T, BpfError>
