@@ -19,7 +19,10 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use crate::maps::{COUNTERS, EVENTS, LOST, LOST_BY_SANDBOX, ORIG, RULES_V4, RULES_V6, SANDBOXES};
+use crate::maps::{
+    COUNTERS, EVENTS, LOST, LOST_BY_SANDBOX, LOST_DENIED_BY_SANDBOX, ORIG, RULES_V4, RULES_V6,
+    SANDBOXES,
+};
 
 /// Return value of a cgroup_sock_addr program: 1 lets the call proceed, 0 fails it with EPERM.
 pub const RET_ALLOW: i32 = 1;
@@ -619,6 +622,12 @@ pub fn report(origin: &Origin, call: &Call, index: u32, v: u8, rule_id: u16) {
         if let Some(lost) = LOST_BY_SANDBOX.get_ptr_mut(index) {
             // SAFETY: per-CPU slot (the helper checks the index).
             unsafe { *lost += 1 };
+        }
+        if v == verdict::DENY {
+            if let Some(lost) = LOST_DENIED_BY_SANDBOX.get_ptr_mut(index) {
+                // SAFETY: per-CPU slot (the helper checks the index).
+                unsafe { *lost += 1 };
+            }
         }
         return;
     };

@@ -34,6 +34,12 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 #[map]
 pub static LOST_BY_SANDBOX: PerCpuArray<u64> = PerCpuArray::pinned(MAX_SANDBOXES, 0);
 
+/// Of those, the denials, by sandbox index: they count toward a sandbox's denial burst
+/// though their records are missing (a sandbox filling the ring cannot hide its denials
+/// from it), where lost allowed calls must not.
+#[map]
+pub static LOST_DENIED_BY_SANDBOX: PerCpuArray<u64> = PerCpuArray::pinned(MAX_SANDBOXES, 0);
+
 /// Decision events for the audit log. 4 MiB holds ~40k events while the daemon is away.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned((4 << 20) as u32, 0);

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
 use crate::audit::summarize;
@@ -318,6 +318,21 @@ impl Daemon {
             }
             None => bail!("egressd is not running"),
         }
+    }
+
+    /// Stops (SIGSTOP) or continues (SIGCONT) the daemon: a daemon that cannot keep up,
+    /// whose programs keep deciding meanwhile.
+    pub fn set_paused(&self, paused: bool) -> Result<()> {
+        let pid = self.pid().context("egressd is not running")?;
+        let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) with a pid this harness started and still holds.
+        let rc = unsafe { libc::kill(i32::try_from(pid)?, signal) };
+        ensure!(
+            rc == 0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(())
     }
 
     /// SIGTERM the daemon and wait (at most `grace`) for it to exit by itself; keeps its

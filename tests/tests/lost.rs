@@ -99,44 +99,85 @@ rules:
 
 /// Allowed UDP connects that fill the ring buffer (each one event, no packet sent).
 const FILLERS: usize = 45_000;
-/// Denials made once it is full: none of them can be recorded one by one.
-const HIDDEN_DENIALS: usize = 100;
+/// Calls made once it is full: none of them can be recorded one by one.
+const HIDDEN: usize = 100;
 
-/// A sandbox that fills the ring buffer with allowed calls cannot hide its denials from the
-/// denial burst: the decisions lost count toward it as denials.
-#[test]
-fn denials_lost_in_a_full_ring_still_make_a_burst() -> Result<()> {
-    require_root!();
-    let mut fx = Fixture::new()?;
-    fx.attach(UDP_ALLOWED)?;
-    // Nothing drains the ring while the sandbox fills it (a daemon that cannot keep up).
-    fx.daemon.kill9()?;
+/// In the sandbox, while the daemon is stopped: `FILLERS` allowed UDP connects, then
+/// `HIDDEN` more calls, TCP connects to the canary (denied) or allowed UDP connects.
+fn fill_the_ring_then(fx: &Fixture, denials: bool) -> Result<()> {
+    let last = if denials {
+        format!(
+            "for _ in range({HIDDEN}):\n\
+             \x20   s = socket.socket()\n\
+             \x20   try:\n\
+             \x20       s.connect(('{CANARY_V4}', 9))\n\
+             \x20   except PermissionError:\n\
+             \x20       n += 1\n\
+             \x20   finally:\n\
+             \x20       s.close()\n"
+        )
+    } else {
+        format!(
+            "for _ in range({HIDDEN}):\n\
+             \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             \x20   s.connect(('192.0.2.10', 9))\n\
+             \x20   n += 1\n\
+             \x20   s.close()\n"
+        )
+    };
     let script = format!(
         "import socket\n\
-         allowed = denied = 0\n\
+         n = 0\n\
          for _ in range({FILLERS}):\n\
          \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
          \x20   s.connect(('192.0.2.10', 9))\n\
-         \x20   allowed += 1\n\
          \x20   s.close()\n\
-         for _ in range({HIDDEN_DENIALS}):\n\
-         \x20   s = socket.socket()\n\
-         \x20   try:\n\
-         \x20       s.connect(('{CANARY_V4}', 9))\n\
-         \x20   except PermissionError:\n\
-         \x20       denied += 1\n\
-         \x20   finally:\n\
-         \x20       s.close()\n\
-         print(allowed, denied)\n"
+         {last}\
+         print(n)\n"
     );
-    let out = fx.sandbox.run("python3", &["-c", &script])?;
+    fx.daemon.set_paused(true)?;
+    let out = fx.sandbox.run("python3", &["-c", &script]);
+    fx.daemon.set_paused(false)?;
+    let out = out?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     ensure!(
-        stdout.trim() == format!("{FILLERS} {HIDDEN_DENIALS}"),
-        "fillers allowed and denials refused: {stdout:?} {}",
+        stdout.trim() == HIDDEN.to_string(),
+        "{HIDDEN} calls {}: {stdout:?} {}",
+        if denials { "refused" } else { "allowed" },
         String::from_utf8_lossy(&out.stderr)
     );
-    fx.daemon.restart()?;
+    Ok(())
+}
+
+/// A sandbox that fills the ring buffer cannot hide its denials from the denial burst:
+/// the denials lost count toward it. Allowed calls lost do not (a sandbox must not be
+/// quarantined for a flood, its own or another's).
+#[test]
+fn denials_lost_in_a_full_ring_still_make_a_burst() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    fx.attach(UDP_ALLOWED)?;
+    let bursts = |fx: &Fixture| -> Result<usize> {
+        Ok(fx
+            .daemon
+            .audit_records()?
+            .iter()
+            .filter(|r| egress_tests::audit::action(r) == Some("denial-burst"))
+            .count())
+    };
+    // Only allowed calls lost: counted in events-lost, no burst.
+    fill_the_ring_then(&fx, false)?;
+    fx.daemon.wait_for_record(Duration::from_secs(20), |r| {
+        egress_tests::audit::action(r) == Some("events-lost")
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(
+        bursts(&fx)? == 0,
+        "lost allowed calls made a denial burst\n{}",
+        summarize(&fx.daemon.audit_records()?)
+    );
+    // Denials lost: a burst, though not one of them was recorded one by one.
+    fill_the_ring_then(&fx, true)?;
     let burst = fx.daemon.wait_for_record(Duration::from_secs(20), |r| {
         egress_tests::audit::action(r) == Some("denial-burst")
     })?;
@@ -146,7 +187,6 @@ fn denials_lost_in_a_full_ring_still_make_a_burst() -> Result<()> {
                 .is_some_and(|r| r.contains("could not be recorded")),
         "{burst}"
     );
-    // The denials themselves were lost, not delivered: the burst came from the count.
     let delivered = fx
         .daemon
         .audit_records()?

@@ -13,6 +13,7 @@ pub struct PolicyMaps {
     counters: PerCpuArray<MapData, SandboxCounters>,
     lost: PerCpuArray<MapData, u64>,
     lost_by_sandbox: PerCpuArray<MapData, u64>,
+    lost_denied_by_sandbox: PerCpuArray<MapData, u64>,
 }
 
 fn take<T>(programs: &mut Programs, name: &'static str) -> Result<T, BpfError>
@@ -35,6 +36,7 @@ impl PolicyMaps {
             counters: take(programs, "COUNTERS")?,
             lost: take(programs, "LOST")?,
             lost_by_sandbox: take(programs, "LOST_BY_SANDBOX")?,
+            lost_denied_by_sandbox: take(programs, "LOST_DENIED_BY_SANDBOX")?,
         })
     }
 
@@ -291,9 +293,18 @@ impl PolicyMaps {
     /// Lost events by the sandbox index of the event (0: none found), non-zero only,
     /// since the counters were created.
     pub fn lost_by_sandbox(&self) -> Vec<(u32, u64)> {
+        Self::nonzero(&self.lost_by_sandbox)
+    }
+
+    /// Denials among the lost events, by sandbox index (those with any).
+    pub fn lost_denied_by_sandbox(&self) -> Vec<(u32, u64)> {
+        Self::nonzero(&self.lost_denied_by_sandbox)
+    }
+
+    fn nonzero(map: &PerCpuArray<MapData, u64>) -> Vec<(u32, u64)> {
         (0..agent_common::MAX_SANDBOXES)
             .filter_map(|index| {
-                let total: u64 = self.lost_by_sandbox.get(&index, 0).ok()?.iter().sum();
+                let total: u64 = map.get(&index, 0).ok()?.iter().sum();
                 (total > 0).then_some((index, total))
             })
             .collect()

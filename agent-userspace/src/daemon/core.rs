@@ -74,6 +74,9 @@ pub struct Core {
     pub alerts: Alerts,
     /// Denied decisions per sandbox, for `denial-burst` alerts.
     pub bursts: DenialBursts,
+    /// The kernel's count of lost denials per sandbox index when last looked at (from
+    /// this daemon's start: denials lost while no daemon ran have no time to burst in).
+    pub lost_denied_seen: std::collections::HashMap<u32, u64>,
     /// Runs credential revocations after a quarantine.
     pub runtime: tokio::runtime::Handle,
     /// Whether the BPF LSM program keeps sandboxes from creating packet sockets; `Err`

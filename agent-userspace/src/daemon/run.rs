@@ -293,12 +293,14 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         dns,
         alerts,
         bursts: Default::default(),
+        lost_denied_seen: Default::default(),
         runtime: tokio::runtime::Handle::current(),
         packet_sockets,
         source_routing: Default::default(),
         known_pids: Default::default(),
         departed: Default::default(),
     };
+    core.lost_denied_seen = core.maps.lost_denied_by_sandbox().into_iter().collect();
     let adopted = core.reconcile();
     audit.emit(Record::DaemonStart(DaemonStart {
         time: now(),
@@ -613,6 +615,17 @@ fn report_lost(shared: &Shared) {
                 None => format!("index {index}"),
             };
             sandboxes.push(LostBySandbox { name, count: new });
+        }
+        for (index, denied) in core.maps.lost_denied_by_sandbox() {
+            let seen = core.lost_denied_seen.insert(index, denied).unwrap_or(0);
+            let new = if denied >= seen {
+                denied - seen
+            } else {
+                denied
+            };
+            if new == 0 {
+                continue;
+            }
             if let Some(alert) = lost_as_denials(&mut core, index, new) {
                 alerts.push(alert);
             }
@@ -635,10 +648,11 @@ fn report_lost(shared: &Shared) {
     }
 }
 
-/// A sandbox's decisions the kernel could not record count toward its denial burst as
-/// denials: which they were is unknown, and a sandbox that floods the ring buffer (with
-/// allowed sends, say) must not hide its denials from the burst, and its response, so.
-/// Returns the `denial-burst` alert they complete, if any.
+/// A sandbox's denials the kernel could not record count toward its denial burst: a
+/// sandbox that floods the ring buffer (with allowed sends, say) must not hide its
+/// denials from the burst, and its response, so. (Lost allowed calls do not count: a
+/// sandbox must not be quarantined for another's flood.) Returns the `denial-burst` alert
+/// they complete, if any.
 fn lost_as_denials(core: &mut Core, index: u32, lost: u64) -> Option<Alert> {
     let name = core.state.by_index(index)?.name.clone();
     let needed = u64::from(core.alerts.burst_config(&name).count);
@@ -651,8 +665,8 @@ fn lost_as_denials(core: &mut Core, index: u32, lost: u64) -> Option<Alert> {
     }
     let mut alert = alert?;
     alert.reason = format!(
-        "{}; {lost} of the sandbox's decisions could not be recorded (the kernel's ring \
-         buffer was full) and count as denials",
+        "{}; {lost} of the sandbox's denials could not be recorded one by one (the \
+         kernel's ring buffer was full) and are counted",
         alert.reason
     );
     Some(alert)
