@@ -545,6 +545,17 @@ fn attach_by_pid_runtime_paths_empty_cgroups_and_recreated_cgroups() -> Result<(
         );
         ensure!(fx.daemon.status_sandbox("empty")?.is_none());
         ensure!(get_u64(&fx.daemon.status_json()?, "proxy_listeners") == Some(0));
+        // Nor is the daemon's own namespace a sandbox's: its listeners would be on the
+        // host's loopback.
+        let host = std::path::PathBuf::from(format!("/proc/{}/ns/net", std::process::id()));
+        let out = attach(Some(&host))?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.contains("shares the daemon's network namespace"),
+            "a sandbox in the daemon's network namespace was attached: {out:?}"
+        );
+        ensure!(fx.daemon.status_sandbox("empty")?.is_none());
+        ensure!(get_u64(&fx.daemon.status_json()?, "proxy_listeners") == Some(0));
         let netns = fx.sandbox.netns().path();
         let out = attach(Some(&netns))?;
         ensure!(out.status.success(), "attach with --netns failed: {out:?}");

@@ -368,9 +368,33 @@ impl Core {
 
     /// The network namespace a sandbox's listeners belong in: the one named at attach
     /// (checked to be the same namespace it was then), else that of a process in its cgroup.
-    /// An empty cgroup without a named namespace is refused: the daemon's own namespace is
-    /// never a stand-in (the proxy would listen on the host's loopback).
+    /// An empty cgroup without a named namespace is refused, and so is the daemon's own
+    /// namespace: the proxy and resolver would listen on the host's loopback, where any
+    /// host process could spend the sandbox's budget in its name, or take their ports
+    /// while the daemon restarts.
     fn sandbox_netns(
+        cgroup: &Path,
+        netns: Option<&Path>,
+        inode: Option<u64>,
+    ) -> Result<PathBuf, String> {
+        let path = Self::named_or_found_netns(cgroup, netns, inode)?;
+        let theirs =
+            netns_id(&path).map_err(|e| format!("network namespace {}: {e}", path.display()))?;
+        let ours = netns_id(Path::new("/proc/self/ns/net"))
+            .map_err(|e| format!("the daemon's own network namespace: {e}"))?;
+        if theirs == ours {
+            return Err(format!(
+                "the sandbox shares the daemon's network namespace ({}): its proxy listener \
+                 and resolver would be on the host's loopback, open to every host process; \
+                 give the sandbox a network namespace of its own, or a policy without proxy \
+                 rules and names",
+                path.display()
+            ));
+        }
+        Ok(path)
+    }
+
+    fn named_or_found_netns(
         cgroup: &Path,
         netns: Option<&Path>,
         inode: Option<u64>,
