@@ -113,8 +113,59 @@ impl State {
         (1..max).find(|i| !reserved.contains(i) && !self.sandboxes.values().any(|s| s.index == *i))
     }
 
-    /// Smallest slot in 1..max used neither by a sandbox nor in `busy`.
+    /// A slot in 1..max used neither by a sandbox nor in `busy`: the first after the
+    /// highest in use, wrapping around. A slot just freed (the one a replaced policy had)
+    /// is thus the last to be given again, so a redirect made under it cannot be taken
+    /// for one made under a later policy in the same slot.
     pub fn free_slot(&self, max: u32, busy: &[u32]) -> Option<u32> {
-        (1..max).find(|i| !busy.contains(i) && !self.sandboxes.values().any(|s| s.slot == *i))
+        let in_use = |i: &u32| busy.contains(i) || self.sandboxes.values().any(|s| s.slot == *i);
+        let highest = self
+            .sandboxes
+            .values()
+            .map(|s| s.slot)
+            .chain(busy.iter().copied())
+            .filter(|s| *s < max)
+            .max()
+            .unwrap_or(0);
+        (highest + 1..max).chain(1..=highest).find(|i| !in_use(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_slot(slot: u32) -> State {
+        let mut state = State::default();
+        state.sandboxes.insert(
+            "agent".into(),
+            SandboxRecord {
+                name: "agent".into(),
+                cgroup: PathBuf::from("/sys/fs/cgroup/agent"),
+                cgroup_id: 7,
+                index: 1,
+                slot,
+                policy_path: "p.yaml".into(),
+                policy_source: String::new(),
+                policy_digest: String::new(),
+                attached_at: String::new(),
+                netns: None,
+                netns_inode: None,
+                quarantine: None,
+            },
+        );
+        state
+    }
+
+    #[test]
+    fn a_slot_just_freed_is_the_last_given_again() {
+        // Replacements move a sandbox on from slot to slot, not back and forth.
+        assert_eq!(with_slot(1).free_slot(8, &[]), Some(2));
+        assert_eq!(with_slot(2).free_slot(8, &[]), Some(3));
+        // Past the last slot, the search wraps around (slot 0 is never given).
+        assert_eq!(with_slot(7).free_slot(8, &[]), Some(1));
+        // Busy slots (still in the kernel maps) are skipped.
+        assert_eq!(with_slot(2).free_slot(8, &[3, 4]), Some(5));
+        assert_eq!(with_slot(1).free_slot(2, &[]), None);
     }
 }
