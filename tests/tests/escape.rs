@@ -253,5 +253,16 @@ fn the_unspecified_address_from_a_chosen_source_is_refused() -> Result<()> {
             "{op} {host}: {rec}"
         );
     }
+    // 0.0.0.0 in the NAT64 prefix goes to the translator, never to loopback: refused
+    // even from an unbound socket.
+    let p = fx
+        .sandbox
+        .probe_host("tcp-connect", "64:ff9b::", 7786, &[])?;
+    expect::eperm(&p)?;
+    let rec = fx.daemon.wait_for_record(RECORD_TIMEOUT, |r| {
+        r["destination"]["port"] == 7786
+            && egress_tests::audit::get_str(r, "rule.name") == Some("unspecified-address")
+    })?;
+    ensure!(egress_tests::audit::verdict(&rec) == Some("deny"), "{rec}");
     Ok(())
 }

@@ -287,6 +287,7 @@ impl Proxy {
                 "max_handshakes_per_sandbox",
                 config.max_handshakes_per_sandbox,
             ),
+            ("max_requests_per_sandbox", config.max_requests_per_sandbox),
         ] {
             if !(1..=1 << 20).contains(&value) {
                 return Err(ProxyError::Config {

@@ -650,6 +650,9 @@ impl ScrubbedBody {
         self.send(tail);
         if let Some(mut t) = trailers {
             scrub_headers(&mut t, &self.matcher, &self.tally);
+            // A cookie has no place in trailers (RFC 9110, 6.5.1), and a session an
+            // origin opens there would reach the sandbox past the head's removal.
+            t.remove(http::header::SET_COOKIE);
             self.queue.push_back(Frame::trailers(t));
         }
         self.ended = true;

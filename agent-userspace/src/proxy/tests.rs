@@ -1469,6 +1469,18 @@ fn bad_config_values_are_rejected() {
         err.to_string().contains("max_handshakes_per_sandbox"),
         "{err}"
     );
+    // 0 would answer every request 503; past the semaphore's bound, it would panic.
+    for max in [0, usize::MAX >> 3] {
+        let err = make(ProxyConfig {
+            max_requests_per_sandbox: max,
+            ..ProxyConfig::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("max_requests_per_sandbox"),
+            "{err}"
+        );
+    }
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "").unwrap();
     let err = make(ProxyConfig {
