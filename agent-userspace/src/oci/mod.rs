@@ -37,6 +37,11 @@ pub const ANNOTATION_SANDBOX: &str = "io.egressd.sandbox";
 /// Set by CRI-O and containerd's CRI on every container of a pod.
 pub const ANNOTATION_K8S_NAMESPACE: &str = "io.kubernetes.pod.namespace";
 pub const ANNOTATION_K8S_POD: &str = "io.kubernetes.pod.name";
+/// CRI-O's annotation holding a pod's labels (JSON). CRI-O also writes each label into the
+/// container's annotations, after the pod's annotations, so a label of the same key
+/// overrides one: a pod author could choose a policy or claim a sandbox name past an
+/// admission policy that checks annotations.
+const ANNOTATION_CRIO_LABELS: &str = "io.kubernetes.cri-o.Labels";
 
 /// Longest state document read from standard input.
 const MAX_STATE: u64 = 1 << 20;
@@ -232,6 +237,7 @@ pub fn plan(
     config: &Config,
 ) -> anyhow::Result<Plan> {
     let annotations = merged_annotations(state, config);
+    reserved_labels(&annotations)?;
     if let Some(ns) = annotations.get(ANNOTATION_K8S_NAMESPACE) {
         if opts.exempt_namespaces.iter().any(|e| e == ns) {
             return Ok(Plan::Exempt(format!(
@@ -296,6 +302,27 @@ pub fn plan(
             })
         }
     }
+}
+
+/// Refuses a container whose pod labels use a key egressd reads from annotations (see
+/// [`ANNOTATION_CRIO_LABELS`]): which of the two the annotation now holds cannot be told.
+fn reserved_labels(annotations: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    let Some(json) = annotations.get(ANNOTATION_CRIO_LABELS) else {
+        return Ok(());
+    };
+    let labels: BTreeMap<String, serde_json::Value> = serde_json::from_str(json)
+        .with_context(|| format!("{ANNOTATION_CRIO_LABELS} is not a JSON object; refusing"))?;
+    if let Some(key) = labels
+        .keys()
+        .find(|k| k.starts_with("io.egressd.") || k.starts_with("io.kubernetes.pod."))
+    {
+        anyhow::bail!(
+            "the pod has a label {key:?}, which the runtime copies over the annotation of the \
+             same key that egressd reads; refusing to start it (set io.egressd.* as \
+             annotations, never labels)"
+        );
+    }
+    Ok(())
 }
 
 /// Annotations of the config, overridden by those the runtime put in the state.
@@ -493,6 +520,34 @@ mod tests {
         }
         let e = policy_file(dir.path(), "missing").unwrap_err().to_string();
         assert!(e.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn pod_labels_may_not_shadow_what_egressd_reads() {
+        let state: State = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2","id":"c1","status":"creating","pid":4242,"bundle":"/b"}"#,
+        )
+        .unwrap();
+        let plan_with = |labels: &str| {
+            let config: Config = serde_json::from_value(serde_json::json!({
+                "annotations": {
+                    ANNOTATION_POLICY: "open",
+                    ANNOTATION_CRIO_LABELS: labels,
+                }
+            }))
+            .unwrap();
+            plan(Stage::Poststop, &opts(Scope::Container), &state, &config)
+        };
+        // Positive control: ordinary labels.
+        assert!(plan_with(r#"{"app":"agent"}"#).is_ok());
+        for labels in [
+            r#"{"app":"agent","io.egressd.policy":"open"}"#,
+            r#"{"io.egressd.sandbox":"agent-1"}"#,
+            r#"{"io.kubernetes.pod.namespace":"egressd-system"}"#,
+            "not json",
+        ] {
+            assert!(plan_with(labels).is_err(), "{labels}");
+        }
     }
 
     #[test]
