@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -84,7 +84,17 @@ impl Placeholders {
             source,
         };
         let bytes = match std::fs::read(&path) {
-            Ok(bytes) => zeroize::Zeroizing::new(bytes),
+            Ok(bytes) => {
+                // A key others can read lets them make every sandbox's sentinels (and
+                // spend another's credential as it): refused, as the CA's key is.
+                let mode = std::fs::metadata(&path).map_err(err)?.permissions().mode() & 0o7777;
+                if mode & 0o077 != 0 {
+                    return Err(err(std::io::Error::other(format!(
+                        "mode {mode:04o} lets others read it; chmod 600 it"
+                    ))));
+                }
+                zeroize::Zeroizing::new(bytes)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut bytes = zeroize::Zeroizing::new(vec![0u8; KEY_BYTES]);
                 ring::rand::SystemRandom::new()
@@ -305,9 +315,17 @@ mod tests {
     #[test]
     fn a_bad_key_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(KEY_FILE), b"short").unwrap();
+        let key = dir.path().join(KEY_FILE);
+        std::fs::write(&key, b"short").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         let mut p = Placeholders::new(vec!["api".into()]);
         assert!(p.load_key(dir.path()).is_err());
+        // A key of the right length others can read (restored from a backup, say).
+        std::fs::write(&key, [7u8; KEY_BYTES]).unwrap();
+        assert!(p.load_key(dir.path()).is_ok(), "positive control");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = p.load_key(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
     }
 
     #[test]
