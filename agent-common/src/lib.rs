@@ -7,7 +7,10 @@
 //! build with a different layout.
 #![no_std]
 
-/// Bumped whenever any type in this crate changes layout or meaning.
+/// Bumped whenever any type in this crate changes layout or meaning, unless a daemon
+/// reading what an older build's programs wrote is shown to fail closed (as `OrigDst`'s
+/// `policy_slot`, which reads 0 there: such a redirect is refused). A bump leaves the
+/// older build's links and maps pinned under their own directory.
 pub const ABI_VERSION: u32 = 2;
 
 /// Sandbox indices run from 1 to `MAX_SANDBOXES - 1`; index 0 means "no sandbox found".
