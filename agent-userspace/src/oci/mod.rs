@@ -37,10 +37,11 @@ pub const ANNOTATION_SANDBOX: &str = "io.egressd.sandbox";
 /// Set by CRI-O and containerd's CRI on every container of a pod.
 pub const ANNOTATION_K8S_NAMESPACE: &str = "io.kubernetes.pod.namespace";
 pub const ANNOTATION_K8S_POD: &str = "io.kubernetes.pod.name";
-/// CRI-O's annotation holding a pod's labels (JSON). CRI-O also writes each label into the
-/// container's annotations, after the pod's annotations, so a label of the same key
-/// overrides one: a pod author could choose a policy or claim a sandbox name past an
-/// admission policy that checks annotations.
+/// CRI-O's annotation holding a container's labels (JSON). CRI-O also writes each label
+/// into the container's annotations, after the pod's annotations, so a label of the same
+/// key overrides one: a pod author could choose a policy or claim a sandbox name past an
+/// admission policy that checks annotations. (The `io.kubernetes.pod.*` labels are
+/// kubelet's own, set from the pod's metadata over any of the pod's.)
 const ANNOTATION_CRIO_LABELS: &str = "io.kubernetes.cri-o.Labels";
 
 /// Longest state document read from standard input.
@@ -304,7 +305,7 @@ pub fn plan(
     }
 }
 
-/// Refuses a container whose pod labels use a key egressd reads from annotations (see
+/// Refuses a container whose labels use an `io.egressd.*` key (see
 /// [`ANNOTATION_CRIO_LABELS`]): which of the two the annotation now holds cannot be told.
 fn reserved_labels(annotations: &BTreeMap<String, String>) -> anyhow::Result<()> {
     let Some(json) = annotations.get(ANNOTATION_CRIO_LABELS) else {
@@ -312,10 +313,7 @@ fn reserved_labels(annotations: &BTreeMap<String, String>) -> anyhow::Result<()>
     };
     let labels: BTreeMap<String, serde_json::Value> = serde_json::from_str(json)
         .with_context(|| format!("{ANNOTATION_CRIO_LABELS} is not a JSON object; refusing"))?;
-    if let Some(key) = labels
-        .keys()
-        .find(|k| k.starts_with("io.egressd.") || k.starts_with("io.kubernetes.pod."))
-    {
+    if let Some(key) = labels.keys().find(|k| k.starts_with("io.egressd.")) {
         anyhow::bail!(
             "the pod has a label {key:?}, which the runtime copies over the annotation of the \
              same key that egressd reads; refusing to start it (set io.egressd.* as \
@@ -538,12 +536,14 @@ mod tests {
             .unwrap();
             plan(Stage::Poststop, &opts(Scope::Container), &state, &config)
         };
-        // Positive control: ordinary labels.
-        assert!(plan_with(r#"{"app":"agent"}"#).is_ok());
+        // Positive control: the labels kubelet gives every container, and the pod's own.
+        let kubelet = r#"{"app":"agent","io.kubernetes.container.name":"main",
+            "io.kubernetes.pod.name":"p-1","io.kubernetes.pod.namespace":"team",
+            "io.kubernetes.pod.uid":"0b5e0c6e-1"}"#;
+        assert!(plan_with(kubelet).is_ok());
         for labels in [
             r#"{"app":"agent","io.egressd.policy":"open"}"#,
-            r#"{"io.egressd.sandbox":"agent-1"}"#,
-            r#"{"io.kubernetes.pod.namespace":"egressd-system"}"#,
+            r#"{"io.egressd.sandbox":"agent-1","io.kubernetes.pod.name":"p-1"}"#,
             "not json",
         ] {
             assert!(plan_with(labels).is_err(), "{labels}");
