@@ -75,12 +75,10 @@ fn remember_peer(ctx: &SockOpsContext) {
         Some(orig) => {
             let _ = BY_PEER.insert(key, orig, 0);
         }
-        // Not redirected (or its entry is gone): an entry left under this source by an
-        // earlier connection the proxy never accepted (the daemon was away) must not
-        // be read as this one's destination, rule and sandbox.
-        None => {
-            let _ = BY_PEER.remove(key);
-        }
+        // Not redirected. (An entry under the same source address and port may be
+        // another socket's, waiting for the proxy to accept it: Linux gives one port to
+        // connections to different peers.)
+        None => {}
     }
     // ORIG keeps the entry (the LRU ages it out): getpeername on the sandbox's socket
     // still reports the destination it asked for.
