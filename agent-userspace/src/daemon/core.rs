@@ -382,11 +382,14 @@ impl Core {
             netns_id(&path).map_err(|e| format!("network namespace {}: {e}", path.display()))?;
         let ours = netns_id(Path::new("/proc/self/ns/net"))
             .map_err(|e| format!("the daemon's own network namespace: {e}"))?;
-        if theirs == ours {
+        // The host's too, where the daemon runs in one of its own (a pod without
+        // hostNetwork).
+        let host = netns_id(Path::new("/proc/1/ns/net")).ok();
+        if theirs == ours || Some(theirs) == host {
             return Err(format!(
-                "the sandbox shares the daemon's network namespace ({}): its proxy listener \
-                 and resolver would be on the host's loopback, open to every host process; \
-                 give the sandbox a network namespace of its own, or a policy without proxy \
+                "the sandbox shares the daemon's network namespace or the host's ({}): its \
+                 proxy listener and resolver would be on the host's loopback, open to every \
+                 host process; give the sandbox a network namespace of its own, or a policy without proxy \
                  rules and names",
                 path.display()
             ));
@@ -714,7 +717,7 @@ impl Core {
             .map_err(|e| e.to_string())
     }
 
-    fn free_slot(&self) -> Result<u32, String> {
+    fn free_slot(&mut self) -> Result<u32, String> {
         let busy = self.maps.used_slots();
         self.state
             .free_slot(MAX_POLICY_SLOTS, &busy)

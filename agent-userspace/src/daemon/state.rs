@@ -63,6 +63,9 @@ pub struct State {
     /// The same by sandbox index (the kernel's per-sandbox loss counters).
     #[serde(default)]
     pub lost_reported_by_index: std::collections::BTreeMap<u32, u64>,
+    /// The policy slot given last: the next is searched for after it.
+    #[serde(default)]
+    pub last_slot: u32,
 }
 
 impl State {
@@ -113,25 +116,21 @@ impl State {
         (1..max).find(|i| !reserved.contains(i) && !self.sandboxes.values().any(|s| s.index == *i))
     }
 
-    /// A slot in 1..max used neither by a sandbox nor in `busy`: the first after the
-    /// highest in use, wrapping around. A slot just freed (the one a replaced policy had)
-    /// is thus the last to be given again, so a redirect made under it cannot be taken
+    /// Gives a slot in 1..max used neither by a sandbox nor in `busy`: the first after
+    /// the one given last, round the ring. A slot just freed (the one a replaced policy
+    /// had) is thus the last to be given again, so a redirect made under it is not taken
     /// for one made under a later policy in the same slot.
-    pub fn free_slot(&self, max: u32, busy: &[u32]) -> Option<u32> {
+    pub fn free_slot(&mut self, max: u32, busy: &[u32]) -> Option<u32> {
         let in_use = |i: &u32| busy.contains(i) || self.sandboxes.values().any(|s| s.slot == *i);
-        let highest = self
-            .sandboxes
-            .values()
-            .map(|s| s.slot)
-            .chain(busy.iter().copied())
-            .filter(|s| *s < max)
-            .max()
-            .unwrap_or(0);
-        (highest + 1..max).chain(1..=highest).find(|i| !in_use(i))
+        let last = self.last_slot.min(max.saturating_sub(1));
+        let found = (last + 1..max).chain(1..=last).find(|i| !in_use(i))?;
+        self.last_slot = found;
+        Some(found)
     }
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;
 
@@ -159,13 +158,34 @@ mod tests {
 
     #[test]
     fn a_slot_just_freed_is_the_last_given_again() {
-        // Replacements move a sandbox on from slot to slot, not back and forth.
-        assert_eq!(with_slot(1).free_slot(8, &[]), Some(2));
-        assert_eq!(with_slot(2).free_slot(8, &[]), Some(3));
-        // Past the last slot, the search wraps around (slot 0 is never given).
-        assert_eq!(with_slot(7).free_slot(8, &[]), Some(1));
-        // Busy slots (still in the kernel maps) are skipped.
-        assert_eq!(with_slot(2).free_slot(8, &[3, 4]), Some(5));
+        // One sandbox replaced again and again goes round all the slots.
+        let mut state = with_slot(1);
+        state.last_slot = 1;
+        let mut given = Vec::new();
+        for _ in 0..8 {
+            let slot = state.free_slot(8, &[]).unwrap();
+            given.push(slot);
+            state.sandboxes.get_mut("agent").unwrap().slot = slot;
+        }
+        assert_eq!(given, [2, 3, 4, 5, 6, 7, 1, 2]);
+        // Another sandbox high up does not send it back to the slot it just left.
+        let mut state = with_slot(1);
+        state.last_slot = 1;
+        let mut other = state.sandboxes["agent"].clone();
+        other.name = "other".into();
+        other.slot = 7;
+        state.sandboxes.insert("other".into(), other);
+        let mut given = Vec::new();
+        for _ in 0..6 {
+            let slot = state.free_slot(8, &[]).unwrap();
+            given.push(slot);
+            state.sandboxes.get_mut("agent").unwrap().slot = slot;
+        }
+        assert_eq!(given, [2, 3, 4, 5, 6, 1]);
+        // Busy slots (still in the kernel maps) are skipped; a full ring gives none.
+        let mut state = with_slot(2);
+        state.last_slot = 2;
+        assert_eq!(state.free_slot(8, &[3, 4]), Some(5));
         assert_eq!(with_slot(1).free_slot(2, &[]), None);
     }
 }
