@@ -164,7 +164,16 @@ pub mod sockopt {
     /// IPv4 option types (first byte of an option, copy flag included).
     pub const IPOPT_LSRR: u16 = 131;
     pub const IPOPT_SSRR: u16 = 137;
+    /// Not an option: `ConnectEvent::opt_level` of a packet the `skb_egress` program
+    /// dropped because its sandbox is quarantined.
+    pub const QUARANTINED: u16 = u16::MAX;
 }
+
+/// The policy slot that holds no rules: a sandbox whose entry names it is denied
+/// everything (quarantined, or its policy could not be restored), and the `skb_egress`
+/// program drops its packets to anywhere but loopback (connections and connected UDP
+/// sockets opened before, which no connect or sendmsg hook sees again).
+pub const QUARANTINE_SLOT: u32 = 0;
 
 /// Socket families (`AF_*`) a sandbox may create; every other one is refused by the BPF
 /// LSM `socket_create` program.

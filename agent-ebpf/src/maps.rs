@@ -6,12 +6,18 @@ use agent_common::{
 };
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 
 /// cgroup id -> sandbox.
 #[map]
 pub static SANDBOXES: HashMap<u64, SandboxInfo> = HashMap::pinned(MAX_SANDBOXES, 0);
+
+/// How many sandboxes are denied everything (their entry names `QUARANTINE_SLOT`), kept
+/// by the daemon with `SANDBOXES`: while it is 0, the `skb_egress` program does not look
+/// a packet's sandbox up.
+#[map]
+pub static DENY_ALL: Array<u32> = Array::pinned(1, 0);
 
 /// (policy slot, IPv4 prefix) -> rules for that prefix.
 #[map]

@@ -8,7 +8,7 @@
 //! Runs for every packet of the sandbox's sockets, so the common case is one byte load for
 //! IPv4 and two for IPv6 without extension headers. A packet is attributed to the cgroup
 //! of the socket that sent it (`bpf_skb_cgroup_id`), not to whatever task runs the stack.
-use agent_common::{hook, sockopt, verdict};
+use agent_common::{hook, sockopt, verdict, QUARANTINE_SLOT};
 use aya_ebpf::{
     helpers::generated::{bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     macros::cgroup_skb,
@@ -16,7 +16,10 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use crate::decide::{count_deny, find_sandbox_from, report, Call, Dest, Origin};
+use crate::{
+    decide::{count_deny, find_sandbox_from, report, Call, Dest, Origin},
+    maps::DENY_ALL,
+};
 
 /// cgroup_skb return values.
 const PASS: i32 = 1;
@@ -44,6 +47,14 @@ pub fn egress_skb(ctx: SkBuffContext) -> i32 {
 fn try_egress_skb(ctx: &SkBuffContext) -> Result<i32, i64> {
     // cgroup_skb programs see the packet from its network header.
     let b0: u8 = ctx.load(0)?;
+    // A quarantined sandbox's connections and connected UDP sockets opened before (which
+    // no connect or sendmsg hook sees again) send nothing more but to loopback, where its
+    // resolver answers REFUSED.
+    if DENY_ALL.get(0).is_some_and(|n| *n > 0) {
+        if let Some(dropped) = quarantined(ctx, b0)? {
+            return Ok(dropped);
+        }
+    }
     match b0 >> 4 {
         4 => {
             if b0 & 0x0f <= 5 {
@@ -99,6 +110,66 @@ fn try_egress_skb(ctx: &SkBuffContext) -> Result<i32, i64> {
         }
         _ => Ok(PASS),
     }
+}
+
+/// The drop of a packet to anywhere but loopback from a sandbox that is denied
+/// everything, or `None` to go on.
+#[inline(always)]
+fn quarantined(ctx: &SkBuffContext, b0: u8) -> Result<Option<i32>, i64> {
+    let skb = ctx.skb.skb;
+    // SAFETY: helpers valid in cgroup_skb programs, taking the program's own context.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
+    let deny_all = find_sandbox_from(cgroup_id, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(skb, level)
+    })
+    .is_some_and(|sb| sb.policy_slot == QUARANTINE_SLOT);
+    if !deny_all {
+        return Ok(None);
+    }
+    let (family, protocol, addr) = match b0 >> 4 {
+        4 => {
+            let daddr: [u8; 4] = ctx.load(16)?;
+            if daddr[0] == 127 {
+                return Ok(None);
+            }
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&daddr);
+            (4, ctx.load::<u8>(9)?, addr)
+        }
+        6 => {
+            let addr: [u8; 16] = ctx.load(24)?;
+            if is_loopback6(&addr) {
+                return Ok(None);
+            }
+            (6, ctx.load::<u8>(6)?, addr)
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(drop(
+        ctx,
+        family,
+        u32::from(protocol),
+        sockopt::QUARANTINED,
+        0,
+        addr,
+    )))
+}
+
+/// `::1`, or `::ffff:127.a.b.c` (a dual-stack socket's IPv4 loopback). Byte by byte: the
+/// verifier has no `memcmp`.
+#[inline(always)]
+fn is_loopback6(a: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 10 {
+        if a[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    if a[10] == 0xff && a[11] == 0xff {
+        return a[12] == 127;
+    }
+    a[10] == 0 && a[11] == 0 && a[12] == 0 && a[13] == 0 && a[14] == 0 && a[15] == 1
 }
 
 /// The type of the first IPv4 option that is not padding (131 LSRR, 137 SSRR, 7 RR, 68

@@ -565,3 +565,95 @@ fn a_self_inflicted_quarantine_leaves_shared_credentials_alone() -> Result<()> {
     fx.daemon.ctl_ok(["detach", "--name", "other"])?;
     Ok(())
 }
+
+/// UDP and TCP to the canary's port 9 allowed, as a direct (not proxied) rule.
+const CANARY_ALLOWED: &str = r#"version: 1
+default: deny
+rules:
+  - name: canary-direct
+    to: [203.0.113.66]
+    ports: [9]
+    action: allow
+"#;
+
+/// A quarantine also silences what no later connect or send hook sees: a UDP socket
+/// connected, and a TCP connection opened, under an `allow` rule before it. Their packets
+/// are dropped (to anywhere but loopback), with a record.
+#[test]
+fn quarantine_silences_sockets_connected_before_it() -> Result<()> {
+    egress_tests::require_root!();
+    let fx = egress_tests::fixture::Fixture::new()?;
+    fx.attach(CANARY_ALLOWED)?;
+    let dir = TempDir::new("quarantine-sockets")?;
+    let (ready, go) = (dir.path().join("ready"), dir.path().join("go"));
+    let script = format!(
+        r#"
+import os, socket, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.connect(("{CANARY_V4}", 9))
+u.send(b"udp-pre")
+t = socket.create_connection(("{CANARY_V4}", 9), timeout=5)
+t.sendall(b"tcp-pre")
+open("{ready}", "w").close()
+for _ in range(400):
+    if os.path.exists("{go}"):
+        break
+    time.sleep(0.05)
+for name, send in (("udp", lambda: u.send(b"udp-post")), ("tcp", lambda: t.sendall(b"tcp-post"))):
+    try:
+        send()
+        print(name, "sent", flush=True)
+    except OSError as e:
+        print(name, "errno", e.errno, flush=True)
+time.sleep(1)
+"#,
+        ready = ready.display(),
+        go = go.display()
+    );
+    let mut cmd = fx.sandbox.command("python3", &["-c", &script]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn()?;
+    let started = std::time::Instant::now();
+    while !ready.exists() {
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the sandbox's sockets did not connect"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Positive control: both reached the canary before the quarantine.
+    let got =
+        |what: &[u8]| -> Result<bool> { Ok(fx.canary.received()?.iter().any(|e| e.data == what)) };
+    egress_tests::util::poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        Ok((got(b"udp-pre")? && got(b"tcp-pre")?).then_some(()))
+    })?
+    .context("the canary did not get udp-pre and tcp-pre")?;
+    let out = fx.daemon.ctl([
+        "quarantine",
+        fx.sandbox.label(),
+        "--reason",
+        "test: sockets opened before",
+    ])?;
+    ensure!(out.status.success(), "quarantine: {}", all_output(&out));
+    std::fs::write(&go, "go")?;
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The connected UDP socket's send fails at once; TCP's is buffered, never delivered.
+    ensure!(text.contains("udp errno 1"), "{}", all_output(&out));
+    std::thread::sleep(Duration::from_secs(1));
+    ensure!(
+        !got(b"udp-post")? && !got(b"tcp-post")?,
+        "the canary got data sent after the quarantine: {:?}",
+        fx.canary.received()?
+    );
+    let rec = fx.daemon.wait_for_record(Duration::from_secs(10), |r| {
+        get_str(r, "event.action") == Some("packet")
+            && r["egress"]["option"]["name"] == "quarantine"
+    })?;
+    ensure!(
+        get_str(&rec, "egress.sandbox.name") == Some(fx.sandbox.label())
+            && get_str(&rec, "event.outcome") == Some("failure"),
+        "{rec}"
+    );
+    Ok(())
+}

@@ -146,6 +146,7 @@ fn refusals() -> Vec<Record> {
         refusal(hook::SKB_EGRESS, 6, 0, sockopt::IPPROTO_ROUTING, 4, v6),
         refusal(hook::LSM_SOCKET_CREATE, 0, 768, 17, 3, [0; 16]),
         refusal(hook::SOCK_CREATE4, 4, 262, 0, 0, [0; 16]),
+        refusal(hook::SKB_EGRESS, 4, 17, sockopt::QUARANTINED, 0, v4),
     ]
 }
 
@@ -1014,6 +1015,15 @@ fn refusals_name_what_was_refused() {
     assert_eq!(lines[5]["network"]["transport"], "mptcp");
     assert!(lines[5]["network"].get("iana_number").is_none());
     assert_eq!(lines[5]["egress"]["socket"]["protocol"], 262);
+    // A quarantined sandbox's packet: no source-routing option, the quarantine named.
+    assert_eq!(lines[6]["event"]["action"], "packet");
+    assert_eq!(lines[6]["egress"]["option"]["name"], "quarantine");
+    assert!(lines[6]["egress"]["option"].get("type").is_none());
+    assert_eq!(lines[6]["destination"]["ip"], "203.0.113.66");
+    assert!(lines[6]["event"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("denied everything"));
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! Typed writers and readers for the pinned maps the programs decide with.
-use agent_common::{OrigDst, PeerKey, PrefixRules, SandboxCounters, SandboxInfo, V4Key, V6Key};
-use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues};
+use agent_common::{
+    OrigDst, PeerKey, PrefixRules, SandboxCounters, SandboxInfo, V4Key, V6Key, QUARANTINE_SLOT,
+};
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::{BpfError, Programs};
@@ -14,6 +16,7 @@ pub struct PolicyMaps {
     lost: PerCpuArray<MapData, u64>,
     lost_by_sandbox: PerCpuArray<MapData, u64>,
     lost_denied_by_sandbox: PerCpuArray<MapData, u64>,
+    deny_all: Array<MapData, u32>,
 }
 
 fn take<T>(programs: &mut Programs, name: &'static str) -> Result<T, BpfError>
@@ -37,6 +40,7 @@ impl PolicyMaps {
             lost: take(programs, "LOST")?,
             lost_by_sandbox: take(programs, "LOST_BY_SANDBOX")?,
             lost_denied_by_sandbox: take(programs, "LOST_DENIED_BY_SANDBOX")?,
+            deny_all: take(programs, "DENY_ALL")?,
         })
     }
 
@@ -242,9 +246,30 @@ impl PolicyMaps {
     }
 
     pub fn set_sandbox(&mut self, cgroup_id: u64, info: SandboxInfo) -> Result<(), BpfError> {
+        // Counted before a deny-all entry goes in and after one goes: never too low while
+        // a sandbox is denied everything.
+        if info.policy_slot == QUARANTINE_SLOT {
+            self.count_deny_all(1)?;
+        }
         self.sandboxes
             .insert(cgroup_id, info, 0)
-            .map_err(|e| BpfError::map("SANDBOXES", e))
+            .map_err(|e| BpfError::map("SANDBOXES", e))?;
+        self.count_deny_all(0)
+    }
+
+    /// Writes how many sandbox entries are deny-all (plus `extra` about to be), for the
+    /// `skb_egress` program's check.
+    fn count_deny_all(&mut self, extra: u32) -> Result<(), BpfError> {
+        let n = self
+            .sandboxes
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, info)| info.policy_slot == QUARANTINE_SLOT)
+            .count();
+        let n = u32::try_from(n).unwrap_or(u32::MAX).saturating_add(extra);
+        self.deny_all
+            .set(0, n, 0)
+            .map_err(|e| BpfError::map("DENY_ALL", e))
     }
 
     pub fn sandbox(&self, cgroup_id: u64) -> Option<SandboxInfo> {
@@ -253,8 +278,7 @@ impl PolicyMaps {
 
     pub fn remove_sandbox(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
         match self.sandboxes.remove(&cgroup_id) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => self.count_deny_all(0),
             Err(e) => Err(BpfError::map("SANDBOXES", e)),
         }
     }

@@ -33,7 +33,7 @@ const MAX_LEARNED_PER_SANDBOX: usize = 4096;
 const MAX_LEARNED_TTL: u32 = crate::dns::MAX_ANSWER_TTL;
 /// The policy slot a quarantined sandbox's kernel entry points at. Slots handed out start
 /// at 1, so this one never holds a rule: every decision falls to the (deny) default.
-const QUARANTINE_SLOT: u32 = 0;
+use agent_common::QUARANTINE_SLOT;
 /// `trigger` of a quarantine an operator asked for.
 const BY_OPERATOR: &str = "operator";
 /// Longest `--reason` kept.

@@ -124,6 +124,16 @@ impl NetworkDecision {
                     o.meaning()
                 )
             }),
+            Hook::SkbEgress
+                if self.option.as_ref().is_some_and(|o| o.name == "quarantine") =>
+            {
+                Some(format!(
+                    "packet to {} from a sandbox denied everything (quarantined, or its \
+                     policy could not be restored) on a connection or socket opened before; \
+                     dropped",
+                    self.destination_ip.to_canonical()
+                ))
+            }
             Hook::SkbEgress => self.option.as_ref().map(|o| {
                 format!(
                     "packet to {} carried {} ({}); dropped",
@@ -237,6 +247,10 @@ impl RefusedOption {
                 name: sockopt_name(level, name),
                 type_: None,
             }),
+            Hook::SkbEgress if level == sockopt::QUARANTINED => Some(Self {
+                name: "quarantine",
+                type_: None,
+            }),
             Hook::SkbEgress if level == sockopt::IPPROTO_ROUTING => Some(Self {
                 name: "ipv6-routing-header",
                 type_: (name != u16::MAX).then_some(name),
@@ -273,6 +287,7 @@ impl RefusedOption {
             ("IP_FREEBIND" | "IP_TRANSPARENT" | "IPV6_FREEBIND" | "IPV6_TRANSPARENT", _) => {
                 "a source address that is not the host's (a forged source)".into()
             }
+            ("quarantine", _) => "the sandbox is denied everything".into(),
             _ => "an option that routes packets".into(),
         }
     }
