@@ -378,12 +378,32 @@ impl Proxy {
         original_dst: std::net::SocketAddr,
         reason: String,
     ) {
+        self.record_unserved_as(
+            TlsMode::Intercept,
+            sandbox,
+            rule_name,
+            connection_id,
+            original_dst,
+            reason,
+        );
+    }
+
+    /// [`Proxy::record_unserved`] for a connection whose rule says how it is served.
+    fn record_unserved_as(
+        &self,
+        mode: TlsMode,
+        sandbox: &str,
+        rule_name: &str,
+        connection_id: String,
+        original_dst: std::net::SocketAddr,
+        reason: String,
+    ) {
         let mut record = blank_record(
             RecordKind::Connection,
             sandbox.to_owned(),
             connection_id,
             rule_name.to_owned(),
-            TlsMode::Intercept,
+            mode,
             original_dst,
             None,
         );
@@ -686,6 +706,7 @@ pub struct Unrecorded {
     rule_name: String,
     connection_id: String,
     original_dst: std::net::SocketAddr,
+    mode: TlsMode,
     armed: bool,
 }
 
@@ -697,6 +718,11 @@ impl Unrecorded {
             rule_name: conn.route.rule_name.clone(),
             connection_id: conn.connection_id.clone(),
             original_dst: conn.original_dst,
+            mode: if conn.route.passthrough {
+                TlsMode::Passthrough
+            } else {
+                TlsMode::Intercept
+            },
             armed: true,
         }
     }
@@ -710,7 +736,8 @@ impl Unrecorded {
 impl Drop for Unrecorded {
     fn drop(&mut self) {
         if self.armed {
-            self.proxy.record_unserved(
+            self.proxy.record_unserved_as(
+                self.mode,
                 &self.sandbox,
                 &self.rule_name,
                 std::mem::take(&mut self.connection_id),
