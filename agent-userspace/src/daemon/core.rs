@@ -1184,15 +1184,12 @@ impl Core {
             let error = format!("switching the kernel to deny-all failed: {e}");
             // The trail must not leave an alert's `response: quarantine` standing for an
             // isolation that did not happen.
-            self.audit.emit(Record::SandboxQuarantine(Quarantine {
-                time: now(),
-                sandbox: rec.name.clone(),
-                cgroup_path: rec.cgroup.clone(),
-                cgroup_id: rec.cgroup_id,
+            self.audit.emit(Record::SandboxQuarantine(quarantine_record(
+                &rec,
                 reason,
-                trigger: trigger.to_string(),
-                error: Some(format!("{error}; the sandbox is NOT quarantined")),
-            }));
+                trigger,
+                Some(format!("{error}; the sandbox is NOT quarantined")),
+            )));
             self.state.sandboxes.insert(previous.name.clone(), previous);
             self.save_state();
             return Err(error);
@@ -1202,15 +1199,9 @@ impl Core {
         self.drop_route(rec.index);
         self.proxy.close_connections(rec.index);
         self.dns.set_quarantined(rec.index, true);
-        self.audit.emit(Record::SandboxQuarantine(Quarantine {
-            time: now(),
-            sandbox: rec.name.clone(),
-            cgroup_path: rec.cgroup.clone(),
-            cgroup_id: rec.cgroup_id,
-            reason,
-            trigger: trigger.to_string(),
-            error: None,
-        }));
+        self.audit.emit(Record::SandboxQuarantine(quarantine_record(
+            &rec, reason, trigger, None,
+        )));
         tracing::warn!(sandbox = %rec.name, trigger, "Sandbox quarantined");
         let revoking = policy
             .map(|p| self.revoke_credentials(&rec.name, &p, revokes_shared(trigger)))
@@ -1364,15 +1355,12 @@ impl Core {
         self.dns.set_quarantined(rec.index, false);
         self.set_route(&rec, &policy);
         self.bursts.forget(rec.index);
-        self.audit.emit(Record::SandboxRelease(Quarantine {
-            time: now(),
-            sandbox: rec.name.clone(),
-            cgroup_path: rec.cgroup.clone(),
-            cgroup_id: rec.cgroup_id,
-            reason: None,
-            trigger: BY_OPERATOR.to_string(),
-            error: None,
-        }));
+        self.audit.emit(Record::SandboxRelease(quarantine_record(
+            &rec,
+            None,
+            BY_OPERATOR,
+            None,
+        )));
         tracing::info!(sandbox = %rec.name, "Sandbox released");
         self.state.sandboxes.insert(rec.name.clone(), rec);
         self.save_state();
@@ -1823,6 +1811,24 @@ fn check_placement(cgroup: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The body of a `sandbox-quarantine` or `sandbox-release` record for `rec`.
+fn quarantine_record(
+    rec: &SandboxRecord,
+    reason: Option<String>,
+    trigger: &str,
+    error: Option<String>,
+) -> Quarantine {
+    Quarantine {
+        time: now(),
+        sandbox: rec.name.clone(),
+        cgroup_path: rec.cgroup.clone(),
+        cgroup_id: rec.cgroup_id,
+        reason,
+        trigger: trigger.to_string(),
+        error,
+    }
 }
 
 #[cfg(test)]
