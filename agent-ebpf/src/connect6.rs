@@ -4,9 +4,7 @@
 use agent_common::hook;
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
-use crate::decide::{
-    decide, ipv6, is_nat64, port, protocol, routed, unspecified_v6_target, v6_dest, Call,
-};
+use crate::decide::{decide, ipv6, port, protocol, routed6, unspecified_v6_target, Call};
 
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
@@ -19,13 +17,7 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
         dest: if addr == [0u8; 16] {
             unspecified_v6_target(&ctx)
         } else {
-            if is_nat64(&addr) {
-                // A translator takes it to the IPv4 address it carries, never to loopback
-                // (0.0.0.0 so spelled is refused, as unspecified).
-                v6_dest(addr)
-            } else {
-                routed(&ctx, v6_dest(addr), protocol)
-            }
+            routed6(&ctx, addr, protocol)
         },
         port: port(&ctx),
         raw_addr: addr,

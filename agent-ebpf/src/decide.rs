@@ -243,6 +243,18 @@ pub fn routed(ctx: &SockAddrContext, dest: Dest, protocol: u32) -> Dest {
     }
 }
 
+/// [`routed`] for an IPv6 address as the caller gave it: mapped and NAT64 addresses are
+/// judged as the IPv4 address they carry ([`v6_dest`]), but a NAT64 one goes to the
+/// translator, never to loopback (its `0.0.0.0` is left unspecified, and refused).
+#[inline(always)]
+pub fn routed6(ctx: &SockAddrContext, addr: [u8; 16], protocol: u32) -> Dest {
+    if is_nat64(&addr) {
+        v6_dest(addr)
+    } else {
+        routed(ctx, v6_dest(addr), protocol)
+    }
+}
+
 /// Whether the socket making the call has no IPv4 source address and no bound device.
 #[inline(always)]
 fn unbound(ctx: &SockAddrContext) -> bool {

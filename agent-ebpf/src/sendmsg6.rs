@@ -4,8 +4,7 @@ use agent_common::hook;
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
 use crate::decide::{
-    decide, ipv6, is_nat64, port, protocol, routed, sends_to_connected_peer, v6_dest, Call,
-    RET_ALLOW,
+    decide, ipv6, port, protocol, routed6, sends_to_connected_peer, Call, RET_ALLOW,
 };
 
 #[cgroup_sock_addr(sendmsg6)]
@@ -20,13 +19,7 @@ pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
         hook: hook::SENDMSG6,
         family: 6,
         protocol,
-        dest: if is_nat64(&addr) {
-            // A translator takes it to the IPv4 address it carries, never to loopback
-            // (0.0.0.0 so spelled is refused, as unspecified).
-            v6_dest(addr)
-        } else {
-            routed(&ctx, v6_dest(addr), protocol)
-        },
+        dest: routed6(&ctx, addr, protocol),
         port,
         raw_addr: addr,
         opt_level: 0,
