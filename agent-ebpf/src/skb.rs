@@ -8,7 +8,7 @@
 //! Runs for every packet of the sandbox's sockets, so the common case is one byte load for
 //! IPv4 and two for IPv6 without extension headers. A packet is attributed to the cgroup
 //! of the socket that sent it (`bpf_skb_cgroup_id`), not to whatever task runs the stack.
-use agent_common::{hook, sockopt, verdict, QUARANTINE_SLOT};
+use agent_common::{hook, sockopt, verdict, SandboxInfo, QUARANTINE_SLOT};
 use aya_ebpf::{
     helpers::generated::{bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     macros::cgroup_skb,
@@ -116,13 +116,9 @@ fn try_egress_skb(ctx: &SkBuffContext) -> Result<i32, i64> {
 /// everything, or `None` to go on.
 #[inline(always)]
 fn quarantined(ctx: &SkBuffContext, b0: u8) -> Result<Option<i32>, i64> {
-    let skb = ctx.skb.skb;
-    // SAFETY: helpers valid in cgroup_skb programs, taking the program's own context.
-    let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
-    let deny_all = find_sandbox_from(cgroup_id, |level| unsafe {
-        bpf_skb_ancestor_cgroup_id(skb, level)
-    })
-    .is_some_and(|sb| sb.policy_slot == QUARANTINE_SLOT);
+    let deny_all = packet_sandbox(ctx)
+        .1
+        .is_some_and(|sb| sb.policy_slot == QUARANTINE_SLOT);
     if !deny_all {
         return Ok(None);
     }
@@ -153,6 +149,19 @@ fn quarantined(ctx: &SkBuffContext, b0: u8) -> Result<Option<i32>, i64> {
         0,
         addr,
     )))
+}
+
+/// The cgroup of the socket that sent the packet (not of whatever task runs the stack),
+/// and its sandbox.
+#[inline(always)]
+fn packet_sandbox(ctx: &SkBuffContext) -> (u64, Option<&'static SandboxInfo>) {
+    let skb = ctx.skb.skb;
+    // SAFETY: helpers valid in cgroup_skb programs, taking the program's own context.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
+    let sandbox = find_sandbox_from(cgroup_id, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(skb, level)
+    });
+    (cgroup_id, sandbox)
 }
 
 /// `::1`, or `::ffff:127.a.b.c` (a dual-stack socket's IPv4 loopback). Byte by byte: the
@@ -203,13 +212,8 @@ fn drop(
     name: u16,
     addr: [u8; 16],
 ) -> i32 {
-    let skb = ctx.skb.skb;
-    // SAFETY: helpers valid in cgroup_skb programs, taking the program's own context.
-    let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
-    let index = find_sandbox_from(cgroup_id, |level| unsafe {
-        bpf_skb_ancestor_cgroup_id(skb, level)
-    })
-    .map_or(0, |sb| sb.index);
+    let (cgroup_id, sandbox) = packet_sandbox(ctx);
+    let index = sandbox.map_or(0, |sb| sb.index);
     // The task running the stack may not be the sender (retransmits run from timers), so
     // only the socket's owner uid is recorded, and no pid or name.
     let origin = Origin {
