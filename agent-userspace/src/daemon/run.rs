@@ -557,7 +557,7 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
                                 .map(str::to_string);
                         }
                         // Only counted here; the alert comes later (`flush_alerts`).
-                        if let Some(o) = rec.option.filter(|o| o.name != "quarantine") {
+                        if let Some(o) = rec.option.filter(|o| !o.is_quarantine()) {
                             core.note_source_routing(&rec.sandbox, o.name);
                         }
                         records.push(Record::Network(rec));

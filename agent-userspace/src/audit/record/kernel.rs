@@ -125,7 +125,7 @@ impl NetworkDecision {
                 )
             }),
             Hook::SkbEgress
-                if self.option.as_ref().is_some_and(|o| o.name == "quarantine") =>
+                if self.option.as_ref().is_some_and(RefusedOption::is_quarantine) =>
             {
                 Some(format!(
                     "packet to {} from a sandbox denied everything (quarantined, or its \
@@ -261,6 +261,12 @@ impl RefusedOption {
             }),
             _ => None,
         }
+    }
+
+    /// Not an option: the packet of a sandbox denied everything (see
+    /// [`sockopt::QUARANTINED`]).
+    pub fn is_quarantine(&self) -> bool {
+        self.name == "quarantine"
     }
 
     /// What the option or header does, in words.
