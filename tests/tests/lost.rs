@@ -16,6 +16,16 @@ use egress_tests::world::CANARY_V4;
 /// More connects than the 4 MiB ring buffer holds (104-byte events plus 8-byte headers).
 const CONNECTS: usize = 60_000;
 
+/// How many of the daemon's audit records `keep` keeps.
+fn count_records(fx: &Fixture, keep: impl Fn(&serde_json::Value) -> bool) -> Result<usize> {
+    Ok(fx
+        .daemon
+        .audit_records()?
+        .iter()
+        .filter(|r| keep(r))
+        .count())
+}
+
 #[test]
 fn ring_buffer_overflow_is_reported_not_silent() -> Result<()> {
     require_root!();
@@ -59,12 +69,7 @@ fn ring_buffer_overflow_is_reported_not_silent() -> Result<()> {
     })?;
     let count = get_u64(&lost, "egress.lost.count").unwrap_or(0);
     let total = get_u64(&lost, "egress.lost.total").unwrap_or(0);
-    let delivered = fx
-        .daemon
-        .audit_records()?
-        .iter()
-        .filter(|r| egress_tests::audit::verdict(r) == Some("deny"))
-        .count();
+    let delivered = count_records(&fx, |r| egress_tests::audit::verdict(r) == Some("deny"))?;
     ensure!(
         count > 0 && total >= count,
         "events-lost record without a count: {lost}"
@@ -157,14 +162,7 @@ fn denials_lost_in_a_full_ring_still_make_a_burst() -> Result<()> {
     require_root!();
     let fx = Fixture::new()?;
     fx.attach(UDP_ALLOWED)?;
-    let bursts = |fx: &Fixture| -> Result<usize> {
-        Ok(fx
-            .daemon
-            .audit_records()?
-            .iter()
-            .filter(|r| egress_tests::audit::action(r) == Some("denial-burst"))
-            .count())
-    };
+
     // Only allowed calls lost: counted in events-lost, no burst.
     fill_the_ring_then(&fx, false)?;
     fx.daemon.wait_for_record(Duration::from_secs(20), |r| {
@@ -172,7 +170,9 @@ fn denials_lost_in_a_full_ring_still_make_a_burst() -> Result<()> {
     })?;
     std::thread::sleep(Duration::from_secs(2));
     ensure!(
-        bursts(&fx)? == 0,
+        count_records(&fx, |r| egress_tests::audit::action(r)
+            == Some("denial-burst"))?
+            == 0,
         "lost allowed calls made a denial burst\n{}",
         summarize(&fx.daemon.audit_records()?)
     );
@@ -187,12 +187,7 @@ fn denials_lost_in_a_full_ring_still_make_a_burst() -> Result<()> {
                 .is_some_and(|r| r.contains("could not be recorded")),
         "{burst}"
     );
-    let delivered = fx
-        .daemon
-        .audit_records()?
-        .iter()
-        .filter(|r| egress_tests::audit::verdict(r) == Some("deny"))
-        .count();
+    let delivered = count_records(&fx, |r| egress_tests::audit::verdict(r) == Some("deny"))?;
     ensure!(
         delivered < 50,
         "{delivered} denials delivered: the ring was not full\n{}",
