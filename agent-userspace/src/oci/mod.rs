@@ -108,7 +108,49 @@ pub enum Plan {
 
 /// Runs the hook: reads the state from `stdin`, does the stage's work, and returns the
 /// line to print. An error means a non-zero exit (the runtime does not start the container).
+///
+/// Every refusal is recorded: one the daemon made (or could not be asked about) is in
+/// its own trail or nowhere, any other (the state or config unreadable, the plan refused,
+/// the policy file unreadable) is sent to the daemon as `HookRefused`.
 pub fn run(stage: Stage, opts: &HookOptions, stdin: impl Read) -> anyhow::Result<String> {
+    let mut container = None;
+    let result = run_stage(stage, opts, stdin, &mut container);
+    if let Err(e) = &result {
+        if !e.chain().any(|c| c.is::<DaemonExchange>()) {
+            // The container will not start: the daemon records why (if it can be reached;
+            // the runtime logs the error either way).
+            let _ = call(
+                opts,
+                Request::HookRefused {
+                    container: container.unwrap_or_else(|| "(unknown)".to_owned()),
+                    reason: format!("{e:#}"),
+                },
+            );
+        }
+    }
+    result
+}
+
+/// An error from the exchange with the daemon: it refused (and recorded why) or did not
+/// answer (and cannot record anything).
+#[derive(Debug)]
+struct DaemonExchange(String);
+
+impl std::fmt::Display for DaemonExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DaemonExchange {}
+
+/// The hook's work; `container` is set to the container's id once the state is read.
+fn run_stage(
+    stage: Stage,
+    opts: &HookOptions,
+    stdin: impl Read,
+    container: &mut Option<String>,
+) -> anyhow::Result<String> {
     let mut text = String::new();
     stdin
         .take(MAX_STATE)
@@ -116,20 +158,9 @@ pub fn run(stage: Stage, opts: &HookOptions, stdin: impl Read) -> anyhow::Result
         .context("reading the OCI state from standard input")?;
     let state: State =
         serde_json::from_str(&text).context("the OCI state on standard input is not valid")?;
+    *container = Some(state.id.clone());
     let config = read_config(&state.bundle)?;
-    let planned = plan(stage, opts, &state, &config);
-    if let Err(e) = &planned {
-        // The container will not start: the daemon records why (if it can be reached;
-        // the runtime logs the error either way).
-        let _ = call(
-            opts,
-            Request::HookRefused {
-                container: state.id.clone(),
-                reason: format!("{e:#}"),
-            },
-        );
-    }
-    match planned? {
+    match plan(stage, opts, &state, &config)? {
         Plan::Exempt(why) | Plan::Nothing(why) => Ok(why),
         Plan::Attach {
             name,
@@ -183,10 +214,11 @@ fn answer(resp: Response) -> anyhow::Result<String> {
     if resp.ok {
         Ok(resp.message.unwrap_or_default())
     } else {
-        bail!(
+        Err(DaemonExchange(format!(
             "egressd refused: {}",
             resp.error.unwrap_or_else(|| "no reason given".into())
-        )
+        ))
+        .into())
     }
 }
 
@@ -209,19 +241,20 @@ fn call(opts: &HookOptions, req: Request) -> anyhow::Result<Response> {
         let _ = tx.send(control::call_timeout(&socket, &req, timeout));
     });
     match rx.recv_timeout(opts.timeout) {
-        Ok(r) => r,
-        Err(_) => bail!(
+        Ok(r) => r.map_err(|e| DaemonExchange(format!("{e:#}")).into()),
+        Err(_) => Err(DaemonExchange(format!(
             "egressd did not answer within {:?} (socket {}); refusing to start the container unconfined",
             opts.timeout,
             opts.socket.display()
-        ),
+        ))
+        .into()),
     }
 }
 
 fn pod_already_attached(opts: &HookOptions, name: &str, cgroup: &Path) -> anyhow::Result<bool> {
     let resp = call(opts, Request::Status)?;
     let Some(status) = resp.status else {
-        bail!("egressd sent no status");
+        return Err(DaemonExchange("egressd sent no status".to_owned()).into());
     };
     Ok(status
         .sandboxes
@@ -466,6 +499,94 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// A stand-in daemon on a socket in `dir`: answers each request with `answer` and
+    /// keeps what it was sent.
+    fn fake_daemon(
+        dir: &Path,
+        answer: Response,
+    ) -> (PathBuf, std::sync::Arc<std::sync::Mutex<Vec<Request>>>) {
+        use std::io::{BufRead, Write};
+        let socket = dir.join("egressd.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                let mut line = String::new();
+                std::io::BufReader::new(&stream)
+                    .read_line(&mut line)
+                    .unwrap();
+                kept.lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&line).unwrap());
+                let mut out = serde_json::to_vec(&answer).unwrap();
+                out.push(b'\n');
+                stream.write_all(&out).unwrap();
+            }
+        });
+        (socket, seen)
+    }
+
+    #[test]
+    fn every_refusal_but_the_daemons_own_is_sent_to_the_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, seen) = fake_daemon(dir.path(), Response::error("policy refused"));
+        let opts = HookOptions {
+            socket,
+            ..opts(Scope::Container)
+        };
+        let state = |bundle: &Path| {
+            format!(
+                r#"{{"ociVersion":"1.0.2","id":"c1","status":"creating","pid":1,"bundle":{:?}}}"#,
+                bundle.display().to_string()
+            )
+        };
+        let refused = |seen: &[Request]| -> Vec<(String, String)> {
+            seen.iter()
+                .filter_map(|r| match r {
+                    Request::HookRefused { container, reason } => {
+                        Some((container.clone(), reason.clone()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+
+        // A state that is not JSON: refused, recorded for an unknown container.
+        assert!(run(Stage::CreateRuntime, &opts, "{".as_bytes()).is_err());
+        // A bundle without a config: refused, recorded in the container's name.
+        let missing = dir.path().join("no-bundle");
+        let e = run(Stage::CreateRuntime, &opts, state(&missing).as_bytes()).unwrap_err();
+        assert!(format!("{e:#}").contains("config.json"), "{e:#}");
+        let got = refused(&seen.lock().unwrap());
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].0, "(unknown)");
+        assert!(got[0].1.contains("not valid"), "{}", got[0].1);
+        assert_eq!(got[1].0, "c1");
+        assert!(got[1].1.contains("config.json"), "{}", got[1].1);
+
+        // The daemon refusing a detach records it itself: nothing more is sent.
+        let bundle = dir.path().join("bundle");
+        std::fs::create_dir(&bundle).unwrap();
+        std::fs::write(
+            bundle.join("config.json"),
+            r#"{"linux":{"cgroupsPath":"/agents/c1"}}"#,
+        )
+        .unwrap();
+        seen.lock().unwrap().clear();
+        let e = run(Stage::Poststop, &opts, state(&bundle).as_bytes()).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("egressd refused: policy refused"),
+            "{e:#}"
+        );
+        let seen = seen.lock().unwrap();
+        assert!(
+            matches!(seen.as_slice(), [Request::Detach { .. }]),
+            "{seen:?}"
+        );
     }
 
     #[test]
