@@ -1162,7 +1162,6 @@ impl Core {
                     .collect::<String>()
             })
             .filter(|r| !r.trim().is_empty());
-        let previous = rec.clone();
         rec.quarantine = Some(QuarantineState {
             since: rfc3339(now()),
             trigger: trigger.to_string(),
@@ -1180,25 +1179,34 @@ impl Core {
             tracing::warn!(error = %e, "Clearing the quarantine slot failed");
         }
         let entry = self.quarantine_entry(&rec, policy.as_deref());
-        if let Err(e) = self.maps.set_sandbox(rec.cgroup_id, entry) {
-            let error = format!("switching the kernel to deny-all failed: {e}");
-            // The trail must not leave an alert's `response: quarantine` standing for an
-            // isolation that did not happen.
-            self.audit.emit(Record::SandboxQuarantine(quarantine_record(
-                &rec,
-                reason,
-                trigger,
-                Some(format!("{error}; the sandbox is NOT quarantined")),
-            )));
-            self.state.sandboxes.insert(previous.name.clone(), previous);
-            self.save_state();
-            return Err(error);
-        }
+        let kernel = self.maps.set_sandbox(rec.cgroup_id, entry);
+        // What the daemon serves is cut whatever the kernel did: a sandbox whose kernel
+        // entry could not be switched still gets no proxied connection and no answer.
         // The route goes before the connections, so the proxy's accept loop cannot keep
         // one it was still setting up (it checks the route again under the same lock).
         self.drop_route(rec.index);
         self.proxy.close_connections(rec.index);
         self.dns.set_quarantined(rec.index, true);
+        if let Err(e) = kernel {
+            // It stays quarantined (a restarted daemon switches the kernel at adoption,
+            // `egressctl release` undoes the rest), and the trail says what is not cut.
+            let error = format!(
+                "switching the kernel to deny-all failed: {e}; the proxy and resolver refuse \
+                 the sandbox, but connections and sends its policy allows directly are NOT \
+                 refused"
+            );
+            tracing::error!(sandbox = %rec.name, trigger, %error, "Sandbox quarantined in part");
+            self.audit.emit(Record::SandboxQuarantine(quarantine_record(
+                &rec,
+                reason,
+                trigger,
+                Some(error.clone()),
+            )));
+            if let Some(p) = policy {
+                self.revoke_credentials(&rec.name, &p, revokes_shared(trigger));
+            }
+            return Err(error);
+        }
         self.audit.emit(Record::SandboxQuarantine(quarantine_record(
             &rec, reason, trigger, None,
         )));
