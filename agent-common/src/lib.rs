@@ -159,6 +159,33 @@ pub mod sockopt {
     pub const IP_TRANSPARENT: u16 = 19;
     pub const IPV6_TRANSPARENT: u16 = 75;
     pub const IPV6_FREEBIND: u16 = 78;
+    /// Multicast memberships and source filters (IPv4 35-41 and the protocol-independent
+    /// `MCAST_*` 42-48, at both levels; IPv6 20-21 and anycast 27-28): the kernel announces
+    /// each change itself in an IGMP or MLD report that names the groups and sources the
+    /// caller chose, a packet no connect or send hook (nor `cgroup_skb`: it has no socket)
+    /// sees.
+    pub const IP_ADD_MEMBERSHIP: u16 = 35;
+    pub const IP_DROP_MEMBERSHIP: u16 = 36;
+    pub const IP_UNBLOCK_SOURCE: u16 = 37;
+    pub const IP_BLOCK_SOURCE: u16 = 38;
+    pub const IP_ADD_SOURCE_MEMBERSHIP: u16 = 39;
+    pub const IP_DROP_SOURCE_MEMBERSHIP: u16 = 40;
+    pub const IP_MSFILTER: u16 = 41;
+    pub const MCAST_JOIN_GROUP: u16 = 42;
+    pub const MCAST_BLOCK_SOURCE: u16 = 43;
+    pub const MCAST_UNBLOCK_SOURCE: u16 = 44;
+    pub const MCAST_LEAVE_GROUP: u16 = 45;
+    pub const MCAST_JOIN_SOURCE_GROUP: u16 = 46;
+    pub const MCAST_LEAVE_SOURCE_GROUP: u16 = 47;
+    pub const MCAST_MSFILTER: u16 = 48;
+    pub const IPV6_ADD_MEMBERSHIP: u16 = 20;
+    pub const IPV6_DROP_MEMBERSHIP: u16 = 21;
+    pub const IPV6_JOIN_ANYCAST: u16 = 27;
+    pub const IPV6_LEAVE_ANYCAST: u16 = 28;
+    /// A flow label request longer than `struct in6_flowlabel_req` (32 bytes): the kernel
+    /// reads the rest as control data, which may carry a routing header.
+    pub const IPV6_FLOWLABEL_MGR: u16 = 32;
+    pub const FLOWLABEL_REQ_LEN: u16 = 32;
     /// `IPPROTO_ROUTING`: the IPv6 routing extension header.
     pub const IPPROTO_ROUTING: u16 = 43;
     /// IPv4 option types (first byte of an option, copy flag included).

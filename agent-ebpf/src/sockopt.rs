@@ -7,7 +7,11 @@
 //! options that let a socket send from an address that is not the host's
 //! (`IP_FREEBIND`, `IP_TRANSPARENT` and their IPv6 forms): a forged source sends the
 //! answers to a packet (an ICMP error quoting it, an echoing server) to an address no hook
-//! judged.
+//! judged. Multicast memberships and source filters are refused too: the kernel announces
+//! each one to the link in an IGMP or MLD report of its own (no socket, so no hook sees
+//! it) naming the groups and sources the caller chose, a channel out of even a
+//! quarantined sandbox. So is a flow label request with trailing control data (which may
+//! carry a routing header).
 //!
 //! The hook runs for every setsockopt from the cgroup except compat (32-bit) syscalls,
 //! which the kernel does not pass to it; `cgroup_skb/egress` (skb.rs) drops the packets
@@ -57,19 +61,25 @@ pub fn egress_setsockopt(ctx: SockoptContext) -> i32 {
 }
 
 /// Whether setting `optname` at `level` with `optlen` bytes would install a source route or
-/// routing header, or allow a source address that is not the host's. A zero length clears
-/// the option and stays allowed.
+/// routing header, allow a source address that is not the host's, or change a multicast
+/// membership. A zero length clears the option (or is an error) and stays allowed.
 #[inline(always)]
 fn refused(level: i32, optname: i32, optlen: i32) -> bool {
     if optlen <= 0 {
         return false;
     }
     let (level, optname) = (level as u32, optname as u32);
+    // The protocol-independent `MCAST_*` memberships, at either level.
+    let mcast = optname >= u32::from(sockopt::MCAST_JOIN_GROUP)
+        && optname <= u32::from(sockopt::MCAST_MSFILTER);
     if level == u32::from(sockopt::SOL_IP) {
         optname == u32::from(sockopt::IP_OPTIONS)
             || optname == u32::from(sockopt::IP_RETOPTS)
             || optname == u32::from(sockopt::IP_FREEBIND)
             || optname == u32::from(sockopt::IP_TRANSPARENT)
+            || (optname >= u32::from(sockopt::IP_ADD_MEMBERSHIP)
+                && optname <= u32::from(sockopt::IP_MSFILTER))
+            || mcast
     } else if level == u32::from(sockopt::SOL_IPV6) {
         optname == u32::from(sockopt::IPV6_RTHDR)
             || optname == u32::from(sockopt::IPV6_2292RTHDR)
@@ -77,6 +87,13 @@ fn refused(level: i32, optname: i32, optlen: i32) -> bool {
             || optname == u32::from(sockopt::IPV6_NEXTHOP)
             || optname == u32::from(sockopt::IPV6_TRANSPARENT)
             || optname == u32::from(sockopt::IPV6_FREEBIND)
+            || optname == u32::from(sockopt::IPV6_ADD_MEMBERSHIP)
+            || optname == u32::from(sockopt::IPV6_DROP_MEMBERSHIP)
+            || optname == u32::from(sockopt::IPV6_JOIN_ANYCAST)
+            || optname == u32::from(sockopt::IPV6_LEAVE_ANYCAST)
+            || (optname == u32::from(sockopt::IPV6_FLOWLABEL_MGR)
+                && optlen > i32::from(sockopt::FLOWLABEL_REQ_LEN))
+            || mcast
     } else {
         false
     }

@@ -41,7 +41,7 @@ rules:
 "#;
 
 /// Cases the helper must see refused with EPERM by egressd.
-const REFUSED: [&str; 17] = [
+const REFUSED: [&str; 23] = [
     "udp4-freebind-setsockopt",
     "udp4-transparent-setsockopt",
     "udp6-freebind-setsockopt",
@@ -58,6 +58,12 @@ const REFUSED: [&str; 17] = [
     "udp6-rthdr4-setsockopt",
     "tcp6-rthdr4-setsockopt",
     "udp6-2292rthdr-setsockopt",
+    "udp4-join-group",
+    "udp4-join-source",
+    "udp4-mcast-join-group",
+    "udp6-join-group",
+    "udp6-mcast-join-group",
+    "udp6-flowlabel-cmsg",
     "mptcp-socket",
 ];
 
@@ -89,8 +95,15 @@ fn build_helper(dir: &std::path::Path) -> Result<std::path::PathBuf> {
 
 /// Lines of a pcap that match a tcpdump filter.
 fn matching(pcap: &std::path::Path, filter: &str) -> Result<Vec<String>> {
+    decoded(pcap, filter, false)
+}
+
+/// Lines of a pcap that match a tcpdump filter, decoded verbosely (`verbose`: a
+/// membership report's groups and sources) or not.
+fn decoded(pcap: &std::path::Path, filter: &str, verbose: bool) -> Result<Vec<String>> {
     let out = Command::new("tcpdump")
-        .args(["-n", "-r"])
+        .arg(if verbose { "-nv" } else { "-n" })
+        .arg("-r")
         .arg(pcap)
         .arg(filter)
         .stderr(Stdio::null())
@@ -278,6 +291,11 @@ fn source_routes_and_packet_sockets_are_refused() -> Result<()> {
         "IP_TRANSPARENT",
         "IPV6_FREEBIND",
         "IPV6_TRANSPARENT",
+        "IP_ADD_MEMBERSHIP",
+        "IP_ADD_SOURCE_MEMBERSHIP",
+        "MCAST_JOIN_GROUP",
+        "IPV6_ADD_MEMBERSHIP",
+        "IPV6_FLOWLABEL_MGR",
     ] {
         ensure!(!denied("setsockopt", name).is_empty(), "{name} records");
     }
@@ -353,6 +371,19 @@ fn source_routes_and_packet_sockets_are_refused() -> Result<()> {
         let seen = matching(&pcap, filter)?;
         ensure!(seen.is_empty(), "capture matched {filter:?}: {seen:?}");
     }
+    // No membership report named a group or source the helper chose.
+    let reports: Vec<String> = decoded(&pcap, "igmp or ip6", true)?
+        .into_iter()
+        .filter(|l| {
+            ["239.1.2.", "198.51.100.77", "ff0e::1:2:"]
+                .iter()
+                .any(|g| l.contains(g))
+        })
+        .collect();
+    ensure!(
+        reports.is_empty(),
+        "membership reports left the sandbox: {reports:?}"
+    );
     let to_origin = matching(&pcap, "dst host 192.0.2.10 and udp")?;
     ensure!(
         !to_origin.is_empty(),

@@ -347,8 +347,9 @@ impl Core {
                 AlertKind::SourceRouting,
                 sandbox,
                 format!(
-                    "{} attempt(s) to route packets elsewhere than the judged address, or to send \
-                     them from an address not the host's, were refused ({})",
+                    "{} attempt(s) to route packets elsewhere than the judged address, to send \
+                     them from an address not the host's, or to join multicast groups (which the \
+                     kernel announces to the link), were refused ({})",
                     w.count,
                     names.join(", ")
                 ),

@@ -293,6 +293,18 @@ impl RefusedOption {
             ("IP_FREEBIND" | "IP_TRANSPARENT" | "IPV6_FREEBIND" | "IPV6_TRANSPARENT", _) => {
                 "a source address that is not the host's (a forged source)".into()
             }
+            ("IPV6_FLOWLABEL_MGR", _) => {
+                "a flow label request with control data, which can carry a routing header".into()
+            }
+            (n, _)
+                if n.contains("MEMBERSHIP")
+                    || n.contains("SOURCE")
+                    || n.contains("FILTER")
+                    || n.contains("ANYCAST")
+                    || n.starts_with("MCAST_") =>
+            {
+                "a multicast membership, which the kernel announces to the link itself".into()
+            }
             ("quarantine", _) => "the sandbox is denied everything".into(),
             _ => "an option that routes packets".into(),
         }
@@ -312,6 +324,25 @@ pub(super) fn sockopt_name(level: u16, name: u16) -> &'static str {
         (sockopt::SOL_IP, sockopt::IP_TRANSPARENT) => "IP_TRANSPARENT",
         (sockopt::SOL_IPV6, sockopt::IPV6_TRANSPARENT) => "IPV6_TRANSPARENT",
         (sockopt::SOL_IPV6, sockopt::IPV6_FREEBIND) => "IPV6_FREEBIND",
+        (sockopt::SOL_IP, sockopt::IP_ADD_MEMBERSHIP) => "IP_ADD_MEMBERSHIP",
+        (sockopt::SOL_IP, sockopt::IP_DROP_MEMBERSHIP) => "IP_DROP_MEMBERSHIP",
+        (sockopt::SOL_IP, sockopt::IP_UNBLOCK_SOURCE) => "IP_UNBLOCK_SOURCE",
+        (sockopt::SOL_IP, sockopt::IP_BLOCK_SOURCE) => "IP_BLOCK_SOURCE",
+        (sockopt::SOL_IP, sockopt::IP_ADD_SOURCE_MEMBERSHIP) => "IP_ADD_SOURCE_MEMBERSHIP",
+        (sockopt::SOL_IP, sockopt::IP_DROP_SOURCE_MEMBERSHIP) => "IP_DROP_SOURCE_MEMBERSHIP",
+        (sockopt::SOL_IP, sockopt::IP_MSFILTER) => "IP_MSFILTER",
+        (sockopt::SOL_IPV6, sockopt::IPV6_ADD_MEMBERSHIP) => "IPV6_ADD_MEMBERSHIP",
+        (sockopt::SOL_IPV6, sockopt::IPV6_DROP_MEMBERSHIP) => "IPV6_DROP_MEMBERSHIP",
+        (sockopt::SOL_IPV6, sockopt::IPV6_JOIN_ANYCAST) => "IPV6_JOIN_ANYCAST",
+        (sockopt::SOL_IPV6, sockopt::IPV6_LEAVE_ANYCAST) => "IPV6_LEAVE_ANYCAST",
+        (sockopt::SOL_IPV6, sockopt::IPV6_FLOWLABEL_MGR) => "IPV6_FLOWLABEL_MGR",
+        (_, sockopt::MCAST_JOIN_GROUP) => "MCAST_JOIN_GROUP",
+        (_, sockopt::MCAST_BLOCK_SOURCE) => "MCAST_BLOCK_SOURCE",
+        (_, sockopt::MCAST_UNBLOCK_SOURCE) => "MCAST_UNBLOCK_SOURCE",
+        (_, sockopt::MCAST_LEAVE_GROUP) => "MCAST_LEAVE_GROUP",
+        (_, sockopt::MCAST_JOIN_SOURCE_GROUP) => "MCAST_JOIN_SOURCE_GROUP",
+        (_, sockopt::MCAST_LEAVE_SOURCE_GROUP) => "MCAST_LEAVE_SOURCE_GROUP",
+        (_, sockopt::MCAST_MSFILTER) => "MCAST_MSFILTER",
         _ => "unknown",
     }
 }
