@@ -240,3 +240,93 @@ fn a_stored_policy_that_no_longer_compiles_is_recorded() -> Result<()> {
     expect::origin_body(&fx.sandbox.curl(&[&format!("http://{ORIGIN_V4}/")])?)?;
     Ok(())
 }
+
+/// A resolver for the sandbox (upstream never asked here).
+const RESOLVER_POLICY: &str = r#"version: 1
+default: deny
+dns:
+  upstream: [192.0.2.53]
+rules:
+  - name: origin
+    to: [origin.example]
+    ports: [80]
+    action: allow
+"#;
+
+/// The kernel also picks ports by itself (`bind()` to port 0, `listen()` or `connect()`
+/// on an unbound socket), where no bind hook sees it. In a namespace whose local port
+/// range covers the resolver's port, a sandbox could take that port so while the daemon
+/// is away and receive the DNS the kernel still redirects there: the daemon reserves its
+/// listeners' ports in the sandbox's namespace, and the restarted daemon gets its port.
+#[test]
+fn a_listeners_port_is_never_the_kernels_choice_for_a_sandbox() -> Result<()> {
+    require_root!();
+    let mut fx = Fixture::new()?;
+    let policy = fx.policy("policy.yaml", RESOLVER_POLICY)?;
+    let name = fx.sandbox.label().to_string();
+    fx.daemon.attach_in_netns_ok(&fx.sandbox, &policy, &name)?;
+    let listening = |fx: &Fixture| -> Result<Option<u16>> {
+        let out = fx.sandbox.netns().command(10, "ss", &["-Hlnu"]).output()?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("127.0.0.1:")?.parse().ok()))
+    };
+    let port = listening(&fx)?.context("no resolver listening on the sandbox's loopback")?;
+    let reserved = fx
+        .sandbox
+        .netns()
+        .command(10, "cat", &["/proc/sys/net/ipv4/ip_local_reserved_ports"])
+        .output()?;
+    let reserved = String::from_utf8_lossy(&reserved.stdout).trim().to_string();
+    ensure!(
+        reserved.split(',').any(|r| {
+            let (lo, hi) = r.split_once('-').unwrap_or((r, r));
+            matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&port))
+        }),
+        "resolver port {port} not reserved in the sandbox's namespace: {reserved:?}"
+    );
+
+    // The sandbox's namespace lets the kernel choose only that port; the daemon is away.
+    let range = fx
+        .sandbox
+        .netns()
+        .command(
+            10,
+            "sysctl",
+            &[
+                "-qw",
+                &format!("net.ipv4.ip_local_port_range={port} {port}"),
+            ],
+        )
+        .status()?;
+    ensure!(
+        range.success(),
+        "setting the sandbox's local port range failed"
+    );
+    fx.daemon.kill9()?;
+    let take = "import socket\n\
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+        try:\n    s.bind(('127.0.0.1', 0))\n    print('took', s.getsockname()[1])\n\
+        except OSError as e:\n    print('refused', e.errno)\n";
+    let out = fx.sandbox.run("python3", &["-c", take])?;
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    ensure!(
+        said.starts_with("refused"),
+        "the sandbox got a port from the kernel in a range of only {port}: {said:?}"
+    );
+
+    // Back: the resolver has its port again and answers for the sandbox.
+    fx.daemon.restart()?;
+    poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        fx.daemon.status_sandbox(&name)
+    })?
+    .context("restarted daemon does not list the sandbox")?;
+    let back = poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        Ok(listening(&fx)?.filter(|p| *p == port))
+    })?;
+    ensure!(
+        back == Some(port),
+        "the restarted daemon's resolver is not on {port}"
+    );
+    Ok(())
+}

@@ -89,11 +89,14 @@ fn bind_all<S>(
 /// Non-blocking TCP listeners on `addrs` inside the network namespace at `netns`.
 pub fn bind_in_netns(netns: &Path, addrs: Vec<SocketAddr>) -> io::Result<Vec<TcpListener>> {
     in_netns(netns, move || {
-        bind_all(addrs, |a| {
+        let ports = ports_of(&addrs);
+        let bound = bind_all(addrs, |a| {
             let l = TcpListener::bind(a)?;
             l.set_nonblocking(true)?;
             Ok(l)
-        })
+        })?;
+        reserve_here(&ports);
+        Ok(bound)
     })
 }
 
@@ -103,12 +106,78 @@ pub fn bind_udp_in_netns(
     addrs: Vec<SocketAddr>,
 ) -> io::Result<Vec<std::net::UdpSocket>> {
     in_netns(netns, move || {
-        bind_all(addrs, |a| {
+        let ports = ports_of(&addrs);
+        let bound = bind_all(addrs, |a| {
             let s = std::net::UdpSocket::bind(a)?;
             s.set_nonblocking(true)?;
             Ok(s)
-        })
+        })?;
+        reserve_here(&ports);
+        Ok(bound)
     })
+}
+
+fn ports_of(addrs: &[SocketAddr]) -> Vec<u16> {
+    let mut ports: Vec<u16> = addrs
+        .iter()
+        .map(SocketAddr::port)
+        .filter(|p| *p != 0)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// The current thread's namespace's ports the kernel never picks for a socket that did
+/// not name one (IPv4 and IPv6 alike).
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// Reserves `ports` in the namespace the calling thread is in (`/proc/sys/net` shows the
+/// reader's namespace): the bind hook refuses a sandbox's `bind()` to a listener's port,
+/// but the kernel also picks ports by itself (`listen()` or `connect()` on an unbound
+/// socket, `bind()` to port 0), which no hook sees; in a namespace whose local port range
+/// covers a listener's port, a sandbox could take it so while the listener is away (a
+/// daemon restart) and receive what the kernel redirects there. A failure is logged: the
+/// listener is bound, and the bind hook still guards the port.
+fn reserve_here(ports: &[u16]) {
+    let result =
+        fs::read_to_string(RESERVED_PORTS).and_then(|now| match with_reserved(now.trim(), ports) {
+            Some(list) => fs::write(RESERVED_PORTS, list),
+            None => Ok(()),
+        });
+    if let Err(e) = result {
+        tracing::warn!(?ports, error = %e, "Reserving the listeners' ports in the sandbox's namespace failed; a sandbox whose local port range covers them could take one while the daemon is away");
+    }
+}
+
+/// The reserved-ports list `list` (the kernel's form: `1,3-5`) with `ports` added, or
+/// `None` if it already has them.
+fn with_reserved(list: &str, ports: &[u16]) -> Option<String> {
+    let has = |port: u16| {
+        list.split(',').filter(|r| !r.is_empty()).any(|r| {
+            let (lo, hi) = r.split_once('-').unwrap_or((r, r));
+            match (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
+                (Ok(lo), Ok(hi)) => (lo..=hi).contains(&port),
+                _ => false,
+            }
+        })
+    };
+    let missing: Vec<String> = ports
+        .iter()
+        .filter(|p| !has(**p))
+        .map(u16::to_string)
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let mut out = list.to_owned();
+    for p in missing {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(&p);
+    }
+    Some(out)
 }
 
 /// `SO_NETNS_COOKIE` of a socket: the same value the kernel programs see.
@@ -141,6 +210,25 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], 15001)),
             SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 15001)),
         ]
+    }
+
+    #[test]
+    fn reserved_ports_are_added_once_in_the_kernels_list_form() {
+        assert_eq!(with_reserved("", &[15001]).as_deref(), Some("15001"));
+        assert_eq!(
+            with_reserved("80,15300-15400", &[15001, 15350]).as_deref(),
+            Some("80,15300-15400,15001")
+        );
+        assert_eq!(with_reserved("15000-15002", &[15001]), None);
+        assert_eq!(with_reserved("15001", &[15001]), None);
+        assert_eq!(
+            ports_of(&[
+                SocketAddr::from(([127, 0, 0, 1], 15300)),
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 15300)),
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+            ]),
+            vec![15300]
+        );
     }
 
     /// An address another process holds fails the bind (its traffic would go there); an
