@@ -522,6 +522,7 @@ impl ConnCtx {
                     &mut parts.headers,
                     body,
                     matcher,
+                    self.proxy.latest_matcher(),
                     secrets.scrubbed.clone(),
                     window,
                 )

@@ -329,14 +329,21 @@ impl Proxy {
         })
     }
 
-    /// The matcher over every known secret, or `None` when there is none or scrubbing
+    /// The matcher over every known secret (perhaps none yet), or `None` when scrubbing
     /// is switched off (`proxy.scrub: false`).
     fn secret_matcher(&self) -> Option<Arc<crate::credentials::SecretMatcher>> {
         if !self.config.scrub {
             return None;
         }
-        let matcher = self.credentials.matcher();
-        (!matcher.is_empty()).then_some(matcher)
+        // Even while no secret is known yet: one may become known (another request reads
+        // or mints it) while a response streams, which then follows the latest matcher.
+        Some(self.credentials.matcher())
+    }
+
+    /// The matcher over the secrets known at each call.
+    fn latest_matcher(&self) -> scrub::LatestMatcher {
+        let credentials = self.credentials.clone();
+        Arc::new(move || credentials.matcher())
     }
 
     /// Refuses requests that would get a credential while `gate` says no.

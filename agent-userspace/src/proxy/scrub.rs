@@ -272,6 +272,13 @@ impl StreamScrubber {
         }
     }
 
+    /// Matches with `matcher` from the next piece on (the bytes kept back included),
+    /// keeping back as much as its longest form needs.
+    pub fn set_matcher(&mut self, matcher: Arc<SecretMatcher>) {
+        self.keep = matcher.max_len().saturating_sub(1);
+        self.matcher = matcher;
+    }
+
     /// Takes the next piece; returns what may be sent now (possibly empty).
     pub fn push(&mut self, piece: &[u8]) -> Bytes {
         let old = self.tail_in.len();
@@ -497,10 +504,16 @@ impl DeflateKind {
 /// Sets up scrubbing of a response: scrubs its headers, and returns its body scrubbed
 /// (then cut to `window`, the byte range the sandbox asked for, when the origin was asked
 /// for a wider one), or `Err(reason)` when its encoding cannot be scanned.
+///
+/// `latest` gives the matcher over the secrets known now: a value first read or minted
+/// while the body streams (a credential first used by another request, a rotation) is
+/// matched from the next piece on. The origin cannot have had it before it was known
+/// (it is known before it is sent anywhere), so what went before needs no second look.
 pub fn scrub_response(
     headers: &mut HeaderMap,
     body: Incoming,
     matcher: Arc<SecretMatcher>,
+    latest: LatestMatcher,
     tally: Arc<Tally>,
     window: Option<Window>,
 ) -> Result<ResponseBody, String> {
@@ -544,6 +557,7 @@ pub fn scrub_response(
         pending: Bytes::new(),
         scrubber: StreamScrubber::new(matcher.clone(), tally.clone()),
         matcher,
+        latest,
         tally,
         queue: VecDeque::new(),
         ended: false,
@@ -602,6 +616,7 @@ pub struct ScrubbedBody {
     pending: Bytes,
     scrubber: StreamScrubber,
     matcher: Arc<SecretMatcher>,
+    latest: LatestMatcher,
     tally: Arc<Tally>,
     /// Frames ready to go, in order.
     queue: VecDeque<Frame<Bytes>>,
@@ -612,10 +627,29 @@ pub struct ScrubbedBody {
     window: Option<Window>,
 }
 
+/// The matcher over the secrets known now.
+pub type LatestMatcher = Arc<dyn Fn() -> Arc<SecretMatcher> + Send + Sync>;
+
 impl ScrubbedBody {
-    fn data(&mut self, decoded: &[u8]) {
+    fn data(&mut self, decoded: &[u8]) -> Result<(), BoxError> {
+        self.follow_latest()?;
         let out = self.scrubber.push(decoded);
         self.send(out);
+        Ok(())
+    }
+
+    /// Matches with the secrets known now from here on (one pointer compare while
+    /// nothing changed); a matcher that could not be built ends the body.
+    fn follow_latest(&mut self) -> Result<(), BoxError> {
+        let now = (self.latest)();
+        if !Arc::ptr_eq(&now, &self.matcher) {
+            if now.failed() {
+                return Err("the proxy could not build its secret matcher".into());
+            }
+            self.scrubber.set_matcher(now.clone());
+            self.matcher = now;
+        }
+        Ok(())
     }
 
     /// Queues scrubbed bytes, cut to the window.
@@ -644,8 +678,9 @@ impl ScrubbedBody {
             let rest = d
                 .finish()
                 .map_err(|e| format!("upstream server: response body cannot be decoded: {e}"))?;
-            self.data(&rest);
+            self.data(&rest)?;
         }
+        self.follow_latest()?;
         let tail = self.scrubber.finish();
         self.send(tail);
         if let Some(mut t) = trailers {
@@ -675,7 +710,7 @@ impl ScrubbedBody {
                     })?,
                     None => step.to_vec(),
                 };
-                self.data(&decoded);
+                self.data(&decoded)?;
                 if self.pending.is_empty() && self.inner.is_end_stream() {
                     self.end(None)?;
                 }
@@ -690,7 +725,7 @@ impl ScrubbedBody {
                         if self.decoder.is_some() {
                             self.pending = data;
                         } else {
-                            self.data(&data);
+                            self.data(&data)?;
                             if self.inner.is_end_stream() {
                                 self.end(None)?;
                             }

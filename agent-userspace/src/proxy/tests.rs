@@ -54,6 +54,43 @@ struct Origin {
     ca_pem: String,
 }
 
+/// The open `/tail` response's sender: `/feed` writes the `Authorization` it received
+/// into it (an origin that streams a request log).
+type Tail = Arc<std::sync::Mutex<Option<http_body_util::channel::Sender<Bytes>>>>;
+
+type OriginBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// `/tail` and `/feed` (see [`Tail`]), else [`echo`].
+async fn origin_service(
+    req: Request<Incoming>,
+    tail: Tail,
+) -> Result<Response<OriginBody>, Infallible> {
+    match req.uri().path() {
+        "/tail" => {
+            let (mut tx, body) = http_body_util::channel::Channel::new(8);
+            let _ = tx.send_data(Bytes::from_static(b"log:\n")).await;
+            *tail.lock().unwrap() = Some(tx);
+            Ok(Response::new(body.boxed()))
+        }
+        "/feed" => {
+            let sent = req
+                .headers()
+                .get(AUTHORIZATION)
+                .map(|v| Bytes::copy_from_slice(v.as_bytes()))
+                .unwrap_or_default();
+            let taken = tail.lock().unwrap().take();
+            if let Some(mut tx) = taken {
+                let _ = tx.send_data(sent).await;
+                let _ = tx.send_data(Bytes::from_static(b"\nend\n")).await;
+            }
+            Ok(Response::new(
+                Full::new(Bytes::from_static(b"fed\n")).boxed(),
+            ))
+        }
+        _ => echo(req).await.map(|r| r.map(|b| b.boxed())),
+    }
+}
+
 /// An HTTPS origin on 127.0.0.1 for NAME and OTHER, signed by a CA made here. It echoes
 /// what it received: whether Authorization was the expected credential, Host, path and
 /// body size. `/redirect` answers 302; `/slow...` answers after half a second.
@@ -94,18 +131,20 @@ async fn start_origin(h2: bool) -> Origin {
     let requests = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
     let served = requests.clone();
+    let tail: Tail = Arc::default();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
             let acceptor = acceptor.clone();
             let served = served.clone();
+            let tail = tail.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let service = hyper::service::service_fn(move |req| {
                     served.fetch_add(1, Ordering::SeqCst);
-                    echo(req)
+                    origin_service(req, tail.clone())
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), service)
@@ -734,6 +773,34 @@ async fn disallowed_path_is_forbidden_with_the_reason() {
         );
         // Nothing reached the origin.
         assert_eq!(origin.accepted.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_secret_first_known_while_a_response_streams_is_scrubbed_from_it() {
+    within(async {
+        let origin = start_origin(true).await;
+        let h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        // No secret is known yet when the stream opens (on the host the credential is
+        // not sent to).
+        assert!(h.proxy.credentials.matcher().is_empty());
+        let mut watcher = h1_client(h.addr, OTHER, &h.ca_pem).await;
+        let stream = watcher
+            .send_request(request(Method::GET, OTHER, "/tail", &[], ""))
+            .await
+            .unwrap();
+        assert_eq!(stream.status(), StatusCode::OK);
+        // Another request reads the credential (first use) and has it sent to the origin,
+        // which writes it into the open stream.
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let fed = send(&mut client, request(Method::GET, NAME, "/feed", &[], "")).await;
+        assert_eq!(fed.status, StatusCode::OK);
+        let got = stream.into_body().collect().await.unwrap().to_bytes();
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.ends_with("\nend\n"), "{got:?}");
+        assert!(!got.contains(TOKEN), "secret reached the sandbox: {got:?}");
+        assert!(got.contains("[egressd:scrubbed]"), "{got:?}");
     })
     .await;
 }
