@@ -250,10 +250,21 @@ fn forms_of(secret: &str) -> Vec<(Vec<u8>, bool)> {
     // Cut short: every length from the whole down to CUT_SHORT fewer, so what a cut
     // leaves is scrubbed whole wherever it falls; only where that keeps MIN_CUT_LEN
     // characters. After the whole forms, so a piece equal to one of them is that.
+    // The proxy itself percent-encodes a value it puts in a query or form, and an origin
+    // quoting a URL or a JSON text (`\/`) cut short quotes that form: so those are cut
+    // too (the source cut, then escaped).
     for base in &bases {
         for cut in 1..=CUT_SHORT {
             if base.len() >= MIN_CUT_LEN + cut {
-                add_as(base[..base.len() - cut].to_vec(), true);
+                let short = &base[..base.len() - cut];
+                add_as(short.to_vec(), true);
+                for escaped in escaped_sets(short, Escape::Percent) {
+                    add_as(escape_some(short, &escaped, Escape::Percent), true);
+                }
+                add_as(percent_encode(short, b""), true);
+                if let Ok(text) = std::str::from_utf8(short) {
+                    add_as(json_escape(text, true, false), true);
+                }
             }
         }
     }
@@ -563,6 +574,27 @@ mod tests {
         let basic = base64::engine::general_purpose::STANDARD
             .encode(format!("x-access-token:{secret}").as_bytes());
         assert!(m.find(&basic.as_bytes()[..basic.len() - 6]).is_some());
+        // Cut short in the percent-encoded form the proxy sends in a query or form (and
+        // in JSON with `\/`), wherever the cut falls.
+        let symbols = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+        let m = SecretMatcher::new([("c", symbols)]);
+        let pct: String = symbols
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    char::from(b).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        let json = symbols.replace('/', "\\/");
+        for wire in [pct, json] {
+            for cut in 1..=CUT_SHORT {
+                let echo = &wire.as_bytes()[..wire.len() - cut];
+                assert!(m.find(echo).is_some(), "{wire} cut {cut}");
+            }
+        }
         // A short value has no cut-short forms.
         assert!(forms("short-secret-123").iter().all(|f| f.len() >= 16));
     }
