@@ -367,8 +367,10 @@ fn reflected_secrets_are_scrubbed_over_http1_and_http2() -> Result<()> {
 #[test]
 fn requests_carrying_a_secret_are_refused_before_they_leave() -> Result<()> {
     require_proxy_tools!();
+    // Recorded only, so that every form can be tried from one sandbox (by default the
+    // first one quarantines it: see the next test).
     let fx = ProxyFixture::new(ProxyOpts {
-        policy: POLICY.to_string(),
+        policy: format!("{POLICY}alerts:\n  responses: {{secret-outbound: record}}\n"),
         ..ProxyOpts::default()
     })?;
     // The sandbox holds the token for this test: a leak the proxy must stop.
@@ -546,5 +548,44 @@ fn requests_carrying_a_secret_are_refused_before_they_leave() -> Result<()> {
         let text = std::fs::read_to_string(&p)?;
         ensure!(!text.contains(&token), "the token reached {}", p.display());
     }
+    Ok(())
+}
+
+/// By default a secret in a request quarantines the sandbox: it should never hold one,
+/// and each refusal would otherwise tell a sandbox holding part of a value whether a
+/// guessed next character is right.
+#[test]
+fn a_secret_in_a_request_quarantines_the_sandbox_by_default() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts {
+        policy: POLICY.to_string(),
+        ..ProxyOpts::default()
+    })?;
+    let clean = echo_url("plain?q=1");
+    // Positive control: a clean request passes.
+    let (code, _, out) = curl_i(&fx, &[&clean])?;
+    ensure!(code == 200, "clean request: {}", all_output(&out));
+    let before = fx.origin.requests()?.len();
+    let token = fx.token().to_string();
+    let (code, _, out) = curl_i(&fx, &["-H", &format!("X-Note: {token}"), &clean])?;
+    ensure!(code == 403, "not refused: {}", all_output(&out));
+    fx.origin_new_exactly(before, 0)?;
+    let quarantined = wait_records(&fx, 1, "sandbox-quarantine", |r| {
+        get_str(r, "event.action") == Some("sandbox-quarantine")
+            && get_str(r, "egress.quarantine.trigger") == Some("secret-outbound")
+    })?;
+    ensure!(
+        get_str(&quarantined[0], "event.outcome") != Some("failure"),
+        "{}",
+        quarantined[0]
+    );
+    // The same clean request no longer reaches the origin.
+    let (code, _, out) = curl_i(&fx, &[&clean])?;
+    ensure!(
+        code != 200,
+        "quarantined sandbox still served: {}",
+        all_output(&out)
+    );
+    fx.origin_new_exactly(before, 0)?;
     Ok(())
 }

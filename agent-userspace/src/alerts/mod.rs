@@ -88,7 +88,7 @@ impl Alerts {
             .remove(sandbox);
     }
 
-    /// The response configured for `kind` alerts of `sandbox`.
+    /// The response configured for `kind` alerts of `sandbox` (see [`default_response`]).
     pub fn response_for(&self, sandbox: &str, kind: AlertKind) -> AlertResponse {
         let from_policy = self
             .inner
@@ -99,7 +99,7 @@ impl Alerts {
             .and_then(|s| s.response(kind));
         from_policy
             .or_else(|| self.inner.defaults.response(kind))
-            .unwrap_or_default()
+            .unwrap_or_else(|| default_response(kind))
     }
 
     /// The denial-burst figures for `sandbox`.
@@ -139,6 +139,17 @@ impl Alerts {
             }
         }
         response
+    }
+}
+
+/// The response to `kind` when neither the policy nor the daemon's configuration names
+/// one: `quarantine` for `secret-outbound` (a sandbox should never hold a secret; and each
+/// refusal would tell a sandbox that holds part of one whether a guessed next character is
+/// right, as the cut-short forms are matched too), else `record`.
+pub fn default_response(kind: AlertKind) -> AlertResponse {
+    match kind {
+        AlertKind::SecretOutbound => AlertResponse::Quarantine,
+        _ => AlertResponse::Record,
     }
 }
 
@@ -229,6 +240,11 @@ mod tests {
         );
         assert_eq!(raise(AlertKind::DnsBudget, "a"), AlertResponse::Quarantine);
         assert_eq!(raise(AlertKind::RateLimit, "a"), AlertResponse::Record);
+        // Named nowhere: a secret in a request quarantines.
+        assert_eq!(
+            raise(AlertKind::SecretOutbound, "a"),
+            AlertResponse::Quarantine
+        );
         assert_eq!(
             raise(AlertKind::SecretReflected, "b"),
             AlertResponse::Quarantine
@@ -249,6 +265,7 @@ mod tests {
             vec![
                 ("a".to_owned(), AlertKind::DenialBurst),
                 ("a".to_owned(), AlertKind::DnsBudget),
+                ("a".to_owned(), AlertKind::SecretOutbound),
                 ("b".to_owned(), AlertKind::SecretReflected),
             ]
         );
@@ -272,6 +289,7 @@ mod tests {
                 "quarantine",
                 "quarantine",
                 "record",
+                "quarantine",
                 "quarantine",
                 "record"
             ]
