@@ -161,6 +161,49 @@ fn nested_deep_and_daemon_cgroups_are_refused() -> Result<()> {
             && String::from_utf8_lossy(&out.stderr).contains("holds egressd itself"),
         "the daemon's own cgroup was attached: {out:?}"
     );
+
+    // A name another cgroup's sandbox holds.
+    let other = egress_tests::cgroup::CgroupGuard::new("taken")?;
+    let out = fx.daemon.ctl([
+        "attach".as_ref(),
+        "--cgroup".as_ref(),
+        other.path().as_os_str(),
+        "--policy".as_ref(),
+        policy.as_os_str(),
+        "--name".as_ref(),
+        fx.sandbox.label().as_ref(),
+    ])?;
+    ensure!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already used"),
+        "a sandbox name in use was given to another cgroup: {out:?}"
+    );
+
+    // Every refusal is in the trail, in the name asked for.
+    for (name, why) in [
+        ("inner", "nested"),
+        ("deep", "levels deep"),
+        ("daemon-own", "holds egressd itself"),
+        (fx.sandbox.label(), "already used"),
+    ] {
+        egress_tests::util::poll(
+            RECORD_TIMEOUT,
+            std::time::Duration::from_millis(100),
+            || {
+                Ok(fx
+                    .daemon
+                    .audit_records()?
+                    .iter()
+                    .any(|r| {
+                        egress_tests::audit::get_str(r, "event.action") == Some("policy-rejected")
+                            && egress_tests::audit::get_str(r, "egress.sandbox.name") == Some(name)
+                            && egress_tests::audit::get_str(r, "error.message")
+                                .is_some_and(|m| m.contains(why))
+                    })
+                    .then_some(()))
+            },
+        )?
+        .with_context(|| format!("no policy-rejected record for {name} ({why})"))?;
+    }
     Ok(())
 }
 

@@ -89,6 +89,9 @@ pub struct Core {
     /// are read again for capabilities they gained.
     pub known_pids:
         std::collections::HashMap<String, std::collections::BTreeMap<u32, KnownProcess>>,
+    /// `policy-rejected` records written: an attach that failed without adding one is
+    /// recorded by [`Core::attach_parsed`].
+    pub rejections: std::cell::Cell<u64>,
 }
 
 /// A detached sandbox, kept for naming its last kernel events.
@@ -734,8 +737,43 @@ impl Core {
     }
 
     /// Attaches a new sandbox or replaces an attached sandbox's policy, with the policy
-    /// already through [`Core::prepare_policy`] (outside the lock).
+    /// already through [`Core::prepare_policy`] (outside the lock). Every refusal is a
+    /// `policy-rejected` record (a busy name, a cgroup already attached or nested, a
+    /// listener that cannot bind, ...), in the name asked for or the cgroup's.
     pub fn attach_parsed(
+        &mut self,
+        cgroup: &Path,
+        name: Option<String>,
+        policy_path: String,
+        source: String,
+        arrival: Arrival,
+        parsed: Result<Policy, String>,
+    ) -> Result<String, String> {
+        let recorded = self.rejections.get();
+        let sandbox = name.clone().unwrap_or_else(|| {
+            cgroup.file_name().map_or_else(
+                || cgroup.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        });
+        let digest = PolicyDigest::of(source.as_bytes());
+        let path = policy_path.clone();
+        let result = self.attach_checked(cgroup, name, policy_path, source, arrival, parsed);
+        if let Err(error) = &result {
+            if self.rejections.get() == recorded {
+                let sandbox: String = sandbox.chars().take(64).collect();
+                self.policy_rejected(
+                    sandbox,
+                    &path,
+                    Some(digest),
+                    format!("attach refused: {error}"),
+                );
+            }
+        }
+        result
+    }
+
+    fn attach_checked(
         &mut self,
         cgroup: &Path,
         name: Option<String>,
@@ -1680,6 +1718,7 @@ impl Core {
         policy_digest: Option<PolicyDigest>,
         error: String,
     ) {
+        self.rejections.set(self.rejections.get() + 1);
         self.audit.emit(Record::PolicyRejected(PolicyRejected {
             time: now(),
             sandbox,

@@ -299,6 +299,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         source_routing: Default::default(),
         known_pids: Default::default(),
         departed: Default::default(),
+        rejections: Default::default(),
     };
     core.lost_denied_seen = core.maps.lost_denied_by_sandbox().into_iter().collect();
     let adopted = core.reconcile();
