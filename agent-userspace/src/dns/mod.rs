@@ -502,10 +502,13 @@ async fn decide(
                 }
             }
             Err(e) => {
+                // egressd refuses the answer (a learned-address cap, a quarantine that
+                // began meanwhile, a sandbox gone): a denial, counted as one.
+                record.verdict = DnsVerdict::Deny;
                 return servfail(
                     record,
                     format!("the agent could not install the answer's addresses: {e}"),
-                )
+                );
             }
         }
     }

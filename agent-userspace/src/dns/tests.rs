@@ -632,6 +632,8 @@ async fn learn_error_is_servfail() {
     assert_eq!(r.response_code, "SERVFAIL");
     assert!(r.resolved_ip.is_empty());
     assert!(r.reason.as_deref().unwrap().contains("map full"), "{r:?}");
+    // egressd's own refusal (a cap, a quarantine), not the upstream's failure.
+    assert_eq!(r.verdict, DnsVerdict::Deny);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
