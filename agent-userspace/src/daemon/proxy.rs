@@ -73,7 +73,8 @@ impl ProxyRuntime {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&index)
             .unwrap_or_default();
-        for h in handles {
+        for (h, closing) in handles {
+            closing.store(true, std::sync::atomic::Ordering::SeqCst);
             h.abort();
         }
     }
@@ -87,7 +88,7 @@ impl ProxyRuntime {
             .map(|(index, (name, _, _))| {
                 let open = conns
                     .get(index)
-                    .map_or(0, |hs| hs.iter().filter(|h| !h.is_finished()).count());
+                    .map_or(0, |hs| hs.iter().filter(|(h, _)| !h.is_finished()).count());
                 (name.clone(), open as u64)
             })
             .collect()
@@ -227,7 +228,9 @@ impl AcceptCtx {
 
 /// Open proxied connections by sandbox index, so a detach or a policy replacement can
 /// close them: a keep-alive connection must not outlive the policy it was accepted under.
-type Conns = Arc<Mutex<HashMap<u32, Vec<tokio::task::AbortHandle>>>>;
+/// Each sandbox's connection tasks, with the flag that says the daemon closed them.
+type Conns =
+    Arc<Mutex<HashMap<u32, Vec<(tokio::task::AbortHandle, Arc<std::sync::atomic::AtomicBool>)>>>>;
 
 async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
     loop {
@@ -340,7 +343,9 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
             connection_id,
             route: Arc::new(route),
             requests: limits.requests.clone(),
+            closing: Arc::default(),
         };
+        let closing = conn.closing.clone();
         let Ok(conn_permit) = limits.connections.clone().try_acquire_owned() else {
             let max = ctx.proxy.config().max_connections_per_sandbox;
             tracing::debug!(sandbox = %conn.sandbox, max, "Proxied connection refused: sandbox at its connection limit");
@@ -396,8 +401,8 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
             continue;
         }
         let list = conns.entry(index).or_default();
-        list.retain(|h| !h.is_finished());
-        list.push(task.abort_handle());
+        list.retain(|(h, _)| !h.is_finished());
+        list.push((task.abort_handle(), closing));
     }
 }
 

@@ -440,6 +440,8 @@ pub struct Finish {
     pub in_flight: InFlight,
     /// Secrets scrubbed from the response, and one seen in the request body.
     pub secrets: SecretWatch,
+    /// The connection's [`super::ConnInfo::closing`].
+    pub closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What a request's scans found, filled in while its bodies stream.
@@ -522,6 +524,7 @@ impl RecordedBody {
             on_complete,
             in_flight,
             secrets,
+            closing,
         } = finish;
         secrets.fill(&mut record);
         record.bytes_in = bytes_in.load(Ordering::Relaxed);
@@ -530,6 +533,10 @@ impl RecordedBody {
         if record.reason.is_none() {
             record.reason = match error {
                 Some(e) => Some(e),
+                None if !ended && closing.load(Ordering::SeqCst) => Some(format!(
+                    "response not sent to the end: {}",
+                    super::refused::CLOSED_BY_DAEMON
+                )),
                 None if !ended => {
                     Some("response not sent to the end: the downstream client went away".to_owned())
                 }

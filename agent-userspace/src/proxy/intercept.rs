@@ -35,7 +35,9 @@ use super::inject::{self, RequestScan};
 use super::io::{idle_watch, Activity, Metered, PrefixedStream};
 use super::method_override::{self, BodyCheck};
 use super::range;
-use super::refused::{connection_refusal, is_client_abort, H2Watch, StreamReset, CLIENT_ABORTED};
+use super::refused::{
+    connection_refusal, is_client_abort, H2Watch, StreamReset, CLIENT_ABORTED, CLOSED_BY_DAEMON,
+};
 use super::scrub::{self, OutboundScan, ResponseBody};
 use super::target::{judge_destination, judge_target, TargetRefusal};
 use super::upstream::{DialParams, PoolKey, Sender};
@@ -361,6 +363,8 @@ struct Pending {
     bytes_in: Arc<AtomicU64>,
     audit: super::AuditSink,
     armed: bool,
+    /// The connection's [`super::ConnInfo::closing`].
+    closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Pending {
@@ -378,8 +382,13 @@ impl Drop for Pending {
         let mut record = self.record.clone();
         record.bytes_in = self.bytes_in.load(Ordering::Relaxed);
         record.duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let why = if self.closing.load(Ordering::SeqCst) {
+            format!("{CLOSED_BY_DAEMON} before the response")
+        } else {
+            format!("{CLIENT_ABORTED}: the downstream client went away before the response")
+        };
         record.reason = Some(format!(
-            "{CLIENT_ABORTED}: the downstream client went away before the response{}",
+            "{why}{}",
             record
                 .reason
                 .as_deref()
@@ -442,6 +451,7 @@ impl ConnCtx {
             bytes_in: bytes_in.clone(),
             audit: self.proxy.audit.clone(),
             armed: true,
+            closing: self.conn.closing.clone(),
         };
         // The body stays here until it is sent on. A refused request's is read to its end
         // (within bounds) beside the answer: dropped unread, HTTP/2 would reset the stream
@@ -540,6 +550,7 @@ impl ConnCtx {
         });
         let record = pending.disarm();
         let mut finish = Finish {
+            closing: self.conn.closing.clone(),
             record,
             started,
             bytes_in,

@@ -89,6 +89,9 @@ pub struct ConnInfo {
     /// The sandbox's requests in flight, shared by all its connections
     /// (`max_requests_per_sandbox` permits).
     pub requests: Arc<tokio::sync::Semaphore>,
+    /// Set by the daemon just before it closes the connection (quarantine, detach, a
+    /// policy replaced): what it cuts short is recorded as its doing, not the client's.
+    pub closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `Route::host_allowed`: whether a server name is allowed.

@@ -13,6 +13,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Prefix of the reason of every request the client gave up on.
 pub const CLIENT_ABORTED: &str = "client aborted";
 
+/// Prefix of the reason of every request the daemon cut short by closing its connection.
+pub const CLOSED_BY_DAEMON: &str = "closed by the daemon (the sandbox was quarantined or \
+     detached, its policy replaced, or the daemon stopped)";
+
 /// The status hyper answered with and the reason to record, when a served connection
 /// ended with an error that refused a request: an HTTP/1 parse error, or an HTTP/2
 /// connection error the proxy's side detected. `None` for a client that went away, a

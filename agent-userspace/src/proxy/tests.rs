@@ -271,15 +271,28 @@ const INTERCEPT: Spec = Spec {
     covers_loopback: true,
 };
 
+/// The connections served, as the daemon keeps them to close them.
+type ServedConns =
+    Arc<std::sync::Mutex<Vec<(tokio::task::AbortHandle, Arc<std::sync::atomic::AtomicBool>)>>>;
+
 struct Harness {
     addr: SocketAddr,
     records: mpsc::UnboundedReceiver<ProxyRecord>,
     ca_pem: String,
     proxy: Arc<Proxy>,
+    served: ServedConns,
     _dir: tempfile::TempDir,
 }
 
 impl Harness {
+    /// Closes every connection as the daemon does (a quarantine, a detach).
+    fn close_all(&self) {
+        for (task, closing) in self.served.lock().unwrap().drain(..) {
+            closing.store(true, Ordering::SeqCst);
+            task.abort();
+        }
+    }
+
     async fn record(&mut self) -> ProxyRecord {
         let record = tokio::time::timeout(Duration::from_secs(5), self.records.recv())
             .await
@@ -380,6 +393,8 @@ async fn start_proxy_gated(
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let serving = proxy.clone();
+    let served: ServedConns = Arc::default();
+    let open = served.clone();
     tokio::spawn(async move {
         let mut n = 0u64;
         // Each sandbox's requests in flight, as the daemon keeps them.
@@ -398,8 +413,11 @@ async fn start_proxy_gated(
                     .entry(sandbox)
                     .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(max)))
                     .clone(),
+                closing: Arc::default(),
             };
-            tokio::spawn(serving.clone().serve(stream, conn));
+            let closing = conn.closing.clone();
+            let task = tokio::spawn(serving.clone().serve(stream, conn));
+            open.lock().unwrap().push((task.abort_handle(), closing));
         }
     });
     Harness {
@@ -407,6 +425,7 @@ async fn start_proxy_gated(
         records,
         ca_pem: ca.ca_pem(),
         proxy,
+        served,
         _dir: dir,
     }
 }
@@ -801,6 +820,35 @@ async fn a_secret_first_known_while_a_response_streams_is_scrubbed_from_it() {
         assert!(got.ends_with("\nend\n"), "{got:?}");
         assert!(!got.contains(TOKEN), "secret reached the sandbox: {got:?}");
         assert!(got.contains("[egressd:scrubbed]"), "{got:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_request_the_daemon_cuts_short_is_recorded_as_its_doing() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        // Positive control: a client that goes away is recorded as such.
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let waiting = client.send_request(request(Method::GET, NAME, "/slow", &[], ""));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(waiting);
+        drop(client);
+        let r = h.record().await;
+        let reason = r.reason.unwrap_or_default();
+        assert!(reason.starts_with("client aborted"), "{reason}");
+        // The daemon closing the connection while the origin is still answering.
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let waiting =
+            tokio::spawn(client.send_request(request(Method::GET, NAME, "/slow", &[], "")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        h.close_all();
+        assert!(waiting.await.unwrap().is_err());
+        let r = h.record().await;
+        let reason = r.reason.unwrap_or_default();
+        assert!(reason.starts_with("closed by the daemon"), "{reason}");
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 2);
     })
     .await;
 }

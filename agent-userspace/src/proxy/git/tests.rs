@@ -316,6 +316,7 @@ async fn start_proxy(origin: SocketAddr, origin_ca: &str, git_rule: GitRule) -> 
                 connection_id: format!("conn-{n}"),
                 route: route.clone(),
                 requests: requests.clone(),
+                closing: Arc::default(),
             };
             tokio::spawn(proxy.clone().serve(stream, conn));
         }
