@@ -330,3 +330,82 @@ fn a_listeners_port_is_never_the_kernels_choice_for_a_sandbox() -> Result<()> {
     );
     Ok(())
 }
+
+/// A policy replaced by one that needs a resolver whose port another process of the
+/// namespace holds (outside the sandbox, where the bind hook does not look): the kernel
+/// already sends the sandbox's DNS there, and the trail says the resolver did not start.
+#[test]
+fn a_resolver_that_does_not_start_on_replacement_is_recorded() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    let name = fx.sandbox.label().to_string();
+    let attach = |file: &str, yaml: &str| -> Result<std::process::Output> {
+        let policy = fx.policy(file, yaml)?;
+        fx.daemon.ctl([
+            "attach".as_ref(),
+            "--cgroup".as_ref(),
+            fx.sandbox.cgroup().path().as_os_str(),
+            "--policy".as_ref(),
+            policy.as_os_str(),
+            "--name".as_ref(),
+            name.as_ref(),
+            "--netns".as_ref(),
+            fx.sandbox.netns().path().as_os_str(),
+        ])
+    };
+    let out = attach("names.yaml", RESOLVER_POLICY)?;
+    ensure!(out.status.success(), "attach failed: {out:?}");
+    let ss = fx.sandbox.netns().command(10, "ss", &["-Hlnu"]).output()?;
+    let port: u16 = String::from_utf8_lossy(&ss.stdout)
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("127.0.0.1:")?.parse().ok())
+        .context("no resolver listening")?;
+    // Without names the resolver stops; another process of the namespace takes its port.
+    let out = attach("none.yaml", egress_tests::fixture::DENY_ALL)?;
+    ensure!(out.status.success(), "replacement failed: {out:?}");
+    let squat = format!(
+        "import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('127.0.0.1', {port}))\nprint('bound', flush=True)\ntime.sleep(30)\n"
+    );
+    let child = fx
+        .sandbox
+        .netns()
+        .spawn_command("python3", &["-c", &squat])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut squatter = egress_tests::util::ChildGuard::new(child, "squatter");
+    poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        let ss = fx.sandbox.netns().command(10, "ss", &["-Hlnu"]).output()?;
+        Ok(String::from_utf8_lossy(&ss.stdout)
+            .contains(&format!("127.0.0.1:{port}"))
+            .then_some(()))
+    })?
+    .context("the squatter did not bind")?;
+
+    let out = attach("names-again.yaml", RESOLVER_POLICY)?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        out.status.success() && said.contains("DNS resolver did not start"),
+        "{said}"
+    );
+    poll(RECORD_TIMEOUT, Duration::from_millis(100), || {
+        Ok(fx
+            .daemon
+            .audit_records()?
+            .iter()
+            .any(|r| {
+                egress_tests::audit::get_str(r, "event.action") == Some("policy-rejected")
+                    && egress_tests::audit::get_str(r, "egress.sandbox.name") == Some(&name)
+                    && egress_tests::audit::get_str(r, "error.message")
+                        .is_some_and(|m| m.contains("DNS resolver did not start"))
+            })
+            .then_some(()))
+    })?
+    .context("no policy-rejected record for the resolver that did not start")?;
+    squatter.terminate(libc::SIGTERM, Duration::from_secs(5))?;
+    Ok(())
+}

@@ -1056,6 +1056,16 @@ impl Core {
         let dns_problem = self.start_dns(&rec, &policy).err();
         if let Some(e) = &dns_problem {
             tracing::error!(sandbox = %rec.name, error = %e, "DNS resolver did not start; the sandbox's DNS fails until it does");
+            // The kernel already sends the sandbox's DNS to a port nothing listens on.
+            self.policy_rejected(
+                rec.name.clone(),
+                &rec.policy_path,
+                Some(PolicyDigest::of(rec.policy_source.as_bytes())),
+                format!(
+                    "the policy is in force but its DNS resolver did not start ({e}); the \
+                     sandbox's DNS queries fail until it is attached again"
+                ),
+            );
         }
         if let Err(e) = self.maps.clear_slot(old.slot) {
             tracing::warn!(error = %e, slot = old.slot, "Clearing the replaced policy failed");
