@@ -99,6 +99,30 @@ pub fn records(daemon: &Daemon, m: &Match, n: usize) -> Result<Vec<Value>> {
     )
 }
 
+/// Waits for a `policy-rejected` record for a sandbox `sandbox` accepts whose
+/// `error.message` contains each of `words`.
+pub fn policy_rejected(
+    daemon: &Daemon,
+    sandbox: impl Fn(&str) -> bool,
+    words: &[&str],
+) -> Result<Value> {
+    let found = crate::util::poll(RECORD_TIMEOUT, Duration::from_millis(100), || {
+        Ok(daemon.audit_records()?.into_iter().find(|r| {
+            crate::audit::get_str(r, "event.action") == Some("policy-rejected")
+                && crate::audit::get_str(r, "egress.sandbox.name").is_some_and(&sandbox)
+                && crate::audit::get_str(r, "error.message")
+                    .is_some_and(|m| words.iter().all(|w| m.contains(w)))
+        }))
+    })?;
+    match found {
+        Some(r) => Ok(r),
+        None => bail!(
+            "no policy-rejected record saying {words:?}; all records:{}",
+            summarize(&daemon.audit_records().unwrap_or_default())
+        ),
+    }
+}
+
 /// Full proof that TCP to `ip:port` is blocked for `sandbox`: curl exits 7, python's
 /// connect raises PermissionError (EPERM), both attempts have deny records naming the
 /// sandbox, and the canary saw nothing. Returns the deny records.

@@ -329,22 +329,11 @@ fn podman_hooks_dir_with_an_annotation_selected_policy() -> Result<()> {
     );
     ensure!(all.contains("is not valid"), "no reason given: {all}");
     // The refusal is in the audit trail too.
-    egress_tests::util::poll(Duration::from_secs(5), Duration::from_millis(100), || {
-        Ok(fx
-            .daemon
-            .audit_records()?
-            .iter()
-            .any(|r| {
-                egress_tests::audit::get_str(r, "event.action") == Some("policy-rejected")
-                    && egress_tests::audit::get_str(r, "egress.sandbox.name")
-                        .is_some_and(|n| n.starts_with("oci:"))
-                    && egress_tests::audit::get_str(r, "error.message").is_some_and(|m| {
-                        m.contains("OCI hook refused") && m.contains("is not valid")
-                    })
-            })
-            .then_some(()))
-    })?
-    .context("no policy-rejected record for the hook's refusal")?;
+    egress_tests::expect::policy_rejected(
+        &fx.daemon,
+        |n| n.starts_with("oci:"),
+        &["OCI hook refused", "is not valid"],
+    )?;
     Ok(())
 }
 

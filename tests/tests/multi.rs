@@ -185,24 +185,8 @@ fn nested_deep_and_daemon_cgroups_are_refused() -> Result<()> {
         ("daemon-own", "holds egressd itself"),
         (fx.sandbox.label(), "already used"),
     ] {
-        egress_tests::util::poll(
-            RECORD_TIMEOUT,
-            std::time::Duration::from_millis(100),
-            || {
-                Ok(fx
-                    .daemon
-                    .audit_records()?
-                    .iter()
-                    .any(|r| {
-                        egress_tests::audit::get_str(r, "event.action") == Some("policy-rejected")
-                            && egress_tests::audit::get_str(r, "egress.sandbox.name") == Some(name)
-                            && egress_tests::audit::get_str(r, "error.message")
-                                .is_some_and(|m| m.contains(why))
-                    })
-                    .then_some(()))
-            },
-        )?
-        .with_context(|| format!("no policy-rejected record for {name} ({why})"))?;
+        expect::policy_rejected(&fx.daemon, |n| n == name, &[why])
+            .with_context(|| format!("refusal of {name}"))?;
     }
     Ok(())
 }

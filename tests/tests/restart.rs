@@ -392,20 +392,7 @@ fn a_resolver_that_does_not_start_on_replacement_is_recorded() -> Result<()> {
         out.status.success() && said.contains("DNS resolver did not start"),
         "{said}"
     );
-    poll(RECORD_TIMEOUT, Duration::from_millis(100), || {
-        Ok(fx
-            .daemon
-            .audit_records()?
-            .iter()
-            .any(|r| {
-                egress_tests::audit::get_str(r, "event.action") == Some("policy-rejected")
-                    && egress_tests::audit::get_str(r, "egress.sandbox.name") == Some(&name)
-                    && egress_tests::audit::get_str(r, "error.message")
-                        .is_some_and(|m| m.contains("DNS resolver did not start"))
-            })
-            .then_some(()))
-    })?
-    .context("no policy-rejected record for the resolver that did not start")?;
+    expect::policy_rejected(&fx.daemon, |n| n == name, &["DNS resolver did not start"])?;
     squatter.terminate(libc::SIGTERM, Duration::from_secs(5))?;
     Ok(())
 }
