@@ -520,6 +520,11 @@ impl Core {
     /// Lets the proxy serve the sandbox's redirected connections (never while it is
     /// quarantined).
     fn set_route(&self, rec: &SandboxRecord, policy: &Arc<Policy>) {
+        self.proxy
+            .names
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rec.index, rec.name.clone());
         if rec.quarantine.is_some() {
             self.drop_route(rec.index);
             return;
@@ -1144,6 +1149,11 @@ impl Core {
                 self.audit
                     .emit(Record::SandboxDetach(Self::detached(&rec, reason)));
                 self.drop_route(rec.index);
+                self.proxy
+                    .names
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&rec.index);
                 self.proxy.close_connections(rec.index);
                 self.proxy.set_user(rec.index, None);
                 self.dns.forget(rec.index);

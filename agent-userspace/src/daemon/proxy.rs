@@ -23,6 +23,9 @@ use crate::{
 /// Sandbox index -> (name, policy in force, its kernel slot). Written by the daemon core on
 /// attach, policy change and detach; read for every accepted connection.
 pub type Routes = Arc<RwLock<HashMap<u32, (String, Arc<Policy>, u32)>>>;
+/// Attached sandboxes' names by index, routed or not (a quarantined one has no route):
+/// what a connection closed unserved is recorded under.
+pub type Names = Arc<RwLock<HashMap<u32, String>>>;
 
 pub struct ProxyRuntime {
     pub port: u16,
@@ -31,6 +34,7 @@ pub struct ProxyRuntime {
     proxy: Arc<Proxy>,
     peers: Arc<Mutex<PeerMap>>,
     pub routes: Routes,
+    pub names: Names,
     listeners: HashMap<NetnsId, Vec<tokio::task::AbortHandle>>,
     /// Which namespace's listener each sandbox (by index) uses; a listener no sandbox
     /// uses is closed, so it does not keep a deleted container's namespace alive.
@@ -56,6 +60,7 @@ impl ProxyRuntime {
             proxy: Arc::new(proxy),
             peers: Arc::new(Mutex::new(peers)),
             routes: Arc::default(),
+            names: Arc::default(),
             listeners: HashMap::new(),
             users: HashMap::new(),
             conns: Conns::default(),
@@ -175,6 +180,7 @@ impl ProxyRuntime {
                 proxy: self.proxy.clone(),
                 peers: self.peers.clone(),
                 routes: self.routes.clone(),
+                names: self.names.clone(),
                 conns: self.conns.clone(),
                 limits: self.limits.clone(),
             };
@@ -192,6 +198,7 @@ struct AcceptCtx {
     proxy: Arc<Proxy>,
     peers: Arc<Mutex<PeerMap>>,
     routes: Routes,
+    names: Names,
     conns: Conns,
     limits: Limits,
 }
@@ -290,8 +297,14 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
             .get(&index)
             .cloned();
         let Some((sandbox, policy, slot)) = entry else {
+            let name = ctx
+                .names
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&index)
+                .cloned();
             unserved(
-                "unknown",
+                name.as_deref().unwrap_or("unknown"),
                 "unknown",
                 connection_id,
                 original_dst,
