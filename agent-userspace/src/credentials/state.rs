@@ -111,13 +111,18 @@ pub struct PlaceholderScope {
 
 /// Method and URL override headers: some frameworks run another method or path than the
 /// request line's on them, so the proxy strips them and no credential goes in them.
-pub const OVERRIDE_HEADERS: [&str; 6] = [
+pub const OVERRIDE_HEADERS: [&str; 8] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
     "x-original-url",
     "x-rewrite-url",
     "x-original-method",
+    // Vault and OpenBao put the request's path under this namespace: the path judged
+    // would not be the one served (write a namespace in the path, where it is judged).
+    "x-vault-namespace",
+    // Vault Enterprise: overrides soft-mandatory Sentinel policies.
+    "x-vault-policy-override",
 ];
 
 /// Whether `name` (lower case) is a header that proxies and frameworks read as where the

@@ -1441,15 +1441,13 @@ pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderN
     // read); sent on, an origin could answer it again, or wait for a body already sent.
     headers.remove(EXPECT);
     headers.remove("x-vault-wrap-ttl");
-    // CGI gateways and Puma read `X_HTTP_Method_Override` as `X-HTTP-Method-Override`:
-    // a name with `_` goes if its `-` spelling would, or if the head holds that too.
+    // CGI gateways, Puma and S3 stores such as Ceph RGW read `X_HTTP_Method_Override` as
+    // `X-HTTP-Method-Override` and `x-amz_copy_source` as `x-amz-copy-source`: a name with
+    // `_` can stand for any field a check here looks at (and is left unsigned by a
+    // signer that looks for `x-amz-`), so none is sent on, as nginx does by default.
     let folded: Vec<HeaderName> = headers
         .keys()
         .filter(|n| n.as_str().contains('_'))
-        .filter(|n| {
-            let dashed = n.as_str().replace('_', "-");
-            stripped_by_name(&dashed, injected) || headers.contains_key(dashed.as_str())
-        })
         .cloned()
         .collect();
     for name in folded {
@@ -1464,32 +1462,6 @@ pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderN
     for name in routing {
         headers.remove(name);
     }
-}
-
-/// Whether a request header of this (lower-case) name is never sent on: credentials,
-/// hop-by-hop and framing fields, the injected headers, overrides and routing headers.
-fn stripped_by_name(name: &str, injected: &[HeaderName]) -> bool {
-    const FIELDS: [&str; 13] = [
-        "authorization",
-        "proxy-authorization",
-        "connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "keep-alive",
-        "proxy-connection",
-        "content-length",
-        "host",
-        "expect",
-        // Asks Vault to answer with a token that unwraps to the answer: a credential
-        // minted from the injected one, which the sandbox would hold.
-        "x-vault-wrap-ttl",
-    ];
-    FIELDS.contains(&name)
-        || injected.iter().any(|h| h.as_str() == name)
-        || OVERRIDE_HEADERS.contains(&name)
-        || crate::credentials::is_routing_header(name)
 }
 
 /// A request's trailers get what its headers get, and lose as well the fields a trailer
@@ -1544,6 +1516,9 @@ mod tests {
             ("x_api_key", "sandbox-key"),
             ("content_length", "0"),
             ("accept_language", "x"),
+            ("x-amz_copy_source", "/other-bucket/secret"),
+            ("x-vault-namespace", "team-b"),
+            ("x-vault-policy-override", "true"),
             ("expect", "100-continue"),
             ("x-api-key", "sandbox-key"),
             ("connection", "keep-alive, X-Custom-Hop"),
@@ -1562,7 +1537,8 @@ mod tests {
         strip_request_headers(&mut headers, &[HeaderName::from_static("x-api-key")]);
         let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
-        assert_eq!(left, ["accept", "accept_language", "content-length"]);
+        // Every `_` name goes: a gateway may read it as the `-` one.
+        assert_eq!(left, ["accept", "content-length"]);
 
         let mut headers = HeaderMap::new();
         headers.insert(TE, HeaderValue::from_static("trailers"));

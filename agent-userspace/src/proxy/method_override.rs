@@ -29,6 +29,25 @@ pub fn in_query(target: &str) -> Option<String> {
     form_keys(query.as_bytes()).find(|key| is_override_key(key))
 }
 
+/// Whether Vault and OpenBao run this `GET` as `LIST`: its query has a `list` key whose
+/// value Go's `strconv.ParseBool` reads as true.
+pub fn runs_as_list(method: &str, target: &str) -> bool {
+    let Some((_, query)) = target.split_once('?') else {
+        return false;
+    };
+    method == "GET"
+        && query.split('&').any(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode =
+                |s: &str| String::from_utf8_lossy(&super::inject::percent_decode(s)).into_owned();
+            decode(key) == "list"
+                && matches!(
+                    decode(value).as_str(),
+                    "1" | "t" | "T" | "TRUE" | "true" | "True"
+                )
+        })
+}
+
 /// Whether a `method` request to `target` on `route` must have its body read for an
 /// override field: it is a POST (the only method the frameworks override) and the rule
 /// refuses some other method there.

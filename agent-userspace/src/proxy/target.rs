@@ -60,6 +60,12 @@ pub fn judge_target(route: &Route, method: &str, raw: &str) -> Result<Judged, Ta
     }
     (route.request_allowed)(method, &target)
         .map_err(|reason| TargetRefusal::Denied { reason, git: None })?;
+    if super::method_override::runs_as_list(method, &target) {
+        (route.request_allowed)("LIST", &target).map_err(|reason| TargetRefusal::Denied {
+            reason: format!("{reason} (a GET with `list=true` runs as LIST in Vault and OpenBao)"),
+            git: None,
+        })?;
+    }
     let Some(rule) = &route.git else {
         return Ok(Judged { target, git: None });
     };
@@ -176,6 +182,36 @@ rules:
             explicitly_covers: Box::new(|_| false),
             git: rule.git().cloned(),
         }
+    }
+
+    /// A GET that Vault runs as LIST is judged as LIST too.
+    #[test]
+    fn a_get_with_list_true_is_judged_as_list() {
+        let policy = Arc::new(parse_str(POLICY, "test.yaml").unwrap());
+        let api = route(&policy, 1);
+        let judge = |t: &str| judge_target(&api, "GET", t);
+        assert!(judge("/repos/acme/widgets/x").is_ok());
+        assert!(judge("/repos/acme/widgets/x?list=false").is_ok());
+        assert!(judge("/repos/acme/widgets/x?listing=true").is_ok());
+        for listed in ["list=true", "a=1&list=1", "%6Cist=True", "list=%74"] {
+            assert!(
+                matches!(
+                    judge(&format!("/repos/acme/widgets/x?{listed}")),
+                    Err(TargetRefusal::Denied { .. })
+                ),
+                "{listed}"
+            );
+        }
+        // A rule that lists LIST allows it.
+        let listing = Arc::new(
+            parse_str(
+                &POLICY.replace("methods: [GET, POST]", "methods: [GET, POST, LIST]"),
+                "test.yaml",
+            )
+            .unwrap(),
+        );
+        let api = route(&listing, 1);
+        assert!(judge_target(&api, "GET", "/repos/acme/widgets/x?list=true").is_ok());
     }
 
     /// WebDAV's second target is judged like the first, and sent in the form judged.
