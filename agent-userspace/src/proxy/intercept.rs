@@ -796,8 +796,12 @@ impl ConnCtx {
             let in_head =
                 misdirected_in_head(&judged.target, &parts.headers, &detect, |_| true).is_some();
             let has_body = !(body.is_end_stream() && prefix.is_empty());
+            // A git rule's bodies are judged as they are (a push's command list, whose
+            // pkt-line lengths a replacement of another length would reframe): never
+            // rewritten, so the rule's own placeholder in one is refused as misdirected.
+            let replace_in_body = scope.body && self.conn.route.git.is_none();
             let mut replaced = 0;
-            if in_head || (has_body && scope.body) {
+            if in_head || (has_body && replace_in_body) {
                 let value = self.credential_value(name).await?;
                 let taken = inject::take_replaced_headers(
                     &mut parts.headers,
@@ -860,7 +864,7 @@ impl ConnCtx {
                 if let Some((_, place)) = left {
                     return Err(self.misdirected(record, name, place));
                 }
-                if has_body && scope.body {
+                if has_body && replace_in_body {
                     if let Some(reason) = inject::body_encoding_refusal(&parts.headers) {
                         return Err(Refusal::deny(StatusCode::UNSUPPORTED_MEDIA_TYPE, reason));
                     }
@@ -1075,9 +1079,10 @@ impl ConnCtx {
             if let Some(set) = &placeholders {
                 let store = &self.proxy.credentials;
                 // Every sentinel but the rule's own where its body replacement is on.
-                let own_in_body = own
-                    .as_deref()
-                    .filter(|c| store.placeholder_scope(c).is_some_and(|s| s.body));
+                let own_in_body = own.as_deref().filter(|c| {
+                    self.conn.route.git.is_none()
+                        && store.placeholder_scope(c).is_some_and(|s| s.body)
+                });
                 let guard = match own_in_body {
                     Some(own) => set.detector_for(|c| c != own),
                     None => Some(set.detector().clone()),

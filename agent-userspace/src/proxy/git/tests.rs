@@ -249,6 +249,7 @@ async fn http_backend(req: Request<Incoming>, root: &Path) -> Response<Full<Byte
 struct Harness {
     env: GitEnv,
     records: mpsc::UnboundedReceiver<ProxyRecord>,
+    credentials: Arc<CredentialStore>,
     _dir: tempfile::TempDir,
 }
 
@@ -268,6 +269,22 @@ impl Harness {
 
 /// The proxy on 127.0.0.1 for `HOST`, with a git rule, relaying to `origin`.
 async fn start_proxy(origin: SocketAddr, origin_ca: &str, git_rule: GitRule) -> Harness {
+    start_proxy_injecting(
+        origin,
+        origin_ca,
+        git_rule,
+        "{ basic: { user: x-access-token } }",
+    )
+    .await
+}
+
+/// [`start_proxy`] with the credential's `inject` given.
+async fn start_proxy_injecting(
+    origin: SocketAddr,
+    origin_ca: &str,
+    git_rule: GitRule,
+    inject: &str,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let ca = Arc::new(CertAuthority::load_or_create(dir.path().join("ca")).unwrap());
     let ca_file = dir.path().join("proxy-ca.pem");
@@ -277,11 +294,12 @@ async fn start_proxy(origin: SocketAddr, origin_ca: &str, git_rule: GitRule) -> 
     let token = dir.path().join("token");
     std::fs::write(&token, TOKEN).unwrap();
     let raw: RawCredentials = serde_yaml_ng::from_str(&format!(
-        "git:\n  source: {{ file: {} }}\n  inject: {{ basic: {{ user: x-access-token }} }}\n  hosts: [{HOST}]\n",
+        "git:\n  source: {{ file: {} }}\n  inject: {inject}\n  hosts: [{HOST}]\n",
         token.display()
     ))
     .unwrap();
     let credentials = Arc::new(CredentialStore::from_config(&raw).unwrap());
+    let kept = credentials.clone();
     let config = ProxyConfig {
         upstream_ca: Some(origin_ca_file),
         ..ProxyConfig::default()
@@ -330,6 +348,7 @@ async fn start_proxy(origin: SocketAddr, origin_ca: &str, git_rule: GitRule) -> 
             ca: ca_file,
         },
         records,
+        credentials: kept,
         _dir: dir,
     }
 }
@@ -494,6 +513,56 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     e.write_all(data).unwrap();
     e.finish().unwrap()
+}
+
+/// A git rule's bodies are judged as sent and never rewritten: a placeholder with body
+/// replacement on would change a judged command list's pkt-line lengths (and store the
+/// secret in a ref name); the sentinel in a push is refused as misdirected instead, while
+/// the header placeholder still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placeholder_in_a_push_body_is_never_replaced() {
+    if !have_git() {
+        return;
+    }
+    tokio::time::timeout(LIMIT, async {
+        let (_root, repos) = origin_repos();
+        let (origin, origin_ca) = start_origin(repos.clone()).await;
+        let mut h = start_proxy_injecting(
+            origin,
+            &origin_ca,
+            agent_rule(),
+            "{ placeholder: { headers: [authorization], body: true } }",
+        )
+        .await;
+        let sentinel = h.credentials.placeholder("sbx", "git").unwrap();
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("x-access-token:{sentinel}"));
+        let header = format!("http.extraHeader=Authorization: Basic {basic}");
+        let work = tempfile::tempdir().unwrap();
+        let url = format!("https://{HOST}:{}/acme/widgets.git", h.env.port);
+        // Positive control: the header placeholder is replaced.
+        let (ok, err) = git(
+            work.path(),
+            &h.env,
+            &["-c", &header, "clone", "-q", &url, "w"],
+        )
+        .await;
+        assert!(ok, "clone: {err}");
+        let w = work.path().join("w");
+        std::fs::write(w.join("change"), "agent work\n").unwrap();
+        git(&w, &h.env, &["add", "change"]).await;
+        let (ok, err) = git(&w, &h.env, &["commit", "-q", "-m", "agent"]).await;
+        assert!(ok, "{err}");
+        let target = format!("HEAD:refs/heads/agent/{sentinel}");
+        let (ok, err) = git(&w, &h.env, &["-c", &header, "push", "origin", &target]).await;
+        assert!(!ok, "a push naming the placeholder went through: {err}");
+        let refs = git_local(&repos.join("acme/widgets.git"), &["for-each-ref"]);
+        assert!(!refs.contains(TOKEN) && !refs.contains(&sentinel), "{refs}");
+        let r = h.last("/git-receive-pack");
+        assert_eq!(r.verdict, Verdict::Deny, "{r:?}");
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
