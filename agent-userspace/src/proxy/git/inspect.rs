@@ -164,28 +164,76 @@ pub async fn read_commands(
     encoding: Encoding,
     idle: Duration,
 ) -> Result<(Bytes, CommandList), ReadError> {
-    let mut raw = BytesMut::new();
+    let mut reader = CommandReader::new(encoding);
     loop {
-        if let Some(list) = try_parse(&raw, encoding, false)? {
-            return Ok((raw.freeze(), list));
-        }
-        if raw.len() > MAX_BUFFERED_BYTES {
-            return Err(ReadError::Invalid(format!(
-                "git push: no end of the command list within the first {MAX_BUFFERED_BYTES} \
-                 bytes of the body"
-            )));
-        }
         match next_data(body, idle).await? {
-            Some(data) => raw.extend_from_slice(&data),
-            None => {
-                return match try_parse(&raw, encoding, true)? {
-                    Some(list) => Ok((raw.freeze(), list)),
-                    None => Err(ReadError::Invalid(
-                        "git push: the body ended before the command list's flush-pkt".to_owned(),
-                    )),
+            Some(data) => {
+                if let Some(list) = reader.push(&data)? {
+                    return Ok((reader.raw.freeze(), list));
                 }
             }
+            None => {
+                let list = reader.finish()?;
+                return Ok((reader.raw.freeze(), list));
+            }
         }
+    }
+}
+
+/// The body's first bytes, parsed for the command list as they arrive: again only when
+/// they have doubled since the last try (or at the limit, or the end), so a list sent a
+/// byte at a time (or gzip that inflates to nothing) costs time linear in its length,
+/// not quadratic.
+struct CommandReader {
+    encoding: Encoding,
+    raw: BytesMut,
+    /// Length at the last parse.
+    parsed_at: usize,
+    /// Parses tried (for tests).
+    parses: usize,
+}
+
+impl CommandReader {
+    fn new(encoding: Encoding) -> Self {
+        Self {
+            encoding,
+            raw: BytesMut::new(),
+            parsed_at: 0,
+            parses: 0,
+        }
+    }
+
+    fn parse(&mut self, ended: bool) -> Result<Option<CommandList>, ReadError> {
+        self.parses += 1;
+        self.parsed_at = self.raw.len();
+        try_parse(&self.raw, self.encoding, ended)
+    }
+
+    /// Takes the next piece; the list once it is complete.
+    fn push(&mut self, data: &[u8]) -> Result<Option<CommandList>, ReadError> {
+        self.raw.extend_from_slice(data);
+        let over = self.raw.len() > MAX_BUFFERED_BYTES;
+        if over || self.raw.len() >= self.parsed_at.saturating_mul(2).max(1) {
+            if let Some(list) = self.parse(false)? {
+                return Ok(Some(list));
+            }
+            if over {
+                return Err(ReadError::Invalid(format!(
+                    "git push: no end of the command list within the first \
+                     {MAX_BUFFERED_BYTES} bytes of the body"
+                )));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The body ended: the list, or why there is none.
+    fn finish(&mut self) -> Result<CommandList, ReadError> {
+        self.parse(true)?.ok_or_else(|| {
+            ReadError::Invalid(
+                "git push: the body ended before the command list's flush-pkt".to_owned(),
+            )
+        })
     }
 }
 
@@ -295,6 +343,56 @@ mod tests {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         e.write_all(data).unwrap();
         e.finish().unwrap()
+    }
+
+    /// A body sent a byte at a time is parsed a logarithmic number of times: gzip that
+    /// inflates to nothing (empty stored blocks) cannot make each byte re-inflate all
+    /// before it. A list that completes is still found, at the latest at the end.
+    #[test]
+    fn a_list_sent_a_byte_at_a_time_is_parsed_logarithmically_often() {
+        let mut stream = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+        for _ in 0..20_000 {
+            stream.extend_from_slice(&[0, 0, 0, 0xff, 0xff]);
+        }
+        let mut reader = CommandReader::new(Encoding::Gzip);
+        let mut refused = false;
+        for b in &stream {
+            match reader.push(std::slice::from_ref(b)) {
+                Ok(None) => {}
+                Ok(Some(_)) => panic!("no list in empty blocks"),
+                Err(_) => {
+                    refused = true;
+                    break;
+                }
+            }
+        }
+        assert!(refused || reader.raw.len() == stream.len());
+        assert!(reader.parses <= 20, "{} parses", reader.parses);
+
+        let z = "0".repeat(40);
+        let b = "b".repeat(40);
+        let body = format!(
+            "{}0000PACK",
+            pkt_line(&format!("{z} {b} refs/heads/agent/x\0report-status"))
+        );
+        let mut reader = CommandReader::new(Encoding::Identity);
+        let mut found = None;
+        for b in body.as_bytes() {
+            if let Some(list) = reader.push(std::slice::from_ref(b)).unwrap() {
+                found = Some(list);
+                break;
+            }
+        }
+        let list = match found {
+            Some(list) => list,
+            None => reader.finish().unwrap(),
+        };
+        assert_eq!(list.commands.len(), 1);
+        assert!(reader.parses <= 12, "{} parses", reader.parses);
+    }
+
+    fn pkt_line(s: &str) -> String {
+        format!("{:04x}{s}", s.len() + 4)
     }
 
     #[test]
