@@ -357,13 +357,11 @@ mod tests {
         let mut reader = CommandReader::new(Encoding::Gzip);
         let mut refused = false;
         for b in &stream {
-            match reader.push(std::slice::from_ref(b)) {
-                Ok(None) => {}
-                Ok(Some(_)) => panic!("no list in empty blocks"),
-                Err(_) => {
-                    refused = true;
-                    break;
-                }
+            let pushed = reader.push(std::slice::from_ref(b));
+            assert!(!matches!(pushed, Ok(Some(_))), "no list in empty blocks");
+            if pushed.is_err() {
+                refused = true;
+                break;
             }
         }
         assert!(refused || reader.raw.len() == stream.len());
