@@ -620,11 +620,17 @@ impl ConnCtx {
         // The sandbox should never hold a secret: one in its request has leaked, and goes
         // no further, whatever the rule.
         if let Some(matcher) = self.proxy.secret_matcher() {
-            let found = if matcher.failed() {
-                Some((String::new(), "an unscanned request"))
-            } else {
-                scrub::find_in_head(req.method(), req.uri(), req.headers(), &matcher)
-            };
+            // The daemon's own failure, not the sandbox's doing: refused (fail closed)
+            // without a secret finding, whose alert may quarantine the sandbox.
+            if matcher.failed() {
+                redact_record(record, &matcher);
+                return Err(Refusal::deny(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the proxy could not build its secret matcher: requests are not scanned, \
+                     so none is forwarded",
+                ));
+            }
+            let found = scrub::find_in_head(req.method(), req.uri(), req.headers(), &matcher);
             if let Some((name, place)) = found {
                 redact_record(record, &matcher);
                 record.secret = Some(SecretFinding::outbound(&name, place));

@@ -333,9 +333,10 @@ impl Proxy {
     }
 
     /// The matcher over every known secret (perhaps none yet), or `None` when scrubbing
-    /// is switched off (`proxy.scrub: false`).
+    /// is switched off (`proxy.scrub: false`) or no credential is configured.
     fn secret_matcher(&self) -> Option<Arc<crate::credentials::SecretMatcher>> {
-        if !self.config.scrub {
+        // Nothing to scrub where no credential is configured: no value can become known.
+        if !self.config.scrub || self.credentials.names().is_empty() {
             return None;
         }
         // Even while no secret is known yet: one may become known (another request reads

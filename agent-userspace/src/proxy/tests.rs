@@ -824,6 +824,30 @@ async fn a_secret_first_known_while_a_response_streams_is_scrubbed_from_it() {
     .await;
 }
 
+/// Where no credential is configured no value can become known: responses pass as the
+/// origin sent them (no forced identity encoding, no range checks).
+#[test]
+fn nothing_is_scrubbed_where_no_credential_is_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(CertAuthority::load_or_create(dir.path().join("ca")).unwrap());
+    let audit: AuditSink = Arc::new(|_| {});
+    let none: RawCredentials = serde_yaml_ng::from_str("{}").unwrap();
+    let empty = Arc::new(CredentialStore::from_config(&none).unwrap());
+    let proxy = Proxy::new(ProxyConfig::default(), ca.clone(), empty, audit.clone()).unwrap();
+    assert!(proxy.secret_matcher().is_none());
+    // With one configured, even before its value is read, responses are scanned.
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let one: RawCredentials = serde_yaml_ng::from_str(&format!(
+        "c:\n  source: {{ file: {} }}\n  inject: {{ header: X-Key }}\n  hosts: [{NAME}]\n",
+        token.display()
+    ))
+    .unwrap();
+    let one = Arc::new(CredentialStore::from_config(&one).unwrap());
+    let proxy = Proxy::new(ProxyConfig::default(), ca, one, audit).unwrap();
+    assert!(proxy.secret_matcher().is_some_and(|m| m.is_empty()));
+}
+
 #[tokio::test]
 async fn a_request_the_daemon_cuts_short_is_recorded_as_its_doing() {
     within(async {
