@@ -111,12 +111,15 @@ pub enum Plan {
 ///
 /// Every refusal is recorded: one the daemon made (or could not be asked about) is in
 /// its own trail or nowhere, any other (the state or config unreadable, the plan refused,
-/// the policy file unreadable) is sent to the daemon as `HookRefused`.
+/// the policy file unreadable) is sent to the daemon as `HookRefused` (at the stages that
+/// create a container; a `poststop` failure refuses nothing).
 pub fn run(stage: Stage, opts: &HookOptions, stdin: impl Read) -> anyhow::Result<String> {
     let mut container = None;
     let result = run_stage(stage, opts, stdin, &mut container);
+    // At `poststop` the container ran: a failure then refused nothing.
+    let refusing = stage != Stage::Poststop;
     if let Err(e) = &result {
-        if !e.chain().any(|c| c.is::<DaemonExchange>()) {
+        if refusing && !e.chain().any(|c| c.is::<DaemonExchange>()) {
             // The container will not start: the daemon records why (if it can be reached;
             // the runtime logs the error either way).
             let _ = call(
@@ -567,6 +570,11 @@ mod tests {
         assert!(got[0].1.contains("not valid"), "{}", got[0].1);
         assert_eq!(got[1].0, "c1");
         assert!(got[1].1.contains("config.json"), "{}", got[1].1);
+
+        // At poststop the container ran: a failure there refused nothing.
+        seen.lock().unwrap().clear();
+        assert!(run(Stage::Poststop, &opts, state(&missing).as_bytes()).is_err());
+        assert!(refused(&seen.lock().unwrap()).is_empty());
 
         // The daemon refusing a detach records it itself: nothing more is sent.
         let bundle = dir.path().join("bundle");
