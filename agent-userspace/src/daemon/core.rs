@@ -1221,6 +1221,29 @@ impl Core {
             .cloned()
             .ok_or_else(|| format!("no sandbox named {name:?}"))?;
         if let Some(q) = &rec.quarantine {
+            // One whose kernel switch failed before is switched now.
+            let switched = self
+                .maps
+                .sandbox(rec.cgroup_id)
+                .is_some_and(|e| e.policy_slot == QUARANTINE_SLOT);
+            if !switched {
+                let policy = self.compiled.get(name).cloned();
+                let entry = self.quarantine_entry(&rec, policy.as_deref());
+                if let Err(e) = self.maps.set_sandbox(rec.cgroup_id, entry) {
+                    return Err(format!(
+                        "sandbox {name:?} is quarantined in the daemon, but switching the \
+                         kernel to deny-all failed again: {e}"
+                    ));
+                }
+                tracing::warn!(sandbox = %rec.name, "Quarantine's kernel switch done on a second attempt");
+                // The trail's failed quarantine is complete now.
+                self.audit.emit(Record::SandboxQuarantine(quarantine_record(
+                    &rec,
+                    q.reason.clone(),
+                    &q.trigger,
+                    None,
+                )));
+            }
             return Ok(format!(
                 "sandbox {name:?} is already quarantined (since {}, by {})",
                 q.since, q.trigger
