@@ -15,7 +15,8 @@
 //!
 //! The hook runs for every setsockopt from the cgroup except compat (32-bit) syscalls,
 //! which the kernel does not pass to it; `cgroup_skb/egress` (skb.rs) drops the packets
-//! themselves, whichever way the option was set.
+//! with source routes themselves, whichever way the option was set (not the kernel's own
+//! membership reports, which belong to no socket).
 use agent_common::{hook, sockopt, verdict};
 use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
 
