@@ -9,8 +9,9 @@
 
 /// Bumped whenever any type in this crate changes layout or meaning, unless a daemon
 /// reading what an older build's programs wrote is shown to fail closed (as `OrigDst`'s
-/// `policy_slot`, which reads 0 there: such a redirect is refused). A bump leaves the
-/// older build's links and maps pinned under their own directory.
+/// `policy_slot`, which reads 0 there: such a redirect is refused). The older build's
+/// links and maps stay pinned under their own directory until the new daemon has adopted
+/// each sandbox with its own programs; then it removes them.
 pub const ABI_VERSION: u32 = 2;
 
 /// Sandbox indices run from 1 to `MAX_SANDBOXES - 1`; index 0 means "no sandbox found".

@@ -396,3 +396,53 @@ fn a_resolver_that_does_not_start_on_replacement_is_recorded() -> Result<()> {
     squatter.terminate(libc::SIGTERM, Duration::from_secs(5))?;
     Ok(())
 }
+
+/// A daemon of another ABI version pinned its links and maps under its own directory:
+/// once this daemon has adopted the sandbox with its own programs, the other build's
+/// links go (they would go on judging by rules no daemon updates), and with them its
+/// directory. The other build is played by this build's pins, moved to another
+/// version's directory while no daemon runs.
+#[test]
+fn another_builds_pins_are_retired_once_the_sandbox_is_adopted() -> Result<()> {
+    require_root!();
+    let mut fx = Fixture::new()?;
+    fx.attach(WEB_ORIGIN_DENY)?;
+    let name = fx.sandbox.label().to_string();
+    let canary = IpAddr::V4(CANARY_V4);
+    expect::eperm(&fx.sandbox.probe("tcp-connect", canary, 9, &[])?)?;
+
+    fx.daemon.kill9()?;
+    let base = fx.daemon.bpffs().path().to_path_buf();
+    let ours = std::fs::read_dir(&base)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.join("links").is_dir())
+        .context("no pinned layout")?;
+    let older = base.join("v0");
+    std::fs::rename(&ours, &older).context("moving the pins aside")?;
+    // With no daemon, the moved links still confine.
+    expect::eperm(&fx.sandbox.probe("tcp-connect", canary, 9, &[])?)?;
+
+    fx.daemon.restart()?;
+    poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        fx.daemon.status_sandbox(&name)
+    })?
+    .context("restarted daemon does not list the sandbox")?;
+    ensure!(
+        ours.join("links").is_dir(),
+        "the daemon pinned no links of its own"
+    );
+    let gone = poll(Duration::from_secs(5), Duration::from_millis(100), || {
+        Ok((!older.exists()).then_some(()))
+    })?;
+    ensure!(gone.is_some(), "the other build's pins are still there");
+    // Still confined by this build's programs...
+    expect::eperm(&fx.sandbox.probe("tcp-connect", canary, 9, &[])?)?;
+    // ...and only by them: a policy that allows the canary now lets it through (the
+    // other build's programs, had they stayed, would refuse it by their own rules).
+    fx.attach(&format!(
+        "{WEB_ORIGIN_DENY}  - name: canary\n    to: [{CANARY_V4}]\n    ports: [9]\n    protocol: tcp\n    action: allow\n"
+    ))?;
+    expect::probe_ok(&fx.sandbox.probe("tcp-connect", canary, 9, &[])?)?;
+    Ok(())
+}

@@ -89,6 +89,34 @@ impl PinLayout {
         }
     }
 
+    /// The layouts other builds (other ABI versions) pinned under `base`.
+    pub fn others(base: &Path) -> Vec<Self> {
+        let ours = format!("v{ABI_VERSION}");
+        let Ok(rd) = fs::read_dir(base) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Self> = rd
+            .filter_map(Result::ok)
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name != ours
+                    && name.len() > 1
+                    && name.starts_with('v')
+                    && name[1..].bytes().all(|b| b.is_ascii_digit())
+                    && e.file_type().is_ok_and(|t| t.is_dir())
+            })
+            .map(|e| Self { root: e.path() })
+            .collect();
+        out.sort_by(|a, b| a.root.cmp(&b.root));
+        out
+    }
+
+    /// The directory holding this layout.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn maps(&self) -> PathBuf {
         self.root.join("maps")
     }

@@ -1710,8 +1710,50 @@ impl Core {
                 let _ = self.maps.remove_sandbox(id);
             }
         }
+        self.retire_other_builds();
         self.save_state();
         adopted
+    }
+
+    /// Links and maps another build pinned under another ABI version: its programs
+    /// would go on judging each sandbox beside this build's, by rules no daemon updates
+    /// (a detach would leave them confining), and their events would never be read. A
+    /// sandbox this daemon confines with all its own hooks loses the other build's links
+    /// (its own were pinned first: no moment unconfined); the other build's directory
+    /// (maps, the system-wide LSM link) goes once no sandbox's links are left in it. A
+    /// cgroup this daemon has no record of keeps them, and stays confined.
+    fn retire_other_builds(&mut self) {
+        for other in PinLayout::others(&self.bpffs) {
+            let mut kept = 0;
+            for id in attached_cgroups(&other).unwrap_or_default() {
+                let ours = self.state.by_cgroup(id).is_some()
+                    && self.links().pinned_hooks(id).len() == HOOKS.len();
+                if !ours {
+                    kept += 1;
+                    tracing::warn!(layout = %other.root().display(), cgroup_id = id, "Another build's links confine a cgroup this daemon has no record of; left in place");
+                    continue;
+                }
+                match std::fs::remove_dir_all(other.sandbox_links(id)) {
+                    Ok(()) => {
+                        tracing::info!(layout = %other.root().display(), cgroup_id = id, "Another build's links for an adopted sandbox removed")
+                    }
+                    Err(e) => {
+                        kept += 1;
+                        tracing::error!(layout = %other.root().display(), cgroup_id = id, error = %e, "Removing another build's links failed; its programs keep judging the sandbox too");
+                    }
+                }
+            }
+            if kept == 0 {
+                match std::fs::remove_dir_all(other.root()) {
+                    Ok(()) => {
+                        tracing::warn!(layout = %other.root().display(), "Another build's pinned programs and maps removed (events its programs recorded and no daemon read went with them)")
+                    }
+                    Err(e) => {
+                        tracing::error!(layout = %other.root().display(), error = %e, "Removing another build's pinned objects failed")
+                    }
+                }
+            }
+        }
     }
 
     /// Why a control-socket caller in `cgroup` (`None`: one that cannot be placed) is
