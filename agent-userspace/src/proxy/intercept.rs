@@ -1158,11 +1158,18 @@ impl ConnCtx {
                 );
             }
             if is_client_abort(&source) {
+                // An HTTP/2 stream outlives its connection's task by a moment: the body
+                // failed because the daemon closed the connection.
+                let who = if self.conn.closing.load(Ordering::SeqCst) {
+                    format!("{CLOSED_BY_DAEMON}: the request body was cut")
+                } else {
+                    format!("{CLIENT_ABORTED}: the downstream client's request body failed")
+                };
                 return Refusal {
                     status: StatusCode::BAD_REQUEST,
                     verdict: Verdict::Allow,
                     reason: format!(
-                        "{CLIENT_ABORTED}: the downstream client's request body failed: {}",
+                        "{who}: {}",
                         source
                             .source()
                             .map_or_else(|| source.to_string(), ToString::to_string)
