@@ -264,6 +264,16 @@ fn forms_of(secret: &str) -> Vec<(Vec<u8>, bool)> {
                 add_as(percent_encode(short, b""), true);
                 if let Ok(text) = std::str::from_utf8(short) {
                     add_as(json_escape(text, true, false), true);
+                    // .NET's JSON encoder (`\u002B`), HTML character references.
+                    add_as(json_escape_symbols(text), true);
+                }
+                for style in [Escape::HtmlHex, Escape::HtmlDecimal] {
+                    let symbols: Vec<u8> = short
+                        .iter()
+                        .copied()
+                        .filter(|b| b.is_ascii() && !b.is_ascii_alphanumeric())
+                        .collect();
+                    add_as(escape_some(short, &symbols, style), true);
                 }
             }
         }
@@ -589,7 +599,9 @@ mod tests {
             })
             .collect();
         let json = symbols.replace('/', "\\/");
-        for wire in [pct, json] {
+        let dotnet = symbols.replace('/', "\\u002F").replace('+', "\\u002B");
+        let html = symbols.replace('/', "&#x2F;").replace('+', "&#x2B;");
+        for wire in [pct, json, dotnet, html] {
             for cut in 1..=CUT_SHORT {
                 let echo = &wire.as_bytes()[..wire.len() - cut];
                 assert!(m.find(echo).is_some(), "{wire} cut {cut}");
