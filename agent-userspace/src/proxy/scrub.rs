@@ -509,6 +509,8 @@ impl DeflateKind {
 /// while the body streams (a credential first used by another request, a rotation) is
 /// matched from the next piece on. The origin cannot have had it before it was known
 /// (it is known before it is sent anywhere), so what went before needs no second look.
+/// The values known when the response began stay matched to its end, even those the
+/// store forgets meanwhile (after rotations).
 pub fn scrub_response(
     headers: &mut HeaderMap,
     body: Incoming,
@@ -556,6 +558,7 @@ pub fn scrub_response(
         decoder,
         pending: Bytes::new(),
         scrubber: StreamScrubber::new(matcher.clone(), tally.clone()),
+        later: None,
         matcher,
         latest,
         tally,
@@ -614,7 +617,12 @@ pub struct ScrubbedBody {
     decoder: Option<Decoder>,
     /// Encoded input not yet decoded (decoded one step at a time).
     pending: Bytes,
+    /// Scrubs with the secrets known when the response began, for its whole length
+    /// (values the store forgets meanwhile, after rotations, stay matched)...
     scrubber: StreamScrubber,
+    /// ...and then, once the store's matcher changed, with the latest one.
+    later: Option<StreamScrubber>,
+    /// The latest matcher seen.
     matcher: Arc<SecretMatcher>,
     latest: LatestMatcher,
     tally: Arc<Tally>,
@@ -633,7 +641,10 @@ pub type LatestMatcher = Arc<dyn Fn() -> Arc<SecretMatcher> + Send + Sync>;
 impl ScrubbedBody {
     fn data(&mut self, decoded: &[u8]) -> Result<(), BoxError> {
         self.follow_latest()?;
-        let out = self.scrubber.push(decoded);
+        let mut out = self.scrubber.push(decoded);
+        if let Some(later) = &mut self.later {
+            out = later.push(&out);
+        }
         self.send(out);
         Ok(())
     }
@@ -646,7 +657,10 @@ impl ScrubbedBody {
             if now.failed() {
                 return Err("the proxy could not build its secret matcher".into());
             }
-            self.scrubber.set_matcher(now.clone());
+            match &mut self.later {
+                Some(later) => later.set_matcher(now.clone()),
+                None => self.later = Some(StreamScrubber::new(now.clone(), self.tally.clone())),
+            }
             self.matcher = now;
         }
         Ok(())
@@ -681,7 +695,12 @@ impl ScrubbedBody {
             self.data(&rest)?;
         }
         self.follow_latest()?;
-        let tail = self.scrubber.finish();
+        let mut tail = self.scrubber.finish();
+        if let Some(later) = &mut self.later {
+            let mut out = later.push(&tail).to_vec();
+            out.extend_from_slice(&later.finish());
+            tail = Bytes::from(out);
+        }
         self.send(tail);
         if let Some(mut t) = trailers {
             scrub_headers(&mut t, &self.matcher, &self.tally);
