@@ -613,6 +613,25 @@ impl Core {
                 .learned
                 .get(&key)
                 .filter(|old| old.slot == rec.slot);
+            // An address another name already holds under a rule that sends it another
+            // way (directly, or through the proxy): the kernel could not tell the names'
+            // connections apart, so one rule would serve both. First come, first served.
+            let held = known.map(|old| old.rule_ids.as_slice()).unwrap_or_default();
+            let fresh: Vec<u16> = ids_now
+                .iter()
+                .copied()
+                .filter(|id| !held.contains(id))
+                .collect();
+            if let Some((theirs, ours)) = policy.crossing_paths(held, &fresh) {
+                let why = format!(
+                    "it is already an address of a name rule `{theirs}` covers, which sends \
+                     connections another way than rule `{ours}` (one directly, one through \
+                     the proxy): a connection to it could not be told apart"
+                );
+                tracing::warn!(sandbox = %rec.name, name = %l.name, %addr, %why, "Not learning a DNS answer");
+                refused.push((l.addr, why));
+                continue;
+            }
             // An address several allowed names resolve to gets all their rules.
             let mut rule_ids = known.map(|old| old.rule_ids.clone()).unwrap_or_default();
             for id in ids_now {

@@ -162,6 +162,48 @@ impl Policy {
         self.list(prefix, &order)
     }
 
+    /// A rule among `held` and one among `added` that could both apply to one connection
+    /// (protocols and ports overlap) but send it different ways: one lets it through as
+    /// it is (`allow`), the other sends it to the proxy (`proxy`, `passthrough`). For an
+    /// address two names resolve to, the kernel cannot tell which name a connection
+    /// meant: the first of them in the file would serve both, and a proxy rule's checks
+    /// would be skipped. Returns their names (held first).
+    pub fn crossing_paths(&self, held: &[u16], added: &[u16]) -> Option<(&str, &str)> {
+        use super::Action;
+        let rule = |id: u16| {
+            usize::from(id)
+                .checked_sub(1)
+                .and_then(|index| self.rules.get(index))
+        };
+        let proxied = |a: Action| matches!(a, Action::Proxy | Action::Passthrough);
+        let ports_overlap = |a: &[(u16, u16)], b: &[(u16, u16)]| {
+            a.is_empty()
+                || b.is_empty()
+                || a.iter()
+                    .any(|&(lo, hi)| b.iter().any(|&(l, h)| lo <= h && l <= hi))
+        };
+        for &a in held {
+            for &b in added {
+                let (Some(ra), Some(rb)) = (rule(a), rule(b)) else {
+                    continue;
+                };
+                let kinds = (ra.action(), rb.action());
+                if matches!(kinds.0, Action::Deny) || matches!(kinds.1, Action::Deny) {
+                    continue;
+                }
+                if proxied(kinds.0) == proxied(kinds.1) {
+                    continue;
+                }
+                let protocols =
+                    ra.protocol().covers(rb.protocol()) || rb.protocol().covers(ra.protocol());
+                if protocols && ports_overlap(ra.ports(), rb.ports()) {
+                    return Some((ra.name(), rb.name()));
+                }
+            }
+        }
+        None
+    }
+
     /// The static entry list at exactly `net` (an IPv4-mapped prefix is taken as IPv4),
     /// as [`Policy::kernel_rules`] has it; `None` when no rule lists that prefix. The
     /// daemon restores it when a learned entry at the same prefix expires.
@@ -249,6 +291,33 @@ impl Policy {
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
+    #[test]
+    fn names_sharing_an_address_must_not_cross_the_proxy() {
+        let policy = parse_str(
+            "version: 1\ndefault: deny\nrules:\n\
+             - {name: pkgs, to: [files.example], ports: [443], protocol: tcp, action: allow}\n\
+             - {name: api, to: [api.example], ports: [443], action: proxy}\n\
+             - {name: web, to: [web.example], ports: [80], protocol: tcp, action: allow}\n\
+             - {name: dns, to: [ns.example], ports: [443], protocol: udp, action: allow}\n\
+             - {name: more, to: [more.example], ports: [443], protocol: tcp, action: allow}\n",
+            "t.yaml",
+        )
+        .unwrap();
+        let (pkgs, api, web, dns, more) = (1, 2, 3, 4, 5);
+        assert_eq!(
+            policy.crossing_paths(&[pkgs], &[api]),
+            Some(("pkgs", "api"))
+        );
+        assert_eq!(
+            policy.crossing_paths(&[api], &[pkgs]),
+            Some(("api", "pkgs"))
+        );
+        // Other ports, another protocol, or the same kind: no crossing.
+        assert_eq!(policy.crossing_paths(&[web], &[api]), None);
+        assert_eq!(policy.crossing_paths(&[dns], &[api]), None);
+        assert_eq!(policy.crossing_paths(&[pkgs], &[more]), None);
+    }
+
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use agent_common::{action, proto};
