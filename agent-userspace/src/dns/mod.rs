@@ -76,6 +76,11 @@ use budget::{Budget, ALERT_WINDOW};
 
 /// The longest a learned address is kept in the kernel (seconds); answers say no more.
 pub const MAX_ANSWER_TTL: u32 = 3600;
+/// Addresses one answer may install (the rest are left out of it): round-robin sets are
+/// far smaller, and the record naming them stays one line a shipper takes whole.
+pub const MAX_LEARNED_PER_ANSWER: usize = 32;
+/// Refused addresses a record lists (it gives their number).
+pub const MAX_REFUSED_RECORDED: usize = 16;
 /// Default [`ResolverCtx::max_label`]: the exfiltration guard. Real host names rarely
 /// have labels over 40 characters, while tunnelling tools pack data into labels of the
 /// full 63; a name whose labels are all at most this long passes.
@@ -482,6 +487,16 @@ async fn decide(
     let mut learned: Vec<Learned> = Vec::new();
     if matches!(question.qtype, RecordType::A | RecordType::AAAA) {
         for (addr, ttl) in addrs {
+            if learned.len() >= MAX_LEARNED_PER_ANSWER {
+                refused.push(RefusedAnswer {
+                    ip: addr,
+                    reason: format!(
+                        "more than {MAX_LEARNED_PER_ANSWER} addresses in one answer (the rest \
+                         are left out)"
+                    ),
+                });
+                continue;
+            }
             match policy.answer_refusal(&rule_ids, addr) {
                 Some(reason) => refused.push(RefusedAnswer { ip: addr, reason }),
                 None => learned.push(Learned {
@@ -526,11 +541,21 @@ async fn decide(
     answer::cap_ttls(&mut response, MAX_ANSWER_TTL);
     record.resolved_ip = installed;
     if !refused.is_empty() {
-        record.reason = Some(format!(
-            "{} answer address(es) refused; see egress.dns.refused",
-            refused.len()
-        ));
+        record.reason = Some(if refused.len() > MAX_REFUSED_RECORDED {
+            format!(
+                "{} answer address(es) refused; the first {MAX_REFUSED_RECORDED} in \
+                 egress.dns.refused",
+                refused.len()
+            )
+        } else {
+            format!(
+                "{} answer address(es) refused; see egress.dns.refused",
+                refused.len()
+            )
+        });
     }
+    // A record stays one line a shipper takes whole: an answer can hold thousands.
+    refused.truncate(MAX_REFUSED_RECORDED);
     record.refused = refused;
     let limit = match transport {
         Transport::Udp => question.udp_limit(),

@@ -579,9 +579,19 @@ async fn tcp_queries_work_and_share_a_connection() {
 async fn truncated_upstream_answer_is_asked_again_over_tcp() {
     let fake = Fake::start().await;
     let h = Harness::start(&[fake.addr], false).await;
-    // Over TCP the client gets all 100 addresses, learned first.
+    // Over TCP the client gets the first 32 of 100 addresses, learned first; the record
+    // counts the rest and lists a few (one line a shipper takes whole).
     let replies = h.tcp(&[("big.github.example", RecordType::A)]).await;
-    assert_eq!(addrs(&replies[0]).len(), 100);
+    assert_eq!(addrs(&replies[0]).len(), MAX_LEARNED_PER_ANSWER);
+    let r = h.records().remove(0);
+    assert_eq!(r.resolved_ip.len(), MAX_LEARNED_PER_ANSWER);
+    assert_eq!(r.refused.len(), MAX_REFUSED_RECORDED);
+    assert!(
+        r.reason
+            .as_deref()
+            .is_some_and(|m| m.starts_with("68 answer address(es) refused")),
+        "{r:?}"
+    );
     assert_eq!(
         fake.seen(),
         [
@@ -589,7 +599,7 @@ async fn truncated_upstream_answer_is_asked_again_over_tcp() {
             ("tcp", "big.github.example.".to_owned())
         ]
     );
-    assert_eq!(h.learned.lock().unwrap().len(), 100);
+    assert_eq!(h.learned.lock().unwrap().len(), MAX_LEARNED_PER_ANSWER);
     // Over UDP without EDNS the same answer does not fit 512 bytes: sent truncated.
     let reply = h.udp("big.github.example", RecordType::A).await;
     assert!(reply.metadata.truncation);

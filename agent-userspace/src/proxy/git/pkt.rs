@@ -105,9 +105,19 @@ pub fn parse_commands(buf: &[u8]) -> Result<Option<CommandList>, String> {
         if line.contains(&0) {
             return Err("a command after the first carries a NUL byte".to_owned());
         }
+        if list.commands.len() == MAX_COMMANDS {
+            return Err(format!(
+                "more than {MAX_COMMANDS} ref updates in one push (push them in parts): its \
+                 record lists every one"
+            ));
+        }
         list.commands.push(parse_command(line, &mut oid_len)?);
     }
 }
+
+/// Ref updates one push may carry: the push's record lists each, and stays one line a
+/// log shipper takes whole.
+pub const MAX_COMMANDS: usize = 16;
 
 /// The push options after the command list (from `at`): pkt-lines up to a flush.
 fn parse_options(
@@ -275,6 +285,24 @@ mod tests {
         let mut v: Vec<u8> = lines.iter().flat_map(|l| pkt(l)).collect();
         v.extend_from_slice(b"0000PACK");
         v
+    }
+
+    #[test]
+    fn a_push_updates_at_most_sixteen_refs() {
+        let lines = |n: usize| -> Vec<String> {
+            (0..n)
+                .map(|i| {
+                    let caps = if i == 0 { "\0report-status" } else { "" };
+                    format!("{Z} {B} refs/heads/agent/{i}{caps}")
+                })
+                .collect()
+        };
+        let list = parse_commands(&request(&lines(MAX_COMMANDS)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(list.commands.len(), MAX_COMMANDS);
+        let e = parse_commands(&request(&lines(MAX_COMMANDS + 1))).unwrap_err();
+        assert!(e.contains("more than 16 ref updates"), "{e}");
     }
 
     #[test]
