@@ -211,6 +211,8 @@ fn worker_threads() -> usize {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(egress::daemon::log::LogLine::new)
+        // Plain text: every control character in a line is escaped on the way out.
+        .with_ansi(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -37,10 +37,48 @@ impl Write for LogLine {
     }
 }
 
+/// Longest log line written (a longer one is cut, ending in `...`).
+const MAX_LINE: usize = 16 * 1024;
+
+/// The line as written: masked, then every control, bidirectional and zero-width
+/// character escaped (a newline or escape sequence a sandbox put in a name cannot forge
+/// a line or drive a terminal), one `\n` at the end.
+fn render(bytes: &[u8], mask: impl Fn(&mut String)) -> String {
+    let mut text = String::from_utf8_lossy(bytes).into_owned();
+    if text.ends_with('\n') {
+        text.pop();
+    }
+    mask(&mut text);
+    let mut line = crate::text::sanitize(&text, MAX_LINE);
+    line.push('\n');
+    line
+}
+
 impl Drop for LogLine {
     fn drop(&mut self) {
-        let mut text = String::from_utf8_lossy(&self.0).into_owned();
-        REDACTOR.mask_string(&mut text);
-        let _ = std::io::stderr().write_all(text.as_bytes());
+        let line = render(&self.0, |t| REDACTOR.mask_string(t));
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render;
+
+    #[test]
+    fn one_event_is_one_line_whatever_it_quotes() {
+        let out = render(
+            b"WARN refused name=\"a\nINFO forged\x1b]0;x\x07\" ok\n",
+            |_| {},
+        );
+        assert_eq!(out.matches('\n').count(), 1);
+        assert!(out.ends_with('\n'));
+        assert!(!out.contains('\x1b') && !out.contains('\x07'), "{out:?}");
+        assert!(out.contains("\\u{a}INFO forged"), "{out:?}");
+        // Masked before it is escaped, the newline kept.
+        let out = render(b"token=SECRET\n", |t| {
+            *t = t.replace("SECRET", "[redacted]")
+        });
+        assert_eq!(out, "token=[redacted]\n");
     }
 }
