@@ -192,6 +192,18 @@ tests:
                  apply (valid: put this rule before `pkgs`, or narrow that rule's names or \
                  ports)",
             ),
+            // Two proxy rules serving one name on one port, one of them by name: the rule
+            // of the name the sandbox resolved would serve the other's requests.
+            (
+                12,
+                "    action: deny\n  - {name: a, to: [192.0.2.10], ports: [443], action: proxy, \
+                 hosts: [api.example.com]}\n  - {name: b, to: [api.example.com], ports: [443], \
+                 action: proxy}",
+                "p.yaml:14:19: rules[3].to: serves names matching `api.example.com` that the \
+                 earlier rule `a` serves too, on a port both take: which rule's checks and \
+                 credential apply would depend on the name the sandbox resolved (valid: one \
+                 proxy or passthrough rule per name and port; narrow `hosts` or `ports`)",
+            ),
             // An empty value is not a key left out (which may mean no restriction).
             (
                 6,

@@ -46,6 +46,41 @@ fn check_shadowed_proxy_names(rules: &[Rule], root: &FieldPath) -> Result<(), Co
             continue;
         }
         for earlier in &rules[..i] {
+            // Two rules that serve a name on one port: the connection is served by the
+            // rule of the name the sandbox resolved, whatever name it then asks for, so
+            // whose checks and credential apply would depend on that choice (and a
+            // `request:` test judges by the first).
+            // (Only where one address can be both rules': a name may resolve anywhere.)
+            let may_meet = !rule.names.is_empty()
+                || !earlier.names.is_empty()
+                || rule.nets.iter().any(|n| {
+                    earlier
+                        .nets
+                        .iter()
+                        .any(|e| e.contains(&n.network()) || n.contains(&e.network()))
+                });
+            if matches!(earlier.action, Action::Proxy | Action::Passthrough)
+                && may_meet
+                && overlap(&earlier.ports, &rule.ports)
+            {
+                let shared = rule
+                    .hosts
+                    .iter()
+                    .find(|n| earlier.hosts.iter().any(|e| e.overlaps(n)));
+                if let Some(name) = shared {
+                    return Err(CompileError::new(
+                        root.key("rules").index(i).key("to"),
+                        format!(
+                            "serves names matching `{}` that the earlier rule `{}` serves too, \
+                             on a port both take: which rule's checks and credential apply \
+                             would depend on the name the sandbox resolved (valid: one proxy \
+                             or passthrough rule per name and port; narrow `hosts` or `ports`)",
+                            name, earlier.name
+                        ),
+                    ));
+                }
+                continue;
+            }
             if earlier.action != Action::Allow
                 || !earlier.protocol.covers(Protocol::Tcp)
                 || !overlap(&earlier.ports, &rule.ports)
