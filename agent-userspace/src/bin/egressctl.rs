@@ -391,7 +391,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for s in status.sandboxes {
                     println!(
                         "{:<20} {:>10} {:<16} {:<8} {:>9} {:>9} {:>9} {:>10}  {}{}",
-                        s.name,
+                        shown(&s.name),
                         s.cgroup_id,
                         s.netns_inode
                             .map_or_else(|| "-".to_string(), |i| format!("net:[{i}]")),
@@ -400,7 +400,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         s.denied,
                         s.audited,
                         s.redirected,
-                        s.policy,
+                        shown(&s.policy),
                         if s.hooks.len() < egress::bpf::HOOKS.len() {
                             "  (PARTIALLY ATTACHED)"
                         } else {
@@ -415,7 +415,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             q.trigger,
                             q.reason
                                 .as_deref()
-                                .map(|r| format!(": {r}"))
+                                .map(|r| format!(": {}", shown(r)))
                                 .unwrap_or_default()
                         );
                     }
@@ -609,6 +609,13 @@ fn respond(resp: control::Response) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Text a sandbox or pod author may have chosen (a sandbox name from an annotation, a
+/// quarantine reason quoting a cgroup name), as a terminal shows it harmlessly: control,
+/// bidirectional and zero-width characters escaped.
+fn shown(s: &str) -> String {
+    egress::text::sanitize(s, 4096)
+}
+
 /// `egressctl credentials` as a table: one line per credential, then its last error.
 fn credentials_table(states: &[egress::credentials::CredentialState]) -> String {
     let dash = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".to_owned());
@@ -625,7 +632,7 @@ fn credentials_table(states: &[egress::credentials::CredentialState]) -> String 
                 if c.sandboxes.is_empty() {
                     "-".to_owned()
                 } else {
-                    c.sandboxes.join(",")
+                    shown(&c.sandboxes.join(","))
                 },
                 dash(&c.detail),
             ]
@@ -669,4 +676,31 @@ fn credentials_table(states: &[egress::credentials::CredentialState]) -> String 
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_a_sandbox_chose_cannot_drive_the_terminal() {
+        let state = egress::credentials::CredentialState {
+            name: "github".to_owned(),
+            kind: "header".to_owned(),
+            source: "file".to_owned(),
+            hosts: vec!["api.github.com".to_owned()],
+            last_fetch: None,
+            expires: None,
+            last_error: None,
+            detail: None,
+            sandboxes: vec!["agent\u{1b}]0;owned\u{7}\u{202e}x".to_owned()],
+        };
+        let table = credentials_table(&[state]);
+        assert!(
+            !table.contains('\u{1b}') && !table.contains('\u{202e}'),
+            "{table}"
+        );
+        assert!(table.contains("agent\\u{1b}]0;owned"), "{table}");
+        assert_eq!(shown("plain-name"), "plain-name");
+    }
 }
