@@ -774,33 +774,27 @@ impl Core {
         parsed: Result<Policy, String>,
     ) -> Result<String, String> {
         let recorded = self.rejections.get();
-        let of_cgroup = || {
-            cgroup.file_name().map_or_else(
-                || cgroup.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            )
-        };
-        // The name asked for, else the cgroup's; never empty (the schema says so).
-        let sandbox = name
+        // The name asked for, else the cgroup's, shown safely; never empty (the schema
+        // says so).
+        let asked = name
             .clone()
             .filter(|n| !n.trim().is_empty())
-            .unwrap_or_else(of_cgroup);
-        let sandbox = if sandbox.trim().is_empty() {
-            "(unnamed)".to_owned()
-        } else {
-            sandbox
+            .unwrap_or_else(|| {
+                cgroup.file_name().map_or_else(
+                    || cgroup.display().to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                )
+            });
+        let sandbox = match crate::text::sanitize(asked.trim(), 64) {
+            s if s.is_empty() => "(unnamed)".to_owned(),
+            s => s,
         };
         let digest = PolicyDigest::of(source.as_bytes());
         let path = policy_path.clone();
         let result = self.attach_checked(cgroup, name, policy_path, source, arrival, parsed);
         if let Err(error) = &result {
             if self.rejections.get() == recorded {
-                let sandbox: String = sandbox
-                    .chars()
-                    .map(|c| if c.is_control() { ' ' } else { c })
-                    .take(64)
-                    .collect();
-                let error: String = error.chars().take(1000).collect();
+                let error = crate::text::sanitize(error, 1000);
                 self.policy_rejected(
                     sandbox,
                     &path,
