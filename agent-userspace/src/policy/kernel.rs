@@ -176,12 +176,6 @@ impl Policy {
                 .and_then(|index| self.rules.get(index))
         };
         let proxied = |a: Action| matches!(a, Action::Proxy | Action::Passthrough);
-        let ports_overlap = |a: &[(u16, u16)], b: &[(u16, u16)]| {
-            a.is_empty()
-                || b.is_empty()
-                || a.iter()
-                    .any(|&(lo, hi)| b.iter().any(|&(l, h)| lo <= h && l <= hi))
-        };
         for &a in held {
             for &b in added {
                 let (Some(ra), Some(rb)) = (rule(a), rule(b)) else {
@@ -196,7 +190,7 @@ impl Policy {
                 }
                 let protocols =
                     ra.protocol().covers(rb.protocol()) || rb.protocol().covers(ra.protocol());
-                if protocols && ports_overlap(ra.ports(), rb.ports()) {
+                if protocols && super::compile::ports_overlap(ra.ports(), rb.ports()) {
                     return Some((ra.name(), rb.name()));
                 }
             }

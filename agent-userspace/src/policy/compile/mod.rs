@@ -25,6 +25,7 @@ mod test_cases;
 
 use names::{check_name, compile_answers};
 use rule::compile_proxied;
+pub(in crate::policy) use rule::ports_overlap;
 pub use rule::{Action, DefaultAction, Protocol, Rule};
 use test_cases::{compile_test, Test};
 pub use test_cases::{NameTest, NameTestKind, PolicyTest, RequestTest};
@@ -35,12 +36,6 @@ pub use test_cases::{NameTest, NameTestKind, PolicyTest, RequestTest};
 /// reached, and nothing the proxy rule checks (requests, git refs, the credential) would
 /// apply, while `request:` tests still judged them as the proxy would.
 fn check_shadowed_proxy_names(rules: &[Rule], root: &FieldPath) -> Result<(), CompileError> {
-    let overlap = |a: &[(u16, u16)], b: &[(u16, u16)]| {
-        a.is_empty()
-            || b.is_empty()
-            || a.iter()
-                .any(|&(lo, hi)| b.iter().any(|&(l, h)| lo <= h && l <= hi))
-    };
     for (i, rule) in rules.iter().enumerate() {
         if !matches!(rule.action, Action::Proxy | Action::Passthrough) {
             continue;
@@ -61,7 +56,7 @@ fn check_shadowed_proxy_names(rules: &[Rule], root: &FieldPath) -> Result<(), Co
                 });
             if matches!(earlier.action, Action::Proxy | Action::Passthrough)
                 && may_meet
-                && overlap(&earlier.ports, &rule.ports)
+                && ports_overlap(&earlier.ports, &rule.ports)
             {
                 let shared = rule
                     .hosts
@@ -83,7 +78,7 @@ fn check_shadowed_proxy_names(rules: &[Rule], root: &FieldPath) -> Result<(), Co
             }
             if earlier.action != Action::Allow
                 || !earlier.protocol.covers(Protocol::Tcp)
-                || !overlap(&earlier.ports, &rule.ports)
+                || !ports_overlap(&earlier.ports, &rule.ports)
             {
                 continue;
             }

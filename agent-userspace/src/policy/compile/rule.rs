@@ -164,6 +164,14 @@ pub enum Protocol {
     Udp,
 }
 
+/// Whether two rules' port lists share a port (an empty list is every port).
+pub(in crate::policy) fn ports_overlap(a: &[(u16, u16)], b: &[(u16, u16)]) -> bool {
+    a.is_empty()
+        || b.is_empty()
+        || a.iter()
+            .any(|&(lo, hi)| b.iter().any(|&(l, h)| lo <= h && l <= hi))
+}
+
 impl Protocol {
     /// Whether a rule with this protocol applies to a connection using `other`. Like the
     /// kernel, an `Any` rule covers everything and a specific one only itself.
