@@ -136,16 +136,9 @@ pub fn run(stage: Stage, opts: &HookOptions, stdin: impl Read) -> anyhow::Result
 
 /// An error from the exchange with the daemon: it refused (and recorded why) or did not
 /// answer (and cannot record anything).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 struct DaemonExchange(String);
-
-impl std::fmt::Display for DaemonExchange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for DaemonExchange {}
 
 /// The hook's work; `container` is set to the container's id once the state is read.
 fn run_stage(
