@@ -378,6 +378,11 @@ impl CredentialStore {
         self.credentials.contains_key(name)
     }
 
+    /// No credential is configured.
+    pub fn is_empty(&self) -> bool {
+        self.credentials.is_empty()
+    }
+
     /// The configured credential names, sorted.
     pub fn names(&self) -> Vec<&str> {
         self.credentials.keys().map(String::as_str).collect()

@@ -336,7 +336,7 @@ impl Proxy {
     /// is switched off (`proxy.scrub: false`) or no credential is configured.
     fn secret_matcher(&self) -> Option<Arc<crate::credentials::SecretMatcher>> {
         // Nothing to scrub where no credential is configured: no value can become known.
-        if !self.config.scrub || self.credentials.names().is_empty() {
+        if !self.config.scrub || self.credentials.is_empty() {
             return None;
         }
         // Even while no secret is known yet: one may become known (another request reads
