@@ -17,14 +17,21 @@ fn reorders_or_hides(c: char) -> bool {
     )
 }
 
-/// `s` with every control character (C0, DEL, C1) and every bidirectional or zero-width
-/// formatting character written as `\u{..}`, and cut to at most `max` bytes (on a
+/// Characters a reader of a line must never meet raw: control characters (C0, DEL, C1:
+/// a terminal obeys some, `U+0085` ends a line for some readers), the bidirectional and
+/// zero-width formatting ones, and the line and paragraph separators (line ends for
+/// JavaScript and for some log viewers).
+pub fn misleads(c: char) -> bool {
+    c.is_control() || reorders_or_hides(c) || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
+/// `s` with every character that [`misleads`] written as `\u{..}`, and cut to at most `max` bytes (on a
 /// character boundary, ending in `...` when cut).
 pub fn sanitize(s: &str, max: usize) -> String {
     let mut out = String::with_capacity(s.len().min(max));
     for c in s.chars() {
         let start = out.len();
-        if c.is_control() || reorders_or_hides(c) {
+        if misleads(c) {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);
@@ -62,6 +69,7 @@ mod tests {
             sanitize("a\u{202e}hg=elur\u{2066}b\u{200b}", 100),
             "a\\u{202e}hg=elur\\u{2066}b\\u{200b}"
         );
+        assert_eq!(sanitize("a\u{2028}b\u{2029}", 100), "a\\u{2028}b\\u{2029}");
         assert_eq!(sanitize(&"a".repeat(50), 10), "aaaaaaa...");
         assert_eq!(sanitize(&"é".repeat(50), 10), "ééé...");
         assert_eq!(sanitize("ab\n", 5), "ab...");

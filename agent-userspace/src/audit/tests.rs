@@ -2258,12 +2258,8 @@ fn schema_checks_each_kind_by_action() {
     }
 }
 
-/// The encoder writes the layout itself; serde_json, given the same layout, must write the
-/// same bytes, for every kind and for strings that need escaping.
-#[test]
-fn lines_are_what_serde_json_writes() {
-    let awkward =
-        "quote \" backslash \\ newline \n tab \t nul \u{0} esc \u{1b} del \u{7f} é … \u{2028}";
+/// Records of every kind, with `awkward` in every string that comes from outside.
+fn awkward_records(awkward: &str) -> Vec<Record> {
     let mut odd_network = network(
         Hook::Sendmsg6,
         17,
@@ -2287,7 +2283,15 @@ fn lines_are_what_serde_json_writes() {
     records.extend(refusals());
     records.push(odd_network.into());
     records.push(proxy_event(odd_proxy));
-    for (i, record) in records.iter().enumerate() {
+    records
+}
+
+/// The encoder writes the layout itself; serde_json, given the same layout, must write the
+/// same bytes, for every kind and for strings that need escaping.
+#[test]
+fn lines_are_what_serde_json_writes() {
+    let awkward = "quote \" backslash \\ newline \n tab \t nul \u{0} esc \u{1b} é … €";
+    for (i, record) in awkward_records(awkward).iter().enumerate() {
         let sequence = [1, 9, 10, 99_999, u64::MAX][i % 5];
         let line = record.encode(sequence).unwrap();
         assert_eq!(
@@ -2297,6 +2301,41 @@ fn lines_are_what_serde_json_writes() {
             record.action()
         );
     }
+}
+
+/// Characters a reader must not meet raw (DEL, C1, bidirectional and zero-width
+/// formatting, line separators) are escaped where serde_json writes them raw: the line
+/// reads back as the same values, and holds none of them.
+#[test]
+fn lines_spell_out_what_would_mislead_a_reader() {
+    let awkward = "del \u{7f} csi \u{9b}31m nel \u{85} rlo \u{202e}gh=elur \u{2066}x\u{2069} \
+                   zw \u{200b} bom \u{feff} ls \u{2028} ps \u{2029} alm \u{61c} end";
+    for record in awkward_records(awkward) {
+        let line = String::from_utf8(record.encode(7).unwrap()).unwrap();
+        let body = line.strip_suffix('\n').unwrap();
+        assert!(
+            !body.chars().any(crate::text::misleads),
+            "{}: {body}",
+            record.action()
+        );
+        let ours: serde_json::Value = serde_json::from_str(body).unwrap();
+        let theirs: serde_json::Value =
+            serde_json::from_slice(&record.encode_with_serde(7).unwrap()).unwrap();
+        assert_eq!(ours, theirs, "{}", record.action());
+    }
+    // Lines too long for one write are shortened, and escaped alike.
+    let long = awkward.repeat(60);
+    let mut shortened = 0;
+    for record in awkward_records(&long) {
+        let line = String::from_utf8(record.encode(7).unwrap()).unwrap();
+        let body = line.strip_suffix('\n').unwrap();
+        assert!(!body.chars().any(crate::text::misleads), "{body}");
+        let value: serde_json::Value = serde_json::from_str(body).unwrap();
+        if value["egress"]["truncated"] == true {
+            shortened += 1;
+        }
+    }
+    assert!(shortened >= 2, "{shortened} lines shortened");
 }
 
 #[test]

@@ -40,7 +40,7 @@ pub(super) fn shortened(
     if let Some(egress) = value.get_mut("egress").and_then(Value::as_object_mut) {
         egress.insert("truncated".to_owned(), Value::Bool(true));
     }
-    let mut line = serde_json::to_vec(&value)?;
+    let mut line = encoded(&value);
     // Escaping makes the encoded length differ from the strings' own: a few rounds.
     for _ in 0..8 {
         if line.len() < MAX_LINE {
@@ -64,9 +64,16 @@ pub(super) fn shortened(
                 url.remove("query");
             }
         }
-        line = serde_json::to_vec(&value)?;
+        line = encoded(&value);
     }
     Ok(line)
+}
+
+/// `value` as a line is written (the escaping of [`super::json`], not serde_json's).
+fn encoded(value: &Value) -> Vec<u8> {
+    let mut line = Vec::with_capacity(MAX_LINE);
+    super::json::Json::json(value, &mut line);
+    line
 }
 
 /// The largest length that, every cuttable string longer than it cut to it, saves at

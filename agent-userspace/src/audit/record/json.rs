@@ -5,9 +5,13 @@
 //! written as the literals they are (no escaping, no per-key call chain), numbers through
 //! `itoa`, and only strings that come from outside the code are scanned for characters
 //! JSON must escape. The output is byte for byte what `serde_json` writes for the same
-//! layout (the wire types still derive `Serialize`, for [`super::fit`] and to test that).
+//! layout (the wire types still derive `Serialize`, for [`super::fit`] and to test that),
+//! except that characters a reader of the line must not meet raw are escaped too
+//! ([`string`]).
 
 use std::{borrow::Cow, io::Write as _, net::IpAddr};
+
+use crate::text::misleads;
 
 /// A value that writes itself as JSON.
 pub(super) trait Json {
@@ -67,14 +71,51 @@ fn needs_escape(b: u8) -> bool {
     b < 0x20 || b == b'"' || b == b'\\'
 }
 
-/// Writes `s` as a JSON string.
+/// Bytes at which a string may need escaping: what JSON needs escaped, DEL, and the
+/// first bytes of the UTF-8 encodings of the other characters [`misleads`] (C1 `C2`,
+/// `U+061C` `D8`, `U+200B`..`U+2069` `E2`, `U+FEFF` `EF`).
+const MAY_ESCAPE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = b < 0x20 || b == b'"' as usize || b == b'\\' as usize || b == 0x7f;
+        b += 1;
+    }
+    table[0xc2] = true;
+    table[0xd8] = true;
+    table[0xe2] = true;
+    table[0xef] = true;
+    table
+};
+
+/// Writes `s` as a JSON string. Beyond what JSON requires (and serde_json writes), every
+/// character a reader of the line must not meet raw ([`misleads`]: DEL, C1 controls,
+/// bidirectional and zero-width formatting, line and paragraph separators) is written as
+/// a `\u` escape: a parser reads the same string back, while `tail` on a terminal, a
+/// viewer or a line splitter sees it spelled out instead of obeying it.
 pub(super) fn string(s: &str, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if !needs_escape(b) {
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if !MAY_ESCAPE[usize::from(b)] {
+            i += 1;
+            continue;
+        }
+        let (escaped, len) = if b.is_ascii() {
+            (needs_escape(b) || b == 0x7f, 1)
+        } else {
+            match s.get(i..).and_then(|rest| rest.chars().next()) {
+                Some(c) => (misleads(c), c.len_utf8()),
+                None => (false, 1),
+            }
+        };
+        if !escaped {
+            i += len;
             continue;
         }
         out.extend_from_slice(&bytes[start..i]);
@@ -87,13 +128,19 @@ pub(super) fn string(s: &str, out: &mut Vec<u8>) {
             0x08 => out.extend_from_slice(b"\\b"),
             0x0c => out.extend_from_slice(b"\\f"),
             _ => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0xf)]);
+                // Every character escaped here is in the Basic Multilingual Plane.
+                let code = s
+                    .get(i..)
+                    .and_then(|rest| rest.chars().next())
+                    .map_or(0, u32::from);
+                out.extend_from_slice(b"\\u");
+                for shift in [12, 8, 4, 0] {
+                    out.push(HEX[((code >> shift) & 0xf) as usize]);
+                }
             }
         }
-        start = i + 1;
+        i += len;
+        start = i;
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
@@ -175,6 +222,34 @@ impl Json for IpAddr {
     }
 }
 
+/// A record being shortened ([`super::fit`]) is a `Value`; it is written by the same
+/// string escaping as every other line (object keys in the map's order, as serde_json
+/// writes them).
+impl Json for serde_json::Value {
+    fn json(&self, out: &mut Vec<u8>) {
+        use serde_json::Value;
+        match self {
+            Value::Null => out.extend_from_slice(b"null"),
+            Value::Bool(b) => b.json(out),
+            Value::Number(n) => out.extend_from_slice(n.to_string().as_bytes()),
+            Value::String(s) => string(s, out),
+            Value::Array(items) => items.json(out),
+            Value::Object(map) => {
+                out.push(b'{');
+                for (i, (key, value)) in map.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    string(key, out);
+                    out.push(b':');
+                    value.json(out);
+                }
+                out.push(b'}');
+            }
+        }
+    }
+}
+
 impl<T: Json> Json for [T] {
     fn json(&self, out: &mut Vec<u8>) {
         out.push(b'[');
@@ -208,17 +283,58 @@ mod tests {
 
     #[test]
     fn strings_are_escaped_as_serde_json_escapes_them() {
-        let mut every_byte: String = (0u8..0x80).map(char::from).collect();
-        every_byte.push_str("é…\u{2028}\u{10ffff}");
+        let mut every_byte: String = (0u8..0x7f).map(char::from).collect();
+        every_byte.push_str("é…\u{10ffff}\u{a0}\u{200a}\u{2030}\u{206a}\u{fefe}€");
         for s in [
             "",
             "plain",
             "quote \" and backslash \\",
-            "a\nb\rc\td\u{8}e\u{c}f\u{0}g\u{1f}h\u{7f}",
+            "a\nb\rc\td\u{8}e\u{c}f\u{0}g\u{1f}h",
             &every_byte,
         ] {
             assert_eq!(text(s), serde_json::to_string(s).unwrap(), "{s:?}");
         }
+    }
+
+    #[test]
+    fn characters_that_mislead_a_reader_are_spelled_out() {
+        for (c, escape) in [
+            ('\u{7f}', r"\u007f"),
+            ('\u{80}', r"\u0080"),
+            ('\u{85}', r"\u0085"),
+            ('\u{9b}', r"\u009b"),
+            ('\u{9f}', r"\u009f"),
+            ('\u{61c}', r"\u061c"),
+            ('\u{200b}', r"\u200b"),
+            ('\u{200f}', r"\u200f"),
+            ('\u{2028}', r"\u2028"),
+            ('\u{2029}', r"\u2029"),
+            ('\u{202e}', r"\u202e"),
+            ('\u{2066}', r"\u2066"),
+            ('\u{2069}', r"\u2069"),
+            ('\u{feff}', r"\u feff"),
+        ] {
+            let escape = escape.replace(' ', "");
+            let s = format!("a{c}é{c}{c}z");
+            let line = text(s.as_str());
+            assert_eq!(line, format!("\"a{escape}é{escape}{escape}z\""), "{c:?}");
+            // A parser reads back the string that was written.
+            assert_eq!(serde_json::from_str::<String>(&line).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn shortened_values_are_escaped_alike() {
+        let value = serde_json::json!({
+            "b": "x\u{2028}y\n",
+            "a": [1, 2.5, null, true, {"k\u{202e}": "v"}],
+        });
+        assert_eq!(
+            text(&value),
+            r#"{"a":[1,2.5,null,true,{"k\u202e":"v"}],"b":"x\u2028y\n"}"#
+        );
+        let plain = serde_json::json!({"z": "plain", "a": {"n": -3, "s": "q\"\\"}});
+        assert_eq!(text(&plain), serde_json::to_string(&plain).unwrap());
     }
 
     #[test]
