@@ -9,7 +9,8 @@
 //! open proxied connections, credential state, open file descriptors) are read when
 //! Prometheus scrapes, through a [`Snapshot`] the daemon provides.
 //!
-//! Labels are bounded: sandbox, rule and credential names (which the operator chooses),
+//! Labels are bounded: sandbox, rule and credential names (which the operator chooses; a
+//! sandbox's series are removed when it is detached),
 //! and fixed vocabularies (verdict, hook, alert kind). No address, host name, path or
 //! query ever becomes a label.
 

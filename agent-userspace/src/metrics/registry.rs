@@ -1,6 +1,6 @@
 //! The metric families and how each audit record kind updates them.
 
-use std::fmt;
+use std::{collections::HashMap, fmt, hash::Hash, sync::Mutex};
 
 use prometheus_client::{
     encoding::{prometheus_text, text, EncodeLabelSet},
@@ -79,6 +79,21 @@ impl MetricConstructor<Histogram> for DurationBuckets {
     }
 }
 
+/// A series labelled with a sandbox, and which family holds it: what a sandbox's detach
+/// removes.
+enum Series {
+    Decision(DecisionLabels),
+    Dns(DnsLabels),
+    Proxy(ProxyLabels),
+    UpstreamErrors(SandboxRuleLabels),
+    Duration(DurationLabels),
+    BytesSent(SandboxRuleLabels),
+    BytesReceived(SandboxRuleLabels),
+    Injected(SandboxRuleLabels),
+    Alerts(AlertLabels),
+    AlertOccurrences(AlertLabels),
+}
+
 /// Every metric of the daemon. Cheap to update from any thread.
 pub struct Metrics {
     registry: Registry,
@@ -96,6 +111,10 @@ pub struct Metrics {
     audit_written: Counter,
     audit_bytes: Counter,
     audit_errors: Counter,
+    /// The series each sandbox's records created, by sandbox name: removed when its
+    /// `sandbox-detach` record is counted, so that hosts where containers come and go
+    /// do not keep a series for every container they ever ran.
+    series: Mutex<HashMap<String, Vec<Series>>>,
 }
 
 impl fmt::Debug for Metrics {
@@ -130,6 +149,7 @@ impl Metrics {
             audit_written: Counter::default(),
             audit_bytes: Counter::default(),
             audit_errors: Counter::default(),
+            series: Mutex::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -240,36 +260,93 @@ impl Metrics {
                     sandbox: a.sandbox.clone(),
                     kind: a.kind.as_str(),
                 };
-                self.alerts.get_or_create(&labels).inc();
-                self.alert_occurrences
-                    .get_or_create(&labels)
-                    .inc_by(a.count.max(1));
+                self.series(&self.alerts, &labels, &a.sandbox, Series::Alerts)
+                    .inc();
+                self.series(
+                    &self.alert_occurrences,
+                    &labels,
+                    &a.sandbox,
+                    Series::AlertOccurrences,
+                )
+                .inc_by(a.count.max(1));
             }
+            Record::SandboxDetach(d) => self.forget(&d.sandbox),
             _ => {}
         }
     }
 
+    /// The metric of `labels` in `family`, created if it is not there yet; a created one
+    /// is remembered under `sandbox`, as `keep` names it.
+    fn series<'f, S, M, C>(
+        &self,
+        family: &'f Family<S, M, C>,
+        labels: &S,
+        sandbox: &str,
+        keep: impl FnOnce(S) -> Series,
+    ) -> impl std::ops::Deref<Target = M> + 'f
+    where
+        S: Clone + Hash + Eq,
+        C: MetricConstructor<M>,
+    {
+        if let Some(metric) = family.get(labels) {
+            return metric;
+        }
+        if let Ok(mut series) = self.series.lock() {
+            series
+                .entry(sandbox.to_owned())
+                .or_default()
+                .push(keep(labels.clone()));
+        }
+        family.get_or_create(labels)
+    }
+
+    /// Removes every series a detached sandbox's records created.
+    fn forget(&self, sandbox: &str) {
+        let Some(gone) = self
+            .series
+            .lock()
+            .ok()
+            .and_then(|mut series| series.remove(sandbox))
+        else {
+            return;
+        };
+        for series in gone {
+            match series {
+                Series::Decision(l) => self.decisions.remove(&l),
+                Series::Dns(l) => self.dns_queries.remove(&l),
+                Series::Proxy(l) => self.proxy.remove(&l),
+                Series::UpstreamErrors(l) => self.proxy_upstream_errors.remove(&l),
+                Series::Duration(l) => self.proxy_duration.remove(&l),
+                Series::BytesSent(l) => self.proxy_bytes_sent.remove(&l),
+                Series::BytesReceived(l) => self.proxy_bytes_received.remove(&l),
+                Series::Injected(l) => self.credentials_injected.remove(&l),
+                Series::Alerts(l) => self.alerts.remove(&l),
+                Series::AlertOccurrences(l) => self.alert_occurrences.remove(&l),
+            };
+        }
+    }
+
     fn decision(&self, r: &NetworkDecision) {
-        self.decisions
-            .get_or_create(&DecisionLabels {
-                sandbox: r.sandbox.clone(),
-                hook: r.hook.as_str(),
-                verdict: r.verdict.as_str(),
-                rule: r.rule.name().to_owned(),
-            })
+        let labels = DecisionLabels {
+            sandbox: r.sandbox.clone(),
+            hook: r.hook.as_str(),
+            verdict: r.verdict.as_str(),
+            rule: r.rule.name().to_owned(),
+        };
+        self.series(&self.decisions, &labels, &r.sandbox, Series::Decision)
             .inc();
     }
 
     fn dns(&self, r: &DnsEvent) {
-        self.dns_queries
-            .get_or_create(&DnsLabels {
-                sandbox: r.sandbox.clone(),
-                verdict: match r.verdict {
-                    DnsVerdict::Allow => "allow",
-                    DnsVerdict::Deny => "deny",
-                },
-                rcode: rcode_label(&r.response_code),
-            })
+        let labels = DnsLabels {
+            sandbox: r.sandbox.clone(),
+            verdict: match r.verdict {
+                DnsVerdict::Allow => "allow",
+                DnsVerdict::Deny => "deny",
+            },
+            rcode: rcode_label(&r.response_code),
+        };
+        self.series(&self.dns_queries, &labels, &r.sandbox, Series::Dns)
             .inc();
     }
 
@@ -283,39 +360,58 @@ impl Metrics {
             sandbox: r.sandbox.clone(),
             rule: r.rule_name.clone(),
         };
-        self.proxy
-            .get_or_create(&ProxyLabels {
-                sandbox: r.sandbox.clone(),
-                rule: r.rule_name.clone(),
-                kind,
-                verdict: r.verdict.as_str(),
-            })
+        let sandbox = r.sandbox.as_str();
+        let labels = ProxyLabels {
+            sandbox: r.sandbox.clone(),
+            rule: r.rule_name.clone(),
+            kind,
+            verdict: r.verdict.as_str(),
+        };
+        self.series(&self.proxy, &labels, sandbox, Series::Proxy)
             .inc();
         // The proxy reports an allowed request whose upstream then failed as an allow
         // with a reason (the proxy let it through; the origin did not answer).
         if r.verdict == ProxyVerdict::Allow && r.reason.as_deref().is_some_and(|s| !s.is_empty()) {
-            self.proxy_upstream_errors
-                .get_or_create(&sandbox_rule)
-                .inc();
+            self.series(
+                &self.proxy_upstream_errors,
+                &sandbox_rule,
+                sandbox,
+                Series::UpstreamErrors,
+            )
+            .inc();
         }
         if r.verdict == ProxyVerdict::Allow
             && r.credential.as_deref().is_some_and(|s| !s.is_empty())
         {
-            self.credentials_injected.get_or_create(&sandbox_rule).inc();
+            self.series(
+                &self.credentials_injected,
+                &sandbox_rule,
+                sandbox,
+                Series::Injected,
+            )
+            .inc();
         }
-        self.proxy_duration
-            .get_or_create(&DurationLabels {
-                sandbox: r.sandbox.clone(),
-                rule: r.rule_name.clone(),
-                kind,
-            })
+        let labels = DurationLabels {
+            sandbox: r.sandbox.clone(),
+            rule: r.rule_name.clone(),
+            kind,
+        };
+        self.series(&self.proxy_duration, &labels, sandbox, Series::Duration)
             .observe(r.duration_ms as f64 / 1000.0);
-        self.proxy_bytes_sent
-            .get_or_create(&sandbox_rule)
-            .inc_by(r.bytes_in);
-        self.proxy_bytes_received
-            .get_or_create(&sandbox_rule)
-            .inc_by(r.bytes_out);
+        self.series(
+            &self.proxy_bytes_sent,
+            &sandbox_rule,
+            sandbox,
+            Series::BytesSent,
+        )
+        .inc_by(r.bytes_in);
+        self.series(
+            &self.proxy_bytes_received,
+            &sandbox_rule,
+            sandbox,
+            Series::BytesReceived,
+        )
+        .inc_by(r.bytes_out);
     }
 
     pub fn audit_written(&self, bytes: usize) {

@@ -273,6 +273,83 @@ fn dns_alerts_and_bounded_response_codes() {
     );
 }
 
+/// Containers come and go: a detached sandbox's series leave the exposition, every
+/// family's, and the other sandboxes' stay.
+#[test]
+fn a_detached_sandboxs_series_are_removed() {
+    let m = Metrics::default();
+    for sandbox in ["agent-2", "agent-1"] {
+        m.observe(&decision(
+            sandbox,
+            Hook::Connect4,
+            Verdict::Deny,
+            RuleRef::Default,
+        ));
+    }
+    m.observe(&request(ProxyVerdict::Allow, Some("upstream reset"), 12));
+    m.observe(&request(ProxyVerdict::Deny, None, 1));
+    m.observe(&dns(DnsVerdict::Deny, "NXDOMAIN"));
+    m.observe(&Record::Alert(Alert::new(
+        T0,
+        AlertKind::DenialBurst,
+        "agent-1",
+        "many denials",
+    )));
+    let detach = |sandbox: &str| {
+        Record::SandboxDetach(crate::audit::SandboxLifecycle {
+            time: T0,
+            sandbox: sandbox.into(),
+            cgroup_path: "/sys/fs/cgroup/unified/agent".into(),
+            cgroup_id: 1,
+            policy_path: "/etc/egressd/agent.yaml".into(),
+            policy_digest: crate::audit::PolicyDigest::of(b"default: deny\n"),
+            reason: None,
+            packet_sockets_covered: None,
+            posture: None,
+        })
+    };
+    let before = m.encode().unwrap_or_default();
+    let labelled = |text: &str, sandbox: &str| {
+        text.lines()
+            .filter(|l| l.contains(&format!("sandbox=\"{sandbox}\"")))
+            .count()
+    };
+    // decisions, proxy (2), upstream errors, injections, duration (buckets, sum, count),
+    // bytes (2), DNS, alerts (2).
+    assert!(labelled(&before, "agent-1") > 12, "{before}");
+    m.observe(&detach("agent-1"));
+    let after = m.encode().unwrap_or_default();
+    assert_eq!(labelled(&after, "agent-1"), 0, "{after}");
+    assert_eq!(
+        value(
+            &after,
+            r#"egressd_decisions_total{sandbox="agent-2",hook="connect4",verdict="deny",rule="default"}"#
+        ),
+        Some(1.0),
+        "{after}"
+    );
+    // A sandbox attached again under the name counts from zero.
+    m.observe(&decision(
+        "agent-1",
+        Hook::Connect4,
+        Verdict::Deny,
+        RuleRef::Default,
+    ));
+    let again = m.encode().unwrap_or_default();
+    assert_eq!(labelled(&again, "agent-1"), 1, "{again}");
+    m.observe(&detach("agent-1"));
+    m.observe(&detach("agent-2"));
+    let none = m.encode().unwrap_or_default();
+    assert!(!none.contains("sandbox="), "{none}");
+    assert_eq!(
+        value(
+            &none,
+            r#"egressd_audit_records_total{action="sandbox-detach"}"#
+        ),
+        Some(3.0)
+    );
+}
+
 #[test]
 fn audit_writes_bytes_and_errors() {
     let m = Metrics::default();
