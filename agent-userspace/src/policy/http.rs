@@ -198,8 +198,14 @@ fn match_segments(pattern: &[GlobSegment], path: &[&str]) -> bool {
 }
 
 /// Glob within one segment: `*` matches any run of bytes (the segment has no `/`), all
-/// else is literal. Greedy with backtracking to the last star: linear in practice.
+/// else is literal; but a pattern that is `*` alone matches only a non-empty segment (a
+/// trailing slash is an empty last segment, and many origins route `/a/` as `/a`: a
+/// rule for `/a/*`, one item of `/a`, must not reach what `/a` does). Greedy with
+/// backtracking to the last star: linear in practice.
 fn match_segment(pattern: &[u8], text: &[u8]) -> bool {
+    if pattern == b"*" {
+        return !text.is_empty();
+    }
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {
@@ -366,8 +372,24 @@ fn normalize_path(path: &str) -> Result<String, String> {
         if *segment == "." || *segment == ".." {
             return Err(format!("contains a `{segment}` segment"));
         }
+        // Windows and IIS drop trailing dots and spaces from a name: `..%20` would be `..`.
+        if segment.contains('.') && only_dots_and_spaces(segment) {
+            return Err("contains a segment of only dots and spaces".into());
+        }
     }
     Ok(out)
+}
+
+/// Whether a segment of a normal form is made of nothing but `.` and encoded spaces.
+fn only_dots_and_spaces(segment: &str) -> bool {
+    let mut rest = segment;
+    while !rest.is_empty() {
+        rest = match rest.strip_prefix('.').or_else(|| rest.strip_prefix("%20")) {
+            Some(after) => after,
+            None => return false,
+        };
+    }
+    true
 }
 
 /// One entry of a proxy rule's `http:` list: any of `methods` on any of `paths`.
@@ -453,7 +475,11 @@ mod tests {
             ("/**", "/", true),
             ("/**", "/anything/at/all", true),
             ("/a/*", "/a/b", true),
-            ("/a/*", "/a/", true),
+            ("/a/*", "/a/", false),
+            ("/a/*/", "/a//", false),
+            ("/a/*/c", "/a//c", false),
+            ("/a/**", "/a/", true),
+            ("/a/*", "/a/.x", true),
             ("/a/*", "/a", false),
             ("/a/*", "/a/b/c", false),
             ("/a/*/c", "/a/b/c", true),
@@ -612,6 +638,22 @@ mod tests {
             Err("ambiguous path: contains an encoded `/` (%2F)".into())
         );
         assert_eq!(normalize_target("a"), Err("not an absolute path".into()));
+        for dotted in [
+            "/a/..%20/b",
+            "/a/.%20",
+            "/a/...",
+            "/a/..%2E/b",
+            "/a/%20.%20/b",
+        ] {
+            assert_eq!(
+                normalize_target(dotted),
+                Err("ambiguous path: contains a segment of only dots and spaces".into()),
+                "{dotted}"
+            );
+        }
+        for fine in ["/a/.well-known/x", "/a/v1.2", "/a/%20/b", "/a/..x"] {
+            assert!(normalize_target(fine).is_ok(), "{fine}");
+        }
         assert_eq!(
             normalize_target("/a?b#c"),
             Err("has a fragment (`#`)".into())

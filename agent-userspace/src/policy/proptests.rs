@@ -194,7 +194,7 @@ proptest! {
 // ---- paths --------------------------------------------------------------------------
 
 /// Whole-segment glob, by plain recursion: `**` takes zero or more segments, `*` within
-/// a segment any run of characters.
+/// a segment any run of characters, but `*` alone only a non-empty segment.
 fn naive_path_match(pattern: &[&str], path: &[&str]) -> bool {
     match pattern.split_first() {
         None => path.is_empty(),
@@ -208,10 +208,17 @@ fn naive_path_match(pattern: &[&str], path: &[&str]) -> bool {
 }
 
 fn naive_segment_match(glob: &[u8], text: &[u8]) -> bool {
+    if glob == b"*" && text.is_empty() {
+        return false;
+    }
+    naive_run_match(glob, text)
+}
+
+fn naive_run_match(glob: &[u8], text: &[u8]) -> bool {
     match glob.split_first() {
         None => text.is_empty(),
-        Some((b'*', rest)) => (0..=text.len()).any(|i| naive_segment_match(rest, &text[i..])),
-        Some((c, rest)) => text.first() == Some(c) && naive_segment_match(rest, &text[1..]),
+        Some((b'*', rest)) => (0..=text.len()).any(|i| naive_run_match(rest, &text[i..])),
+        Some((c, rest)) => text.first() == Some(c) && naive_run_match(rest, &text[1..]),
     }
 }
 
