@@ -879,6 +879,35 @@ fn request_outside_the_http_rules_is_refused_with_403_or_400() -> Result<()> {
     }
     let rec = request_record(&fx, "POST", "/repos/acme/widgets/issues", 400)?;
     ensure_field(&rec, "egress.verdict", "deny")?;
+    // An allowed GET that names a second object, a copy or rename source the policy
+    // cannot judge: 403, the header named. (The same GET without it is the positive
+    // control of `curl_http1_and_http2_get_the_injected_token`.)
+    for header in [
+        "x-goog-copy-source: /acme/secret/db.dump",
+        "X-Ms-Rename-Source: /fs/prod/ledger.csv",
+    ] {
+        for http in ["--http1.1", "--http2"] {
+            let r = curl_resp(&fx, &[http, "-H", header, REPO_URL])?;
+            let name = header
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            ensure!(
+                r.status == 403 && r.body.contains(&name),
+                "GET with {header} ({http}): expected 403 naming the header, got {} {:?}: {}",
+                r.status,
+                r.body,
+                all_output(&r.out)
+            );
+            outs.push(r.out);
+        }
+    }
+    let rec = request_record(&fx, "GET", "/repos/acme/widgets", 403)?;
+    ensure!(
+        get_str(&rec, "event.reason").is_some_and(|r| r.contains("second object")),
+        "refusal record without its reason: {rec}"
+    );
     nothing_reached(&fx, before)?;
     let refs: Vec<&Output> = outs.iter().collect();
     fx.assert_token_absent(&refs)

@@ -39,7 +39,7 @@ use super::refused::{
     connection_refusal, is_client_abort, H2Watch, StreamReset, CLIENT_ABORTED, CLOSED_BY_DAEMON,
 };
 use super::scrub::{self, OutboundScan, ResponseBody};
-use super::target::{judge_destination, judge_target, TargetRefusal};
+use super::target::{judge_destination, judge_target, unjudged_second_target, TargetRefusal};
 use super::upstream::{DialParams, PoolKey, Sender};
 use super::{ConnInfo, Proxy};
 use crate::audit::{query_keys, ProxyVerdict as Verdict, RecordKind, SecretFinding, TlsMode};
@@ -705,6 +705,16 @@ impl ConnCtx {
             }
         };
         record.path = Some(judged.path().to_owned());
+        // A second target in a form the policy cannot judge (a copy's source) is refused.
+        if let Some(name) = unjudged_second_target(req.headers()) {
+            return Err(Refusal::deny(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "downstream client: header {name} names a second object the request \
+                     acts on (a copy, rename or link source), which the policy does not judge"
+                ),
+            ));
+        }
         // WebDAV's second target (COPY, MOVE) is judged too, and sent as judged.
         let destination = judge_destination(
             &self.conn.route,

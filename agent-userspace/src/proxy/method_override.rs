@@ -26,26 +26,38 @@ const UNLISTED_METHOD: &str = "EGRESSD-OVERRIDE-PROBE";
 /// A query key of `target` that names a method override, as written.
 pub fn in_query(target: &str) -> Option<String> {
     let (_, query) = target.split_once('?')?;
-    form_keys(query.as_bytes()).find(|key| is_override_key(key))
+    query_keys(query).find(|key| is_override_key(key))
 }
 
-/// Whether Vault and OpenBao run this `GET` as `LIST`: its query has a `list` key whose
-/// value Go's `strconv.ParseBool` reads as true.
-pub fn runs_as_list(method: &str, target: &str) -> bool {
-    let Some((_, query)) = target.split_once('?') else {
-        return false;
-    };
-    method == "GET"
-        && query.split('&').any(|pair| {
+/// The keys of `query`, decoded as form fields are (`+` as a space, `;` separating too).
+pub fn query_keys(query: &str) -> impl Iterator<Item = String> + '_ {
+    form_keys(query.as_bytes())
+}
+
+/// The operation Vault and OpenBao run this `GET` as, beside the `GET` itself: `LIST`
+/// when its query has a `list` key, `SCAN` (OpenBao's recursive listing) when it has a
+/// `scan` key, whose value Go's `strconv.ParseBool` reads as true. Both when both.
+pub fn runs_as<'t>(method: &str, target: &'t str) -> impl Iterator<Item = &'static str> + 't {
+    let query = (method == "GET")
+        .then(|| target.split_once('?').map(|(_, query)| query))
+        .flatten()
+        .unwrap_or("");
+    let truthy = move |name: &str| {
+        query.split('&').any(|pair| {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let decode =
                 |s: &str| String::from_utf8_lossy(&super::inject::percent_decode(s)).into_owned();
-            decode(key) == "list"
+            decode(key) == name
                 && matches!(
                     decode(value).as_str(),
                     "1" | "t" | "T" | "TRUE" | "true" | "True"
                 )
         })
+    };
+    [("list", "LIST"), ("scan", "SCAN")]
+        .into_iter()
+        .filter(move |(key, _)| !query.is_empty() && truthy(key))
+        .map(|(_, operation)| operation)
 }
 
 /// Whether a `method` request to `target` on `route` must have its body read for an

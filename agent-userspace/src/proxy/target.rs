@@ -60,11 +60,24 @@ pub fn judge_target(route: &Route, method: &str, raw: &str) -> Result<Judged, Ta
     }
     (route.request_allowed)(method, &target)
         .map_err(|reason| TargetRefusal::Denied { reason, git: None })?;
-    if super::method_override::runs_as_list(method, &target) {
-        (route.request_allowed)("LIST", &target).map_err(|reason| TargetRefusal::Denied {
-            reason: format!("{reason} (a GET with `list=true` runs as LIST in Vault and OpenBao)"),
+    for operation in super::method_override::runs_as(method, &target) {
+        (route.request_allowed)(operation, &target).map_err(|reason| TargetRefusal::Denied {
+            reason: format!(
+                "{reason} (a GET with `{}=true` runs as {operation} in Vault and OpenBao)",
+                operation.to_ascii_lowercase()
+            ),
             git: None,
         })?;
+    }
+    if let Some(key) = mounted_from(method, &target) {
+        return Err(TargetRefusal::Denied {
+            reason: format!(
+                "downstream client: {method} {} refused: query parameter {key} makes a \
+                 registry copy a blob from another repository, which the policy does not judge",
+                crate::policy::target_for_reason(raw)
+            ),
+            git: None,
+        });
     }
     let Some(rule) = &route.git else {
         return Ok(Judged { target, git: None });
@@ -83,6 +96,47 @@ pub fn judge_target(route: &Route, method: &str, raw: &str) -> Result<Judged, Ta
             git: refusal.request.as_ref().map(audit_of),
         }),
     }
+}
+
+/// Headers that name a second object a request acts on, in a form the policy cannot
+/// judge (a bucket and key, a URL on another account, a container path): the source of a
+/// copy (S3 and the stores that speak its API, Google Cloud Storage, Azure, Alibaba,
+/// Tencent and Huawei object stores, OpenStack Swift), of a rename or move (Azure Data
+/// Lake and Files), and what a later read of the object reads instead (Swift manifests
+/// and symlinks). A rule that allows `PUT /mine/*` must not let a request copy, move or
+/// link `/theirs/secret` there, so a request carrying one is refused.
+const SECOND_TARGET_HEADERS: [&str; 13] = [
+    "x-amz-copy-source",
+    "x-goog-copy-source",
+    "x-ms-copy-source",
+    "x-ms-rename-source",
+    "x-ms-file-rename-source",
+    "x-oss-copy-source",
+    "x-cos-copy-source",
+    "x-obs-copy-source",
+    "x-copy-from",
+    "x-copy-from-account",
+    "x-object-manifest",
+    "x-symlink-target",
+    "x-symlink-target-account",
+];
+
+/// The first header of `headers` that names a second target the policy cannot judge.
+pub fn unjudged_second_target(headers: &http::HeaderMap) -> Option<&'static str> {
+    SECOND_TARGET_HEADERS
+        .into_iter()
+        .find(|name| headers.contains_key(*name))
+}
+
+/// A query key of a `POST` to a container registry's blob uploads (`/v2/<name>/blobs/
+/// uploads/`) that mounts a blob from another repository (`mount`, `from`): the registry
+/// copies it into the one the path names, from one the policy never judged.
+fn mounted_from(method: &str, target: &str) -> Option<String> {
+    let (path, query) = target.split_once('?')?;
+    if method != "POST" || !path.contains("/blobs/uploads") {
+        return None;
+    }
+    super::method_override::query_keys(query).find(|key| key == "mount" || key == "from")
 }
 
 /// The second target a request acts on, named in `Destination` (WebDAV's COPY and MOVE):
@@ -212,6 +266,98 @@ rules:
         );
         let api = route(&listing, 1);
         assert!(judge_target(&api, "GET", "/repos/acme/widgets/x?list=true").is_ok());
+        // OpenBao runs `?scan=true` as SCAN, a recursive listing: a rule that lists LIST
+        // does not allow it.
+        for scanned in ["scan=true", "%73can=1", "list=true&scan=T"] {
+            assert!(
+                matches!(
+                    judge_target(&api, "GET", &format!("/repos/acme/widgets/x?{scanned}")),
+                    Err(TargetRefusal::Denied { .. })
+                ),
+                "{scanned}"
+            );
+        }
+        let scanning = Arc::new(
+            parse_str(
+                &POLICY.replace("methods: [GET, POST]", "methods: [GET, POST, SCAN]"),
+                "test.yaml",
+            )
+            .unwrap(),
+        );
+        let api = route(&scanning, 1);
+        assert!(judge_target(&api, "GET", "/repos/acme/widgets/x?scan=true").is_ok());
+        assert!(matches!(
+            judge_target(&api, "GET", "/repos/acme/widgets/x?scan=1&list=1"),
+            Err(TargetRefusal::Denied { .. })
+        ));
+    }
+
+    /// A copy, rename or link source in a header is refused, whichever store's spelling,
+    /// in any case; other headers are not.
+    #[test]
+    fn second_targets_the_policy_cannot_judge_are_found() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-amz-meta-note", http::HeaderValue::from_static("copy"));
+        h.insert("content-type", http::HeaderValue::from_static("text/plain"));
+        assert_eq!(unjudged_second_target(&h), None);
+        for name in [
+            "X-Amz-Copy-Source",
+            "x-goog-copy-source",
+            "X-MS-COPY-SOURCE",
+            "x-ms-rename-source",
+            "x-ms-file-rename-source",
+            "x-copy-from",
+            "x-object-manifest",
+            "x-symlink-target",
+        ] {
+            let mut with = h.clone();
+            with.insert(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                http::HeaderValue::from_static("/acme/secret/db.dump"),
+            );
+            assert_eq!(
+                unjudged_second_target(&with),
+                Some(name.to_ascii_lowercase().as_str()),
+                "{name}"
+            );
+        }
+    }
+
+    /// A registry blob mount from another repository is refused; other uploads are not.
+    #[test]
+    fn registry_mounts_from_other_repositories_are_refused() {
+        let policy = Arc::new(
+            parse_str(
+                &POLICY.replace("/a/*/c", "/v2/acme/widgets/**"),
+                "test.yaml",
+            )
+            .unwrap(),
+        );
+        let api = route(&policy, 1);
+        assert!(judge_target(&api, "POST", "/v2/acme/widgets/blobs/uploads/").is_ok());
+        assert!(judge_target(
+            &api,
+            "POST",
+            "/v2/acme/widgets/blobs/uploads/?digest=sha256:1"
+        )
+        .is_ok());
+        for query in [
+            "mount=sha256:1&from=acme/secret",
+            "from=acme/secret",
+            "%6Dount=sha256:1",
+        ] {
+            assert!(
+                matches!(
+                    judge_target(
+                        &api,
+                        "POST",
+                        &format!("/v2/acme/widgets/blobs/uploads/?{query}")
+                    ),
+                    Err(TargetRefusal::Denied { .. })
+                ),
+                "{query}"
+            );
+        }
     }
 
     /// WebDAV's second target is judged like the first, and sent in the form judged.
