@@ -87,7 +87,7 @@ pub struct Entry {
     pub net: Net,
     /// What an address in it is, as a noun phrase: "loopback address".
     pub name: &'static str,
-    /// The RFC that defines it.
+    /// The RFC that defines it (for an address no RFC sets aside, whose it is).
     pub rfc: &'static str,
     /// Whether an address whose most specific entry is this one needs a rule naming it.
     pub special: bool,
@@ -146,6 +146,13 @@ pub const TABLE: &[Entry] = &[
         "RFC 6598",
     ),
     special(v4(127, 0, 0, 0, 8), "loopback address", "RFC 1122"),
+    // Not in the registry: a public address every Azure VM reaches its host agent,
+    // WireServer (VM extensions, their settings and certificates) and DNS at.
+    special(
+        v4(168, 63, 129, 16, 32),
+        "cloud metadata address",
+        "Azure WireServer",
+    ),
     special(v4(169, 254, 0, 0, 16), "link-local address", "RFC 3927"),
     special(
         v4(169, 254, 169, 254, 32),
@@ -547,7 +554,11 @@ mod tests {
             };
             // Valid lengths, and no host bits: the table says what it means.
             assert_eq!(n, want, "{} {:?}", e.name, e.net);
-            assert!(e.rfc.starts_with("RFC "), "{}", e.name);
+            assert!(
+                e.rfc.starts_with("RFC ") || e.rfc == "Azure WireServer",
+                "{}",
+                e.name
+            );
             if e.embeds != Embeds::None {
                 assert!(matches!(e.net, Net::V6(..)), "{}", e.name);
             }
@@ -602,6 +613,7 @@ mod tests {
             ("fc00::1", "private (unique local) address"),
             ("fd12::1", "private (unique local) address"),
             ("fd00:ec2::254", "cloud metadata address"),
+            ("::ffff:168.63.129.16", "cloud metadata address"),
             ("fe80::1", "link-local address"),
             ("febf::1", "link-local address"),
             ("fec0::1", "deprecated site-local address"),
