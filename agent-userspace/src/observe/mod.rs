@@ -13,6 +13,7 @@ mod follow;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use serde_json::Value;
@@ -141,7 +142,7 @@ impl Filter {
 /// One line for a record: time, sandbox, verdict, action, subject, rule, reason.
 pub fn format_line(r: &Value) -> String {
     let time = str_at(r, &["@timestamp"]).unwrap_or("-");
-    let sandbox = str_at(r, &["egress", "sandbox", "name"]).unwrap_or("-");
+    let sandbox = word(str_at(r, &["egress", "sandbox", "name"]).unwrap_or("-"));
     let action = str_at(r, &["event", "action"]).unwrap_or("?");
     let verdict = match str_at(r, &["egress", "verdict"]) {
         Some(v) => v.to_ascii_uppercase(),
@@ -156,18 +157,33 @@ pub fn format_line(r: &Value) -> String {
         subject(r, action)
     );
     if let Some(rule) = str_at(r, &["rule", "name"]) {
-        let _ = write!(line, "  rule={rule}");
+        let _ = write!(line, "  rule={}", word(rule));
     }
     if let Some(cred) = str_at(r, &["egress", "credential", "name"]) {
-        let _ = write!(line, "  credential={cred}");
+        let _ = write!(line, "  credential={}", word(cred));
     }
     let reason = str_at(r, &["event", "reason"]).or_else(|| str_at(r, &["error", "message"]));
     if let Some(reason) = reason {
-        let _ = write!(line, "  reason=\"{}\"", reason.replace(['\n', '\r'], " "));
+        let _ = write!(line, "  reason={:?}", reason.replace(['\n', '\r'], " "));
     }
     // Fields a sandbox chose (a process name, a ref name, a path) must not drive the
     // operator's terminal: control characters are shown escaped.
     crate::text::sanitize(&line, usize::MAX)
+}
+
+/// A value a sandbox or the network may have chosen, as one word of the line: as it is
+/// when it is one, quoted and escaped when it holds white space, a quote or a backslash
+/// (a process named `x  rule=github` must not read as a field).
+fn word(s: &str) -> Cow<'_, str> {
+    if !s.is_empty()
+        && !s
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '"' | '\\') || crate::text::misleads(c))
+    {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(format!("{s:?}"))
+    }
 }
 
 /// What the record is about, in a few words.
@@ -188,13 +204,13 @@ fn subject(r: &Value, action: &str) -> String {
                 let _ = write!(s, "/{t}");
             }
             if let Some(d) = str_at(r, &["destination", "domain"]) {
-                let _ = write!(s, " ({d})");
+                let _ = write!(s, " ({})", word(d));
             }
             if let Some(p) = str_at(r, &["process", "name"]) {
                 let pid = at(r, &["process", "pid"])
                     .and_then(Value::as_u64)
                     .unwrap_or(0);
-                let _ = write!(s, " by {p}[{pid}]");
+                let _ = write!(s, " by {}[{pid}]", word(p));
             }
             s
         }
@@ -202,7 +218,7 @@ fn subject(r: &Value, action: &str) -> String {
             let name = str_at(r, &["dns", "question", "name"]).unwrap_or("?");
             let qtype = str_at(r, &["dns", "question", "type"]).unwrap_or("?");
             let rcode = str_at(r, &["dns", "response_code"]).unwrap_or("?");
-            let mut s = format!("{name} {qtype} -> {rcode}");
+            let mut s = format!("{} {} -> {}", word(name), word(qtype), word(rcode));
             if let Some(ips) = at(r, &["dns", "resolved_ip"]).and_then(Value::as_array) {
                 let ips: Vec<&str> = ips.iter().filter_map(Value::as_str).collect();
                 if !ips.is_empty() {
@@ -215,10 +231,11 @@ fn subject(r: &Value, action: &str) -> String {
             let method = str_at(r, &["http", "request", "method"]).unwrap_or("?");
             let domain = str_at(r, &["url", "domain"]).unwrap_or("?");
             let path = str_at(r, &["url", "path"]).unwrap_or("");
-            let mut s = format!("{method} https://{domain}{path}");
+            let mut url = format!("https://{domain}{path}");
             if let Some(q) = str_at(r, &["url", "query"]) {
-                let _ = write!(s, "?{q}");
+                let _ = write!(url, "?{q}");
             }
+            let mut s = format!("{} {}", word(method), word(&url));
             if let Some(status) =
                 at(r, &["http", "response", "status_code"]).and_then(Value::as_u64)
             {
@@ -229,8 +246,8 @@ fn subject(r: &Value, action: &str) -> String {
         "tls-connection" => {
             let name = str_at(r, &["tls", "client", "server_name"]).unwrap_or("(no server name)");
             match dest() {
-                Some(d) => format!("{name} via {d}"),
-                None => name.to_owned(),
+                Some(d) => format!("{} via {d}", word(name)),
+                None => word(name).into_owned(),
             }
         }
         "events-lost" => {

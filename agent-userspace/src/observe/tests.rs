@@ -71,6 +71,29 @@ fn control_characters_never_reach_the_terminal() {
     );
 }
 
+/// A value a sandbox chose cannot pass for another field: one with a space, a quote or
+/// `=` is quoted, and a reason's quotes are escaped.
+#[test]
+fn chosen_values_cannot_forge_fields() {
+    let mut r = connect_deny();
+    r["process"]["name"] = serde_json::json!("x  rule=github");
+    r["event"]["reason"] = serde_json::json!("a\"  rule=\"github");
+    let line = format_line(&r);
+    assert!(
+        line.contains(r#" by "x  rule=github"[4242]"#)
+            && line.ends_with(r#"  rule=default  reason="a\"  rule=\"github""#),
+        "{line}"
+    );
+    let mut h = http_allow();
+    h["url"]["path"] = serde_json::json!("/a b");
+    h["http"]["request"]["method"] = serde_json::json!("GET x=1");
+    let line = format_line(&h);
+    assert!(
+        line.contains(r#""GET x=1" "https://api.github.com/a b?state=""#),
+        "{line}"
+    );
+}
+
 #[test]
 fn lines_say_who_what_verdict_rule_and_reason() {
     let line = format_line(&connect_deny());
