@@ -25,6 +25,24 @@ pub fn misleads(c: char) -> bool {
     c.is_control() || reorders_or_hides(c) || matches!(c, '\u{2028}' | '\u{2029}')
 }
 
+/// Why `name` cannot name a sandbox, if it cannot: 1-64 characters, each an ASCII letter
+/// or digit or one of `. _ - / : @ +`. A sandbox's name is in every record, label and
+/// status line about it, so it must read as what it is: no white space, no characters
+/// that look like others (`prod-agent` and `prod-agent` with a zero-width space would be
+/// two sandboxes the same to the eye, in the log, the SIEM and the dashboard).
+pub fn sandbox_name_problem(name: &str) -> Option<String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "._-/:@+".contains(c);
+    if name.is_empty() || name.len() > 64 || !name.chars().all(allowed) {
+        Some(format!(
+            "invalid sandbox name {:?}: 1-64 characters, each an ASCII letter or digit or \
+             one of . _ - / : @ +",
+            sanitize(name, 100)
+        ))
+    } else {
+        None
+    }
+}
+
 /// `s` with every character that [`misleads`] written as `\u{..}`, and cut to at most `max` bytes (on a
 /// character boundary, ending in `...` when cut).
 pub fn sanitize(s: &str, max: usize) -> String {
@@ -54,7 +72,32 @@ pub fn sanitize(s: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::sanitize;
+    use super::{sandbox_name_problem, sanitize};
+
+    #[test]
+    fn sandbox_names_read_as_what_they_are() {
+        for good in [
+            "agent-1",
+            "k8s/default/web-0",
+            "crio-3f2a.scope",
+            "a",
+            "x@y:z+1",
+        ] {
+            assert_eq!(sandbox_name_problem(good), None, "{good}");
+        }
+        for bad in [
+            "",
+            "prod-agent\u{200b}",
+            "a b",
+            "x  rule=github",
+            "é",
+            "a\nb",
+            "a\"b",
+            &"a".repeat(65),
+        ] {
+            assert!(sandbox_name_problem(bad).is_some(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn control_characters_never_pass() {

@@ -39,7 +39,8 @@ enum Command {
         /// Policy file (YAML).
         #[arg(long)]
         policy: PathBuf,
-        /// Sandbox name shown in status and audit records [default: the cgroup's directory name].
+        /// Sandbox name shown in status and audit records: 1-64 ASCII letters, digits and
+        /// `. _ - / : @ +` [default: the cgroup's directory name].
         #[arg(long)]
         name: Option<String>,
         /// Network namespace of the sandbox, for the proxy listener and resolver (e.g.

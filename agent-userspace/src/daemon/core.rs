@@ -831,10 +831,8 @@ impl Core {
                 .map(|n| n.to_string_lossy().into_owned())
                 .ok_or_else(|| "the cgroup root cannot be a sandbox".to_string())?,
         };
-        if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
-            return Err(format!(
-                "invalid sandbox name {name:?}: 1-64 printable characters"
-            ));
+        if let Some(problem) = crate::text::sandbox_name_problem(&name) {
+            return Err(problem);
         }
         check_placement(&cgroup.path)?;
         let policy = match parsed {

@@ -380,8 +380,8 @@ pub fn sandbox_name(
         }
         (None, Scope::Container) => id.to_string(),
     };
-    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
-        bail!("sandbox name {name:?} must be 1-64 printable characters");
+    if let Some(problem) = crate::text::sandbox_name_problem(&name) {
+        bail!("{problem}");
     }
     Ok(name)
 }
