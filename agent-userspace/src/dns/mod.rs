@@ -356,6 +356,34 @@ async fn resolve(ctx: &ResolverCtx, bytes: &[u8], transport: Transport) -> Optio
     reply
 }
 
+/// The record of a query sent upstream, written when the query's task ends before the
+/// answer came (the resolver stopped): the name left the host, so the trail says so.
+struct InFlight<'a> {
+    record: Option<DnsRecord>,
+    audit: &'a DnsAuditSink,
+}
+
+impl InFlight<'_> {
+    /// The answer (or the upstream's failure) came: the query's own record follows.
+    fn landed(mut self) {
+        self.record = None;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.response_code = rcode_name(ResponseCode::ServFail);
+            record.reason = Some(
+                "the resolver stopped before the upstream answered (the query was sent \
+                 upstream; the sandbox got no answer)"
+                    .to_owned(),
+            );
+            (self.audit)(finish(record));
+        }
+    }
+}
+
 /// The reply and record for one query.
 async fn decide(
     ctx: &ResolverCtx,
@@ -455,7 +483,14 @@ async fn decide(
             finish(record),
         )
     };
+    // The query leaves the host now: if the resolver stops before the answer comes (a
+    // detach, a policy that names no hosts), the record is written all the same.
+    let in_flight = InFlight {
+        record: Some(record.clone()),
+        audit: &ctx.audit,
+    };
     let exchanged = upstream::exchange(&ctx.dialer, upstreams, ctx.timeout, &question).await;
+    in_flight.landed();
     let response = match exchanged {
         Ok(exchanged) => {
             record.upstream = Some(exchanged.server);

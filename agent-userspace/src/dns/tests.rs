@@ -631,6 +631,42 @@ async fn upstream_timeout_is_servfail_and_the_next_upstream_is_tried() {
     drop(silent);
 }
 
+/// A query already sent upstream when the resolver stops (a detach) still leaves its
+/// record: its name left the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_in_flight_when_the_resolver_stops_is_recorded() {
+    let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let h = Harness::start(&[silent.local_addr().unwrap()], false).await;
+    let query = Harness::query(&name("exfil-1234.github.example"), RecordType::A);
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client
+        .send_to(&query.to_vec().unwrap(), h.udp)
+        .await
+        .unwrap();
+    // The upstream has it; the resolver stops before any answer.
+    let mut buf = [0u8; 512];
+    tokio::time::timeout(Duration::from_secs(2), silent.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(h.records().is_empty(), "{:#?}", h.records());
+    for listener in &h.listeners {
+        listener.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let records = h.records();
+    assert_eq!(records.len(), 1, "{records:#?}");
+    let r = &records[0];
+    assert_eq!(r.question_name, "exfil-1234.github.example");
+    assert_eq!(r.verdict, DnsVerdict::Allow);
+    assert_eq!(r.response_code, "SERVFAIL");
+    let reason = r.reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("resolver stopped before the upstream answered"),
+        "{reason}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn learn_error_is_servfail() {
     let fake = Fake::start().await;
