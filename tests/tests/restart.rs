@@ -436,6 +436,17 @@ fn another_builds_pins_are_retired_once_the_sandbox_is_adopted() -> Result<()> {
         Ok((!older.exists()).then_some(()))
     })?;
     ensure!(gone.is_some(), "the other build's pins are still there");
+    // The refusal its programs recorded while no daemon ran went with its ring buffer:
+    // it is reported as lost, under the build's name, not silently dropped.
+    let lost = fx.daemon.wait_for_record(Duration::from_secs(10), |r| {
+        egress_tests::audit::action(r) == Some("events-lost")
+            && r["egress"]["lost"]["sandboxes"][0]["name"] == "build v0"
+    })?;
+    let count = get_u64(&lost, "egress.lost.count").unwrap_or(0);
+    ensure!(
+        count >= 1 && get_u64(&lost, "egress.lost.total").unwrap_or(0) >= count,
+        "events-lost record without the other build's unread events: {lost}"
+    );
     // Still confined by this build's programs...
     expect::eperm(&fx.sandbox.probe("tcp-connect", canary, 9, &[])?)?;
     // ...and only by them: a policy that allows the canary now lets it through (the

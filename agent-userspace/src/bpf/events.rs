@@ -30,6 +30,21 @@ pub enum KernelEvent {
 /// audit log at most this late (plus the writer's own batching).
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Consumes the events left in another build's pinned ring buffer (`maps`: that build's
+/// maps directory) and returns how many there were: what its programs recorded and no
+/// daemon read, before that build's pins are removed. (Another ABI version's events are
+/// not decoded: their layout is that build's.)
+pub fn consume_unread(maps: &std::path::Path) -> Result<u64, BpfError> {
+    let data = MapData::from_pin(maps.join("EVENTS")).map_err(|e| BpfError::map("EVENTS", e))?;
+    let mut ring =
+        RingBuf::try_from(aya::maps::Map::RingBuf(data)).map_err(|e| BpfError::map("EVENTS", e))?;
+    let mut unread = 0;
+    while ring.next().is_some() {
+        unread += 1;
+    }
+    Ok(unread)
+}
+
 pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
 }

@@ -22,7 +22,7 @@ mod ring_usage;
 
 pub use attach::{attach_lsm, attached_cgroups, lsm_pinned, Links};
 pub use bpffs::{ensure_bpffs, PinLayout};
-pub use events::{EventReader, KernelEvent};
+pub use events::{consume_unread, EventReader, KernelEvent};
 pub use loader::{Programs, HOOKS};
 pub use lsm::{active_lsms, LsmSupport};
 pub use maps::{PeerMap, PolicyMaps};

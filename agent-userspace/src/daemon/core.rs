@@ -17,10 +17,10 @@ use super::{
 use crate::{
     alerts::{Alerts, DenialBursts},
     audit::{
-        Alert, AlertKind, AuditHandle, CredentialRevoke, DetachReason, PolicyChange, PolicyDigest,
-        PolicyRejected, Quarantine, Record, RuleRef, SandboxLifecycle,
+        Alert, AlertKind, AuditHandle, CredentialRevoke, DetachReason, EventsLost, LostBySandbox,
+        PolicyChange, PolicyDigest, PolicyRejected, Quarantine, Record, RuleRef, SandboxLifecycle,
     },
-    bpf::{attached_cgroups, Links, PinLayout, PolicyMaps, Programs, HOOKS},
+    bpf::{attached_cgroups, BpfError, Links, PinLayout, PolicyMaps, Programs, HOOKS},
     cgroup::Cgroup,
     control::{DaemonStatus, QuarantineStatus, SandboxStatus},
     policy::{self, Policy},
@@ -92,6 +92,9 @@ pub struct Core {
     /// `policy-rejected` records written: an attach that failed without adding one is
     /// recorded by [`Core::attach_parsed`].
     pub rejections: std::cell::Cell<u64>,
+    /// Kernel events counted as lost that the kernel's counters do not hold (undecodable
+    /// ones, another build's unread ones): added to `egress.lost.total`.
+    pub lost_unread: u64,
 }
 
 /// A detached sandbox, kept for naming its last kernel events.
@@ -1755,14 +1758,52 @@ impl Core {
                 }
             }
             if kept == 0 {
+                // What its programs recorded while no daemon read them is counted (and
+                // reported as lost) before its ring buffer goes.
+                let unread = crate::bpf::consume_unread(&other.maps());
                 match std::fs::remove_dir_all(other.root()) {
                     Ok(()) => {
-                        tracing::warn!(layout = %other.root().display(), "Another build's pinned programs and maps removed (events its programs recorded and no daemon read went with them)")
+                        tracing::warn!(layout = %other.root().display(), "Another build's pinned programs and maps removed");
+                        self.report_unread(&other, unread);
                     }
                     Err(e) => {
                         tracing::error!(layout = %other.root().display(), error = %e, "Removing another build's pinned objects failed")
                     }
                 }
+            }
+        }
+    }
+
+    /// `egress.lost.total`: the kernel's counters and the events counted as lost here.
+    pub fn lost_total(&self) -> u64 {
+        self.maps.lost_total() + self.lost_unread
+    }
+
+    /// An `events-lost` record for the events another build's programs recorded and no
+    /// daemon read (this build cannot decode them), named `build vN` in
+    /// `egress.lost.sandboxes` (no sandbox name has a space).
+    fn report_unread(&mut self, other: &PinLayout, unread: Result<u64, BpfError>) {
+        let build = other
+            .root()
+            .file_name()
+            .map_or_else(|| "?".into(), |n| n.to_string_lossy().into_owned());
+        match unread {
+            Ok(0) => {}
+            Ok(count) => {
+                tracing::warn!(layout = %other.root().display(), count, "Events another build recorded and no daemon read: reported as lost");
+                self.lost_unread += count;
+                self.audit.emit(Record::EventsLost(EventsLost {
+                    time: now(),
+                    count,
+                    total: self.lost_total(),
+                    sandboxes: vec![LostBySandbox {
+                        name: format!("build {build}"),
+                        count,
+                    }],
+                }));
+            }
+            Err(e) => {
+                tracing::error!(layout = %other.root().display(), error = %e, "Another build's unread events could not be counted; they are lost");
             }
         }
     }

@@ -300,6 +300,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         known_pids: Default::default(),
         departed: Default::default(),
         rejections: Default::default(),
+        lost_unread: 0,
     };
     core.lost_denied_seen = core.maps.lost_denied_by_sandbox().into_iter().collect();
     let adopted = core.reconcile();
@@ -545,6 +546,7 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
     // the records before it first, then its alert, so records stay in the order of the
     // events (one message per denial let a flood of them fill the writer's queue).
     let mut records = Vec::with_capacity(batch.len());
+    let mut undecodable = 0;
     for ev in batch {
         match ev {
             KernelEvent::Connect(ev) => {
@@ -563,7 +565,10 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
                         }
                         records.push(Record::Network(rec));
                     }
-                    Err(e) => tracing::error!(error = %e, "Undecodable kernel event"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "Undecodable kernel event");
+                        undecodable += 1;
+                    }
                 }
                 // After the decision's own record, so a burst alert follows the denial
                 // that completed it.
@@ -581,8 +586,23 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
                     len,
                     "Kernel event of an unknown kind or ABI version"
                 );
+                undecodable += 1;
             }
         }
+    }
+    // A decision the kernel recorded that no record can say: counted as lost, under a
+    // name no sandbox can have.
+    if undecodable > 0 {
+        core.lost_unread += undecodable;
+        records.push(Record::EventsLost(EventsLost {
+            time: now(),
+            count: undecodable,
+            total: core.lost_total(),
+            sandboxes: vec![LostBySandbox {
+                name: "undecodable events".to_owned(),
+                count: undecodable,
+            }],
+        }));
     }
     core.audit.emit_all(records);
 }
@@ -634,7 +654,7 @@ fn report_lost(shared: &Shared) {
         core.audit.emit(Record::EventsLost(EventsLost {
             time: now(),
             count,
-            total,
+            total: total + core.lost_unread,
             sandboxes,
         }));
         for alert in alerts {
