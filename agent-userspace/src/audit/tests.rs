@@ -2403,20 +2403,30 @@ fn lines_of(paths: &[PathBuf]) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_queues_counts_and_reports_the_exact_loss() {
+/// A log path on a full disk: every write to `/dev/full` fails with ENOSPC; removing the
+/// link "frees space".
+fn full_disk() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    // Every write to /dev/full fails with ENOSPC; replacing the link "frees space".
     std::os::unix::fs::symlink("/dev/full", &path).unwrap();
-    let config = AuditConfig {
+    (dir, path)
+}
+
+/// A configuration that keeps three records in memory while the log cannot be written.
+fn three_in_memory() -> AuditConfig {
+    AuditConfig {
         queue_records: 3,
         ..AuditConfig::default()
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_queues_counts_and_reports_the_exact_loss() {
+    let (dir, path) = full_disk();
     let seq_file = dir.path().join("state/audit-sequence");
     let (handle, task) = AuditLog::open_with(
         AuditSink::File(path.clone()),
-        &config,
+        &three_in_memory(),
         Some(seq_file.clone()),
     )
     .unwrap();
@@ -2469,6 +2479,56 @@ async fn a_full_disk_queues_counts_and_reports_the_exact_loss() {
             .collect::<Vec<_>>(),
         vec![format!("{:020}", 12), format!("{:020}", 12)]
     );
+}
+
+/// A credential's use while the log cannot be written, behind a flood that fills the
+/// queue: its record is kept (past the bound), the drops on each side of it are reported
+/// as two exact ranges, and nothing else is lost unaccounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credentials_record_is_not_pushed_out_by_a_flood() {
+    let (_dir, path) = full_disk();
+    let (handle, task) =
+        AuditLog::open_with(AuditSink::File(path.clone()), &three_in_memory(), None).unwrap();
+    let writer = tokio::spawn(task.run());
+    let flood = |ports: std::ops::RangeInclusive<u16>| {
+        handle.emit_all(ports.map(denied).collect());
+    };
+    flood(1..=10);
+    eventually("unhealthy", || !handle.healthy()).await;
+    let mut used = proxy_request();
+    used.credential = Some("github-token".into());
+    handle.emit(proxy_event(used));
+    flood(11..=20);
+    // A request without a credential is not kept past the bound.
+    let mut plain = proxy_request();
+    plain.credential = None;
+    handle.emit(proxy_event(plain));
+    eventually("all taken", || handle.health().lost == 18).await;
+
+    fs::remove_file(&path).unwrap();
+    eventually("healthy again", || handle.healthy()).await;
+    drop(handle);
+    writer.await.unwrap().unwrap();
+    let lines = read_lines(&path);
+    let seqs: Vec<u64> = lines.iter().map(sequence).collect();
+    // 1-3 kept; 4-10 dropped; 11 the credential's record, kept; 12-22 dropped; then the
+    // two loss records.
+    assert_eq!(seqs, vec![1, 2, 3, 11, 23, 24], "{lines:#?}");
+    assert_eq!(lines[3]["event"]["action"], "http-request");
+    assert_eq!(lines[3]["egress"]["credential"]["name"], "github-token");
+    let ranges: Vec<(u64, u64, u64)> = lines[4..]
+        .iter()
+        .map(|l| {
+            assert_eq!(l["event"]["action"], "audit-lost");
+            let lost = &l["egress"]["audit_lost"];
+            (
+                lost["first_sequence"].as_u64().unwrap(),
+                lost["last_sequence"].as_u64().unwrap(),
+                lost["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ranges, vec![(4, 10, 7), (12, 22, 11)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -871,6 +871,7 @@ impl AuditLog {
                 health,
                 pending,
                 dropped: None,
+                closed: Vec::new(),
                 failing_since: None,
                 last_error: None,
                 reopen_wanted: false,
@@ -1012,11 +1013,36 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Records numbered but dropped because the queue was full: one contiguous range, since
-/// once dropping starts every later record is dropped until the queue is written.
+/// once dropping starts every later record is dropped until the queue is written, but
+/// for a vital one ([`vital`]), which closes the range (a later drop opens another).
 #[derive(Clone, Copy, Debug)]
 struct Dropped {
     first: u64,
     last: u64,
+}
+
+/// Vital records kept beyond [`AuditConfig::queue_records`] while the log cannot be
+/// written (then they are dropped and counted like the rest).
+pub const VITAL_RESERVE: usize = 4096;
+
+/// Whether a record is kept past a full queue: what a credential did (a proxy record
+/// naming one), alerts, quarantines, releases, revocations and kernel losses. A sandbox
+/// that floods the trail (denied connects, refused queries) while the log cannot be
+/// written must not push these out.
+fn vital(record: &Record) -> bool {
+    match record {
+        Record::Proxy(e) => e
+            .record
+            .credential
+            .as_deref()
+            .is_some_and(|c| !c.is_empty()),
+        Record::Alert(_)
+        | Record::SandboxQuarantine(_)
+        | Record::SandboxRelease(_)
+        | Record::CredentialRevoke(_)
+        | Record::EventsLost(_) => true,
+        _ => false,
+    }
 }
 
 /// Writes queued records in order until every [`AuditHandle`] is gone.
@@ -1028,6 +1054,9 @@ pub struct AuditTask {
     /// Numbered and encoded, not yet known to be written.
     pending: PendingLines,
     dropped: Option<Dropped>,
+    /// Ranges a vital record closed, oldest first, each reported by its own `audit-lost`
+    /// record before `dropped`.
+    closed: Vec<Dropped>,
     failing_since: Option<OffsetDateTime>,
     last_error: Option<String>,
     reopen_wanted: bool,
@@ -1130,11 +1159,17 @@ impl AuditTask {
             self.store_sequence();
         }
         let _ = self.writer.sync();
-        let unreported = self.dropped.map(|d| d.first);
+        let unreported = self
+            .closed
+            .first()
+            .or(self.dropped.as_ref())
+            .map(|d| d.first);
         if let Some(first) = self.pending.first_sequence().or(unreported) {
             let last = self
                 .dropped
-                .map_or(self.pending.last_sequence().unwrap_or(first), |d| d.last);
+                .or(self.closed.last().copied())
+                .map_or(self.pending.last_sequence().unwrap_or(first), |d| d.last)
+                .max(self.pending.last_sequence().unwrap_or(first));
             let source = io::Error::other(format!(
                 "records {first} to {last} could not be written before the daemon stopped: {}",
                 self.last_error.as_deref().unwrap_or("write failed")
@@ -1212,7 +1247,19 @@ impl AuditTask {
         {
             self.flush();
         }
-        if self.dropped.is_some() || self.pending.len() >= self.queue_records {
+        let full = self.dropped.is_some() || self.pending.len() >= self.queue_records;
+        // A vital record is kept past the bound, in a reserve of its own, and closes the
+        // range being dropped: what a credential did is not lost to a flood of others.
+        if full && vital(record) && self.pending.len() < self.queue_records + VITAL_RESERVE {
+            if let Some(range) = self.dropped.take() {
+                self.closed.push(range);
+            }
+            if let Err(e) = self.writer.encode_next_into(record, &mut self.pending) {
+                error!(action = record.action(), error = %e, "Audit record not encodable; skipped");
+            }
+            return;
+        }
+        if full {
             let sequence = match self.writer.encode_next(record) {
                 Ok((sequence, _)) => sequence,
                 Err(e) => {
@@ -1260,7 +1307,12 @@ impl AuditTask {
                 self.failed(e.to_string());
                 return;
             }
-            let Some(dropped) = self.dropped.take() else {
+            let next = if self.closed.is_empty() {
+                self.dropped.take()
+            } else {
+                Some(self.closed.remove(0))
+            };
+            let Some(dropped) = next else {
                 break;
             };
             let lost = AuditLost {
