@@ -91,6 +91,9 @@ pub const MAX_NAME: usize = 253;
 pub const MAX_UDP_IN_FLIGHT: usize = 256;
 /// TCP connections one listener serves at once; more are closed at once.
 pub const MAX_TCP_CONNECTIONS: usize = 64;
+/// Refused queries one listener records one by one per [`ALERT_WINDOW`] (see
+/// `RefusalRecords`).
+pub const REFUSALS_RECORDED: u32 = 1000;
 /// A TCP connection is closed when a whole query (or writing its answer) takes longer.
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
 
@@ -209,9 +212,7 @@ impl Shed {
                 OffsetDateTime::now_utc(),
                 AlertKind::RateLimit,
                 ctx.sandbox.clone(),
-                format!(
-                    "{n} DNS {what} dropped unanswered: the sandbox's resolver was at its limit"
-                ),
+                format!("{n} DNS {what}"),
             );
             record.count = n;
             record.window_seconds = Some(ALERT_WINDOW.as_secs().max(1));
@@ -227,8 +228,12 @@ pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>) {
     let permits = Arc::new(Semaphore::new(MAX_UDP_IN_FLIGHT));
     let shed = Shed::new(
         ctx.clone(),
-        format!("queries (over {MAX_UDP_IN_FLIGHT} in flight)"),
+        format!(
+            "queries (over {MAX_UDP_IN_FLIGHT} in flight) dropped unanswered: the sandbox's \
+             resolver was at its limit"
+        ),
     );
+    let refusals = Arc::new(RefusalRecords::new(ctx.clone()));
     // A datagram longer than the buffer is cut short and then fails to parse.
     let mut buf = vec![0u8; 4096];
     // The queries' tasks end with this one: a resolver stopped (a policy that names no
@@ -253,10 +258,10 @@ pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>) {
             continue;
         };
         let query = buf[..len].to_vec();
-        let (socket, ctx) = (socket.clone(), ctx.clone());
+        let (socket, ctx, refusals) = (socket.clone(), ctx.clone(), refusals.clone());
         queries.spawn(async move {
             let _permit = permit;
-            if let Some(reply) = resolve(&ctx, &query, Transport::Udp).await {
+            if let Some(reply) = resolve(&ctx, &refusals, &query, Transport::Udp).await {
                 if let Err(e) = socket.send_to(&reply, peer).await {
                     debug!(sandbox = %ctx.sandbox, %peer, error = %e, "DNS UDP answer not sent");
                 }
@@ -272,8 +277,12 @@ pub async fn serve_tcp(listener: TcpListener, ctx: Arc<ResolverCtx>) {
     let permits = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
     let shed = Shed::new(
         ctx.clone(),
-        format!("TCP connections (over {MAX_TCP_CONNECTIONS} open)"),
+        format!(
+            "TCP connections (over {MAX_TCP_CONNECTIONS} open) dropped unanswered: the \
+             sandbox's resolver was at its limit"
+        ),
     );
+    let refusals = Arc::new(RefusalRecords::new(ctx.clone()));
     // Each connection's task ends with this one: a connection held open must not go on
     // resolving under the policy (and outside the quarantine) of a resolver that stopped.
     let mut connections = JoinSet::new();
@@ -295,17 +304,17 @@ pub async fn serve_tcp(listener: TcpListener, ctx: Arc<ResolverCtx>) {
             shed.one();
             continue;
         };
-        let ctx = ctx.clone();
+        let (ctx, refusals) = (ctx.clone(), refusals.clone());
         connections.spawn(async move {
             let _permit = permit;
-            serve_connection(stream, &ctx).await;
+            serve_connection(stream, &ctx, &refusals).await;
         });
     }
 }
 
 /// Answers the queries on one TCP connection until the client closes it, stalls for
 /// [`TCP_IDLE`], or sends something that gets no answer.
-async fn serve_connection(mut stream: TcpStream, ctx: &ResolverCtx) {
+async fn serve_connection(mut stream: TcpStream, ctx: &ResolverCtx, refusals: &RefusalRecords) {
     loop {
         let mut len = [0u8; 2];
         if !matches!(
@@ -321,7 +330,7 @@ async fn serve_connection(mut stream: TcpStream, ctx: &ResolverCtx) {
         ) {
             return;
         }
-        let Some(reply) = resolve(ctx, &query, Transport::Tcp).await else {
+        let Some(reply) = resolve(ctx, refusals, &query, Transport::Tcp).await else {
             return;
         };
         // `answer::encode` keeps TCP answers within 65535 bytes.
@@ -341,8 +350,13 @@ async fn serve_connection(mut stream: TcpStream, ctx: &ResolverCtx) {
 }
 
 /// Handles one query: returns the bytes to send back (`None`: send nothing) after
-/// emitting its record.
-async fn resolve(ctx: &ResolverCtx, bytes: &[u8], transport: Transport) -> Option<Vec<u8>> {
+/// emitting its record (a refusal's only while [`RefusalRecords`] admits it).
+async fn resolve(
+    ctx: &ResolverCtx,
+    refusals: &RefusalRecords,
+    bytes: &[u8],
+    transport: Transport,
+) -> Option<Vec<u8>> {
     let (reply, record) = decide(ctx, bytes, transport).await;
     debug!(
         sandbox = %ctx.sandbox,
@@ -352,8 +366,54 @@ async fn resolve(ctx: &ResolverCtx, bytes: &[u8], transport: Transport) -> Optio
         verdict = ?record.verdict,
         "DNS query"
     );
-    (ctx.audit)(record);
+    if record.verdict == DnsVerdict::Allow || refusals.admit() {
+        (ctx.audit)(record);
+    }
     reply
+}
+
+/// Refused queries a listener records one by one: at most [`REFUSALS_RECORDED`] per
+/// [`ALERT_WINDOW`]; the rest of the window are counted in one `rate-limit` alert. A
+/// refused name never left the host, and a sandbox sending refused queries in a tight
+/// loop (one connected UDP socket, no kernel event each) must not turn each into a line
+/// of the trail: that would flood it, push other sandboxes' records out, and, while the
+/// loss is unreported, refuse every sandbox's credentials.
+struct RefusalRecords {
+    shed: Shed,
+    /// When the window began, and the refusals recorded in it.
+    window: std::sync::Mutex<(std::time::Instant, u32)>,
+}
+
+impl RefusalRecords {
+    fn new(ctx: Arc<ResolverCtx>) -> Self {
+        Self {
+            shed: Shed::new(
+                ctx,
+                format!(
+                    "refused queries counted here only (over {REFUSALS_RECORDED} refusals \
+                     in {} s are not recorded one by one)",
+                    ALERT_WINDOW.as_secs()
+                ),
+            ),
+            window: std::sync::Mutex::new((std::time::Instant::now(), 0)),
+        }
+    }
+
+    /// Whether this refusal gets its own record; if not, it is counted.
+    fn admit(&self) -> bool {
+        let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if now.duration_since(window.0) >= ALERT_WINDOW {
+            *window = (now, 0);
+        }
+        if window.1 < REFUSALS_RECORDED {
+            window.1 += 1;
+            return true;
+        }
+        drop(window);
+        self.shed.one();
+        false
+    }
 }
 
 /// The record of a query sent upstream, written when the query's task ends before the

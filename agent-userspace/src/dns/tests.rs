@@ -940,6 +940,47 @@ async fn connections_over_the_resolvers_limit_are_counted_in_one_alert() {
     drop(held);
 }
 
+/// A tight loop of refused queries on one socket: every one is answered, the first
+/// [`REFUSALS_RECORDED`] of the window are recorded one by one, the rest counted in one
+/// `rate-limit` alert; allowed queries are still recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_queries_past_the_limit_are_counted_not_recorded_one_by_one() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    let over = 25;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.connect(h.udp).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    for i in 0..REFUSALS_RECORDED as usize + over {
+        let query = Harness::query(&name(&format!("x{i}.evil.example")), RecordType::A);
+        sock.send(&query.to_vec().unwrap()).await.unwrap();
+        let len = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let reply = Message::from_vec(&buf[..len]).unwrap();
+        assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain, "{i}");
+    }
+    let reply = h.udp("api.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    let records = h.records();
+    let refused = records
+        .iter()
+        .filter(|r| r.verdict == DnsVerdict::Deny)
+        .count();
+    assert_eq!(refused, REFUSALS_RECORDED as usize);
+    assert_eq!(
+        records.last().map(|r| r.question_name.as_str()),
+        Some("api.github.example")
+    );
+    tokio::time::sleep(budget::ALERT_WINDOW + Duration::from_millis(500)).await;
+    let alerts = h.alerts.lock().unwrap().clone();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0].kind, AlertKind::RateLimit);
+    assert_eq!(alerts[0].count, over as u64);
+    assert!(alerts[0].reason.contains("refused queries"), "{alerts:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_resolver_answers_nothing_more_on_connections_held_open() {
     let fake = Fake::start().await;
