@@ -195,6 +195,10 @@ pub mod sockopt {
     /// Not an option: `ConnectEvent::opt_level` of a packet the `skb_egress` program
     /// dropped because its sandbox is quarantined.
     pub const QUARANTINED: u16 = u16::MAX;
+    /// Not an option: `ConnectEvent::opt_level` of a packet to a loopback address that the
+    /// `skb_egress` program dropped because it was leaving by another device (a socket
+    /// bound to a device sends it to the next hop as it is).
+    pub const LOOPBACK_OFF_LINK: u16 = u16::MAX - 1;
 }
 
 /// The policy slot that holds no rules: a sandbox whose entry names it is denied

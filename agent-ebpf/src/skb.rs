@@ -3,7 +3,8 @@
 //! data on sendmsg), which no socket-option hook sees, and anything set by a path the
 //! setsockopt hook misses (compat syscalls), show up here: an IPv4 header with options
 //! (IHL > 5) or an IPv6 extension-header chain holding a routing header (next header 43).
-//! Such packets are dropped; the sender's sendmsg fails with EPERM.
+//! Such packets are dropped; the sender's sendmsg fails with EPERM. So is a packet to
+//! a loopback address leaving by another device than loopback.
 //!
 //! Runs for every packet of the sandbox's sockets, so the common case is one byte load for
 //! IPv4 and two for IPv6 without extension headers. A packet is attributed to the cgroup
@@ -20,6 +21,9 @@ use crate::{
     decide::{count_deny, find_sandbox_from, report, Call, Dest, Origin},
     maps::DENY_ALL,
 };
+
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// cgroup_skb return values.
 const PASS: i32 = 1;
@@ -52,6 +56,17 @@ fn try_egress_skb(ctx: &SkBuffContext) -> Result<i32, i64> {
     // resolver answers REFUSED.
     if DENY_ALL.get(0).is_some_and(|n| *n > 0) {
         if let Some(dropped) = quarantined(ctx, b0)? {
+            return Ok(dropped);
+        }
+    }
+    // A packet to a loopback address stays on the host only through the loopback device.
+    // A socket bound to another device (`SO_BINDTODEVICE`, `IP_UNICAST_IF`, a per-message
+    // `IP_PKTINFO` interface) sends it out that device as it is: to the next hop, with
+    // whatever the sandbox wrote, judged (or redirected to the daemon's listeners) as a
+    // loopback destination.
+    // SAFETY: the context pointer is the kernel's `__sk_buff`, readable for its lifetime.
+    if unsafe { (*ctx.skb.skb).ifindex } != LOOPBACK_IFINDEX {
+        if let Some(dropped) = loopback_off_link(ctx, b0)? {
             return Ok(dropped);
         }
     }
@@ -110,6 +125,39 @@ fn try_egress_skb(ctx: &SkBuffContext) -> Result<i32, i64> {
         }
         _ => Ok(PASS),
     }
+}
+
+/// The drop of a packet to a loopback address leaving by another device than loopback,
+/// or `None` to go on.
+#[inline(always)]
+fn loopback_off_link(ctx: &SkBuffContext, b0: u8) -> Result<Option<i32>, i64> {
+    let (family, protocol, addr) = match b0 >> 4 {
+        4 => {
+            let daddr: [u8; 4] = ctx.load(16)?;
+            if daddr[0] != 127 {
+                return Ok(None);
+            }
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&daddr);
+            (4, ctx.load::<u8>(9)?, addr)
+        }
+        6 => {
+            let addr: [u8; 16] = ctx.load(24)?;
+            if !is_loopback6(&addr) {
+                return Ok(None);
+            }
+            (6, ctx.load::<u8>(6)?, addr)
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(drop(
+        ctx,
+        family,
+        u32::from(protocol),
+        sockopt::LOOPBACK_OFF_LINK,
+        0,
+        addr,
+    )))
 }
 
 /// The drop of a packet to anywhere but loopback from a sandbox that is denied

@@ -30,7 +30,8 @@ use egress_tests::util::{fixture, poll, which, ChildGuard};
 use egress_tests::world::{CANARY_V4, CANARY_V6, ORIGIN_V4, ORIGIN_V6};
 use serde_json::Value;
 
-/// TCP and UDP to the origin on port 80 are allowed; everything else is denied.
+/// TCP and UDP to the origin on port 80 and to loopback port 9 are allowed; everything
+/// else is denied.
 const POLICY: &str = r#"version: 1
 default: deny
 rules:
@@ -38,10 +39,14 @@ rules:
     to: [192.0.2.10, "2001:db8::10"]
     ports: [80]
     action: allow
+  - name: loopback
+    to: [127.0.0.1, "::1"]
+    ports: [9]
+    action: allow
 "#;
 
 /// Cases the helper must see refused with EPERM by egressd.
-const REFUSED: [&str; 23] = [
+const REFUSED: [&str; 26] = [
     "udp4-freebind-setsockopt",
     "udp4-transparent-setsockopt",
     "udp6-freebind-setsockopt",
@@ -65,10 +70,13 @@ const REFUSED: [&str; 23] = [
     "udp6-mcast-join-group",
     "udp6-flowlabel-cmsg",
     "mptcp-socket",
+    "udp4-bound-dev-loopback",
+    "udp6-bound-dev-loopback",
+    "udp4-unicast-if-loopback",
 ];
 
 /// Positive controls that must succeed.
-const ALLOWED: [&str; 10] = [
+const ALLOWED: [&str; 11] = [
     "udp4-connected-cmsg",
     "udp6-connected-cmsg",
     "tcp4-lsrr-then-connect",
@@ -79,6 +87,7 @@ const ALLOWED: [&str; 10] = [
     "udp6-plain-send",
     "tcp4-nodelay",
     "tcp4-plain-connect",
+    "udp4-loopback-send",
 ];
 
 fn build_helper(dir: &std::path::Path) -> Result<std::path::PathBuf> {
@@ -299,6 +308,11 @@ fn source_routes_and_packet_sockets_are_refused() -> Result<()> {
     ] {
         ensure!(!denied("setsockopt", name).is_empty(), "{name} records");
     }
+    ensure!(
+        denied("packet", "loopback-off-link").len() >= 3,
+        "loopback-off-link records: {:?}",
+        denied("packet", "loopback-off-link")
+    );
     let dropped = denied("packet", "ipv4-options");
     ensure!(
         dropped
@@ -366,6 +380,7 @@ fn source_routes_and_packet_sockets_are_refused() -> Result<()> {
         "dst host 203.0.113.66 or dst host 2001:db8::66",
         "src host 203.0.113.66 or src host 2001:db8::66",
         "ip and ip[0] & 0xf > 5",
+        "dst net 127.0.0.0/8 or dst host ::1",
         "ip6 and ip6[6] == 43",
     ] {
         let seen = matching(&pcap, filter)?;

@@ -13,7 +13,7 @@ use crate::{
     alerts::{AlertSettings, Alerts, QuarantineOrder},
     audit::{
         Alert, AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, Hook,
-        LostBySandbox, NetworkDecision, OnFailure, ProxyEvent, Record, StopReason,
+        LostBySandbox, NetworkDecision, OnFailure, ProxyEvent, Record, RefusedOption, StopReason,
     },
     bpf::{
         active_lsms, attach_lsm, ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout,
@@ -560,7 +560,7 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
                                 .map(str::to_string);
                         }
                         // Only counted here; the alert comes later (`flush_alerts`).
-                        if let Some(o) = rec.option.filter(|o| !o.is_quarantine()) {
+                        if let Some(o) = rec.option.filter(RefusedOption::routes) {
                             core.note_source_routing(&rec.sandbox, o.name);
                         }
                         records.push(Record::Network(rec));

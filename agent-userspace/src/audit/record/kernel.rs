@@ -134,6 +134,18 @@ impl NetworkDecision {
                     self.destination_ip.to_canonical()
                 ))
             }
+            Hook::SkbEgress
+                if self
+                    .option
+                    .as_ref()
+                    .is_some_and(|o| o.name == "loopback-off-link") =>
+            {
+                Some(format!(
+                    "packet to loopback address {} leaving by another device than loopback \
+                     (a socket bound to a device would send it to the next hop); dropped",
+                    self.destination_ip.to_canonical()
+                ))
+            }
             Hook::SkbEgress => self.option.as_ref().map(|o| {
                 format!(
                     "packet to {} carried {} ({}); dropped",
@@ -251,6 +263,10 @@ impl RefusedOption {
                 name: "quarantine",
                 type_: None,
             }),
+            Hook::SkbEgress if level == sockopt::LOOPBACK_OFF_LINK => Some(Self {
+                name: "loopback-off-link",
+                type_: None,
+            }),
             Hook::SkbEgress if level == sockopt::IPPROTO_ROUTING => Some(Self {
                 name: "ipv6-routing-header",
                 type_: (name != u16::MAX).then_some(name),
@@ -267,6 +283,12 @@ impl RefusedOption {
     /// [`sockopt::QUARANTINED`]).
     pub fn is_quarantine(&self) -> bool {
         self.name == "quarantine"
+    }
+
+    /// Whether it is an option or header that routes packets (what a `source-routing`
+    /// alert summarises), not a drop for another reason.
+    pub fn routes(&self) -> bool {
+        !matches!(self.name, "quarantine" | "loopback-off-link")
     }
 
     /// What the option or header does, in words.
@@ -306,6 +328,11 @@ impl RefusedOption {
                 "a multicast membership, which the kernel announces to the link itself".into()
             }
             ("quarantine", _) => "the sandbox is denied everything".into(),
+            ("loopback-off-link", _) => {
+                "a loopback destination, leaving by another device than loopback (a socket \
+                 bound to a device)"
+                    .into()
+            }
             _ => "an option that routes packets".into(),
         }
     }
