@@ -131,33 +131,15 @@ fn try_egress_skb(ctx: &SkBuffContext) -> Result<i32, i64> {
 /// or `None` to go on.
 #[inline(always)]
 fn loopback_off_link(ctx: &SkBuffContext, b0: u8) -> Result<Option<i32>, i64> {
-    let (family, protocol, addr) = match b0 >> 4 {
-        4 => {
-            let daddr: [u8; 4] = ctx.load(16)?;
-            if daddr[0] != 127 {
-                return Ok(None);
-            }
-            let mut addr = [0u8; 16];
-            addr[..4].copy_from_slice(&daddr);
-            (4, ctx.load::<u8>(9)?, addr)
-        }
-        6 => {
-            let addr: [u8; 16] = ctx.load(24)?;
-            if !is_loopback6(&addr) {
-                return Ok(None);
-            }
-            (6, ctx.load::<u8>(6)?, addr)
-        }
-        _ => return Ok(None),
-    };
-    Ok(Some(drop(
-        ctx,
-        family,
-        u32::from(protocol),
-        sockopt::LOOPBACK_OFF_LINK,
-        0,
-        addr,
-    )))
+    match destination(ctx, b0)? {
+        Some((family, addr, true)) => Ok(Some(drop_to(
+            ctx,
+            family,
+            addr,
+            sockopt::LOOPBACK_OFF_LINK,
+        )?)),
+        _ => Ok(None),
+    }
 }
 
 /// The drop of a packet to anywhere but loopback from a sandbox that is denied
@@ -170,33 +152,37 @@ fn quarantined(ctx: &SkBuffContext, b0: u8) -> Result<Option<i32>, i64> {
     if !deny_all {
         return Ok(None);
     }
-    let (family, protocol, addr) = match b0 >> 4 {
+    match destination(ctx, b0)? {
+        Some((family, addr, false)) => Ok(Some(drop_to(ctx, family, addr, sockopt::QUARANTINED)?)),
+        _ => Ok(None),
+    }
+}
+
+/// The packet's family, destination (IPv4 in the first four bytes) and whether that is a
+/// loopback address; `None` for a packet neither IPv4 nor IPv6.
+#[inline(always)]
+fn destination(ctx: &SkBuffContext, b0: u8) -> Result<Option<(u8, [u8; 16], bool)>, i64> {
+    match b0 >> 4 {
         4 => {
             let daddr: [u8; 4] = ctx.load(16)?;
-            if daddr[0] == 127 {
-                return Ok(None);
-            }
             let mut addr = [0u8; 16];
             addr[..4].copy_from_slice(&daddr);
-            (4, ctx.load::<u8>(9)?, addr)
+            Ok(Some((4, addr, daddr[0] == 127)))
         }
         6 => {
             let addr: [u8; 16] = ctx.load(24)?;
-            if is_loopback6(&addr) {
-                return Ok(None);
-            }
-            (6, ctx.load::<u8>(6)?, addr)
+            Ok(Some((6, addr, is_loopback6(&addr))))
         }
-        _ => return Ok(None),
-    };
-    Ok(Some(drop(
-        ctx,
-        family,
-        u32::from(protocol),
-        sockopt::QUARANTINED,
-        0,
-        addr,
-    )))
+        _ => Ok(None),
+    }
+}
+
+/// [`drop`] of a packet to `addr`, for `reason` (an `opt_level` that is not an option),
+/// with the protocol its header names.
+#[inline(always)]
+fn drop_to(ctx: &SkBuffContext, family: u8, addr: [u8; 16], reason: u16) -> Result<i32, i64> {
+    let protocol: u8 = ctx.load(if family == 4 { 9 } else { 6 })?;
+    Ok(drop(ctx, family, u32::from(protocol), reason, 0, addr))
 }
 
 /// The cgroup of the socket that sent the packet (not of whatever task runs the stack),
