@@ -23,6 +23,13 @@ pub const ALERT_ILLEGAL_PARAMETER: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02
 /// one, whose server name the proxy cannot read.
 const EXTENSION_ECH: u16 = 0xfe0d;
 
+/// Whether an extension type hides the server name: ECH, its drafts' code points
+/// (`0xfe08`..`0xfe0c`) and the older encrypted SNI (`0xffce`), which servers that
+/// deployed them may still honour.
+fn hides_server_name(extension: u16) -> bool {
+    matches!(extension, 0xfe08..=EXTENSION_ECH | 0xffce)
+}
+
 /// A parsed ClientHello and the raw bytes it came in.
 #[derive(Debug)]
 pub struct Hello {
@@ -99,8 +106,8 @@ pub async fn read_client_hello<S: AsyncRead + Unpin>(stream: &mut S) -> Result<H
                 let server_name = accepted.client_hello().server_name().map(str::to_owned);
                 // rustls has parsed the hello, so it is well formed; unreadable counts as
                 // carrying one.
-                let encrypted_client_hello =
-                    extension_types(&buffered).is_none_or(|types| types.contains(&EXTENSION_ECH));
+                let encrypted_client_hello = extension_types(&buffered)
+                    .is_none_or(|types| types.iter().any(|&t| hides_server_name(t)));
                 return Ok(Hello {
                     server_name,
                     encrypted_client_hello,
@@ -249,6 +256,17 @@ mod tests {
         let got = read_client_hello(&mut &ech[..]).await.unwrap();
         assert_eq!(got.server_name.as_deref(), Some("api.example.com"));
         assert!(got.encrypted_client_hello);
+        // The drafts' code points and the older encrypted SNI are taken for one too.
+        for hiding in [0xfe08, 0xfe0c, 0xffce] {
+            let old = with_extension(&plain, hiding, &ech_outer());
+            assert!(
+                read_client_hello(&mut &old[..])
+                    .await
+                    .unwrap()
+                    .encrypted_client_hello,
+                "{hiding:#x}"
+            );
+        }
         // Another extension added the same way is not taken for one.
         let other = with_extension(&plain, 0xfafa, &[]);
         assert!(
