@@ -1,6 +1,7 @@
 //! What the daemon does about alerts: the configured response per alert kind (`record` or
 //! `quarantine`), the one entry point every producer raises alerts through
-//! ([`Alerts::raise`]), and the denial-burst detector ([`DenialBursts`]).
+//! ([`Alerts::raise`]), the denial-burst detector ([`DenialBursts`]), and the limit on
+//! refusals recorded one by one ([`RefusalRecords`]).
 //!
 //! Responses come from the sandbox's policy (`alerts.responses`), then from the daemon's
 //! configuration (the same keys), else `record`. `raise` writes the alert with the
@@ -9,6 +10,7 @@
 //! `egressctl quarantine`). `raise` never blocks and takes no daemon lock, so any task or
 //! thread may call it, including code that holds the daemon's core.
 mod burst;
+mod refusals;
 mod settings;
 
 use std::{
@@ -19,6 +21,7 @@ use std::{
 use tokio::sync::mpsc;
 
 pub use burst::{Burst, BurstConfig, DenialBursts};
+pub use refusals::RefusalRecords;
 pub use settings::{AlertSettings, AlertsError, RawAlerts, RawBurst, RawResponse};
 
 use crate::audit::{Alert, AlertKind, AlertResponse, AuditHandle, Record};

@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use super::{core::Core, state::State};
 use crate::{
-    alerts::{AlertSettings, Alerts, QuarantineOrder},
+    alerts::{AlertSettings, Alerts, QuarantineOrder, RefusalRecords},
     audit::{
         Alert, AuditLog, AuditSink, ClockOffset, DaemonStart, DaemonStop, EventsLost, Hook,
         LostBySandbox, NetworkDecision, OnFailure, ProxyEvent, Record, RefusedOption, StopReason,
@@ -217,6 +217,15 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let metrics_credentials = credentials.clone();
     let proxy_audit = audit.clone();
     let proxy_alerts = alerts.clone();
+    let refusal_alerts = alerts.clone();
+    let refusals = RefusalRecords::new(
+        PROXY_REFUSALS_RECORDED,
+        PROXY_REFUSAL_WINDOW,
+        "proxy refusals",
+        Arc::new(move |alert| {
+            refusal_alerts.raise(alert);
+        }),
+    );
     let proxy = Proxy::new(
         opts.proxy,
         std::sync::Arc::new(ca),
@@ -226,6 +235,14 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             // A secret seen in either direction raises an alert beside the request's
             // record, with the response the sandbox's alert settings give it.
             let alert = record.alert(time);
+            // A sandbox's refusals past the limit are counted, not written one by one
+            // (never one that found a secret).
+            if alert.is_none()
+                && record.verdict == crate::audit::ProxyVerdict::Deny
+                && !refusals.admit(&record.sandbox)
+            {
+                return;
+            }
             proxy_audit.emit(Record::Proxy(ProxyEvent { time, record }));
             if let Some(alert) = alert {
                 proxy_alerts.raise(alert);
@@ -539,6 +556,11 @@ fn cover_packet_sockets(programs: &mut Programs, layout: &PinLayout) -> Result<(
     }
     result
 }
+
+/// Proxy refusals one sandbox gets recorded one by one per [`PROXY_REFUSAL_WINDOW`]; the
+/// rest are counted in one `rate-limit` alert.
+const PROXY_REFUSALS_RECORDED: u32 = 1000;
+const PROXY_REFUSAL_WINDOW: Duration = Duration::from_secs(10);
 
 fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {
     let mut core = shared.lock();

@@ -74,6 +74,8 @@ use crate::{
 };
 use budget::{Budget, ALERT_WINDOW};
 
+use crate::alerts::RefusalRecords;
+
 /// The longest a learned address is kept in the kernel (seconds); answers say no more.
 pub const MAX_ANSWER_TTL: u32 = 3600;
 /// Addresses one answer may install (the rest are left out of it): round-robin sets are
@@ -92,7 +94,7 @@ pub const MAX_UDP_IN_FLIGHT: usize = 256;
 /// TCP connections one listener serves at once; more are closed at once.
 pub const MAX_TCP_CONNECTIONS: usize = 64;
 /// Refused queries one listener records one by one per [`ALERT_WINDOW`] (see
-/// `RefusalRecords`).
+/// [`refusal_records`]).
 pub const REFUSALS_RECORDED: u32 = 1000;
 /// A TCP connection is closed when a whole query (or writing its answer) takes longer.
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -233,7 +235,7 @@ pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>) {
              resolver was at its limit"
         ),
     );
-    let refusals = Arc::new(RefusalRecords::new(ctx.clone()));
+    let refusals = Arc::new(refusal_records(&ctx));
     // A datagram longer than the buffer is cut short and then fails to parse.
     let mut buf = vec![0u8; 4096];
     // The queries' tasks end with this one: a resolver stopped (a policy that names no
@@ -282,7 +284,7 @@ pub async fn serve_tcp(listener: TcpListener, ctx: Arc<ResolverCtx>) {
              sandbox's resolver was at its limit"
         ),
     );
-    let refusals = Arc::new(RefusalRecords::new(ctx.clone()));
+    let refusals = Arc::new(refusal_records(&ctx));
     // Each connection's task ends with this one: a connection held open must not go on
     // resolving under the policy (and outside the quarantine) of a resolver that stopped.
     let mut connections = JoinSet::new();
@@ -349,6 +351,20 @@ async fn serve_connection(mut stream: TcpStream, ctx: &ResolverCtx, refusals: &R
     }
 }
 
+/// Refused queries a listener records one by one: at most [`REFUSALS_RECORDED`] per
+/// [`ALERT_WINDOW`]; the rest of the window are counted in one `rate-limit` alert. A
+/// refused name never left the host, and a sandbox sending refused queries in a tight
+/// loop (one connected UDP socket, no kernel event each) must not turn each into a line
+/// of the trail.
+fn refusal_records(ctx: &ResolverCtx) -> RefusalRecords {
+    RefusalRecords::new(
+        REFUSALS_RECORDED,
+        ALERT_WINDOW,
+        "refused DNS queries",
+        ctx.alert.clone(),
+    )
+}
+
 /// Handles one query: returns the bytes to send back (`None`: send nothing) after
 /// emitting its record (a refusal's only while [`RefusalRecords`] admits it).
 async fn resolve(
@@ -366,54 +382,10 @@ async fn resolve(
         verdict = ?record.verdict,
         "DNS query"
     );
-    if record.verdict == DnsVerdict::Allow || refusals.admit() {
+    if record.verdict == DnsVerdict::Allow || refusals.admit(&ctx.sandbox) {
         (ctx.audit)(record);
     }
     reply
-}
-
-/// Refused queries a listener records one by one: at most [`REFUSALS_RECORDED`] per
-/// [`ALERT_WINDOW`]; the rest of the window are counted in one `rate-limit` alert. A
-/// refused name never left the host, and a sandbox sending refused queries in a tight
-/// loop (one connected UDP socket, no kernel event each) must not turn each into a line
-/// of the trail: that would flood it, push other sandboxes' records out, and, while the
-/// loss is unreported, refuse every sandbox's credentials.
-struct RefusalRecords {
-    shed: Shed,
-    /// When the window began, and the refusals recorded in it.
-    window: std::sync::Mutex<(std::time::Instant, u32)>,
-}
-
-impl RefusalRecords {
-    fn new(ctx: Arc<ResolverCtx>) -> Self {
-        Self {
-            shed: Shed::new(
-                ctx,
-                format!(
-                    "refused queries counted here only (over {REFUSALS_RECORDED} refusals \
-                     in {} s are not recorded one by one)",
-                    ALERT_WINDOW.as_secs()
-                ),
-            ),
-            window: std::sync::Mutex::new((std::time::Instant::now(), 0)),
-        }
-    }
-
-    /// Whether this refusal gets its own record; if not, it is counted.
-    fn admit(&self) -> bool {
-        let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
-        if now.duration_since(window.0) >= ALERT_WINDOW {
-            *window = (now, 0);
-        }
-        if window.1 < REFUSALS_RECORDED {
-            window.1 += 1;
-            return true;
-        }
-        drop(window);
-        self.shed.one();
-        false
-    }
 }
 
 /// The record of a query sent upstream, written when the query's task ends before the

@@ -978,7 +978,10 @@ async fn refused_queries_past_the_limit_are_counted_not_recorded_one_by_one() {
     assert_eq!(alerts.len(), 1, "{alerts:?}");
     assert_eq!(alerts[0].kind, AlertKind::RateLimit);
     assert_eq!(alerts[0].count, over as u64);
-    assert!(alerts[0].reason.contains("refused queries"), "{alerts:?}");
+    assert!(
+        alerts[0].reason.contains("refused DNS queries"),
+        "{alerts:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,159 @@
+//! Refusals a sandbox gets recorded one by one, up to a limit per window; the rest of the
+//! window are counted in one `rate-limit` alert when it ends.
+//!
+//! A refusal costs the sandbox a few bytes (an HTTP/2 stream naming a refused path, one
+//! byte on a connection) and the trail a whole line. Without a limit one sandbox could
+//! flood the trail: fill the disk, push other sandboxes' records out of the writer's
+//! queue, and, while the trail is unhealthy, have every sandbox's credentials refused.
+//! Nothing is lost silently: every refusal past the limit is in the alert's count.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use time::OffsetDateTime;
+
+use crate::audit::{Alert, AlertKind};
+
+/// Where the window's alert goes.
+pub type RaiseFn = Arc<dyn Fn(Alert) + Send + Sync>;
+
+/// Sandboxes whose windows are remembered at most; older idle ones are forgotten first.
+const MAX_SANDBOXES: usize = 4096;
+
+/// Per-sandbox windows of recorded refusals.
+pub struct RefusalRecords {
+    /// Refusals recorded one by one per window and sandbox.
+    limit: u32,
+    window: Duration,
+    /// What is counted, in the alert's reason: "proxy refusals".
+    what: &'static str,
+    raise: RaiseFn,
+    windows: Arc<Mutex<HashMap<String, Window>>>,
+}
+
+#[derive(Debug)]
+struct Window {
+    started: Instant,
+    recorded: u32,
+    /// Refusals past the limit, not yet in an alert.
+    counted: u64,
+    /// An alert is due at the window's end (its timer runs).
+    alert_due: bool,
+}
+
+impl RefusalRecords {
+    pub fn new(limit: u32, window: Duration, what: &'static str, raise: RaiseFn) -> Self {
+        Self {
+            limit,
+            window,
+            what,
+            raise,
+            windows: Arc::default(),
+        }
+    }
+
+    /// Whether this refusal of `sandbox` gets its own record; if not, it is counted, and
+    /// the window's alert is raised when it ends. Must run inside a tokio runtime.
+    pub fn admit(&self, sandbox: &str) -> bool {
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if windows.len() >= MAX_SANDBOXES && !windows.contains_key(sandbox) {
+            let window = self.window;
+            windows.retain(|_, w| w.alert_due || now.duration_since(w.started) < window);
+        }
+        let w = windows.entry(sandbox.to_owned()).or_insert(Window {
+            started: now,
+            recorded: 0,
+            counted: 0,
+            alert_due: false,
+        });
+        if !w.alert_due && now.duration_since(w.started) >= self.window {
+            w.started = now;
+            w.recorded = 0;
+        }
+        if w.recorded < self.limit {
+            w.recorded += 1;
+            return true;
+        }
+        w.counted += 1;
+        if !w.alert_due {
+            w.alert_due = true;
+            let ends = w.started + self.window;
+            let (windows, raise, what, sandbox) = (
+                self.windows.clone(),
+                self.raise.clone(),
+                self.what,
+                sandbox.to_owned(),
+            );
+            let (limit, seconds) = (self.limit, self.window.as_secs().max(1));
+            tokio::spawn(async move {
+                tokio::time::sleep_until(ends.into()).await;
+                let counted = {
+                    let mut windows = windows.lock().unwrap_or_else(|p| p.into_inner());
+                    let Some(w) = windows.get_mut(&sandbox) else {
+                        return;
+                    };
+                    let counted = std::mem::take(&mut w.counted);
+                    w.alert_due = false;
+                    w.started = Instant::now();
+                    w.recorded = 0;
+                    counted
+                };
+                let mut alert = Alert::new(
+                    OffsetDateTime::now_utc(),
+                    AlertKind::RateLimit,
+                    sandbox,
+                    format!(
+                        "{counted} {what} counted here only (over {limit} in {seconds} s are \
+                         not recorded one by one)"
+                    ),
+                );
+                alert.count = counted;
+                alert.window_seconds = Some(seconds);
+                raise(alert);
+            });
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn past_the_limit_refusals_are_counted_in_one_alert_per_window() {
+        let alerts: Arc<Mutex<Vec<Alert>>> = Arc::default();
+        let seen = alerts.clone();
+        let records = RefusalRecords::new(
+            3,
+            Duration::from_millis(300),
+            "proxy refusals",
+            Arc::new(move |a| seen.lock().unwrap().push(a)),
+        );
+        let admitted = (0..10).filter(|_| records.admit("agent-1")).count();
+        assert_eq!(admitted, 3);
+        // Another sandbox has a window of its own.
+        assert!(records.admit("agent-2"));
+        assert!(alerts.lock().unwrap().is_empty());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let raised = alerts.lock().unwrap().clone();
+        assert_eq!(raised.len(), 1, "{raised:?}");
+        assert_eq!(raised[0].kind, AlertKind::RateLimit);
+        assert_eq!(raised[0].sandbox, "agent-1");
+        assert_eq!(raised[0].count, 7);
+        assert!(
+            raised[0].reason.starts_with("7 proxy refusals"),
+            "{raised:?}"
+        );
+        // A new window records again.
+        assert!(records.admit("agent-1"));
+        // A window with nothing past the limit raises nothing.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(alerts.lock().unwrap().len(), 1);
+    }
+}
