@@ -100,7 +100,8 @@ pub fn capability_names(mask: u64) -> Vec<&'static str> {
 /// The capabilities a process holds or can take up at will, from the text of
 /// `/proc/PID/status`: its effective set with its permitted and ambient sets (a process
 /// may raise any permitted capability into its effective set at any time, without a new
-/// pid to be read again). `None` without a `CapEff` line.
+/// pid to be read again), and its bounding set unless it runs as another uid than 0 with
+/// `no_new_privs` (what a program it executes can be given). `None` without a `CapEff` line.
 pub fn parse_capabilities(status: &str) -> Option<u64> {
     let set = |name: &str| {
         status
@@ -109,13 +110,22 @@ pub fn parse_capabilities(status: &str) -> Option<u64> {
             .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
     };
     let effective = set("CapEff:")?;
-    // Run as uid 0, any program it executes gets the bounding set.
-    let root = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        == Some("0");
-    let bounding = if root { set("CapBnd:").unwrap_or(0) } else { 0 };
+    // Run as uid 0, any program it executes gets the bounding set; any other process
+    // gets from it what a program with file capabilities (`setcap cap_net_raw+ep`, as
+    // `ping` often ships) names, unless `no_new_privs` is set.
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let root = field("Uid:").and_then(|ids| ids.split_whitespace().nth(1)) == Some("0");
+    let no_new_privs = field("NoNewPrivs:") == Some("1");
+    let bounding = if root || !no_new_privs {
+        set("CapBnd:").unwrap_or(0)
+    } else {
+        0
+    };
     Some(effective | set("CapPrm:").unwrap_or(0) | set("CapAmb:").unwrap_or(0) | bounding)
 }
 
@@ -280,8 +290,20 @@ mod tests {
             capability_names(parse_capabilities(root).unwrap()),
             ["net_raw"]
         );
+        // Another uid gets it through a program with file capabilities, unless
+        // `no_new_privs` is set.
         let user = root.replace("Uid:\t0\t0", "Uid:\t1000\t1000");
-        assert_eq!(parse_capabilities(&user), Some(0));
+        assert_eq!(
+            capability_names(parse_capabilities(&user).unwrap()),
+            ["net_raw"]
+        );
+        let confined = format!("{user}NoNewPrivs:\t1\n");
+        assert_eq!(parse_capabilities(&confined), Some(0));
+        let root_confined = format!("{root}NoNewPrivs:\t1\n");
+        assert_eq!(
+            capability_names(parse_capabilities(&root_confined).unwrap()),
+            ["net_raw"]
+        );
     }
 
     #[test]

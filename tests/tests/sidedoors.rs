@@ -17,7 +17,6 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -534,22 +533,18 @@ fn posture_is_recorded_and_required() -> Result<()> {
     Ok(())
 }
 
-/// A process read without risky capabilities that later runs a set-user-ID root program
-/// holds them from then on: the daemon reads known processes again and raises a
-/// `risky-posture` alert for the gain.
+/// A process read without risky capabilities that later takes them (it makes a user
+/// namespace of its own, where it holds every capability) holds them from then on: the
+/// daemon reads known processes again and raises a `risky-posture` alert for the gain.
+/// (It runs with `no_new_privs`: without it, its bounding set, which a set-user-ID or
+/// file-capability program would give it, counts from the first read.)
 #[test]
 fn capabilities_gained_after_attach_are_alerted() -> Result<()> {
     require_root!();
     let fx = Fixture::new()?;
     fx.attach(POLICY)?;
-    // A set-user-ID root copy of `sleep`, where an unprivileged user can run it.
-    let dir = egress_tests::util::TempDir::new("suid")?;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
-    let suid = dir.path().join("suid-sleep");
-    std::fs::copy("/bin/sleep", &suid)?;
-    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755))?;
-    // As nobody, with no capabilities; after a while it becomes the set-user-ID program.
-    let script = format!("sleep 2.5; exec {} 8", suid.display());
+    // As nobody, with no capabilities and no new privileges; after a while it enters a
+    // user namespace of its own as its root.
     let child = fx
         .sandbox
         .command(
@@ -559,9 +554,10 @@ fn capabilities_gained_after_attach_are_alerted() -> Result<()> {
                 "--regid=65534",
                 "--clear-groups",
                 "--inh-caps=-all",
+                "--no-new-privs",
                 "sh",
                 "-c",
-                &script,
+                "sleep 2.5; exec unshare -Ur sleep 8",
             ],
         )
         .stdout(Stdio::null())

@@ -41,6 +41,8 @@ pub struct Process {
     pub capabilities: Option<Capabilities>,
     #[serde(default)]
     pub user: Option<User>,
+    #[serde(default, rename = "noNewPrivileges")]
+    pub no_new_privileges: bool,
 }
 
 /// `process.user`.
@@ -104,8 +106,9 @@ impl Config {
 
     /// The capabilities the container's process holds or can raise at will (its
     /// effective, permitted and ambient sets; run as uid 0 (the default), also its
-    /// bounding and inheritable sets, which any program it runs gets), as named in the
-    /// config; none when the config gives none.
+    /// bounding and inheritable sets, which any program it runs gets; as another uid
+    /// without `noNewPrivileges`, those too, which a program with file capabilities
+    /// gets), as named in the config; none when the config gives none.
     pub fn process_capabilities(&self) -> Vec<String> {
         let Some(process) = self.process.as_ref() else {
             return Vec::new();
@@ -114,8 +117,13 @@ impl Config {
             return Vec::new();
         };
         let root = process.user.as_ref().is_none_or(|u| u.uid == 0);
-        let on_exec: &[String] = if root { &caps.bounding } else { &[] };
-        let inherited: &[String] = if root { &caps.inheritable } else { &[] };
+        let gains_on_exec = root || !process.no_new_privileges;
+        let on_exec: &[String] = if gains_on_exec { &caps.bounding } else { &[] };
+        let inherited: &[String] = if gains_on_exec {
+            &caps.inheritable
+        } else {
+            &[]
+        };
         let mut names: Vec<String> = caps
             .effective
             .iter()
