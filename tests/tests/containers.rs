@@ -660,8 +660,10 @@ fn pod_scope_confines_every_container_of_a_pod() -> Result<()> {
             "the pod sandbox went with one of its containers"
         );
 
-        // Exempt namespace: the hook lets the container start unconfined.
-        let exempt_cgroup = unique_cgroups_path("exempt");
+        // Exempt namespace: the hook lets a container the kubelet placed in a pod's
+        // cgroup (a `kubepods` one) start unconfined...
+        let kubepods = unique_cgroups_path("kubepods");
+        let exempt_cgroup = format!("{kubepods}/kubepods/{}", unique_name("exempt"));
         let out = runc.run(
             &image,
             &unique_name("exempt"),
@@ -671,7 +673,10 @@ fn pod_scope_confines_every_container_of_a_pod() -> Result<()> {
             },
         )?;
         container::remove_cgroup(&exempt_cgroup);
+        container::remove_cgroup(&format!("{kubepods}/kubepods"));
+        container::remove_cgroup(&kubepods);
         ensure!(out.status.success(), "exempt container: {}", text(&out));
+
         ensure!(
             fx.daemon.status_json()?["sandboxes"]
                 .as_array()
@@ -679,6 +684,30 @@ fn pod_scope_confines_every_container_of_a_pod() -> Result<()> {
                 == Some(1),
             "an exempt container was attached"
         );
+        // ...but not one anywhere else (podman copies an image's annotations into the
+        // container's): that one is confined like any other.
+        let claimed = unique_cgroups_path("claimed");
+        let out = runc.run(
+            &image,
+            &unique_name("claimed"),
+            &ContainerSpec {
+                cgroups_path: format!("{claimed}/leaf"),
+                ..spec("egressd-system", "unused", vec!["true".into()])
+            },
+        )?;
+        let claimed_name = format!("k8s/egressd-system/{pod}");
+        let attached = fx.daemon.status_sandbox(&claimed_name)?.is_some();
+        container::remove_cgroup(&format!("{claimed}/leaf"));
+        container::remove_cgroup(&claimed);
+        ensure!(
+            out.status.success() && attached,
+            "a container outside a pod's cgroup was exempted: {}",
+            text(&out)
+        );
+        fx.daemon.wait_for_match(
+            RECORD_TIMEOUT,
+            &Match::lifecycle("sandbox-detach").sandbox(&claimed_name),
+        )?;
 
         // The pod goes: its cgroup is removed and the sandbox with it.
         let out = runc

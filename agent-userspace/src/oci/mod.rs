@@ -269,7 +269,10 @@ pub fn plan(
     let annotations = merged_annotations(state, config);
     reserved_labels(&annotations)?;
     if let Some(ns) = annotations.get(ANNOTATION_K8S_NAMESPACE) {
-        if opts.exempt_namespaces.iter().any(|e| e == ns) {
+        // podman copies an image's annotations into the container's: a namespace claim
+        // exempts only a container the kubelet placed in a pod's cgroup, which no image
+        // chooses.
+        if opts.exempt_namespaces.iter().any(|e| e == ns) && in_a_kubernetes_pod(config) {
             return Ok(Plan::Exempt(format!(
                 "container {} is in exempt namespace {ns:?}; not confined",
                 state.id
@@ -332,6 +335,14 @@ pub fn plan(
             })
         }
     }
+}
+
+/// Whether the runtime placed the container in a Kubernetes pod's cgroup (`kubepods`
+/// slices under the systemd driver, `/kubepods/...` under cgroupfs).
+fn in_a_kubernetes_pod(config: &Config) -> bool {
+    config
+        .cgroups_path()
+        .is_some_and(|p| p.split(['/', ':', '-', '.']).any(|part| part == "kubepods"))
 }
 
 /// Refuses a container whose labels use an `io.egressd.*` key (see
@@ -590,6 +601,28 @@ mod tests {
         );
     }
 
+    /// What the container can raise, by uid and `noNewPrivileges`: the bounding set
+    /// counts unless it runs as another uid than 0 with no new privileges.
+    #[test]
+    fn capabilities_a_container_can_get() {
+        let config = |user: u32, nnp: bool| -> Config {
+            serde_json::from_value(serde_json::json!({"process": {
+                "user": {"uid": user},
+                "noNewPrivileges": nnp,
+                "capabilities": {"effective": ["CAP_CHOWN"], "bounding": ["CAP_CHOWN", "CAP_NET_RAW"]}
+            }}))
+            .unwrap()
+        };
+        let with_raw = ["CAP_CHOWN".to_string(), "CAP_NET_RAW".to_string()];
+        assert_eq!(config(0, false).process_capabilities(), with_raw);
+        assert_eq!(config(0, true).process_capabilities(), with_raw);
+        assert_eq!(config(1000, false).process_capabilities(), with_raw);
+        assert_eq!(
+            config(1000, true).process_capabilities(),
+            ["CAP_CHOWN".to_string()]
+        );
+    }
+
     #[test]
     fn parses_runtime_state_and_config() {
         let state: State = serde_json::from_str(
@@ -710,17 +743,45 @@ mod tests {
             bundle: "/nonexistent".into(),
             annotations: ann(&[(ANNOTATION_K8S_NAMESPACE, "egressd-system")]),
         };
+        let in_pod = |path: &str| -> Config {
+            serde_json::from_value(serde_json::json!({"linux": {"cgroupsPath": path}})).unwrap()
+        };
+        for path in [
+            "kubepods-besteffort-pod1234.slice:crio:c1",
+            "/kubepods/burstable/pod1234/c1",
+        ] {
+            assert!(
+                matches!(
+                    plan(
+                        Stage::CreateRuntime,
+                        &opts(Scope::Container),
+                        &state,
+                        &in_pod(path)
+                    )
+                    .unwrap(),
+                    Plan::Exempt(_)
+                ),
+                "{path}"
+            );
+        }
+        // Outside a pod's cgroup (podman, where an image's annotations become the
+        // container's) the claim exempts nothing.
         let config = Config::default();
-        assert!(matches!(
-            plan(
+        for outside in [
+            config.clone(),
+            in_pod("machine.slice:libpod:c1"),
+            in_pod("/kubepodsx/c1"),
+        ] {
+            let e = plan(
                 Stage::CreateRuntime,
                 &opts(Scope::Container),
                 &state,
-                &config
+                &outside,
             )
-            .unwrap(),
-            Plan::Exempt(_)
-        ));
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("refusing to start it unconfined"), "{e}");
+        }
         let state = State {
             annotations: ann(&[(ANNOTATION_K8S_NAMESPACE, "team")]),
             ..state
