@@ -19,6 +19,9 @@ use super::Route;
 /// frameworks parse is refused where an override would matter.
 pub const MAX_FORM_BYTES: usize = 1 << 20;
 
+/// Longest time such a body may take to arrive whole, however steadily it trickles.
+pub const MAX_FORM_SECS: u64 = 120;
+
 /// A method no rule lists: a rule that refuses it lists its methods, so some method an
 /// override could name (Laravel and Symfony take any) is refused there.
 const UNLISTED_METHOD: &str = "EGRESSD-OVERRIDE-PROBE";
@@ -231,12 +234,32 @@ enum ReadError {
     Downstream(String),
 }
 
-/// The whole body, at most [`MAX_FORM_BYTES`].
+/// The whole body, at most [`MAX_FORM_BYTES`], within [`MAX_FORM_SECS`] (a byte now and
+/// then must not hold the buffer for ever).
 async fn read_whole(body: &mut Incoming, idle: Duration) -> Result<Bytes, ReadError> {
     let mut read = BytesMut::new();
+    let whole = tokio::time::timeout(
+        Duration::from_secs(MAX_FORM_SECS),
+        read_into(body, idle, &mut read),
+    );
+    match whole.await {
+        Ok(done) => done,
+        Err(_) => Err(ReadError::Downstream(format!(
+            "downstream client: a form or JSON body read whole before forwarding took over \
+             {MAX_FORM_SECS} s ({} bytes read)",
+            read.len()
+        ))),
+    }
+}
+
+async fn read_into(
+    body: &mut Incoming,
+    idle: Duration,
+    read: &mut BytesMut,
+) -> Result<Bytes, ReadError> {
     loop {
         match next_piece(body, idle).await {
-            Ok(Piece::End) => return Ok(read.freeze()),
+            Ok(Piece::End) => return Ok(std::mem::take(read).freeze()),
             Ok(Piece::Data(data)) => {
                 read.extend_from_slice(&data);
                 if read.len() > MAX_FORM_BYTES {
