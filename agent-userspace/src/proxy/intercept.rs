@@ -190,11 +190,16 @@ fn serve(
         sni: sni.clone(),
         in_flight: in_flight.clone(),
     });
+    // Requests given to the handler, and refusals recorded below it: a connection that
+    // ends with neither still gets a record.
+    let handled = Arc::new(AtomicU64::new(0));
     let service = {
         let head_clock = head_clock.clone();
+        let handled = handled.clone();
         hyper::service::service_fn(move |req| {
             // Called as soon as hyper has parsed the request head.
             head_clock.head_received();
+            handled.fetch_add(1, Ordering::Relaxed);
             let in_flight = InFlight::new(&ctx.in_flight);
             let ctx = ctx.clone();
             // Boxed: hyper keeps room for one request's future beside every HTTP/1
@@ -209,8 +214,10 @@ fn serve(
     // errors (hyper answers those itself), HTTP/2 connection errors, and HTTP/2 streams
     // the HTTP/2 layer resets (seen in the frames written).
     let refused = {
-        let (proxy, conn, sni) = (proxy.clone(), conn.clone(), sni.clone());
+        let (proxy, conn, sni, handled) =
+            (proxy.clone(), conn.clone(), sni.clone(), handled.clone());
         move |status: Option<u16>, reason: String| {
+            handled.fetch_add(1, Ordering::Relaxed);
             let mut record =
                 proxy.record(&conn, TlsMode::Intercept, Some(&sni), RecordKind::Request);
             record.verdict = Verdict::Deny;
@@ -271,6 +278,7 @@ fn serve(
     } else {
         "request header"
     };
+    let started = std::time::Instant::now();
     async move {
         tokio::select! {
             result = served => {
@@ -315,6 +323,24 @@ fn serve(
                     ),
                 );
             }
+        }
+        // A connection that ended before any request: nothing was forwarded, and the
+        // trail says so.
+        if handled.load(Ordering::Relaxed) == 0 {
+            let mut record = proxy.record(
+                &conn,
+                TlsMode::Intercept,
+                Some(&sni),
+                RecordKind::Connection,
+            );
+            record.reason = Some(
+                "downstream client: connection closed before any request; nothing forwarded"
+                    .to_owned(),
+            );
+            record.bytes_in = activity.bytes_read();
+            record.bytes_out = activity.bytes_written();
+            record.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            (proxy.audit)(record);
         }
     }
 }

@@ -1016,6 +1016,29 @@ fn alert_of(err: &std::io::Error) -> Option<rustls::AlertDescription> {
     }
 }
 
+/// A connection that completes its handshake and closes without a request still leaves
+/// a record, on either protocol; the origin is never dialled.
+#[tokio::test]
+async fn a_connection_closed_before_any_request_is_recorded() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        for alpn in [&b"http/1.1"[..], &b"h2"[..]] {
+            let mut tls = tls_connect(h.addr, NAME, &h.ca_pem, &[alpn]).await.unwrap();
+            tokio::io::AsyncWriteExt::shutdown(&mut tls).await.unwrap();
+            drop(tls);
+            let record = h.record().await;
+            assert_eq!(record.kind, RecordKind::Connection);
+            assert_eq!(record.verdict, Verdict::Allow);
+            assert_eq!(record.sni.as_deref(), Some("api.example.com"));
+            let reason = record.reason.unwrap_or_default();
+            assert!(reason.contains("closed before any request"), "{reason}");
+        }
+        assert_eq!(origin.accepted.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn server_name_not_allowed_gets_no_certificate() {
     within(async {
