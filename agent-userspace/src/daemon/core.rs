@@ -29,6 +29,9 @@ use crate::{
 
 /// Learned addresses one sandbox may hold at once (the kernel maps are shared).
 const MAX_LEARNED_PER_SANDBOX: usize = 4096;
+/// Learned addresses all sandboxes may hold at once: half the kernel's rule tables, so
+/// that sandboxes learning names cannot leave no room for another policy's own rules.
+const MAX_LEARNED_ALL: usize = agent_common::MAX_PREFIXES as usize / 2;
 /// Longest TTL honoured for a learned address, in seconds.
 const MAX_LEARNED_TTL: u32 = crate::dns::MAX_ANSWER_TTL;
 /// The policy slot a quarantined sandbox's kernel entry points at. Slots handed out start
@@ -588,6 +591,12 @@ impl Core {
             return Err(format!(
                 "sandbox {} would hold more than {MAX_LEARNED_PER_SANDBOX} learned addresses",
                 rec.name
+            ));
+        }
+        if self.dns.learned.len() + new.len() > MAX_LEARNED_ALL {
+            return Err(format!(
+                "the sandboxes would hold more than {MAX_LEARNED_ALL} learned addresses in all \
+                 (the rest of the kernel's rule tables is kept for policies' own rules)"
             ));
         }
         let mut refused = Vec::new();
