@@ -521,7 +521,14 @@ async fn decide(
         record: Some(record.clone()),
         audit: &ctx.audit,
     };
-    let exchanged = upstream::exchange(&ctx.dialer, upstreams, ctx.timeout, &question).await;
+    let exchanged = upstream::exchange(
+        &ctx.dialer,
+        upstreams,
+        ctx.timeout,
+        &question,
+        &ctx.quarantined,
+    )
+    .await;
     in_flight.landed();
     let response = match exchanged {
         Ok(exchanged) => {

@@ -667,6 +667,38 @@ async fn a_query_in_flight_when_the_resolver_stops_is_recorded() {
     );
 }
 
+/// A sandbox quarantined while its query waits on a silent server asks no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_stops_a_query_going_on_to_the_next_server() {
+    let fake = Fake::start().await;
+    let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let h = Harness::start(&[silent.local_addr().unwrap(), fake.addr], false).await;
+    let query = Harness::query(&name("api.github.example"), RecordType::A);
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(h.udp).await.unwrap();
+    client.send(&query.to_vec().unwrap()).await.unwrap();
+    let mut buf = [0u8; 512];
+    tokio::time::timeout(Duration::from_secs(2), silent.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    h.ctx.quarantined.store(true, Ordering::Release);
+    let mut reply = vec![0u8; 4096];
+    let len = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    let reply = Message::from_vec(&reply[..len]).unwrap();
+    assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+    assert!(
+        fake.seen.lock().unwrap().is_empty(),
+        "the next server was asked"
+    );
+    let r = h.records().pop().unwrap();
+    let reason = r.reason.unwrap_or_default();
+    assert!(reason.contains("quarantined meanwhile"), "{reason}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn learn_error_is_servfail() {
     let fake = Fake::start().await;

@@ -38,6 +38,7 @@ pub(super) async fn exchange(
     upstreams: &[SocketAddr],
     timeout: Duration,
     question: &Question,
+    quarantined: &std::sync::atomic::AtomicBool,
 ) -> Result<Exchanged, Failure> {
     let mut last = Failure {
         reason: "no upstream resolver is configured (the policy has no `dns.upstream` and \
@@ -46,6 +47,16 @@ pub(super) async fn exchange(
         server: None,
     };
     for (i, &server) in upstreams.iter().enumerate() {
+        // A sandbox quarantined while its query waited on a server asks no other.
+        if i > 0 && quarantined.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Failure {
+                reason: format!(
+                    "{} (the sandbox was quarantined meanwhile: no other server was asked)",
+                    last.reason
+                ),
+                ..last
+            });
+        }
         match ask(dialer, server, timeout, question).await {
             Ok(response) => return Ok(Exchanged { response, server }),
             Err(reason) => {
