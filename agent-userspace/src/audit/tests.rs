@@ -2511,12 +2511,13 @@ async fn a_credentials_record_is_not_pushed_out_by_a_flood() {
     writer.await.unwrap().unwrap();
     let lines = read_lines(&path);
     let seqs: Vec<u64> = lines.iter().map(sequence).collect();
-    // 1-3 kept; 4-10 dropped; 11 the credential's record, kept; 12-22 dropped; then the
-    // two loss records.
-    assert_eq!(seqs, vec![1, 2, 3, 11, 23, 24], "{lines:#?}");
-    assert_eq!(lines[3]["event"]["action"], "http-request");
-    assert_eq!(lines[3]["egress"]["credential"]["name"], "github-token");
-    let ranges: Vec<(u64, u64, u64)> = lines[4..]
+    // 1-3 kept; 4-10 dropped, their loss record (11) queued before the credential's
+    // record (12), kept; 13-23 dropped; their loss record last. Every gap is explained by
+    // a record numbered below whatever follows it.
+    assert_eq!(seqs, vec![1, 2, 3, 11, 12, 24], "{lines:#?}");
+    assert_eq!(lines[4]["event"]["action"], "http-request");
+    assert_eq!(lines[4]["egress"]["credential"]["name"], "github-token");
+    let ranges: Vec<(u64, u64, u64)> = [&lines[3], &lines[5]]
         .iter()
         .map(|l| {
             assert_eq!(l["event"]["action"], "audit-lost");
@@ -2528,7 +2529,48 @@ async fn a_credentials_record_is_not_pushed_out_by_a_flood() {
             )
         })
         .collect();
-    assert_eq!(ranges, vec![(4, 10, 7), (12, 22, 11)]);
+    assert_eq!(ranges, vec![(4, 10, 7), (13, 23, 11)]);
+}
+
+/// A sandbox flooding alerts while the log cannot be written keeps at most its share of
+/// the reserve: another sandbox's credential record is still kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sandbox_cannot_take_the_whole_reserve() {
+    let (_dir, path) = full_disk();
+    let (handle, task) =
+        AuditLog::open_with(AuditSink::File(path.clone()), &three_in_memory(), None).unwrap();
+    let writer = tokio::spawn(task.run());
+    handle.emit_all((1..=5).map(denied).collect());
+    eventually("unhealthy", || !handle.healthy()).await;
+    let share = super::writer::VITAL_SHARE;
+    let flood = share + 100;
+    handle.emit_all(
+        (0..flood)
+            .map(|_| Alert::new(T0, AlertKind::PlaceholderMisdirected, "flood", "x").into())
+            .collect(),
+    );
+    let mut used = proxy_request();
+    used.sandbox = "agent-1".into();
+    handle.emit(proxy_event(used));
+    eventually("all taken", || {
+        handle.health().lost == (2 + flood - share) as u64
+    })
+    .await;
+    fs::remove_file(&path).unwrap();
+    eventually("healthy again", || handle.healthy()).await;
+    drop(handle);
+    writer.await.unwrap().unwrap();
+    let lines = read_lines(&path);
+    let alerts = lines
+        .iter()
+        .filter(|l| l["event"]["kind"] == "alert")
+        .count();
+    assert_eq!(alerts, share);
+    assert!(
+        lines.iter().any(|l| l["event"]["action"] == "http-request"
+            && l["egress"]["sandbox"]["name"] == "agent-1"),
+        "the other sandbox's credential record was pushed out"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

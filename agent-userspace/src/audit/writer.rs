@@ -13,6 +13,7 @@
 //! record, so the fragment stays a line of its own instead of spoiling that record.
 
 use std::{
+    collections::HashMap,
     fmt,
     fs::{DirBuilder, File, OpenOptions},
     io::{self, Read, Write},
@@ -871,7 +872,7 @@ impl AuditLog {
                 health,
                 pending,
                 dropped: None,
-                closed: Vec::new(),
+                vital_kept: HashMap::new(),
                 failing_since: None,
                 last_error: None,
                 reopen_wanted: false,
@@ -1014,7 +1015,8 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Records numbered but dropped because the queue was full: one contiguous range, since
 /// once dropping starts every later record is dropped until the queue is written, but
-/// for a vital one ([`vital`]), which closes the range (a later drop opens another).
+/// for a vital one ([`vital`]), which closes the range: its `audit-lost` record is queued
+/// at once, before the vital one (a later drop opens another range).
 #[derive(Clone, Copy, Debug)]
 struct Dropped {
     first: u64,
@@ -1025,23 +1027,30 @@ struct Dropped {
 /// written (then they are dropped and counted like the rest).
 pub const VITAL_RESERVE: usize = 4096;
 
-/// Whether a record is kept past a full queue: what a credential did (a proxy record
-/// naming one), alerts, quarantines, releases, revocations and kernel losses. A sandbox
-/// that floods the trail (denied connects, refused queries) while the log cannot be
-/// written must not push these out.
-fn vital(record: &Record) -> bool {
+/// Vital records one sandbox may have kept in the reserve at once: a sandbox flooding
+/// alerts cannot take the room of others' credential records.
+pub(super) const VITAL_SHARE: usize = VITAL_RESERVE / 8;
+
+/// Whether a record is kept past a full queue, and whose it is (`Some(None)`: a vital
+/// record of no sandbox): what a credential did (a proxy record naming one), alerts,
+/// quarantines, releases, revocations and kernel losses. A sandbox that floods the trail
+/// (denied connects, refused queries) while the log cannot be written must not push
+/// these out.
+fn vital(record: &Record) -> Option<Option<&str>> {
     match record {
-        Record::Proxy(e) => e
-            .record
-            .credential
-            .as_deref()
-            .is_some_and(|c| !c.is_empty()),
-        Record::Alert(_)
-        | Record::SandboxQuarantine(_)
-        | Record::SandboxRelease(_)
-        | Record::CredentialRevoke(_)
-        | Record::EventsLost(_) => true,
-        _ => false,
+        Record::Proxy(e)
+            if e.record
+                .credential
+                .as_deref()
+                .is_some_and(|c| !c.is_empty()) =>
+        {
+            Some(Some(e.record.sandbox.as_str()))
+        }
+        Record::Alert(a) => Some(Some(a.sandbox.as_str())),
+        Record::SandboxQuarantine(q) | Record::SandboxRelease(q) => Some(Some(q.sandbox.as_str())),
+        Record::CredentialRevoke(r) => Some(Some(r.sandbox.as_str())),
+        Record::EventsLost(_) => Some(None),
+        _ => None,
     }
 }
 
@@ -1054,9 +1063,9 @@ pub struct AuditTask {
     /// Numbered and encoded, not yet known to be written.
     pending: PendingLines,
     dropped: Option<Dropped>,
-    /// Ranges a vital record closed, oldest first, each reported by its own `audit-lost`
-    /// record before `dropped`.
-    closed: Vec<Dropped>,
+    /// Vital records kept past the bound, by sandbox (`None`: of none), since the queue
+    /// was last written whole: each sandbox gets a share of the reserve.
+    vital_kept: HashMap<Option<String>, usize>,
     failing_since: Option<OffsetDateTime>,
     last_error: Option<String>,
     reopen_wanted: bool,
@@ -1159,17 +1168,11 @@ impl AuditTask {
             self.store_sequence();
         }
         let _ = self.writer.sync();
-        let unreported = self
-            .closed
-            .first()
-            .or(self.dropped.as_ref())
-            .map(|d| d.first);
+        let unreported = self.dropped.map(|d| d.first);
         if let Some(first) = self.pending.first_sequence().or(unreported) {
             let last = self
                 .dropped
-                .or(self.closed.last().copied())
-                .map_or(self.pending.last_sequence().unwrap_or(first), |d| d.last)
-                .max(self.pending.last_sequence().unwrap_or(first));
+                .map_or(self.pending.last_sequence().unwrap_or(first), |d| d.last);
             let source = io::Error::other(format!(
                 "records {first} to {last} could not be written before the daemon stopped: {}",
                 self.last_error.as_deref().unwrap_or("write failed")
@@ -1248,16 +1251,24 @@ impl AuditTask {
             self.flush();
         }
         let full = self.dropped.is_some() || self.pending.len() >= self.queue_records;
-        // A vital record is kept past the bound, in a reserve of its own, and closes the
-        // range being dropped: what a credential did is not lost to a flood of others.
-        if full && vital(record) && self.pending.len() < self.queue_records + VITAL_RESERVE {
-            if let Some(range) = self.dropped.take() {
-                self.closed.push(range);
+        // A vital record is kept past the bound, in a reserve of its own (a share of it
+        // per sandbox), and closes the range being dropped, whose loss record goes first:
+        // what a credential did is not lost to a flood of others, and every gap stays
+        // explained by a record numbered below what follows it.
+        if full && self.pending.len() + 1 < self.queue_records + VITAL_RESERVE {
+            if let Some(owner) = vital(record) {
+                let kept = self.vital_kept.entry(owner.map(str::to_owned)).or_default();
+                if *kept < VITAL_SHARE {
+                    *kept += 1;
+                    if let Some(range) = self.dropped.take() {
+                        self.queue_loss(range);
+                    }
+                    if let Err(e) = self.writer.encode_next_into(record, &mut self.pending) {
+                        error!(action = record.action(), error = %e, "Audit record not encodable; skipped");
+                    }
+                    return;
+                }
             }
-            if let Err(e) = self.writer.encode_next_into(record, &mut self.pending) {
-                error!(action = record.action(), error = %e, "Audit record not encodable; skipped");
-            }
-            return;
         }
         if full {
             let sequence = match self.writer.encode_next(record) {
@@ -1275,6 +1286,34 @@ impl AuditTask {
             self.health.report().lost += 1;
         } else if let Err(e) = self.writer.encode_next_into(record, &mut self.pending) {
             error!(action = record.action(), error = %e, "Audit record not encodable; skipped");
+        }
+    }
+
+    /// Numbers and queues the `audit-lost` record of a dropped range.
+    fn queue_loss(&mut self, dropped: Dropped) {
+        let lost = AuditLost {
+            time: OffsetDateTime::now_utc(),
+            count: dropped.last - dropped.first + 1,
+            first_sequence: dropped.first,
+            last_sequence: dropped.last,
+            since: self.failing_since,
+            error: self
+                .last_error
+                .clone()
+                .or_else(|| self.lost_reason.take())
+                .unwrap_or_else(|| "audit log could not be written".to_owned()),
+        };
+        error!(
+            count = lost.count,
+            first = lost.first_sequence,
+            last = lost.last_sequence,
+            "Audit records lost while the log could not be written"
+        );
+        if let Err(e) = self
+            .writer
+            .encode_next_into(&Record::AuditLost(lost), &mut self.pending)
+        {
+            error!(error = %e, "Loss record not encodable");
         }
     }
 
@@ -1307,39 +1346,13 @@ impl AuditTask {
                 self.failed(e.to_string());
                 return;
             }
-            let next = if self.closed.is_empty() {
-                self.dropped.take()
-            } else {
-                Some(self.closed.remove(0))
-            };
-            let Some(dropped) = next else {
+            let Some(dropped) = self.dropped.take() else {
                 break;
             };
-            let lost = AuditLost {
-                time: OffsetDateTime::now_utc(),
-                count: dropped.last - dropped.first + 1,
-                first_sequence: dropped.first,
-                last_sequence: dropped.last,
-                since: self.failing_since,
-                error: self
-                    .last_error
-                    .clone()
-                    .or_else(|| self.lost_reason.take())
-                    .unwrap_or_else(|| "audit log could not be written".to_owned()),
-            };
-            error!(
-                count = lost.count,
-                first = lost.first_sequence,
-                last = lost.last_sequence,
-                "Audit records lost while the log could not be written"
-            );
-            if let Err(e) = self
-                .writer
-                .encode_next_into(&Record::AuditLost(lost), &mut self.pending)
-            {
-                error!(error = %e, "Loss record not encodable");
-            }
+            self.queue_loss(dropped);
         }
+        // Everything kept is written: the reserve is whole again.
+        self.vital_kept.clear();
         if let Some(since) = self.failing_since.take() {
             tracing::warn!(sink = %self.writer.sink(), failing_since = %since, "Audit log writable again");
             self.last_error = None;
