@@ -382,7 +382,12 @@ async fn resolve(
         verdict = ?record.verdict,
         "DNS query"
     );
-    if record.verdict == DnsVerdict::Allow || refusals.admit(&ctx.sandbox) {
+    // Only refusals of queries that never left the host are limited: one sent upstream
+    // (then refused for its answer) is always recorded, its name having gone out.
+    if record.verdict == DnsVerdict::Allow
+        || record.upstream.is_some()
+        || refusals.admit(&ctx.sandbox)
+    {
         (ctx.audit)(record);
     }
     reply

@@ -995,10 +995,22 @@ async fn refused_queries_past_the_limit_are_counted_not_recorded_one_by_one() {
     }
     let reply = h.udp("api.github.example", RecordType::A).await;
     assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    // A query that went upstream and was refused for its answer (a CNAME to a name the
+    // policy does not allow) is recorded all the same: its name left the host.
+    let reply = h.udp("alias.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+    let reply = h.udp("api.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
     let records = h.records();
+    assert!(
+        records
+            .iter()
+            .any(|r| r.question_name == "alias.github.example" && r.verdict == DnsVerdict::Deny),
+        "the refused answer was not recorded"
+    );
     let refused = records
         .iter()
-        .filter(|r| r.verdict == DnsVerdict::Deny)
+        .filter(|r| r.verdict == DnsVerdict::Deny && r.upstream.is_none())
         .count();
     assert_eq!(refused, REFUSALS_RECORDED as usize);
     assert_eq!(
