@@ -235,12 +235,17 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             // A secret seen in either direction raises an alert beside the request's
             // record, with the response the sandbox's alert settings give it.
             let alert = record.alert(time);
-            // A sandbox's refusals past the limit are counted, not written one by one
-            // (never one that found a secret).
-            if alert.is_none()
+            // A sandbox's refusals past the limit are counted, not written one by one:
+            // never one that found a secret, a git push's, or a refused dial upstream (an
+            // address the rule may not reach).
+            let limited = alert.is_none()
                 && record.verdict == crate::audit::ProxyVerdict::Deny
-                && !refusals.admit(&record.sandbox)
-            {
+                && record.git.is_none()
+                && !record
+                    .reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("upstream"));
+            if limited && !refusals.admit(&record.sandbox) {
                 return;
             }
             proxy_audit.emit(Record::Proxy(ProxyEvent { time, record }));
