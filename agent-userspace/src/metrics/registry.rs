@@ -1,6 +1,16 @@
 //! The metric families and how each audit record kind updates them.
 
-use std::{collections::HashMap, fmt, hash::Hash, sync::Mutex};
+use std::{
+    collections::HashMap,
+    fmt,
+    hash::Hash,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// How long a detached sandbox's name is remembered, so that records arriving after its
+/// detach make no series again.
+const GONE_FOR: Duration = Duration::from_secs(300);
 
 use prometheus_client::{
     encoding::{prometheus_text, text, EncodeLabelSet},
@@ -115,6 +125,8 @@ pub struct Metrics {
     /// `sandbox-detach` record is counted, so that hosts where containers come and go
     /// do not keep a series for every container they ever ran.
     series: Mutex<HashMap<String, Vec<Series>>>,
+    /// Sandboxes detached lately, and when: their late records make no series.
+    gone: Mutex<HashMap<String, Instant>>,
 }
 
 impl fmt::Debug for Metrics {
@@ -150,6 +162,7 @@ impl Metrics {
             audit_bytes: Counter::default(),
             audit_errors: Counter::default(),
             series: Mutex::default(),
+            gone: Mutex::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -252,6 +265,25 @@ impl Metrics {
             })
             .inc();
         match record {
+            Record::SandboxDetach(d) => return self.forget(&d.sandbox),
+            Record::SandboxAttach(a) | Record::SandboxAdopt(a) => {
+                self.gone_lock().remove(&a.sandbox);
+            }
+            _ => {}
+        }
+        // What a detached sandbox's last records say (its proxied connections closed, a
+        // query in flight, kernel events read late) makes no series again.
+        let sandbox = match record {
+            Record::Network(r) => Some(&r.sandbox),
+            Record::Dns(r) => Some(&r.sandbox),
+            Record::Proxy(e) => Some(&e.record.sandbox),
+            Record::Alert(a) => Some(&a.sandbox),
+            _ => None,
+        };
+        if sandbox.is_some_and(|s| self.gone_lock().contains_key(s)) {
+            return;
+        }
+        match record {
             Record::Network(r) => self.decision(r),
             Record::Dns(r) => self.dns(r),
             Record::Proxy(r) => self.proxy(r),
@@ -270,9 +302,12 @@ impl Metrics {
                 )
                 .inc_by(a.count.max(1));
             }
-            Record::SandboxDetach(d) => self.forget(&d.sandbox),
             _ => {}
         }
+    }
+
+    fn gone_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.gone.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The metric of `labels` in `family`, created if it is not there yet; a created one
@@ -291,22 +326,31 @@ impl Metrics {
         if let Some(metric) = family.get(labels) {
             return metric;
         }
-        if let Ok(mut series) = self.series.lock() {
-            series
-                .entry(sandbox.to_owned())
-                .or_default()
-                .push(keep(labels.clone()));
-        }
-        family.get_or_create(labels)
+        // Created while the list is held, so that a detach in between cannot miss it.
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        series
+            .entry(sandbox.to_owned())
+            .or_default()
+            .push(keep(labels.clone()));
+        let metric = family.get_or_create(labels);
+        drop(series);
+        metric
     }
 
-    /// Removes every series a detached sandbox's records created.
+    /// Removes every series a detached sandbox's records created, and makes no more for
+    /// it until it is attached again (detached names are kept for [`GONE_FOR`]).
     fn forget(&self, sandbox: &str) {
+        {
+            let mut gone = self.gone_lock();
+            let now = Instant::now();
+            gone.retain(|_, at| now.duration_since(*at) < GONE_FOR);
+            gone.insert(sandbox.to_owned(), now);
+        }
         let Some(gone) = self
             .series
             .lock()
-            .ok()
-            .and_then(|mut series| series.remove(sandbox))
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(sandbox)
         else {
             return;
         };

@@ -295,19 +295,18 @@ fn a_detached_sandboxs_series_are_removed() {
         "agent-1",
         "many denials",
     )));
-    let detach = |sandbox: &str| {
-        Record::SandboxDetach(crate::audit::SandboxLifecycle {
-            time: T0,
-            sandbox: sandbox.into(),
-            cgroup_path: "/sys/fs/cgroup/unified/agent".into(),
-            cgroup_id: 1,
-            policy_path: "/etc/egressd/agent.yaml".into(),
-            policy_digest: crate::audit::PolicyDigest::of(b"default: deny\n"),
-            reason: None,
-            packet_sockets_covered: None,
-            posture: None,
-        })
+    let lifecycle = |sandbox: &str| crate::audit::SandboxLifecycle {
+        time: T0,
+        sandbox: sandbox.into(),
+        cgroup_path: "/sys/fs/cgroup/unified/agent".into(),
+        cgroup_id: 1,
+        policy_path: "/etc/egressd/agent.yaml".into(),
+        policy_digest: crate::audit::PolicyDigest::of(b"default: deny\n"),
+        reason: None,
+        packet_sockets_covered: None,
+        posture: None,
     };
+    let detach = |sandbox: &str| Record::SandboxDetach(lifecycle(sandbox));
     let before = m.encode().unwrap_or_default();
     let labelled = |text: &str, sandbox: &str| {
         text.lines()
@@ -328,7 +327,23 @@ fn a_detached_sandboxs_series_are_removed() {
         Some(1.0),
         "{after}"
     );
+    // Records of the detached sandbox that arrive late (its connections closed, kernel
+    // events read after the detach) make no series again.
+    m.observe(&request(
+        ProxyVerdict::Deny,
+        Some("closed by the daemon"),
+        3,
+    ));
+    m.observe(&decision(
+        "agent-1",
+        Hook::Connect4,
+        Verdict::Deny,
+        RuleRef::Default,
+    ));
+    let late = m.encode().unwrap_or_default();
+    assert_eq!(labelled(&late, "agent-1"), 0, "{late}");
     // A sandbox attached again under the name counts from zero.
+    m.observe(&Record::SandboxAttach(lifecycle("agent-1")));
     m.observe(&decision(
         "agent-1",
         Hook::Connect4,
