@@ -105,10 +105,10 @@ impl Config {
     }
 
     /// The capabilities the container's process holds or can raise at will (its
-    /// effective, permitted and ambient sets; run as uid 0 (the default), also its
-    /// bounding and inheritable sets, which any program it runs gets; as another uid
-    /// without `noNewPrivileges`, those too, which a program with file capabilities
-    /// gets), as named in the config; none when the config gives none.
+    /// effective, permitted and ambient sets; without `noNewPrivileges`, also its
+    /// bounding and inheritable sets, which a program it runs gets: any program run as
+    /// uid 0, a set-user-ID or file-capability one otherwise), as named in the config;
+    /// none when the config gives none.
     pub fn process_capabilities(&self) -> Vec<String> {
         let Some(process) = self.process.as_ref() else {
             return Vec::new();
@@ -116,8 +116,8 @@ impl Config {
         let Some(caps) = process.capabilities.as_ref() else {
             return Vec::new();
         };
-        let root = process.user.as_ref().is_none_or(|u| u.uid == 0);
-        let gains_on_exec = root || !process.no_new_privileges;
+        // With `noNewPrivileges` an exec gains nothing, run as root or not.
+        let gains_on_exec = !process.no_new_privileges;
         let on_exec: &[String] = if gains_on_exec { &caps.bounding } else { &[] };
         let inherited: &[String] = if gains_on_exec {
             &caps.inheritable
