@@ -24,10 +24,10 @@ pub const ALERT_ILLEGAL_PARAMETER: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02
 const EXTENSION_ECH: u16 = 0xfe0d;
 
 /// Whether an extension type hides the server name: ECH, its drafts' code points
-/// (`0xfe08`..`0xfe0c`) and the older encrypted SNI (`0xffce`), which servers that
-/// deployed them may still honour.
+/// (`0xff02`, `0xfe08`..`0xfe0c`) and the older encrypted SNI (`0xffce`), which servers
+/// that deployed them may still honour.
 fn hides_server_name(extension: u16) -> bool {
-    matches!(extension, 0xfe08..=EXTENSION_ECH | 0xffce)
+    matches!(extension, 0xfe08..=EXTENSION_ECH | 0xff02 | 0xffce)
 }
 
 /// A parsed ClientHello and the raw bytes it came in.
@@ -257,7 +257,7 @@ mod tests {
         assert_eq!(got.server_name.as_deref(), Some("api.example.com"));
         assert!(got.encrypted_client_hello);
         // The drafts' code points and the older encrypted SNI are taken for one too.
-        for hiding in [0xfe08, 0xfe0c, 0xffce] {
+        for hiding in [0xfe08, 0xfe0c, 0xff02, 0xffce] {
             let old = with_extension(&plain, hiding, &ech_outer());
             assert!(
                 read_client_hello(&mut &old[..])

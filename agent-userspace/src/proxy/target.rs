@@ -101,12 +101,16 @@ pub fn judge_target(route: &Route, method: &str, raw: &str) -> Result<Judged, Ta
 /// Headers that name a second object a request acts on, in a form the policy cannot
 /// judge (a bucket and key, a URL on another account, a container path): the source of a
 /// copy (S3 and the stores that speak its API, Google Cloud Storage, Azure, Alibaba,
-/// Tencent and Huawei object stores, OpenStack Swift), of a rename or move (Azure Data
-/// Lake and Files), and what a later read of the object reads instead (Swift manifests
-/// and symlinks). A rule that allows `PUT /mine/*` must not let a request copy, move or
+/// Tencent and Huawei object stores, OpenStack Swift), of a rename or move (S3's
+/// RenameObject, Azure Data Lake and Files), the account a Swift COPY writes to, and what
+/// a later read of the object reads instead (Swift manifests and symlinks, Alibaba
+/// symlinks). A rule that allows `PUT /mine/*` must not let a request copy, move or
 /// link `/theirs/secret` there, so a request carrying one is refused.
-const SECOND_TARGET_HEADERS: [&str; 13] = [
+const SECOND_TARGET_HEADERS: [&str; 16] = [
     "x-amz-copy-source",
+    "x-amz-rename-source",
+    "x-oss-symlink-target",
+    "destination-account",
     "x-goog-copy-source",
     "x-ms-copy-source",
     "x-ms-rename-source",
@@ -309,6 +313,9 @@ rules:
             "x-copy-from",
             "x-object-manifest",
             "x-symlink-target",
+            "X-Amz-Rename-Source",
+            "Destination-Account",
+            "x-oss-symlink-target",
         ] {
             let mut with = h.clone();
             with.insert(
