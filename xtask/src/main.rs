@@ -28,6 +28,10 @@ enum Command {
         /// Skip formatting and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Also give each fuzz target a short coverage-guided run (builds the instrumented
+        /// fuzz targets; the corpora are replayed by the unit tests either way).
+        #[arg(long)]
+        fuzz: bool,
     },
     /// Build, make a sandbox and a small fake internet, confine it, and show the audit log.
     Demo,
@@ -59,7 +63,11 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Build => cmd::build(),
-        Command::Test { filter, no_lint } => test::run_all(filter.as_deref(), no_lint),
+        Command::Test {
+            filter,
+            no_lint,
+            fuzz,
+        } => test::run_all(filter.as_deref(), no_lint, fuzz),
         Command::Demo => demo::run(),
         Command::DemoContainers => demo_containers::run(),
         Command::Fuzz {
