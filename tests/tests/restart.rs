@@ -447,6 +447,11 @@ fn another_builds_pins_are_retired_once_the_sandbox_is_adopted() -> Result<()> {
         count >= 1 && get_u64(&lost, "egress.lost.total").unwrap_or(0) >= count,
         "events-lost record without the other build's unread events: {lost}"
     );
+    let status = fx.daemon.status_json()?;
+    ensure!(
+        status["events_lost"].as_u64().unwrap_or(0) >= count,
+        "status does not count the other build's unread events: {status}"
+    );
     // Still confined by this build's programs...
     expect::eperm(&fx.sandbox.probe("tcp-connect", canary, 9, &[])?)?;
     // ...and only by them: a policy that allows the canary now lets it through (the

@@ -1984,7 +1984,7 @@ impl Core {
             started_at: rfc3339(self.started_at),
             bpffs: self.bpffs.clone(),
             audit_log: self.audit_log.clone(),
-            events_lost: self.maps.lost_total(),
+            events_lost: self.lost_total(),
             proxy_listeners: self.proxy.listening_in().len(),
             audit: Some(self.audit.health()),
             packet_sockets_covered: self.packet_sockets.is_ok(),

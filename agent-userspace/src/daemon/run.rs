@@ -521,7 +521,7 @@ async fn start_metrics(
         if let Some(shared) = sources.shared.upgrade() {
             let core = shared.lock();
             s.sandboxes = Some(core.state.sandboxes.len() as u64);
-            s.kernel_events_lost = Some(core.maps.lost_total());
+            s.kernel_events_lost = Some(core.lost_total());
             let audit = core.audit.health();
             s.audit = Some(metrics::AuditTrail {
                 healthy: audit.healthy && core.audit.healthy(),
