@@ -61,3 +61,11 @@ pub static ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_REDIRECTS, 0)
 /// by the proxy after `accept()`.
 #[map]
 pub static BY_PEER: LruHashMap<PeerKey, OrigDst> = LruHashMap::pinned(MAX_REDIRECTS, 0);
+
+/// Socket cookie -> the socket's `BY_PEER` key, so that `sock_release` removes an entry the
+/// proxy never took (a connect refused while the proxy was away, a socket closed before
+/// the proxy accepted it). Left behind, such an entry could be taken by another process
+/// of the namespace binding the same source, and a sandbox connecting and closing in a
+/// loop could push other sandboxes' entries out of the shared map.
+#[map]
+pub static PEER_OF: LruHashMap<u64, PeerKey> = LruHashMap::pinned(MAX_REDIRECTS, 0);

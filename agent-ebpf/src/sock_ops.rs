@@ -12,7 +12,7 @@ use aya_ebpf::{
 
 use crate::{
     decide::mapped,
-    maps::{BY_PEER, ORIG},
+    maps::{BY_PEER, ORIG, PEER_OF},
 };
 
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
@@ -73,7 +73,10 @@ fn remember_peer(ctx: &SockOpsContext) {
         // sandboxes' entries.
         Some(orig) if orig.rule_id == RULE_DNS => {}
         Some(orig) => {
-            let _ = BY_PEER.insert(key, orig, 0);
+            // Its key too, for `sock_release` to remove an entry the proxy never took.
+            let _ = BY_PEER
+                .insert(key, orig, 0)
+                .and_then(|()| PEER_OF.insert(cookie, key, 0));
         }
         // Not redirected. (An entry under the same source address and port may be
         // another socket's, waiting for the proxy to accept it: Linux gives one port to

@@ -226,6 +226,23 @@ impl Daemon {
         &self.bpffs
     }
 
+    /// How many entries the daemon's pinned kernel map `name` holds (`ORIG`, `BY_PEER`),
+    /// read with bpftool.
+    pub fn map_entries(&self, name: &str) -> Result<usize> {
+        let pinned = self.bpffs.path().join("v2/maps").join(name);
+        let dump = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&pinned)
+            .output()
+            .context("bpftool (scripts/setup.sh installs it)")?;
+        ensure!(
+            dump.status.success(),
+            "bpftool: {}",
+            String::from_utf8_lossy(&dump.stderr)
+        );
+        Ok(serde_json::from_slice::<Vec<Value>>(&dump.stdout)?.len())
+    }
+
     /// The daemon's stdout+stderr (all generations, appended).
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("egressd.log")

@@ -870,22 +870,6 @@ fn two_sandboxes_resolve_and_learn_separately() -> Result<()> {
     Ok(())
 }
 
-/// The entries of the pinned `ORIG` map (redirected sockets' original destinations).
-fn redirect_entries(fx: &DnsFixture) -> Result<usize> {
-    let orig = fx.daemon.bpffs().path().join("v2/maps/ORIG");
-    let dump = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(&orig)
-        .output()
-        .context("bpftool (scripts/setup.sh installs it)")?;
-    ensure!(
-        dump.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    Ok(serde_json::from_slice::<Vec<Value>>(&dump.stdout)?.len())
-}
-
 /// Every query redirected to the resolver keeps its socket's original destination in a
 /// map all sandboxes share; a closed socket's entry goes with it, so a sandbox opening and
 /// closing sockets to port 53 cannot push out other sandboxes' entries (whose answers
@@ -895,7 +879,7 @@ fn a_closed_sockets_redirect_is_forgotten() -> Result<()> {
     require_dns_tools!();
     let fx = DnsFixture::new(LONG_TTL)?;
     fx.attach(&fx.sandbox, NAMES_POLICY)?;
-    let before = redirect_entries(&fx)?;
+    let before = fx.daemon.map_entries("ORIG")?;
     const SOCKETS: usize = 2000;
     let script = format!(
         "import socket\n\
@@ -911,7 +895,7 @@ fn a_closed_sockets_redirect_is_forgotten() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let after = redirect_entries(&fx)?;
+    let after = fx.daemon.map_entries("ORIG")?;
     ensure!(
         after < before + SOCKETS / 10,
         "{SOCKETS} sockets opened and closed left {} redirect entries (from {before})",

@@ -1367,6 +1367,34 @@ fn killed_daemon_leaves_redirected_connections_failing() -> Result<()> {
         &fx.sandbox
             .probe("tcp-connect", IpAddr::V4(API_V4), 80, &[])?,
     )?;
+    // Each refused connect left its redirect entry (made before the SYN); a closed
+    // socket's goes with it, so nothing stale is left for another process of the
+    // namespace to take, and a loop of them cannot push out others' entries.
+    let entries = fx.daemon.map_entries("BY_PEER")?;
+    const CONNECTS: usize = 300;
+    let script = format!(
+        "import socket\n\
+         refused = 0\n\
+         for _ in range({CONNECTS}):\n\
+         \x20   s = socket.socket()\n\
+         \x20   try:\n\
+         \x20       s.connect(('{API_V4}', 443))\n\
+         \x20   except ConnectionRefusedError:\n\
+         \x20       refused += 1\n\
+         \x20   s.close()\n\
+         print(refused)\n"
+    );
+    let out = fx.sandbox.run("python3", &["-c", &script])?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).trim() == CONNECTS.to_string(),
+        "connects with the proxy dead: {}",
+        all_output(&out)
+    );
+    let left = fx.daemon.map_entries("BY_PEER")?;
+    ensure!(
+        left < entries + CONNECTS / 10,
+        "{CONNECTS} refused connects left {left} redirect entries (from {entries})"
+    );
     Ok(())
 }
 
