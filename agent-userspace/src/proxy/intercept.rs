@@ -827,6 +827,9 @@ impl ConnCtx {
                 BodyCheck::Downstream(reason) => {
                     return Err(Refusal::deny(StatusCode::BAD_REQUEST, reason));
                 }
+                BodyCheck::Busy(reason) => {
+                    return Err(Refusal::deny(StatusCode::SERVICE_UNAVAILABLE, reason));
+                }
             }
         }
         // The rule's own placeholder credential, when this host is one of its hosts: its

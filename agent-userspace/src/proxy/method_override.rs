@@ -22,6 +22,14 @@ pub const MAX_FORM_BYTES: usize = 1 << 20;
 /// Longest time such a body may take to arrive whole, however steadily it trickles.
 pub const MAX_FORM_SECS: u64 = 120;
 
+/// KiB of such bodies the whole daemon holds while reading them, over every sandbox (each
+/// sandbox is bounded by its requests in flight, the daemon by this): past it, a body to
+/// be read is refused with 503 instead of the daemon growing.
+pub const MAX_HELD_KIB: usize = 256 * 1024;
+
+/// What the reads of [`check_body`] hold, in KiB.
+static HELD: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_HELD_KIB);
+
 /// A method no rule lists: a rule that refuses it lists its methods, so some method an
 /// override could name (Laravel and Symfony take any) is refused there.
 const UNLISTED_METHOD: &str = "EGRESSD-OVERRIDE-PROBE";
@@ -147,6 +155,8 @@ pub enum BodyCheck {
     Refuse { reason: String, consumed: u64 },
     /// The client's body failed or stalled.
     Downstream(String),
+    /// The daemon holds [`MAX_HELD_KIB`] of such bodies already.
+    Busy(String),
 }
 
 /// Reads a POST body that frameworks parse (form, multipart or JSON) and refuses it if
@@ -198,6 +208,14 @@ pub async fn check_body(headers: &HeaderMap, body: &mut Incoming, idle: Duration
             )
         }
         Err(ReadError::Downstream(why)) => return BodyCheck::Downstream(why),
+        Err(ReadError::Busy(consumed)) => {
+            return BodyCheck::Busy(format!(
+                "proxy: POST refused: the daemon already holds {} MiB of request bodies read \
+                 whole to be checked for a method override ({consumed} bytes of this one \
+                 read); try again",
+                MAX_HELD_KIB / 1024
+            ))
+        }
     };
     let found = [
         readings
@@ -232,6 +250,7 @@ enum ReadError {
     TooLarge(u64),
     Trailers(u64),
     Downstream(String),
+    Busy(u64),
 }
 
 /// The whole body, at most [`MAX_FORM_BYTES`], within [`MAX_FORM_SECS`] (a byte now and
@@ -257,10 +276,20 @@ async fn read_into(
     idle: Duration,
     read: &mut BytesMut,
 ) -> Result<Bytes, ReadError> {
+    // Given back when the read ends, read or not.
+    let mut held: Option<tokio::sync::SemaphorePermit<'static>> = None;
     loop {
         match next_piece(body, idle).await {
             Ok(Piece::End) => return Ok(std::mem::take(read).freeze()),
             Ok(Piece::Data(data)) => {
+                let kib = u32::try_from(data.len().div_ceil(1024)).unwrap_or(u32::MAX);
+                match HELD.try_acquire_many(kib) {
+                    Ok(more) => match held.as_mut() {
+                        Some(permits) => permits.merge(more),
+                        None => held = Some(more),
+                    },
+                    Err(_) => return Err(ReadError::Busy(read.len() as u64)),
+                }
                 read.extend_from_slice(&data);
                 if read.len() > MAX_FORM_BYTES {
                     return Err(ReadError::TooLarge(read.len() as u64));
