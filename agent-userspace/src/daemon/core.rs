@@ -32,6 +32,9 @@ const MAX_LEARNED_PER_SANDBOX: usize = 4096;
 /// Learned addresses all sandboxes may hold at once: half the kernel's rule tables, so
 /// that sandboxes learning names cannot leave no room for another policy's own rules.
 const MAX_LEARNED_ALL: usize = agent_common::MAX_PREFIXES as usize / 2;
+/// A sandbox's share of [`MAX_LEARNED_ALL`] is never below this, however many are
+/// attached (past that many, the total bounds them all).
+const MIN_LEARNED_SHARE: usize = 256;
 /// Longest TTL honoured for a learned address, in seconds.
 const MAX_LEARNED_TTL: u32 = crate::dns::MAX_ANSWER_TTL;
 /// The policy slot a quarantined sandbox's kernel entry points at. Slots handed out start
@@ -587,10 +590,15 @@ impl Core {
             .collect();
         new.sort_unstable();
         new.dedup();
-        if held + new.len() > MAX_LEARNED_PER_SANDBOX {
+        // Each sandbox's share of what all may hold, so that a few cannot take it all.
+        let share = (MAX_LEARNED_ALL / self.state.sandboxes.len().max(1))
+            .clamp(MIN_LEARNED_SHARE, MAX_LEARNED_PER_SANDBOX);
+        if held + new.len() > share {
             return Err(format!(
-                "sandbox {} would hold more than {MAX_LEARNED_PER_SANDBOX} learned addresses",
-                rec.name
+                "sandbox {} would hold more than {share} learned addresses (its share of \
+                 {MAX_LEARNED_ALL} over {} sandboxes, at most {MAX_LEARNED_PER_SANDBOX})",
+                rec.name,
+                self.state.sandboxes.len()
             ));
         }
         if self.dns.learned.len() + new.len() > MAX_LEARNED_ALL {
