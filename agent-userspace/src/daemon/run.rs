@@ -237,8 +237,12 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             let alert = record.alert(time);
             // A sandbox's refusals past the limit are counted, not written one by one:
             // never one that found a secret, a git push's, or a refused dial upstream (an
-            // address the rule may not reach).
-            let limited = alert.is_none()
+            // address the rule may not reach). A misplaced placeholder (not a secret) is
+            // limited with its alert: the sandbox could repeat it at will.
+            let placeholder_only = alert
+                .as_ref()
+                .is_none_or(|a| a.kind == crate::audit::AlertKind::PlaceholderMisdirected);
+            let limited = placeholder_only
                 && record.verdict == crate::audit::ProxyVerdict::Deny
                 && record.git.is_none()
                 && !record
