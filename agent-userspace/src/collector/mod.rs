@@ -10,7 +10,11 @@
 //! collector may see a record twice (same `event.sequence`) but, short of the queue
 //! overflowing, not lose one. When the queue is full, records are
 //! dropped and counted, and the next message the collector gets is a `collector-lost`
-//! record with the count and the sequence range, so a gap is always explained.
+//! record with the count and the sequence range, so a gap is explained while the daemon
+//! runs. The queue is in memory: what it holds when the daemon dies (or stops with the
+//! collector away past the flush's 2 s), and unacknowledged messages past
+//! [`MAX_UNACKED`] at a reconnection, leave gaps no record explains; the audit log has
+//! them.
 
 #[cfg(test)]
 mod tests;
