@@ -1,5 +1,6 @@
 //! Refusals a sandbox gets recorded one by one, up to a limit per window; the rest of the
-//! window are counted in one `rate-limit` alert when it ends.
+//! window are counted in one `rate-limit` alert when it ends. With a limit of 0 it counts
+//! every one (what a resolver at its limit drops unanswered).
 //!
 //! A refusal costs the sandbox a few bytes (an HTTP/2 stream naming a refused path, one
 //! byte on a connection) and the trail a whole line. Without a limit one sandbox could
@@ -20,6 +21,9 @@ use crate::audit::{Alert, AlertKind};
 /// Where the window's alert goes.
 pub type RaiseFn = Arc<dyn Fn(Alert) + Send + Sync>;
 
+/// The alert's reason for a count.
+pub type DescribeFn = Arc<dyn Fn(u64) -> String + Send + Sync>;
+
 /// Sandboxes whose windows are remembered at most; older idle ones are forgotten first.
 const MAX_SANDBOXES: usize = 4096;
 
@@ -28,8 +32,7 @@ pub struct RefusalRecords {
     /// Refusals recorded one by one per window and sandbox.
     limit: u32,
     window: Duration,
-    /// What is counted, in the alert's reason: "proxy refusals".
-    what: &'static str,
+    describe: DescribeFn,
     raise: RaiseFn,
     windows: Arc<Mutex<HashMap<String, Window>>>,
 }
@@ -45,14 +48,38 @@ struct Window {
 }
 
 impl RefusalRecords {
+    /// Refusals past `limit` per `window`, `what` they are ("proxy refusals") in the
+    /// alert's reason.
     pub fn new(limit: u32, window: Duration, what: &'static str, raise: RaiseFn) -> Self {
+        let seconds = window.as_secs().max(1);
+        Self::described(
+            limit,
+            window,
+            Arc::new(move |counted| {
+                format!(
+                    "{counted} {what} counted here only (over {limit} in {seconds} s are not \
+                     recorded one by one)"
+                )
+            }),
+            raise,
+        )
+    }
+
+    /// As [`RefusalRecords::new`], with the alert's reason made by `describe`.
+    pub fn described(limit: u32, window: Duration, describe: DescribeFn, raise: RaiseFn) -> Self {
         Self {
             limit,
             window,
-            what,
+            describe,
             raise,
             windows: Arc::default(),
         }
+    }
+
+    /// Counts one refusal of `sandbox` that gets no record of its own (with a limit of 0,
+    /// every one).
+    pub fn count(&self, sandbox: &str) {
+        let _ = self.admit(sandbox);
     }
 
     /// Whether this refusal of `sandbox` gets its own record; if not, it is counted, and
@@ -82,13 +109,13 @@ impl RefusalRecords {
         if !w.alert_due {
             w.alert_due = true;
             let ends = w.started + self.window;
-            let (windows, raise, what, sandbox) = (
+            let (windows, raise, describe, sandbox) = (
                 self.windows.clone(),
                 self.raise.clone(),
-                self.what,
+                self.describe.clone(),
                 sandbox.to_owned(),
             );
-            let (limit, seconds) = (self.limit, self.window.as_secs().max(1));
+            let seconds = self.window.as_secs().max(1);
             tokio::spawn(async move {
                 tokio::time::sleep_until(ends.into()).await;
                 let counted = {
@@ -106,10 +133,7 @@ impl RefusalRecords {
                     OffsetDateTime::now_utc(),
                     AlertKind::RateLimit,
                     sandbox,
-                    format!(
-                        "{counted} {what} counted here only (over {limit} in {seconds} s are \
-                         not recorded one by one)"
-                    ),
+                    describe(counted),
                 );
                 alert.count = counted;
                 alert.window_seconds = Some(seconds);

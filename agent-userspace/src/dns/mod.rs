@@ -35,7 +35,7 @@
 //! Every query a listener reads ends in exactly one [`DnsRecord`] for the audit trail,
 //! except those shed while [`MAX_UDP_IN_FLIGHT`] queries (or [`MAX_TCP_CONNECTIONS`]
 //! connections) are already being served: those are counted, and each [`ALERT_WINDOW`]
-//! with any raises one `rate-limit` alert with the count ([`Shed`]).
+//! with any raises one `rate-limit` alert with the count ([`shed`]).
 //! All upstream work is bounded by [`ResolverCtx::timeout`] per server and transport.
 pub(crate) mod answer;
 pub mod budget;
@@ -175,52 +175,13 @@ enum Transport {
 /// Queries (or TCP connections) a listener drops because too many are being served:
 /// too many to record one by one while the resolver is overloaded, so counted, with one
 /// `rate-limit` alert per [`ALERT_WINDOW`] in which any were.
-struct Shed {
-    ctx: Arc<ResolverCtx>,
-    what: String,
-    count: Arc<std::sync::atomic::AtomicU64>,
-    window_open: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Shed {
-    fn new(ctx: Arc<ResolverCtx>, what: String) -> Self {
-        Self {
-            ctx,
-            what,
-            count: Arc::default(),
-            window_open: Arc::default(),
-        }
-    }
-
-    /// Counts one; the first of a window starts its timer.
-    fn one(&self) {
-        use std::sync::atomic::Ordering;
-        self.count.fetch_add(1, Ordering::Relaxed);
-        if self.window_open.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let (count, open, ctx, what) = (
-            self.count.clone(),
-            self.window_open.clone(),
-            self.ctx.clone(),
-            self.what.clone(),
-        );
-        tokio::spawn(async move {
-            tokio::time::sleep(ALERT_WINDOW).await;
-            open.store(false, Ordering::Release);
-            let n = count.swap(0, Ordering::AcqRel);
-            warn!(sandbox = %ctx.sandbox, dropped = n, %what, "DNS resolver overloaded");
-            let mut record = Alert::new(
-                OffsetDateTime::now_utc(),
-                AlertKind::RateLimit,
-                ctx.sandbox.clone(),
-                format!("{n} DNS {what}"),
-            );
-            record.count = n;
-            record.window_seconds = Some(ALERT_WINDOW.as_secs().max(1));
-            (ctx.alert)(record);
-        });
-    }
+fn shed(ctx: &ResolverCtx, what: String) -> RefusalRecords {
+    RefusalRecords::described(
+        0,
+        ALERT_WINDOW,
+        Arc::new(move |n| format!("{n} DNS {what}")),
+        ctx.alert.clone(),
+    )
 }
 
 /// Serves DNS over UDP on `socket` (bound by the daemon in the sandbox's namespace) until
@@ -228,8 +189,8 @@ impl Shed {
 pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>) {
     let socket = Arc::new(socket);
     let permits = Arc::new(Semaphore::new(MAX_UDP_IN_FLIGHT));
-    let shed = Shed::new(
-        ctx.clone(),
+    let shed = shed(
+        &ctx,
         format!(
             "queries (over {MAX_UDP_IN_FLIGHT} in flight) dropped unanswered: the sandbox's \
              resolver was at its limit"
@@ -256,7 +217,7 @@ pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>) {
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             debug!(sandbox = %ctx.sandbox, %peer, "Too many DNS queries in flight; dropped one");
-            shed.one();
+            shed.count(&ctx.sandbox);
             continue;
         };
         let query = buf[..len].to_vec();
@@ -277,8 +238,8 @@ pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>) {
 /// in order.
 pub async fn serve_tcp(listener: TcpListener, ctx: Arc<ResolverCtx>) {
     let permits = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
-    let shed = Shed::new(
-        ctx.clone(),
+    let shed = shed(
+        &ctx,
         format!(
             "TCP connections (over {MAX_TCP_CONNECTIONS} open) dropped unanswered: the \
              sandbox's resolver was at its limit"
@@ -303,7 +264,7 @@ pub async fn serve_tcp(listener: TcpListener, ctx: Arc<ResolverCtx>) {
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             debug!(sandbox = %ctx.sandbox, %peer, "Too many DNS TCP connections; closed one");
-            shed.one();
+            shed.count(&ctx.sandbox);
             continue;
         };
         let (ctx, refusals) = (ctx.clone(), refusals.clone());
