@@ -121,12 +121,18 @@ pub struct Metrics {
     audit_written: Counter,
     audit_bytes: Counter,
     audit_errors: Counter,
-    /// The series each sandbox's records created, by sandbox name: removed when its
-    /// `sandbox-detach` record is counted, so that hosts where containers come and go
-    /// do not keep a series for every container they ever ran.
-    series: Mutex<HashMap<String, Vec<Series>>>,
+    /// Which series each sandbox's records created, and which sandboxes are gone.
+    series: Mutex<Tracked>,
+}
+
+/// The series each sandbox's records created, by sandbox name: removed when its
+/// `sandbox-detach` record is counted, so that hosts where containers come and go do not
+/// keep a series for every container they ever ran.
+#[derive(Default)]
+struct Tracked {
+    by_sandbox: HashMap<String, Vec<Series>>,
     /// Sandboxes detached lately, and when: their late records make no series.
-    gone: Mutex<HashMap<String, Instant>>,
+    gone: HashMap<String, Instant>,
 }
 
 impl fmt::Debug for Metrics {
@@ -162,7 +168,6 @@ impl Metrics {
             audit_bytes: Counter::default(),
             audit_errors: Counter::default(),
             series: Mutex::default(),
-            gone: Mutex::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -267,21 +272,9 @@ impl Metrics {
         match record {
             Record::SandboxDetach(d) => return self.forget(&d.sandbox),
             Record::SandboxAttach(a) | Record::SandboxAdopt(a) => {
-                self.gone_lock().remove(&a.sandbox);
+                self.tracked().gone.remove(&a.sandbox);
             }
             _ => {}
-        }
-        // What a detached sandbox's last records say (its proxied connections closed, a
-        // query in flight, kernel events read late) makes no series again.
-        let sandbox = match record {
-            Record::Network(r) => Some(&r.sandbox),
-            Record::Dns(r) => Some(&r.sandbox),
-            Record::Proxy(e) => Some(&e.record.sandbox),
-            Record::Alert(a) => Some(&a.sandbox),
-            _ => None,
-        };
-        if sandbox.is_some_and(|s| self.gone_lock().contains_key(s)) {
-            return;
         }
         match record {
             Record::Network(r) => self.decision(r),
@@ -292,66 +285,73 @@ impl Metrics {
                     sandbox: a.sandbox.clone(),
                     kind: a.kind.as_str(),
                 };
-                self.series(&self.alerts, &labels, &a.sandbox, Series::Alerts)
-                    .inc();
-                self.series(
+                if let Some(m) = self.series(&self.alerts, &labels, &a.sandbox, Series::Alerts) {
+                    m.inc();
+                }
+                if let Some(m) = self.series(
                     &self.alert_occurrences,
                     &labels,
                     &a.sandbox,
                     Series::AlertOccurrences,
-                )
-                .inc_by(a.count.max(1));
+                ) {
+                    m.inc_by(a.count.max(1));
+                }
             }
             _ => {}
         }
     }
 
-    fn gone_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.gone.lock().unwrap_or_else(|p| p.into_inner())
+    fn tracked(&self) -> std::sync::MutexGuard<'_, Tracked> {
+        self.series.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The metric of `labels` in `family`, created if it is not there yet; a created one
-    /// is remembered under `sandbox`, as `keep` names it.
+    /// is remembered under `sandbox`, as `keep` names it. `None` for a sandbox detached
+    /// lately: what its last records say (its proxied connections closed, a query in
+    /// flight, kernel events read late) makes no series again. Only a series not there
+    /// yet takes the lock.
     fn series<'f, S, M, C>(
         &self,
         family: &'f Family<S, M, C>,
         labels: &S,
         sandbox: &str,
         keep: impl FnOnce(S) -> Series,
-    ) -> impl std::ops::Deref<Target = M> + 'f
+    ) -> Option<impl std::ops::Deref<Target = M> + 'f>
     where
         S: Clone + Hash + Eq,
         C: MetricConstructor<M>,
     {
         if let Some(metric) = family.get(labels) {
-            return metric;
+            return Some(metric);
         }
         // Created while the list is held, so that a detach in between cannot miss it.
-        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        series
+        let mut tracked = self.tracked();
+        if tracked.gone.contains_key(sandbox) {
+            return None;
+        }
+        tracked
+            .by_sandbox
             .entry(sandbox.to_owned())
             .or_default()
             .push(keep(labels.clone()));
         let metric = family.get_or_create(labels);
-        drop(series);
-        metric
+        drop(tracked);
+        Some(metric)
     }
 
     /// Removes every series a detached sandbox's records created, and makes no more for
     /// it until it is attached again (detached names are kept for [`GONE_FOR`]).
     fn forget(&self, sandbox: &str) {
-        {
-            let mut gone = self.gone_lock();
+        let gone = {
+            let mut tracked = self.tracked();
             let now = Instant::now();
-            gone.retain(|_, at| now.duration_since(*at) < GONE_FOR);
-            gone.insert(sandbox.to_owned(), now);
-        }
-        let Some(gone) = self
-            .series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(sandbox)
-        else {
+            tracked
+                .gone
+                .retain(|_, at| now.duration_since(*at) < GONE_FOR);
+            tracked.gone.insert(sandbox.to_owned(), now);
+            tracked.by_sandbox.remove(sandbox)
+        };
+        let Some(gone) = gone else {
             return;
         };
         for series in gone {
@@ -377,8 +377,9 @@ impl Metrics {
             verdict: r.verdict.as_str(),
             rule: r.rule.name().to_owned(),
         };
-        self.series(&self.decisions, &labels, &r.sandbox, Series::Decision)
-            .inc();
+        if let Some(m) = self.series(&self.decisions, &labels, &r.sandbox, Series::Decision) {
+            m.inc();
+        }
     }
 
     fn dns(&self, r: &DnsEvent) {
@@ -390,8 +391,9 @@ impl Metrics {
             },
             rcode: rcode_label(&r.response_code),
         };
-        self.series(&self.dns_queries, &labels, &r.sandbox, Series::Dns)
-            .inc();
+        if let Some(m) = self.series(&self.dns_queries, &labels, &r.sandbox, Series::Dns) {
+            m.inc();
+        }
     }
 
     fn proxy(&self, e: &ProxyEvent) {
@@ -411,51 +413,57 @@ impl Metrics {
             kind,
             verdict: r.verdict.as_str(),
         };
-        self.series(&self.proxy, &labels, sandbox, Series::Proxy)
-            .inc();
+        if let Some(m) = self.series(&self.proxy, &labels, sandbox, Series::Proxy) {
+            m.inc();
+        }
         // The proxy reports an allowed request whose upstream then failed as an allow
         // with a reason (the proxy let it through; the origin did not answer).
         if r.verdict == ProxyVerdict::Allow && r.reason.as_deref().is_some_and(|s| !s.is_empty()) {
-            self.series(
+            if let Some(m) = self.series(
                 &self.proxy_upstream_errors,
                 &sandbox_rule,
                 sandbox,
                 Series::UpstreamErrors,
-            )
-            .inc();
+            ) {
+                m.inc();
+            }
         }
         if r.verdict == ProxyVerdict::Allow
             && r.credential.as_deref().is_some_and(|s| !s.is_empty())
         {
-            self.series(
+            if let Some(m) = self.series(
                 &self.credentials_injected,
                 &sandbox_rule,
                 sandbox,
                 Series::Injected,
-            )
-            .inc();
+            ) {
+                m.inc();
+            }
         }
         let labels = DurationLabels {
             sandbox: r.sandbox.clone(),
             rule: r.rule_name.clone(),
             kind,
         };
-        self.series(&self.proxy_duration, &labels, sandbox, Series::Duration)
-            .observe(r.duration_ms as f64 / 1000.0);
-        self.series(
+        if let Some(m) = self.series(&self.proxy_duration, &labels, sandbox, Series::Duration) {
+            m.observe(r.duration_ms as f64 / 1000.0);
+        }
+        if let Some(m) = self.series(
             &self.proxy_bytes_sent,
             &sandbox_rule,
             sandbox,
             Series::BytesSent,
-        )
-        .inc_by(r.bytes_in);
-        self.series(
+        ) {
+            m.inc_by(r.bytes_in);
+        }
+        if let Some(m) = self.series(
             &self.proxy_bytes_received,
             &sandbox_rule,
             sandbox,
             Series::BytesReceived,
-        )
-        .inc_by(r.bytes_out);
+        ) {
+            m.inc_by(r.bytes_out);
+        }
     }
 
     pub fn audit_written(&self, bytes: usize) {
