@@ -106,12 +106,13 @@ pub(super) fn string(s: &str, out: &mut Vec<u8>) {
             i += 1;
             continue;
         }
-        let (escaped, len) = if b.is_ascii() {
-            (needs_escape(b) || b == 0x7f, 1)
+        // The character at `i` (its code, its length) and whether it is escaped.
+        let (code, len, escaped) = if b.is_ascii() {
+            (u32::from(b), 1, needs_escape(b) || b == 0x7f)
         } else {
             match s.get(i..).and_then(|rest| rest.chars().next()) {
-                Some(c) => (misleads(c), c.len_utf8()),
-                None => (false, 1),
+                Some(c) => (u32::from(c), c.len_utf8(), misleads(c)),
+                None => (0, 1, false),
             }
         };
         if !escaped {
@@ -129,10 +130,6 @@ pub(super) fn string(s: &str, out: &mut Vec<u8>) {
             0x0c => out.extend_from_slice(b"\\f"),
             _ => {
                 // Every character escaped here is in the Basic Multilingual Plane.
-                let code = s
-                    .get(i..)
-                    .and_then(|rest| rest.chars().next())
-                    .map_or(0, u32::from);
                 out.extend_from_slice(b"\\u");
                 for shift in [12, 8, 4, 0] {
                     out.push(HEX[((code >> shift) & 0xf) as usize]);
