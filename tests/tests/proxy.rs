@@ -802,6 +802,31 @@ fn token_appears_nowhere_the_sandbox_or_auditor_looks() -> Result<()> {
     fx.assert_token_absent(&[&v1, &v2, &denied, &py, &git, &trace])
 }
 
+/// curl with `args`, over HTTP/1.1 and HTTP/2, gets `status` with a body naming `naming`;
+/// its output is kept in `outs` (to search for the token).
+fn refused_on_both(
+    fx: &ProxyFixture,
+    args: &[&str],
+    status: u16,
+    naming: &str,
+    outs: &mut Vec<Output>,
+) -> Result<()> {
+    for http in ["--http1.1", "--http2"] {
+        let mut with = vec![http];
+        with.extend_from_slice(args);
+        let r = curl_resp(fx, &with)?;
+        ensure!(
+            r.status == status && r.body.contains(naming),
+            "{args:?} ({http}): expected {status} naming {naming}, got {} {:?}: {}",
+            r.status,
+            r.body,
+            all_output(&r.out)
+        );
+        outs.push(r.out);
+    }
+    Ok(())
+}
+
 #[test]
 fn request_outside_the_http_rules_is_refused_with_403_or_400() -> Result<()> {
     require_proxy_tools!();
@@ -865,17 +890,13 @@ fn request_outside_the_http_rules_is_refused_with_403_or_400() -> Result<()> {
     // Laravel would run a DELETE): 400. (`curl_http1_and_http2_get_the_injected_token`
     // POSTs a JSON body to the same path: the positive control.)
     for body in [["-d", "_method=DELETE"], ["-F", "_method=DELETE"]] {
-        for http in ["--http1.1", "--http2"] {
-            let r = curl_resp(&fx, &[http, body[0], body[1], ISSUES_URL])?;
-            ensure!(
-                r.status == 400 && r.body.contains("\"_method\""),
-                "POST {body:?} ({http}): expected 400 naming _method, got {} {:?}: {}",
-                r.status,
-                r.body,
-                all_output(&r.out)
-            );
-            outs.push(r.out);
-        }
+        refused_on_both(
+            &fx,
+            &[body[0], body[1], ISSUES_URL],
+            400,
+            "\"_method\"",
+            &mut outs,
+        )?;
     }
     let rec = request_record(&fx, "POST", "/repos/acme/widgets/issues", 400)?;
     ensure_field(&rec, "egress.verdict", "deny")?;
@@ -886,22 +907,12 @@ fn request_outside_the_http_rules_is_refused_with_403_or_400() -> Result<()> {
         "x-goog-copy-source: /acme/secret/db.dump",
         "X-Ms-Rename-Source: /fs/prod/ledger.csv",
     ] {
-        for http in ["--http1.1", "--http2"] {
-            let r = curl_resp(&fx, &[http, "-H", header, REPO_URL])?;
-            let name = header
-                .split(':')
-                .next()
-                .unwrap_or_default()
-                .to_ascii_lowercase();
-            ensure!(
-                r.status == 403 && r.body.contains(&name),
-                "GET with {header} ({http}): expected 403 naming the header, got {} {:?}: {}",
-                r.status,
-                r.body,
-                all_output(&r.out)
-            );
-            outs.push(r.out);
-        }
+        let name = header
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        refused_on_both(&fx, &["-H", header, REPO_URL], 403, &name, &mut outs)?;
     }
     let rec = request_record(&fx, "GET", "/repos/acme/widgets", 403)?;
     ensure!(
