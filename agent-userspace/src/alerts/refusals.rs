@@ -91,12 +91,21 @@ impl RefusalRecords {
             let window = self.window;
             windows.retain(|_, w| w.alert_due || now.duration_since(w.started) < window);
         }
-        let w = windows.entry(sandbox.to_owned()).or_insert(Window {
-            started: now,
-            recorded: 0,
-            counted: 0,
-            alert_due: false,
-        });
+        // The name is copied only for a sandbox's first refusal.
+        if !windows.contains_key(sandbox) {
+            windows.insert(
+                sandbox.to_owned(),
+                Window {
+                    started: now,
+                    recorded: 0,
+                    counted: 0,
+                    alert_due: false,
+                },
+            );
+        }
+        let Some(w) = windows.get_mut(sandbox) else {
+            return true;
+        };
         if !w.alert_due && now.duration_since(w.started) >= self.window {
             w.started = now;
             w.recorded = 0;
