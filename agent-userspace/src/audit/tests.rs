@@ -2926,3 +2926,37 @@ fn finds(secret: &'static str) -> crate::audit::FindSecrets {
             .collect()
     })
 }
+
+/// Writes reach only the page cache; a disk that could not store them says so only to the
+/// next sync. That failure is not passed over: the records written since the last sync
+/// are reported in an `audit-lost` record with their range, and the trail counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sync_reports_the_records_it_may_have_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (handle, mut task) = AuditLog::open(AuditSink::File(path.clone())).unwrap();
+    task.fail_next_sync(std::io::ErrorKind::Other);
+    let writer = tokio::spawn(task.run());
+    // Past the first sync's time (200 ms in tests), so this batch is synced after it is
+    // written.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    handle.emit_all(vec![denied(1), denied(2)]);
+    eventually("loss reported", || {
+        fs::read_to_string(&path).is_ok_and(|t| t.lines().count() == 3)
+    })
+    .await;
+    let health = handle.health();
+    assert_eq!((health.lost, health.write_errors), (2, 1), "{health:?}");
+    // Later records are written and synced as usual.
+    handle.emit(denied(3));
+    drop(handle);
+    writer.await.unwrap().unwrap();
+    let lines = read_lines(&path);
+    let seqs: Vec<u64> = lines.iter().map(sequence).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    let lost = &lines[2];
+    assert_eq!(lost["event"]["action"], "audit-lost", "{lost}");
+    assert_eq!(lost["egress"]["audit_lost"]["first_sequence"], 1, "{lost}");
+    assert_eq!(lost["egress"]["audit_lost"]["last_sequence"], 2, "{lost}");
+    assert!(lost.to_string().contains("fdatasync"), "{lost}");
+}

@@ -150,6 +150,8 @@ pub struct AuditWriter {
     recheck_torn: bool,
     /// Masks secrets in each record as it is encoded.
     redactor: Redactor,
+    #[cfg(test)]
+    sync_fault: Option<io::ErrorKind>,
 }
 
 impl AuditWriter {
@@ -170,6 +172,8 @@ impl AuditWriter {
                     torn: false,
                     recheck_torn: false,
                     redactor: Redactor::default(),
+                    #[cfg(test)]
+                    sync_fault: None,
                 })
             }
             AuditSink::File(path) => {
@@ -193,6 +197,8 @@ impl AuditWriter {
                     torn: scan.torn,
                     recheck_torn: scan.torn,
                     redactor: Redactor::default(),
+                    #[cfg(test)]
+                    sync_fault: None,
                 })
             }
         }
@@ -335,12 +341,28 @@ impl AuditWriter {
         }
     }
 
-    /// Forces written records to stable storage (a no-op for stdout or a closed file).
+    /// Forces written records to stable storage (a no-op for stdout, a closed file, or a
+    /// path that is not a regular file, such as a named pipe, which has no storage).
     pub fn sync(&mut self) -> io::Result<()> {
-        match (&self.sink, &self.out) {
-            (AuditSink::File(_), Some(out)) => out.sync_data(),
-            _ => Ok(()),
+        let (AuditSink::File(_), Some(out)) = (&self.sink, &self.out) else {
+            return Ok(());
+        };
+        #[cfg(test)]
+        if let Some(kind) = self.sync_fault.take() {
+            return Err(io::Error::from(kind));
         }
+        if out.metadata()?.file_type().is_file() {
+            out.sync_data()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Makes the next [`Self::sync`] of an open file fail with `kind`, as a disk that
+    /// could not store what was written reports it.
+    #[cfg(test)]
+    pub(super) fn fail_next_sync(&mut self, kind: io::ErrorKind) {
+        self.sync_fault = Some(kind);
     }
 
     /// The number the next record will get.
@@ -881,6 +903,8 @@ impl AuditLog {
                 queue_records: config.queue_records.max(1),
                 sequence_file,
                 written,
+                synced: written,
+                last_sync: Instant::now(),
                 records: 0,
             },
         ))
@@ -1013,6 +1037,15 @@ const GATHER: Duration = Duration::from_millis(2);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
+/// How often records written to a log file are forced to stable storage (`fdatasync`),
+/// when something was written since the last time. Writes only reach the page cache: a
+/// disk that fails to store them reports it only to the next sync, which is how such a
+/// loss is found and reported instead of passing unseen.
+#[cfg(not(test))]
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+#[cfg(test)]
+const SYNC_EVERY: Duration = Duration::from_millis(200);
+
 /// Records numbered but dropped because the queue was full: one contiguous range, since
 /// once dropping starts every later record is dropped until the queue is written, but
 /// for a vital one ([`vital`]), which closes the range: its `audit-lost` record is queued
@@ -1076,6 +1109,9 @@ pub struct AuditTask {
     sequence_file: Option<SequenceFile>,
     /// The last sequence number known written.
     written: u64,
+    /// The last sequence number known on stable storage (or written before this run).
+    synced: u64,
+    last_sync: Instant,
     records: u64,
 }
 
@@ -1095,6 +1131,11 @@ impl AuditTask {
     /// The number the next record will get.
     pub fn next_sequence(&self) -> u64 {
         self.writer.next_sequence()
+    }
+
+    #[cfg(test)]
+    pub(super) fn fail_next_sync(&mut self, kind: io::ErrorKind) {
+        self.writer.fail_next_sync(kind);
     }
 
     /// Writes until all handles are dropped, then syncs the file. Writes happen on a
@@ -1154,6 +1195,11 @@ impl AuditTask {
             self.store_sequence();
             self.flush();
             self.store_sequence();
+            if self.last_sync.elapsed() >= SYNC_EVERY && !self.sync_written() {
+                // Its loss record, at once.
+                self.flush();
+                self.store_sequence();
+            }
             if closed && self.failing_since.is_some() {
                 break;
             }
@@ -1167,7 +1213,16 @@ impl AuditTask {
             self.flush();
             self.store_sequence();
         }
-        let _ = self.writer.sync();
+        // A loss record a failed sync at rotation left.
+        if !self.pending.is_empty() && self.failing_since.is_none() {
+            self.flush();
+            self.store_sequence();
+        }
+        if !self.sync_written() {
+            // The loss record of the failed sync, written and synced once more.
+            self.flush();
+            self.sync_written();
+        }
         let unreported = self.dropped.map(|d| d.first);
         if let Some(first) = self.pending.first_sequence().or(unreported) {
             let last = self
@@ -1418,6 +1473,52 @@ impl AuditTask {
         }
     }
 
+    /// Forces the records written so far to stable storage. If that fails, the records
+    /// written since the last sync may never reach the disk: they are reported in an
+    /// `audit-lost` record with their range (queued now, written at the next flush, to
+    /// a file opened afresh). Returns whether the sync succeeded.
+    fn sync_written(&mut self) -> bool {
+        self.last_sync = Instant::now();
+        if self.written <= self.synced {
+            return true;
+        }
+        match self.writer.sync() {
+            Ok(()) => {
+                self.synced = self.written;
+                true
+            }
+            Err(e) => {
+                let (first, last) = (self.synced + 1, self.written);
+                self.synced = self.written;
+                crate::metrics::audit_write_failed();
+                error!(sink = %self.writer.sink(), error = %e, first, last, "Syncing the audit log failed; records written since the last sync may not be on disk");
+                let mut report = self.health.report();
+                report.write_errors += 1;
+                report.lost += last - first + 1;
+                drop(report);
+                let lost = AuditLost {
+                    time: OffsetDateTime::now_utc(),
+                    count: last - first + 1,
+                    first_sequence: first,
+                    last_sequence: last,
+                    since: None,
+                    error: format!(
+                        "written, but forcing them to stable storage failed (fdatasync: {e}); \
+                         they may not be on disk"
+                    ),
+                };
+                if let Err(e) = self
+                    .writer
+                    .encode_next_into(&Record::AuditLost(lost), &mut self.pending)
+                {
+                    error!(error = %e, "Loss record not encodable");
+                }
+                self.reopen_wanted = true;
+                false
+            }
+        }
+    }
+
     fn failed(&mut self, error: String) {
         if self.failing_since.is_none() {
             self.failing_since = Some(OffsetDateTime::now_utc());
@@ -1452,7 +1553,11 @@ impl AuditTask {
             p.push(format!(".{n}"));
             PathBuf::from(p)
         };
-        let _ = self.writer.sync();
+        // Before the file is renamed away, so that a loss is reported in the log that
+        // goes on being written.
+        if !self.sync_written() {
+            return;
+        }
         for n in (1..rotate.keep).rev() {
             match std::fs::rename(numbered(n), numbered(n + 1)) {
                 Ok(()) => {}
