@@ -70,6 +70,24 @@ pub mod hook {
     /// while they are not bound (a daemon restart).
     pub const BIND4: u8 = 10;
     pub const BIND6: u8 = 11;
+    /// `cgroup/sysctl`: a write to a network sysctl of the sandbox's namespace that would
+    /// undo a guarantee (`opt_name` is one of [`super::sysctl`]'s codes). A process that
+    /// is root in the namespace's owning user namespace may write its `/proc/sys/net`
+    /// without any capability.
+    pub const SYSCTL: u8 = 12;
+}
+
+/// `ConnectEvent::opt_name` of a refused sysctl write ([`hook::SYSCTL`]).
+pub mod sysctl {
+    /// `net.ipv4.ip_nonlocal_bind` or `net.ipv6.ip_nonlocal_bind` set to anything but 0:
+    /// binds to, and sends from (`IP_PKTINFO`), addresses that are not the host's.
+    pub const NONLOCAL_BIND: u16 = 1;
+    /// `net.ipv4.ip_local_reserved_ports` (IPv4 and IPv6): the daemon's listener ports
+    /// the kernel must never pick for a socket that named no port.
+    pub const RESERVED_PORTS: u16 = 2;
+    /// `net.ipv4.conf.*.route_localnet` set to anything but 0: loopback addresses routed
+    /// off the loopback device.
+    pub const ROUTE_LOCALNET: u16 = 3;
 }
 
 /// `rule_id` of decisions that sent DNS to the sandbox's resolver (no policy rule).

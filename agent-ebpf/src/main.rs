@@ -21,6 +21,7 @@ mod sock_create;
 mod sock_ops;
 mod sock_release;
 mod sockopt;
+mod sysctl;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

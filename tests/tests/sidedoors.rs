@@ -5,7 +5,9 @@
 //! by setsockopt, the RFC 2292 form, and control data) are refused and recorded, with an
 //! alert that summarises them. So are the options that would let a socket send from an
 //! address that is not the host's (`IP_FREEBIND`, `IP_TRANSPARENT`, IPv6 forms): the bind
-//! to that address then fails, and nothing leaves from it. Packet sockets are refused where the kernel runs BPF LSM
+//! to that address then fails, and nothing leaves from it; so are writes to the namespace's
+//! sysctls that would allow it (`ip_nonlocal_bind`), undo the daemon's port reservations
+//! or route loopback addresses off the loopback device. Packet sockets are refused where the kernel runs BPF LSM
 //! programs; where it does not, `status` and the attach record say they are not covered.
 //! MPTCP sockets are refused and recorded as MPTCP, not TCP.
 //!
@@ -45,7 +47,7 @@ rules:
 "#;
 
 /// Cases the helper must see refused with EPERM by egressd.
-const REFUSED: [&str; 26] = [
+const REFUSED: [&str; 30] = [
     "udp4-freebind-setsockopt",
     "udp4-transparent-setsockopt",
     "udp6-freebind-setsockopt",
@@ -72,10 +74,14 @@ const REFUSED: [&str; 26] = [
     "udp4-bound-dev-loopback",
     "udp6-bound-dev-loopback",
     "udp4-unicast-if-loopback",
+    "sysctl-nonlocal-bind4",
+    "sysctl-nonlocal-bind6",
+    "sysctl-reserved-ports",
+    "sysctl-route-localnet",
 ];
 
 /// Positive controls that must succeed.
-const ALLOWED: [&str; 11] = [
+const ALLOWED: [&str; 13] = [
     "udp4-connected-cmsg",
     "udp6-connected-cmsg",
     "tcp4-lsrr-then-connect",
@@ -87,6 +93,8 @@ const ALLOWED: [&str; 11] = [
     "tcp4-nodelay",
     "tcp4-plain-connect",
     "udp4-loopback-send",
+    "sysctl-nonlocal-bind6-off",
+    "sysctl-ping-group-range",
 ];
 
 fn build_helper(dir: &std::path::Path) -> Result<std::path::PathBuf> {
@@ -307,6 +315,18 @@ fn source_routes_and_packet_sockets_are_refused() -> Result<()> {
     ] {
         ensure!(!denied("setsockopt", name).is_empty(), "{name} records");
     }
+    for name in [
+        "ip_nonlocal_bind",
+        "ip_local_reserved_ports",
+        "route_localnet",
+    ] {
+        ensure!(!denied("sysctl", name).is_empty(), "sysctl {name} records");
+    }
+    ensure!(
+        denied("sysctl", "ip_nonlocal_bind").len() == 2,
+        "ip_nonlocal_bind records: {:?} (two refused, the write of 0 allowed)",
+        denied("sysctl", "ip_nonlocal_bind")
+    );
     ensure!(
         denied("packet", "loopback-off-link").len() >= 3,
         "loopback-off-link records: {:?}",

@@ -147,6 +147,14 @@ fn refusals() -> Vec<Record> {
         refusal(hook::LSM_SOCKET_CREATE, 0, 768, 17, 3, [0; 16]),
         refusal(hook::SOCK_CREATE4, 4, 262, 0, 0, [0; 16]),
         refusal(hook::SKB_EGRESS, 4, 17, sockopt::QUARANTINED, 0, v4),
+        refusal(
+            hook::SYSCTL,
+            0,
+            0,
+            0,
+            agent_common::sysctl::NONLOCAL_BIND,
+            [0; 16],
+        ),
     ]
 }
 
@@ -979,7 +987,7 @@ fn every_kind_written_to_a_file_matches_the_schema() {
         .iter()
         .map(|l| l["event"]["action"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(actions.len(), 21 + AlertKind::ALL.len(), "{actions:?}");
+    assert_eq!(actions.len(), 22 + AlertKind::ALL.len(), "{actions:?}");
 }
 
 #[test]
@@ -1024,6 +1032,17 @@ fn refusals_name_what_was_refused() {
         .as_str()
         .unwrap()
         .contains("denied everything"));
+    // A sysctl write: no socket, network or destination; the sysctl named.
+    assert_eq!(lines[7]["event"]["action"], "sysctl");
+    assert_eq!(lines[7]["egress"]["hook"], "sysctl");
+    assert_eq!(lines[7]["egress"]["option"]["name"], "ip_nonlocal_bind");
+    assert!(lines[7]["egress"].get("socket").is_none());
+    assert!(lines[7].get("network").is_none());
+    assert!(lines[7].get("destination").is_none());
+    assert!(lines[7]["event"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("forged source"));
 }
 
 #[test]

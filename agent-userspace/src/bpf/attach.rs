@@ -13,7 +13,7 @@ use aya::programs::{
 };
 
 use super::{
-    loader::{SETSOCKOPT, SKB_EGRESS, SOCK_CREATE, SOCK_OPS, SOCK_RELEASE},
+    loader::{SETSOCKOPT, SKB_EGRESS, SOCK_CREATE, SOCK_OPS, SOCK_RELEASE, SYSCTL},
     BpfError, PinLayout, Programs, HOOKS,
 };
 
@@ -151,6 +151,12 @@ fn attach_hook(
         let prog_fd = prog.fd().map_err(err)?.as_fd().as_raw_fd();
         raw::link_create_and_pin(prog_fd, cgroup.as_raw_fd(), raw::BPF_CGROUP_SETSOCKOPT, pin)?;
         return Ok(());
+    } else if name == SYSCTL {
+        // The same for cgroup_sysctl links.
+        let prog = programs.sysctl()?;
+        let prog_fd = prog.fd().map_err(err)?.as_fd().as_raw_fd();
+        raw::link_create_and_pin(prog_fd, cgroup.as_raw_fd(), raw::BPF_CGROUP_SYSCTL, pin)?;
+        return Ok(());
     } else if name == SKB_EGRESS {
         let prog = programs.skb_egress()?;
         let id = prog
@@ -233,6 +239,7 @@ mod raw {
     const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_LINK_CREATE: libc::c_long = 28;
     pub const BPF_CGROUP_SETSOCKOPT: u32 = 22;
+    pub const BPF_CGROUP_SYSCTL: u32 = 18;
 
     /// `union bpf_attr`, large enough for both commands; unused bytes must be zero.
     #[repr(C, align(8))]

@@ -1,7 +1,7 @@
 //! Loads the eBPF object once per daemon run, with its maps pinned (and reused) under the
 //! versioned bpffs directory.
 use aya::{
-    programs::{CgroupSkb, CgroupSock, CgroupSockAddr, CgroupSockopt, Lsm, SockOps},
+    programs::{CgroupSkb, CgroupSock, CgroupSockAddr, CgroupSockopt, CgroupSysctl, Lsm, SockOps},
     Btf, Ebpf, EbpfLoader,
 };
 
@@ -11,8 +11,9 @@ use super::{BpfError, PinLayout};
 /// name is also the link's pin file name. The first ten are cgroup_sock_addr programs;
 /// `sock_ops` records redirected connections' source ports for the proxy; `sock_release`
 /// forgets a closed socket's redirect; `setsockopt` and `skb_egress` refuse source routes
-/// set by socket option and drop packets carrying one.
-pub const HOOKS: [(&str, &str); 15] = [
+/// set by socket option and drop packets carrying one; `sysctl` refuses writes to the
+/// network sysctls that would undo those guarantees.
+pub const HOOKS: [(&str, &str); 16] = [
     ("egress_connect4", "connect4"),
     ("egress_connect6", "connect6"),
     ("egress_sendmsg4", "sendmsg4"),
@@ -28,7 +29,11 @@ pub const HOOKS: [(&str, &str); 15] = [
     (SOCK_RELEASE, "sock_release"),
     (SETSOCKOPT, "setsockopt"),
     (SKB_EGRESS, "skb_egress"),
+    (SYSCTL, "sysctl"),
 ];
+
+/// Symbol of the program refusing writes to guarding network sysctls.
+pub const SYSCTL: &str = "egress_sysctl";
 
 /// Symbol of the program refusing source-routing socket options.
 pub const SETSOCKOPT: &str = "egress_setsockopt";
@@ -79,6 +84,8 @@ impl Programs {
                 programs.setsockopt()?.load().map_err(err)?;
             } else if name == SKB_EGRESS {
                 programs.skb_egress()?.load().map_err(err)?;
+            } else if name == SYSCTL {
+                programs.sysctl()?.load().map_err(err)?;
             } else {
                 programs.program(name)?.load().map_err(err)?;
             }
@@ -142,6 +149,10 @@ impl Programs {
 
     pub(crate) fn setsockopt(&mut self) -> Result<&mut CgroupSockopt, BpfError> {
         self.typed(SETSOCKOPT, "setsockopt")
+    }
+
+    pub(crate) fn sysctl(&mut self) -> Result<&mut CgroupSysctl, BpfError> {
+        self.typed(SYSCTL, "sysctl")
     }
 
     pub(crate) fn skb_egress(&mut self) -> Result<&mut CgroupSkb, BpfError> {

@@ -96,6 +96,7 @@ pub fn bind_in_netns(netns: &Path, addrs: Vec<SocketAddr>) -> io::Result<Vec<Tcp
             Ok(l)
         })?;
         reserve_here(&ports);
+        warn_nonlocal_bind_here();
         Ok(bound)
     })
 }
@@ -113,6 +114,7 @@ pub fn bind_udp_in_netns(
             Ok(s)
         })?;
         reserve_here(&ports);
+        warn_nonlocal_bind_here();
         Ok(bound)
     })
 }
@@ -147,6 +149,21 @@ fn reserve_here(ports: &[u16]) {
         });
     if let Err(e) = result {
         tracing::warn!(?ports, error = %e, "Reserving the listeners' ports in the sandbox's namespace failed; a sandbox whose local port range covers them could take one while the daemon is away");
+    }
+}
+
+/// Says so when the calling thread's namespace lets sockets bind to and send from
+/// addresses that are not the host's (`ip_nonlocal_bind`): the `sysctl` program keeps a
+/// sandbox from turning it on, but it may have been on before (a runtime's setting), and
+/// the daemon does not change a namespace's setting that others may rely on.
+fn warn_nonlocal_bind_here() {
+    for path in [
+        "/proc/sys/net/ipv4/ip_nonlocal_bind",
+        "/proc/sys/net/ipv6/ip_nonlocal_bind",
+    ] {
+        if fs::read_to_string(path).is_ok_and(|v| v.trim() != "0") {
+            tracing::warn!(sysctl = path, "A sandbox's network namespace allows binding to and sending from addresses that are not its own (a forged source); set it to 0 there");
+        }
     }
 }
 

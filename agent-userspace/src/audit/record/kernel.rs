@@ -3,7 +3,7 @@
 
 use std::{borrow::Cow, fmt, net::IpAddr};
 
-use agent_common::{hook, sockopt, verdict, ConnectEvent};
+use agent_common::{hook, sockopt, sysctl, verdict, ConnectEvent};
 use serde::{Serialize, Serializer};
 use time::OffsetDateTime;
 
@@ -70,6 +70,8 @@ impl NetworkDecision {
             Verdict::from_abi(event.verdict).ok_or(DecodeError::Verdict(event.verdict))?;
         let family = match (hook, event.family) {
             (Hook::LsmSocketCreate, _) => SocketFamily::from_af(event.opt_level),
+            // No socket: the record has none.
+            (Hook::Sysctl, _) => SocketFamily::Other(0),
             (Hook::Setsockopt | Hook::SkbEgress, 4) => SocketFamily::Inet,
             (Hook::Setsockopt | Hook::SkbEgress, 6) => SocketFamily::Inet6,
             (_, f) if hook.family().map(SocketFamily::abi) == Some(f) => SocketFamily::from_abi(f),
@@ -154,6 +156,13 @@ impl NetworkDecision {
                     o.meaning()
                 )
             }),
+            Hook::Sysctl => self.option.as_ref().map(|o| {
+                format!(
+                    "write to the network sysctl {} of the sandbox's namespace: {}; refused",
+                    o.name,
+                    o.meaning()
+                )
+            }),
             Hook::LsmSocketCreate => Some(format!(
                 "socket family {} refused: only unix, inet, inet6 and netlink sockets may be created in a sandbox",
                 self.family.name()
@@ -221,7 +230,7 @@ impl NetworkDecision {
             cgroup_id: Some(self.cgroup_id),
             cgroup_path: None,
         });
-        wire.egress.socket = Some(WireSocket {
+        wire.egress.socket = (self.hook != Hook::Sysctl).then_some(WireSocket {
             cookie: self.socket_cookie,
             family: self.family,
             protocol: self.protocol,
@@ -275,6 +284,15 @@ impl RefusedOption {
                 name: "ipv4-options",
                 type_: (name != 0).then_some(name),
             }),
+            Hook::Sysctl => Some(Self {
+                name: match name {
+                    sysctl::NONLOCAL_BIND => "ip_nonlocal_bind",
+                    sysctl::RESERVED_PORTS => "ip_local_reserved_ports",
+                    sysctl::ROUTE_LOCALNET => "route_localnet",
+                    _ => "unknown",
+                },
+                type_: None,
+            }),
             _ => None,
         }
     }
@@ -288,7 +306,14 @@ impl RefusedOption {
     /// Whether it is an option or header that routes packets (what a `source-routing`
     /// alert summarises), not a drop for another reason.
     pub fn routes(&self) -> bool {
-        !matches!(self.name, "quarantine" | "loopback-off-link")
+        !matches!(
+            self.name,
+            "quarantine"
+                | "loopback-off-link"
+                | "ip_nonlocal_bind"
+                | "ip_local_reserved_ports"
+                | "route_localnet"
+        )
     }
 
     /// What the option or header does, in words.
@@ -328,6 +353,19 @@ impl RefusedOption {
                 "a multicast membership, which the kernel announces to the link itself".into()
             }
             ("quarantine", _) => "the sandbox is denied everything".into(),
+            ("ip_nonlocal_bind", _) => {
+                "binding to and sending from addresses that are not the host's (a forged \
+                 source), allowed only as 0"
+                    .into()
+            }
+            ("ip_local_reserved_ports", _) => {
+                "the ports the kernel never picks by itself, which hold the daemon's \
+                 listener ports"
+                    .into()
+            }
+            ("route_localnet", _) => {
+                "loopback addresses routed off the loopback device, allowed only as 0".into()
+            }
             ("loopback-off-link", _) => {
                 "a loopback destination, leaving by another device than loopback (a socket \
                  bound to a device)"
@@ -473,6 +511,8 @@ pub enum Hook {
     /// A bind to the port of one of the daemon's listeners refused.
     Bind4,
     Bind6,
+    /// A write to a guarding network sysctl refused.
+    Sysctl,
 }
 
 impl Hook {
@@ -490,6 +530,7 @@ impl Hook {
             hook::LSM_SOCKET_CREATE => Some(Self::LsmSocketCreate),
             hook::BIND4 => Some(Self::Bind4),
             hook::BIND6 => Some(Self::Bind6),
+            hook::SYSCTL => Some(Self::Sysctl),
             _ => None,
         }
     }
@@ -503,14 +544,17 @@ impl Hook {
             Self::Connect6 | Self::Sendmsg6 | Self::SockCreate6 | Self::Bind6 => {
                 Some(SocketFamily::Inet6)
             }
-            Self::Setsockopt | Self::SkbEgress | Self::LsmSocketCreate => None,
+            Self::Setsockopt | Self::SkbEgress | Self::LsmSocketCreate | Self::Sysctl => None,
         }
     }
 
     /// Whether records of this hook carry a destination (an option or a socket being
     /// created has none yet).
     pub fn has_destination(self) -> bool {
-        !matches!(self, Self::Setsockopt | Self::LsmSocketCreate)
+        !matches!(
+            self,
+            Self::Setsockopt | Self::LsmSocketCreate | Self::Sysctl
+        )
     }
 
     /// `event.action`.
@@ -522,6 +566,7 @@ impl Hook {
             Self::Setsockopt => action::SETSOCKOPT,
             Self::SkbEgress => action::PACKET,
             Self::Bind4 | Self::Bind6 => action::BIND,
+            Self::Sysctl => action::SYSCTL,
         }
     }
 
@@ -538,6 +583,7 @@ impl Hook {
             Self::LsmSocketCreate => "lsm_socket_create",
             Self::Bind4 => "bind4",
             Self::Bind6 => "bind6",
+            Self::Sysctl => "sysctl",
         }
     }
 }

@@ -53,6 +53,8 @@ pub mod action {
     pub const PACKET: &str = "packet";
     /// A bind to a port of the daemon's listeners refused.
     pub const BIND: &str = "bind";
+    /// A write to a network sysctl refused.
+    pub const SYSCTL: &str = "sysctl";
     pub const EVENTS_LOST: &str = "events-lost";
     /// Audit records numbered but never written (the log could not be written).
     pub const AUDIT_LOST: &str = "audit-lost";
