@@ -210,6 +210,7 @@ struct SandboxLimits {
     connections: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
     requests: Arc<Semaphore>,
+    held_bodies: Arc<Semaphore>,
 }
 
 /// By sandbox index.
@@ -227,6 +228,7 @@ impl AcceptCtx {
                     connections: Arc::new(Semaphore::new(config.max_connections_per_sandbox)),
                     handshakes: Arc::new(Semaphore::new(config.max_handshakes_per_sandbox)),
                     requests: Arc::new(Semaphore::new(config.max_requests_per_sandbox)),
+                    held_bodies: crate::proxy::held_bodies_share(),
                 })
             })
             .clone()
@@ -356,6 +358,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
             connection_id,
             route: Arc::new(route),
             requests: limits.requests.clone(),
+            held_bodies: limits.held_bodies.clone(),
             closing: Arc::default(),
         };
         let closing = conn.closing.clone();

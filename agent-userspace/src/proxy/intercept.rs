@@ -818,7 +818,9 @@ impl ConnCtx {
             )
         {
             let idle = self.proxy.timeouts.idle;
-            match method_override::check_body(&parts.headers, body, idle).await {
+            match method_override::check_body(&parts.headers, body, idle, &self.conn.held_bodies)
+                .await
+            {
                 BodyCheck::Forward(read) => prefix = read,
                 BodyCheck::Refuse { reason, consumed } => {
                     bytes_in.fetch_add(consumed, Ordering::Relaxed);

@@ -5,12 +5,14 @@
 //! refused wherever those frameworks read them. The override headers themselves are
 //! removed from every request (see `inject`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use http::HeaderMap;
 use hyper::body::{Body as _, Incoming};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 
 use super::body::{next_piece, Piece};
 use super::Route;
@@ -22,13 +24,72 @@ pub const MAX_FORM_BYTES: usize = 1 << 20;
 /// Longest time such a body may take to arrive whole, however steadily it trickles.
 pub const MAX_FORM_SECS: u64 = 120;
 
-/// KiB of such bodies the whole daemon holds while reading them, over every sandbox (each
-/// sandbox is bounded by its requests in flight, the daemon by this): past it, a body to
-/// be read is refused with 503 instead of the daemon growing.
-pub const MAX_HELD_KIB: usize = 256 * 1024;
+/// Bytes of such bodies the whole daemon holds while reading them, over every sandbox:
+/// past it, a body to be read is refused with 503 instead of the daemon growing.
+pub const MAX_HELD_BYTES: usize = 256 << 20;
 
-/// What the reads of [`check_body`] hold, in KiB.
-static HELD: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_HELD_KIB);
+/// Bytes of such bodies one sandbox holds at most, over all its connections and streams,
+/// so that one sandbox cannot take the whole budget from the others.
+pub const MAX_HELD_PER_SANDBOX: usize = MAX_HELD_BYTES / 8;
+
+/// What the reads of [`check_body`] hold, in bytes of buffer.
+static HELD: Semaphore = Semaphore::const_new(MAX_HELD_BYTES);
+
+/// The buffer room one read holds, charged to its sandbox's share and to the daemon's
+/// budget; given back when dropped.
+struct Held<'s> {
+    sandbox: &'s Arc<Semaphore>,
+    permits: Option<(OwnedSemaphorePermit, SemaphorePermit<'static>)>,
+}
+
+/// Which budget a read found spent.
+#[derive(Debug, PartialEq, Eq)]
+enum Spent {
+    Sandbox,
+    Daemon,
+}
+
+impl<'s> Held<'s> {
+    fn new(sandbox: &'s Arc<Semaphore>) -> Self {
+        Self {
+            sandbox,
+            permits: None,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.permits.as_ref().map_or(0, |(p, _)| p.num_permits())
+    }
+
+    /// Holds `total` bytes in all (the buffer's capacity, not just what it holds: each
+    /// byte of room counts, however small the pieces that filled it).
+    fn grow_to(&mut self, total: usize) -> Result<(), Spent> {
+        let more = total.saturating_sub(self.bytes());
+        if more == 0 {
+            return Ok(());
+        }
+        let more32 = u32::try_from(more).map_err(|_| Spent::Sandbox)?;
+        let mine = self
+            .sandbox
+            .clone()
+            .try_acquire_many_owned(more32)
+            .map_err(|_| Spent::Sandbox)?;
+        let daemon = HELD.try_acquire_many(more32).map_err(|_| Spent::Daemon)?;
+        match self.permits.as_mut() {
+            Some((m, d)) => {
+                m.merge(mine);
+                d.merge(daemon);
+            }
+            None => self.permits = Some((mine, daemon)),
+        }
+        Ok(())
+    }
+}
+
+/// A sandbox's share of the bytes held by reads of form and JSON bodies.
+pub fn sandbox_share() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(MAX_HELD_PER_SANDBOX))
+}
 
 /// A method no rule lists: a rule that refuses it lists its methods, so some method an
 /// override could name (Laravel and Symfony take any) is refused there.
@@ -155,13 +216,19 @@ pub enum BodyCheck {
     Refuse { reason: String, consumed: u64 },
     /// The client's body failed or stalled.
     Downstream(String),
-    /// The daemon holds [`MAX_HELD_KIB`] of such bodies already.
+    /// The sandbox (or the daemon) holds its most of such bodies already.
     Busy(String),
 }
 
 /// Reads a POST body that frameworks parse (form, multipart or JSON) and refuses it if
 /// it holds an override field; any other body is left unread (`Forward` of nothing).
-pub async fn check_body(headers: &HeaderMap, body: &mut Incoming, idle: Duration) -> BodyCheck {
+/// `held` is the sandbox's share of the bytes such reads hold ([`sandbox_share`]).
+pub async fn check_body(
+    headers: &HeaderMap,
+    body: &mut Incoming,
+    idle: Duration,
+    held: &Arc<Semaphore>,
+) -> BodyCheck {
     let refuse = |why: String, consumed| BodyCheck::Refuse {
         reason: format!(
             "downstream client: POST refused: {why} (the rule refuses other methods here, \
@@ -189,7 +256,7 @@ pub async fn check_body(headers: &HeaderMap, body: &mut Incoming, idle: Duration
             0,
         );
     }
-    let read = match read_whole(body, idle).await {
+    let read = match read_whole(body, idle, held).await {
         Ok(read) => read,
         Err(ReadError::TooLarge(consumed)) => {
             return refuse(
@@ -208,13 +275,17 @@ pub async fn check_body(headers: &HeaderMap, body: &mut Incoming, idle: Duration
             )
         }
         Err(ReadError::Downstream(why)) => return BodyCheck::Downstream(why),
-        Err(ReadError::Busy(consumed)) => {
+        Err(ReadError::Busy(spent, consumed)) => {
+            let (who, most) = match spent {
+                Spent::Sandbox => ("the sandbox", MAX_HELD_PER_SANDBOX),
+                Spent::Daemon => ("the daemon", MAX_HELD_BYTES),
+            };
             return BodyCheck::Busy(format!(
-                "proxy: POST refused: the daemon already holds {} MiB of request bodies read \
+                "proxy: POST refused: {who} already holds {} MiB of request bodies read \
                  whole to be checked for a method override ({consumed} bytes of this one \
                  read); try again",
-                MAX_HELD_KIB / 1024
-            ))
+                most >> 20
+            ));
         }
     };
     let found = [
@@ -250,16 +321,20 @@ enum ReadError {
     TooLarge(u64),
     Trailers(u64),
     Downstream(String),
-    Busy(u64),
+    Busy(Spent, u64),
 }
 
 /// The whole body, at most [`MAX_FORM_BYTES`], within [`MAX_FORM_SECS`] (a byte now and
 /// then must not hold the buffer for ever).
-async fn read_whole(body: &mut Incoming, idle: Duration) -> Result<Bytes, ReadError> {
+async fn read_whole(
+    body: &mut Incoming,
+    idle: Duration,
+    held: &Arc<Semaphore>,
+) -> Result<Bytes, ReadError> {
     let mut read = BytesMut::new();
     let whole = tokio::time::timeout(
         Duration::from_secs(MAX_FORM_SECS),
-        read_into(body, idle, &mut read),
+        read_into(body, idle, &mut read, held),
     );
     match whole.await {
         Ok(done) => done,
@@ -275,25 +350,24 @@ async fn read_into(
     body: &mut Incoming,
     idle: Duration,
     read: &mut BytesMut,
+    share: &Arc<Semaphore>,
 ) -> Result<Bytes, ReadError> {
     // Given back when the read ends, read or not.
-    let mut held: Option<tokio::sync::SemaphorePermit<'static>> = None;
+    let mut held = Held::new(share);
     loop {
         match next_piece(body, idle).await {
             Ok(Piece::End) => return Ok(std::mem::take(read).freeze()),
             Ok(Piece::Data(data)) => {
-                let kib = u32::try_from(data.len().div_ceil(1024)).unwrap_or(u32::MAX);
-                match HELD.try_acquire_many(kib) {
-                    Ok(more) => match held.as_mut() {
-                        Some(permits) => permits.merge(more),
-                        None => held = Some(more),
-                    },
-                    Err(_) => return Err(ReadError::Busy(read.len() as u64)),
+                if read.len() + data.len() > MAX_FORM_BYTES {
+                    return Err(ReadError::TooLarge((read.len() + data.len()) as u64));
+                }
+                // The room is charged before it is taken: what is copied in next, or
+                // the larger buffer growing would make.
+                read.reserve(data.len());
+                if let Err(spent) = held.grow_to(read.capacity()) {
+                    return Err(ReadError::Busy(spent, read.len() as u64));
                 }
                 read.extend_from_slice(&data);
-                if read.len() > MAX_FORM_BYTES {
-                    return Err(ReadError::TooLarge(read.len() as u64));
-                }
             }
             Ok(Piece::Trailers) => return Err(ReadError::Trailers(read.len() as u64)),
             Err(why) => return Err(ReadError::Downstream(why)),
@@ -457,6 +531,39 @@ fn json_keys(body: &[u8]) -> Result<Vec<String>, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One sandbox filling its share of the bytes held for body reads leaves the others
+    /// theirs; the charge is the buffer's bytes, however small the pieces (a piece of 256
+    /// bytes is not charged as a KiB); and the room comes back when a read ends.
+    #[test]
+    #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+    fn a_sandbox_holds_only_its_share_of_read_bodies() {
+        let (greedy, other) = (sandbox_share(), sandbox_share());
+        let mut reads: Vec<Held<'_>> = Vec::new();
+        let mut filled = 0;
+        while filled + (1 << 20) <= MAX_HELD_PER_SANDBOX {
+            let mut read = Held::new(&greedy);
+            read.grow_to(1 << 20).unwrap();
+            reads.push(read);
+            filled += 1 << 20;
+        }
+        let mut one_more = Held::new(&greedy);
+        assert_eq!(one_more.grow_to(1), Err(Spent::Sandbox));
+        let mut theirs = Held::new(&other);
+        theirs.grow_to(1 << 20).unwrap();
+        // Charged by the byte.
+        let mut small = Held::new(&other);
+        small.grow_to(256).unwrap();
+        small.grow_to(512).unwrap();
+        assert_eq!(small.bytes(), 512);
+        assert_eq!(
+            other.available_permits(),
+            MAX_HELD_PER_SANDBOX - (1 << 20) - 512
+        );
+        drop(reads);
+        assert_eq!(greedy.available_permits(), MAX_HELD_PER_SANDBOX);
+        one_more.grow_to(1).unwrap();
+    }
 
     #[test]
     fn override_keys_are_read_as_the_frameworks_read_them() {

@@ -60,6 +60,7 @@ use tracing::debug;
 
 pub use ca::{CaError, CertAuthority, CA_CERT_FILE, CA_COMMON_NAME, CA_KEY_FILE};
 pub use error::{Party, ProxyError};
+pub use method_override::sandbox_share as held_bodies_share;
 pub use scrub::MARKER as SCRUB_MARKER;
 
 use crate::audit::{ProxyRecord, ProxyVerdict as Verdict, RecordKind, TlsMode};
@@ -89,6 +90,9 @@ pub struct ConnInfo {
     /// The sandbox's requests in flight, shared by all its connections
     /// (`max_requests_per_sandbox` permits).
     pub requests: Arc<tokio::sync::Semaphore>,
+    /// Bytes of the sandbox's form and JSON bodies read whole to be judged, shared by
+    /// all its connections ([`held_bodies_share`]).
+    pub held_bodies: Arc<tokio::sync::Semaphore>,
     /// Set by the daemon just before it closes the connection (quarantine, detach, a
     /// policy replaced): what it cuts short is recorded as its doing, not the client's.
     pub closing: Arc<std::sync::atomic::AtomicBool>,

@@ -413,6 +413,7 @@ async fn start_proxy_gated(
                     .entry(sandbox)
                     .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(max)))
                     .clone(),
+                held_bodies: crate::proxy::held_bodies_share(),
                 closing: Arc::default(),
             };
             let closing = conn.closing.clone();

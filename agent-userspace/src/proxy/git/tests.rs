@@ -334,6 +334,7 @@ async fn start_proxy_injecting(
                 connection_id: format!("conn-{n}"),
                 route: route.clone(),
                 requests: requests.clone(),
+                held_bodies: crate::proxy::held_bodies_share(),
                 closing: Arc::default(),
             };
             tokio::spawn(proxy.clone().serve(stream, conn));
