@@ -2,7 +2,8 @@
 //!
 //! - Reflected: an origin (`fixtures/echo_origin.py` behind nginx) sends the injected
 //!   `Authorization` back in a header, a JSON body, a chunked body split inside the token,
-//!   a gzip body it encodes although asked for identity, and base64; curl in the sandbox,
+//!   a gzip body it encodes although asked for identity, base64, text wrapped at a fixed
+//!   width (MIME base64, hex, quoted-printable) and UTF-16; curl in the sandbox,
 //!   over HTTP/1.1 and HTTP/2, receives the marker instead, never the token in any form;
 //!   each request's record counts what was scrubbed and raises a `secret-reflected` alert.
 //!   A body in an encoding the proxy cannot scan is refused (502); a body with no secret
@@ -166,6 +167,47 @@ fn reflected_secrets_are_scrubbed_over_http1_and_http2() -> Result<()> {
             outputs.push(out);
         }
 
+        // Text wrapped at a fixed width (MIME base64, `xxd -p` hex, quoted-printable), the
+        // breaks falling everywhere in the token: with the breaks taken out, no block
+        // holds any form of it. And a body in UTF-16.
+        let (code, text, out) = curl_i(&fx, &[version, &echo_url("wrapped")])?;
+        ensure!(code == 200, "wrapped: {}", all_output(&out));
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let blocks: Vec<&str> = body.split("\n\n").collect();
+        ensure!(blocks.len() >= 180, "wrapped: {} blocks", blocks.len());
+        let hex: String = token.bytes().map(|b| format!("{b:02x}")).collect();
+        let wrapped_forms: Vec<String> = (0..3)
+            .map(|align| {
+                let mut bytes = vec![0u8; align];
+                bytes.extend_from_slice(token.as_bytes());
+                let encoded = base64(&bytes);
+                let start = if align == 0 { 0 } else { 4 };
+                encoded[start..bytes.len() / 3 * 4].to_string()
+            })
+            .chain([token.clone(), hex])
+            .collect();
+        for block in &blocks {
+            let joined = block.replace("=\r\n", "").replace(['\r', '\n'], "");
+            for form in &wrapped_forms {
+                ensure!(
+                    !joined
+                        .to_ascii_lowercase()
+                        .contains(&form.to_ascii_lowercase()),
+                    "{version} wrapped: a form of the token reached the sandbox: {block:?}"
+                );
+            }
+        }
+        ensure!(body.contains(MARKER), "wrapped: no marker");
+        outputs.push(out);
+        let (code, text, out) = curl_i(&fx, &[version, &echo_url("utf16")])?;
+        ensure!(code == 200, "utf16: {}", all_output(&out));
+        ensure!(
+            !text.replace('\0', "").contains(&token),
+            "{version} utf16: the token reached the sandbox: {}",
+            all_output(&out)
+        );
+        outputs.push(out);
+
         // An encoding the proxy cannot scan is refused, and recorded.
         let (code, text, out) = curl_i(&fx, &[version, &echo_url("br")])?;
         ensure!(code == 502, "br must be refused: {}", all_output(&out));
@@ -296,7 +338,9 @@ fn reflected_secrets_are_scrubbed_over_http1_and_http2() -> Result<()> {
 
     // Each reflecting request's record counts what was scrubbed, and has an alert; so
     // does each byte range cut from a scrubbed piece.
-    for route in ["header", "json", "chunked", "gzip", "base64", "ranged"] {
+    for route in [
+        "header", "json", "chunked", "gzip", "base64", "ranged", "wrapped", "utf16",
+    ] {
         let path = format!("{ECHO_PATH}{route}");
         let records = wait_records(&fx, 2, &format!("scrubbed on {path}"), |r| {
             get_str(r, "event.action") == Some("http-request")

@@ -126,9 +126,16 @@ impl SecretMatcher {
         !self.owner.is_empty() && self.ac.is_none()
     }
 
-    /// Length of the longest pattern: a stream scanner keeps `max_len - 1` bytes back.
+    /// Length of the longest pattern.
     pub fn max_len(&self) -> usize {
         self.max_len
+    }
+
+    /// The most bytes of a text one match may cover: the longest pattern with a line
+    /// break of up to [`LINE_BREAK_MAX`] bytes between each two of its characters (see
+    /// [`Self::each_match_cut`]). A stream scanner keeps `span - 1` bytes back.
+    pub fn span(&self) -> usize {
+        self.max_len + self.max_len.saturating_sub(1) * LINE_BREAK_MAX
     }
 
     /// The credential of a match, by the index [`Self::each_match`] reports.
@@ -151,13 +158,75 @@ impl SecretMatcher {
 
     /// [`Self::each_match`], also telling whether the match is of a value cut short (so
     /// that bytes after it could make it part of a longer one).
+    ///
+    /// Text wrapped at a fixed width (MIME and PEM base64, `xxd -p` hex, quoted-printable
+    /// soft breaks) is matched too: `hay` is also searched with each single line break
+    /// between two other bytes taken out (`\n`, `\r\n`, and `=` before either), and such
+    /// a match is reported over the bytes it covers, breaks included. A run of two
+    /// breaks or more is not taken out.
     pub fn each_match_cut(&self, hay: &[u8], mut f: impl FnMut(Range<usize>, usize, bool)) {
         let Some(ac) = &self.ac else { return };
         for m in ac.find_overlapping_iter(hay) {
             let pattern = m.pattern().as_usize();
             f(m.range(), self.owner[pattern], self.cut[pattern]);
         }
+        let Some((joined, taken)) = joined_lines(hay) else {
+            return;
+        };
+        // Where the byte at `j` of the joined text is in `hay`.
+        let at = |j: usize| {
+            let before = taken.partition_point(|&(k, _)| k <= j);
+            j + before.checked_sub(1).map_or(0, |i| taken[i].1)
+        };
+        for m in ac.find_overlapping_iter(&joined) {
+            let range = at(m.start())..at(m.end() - 1) + 1;
+            // Found above already, when no break lies inside.
+            if range.len() == m.len() {
+                continue;
+            }
+            let pattern = m.pattern().as_usize();
+            f(range, self.owner[pattern], self.cut[pattern]);
+        }
     }
+}
+
+/// The longest line break taken out between two characters of a match (`=\r\n`).
+pub const LINE_BREAK_MAX: usize = 3;
+
+/// `hay` without the single line breaks that join two other bytes, and where they were
+/// taken out: for each, the offset in the joined text of the byte after it and the bytes
+/// taken out up to there. `None` when none is.
+#[expect(
+    clippy::type_complexity,
+    reason = "a text and its offsets, used together once"
+)]
+fn joined_lines(hay: &[u8]) -> Option<(Vec<u8>, Vec<(usize, usize)>)> {
+    memchr::memchr(b'\n', hay)?;
+    let is_break_byte = |b: u8| b == b'\n' || b == b'\r';
+    let mut joined = Vec::with_capacity(hay.len());
+    let mut taken: Vec<(usize, usize)> = Vec::new();
+    let mut skipped = 0;
+    let mut i = 0;
+    while i < hay.len() {
+        let rest = &hay[i..];
+        let len = [&b"=\r\n"[..], b"=\n", b"\r\n", b"\n"]
+            .iter()
+            .find(|b| rest.starts_with(b))
+            .map_or(0, |b| b.len());
+        let joins = len > 0
+            && i > 0
+            && !is_break_byte(hay[i - 1])
+            && hay.get(i + len).is_some_and(|&b| !is_break_byte(b));
+        if joins {
+            i += len;
+            skipped += len;
+            taken.push((joined.len(), skipped));
+            continue;
+        }
+        joined.push(hay[i]);
+        i += 1;
+    }
+    (!taken.is_empty()).then_some((joined, taken))
 }
 
 /// The forms a secret takes on the wire, each at least [`MIN_PATTERN_LEN`] bytes:
@@ -175,7 +244,8 @@ impl SecretMatcher {
 ///   `/`; percent-encoded twice (a URL quoted inside another); JSON-escaped (with and
 ///   without `/` as `\/`, non-ASCII as `\uXXXX`, or every symbol as `\u00XX`);
 /// - the value's bytes in hex: contiguous, space-separated (as in AWS's
-///   `CanonicalRequestBytes`) and each behind `%`.
+///   `CanonicalRequestBytes`) and each behind `%`;
+/// - the value and its base64 forms in UTF-16, little- and big-endian (ASCII ones).
 ///
 /// Patterns match in any ASCII case. Each is a whole form, or the value (plain or
 /// base64) cut short by at most [`CUT_SHORT`] characters, as an origin that quotes the
@@ -224,6 +294,12 @@ fn forms_of(secret: &str) -> Vec<(Vec<u8>, bool)> {
     }
     for base in &bases {
         add_as(base.clone(), false);
+        // A body in UTF-16 (`charset=utf-16le`): each ASCII character beside a zero byte
+        // (of a form long enough to be one itself, as for hex).
+        if base.is_ascii() && base.len() >= MIN_PATTERN_LEN {
+            add_as(base.iter().flat_map(|&b| [b, 0]).collect(), false);
+            add_as(base.iter().flat_map(|&b| [0, b]).collect(), false);
+        }
         for style in [
             Escape::Percent,
             Escape::JsonUnicode,

@@ -54,11 +54,12 @@ impl Widened {
     }
 }
 
-/// Rewrites the request's `Range` to one widened by `matcher`'s longest form and returns
+/// Rewrites the request's `Range` to one widened by the most bytes one of `matcher`'s
+/// matches covers ([`SecretMatcher::span`]) and returns
 /// what was asked; removes `Range` and `If-Range` when it is not one byte range, and every
 /// other header an origin may take a range from. `None`: no range goes to the origin.
 pub fn widen(headers: &mut HeaderMap, matcher: Arc<SecretMatcher>) -> Option<Widened> {
-    let margin = u64::try_from(matcher.max_len()).unwrap_or(u64::MAX);
+    let margin = u64::try_from(matcher.span()).unwrap_or(u64::MAX);
     widen_by(headers, margin).map(|asked| Widened {
         asked,
         margin,

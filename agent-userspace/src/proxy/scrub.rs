@@ -2,8 +2,8 @@
 //!
 //! Both directions use the credential store's [`SecretMatcher`] (every current secret of
 //! every credential, in every form it takes on the wire) through a [`StreamScrubber`],
-//! which finds matches split across reads, chunks and frames by keeping the last
-//! `max_len - 1` bytes of the stream back until the next piece arrives. Memory stays
+//! which finds matches split across reads, chunks and frames (and text wrapped in lines)
+//! by keeping the last `span - 1` bytes of the stream back until the next piece arrives. Memory stays
 //! bounded whatever the size of the body.
 //!
 //! - **Responses** on a rule with a credential: every match in a header, trailer or body
@@ -262,7 +262,7 @@ pub struct StreamScrubber {
 
 impl StreamScrubber {
     pub fn new(matcher: Arc<SecretMatcher>, tally: Arc<Tally>) -> Self {
-        let keep = matcher.max_len().saturating_sub(1);
+        let keep = matcher.span().saturating_sub(1);
         Self {
             matcher,
             keep,
@@ -275,7 +275,7 @@ impl StreamScrubber {
     /// Matches with `matcher` from the next piece on (the bytes kept back included),
     /// keeping back as much as its longest form needs.
     pub fn set_matcher(&mut self, matcher: Arc<SecretMatcher>) {
-        self.keep = matcher.max_len().saturating_sub(1);
+        self.keep = matcher.span().saturating_sub(1);
         self.matcher = matcher;
     }
 
@@ -856,7 +856,7 @@ mod tests {
         let mut out = Vec::new();
         for p in pieces {
             out.extend_from_slice(&s.push(p));
-            assert!(s.held() < m.max_len().max(1));
+            assert!(s.held() < m.span().max(1));
         }
         out.extend_from_slice(&s.finish());
         (out, tally)
@@ -912,6 +912,79 @@ mod tests {
             // One byte at a time.
             let pieces: Vec<&[u8]> = input.chunks(1).collect();
             assert_eq!(scrub_pieces(&m, &pieces).0, whole);
+        }
+    }
+
+    /// Text wrapped at a fixed width: the break may fall anywhere in the secret's form
+    /// (the sandbox chooses what precedes it). Wherever a break falls, and whatever its
+    /// kind, the whole form is masked with the break inside it, in one piece or split
+    /// anywhere.
+    #[test]
+    fn wrapped_forms_are_found_across_their_line_breaks() {
+        use base64::Engine as _;
+        let m = matcher(&[("github", SECRET)]);
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let echoed = format!("authorization: Bearer {SECRET}\r\n");
+        let at = echoed.find(SECRET).unwrap();
+        let hex: String = SECRET.bytes().map(|b| format!("{b:02x}")).collect();
+        // Each text, and where the secret's form lies in it (for base64, the groups that
+        // depend on the secret alone).
+        let texts = [
+            (echoed.clone(), at..at + SECRET.len()),
+            (format!("00{hex}00"), 2..2 + hex.len()),
+            (
+                b64.encode(&echoed),
+                at.div_ceil(3) * 4..(at + SECRET.len()) / 3 * 4,
+            ),
+        ];
+        let masked = |b: &u8| MARKER.contains(b) || *b == b'*';
+        for (text, form) in &texts {
+            for brk in ["\n", "\r\n", "=\r\n", "=\n"] {
+                for k in form.start + 1..form.end {
+                    let input = format!("{}{brk}{}", &text[..k], &text[k..]);
+                    let (out, t) = scrub_pieces(&m, &[input.as_bytes()]);
+                    assert!(t.count() >= 1, "{input:?}");
+                    let mut joined = out.clone();
+                    joined.drain(k..k + brk.len());
+                    assert!(
+                        joined[form.clone()].iter().all(masked),
+                        "break {brk:?} at {k}: {}",
+                        String::from_utf8_lossy(&out)
+                    );
+                    let split = k + brk.len() / 2;
+                    let (pieces, _) = scrub_pieces(
+                        &m,
+                        &[&input.as_bytes()[..split], &input.as_bytes()[split..]],
+                    );
+                    assert_eq!(pieces, out, "split at {split} of {input:?}");
+                }
+            }
+        }
+        // Two breaks in a row end a match: a blank line is not passed over.
+        let apart = format!("{}\n\n{}", &SECRET[..10], &SECRET[10..]);
+        assert_eq!(scrub_pieces(&m, &[apart.as_bytes()]).1.count(), 0);
+    }
+
+    /// A body in UTF-16 carries the secret with a zero byte beside each character.
+    #[test]
+    fn utf16_bodies_are_scrubbed() {
+        let m = matcher(&[("github", SECRET)]);
+        let json = format!("{{\"auth\": \"Bearer {SECRET}\"}}");
+        for bytes in [
+            json.encode_utf16()
+                .flat_map(u16::to_le_bytes)
+                .collect::<Vec<u8>>(),
+            json.encode_utf16().flat_map(u16::to_be_bytes).collect(),
+        ] {
+            let (out, tally) = scrub_pieces(&m, &[&bytes]);
+            // The two byte orders' forms overlap by all but a byte: one or two counted.
+            assert!(tally.count() >= 1);
+            let text: String = out
+                .iter()
+                .filter(|b| **b != 0)
+                .map(|&b| b as char)
+                .collect();
+            assert!(!text.contains(SECRET), "{text}");
         }
     }
 
