@@ -17,7 +17,7 @@ use crate::{
     bpf::PeerMap,
     credentials::CredentialStore,
     policy::Policy,
-    proxy::{ConnInfo, Proxy, Route, Unrecorded},
+    proxy::{ConnInfo, Proxy, Route, Unrecorded, Workers},
 };
 
 /// Sandbox index -> (name, policy in force, its kernel slot). Written by the daemon core on
@@ -41,7 +41,8 @@ pub struct ProxyRuntime {
     users: HashMap<u32, NetnsId>,
     conns: Conns,
     limits: Limits,
-    runtime: tokio::runtime::Handle,
+    /// Where each listener accepts and serves its connections.
+    workers: Workers,
 }
 
 impl ProxyRuntime {
@@ -51,7 +52,7 @@ impl ProxyRuntime {
         credentials: Arc<CredentialStore>,
         proxy: Proxy,
         peers: PeerMap,
-        runtime: tokio::runtime::Handle,
+        workers: Workers,
     ) -> Self {
         Self {
             port,
@@ -65,7 +66,7 @@ impl ProxyRuntime {
             users: HashMap::new(),
             conns: Conns::default(),
             limits: Limits::default(),
-            runtime,
+            workers,
         }
     }
 
@@ -172,19 +173,23 @@ impl ProxyRuntime {
             SocketAddr::from((Ipv6Addr::LOCALHOST, self.port)),
         ];
         let bound = bind_in_netns(netns, addrs)?;
-        let _guard = self.runtime.enter();
         let mut tasks = Vec::new();
+        // Every worker accepts on each listener and serves what it accepted: a
+        // connection never changes threads.
         for l in bound {
-            let listener = tokio::net::TcpListener::from_std(l)?;
-            let ctx = AcceptCtx {
-                proxy: self.proxy.clone(),
-                peers: self.peers.clone(),
-                routes: self.routes.clone(),
-                names: self.names.clone(),
-                conns: self.conns.clone(),
-                limits: self.limits.clone(),
-            };
-            tasks.push(tokio::spawn(accept_loop(listener, ctx)));
+            for worker in self.workers.handles() {
+                let _guard = worker.enter();
+                let listener = tokio::net::TcpListener::from_std(l.try_clone()?)?;
+                let ctx = AcceptCtx {
+                    proxy: self.proxy.clone(),
+                    peers: self.peers.clone(),
+                    routes: self.routes.clone(),
+                    names: self.names.clone(),
+                    conns: self.conns.clone(),
+                    limits: self.limits.clone(),
+                };
+                tasks.push(worker.spawn(accept_loop(listener, ctx)));
+            }
         }
         self.listeners
             .insert(id, tasks.iter().map(|t| t.abort_handle()).collect());

@@ -147,6 +147,9 @@ pub struct PoolKey {
     dst: SocketAddr,
     /// Normalised, as checked against the route and verified in the certificate.
     server_name: String,
+    /// The proxy worker thread (0 off them): each keeps its upstream connections, so that
+    /// a request and the connection it is sent on run on one thread.
+    worker: usize,
 }
 
 impl PoolKey {
@@ -155,6 +158,7 @@ impl PoolKey {
             sandbox: sandbox.to_owned(),
             dst: SocketAddr::new(dst.ip().to_canonical(), dst.port()),
             server_name: server_name.to_owned(),
+            worker: super::workers::current(),
         }
     }
 }
