@@ -33,6 +33,8 @@ pub struct SecretMatcher {
     cut: Vec<bool>,
     names: Vec<String>,
     max_len: usize,
+    /// Some pattern has a `=` (see [`Self::each_match_cut`]).
+    has_eq: bool,
 }
 
 impl fmt::Debug for SecretMatcher {
@@ -59,6 +61,7 @@ impl SecretMatcher {
             cut: Vec::new(),
             names: Vec::new(),
             max_len: 0,
+            has_eq: false,
         }
     }
 
@@ -87,6 +90,7 @@ impl SecretMatcher {
             }
         }
         let max_len = patterns.iter().map(Vec::len).max().unwrap_or(0);
+        let has_eq = patterns.iter().any(|p| p.contains(&b'='));
         let ac = if patterns.is_empty() {
             None
         } else {
@@ -113,6 +117,7 @@ impl SecretMatcher {
             cut,
             names,
             max_len,
+            has_eq,
         }
     }
 
@@ -151,7 +156,7 @@ impl SecretMatcher {
     }
 
     /// Calls `f(range, credential index)` for every match in `hay`, overlapping ones
-    /// included, in order of their end.
+    /// included (those across line breaks after the others).
     pub fn each_match(&self, hay: &[u8], mut f: impl FnMut(Range<usize>, usize)) {
         self.each_match_cut(hay, |range, index, _| f(range, index));
     }
@@ -170,22 +175,29 @@ impl SecretMatcher {
             let pattern = m.pattern().as_usize();
             f(m.range(), self.owner[pattern], self.cut[pattern]);
         }
-        let Some((joined, taken)) = joined_lines(hay) else {
-            return;
-        };
-        // Where the byte at `j` of the joined text is in `hay`.
-        let at = |j: usize| {
-            let before = taken.partition_point(|&(k, _)| k <= j);
-            j + before.checked_sub(1).map_or(0, |i| taken[i].1)
-        };
-        for m in ac.find_overlapping_iter(&joined) {
-            let range = at(m.start())..at(m.end() - 1) + 1;
-            // Found above already, when no break lies inside.
-            if range.len() == m.len() {
-                continue;
+        // A `=` before a break is a soft break, or a character of the secret itself: where
+        // a pattern has one, the text is also joined with it kept.
+        for soft in [true, false] {
+            let Some((joined, taken, took_eq)) = joined_lines(hay, soft) else {
+                return;
+            };
+            // Where the byte at `j` of the joined text is in `hay`.
+            let at = |j: usize| {
+                let before = taken.partition_point(|&(k, _)| k <= j);
+                j + before.checked_sub(1).map_or(0, |i| taken[i].1)
+            };
+            for m in ac.find_overlapping_iter(&joined) {
+                let range = at(m.start())..at(m.end() - 1) + 1;
+                // Found above already, when no break lies inside.
+                if range.len() == m.len() {
+                    continue;
+                }
+                let pattern = m.pattern().as_usize();
+                f(range, self.owner[pattern], self.cut[pattern]);
             }
-            let pattern = m.pattern().as_usize();
-            f(range, self.owner[pattern], self.cut[pattern]);
+            if !(took_eq && self.has_eq) {
+                return;
+            }
         }
     }
 }
@@ -193,40 +205,49 @@ impl SecretMatcher {
 /// The longest line break taken out between two characters of a match (`=\r\n`).
 pub const LINE_BREAK_MAX: usize = 3;
 
-/// `hay` without the single line breaks that join two other bytes, and where they were
+/// `hay` without the single line breaks that join two other bytes (with `soft`, a `=`
+/// before one is taken out too, as a quoted-printable soft break), and where they were
 /// taken out: for each, the offset in the joined text of the byte after it and the bytes
-/// taken out up to there. `None` when none is.
+/// taken out up to there; and whether a `=` was. `None` when no break joins two bytes.
 #[expect(
     clippy::type_complexity,
     reason = "a text and its offsets, used together once"
 )]
-fn joined_lines(hay: &[u8]) -> Option<(Vec<u8>, Vec<(usize, usize)>)> {
-    memchr::memchr(b'\n', hay)?;
+fn joined_lines(hay: &[u8], soft: bool) -> Option<(Vec<u8>, Vec<(usize, usize)>, bool)> {
     let is_break_byte = |b: u8| b == b'\n' || b == b'\r';
-    let mut joined = Vec::with_capacity(hay.len());
-    let mut taken: Vec<(usize, usize)> = Vec::new();
-    let mut skipped = 0;
-    let mut i = 0;
-    while i < hay.len() {
-        let rest = &hay[i..];
-        let len = [&b"=\r\n"[..], b"=\n", b"\r\n", b"\n"]
-            .iter()
-            .find(|b| rest.starts_with(b))
-            .map_or(0, |b| b.len());
-        let joins = len > 0
-            && i > 0
-            && !is_break_byte(hay[i - 1])
-            && hay.get(i + len).is_some_and(|&b| !is_break_byte(b));
-        if joins {
-            i += len;
-            skipped += len;
-            taken.push((joined.len(), skipped));
-            continue;
+    // The breaks that join two other bytes, as ranges of `hay`.
+    let mut breaks: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut took_eq = false;
+    for lf in memchr::memchr_iter(b'\n', hay) {
+        let cr = lf > 0 && hay[lf - 1] == b'\r';
+        let mut start = if cr { lf - 1 } else { lf };
+        let eq = soft && start > 0 && hay[start - 1] == b'=';
+        if eq {
+            start -= 1;
         }
-        joined.push(hay[i]);
-        i += 1;
+        let joins = start > 0
+            && !is_break_byte(hay[start - 1])
+            && hay.get(lf + 1).is_some_and(|&b| !is_break_byte(b));
+        if joins {
+            took_eq |= eq;
+            breaks.push(start..lf + 1);
+        }
     }
-    (!taken.is_empty()).then_some((joined, taken))
+    if breaks.is_empty() {
+        return None;
+    }
+    let mut joined = Vec::with_capacity(hay.len());
+    let mut taken = Vec::with_capacity(breaks.len());
+    let mut from = 0;
+    let mut skipped = 0;
+    for b in breaks {
+        joined.extend_from_slice(&hay[from..b.start]);
+        skipped += b.len();
+        from = b.end;
+        taken.push((joined.len(), skipped));
+    }
+    joined.extend_from_slice(&hay[from..]);
+    Some((joined, taken, took_eq))
 }
 
 /// The forms a secret takes on the wire, each at least [`MIN_PATTERN_LEN`] bytes:
@@ -252,7 +273,8 @@ fn joined_lines(hay: &[u8]) -> Option<(Vec<u8>, Vec<(usize, usize)>)> {
 /// first N bytes of a header would return it (the sandbox may choose what precedes the
 /// secret, and so where the cut falls); never a shorter piece, which a structured secret
 /// could share with others (a JWT's header, a token's fixed prefix). The longest, the
-/// space-separated hex, sets how much of a streamed body is held back.
+/// space-separated hex, with line breaks between its characters ([`SecretMatcher::span`]),
+/// sets how much of a streamed body is held back.
 pub fn forms(secret: &str) -> Vec<Vec<u8>> {
     forms_of(secret).into_iter().map(|(form, _)| form).collect()
 }

@@ -2,7 +2,7 @@
 //!
 //! A range the sandbox chooses could cut a reflected secret into pieces no scan
 //! recognises (`bytes=0-6`, then `bytes=7-13`, ...). So the proxy asks the origin for the
-//! range widened on each side by the longest form of any secret, scrubs that, and sends
+//! range widened on each side by the most bytes a match can cover, scrubs that, and sends
 //! the sandbox exactly the bytes it asked for, cut from the scrubbed piece: a secret that
 //! overlaps the asked range lies whole inside the widened one. A request for several
 //! ranges, or in another unit, goes without `Range` and `If-Range`; the origin answers
