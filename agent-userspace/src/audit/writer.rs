@@ -341,20 +341,21 @@ impl AuditWriter {
         }
     }
 
-    /// Forces written records to stable storage (a no-op for stdout, a closed file, or a
-    /// path that is not a regular file, such as a named pipe, which has no storage).
-    pub fn sync(&mut self) -> io::Result<()> {
+    /// Forces written records to stable storage. `Ok(false)` when there was nothing to
+    /// sync: stdout, a closed file (after a failed write), or a path that is not a regular
+    /// file, such as a named pipe, which has no storage.
+    pub fn sync(&mut self) -> io::Result<bool> {
         let (AuditSink::File(_), Some(out)) = (&self.sink, &self.out) else {
-            return Ok(());
+            return Ok(false);
         };
         #[cfg(test)]
         if let Some(kind) = self.sync_fault.take() {
             return Err(io::Error::from(kind));
         }
         if out.metadata()?.file_type().is_file() {
-            out.sync_data()
+            out.sync_data().map(|()| true)
         } else {
-            Ok(())
+            Ok(false)
         }
     }
 
@@ -1387,7 +1388,11 @@ impl AuditTask {
         if self.health.reopen.swap(false, Ordering::AcqRel) {
             self.reopen_wanted = true;
         }
-        if std::mem::take(&mut self.reopen_wanted) {
+        if self.reopen_wanted {
+            // What went to the file being closed is synced (or its loss reported, in the
+            // file opened next) before the new file makes later syncs about another one.
+            self.sync_written();
+            self.reopen_wanted = false;
             match self.writer.reopen() {
                 Ok(()) => tracing::info!(sink = %self.writer.sink(), "Audit log reopened"),
                 Err(e) => {
@@ -1483,7 +1488,13 @@ impl AuditTask {
             return true;
         }
         match self.writer.sync() {
-            Ok(()) => {
+            Ok(true) => {
+                self.synced = self.written;
+                true
+            }
+            // A closed file is synced once it is open again (or its loss reported then).
+            Ok(false) if self.writer.out.is_none() => true,
+            Ok(false) => {
                 self.synced = self.written;
                 true
             }
