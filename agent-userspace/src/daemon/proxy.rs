@@ -173,23 +173,28 @@ impl ProxyRuntime {
             SocketAddr::from((Ipv6Addr::LOCALHOST, self.port)),
         ];
         let bound = bind_in_netns(netns, addrs)?;
-        let mut tasks = Vec::new();
         // Every worker accepts on each listener and serves what it accepted: a
-        // connection never changes threads.
-        for l in bound {
+        // connection never changes threads. All are made before any starts, so a failure
+        // leaves nothing running.
+        let mut made = Vec::new();
+        for l in &bound {
             for worker in self.workers.handles() {
                 let _guard = worker.enter();
-                let listener = tokio::net::TcpListener::from_std(l.try_clone()?)?;
-                let ctx = AcceptCtx {
-                    proxy: self.proxy.clone(),
-                    peers: self.peers.clone(),
-                    routes: self.routes.clone(),
-                    names: self.names.clone(),
-                    conns: self.conns.clone(),
-                    limits: self.limits.clone(),
-                };
-                tasks.push(worker.spawn(accept_loop(listener, ctx)));
+                made.push((worker, tokio::net::TcpListener::from_std(l.try_clone()?)?));
             }
+        }
+        drop(bound);
+        let mut tasks = Vec::new();
+        for (worker, listener) in made {
+            let ctx = AcceptCtx {
+                proxy: self.proxy.clone(),
+                peers: self.peers.clone(),
+                routes: self.routes.clone(),
+                names: self.names.clone(),
+                conns: self.conns.clone(),
+                limits: self.limits.clone(),
+            };
+            tasks.push(worker.spawn(accept_loop(listener, ctx)));
         }
         self.listeners
             .insert(id, tasks.iter().map(|t| t.abort_handle()).collect());

@@ -10,12 +10,22 @@
 //! on the daemon's main runtime.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::runtime::Handle;
 
 thread_local! {
     /// This thread's number among the workers, from 1; 0 on any other thread.
     static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Workers started in this process.
+static STARTED: AtomicUsize = AtomicUsize::new(0);
+
+/// How many workers run (at least 1): each keeps its own upstream connections, so the
+/// pool's bounds scale with it.
+pub fn count() -> usize {
+    STARTED.load(Ordering::Relaxed).max(1)
 }
 
 /// The number of the worker thread the caller runs on (from 1), or 0 off them: what
@@ -46,17 +56,18 @@ impl Workers {
                     runtime.block_on(std::future::pending::<()>());
                 })?;
         }
+        STARTED.fetch_add(handles.len(), Ordering::Relaxed);
         Ok(Self { handles })
     }
 
     /// `EGRESSD_PROXY_THREADS` workers (1 to 64), by default as many as the host has
-    /// cores.
+    /// cores (at most 64).
     pub fn configured() -> std::io::Result<Self> {
         let threads = std::env::var("EGRESSD_PROXY_THREADS")
             .ok()
             .and_then(|v| v.trim().parse().ok())
             .filter(|n| (1..=64).contains(n))
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(64)));
         Self::start(threads)
     }
 
