@@ -2948,7 +2948,8 @@ fn finds(secret: &'static str) -> crate::audit::FindSecrets {
 
 /// Writes reach only the page cache; a disk that could not store them says so only to the
 /// next sync. That failure is not passed over: the records written since the last sync
-/// are reported in an `audit-lost` record with their range, and the trail counts them.
+/// are reported in an `audit-lost` record with their range, the trail counts them, and it
+/// is unhealthy until a sync succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_sync_reports_the_records_it_may_have_lost() {
     let dir = tempfile::tempdir().unwrap();
@@ -2966,8 +2967,16 @@ async fn a_failed_sync_reports_the_records_it_may_have_lost() {
     .await;
     let health = handle.health();
     assert_eq!((health.lost, health.write_errors), (2, 1), "{health:?}");
-    // Later records are written and synced as usual.
+    // Unhealthy (credentials refused by default) until a sync succeeds.
+    assert!(!health.healthy, "{health:?}");
+    assert!(health
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("fdatasync")));
+    // Later records are written and synced as usual, and the trail is healthy again.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     handle.emit(denied(3));
+    eventually("healthy again", || handle.healthy()).await;
     drop(handle);
     writer.await.unwrap().unwrap();
     let lines = read_lines(&path);

@@ -906,6 +906,7 @@ impl AuditLog {
                 written,
                 synced: written,
                 last_sync: Instant::now(),
+                sync_failing: false,
                 records: 0,
             },
         ))
@@ -1113,6 +1114,9 @@ pub struct AuditTask {
     /// The last sequence number known on stable storage (or written before this run).
     synced: u64,
     last_sync: Instant,
+    /// The last sync failed: the trail is unhealthy until one succeeds (records reach the
+    /// file but maybe not the disk, so credentials are not used unrecorded meanwhile).
+    sync_failing: bool,
     records: u64,
 }
 
@@ -1417,12 +1421,14 @@ impl AuditTask {
             tracing::warn!(sink = %self.writer.sink(), failing_since = %since, "Audit log writable again");
             self.last_error = None;
             let mut report = self.health.report();
-            report.healthy = true;
             report.failing_since = None;
-            report.error = None;
             report.queued = 0;
-            drop(report);
-            self.health.failing.store(false, Ordering::Release);
+            if !self.sync_failing {
+                report.healthy = true;
+                report.error = None;
+                drop(report);
+                self.health.failing.store(false, Ordering::Release);
+            }
         }
         self.rotate_if_due();
     }
@@ -1490,6 +1496,14 @@ impl AuditTask {
         match self.writer.sync() {
             Ok(true) => {
                 self.synced = self.written;
+                if std::mem::take(&mut self.sync_failing) && self.failing_since.is_none() {
+                    tracing::warn!(sink = %self.writer.sink(), "Audit log synced again");
+                    let mut report = self.health.report();
+                    report.healthy = true;
+                    report.error = None;
+                    drop(report);
+                    self.health.failing.store(false, Ordering::Release);
+                }
                 true
             }
             // A closed file is synced once it is open again (or its loss reported then).
@@ -1503,7 +1517,11 @@ impl AuditTask {
                 self.synced = self.written;
                 crate::metrics::audit_write_failed();
                 error!(sink = %self.writer.sink(), error = %e, first, last, "Syncing the audit log failed; records written since the last sync may not be on disk");
+                self.sync_failing = true;
+                self.health.failing.store(true, Ordering::Release);
                 let mut report = self.health.report();
+                report.healthy = false;
+                report.error = Some(format!("fdatasync: {e}"));
                 report.write_errors += 1;
                 report.lost += last - first + 1;
                 drop(report);
