@@ -76,6 +76,8 @@ pub struct CountingBody {
     declared: Option<u64>,
     /// Set once the whole body has been handed on.
     sent: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The budget the prefix (a body read whole) holds, given back with the body.
+    _held: Option<super::method_override::HeldBody>,
 }
 
 /// What [`CountingBody::stripping_trailers`] applies to a request's trailers.
@@ -100,12 +102,20 @@ impl CountingBody {
             trailer_filter: None,
             declared: None,
             sent: None,
+            _held: None,
         }
     }
 
     /// Fails the body if the client's ends at another length than `declared`.
     pub fn declaring(mut self, declared: Option<u64>) -> Self {
         self.declared = declared;
+        self
+    }
+
+    /// Keeps `held` (what the prefix holds of the proxy's budget) until the body is
+    /// dropped.
+    pub fn holding(mut self, held: Option<super::method_override::HeldBody>) -> Self {
+        self._held = held;
         self
     }
 

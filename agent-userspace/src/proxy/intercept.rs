@@ -784,6 +784,8 @@ impl ConnCtx {
         };
         // A push's command list is judged before anything is sent upstream.
         let mut prefix = Bytes::new();
+        // What a body read whole holds of the proxy's budget, kept until it is sent.
+        let mut held_body = None;
         if let Some(rule) = push_rule {
             let idle = self.proxy.timeouts.idle;
             let inspected = git::inspect_push(rule, &parts.headers, body, idle).await;
@@ -821,7 +823,10 @@ impl ConnCtx {
             match method_override::check_body(&parts.headers, body, idle, &self.conn.held_bodies)
                 .await
             {
-                BodyCheck::Forward(read) => prefix = read,
+                BodyCheck::Forward(read, held) => {
+                    prefix = read;
+                    held_body = held;
+                }
                 BodyCheck::Refuse { reason, consumed } => {
                     bytes_in.fetch_add(consumed, Ordering::Relaxed);
                     return Err(Refusal::deny(StatusCode::BAD_REQUEST, reason));
@@ -1158,6 +1163,7 @@ impl ConnCtx {
         let request = Request::from_parts(
             parts,
             CountingBody::with_prefix(prefix, body, bytes_in.clone(), scan)
+                .holding(held_body.take())
                 .ending_to(body_end.take())
                 .stripping_trailers(self.proxy.trailer_filter.clone())
                 .declaring(declared)

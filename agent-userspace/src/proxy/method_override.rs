@@ -42,6 +42,14 @@ struct Held<'s> {
     permits: Option<(OwnedSemaphorePermit, SemaphorePermit<'static>)>,
 }
 
+/// The budget a body read whole still holds while it is forwarded: given back when the
+/// request body sent upstream is dropped.
+#[derive(Debug)]
+pub struct HeldBody {
+    _sandbox: OwnedSemaphorePermit,
+    _daemon: SemaphorePermit<'static>,
+}
+
 /// Which budget a read found spent.
 #[derive(Debug, PartialEq, Eq)]
 enum Spent {
@@ -55,6 +63,14 @@ impl<'s> Held<'s> {
             sandbox,
             permits: None,
         }
+    }
+
+    /// What the read holds, to be kept while its bytes are.
+    fn into_body(self) -> Option<HeldBody> {
+        self.permits.map(|(sandbox, daemon)| HeldBody {
+            _sandbox: sandbox,
+            _daemon: daemon,
+        })
     }
 
     fn bytes(&self) -> usize {
@@ -210,8 +226,9 @@ impl Readings {
 /// The outcome of [`check_body`].
 #[derive(Debug)]
 pub enum BodyCheck {
-    /// No override: forward these bytes (the whole body, read) first.
-    Forward(Bytes),
+    /// No override: forward these bytes (the whole body, read) first, keeping what they
+    /// hold of the budget until they are sent.
+    Forward(Bytes, Option<HeldBody>),
     /// Refused: why, and how many bytes of the body were read.
     Refuse { reason: String, consumed: u64 },
     /// The client's body failed or stalled.
@@ -238,11 +255,11 @@ pub async fn check_body(
     };
     let readings = match Readings::of(headers) {
         Ok(readings) if readings.any() => readings,
-        Ok(_) => return BodyCheck::Forward(Bytes::new()),
+        Ok(_) => return BodyCheck::Forward(Bytes::new(), None),
         Err(why) => return refuse(format!("{why} cannot be checked for a method override"), 0),
     };
     if body.is_end_stream() {
-        return BodyCheck::Forward(Bytes::new());
+        return BodyCheck::Forward(Bytes::new(), None);
     }
     let encoded = headers
         .get_all(CONTENT_ENCODING)
@@ -256,7 +273,7 @@ pub async fn check_body(
             0,
         );
     }
-    let read = match read_whole(body, idle, held).await {
+    let (read, kept) = match read_whole(body, idle, held).await {
         Ok(read) => read,
         Err(ReadError::TooLarge(consumed)) => {
             return refuse(
@@ -313,7 +330,7 @@ pub async fn check_body(
             format!("body field {key:?} names a method to run instead"),
             read.len() as u64,
         ),
-        None => BodyCheck::Forward(read),
+        None => BodyCheck::Forward(read, kept),
     }
 }
 
@@ -330,7 +347,7 @@ async fn read_whole(
     body: &mut Incoming,
     idle: Duration,
     held: &Arc<Semaphore>,
-) -> Result<Bytes, ReadError> {
+) -> Result<(Bytes, Option<HeldBody>), ReadError> {
     let mut read = BytesMut::new();
     let whole = tokio::time::timeout(
         Duration::from_secs(MAX_FORM_SECS),
@@ -351,12 +368,12 @@ async fn read_into(
     idle: Duration,
     read: &mut BytesMut,
     share: &Arc<Semaphore>,
-) -> Result<Bytes, ReadError> {
-    // Given back when the read ends, read or not.
+) -> Result<(Bytes, Option<HeldBody>), ReadError> {
+    // Given back when the read fails, or when the body read is sent.
     let mut held = Held::new(share);
     loop {
         match next_piece(body, idle).await {
-            Ok(Piece::End) => return Ok(std::mem::take(read).freeze()),
+            Ok(Piece::End) => return Ok((std::mem::take(read).freeze(), held.into_body())),
             Ok(Piece::Data(data)) => {
                 if read.len() + data.len() > MAX_FORM_BYTES {
                     return Err(ReadError::TooLarge((read.len() + data.len()) as u64));
@@ -563,6 +580,15 @@ mod tests {
         drop(reads);
         assert_eq!(greedy.available_permits(), MAX_HELD_PER_SANDBOX);
         one_more.grow_to(1).unwrap();
+        // A body read whole keeps its share while it is forwarded, not just while read.
+        let kept = small.into_body();
+        assert_eq!(
+            other.available_permits(),
+            MAX_HELD_PER_SANDBOX - (1 << 20) - 512
+        );
+        drop(kept);
+        drop(theirs);
+        assert_eq!(other.available_permits(), MAX_HELD_PER_SANDBOX);
     }
 
     #[test]
