@@ -17,7 +17,7 @@ use crate::{
     bpf::PeerMap,
     credentials::CredentialStore,
     policy::Policy,
-    proxy::{ConnInfo, Proxy, Route, Unrecorded, Workers},
+    proxy::{ConnInfo, Proxy, Route, Unrecorded},
 };
 
 /// Sandbox index -> (name, policy in force, its kernel slot). Written by the daemon core on
@@ -41,8 +41,7 @@ pub struct ProxyRuntime {
     users: HashMap<u32, NetnsId>,
     conns: Conns,
     limits: Limits,
-    /// Where each listener accepts and serves its connections.
-    workers: Workers,
+    runtime: tokio::runtime::Handle,
 }
 
 impl ProxyRuntime {
@@ -52,7 +51,7 @@ impl ProxyRuntime {
         credentials: Arc<CredentialStore>,
         proxy: Proxy,
         peers: PeerMap,
-        workers: Workers,
+        runtime: tokio::runtime::Handle,
     ) -> Self {
         Self {
             port,
@@ -66,7 +65,7 @@ impl ProxyRuntime {
             users: HashMap::new(),
             conns: Conns::default(),
             limits: Limits::default(),
-            workers,
+            runtime,
         }
     }
 
@@ -173,19 +172,10 @@ impl ProxyRuntime {
             SocketAddr::from((Ipv6Addr::LOCALHOST, self.port)),
         ];
         let bound = bind_in_netns(netns, addrs)?;
-        // Every worker accepts on each listener and serves what it accepted: a
-        // connection never changes threads. All are made before any starts, so a failure
-        // leaves nothing running.
-        let mut made = Vec::new();
-        for l in &bound {
-            for worker in self.workers.handles() {
-                let _guard = worker.enter();
-                made.push((worker, tokio::net::TcpListener::from_std(l.try_clone()?)?));
-            }
-        }
-        drop(bound);
+        let _guard = self.runtime.enter();
         let mut tasks = Vec::new();
-        for (worker, listener) in made {
+        for l in bound {
+            let listener = tokio::net::TcpListener::from_std(l)?;
             let ctx = AcceptCtx {
                 proxy: self.proxy.clone(),
                 peers: self.peers.clone(),
@@ -194,7 +184,7 @@ impl ProxyRuntime {
                 conns: self.conns.clone(),
                 limits: self.limits.clone(),
             };
-            tasks.push(worker.spawn(accept_loop(listener, ctx)));
+            tasks.push(tokio::spawn(accept_loop(listener, ctx)));
         }
         self.listeners
             .insert(id, tasks.iter().map(|t| t.abort_handle()).collect());

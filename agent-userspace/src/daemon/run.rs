@@ -289,7 +289,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         credentials,
         proxy,
         peers,
-        crate::proxy::Workers::configured().context("starting the proxy's worker threads")?,
+        tokio::runtime::Handle::current(),
     );
 
     let previous = State::load(&opts.state_dir)?;
