@@ -33,8 +33,10 @@ pub struct SecretMatcher {
     cut: Vec<bool>,
     names: Vec<String>,
     max_len: usize,
-    /// Some pattern has a `=` (see [`Self::each_match_cut`]).
-    has_eq: bool,
+    /// The patterns with a `=`, without it (see [`Self::each_match_cut`]), and which
+    /// pattern each was made from.
+    eq_free: Option<AhoCorasick>,
+    eq_free_of: Vec<usize>,
 }
 
 impl fmt::Debug for SecretMatcher {
@@ -61,7 +63,8 @@ impl SecretMatcher {
             cut: Vec::new(),
             names: Vec::new(),
             max_len: 0,
-            has_eq: false,
+            eq_free: None,
+            eq_free_of: Vec::new(),
         }
     }
 
@@ -90,7 +93,12 @@ impl SecretMatcher {
             }
         }
         let max_len = patterns.iter().map(Vec::len).max().unwrap_or(0);
-        let has_eq = patterns.iter().any(|p| p.contains(&b'='));
+        let (mut eq_free_patterns, eq_free_of): (Vec<Vec<u8>>, Vec<usize>) = patterns
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.contains(&b'='))
+            .map(|(i, p)| (p.iter().copied().filter(|&b| b != b'=').collect(), i))
+            .unzip();
         let ac = if patterns.is_empty() {
             None
         } else {
@@ -102,6 +110,18 @@ impl SecretMatcher {
                 .build(&patterns)
                 .ok()
         };
+        let eq_free = (!eq_free_patterns.is_empty())
+            .then(|| {
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::Standard)
+                    .ascii_case_insensitive(true)
+                    .build(&eq_free_patterns)
+                    .ok()
+            })
+            .flatten();
+        for p in eq_free_patterns.iter_mut() {
+            zeroize::Zeroize::zeroize(p);
+        }
         // Zero the copies of the secrets made for the automaton's construction.
         for p in patterns.iter_mut() {
             zeroize::Zeroize::zeroize(p);
@@ -117,7 +137,8 @@ impl SecretMatcher {
             cut,
             names,
             max_len,
-            has_eq,
+            eq_free,
+            eq_free_of,
         }
     }
 
@@ -175,79 +196,127 @@ impl SecretMatcher {
             let pattern = m.pattern().as_usize();
             f(m.range(), self.owner[pattern], self.cut[pattern]);
         }
-        // A `=` before a break is a soft break, or a character of the secret itself: where
-        // a pattern has one, the text is also joined with it kept.
-        for soft in [true, false] {
-            let Some((joined, taken, took_eq)) = joined_lines(hay, soft) else {
-                return;
-            };
-            // Where the byte at `j` of the joined text is in `hay`.
-            let at = |j: usize| {
-                let before = taken.partition_point(|&(k, _)| k <= j);
-                j + before.checked_sub(1).map_or(0, |i| taken[i].1)
-            };
-            for m in ac.find_overlapping_iter(&joined) {
-                let range = at(m.start())..at(m.end() - 1) + 1;
-                // Found above already, when no break lies inside.
-                if range.len() == m.len() {
-                    continue;
-                }
-                let pattern = m.pattern().as_usize();
-                f(range, self.owner[pattern], self.cut[pattern]);
+        self.each_joined_match(hay, ac, false, &mut f);
+        // A `=` before a break is a soft break, or a character of the secret itself, and
+        // one text may have both: where a pattern has a `=`, the text is also searched
+        // with every `=` taken out, by the same patterns without theirs.
+        if let Some(eq_free) = &self.eq_free {
+            self.each_joined_match(hay, eq_free, true, &mut f);
+        }
+    }
+
+    /// Matches of `ac` in `hay` joined across its line breaks ([`joined`]), mapped back to
+    /// the bytes of `hay` they cover; those with no break inside are left out (found by
+    /// the search of `hay` itself). `ac` is [`Self::eq_free`] when `drop_eq`.
+    fn each_joined_match(
+        &self,
+        hay: &[u8],
+        ac: &AhoCorasick,
+        drop_eq: bool,
+        f: &mut impl FnMut(Range<usize>, usize, bool),
+    ) {
+        let Some((joined, taken)) = joined(hay, drop_eq) else {
+            return;
+        };
+        // Where the byte at `j` of the joined text is in `hay`.
+        let at = |j: usize| {
+            let before = taken.partition_point(|&(k, _)| k <= j);
+            j + before.checked_sub(1).map_or(0, |i| taken[i].1)
+        };
+        for m in ac.find_overlapping_iter(&joined) {
+            let range = at(m.start())..at(m.end() - 1) + 1;
+            if range.len() == m.len() {
+                continue;
             }
-            if !(took_eq && self.has_eq) {
-                return;
-            }
+            let pattern = if drop_eq {
+                self.eq_free_of[m.pattern().as_usize()]
+            } else {
+                m.pattern().as_usize()
+            };
+            f(range, self.owner[pattern], self.cut[pattern]);
         }
     }
 }
 
-/// The longest line break taken out between two characters of a match (`=\r\n`).
-pub const LINE_BREAK_MAX: usize = 3;
+/// The longest line break taken out between two characters of a match: a soft break's
+/// `=`, an escaped `\r\n` (four bytes) and a folding space.
+pub const LINE_BREAK_MAX: usize = 6;
 
-/// `hay` without the single line breaks that join two other bytes (with `soft`, a `=`
-/// before one is taken out too, as a quoted-printable soft break), and where they were
-/// taken out: for each, the offset in the joined text of the byte after it and the bytes
-/// taken out up to there; and whether a `=` was. `None` when no break joins two bytes.
+/// Line breaks, longest first: LF, CRLF, CR and the odd orders text tools write, and the
+/// same as JSON string escapes (`\n` in a JSON text that wraps base64 at a width).
+const BREAKS: [&[u8]; 8] = [
+    b"\r\r\n", b"\r\n", b"\n\r", b"\n", b"\r", b"\\r\\n", b"\\n", b"\\r",
+];
+
+/// The line break at `i` in `hay` (with the `=` of a soft break before it, and one space
+/// or tab folding the next line after it), as the range it covers, if it joins two other
+/// bytes: something that is not itself a break on either side.
+fn break_at(hay: &[u8], i: usize) -> Option<Range<usize>> {
+    let body = BREAKS.iter().find(|b| hay[i..].starts_with(b))?.len();
+    let mut end = i + body;
+    if matches!(hay.get(end), Some(b' ' | b'\t')) {
+        end += 1;
+    }
+    let starts_break = |at: usize| BREAKS.iter().any(|b| hay[at..].starts_with(b));
+    let before_ok = i > 0 && !matches!(hay[i - 1], b'\r' | b'\n' | b'\\');
+    let after_ok = end < hay.len() && !starts_break(end);
+    (before_ok && after_ok).then_some(i..end)
+}
+
+/// `hay` with each line break that joins two other bytes taken out (a `=` before one too,
+/// as a quoted-printable soft break; with `drop_eq`, every `=`), and where bytes were
+/// taken out: for each place, the offset in the joined text of the byte after it and the
+/// bytes taken out up to there. `None` when no break joins two bytes.
 #[expect(
     clippy::type_complexity,
     reason = "a text and its offsets, used together once"
 )]
-fn joined_lines(hay: &[u8], soft: bool) -> Option<(Vec<u8>, Vec<(usize, usize)>, bool)> {
-    let is_break_byte = |b: u8| b == b'\n' || b == b'\r';
-    // The breaks that join two other bytes, as ranges of `hay`.
-    let mut breaks: Vec<std::ops::Range<usize>> = Vec::new();
-    let mut took_eq = false;
-    for lf in memchr::memchr_iter(b'\n', hay) {
-        let cr = lf > 0 && hay[lf - 1] == b'\r';
-        let mut start = if cr { lf - 1 } else { lf };
-        let eq = soft && start > 0 && hay[start - 1] == b'=';
-        if eq {
-            start -= 1;
-        }
-        let joins = start > 0
-            && !is_break_byte(hay[start - 1])
-            && hay.get(lf + 1).is_some_and(|&b| !is_break_byte(b));
-        if joins {
-            took_eq |= eq;
-            breaks.push(start..lf + 1);
-        }
-    }
-    if breaks.is_empty() {
+fn joined(hay: &[u8], drop_eq: bool) -> Option<(Vec<u8>, Vec<(usize, usize)>)> {
+    // Most texts have no break that joins two bytes (an audit line ends in one): nothing
+    // is copied for them.
+    if !memchr::memchr3_iter(b'\n', b'\r', b'\\', hay).any(|i| break_at(hay, i).is_some()) {
         return None;
     }
-    let mut joined = Vec::with_capacity(hay.len());
-    let mut taken = Vec::with_capacity(breaks.len());
-    let mut from = 0;
+    let mut out = Vec::with_capacity(hay.len());
+    let mut taken: Vec<(usize, usize)> = Vec::new();
     let mut skipped = 0;
-    for b in breaks {
-        joined.extend_from_slice(&hay[from..b.start]);
-        skipped += b.len();
-        from = b.end;
-        taken.push((joined.len(), skipped));
+    let mut joins = false;
+    let mut skip = |out: &Vec<u8>, n: usize, taken: &mut Vec<(usize, usize)>| {
+        skipped += n;
+        match taken.last_mut() {
+            Some(last) if last.0 == out.len() => last.1 = skipped,
+            _ => taken.push((out.len(), skipped)),
+        }
+    };
+    let mut i = 0;
+    while i < hay.len() {
+        let b = hay[i];
+        if drop_eq && b == b'=' {
+            skip(&out, 1, &mut taken);
+            i += 1;
+            continue;
+        }
+        // A soft break: `=` and the break after it.
+        if b == b'=' && i + 1 < hay.len() {
+            if let Some(r) = break_at(hay, i + 1).filter(|_| i > 0) {
+                joins = true;
+                skip(&out, r.end - i, &mut taken);
+                i = r.end;
+                continue;
+            }
+        }
+        if matches!(b, b'\n' | b'\r' | b'\\') {
+            if let Some(r) = break_at(hay, i) {
+                joins = true;
+                skip(&out, r.len(), &mut taken);
+                i = r.end;
+                continue;
+            }
+        }
+        out.push(b);
+        i += 1;
     }
-    joined.extend_from_slice(&hay[from..]);
-    Some((joined, taken, took_eq))
+    joins.then_some((out, taken))
 }
 
 /// The forms a secret takes on the wire, each at least [`MIN_PATTERN_LEN`] bytes:

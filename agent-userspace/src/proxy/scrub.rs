@@ -962,7 +962,10 @@ mod tests {
         ];
         let masked = |b: &u8| MARKER.contains(b) || *b == b'*';
         for (text, form) in &texts {
-            for brk in ["\n", "\r\n", "=\r\n", "=\n"] {
+            for brk in [
+                "\n", "\r\n", "=\r\n", "=\n", "\r", "\n\r", "\r\r\n", "\n ", "\r\n\t", "\\n",
+                "\\r\\n", "=\\r\\n ",
+            ] {
                 for k in form.start + 1..form.end {
                     let input = format!("{}{brk}{}", &text[..k], &text[k..]);
                     let (out, t) = scrub_pieces(&m, &[input.as_bytes()]);
@@ -998,6 +1001,15 @@ mod tests {
                 );
             }
         }
+        // Both in one text: a break after the secret's own `=`, and a soft break.
+        let mixed = format!("{}\n{}=\n{}", &signed[..3], &signed[3..20], &signed[20..]);
+        let (out, t) = scrub_pieces(&m2, &[mixed.as_bytes()]);
+        assert!(t.count() >= 1, "{mixed:?}");
+        assert!(
+            !String::from_utf8_lossy(&out).contains(&signed[20..]),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
         // Two breaks in a row end a match: a blank line is not passed over.
         let apart = format!("{}\n\n{}", &SECRET[..10], &SECRET[10..]);
         assert_eq!(scrub_pieces(&m, &[apart.as_bytes()]).1.count(), 0);
