@@ -17,7 +17,7 @@ use crate::{
     bpf::PeerMap,
     credentials::CredentialStore,
     policy::Policy,
-    proxy::{ConnInfo, Proxy, Route, Unrecorded},
+    proxy::{ConnInfo, Proxy, Route, Unrecorded, Workers},
 };
 
 /// Sandbox index -> (name, policy in force, its kernel slot). Written by the daemon core on
@@ -41,7 +41,8 @@ pub struct ProxyRuntime {
     users: HashMap<u32, NetnsId>,
     conns: Conns,
     limits: Limits,
-    runtime: tokio::runtime::Handle,
+    /// Where each listener accepts and serves its connections.
+    workers: Workers,
 }
 
 impl ProxyRuntime {
@@ -51,7 +52,7 @@ impl ProxyRuntime {
         credentials: Arc<CredentialStore>,
         proxy: Proxy,
         peers: PeerMap,
-        runtime: tokio::runtime::Handle,
+        workers: Workers,
     ) -> Self {
         Self {
             port,
@@ -65,7 +66,7 @@ impl ProxyRuntime {
             users: HashMap::new(),
             conns: Conns::default(),
             limits: Limits::default(),
-            runtime,
+            workers,
         }
     }
 
@@ -136,12 +137,14 @@ impl ProxyRuntime {
     /// Closes the listeners of namespaces no sandbox uses.
     pub fn close_unused(&mut self) {
         let users = &self.users;
+        let mut closed = Vec::new();
         self.listeners.retain(|id, handles| {
             let used = users.values().any(|u| u == id);
             if !used {
                 for h in handles.iter() {
                     h.abort();
                 }
+                closed.append(handles);
                 tracing::info!(
                     netns_inode = id.1,
                     "Proxy listener closed: no sandbox uses its network namespace"
@@ -149,6 +152,13 @@ impl ProxyRuntime {
             }
             used
         });
+        // The accept tasks run on the proxy's worker threads, which drop them (and close
+        // the port) a moment later: waited for, so that a sandbox attached again at once
+        // in the same namespace finds the port free.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while closed.iter().any(|h| !h.is_finished()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 
     /// Network namespaces with a proxy listener (for tests and status).
@@ -172,10 +182,19 @@ impl ProxyRuntime {
             SocketAddr::from((Ipv6Addr::LOCALHOST, self.port)),
         ];
         let bound = bind_in_netns(netns, addrs)?;
-        let _guard = self.runtime.enter();
+        // Every worker accepts on each listener and serves what it accepted: a
+        // connection never changes threads. All are made before any starts, so a failure
+        // leaves nothing running.
+        let mut made = Vec::new();
+        for l in &bound {
+            for worker in self.workers.handles() {
+                let _guard = worker.enter();
+                made.push((worker, tokio::net::TcpListener::from_std(l.try_clone()?)?));
+            }
+        }
+        drop(bound);
         let mut tasks = Vec::new();
-        for l in bound {
-            let listener = tokio::net::TcpListener::from_std(l)?;
+        for (worker, listener) in made {
             let ctx = AcceptCtx {
                 proxy: self.proxy.clone(),
                 peers: self.peers.clone(),
@@ -184,7 +203,7 @@ impl ProxyRuntime {
                 conns: self.conns.clone(),
                 limits: self.limits.clone(),
             };
-            tasks.push(tokio::spawn(accept_loop(listener, ctx)));
+            tasks.push(worker.spawn(accept_loop(listener, ctx)));
         }
         self.listeners
             .insert(id, tasks.iter().map(|t| t.abort_handle()).collect());

@@ -289,7 +289,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         credentials,
         proxy,
         peers,
-        tokio::runtime::Handle::current(),
+        crate::proxy::Workers::configured().context("starting the proxy's worker threads")?,
     );
 
     let previous = State::load(&opts.state_dir)?;

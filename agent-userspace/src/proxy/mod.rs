@@ -35,6 +35,7 @@ mod refused;
 mod scrub;
 pub(crate) mod target;
 mod upstream;
+mod workers;
 
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
@@ -62,6 +63,7 @@ pub use ca::{CaError, CertAuthority, CA_CERT_FILE, CA_COMMON_NAME, CA_KEY_FILE};
 pub use error::{Party, ProxyError};
 pub use method_override::sandbox_share as held_bodies_share;
 pub use scrub::MARKER as SCRUB_MARKER;
+pub use workers::Workers;
 
 use crate::audit::{ProxyRecord, ProxyVerdict as Verdict, RecordKind, TlsMode};
 use crate::credentials::{normalize_host, CredentialStore};

@@ -39,7 +39,7 @@ use super::body::CountingBody;
 use super::error::ProxyError;
 use super::Route;
 
-/// Idle upstream HTTP/1 connections kept per pool key, and in all.
+/// Idle upstream HTTP/1 connections kept per pool key, and in all per proxy worker.
 const MAX_IDLE_H1: usize = 64;
 const MAX_IDLE_H1_TOTAL: usize = 1024;
 /// Requests in flight on one upstream HTTP/2 connection before another is opened: below
@@ -50,8 +50,8 @@ const MAX_H2_PER_KEY: usize = 16;
 /// Flow-control window of a whole upstream HTTP/2 connection (hyper's default is 5 MiB,
 /// with 2 MiB per stream).
 const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-/// Pool keys (sandbox, destination, server name) with connections kept at most; past
-/// this, new connections are used for their request and closed.
+/// Pool keys (sandbox, destination, server name) with connections kept at most per proxy
+/// worker; past this, new connections are used for their request and closed.
 const MAX_KEYS: usize = 1024;
 
 /// `dst` in canonical form if `route` may dial it: refuses special addresses the rule
@@ -147,6 +147,9 @@ pub struct PoolKey {
     dst: SocketAddr,
     /// Normalised, as checked against the route and verified in the certificate.
     server_name: String,
+    /// The proxy worker thread (0 off them): each keeps its upstream connections, so that
+    /// a request and the connection it is sent on run on one thread.
+    worker: usize,
 }
 
 impl PoolKey {
@@ -155,6 +158,7 @@ impl PoolKey {
             sandbox: sandbox.to_owned(),
             dst: SocketAddr::new(dst.ip().to_canonical(), dst.port()),
             server_name: server_name.to_owned(),
+            worker: super::workers::current(),
         }
     }
 }
@@ -415,7 +419,7 @@ impl UpstreamPool {
             return;
         }
         let mut state = self.lock();
-        if state.idle_h1 >= MAX_IDLE_H1_TOTAL {
+        if state.idle_h1 >= MAX_IDLE_H1_TOTAL * super::workers::count() {
             return;
         }
         if let Some(entry) = self.entry(&mut state, key) {
@@ -433,7 +437,7 @@ impl UpstreamPool {
         key: &PoolKey,
     ) -> Option<&'a mut Entry> {
         if !state.entries.contains_key(key) {
-            if state.entries.len() >= MAX_KEYS {
+            if state.entries.len() >= MAX_KEYS * super::workers::count() {
                 return None;
             }
             state.entries.insert(key.clone(), Entry::default());
