@@ -1351,24 +1351,30 @@ impl AuditTask {
 
     /// Numbers and queues the `audit-lost` record of a dropped range.
     fn queue_loss(&mut self, dropped: Dropped) {
-        let lost = AuditLost {
-            time: OffsetDateTime::now_utc(),
-            count: dropped.last - dropped.first + 1,
-            first_sequence: dropped.first,
-            last_sequence: dropped.last,
-            since: self.failing_since,
-            error: self
-                .last_error
-                .clone()
-                .or_else(|| self.lost_reason.take())
-                .unwrap_or_else(|| "audit log could not be written".to_owned()),
-        };
         error!(
-            count = lost.count,
-            first = lost.first_sequence,
-            last = lost.last_sequence,
+            count = dropped.last - dropped.first + 1,
+            first = dropped.first,
+            last = dropped.last,
             "Audit records lost while the log could not be written"
         );
+        let error = self
+            .last_error
+            .clone()
+            .or_else(|| self.lost_reason.take())
+            .unwrap_or_else(|| "audit log could not be written".to_owned());
+        self.queue_lost(dropped, self.failing_since, error);
+    }
+
+    /// Numbers and queues an `audit-lost` record for `range`, lost for `error`.
+    fn queue_lost(&mut self, range: Dropped, since: Option<OffsetDateTime>, error: String) {
+        let lost = AuditLost {
+            time: OffsetDateTime::now_utc(),
+            count: range.last - range.first + 1,
+            first_sequence: range.first,
+            last_sequence: range.last,
+            since,
+            error,
+        };
         if let Err(e) = self
             .writer
             .encode_next_into(&Record::AuditLost(lost), &mut self.pending)
@@ -1525,23 +1531,14 @@ impl AuditTask {
                 report.write_errors += 1;
                 report.lost += last - first + 1;
                 drop(report);
-                let lost = AuditLost {
-                    time: OffsetDateTime::now_utc(),
-                    count: last - first + 1,
-                    first_sequence: first,
-                    last_sequence: last,
-                    since: None,
-                    error: format!(
+                self.queue_lost(
+                    Dropped { first, last },
+                    None,
+                    format!(
                         "written, but forcing them to stable storage failed (fdatasync: {e}); \
                          they may not be on disk"
                     ),
-                };
-                if let Err(e) = self
-                    .writer
-                    .encode_next_into(&Record::AuditLost(lost), &mut self.pending)
-                {
-                    error!(error = %e, "Loss record not encodable");
-                }
+                );
                 self.reopen_wanted = true;
                 false
             }
