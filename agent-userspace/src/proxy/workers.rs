@@ -75,14 +75,6 @@ impl Workers {
     pub fn handles(&self) -> &[Handle] {
         &self.handles
     }
-
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -94,7 +86,7 @@ mod tests {
     #[test]
     fn workers_know_their_number() {
         let workers = Workers::start(2).unwrap();
-        assert_eq!(workers.len(), 2);
+        assert_eq!(workers.handles().len(), 2);
         let numbers: Vec<usize> = workers
             .handles()
             .iter()
