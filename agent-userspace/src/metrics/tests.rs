@@ -278,13 +278,10 @@ fn dns_alerts_and_bounded_response_codes() {
 #[test]
 fn a_detached_sandboxs_series_are_removed() {
     let m = Metrics::default();
+    let denied_connect =
+        |sandbox: &str| decision(sandbox, Hook::Connect4, Verdict::Deny, RuleRef::Default);
     for sandbox in ["agent-2", "agent-1"] {
-        m.observe(&decision(
-            sandbox,
-            Hook::Connect4,
-            Verdict::Deny,
-            RuleRef::Default,
-        ));
+        m.observe(&denied_connect(sandbox));
     }
     m.observe(&request(ProxyVerdict::Allow, Some("upstream reset"), 12));
     m.observe(&request(ProxyVerdict::Deny, None, 1));
@@ -334,22 +331,12 @@ fn a_detached_sandboxs_series_are_removed() {
         Some("closed by the daemon"),
         3,
     ));
-    m.observe(&decision(
-        "agent-1",
-        Hook::Connect4,
-        Verdict::Deny,
-        RuleRef::Default,
-    ));
+    m.observe(&denied_connect("agent-1"));
     let late = m.encode().unwrap_or_default();
     assert_eq!(labelled(&late, "agent-1"), 0, "{late}");
     // A sandbox attached again under the name counts from zero.
     m.observe(&Record::SandboxAttach(lifecycle("agent-1")));
-    m.observe(&decision(
-        "agent-1",
-        Hook::Connect4,
-        Verdict::Deny,
-        RuleRef::Default,
-    ));
+    m.observe(&denied_connect("agent-1"));
     let again = m.encode().unwrap_or_default();
     assert_eq!(labelled(&again, "agent-1"), 1, "{again}");
     m.observe(&detach("agent-1"));
