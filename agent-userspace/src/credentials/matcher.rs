@@ -169,11 +169,18 @@ impl SecretMatcher {
         self.names.get(index).map_or("", String::as_str)
     }
 
-    /// The first credential whose secret (in any form) occurs in `hay`.
+    /// The first credential whose secret (in any form, across line breaks too, as
+    /// [`Self::each_match_cut`] finds them) occurs in `hay`.
     pub fn find(&self, hay: &[u8]) -> Option<&str> {
         let ac = self.ac.as_ref()?;
-        let m = ac.find(hay)?;
-        Some(self.name(self.owner[m.pattern().as_usize()]))
+        if let Some(m) = ac.find(hay) {
+            return Some(self.name(self.owner[m.pattern().as_usize()]));
+        }
+        let mut found = None;
+        self.each_match_across_breaks(hay, ac, &mut |_, index, _| {
+            found.get_or_insert(index);
+        });
+        found.map(|index| self.name(index))
     }
 
     /// Calls `f(range, credential index)` for every match in `hay`, overlapping ones
@@ -196,12 +203,22 @@ impl SecretMatcher {
             let pattern = m.pattern().as_usize();
             f(m.range(), self.owner[pattern], self.cut[pattern]);
         }
-        self.each_joined_match(hay, ac, false, &mut f);
+        self.each_match_across_breaks(hay, ac, &mut f);
+    }
+
+    /// The matches of [`Self::each_match_cut`] that have a line break inside.
+    fn each_match_across_breaks(
+        &self,
+        hay: &[u8],
+        ac: &AhoCorasick,
+        f: &mut impl FnMut(Range<usize>, usize, bool),
+    ) {
+        self.each_joined_match(hay, ac, false, f);
         // A `=` before a break is a soft break, or a character of the secret itself, and
         // one text may have both: where a pattern has a `=`, the text is also searched
         // with every `=` taken out, by the same patterns without theirs.
         if let Some(eq_free) = &self.eq_free {
-            self.each_joined_match(hay, eq_free, true, &mut f);
+            self.each_joined_match(hay, eq_free, true, f);
         }
     }
 

@@ -1015,6 +1015,24 @@ mod tests {
         assert_eq!(scrub_pieces(&m, &[apart.as_bytes()]).1.count(), 0);
     }
 
+    /// Header values and targets are judged by the same matching as bodies: a form
+    /// wrapped with an escaped line break in a header is found and masked there too.
+    #[test]
+    fn wrapped_forms_are_found_in_headers() {
+        let m = matcher(&[("github", SECRET)]);
+        let wrapped = format!("{}\\n{}", &SECRET[..9], &SECRET[9..]);
+        assert_eq!(m.find(wrapped.as_bytes()), Some("github"));
+        let mut h = HeaderMap::new();
+        h.insert("x-echo", HeaderValue::from_str(&wrapped).unwrap());
+        let tally = Tally::default();
+        assert_eq!(scrub_headers(&mut h, &m, &tally), 1);
+        let value = h["x-echo"].to_str().unwrap();
+        assert!(
+            !value.contains(&SECRET[..9]) && !value.contains(&SECRET[9..]),
+            "{value}"
+        );
+    }
+
     /// A body in UTF-16 carries the secret with a zero byte beside each character.
     #[test]
     fn utf16_bodies_are_scrubbed() {
