@@ -86,6 +86,9 @@ impl Redactor {
 /// the marker: the line stays valid JSON, and what is left of a secret is at most the
 /// punctuation its escapes spell.
 fn mask_json(line: &mut [u8], ranges: &[Range<usize>]) {
+    if ranges.is_empty() {
+        return;
+    }
     let mut in_string = false;
     // Bytes of an escape still to pass (after its backslash).
     let mut escape_left = 0u8;
