@@ -10,7 +10,7 @@
 use std::fmt;
 use std::ops::Range;
 
-use aho_corasick::{AhoCorasick, MatchKind};
+use aho_corasick::{AhoCorasick, Input, MatchKind};
 use base64::Engine as _;
 
 /// Forms shorter than this are not matched: they would match ordinary text. A secret this
@@ -37,6 +37,14 @@ pub struct SecretMatcher {
     /// pattern each was made from.
     eq_free: Option<AhoCorasick>,
     eq_free_of: Vec<usize>,
+    /// The bytes some pattern has, in either ASCII case: every match is a run of them, so
+    /// only such runs are searched (see [`Runs`]).
+    in_pattern: ByteSet,
+    /// The bytes a match across line breaks may cover: [`Self::in_pattern`] and those
+    /// of the breaks [`joined`] takes out.
+    in_joined: ByteSet,
+    /// The shortest pattern (with or without its `=`).
+    min_len: usize,
 }
 
 impl fmt::Debug for SecretMatcher {
@@ -65,6 +73,9 @@ impl SecretMatcher {
             max_len: 0,
             eq_free: None,
             eq_free_of: Vec::new(),
+            in_pattern: ByteSet::default(),
+            in_joined: ByteSet::default(),
+            min_len: 0,
         }
     }
 
@@ -93,6 +104,12 @@ impl SecretMatcher {
             }
         }
         let max_len = patterns.iter().map(Vec::len).max().unwrap_or(0);
+        let mut in_pattern = ByteSet::default();
+        for p in &patterns {
+            in_pattern.add_any_case(p);
+        }
+        let mut in_joined = in_pattern.clone();
+        in_joined.add_any_case(BREAK_BYTES);
         let (mut eq_free_patterns, eq_free_of): (Vec<Vec<u8>>, Vec<usize>) = patterns
             .iter()
             .enumerate()
@@ -107,6 +124,7 @@ impl SecretMatcher {
             AhoCorasick::builder()
                 .match_kind(MatchKind::Standard)
                 .ascii_case_insensitive(true)
+                .kind(Some(aho_corasick::AhoCorasickKind::ContiguousNFA))
                 .build(&patterns)
                 .ok()
         };
@@ -119,6 +137,12 @@ impl SecretMatcher {
                     .ok()
             })
             .flatten();
+        let min_len = patterns
+            .iter()
+            .chain(&eq_free_patterns)
+            .map(Vec::len)
+            .min()
+            .unwrap_or(0);
         for p in eq_free_patterns.iter_mut() {
             zeroize::Zeroize::zeroize(p);
         }
@@ -139,6 +163,9 @@ impl SecretMatcher {
             max_len,
             eq_free,
             eq_free_of,
+            in_pattern,
+            in_joined,
+            min_len,
         }
     }
 
@@ -173,8 +200,10 @@ impl SecretMatcher {
     /// [`Self::each_match_cut`] finds them) occurs in `hay`.
     pub fn find(&self, hay: &[u8]) -> Option<&str> {
         let ac = self.ac.as_ref()?;
-        if let Some(m) = ac.find(hay) {
-            return Some(self.name(self.owner[m.pattern().as_usize()]));
+        for run in Runs::new(hay, &self.in_pattern, self.min_len) {
+            if let Some(m) = ac.find(Input::new(hay).span(run)) {
+                return Some(self.name(self.owner[m.pattern().as_usize()]));
+            }
         }
         let mut found = None;
         self.each_match_across_breaks(hay, ac, &mut |_, index, _| {
@@ -197,11 +226,18 @@ impl SecretMatcher {
     /// between two other bytes taken out (`\n`, `\r\n`, and `=` before either), and such
     /// a match is reported over the bytes it covers, breaks included. A run of two
     /// breaks or more is not taken out.
+    ///
+    /// A match is made of bytes the patterns have (and breaks), so only runs of those
+    /// bytes at least as long as the shortest pattern are searched ([`Runs`]): most of a
+    /// compressed or binary body is skipped, and what is found is what a search of every
+    /// byte finds.
     pub fn each_match_cut(&self, hay: &[u8], mut f: impl FnMut(Range<usize>, usize, bool)) {
         let Some(ac) = &self.ac else { return };
-        for m in ac.find_overlapping_iter(hay) {
-            let pattern = m.pattern().as_usize();
-            f(m.range(), self.owner[pattern], self.cut[pattern]);
+        for run in Runs::new(hay, &self.in_pattern, self.min_len) {
+            for m in ac.find_overlapping_iter(Input::new(hay).span(run)) {
+                let pattern = m.pattern().as_usize();
+                f(m.range(), self.owner[pattern], self.cut[pattern]);
+            }
         }
         self.each_match_across_breaks(hay, ac, &mut f);
     }
@@ -216,15 +252,17 @@ impl SecretMatcher {
         self.each_joined_match(hay, ac, false, f);
         // A `=` before a break is a soft break, or a character of the secret itself, and
         // one text may have both: where a pattern has a `=`, the text is also searched
-        // with every `=` taken out, by the same patterns without theirs.
+        // with every `=` taken out (breaks or not), by the same patterns without theirs.
         if let Some(eq_free) = &self.eq_free {
             self.each_joined_match(hay, eq_free, true, f);
         }
     }
 
     /// Matches of `ac` in `hay` joined across its line breaks ([`joined`]), mapped back to
-    /// the bytes of `hay` they cover; those with no break inside are left out (found by
-    /// the search of `hay` itself). `ac` is [`Self::eq_free`] when `drop_eq`.
+    /// the bytes of `hay` they cover; those with nothing taken out inside are left out
+    /// (found by the search of `hay` itself). `ac` is [`Self::eq_free`] when `drop_eq`.
+    /// Only runs of the bytes such a match may cover are joined and searched: one more
+    /// byte than the shortest pattern at least (something taken out inside).
     fn each_joined_match(
         &self,
         hay: &[u8],
@@ -232,26 +270,137 @@ impl SecretMatcher {
         drop_eq: bool,
         f: &mut impl FnMut(Range<usize>, usize, bool),
     ) {
-        let Some((joined, taken)) = joined(hay, drop_eq) else {
-            return;
-        };
-        // Where the byte at `j` of the joined text is in `hay`.
-        let at = |j: usize| {
-            let before = taken.partition_point(|&(k, _)| k <= j);
-            j + before.checked_sub(1).map_or(0, |i| taken[i].1)
-        };
-        for m in ac.find_overlapping_iter(&joined) {
-            let range = at(m.start())..at(m.end() - 1) + 1;
-            if range.len() == m.len() {
+        let runs = Runs::new(hay, &self.in_joined, self.min_len + 1).unmerged();
+        for run in runs {
+            let offset = run.start;
+            let Some((joined, taken)) = joined(hay, run, drop_eq) else {
+                continue;
+            };
+            // Where the byte at `j` of the joined text is in `hay`.
+            let at = |j: usize| {
+                let before = taken.partition_point(|&(k, _)| k <= j);
+                offset + j + before.checked_sub(1).map_or(0, |i| taken[i].1)
+            };
+            for m in ac.find_overlapping_iter(&joined) {
+                let range = at(m.start())..at(m.end() - 1) + 1;
+                if range.len() == m.len() {
+                    continue;
+                }
+                let pattern = if drop_eq {
+                    self.eq_free_of[m.pattern().as_usize()]
+                } else {
+                    m.pattern().as_usize()
+                };
+                f(range, self.owner[pattern], self.cut[pattern]);
+            }
+        }
+    }
+}
+
+/// A set of byte values.
+#[derive(Clone)]
+struct ByteSet([bool; 256]);
+
+impl Default for ByteSet {
+    fn default() -> Self {
+        Self([false; 256])
+    }
+}
+
+impl ByteSet {
+    /// Adds `bytes`, ASCII letters in both cases.
+    fn add_any_case(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0[usize::from(b)] = true;
+            self.0[usize::from(b.to_ascii_lowercase())] = true;
+            self.0[usize::from(b.to_ascii_uppercase())] = true;
+        }
+    }
+
+    fn has(&self, b: u8) -> bool {
+        self.0[usize::from(b)]
+    }
+}
+
+/// Runs in a text that gaps this short separate are searched as one (a search has a
+/// cost of its own).
+const RUN_MERGE_GAP: usize = 64;
+
+/// The maximal runs of bytes of a set, at least `min` long, in order: where a match of
+/// patterns made of those bytes can be. Runs nearer than [`RUN_MERGE_GAP`] are given as
+/// one range (unless [`Runs::unmerged`]); each range starts and ends at a run's edge.
+///
+/// Each probe looks `min - 1` bytes ahead: a byte outside the set there rules out every
+/// run starting before it, so most of a text that holds no candidate (compressed or
+/// binary data) is skipped `min` bytes at a time.
+struct Runs<'a> {
+    hay: &'a [u8],
+    set: &'a ByteSet,
+    min: usize,
+    at: usize,
+    merge: bool,
+    next: Option<Range<usize>>,
+}
+
+impl<'a> Runs<'a> {
+    fn new(hay: &'a [u8], set: &'a ByteSet, min: usize) -> Self {
+        Self {
+            hay,
+            set,
+            min: min.max(1),
+            at: 0,
+            merge: true,
+            next: None,
+        }
+    }
+
+    fn unmerged(mut self) -> Self {
+        self.merge = false;
+        self
+    }
+
+    /// The next run of at least `min` bytes of the set, from `at`.
+    fn next_run(&mut self) -> Option<Range<usize>> {
+        let (hay, set) = (self.hay, self.set);
+        loop {
+            let probe = self.at.checked_add(self.min - 1)?;
+            let &b = hay.get(probe)?;
+            if !set.has(b) {
+                self.at = probe + 1;
                 continue;
             }
-            let pattern = if drop_eq {
-                self.eq_free_of[m.pattern().as_usize()]
-            } else {
-                m.pattern().as_usize()
-            };
-            f(range, self.owner[pattern], self.cut[pattern]);
+            // `at` follows a byte outside the set (or is 0): the run starts after it.
+            let mut start = probe;
+            while start > self.at && set.has(hay[start - 1]) {
+                start -= 1;
+            }
+            let mut end = probe + 1;
+            while end < hay.len() && set.has(hay[end]) {
+                end += 1;
+            }
+            self.at = end + 1;
+            if end - start >= self.min {
+                return Some(start..end);
+            }
         }
+    }
+}
+
+impl Iterator for Runs<'_> {
+    type Item = Range<usize>;
+
+    fn next(&mut self) -> Option<Range<usize>> {
+        let mut range = self.next.take().or_else(|| self.next_run())?;
+        while self.merge {
+            match self.next_run() {
+                Some(run) if run.start - range.end < RUN_MERGE_GAP => range.end = run.end,
+                other => {
+                    self.next = other;
+                    break;
+                }
+            }
+        }
+        Some(range)
     }
 }
 
@@ -264,6 +413,10 @@ pub const LINE_BREAK_MAX: usize = 6;
 const BREAKS: [&[u8]; 8] = [
     b"\r\r\n", b"\r\n", b"\n\r", b"\n", b"\r", b"\\r\\n", b"\\n", b"\\r",
 ];
+
+/// Every byte [`joined`] may take out: those of [`BREAKS`], a soft break's `=`, a folding
+/// space or tab.
+const BREAK_BYTES: &[u8] = b"\r\n\\rn= \t";
 
 /// The line break at `i` in `hay` (with the `=` of a soft break before it, and one space
 /// or tab folding the next line after it), as the range it covers, if it joins two other
@@ -280,21 +433,33 @@ fn break_at(hay: &[u8], i: usize) -> Option<Range<usize>> {
     (before_ok && after_ok).then_some(i..end)
 }
 
-/// `hay` with each line break that joins two other bytes taken out (a `=` before one too,
-/// as a quoted-printable soft break; with `drop_eq`, every `=`), and where bytes were
-/// taken out: for each place, the offset in the joined text of the byte after it and the
-/// bytes taken out up to there. `None` when no break joins two bytes.
+/// `hay[within]` with each line break that joins two other bytes taken out (a `=` before
+/// one too, as a quoted-printable soft break; with `drop_eq`, every `=`), and where bytes
+/// were taken out: for each place, the offset in the joined text of the byte after it and
+/// the bytes taken out up to there. `None` when nothing is taken out. Breaks are
+/// judged in the whole of `hay` (what is on either side), so a part gives what the whole
+/// text's joining gives there.
 #[expect(
     clippy::type_complexity,
     reason = "a text and its offsets, used together once"
 )]
-fn joined(hay: &[u8], drop_eq: bool) -> Option<(Vec<u8>, Vec<(usize, usize)>)> {
+fn joined(
+    hay: &[u8],
+    within: Range<usize>,
+    drop_eq: bool,
+) -> Option<(Vec<u8>, Vec<(usize, usize)>)> {
+    let part = hay.get(within.clone())?;
     // Most texts have no break that joins two bytes (an audit line ends in one): nothing
     // is copied for them.
-    if !memchr::memchr3_iter(b'\n', b'\r', b'\\', hay).any(|i| break_at(hay, i).is_some()) {
+    let breaks = || {
+        memchr::memchr3_iter(b'\n', b'\r', b'\\', part)
+            .any(|i| break_at(hay, within.start + i).is_some())
+    };
+    let eq_taken = drop_eq && part.contains(&b'=');
+    if !eq_taken && !breaks() {
         return None;
     }
-    let mut out = Vec::with_capacity(hay.len());
+    let mut out = Vec::with_capacity(part.len());
     let mut taken: Vec<(usize, usize)> = Vec::new();
     let mut skipped = 0;
     let mut joins = false;
@@ -305,10 +470,11 @@ fn joined(hay: &[u8], drop_eq: bool) -> Option<(Vec<u8>, Vec<(usize, usize)>)> {
             _ => taken.push((out.len(), skipped)),
         }
     };
-    let mut i = 0;
-    while i < hay.len() {
+    let mut i = within.start;
+    while i < within.end {
         let b = hay[i];
         if drop_eq && b == b'=' {
+            joins = true;
             skip(&out, 1, &mut taken);
             i += 1;
             continue;
@@ -841,5 +1007,107 @@ mod tests {
             "{ranges:?}"
         );
         assert!(contains(b"..abcdefghijkl..", b"efgh"));
+    }
+
+    /// Every match, sorted: what [`SecretMatcher::each_match_cut`] reports.
+    fn all_matches(m: &SecretMatcher, hay: &[u8]) -> Vec<(usize, usize, usize, bool)> {
+        let mut out = Vec::new();
+        m.each_match_cut(hay, |r, owner, cut| out.push((r.start, r.end, owner, cut)));
+        out.sort_unstable();
+        out
+    }
+
+    /// Searching only the runs of pattern bytes finds exactly what searching every byte
+    /// finds: the same matcher with every byte in its sets and a run length of one is the
+    /// search of the whole text, here compared on texts mixing binary noise, prose and
+    /// secrets in their forms, cut short, in any case and wrapped with line breaks.
+    #[test]
+    fn searching_runs_finds_what_searching_everything_finds() {
+        let secrets = [
+            ("a", fake_token(36)),
+            ("b", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".to_owned()),
+            ("c", "tok=en+with/eq==signs.and~more".to_owned()),
+            ("d", "k9=Zq7Wx".to_owned()),
+        ];
+        let pairs = || secrets.iter().map(|(n, v)| (*n, v.as_str()));
+        let runs = SecretMatcher::new(pairs());
+        let mut whole = SecretMatcher::new(pairs());
+        whole.in_pattern = ByteSet([true; 256]);
+        whole.in_joined = ByteSet([true; 256]);
+        whole.min_len = 1;
+        let forms: Vec<Vec<u8>> = secrets.iter().flat_map(|(_, v)| forms(v)).collect();
+        let breaks: [&[u8]; 8] = [
+            b"\n", b"\r\n", b"=\n", b"=\r\n", b"\\n", b"\n ", b"\r\r\n", b"=",
+        ];
+        let prose = b"The quick brown fox: {\"json\": [1, 2]} <a href=\"/x?y=z&w=%2F\">\r\n";
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rand = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            usize::try_from(x % n as u64).unwrap()
+        };
+        // Each form alone, with one break at each place, between bytes no pattern has.
+        for form in &forms {
+            for brk in breaks {
+                for at in 1..form.len() {
+                    let hay = [b"\x01", &form[..at], brk, &form[at..], b"\x01"].concat();
+                    assert_eq!(
+                        all_matches(&runs, &hay),
+                        all_matches(&whole, &hay),
+                        "{hay:?}"
+                    );
+                }
+            }
+        }
+        let (mut matched, mut across) = (0, 0);
+        for _ in 0..400 {
+            let mut hay = Vec::new();
+            for _ in 0..1 + rand(8) {
+                match rand(4) {
+                    0 => hay.extend((0..rand(300)).map(|_| rand(256) as u8)),
+                    1 => hay.extend_from_slice(&prose[..rand(prose.len())]),
+                    _ => {
+                        let form = &forms[rand(forms.len())];
+                        let form = &form[..form.len() - rand(10).min(form.len())];
+                        for &b in form {
+                            hay.push(if rand(4) == 0 {
+                                b.to_ascii_uppercase()
+                            } else {
+                                b
+                            });
+                            if rand(12) == 0 {
+                                hay.extend_from_slice(breaks[rand(breaks.len())]);
+                            }
+                        }
+                    }
+                }
+            }
+            let expected = all_matches(&whole, &hay);
+            assert_eq!(all_matches(&runs, &hay), expected, "{hay:?}");
+            assert_eq!(runs.find(&hay), whole.find(&hay), "{hay:?}");
+            matched += expected.len();
+            across += expected
+                .iter()
+                .filter(|(s, e, _, _)| hay[*s..*e].iter().any(|b| matches!(b, b'\n' | b'\r')))
+                .count();
+        }
+        assert!(
+            matched > 1000 && across > 100,
+            "{matched} matches, {across} across breaks"
+        );
+    }
+
+    #[test]
+    fn runs_are_maximal_long_enough_and_merged_when_near() {
+        let mut set = ByteSet::default();
+        set.add_any_case(b"ab");
+        let hay = b"ab.aBbA..abababab....................................................................bab.x";
+        let got: Vec<_> = Runs::new(hay, &set, 4).unmerged().collect();
+        assert_eq!(got, [3..7, 9..17]);
+        assert_eq!(Runs::new(hay, &set, 4).collect::<Vec<_>>(), vec![3..17]);
+        assert_eq!(Runs::new(hay, &set, 3).collect::<Vec<_>>(), [3..17, 85..88]);
+        assert_eq!(Runs::new(b"abab", &set, 4).next(), Some(0..4));
+        assert!(Runs::new(b"aba", &set, 4).next().is_none());
     }
 }
