@@ -419,25 +419,31 @@ async fn accept_loop(listener: tokio::net::TcpListener, ctx: AcceptCtx) {
                 }
             }
         });
-        let mut conns = ctx.conns.lock().unwrap_or_else(|p| p.into_inner());
         // The route may have gone (quarantine, detach) or changed (a new policy) after it
         // was read above; the core changes it before it closes the sandbox's connections,
         // so checking again under the connection lock leaves no gap for a connection
         // served under a policy no longer in force to stay open.
-        let still_routed = ctx
-            .routes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&index)
-            .is_some_and(|(_, now, _)| Arc::ptr_eq(now, &policy));
-        if !still_routed {
-            // Recorded by its guard as closed unserved.
-            task.abort();
-            continue;
+        {
+            let mut conns = ctx.conns.lock().unwrap_or_else(|p| p.into_inner());
+            let still_routed = ctx
+                .routes
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&index)
+                .is_some_and(|(_, now, _)| Arc::ptr_eq(now, &policy));
+            if still_routed {
+                let list = conns.entry(index).or_default();
+                list.retain(|(h, _)| !h.is_finished());
+                list.push((task.abort_handle(), closing));
+            } else {
+                // Recorded by its guard as closed unserved.
+                task.abort();
+            }
         }
-        let list = conns.entry(index).or_default();
-        list.retain(|(h, _)| !h.is_finished());
-        list.push((task.abort_handle(), closing));
+        // One connection per turn: every worker was woken by the same readiness, and the
+        // others take the next ones meanwhile, so a burst of connections is spread over
+        // the workers instead of all landing on the first one awake.
+        tokio::task::yield_now().await;
     }
 }
 
