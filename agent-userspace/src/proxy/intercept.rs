@@ -1427,6 +1427,15 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 
 /// Removes hop-by-hop headers: the fixed list and those named in `Connection`.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    const HOP_BY_HOP: [HeaderName; 7] = [
+        CONNECTION,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+        PROXY_AUTHENTICATE,
+        PROXY_AUTHORIZATION,
+    ];
     // `TE: trailers` is end-to-end in effect (gRPC needs it, and HTTP/2 allows it).
     let te_trailers = headers
         .get_all(TE)
@@ -1435,21 +1444,17 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = connection_tokens(headers)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in [
-        CONNECTION,
-        TE,
-        TRAILER,
-        TRANSFER_ENCODING,
-        UPGRADE,
-        PROXY_AUTHENTICATE,
-        PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(name);
-    }
-    for name in ["keep-alive", "proxy-connection"] {
+    // One pass over the names the request has (a few), not a lookup of each listed one.
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            HOP_BY_HOP.contains(name)
+                || listed.contains(name)
+                || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+        })
+        .cloned()
+        .collect();
+    for name in hop {
         headers.remove(name);
     }
     if te_trailers {
@@ -1457,8 +1462,6 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes everything a sandbox could use to supply or probe credentials, and the
-/// hop-by-hop headers.
 /// A placeholder sentinel (any wire form) of a credential `check` accepts in the target
 /// or a header: the credential and where.
 fn misdirected_in_head(
@@ -1490,43 +1493,43 @@ fn misdirected_in_head(
     found
 }
 
+/// Removes everything a sandbox could use to supply or probe credentials, and the
+/// hop-by-hop headers.
 pub(super) fn strip_request_headers(headers: &mut HeaderMap, injected: &[HeaderName]) {
     strip_hop_by_hop(headers);
-    headers.remove(AUTHORIZATION);
-    headers.remove(PROXY_AUTHORIZATION);
-    for name in injected {
-        headers.remove(name);
-    }
-    // Headers some frameworks honour to run another method or path than the one the
-    // rule checked.
-    for name in OVERRIDE_HEADERS {
-        headers.remove(name);
-    }
-    // `Expect` was answered here (hyper's server sent `100 Continue` as the body was
-    // read); sent on, an origin could answer it again, or wait for a body already sent.
-    headers.remove(EXPECT);
-    headers.remove("x-vault-wrap-ttl");
-    // CGI gateways, Puma and S3 stores such as Ceph RGW read `X_HTTP_Method_Override` as
-    // `X-HTTP-Method-Override` and `x-amz_copy_source` as `x-amz-copy-source`: a name with
-    // `_` can stand for any field a check here looks at (and is left unsigned by a
-    // signer that looks for `x-amz-`), so none is sent on, as nginx does by default.
-    let folded: Vec<HeaderName> = headers
+    let stripped: Vec<HeaderName> = headers
         .keys()
-        .filter(|n| n.as_str().contains('_'))
+        .filter(|name| stripped_from_requests(name, injected))
         .cloned()
         .collect();
-    for name in folded {
+    for name in stripped {
         headers.remove(name);
     }
-    // And those that tell it where the request was sent or came from.
-    let routing: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| crate::credentials::is_routing_header(n.as_str()))
-        .cloned()
-        .collect();
-    for name in routing {
-        headers.remove(name);
-    }
+}
+
+/// Whether a sandbox's request loses header `name` (with `injected`, the names
+/// credentials set).
+fn stripped_from_requests(name: &HeaderName, injected: &[HeaderName]) -> bool {
+    let text = name.as_str();
+    *name == AUTHORIZATION
+        || *name == PROXY_AUTHORIZATION
+        || injected.contains(name)
+        // Headers some frameworks honour to run another method or path than the one the
+        // rule checked.
+        || OVERRIDE_HEADERS.contains(&text)
+        // `Expect` was answered here (hyper's server sent `100 Continue` as the body was
+        // read); sent on, an origin could answer it again, or wait for a body already
+        // sent.
+        || *name == EXPECT
+        || text == "x-vault-wrap-ttl"
+        // CGI gateways, Puma and S3 stores such as Ceph RGW read `X_HTTP_Method_Override`
+        // as `X-HTTP-Method-Override` and `x-amz_copy_source` as `x-amz-copy-source`: a
+        // name with `_` can stand for any field a check here looks at (and is left
+        // unsigned by a signer that looks for `x-amz-`), so none is sent on, as nginx
+        // does by default.
+        || text.contains('_')
+        // And those that tell it where the request was sent or came from.
+        || crate::credentials::is_routing_header(text)
 }
 
 /// A request's trailers get what its headers get, and lose as well the fields a trailer
@@ -1586,9 +1589,12 @@ mod tests {
             ("x-vault-policy-override", "true"),
             ("expect", "100-continue"),
             ("x-api-key", "sandbox-key"),
-            ("connection", "keep-alive, X-Custom-Hop"),
+            ("connection", "X-Custom-Hop"),
             ("x-custom-hop", "1"),
             ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "h2c"),
+            ("trailer", "x-checksum"),
             ("te", "gzip"),
             ("transfer-encoding", "chunked"),
             ("accept", "*/*"),

@@ -127,9 +127,12 @@ const SECOND_TARGET_HEADERS: [&str; 16] = [
 
 /// The first header of `headers` that names a second target the policy cannot judge.
 pub fn unjudged_second_target(headers: &http::HeaderMap) -> Option<&'static str> {
-    SECOND_TARGET_HEADERS
-        .into_iter()
-        .find(|name| headers.contains_key(*name))
+    // One pass over the names the request has (a few), not a lookup of each listed one.
+    headers.keys().find_map(|name| {
+        SECOND_TARGET_HEADERS
+            .into_iter()
+            .find(|n| *n == name.as_str())
+    })
 }
 
 /// A query key of a `POST` to a container registry's blob uploads (`/v2/<name>/blobs/
