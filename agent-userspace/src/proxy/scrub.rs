@@ -889,6 +889,38 @@ mod tests {
         hay.windows(needle.len()).any(|w| w == needle)
     }
 
+    /// A body split in two anywhere is scrubbed as it is whole: forms wrapped with breaks,
+    /// and chains of soft breaks or runs of `=` longer than the hold-back (which end a
+    /// match, whole or split).
+    #[test]
+    fn a_body_split_anywhere_is_scrubbed_as_it_is_whole() {
+        for secret in [SECRET, "tok=en+with/eq==signs"] {
+            let m = Arc::new(SecretMatcher::new([("s", secret)]));
+            let (head, tail) = secret.split_at(3);
+            let chain = "=\n".repeat(m.span());
+            let equals = "=".repeat(m.span() + 10);
+            let bodies = [
+                (format!("pre {head}=\r\n{tail} post"), true),
+                (format!("pre {head}\\r\\n {tail} post"), true),
+                (format!("pre {head}{chain}{tail} post"), false),
+                (format!("pre {head}{equals}{tail} post"), false),
+            ];
+            for (body, masked) in &bodies {
+                let body = body.as_bytes();
+                let (whole, _) = scrub_pieces(&m, &[body]);
+                assert_eq!(
+                    !contains(&whole, tail.as_bytes()),
+                    *masked,
+                    "{secret} {body:?}"
+                );
+                for at in 0..=body.len() {
+                    let (split, _) = scrub_pieces(&m, &[&body[..at], &body[at..]]);
+                    assert_eq!(split, whole, "{secret} split at {at}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn split_at_every_byte_position_in_every_form() {
         use base64::Engine as _;
