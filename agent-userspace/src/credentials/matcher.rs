@@ -185,9 +185,11 @@ impl SecretMatcher {
         self.owner.is_empty()
     }
 
-    /// Patterns exist but the automaton could not be built; callers fail closed.
+    /// Patterns exist but an automaton over them (the `=`-free one too) could not be
+    /// built; callers fail closed.
     pub fn failed(&self) -> bool {
-        !self.owner.is_empty() && self.ac.is_none()
+        let eq_free_failed = !self.eq_free_of.is_empty() && self.eq_free.is_none();
+        !self.owner.is_empty() && (self.ac.is_none() || eq_free_failed)
     }
 
     /// Length of the longest pattern.
@@ -1029,6 +1031,19 @@ mod tests {
         let mut seen = Vec::new();
         m.each_match(b"a=b, c=\nd ==========", |r, _| seen.push(r));
         assert_eq!(seen, vec![10..20]);
+    }
+
+    /// The `=`-free search is part of what the matcher promises: without its automaton
+    /// the matcher has failed, and callers refuse rather than scan with half of it.
+    #[test]
+    fn a_missing_eq_free_automaton_is_a_failure() {
+        let mut m = SecretMatcher::new([("c", "tok=en+with/eq==signs")]);
+        assert!(!m.failed() && !m.eq_free_of.is_empty());
+        m.eq_free = None;
+        assert!(m.failed());
+        let mut m = SecretMatcher::new([("c", "no-equals-sign-here")]);
+        m.eq_free = None;
+        assert!(!m.failed());
     }
 
     #[test]
