@@ -31,13 +31,13 @@ use http::{HeaderMap, HeaderValue};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::credentials::matcher::{CUT_SHORT, LINE_BREAK_MAX};
+use crate::credentials::SecretMatcher;
+
+use super::range::Window;
 
 /// The most bytes the characters a value cut short lacks can take in a text, a line break
 /// between each two of them.
 const CUT_REACH: usize = CUT_SHORT * (1 + LINE_BREAK_MAX);
-use crate::credentials::SecretMatcher;
-
-use super::range::Window;
 
 /// What replaces a secret: cut to the length of a shorter match, padded with `*` for a
 /// longer one, so that the response keeps its length.
