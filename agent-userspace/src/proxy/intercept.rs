@@ -1556,6 +1556,16 @@ pub(super) fn strip_request_trailers(trailers: &mut HeaderMap, injected: &[Heade
     ] {
         trailers.remove(name);
     }
+    // A second target (`x-amz-copy-source`...) is refused in the head; a trailer would
+    // reach a store that merges trailers into the request unjudged.
+    let second: Vec<HeaderName> = trailers
+        .keys()
+        .filter(|name| super::target::second_target(name).is_some())
+        .cloned()
+        .collect();
+    for name in second {
+        trailers.remove(name);
+    }
 }
 
 use crate::credentials::OVERRIDE_HEADERS;
@@ -1632,6 +1642,8 @@ mod tests {
             ("x-ms-range", "bytes=0-3"),
             ("if-range", "\"x\""),
             ("destination", "/elsewhere"),
+            ("x-amz-copy-source", "/other-bucket/secret"),
+            ("x-ms-copy-source", "https://other.blob.example/secret"),
             ("x-checksum", "abc"),
         ] {
             trailers.insert(

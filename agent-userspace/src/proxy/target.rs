@@ -128,11 +128,15 @@ const SECOND_TARGET_HEADERS: [&str; 16] = [
 /// The first header of `headers` that names a second target the policy cannot judge.
 pub fn unjudged_second_target(headers: &http::HeaderMap) -> Option<&'static str> {
     // One pass over the names the request has (a few), not a lookup of each listed one.
-    headers.keys().find_map(|name| {
-        SECOND_TARGET_HEADERS
-            .into_iter()
-            .find(|n| *n == name.as_str())
-    })
+    headers.keys().find_map(second_target)
+}
+
+/// The listed name `name` is, if it names a second target (see
+/// [`unjudged_second_target`]).
+pub fn second_target(name: &http::HeaderName) -> Option<&'static str> {
+    SECOND_TARGET_HEADERS
+        .into_iter()
+        .find(|n| *n == name.as_str())
 }
 
 /// A query key of a `POST` to a container registry's blob uploads (`/v2/<name>/blobs/
