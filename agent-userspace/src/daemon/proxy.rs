@@ -36,6 +36,9 @@ pub struct ProxyRuntime {
     pub routes: Routes,
     pub names: Names,
     listeners: HashMap<NetnsId, Vec<tokio::task::AbortHandle>>,
+    /// Accept tasks of listeners closed, which their workers drop (closing the port) a
+    /// moment later.
+    closing: HashMap<NetnsId, Vec<tokio::task::AbortHandle>>,
     /// Which namespace's listener each sandbox (by index) uses; a listener no sandbox
     /// uses is closed, so it does not keep a deleted container's namespace alive.
     users: HashMap<u32, NetnsId>,
@@ -63,6 +66,7 @@ impl ProxyRuntime {
             routes: Arc::default(),
             names: Arc::default(),
             listeners: HashMap::new(),
+            closing: HashMap::new(),
             users: HashMap::new(),
             conns: Conns::default(),
             limits: Limits::default(),
@@ -137,14 +141,15 @@ impl ProxyRuntime {
     /// Closes the listeners of namespaces no sandbox uses.
     pub fn close_unused(&mut self) {
         let users = &self.users;
-        let mut closed = Vec::new();
+        let closing = &mut self.closing;
+        closing.retain(|_, handles| handles.iter().any(|h| !h.is_finished()));
         self.listeners.retain(|id, handles| {
             let used = users.values().any(|u| u == id);
             if !used {
                 for h in handles.iter() {
                     h.abort();
                 }
-                closed.append(handles);
+                closing.entry(*id).or_default().append(handles);
                 tracing::info!(
                     netns_inode = id.1,
                     "Proxy listener closed: no sandbox uses its network namespace"
@@ -152,13 +157,6 @@ impl ProxyRuntime {
             }
             used
         });
-        // The accept tasks run on the proxy's worker threads, which drop them (and close
-        // the port) a moment later: waited for, so that a sandbox attached again at once
-        // in the same namespace finds the port free.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        while closed.iter().any(|h| !h.is_finished()) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
     }
 
     /// Network namespaces with a proxy listener (for tests and status).
@@ -176,6 +174,15 @@ impl ProxyRuntime {
             .is_some_and(|hs| hs.iter().all(|h| !h.is_finished()))
         {
             return Ok(id);
+        }
+        // A listener closed in this namespace a moment ago holds the port until its
+        // worker drops its accept task: waited for (only here, where the port is needed
+        // again, not on every close).
+        if let Some(closed) = self.closing.remove(&id) {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while closed.iter().any(|h| !h.is_finished()) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
         }
         let addrs = vec![
             SocketAddr::from(([127, 0, 0, 1], self.port)),
