@@ -1429,11 +1429,9 @@ impl AuditTask {
             let mut report = self.health.report();
             report.failing_since = None;
             report.queued = 0;
+            drop(report);
             if !self.sync_failing {
-                report.healthy = true;
-                report.error = None;
-                drop(report);
-                self.health.failing.store(false, Ordering::Release);
+                self.mark_healthy();
             }
         }
         self.rotate_if_due();
@@ -1490,6 +1488,23 @@ impl AuditTask {
         }
     }
 
+    /// A sync that failed before has succeeded: healthy again unless writes still fail.
+    fn sync_recovered(&mut self) {
+        if std::mem::take(&mut self.sync_failing) && self.failing_since.is_none() {
+            tracing::warn!(sink = %self.writer.sink(), "Audit log synced again");
+            self.mark_healthy();
+        }
+    }
+
+    /// The trail works again: its status says so and credentials are served again.
+    fn mark_healthy(&self) {
+        let mut report = self.health.report();
+        report.healthy = true;
+        report.error = None;
+        drop(report);
+        self.health.failing.store(false, Ordering::Release);
+    }
+
     /// Forces the records written so far to stable storage. If that fails, the records
     /// written since the last sync may never reach the disk: they are reported in an
     /// `audit-lost` record with their range (queued now, written at the next flush, to
@@ -1500,22 +1515,17 @@ impl AuditTask {
             return true;
         }
         match self.writer.sync() {
+            // Synced, or nothing to sync (a sink with no storage, such as a named pipe).
             Ok(true) => {
                 self.synced = self.written;
-                if std::mem::take(&mut self.sync_failing) && self.failing_since.is_none() {
-                    tracing::warn!(sink = %self.writer.sink(), "Audit log synced again");
-                    let mut report = self.health.report();
-                    report.healthy = true;
-                    report.error = None;
-                    drop(report);
-                    self.health.failing.store(false, Ordering::Release);
-                }
+                self.sync_recovered();
                 true
             }
             // A closed file is synced once it is open again (or its loss reported then).
             Ok(false) if self.writer.out.is_none() => true,
             Ok(false) => {
                 self.synced = self.written;
+                self.sync_recovered();
                 true
             }
             Err(e) => {
