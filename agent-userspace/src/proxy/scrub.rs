@@ -263,6 +263,10 @@ pub struct StreamScrubber {
     tail_out: Vec<u8>,
     /// Pieces gathered, not scanned yet (see [`Self::push`]).
     pending: Vec<u8>,
+    /// Whether pieces are gathered to the kept size before a scan: always in the daemon;
+    /// tests also scan each piece alone, so that what is kept back between scans is
+    /// exercised by short bodies too.
+    gather: bool,
     tally: Arc<Tally>,
 }
 
@@ -275,6 +279,7 @@ impl StreamScrubber {
             tail_in: Vec::new(),
             tail_out: Vec::new(),
             pending: Vec::new(),
+            gather: true,
             tally,
         }
     }
@@ -292,7 +297,7 @@ impl StreamScrubber {
     /// that much per byte. Holding more back is never less safe.
     pub fn push(&mut self, piece: &[u8]) -> Bytes {
         self.pending.extend_from_slice(piece);
-        if self.pending.len() < self.keep {
+        if self.gather && self.pending.len() < self.keep {
             return Bytes::new();
         }
         let gathered = std::mem::take(&mut self.pending);
@@ -330,8 +335,11 @@ impl StreamScrubber {
     /// The end of the stream: what was kept back (its matches masked already; those in
     /// its last CUT_REACH bytes counted now).
     pub fn finish(&mut self) -> Bytes {
-        let gathered = std::mem::take(&mut self.pending);
-        let mut out = Vec::from(self.scan(&gathered));
+        let mut out = Vec::new();
+        if !self.pending.is_empty() {
+            let gathered = std::mem::take(&mut self.pending);
+            out.extend_from_slice(&self.scan(&gathered));
+        }
         // Only the values cut short left open last time are counted now: everything
         // else in the tail was counted when it arrived.
         let len = self.tail_in.len();
@@ -872,16 +880,30 @@ mod tests {
         Arc::new(SecretMatcher::new(secrets.iter().copied()))
     }
 
-    /// Runs `input` through a scrubber in the given pieces.
+    /// Runs `input` through a scrubber in the given pieces, gathered to the kept size as
+    /// the daemon does, and again scanning each piece alone (what is kept back between
+    /// scans then matters even in a short body): both give the same bytes and counts.
     fn scrub_pieces(m: &Arc<SecretMatcher>, pieces: &[&[u8]]) -> (Vec<u8>, Arc<Tally>) {
-        let tally = Arc::new(Tally::default());
-        let mut s = StreamScrubber::new(m.clone(), tally.clone());
-        let mut out = Vec::new();
-        for p in pieces {
-            out.extend_from_slice(&s.push(p));
-            assert!(s.held() < 2 * m.span().max(1));
-        }
-        out.extend_from_slice(&s.finish());
+        let run = |gather: bool| {
+            let tally = Arc::new(Tally::default());
+            let mut s = StreamScrubber::new(m.clone(), tally.clone());
+            s.gather = gather;
+            let mut out = Vec::new();
+            for p in pieces {
+                out.extend_from_slice(&s.push(p));
+                assert!(s.held() < 2 * m.span().max(1));
+            }
+            out.extend_from_slice(&s.finish());
+            (out, tally)
+        };
+        let (out, tally) = run(true);
+        let (alone, alone_tally) = run(false);
+        assert_eq!(alone, out, "each piece scanned alone");
+        assert_eq!(
+            (alone_tally.count(), alone_tally.credentials()),
+            (tally.count(), tally.credentials()),
+            "counts with each piece scanned alone"
+        );
         (out, tally)
     }
 
