@@ -10,6 +10,15 @@ pub fn process(pid: u32) -> Option<Duration> {
     from_stat(&stat, ticks_per_sec())
 }
 
+/// User + system CPU time of every process of `pids`, summed; `None` if one is gone or
+/// there are none.
+pub fn processes(pids: &[u32]) -> Option<Duration> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&pid| process(pid)).sum()
+}
+
 /// utime + stime of a `/proc/<pid>/stat` line, in clock ticks of `hz`.
 fn from_stat(stat: &str, hz: u64) -> Option<Duration> {
     // The command name (field 2) may contain spaces and parentheses; fields after the

@@ -50,6 +50,11 @@ print("closed", flush=True)
 sys.stdin.readline()
 "#;
 
+/// Resident memory of every process of `pids`, summed, in KiB.
+fn rss_sum_kib(pids: &[u32]) -> Option<u64> {
+    pids.iter().map(|&pid| rss_kib(pid)).sum()
+}
+
 /// Resident memory of `pid` in KiB (`VmRSS`).
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -93,11 +98,12 @@ pub const SETTLE: Duration = Duration::from_secs(12);
 pub const AFTER: Duration = Duration::from_secs(2);
 pub const LATER: Duration = Duration::from_secs(15);
 
-/// Runs the case against `ip`:443 as `host` (trusting `ca`), reading `pid`'s memory.
+/// Runs the case against `ip`:443 as `host` (trusting `ca`), reading the memory of the
+/// processes `pids` (summed).
 pub fn measure(
     sandbox: &Sandbox,
     script_dir: &Path,
-    pid: u32,
+    pids: &[u32],
     host: &str,
     ip: IpAddr,
     ca: &Path,
@@ -105,7 +111,7 @@ pub fn measure(
 ) -> anyhow::Result<Held> {
     let script = script_dir.join("hold_connections.py");
     std::fs::write(&script, CLIENT)?;
-    let rss = || rss_kib(pid).context("proxy process gone");
+    let rss = || rss_sum_kib(pids).context("proxy process gone");
     let before_kib = rss()?;
     let args = [
         script.display().to_string(),

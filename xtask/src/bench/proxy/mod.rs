@@ -146,6 +146,21 @@ pub struct Args {
     /// allocator with `LD_PRELOAD=...`.
     #[arg(long = "egressd-env")]
     egressd_env: Vec<String>,
+    /// Cores each proxy may spread over: egressd's proxy worker threads
+    /// (`EGRESSD_PROXY_THREADS`) and as many nginx processes sharing its address
+    /// (`reuseport`). Default: one per core, egressd's own default.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    proxy_workers: Option<u32>,
+}
+
+impl Args {
+    /// `--proxy-workers`, or one per core.
+    fn proxy_workers(&self) -> u32 {
+        self.proxy_workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(64).min(64))
+        })
+    }
 }
 
 /// A proxy egressd is compared with.
@@ -313,6 +328,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         args.large_mb,
         mitmdump.as_deref(),
         &args.egressd_env,
+        args.proxy_workers(),
     );
     check_interrupted()?;
     let bed = bed?;
@@ -490,7 +506,8 @@ struct Bed {
     sandbox: Sandbox,
     daemon: Daemon,
     mitmproxy: Option<Mitmproxy>,
-    reverse_proxy: Nginx,
+    /// One process per proxy worker, sharing one `reuseport` address.
+    reverse_proxy: Vec<Nginx>,
     origin: Nginx,
     _world: World,
     ca: TestCa,
@@ -506,6 +523,7 @@ impl Bed {
         large_mb: u32,
         mitmdump: Option<&std::path::Path>,
         egressd_env: &[String],
+        proxy_workers: u32,
     ) -> anyhow::Result<Self> {
         step("Building the test bed: world and sandbox namespaces, test CA, origin, nginx proxy");
         let dir = TempDir::new("bench-proxy")?;
@@ -552,22 +570,27 @@ impl Bed {
             ],
         )
         .context("starting the origin")?;
-        let proxy_dir = dir.path().join("nginx-proxy");
-        let reverse_proxy = Nginx::start(
-            &world,
-            &proxy_dir,
-            &nginx::reverse_proxy_conf(
-                &proxy_dir,
-                IpAddr::V4(NGINX_IP),
-                &leaf,
-                IpAddr::V4(ORIGIN_IP),
-                API_HOST,
-                ca.cert(),
-                &format!("Bearer {token}"),
-            ),
-            &[SocketAddr::new(IpAddr::V4(NGINX_IP), 443)],
-        )
-        .context("starting nginx as a reverse proxy")?;
+        let reverse_proxy = (0..proxy_workers)
+            .map(|i| {
+                let proxy_dir = dir.path().join(format!("nginx-proxy-{i}"));
+                Nginx::start(
+                    &world,
+                    &proxy_dir,
+                    &nginx::reverse_proxy_conf(
+                        &proxy_dir,
+                        IpAddr::V4(NGINX_IP),
+                        proxy_workers > 1,
+                        &leaf,
+                        IpAddr::V4(ORIGIN_IP),
+                        API_HOST,
+                        ca.cert(),
+                        &format!("Bearer {token}"),
+                    ),
+                    &[SocketAddr::new(IpAddr::V4(NGINX_IP), 443)],
+                )
+                .with_context(|| format!("starting nginx process {i} as a reverse proxy"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         // mitmproxy's reverse mode names its upstream by host name (for SNI and
         // verification), which the world namespace resolves to the origin.
         let world_hosts = HostsFile::new(world.netns(), &[(IpAddr::V4(ORIGIN_IP), API_HOST)])?;
@@ -613,12 +636,20 @@ credentials:
         let daemon = Daemon::start(DaemonOpts {
             extra_args: vec!["--config".into(), config.display().to_string()],
             // The daemon's default level, whatever this shell has set.
-            env: std::iter::once(("RUST_LOG".to_owned(), "info".to_owned()))
-                .chain(egressd_env.iter().map(|kv| {
-                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                    (k.to_owned(), v.to_owned())
-                }))
-                .collect(),
+            // `--egressd-env` comes last, so that it may set the worker count too.
+            env: [
+                ("RUST_LOG".to_owned(), "info".to_owned()),
+                (
+                    "EGRESSD_PROXY_THREADS".to_owned(),
+                    proxy_workers.to_string(),
+                ),
+            ]
+            .into_iter()
+            .chain(egressd_env.iter().map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (k.to_owned(), v.to_owned())
+            }))
+            .collect(),
             ..DaemonOpts::default()
         })?;
         let sandbox = world.add_sandbox("bench")?;
@@ -832,19 +863,25 @@ rules:
         Ok(())
     }
 
-    /// The pid of the proxy on `path`, if there is one.
-    fn proxy_pid(&self, path: Path) -> Option<u32> {
+    /// The pids of the proxy's processes on `path` (none on the direct path).
+    fn proxy_pids(&self, path: Path) -> Vec<u32> {
         match path {
-            Path::Direct => None,
-            Path::Egressd => self.daemon.pid(),
-            Path::Nginx => self.reverse_proxy.pid(),
-            Path::Mitmproxy => self.mitmproxy.as_ref().and_then(Mitmproxy::pid),
+            Path::Direct => Vec::new(),
+            Path::Egressd => self.daemon.pid().into_iter().collect(),
+            Path::Nginx => self.reverse_proxy.iter().filter_map(Nginx::pid).collect(),
+            Path::Mitmproxy => self
+                .mitmproxy
+                .as_ref()
+                .and_then(Mitmproxy::pid)
+                .into_iter()
+                .collect(),
         }
     }
 
     /// The memory case ([`memory`]) through `path`.
     fn hold(&self, path: Path, n: u32) -> anyhow::Result<Held> {
-        let pid = self.proxy_pid(path).context("no proxy on this path")?;
+        let pids = self.proxy_pids(path);
+        ensure!(!pids.is_empty(), "no proxy on this path");
         let ca = match path {
             Path::Egressd => &self.egressd_ca,
             _ => self.ca.cert(),
@@ -852,7 +889,7 @@ rules:
         memory::measure(
             &self.sandbox,
             self.dir.path(),
-            pid,
+            &pids,
             path.host(),
             IpAddr::V4(path.ip()),
             ca,
@@ -863,9 +900,9 @@ rules:
     /// Runs `kind` for `secs` seconds from the sandbox via `path`.
     fn measure(&self, kind: Kind, path: Path, load: &Load, secs: u32) -> anyhow::Result<Sample> {
         let argv = kind.argv(load, secs, &path.url("/"));
-        let proxy_pid = self.proxy_pid(path);
+        let proxy_pids = self.proxy_pids(path);
         let origin_pid = self.origin.pid();
-        let proxy0 = proxy_pid.and_then(cpu::process);
+        let proxy0 = cpu::processes(&proxy_pids);
         let origin0 = origin_pid.and_then(cpu::process);
         let client0 = cpu::children();
         let machine0 = cpu::machine_busy();
@@ -882,7 +919,9 @@ rules:
         let delta = |pid: Option<u32>, before: Option<Duration>| {
             Some(pid.and_then(cpu::process)?.saturating_sub(before?))
         };
-        let proxy = delta(proxy_pid, proxy0);
+        let proxy = cpu::processes(&proxy_pids)
+            .zip(proxy0)
+            .map(|(after, before)| after.saturating_sub(before));
         let origin = delta(origin_pid, origin0);
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
@@ -926,7 +965,14 @@ rules:
             ),
             Path::Nginx => format!(
                 "nginx error log:\n{}\norigin error log:\n{}",
-                tail(&self.reverse_proxy.errors(), 10),
+                tail(
+                    &self
+                        .reverse_proxy
+                        .iter()
+                        .map(Nginx::errors)
+                        .collect::<String>(),
+                    10
+                ),
                 tail(&self.origin.errors(), 10)
             ),
         };
@@ -1060,12 +1106,15 @@ fn print_report(
             "  mitmproxy sandbox -> mitmdump in reverse mode ({MITM_IP}:443) -> origin ({ORIGIN_IP}:443); an addon injects Authorization"
         );
     }
+    let workers = args.proxy_workers();
     println!(
-        "  CPU: {} cores shared by client, proxy and origin. egressd: tokio runtime, 2 worker threads (+ audit writer); \
-         nginx proxy: 1 process (worker_processes 1, master_process off); mitmproxy: 1 Python process; origin: 1 nginx process. \
+        "  CPU: {} cores shared by client, proxy and origin. egressd: {workers} proxy worker thread(s) \
+         (EGRESSD_PROXY_THREADS, one tokio runtime each) + audit writer; nginx proxy: {workers} process(es) \
+         (each master_process off{}), CPU summed; mitmproxy: 1 Python process; origin: 1 nginx process. \
          \"cores\" = CPU seconds / wall seconds; \"rest\" = the machine's busy time not charged to these \
          processes (kernel network work in softirq context, and anything else running).",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if workers > 1 { ", one reuseport address" } else { "" },
     );
     if !args.egressd_env.is_empty() {
         println!("  egressd environment: {}", args.egressd_env.join(" "));

@@ -5,7 +5,9 @@
 //! is the one process that serves, and it is killed by that pid on drop), `access_log
 //! off`, and its own directory for pid file, temp paths and error log. Keeping the origin
 //! and the reverse proxy in separate processes gives each a worker of its own, as the
-//! origin and egressd have.
+//! origin and egressd have. The reverse proxy may run as several such processes on one
+//! `reuseport` address, as nginx's worker processes with `reuseport` serve it, so that it
+//! spreads over as many cores as egressd's proxy workers.
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -153,10 +155,16 @@ pub fn origin_conf(
 
 /// The reference: nginx terminating TLS on `listen`:443 with `leaf`, setting
 /// `Authorization: <authorization>` and `Host: <host>`, and forwarding to `upstream`:443
-/// over TLS verified against `ca` (server name `host`), through a keep-alive pool.
+/// over TLS verified against `ca` (server name `host`), through a keep-alive pool. With
+/// `reuseport`, other processes may listen on the same address.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one per line of the configuration it writes"
+)]
 pub fn reverse_proxy_conf(
     dir: &Path,
     listen: IpAddr,
+    reuseport: bool,
     leaf: &Leaf,
     upstream: IpAddr,
     host: &str,
@@ -172,7 +180,7 @@ pub fn reverse_proxy_conf(
         keepalive_timeout 300s;
     }}
     server {{
-        listen {listen}:443 ssl http2;
+        listen {listen}:443 ssl http2{reuseport};
         ssl_certificate {cert};
         ssl_certificate_key {key};
         location / {{
@@ -193,6 +201,7 @@ pub fn reverse_proxy_conf(
         cert = leaf.cert.display(),
         key = leaf.key.display(),
         ca = ca.display(),
+        reuseport = if reuseport { " reuseport" } else { "" },
     ));
     c
 }
