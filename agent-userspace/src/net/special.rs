@@ -56,13 +56,21 @@ impl Net {
         }
     }
 
+    /// Whether the block holds `ip`: the first `l` bits equal (judged for every request a
+    /// proxy sends, so plain bit arithmetic).
     fn contains(self, ip: IpAddr) -> bool {
         match (self, ip) {
             (Self::V4(n, l), IpAddr::V4(a)) => {
-                Ipv4Net::new(n, l).is_ok_and(|net| net.trunc().contains(&a))
+                let mask = u32::MAX
+                    .checked_shl(32u32.saturating_sub(l.into()))
+                    .unwrap_or(0);
+                (u32::from(n) ^ u32::from(a)) & mask == 0
             }
             (Self::V6(n, l), IpAddr::V6(a)) => {
-                Ipv6Net::new(n, l).is_ok_and(|net| net.trunc().contains(&a))
+                let mask = u128::MAX
+                    .checked_shl(128u32.saturating_sub(l.into()))
+                    .unwrap_or(0);
+                (u128::from(n) ^ u128::from(a)) & mask == 0
             }
             _ => false,
         }
@@ -735,6 +743,42 @@ mod tests {
                 .block,
             net("2001::/23")
         );
+    }
+
+    #[test]
+    fn block_membership_is_ipnets() {
+        // Every prefix length, each address at both ends of the block, just outside it and
+        // a bit flipped at each place.
+        let v4 = [0u32, 0xc000_0201, 0xffff_ffff, 0x0a01_0203, 0x8000_0000];
+        let v6 = [0u128, 1, u128::MAX, 0x2001_0db8 << 96 | 5, 1 << 127];
+        for base in v4 {
+            for l in 0..=32u8 {
+                let n = Ipv4Net::new(Ipv4Addr::from(base), l).unwrap().trunc();
+                let mut probes = vec![u32::from(n.network()), u32::from(n.broadcast())];
+                probes.push(u32::from(n.network()).wrapping_sub(1));
+                probes.push(u32::from(n.broadcast()).wrapping_add(1));
+                probes.extend((0..32).map(|bit| base ^ (1 << bit)));
+                for a in probes.into_iter().map(Ipv4Addr::from) {
+                    let ours = Net::V4(Ipv4Addr::from(base), l).contains(IpAddr::V4(a));
+                    assert_eq!(ours, n.contains(&a), "{base:#x}/{l} holds {a}?");
+                    assert!(!Net::V6(Ipv6Addr::UNSPECIFIED, 0).contains(IpAddr::V4(a)));
+                }
+            }
+        }
+        for base in v6 {
+            for l in 0..=128u8 {
+                let n = Ipv6Net::new(Ipv6Addr::from(base), l).unwrap().trunc();
+                let mut probes = vec![u128::from(n.network()), u128::from(n.broadcast())];
+                probes.push(u128::from(n.network()).wrapping_sub(1));
+                probes.push(u128::from(n.broadcast()).wrapping_add(1));
+                probes.extend((0..128).map(|bit| base ^ (1 << bit)));
+                for a in probes.into_iter().map(Ipv6Addr::from) {
+                    let ours = Net::V6(Ipv6Addr::from(base), l).contains(IpAddr::V6(a));
+                    assert_eq!(ours, n.contains(&a), "{base:#x}/{l} holds {a}?");
+                    assert!(!Net::V4(Ipv4Addr::UNSPECIFIED, 0).contains(IpAddr::V6(a)));
+                }
+            }
+        }
     }
 
     #[test]
