@@ -872,9 +872,11 @@ impl Credential {
                 });
                 Ok(value)
             }
-            Source::GithubApp(app) => app.token().await,
+            // Boxed: these fetch over HTTPS (a future of several KiB), which every
+            // request's future would otherwise make room for, whatever its source.
+            Source::GithubApp(app) => Box::pin(app.token()).await,
             Source::Vault(v) => {
-                let value = v.value().await;
+                let value = Box::pin(v.value()).await;
                 if value.is_err() {
                     self.failures.fetch_add(1, Ordering::Relaxed);
                 }

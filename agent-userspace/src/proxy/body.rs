@@ -62,11 +62,13 @@ pub struct CountingBody {
     /// Taken out when the scan stops the body, to be drained (see [`drain`]).
     inner: Option<Incoming>,
     count: Arc<AtomicU64>,
-    scan: Option<RequestScan>,
+    /// Boxed, as the trailers: a request body is moved several times on its way (into the
+    /// request, the HTTP client, its task), and most bodies are neither.
+    scan: Option<Box<RequestScan>>,
     /// The scan is over and what it held back has been sent.
     flushed: bool,
     /// Trailers to send after the held-back bytes.
-    trailers: Option<http::HeaderMap>,
+    trailers: Option<Box<http::HeaderMap>>,
     /// Told once the client's body has been read to its end (HTTP/1).
     end: Option<BodyEnd>,
     /// Takes out of the client's trailers what is not sent on (they are scanned whole).
@@ -96,7 +98,7 @@ impl CountingBody {
             inner: Some(inner),
             count,
             flushed: scan.is_none(),
-            scan,
+            scan: scan.map(Box::new),
             trailers: None,
             end: None,
             trailer_filter: None,
@@ -184,7 +186,7 @@ impl CountingBody {
     fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self;
         if let Some(trailers) = this.trailers.take() {
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            return Poll::Ready(Some(Ok(Frame::trailers(*trailers))));
         }
         if let Some(prefix) = this.prefix.take() {
             let out = this.piece(prefix);
@@ -278,7 +280,7 @@ impl CountingBody {
                                     }
                                 };
                                 if !rest.is_empty() {
-                                    this.trailers = Some(trailers);
+                                    this.trailers = Some(Box::new(trailers));
                                     return Poll::Ready(Some(Ok(Frame::data(rest))));
                                 }
                             }
@@ -332,7 +334,7 @@ impl Body for CountingBody {
     fn size_hint(&self) -> SizeHint {
         // A body whose sentinels are replaced has a length no one knows in advance: it
         // goes chunked (HTTP/1.1) or as DATA frames without a length (HTTP/2).
-        if self.scan.as_ref().is_some_and(RequestScan::resizes) && !self.is_end_stream() {
+        if self.scan.as_deref().is_some_and(RequestScan::resizes) && !self.is_end_stream() {
             return SizeHint::new();
         }
         let inner = self
@@ -495,7 +497,9 @@ enum Inner {
 pub struct RecordedBody {
     inner: Inner,
     bytes_out: u64,
-    finish: Option<Finish>,
+    /// Boxed: the response body is moved several times on its way out (into the
+    /// response, through the HTTP server), the record only written at its end.
+    finish: Option<Box<Finish>>,
 }
 
 impl RecordedBody {
@@ -503,7 +507,7 @@ impl RecordedBody {
         Self {
             inner: Inner::Upstream(body),
             bytes_out: 0,
-            finish: Some(finish),
+            finish: Some(Box::new(finish)),
         }
     }
 
@@ -511,7 +515,7 @@ impl RecordedBody {
         Self {
             inner: Inner::Local(Some(text)),
             bytes_out: 0,
-            finish: Some(finish),
+            finish: Some(Box::new(finish)),
         }
     }
 
@@ -535,7 +539,7 @@ impl RecordedBody {
             in_flight,
             secrets,
             closing,
-        } = finish;
+        } = *finish;
         secrets.fill(&mut record);
         record.bytes_in = bytes_in.load(Ordering::Relaxed);
         record.bytes_out = self.bytes_out;

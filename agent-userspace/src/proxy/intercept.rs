@@ -788,7 +788,7 @@ impl ConnCtx {
         let mut held_body = None;
         if let Some(rule) = push_rule {
             let idle = self.proxy.timeouts.idle;
-            let inspected = git::inspect_push(rule, &parts.headers, body, idle).await;
+            let inspected = Box::pin(git::inspect_push(rule, &parts.headers, body, idle)).await;
             if let Some(git) = &mut record.git {
                 git.ref_updates = inspected.updates;
             }
@@ -820,8 +820,13 @@ impl ConnCtx {
             )
         {
             let idle = self.proxy.timeouts.idle;
-            match method_override::check_body(&parts.headers, body, idle, &self.conn.held_bodies)
-                .await
+            match Box::pin(method_override::check_body(
+                &parts.headers,
+                body,
+                idle,
+                &self.conn.held_bodies,
+            ))
+            .await
             {
                 BodyCheck::Forward(read, held) => {
                     prefix = read;
@@ -854,7 +859,7 @@ impl ConnCtx {
             let replace_in_body = scope.body && self.conn.route.git.is_none();
             let mut replaced = 0;
             if in_head || (has_body && replace_in_body) {
-                let value = self.credential_value(name).await?;
+                let value = Box::pin(self.credential_value(name)).await?;
                 let taken = inject::take_replaced_headers(
                     &mut parts.headers,
                     &sentinel,
@@ -971,7 +976,7 @@ impl ConnCtx {
             }
             if let Some(param) = self.proxy.credentials.query_param(name) {
                 if self.proxy.credentials.sends_to(name, &self.sni) {
-                    let value = self.credential_value(name).await?;
+                    let value = Box::pin(self.credential_value(name)).await?;
                     let target = inject::set_query_param(&judged.target, param, &value)
                         .map_err(|reason| Refusal::deny(StatusCode::BAD_REQUEST, reason))?;
                     path_and_query = PathAndQuery::try_from(target.as_str()).map_err(|_| {
@@ -989,7 +994,9 @@ impl ConnCtx {
             match aws {
                 Some(signing) => {
                     let has_body = !body.is_end_stream() || !prefix.is_empty();
-                    let prepared = super::aws::prepare(
+                    // Boxed, as the other rare, large awaits here: room for it would be
+                    // in every request's future.
+                    let prepared = Box::pin(super::aws::prepare(
                         &self.proxy.credentials,
                         name,
                         signing,
@@ -998,7 +1005,7 @@ impl ConnCtx {
                         &judged.target,
                         &mut parts.headers,
                         has_body,
-                    )
+                    ))
                     .await
                     .map_err(|r| Refusal {
                         status: r.status,
