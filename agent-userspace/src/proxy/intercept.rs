@@ -39,7 +39,9 @@ use super::refused::{
     connection_refusal, is_client_abort, H2Watch, StreamReset, CLIENT_ABORTED, CLOSED_BY_DAEMON,
 };
 use super::scrub::{self, OutboundScan, ResponseBody};
-use super::target::{judge_destination, judge_target, unjudged_second_target, TargetRefusal};
+use super::target::{
+    form_to_blob_uploads, judge_destination, judge_target, unjudged_second_target, TargetRefusal,
+};
 use super::upstream::{DialParams, PoolKey, Sender};
 use super::{ConnInfo, Proxy};
 use crate::audit::{query_keys, ProxyVerdict as Verdict, RecordKind, SecretFinding, TlsMode};
@@ -739,6 +741,13 @@ impl ConnCtx {
                     "downstream client: header {name} names a second object the request \
                      acts on (a copy, rename or link source), which the policy does not judge"
                 ),
+            ));
+        }
+        if form_to_blob_uploads(req.method().as_str(), judged.path(), req.headers()) {
+            return Err(Refusal::deny(
+                StatusCode::FORBIDDEN,
+                "downstream client: a form body to a registry's blob uploads may mount a blob \
+                 from another repository (`mount`, `from`), which the policy does not judge",
             ));
         }
         // WebDAV's second target (COPY, MOVE) is judged too, and sent as judged.

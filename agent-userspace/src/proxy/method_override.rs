@@ -416,6 +416,24 @@ fn is_override_key(key: &str) -> bool {
         .any(|key| named(key) || named(key.trim_start_matches(' ')))
 }
 
+/// The pairs of a query, keys and values decoded as [`form_keys`] decodes keys (a pair
+/// without `=` has an empty value).
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    let decode = |s: &[u8]| {
+        String::from_utf8_lossy(&super::inject::percent_decode(&String::from_utf8_lossy(s)))
+            .into_owned()
+    };
+    query
+        .as_bytes()
+        .split(|&b| b == b'&' || b == b';')
+        .map(move |pair| {
+            let mut parts = pair.splitn(2, |&b| b == b'=');
+            let key = decode(parts.next().unwrap_or(b""));
+            let value = decode(parts.next().unwrap_or(b""));
+            (key, value)
+        })
+}
+
 /// The keys of an `application/x-www-form-urlencoded` text (or query), decoded: pairs
 /// split at `&` and `;` (older Rack), `+` read as a space, then percent-decoded.
 fn form_keys(text: &[u8]) -> impl Iterator<Item = String> + '_ {

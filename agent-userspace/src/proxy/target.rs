@@ -69,11 +69,11 @@ pub fn judge_target(route: &Route, method: &str, raw: &str) -> Result<Judged, Ta
             git: None,
         })?;
     }
-    if let Some(key) = mounted_from(method, &target) {
+    if let Some((key, what)) = second_target_in_query(method, &target) {
         return Err(TargetRefusal::Denied {
             reason: format!(
-                "downstream client: {method} {} refused: query parameter {key} makes a \
-                 registry copy a blob from another repository, which the policy does not judge",
+                "downstream client: {method} {} refused: query parameter {key} makes {what}, \
+                 which the policy does not judge",
                 crate::policy::target_for_reason(raw)
             ),
             git: None,
@@ -139,15 +139,52 @@ pub fn second_target(name: &http::HeaderName) -> Option<&'static str> {
         .find(|n| *n == name.as_str())
 }
 
-/// A query key of a `POST` to a container registry's blob uploads (`/v2/<name>/blobs/
-/// uploads/`) that mounts a blob from another repository (`mount`, `from`): the registry
-/// copies it into the one the path names, from one the policy never judged.
-fn mounted_from(method: &str, target: &str) -> Option<String> {
+/// A query parameter that makes the origin act on objects the path does not name (keys
+/// and values decoded as form fields are), with what it makes the origin do:
+/// - `mount` or `from` on a `POST` to a container registry's blob uploads (`/v2/<name>/
+///   blobs/uploads/`): the registry copies a blob into the repository the path names,
+///   from one the policy never judged;
+/// - OpenStack Swift's `multipart-manifest` (but `=get`, which reads the manifest
+///   itself): a static large object's manifest names its segments by paths anywhere in
+///   the account, read or deleted with the request's credential;
+/// - Swift's `bulk-delete` and `extract-archive`: the body lists the objects to delete
+///   or holds an archive whose entries name the objects to create.
+fn second_target_in_query(method: &str, target: &str) -> Option<(String, &'static str)> {
     let (path, query) = target.split_once('?')?;
-    if method != "POST" || !path.contains("/blobs/uploads") {
-        return None;
-    }
-    super::method_override::query_keys(query).find(|key| key == "mount" || key == "from")
+    let uploads = method == "POST" && path.contains("/blobs/uploads");
+    super::method_override::query_pairs(query).find_map(|(key, value)| {
+        let what = match key.as_str() {
+            "mount" | "from" if uploads => "a registry copy a blob from another repository",
+            "multipart-manifest" if value != "get" => {
+                "OpenStack Swift write or delete a large object's segments, named by paths \
+                 in its manifest"
+            }
+            "bulk-delete" | "extract-archive" => {
+                "OpenStack Swift delete or create the objects its body names"
+            }
+            _ => return None,
+        };
+        Some((key, what))
+    })
+}
+
+/// A form field that mounts a blob from another repository, sent in the body of a request
+/// to a container registry's blob uploads: registries read `mount` and `from` as form
+/// values (Go's `Request.FormValue`), which a `POST`, `PUT` or `PATCH` body declared as a
+/// form (`application/x-www-form-urlencoded`, `multipart/form-data`) supplies, ahead of
+/// the query. Such a body is refused there; the upload's own bytes are never a form.
+pub fn form_to_blob_uploads(method: &str, path: &str, headers: &http::HeaderMap) -> bool {
+    matches!(method, "POST" | "PUT" | "PATCH")
+        && path.contains("/blobs/uploads")
+        && headers
+            .get_all(http::header::CONTENT_TYPE)
+            .iter()
+            .any(|value| {
+                let media = value.as_bytes().split(|&b| b == b';').next().unwrap_or(b"");
+                let media = media.trim_ascii();
+                media.eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
+                    || media.eq_ignore_ascii_case(b"multipart/form-data")
+            })
 }
 
 /// The second target a request acts on, named in `Destination` (WebDAV's COPY and MOVE):
@@ -370,6 +407,97 @@ rules:
                     Err(TargetRefusal::Denied { .. })
                 ),
                 "{query}"
+            );
+        }
+    }
+
+    /// The same mount sent as form fields in the body is refused: any form body to blob
+    /// uploads, however its type is spelled; an upload's own bytes are not.
+    #[test]
+    fn registry_mounts_in_a_form_body_are_refused() {
+        let with = |types: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for t in types {
+                h.append(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_str(t).unwrap(),
+                );
+            }
+            h
+        };
+        let uploads = "/v2/acme/widgets/blobs/uploads/";
+        for types in [
+            &["application/x-www-form-urlencoded"][..],
+            &["Application/X-WWW-Form-URLEncoded; charset=utf-8"],
+            &[" multipart/form-data ;boundary=x"],
+            &[
+                "application/octet-stream",
+                "multipart/form-data; boundary=x",
+            ],
+        ] {
+            for method in ["POST", "PUT", "PATCH"] {
+                assert!(
+                    form_to_blob_uploads(method, uploads, &with(types)),
+                    "{method} {types:?}"
+                );
+            }
+        }
+        let form = with(&["application/x-www-form-urlencoded"]);
+        assert!(!form_to_blob_uploads("GET", uploads, &form));
+        assert!(!form_to_blob_uploads(
+            "POST",
+            "/v2/acme/widgets/manifests/1",
+            &form
+        ));
+        for types in [
+            &[][..],
+            &["application/octet-stream"],
+            &["text/plain; x=multipart/form-data"],
+        ] {
+            assert!(
+                !form_to_blob_uploads("PATCH", uploads, &with(types)),
+                "{types:?}"
+            );
+        }
+    }
+
+    /// OpenStack Swift's parameters that act on objects named elsewhere (a large object's
+    /// manifest, a bulk delete's list, an archive's entries) are refused, in any spelling
+    /// of the key; reading a manifest is not.
+    #[test]
+    fn swift_second_targets_in_the_query_are_refused() {
+        let policy = Arc::new(
+            parse_str(
+                &POLICY
+                    .replace("/a/*/c", "/v1/AUTH_acct/mine/**")
+                    .replace("[GET, POST]", "[GET, POST, PUT, DELETE]"),
+                "test.yaml",
+            )
+            .unwrap(),
+        );
+        let api = route(&policy, 1);
+        let judge = |method: &str, query: &str| {
+            judge_target(&api, method, &format!("/v1/AUTH_acct/mine/x?{query}"))
+        };
+        for method in ["GET", "PUT", "DELETE", "POST"] {
+            for query in ["multipart-manifest=get", "format=json", "multipart=put"] {
+                assert!(judge(method, query).is_ok(), "{method} {query}");
+            }
+        }
+        for (method, query) in [
+            ("PUT", "multipart-manifest=put"),
+            ("PUT", "multipart%2Dmanifest=put"),
+            ("PUT", "multipart-manifest=get&multipart-manifest=put"),
+            ("PUT", "multipart-manifest=PUT"),
+            ("DELETE", "multipart-manifest=delete"),
+            ("DELETE", "bulk-delete"),
+            ("POST", "bulk-delete=1"),
+            ("PUT", "extract-archive=tar"),
+            ("PUT", "x=1;extract-archive=tar.gz"),
+        ] {
+            assert!(
+                matches!(judge(method, query), Err(TargetRefusal::Denied { .. })),
+                "{method} {query}"
             );
         }
     }
