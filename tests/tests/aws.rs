@@ -413,7 +413,14 @@ fn aws_cli_is_re_signed_within_its_prefix_and_refused_outside() -> Result<()> {
         "presigned GET must be refused: {}",
         all_output(&curl)
     );
-    let record = t.record_for("/agent/in/data.txt")?;
+    // The same path's earlier (allowed) record is there already: wait for this one, which
+    // may be written a moment after curl has the answer.
+    let record =
+        t.fx.wait_proxy_record(Duration::from_secs(5), "the presigned GET's refusal", |r| {
+            r["url"]["path"] == "/agent/in/data.txt"
+                && r["event"]["action"] == "http-request"
+                && r["egress"]["verdict"] == "deny"
+        })?;
     ensure!(
         record["egress"]["verdict"] == "deny"
             && record["event"]["reason"]

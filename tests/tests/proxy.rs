@@ -919,6 +919,20 @@ fn request_outside_the_http_rules_is_refused_with_403_or_400() -> Result<()> {
         get_str(&rec, "event.reason").is_some_and(|r| r.contains("second object")),
         "refusal record without its reason: {rec}"
     );
+    // Objects named in the query and body instead (OpenStack Swift's large-object
+    // manifest, bulk delete): 403, the parameter named.
+    for (query, key) in [
+        ("?multipart-manifest=put", "multipart-manifest"),
+        ("?bulk%2Ddelete", "bulk-delete"),
+    ] {
+        refused_on_both(&fx, &[&format!("{REPO_URL}{query}")], 403, key, &mut outs)?;
+        let rec = fx.wait_proxy_record(RECORD_TIMEOUT, &format!("403 for {query}"), |r| {
+            get_str(r, "event.action") == Some("http-request")
+                && get_u64(r, "http.response.status_code") == Some(403)
+                && get_str(r, "event.reason").is_some_and(|why| why.contains(key))
+        })?;
+        ensure_field(&rec, "egress.verdict", "deny")?;
+    }
     nothing_reached(&fx, before)?;
     let refs: Vec<&Output> = outs.iter().collect();
     fx.assert_token_absent(&refs)
