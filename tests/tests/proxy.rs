@@ -1595,3 +1595,70 @@ except Exception as e:
     );
     Ok(())
 }
+
+/// A sandbox attached without `--netns` keeps the network namespace its processes were in
+/// at attach: a process of its cgroup that makes a namespace of its own later (and comes
+/// first in the cgroup) does not get the proxy's listener when the policy is replaced.
+#[test]
+fn a_sandbox_attached_without_its_netns_keeps_the_one_seen_at_attach() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let sandbox = fx.world.add_sandbox("found")?;
+    let _hosts = egress_tests::hosts_file::HostsFile::new(
+        sandbox.netns(),
+        &egress_tests::proxy_fixture::sandbox_hosts(),
+    )?;
+    // The sandbox's own process, in a child cgroup: the one found at attach.
+    let inner = sandbox.cgroup().path().join("inner");
+    std::fs::create_dir(&inner)?;
+    let spawn_in =
+        |procs: &std::path::Path, exec: &str| -> Result<egress_tests::util::ChildGuard> {
+            let child = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!(r#"echo $$ > "$1" && exec {exec}"#))
+                .arg("sh")
+                .arg(procs)
+                .spawn()?;
+            let guard = egress_tests::util::ChildGuard::new(child, "sleeper");
+            egress_tests::util::poll(Duration::from_secs(5), Duration::from_millis(20), || {
+                let procs = std::fs::read_to_string(procs).unwrap_or_default();
+                Ok((!procs.trim().is_empty()).then_some(()))
+            })?
+            .context("the sleeper never joined its cgroup")?;
+            Ok(guard)
+        };
+    let ns = sandbox.netns().name().to_owned();
+    let own = spawn_in(
+        &inner.join("cgroup.procs"),
+        &format!("ip netns exec {ns} sleep 120"),
+    )?;
+    let dir = egress_tests::util::TempDir::new("found-policy")?;
+    let policy = dir.write("policy.yaml", egress_tests::proxy_fixture::PROXY_POLICY)?;
+    let attach_and_get = |what: &str| -> Result<()> {
+        fx.daemon.attach_ok(&sandbox, &policy, "found")?;
+        let out = fx.curl_in(
+            &sandbox,
+            &fx.proxy_ca().display().to_string(),
+            &["-w", "\n%{http_code}", REPO_URL],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && text.ends_with("\n200") && text.contains(REPO_BODY.trim()),
+            "{what}: a proxied GET from the sandbox's namespace failed: {}",
+            all_output(&out)
+        );
+        Ok(())
+    };
+    attach_and_get("attached")?;
+    // A process that made a namespace of its own, first in the sandbox's cgroup itself.
+    let other = spawn_in(&sandbox.cgroup().procs_file(), "unshare -n sleep 120")?;
+    std::thread::sleep(Duration::from_millis(300));
+    attach_and_get("policy replaced after a process made its own namespace")?;
+    drop(other);
+    drop(own);
+    egress_tests::util::poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        Ok(std::fs::remove_dir(&inner).is_ok().then_some(()))
+    })?
+    .context("the child cgroup could not be removed")?;
+    Ok(())
+}

@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use super::{
     dns::{host_net, uses_dns, DnsRuntime, LearnedAddr},
-    netns::{netns_id, netns_of_cgroup, NetnsId},
+    netns::{netns_id, netns_of_cgroup, CgroupNetns, NetnsId},
     proxy::ProxyRuntime,
     state::{QuarantineState, SandboxRecord, State},
 };
@@ -428,13 +428,27 @@ impl Core {
                     _ => Ok(p.to_path_buf()),
                 }
             }
-            None => netns_of_cgroup(cgroup).ok_or_else(|| {
-                format!(
-                    "cgroup {} has no process yet, so its network namespace is unknown; \
-                     name it with --netns PATH (e.g. /var/run/netns/NAME or /proc/PID/ns/net), \
-                     or attach a running process with --pid PID",
-                    cgroup.display()
-                )
+            None => netns_of_cgroup(cgroup, inode).map_err(|why| {
+                let name_it = "name it with --netns PATH (e.g. /var/run/netns/NAME or \
+                               /proc/PID/ns/net), or attach a running process with --pid PID";
+                match why {
+                    CgroupNetns::Empty => format!(
+                        "cgroup {} has no process yet, so its network namespace is unknown; \
+                         {name_it}",
+                        cgroup.display()
+                    ),
+                    CgroupNetns::Several(n) => format!(
+                        "the processes of cgroup {} are in {n} network namespaces, so the \
+                         sandbox's is not known; {name_it}",
+                        cgroup.display()
+                    ),
+                    CgroupNetns::Gone(inode) => format!(
+                        "no process of cgroup {} is in the network namespace it was attached \
+                         in (inode {inode}) any more; the sandbox's proxy and resolver are not \
+                         put anywhere else; attach it again, naming the namespace with --netns",
+                        cgroup.display()
+                    ),
+                }
             }),
         }
     }
@@ -954,9 +968,21 @@ impl Core {
                     netns_id(&p).map_err(|e| format!("network namespace {}: {e}", p.display()))?;
                 (Some(p), Some(id.1))
             }
-            None => existing
-                .as_ref()
-                .map_or((None, None), |o| (o.netns.clone(), o.netns_inode)),
+            None => match existing.as_ref().map(|o| (o.netns.clone(), o.netns_inode)) {
+                Some(kept @ (_, Some(_))) => kept,
+                // Not named: the namespace its processes are in now is remembered, so that
+                // a process that makes one of its own later is not taken for the
+                // sandbox's when the listeners are set up again (a restart, a new policy).
+                kept => {
+                    let found = netns_of_cgroup(&cgroup.path, None)
+                        .ok()
+                        .and_then(|p| netns_id(&p).ok());
+                    match found {
+                        Some(id) => (None, Some(id.1)),
+                        None => kept.unwrap_or((None, None)),
+                    }
+                }
+            },
         };
         let listener = match self.prepare_proxy(&policy, &cgroup.path, netns.as_deref(), inode) {
             Ok(l) => l,
@@ -1942,7 +1968,10 @@ impl Core {
             .map(|rec| {
                 let c = self.maps.counters(rec.index);
                 let policy = self.compiled.get(&rec.name);
-                let netns = rec.netns.clone().or_else(|| netns_of_cgroup(&rec.cgroup));
+                let netns = rec
+                    .netns
+                    .clone()
+                    .or_else(|| netns_of_cgroup(&rec.cgroup, rec.netns_inode).ok());
                 let netns_inode = netns
                     .as_deref()
                     .and_then(|p| netns_id(p).ok())

@@ -20,25 +20,69 @@ pub fn netns_id(path: &Path) -> io::Result<NetnsId> {
     Ok((m.dev(), m.ino()))
 }
 
-/// The network namespace a sandbox's processes use: that of the first process found in
-/// the cgroup (or its descendants). `None` while the cgroup is empty: the daemon's own
-/// namespace is never a stand-in, or the proxy would listen on the host's loopback.
-pub fn netns_of_cgroup(cgroup: &Path) -> Option<PathBuf> {
-    fn first_pid(dir: &Path, depth: u32) -> Option<u32> {
-        let procs = fs::read_to_string(dir.join("cgroup.procs")).ok()?;
-        if let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok()) {
-            return Some(pid);
+/// Why the network namespace of a sandbox's processes could not be told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupNetns {
+    /// No process in the cgroup (or its descendants) yet.
+    Empty,
+    /// Its processes are in several namespaces (one may have made its own), and none was
+    /// named at attach.
+    Several(usize),
+    /// None of its processes is in the namespace it was attached in (inode).
+    Gone(u64),
+}
+
+/// The network namespace a sandbox's processes use, found from the processes in its
+/// cgroup (and descendants, four levels down): the one with inode `attached` if given
+/// (the namespace seen at attach: a process that made a namespace of its own later, and
+/// comes first in the cgroup, is not taken for the sandbox's), else the one every process
+/// is in. The daemon's own namespace is never a stand-in for an empty cgroup, or the
+/// proxy would listen on the host's loopback.
+pub fn netns_of_cgroup(cgroup: &Path, attached: Option<u64>) -> Result<PathBuf, CgroupNetns> {
+    fn pids(dir: &Path, depth: u32, out: &mut Vec<u32>) {
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            out.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
         }
         if depth == 0 {
-            return None;
+            return;
         }
-        fs::read_dir(dir)
-            .ok()?
-            .filter_map(Result::ok)
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .find_map(|e| first_pid(&e.path(), depth - 1))
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.filter_map(Result::ok) {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                pids(&e.path(), depth - 1, out);
+            }
+        }
     }
-    first_pid(cgroup, 4).map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")))
+    let mut found = Vec::new();
+    pids(cgroup, 4, &mut found);
+    // Processes that exit meanwhile are passed over.
+    let mut namespaces = found.into_iter().filter_map(|pid| {
+        let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        netns_id(&path).ok().map(|id| (path, id))
+    });
+    match attached {
+        Some(inode) => namespaces
+            .find(|(_, id)| id.1 == inode)
+            .map(|(path, _)| path)
+            .ok_or(CgroupNetns::Gone(inode)),
+        None => {
+            let mut first: Option<(PathBuf, NetnsId)> = None;
+            let mut ids = Vec::new();
+            for (path, id) in namespaces {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+                first.get_or_insert((path, id));
+            }
+            match (first, ids.len()) {
+                (Some((path, _)), 1) => Ok(path),
+                (None, _) => Err(CgroupNetns::Empty),
+                (Some(_), n) => Err(CgroupNetns::Several(n)),
+            }
+        }
+    }
 }
 
 /// Runs `f` on a thread that entered the network namespace at `netns`. Sockets `f` creates
