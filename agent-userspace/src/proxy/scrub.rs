@@ -642,6 +642,24 @@ impl Body for ResponseBody {
     }
 }
 
+/// Scrubs a response's trailers as its body was: with the secrets known when the response
+/// began (which the store may have forgotten since, after rotations), then with those
+/// known now (`latest`, if it is another matcher). A cookie has no place in trailers (RFC
+/// 9110, 6.5.1), and a session an origin opens there would reach the sandbox past the
+/// head's removal: it goes.
+fn scrub_trailers(
+    trailers: &mut HeaderMap,
+    started: &Arc<SecretMatcher>,
+    latest: &Arc<SecretMatcher>,
+    tally: &Tally,
+) {
+    scrub_headers(trailers, started, tally);
+    if !Arc::ptr_eq(started, latest) {
+        scrub_headers(trailers, latest, tally);
+    }
+    trailers.remove(http::header::SET_COOKIE);
+}
+
 /// A response body scrubbed (and decoded, if the origin encoded it) as it streams.
 pub struct ScrubbedBody {
     inner: Incoming,
@@ -734,10 +752,7 @@ impl ScrubbedBody {
         }
         self.send(tail);
         if let Some(mut t) = trailers {
-            scrub_headers(&mut t, &self.matcher, &self.tally);
-            // A cookie has no place in trailers (RFC 9110, 6.5.1), and a session an
-            // origin opens there would reach the sandbox past the head's removal.
-            t.remove(http::header::SET_COOKIE);
+            scrub_trailers(&mut t, &self.scrubber.matcher, &self.matcher, &self.tally);
             self.queue.push_back(Frame::trailers(t));
         }
         self.ended = true;
@@ -909,6 +924,38 @@ mod tests {
 
     fn contains(hay: &[u8], needle: &[u8]) -> bool {
         hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// Trailers are scrubbed with the secrets known when the response began as well as
+    /// the latest: a value rotated out of the store while the body streamed is masked.
+    #[test]
+    fn trailers_keep_the_secrets_known_when_the_response_began() {
+        const NEWER: &str = "ghp_9876543210fedcbaQRS";
+        let started = matcher(&[("s", SECRET)]);
+        let latest = matcher(&[("s", NEWER)]);
+        let mut t = HeaderMap::new();
+        t.insert("x-echo-old", HeaderValue::from_static(SECRET));
+        t.insert("x-echo-new", HeaderValue::from_static(NEWER));
+        t.insert("set-cookie", HeaderValue::from_static("session=1"));
+        t.insert("x-plain", HeaderValue::from_static("ok"));
+        let tally = Tally::default();
+        scrub_trailers(&mut t, &started, &latest, &tally);
+        for name in ["x-echo-old", "x-echo-new"] {
+            let v = t.get(name).unwrap().as_bytes();
+            assert!(
+                !contains(v, SECRET.as_bytes()) && !contains(v, NEWER.as_bytes()),
+                "{name}"
+            );
+        }
+        assert_eq!(t.get("x-plain").unwrap(), "ok");
+        assert!(t.get("set-cookie").is_none());
+        assert_eq!(tally.count(), 2);
+        // The same matcher twice is one pass.
+        let mut t = HeaderMap::new();
+        t.insert("x-echo-old", HeaderValue::from_static(SECRET));
+        let tally = Tally::default();
+        scrub_trailers(&mut t, &started, &started, &tally);
+        assert_eq!(tally.count(), 1);
     }
 
     /// A body split in two anywhere is scrubbed as it is whole: forms wrapped with breaks,
