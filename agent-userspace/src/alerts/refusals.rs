@@ -6,7 +6,8 @@
 //! byte on a connection) and the trail a whole line. Without a limit one sandbox could
 //! flood the trail: fill the disk, push other sandboxes' records out of the writer's
 //! queue, and, while the trail is unhealthy, have every sandbox's credentials refused.
-//! Nothing is lost silently: every refusal past the limit is in the alert's count.
+//! Nothing is lost silently: every refusal past the limit is in the alert's count, raised
+//! early when the counts are dropped (the daemon stopping, a resolver closing).
 
 use std::{
     collections::HashMap,
@@ -43,8 +44,10 @@ struct Window {
     recorded: u32,
     /// Refusals past the limit, not yet in an alert.
     counted: u64,
-    /// An alert is due at the window's end (its timer runs).
+    /// An alert is due at the window's end (its timer runs)...
     alert_due: bool,
+    /// ...and this ends that timer, when the alert is raised early ([`RefusalRecords::flush`]).
+    timer: Option<tokio::task::AbortHandle>,
 }
 
 impl RefusalRecords {
@@ -100,6 +103,7 @@ impl RefusalRecords {
                     recorded: 0,
                     counted: 0,
                     alert_due: false,
+                    timer: None,
                 },
             );
         }
@@ -125,7 +129,7 @@ impl RefusalRecords {
                 sandbox.to_owned(),
             );
             let seconds = self.window.as_secs().max(1);
-            tokio::spawn(async move {
+            let timer = tokio::spawn(async move {
                 tokio::time::sleep_until(ends.into()).await;
                 let counted = {
                     let mut windows = windows.lock().unwrap_or_else(|p| p.into_inner());
@@ -134,23 +138,65 @@ impl RefusalRecords {
                     };
                     let counted = std::mem::take(&mut w.counted);
                     w.alert_due = false;
+                    w.timer = None;
                     w.started = Instant::now();
                     w.recorded = 0;
                     counted
                 };
-                let mut alert = Alert::new(
-                    OffsetDateTime::now_utc(),
-                    AlertKind::RateLimit,
-                    sandbox,
-                    describe(counted),
-                );
-                alert.count = counted;
-                alert.window_seconds = Some(seconds);
-                raise(alert);
+                // (Nothing awaited from here: an abort cannot cut the alert off.) A flush
+                // may have raised the count already.
+                if counted > 0 {
+                    raise(count_alert(&describe, sandbox, counted, seconds));
+                }
             });
+            w.timer = Some(timer.abort_handle());
         }
         false
     }
+
+    /// Raises now the alerts of windows not over yet, and ends their timers: their
+    /// counts would otherwise go with the timers when the daemon stops (each timer also
+    /// holds the audit writer open).
+    pub fn flush(&self) {
+        let due: Vec<(String, u64)> = {
+            let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+            windows
+                .iter_mut()
+                .filter_map(|(sandbox, w)| {
+                    if let Some(timer) = w.timer.take() {
+                        timer.abort();
+                    }
+                    w.alert_due = false;
+                    let counted = std::mem::take(&mut w.counted);
+                    (counted > 0).then(|| (sandbox.clone(), counted))
+                })
+                .collect()
+        };
+        let seconds = self.window.as_secs().max(1);
+        for (sandbox, counted) in due {
+            (self.raise)(count_alert(&self.describe, sandbox, counted, seconds));
+        }
+    }
+}
+
+impl Drop for RefusalRecords {
+    /// Counts not raised yet are raised as the records go (a resolver closing).
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// The `rate-limit` alert for `counted` refusals of `sandbox` in a window of `seconds`.
+fn count_alert(describe: &DescribeFn, sandbox: String, counted: u64, seconds: u64) -> Alert {
+    let mut alert = Alert::new(
+        OffsetDateTime::now_utc(),
+        AlertKind::RateLimit,
+        sandbox,
+        describe(counted),
+    );
+    alert.count = counted;
+    alert.window_seconds = Some(seconds);
+    alert
 }
 
 #[cfg(test)]
@@ -188,5 +234,43 @@ mod tests {
         // A window with nothing past the limit raises nothing.
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(alerts.lock().unwrap().len(), 1);
+    }
+
+    /// Counts of a window not over yet are raised at once when flushed or dropped (the
+    /// daemon stopping), and their timers end: nothing is raised twice, nothing lost.
+    #[tokio::test]
+    async fn counts_are_raised_when_the_records_stop_before_the_window_ends() {
+        let alerts: Arc<Mutex<Vec<Alert>>> = Arc::default();
+        let seen = alerts.clone();
+        let records = RefusalRecords::new(
+            2,
+            Duration::from_millis(300),
+            "proxy refusals",
+            Arc::new(move |a| seen.lock().unwrap().push(a)),
+        );
+        assert_eq!((0..6).filter(|_| records.admit("agent-1")).count(), 2);
+        assert_eq!((0..3).filter(|_| records.admit("agent-2")).count(), 2);
+        records.flush();
+        let mut raised: Vec<(String, u64)> = alerts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| (a.sandbox.clone(), a.count))
+            .collect();
+        raised.sort();
+        assert_eq!(
+            raised,
+            vec![("agent-1".to_owned(), 4), ("agent-2".to_owned(), 1)]
+        );
+        // Counted after the flush, in the same window, and then dropped: raised as the
+        // records go.
+        assert!(!records.admit("agent-1"));
+        drop(records);
+        let last = alerts.lock().unwrap().last().cloned().unwrap();
+        assert_eq!((last.sandbox.as_str(), last.count), ("agent-1", 1));
+        assert_eq!(alerts.lock().unwrap().len(), 3);
+        // Every timer is over: the windows' ends raise nothing more.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(alerts.lock().unwrap().len(), 3);
     }
 }

@@ -218,14 +218,16 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let proxy_audit = audit.clone();
     let proxy_alerts = alerts.clone();
     let refusal_alerts = alerts.clone();
-    let refusals = RefusalRecords::new(
+    let refusals = Arc::new(RefusalRecords::new(
         PROXY_REFUSALS_RECORDED,
         PROXY_REFUSAL_WINDOW,
         "proxy refusals",
         Arc::new(move |alert| {
             refusal_alerts.raise(alert);
         }),
-    );
+    ));
+    // Flushed at the stop: refusals counted in a window not over yet are raised then.
+    let proxy_refusals = refusals.clone();
     let proxy = Proxy::new(
         opts.proxy,
         std::sync::Arc::new(ca),
@@ -439,6 +441,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         carry_out(&shared, order);
     }
     report_lost(&shared);
+    proxy_refusals.flush();
     let mut stopped_state = {
         let mut core = shared.lock();
         core.flush_alerts();
