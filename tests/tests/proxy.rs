@@ -1662,3 +1662,70 @@ fn a_sandbox_attached_without_its_netns_keeps_the_one_seen_at_attach() -> Result
     .context("the child cgroup could not be removed")?;
     Ok(())
 }
+
+/// Refusals past the per-window limit are counted, not written one by one; when the
+/// daemon stops before the window ends, the count is raised then (a `rate-limit` alert
+/// before the stop record): every refusal is in the trail, one way or the other.
+#[test]
+fn refusals_counted_in_a_window_are_raised_when_the_daemon_stops() -> Result<()> {
+    require_proxy_tools!();
+    let mut fx = ProxyFixture::new(ProxyOpts::default())?;
+    // More refusals than the 1,000 recorded one by one per 10 s, over one HTTP/2
+    // connection (a path no rule allows: 403 from the proxy, nothing sent upstream).
+    const SENT: u64 = 1100;
+    let before = fx.origin.requests()?.len();
+    let started = Instant::now();
+    let url = format!("https://api.github.com/repos/other/x[1-{SENT}]");
+    let out = fx.curl(&[
+        "--http2",
+        "-Z",
+        "--parallel-max",
+        "50",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\n",
+        &url,
+    ])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let refused = stdout.lines().filter(|l| *l == "403").count() as u64;
+    ensure!(
+        refused == SENT,
+        "expected {SENT} refusals (403), got {refused}: {}",
+        all_output(&out)
+    );
+    // Stopped well inside the window that began with the first refusal.
+    fx.daemon.terminate(Duration::from_secs(10))?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(8),
+        "the refusals and the stop took {:?}: the window may have ended by itself",
+        started.elapsed()
+    );
+    let records = fx.daemon.audit_records()?;
+    let one_by_one = records
+        .iter()
+        .filter(|r| {
+            get_str(r, "event.action") == Some("http-request")
+                && get_str(r, "url.path").is_some_and(|p| p.starts_with("/repos/other/x"))
+        })
+        .count() as u64;
+    let alert = records
+        .iter()
+        .position(|r| {
+            get_str(r, "event.kind") == Some("alert")
+                && get_str(r, "event.action") == Some("rate-limit")
+        })
+        .context("no rate-limit alert in the trail")?;
+    let counted = get_u64(&records[alert], "egress.alert.count").unwrap_or(0);
+    ensure!(
+        one_by_one + counted == SENT && one_by_one <= 1000,
+        "{one_by_one} refusals recorded one by one and {counted} counted, not {SENT}: {}",
+        records[alert]
+    );
+    let stop = records
+        .iter()
+        .position(|r| get_str(r, "event.action") == Some("daemon-stop"))
+        .context("no stop record")?;
+    ensure!(alert < stop, "the alert came after the stop record");
+    nothing_reached(&fx, before)
+}
