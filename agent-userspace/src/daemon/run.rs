@@ -442,6 +442,8 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     }
     report_lost(&shared);
     proxy_refusals.flush();
+    // It holds an audit handle (through the alerts), which the writer waits for below.
+    drop(proxy_refusals);
     let mut stopped_state = {
         let mut core = shared.lock();
         core.flush_alerts();
