@@ -202,20 +202,22 @@ impl Readings {
             json: value.contains("/json") || value.contains("+json"),
         };
         // A form in another character set hides its keys from a byte-wise reading
-        // (Tomcat and ASP.NET decode the charset the request names).
-        if readings.url_encoded || readings.multipart {
+        // (Tomcat and ASP.NET decode the charset the request names), as does JSON in
+        // one (Express decodes any UTF charset).
+        if readings.url_encoded || readings.multipart || readings.json {
+            // (ASP.NET finds the parameter after `,` or white space too.)
             if let Some(charset) = value
-                .split(';')
+                .split([';', ',', ' ', '\t'])
                 .skip(1)
                 .filter_map(|p| p.split_once('='))
-                .find(|(k, _)| k.trim() == "charset")
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("charset"))
                 .map(|(_, v)| v.trim().trim_matches('"').to_owned())
             {
                 if !matches!(
                     charset.as_str(),
                     "utf-8" | "utf8" | "us-ascii" | "ascii" | "iso-8859-1" | "latin1"
                 ) {
-                    return Err(format!("a form in charset {charset:?}"));
+                    return Err(format!("a body in charset {charset:?}"));
                 }
             }
         }
@@ -314,8 +316,8 @@ pub async fn check_body(
             .multipart
             .then(|| multipart_names(&read).find(|name| is_override_key(name)))
             .flatten(),
-        // What is not JSON gives Laravel no fields (its parser is as strict as this one,
-        // which skips values rather than build them, so no depth or number hides a key).
+        // (No depth or number hides a key: this parser skips values rather than build
+        // them.)
         readings
             .json
             .then(|| json_keys(&read).ok())
@@ -325,6 +327,20 @@ pub async fn check_body(
     .into_iter()
     .flatten()
     .next();
+    // JSON behind a byte order mark (or with NULs: UTF-16 without one) is not read here,
+    // while Express drops the mark and decodes the charset it names: refused, not
+    // forwarded unread. (Another charset named is refused with the type, above.)
+    let marked = [&b"\xEF\xBB\xBF"[..], b"\xFE\xFF", b"\xFF\xFE"]
+        .iter()
+        .any(|bom| read.starts_with(bom));
+    if found.is_none() && readings.json && (marked || read.contains(&0)) {
+        return refuse(
+            "a JSON body with a byte order mark or NUL bytes (another encoding than UTF-8) \
+             may name a method to run instead"
+                .to_owned(),
+            read.len() as u64,
+        );
+    }
     match found {
         Some(key) => refuse(
             format!("body field {key:?} names a method to run instead"),
@@ -411,25 +427,31 @@ fn is_override_key(key: &str) -> bool {
                 name.eq_ignore_ascii_case(&h.replace('-', "_")) || name.eq_ignore_ascii_case(h)
             })
     };
+    // Rack 2 (Rails up to 7.0) reads a name from its first run of characters other than
+    // brackets (`[_method]`, `]_method` and `_method]` are `_method`), and qs (Express)
+    // unwraps a bracketed root name.
+    let unbracketed = |name: &str| -> String {
+        name.trim_start_matches(['[', ']'])
+            .split(['[', ']'])
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    };
     [cut, dropped.as_str()]
         .iter()
-        .any(|key| named(key) || named(key.trim_start_matches(' ')))
+        .any(|key| named(key) || named(key.trim_start_matches(' ')) || named(&unbracketed(key)))
 }
 
 /// The pairs of a query, keys and values decoded as [`form_keys`] decodes keys (a pair
 /// without `=` has an empty value).
 pub fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    let decode = |s: &[u8]| {
-        String::from_utf8_lossy(&super::inject::percent_decode(&String::from_utf8_lossy(s)))
-            .into_owned()
-    };
     query
         .as_bytes()
         .split(|&b| b == b'&' || b == b';')
-        .map(move |pair| {
+        .map(|pair| {
             let mut parts = pair.splitn(2, |&b| b == b'=');
-            let key = decode(parts.next().unwrap_or(b""));
-            let value = decode(parts.next().unwrap_or(b""));
+            let key = form_decode(parts.next().unwrap_or(b""));
+            let value = form_decode(parts.next().unwrap_or(b""));
             (key, value)
         })
 }
@@ -439,12 +461,41 @@ pub fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
 fn form_keys(text: &[u8]) -> impl Iterator<Item = String> + '_ {
     text.split(|&b| b == b'&' || b == b';').map(|pair| {
         let key = pair.split(|&b| b == b'=').next().unwrap_or(b"");
-        // (`percent_decode` reads `+` as a space, as form decoding does.)
-        String::from_utf8_lossy(&super::inject::percent_decode(&String::from_utf8_lossy(
-            key,
-        )))
-        .into_owned()
+        form_decode(key)
     })
+}
+
+/// A form field's name or value decoded: `+` read as a space, `%HH` as that byte, and
+/// `%uXXXX` as that character, as ASP.NET (System.Web) decodes it.
+fn form_decode(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(raw);
+    let mut unicode = String::with_capacity(text.len());
+    let mut rest = text.as_ref();
+    while let Some(at) = rest.find("%u").or_else(|| rest.find("%U")) {
+        let code = rest
+            .get(at + 2..at + 6)
+            .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .and_then(char::from_u32);
+        unicode.push_str(&rest[..at]);
+        match code {
+            // Percent-encoded again, so that the byte decoding below reads it as itself.
+            Some(c) => {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    unicode.push_str(&format!("%{b:02X}"));
+                }
+                rest = &rest[at + 6..];
+            }
+            None => {
+                unicode.push_str(&rest[at..at + 2]);
+                rest = &rest[at + 2..];
+            }
+        }
+    }
+    unicode.push_str(rest);
+    // (`percent_decode` reads `+` as a space, as form decoding does.)
+    String::from_utf8_lossy(&super::inject::percent_decode(&unicode)).into_owned()
 }
 
 /// Every `name` (and `name*`, RFC 5987) parameter value anywhere in a multipart body,
