@@ -204,16 +204,22 @@ fn count_alert(describe: &DescribeFn, sandbox: String, counted: u64, seconds: u6
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn past_the_limit_refusals_are_counted_in_one_alert_per_window() {
+    /// Records of proxy refusals, `limit` per 300 ms window, and the alerts they raise.
+    fn collecting(limit: u32) -> (RefusalRecords, Arc<Mutex<Vec<Alert>>>) {
         let alerts: Arc<Mutex<Vec<Alert>>> = Arc::default();
         let seen = alerts.clone();
         let records = RefusalRecords::new(
-            3,
+            limit,
             Duration::from_millis(300),
             "proxy refusals",
             Arc::new(move |a| seen.lock().unwrap().push(a)),
         );
+        (records, alerts)
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_refusals_are_counted_in_one_alert_per_window() {
+        let (records, alerts) = collecting(3);
         let admitted = (0..10).filter(|_| records.admit("agent-1")).count();
         assert_eq!(admitted, 3);
         // Another sandbox has a window of its own.
@@ -240,14 +246,7 @@ mod tests {
     /// daemon stopping), and their timers end: nothing is raised twice, nothing lost.
     #[tokio::test]
     async fn counts_are_raised_when_the_records_stop_before_the_window_ends() {
-        let alerts: Arc<Mutex<Vec<Alert>>> = Arc::default();
-        let seen = alerts.clone();
-        let records = RefusalRecords::new(
-            2,
-            Duration::from_millis(300),
-            "proxy refusals",
-            Arc::new(move |a| seen.lock().unwrap().push(a)),
-        );
+        let (records, alerts) = collecting(2);
         assert_eq!((0..6).filter(|_| records.admit("agent-1")).count(), 2);
         assert_eq!((0..3).filter(|_| records.admit("agent-2")).count(), 2);
         records.flush();

@@ -749,33 +749,36 @@ mod tests {
     fn block_membership_is_ipnets() {
         // Every prefix length, each address at both ends of the block, just outside it and
         // a bit flipped at each place.
-        let v4 = [0u32, 0xc000_0201, 0xffff_ffff, 0x0a01_0203, 0x8000_0000];
-        let v6 = [0u128, 1, u128::MAX, 0x2001_0db8 << 96 | 5, 1 << 127];
-        for base in v4 {
-            for l in 0..=32u8 {
-                let n = Ipv4Net::new(Ipv4Addr::from(base), l).unwrap().trunc();
-                let mut probes = vec![u32::from(n.network()), u32::from(n.broadcast())];
-                probes.push(u32::from(n.network()).wrapping_sub(1));
-                probes.push(u32::from(n.broadcast()).wrapping_add(1));
-                probes.extend((0..32).map(|bit| base ^ (1 << bit)));
-                for a in probes.into_iter().map(Ipv4Addr::from) {
-                    let ours = Net::V4(Ipv4Addr::from(base), l).contains(IpAddr::V4(a));
-                    assert_eq!(ours, n.contains(&a), "{base:#x}/{l} holds {a}?");
-                    assert!(!Net::V6(Ipv6Addr::UNSPECIFIED, 0).contains(IpAddr::V4(a)));
-                }
-            }
-        }
-        for base in v6 {
-            for l in 0..=128u8 {
-                let n = Ipv6Net::new(Ipv6Addr::from(base), l).unwrap().trunc();
-                let mut probes = vec![u128::from(n.network()), u128::from(n.broadcast())];
-                probes.push(u128::from(n.network()).wrapping_sub(1));
-                probes.push(u128::from(n.broadcast()).wrapping_add(1));
-                probes.extend((0..128).map(|bit| base ^ (1 << bit)));
-                for a in probes.into_iter().map(Ipv6Addr::from) {
-                    let ours = Net::V6(Ipv6Addr::from(base), l).contains(IpAddr::V6(a));
-                    assert_eq!(ours, n.contains(&a), "{base:#x}/{l} holds {a}?");
-                    assert!(!Net::V4(Ipv4Addr::UNSPECIFIED, 0).contains(IpAddr::V6(a)));
+        let addr = |bits: u32, x: u128| match bits {
+            32 => IpAddr::V4(Ipv4Addr::from(x as u32)),
+            _ => IpAddr::V6(Ipv6Addr::from(x)),
+        };
+        let number = |ip: IpAddr| match ip {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a),
+        };
+        let families: [(u32, &[u128]); 2] = [
+            (32, &[0, 0xc000_0201, 0xffff_ffff, 0x0a01_0203, 0x8000_0000]),
+            (128, &[0, 1, u128::MAX, 0x2001_0db8 << 96 | 5, 1 << 127]),
+        ];
+        for (bits, bases) in families {
+            let top = u128::MAX >> (128 - bits);
+            for &base in bases {
+                for l in 0..=bits as u8 {
+                    let n = IpNet::new(addr(bits, base), l).unwrap().trunc();
+                    let (first, last) = (number(n.network()), number(n.broadcast()));
+                    let mut probes = vec![first, last];
+                    probes.push(first.wrapping_sub(1) & top);
+                    probes.push(last.wrapping_add(1) & top);
+                    probes.extend((0..bits).map(|bit| base ^ (1 << bit)));
+                    let (ours, other) = match addr(bits, base) {
+                        IpAddr::V4(b) => (Net::V4(b, l), Net::V6(Ipv6Addr::UNSPECIFIED, 0)),
+                        IpAddr::V6(b) => (Net::V6(b, l), Net::V4(Ipv4Addr::UNSPECIFIED, 0)),
+                    };
+                    for a in probes.into_iter().map(|x| addr(bits, x)) {
+                        assert_eq!(ours.contains(a), n.contains(&a), "{base:#x}/{l} holds {a}?");
+                        assert!(!other.contains(a));
+                    }
                 }
             }
         }
