@@ -494,12 +494,25 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
     {
         // SAFETY: helper valid in cgroup_sock_addr programs.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let _ = ORIG.remove(cookie);
+        forget_orig(cookie);
     }
     if verdict == verdict::DENY {
         RET_DENY
     } else {
         RET_ALLOW
+    }
+}
+
+/// Removes `cookie`'s `ORIG` entry if it has one. The lookup takes no lock; a delete
+/// takes the bucket's, also for a key that is not there, and almost every socket has
+/// none (only redirected ones do). Only the socket's own hooks add its entry, and they
+/// do not run concurrently with the caller (connect holds the socket's lock; release runs
+/// when nothing else holds the socket), so nothing is added between the two steps.
+#[inline(always)]
+pub fn forget_orig(cookie: u64) {
+    // SAFETY: the value is not read.
+    if unsafe { ORIG.get(cookie) }.is_some() {
+        let _ = ORIG.remove(cookie);
     }
 }
 

@@ -11,13 +11,16 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use crate::maps::{BY_PEER, ORIG, PEER_OF};
+use crate::{
+    decide::forget_orig,
+    maps::{BY_PEER, PEER_OF},
+};
 
 #[cgroup_sock(sock_release)]
 pub fn egress_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: helper valid in cgroup_sock programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = ORIG.remove(cookie);
+    forget_orig(cookie);
     // SAFETY: the value is copied out.
     if let Some(key) = unsafe { PEER_OF.get(cookie) }.copied() {
         // Only this socket's own entry: the proxy may have taken it, and the key been
