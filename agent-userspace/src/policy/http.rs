@@ -24,10 +24,22 @@ pub enum MethodPattern {
     Token(String),
 }
 
+/// Methods whose request body names the resources they act on: WebDAV's `BIND` and
+/// `REBIND` (the resource to bind, anywhere on the server), `UNBIND` (the binding to
+/// remove), `SEARCH` (its scope) and `REPORT` (the resources of a multiget, or of a
+/// version tree). Judging the path judges none of those, so a rule allows them only by
+/// name in an `http:` entry: `*` does not match them, nor does a rule without `http:`.
+pub const BODY_TARGET_METHODS: [&str; 5] = ["BIND", "REBIND", "UNBIND", "SEARCH", "REPORT"];
+
+/// Whether `method` names its targets in its body ([`BODY_TARGET_METHODS`]).
+pub fn names_targets_in_body(method: &str) -> bool {
+    BODY_TARGET_METHODS.contains(&method)
+}
+
 impl MethodPattern {
     pub fn matches(&self, method: &str) -> bool {
         match self {
-            Self::Any => is_token(method),
+            Self::Any => is_token(method) && !names_targets_in_body(method),
             Self::Token(token) => token == method,
         }
     }

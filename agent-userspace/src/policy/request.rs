@@ -9,7 +9,7 @@ use std::{fmt, net::Ipv6Addr};
 
 use super::{
     compile::{rule_id, Action, Policy, Protocol, Rule},
-    http::{is_token, normalize_target, path_only, target_for_reason},
+    http::{is_token, names_targets_in_body, normalize_target, path_only, target_for_reason},
     Verdict,
 };
 
@@ -146,13 +146,29 @@ impl Rule {
             )
         })?;
         let path = path_only(&target);
+        let by_name_only = || {
+            if names_targets_in_body(method) {
+                format!(
+                    "; {method} names its targets in its body, which the proxy does not \
+                     judge: only an `http:` entry listing {method} by name allows it"
+                )
+            } else {
+                String::new()
+            }
+        };
         match &self.http {
+            None if names_targets_in_body(method) => Err(format!(
+                "{method} {path} not allowed by rule {} (it has no `http:` list){}",
+                self.name,
+                by_name_only()
+            )),
             None => Ok(()),
             Some(http) if http.iter().any(|r| r.allows(method, path)) => Ok(()),
             Some(http) => Err(format!(
-                "{method} {path} not allowed by rule {} (allowed: {})",
+                "{method} {path} not allowed by rule {} (allowed: {}){}",
                 self.name,
-                Allowed(http)
+                Allowed(http),
+                by_name_only()
             )),
         }
     }
@@ -231,7 +247,7 @@ impl Policy {
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;
-    use crate::policy::parse_str;
+    use crate::policy::{http::BODY_TARGET_METHODS, parse_str};
 
     #[test]
     fn urls() {
@@ -506,5 +522,60 @@ rules:
         let plain = policy.rule(4).unwrap();
         assert!(plain.hosts().is_empty() && !plain.allows_host("pinned.example"));
         assert_eq!(policy.credential_names(), ["github"]);
+    }
+
+    /// Methods whose body names their targets pass only an entry that lists them by
+    /// name, on a path it allows: not `*`, not a rule without `http:`.
+    #[test]
+    fn methods_naming_targets_in_the_body_need_an_entry_naming_them() {
+        let policy = parse_str(
+            r#"version: 1
+default: deny
+rules:
+  - name: any
+    to: [192.0.2.1]
+    ports: [443]
+    action: proxy
+    hosts: [dav.example]
+    http:
+      - methods: ["*"]
+        paths: ["/mine/**"]
+  - name: open
+    to: [192.0.2.2]
+    ports: [443]
+    action: proxy
+    hosts: [open.example]
+  - name: named
+    to: [192.0.2.3]
+    ports: [443]
+    action: proxy
+    hosts: [cal.example]
+    http:
+      - methods: [REPORT, SEARCH]
+        paths: ["/cal/**"]
+"#,
+            "m.yaml",
+        )
+        .unwrap();
+        let (any, open, named) = (
+            policy.proxy_rule(1).unwrap(),
+            policy.proxy_rule(2).unwrap(),
+            policy.proxy_rule(3).unwrap(),
+        );
+        for rule in [any, open] {
+            assert_eq!(rule.check_request("PROPFIND", "/mine/x"), Ok(()));
+            for method in BODY_TARGET_METHODS {
+                let refused = rule.check_request(method, "/mine/x").unwrap_err();
+                assert!(
+                    refused.contains("names its targets in its body"),
+                    "{method}: {refused}"
+                );
+            }
+        }
+        assert_eq!(named.check_request("REPORT", "/cal/x"), Ok(()));
+        assert_eq!(named.check_request("SEARCH", "/cal/"), Ok(()));
+        assert!(named.check_request("REPORT", "/other").is_err());
+        assert!(named.check_request("BIND", "/cal/x").is_err());
+        assert!(named.check_request("report", "/cal/x").is_err());
     }
 }

@@ -148,7 +148,9 @@ pub fn second_target(name: &http::HeaderName) -> Option<&'static str> {
 ///   itself): a static large object's manifest names its segments by paths anywhere in
 ///   the account, read or deleted with the request's credential;
 /// - Swift's `bulk-delete` and `extract-archive`: the body lists the objects to delete
-///   or holds an archive whose entries name the objects to create.
+///   or holds an archive whose entries name the objects to create;
+/// - Google Cloud Storage's `compose` (XML API, any method): the body lists the objects
+///   whose bytes make the one the path names, a copy of objects the policy never judged.
 fn second_target_in_query(method: &str, target: &str) -> Option<(String, &'static str)> {
     let (path, query) = target.split_once('?')?;
     let uploads = method == "POST" && path.contains("/blobs/uploads");
@@ -162,6 +164,7 @@ fn second_target_in_query(method: &str, target: &str) -> Option<(String, &'stati
             "bulk-delete" | "extract-archive" => {
                 "OpenStack Swift delete or create the objects its body names"
             }
+            "compose" => "Google Cloud Storage copy the objects its body names into this one",
             _ => return None,
         };
         Some((key, what))
@@ -480,7 +483,12 @@ rules:
             judge_target(&api, method, &format!("/v1/AUTH_acct/mine/x?{query}"))
         };
         for method in ["GET", "PUT", "DELETE", "POST"] {
-            for query in ["multipart-manifest=get", "format=json", "multipart=put"] {
+            for query in [
+                "multipart-manifest=get",
+                "format=json",
+                "multipart=put",
+                "composed=1",
+            ] {
                 assert!(judge(method, query).is_ok(), "{method} {query}");
             }
         }
@@ -494,6 +502,9 @@ rules:
             ("POST", "bulk-delete=1"),
             ("PUT", "extract-archive=tar"),
             ("PUT", "x=1;extract-archive=tar.gz"),
+            ("PUT", "compose"),
+            ("PUT", "c%6Fmpose="),
+            ("POST", "a=1&compose"),
         ] {
             assert!(
                 matches!(judge(method, query), Err(TargetRefusal::Denied { .. })),
