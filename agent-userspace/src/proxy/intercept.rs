@@ -779,12 +779,21 @@ impl ConnCtx {
         if let Some(destination) = destination {
             parts.headers.insert("destination", destination);
         }
-        // The length the client declared: its body must bring exactly that.
-        let declared = parts
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        // The length the client declared: its body must bring exactly that. It is sent
+        // on as one field in canonical form: HTTP/2 lets a client repeat the field, or
+        // write `005`, when the numbers agree, and an upstream must not get two spellings
+        // of what was judged as one.
+        let declared = declared_length(&parts.headers).map_err(|why| {
+            Refusal::deny(
+                StatusCode::BAD_REQUEST,
+                format!("downstream client: Content-Length {why}"),
+            )
+        })?;
+        if let Some(length) = declared {
+            parts
+                .headers
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
         let Some(body) = unsent.as_mut() else {
             return Err(Refusal::deny(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -1424,6 +1433,27 @@ fn redact_record(
 }
 
 /// CONNECT, an `Upgrade` header or `Connection: upgrade`, or HTTP/2 extended CONNECT.
+/// The body length `headers` declare: `None` without `Content-Length`, an error when its
+/// fields (or the comma-separated values in one) are not all the same decimal number.
+fn declared_length(headers: &http::HeaderMap) -> Result<Option<u64>, &'static str> {
+    let mut declared = None;
+    for field in headers.get_all(http::header::CONTENT_LENGTH) {
+        let text = field.to_str().map_err(|_| "is not ASCII")?;
+        for value in text.split(',') {
+            let value = value.trim_matches([' ', '\t']);
+            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                return Err("is not a decimal number");
+            }
+            let n = value.parse::<u64>().map_err(|_| "is too large")?;
+            if declared.is_some_and(|d| d != n) {
+                return Err("is given with different values");
+            }
+            declared = Some(n);
+        }
+    }
+    Ok(declared)
+}
+
 fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.method().as_str().eq_ignore_ascii_case("CONNECT")
         || req.headers().contains_key(UPGRADE)
@@ -1670,6 +1700,38 @@ mod tests {
         strip_request_trailers(&mut trailers, &[HeaderName::from_static("x-api-key")]);
         let left: Vec<_> = trailers.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["x-checksum"]);
+    }
+
+    /// One length, however many times or ways it is written, or a refusal.
+    #[test]
+    fn declared_lengths_are_one_number() {
+        let of = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(
+                    http::header::CONTENT_LENGTH,
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            declared_length(&h)
+        };
+        assert_eq!(of(&[]), Ok(None));
+        assert_eq!(of(&["5"]), Ok(Some(5)));
+        assert_eq!(of(&["5", "005"]), Ok(Some(5)));
+        assert_eq!(of(&["5, 5"]), Ok(Some(5)));
+        assert_eq!(of(&["0"]), Ok(Some(0)));
+        for bad in [
+            &["5", "6"][..],
+            &["5, 6"],
+            &["+5"],
+            &["-1"],
+            &["5 5"],
+            &[""],
+            &["0x5"],
+            &["99999999999999999999999"],
+        ] {
+            assert!(of(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
