@@ -15,6 +15,7 @@
 //! ([`CredentialStore::revoke`]). Values live in [`Secret`], which never prints them, and
 //! no error of this module contains one.
 mod aws;
+mod child_env;
 mod error;
 mod file;
 pub mod github_app;

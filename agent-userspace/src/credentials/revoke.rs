@@ -1,6 +1,7 @@
 //! Revocation of a credential's live value when its sandbox is quarantined: a configured
 //! `revoke:` command, which gets the value on standard input (never in its arguments or
-//! environment, which other local users could read), and for `github_app` sources the
+//! environment, which other local users could read; nor any other secret the daemon
+//! read from its own environment, see `child_env`), and for `github_app` sources the
 //! API's revoke-installation-token call.
 use std::process::Stdio;
 use std::time::Duration;
@@ -50,7 +51,9 @@ impl RevokeCommand {
     /// discarded (it could echo the value). Succeeds when it exits with status 0.
     pub(super) async fn run(&self, value: &Secret) -> Result<String, String> {
         let program = self.program().to_owned();
-        let mut child = tokio::process::Command::new(&program)
+        let mut command = tokio::process::Command::new(&program);
+        super::child_env::without_secrets(&mut command);
+        let mut child = command
             .args(self.argv.iter().skip(1))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())

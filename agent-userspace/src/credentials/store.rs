@@ -911,7 +911,9 @@ impl Credential {
             program: program.clone(),
             reason,
         };
-        let mut child = tokio::process::Command::new(&program)
+        let mut command = tokio::process::Command::new(&program);
+        super::child_env::without_secrets(&mut command);
+        let mut child = command
             .args(cmd.argv.iter().skip(1))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -1032,6 +1034,7 @@ fn compile(
             Source::File(FileSource::new(path.clone()))
         }
         RawSource::Env(var) => {
+            super::child_env::note_secret_var(var);
             let value = std::env::var(var).map_err(|_| CredentialError::EnvMissing {
                 credential: name.to_owned(),
                 var: var.clone(),
