@@ -208,10 +208,11 @@ fn a_cgroup_pinned_without_a_sandbox_record_denies_everything() -> Result<()> {
 }
 
 /// A stored policy the restarted daemon can no longer compile (an upgrade with a stricter
-/// parser, a damaged state file) is reported in the trail, naming the sandbox; the kernel
-/// keeps the rules it has.
+/// parser, a damaged state file) is reported in the trail, naming the sandbox, and the
+/// sandbox is denied everything (what its slot learned from DNS would otherwise never
+/// expire) until it is attached again.
 #[test]
-fn a_stored_policy_that_no_longer_compiles_is_recorded() -> Result<()> {
+fn a_stored_policy_that_no_longer_compiles_is_recorded_and_denied() -> Result<()> {
     require_root!();
     let mut fx = Fixture::new()?;
     fx.attach(WEB_ORIGIN_DENY)?;
@@ -236,7 +237,34 @@ fn a_stored_policy_that_no_longer_compiles_is_recorded() -> Result<()> {
             .is_some_and(|m| m.contains("no longer compiles at adoption")),
         "{rec}"
     );
-    // The kernel kept its rules: the origin the policy allowed is still reached.
+    ensure!(
+        egress_tests::audit::get_str(&rec, "error.message")
+            .is_some_and(|m| m.contains("denied everything until it is attached again")),
+        "{rec}"
+    );
+    // The origin the policy allowed is refused now, in the sandbox's name.
+    let p = fx
+        .sandbox
+        .probe("tcp-connect", IpAddr::V4(ORIGIN_V4), 80, &[])?;
+    expect::eperm(&p)?;
+    let denied = fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::decision("deny", IpAddr::V4(ORIGIN_V4), 80),
+    )?;
+    ensure!(
+        egress_tests::audit::get_str(&denied, "egress.sandbox.name") == Some(fx.sandbox.label()),
+        "{denied}"
+    );
+    expect::tcp_blocked(
+        &fx.sandbox,
+        fx.sandbox.label(),
+        &fx.daemon,
+        &fx.canary,
+        IpAddr::V4(CANARY_V4),
+        9,
+    )?;
+    // Attached again, the sandbox is served by its policy.
+    fx.attach(WEB_ORIGIN_DENY)?;
     expect::origin_body(&fx.sandbox.curl(&[&format!("http://{ORIGIN_V4}/")])?)?;
     Ok(())
 }

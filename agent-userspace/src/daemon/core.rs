@@ -1582,17 +1582,34 @@ impl Core {
             let policy = match policy::parse_str(&rec.policy_source, &rec.policy_path) {
                 Ok(p) => p,
                 Err(e) => {
-                    // The kernel still holds the rules it had; keep them, say so, in the
-                    // trail too: its proxied connections and DNS have nothing to serve them.
-                    tracing::error!(sandbox = %rec.name, error = %e, "Stored policy no longer compiles; kernel keeps the rules it has");
+                    // Without the policy nothing can serve the sandbox's proxied
+                    // connections and DNS, nor expire the addresses its slot learned from
+                    // DNS (the kernel entries carry no expiry, and which of the slot's
+                    // entries were learned only the policy says): the sandbox is denied
+                    // everything, and its slot emptied, until it is attached again.
+                    let denied = self
+                        .maps
+                        .set_sandbox(rec.cgroup_id, self.quarantine_entry(&rec, None));
+                    let outcome = match &denied {
+                        Ok(()) => {
+                            // Only once no entry names it: an empty slot decides by the
+                            // entry's default.
+                            let _ = self.maps.clear_slot(rec.slot);
+                            "the sandbox is denied everything until it is attached again".to_owned()
+                        }
+                        Err(ke) => format!(
+                            "switching the sandbox to deny-all failed too ({ke}): the kernel \
+                             keeps the rules it has"
+                        ),
+                    };
+                    tracing::error!(sandbox = %rec.name, error = %e, "Stored policy no longer compiles; {outcome}");
                     self.policy_rejected(
                         rec.name.clone(),
                         &rec.policy_path,
                         Some(PolicyDigest::of(rec.policy_source.as_bytes())),
                         format!(
-                            "the stored policy no longer compiles at adoption ({e}); the \
-                             kernel keeps the rules it has, and connections through the proxy \
-                             and DNS are refused until the sandbox is attached again"
+                            "the stored policy no longer compiles at adoption ({e}); \
+                             {outcome}"
                         ),
                     );
                     continue;
