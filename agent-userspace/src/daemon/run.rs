@@ -666,10 +666,14 @@ fn report_lost(shared: &Shared) {
             if new == 0 {
                 continue;
             }
+            // A sandbox detached since its events were lost is still named.
             let name = match core.state.by_index(index) {
                 Some(rec) => rec.name.clone(),
                 None if index == 0 => "none".to_owned(),
-                None => format!("index {index}"),
+                None => core
+                    .departed
+                    .get(&index)
+                    .map_or_else(|| format!("index {index}"), |d| d.name.clone()),
             };
             sandboxes.push(LostBySandbox { name, count: new });
         }
