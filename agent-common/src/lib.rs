@@ -108,11 +108,11 @@ pub mod event_kind {
     pub const CONNECT: u16 = 1;
 }
 
-/// Entries of the original-destination maps.
+/// Entries of `BY_PEER`: redirected connections between their SYN and the proxy's accept.
 pub const MAX_REDIRECTS: u32 = 65536;
 
-/// Where a redirected connection was going. Written by connect4/6 (keyed by socket cookie),
-/// moved by sock_ops to `BY_PEER` once the source port is known, read by the proxy.
+/// Where a redirected connection was going. Written by connect4/6 (on the socket), copied
+/// by sock_ops to `BY_PEER` once the source port is known, read by the proxy.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OrigDst {

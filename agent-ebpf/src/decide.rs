@@ -20,8 +20,8 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    COUNTERS, EVENTS, LOST, LOST_BY_SANDBOX, LOST_DENIED_BY_SANDBOX, ORIG, RULES_V4, RULES_V6,
-    SANDBOXES,
+    COUNTERS, EVENTS, LOST, LOST_BY_SANDBOX, LOST_DENIED_BY_SANDBOX, RULES_V4, RULES_V6, SANDBOXES,
+    SOCK_ORIG,
 };
 
 /// Return value of a cgroup_sock_addr program: 1 lets the call proceed, 0 fails it with EPERM.
@@ -492,9 +492,7 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
         && call.protocol == u32::from(proto::TCP)
         && (call.hook == hook::CONNECT4 || call.hook == hook::CONNECT6)
     {
-        // SAFETY: helper valid in cgroup_sock_addr programs.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        forget_orig(cookie);
+        forget_orig(socket(ctx));
     }
     if verdict == verdict::DENY {
         RET_DENY
@@ -503,16 +501,18 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
     }
 }
 
-/// Removes `cookie`'s `ORIG` entry if it has one. The lookup takes no lock; a delete
-/// takes the bucket's, also for a key that is not there, and almost every socket has
-/// none (only redirected ones do). Only the socket's own hooks add its entry, and they
-/// do not run concurrently with the caller (connect holds the socket's lock; release runs
-/// when nothing else holds the socket), so nothing is added between the two steps.
+/// The socket making the call: non-null in cgroup_sock_addr programs.
 #[inline(always)]
-pub fn forget_orig(cookie: u64) {
-    // SAFETY: the value is not read.
-    if unsafe { ORIG.get(cookie) }.is_some() {
-        let _ = ORIG.remove(cookie);
+pub fn socket(ctx: &SockAddrContext) -> *mut core::ffi::c_void {
+    // SAFETY: context pointer from the kernel.
+    unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }.cast()
+}
+
+/// Removes the socket's original destination, if it has one.
+#[inline(always)]
+pub fn forget_orig(sk: *mut core::ffi::c_void) {
+    if !sk.is_null() {
+        SOCK_ORIG.remove(sk);
     }
 }
 
@@ -568,7 +568,7 @@ fn listener_rule(sb: &SandboxInfo, port: u16, protocol: Option<u32>) -> Option<u
 }
 
 /// Rewrites the destination to the proxy listener on the loopback of the caller's network
-/// namespace and remembers the original one under the socket cookie. The rewrite happens
+/// namespace and remembers the original one on the socket. The rewrite happens
 /// before the kernel routes the connect, so nothing is sent to the original destination.
 #[inline(always)]
 fn redirect(
@@ -597,7 +597,11 @@ fn redirect(
         policy_slot: sb.policy_slot as u16,
         socket_cookie: cookie,
     };
-    ORIG.insert(cookie, orig, 0)?;
+    let sk = socket(ctx);
+    if sk.is_null() {
+        return Err(-1);
+    }
+    SOCK_ORIG.set(sk, orig).map_err(|()| -1i64)?;
     let port = u32::from(to_port.to_be());
     let sa = ctx.sock_addr;
     // SAFETY: context pointer from the kernel; full 4-byte stores as the verifier requires.
@@ -718,10 +722,11 @@ fn submit_flags() -> u64 {
 /// check where a reply came from) accept it. Returns whether it rewrote.
 #[inline(always)]
 pub fn restore_source(ctx: &SockAddrContext, family: u8) -> bool {
-    // SAFETY: helper valid in cgroup_sock_addr programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out.
-    let Some(orig) = (unsafe { ORIG.get(cookie) }).copied() else {
+    let sk = socket(ctx);
+    if sk.is_null() {
+        return false;
+    }
+    let Some(orig) = SOCK_ORIG.get(sk) else {
         return false;
     };
     let sa = ctx.sock_addr;

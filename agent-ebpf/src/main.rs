@@ -16,6 +16,7 @@ mod maps;
 mod recvmsg;
 mod sendmsg4;
 mod sendmsg6;
+mod sk_storage;
 mod skb;
 mod sock_create;
 mod sock_ops;

@@ -1,5 +1,6 @@
 //! Maps shared by the programs. All are pinned by name under the daemon's versioned bpffs
 //! directory, so enforcement and its counters survive the daemon.
+use crate::sk_storage::SkStorage;
 use agent_common::{
     ConnectEvent, OrigDst, PeerKey, PrefixRules, SandboxCounters, SandboxInfo, V4Key, V6Key,
     MAX_PREFIXES, MAX_REDIRECTS, MAX_SANDBOXES,
@@ -52,20 +53,24 @@ pub static EVENTS: RingBuf = RingBuf::pinned((4 << 20) as u32, 0);
 
 const _: () = assert!(core::mem::size_of::<ConnectEvent>().is_multiple_of(8));
 
-/// Socket cookie -> original destination of a connection redirected to the proxy, until
-/// sock_ops knows its source port. LRU: entries of connects that never happen age out.
-#[map]
-pub static ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_REDIRECTS, 0);
+/// A redirected socket's original destination (connections to the proxy, DNS to the
+/// sandbox's resolver), kept on the socket: `sock_ops` moves a connection's to `BY_PEER`
+/// once it has its source port, and replies and `getpeername` show it instead of the
+/// daemon's loopback listener. Freed with the socket; no sandbox can push out another's.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static SOCK_ORIG: SkStorage<OrigDst> = SkStorage::new();
 
 /// (netns cookie, source address, source port) -> original destination, read (and removed)
 /// by the proxy after `accept()`.
 #[map]
 pub static BY_PEER: LruHashMap<PeerKey, OrigDst> = LruHashMap::pinned(MAX_REDIRECTS, 0);
 
-/// Socket cookie -> the socket's `BY_PEER` key, so that `sock_release` removes an entry the
-/// proxy never took (a connect refused while the proxy was away, a socket closed before
-/// the proxy accepted it). Left behind, such an entry could be taken by another process
-/// of the namespace binding the same source, and a sandbox connecting and closing in a
-/// loop could push other sandboxes' entries out of the shared map.
-#[map]
-pub static PEER_OF: LruHashMap<u64, PeerKey> = LruHashMap::pinned(MAX_REDIRECTS, 0);
+/// A socket's `BY_PEER` key, so that `sock_release` removes an entry the proxy never
+/// took (a connect refused while the proxy was away, a socket closed before the proxy
+/// accepted it). Left behind, such an entry could be taken by another process of the
+/// namespace binding the same source, and a sandbox connecting and closing in a loop
+/// could push other sandboxes' entries out of the shared map. Kept on the socket.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static SOCK_PEER: SkStorage<PeerKey> = SkStorage::new();

@@ -1,18 +1,16 @@
 //! `sockops` on each sandbox cgroup: when a connection that connect4/6 redirected to the
-//! proxy gets its source port (`BPF_SOCK_OPS_TCP_CONNECT_CB`, before the SYN is sent), move
-//! its original destination from `ORIG[socket cookie]` to `BY_PEER[netns cookie, source
+//! proxy gets its source port (`BPF_SOCK_OPS_TCP_CONNECT_CB`, before the SYN is sent), copy
+//! its original destination from the socket's `SOCK_ORIG` to `BY_PEER[netns cookie, source
 //! address, source port]`, which is all the proxy can see of it after `accept()`.
 use agent_common::{PeerKey, RULE_DNS};
 use aya_ebpf::{
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::sock_ops,
-    programs::SockOpsContext,
+    helpers::generated::bpf_get_netns_cookie, macros::sock_ops, programs::SockOpsContext,
     EbpfContext,
 };
 
 use crate::{
     decide::mapped,
-    maps::{BY_PEER, ORIG, PEER_OF},
+    maps::{BY_PEER, SOCK_ORIG, SOCK_PEER},
 };
 
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
@@ -30,8 +28,6 @@ pub fn egress_sock_ops(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn remember_peer(ctx: &SockOpsContext) {
-    // SAFETY: helpers valid in sock_ops programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let addr = if ctx.family() == AF_INET {
         mapped(ctx.local_ip4().to_ne_bytes())
     } else {
@@ -65,24 +61,29 @@ fn remember_peer(ctx: &SockOpsContext) {
         port: ctx.local_port() as u16,
         _pad: [0; 6],
     };
-    // SAFETY: the value is copied out.
-    let orig = unsafe { ORIG.get(cookie) }.copied();
+    // SAFETY: context pointer from the kernel; `sk` may be null, checked below.
+    let sk: *mut core::ffi::c_void = unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast();
+    if sk.is_null() {
+        return;
+    }
+    let orig = SOCK_ORIG.get(sk);
     match orig {
         // DNS over TCP goes to the resolver, which needs no original destination;
-        // keeping it out of the shared map stops a DNS flood from evicting other
+        // keeping it out of the shared `BY_PEER` stops a DNS flood from evicting other
         // sandboxes' entries.
         Some(orig) if orig.rule_id == RULE_DNS => {}
         Some(orig) => {
+            let taken = BY_PEER.insert(key, orig, 0);
             // Its key too, for `sock_release` to remove an entry the proxy never took.
-            let _ = BY_PEER
-                .insert(key, orig, 0)
-                .and_then(|()| PEER_OF.insert(cookie, key, 0));
+            if taken.is_ok() {
+                let _ = SOCK_PEER.set(sk, key);
+            }
         }
         // Not redirected. (An entry under the same source address and port may be
         // another socket's, waiting for the proxy to accept it: Linux gives one port to
         // connections to different peers.)
         None => {}
     }
-    // ORIG keeps the entry (the LRU ages it out): getpeername on the sandbox's socket
+    // The socket keeps its original destination: getpeername on the sandbox's socket
     // still reports the destination it asked for.
 }

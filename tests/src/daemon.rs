@@ -226,7 +226,12 @@ impl Daemon {
         &self.bpffs
     }
 
-    /// How many entries the daemon's pinned kernel map `name` holds (`ORIG`, `BY_PEER`),
+    /// Whether the daemon pinned a kernel map named `name`.
+    pub fn map_pinned(&self, name: &str) -> bool {
+        self.bpffs.path().join("v2/maps").join(name).exists()
+    }
+
+    /// How many entries the daemon's pinned kernel map `name` holds (`BY_PEER`, ...),
     /// read with bpftool.
     pub fn map_entries(&self, name: &str) -> Result<usize> {
         let pinned = self.bpffs.path().join("v2/maps").join(name);
@@ -237,8 +242,15 @@ impl Daemon {
             .context("bpftool (scripts/setup.sh installs it)")?;
         ensure!(
             dump.status.success(),
-            "bpftool: {}",
-            String::from_utf8_lossy(&dump.stderr)
+            "bpftool map dump pinned {}: {}{} (pinned maps: {:?})",
+            pinned.display(),
+            String::from_utf8_lossy(&dump.stderr),
+            String::from_utf8_lossy(&dump.stdout),
+            std::fs::read_dir(self.bpffs.path().join("v2/maps"))
+                .map(|rd| rd
+                    .filter_map(|e| e.ok().map(|e| e.file_name()))
+                    .collect::<Vec<_>>())
+                .unwrap_or_default()
         );
         Ok(serde_json::from_slice::<Vec<Value>>(&dump.stdout)?.len())
     }

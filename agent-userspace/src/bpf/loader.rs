@@ -10,7 +10,7 @@ use super::{BpfError, PinLayout};
 /// (program symbol, hook name) for every program attached to a sandbox cgroup. The hook
 /// name is also the link's pin file name. The first ten are cgroup_sock_addr programs;
 /// `sock_ops` records redirected connections' source ports for the proxy; `sock_release`
-/// forgets a closed socket's redirect; `setsockopt` and `skb_egress` refuse source routes
+/// removes a closed socket's unclaimed `BY_PEER` entry; `setsockopt` and `skb_egress` refuse source routes
 /// set by socket option and drop packets carrying one; `sysctl` refuses writes to the
 /// network sysctls that would undo those guarantees.
 pub const HOOKS: [(&str, &str); 16] = [
@@ -48,11 +48,14 @@ pub const LSM_SOCKET_CREATE: &str = "egress_lsm_socket_create";
 /// Symbol of the program that refuses raw, ICMP and other non-TCP/UDP sockets.
 pub const SOCK_CREATE: &str = "egress_sock_create";
 
-/// Symbol of the program that forgets a closed socket's redirect entry.
+/// Symbol of the program that removes a closed socket's unclaimed `BY_PEER` entry.
 pub const SOCK_RELEASE: &str = "egress_sock_release";
 
 /// Symbol of the sock_ops program.
 pub const SOCK_OPS: &str = "egress_sock_ops";
+
+/// Pinned maps of earlier builds with this layout version that this build does not use.
+const RETIRED_MAPS: [&str; 2] = ["ORIG", "PEER_OF"];
 
 /// The loaded programs and the maps they share.
 pub struct Programs {
@@ -64,6 +67,23 @@ impl Programs {
     /// the daemon must never run with a hook missing.
     pub fn load(layout: &PinLayout) -> Result<Self, BpfError> {
         layout.create()?;
+        // Maps earlier builds of this layout pinned and this one no longer uses: a
+        // socket's original destination and `BY_PEER` key were shared LRU maps keyed by
+        // socket cookie, now storage on the socket itself.
+        for retired in RETIRED_MAPS {
+            let pin = layout.maps().join(retired);
+            if pin.exists() {
+                match std::fs::remove_file(&pin) {
+                    Ok(()) => tracing::info!(
+                        map = retired,
+                        "Removed the pin of a map this build no longer uses"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(map = retired, error = %e, "Could not remove the pin of a map this build no longer uses")
+                    }
+                }
+            }
+        }
         let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(layout.maps())
