@@ -70,9 +70,21 @@ fn is_normalized(host: &str) -> bool {
 /// and at most [`KNOWN_AT_MOST`]: every value is a set of patterns in the one automaton
 /// that scans every response and record, and a source that changes often (STS sessions
 /// every ten minutes per sandbox) must not grow it without bound.
+/// A `command` may print a value valid far longer than its `ttl` (a session token of
+/// hours, run every ten minutes): its values are kept up to one per `ttl` over
+/// [`KNOWN_FOR`], and at most [`KNOWN_AT_MOST_COMMAND`].
 const KNOWN_FOR: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 const KNOWN_AT_LEAST: usize = 2;
 const KNOWN_AT_MOST: usize = 4;
+const KNOWN_AT_MOST_COMMAND: usize = 64;
+
+/// How many values of a `command` source refreshed every `ttl` are kept.
+pub(super) fn known_at_most_for_ttl(ttl: Duration) -> usize {
+    let per_window = KNOWN_FOR.as_secs() / ttl.as_secs().max(1) + 1;
+    usize::try_from(per_window)
+        .unwrap_or(usize::MAX)
+        .clamp(KNOWN_AT_MOST, KNOWN_AT_MOST_COMMAND)
+}
 
 /// All configured credentials, checked. Values are fetched on use by
 /// [`CredentialStore::header_for`].
@@ -92,6 +104,8 @@ type Noted = (Arc<Secret>, std::time::Instant);
 struct KnownSecrets {
     /// Per credential (or slot), oldest first, each with when it was noted.
     values: Mutex<BTreeMap<String, Vec<Noted>>>,
+    /// Credentials that keep more than [`KNOWN_AT_MOST`] values (`command` sources).
+    at_most: BTreeMap<String, usize>,
     matcher: RwLock<Arc<SecretMatcher>>,
 }
 
@@ -120,7 +134,18 @@ impl KnownSecrets {
             return;
         }
         list.push((secret.clone(), now));
-        forget_old(list, now);
+        let at_most = self.at_most.get(name).copied().unwrap_or(KNOWN_AT_MOST);
+        let young = forget_old(list, now, at_most);
+        if young > 0 {
+            tracing::warn!(
+                credential = shown,
+                dropped = young,
+                kept = at_most,
+                "Values replaced less than 12 h ago are no longer scrubbed from responses: \
+                 this credential changes more often than the values kept allow; if they stay \
+                 valid longer, lengthen its ttl"
+            );
+        }
         if secret.expose().len() < super::matcher::MIN_PATTERN_LEN {
             tracing::warn!(
                 credential = shown,
@@ -138,8 +163,13 @@ impl KnownSecrets {
 }
 
 /// Drops the values (oldest first) replaced longer than [`KNOWN_FOR`] before `now`, keeping
-/// the last [`KNOWN_AT_LEAST`], and any past [`KNOWN_AT_MOST`].
-pub(super) fn forget_old<T>(list: &mut Vec<(T, std::time::Instant)>, now: std::time::Instant) {
+/// the last [`KNOWN_AT_LEAST`], and any past `at_most`. Returns how many of those dropped
+/// were replaced less than [`KNOWN_FOR`] before (and may still be valid).
+pub(super) fn forget_old<T>(
+    list: &mut Vec<(T, std::time::Instant)>,
+    now: std::time::Instant,
+    at_most: usize,
+) -> usize {
     // A value is replaced when the next one is noted: its age counts from then.
     let mut stale = 0;
     while stale + KNOWN_AT_LEAST < list.len()
@@ -147,11 +177,9 @@ pub(super) fn forget_old<T>(list: &mut Vec<(T, std::time::Instant)>, now: std::t
     {
         stale += 1;
     }
-    let over = list
-        .len()
-        .saturating_sub(stale)
-        .saturating_sub(KNOWN_AT_MOST);
+    let over = list.len().saturating_sub(stale).saturating_sub(at_most);
     list.drain(..stale + over);
+    over
 }
 
 #[derive(Debug)]
@@ -337,9 +365,19 @@ impl CredentialStore {
                 .map(|c| c.name.clone())
                 .collect(),
         );
+        let at_most = credentials
+            .values()
+            .filter_map(|c| match &c.source {
+                Source::Command(cmd) => Some((c.name.clone(), known_at_most_for_ttl(cmd.ttl))),
+                _ => None,
+            })
+            .collect();
         let store = Self {
             credentials,
-            known: KnownSecrets::default(),
+            known: KnownSecrets {
+                at_most,
+                ..KnownSecrets::default()
+            },
             placeholders,
         };
         for credential in store.credentials.values() {
@@ -350,18 +388,36 @@ impl CredentialStore {
         Ok(store)
     }
 
-    /// Reads every `file` source once, so that its value is matched from the start, before
-    /// any request used it. (`command` and `github_app` values become known when first
-    /// fetched, which is before they are first injected.) Errors are left for the request
-    /// that needs the value to report.
-    pub async fn prime(&self) {
-        for credential in self.credentials.values() {
-            if matches!(credential.source, Source::File(_)) {
-                if let Ok(secret) = credential.value().await {
-                    self.known.note(&credential.name, &secret);
-                }
+    /// Reads every value that outlives the daemon once, all at once, so that it is matched
+    /// from the start, before any request used it: after a restart an origin may still
+    /// hold (and send back) a value the previous run injected. That is every `file`
+    /// source, a Vault or OpenBao KV secret, and a `command`'s output (cached for its
+    /// `ttl`, so the first request does not run it again). Values minted per use (GitHub
+    /// App tokens, Vault leases, STS sessions) become known when first minted, before
+    /// they are first injected. Bounded by the sources' own timeouts; errors are left for
+    /// the request that needs the value to report. Returns how many values were read.
+    pub async fn prime(&self) -> usize {
+        let ahead = self.credentials.values().filter(|c| match &c.source {
+            Source::File(_) | Source::Command(_) => true,
+            Source::Vault(v) => !v.is_lease(),
+            Source::Env { .. } | Source::GithubApp(_) | Source::Aws(_) => false,
+        });
+        let read = futures_util::future::join_all(ahead.map(|credential| async move {
+            let value = match &credential.source {
+                Source::Vault(v) => Box::pin(v.read_ahead()).await,
+                _ => credential.value().await,
+            };
+            (credential, value)
+        }))
+        .await;
+        let mut primed = 0;
+        for (credential, value) in read {
+            if let Ok(secret) = value {
+                self.known.note(&credential.name, &secret);
+                primed += 1;
             }
         }
+        primed
     }
 
     /// The matcher over every credential's current (and previous) value seen so far.

@@ -240,6 +240,36 @@ async fn command_value_is_cached_for_ttl_then_refreshed() {
     );
 }
 
+/// A command's value is read ahead with the files (so that a value a previous run
+/// injected is scrubbed before any request uses it), run once, and served from that run
+/// within its `ttl`.
+#[tokio::test]
+async fn command_values_are_read_ahead_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml =
+        counter_yaml(dir.path(), 60, "").replace("echo tok-$n", "echo primed-command-value-$n");
+    let s = store(&yaml).unwrap();
+    let found = |s: &CredentialStore| {
+        s.matcher()
+            .find(b"echoed: primed-command-value-1")
+            .map(str::to_owned)
+    };
+    assert_eq!(found(&s), None);
+    assert_eq!(s.prime().await, 1);
+    assert_eq!(found(&s).as_deref(), Some("c"));
+    assert_eq!(
+        value(&s, "c", "h.example.com").await.as_deref(),
+        Some("primed-command-value-1")
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("counter"))
+            .unwrap()
+            .trim(),
+        "1",
+        "the command ran once"
+    );
+}
+
 #[tokio::test]
 async fn concurrent_callers_share_one_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -617,15 +647,32 @@ fn replaced_values_are_kept_while_they_may_be_valid() {
         (3, at(2 * hour)),
         (4, at(14 * hour)),
     ];
-    super::store::forget_old(&mut list, at(14 * hour));
+    super::store::forget_old(&mut list, at(14 * hour), 4);
     assert_eq!(list.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [2, 3, 4]);
     // The last two stay whatever their age.
     let mut list = vec![(1, at(0)), (2, at(1))];
-    super::store::forget_old(&mut list, at(100 * hour));
+    super::store::forget_old(&mut list, at(100 * hour), 4);
     assert_eq!(list.len(), 2);
     // A value every second: the newest four.
     let mut list: Vec<(u64, Instant)> = (0..40).map(|i| (i, at(i))).collect();
-    super::store::forget_old(&mut list, at(40));
+    assert_eq!(super::store::forget_old(&mut list, at(40), 4), 36);
     assert_eq!(list.len(), 4);
     assert_eq!(list[0].0, 36);
+    // A command refreshed every ten minutes keeps a value per refresh over twelve hours
+    // (to 64): one noted every ten minutes for a day keeps the last 64.
+    let mut list: Vec<(u64, Instant)> = (0..144).map(|i| (i, at(i * 600))).collect();
+    let dropped_young = super::store::forget_old(&mut list, at(143 * 600), 64);
+    assert_eq!(list.len(), 64);
+    assert_eq!(list[0].0, 80);
+    assert_eq!(
+        dropped_young, 10,
+        "values 70 to 79 were replaced 12 h ago or less"
+    );
+    // What a command source keeps, by its ttl: one value per ttl over 12 h, 4 to 64.
+    let kept = |secs| super::store::known_at_most_for_ttl(Duration::from_secs(secs));
+    assert_eq!(kept(600), 64);
+    assert_eq!(kept(3600), 13);
+    assert_eq!(kept(4 * 3600), 4);
+    assert_eq!(kept(86_400), 4);
+    assert_eq!(kept(0), 64);
 }

@@ -246,6 +246,17 @@ impl Vault {
     }
 
     /// The current value: cached while fresh, else read, renewed or issued anew.
+    /// The value read ahead of any request (see `CredentialStore::prime`): as
+    /// [`Vault::value`], but a failure leaves no backoff behind, so that the first request
+    /// asks the store again itself (a secret stored after the daemon started is found).
+    pub(super) async fn read_ahead(&self) -> Result<Arc<Secret>, CredentialError> {
+        let result = self.value().await;
+        if result.is_err() {
+            self.state.lock().await.retry_at = None;
+        }
+        result
+    }
+
     pub(super) async fn value(&self) -> Result<Arc<Secret>, CredentialError> {
         let mut state = self.state.lock().await;
         let now = Instant::now();

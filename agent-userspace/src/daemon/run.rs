@@ -199,8 +199,15 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         .load_placeholder_key(&opts.state_dir)
         .context("loading the placeholder key")?;
     let credentials = std::sync::Arc::new(credentials);
-    // Secret files are read once now, so that their values are matched from the start.
-    credentials.prime().await;
+    // Values that outlive the daemon (files, Vault KV, commands) are read before the proxy
+    // serves anything, so that they are matched from the start.
+    let primed = credentials.prime().await;
+    if primed > 0 {
+        tracing::info!(
+            values = primed,
+            "Credential values read ahead, so that they are scrubbed and masked from the start"
+        );
+    }
     // The audit trail's last check: whatever field a secret reached (a ref name a sandbox
     // chose, a DNS name, a reason quoting a request), it is masked before it is written.
     // The daemon's own log lines likewise.
