@@ -205,8 +205,14 @@ impl Readings {
         // (Tomcat and ASP.NET decode the charset the request names), as does JSON in
         // one (Express decodes any UTF charset).
         if readings.url_encoded || readings.multipart || readings.json {
-            // (ASP.NET finds the parameter after `,` or white space too.)
-            if let Some(charset) = value
+            // (ASP.NET finds the parameter after `,` or white space too, and .NET's
+            // parser allows white space around `=`.)
+            let squeezed = value
+                .split('=')
+                .map(|part| part.trim_matches([' ', '\t']))
+                .collect::<Vec<_>>()
+                .join("=");
+            if let Some(charset) = squeezed
                 .split([';', ',', ' ', '\t'])
                 .skip(1)
                 .filter_map(|p| p.split_once('='))
@@ -829,6 +835,17 @@ mod tests {
             .any());
         // A form in a charset that hides its keys from a byte-wise reading.
         assert!(readings(Some("application/x-www-form-urlencoded; charset=UTF-16LE")).is_err());
+        for spaced in [
+            "application/x-www-form-urlencoded; charset = utf-16",
+            "application/x-www-form-urlencoded;charset\t=utf-16",
+            "application/json; charset= utf-32",
+        ] {
+            assert!(readings(Some(spaced)).is_err(), "{spaced}");
+        }
+        assert_eq!(
+            readings(Some("application/x-www-form-urlencoded; charset = utf-8")),
+            Ok(form)
+        );
         assert_eq!(
             readings(Some("application/x-www-form-urlencoded; charset=\"UTF-8\"")),
             Ok(form)
