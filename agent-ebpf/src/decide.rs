@@ -1,9 +1,9 @@
 //! The decision shared by every hook: find the sandbox, match the destination against its
 //! rules, count, and report.
 use agent_common::{
-    action, event_kind, hook, proto, verdict, ConnectEvent, EventHeader, OrigDst, PrefixRules,
-    SandboxInfo, V4Key, V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX, MAX_SANDBOXES,
-    RULE_DNS, RULE_PROXY_PORT, RULE_UNSPECIFIED,
+    action, event_kind, hook, proto, verdict, ConnectEvent, EventHeader, OrigDst, PeerKey,
+    PrefixRules, SandboxInfo, V4Key, V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX,
+    MAX_SANDBOXES, RULE_DNS, RULE_PROXY_PORT, RULE_UNSPECIFIED,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -20,8 +20,8 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    COUNTERS, EVENTS, LOST, LOST_BY_SANDBOX, LOST_DENIED_BY_SANDBOX, RULES_V4, RULES_V6, SANDBOXES,
-    SOCK_ORIG,
+    BY_PEER, COUNTERS, EVENTS, LOST, LOST_BY_SANDBOX, LOST_DENIED_BY_SANDBOX, RULES_V4, RULES_V6,
+    SANDBOXES, SOCK_ORIG,
 };
 
 /// Return value of a cgroup_sock_addr program: 1 lets the call proceed, 0 fails it with EPERM.
@@ -513,6 +513,20 @@ pub fn socket(ctx: &SockAddrContext) -> *mut core::ffi::c_void {
 pub fn forget_orig(sk: *mut core::ffi::c_void) {
     if !sk.is_null() {
         SOCK_ORIG.remove(sk);
+    }
+}
+
+/// Removes `BY_PEER[key]` if it is still the entry of the socket whose program context is
+/// `ctx` (a sock_ops or cgroup_sock context): the proxy may have taken it, and the key
+/// been reused by another connection since.
+#[inline(always)]
+pub fn forget_own_peer(key: PeerKey, ctx: *mut core::ffi::c_void) {
+    // SAFETY: helper valid in sock_ops and cgroup_sock programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx) };
+    // SAFETY: only a field is read.
+    let own = unsafe { BY_PEER.get(key) }.is_some_and(|o| o.socket_cookie == cookie);
+    if own {
+        let _ = BY_PEER.remove(key);
     }
 }
 

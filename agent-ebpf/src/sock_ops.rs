@@ -14,13 +14,22 @@ use crate::{
 };
 
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+/// A state change of a socket that asked for them (`BPF_SOCK_OPS_STATE_CB_FLAG`): only
+/// connections redirected to the proxy do.
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
+/// `TCP_CLOSE`: the connection is over (refused, reset, timed out, or closed).
+const TCP_CLOSE: u32 = 7;
 const AF_INET: u32 = 2;
 
 /// Named `egress_sock_ops`, not `sockops`, which clashes with a symbol in bpf-linker.
 #[sock_ops]
 pub fn egress_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        remember_peer(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => remember_peer(&ctx),
+        // args: old state, new state.
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => forget_peer(&ctx),
+        _ => {}
     }
     // sock_ops return values do not decide anything here; 1 = ok.
     1
@@ -74,9 +83,12 @@ fn remember_peer(ctx: &SockOpsContext) {
         Some(orig) if orig.rule_id == RULE_DNS => {}
         Some(orig) => {
             let taken = BY_PEER.insert(key, orig, 0);
-            // Its key too, for `sock_release` to remove an entry the proxy never took.
-            if taken.is_ok() {
-                let _ = SOCK_PEER.set(sk, key);
+            // Its key too, for the entry to be removed if the proxy never takes it: when
+            // the connection is over (a refused connect leaves the socket open, and its
+            // source free for another process of the namespace to bind), or at the
+            // latest when the socket is released.
+            if taken.is_ok() && SOCK_PEER.set(sk, key).is_ok() {
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG);
             }
         }
         // Not redirected. (An entry under the same source address and port may be
@@ -86,4 +98,19 @@ fn remember_peer(ctx: &SockOpsContext) {
     }
     // The socket keeps its original destination: getpeername on the sandbox's socket
     // still reports the destination it asked for.
+}
+
+/// Removes the `BY_PEER` entry of a redirected connection that is over, if it is still
+/// this socket's (the proxy may have taken it, and the key been reused since).
+#[inline(always)]
+fn forget_peer(ctx: &SockOpsContext) {
+    // SAFETY: context pointer from the kernel; `sk` may be null, checked below.
+    let sk: *mut core::ffi::c_void = unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast();
+    if sk.is_null() {
+        return;
+    }
+    if let Some(key) = SOCK_PEER.get(sk) {
+        crate::decide::forget_own_peer(key, ctx.as_ptr());
+        SOCK_PEER.remove(sk);
+    }
 }

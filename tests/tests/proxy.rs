@@ -1420,6 +1420,45 @@ fn killed_daemon_leaves_redirected_connections_failing() -> Result<()> {
         left < entries + CONNECTS / 10,
         "{CONNECTS} refused connects left {left} redirect entries (from {entries})"
     );
+    // Nor when the sockets stay open after the refusal (a client that keeps its socket,
+    // or retries later): the entry goes when the connection is over, not when the socket
+    // is closed, which may be never.
+    let script = format!(
+        "import socket, sys\n\
+         held = []\n\
+         for _ in range({CONNECTS}):\n\
+         \x20   s = socket.socket()\n\
+         \x20   try:\n\
+         \x20       s.connect(('{API_V4}', 443))\n\
+         \x20   except ConnectionRefusedError:\n\
+         \x20       held.append(s)\n\
+         print(len(held), flush=True)\n\
+         sys.stdin.read()\n"
+    );
+    let mut child = fx
+        .sandbox
+        .command("python3", &["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut refused = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().context("no stdout")?),
+        &mut refused,
+    )?;
+    let left_open = fx.daemon.map_entries("BY_PEER");
+    drop(child.stdin.take());
+    let _ = child.wait();
+    ensure!(
+        refused.trim() == CONNECTS.to_string(),
+        "connects with the proxy dead, sockets kept: {refused}"
+    );
+    let left_open = left_open?;
+    ensure!(
+        left_open < left + CONNECTS / 10,
+        "{CONNECTS} refused connects whose sockets are still open left {left_open} redirect \
+         entries (from {left})"
+    );
     Ok(())
 }
 
