@@ -12,7 +12,7 @@
 /// `policy_slot`, which reads 0 there: such a redirect is refused). The older build's
 /// links and maps stay pinned under their own directory until the new daemon has adopted
 /// each sandbox with its own programs; then it removes them.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Sandbox indices run from 1 to `MAX_SANDBOXES - 1`; index 0 means "no sandbox found".
 pub const MAX_SANDBOXES: u32 = 1024;
@@ -359,8 +359,13 @@ pub struct ConnectEvent {
     pub hook: u8,
     pub _pad: u8,
     /// The socket's protocol as the kernel numbers it, full width (MPTCP is 262, which a
-    /// byte would turn into TCP's 6).
-    pub protocol: u32,
+    /// byte would turn into TCP's 6; the kernel keeps it in 16 bits).
+    pub protocol: u16,
+    /// The policy slot the decision was taken in (`SandboxInfo::policy_slot`): `rule_id`
+    /// is a position in that slot's policy, which a replaced policy's events, read after
+    /// the replacement, must still be named by. 0 (the quarantine slot) where no policy
+    /// rule decided.
+    pub policy_slot: u16,
     /// What was refused, by hook:
     /// - `SETSOCKOPT`: the option's level (0 = `SOL_IP`, 41 = `SOL_IPV6`);
     /// - `SKB_EGRESS`: 0 for IPv4 options, 43 (`IPPROTO_ROUTING`) for an IPv6 routing header;

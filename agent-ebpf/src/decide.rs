@@ -21,7 +21,7 @@ use aya_ebpf::{
 
 use crate::maps::{
     BY_PEER, COUNTERS, EVENTS, LOST, LOST_BY_SANDBOX, LOST_DENIED_BY_SANDBOX, RULES_V4, RULES_V6,
-    SANDBOXES, SOCK_ORIG,
+    SANDBOXES, SOCK_STATE,
 };
 
 /// Return value of a cgroup_sock_addr program: 1 lets the call proceed, 0 fails it with EPERM.
@@ -423,7 +423,8 @@ fn lookup(slot: u32, dest: &Dest) -> Option<&'static PrefixRules> {
 /// Decides one call. Returns the program's return value.
 #[inline(always)]
 pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
-    let (index, verdict, rule_id) = match find_sandbox() {
+    let sandbox = find_sandbox();
+    let (index, verdict, rule_id) = match sandbox {
         // Only reachable below an attached cgroup whose sandbox entry is gone: deny.
         None => (0, verdict::DENY, 0),
         // All DNS goes to the sandbox's resolver, whatever server was asked.
@@ -480,9 +481,12 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
     report(
         &Origin::task_and_socket(ctx.as_ptr()),
         call,
-        index,
-        verdict,
-        rule_id,
+        Decided {
+            index,
+            slot: sandbox.map_or(0, |sb| sb.policy_slot),
+            verdict,
+            rule_id,
+        },
     );
     // A TCP socket connected again without a redirect (after `connect(AF_UNSPEC)`) must
     // not keep an earlier redirect's destination: sock_ops would hand it to the proxy
@@ -508,11 +512,11 @@ pub fn socket(ctx: &SockAddrContext) -> *mut core::ffi::c_void {
     unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk }.cast()
 }
 
-/// Removes the socket's original destination, if it has one.
+/// Forgets the socket's original destination, if it has one.
 #[inline(always)]
 pub fn forget_orig(sk: *mut core::ffi::c_void) {
     if !sk.is_null() {
-        SOCK_ORIG.remove(sk);
+        let _ = SOCK_STATE.update(sk, |state| state.has_orig = 0);
     }
 }
 
@@ -540,9 +544,7 @@ pub fn decide_bind(ctx: &SockAddrContext, call: &Call) -> i32 {
         report(
             &Origin::task_and_socket(ctx.as_ptr()),
             call,
-            0,
-            verdict::DENY,
-            0,
+            Decided::refused(0, 0),
         );
         return RET_DENY;
     };
@@ -554,9 +556,7 @@ pub fn decide_bind(ctx: &SockAddrContext, call: &Call) -> i32 {
     report(
         &Origin::task_and_socket(ctx.as_ptr()),
         call,
-        sb.index,
-        verdict::DENY,
-        rule_id,
+        Decided::refused(sb.index, rule_id),
     );
     RET_DENY
 }
@@ -615,7 +615,16 @@ fn redirect(
     if sk.is_null() {
         return Err(-1);
     }
-    SOCK_ORIG.set(sk, orig).map_err(|()| -1i64)?;
+    // Written only when it changes: an unconnected socket's sends to port 53 come here
+    // for every datagram, and a reply read meanwhile must not see half of another.
+    SOCK_STATE
+        .update_or_create(sk, |state| {
+            if state.has_orig == 0 || state.orig != orig {
+                state.orig = orig;
+                state.has_orig = 1;
+            }
+        })
+        .ok_or(-1i64)?;
     let port = u32::from(to_port.to_be());
     let sa = ctx.sock_addr;
     // SAFETY: context pointer from the kernel; full 4-byte stores as the verifier requires.
@@ -654,9 +663,40 @@ fn count(index: u32, v: u8) {
     }
 }
 
+/// What was decided, and in whose name.
+pub struct Decided {
+    /// The sandbox's index (0: none found).
+    pub index: u32,
+    /// The policy slot whose rule `rule_id` is; 0 where no policy rule decided.
+    pub slot: u32,
+    pub verdict: u8,
+    /// A rule's 1-based position in the slot's policy, 0 for its default, or one of the
+    /// `RULE_*` ids that name no policy rule.
+    pub rule_id: u16,
+}
+
+impl Decided {
+    /// A refusal by no policy rule (`rule_id` 0 or a `RULE_*` id).
+    #[inline(always)]
+    pub fn refused(index: u32, rule_id: u16) -> Self {
+        Self {
+            index,
+            slot: 0,
+            verdict: verdict::DENY,
+            rule_id,
+        }
+    }
+}
+
 /// Writes one event; a full ring buffer is counted in `LOST`, never ignored.
 #[inline(always)]
-pub fn report(origin: &Origin, call: &Call, index: u32, v: u8, rule_id: u16) {
+pub fn report(origin: &Origin, call: &Call, decided: Decided) {
+    let Decided {
+        index,
+        slot,
+        verdict: v,
+        rule_id,
+    } = decided;
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
         if let Some(lost) = LOST.get_ptr_mut(0) {
             // SAFETY: per-CPU slot.
@@ -695,7 +735,10 @@ pub fn report(origin: &Origin, call: &Call, index: u32, v: u8, rule_id: u16) {
         verdict: v,
         hook: call.hook,
         _pad: 0,
-        protocol: call.protocol,
+        // The kernel keeps a socket's protocol in 16 bits.
+        protocol: call.protocol as u16,
+        // Below MAX_POLICY_SLOTS, which fits (agent-common checks).
+        policy_slot: slot as u16,
         opt_level: call.opt_level,
         opt_name: call.opt_name,
         comm: origin.comm,
@@ -740,7 +783,10 @@ pub fn restore_source(ctx: &SockAddrContext, family: u8) -> bool {
     if sk.is_null() {
         return false;
     }
-    let Some(orig) = SOCK_ORIG.get(sk) else {
+    let Some(orig) = SOCK_STATE
+        .get(sk)
+        .and_then(|state| (state.has_orig == 1).then_some(state.orig))
+    else {
         return false;
     };
     let sa = ctx.sock_addr;
@@ -811,9 +857,7 @@ pub fn deny_socket(ctx: *mut core::ffi::c_void, family: u8, protocol: u32) -> i3
     report(
         &Origin::task_and_socket(ctx),
         &call,
-        index,
-        verdict::DENY,
-        0,
+        Decided::refused(index, 0),
     );
     RET_DENY
 }

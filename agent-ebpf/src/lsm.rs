@@ -6,10 +6,10 @@
 //! EPERM. Sockets the kernel creates for itself (`kern != 0`) are left alone.
 //!
 //! Runs only when `bpf` is in the kernel's active LSM list; the daemon reports when not.
-use agent_common::{family, hook, verdict};
+use agent_common::{family, hook};
 use aya_ebpf::{macros::lsm, programs::LsmContext};
 
-use crate::decide::{count_deny, find_sandbox, report, Call, Dest, Origin};
+use crate::decide::{count_deny, find_sandbox, report, Call, Decided, Dest, Origin};
 
 const EPERM: i32 = 1;
 
@@ -51,6 +51,6 @@ pub fn egress_lsm_socket_create(ctx: LsmContext) -> i32 {
         opt_name: type_ as u16,
     };
     count_deny(sb.index);
-    report(&Origin::task(), &call, sb.index, verdict::DENY, 0);
+    report(&Origin::task(), &call, Decided::refused(sb.index, 0));
     -EPERM
 }

@@ -53,24 +53,32 @@ pub static EVENTS: RingBuf = RingBuf::pinned((4 << 20) as u32, 0);
 
 const _: () = assert!(core::mem::size_of::<ConnectEvent>().is_multiple_of(8));
 
-/// A redirected socket's original destination (connections to the proxy, DNS to the
-/// sandbox's resolver), kept on the socket: `sock_ops` moves a connection's to `BY_PEER`
-/// once it has its source port, and replies and `getpeername` show it instead of the
-/// daemon's loopback listener. Freed with the socket; no sandbox can push out another's.
+/// What a redirected socket (a connection to the proxy, DNS to the sandbox's resolver)
+/// keeps on itself: where it asked to go, which replies and `getpeername` show instead of
+/// the daemon's loopback listener and which sock_ops copies to `BY_PEER` once the
+/// connection has its source port; and that `BY_PEER` key, so that the entry goes when
+/// the connection is over if the proxy never took it. One value, created by the redirect
+/// (a redirect that cannot create it is refused): later steps only write into it, so
+/// none of them can fail for memory and leave a `BY_PEER` entry nothing removes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SockState {
+    /// Valid while `has_orig` is 1.
+    pub orig: OrigDst,
+    /// Valid while `has_peer` is 1.
+    pub peer: PeerKey,
+    pub has_orig: u8,
+    pub has_peer: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Each socket's [`SockState`], kept on the socket and freed with it: no sandbox can push
+/// out another's.
 #[unsafe(link_section = ".maps")]
 #[unsafe(no_mangle)]
-pub static SOCK_ORIG: SkStorage<OrigDst> = SkStorage::new();
+pub static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 
 /// (netns cookie, source address, source port) -> original destination, read (and removed)
 /// by the proxy after `accept()`.
 #[map]
 pub static BY_PEER: LruHashMap<PeerKey, OrigDst> = LruHashMap::pinned(MAX_REDIRECTS, 0);
-
-/// A socket's `BY_PEER` key, so that `sock_release` removes an entry the proxy never
-/// took (a connect refused while the proxy was away, a socket closed before the proxy
-/// accepted it). Left behind, such an entry could be taken by another process of the
-/// namespace binding the same source, and a sandbox connecting and closing in a loop
-/// could push other sandboxes' entries out of the shared map. Kept on the socket.
-#[unsafe(link_section = ".maps")]
-#[unsafe(no_mangle)]
-pub static SOCK_PEER: SkStorage<PeerKey> = SkStorage::new();

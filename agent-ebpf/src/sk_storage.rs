@@ -9,7 +9,7 @@ use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE},
-    helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
+    helpers::generated::bpf_sk_storage_get,
 };
 
 /// `BPF_MAP_TYPE_SK_STORAGE`.
@@ -50,46 +50,43 @@ impl<V> SkStorage<V> {
         ptr::from_ref(self).cast_mut().cast()
     }
 
-    /// A copy of the socket's value, if it has one. `sk`: a socket pointer the verifier
-    /// knows as one (a context's `sk`, or the context of a `cgroup_sock` program), not null.
+    /// The socket's value, created zeroed first if `create`.
+    #[inline(always)]
+    fn value(&self, sk: *mut c_void, create: bool) -> *mut V {
+        let flags = if create {
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+        } else {
+            0
+        };
+        // SAFETY: helper valid in the program types using it; `sk` is a socket pointer
+        // the verifier knows as one (a context's `sk`, or the context of a `cgroup_sock`
+        // program). A null return is handled by the callers.
+        unsafe { bpf_sk_storage_get(self.map(), sk, ptr::null_mut(), flags) }.cast()
+    }
+
+    /// A copy of the socket's value, if it has one.
     #[inline(always)]
     pub fn get(&self, sk: *mut c_void) -> Option<V>
     where
         V: Copy,
     {
-        // SAFETY: helper valid in the program types using it; a null return is handled.
-        let p = unsafe { bpf_sk_storage_get(self.map(), sk, ptr::null_mut(), 0) };
         // SAFETY: a non-null return points at the socket's value, live while `sk` is.
-        unsafe { p.cast::<V>().as_ref() }.copied()
+        unsafe { self.value(sk, false).as_ref() }.copied()
     }
 
-    /// Sets the socket's value, creating its storage if needed. `Err` if it could not be
-    /// created (memory).
+    /// Runs `f` on the socket's value, if it has one. Never allocates, so never fails
+    /// for a socket that has one.
     #[inline(always)]
-    pub fn set(&self, sk: *mut c_void, value: V) -> Result<(), ()> {
-        // SAFETY: as in `get`; created zeroed, then written whole.
-        let p = unsafe {
-            bpf_sk_storage_get(
-                self.map(),
-                sk,
-                ptr::null_mut(),
-                u64::from(BPF_SK_STORAGE_GET_F_CREATE),
-            )
-        };
-        // SAFETY: a non-null return points at the socket's value.
-        match unsafe { p.cast::<V>().as_mut() } {
-            Some(slot) => {
-                *slot = value;
-                Ok(())
-            }
-            None => Err(()),
-        }
+    pub fn update<R>(&self, sk: *mut c_void, f: impl FnOnce(&mut V) -> R) -> Option<R> {
+        // SAFETY: as in `get`; the program runs to completion holding the socket.
+        unsafe { self.value(sk, false).as_mut() }.map(f)
     }
 
-    /// Removes the socket's value, if it has one.
+    /// Runs `f` on the socket's value, created (zeroed) if it has none. `None` if it could
+    /// not be created (the socket's option memory is used up, or the kernel's).
     #[inline(always)]
-    pub fn remove(&self, sk: *mut c_void) {
-        // SAFETY: as in `get`; -ENOENT for a socket without a value is fine.
-        let _ = unsafe { bpf_sk_storage_delete(self.map(), sk) };
+    pub fn update_or_create<R>(&self, sk: *mut c_void, f: impl FnOnce(&mut V) -> R) -> Option<R> {
+        // SAFETY: as in `update`.
+        unsafe { self.value(sk, true).as_mut() }.map(f)
     }
 }

@@ -9,7 +9,7 @@
 //! Runs for every packet of the sandbox's sockets, so the common case is one byte load for
 //! IPv4 and two for IPv6 without extension headers. A packet is attributed to the cgroup
 //! of the socket that sent it (`bpf_skb_cgroup_id`), not to whatever task runs the stack.
-use agent_common::{hook, sockopt, verdict, SandboxInfo, QUARANTINE_SLOT};
+use agent_common::{hook, sockopt, SandboxInfo, QUARANTINE_SLOT};
 use aya_ebpf::{
     helpers::generated::{bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
     macros::cgroup_skb,
@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    decide::{count_deny, find_sandbox_from, report, Call, Dest, Origin},
+    decide::{count_deny, find_sandbox_from, report, Call, Decided, Dest, Origin},
     maps::DENY_ALL,
 };
 
@@ -271,6 +271,6 @@ fn drop(
         opt_name: name,
     };
     count_deny(index);
-    report(&origin, &call, index, verdict::DENY, 0);
+    report(&origin, &call, Decided::refused(index, 0));
     DROP
 }

@@ -1,7 +1,8 @@
 //! `sockops` on each sandbox cgroup: when a connection that connect4/6 redirected to the
 //! proxy gets its source port (`BPF_SOCK_OPS_TCP_CONNECT_CB`, before the SYN is sent), copy
-//! its original destination from the socket's `SOCK_ORIG` to `BY_PEER[netns cookie, source
-//! address, source port]`, which is all the proxy can see of it after `accept()`.
+//! its original destination from the socket's `SOCK_STATE` to `BY_PEER[netns cookie, source
+//! address, source port]`, which is all the proxy can see of it after `accept()`; when the
+//! connection is over (`TCP_CLOSE`), remove that entry if the proxy never took it.
 use agent_common::{PeerKey, RULE_DNS};
 use aya_ebpf::{
     helpers::generated::bpf_get_netns_cookie, macros::sock_ops, programs::SockOpsContext,
@@ -10,7 +11,7 @@ use aya_ebpf::{
 
 use crate::{
     decide::mapped,
-    maps::{BY_PEER, SOCK_ORIG, SOCK_PEER},
+    maps::{BY_PEER, SOCK_STATE},
 };
 
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
@@ -75,26 +76,28 @@ fn remember_peer(ctx: &SockOpsContext) {
     if sk.is_null() {
         return;
     }
-    let orig = SOCK_ORIG.get(sk);
-    match orig {
-        // DNS over TCP goes to the resolver, which needs no original destination;
-        // keeping it out of the shared `BY_PEER` stops a DNS flood from evicting other
-        // sandboxes' entries.
-        Some(orig) if orig.rule_id == RULE_DNS => {}
-        Some(orig) => {
-            let taken = BY_PEER.insert(key, orig, 0);
-            // Its key too, for the entry to be removed if the proxy never takes it: when
-            // the connection is over (a refused connect leaves the socket open, and its
-            // source free for another process of the namespace to bind), or at the
-            // latest when the socket is released.
-            if taken.is_ok() && SOCK_PEER.set(sk, key).is_ok() {
-                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG);
-            }
-        }
+    let Some(state) = SOCK_STATE.get(sk) else {
         // Not redirected. (An entry under the same source address and port may be
         // another socket's, waiting for the proxy to accept it: Linux gives one port to
         // connections to different peers.)
-        None => {}
+        return;
+    };
+    // DNS over TCP goes to the resolver, which needs no original destination; keeping it
+    // out of the shared `BY_PEER` stops a DNS flood from evicting other sandboxes' entries.
+    if state.has_orig == 0 || state.orig.rule_id == RULE_DNS {
+        return;
+    }
+    // State-change callbacks are asked for first (asking for these flags cannot fail), so
+    // that whatever happens next the entry is removed when the connection is over, if
+    // the proxy never took it: a refused connect leaves the socket open, and its source
+    // free for another process of the namespace to bind.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG);
+    if BY_PEER.insert(key, state.orig, 0).is_ok() {
+        // The socket's storage exists (read above): writing it cannot fail.
+        let _ = SOCK_STATE.update(sk, |state| {
+            state.peer = key;
+            state.has_peer = 1;
+        });
     }
     // The socket keeps its original destination: getpeername on the sandbox's socket
     // still reports the destination it asked for.
@@ -109,8 +112,12 @@ fn forget_peer(ctx: &SockOpsContext) {
     if sk.is_null() {
         return;
     }
-    if let Some(key) = SOCK_PEER.get(sk) {
+    let pending = SOCK_STATE.update(sk, |state| {
+        let key = (state.has_peer == 1).then_some(state.peer);
+        state.has_peer = 0;
+        key
+    });
+    if let Some(key) = pending.flatten() {
         crate::decide::forget_own_peer(key, ctx.as_ptr());
-        SOCK_PEER.remove(sk);
     }
 }

@@ -5,13 +5,15 @@
 //! and `BY_PEER` key, is freed by the kernel with it.)
 use aya_ebpf::{macros::cgroup_sock, programs::SockContext, EbpfContext};
 
-use crate::{decide::forget_own_peer, maps::SOCK_PEER};
+use crate::{decide::forget_own_peer, maps::SOCK_STATE};
 
 #[cgroup_sock(sock_release)]
 pub fn egress_sock_release(ctx: SockContext) -> i32 {
     // The context of a cgroup_sock program is the socket.
-    if let Some(key) = SOCK_PEER.get(ctx.as_ptr()) {
-        forget_own_peer(key, ctx.as_ptr());
+    if let Some(state) = SOCK_STATE.get(ctx.as_ptr()) {
+        if state.has_peer == 1 {
+            forget_own_peer(state.peer, ctx.as_ptr());
+        }
     }
     // A release is never refused; 1 = go on.
     1

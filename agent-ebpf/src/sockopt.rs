@@ -17,10 +17,12 @@
 //! which the kernel does not pass to it; `cgroup_skb/egress` (skb.rs) drops the packets
 //! with source routes themselves, whichever way the option was set (not the kernel's own
 //! membership reports, which belong to no socket).
-use agent_common::{hook, sockopt, verdict};
+use agent_common::{hook, sockopt};
 use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
 
-use crate::decide::{count_deny, find_sandbox, report, Call, Dest, Origin, RET_ALLOW, RET_DENY};
+use crate::decide::{
+    count_deny, find_sandbox, report, Call, Decided, Dest, Origin, RET_ALLOW, RET_DENY,
+};
 
 const AF_INET6: u32 = 10;
 
@@ -57,7 +59,7 @@ pub fn egress_setsockopt(ctx: SockoptContext) -> i32 {
         opt_name: optname as u16,
     };
     count_deny(index);
-    report(&Origin::task(), &call, index, verdict::DENY, 0);
+    report(&Origin::task(), &call, Decided::refused(index, 0));
     RET_DENY
 }
 

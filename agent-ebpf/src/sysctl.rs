@@ -13,14 +13,14 @@
 //!
 //! Reads, and every other sysctl, are left alone (container runtimes write some, such as
 //! `ping_group_range`, from inside the container's cgroup).
-use agent_common::{hook, sysctl, verdict};
+use agent_common::{hook, sysctl};
 use aya_ebpf::{
     helpers::generated::{bpf_sysctl_get_name, bpf_sysctl_get_new_value},
     macros::cgroup_sysctl,
     programs::SysctlContext,
 };
 
-use crate::decide::{count_deny, find_sandbox, report, Call, Dest, Origin};
+use crate::decide::{count_deny, find_sandbox, report, Call, Decided, Dest, Origin};
 
 /// `BPF_F_SYSCTL_BASE_NAME`: only the last part of the name (`ip_nonlocal_bind`).
 const BASE_NAME: u64 = 1;
@@ -75,7 +75,7 @@ pub fn egress_sysctl(ctx: SysctlContext) -> i32 {
         opt_name: which,
     };
     count_deny(index);
-    report(&Origin::task(), &call, index, verdict::DENY, 0);
+    report(&Origin::task(), &call, Decided::refused(index, 0));
     DENY
 }
 

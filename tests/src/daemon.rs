@@ -226,15 +226,23 @@ impl Daemon {
         &self.bpffs
     }
 
+    /// Where the daemon pins its kernel maps: under its ABI version's directory.
+    pub fn maps_dir(&self) -> PathBuf {
+        self.bpffs
+            .path()
+            .join(format!("v{}", agent_common::ABI_VERSION))
+            .join("maps")
+    }
+
     /// Whether the daemon pinned a kernel map named `name`.
     pub fn map_pinned(&self, name: &str) -> bool {
-        self.bpffs.path().join("v2/maps").join(name).exists()
+        self.maps_dir().join(name).exists()
     }
 
     /// How many entries the daemon's pinned kernel map `name` holds (`BY_PEER`, ...),
     /// read with bpftool.
     pub fn map_entries(&self, name: &str) -> Result<usize> {
-        let pinned = self.bpffs.path().join("v2/maps").join(name);
+        let pinned = self.maps_dir().join(name);
         let dump = Command::new("bpftool")
             .args(["-j", "map", "dump", "pinned"])
             .arg(&pinned)
@@ -246,7 +254,7 @@ impl Daemon {
             pinned.display(),
             String::from_utf8_lossy(&dump.stderr),
             String::from_utf8_lossy(&dump.stdout),
-            std::fs::read_dir(self.bpffs.path().join("v2/maps"))
+            std::fs::read_dir(self.maps_dir())
                 .map(|rd| rd
                     .filter_map(|e| e.ok().map(|e| e.file_name()))
                     .collect::<Vec<_>>())

@@ -936,7 +936,7 @@ fn a_sockets_redirect_survives_any_number_of_others() -> Result<()> {
     // The storage is pinned: a restarted daemon keeps the destinations of sockets opened
     // before it.
     ensure!(
-        fx.daemon.map_pinned("SOCK_ORIG"),
+        fx.daemon.map_pinned("SOCK_STATE"),
         "the sockets' original destinations are not pinned"
     );
     // Positive control: the redirect itself still works.

@@ -510,7 +510,7 @@ print(json.dumps({"rc": rc, "port": s.getsockname()[1]}))
     )?;
     ensure!(line["rc"] == 0, "connect(AF_UNSPEC) failed: {line}");
     let second = line["port"].as_u64().context("no port")?;
-    let by_peer = fx.daemon.bpffs().path().join("v2/maps/BY_PEER");
+    let by_peer = fx.daemon.maps_dir().join("BY_PEER");
     let dump = std::process::Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(&by_peer)

@@ -83,7 +83,7 @@ fn network(
 }
 
 /// A refusal as the option, packet and LSM programs report it, decoded the daemon's way.
-fn refusal(hook: u8, family: u8, protocol: u32, level: u16, name: u16, addr: [u8; 16]) -> Record {
+fn refusal(hook: u8, family: u8, protocol: u16, level: u16, name: u16, addr: [u8; 16]) -> Record {
     let ev = ConnectEvent {
         header: EventHeader {
             version: agent_common::ABI_VERSION as u16,
@@ -105,6 +105,7 @@ fn refusal(hook: u8, family: u8, protocol: u32, level: u16, name: u16, addr: [u8
         hook,
         _pad: 0,
         protocol,
+        policy_slot: 0,
         opt_level: level,
         opt_name: name,
         comm: *b"sidedoor\0\0\0\0\0\0\0\0",
@@ -2147,6 +2148,7 @@ fn kernel_events_decode() {
         hook: agent_common::hook::CONNECT4,
         _pad: 0,
         protocol: 6,
+        policy_slot: 1,
         opt_level: 0,
         opt_name: 0,
         comm: *b"python3\0\0\0\0\0\0\0\0\0",

@@ -72,6 +72,10 @@ pub struct Core {
     /// before the detach may be read after it, and still name them and their rules. Their
     /// indices are not given to new sandboxes meanwhile.
     pub departed: std::collections::HashMap<u32, Departed>,
+    /// Policies replaced within [`DEPARTED_FOR`], by the kernel slot they were in: kernel
+    /// events decided by them may be read after the replacement, and still name their
+    /// rules. Their slots are not given to new policies meanwhile.
+    pub replaced: std::collections::HashMap<u32, Replaced>,
     /// The credential-injecting proxy and its listeners.
     pub proxy: ProxyRuntime,
     /// Per-sandbox resolvers and the addresses they learned.
@@ -108,6 +112,12 @@ pub struct Core {
 pub struct Departed {
     pub name: String,
     pub policy: Option<Arc<Policy>>,
+    pub at: std::time::Instant,
+}
+
+/// A policy replaced, kept for naming the rules of its late events.
+pub struct Replaced {
+    pub policy: Arc<Policy>,
     pub at: std::time::Instant,
 }
 
@@ -780,7 +790,9 @@ impl Core {
     }
 
     fn free_slot(&mut self) -> Result<u32, String> {
-        let busy = self.maps.used_slots();
+        self.replaced.retain(|_, r| r.at.elapsed() < DEPARTED_FOR);
+        let mut busy = self.maps.used_slots();
+        busy.extend(self.replaced.keys().copied());
         self.state
             .free_slot(MAX_POLICY_SLOTS, &busy)
             .ok_or_else(|| "no free policy slot in the kernel maps".to_string())
@@ -1167,7 +1179,15 @@ impl Core {
             msg.push_str("; the sandbox stays quarantined until `egressctl release`");
         }
         let index = rec.index;
-        self.compiled.insert(rec.name.clone(), policy);
+        if let Some(previous) = self.compiled.insert(rec.name.clone(), policy) {
+            self.replaced.insert(
+                old.slot,
+                Replaced {
+                    policy: previous,
+                    at: std::time::Instant::now(),
+                },
+            );
+        }
         self.state.sandboxes.insert(rec.name.clone(), rec);
         self.save_state();
         Ok((index, msg))
@@ -1940,8 +1960,8 @@ impl Core {
         }));
     }
 
-    /// Sandbox and rule names for a kernel event.
-    pub fn names(&self, sandbox_index: u32, rule_id: u16) -> (String, RuleRef) {
+    /// Sandbox and rule names for a kernel event decided in policy slot `slot`.
+    pub fn names(&self, sandbox_index: u32, slot: u16, rule_id: u16) -> (String, RuleRef) {
         let Some(rec) = self.state.by_index(sandbox_index) else {
             // Detached since the event: its name and rules as they were.
             return match self.departed.get(&sandbox_index) {
@@ -1969,10 +1989,13 @@ impl Core {
             // 0.0.0.0 from a call that chose its source address: not judged as loopback.
             RuleRef::Named("unspecified-address".to_string())
         } else {
-            self.compiled
-                .get(&rec.name)
-                .and_then(|p| p.rule_name(rule_id))
-                .map_or(RuleRef::Default, |n| RuleRef::Named(n.to_string()))
+            deciding_policy(
+                u32::from(slot),
+                (rec.slot, self.compiled.get(&rec.name)),
+                &self.replaced,
+            )
+            .and_then(|p| p.rule_name(rule_id))
+            .map_or(RuleRef::Default, |n| RuleRef::Named(n.to_string()))
         };
         (rec.name.clone(), rule)
     }
@@ -2094,10 +2117,60 @@ fn quarantine_record(
     }
 }
 
+/// The policy that decided a kernel event in `slot`, for a sandbox whose current policy is
+/// `current` (its slot, the policy): one replaced from that slot since, or the current.
+fn deciding_policy<'a>(
+    slot: u32,
+    (current_slot, current): (u32, Option<&'a Arc<Policy>>),
+    replaced: &'a std::collections::HashMap<u32, Replaced>,
+) -> Option<&'a Arc<Policy>> {
+    if slot == current_slot {
+        return current;
+    }
+    replaced.get(&slot).map(|r| &r.policy).or(current)
+}
+
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
-    use super::revokes_shared;
+    use std::sync::Arc;
+
+    use super::{deciding_policy, revokes_shared, Replaced};
     use crate::audit::AlertKind;
+    use crate::policy::parse_str;
+
+    /// An event decided before a replacement, read after it, is named by the rules of the
+    /// policy that decided it; a slot with no replaced policy falls back to the current.
+    #[test]
+    fn late_events_are_named_by_the_policy_that_decided_them() {
+        let policy = |rule: &str| {
+            Arc::new(
+                parse_str(
+                    &format!(
+                        "version: 1\ndefault: deny\nrules:\n  - name: {rule}\n    to: [192.0.2.1]\n    action: allow\n"
+                    ),
+                    "p.yaml",
+                )
+                .unwrap(),
+            )
+        };
+        let (old, new) = (policy("old-rule"), policy("new-rule"));
+        let replaced = std::collections::HashMap::from([(
+            3,
+            Replaced {
+                policy: old,
+                at: std::time::Instant::now(),
+            },
+        )]);
+        let name = |slot| {
+            deciding_policy(slot, (4, Some(&new)), &replaced)
+                .and_then(|p| p.rule_name(1))
+                .map(|n| n.to_string())
+        };
+        assert_eq!(name(3).as_deref(), Some("old-rule"));
+        assert_eq!(name(4).as_deref(), Some("new-rule"));
+        assert_eq!(name(9).as_deref(), Some("new-rule"));
+    }
 
     #[test]
     fn only_exposure_or_an_operator_revokes_shared_credentials() {

@@ -334,6 +334,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         source_routing: Default::default(),
         known_pids: Default::default(),
         departed: Default::default(),
+        replaced: Default::default(),
         rejections: Default::default(),
         lost_unread: 0,
     };
@@ -593,7 +594,7 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
     for ev in batch {
         match ev {
             KernelEvent::Connect(ev) => {
-                let (sandbox, rule) = core.names(ev.sandbox_index, ev.rule_id);
+                let (sandbox, rule) = core.names(ev.sandbox_index, ev.policy_slot, ev.rule_id);
                 match NetworkDecision::from_event(&ev, clock, sandbox, rule) {
                     Ok(mut rec) => {
                         if rec.hook.has_destination() && rec.hook != Hook::SkbEgress {

@@ -103,7 +103,7 @@ impl NetworkDecision {
             netns_cookie: event.netns_cookie,
             hook,
             family,
-            protocol: event.protocol,
+            protocol: u32::from(event.protocol),
             destination_ip,
             destination_port: event.dst_port,
             verdict,
