@@ -54,9 +54,6 @@ pub const SOCK_RELEASE: &str = "egress_sock_release";
 /// Symbol of the sock_ops program.
 pub const SOCK_OPS: &str = "egress_sock_ops";
 
-/// Pinned maps of earlier builds with this layout version that this build does not use.
-const RETIRED_MAPS: [&str; 2] = ["ORIG", "PEER_OF"];
-
 /// The loaded programs and the maps they share.
 pub struct Programs {
     pub(crate) ebpf: Ebpf,
@@ -67,23 +64,6 @@ impl Programs {
     /// the daemon must never run with a hook missing.
     pub fn load(layout: &PinLayout) -> Result<Self, BpfError> {
         layout.create()?;
-        // Maps earlier builds of this layout pinned and this one no longer uses: a
-        // socket's original destination and `BY_PEER` key were shared LRU maps keyed by
-        // socket cookie, now storage on the socket itself.
-        for retired in RETIRED_MAPS {
-            let pin = layout.maps().join(retired);
-            if pin.exists() {
-                match std::fs::remove_file(&pin) {
-                    Ok(()) => tracing::info!(
-                        map = retired,
-                        "Removed the pin of a map this build no longer uses"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(map = retired, error = %e, "Could not remove the pin of a map this build no longer uses")
-                    }
-                }
-            }
-        }
         let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(layout.maps())
