@@ -735,7 +735,8 @@ pub fn report(origin: &Origin, call: &Call, decided: Decided) {
         verdict: v,
         hook: call.hook,
         _pad: 0,
-        // The kernel keeps a socket's protocol in 16 bits.
+        // The kernel keeps a socket's protocol in 16 bits (the LSM hook, which sees the
+        // number a caller asked for, saturates it first).
         protocol: call.protocol as u16,
         // Below MAX_POLICY_SLOTS, which fits (agent-common checks).
         policy_slot: slot as u16,

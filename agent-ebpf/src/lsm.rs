@@ -43,7 +43,13 @@ pub fn egress_lsm_socket_create(ctx: LsmContext) -> i32 {
     let call = Call {
         hook: hook::LSM_SOCKET_CREATE,
         family: 0,
-        protocol: protocol as u32,
+        // The number the caller asked for, which may not fit the event's 16 bits (the
+        // kernel's own field): recorded as 65535 then.
+        protocol: if (0..=0xffff).contains(&protocol) {
+            protocol as u32
+        } else {
+            0xffff
+        },
         dest: Dest::V4([0; 4]),
         port: 0,
         raw_addr: [0; 16],

@@ -233,7 +233,13 @@ impl AwsSts {
         };
         let client = Client::new(server, &tls, upstream.dialer.clone());
         let base = match &raw.credentials_file {
-            None => Base::Env,
+            None => {
+                // The base key is the daemon's alone: kept from the programs it runs.
+                for var in super::child_env::AWS_KEY_VARS {
+                    super::child_env::note_secret_var(var);
+                }
+                Base::Env
+            }
             Some(file) => {
                 if !file.is_absolute() {
                     return Err(config(

@@ -78,6 +78,10 @@ const KNOWN_AT_LEAST: usize = 2;
 const KNOWN_AT_MOST: usize = 4;
 const KNOWN_AT_MOST_COMMAND: usize = 64;
 
+/// How long the daemon's start waits for the values it reads ahead
+/// ([`CredentialStore::prime`]), all read at once.
+const READ_AHEAD_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How many values of a `command` source refreshed every `ttl` are kept.
 pub(super) fn known_at_most_for_ttl(ttl: Duration) -> usize {
     let per_window = KNOWN_FOR.as_secs() / ttl.as_secs().max(1) + 1;
@@ -394,8 +398,8 @@ impl CredentialStore {
     /// source, a Vault or OpenBao KV secret, and a `command`'s output (cached for its
     /// `ttl`, so the first request does not run it again). Values minted per use (GitHub
     /// App tokens, Vault leases, STS sessions) become known when first minted, before
-    /// they are first injected. Bounded by the sources' own timeouts; errors are left for
-    /// the request that needs the value to report. Returns how many values were read.
+    /// they are first injected. Bounded by [`READ_AHEAD_TIMEOUT`]; errors are left for the
+    /// request that needs the value to report. Returns how many values were read.
     pub async fn prime(&self) -> usize {
         let ahead = self.credentials.values().filter(|c| match &c.source {
             Source::File(_) | Source::Command(_) => true,
@@ -403,16 +407,21 @@ impl CredentialStore {
             Source::Env { .. } | Source::GithubApp(_) | Source::Aws(_) => false,
         });
         let read = futures_util::future::join_all(ahead.map(|credential| async move {
-            let value = match &credential.source {
-                Source::Vault(v) => Box::pin(v.read_ahead()).await,
-                _ => credential.value().await,
+            let read = async {
+                match &credential.source {
+                    Source::Vault(v) => Box::pin(v.read_ahead()).await,
+                    _ => credential.value().await,
+                }
             };
-            (credential, value)
+            // The proxy waits for this: a store that is away, or a file that blocks (a
+            // FIFO, a hung mount), costs at most this, and its value is read on first use.
+            let value = tokio::time::timeout(READ_AHEAD_TIMEOUT, read).await;
+            (credential, value.ok().and_then(Result::ok))
         }))
         .await;
         let mut primed = 0;
         for (credential, value) in read {
-            if let Ok(secret) = value {
+            if let Some(secret) = value {
                 self.known.note(&credential.name, &secret);
                 primed += 1;
             }

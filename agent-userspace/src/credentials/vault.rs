@@ -245,7 +245,6 @@ impl Vault {
         })
     }
 
-    /// The current value: cached while fresh, else read, renewed or issued anew.
     /// The value read ahead of any request (see `CredentialStore::prime`): as
     /// [`Vault::value`], but a failure leaves no backoff behind, so that the first request
     /// asks the store again itself (a secret stored after the daemon started is found).
@@ -257,6 +256,7 @@ impl Vault {
         result
     }
 
+    /// The current value: cached while fresh, else read, renewed or issued anew.
     pub(super) async fn value(&self) -> Result<Arc<Secret>, CredentialError> {
         let mut state = self.state.lock().await;
         let now = Instant::now();

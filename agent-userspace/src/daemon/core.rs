@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use super::{
     dns::{host_net, uses_dns, DnsRuntime, LearnedAddr},
-    netns::{netns_id, netns_of_cgroup, CgroupNetns, NetnsId},
+    netns::{netns_id, netns_of_cgroup, CgroupNetns, NetnsId, OpenNetns},
     proxy::ProxyRuntime,
     state::{QuarantineState, SandboxRecord, State},
 };
@@ -399,10 +399,21 @@ impl Core {
         cgroup: &Path,
         netns: Option<&Path>,
         inode: Option<u64>,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<OpenNetns, String> {
         let path = Self::named_or_found_netns(cgroup, netns, inode)?;
-        let theirs =
-            netns_id(&path).map_err(|e| format!("network namespace {}: {e}", path.display()))?;
+        // Opened once: what is checked below is the namespace the listeners are bound in,
+        // whatever the path names by then.
+        let opened = OpenNetns::open(&path)
+            .map_err(|e| format!("network namespace {}: {e}", path.display()))?;
+        let theirs = opened.id();
+        if let Some(want) = inode.filter(|want| *want != theirs.1) {
+            return Err(format!(
+                "network namespace {} changed while it was being opened (inode {} now, {want} \
+                 attached)",
+                path.display(),
+                theirs.1
+            ));
+        }
         let ours = netns_id(Path::new("/proc/self/ns/net"))
             .map_err(|e| format!("the daemon's own network namespace: {e}"))?;
         // The host's too, where the daemon runs in one of its own (a pod without
@@ -417,7 +428,7 @@ impl Core {
                 path.display()
             ));
         }
-        Ok(path)
+        Ok(opened)
     }
 
     fn named_or_found_netns(
@@ -544,10 +555,12 @@ impl Core {
         if !Self::uses_proxy(policy) {
             return Ok(None);
         }
-        self.proxy
-            .ensure_listener(&netns)
-            .map(Some)
-            .map_err(|e| format!("starting the proxy listener in {}: {e}", netns.display()))
+        self.proxy.ensure_listener(&netns).map(Some).map_err(|e| {
+            format!(
+                "starting the proxy listener in {}: {e}",
+                netns.path().display()
+            )
+        })
     }
 
     /// Lets the proxy serve the sandbox's redirected connections (never while it is
@@ -1989,13 +2002,18 @@ impl Core {
             // 0.0.0.0 from a call that chose its source address: not judged as loopback.
             RuleRef::Named("unspecified-address".to_string())
         } else {
-            deciding_policy(
+            match deciding_policy(
                 u32::from(slot),
                 (rec.slot, self.compiled.get(&rec.name)),
                 &self.replaced,
-            )
-            .and_then(|p| p.rule_name(rule_id))
-            .map_or(RuleRef::Default, |n| RuleRef::Named(n.to_string()))
+            ) {
+                Ok(policy) => policy
+                    .and_then(|p| p.rule_name(rule_id))
+                    .map_or(RuleRef::Default, |n| RuleRef::Named(n.to_string())),
+                // Decided in a slot whose policy is gone (read over a minute late, or
+                // before a restart): not named by the current policy's rule at that place.
+                Err(()) => RuleRef::Named(format!("rule {rule_id} of a replaced policy")),
+            }
         };
         (rec.name.clone(), rule)
     }
@@ -2118,16 +2136,17 @@ fn quarantine_record(
 }
 
 /// The policy that decided a kernel event in `slot`, for a sandbox whose current policy is
-/// `current` (its slot, the policy): one replaced from that slot since, or the current.
+/// `current` (its slot, the policy): the current, or one replaced from that slot since;
+/// `None` if that one is no longer known.
 fn deciding_policy<'a>(
     slot: u32,
     (current_slot, current): (u32, Option<&'a Arc<Policy>>),
     replaced: &'a std::collections::HashMap<u32, Replaced>,
-) -> Option<&'a Arc<Policy>> {
+) -> Result<Option<&'a Arc<Policy>>, ()> {
     if slot == current_slot {
-        return current;
+        return Ok(current);
     }
-    replaced.get(&slot).map(|r| &r.policy).or(current)
+    replaced.get(&slot).map(|r| Some(&r.policy)).ok_or(())
 }
 
 #[cfg(test)]
@@ -2140,7 +2159,8 @@ mod tests {
     use crate::policy::parse_str;
 
     /// An event decided before a replacement, read after it, is named by the rules of the
-    /// policy that decided it; a slot with no replaced policy falls back to the current.
+    /// policy that decided it; one from a slot whose policy is no longer known is not
+    /// named by the current policy's rules.
     #[test]
     fn late_events_are_named_by_the_policy_that_decided_them() {
         let policy = |rule: &str| {
@@ -2164,12 +2184,11 @@ mod tests {
         )]);
         let name = |slot| {
             deciding_policy(slot, (4, Some(&new)), &replaced)
-                .and_then(|p| p.rule_name(1))
-                .map(|n| n.to_string())
+                .map(|p| p.and_then(|p| p.rule_name(1)).map(|n| n.to_string()))
         };
-        assert_eq!(name(3).as_deref(), Some("old-rule"));
-        assert_eq!(name(4).as_deref(), Some("new-rule"));
-        assert_eq!(name(9).as_deref(), Some("new-rule"));
+        assert_eq!(name(3), Ok(Some("old-rule".to_owned())));
+        assert_eq!(name(4), Ok(Some("new-rule".to_owned())));
+        assert_eq!(name(9), Err(()));
     }
 
     #[test]

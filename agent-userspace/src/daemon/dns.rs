@@ -5,7 +5,6 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    path::Path,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, OnceLock, RwLock,
@@ -15,7 +14,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use super::netns::{bind_in_netns, bind_udp_in_netns};
+use super::netns::{bind_in_netns, bind_udp_in_netns, OpenNetns};
 use crate::{
     alerts::Alerts,
     audit::{AuditHandle, Record},
@@ -119,7 +118,7 @@ impl DnsRuntime {
         index: u32,
         sandbox: &str,
         policy: &Arc<Policy>,
-        netns: &Path,
+        netns: &OpenNetns,
     ) -> Result<(), String> {
         if let Some(server) = self.servers.get(&index) {
             if server.tasks.iter().all(|t| !t.is_finished()) {
@@ -142,13 +141,13 @@ impl DnsRuntime {
         let udp = bind_udp_in_netns(netns, addrs.clone()).map_err(|e| {
             format!(
                 "binding the DNS resolver (udp {port}) in {}: {e}",
-                netns.display()
+                netns.path().display()
             )
         })?;
         let tcp = bind_in_netns(netns, addrs).map_err(|e| {
             format!(
                 "binding the DNS resolver (tcp {port}) in {}: {e}",
-                netns.display()
+                netns.path().display()
             )
         })?;
         let shared_policy = Arc::new(RwLock::new(policy.clone()));
@@ -192,7 +191,7 @@ impl DnsRuntime {
             let l = tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string())?;
             tasks.push(tokio::spawn(dns::serve_tcp(l, ctx.clone())).abort_handle());
         }
-        tracing::info!(%sandbox, port, netns = %netns.display(), "DNS resolver listening");
+        tracing::info!(%sandbox, port, netns = %netns.path().display(), "DNS resolver listening");
         self.servers.insert(
             index,
             Server {

@@ -20,6 +20,39 @@ pub fn netns_id(path: &Path) -> io::Result<NetnsId> {
     Ok((m.dev(), m.ino()))
 }
 
+/// A network namespace opened once. Its identity is read from the open file, and every
+/// bind in it goes through that file: a path checked and then opened again (`/proc/PID/
+/// ns/net` of a process that exits, whose pid is reused, or that moves to another
+/// namespace meanwhile) could name another namespace by the time it is used.
+#[derive(Debug)]
+pub struct OpenNetns {
+    file: File,
+    id: NetnsId,
+    path: PathBuf,
+}
+
+impl OpenNetns {
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        let m = file.metadata()?;
+        Ok(Self {
+            id: (m.dev(), m.ino()),
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The identity of the namespace opened (not of whatever the path names now).
+    pub fn id(&self) -> NetnsId {
+        self.id
+    }
+
+    /// The path it was opened from, for messages.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// Why the network namespace of a sandbox's processes could not be told.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CgroupNetns {
@@ -85,13 +118,13 @@ pub fn netns_of_cgroup(cgroup: &Path, attached: Option<u64>) -> Result<PathBuf, 
     }
 }
 
-/// Runs `f` on a thread that entered the network namespace at `netns`. Sockets `f` creates
+/// Runs `f` on a thread that entered the network namespace `netns`. Sockets `f` creates
 /// belong to that namespace for their whole life; the thread exits when `f` returns.
 fn in_netns<T: Send + 'static>(
-    netns: &Path,
+    netns: &OpenNetns,
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {
-    let ns = File::open(netns)?;
+    let ns = netns.file.try_clone()?;
     std::thread::spawn(move || {
         // SAFETY: setns changes only this thread, which exits after `f`.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -130,8 +163,8 @@ fn bind_all<S>(
     }
 }
 
-/// Non-blocking TCP listeners on `addrs` inside the network namespace at `netns`.
-pub fn bind_in_netns(netns: &Path, addrs: Vec<SocketAddr>) -> io::Result<Vec<TcpListener>> {
+/// Non-blocking TCP listeners on `addrs` inside the network namespace `netns`.
+pub fn bind_in_netns(netns: &OpenNetns, addrs: Vec<SocketAddr>) -> io::Result<Vec<TcpListener>> {
     in_netns(netns, move || {
         let ports = ports_of(&addrs);
         let bound = bind_all(addrs, |a| {
@@ -145,9 +178,9 @@ pub fn bind_in_netns(netns: &Path, addrs: Vec<SocketAddr>) -> io::Result<Vec<Tcp
     })
 }
 
-/// Non-blocking UDP sockets on `addrs` inside the network namespace at `netns`.
+/// Non-blocking UDP sockets on `addrs` inside the network namespace `netns`.
 pub fn bind_udp_in_netns(
-    netns: &Path,
+    netns: &OpenNetns,
     addrs: Vec<SocketAddr>,
 ) -> io::Result<Vec<std::net::UdpSocket>> {
     in_netns(netns, move || {
@@ -263,6 +296,7 @@ pub fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;
 
@@ -271,6 +305,31 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], 15001)),
             SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 15001)),
         ]
+    }
+
+    /// The namespace opened is the one used and named, whatever its path names later.
+    #[test]
+    fn an_opened_namespace_keeps_its_identity_when_its_path_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("ns");
+        std::os::unix::fs::symlink("/proc/self/ns/net", &link).unwrap();
+        let opened = OpenNetns::open(&link).unwrap();
+        let net = netns_id(Path::new("/proc/self/ns/net")).unwrap();
+        assert_eq!(opened.id(), net);
+        // The path now names another namespace (the mount namespace's nsfs file).
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink("/proc/self/ns/mnt", &link).unwrap();
+        assert_ne!(netns_id(&link).unwrap(), net);
+        assert_eq!(opened.id(), net);
+        assert_eq!(opened.path(), link.as_path());
+        // Binding goes through the opened file: into the network namespace it named
+        // (entering one's own needs CAP_SYS_ADMIN; the test suite runs as root).
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let bound =
+                bind_in_netns(&opened, vec![SocketAddr::from(([127, 0, 0, 1], 0))]).unwrap();
+            assert_eq!(bound.len(), 1);
+        }
     }
 
     #[test]

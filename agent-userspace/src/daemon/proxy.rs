@@ -4,14 +4,13 @@
 use std::{
     collections::HashMap,
     net::{Ipv6Addr, SocketAddr},
-    path::Path,
     sync::{Arc, Mutex, RwLock},
 };
 
 use ipnet::IpNet;
 use tokio::sync::Semaphore;
 
-use super::netns::{bind_in_netns, netns_cookie, netns_id, NetnsId};
+use super::netns::{bind_in_netns, netns_cookie, NetnsId, OpenNetns};
 use crate::{
     audit::ConnectionId,
     bpf::PeerMap,
@@ -164,10 +163,10 @@ impl ProxyRuntime {
         self.listeners.keys().copied().collect()
     }
 
-    /// Makes sure a listener runs on the loopback of the network namespace at `netns`;
+    /// Makes sure a listener runs on the loopback of the network namespace `netns`;
     /// returns the namespace's identity.
-    pub fn ensure_listener(&mut self, netns: &Path) -> std::io::Result<NetnsId> {
-        let id = netns_id(netns)?;
+    pub fn ensure_listener(&mut self, netns: &OpenNetns) -> std::io::Result<NetnsId> {
+        let id = netns.id();
         if self
             .listeners
             .get(&id)
@@ -214,7 +213,7 @@ impl ProxyRuntime {
         }
         self.listeners
             .insert(id, tasks.iter().map(|t| t.abort_handle()).collect());
-        tracing::info!(netns = %netns.display(), port = self.port, "Proxy listening in sandbox network namespace");
+        tracing::info!(netns = %netns.path().display(), port = self.port, "Proxy listening in sandbox network namespace");
         Ok(id)
     }
 }
