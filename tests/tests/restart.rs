@@ -177,6 +177,20 @@ fn a_cgroup_pinned_without_a_sandbox_record_denies_everything() -> Result<()> {
     std::fs::remove_file(fx.daemon.state_dir().join("state.json"))?;
     fx.daemon.restart()?;
     // The old rules allowed the origin; now nothing is.
+    origin_and_canary_refused_as(&fx, "unknown")?;
+    // Detach by cgroup releases it.
+    fx.daemon.ctl_ok([
+        std::ffi::OsStr::new("detach"),
+        std::ffi::OsStr::new("--cgroup"),
+        fx.sandbox.cgroup().path().as_os_str(),
+    ])?;
+    expect::origin_body(&fx.sandbox.curl(&[&origin_url])?)?;
+    Ok(())
+}
+
+/// The origin `WEB_ORIGIN_DENY` allows is refused (EPERM, and a deny record naming
+/// sandbox `name`), and so is the canary (EPERM, record, nothing received).
+fn origin_and_canary_refused_as(fx: &Fixture, name: &str) -> Result<()> {
     let p = fx
         .sandbox
         .probe("tcp-connect", IpAddr::V4(ORIGIN_V4), 80, &[])?;
@@ -186,24 +200,17 @@ fn a_cgroup_pinned_without_a_sandbox_record_denies_everything() -> Result<()> {
         &Match::decision("deny", IpAddr::V4(ORIGIN_V4), 80),
     )?;
     ensure!(
-        egress_tests::audit::get_str(&rec, "egress.sandbox.name") == Some("unknown"),
+        egress_tests::audit::get_str(&rec, "egress.sandbox.name") == Some(name),
         "{rec}"
     );
     expect::tcp_blocked(
         &fx.sandbox,
-        "unknown",
+        name,
         &fx.daemon,
         &fx.canary,
         IpAddr::V4(CANARY_V4),
         9,
     )?;
-    // Detach by cgroup releases it.
-    fx.daemon.ctl_ok([
-        std::ffi::OsStr::new("detach"),
-        std::ffi::OsStr::new("--cgroup"),
-        fx.sandbox.cgroup().path().as_os_str(),
-    ])?;
-    expect::origin_body(&fx.sandbox.curl(&[&origin_url])?)?;
     Ok(())
 }
 
@@ -243,26 +250,7 @@ fn a_stored_policy_that_no_longer_compiles_is_recorded_and_denied() -> Result<()
         "{rec}"
     );
     // The origin the policy allowed is refused now, in the sandbox's name.
-    let p = fx
-        .sandbox
-        .probe("tcp-connect", IpAddr::V4(ORIGIN_V4), 80, &[])?;
-    expect::eperm(&p)?;
-    let denied = fx.daemon.wait_for_match(
-        RECORD_TIMEOUT,
-        &Match::decision("deny", IpAddr::V4(ORIGIN_V4), 80),
-    )?;
-    ensure!(
-        egress_tests::audit::get_str(&denied, "egress.sandbox.name") == Some(fx.sandbox.label()),
-        "{denied}"
-    );
-    expect::tcp_blocked(
-        &fx.sandbox,
-        fx.sandbox.label(),
-        &fx.daemon,
-        &fx.canary,
-        IpAddr::V4(CANARY_V4),
-        9,
-    )?;
+    origin_and_canary_refused_as(&fx, fx.sandbox.label())?;
     // Attached again, the sandbox is served by its policy.
     fx.attach(WEB_ORIGIN_DENY)?;
     expect::origin_body(&fx.sandbox.curl(&[&format!("http://{ORIGIN_V4}/")])?)?;
