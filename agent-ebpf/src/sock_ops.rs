@@ -38,6 +38,23 @@ pub fn egress_sock_ops(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn remember_peer(ctx: &SockOpsContext) {
+    // SAFETY: context pointer from the kernel; `sk` may be null, checked below.
+    let sk: *mut core::ffi::c_void = unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast();
+    if sk.is_null() {
+        return;
+    }
+    let Some(state) = SOCK_STATE.get(sk) else {
+        // Not redirected. (An entry under the same source address and port may be
+        // another socket's, waiting for the proxy to accept it: Linux gives one port to
+        // connections to different peers.)
+        return;
+    };
+    // Every TCP connect of the sandbox comes here: the rest only for a redirected one.
+    // DNS over TCP goes to the resolver, which needs no original destination; keeping it
+    // out of the shared `BY_PEER` stops a DNS flood from evicting other sandboxes' entries.
+    if state.has_orig == 0 || state.orig.rule_id == RULE_DNS {
+        return;
+    }
     let addr = if ctx.family() == AF_INET {
         mapped(ctx.local_ip4().to_ne_bytes())
     } else {
@@ -71,22 +88,6 @@ fn remember_peer(ctx: &SockOpsContext) {
         port: ctx.local_port() as u16,
         _pad: [0; 6],
     };
-    // SAFETY: context pointer from the kernel; `sk` may be null, checked below.
-    let sk: *mut core::ffi::c_void = unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast();
-    if sk.is_null() {
-        return;
-    }
-    let Some(state) = SOCK_STATE.get(sk) else {
-        // Not redirected. (An entry under the same source address and port may be
-        // another socket's, waiting for the proxy to accept it: Linux gives one port to
-        // connections to different peers.)
-        return;
-    };
-    // DNS over TCP goes to the resolver, which needs no original destination; keeping it
-    // out of the shared `BY_PEER` stops a DNS flood from evicting other sandboxes' entries.
-    if state.has_orig == 0 || state.orig.rule_id == RULE_DNS {
-        return;
-    }
     // State-change callbacks are asked for first (asking for these flags cannot fail), so
     // that whatever happens next the entry is removed when the connection is over, if
     // the proxy never took it: a refused connect leaves the socket open, and its source
