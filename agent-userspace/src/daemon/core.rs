@@ -408,8 +408,7 @@ impl Core {
         let theirs = opened.id();
         if let Some(want) = inode.filter(|want| *want != theirs.1) {
             return Err(format!(
-                "network namespace {} changed while it was being opened (inode {} now, {want} \
-                 attached)",
+                "network namespace {} is no longer the one attached (inode {} now, {want} then)",
                 path.display(),
                 theirs.1
             ));
@@ -437,18 +436,8 @@ impl Core {
         inode: Option<u64>,
     ) -> Result<PathBuf, String> {
         match netns {
-            Some(p) => {
-                let id =
-                    netns_id(p).map_err(|e| format!("network namespace {}: {e}", p.display()))?;
-                match inode {
-                    Some(want) if want != id.1 => Err(format!(
-                        "network namespace {} is no longer the one attached (inode {} now, {want} then)",
-                        p.display(),
-                        id.1
-                    )),
-                    _ => Ok(p.to_path_buf()),
-                }
-            }
+            // Checked against the inode seen at attach once opened (`sandbox_netns`).
+            Some(p) => Ok(p.to_path_buf()),
             None => netns_of_cgroup(cgroup, inode).map_err(|why| {
                 let name_it = "name it with --netns PATH (e.g. /var/run/netns/NAME or \
                                /proc/PID/ns/net), or attach a running process with --pid PID";
