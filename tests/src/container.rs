@@ -151,6 +151,9 @@ pub struct ContainerSpec {
     pub cgroups_path: String,
     pub annotations: Vec<(String, String)>,
     pub hooks: Option<HookSetup>,
+    /// Capabilities added to the runtime's default sets (`CAP_SYS_ADMIN`), as a
+    /// `privileged` container or a debug one would hold them.
+    pub capabilities: Vec<String>,
 }
 
 /// runc with a private state directory.
@@ -211,6 +214,11 @@ impl Runc {
         });
         config["linux"]["namespaces"] = json!(namespaces);
         config["linux"]["cgroupsPath"] = json!(spec.cgroups_path);
+        for set in ["bounding", "effective", "permitted"] {
+            if let Some(list) = config["process"]["capabilities"][set].as_array_mut() {
+                list.extend(spec.capabilities.iter().map(|c| json!(c)));
+            }
+        }
         let annotations: serde_json::Map<String, Value> = spec
             .annotations
             .iter()

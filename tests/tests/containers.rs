@@ -135,6 +135,7 @@ fn runc_hook_confines_from_the_first_instruction() -> Result<()> {
         cgroups_path: cgroups_path.clone(),
         annotations: vec![("io.egressd.policy".into(), "web".into())],
         hooks: Some(hook_setup(&fx.daemon, &policies, 5)),
+        capabilities: Vec::new(),
     };
     let out = runc.run(&image, &id, &spec)?;
     container::remove_cgroup(&cgroups_path);
@@ -232,6 +233,7 @@ fn runc_container_is_not_created_when_the_daemon_is_slow_or_down() -> Result<()>
             cgroups_path: cgroups_path.clone(),
             annotations: vec![("io.egressd.policy".into(), "web".into())],
             hooks: Some(slow),
+            capabilities: Vec::new(),
         },
     )?;
     let took = started.elapsed();
@@ -260,6 +262,7 @@ fn runc_container_is_not_created_when_the_daemon_is_slow_or_down() -> Result<()>
             cgroups_path: cgroups_path.clone(),
             annotations: vec![("io.egressd.policy".into(), "web".into())],
             hooks: Some(hook_setup(&fx.daemon, &policies, 3)),
+            capabilities: Vec::new(),
         },
     )?;
     container::remove_cgroup(&cgroups_path);
@@ -366,6 +369,7 @@ fn twenty_containers_in_a_loop_leave_nothing_behind() -> Result<()> {
         cgroups_path: cgroups_path.clone(),
         annotations: vec![("io.egressd.policy".into(), "passthrough".into())],
         hooks: Some(hook_setup(&fx.daemon, &policies, 5)),
+        capabilities: Vec::new(),
     };
     let started = Instant::now();
     for i in 0..20 {
@@ -610,6 +614,7 @@ fn pod_scope_confines_every_container_of_a_pod() -> Result<()> {
         cgroups_path: format!("{pod_cgroup}/{leaf}"),
         annotations: k8s(ns),
         hooks: Some(hooks.clone()),
+        capabilities: Vec::new(),
     };
     let result = (|| -> Result<()> {
         let name = format!("k8s/team/{pod}");
@@ -658,6 +663,57 @@ fn pod_scope_confines_every_container_of_a_pod() -> Result<()> {
         ensure!(
             fx.daemon.status_sandbox(&name)?.is_some(),
             "the pod sandbox went with one of its containers"
+        );
+        // A later container is judged as an attach would judge it: one holding what the
+        // pod's policy forbids (a `privileged` or debug container), or asking for another
+        // policy, is not started, and the refusal is recorded in the pod's name.
+        let started = vec!["echo".to_string(), "container-started".to_string()];
+        let refused = [
+            (
+                "c",
+                ContainerSpec {
+                    capabilities: vec!["CAP_SYS_ADMIN".into()],
+                    ..spec("team", "c", started.clone())
+                },
+                "require.no_capabilities",
+            ),
+            (
+                "d",
+                ContainerSpec {
+                    annotations: k8s("team")
+                        .into_iter()
+                        .map(|(k, v)| match k.as_str() {
+                            "io.egressd.policy" => (k, "passthrough".to_string()),
+                            _ => (k, v),
+                        })
+                        .collect(),
+                    ..spec("team", "d", started.clone())
+                },
+                "asks for policy",
+            ),
+        ];
+        for (leaf, spec, why) in refused {
+            let out = runc.run(&image, &format!("{pod}-{leaf}"), &spec)?;
+            let all = text(&out);
+            ensure!(
+                !out.status.success()
+                    && !all.contains("container-started")
+                    && all.contains("egressd refused")
+                    && all.contains(why),
+                "container {leaf} started in the pod sandbox: {all}"
+            );
+            expect::policy_rejected(&fx.daemon, |s| s == name, &[&format!("{pod}-{leaf}"), why])?;
+        }
+        ensure!(
+            fx.daemon.status_sandbox(&name)?.is_some(),
+            "a refused container took the pod sandbox with it"
+        );
+        // Beside them, a container holding only the runtime's defaults still starts.
+        let out = runc.run(&image, &format!("{pod}-e"), &spec("team", "e", started))?;
+        ensure!(
+            out.status.success() && text(&out).contains("container-started"),
+            "a later container meeting the policy was refused: {}",
+            text(&out)
         );
 
         // Exempt namespace: the hook lets a container the kubelet placed in a pod's
@@ -729,7 +785,9 @@ fn pod_scope_confines_every_container_of_a_pod() -> Result<()> {
         .command(20, &["delete", "--force", &format!("{pod}-a")])
         .output();
     container::remove_cgroup(&format!("{pod_cgroup}/a"));
-    container::remove_cgroup(&format!("{pod_cgroup}/b"));
+    for leaf in ["b", "c", "d", "e"] {
+        container::remove_cgroup(&format!("{pod_cgroup}/{leaf}"));
+    }
     container::remove_cgroup(&pod_cgroup);
     result
 }
@@ -773,6 +831,7 @@ fn runc_container_uses_the_proxy_with_the_ca_in_its_image() -> Result<()> {
             cgroups_path: cgroups_path.clone(),
             annotations: vec![("io.egressd.policy".into(), "github".into())],
             hooks: Some(hook_setup(&fx.daemon, dir.path(), 5)),
+            capabilities: Vec::new(),
         },
     )?;
     container::remove_cgroup(&cgroups_path);

@@ -87,6 +87,7 @@ pub fn run() -> anyhow::Result<()> {
             cgroups_path: cgroups_path.clone(),
             annotations: vec![("io.egressd.policy".into(), "web".into())],
             hooks: Some(hooks.clone()),
+            capabilities: Vec::new(),
         },
     )?;
     container::remove_cgroup(&cgroups_path);
@@ -114,6 +115,7 @@ pub fn run() -> anyhow::Result<()> {
                 socket: dir.path().join("no-daemon.sock"),
                 ..hooks.clone()
             }),
+            capabilities: Vec::new(),
         },
     )?;
     container::remove_cgroup(&cgroups_path);

@@ -38,6 +38,17 @@ pub enum Request {
         #[serde(default)]
         runtime_init: Option<RuntimeInit>,
     },
+    /// A later container of a pod sandbox asks to start in it (the OCI hook in pod scope):
+    /// the sandbox must confine `cgroup` with the policy at `policy_path`, and the
+    /// container's init must be inside it and meet the policy's requirements.
+    Join {
+        name: String,
+        /// The container's id, from the runtime's state (for the record of a refusal).
+        container: String,
+        cgroup: PathBuf,
+        policy_path: String,
+        runtime_init: RuntimeInit,
+    },
     /// Remove confinement, by sandbox name or by cgroup path; with both, the named sandbox
     /// only if it confines that cgroup.
     Detach {

@@ -1945,7 +1945,7 @@ impl Core {
     }
 
     /// Records a policy (or container) refused for `sandbox`.
-    fn policy_rejected(
+    pub(super) fn policy_rejected(
         &self,
         sandbox: String,
         policy_path: &str,

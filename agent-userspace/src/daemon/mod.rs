@@ -6,6 +6,7 @@
 mod core;
 mod credentials;
 mod dns;
+mod join;
 pub mod log;
 mod netns;
 mod notify;

@@ -102,6 +102,13 @@ impl Handler for Shared {
                 },
                 parsed.unwrap_or_else(|| Err("internal error: policy not parsed".into())),
             ),
+            Request::Join {
+                name,
+                container,
+                cgroup,
+                policy_path,
+                runtime_init,
+            } => core.join(&name, &container, &cgroup, &policy_path, &runtime_init),
             Request::CaExport => Ok(core.proxy.ca_pem.clone()),
             Request::Placeholder {
                 sandbox,

@@ -67,7 +67,8 @@ pub enum Scope {
     Container,
     /// A Kubernetes pod is one sandbox: the pod's cgroup (the parent of its containers')
     /// with the pod's network namespace covers every container in it. The first container
-    /// attaches it; the pod cgroup's removal detaches it.
+    /// attaches it; each later one joins it, judged against its policy (see
+    /// [`Request::Join`]); the pod cgroup's removal detaches it.
     Pod,
 }
 
@@ -168,10 +169,18 @@ fn run_stage(
             let source = std::fs::read_to_string(&policy_path)
                 .with_context(|| format!("reading policy {}", policy_path.display()))?;
             if opts.scope == Scope::Pod && pod_already_attached(opts, &name, &cgroup)? {
-                return Ok(format!(
-                    "pod sandbox {name:?} already confines {}",
-                    cgroup.display()
-                ));
+                // The pod's next container: confined already, judged as an attach would.
+                let resp = call(
+                    opts,
+                    Request::Join {
+                        name,
+                        container: state.id.clone(),
+                        cgroup,
+                        policy_path: policy_path.display().to_string(),
+                        runtime_init: init,
+                    },
+                )?;
+                return answer(resp);
             }
             let resp = call(
                 opts,
