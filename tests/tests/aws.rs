@@ -14,6 +14,7 @@
 //!   (`--acl`) and a sub-resource (`?acl`) are refused the same way;
 //! - an STS failure refuses the request with the reason in the audit record, and the next
 //!   request after the fault is fixed succeeds;
+//! - a sandbox detached and attached again under the same name gets a new session;
 //! - neither the daemon's IAM secret nor any session secret or token is in the sandbox's
 //!   view (environment, files, CLI output), the audit log or the daemon's log.
 //!
@@ -595,6 +596,29 @@ fn aws_cli_is_re_signed_within_its_prefix_and_refused_outside() -> Result<()> {
         &["s3", "cp", "s3://acme-data/agent/in/data.txt", "-"],
     )?;
     t.ok("after the key is fixed", &recovered)?;
+
+    // A sandbox's session goes with it: one attached later under the same name (a
+    // container re-created under its id) assumes the role anew, never inherits it.
+    let minted = |t: &Aws| -> Result<usize> {
+        Ok(t.moto
+            .sessions(&t.fx.world)?
+            .iter()
+            .filter(|s| s["session_name"] == "aws2")
+            .count())
+    };
+    let before = minted(&t)?;
+    t.fx.daemon.detach("aws2")?;
+    t.fx.attach(&other.sandbox, "aws2", POLICY)?;
+    let again = t.cli(
+        &other.sandbox,
+        false,
+        &["s3", "cp", "s3://acme-data/agent/in/data.txt", "-"],
+    )?;
+    t.ok("after the sandbox was attached again", &again)?;
+    ensure!(
+        before == 1 && minted(&t)? == 2,
+        "the re-attached sandbox was not given a new session ({before} before)"
+    );
 
     // No secret anywhere the sandbox or an auditor looks.
     let sessions = t.moto.sessions(&t.fx.world)?;

@@ -286,6 +286,16 @@ impl AwsSts {
         n
     }
 
+    /// Drops sandbox `sandbox`'s cached session (it detached): a sandbox given the same
+    /// name later gets a session of its own. Whether one was cached.
+    pub(super) async fn forget_sandbox(&self, sandbox: &str) -> bool {
+        self.sessions
+            .lock()
+            .await
+            .remove(sandbox)
+            .is_some_and(|s| s.session.is_some())
+    }
+
     /// Sandbox `sandbox`'s session: cached while fresh, else a new `AssumeRole`.
     pub(super) async fn session(&self, sandbox: &str) -> Result<Arc<Session>, CredentialError> {
         let mut sessions = self.sessions.lock().await;

@@ -763,6 +763,19 @@ impl CredentialStore {
             .is_some_and(|c| matches!(&c.source, Source::Vault(v) if v.is_lease()))
     }
 
+    /// Drops what is held for sandbox `sandbox` alone (it detached): its cached STS
+    /// sessions, so that a sandbox given the same name later never gets them. How many
+    /// sessions were dropped.
+    pub async fn forget_sandbox(&self, sandbox: &str) -> usize {
+        let mut dropped = 0;
+        for credential in self.credentials.values() {
+            if let Source::Aws(sts) = &credential.source {
+                dropped += usize::from(sts.forget_sandbox(sandbox).await);
+            }
+        }
+        dropped
+    }
+
     /// Revokes credential `name`'s live value: the value the daemon holds (a cached
     /// command output or installation token, which is dropped so the next use fetches a
     /// new one; a file's or variable's current value). A `github_app` token is revoked

@@ -1264,6 +1264,14 @@ impl Core {
                     },
                 );
                 self.save_state();
+                let store = self.proxy.credentials();
+                let name = rec.name.clone();
+                self.runtime.spawn(async move {
+                    let n = store.forget_sandbox(&name).await;
+                    if n > 0 {
+                        tracing::info!(sandbox = %name, sessions = n, "Dropped the detached sandbox's STS sessions");
+                    }
+                });
                 if let Some(policy) = policy {
                     self.revoke_unused_leases(&rec.name, &policy);
                 }
