@@ -67,6 +67,11 @@ impl PendingLines {
         self.lines.back().map(|(s, _)| *s)
     }
 
+    /// Sequence number of the line at `index` from the front.
+    pub(super) fn sequence(&self, index: usize) -> Option<u64> {
+        self.lines.get(index).map(|(s, _)| *s)
+    }
+
     /// The lines from `skip` on, as many whole ones as fit in `max` bytes (at least one):
     /// their bytes and their lengths.
     pub(super) fn chunk(

@@ -8,6 +8,7 @@
 mod alert;
 mod batch;
 mod clock;
+mod recent;
 mod record;
 mod redact;
 mod timestamp;
@@ -19,12 +20,13 @@ mod tests;
 pub use alert::{Alert, AlertKind, AlertResponse};
 pub use clock::ClockOffset;
 pub use record::{
-    action, format_timestamp, query_keys, AuditLost, ConnectionId, CredentialRevoke, DaemonStart,
-    DaemonStop, DecodeError, DetachReason, DnsEvent, DnsVerdict, EncodeError, EventsLost, GitAudit,
-    Hook, LostBySandbox, NetworkDecision, PolicyChange, PolicyDigest, PolicyRejected, ProxyEvent,
-    ProxyRecord, ProxyVerdict, Quarantine, Record, RecordKind, RefUpdate, RefusedAnswer,
-    RefusedOption, RuleRef, SandboxLifecycle, SecretDirection, SecretFinding, SocketFamily,
-    StopReason, TlsMode, Verdict, ECS_VERSION, MAX_LINE, PRODUCT, VERSION,
+    action, format_timestamp, query_keys, AuditLost, AuditRewritten, ConnectionId,
+    CredentialRevoke, DaemonStart, DaemonStop, DecodeError, DetachReason, DnsEvent, DnsVerdict,
+    EncodeError, EventsLost, GitAudit, Hook, LostBySandbox, NetworkDecision, PolicyChange,
+    PolicyDigest, PolicyRejected, ProxyEvent, ProxyRecord, ProxyVerdict, Quarantine, Record,
+    RecordKind, RefUpdate, RefusedAnswer, RefusedOption, RuleRef, SandboxLifecycle,
+    SecretDirection, SecretFinding, SocketFamily, StopReason, TlsMode, Verdict, ECS_VERSION,
+    MAX_LINE, PRODUCT, VERSION,
 };
 pub use redact::{FindSecrets, Redactor};
 pub use writer::{

@@ -767,6 +767,15 @@ fn every_kind() -> Vec<Record> {
             error: "numbered by the previous run of the daemon but not written".into(),
         }
         .into(),
+        AuditRewritten {
+            time: T0,
+            count: 12,
+            first_sequence: 40,
+            last_sequence: 51,
+            complete: true,
+            reason: "the log was truncated in place from 9120 to 0 bytes".into(),
+        }
+        .into(),
     ]
     .into_iter()
     .chain(proxy_kinds())
@@ -988,7 +997,7 @@ fn every_kind_written_to_a_file_matches_the_schema() {
         .iter()
         .map(|l| l["event"]["action"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(actions.len(), 22 + AlertKind::ALL.len(), "{actions:?}");
+    assert_eq!(actions.len(), 23 + AlertKind::ALL.len(), "{actions:?}");
 }
 
 #[test]
@@ -2989,4 +2998,74 @@ async fn a_failed_sync_reports_the_records_it_may_have_lost() {
     assert_eq!(lost["egress"]["audit_lost"]["first_sequence"], 1, "{lost}");
     assert_eq!(lost["egress"]["audit_lost"]["last_sequence"], 2, "{lost}");
     assert!(lost.to_string().contains("fdatasync"), "{lost}");
+}
+
+/// logrotate's `copytruncate`: the log is copied, records are appended meanwhile, then it
+/// is emptied. The writer notices at its next append and writes the last seconds' records
+/// again, followed by an `audit-rewritten` record: the copy and the log together hold
+/// every record, and each number found twice is the same record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_truncated_in_place_gets_its_last_records_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (handle, task) = AuditLog::open(AuditSink::File(path.clone())).unwrap();
+    let writer = tokio::spawn(task.run());
+    let written = |n: usize| {
+        let path = path.clone();
+        move || fs::read_to_string(&path).is_ok_and(|t| t.lines().count() >= n)
+    };
+    handle.emit_all((1..=5).map(denied).collect());
+    eventually("five records", written(5)).await;
+    let copy = fs::read(&path).unwrap();
+    // Between the copy and the truncation: in neither file unless written again.
+    handle.emit_all((6..=8).map(denied).collect());
+    eventually("eight records", written(8)).await;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    handle.emit(denied(9));
+    drop(handle);
+    writer.await.unwrap().unwrap();
+
+    let copied: Vec<Value> = copy
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    let after = read_lines(&path);
+    let notice = after
+        .iter()
+        .find(|l| l["event"]["action"] == "audit-rewritten");
+    assert!(notice.is_some(), "no audit-rewritten record: {after:?}");
+    let notice = notice.unwrap();
+    let rewritten = &notice["egress"]["audit_rewritten"];
+    assert_eq!(rewritten["first_sequence"], 1, "{notice}");
+    assert_eq!(rewritten["last_sequence"], 8, "{notice}");
+    assert_eq!(rewritten["count"], 8, "{notice}");
+    assert_eq!(rewritten["complete"], true, "{notice}");
+    assert!(
+        notice["event"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("truncated in place"),
+        "{notice}"
+    );
+    // Every record is in the copy or the log; a number in both is the same record.
+    let mut by_number: std::collections::BTreeMap<u64, Value> = Default::default();
+    for line in copied.iter().chain(&after) {
+        if let Some(seen) = by_number.insert(sequence(line), line.clone()) {
+            assert_eq!(&seen, line, "two records numbered {}", sequence(line));
+        }
+    }
+    let ports: Vec<u64> = by_number
+        .values()
+        .filter_map(|l| l["destination"]["port"].as_u64())
+        .collect();
+    assert_eq!(ports, (1..=9).collect::<Vec<_>>());
+    // The log itself is in order: the records again, the notice, then what followed.
+    let order: Vec<u64> = after.iter().map(sequence).collect();
+    assert!(order.windows(2).all(|w| w[1] > w[0]), "{order:?}");
 }

@@ -36,7 +36,8 @@ use tracing::error;
 
 use super::{
     batch::{PendingLines, FILE_CHUNK, PIPE_CHUNK},
-    record::{action, AuditLost, EncodeError, Record},
+    recent::{RecentLines, RECENT_FOR},
+    record::{action, AuditLost, AuditRewritten, EncodeError, Record},
     redact::{FindSecrets, Redactor},
 };
 
@@ -150,6 +151,12 @@ pub struct AuditWriter {
     recheck_torn: bool,
     /// Masks secrets in each record as it is encoded.
     redactor: Redactor,
+    /// The size a regular log file has after this writer's last append (`None`: stdout,
+    /// a pipe, or no file open): a smaller one means it was truncated in place.
+    expected_len: Option<u64>,
+    /// How many times the path was opened: lines written under another count went to
+    /// another file.
+    opened: u64,
     #[cfg(test)]
     sync_fault: Option<io::ErrorKind>,
 }
@@ -172,6 +179,8 @@ impl AuditWriter {
                     torn: false,
                     recheck_torn: false,
                     redactor: Redactor::default(),
+                    expected_len: None,
+                    opened: 1,
                     #[cfg(test)]
                     sync_fault: None,
                 })
@@ -189,6 +198,7 @@ impl AuditWriter {
                     }
                 };
                 let next_sequence = tail.as_ref().map_or(1, |t| t.sequence.saturating_add(1));
+                let expected_len = regular_len(&out);
                 Ok(Self {
                     sink,
                     out: Some(out),
@@ -197,6 +207,8 @@ impl AuditWriter {
                     torn: scan.torn,
                     recheck_torn: scan.torn,
                     redactor: Redactor::default(),
+                    expected_len,
+                    opened: 1,
                     #[cfg(test)]
                     sync_fault: None,
                 })
@@ -296,7 +308,21 @@ impl AuditWriter {
             return Err((written.saturating_sub(prefix), error));
         }
         self.torn = false;
+        if let Some(len) = &mut self.expected_len {
+            *len += bytes.len() as u64;
+        }
         Ok(())
+    }
+
+    /// Whether the open log file was truncated in place since this writer's last append
+    /// (logrotate's `copytruncate`): `Some((expected, found))` sizes, once per truncation.
+    /// One `fstat`; never for stdout or a pipe.
+    pub(super) fn truncated_in_place(&mut self) -> Option<(u64, u64)> {
+        let expected = self.expected_len?;
+        let found = regular_len(self.out.as_ref()?)?;
+        // Longer: another appender (one writer per file is assumed); follow it.
+        self.expected_len = Some(found);
+        (found < expected).then_some((expected, found))
     }
 
     /// Opens the path again and appends there from now on: after `logrotate` moved the
@@ -314,13 +340,21 @@ impl AuditWriter {
         }
         self.torn = scan.torn;
         self.recheck_torn = scan.torn;
+        self.expected_len = regular_len(&out);
+        self.opened += 1;
         self.out = Some(out);
         Ok(())
+    }
+
+    /// How many times the log was opened (see [`Self::reopen`]).
+    pub(super) fn opened(&self) -> u64 {
+        self.opened
     }
 
     fn close(&mut self) {
         if matches!(self.sink, AuditSink::File(_)) {
             self.out = None;
+            self.expected_len = None;
         }
     }
 
@@ -393,6 +427,14 @@ impl AuditWriter {
     pub fn sink(&self) -> &AuditSink {
         &self.sink
     }
+}
+
+/// The size of `file` if it is a regular file (a pipe or device has none to truncate).
+fn regular_len(file: &File) -> Option<u64> {
+    file.metadata()
+        .ok()
+        .filter(|m| m.file_type().is_file())
+        .map(|m| m.len())
 }
 
 /// Counts a written line and hands it to the collector.
@@ -908,6 +950,9 @@ impl AuditLog {
                 last_sync: Instant::now(),
                 sync_failing: false,
                 records: 0,
+                recent: RecentLines::default(),
+                recent_file: 0,
+                rewrite_due: None,
             },
         ))
     }
@@ -1118,6 +1163,13 @@ pub struct AuditTask {
     /// file but maybe not the disk, so credentials are not used unrecorded meanwhile).
     sync_failing: bool,
     records: u64,
+    /// Lines written in the last seconds, for a truncation in place (see [`recent`]).
+    recent: RecentLines,
+    /// [`AuditWriter::opened`] when `recent` was last added to.
+    recent_file: u64,
+    /// A truncation in place found (`(expected, found)` sizes) whose lines are not yet
+    /// written again.
+    rewrite_due: Option<(u64, u64)>,
 }
 
 /// What a finished [`AuditTask`] wrote.
@@ -1450,7 +1502,12 @@ impl AuditTask {
             let mut done = 0;
             let mut result = Ok(());
             while done < self.pending.len() {
+                if let Err(e) = self.rewrite_if_truncated() {
+                    result = Err(e);
+                    break;
+                }
                 let (bytes, lengths) = self.pending.chunk(done, max);
+                let first = done;
                 self.health.write_started();
                 let outcome = self.writer.write_lines(bytes);
                 self.health.write_ended();
@@ -1469,6 +1526,25 @@ impl AuditTask {
                     offset += len;
                     done += 1;
                 }
+                if done > first && matches!(self.writer.sink(), AuditSink::File(_)) {
+                    if self.recent_file != self.writer.opened() {
+                        // Those went to a file since moved away, whole.
+                        self.recent.clear();
+                        self.recent_file = self.writer.opened();
+                    }
+                    if let (Some(from), Some(to)) = (
+                        self.pending.sequence(first),
+                        self.pending.sequence(done - 1),
+                    ) {
+                        self.recent.push(
+                            Instant::now(),
+                            &bytes[..offset],
+                            from,
+                            to,
+                            (done - first) as u64,
+                        );
+                    }
+                }
                 if let Some(e) = error {
                     result = Err(e);
                     break;
@@ -1486,6 +1562,72 @@ impl AuditTask {
             }
             return result;
         }
+    }
+
+    /// If the log was truncated in place since the last append (logrotate's
+    /// `copytruncate`), writes the lines of the last seconds again, which may be in
+    /// neither the copy nor the log, and queues an `audit-rewritten` record saying so.
+    /// An error leaves the rewrite due for the next try.
+    fn rewrite_if_truncated(&mut self) -> io::Result<()> {
+        if let Some(found) = self.writer.truncated_in_place() {
+            self.rewrite_due.get_or_insert(found);
+        }
+        let Some((expected, found)) = self.rewrite_due else {
+            return Ok(());
+        };
+        let rewrite = if self.recent_file == self.writer.opened() {
+            self.recent.joined()
+        } else {
+            None
+        };
+        let Some(rewrite) = rewrite else {
+            self.rewrite_due = None;
+            return Ok(());
+        };
+        self.health.write_started();
+        let outcome = self.writer.write_lines(&rewrite.bytes);
+        self.health.write_ended();
+        outcome.map_err(|(_, e)| e)?;
+        self.rewrite_due = None;
+        self.recent.clear();
+        tracing::warn!(
+            sink = %self.writer.sink(),
+            expected,
+            found,
+            first = rewrite.first,
+            last = rewrite.last,
+            "Audit log truncated in place; the last records written again"
+        );
+        let window = RECENT_FOR.as_secs();
+        let cut = if rewrite.complete {
+            String::new()
+        } else {
+            format!(
+                "; the memory bound cut the {window} s window, so records just before \
+                 {} may be in neither file",
+                rewrite.first
+            )
+        };
+        let record = AuditRewritten {
+            time: OffsetDateTime::now_utc(),
+            count: rewrite.lines,
+            first_sequence: rewrite.first,
+            last_sequence: rewrite.last,
+            complete: rewrite.complete,
+            reason: format!(
+                "the log was truncated in place from {expected} to {found} bytes (logrotate \
+                 copytruncate, or by hand): the records written in the {window} s before its \
+                 last append were written again, and the copy may hold them too, with the \
+                 same event.sequence{cut}"
+            ),
+        };
+        if let Err(e) = self
+            .writer
+            .encode_next_into(&Record::AuditRewritten(record), &mut self.pending)
+        {
+            error!(error = %e, "Rewrite record not encodable");
+        }
+        Ok(())
     }
 
     /// A sync that failed before has succeeded: healthy again unless writes still fail.

@@ -26,6 +26,27 @@ pub struct AuditLost {
     pub error: String,
 }
 
+/// The log was truncated in place (logrotate's `copytruncate`, or by hand) while the
+/// writer had it open: records written shortly before may be in neither the copy nor the
+/// log, so the writer wrote them again, before this record. The range's numbers occur
+/// twice where the copy holds them too: the same record, with the same `event.sequence`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRewritten {
+    pub time: OffsetDateTime,
+    /// `egress.audit_rewritten.count`: how many records were written again.
+    pub count: u64,
+    /// `egress.audit_rewritten.first_sequence`: the first rewritten `event.sequence`.
+    pub first_sequence: u64,
+    /// `egress.audit_rewritten.last_sequence`: the last rewritten `event.sequence`.
+    pub last_sequence: u64,
+    /// `egress.audit_rewritten.complete`: whether every record written within the window
+    /// before the truncation was kept to be written again (false: the memory bound cut
+    /// it, and records just before `first_sequence` may be missing).
+    pub complete: bool,
+    /// `event.reason`: what was found (the sizes) and what was done.
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DaemonStart {
     pub time: OffsetDateTime,

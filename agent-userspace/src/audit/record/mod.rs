@@ -58,6 +58,8 @@ pub mod action {
     pub const EVENTS_LOST: &str = "events-lost";
     /// Audit records numbered but never written (the log could not be written).
     pub const AUDIT_LOST: &str = "audit-lost";
+    /// Records written again after the log was truncated in place.
+    pub const AUDIT_REWRITTEN: &str = "audit-rewritten";
     pub const DAEMON_START: &str = "daemon-start";
     pub const DAEMON_STOP: &str = "daemon-stop";
     pub const SANDBOX_ATTACH: &str = "sandbox-attach";
@@ -83,6 +85,8 @@ pub enum Record {
     EventsLost(EventsLost),
     /// Audit records that were numbered but could not be written.
     AuditLost(AuditLost),
+    /// Records written again after the log was truncated in place.
+    AuditRewritten(AuditRewritten),
     DaemonStart(DaemonStart),
     DaemonStop(DaemonStop),
     /// A cgroup was put under a policy.
@@ -118,6 +122,7 @@ impl Record {
             Self::Network(r) => r.time,
             Self::EventsLost(r) => r.time,
             Self::AuditLost(r) => r.time,
+            Self::AuditRewritten(r) => r.time,
             Self::DaemonStart(r) => r.time,
             Self::DaemonStop(r) => r.time,
             Self::SandboxAttach(r) | Self::SandboxDetach(r) | Self::SandboxAdopt(r) => r.time,
@@ -137,6 +142,7 @@ impl Record {
             Self::Network(r) => r.hook.action(),
             Self::EventsLost(_) => action::EVENTS_LOST,
             Self::AuditLost(_) => action::AUDIT_LOST,
+            Self::AuditRewritten(_) => action::AUDIT_REWRITTEN,
             Self::DaemonStart(_) => action::DAEMON_START,
             Self::DaemonStop(_) => action::DAEMON_STOP,
             Self::SandboxAttach(_) => action::SANDBOX_ATTACH,
@@ -267,6 +273,17 @@ impl Record {
                         .transpose()?,
                 });
             }
+            Self::AuditRewritten(r) => {
+                wire.event.category = &["file"];
+                wire.event.type_ = &["change"];
+                wire.event.reason = Some(&r.reason);
+                wire.egress.audit_rewritten = Some(WireAuditRewritten {
+                    count: r.count,
+                    first_sequence: r.first_sequence,
+                    last_sequence: r.last_sequence,
+                    complete: r.complete,
+                });
+            }
             Self::DaemonStart(r) => {
                 wire.event.category = &["process"];
                 wire.event.type_ = &["start"];
@@ -342,6 +359,7 @@ impl_from!(
     NetworkDecision => Network,
     EventsLost => EventsLost,
     AuditLost => AuditLost,
+    AuditRewritten => AuditRewritten,
     DaemonStart => DaemonStart,
     DaemonStop => DaemonStop,
     PolicyChange => PolicyChange,

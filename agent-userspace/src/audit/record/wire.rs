@@ -517,6 +517,8 @@ pub(super) struct WireEgress<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) audit_lost: Option<WireAuditLost>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) audit_rewritten: Option<WireAuditRewritten>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) daemon: Option<WireDaemon>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) gap: Option<WireGap>,
@@ -550,6 +552,7 @@ impl Json for WireEgress<'_> {
             git,
             lost,
             audit_lost,
+            audit_rewritten,
             daemon,
             gap,
             policy,
@@ -573,6 +576,7 @@ impl Json for WireEgress<'_> {
             .opt("git", git)
             .opt("lost", lost)
             .opt("audit_lost", audit_lost)
+            .opt("audit_rewritten", audit_rewritten)
             .opt("daemon", daemon)
             .opt("gap", gap)
             .opt("policy", policy)
@@ -920,6 +924,31 @@ impl Json for WireAuditLost {
             .field("first_sequence", first_sequence)
             .field("last_sequence", last_sequence)
             .opt("since", since)
+            .end();
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct WireAuditRewritten {
+    pub(super) count: u64,
+    pub(super) first_sequence: u64,
+    pub(super) last_sequence: u64,
+    pub(super) complete: bool,
+}
+
+impl Json for WireAuditRewritten {
+    fn json(&self, out: &mut Vec<u8>) {
+        let Self {
+            count,
+            first_sequence,
+            last_sequence,
+            complete,
+        } = self;
+        Obj::new(out)
+            .field("count", count)
+            .field("first_sequence", first_sequence)
+            .field("last_sequence", last_sequence)
+            .field("complete", complete)
             .end();
     }
 }
