@@ -2562,6 +2562,70 @@ async fn a_credentials_record_is_not_pushed_out_by_a_flood() {
     assert_eq!(ranges, vec![(4, 10, 7), (13, 23, 11)]);
 }
 
+/// The queue to the writer full (a reader that stopped reading): a record of what a
+/// credential did still reaches the log, kept aside from the flood that is counted lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credentials_record_is_kept_when_the_queue_to_the_writer_is_full() {
+    use std::io::Read as _;
+    use std::time::Duration;
+    let (_dir, handle, writer, mut fifo) = log_on_a_fifo();
+    for i in 0..super::writer::QUEUE_MESSAGES + 10_000 {
+        handle.emit(denied((i % 60_000) as u16 + 1));
+    }
+    let mut used = proxy_request();
+    used.credential = Some("github-token".into());
+    handle.emit(proxy_event(used));
+    // Past the flood, and not vital: counted lost like the flood.
+    let mut plain = proxy_request();
+    plain.credential = None;
+    handle.emit(proxy_event(plain));
+    drop(handle);
+    let mut text = Vec::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    let start = std::time::Instant::now();
+    while !writer.is_finished() && start.elapsed() < Duration::from_secs(30) {
+        match fifo.read(&mut chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            read => text.extend_from_slice(&chunk[..read.unwrap()]),
+        }
+    }
+    while let Ok(n) = fifo.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        text.extend_from_slice(&chunk[..n]);
+    }
+    writer.await.unwrap().unwrap();
+    let lines: Vec<Value> = String::from_utf8(text)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let requests: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event"]["action"] == "http-request")
+        .collect();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0]["egress"]["credential"]["name"], "github-token");
+    let lost: u64 = lines
+        .iter()
+        .filter(|l| l["event"]["action"] == "audit-lost")
+        .map(|l| l["egress"]["audit_lost"]["count"].as_u64().unwrap())
+        .sum();
+    let connects = lines
+        .iter()
+        .filter(|l| l["event"]["action"] == "connect")
+        .count() as u64;
+    assert!(lost > 0, "nothing found the queue full");
+    // Every record emitted is written or counted lost: the flood, the plain request.
+    assert_eq!(
+        connects + lost,
+        super::writer::QUEUE_MESSAGES as u64 + 10_000 + 1
+    );
+}
+
 /// A sandbox flooding alerts while the log cannot be written keeps at most its share of
 /// the reserve: another sandbox's credential record is still kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@
 //! record, so the fragment stays a line of its own instead of spoiling that record.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     fmt,
     fs::{DirBuilder, File, OpenOptions},
     io::{self, Read, Write},
@@ -732,6 +732,19 @@ struct Health {
     /// Milliseconds after `origin`, plus one, when the write in progress began; 0 while
     /// none is.
     writing_since: AtomicU64,
+    /// Vital records ([`vital`]) that found the queue to the writer full, kept for it.
+    overflow: Mutex<Overflow>,
+    /// `overflow` may hold records.
+    overflowed: AtomicBool,
+}
+
+/// Vital records kept past a full queue to the writer: at most [`VITAL_RESERVE`], of which
+/// at most [`VITAL_SHARE`] one sandbox's, so that a sandbox flooding the trail (denied
+/// connects, refused queries) cannot push out what another's credential did.
+#[derive(Debug, Default)]
+struct Overflow {
+    records: VecDeque<Record>,
+    by_owner: HashMap<Option<String>, usize>,
 }
 
 impl Default for Health {
@@ -743,6 +756,8 @@ impl Default for Health {
             report: Mutex::new(AuditHealth::default()),
             origin: Instant::now(),
             writing_since: AtomicU64::new(0),
+            overflow: Mutex::new(Overflow::default()),
+            overflowed: AtomicBool::new(false),
         }
     }
 }
@@ -750,6 +765,50 @@ impl Default for Health {
 impl Health {
     fn report(&self) -> MutexGuard<'_, AuditHealth> {
         self.report.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn overflow(&self) -> MutexGuard<'_, Overflow> {
+        self.overflow.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the vital records of a message that found the queue full (within the
+    /// reserve); returns how many records were not kept.
+    fn keep_vital(&self, message: Message) -> u64 {
+        let records = match message {
+            Message::Record(r) => vec![*r],
+            Message::Records(v) => v,
+            Message::Reopen => return 0,
+        };
+        let mut unkept = 0;
+        let mut overflow = self.overflow();
+        for record in records {
+            let Some(owner) = vital(&record).map(|o| o.map(str::to_owned)) else {
+                unkept += 1;
+                continue;
+            };
+            let room = overflow.records.len() < VITAL_RESERVE;
+            let kept = overflow.by_owner.entry(owner).or_default();
+            if room && *kept < VITAL_SHARE {
+                *kept += 1;
+                overflow.records.push_back(record);
+            } else {
+                unkept += 1;
+            }
+        }
+        if !overflow.records.is_empty() {
+            self.overflowed.store(true, Ordering::Release);
+        }
+        unkept
+    }
+
+    /// The vital records kept past a full queue, oldest first, emptied.
+    fn take_overflow(&self) -> VecDeque<Record> {
+        if !self.overflowed.swap(false, Ordering::AcqRel) {
+            return VecDeque::new();
+        }
+        let mut overflow = self.overflow();
+        overflow.by_owner.clear();
+        std::mem::take(&mut overflow.records)
     }
 
     fn write_started(&self) {
@@ -987,7 +1046,8 @@ impl AuditHandle {
     /// Queues a record. Never blocks. The queue to the writer holds [`QUEUE_MESSAGES`]
     /// messages (a write that blocks must not grow the daemon without bound): what finds
     /// it full is counted, and the writer numbers it and reports it in an `audit-lost`
-    /// record, so the gap is always explained. While the log cannot be written the writer
+    /// record, so the gap is always explained; but a vital record ([`vital`]) is kept
+    /// aside for the writer, within a reserve with a share per sandbox. While the log cannot be written the writer
     /// keeps a bounded number of records and counts the rest (see
     /// [`AuditConfig::queue_records`]). If the task has stopped the record cannot be
     /// written and that is logged.
@@ -1000,8 +1060,17 @@ impl AuditHandle {
     fn send(&self, message: Message, records: u64) {
         match self.tx.try_send(message) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.health.unqueued.fetch_add(records, Ordering::Relaxed);
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                // Vital records are kept aside (within a reserve), the rest counted.
+                let unkept = self.health.keep_vital(message);
+                if unkept > 0 {
+                    self.health.unqueued.fetch_add(unkept, Ordering::Relaxed);
+                }
+                if unkept < records {
+                    // The writer takes what was kept at its next message: make sure there
+                    // is one, should it have emptied the queue meanwhile.
+                    let _ = self.tx.try_send(Message::Records(Vec::new()));
+                }
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 error!(records, "Audit writer has stopped; records not written");
@@ -1264,9 +1333,12 @@ impl AuditTask {
                 std::thread::sleep(GATHER);
             }
         }
-        // Records that could not be queued at the very end are reported too.
-        if self.health.unqueued.load(Ordering::Relaxed) > 0 {
+        // Records that could not be queued at the very end are reported (or written) too.
+        if self.health.unqueued.load(Ordering::Relaxed) > 0
+            || self.health.overflowed.load(Ordering::Acquire)
+        {
             self.take_unqueued();
+            self.take_overflow();
             self.flush();
             self.store_sequence();
         }
@@ -1304,6 +1376,7 @@ impl AuditTask {
     /// Takes one message: numbers and queues its records, or reopens.
     fn take(&mut self, message: Message) {
         self.take_unqueued();
+        self.take_overflow();
         match message {
             Message::Reopen => {
                 // Records emitted before the reopen go to the old file.
@@ -1312,6 +1385,14 @@ impl AuditTask {
             }
             Message::Record(record) => self.take_record(&record),
             Message::Records(records) => records.iter().for_each(|r| self.take_record(r)),
+        }
+    }
+
+    /// Takes the vital records producers kept aside when the queue to this thread was
+    /// full (after the loss of the others is numbered: they were sent no earlier).
+    fn take_overflow(&mut self) {
+        for record in self.health.take_overflow() {
+            self.take_record(&record);
         }
     }
 
