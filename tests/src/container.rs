@@ -247,6 +247,38 @@ impl Runc {
         cmd.output().with_context(|| format!("spawn {cmd:?}"))
     }
 
+    /// [`Runc::run`] with runc itself (and so the hooks it runs) started inside cgroup
+    /// directory `cgroup`, as CRI-O starts it from conmon with `conmon_cgroup = "pod"`.
+    pub fn run_from_cgroup(
+        &self,
+        image: &Image,
+        id: &str,
+        spec: &ContainerSpec,
+        cgroup: &Path,
+    ) -> Result<Output> {
+        let bundle = self.bundle(image, id, spec)?;
+        self.track(id);
+        let procs = cgroup.join("cgroup.procs");
+        let mut cmd = bounded(
+            30,
+            "sh",
+            &[
+                OsStr::new("-c"),
+                OsStr::new("echo $$ > \"$0\" && exec \"$@\""),
+                procs.as_os_str(),
+                OsStr::new("runc"),
+                OsStr::new("--root"),
+                self.root().as_os_str(),
+                OsStr::new("run"),
+                OsStr::new("--bundle"),
+                bundle.as_os_str(),
+                OsStr::new(id),
+            ],
+        );
+        cmd.stdin(Stdio::null());
+        cmd.output().with_context(|| format!("spawn {cmd:?}"))
+    }
+
     /// Deletes `id` when this guard drops (for containers started with [`Runc::command`]).
     pub fn track(&self, id: &str) {
         self.ids

@@ -709,11 +709,36 @@ fn pod_scope_confines_every_container_of_a_pod() -> Result<()> {
             "a refused container took the pod sandbox with it"
         );
         // Beside them, a container holding only the runtime's defaults still starts.
-        let out = runc.run(&image, &format!("{pod}-e"), &spec("team", "e", started))?;
+        let out = runc.run(
+            &image,
+            &format!("{pod}-e"),
+            &spec("team", "e", started.clone()),
+        )?;
         ensure!(
             out.status.success() && text(&out).contains("container-started"),
             "a later container meeting the policy was refused: {}",
             text(&out)
+        );
+        // So does one whose runtime, and so its hook, runs inside the pod's cgroup (CRI-O's
+        // conmon with `conmon_cgroup = "pod"`): a process in a sandbox may join it.
+        let pod_dir = PathBuf::from(get_str(&s, "cgroup").context("no cgroup in status")?);
+        let out = runc.run_from_cgroup(
+            &image,
+            &format!("{pod}-f"),
+            &spec("team", "f", started),
+            &pod_dir,
+        )?;
+        ensure!(
+            out.status.success() && text(&out).contains("container-started"),
+            "a later container whose hook runs in the pod's cgroup was refused: {}",
+            text(&out)
+        );
+        ensure!(
+            !fx.daemon
+                .audit_records()?
+                .iter()
+                .any(|r| get_str(r, "event.action") == Some("control-socket")),
+            "the pod's own hook raised a control-socket alert"
         );
 
         // Exempt namespace: the hook lets a container the kubelet placed in a pod's
@@ -785,7 +810,7 @@ fn pod_scope_confines_every_container_of_a_pod() -> Result<()> {
         .command(20, &["delete", "--force", &format!("{pod}-a")])
         .output();
     container::remove_cgroup(&format!("{pod_cgroup}/a"));
-    for leaf in ["b", "c", "d", "e"] {
+    for leaf in ["b", "c", "d", "e", "f"] {
         container::remove_cgroup(&format!("{pod_cgroup}/{leaf}"));
     }
     container::remove_cgroup(&pod_cgroup);

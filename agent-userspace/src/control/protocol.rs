@@ -38,15 +38,21 @@ pub enum Request {
         #[serde(default)]
         runtime_init: Option<RuntimeInit>,
     },
-    /// A later container of a pod sandbox asks to start in it (the OCI hook in pod scope):
-    /// the sandbox must confine `cgroup` with the policy at `policy_path`, and the
-    /// container's init must be inside it and meet the policy's requirements.
+    /// A container of a Kubernetes pod (the OCI hook in pod scope): attaches the pod's
+    /// sandbox if there is none by that name, as [`Request::Attach`] does; otherwise the
+    /// container joins it, never replacing its policy: the sandbox must confine `cgroup`
+    /// with the policy at `policy_path`, and the container's init must be inside it, in
+    /// its network namespace, and meet the policy's requirements. Decided under one lock,
+    /// so two containers starting at once cannot both attach. A process inside the sandbox
+    /// it names may send it (a runtime's hook can run in the pod's cgroup).
     Join {
         name: String,
         /// The container's id, from the runtime's state (for the record of a refusal).
         container: String,
         cgroup: PathBuf,
         policy_path: String,
+        policy_source: String,
+        netns: PathBuf,
         runtime_init: RuntimeInit,
     },
     /// Remove confinement, by sandbox name or by cgroup path; with both, the named sandbox

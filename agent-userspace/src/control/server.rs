@@ -28,8 +28,10 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Why a caller in cgroup directory `cgroup` (`None`: a cgroup that cannot be placed)
     /// may only read the status, if it may not do more: it is in a sandbox's cgroup tree,
-    /// root or not, or it cannot be told apart from one. A refusal is recorded.
-    fn refuse_caller(&self, cgroup: Option<&Path>) -> Option<String> {
+    /// root or not, or it cannot be told apart from one; but a caller in the sandbox a
+    /// `Join` names (`joins`) may join it. A refusal is recorded.
+    fn refuse_caller(&self, cgroup: Option<&Path>, joins: Option<&str>) -> Option<String> {
+        let _ = joins;
         cgroup
             .is_none()
             .then(|| "the caller's cgroup cannot be read".to_owned())
@@ -221,7 +223,11 @@ async fn connection(
         }
         ReadEnd::Refuse(r) => r,
         ReadEnd::Request(req) if !matches!(req, Request::Status) => {
-            match caller.refusal(handler.as_ref()) {
+            let joins = match &req {
+                Request::Join { name, .. } => Some(name.as_str()),
+                _ => None,
+            };
+            match caller.refusal(handler.as_ref(), joins) {
                 Some(why) => {
                     Response::error(format!("permission denied: egressd control socket: {why}"))
                 }
@@ -256,11 +262,14 @@ impl Caller {
     }
 
     /// Why this caller may only read the status, if so (recorded by `handler`).
-    fn refusal(&self, handler: &dyn Handler) -> Option<String> {
-        handler.refuse_caller(match self {
-            Self::Cgroup(cgroup) => Some(cgroup),
-            Self::Unknown => None,
-        })
+    fn refusal(&self, handler: &dyn Handler, joins: Option<&str>) -> Option<String> {
+        handler.refuse_caller(
+            match self {
+                Self::Cgroup(cgroup) => Some(cgroup),
+                Self::Unknown => None,
+            },
+            joins,
+        )
     }
 }
 
@@ -296,7 +305,11 @@ mod caller_tests {
             super::Response::error("unused")
         }
 
-        fn refuse_caller(&self, cgroup: Option<&std::path::Path>) -> Option<String> {
+        fn refuse_caller(
+            &self,
+            cgroup: Option<&std::path::Path>,
+            _joins: Option<&str>,
+        ) -> Option<String> {
             self.0.lock().unwrap().push(cgroup.map(Into::into));
             Some("refused".into())
         }
@@ -307,9 +320,9 @@ mod caller_tests {
     #[test]
     fn every_caller_is_put_to_the_handler() {
         let asked = Asked::default();
-        assert_eq!(Caller::Unknown.refusal(&asked).as_deref(), Some("refused"));
+        assert_eq!(Caller::Unknown.refusal(&asked, None).as_deref(), Some("refused"));
         let placed = Caller::Cgroup("/sys/fs/cgroup/a".into());
-        assert_eq!(placed.refusal(&asked).as_deref(), Some("refused"));
+        assert_eq!(placed.refusal(&asked, None).as_deref(), Some("refused"));
         assert_eq!(
             *asked.0.lock().unwrap(),
             [None, Some("/sys/fs/cgroup/a".into())]
@@ -325,7 +338,7 @@ mod caller_tests {
                 super::Response::error("unused")
             }
         }
-        assert!(Caller::Unknown.refusal(&Plain).is_some());
-        assert!(Caller::Cgroup("/a".into()).refusal(&Plain).is_none());
+        assert!(Caller::Unknown.refusal(&Plain, None).is_some());
+        assert!(Caller::Cgroup("/a".into()).refusal(&Plain, None).is_none());
     }
 }

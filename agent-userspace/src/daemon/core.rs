@@ -1900,8 +1900,9 @@ impl Core {
 
     /// Why a control-socket caller in `cgroup` (`None`: one that cannot be placed) is
     /// refused anything but the status, with a `control-socket` alert: it is in a
-    /// sandbox's cgroup tree, or could be.
-    pub fn control_from(&mut self, cgroup: Option<&Path>) -> Option<String> {
+    /// sandbox's cgroup tree, or could be; but a `Join` naming the caller's own sandbox
+    /// (`joins`) is let through (it can only add a container that meets the policy).
+    pub fn control_from(&mut self, cgroup: Option<&Path>, joins: Option<&str>) -> Option<String> {
         let (sandbox, seen, why) = match cgroup {
             Some(cgroup) => {
                 let rec = self
@@ -1909,6 +1910,10 @@ impl Core {
                     .sandboxes
                     .values()
                     .find(|r| cgroup.starts_with(&r.cgroup))?;
+                if joins == Some(rec.name.as_str()) {
+                    // A runtime's hook in the pod's cgroup, for the pod's next container.
+                    return None;
+                }
                 (
                     rec.name.clone(),
                     format!("a process in cgroup {}", cgroup.display()),

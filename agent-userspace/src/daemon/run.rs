@@ -68,14 +68,23 @@ impl Shared {
 }
 
 impl Handler for Shared {
-    fn refuse_caller(&self, cgroup: Option<&std::path::Path>) -> Option<String> {
-        self.lock().control_from(cgroup)
+    fn refuse_caller(
+        &self,
+        cgroup: Option<&std::path::Path>,
+        joins: Option<&str>,
+    ) -> Option<String> {
+        self.lock().control_from(cgroup, joins)
     }
 
     fn handle(&self, request: Request) -> Response {
         // Parsing and compiling a large policy takes a while: not under the lock.
         let parsed = match &request {
             Request::Attach {
+                policy_path,
+                policy_source,
+                ..
+            }
+            | Request::Join {
                 policy_path,
                 policy_source,
                 ..
@@ -107,8 +116,21 @@ impl Handler for Shared {
                 container,
                 cgroup,
                 policy_path,
+                policy_source,
+                netns,
                 runtime_init,
-            } => core.join(&name, &container, &cgroup, &policy_path, &runtime_init),
+            } => core.attach_or_join(
+                super::join::Joining {
+                    name,
+                    container,
+                    cgroup,
+                    policy_path,
+                    netns,
+                    init: runtime_init,
+                },
+                policy_source,
+                parsed.unwrap_or_else(|| Err("internal error: policy not parsed".into())),
+            ),
             Request::CaExport => Ok(core.proxy.ca_pem.clone()),
             Request::Placeholder {
                 sandbox,

@@ -168,8 +168,9 @@ fn run_stage(
         } => {
             let source = std::fs::read_to_string(&policy_path)
                 .with_context(|| format!("reading policy {}", policy_path.display()))?;
-            if opts.scope == Scope::Pod && pod_already_attached(opts, &name, &cgroup)? {
-                // The pod's next container: confined already, judged as an attach would.
+            if opts.scope == Scope::Pod {
+                // The pod's first container attaches it, each later one joins it (judged
+                // as an attach would be); the daemon decides which under one lock.
                 let resp = call(
                     opts,
                     Request::Join {
@@ -177,6 +178,8 @@ fn run_stage(
                         container: state.id.clone(),
                         cgroup,
                         policy_path: policy_path.display().to_string(),
+                        policy_source: source,
+                        netns,
                         runtime_init: init,
                     },
                 )?;
@@ -254,17 +257,6 @@ fn call(opts: &HookOptions, req: Request) -> anyhow::Result<Response> {
         ))
         .into()),
     }
-}
-
-fn pod_already_attached(opts: &HookOptions, name: &str, cgroup: &Path) -> anyhow::Result<bool> {
-    let resp = call(opts, Request::Status)?;
-    let Some(status) = resp.status else {
-        return Err(DaemonExchange("egressd sent no status".to_owned()).into());
-    };
-    Ok(status
-        .sandboxes
-        .iter()
-        .any(|s| s.name == name && s.cgroup == cgroup))
 }
 
 /// Decides what to do from the state and config alone (plus the host's `/proc` and
