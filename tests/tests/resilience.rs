@@ -512,12 +512,19 @@ fn logrotate_create_and_copytruncate_and_restart_keep_the_sequence() -> Result<(
     // (logrotate's own caveat) unless written again: the writer notices the truncation at
     // its next append and writes the last seconds' records again, with an
     // `audit-rewritten` record. The sandbox makes records while logrotate runs.
+    // The second time with a `SIGHUP` after it too, whose reopen finds the truncation.
     let copy = logrotate_conf(&fx.dir, "copy.conf", &log, "  copytruncate\n")?;
-    for _ in 0..2 {
+    let copy_hup = logrotate_conf(
+        &fx.dir,
+        "copy-hup.conf",
+        &log,
+        &format!("  copytruncate\n  postrotate\n    kill -HUP {pid}\n  endscript\n"),
+    )?;
+    for conf in [&copy, &copy_hup] {
         std::thread::scope(|s| -> Result<()> {
             let connects = s.spawn(|| deny_connects(&fx.sandbox, 22, 20));
             std::thread::sleep(Duration::from_millis(30));
-            logrotate(&copy, &state)?;
+            logrotate(conf, &state)?;
             connects
                 .join()
                 .map_err(|_| anyhow::anyhow!("connects panicked"))?

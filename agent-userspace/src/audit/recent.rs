@@ -29,8 +29,9 @@ struct Written {
 pub(super) struct RecentLines {
     writes: VecDeque<Written>,
     bytes: usize,
-    /// A write within the window was let go for the byte bound since the last take.
-    cut: bool,
+    /// The numbers of writes within the window let go for the byte bound since the last
+    /// clear, first and last.
+    cut: Option<(u64, u64)>,
 }
 
 /// What [`RecentLines::take`] hands back: the lines to write again and their range.
@@ -40,8 +41,9 @@ pub(super) struct Rewrite {
     pub(super) first: u64,
     pub(super) last: u64,
     pub(super) lines: u64,
-    /// Nothing within the window was let go for the byte bound.
-    pub(super) complete: bool,
+    /// The records within the window let go for the byte bound, first and last: they may
+    /// be in neither file.
+    pub(super) cut: Option<(u64, u64)>,
 }
 
 impl RecentLines {
@@ -64,7 +66,13 @@ impl RecentLines {
             if !stale && !over {
                 break;
             }
-            self.cut |= over && !stale;
+            if over && !stale {
+                let (first, last) = (oldest.first, oldest.last);
+                self.cut = Some(
+                    self.cut
+                        .map_or((first, last), |(f, l)| (f.min(first), l.max(last))),
+                );
+            }
             self.bytes -= oldest.bytes.len();
             self.writes.pop_front();
         }
@@ -85,7 +93,7 @@ impl RecentLines {
             first,
             last,
             lines,
-            complete: !self.cut,
+            cut: self.cut,
         })
     }
 
@@ -93,7 +101,7 @@ impl RecentLines {
     pub(super) fn clear(&mut self) {
         self.writes.clear();
         self.bytes = 0;
-        self.cut = false;
+        self.cut = None;
     }
 
     /// [`Self::joined`], then [`Self::clear`].
@@ -127,7 +135,7 @@ mod tests {
                 first: 3,
                 last: 4,
                 lines: 2,
-                complete: true
+                cut: None
             }
         );
         assert_eq!(r.take(), None);
@@ -142,10 +150,10 @@ mod tests {
             r.push(t0, &big, n, n, 1);
         }
         let got = r.take().unwrap();
-        assert_eq!((got.first, got.last, got.complete), (2, 3, false));
+        assert_eq!((got.first, got.last, got.cut), (2, 3, Some((1, 1))));
         // One write larger than the bound is kept whole.
         r.push(t0, &vec![b'y'; RECENT_BYTES + 1], 9, 9, 1);
         let got = r.take().unwrap();
-        assert_eq!((got.first, got.complete), (9, true));
+        assert_eq!((got.first, got.cut), (9, None));
     }
 }

@@ -3129,7 +3129,76 @@ async fn a_log_truncated_in_place_gets_its_last_records_again() {
         .filter_map(|l| l["destination"]["port"].as_u64())
         .collect();
     assert_eq!(ports, (1..=9).collect::<Vec<_>>());
-    // The log itself is in order: the records again, the notice, then what followed.
+    // The log itself is in order: the records again, what followed, then the notice.
     let order: Vec<u64> = after.iter().map(sequence).collect();
     assert!(order.windows(2).all(|w| w[1] > w[0]), "{order:?}");
+}
+
+/// The same with logrotate's `postrotate` `SIGHUP` (a reopen) between the truncation and
+/// the next append, and a truncation by hand to a size mid-line: the reopen finds the
+/// truncation, and the records written again start on a line of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncation_found_by_a_reopen_or_mid_line_is_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (handle, task) = AuditLog::open(AuditSink::File(path.clone())).unwrap();
+    let writer = tokio::spawn(task.run());
+    let lines_at_least = |n: usize| {
+        let path = path.clone();
+        move || fs::read_to_string(&path).is_ok_and(|t| t.lines().count() >= n)
+    };
+    let truncate_to = |len: u64| {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+    };
+    handle.emit_all((1..=4).map(denied).collect());
+    eventually("four records", lines_at_least(4)).await;
+    truncate_to(0);
+    handle.reopen();
+    handle.emit(denied(5));
+    eventually("rewritten", lines_at_least(6)).await;
+    let after = read_lines(&path);
+    let actions: Vec<&str> = after
+        .iter()
+        .map(|l| l["event"]["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "connect",
+            "connect",
+            "connect",
+            "connect",
+            "connect",
+            "audit-rewritten"
+        ],
+        "{after:#?}"
+    );
+    assert_eq!(after[5]["egress"]["audit_rewritten"]["first_sequence"], 1);
+    assert_eq!(after[5]["egress"]["audit_rewritten"]["last_sequence"], 4);
+
+    // Cut by hand in the middle of the first line.
+    truncate_to(10);
+    handle.emit(denied(6));
+    drop(handle);
+    writer.await.unwrap().unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    let mut lines = text.lines();
+    let fragment = lines.next().unwrap();
+    assert_eq!(fragment.len(), 10, "{text}");
+    let rest: Vec<Value> = lines.map(|l| serde_json::from_str(l).unwrap()).collect();
+    let notice = rest
+        .iter()
+        .find(|l| l["event"]["action"] == "audit-rewritten");
+    assert!(notice.is_some(), "{text}");
+    let ports: Vec<u64> = rest
+        .iter()
+        .filter_map(|l| l["destination"]["port"].as_u64())
+        .collect();
+    // Everything written in the window again (the first rewrite included), then 6.
+    assert_eq!(ports, [1, 2, 3, 4, 5, 6], "{text}");
 }

@@ -153,10 +153,16 @@ pub struct AuditWriter {
     redactor: Redactor,
     /// The size a regular log file has after this writer's last append (`None`: stdout,
     /// a pipe, or no file open): a smaller one means it was truncated in place.
+    /// Kept across a close, so that a reopen of the same file finds a truncation made
+    /// while it was closed.
     expected_len: Option<u64>,
-    /// How many times the path was opened: lines written under another count went to
-    /// another file.
-    opened: u64,
+    /// Device and inode of the regular file written last (kept across a close): lines
+    /// written under another identity went to another file.
+    file_id: Option<(u64, u64)>,
+    /// A truncation a reopen found, `(expected, found)` sizes, not yet reported.
+    truncation_found: Option<(u64, u64)>,
+    /// The file closed after a failed write, held until the path is opened again.
+    closed: Option<File>,
     #[cfg(test)]
     sync_fault: Option<io::ErrorKind>,
 }
@@ -180,7 +186,9 @@ impl AuditWriter {
                     recheck_torn: false,
                     redactor: Redactor::default(),
                     expected_len: None,
-                    opened: 1,
+                    file_id: None,
+                    truncation_found: None,
+                    closed: None,
                     #[cfg(test)]
                     sync_fault: None,
                 })
@@ -199,6 +207,7 @@ impl AuditWriter {
                 };
                 let next_sequence = tail.as_ref().map_or(1, |t| t.sequence.saturating_add(1));
                 let expected_len = regular_len(&out);
+                let file_id = regular_id(&out);
                 Ok(Self {
                     sink,
                     out: Some(out),
@@ -208,7 +217,9 @@ impl AuditWriter {
                     recheck_torn: scan.torn,
                     redactor: Redactor::default(),
                     expected_len,
-                    opened: 1,
+                    file_id,
+                    truncation_found: None,
+                    closed: None,
                     #[cfg(test)]
                     sync_fault: None,
                 })
@@ -318,11 +329,19 @@ impl AuditWriter {
     /// (logrotate's `copytruncate`): `Some((expected, found))` sizes, once per truncation.
     /// One `fstat`; never for stdout or a pipe.
     pub(super) fn truncated_in_place(&mut self) -> Option<(u64, u64)> {
+        if let Some(found) = self.truncation_found.take() {
+            return Some(found);
+        }
         let expected = self.expected_len?;
         let found = regular_len(self.out.as_ref()?)?;
         // Longer: another appender (one writer per file is assumed); follow it.
         self.expected_len = Some(found);
-        (found < expected).then_some((expected, found))
+        if found >= expected {
+            return None;
+        }
+        // Cut to a size of its own (by hand): it may end mid-line.
+        self.recheck_torn |= found > 0;
+        Some((expected, found))
     }
 
     /// Opens the path again and appends there from now on: after `logrotate` moved the
@@ -333,28 +352,49 @@ impl AuditWriter {
         let AuditSink::File(path) = &self.sink else {
             return Ok(());
         };
-        self.out = None;
-        let (out, scan) = open_and_scan(path)?;
+        // The file written last stays open until the new one is: while it is, no other
+        // file can have its inode, so an equal identity means the same file.
+        let previous = self.out.take().or_else(|| self.closed.take());
+        let (out, scan) = match open_and_scan(path) {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.closed = previous;
+                return Err(e);
+            }
+        };
+        let previous_gone = previous
+            .as_ref()
+            .is_none_or(|f| f.metadata().is_ok_and(|m| m.nlink() == 0));
+        drop(previous);
         if let Found::Record(tail) = &scan.found {
             self.next_sequence = self.next_sequence.max(tail.sequence.saturating_add(1));
         }
         self.torn = scan.torn;
         self.recheck_torn = scan.torn;
-        self.expected_len = regular_len(&out);
-        self.opened += 1;
+        let (id, len) = (regular_id(&out), regular_len(&out));
+        // The same file again (a reopen after a failed write, or a `SIGHUP` after
+        // `copytruncate`): one truncated while it was closed is found now.
+        if let (Some(expected), Some(found)) = (self.expected_len, len) {
+            if id.is_some() && id == self.file_id && !previous_gone && found < expected {
+                self.truncation_found = Some((expected, found));
+                self.recheck_torn |= found > 0;
+            }
+        }
+        self.expected_len = len;
+        self.file_id = id;
         self.out = Some(out);
         Ok(())
     }
 
-    /// How many times the log was opened (see [`Self::reopen`]).
-    pub(super) fn opened(&self) -> u64 {
-        self.opened
+    /// Device and inode of the regular file written last, kept across a close.
+    pub(super) fn file_id(&self) -> Option<(u64, u64)> {
+        self.file_id
     }
 
     fn close(&mut self) {
         if matches!(self.sink, AuditSink::File(_)) {
-            self.out = None;
-            self.expected_len = None;
+            // Held (not written to) until the path is opened again: see `reopen`.
+            self.closed = self.out.take();
         }
     }
 
@@ -427,6 +467,14 @@ impl AuditWriter {
     pub fn sink(&self) -> &AuditSink {
         &self.sink
     }
+}
+
+/// Device and inode of `file` if it is a regular file.
+fn regular_id(file: &File) -> Option<(u64, u64)> {
+    file.metadata()
+        .ok()
+        .filter(|m| m.file_type().is_file())
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// The size of `file` if it is a regular file (a pipe or device has none to truncate).
@@ -1010,7 +1058,7 @@ impl AuditLog {
                 sync_failing: false,
                 records: 0,
                 recent: RecentLines::default(),
-                recent_file: 0,
+                recent_file: None,
                 rewrite_due: None,
             },
         ))
@@ -1234,8 +1282,8 @@ pub struct AuditTask {
     records: u64,
     /// Lines written in the last seconds, for a truncation in place (see [`recent`]).
     recent: RecentLines,
-    /// [`AuditWriter::opened`] when `recent` was last added to.
-    recent_file: u64,
+    /// [`AuditWriter::file_id`] when `recent` was last added to.
+    recent_file: Option<(u64, u64)>,
     /// A truncation in place found (`(expected, found)` sizes) whose lines are not yet
     /// written again.
     rewrite_due: Option<(u64, u64)>,
@@ -1608,10 +1656,10 @@ impl AuditTask {
                     done += 1;
                 }
                 if done > first && matches!(self.writer.sink(), AuditSink::File(_)) {
-                    if self.recent_file != self.writer.opened() {
+                    if self.recent_file != self.writer.file_id() {
                         // Those went to a file since moved away, whole.
                         self.recent.clear();
-                        self.recent_file = self.writer.opened();
+                        self.recent_file = self.writer.file_id();
                     }
                     if let (Some(from), Some(to)) = (
                         self.pending.sequence(first),
@@ -1656,7 +1704,7 @@ impl AuditTask {
         let Some((expected, found)) = self.rewrite_due else {
             return Ok(());
         };
-        let rewrite = if self.recent_file == self.writer.opened() {
+        let rewrite = if self.recent_file == self.writer.file_id() {
             self.recent.joined()
         } else {
             None
@@ -1670,7 +1718,15 @@ impl AuditTask {
         self.health.write_ended();
         outcome.map_err(|(_, e)| e)?;
         self.rewrite_due = None;
+        // Written again now: at risk again from the next copy and truncation.
         self.recent.clear();
+        self.recent.push(
+            Instant::now(),
+            &rewrite.bytes,
+            rewrite.first,
+            rewrite.last,
+            rewrite.lines,
+        );
         tracing::warn!(
             sink = %self.writer.sink(),
             expected,
@@ -1680,21 +1736,19 @@ impl AuditTask {
             "Audit log truncated in place; the last records written again"
         );
         let window = RECENT_FOR.as_secs();
-        let cut = if rewrite.complete {
-            String::new()
-        } else {
-            format!(
-                "; the memory bound cut the {window} s window, so records just before \
-                 {} may be in neither file",
-                rewrite.first
-            )
+        let cut = match rewrite.cut {
+            None => String::new(),
+            Some((first, last)) => format!(
+                "; the memory bound cut the {window} s window: records {first} to {last} may \
+                 be in neither file"
+            ),
         };
         let record = AuditRewritten {
             time: OffsetDateTime::now_utc(),
             count: rewrite.lines,
             first_sequence: rewrite.first,
             last_sequence: rewrite.last,
-            complete: rewrite.complete,
+            complete: rewrite.cut.is_none(),
             reason: format!(
                 "the log was truncated in place from {expected} to {found} bytes (logrotate \
                  copytruncate, or by hand): the records written in the {window} s before its \

@@ -320,7 +320,10 @@ mod caller_tests {
     #[test]
     fn every_caller_is_put_to_the_handler() {
         let asked = Asked::default();
-        assert_eq!(Caller::Unknown.refusal(&asked, None).as_deref(), Some("refused"));
+        assert_eq!(
+            Caller::Unknown.refusal(&asked, None).as_deref(),
+            Some("refused")
+        );
         let placed = Caller::Cgroup("/sys/fs/cgroup/a".into());
         assert_eq!(placed.refusal(&asked, None).as_deref(), Some("refused"));
         assert_eq!(
