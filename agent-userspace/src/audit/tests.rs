@@ -2609,6 +2609,14 @@ async fn a_credentials_record_is_kept_when_the_queue_to_the_writer_is_full() {
         .collect();
     assert_eq!(requests.len(), 1, "{requests:?}");
     assert_eq!(requests[0]["egress"]["credential"]["name"], "github-token");
+    // Kept aside, it still comes after every record queued before it.
+    let last_connect = lines
+        .iter()
+        .filter(|l| l["event"]["action"] == "connect")
+        .map(sequence)
+        .max()
+        .unwrap();
+    assert!(sequence(requests[0]) > last_connect, "{}", requests[0]);
     let lost: u64 = lines
         .iter()
         .filter(|l| l["event"]["action"] == "audit-lost")

@@ -161,8 +161,8 @@ pub struct AuditWriter {
     file_id: Option<(u64, u64)>,
     /// A truncation a reopen found, `(expected, found)` sizes, not yet reported.
     truncation_found: Option<(u64, u64)>,
-    /// The file closed after a failed write, held until the path is opened again.
-    closed: Option<File>,
+    /// The file closed after a failed write had been deleted by then.
+    closed_gone: bool,
     #[cfg(test)]
     sync_fault: Option<io::ErrorKind>,
 }
@@ -188,7 +188,7 @@ impl AuditWriter {
                     expected_len: None,
                     file_id: None,
                     truncation_found: None,
-                    closed: None,
+                    closed_gone: false,
                     #[cfg(test)]
                     sync_fault: None,
                 })
@@ -219,7 +219,7 @@ impl AuditWriter {
                     expected_len,
                     file_id,
                     truncation_found: None,
-                    closed: None,
+                    closed_gone: false,
                     #[cfg(test)]
                     sync_fault: None,
                 })
@@ -352,19 +352,17 @@ impl AuditWriter {
         let AuditSink::File(path) = &self.sink else {
             return Ok(());
         };
-        // The file written last stays open until the new one is: while it is, no other
-        // file can have its inode, so an equal identity means the same file.
-        let previous = self.out.take().or_else(|| self.closed.take());
-        let (out, scan) = match open_and_scan(path) {
-            Ok(opened) => opened,
-            Err(e) => {
-                self.closed = previous;
-                return Err(e);
-            }
+        // A file still open stays open until the new one is: while it is, no other file
+        // can have its inode, so an equal identity means the same file. One closed after
+        // a failed write is not held (its space and file system stay free): if it was
+        // deleted after that, a new file given its inode is taken for it, and the lines of
+        // the last seconds are written again, announced, which loses nothing.
+        let previous = self.out.take();
+        let (out, scan) = open_and_scan(path)?;
+        let previous_gone = match &previous {
+            Some(f) => f.metadata().is_ok_and(|m| m.nlink() == 0),
+            None => self.closed_gone,
         };
-        let previous_gone = previous
-            .as_ref()
-            .is_none_or(|f| f.metadata().is_ok_and(|m| m.nlink() == 0));
         drop(previous);
         if let Found::Record(tail) = &scan.found {
             self.next_sequence = self.next_sequence.max(tail.sequence.saturating_add(1));
@@ -393,8 +391,9 @@ impl AuditWriter {
 
     fn close(&mut self) {
         if matches!(self.sink, AuditSink::File(_)) {
-            // Held (not written to) until the path is opened again: see `reopen`.
-            self.closed = self.out.take();
+            if let Some(out) = self.out.take() {
+                self.closed_gone = out.metadata().is_ok_and(|m| m.nlink() == 0);
+            }
         }
     }
 
@@ -782,16 +781,21 @@ struct Health {
     writing_since: AtomicU64,
     /// Vital records ([`vital`]) that found the queue to the writer full, kept for it.
     overflow: Mutex<Overflow>,
-    /// `overflow` may hold records.
+    /// `overflow` holds records.
     overflowed: AtomicBool,
+    /// Messages queued to the writer so far: a record kept aside is taken only after the
+    /// messages queued before it.
+    sent: AtomicU64,
 }
 
-/// Vital records kept past a full queue to the writer: at most [`VITAL_RESERVE`], of which
-/// at most [`VITAL_SHARE`] one sandbox's, so that a sandbox flooding the trail (denied
-/// connects, refused queries) cannot push out what another's credential did.
+/// Vital records kept past a full queue to the writer: at most [`VITAL_RESERVE`] held at
+/// once, of which at most [`VITAL_SHARE`] one sandbox's, so that a sandbox flooding the
+/// trail (denied connects, refused queries, or vital records of its own) cannot push out
+/// what another's credential did.
 #[derive(Debug, Default)]
 struct Overflow {
-    records: VecDeque<Record>,
+    /// Each record with the number of messages queued before it, and its owner.
+    records: VecDeque<(u64, Option<String>, Record)>,
     by_owner: HashMap<Option<String>, usize>,
 }
 
@@ -806,6 +810,7 @@ impl Default for Health {
             writing_since: AtomicU64::new(0),
             overflow: Mutex::new(Overflow::default()),
             overflowed: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
         }
     }
 }
@@ -827,6 +832,10 @@ impl Health {
             Message::Records(v) => v,
             Message::Reopen => return 0,
         };
+        if !records.iter().any(|r| vital(r).is_some()) {
+            return records.len() as u64;
+        }
+        let after = self.sent.load(Ordering::Acquire);
         let mut unkept = 0;
         let mut overflow = self.overflow();
         for record in records {
@@ -835,10 +844,10 @@ impl Health {
                 continue;
             };
             let room = overflow.records.len() < VITAL_RESERVE;
-            let kept = overflow.by_owner.entry(owner).or_default();
+            let kept = overflow.by_owner.entry(owner.clone()).or_default();
             if room && *kept < VITAL_SHARE {
                 *kept += 1;
-                overflow.records.push_back(record);
+                overflow.records.push_back((after, owner, record));
             } else {
                 unkept += 1;
             }
@@ -849,14 +858,39 @@ impl Health {
         unkept
     }
 
-    /// The vital records kept past a full queue, oldest first, emptied.
-    fn take_overflow(&self) -> VecDeque<Record> {
-        if !self.overflowed.swap(false, Ordering::AcqRel) {
-            return VecDeque::new();
+    /// The vital records kept past a full queue that were queued no earlier than the
+    /// `received`-th message, oldest first; their owners' shares are free again.
+    fn take_overflow(&self, received: u64) -> Vec<Record> {
+        if !self.overflowed.load(Ordering::Acquire) {
+            return Vec::new();
         }
         let mut overflow = self.overflow();
-        overflow.by_owner.clear();
-        std::mem::take(&mut overflow.records)
+        let mut out = Vec::new();
+        while overflow
+            .records
+            .front()
+            .is_some_and(|(after, _, _)| *after <= received)
+        {
+            let Some((_, owner, record)) = overflow.records.pop_front() else {
+                break;
+            };
+            if let Some(kept) = overflow.by_owner.get_mut(&owner) {
+                *kept = kept.saturating_sub(1);
+                if *kept == 0 {
+                    overflow.by_owner.remove(&owner);
+                }
+            }
+            out.push(record);
+        }
+        if overflow.records.is_empty() {
+            self.overflowed.store(false, Ordering::Release);
+        }
+        out
+    }
+
+    /// Every vital record kept past a full queue (the last producer is gone).
+    fn take_all_overflow(&self) -> Vec<Record> {
+        self.take_overflow(u64::MAX)
     }
 
     fn write_started(&self) {
@@ -1060,6 +1094,7 @@ impl AuditLog {
                 recent: RecentLines::default(),
                 recent_file: None,
                 rewrite_due: None,
+                received: 0,
             },
         ))
     }
@@ -1107,7 +1142,9 @@ impl AuditHandle {
 
     fn send(&self, message: Message, records: u64) {
         match self.tx.try_send(message) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.health.sent.fetch_add(1, Ordering::Release);
+            }
             Err(mpsc::error::TrySendError::Full(message)) => {
                 // Vital records are kept aside (within a reserve), the rest counted.
                 let unkept = self.health.keep_vital(message);
@@ -1115,9 +1152,12 @@ impl AuditHandle {
                     self.health.unqueued.fetch_add(unkept, Ordering::Relaxed);
                 }
                 if unkept < records {
-                    // The writer takes what was kept at its next message: make sure there
-                    // is one, should it have emptied the queue meanwhile.
-                    let _ = self.tx.try_send(Message::Records(Vec::new()));
+                    // The writer takes what was kept once it has taken the messages queued
+                    // before: make sure one more follows, should it have emptied the queue
+                    // meanwhile (with the queue still full, this fails and is not needed).
+                    if self.tx.try_send(Message::Records(Vec::new())).is_ok() {
+                        self.health.sent.fetch_add(1, Ordering::Release);
+                    }
                 }
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -1142,8 +1182,14 @@ impl AuditHandle {
     pub fn reopen(&self) {
         // In the queue, so records emitted before go to the old file; a flag only when
         // the queue is full, so the reopen is not lost.
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(Message::Reopen) {
-            self.health.reopen.store(true, Ordering::Release);
+        match self.tx.try_send(Message::Reopen) {
+            Ok(()) => {
+                self.health.sent.fetch_add(1, Ordering::Release);
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.health.reopen.store(true, Ordering::Release);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 
@@ -1287,6 +1333,8 @@ pub struct AuditTask {
     /// A truncation in place found (`(expected, found)` sizes) whose lines are not yet
     /// written again.
     rewrite_due: Option<(u64, u64)>,
+    /// Messages taken from the queue.
+    received: u64,
 }
 
 /// What a finished [`AuditTask`] wrote.
@@ -1386,7 +1434,9 @@ impl AuditTask {
             || self.health.overflowed.load(Ordering::Acquire)
         {
             self.take_unqueued();
-            self.take_overflow();
+            for record in self.health.take_all_overflow() {
+                self.take_record(&record);
+            }
             self.flush();
             self.store_sequence();
         }
@@ -1423,8 +1473,8 @@ impl AuditTask {
 
     /// Takes one message: numbers and queues its records, or reopens.
     fn take(&mut self, message: Message) {
+        self.received += 1;
         self.take_unqueued();
-        self.take_overflow();
         match message {
             Message::Reopen => {
                 // Records emitted before the reopen go to the old file.
@@ -1434,12 +1484,14 @@ impl AuditTask {
             Message::Record(record) => self.take_record(&record),
             Message::Records(records) => records.iter().for_each(|r| self.take_record(r)),
         }
+        self.take_overflow();
     }
 
     /// Takes the vital records producers kept aside when the queue to this thread was
-    /// full (after the loss of the others is numbered: they were sent no earlier).
+    /// full, once the messages queued before each are taken (after the loss of the others
+    /// is numbered: they were sent no earlier).
     fn take_overflow(&mut self) {
-        for record in self.health.take_overflow() {
+        for record in self.health.take_overflow(self.received) {
             self.take_record(&record);
         }
     }
@@ -1704,12 +1756,9 @@ impl AuditTask {
         let Some((expected, found)) = self.rewrite_due else {
             return Ok(());
         };
-        let rewrite = if self.recent_file == self.writer.file_id() {
-            self.recent.joined()
-        } else {
-            None
-        };
-        let Some(rewrite) = rewrite else {
+        // The lines of the file written last, even if another is open by now (a rewrite
+        // that failed, then a reopen elsewhere): they are in neither.
+        let Some(rewrite) = self.recent.joined() else {
             self.rewrite_due = None;
             return Ok(());
         };
