@@ -740,6 +740,30 @@ fn pod_scope_confines_every_container_of_a_pod() -> Result<()> {
                 .any(|r| get_str(r, "event.action") == Some("control-socket")),
             "the pod's own hook raised a control-socket alert"
         );
+        // ...and is judged the same from there.
+        let out = runc.run_from_cgroup(
+            &image,
+            &format!("{pod}-g"),
+            &ContainerSpec {
+                capabilities: vec!["CAP_SYS_ADMIN".into()],
+                ..spec("team", "g", vec!["echo".into(), "container-started".into()])
+            },
+            &pod_dir,
+        )?;
+        ensure!(
+            !out.status.success() && !text(&out).contains("container-started"),
+            "a container holding CAP_SYS_ADMIN joined from inside the pod: {}",
+            text(&out)
+        );
+        expect::policy_rejected(
+            &fx.daemon,
+            |s| s == name,
+            &[
+                &format!("{pod}-g"),
+                "asked from inside it",
+                "require.no_capabilities",
+            ],
+        )?;
 
         // Exempt namespace: the hook lets a container the kubelet placed in a pod's
         // cgroup (a `kubepods` one) start unconfined...
@@ -810,7 +834,7 @@ fn pod_scope_confines_every_container_of_a_pod() -> Result<()> {
         .command(20, &["delete", "--force", &format!("{pod}-a")])
         .output();
     container::remove_cgroup(&format!("{pod_cgroup}/a"));
-    for leaf in ["b", "c", "d", "e", "f"] {
+    for leaf in ["b", "c", "d", "e", "f", "g"] {
         container::remove_cgroup(&format!("{pod_cgroup}/{leaf}"));
     }
     container::remove_cgroup(&pod_cgroup);

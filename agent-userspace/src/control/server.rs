@@ -22,19 +22,34 @@ use super::{decode_request, Request, Response};
 /// Longest request accepted: a policy of the largest size allowed is sent inline, JSON-escaped.
 const MAX_REQUEST: usize = 8 * crate::policy::MAX_POLICY_BYTES;
 
+/// What a caller may ask of the daemon, besides the status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Anything.
+    Any,
+    /// To let a container join the sandbox the caller is in, and nothing else: a
+    /// runtime's hook run inside a pod's cgroup (CRI-O's `conmon_cgroup = "pod"`).
+    JoinOwnSandbox,
+    /// Nothing, and why.
+    StatusOnly(String),
+}
+
 /// Handles one decoded request.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, request: Request) -> Response;
+    /// Handles `request` from a caller admitted as `admission` says ([`Admission::Any`] or
+    /// [`Admission::JoinOwnSandbox`]).
+    fn handle(&self, request: Request, admission: &Admission) -> Response;
 
-    /// Why a caller in cgroup directory `cgroup` (`None`: a cgroup that cannot be placed)
-    /// may only read the status, if it may not do more: it is in a sandbox's cgroup tree,
-    /// root or not, or it cannot be told apart from one; but a caller in the sandbox a
-    /// `Join` names (`joins`) may join it. A refusal is recorded.
-    fn refuse_caller(&self, cgroup: Option<&Path>, joins: Option<&str>) -> Option<String> {
+    /// What a caller in cgroup directory `cgroup` (`None`: a cgroup that cannot be placed)
+    /// may ask: only the status if it is in a sandbox's cgroup tree, root or not, or
+    /// cannot be told apart from one; but a caller in the sandbox a `Join` names
+    /// (`joins`) may join it. A refusal is recorded.
+    fn admit(&self, cgroup: Option<&Path>, joins: Option<&str>) -> Admission {
         let _ = joins;
-        cgroup
-            .is_none()
-            .then(|| "the caller's cgroup cannot be read".to_owned())
+        match cgroup {
+            Some(_) => Admission::Any,
+            None => Admission::StatusOnly("the caller's cgroup cannot be read".to_owned()),
+        }
     }
 }
 
@@ -227,14 +242,14 @@ async fn connection(
                 Request::Join { name, .. } => Some(name.as_str()),
                 _ => None,
             };
-            match caller.refusal(handler.as_ref(), joins) {
-                Some(why) => {
+            match caller.admission(handler.as_ref(), joins) {
+                Admission::StatusOnly(why) => {
                     Response::error(format!("permission denied: egressd control socket: {why}"))
                 }
-                None => handle(handler.clone(), req).await,
+                admission => handle(handler.clone(), req, admission).await,
             }
         }
-        ReadEnd::Request(req) => handle(handler.clone(), req).await,
+        ReadEnd::Request(req) => handle(handler.clone(), req, Admission::Any).await,
     };
     tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &response))
         .await
@@ -261,9 +276,9 @@ impl Caller {
         }
     }
 
-    /// Why this caller may only read the status, if so (recorded by `handler`).
-    fn refusal(&self, handler: &dyn Handler, joins: Option<&str>) -> Option<String> {
-        handler.refuse_caller(
+    /// What this caller may ask (a refusal is recorded by `handler`).
+    fn admission(&self, handler: &dyn Handler, joins: Option<&str>) -> Admission {
+        handler.admit(
             match self {
                 Self::Cgroup(cgroup) => Some(cgroup),
                 Self::Unknown => None,
@@ -274,8 +289,8 @@ impl Caller {
 }
 
 /// Runs `req` on the handler (off the async threads).
-async fn handle(handler: Arc<dyn Handler>, req: Request) -> Response {
-    tokio::task::spawn_blocking(move || handler.handle(req))
+async fn handle(handler: Arc<dyn Handler>, req: Request, admission: Admission) -> Response {
+    tokio::task::spawn_blocking(move || handler.handle(req, &admission))
         .await
         .unwrap_or_else(|e| Response::error(format!("internal error: {e}")))
 }
@@ -283,7 +298,7 @@ async fn handle(handler: Arc<dyn Handler>, req: Request) -> Response {
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod caller_tests {
-    use super::Caller;
+    use super::{Admission, Caller};
 
     #[test]
     fn a_caller_outside_the_cgroup_namespace_is_unknown() {
@@ -301,17 +316,13 @@ mod caller_tests {
     struct Asked(std::sync::Mutex<Vec<Option<std::path::PathBuf>>>);
 
     impl super::Handler for Asked {
-        fn handle(&self, _: super::Request) -> super::Response {
+        fn handle(&self, _: super::Request, _: &Admission) -> super::Response {
             super::Response::error("unused")
         }
 
-        fn refuse_caller(
-            &self,
-            cgroup: Option<&std::path::Path>,
-            _joins: Option<&str>,
-        ) -> Option<String> {
+        fn admit(&self, cgroup: Option<&std::path::Path>, _joins: Option<&str>) -> Admission {
             self.0.lock().unwrap().push(cgroup.map(Into::into));
-            Some("refused".into())
+            Admission::StatusOnly("refused".into())
         }
     }
 
@@ -320,12 +331,10 @@ mod caller_tests {
     #[test]
     fn every_caller_is_put_to_the_handler() {
         let asked = Asked::default();
-        assert_eq!(
-            Caller::Unknown.refusal(&asked, None).as_deref(),
-            Some("refused")
-        );
+        let refused = Admission::StatusOnly("refused".into());
+        assert_eq!(Caller::Unknown.admission(&asked, None), refused);
         let placed = Caller::Cgroup("/sys/fs/cgroup/a".into());
-        assert_eq!(placed.refusal(&asked, None).as_deref(), Some("refused"));
+        assert_eq!(placed.admission(&asked, None), refused);
         assert_eq!(
             *asked.0.lock().unwrap(),
             [None, Some("/sys/fs/cgroup/a".into())]
@@ -337,11 +346,17 @@ mod caller_tests {
     fn by_default_only_an_unplaced_caller_is_refused() {
         struct Plain;
         impl super::Handler for Plain {
-            fn handle(&self, _: super::Request) -> super::Response {
+            fn handle(&self, _: super::Request, _: &Admission) -> super::Response {
                 super::Response::error("unused")
             }
         }
-        assert!(Caller::Unknown.refusal(&Plain, None).is_some());
-        assert!(Caller::Cgroup("/a".into()).refusal(&Plain, None).is_none());
+        assert!(matches!(
+            Caller::Unknown.admission(&Plain, None),
+            Admission::StatusOnly(_)
+        ));
+        assert_eq!(
+            Caller::Cgroup("/a".into()).admission(&Plain, None),
+            Admission::Any
+        );
     }
 }

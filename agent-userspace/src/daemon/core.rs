@@ -22,7 +22,7 @@ use crate::{
     },
     bpf::{attached_cgroups, BpfError, Links, PinLayout, PolicyMaps, Programs, HOOKS},
     cgroup::Cgroup,
-    control::{DaemonStatus, QuarantineStatus, SandboxStatus},
+    control::{Admission, DaemonStatus, QuarantineStatus, SandboxStatus},
     policy::{self, Policy},
     posture::Posture,
 };
@@ -1898,21 +1898,24 @@ impl Core {
         }
     }
 
-    /// Why a control-socket caller in `cgroup` (`None`: one that cannot be placed) is
-    /// refused anything but the status, with a `control-socket` alert: it is in a
-    /// sandbox's cgroup tree, or could be; but a `Join` naming the caller's own sandbox
-    /// (`joins`) is let through (it can only add a container that meets the policy).
-    pub fn control_from(&mut self, cgroup: Option<&Path>, joins: Option<&str>) -> Option<String> {
+    /// What a control-socket caller in `cgroup` (`None`: one that cannot be placed) may
+    /// ask: anything, unless it is in a sandbox's cgroup tree, or could be; then only the
+    /// status, with a `control-socket` alert, but for a `Join` naming the caller's own
+    /// sandbox (`joins`), which may let a container in that meets the policy.
+    pub fn control_from(&mut self, cgroup: Option<&Path>, joins: Option<&str>) -> Admission {
         let (sandbox, seen, why) = match cgroup {
             Some(cgroup) => {
-                let rec = self
+                let Some(rec) = self
                     .state
                     .sandboxes
                     .values()
-                    .find(|r| cgroup.starts_with(&r.cgroup))?;
+                    .find(|r| cgroup.starts_with(&r.cgroup))
+                else {
+                    return Admission::Any;
+                };
                 if joins == Some(rec.name.as_str()) {
                     // A runtime's hook in the pod's cgroup, for the pod's next container.
-                    return None;
+                    return Admission::JoinOwnSandbox;
                 }
                 (
                     rec.name.clone(),
@@ -1940,7 +1943,7 @@ impl Core {
                 "{seen} sent a request other than status to the daemon's control socket; refused"
             ),
         ));
-        Some(why)
+        Admission::StatusOnly(why)
     }
 
     /// The OCI hook refused to start container `container`: a `policy-rejected` record in

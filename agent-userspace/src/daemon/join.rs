@@ -14,7 +14,6 @@ use super::{
     netns::netns_id,
 };
 use crate::{
-    cgroup::Cgroup,
     control::RuntimeInit,
     policy::Policy,
     posture::{self, Posture},
@@ -58,71 +57,119 @@ impl Core {
                 parsed,
             );
         }
-        match self.join_problem(&joining) {
+        let problem = self.join_problem(
+            &joining.name,
+            &joining.cgroup,
+            &joining.policy_path,
+            &joining.init,
+        );
+        self.judged(
+            &joining.name,
+            &joining.container,
+            &joining.policy_path,
+            &joining.init,
+            problem,
+            "",
+        )
+    }
+
+    /// A `Join` sent from inside the sandbox it names (a runtime's hook in the pod's
+    /// cgroup): the container may only join that attached sandbox; nothing the caller
+    /// sent but the container's id, its policy's path and its init is used, and no path
+    /// it sent is opened.
+    pub fn join_from_inside(
+        &mut self,
+        name: &str,
+        container: &str,
+        policy_path: &str,
+        init: &RuntimeInit,
+    ) -> Result<String, String> {
+        let problem = match self.state.sandboxes.get(name) {
+            Some(rec) => {
+                let cgroup = rec.cgroup.clone();
+                self.join_problem(name, &cgroup, policy_path, init)
+            }
+            None => Some("the sandbox is not attached".to_owned()),
+        };
+        self.judged(
+            name,
+            container,
+            policy_path,
+            init,
+            problem,
+            " (asked from inside it)",
+        )
+    }
+
+    /// The answer to a join, `problem` (if any) recorded as a `policy-rejected` record.
+    fn judged(
+        &mut self,
+        name: &str,
+        container: &str,
+        policy_path: &str,
+        init: &RuntimeInit,
+        problem: Option<String>,
+        from: &str,
+    ) -> Result<String, String> {
+        let container = crate::text::sanitize(container, 64);
+        match problem {
             None => Ok(format!(
-                "container {} joined pod sandbox {:?} ({}); its init (pid {}) meets the policy",
-                joining.container,
-                joining.name,
-                joining.cgroup.display(),
-                joining.init.pid
+                "container {container} joined pod sandbox {name:?}; its init (pid {}) meets the policy",
+                init.pid
             )),
             Some(problem) => {
-                let container = crate::text::sanitize(&joining.container, 64);
                 let problem = crate::text::sanitize(&problem, 1000);
                 let error = format!(
-                    "container {container} joining pod sandbox {:?} refused: {problem}",
-                    joining.name
+                    "container {container} joining pod sandbox {name:?}{from} refused: {problem}"
                 );
-                self.policy_rejected(
-                    joining.name.clone(),
-                    &joining.policy_path,
-                    None,
-                    error.clone(),
-                );
+                self.policy_rejected(name.to_owned(), policy_path, None, error.clone());
                 Err(error)
             }
         }
     }
 
-    /// Why the container may not start in the attached sandbox it names.
-    fn join_problem(&self, joining: &Joining) -> Option<String> {
-        let Some(rec) = self.state.sandboxes.get(&joining.name) else {
+    /// Why container init `init`, in pod cgroup `cgroup` with policy `policy_path`, may
+    /// not start in attached sandbox `name`. Reads only the sandbox's cgroup tree and
+    /// the init's `/proc` entries.
+    fn join_problem(
+        &self,
+        name: &str,
+        cgroup: &Path,
+        policy_path: &str,
+        init: &RuntimeInit,
+    ) -> Option<String> {
+        let Some(rec) = self.state.sandboxes.get(name) else {
             return Some("the sandbox is not attached".to_owned());
         };
-        let opened = match Cgroup::open(&joining.cgroup) {
-            Ok(c) => c,
-            Err(e) => return Some(e.to_string()),
-        };
-        if opened.id != rec.cgroup_id {
+        if cgroup != rec.cgroup {
             return Some(format!(
                 "the sandbox confines {}, not {}",
                 rec.cgroup.display(),
-                joining.cgroup.display()
+                cgroup.display()
             ));
         }
-        if rec.policy_path != joining.policy_path {
+        if rec.policy_path != policy_path {
             return Some(format!(
-                "it asks for policy {}, the sandbox runs {}",
-                joining.policy_path, rec.policy_path
+                "it asks for policy {policy_path}, the sandbox runs {}",
+                rec.policy_path
             ));
         }
-        if let Some(problem) = outside(&rec.cgroup, rec.netns_inode, joining) {
+        if let Some(problem) = outside(&rec.cgroup, rec.netns_inode, init) {
             return Some(problem);
         }
-        let caps = match posture::oci_capability_mask(&joining.init.capabilities) {
+        let caps = match posture::oci_capability_mask(&init.capabilities) {
             Ok(c) => c,
             Err(e) => return Some(format!("the container's OCI config: {e}")),
         };
-        let Some(policy) = self.compiled.get(&joining.name) else {
+        let Some(policy) = self.compiled.get(name) else {
             return Some("the sandbox's policy is not loaded".to_owned());
         };
-        let held =
-            Posture::of([joining.init.pid], |_| Some(caps)).violations(policy.no_capabilities());
+        let held = Posture::of([init.pid], |_| Some(caps)).violations(policy.no_capabilities());
         (!held.is_empty()).then(|| {
             format!(
                 "{}: require.no_capabilities: its init process (pid {}) would hold {}",
                 rec.policy_path,
-                joining.init.pid,
+                init.pid,
                 held.join(", ")
             )
         })
@@ -131,28 +178,24 @@ impl Core {
 
 /// Whether the container's init is outside the sandbox's cgroup (then its declared
 /// capabilities would not count, and it would not be confined at all) or network
-/// namespace (then the sandbox's proxy and resolver are not where it looks).
-fn outside(cgroup: &Path, netns_inode: Option<u64>, joining: &Joining) -> Option<String> {
-    if !posture::pids_below(cgroup).contains(&joining.init.pid) {
+/// namespace (then the sandbox's proxy and resolver are not where it looks), as `/proc`
+/// shows the process.
+fn outside(cgroup: &Path, netns_inode: Option<u64>, init: &RuntimeInit) -> Option<String> {
+    if !posture::pids_below(cgroup).contains(&init.pid) {
         return Some(format!(
             "its init process (pid {}) is not in {}",
-            joining.init.pid,
+            init.pid,
             cgroup.display()
         ));
     }
-    let inode = match netns_id(&joining.netns) {
+    let ns = PathBuf::from(format!("/proc/{}/ns/net", init.pid));
+    let inode = match netns_id(&ns) {
         Ok((_, inode)) => inode,
-        Err(e) => {
-            return Some(format!(
-                "its network namespace {}: {e}",
-                joining.netns.display()
-            ))
-        }
+        Err(e) => return Some(format!("its network namespace ({}): {e}", ns.display())),
     };
     match netns_inode {
         Some(expected) if expected != inode => Some(format!(
-            "its network namespace ({}) is not the pod's",
-            joining.netns.display()
+            "its network namespace (net:[{inode}]) is not the pod's (net:[{expected}])"
         )),
         _ => None,
     }

@@ -19,7 +19,7 @@ use crate::{
         active_lsms, attach_lsm, ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout,
         PolicyMaps, Programs,
     },
-    control::{self, DetachReason, Handler, Request, Response},
+    control::{self, Admission, DetachReason, Handler, Request, Response},
     credentials::CredentialStore,
     metrics,
     proxy::{CertAuthority, Proxy, ProxyConfig},
@@ -68,15 +68,34 @@ impl Shared {
 }
 
 impl Handler for Shared {
-    fn refuse_caller(
-        &self,
-        cgroup: Option<&std::path::Path>,
-        joins: Option<&str>,
-    ) -> Option<String> {
+    fn admit(&self, cgroup: Option<&std::path::Path>, joins: Option<&str>) -> Admission {
         self.lock().control_from(cgroup, joins)
     }
 
-    fn handle(&self, request: Request) -> Response {
+    fn handle(&self, request: Request, admission: &Admission) -> Response {
+        if *admission == Admission::JoinOwnSandbox {
+            // From inside the sandbox: nothing of what it sent is parsed or opened, and it
+            // can only be let in, never attach.
+            let Request::Join {
+                name,
+                container,
+                policy_path,
+                runtime_init,
+                ..
+            } = request
+            else {
+                return Response::error("permission denied: only a join of the caller's sandbox");
+            };
+            return match self.lock().join_from_inside(
+                &name,
+                &container,
+                &policy_path,
+                &runtime_init,
+            ) {
+                Ok(m) => Response::ok(m),
+                Err(e) => Response::error(e),
+            };
+        }
         // Parsing and compiling a large policy takes a while: not under the lock.
         let parsed = match &request {
             Request::Attach {
