@@ -358,12 +358,20 @@ impl AuditWriter {
         // deleted after that, a new file given its inode is taken for it, and the lines of
         // the last seconds are written again, announced, which loses nothing.
         let previous = self.out.take();
-        let (out, scan) = open_and_scan(path)?;
         let previous_gone = match &previous {
             Some(f) => f.metadata().is_ok_and(|m| m.nlink() == 0),
             None => self.closed_gone,
         };
+        let opened = open_and_scan(path);
         drop(previous);
+        let (out, scan) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.closed_gone = previous_gone;
+                return Err(e);
+            }
+        };
+        self.closed_gone = false;
         if let Found::Record(tail) = &scan.found {
             self.next_sequence = self.next_sequence.max(tail.sequence.saturating_add(1));
         }
@@ -783,7 +791,9 @@ struct Health {
     overflow: Mutex<Overflow>,
     /// `overflow` holds records.
     overflowed: AtomicBool,
-    /// Messages queued to the writer so far: a record kept aside is taken only after the
+    /// Messages queued to the writer so far (counted just after each is queued, so a
+    /// count read meanwhile may be one short: a record kept aside is then taken just
+    /// before that message, never stranded): a record kept aside is taken only after the
     /// messages queued before it.
     sent: AtomicU64,
 }

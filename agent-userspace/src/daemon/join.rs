@@ -14,6 +14,7 @@ use super::{
     netns::netns_id,
 };
 use crate::{
+    cgroup::Cgroup,
     control::RuntimeInit,
     policy::Policy,
     posture::{self, Posture},
@@ -44,6 +45,8 @@ impl Core {
         source: String,
         parsed: Result<Policy, String>,
     ) -> Result<String, String> {
+        // A pod cgroup removed and made again at the same path: its old sandbox goes now.
+        self.reap_vanished();
         if !self.state.sandboxes.contains_key(&joining.name) {
             return self.attach_parsed(
                 &joining.cgroup,
@@ -84,17 +87,36 @@ impl Core {
         policy_path: &str,
         init: &RuntimeInit,
     ) -> Result<String, String> {
-        let problem = match self.state.sandboxes.get(name) {
-            Some(rec) => {
-                let cgroup = rec.cgroup.clone();
-                self.join_problem(name, &cgroup, policy_path, init)
-            }
-            None => Some("the sandbox is not attached".to_owned()),
+        self.reap_vanished();
+        let Some(rec) = self.state.sandboxes.get(name) else {
+            let problem = Some("the sandbox is not attached".to_owned());
+            return self.judged(
+                name,
+                container,
+                policy_path,
+                init,
+                problem,
+                " (asked from inside it)",
+            );
         };
+        let (cgroup, attached_policy) = (rec.cgroup.clone(), rec.policy_path.clone());
+        let problem = self.join_problem(name, &cgroup, policy_path, init);
+        if problem.is_some() {
+            // The runtime's own hook asks only for containers that meet the policy: a
+            // refused join from inside the sandbox is something to look at.
+            self.alerts.raise(crate::audit::Alert::new(
+                time::OffsetDateTime::now_utc(),
+                crate::audit::AlertKind::ControlSocket,
+                name.to_owned(),
+                "a process inside the sandbox asked to let a container in that the policy refuses"
+                    .to_owned(),
+            ));
+        }
+        // The record names the sandbox's policy, not text the caller sent.
         self.judged(
             name,
             container,
-            policy_path,
+            &attached_policy,
             init,
             problem,
             " (asked from inside it)",
@@ -141,6 +163,16 @@ impl Core {
         let Some(rec) = self.state.sandboxes.get(name) else {
             return Some("the sandbox is not attached".to_owned());
         };
+        // The programs are attached to the directory with this id, not to its path.
+        match Cgroup::open(&rec.cgroup) {
+            Ok(c) if c.id == rec.cgroup_id => {}
+            _ => {
+                return Some(format!(
+                    "{} is no longer the cgroup the sandbox confines",
+                    rec.cgroup.display()
+                ))
+            }
+        }
         if cgroup != rec.cgroup {
             return Some(format!(
                 "the sandbox confines {}, not {}",
@@ -194,9 +226,10 @@ fn outside(cgroup: &Path, netns_inode: Option<u64>, init: &RuntimeInit) -> Optio
         Err(e) => return Some(format!("its network namespace ({}): {e}", ns.display())),
     };
     match netns_inode {
-        Some(expected) if expected != inode => Some(format!(
+        Some(expected) if expected == inode => None,
+        Some(expected) => Some(format!(
             "its network namespace (net:[{inode}]) is not the pod's (net:[{expected}])"
         )),
-        _ => None,
+        None => Some("the pod sandbox's network namespace is not known".to_owned()),
     }
 }
