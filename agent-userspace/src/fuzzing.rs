@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use crate::{
     dns::{answer, query},
     policy::{git::CommandList, Policy},
-    proxy::git::{Encoding, ReadError},
+    proxy::git::Encoding,
 };
 
 /// What the resolver made of one query and, when it was resolved, one upstream answer.
@@ -121,9 +121,7 @@ pub fn git_push_commands(raw: &[u8], gzip: bool) -> Result<Option<CommandList>, 
     } else {
         Encoding::Identity
     };
-    crate::proxy::git::try_parse(raw, encoding, true).map_err(|e| match e {
-        ReadError::Invalid(why) | ReadError::Downstream(why) => why,
-    })
+    crate::proxy::git::try_parse(raw, encoding, true)
 }
 
 /// The request target forwarded for `method` and `raw` (path and query as the client

@@ -79,7 +79,7 @@ pub struct CountingBody {
     /// Set once the whole body has been handed on.
     sent: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// The budget the prefix (a body read whole) holds, given back with the body.
-    _held: Option<super::method_override::HeldBody>,
+    _held: Option<super::held::HeldBody>,
 }
 
 /// What [`CountingBody::stripping_trailers`] applies to a request's trailers.
@@ -116,7 +116,7 @@ impl CountingBody {
 
     /// Keeps `held` (what the prefix holds of the proxy's budget) until the body is
     /// dropped.
-    pub fn holding(mut self, held: Option<super::method_override::HeldBody>) -> Self {
+    pub fn holding(mut self, held: Option<super::held::HeldBody>) -> Self {
         self._held = held;
         self
     }

@@ -806,12 +806,22 @@ impl ConnCtx {
         let mut held_body = None;
         if let Some(rule) = push_rule {
             let idle = self.proxy.timeouts.idle;
-            let inspected = Box::pin(git::inspect_push(rule, &parts.headers, body, idle)).await;
+            let inspected = Box::pin(git::inspect_push(
+                rule,
+                &parts.headers,
+                body,
+                idle,
+                &self.conn.held_bodies,
+            ))
+            .await;
             if let Some(git) = &mut record.git {
                 git.ref_updates = inspected.updates;
             }
             match inspected.outcome {
-                PushOutcome::Forward(read) => prefix = read,
+                PushOutcome::Forward(read, held) => {
+                    prefix = read;
+                    held_body = held;
+                }
                 PushOutcome::Refuse {
                     status,
                     reason,

@@ -12,9 +12,10 @@ use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use http::HeaderMap;
 use hyper::body::{Body as _, Incoming};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
+use tokio::sync::Semaphore;
 
 use super::body::{next_piece, Piece};
+use super::held::{Held, HeldBody, Spent, MAX_HELD_BYTES, MAX_HELD_PER_SANDBOX};
 use super::Route;
 
 /// Largest POST body read whole to look for an override field; a larger one of a kind
@@ -23,89 +24,6 @@ pub const MAX_FORM_BYTES: usize = 1 << 20;
 
 /// Longest time such a body may take to arrive whole, however steadily it trickles.
 pub const MAX_FORM_SECS: u64 = 120;
-
-/// Bytes of such bodies the whole daemon holds while reading them, over every sandbox:
-/// past it, a body to be read is refused with 503 instead of the daemon growing.
-pub const MAX_HELD_BYTES: usize = 256 << 20;
-
-/// Bytes of such bodies one sandbox holds at most, over all its connections and streams,
-/// so that one sandbox cannot take the whole budget from the others.
-pub const MAX_HELD_PER_SANDBOX: usize = MAX_HELD_BYTES / 8;
-
-/// What the reads of [`check_body`] hold, in bytes of buffer.
-static HELD: Semaphore = Semaphore::const_new(MAX_HELD_BYTES);
-
-/// The buffer room one read holds, charged to its sandbox's share and to the daemon's
-/// budget; given back when dropped.
-struct Held<'s> {
-    sandbox: &'s Arc<Semaphore>,
-    permits: Option<(OwnedSemaphorePermit, SemaphorePermit<'static>)>,
-}
-
-/// The budget a body read whole still holds while it is forwarded: given back when the
-/// request body sent upstream is dropped.
-#[derive(Debug)]
-pub struct HeldBody {
-    _sandbox: OwnedSemaphorePermit,
-    _daemon: SemaphorePermit<'static>,
-}
-
-/// Which budget a read found spent.
-#[derive(Debug, PartialEq, Eq)]
-enum Spent {
-    Sandbox,
-    Daemon,
-}
-
-impl<'s> Held<'s> {
-    fn new(sandbox: &'s Arc<Semaphore>) -> Self {
-        Self {
-            sandbox,
-            permits: None,
-        }
-    }
-
-    /// What the read holds, to be kept while its bytes are.
-    fn into_body(self) -> Option<HeldBody> {
-        self.permits.map(|(sandbox, daemon)| HeldBody {
-            _sandbox: sandbox,
-            _daemon: daemon,
-        })
-    }
-
-    fn bytes(&self) -> usize {
-        self.permits.as_ref().map_or(0, |(p, _)| p.num_permits())
-    }
-
-    /// Holds `total` bytes in all (the buffer's capacity, not just what it holds: each
-    /// byte of room counts, however small the pieces that filled it).
-    fn grow_to(&mut self, total: usize) -> Result<(), Spent> {
-        let more = total.saturating_sub(self.bytes());
-        if more == 0 {
-            return Ok(());
-        }
-        let more32 = u32::try_from(more).map_err(|_| Spent::Sandbox)?;
-        let mine = self
-            .sandbox
-            .clone()
-            .try_acquire_many_owned(more32)
-            .map_err(|_| Spent::Sandbox)?;
-        let daemon = HELD.try_acquire_many(more32).map_err(|_| Spent::Daemon)?;
-        match self.permits.as_mut() {
-            Some((m, d)) => {
-                m.merge(mine);
-                d.merge(daemon);
-            }
-            None => self.permits = Some((mine, daemon)),
-        }
-        Ok(())
-    }
-}
-
-/// A sandbox's share of the bytes held by reads of form and JSON bodies.
-pub fn sandbox_share() -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(MAX_HELD_PER_SANDBOX))
-}
 
 /// A method no rule lists: a rule that refuses it lists its methods, so some method an
 /// override could name (Laravel and Symfony take any) is refused there.
@@ -623,48 +541,6 @@ fn json_keys(body: &[u8]) -> Result<Vec<String>, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// One sandbox filling its share of the bytes held for body reads leaves the others
-    /// theirs; the charge is the buffer's bytes, however small the pieces (a piece of 256
-    /// bytes is not charged as a KiB); and the room comes back when a read ends.
-    #[test]
-    #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
-    fn a_sandbox_holds_only_its_share_of_read_bodies() {
-        let (greedy, other) = (sandbox_share(), sandbox_share());
-        let mut reads: Vec<Held<'_>> = Vec::new();
-        let mut filled = 0;
-        while filled + (1 << 20) <= MAX_HELD_PER_SANDBOX {
-            let mut read = Held::new(&greedy);
-            read.grow_to(1 << 20).unwrap();
-            reads.push(read);
-            filled += 1 << 20;
-        }
-        let mut one_more = Held::new(&greedy);
-        assert_eq!(one_more.grow_to(1), Err(Spent::Sandbox));
-        let mut theirs = Held::new(&other);
-        theirs.grow_to(1 << 20).unwrap();
-        // Charged by the byte.
-        let mut small = Held::new(&other);
-        small.grow_to(256).unwrap();
-        small.grow_to(512).unwrap();
-        assert_eq!(small.bytes(), 512);
-        assert_eq!(
-            other.available_permits(),
-            MAX_HELD_PER_SANDBOX - (1 << 20) - 512
-        );
-        drop(reads);
-        assert_eq!(greedy.available_permits(), MAX_HELD_PER_SANDBOX);
-        one_more.grow_to(1).unwrap();
-        // A body read whole keeps its share while it is forwarded, not just while read.
-        let kept = small.into_body();
-        assert_eq!(
-            other.available_permits(),
-            MAX_HELD_PER_SANDBOX - (1 << 20) - 512
-        );
-        drop(kept);
-        drop(theirs);
-        assert_eq!(other.available_permits(), MAX_HELD_PER_SANDBOX);
-    }
 
     #[test]
     fn override_keys_are_read_as_the_frameworks_read_them() {

@@ -24,6 +24,7 @@ mod error;
 pub mod git;
 mod h2head;
 mod head;
+mod held;
 pub(crate) mod hello;
 mod inject;
 mod intercept;
@@ -61,7 +62,7 @@ use tracing::debug;
 
 pub use ca::{CaError, CertAuthority, CA_CERT_FILE, CA_COMMON_NAME, CA_KEY_FILE};
 pub use error::{Party, ProxyError};
-pub use method_override::sandbox_share as held_bodies_share;
+pub use held::sandbox_share as held_bodies_share;
 pub use scrub::MARKER as SCRUB_MARKER;
 pub use workers::Workers;
 

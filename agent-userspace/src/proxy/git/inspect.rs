@@ -1,21 +1,26 @@
-//! Reading a push's command list off the request body before anything is forwarded, and
-//! draining a refused push so that the client reads the proxy's answer.
+//! Reading a push's command list off the request body before anything is forwarded.
 //!
 //! The raw bytes read are kept and forwarded first, unchanged (still gzip-compressed if
-//! they were), followed by the rest of the body as it arrives.
+//! they were), followed by the rest of the body as it arrives. While they are held they
+//! are charged to the sandbox's share of the proxy's held-body budget, and the reading
+//! is bounded in time. A refused push is answered at once; the proxy reads and drops the
+//! rest of its body afterwards, within bounds, so that its client reads the answer.
 
 use std::io::Read as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::CONTENT_ENCODING;
 use http::{HeaderMap, StatusCode};
 use hyper::body::Incoming;
+use tokio::sync::Semaphore;
 
 use super::pkt::{parse_commands, status_report, wants_report};
 use crate::audit::RefUpdate;
 use crate::policy::git::{CommandList, GitRule, PushJudgement};
 use crate::proxy::body::{next_piece, Piece};
+use crate::proxy::held::{Held, HeldBody, Spent, MAX_HELD_BYTES, MAX_HELD_PER_SANDBOX};
 
 /// Largest command section accepted (decompressed), flush included.
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -23,14 +28,16 @@ pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 /// section: the section itself, compressed or not, plus what came in the same frames.
 const MAX_BUFFERED_BYTES: usize = 4 * MAX_COMMAND_BYTES;
 
-/// Most bytes of a refused push read and thrown away so that its client reads the answer.
-const MAX_DRAIN_BYTES: u64 = 1 << 30;
+/// Longest time the command section may take to arrive, however steadily it trickles
+/// (a byte now and then must not hold its buffer for ever).
+const MAX_COMMAND_SECS: u64 = 120;
 
 /// What to do with a push.
 #[derive(Debug)]
 pub enum PushOutcome {
-    /// Forward these bytes (as read, so possibly compressed), then the rest of the body.
-    Forward(Bytes),
+    /// Forward these bytes (as read, so possibly compressed), then the rest of the body;
+    /// the budget they hold is kept until they are sent.
+    Forward(Bytes, Option<HeldBody>),
     /// Answer the client with `status` and, when it asked for one, a receive-pack
     /// `report` (to be sent as `application/x-git-receive-pack-result`) instead of
     /// `reason` as text. Nothing was forwarded; `consumed` body bytes were read.
@@ -50,14 +57,15 @@ pub struct Inspected {
     pub outcome: PushOutcome,
 }
 
-/// Reads a `git-receive-pack` request's command list from `body`, judges it with
-/// `rule`, and either hands back the bytes read (to be forwarded first) or refuses
-/// the whole push, having drained the rest of the body.
+/// Reads a `git-receive-pack` request's command list from `body`, holding its bytes in
+/// the sandbox's `share` of the held-body budget, judges it with `rule`, and either hands
+/// back the bytes read (to be forwarded first) or refuses the whole push at once.
 pub async fn inspect_push(
     rule: &GitRule,
     headers: &HeaderMap,
     body: &mut Incoming,
     idle: Duration,
+    share: &Arc<Semaphore>,
 ) -> Inspected {
     let refuse = |status, reason, report, consumed| Inspected {
         updates: Vec::new(),
@@ -70,19 +78,18 @@ pub async fn inspect_push(
     };
     let encoding = match Encoding::from_headers(headers) {
         Ok(e) => e,
-        Err(reason) => {
-            let consumed = drain(body, idle, MAX_DRAIN_BYTES).await;
-            return refuse(StatusCode::UNSUPPORTED_MEDIA_TYPE, reason, None, consumed);
-        }
+        Err(reason) => return refuse(StatusCode::UNSUPPORTED_MEDIA_TYPE, reason, None, 0),
     };
-    let (raw, list) = match read_commands(body, encoding, idle).await {
+    let (raw, list, held) = match read_commands(body, encoding, idle, share).await {
         Ok(read) => read,
-        Err(ReadError::Invalid(reason)) => {
-            let consumed = drain(body, idle, MAX_DRAIN_BYTES).await;
+        Err(ReadError::Invalid(reason, consumed)) => {
             return refuse(StatusCode::FORBIDDEN, reason, None, consumed);
         }
-        Err(ReadError::Downstream(reason)) => {
-            return refuse(StatusCode::BAD_REQUEST, reason, None, 0);
+        Err(ReadError::Busy(reason, consumed)) => {
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, reason, None, consumed);
+        }
+        Err(ReadError::Downstream(reason, consumed)) => {
+            return refuse(StatusCode::BAD_REQUEST, reason, None, consumed);
         }
     };
     let judgement = rule.judge_push(&list);
@@ -90,10 +97,10 @@ pub async fn inspect_push(
     let Some(reason) = judgement.refused else {
         return Inspected {
             updates,
-            outcome: PushOutcome::Forward(raw),
+            outcome: PushOutcome::Forward(raw, held),
         };
     };
-    let consumed = raw.len() as u64 + drain(body, idle, MAX_DRAIN_BYTES).await;
+    let consumed = raw.len() as u64;
     let (status, report) = if wants_report(&list) {
         (
             StatusCode::OK,
@@ -148,36 +155,84 @@ impl Encoding {
     }
 }
 
-/// Why the command section could not be had.
+/// Why the command section could not be had, and how many body bytes were read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadError {
     /// The client sent something that is not a valid command section.
-    Invalid(String),
-    /// The client's body failed or stalled.
-    Downstream(String),
+    Invalid(String, u64),
+    /// The client's body failed or stalled, or took too long.
+    Downstream(String, u64),
+    /// The held-body budget (the sandbox's share or the daemon's) is spent.
+    Busy(String, u64),
 }
 
-/// Reads from `body` until the command section is complete. Returns the raw bytes read
-/// (to be forwarded first) and the parsed section.
+/// Reads from `body` until the command section is complete, charging what it holds to
+/// `share`. Returns the raw bytes read (to be forwarded first), the parsed section, and
+/// the budget the bytes hold.
 pub async fn read_commands(
     body: &mut Incoming,
     encoding: Encoding,
     idle: Duration,
-) -> Result<(Bytes, CommandList), ReadError> {
+    share: &Arc<Semaphore>,
+) -> Result<(Bytes, CommandList, Option<HeldBody>), ReadError> {
     let mut reader = CommandReader::new(encoding);
-    loop {
-        match next_data(body, idle).await? {
-            Some(data) => {
-                if let Some(list) = reader.push(&data)? {
-                    return Ok((reader.raw.freeze(), list));
+    let mut held = Held::new(share);
+    // What a parse of a gzip body's start inflates, beside the bytes read.
+    let inflated = match encoding {
+        Encoding::Identity => 0,
+        Encoding::Gzip => MAX_COMMAND_BYTES + PACK_MAGIC.len(),
+    };
+    let read = async {
+        loop {
+            let consumed = reader.raw.len() as u64;
+            let data = match next_piece(body, idle).await {
+                Ok(Piece::Data(data)) => data,
+                Ok(Piece::Trailers | Piece::End) => {
+                    return reader
+                        .finish()
+                        .map_err(|why| ReadError::Invalid(why, consumed));
                 }
+                Err(why) => return Err(ReadError::Downstream(why, consumed)),
+            };
+            // The room is charged before it is taken.
+            reader.raw.reserve(data.len());
+            if let Err(spent) = held.grow_to(reader.raw.capacity() + inflated) {
+                let (who, most) = match spent {
+                    Spent::Sandbox => ("the sandbox", MAX_HELD_PER_SANDBOX),
+                    Spent::Daemon => ("the daemon", MAX_HELD_BYTES),
+                };
+                return Err(ReadError::Busy(
+                    format!(
+                        "proxy: git push refused: {who} already holds {} MiB of request \
+                         bodies read to be judged; try again",
+                        most >> 20
+                    ),
+                    consumed,
+                ));
             }
-            None => {
-                let list = reader.finish()?;
-                return Ok((reader.raw.freeze(), list));
+            let consumed = consumed + data.len() as u64;
+            if let Some(list) = reader
+                .push(&data)
+                .map_err(|why| ReadError::Invalid(why, consumed))?
+            {
+                return Ok(list);
             }
         }
-    }
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(MAX_COMMAND_SECS), read).await;
+    let list = match outcome {
+        Ok(done) => done?,
+        Err(_) => {
+            return Err(ReadError::Downstream(
+                format!(
+                    "downstream client: a git push's command list took over \
+                     {MAX_COMMAND_SECS} s to arrive"
+                ),
+                reader.raw.len() as u64,
+            ))
+        }
+    };
+    Ok((reader.raw.freeze(), list, held.into_body()))
 }
 
 /// The body's first bytes, parsed for the command list as they arrive: again only when
@@ -203,14 +258,14 @@ impl CommandReader {
         }
     }
 
-    fn parse(&mut self, ended: bool) -> Result<Option<CommandList>, ReadError> {
+    fn parse(&mut self, ended: bool) -> Result<Option<CommandList>, String> {
         self.parses += 1;
         self.parsed_at = self.raw.len();
         try_parse(&self.raw, self.encoding, ended)
     }
 
     /// Takes the next piece; the list once it is complete.
-    fn push(&mut self, data: &[u8]) -> Result<Option<CommandList>, ReadError> {
+    fn push(&mut self, data: &[u8]) -> Result<Option<CommandList>, String> {
         self.raw.extend_from_slice(data);
         let over = self.raw.len() > MAX_BUFFERED_BYTES;
         if over || self.raw.len() >= self.parsed_at.saturating_mul(2).max(1) {
@@ -218,32 +273,20 @@ impl CommandReader {
                 return Ok(Some(list));
             }
             if over {
-                return Err(ReadError::Invalid(format!(
+                return Err(format!(
                     "git push: no end of the command list within the first \
                      {MAX_BUFFERED_BYTES} bytes of the body"
-                )));
+                ));
             }
         }
         Ok(None)
     }
 
     /// The body ended: the list, or why there is none.
-    fn finish(&mut self) -> Result<CommandList, ReadError> {
+    fn finish(&mut self) -> Result<CommandList, String> {
         self.parse(true)?.ok_or_else(|| {
-            ReadError::Invalid(
-                "git push: the body ended before the command list's flush-pkt".to_owned(),
-            )
+            "git push: the body ended before the command list's flush-pkt".to_owned()
         })
-    }
-}
-
-/// The next data frame's bytes (skipping empty ones), `None` at the end of the body
-/// (trailers end it).
-async fn next_data(body: &mut Incoming, idle: Duration) -> Result<Option<Bytes>, ReadError> {
-    match next_piece(body, idle).await {
-        Ok(Piece::Data(data)) => Ok(Some(data)),
-        Ok(Piece::Trailers | Piece::End) => Ok(None),
-        Err(why) => Err(ReadError::Downstream(why)),
     }
 }
 
@@ -258,8 +301,8 @@ pub(crate) fn try_parse(
     raw: &[u8],
     encoding: Encoding,
     ended: bool,
-) -> Result<Option<CommandList>, ReadError> {
-    let invalid = |e: String| ReadError::Invalid(format!("git push: {e}"));
+) -> Result<Option<CommandList>, String> {
+    let invalid = |e: String| format!("git push: {e}");
     let plain = match encoding {
         Encoding::Identity => std::borrow::Cow::Borrowed(raw),
         Encoding::Gzip => std::borrow::Cow::Owned(
@@ -302,20 +345,6 @@ fn gunzip_prefix(raw: &[u8], limit: usize) -> Result<Vec<u8>, String> {
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(out),
         Err(e) => Err(format!("the gzip-encoded body is invalid: {e}")),
     }
-}
-
-/// Reads and discards the rest of a refused push, so that a client still sending its
-/// pack gets to read the answer. Stops after `max` bytes or a stall of `idle`. Returns
-/// the bytes read.
-pub async fn drain(body: &mut Incoming, idle: Duration, max: u64) -> u64 {
-    let mut total = 0u64;
-    while total < max {
-        match next_data(body, idle).await {
-            Ok(Some(data)) => total += data.len() as u64,
-            Ok(None) | Err(_) => break,
-        }
-    }
-    total
 }
 
 /// The record's ref updates: every command of the push with the rule's verdict on it.
@@ -418,11 +447,8 @@ mod tests {
             Encoding::Gzip,
             false,
         );
-        assert!(matches!(err, Err(ReadError::Invalid(_))), "{err:?}");
-        assert!(matches!(
-            try_parse(b"not gzip at all", Encoding::Gzip, false),
-            Err(ReadError::Invalid(_))
-        ));
+        assert!(err.is_err(), "{err:?}");
+        assert!(try_parse(b"not gzip at all", Encoding::Gzip, false).is_err());
 
         // A command list that never ends is cut at the bound, compressed or not.
         let mut endless = Vec::new();
@@ -457,10 +483,7 @@ mod tests {
             // Anything else (pkt-lines git would read as options or commands) is refused.
             for tail in [&b"000cci.skip\n0000PACK"[..], b"0000", b"PA", b"junk"] {
                 let err = parse(tail, true).unwrap_err();
-                assert!(
-                    matches!(&err, ReadError::Invalid(why) if why.contains("not a pack")),
-                    "{tail:?}: {err:?}"
-                );
+                assert!(err.contains("not a pack"), "{tail:?}: {err:?}");
             }
         }
     }

@@ -11,8 +11,8 @@ mod pkt;
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests;
 
+pub(crate) use inspect::try_parse;
 pub(super) use inspect::{inspect_push, PushOutcome};
-pub(crate) use inspect::{try_parse, ReadError};
 pub use inspect::{Encoding, MAX_COMMAND_BYTES};
 pub use pkt::{parse_commands, status_report, wants_report, MAX_PKT_LEN};
 

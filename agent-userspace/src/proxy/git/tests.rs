@@ -250,6 +250,8 @@ struct Harness {
     env: GitEnv,
     records: mpsc::UnboundedReceiver<ProxyRecord>,
     credentials: Arc<CredentialStore>,
+    /// The sandbox's share of the held-body budget.
+    held: Arc<tokio::sync::Semaphore>,
     _dir: tempfile::TempDir,
 }
 
@@ -323,6 +325,9 @@ async fn start_proxy_injecting(
     let requests = Arc::new(tokio::sync::Semaphore::new(
         proxy.config().max_requests_per_sandbox,
     ));
+    // One sandbox's share of the held-body budget, over all its connections.
+    let held = crate::proxy::held_bodies_share();
+    let share = held.clone();
     tokio::spawn(async move {
         let mut n = 0u64;
         while let Ok((stream, peer)) = listener.accept().await {
@@ -334,7 +339,7 @@ async fn start_proxy_injecting(
                 connection_id: format!("conn-{n}"),
                 route: route.clone(),
                 requests: requests.clone(),
-                held_bodies: crate::proxy::held_bodies_share(),
+                held_bodies: share.clone(),
                 closing: Arc::default(),
             };
             tokio::spawn(proxy.clone().serve(stream, conn));
@@ -350,6 +355,7 @@ async fn start_proxy_injecting(
         },
         records,
         credentials: kept,
+        held,
         _dir: dir,
     }
 }
@@ -445,7 +451,8 @@ async fn git_clone_and_push_through_the_proxy() {
         assert!(!r.git.unwrap().ref_updates[0].allowed);
 
         // A push larger than git's post buffer (sent chunked, after a probe request) is
-        // drained, so that git still reads the answer.
+        // answered as soon as its command list is judged, and the rest of its body read
+        // and dropped after the answer, so that git still reads it.
         let mut noise = Vec::with_capacity(3 << 20);
         let mut x = 0x9e37_79b9_7f4a_7c15_u64;
         while noise.len() < 3 << 20 {
@@ -465,7 +472,7 @@ async fn git_clone_and_push_through_the_proxy() {
             "{err}"
         );
         let r = h.last("/git-receive-pack");
-        assert!(r.bytes_in > 3 << 20, "{r:?}");
+        assert!(r.bytes_in < 1 << 20, "the pack was read before the answer: {r:?}");
         assert_eq!(origin_ref(&repos, "refs/heads/main"), main_before);
 
         // One refused ref stops the whole push.
@@ -514,6 +521,76 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     e.write_all(data).unwrap();
     e.finish().unwrap()
+}
+
+/// A push's command list is held in the sandbox's share of the held-body budget while it
+/// is read: with the share spent, the push is refused with 503 and recorded, and nothing
+/// reaches the origin; with the share back, the same push goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_push_is_charged_to_the_sandboxs_share() {
+    if !have_git() {
+        return;
+    }
+    tokio::time::timeout(LIMIT, async {
+        let (_root, repos) = origin_repos();
+        let (origin, origin_ca) = start_origin(repos.clone()).await;
+        let mut h = start_proxy(origin, &origin_ca, agent_rule()).await;
+        let work = tempfile::tempdir().unwrap();
+        let url = format!("https://{HOST}:{}/acme/widgets.git", h.env.port);
+        let (ok, err) = git(work.path(), &h.env, &["clone", "-q", &url, "w"]).await;
+        assert!(ok, "clone: {err}");
+        let w = work.path().join("w");
+        std::fs::write(w.join("change"), "agent work\n").unwrap();
+        git(&w, &h.env, &["add", "change"]).await;
+        let (ok, err) = git(&w, &h.env, &["commit", "-q", "-m", "agent"]).await;
+        assert!(ok, "{err}");
+
+        // Other reads of this sandbox hold all but a few bytes of its share.
+        let all = h.held.available_permits();
+        let taken = h
+            .held
+            .clone()
+            .try_acquire_many_owned(u32::try_from(all - 16).unwrap())
+            .unwrap();
+        let (ok, err) = git(
+            &w,
+            &h.env,
+            &["push", "origin", "HEAD:refs/heads/agent/busy"],
+        )
+        .await;
+        assert!(!ok, "a push went through with the share spent: {err}");
+        let r = h.last("/git-receive-pack");
+        assert_eq!((r.verdict, r.status), (Verdict::Deny, Some(503)), "{r:?}");
+        assert!(
+            r.reason.as_deref().unwrap_or("").contains("already holds"),
+            "{r:?}"
+        );
+        assert_eq!(origin_ref(&repos, "refs/heads/agent/busy"), None);
+
+        // The share back, the same push goes through, and what it held is given back.
+        drop(taken);
+        let (ok, err) = git(
+            &w,
+            &h.env,
+            &["push", "origin", "HEAD:refs/heads/agent/busy"],
+        )
+        .await;
+        assert!(ok, "push: {err}");
+        assert!(origin_ref(&repos, "refs/heads/agent/busy").is_some());
+        let freed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while h.held.available_permits() != all {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            freed.is_ok(),
+            "{} of {all} permits back",
+            h.held.available_permits()
+        );
+    })
+    .await
+    .unwrap();
 }
 
 /// A git rule's bodies are judged as sent and never rewritten: a placeholder with body
