@@ -20,11 +20,15 @@ use super::query::{check_name, normalise, our_edns, Question};
 const MAX_LABEL: usize = 63;
 
 /// The addresses (with TTLs, each address once) an answer gives `qname`, or why the
-/// answer must not reach the client.
+/// answer must not reach the client. `crossing` says why a name a CNAME leads to may not
+/// lend its addresses to the name asked, if so: the addresses are learned with the
+/// asked name's rules, so a target whose own rules send connections another way (through
+/// the proxy, or straight out) would have its traffic sent the asked name's way.
 pub(crate) fn check(
     response: &Message,
     qname: &Name,
     allowed: impl Fn(&str) -> bool,
+    crossing: impl Fn(&str) -> Option<String>,
 ) -> Result<Vec<(IpAddr, u32)>, String> {
     let mut cnames: Vec<(&Name, &Name)> = Vec::new();
     for record in &response.answers {
@@ -37,6 +41,16 @@ pub(crate) fn check(
                     normalise(owner),
                     normalise(target)
                 ));
+            }
+            for name in [owner, target] {
+                if let Some(why) = crossing(&normalise(name)) {
+                    return Err(format!(
+                        "the answer's CNAME {} -> {} leads to a name whose rules send \
+                         connections another way than those of the name asked: {why}",
+                        normalise(owner),
+                        normalise(target)
+                    ));
+                }
             }
             cnames.push((owner, target));
         }

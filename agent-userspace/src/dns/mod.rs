@@ -507,7 +507,17 @@ async fn decide(
         }
     };
 
-    let addrs = match answer::check(&response, &question.qname, |n| policy.name_allowed(n)) {
+    let crossing = |name: &str| {
+        policy
+            .crossing_paths(&rule_ids, &policy.rules_for_name(name))
+            .map(|(asked, theirs)| format!("rule `{asked}` against rule `{theirs}`"))
+    };
+    let addrs = match answer::check(
+        &response,
+        &question.qname,
+        |n| policy.name_allowed(n),
+        crossing,
+    ) {
         Ok(addrs) => addrs,
         Err(reason) => {
             record.verdict = DnsVerdict::Deny;

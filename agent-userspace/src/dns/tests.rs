@@ -74,6 +74,9 @@ fn fake_answer(query: &Message, tcp: bool) -> Option<Message> {
             resp.add_answer(cname("www.github.example.", "edge.github.example."));
             resp.add_answer(a("edge.github.example.", [192, 0, 2, 20], 45));
         }
+        ("edge.github.example.", RecordType::A) => {
+            resp.add_answer(a("edge.github.example.", [192, 0, 2, 20], 45));
+        }
         ("alias.github.example.", RecordType::A) => {
             resp.add_answer(cname("alias.github.example.", "tracker.evil.example."));
             resp.add_answer(a("tracker.evil.example.", [198, 51, 100, 66], 60));
@@ -447,6 +450,39 @@ async fn aaaa_and_cname_chains_within_the_policy_are_learned() {
         }
     );
     assert_eq!(h.records()[1].resolved_ip, [ip("192.0.2.20")]);
+}
+
+/// A CNAME must not lend a target's addresses to a name whose rules send connections
+/// another way: `www` is allowed straight out, but its target `edge` only through the
+/// proxy. Learned under `www`'s rule, `edge`'s addresses would be reached directly, past
+/// the proxy's checks: the answer is withheld and recorded. With the same way on both
+/// sides (the base policy), the chain is learned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cname_to_a_name_sent_another_way_is_withheld() {
+    let fake = Fake::start().await;
+    let h = Harness::start_with(
+        &policy_with(
+            &[fake.addr],
+            "",
+            "  - name: edge-proxied\n    to: [edge.github.example]\n    ports: [443]\n    action: proxy\n",
+        ),
+        false,
+    )
+    .await;
+    let reply = h.udp("www.github.example", RecordType::A).await;
+    assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+    assert!(addrs(&reply).is_empty());
+    assert!(h.learned.lock().unwrap().is_empty());
+    let r = &h.records()[0];
+    assert_eq!(r.verdict, DnsVerdict::Deny, "{r:?}");
+    let why = r.reason.as_deref().unwrap_or("");
+    assert!(
+        why.contains("edge.github.example") && why.contains("edge-proxied"),
+        "{r:?}"
+    );
+    // The proxied name itself still resolves, under its own rule.
+    let reply = h.udp("edge.github.example", RecordType::A).await;
+    assert_eq!(addrs(&reply), [ip("192.0.2.20")]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
