@@ -183,13 +183,15 @@ impl DnsRuntime {
         });
         let _guard = self.runtime.enter();
         let mut tasks = Vec::new();
+        // One set of bounds for the resolver, whatever number of listeners (IPv4, IPv6).
+        let limits = dns::ResolverLimits::new(&ctx);
         for s in udp {
             let s = tokio::net::UdpSocket::from_std(s).map_err(|e| e.to_string())?;
-            tasks.push(tokio::spawn(dns::serve_udp(s, ctx.clone())).abort_handle());
+            tasks.push(tokio::spawn(dns::serve_udp(s, ctx.clone(), limits.clone())).abort_handle());
         }
         for l in tcp {
             let l = tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string())?;
-            tasks.push(tokio::spawn(dns::serve_tcp(l, ctx.clone())).abort_handle());
+            tasks.push(tokio::spawn(dns::serve_tcp(l, ctx.clone(), limits.clone())).abort_handle());
         }
         tracing::info!(%sandbox, port, netns = %netns.path().display(), "DNS resolver listening");
         self.servers.insert(

@@ -184,19 +184,60 @@ fn shed(ctx: &ResolverCtx, what: String) -> RefusalRecords {
     )
 }
 
+/// One transport's bounds, shared by a resolver's listeners of that transport (IPv4 and
+/// IPv6): what may be served at once, what is dropped past it, and the refusals recorded
+/// one by one.
+pub struct TransportLimits {
+    permits: Arc<Semaphore>,
+    shed: RefusalRecords,
+    refusals: Arc<RefusalRecords>,
+}
+
+/// A resolver's bounds, per transport, whatever number of listeners serve it.
+pub struct ResolverLimits {
+    udp: TransportLimits,
+    tcp: TransportLimits,
+}
+
+impl ResolverLimits {
+    pub fn new(ctx: &ResolverCtx) -> Arc<Self> {
+        Arc::new(Self {
+            udp: TransportLimits {
+                permits: Arc::new(Semaphore::new(MAX_UDP_IN_FLIGHT)),
+                shed: shed(
+                    ctx,
+                    format!(
+                        "queries (over {MAX_UDP_IN_FLIGHT} in flight) dropped unanswered: the \
+                         sandbox's resolver was at its limit"
+                    ),
+                ),
+                refusals: Arc::new(refusal_records(ctx)),
+            },
+            tcp: TransportLimits {
+                permits: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
+                shed: shed(
+                    ctx,
+                    format!(
+                        "TCP connections (over {MAX_TCP_CONNECTIONS} open) dropped unanswered: \
+                         the sandbox's resolver was at its limit"
+                    ),
+                ),
+                refusals: Arc::new(refusal_records(ctx)),
+            },
+        })
+    }
+}
+
 /// Serves DNS over UDP on `socket` (bound by the daemon in the sandbox's namespace) until
-/// the task is aborted. Each query is answered by its own task.
-pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>) {
+/// the task is aborted, within the resolver's `limits`. Each query is answered by its own
+/// task.
+pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>, limits: Arc<ResolverLimits>) {
     let socket = Arc::new(socket);
-    let permits = Arc::new(Semaphore::new(MAX_UDP_IN_FLIGHT));
-    let shed = shed(
-        &ctx,
-        format!(
-            "queries (over {MAX_UDP_IN_FLIGHT} in flight) dropped unanswered: the sandbox's \
-             resolver was at its limit"
-        ),
-    );
-    let refusals = Arc::new(refusal_records(&ctx));
+    let TransportLimits {
+        permits,
+        shed,
+        refusals,
+    } = &limits.udp;
     // A datagram longer than the buffer is cut short and then fails to parse.
     let mut buf = vec![0u8; 4096];
     // The queries' tasks end with this one: a resolver stopped (a policy that names no
@@ -234,18 +275,14 @@ pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>) {
 }
 
 /// Serves DNS over TCP (RFC 7766: each message behind a 2-byte length) on `listener`
-/// until the task is aborted; one task per connection, queries on a connection answered
-/// in order.
-pub async fn serve_tcp(listener: TcpListener, ctx: Arc<ResolverCtx>) {
-    let permits = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
-    let shed = shed(
-        &ctx,
-        format!(
-            "TCP connections (over {MAX_TCP_CONNECTIONS} open) dropped unanswered: the \
-             sandbox's resolver was at its limit"
-        ),
-    );
-    let refusals = Arc::new(refusal_records(&ctx));
+/// until the task is aborted, within the resolver's `limits`; one task per connection,
+/// queries on a connection answered in order.
+pub async fn serve_tcp(listener: TcpListener, ctx: Arc<ResolverCtx>, limits: Arc<ResolverLimits>) {
+    let TransportLimits {
+        permits,
+        shed,
+        refusals,
+    } = &limits.tcp;
     // Each connection's task ends with this one: a connection held open must not go on
     // resolving under the policy (and outside the quarantine) of a resolver that stopped.
     let mut connections = JoinSet::new();

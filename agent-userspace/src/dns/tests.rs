@@ -272,9 +272,10 @@ impl Harness {
         let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (udp_addr, tcp_addr) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
+        let limits = ResolverLimits::new(&ctx);
         let listeners = vec![
-            tokio::spawn(serve_udp(udp, ctx.clone())).abort_handle(),
-            tokio::spawn(serve_tcp(tcp, ctx.clone())).abort_handle(),
+            tokio::spawn(serve_udp(udp, ctx.clone(), limits.clone())).abort_handle(),
+            tokio::spawn(serve_tcp(tcp, ctx.clone(), limits)).abort_handle(),
         ];
         Self {
             ctx,
