@@ -22,8 +22,8 @@ const MAX_LABEL: usize = 63;
 /// The addresses (with TTLs, each address once) an answer gives `qname`, or why the
 /// answer must not reach the client. `crossing` says why a name a CNAME leads to may not
 /// lend its addresses to the name asked, if so: the addresses are learned with the
-/// asked name's rules, so a target whose own rules send connections another way (through
-/// the proxy, or straight out) would have its traffic sent the asked name's way.
+/// asked name's rules, so a target served through the proxy would have its traffic let
+/// straight out by an `allow` rule of the asked name.
 pub(crate) fn check(
     response: &Message,
     qname: &Name,
@@ -45,8 +45,8 @@ pub(crate) fn check(
             for name in [owner, target] {
                 if let Some(why) = crossing(&normalise(name)) {
                     return Err(format!(
-                        "the answer's CNAME {} -> {} leads to a name whose rules send \
-                         connections another way than those of the name asked: {why}",
+                        "the answer's CNAME {} -> {} leads to a name served through the \
+                         proxy, whose addresses the name asked would let straight out: {why}",
                         normalise(owner),
                         normalise(target)
                     ));

@@ -546,7 +546,7 @@ async fn decide(
 
     let crossing = |name: &str| {
         policy
-            .crossing_paths(&rule_ids, &policy.rules_for_name(name))
+            .proxy_overtaken(&rule_ids, &policy.rules_for_name(name))
             .map(|(asked, theirs)| format!("rule `{asked}` against rule `{theirs}`"))
     };
     let addrs = match answer::check(

@@ -453,11 +453,11 @@ async fn aaaa_and_cname_chains_within_the_policy_are_learned() {
     assert_eq!(h.records()[1].resolved_ip, [ip("192.0.2.20")]);
 }
 
-/// A CNAME must not lend a target's addresses to a name whose rules send connections
-/// another way: `www` is allowed straight out, but its target `edge` only through the
-/// proxy. Learned under `www`'s rule, `edge`'s addresses would be reached directly, past
-/// the proxy's checks: the answer is withheld and recorded. With the same way on both
-/// sides (the base policy), the chain is learned.
+/// A CNAME must not lend a proxied target's addresses to a name allowed straight out:
+/// `www` is allowed straight out, but its target `edge` only through the proxy. Learned
+/// under `www`'s rule, `edge`'s addresses would be reached directly, past the proxy's
+/// checks: the answer is withheld and recorded. The other way round is no bypass, and
+/// with the same way on both sides (the base policy) the chain is learned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cname_to_a_name_sent_another_way_is_withheld() {
     let fake = Fake::start().await;
@@ -484,6 +484,25 @@ async fn a_cname_to_a_name_sent_another_way_is_withheld() {
     // The proxied name itself still resolves, under its own rule.
     let reply = h.udp("edge.github.example", RecordType::A).await;
     assert_eq!(addrs(&reply), [ip("192.0.2.20")]);
+
+    // The other way round is no bypass: a name served through the proxy (ahead of the
+    // wildcard `allow` that matches it too) whose CNAME target is allowed straight out
+    // gets its answer, under its own rules.
+    let fake = Fake::start().await;
+    let h = Harness::start_with(
+        &policy_with(
+            &[fake.addr],
+            "",
+            "  - name: www-proxied\n    to: [www.github.example]\n    ports: [443]\n    action: proxy\n",
+        ),
+        false,
+    )
+    .await;
+    let reply = h.udp("www.github.example", RecordType::A).await;
+    assert_eq!(addrs(&reply), [ip("192.0.2.20")], "{:?}", h.records());
+    let learned = h.learned.lock().unwrap().clone();
+    assert_eq!(learned.len(), 1, "{learned:?}");
+    assert_eq!(learned[0].rule_ids.first(), Some(&1), "{learned:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -198,6 +198,40 @@ impl Policy {
         None
     }
 
+    /// A rule among `asked` (a name's) that lets connections through as they are
+    /// (`allow`) and one among `target` (a name it leads to by CNAME) that sends them to
+    /// the proxy (`proxy`, `passthrough`) and that `asked` does not hold, for one
+    /// connection (protocols and ports overlap). The target's addresses are learned with
+    /// the asked name's rules: such a connection would skip the proxy the target is
+    /// served through. (The other way round only sends more through the proxy.) Returns
+    /// their names.
+    pub fn proxy_overtaken(&self, asked: &[u16], target: &[u16]) -> Option<(&str, &str)> {
+        use super::Action;
+        let rule = |id: u16| {
+            usize::from(id)
+                .checked_sub(1)
+                .and_then(|index| self.rules.get(index))
+        };
+        for &a in asked {
+            let Some(ra) = rule(a).filter(|r| r.action() == Action::Allow) else {
+                continue;
+            };
+            for &b in target.iter().filter(|b| !asked.contains(b)) {
+                let Some(rb) =
+                    rule(b).filter(|r| matches!(r.action(), Action::Proxy | Action::Passthrough))
+                else {
+                    continue;
+                };
+                let protocols =
+                    ra.protocol().covers(rb.protocol()) || rb.protocol().covers(ra.protocol());
+                if protocols && super::compile::ports_overlap(ra.ports(), rb.ports()) {
+                    return Some((ra.name(), rb.name()));
+                }
+            }
+        }
+        None
+    }
+
     /// The static entry list at exactly `net` (an IPv4-mapped prefix is taken as IPv4),
     /// as [`Policy::kernel_rules`] has it; `None` when no rule lists that prefix. The
     /// daemon restores it when a learned entry at the same prefix expires.
