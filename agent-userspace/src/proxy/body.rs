@@ -78,7 +78,7 @@ pub struct CountingBody {
     declared: Option<u64>,
     /// Set once the whole body has been handed on.
     sent: Option<Arc<std::sync::atomic::AtomicBool>>,
-    /// The budget the prefix (a body read whole) holds, given back with the body.
+    /// The budget the prefix (a body read whole) holds, given back once it is taken on.
     _held: Option<super::held::HeldBody>,
 }
 
@@ -114,8 +114,8 @@ impl CountingBody {
         self
     }
 
-    /// Keeps `held` (what the prefix holds of the proxy's budget) until the body is
-    /// dropped.
+    /// Keeps `held` (what the prefix holds of the proxy's budget) until the prefix has
+    /// been taken on (the body is polled after it) or the body is dropped.
     pub fn holding(mut self, held: Option<super::held::HeldBody>) -> Self {
         self._held = held;
         self
@@ -192,6 +192,8 @@ impl CountingBody {
             let out = this.piece(prefix);
             return Poll::Ready(Some(out.map(Frame::data)));
         }
+        // Polled again: the prefix has been taken on, and its budget is free.
+        this._held = None;
         loop {
             let Some(inner) = this.inner.as_mut() else {
                 return Poll::Ready(Some(Err("request body refused".into())));

@@ -867,7 +867,8 @@ impl ConnCtx {
                 BodyCheck::Downstream(reason) => {
                     return Err(Refusal::deny(StatusCode::BAD_REQUEST, reason));
                 }
-                BodyCheck::Busy(reason) => {
+                BodyCheck::Busy { reason, consumed } => {
+                    bytes_in.fetch_add(consumed, Ordering::Relaxed);
                     return Err(Refusal::deny(StatusCode::SERVICE_UNAVAILABLE, reason));
                 }
             }

@@ -159,8 +159,9 @@ pub enum BodyCheck {
     Refuse { reason: String, consumed: u64 },
     /// The client's body failed or stalled.
     Downstream(String),
-    /// The sandbox (or the daemon) holds its most of such bodies already.
-    Busy(String),
+    /// The sandbox (or the daemon) holds its most of such bodies already: why, and how
+    /// many bytes of the body were read.
+    Busy { reason: String, consumed: u64 },
 }
 
 /// Reads a POST body that frameworks parse (form, multipart or JSON) and refuses it if
@@ -223,12 +224,15 @@ pub async fn check_body(
                 Spent::Sandbox => ("the sandbox", MAX_HELD_PER_SANDBOX),
                 Spent::Daemon => ("the daemon", MAX_HELD_BYTES),
             };
-            return BodyCheck::Busy(format!(
-                "proxy: POST refused: {who} already holds {} MiB of request bodies read \
-                 whole to be checked for a method override ({consumed} bytes of this one \
-                 read); try again",
-                most >> 20
-            ));
+            return BodyCheck::Busy {
+                reason: format!(
+                    "proxy: POST refused: {who} already holds {} MiB of request bodies read \
+                     whole to be checked for a method override ({consumed} bytes of this one \
+                     read); try again",
+                    most >> 20
+                ),
+                consumed,
+            };
         }
     };
     let found = [
@@ -322,7 +326,8 @@ async fn read_into(
                 // the larger buffer growing would make.
                 read.reserve(data.len());
                 if let Err(spent) = held.grow_to(read.capacity()) {
-                    return Err(ReadError::Busy(spent, read.len() as u64));
+                    // The piece was taken off the body (a `100 Continue` was sent for it).
+                    return Err(ReadError::Busy(spent, (read.len() + data.len()) as u64));
                 }
                 read.extend_from_slice(&data);
             }

@@ -177,10 +177,11 @@ pub async fn read_commands(
 ) -> Result<(Bytes, CommandList, Option<HeldBody>), ReadError> {
     let mut reader = CommandReader::new(encoding);
     let mut held = Held::new(share);
-    // What a parse of a gzip body's start inflates, beside the bytes read.
+    // What a parse of a gzip body's start inflates, beside the bytes read (its buffer
+    // may double past the limit once).
     let inflated = match encoding {
         Encoding::Identity => 0,
-        Encoding::Gzip => MAX_COMMAND_BYTES + PACK_MAGIC.len(),
+        Encoding::Gzip => 2 * (MAX_COMMAND_BYTES + PACK_MAGIC.len()),
     };
     let read = async {
         loop {
@@ -194,9 +195,20 @@ pub async fn read_commands(
                 }
                 Err(why) => return Err(ReadError::Downstream(why, consumed)),
             };
-            // The room is charged before it is taken.
-            reader.raw.reserve(data.len());
-            if let Err(spent) = held.grow_to(reader.raw.capacity() + inflated) {
+            // The room is charged before it is taken: what the buffer growing may make
+            // (twice what it had, or what is needed), then what it made.
+            let consumed = consumed + data.len() as u64;
+            let need = reader.raw.len() + data.len();
+            let grown = if need > reader.raw.capacity() {
+                need.max(2 * reader.raw.capacity())
+            } else {
+                0
+            };
+            let charged = held.grow_to(grown + inflated).and_then(|()| {
+                reader.raw.reserve(data.len());
+                held.grow_to(reader.raw.capacity() + inflated)
+            });
+            if let Err(spent) = charged {
                 let (who, most) = match spent {
                     Spent::Sandbox => ("the sandbox", MAX_HELD_PER_SANDBOX),
                     Spent::Daemon => ("the daemon", MAX_HELD_BYTES),
@@ -210,7 +222,6 @@ pub async fn read_commands(
                     consumed,
                 ));
             }
-            let consumed = consumed + data.len() as u64;
             if let Some(list) = reader
                 .push(&data)
                 .map_err(|why| ReadError::Invalid(why, consumed))?
