@@ -198,13 +198,14 @@ impl Policy {
         None
     }
 
-    /// A rule among `asked` (a name's) that lets connections through as they are
-    /// (`allow`) and one among `target` (a name it leads to by CNAME) that sends them to
-    /// the proxy (`proxy`, `passthrough`) and that `asked` does not hold, for one
-    /// connection (protocols and ports overlap). The target's addresses are learned with
-    /// the asked name's rules: such a connection would skip the proxy the target is
-    /// served through. (The other way round only sends more through the proxy.) Returns
-    /// their names.
+    /// A rule of `target` (a name the asked name leads to by CNAME) that sends
+    /// connections to the proxy (`proxy`, `passthrough`), and the `allow` rule of `asked`
+    /// (the asked name's, in file order) that would take some of them first, if any. The
+    /// target's addresses are learned with the asked name's rules, and the kernel serves
+    /// a connection by the first of them that matches its protocol and port: an `allow`
+    /// there would let the target's connections skip the proxy. (An asked name whose
+    /// earlier rules send those ports through the proxy only sends more through it.)
+    /// Returns their names (asked first).
     pub fn proxy_overtaken(&self, asked: &[u16], target: &[u16]) -> Option<(&str, &str)> {
         use super::Action;
         let rule = |id: u16| {
@@ -212,20 +213,35 @@ impl Policy {
                 .checked_sub(1)
                 .and_then(|index| self.rules.get(index))
         };
-        for &a in asked {
-            let Some(ra) = rule(a).filter(|r| r.action() == Action::Allow) else {
+        let mut asked_rules: Vec<(u16, &super::Rule)> = asked
+            .iter()
+            .filter_map(|&id| rule(id).map(|r| (id, r)))
+            .collect();
+        asked_rules.sort_by_key(|(id, _)| *id);
+        for &b in target {
+            let Some(rb) =
+                rule(b).filter(|r| matches!(r.action(), Action::Proxy | Action::Passthrough))
+            else {
                 continue;
             };
-            for &b in target.iter().filter(|b| !asked.contains(b)) {
-                let Some(rb) =
-                    rule(b).filter(|r| matches!(r.action(), Action::Proxy | Action::Passthrough))
-                else {
-                    continue;
-                };
+            // The target rule's ports no earlier rule of the asked name has taken yet.
+            let mut open = port_set(rb.ports());
+            for (_, ra) in &asked_rules {
+                if open.is_empty() {
+                    break;
+                }
                 let protocols =
                     ra.protocol().covers(rb.protocol()) || rb.protocol().covers(ra.protocol());
-                if protocols && super::compile::ports_overlap(ra.ports(), rb.ports()) {
+                if !protocols || !super::compile::ports_overlap(&open, ra.ports()) {
+                    continue;
+                }
+                if ra.action() == Action::Allow {
                     return Some((ra.name(), rb.name()));
+                }
+                // Taken (through the proxy, or refused) only where it applies to every
+                // connection the target's rule would carry.
+                if ra.protocol().covers(rb.protocol()) {
+                    open = subtract(&open, &port_set(ra.ports()));
                 }
             }
         }
@@ -316,6 +332,37 @@ impl Policy {
     }
 }
 
+/// A rule's ports as ranges (none: every port).
+fn port_set(ports: &[(u16, u16)]) -> Vec<(u16, u16)> {
+    if ports.is_empty() {
+        vec![(0, u16::MAX)]
+    } else {
+        ports.to_vec()
+    }
+}
+
+/// The ports of `set` not in `taken` (both as ranges).
+fn subtract(set: &[(u16, u16)], taken: &[(u16, u16)]) -> Vec<(u16, u16)> {
+    let mut left = set.to_vec();
+    for &(tlo, thi) in taken {
+        let mut next = Vec::new();
+        for (lo, hi) in left {
+            if thi < lo || hi < tlo {
+                next.push((lo, hi));
+                continue;
+            }
+            if lo < tlo {
+                next.push((lo, tlo - 1));
+            }
+            if thi < hi {
+                next.push((thi + 1, hi));
+            }
+        }
+        left = next;
+    }
+    left
+}
+
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
@@ -344,6 +391,82 @@ mod tests {
         assert_eq!(policy.crossing_paths(&[web], &[api]), None);
         assert_eq!(policy.crossing_paths(&[dns], &[api]), None);
         assert_eq!(policy.crossing_paths(&[pkgs], &[more]), None);
+    }
+
+    /// A CNAME target served through the proxy is overtaken when the first rule of the
+    /// asked name that takes one of its ports lets connections straight out, whether or
+    /// not the asked name holds the proxy rule too; not when an earlier rule of the asked
+    /// name sends those ports through the proxy itself.
+    #[test]
+    fn a_proxied_target_is_overtaken_by_the_asked_names_first_match() {
+        let policy = |rules: &str| {
+            parse_str(
+                &format!("version: 1\ndefault: deny\nrules:\n{rules}"),
+                "t.yaml",
+            )
+            .unwrap()
+        };
+        // The asked name allowed straight out, the target through the proxy. (An allow
+        // ahead of a proxy rule both names match is refused when the policy is read.)
+        let p = policy(
+            "- {name: www, to: [www.x.example], ports: [443], action: allow}\n\
+             - {name: edge, to: [edge.x.example], ports: [443], action: proxy}\n",
+        );
+        let (asked, target) = (
+            p.rules_for_name("www.x.example"),
+            p.rules_for_name("edge.x.example"),
+        );
+        assert_eq!(p.proxy_overtaken(&asked, &target), Some(("www", "edge")));
+        assert!(parse_str(
+            "version: 1\nrules:\n\
+             - {name: www, to: [www.x.example], ports: [443], action: allow}\n\
+             - {name: all, to: [\"*.x.example\"], ports: [443], action: proxy}\n",
+            "t.yaml"
+        )
+        .is_err());
+        // The asked name's own proxy rule first: its allow never takes port 443.
+        let p = policy(
+            "- {name: www, to: [www.x.example], ports: [443], action: proxy}\n\
+             - {name: edge, to: [edge.x.example], ports: [443], action: proxy}\n\
+             - {name: rest, to: [\"**.x.example\"], ports: [443], action: allow}\n",
+        );
+        let (asked, target) = (
+            p.rules_for_name("www.x.example"),
+            p.rules_for_name("edge.x.example"),
+        );
+        assert_eq!(p.proxy_overtaken(&asked, &target), None);
+        // ...unless it takes only some of the target's ports.
+        let p = policy(
+            "- {name: www, to: [www.x.example], ports: [443], action: proxy}\n\
+             - {name: edge, to: [edge.x.example], ports: [443, 8443], action: proxy}\n\
+             - {name: rest, to: [\"**.x.example\"], ports: [443, 8443], action: allow}\n",
+        );
+        let (asked, target) = (
+            p.rules_for_name("www.x.example"),
+            p.rules_for_name("edge.x.example"),
+        );
+        assert_eq!(p.proxy_overtaken(&asked, &target), Some(("rest", "edge")));
+        // Other ports: nothing to overtake.
+        let p = policy(
+            "- {name: www, to: [www.x.example], ports: [80], action: allow}\n\
+             - {name: edge, to: [edge.x.example], ports: [443], action: proxy}\n",
+        );
+        let (asked, target) = (
+            p.rules_for_name("www.x.example"),
+            p.rules_for_name("edge.x.example"),
+        );
+        assert_eq!(p.proxy_overtaken(&asked, &target), None);
+    }
+
+    #[test]
+    fn port_ranges_subtract() {
+        assert_eq!(subtract(&[(0, 100)], &[(10, 20)]), [(0, 9), (21, 100)]);
+        assert_eq!(subtract(&[(10, 20)], &[(0, 100)]), []);
+        assert_eq!(
+            subtract(&[(0, 65535)], &[(0, 0), (65535, 65535)]),
+            [(1, 65534)]
+        );
+        assert_eq!(port_set(&[]), [(0, u16::MAX)]);
     }
 
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
