@@ -78,8 +78,6 @@ pub struct CountingBody {
     declared: Option<u64>,
     /// Set once the whole body has been handed on.
     sent: Option<Arc<std::sync::atomic::AtomicBool>>,
-    /// The budget the prefix (a body read whole) holds, given back once it is taken on.
-    _held: Option<super::held::HeldBody>,
 }
 
 /// What [`CountingBody::stripping_trailers`] applies to a request's trailers.
@@ -104,20 +102,12 @@ impl CountingBody {
             trailer_filter: None,
             declared: None,
             sent: None,
-            _held: None,
         }
     }
 
     /// Fails the body if the client's ends at another length than `declared`.
     pub fn declaring(mut self, declared: Option<u64>) -> Self {
         self.declared = declared;
-        self
-    }
-
-    /// Keeps `held` (what the prefix holds of the proxy's budget) until the prefix has
-    /// been taken on (the body is polled after it) or the body is dropped.
-    pub fn holding(mut self, held: Option<super::held::HeldBody>) -> Self {
-        self._held = held;
         self
     }
 
@@ -192,8 +182,6 @@ impl CountingBody {
             let out = this.piece(prefix);
             return Poll::Ready(Some(out.map(Frame::data)));
         }
-        // Polled again: the prefix has been taken on, and its budget is free.
-        this._held = None;
         loop {
             let Some(inner) = this.inner.as_mut() else {
                 return Poll::Ready(Some(Err("request body refused".into())));

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 
 /// Bytes of request bodies the whole daemon holds while reading them to judge them, over
@@ -32,6 +33,26 @@ pub(super) struct Held<'s> {
 pub struct HeldBody {
     _sandbox: OwnedSemaphorePermit,
     _daemon: SemaphorePermit<'static>,
+}
+
+impl HeldBody {
+    /// `bytes` holding this budget until the last of them is dropped, by whatever writes
+    /// them upstream (not when they are handed on: a writer may queue them).
+    pub fn tie(self, bytes: Bytes) -> Bytes {
+        Bytes::from_owner(Tied { bytes, _held: self })
+    }
+}
+
+/// Bytes and the budget they hold.
+struct Tied {
+    bytes: Bytes,
+    _held: HeldBody,
+}
+
+impl AsRef<[u8]> for Tied {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 /// Which budget a read found spent.

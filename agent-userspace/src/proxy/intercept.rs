@@ -1196,10 +1196,14 @@ impl ConnCtx {
             ));
         };
         let body_sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // The bytes read to judge the body keep their budget until they are written.
+        let prefix = match held_body.take() {
+            Some(held) => held.tie(prefix),
+            None => prefix,
+        };
         let request = Request::from_parts(
             parts,
             CountingBody::with_prefix(prefix, body, bytes_in.clone(), scan)
-                .holding(held_body.take())
                 .ending_to(body_end.take())
                 .stripping_trailers(self.proxy.trailer_filter.clone())
                 .declaring(declared)

@@ -322,12 +322,21 @@ async fn read_into(
                 if read.len() + data.len() > MAX_FORM_BYTES {
                     return Err(ReadError::TooLarge((read.len() + data.len()) as u64));
                 }
-                // The room is charged before it is taken: what is copied in next, or
-                // the larger buffer growing would make.
-                read.reserve(data.len());
-                if let Err(spent) = held.grow_to(read.capacity()) {
+                // The room is charged before it is taken: what the buffer growing may
+                // make (twice what it had, or what is needed), then what it made.
+                let need = read.len() + data.len();
+                let grown = if need > read.capacity() {
+                    need.max(2 * read.capacity())
+                } else {
+                    0
+                };
+                let charged = held.grow_to(grown).and_then(|()| {
+                    read.reserve(data.len());
+                    held.grow_to(read.capacity())
+                });
+                if let Err(spent) = charged {
                     // The piece was taken off the body (a `100 Continue` was sent for it).
-                    return Err(ReadError::Busy(spent, (read.len() + data.len()) as u64));
+                    return Err(ReadError::Busy(spent, need as u64));
                 }
                 read.extend_from_slice(&data);
             }
