@@ -150,7 +150,7 @@ impl CountingBody {
         if let (Some(inner), Ok(runtime)) =
             (self.inner.take(), tokio::runtime::Handle::try_current())
         {
-            runtime.spawn(drain(inner, self.end.take()));
+            runtime.spawn(drain(inner, self.end.take(), DrainBound::UPLOAD));
         }
     }
 
@@ -345,20 +345,39 @@ impl Body for CountingBody {
     }
 }
 
-/// Bytes of a refused upload read and dropped at most, and for how long.
-const DRAIN_BYTES: u64 = 64 * 1024 * 1024;
-const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+/// How much of a refused request's body is read and dropped after the answer, so that a
+/// client still sending it gets to read the answer (HTTP/1 clients such as git send the
+/// whole body first). Nothing read is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct DrainBound {
+    bytes: u64,
+    total: std::time::Duration,
+}
 
-/// Reads what is left of a refused request body and drops it, within bounds; tells
+impl DrainBound {
+    /// A refused upload: 64 MiB within 30 s.
+    pub(super) const UPLOAD: Self = Self {
+        bytes: 64 * 1024 * 1024,
+        total: std::time::Duration::from_secs(30),
+    };
+    /// A refused git push, whose client shows the proxy's per-ref report only once it has
+    /// sent its whole pack: 1 GiB within 10 minutes.
+    pub(super) const PUSH: Self = Self {
+        bytes: 1024 * 1024 * 1024,
+        total: std::time::Duration::from_secs(600),
+    };
+}
+
+/// Reads what is left of a refused request body and drops it, within `bound`; tells
 /// `end` (an HTTP/1 request's) if it reached the end.
-pub(super) async fn drain(mut body: Incoming, end: Option<BodyEnd>) {
+pub(super) async fn drain(mut body: Incoming, end: Option<BodyEnd>, bound: DrainBound) {
     let read = async {
         let mut total = 0u64;
         loop {
             match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
                 Some(Ok(frame)) => {
                     total += frame.data_ref().map_or(0, |d| d.len() as u64);
-                    if total > DRAIN_BYTES {
+                    if total > bound.bytes {
                         return;
                     }
                 }
@@ -370,7 +389,7 @@ pub(super) async fn drain(mut body: Incoming, end: Option<BodyEnd>) {
             end.ended();
         }
     };
-    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
+    let _ = tokio::time::timeout(bound.total, read).await;
 }
 
 /// The end of one HTTP/1 request's body, for its connection's header clock. Until it is

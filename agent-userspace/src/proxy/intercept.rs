@@ -26,7 +26,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::body::{drain, BodyEnd, CountingBody, Finish, InFlight, RecordedBody, SecretWatch};
+use super::body::{
+    drain, BodyEnd, CountingBody, DrainBound, Finish, InFlight, RecordedBody, SecretWatch,
+};
 use super::error::ProxyError;
 use super::git::{self, PushOutcome};
 use super::h2head::H2HeadTimed;
@@ -604,7 +606,17 @@ impl ConnCtx {
                         }
                     }
                     Some(body) if invited => {
-                        tokio::spawn(drain(body, body_end));
+                        let push = finish
+                            .record
+                            .git
+                            .as_ref()
+                            .is_some_and(|g| g.service == "git-receive-pack");
+                        let bound = if push {
+                            DrainBound::PUSH
+                        } else {
+                            DrainBound::UPLOAD
+                        };
+                        tokio::spawn(drain(body, body_end, bound));
                     }
                     _ => {}
                 }

@@ -450,12 +450,13 @@ async fn git_clone_and_push_through_the_proxy() {
         assert!(r.reason.unwrap().starts_with("git push refused: 1 of 1"));
         assert!(!r.git.unwrap().ref_updates[0].allowed);
 
-        // A push larger than git's post buffer (sent chunked, after a probe request) is
-        // answered as soon as its command list is judged, and the rest of its body read
-        // and dropped after the answer, so that git still reads it.
-        let mut noise = Vec::with_capacity(3 << 20);
+        // A push larger than git's post buffer (sent chunked, after a probe request), and
+        // than the 64 MiB drained after other refused uploads, is answered as soon as its
+        // command list is judged, and the rest of its body read and dropped after the
+        // answer, so that git still reads it.
+        let mut noise = Vec::with_capacity(72 << 20);
         let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-        while noise.len() < 3 << 20 {
+        while noise.len() < 72 << 20 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
