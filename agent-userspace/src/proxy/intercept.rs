@@ -606,11 +606,9 @@ impl ConnCtx {
                         }
                     }
                     Some(body) if invited => {
-                        let push = finish
-                            .record
-                            .git
-                            .as_ref()
-                            .is_some_and(|g| g.service == "git-receive-pack");
+                        let push = finish.record.git.as_ref().is_some_and(|g| {
+                            g.service == crate::policy::git::Service::ReceivePack.as_str()
+                        });
                         let bound = if push {
                             DrainBound::PUSH
                         } else {
