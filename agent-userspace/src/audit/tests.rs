@@ -1984,6 +1984,33 @@ fn log_on_a_fifo() -> (
     (dir, handle, writer, fifo)
 }
 
+/// Reads `fifo` (non-blocking) into `text` until `writer` has finished, for at most
+/// `within`, then whatever is left in the pipe.
+async fn read_fifo_to_end(
+    fifo: &mut std::fs::File,
+    writer: &tokio::task::JoinHandle<Result<AuditSummary, AuditError>>,
+    text: &mut Vec<u8>,
+    within: std::time::Duration,
+) {
+    use std::io::Read as _;
+    let mut chunk = vec![0u8; 1 << 20];
+    let start = std::time::Instant::now();
+    while !writer.is_finished() && start.elapsed() < within {
+        match fifo.read(&mut chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            read => text.extend_from_slice(&chunk[..read.unwrap()]),
+        }
+    }
+    while let Ok(n) = fifo.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        text.extend_from_slice(&chunk[..n]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_blocked_by_a_reader_that_stopped_reading_makes_the_trail_unhealthy() {
     use std::io::Read as _;
@@ -2077,21 +2104,7 @@ async fn records_that_find_the_queue_full_are_reported_lost() {
     let healthy_after = lost_seen(&text) && handle.healthy();
     drop(handle);
     // Whatever is still on its way.
-    let finishing = std::time::Instant::now();
-    while !writer.is_finished() && finishing.elapsed() < Duration::from_secs(10) {
-        match fifo.read(&mut chunk) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            read => text.extend_from_slice(&chunk[..read.unwrap()]),
-        }
-    }
-    while let Ok(n) = fifo.read(&mut chunk) {
-        if n == 0 {
-            break;
-        }
-        text.extend_from_slice(&chunk[..n]);
-    }
+    read_fifo_to_end(&mut fifo, &writer, &mut text, Duration::from_secs(10)).await;
     writer.await.unwrap().unwrap();
     assert!(
         !healthy_while_losing,
@@ -2566,7 +2579,6 @@ async fn a_credentials_record_is_not_pushed_out_by_a_flood() {
 /// credential did still reaches the log, kept aside from the flood that is counted lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credentials_record_is_kept_when_the_queue_to_the_writer_is_full() {
-    use std::io::Read as _;
     use std::time::Duration;
     let (_dir, handle, writer, mut fifo) = log_on_a_fifo();
     for i in 0..super::writer::QUEUE_MESSAGES + 10_000 {
@@ -2581,22 +2593,7 @@ async fn a_credentials_record_is_kept_when_the_queue_to_the_writer_is_full() {
     handle.emit(proxy_event(plain));
     drop(handle);
     let mut text = Vec::new();
-    let mut chunk = vec![0u8; 1 << 20];
-    let start = std::time::Instant::now();
-    while !writer.is_finished() && start.elapsed() < Duration::from_secs(30) {
-        match fifo.read(&mut chunk) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            read => text.extend_from_slice(&chunk[..read.unwrap()]),
-        }
-    }
-    while let Ok(n) = fifo.read(&mut chunk) {
-        if n == 0 {
-            break;
-        }
-        text.extend_from_slice(&chunk[..n]);
-    }
+    read_fifo_to_end(&mut fifo, &writer, &mut text, Duration::from_secs(30)).await;
     writer.await.unwrap().unwrap();
     let lines: Vec<Value> = String::from_utf8(text)
         .unwrap()

@@ -406,17 +406,24 @@ mod tests {
             )
             .unwrap()
         };
+        // Whether `edge.x.example`, a CNAME target of `www.x.example`, is overtaken.
+        let overtaken = |rules: &str| {
+            let p = policy(rules);
+            p.proxy_overtaken(
+                &p.rules_for_name("www.x.example"),
+                &p.rules_for_name("edge.x.example"),
+            )
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        };
         // The asked name allowed straight out, the target through the proxy. (An allow
         // ahead of a proxy rule both names match is refused when the policy is read.)
-        let p = policy(
-            "- {name: www, to: [www.x.example], ports: [443], action: allow}\n\
+        assert_eq!(
+            overtaken(
+                "- {name: www, to: [www.x.example], ports: [443], action: allow}\n\
              - {name: edge, to: [edge.x.example], ports: [443], action: proxy}\n",
+            ),
+            Some(("www".to_owned(), "edge".to_owned()))
         );
-        let (asked, target) = (
-            p.rules_for_name("www.x.example"),
-            p.rules_for_name("edge.x.example"),
-        );
-        assert_eq!(p.proxy_overtaken(&asked, &target), Some(("www", "edge")));
         assert!(parse_str(
             "version: 1\nrules:\n\
              - {name: www, to: [www.x.example], ports: [443], action: allow}\n\
@@ -425,37 +432,31 @@ mod tests {
         )
         .is_err());
         // The asked name's own proxy rule first: its allow never takes port 443.
-        let p = policy(
-            "- {name: www, to: [www.x.example], ports: [443], action: proxy}\n\
+        assert_eq!(
+            overtaken(
+                "- {name: www, to: [www.x.example], ports: [443], action: proxy}\n\
              - {name: edge, to: [edge.x.example], ports: [443], action: proxy}\n\
              - {name: rest, to: [\"**.x.example\"], ports: [443], action: allow}\n",
+            ),
+            None
         );
-        let (asked, target) = (
-            p.rules_for_name("www.x.example"),
-            p.rules_for_name("edge.x.example"),
-        );
-        assert_eq!(p.proxy_overtaken(&asked, &target), None);
         // ...unless it takes only some of the target's ports.
-        let p = policy(
-            "- {name: www, to: [www.x.example], ports: [443], action: proxy}\n\
+        assert_eq!(
+            overtaken(
+                "- {name: www, to: [www.x.example], ports: [443], action: proxy}\n\
              - {name: edge, to: [edge.x.example], ports: [443, 8443], action: proxy}\n\
              - {name: rest, to: [\"**.x.example\"], ports: [443, 8443], action: allow}\n",
+            ),
+            Some(("rest".to_owned(), "edge".to_owned()))
         );
-        let (asked, target) = (
-            p.rules_for_name("www.x.example"),
-            p.rules_for_name("edge.x.example"),
-        );
-        assert_eq!(p.proxy_overtaken(&asked, &target), Some(("rest", "edge")));
         // Other ports: nothing to overtake.
-        let p = policy(
-            "- {name: www, to: [www.x.example], ports: [80], action: allow}\n\
+        assert_eq!(
+            overtaken(
+                "- {name: www, to: [www.x.example], ports: [80], action: allow}\n\
              - {name: edge, to: [edge.x.example], ports: [443], action: proxy}\n",
+            ),
+            None
         );
-        let (asked, target) = (
-            p.rules_for_name("www.x.example"),
-            p.rules_for_name("edge.x.example"),
-        );
-        assert_eq!(p.proxy_overtaken(&asked, &target), None);
     }
 
     #[test]
