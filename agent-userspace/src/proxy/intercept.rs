@@ -398,9 +398,19 @@ struct Pending {
 }
 
 impl Pending {
+    /// The record, moved out (a record holds a dozen strings: no copy of them).
     fn disarm(mut self) -> crate::audit::ProxyRecord {
         self.armed = false;
-        self.record.clone()
+        let empty = super::blank_record(
+            self.record.kind,
+            String::new(),
+            String::new(),
+            String::new(),
+            self.record.tls_mode,
+            self.record.original_dst,
+            None,
+        );
+        std::mem::replace(&mut self.record, empty)
     }
 }
 
