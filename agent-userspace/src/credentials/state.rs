@@ -130,13 +130,17 @@ pub const OVERRIDE_HEADERS: [&str; 8] = [
 /// `X-Real-IP`...): an origin that trusts one would act on a host, path or client the
 /// rule never judged, so the proxy strips them.
 pub fn is_routing_header(name: &str) -> bool {
-    const NAMES: [&str; 17] = [
+    const NAMES: [&str; 19] = [
         "forwarded",
         "forwarded-for",
         "x-forwarded",
         "x-host",
         "x-original-host",
         "x-original-uri",
+        "x-original-path",
+        // The path prefix the app is mounted at, taken off the path it routes (Flask's
+        // widely copied `ReverseProxied` middleware).
+        "x-script-name",
         "x-original-forwarded-for",
         "x-real-ip",
         "x-client-ip",

@@ -31,9 +31,12 @@ pub enum MethodPattern {
 /// name in an `http:` entry: `*` does not match them, nor does a rule without `http:`.
 pub const BODY_TARGET_METHODS: [&str; 5] = ["BIND", "REBIND", "UNBIND", "SEARCH", "REPORT"];
 
-/// Whether `method` names its targets in its body ([`BODY_TARGET_METHODS`]).
+/// Whether `method` names its targets in its body ([`BODY_TARGET_METHODS`]), in any
+/// case: Django, Werkzeug, Symfony and Radicale upper-case the method they run.
 pub fn names_targets_in_body(method: &str) -> bool {
-    BODY_TARGET_METHODS.contains(&method)
+    BODY_TARGET_METHODS
+        .iter()
+        .any(|m| m.eq_ignore_ascii_case(method))
 }
 
 impl MethodPattern {

@@ -1671,6 +1671,8 @@ mod tests {
             ("x-real-ip", "127.0.0.1"),
             ("cf-connecting-ip", "127.0.0.1"),
             ("x-cluster-client-ip", "127.0.0.1"),
+            ("x-script-name", "/public"),
+            ("x-original-path", "/admin"),
             ("x_http_method_override", "DELETE"),
             ("x_api_key", "sandbox-key"),
             ("content_length", "0"),

@@ -235,6 +235,7 @@ pub async fn check_body(
             };
         }
     };
+    let json = readings.json.then(|| json_keys(&read));
     let found = [
         readings
             .url_encoded
@@ -246,15 +247,25 @@ pub async fn check_body(
             .flatten(),
         // (No depth or number hides a key: this parser skips values rather than build
         // them.)
-        readings
-            .json
-            .then(|| json_keys(&read).ok())
-            .flatten()
-            .and_then(|keys| keys.into_iter().find(|k| is_override_key(k))),
+        json.as_ref()
+            .and_then(|keys| keys.as_ref().ok())
+            .and_then(|keys| keys.iter().find(|k| is_override_key(k)).cloned()),
     ]
     .into_iter()
     .flatten()
     .next();
+    // JSON this parser refuses (a lone surrogate escape, a key that is not UTF-8) is
+    // read by lenient ones (Express decodes bytes loosely, `JSON.parse` takes lone
+    // surrogates) with whatever keys it holds: refused, not forwarded unread. An empty
+    // body holds no keys for any of them.
+    if found.is_none() && matches!(json, Some(Err(_))) && !read.trim_ascii().is_empty() {
+        return refuse(
+            "a JSON body this proxy cannot parse strictly may name a method to run instead \
+             (lenient parsers read it)"
+                .to_owned(),
+            read.len() as u64,
+        );
+    }
     // JSON behind a byte order mark (or with NULs: UTF-16 without one) is not read here,
     // while Express drops the mark and decodes the charset it names: refused, not
     // forwarded unread. (Another charset named is refused with the type, above.)
@@ -500,10 +511,12 @@ fn multipart_names(body: &[u8]) -> impl Iterator<Item = String> + '_ {
     })
 }
 
-/// The keys of a JSON body's top-level object (none if it is another value: no
-/// framework reads fields from it then). Values are skipped, not built: a number out of
-/// `f64`'s range or nesting deeper than a parser's limit does not hide a key. `Err`:
-/// not JSON.
+/// The keys of the top-level object of a JSON body's first value (none if it is another
+/// value: no framework reads fields from it then). Values are skipped, not built: a
+/// number out of `f64`'s range or nesting deeper than a parser's limit does not hide a
+/// key. What follows the first value is not read: a parser that reads one value takes
+/// those keys, one that reads the whole body fails on it. `Err`: the first value is not
+/// strict JSON, which a lenient parser may still read keys from (the caller refuses).
 fn json_keys(body: &[u8]) -> Result<Vec<String>, serde_json::Error> {
     use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
     struct TopKeys;
@@ -547,9 +560,7 @@ fn json_keys(body: &[u8]) -> Result<Vec<String>, serde_json::Error> {
         }
     }
     let mut de = serde_json::Deserializer::from_slice(body);
-    let keys = (&mut de).deserialize_any(TopKeys)?;
-    de.end()?;
-    Ok(keys)
+    (&mut de).deserialize_any(TopKeys)
 }
 
 #[cfg(test)]
@@ -648,9 +659,15 @@ mod tests {
         );
         assert_eq!(found(&deep).ok(), Some(true));
         assert_eq!(found(r#"{"_method":"DELETE","n":1e400}"#).ok(), Some(true));
-        // Not JSON: an error (no fields for Laravel either), not "no keys".
+        // Not JSON: an error (refused by the caller), not "no keys": a lone surrogate
+        // (`JSON.parse` takes it) or a key that is not UTF-8 (Express decodes it
+        // loosely) hides nothing.
         assert!(found(r#"{"_method":"DELETE""#).is_err());
-        assert!(found(r#"{"a":1} x"#).is_err());
+        assert!(found(r#"{"\ud800":0,"_method":"DELETE"}"#).is_err());
+        assert!(json_keys(b"{\"\xff\":0,\"_method\":\"DELETE\"}").is_err());
+        // The first value's keys, whatever follows it.
+        assert_eq!(found(r#"{"a":1} x"#).ok(), Some(false));
+        assert_eq!(found("{\"_method\":\"DELETE\"}\n{}").ok(), Some(true));
     }
 
     #[test]
