@@ -550,6 +550,20 @@ impl ConnCtx {
             let bad_gateway = |reason| Refusal::deny(StatusCode::BAD_GATEWAY, reason);
             let (matcher, window) = match asked_range {
                 Some(widened) => {
+                    // A secret first known since the range was widened (a token minted
+                    // for another request meanwhile) may be longer than the margin: cut
+                    // at an edge, its pieces would pass the scan.
+                    let latest = self.proxy.secret_matcher();
+                    if latest.is_some_and(|m| {
+                        u64::try_from(m.span()).unwrap_or(u64::MAX) > widened.margin
+                    }) {
+                        return Err(bad_gateway(
+                            "upstream server: a secret longer than the margin this byte \
+                             range was widened by became known while it was asked; ask \
+                             again"
+                                .to_owned(),
+                        ));
+                    }
                     let window = widened
                         .narrow(&mut parts.status, &mut parts.headers)
                         .map_err(bad_gateway)?;

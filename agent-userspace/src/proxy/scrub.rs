@@ -564,6 +564,15 @@ pub fn scrub_response(
         ));
     }
     scrub_headers(headers, &matcher, &tally);
+    // And with the secrets known now, if more are (a byte range's matcher is the one
+    // it was widened with).
+    let now = latest();
+    if !Arc::ptr_eq(&now, &matcher) {
+        if now.failed() {
+            return Err("the proxy could not build its secret matcher".to_owned());
+        }
+        scrub_headers(headers, &now, &tally);
+    }
     let encoding = Encoding::of(headers);
     let decoder = if body.is_end_stream() {
         None

@@ -87,6 +87,38 @@ async fn origin_service(
                 Full::new(Bytes::from_static(b"fed\n")).boxed(),
             ))
         }
+        "/held-range" => {
+            // Answers once `/feed` sent what it received, with the byte range asked of
+            // it (and all of it in a header: stored object metadata).
+            let (tx, mut fed) = http_body_util::channel::Channel::new(8);
+            *tail.lock().unwrap() = Some(tx);
+            let value = match fed.frame().await {
+                Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+                _ => Bytes::new(),
+            };
+            let asked = req
+                .headers()
+                .get(http::header::RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes="))
+                .and_then(|v| v.split_once('-'))
+                .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
+            let len = value.len();
+            let (first, last) = asked.unwrap_or((0, len.saturating_sub(1)));
+            let last = last.min(len.saturating_sub(1));
+            Ok(Response::builder()
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(
+                    http::header::CONTENT_RANGE,
+                    format!("bytes {first}-{last}/{len}"),
+                )
+                .header(
+                    "x-stored",
+                    http::HeaderValue::from_maybe_shared(value.clone()).unwrap(),
+                )
+                .body(Full::new(value.slice(first..=last)).boxed())
+                .unwrap())
+        }
         _ => echo(req).await.map(|r| r.map(|b| b.boxed())),
     }
 }
@@ -821,6 +853,46 @@ async fn a_secret_first_known_while_a_response_streams_is_scrubbed_from_it() {
         assert!(got.ends_with("\nend\n"), "{got:?}");
         assert!(!got.contains(TOKEN), "secret reached the sandbox: {got:?}");
         assert!(got.contains("[egressd:scrubbed]"), "{got:?}");
+    })
+    .await;
+}
+
+/// A byte range is widened by the longest secret known when it is asked; one first known
+/// before its answer (a credential read for another request, which the origin stores)
+/// may be longer: the answer is refused, not cut to pieces of the secret that pass.
+#[tokio::test]
+async fn a_secret_first_known_while_a_byte_range_is_asked_ends_its_answer() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        assert!(h.proxy.credentials.matcher().is_empty());
+        let mut watcher = h1_client(h.addr, OTHER, &h.ca_pem).await;
+        let range = [("range", "bytes=0-3")];
+        let asked = tokio::spawn(watcher.send_request(request(
+            Method::GET,
+            OTHER,
+            "/held-range",
+            &range,
+            "",
+        )));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let fed = send(&mut client, request(Method::GET, NAME, "/feed", &[], "")).await;
+        assert_eq!(fed.status, StatusCode::OK);
+        let answer = asked.await.unwrap().unwrap();
+        let status = answer.status();
+        let stored = answer.headers().get("x-stored").cloned();
+        let body = answer.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{stored:?} {body}");
+        assert!(body.contains("ask again"), "{body}");
+        let records = [h.record().await, h.record().await];
+        assert!(
+            records
+                .iter()
+                .any(|r| r.status == Some(502) && r.verdict == Verdict::Deny),
+            "{records:?}"
+        );
     })
     .await;
 }
