@@ -544,7 +544,8 @@ fn joined(
 ///   that depend on the value alone: this covers the base64 of the bare value, of
 ///   `user:secret` (HTTP Basic) and of anything else with the value inside;
 /// - each of those with its symbols percent-encoded (`%2B`), as `\u00XX` (JSON) or as HTML
-///   character references (`&#x2F;`, `&#47;`): every combination of its symbols escaped
+///   character references (`&#x2F;`, `&#47;`, and `&amp;` and the like as template
+///   engines escape `&<>"'`): every combination of its symbols escaped
 ///   and kept when it has at most [`MAX_ESCAPE_SUBSET`] kinds (encoders differ: Python's
 ///   `quote()` keeps `/`, .NET escapes `+` and keeps `/`), else all of them and all but
 ///   `/`; percent-encoded twice (a URL quoted inside another); JSON-escaped (with and
@@ -612,7 +613,10 @@ fn forms_of(secret: &str) -> Vec<(Vec<u8>, bool)> {
             Escape::JsonUnicode,
             Escape::HtmlHex,
             Escape::HtmlDecimal,
-        ] {
+        ]
+        .into_iter()
+        .chain(HTML_NAMED)
+        {
             for escaped in escaped_sets(base, style) {
                 add_as(escape_some(base, &escaped, style), false);
             }
@@ -658,6 +662,13 @@ fn forms_of(secret: &str) -> Vec<(Vec<u8>, bool)> {
                         .collect();
                     add_as(escape_some(short, &symbols, style), true);
                 }
+                // Engines differ on which of `&<>"'` they escape where (text or
+                // attribute): each combination, as for the whole value.
+                for style in HTML_NAMED {
+                    for escaped in escaped_sets(short, style) {
+                        add_as(escape_some(short, &escaped, style), true);
+                    }
+                }
             }
         }
     }
@@ -689,6 +700,49 @@ enum Escape {
     HtmlHex,
     /// `&#43;`
     HtmlDecimal,
+    /// HTML's own escaping of `&`, `<`, `>`, `"` and `'` only, as template engines write
+    /// it: `&amp;`, `&lt;`, `&gt;`, then `"` and `'` as named here (engines differ:
+    /// `&quot;` or `&#34;`; `&#39;`, `&#x27;`, `&#039;` or `&apos;`).
+    HtmlNamed {
+        quot: &'static str,
+        apos: &'static str,
+    },
+}
+
+/// The `"` and `'` of the template engines' HTML escaping: ERB and Go's `html/template`
+/// (`&#34;` there), Jinja's markupsafe, Python's `html.escape`, PHP's `htmlspecialchars`.
+const HTML_NAMED: [Escape; 5] = [
+    Escape::HtmlNamed {
+        quot: "&quot;",
+        apos: "&#39;",
+    },
+    Escape::HtmlNamed {
+        quot: "&#34;",
+        apos: "&#39;",
+    },
+    Escape::HtmlNamed {
+        quot: "&quot;",
+        apos: "&#x27;",
+    },
+    Escape::HtmlNamed {
+        quot: "&quot;",
+        apos: "&#039;",
+    },
+    Escape::HtmlNamed {
+        quot: "&quot;",
+        apos: "&apos;",
+    },
+];
+
+impl Escape {
+    /// Whether an encoder in this style escapes ASCII symbol `b` at all.
+    fn may_escape(self, b: u8) -> bool {
+        match self {
+            Self::Percent => !matches!(b, b'-' | b'.' | b'_' | b'~'),
+            Self::HtmlNamed { .. } => matches!(b, b'&' | b'<' | b'>' | b'"' | b'\''),
+            Self::JsonUnicode | Self::HtmlHex | Self::HtmlDecimal => true,
+        }
+    }
 }
 
 /// Distinct symbols in a value up to which every combination of them escaped or kept is a
@@ -703,7 +757,7 @@ fn escaped_sets(bytes: &[u8], style: Escape) -> Vec<Vec<u8>> {
         .iter()
         .copied()
         .filter(|b| b.is_ascii() && !b.is_ascii_alphanumeric())
-        .filter(|b| style != Escape::Percent || !matches!(b, b'-' | b'.' | b'_' | b'~'))
+        .filter(|&b| style.may_escape(b))
         .collect();
     symbols.sort_unstable();
     symbols.dedup();
@@ -745,6 +799,14 @@ fn escape_some(bytes: &[u8], escaped: &[u8], style: Escape) -> Vec<u8> {
             Escape::JsonUnicode => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
             Escape::HtmlHex => out.extend_from_slice(format!("&#x{b:x};").as_bytes()),
             Escape::HtmlDecimal => out.extend_from_slice(format!("&#{b};").as_bytes()),
+            Escape::HtmlNamed { quot, apos } => out.extend_from_slice(match b {
+                b'&' => b"&amp;",
+                b'<' => b"&lt;",
+                b'>' => b"&gt;",
+                b'"' => quot.as_bytes(),
+                b'\'' => apos.as_bytes(),
+                _ => std::slice::from_ref(&b),
+            }),
         }
     }
     out
@@ -929,6 +991,38 @@ mod tests {
             assert!(m.find(text.as_bytes()).is_some(), "not found in {text:?}");
         }
         assert!(m.find(b"the EXAMPLE of a KEY").is_none());
+    }
+
+    /// A password with HTML's special characters, echoed in an HTML page by a template
+    /// engine (named references for `&<>`, engines' own forms for the quotes), whole and
+    /// cut short.
+    #[test]
+    fn html_named_references_are_found() {
+        let secret = "pa&ss<w0rd>\"q'uoted-long-enough";
+        let m = SecretMatcher::new([("basic", secret)]);
+        let named = |quot: &str, apos: &str| {
+            secret
+                .replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+                .replace('"', quot)
+                .replace('\'', apos)
+        };
+        for wire in [
+            named("&quot;", "&#39;"),
+            named("&#34;", "&#39;"),
+            named("&quot;", "&#x27;"),
+            named("&quot;", "&#039;"),
+            named("&quot;", "&apos;"),
+            // Only `&` escaped, the rest kept (an engine escaping text, not attributes).
+            secret.replace('&', "&amp;"),
+        ] {
+            assert!(m.find(wire.as_bytes()).is_some(), "not found in {wire:?}");
+            for cut in 1..=CUT_SHORT {
+                let echo = &wire.as_bytes()[..wire.len() - cut];
+                assert!(m.find(echo).is_some(), "{wire} cut {cut}");
+            }
+        }
     }
 
     /// A structured secret shares parts with others of its kind (every HS256 JWT starts
