@@ -31,7 +31,7 @@ pub fn judged_as(addr: IpAddr) -> IpAddr {
         v4 => v4,
     }
 }
-pub use special::{classify as special_address, explicitly_covers, Special};
+pub use special::{classify as special_address, explicitly_covers, names_loopback, Special};
 pub use tls::TrustError;
 pub use upstream::{UpstreamError, UpstreamOptions};
 

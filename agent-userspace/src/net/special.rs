@@ -102,6 +102,9 @@ pub struct Entry {
     pub embeds: Embeds,
 }
 
+/// What a loopback address is called.
+const LOOPBACK: &str = "loopback address";
+
 const fn v4(a: u8, b: u8, c: u8, d: u8, len: u8) -> Net {
     Net::V4(Ipv4Addr::new(a, b, c, d), len)
 }
@@ -153,7 +156,7 @@ pub const TABLE: &[Entry] = &[
         "cloud metadata address",
         "RFC 6598",
     ),
-    special(v4(127, 0, 0, 0, 8), "loopback address", "RFC 1122"),
+    special(v4(127, 0, 0, 0, 8), LOOPBACK, "RFC 1122"),
     // Not in the registry: a public address every Azure VM reaches its host agent,
     // WireServer (VM extensions, their settings and certificates) and DNS at.
     special(
@@ -241,11 +244,7 @@ pub const TABLE: &[Entry] = &[
         "unspecified address",
         "RFC 4291",
     ),
-    special(
-        v6(0, 0, 0, 0, 0, 0, 0, 1, 128),
-        "loopback address",
-        "RFC 4291",
-    ),
+    special(v6(0, 0, 0, 0, 0, 0, 0, 1, 128), LOOPBACK, "RFC 4291"),
     // Judged as the IPv4 address inside (`IpAddr::to_canonical` turns them into it).
     embedding(
         ordinary(
@@ -533,6 +532,14 @@ pub fn explicitly_covers(nets: &[IpNet], ip: IpAddr) -> bool {
             .iter()
             .any(|n| n.contains(&ip) && n.prefix_len() >= s.block.prefix_len()),
     }
+}
+
+/// Whether `net` names loopback addresses explicitly ([`explicitly_covers`]): a rule with
+/// it may have them dialled (`127.0.0.0/8` does, `0.0.0.0/0` does not).
+pub fn names_loopback(net: &IpNet) -> bool {
+    let ip = net.network();
+    classify(super::judged_as(ip)).is_some_and(|s| s.what() == LOOPBACK)
+        && explicitly_covers(std::slice::from_ref(net), ip)
 }
 
 #[cfg(test)]

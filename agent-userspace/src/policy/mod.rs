@@ -856,6 +856,36 @@ tests:
         );
     }
 
+    /// The proxy dials from the daemon's namespace, where loopback is the host's: a proxy
+    /// or passthrough rule naming loopback is refused, in `to` and in `answers`, in every
+    /// spelling; loopback under `allow`, and networks that only hold it, stay valid.
+    #[test]
+    fn proxied_rules_never_name_loopback() {
+        let policy = |rule: &str| {
+            parse_str(&format!("version: 1\nrules:\n  - {rule}\n"), "l.yaml")
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        for rule in [
+            "{name: p, to: [127.0.0.1], action: proxy, hosts: [api.example.com]}",
+            "{name: p, to: [127.0.0.0/8], action: proxy, hosts: [api.example.com]}",
+            "{name: p, to: [127.9.9.9/32], action: passthrough, hosts: [api.example.com]}",
+            "{name: p, to: [\"::1\"], action: proxy, hosts: [api.example.com]}",
+            "{name: p, to: [\"::ffff:127.0.0.1\"], action: proxy, hosts: [api.example.com]}",
+            "{name: p, to: [api.example.com], answers: [127.0.0.1], action: proxy}",
+        ] {
+            let err = policy(rule).unwrap_err();
+            assert!(err.contains("is a loopback address"), "{rule}: {err}");
+        }
+        for rule in [
+            "{name: a, to: [127.0.0.1], action: allow}",
+            "{name: p, to: [0.0.0.0/0], action: proxy, hosts: [api.example.com]}",
+            "{name: p, to: [192.0.2.1], action: proxy, hosts: [api.example.com]}",
+        ] {
+            assert_eq!(policy(rule), Ok(()), "{rule}");
+        }
+    }
+
     #[test]
     fn invalid_errors_without_a_position() {
         let err = PolicyError::Invalid {

@@ -30,6 +30,31 @@ pub use rule::{Action, DefaultAction, Protocol, Rule};
 use test_cases::{compile_test, Test};
 pub use test_cases::{NameTest, NameTestKind, PolicyTest, RequestTest};
 
+/// A proxy or passthrough rule must not name loopback addresses (in `to` or `answers`):
+/// the proxy dials from the daemon's network namespace (or `proxy.upstream_netns`), where
+/// `127.0.0.1` is the host's loopback, never the sandbox's: such a rule would hand the
+/// sandbox the host's local services, with a credential added.
+fn check_not_loopback(net: &IpNet, action: RawAction, at: FieldPath) -> Result<(), CompileError> {
+    if !matches!(action, RawAction::Proxy | RawAction::Passthrough)
+        || !crate::net::names_loopback(net)
+    {
+        return Ok(());
+    }
+    let action = match action {
+        RawAction::Proxy => "proxy",
+        _ => "passthrough",
+    };
+    Err(CompileError::new(
+        at,
+        format!(
+            "{net} is a loopback address, and `action: {action}` connections are made from \
+             the daemon's network namespace, where loopback is the host's, not the \
+             sandbox's (valid: `action: allow` for a service on the sandbox's own loopback, \
+             or an address the daemon reaches as the sandbox would)"
+        ),
+    ))
+}
+
 /// A proxy or passthrough rule's names must not be allowed directly by an earlier `allow`
 /// rule on a port both take: an address learned for such a name gets its rules in file
 /// order, so the kernel would let the connection through before the proxy rule is
@@ -364,6 +389,7 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
             };
             check_host_bits(net).map_err(|m| CompileError::new(at.key("to").index(j), m))?;
             let net = normalise_net(net);
+            check_not_loopback(&net, raw_rule.action, at.key("to").index(j))?;
             if seen_nets.insert(net) {
                 nets.push(net);
             }
@@ -424,6 +450,9 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
         }
 
         let answers = compile_answers(raw_rule, &host_names, &at)?;
+        for net in answers.as_deref().unwrap_or_default() {
+            check_not_loopback(net, raw_rule.action, at.key("answers"))?;
+        }
         rules.push(Rule {
             name: raw_rule.name.clone(),
             nets,
