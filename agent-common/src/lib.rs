@@ -103,6 +103,12 @@ pub const RULE_PROXY_PORT: u16 = u16::MAX - 1;
 /// or a UDP send's control data chooses (an address the policy may refuse).
 pub const RULE_UNSPECIFIED: u16 = u16::MAX - 2;
 
+/// `rule_id` of refusals of a call the kernel would redirect to the daemon's loopback
+/// listeners (the proxy, the resolver) from a socket bound to another device
+/// (`SO_BINDTODEVICE`): what it sends would leave by that device, never reach them (and be
+/// dropped at egress), while a redirected connection would wait in `BY_PEER` unanswered.
+pub const RULE_BOUND_DEVICE: u16 = u16::MAX - 3;
+
 /// Event kinds. A retired id is never reused.
 pub mod event_kind {
     pub const CONNECT: u16 = 1;

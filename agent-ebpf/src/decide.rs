@@ -3,7 +3,7 @@
 use agent_common::{
     action, event_kind, hook, proto, verdict, ConnectEvent, EventHeader, OrigDst, PeerKey,
     PrefixRules, SandboxInfo, V4Key, V6Key, ABI_VERSION, MAX_CGROUP_DEPTH, MAX_RULES_PER_PREFIX,
-    MAX_SANDBOXES, RULE_DNS, RULE_PROXY_PORT, RULE_UNSPECIFIED,
+    MAX_SANDBOXES, RULE_BOUND_DEVICE, RULE_DNS, RULE_PROXY_PORT, RULE_UNSPECIFIED,
 };
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -273,6 +273,24 @@ fn unbound(ctx: &SockAddrContext) -> bool {
     src == 0 && dev == 0
 }
 
+/// The loopback device's index, the same in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Whether the socket making the call is bound to a device other than loopback
+/// (`SO_BINDTODEVICE`, unprivileged since Linux 5.7): a call redirected to the daemon's
+/// loopback listeners would leave by that device, never reach them.
+#[inline(always)]
+fn bound_off_loopback(ctx: &SockAddrContext) -> bool {
+    // SAFETY: context pointer from the kernel; `sk` is the socket making the call.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket pointer the verifier checked; a constant offset.
+    let dev = unsafe { core::ptr::read_volatile(&(*sk).bound_dev_if) };
+    dev != 0 && dev != LOOPBACK_IFINDEX
+}
+
 /// Where the kernel takes an IPv6 `connect()` to `::`: to `::ffff:127.0.0.1` for a socket
 /// bound to an IPv4-mapped address (`tcp_v6_connect`, `__ip6_datagram_connect`), to `::1`
 /// otherwise. Judged as that, so a policy whose IPv4 and IPv6 loopback rules differ is not
@@ -434,7 +452,9 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
                 && (call.protocol == u32::from(proto::UDP)
                     || call.protocol == u32::from(proto::TCP)) =>
         {
-            if redirect(ctx, call, sb, RULE_DNS, sb.dns_port).is_ok() {
+            if bound_off_loopback(ctx) {
+                (sb.index, verdict::DENY, RULE_BOUND_DEVICE)
+            } else if redirect(ctx, call, sb, RULE_DNS, sb.dns_port).is_ok() {
                 (sb.index, verdict::REDIRECT, RULE_DNS)
             } else {
                 (sb.index, verdict::DENY, RULE_DNS)
@@ -462,6 +482,13 @@ pub fn decide(ctx: &SockAddrContext, call: &Call) -> i32 {
                 .and_then(|rules| match_rules(rules, call.port, call.protocol));
             match matched {
                 Some((action::ALLOW, id)) => (sb.index, verdict::ALLOW, id),
+                Some((action::PROXY | action::PASSTHROUGH, _))
+                    if call.protocol == u32::from(proto::TCP)
+                        && sb.proxy_port != 0
+                        && bound_off_loopback(ctx) =>
+                {
+                    (sb.index, verdict::DENY, RULE_BOUND_DEVICE)
+                }
                 Some((action::PROXY | action::PASSTHROUGH, id))
                     if call.protocol == u32::from(proto::TCP)
                         && sb.proxy_port != 0

@@ -18,12 +18,11 @@ use aya_ebpf::{
 };
 
 use crate::{
-    decide::{count_deny, find_sandbox_from, report, Call, Decided, Dest, Origin},
+    decide::{
+        count_deny, find_sandbox_from, report, Call, Decided, Dest, Origin, LOOPBACK_IFINDEX,
+    },
     maps::DENY_ALL,
 };
-
-/// The loopback device's index, the same in every network namespace.
-const LOOPBACK_IFINDEX: u32 = 1;
 
 /// cgroup_skb return values.
 const PASS: i32 = 1;

@@ -650,6 +650,25 @@ fn dns_over_tcp_and_to_any_server_is_answered_by_egressd() -> Result<()> {
             .rcode("NXDOMAIN")
             .verdict("deny"),
     )?;
+
+    // From a socket bound to the sandbox's link (`SO_BINDTODEVICE`), DNS would leave by
+    // the link, never reach the resolver on loopback: refused when sent, with a record,
+    // and the canary (which serves UDP 53) hears nothing.
+    for op in ["udp-sendto", "udp-connect-send", "tcp-connect"] {
+        let p = sb.probe_host(op, &canary_s, 53, &["--device", "link"])?;
+        expect::eperm(&p).with_context(|| format!("{op} {canary_s}:53 bound to the link"))?;
+    }
+    let bound = fx.daemon.wait_for_record(RECORD_TIMEOUT, |r| {
+        Match::decision("deny", canary(), 53)
+            .sandbox(name)
+            .matches(r)
+            && get_str(r, "rule.name") == Some("bound-device")
+    })?;
+    ensure!(
+        get_str(&bound, "rule.name") == Some("bound-device"),
+        "{bound}"
+    );
+    expect::canary_silent(&fx.canary)?;
     Ok(())
 }
 

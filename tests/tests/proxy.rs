@@ -566,6 +566,41 @@ print(json.dumps({"rc": rc, "port": s.getsockname()[1]}))
     Ok(())
 }
 
+/// A connection the kernel would redirect to the proxy, from a socket bound to the
+/// sandbox's link (`SO_BINDTODEVICE`), could never reach the daemon's
+/// loopback listeners: it would leave by the link and wait, unanswered, holding its
+/// redirect entry. Refused at connect with a record; the same connect unbound is served.
+#[test]
+fn a_redirect_from_a_socket_bound_to_another_device_is_refused() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let before = fx.origin.requests()?.len();
+    // Positive control: unbound, the connect is redirected to the proxy.
+    expect::probe_ok(
+        &fx.sandbox
+            .probe_host("tcp-connect", "192.0.2.10", 443, &[])?,
+    )?;
+    for (op, host, port) in [
+        ("tcp-connect", "192.0.2.10", 443),
+        ("tcp-connect", "192.0.2.20", 443),
+    ] {
+        let p = fx
+            .sandbox
+            .probe_host(op, host, port, &["--device", "link"])?;
+        expect::eperm(&p).with_context(|| format!("{op} {host}:{port} bound to the link"))?;
+        let ip: IpAddr = host.parse()?;
+        let rec = fx.daemon.wait_for_match(
+            RECORD_TIMEOUT,
+            &Match::decision("deny", ip, port).sandbox(fx.sandbox.label()),
+        )?;
+        ensure!(
+            get_str(&rec, "rule.name") == Some("bound-device"),
+            "{op} {host}: {rec}"
+        );
+    }
+    nothing_reached(&fx, before)
+}
+
 #[test]
 fn python_urllib_gets_the_injected_token() -> Result<()> {
     require_proxy_tools!();

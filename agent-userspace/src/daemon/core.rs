@@ -2006,6 +2006,9 @@ impl Core {
         } else if rule_id == agent_common::RULE_UNSPECIFIED {
             // 0.0.0.0 from a call that chose its source address: not judged as loopback.
             RuleRef::Named("unspecified-address".to_string())
+        } else if rule_id == agent_common::RULE_BOUND_DEVICE {
+            // A redirect to the daemon's listeners from a socket bound to another device.
+            RuleRef::Named("bound-device".to_string())
         } else {
             match deciding_policy(
                 u32::from(slot),
