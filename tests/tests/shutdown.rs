@@ -4,11 +4,13 @@
 //!
 //! Needs root, cgroup v2, bpffs, the egressd binaries and the proxy tools; skips otherwise.
 
+use std::io::Write as _;
 use std::net::IpAddr;
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use egress_tests::audit::action;
+use egress_tests::audit::{action, get_str};
 use egress_tests::expect;
 use egress_tests::proxy_fixture::{ProxyFixture, ProxyOpts};
 use egress_tests::require_proxy_tools;
@@ -67,6 +69,91 @@ fn sigterm_stops_promptly_and_confinement_stays() -> Result<()> {
             .get("gap")
             .is_none_or(serde_json::Value::is_null),
         "a clean stop was reported as a gap: {again}"
+    );
+    Ok(())
+}
+
+/// A proxied request still in flight when the daemon stops is not served past the stop:
+/// SIGTERM closes it (its client sees the connection end), records it as closed by the
+/// daemon before `daemon-stop`, and the daemon still stops promptly and cleanly.
+#[test]
+fn sigterm_closes_proxied_connections_and_records_them_before_the_stop() -> Result<()> {
+    require_proxy_tools!();
+    let mut fx = ProxyFixture::new(ProxyOpts::default())?;
+    let mut client = fx
+        .sandbox
+        .command_with_timeout(
+            30,
+            "openssl",
+            &[
+                "s_client",
+                "-quiet",
+                "-connect",
+                "192.0.2.10:443",
+                "-servername",
+                "api.github.com",
+            ],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    // A request whose body never comes whole (the origin waits for all of it before it
+    // answers): in flight at the stop.
+    let mut stdin = client.stdin.take().context("no stdin")?;
+    stdin.write_all(
+        b"GET /repos/acme/widgets/echo/held HTTP/1.1\r\nHost: api.github.com\r\n\
+          Content-Type: application/octet-stream\r\nContent-Length: 100\r\n\r\npartial",
+    )?;
+    stdin.flush()?;
+    // The handshake and the request head take a moment to reach the handler.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let took = fx.daemon.terminate(Duration::from_secs(4))?;
+    ensure!(
+        took < Duration::from_secs(4),
+        "egressd took {took:?} to stop"
+    );
+    // The client's connection was closed by the stop (its output ends).
+    let mut rest = Vec::new();
+    let mut stdout = client.stdout.take().context("no stdout")?;
+    std::io::Read::read_to_end(&mut stdout, &mut rest)?;
+    drop(stdin);
+    let _ = client.kill();
+    let _ = client.wait();
+    let records = fx.daemon.audit_records()?;
+    let stop = records
+        .iter()
+        .position(|r| action(r) == Some("daemon-stop"))
+        .context("no daemon-stop record")?;
+    ensure!(stop == records.len() - 1, "records after daemon-stop");
+    ensure!(
+        records[..stop].iter().any(|r| {
+            get_str(r, "url.path") == Some("/repos/acme/widgets/echo/held")
+                && get_str(r, "event.reason").is_some_and(|m| m.contains("closed by the daemon"))
+        }),
+        "no record of the request closed by the daemon before daemon-stop: {:#?}",
+        &records[..stop]
+    );
+    // A clean stop: the next start reports no gap.
+    fx.daemon.restart()?;
+    let starts =
+        egress_tests::util::poll(Duration::from_secs(10), Duration::from_millis(100), || {
+            let starts: Vec<_> = fx
+                .daemon
+                .audit_records()?
+                .into_iter()
+                .filter(|r| action(r) == Some("daemon-start"))
+                .collect();
+            Ok((starts.len() >= 2).then_some(starts))
+        })?
+        .context("no daemon-start record after the restart")?;
+    let again = &starts[starts.len() - 1];
+    ensure!(
+        again["egress"]
+            .get("gap")
+            .is_none_or(serde_json::Value::is_null),
+        "the stop was reported as a gap: {again}"
     );
     Ok(())
 }

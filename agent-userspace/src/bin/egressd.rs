@@ -255,11 +255,15 @@ fn main() -> ExitCode {
     }
     raise_nofile_limit();
     let result = options(args).and_then(|opts| {
-        tokio::runtime::Builder::new_multi_thread()
+        let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(worker_threads())
             .enable_all()
-            .build()?
-            .block_on(daemon::run(opts))
+            .build()?;
+        let result = runtime.block_on(daemon::run(opts));
+        // The stop waited for the audit writer already (boundedly); a writer still held
+        // (its last records then count the stop as unclean) must not hold the exit.
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+        result
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

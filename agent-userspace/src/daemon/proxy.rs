@@ -115,6 +115,21 @@ impl ProxyRuntime {
         }
     }
 
+    /// Closes every proxied connection (daemon shutdown, after [`Self::shutdown`]): each
+    /// is recorded as closed by the daemon as its task ends, which the returned handles
+    /// tell. None is served past the daemon's stop, nor holds the audit writer open.
+    pub fn close_all_connections(&self) -> Vec<tokio::task::AbortHandle> {
+        let all = std::mem::take(&mut *self.conns.lock().unwrap_or_else(|p| p.into_inner()));
+        all.into_values()
+            .flatten()
+            .map(|(h, closing)| {
+                closing.store(true, std::sync::atomic::Ordering::SeqCst);
+                h.abort();
+                h
+            })
+            .collect()
+    }
+
     pub fn has_credential(&self, name: &str) -> bool {
         self.credentials.contains(name)
     }

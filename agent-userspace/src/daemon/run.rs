@@ -500,6 +500,18 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     proxy_refusals.flush();
     // It holds an audit handle (through the alerts), which the writer waits for below.
     drop(proxy_refusals);
+    // Proxied connections end before the stop is recorded: a connection left open would
+    // go on injecting credentials after it, and its records (queued as each task ends)
+    // belong before it. Bounded: a task ends at its next poll.
+    let closing = {
+        let mut core = shared.lock();
+        core.proxy.shutdown();
+        core.proxy.close_all_connections()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while closing.iter().any(|h| !h.is_finished()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut stopped_state = {
         let mut core = shared.lock();
         core.flush_alerts();
@@ -521,7 +533,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     drop(audit);
     drop(shared);
     // Records are written in order as they arrive, so once the stop record is out nothing
-    // earlier is pending; connections still open may hold a handle, so bound the wait.
+    // earlier is pending; a task still holding a handle must not hold the stop: bounded.
     match tokio::time::timeout(Duration::from_secs(5), audit_task).await {
         Ok(done) => {
             done.context("audit writer task")?
@@ -533,8 +545,8 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         }
         Err(_) => {
             tracing::warn!(
-                "Proxied connections still open at shutdown; not waiting for them (the next \
-                 start reports this stop as unclean)"
+                "Audit records still held at shutdown; not waiting for them (the next start \
+                 reports this stop as unclean)"
             )
         }
     }
