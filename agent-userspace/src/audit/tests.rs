@@ -3069,6 +3069,43 @@ async fn a_failed_sync_reports_the_records_it_may_have_lost() {
     assert!(lost.to_string().contains("fdatasync"), "{lost}");
 }
 
+/// A write may reach the page cache while `fdatasync` hangs (an NFS server gone, a
+/// suspended device): the trail is unhealthy once the sync has been blocked past
+/// WRITE_STALL, as for a blocked write, and healthy again once it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_blocked_by_a_hung_file_system_makes_the_trail_unhealthy() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (handle, mut task) = AuditLog::open(AuditSink::File(path.clone())).unwrap();
+    task.stall_next_sync(Duration::from_secs(2));
+    let writer = tokio::spawn(task.run());
+    // Past the first sync's time (200 ms in tests), so this batch is synced after it is
+    // written, and that sync hangs.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    handle.emit(denied(1));
+    eventually("written", || {
+        fs::read_to_string(&path).is_ok_and(|t| t.lines().count() == 1)
+    })
+    .await;
+    let started = std::time::Instant::now();
+    while handle.healthy() && started.elapsed() < Duration::from_millis(1500) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let health = handle.health();
+    assert!(!health.healthy, "healthy behind a hung sync: {health:?}");
+    assert!(
+        health
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("blocked")),
+        "{health:?}"
+    );
+    eventually("healthy again", || handle.healthy()).await;
+    drop(handle);
+    writer.await.unwrap().unwrap();
+}
+
 /// logrotate's `copytruncate`: the log is copied, records are appended meanwhile, then it
 /// is emptied. The writer notices at its next append and writes the last seconds' records
 /// again, followed by an `audit-rewritten` record: the copy and the log together hold

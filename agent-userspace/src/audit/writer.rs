@@ -165,6 +165,8 @@ pub struct AuditWriter {
     closed_gone: bool,
     #[cfg(test)]
     sync_fault: Option<io::ErrorKind>,
+    #[cfg(test)]
+    sync_stall: Option<Duration>,
 }
 
 impl AuditWriter {
@@ -191,6 +193,8 @@ impl AuditWriter {
                     closed_gone: false,
                     #[cfg(test)]
                     sync_fault: None,
+                    #[cfg(test)]
+                    sync_stall: None,
                 })
             }
             AuditSink::File(path) => {
@@ -222,6 +226,8 @@ impl AuditWriter {
                     closed_gone: false,
                     #[cfg(test)]
                     sync_fault: None,
+                    #[cfg(test)]
+                    sync_stall: None,
                 })
             }
         }
@@ -433,6 +439,10 @@ impl AuditWriter {
         if let Some(kind) = self.sync_fault.take() {
             return Err(io::Error::from(kind));
         }
+        #[cfg(test)]
+        if let Some(stall) = self.sync_stall.take() {
+            std::thread::sleep(stall);
+        }
         if out.metadata()?.file_type().is_file() {
             out.sync_data().map(|()| true)
         } else {
@@ -445,6 +455,13 @@ impl AuditWriter {
     #[cfg(test)]
     pub(super) fn fail_next_sync(&mut self, kind: io::ErrorKind) {
         self.sync_fault = Some(kind);
+    }
+
+    /// Makes the next [`Self::sync`] of an open file take `stall`, as a hung file system
+    /// (an NFS server gone, a suspended device) holds `fdatasync`.
+    #[cfg(test)]
+    pub(super) fn stall_next_sync(&mut self, stall: Duration) {
+        self.sync_stall = Some(stall);
     }
 
     /// The number the next record will get.
@@ -912,8 +929,8 @@ impl Health {
         self.writing_since.store(0, Ordering::Release);
     }
 
-    /// How long the write in progress has been blocked, once that is past
-    /// [`WRITE_STALL`].
+    /// How long the pass of writes, syncs, reopens and renames in progress has been
+    /// blocked, once that is past [`WRITE_STALL`].
     fn stalled(&self) -> Option<Duration> {
         let since = self.writing_since.load(Ordering::Acquire);
         if since == 0 {
@@ -1204,10 +1221,10 @@ impl AuditHandle {
     }
 
     /// Whether records are being written: false from a failed write until everything
-    /// queued meanwhile is written, while a write has been blocked for longer than
-    /// [`WRITE_STALL`], and while records that found the queue full are not yet reported
-    /// (a credential is not used while its request's record could be among them). Three
-    /// atomic loads (and a clock read during a write).
+    /// queued meanwhile is written, while a write, sync or reopen of the log has been
+    /// blocked for longer than [`WRITE_STALL`], and while records that found the queue
+    /// full are not yet reported (a credential is not used while its request's record
+    /// could be among them). Three atomic loads (and a clock read during a write).
     pub fn healthy(&self) -> bool {
         !self.health.failing.load(Ordering::Acquire)
             && self.health.unqueued.load(Ordering::Relaxed) == 0
@@ -1222,8 +1239,8 @@ impl AuditHandle {
             report.healthy = false;
             report.error.get_or_insert_with(|| {
                 format!(
-                    "a write to the audit log has been blocked for {} s (a reader that \
-                     stopped reading, or a frozen file system)",
+                    "a write, sync or reopen of the audit log has been blocked for {} s (a \
+                     reader that stopped reading, or a frozen or hung file system)",
                     blocked.as_secs()
                 )
             });
@@ -1370,6 +1387,11 @@ impl AuditTask {
         self.writer.fail_next_sync(kind);
     }
 
+    #[cfg(test)]
+    pub(super) fn stall_next_sync(&mut self, stall: Duration) {
+        self.writer.stall_next_sync(stall);
+    }
+
     /// Writes until all handles are dropped, then syncs the file. Writes happen on a
     /// blocking-pool thread so a slow disk never stalls the runtime. The thread takes
     /// everything queued at each wake-up and, after a batch that emptied the queue, waits
@@ -1396,7 +1418,9 @@ impl AuditTask {
         let mut retry = RETRY_MIN;
         // A loss an earlier run left is reported before anything else.
         if !self.pending.is_empty() {
+            self.health.write_started();
             self.flush();
+            self.health.write_ended();
         }
         let mut closed = false;
         loop {
@@ -1421,6 +1445,10 @@ impl AuditTask {
                 }
             }
             let full = batch.len() >= BATCH;
+            // Every step of a pass may block on the log's storage (a write, `fdatasync`,
+            // a reopen, a rotation's renames, the sequence file): the trail is unhealthy
+            // once one has been blocked past WRITE_STALL, whichever.
+            self.health.write_started();
             for message in batch.drain(..) {
                 self.take(message);
             }
@@ -1432,6 +1460,7 @@ impl AuditTask {
                 self.flush();
                 self.store_sequence();
             }
+            self.health.write_ended();
             if closed && self.failing_since.is_some() {
                 break;
             }
@@ -1699,9 +1728,7 @@ impl AuditTask {
                 }
                 let (bytes, lengths) = self.pending.chunk(done, max);
                 let first = done;
-                self.health.write_started();
                 let outcome = self.writer.write_lines(bytes);
-                self.health.write_ended();
                 let (written, error) = match outcome {
                     Ok(()) => (bytes.len(), None),
                     Err((written, e)) => (written, Some(e)),
@@ -1772,9 +1799,7 @@ impl AuditTask {
             self.rewrite_due = None;
             return Ok(());
         };
-        self.health.write_started();
         let outcome = self.writer.write_lines(&rewrite.bytes);
-        self.health.write_ended();
         outcome.map_err(|(_, e)| e)?;
         self.rewrite_due = None;
         // Written again now: at risk again from the next copy and truncation.
