@@ -566,7 +566,8 @@ impl ConnCtx {
                     }
                     let window = widened
                         .narrow(&mut parts.status, &mut parts.headers)
-                        .map_err(bad_gateway)?;
+                        .map_err(bad_gateway)?
+                        .map(|window| (window, widened.margin));
                     (Some(widened.matcher), window)
                 }
                 None => {

@@ -548,7 +548,7 @@ pub fn scrub_response(
     matcher: Arc<SecretMatcher>,
     latest: LatestMatcher,
     tally: Arc<Tally>,
-    window: Option<Window>,
+    window: Option<(Window, u64)>,
 ) -> Result<ResponseBody, String> {
     if matcher.failed() {
         return Err("the proxy could not build its secret matcher".to_owned());
@@ -604,7 +604,8 @@ pub fn scrub_response(
         tally,
         queue: VecDeque::new(),
         ended: false,
-        window,
+        margin: window.as_ref().map(|(_, margin)| *margin),
+        window: window.map(|(window, _)| window),
     })))
 }
 
@@ -691,6 +692,9 @@ pub struct ScrubbedBody {
     /// The bytes of the scrubbed body the sandbox asked for (a byte range cut from the
     /// wider one asked of the origin); all of them when `None`.
     window: Option<Window>,
+    /// With a window, the bytes it was widened by on each side: a secret first known
+    /// while the body streams that is longer could straddle a cut edge unseen.
+    margin: Option<u64>,
 }
 
 /// The matcher over the secrets known now.
@@ -714,6 +718,16 @@ impl ScrubbedBody {
         if !Arc::ptr_eq(&now, &self.matcher) {
             if now.failed() {
                 return Err("the proxy could not build its secret matcher".into());
+            }
+            if self
+                .margin
+                .is_some_and(|margin| u64::try_from(now.span()).unwrap_or(u64::MAX) > margin)
+            {
+                return Err(
+                    "a secret longer than the margin this byte range was widened by \
+                            became known while it streamed"
+                        .into(),
+                );
             }
             match &mut self.later {
                 Some(later) => later.set_matcher(now.clone()),

@@ -119,6 +119,18 @@ async fn origin_service(
                 .body(Full::new(value.slice(first..=last)).boxed())
                 .unwrap())
         }
+        "/range-stream" => {
+            // The byte range asked at once, its first bytes now, the rest what `/feed`
+            // sends (its length unknown: `*`).
+            let (mut tx, body) = http_body_util::channel::Channel::new(8);
+            let _ = tx.send_data(Bytes::from_static(b"ab")).await;
+            *tail.lock().unwrap() = Some(tx);
+            Ok(Response::builder()
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(http::header::CONTENT_RANGE, "bytes 0-3/*")
+                .body(body.boxed())
+                .unwrap())
+        }
         _ => echo(req).await.map(|r| r.map(|b| b.boxed())),
     }
 }
@@ -893,6 +905,30 @@ async fn a_secret_first_known_while_a_byte_range_is_asked_ends_its_answer() {
                 .any(|r| r.status == Some(502) && r.verdict == Verdict::Deny),
             "{records:?}"
         );
+    })
+    .await;
+}
+
+/// The same while the answer streams: a secret first known after the head, longer than
+/// the margin, ends the body rather than pass cut at its edge.
+#[tokio::test]
+async fn a_secret_first_known_while_a_byte_range_streams_ends_it() {
+    within(async {
+        let origin = start_origin(true).await;
+        let h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        assert!(h.proxy.credentials.matcher().is_empty());
+        let mut watcher = h1_client(h.addr, OTHER, &h.ca_pem).await;
+        let range = [("range", "bytes=0-3")];
+        let answer = watcher
+            .send_request(request(Method::GET, OTHER, "/range-stream", &range, ""))
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), StatusCode::PARTIAL_CONTENT);
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let fed = send(&mut client, request(Method::GET, NAME, "/feed", &[], "")).await;
+        assert_eq!(fed.status, StatusCode::OK);
+        let got = answer.into_body().collect().await;
+        assert!(got.is_err(), "the range streamed on: {got:?}");
     })
     .await;
 }
