@@ -1980,37 +1980,17 @@ impl Core {
 
     /// Sandbox and rule names for a kernel event decided in policy slot `slot`.
     pub fn names(&self, sandbox_index: u32, slot: u16, rule_id: u16) -> (String, RuleRef) {
+        let special = special_rule(rule_id);
         let Some(rec) = self.state.by_index(sandbox_index) else {
             // Detached since the event: its name and rules as they were.
             return match self.departed.get(&sandbox_index) {
-                Some(d) => {
-                    let rule = match (rule_id, &d.policy) {
-                        (0, _) | (_, None) => RuleRef::Default,
-                        (id, Some(p)) => p
-                            .rule_name(id)
-                            .map_or(RuleRef::Default, |n| RuleRef::Named(n.to_string())),
-                    };
-                    (d.name.clone(), rule)
-                }
-                None => ("unknown".into(), RuleRef::Default),
+                Some(d) => (d.name.clone(), departed_rule(rule_id, d.policy.as_deref())),
+                None => ("unknown".into(), special.unwrap_or(RuleRef::Default)),
             };
         };
-        let rule = if rule_id == 0 {
-            RuleRef::Default
-        } else if rule_id == agent_common::RULE_DNS {
-            // DNS sent to the sandbox's own resolver, not a policy rule.
-            RuleRef::Named("dns-resolver".to_string())
-        } else if rule_id == agent_common::RULE_PROXY_PORT {
-            // A connect to the proxy's port the kernel did not redirect there.
-            RuleRef::Named("proxy-port".to_string())
-        } else if rule_id == agent_common::RULE_UNSPECIFIED {
-            // 0.0.0.0 from a call that chose its source address: not judged as loopback.
-            RuleRef::Named("unspecified-address".to_string())
-        } else if rule_id == agent_common::RULE_BOUND_DEVICE {
-            // A redirect to the daemon's listeners from a socket bound to another device.
-            RuleRef::Named("bound-device".to_string())
-        } else {
-            match deciding_policy(
+        let rule = match special {
+            Some(rule) => rule,
+            None => match deciding_policy(
                 u32::from(slot),
                 (rec.slot, self.compiled.get(&rec.name)),
                 &self.replaced,
@@ -2021,7 +2001,7 @@ impl Core {
                 // Decided in a slot whose policy is gone (read over a minute late, or
                 // before a restart): not named by the current policy's rule at that place.
                 Err(()) => RuleRef::Named(format!("rule {rule_id} of a replaced policy")),
-            }
+            },
         };
         (rec.name.clone(), rule)
     }
@@ -2157,12 +2137,39 @@ fn deciding_policy<'a>(
     replaced.get(&slot).map(|r| Some(&r.policy)).ok_or(())
 }
 
+/// `rule.name` of a refusal by no policy rule (`rule_id` 0 or a `RULE_*` id), named alike
+/// whether the sandbox is still attached; `None` for a policy rule's id.
+fn special_rule(rule_id: u16) -> Option<RuleRef> {
+    let name = match rule_id {
+        0 => return Some(RuleRef::Default),
+        // DNS sent to the sandbox's own resolver, not a policy rule.
+        agent_common::RULE_DNS => "dns-resolver",
+        // A connect to the proxy's port the kernel did not redirect there.
+        agent_common::RULE_PROXY_PORT => "proxy-port",
+        // 0.0.0.0 from a call that chose its source address: not judged as loopback.
+        agent_common::RULE_UNSPECIFIED => "unspecified-address",
+        // A redirect to the daemon's listeners from a socket bound to another device.
+        agent_common::RULE_BOUND_DEVICE => "bound-device",
+        _ => return None,
+    };
+    Some(RuleRef::Named(name.to_owned()))
+}
+
+/// `rule.name` of an event of a sandbox detached since, by the policy it had.
+fn departed_rule(rule_id: u16, policy: Option<&Policy>) -> RuleRef {
+    special_rule(rule_id).unwrap_or_else(|| {
+        policy
+            .and_then(|p| p.rule_name(rule_id))
+            .map_or(RuleRef::Default, |n| RuleRef::Named(n.to_string()))
+    })
+}
+
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use std::sync::Arc;
 
-    use super::{deciding_policy, revokes_shared, Replaced};
+    use super::{deciding_policy, departed_rule, revokes_shared, Replaced};
     use crate::audit::AlertKind;
     use crate::policy::parse_str;
 
@@ -2197,6 +2204,34 @@ mod tests {
         assert_eq!(name(3), Ok(Some("old-rule".to_owned())));
         assert_eq!(name(4), Ok(Some("new-rule".to_owned())));
         assert_eq!(name(9), Err(()));
+    }
+
+    /// A detached sandbox's late events keep the names of refusals by no policy rule
+    /// (they were `default` before), and its policy's rule names.
+    #[test]
+    fn departed_sandboxes_events_are_named_like_attached_ones() {
+        use crate::audit::RuleRef;
+        let policy = parse_str(
+            "version: 1\ndefault: deny\nrules:\n  - name: r\n    to: [192.0.2.1]\n    action: allow\n",
+            "p.yaml",
+        )
+        .unwrap();
+        let named = |s: &str| RuleRef::Named(s.to_owned());
+        for (id, want) in [
+            (agent_common::RULE_BOUND_DEVICE, named("bound-device")),
+            (agent_common::RULE_UNSPECIFIED, named("unspecified-address")),
+            (agent_common::RULE_PROXY_PORT, named("proxy-port")),
+            (agent_common::RULE_DNS, named("dns-resolver")),
+            (1, named("r")),
+            (0, RuleRef::Default),
+        ] {
+            assert_eq!(departed_rule(id, Some(&policy)), want, "{id}");
+        }
+        assert_eq!(
+            departed_rule(agent_common::RULE_BOUND_DEVICE, None),
+            named("bound-device")
+        );
+        assert_eq!(departed_rule(1, None), RuleRef::Default);
     }
 
     #[test]
