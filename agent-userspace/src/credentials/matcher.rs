@@ -761,7 +761,10 @@ fn escaped_sets(bytes: &[u8], style: Escape) -> Vec<Vec<u8>> {
         .collect();
     symbols.sort_unstable();
     symbols.dedup();
-    if symbols.len() > MAX_ESCAPE_SUBSET {
+    // HTML's own escaping has at most five symbols, which escapers pick among by where
+    // the text goes (`&<>` only in text, `&<>"` keeping `'`...): every combination.
+    let named = matches!(style, Escape::HtmlNamed { .. });
+    if symbols.len() > MAX_ESCAPE_SUBSET && !named {
         // All, all but `/`, and each symbol alone (an encoder that escapes only `+`).
         let but_slash = symbols.iter().copied().filter(|&b| b != b'/').collect();
         let mut sets: Vec<Vec<u8>> = symbols.iter().map(|&b| vec![b]).collect();
@@ -1016,6 +1019,17 @@ mod tests {
             named("&quot;", "&apos;"),
             // Only `&` escaped, the rest kept (an engine escaping text, not attributes).
             secret.replace('&', "&amp;"),
+            // `&<>` only (Python's `html.escape(s, quote=False)`, XML text escapers), and
+            // `&<>"` keeping `'` (Java's `escapeHtml4`, PHP before 8.1).
+            secret
+                .replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;"),
+            secret
+                .replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+                .replace('"', "&quot;"),
         ] {
             assert!(m.find(wire.as_bytes()).is_some(), "not found in {wire:?}");
             for cut in 1..=CUT_SHORT {
