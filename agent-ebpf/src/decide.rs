@@ -675,18 +675,41 @@ fn redirect(
     Ok(())
 }
 
+/// Adds one to a per-CPU counter atomically: a cgroup program may be preempted (it runs
+/// with migration, not preemption, disabled) or interrupted by a softirq whose skb
+/// program counts on the same CPU, and a plain load-add-store would lose an increment.
+#[inline(always)]
+fn bump(counter: *mut u64) {
+    // BPF's atomic add (`BPF_ATOMIC | BPF_ADD`, no fetch), which `AtomicU64::fetch_add`
+    // does not offer on this target (it has no compare-and-swap).
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: `counter` points into a map value, live and 8-byte aligned for the
+    // program's run; the instruction reads and writes only those 8 bytes.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({0} + 0) += {1}",
+            in(reg) counter,
+            in(reg) 1u64,
+            options(nostack),
+        );
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    let _ = counter;
+}
+
 #[inline(always)]
 fn count(index: u32, v: u8) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, so no other writer runs concurrently on this CPU's copy.
-        unsafe {
+        // SAFETY: a map value's fields, live for the program's run.
+        let field = unsafe {
             match v {
-                verdict::ALLOW => (*c).allowed += 1,
-                verdict::AUDIT => (*c).audited += 1,
-                verdict::REDIRECT => (*c).redirected += 1,
-                _ => (*c).denied += 1,
+                verdict::ALLOW => &raw mut (*c).allowed,
+                verdict::AUDIT => &raw mut (*c).audited,
+                verdict::REDIRECT => &raw mut (*c).redirected,
+                _ => &raw mut (*c).denied,
             }
-        }
+        };
+        bump(field);
     }
 }
 
@@ -726,17 +749,15 @@ pub fn report(origin: &Origin, call: &Call, decided: Decided) {
     } = decided;
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
         if let Some(lost) = LOST.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot.
-            unsafe { *lost += 1 };
+            bump(lost);
         }
+        // (The helper checks the index.)
         if let Some(lost) = LOST_BY_SANDBOX.get_ptr_mut(index) {
-            // SAFETY: per-CPU slot (the helper checks the index).
-            unsafe { *lost += 1 };
+            bump(lost);
         }
         if v == verdict::DENY {
             if let Some(lost) = LOST_DENIED_BY_SANDBOX.get_ptr_mut(index) {
-                // SAFETY: per-CPU slot (the helper checks the index).
-                unsafe { *lost += 1 };
+                bump(lost);
             }
         }
         return;

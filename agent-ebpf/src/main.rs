@@ -6,6 +6,8 @@
 //! The verdict never depends on whether the event could be delivered, and every error path
 //! denies.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// The atomic add of per-CPU counters (`decide::bump`) is written as BPF assembly.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 mod bind;
 mod connect4;
