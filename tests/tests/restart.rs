@@ -478,3 +478,72 @@ fn another_builds_pins_are_retired_once_the_sandbox_is_adopted() -> Result<()> {
     expect::probe_ok(&fx.sandbox.probe("tcp-connect", canary, 9, &[])?)?;
     Ok(())
 }
+
+/// What another build's programs could not even put in its ring buffer (full while no
+/// daemon read it) is counted in that build's own loss counters, which go with its pins:
+/// they are reported, by sandbox and under the build's name, when the pins are retired.
+#[test]
+fn another_builds_losses_are_reported_when_its_pins_are_retired() -> Result<()> {
+    require_root!();
+    let mut fx = Fixture::new()?;
+    fx.attach(WEB_ORIGIN_DENY)?;
+    let name = fx.sandbox.label().to_string();
+    fx.daemon.kill9()?;
+    let base = fx.daemon.bpffs().path().to_path_buf();
+    let ours = std::fs::read_dir(&base)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.join("links").is_dir())
+        .context("no pinned layout")?;
+    std::fs::rename(&ours, base.join("v0")).context("moving the pins aside")?;
+    // More refusals than the ring buffer holds (about 37,000), while no daemon reads it.
+    let connects = 60_000;
+    let script = format!(
+        "import socket\n\
+         denied = 0\n\
+         for _ in range({connects}):\n\
+         \x20   s = socket.socket()\n\
+         \x20   try:\n\
+         \x20       s.connect(('{CANARY_V4}', 9))\n\
+         \x20   except PermissionError:\n\
+         \x20       denied += 1\n\
+         \x20   finally:\n\
+         \x20       s.close()\n\
+         print(denied)\n"
+    );
+    let out = fx.sandbox.run("python3", &["-c", &script])?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).trim() == connects.to_string(),
+        "not every connect was refused: {out:?}"
+    );
+
+    fx.daemon.restart()?;
+    let tagged = format!("{name} (build v0)");
+    let lost = fx.daemon.wait_for_record(Duration::from_secs(15), |r| {
+        egress_tests::audit::action(r) == Some("events-lost")
+            && r["egress"]["lost"]["sandboxes"][0]["name"] == tagged.as_str()
+    })?;
+    let count = get_u64(&lost, "egress.lost.count").unwrap_or(0);
+    ensure!(
+        count >= 10_000 && first_sandbox_count(&lost) == count,
+        "the other build's losses are not all reported, by sandbox: {lost}"
+    );
+    // Its unread events too (the ring it filled), apart.
+    let unread = fx.daemon.wait_for_record(Duration::from_secs(10), |r| {
+        egress_tests::audit::action(r) == Some("events-lost")
+            && r["egress"]["lost"]["sandboxes"][0]["name"] == "build v0"
+    })?;
+    let unread = get_u64(&unread, "egress.lost.count").unwrap_or(0);
+    ensure!(
+        unread + count == connects,
+        "{unread} unread and {count} lost, not the {connects} refusals made"
+    );
+    Ok(())
+}
+
+/// The count a loss record gives its first sandbox.
+fn first_sandbox_count(rec: &serde_json::Value) -> u64 {
+    rec["egress"]["lost"]["sandboxes"][0]["count"]
+        .as_u64()
+        .unwrap_or(0)
+}

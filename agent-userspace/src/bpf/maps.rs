@@ -326,17 +326,34 @@ impl PolicyMaps {
     }
 
     fn nonzero(map: &PerCpuArray<MapData, u64>) -> Vec<(u32, u64)> {
-        (0..agent_common::MAX_SANDBOXES)
-            .filter_map(|index| {
-                let total: u64 = map.get(&index, 0).ok()?.iter().sum();
-                (total > 0).then_some((index, total))
-            })
-            .collect()
+        nonzero(map)
     }
 
     pub fn lost_total(&self) -> u64 {
         self.lost.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
+}
+
+/// The indices of a per-CPU loss counter map with any, and their totals.
+fn nonzero(map: &PerCpuArray<MapData, u64>) -> Vec<(u32, u64)> {
+    (0..agent_common::MAX_SANDBOXES)
+        .filter_map(|index| {
+            let total: u64 = map.get(&index, 0).ok()?.iter().sum();
+            (total > 0).then_some((index, total))
+        })
+        .collect()
+}
+
+/// Another build's loss counters, from its maps directory `maps`: events its programs
+/// could not put in its ring buffer, in all and by sandbox index (those with any).
+pub fn read_lost(maps: &std::path::Path) -> Result<(u64, Vec<(u32, u64)>), BpfError> {
+    let open = |name: &'static str| -> Result<PerCpuArray<MapData, u64>, BpfError> {
+        let data = MapData::from_pin(maps.join(name)).map_err(|e| BpfError::map(name, e))?;
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|e| BpfError::map(name, e))
+    };
+    let lost = open("LOST")?;
+    let total = lost.get(&0, 0).map(|v| v.iter().sum()).unwrap_or(0);
+    Ok((total, nonzero(&open("LOST_BY_SANDBOX")?)))
 }
 
 /// The proxy's view of redirected connections: original destinations by peer.

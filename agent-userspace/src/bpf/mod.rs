@@ -25,7 +25,7 @@ pub use bpffs::{ensure_bpffs, PinLayout};
 pub use events::{consume_unread, EventReader, KernelEvent};
 pub use loader::{Programs, HOOKS};
 pub use lsm::{active_lsms, LsmSupport};
-pub use maps::{PeerMap, PolicyMaps};
+pub use maps::{read_lost, PeerMap, PolicyMaps};
 pub use ring_usage::RingUsageProbe;
 
 use std::{io, path::PathBuf};

@@ -1851,10 +1851,13 @@ impl Core {
                 // What its programs recorded while no daemon read them is counted (and
                 // reported as lost) before its ring buffer goes.
                 let unread = crate::bpf::consume_unread(&other.maps());
+                // And what its programs could not even put in that buffer.
+                let lost = crate::bpf::read_lost(&other.maps());
                 match std::fs::remove_dir_all(other.root()) {
                     Ok(()) => {
                         tracing::warn!(layout = %other.root().display(), "Another build's pinned programs and maps removed");
                         self.report_unread(&other, unread);
+                        self.report_other_lost(&other, lost);
                     }
                     Err(e) => {
                         tracing::error!(layout = %other.root().display(), error = %e, "Removing another build's pinned objects failed")
@@ -1895,6 +1898,69 @@ impl Core {
             Err(e) => {
                 tracing::error!(layout = %other.root().display(), error = %e, "Another build's unread events could not be counted; they are lost");
             }
+        }
+    }
+
+    /// An `events-lost` record for the events another build's programs could not put in
+    /// its ring buffer and no record reported (its loss counters go with its maps), by
+    /// sandbox, each named with the build: `name (build vN)`.
+    fn report_other_lost(
+        &mut self,
+        other: &PinLayout,
+        lost: Result<(u64, Vec<(u32, u64)>), BpfError>,
+    ) {
+        let build = other
+            .root()
+            .file_name()
+            .map_or_else(|| "?".into(), |n| n.to_string_lossy().into_owned());
+        let (total, by_index) = match lost {
+            Ok(lost) => lost,
+            Err(e) => {
+                tracing::error!(layout = %other.root().display(), error = %e, "Another build's loss counters could not be read; its unreported losses are not counted");
+                return;
+            }
+        };
+        let abi = build
+            .strip_prefix('v')
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u32::MAX);
+        let (count, by_index) = self.state.unreported_lost(abi, total, &by_index);
+        // Its counts are reported now: the state's reported counts are this build's.
+        if self.state.lost_layout != Some(agent_common::ABI_VERSION) {
+            self.state.lost_reported = self.maps.lost_total();
+            self.state.lost_reported_by_index = self.maps.lost_by_sandbox().into_iter().collect();
+            self.state.lost_layout = Some(agent_common::ABI_VERSION);
+        }
+        if count == 0 {
+            return;
+        }
+        tracing::warn!(layout = %other.root().display(), count, "Events another build could not record and no record reported: reported as lost");
+        let sandboxes = by_index
+            .into_iter()
+            .map(|(index, count)| LostBySandbox {
+                name: format!("{} (build {build})", self.index_name(index)),
+                count,
+            })
+            .collect();
+        self.lost_unread += count;
+        self.audit.emit(Record::EventsLost(EventsLost {
+            time: now(),
+            count,
+            total: self.lost_total(),
+            sandboxes,
+        }));
+    }
+
+    /// The name of sandbox `index` for a loss report: attached, detached lately, `none`
+    /// (index 0: no sandbox found), or `index N`.
+    pub fn index_name(&self, index: u32) -> String {
+        match self.state.by_index(index) {
+            Some(rec) => rec.name.clone(),
+            None if index == 0 => "none".to_owned(),
+            None => self
+                .departed
+                .get(&index)
+                .map_or_else(|| format!("index {index}"), |d| d.name.clone()),
         }
     }
 

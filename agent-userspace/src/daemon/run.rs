@@ -713,6 +713,16 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
 
 fn report_lost(shared: &Shared) {
     let mut core = shared.lock();
+    // Counts reported of another build's maps say nothing of this build's.
+    if core
+        .state
+        .lost_layout
+        .is_some_and(|v| v != agent_common::ABI_VERSION)
+    {
+        core.state.lost_reported = 0;
+        core.state.lost_reported_by_index.clear();
+        core.state.lost_layout = Some(agent_common::ABI_VERSION);
+    }
     let total = core.maps.lost_total();
     if total > core.state.lost_reported {
         let count = total - core.state.lost_reported;
@@ -735,14 +745,7 @@ fn report_lost(shared: &Shared) {
                 continue;
             }
             // A sandbox detached since its events were lost is still named.
-            let name = match core.state.by_index(index) {
-                Some(rec) => rec.name.clone(),
-                None if index == 0 => "none".to_owned(),
-                None => core
-                    .departed
-                    .get(&index)
-                    .map_or_else(|| format!("index {index}"), |d| d.name.clone()),
-            };
+            let name = core.index_name(index);
             sandboxes.push(LostBySandbox { name, count: new });
         }
         for (index, denied) in core.maps.lost_denied_by_sandbox() {
@@ -769,11 +772,15 @@ fn report_lost(shared: &Shared) {
             core.alerts.raise(alert);
         }
         core.state.lost_reported = total;
+        core.state.lost_layout = Some(agent_common::ABI_VERSION);
         core.save_state();
     } else if total < core.state.lost_reported {
-        // Maps were recreated (new ABI directory): start counting afresh.
+        // Maps were recreated (new ABI directory): start counting afresh. (The counts of
+        // another build's maps still pinned are reported when they are removed: all of
+        // them, once the reported counts are this build's.)
         core.state.lost_reported = total;
         core.state.lost_reported_by_index.clear();
+        core.state.lost_layout = Some(agent_common::ABI_VERSION);
     }
 }
 

@@ -63,6 +63,10 @@ pub struct State {
     /// The same by sandbox index (the kernel's per-sandbox loss counters).
     #[serde(default)]
     pub lost_reported_by_index: std::collections::BTreeMap<u32, u64>,
+    /// The ABI version of the pinned maps whose counters those are (`None`: written by a
+    /// build that did not say, the previous daemon's).
+    #[serde(default)]
+    pub lost_layout: Option<u32>,
     /// The policy slot given last: the next is searched for after it.
     #[serde(default)]
     pub last_slot: u32,
@@ -129,9 +133,70 @@ impl State {
     }
 }
 
+impl State {
+    /// The losses another build's counters (ABI `abi`: `total`, and by sandbox index)
+    /// hold that no record reported: their increase over what was reported when these
+    /// counts are that build's, all of them otherwise (reported again rather than lost).
+    pub fn unreported_lost(
+        &self,
+        abi: u32,
+        total: u64,
+        by_index: &[(u32, u64)],
+    ) -> (u64, Vec<(u32, u64)>) {
+        if self.lost_layout.is_some_and(|v| v != abi) {
+            return (total, by_index.to_vec());
+        }
+        let by = by_index
+            .iter()
+            .filter_map(|&(index, lost)| {
+                let reported = self
+                    .lost_reported_by_index
+                    .get(&index)
+                    .copied()
+                    .unwrap_or(0);
+                let new = if lost >= reported {
+                    lost - reported
+                } else {
+                    lost
+                };
+                (new > 0).then_some((index, new))
+            })
+            .collect();
+        (total.saturating_sub(self.lost_reported), by)
+    }
+}
+
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
+    /// Another build's loss counters are reported by their increase over what was
+    /// reported of them, or whole when the reported counts are another layout's.
+    #[test]
+    fn another_builds_losses_are_reported_once() {
+        let mut state = super::State {
+            lost_reported: 10,
+            lost_reported_by_index: [(1, 4), (2, 6)].into_iter().collect(),
+            ..super::State::default()
+        };
+        let counters = [(1, 9), (2, 6), (3, 2)];
+        // Written by a build that did not say whose: the previous daemon's.
+        assert_eq!(
+            state.unreported_lost(2, 17, &counters),
+            (7, vec![(1, 5), (3, 2)])
+        );
+        state.lost_layout = Some(2);
+        assert_eq!(
+            state.unreported_lost(2, 17, &counters),
+            (7, vec![(1, 5), (3, 2)])
+        );
+        // Reported counts of another layout: all of them.
+        state.lost_layout = Some(3);
+        assert_eq!(
+            state.unreported_lost(2, 17, &counters),
+            (17, counters.to_vec())
+        );
+    }
+
     use super::*;
 
     fn with_slot(slot: u32) -> State {
