@@ -296,6 +296,19 @@ pub struct PushJudgement {
 
 const TAGS: &str = "refs/tags/";
 
+/// Gerrit's magic refs, whose name may carry push options after `%`.
+const GERRIT_MAGIC: [&str; 3] = ["refs/for/", "refs/drafts/", "refs/publish/"];
+
+/// A ref name as Gerrit reads it: the name before the first `%` of a magic ref, and the
+/// comma-separated push options after it (none for any other ref).
+fn gerrit_options(name: &str) -> (&str, Vec<&str>) {
+    let magic = GERRIT_MAGIC.iter().any(|m| name.starts_with(m));
+    match name.split_once('%') {
+        Some((name, options)) if magic => (name, options.split(',').collect()),
+        _ => (name, Vec::new()),
+    }
+}
+
 impl GitRule {
     /// Checks a `git:` block. Errors name the field (`repos[1]`, `push.refs[0]`, ...) and
     /// say what would be valid.
@@ -478,14 +491,31 @@ impl GitRule {
                 "refused by egress policy: invalid ref name: it {why}"
             ));
         }
-        if !push.refs.iter().any(|g| g.matches(&command.name)) {
+        // Gerrit reads what follows `%` in a magic ref (`refs/for/main%submit,r=alice`)
+        // as push options: the ref is the part before it, and each option is judged as
+        // one given with `-o`.
+        let (name, options) = gerrit_options(&command.name);
+        if !push.refs.iter().any(|g| g.matches(name)) {
             let allowed: Vec<&str> = push.refs.iter().map(RefGlob::as_str).collect();
             return Err(format!(
                 "refused by egress policy: allowed {}",
                 allowed.join(", ")
             ));
         }
-        if !push.tags && command.name.starts_with(TAGS) {
+        if let Some(option) = options.iter().find(|o| !push.options.allows(o)) {
+            return Err(format!(
+                "refused by egress policy: push option \"{}\" (after `%` in the ref name) is \
+                 not allowed (allowed: {})",
+                sanitize(option, 100),
+                push.options.describe()
+            ));
+        }
+        // In any case: a server keeping loose refs on a case-insensitive file system
+        // stores `refs/TAGS/v1` as tag `v1`.
+        let tag = name
+            .get(..TAGS.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(TAGS));
+        if !push.tags && tag {
             return Err("refused by egress policy: tags are not allowed".to_owned());
         }
         if !push.delete && command.is_delete() {

@@ -198,6 +198,28 @@ fn ref_updates_are_judged() {
         .unwrap_err()
         .contains("invalid ref name"));
 
+    // Gerrit's `%` options in a magic ref are push options: judged as `-o` ones.
+    let gerrit = rule("repos: [a/b]\npush: { refs: [\"refs/for/*\"] }\n");
+    assert_eq!(gerrit.check_update(&command(Z, B, "refs/for/main")), Ok(()));
+    for name in ["refs/for/main%submit", "refs/for/main%topic=x,submit"] {
+        let refused = gerrit.check_update(&command(Z, B, name)).unwrap_err();
+        assert!(refused.contains("push option"), "{name}: {refused}");
+    }
+    let topics = rule("repos: [a/b]\npush: { refs: [\"refs/for/*\"], options: [\"topic=*\"] }\n");
+    assert_eq!(
+        topics.check_update(&command(Z, B, "refs/for/main%topic=x")),
+        Ok(())
+    );
+    assert!(topics
+        .check_update(&command(Z, B, "refs/for/main%topic=x,submit"))
+        .is_err());
+    // A tag in another case is a tag (a case-insensitive ref store).
+    let any = rule("repos: [a/b]\npush: { refs: [\"refs/**\"] }\n");
+    assert_eq!(
+        any.check_update(&command(Z, B, "refs/TAGS/v1")),
+        Err("refused by egress policy: tags are not allowed".to_owned())
+    );
+
     // Tags: only with `tags: true`, and still only those `refs` matches.
     let tags = rule(
         "repos: [a/b]\npush: { refs: [\"refs/heads/agent/**\", \"refs/tags/agent-*\"], delete: true }\n",
