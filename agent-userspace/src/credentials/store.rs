@@ -1203,6 +1203,18 @@ fn compile(
         hosts.insert(normalized);
     }
 
+    // An STS session is per sandbox and cannot be revoked by its value: a `revoke`
+    // command would be accepted and never run.
+    if raw.revoke.is_some() && matches!(source, Source::Aws(_)) {
+        return Err(config(
+            "revoke",
+            "an `sts_assume_role` source's sessions cannot be revoked by value, so no \
+             `revoke` command would run (valid: remove `revoke`; quarantine drops the \
+             cached sessions, and AWS's `aws:TokenIssueTime` deny policy revokes issued \
+             ones at the role)"
+                .to_owned(),
+        ));
+    }
     let revoke = raw
         .revoke
         .as_ref()
