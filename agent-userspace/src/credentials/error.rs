@@ -48,6 +48,12 @@ pub enum CredentialError {
     /// An `sts_assume_role` source could not get a session (and had none still valid).
     #[error("credential `{credential}`: AWS: {reason}")]
     Aws { credential: String, reason: String },
+    /// The source still gives the value a quarantine revoked.
+    #[error(
+        "credential `{credential}`: its value was revoked (at a quarantine) and its source \
+         still gives it; it is used again once the source gives a new one"
+    )]
+    Revoked { credential: String },
     /// No credential of that name is configured.
     #[error("unknown credential `{0}`: not defined under `credentials:` in the daemon config")]
     Unknown(String),

@@ -200,6 +200,9 @@ struct Credential {
     revoke: Option<RevokeCommand>,
     /// When a new value was last had, and the last error (for `egressctl credentials`).
     last: LastFetch,
+    /// The value a quarantine revoked, while the source still gives it (a file or
+    /// variable unchanged, a KV secret not rotated): never sent again.
+    revoked: std::sync::Mutex<Option<Arc<Secret>>>,
 }
 
 /// A credential's state for metrics: its name and source kind, never its value.
@@ -830,6 +833,8 @@ impl CredentialStore {
             }
         }
         if failed.is_empty() {
+            // Revoked: never sent again, whatever the source still gives.
+            *credential.revoked.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
             Ok(done.join("; "))
         } else {
             Err(failed.join("; "))
@@ -905,9 +910,22 @@ impl Credential {
         }
     }
 
-    /// [`Self::value`], noting when a new value came and the last error.
+    /// [`Self::value`], noting when a new value came and the last error; a value revoked
+    /// at a quarantine is refused until the source gives another.
     async fn fetch(&self) -> Result<Arc<Secret>, CredentialError> {
-        let result = self.value().await;
+        let result = self.value().await.and_then(|value| {
+            let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+            match revoked.as_deref() {
+                Some(old) if old.expose() == value.expose() => Err(CredentialError::Revoked {
+                    credential: self.name.clone(),
+                }),
+                Some(_) => {
+                    *revoked = None;
+                    Ok(value)
+                }
+                None => Ok(value),
+            }
+        });
         self.last.note(result.as_ref().map_err(ToString::to_string));
         result
     }
@@ -1231,6 +1249,7 @@ fn compile(
         failures: AtomicU64::new(0),
         revoke,
         last: LastFetch::default(),
+        revoked: std::sync::Mutex::default(),
     })
 }
 

@@ -440,6 +440,40 @@ async fn stats_count_fetches_and_failures_and_show_time_left() {
     );
 }
 
+/// A value revoked at a quarantine is never sent again while the source still gives it
+/// (a file not rewritten, a variable, a KV secret not rotated): its use is refused, with
+/// a reason, until the source gives a new one.
+#[tokio::test]
+async fn a_revoked_value_is_not_sent_again_until_the_source_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "t", "tok-before-revoke\n");
+    let s = store(&format!(
+        "c:\n  source: {{ file: {} }}\n  inject: {{ header: X-K }}\n  hosts: [h.example.com]\n  revoke: {{ argv: [/bin/sh, -c, \"cat > /dev/null\"] }}\n",
+        path
+    ))
+    .unwrap();
+    assert_eq!(
+        value(&s, "c", "h.example.com").await.as_deref(),
+        Some("tok-before-revoke")
+    );
+    s.revoke("c").await.unwrap();
+    let refused = s
+        .header_for("c", "h.example.com")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("revoked"), "{refused}");
+    assert!(!refused.contains("tok-before"), "{refused}");
+    assert!(s.value_for("c", "h.example.com").await.is_err());
+    // A new value is used once the file is read again.
+    std::fs::write(&path, "tok-after-revoke\n").unwrap();
+    tokio::time::sleep(AFTER_CHECK).await;
+    assert_eq!(
+        value(&s, "c", "h.example.com").await.as_deref(),
+        Some("tok-after-revoke")
+    );
+}
+
 #[tokio::test]
 async fn revoke_command_gets_the_live_value_on_stdin_only() {
     let dir = tempfile::tempdir().unwrap();
