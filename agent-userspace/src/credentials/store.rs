@@ -140,6 +140,7 @@ impl KnownSecrets {
         list.push((secret.clone(), now));
         let at_most = self.at_most.get(name).copied().unwrap_or(KNOWN_AT_MOST);
         let young = forget_old(list, now, at_most);
+        forget_idle_slots(&mut values, now);
         if young > 0 {
             tracing::warn!(
                 credential = shown,
@@ -164,6 +165,22 @@ impl KnownSecrets {
         tracing::debug!(credential = shown, ?matcher, "Secret matcher rebuilt");
         *self.matcher.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(matcher);
     }
+}
+
+/// Drops every value of the slots (`credential\0slot`: one sandbox's STS session) none of
+/// whose values was noted within [`KNOWN_FOR`] before `now`: a session is noted at each
+/// use and lasts at most that long, so such a slot's values are all expired (its sandbox
+/// detached, most often); kept, they would grow the matcher without bound.
+pub(super) fn forget_idle_slots<T>(
+    values: &mut BTreeMap<String, Vec<(T, std::time::Instant)>>,
+    now: std::time::Instant,
+) {
+    values.retain(|name, list| {
+        !name.contains('\0')
+            || list
+                .iter()
+                .any(|(_, at)| now.saturating_duration_since(*at) <= KNOWN_FOR)
+    });
 }
 
 /// Drops the values (oldest first) replaced longer than [`KNOWN_FOR`] before `now`, keeping

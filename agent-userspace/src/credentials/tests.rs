@@ -675,6 +675,32 @@ async fn aws_credentials_pair_sts_with_sigv4_and_fail_closed() {
     assert!(err.contains("sts_assume_role"), "{err}");
 }
 
+/// A sandbox's STS session values (a slot of the credential) go once none was used for
+/// twelve hours (the longest a session lasts): a detached sandbox's do not stay matched
+/// for ever. A credential's own values are kept as before.
+#[test]
+fn idle_session_slots_are_forgotten() {
+    use std::time::{Duration, Instant};
+    let start = Instant::now();
+    let at = |secs: u64| start + Duration::from_secs(secs);
+    let mut values: std::collections::BTreeMap<String, Vec<(u8, Instant)>> = [
+        (
+            "aws\0gone\0secret".to_owned(),
+            vec![(1, at(0)), (2, at(60))],
+        ),
+        (
+            "aws\0live\0secret".to_owned(),
+            vec![(3, at(0)), (4, at(43_000))],
+        ),
+        ("plain".to_owned(), vec![(5, at(0))]),
+    ]
+    .into_iter()
+    .collect();
+    super::store::forget_idle_slots(&mut values, at(12 * 3600 + 61));
+    let left: Vec<&str> = values.keys().map(String::as_str).collect();
+    assert_eq!(left, ["aws\0live\0secret", "plain"]);
+}
+
 /// Replaced values are kept twelve hours after they were replaced (the last two always),
 /// and four at most.
 #[test]
