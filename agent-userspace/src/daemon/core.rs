@@ -1925,12 +1925,6 @@ impl Core {
             .and_then(|v| v.parse().ok())
             .unwrap_or(u32::MAX);
         let (count, by_index) = self.state.unreported_lost(abi, total, &by_index);
-        // Its counts are reported now: the state's reported counts are this build's.
-        if self.state.lost_layout != Some(agent_common::ABI_VERSION) {
-            self.state.lost_reported = self.maps.lost_total();
-            self.state.lost_reported_by_index = self.maps.lost_by_sandbox().into_iter().collect();
-            self.state.lost_layout = Some(agent_common::ABI_VERSION);
-        }
         if count == 0 {
             return;
         }

@@ -204,6 +204,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     }
     ensure_bpffs(&opts.bpffs)?;
     let layout = PinLayout::new(&opts.bpffs);
+    // This build's maps made now, not found pinned: loss counts reported so far are
+    // another build's (see `State::start_lost_counts`).
+    let fresh_maps = !layout.maps().join("LOST").exists();
     let mut programs = Programs::load(&layout)?;
     let maps = PolicyMaps::new(&mut programs)?;
     let mut events = EventReader::new(&mut programs)?;
@@ -358,6 +361,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
         });
     let mut state = previous.unwrap_or_default();
+    state.start_lost_counts(agent_common::ABI_VERSION, fresh_maps);
     state.clean_shutdown = false;
     state.last_seen = Some(rfc3339(now()));
 
@@ -713,16 +717,6 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
 
 fn report_lost(shared: &Shared) {
     let mut core = shared.lock();
-    // Counts reported of another build's maps say nothing of this build's.
-    if core
-        .state
-        .lost_layout
-        .is_some_and(|v| v != agent_common::ABI_VERSION)
-    {
-        core.state.lost_reported = 0;
-        core.state.lost_reported_by_index.clear();
-        core.state.lost_layout = Some(agent_common::ABI_VERSION);
-    }
     let total = core.maps.lost_total();
     if total > core.state.lost_reported {
         let count = total - core.state.lost_reported;
@@ -772,15 +766,11 @@ fn report_lost(shared: &Shared) {
             core.alerts.raise(alert);
         }
         core.state.lost_reported = total;
-        core.state.lost_layout = Some(agent_common::ABI_VERSION);
         core.save_state();
     } else if total < core.state.lost_reported {
-        // Maps were recreated (new ABI directory): start counting afresh. (The counts of
-        // another build's maps still pinned are reported when they are removed: all of
-        // them, once the reported counts are this build's.)
+        // Maps were recreated under a running daemon's state: start counting afresh.
         core.state.lost_reported = total;
         core.state.lost_reported_by_index.clear();
-        core.state.lost_layout = Some(agent_common::ABI_VERSION);
     }
 }
 

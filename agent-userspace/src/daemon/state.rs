@@ -64,9 +64,13 @@ pub struct State {
     #[serde(default)]
     pub lost_reported_by_index: std::collections::BTreeMap<u32, u64>,
     /// The ABI version of the pinned maps whose counters those are (`None`: written by a
-    /// build that did not say, the previous daemon's).
+    /// build that did not say).
     #[serde(default)]
     pub lost_layout: Option<u32>,
+    /// What was reported of another build's counters when this build's maps were made,
+    /// for when that build's pins are retired.
+    #[serde(default)]
+    pub lost_previous: Option<LostCounts>,
     /// The policy slot given last: the next is searched for after it.
     #[serde(default)]
     pub last_slot: u32,
@@ -133,27 +137,58 @@ impl State {
     }
 }
 
+/// Kernel losses reported of one build's maps.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LostCounts {
+    /// Its ABI version (`None`: written by a build that did not say).
+    pub layout: Option<u32>,
+    pub total: u64,
+    pub by_index: BTreeMap<u32, u64>,
+}
+
 impl State {
+    /// At start: the reported loss counts become this build's (`abi`). When its maps were
+    /// made now (`fresh`), those reported so far are another build's (or of maps gone
+    /// with a reboot): kept aside for when that build's pins are retired, and this
+    /// build's start at 0.
+    pub fn start_lost_counts(&mut self, abi: u32, fresh: bool) {
+        if fresh {
+            if self.lost_layout != Some(abi)
+                && (self.lost_reported > 0 || !self.lost_reported_by_index.is_empty())
+            {
+                self.lost_previous = Some(LostCounts {
+                    layout: self.lost_layout,
+                    total: self.lost_reported,
+                    by_index: std::mem::take(&mut self.lost_reported_by_index),
+                });
+            }
+            self.lost_reported = 0;
+            self.lost_reported_by_index.clear();
+        }
+        self.lost_layout = Some(abi);
+    }
+
     /// The losses another build's counters (ABI `abi`: `total`, and by sandbox index)
-    /// hold that no record reported: their increase over what was reported when these
-    /// counts are that build's, all of them otherwise (reported again rather than lost).
+    /// hold that no record reported: their increase over what was reported of them (kept
+    /// aside when this build's maps were made), all of them when what was reported is
+    /// not known to be theirs (reported again rather than lost).
     pub fn unreported_lost(
-        &self,
+        &mut self,
         abi: u32,
         total: u64,
         by_index: &[(u32, u64)],
     ) -> (u64, Vec<(u32, u64)>) {
-        if self.lost_layout.is_some_and(|v| v != abi) {
-            return (total, by_index.to_vec());
-        }
+        let baseline = match self.lost_previous.take() {
+            Some(p) if p.layout.is_none_or(|v| v == abi) => p,
+            other => {
+                self.lost_previous = other;
+                LostCounts::default()
+            }
+        };
         let by = by_index
             .iter()
             .filter_map(|&(index, lost)| {
-                let reported = self
-                    .lost_reported_by_index
-                    .get(&index)
-                    .copied()
-                    .unwrap_or(0);
+                let reported = baseline.by_index.get(&index).copied().unwrap_or(0);
                 let new = if lost >= reported {
                     lost - reported
                 } else {
@@ -162,7 +197,7 @@ impl State {
                 (new > 0).then_some((index, new))
             })
             .collect();
-        (total.saturating_sub(self.lost_reported), by)
+        (total.saturating_sub(baseline.total), by)
     }
 }
 
@@ -170,31 +205,42 @@ impl State {
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     /// Another build's loss counters are reported by their increase over what was
-    /// reported of them, or whole when the reported counts are another layout's.
+    /// reported of them, kept aside when this build's maps were made; whole when that
+    /// is not known to be theirs. A restart of the same build keeps counting.
     #[test]
     fn another_builds_losses_are_reported_once() {
-        let mut state = super::State {
+        let reported = || super::State {
             lost_reported: 10,
             lost_reported_by_index: [(1, 4), (2, 6)].into_iter().collect(),
             ..super::State::default()
         };
         let counters = [(1, 9), (2, 6), (3, 2)];
-        // Written by a build that did not say whose: the previous daemon's.
+        // Written by a build that did not say whose (v2's, retired later).
+        let mut state = reported();
+        state.start_lost_counts(3, true);
+        assert_eq!((state.lost_reported, state.lost_layout), (0, Some(3)));
         assert_eq!(
             state.unreported_lost(2, 17, &counters),
             (7, vec![(1, 5), (3, 2)])
         );
-        state.lost_layout = Some(2);
-        assert_eq!(
-            state.unreported_lost(2, 17, &counters),
-            (7, vec![(1, 5), (3, 2)])
-        );
-        // Reported counts of another layout: all of them.
-        state.lost_layout = Some(3);
+        // Once only: what is left is reported whole.
         assert_eq!(
             state.unreported_lost(2, 17, &counters),
             (17, counters.to_vec())
         );
+        // Counts of another layout than the one retired: reported whole.
+        let mut state = reported();
+        state.lost_layout = Some(1);
+        state.start_lost_counts(3, true);
+        assert_eq!(
+            state.unreported_lost(2, 17, &counters),
+            (17, counters.to_vec())
+        );
+        // The same build restarted (its maps kept): its counts go on.
+        let mut state = reported();
+        state.lost_layout = Some(3);
+        state.start_lost_counts(3, false);
+        assert_eq!((state.lost_reported, state.lost_previous), (10, None));
     }
 
     use super::*;
