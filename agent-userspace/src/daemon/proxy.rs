@@ -119,6 +119,13 @@ impl ProxyRuntime {
     /// is recorded as closed by the daemon as its task ends, which the returned handles
     /// tell. None is served past the daemon's stop, nor holds the audit writer open.
     pub fn close_all_connections(&self) -> Vec<tokio::task::AbortHandle> {
+        // No route first: an accept loop still running (its abort is seen at its next
+        // await) finds none when it checks again under the connection lock, and closes
+        // what it accepted unserved.
+        self.routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let all = std::mem::take(&mut *self.conns.lock().unwrap_or_else(|p| p.into_inner()));
         all.into_values()
             .flatten()

@@ -501,9 +501,6 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         carry_out(&shared, order);
     }
     report_lost(&shared);
-    proxy_refusals.flush();
-    // It holds an audit handle (through the alerts), which the writer waits for below.
-    drop(proxy_refusals);
     // Proxied connections end before the stop is recorded: a connection left open would
     // go on injecting credentials after it, and its records (queued as each task ends)
     // belong before it. Bounded: a task ends at its next poll.
@@ -516,6 +513,11 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     while closing.iter().any(|h| !h.is_finished()) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // The refusals of those connections counted rather than recorded are reported now,
+    // before the stop. It holds an audit handle (through the alerts), which the writer
+    // waits for below.
+    proxy_refusals.flush();
+    drop(proxy_refusals);
     let mut stopped_state = {
         let mut core = shared.lock();
         core.flush_alerts();
