@@ -99,6 +99,9 @@ pub struct CredentialStore {
     placeholders: Placeholders,
 }
 
+/// Revoked values each credential remembers (in memory: a restart forgets them).
+const REVOKED_KEPT: usize = 16;
+
 /// A value and when it was noted (again, if it came back into use).
 type Noted = (Arc<Secret>, std::time::Instant);
 
@@ -217,9 +220,10 @@ struct Credential {
     revoke: Option<RevokeCommand>,
     /// When a new value was last had, and the last error (for `egressctl credentials`).
     last: LastFetch,
-    /// The value a quarantine revoked, while the source still gives it (a file or
-    /// variable unchanged, a KV secret not rotated): never sent again.
-    revoked: std::sync::Mutex<Option<Arc<Secret>>>,
+    /// The values a quarantine revoked (the last [`REVOKED_KEPT`]): never sent again,
+    /// while the source still gives one (a file or variable unchanged, a KV secret not
+    /// rotated) or gives one back (a replica, a restored backup).
+    revoked: std::sync::Mutex<Vec<Arc<Secret>>>,
 }
 
 /// A credential's state for metrics: its name and source kind, never its value.
@@ -837,6 +841,17 @@ impl CredentialStore {
                 Err(failed.join("; "))
             };
         };
+        // Never sent again from now, whether or not the revocation below succeeds: it was
+        // revoked because it may be exposed.
+        {
+            let mut revoked = credential.revoked.lock().unwrap_or_else(|p| p.into_inner());
+            if !revoked.iter().any(|old| old.expose() == value.expose()) {
+                if revoked.len() >= REVOKED_KEPT {
+                    revoked.remove(0);
+                }
+                revoked.push(value.clone());
+            }
+        }
         if let Source::GithubApp(app) = &credential.source {
             match app.revoke(&value).await {
                 Ok(how) => done.push(how),
@@ -850,8 +865,6 @@ impl CredentialStore {
             }
         }
         if failed.is_empty() {
-            // Revoked: never sent again, whatever the source still gives.
-            *credential.revoked.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
             Ok(done.join("; "))
         } else {
             Err(failed.join("; "))
@@ -931,17 +944,13 @@ impl Credential {
     /// at a quarantine is refused until the source gives another.
     async fn fetch(&self) -> Result<Arc<Secret>, CredentialError> {
         let result = self.value().await.and_then(|value| {
-            let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
-            match revoked.as_deref() {
-                Some(old) if old.expose() == value.expose() => Err(CredentialError::Revoked {
+            let revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+            if revoked.iter().any(|old| old.expose() == value.expose()) {
+                return Err(CredentialError::Revoked {
                     credential: self.name.clone(),
-                }),
-                Some(_) => {
-                    *revoked = None;
-                    Ok(value)
-                }
-                None => Ok(value),
+                });
             }
+            Ok(value)
         });
         self.last.note(result.as_ref().map_err(ToString::to_string));
         result

@@ -465,13 +465,17 @@ async fn a_revoked_value_is_not_sent_again_until_the_source_changes() {
     assert!(refused.contains("revoked"), "{refused}");
     assert!(!refused.contains("tok-before"), "{refused}");
     assert!(s.value_for("c", "h.example.com").await.is_err());
-    // A new value is used once the file is read again.
+    // A new value is used once the file is read again...
     std::fs::write(&path, "tok-after-revoke\n").unwrap();
     tokio::time::sleep(AFTER_CHECK).await;
     assert_eq!(
         value(&s, "c", "h.example.com").await.as_deref(),
         Some("tok-after-revoke")
     );
+    // ...and the revoked one never again, even given back (a restored backup).
+    std::fs::write(&path, "tok-before-revoke\n").unwrap();
+    tokio::time::sleep(AFTER_CHECK).await;
+    assert!(s.header_for("c", "h.example.com").await.is_err());
 }
 
 #[tokio::test]
