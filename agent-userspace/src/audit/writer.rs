@@ -920,6 +920,16 @@ impl Health {
         self.take_overflow(u64::MAX)
     }
 
+    /// Runs one operation on the log's storage (a write, `fdatasync`, a reopen, a
+    /// rename, the sequence file) under the stall watch: the trail is unhealthy once one
+    /// has been blocked past [`WRITE_STALL`].
+    fn watch<R>(&self, op: impl FnOnce() -> R) -> R {
+        self.write_started();
+        let out = op();
+        self.write_ended();
+        out
+    }
+
     fn write_started(&self) {
         let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
         self.writing_since.store(ms + 1, Ordering::Release);
@@ -929,7 +939,7 @@ impl Health {
         self.writing_since.store(0, Ordering::Release);
     }
 
-    /// How long the pass of writes, syncs, reopens and renames in progress has been
+    /// How long the operation on the log's storage in progress has been
     /// blocked, once that is past [`WRITE_STALL`].
     fn stalled(&self) -> Option<Duration> {
         let since = self.writing_since.load(Ordering::Acquire);
@@ -1418,9 +1428,7 @@ impl AuditTask {
         let mut retry = RETRY_MIN;
         // A loss an earlier run left is reported before anything else.
         if !self.pending.is_empty() {
-            self.health.write_started();
             self.flush();
-            self.health.write_ended();
         }
         let mut closed = false;
         loop {
@@ -1445,10 +1453,6 @@ impl AuditTask {
                 }
             }
             let full = batch.len() >= BATCH;
-            // Every step of a pass may block on the log's storage (a write, `fdatasync`,
-            // a reopen, a rotation's renames, the sequence file): the trail is unhealthy
-            // once one has been blocked past WRITE_STALL, whichever.
-            self.health.write_started();
             for message in batch.drain(..) {
                 self.take(message);
             }
@@ -1460,7 +1464,6 @@ impl AuditTask {
                 self.flush();
                 self.store_sequence();
             }
-            self.health.write_ended();
             if closed && self.failing_since.is_some() {
                 break;
             }
@@ -1659,7 +1662,7 @@ impl AuditTask {
         let numbered = self.writer.next_sequence().saturating_sub(1);
         let written = self.written;
         if let Some(f) = &mut self.sequence_file {
-            f.store(numbered, written);
+            self.health.watch(|| f.store(numbered, written));
         }
     }
 
@@ -1675,7 +1678,7 @@ impl AuditTask {
             // file opened next) before the new file makes later syncs about another one.
             self.sync_written();
             self.reopen_wanted = false;
-            match self.writer.reopen() {
+            match self.health.watch(|| self.writer.reopen()) {
                 Ok(()) => tracing::info!(sink = %self.writer.sink(), "Audit log reopened"),
                 Err(e) => {
                     self.failed(e.to_string());
@@ -1728,7 +1731,7 @@ impl AuditTask {
                 }
                 let (bytes, lengths) = self.pending.chunk(done, max);
                 let first = done;
-                let outcome = self.writer.write_lines(bytes);
+                let outcome = self.health.watch(|| self.writer.write_lines(bytes));
                 let (written, error) = match outcome {
                     Ok(()) => (bytes.len(), None),
                     Err((written, e)) => (written, Some(e)),
@@ -1771,7 +1774,9 @@ impl AuditTask {
             if self.writer.file_removed() && attempts < 2 {
                 attempts += 1;
                 tracing::warn!(sink = %self.writer.sink(), records = done, "Audit log was deleted while open; creating it again and writing the last records again");
-                self.writer.reopen().map_err(into_io)?;
+                self.health
+                    .watch(|| self.writer.reopen())
+                    .map_err(into_io)?;
                 continue;
             }
             if let Some(last) = self.pending.remove_front(done) {
@@ -1787,7 +1792,7 @@ impl AuditTask {
     /// neither the copy nor the log, and queues an `audit-rewritten` record saying so.
     /// An error leaves the rewrite due for the next try.
     fn rewrite_if_truncated(&mut self) -> io::Result<()> {
-        if let Some(found) = self.writer.truncated_in_place() {
+        if let Some(found) = self.health.watch(|| self.writer.truncated_in_place()) {
             self.rewrite_due.get_or_insert(found);
         }
         let Some((expected, found)) = self.rewrite_due else {
@@ -1799,7 +1804,9 @@ impl AuditTask {
             self.rewrite_due = None;
             return Ok(());
         };
-        let outcome = self.writer.write_lines(&rewrite.bytes);
+        let outcome = self
+            .health
+            .watch(|| self.writer.write_lines(&rewrite.bytes));
         outcome.map_err(|(_, e)| e)?;
         self.rewrite_due = None;
         // Written again now: at risk again from the next copy and truncation.
@@ -1875,7 +1882,7 @@ impl AuditTask {
         if self.written <= self.synced {
             return true;
         }
-        match self.writer.sync() {
+        match self.health.watch(|| self.writer.sync()) {
             // Synced, or nothing to sync (a sink with no storage, such as a named pipe).
             Ok(true) => {
                 self.synced = self.written;
@@ -1956,17 +1963,20 @@ impl AuditTask {
             return;
         }
         for n in (1..rotate.keep).rev() {
-            match std::fs::rename(numbered(n), numbered(n + 1)) {
+            match self
+                .health
+                .watch(|| std::fs::rename(numbered(n), numbered(n + 1)))
+            {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => tracing::warn!(error = %e, "Shifting a rotated audit log failed"),
             }
         }
-        if let Err(e) = std::fs::rename(&path, numbered(1)) {
+        if let Err(e) = self.health.watch(|| std::fs::rename(&path, numbered(1))) {
             tracing::error!(path = %path.display(), error = %e, "Rotating the audit log failed; appending to it");
             return;
         }
-        match self.writer.reopen() {
+        match self.health.watch(|| self.writer.reopen()) {
             Ok(()) => tracing::info!(path = %path.display(), "Audit log rotated"),
             Err(e) => self.failed(e.to_string()),
         }
