@@ -1339,12 +1339,7 @@ impl Core {
         // A sandbox whose stored policy no longer compiles can still be quarantined.
         let policy = self.compiled.get(name).cloned();
         let reason = reason
-            .map(|r| {
-                r.chars()
-                    .map(|c| if c.is_control() { ' ' } else { c })
-                    .take(MAX_REASON)
-                    .collect::<String>()
-            })
+            .map(|r| stored_reason(&r, super::log::mask))
             .filter(|r| !r.trim().is_empty());
         rec.quarantine = Some(QuarantineState {
             since: rfc3339(now()),
@@ -2197,6 +2192,20 @@ fn deciding_policy<'a>(
     replaced.get(&slot).map(|r| Some(&r.policy)).ok_or(())
 }
 
+/// A quarantine's reason as kept in the state and shown by `status`, outside the audit
+/// trail's masking: control characters blanked, cut to [`MAX_REASON`], and every known
+/// secret masked by `mask` (an alert's reason may quote what the sandbox sent, a host
+/// name holding a secret).
+fn stored_reason(reason: &str, mask: impl Fn(&mut String)) -> String {
+    let mut r = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_REASON)
+        .collect::<String>();
+    mask(&mut r);
+    r
+}
+
 /// `rule.name` of a refusal by no policy rule (`rule_id` 0 or a `RULE_*` id), named alike
 /// whether the sandbox is still attached; `None` for a policy rule's id.
 fn special_rule(rule_id: u16) -> Option<RuleRef> {
@@ -2229,7 +2238,7 @@ fn departed_rule(rule_id: u16, policy: Option<&Policy>) -> RuleRef {
 mod tests {
     use std::sync::Arc;
 
-    use super::{deciding_policy, departed_rule, revokes_shared, Replaced};
+    use super::{deciding_policy, departed_rule, revokes_shared, stored_reason, Replaced};
     use crate::audit::AlertKind;
     use crate::policy::parse_str;
 
@@ -2292,6 +2301,16 @@ mod tests {
             named("bound-device")
         );
         assert_eq!(departed_rule(1, None), RuleRef::Default);
+    }
+
+    /// A quarantine's reason is kept and shown masked, on one line.
+    #[test]
+    fn a_stored_reason_is_masked_and_on_one_line() {
+        let mask = |t: &mut String| *t = t.replace("tok-secret-123", "[redacted]****");
+        assert_eq!(
+            stored_reason("sent tok-secret-123.api.example.com\nforged", mask),
+            "sent [redacted]****.api.example.com forged"
+        );
     }
 
     #[test]

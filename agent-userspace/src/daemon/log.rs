@@ -15,6 +15,12 @@ pub fn redact_with(find: FindSecrets) -> bool {
     REDACTOR.install(find)
 }
 
+/// Masks every known secret in `text` as log lines are masked: for text the daemon keeps
+/// and shows outside the audit trail (a quarantine's reason, in its state and status).
+pub fn mask(text: &mut String) {
+    REDACTOR.mask_string(text);
+}
+
 /// One log event, collected as it is formatted and written to stderr (masked) when
 /// dropped: the `MakeWriter` tracing's formatter takes.
 #[derive(Default)]
