@@ -24,6 +24,13 @@ pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Scrape connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 16;
+/// The longest one connection is served, whatever it does (a client that pipelines
+/// requests and never reads the answers would hold its slot for ever: sixteen of them
+/// would stop every scrape, and with them the alerts on the daemon's health).
+#[cfg(not(test))]
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+#[cfg(test)]
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -71,8 +78,14 @@ async fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>) {
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "Metrics connection ended with an error");
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "Metrics connection ended with an error");
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "Metrics connection closed after its lifetime");
+                }
             }
             drop(permit);
         });

@@ -556,3 +556,58 @@ fn every_metric_the_dashboard_uses_exists() {
     }
     assert!(checked > 10, "{checked}");
 }
+
+/// Sixteen clients that pipeline scrapes and never read the answers hold every slot only
+/// for a connection's lifetime (1 s in tests): a scrape after it is served.
+#[tokio::test]
+async fn clients_that_never_read_do_not_stop_scrapes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let m = Arc::new(Metrics::default());
+    for i in 0..200 {
+        m.observe(&decision(
+            &format!("agent-{i}"),
+            Hook::Connect4,
+            Verdict::Deny,
+            RuleRef::Default,
+        ));
+    }
+    let (addr, serving) = serve(SocketAddr::from(([127, 0, 0, 1], 0)), m)
+        .await
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    let task = tokio::spawn(serving);
+    let mut stalled = Vec::new();
+    for _ in 0..16 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| unreachable!("{e}"));
+        s.set_recv_buffer_size(4096)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let mut s = s
+            .connect(addr)
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let scrapes = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(200);
+        // As much as the server reads; it stops reading once its answers back up.
+        let _ =
+            tokio::time::timeout(Duration::from_millis(200), s.write_all(scrapes.as_bytes())).await;
+        stalled.push(s);
+    }
+    let started = std::time::Instant::now();
+    let scrape = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out
+    };
+    let out = tokio::time::timeout(Duration::from_secs(10), scrape)
+        .await
+        .unwrap_or_else(|_| unreachable!("no scrape served behind stalled clients"));
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(stalled);
+    task.abort();
+}
