@@ -319,21 +319,26 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         }),
     )
     .context("setting up the proxy")?;
-    let proxy =
-        match opts.audit.on_failure {
-            OnFailure::RefuseCredentials => {
-                let audit = audit.clone();
-                proxy.with_credential_gate(Arc::new(move || {
-                    if audit.healthy() {
-                        Ok(())
-                    } else {
-                        Err("the audit log cannot be written (audit.on_failure: refuse-credentials)"
-                        .to_owned())
-                    }
-                }))
+    // Set at SIGTERM: a request still running then (an HTTP/2 stream's task outlives its
+    // connection's by a step) gets no credential after the stop.
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxy = {
+        let audit = audit.clone();
+        let refuse_unrecorded = matches!(opts.audit.on_failure, OnFailure::RefuseCredentials);
+        let stopping = stopping.clone();
+        proxy.with_credential_gate(Arc::new(move || {
+            if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err("the daemon is stopping".to_owned());
             }
-            OnFailure::Continue => proxy,
-        };
+            if refuse_unrecorded && !audit.healthy() {
+                return Err(
+                    "the audit log cannot be written (audit.on_failure: refuse-credentials)"
+                        .to_owned(),
+                );
+            }
+            Ok(())
+        }))
+    };
     let peers = PeerMap::new(&mut programs)?;
     let dns = super::dns::DnsRuntime::new(
         opts.dns_port_base,
@@ -504,6 +509,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     // Proxied connections end before the stop is recorded: a connection left open would
     // go on injecting credentials after it, and its records (queued as each task ends)
     // belong before it. Bounded: a task ends at its next poll.
+    stopping.store(true, std::sync::atomic::Ordering::SeqCst);
     let closing = {
         let mut core = shared.lock();
         core.proxy.shutdown();
