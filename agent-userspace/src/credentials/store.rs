@@ -1248,20 +1248,21 @@ fn compile(
     }
 
     // An STS session is per sandbox and cannot be revoked by its value: a `revoke`
-    // command would be accepted and never run.
-    if raw.revoke.is_some() && matches!(source, Source::Aws(_)) {
-        return Err(config(
-            "revoke",
-            "an `sts_assume_role` source's sessions cannot be revoked by value, so no \
-             `revoke` command would run (valid: remove `revoke`; quarantine drops the \
-             cached sessions, and AWS's `aws:TokenIssueTime` deny policy revokes issued \
-             ones at the role)"
-                .to_owned(),
-        ));
+    // command would never run. Said at start (a configuration that loaded before still
+    // does), and quarantine's record says what it did instead (cached sessions dropped).
+    let revoke_applies = !matches!(source, Source::Aws(_));
+    if raw.revoke.is_some() && !revoke_applies {
+        tracing::warn!(
+            credential = name,
+            "credentials.{name}.revoke: an sts_assume_role source's sessions cannot be revoked \
+             by value, so this command is never run (quarantine drops the cached sessions; \
+             AWS's aws:TokenIssueTime deny policy revokes issued ones at the role); remove it"
+        );
     }
     let revoke = raw
         .revoke
         .as_ref()
+        .filter(|_| revoke_applies)
         .map(|r| RevokeCommand::compile(name, r))
         .transpose()?;
 

@@ -54,12 +54,24 @@ impl Widened {
     }
 }
 
+/// The least a range is widened by, whatever secrets are known when it is asked: a
+/// value first known while it is answered (a session minted for another sandbox) that
+/// is longer than the margin ends the answer, so the margin has room for any value
+/// sources give in practice (an STS session token is about 1 KiB, 9 KiB as matched
+/// across line breaks). Tests use one byte, to exercise that end with short values.
+#[cfg(not(test))]
+const MIN_MARGIN: u64 = 64 * 1024;
+#[cfg(test)]
+const MIN_MARGIN: u64 = 1;
+
 /// Rewrites the request's `Range` to one widened by the most bytes one of `matcher`'s
-/// matches covers ([`SecretMatcher::span`]) and returns
+/// matches covers ([`SecretMatcher::span`]), at least [`MIN_MARGIN`], and returns
 /// what was asked; removes `Range` and `If-Range` when it is not one byte range, and every
 /// other header an origin may take a range from. `None`: no range goes to the origin.
 pub fn widen(headers: &mut HeaderMap, matcher: Arc<SecretMatcher>) -> Option<Widened> {
-    let margin = u64::try_from(matcher.span()).unwrap_or(u64::MAX);
+    let margin = u64::try_from(matcher.span())
+        .unwrap_or(u64::MAX)
+        .max(MIN_MARGIN);
     widen_by(headers, margin).map(|asked| Widened {
         asked,
         margin,
