@@ -24,13 +24,19 @@ pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Scrape connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 16;
-/// The longest one connection is served, whatever it does (a client that pipelines
+/// The longest one connection takes requests, whatever it does (a client that pipelines
 /// requests and never reads the answers would hold its slot for ever: sixteen of them
 /// would stop every scrape, and with them the alerts on the daemon's health).
 #[cfg(not(test))]
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 #[cfg(test)]
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(1);
+/// After its lifetime, how long a connection may take to finish the answer it is
+/// writing before it is closed.
+#[cfg(not(test))]
+const CLOSING_GRACE: Duration = Duration::from_secs(10);
+#[cfg(test)]
+const CLOSING_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -78,14 +84,22 @@ async fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>) {
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
+            let mut conn = std::pin::pin!(conn);
+            // Past its lifetime a connection finishes the answer it is writing, if it
+            // can within the grace, and takes no more requests.
+            let ended = match tokio::time::timeout(CONNECTION_LIFETIME, conn.as_mut()).await {
+                Ok(ended) => Some(ended),
+                Err(_) => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(CLOSING_GRACE, conn).await.ok()
+                }
+            };
+            match ended {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "Metrics connection ended with an error");
                 }
-                Err(_) => {
-                    tracing::debug!(%peer, "Metrics connection closed after its lifetime");
-                }
+                None => tracing::debug!(%peer, "Metrics connection closed after its lifetime"),
             }
             drop(permit);
         });
