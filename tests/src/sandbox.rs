@@ -124,6 +124,49 @@ impl Sandbox {
         cmd.output().with_context(|| format!("spawn {cmd:?}"))
     }
 
+    /// `n` TCP connects to `host:port` from the sandbox, one socket each, as fast as
+    /// Python makes them: how many were refused with EPERM (a flood that fills the ring
+    /// buffer while no daemon reads it).
+    pub fn refused_connects(&self, host: &str, port: u16, n: usize) -> Result<usize> {
+        let script = format!(
+            "import socket\n\
+             denied = 0\n\
+             for _ in range({n}):\n\
+             \x20   s = socket.socket()\n\
+             \x20   try:\n\
+             \x20       s.connect(('{host}', {port}))\n\
+             \x20   except PermissionError:\n\
+             \x20       denied += 1\n\
+             \x20   finally:\n\
+             \x20       s.close()\n\
+             print(denied)\n"
+        );
+        let out = self.run("python3", &["-c", &script])?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .with_context(|| format!("connect flood: {out:?}"))
+    }
+
+    /// `openssl s_client -connect <addr> -servername <sni> <extra>` in the sandbox, its
+    /// input and output piped (a TLS session held open while its input is), bounded to
+    /// 30 s.
+    pub fn tls_session(
+        &self,
+        addr: &str,
+        sni: &str,
+        extra: &[&str],
+    ) -> Result<std::process::Child> {
+        let mut args = vec!["s_client", "-connect", addr, "-servername", sni];
+        args.extend_from_slice(extra);
+        self.command_with_timeout(30, "openssl", &args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("spawn openssl s_client")
+    }
+
     /// `sh -c <script>` in the sandbox.
     pub fn sh(&self, script: &str) -> Result<Output> {
         self.run("sh", &["-c", script])

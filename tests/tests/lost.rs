@@ -34,29 +34,12 @@ fn ring_buffer_overflow_is_reported_not_silent() -> Result<()> {
 
     // The daemon is gone: nothing drains the pinned ring buffer.
     fx.daemon.kill9()?;
-    let script = format!(
-        "import socket, errno\n\
-         denied = 0\n\
-         for _ in range({CONNECTS}):\n\
-         \x20   s = socket.socket()\n\
-         \x20   try:\n\
-         \x20       s.connect(('{CANARY_V4}', 9))\n\
-         \x20   except PermissionError:\n\
-         \x20       denied += 1\n\
-         \x20   finally:\n\
-         \x20       s.close()\n\
-         print(denied)\n"
-    );
-    let out = fx.sandbox.run("python3", &["-c", &script])?;
-    let denied: usize = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0);
+    let denied = fx
+        .sandbox
+        .refused_connects(&CANARY_V4.to_string(), 9, CONNECTS)?;
     ensure!(
         denied == CONNECTS,
-        "every connect must be denied whether or not its event fits: {denied} of {CONNECTS} \
-         ({})",
-        String::from_utf8_lossy(&out.stderr)
+        "every connect must be denied whether or not its event fits: {denied} of {CONNECTS}"
     );
     ensure!(
         fx.canary.received()?.is_empty(),

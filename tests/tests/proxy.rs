@@ -1228,25 +1228,11 @@ fn a_passthrough_connection_closed_by_the_daemon_is_recorded() -> Result<()> {
     let fx = ProxyFixture::new(ProxyOpts::default())?;
     let origin_ca = fx.ca.cert().display().to_string();
     // A TLS session with the origin, held open (its input stays open).
-    let mut client = fx
-        .sandbox
-        .command_with_timeout(
-            30,
-            "openssl",
-            &[
-                "s_client",
-                "-connect",
-                &format!("{PINNED_V4}:443"),
-                "-servername",
-                "pinned.example",
-                "-CAfile",
-                &origin_ca,
-            ],
-        )
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
+    let mut client = fx.sandbox.tls_session(
+        &format!("{PINNED_V4}:443"),
+        "pinned.example",
+        &["-CAfile", &origin_ca],
+    )?;
     let mut guard_stdin = client.stdin.take();
     // The handshake is done once openssl prints the certificate chain it verified.
     let mut stdout = client.stdout.take().context("no stdout")?;

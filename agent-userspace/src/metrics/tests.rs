@@ -465,10 +465,7 @@ async fn endpoint_serves_openmetrics_and_nothing_else() {
         Verdict::Deny,
         RuleRef::Default,
     ));
-    let (addr, serving) = serve(SocketAddr::from(([127, 0, 0, 1], 0)), m)
-        .await
-        .unwrap_or_else(|e| unreachable!("{e}"));
-    let task = tokio::spawn(serving);
+    let (addr, task) = serving(m).await;
     let get = |path: &'static str, method: &'static str| async move {
         let mut s = tokio::net::TcpStream::connect(addr)
             .await
@@ -572,10 +569,7 @@ async fn clients_that_never_read_do_not_stop_scrapes() {
             RuleRef::Default,
         ));
     }
-    let (addr, serving) = serve(SocketAddr::from(([127, 0, 0, 1], 0)), m)
-        .await
-        .unwrap_or_else(|e| unreachable!("{e}"));
-    let task = tokio::spawn(serving);
+    let (addr, task) = serving(m).await;
     let mut stalled = Vec::new();
     for _ in 0..16 {
         let s = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| unreachable!("{e}"));
@@ -610,4 +604,12 @@ async fn clients_that_never_read_do_not_stop_scrapes() {
     assert!(started.elapsed() < Duration::from_secs(5));
     drop(stalled);
     task.abort();
+}
+
+/// `/metrics` served from `m` on a loopback port: its address and the serving task.
+async fn serving(m: Arc<Metrics>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let (addr, serving) = serve(SocketAddr::from(([127, 0, 0, 1], 0)), m)
+        .await
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    (addr, tokio::spawn(serving))
 }
