@@ -254,18 +254,6 @@ pub async fn check_body(
     .into_iter()
     .flatten()
     .next();
-    // JSON this parser refuses (a lone surrogate escape, a key that is not UTF-8) is
-    // read by lenient ones (Express decodes bytes loosely, `JSON.parse` takes lone
-    // surrogates) with whatever keys it holds: refused, not forwarded unread. An empty
-    // body holds no keys for any of them.
-    if found.is_none() && matches!(json, Some(Err(_))) && !read.trim_ascii().is_empty() {
-        return refuse(
-            "a JSON body this proxy cannot parse strictly may name a method to run instead \
-             (lenient parsers read it)"
-                .to_owned(),
-            read.len() as u64,
-        );
-    }
     // JSON behind a byte order mark (or with NULs: UTF-16 without one) is not read here,
     // while Express drops the mark and decodes the charset it names: refused, not
     // forwarded unread. (Another charset named is refused with the type, above.)
@@ -276,6 +264,19 @@ pub async fn check_body(
         return refuse(
             "a JSON body with a byte order mark or NUL bytes (another encoding than UTF-8) \
              may name a method to run instead"
+                .to_owned(),
+            read.len() as u64,
+        );
+    }
+    // Any other JSON this parser refuses (a lone surrogate escape, a key that is not
+    // UTF-8) is
+    // read by lenient ones (Express decodes bytes loosely, `JSON.parse` takes lone
+    // surrogates) with whatever keys it holds: refused, not forwarded unread. An empty
+    // body holds no keys for any of them.
+    if found.is_none() && matches!(json, Some(Err(_))) && !read.trim_ascii().is_empty() {
+        return refuse(
+            "a JSON body this proxy cannot parse strictly may name a method to run instead \
+             (lenient parsers read it)"
                 .to_owned(),
             read.len() as u64,
         );
