@@ -112,6 +112,13 @@ impl PinLayout {
         out
     }
 
+    /// The layout's name as records give it: its directory's, `vN`.
+    pub fn name(&self) -> String {
+        self.root
+            .file_name()
+            .map_or_else(|| "?".into(), |n| n.to_string_lossy().into_owned())
+    }
+
     /// The directory holding this layout.
     pub fn root(&self) -> &Path {
         &self.root

@@ -1871,10 +1871,7 @@ impl Core {
     /// daemon read (this build cannot decode them), named `build vN` in
     /// `egress.lost.sandboxes` (no sandbox name has a space).
     fn report_unread(&mut self, other: &PinLayout, unread: Result<u64, BpfError>) {
-        let build = other
-            .root()
-            .file_name()
-            .map_or_else(|| "?".into(), |n| n.to_string_lossy().into_owned());
+        let build = other.name();
         match unread {
             Ok(0) => {}
             Ok(count) => {
@@ -1904,10 +1901,7 @@ impl Core {
         other: &PinLayout,
         lost: Result<(u64, Vec<(u32, u64)>), BpfError>,
     ) {
-        let build = other
-            .root()
-            .file_name()
-            .map_or_else(|| "?".into(), |n| n.to_string_lossy().into_owned());
+        let build = other.name();
         let (total, by_index) = match lost {
             Ok(lost) => lost,
             Err(e) => {

@@ -536,8 +536,8 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         // stop whose last records never reached the log is reported by the next run.
         core.state.last_seen = Some(rfc3339(now()));
         core.save_state();
-        // Listeners and resolvers hold audit handles; stop them so the writer can finish.
-        core.proxy.shutdown();
+        // Resolvers hold audit handles; stop them so the writer can finish. (The proxy's
+        // listeners and connections went above.)
         core.dns.shutdown();
         core.state.clone()
     };
