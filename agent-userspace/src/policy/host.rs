@@ -143,6 +143,26 @@ impl HostPattern {
     }
 }
 
+impl HostPattern {
+    /// Whether every name `other` matches, this pattern matches too.
+    pub fn covers(&self, other: &Self) -> bool {
+        let under = |longer: &str, shorter: &str| {
+            longer
+                .strip_suffix(shorter)
+                .is_some_and(|p| p.ends_with('.'))
+        };
+        match (self.kind, other.kind) {
+            (_, Kind::Exact) => self.matches(&other.name),
+            (Kind::Exact, _) => false,
+            (Kind::OneLabel, Kind::OneLabel) => self.name == other.name,
+            (Kind::OneLabel, Kind::AnyLabels) => false,
+            // `**.x` takes every name under x, so every `*.y` or `**.y` with y = x or
+            // y under x.
+            (Kind::AnyLabels, _) => self.name == other.name || under(&other.name, &self.name),
+        }
+    }
+}
+
 impl FromStr for HostPattern {
     type Err = String;
 
@@ -296,6 +316,35 @@ mod tests {
         ] {
             assert_eq!(p(a).overlaps(&p(b)), shared, "{a} {b}");
             assert_eq!(p(b).overlaps(&p(a)), shared, "{b} {a}");
+        }
+    }
+
+    #[test]
+    fn covering_matrix() {
+        let p = |s: &str| HostPattern::parse(s).unwrap();
+        // (a, b, every name b matches a matches too)
+        for (a, b, covers) in [
+            ("a.example.com", "a.example.com", true),
+            ("a.example.com", "b.example.com", false),
+            ("a.example.com", "*.example.com", false),
+            ("*.example.com", "a.example.com", true),
+            ("*.example.com", "a.b.example.com", false),
+            ("*.example.com", "*.example.com", true),
+            ("*.example.com", "**.example.com", false),
+            ("*.example.com", "*.b.example.com", false),
+            ("**.example.com", "a.b.example.com", true),
+            ("**.example.com", "example.com", false),
+            ("**.example.com", "*.example.com", true),
+            ("**.example.com", "*.b.example.com", true),
+            ("**.example.com", "**.b.example.com", true),
+            ("**.example.com", "**.example.com", true),
+            ("**.example.com", "**.evilexample.com", false),
+            ("**.b.example.com", "**.example.com", false),
+            ("**.b.example.com", "*.example.com", false),
+        ] {
+            assert_eq!(p(a).covers(&p(b)), covers, "{a} {b}");
+            // Covering is overlapping.
+            assert!(!covers || p(a).overlaps(&p(b)), "{a} {b}");
         }
     }
 

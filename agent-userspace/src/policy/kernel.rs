@@ -723,7 +723,7 @@ rules:
   - {name: one, to: [\"*.example\"], ports: [\"1-1024\"], protocol: udp, action: allow}
   - {name: net, to: [10.0.0.0/8, \"2001:db8::/32\"], ports: [22], action: deny}
   - {name: pin, to: [\"*.other.test\"], action: passthrough}
-  - {name: late, to: [a.example, 10.1.0.0/16], ports: [8080], action: deny}
+  - {name: late, to: [other.test, 10.1.0.0/16], ports: [8080], action: deny}
 ",
         ] {
             assert_kernel_equals_decide(src, &mut rng);
@@ -796,6 +796,13 @@ rules:
                 let _ = writeln!(line, "    protocol: {}", rng.pick(&["any", "tcp", "udp"]));
                 let _ = writeln!(line, "    action: {}", rng.pick(&["allow", "deny"]));
                 src.push_str(&line);
+            }
+            // Random rules can shadow each other in ways the policy refuses (a deny
+            // after an allow of the same names): nothing to compare then.
+            if let Err(e) = parse_str(&src, "gen.yaml") {
+                let e = e.to_string();
+                assert!(e.contains("this deny would never apply"), "{src}\n{e}");
+                continue;
             }
             assert_kernel_equals_decide(&src, &mut rng);
         }

@@ -8,6 +8,7 @@ use super::{
     compile::{compile, Policy},
     error::{FieldPath, Location, PolicyError, Segment, MAX_POLICY_BYTES},
     raw::RawPolicy,
+    selftest::TestOutcome,
 };
 
 /// Reads, parses and compiles a policy file. Messages name the file as `path` is written.
@@ -19,8 +20,50 @@ pub fn load_file(path: &Path) -> Result<Policy, PolicyError> {
     parse_str(&src, &path.display().to_string())
 }
 
-/// Parses and compiles a policy; `origin` stands for the file name in messages.
+/// [`load_file`] without running the policy's tests (see [`parse_untested`]).
+pub fn load_file_untested(path: &Path) -> Result<Policy, PolicyError> {
+    let src = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_untested(&src, &path.display().to_string())
+}
+
+/// Parses and compiles a policy and runs its own `tests:`; `origin` stands for the file
+/// name in messages. A policy whose tests fail does not load: it does not mean what its
+/// author checked it means (the daemon refuses it at attach, as `policy check` does), and
+/// the error names the first failing test's line.
 pub fn parse_str(src: &str, origin: &str) -> Result<Policy, PolicyError> {
+    let policy = parse_untested(src, origin)?;
+    let outcomes = policy.run_tests();
+    let failed: Vec<(usize, &TestOutcome)> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| !o.passed)
+        .collect();
+    let Some(&(first, outcome)) = failed.first() else {
+        return Ok(policy);
+    };
+    let field = FieldPath::root().key("tests").index(first);
+    let more = match failed.len() {
+        1 => String::new(),
+        n => format!(" ({} more of its {} tests fail too)", n - 1, outcomes.len()),
+    };
+    Err(PolicyError::Invalid {
+        origin: origin.to_owned(),
+        location: locate(src, &field),
+        field: field.to_string(),
+        message: format!(
+            "the policy's own test fails, so the policy does not mean what it says: \
+             {outcome}{more} (valid: a policy whose every test passes; `egressctl policy \
+             test FILE` shows each outcome)"
+        ),
+    })
+}
+
+/// [`parse_str`] without running the policy's tests: for `egressctl policy test`, which
+/// reports every outcome itself.
+pub fn parse_untested(src: &str, origin: &str) -> Result<Policy, PolicyError> {
     if src.len() > MAX_POLICY_BYTES {
         return Err(PolicyError::TooLarge {
             origin: origin.to_owned(),

@@ -44,7 +44,7 @@ pub use host::HostPattern;
 pub(crate) use http::target_for_reason;
 pub use http::{normalize_target, HttpRule, MethodPattern, PathGlob};
 pub use kernel::{KernelRules, KernelRulesError};
-pub use load::{load_file, parse_raw, parse_str};
+pub use load::{load_file, load_file_untested, parse_raw, parse_str, parse_untested};
 pub use request::RequestDecision;
 pub use selftest::TestOutcome;
 
@@ -190,6 +190,29 @@ tests:
                  directly by the earlier rule `pkgs` on a port this rule takes, so their \
                  connections would never reach the proxy and nothing this rule checks would \
                  apply (valid: put this rule before `pkgs`, or narrow that rule's names or \
+                 ports)",
+            ),
+            // A proxy rule whose address an earlier allow rule of the same network, or a
+            // later one of a network inside it, lets through directly.
+            (
+                12,
+                "    action: deny\n  - {name: net, to: [203.0.113.0/24], ports: [\"400-500\"], \
+                 action: allow}\n  - {name: web, to: [203.0.113.0/24], ports: [443], action: proxy, \
+                 hosts: [api.example.com]}",
+                "p.yaml:14:21: rules[3].to: the address 203.0.113.0/24 is allowed directly by \
+                 rule `net` (before it) on a port this rule takes, so connections there would \
+                 never reach the proxy and nothing this rule checks would apply (valid: leave \
+                 203.0.113.0/24 out of `net`, or narrow that rule's ports)",
+            ),
+            (
+                12,
+                "    action: deny\n  - {name: web, to: [203.0.113.0/24], action: passthrough, \
+                 hosts: [api.example.com]}\n  - {name: one, to: [203.0.113.7], protocol: tcp, \
+                 action: allow}",
+                "p.yaml:13:21: rules[2].to: the address 203.0.113.7/32 is allowed directly by \
+                 rule `one` (more specific than this rule's) on a port this rule takes, so \
+                 connections there would never reach the proxy and nothing this rule checks \
+                 would apply (valid: leave 203.0.113.7/32 out of `one`, or narrow that rule's \
                  ports)",
             ),
             // Two proxy rules serving one name on one port, one of them by name: the rule

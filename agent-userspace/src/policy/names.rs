@@ -127,10 +127,11 @@ impl Policy {
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
-    use crate::policy::{parse_str, Decision, Policy, Protocol, Verdict};
+    use crate::policy::{parse_str, parse_untested, Decision, Policy, Protocol, Verdict};
 
+    /// Its tests are not run: some policies here have failing ones on purpose.
     fn policy(src: &str) -> Policy {
-        parse_str(src, "n.yaml").unwrap()
+        parse_untested(src, "n.yaml").unwrap()
     }
 
     #[test]
@@ -202,7 +203,7 @@ rules:
   - {name: block-bad, to: [bad.example.com], ports: [22], action: deny}
   - {name: web, to: [\"**.example.com\"], ports: [443], protocol: tcp, action: allow}
   - {name: ssh, to: [git.example.com, 192.0.2.0/24], ports: [22], protocol: tcp, action: allow}
-  - {name: late-deny, to: [git.example.com], action: deny}
+  - {name: late-deny, to: [\"**.example.net\"], action: deny}
   - {name: proxied, to: [\"*.example.com\"], ports: [8443], action: proxy}
   - {name: addresses, to: [198.51.100.0/24], action: deny}
 ";
@@ -216,8 +217,10 @@ rules:
             // A deny rule first: the name does not resolve, whatever its ports.
             ("bad.example.com", &[], d(Verdict::Deny, 1)),
             ("BAD.example.com.", &[], d(Verdict::Deny, 1)),
-            // A deny rule after an allowing one is left out.
+            // A deny rule after an allowing one is left out (a deny every name of which an
+            // earlier rule takes does not load: see `a_deny_an_earlier_rule_shadows_...`).
             ("git.example.com", &[2, 3, 5], d(Verdict::Allow, 2)),
+            ("a.example.net", &[], d(Verdict::Deny, 4)),
             ("x.example.com", &[2, 5], d(Verdict::Allow, 2)),
             ("a.b.example.com", &[2], d(Verdict::Allow, 2)),
             // No name rule: refused, even with `default: audit`.
@@ -236,6 +239,68 @@ rules:
         // `hosts` defaults to the names of `to`.
         let hosts: Vec<String> = p.rules()[4].hosts().iter().map(|n| n.to_string()).collect();
         assert_eq!(hosts, ["*.example.com"]);
+    }
+
+    /// A `deny` whose names an earlier rule already matches would never apply: refused,
+    /// naming the rule to put it before. One that still takes some names loads.
+    #[test]
+    fn a_deny_an_earlier_rule_shadows_does_not_load() {
+        let src = |deny: &str| {
+            format!(
+                "version: 1
+rules:
+  - {{name: web, to: [\"**.example.com\"], ports: [443], action: allow}}
+  - {{name: one, to: [\"*.example.org\"], ports: [443], action: allow}}
+  - {{name: late, to: [{deny}], action: deny}}
+"
+            )
+        };
+        for (deny, by) in [
+            (
+                "storage.example.com",
+                "`**.example.com` of the earlier rule `web`",
+            ),
+            (
+                "\"*.a.example.com\"",
+                "`**.example.com` of the earlier rule `web`",
+            ),
+            (
+                "\"**.a.example.com\"",
+                "`**.example.com` of the earlier rule `web`",
+            ),
+            (
+                "other.test, a.example.org",
+                "`*.example.org` of the earlier rule `one`",
+            ),
+        ] {
+            let e = parse_str(&src(deny), "d.yaml").unwrap_err().to_string();
+            assert!(e.starts_with("d.yaml:5:"), "{e}");
+            assert!(e.contains(&format!("is matched first by {by}")), "{e}");
+            assert!(e.contains("(valid: put this rule before"), "{e}");
+        }
+        // Partly shadowed: the names the earlier rule does not take are denied.
+        for (deny, denied, resolves) in [
+            ("\"**.example.org\"", "a.b.example.org", "a.example.org"),
+            ("example.com", "example.com", "a.example.com"),
+        ] {
+            let p = parse_str(&src(deny), "d.yaml").unwrap();
+            assert_eq!(
+                p.decide_name(denied),
+                Decision {
+                    verdict: Verdict::Deny,
+                    rule_id: 3
+                }
+            );
+            assert!(p.name_allowed(resolves), "{deny}");
+        }
+        // Before the wildcard it carves out of, the same deny loads and applies.
+        let first = "version: 1
+rules:
+  - {name: late, to: [storage.example.com], action: deny}
+  - {name: web, to: [\"**.example.com\"], ports: [443], action: allow}
+";
+        let p = parse_str(first, "d.yaml").unwrap();
+        assert_eq!(p.decide_name("storage.example.com").verdict, Verdict::Deny);
     }
 
     #[test]

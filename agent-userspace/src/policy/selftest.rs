@@ -164,7 +164,7 @@ impl fmt::Display for TestOutcome {
 mod tests {
     use std::path::Path;
 
-    use crate::policy::{load_file, parse_str};
+    use crate::policy::{load_file, parse_untested as parse_str};
 
     #[test]
     fn outcomes() {
@@ -208,6 +208,36 @@ tests:
         let outcomes = policy.run_tests();
         assert!(outcomes[..7].iter().all(|o| o.passed));
         assert!(outcomes[7..].iter().all(|o| !o.passed));
+    }
+
+    /// A policy whose own test fails does not load (so neither `policy check`, `attach`
+    /// nor the daemon takes it): the error names the first failing test and its line.
+    #[test]
+    fn a_policy_whose_test_fails_does_not_load() {
+        let src = "version: 1
+rules:
+  - {name: web, to: [192.0.2.7], ports: [443], action: allow}
+  - {name: block, to: [192.0.2.0/24], action: deny}
+tests:
+  - {connect: 192.0.2.7:443, expect: allow, rule: web}
+  - {connect: 192.0.2.8:443, expect: allow}
+  - {connect: 192.0.2.9:443, expect: allow}
+";
+        let e = crate::policy::parse_str(src, "t.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "t.yaml:7:5: tests[1]: the policy's own test fails, so the policy does not \
+                 mean what it says: FAIL 192.0.2.8:443: expected allow by the default, got \
+                 deny by rule `block` (1 more of its 3 tests fail too)"
+            ),
+            "{e}"
+        );
+        // With its tests passing it loads, and `policy test` still reads it as it is.
+        let passing = src.replace("expect: allow}", "expect: deny, rule: block}");
+        assert!(crate::policy::parse_str(&passing, "t.yaml").is_ok());
+        assert_eq!(parse_str(src, "t.yaml").unwrap().run_tests().len(), 3);
     }
 
     #[test]

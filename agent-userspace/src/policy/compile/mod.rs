@@ -128,6 +128,82 @@ fn check_shadowed_proxy_names(rules: &[Rule], root: &FieldPath) -> Result<(), Co
     Ok(())
 }
 
+/// A proxy or passthrough rule's networks must not be taken by an `allow` rule on a port
+/// both take: the kernel decides an address by the rules of its longest matching prefix,
+/// the first of them in file order whose port and protocol match, so an earlier `allow`
+/// of the same network, or an `allow` of a network inside it, lets the connection
+/// straight out and nothing the proxy rule checks applies.
+fn check_shadowed_proxy_nets(rules: &[Rule], root: &FieldPath) -> Result<(), CompileError> {
+    for (i, rule) in rules.iter().enumerate() {
+        if !matches!(rule.action, Action::Proxy | Action::Passthrough) {
+            continue;
+        }
+        for (j, other) in rules.iter().enumerate() {
+            if other.action != Action::Allow
+                || !other.protocol.covers(Protocol::Tcp)
+                || !ports_overlap(&other.ports, &rule.ports)
+            {
+                continue;
+            }
+            let taken = rule.nets.iter().find_map(|net| {
+                other.nets.iter().find(|o| {
+                    (**o == *net && j < i)
+                        || (o.prefix_len() > net.prefix_len() && net.contains(&o.network()))
+                })
+            });
+            if let Some(taken) = taken {
+                let how = if j < i {
+                    "before it"
+                } else {
+                    "more specific than this rule's"
+                };
+                return Err(CompileError::new(
+                    root.key("rules").index(i).key("to"),
+                    format!(
+                        "the address {taken} is allowed directly by rule `{}` ({how}) on a port \
+                         this rule takes, so connections there would never reach the proxy and \
+                         nothing this rule checks would apply (valid: leave {taken} out of \
+                         `{}`, or narrow that rule's ports)",
+                        other.name, other.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A `deny` rule's names must not all be matched already by an earlier rule that is not a
+/// `deny`: the first rule whose names match decides whether a name resolves, so such a
+/// name would resolve and the `deny` would never apply to it.
+fn check_dead_deny_names(rules: &[Rule], root: &FieldPath) -> Result<(), CompileError> {
+    for (i, rule) in rules.iter().enumerate() {
+        if rule.action != Action::Deny {
+            continue;
+        }
+        for name in &rule.names {
+            let earlier = rules[..i].iter().find_map(|e| {
+                (e.action != Action::Deny)
+                    .then(|| e.names.iter().find(|n| n.covers(name)).map(|n| (e, n)))
+                    .flatten()
+            });
+            if let Some((earlier, by)) = earlier {
+                return Err(CompileError::new(
+                    root.key("rules").index(i).key("to"),
+                    format!(
+                        "every name matching `{name}` is matched first by `{by}` of the earlier \
+                         rule `{}`, and the first rule whose names match decides whether a name \
+                         resolves, so this deny would never apply (valid: put this rule before \
+                         `{}`)",
+                        earlier.name, earlier.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The only policy format version.
 pub const POLICY_VERSION: u64 = 1;
 /// Rule ids are 1-based and 0 means "the default"; the limit keeps ids small in events.
@@ -469,6 +545,8 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
     }
 
     check_shadowed_proxy_names(&rules, &root)?;
+    check_shadowed_proxy_nets(&rules, &root)?;
+    check_dead_deny_names(&rules, &root)?;
 
     let mut tests = Vec::new();
     let mut request_tests = Vec::new();
