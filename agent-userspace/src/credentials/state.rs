@@ -153,7 +153,16 @@ pub fn is_routing_header(name: &str) -> bool {
         "fastly-client-ip",
         "via",
     ];
-    NAMES.contains(&name) || name.starts_with("x-forwarded-") || name.starts_with("x-envoy-")
+    NAMES.contains(&name)
+        || name.starts_with("x-forwarded-")
+        || name.starts_with("x-envoy-")
+        // `X-Sendfile-Type` and `X-Accel-Mapping`: Rack::Sendfile (before CVE-2025-61780)
+        // took them from the request, and answered with an `X-Accel-Redirect` to a
+        // location the request named, which nginx in front then serves with the injected
+        // credential; no request header of either family is the sandbox's to set.
+        || name.starts_with("x-sendfile")
+        || name.starts_with("x-accel-")
+        || name.starts_with("x-lighttpd-send-file")
 }
 
 /// Headers a placeholder may never be replaced in: they frame, route or are stripped

@@ -1688,6 +1688,8 @@ mod tests {
             ("x-cluster-client-ip", "127.0.0.1"),
             ("x-script-name", "/public"),
             ("x-original-path", "/admin"),
+            ("x-sendfile-type", "X-Accel-Redirect"),
+            ("x-accel-mapping", ".*=/internal/admin"),
             ("x_http_method_override", "DELETE"),
             ("x_api_key", "sandbox-key"),
             ("content_length", "0"),

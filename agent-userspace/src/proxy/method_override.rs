@@ -243,7 +243,9 @@ pub async fn check_body(
             .flatten(),
         readings
             .multipart
-            .then(|| multipart_names(&read).find(|name| is_override_key(name)))
+            .then(|| {
+                multipart_names(&read).find(|name| name == ENCODED_NAME || is_override_key(name))
+            })
             .flatten(),
         // (No depth or number hides a key: this parser skips values rather than build
         // them.)
@@ -282,6 +284,12 @@ pub async fn check_body(
         );
     }
     match found {
+        Some(key) if key == ENCODED_NAME => refuse(
+            "a multipart field name written in pieces (RFC 2231) or as an encoded word \
+             (RFC 2047), which some origins decode, may name a method to run instead"
+                .to_owned(),
+            read.len() as u64,
+        ),
         Some(key) => refuse(
             format!("body field {key:?} names a method to run instead"),
             read.len() as u64,
@@ -448,6 +456,11 @@ fn form_decode(raw: &[u8]) -> String {
     String::from_utf8_lossy(&super::inject::percent_decode(&unicode)).into_owned()
 }
 
+/// What [`multipart_names`] gives for a name written in a form some origins decode and
+/// this proxy does not read (pieces, encoded words): not a name any form field has (it
+/// holds a NUL), and the body is refused for it.
+const ENCODED_NAME: &str = "\0encoded name";
+
 /// Every `name` (and `name*`, RFC 5987) parameter value anywhere in a multipart body,
 /// read loosely (any case, spaces around `=`, quoted or not, `filename` too): a field's
 /// name is among them however its part's headers are laid out.
@@ -473,6 +486,18 @@ fn multipart_names(body: &[u8]) -> impl Iterator<Item = String> + '_ {
         if extended {
             i += 1;
             skip_spaces(&mut i);
+            // `name*0=`, `name*1*=`: a name in pieces (RFC 2231 continuations), which Go's
+            // `mime` joins before the form is read. Not put together here: refused.
+            if body.get(i).is_some_and(u8::is_ascii_digit) {
+                while body
+                    .get(i)
+                    .is_some_and(|b| b.is_ascii_digit() || *b == b'*')
+                {
+                    i += 1;
+                }
+                skip_spaces(&mut i);
+                return (body.get(i) == Some(&b'=')).then(|| ENCODED_NAME.to_owned());
+            }
         }
         if body.get(i) != Some(&b'=') {
             return None;
@@ -502,6 +527,11 @@ fn multipart_names(body: &[u8]) -> impl Iterator<Item = String> + '_ {
                 .collect(),
         };
         let value = String::from_utf8_lossy(&value).into_owned();
+        // An RFC 2047 encoded word (`=?UTF-8?B?X21ldGhvZA==?=`), which Tomcat's and
+        // ASP.NET Core's multipart readers decode in any charset: refused, not decoded.
+        if value.contains("=?") {
+            return Some(ENCODED_NAME.to_owned());
+        }
         Some(if extended {
             // charset'language'percent-encoded
             let encoded = value.splitn(3, '\'').nth(2).unwrap_or(&value);
@@ -641,6 +671,28 @@ mod tests {
         }
         let body = part("form-data; name=\"payment_method\"");
         assert!(!multipart_names(body.as_bytes()).any(|n| is_override_key(&n)));
+        // Names some origins decode and this proxy does not read: marked, so the body is
+        // refused (Go joins RFC 2231 pieces; Tomcat and ASP.NET Core decode RFC 2047).
+        for disposition in [
+            "form-data; name*0=\"_met\"; name*1=\"hod\"",
+            "form-data; name*0*=UTF-8''%5Fme; name*1=thod",
+            "form-data; name * 0 = \"_met\"",
+            "form-data; name=\"=?UTF-8?B?X21ldGhvZA==?=\"",
+            "form-data; name==?UTF-8?Q?=5Fmethod?=",
+        ] {
+            let body = part(disposition);
+            assert!(
+                multipart_names(body.as_bytes()).any(|n| n == ENCODED_NAME),
+                "{disposition:?}"
+            );
+        }
+        for disposition in [
+            "form-data; name=\"a=b\"",
+            "form-data; filename*=UTF-8''x%3F.txt",
+        ] {
+            let body = part(disposition);
+            assert!(!multipart_names(body.as_bytes()).any(|n| n == ENCODED_NAME));
+        }
     }
 
     #[test]

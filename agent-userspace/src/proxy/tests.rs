@@ -1853,6 +1853,15 @@ async fn a_post_body_naming_another_method_is_refused_where_the_rule_refuses_it(
             ),
             // Only the first value is read by a parser that reads one.
             (Some("application/json"), "{\"_method\":\"DELETE\"}\n{}"),
+            // Go joins a name's RFC 2231 pieces; Tomcat decodes an RFC 2047 word.
+            (
+                Some("multipart/form-data; boundary=b"),
+                "--b\r\nContent-Disposition: form-data; name*0=\"_met\"; name*1=\"hod\"\r\n\r\nDELETE\r\n--b--\r\n",
+            ),
+            (
+                Some("multipart/form-data; boundary=b"),
+                "--b\r\nContent-Disposition: form-data; name=\"=?UTF-8?B?X21ldGhvZA==?=\"\r\n\r\nDELETE\r\n--b--\r\n",
+            ),
         ] {
             let reply = send(&mut client, post("/post-only/1", ct, body)).await;
             assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{body}: {}", reply.body);
