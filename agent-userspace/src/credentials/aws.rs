@@ -231,7 +231,7 @@ impl AwsSts {
                 (*tls).clone()
             }
         };
-        let client = Client::new(server, &tls, upstream.dialer.clone());
+        let client = Client::new(server, &tls, upstream.dialer.clone()).with_deadline(STS_TIMEOUT);
         let base = match &raw.credentials_file {
             None => {
                 // The base key is the daemon's alone: kept from the programs it runs.

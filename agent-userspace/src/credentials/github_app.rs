@@ -211,7 +211,7 @@ impl GithubApp {
         };
         let server = Server::parse(&raw.api_url)
             .map_err(|reason| config("source.github_app.api_url", reason))?;
-        let client = Client::new(server, &tls, upstream.dialer.clone());
+        let client = Client::new(server, &tls, upstream.dialer.clone()).with_deadline(MINT_TIMEOUT);
 
         Ok(Self {
             credential: credential.to_owned(),

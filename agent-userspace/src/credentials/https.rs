@@ -9,6 +9,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT};
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
@@ -96,7 +97,14 @@ pub(super) struct Client {
     server: Server,
     tls: Arc<ClientConfig>,
     dialer: Option<Arc<Dialer>>,
+    /// How long one call may take in all (name lookup, connect, TLS, request, answer): a
+    /// server that accepts and never answers must not hold a credential's lock, or a
+    /// quarantine's revocations, for ever.
+    deadline: Duration,
 }
+
+/// [`Client`]'s deadline for one call, unless set otherwise.
+pub(super) const CALL_DEADLINE: Duration = Duration::from_secs(10);
 
 impl Client {
     /// `tls` is used as is except for its ALPN list, which becomes `http/1.1`.
@@ -107,7 +115,14 @@ impl Client {
             server,
             tls: Arc::new(tls),
             dialer,
+            deadline: CALL_DEADLINE,
         }
+    }
+
+    /// The same client with another deadline per call.
+    pub(super) fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
     }
 
     pub(super) fn server(&self) -> &Server {
@@ -128,8 +143,29 @@ impl Client {
             .await
     }
 
-    /// [`Self::call`] with a body of another content type (a form for AWS STS).
+    /// [`Self::call`] with a body of another content type (a form for AWS STS), within
+    /// the client's deadline.
     pub(super) async fn call_as(
+        &self,
+        method: Method,
+        path: &str,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        body: Option<Zeroizing<Vec<u8>>>,
+        content_type: &'static str,
+    ) -> Result<(StatusCode, Zeroizing<Vec<u8>>), String> {
+        let call = self.call_unbounded(method.clone(), path, headers, body, content_type);
+        tokio::time::timeout(self.deadline, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "{method} {}: no answer within {} s",
+                    self.server.url(path),
+                    self.deadline.as_secs_f64()
+                ))
+            })
+    }
+
+    async fn call_unbounded(
         &self,
         method: Method,
         path: &str,
@@ -267,5 +303,38 @@ mod tests {
         ] {
             assert!(Server::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A server that accepts the connection and never answers: the call fails at its
+    /// deadline (with what it was waiting for), it does not wait for ever.
+    #[tokio::test]
+    async fn a_server_that_never_answers_fails_the_call_at_its_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                kept.push(conn);
+            }
+        });
+        let server = Server::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = crate::net::tls::client_config(provider, None).unwrap();
+        let client = Client::new(server, &tls, None).with_deadline(Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let err = client
+            .call(Method::PUT, "/v1/sys/leases/revoke", Vec::new(), None)
+            .await
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            err,
+            format!("PUT http://127.0.0.1:{port}/v1/sys/leases/revoke: no answer within 0.3 s")
+        );
+        held.abort();
     }
 }

@@ -154,7 +154,7 @@ impl Vault {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = crate::net::tls::client_config(provider, raw.ca_file.as_deref())
             .map_err(|e| config("source.vault.ca_file", e.to_string()))?;
-        let client = Client::new(server, &tls, None);
+        let client = Client::new(server, &tls, None).with_deadline(VAULT_TIMEOUT);
 
         let absolute = |field: &'static str, p: &Path| {
             if p.is_absolute() {
