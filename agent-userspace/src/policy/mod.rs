@@ -538,7 +538,7 @@ tests:
         assert!(policy.run_tests().iter().all(|o| o.passed));
         // Accepted variations.
         for edits in [
-            &[(5, "    protocol: tcp")][..],
+            &[(5, "    ports: [443]\n    protocol: tcp")][..],
             &[(
                 7,
                 "    hosts: [\"API.GitHub.com.\", api.github.com, \"**.api.github.com\"]",
@@ -602,6 +602,13 @@ tests:
                 "p.yaml:6:13: rules[0].action: `action: proxy` needs `hosts`, the names the TLS \
                  server name and the HTTP Host must match (valid: add a list like `hosts: \
                  [api.example.com]`, or put host names in `to`, which `hosts` then defaults to)",
+            ),
+            (
+                &[(5, "")],
+                "p.yaml:8:17: rules[0].credential: a rule that injects a credential must list \
+                 its `ports`: without them the credential is sent to any TLS service at the \
+                 rule's addresses, on any port the sandbox connects to (valid: `ports: [443]`, \
+                 or the ports the service answers on)",
             ),
             (
                 &[(5, "    protocol: udp")],

@@ -13,7 +13,8 @@
 //! name resolves and its addresses get every non-deny rule whose names match, in policy
 //! order. A `deny` name rule after an `allow` one for the same name therefore has no
 //! effect: put exceptions (`deny: [bad.example.com]`) before the wildcard they carve out
-//! of (`allow: ["**.example.com"]`).
+//! of (`allow: ["**.example.com"]`). A `deny` name an earlier rule wholly takes is refused
+//! when the policy is compiled.
 use super::{
     compile::{rule_id, Action, DefaultAction, Policy, Protocol},
     Decision, Verdict,

@@ -508,6 +508,18 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
             RawAction::Passthrough => Action::Passthrough,
         };
         let proxied = compile_proxied(raw_rule, action, &host_names, &at)?;
+        // Without ports, a credential goes to whatever TLS service at the rule's addresses
+        // the sandbox connects to (an admin or debug listener that logs headers), on any
+        // port: a credential is bound to the ports its service answers on.
+        if proxied.credential.is_some() && ports.is_empty() {
+            return Err(CompileError::new(
+                at.key("credential"),
+                "a rule that injects a credential must list its `ports`: without them the \
+                 credential is sent to any TLS service at the rule's addresses, on any port \
+                 the sandbox connects to (valid: `ports: [443]`, or the ports the service \
+                 answers on)",
+            ));
+        }
 
         // A learned address gets the entries of every rule its name matched; one rule's
         // must fit on their own. (Static prefixes are checked below, with their whole
