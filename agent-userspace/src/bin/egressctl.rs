@@ -378,6 +378,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         status.packet_sockets_note.as_deref().unwrap_or("unknown")
                     );
                 }
+                if !status.compat_setsockopt_covered {
+                    println!(
+                        "32-bit setsockopt: NOT COVERED ({})",
+                        status
+                            .compat_setsockopt_note
+                            .as_deref()
+                            .unwrap_or("unknown")
+                    );
+                }
                 println!(
                     "{:<20} {:>10} {:<16} {:<8} {:>9} {:>9} {:>9} {:>10}  POLICY",
                     "SANDBOX",

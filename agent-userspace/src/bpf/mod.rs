@@ -14,6 +14,7 @@
 //! dropping the last handle) is what detaches a program.
 mod attach;
 mod bpffs;
+mod compat;
 mod events;
 mod loader;
 mod lsm;
@@ -22,6 +23,7 @@ mod ring_usage;
 
 pub use attach::{attach_lsm, attached_cgroups, lsm_pinned, Links};
 pub use bpffs::{ensure_bpffs, PinLayout};
+pub use compat::compat_setsockopt_coverage;
 pub use events::{consume_unread, EventReader, KernelEvent};
 pub use loader::{Programs, HOOKS};
 pub use lsm::{active_lsms, LsmSupport};

@@ -153,6 +153,13 @@ pub struct DaemonStatus {
     /// Why not, when they are not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packet_sockets_note: Option<String>,
+    /// Whether socket options set by compat (32-bit) calls are covered: the kernel runs
+    /// no such calls (the option hook never sees theirs).
+    #[serde(default)]
+    pub compat_setsockopt_covered: bool,
+    /// Why not, when they are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compat_setsockopt_note: Option<String>,
     pub sandboxes: Vec<SandboxStatus>,
 }
 

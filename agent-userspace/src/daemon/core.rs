@@ -92,6 +92,9 @@ pub struct Core {
     /// Whether the BPF LSM program keeps sandboxes from creating packet sockets; `Err`
     /// says why not.
     pub packet_sockets: Result<(), String>,
+    /// Whether compat (32-bit) calls cannot set socket options the option hook never sees
+    /// (the kernel runs none); `Err` says why they can.
+    pub compat_setsockopt: Result<(), String>,
     /// Source-routing refusals per sandbox not yet summarised in an alert.
     pub source_routing: std::collections::HashMap<String, RefusalWindow>,
     /// Processes whose posture was read, per sandbox, by pid; new ones are read on the
@@ -2121,6 +2124,8 @@ impl Core {
             audit: Some(self.audit.health()),
             packet_sockets_covered: self.packet_sockets.is_ok(),
             packet_sockets_note: self.packet_sockets.clone().err(),
+            compat_setsockopt_covered: self.compat_setsockopt.is_ok(),
+            compat_setsockopt_note: self.compat_setsockopt.clone().err(),
             sandboxes,
         }
     }

@@ -222,6 +222,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         None => None,
     };
     let packet_sockets = cover_packet_sockets(&mut programs, &layout);
+    let compat_setsockopt = crate::bpf::compat_setsockopt_coverage();
+    if let Err(why) = &compat_setsockopt {
+        tracing::warn!(why = %why, "Socket options set by 32-bit calls are NOT judged");
+    }
 
     let sink = if opts.audit_log == "-" {
         AuditSink::Stdout
@@ -388,6 +392,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         lost_denied_seen: Default::default(),
         runtime: tokio::runtime::Handle::current(),
         packet_sockets,
+        compat_setsockopt,
         source_routing: Default::default(),
         known_pids: Default::default(),
         departed: Default::default(),
