@@ -22,6 +22,13 @@ impl Core {
                 .collect();
             users.sort_unstable();
             state.sandboxes = users;
+            // An error may quote what a store answered: masked like the daemon's log.
+            if let Some(error) = &mut state.last_error {
+                crate::daemon::log::mask(error);
+            }
+            if let Some(detail) = &mut state.detail {
+                crate::daemon::log::mask(detail);
+            }
         }
         states
     }
