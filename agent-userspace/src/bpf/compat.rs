@@ -2,8 +2,8 @@
 //! the `cgroup/setsockopt` hook (`do_sock_setsockopt` runs it for native calls only), so
 //! where they run, a sandbox process can set the options that hook refuses (`IP_FREEBIND`,
 //! `IP_TRANSPARENT`, multicast memberships and their IPv6 forms) with `int $0x80`, from a
-//! 64-bit binary, without any capability. The daemon cannot refuse them where no BPF LSM
-//! program loads; it says so (`egressctl status`, the daemon's log).
+//! 64-bit binary, without any capability. The daemon does not refuse them; it says so
+//! (`egressctl status`, the daemon's log).
 use std::io;
 
 /// `Ok(())` when compat calls cannot set socket options unseen here (the kernel runs none);
@@ -24,10 +24,17 @@ pub fn compat_setsockopt_coverage() -> Result<(), String> {
 }
 
 /// Whether a 32-bit call works here: a child process makes the i386 `getpid` (20) with
-/// `int $0x80` and exits 0 if it answered its pid. Where the kernel runs no 32-bit calls the
-/// instruction faults, which kills only the child.
+/// `int $0x80`. It answers the child's pid where the kernel runs 32-bit calls; where it
+/// runs none the instruction faults (SIGSEGV) or the call answers ENOSYS. Anything else
+/// (the daemon's own seccomp filter killing the child with SIGSYS, or refusing the call
+/// with another error, as systemd's `SystemCallArchitectures=native` does) says nothing
+/// about what sandboxes, which are not under that filter, can do: an error.
 #[cfg(target_arch = "x86_64")]
 fn compat_calls_run() -> io::Result<bool> {
+    /// The child's exit statuses.
+    const RUNS: i32 = 0;
+    const ENOSYS: i32 = 3;
+    const OTHER: i32 = 4;
     // SAFETY: the child runs only the system calls below before `_exit`, all of them
     // async-signal-safe, as a child of a multi-threaded process must.
     let pid = unsafe { libc::fork() };
@@ -46,7 +53,11 @@ fn compat_calls_run() -> io::Result<bool> {
                 options(nostack),
             );
             let own = i64::from(libc::getpid());
-            libc::_exit(if answer == own { 0 } else { 1 });
+            libc::_exit(match answer {
+                a if a == own => RUNS,
+                a if a == -i64::from(libc::ENOSYS) => ENOSYS,
+                _ => OTHER,
+            });
         }
     }
     let mut status = 0;
@@ -54,7 +65,20 @@ fn compat_calls_run() -> io::Result<bool> {
     if unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0)
+    match (libc::WIFEXITED(status), libc::WIFSIGNALED(status)) {
+        (true, _) if libc::WEXITSTATUS(status) == RUNS => Ok(true),
+        (true, _) if libc::WEXITSTATUS(status) == ENOSYS => Ok(false),
+        (_, true) if libc::WTERMSIG(status) == libc::SIGSEGV => Ok(false),
+        (_, true) => Err(io::Error::other(format!(
+            "a 32-bit call was stopped by signal {} in the daemon (its own seccomp filter, \
+             which sandboxes are not under)",
+            libc::WTERMSIG(status)
+        ))),
+        _ => Err(io::Error::other(
+            "a 32-bit call was refused in the daemon (its own seccomp filter, which \
+             sandboxes are not under)",
+        )),
+    }
 }
 
 /// No other architecture this daemon builds for has 32-bit calls that skip the hook.
