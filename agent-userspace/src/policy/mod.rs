@@ -192,28 +192,17 @@ tests:
                  apply (valid: put this rule before `pkgs`, or narrow that rule's names or \
                  ports)",
             ),
-            // A proxy rule whose address an earlier allow rule of the same network, or a
-            // later one of a network inside it, lets through directly.
+            // A proxy rule whose address an earlier allow rule of the same network lets
+            // through directly.
             (
                 12,
                 "    action: deny\n  - {name: net, to: [203.0.113.0/24], ports: [\"400-500\"], \
                  action: allow}\n  - {name: web, to: [203.0.113.0/24], ports: [443], action: proxy, \
                  hosts: [api.example.com]}",
                 "p.yaml:14:21: rules[3].to: the address 203.0.113.0/24 is allowed directly by \
-                 rule `net` (before it) on a port this rule takes, so connections there would \
-                 never reach the proxy and nothing this rule checks would apply (valid: leave \
-                 203.0.113.0/24 out of `net`, or narrow that rule's ports)",
-            ),
-            (
-                12,
-                "    action: deny\n  - {name: web, to: [203.0.113.0/24], action: passthrough, \
-                 hosts: [api.example.com]}\n  - {name: one, to: [203.0.113.7], protocol: tcp, \
-                 action: allow}",
-                "p.yaml:13:21: rules[2].to: the address 203.0.113.7/32 is allowed directly by \
-                 rule `one` (more specific than this rule's) on a port this rule takes, so \
-                 connections there would never reach the proxy and nothing this rule checks \
-                 would apply (valid: leave 203.0.113.7/32 out of `one`, or narrow that rule's \
-                 ports)",
+                 the earlier rule `net` on a port this rule takes, so connections there would \
+                 never reach the proxy and nothing this rule checks would apply (valid: put \
+                 this rule before `net`, or narrow that rule's ports)",
             ),
             // Two proxy rules serving one name on one port, one of them by name: the rule
             // of the name the sandbox resolved would serve the other's requests.
@@ -251,6 +240,27 @@ tests:
                 "require:",
                 "p.yaml:1:1: require: empty value: give it a value, or remove the key (an empty key is not read as \
                  one left out, which may mean no restriction)",
+            ),
+            (
+                2,
+                "require:\n  no_capabilities:",
+                "p.yaml:3:3: require.no_capabilities: empty value: give it a value, or remove the key (an empty key is not read as \
+                 one left out, which may mean no restriction)",
+            ),
+            (
+                2,
+                "require: {no_capabilities: []}",
+                "p.yaml:2:28: require.no_capabilities: an empty capability list requires \
+                 nothing (valid: names like [sys_admin, net_admin], or remove \
+                 `no_capabilities`)",
+            ),
+            (
+                12,
+                "    action: deny\n  - {name: no, to: [evil.example], answers: [192.0.2.1], \
+                 action: deny}",
+                "p.yaml:13:45: rules[2].answers: `answers` pins what a rule's names resolve \
+                 to, and a deny rule's names do not resolve at all (valid: remove `answers`, \
+                 or put it on the rule that allows the names)",
             ),
             // Destinations.
             (
@@ -524,6 +534,36 @@ tests:
         let mut text = out.join("\n");
         text.push('\n');
         text
+    }
+
+    /// Only an earlier `allow` of a proxy rule's own network, on a port both take, is
+    /// refused; carve-outs, later allows, other ports and UDP stay valid.
+    #[test]
+    fn allows_beside_proxy_networks() {
+        let policy = |rules: &str| {
+            parse_str(&format!("version: 1\nrules:\n{rules}"), "a.yaml")
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let proxy = "  - {name: p, to: [0.0.0.0/0], ports: [443], action: passthrough, hosts: [a.example]}\n";
+        for allow in [
+            // A more specific network: a carve-out (longest prefix decides).
+            "  - {name: a, to: [10.0.0.0/8], ports: [443], action: allow}\n",
+            // Other ports, UDP only.
+            "  - {name: a, to: [0.0.0.0/0], ports: [80], action: allow}\n",
+            "  - {name: a, to: [0.0.0.0/0], protocol: udp, action: allow}\n",
+        ] {
+            assert_eq!(policy(&format!("{allow}{proxy}")), Ok(()), "{allow}");
+            assert_eq!(policy(&format!("{proxy}{allow}")), Ok(()), "{allow}");
+        }
+        // The same network after the proxy rule: the proxy rule decides first.
+        let later = "  - {name: a, to: [0.0.0.0/0], ports: [443], action: allow}\n";
+        assert_eq!(policy(&format!("{proxy}{later}")), Ok(()));
+        let err = policy(&format!("{later}{proxy}")).unwrap_err();
+        assert!(
+            err.contains("allowed directly by the earlier rule `a`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -80,8 +80,8 @@ pub struct RawPolicy {
 pub struct RawRequire {
     /// Capabilities (lowercase, without `cap_`: `sys_admin`, `net_admin`, `net_raw`, ...)
     /// that no process in the sandbox may hold in its effective set at attach.
-    #[serde(default)]
-    pub no_capabilities: Vec<String>,
+    #[serde(default, deserialize_with = "present")]
+    pub no_capabilities: Option<Vec<String>>,
     /// The daemon must refuse packet, vsock and other non-inet sockets in the sandbox
     /// (BPF LSM): without that the attach is refused.
     #[serde(default)]

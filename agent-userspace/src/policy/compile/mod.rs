@@ -128,43 +128,41 @@ fn check_shadowed_proxy_names(rules: &[Rule], root: &FieldPath) -> Result<(), Co
     Ok(())
 }
 
-/// A proxy or passthrough rule's networks must not be taken by an `allow` rule on a port
-/// both take: the kernel decides an address by the rules of its longest matching prefix,
-/// the first of them in file order whose port and protocol match, so an earlier `allow`
-/// of the same network, or an `allow` of a network inside it, lets the connection
-/// straight out and nothing the proxy rule checks applies.
+/// A proxy or passthrough rule's networks must not be taken by an earlier `allow` rule of
+/// the same network on a port both take: the kernel decides an address by the rules of its
+/// longest matching prefix, the first of them in file order whose port and protocol match,
+/// so the `allow` lets the connection straight out and nothing the proxy rule checks
+/// applies. (A more specific `allow` inside a proxy rule's network is a carve-out the
+/// author wrote, and stays valid.)
 fn check_shadowed_proxy_nets(rules: &[Rule], root: &FieldPath) -> Result<(), CompileError> {
+    // Each network of a TCP `allow` rule, with the first such rule listing it.
+    let mut allowed: HashMap<IpNet, Vec<usize>> = HashMap::new();
+    for (j, rule) in rules.iter().enumerate() {
+        if rule.action == Action::Allow && rule.protocol.covers(Protocol::Tcp) {
+            for net in &rule.nets {
+                allowed.entry(*net).or_default().push(j);
+            }
+        }
+    }
     for (i, rule) in rules.iter().enumerate() {
         if !matches!(rule.action, Action::Proxy | Action::Passthrough) {
             continue;
         }
-        for (j, other) in rules.iter().enumerate() {
-            if other.action != Action::Allow
-                || !other.protocol.covers(Protocol::Tcp)
-                || !ports_overlap(&other.ports, &rule.ports)
-            {
-                continue;
-            }
-            let taken = rule.nets.iter().find_map(|net| {
-                other.nets.iter().find(|o| {
-                    (**o == *net && j < i)
-                        || (o.prefix_len() > net.prefix_len() && net.contains(&o.network()))
-                })
+        for net in &rule.nets {
+            let taken = allowed.get(net).and_then(|js| {
+                js.iter()
+                    .copied()
+                    .find(|&j| j < i && ports_overlap(&rules[j].ports, &rule.ports))
             });
-            if let Some(taken) = taken {
-                let how = if j < i {
-                    "before it"
-                } else {
-                    "more specific than this rule's"
-                };
+            if let Some(j) = taken {
+                let other = &rules[j].name;
                 return Err(CompileError::new(
                     root.key("rules").index(i).key("to"),
                     format!(
-                        "the address {taken} is allowed directly by rule `{}` ({how}) on a port \
-                         this rule takes, so connections there would never reach the proxy and \
-                         nothing this rule checks would apply (valid: leave {taken} out of \
-                         `{}`, or narrow that rule's ports)",
-                        other.name, other.name
+                        "the address {net} is allowed directly by the earlier rule `{other}` on \
+                         a port this rule takes, so connections there would never reach the \
+                         proxy and nothing this rule checks would apply (valid: put this rule \
+                         before `{other}`, or narrow that rule's ports)"
                     ),
                 ));
             }
@@ -173,9 +171,10 @@ fn check_shadowed_proxy_nets(rules: &[Rule], root: &FieldPath) -> Result<(), Com
     Ok(())
 }
 
-/// A `deny` rule's names must not all be matched already by an earlier rule that is not a
-/// `deny`: the first rule whose names match decides whether a name resolves, so such a
-/// name would resolve and the `deny` would never apply to it.
+/// A `deny` rule's names must not be matched already by an earlier rule that is not a
+/// `deny`: the first rule whose names match decides whether a name resolves, so a name of
+/// the deny that such a rule wholly covers would resolve, and the `deny` would never apply
+/// to it.
 fn check_dead_deny_names(rules: &[Rule], root: &FieldPath) -> Result<(), CompileError> {
     for (i, rule) in rules.iter().enumerate() {
         if rule.action != Action::Deny {
@@ -573,8 +572,19 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
     }
 
     let mut no_capabilities = Vec::new();
-    if let Some(req) = &raw.require {
-        for (i, name) in req.no_capabilities.iter().enumerate() {
+    if let Some(list) = raw
+        .require
+        .as_ref()
+        .and_then(|r| r.no_capabilities.as_ref())
+    {
+        if list.is_empty() {
+            return Err(CompileError::new(
+                root.key("require").key("no_capabilities"),
+                "an empty capability list requires nothing (valid: names like [sys_admin, \
+                 net_admin], or remove `no_capabilities`)",
+            ));
+        }
+        for (i, name) in list.iter().enumerate() {
             let name = name.trim().to_ascii_lowercase();
             let name = name.strip_prefix("cap_").unwrap_or(&name).to_string();
             if crate::posture::capability_bit(&name).is_none() {
@@ -583,7 +593,7 @@ pub fn compile(raw: &RawPolicy) -> Result<Policy, CompileError> {
                     format!(
                         "unknown capability {:?} (valid: lowercase names such as sys_admin, \
                          net_admin, net_raw, bpf)",
-                        req.no_capabilities[i]
+                        list[i]
                     ),
                 ));
             }

@@ -5,7 +5,7 @@ use ipnet::IpNet;
 use crate::policy::{
     error::{CompileError, FieldPath},
     host::HostPattern,
-    raw::{check_host_bits, RawDest, RawRule},
+    raw::{check_host_bits, RawAction, RawDest, RawRule},
 };
 
 use super::*;
@@ -20,6 +20,14 @@ pub(super) fn compile_answers(
         return Ok(None);
     };
     let field = at.key("answers");
+    if matches!(raw.action, RawAction::Deny) {
+        return Err(CompileError::new(
+            field,
+            "`answers` pins what a rule's names resolve to, and a deny rule's names do not \
+             resolve at all (valid: remove `answers`, or put it on the rule that allows the \
+             names)",
+        ));
+    }
     if names.is_empty() {
         return Err(CompileError::new(
             field,
