@@ -285,8 +285,9 @@ pub async fn check_body(
     }
     match found {
         Some(key) if key == ENCODED_NAME => refuse(
-            "a multipart field name written in pieces (RFC 2231) or as an encoded word \
-             (RFC 2047), which some origins decode, may name a method to run instead"
+            "a multipart field name in pieces (RFC 2231) that do not run in order, or in an \
+             encoded word (RFC 2047) whose charset this proxy cannot read, may name a method \
+             to run instead"
                 .to_owned(),
             read.len() as u64,
         ),
@@ -457,89 +458,282 @@ fn form_decode(raw: &[u8]) -> String {
 }
 
 /// What [`multipart_names`] gives for a name written in a form some origins decode and
-/// this proxy does not read (pieces, encoded words): not a name any form field has (it
-/// holds a NUL), and the body is refused for it.
+/// this proxy cannot read (pieces missing or out of order, an encoded word in a charset
+/// that is not ASCII-compatible): not a name any form field has (it holds a NUL), and the
+/// body is refused for it.
 const ENCODED_NAME: &str = "\0encoded name";
 
 /// Every `name` (and `name*`, RFC 5987) parameter value anywhere in a multipart body,
 /// read loosely (any case, spaces around `=`, quoted or not, `filename` too): a field's
-/// name is among them however its part's headers are laid out.
+/// name is among them however its part's headers are laid out. A name in pieces
+/// (`name*0=...; name*1=...`, RFC 2231, which Go's `mime` joins) is given joined, and
+/// RFC 2047 encoded words in a name (`=?UTF-8?B?X21ldGhvZA==?=`, which Tomcat's and
+/// ASP.NET Core's readers decode) decoded.
 fn multipart_names(body: &[u8]) -> impl Iterator<Item = String> + '_ {
     let starts = body
         .windows(4)
         .enumerate()
         .filter(|(_, w)| w.eq_ignore_ascii_case(b"name"))
-        .map(|(i, _)| i + 4);
-    starts.filter_map(move |mut i| {
-        // Any white space, line breaks included (PHP joins a header's continuation
-        // lines and skips `isspace` around the `=`).
-        let skip_spaces = |i: &mut usize| {
-            while body
-                .get(*i)
-                .is_some_and(|b| b.is_ascii_whitespace() || *b == 0x0b)
-            {
-                *i += 1;
-            }
+        .map(|(i, _)| i);
+    starts.filter_map(move |at| {
+        // `name` itself, not the end of `filename` (or another parameter's name).
+        let own = at == 0 || !body[at - 1].is_ascii_alphanumeric();
+        let param = multipart_param(body, at + 4)?;
+        let value = match param.piece {
+            // The first piece stands for the whole name; the others are joined to it.
+            Some(0) => return Some(joined_pieces(body, at)),
+            Some(_) => return None,
+            None => param.value,
         };
-        skip_spaces(&mut i);
-        let extended = body.get(i) == Some(&b'*');
-        if extended {
-            i += 1;
-            skip_spaces(&mut i);
-            // `name*0=`, `name*1*=`: a name in pieces (RFC 2231 continuations), which Go's
-            // `mime` joins before the form is read. Not put together here: refused.
-            if body.get(i).is_some_and(u8::is_ascii_digit) {
-                while body
-                    .get(i)
-                    .is_some_and(|b| b.is_ascii_digit() || *b == b'*')
-                {
-                    i += 1;
-                }
-                skip_spaces(&mut i);
-                return (body.get(i) == Some(&b'=')).then(|| ENCODED_NAME.to_owned());
-            }
-        }
-        if body.get(i) != Some(&b'=') {
-            return None;
-        }
-        i += 1;
-        skip_spaces(&mut i);
-        let rest = &body[i..];
-        let value: Vec<u8> = match rest.first() {
-            // Quoted with `"` or `'` (PHP takes either), backslash escapes, to the
-            // closing quote (a name is short: at most a line's worth is read).
-            Some(&quote) if quote == b'"' || quote == b'\'' => {
-                let mut out = Vec::new();
-                let mut bytes = rest[1..].iter().take(4096);
-                while let Some(&b) = bytes.next() {
-                    match b {
-                        b'\\' => out.extend(bytes.next()),
-                        b if b == quote => break,
-                        _ => out.push(b),
-                    }
-                }
-                out
-            }
-            _ => rest
-                .iter()
-                .take_while(|&&b| !(b == b';' || b == b',' || b.is_ascii_whitespace() || b == 0x0b))
-                .copied()
-                .collect(),
-        };
-        let value = String::from_utf8_lossy(&value).into_owned();
-        // An RFC 2047 encoded word (`=?UTF-8?B?X21ldGhvZA==?=`), which Tomcat's and
-        // ASP.NET Core's multipart readers decode in any charset: refused, not decoded.
-        if value.contains("=?") {
-            return Some(ENCODED_NAME.to_owned());
-        }
-        Some(if extended {
+        let value = if param.extended {
             // charset'language'percent-encoded
             let encoded = value.splitn(3, '\'').nth(2).unwrap_or(&value);
             String::from_utf8_lossy(&super::inject::percent_decode(encoded)).into_owned()
         } else {
             value
+        };
+        Some(if own && value.contains("=?") {
+            decode_words(&value).unwrap_or_else(|| ENCODED_NAME.to_owned())
+        } else {
+            value
         })
     })
+}
+
+/// One `name` parameter of a multipart body, after its key.
+struct MultipartParam {
+    /// `name*N` (RFC 2231 continuation): N.
+    piece: Option<u32>,
+    /// Percent-encoded (`name*=`, `name*N*=`).
+    extended: bool,
+    value: String,
+}
+
+/// The parameter whose key ends at `i` (`name`, `name*`, `name*N`, `name*N*`), read as
+/// loosely as PHP does (any white space, line breaks included, around `*` and `=`;
+/// quoted with `"` or `'`, backslash escapes, or bare to `;`, `,` or white space).
+fn multipart_param(body: &[u8], mut i: usize) -> Option<MultipartParam> {
+    let skip_spaces = |i: &mut usize| {
+        while body
+            .get(*i)
+            .is_some_and(|b| b.is_ascii_whitespace() || *b == 0x0b)
+        {
+            *i += 1;
+        }
+    };
+    skip_spaces(&mut i);
+    let mut piece = None;
+    let mut extended = false;
+    if body.get(i) == Some(&b'*') {
+        i += 1;
+        skip_spaces(&mut i);
+        let digits = body[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits > 0 {
+            // More digits than a piece number has: no name, refused.
+            let n = std::str::from_utf8(&body[i..i + digits])
+                .ok()?
+                .parse()
+                .unwrap_or(u32::MAX);
+            piece = Some(n);
+            i += digits;
+            skip_spaces(&mut i);
+            if body.get(i) == Some(&b'*') {
+                extended = true;
+                i += 1;
+                skip_spaces(&mut i);
+            }
+        } else {
+            extended = true;
+        }
+    }
+    if body.get(i) != Some(&b'=') {
+        return None;
+    }
+    i += 1;
+    skip_spaces(&mut i);
+    let rest = &body[i..];
+    let value: Vec<u8> = match rest.first() {
+        // Quoted, to the closing quote (a name is short: at most a line's worth is read).
+        Some(&quote) if quote == b'"' || quote == b'\'' => {
+            let mut out = Vec::new();
+            let mut bytes = rest[1..].iter().take(4096);
+            while let Some(&b) = bytes.next() {
+                match b {
+                    b'\\' => out.extend(bytes.next()),
+                    b if b == quote => break,
+                    _ => out.push(b),
+                }
+            }
+            out
+        }
+        _ => rest
+            .iter()
+            .take_while(|&&b| !(b == b';' || b == b',' || b.is_ascii_whitespace() || b == 0x0b))
+            .copied()
+            .collect(),
+    };
+    Some(MultipartParam {
+        piece,
+        extended,
+        value: String::from_utf8_lossy(&value).into_owned(),
+    })
+}
+
+/// The name whose first piece (`name*0`) starts at `at`, joined from the `name*N` pieces
+/// of the same header (its continuation lines included), as Go's `mime` joins them:
+/// pieces 0, 1, 2... in order, the `*` ones percent-decoded (the first after its
+/// `charset'language'`). [`ENCODED_NAME`] when they do not run 0, 1, 2...
+fn joined_pieces(body: &[u8], at: usize) -> String {
+    let folded = |i: usize| body.get(i).is_some_and(|b| *b == b' ' || *b == b'\t');
+    // Back to the start of the header's first line, forward to the end of its last.
+    let mut start = at;
+    loop {
+        start = memchr::memrchr(b'\n', &body[..start]).map_or(0, |n| n + 1);
+        if start == 0 || !folded(start) {
+            break;
+        }
+        start -= 1;
+    }
+    let mut end = at;
+    loop {
+        match memchr::memchr(b'\n', &body[end..]) {
+            Some(n) if folded(end + n + 1) => end += n + 1,
+            Some(n) => {
+                end += n;
+                break;
+            }
+            None => {
+                end = body.len();
+                break;
+            }
+        }
+    }
+    let headers = &body[start..end.min(start + 16 * 1024)];
+    let mut pieces: Vec<(u32, String)> = headers
+        .windows(4)
+        .enumerate()
+        .filter(|(i, w)| {
+            w.eq_ignore_ascii_case(b"name") && (*i == 0 || !headers[i - 1].is_ascii_alphanumeric())
+        })
+        .filter_map(|(i, _)| multipart_param(headers, i + 4))
+        .filter_map(|p| {
+            let n = p.piece?;
+            let value = if p.extended {
+                let encoded = if n == 0 {
+                    p.value
+                        .splitn(3, '\'')
+                        .nth(2)
+                        .unwrap_or(&p.value)
+                        .to_owned()
+                } else {
+                    p.value
+                };
+                String::from_utf8_lossy(&super::inject::percent_decode(&encoded)).into_owned()
+            } else {
+                p.value
+            };
+            Some((n, value))
+        })
+        .collect();
+    pieces.sort_by_key(|(n, _)| *n);
+    if pieces.iter().zip(0u32..).any(|((n, _), want)| *n != want) {
+        return ENCODED_NAME.to_owned();
+    }
+    let joined: String = pieces.into_iter().map(|(_, v)| v).collect();
+    if joined.contains("=?") {
+        return decode_words(&joined).unwrap_or_else(|| ENCODED_NAME.to_owned());
+    }
+    joined
+}
+
+/// `text` with its RFC 2047 encoded words (`=?charset?B|Q?text?=`) decoded, as a reader
+/// that decodes them would see it; `None` when a word's charset is not ASCII-compatible
+/// (UTF-16 and -32, UCS-2 and -4, UTF-7, EBCDIC code pages: the bytes cannot be read
+/// here), and the caller refuses. A word that does not decode stays as it is, as decoders
+/// leave it.
+fn decode_words(text: &str) -> Option<String> {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    use base64::Engine as _;
+    const B64: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let mut out = Vec::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("=?") {
+        out.extend_from_slice(&rest.as_bytes()[..start]);
+        let word = &rest[start..];
+        let Some((charset, encoding, encoded, len)) = encoded_word(word) else {
+            out.extend_from_slice(b"=?");
+            rest = &word[2..];
+            continue;
+        };
+        // `charset*language` (RFC 2231's addition).
+        let charset = charset
+            .split('*')
+            .next()
+            .unwrap_or(charset)
+            .to_ascii_lowercase();
+        let unreadable = [
+            "utf-16", "utf-32", "ucs-2", "ucs-4", "utf-7", "unicode", "ibm", "cp0", "cp1", "cp5",
+            "cp8", "cp9",
+        ]
+        .iter()
+        .any(|c| charset.starts_with(c))
+            || charset.contains("ebcdic");
+        if unreadable {
+            return None;
+        }
+        let decoded = match encoding {
+            "B" | "b" => B64.decode(encoded).ok(),
+            "Q" | "q" => Some(q_decode(encoded.as_bytes())),
+            _ => None,
+        };
+        match decoded {
+            Some(bytes) => out.extend_from_slice(&bytes),
+            None => out.extend_from_slice(&word.as_bytes()[..len]),
+        }
+        rest = &word[len..];
+    }
+    out.extend_from_slice(rest.as_bytes());
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The charset, encoding and text of the encoded word `word` starts with
+/// (`=?charset?E?text?=`), and its length.
+fn encoded_word(word: &str) -> Option<(&str, &str, &str, usize)> {
+    let inner = word.strip_prefix("=?")?;
+    let (charset, after) = inner.split_once('?')?;
+    let (encoding, after) = after.split_once('?')?;
+    let end = after.find("?=")?;
+    let len = 2 + charset.len() + 1 + encoding.len() + 1 + end + 2;
+    Some((charset, encoding, &after[..end], len))
+}
+
+/// RFC 2047's Q encoding: `_` is a space, `=XX` a byte, anything else itself.
+fn q_decode(text: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        match text[i] {
+            b'_' => out.push(b' '),
+            b'=' => {
+                if let (Some(h), Some(l)) = (
+                    text.get(i + 1).copied().and_then(hex),
+                    text.get(i + 2).copied().and_then(hex),
+                ) {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'=');
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
 }
 
 /// The keys of the top-level object of a JSON body's first value (none if it is another
@@ -671,14 +865,30 @@ mod tests {
         }
         let body = part("form-data; name=\"payment_method\"");
         assert!(!multipart_names(body.as_bytes()).any(|n| is_override_key(&n)));
-        // Names some origins decode and this proxy does not read: marked, so the body is
-        // refused (Go joins RFC 2231 pieces; Tomcat and ASP.NET Core decode RFC 2047).
+        // Names some origins decode: read as they decode them (Go joins RFC 2231 pieces;
+        // Tomcat and ASP.NET Core decode RFC 2047 words in a `name`).
         for disposition in [
             "form-data; name*0=\"_met\"; name*1=\"hod\"",
+            "form-data; name*1=\"hod\"; name*0=\"_met\"",
             "form-data; name*0*=UTF-8''%5Fme; name*1=thod",
-            "form-data; name * 0 = \"_met\"",
+            "form-data; name * 0 = \"_met\";\r\n name*1=hod",
             "form-data; name=\"=?UTF-8?B?X21ldGhvZA==?=\"",
+            "form-data; name=\"=?UTF-8?B?X21ldGhvZA?=\"",
             "form-data; name==?UTF-8?Q?=5Fmethod?=",
+            "form-data; name=\"=?iso-8859-1?q?_method?=\"",
+            "form-data; name=\"=?utf-8?Q?=5Fmet?==?utf-8?Q?hod?=\"",
+        ] {
+            let body = part(disposition);
+            assert!(
+                multipart_names(body.as_bytes()).any(|n| is_override_key(&n)),
+                "{disposition:?}: {:?}",
+                multipart_names(body.as_bytes()).collect::<Vec<_>>()
+            );
+        }
+        // Pieces that do not run 0, 1, 2..., and a charset read otherwise: refused.
+        for disposition in [
+            "form-data; name*0=\"_met\"; name*2=\"hod\"",
+            "form-data; name=\"=?UTF-16?B?AF8AbQBlAHQAaABvAGQ=?=\"",
         ] {
             let body = part(disposition);
             assert!(
@@ -686,12 +896,20 @@ mod tests {
                 "{disposition:?}"
             );
         }
+        // Ordinary uploads: a file name in an encoded word (.NET writes them), a field
+        // named in pieces, an e-mail attachment whose headers hold encoded names.
         for disposition in [
+            "form-data; name=\"file\"; filename=\"=?utf-8?B?w6l0w6kucGRm?=\"",
+            "form-data; name*0=\"long-\"; name*1=\"field\"",
             "form-data; name=\"a=b\"",
-            "form-data; filename*=UTF-8''x%3F.txt",
+            "form-data; name=\"attachment\"\r\nContent-Type: message/rfc822\r\n\r\nContent-Type: application/pdf; name=\"=?utf-8?B?cmVwb3J0LnBkZg==?=\"",
         ] {
             let body = part(disposition);
-            assert!(!multipart_names(body.as_bytes()).any(|n| n == ENCODED_NAME));
+            let names: Vec<String> = multipart_names(body.as_bytes()).collect();
+            assert!(
+                !names.iter().any(|n| n == ENCODED_NAME || is_override_key(n)),
+                "{disposition:?}: {names:?}"
+            );
         }
     }
 
