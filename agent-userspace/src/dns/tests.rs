@@ -755,6 +755,45 @@ async fn a_quarantine_stops_a_query_going_on_to_the_next_server() {
     assert!(reason.contains("quarantined meanwhile"), "{reason}");
 }
 
+/// A sandbox quarantined while the upstream answers gets nothing of the answer, even one
+/// that teaches no address (a no-such-name here: data in all the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_while_the_answer_comes_delivers_none_of_it() {
+    let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let h = Harness::start(&[upstream.local_addr().unwrap()], false).await;
+    let query = Harness::query(&name("api.github.example"), RecordType::A);
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(h.udp).await.unwrap();
+    client.send(&query.to_vec().unwrap()).await.unwrap();
+    let mut buf = [0u8; 512];
+    let (len, from) = tokio::time::timeout(Duration::from_secs(2), upstream.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    h.ctx.quarantined.store(true, Ordering::Release);
+    let mut answer = Message::from_vec(&buf[..len]).unwrap();
+    answer.metadata.message_type = MessageType::Response;
+    answer.metadata.response_code = ResponseCode::NXDomain;
+    upstream
+        .send_to(&answer.to_vec().unwrap(), from)
+        .await
+        .unwrap();
+    let mut reply = vec![0u8; 4096];
+    let len = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    let reply = Message::from_vec(&reply[..len]).unwrap();
+    assert_eq!(reply.metadata.response_code, ResponseCode::Refused);
+    let r = h.records().pop().unwrap();
+    assert_eq!(r.verdict, DnsVerdict::Deny);
+    let reason = r.reason.unwrap_or_default();
+    assert!(
+        reason.contains("quarantined while the answer came"),
+        "{reason}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn learn_error_is_servfail() {
     let fake = Fake::start().await;
