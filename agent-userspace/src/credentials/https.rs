@@ -241,6 +241,15 @@ impl Client {
     }
 }
 
+/// A spawned task aborted when this is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn exchange<S>(
     stream: S,
     request: Request<http_body_util::Full<bytes::Bytes>>,
@@ -253,7 +262,8 @@ where
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP with {url}: {e}"))?;
-    let conn = tokio::spawn(conn);
+    // Ended however this call ends: at its deadline the future is dropped mid-way.
+    let conn = AbortOnDrop(tokio::spawn(conn));
     let response = sender
         .send_request(request)
         .await
@@ -265,7 +275,6 @@ where
         let frame = frame.map_err(|e| format!("reading the answer of {url}: {e}"))?;
         if let Ok(data) = frame.into_data() {
             if bytes.len() + data.len() > MAX_ANSWER_BYTES {
-                conn.abort();
                 return Err(format!(
                     "the answer of {url} is larger than {MAX_ANSWER_BYTES} bytes"
                 ));
@@ -273,7 +282,7 @@ where
             bytes.extend_from_slice(&data);
         }
     }
-    conn.abort();
+    drop(conn);
     Ok((status, bytes))
 }
 

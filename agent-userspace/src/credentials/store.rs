@@ -423,13 +423,28 @@ impl CredentialStore {
     /// `ttl`, so the first request does not run it again). Values minted per use (GitHub
     /// App tokens, Vault leases, STS sessions) become known when first minted, before
     /// they are first injected. Bounded by [`READ_AHEAD_TIMEOUT`]; errors are left for the
-    /// request that needs the value to report. Returns how many values were read.
-    pub async fn prime(&self) -> usize {
-        let ahead = self.credentials.values().filter(|c| match &c.source {
-            Source::File(_) | Source::Command(_) => true,
-            Source::Vault(v) => !v.is_lease(),
-            Source::Env { .. } | Source::GithubApp(_) | Source::Aws(_) => false,
-        });
+    /// request that needs the value to report. Returns how many values were read, and the
+    /// names of the credentials whose value was not (which [`Self::read_ahead`] tries
+    /// again: until then their value is not matched).
+    pub async fn prime(&self) -> (usize, Vec<String>) {
+        let names: Vec<String> = self
+            .credentials
+            .values()
+            .filter(|c| match &c.source {
+                Source::File(_) | Source::Command(_) => true,
+                Source::Vault(v) => !v.is_lease(),
+                Source::Env { .. } | Source::GithubApp(_) | Source::Aws(_) => false,
+            })
+            .map(|c| c.name.clone())
+            .collect();
+        let unread = self.read_ahead(&names).await;
+        (names.len() - unread.len(), unread)
+    }
+
+    /// Reads the values of credentials `names` ahead (see [`Self::prime`]), each within
+    /// [`READ_AHEAD_TIMEOUT`]; returns the names of those not read.
+    pub async fn read_ahead(&self, names: &[String]) -> Vec<String> {
+        let ahead = names.iter().filter_map(|n| self.credentials.get(n));
         let read = futures_util::future::join_all(ahead.map(|credential| async move {
             let read = async {
                 match &credential.source {
@@ -443,14 +458,14 @@ impl CredentialStore {
             (credential, value.ok().and_then(Result::ok))
         }))
         .await;
-        let mut primed = 0;
+        let mut unread = Vec::new();
         for (credential, value) in read {
-            if let Some(secret) = value {
-                self.known.note(&credential.name, &secret);
-                primed += 1;
+            match value {
+                Some(secret) => self.known.note(&credential.name, &secret),
+                None => unread.push(credential.name.clone()),
             }
         }
-        primed
+        unread
     }
 
     /// The matcher over every credential's current (and previous) value seen so far.

@@ -240,6 +240,24 @@ async fn command_value_is_cached_for_ttl_then_refreshed() {
     );
 }
 
+/// A value that cannot be read at start is named (the daemon warns and tries again), and
+/// matched once a later read ahead gets it, before any request used it.
+#[tokio::test]
+async fn a_value_not_read_at_start_is_named_and_read_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("late");
+    let s = store(&format!(
+        "c:\n  source: {{ file: {} }}\n  inject: {{ header: X-K }}\n  hosts: [h.example.com]\n",
+        path.display()
+    ))
+    .unwrap();
+    assert_eq!(s.prime().await, (0, vec!["c".to_owned()]));
+    std::fs::write(&path, "late-file-secret-value\n").unwrap();
+    assert!(s.matcher().find(b"x late-file-secret-value x").is_none());
+    assert_eq!(s.read_ahead(&["c".to_owned()]).await, Vec::<String>::new());
+    assert_eq!(s.matcher().find(b"x late-file-secret-value x"), Some("c"));
+}
+
 /// A command's value is read ahead with the files (so that a value a previous run
 /// injected is scrubbed before any request uses it), run once, and served from that run
 /// within its `ttl`.
@@ -255,7 +273,7 @@ async fn command_values_are_read_ahead_once() {
             .map(str::to_owned)
     };
     assert_eq!(found(&s), None);
-    assert_eq!(s.prime().await, 1);
+    assert_eq!(s.prime().await, (1, Vec::new()));
     assert_eq!(found(&s).as_deref(), Some("c"));
     assert_eq!(
         value(&s, "c", "h.example.com").await.as_deref(),

@@ -256,12 +256,33 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let credentials = std::sync::Arc::new(credentials);
     // Values that outlive the daemon (files, Vault KV, commands) are read before the proxy
     // serves anything, so that they are matched from the start.
-    let primed = credentials.prime().await;
+    let (primed, unread) = credentials.prime().await;
     if primed > 0 {
         tracing::info!(
             values = primed,
             "Credential values read ahead, so that they are scrubbed and masked from the start"
         );
+    }
+    if !unread.is_empty() {
+        tracing::warn!(
+            credentials = %unread.join(", "),
+            "Credential values not read at start: until read (tried again every {} s, and at \
+             the first request that needs one) they are not scrubbed from answers, masked or \
+             refused on the way out",
+            READ_AHEAD_RETRY.as_secs()
+        );
+        let credentials = credentials.clone();
+        tokio::spawn(async move {
+            let mut left = unread;
+            while !left.is_empty() {
+                tokio::time::sleep(READ_AHEAD_RETRY).await;
+                let still = credentials.read_ahead(&left).await;
+                for name in left.iter().filter(|n| !still.contains(n)) {
+                    tracing::info!(credential = %name, "Credential value read ahead at last");
+                }
+                left = still;
+            }
+        });
     }
     // The audit trail's last check: whatever field a secret reached (a ref name a sandbox
     // chose, a DNS name, a reason quoting a request), it is masked before it is written.
@@ -631,6 +652,9 @@ async fn start_metrics(
     tracing::info!(%bound, "Serving Prometheus metrics at /metrics");
     Ok(tokio::spawn(serving))
 }
+
+/// How often values not read ahead at start are tried again.
+const READ_AHEAD_RETRY: Duration = Duration::from_secs(5);
 
 /// Attaches the system-wide LSM program that keeps sandboxes from creating packet and other
 /// non-inet sockets, where the kernel runs BPF LSM programs. Says why not otherwise.
