@@ -95,6 +95,28 @@ for f in sys.argv[2:]:
             .args(["policy", "test"])
             .args(&policies),
     )?;
+    // Every pod policy shipped refuses pods holding a capability that gets around the
+    // kernel programs (another network namespace, NAT and tunnels, raw frames).
+    for policy in &policies {
+        let text = std::fs::read_to_string(policy)?;
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("no_capabilities:"))
+            .with_context(|| format!("{} has no require.no_capabilities", policy.display()))?;
+        for cap in ["sys_admin", "net_admin", "net_raw"] {
+            ensure!(
+                line.contains(cap),
+                "{}: require.no_capabilities lacks {cap}",
+                policy.display()
+            );
+        }
+    }
+    // The daemon's configuration there rotates the log it writes to a hostPath.
+    let config = std::fs::read_to_string(dir.path().join("egressd.yaml"))?;
+    ensure!(
+        config.contains("rotate:"),
+        "the DaemonSet's egressd.yaml does not rotate the audit log"
+    );
     Ok(())
 }
 
