@@ -34,7 +34,7 @@ use super::git::{self, PushOutcome};
 use super::h2head::H2HeadTimed;
 use super::head::{HeadClock, HeadTimed};
 use super::inject::{self, RequestScan};
-use super::io::{idle_watch, Activity, Metered, PrefixedStream};
+use super::io::{idle_watch, Activity, Idle, Metered, PrefixedStream};
 use super::method_override::{self, BodyCheck};
 use super::range;
 use super::refused::{
@@ -299,9 +299,17 @@ fn serve(
                     }
                 }
             }
-            () = idle_watch(&activity, idle, || in_flight.load(Ordering::Relaxed) > 0) => {
-                debug!(peer = %conn.peer, connection_id = %conn.connection_id, idle_secs = idle.as_secs(), "Closing idle intercepted connection");
-                if head_clock.incomplete() {
+            why = idle_watch(&activity, idle, || in_flight.load(Ordering::Relaxed) > 0) => {
+                debug!(peer = %conn.peer, connection_id = %conn.connection_id, idle_secs = idle.as_secs(), ?why, "Closing idle intercepted connection");
+                if why == Idle::Stalled {
+                    // Whatever it held (the response's buffers, its upstream stream, its
+                    // request permit) is let go.
+                    refused(None, format!(
+                        "downstream client: read nothing of what the proxy sent for {} s \
+                         (proxy.idle_secs); connection closed",
+                        idle.as_secs()
+                    ));
+                } else if head_clock.incomplete() {
                     refused(None, format!(
                         "downstream client: {unfinished} incomplete and no byte for {} s \
                          (proxy.idle_secs); connection closed",

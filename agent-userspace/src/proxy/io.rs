@@ -137,6 +137,9 @@ pub struct Activity {
     last_ms: AtomicU64,
     read: AtomicU64,
     written: AtomicU64,
+    /// 1 + the millisecond (since `origin`) a write began to wait for the peer to read,
+    /// while it waits; 0 otherwise.
+    blocked_ms: AtomicU64,
 }
 
 impl Activity {
@@ -146,12 +149,39 @@ impl Activity {
             last_ms: AtomicU64::new(0),
             read: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            blocked_ms: AtomicU64::new(0),
         })
     }
 
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn touch(&self) {
-        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// A write had to wait (the peer's window is full): noted once, from its first wait.
+    fn write_waits(&self) {
+        let now = self.now_ms().saturating_add(1);
+        let _ = self
+            .blocked_ms
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// A write went through (or failed): no longer waiting.
+    fn write_done(&self) {
+        self.blocked_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// How long a write has waited for the peer to read, if one waits.
+    pub fn write_blocked_for(&self) -> Option<Duration> {
+        match self.blocked_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(
+                self.now_ms().saturating_sub(since - 1),
+            )),
+        }
     }
 
     /// How long no byte has moved.
@@ -210,11 +240,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &poll {
-            this.activity
-                .written
-                .fetch_add(*n as u64, Ordering::Relaxed);
-            this.activity.touch();
+        match &poll {
+            Poll::Ready(Ok(n)) => {
+                this.activity
+                    .written
+                    .fetch_add(*n as u64, Ordering::Relaxed);
+                this.activity.touch();
+                this.activity.write_done();
+            }
+            Poll::Ready(Err(_)) => this.activity.write_done(),
+            Poll::Pending => this.activity.write_waits(),
         }
         poll
     }
@@ -226,11 +261,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = &poll {
-            this.activity
-                .written
-                .fetch_add(*n as u64, Ordering::Relaxed);
-            this.activity.touch();
+        match &poll {
+            Poll::Ready(Ok(n)) => {
+                this.activity
+                    .written
+                    .fetch_add(*n as u64, Ordering::Relaxed);
+                this.activity.touch();
+                this.activity.write_done();
+            }
+            Poll::Ready(Err(_)) => this.activity.write_done(),
+            Poll::Pending => this.activity.write_waits(),
         }
         poll
     }
@@ -248,16 +288,34 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     }
 }
 
-/// Returns once no byte has moved for `idle` while `busy()` is false. A busy
-/// connection (a request waiting on its upstream) is never idle.
-pub async fn idle_watch(activity: &Activity, idle: Duration, busy: impl Fn() -> bool) {
+/// Why [`idle_watch`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Idle {
+    /// No byte moved for the whole time, and nothing was in flight.
+    Quiet,
+    /// A write waited the whole time for the peer to read (a response it does not take),
+    /// busy or not.
+    Stalled,
+}
+
+/// Returns once no byte has moved for `idle` while `busy()` is false, or once a write has
+/// waited `idle` for the peer to read. A busy connection (a request waiting on its
+/// upstream) is otherwise never idle.
+pub async fn idle_watch(activity: &Activity, idle: Duration, busy: impl Fn() -> bool) -> Idle {
     loop {
+        if activity
+            .write_blocked_for()
+            .is_some_and(|waited| waited >= idle)
+        {
+            return Idle::Stalled;
+        }
         let quiet = activity.idle_for();
         if quiet >= idle {
             if !busy() {
-                return;
+                return Idle::Quiet;
             }
-            tokio::time::sleep(idle).await;
+            // Looked at again within the time a stalled write may wait.
+            tokio::time::sleep(idle / 4).await;
         } else {
             tokio::time::sleep(idle - quiet).await;
         }
@@ -289,10 +347,17 @@ mod tests {
         let idle = Duration::from_millis(100);
         let activity = Activity::new();
         let started = Instant::now();
-        idle_watch(&activity, idle, || false).await;
+        assert_eq!(idle_watch(&activity, idle, || false).await, Idle::Quiet);
         assert!(started.elapsed() >= idle);
         let busy_until = Instant::now() + Duration::from_millis(250);
         idle_watch(&activity, idle, || Instant::now() < busy_until).await;
         assert!(Instant::now() >= busy_until);
+        // A write waiting for the peer ends the watch even while busy.
+        activity.write_waits();
+        let started = Instant::now();
+        assert_eq!(idle_watch(&activity, idle, || true).await, Idle::Stalled);
+        assert!(started.elapsed() >= idle / 2, "{:?}", started.elapsed());
+        activity.write_done();
+        assert_eq!(activity.write_blocked_for(), None);
     }
 }

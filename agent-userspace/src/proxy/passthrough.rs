@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::error::ProxyError;
-use super::io::{idle_watch, Activity, Metered, PrefixedStream};
+use super::io::{idle_watch, Activity, Idle, Metered, PrefixedStream};
 use super::upstream::dial;
 use super::{ConnInfo, Proxy};
 use crate::audit::{ProxyRecord, ProxyVerdict as Verdict, RecordKind, TlsMode};
@@ -56,9 +56,13 @@ pub(super) async fn relay(
                 result = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => {
                     result.err().map(|e| format!("relay ended with an error: {e}"))
                 }
-                () = idle_watch(&activity, idle, || false) => {
-                    Some(format!("closed after {} s without traffic", idle.as_secs()))
-                }
+                why = idle_watch(&activity, idle, || false) => Some(match why {
+                    Idle::Quiet => format!("closed after {} s without traffic", idle.as_secs()),
+                    Idle::Stalled => format!(
+                        "closed: the downstream client read nothing for {} s (proxy.idle_secs)",
+                        idle.as_secs()
+                    ),
+                }),
             };
         }
     }

@@ -279,6 +279,10 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
             .body(Full::new(Bytes::from_static(b"ok\n")))
             .unwrap());
     }
+    if path == "/big" {
+        // More than the proxy's and the client's socket buffers hold.
+        return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; 48 << 20]))));
+    }
     if path == "/redirect" {
         return Ok(Response::builder()
             .status(StatusCode::FOUND)
@@ -2200,6 +2204,47 @@ async fn idle_connections_last_idle_secs_and_slow_headers_header_secs() {
         assert_eq!(origin.requests.load(Ordering::SeqCst), 2);
         // The idle close above recorded nothing.
         assert!(h.records.try_recv().is_err());
+    })
+    .await;
+}
+
+/// A client that asks for a response and reads none of it does not hold the connection
+/// (its buffers, the upstream stream, the request's permit) for ever: once the proxy's
+/// writes have waited `idle_secs` for it, the connection is closed and that is recorded.
+#[tokio::test]
+async fn a_response_the_client_never_reads_is_cut_after_idle_secs() {
+    use tokio::io::AsyncWriteExt as _;
+    within(async {
+        let origin = start_origin(false).await;
+        let mut h = start_timed_proxy(&origin, 2, 2).await;
+        let mut tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"http/1.1"])
+            .await
+            .unwrap();
+        tls.write_all(format!("GET /big HTTP/1.1\r\nHost: {NAME}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let asked = tokio::time::Instant::now();
+        // Nothing is read; the proxy's refusal comes once its writes waited 2 s.
+        let stalled = loop {
+            let record = tokio::time::timeout(Duration::from_secs(15), h.records.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if record
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("read nothing of what the proxy sent"))
+            {
+                break record;
+            }
+        };
+        let after = asked.elapsed();
+        assert!(
+            after >= Duration::from_secs(2) && after < Duration::from_secs(12),
+            "{after:?}"
+        );
+        assert_eq!(stalled.verdict, Verdict::Deny);
+        drop(tls);
     })
     .await;
 }
