@@ -2587,6 +2587,13 @@ async fn a_credentials_record_is_kept_when_the_queue_to_the_writer_is_full() {
     let mut used = proxy_request();
     used.credential = Some("github-token".into());
     handle.emit(proxy_event(used));
+    // The flood's records are lost, the credential's kept aside: the trail is not
+    // healthy, but a credential's use is still recorded, so credentials are not refused
+    // for every sandbox because one flooded (unless the blocked write has meanwhile
+    // outlasted the stall watch, which does refuse them).
+    assert!(!handle.healthy());
+    let stalled = handle.health().error.is_some_and(|e| e.contains("blocked"));
+    assert!(handle.records_credential_use() || stalled);
     // Past the flood, and not vital: counted lost like the flood.
     let mut plain = proxy_request();
     plain.credential = None;

@@ -796,6 +796,9 @@ struct Health {
     /// Records the queue to the writer had no room for: numbered and reported as lost by
     /// the writer when it next takes from the queue.
     unqueued: AtomicU64,
+    /// Of those, vital records ([`vital`]) the reserve had no room for either: until they
+    /// are reported, a credential's use could go unrecorded.
+    vital_unqueued: AtomicU64,
     /// A reopen was asked for (set even when the queue had no room for the message).
     reopen: AtomicBool,
     failing: AtomicBool,
@@ -830,6 +833,7 @@ impl Default for Health {
     fn default() -> Self {
         Self {
             unqueued: AtomicU64::new(0),
+            vital_unqueued: AtomicU64::new(0),
             reopen: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             report: Mutex::new(AuditHealth::default()),
@@ -877,6 +881,7 @@ impl Health {
                 overflow.records.push_back((after, owner, record));
             } else {
                 unkept += 1;
+                self.vital_unqueued.fetch_add(1, Ordering::Relaxed);
             }
         }
         if !overflow.records.is_empty() {
@@ -1242,6 +1247,19 @@ impl AuditHandle {
             && !self.tx.is_closed()
     }
 
+    /// Whether a credential's use is recorded if it happens now: as [`Self::healthy`],
+    /// except that records which found the queue full count only when one of them was
+    /// vital (a credentialed request's, an alert...: [`vital`]) and found no room in the
+    /// reserve either. A sandbox flooding the trail with records of its own (connections
+    /// closed unused, refused queries) loses those, reported in `audit-lost`, without
+    /// stopping every sandbox's credentials.
+    pub fn records_credential_use(&self) -> bool {
+        !self.health.failing.load(Ordering::Acquire)
+            && self.health.vital_unqueued.load(Ordering::Relaxed) == 0
+            && self.health.stalled().is_none()
+            && !self.tx.is_closed()
+    }
+
     /// The details behind [`AuditHandle::healthy`], for status.
     pub fn health(&self) -> AuditHealth {
         let mut report = self.health.report().clone();
@@ -1541,6 +1559,8 @@ impl AuditTask {
     /// Numbers the records producers could not queue (the queue to this thread was full)
     /// as dropped: the next `audit-lost` record reports them with the rest.
     fn take_unqueued(&mut self) {
+        // (Cleared first: a vital record counted after this is in the next count.)
+        self.health.vital_unqueued.store(0, Ordering::Relaxed);
         let n = self.health.unqueued.swap(0, Ordering::Relaxed);
         if n == 0 {
             return;

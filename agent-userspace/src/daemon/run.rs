@@ -355,7 +355,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             if stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err("the daemon is stopping".to_owned());
             }
-            if refuse_unrecorded && !audit.healthy() {
+            if refuse_unrecorded && !audit.records_credential_use() {
                 return Err(
                     "the audit log cannot be written (audit.on_failure: refuse-credentials)"
                         .to_owned(),
