@@ -1252,6 +1252,7 @@ impl Core {
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&rec.index);
                 self.proxy.close_connections(rec.index);
+                self.proxy.forget_limits(rec.index);
                 self.proxy.set_user(rec.index, None);
                 self.dns.forget(rec.index);
                 self.alerts.remove_sandbox(&rec.name);

@@ -88,6 +88,15 @@ impl ProxyRuntime {
         }
     }
 
+    /// Drops a detached sandbox's limits: a sandbox given its index later starts with
+    /// whole ones, not with what the old one's tasks still hold.
+    pub fn forget_limits(&self, index: u32) {
+        self.limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&index);
+    }
+
     /// Proxied connections open now, by sandbox name (for metrics).
     pub fn open_connections(&self) -> Vec<(String, u64)> {
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
