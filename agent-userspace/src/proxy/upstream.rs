@@ -53,6 +53,11 @@ const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Pool keys (sandbox, destination, server name) with connections kept at most per proxy
 /// worker; past this, new connections are used for their request and closed.
 const MAX_KEYS: usize = 1024;
+/// Of those, and of the idle HTTP/1 connections, one sandbox's share (per worker): a
+/// sandbox reaching many destinations or names (a wildcard rule) fills its own share, not
+/// the pool every other sandbox's connections are kept in.
+const MAX_KEYS_PER_SANDBOX: usize = MAX_KEYS / 8;
+const MAX_IDLE_H1_PER_SANDBOX: usize = MAX_IDLE_H1_TOTAL / 8;
 
 /// `dst` in canonical form if `route` may dial it: refuses special addresses the rule
 /// does not cover.
@@ -176,7 +181,30 @@ struct PoolState {
     entries: HashMap<PoolKey, Entry>,
     /// Idle HTTP/1 connections in all entries.
     idle_h1: usize,
+    /// Keys and idle HTTP/1 connections, by sandbox.
+    by_sandbox: HashMap<String, Share>,
     reaper: bool,
+}
+
+/// What one sandbox holds of the pool.
+#[derive(Clone, Copy, Default)]
+struct Share {
+    keys: usize,
+    idle_h1: usize,
+}
+
+impl PoolState {
+    /// `idle_h1` and `by_sandbox` counted again from the entries (after a sweep).
+    fn recount(&mut self) {
+        self.by_sandbox.clear();
+        self.idle_h1 = 0;
+        for (key, entry) in &self.entries {
+            let share = self.by_sandbox.entry(key.sandbox.clone()).or_default();
+            share.keys += 1;
+            share.idle_h1 += entry.h1_idle.len();
+            self.idle_h1 += entry.h1_idle.len();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -362,6 +390,9 @@ impl UpstreamPool {
         if entry.h2.is_empty() {
             if let Some((h1, since)) = entry.h1_idle.pop() {
                 state.idle_h1 -= 1;
+                if let Some(share) = state.by_sandbox.get_mut(&key.sandbox) {
+                    share.idle_h1 = share.idle_h1.saturating_sub(1);
+                }
                 return Step::Idle(h1, since);
             }
         }
@@ -421,13 +452,24 @@ impl UpstreamPool {
             return;
         }
         let mut state = self.lock();
-        if state.idle_h1 >= MAX_IDLE_H1_TOTAL * super::workers::count() {
+        let workers = super::workers::count();
+        let held = state
+            .by_sandbox
+            .get(&key.sandbox)
+            .map_or(0, |share| share.idle_h1);
+        if state.idle_h1 >= MAX_IDLE_H1_TOTAL * workers || held >= MAX_IDLE_H1_PER_SANDBOX * workers
+        {
             return;
         }
         if let Some(entry) = self.entry(&mut state, key) {
             if entry.h1_idle.len() < MAX_IDLE_H1 {
                 entry.h1_idle.push((sender, Instant::now()));
                 state.idle_h1 += 1;
+                state
+                    .by_sandbox
+                    .entry(key.sandbox.clone())
+                    .or_default()
+                    .idle_h1 += 1;
             }
         }
     }
@@ -439,10 +481,20 @@ impl UpstreamPool {
         key: &PoolKey,
     ) -> Option<&'a mut Entry> {
         if !state.entries.contains_key(key) {
-            if state.entries.len() >= MAX_KEYS * super::workers::count() {
+            let workers = super::workers::count();
+            let held = state
+                .by_sandbox
+                .get(&key.sandbox)
+                .map_or(0, |share| share.keys);
+            if state.entries.len() >= MAX_KEYS * workers || held >= MAX_KEYS_PER_SANDBOX * workers {
                 return None;
             }
             state.entries.insert(key.clone(), Entry::default());
+            state
+                .by_sandbox
+                .entry(key.sandbox.clone())
+                .or_default()
+                .keys += 1;
         }
         if !state.reaper {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -463,7 +515,7 @@ impl UpstreamPool {
                 entry.expire(now, self.idle_timeout, &mut dead);
                 !entry.is_empty()
             });
-            state.idle_h1 = state.entries.values().map(|e| e.h1_idle.len()).sum();
+            state.recount();
         }
         if !dead.h1.is_empty() || !dead.h2.is_empty() {
             debug!(
@@ -569,5 +621,35 @@ async fn connect(params: &DialParams<'_>) -> Result<Connected, ProxyError> {
             }
         });
         Ok(Connected::H1(sender))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One sandbox reaching many destinations fills its own share of the pool's keys;
+    /// another sandbox's connections are still kept.
+    #[tokio::test]
+    async fn a_sandbox_fills_its_share_of_keys_not_the_pool() {
+        let pool = Arc::new(UpstreamPool::new(Duration::from_secs(60)));
+        let share = MAX_KEYS_PER_SANDBOX * super::super::workers::count();
+        let mut state = pool.lock();
+        for port in 0..share + 10 {
+            let dst = SocketAddr::from(([192, 0, 2, 1], 1000 + port as u16));
+            let key = PoolKey::new("greedy", dst, "a.example");
+            let kept = pool.entry(&mut state, &key).is_some();
+            assert_eq!(kept, port < share, "key {port} of {share}");
+        }
+        let other = PoolKey::new(
+            "other",
+            SocketAddr::from(([192, 0, 2, 2], 443)),
+            "b.example",
+        );
+        assert!(pool.entry(&mut state, &other).is_some());
+        // The shares are counted again from what is kept.
+        state.recount();
+        assert_eq!(state.by_sandbox["greedy"].keys, share);
+        assert_eq!(state.by_sandbox["other"].keys, 1);
     }
 }
