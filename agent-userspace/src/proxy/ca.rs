@@ -74,6 +74,8 @@ pub enum CaError {
 struct CachedLeaf {
     key: Arc<CertifiedKey>,
     not_after: OffsetDateTime,
+    /// Last handed out: a full cache loses the leaf used longest ago.
+    used: std::time::Instant,
 }
 
 /// The local CA: its certificate, its signing key and a cache of minted leaves.
@@ -262,9 +264,10 @@ impl CertAuthority {
         check_name(&name)?;
         let now = OffsetDateTime::now_utc();
         {
-            let leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(leaf) = leaves.get(&name) {
+            let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(leaf) = leaves.get_mut(&name) {
                 if leaf.not_after - now > LEAF_RENEW_BEFORE {
+                    leaf.used = std::time::Instant::now();
                     return Ok(leaf.key.clone());
                 }
             }
@@ -275,8 +278,14 @@ impl CertAuthority {
         let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
         if leaves.len() >= MAX_CACHED_LEAVES {
             leaves.retain(|_, leaf| leaf.not_after - now > LEAF_RENEW_BEFORE);
-            if leaves.len() >= MAX_CACHED_LEAVES {
-                leaves.clear();
+            // The one used longest ago goes, not all: a sandbox minting names for a
+            // wildcard rule must not make every other sandbox's names be minted again.
+            let oldest = leaves
+                .iter()
+                .min_by_key(|(_, leaf)| leaf.used)
+                .map(|(name, _)| name.clone());
+            if let Some(oldest) = oldest.filter(|_| leaves.len() >= MAX_CACHED_LEAVES) {
+                leaves.remove(&oldest);
             }
         }
         leaves.insert(
@@ -284,6 +293,7 @@ impl CertAuthority {
             CachedLeaf {
                 key: key.clone(),
                 not_after,
+                used: std::time::Instant::now(),
             },
         );
         Ok(key)
@@ -487,5 +497,31 @@ mod tests {
 
         assert!(ca.leaf_for("").is_err());
         assert!(ca.leaf_for("a b.example.com").is_err());
+    }
+
+    /// A full cache loses the leaf used longest ago for a new name, not every leaf: a
+    /// sandbox minting names through a wildcard rule does not make others' names (in use)
+    /// be minted again.
+    #[test]
+    fn a_full_leaf_cache_loses_one_leaf_not_all() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = CertAuthority::load_or_create(tmp.path()).unwrap();
+        let first = ca.leaf_for("first.example.com").unwrap();
+        let kept = ca.leaf_for("kept.example.com").unwrap();
+        for i in 0..MAX_CACHED_LEAVES {
+            ca.leaf_for(&format!("n{i}.wild.example.com")).unwrap();
+            if i % 64 == 0 {
+                // In use meanwhile.
+                ca.leaf_for("kept.example.com").unwrap();
+            }
+        }
+        assert!(Arc::ptr_eq(
+            &kept,
+            &ca.leaf_for("kept.example.com").unwrap()
+        ));
+        assert!(!Arc::ptr_eq(
+            &first,
+            &ca.leaf_for("first.example.com").unwrap()
+        ));
     }
 }

@@ -670,7 +670,10 @@ impl Proxy {
         let mut all = configs();
         let map = &mut all[usize::from(h2)];
         if map.len() >= MAX_SERVER_CONFIGS {
-            map.clear();
+            // One goes (any), not all: others' names keep theirs.
+            if let Some(any) = map.keys().next().cloned() {
+                map.remove(&any);
+            }
         }
         map.insert(server_name.to_owned(), (leaf, config.clone()));
         Ok(config)
