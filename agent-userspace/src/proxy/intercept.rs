@@ -113,8 +113,11 @@ async fn handshake(
     started: Instant,
     activity: &Arc<Activity>,
 ) -> Option<SandboxTls> {
+    // The connection is refused, nothing forwarded: a deny (and, as every proxy refusal,
+    // counted past the sandbox's share of recorded refusals instead of written).
     let connection_record = |reason: String| {
         let mut record = proxy.record(conn, TlsMode::Intercept, Some(sni), RecordKind::Connection);
+        record.verdict = Verdict::Deny;
         record.reason = Some(reason);
         record.bytes_in = activity.bytes_read();
         record.bytes_out = activity.bytes_written();
@@ -144,9 +147,20 @@ async fn handshake(
     match tokio::time::timeout(proxy.timeouts.handshake, handshake).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(source)) => {
+            // An ALPN list sharing nothing with the route's (an HTTP/2-only client on a
+            // git route, which speaks HTTP/1.1 only) is the proxy's refusal, not trust.
+            let no_alpn = source
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+                .is_some_and(|e| matches!(e, rustls::Error::NoApplicationProtocol));
             let e = ProxyError::DownstreamIo {
                 peer: conn.peer,
-                op: "TLS handshake (does the sandbox trust the egressd CA?)",
+                op: if no_alpn {
+                    "TLS handshake: the client offered no application protocol this route \
+                     serves (HTTP/1.1 only on git routes, else HTTP/1.1 or HTTP/2)"
+                } else {
+                    "TLS handshake (does the sandbox trust the egressd CA?)"
+                },
                 source,
             };
             connection_record(e.to_string());

@@ -524,6 +524,47 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
+/// A git route speaks HTTP/1.1 only: a client offering only HTTP/2 is refused in the TLS
+/// handshake, and that is a recorded refusal, not a trust problem.
+#[tokio::test]
+async fn a_client_offering_only_http2_on_a_git_route_is_refused_and_recorded() {
+    tokio::time::timeout(LIMIT, async {
+        let (_root, repos) = origin_repos();
+        let (origin, origin_ca) = start_origin(repos).await;
+        let mut h = start_proxy(origin, &origin_ca, agent_rule()).await;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(&h.env.ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", h.env.port))
+            .await
+            .unwrap();
+        let name = rustls_pki_types::ServerName::try_from(HOST).unwrap();
+        let refused = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await;
+        assert!(refused.is_err());
+        let record = tokio::time::timeout(Duration::from_secs(5), h.records.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.verdict, Verdict::Deny);
+        let reason = record.reason.unwrap_or_default();
+        assert!(
+            reason.contains("no application protocol this route serves"),
+            "{reason}"
+        );
+    })
+    .await
+    .unwrap();
+}
+
 /// A push's command list is held in the sandbox's share of the held-body budget while it
 /// is read: with the share spent, the push is refused with 503 and recorded, and nothing
 /// reaches the origin; with the share back, the same push goes through.
