@@ -469,11 +469,20 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     // logrotate's `postrotate` sends SIGHUP after moving the log away (`create` mode).
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    // A failure that stops the daemon after the usual stop (records, connections closed,
+    // a `daemon-stop` record with outcome failure), then makes it exit with an error.
+    let mut failed: Option<anyhow::Error> = None;
     loop {
         tokio::select! {
             batch = events.next_batch() => {
-                let batch = batch.context("reading the kernel ring buffer")?;
-                record_events(&shared, &clock, batch);
+                match batch.context("reading the kernel ring buffer") {
+                    Ok(batch) => record_events(&shared, &clock, batch),
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "Stopping: kernel events can no longer be read (sandboxes stay confined)");
+                        failed = Some(e);
+                        break;
+                    }
+                }
             }
             Some(order) = quarantine_orders.recv() => carry_out(&shared, order),
             _ = lost_poll.tick() => {
@@ -556,7 +565,11 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         core.audit.emit(Record::DaemonStop(DaemonStop {
             time: now(),
             pid: std::process::id(),
-            reason: StopReason::Signal,
+            reason: if failed.is_some() {
+                StopReason::Error
+            } else {
+                StopReason::Signal
+            },
         }));
         // Saved as a clean stop only once the writer has written everything (below): a
         // stop whose last records never reached the log is reported by the next run.
@@ -589,7 +602,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         }
     }
     crate::collector::flush(Duration::from_secs(2)).await;
-    Ok(())
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// Quarantines a sandbox because an alert's configured response says so.
