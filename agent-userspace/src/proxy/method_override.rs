@@ -285,9 +285,9 @@ pub async fn check_body(
     }
     match found {
         Some(key) if key == ENCODED_NAME => refuse(
-            "a multipart field name in pieces (RFC 2231) that do not run in order, or in an \
-             encoded word (RFC 2047) whose charset this proxy cannot read, may name a method \
-             to run instead"
+            "a multipart field name in pieces (RFC 2231) or in an encoded word (RFC 2047), \
+             which origins join and decode each their own way, may name a method to run \
+             instead"
                 .to_owned(),
             read.len() as u64,
         ),
@@ -457,18 +457,17 @@ fn form_decode(raw: &[u8]) -> String {
     String::from_utf8_lossy(&super::inject::percent_decode(&unicode)).into_owned()
 }
 
-/// What [`multipart_names`] gives for a name written in a form some origins decode and
-/// this proxy cannot read (pieces missing or out of order, an encoded word in a charset
-/// that is not ASCII-compatible): not a name any form field has (it holds a NUL), and the
-/// body is refused for it.
+/// What [`multipart_names`] gives for a field name written in a form some origins decode
+/// and others do not, each its own way (RFC 2231 pieces, which Go's `mime` joins; RFC 2047
+/// encoded words, which Tomcat and ASP.NET Core decode, in any charset): not a name any
+/// form field has (it holds a NUL), and the body is refused for it rather than judged by
+/// one reading of it.
 const ENCODED_NAME: &str = "\0encoded name";
 
 /// Every `name` (and `name*`, RFC 5987) parameter value anywhere in a multipart body,
 /// read loosely (any case, spaces around `=`, quoted or not, `filename` too): a field's
-/// name is among them however its part's headers are laid out. A name in pieces
-/// (`name*0=...; name*1=...`, RFC 2231, which Go's `mime` joins) is given joined, and
-/// RFC 2047 encoded words in a name (`=?UTF-8?B?X21ldGhvZA==?=`, which Tomcat's and
-/// ASP.NET Core's readers decode) decoded.
+/// name is among them however its part's headers are laid out. A field name in pieces
+/// (`name*0=...`) or holding an encoded word (`=?UTF-8?B?...?=`) is [`ENCODED_NAME`].
 fn multipart_names(body: &[u8]) -> impl Iterator<Item = String> + '_ {
     let starts = body
         .windows(4)
@@ -479,21 +478,18 @@ fn multipart_names(body: &[u8]) -> impl Iterator<Item = String> + '_ {
         // `name` itself, not the end of `filename` (or another parameter's name).
         let own = at == 0 || !body[at - 1].is_ascii_alphanumeric();
         let param = multipart_param(body, at + 4)?;
-        let value = match param.piece {
-            // The first piece stands for the whole name; the others are joined to it.
-            Some(0) => return Some(joined_pieces(body, at)),
-            Some(_) => return None,
-            None => param.value,
-        };
+        if param.piece.is_some() {
+            return own.then(|| ENCODED_NAME.to_owned());
+        }
         let value = if param.extended {
             // charset'language'percent-encoded
-            let encoded = value.splitn(3, '\'').nth(2).unwrap_or(&value);
+            let encoded = param.value.splitn(3, '\'').nth(2).unwrap_or(&param.value);
             String::from_utf8_lossy(&super::inject::percent_decode(encoded)).into_owned()
         } else {
-            value
+            param.value
         };
         Some(if own && value.contains("=?") {
-            decode_words(&value).unwrap_or_else(|| ENCODED_NAME.to_owned())
+            ENCODED_NAME.to_owned()
         } else {
             value
         })
@@ -577,163 +573,6 @@ fn multipart_param(body: &[u8], mut i: usize) -> Option<MultipartParam> {
         extended,
         value: String::from_utf8_lossy(&value).into_owned(),
     })
-}
-
-/// The name whose first piece (`name*0`) starts at `at`, joined from the `name*N` pieces
-/// of the same header (its continuation lines included), as Go's `mime` joins them:
-/// pieces 0, 1, 2... in order, the `*` ones percent-decoded (the first after its
-/// `charset'language'`). [`ENCODED_NAME`] when they do not run 0, 1, 2...
-fn joined_pieces(body: &[u8], at: usize) -> String {
-    let folded = |i: usize| body.get(i).is_some_and(|b| *b == b' ' || *b == b'\t');
-    // Back to the start of the header's first line, forward to the end of its last.
-    let mut start = at;
-    loop {
-        start = memchr::memrchr(b'\n', &body[..start]).map_or(0, |n| n + 1);
-        if start == 0 || !folded(start) {
-            break;
-        }
-        start -= 1;
-    }
-    let mut end = at;
-    loop {
-        match memchr::memchr(b'\n', &body[end..]) {
-            Some(n) if folded(end + n + 1) => end += n + 1,
-            Some(n) => {
-                end += n;
-                break;
-            }
-            None => {
-                end = body.len();
-                break;
-            }
-        }
-    }
-    let headers = &body[start..end.min(start + 16 * 1024)];
-    let mut pieces: Vec<(u32, String)> = headers
-        .windows(4)
-        .enumerate()
-        .filter(|(i, w)| {
-            w.eq_ignore_ascii_case(b"name") && (*i == 0 || !headers[i - 1].is_ascii_alphanumeric())
-        })
-        .filter_map(|(i, _)| multipart_param(headers, i + 4))
-        .filter_map(|p| {
-            let n = p.piece?;
-            let value = if p.extended {
-                let encoded = if n == 0 {
-                    p.value
-                        .splitn(3, '\'')
-                        .nth(2)
-                        .unwrap_or(&p.value)
-                        .to_owned()
-                } else {
-                    p.value
-                };
-                String::from_utf8_lossy(&super::inject::percent_decode(&encoded)).into_owned()
-            } else {
-                p.value
-            };
-            Some((n, value))
-        })
-        .collect();
-    pieces.sort_by_key(|(n, _)| *n);
-    if pieces.iter().zip(0u32..).any(|((n, _), want)| *n != want) {
-        return ENCODED_NAME.to_owned();
-    }
-    let joined: String = pieces.into_iter().map(|(_, v)| v).collect();
-    if joined.contains("=?") {
-        return decode_words(&joined).unwrap_or_else(|| ENCODED_NAME.to_owned());
-    }
-    joined
-}
-
-/// `text` with its RFC 2047 encoded words (`=?charset?B|Q?text?=`) decoded, as a reader
-/// that decodes them would see it; `None` when a word's charset is not ASCII-compatible
-/// (UTF-16 and -32, UCS-2 and -4, UTF-7, EBCDIC code pages: the bytes cannot be read
-/// here), and the caller refuses. A word that does not decode stays as it is, as decoders
-/// leave it.
-fn decode_words(text: &str) -> Option<String> {
-    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-    use base64::Engine as _;
-    const B64: GeneralPurpose = GeneralPurpose::new(
-        &base64::alphabet::STANDARD,
-        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-    );
-    let mut out = Vec::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find("=?") {
-        out.extend_from_slice(&rest.as_bytes()[..start]);
-        let word = &rest[start..];
-        let Some((charset, encoding, encoded, len)) = encoded_word(word) else {
-            out.extend_from_slice(b"=?");
-            rest = &word[2..];
-            continue;
-        };
-        // `charset*language` (RFC 2231's addition).
-        let charset = charset
-            .split('*')
-            .next()
-            .unwrap_or(charset)
-            .to_ascii_lowercase();
-        let unreadable = [
-            "utf-16", "utf-32", "ucs-2", "ucs-4", "utf-7", "unicode", "ibm", "cp0", "cp1", "cp5",
-            "cp8", "cp9",
-        ]
-        .iter()
-        .any(|c| charset.starts_with(c))
-            || charset.contains("ebcdic");
-        if unreadable {
-            return None;
-        }
-        let decoded = match encoding {
-            "B" | "b" => B64.decode(encoded).ok(),
-            "Q" | "q" => Some(q_decode(encoded.as_bytes())),
-            _ => None,
-        };
-        match decoded {
-            Some(bytes) => out.extend_from_slice(&bytes),
-            None => out.extend_from_slice(&word.as_bytes()[..len]),
-        }
-        rest = &word[len..];
-    }
-    out.extend_from_slice(rest.as_bytes());
-    Some(String::from_utf8_lossy(&out).into_owned())
-}
-
-/// The charset, encoding and text of the encoded word `word` starts with
-/// (`=?charset?E?text?=`), and its length.
-fn encoded_word(word: &str) -> Option<(&str, &str, &str, usize)> {
-    let inner = word.strip_prefix("=?")?;
-    let (charset, after) = inner.split_once('?')?;
-    let (encoding, after) = after.split_once('?')?;
-    let end = after.find("?=")?;
-    let len = 2 + charset.len() + 1 + encoding.len() + 1 + end + 2;
-    Some((charset, encoding, &after[..end], len))
-}
-
-/// RFC 2047's Q encoding: `_` is a space, `=XX` a byte, anything else itself.
-fn q_decode(text: &[u8]) -> Vec<u8> {
-    let hex = |b: u8| (b as char).to_digit(16);
-    let mut out = Vec::with_capacity(text.len());
-    let mut i = 0;
-    while i < text.len() {
-        match text[i] {
-            b'_' => out.push(b' '),
-            b'=' => {
-                if let (Some(h), Some(l)) = (
-                    text.get(i + 1).copied().and_then(hex),
-                    text.get(i + 2).copied().and_then(hex),
-                ) {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                out.push(b'=');
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    out
 }
 
 /// The keys of the top-level object of a JSON body's first value (none if it is another
@@ -865,29 +704,17 @@ mod tests {
         }
         let body = part("form-data; name=\"payment_method\"");
         assert!(!multipart_names(body.as_bytes()).any(|n| is_override_key(&n)));
-        // Names some origins decode: read as they decode them (Go joins RFC 2231 pieces;
-        // Tomcat and ASP.NET Core decode RFC 2047 words in a `name`).
+        // Names origins join or decode each their own way: refused, whatever they read
+        // as (Go joins RFC 2231 pieces; Tomcat and ASP.NET Core decode RFC 2047 words).
         for disposition in [
             "form-data; name*0=\"_met\"; name*1=\"hod\"",
             "form-data; name*1=\"hod\"; name*0=\"_met\"",
             "form-data; name*0*=UTF-8''%5Fme; name*1=thod",
             "form-data; name * 0 = \"_met\";\r\n name*1=hod",
+            "form-data; name*0=\"long-\"; name*1=\"field\"",
             "form-data; name=\"=?UTF-8?B?X21ldGhvZA==?=\"",
-            "form-data; name=\"=?UTF-8?B?X21ldGhvZA?=\"",
             "form-data; name==?UTF-8?Q?=5Fmethod?=",
-            "form-data; name=\"=?iso-8859-1?q?_method?=\"",
-            "form-data; name=\"=?utf-8?Q?=5Fmet?==?utf-8?Q?hod?=\"",
-        ] {
-            let body = part(disposition);
-            assert!(
-                multipart_names(body.as_bytes()).any(|n| is_override_key(&n)),
-                "{disposition:?}: {:?}",
-                multipart_names(body.as_bytes()).collect::<Vec<_>>()
-            );
-        }
-        // Pieces that do not run 0, 1, 2..., and a charset read otherwise: refused.
-        for disposition in [
-            "form-data; name*0=\"_met\"; name*2=\"hod\"",
+            "form-data; name=\"=?utf-8?Q?=5Fmet?= =?utf-8?Q?hod?=\"",
             "form-data; name=\"=?UTF-16?B?AF8AbQBlAHQAaABvAGQ=?=\"",
         ] {
             let body = part(disposition);
@@ -896,18 +723,18 @@ mod tests {
                 "{disposition:?}"
             );
         }
-        // Ordinary uploads: a file name in an encoded word (.NET writes them), a field
-        // named in pieces, an e-mail attachment whose headers hold encoded names.
+        // Ordinary uploads: a file name in an encoded word (.NET writes them) or in pieces.
         for disposition in [
             "form-data; name=\"file\"; filename=\"=?utf-8?B?w6l0w6kucGRm?=\"",
-            "form-data; name*0=\"long-\"; name*1=\"field\"",
+            "form-data; name=\"file\"; filename*0=\"a-long-\"; filename*1=\"name.pdf\"",
             "form-data; name=\"a=b\"",
-            "form-data; name=\"attachment\"\r\nContent-Type: message/rfc822\r\n\r\nContent-Type: application/pdf; name=\"=?utf-8?B?cmVwb3J0LnBkZg==?=\"",
         ] {
             let body = part(disposition);
             let names: Vec<String> = multipart_names(body.as_bytes()).collect();
             assert!(
-                !names.iter().any(|n| n == ENCODED_NAME || is_override_key(n)),
+                !names
+                    .iter()
+                    .any(|n| n == ENCODED_NAME || is_override_key(n)),
                 "{disposition:?}: {names:?}"
             );
         }
