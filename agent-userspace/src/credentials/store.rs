@@ -424,7 +424,7 @@ impl CredentialStore {
     /// App tokens, Vault leases, STS sessions) become known when first minted, before
     /// they are first injected. Bounded by [`READ_AHEAD_TIMEOUT`]; errors are left for the
     /// request that needs the value to report. Returns how many values were read, and the
-    /// names of the credentials whose value was not (which [`Self::read_ahead`] tries
+    /// names of the credentials whose value was not (which [`Self::read_ahead_unbounded`] tries
     /// again: until then their value is not matched).
     pub async fn prime(&self) -> (usize, Vec<String>) {
         let names: Vec<String> = self
@@ -443,7 +443,7 @@ impl CredentialStore {
 
     /// Reads the values of credentials `names` ahead (see [`Self::prime`]), each within
     /// [`READ_AHEAD_TIMEOUT`]; returns the names of those not read.
-    pub async fn read_ahead(&self, names: &[String]) -> Vec<String> {
+    async fn read_ahead(&self, names: &[String]) -> Vec<String> {
         let ahead = names.iter().filter_map(|n| self.credentials.get(n));
         let read = futures_util::future::join_all(ahead.map(|credential| async move {
             let read = async {
@@ -466,6 +466,23 @@ impl CredentialStore {
             }
         }
         unread
+    }
+
+    /// Reads credential `name`'s value ahead with no time limit, noting it for the
+    /// matcher: a read that blocks (a FIFO, a hung mount) stays the one in progress, never
+    /// started again beside it.
+    pub async fn read_ahead_unbounded(&self, name: &str) -> Result<(), String> {
+        let credential = self
+            .credentials
+            .get(name)
+            .ok_or_else(|| CredentialError::Unknown(name.to_owned()).to_string())?;
+        let value = match &credential.source {
+            Source::Vault(v) => Box::pin(v.read_ahead()).await,
+            _ => credential.value().await,
+        };
+        let secret = value.map_err(|e| e.to_string())?;
+        self.known.note(&credential.name, &secret);
+        Ok(())
     }
 
     /// The matcher over every credential's current (and previous) value seen so far.

@@ -271,18 +271,20 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
              refused on the way out",
             READ_AHEAD_RETRY.as_secs()
         );
-        let credentials = credentials.clone();
-        tokio::spawn(async move {
-            let mut left = unread;
-            while !left.is_empty() {
-                tokio::time::sleep(READ_AHEAD_RETRY).await;
-                let still = credentials.read_ahead(&left).await;
-                for name in left.iter().filter(|n| !still.contains(n)) {
-                    tracing::info!(credential = %name, "Credential value read ahead at last");
+        // One task per value, each read to its end however long it takes (a file read
+        // that blocks holds one thread, not one more per attempt), again after a failure.
+        for name in unread {
+            let credentials = credentials.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(READ_AHEAD_RETRY).await;
+                    if credentials.read_ahead_unbounded(&name).await.is_ok() {
+                        tracing::info!(credential = %name, "Credential value read ahead at last");
+                        break;
+                    }
                 }
-                left = still;
-            }
-        });
+            });
+        }
     }
     // The audit trail's last check: whatever field a secret reached (a ref name a sandbox
     // chose, a DNS name, a reason quoting a request), it is masked before it is written.
