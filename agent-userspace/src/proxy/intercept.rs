@@ -320,8 +320,9 @@ fn serve(
                     // request permit) is let go.
                     refused(None, format!(
                         "downstream client: read nothing of what the proxy sent for {} s \
-                         (proxy.idle_secs); connection closed",
-                        idle.as_secs()
+                         ({} times proxy.idle_secs); connection closed",
+                        (idle * super::io::STALL_FACTOR).as_secs(),
+                        super::io::STALL_FACTOR
                     ));
                 } else if head_clock.incomplete() {
                     refused(None, format!(

@@ -298,14 +298,20 @@ pub enum Idle {
     Stalled,
 }
 
+/// How many times `idle` a write may wait for the peer to read. A socket is writable
+/// again only once about a third of its send buffer (up to 4 MiB) has drained, so a
+/// client reading steadily but slowly leaves writes waiting for a while each: at five
+/// times the default 60 s, one reading about 5 KB/s is never cut, one reading nothing is.
+pub const STALL_FACTOR: u32 = 5;
+
 /// Returns once no byte has moved for `idle` while `busy()` is false, or once a write has
-/// waited `idle` for the peer to read. A busy connection (a request waiting on its
-/// upstream) is otherwise never idle.
+/// waited [`STALL_FACTOR`] times `idle` for the peer to read. A busy connection (a
+/// request waiting on its upstream) is otherwise never idle.
 pub async fn idle_watch(activity: &Activity, idle: Duration, busy: impl Fn() -> bool) -> Idle {
     loop {
         if activity
             .write_blocked_for()
-            .is_some_and(|waited| waited >= idle)
+            .is_some_and(|waited| waited >= idle * STALL_FACTOR)
         {
             return Idle::Stalled;
         }
@@ -356,7 +362,11 @@ mod tests {
         activity.write_waits();
         let started = Instant::now();
         assert_eq!(idle_watch(&activity, idle, || true).await, Idle::Stalled);
-        assert!(started.elapsed() >= idle / 2, "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= idle * STALL_FACTOR - idle / 2,
+            "{:?}",
+            started.elapsed()
+        );
         activity.write_done();
         assert_eq!(activity.write_blocked_for(), None);
     }
