@@ -856,18 +856,19 @@ impl Health {
     }
 
     /// Keeps the vital records of a message that found the queue full (within the
-    /// reserve); returns how many records were not kept.
-    fn keep_vital(&self, message: Message) -> u64 {
+    /// reserve); returns how many records were not kept, and how many of those were vital.
+    fn keep_vital(&self, message: Message) -> (u64, u64) {
         let records = match message {
             Message::Record(r) => vec![*r],
             Message::Records(v) => v,
-            Message::Reopen => return 0,
+            Message::Reopen => return (0, 0),
         };
         if !records.iter().any(|r| vital(r).is_some()) {
-            return records.len() as u64;
+            return (records.len() as u64, 0);
         }
         let after = self.sent.load(Ordering::Acquire);
         let mut unkept = 0;
+        let mut vital_unkept = 0;
         let mut overflow = self.overflow();
         for record in records {
             let Some(owner) = vital(&record).map(|o| o.map(str::to_owned)) else {
@@ -881,13 +882,13 @@ impl Health {
                 overflow.records.push_back((after, owner, record));
             } else {
                 unkept += 1;
-                self.vital_unqueued.fetch_add(1, Ordering::Relaxed);
+                vital_unkept += 1;
             }
         }
         if !overflow.records.is_empty() {
             self.overflowed.store(true, Ordering::Release);
         }
-        unkept
+        (unkept, vital_unkept)
     }
 
     /// The vital records kept past a full queue that were queued no earlier than the
@@ -1189,9 +1190,17 @@ impl AuditHandle {
             }
             Err(mpsc::error::TrySendError::Full(message)) => {
                 // Vital records are kept aside (within a reserve), the rest counted.
-                let unkept = self.health.keep_vital(message);
+                let (unkept, vital_unkept) = self.health.keep_vital(message);
+                // The loss first, then its vital part: the writer, which clears the vital
+                // count by what it saw before taking the loss, never clears one whose loss
+                // it has not taken.
                 if unkept > 0 {
-                    self.health.unqueued.fetch_add(unkept, Ordering::Relaxed);
+                    self.health.unqueued.fetch_add(unkept, Ordering::SeqCst);
+                }
+                if vital_unkept > 0 {
+                    self.health
+                        .vital_unqueued
+                        .fetch_add(vital_unkept, Ordering::SeqCst);
                 }
                 if unkept < records {
                     // The writer takes what was kept once it has taken the messages queued
@@ -1255,7 +1264,7 @@ impl AuditHandle {
     /// stopping every sandbox's credentials.
     pub fn records_credential_use(&self) -> bool {
         !self.health.failing.load(Ordering::Acquire)
-            && self.health.vital_unqueued.load(Ordering::Relaxed) == 0
+            && self.health.vital_unqueued.load(Ordering::SeqCst) == 0
             && self.health.stalled().is_none()
             && !self.tx.is_closed()
     }
@@ -1559,9 +1568,13 @@ impl AuditTask {
     /// Numbers the records producers could not queue (the queue to this thread was full)
     /// as dropped: the next `audit-lost` record reports them with the rest.
     fn take_unqueued(&mut self) {
-        // (Cleared first: a vital record counted after this is in the next count.)
-        self.health.vital_unqueued.store(0, Ordering::Relaxed);
-        let n = self.health.unqueued.swap(0, Ordering::Relaxed);
+        // The vital losses seen before the loss is taken are in it (a handle counts the
+        // loss first): only those are cleared, later ones wait for the next take.
+        let vital = self.health.vital_unqueued.load(Ordering::SeqCst);
+        let n = self.health.unqueued.swap(0, Ordering::SeqCst);
+        self.health
+            .vital_unqueued
+            .fetch_sub(vital, Ordering::SeqCst);
         if n == 0 {
             return;
         }
