@@ -543,6 +543,18 @@ async fn decide(
             return servfail(record, failure.reason);
         }
     };
+    // A quarantine that began while the upstream answered: nothing of the answer is
+    // delivered or learned (an answer that teaches no address, a TXT record or a
+    // no-such-name, still carries data in).
+    if ctx.quarantined.load(Ordering::Acquire) {
+        record.verdict = DnsVerdict::Deny;
+        record.response_code = rcode_name(ResponseCode::Refused);
+        record.reason = Some("the sandbox was quarantined while the answer came".to_owned());
+        return (
+            question.error_reply(ResponseCode::Refused, false),
+            finish(record),
+        );
+    }
 
     let crossing = |name: &str| {
         policy
@@ -644,17 +656,6 @@ async fn decide(
     // A record stays one line a shipper takes whole: an answer can hold thousands.
     refused.truncate(MAX_REFUSED_RECORDED);
     record.refused = refused;
-    // A quarantine that began while the upstream answered: nothing of the answer is
-    // delivered (an answer that teaches no address, a TXT record, still carries data in).
-    if ctx.quarantined.load(Ordering::Acquire) {
-        record.verdict = DnsVerdict::Deny;
-        record.response_code = rcode_name(ResponseCode::Refused);
-        record.reason = Some("the sandbox was quarantined while the answer came".to_owned());
-        return (
-            question.error_reply(ResponseCode::Refused, false),
-            finish(record),
-        );
-    }
     let limit = match transport {
         Transport::Udp => question.udp_limit(),
         Transport::Tcp => usize::from(u16::MAX),
