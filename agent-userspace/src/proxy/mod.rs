@@ -206,7 +206,9 @@ const MAX_SERVER_CONFIGS: usize = 1024;
 const SESSION_CACHE_SIZE: usize = 1024;
 
 /// A server TLS configuration for one server name, and the leaf it presents.
-type ServerConfigs = HashMap<String, (Arc<CertifiedKey>, Arc<ServerConfig>)>;
+/// By server name: the leaf, its configuration, and when it was last handed out (a full
+/// map loses the one used longest ago).
+type ServerConfigs = HashMap<String, (Arc<CertifiedKey>, Arc<ServerConfig>, std::time::Instant)>;
 
 struct Timeouts {
     handshake: Duration,
@@ -645,8 +647,9 @@ impl Proxy {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
         };
-        if let Some((key, config)) = configs()[usize::from(h2)].get(server_name) {
+        if let Some((key, config, used)) = configs()[usize::from(h2)].get_mut(server_name) {
             if Arc::ptr_eq(key, &leaf) {
+                *used = std::time::Instant::now();
                 return Ok(config.clone());
             }
         }
@@ -669,13 +672,20 @@ impl Proxy {
         let config = Arc::new(config);
         let mut all = configs();
         let map = &mut all[usize::from(h2)];
-        if map.len() >= MAX_SERVER_CONFIGS {
-            // One goes (any), not all: others' names keep theirs.
-            if let Some(any) = map.keys().next().cloned() {
-                map.remove(&any);
+        if map.len() >= MAX_SERVER_CONFIGS && !map.contains_key(server_name) {
+            // The one used longest ago goes, not all: names in use keep theirs.
+            let oldest = map
+                .iter()
+                .min_by_key(|(_, (_, _, used))| *used)
+                .map(|(name, _)| name.clone());
+            if let Some(oldest) = oldest {
+                map.remove(&oldest);
             }
         }
-        map.insert(server_name.to_owned(), (leaf, config.clone()));
+        map.insert(
+            server_name.to_owned(),
+            (leaf, config.clone(), std::time::Instant::now()),
+        );
         Ok(config)
     }
 }
