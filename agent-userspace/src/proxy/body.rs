@@ -509,6 +509,8 @@ pub struct RecordedBody {
     /// Boxed: the response body is moved several times on its way out (into the
     /// response, through the HTTP server), the record only written at its end.
     finish: Option<Box<Finish>>,
+    /// The proxy ended the body itself (it could no longer scrub it): recorded as a deny.
+    cut: bool,
 }
 
 impl RecordedBody {
@@ -517,6 +519,7 @@ impl RecordedBody {
             inner: Inner::Upstream(body),
             bytes_out: 0,
             finish: Some(Box::new(finish)),
+            cut: false,
         }
     }
 
@@ -525,6 +528,7 @@ impl RecordedBody {
             inner: Inner::Local(Some(text)),
             bytes_out: 0,
             finish: Some(Box::new(finish)),
+            cut: false,
         }
     }
 
@@ -550,6 +554,9 @@ impl RecordedBody {
             closing,
         } = *finish;
         secrets.fill(&mut record);
+        if self.cut {
+            record.verdict = crate::audit::ProxyVerdict::Deny;
+        }
         record.bytes_in = bytes_in.load(Ordering::Relaxed);
         record.bytes_out = self.bytes_out;
         record.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -573,6 +580,18 @@ impl RecordedBody {
         }
         drop(in_flight);
         audit(record);
+    }
+}
+
+/// The proxy's own reason for ending a body, wherever it sits in the error's chain.
+fn find_cut<'a>(
+    mut e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a super::scrub::ProxyCut> {
+    loop {
+        if let Some(cut) = e.downcast_ref::<super::scrub::ProxyCut>() {
+            return Some(cut);
+        }
+        e = e.source()?;
     }
 }
 
@@ -605,10 +624,14 @@ impl Body for RecordedBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => {
-                this.complete(
-                    false,
-                    Some(format!("upstream server: response body failed: {e}")),
-                );
+                let reason = match find_cut(e.as_ref()) {
+                    Some(cut) => {
+                        this.cut = true;
+                        format!("proxy: response body ended: {cut}")
+                    }
+                    None => format!("upstream server: response body failed: {e}"),
+                };
+                this.complete(false, Some(reason));
                 Poll::Ready(Some(Err(e)))
             }
             None => {

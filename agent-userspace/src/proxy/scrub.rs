@@ -697,6 +697,19 @@ pub struct ScrubbedBody {
     margin: Option<u64>,
 }
 
+/// Why the proxy itself ended a response body it could no longer scrub: a refusal, not
+/// an upstream failure.
+#[derive(Debug)]
+pub struct ProxyCut(pub &'static str);
+
+impl std::fmt::Display for ProxyCut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for ProxyCut {}
+
 /// The matcher over the secrets known now.
 pub type LatestMatcher = Arc<dyn Fn() -> Arc<SecretMatcher> + Send + Sync>;
 
@@ -717,17 +730,18 @@ impl ScrubbedBody {
         let now = (self.latest)();
         if !Arc::ptr_eq(&now, &self.matcher) {
             if now.failed() {
-                return Err("the proxy could not build its secret matcher".into());
+                return Err(Box::new(ProxyCut(
+                    "the proxy could not build its secret matcher",
+                )));
             }
             if self
                 .margin
                 .is_some_and(|margin| u64::try_from(now.span()).unwrap_or(u64::MAX) > margin)
             {
-                return Err(
-                    "a secret longer than the margin this byte range was widened by \
-                            became known while it streamed"
-                        .into(),
-                );
+                return Err(Box::new(ProxyCut(
+                    "a secret longer than the margin this byte range was widened by became \
+                     known while it streamed",
+                )));
             }
             match &mut self.later {
                 Some(later) => later.set_matcher(now.clone()),

@@ -919,7 +919,7 @@ async fn a_secret_first_known_while_a_byte_range_is_asked_ends_its_answer() {
 async fn a_secret_first_known_while_a_byte_range_streams_ends_it() {
     within(async {
         let origin = start_origin(true).await;
-        let h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
         assert!(h.proxy.credentials.matcher().is_empty());
         let mut watcher = h1_client(h.addr, OTHER, &h.ca_pem).await;
         let range = [("range", "bytes=0-3")];
@@ -933,6 +933,22 @@ async fn a_secret_first_known_while_a_byte_range_streams_ends_it() {
         assert_eq!(fed.status, StatusCode::OK);
         let got = answer.into_body().collect().await;
         assert!(got.is_err(), "the range streamed on: {got:?}");
+        // The proxy's refusal, recorded as one (not as the upstream failing).
+        let mut cut = None;
+        for _ in 0..3 {
+            let record = h.record().await;
+            if record.path.as_deref() == Some("/range-stream") {
+                cut = Some(record);
+                break;
+            }
+        }
+        let cut = cut.unwrap();
+        assert_eq!(cut.verdict, Verdict::Deny);
+        let reason = cut.reason.unwrap_or_default();
+        assert!(
+            reason.starts_with("proxy: response body ended: a secret longer"),
+            "{reason}"
+        );
     })
     .await;
 }
