@@ -2427,6 +2427,39 @@ fn denied(port: u16) -> Record {
     .into()
 }
 
+/// A record that cannot be encoded (its time before the year 0000) takes its number and
+/// is reported lost in its place, saying why; the records around it are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_cannot_be_encoded_is_reported_lost_in_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let (handle, task) = AuditLog::open(AuditSink::File(path.clone())).unwrap();
+    let writer = tokio::spawn(task.run());
+    handle.emit(denied(1));
+    let mut ancient = network(
+        Hook::Connect4,
+        6,
+        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+        2,
+        Verdict::Deny,
+        RuleRef::Default,
+    );
+    ancient.time = OffsetDateTime::from_unix_timestamp(-62_200_000_000).unwrap();
+    handle.emit(ancient);
+    handle.emit(denied(3));
+    drop(handle);
+    writer.await.unwrap().unwrap();
+    let lines = read_lines(&path);
+    let seqs: Vec<u64> = lines.iter().map(sequence).collect();
+    assert_eq!(seqs, vec![1, 3, 4], "{lines:#?}");
+    let lost = &lines[1];
+    assert_eq!(lost["event"]["action"], "audit-lost");
+    assert_eq!(lost["egress"]["audit_lost"]["first_sequence"], 2);
+    assert_eq!(lost["egress"]["audit_lost"]["count"], 1);
+    let why = lost["error"]["message"].as_str().unwrap_or_default();
+    assert!(why.contains("could not be encoded"), "{lost}");
+}
+
 /// Polls `cond` every 20 ms for at most 10 s.
 async fn eventually(what: &str, cond: impl Fn() -> bool) {
     for _ in 0..500 {

@@ -1436,7 +1436,8 @@ impl AuditTask {
     /// is not woken once per record. The lines taken at a wake-up are written back to back
     /// with one `write(2)` (whole lines, at most 1 MiB, or `PIPE_BUF` to stdout).
     ///
-    /// A record that cannot be encoded is logged and skipped (it gets no number). A write
+    /// A record that cannot be encoded is numbered and reported lost in an `audit-lost`
+    /// record that says why. A write
     /// error never stops the task: it closes the file, marks the trail unhealthy, keeps
     /// up to `queue_records` records (numbering and counting the rest) and tries again,
     /// opening the path afresh, with a growing pause (0.1 s to 2 s). Once everything kept
@@ -1632,18 +1633,20 @@ impl AuditTask {
                         self.queue_loss(range);
                     }
                     if let Err(e) = self.writer.encode_next_into(record, &mut self.pending) {
-                        error!(action = record.action(), error = %e, "Audit record not encodable; skipped");
+                        self.unencodable(record, &e);
                     }
                     return;
                 }
             }
         }
         if full {
+            // Dropped either way: one that cannot be encoded still takes its number, so
+            // the range reported lost counts it.
             let sequence = match self.writer.encode_next(record) {
                 Ok((sequence, _)) => sequence,
                 Err(e) => {
-                    error!(action = record.action(), error = %e, "Audit record not encodable; skipped");
-                    return;
+                    error!(action = record.action(), error = %e, "Audit record not encodable");
+                    self.writer.skip(1).0
                 }
             };
             let d = self.dropped.get_or_insert(Dropped {
@@ -1653,8 +1656,21 @@ impl AuditTask {
             d.last = sequence;
             self.health.report().lost += 1;
         } else if let Err(e) = self.writer.encode_next_into(record, &mut self.pending) {
-            error!(action = record.action(), error = %e, "Audit record not encodable; skipped");
+            self.unencodable(record, &e);
         }
+    }
+
+    /// A record that cannot be encoded (a time outside what RFC 3339 writes) takes its
+    /// number all the same and is reported lost in its place, saying why: the trail has
+    /// no gap that nothing explains.
+    fn unencodable(&mut self, record: &Record, e: &EncodeError) {
+        error!(action = record.action(), error = %e, "Audit record not encodable; reported lost");
+        let (first, last) = self.writer.skip(1);
+        self.queue_lost(
+            Dropped { first, last },
+            None,
+            format!("the {} record could not be encoded: {e}", record.action()),
+        );
     }
 
     /// Numbers and queues the `audit-lost` record of a dropped range.
