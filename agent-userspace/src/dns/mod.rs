@@ -97,7 +97,10 @@ pub const MAX_TCP_CONNECTIONS: usize = 64;
 /// [`refusal_records`]).
 pub const REFUSALS_RECORDED: u32 = 1000;
 /// A TCP connection is closed when a whole query (or writing its answer) takes longer.
+#[cfg(not(test))]
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
+#[cfg(test)]
+pub const TCP_IDLE: Duration = Duration::from_secs(1);
 
 /// One address an answer released, for the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -324,11 +327,33 @@ async fn serve_connection(mut stream: TcpStream, ctx: &ResolverCtx, refusals: &R
             return;
         }
         let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        if !matches!(
-            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await,
-            Ok(Ok(_))
-        ) {
-            return;
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await {
+            Ok(Ok(_)) => {}
+            // A query begun and not finished: refused (nothing sent on), and said so.
+            Ok(Err(_)) | Err(_) => {
+                let record = DnsRecord {
+                    time: OffsetDateTime::now_utc(),
+                    sandbox: ctx.sandbox.clone(),
+                    question_name: String::new(),
+                    question_type: String::new(),
+                    response_code: rcode_name(ResponseCode::FormErr),
+                    resolved_ip: Vec::new(),
+                    refused: Vec::new(),
+                    verdict: DnsVerdict::Deny,
+                    rule: None,
+                    reason: Some(format!(
+                        "a DNS-over-TCP query announced {} bytes and did not send them all \
+                         within {} s; connection closed, nothing answered or sent on",
+                        query.len(),
+                        TCP_IDLE.as_secs()
+                    )),
+                    upstream: None,
+                };
+                if refusals.admit(&ctx.sandbox) {
+                    (ctx.audit)(finish(record));
+                }
+                return;
+            }
         }
         let Some(reply) = resolve(ctx, refusals, &query, Transport::Tcp).await else {
             return;

@@ -755,6 +755,28 @@ async fn a_quarantine_stops_a_query_going_on_to_the_next_server() {
     assert!(reason.contains("quarantined meanwhile"), "{reason}");
 }
 
+/// A DNS-over-TCP query begun and never finished is refused (nothing sent upstream) and
+/// recorded once the connection has been quiet for the idle time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_query_never_finished_is_recorded() {
+    let fake = Fake::start().await;
+    let h = Harness::start(&[fake.addr], false).await;
+    let mut stream = TcpStream::connect(h.tcp).await.unwrap();
+    // 40 bytes announced, 5 sent.
+    stream.write_all(&[0, 40, 1, 2, 3, 4, 5]).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+    let r = h.only_record();
+    assert_eq!(r.verdict, DnsVerdict::Deny);
+    let reason = r.reason.unwrap_or_default();
+    assert!(
+        reason.contains("announced 40 bytes and did not send them all"),
+        "{reason}"
+    );
+    assert!(fake.seen.lock().unwrap().is_empty());
+}
+
 /// A sandbox quarantined while the upstream answers gets nothing of the answer, even one
 /// that teaches no address (a no-such-name here: data in all the same).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
