@@ -510,11 +510,16 @@ impl GitRule {
                 push.options.describe()
             ));
         }
-        // In any case: a server keeping loose refs on a case-insensitive file system
-        // stores `refs/TAGS/v1` as tag `v1`.
+        // In any case, Unicode's included: a server keeping loose refs on a
+        // case-insensitive file system stores `refs/TAGS/v1` as tag `v1`, and one that
+        // folds as Unicode does (APFS, NTFS) `refs/tagſ/v1` (long s) too.
         let tag = name
-            .get(..TAGS.len())
-            .is_some_and(|p| p.eq_ignore_ascii_case(TAGS));
+            .strip_prefix("refs/")
+            .and_then(|rest| rest.split('/').next())
+            .is_some_and(|first| first.to_uppercase() == "TAGS" || first.to_lowercase() == "tags")
+            || name
+                .get(..TAGS.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(TAGS));
         if !push.tags && tag {
             return Err("refused by egress policy: tags are not allowed".to_owned());
         }

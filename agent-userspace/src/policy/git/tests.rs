@@ -219,6 +219,12 @@ fn ref_updates_are_judged() {
         any.check_update(&command(Z, B, "refs/TAGS/v1")),
         Err("refused by egress policy: tags are not allowed".to_owned())
     );
+    // And in Unicode's case folding (long s), which APFS and NTFS apply.
+    assert_eq!(
+        any.check_update(&command(Z, B, "refs/tag\u{17f}/v1")),
+        Err("refused by egress policy: tags are not allowed".to_owned())
+    );
+    assert_eq!(any.check_update(&command(Z, B, "refs/tagset/v1")), Ok(()));
 
     // Tags: only with `tags: true`, and still only those `refs` matches.
     let tags = rule(
