@@ -39,6 +39,20 @@ pub fn names_targets_in_body(method: &str) -> bool {
         .any(|m| m.eq_ignore_ascii_case(method))
 }
 
+/// The segment of `path` (normal form) that makes it a batch endpoint, whose body carries
+/// whole requests the origin runs one by one: Google's `/batch/...` (`multipart/mixed`
+/// of `application/http` parts), OData's and Microsoft Graph's `$batch` (JSON or
+/// multipart). Judging the outer request judges none of the inner ones, so a rule allows
+/// such a path (for any method but GET and HEAD) only where an `http:` path names the
+/// segment itself: a wildcard does not.
+pub fn batch_segment(path: &str) -> Option<&str> {
+    path.split('/').find(|s| {
+        s.eq_ignore_ascii_case("batch")
+            || s.to_ascii_lowercase().ends_with("$batch")
+            || s.to_ascii_lowercase().ends_with("%24batch")
+    })
+}
+
 impl MethodPattern {
     pub fn matches(&self, method: &str) -> bool {
         match self {
@@ -176,6 +190,16 @@ impl FromStr for PathGlob {
             text: s.to_owned(),
             segments,
         })
+    }
+}
+
+impl PathGlob {
+    /// Whether the pattern has `segment` itself (ASCII case ignored) as one of its
+    /// segments, not only a wildcard that would match it.
+    pub fn names_segment(&self, segment: &str) -> bool {
+        self.segments
+            .iter()
+            .any(|g| matches!(g, GlobSegment::One(s) if s.eq_ignore_ascii_case(segment)))
     }
 }
 
@@ -433,8 +457,11 @@ impl HttpRule {
             return false;
         };
         let path = path_only(&target);
+        let batch = batch_segment(path).filter(|_| method != "GET" && method != "HEAD");
         self.methods.iter().any(|m| m.matches(method))
-            && self.paths.iter().any(|p| p.matches_canonical(path))
+            && self.paths.iter().any(|p| {
+                p.matches_canonical(path) && batch.is_none_or(|segment| p.names_segment(segment))
+            })
     }
 }
 

@@ -9,7 +9,10 @@ use std::{fmt, net::Ipv6Addr};
 
 use super::{
     compile::{rule_id, Action, Policy, Protocol, Rule},
-    http::{is_token, names_targets_in_body, normalize_target, path_only, target_for_reason},
+    http::{
+        batch_segment, is_token, names_targets_in_body, normalize_target, path_only,
+        target_for_reason,
+    },
     Verdict,
 };
 
@@ -151,6 +154,14 @@ impl Rule {
                 format!(
                     "; {method} names its targets in its body, which the proxy does not \
                      judge: only an `http:` entry listing {method} by name allows it"
+                )
+            } else if let Some(segment) =
+                batch_segment(path).filter(|_| method != "GET" && method != "HEAD")
+            {
+                format!(
+                    "; `{segment}` requests carry other requests in their body, which the \
+                     proxy does not judge: only an `http:` path naming `{segment}` itself \
+                     allows it"
                 )
             } else {
                 String::new()
@@ -592,5 +603,60 @@ rules:
         assert!(named.check_request("REPORT", "/other").is_err());
         assert!(named.check_request("BIND", "/cal/x").is_err());
         assert!(named.check_request("report", "/cal/x").is_err());
+    }
+
+    /// A batch endpoint (its body carries whole requests) is allowed only where an
+    /// `http:` path names its segment itself; GET and HEAD, and paths without one, are
+    /// judged as before.
+    #[test]
+    fn batch_endpoints_need_their_segment_named() {
+        let policy = parse_str(
+            r#"version: 1
+rules:
+  - name: broad
+    to: [192.0.2.1]
+    ports: [443]
+    action: proxy
+    hosts: [a.example]
+    http:
+      - methods: [GET, POST]
+        paths: ["/**"]
+  - name: named
+    to: [192.0.2.2]
+    ports: [443]
+    action: proxy
+    hosts: [b.example]
+    http:
+      - methods: [POST]
+        paths: ["/batch/storage/v1", "/v1.0/$batch", "/odata/**"]
+"#,
+            "b.yaml",
+        )
+        .unwrap();
+        let (broad, named) = (policy.proxy_rule(1).unwrap(), policy.proxy_rule(2).unwrap());
+        for path in [
+            "/batch/storage/v1",
+            "/v1.0/$batch",
+            "/odata/Products/$batch",
+            "/x/BATCH",
+        ] {
+            let refused = broad.check_request("POST", path).unwrap_err();
+            assert!(
+                refused.contains("carry other requests in their body"),
+                "{path}: {refused}"
+            );
+        }
+        assert_eq!(broad.check_request("GET", "/batch/storage/v1"), Ok(()));
+        assert_eq!(broad.check_request("POST", "/batches/1"), Ok(()));
+        assert_eq!(
+            broad.check_request("POST", "/upload/storage/v1/b/x/o"),
+            Ok(())
+        );
+        assert_eq!(named.check_request("POST", "/batch/storage/v1"), Ok(()));
+        assert_eq!(named.check_request("POST", "/v1.0/$batch"), Ok(()));
+        // A wildcard does not name it.
+        assert!(named
+            .check_request("POST", "/odata/Products/$batch")
+            .is_err());
     }
 }
