@@ -318,12 +318,7 @@ fn serve(
                 if why == Idle::Stalled {
                     // Whatever it held (the response's buffers, its upstream stream, its
                     // request permit) is let go.
-                    refused(None, format!(
-                        "downstream client: read nothing of what the proxy sent for {} s \
-                         ({} times proxy.idle_secs); connection closed",
-                        (idle * super::io::STALL_FACTOR).as_secs(),
-                        super::io::STALL_FACTOR
-                    ));
+                    refused(None, format!("{}; connection closed", why.reason(idle)));
                 } else if head_clock.incomplete() {
                     refused(None, format!(
                         "downstream client: {unfinished} incomplete and no byte for {} s \

@@ -161,8 +161,25 @@ impl Activity {
         self.last_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
+    /// Notes what a write to the wrapped stream did: bytes written, or that it waits for
+    /// the peer (from its first wait), or neither any more.
+    fn wrote(&self, poll: &Poll<io::Result<usize>>) {
+        match poll {
+            Poll::Ready(Ok(n)) => {
+                self.written.fetch_add(*n as u64, Ordering::Relaxed);
+                self.touch();
+                self.write_done();
+            }
+            Poll::Ready(Err(_)) => self.write_done(),
+            Poll::Pending => self.write_waits(),
+        }
+    }
+
     /// A write had to wait (the peer's window is full): noted once, from its first wait.
     fn write_waits(&self) {
+        if self.blocked_ms.load(Ordering::Relaxed) != 0 {
+            return;
+        }
         let now = self.now_ms().saturating_add(1);
         let _ = self
             .blocked_ms
@@ -171,7 +188,10 @@ impl Activity {
 
     /// A write went through (or failed): no longer waiting.
     fn write_done(&self) {
-        self.blocked_ms.store(0, Ordering::Relaxed);
+        // Read first: most writes never waited, and a load leaves the line shared.
+        if self.blocked_ms.load(Ordering::Relaxed) != 0 {
+            self.blocked_ms.store(0, Ordering::Relaxed);
+        }
     }
 
     /// How long a write has waited for the peer to read, if one waits.
@@ -240,17 +260,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
-        match &poll {
-            Poll::Ready(Ok(n)) => {
-                this.activity
-                    .written
-                    .fetch_add(*n as u64, Ordering::Relaxed);
-                this.activity.touch();
-                this.activity.write_done();
-            }
-            Poll::Ready(Err(_)) => this.activity.write_done(),
-            Poll::Pending => this.activity.write_waits(),
-        }
+        this.activity.wrote(&poll);
         poll
     }
 
@@ -261,17 +271,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        match &poll {
-            Poll::Ready(Ok(n)) => {
-                this.activity
-                    .written
-                    .fetch_add(*n as u64, Ordering::Relaxed);
-                this.activity.touch();
-                this.activity.write_done();
-            }
-            Poll::Ready(Err(_)) => this.activity.write_done(),
-            Poll::Pending => this.activity.write_waits(),
-        }
+        this.activity.wrote(&poll);
         poll
     }
 
@@ -296,6 +296,21 @@ pub enum Idle {
     /// A write waited the whole time for the peer to read (a response it does not take),
     /// busy or not.
     Stalled,
+}
+
+impl Idle {
+    /// Why a connection closed for this, to end an audit reason with.
+    pub fn reason(self, idle: Duration) -> String {
+        match self {
+            Self::Quiet => format!("no byte for {} s (proxy.idle_secs)", idle.as_secs()),
+            Self::Stalled => format!(
+                "the downstream client read nothing of what the proxy sent for {} s ({} times \
+                 proxy.idle_secs)",
+                (idle * STALL_FACTOR).as_secs(),
+                STALL_FACTOR
+            ),
+        }
+    }
 }
 
 /// How many times `idle` a write may wait for the peer to read. A socket is writable

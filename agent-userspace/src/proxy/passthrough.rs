@@ -58,12 +58,7 @@ pub(super) async fn relay(
                 }
                 why = idle_watch(&activity, idle, || false) => Some(match why {
                     Idle::Quiet => format!("closed after {} s without traffic", idle.as_secs()),
-                    Idle::Stalled => format!(
-                        "closed: the downstream client read nothing for {} s ({} times \
-                         proxy.idle_secs)",
-                        (idle * super::io::STALL_FACTOR).as_secs(),
-                        super::io::STALL_FACTOR
-                    ),
+                    Idle::Stalled => format!("closed: {}", why.reason(idle)),
                 }),
             };
         }
