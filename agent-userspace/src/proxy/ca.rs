@@ -280,12 +280,8 @@ impl CertAuthority {
             leaves.retain(|_, leaf| leaf.not_after - now > LEAF_RENEW_BEFORE);
             // The one used longest ago goes, not all: a sandbox minting names for a
             // wildcard rule must not make every other sandbox's names be minted again.
-            let oldest = leaves
-                .iter()
-                .min_by_key(|(_, leaf)| leaf.used)
-                .map(|(name, _)| name.clone());
-            if let Some(oldest) = oldest.filter(|_| leaves.len() >= MAX_CACHED_LEAVES) {
-                leaves.remove(&oldest);
+            if leaves.len() >= MAX_CACHED_LEAVES {
+                super::evict_least_used(&mut leaves, |leaf| leaf.used);
             }
         }
         leaves.insert(

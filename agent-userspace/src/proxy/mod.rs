@@ -674,19 +674,24 @@ impl Proxy {
         let map = &mut all[usize::from(h2)];
         if map.len() >= MAX_SERVER_CONFIGS && !map.contains_key(server_name) {
             // The one used longest ago goes, not all: names in use keep theirs.
-            let oldest = map
-                .iter()
-                .min_by_key(|(_, (_, _, used))| *used)
-                .map(|(name, _)| name.clone());
-            if let Some(oldest) = oldest {
-                map.remove(&oldest);
-            }
+            evict_least_used(map, |(_, _, used)| *used);
         }
         map.insert(
             server_name.to_owned(),
             (leaf, config.clone(), std::time::Instant::now()),
         );
         Ok(config)
+    }
+}
+
+/// Removes the entry of `cache` used longest ago (`used` says when each was).
+fn evict_least_used<V>(cache: &mut HashMap<String, V>, used: impl Fn(&V) -> std::time::Instant) {
+    let oldest = cache
+        .iter()
+        .min_by_key(|(_, v)| used(v))
+        .map(|(name, _)| name.clone());
+    if let Some(oldest) = oldest {
+        cache.remove(&oldest);
     }
 }
 

@@ -194,6 +194,18 @@ struct Share {
 }
 
 impl PoolState {
+    /// Adds to `sandbox`'s share, made if it has none (its name copied only then).
+    fn add_to_share(&mut self, sandbox: &str, add: impl Fn(&mut Share)) {
+        match self.by_sandbox.get_mut(sandbox) {
+            Some(share) => add(share),
+            None => {
+                let mut share = Share::default();
+                add(&mut share);
+                self.by_sandbox.insert(sandbox.to_owned(), share);
+            }
+        }
+    }
+
     /// `idle_h1` and `by_sandbox` counted again from the entries (after a sweep).
     fn recount(&mut self) {
         self.by_sandbox.clear();
@@ -465,11 +477,7 @@ impl UpstreamPool {
             if entry.h1_idle.len() < MAX_IDLE_H1 {
                 entry.h1_idle.push((sender, Instant::now()));
                 state.idle_h1 += 1;
-                state
-                    .by_sandbox
-                    .entry(key.sandbox.clone())
-                    .or_default()
-                    .idle_h1 += 1;
+                state.add_to_share(&key.sandbox, |share| share.idle_h1 += 1);
             }
         }
     }
@@ -490,11 +498,7 @@ impl UpstreamPool {
                 return None;
             }
             state.entries.insert(key.clone(), Entry::default());
-            state
-                .by_sandbox
-                .entry(key.sandbox.clone())
-                .or_default()
-                .keys += 1;
+            state.add_to_share(&key.sandbox, |share| share.keys += 1);
         }
         if !state.reaper {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
