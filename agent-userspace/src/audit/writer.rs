@@ -1248,12 +1248,9 @@ impl AuditHandle {
     /// queued meanwhile is written, while a write, sync or reopen of the log has been
     /// blocked for longer than [`WRITE_STALL`], and while records that found the queue
     /// full are not yet reported (a credential is not used while its request's record
-    /// could be among them). Three atomic loads (and a clock read during a write).
+    /// could be among them): [`Self::records_credential_use`], and no record unqueued.
     pub fn healthy(&self) -> bool {
-        !self.health.failing.load(Ordering::Acquire)
-            && self.health.unqueued.load(Ordering::Relaxed) == 0
-            && self.health.stalled().is_none()
-            && !self.tx.is_closed()
+        self.records_credential_use() && self.health.unqueued.load(Ordering::Relaxed) == 0
     }
 
     /// Whether a credential's use is recorded if it happens now: as [`Self::healthy`],

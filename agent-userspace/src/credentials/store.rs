@@ -446,12 +446,7 @@ impl CredentialStore {
     async fn read_ahead(&self, names: &[String]) -> Vec<String> {
         let ahead = names.iter().filter_map(|n| self.credentials.get(n));
         let read = futures_util::future::join_all(ahead.map(|credential| async move {
-            let read = async {
-                match &credential.source {
-                    Source::Vault(v) => Box::pin(v.read_ahead()).await,
-                    _ => credential.value().await,
-                }
-            };
+            let read = credential.read_ahead_value();
             // The proxy waits for this: a store that is away, or a file that blocks (a
             // FIFO, a hung mount), costs at most this, and its value is read on first use.
             let value = tokio::time::timeout(READ_AHEAD_TIMEOUT, read).await;
@@ -476,11 +471,10 @@ impl CredentialStore {
             .credentials
             .get(name)
             .ok_or_else(|| CredentialError::Unknown(name.to_owned()).to_string())?;
-        let value = match &credential.source {
-            Source::Vault(v) => Box::pin(v.read_ahead()).await,
-            _ => credential.value().await,
-        };
-        let secret = value.map_err(|e| e.to_string())?;
+        let secret = credential
+            .read_ahead_value()
+            .await
+            .map_err(|e| e.to_string())?;
         self.known.note(&credential.name, &secret);
         Ok(())
     }
@@ -986,6 +980,15 @@ impl Credential {
         });
         self.last.note(result.as_ref().map_err(ToString::to_string));
         result
+    }
+
+    /// The value read ahead of any request: a Vault KV secret read as such, any other
+    /// source's current value.
+    async fn read_ahead_value(&self) -> Result<Arc<Secret>, CredentialError> {
+        match &self.source {
+            Source::Vault(v) => Box::pin(v.read_ahead()).await,
+            _ => self.value().await,
+        }
     }
 
     async fn value(&self) -> Result<Arc<Secret>, CredentialError> {
