@@ -330,26 +330,18 @@ async fn serve_connection(mut stream: TcpStream, ctx: &ResolverCtx, refusals: &R
         match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await {
             Ok(Ok(_)) => {}
             // A query begun and not finished: refused (nothing sent on), and said so.
-            Ok(Err(_)) | Err(_) => {
-                let record = DnsRecord {
-                    time: OffsetDateTime::now_utc(),
-                    sandbox: ctx.sandbox.clone(),
-                    question_name: String::new(),
-                    question_type: String::new(),
-                    response_code: rcode_name(ResponseCode::FormErr),
-                    resolved_ip: Vec::new(),
-                    refused: Vec::new(),
-                    verdict: DnsVerdict::Deny,
-                    rule: None,
-                    reason: Some(format!(
-                        "a DNS-over-TCP query announced {} bytes and did not send them all \
-                         within {} s; connection closed, nothing answered or sent on",
-                        query.len(),
-                        TCP_IDLE.as_secs()
-                    )),
-                    upstream: None,
-                };
+            unfinished => {
                 if refusals.admit(&ctx.sandbox) {
+                    let how = match unfinished {
+                        Err(_) => format!("did not send them all within {} s", TCP_IDLE.as_secs()),
+                        _ => "closed the connection before sending them all".to_owned(),
+                    };
+                    let mut record = unread_query(ctx);
+                    record.reason = Some(format!(
+                        "a DNS-over-TCP query announced {} bytes and {how}; nothing answered \
+                         or sent on",
+                        query.len()
+                    ));
                     (ctx.audit)(finish(record));
                 }
                 return;
@@ -444,14 +436,9 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// The reply and record for one query.
-async fn decide(
-    ctx: &ResolverCtx,
-    bytes: &[u8],
-    transport: Transport,
-) -> (Option<Vec<u8>>, DnsRecord) {
-    let policy = ctx.policy.read().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut record = DnsRecord {
+/// The record of a query not read yet: refused as malformed until it is known to be more.
+fn unread_query(ctx: &ResolverCtx) -> DnsRecord {
+    DnsRecord {
         time: OffsetDateTime::now_utc(),
         sandbox: ctx.sandbox.clone(),
         question_name: String::new(),
@@ -463,7 +450,17 @@ async fn decide(
         rule: None,
         reason: None,
         upstream: None,
-    };
+    }
+}
+
+/// The reply and record for one query.
+async fn decide(
+    ctx: &ResolverCtx,
+    bytes: &[u8],
+    transport: Transport,
+) -> (Option<Vec<u8>>, DnsRecord) {
+    let policy = ctx.policy.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut record = unread_query(ctx);
     let question = match query::inspect(bytes, ctx.max_label) {
         Ok(q) => q,
         Err(rejected) => {
