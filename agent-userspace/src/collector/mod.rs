@@ -9,12 +9,12 @@
 //! that the collector had not acknowledged (a reset discards TCP's send queue), so a
 //! collector may see a record twice (same `event.sequence`) but, short of the queue
 //! overflowing, not lose one. When the queue is full, records are
-//! dropped and counted, and the next message the collector gets is a `collector-lost`
-//! record with the count and the sequence range, so a gap is explained while the daemon
-//! runs. The queue is in memory: what it holds when the daemon dies (or stops with the
-//! collector away past the flush's 2 s), and unacknowledged messages past
-//! [`MAX_UNACKED`] at a reconnection, leave gaps no record explains; the audit log has
-//! them.
+//! dropped and counted (so are unacknowledged messages past [`MAX_UNACKED`], which a
+//! reconnection cannot send again), and the next message the collector gets is a
+//! `collector-lost` record with the count and the sequence range, so a gap is explained
+//! while the daemon runs. The queue is in memory: what it holds when the daemon dies (or
+//! stops with the collector away past the flush's 2 s) leaves gaps no record explains; the
+//! audit log has them.
 
 #[cfg(test)]
 mod tests;
@@ -58,12 +58,44 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Records dropped because the queue was full, not yet reported.
+/// Records dropped because the queue was full, or written but forgotten before the
+/// collector acknowledged them, not yet reported.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Lost {
     count: u64,
     first: u64,
     last: u64,
+}
+
+impl Lost {
+    fn add(&mut self, sequence: u64) {
+        if self.count == 0 {
+            self.first = sequence;
+        }
+        self.count += 1;
+        self.last = sequence;
+    }
+}
+
+/// Counts the record `json` as lost, for the next `collector-lost` record. Only on this
+/// rare path is a line read again, for its number.
+fn count_lost(json: &[u8]) {
+    let Some(sink) = SINK.get() else {
+        return;
+    };
+    let sequence = serde_json::from_slice::<SequenceOnly>(json)
+        .map(|r| r.event.sequence)
+        .unwrap_or(0);
+    sink.lost
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .add(sequence);
+}
+
+/// The record a framed message carries: what follows its eighth space, the octet count
+/// included (see [`frame`]).
+fn framed_json(msg: &[u8]) -> &[u8] {
+    msg.splitn(9, |&b| b == b' ').nth(8).unwrap_or_default()
 }
 
 struct Sink {
@@ -91,16 +123,7 @@ pub fn forward(line: &[u8]) {
     };
     let line = line.trim_ascii();
     if sink.tx.try_send(line.to_vec()).is_err() {
-        // Only on this rare path is the line read again, for its number.
-        let sequence = serde_json::from_slice::<SequenceOnly>(line)
-            .map(|r| r.event.sequence)
-            .unwrap_or(0);
-        let mut lost = sink.lost.lock().unwrap_or_else(|p| p.into_inner());
-        if lost.count == 0 {
-            lost.first = sequence;
-        }
-        lost.count += 1;
-        lost.last = sequence;
+        count_lost(line);
     }
 }
 
@@ -163,7 +186,7 @@ fn lost_record(lost: Lost, now: OffsetDateTime) -> Vec<u8> {
             "type": ["error"],
             "action": "collector-lost",
             "outcome": "failure",
-            "reason": "the collector queue was full; these records are in the audit log only",
+            "reason": "the collector queue was full, or more records than are kept to send again were unacknowledged when the connection failed; these records are in the audit log only",
         },
         "observer": {"product": PRODUCT, "version": VERSION},
         "egress": {"lost": {"count": lost.count, "first_sequence": lost.first, "last_sequence": lost.last}},
@@ -253,7 +276,9 @@ async fn run(addr: SocketAddr, mut rx: mpsc::Receiver<Vec<u8>>) {
                 pending = again;
                 break;
             }
-            unacked.push(msg, unsent_bytes(&stream));
+            for forgotten in unacked.push(msg, unsent_bytes(&stream)) {
+                count_lost(framed_json(&forgotten));
+            }
         }
         tokio::time::sleep(backoff).await;
     }
@@ -282,19 +307,27 @@ struct Unacked {
 
 impl Unacked {
     /// Adds `msg`, just written, and forgets the oldest messages the peer has
-    /// acknowledged, given `outstanding` bytes still unacknowledged.
-    fn push(&mut self, msg: Vec<u8>, outstanding: usize) {
+    /// acknowledged, given `outstanding` bytes still unacknowledged. Returns those
+    /// forgotten past the cap that the peer may not have received: a reconnection would
+    /// not send them again.
+    fn push(&mut self, msg: Vec<u8>, outstanding: usize) -> Vec<Vec<u8>> {
         self.bytes += msg.len();
         self.messages.push_back(msg);
+        let mut forgotten = Vec::new();
         // The oldest goes while the rest still covers what is outstanding (or past the cap).
         while let Some(front) = self.messages.front().map(Vec::len) {
-            if self.bytes - front >= outstanding || self.messages.len() > MAX_UNACKED {
-                self.bytes -= front;
-                self.messages.pop_front();
-            } else {
+            let acknowledged = self.bytes - front >= outstanding;
+            if !acknowledged && self.messages.len() <= MAX_UNACKED {
                 break;
             }
+            self.bytes -= front;
+            if let Some(gone) = self.messages.pop_front() {
+                if !acknowledged {
+                    forgotten.push(gone);
+                }
+            }
         }
+        forgotten
     }
 
     fn len(&self) -> usize {

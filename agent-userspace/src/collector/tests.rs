@@ -42,6 +42,25 @@ fn messages_are_octet_counted_rfc5424() {
 }
 
 #[test]
+fn a_framed_message_gives_back_its_record() {
+    let json = br#"{"event":{"sequence":7},"x":"a b c d e f g h"}"#;
+    let framed = frame(json, "host-1", datetime!(2026-11-21 22:03:04.5 UTC));
+    // Spaces inside the record are its own.
+    assert_eq!(framed_json(&framed), json);
+    let mut lost = Lost::default();
+    lost.add(7);
+    lost.add(9);
+    assert_eq!(
+        lost,
+        Lost {
+            count: 2,
+            first: 7,
+            last: 9
+        }
+    );
+}
+
+#[test]
 fn the_loss_record_names_count_and_range() {
     let rec = lost_record(
         Lost {
@@ -114,20 +133,23 @@ async fn sends_in_order_and_again_after_the_collector_drops_the_connection() {
 #[test]
 fn unacknowledged_messages_are_kept_to_send_again() {
     let mut u = Unacked::default();
-    u.push(b"aaaa".to_vec(), 4);
-    u.push(b"bbbb".to_vec(), 6);
+    assert!(u.push(b"aaaa".to_vec(), 4).is_empty());
+    assert!(u.push(b"bbbb".to_vec(), 6).is_empty());
     // 6 bytes outstanding: the last two messages cover them.
     assert_eq!(u.len(), 2);
-    u.push(b"cc".to_vec(), 2);
+    assert!(u.push(b"cc".to_vec(), 2).is_empty());
     assert_eq!(u.len(), 1);
-    // Everything acknowledged.
-    u.push(b"dd".to_vec(), 0);
+    // Everything acknowledged: nothing forgotten unreceived.
+    assert!(u.push(b"dd".to_vec(), 0).is_empty());
     assert_eq!(u.len(), 0);
-    // Unknown: kept, up to the cap.
-    for _ in 0..(MAX_UNACKED + 5) {
-        u.push(b"e".to_vec(), usize::MAX);
+    // Unknown: kept, up to the cap; those past it are handed back to be counted lost.
+    let mut forgotten = Vec::new();
+    for i in 0..(MAX_UNACKED + 5) {
+        forgotten.extend(u.push(i.to_string().into_bytes(), usize::MAX));
     }
     assert_eq!(u.len(), MAX_UNACKED);
+    let firsts: Vec<&[u8]> = forgotten.iter().map(Vec::as_slice).collect();
+    assert_eq!(firsts, [&b"0"[..], b"1", b"2", b"3", b"4"]);
     assert_eq!(u.take().len(), MAX_UNACKED);
     assert_eq!(u.len(), 0);
 }
