@@ -271,6 +271,34 @@ fn the_control_socket_refuses_processes_in_sandboxes() -> Result<()> {
         egress_tests::audit::get_str(&alert, "egress.sandbox.name") == Some(fx.sandbox.label()),
         "{alert}"
     );
+    // A line that is no request is refused by the socket itself: recorded too, in the
+    // sandbox's name.
+    let probe = fx.sandbox.run(
+        "python3",
+        &[
+            "-c".as_ref(),
+            "import socket, sys\n\
+             s = socket.socket(socket.AF_UNIX)\n\
+             s.connect(sys.argv[1])\n\
+             s.sendall(b'not a request\\n')\n\
+             print(s.recv(4096).decode())"
+                .as_ref(),
+            socket.as_os_str(),
+        ],
+    )?;
+    ensure!(
+        String::from_utf8_lossy(&probe.stdout).contains("malformed request"),
+        "the socket's answer: {probe:?}"
+    );
+    let refused = fx.daemon.wait_for_record(RECORD_TIMEOUT, |r| {
+        egress_tests::audit::get_str(r, "event.action") == Some("control-socket")
+            && egress_tests::audit::get_str(r, "event.reason")
+                .is_some_and(|why| why.contains("malformed request"))
+    })?;
+    ensure!(
+        egress_tests::audit::get_str(&refused, "egress.sandbox.name") == Some(fx.sandbox.label()),
+        "{refused}"
+    );
     // Control: the host's own call.
     ensure!(fx.daemon.ctl(["status"])?.status.success());
     Ok(())

@@ -51,6 +51,14 @@ pub trait Handler: Send + Sync + 'static {
             None => Admission::StatusOnly("the caller's cgroup cannot be read".to_owned()),
         }
     }
+
+    /// The socket refused a caller in cgroup directory `cgroup` (`None`: one that cannot be
+    /// placed) before any request of it reached [`Handler::handle`]: not root, too large,
+    /// too slow, not a request, or every slot busy (`why`, the answer it was given). To
+    /// be recorded: the refused client (a runtime's hook among them) may not say so.
+    fn refused(&self, cgroup: Option<&Path>, why: &str) {
+        let _ = (cgroup, why);
+    }
 }
 
 /// Binds the control socket with mode 0600 in a 0700 directory, replacing a stale socket.
@@ -107,7 +115,7 @@ pub async fn serve(listener: UnixListener, handler: Arc<dyn Handler>) {
                             Some((_, oldest)) => oldest.notify_one(),
                             None => {
                                 drop(s);
-                                tokio::spawn(refuse_busy(stream));
+                                tokio::spawn(refuse_busy(stream, handler.clone()));
                                 continue;
                             }
                         }
@@ -139,12 +147,21 @@ pub async fn serve(listener: UnixListener, handler: Arc<dyn Handler>) {
 }
 
 /// Every slot is busy handling a request: say so instead of queueing without bound.
-async fn refuse_busy(stream: UnixStream) {
-    let response = Response::error(format!(
-        "egressd is busy: {MAX_CONNECTIONS} control requests are being handled; try again"
-    ));
+async fn refuse_busy(stream: UnixStream, handler: Arc<dyn Handler>) {
+    let why =
+        format!("egressd is busy: {MAX_CONNECTIONS} control requests are being handled; try again");
+    refused(handler, &Caller::of_peer(&stream), why.clone()).await;
     let mut stream = stream;
-    let _ = tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &response)).await;
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &Response::error(why))).await;
+}
+
+/// Tells the handler (off the async threads) that the socket refused `caller`.
+async fn refused(handler: Arc<dyn Handler>, caller: &Caller, why: String) {
+    let cgroup = match caller {
+        Caller::Cgroup(c) => Some(c.clone()),
+        Caller::Unknown => None,
+    };
+    let _ = tokio::task::spawn_blocking(move || handler.refused(cgroup.as_deref(), &why)).await;
 }
 
 async fn respond(stream: &mut UnixStream, response: &Response) -> std::io::Result<()> {
@@ -194,22 +211,18 @@ async fn connection(
     id: u64,
     evict: Arc<Notify>,
 ) -> std::io::Result<()> {
-    // Only root may drive the daemon, whatever the socket's mode says.
-    let cred = stream.peer_cred()?;
-    if cred.uid() != 0 {
-        let response =
-            Response::error("permission denied: only root may use the egressd control socket");
-        return tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &response))
-            .await
-            .unwrap_or(Ok(()));
-    }
     // A process confined by it (a sandbox sharing the host's mounts) may only read the
     // status (a runtime's hook can run inside a pod's cgroup: CRI-O's conmon with
     // `conmon_cgroup = "pod"`); a peer whose cgroup cannot be told is treated alike.
-    let caller = Caller::of(
-        cred.pid()
-            .and_then(|pid| crate::cgroup::of_pid(pid.unsigned_abs()).ok()),
-    );
+    let caller = Caller::of_peer(&stream);
+    // Only root may drive the daemon, whatever the socket's mode says.
+    if stream.peer_cred()?.uid() != 0 {
+        let why = "permission denied: only root may use the egressd control socket";
+        refused(handler, &caller, why.to_owned()).await;
+        return tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &Response::error(why)))
+            .await
+            .unwrap_or(Ok(()));
+    }
     let end = tokio::select! {
         end = read_request(&mut stream) => end?,
         () = evict.notified() => ReadEnd::Drop,
@@ -223,6 +236,12 @@ async fn connection(
     let response = match end {
         ReadEnd::Drop => return Ok(()),
         ReadEnd::TooLarge(r) => {
+            refused(
+                handler.clone(),
+                &caller,
+                r.error.clone().unwrap_or_default(),
+            )
+            .await;
             // Take (and discard) the rest for a while, so the client finishes sending
             // and reads this answer instead of failing with a broken pipe.
             let sent = tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &r)).await;
@@ -236,7 +255,15 @@ async fn connection(
             .await;
             return sent.unwrap_or(Ok(()));
         }
-        ReadEnd::Refuse(r) => r,
+        ReadEnd::Refuse(r) => {
+            refused(
+                handler.clone(),
+                &caller,
+                r.error.clone().unwrap_or_default(),
+            )
+            .await;
+            r
+        }
         ReadEnd::Request(req) if !matches!(req, Request::Status) => {
             let joins = match &req {
                 Request::Join { name, .. } => Some(name.as_str()),
@@ -264,6 +291,17 @@ enum Caller {
 }
 
 impl Caller {
+    /// The process at the other end of `stream`, by its cgroup.
+    fn of_peer(stream: &UnixStream) -> Self {
+        Self::of(
+            stream
+                .peer_cred()
+                .ok()
+                .and_then(|cred| cred.pid())
+                .and_then(|pid| crate::cgroup::of_pid(pid.unsigned_abs()).ok()),
+        )
+    }
+
     /// From the caller's cgroup directory, if it could be read. A path outside the
     /// daemon's cgroup namespace (`/../..`: the daemon runs in a private one) cannot be
     /// placed: unknown.
@@ -358,5 +396,56 @@ mod caller_tests {
             Caller::Cgroup("/a".into()).admission(&Plain, None),
             Admission::Any
         );
+    }
+
+    /// What the socket itself refuses (a line that is no request) is put to the handler
+    /// with the answer the caller got; a request it reads is not.
+    #[tokio::test]
+    async fn the_sockets_own_refusals_are_put_to_the_handler() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        #[derive(Default)]
+        struct Refusals(std::sync::Mutex<Vec<(Option<std::path::PathBuf>, String)>>);
+        impl super::Handler for Refusals {
+            fn handle(&self, _: super::Request, _: &Admission) -> super::Response {
+                super::Response::ok("handled")
+            }
+            fn refused(&self, cgroup: Option<&std::path::Path>, why: &str) {
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push((cgroup.map(Into::into), why.to_owned()));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let handler = std::sync::Arc::new(Refusals::default());
+        let server = tokio::spawn(super::serve(super::bind(&path).unwrap(), handler.clone()));
+        let ask = |line: &'static [u8]| {
+            let path = path.clone();
+            async move {
+                let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+                stream.write_all(line).await.unwrap();
+                let mut answer = String::new();
+                stream.read_to_string(&mut answer).await.unwrap();
+                serde_json::from_str::<super::Response>(&answer).unwrap()
+            }
+        };
+        let answer = ask(b"{\"op\":\"no-such-op\"}\n").await;
+        assert!(!answer.ok);
+        let answer_error = answer.error.unwrap();
+        assert!(
+            answer_error.starts_with("malformed request"),
+            "{answer_error}"
+        );
+        assert!(ask(b"{\"op\":\"status\"}\n").await.ok);
+        let refusals = handler.0.lock().unwrap().clone();
+        assert_eq!(refusals.len(), 1, "{refusals:?}");
+        let (cgroup, why) = &refusals[0];
+        assert_eq!(*why, answer_error);
+        // This test's own cgroup, read the way the socket reads a caller's.
+        let own = crate::cgroup::of_pid(std::process::id()).ok();
+        assert_eq!(*cgroup, own);
+        server.abort();
     }
 }

@@ -2013,6 +2013,37 @@ impl Core {
         Admission::StatusOnly(why)
     }
 
+    /// The control socket refused a caller in `cgroup` before reading a request of it
+    /// (`why`, the answer it was given): a `control-socket` alert in the name of the
+    /// sandbox the caller is in (`unknown` if it cannot be placed), or of `host process`
+    /// (no sandbox name has a space), so a client that does not report it (a runtime's
+    /// hook refused while the daemon is busy, a probe from inside a sandbox) leaves a
+    /// record.
+    pub fn control_refused(&mut self, cgroup: Option<&Path>, why: &str) {
+        let (sandbox, seen) = match cgroup {
+            Some(cgroup) => (
+                self.state
+                    .sandboxes
+                    .values()
+                    .find(|r| cgroup.starts_with(&r.cgroup))
+                    .map_or_else(|| "host process".to_owned(), |r| r.name.clone()),
+                format!("a process in cgroup {}", cgroup.display()),
+            ),
+            None => (
+                "unknown".to_owned(),
+                "a process whose cgroup cannot be placed".to_owned(),
+            ),
+        };
+        let why: String = why.chars().take(200).collect();
+        tracing::warn!(sandbox = %sandbox, caller = %seen, %why, "Control socket refused a caller");
+        self.alerts.raise(Alert::new(
+            now(),
+            AlertKind::ControlSocket,
+            sandbox,
+            format!("the daemon's control socket refused {seen}: {why}"),
+        ));
+    }
+
     /// The OCI hook refused to start container `container`: a `policy-rejected` record in
     /// the container's name (`oci:ID`), so the refusal is in the trail.
     pub fn hook_refused(&mut self, container: &str, reason: &str) {

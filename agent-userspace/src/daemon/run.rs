@@ -72,6 +72,10 @@ impl Handler for Shared {
         self.lock().control_from(cgroup, joins)
     }
 
+    fn refused(&self, cgroup: Option<&std::path::Path>, why: &str) {
+        self.lock().control_refused(cgroup, why);
+    }
+
     fn handle(&self, request: Request, admission: &Admission) -> Response {
         if *admission == Admission::JoinOwnSandbox {
             // From inside the sandbox: nothing of what it sent is parsed or opened, and it
