@@ -272,6 +272,14 @@ tests:
             ),
             (
                 5,
+                "    to: [\"64:ff9b::/64\"]",
+                "p.yaml:5:10: rules[0].to[0]: 64:ff9b::/64 holds the NAT64 prefix \
+                 64:ff9b::/96, whose addresses are judged by the IPv4 address they carry: \
+                 this network matches none of them; write the IPv4 networks meant \
+                 (0.0.0.0/0 for all) and, for the rest, networks beside 64:ff9b::/96",
+            ),
+            (
+                5,
                 "    to: [\"64:ff9b::c000:20a\"]",
                 "p.yaml:5:10: rules[0].to[0]: 64:ff9b::c000:20a/128 is inside the NAT64 \
                  prefix 64:ff9b::/96, whose addresses are judged by the IPv4 address they \

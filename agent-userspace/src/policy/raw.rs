@@ -620,7 +620,10 @@ pub(crate) fn check_host_bits(net: IpNet) -> Result<(), String> {
 
 /// A network inside the NAT64 prefix (`64:ff9b::/96`) cannot be a rule's: the kernel
 /// judges NAT64 destinations by the IPv4 address they carry, so the IPv4 network is what
-/// a rule names (folding it silently would turn `64:ff9b::/96` into `0.0.0.0/0`).
+/// a rule names (folding it silently would turn `64:ff9b::/96` into `0.0.0.0/0`). Nor can
+/// a network of `/32` to `/95` around it (`64:ff9b::/64`): it would match none of the
+/// NAT64 addresses it seems to name (a `deny` of it would not stop them). Wider ones
+/// (`::/0`, `64::/16`) are about IPv6 at large and stay valid.
 fn check_nat64(net: IpNet) -> Result<(), String> {
     let IpNet::V6(v6) = net else {
         return Ok(());
@@ -629,7 +632,15 @@ fn check_nat64(net: IpNet) -> Result<(), String> {
         return Ok(());
     };
     let Some(len) = v6.prefix_len().checked_sub(96) else {
-        return Ok(());
+        if v6.prefix_len() < 32 {
+            return Ok(());
+        }
+        return Err(format!(
+            "{net} holds the NAT64 prefix 64:ff9b::/96, whose addresses are judged by the \
+             IPv4 address they carry: this network matches none of them; write the IPv4 \
+             networks meant (0.0.0.0/0 for all) and, for the rest, networks beside \
+             64:ff9b::/96"
+        ));
     };
     let v4 =
         ipnet::Ipv4Net::new(v4, len).map_or_else(|_| v4.to_string(), |n| n.trunc().to_string());
