@@ -91,10 +91,7 @@ impl ProxyRuntime {
     /// Drops a detached sandbox's limits: a sandbox given its index later starts with
     /// whole ones, not with what the old one's tasks still hold.
     pub fn forget_limits(&self, index: u32) {
-        self.limits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&index);
+        self.limits.forget(index);
     }
 
     /// Proxied connections open now, by sandbox name (for metrics).
@@ -269,13 +266,14 @@ struct SandboxLimits {
     held_bodies: Arc<Semaphore>,
 }
 
-/// By sandbox index.
-type Limits = Arc<Mutex<HashMap<u32, Arc<SandboxLimits>>>>;
+/// Each sandbox's share, by sandbox index, made at its first connection.
+#[derive(Clone, Default)]
+struct Limits(Arc<Mutex<HashMap<u32, Arc<SandboxLimits>>>>);
 
-impl AcceptCtx {
-    fn limits_for(&self, index: u32) -> Arc<SandboxLimits> {
-        let config = self.proxy.config();
-        self.limits
+impl Limits {
+    /// Sandbox `index`'s share, made whole from `config` if it has none.
+    fn for_index(&self, index: u32, config: &crate::proxy::ProxyConfig) -> Arc<SandboxLimits> {
+        self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(index)
@@ -288,6 +286,21 @@ impl AcceptCtx {
                 })
             })
             .clone()
+    }
+
+    /// Drops sandbox `index`'s share: what its tasks still hold is theirs until they end,
+    /// and the next sandbox given the index starts whole.
+    fn forget(&self, index: u32) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&index);
+    }
+}
+
+impl AcceptCtx {
+    fn limits_for(&self, index: u32) -> Arc<SandboxLimits> {
+        self.limits.for_index(index, self.proxy.config())
     }
 }
 
@@ -505,4 +518,40 @@ pub(crate) fn route_for(policy: &Arc<Policy>, rule_id: u16) -> Option<Route> {
         explicitly_covers: Box::new(move |ip| crate::net::explicitly_covers(&nets, ip)),
         git: rule.git().cloned(),
     })
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod limits_tests {
+    use super::Limits;
+
+    /// A detached sandbox's connections still open hold their permits, but a sandbox
+    /// given its index later starts with every permit, and other sandboxes keep theirs.
+    #[test]
+    fn a_forgotten_share_is_made_whole_for_the_next_sandbox() {
+        let config = crate::proxy::ProxyConfig {
+            max_connections_per_sandbox: 2,
+            ..crate::proxy::ProxyConfig::default()
+        };
+        let limits = Limits::default();
+        let old = limits.for_index(7, &config);
+        let held = old.connections.clone().try_acquire_many_owned(2).unwrap();
+        let other = limits.for_index(8, &config);
+        let other_held = other.connections.clone().try_acquire_owned().unwrap();
+        // The same share while the sandbox is attached.
+        assert_eq!(
+            limits.for_index(7, &config).connections.available_permits(),
+            0
+        );
+        limits.forget(7);
+        let new = limits.for_index(7, &config);
+        assert_eq!(new.connections.available_permits(), 2);
+        assert_eq!(old.connections.available_permits(), 0);
+        assert_eq!(
+            limits.for_index(8, &config).connections.available_permits(),
+            1
+        );
+        drop((held, other_held));
+        assert_eq!(new.connections.available_permits(), 2);
+    }
 }
