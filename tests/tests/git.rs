@@ -563,6 +563,54 @@ fn push_to_agent_branch_works_and_main_is_refused() -> Result<()> {
     fx.assert_secrets_absent(&[&cloned, &pushed, &refused, &mixed])
 }
 
+/// A server hook that prints the injected token (as `env` shows a request's
+/// `Authorization`) has it relayed by git in sideband packets of 128 bytes at most, which
+/// cut it: the sandbox's git prints the hook's output with the token masked across the
+/// packets, and the push succeeds (the packets' framing is kept). The request's record
+/// counts it.
+#[test]
+fn a_token_a_server_hook_prints_is_masked_across_sideband_packets() -> Result<()> {
+    require_proxy_tools!();
+    let fx = GitFixture::new(GitOpts::default())?;
+    clone(&fx, REPO, "widgets")?;
+    let token = mints(&fx)?.first().context("no mint")?.token.clone();
+    // 100 bytes before it: git reads a hook's output 128 bytes at a time.
+    let pad = "x".repeat(100);
+    let hook = fx.origin.repo_path(REPO).join("hooks").join("pre-receive");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\ncat >/dev/null\nprintf '%s%s\\n' {pad} {token}\n"),
+    )?;
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let a = commit(&fx, "widgets", "hook")?;
+    let pushed = fx.git_ok(&[
+        "-C",
+        "widgets",
+        "push",
+        "origin",
+        "HEAD:refs/heads/agent/hook",
+    ])?;
+    let said = String::from_utf8_lossy(&pushed.stderr);
+    ensure!(
+        said.contains(&format!("remote: {pad}[egressd:scrubbed]")),
+        "the hook's output as the sandbox saw it: {said}"
+    );
+    ensure!(
+        !said.contains(&token[..8]) && !said.contains(&token[token.len() - 8..]),
+        "the token reached the sandbox: {said}"
+    );
+    // Control: the hook printed the token itself, and the push went through.
+    ensure!(fx
+        .origin_refs(REPO)?
+        .contains(&format!("{a} refs/heads/agent/hook\n")));
+    let rec = push_record(&fx, &[Update::new("refs/heads/agent/hook", ZERO, &a, true)])?;
+    ensure!(
+        get_u64(&rec, "egress.scrubbed").is_some_and(|n| n >= 1),
+        "the push's record: {rec}"
+    );
+    Ok(())
+}
+
 #[test]
 fn deleting_tagging_and_other_repositories_are_refused() -> Result<()> {
     require_proxy_tools!();

@@ -433,8 +433,26 @@ const BREAKS: [&[u8]; 8] = [
 ];
 
 /// Every byte [`joined`] may take out: those of [`BREAKS`], a soft break's `=`, a folding
-/// space or tab.
-const BREAK_BYTES: &[u8] = b"\r\n\\rn= \t";
+/// space or tab, and a git sideband packet's header ([`pkt_header_at`]).
+const BREAK_BYTES: &[u8] = b"\r\n\\rn= \t0123456789abcdefABCDEF\x01\x02\x03";
+
+/// The header of a git sideband packet starting at `i` (four hex digits of length, then
+/// the band: 1 data, 2 progress, 3 error), as the range it covers, if it joins two other
+/// bytes. git sends what a server's hooks print in packets of at most 128 bytes (and
+/// `upload-pack` its progress likewise), so a value echoed there can have a header
+/// inside it that the client takes out. No secret has a band byte, so four hex digits
+/// before one are never the value's own.
+pub fn pkt_header_at(hay: &[u8], i: usize) -> Option<Range<usize>> {
+    let header = hay.get(i..i + 5)?;
+    let joins = matches!(header[4], 1..=3)
+        && header[..4].iter().all(u8::is_ascii_hexdigit)
+        && i > 0
+        && !matches!(hay[i - 1], b'\r' | b'\n' | 1..=3)
+        && hay
+            .get(i + 5)
+            .is_some_and(|b| !matches!(b, b'\r' | b'\n' | 1..=3));
+    joins.then_some(i..i + 5)
+}
 
 /// The line break at `i` in `hay` (with the `=` of a soft break before it, and one space
 /// or tab folding the next line after it), as the range it covers, if it joins two other
@@ -472,6 +490,11 @@ fn joined(
     let breaks = || {
         memchr::memchr3_iter(b'\n', b'\r', b'\\', part)
             .any(|i| break_at(hay, within.start + i).is_some())
+            || memchr::memchr3_iter(1, 2, 3, part).any(|i| {
+                (within.start + i)
+                    .checked_sub(4)
+                    .is_some_and(|at| at >= within.start && pkt_header_at(hay, at).is_some())
+            })
     };
     let eq_taken = drop_eq && part.contains(&b'=');
     if !eq_taken && !breaks() {
@@ -517,15 +540,20 @@ fn joined(
                 continue;
             }
         }
-        if matches!(b, b'\n' | b'\r' | b'\\') {
-            if let Some(r) = break_at(hay, i).filter(|r| fits(r, i)) {
-                joins = true;
-                skip(&out, r.len(), &mut taken);
-                gap += r.len();
-                gap_break = true;
-                i = r.end;
-                continue;
-            }
+        let taken_out = if matches!(b, b'\n' | b'\r' | b'\\') {
+            break_at(hay, i)
+        } else if b.is_ascii_hexdigit() {
+            pkt_header_at(hay, i).filter(|r| r.end <= within.end)
+        } else {
+            None
+        };
+        if let Some(r) = taken_out.filter(|r| fits(r, i)) {
+            joins = true;
+            skip(&out, r.len(), &mut taken);
+            gap += r.len();
+            gap_break = true;
+            i = r.end;
+            continue;
         }
         out.push(b);
         gap = 0;
@@ -1100,6 +1128,39 @@ mod tests {
         }
         // A short value has no cut-short forms.
         assert!(forms("short-secret-123").iter().all(|f| f.len() >= 16));
+    }
+
+    /// A value a server's hook printed, cut by git's sideband packets (128 bytes at most,
+    /// each behind its header) wherever the cut falls, is found over the bytes it covers,
+    /// headers included; the headers around it are left alone.
+    #[test]
+    fn a_value_across_git_sideband_packets_is_found() {
+        let secret = fake_token(40);
+        let m = SecretMatcher::new([("c", secret.as_str())]);
+        for pad in 0..=secret.len() {
+            let text = format!("{}HTTP_AUTHORIZATION=Bearer {secret}\n", "x".repeat(pad));
+            let mut wire = Vec::new();
+            let mut offsets = Vec::new();
+            for piece in text.as_bytes().chunks(37) {
+                wire.extend_from_slice(format!("{:04x}\x02", piece.len() + 5).as_bytes());
+                offsets.push(wire.len());
+                wire.extend_from_slice(piece);
+            }
+            let mut ranges = Vec::new();
+            m.each_match(&wire, |r, _| ranges.push(r));
+            let start = pad + "HTTP_AUTHORIZATION=Bearer ".len();
+            // Where the value starts and ends on the wire.
+            let on_wire = |at: usize| offsets[at / 37] + at % 37;
+            let whole = on_wire(start)..on_wire(start + secret.len() - 1) + 1;
+            assert!(
+                ranges.contains(&whole),
+                "pad {pad}: {ranges:?} for {whole:?}"
+            );
+        }
+        // A band byte with no header before it joins nothing.
+        let half = secret.len() / 2;
+        let broken = format!("{}\x02{}", &secret[..half], &secret[half..]);
+        assert!(m.find(broken.as_bytes()).is_none());
     }
 
     #[test]

@@ -129,10 +129,22 @@ fn merged_matches(
     merged
 }
 
+/// Replaces each range with the marker, but for git sideband packets' headers inside it
+/// (a value echoed across packets): kept, so the client still reads the stream.
 fn mask(bytes: &mut [u8], ranges: &[std::ops::Range<usize>]) {
     for r in ranges {
-        for (i, b) in bytes[r.clone()].iter_mut().enumerate() {
-            *b = marker_byte(i);
+        let mut i = r.start;
+        let mut n = 0;
+        while i < r.end {
+            if let Some(header) =
+                crate::credentials::matcher::pkt_header_at(bytes, i).filter(|h| h.end <= r.end)
+            {
+                i = header.end;
+                continue;
+            }
+            bytes[i] = marker_byte(n);
+            n += 1;
+            i += 1;
         }
     }
 }
@@ -1080,6 +1092,34 @@ mod tests {
     /// (the sandbox chooses what precedes it). Wherever a break falls, and whatever its
     /// kind, the whole form is masked with the break inside it, in one piece or split
     /// anywhere.
+    /// What a server's hook printed, relayed by git in sideband packets that cut the
+    /// secret anywhere: masked, the packets' headers kept, so the client reads the same
+    /// framing and no byte of the secret.
+    #[test]
+    fn a_secret_across_git_sideband_packets_is_masked_and_the_framing_kept() {
+        let m = matcher(&[("github", SECRET)]);
+        for cut in 1..SECRET.len() {
+            let text = format!("remote: HTTP_AUTHORIZATION=token {SECRET}\n");
+            let at = text.find(SECRET).unwrap() + cut;
+            let packet = |data: &str| format!("{:04x}\x02{data}", data.len() + 5);
+            let wire = format!("{}{}0000", packet(&text[..at]), packet(&text[at..]));
+            let (out, t) = scrub_pieces(&m, &[wire.as_bytes()]);
+            assert_eq!(t.count(), 1, "cut {cut}");
+            assert_eq!(out.len(), wire.len());
+            // The framing as sent: each packet's header where it was.
+            let second = 5 + at;
+            assert_eq!(out[..5], wire.as_bytes()[..5], "cut {cut}");
+            assert_eq!(out[second..second + 5], wire.as_bytes()[second..second + 5]);
+            let data: Vec<u8> = [&out[5..second], &out[second + 5..out.len() - 4]].concat();
+            assert!(!contains(&data, &SECRET.as_bytes()[..8]), "cut {cut}");
+            assert!(
+                !contains(&data, &SECRET.as_bytes()[SECRET.len() - 8..]),
+                "cut {cut}"
+            );
+            assert!(data.starts_with(b"remote: HTTP_AUTHORIZATION=token "));
+        }
+    }
+
     #[test]
     fn wrapped_forms_are_found_across_their_line_breaks() {
         use base64::Engine as _;
