@@ -250,6 +250,49 @@ fn proxy_git_push_refused() -> ProxyRecord {
     }
 }
 
+/// Past its refusal limit, a sandbox's refusals are counted, not written, but for a
+/// push's (with its ref updates), a secret found, or a refused dial upstream; a refused
+/// fetch and a misplaced placeholder are counted like any other refusal.
+#[test]
+fn which_refusals_may_be_summarised() {
+    let time = datetime!(2026-11-15 10:00 UTC);
+    let may = |r: &ProxyRecord| r.may_be_summarised(r.alert(time).as_ref());
+    let refused = ProxyRecord {
+        verdict: ProxyVerdict::Deny,
+        reason: Some("path not allowed".into()),
+        ..proxy_request()
+    };
+    assert!(may(&refused));
+    assert!(!may(&proxy_request()), "an allowed request");
+    assert!(!may(&proxy_git_push_refused()));
+    let fetch = ProxyRecord {
+        path: Some("/acme/other.git/info/refs".into()),
+        reason: Some("git repository not allowed".into()),
+        git: Some(GitAudit {
+            repo: "acme/other".into(),
+            service: "git-upload-pack".into(),
+            ref_updates: Vec::new(),
+        }),
+        ..proxy_git_push_refused()
+    };
+    assert!(may(&fetch), "a refused fetch");
+    let upstream = ProxyRecord {
+        reason: Some("upstream address not allowed by the rule".into()),
+        ..refused.clone()
+    };
+    assert!(!may(&upstream));
+    let secret = ProxyRecord {
+        secret: Some(SecretFinding::outbound("github-token", "the URL")),
+        ..refused.clone()
+    };
+    assert!(!may(&secret));
+    let placeholder = ProxyRecord {
+        secret: Some(SecretFinding::placeholder("openai", "the body")),
+        ..refused
+    };
+    assert!(may(&placeholder));
+}
+
 /// A passthrough relay that ran to its end.
 fn proxy_passthrough() -> ProxyRecord {
     ProxyRecord {

@@ -326,21 +326,8 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             // A secret seen in either direction raises an alert beside the request's
             // record, with the response the sandbox's alert settings give it.
             let alert = record.alert(time);
-            // A sandbox's refusals past the limit are counted, not written one by one:
-            // never one that found a secret, a git push's, or a refused dial upstream (an
-            // address the rule may not reach). A misplaced placeholder (not a secret) is
-            // limited with its alert: the sandbox could repeat it at will.
-            let placeholder_only = alert
-                .as_ref()
-                .is_none_or(|a| a.kind == crate::audit::AlertKind::PlaceholderMisdirected);
-            let limited = placeholder_only
-                && record.verdict == crate::audit::ProxyVerdict::Deny
-                && record.git.is_none()
-                && !record
-                    .reason
-                    .as_deref()
-                    .is_some_and(|r| r.starts_with("upstream"));
-            if limited && !refusals.admit(&record.sandbox) {
+            // A sandbox's refusals past the limit are counted, not written one by one.
+            if record.may_be_summarised(alert.as_ref()) && !refusals.admit(&record.sandbox) {
                 return;
             }
             proxy_audit.emit(Record::Proxy(ProxyEvent { time, record }));

@@ -286,6 +286,24 @@ impl SecretFinding {
 }
 
 impl ProxyRecord {
+    /// Whether this record (with `alert`, the one it raises) may be counted rather than
+    /// written once its sandbox is past its refusal limit: a refusal, but never one that
+    /// found a secret, a push's with its ref updates (the evidence of what was asked), or
+    /// a refused dial upstream (an address the rule may not reach). A misplaced
+    /// placeholder (not a secret) is limited with its alert: the sandbox could repeat it
+    /// at will; so are other git requests (a refused fetch costs nothing to repeat).
+    pub fn may_be_summarised(&self, alert: Option<&Alert>) -> bool {
+        let placeholder_only = alert.is_none_or(|a| a.kind == AlertKind::PlaceholderMisdirected);
+        let push = self.git.as_ref().is_some_and(|g| !g.ref_updates.is_empty());
+        placeholder_only
+            && self.verdict == ProxyVerdict::Deny
+            && !push
+            && !self
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with("upstream"))
+    }
+
     /// The alert this record raises, if it carries a secret finding: one per request,
     /// naming the rule, origin, path and credential(s), never a value.
     pub fn alert(&self, time: OffsetDateTime) -> Option<Alert> {
