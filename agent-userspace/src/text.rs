@@ -4,23 +4,39 @@
 
 /// Characters that change how the text around them is shown without being seen: the
 /// bidirectional formatting controls (an override makes `rule=gh` read backwards or
-/// moves text across a field) and zero-width ones.
+/// moves text across a field), zero-width and other invisible format characters (soft
+/// hyphen, invisible operators, interlinear annotation), variation selectors, the blank
+/// fillers that show nothing, and the tag characters (`U+E0000`..`U+E007F`: an ASCII text
+/// no one sees, which a language model reading the log does).
 fn reorders_or_hides(c: char) -> bool {
     matches!(
         c,
-        '\u{061c}'
+        '\u{00ad}'
+            | '\u{034f}'
+            | '\u{061c}'
+            | '\u{115f}'..='\u{1160}'
+            | '\u{17b4}'..='\u{17b5}'
+            | '\u{180b}'..='\u{180f}'
             | '\u{200b}'..='\u{200f}'
             | '\u{202a}'..='\u{202e}'
-            | '\u{2060}'
-            | '\u{2066}'..='\u{2069}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{3164}'
+            | '\u{fe00}'..='\u{fe0f}'
             | '\u{feff}'
+            | '\u{ffa0}'
+            | '\u{fff9}'..='\u{fffb}'
+            | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0000}'..='\u{e007f}'
+            | '\u{e0100}'..='\u{e01ef}'
     )
 }
 
 /// Characters a reader of a line must never meet raw: control characters (C0, DEL, C1:
-/// a terminal obeys some, `U+0085` ends a line for some readers), the bidirectional and
-/// zero-width formatting ones, and the line and paragraph separators (line ends for
-/// JavaScript and for some log viewers).
+/// a terminal obeys some, `U+0085` ends a line for some readers), the bidirectional,
+/// zero-width and other invisible ones ([`reorders_or_hides`]), and the line and
+/// paragraph separators (line ends for JavaScript and for some log viewers).
 pub fn misleads(c: char) -> bool {
     c.is_control() || reorders_or_hides(c) || matches!(c, '\u{2028}' | '\u{2029}')
 }

@@ -8,6 +8,8 @@
 //! cut to one length (ending in `…`; query keys after a whole key), the shortest that
 //! makes it fit, and carries `egress.truncated: true`.
 //!
+//! Lengths are counted as written, escapes included (a control character takes six
+//! bytes), so a string of control characters the sandbox chose is cut like a long one.
 //! Nothing that identifies or decides is cut: strings of at most [`FLOOR`] bytes
 //! (addresses, ids, timestamps, digests, names of rules and sandboxes), `@timestamp`,
 //! `ecs`, `observer`, `event` (but its reason), and no list loses an entry (the
@@ -47,7 +49,7 @@ pub(super) fn shortened(
             break;
         }
         let mut lengths = Vec::new();
-        visit(&mut value, &mut |s, _| lengths.push(s.len()));
+        visit(&mut value, &mut |s, _| lengths.push(written_len(s)));
         let Some(cap) = cap_for(&mut lengths, line.len() + 1 - MAX_LINE) else {
             break;
         };
@@ -111,7 +113,7 @@ fn visit(value: &mut Value, f: &mut impl FnMut(&mut String, bool)) {
             k if KEPT.contains(&k) => {}
             "event" => {
                 if let Some(Value::String(reason)) = field.get_mut("reason") {
-                    if reason.len() > FLOOR {
+                    if written_len(reason) > FLOOR {
                         f(reason, false);
                     }
                 }
@@ -120,7 +122,7 @@ fn visit(value: &mut Value, f: &mut impl FnMut(&mut String, bool)) {
                 for (name, part) in field.as_object_mut().into_iter().flatten() {
                     if name == "query" {
                         if let Value::String(query) = part {
-                            if query.len() > FLOOR {
+                            if written_len(query) > FLOOR {
                                 f(query, true);
                             }
                         }
@@ -136,21 +138,33 @@ fn visit(value: &mut Value, f: &mut impl FnMut(&mut String, bool)) {
 
 fn strings(value: &mut Value, f: &mut impl FnMut(&mut String, bool)) {
     match value {
-        Value::String(s) if s.len() > FLOOR => f(s, false),
+        Value::String(s) if written_len(s) > FLOOR => f(s, false),
         Value::Array(items) => items.iter_mut().for_each(|v| strings(v, f)),
         Value::Object(fields) => fields.values_mut().for_each(|v| strings(v, f)),
         _ => {}
     }
 }
 
-/// Cuts `s` to at most `max` bytes on a character boundary, ending in `…`.
+/// The bytes `s` takes in a line, its escapes included, without the quotes.
+fn written_len(s: &str) -> usize {
+    let mut out = Vec::with_capacity(s.len() + 2);
+    super::json::string(s, &mut out);
+    out.len().saturating_sub(2)
+}
+
+/// Cuts `s` to at most `max` bytes as written, on a character boundary, ending in `…`.
 fn cut(s: &mut String, max: usize) {
-    if s.len() <= max {
+    if written_len(s) <= max {
         return;
     }
-    let mut end = max.saturating_sub('…'.len_utf8());
-    while !s.is_char_boundary(end) {
-        end -= 1;
+    let room = max.saturating_sub('…'.len_utf8());
+    let (mut used, mut end) = (0, 0);
+    for (i, c) in s.char_indices() {
+        used += written_len(c.encode_utf8(&mut [0; 4]));
+        if used > room {
+            break;
+        }
+        end = i + c.len_utf8();
     }
     s.truncate(end);
     s.push('…');
@@ -169,6 +183,7 @@ fn cut_query(query: &mut String, max: usize) {
 }
 
 #[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;
 
@@ -184,6 +199,35 @@ mod tests {
         cut(&mut s, 16);
         assert_eq!(s.len(), 16);
         assert!(s.ends_with('…'));
+    }
+
+    /// A string of control characters is measured as written (six bytes each): cut like
+    /// a long one, so a push of sixteen such ref names still fits one write.
+    #[test]
+    fn escapes_count_in_what_is_cut() {
+        let mut s = "\u{1}".repeat(64);
+        assert_eq!(written_len(&s), 6 * 64);
+        cut(&mut s, 64);
+        assert_eq!(s, format!("{}…", "\u{1}".repeat(10)));
+        assert!(written_len(&s) <= 64);
+        let update = serde_json::json!({
+            "ref_name": "\u{1}".repeat(64),
+            "old": "0".repeat(64),
+            "new": "1".repeat(64),
+            "allowed": false,
+        });
+        let record = serde_json::json!({
+            "@timestamp": "2026-12-05T13:00:00.000000Z",
+            "event": {"action": "request", "reason": "git push refused"},
+            "egress": {"git": {"ref_updates": vec![update; 16]}},
+        });
+        let line = shortened(&record, &|_| {}).unwrap();
+        assert!(line.len() < MAX_LINE, "{} bytes", line.len());
+        let back: Value = serde_json::from_slice(&line).unwrap();
+        let updates = back["egress"]["git"]["ref_updates"].as_array().unwrap();
+        assert_eq!(updates.len(), 16);
+        assert!(updates.iter().all(|u| u["old"] == "0".repeat(64)));
+        assert_eq!(back["egress"]["truncated"], true);
     }
 
     #[test]

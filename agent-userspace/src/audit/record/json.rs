@@ -72,8 +72,10 @@ fn needs_escape(b: u8) -> bool {
 }
 
 /// Bytes at which a string may need escaping: what JSON needs escaped, DEL, and the
-/// first bytes of the UTF-8 encodings of the other characters [`misleads`] (C1 `C2`,
-/// `U+061C` `D8`, `U+200B`..`U+2069` `E2`, `U+FEFF` `EF`).
+/// first bytes of the UTF-8 encodings of the other characters [`misleads`] (C1 and the
+/// soft hyphen `C2`, `U+034F` `CD`, `U+061C` `D8`, fillers and selectors `E1`, `E3`,
+/// `U+200B`..`U+206F` `E2`, `U+FE00`..`U+FFFB` `EF`, those past the Basic Multilingual
+/// Plane `F0`, `F3`).
 const MAY_ESCAPE: [bool; 256] = {
     let mut table = [false; 256];
     let mut b = 0;
@@ -81,10 +83,12 @@ const MAY_ESCAPE: [bool; 256] = {
         table[b] = b < 0x20 || b == b'"' as usize || b == b'\\' as usize || b == 0x7f;
         b += 1;
     }
-    table[0xc2] = true;
-    table[0xd8] = true;
-    table[0xe2] = true;
-    table[0xef] = true;
+    let mut i = 0;
+    let firsts = [0xc2, 0xcd, 0xd8, 0xe1, 0xe2, 0xe3, 0xef, 0xf0, 0xf3];
+    while i < firsts.len() {
+        table[firsts[i]] = true;
+        i += 1;
+    }
     table
 };
 
@@ -129,10 +133,18 @@ pub(super) fn string(s: &str, out: &mut Vec<u8>) {
             0x08 => out.extend_from_slice(b"\\b"),
             0x0c => out.extend_from_slice(b"\\f"),
             _ => {
-                // Every character escaped here is in the Basic Multilingual Plane.
-                out.extend_from_slice(b"\\u");
-                for shift in [12, 8, 4, 0] {
-                    out.push(HEX[((code >> shift) & 0xf) as usize]);
+                // Past the Basic Multilingual Plane, as its UTF-16 surrogate pair.
+                let units = if code > 0xffff {
+                    let v = code - 0x1_0000;
+                    [Some(0xd800 | (v >> 10)), Some(0xdc00 | (v & 0x3ff))]
+                } else {
+                    [Some(code), None]
+                };
+                for unit in units.into_iter().flatten() {
+                    out.extend_from_slice(b"\\u");
+                    for shift in [12, 8, 4, 0] {
+                        out.push(HEX[((unit >> shift) & 0xf) as usize]);
+                    }
                 }
             }
         }
@@ -281,7 +293,7 @@ mod tests {
     #[test]
     fn strings_are_escaped_as_serde_json_escapes_them() {
         let mut every_byte: String = (0u8..0x7f).map(char::from).collect();
-        every_byte.push_str("é…\u{10ffff}\u{a0}\u{200a}\u{2030}\u{206a}\u{fefe}€");
+        every_byte.push_str("é…\u{10ffff}\u{a0}\u{200a}\u{2030}\u{2070}\u{fefe}€日本😀");
         for s in [
             "",
             "plain",
@@ -310,6 +322,13 @@ mod tests {
             ('\u{2066}', r"\u2066"),
             ('\u{2069}', r"\u2069"),
             ('\u{feff}', r"\u feff"),
+            ('\u{ad}', r"\u00ad"),
+            ('\u{2062}', r"\u2062"),
+            ('\u{3164}', r"\u3164"),
+            ('\u{fe0f}', r"\ufe0f"),
+            ('\u{e0041}', r"\udb40\udc41"),
+            ('\u{e01ef}', r"\udb40\uddef"),
+            ('\u{1d173}', r"\ud834\udd73"),
         ] {
             let escape = escape.replace(' ', "");
             let s = format!("a{c}é{c}{c}z");
@@ -317,6 +336,19 @@ mod tests {
             assert_eq!(line, format!("\"a{escape}é{escape}{escape}z\""), "{c:?}");
             // A parser reads back the string that was written.
             assert_eq!(serde_json::from_str::<String>(&line).unwrap(), s);
+        }
+    }
+
+    /// Every character that misleads is escaped: its first byte is one the encoder looks
+    /// at, and nothing else is.
+    #[test]
+    fn the_table_of_first_bytes_covers_every_misleading_character() {
+        for c in (0..=0x10_ffff).filter_map(char::from_u32) {
+            let mut buf = [0u8; 4];
+            let first = c.encode_utf8(&mut buf).as_bytes()[0];
+            if crate::text::misleads(c) {
+                assert!(MAY_ESCAPE[usize::from(first)], "{c:?}");
+            }
         }
     }
 
