@@ -54,10 +54,20 @@ pub fn sandbox_name_problem(name: &str) -> Option<String> {
              one of . _ - / : @ +",
             sanitize(name, 100)
         ))
+    } else if RESERVED_SANDBOX_NAMES.contains(&name) {
+        Some(format!(
+            "sandbox name {name:?} is reserved: records name what no sandbox can be placed \
+             in so (choose another)"
+        ))
     } else {
         None
     }
 }
+
+/// Names records give where no sandbox is known (an event of a detached one no longer
+/// remembered, a connection the proxy cannot place, the index of none): no sandbox may
+/// take one, or its records could not be told from those.
+pub const RESERVED_SANDBOX_NAMES: [&str; 2] = ["unknown", "none"];
 
 /// `s` with every character that [`misleads`] written as `\u{..}`, and cut to at most `max` bytes (on a
 /// character boundary, ending in `...` when cut).
@@ -110,6 +120,8 @@ mod tests {
             "a\nb",
             "a\"b",
             &"a".repeat(65),
+            "unknown",
+            "none",
         ] {
             assert!(sandbox_name_problem(bad).is_some(), "{bad:?}");
         }

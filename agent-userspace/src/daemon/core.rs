@@ -2253,6 +2253,8 @@ fn stored_reason(reason: &str, mask: impl Fn(&mut String)) -> String {
 
 /// `rule.name` of a refusal by no policy rule (`rule_id` 0 or a `RULE_*` id), named alike
 /// whether the sandbox is still attached; `None` for a policy rule's id.
+/// `rule.name` of the kernel's decisions no policy rule made (each one of
+/// [`crate::policy::DAEMON_RULE_NAMES`], which no rule may take).
 fn special_rule(rule_id: u16) -> Option<RuleRef> {
     let name = match rule_id {
         0 => return Some(RuleRef::Default),
@@ -2283,9 +2285,31 @@ fn departed_rule(rule_id: u16, policy: Option<&Policy>) -> RuleRef {
 mod tests {
     use std::sync::Arc;
 
-    use super::{deciding_policy, departed_rule, revokes_shared, stored_reason, Replaced};
-    use crate::audit::AlertKind;
+    use super::{
+        deciding_policy, departed_rule, revokes_shared, special_rule, stored_reason, Replaced,
+    };
+    use crate::audit::{AlertKind, RuleRef};
     use crate::policy::parse_str;
+
+    /// The names of the kernel's own decisions are names no policy rule may take.
+    #[test]
+    fn the_daemons_rule_names_are_reserved() {
+        use agent_common::{RULE_BOUND_DEVICE, RULE_DNS, RULE_PROXY_PORT, RULE_UNSPECIFIED};
+        for id in [
+            RULE_DNS,
+            RULE_PROXY_PORT,
+            RULE_UNSPECIFIED,
+            RULE_BOUND_DEVICE,
+        ] {
+            let Some(RuleRef::Named(name)) = special_rule(id) else {
+                unreachable!("rule id {id} has no name");
+            };
+            assert!(
+                crate::policy::DAEMON_RULE_NAMES.contains(&name.as_str()),
+                "{name}"
+            );
+        }
+    }
 
     /// An event decided before a replacement, read after it, is named by the rules of the
     /// policy that decided it; one from a slot whose policy is no longer known is not

@@ -35,7 +35,7 @@ mod selftest;
 
 pub use compile::{
     compile, normalise_net, Action, DefaultAction, NameTest, NameTestKind, Policy, PolicyTest,
-    Protocol, RequestTest, Rule, MAX_RULES, POLICY_VERSION,
+    Protocol, RequestTest, Rule, DAEMON_RULE_NAMES, MAX_RULES, POLICY_VERSION,
 };
 pub use decide::{Decision, Verdict};
 pub use dns::{DnsBudget, DnsConfig};
@@ -436,6 +436,14 @@ tests:
                 "p.yaml:4:11: rules[0].name: rule name `none` is reserved: tests write \
                  `rule: none` for the default (valid: letters, digits, `_`, `.` and `-`, \
                  other than `none` and `default`)",
+            ),
+            (
+                4,
+                "  - name: proxy-port",
+                "p.yaml:4:11: rules[0].name: rule name `proxy-port` is reserved: records \
+                 name the daemon's own decisions so (valid: letters, digits, `_`, `.` and \
+                 `-`, other than `dns-resolver`, `proxy-port`, `unspecified-address`, \
+                 `bound-device`)",
             ),
             (
                 9,

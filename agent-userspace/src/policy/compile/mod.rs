@@ -23,6 +23,7 @@ mod names;
 mod rule;
 mod test_cases;
 
+pub use names::DAEMON_RULE_NAMES;
 use names::{check_name, compile_answers};
 use rule::compile_proxied;
 pub(in crate::policy) use rule::ports_overlap;

@@ -64,6 +64,15 @@ pub(super) fn compile_answers(
 /// shorten a long record, so a rule is always named in full.
 pub const MAX_RULE_NAME: usize = 64;
 
+/// `rule.name`s records give the kernel's decisions that no policy rule made: a rule may
+/// not take one, or its records could not be told from those.
+pub const DAEMON_RULE_NAMES: [&str; 4] = [
+    "dns-resolver",
+    "proxy-port",
+    "unspecified-address",
+    "bound-device",
+];
+
 pub(super) fn check_name(name: &str) -> Result<(), String> {
     const VALID: &str = "valid: letters, digits, `_`, `.` and `-`";
     if name.is_empty() {
@@ -87,6 +96,13 @@ pub(super) fn check_name(name: &str) -> Result<(), String> {
         return Err(format!(
             "rule name `{name}` is reserved: tests write `rule: {name}` for the default \
              ({VALID}, other than `none` and `default`)"
+        ));
+    }
+    if DAEMON_RULE_NAMES.contains(&name) {
+        return Err(format!(
+            "rule name `{name}` is reserved: records name the daemon's own decisions so \
+             ({VALID}, other than {})",
+            DAEMON_RULE_NAMES.map(|n| format!("`{n}`")).join(", ")
         ));
     }
     Ok(())
