@@ -200,7 +200,7 @@ impl SecretMatcher {
             }
         }
         let mut found = None;
-        self.each_match_across_breaks(hay, ac, &mut |_, index, _| {
+        self.each_match_across_breaks(hay, ac, &mut |_, index, _, _| {
             found.get_or_insert(index);
         });
         found.map(|index| self.name(index))
@@ -229,11 +229,22 @@ impl SecretMatcher {
     /// compressed or binary body is skipped, and what is found is what a search of every
     /// byte finds.
     pub fn each_match_cut(&self, hay: &[u8], mut f: impl FnMut(Range<usize>, usize, bool)) {
+        self.each_match_framed(hay, |range, index, cut, _| f(range, index, cut));
+    }
+
+    /// [`Self::each_match_cut`], also telling whether the match was found across git
+    /// sideband packets' headers ([`pkt_header_at`]) and nothing else: a scrubber may keep
+    /// those headers in place, unless another match covers them.
+    pub fn each_match_framed(
+        &self,
+        hay: &[u8],
+        mut f: impl FnMut(Range<usize>, usize, bool, bool),
+    ) {
         let Some(ac) = &self.ac else { return };
         for run in Runs::new(hay, &self.in_pattern, self.min_len) {
             for m in ac.find_overlapping_iter(Input::new(hay).span(run)) {
                 let pattern = m.pattern().as_usize();
-                f(m.range(), self.owner[pattern], self.cut[pattern]);
+                f(m.range(), self.owner[pattern], self.cut[pattern], false);
             }
         }
         self.each_match_across_breaks(hay, ac, &mut f);
@@ -245,33 +256,40 @@ impl SecretMatcher {
         &self,
         hay: &[u8],
         ac: &AhoCorasick,
-        f: &mut impl FnMut(Range<usize>, usize, bool),
+        f: &mut impl FnMut(Range<usize>, usize, bool, bool),
     ) {
-        self.each_joined_match(hay, ac, false, f);
+        self.each_joined_match(hay, ac, Join::Breaks, f);
         // A `=` before a break is a soft break, or a character of the secret itself, and
         // one text may have both: where a pattern has a `=`, the text is also searched
         // with every `=` taken out (breaks or not), by the same patterns without theirs.
         if let Some(eq_free) = &self.eq_free {
-            self.each_joined_match(hay, eq_free, true, f);
+            self.each_joined_match(hay, eq_free, Join::BreaksAndEq, f);
+        }
+        // Packets' headers apart: a search of its own, so that the searches above find
+        // what they found without it (four hex digits of a value before a band byte are
+        // not taken for a header there).
+        if memchr::memchr3(1, 2, 3, hay).is_some() {
+            self.each_joined_match(hay, ac, Join::PktHeaders, f);
         }
     }
 
     /// Matches of `ac` in `hay` joined across its line breaks ([`joined`]), mapped back to
     /// the bytes of `hay` they cover; those with nothing taken out inside are left out
-    /// (found by the search of `hay` itself). `ac` is [`Self::eq_free`] when `drop_eq`.
-    /// Only runs of the bytes such a match may cover are joined and searched: one more
-    /// byte than the shortest pattern at least (something taken out inside).
+    /// (found by the search of `hay` itself). `ac` is [`Self::eq_free`] for
+    /// [`Join::BreaksAndEq`]. Only runs of the bytes such a match may cover are joined
+    /// and searched: one more byte than the shortest pattern at least (something taken
+    /// out inside).
     fn each_joined_match(
         &self,
         hay: &[u8],
         ac: &AhoCorasick,
-        drop_eq: bool,
-        f: &mut impl FnMut(Range<usize>, usize, bool),
+        join: Join,
+        f: &mut impl FnMut(Range<usize>, usize, bool, bool),
     ) {
         let runs = Runs::new(hay, &self.in_joined, self.min_len + 1).unmerged();
         for run in runs {
             let offset = run.start;
-            let Some((joined, taken)) = joined(hay, run, drop_eq) else {
+            let Some((joined, taken)) = joined(hay, run, join) else {
                 continue;
             };
             // Where the byte at `j` of the joined text is in `hay`.
@@ -284,12 +302,17 @@ impl SecretMatcher {
                 if range.len() == m.len() {
                     continue;
                 }
-                let pattern = if drop_eq {
+                let pattern = if join == Join::BreaksAndEq {
                     self.eq_free_of[m.pattern().as_usize()]
                 } else {
                     m.pattern().as_usize()
                 };
-                f(range, self.owner[pattern], self.cut[pattern]);
+                f(
+                    range,
+                    self.owner[pattern],
+                    self.cut[pattern],
+                    join == Join::PktHeaders,
+                );
             }
         }
     }
@@ -434,7 +457,7 @@ const BREAKS: [&[u8]; 8] = [
 
 /// Every byte [`joined`] may take out: those of [`BREAKS`], a soft break's `=`, a folding
 /// space or tab, and a git sideband packet's header ([`pkt_header_at`]).
-const BREAK_BYTES: &[u8] = b"\r\n\\rn= \t0123456789abcdefABCDEF\x01\x02\x03";
+const BREAK_BYTES: &[u8] = b"\r\n\\rn= \t0123456789abcdef\x01\x02\x03";
 
 /// The header of a git sideband packet starting at `i` (four hex digits of length, then
 /// the band: 1 data, 2 progress, 3 error), as the range it covers, if it joins two other
@@ -444,8 +467,17 @@ const BREAK_BYTES: &[u8] = b"\r\n\\rn= \t0123456789abcdefABCDEF\x01\x02\x03";
 /// before one are never the value's own.
 pub fn pkt_header_at(hay: &[u8], i: usize) -> Option<Range<usize>> {
     let header = hay.get(i..i + 5)?;
+    // git writes the length in lower-case hex, and it counts the header itself.
+    let length = std::str::from_utf8(&header[..4])
+        .ok()
+        .filter(|digits| {
+            digits
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        })
+        .and_then(|digits| u16::from_str_radix(digits, 16).ok());
     let joins = matches!(header[4], 1..=3)
-        && header[..4].iter().all(u8::is_ascii_hexdigit)
+        && length.is_some_and(|n| n >= 5)
         && i > 0
         && !matches!(hay[i - 1], b'\r' | b'\n' | 1..=3)
         && hay
@@ -469,8 +501,20 @@ fn break_at(hay: &[u8], i: usize) -> Option<Range<usize>> {
     (before_ok && after_ok).then_some(i..end)
 }
 
+/// What [`joined`] takes out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Join {
+    /// Line breaks that join two other bytes (with a soft break's `=`).
+    Breaks,
+    /// Those, and every `=`.
+    BreaksAndEq,
+    /// git sideband packets' headers ([`pkt_header_at`]), and nothing else.
+    PktHeaders,
+}
+
 /// `hay[within]` with each line break that joins two other bytes taken out (a `=` before
-/// one too, as a quoted-printable soft break; with `drop_eq`, every `=`), and where bytes
+/// one too, as a quoted-printable soft break; with [`Join::BreaksAndEq`], every `=`; with
+/// [`Join::PktHeaders`], packets' headers instead), and where bytes
 /// were taken out: for each place, the offset in the joined text of the byte after it and
 /// the bytes taken out up to there. `None` when nothing is taken out. Breaks are
 /// judged in the whole of `hay` (what is on either side), so a part gives what the whole
@@ -479,22 +523,23 @@ fn break_at(hay: &[u8], i: usize) -> Option<Range<usize>> {
     clippy::type_complexity,
     reason = "a text and its offsets, used together once"
 )]
-fn joined(
-    hay: &[u8],
-    within: Range<usize>,
-    drop_eq: bool,
-) -> Option<(Vec<u8>, Vec<(usize, usize)>)> {
+fn joined(hay: &[u8], within: Range<usize>, join: Join) -> Option<(Vec<u8>, Vec<(usize, usize)>)> {
     let part = hay.get(within.clone())?;
+    let drop_eq = join == Join::BreaksAndEq;
+    let headers = join == Join::PktHeaders;
     // Most texts have no break that joins two bytes (an audit line ends in one): nothing
     // is copied for them.
     let breaks = || {
-        memchr::memchr3_iter(b'\n', b'\r', b'\\', part)
-            .any(|i| break_at(hay, within.start + i).is_some())
-            || memchr::memchr3_iter(1, 2, 3, part).any(|i| {
+        if headers {
+            memchr::memchr3_iter(1, 2, 3, part).any(|i| {
                 (within.start + i)
                     .checked_sub(4)
                     .is_some_and(|at| at >= within.start && pkt_header_at(hay, at).is_some())
             })
+        } else {
+            memchr::memchr3_iter(b'\n', b'\r', b'\\', part)
+                .any(|i| break_at(hay, within.start + i).is_some())
+        }
     };
     let eq_taken = drop_eq && part.contains(&b'=');
     if !eq_taken && !breaks() {
@@ -530,7 +575,7 @@ fn joined(
         let fits =
             |r: &Range<usize>, from: usize| !gap_break && gap + (r.end - from) <= LINE_BREAK_MAX;
         // A soft break: `=` and the break after it.
-        if b == b'=' && i + 1 < hay.len() {
+        if !headers && b == b'=' && i + 1 < hay.len() {
             if let Some(r) = break_at(hay, i + 1).filter(|r| i > 0 && fits(r, i)) {
                 joins = true;
                 skip(&out, r.end - i, &mut taken);
@@ -540,10 +585,10 @@ fn joined(
                 continue;
             }
         }
-        let taken_out = if matches!(b, b'\n' | b'\r' | b'\\') {
-            break_at(hay, i)
-        } else if b.is_ascii_hexdigit() {
+        let taken_out = if headers {
             pkt_header_at(hay, i).filter(|r| r.end <= within.end)
+        } else if matches!(b, b'\n' | b'\r' | b'\\') {
+            break_at(hay, i)
         } else {
             None
         };

@@ -88,9 +88,17 @@ impl Tally {
 /// Replaces every match in `bytes` (a whole, self-contained value) with the marker.
 /// Returns whether anything was replaced.
 fn scrub_in_place(bytes: &mut [u8], matcher: &SecretMatcher, tally: &Tally) -> bool {
-    let ranges = merged_matches(bytes, matcher, 0, bytes.len(), tally);
-    mask(bytes, &ranges);
-    !ranges.is_empty()
+    let found = merged_matches(bytes, matcher, 0, bytes.len(), tally);
+    mask(bytes, &found);
+    !found.ranges.is_empty()
+}
+
+/// What [`merged_matches`] found: the ranges to replace, and the git sideband packets'
+/// headers inside them to keep in place.
+#[derive(Debug, Default)]
+struct Found {
+    ranges: Vec<std::ops::Range<usize>>,
+    headers: Vec<std::ops::Range<usize>>,
 }
 
 /// Matches in `hay`, overlapping ones merged, in order. Each occurrence is counted once:
@@ -98,15 +106,40 @@ fn scrub_in_place(bytes: &mut [u8], matcher: &SecretMatcher, tally: &Tally) -> b
 /// nor one ending at or before `seen` (counted before). A value cut short that ends at or
 /// after `open_from` is not counted yet either: the bytes after it, still to come, may
 /// make it part of the whole value (it is found again with them, in the bytes kept back).
+///
+/// A match found across git sideband packets' headers keeps those headers (the client
+/// reads the same framing), unless another match covers any byte of one: then four
+/// "hex digits" before a band byte may be the value's own, and everything is replaced.
 fn merged_matches(
     hay: &[u8],
     matcher: &SecretMatcher,
     seen: usize,
     open_from: usize,
     tally: &Tally,
-) -> Vec<std::ops::Range<usize>> {
+) -> Found {
     let mut found: Vec<(std::ops::Range<usize>, usize, bool)> = Vec::new();
-    matcher.each_match_cut(hay, |range, index, cut| found.push((range, index, cut)));
+    let mut framed: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut unframed: Vec<std::ops::Range<usize>> = Vec::new();
+    matcher.each_match_framed(hay, |range, index, cut, across_headers| {
+        if across_headers {
+            framed.push(range.clone());
+        } else {
+            unframed.push(range.clone());
+        }
+        found.push((range, index, cut));
+    });
+    let mut headers = Vec::new();
+    for r in &framed {
+        for i in r.clone() {
+            let Some(h) = crate::credentials::matcher::pkt_header_at(hay, i) else {
+                continue;
+            };
+            let covered = unframed.iter().any(|u| u.start < h.end && h.start < u.end);
+            if h.end <= r.end && !covered && !headers.contains(&h) {
+                headers.push(h);
+            }
+        }
+    }
     // By start, the longest first: a match ending within one before it lies inside it.
     found.sort_by(|(a, ..), (b, ..)| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
     let mut reach = 0;
@@ -126,20 +159,24 @@ fn merged_matches(
             _ => merged.push(r),
         }
     }
-    merged
+    headers.sort_by_key(|h| h.start);
+    Found {
+        ranges: merged,
+        headers,
+    }
 }
 
-/// Replaces each range with the marker, but for git sideband packets' headers inside it
-/// (a value echoed across packets): kept, so the client still reads the stream.
-fn mask(bytes: &mut [u8], ranges: &[std::ops::Range<usize>]) {
-    for r in ranges {
+/// Replaces each range with the marker, but for the packets' headers [`merged_matches`]
+/// keeps (a value echoed across git sideband packets): the client still reads the stream.
+fn mask(bytes: &mut [u8], found: &Found) {
+    let mut headers = found.headers.iter().peekable();
+    for r in &found.ranges {
         let mut i = r.start;
         let mut n = 0;
         while i < r.end {
-            if let Some(header) =
-                crate::credentials::matcher::pkt_header_at(bytes, i).filter(|h| h.end <= r.end)
-            {
-                i = header.end;
+            while headers.next_if(|h| h.end <= i).is_some() {}
+            if let Some(h) = headers.next_if(|h| h.start == i) {
+                i = h.end;
                 continue;
             }
             bytes[i] = marker_byte(n);
@@ -326,9 +363,9 @@ impl StreamScrubber {
         // short in its last CUT_REACH bytes: the bytes after them tell whether they were
         // the start of the whole one. So are those ending in this buffer's last bytes.
         let open_from = buf.len().saturating_sub(CUT_REACH);
-        let ranges = merged_matches(&buf, &self.matcher, old, open_from, &self.tally);
+        let found = merged_matches(&buf, &self.matcher, old, open_from, &self.tally);
         let cut = buf.len().saturating_sub(self.keep);
-        if ranges.is_empty() && self.tail_in == self.tail_out {
+        if found.ranges.is_empty() && self.tail_in == self.tail_out {
             self.tail_in.clear();
             self.tail_in.extend_from_slice(&buf[cut..]);
             self.tail_out.clone_from(&self.tail_in);
@@ -337,7 +374,7 @@ impl StreamScrubber {
         }
         let next_in = buf[cut..].to_vec();
         buf[..old].copy_from_slice(&self.tail_out);
-        mask(&mut buf, &ranges);
+        mask(&mut buf, &found);
         self.tail_in = next_in;
         self.tail_out = buf[cut..].to_vec();
         buf.truncate(cut);
@@ -1088,13 +1125,9 @@ mod tests {
         }
     }
 
-    /// Text wrapped at a fixed width: the break may fall anywhere in the secret's form
-    /// (the sandbox chooses what precedes it). Wherever a break falls, and whatever its
-    /// kind, the whole form is masked with the break inside it, in one piece or split
-    /// anywhere.
     /// What a server's hook printed, relayed by git in sideband packets that cut the
     /// secret anywhere: masked, the packets' headers kept, so the client reads the same
-    /// framing and no byte of the secret.
+    /// framing and no byte of the secret; the same with the stream split anywhere.
     #[test]
     fn a_secret_across_git_sideband_packets_is_masked_and_the_framing_kept() {
         let m = matcher(&[("github", SECRET)]);
@@ -1117,9 +1150,50 @@ mod tests {
                 "cut {cut}"
             );
             assert!(data.starts_with(b"remote: HTTP_AUTHORIZATION=token "));
+            // Split anywhere: the same bytes.
+            for split in [1, at, at + 3, at + 5, at + 7, wire.len() - 6] {
+                let (head, tail) = wire.as_bytes().split_at(split);
+                assert_eq!(
+                    scrub_pieces(&m, &[head, tail]).0,
+                    out,
+                    "cut {cut} split {split}"
+                );
+            }
         }
     }
 
+    /// A secret ending in hex digits: before a band byte they are the secret's, not a
+    /// header, where the secret is found whole (here across a line break, by the search
+    /// that joins lines): every byte of it is masked.
+    #[test]
+    fn hex_digits_of_a_secret_before_a_band_byte_are_masked() {
+        const HEX_TAIL: &str = "tok_Zq9Wv2Lr8Kp0deadbeef";
+        let m = matcher(&[("c", HEX_TAIL)]);
+        let (head, tail) = HEX_TAIL.split_at(6);
+        for after in ["\x02X", "\x02Zzz", "\x01 more", "\x02b", "\x02bee"] {
+            for text in [
+                format!("echo {HEX_TAIL}{after}"),
+                format!("echo {head}\n{tail}{after}"),
+            ] {
+                let (out, t) = scrub_pieces(&m, &[text.as_bytes()]);
+                assert!(t.count() >= 1, "{text:?}");
+                let at = text.find(head).unwrap();
+                let end = at + HEX_TAIL.len() + usize::from(text.contains('\n'));
+                assert!(
+                    out[at..end]
+                        .iter()
+                        .all(|b| MARKER.contains(b) || *b == b'*' || *b == b'\n'),
+                    "{text:?} -> {:?}",
+                    String::from_utf8_lossy(&out)
+                );
+            }
+        }
+    }
+
+    /// Text wrapped at a fixed width: the break may fall anywhere in the secret's form
+    /// (the sandbox chooses what precedes it). Wherever a break falls, and whatever its
+    /// kind, the whole form is masked with the break inside it, in one piece or split
+    /// anywhere.
     #[test]
     fn wrapped_forms_are_found_across_their_line_breaks() {
         use base64::Engine as _;
