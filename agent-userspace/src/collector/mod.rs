@@ -9,8 +9,8 @@
 //! that the collector had not acknowledged (a reset discards TCP's send queue), so a
 //! collector may see a record twice (same `event.sequence`) but, short of the queue
 //! overflowing, not lose one. When the queue is full, records are
-//! dropped and counted (so are unacknowledged messages past [`MAX_UNACKED`], which a
-//! reconnection cannot send again), and the next message the collector gets is a
+//! dropped and counted (so are messages past [`MAX_UNACKED`] a failed connection took
+//! unacknowledged, which a reconnection cannot send again), and the next message the collector gets is a
 //! `collector-lost` record with the count and the sequence range, so a gap is explained
 //! while the daemon runs. The queue is in memory: what it holds when the daemon dies (or
 //! stops with the collector away past the flush's 2 s) leaves gaps no record explains; the
@@ -68,28 +68,47 @@ struct Lost {
 }
 
 impl Lost {
+    /// Counts one more, `first` and `last` the lowest and highest numbers seen (records
+    /// forgotten unacknowledged are older than those the queue dropped meanwhile).
     fn add(&mut self, sequence: u64) {
         if self.count == 0 {
-            self.first = sequence;
+            (self.first, self.last) = (sequence, sequence);
         }
         self.count += 1;
-        self.last = sequence;
+        self.first = self.first.min(sequence);
+        self.last = self.last.max(sequence);
+    }
+
+    fn merge(&mut self, other: Self) {
+        if other.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = other;
+            return;
+        }
+        self.count += other.count;
+        self.first = self.first.min(other.first);
+        self.last = self.last.max(other.last);
     }
 }
 
-/// Counts the record `json` as lost, for the next `collector-lost` record. Only on this
-/// rare path is a line read again, for its number.
-fn count_lost(json: &[u8]) {
-    let Some(sink) = SINK.get() else {
-        return;
-    };
-    let sequence = serde_json::from_slice::<SequenceOnly>(json)
+/// A record's `event.sequence`; `None` for a line without one (the `collector-lost`
+/// records this sink makes). Only on rare paths is a line read again, for its number.
+fn sequence_of(json: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<SequenceOnly>(json)
+        .ok()
         .map(|r| r.event.sequence)
-        .unwrap_or(0);
-    sink.lost
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .add(sequence);
+}
+
+/// Counts `lost`, for the next `collector-lost` record.
+fn count_lost(lost: Lost) {
+    if let Some(sink) = SINK.get() {
+        sink.lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .merge(lost);
+    }
 }
 
 /// The record a framed message carries: what follows its eighth space, the octet count
@@ -123,7 +142,9 @@ pub fn forward(line: &[u8]) {
     };
     let line = line.trim_ascii();
     if sink.tx.try_send(line.to_vec()).is_err() {
-        count_lost(line);
+        let mut lost = Lost::default();
+        lost.add(sequence_of(line).unwrap_or(0));
+        count_lost(lost);
     }
 }
 
@@ -186,7 +207,7 @@ fn lost_record(lost: Lost, now: OffsetDateTime) -> Vec<u8> {
             "type": ["error"],
             "action": "collector-lost",
             "outcome": "failure",
-            "reason": "the collector queue was full, or more records than are kept to send again were unacknowledged when the connection failed; these records are in the audit log only",
+            "reason": "the collector queue was full, or the connection failed with more records unacknowledged than are kept to send again; these records are in the audit log only",
         },
         "observer": {"product": PRODUCT, "version": VERSION},
         "egress": {"lost": {"count": lost.count, "first_sequence": lost.first, "last_sequence": lost.last}},
@@ -269,16 +290,16 @@ async fn run(addr: SocketAddr, mut rx: mpsc::Receiver<Vec<u8>>) {
             };
             if let Some(why) = failed {
                 tracing::warn!(%addr, %why, resent = unacked.len(), "Reconnecting to the audit collector");
-                // What it may not have received goes first, then this message.
-                let mut again = unacked.take();
+                // What it may not have received goes first, then this message; what was
+                // forgotten unacknowledged is counted lost.
+                let (mut again, forgotten) = unacked.take();
+                count_lost(forgotten);
                 again.push_back(msg);
                 again.append(&mut pending);
                 pending = again;
                 break;
             }
-            for forgotten in unacked.push(msg, unsent_bytes(&stream)) {
-                count_lost(framed_json(&forgotten));
-            }
+            unacked.push(msg, unsent_bytes(&stream));
         }
         tokio::time::sleep(backoff).await;
     }
@@ -303,39 +324,46 @@ fn unsent_bytes(stream: &TcpStream) -> usize {
 struct Unacked {
     messages: std::collections::VecDeque<Vec<u8>>,
     bytes: usize,
+    /// Records forgotten past the cap before the peer acknowledged them: lost if the
+    /// connection fails before it does.
+    forgotten: Lost,
 }
 
 impl Unacked {
     /// Adds `msg`, just written, and forgets the oldest messages the peer has
-    /// acknowledged, given `outstanding` bytes still unacknowledged. Returns those
-    /// forgotten past the cap that the peer may not have received: a reconnection would
-    /// not send them again.
-    fn push(&mut self, msg: Vec<u8>, outstanding: usize) -> Vec<Vec<u8>> {
+    /// acknowledged, given `outstanding` bytes still unacknowledged; past the cap, the
+    /// oldest are forgotten anyway, and counted until an acknowledgement covers them.
+    fn push(&mut self, msg: Vec<u8>, outstanding: usize) {
         self.bytes += msg.len();
         self.messages.push_back(msg);
-        let mut forgotten = Vec::new();
-        // The oldest goes while the rest still covers what is outstanding (or past the cap).
         while let Some(front) = self.messages.front().map(Vec::len) {
             let acknowledged = self.bytes - front >= outstanding;
             if !acknowledged && self.messages.len() <= MAX_UNACKED {
                 break;
             }
             self.bytes -= front;
-            if let Some(gone) = self.messages.pop_front() {
-                if !acknowledged {
-                    forgotten.push(gone);
-                }
+            let Some(gone) = self.messages.pop_front() else {
+                break;
+            };
+            if acknowledged {
+                // TCP acknowledges in order: so were those forgotten before it.
+                self.forgotten = Lost::default();
+            } else if let Some(sequence) = sequence_of(framed_json(&gone)) {
+                self.forgotten.add(sequence);
             }
         }
-        forgotten
     }
 
     fn len(&self) -> usize {
         self.messages.len()
     }
 
-    fn take(&mut self) -> std::collections::VecDeque<Vec<u8>> {
+    /// The messages to send again after a failure, and those forgotten unacknowledged.
+    fn take(&mut self) -> (std::collections::VecDeque<Vec<u8>>, Lost) {
         self.bytes = 0;
-        std::mem::take(&mut self.messages)
+        (
+            std::mem::take(&mut self.messages),
+            std::mem::take(&mut self.forgotten),
+        )
     }
 }

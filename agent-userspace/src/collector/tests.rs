@@ -50,12 +50,17 @@ fn a_framed_message_gives_back_its_record() {
     let mut lost = Lost::default();
     lost.add(7);
     lost.add(9);
+    lost.add(3);
+    let mut more = Lost::default();
+    more.add(12);
+    lost.merge(more);
+    lost.merge(Lost::default());
     assert_eq!(
         lost,
         Lost {
-            count: 2,
-            first: 7,
-            last: 9
+            count: 4,
+            first: 3,
+            last: 12
         }
     );
 }
@@ -133,25 +138,49 @@ async fn sends_in_order_and_again_after_the_collector_drops_the_connection() {
 #[test]
 fn unacknowledged_messages_are_kept_to_send_again() {
     let mut u = Unacked::default();
-    assert!(u.push(b"aaaa".to_vec(), 4).is_empty());
-    assert!(u.push(b"bbbb".to_vec(), 6).is_empty());
+    u.push(b"aaaa".to_vec(), 4);
+    u.push(b"bbbb".to_vec(), 6);
     // 6 bytes outstanding: the last two messages cover them.
     assert_eq!(u.len(), 2);
-    assert!(u.push(b"cc".to_vec(), 2).is_empty());
+    u.push(b"cc".to_vec(), 2);
     assert_eq!(u.len(), 1);
-    // Everything acknowledged: nothing forgotten unreceived.
-    assert!(u.push(b"dd".to_vec(), 0).is_empty());
+    // Everything acknowledged.
+    u.push(b"dd".to_vec(), 0);
     assert_eq!(u.len(), 0);
-    // Unknown: kept, up to the cap; those past it are handed back to be counted lost.
-    let mut forgotten = Vec::new();
-    for i in 0..(MAX_UNACKED + 5) {
-        forgotten.extend(u.push(i.to_string().into_bytes(), usize::MAX));
+    // Unknown: kept, up to the cap; those past it are counted as forgotten, but for a
+    // line that is no record (a collector-lost record of this sink's own).
+    let framed = |n: usize| {
+        frame(
+            format!("{{\"event\":{{\"sequence\":{n}}}}}").as_bytes(),
+            "h",
+            datetime!(2026-11-21 22:03:04 UTC),
+        )
+    };
+    u.push(
+        frame(b"{}", "h", datetime!(2026-11-21 22:03:04 UTC)),
+        usize::MAX,
+    );
+    for n in 1..(MAX_UNACKED + 5) {
+        u.push(framed(n), usize::MAX);
     }
     assert_eq!(u.len(), MAX_UNACKED);
-    let firsts: Vec<&[u8]> = forgotten.iter().map(Vec::as_slice).collect();
-    assert_eq!(firsts, [&b"0"[..], b"1", b"2", b"3", b"4"]);
-    assert_eq!(u.take().len(), MAX_UNACKED);
+    let (again, forgotten) = u.take();
+    assert_eq!(again.len(), MAX_UNACKED);
+    assert_eq!(
+        forgotten,
+        Lost {
+            count: 4,
+            first: 1,
+            last: 4
+        }
+    );
     assert_eq!(u.len(), 0);
+    // Forgotten, then acknowledged after all: not lost.
+    for n in 1..(MAX_UNACKED + 5) {
+        u.push(framed(n), usize::MAX);
+    }
+    u.push(framed(0), 0);
+    assert_eq!(u.take().1, Lost::default());
 }
 
 /// A collector that accepts but never reads: after the write timeout the task
