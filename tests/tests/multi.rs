@@ -301,5 +301,51 @@ fn the_control_socket_refuses_processes_in_sandboxes() -> Result<()> {
     );
     // Control: the host's own call.
     ensure!(fx.daemon.ctl(["status"])?.status.success());
+    // A flood of such lines: 20 alerts a window, the rest counted in one rate-limit
+    // alert, raised at the latest when the daemon stops.
+    const FLOOD: u64 = 40;
+    let flood = fx.sandbox.run(
+        "python3",
+        &[
+            "-c".as_ref(),
+            "import socket, sys\n\
+             for _ in range(int(sys.argv[2])):\n\
+             \x20   s = socket.socket(socket.AF_UNIX)\n\
+             \x20   s.connect(sys.argv[1])\n\
+             \x20   s.sendall(b'not a request\\n')\n\
+             \x20   s.recv(4096)\n\
+             \x20   s.close()"
+                .as_ref(),
+            socket.as_os_str(),
+            FLOOD.to_string().as_ref(),
+        ],
+    )?;
+    ensure!(flood.status.success(), "the flood: {flood:?}");
+    let mut fx = fx;
+    fx.daemon.terminate(std::time::Duration::from_secs(10))?;
+    let records = fx.daemon.audit_records()?;
+    let mine = |r: &&serde_json::Value| {
+        egress_tests::audit::get_str(r, "egress.sandbox.name") == Some(fx.sandbox.label())
+    };
+    let action = |r: &serde_json::Value, want: &str| {
+        egress_tests::audit::get_str(r, "event.action") == Some(want)
+    };
+    let one_by_one = records
+        .iter()
+        .filter(mine)
+        .filter(|r| action(r, "control-socket"))
+        .count() as u64;
+    let counted: u64 = records
+        .iter()
+        .filter(mine)
+        .filter(|r| action(r, "rate-limit"))
+        .filter_map(|r| get_u64(r, "egress.alert.count"))
+        .sum();
+    // The detach and the first line that was no request came before the flood.
+    ensure!(
+        one_by_one <= 20 && one_by_one + counted == FLOOD + 2,
+        "{one_by_one} control-socket alerts and {counted} counted for {} refusals",
+        FLOOD + 2
+    );
     Ok(())
 }

@@ -105,6 +105,7 @@ struct Slots {
 /// Accepts connections until the listener fails.
 pub async fn serve(listener: UnixListener, handler: Arc<dyn Handler>) {
     let slots = Arc::new(Mutex::new(Slots::default()));
+    let busy = Arc::new(BusyRefusals::default());
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
@@ -115,7 +116,7 @@ pub async fn serve(listener: UnixListener, handler: Arc<dyn Handler>) {
                             Some((_, oldest)) => oldest.notify_one(),
                             None => {
                                 drop(s);
-                                tokio::spawn(refuse_busy(stream, handler.clone()));
+                                tokio::spawn(refuse_busy(stream, handler.clone(), busy.clone()));
                                 continue;
                             }
                         }
@@ -146,11 +147,40 @@ pub async fn serve(listener: UnixListener, handler: Arc<dyn Handler>) {
     }
 }
 
+/// Connections refused because every slot was busy, not yet put to the handler: one
+/// report at a time covers all those refused meanwhile, so a storm of connections does not
+/// become a storm of reports (each takes the daemon's lock).
+#[derive(Default)]
+struct BusyRefusals {
+    pending: std::sync::atomic::AtomicU64,
+    reporting: std::sync::atomic::AtomicBool,
+}
+
 /// Every slot is busy handling a request: say so instead of queueing without bound.
-async fn refuse_busy(stream: UnixStream, handler: Arc<dyn Handler>) {
+async fn refuse_busy(stream: UnixStream, handler: Arc<dyn Handler>, busy: Arc<BusyRefusals>) {
+    use std::sync::atomic::Ordering::SeqCst;
     let why =
         format!("egressd is busy: {MAX_CONNECTIONS} control requests are being handled; try again");
-    refused(handler, &Caller::of_peer(&stream), why.clone()).await;
+    busy.pending.fetch_add(1, SeqCst);
+    if !busy.reporting.swap(true, SeqCst) {
+        let caller = Caller::of_peer(&stream);
+        loop {
+            let n = busy.pending.swap(0, SeqCst);
+            if n > 0 {
+                let text = match n {
+                    1 => why.clone(),
+                    n => format!("{why} ({n} connections refused so)"),
+                };
+                refused(handler.clone(), &caller, text).await;
+            }
+            busy.reporting.store(false, SeqCst);
+            // One refused after the count was taken: this task reports it too, unless
+            // another has begun to.
+            if busy.pending.load(SeqCst) == 0 || busy.reporting.swap(true, SeqCst) {
+                break;
+            }
+        }
+    }
     let mut stream = stream;
     let _ = tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &Response::error(why))).await;
 }

@@ -57,6 +57,8 @@ pub struct Arrival {
 }
 
 pub struct Core {
+    /// Control-socket refusals recorded one by one, per caller's sandbox and window.
+    pub control_refusals: crate::alerts::RefusalRecords,
     pub layout: PinLayout,
     pub bpffs: PathBuf,
     pub programs: Programs,
@@ -2001,6 +2003,9 @@ impl Core {
                 "the caller's cgroup cannot be read".to_owned(),
             ),
         };
+        if !self.control_refusals.admit(&sandbox) {
+            return Admission::StatusOnly(why);
+        }
         tracing::warn!(sandbox = %sandbox, caller = %seen, "Control socket request refused: status only");
         self.alerts.raise(Alert::new(
             now(),
@@ -2034,6 +2039,9 @@ impl Core {
                 "a process whose cgroup cannot be placed".to_owned(),
             ),
         };
+        if !self.control_refusals.admit(&sandbox) {
+            return;
+        }
         let why: String = why.chars().take(200).collect();
         tracing::warn!(sandbox = %sandbox, caller = %seen, %why, "Control socket refused a caller");
         self.alerts.raise(Alert::new(

@@ -388,7 +388,17 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     state.clean_shutdown = false;
     state.last_seen = Some(rfc3339(now()));
 
+    let control_alerts = alerts.clone();
+    let control_refusals = RefusalRecords::new(
+        CONTROL_REFUSALS_RECORDED,
+        PROXY_REFUSAL_WINDOW,
+        "control-socket refusals",
+        Arc::new(move |alert| {
+            control_alerts.raise(alert);
+        }),
+    );
     let mut core = Core {
+        control_refusals,
         layout,
         bpffs: opts.bpffs.clone(),
         programs,
@@ -554,6 +564,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     drop(proxy_refusals);
     let mut stopped_state = {
         let mut core = shared.lock();
+        core.control_refusals.flush();
         core.flush_alerts();
         core.audit.emit(Record::DaemonStop(DaemonStop {
             time: now(),
@@ -692,6 +703,9 @@ fn cover_packet_sockets(programs: &mut Programs, layout: &PinLayout) -> Result<(
 /// Proxy refusals one sandbox gets recorded one by one per [`PROXY_REFUSAL_WINDOW`]; the
 /// rest are counted in one `rate-limit` alert.
 const PROXY_REFUSALS_RECORDED: u32 = 1000;
+/// Control-socket refusals recorded one by one per window and caller's sandbox (or the
+/// host); the rest are counted in one `rate-limit` alert.
+const CONTROL_REFUSALS_RECORDED: u32 = 20;
 const PROXY_REFUSAL_WINDOW: Duration = Duration::from_secs(10);
 
 fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {
