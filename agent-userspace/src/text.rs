@@ -54,10 +54,17 @@ pub fn sandbox_name_problem(name: &str) -> Option<String> {
              one of . _ - / : @ +",
             sanitize(name, 100)
         ))
-    } else if RESERVED_SANDBOX_NAMES.contains(&name) {
+    } else if RESERVED_SANDBOX_NAMES
+        .iter()
+        .any(|n| n.eq_ignore_ascii_case(name))
+        || name
+            .get(..REFUSED_CONTAINER_PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(REFUSED_CONTAINER_PREFIX))
+    {
         Some(format!(
             "sandbox name {name:?} is reserved: records name what no sandbox can be placed \
-             in so (choose another)"
+             in so (`unknown`, `none`, and `oci:` and an id for a container the OCI hook \
+             refused; choose another)"
         ))
     } else {
         None
@@ -68,6 +75,10 @@ pub fn sandbox_name_problem(name: &str) -> Option<String> {
 /// remembered, a connection the proxy cannot place, the index of none): no sandbox may
 /// take one, or its records could not be told from those.
 pub const RESERVED_SANDBOX_NAMES: [&str; 2] = ["unknown", "none"];
+
+/// What the name of a container the OCI hook refused begins with (the container's id
+/// follows): no sandbox's name may.
+pub const REFUSED_CONTAINER_PREFIX: &str = "oci:";
 
 /// `s` with every character that [`misleads`] written as `\u{..}`, and cut to at most `max` bytes (on a
 /// character boundary, ending in `...` when cut).
@@ -122,6 +133,10 @@ mod tests {
             &"a".repeat(65),
             "unknown",
             "none",
+            "Unknown",
+            "NONE",
+            "oci:3f2a",
+            "OCI:x",
         ] {
             assert!(sandbox_name_problem(bad).is_some(), "{bad:?}");
         }

@@ -2056,7 +2056,11 @@ impl Core {
     /// the container's name (`oci:ID`), so the refusal is in the trail.
     pub fn hook_refused(&mut self, container: &str, reason: &str) {
         let cut = |s: &str, n: usize| s.chars().take(n).collect::<String>();
-        let sandbox = format!("oci:{}", cut(container, 64));
+        let sandbox = format!(
+            "{}{}",
+            crate::text::REFUSED_CONTAINER_PREFIX,
+            cut(container, 64)
+        );
         tracing::warn!(%sandbox, reason = %cut(reason, 1000), "The OCI hook refused a container");
         self.policy_rejected(
             sandbox,

@@ -441,9 +441,17 @@ tests:
                 4,
                 "  - name: proxy-port",
                 "p.yaml:4:11: rules[0].name: rule name `proxy-port` is reserved: records \
-                 name the daemon's own decisions so (valid: letters, digits, `_`, `.` and \
-                 `-`, other than `dns-resolver`, `proxy-port`, `unspecified-address`, \
-                 `bound-device`)",
+                 name the default rule and the daemon's own decisions so (valid: letters, \
+                 digits, `_`, `.` and `-`, other than `none`, `default`, `dns-resolver`, \
+                 `proxy-port`, `unspecified-address`, `bound-device`, `unknown` in any case)",
+            ),
+            (
+                4,
+                "  - name: Default",
+                "p.yaml:4:11: rules[0].name: rule name `Default` is reserved: records \
+                 name the default rule and the daemon's own decisions so (valid: letters, \
+                 digits, `_`, `.` and `-`, other than `none`, `default`, `dns-resolver`, \
+                 `proxy-port`, `unspecified-address`, `bound-device`, `unknown` in any case)",
             ),
             (
                 9,

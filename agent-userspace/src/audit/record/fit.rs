@@ -147,9 +147,7 @@ fn strings(value: &mut Value, f: &mut impl FnMut(&mut String, bool)) {
 
 /// The bytes `s` takes in a line, its escapes included, without the quotes.
 fn written_len(s: &str) -> usize {
-    let mut out = Vec::with_capacity(s.len() + 2);
-    super::json::string(s, &mut out);
-    out.len().saturating_sub(2)
+    s.chars().map(super::json::written_len).sum()
 }
 
 /// Cuts `s` to at most `max` bytes as written, on a character boundary, ending in `…`.
@@ -160,7 +158,7 @@ fn cut(s: &mut String, max: usize) {
     let room = max.saturating_sub('…'.len_utf8());
     let (mut used, mut end) = (0, 0);
     for (i, c) in s.char_indices() {
-        used += written_len(c.encode_utf8(&mut [0; 4]));
+        used += super::json::written_len(c);
         if used > room {
             break;
         }
@@ -170,15 +168,22 @@ fn cut(s: &mut String, max: usize) {
     s.push('…');
 }
 
-/// Cuts `key=&key=...` to its whole keys within `max` bytes (none: empty).
+/// Cuts `key=&key=...` to its whole keys within `max` bytes as written (none: empty).
 fn cut_query(query: &mut String, max: usize) {
-    if query.len() <= max {
+    if written_len(query) <= max {
         return;
     }
-    let end = query.as_bytes()[..=max]
-        .iter()
-        .rposition(|b| *b == b'&')
-        .unwrap_or(0);
+    // The last `&` with what is before it within `max`.
+    let (mut used, mut end) = (0, 0);
+    for (i, c) in query.char_indices() {
+        if c == '&' {
+            end = i;
+        }
+        used += super::json::written_len(c);
+        if used > max {
+            break;
+        }
+    }
     query.truncate(end);
 }
 
@@ -241,6 +246,12 @@ mod tests {
         let mut q = "abcdef=&b=".to_owned();
         cut_query(&mut q, 4);
         assert_eq!(q, "");
+        // Measured as written: each `"` takes two bytes.
+        let mut q = "a\"=&b\"\"=&c=".to_owned();
+        cut_query(&mut q, 11);
+        assert_eq!(q, "a\"=&b\"\"=");
+        cut_query(&mut q, 10);
+        assert_eq!(q, "a\"=");
     }
 
     #[test]

@@ -155,6 +155,21 @@ pub(super) fn string(s: &str, out: &mut Vec<u8>) {
     out.push(b'"');
 }
 
+/// The bytes [`string`] writes for `c`: its escape, or itself.
+pub(super) fn written_len(c: char) -> usize {
+    let escaped = if c.is_ascii() {
+        needs_escape(c as u8) || c == '\u{7f}'
+    } else {
+        misleads(c)
+    };
+    match c {
+        _ if !escaped => c.len_utf8(),
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        _ if u32::from(c) > 0xffff => 12,
+        _ => 6,
+    }
+}
+
 impl Json for str {
     #[inline]
     fn json(&self, out: &mut Vec<u8>) {
@@ -349,6 +364,16 @@ mod tests {
             if crate::text::misleads(c) {
                 assert!(MAY_ESCAPE[usize::from(first)], "{c:?}");
             }
+        }
+    }
+
+    /// What [`written_len`] counts is what [`string`] writes, for every character.
+    #[test]
+    fn written_lengths_are_those_written() {
+        for c in (0..=0x10_ffff).filter_map(char::from_u32) {
+            let mut out = Vec::new();
+            string(c.encode_utf8(&mut [0; 4]), &mut out);
+            assert_eq!(written_len(c), out.len() - 2, "{c:?}");
         }
     }
 

@@ -66,11 +66,12 @@ pub const MAX_RULE_NAME: usize = 64;
 
 /// `rule.name`s records give the kernel's decisions that no policy rule made: a rule may
 /// not take one, or its records could not be told from those.
-pub const DAEMON_RULE_NAMES: [&str; 4] = [
+pub const DAEMON_RULE_NAMES: [&str; 5] = [
     "dns-resolver",
     "proxy-port",
     "unspecified-address",
     "bound-device",
+    "unknown",
 ];
 
 pub(super) fn check_name(name: &str) -> Result<(), String> {
@@ -98,11 +99,20 @@ pub(super) fn check_name(name: &str) -> Result<(), String> {
              ({VALID}, other than `none` and `default`)"
         ));
     }
-    if DAEMON_RULE_NAMES.contains(&name) {
+    if DAEMON_RULE_NAMES
+        .iter()
+        .chain(&DEFAULT_RULE_WORDS)
+        .any(|n| n.eq_ignore_ascii_case(name))
+    {
         return Err(format!(
-            "rule name `{name}` is reserved: records name the daemon's own decisions so \
-             ({VALID}, other than {})",
-            DAEMON_RULE_NAMES.map(|n| format!("`{n}`")).join(", ")
+            "rule name `{name}` is reserved: records name the default rule and the \
+             daemon's own decisions so ({VALID}, other than {} in any case)",
+            DEFAULT_RULE_WORDS
+                .iter()
+                .chain(&DAEMON_RULE_NAMES)
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     Ok(())
