@@ -1329,6 +1329,8 @@ impl ConnCtx {
             }
             response
         };
+        // Last, after every wait: nothing goes out once the daemon closes the connection.
+        self.unless_closing()?;
         match sender {
             Sender::H2(mut sender, slot) => {
                 let response = tokio::time::timeout(wait, sender.send_request(request))
@@ -1389,12 +1391,27 @@ impl ConnCtx {
         )
     }
 
+    /// Refuses what is still to be sent once the daemon closes this connection (a
+    /// quarantine, a detach, a policy replaced): an HTTP/2 stream's task outlives the
+    /// connection's by a moment, and what it judged under the old policy, or a credential
+    /// it had from before a quarantine, must not go out after it.
+    fn unless_closing(&self) -> Result<(), Refusal> {
+        if !self.conn.closing.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        Err(Refusal::deny(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{CLOSED_BY_DAEMON} before the request was sent; it was not sent"),
+        ))
+    }
+
     /// Credential `name`'s value for this connection's server name, through the
     /// credential gate; a refusal (recorded with the reason, never the value) otherwise.
     async fn credential_value(
         &self,
         name: &str,
     ) -> Result<Arc<crate::credentials::Secret>, Refusal> {
+        self.unless_closing()?;
         if let Some(Err(reason)) = self.proxy.credential_gate.as_ref().map(|gate| gate()) {
             let body = Bytes::from(format!(
                 "proxy: credential `{name}` is not used right now ({reason}); try again later\n"

@@ -341,6 +341,14 @@ impl Harness {
         }
     }
 
+    /// Marks every connection closing without ending its task: an HTTP/2 stream's task
+    /// still running after the daemon closed its connection.
+    fn mark_closing(&self) {
+        for (_, closing) in self.served.lock().unwrap().iter() {
+            closing.store(true, Ordering::SeqCst);
+        }
+    }
+
     async fn record(&mut self) -> ProxyRecord {
         let record = tokio::time::timeout(Duration::from_secs(5), self.records.recv())
             .await
@@ -1002,6 +1010,31 @@ async fn a_request_the_daemon_cuts_short_is_recorded_as_its_doing() {
         let reason = r.reason.unwrap_or_default();
         assert!(reason.starts_with("closed by the daemon"), "{reason}");
         assert_eq!(origin.requests.load(Ordering::SeqCst), 2);
+    })
+    .await;
+}
+
+/// A request still running when the daemon closes its connection (an HTTP/2 stream's
+/// task outlives the connection's) is not sent: refused, recorded, the origin untouched.
+#[tokio::test]
+async fn nothing_is_sent_once_the_daemon_closes_the_connection() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        // Positive control: served on the same connection before.
+        let reply = send(&mut client, request(Method::GET, NAME, "/", &[], "")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(h.record().await.status, Some(200));
+        let sent = origin.requests.load(Ordering::SeqCst);
+        h.mark_closing();
+        let reply = send(&mut client, request(Method::GET, NAME, "/", &[], "")).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        let r = h.record().await;
+        let reason = r.reason.unwrap_or_default();
+        assert!(reason.starts_with("closed by the daemon"), "{reason}");
+        assert!(reason.contains("not sent"), "{reason}");
+        assert_eq!(origin.requests.load(Ordering::SeqCst), sent);
     })
     .await;
 }
