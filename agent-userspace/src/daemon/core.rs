@@ -59,6 +59,11 @@ pub struct Arrival {
 pub struct Core {
     /// Control-socket refusals recorded one by one, per caller's sandbox and window.
     pub control_refusals: crate::alerts::RefusalRecords,
+    /// Policy slots no sandbox entry names any more, each with when it stopped being
+    /// named: emptied [`RETIRE_AFTER`] later ([`Core::clear_retired`]), not at once, so a
+    /// decision that read the old entry just before finds the old rules whole, not a
+    /// slot half emptied (a narrow deny gone before the broad allow around it).
+    pub retiring: Vec<(u32, std::time::Instant)>,
     pub layout: PinLayout,
     pub bpffs: PathBuf,
     pub programs: Programs,
@@ -128,6 +133,10 @@ pub struct Replaced {
 
 /// How long a detached sandbox's index keeps naming it (and is not reused).
 const DEPARTED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long a slot no entry names keeps its rules: far longer than any one decision that
+/// read the entry before it changed runs.
+const RETIRE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A sandbox process whose posture was read.
 #[derive(Clone, Copy, Debug, Default)]
@@ -760,6 +769,7 @@ impl Core {
     /// Removes learned addresses whose TTL and grace have run out, restoring what static
     /// rules say about the same address.
     pub fn expire_learned(&mut self) {
+        self.clear_retired();
         for (index, addr, l) in self.dns.expired(std::time::Instant::now()) {
             let net = host_net(addr);
             let name = self.state.by_index(index).map(|r| r.name.clone());
@@ -796,10 +806,37 @@ impl Core {
             .map_err(|e| e.to_string())
     }
 
+    /// Empties `slot` once no decision can still be reading it: no entry names it now.
+    fn retire_slot(&mut self, slot: u32) {
+        self.retiring.push((slot, std::time::Instant::now()));
+    }
+
+    /// Empties the slots retired [`RETIRE_AFTER`] ago or more (run periodically and before
+    /// a slot is chosen).
+    pub fn clear_retired(&mut self) {
+        let due: Vec<u32> = self
+            .retiring
+            .iter()
+            .filter(|(_, at)| at.elapsed() >= RETIRE_AFTER)
+            .map(|(slot, _)| *slot)
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        self.retiring.retain(|(_, at)| at.elapsed() < RETIRE_AFTER);
+        for slot in due {
+            if let Err(e) = self.maps.clear_slot(slot) {
+                tracing::warn!(error = %e, slot, "Clearing a policy slot no sandbox uses failed");
+            }
+        }
+    }
+
     fn free_slot(&mut self) -> Result<u32, String> {
+        self.clear_retired();
         self.replaced.retain(|_, r| r.at.elapsed() < DEPARTED_FOR);
         let mut busy = self.maps.used_slots();
         busy.extend(self.replaced.keys().copied());
+        busy.extend(self.retiring.iter().map(|(slot, _)| *slot));
         self.state
             .free_slot(MAX_POLICY_SLOTS, &busy)
             .ok_or_else(|| "no free policy slot in the kernel maps".to_string())
@@ -1163,9 +1200,7 @@ impl Core {
                 ),
             );
         }
-        if let Err(e) = self.maps.clear_slot(old.slot) {
-            tracing::warn!(error = %e, slot = old.slot, "Clearing the replaced policy failed");
-        }
+        self.retire_slot(old.slot);
         self.audit.emit(Record::PolicyChange(PolicyChange {
             time: now(),
             sandbox: rec.name.clone(),
@@ -1639,7 +1674,7 @@ impl Core {
                         Ok(()) => {
                             // Only once no entry names it: an empty slot decides by the
                             // entry's default.
-                            let _ = self.maps.clear_slot(rec.slot);
+                            self.retire_slot(rec.slot);
                             "the sandbox is denied everything until it is attached again".to_owned()
                         }
                         Err(ke) => format!(

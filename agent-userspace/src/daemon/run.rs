@@ -399,6 +399,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     );
     let mut core = Core {
         control_refusals,
+        retiring: Vec::new(),
         layout,
         bpffs: opts.bpffs.clone(),
         programs,
