@@ -1710,6 +1710,16 @@ impl Core {
                     DetachReason::CgroupRemoved,
                 )));
                 self.state.sandboxes.remove(&rec.name);
+                // Its events still queued in the kernel are named by it, not by a sandbox
+                // given its index next.
+                self.departed.insert(
+                    rec.index,
+                    Departed {
+                        name: rec.name.clone(),
+                        policy: Some(Arc::new(policy)),
+                        at: std::time::Instant::now(),
+                    },
+                );
                 continue;
             }
             // What could not be restored is said in the trail too, not only in the log:
