@@ -307,12 +307,12 @@ impl SecretMatcher {
                 } else {
                     m.pattern().as_usize()
                 };
-                f(
-                    range,
-                    self.owner[pattern],
-                    self.cut[pattern],
-                    join == Join::PktHeaders,
-                );
+                // Across a header indeed (that pass joins lines too).
+                let framed = join == Join::PktHeaders
+                    && range
+                        .clone()
+                        .any(|i| pkt_header_at(hay, i).is_some_and(|h| h.end <= range.end));
+                f(range, self.owner[pattern], self.cut[pattern], framed);
             }
         }
     }
@@ -467,6 +467,9 @@ const BREAK_BYTES: &[u8] = b"\r\n\\rn= \t0123456789abcdef\x01\x02\x03";
 /// before one are never the value's own.
 pub fn pkt_header_at(hay: &[u8], i: usize) -> Option<Range<usize>> {
     let header = hay.get(i..i + 5)?;
+    if !matches!(header[4], 1..=3) {
+        return None;
+    }
     // git writes the length in lower-case hex, and it counts the header itself.
     let length = std::str::from_utf8(&header[..4])
         .ok()
@@ -476,8 +479,7 @@ pub fn pkt_header_at(hay: &[u8], i: usize) -> Option<Range<usize>> {
                 .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
         })
         .and_then(|digits| u16::from_str_radix(digits, 16).ok());
-    let joins = matches!(header[4], 1..=3)
-        && length.is_some_and(|n| n >= 5)
+    let joins = length.is_some_and(|n| n >= 5)
         && i > 0
         && !matches!(hay[i - 1], b'\r' | b'\n' | 1..=3)
         && hay
@@ -508,7 +510,9 @@ enum Join {
     Breaks,
     /// Those, and every `=`.
     BreaksAndEq,
-    /// git sideband packets' headers ([`pkt_header_at`]), and nothing else.
+    /// git sideband packets' headers ([`pkt_header_at`]) as well as line breaks: a value
+    /// wrapped at a width (base64, PEM) that git then cuts into packets. Searched only
+    /// where a header is.
     PktHeaders,
 }
 
@@ -575,7 +579,7 @@ fn joined(hay: &[u8], within: Range<usize>, join: Join) -> Option<(Vec<u8>, Vec<
         let fits =
             |r: &Range<usize>, from: usize| !gap_break && gap + (r.end - from) <= LINE_BREAK_MAX;
         // A soft break: `=` and the break after it.
-        if !headers && b == b'=' && i + 1 < hay.len() {
+        if b == b'=' && i + 1 < hay.len() {
             if let Some(r) = break_at(hay, i + 1).filter(|r| i > 0 && fits(r, i)) {
                 joins = true;
                 skip(&out, r.end - i, &mut taken);
@@ -585,12 +589,15 @@ fn joined(hay: &[u8], within: Range<usize>, join: Join) -> Option<(Vec<u8>, Vec<
                 continue;
             }
         }
-        let taken_out = if headers {
+        let header = if headers {
             pkt_header_at(hay, i).filter(|r| r.end <= within.end)
-        } else if matches!(b, b'\n' | b'\r' | b'\\') {
-            break_at(hay, i)
         } else {
             None
+        };
+        let taken_out = match header {
+            Some(h) => Some(h),
+            None if matches!(b, b'\n' | b'\r' | b'\\') => break_at(hay, i),
+            None => None,
         };
         if let Some(r) = taken_out.filter(|r| fits(r, i)) {
             joins = true;

@@ -140,6 +140,16 @@ fn merged_matches(
             }
         }
     }
+    // A match across headers that ends right before another "header" may be a value cut
+    // short where its own last hex digits were taken for a length: those are masked, and
+    // that header is not kept.
+    let mut tails = Vec::new();
+    for r in &framed {
+        if let Some(h) = crate::credentials::matcher::pkt_header_at(hay, r.end) {
+            headers.retain(|kept| *kept != h);
+            tails.push(r.end..h.start + 4);
+        }
+    }
     // By start, the longest first: a match ending within one before it lies inside it.
     found.sort_by(|(a, ..), (b, ..)| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
     let mut reach = 0;
@@ -152,8 +162,13 @@ fn merged_matches(
         }
         reach = reach.max(range.end);
     }
-    let mut merged: Vec<std::ops::Range<usize>> = Vec::with_capacity(found.len());
-    for (r, ..) in found {
+    let mut ranges: Vec<std::ops::Range<usize>> = found.into_iter().map(|(r, ..)| r).collect();
+    if !tails.is_empty() {
+        ranges.extend(tails);
+        ranges.sort_by(|a, b| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
+    }
+    let mut merged: Vec<std::ops::Range<usize>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
         match merged.last_mut() {
             Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
             _ => merged.push(r),
@@ -1162,9 +1177,35 @@ mod tests {
         }
     }
 
+    /// A value wrapped at a width (base64 of 76 columns) that git then cuts into packets:
+    /// a line break and a packet's header inside it. Masked, the header kept.
+    #[test]
+    fn a_wrapped_secret_across_sideband_packets_is_masked() {
+        let m = matcher(&[("github", SECRET)]);
+        for brk in 1..SECRET.len() - 1 {
+            for cut in 1..SECRET.len() {
+                if cut == brk {
+                    continue;
+                }
+                let mut wrapped = SECRET.to_owned();
+                wrapped.insert(brk, '\n');
+                let text = format!("remote: {wrapped}\n");
+                let at = 8 + cut + usize::from(cut > brk);
+                let packet = |data: &str| format!("{:04x}\x02{data}", data.len() + 5);
+                let wire = format!("{}{}", packet(&text[..at]), packet(&text[at..]));
+                let (out, t) = scrub_pieces(&m, &[wire.as_bytes()]);
+                assert_eq!(t.count(), 1, "break {brk} cut {cut}: {wire:?}");
+                let second = 5 + at;
+                assert_eq!(out[second..second + 5], wire.as_bytes()[second..second + 5]);
+                assert!(!contains(&out, &SECRET.as_bytes()[..6]), "{brk} {cut}");
+                assert!(!contains(&out, &SECRET.as_bytes()[SECRET.len() - 6..]));
+            }
+        }
+    }
+
     /// A secret ending in hex digits: before a band byte they are the secret's, not a
     /// header, where the secret is found whole (here across a line break, by the search
-    /// that joins lines): every byte of it is masked.
+    /// that joins lines), or cut short across a real header: every byte of it is masked.
     #[test]
     fn hex_digits_of_a_secret_before_a_band_byte_are_masked() {
         const HEX_TAIL: &str = "tok_Zq9Wv2Lr8Kp0deadbeef";
@@ -1188,6 +1229,21 @@ mod tests {
                 );
             }
         }
+        // Cut by a real header too, the hex tail followed by a band byte: found cut short
+        // across the header, and the tail masked.
+        let packet = |data: &str| format!("{:04x}\x02{data}", data.len() + 5);
+        let wire = format!(
+            "{}{}",
+            packet(&format!("echo {head}")),
+            packet(&format!("{tail}\x02Xrest"))
+        );
+        let (out, t) = scrub_pieces(&m, &[wire.as_bytes()]);
+        assert!(t.count() >= 1, "{wire:?}");
+        assert!(
+            !contains(&out, b"beef") && !contains(&out, head.as_bytes()),
+            "{:?}",
+            String::from_utf8_lossy(&out)
+        );
     }
 
     /// Text wrapped at a fixed width: the break may fall anywhere in the secret's form
