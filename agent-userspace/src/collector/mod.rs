@@ -101,6 +101,40 @@ fn sequence_of(json: &[u8]) -> Option<u64> {
         .map(|r| r.event.sequence)
 }
 
+/// What losing the record `json` loses: the record itself, or, for a `collector-lost`
+/// record of this sink's own (no `event.sequence`), the records it counted.
+fn carried(json: &[u8]) -> Lost {
+    if let Some(sequence) = sequence_of(json) {
+        let mut lost = Lost::default();
+        lost.add(sequence);
+        return lost;
+    }
+    serde_json::from_slice::<LostOnly>(json)
+        .map(|r| Lost {
+            count: r.egress.lost.count,
+            first: r.egress.lost.first_sequence,
+            last: r.egress.lost.last_sequence,
+        })
+        .unwrap_or_default()
+}
+
+#[derive(Deserialize)]
+struct LostOnly {
+    egress: LostEgress,
+}
+
+#[derive(Deserialize)]
+struct LostEgress {
+    lost: LostCounts,
+}
+
+#[derive(Deserialize)]
+struct LostCounts {
+    count: u64,
+    first_sequence: u64,
+    last_sequence: u64,
+}
+
 /// Counts `lost`, for the next `collector-lost` record.
 fn count_lost(lost: Lost) {
     if let Some(sink) = SINK.get() {
@@ -270,6 +304,9 @@ async fn run(addr: SocketAddr, mut rx: mpsc::Receiver<Vec<u8>>) {
                     },
                 },
             };
+            // What the collector acknowledged meanwhile (an idle connection's last
+            // messages) is not sent again, nor counted lost, should it fail now.
+            unacked.acknowledge(unsent_bytes(&stream));
             // The collector never talks back: anything readable is its end closing. A
             // write into a connection already closed would be lost without an error.
             let closed = match stream.try_read(&mut [0u8; 1]) {
@@ -336,6 +373,18 @@ impl Unacked {
     fn push(&mut self, msg: Vec<u8>, outstanding: usize) {
         self.bytes += msg.len();
         self.messages.push_back(msg);
+        self.acknowledge(outstanding);
+    }
+
+    /// Forgets the oldest messages the peer has acknowledged, given `outstanding` bytes
+    /// still unacknowledged; past the cap, the oldest are forgotten anyway, and counted
+    /// until an acknowledgement covers them.
+    fn acknowledge(&mut self, outstanding: usize) {
+        // TCP acknowledges in order: when what is kept covers all that is outstanding,
+        // those forgotten before were received.
+        if outstanding <= self.bytes {
+            self.forgotten = Lost::default();
+        }
         while let Some(front) = self.messages.front().map(Vec::len) {
             let acknowledged = self.bytes - front >= outstanding;
             if !acknowledged && self.messages.len() <= MAX_UNACKED {
@@ -345,11 +394,8 @@ impl Unacked {
             let Some(gone) = self.messages.pop_front() else {
                 break;
             };
-            if acknowledged {
-                // TCP acknowledges in order: so were those forgotten before it.
-                self.forgotten = Lost::default();
-            } else if let Some(sequence) = sequence_of(framed_json(&gone)) {
-                self.forgotten.add(sequence);
+            if !acknowledged {
+                self.forgotten.merge(carried(framed_json(&gone)));
             }
         }
     }

@@ -147,8 +147,9 @@ fn unacknowledged_messages_are_kept_to_send_again() {
     // Everything acknowledged.
     u.push(b"dd".to_vec(), 0);
     assert_eq!(u.len(), 0);
-    // Unknown: kept, up to the cap; those past it are counted as forgotten, but for a
-    // line that is no record (a collector-lost record of this sink's own).
+    // Unknown: kept, up to the cap; those past it are counted as forgotten: a record
+    // itself, a collector-lost record of this sink's own by what it counted, a line that
+    // is neither not at all.
     let framed = |n: usize| {
         frame(
             format!("{{\"event\":{{\"sequence\":{n}}}}}").as_bytes(),
@@ -156,11 +157,23 @@ fn unacknowledged_messages_are_kept_to_send_again() {
             datetime!(2026-11-21 22:03:04 UTC),
         )
     };
+    let earlier = lost_record(
+        Lost {
+            count: 3,
+            first: 100,
+            last: 102,
+        },
+        datetime!(2026-11-21 22:03:04 UTC),
+    );
     u.push(
         frame(b"{}", "h", datetime!(2026-11-21 22:03:04 UTC)),
         usize::MAX,
     );
-    for n in 1..(MAX_UNACKED + 5) {
+    u.push(
+        frame(&earlier, "h", datetime!(2026-11-21 22:03:04 UTC)),
+        usize::MAX,
+    );
+    for n in 1..(MAX_UNACKED + 4) {
         u.push(framed(n), usize::MAX);
     }
     assert_eq!(u.len(), MAX_UNACKED);
@@ -169,9 +182,9 @@ fn unacknowledged_messages_are_kept_to_send_again() {
     assert_eq!(
         forgotten,
         Lost {
-            count: 4,
+            count: 3 + 3,
             first: 1,
-            last: 4
+            last: 102
         }
     );
     assert_eq!(u.len(), 0);
@@ -181,6 +194,14 @@ fn unacknowledged_messages_are_kept_to_send_again() {
     }
     u.push(framed(0), 0);
     assert_eq!(u.take().1, Lost::default());
+    // So too when the acknowledgement is seen with nothing more written.
+    for n in 1..(MAX_UNACKED + 5) {
+        u.push(framed(n), usize::MAX);
+    }
+    u.acknowledge(0);
+    let (again, forgotten) = u.take();
+    assert!(again.is_empty());
+    assert_eq!(forgotten, Lost::default());
 }
 
 /// A collector that accepts but never reads: after the write timeout the task
