@@ -88,6 +88,12 @@ impl RefusalRecords {
     /// Whether this refusal of `sandbox` gets its own record; if not, it is counted, and
     /// the window's alert is raised when it ends. Must run inside a tokio runtime.
     pub fn admit(&self, sandbox: &str) -> bool {
+        self.admit_n(sandbox, 1)
+    }
+
+    /// [`RefusalRecords::admit`] for `n` refusals reported together: one record says
+    /// them all, or all `n` are counted.
+    pub fn admit_n(&self, sandbox: &str, n: u64) -> bool {
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if windows.len() >= MAX_SANDBOXES && !windows.contains_key(sandbox) {
@@ -118,7 +124,7 @@ impl RefusalRecords {
             w.recorded += 1;
             return true;
         }
-        w.counted += 1;
+        w.counted += n;
         if !w.alert_due {
             w.alert_due = true;
             let ends = w.started + self.window;
@@ -240,6 +246,20 @@ mod tests {
         // A window with nothing past the limit raises nothing.
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(alerts.lock().unwrap().len(), 1);
+    }
+
+    /// Refusals reported together take one record within the limit, and past it are all
+    /// counted.
+    #[tokio::test]
+    async fn refusals_reported_together_count_as_many() {
+        let (records, alerts) = collecting(1);
+        assert!(records.admit_n("agent-1", 5));
+        assert!(!records.admit_n("agent-1", 7));
+        assert!(!records.admit("agent-1"));
+        records.flush();
+        let raised = alerts.lock().unwrap().clone();
+        assert_eq!(raised.len(), 1, "{raised:?}");
+        assert_eq!(raised[0].count, 8);
     }
 
     /// Counts of a window not over yet are raised at once when flushed or dropped (the

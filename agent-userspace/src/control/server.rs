@@ -52,12 +52,13 @@ pub trait Handler: Send + Sync + 'static {
         }
     }
 
-    /// The socket refused a caller in cgroup directory `cgroup` (`None`: one that cannot be
-    /// placed) before any request of it reached [`Handler::handle`]: not root, too large,
-    /// too slow, not a request, or every slot busy (`why`, the answer it was given). To
-    /// be recorded: the refused client (a runtime's hook among them) may not say so.
-    fn refused(&self, cgroup: Option<&Path>, why: &str) {
-        let _ = (cgroup, why);
+    /// The socket refused `count` connections of callers in cgroup directory `cgroup`
+    /// (`None`: one that cannot be placed) before any request of theirs reached
+    /// [`Handler::handle`]: not root, too large, too slow, not a request, or every slot
+    /// busy (`why`, the answer each was given). To be recorded: the refused client (a
+    /// runtime's hook among them) may not say so.
+    fn refused(&self, cgroup: Option<&Path>, why: &str, count: u64) {
+        let _ = (cgroup, why, count);
     }
 }
 
@@ -147,13 +148,26 @@ pub async fn serve(listener: UnixListener, handler: Arc<dyn Handler>) {
     }
 }
 
-/// Connections refused because every slot was busy, not yet put to the handler: one
-/// report at a time covers all those refused meanwhile, so a storm of connections does not
-/// become a storm of reports (each takes the daemon's lock).
+/// Connections refused because every slot was busy, not yet put to the handler, by
+/// caller: one report at a time covers all those refused meanwhile, so a storm of
+/// connections does not become a storm of reports (each takes the daemon's lock).
 #[derive(Default)]
 struct BusyRefusals {
-    pending: std::sync::atomic::AtomicU64,
+    pending: Mutex<std::collections::HashMap<Option<std::path::PathBuf>, u64>>,
     reporting: std::sync::atomic::AtomicBool,
+}
+
+impl BusyRefusals {
+    fn take(&self) -> std::collections::HashMap<Option<std::path::PathBuf>, u64> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
 }
 
 /// Every slot is busy handling a request: say so instead of queueing without bound.
@@ -161,22 +175,29 @@ async fn refuse_busy(stream: UnixStream, handler: Arc<dyn Handler>, busy: Arc<Bu
     use std::sync::atomic::Ordering::SeqCst;
     let why =
         format!("egressd is busy: {MAX_CONNECTIONS} control requests are being handled; try again");
-    busy.pending.fetch_add(1, SeqCst);
+    let cgroup = match Caller::of_peer(&stream) {
+        Caller::Cgroup(c) => Some(c),
+        Caller::Unknown => None,
+    };
+    *busy
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(cgroup)
+        .or_default() += 1;
     if !busy.reporting.swap(true, SeqCst) {
-        let caller = Caller::of_peer(&stream);
         loop {
-            let n = busy.pending.swap(0, SeqCst);
-            if n > 0 {
-                let text = match n {
-                    1 => why.clone(),
-                    n => format!("{why} ({n} connections refused so)"),
-                };
-                refused(handler.clone(), &caller, text).await;
+            for (cgroup, n) in busy.take() {
+                let (handler, why) = (handler.clone(), why.clone());
+                let _ = tokio::task::spawn_blocking(move || {
+                    handler.refused(cgroup.as_deref(), &why, n);
+                })
+                .await;
             }
             busy.reporting.store(false, SeqCst);
-            // One refused after the count was taken: this task reports it too, unless
+            // One refused after the counts were taken: this task reports it too, unless
             // another has begun to.
-            if busy.pending.load(SeqCst) == 0 || busy.reporting.swap(true, SeqCst) {
+            if busy.is_empty() || busy.reporting.swap(true, SeqCst) {
                 break;
             }
         }
@@ -191,7 +212,7 @@ async fn refused(handler: Arc<dyn Handler>, caller: &Caller, why: String) {
         Caller::Cgroup(c) => Some(c.clone()),
         Caller::Unknown => None,
     };
-    let _ = tokio::task::spawn_blocking(move || handler.refused(cgroup.as_deref(), &why)).await;
+    let _ = tokio::task::spawn_blocking(move || handler.refused(cgroup.as_deref(), &why, 1)).await;
 }
 
 async fn respond(stream: &mut UnixStream, response: &Response) -> std::io::Result<()> {
@@ -440,7 +461,8 @@ mod caller_tests {
             fn handle(&self, _: super::Request, _: &Admission) -> super::Response {
                 super::Response::ok("handled")
             }
-            fn refused(&self, cgroup: Option<&std::path::Path>, why: &str) {
+            fn refused(&self, cgroup: Option<&std::path::Path>, why: &str, count: u64) {
+                assert_eq!(count, 1);
                 self.0
                     .lock()
                     .unwrap()

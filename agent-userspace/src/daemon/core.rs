@@ -814,21 +814,26 @@ impl Core {
     /// Empties the slots retired [`RETIRE_AFTER`] ago or more (run periodically and before
     /// a slot is chosen).
     pub fn clear_retired(&mut self) {
-        let due: Vec<u32> = self
-            .retiring
-            .iter()
-            .filter(|(_, at)| at.elapsed() >= RETIRE_AFTER)
-            .map(|(slot, _)| *slot)
-            .collect();
-        if due.is_empty() {
-            return;
-        }
-        self.retiring.retain(|(_, at)| at.elapsed() < RETIRE_AFTER);
-        for slot in due {
-            if let Err(e) = self.maps.clear_slot(slot) {
-                tracing::warn!(error = %e, slot, "Clearing a policy slot no sandbox uses failed");
+        self.clear_retired_after(RETIRE_AFTER);
+    }
+
+    /// Empties the slots retired `after` ago or more; one that fails stays to be tried
+    /// again. The daemon's stop empties them all (`after` zero).
+    pub fn clear_retired_after(&mut self, after: std::time::Duration) {
+        let mut retiring = std::mem::take(&mut self.retiring);
+        retiring.retain(|&(slot, at)| {
+            if at.elapsed() < after {
+                return true;
             }
-        }
+            match self.maps.clear_slot(slot) {
+                Ok(()) => false,
+                Err(e) => {
+                    tracing::warn!(error = %e, slot, "Clearing a policy slot no sandbox uses failed; trying again");
+                    true
+                }
+            }
+        });
+        self.retiring = retiring;
     }
 
     fn free_slot(&mut self) -> Result<u32, String> {
@@ -1874,6 +1879,21 @@ impl Core {
                 let _ = self.maps.remove_sandbox(id);
             }
         }
+        // Slots with rules that no entry names (a replaced policy's, emptied a second
+        // later, when the daemon stopped before): emptied now, or they stay taken.
+        let named: std::collections::HashSet<u32> = self
+            .maps
+            .sandboxes()
+            .into_iter()
+            .map(|(_, info)| info.policy_slot)
+            .chain(self.state.sandboxes.values().map(|r| r.slot))
+            .collect();
+        for slot in self.maps.used_slots() {
+            if slot != QUARANTINE_SLOT && !named.contains(&slot) {
+                tracing::info!(slot, "Emptying a policy slot no sandbox uses");
+                self.retire_slot(slot);
+            }
+        }
         self.retire_other_builds();
         self.save_state();
         adopted
@@ -2069,7 +2089,7 @@ impl Core {
     /// (no sandbox name has a space), so a client that does not report it (a runtime's
     /// hook refused while the daemon is busy, a probe from inside a sandbox) leaves a
     /// record.
-    pub fn control_refused(&mut self, cgroup: Option<&Path>, why: &str) {
+    pub fn control_refused(&mut self, cgroup: Option<&Path>, why: &str, count: u64) {
         let (sandbox, seen) = match cgroup {
             Some(cgroup) => (
                 self.state
@@ -2084,17 +2104,19 @@ impl Core {
                 "a process whose cgroup cannot be placed".to_owned(),
             ),
         };
-        if !self.control_refusals.admit(&sandbox) {
+        if !self.control_refusals.admit_n(&sandbox, count) {
             return;
         }
         let why: String = why.chars().take(200).collect();
-        tracing::warn!(sandbox = %sandbox, caller = %seen, %why, "Control socket refused a caller");
-        self.alerts.raise(Alert::new(
+        tracing::warn!(sandbox = %sandbox, caller = %seen, %why, count, "Control socket refused a caller");
+        let mut alert = Alert::new(
             now(),
             AlertKind::ControlSocket,
             sandbox,
             format!("the daemon's control socket refused {seen}: {why}"),
-        ));
+        );
+        alert.count = count.max(1);
+        self.alerts.raise(alert);
     }
 
     /// The OCI hook refused to start container `container`: a `policy-rejected` record in

@@ -72,8 +72,8 @@ impl Handler for Shared {
         self.lock().control_from(cgroup, joins)
     }
 
-    fn refused(&self, cgroup: Option<&std::path::Path>, why: &str) {
-        self.lock().control_refused(cgroup, why);
+    fn refused(&self, cgroup: Option<&std::path::Path>, why: &str, count: u64) {
+        self.lock().control_refused(cgroup, why, count);
     }
 
     fn handle(&self, request: Request, admission: &Admission) -> Response {
@@ -566,6 +566,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let mut stopped_state = {
         let mut core = shared.lock();
         core.control_refusals.flush();
+        core.clear_retired_after(Duration::ZERO);
         core.flush_alerts();
         core.audit.emit(Record::DaemonStop(DaemonStop {
             time: now(),
