@@ -1806,6 +1806,25 @@ fn a_file_that_is_not_an_audit_log_is_refused() {
     );
 }
 
+/// The log is not opened through a symbolic link (whoever placed one would choose the
+/// file root appends to): refused, saying why, and the file it points at untouched; the
+/// file itself opens.
+#[test]
+fn a_symbolic_link_is_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("elsewhere");
+    fs::write(&target, "kept\n").unwrap();
+    let link = dir.path().join("audit.jsonl");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let err = AuditWriter::open(AuditSink::File(link.clone())).unwrap_err();
+    assert!(matches!(err, AuditError::Open { .. }), "{err}");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert_eq!(fs::read_to_string(&target).unwrap(), "kept\n");
+    // Control: a plain file at the same place opens.
+    fs::remove_file(&link).unwrap();
+    assert!(AuditWriter::open(AuditSink::File(link)).is_ok());
+}
+
 #[test]
 fn new_file_and_directory_modes() {
     let dir = tempfile::tempdir().unwrap();

@@ -565,15 +565,26 @@ fn open_append(path: &Path) -> Result<File, AuditError> {
                 source,
             })?;
     }
+    // Not through a symbolic link: whoever could place one would choose the file that
+    // the daemon, as root, appends to (and the records it truncates on rotation).
     OpenOptions::new()
         .read(true)
         .append(true)
         .create(true)
         .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|source| AuditError::Open {
             path: path.to_owned(),
-            source,
+            source: if source.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::new(
+                    source.kind(),
+                    "it is a symbolic link, which the audit log is not opened through: \
+                     name the file itself",
+                )
+            } else {
+                source
+            },
         })
 }
 
