@@ -818,7 +818,8 @@ impl Escape {
     /// Whether an encoder in this style escapes ASCII symbol `b` at all.
     fn may_escape(self, b: u8) -> bool {
         match self {
-            Self::Percent => !matches!(b, b'-' | b'.' | b'_' | b'~'),
+            // `~` is unreserved, but Java's `URLEncoder` and PHP's `urlencode` escape it.
+            Self::Percent => !matches!(b, b'-' | b'.' | b'_'),
             Self::HtmlNamed { .. } => matches!(b, b'&' | b'<' | b'>' | b'"' | b'\''),
             Self::JsonUnicode | Self::HtmlHex | Self::HtmlDecimal => true,
         }
@@ -845,11 +846,34 @@ fn escaped_sets(bytes: &[u8], style: Escape) -> Vec<Vec<u8>> {
     // the text goes (`&<>` only in text, `&<>"` keeping `'`...): every combination.
     let named = matches!(style, Escape::HtmlNamed { .. });
     if symbols.len() > MAX_ESCAPE_SUBSET && !named {
-        // All, all but `/`, and each symbol alone (an encoder that escapes only `+`).
-        let but_slash = symbols.iter().copied().filter(|&b| b != b'/').collect();
+        // Each symbol alone (an encoder that escapes only `+`), and all but what common
+        // encoders keep: none, `/`, and for percent-encoding JavaScript's
+        // `encodeURIComponent` and `encodeURI`, Java's `URLEncoder`, .NET's `UrlEncode`,
+        // PHP's `rawurlencode` and Python's `quote` and `quote_plus`.
+        let kept_by_encoders: &[&[u8]] = match style {
+            Escape::Percent => &[
+                b"",
+                b"/",
+                b"~",
+                b"/~",
+                b"!~*'()",
+                b";,/?:@&=+$!~*'()#",
+                b"*",
+                b"!*()",
+            ],
+            _ => &[b"", b"/"],
+        };
         let mut sets: Vec<Vec<u8>> = symbols.iter().map(|&b| vec![b]).collect();
-        sets.push(but_slash);
-        sets.push(symbols);
+        for kept in kept_by_encoders {
+            let set: Vec<u8> = symbols
+                .iter()
+                .copied()
+                .filter(|b| !kept.contains(b))
+                .collect();
+            if !set.is_empty() && !sets.contains(&set) {
+                sets.push(set);
+            }
+        }
         return sets;
     }
     (0..1u32 << symbols.len())
@@ -1213,6 +1237,33 @@ mod tests {
         let half = secret.len() / 2;
         let broken = format!("{}\x02{}", &secret[..half], &secret[half..]);
         assert!(m.find(broken.as_bytes()).is_none());
+    }
+
+    /// A value with many kinds of symbols, percent-encoded as common encoders do (each
+    /// keeps its own set: JavaScript's `encodeURIComponent` `!~*'()`, Java's `URLEncoder`
+    /// `*` and escapes `~`, .NET `!*()`, PHP's `urlencode` nothing), is found, whole and
+    /// cut short.
+    #[test]
+    fn a_value_percent_encoded_by_common_encoders_is_found() {
+        let secret = "pa~ss!w0rd(x)*+/y'z&Long-Value_1";
+        let m = SecretMatcher::new([("c", secret)]);
+        for kept in [&b"!~*'()"[..], b"*", b"!*()", b"", b"~", b"/~"] {
+            let wire: String = secret
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-._".contains(&b) || kept.contains(&b) {
+                        char::from(b).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect();
+            assert!(m.find(wire.as_bytes()).is_some(), "{wire}");
+            assert!(
+                m.find(&wire.as_bytes()[..wire.len() - 2]).is_some(),
+                "{wire} cut short"
+            );
+        }
     }
 
     #[test]
