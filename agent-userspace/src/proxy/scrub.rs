@@ -118,38 +118,21 @@ fn merged_matches(
     tally: &Tally,
 ) -> Found {
     let mut found: Vec<(std::ops::Range<usize>, usize, bool)> = Vec::new();
-    let mut framed: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut framed: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
     let mut unframed: Vec<std::ops::Range<usize>> = Vec::new();
     matcher.each_match_framed(hay, |range, index, cut, across_headers| {
         if across_headers {
-            framed.push(range.clone());
+            framed.push((range.clone(), cut));
         } else {
             unframed.push(range.clone());
         }
         found.push((range, index, cut));
     });
-    let mut headers = Vec::new();
-    for r in &framed {
-        for i in r.clone() {
-            let Some(h) = crate::credentials::matcher::pkt_header_at(hay, i) else {
-                continue;
-            };
-            let covered = unframed.iter().any(|u| u.start < h.end && h.start < u.end);
-            if h.end <= r.end && !covered && !headers.contains(&h) {
-                headers.push(h);
-            }
-        }
-    }
-    // A match across headers that ends right before another "header" may be a value cut
-    // short where its own last hex digits were taken for a length: those are masked, and
-    // that header is not kept.
-    let mut tails = Vec::new();
-    for r in &framed {
-        if let Some(h) = crate::credentials::matcher::pkt_header_at(hay, r.end) {
-            headers.retain(|kept| *kept != h);
-            tails.push(r.end..h.start + 4);
-        }
-    }
+    let (headers, tails) = if framed.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        kept_headers(hay, &framed, unframed)
+    };
     // By start, the longest first: a match ending within one before it lies inside it.
     found.sort_by(|(a, ..), (b, ..)| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
     let mut reach = 0;
@@ -167,18 +150,81 @@ fn merged_matches(
         ranges.extend(tails);
         ranges.sort_by(|a, b| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
     }
-    let mut merged: Vec<std::ops::Range<usize>> = Vec::with_capacity(ranges.len());
-    for r in ranges {
+    Found {
+        ranges: union(ranges),
+        headers,
+    }
+}
+
+/// Ranges sorted by start merged where they overlap or touch.
+fn union(sorted: Vec<std::ops::Range<usize>>) -> Vec<std::ops::Range<usize>> {
+    let mut merged: Vec<std::ops::Range<usize>> = Vec::with_capacity(sorted.len());
+    for r in sorted {
         match merged.last_mut() {
             Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
             _ => merged.push(r),
         }
     }
-    headers.sort_by_key(|h| h.start);
-    Found {
-        ranges: merged,
-        headers,
+    merged
+}
+
+/// Whether `at` lies in one of the disjoint sorted `ranges`.
+fn within(ranges: &[std::ops::Range<usize>], at: usize) -> bool {
+    let i = ranges.partition_point(|r| r.end <= at);
+    ranges.get(i).is_some_and(|r| r.start <= at)
+}
+
+/// The git sideband packets' headers inside matches found across them (`framed`, each
+/// with whether it is of a value cut short) that may stay in place: those no other match
+/// (`unframed`) covers any byte of. And the digits to mask of a "header" right after a
+/// match cut short, unless a match covers it: a value whose own last hex digits were taken
+/// for a length. Each byte of `hay` is looked at once, each header found by search.
+fn kept_headers(
+    hay: &[u8],
+    framed: &[(std::ops::Range<usize>, bool)],
+    mut unframed: Vec<std::ops::Range<usize>>,
+) -> (Vec<std::ops::Range<usize>>, Vec<std::ops::Range<usize>>) {
+    use crate::credentials::matcher::pkt_header_at;
+    unframed.sort_by_key(|r| r.start);
+    let unframed = union(unframed);
+    let mut spans: Vec<std::ops::Range<usize>> = framed.iter().map(|(r, _)| r.clone()).collect();
+    spans.sort_by_key(|r| r.start);
+    let spans = union(spans);
+    let covered = |h: &std::ops::Range<usize>| {
+        let i = unframed.partition_point(|u| u.end <= h.start);
+        unframed.get(i).is_some_and(|u| u.start < h.end)
+    };
+    let mut headers = Vec::new();
+    for span in &spans {
+        let mut i = span.start;
+        while i < span.end {
+            match pkt_header_at(hay, i).filter(|h| h.end <= span.end) {
+                Some(h) => {
+                    i = h.end;
+                    if !covered(&h) {
+                        headers.push(h);
+                    }
+                }
+                None => i += 1,
+            }
+        }
     }
+    let mut tails = Vec::new();
+    let mut dropped = Vec::new();
+    for (r, cut) in framed {
+        if !*cut || within(&spans, r.end) || within(&unframed, r.end) {
+            continue;
+        }
+        if let Some(h) = pkt_header_at(hay, r.end) {
+            tails.push(r.end..h.start + 4);
+            dropped.push(h.start);
+        }
+    }
+    if !dropped.is_empty() {
+        dropped.sort_unstable();
+        headers.retain(|h| dropped.binary_search(&h.start).is_err());
+    }
+    (headers, tails)
 }
 
 /// Replaces each range with the marker, but for the packets' headers [`merged_matches`]
@@ -1173,6 +1219,47 @@ mod tests {
                     out,
                     "cut {cut} split {split}"
                 );
+            }
+        }
+    }
+
+    /// Packets small enough that a value crosses several headers, and a value ending
+    /// exactly at a packet's end: every header stays in place (the client reads the
+    /// stream), and the value is masked.
+    #[test]
+    fn every_header_around_a_secret_stays_in_place() {
+        let m = matcher(&[("github", SECRET)]);
+        for size in [4, 7, 9, 23] {
+            for pad in 0..size {
+                let text = format!("{}{SECRET}", "x".repeat(pad));
+                let mut wire = Vec::new();
+                let mut headers = Vec::new();
+                for piece in text.as_bytes().chunks(size).chain([&b"after\n"[..]]) {
+                    headers.push(wire.len());
+                    wire.extend_from_slice(format!("{:04x}\x02", piece.len() + 5).as_bytes());
+                    wire.extend_from_slice(piece);
+                }
+                wire.extend_from_slice(b"0000");
+                let (out, t) = scrub_pieces(&m, &[&wire]);
+                assert_eq!(t.count(), 1, "size {size} pad {pad}");
+                for &h in &headers {
+                    assert_eq!(
+                        out[h..h + 5],
+                        wire[h..h + 5],
+                        "size {size} pad {pad} at {h}"
+                    );
+                }
+                let data: Vec<u8> = out
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !headers.iter().any(|h| (*h..h + 5).contains(i)))
+                    .map(|(_, b)| *b)
+                    .collect();
+                assert!(
+                    !contains(&data, &SECRET.as_bytes()[..6]),
+                    "size {size} pad {pad}"
+                );
+                assert!(data.ends_with(b"after\n0000"));
             }
         }
     }
