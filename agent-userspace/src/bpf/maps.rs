@@ -288,6 +288,14 @@ impl PolicyMaps {
         self.sandboxes.iter().filter_map(Result::ok).collect()
     }
 
+    /// Every sandbox entry in the kernel, or an error if any could not be read.
+    pub fn sandboxes_all(&self) -> Result<Vec<(u64, SandboxInfo)>, BpfError> {
+        self.sandboxes
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| BpfError::map("SANDBOXES", e))
+    }
+
     /// Counters summed over CPUs.
     pub fn counters(&self, index: u32) -> SandboxCounters {
         let mut sum = SandboxCounters::default();

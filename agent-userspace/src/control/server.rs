@@ -170,6 +170,9 @@ impl BusyRefusals {
     }
 }
 
+/// Callers whose busy refusals are reported apart; the rest together, as unplaced.
+const MAX_BUSY_CALLERS: usize = 16;
+
 /// Every slot is busy handling a request: say so instead of queueing without bound.
 async fn refuse_busy(stream: UnixStream, handler: Arc<dyn Handler>, busy: Arc<BusyRefusals>) {
     use std::sync::atomic::Ordering::SeqCst;
@@ -179,12 +182,16 @@ async fn refuse_busy(stream: UnixStream, handler: Arc<dyn Handler>, busy: Arc<Bu
         Caller::Cgroup(c) => Some(c),
         Caller::Unknown => None,
     };
-    *busy
-        .pending
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(cgroup)
-        .or_default() += 1;
+    {
+        let mut pending = busy.pending.lock().unwrap_or_else(|p| p.into_inner());
+        // A caller able to make many cgroups gets one report for all past a few.
+        let key = if pending.len() < MAX_BUSY_CALLERS || pending.contains_key(&cgroup) {
+            cgroup
+        } else {
+            None
+        };
+        *pending.entry(key).or_default() += 1;
+    }
     if !busy.reporting.swap(true, SeqCst) {
         loop {
             for (cgroup, n) in busy.take() {

@@ -63,7 +63,7 @@ pub struct Core {
     /// named: emptied [`RETIRE_AFTER`] later ([`Core::clear_retired`]), not at once, so a
     /// decision that read the old entry just before finds the old rules whole, not a
     /// slot half emptied (a narrow deny gone before the broad allow around it).
-    pub retiring: Vec<(u32, std::time::Instant)>,
+    pub retiring: Vec<(u32, std::time::Instant, bool)>,
     pub layout: PinLayout,
     pub bpffs: PathBuf,
     pub programs: Programs,
@@ -808,27 +808,26 @@ impl Core {
 
     /// Empties `slot` once no decision can still be reading it: no entry names it now.
     fn retire_slot(&mut self, slot: u32) {
-        self.retiring.push((slot, std::time::Instant::now()));
+        self.retiring.push((slot, std::time::Instant::now(), false));
     }
 
     /// Empties the slots retired [`RETIRE_AFTER`] ago or more (run periodically and before
     /// a slot is chosen).
+    /// A slot that fails to empty stays to be tried again (said once). What the daemon's
+    /// stop leaves is emptied by the next start's adoption.
     pub fn clear_retired(&mut self) {
-        self.clear_retired_after(RETIRE_AFTER);
-    }
-
-    /// Empties the slots retired `after` ago or more; one that fails stays to be tried
-    /// again. The daemon's stop empties them all (`after` zero).
-    pub fn clear_retired_after(&mut self, after: std::time::Duration) {
         let mut retiring = std::mem::take(&mut self.retiring);
-        retiring.retain(|&(slot, at)| {
-            if at.elapsed() < after {
+        retiring.retain_mut(|(slot, at, said)| {
+            if at.elapsed() < RETIRE_AFTER {
                 return true;
             }
-            match self.maps.clear_slot(slot) {
+            match self.maps.clear_slot(*slot) {
                 Ok(()) => false,
                 Err(e) => {
-                    tracing::warn!(error = %e, slot, "Clearing a policy slot no sandbox uses failed; trying again");
+                    if !*said {
+                        tracing::warn!(error = %e, slot = *slot, "Clearing a policy slot no sandbox uses failed; trying again");
+                        *said = true;
+                    }
                     true
                 }
             }
@@ -841,7 +840,7 @@ impl Core {
         self.replaced.retain(|_, r| r.at.elapsed() < DEPARTED_FOR);
         let mut busy = self.maps.used_slots();
         busy.extend(self.replaced.keys().copied());
-        busy.extend(self.retiring.iter().map(|(slot, _)| *slot));
+        busy.extend(self.retiring.iter().map(|(slot, ..)| *slot));
         self.state
             .free_slot(MAX_POLICY_SLOTS, &busy)
             .ok_or_else(|| "no free policy slot in the kernel maps".to_string())
@@ -1881,17 +1880,23 @@ impl Core {
         }
         // Slots with rules that no entry names (a replaced policy's, emptied a second
         // later, when the daemon stopped before): emptied now, or they stay taken.
-        let named: std::collections::HashSet<u32> = self
-            .maps
-            .sandboxes()
-            .into_iter()
-            .map(|(_, info)| info.policy_slot)
-            .chain(self.state.sandboxes.values().map(|r| r.slot))
-            .collect();
-        for slot in self.maps.used_slots() {
-            if slot != QUARANTINE_SLOT && !named.contains(&slot) {
-                tracing::info!(slot, "Emptying a policy slot no sandbox uses");
-                self.retire_slot(slot);
+        // Only if every entry could be read: one missed would lose the rules it names.
+        match self.maps.sandboxes_all() {
+            Ok(entries) => {
+                let named: std::collections::HashSet<u32> = entries
+                    .into_iter()
+                    .map(|(_, info)| info.policy_slot)
+                    .chain(self.state.sandboxes.values().map(|r| r.slot))
+                    .collect();
+                for slot in self.maps.used_slots() {
+                    if slot != QUARANTINE_SLOT && !named.contains(&slot) {
+                        tracing::info!(slot, "Emptying a policy slot no sandbox uses");
+                        self.retire_slot(slot);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Sandbox entries could not all be read; policy slots no sandbox uses are kept")
             }
         }
         self.retire_other_builds();

@@ -566,7 +566,6 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let mut stopped_state = {
         let mut core = shared.lock();
         core.control_refusals.flush();
-        core.clear_retired_after(Duration::ZERO);
         core.flush_alerts();
         core.audit.emit(Record::DaemonStop(DaemonStop {
             time: now(),
