@@ -797,6 +797,10 @@ fn every_kind() -> Vec<Record> {
             count: 7,
             first_sequence: 4,
             last_sequence: 10,
+            sandboxes: vec![LostBySandbox {
+                name: "agent-1".into(),
+                count: 6,
+            }],
             since: Some(T0),
             error: "No space left on device (os error 28)".into(),
         }
@@ -806,6 +810,7 @@ fn every_kind() -> Vec<Record> {
             count: 1,
             first_sequence: 9,
             last_sequence: 9,
+            sandboxes: Vec::new(),
             since: None,
             error: "numbered by the previous run of the daemon but not written".into(),
         }
@@ -2544,9 +2549,15 @@ fn lines_of(paths: &[PathBuf]) -> Vec<Value> {
 /// A log path on a full disk: every write to `/dev/full` fails with ENOSPC; removing the
 /// link "frees space".
 fn full_disk() -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::ffi::OsStrExt as _;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");
-    std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+    // `/dev/full` itself (a character device 1:7) at the log's path: every write fails
+    // with ENOSPC until the node is removed (the log is not opened through a link).
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: mknod reads the NUL-terminated path, which outlives the call.
+    let rc = unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 7)) };
+    assert_eq!(rc, 0, "mknod: {}", std::io::Error::last_os_error());
     (dir, path)
 }
 
@@ -2660,6 +2671,12 @@ async fn a_credentials_record_is_not_pushed_out_by_a_flood() {
         .map(|l| {
             assert_eq!(l["event"]["action"], "audit-lost");
             let lost = &l["egress"]["audit_lost"];
+            // Whose they were: every one of this flood's, one sandbox's.
+            assert_eq!(
+                lost["sandboxes"],
+                serde_json::json!([{"name": "agent-1", "count": lost["count"]}]),
+                "{l}"
+            );
             (
                 lost["first_sequence"].as_u64().unwrap(),
                 lost["last_sequence"].as_u64().unwrap(),
@@ -2731,6 +2748,21 @@ async fn a_credentials_record_is_kept_when_the_queue_to_the_writer_is_full() {
         connects + lost,
         super::writer::QUEUE_MESSAGES as u64 + 10_000 + 1
     );
+    // And each one lost is counted as its sandbox's.
+    let by_sandbox: u64 = lines
+        .iter()
+        .filter(|l| l["event"]["action"] == "audit-lost")
+        .flat_map(|l| {
+            l["egress"]["audit_lost"]["sandboxes"]
+                .as_array()
+                .unwrap_or_else(|| unreachable!("no sandboxes: {l}"))
+        })
+        .map(|s| {
+            assert_eq!(s["name"], "agent-1");
+            s["count"].as_u64().unwrap()
+        })
+        .sum();
+    assert_eq!(by_sandbox, lost);
 }
 
 /// A sandbox flooding alerts while the log cannot be written keeps at most its share of

@@ -13,7 +13,7 @@
 //! record, so the fragment stays a line of its own instead of spoiling that record.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     fmt,
     fs::{DirBuilder, File, OpenOptions},
     io::{self, Read, Write},
@@ -810,6 +810,8 @@ struct Health {
     /// Of those, vital records ([`vital`]) the reserve had no room for either: until they
     /// are reported, a credential's use could go unrecorded.
     vital_unqueued: AtomicU64,
+    /// Of those, how many were each sandbox's.
+    unqueued_by: Mutex<BTreeMap<String, u64>>,
     /// A reopen was asked for (set even when the queue had no room for the message).
     reopen: AtomicBool,
     failing: AtomicBool,
@@ -845,6 +847,7 @@ impl Default for Health {
         Self {
             unqueued: AtomicU64::new(0),
             vital_unqueued: AtomicU64::new(0),
+            unqueued_by: Mutex::default(),
             reopen: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             report: Mutex::new(AuditHealth::default()),
@@ -867,7 +870,8 @@ impl Health {
     }
 
     /// Keeps the vital records of a message that found the queue full (within the
-    /// reserve); returns how many records were not kept, and how many of those were vital.
+    /// reserve), and counts the rest as unqueued, with their sandboxes; returns how many
+    /// records were not kept, and how many of those were vital.
     fn keep_vital(&self, message: Message) -> (u64, u64) {
         let records = match message {
             Message::Record(r) => vec![*r],
@@ -875,15 +879,24 @@ impl Health {
             Message::Reopen => return (0, 0),
         };
         if !records.iter().any(|r| vital(r).is_some()) {
+            let mut by = self.unqueued_by.lock().unwrap_or_else(|p| p.into_inner());
+            for record in &records {
+                count_by_sandbox(&mut by, record.sandbox(), 1);
+            }
+            // Counted with their owners, under the same lock the writer takes both by.
+            self.unqueued
+                .fetch_add(records.len() as u64, Ordering::SeqCst);
             return (records.len() as u64, 0);
         }
         let after = self.sent.load(Ordering::Acquire);
         let mut unkept = 0;
         let mut vital_unkept = 0;
         let mut overflow = self.overflow();
+        let mut by = self.unqueued_by.lock().unwrap_or_else(|p| p.into_inner());
         for record in records {
             let Some(owner) = vital(&record).map(|o| o.map(str::to_owned)) else {
                 unkept += 1;
+                count_by_sandbox(&mut by, record.sandbox(), 1);
                 continue;
             };
             let room = overflow.records.len() < VITAL_RESERVE;
@@ -894,8 +907,13 @@ impl Health {
             } else {
                 unkept += 1;
                 vital_unkept += 1;
+                count_by_sandbox(&mut by, record.sandbox(), 1);
             }
         }
+        if unkept > 0 {
+            self.unqueued.fetch_add(unkept, Ordering::SeqCst);
+        }
+        drop(by);
         if !overflow.records.is_empty() {
             self.overflowed.store(true, Ordering::Release);
         }
@@ -1100,6 +1118,7 @@ impl AuditLog {
                             count: numbered - done,
                             first_sequence: done + 1,
                             last_sequence: numbered,
+                            sandboxes: Vec::new(),
                             since: None,
                             error: "numbered by the previous run of the daemon but not written \
                                     before it stopped"
@@ -1201,13 +1220,10 @@ impl AuditHandle {
             }
             Err(mpsc::error::TrySendError::Full(message)) => {
                 // Vital records are kept aside (within a reserve), the rest counted.
+                // The loss first (counted inside), then its vital part: the writer, which
+                // clears the vital count by what it saw before taking the loss, never
+                // clears one whose loss it has not taken.
                 let (unkept, vital_unkept) = self.health.keep_vital(message);
-                // The loss first, then its vital part: the writer, which clears the vital
-                // count by what it saw before taking the loss, never clears one whose loss
-                // it has not taken.
-                if unkept > 0 {
-                    self.health.unqueued.fetch_add(unkept, Ordering::SeqCst);
-                }
                 if vital_unkept > 0 {
                     self.health
                         .vital_unqueued
@@ -1332,10 +1348,35 @@ const SYNC_EVERY: Duration = Duration::from_millis(200);
 /// once dropping starts every later record is dropped until the queue is written, but
 /// for a vital one ([`vital`]), which closes the range: its `audit-lost` record is queued
 /// at once, before the vital one (a later drop opens another range).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Dropped {
     first: u64,
     last: u64,
+    /// How many were each sandbox's (records of none are not counted here).
+    by_sandbox: BTreeMap<String, u64>,
+}
+
+impl Dropped {
+    fn new(first: u64, last: u64) -> Self {
+        Self {
+            first,
+            last,
+            by_sandbox: BTreeMap::new(),
+        }
+    }
+}
+
+/// Counts `n` more lost records of `sandbox` (none: not counted by sandbox).
+fn count_by_sandbox(counts: &mut BTreeMap<String, u64>, sandbox: Option<&str>, n: u64) {
+    let Some(name) = sandbox else {
+        return;
+    };
+    match counts.get_mut(name) {
+        Some(count) => *count += n,
+        None => {
+            counts.insert(name.to_owned(), n);
+        }
+    }
 }
 
 /// Vital records kept beyond [`AuditConfig::queue_records`] while the log cannot be
@@ -1528,10 +1569,11 @@ impl AuditTask {
             self.flush();
             self.sync_written();
         }
-        let unreported = self.dropped.map(|d| d.first);
+        let unreported = self.dropped.as_ref().map(|d| d.first);
         if let Some(first) = self.pending.first_sequence().or(unreported) {
             let last = self
                 .dropped
+                .as_ref()
                 .map_or(self.pending.last_sequence().unwrap_or(first), |d| d.last);
             let source = io::Error::other(format!(
                 "records {first} to {last} could not be written before the daemon stopped: {}",
@@ -1579,8 +1621,16 @@ impl AuditTask {
     fn take_unqueued(&mut self) {
         // The vital losses seen before the loss is taken are in it (a handle counts the
         // loss first): only those are cleared, later ones wait for the next take.
+        // The count and its owners together: producers add both under this lock.
+        let mut by_lock = self
+            .health
+            .unqueued_by
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let vital = self.health.vital_unqueued.load(Ordering::SeqCst);
         let n = self.health.unqueued.swap(0, Ordering::SeqCst);
+        let by = std::mem::take(&mut *by_lock);
+        drop(by_lock);
         self.health
             .vital_unqueued
             .fetch_sub(vital, Ordering::SeqCst);
@@ -1593,8 +1643,11 @@ impl AuditTask {
             self.flush();
         }
         let (first, last) = self.writer.skip(n);
-        let d = self.dropped.get_or_insert(Dropped { first, last });
+        let d = self.dropped.get_or_insert(Dropped::new(first, last));
         d.last = last;
+        for (name, count) in by {
+            count_by_sandbox(&mut d.by_sandbox, Some(&name), count);
+        }
         self.health.report().lost += n;
         tracing::warn!(
             count = n,
@@ -1657,11 +1710,9 @@ impl AuditTask {
                     self.writer.skip(1).0
                 }
             };
-            let d = self.dropped.get_or_insert(Dropped {
-                first: sequence,
-                last: sequence,
-            });
+            let d = self.dropped.get_or_insert(Dropped::new(sequence, sequence));
             d.last = sequence;
+            count_by_sandbox(&mut d.by_sandbox, record.sandbox(), 1);
             self.health.report().lost += 1;
         } else if let Err(e) = self.writer.encode_next_into(record, &mut self.pending) {
             self.unencodable(record, &e);
@@ -1674,8 +1725,10 @@ impl AuditTask {
     fn unencodable(&mut self, record: &Record, e: &EncodeError) {
         error!(action = record.action(), error = %e, "Audit record not encodable; reported lost");
         let (first, last) = self.writer.skip(1);
+        let mut dropped = Dropped::new(first, last);
+        count_by_sandbox(&mut dropped.by_sandbox, record.sandbox(), 1);
         self.queue_lost(
-            Dropped { first, last },
+            dropped,
             None,
             format!("the {} record could not be encoded: {e}", record.action()),
         );
@@ -1704,6 +1757,11 @@ impl AuditTask {
             count: range.last - range.first + 1,
             first_sequence: range.first,
             last_sequence: range.last,
+            sandboxes: range
+                .by_sandbox
+                .into_iter()
+                .map(|(name, count)| crate::audit::LostBySandbox { name, count })
+                .collect(),
             since,
             error,
         };
@@ -1967,7 +2025,7 @@ impl AuditTask {
                 report.lost += last - first + 1;
                 drop(report);
                 self.queue_lost(
-                    Dropped { first, last },
+                    Dropped::new(first, last),
                     None,
                     format!(
                         "written, but forcing them to stable storage failed (fdatasync: {e}); \

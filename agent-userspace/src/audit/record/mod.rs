@@ -116,6 +116,28 @@ pub enum Record {
 }
 
 impl Record {
+    /// The sandbox the record is about, if one.
+    pub fn sandbox(&self) -> Option<&str> {
+        match self {
+            Self::Network(r) => Some(&r.sandbox),
+            Self::Dns(r) => Some(&r.sandbox),
+            Self::Proxy(r) => Some(&r.record.sandbox),
+            Self::Alert(r) => Some(&r.sandbox),
+            Self::SandboxAttach(r) | Self::SandboxDetach(r) | Self::SandboxAdopt(r) => {
+                Some(&r.sandbox)
+            }
+            Self::SandboxQuarantine(r) | Self::SandboxRelease(r) => Some(&r.sandbox),
+            Self::CredentialRevoke(r) => Some(&r.sandbox),
+            Self::PolicyChange(r) => Some(&r.sandbox),
+            Self::PolicyRejected(r) => Some(&r.sandbox),
+            Self::EventsLost(_)
+            | Self::AuditLost(_)
+            | Self::AuditRewritten(_)
+            | Self::DaemonStart(_)
+            | Self::DaemonStop(_) => None,
+        }
+    }
+
     /// The event time the record carries (not the time it is written).
     pub fn time(&self) -> OffsetDateTime {
         match self {
@@ -267,6 +289,7 @@ impl Record {
                     count: r.count,
                     first_sequence: r.first_sequence,
                     last_sequence: r.last_sequence,
+                    sandboxes: &r.sandboxes,
                     since: r
                         .since
                         .map(|t| stamp(t, action, "egress.audit_lost.since"))

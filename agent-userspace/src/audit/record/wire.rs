@@ -515,7 +515,7 @@ pub(super) struct WireEgress<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) lost: Option<WireLost<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) audit_lost: Option<WireAuditLost>,
+    pub(super) audit_lost: Option<WireAuditLost<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) audit_rewritten: Option<WireAuditRewritten>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -903,28 +903,33 @@ impl Json for LostBySandbox {
 }
 
 #[derive(Serialize)]
-pub(super) struct WireAuditLost {
+pub(super) struct WireAuditLost<'a> {
     pub(super) count: u64,
     pub(super) first_sequence: u64,
     pub(super) last_sequence: u64,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub(super) sandboxes: &'a [LostBySandbox],
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) since: Option<Stamp>,
 }
 
-impl Json for WireAuditLost {
+impl Json for WireAuditLost<'_> {
     fn json(&self, out: &mut Vec<u8>) {
         let Self {
             count,
             first_sequence,
             last_sequence,
+            sandboxes,
             since,
         } = self;
-        Obj::new(out)
-            .field("count", count)
+        let mut obj = Obj::new(out);
+        obj.field("count", count)
             .field("first_sequence", first_sequence)
-            .field("last_sequence", last_sequence)
-            .opt("since", since)
-            .end();
+            .field("last_sequence", last_sequence);
+        if !sandboxes.is_empty() {
+            obj.field("sandboxes", *sandboxes);
+        }
+        obj.opt("since", since).end();
     }
 }
 
