@@ -1022,6 +1022,7 @@ impl SequenceFile {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|source| AuditError::Open {
                 path: path.clone(),
@@ -1364,6 +1365,34 @@ impl Dropped {
             by_sandbox: BTreeMap::new(),
         }
     }
+}
+
+/// Sandboxes named one by one in an `audit-lost` record, those with the most lost first;
+/// the rest are counted together, so the record stays one short line.
+const LOST_SANDBOXES_NAMED: usize = 16;
+
+/// What goes into `egress.audit_lost.sandboxes`: the [`LOST_SANDBOXES_NAMED`] sandboxes
+/// with the most lost, then `other sandboxes` (no sandbox name has a space) for the rest.
+fn lost_by_sandbox(counts: BTreeMap<String, u64>) -> Vec<crate::audit::LostBySandbox> {
+    let mut counts: Vec<(String, u64)> = counts.into_iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let rest: u64 = counts
+        .iter()
+        .skip(LOST_SANDBOXES_NAMED)
+        .map(|(_, count)| count)
+        .sum();
+    counts.truncate(LOST_SANDBOXES_NAMED);
+    let mut named: Vec<crate::audit::LostBySandbox> = counts
+        .into_iter()
+        .map(|(name, count)| crate::audit::LostBySandbox { name, count })
+        .collect();
+    if rest > 0 {
+        named.push(crate::audit::LostBySandbox {
+            name: "other sandboxes".to_owned(),
+            count: rest,
+        });
+    }
+    named
 }
 
 /// Counts `n` more lost records of `sandbox` (none: not counted by sandbox).
@@ -1757,11 +1786,7 @@ impl AuditTask {
             count: range.last - range.first + 1,
             first_sequence: range.first,
             last_sequence: range.last,
-            sandboxes: range
-                .by_sandbox
-                .into_iter()
-                .map(|(name, count)| crate::audit::LostBySandbox { name, count })
-                .collect(),
+            sandboxes: lost_by_sandbox(range.by_sandbox),
             since,
             error,
         };
@@ -2095,5 +2120,24 @@ impl AuditTask {
             Ok(()) => tracing::info!(path = %path.display(), "Audit log rotated"),
             Err(e) => self.failed(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod lost_by_sandbox_tests {
+    use super::{lost_by_sandbox, LOST_SANDBOXES_NAMED};
+
+    /// The most lost first, the rest counted together: one short line whatever the number
+    /// of sandboxes.
+    #[test]
+    fn the_sandboxes_with_the_most_lost_are_named() {
+        let counts = (0..40u64).map(|i| (format!("sb-{i:02}"), i + 1)).collect();
+        let named = lost_by_sandbox(counts);
+        assert_eq!(named.len(), LOST_SANDBOXES_NAMED + 1);
+        assert_eq!((named[0].name.as_str(), named[0].count), ("sb-39", 40));
+        let rest: u64 = (1..=40 - LOST_SANDBOXES_NAMED as u64).sum();
+        let last = &named[LOST_SANDBOXES_NAMED];
+        assert_eq!((last.name.as_str(), last.count), ("other sandboxes", rest));
+        assert!(lost_by_sandbox(Default::default()).is_empty());
     }
 }

@@ -21,7 +21,8 @@ pub struct AuditLost {
     /// `egress.audit_lost.last_sequence`: the last lost `event.sequence`.
     pub last_sequence: u64,
     /// `egress.audit_lost.sandboxes`: how many of them each sandbox's were, where the
-    /// writer knew (records of no sandbox are not listed; empty: not known).
+    /// writer knew: the 16 with the most, then `other sandboxes` (records about no
+    /// sandbox are not listed; empty: not known).
     pub sandboxes: Vec<super::kernel::LostBySandbox>,
     /// `egress.audit_lost.since`: when writes began to fail, when this daemon saw it.
     pub since: Option<OffsetDateTime>,
