@@ -628,15 +628,17 @@ fn shown(s: &str) -> String {
 
 /// `egressctl credentials` as a table: one line per credential, then its last error.
 fn credentials_table(states: &[egress::credentials::CredentialState]) -> String {
-    let dash = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".to_owned());
+    // Every cell as the terminal should show it: what a store answered (an error, a
+    // detail) may carry characters that reorder or hide text.
+    let dash = |s: &Option<String>| s.as_deref().map_or_else(|| "-".to_owned(), shown);
     let rows: Vec<[String; 8]> = states
         .iter()
         .map(|c| {
             [
-                c.name.clone(),
-                c.kind.clone(),
-                c.source.clone(),
-                c.hosts.join(","),
+                shown(&c.name),
+                shown(&c.kind),
+                shown(&c.source),
+                shown(&c.hosts.join(",")),
                 dash(&c.last_fetch),
                 dash(&c.expires),
                 if c.sandboxes.is_empty() {
@@ -682,7 +684,7 @@ fn credentials_table(states: &[egress::credentials::CredentialState]) -> String 
         let cells: Vec<&str> = row.iter().map(String::as_str).collect();
         line(&cells, &mut out);
         if let Some(error) = &state.last_error {
-            out.push_str(&format!("  last error: {error}\n"));
+            out.push_str(&format!("  last error: {}\n", shown(error)));
         }
     }
     out
@@ -701,15 +703,20 @@ mod tests {
             hosts: vec!["api.github.com".to_owned()],
             last_fetch: None,
             expires: None,
-            last_error: None,
-            detail: None,
+            // What a secret store answered: shown escaped too.
+            last_error: Some("denied\u{202e}\u{200b} by policy".to_owned()),
+            detail: Some("role\u{2066}x".to_owned()),
             sandboxes: vec!["agent\u{1b}]0;owned\u{7}\u{202e}x".to_owned()],
         };
         let table = credentials_table(&[state]);
         assert!(
-            !table.contains('\u{1b}') && !table.contains('\u{202e}'),
+            !table.contains('\u{1b}')
+                && !table.contains('\u{202e}')
+                && !table.contains('\u{200b}')
+                && !table.contains('\u{2066}'),
             "{table}"
         );
+        assert!(table.contains("last error: denied\\u{202e}"), "{table}");
         assert!(table.contains("agent\\u{1b}]0;owned"), "{table}");
         assert_eq!(shown("plain-name"), "plain-name");
     }

@@ -648,12 +648,15 @@ impl Core {
             ));
         }
         let mut refused = Vec::new();
+        let mut install_failed_said = false;
         for l in learned {
             // Judge the name by the policy in force now, not the one the query started
             // under: a replacement in between must not be widened by a late answer.
             let ids_now = policy.rules_for_name(&l.name);
             if ids_now.is_empty() {
-                tracing::info!(sandbox = %rec.name, name = %l.name, "Answer for a name the current policy no longer allows; not learned");
+                // Each refused address is in the query's DNS record: the log says it at
+                // debug only, so a sandbox looping on such a name cannot flood it.
+                tracing::debug!(sandbox = %rec.name, name = %l.name, "Answer for a name the current policy no longer allows; not learned");
                 refused.push((
                     l.addr,
                     "the policy in force no longer allows the name".to_owned(),
@@ -662,7 +665,7 @@ impl Core {
             }
             let addr = crate::net::judged_as(l.addr);
             if let Some(why) = super::dns::learning_refusal(&policy, &ids_now, addr) {
-                tracing::warn!(sandbox = %rec.name, name = %l.name, %addr, %why, "Not learning a DNS answer");
+                tracing::debug!(sandbox = %rec.name, name = %l.name, %addr, %why, "Not learning a DNS answer");
                 refused.push((l.addr, why));
                 continue;
             }
@@ -688,7 +691,7 @@ impl Core {
                      connections another way than rule `{ours}` (one directly, one through \
                      the proxy): a connection to it could not be told apart"
                 );
-                tracing::warn!(sandbox = %rec.name, name = %l.name, %addr, %why, "Not learning a DNS answer");
+                tracing::debug!(sandbox = %rec.name, name = %l.name, %addr, %why, "Not learning a DNS answer");
                 refused.push((l.addr, why));
                 continue;
             }
@@ -711,7 +714,11 @@ impl Core {
                         .map_err(|e| e.to_string())
                 });
             if let Err(e) = installed {
-                tracing::warn!(sandbox = %rec.name, name = %l.name, %addr, error = %e, "Installing a learned address failed");
+                // A kernel failure, said once per answer (it lists every address refused).
+                if !install_failed_said {
+                    tracing::warn!(sandbox = %rec.name, name = %l.name, %addr, error = %e, "Installing a learned address failed (the query's DNS record lists every address left out)");
+                    install_failed_said = true;
+                }
                 refused.push((l.addr, format!("installing it in the kernel failed: {e}")));
                 continue;
             }
