@@ -1825,6 +1825,10 @@ fn a_symbolic_link_is_not_followed() {
     assert!(matches!(err, AuditError::Open { .. }), "{err}");
     assert!(err.to_string().contains("symbolic link"), "{err}");
     assert_eq!(fs::read_to_string(&target).unwrap(), "kept\n");
+    // A link to a stream (`/dev/stdout` is one) is followed: nothing there is rotated.
+    fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink("/dev/null", &link).unwrap();
+    assert!(AuditWriter::open(AuditSink::File(link.clone())).is_ok());
     // Control: a plain file at the same place opens.
     fs::remove_file(&link).unwrap();
     assert!(AuditWriter::open(AuditSink::File(link)).is_ok());

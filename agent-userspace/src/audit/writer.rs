@@ -565,27 +565,34 @@ fn open_append(path: &Path) -> Result<File, AuditError> {
                 source,
             })?;
     }
-    // Not through a symbolic link: whoever could place one would choose the file that
-    // the daemon, as root, appends to (and the records it truncates on rotation).
-    OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|source| AuditError::Open {
-            path: path.to_owned(),
-            source: if source.raw_os_error() == Some(libc::ELOOP) {
-                io::Error::new(
-                    source.kind(),
-                    "it is a symbolic link, which the audit log is not opened through: \
-                     name the file itself",
-                )
-            } else {
-                source
-            },
-        })
+    // Not through a symbolic link to a file: whoever could place one would choose the
+    // file that the daemon, as root, appends to (and the records it truncates on
+    // rotation). A link to a stream (`/dev/stdout`, `/proc/self/fd/1`: a pipe, a
+    // terminal) is followed: nothing there is truncated or rotated.
+    let open = |follow: bool| {
+        OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o640)
+            .custom_flags(if follow { 0 } else { libc::O_NOFOLLOW })
+            .open(path)
+    };
+    let opened = match open(false) {
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => match std::fs::metadata(path) {
+            Ok(target) if !target.is_file() && !target.is_dir() => open(true),
+            _ => Err(io::Error::new(
+                e.kind(),
+                "it is a symbolic link to a file, which the audit log is not opened \
+                     through: name the file itself",
+            )),
+        },
+        other => other,
+    };
+    opened.map_err(|source| AuditError::Open {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn ends_mid_line(file: &File) -> io::Result<bool> {
@@ -1374,13 +1381,16 @@ const LOST_SANDBOXES_NAMED: usize = 16;
 /// What goes into `egress.audit_lost.sandboxes`: the [`LOST_SANDBOXES_NAMED`] sandboxes
 /// with the most lost, then `other sandboxes` (no sandbox name has a space) for the rest.
 fn lost_by_sandbox(counts: BTreeMap<String, u64>) -> Vec<crate::audit::LostBySandbox> {
+    let mut counts = counts;
+    let others = counts.remove(OTHER_SANDBOXES).unwrap_or(0);
     let mut counts: Vec<(String, u64)> = counts.into_iter().collect();
     counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     let rest: u64 = counts
         .iter()
         .skip(LOST_SANDBOXES_NAMED)
         .map(|(_, count)| count)
-        .sum();
+        .sum::<u64>()
+        + others;
     counts.truncate(LOST_SANDBOXES_NAMED);
     let mut named: Vec<crate::audit::LostBySandbox> = counts
         .into_iter()
@@ -1388,18 +1398,25 @@ fn lost_by_sandbox(counts: BTreeMap<String, u64>) -> Vec<crate::audit::LostBySan
         .collect();
     if rest > 0 {
         named.push(crate::audit::LostBySandbox {
-            name: "other sandboxes".to_owned(),
+            name: OTHER_SANDBOXES.to_owned(),
             count: rest,
         });
     }
     named
 }
 
-/// Counts `n` more lost records of `sandbox` (none: not counted by sandbox).
+/// Sandboxes counted apart while losses wait to be reported; past them, together.
+const LOST_SANDBOXES_COUNTED: usize = 1024;
+
+/// Counts `n` more lost records of `sandbox` (none: not counted by sandbox); past
+/// [`LOST_SANDBOXES_COUNTED`] names, as `other sandboxes`.
 fn count_by_sandbox(counts: &mut BTreeMap<String, u64>, sandbox: Option<&str>, n: u64) {
-    let Some(name) = sandbox else {
+    let Some(mut name) = sandbox else {
         return;
     };
+    if counts.len() >= LOST_SANDBOXES_COUNTED && !counts.contains_key(name) {
+        name = OTHER_SANDBOXES;
+    }
     match counts.get_mut(name) {
         Some(count) => *count += n,
         None => {
@@ -1407,6 +1424,10 @@ fn count_by_sandbox(counts: &mut BTreeMap<String, u64>, sandbox: Option<&str>, n
         }
     }
 }
+
+/// The name the sandboxes past those named are counted under (no sandbox name has a
+/// space).
+const OTHER_SANDBOXES: &str = "other sandboxes";
 
 /// Vital records kept beyond [`AuditConfig::queue_records`] while the log cannot be
 /// written (then they are dropped and counted like the rest).
@@ -2139,5 +2160,19 @@ mod lost_by_sandbox_tests {
         let last = &named[LOST_SANDBOXES_NAMED];
         assert_eq!((last.name.as_str(), last.count), ("other sandboxes", rest));
         assert!(lost_by_sandbox(Default::default()).is_empty());
+    }
+
+    /// Past the names counted apart, the rest are counted together, and reported so.
+    #[test]
+    fn names_past_the_bound_are_counted_together() {
+        let mut counts = std::collections::BTreeMap::new();
+        for i in 0..super::LOST_SANDBOXES_COUNTED + 10 {
+            super::count_by_sandbox(&mut counts, Some(&format!("oci:{i}")), 1);
+        }
+        assert_eq!(counts.len(), super::LOST_SANDBOXES_COUNTED + 1);
+        let named = lost_by_sandbox(counts);
+        let last = named.last().map(|l| (l.name.as_str(), l.count));
+        let rest = super::LOST_SANDBOXES_COUNTED - LOST_SANDBOXES_NAMED + 10;
+        assert_eq!(last, Some(("other sandboxes", rest as u64)));
     }
 }
