@@ -254,12 +254,36 @@ fn the_control_socket_refuses_processes_in_sandboxes() -> Result<()> {
             && String::from_utf8_lossy(&out.stderr).contains("may only read the status"),
         "a sandboxed egressctl was served: {out:?}"
     );
-    // Reading the status is allowed (a runtime's hook may run inside a pod's cgroup).
+    // Reading the status is allowed (a runtime's hook may run inside a pod's cgroup),
+    // its own sandbox's only: another sandbox's policy, counters and quarantine reasons
+    // are not its to read.
+    let other = fx.world.add_sandbox("sb2")?;
+    let deny_all = fx.policy("deny-all.yaml", DENY_ALL)?;
+    fx.daemon.attach_ok(&other, &deny_all, other.label())?;
     let status = fx.sandbox.run(
         egress_tests::daemon::egressctl_bin(),
-        &["--socket".as_ref(), socket.as_os_str(), "status".as_ref()],
+        &[
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "status".as_ref(),
+            "--json".as_ref(),
+        ],
     )?;
     ensure!(status.status.success(), "status from a sandbox: {status:?}");
+    let seen: serde_json::Value = serde_json::from_slice(&status.stdout)
+        .with_context(|| format!("status --json: {status:?}"))?;
+    let names: Vec<&str> = seen["sandboxes"]
+        .as_array()
+        .context("no sandboxes in the status")?
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    ensure!(
+        names == [fx.sandbox.label()],
+        "a sandboxed caller saw the status of {names:?}"
+    );
+    // Control: the host sees both.
+    ensure!(fx.daemon.status_sandbox(other.label())?.is_some());
     ensure!(
         fx.daemon.status_sandbox(fx.sandbox.label())?.is_some(),
         "the sandbox detached itself"

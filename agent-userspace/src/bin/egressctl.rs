@@ -107,7 +107,8 @@ enum Command {
     /// Print egressctl's man page (roff; the build installs it).
     #[command(hide = true)]
     Manpage,
-    /// Show the daemon and every sandbox with its policy and counters.
+    /// Show the daemon and every sandbox with its policy and counters (asked from inside a
+    /// sandbox: that sandbox only).
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]

@@ -32,6 +32,8 @@ pub enum Admission {
     JoinOwnSandbox,
     /// Nothing, and why.
     StatusOnly(String),
+    /// The status of the sandbox named, the caller's own, and no other's.
+    OwnStatus(String),
 }
 
 /// Handles one decoded request.
@@ -50,6 +52,13 @@ pub trait Handler: Send + Sync + 'static {
             Some(_) => Admission::Any,
             None => Admission::StatusOnly("the caller's cgroup cannot be read".to_owned()),
         }
+    }
+
+    /// The sandbox whose status alone a caller in cgroup directory `cgroup` may read (the
+    /// one it is in); `None`: every sandbox's.
+    fn status_scope(&self, cgroup: &Path) -> Option<String> {
+        let _ = cgroup;
+        None
     }
 
     /// The socket refused `count` connections of callers in cgroup directory `cgroup`
@@ -334,7 +343,16 @@ async fn connection(
                 admission => handle(handler.clone(), req, admission).await,
             }
         }
-        ReadEnd::Request(req) => handle(handler.clone(), req, Admission::Any).await,
+        ReadEnd::Request(req) => {
+            // A caller inside a sandbox reads its own sandbox's status only.
+            let admission = match &caller {
+                Caller::Cgroup(cgroup) => handler
+                    .status_scope(cgroup)
+                    .map_or(Admission::Any, Admission::OwnStatus),
+                Caller::Unknown => Admission::Any,
+            };
+            handle(handler.clone(), req, admission).await
+        }
     };
     tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &response))
         .await

@@ -2095,6 +2095,15 @@ impl Core {
         Admission::StatusOnly(why)
     }
 
+    /// The sandbox a control-socket caller in `cgroup` is in, if one.
+    pub fn sandbox_of_caller(&self, cgroup: &Path) -> Option<String> {
+        self.state
+            .sandboxes
+            .values()
+            .find(|r| cgroup.starts_with(&r.cgroup))
+            .map(|r| r.name.clone())
+    }
+
     /// The control socket refused a caller in `cgroup` before reading a request of it
     /// (`why`, the answer it was given): a `control-socket` alert in the name of the
     /// sandbox the caller is in (`unknown` if it cannot be placed), or of `host process`
@@ -2195,11 +2204,14 @@ impl Core {
         (rec.name.clone(), rule)
     }
 
-    pub fn status(&self) -> DaemonStatus {
+    /// The daemon's status, with every sandbox or only the one named `only` (a caller
+    /// inside a sandbox sees its own, never another's).
+    pub fn status(&self, only: Option<&str>) -> DaemonStatus {
         let sandboxes = self
             .state
             .sandboxes
             .values()
+            .filter(|rec| only.is_none_or(|name| rec.name == name))
             .map(|rec| {
                 let c = self.maps.counters(rec.index);
                 let policy = self.compiled.get(&rec.name);

@@ -72,6 +72,10 @@ impl Handler for Shared {
         self.lock().control_from(cgroup, joins)
     }
 
+    fn status_scope(&self, cgroup: &std::path::Path) -> Option<String> {
+        self.lock().sandbox_of_caller(cgroup)
+    }
+
     fn refused(&self, cgroup: Option<&std::path::Path>, why: &str, count: u64) {
         self.lock().control_refused(cgroup, why, count);
     }
@@ -178,11 +182,15 @@ impl Handler for Shared {
                 Ok("recorded".to_owned())
             }
             Request::Status => {
+                let only = match admission {
+                    Admission::OwnStatus(name) => Some(name.as_str()),
+                    _ => None,
+                };
                 return Response {
                     ok: true,
-                    status: Some(core.status()),
+                    status: Some(core.status(only)),
                     ..Default::default()
-                }
+                };
             }
         };
         match result {
