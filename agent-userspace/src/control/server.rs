@@ -187,10 +187,7 @@ async fn refuse_busy(stream: UnixStream, handler: Arc<dyn Handler>, busy: Arc<Bu
     use std::sync::atomic::Ordering::SeqCst;
     let why =
         format!("egressd is busy: {MAX_CONNECTIONS} control requests are being handled; try again");
-    let cgroup = match Caller::of_peer(&stream) {
-        Caller::Cgroup(c) => Some(c),
-        Caller::Unknown => None,
-    };
+    let cgroup = Caller::of_peer(&stream).cgroup().map(Path::to_path_buf);
     {
         let mut pending = busy.pending.lock().unwrap_or_else(|p| p.into_inner());
         // A caller able to make many cgroups gets one report for all past a few.
@@ -224,10 +221,7 @@ async fn refuse_busy(stream: UnixStream, handler: Arc<dyn Handler>, busy: Arc<Bu
 
 /// Tells the handler (off the async threads) that the socket refused `caller`.
 async fn refused(handler: Arc<dyn Handler>, caller: &Caller, why: String) {
-    let cgroup = match caller {
-        Caller::Cgroup(c) => Some(c.clone()),
-        Caller::Unknown => None,
-    };
+    let cgroup = caller.cgroup().map(Path::to_path_buf);
     let _ = tokio::task::spawn_blocking(move || handler.refused(cgroup.as_deref(), &why, 1)).await;
 }
 
@@ -300,15 +294,17 @@ async fn connection(
         .unwrap_or_else(|p| p.into_inner())
         .waiting
         .retain(|(i, _)| *i != id);
+    if let ReadEnd::TooLarge(r) | ReadEnd::Refuse(r) = &end {
+        refused(
+            handler.clone(),
+            &caller,
+            r.error.clone().unwrap_or_default(),
+        )
+        .await;
+    }
     let response = match end {
         ReadEnd::Drop => return Ok(()),
         ReadEnd::TooLarge(r) => {
-            refused(
-                handler.clone(),
-                &caller,
-                r.error.clone().unwrap_or_default(),
-            )
-            .await;
             // Take (and discard) the rest for a while, so the client finishes sending
             // and reads this answer instead of failing with a broken pipe.
             let sent = tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &r)).await;
@@ -322,15 +318,7 @@ async fn connection(
             .await;
             return sent.unwrap_or(Ok(()));
         }
-        ReadEnd::Refuse(r) => {
-            refused(
-                handler.clone(),
-                &caller,
-                r.error.clone().unwrap_or_default(),
-            )
-            .await;
-            r
-        }
+        ReadEnd::Refuse(r) => r,
         ReadEnd::Request(req) if !matches!(req, Request::Status) => {
             let joins = match &req {
                 Request::Join { name, .. } => Some(name.as_str()),
@@ -345,12 +333,10 @@ async fn connection(
         }
         ReadEnd::Request(req) => {
             // A caller inside a sandbox reads its own sandbox's status only.
-            let admission = match &caller {
-                Caller::Cgroup(cgroup) => handler
-                    .status_scope(cgroup)
-                    .map_or(Admission::Any, Admission::OwnStatus),
-                Caller::Unknown => Admission::Any,
-            };
+            let admission = caller
+                .cgroup()
+                .and_then(|cgroup| handler.status_scope(cgroup))
+                .map_or(Admission::Any, Admission::OwnStatus);
             handle(handler.clone(), req, admission).await
         }
     };
@@ -390,15 +376,17 @@ impl Caller {
         }
     }
 
+    /// The caller's cgroup directory, if it could be placed.
+    fn cgroup(&self) -> Option<&Path> {
+        match self {
+            Self::Cgroup(cgroup) => Some(cgroup),
+            Self::Unknown => None,
+        }
+    }
+
     /// What this caller may ask (a refusal is recorded by `handler`).
     fn admission(&self, handler: &dyn Handler, joins: Option<&str>) -> Admission {
-        handler.admit(
-            match self {
-                Self::Cgroup(cgroup) => Some(cgroup),
-                Self::Unknown => None,
-            },
-            joins,
-        )
+        handler.admit(self.cgroup(), joins)
     }
 }
 

@@ -2051,12 +2051,7 @@ impl Core {
     pub fn control_from(&mut self, cgroup: Option<&Path>, joins: Option<&str>) -> Admission {
         let (sandbox, seen, why) = match cgroup {
             Some(cgroup) => {
-                let Some(rec) = self
-                    .state
-                    .sandboxes
-                    .values()
-                    .find(|r| cgroup.starts_with(&r.cgroup))
-                else {
+                let Some(rec) = self.sandbox_at(cgroup) else {
                     return Admission::Any;
                 };
                 if joins == Some(rec.name.as_str()) {
@@ -2095,13 +2090,13 @@ impl Core {
         Admission::StatusOnly(why)
     }
 
-    /// The sandbox a control-socket caller in `cgroup` is in, if one.
-    pub fn sandbox_of_caller(&self, cgroup: &Path) -> Option<String> {
+    /// The sandbox whose cgroup tree holds cgroup directory `cgroup` (a control-socket
+    /// caller's), if one.
+    pub fn sandbox_at(&self, cgroup: &Path) -> Option<&SandboxRecord> {
         self.state
             .sandboxes
             .values()
             .find(|r| cgroup.starts_with(&r.cgroup))
-            .map(|r| r.name.clone())
     }
 
     /// The control socket refused a caller in `cgroup` before reading a request of it
@@ -2113,10 +2108,7 @@ impl Core {
     pub fn control_refused(&mut self, cgroup: Option<&Path>, why: &str, count: u64) {
         let (sandbox, seen) = match cgroup {
             Some(cgroup) => (
-                self.state
-                    .sandboxes
-                    .values()
-                    .find(|r| cgroup.starts_with(&r.cgroup))
+                self.sandbox_at(cgroup)
                     .map_or_else(|| "host process".to_owned(), |r| r.name.clone()),
                 format!("a process in cgroup {}", cgroup.display()),
             ),
@@ -2355,9 +2347,8 @@ fn stored_reason(reason: &str, mask: impl Fn(&mut String)) -> String {
 }
 
 /// `rule.name` of a refusal by no policy rule (`rule_id` 0 or a `RULE_*` id), named alike
-/// whether the sandbox is still attached; `None` for a policy rule's id.
-/// `rule.name` of the kernel's decisions no policy rule made (each one of
-/// [`crate::policy::DAEMON_RULE_NAMES`], which no rule may take).
+/// whether the sandbox is still attached; `None` for a policy rule's id. Each name is one
+/// of [`crate::policy::DAEMON_RULE_NAMES`], which no rule may take.
 fn special_rule(rule_id: u16) -> Option<RuleRef> {
     let name = match rule_id {
         0 => return Some(RuleRef::Default),

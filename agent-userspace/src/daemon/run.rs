@@ -73,7 +73,7 @@ impl Handler for Shared {
     }
 
     fn status_scope(&self, cgroup: &std::path::Path) -> Option<String> {
-        self.lock().sandbox_of_caller(cgroup)
+        self.lock().sandbox_at(cgroup).map(|r| r.name.clone())
     }
 
     fn refused(&self, cgroup: Option<&std::path::Path>, why: &str, count: u64) {
