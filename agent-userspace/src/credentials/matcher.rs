@@ -471,14 +471,15 @@ pub fn pkt_header_at(hay: &[u8], i: usize) -> Option<Range<usize>> {
         return None;
     }
     // git writes the length in lower-case hex, and it counts the header itself.
-    let length = std::str::from_utf8(&header[..4])
-        .ok()
-        .filter(|digits| {
-            digits
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        })
-        .and_then(|digits| u16::from_str_radix(digits, 16).ok());
+    let mut length = Some(0u16);
+    for &b in &header[..4] {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => return None,
+        };
+        length = length.map(|n| n << 4 | u16::from(digit));
+    }
     let joins = length.is_some_and(|n| n >= 5)
         && i > 0
         && !matches!(hay[i - 1], b'\r' | b'\n' | 1..=3)

@@ -170,8 +170,13 @@ fn union(sorted: Vec<std::ops::Range<usize>>) -> Vec<std::ops::Range<usize>> {
 
 /// Whether `at` lies in one of the disjoint sorted `ranges`.
 fn within(ranges: &[std::ops::Range<usize>], at: usize) -> bool {
-    let i = ranges.partition_point(|r| r.end <= at);
-    ranges.get(i).is_some_and(|r| r.start <= at)
+    overlaps(ranges, &(at..at + 1))
+}
+
+/// Whether `range` shares a byte with one of the disjoint sorted `ranges`.
+fn overlaps(ranges: &[std::ops::Range<usize>], range: &std::ops::Range<usize>) -> bool {
+    let i = ranges.partition_point(|r| r.end <= range.start);
+    ranges.get(i).is_some_and(|r| r.start < range.end)
 }
 
 /// The git sideband packets' headers inside matches found across them (`framed`, each
@@ -190,10 +195,6 @@ fn kept_headers(
     let mut spans: Vec<std::ops::Range<usize>> = framed.iter().map(|(r, _)| r.clone()).collect();
     spans.sort_by_key(|r| r.start);
     let spans = union(spans);
-    let covered = |h: &std::ops::Range<usize>| {
-        let i = unframed.partition_point(|u| u.end <= h.start);
-        unframed.get(i).is_some_and(|u| u.start < h.end)
-    };
     let mut headers = Vec::new();
     for span in &spans {
         let mut i = span.start;
@@ -201,7 +202,7 @@ fn kept_headers(
             match pkt_header_at(hay, i).filter(|h| h.end <= span.end) {
                 Some(h) => {
                     i = h.end;
-                    if !covered(&h) {
+                    if !overlaps(&unframed, &h) {
                         headers.push(h);
                     }
                 }
