@@ -117,26 +117,25 @@ fn merged_matches(
     open_from: usize,
     tally: &Tally,
 ) -> Found {
-    let mut found: Vec<(std::ops::Range<usize>, usize, bool)> = Vec::new();
-    let mut framed: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
-    let mut unframed: Vec<std::ops::Range<usize>> = Vec::new();
+    // Each match, its credential, whether it is of a value cut short, and whether it was
+    // found across git sideband packets' headers (rare: only then are they split apart).
+    let mut found: Vec<(std::ops::Range<usize>, usize, bool, bool)> = Vec::new();
     matcher.each_match_framed(hay, |range, index, cut, across_headers| {
-        if across_headers {
-            framed.push((range.clone(), cut));
-        } else {
-            unframed.push(range.clone());
-        }
-        found.push((range, index, cut));
+        found.push((range, index, cut, across_headers));
     });
-    let (headers, tails) = if framed.is_empty() {
-        (Vec::new(), Vec::new())
-    } else {
+    let (headers, tails) = if found.iter().any(|m| m.3) {
+        let (framed, unframed): (Vec<_>, Vec<_>) = found.iter().partition(|m| m.3);
+        let framed: Vec<(std::ops::Range<usize>, bool)> =
+            framed.into_iter().map(|m| (m.0.clone(), m.2)).collect();
+        let unframed = unframed.into_iter().map(|m| m.0.clone()).collect();
         kept_headers(hay, &framed, unframed)
+    } else {
+        (Vec::new(), Vec::new())
     };
     // By start, the longest first: a match ending within one before it lies inside it.
     found.sort_by(|(a, ..), (b, ..)| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
     let mut reach = 0;
-    for (range, index, cut) in &found {
+    for (range, index, cut, _) in &found {
         let counted_before =
             range.end <= seen && !(*cut && range.end > seen.saturating_sub(CUT_REACH));
         let still_open = *cut && range.end > open_from;
