@@ -772,6 +772,18 @@ impl ConnCtx {
                 "TRACE and TRACK are not allowed (they echo the injected credential)",
             ));
         }
+        // Methods are case-sensitive, and every check here reads them as written; but
+        // origins differ in whether they upper-case one (Django, Werkzeug, Symfony and
+        // Radicale do): a `post` would be judged as one method and run as another.
+        if method.bytes().any(|b| b.is_ascii_lowercase()) {
+            return Err(Refusal::deny(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "downstream client: method {method:?} is not upper case (origins differ \
+                     in whether they upper-case it)"
+                ),
+            ));
+        }
         self.check_host(&req, record)?;
         // Judged once, in its normal form, and forwarded in exactly that form.
         let raw = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
@@ -804,9 +816,16 @@ impl ConnCtx {
             ));
         }
         // WebDAV's second target (COPY, MOVE) is judged too, and sent as judged.
+        let upstream = self.target.as_ref().map(|(a, _)| a).ok_or_else(|| {
+            Refusal::deny(
+                StatusCode::BAD_REQUEST,
+                "downstream client: request target cannot be re-sent upstream",
+            )
+        })?;
         let destination = judge_destination(
             &self.conn.route,
             &self.sni,
+            upstream,
             req.method().as_str(),
             req.headers(),
         )

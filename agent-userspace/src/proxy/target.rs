@@ -191,12 +191,14 @@ pub fn form_to_blob_uploads(method: &str, path: &str, headers: &http::HeaderMap)
 }
 
 /// The second target a request acts on, named in `Destination` (WebDAV's COPY and MOVE):
-/// judged as the request's own is, for `method`, and returned in the form to forward
-/// (the judged path behind the scheme and authority the client gave, whose host must be
-/// `server_name`). `Ok(None)`: there is none.
+/// judged as the request's own is, for `method`, and returned in the form to forward:
+/// the judged path, behind `https://` and `upstream` (the authority the request itself
+/// is sent with) where the client gave an absolute URI, which must be an `https` one
+/// naming `server_name` at the connection's port, with no user. `Ok(None)`: there is none.
 pub fn judge_destination(
     route: &Route,
     server_name: &str,
+    upstream: &http::uri::Authority,
     method: &str,
     headers: &http::HeaderMap,
 ) -> Result<Option<http::HeaderValue>, TargetRefusal> {
@@ -225,8 +227,24 @@ pub fn judge_destination(
                     crate::policy::target_for_reason(authority.host())
                 )));
             }
+            // What the origin would read as another origin is refused, not rewritten:
+            // another scheme, another port, a user.
+            if !scheme.eq_ignore_ascii_case("https") {
+                return Err(ambiguous("is not an https URI"));
+            }
+            if authority.as_str().contains('@') {
+                return Err(ambiguous("names a user"));
+            }
+            let port = |a: &http::uri::Authority| a.port_u16().unwrap_or(443);
+            if port(authority) != port(upstream) {
+                return Err(ambiguous(&format!(
+                    "names port {}, not the connection's {}",
+                    port(authority),
+                    port(upstream)
+                )));
+            }
             (
-                format!("{scheme}://{authority}"),
+                format!("https://{upstream}"),
                 uri.path_and_query()
                     .map_or("/", http::uri::PathAndQuery::as_str),
             )
@@ -518,12 +536,13 @@ rules:
     fn destinations_are_judged_and_normalised() {
         let policy = Arc::new(parse_str(POLICY, "test.yaml").unwrap());
         let api = route(&policy, 1);
+        let upstream = http::uri::Authority::from_static("api.github.com");
         let judge = |values: &[&str]| {
             let mut h = http::HeaderMap::new();
             for v in values {
                 h.append("destination", http::HeaderValue::from_str(v).unwrap());
             }
-            judge_destination(&api, "api.github.com", "POST", &h)
+            judge_destination(&api, "api.github.com", &upstream, "POST", &h)
         };
         assert!(matches!(judge(&[]), Ok(None)));
         let sent = |v: &str| {
@@ -534,7 +553,11 @@ rules:
         };
         assert_eq!(
             sent("https://API.github.com./repos/acme/widgets/b%41").as_deref(),
-            Some("https://API.github.com./repos/acme/widgets/bA")
+            Some("https://api.github.com/repos/acme/widgets/bA")
+        );
+        assert_eq!(
+            sent("HTTPS://api.github.com:443/repos/acme/widgets/x").as_deref(),
+            Some("https://api.github.com/repos/acme/widgets/x")
         );
         assert_eq!(
             sent("/repos/acme/widgets/x").as_deref(),
@@ -549,6 +572,11 @@ rules:
             "https://api.github.com/repos/acme/widgets/../other",
             "https://api.github.com/repos/acme/widgets/%2e%2e/x",
             "repos/acme/widgets/x",
+            "http://api.github.com/repos/acme/widgets/x",
+            "https://user@api.github.com/repos/acme/widgets/x",
+            "https://u:p@api.github.com/repos/acme/widgets/x",
+            "https://api.github.com:8443/repos/acme/widgets/x",
+            "ftp://api.github.com/repos/acme/widgets/x",
         ] {
             assert!(
                 matches!(judge(&[ambiguous]), Err(TargetRefusal::Ambiguous(_))),
@@ -566,7 +594,13 @@ rules:
             http::HeaderValue::from_static("/acme/widgets.git"),
         );
         assert!(matches!(
-            judge_destination(&git, "github.com", "POST", &h),
+            judge_destination(
+                &git,
+                "github.com",
+                &http::uri::Authority::from_static("github.com"),
+                "POST",
+                &h
+            ),
             Err(TargetRefusal::Ambiguous(_))
         ));
     }

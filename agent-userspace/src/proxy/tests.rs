@@ -1071,7 +1071,7 @@ async fn sessions_opened_for_the_credential_stay_with_the_proxy() {
 }
 
 #[tokio::test]
-async fn trace_is_refused_in_any_case() {
+async fn trace_and_lower_case_methods_are_refused() {
     within(async {
         let origin = start_origin(true).await;
         let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
@@ -1087,9 +1087,26 @@ async fn trace_is_refused_in_any_case() {
                 "{record:?}"
             );
         }
-        // Positive control: another method in lower case is judged as the rule says.
-        let lower = Method::from_bytes(b"get").unwrap();
-        let reply = send(&mut client, request(lower, NAME, "/", &[], "")).await;
+        // A method not in upper case: judged as written, some origins would run it
+        // upper-cased, as another method.
+        for method in ["get", "post", "Delete", "pROPFIND"] {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let reply = send(&mut client, request(method, NAME, "/", &[], "")).await;
+            assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+            let record = h.record().await;
+            assert_eq!(record.verdict, Verdict::Deny);
+            assert!(
+                record
+                    .reason
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("upper case"),
+                "{record:?}"
+            );
+        }
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 0);
+        // Positive control: the same method in upper case is judged as the rule says.
+        let reply = send(&mut client, request(Method::GET, NAME, "/", &[], "")).await;
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
     })
@@ -1432,12 +1449,7 @@ async fn upstream_with_untrusted_certificate_gives_502() {
 #[tokio::test]
 async fn a_request_with_a_body_gets_an_upstream_connection_of_its_own() {
     within(async {
-        let methods = [
-            Method::GET,
-            Method::POST,
-            Method::PUT,
-            Method::from_bytes(b"get").unwrap(),
-        ];
+        let methods = [Method::GET, Method::POST, Method::PUT, Method::DELETE];
         for method in methods {
             let origin = start_origin(false).await;
             let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
@@ -1984,8 +1996,10 @@ async fn a_destination_is_judged_and_sent_as_judged() {
         let origin = start_origin(false).await;
         let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
         let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        // The origin's port is the connection's: the Destination names it.
+        let authority = format!("{NAME}:{}", origin.addr.port());
         let mv = |dest: &str| {
-            let dest = dest.replace("{NAME}", NAME);
+            let dest = dest.replace("{NAME}", &authority);
             let mut req = request(Method::from_bytes(b"MOVE").unwrap(), NAME, "/a", &[], "");
             req.headers_mut()
                 .insert("destination", http::HeaderValue::from_str(&dest).unwrap());
@@ -1996,7 +2010,7 @@ async fn a_destination_is_judged_and_sent_as_judged() {
         assert!(
             reply
                 .body
-                .contains(&format!("destination=https://{NAME}/bA\n")),
+                .contains(&format!("destination=https://{authority}/bA\n")),
             "{}",
             reply.body
         );
@@ -2006,6 +2020,10 @@ async fn a_destination_is_judged_and_sent_as_judged() {
             ("/forbidden/x", StatusCode::FORBIDDEN),
             ("https://elsewhere.example/b", StatusCode::BAD_REQUEST),
             ("https://{NAME}/a/%2e%2e/forbidden", StatusCode::BAD_REQUEST),
+            // What the origin would read as another origin: another scheme, port, a user.
+            ("http://{NAME}/b", StatusCode::BAD_REQUEST),
+            ("https://user@{NAME}/b", StatusCode::BAD_REQUEST),
+            (&format!("https://{NAME}/b"), StatusCode::BAD_REQUEST),
         ] {
             let reply = send(&mut client, mv(dest)).await;
             assert_eq!(reply.status, status, "{dest}: {}", reply.body);
