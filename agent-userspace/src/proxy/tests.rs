@@ -139,6 +139,11 @@ async fn origin_service(
 /// what it received: whether Authorization was the expected credential, Host, path and
 /// body size. `/redirect` answers 302; `/slow...` answers after half a second.
 async fn start_origin(h2: bool) -> Origin {
+    start_origin_named(h2, &[NAME, OTHER]).await
+}
+
+/// [`start_origin`] with a certificate for `names` only.
+async fn start_origin_named(h2: bool, names: &[&str]) -> Origin {
     let mut ca_params = CertificateParams::default();
     ca_params
         .distinguished_name
@@ -150,7 +155,7 @@ async fn start_origin(h2: bool) -> Origin {
     ];
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec![NAME.to_owned(), OTHER.to_owned()])
+    let leaf = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
         .unwrap()
         .signed_by(&leaf_key, &ca)
         .unwrap();
@@ -1439,6 +1444,30 @@ async fn upstream_with_untrusted_certificate_gives_502() {
         assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
         assert!(reply.body.contains("TLS handshake"), "{}", reply.body);
         assert_eq!(h.record().await.status, Some(502));
+    })
+    .await;
+}
+
+/// A certificate from a trusted CA, but for another name, is refused as an untrusted
+/// one is: the credential is never sent to a server that has not proved the name.
+#[tokio::test]
+async fn upstream_certificate_for_another_name_gives_502() {
+    within(async {
+        let origin = start_origin_named(true, &["elsewhere.example"]).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let reply = get(&mut client, NAME, "/").await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+        assert!(reply.body.contains("TLS handshake"), "{}", reply.body);
+        assert_eq!(h.record().await.status, Some(502));
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 0);
+        // Positive control: the same CA, a certificate for the name.
+        let origin = start_origin_named(true, &[NAME]).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        assert_eq!(get(&mut client, NAME, "/").await.status, StatusCode::OK);
+        assert_eq!(h.record().await.status, Some(200));
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
     })
     .await;
 }
