@@ -13,6 +13,7 @@ use egress_tests::audit::{action, get_str};
 use egress_tests::expect;
 use egress_tests::proxy_fixture::{ProxyFixture, ProxyOpts};
 use egress_tests::require_proxy_tools;
+use egress_tests::util::TempDir;
 use egress_tests::world::CANARY_V4;
 
 #[test]
@@ -103,6 +104,82 @@ fn sigterm_closes_proxied_connections_and_records_them_before_the_stop() -> Resu
     );
     // A clean stop: the next start reports no gap.
     restart_reports_no_gap(&mut fx)?;
+    Ok(())
+}
+
+/// A credential revocation still under way at SIGTERM (its command has not returned) is
+/// stopped and recorded before `daemon-stop`, as not revoked: the quarantine said it was
+/// revoking, so the trail says what became of it.
+#[test]
+fn sigterm_records_a_revocation_under_way_before_the_stop() -> Result<()> {
+    require_proxy_tools!();
+    let dir = TempDir::new("revoke")?;
+    let started = dir.path().join("started");
+    let script = dir.write(
+        "revoke.sh",
+        &format!(
+            "#!/bin/sh\ncat > /dev/null\ntouch '{}'\nexec sleep 60\n",
+            started.display()
+        ),
+    )?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let mut fx = ProxyFixture::new(ProxyOpts {
+        github_revoke: Some(vec![script.display().to_string()]),
+        ..ProxyOpts::default()
+    })?;
+    let name = fx.sandbox.label().to_string();
+    // The credential is used, so it has a live value to revoke.
+    let out = fx.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "https://api.github.com/repos/acme/widgets",
+    ])?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout) == "200",
+        "proxied request failed: {out:?}"
+    );
+    let out = fx
+        .daemon
+        .ctl(["quarantine", &name, "--reason", "test: stop mid-revocation"])?;
+    ensure!(out.status.success(), "quarantine: {out:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !started.exists() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the revoke command did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let took = fx.daemon.terminate(Duration::from_secs(20))?;
+    ensure!(
+        took < Duration::from_secs(15),
+        "egressd took {took:?} to stop"
+    );
+    let records = fx.daemon.audit_records()?;
+    let stop = records
+        .iter()
+        .position(|r| action(r) == Some("daemon-stop"))
+        .context("no daemon-stop record")?;
+    ensure!(
+        stop == records.len() - 1,
+        "records after daemon-stop: {:#?}",
+        &records[stop..]
+    );
+    let revokes: Vec<_> = records[..stop]
+        .iter()
+        .filter(|r| action(r) == Some("credential-revoke"))
+        .collect();
+    ensure!(
+        revokes.len() == 1
+            && get_str(revokes[0], "egress.credential.name") == Some("github")
+            && get_str(revokes[0], "event.outcome") == Some("failure")
+            && get_str(revokes[0], "event.reason")
+                .is_some_and(|r| r.contains("daemon stopped before the revocation finished")),
+        "no record of the revocation cut short, before daemon-stop: {revokes:#?}"
+    );
     Ok(())
 }
 

@@ -57,6 +57,8 @@ pub struct Arrival {
 }
 
 pub struct Core {
+    /// Credential revocations running in the background.
+    pub revocations: Arc<super::revocations::Revocations>,
     /// Control-socket refusals recorded one by one, per caller's sandbox and window.
     pub control_refusals: crate::alerts::RefusalRecords,
     /// Policy slots no sandbox entry names any more, each with when it stopped being
@@ -1115,7 +1117,13 @@ impl Core {
         };
         self.maps.reset_counters(index).map_err(|e| e.to_string())?;
         self.start_dns(&rec, &policy)?;
-        self.install(slot, &policy)?;
+        if let Err(e) = self.install(slot, &policy) {
+            // Its resolver must not outlive the attach: the next sandbox given the index
+            // would find it answering in this one's namespace, in this one's name.
+            self.dns.stop(index);
+            let _ = self.maps.clear_slot(slot);
+            return Err(e);
+        }
         // The sandbox entry exists before the programs run, so the first decision already
         // has its policy.
         let result = self
@@ -1542,32 +1550,13 @@ impl Core {
 
     /// Revokes `names` in the background, one `credential-revoke` record each.
     fn spawn_revocations(&self, sandbox: &str, names: Vec<String>) -> Vec<String> {
-        let store = self.proxy.credentials();
-        if names.is_empty() {
-            return names;
-        }
-        let audit = self.audit.clone();
-        let sandbox = sandbox.to_string();
-        let list = names.clone();
-        self.runtime.spawn(async move {
-            for credential in list {
-                let outcome = store.revoke(&credential).await;
-                let (revoked, reason) = match outcome {
-                    Ok(how) => (true, how),
-                    Err(why) => (false, why),
-                };
-                if !revoked {
-                    tracing::error!(%sandbox, %credential, %reason, "Revoking a credential failed");
-                }
-                audit.emit(Record::CredentialRevoke(CredentialRevoke {
-                    time: now(),
-                    sandbox: sandbox.clone(),
-                    credential,
-                    revoked,
-                    reason,
-                }));
-            }
-        });
+        self.revocations.start(
+            &self.runtime,
+            self.proxy.credentials(),
+            self.audit.clone(),
+            sandbox,
+            &names,
+        );
         names
     }
 

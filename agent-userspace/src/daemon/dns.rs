@@ -42,6 +42,17 @@ pub struct LearnedAddr {
 
 struct Server {
     tasks: Vec<tokio::task::AbortHandle>,
+    /// The sandbox its records name and the network namespace it listens in: a resolver
+    /// is handed a new policy only if both are still the sandbox's.
+    sandbox: String,
+    netns: super::netns::NetnsId,
+    /// Held by every task of the resolver: gone once they all are.
+    ctx: std::sync::Weak<dns::ResolverCtx>,
+    /// What the resolver counted and raises at the end of a window, raised at once when
+    /// it stops (held here, so that it is not left to whichever task ends last).
+    limits: Arc<dns::ResolverLimits>,
+    budget: Arc<std::sync::Mutex<dns::budget::Budget>>,
+    alert: dns::AlertSink,
     policy: Arc<RwLock<Arc<Policy>>>,
     quarantined: Arc<AtomicBool>,
 }
@@ -121,13 +132,16 @@ impl DnsRuntime {
         netns: &OpenNetns,
     ) -> Result<(), String> {
         if let Some(server) = self.servers.get(&index) {
-            if server.tasks.iter().all(|t| !t.is_finished()) {
+            let same = server.sandbox == sandbox && server.netns == netns.id();
+            if same && server.tasks.iter().all(|t| !t.is_finished()) {
                 *server.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
                 return Ok(());
             }
         }
         // A listener that ended takes the others down with it (and their connections):
-        // none may go on under the old context beside the new one.
+        // none may go on under the old context beside the new one. So does a resolver
+        // of another sandbox given the index, or in another namespace (a re-attach with
+        // another `--netns`).
         if let Some(server) = self.servers.remove(&index) {
             for t in server.tasks {
                 t.abort();
@@ -198,6 +212,12 @@ impl DnsRuntime {
             index,
             Server {
                 tasks,
+                sandbox: sandbox.to_string(),
+                netns: netns.id(),
+                ctx: Arc::downgrade(&ctx),
+                limits,
+                budget: ctx.budget.clone(),
+                alert: ctx.alert.clone(),
                 policy: shared_policy,
                 quarantined,
             },
@@ -222,13 +242,18 @@ impl DnsRuntime {
         self.quarantined.remove(&index);
     }
 
-    /// Stops every resolver (daemon shutdown).
-    pub fn shutdown(&mut self) {
+    /// Stops every resolver (daemon shutdown). Their last records (a query sent upstream
+    /// and not answered, the refusals and budget windows counted) are written by
+    /// [`DnsStopped::finish`], which the stop awaits before its own record.
+    pub fn shutdown(&mut self) -> DnsStopped {
+        let mut servers = Vec::new();
         for (_, server) in self.servers.drain() {
-            for t in server.tasks {
+            for t in &server.tasks {
                 t.abort();
             }
+            servers.push(server);
         }
+        DnsStopped { servers }
     }
 
     /// The name an address of a sandbox was learned from.
@@ -301,6 +326,30 @@ pub fn rules_carrying(policy: &Policy, rule_ids: Vec<u16>, addr: IpAddr) -> Vec<
 /// The single-address network of a learned address.
 pub fn host_net(addr: IpAddr) -> IpNet {
     IpNet::from(crate::net::judged_as(addr))
+}
+
+/// Resolvers stopped at the daemon's stop, whose tasks may still be ending.
+pub struct DnsStopped {
+    servers: Vec<Server>,
+}
+
+impl DnsStopped {
+    /// Waits up to `within` for every task of the stopped resolvers to end (a query's
+    /// task writes its record as it ends), then raises what they counted and had not
+    /// raised. Returns whether every task had ended.
+    pub async fn finish(self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        let ended = |servers: &[Server]| servers.iter().all(|s| s.ctx.strong_count() == 0);
+        while !ended(&self.servers) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let all = ended(&self.servers);
+        for server in self.servers {
+            server.limits.flush();
+            dns::raise_budget_alert(&server.budget, &server.alert, server.sandbox.clone());
+        }
+        all
+    }
 }
 
 #[cfg(test)]

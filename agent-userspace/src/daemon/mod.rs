@@ -11,6 +11,7 @@ pub mod log;
 mod netns;
 mod notify;
 pub(crate) mod proxy;
+mod revocations;
 mod run;
 mod state;
 

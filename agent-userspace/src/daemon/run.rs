@@ -406,6 +406,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         }),
     );
     let mut core = Core {
+        revocations: Default::default(),
         control_refusals,
         retiring: Vec::new(),
         layout,
@@ -571,6 +572,25 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     // waits for below.
     proxy_refusals.flush();
     drop(proxy_refusals);
+    // So do the resolvers (a query sent upstream and not answered is recorded as its task
+    // ends) and the revocations under way (each credential's outcome, or that it was cut
+    // short). Bounded.
+    let (dns_stopped, revocations) = {
+        let mut core = shared.lock();
+        (core.dns.shutdown(), core.revocations.clone())
+    };
+    if !dns_stopped.finish(Duration::from_secs(2)).await {
+        tracing::warn!(
+            "DNS resolver tasks still ending at shutdown; their records may follow the stop record"
+        );
+    }
+    let cut = revocations.finish(&audit, REVOCATIONS_AT_STOP).await;
+    if cut > 0 {
+        tracing::warn!(
+            cut,
+            "Credential revocations cut short by the stop (recorded as not revoked)"
+        );
+    }
     let mut stopped_state = {
         let mut core = shared.lock();
         core.control_refusals.flush();
@@ -588,9 +608,6 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         // stop whose last records never reached the log is reported by the next run.
         core.state.last_seen = Some(rfc3339(now()));
         core.save_state();
-        // Resolvers hold audit handles; stop them so the writer can finish. (The proxy's
-        // listeners and connections went above.)
-        core.dns.shutdown();
         core.state.clone()
     };
     let _ = std::fs::remove_file(&opts.socket);
@@ -716,6 +733,9 @@ const PROXY_REFUSALS_RECORDED: u32 = 1000;
 /// host); the rest are counted in one `rate-limit` alert.
 const CONTROL_REFUSALS_RECORDED: u32 = 20;
 const PROXY_REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+/// How long the stop waits for credential revocations under way (each may run a command
+/// or call a store) before it records the rest as not revoked.
+const REVOCATIONS_AT_STOP: Duration = Duration::from_secs(5);
 
 fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {
     let mut core = shared.lock();

@@ -203,6 +203,14 @@ pub struct ResolverLimits {
 }
 
 impl ResolverLimits {
+    /// Raises now what the windows counted and have not raised yet (the resolver stops).
+    pub fn flush(&self) {
+        for t in [&self.udp, &self.tcp] {
+            t.shed.flush();
+            t.refusals.flush();
+        }
+    }
+
     pub fn new(ctx: &ResolverCtx) -> Arc<Self> {
         Arc::new(Self {
             udp: TransportLimits {
@@ -713,25 +721,31 @@ fn spend_budget(
         let (state, alert, sandbox) = (ctx.budget.clone(), ctx.alert.clone(), ctx.sandbox.clone());
         tokio::spawn(async move {
             tokio::time::sleep(ALERT_WINDOW).await;
-            let summary = state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take_alert(Instant::now());
-            if let Some(summary) = summary {
-                warn!(%sandbox, count = summary.count, "DNS budget exceeded");
-                let mut record = Alert::new(
-                    OffsetDateTime::now_utc(),
-                    AlertKind::DnsBudget,
-                    sandbox,
-                    summary.reason(),
-                );
-                record.count = summary.count;
-                record.window_seconds = Some(summary.window.as_secs().max(1));
-                alert(record);
-            }
+            raise_budget_alert(&state, &alert, sandbox);
         });
     }
     Err(over.reason())
+}
+
+/// Raises the `dns-budget` alert of the window open in `budget`, if one is: at the
+/// window's end, or at once when the resolver stops.
+pub fn raise_budget_alert(budget: &Mutex<Budget>, alert: &AlertSink, sandbox: String) {
+    let summary = budget
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take_alert(Instant::now());
+    if let Some(summary) = summary {
+        warn!(%sandbox, count = summary.count, "DNS budget exceeded");
+        let mut record = Alert::new(
+            OffsetDateTime::now_utc(),
+            AlertKind::DnsBudget,
+            sandbox,
+            summary.reason(),
+        );
+        record.count = summary.count;
+        record.window_seconds = Some(summary.window.as_secs().max(1));
+        alert(record);
+    }
 }
 
 /// Stamps the record with the time the query was done.

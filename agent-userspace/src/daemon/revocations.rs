@@ -1,0 +1,137 @@
+//! Credential revocations run in the background (a quarantine or a detach revokes the
+//! leases no other sandbox needs), one `credential-revoke` record each, and what the
+//! daemon's stop does to those still running: each credential whose revocation had not
+//! ended gets a record saying it was not revoked, before `daemon-stop`.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::task::JoinHandle;
+
+use crate::audit::{AuditHandle, CredentialRevoke, Record};
+use crate::credentials::CredentialStore;
+
+/// Why a revocation the stop cut short has no outcome.
+pub const STOPPED_BEFORE_REVOKED: &str =
+    "not revoked: the daemon stopped before the revocation finished (the value may still be \
+     live at its store)";
+
+/// One sandbox's revocations, in order: those whose record is not written yet.
+struct Running {
+    task: JoinHandle<()>,
+    sandbox: String,
+    pending: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// The revocations started and not known to have ended.
+#[derive(Default)]
+pub struct Revocations {
+    running: Mutex<Vec<Running>>,
+}
+
+impl std::fmt::Debug for Revocations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Revocations")
+            .field("running", &lock(&self.running).len())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Revocations {
+    /// Revokes `names` one after another on `runtime`, each recorded as its revocation
+    /// ends.
+    pub fn start(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        store: Arc<CredentialStore>,
+        audit: AuditHandle,
+        sandbox: &str,
+        names: &[String],
+    ) {
+        if names.is_empty() {
+            return;
+        }
+        let pending = Arc::new(Mutex::new(names.iter().cloned().collect::<VecDeque<_>>()));
+        let (list, left, who) = (names.to_vec(), pending.clone(), sandbox.to_string());
+        let task = runtime.spawn(async move {
+            for credential in list {
+                let outcome = store.revoke(&credential).await;
+                let (revoked, reason) = match outcome {
+                    Ok(how) => (true, how),
+                    Err(why) => (false, why),
+                };
+                if !revoked {
+                    tracing::error!(sandbox = %who, %credential, %reason, "Revoking a credential failed");
+                }
+                // The record and the pending list change together (no await between), so
+                // the stop, which waits for this task to end before it reads the list,
+                // never records a credential twice or not at all.
+                audit.emit(Record::CredentialRevoke(CredentialRevoke {
+                    time: OffsetDateTime::now_utc(),
+                    sandbox: who.clone(),
+                    credential,
+                    revoked,
+                    reason,
+                }));
+                lock(&left).pop_front();
+            }
+        });
+        let mut running = lock(&self.running);
+        running.retain(|r| !r.task.is_finished());
+        running.push(Running {
+            task,
+            sandbox: sandbox.to_string(),
+            pending,
+        });
+    }
+
+    /// At the daemon's stop: waits up to `within` for the revocations running to end,
+    /// then stops the rest and records each credential whose revocation had not ended as
+    /// not revoked. Returns how many were cut short.
+    pub async fn finish(&self, audit: &AuditHandle, within: Duration) -> usize {
+        let running = std::mem::take(&mut *lock(&self.running));
+        let deadline = tokio::time::Instant::now() + within;
+        while running.iter().any(|r| !r.task.is_finished())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut cut = 0;
+        for Running {
+            task,
+            sandbox,
+            pending,
+        } in running
+        {
+            if !task.is_finished() {
+                task.abort();
+                // Until the task is dropped it may still be writing a record.
+                if tokio::time::timeout(Duration::from_secs(1), task)
+                    .await
+                    .is_err()
+                {
+                    tracing::error!(%sandbox, "A revocation did not stop; its credentials are recorded as not revoked");
+                }
+            }
+            let left = std::mem::take(&mut *lock(&pending));
+            for credential in left {
+                tracing::warn!(%sandbox, %credential, "Daemon stopping: revocation cut short");
+                audit.emit(Record::CredentialRevoke(CredentialRevoke {
+                    time: OffsetDateTime::now_utc(),
+                    sandbox: sandbox.clone(),
+                    credential,
+                    revoked: false,
+                    reason: STOPPED_BEFORE_REVOKED.to_owned(),
+                }));
+                cut += 1;
+            }
+        }
+        cut
+    }
+}
