@@ -2138,6 +2138,51 @@ async fn a_write_blocked_by_a_reader_that_stopped_reading_makes_the_trail_unheal
     writer.await.unwrap().unwrap();
 }
 
+/// The records queued to the writer and not taken yet are counted (the kernel event
+/// reader holds back on it): batches count as their records, not as one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_counts_records_not_yet_taken_by_the_writer() {
+    use std::time::Duration;
+    let (_dir, handle, writer, mut fifo) = log_on_a_fifo();
+    // Far more than the pipe holds: the writer blocks in its write.
+    handle.emit_all((1..=2000u16).map(denied).collect());
+    let started = std::time::Instant::now();
+    while handle.healthy() && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let blocked = !handle.healthy();
+    for _ in 0..3 {
+        handle.emit_all((1..=10_000u16).map(denied).collect());
+    }
+    handle.emit(denied(1));
+    let behind = handle.backlog();
+    // The reader comes back: everything is taken, the backlog is gone.
+    let (mut lines, mut chunk) = (0, vec![0u8; 1 << 20]);
+    let start = std::time::Instant::now();
+    while (handle.backlog() > 0 || lines < 32_001) && start.elapsed() < Duration::from_secs(20) {
+        use std::io::Read as _;
+        match fifo.read(&mut chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            read => {
+                lines += chunk[..read.unwrap()]
+                    .iter()
+                    .filter(|b| **b == b'\n')
+                    .count()
+            }
+        }
+    }
+    assert!(blocked, "the writer never blocked");
+    assert_eq!(behind, 30_001);
+    assert_eq!(handle.backlog(), 0);
+    assert_eq!(lines, 32_001);
+    drop(handle);
+    let mut rest = Vec::new();
+    read_fifo_to_end(&mut fifo, &writer, &mut rest, Duration::from_secs(10)).await;
+    writer.await.unwrap().unwrap();
+}
+
 /// A write that blocks must not grow the daemon without bound: the queue to the writer
 /// is bounded, and records that find it full are numbered and reported as lost, so the
 /// sequence has no gap an `audit-lost` record does not explain.

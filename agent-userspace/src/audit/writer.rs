@@ -836,6 +836,9 @@ struct Health {
     /// before that message, never stranded): a record kept aside is taken only after the
     /// messages queued before it.
     sent: AtomicU64,
+    /// Records in the queue to the writer, not yet taken by it (added before a message
+    /// is queued, taken off when it is not, or when the writer takes it).
+    queued: AtomicU64,
 }
 
 /// Vital records kept past a full queue to the writer: at most [`VITAL_RESERVE`] held at
@@ -863,6 +866,7 @@ impl Default for Health {
             overflow: Mutex::new(Overflow::default()),
             overflowed: AtomicBool::new(false),
             sent: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
         }
     }
 }
@@ -1222,7 +1226,12 @@ impl AuditHandle {
     }
 
     fn send(&self, message: Message, records: u64) {
-        match self.tx.try_send(message) {
+        self.health.queued.fetch_add(records, Ordering::AcqRel);
+        let result = self.tx.try_send(message);
+        if result.is_err() {
+            self.health.queued.fetch_sub(records, Ordering::AcqRel);
+        }
+        match result {
             Ok(()) => {
                 self.health.sent.fetch_add(1, Ordering::Release);
             }
@@ -1261,6 +1270,13 @@ impl AuditHandle {
         records.iter().for_each(crate::metrics::observe);
         let n = records.len() as u64;
         self.send(Message::Records(records), n);
+    }
+
+    /// Records queued to the writer and not yet taken by it: a producer that can wait (the
+    /// kernel event reader, whose ring buffer counts what it cannot hold) holds back
+    /// while this is high, so a writer that blocks does not grow the daemon without bound.
+    pub fn backlog(&self) -> u64 {
+        self.health.queued.load(Ordering::Acquire)
     }
 
     /// Asks the writer to open the log's path again (after logrotate moved the file).
@@ -1644,6 +1660,12 @@ impl AuditTask {
     /// Takes one message: numbers and queues its records, or reopens.
     fn take(&mut self, message: Message) {
         self.received += 1;
+        let records = match &message {
+            Message::Reopen => 0,
+            Message::Record(_) => 1,
+            Message::Records(records) => records.len() as u64,
+        };
+        self.health.queued.fetch_sub(records, Ordering::AcqRel);
         self.take_unqueued();
         match message {
             Message::Reopen => {

@@ -486,8 +486,12 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     // a `daemon-stop` record with outcome failure), then makes it exit with an error.
     let mut failed: Option<anyhow::Error> = None;
     loop {
+        // While the writer is far behind (a log that blocks), the kernel's events wait in
+        // its ring buffer, which counts what it cannot hold (reported as `events-lost`),
+        // instead of in the daemon's memory without bound.
+        let writer_behind = audit.backlog() >= KERNEL_EVENTS_BACKLOG;
         tokio::select! {
-            batch = events.next_batch() => {
+            batch = events.next_batch(), if !writer_behind => {
                 match batch.context("reading the kernel ring buffer") {
                     Ok(batch) => record_events(&shared, &clock, batch),
                     Err(e) => {
@@ -497,6 +501,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                     }
                 }
             }
+            _ = tokio::time::sleep(WRITER_BEHIND_POLL), if writer_behind => {}
             Some(order) = quarantine_orders.recv() => carry_out(&shared, order),
             _ = lost_poll.tick() => {
                 // A wall clock set after the daemon started (time synchronisation at
@@ -733,6 +738,10 @@ const PROXY_REFUSALS_RECORDED: u32 = 1000;
 /// host); the rest are counted in one `rate-limit` alert.
 const CONTROL_REFUSALS_RECORDED: u32 = 20;
 const PROXY_REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+/// Records queued to the audit writer past which the kernel's events are left in the ring
+/// buffer (its 4 MiB hold about 37,000), and how often that is looked at again.
+const KERNEL_EVENTS_BACKLOG: u64 = 65_536;
+const WRITER_BEHIND_POLL: Duration = Duration::from_millis(20);
 /// How long the stop waits for credential revocations under way (each may run a command
 /// or call a store) before it records the rest as not revoked.
 const REVOCATIONS_AT_STOP: Duration = Duration::from_secs(5);
