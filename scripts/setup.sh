@@ -16,7 +16,7 @@ fi
 packages=(
   rustc-web rust-web-src cargo-web
   build-essential pkg-config
-  iproute2 util-linux procps psmisc
+  iproute2 iptables util-linux procps psmisc
   curl git python3 python3-venv openssl bind9-dnsutils
   nginx dnsmasq-base nghttp2-client wrk tcpdump bpftool
   runc podman conmon busybox-static logrotate

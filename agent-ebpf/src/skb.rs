@@ -24,6 +24,9 @@ use crate::{
     maps::DENY_ALL,
 };
 
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
 /// cgroup_skb return values.
 const PASS: i32 = 1;
 const DROP: i32 = 0;
@@ -153,8 +156,85 @@ fn quarantined(ctx: &SkBuffContext, b0: u8) -> Result<Option<i32>, i64> {
     }
     match destination(ctx, b0)? {
         Some((family, addr, false)) => Ok(Some(drop_to(ctx, family, addr, sockopt::QUARANTINED)?)),
-        _ => Ok(None),
+        // A loopback destination in the header may be the work of NAT in the sandbox's
+        // namespace (a service mesh's `REDIRECT` to its local proxy, which sends the
+        // stream on): netfilter's output hooks run before this one. The socket's own
+        // peer, which NAT never rewrites, says where the sandbox sent it.
+        Some((family, _, true)) => match socket_peer(ctx) {
+            Some((peer_family, peer, false)) => Ok(Some(drop_to(
+                ctx,
+                family,
+                if peer_family == family {
+                    peer
+                } else {
+                    mapped(peer, peer_family)
+                },
+                sockopt::QUARANTINED,
+            )?)),
+            _ => Ok(None),
+        },
+        None => Ok(None),
     }
+}
+
+/// The peer of the socket that sent the packet, as `connect()` left it (IPv4 in the first
+/// four bytes) and whether it is loopback; `None` for a socket with no peer (unconnected
+/// UDP) or no socket.
+#[inline(always)]
+fn socket_peer(ctx: &SkBuffContext) -> Option<(u8, [u8; 16], bool)> {
+    // SAFETY: the context pointer is the kernel's `__sk_buff`; `sk` is a socket pointer
+    // the verifier checks for NULL below, and these fields are readable on any socket.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let mut addr = [0u8; 16];
+    match unsafe { (*sk).family } {
+        AF_INET => {
+            let d = unsafe { (*sk).dst_ip4 };
+            if d == 0 {
+                return None;
+            }
+            let d = d.to_ne_bytes();
+            addr[..4].copy_from_slice(&d);
+            Some((4, addr, d[0] == 127))
+        }
+        AF_INET6 => {
+            // Field by field: the verifier allows no wider load of a socket's fields.
+            let (d0, d1, d2, d3) = unsafe {
+                (
+                    (*sk).dst_ip6[0],
+                    (*sk).dst_ip6[1],
+                    (*sk).dst_ip6[2],
+                    (*sk).dst_ip6[3],
+                )
+            };
+            if d0 | d1 | d2 | d3 == 0 {
+                return None;
+            }
+            addr[..4].copy_from_slice(&d0.to_ne_bytes());
+            addr[4..8].copy_from_slice(&d1.to_ne_bytes());
+            addr[8..12].copy_from_slice(&d2.to_ne_bytes());
+            addr[12..].copy_from_slice(&d3.to_ne_bytes());
+            Some((6, addr, is_loopback6(&addr)))
+        }
+        _ => None,
+    }
+}
+
+/// `addr` of `family` as the record of a packet of the other family carries it: an IPv4
+/// peer as `::ffff:a.b.c.d` (its four bytes first otherwise).
+#[inline(always)]
+fn mapped(addr: [u8; 16], family: u8) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    if family == 4 {
+        out[10] = 0xff;
+        out[11] = 0xff;
+        out[12..].copy_from_slice(&addr[..4]);
+    } else {
+        out[..4].copy_from_slice(&addr[12..]);
+    }
+    out
 }
 
 /// The packet's family, destination (IPv4 in the first four bytes) and whether that is a

@@ -657,3 +657,156 @@ time.sleep(1)
     );
     Ok(())
 }
+
+/// A relay on `127.0.0.1:7000` sending each stream on to the canary's port 9 (a service
+/// mesh's local proxy); writes its argument's path once it listens.
+const RELAY: &str = r#"
+import socket, sys, threading
+def pump(a, b):
+    try:
+        while True:
+            d = a.recv(65536)
+            if not d:
+                break
+            b.sendall(d)
+    except OSError:
+        pass
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", 7000))
+l.listen(8)
+open(sys.argv[1], "w").close()
+while True:
+    c, _ = l.accept()
+    # Marked, so the NAT rule (as a mesh's excludes its proxy) leaves it alone.
+    u = socket.socket()
+    u.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 1)
+    u.settimeout(5)
+    u.connect((sys.argv[2], 9))
+    threading.Thread(target=pump, args=(c, u), daemon=True).start()
+    threading.Thread(target=pump, args=(u, c), daemon=True).start()
+"#;
+
+/// NAT in the sandbox's namespace (a service mesh's `REDIRECT` of every connection to
+/// its local proxy, which sends the stream on) rewrites a packet's destination to
+/// loopback before the egress hook sees it. A quarantine still silences a connection
+/// opened before it, judged by the socket's own peer, with a record.
+#[test]
+fn quarantine_silences_connections_nat_redirects_to_loopback() -> Result<()> {
+    egress_tests::require_root!();
+    let fx = egress_tests::fixture::Fixture::new()?;
+    fx.attach(CANARY_ALLOWED)?;
+    let dir = TempDir::new("quarantine-nat")?;
+    let (listening, ready, go) = (
+        dir.path().join("listening"),
+        dir.path().join("ready"),
+        dir.path().join("go"),
+    );
+    let ns = fx.sandbox.netns();
+    // The relay runs in the sandbox's namespace but not in its cgroup, as a mesh's
+    // proxy runs in a container of its own.
+    let canary = CANARY_V4.to_string();
+    let mut cmd = ns.spawn_command(
+        "python3",
+        &["-c", RELAY, &listening.display().to_string(), &canary],
+    );
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let _relay = egress_tests::util::ChildGuard::new(cmd.spawn()?, "relay");
+    egress_tests::util::poll(Duration::from_secs(10), Duration::from_millis(20), || {
+        Ok(listening.exists().then_some(()))
+    })?
+    .context("the relay did not listen")?;
+    let out = ns
+        .command(
+            10,
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-d",
+                &canary,
+                "-p",
+                "tcp",
+                "--dport",
+                "9",
+                "-m",
+                "mark",
+                "!",
+                "--mark",
+                "1",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "7000",
+            ],
+        )
+        .output()?;
+    ensure!(out.status.success(), "iptables: {}", all_output(&out));
+    let script = format!(
+        r#"
+import os, socket, time
+t = socket.create_connection(("{CANARY_V4}", 9), timeout=5)
+t.sendall(b"nat-pre")
+open("{ready}", "w").close()
+for _ in range(400):
+    if os.path.exists("{go}"):
+        break
+    time.sleep(0.05)
+try:
+    t.sendall(b"nat-post")
+    print("tcp sent", flush=True)
+except OSError as e:
+    print("tcp errno", e.errno, flush=True)
+time.sleep(1)
+"#,
+        ready = ready.display(),
+        go = go.display()
+    );
+    let mut cmd = fx.sandbox.command("python3", &["-c", &script]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn()?;
+    let started = std::time::Instant::now();
+    while !ready.exists() {
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the sandbox's connection did not open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Positive control: before the quarantine the stream reaches the canary, through the
+    // relay (the canary sees the relay's address, not the sandbox's).
+    let got =
+        |what: &[u8]| -> Result<bool> { Ok(fx.canary.received()?.iter().any(|e| e.data == what)) };
+    egress_tests::util::poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        Ok(got(b"nat-pre")?.then_some(()))
+    })?
+    .context("the canary did not get nat-pre through the relay")?;
+    let out = fx.daemon.ctl([
+        "quarantine",
+        fx.sandbox.label(),
+        "--reason",
+        "test: a connection NAT sends to loopback",
+    ])?;
+    ensure!(out.status.success(), "quarantine: {}", all_output(&out));
+    std::fs::write(&go, "go")?;
+    let out = child.wait_with_output()?;
+    std::thread::sleep(Duration::from_secs(1));
+    ensure!(
+        !got(b"nat-post")?,
+        "the canary got data sent after the quarantine: {:?} ({})",
+        fx.canary.received()?,
+        all_output(&out)
+    );
+    let rec = fx.daemon.wait_for_record(Duration::from_secs(10), |r| {
+        get_str(r, "event.action") == Some("packet")
+            && r["egress"]["option"]["name"] == "quarantine"
+    })?;
+    ensure!(
+        get_str(&rec, "egress.sandbox.name") == Some(fx.sandbox.label())
+            && get_str(&rec, "destination.ip") == Some(canary.as_str()),
+        "{rec}"
+    );
+    Ok(())
+}
