@@ -178,6 +178,19 @@ fn a_cgroup_pinned_without_a_sandbox_record_denies_everything() -> Result<()> {
     fx.daemon.restart()?;
     // The old rules allowed the origin; now nothing is.
     origin_and_canary_refused_as(&fx, "unknown")?;
+    // The trail says why the cgroup's traffic stopped.
+    let id = fx.sandbox.cgroup().id().to_string();
+    let rejected = fx.daemon.wait_for_record(RECORD_TIMEOUT, |r| {
+        egress_tests::audit::action(r) == Some("policy-rejected")
+            && egress_tests::audit::get_str(r, "error.message")
+                .is_some_and(|m| m.contains(&format!("cgroup id {id} ")))
+    })?;
+    ensure!(
+        egress_tests::audit::get_str(&rejected, "egress.sandbox.name") == Some("unknown")
+            && egress_tests::audit::get_str(&rejected, "error.message")
+                .is_some_and(|m| m.contains("denied everything")),
+        "{rejected}"
+    );
     // Detach by cgroup releases it.
     fx.daemon.ctl_ok([
         std::ffi::OsStr::new("detach"),

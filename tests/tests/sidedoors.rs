@@ -642,3 +642,68 @@ fn capabilities_gained_after_attach_are_alerted() -> Result<()> {
     ensure!(reason.contains("sys_admin"), "{reason}");
     Ok(())
 }
+
+/// A policy without proxy rules or names may be attached to a cgroup whose processes
+/// share the host's network namespace; the host's abstract unix sockets (which no hook
+/// judges) are open to them, so the attach says so, and a `risky-posture` alert records
+/// it. Positive control: the fixture's sandbox, in a namespace of its own, gets neither.
+#[test]
+fn a_sandbox_in_the_hosts_network_namespace_is_warned_of() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    let p = fx.policy("own.yaml", POLICY)?;
+    let own = fx.daemon.attach_ok(&fx.sandbox, &p, fx.sandbox.label())?;
+    let shown = String::from_utf8_lossy(&own.stdout).to_string();
+    ensure!(
+        !shown.contains("network namespace"),
+        "a sandbox with its own namespace was warned of: {shown}"
+    );
+    let cgroup = egress_tests::cgroup::CgroupGuard::new("hostns")?;
+    let child = Command::new("sleep")
+        .arg("30")
+        .stdin(Stdio::null())
+        .spawn()
+        .context("spawning sleep")?;
+    let sleeper = ChildGuard::new(child, "sleep");
+    cgroup.add(sleeper.pid().context("sleep has no pid")?)?;
+    let policy = fx.policy("host.yaml", POLICY)?;
+    let name = format!("{}-host", fx.sandbox.label());
+    let out = fx.daemon.ctl([
+        OsStr::new("attach"),
+        OsStr::new("--cgroup"),
+        cgroup.path().as_os_str(),
+        OsStr::new("--policy"),
+        policy.as_os_str(),
+        OsStr::new("--name"),
+        OsStr::new(&name),
+    ])?;
+    let shown = String::from_utf8_lossy(&out.stdout).to_string();
+    ensure!(
+        out.status.success() && shown.contains("share the host's network namespace"),
+        "attach in the host's namespace: {shown}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let alert = poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        Ok(fx.daemon.audit_records()?.into_iter().find(|r| {
+            action(r) == Some("risky-posture")
+                && get_str(r, "egress.sandbox.name") == Some(name.as_str())
+                && get_str(r, "event.reason").is_some_and(|m| m.contains("network namespace"))
+        }))
+    })?
+    .context("no risky-posture alert for the sandbox in the host's namespace")?;
+    ensure!(
+        get_str(&alert, "event.reason").is_some_and(|m| m.contains("abstract unix sockets")),
+        "{alert}"
+    );
+    ensure!(
+        !fx.daemon.audit_records()?.iter().any(|r| {
+            action(r) == Some("risky-posture")
+                && get_str(r, "egress.sandbox.name") == Some(fx.sandbox.label())
+                && get_str(r, "event.reason").is_some_and(|m| m.contains("network namespace"))
+        }),
+        "the sandbox with its own namespace was alerted as sharing the host's"
+    );
+    fx.daemon.ctl_ok(["detach", "--name", &name])?;
+    drop(sleeper);
+    Ok(())
+}

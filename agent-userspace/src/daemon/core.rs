@@ -57,6 +57,8 @@ pub struct Arrival {
 }
 
 pub struct Core {
+    /// Every write of the state file goes through it.
+    pub saver: Arc<super::state::StateSaver>,
     /// Credential revocations running in the background.
     pub revocations: Arc<super::revocations::Revocations>,
     /// Control-socket refusals recorded one by one, per caller's sandbox and window.
@@ -187,7 +189,8 @@ impl Core {
     }
 
     pub fn save_state(&self) {
-        if let Err(e) = self.state.save(&self.state_dir) {
+        let number = self.saver.number();
+        if let Err(e) = self.saver.write(number, &self.state, &self.state_dir) {
             tracing::error!(error = %e, "Saving state failed");
         }
     }
@@ -218,6 +221,34 @@ impl Core {
 
     /// Raises a risky-posture alert when processes hold capabilities that get around the
     /// kernel programs; `who` says which processes (at attach, or new ones).
+    /// Alerts when processes of the sandbox share the daemon's or the host's network
+    /// namespace (a policy without proxy rules or names may be attached so): the host's
+    /// abstract unix sockets, which no hook judges, are open to them, and its loopback
+    /// services as far as the policy's loopback rules allow. Returns the warning to show.
+    fn alert_host_netns(&self, sandbox: &str, posture: &Posture, who: &str) -> Option<String> {
+        let ours = netns_id(Path::new("/proc/self/ns/net")).ok();
+        let host = netns_id(Path::new("/proc/1/ns/net")).ok();
+        let sharing = posture
+            .pids
+            .iter()
+            .filter_map(|pid| netns_id(Path::new(&format!("/proc/{pid}/ns/net"))).ok())
+            .filter(|id| Some(*id) == ours || Some(*id) == host)
+            .count();
+        if sharing == 0 {
+            return None;
+        }
+        let reason = format!(
+            "{who} ({sharing} process(es)) share the host's network namespace: the host's \
+             abstract unix sockets (which no hook judges) are open to them, and its \
+             loopback services as far as the policy's loopback rules allow; give the \
+             sandbox a network namespace of its own"
+        );
+        let mut alert = Alert::new(now(), AlertKind::RiskyPosture, sandbox, reason.clone());
+        alert.count = sharing as u64;
+        self.alerts.raise(alert);
+        Some(reason)
+    }
+
     fn alert_posture(&self, sandbox: &str, posture: &Posture, who: &str) {
         let mut risky = posture.risky();
         if risky.is_empty() {
@@ -1145,6 +1176,7 @@ impl Core {
         self.audit
             .emit(Record::SandboxAttach(self.confined(&rec, &posture)));
         self.alert_posture(&name, &posture, "processes at attach");
+        let shared_netns = self.alert_host_netns(&name, &posture, "processes at attach");
         let mut msg = format!(
             "attached sandbox {name:?} (cgroup {}, id {}) with {} rules, default {}",
             rec.cgroup.display(),
@@ -1163,6 +1195,9 @@ impl Core {
                 "; WARNING: sandbox processes hold {}",
                 risky.join(", ")
             ));
+        }
+        if let Some(why) = shared_netns {
+            msg.push_str(&format!("; WARNING: {why}"));
         }
         self.remember(&name, &posture);
         self.set_route(&rec, &policy);
@@ -1850,6 +1885,7 @@ impl Core {
             self.audit
                 .emit(Record::SandboxAdopt(self.confined(&rec, &posture)));
             self.alert_posture(&rec.name, &posture, "processes at adoption");
+            self.alert_host_netns(&rec.name, &posture, "processes at adoption");
             self.remember(&rec.name, &posture);
             self.compiled.insert(rec.name.clone(), policy);
             adopted += 1;
@@ -1863,10 +1899,25 @@ impl Core {
                 // new sandbox may be given: it would then be judged by that sandbox's
                 // rules, in its name. Deny all, in no sandbox's name.
                 let orphan = self.deny_all_entry(0, 0);
-                if let Err(e) = self.maps.set_sandbox(id, orphan) {
-                    tracing::error!(cgroup_id = id, error = %e, "Could not make the kernel entry of a cgroup with no sandbox record deny all");
-                }
+                let outcome = match self.maps.set_sandbox(id, orphan) {
+                    Ok(()) => "it is denied everything".to_owned(),
+                    Err(e) => {
+                        tracing::error!(cgroup_id = id, error = %e, "Could not make the kernel entry of a cgroup with no sandbox record deny all");
+                        format!("making it deny everything failed ({e})")
+                    }
+                };
                 tracing::warn!(cgroup_id = id, "Links are pinned for a cgroup with no sandbox record; it stays confined (deny all) until `egressctl detach --cgroup`");
+                // Its traffic stops here: the trail says why, in no sandbox's name.
+                self.policy_rejected(
+                    "unknown".to_owned(),
+                    "",
+                    None,
+                    format!(
+                        "at adoption: cgroup id {id} has the daemon's programs attached but no \
+                         sandbox record (the state directory was lost, or not saved at its \
+                         attach); {outcome} until `egressctl detach --cgroup` or a new attach"
+                    ),
+                );
             }
         }
         for (id, _) in self.maps.sandboxes() {

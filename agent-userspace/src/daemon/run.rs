@@ -406,6 +406,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         }),
     );
     let mut core = Core {
+        saver: Default::default(),
         revocations: Default::default(),
         control_refusals,
         retiring: Vec::new(),
@@ -477,6 +478,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     }
 
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut heartbeat_write: Option<tokio::task::JoinHandle<()>> = None;
     let mut lost_poll = tokio::time::interval(LOST_POLL);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -521,9 +523,21 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                 core.check_new_processes();
             }
             _ = heartbeat.tick() => {
-                let mut core = shared.lock();
-                core.state.last_seen = Some(rfc3339(now()));
-                core.save_state();
+                // Written off the daemon's lock and its runtime's threads (a disk whose
+                // `fsync` stalls holds up only this write), one at a time.
+                if heartbeat_write.as_ref().is_none_or(|w| w.is_finished()) {
+                    let (state, number, saver) = {
+                        let mut core = shared.lock();
+                        core.state.last_seen = Some(rfc3339(now()));
+                        (core.state.clone(), core.saver.number(), core.saver.clone())
+                    };
+                    let dir = opts.state_dir.clone();
+                    heartbeat_write = Some(tokio::task::spawn_blocking(move || {
+                        if let Err(e) = saver.write(number, &state, &dir) {
+                            tracing::error!(error = %e, "Saving state failed");
+                        }
+                    }));
+                }
             }
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reopening the audit log");
@@ -596,7 +610,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             "Credential revocations cut short by the stop (recorded as not revoked)"
         );
     }
-    let mut stopped_state = {
+    let (mut stopped_state, saver) = {
         let mut core = shared.lock();
         core.control_refusals.flush();
         core.flush_alerts();
@@ -613,7 +627,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         // stop whose last records never reached the log is reported by the next run.
         core.state.last_seen = Some(rfc3339(now()));
         core.save_state();
-        core.state.clone()
+        (core.state.clone(), core.saver.clone())
     };
     let _ = std::fs::remove_file(&opts.socket);
     drop(audit);
@@ -625,7 +639,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             done.context("audit writer task")?
                 .context("writing the audit log")?;
             stopped_state.clean_shutdown = true;
-            if let Err(e) = stopped_state.save(&opts.state_dir) {
+            if let Err(e) = saver.write(saver.number(), &stopped_state, &opts.state_dir) {
                 tracing::error!(error = %e, "Saving state failed");
             }
         }

@@ -11,6 +11,35 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+/// Writes the state file one write at a time, and never an older snapshot over a newer
+/// one: a snapshot is numbered when it is taken (under the daemon's lock, so in the order
+/// of the changes), and written only if no later one has been. So a write may leave the
+/// daemon's lock (the heartbeat's, every few seconds, whose `fsync` a slow disk can hold
+/// up) without undoing a change saved meanwhile.
+#[derive(Debug, Default)]
+pub struct StateSaver {
+    taken: std::sync::atomic::AtomicU64,
+    written: std::sync::Mutex<u64>,
+}
+
+impl StateSaver {
+    /// The number of a snapshot taken now.
+    pub fn number(&self) -> u64 {
+        self.taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+    }
+
+    /// Writes `state`, snapshot `number`, unless a later one was written: `Ok(false)`.
+    pub fn write(&self, number: u64, state: &State, dir: &Path) -> anyhow::Result<bool> {
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        if *written >= number {
+            return Ok(false);
+        }
+        state.save(dir)?;
+        *written = number;
+        Ok(true)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SandboxRecord {
     pub name: String,
@@ -92,6 +121,7 @@ impl State {
         }
     }
 
+    /// Writes the file (through [`StateSaver`] wherever snapshots can race).
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
         fs::DirBuilder::new()
             .recursive(true)
@@ -204,6 +234,28 @@ impl State {
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
+    /// A snapshot written late (the heartbeat's, off the lock) never replaces one taken
+    /// after it and written first (an attach's).
+    #[test]
+    fn an_older_snapshot_is_not_written_over_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let saver = super::StateSaver::default();
+        let at = |s: &str| super::State {
+            last_seen: Some(s.to_owned()),
+            ..super::State::default()
+        };
+        let (older, newer) = (saver.number(), saver.number());
+        assert!(saver.write(newer, &at("newer"), dir.path()).unwrap());
+        assert!(!saver.write(older, &at("older"), dir.path()).unwrap());
+        let read = super::State::load(dir.path()).unwrap().unwrap();
+        assert_eq!(read.last_seen.as_deref(), Some("newer"));
+        // A later one is written.
+        let latest = saver.number();
+        assert!(saver.write(latest, &at("latest"), dir.path()).unwrap());
+        let read = super::State::load(dir.path()).unwrap().unwrap();
+        assert_eq!(read.last_seen.as_deref(), Some("latest"));
+    }
+
     /// Another build's loss counters are reported by their increase over what was
     /// reported of them, kept aside when this build's maps were made; whole when that
     /// is not known to be theirs. A restart of the same build keeps counting.
