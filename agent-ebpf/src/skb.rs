@@ -189,9 +189,11 @@ fn socket_peer(ctx: &SkBuffContext) -> Option<(u8, [u8; 16], bool)> {
         return None;
     }
     let mut addr = [0u8; 16];
-    match unsafe { (*sk).family } {
+    // Each field read whole, volatile: the verifier allows only 4-byte loads of them, and
+    // LLVM would otherwise merge neighbours into one wider load.
+    match unsafe { core::ptr::read_volatile(&(*sk).family) } {
         AF_INET => {
-            let d = unsafe { (*sk).dst_ip4 };
+            let d = unsafe { core::ptr::read_volatile(&(*sk).dst_ip4) };
             if d == 0 {
                 return None;
             }
@@ -200,13 +202,12 @@ fn socket_peer(ctx: &SkBuffContext) -> Option<(u8, [u8; 16], bool)> {
             Some((4, addr, d[0] == 127))
         }
         AF_INET6 => {
-            // Field by field: the verifier allows no wider load of a socket's fields.
             let (d0, d1, d2, d3) = unsafe {
                 (
-                    (*sk).dst_ip6[0],
-                    (*sk).dst_ip6[1],
-                    (*sk).dst_ip6[2],
-                    (*sk).dst_ip6[3],
+                    core::ptr::read_volatile(&(*sk).dst_ip6[0]),
+                    core::ptr::read_volatile(&(*sk).dst_ip6[1]),
+                    core::ptr::read_volatile(&(*sk).dst_ip6[2]),
+                    core::ptr::read_volatile(&(*sk).dst_ip6[3]),
                 )
             };
             if d0 | d1 | d2 | d3 == 0 {

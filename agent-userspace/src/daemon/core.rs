@@ -57,6 +57,9 @@ pub struct Arrival {
 }
 
 pub struct Core {
+    /// The daemon is stopping: control requests that would change anything are refused
+    /// (their records would follow `daemon-stop`).
+    pub stopping: bool,
     /// Every write of the state file goes through it.
     pub saver: Arc<super::state::StateSaver>,
     /// Credential revocations running in the background.
@@ -189,10 +192,17 @@ impl Core {
     }
 
     pub fn save_state(&self) {
-        let number = self.saver.number();
-        if let Err(e) = self.saver.write(number, &self.state, &self.state_dir) {
+        if let Err(e) = self.try_save_state() {
             tracing::error!(error = %e, "Saving state failed");
         }
+    }
+
+    /// Saves the state now, through the saver (which waits for a write in progress).
+    fn try_save_state(&self) -> anyhow::Result<()> {
+        let number = self.saver.number();
+        self.saver
+            .write(number, &self.state, &self.state_dir)
+            .map(|_| ())
     }
 
     fn lifecycle(rec: &SandboxRecord) -> SandboxLifecycle {
@@ -219,8 +229,6 @@ impl Core {
         }
     }
 
-    /// Raises a risky-posture alert when processes hold capabilities that get around the
-    /// kernel programs; `who` says which processes (at attach, or new ones).
     /// Alerts when processes of the sandbox share the daemon's or the host's network
     /// namespace (a policy without proxy rules or names may be attached so): the host's
     /// abstract unix sockets, which no hook judges, are open to them, and its loopback
@@ -249,6 +257,8 @@ impl Core {
         Some(reason)
     }
 
+    /// Raises a risky-posture alert when processes hold capabilities that get around the
+    /// kernel programs; `who` says which processes (at attach, or new ones).
     fn alert_posture(&self, sandbox: &str, posture: &Posture, who: &str) {
         let mut risky = posture.risky();
         if risky.is_empty() {
@@ -1444,7 +1454,7 @@ impl Core {
         self.state.sandboxes.insert(rec.name.clone(), rec.clone());
         // Isolation comes first: a state that cannot be saved does not stop it, but the
         // operator is told it may not outlive a daemon restart.
-        let unsaved = self.state.save(&self.state_dir).err().map(|e| {
+        let unsaved = self.try_save_state().err().map(|e| {
             tracing::error!(sandbox = %rec.name, error = %e, "Saving the quarantine failed; quarantining anyway");
             format!("; WARNING: saving the state failed ({e}), so a restarted daemon would not know it is quarantined")
         });

@@ -29,6 +29,8 @@ struct Running {
 #[derive(Default)]
 pub struct Revocations {
     running: Mutex<Vec<Running>>,
+    /// [`Revocations::finish`] has begun: nothing more is started.
+    finished: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Revocations {
@@ -55,6 +57,18 @@ impl Revocations {
         names: &[String],
     ) {
         if names.is_empty() {
+            return;
+        }
+        if self.finished.load(std::sync::atomic::Ordering::SeqCst) {
+            for credential in names {
+                audit.emit(Record::CredentialRevoke(CredentialRevoke {
+                    time: OffsetDateTime::now_utc(),
+                    sandbox: sandbox.to_string(),
+                    credential: credential.clone(),
+                    revoked: false,
+                    reason: STOPPED_BEFORE_REVOKED.to_owned(),
+                }));
+            }
             return;
         }
         let pending = Arc::new(Mutex::new(names.iter().cloned().collect::<VecDeque<_>>()));
@@ -95,6 +109,8 @@ impl Revocations {
     /// then stops the rest and records each credential whose revocation had not ended as
     /// not revoked. Returns how many were cut short.
     pub async fn finish(&self, audit: &AuditHandle, within: Duration) -> usize {
+        self.finished
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let running = std::mem::take(&mut *lock(&self.running));
         let deadline = tokio::time::Instant::now() + within;
         while running.iter().any(|r| !r.task.is_finished())

@@ -57,6 +57,10 @@ pub struct DaemonOptions {
     pub alerts: AlertSettings,
 }
 
+/// The answer to a control request that would change something once the stop began.
+const STOPPING: &str = "the daemon is stopping: nothing is changed now (sandboxes stay \
+                        confined by their pinned programs); retry once it runs again";
+
 struct Shared(Mutex<Core>);
 
 impl Shared {
@@ -94,12 +98,11 @@ impl Handler for Shared {
             else {
                 return Response::error("permission denied: only a join of the caller's sandbox");
             };
-            return match self.lock().join_from_inside(
-                &name,
-                &container,
-                &policy_path,
-                &runtime_init,
-            ) {
+            let mut core = self.lock();
+            if core.stopping {
+                return Response::error(STOPPING);
+            }
+            return match core.join_from_inside(&name, &container, &policy_path, &runtime_init) {
                 Ok(m) => Response::ok(m),
                 Err(e) => Response::error(e),
             };
@@ -119,6 +122,16 @@ impl Handler for Shared {
             _ => None,
         };
         let mut core = self.lock();
+        let changes = !matches!(
+            request,
+            Request::Status
+                | Request::CaExport
+                | Request::Credentials
+                | Request::HookRefused { .. }
+        );
+        if core.stopping && changes {
+            return Response::error(STOPPING);
+        }
         let result = match request {
             Request::Attach {
                 cgroup,
@@ -406,6 +419,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         }),
     );
     let mut core = Core {
+        stopping: false,
         saver: Default::default(),
         revocations: Default::default(),
         control_refusals,
@@ -488,14 +502,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     // a `daemon-stop` record with outcome failure), then makes it exit with an error.
     let mut failed: Option<anyhow::Error> = None;
     loop {
-        // While the writer is far behind (a log that blocks), the kernel's events wait in
-        // its ring buffer, which counts what it cannot hold (reported as `events-lost`),
-        // instead of in the daemon's memory without bound.
-        let writer_behind = audit.backlog() >= KERNEL_EVENTS_BACKLOG;
         tokio::select! {
-            batch = events.next_batch(), if !writer_behind => {
+            batch = events.next_batch() => {
                 match batch.context("reading the kernel ring buffer") {
-                    Ok(batch) => record_events(&shared, &clock, batch),
+                    Ok(batch) => record_events(&shared, &clock, batch, audit.backlog() < KERNEL_EVENTS_BACKLOG),
                     Err(e) => {
                         tracing::error!(error = %format!("{e:#}"), "Stopping: kernel events can no longer be read (sandboxes stay confined)");
                         failed = Some(e);
@@ -503,7 +513,6 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                     }
                 }
             }
-            _ = tokio::time::sleep(WRITER_BEHIND_POLL), if writer_behind => {}
             Some(order) = quarantine_orders.recv() => carry_out(&shared, order),
             _ = lost_poll.tick() => {
                 // A wall clock set after the daemon started (time synchronisation at
@@ -523,8 +532,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                 core.check_new_processes();
             }
             _ = heartbeat.tick() => {
-                // Written off the daemon's lock and its runtime's threads (a disk whose
-                // `fsync` stalls holds up only this write), one at a time.
+                // Written off the daemon's lock and its runtime's threads, one at a time:
+                // a disk whose `fsync` stalls holds up this write, and a change saved under
+                // the lock meanwhile (an attach) waits for it, not every heartbeat.
                 if heartbeat_write.as_ref().is_none_or(|w| w.is_finished()) {
                     let (state, number, saver) = {
                         let mut core = shared.lock();
@@ -561,13 +571,14 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     }
 
     tracing::info!("Stopping; sandboxes stay confined (pinned links)");
+    shared.lock().stopping = true;
     let _ = super::notify::notify("STOPPING=1");
     server.abort();
     if let Some(m) = metrics_server {
         m.abort();
     }
     let rest = events.drain_now();
-    record_events(&shared, &clock, rest);
+    record_events(&shared, &clock, rest, true);
     // Alerts raised until now still get the response their records say.
     while let Ok(order) = quarantine_orders.try_recv() {
         carry_out(&shared, order);
@@ -752,15 +763,17 @@ const PROXY_REFUSALS_RECORDED: u32 = 1000;
 /// host); the rest are counted in one `rate-limit` alert.
 const CONTROL_REFUSALS_RECORDED: u32 = 20;
 const PROXY_REFUSAL_WINDOW: Duration = Duration::from_secs(10);
-/// Records queued to the audit writer past which the kernel's events are left in the ring
-/// buffer (its 4 MiB hold about 37,000), and how often that is looked at again.
+/// Records queued to the audit writer past which the kernel's events are counted as lost
+/// instead of queued (a log that blocks must not grow the daemon without bound).
 const KERNEL_EVENTS_BACKLOG: u64 = 65_536;
-const WRITER_BEHIND_POLL: Duration = Duration::from_millis(20);
 /// How long the stop waits for credential revocations under way (each may run a command
 /// or call a store) before it records the rest as not revoked.
 const REVOCATIONS_AT_STOP: Duration = Duration::from_secs(5);
 
-fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) {
+/// Records a batch of kernel events; `keep`: queue them to the writer, else (the writer is
+/// far behind) count them as lost ([`deliver`]). Either way bursts are counted and their
+/// alerts raised.
+fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>, keep: bool) {
     let mut core = shared.lock();
     // Sent to the writer together, as one message: a denial that completes a burst sends
     // the records before it first, then its alert, so records stay in the order of the
@@ -794,7 +807,7 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
                 // that completed it.
                 if ev.verdict == agent_common::verdict::DENY && ev.sandbox_index != 0 {
                     if let Some(alert) = core.denial_burst(ev.sandbox_index, ev.ts_ns) {
-                        core.audit.emit_all(std::mem::take(&mut records));
+                        deliver(&mut core, std::mem::take(&mut records), keep);
                         core.alerts.raise(alert);
                     }
                 }
@@ -824,7 +837,43 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>) 
             }],
         }));
     }
-    core.audit.emit_all(records);
+    deliver(&mut core, records, keep);
+}
+
+/// Queues kernel records to the writer or, while it is far behind (`!keep`), counts the
+/// decisions as lost, by sandbox, in one `events-lost` record: the ring buffer is still
+/// read, so bursts and the quarantines they order go on, and memory stays bounded.
+fn deliver(core: &mut Core, records: Vec<Record>, keep: bool) {
+    if keep {
+        core.audit.emit_all(records);
+        return;
+    }
+    let mut by: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut kept = Vec::new();
+    for record in records {
+        match record {
+            Record::Network(rec) => *by.entry(rec.sandbox).or_default() += 1,
+            other => kept.push(other),
+        }
+    }
+    let count: u64 = by.values().sum();
+    if count > 0 {
+        core.lost_unread += count;
+        tracing::warn!(
+            count,
+            "Audit writer far behind: kernel decisions counted as lost, not queued"
+        );
+        kept.push(Record::EventsLost(EventsLost {
+            time: now(),
+            count,
+            total: core.lost_total(),
+            sandboxes: by
+                .into_iter()
+                .map(|(name, count)| LostBySandbox { name, count })
+                .collect(),
+        }));
+    }
+    core.audit.emit_all(kept);
 }
 
 fn report_lost(shared: &Shared) {

@@ -121,8 +121,8 @@ impl State {
         }
     }
 
-    /// Writes the file (through [`StateSaver`] wherever snapshots can race).
-    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+    /// Writes the file: only [`StateSaver`] does, so that writes never race.
+    fn save(&self, dir: &Path) -> anyhow::Result<()> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
