@@ -373,3 +373,81 @@ fn the_control_socket_refuses_processes_in_sandboxes() -> Result<()> {
     );
     Ok(())
 }
+
+/// Joins a process inside a sandbox asks for and the policy refuses (a loop of them) are
+/// recorded one by one up to the control socket's limit per window, the rest counted in
+/// one `rate-limit` alert: they cannot flood the trail.
+#[test]
+fn refused_joins_from_inside_a_sandbox_are_rate_limited() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    fx.attach(WEB_ORIGIN_DENY)?;
+    let socket = fx.daemon.socket();
+    const JOINS: u64 = 40;
+    // A join of the caller's own sandbox, naming a policy other than the one attached.
+    let request = serde_json::json!({
+        "op": "join",
+        "name": fx.sandbox.label(),
+        "container": "looping",
+        "cgroup": fx.sandbox.cgroup().path(),
+        "policy_path": "another.yaml",
+        "policy_source": "",
+        "netns": "/proc/self/ns/net",
+        "runtime_init": { "pid": 1, "capabilities": [] },
+    })
+    .to_string();
+    let flood = fx.sandbox.run(
+        "python3",
+        &[
+            "-c".as_ref(),
+            "import socket, sys\n\
+             refused = 0\n\
+             for _ in range(int(sys.argv[3])):\n\
+             \x20   s = socket.socket(socket.AF_UNIX)\n\
+             \x20   s.connect(sys.argv[1])\n\
+             \x20   s.sendall(sys.argv[2].encode() + b'\\n')\n\
+             \x20   if b'refused' in s.recv(65536):\n\
+             \x20       refused += 1\n\
+             \x20   s.close()\n\
+             print(refused)"
+                .as_ref(),
+            socket.as_os_str(),
+            request.as_ref(),
+            JOINS.to_string().as_ref(),
+        ],
+    )?;
+    ensure!(
+        flood.status.success()
+            && String::from_utf8_lossy(&flood.stdout).trim() == JOINS.to_string(),
+        "every join was to be refused: {flood:?}"
+    );
+    let mut fx = fx;
+    fx.daemon.terminate(std::time::Duration::from_secs(10))?;
+    let records = fx.daemon.audit_records()?;
+    let mine = |r: &&serde_json::Value| {
+        egress_tests::audit::get_str(r, "egress.sandbox.name") == Some(fx.sandbox.label())
+    };
+    let action = |r: &serde_json::Value, want: &str| {
+        egress_tests::audit::get_str(r, "event.action") == Some(want)
+    };
+    let one_by_one = records
+        .iter()
+        .filter(mine)
+        .filter(|r| action(r, "policy-rejected"))
+        .filter(|r| {
+            egress_tests::audit::get_str(r, "error.message")
+                .is_some_and(|m| m.contains("asked from inside it"))
+        })
+        .count() as u64;
+    let counted: u64 = records
+        .iter()
+        .filter(mine)
+        .filter(|r| action(r, "rate-limit"))
+        .filter_map(|r| get_u64(r, "egress.alert.count"))
+        .sum();
+    ensure!(
+        (1..=20).contains(&one_by_one) && one_by_one + counted == JOINS,
+        "{one_by_one} refusals recorded and {counted} counted for {JOINS}"
+    );
+    Ok(())
+}

@@ -88,7 +88,23 @@ impl Core {
         init: &RuntimeInit,
     ) -> Result<String, String> {
         self.reap_vanished();
+        // A process looping on refused joins must not flood the trail: its refusals are
+        // recorded one by one up to the control socket's limit per window, the rest
+        // counted in a `rate-limit` alert.
+        let over_limit = |core: &mut Self| {
+            (!core.control_refusals.admit(name)).then(|| {
+                format!(
+                    "container {} joining pod sandbox {name:?} (asked from inside it) refused; \
+                     counted, not recorded one by one (over this sandbox's control-socket \
+                     refusals for the window)",
+                    crate::text::sanitize(container, 64)
+                )
+            })
+        };
         let Some(rec) = self.state.sandboxes.get(name) else {
+            if let Some(counted) = over_limit(self) {
+                return Err(counted);
+            }
             let problem = Some("the sandbox is not attached".to_owned());
             return self.judged(
                 name,
@@ -102,6 +118,9 @@ impl Core {
         let (cgroup, attached_policy) = (rec.cgroup.clone(), rec.policy_path.clone());
         let problem = self.join_problem(name, &cgroup, policy_path, init);
         if problem.is_some() {
+            if let Some(counted) = over_limit(self) {
+                return Err(counted);
+            }
             // The runtime's own hook asks only for containers that meet the policy: a
             // refused join from inside the sandbox is something to look at.
             self.alerts.raise(crate::audit::Alert::new(
