@@ -137,6 +137,16 @@ impl Cgroup {
             id: meta.ino(),
         })
     }
+
+    /// Whether a process is in it or below (`populated 1` in `cgroup.events`); `None`
+    /// when that cannot be read.
+    pub fn populated(&self) -> Option<bool> {
+        let events = fs::read_to_string(self.path.join("cgroup.events")).ok()?;
+        events
+            .lines()
+            .find_map(|l| l.strip_prefix("populated "))
+            .map(|v| v.trim() == "1")
+    }
 }
 
 /// Where a cgroup path points: a relative path is under the cgroup2 mount; an absolute

@@ -451,3 +451,75 @@ fn refused_joins_from_inside_a_sandbox_are_rate_limited() -> Result<()> {
     );
     Ok(())
 }
+
+/// A runtime's `poststop` detach (name and cgroup) is for a container that has stopped:
+/// while the sandbox's cgroup still runs processes (a container created again under the
+/// same name and path before the earlier one's hook reached the daemon) it is refused and
+/// the sandbox stays confined; once they are gone it detaches.
+#[test]
+fn a_late_poststop_does_not_detach_a_running_sandbox() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    fx.attach(WEB_ORIGIN_DENY)?;
+    let mut sleeper = fx
+        .sandbox
+        .command_with_timeout(60, "sleep", &["30"])
+        .spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while fx.sandbox.cgroup().pids()?.is_empty() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no process joined the sandbox"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let hook_detach = || -> Result<serde_json::Value> {
+        let request = serde_json::json!({
+            "op": "detach",
+            "name": fx.sandbox.label(),
+            "cgroup": fx.sandbox.cgroup().path(),
+            "reason": "hook",
+        })
+        .to_string();
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import socket, sys\n\
+                 s = socket.socket(socket.AF_UNIX)\n\
+                 s.connect(sys.argv[1])\n\
+                 s.sendall(sys.argv[2].encode() + b'\\n')\n\
+                 print(s.recv(65536).decode())",
+            ])
+            .arg(fx.daemon.socket())
+            .arg(&request)
+            .output()?;
+        serde_json::from_slice(&out.stdout).with_context(|| format!("{out:?}"))
+    };
+    let refused = hook_detach()?;
+    ensure!(
+        refused["ok"] == false
+            && refused["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("still runs processes")),
+        "a poststop detached a sandbox that still runs processes: {refused}"
+    );
+    ensure!(
+        fx.daemon.status_sandbox(fx.sandbox.label())?.is_some(),
+        "the sandbox is gone"
+    );
+    expect::eperm(
+        &fx.sandbox
+            .probe("tcp-connect", IpAddr::V4(CANARY_V4), 9, &[])?,
+    )?;
+    // Its processes gone, the same request detaches it.
+    sleeper.kill()?;
+    sleeper.wait()?;
+    fx.sandbox.cgroup().kill_all()?;
+    let done = hook_detach()?;
+    ensure!(
+        done["ok"] == true,
+        "the poststop of a stopped sandbox: {done}"
+    );
+    ensure!(fx.daemon.status_sandbox(fx.sandbox.label())?.is_none());
+    Ok(())
+}

@@ -1328,6 +1328,24 @@ impl Core {
                         ));
                     }
                 }
+                // A runtime's `poststop` is for a container that has stopped: a sandbox
+                // whose cgroup still runs processes is a later container of the same name
+                // and path (created again before the earlier one's hook reached the
+                // daemon), which must stay confined.
+                if reason == DetachReason::Hook {
+                    let live = Cgroup::open(&rec.cgroup)
+                        .ok()
+                        .filter(|c| c.id == rec.cgroup_id)
+                        .and_then(|c| c.populated());
+                    if live == Some(true) {
+                        tracing::warn!(sandbox = %n, "A runtime's poststop for a sandbox whose cgroup still runs processes; not detached");
+                        return Err(format!(
+                            "sandbox {n:?} still runs processes in cgroup {}: this poststop is \
+                             an earlier container's; not detached",
+                            rec.cgroup.display()
+                        ));
+                    }
+                }
                 let id = rec.cgroup_id;
                 (Some(rec), id)
             }
