@@ -116,10 +116,19 @@ pub fn policy_rejected(
     })?;
     match found {
         Some(r) => Ok(r),
-        None => bail!(
-            "no policy-rejected record saying {words:?}; all records:{}",
-            summarize(&daemon.audit_records().unwrap_or_default())
-        ),
+        None => {
+            let all = daemon.audit_records().unwrap_or_default();
+            let said: Vec<&str> = all
+                .iter()
+                .filter(|r| crate::audit::get_str(r, "event.action") == Some("policy-rejected"))
+                .filter_map(|r| crate::audit::get_str(r, "error.message"))
+                .collect();
+            bail!(
+                "no policy-rejected record saying {words:?}; those there say {said:#?}; all \
+                 records:{}",
+                summarize(&all)
+            )
+        }
     }
 }
 

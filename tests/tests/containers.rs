@@ -65,6 +65,8 @@ fn policy_dir(fx: &Fixture) -> Result<PathBuf> {
     );
     std::fs::write(dir.join("web.yaml"), strict)?;
     std::fs::write(dir.join("passthrough.yaml"), PASSTHROUGH)?;
+    // No requirement at all: a policy a container could bring to loosen another's.
+    std::fs::write(dir.join("open.yaml"), WEB_ORIGIN_DENY)?;
     Ok(dir)
 }
 
@@ -180,7 +182,7 @@ fn runc_hook_confines_from_the_first_instruction() -> Result<()> {
                 ("io.egressd.policy".into(), "web".into()),
                 ("io.egressd.sandbox".into(), victim.into()),
             ],
-            ..spec
+            ..spec.clone()
         },
     )?;
     container::remove_cgroup(&cgroups_path);
@@ -194,6 +196,58 @@ fn runc_hook_confines_from_the_first_instruction() -> Result<()> {
         s.is_some_and(|s| get_u64(&s, "cgroup_id") == Some(fx.sandbox.cgroup().id())),
         "the other sandbox was released"
     );
+
+    // Nor is one placed in the other's cgroup itself (a raw `cgroupsPath`): its hook
+    // would otherwise replace the running sandbox's policy with its own. (A process of
+    // the sandbox, holding no capability the policy could refuse, keeps its cgroup from
+    // being removed by runc's cleanup.)
+    let before = fx.daemon.status_sandbox(victim)?.context("no victim")?;
+    let mut resident = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .args(["sleep", "30"])
+        .spawn()?;
+    fx.sandbox.cgroup().add(resident.id())?;
+    let mount = egress_tests::cgroup::cgroup2_mount()?;
+    let victims_path = format!(
+        "/{}",
+        fx.sandbox.cgroup().path().strip_prefix(&mount)?.display()
+    );
+    let out = runc.run(
+        &image,
+        &unique_name("inside"),
+        &ContainerSpec {
+            args: vec!["echo".into(), "container-ran".into()],
+            cgroups_path: victims_path,
+            annotations: vec![
+                ("io.egressd.policy".into(), "open".into()),
+                ("io.egressd.sandbox".into(), victim.into()),
+            ],
+            ..spec
+        },
+    );
+    let _ = resident.kill();
+    let _ = resident.wait();
+    let out = out?;
+    ensure!(
+        !out.status.success() && !text(&out).contains("container-ran\n"),
+        "a container placed in another sandbox's cgroup ran: {}",
+        text(&out)
+    );
+    let after = fx
+        .daemon
+        .status_sandbox(victim)?
+        .context("the victim was released")?;
+    ensure!(
+        get_str(&after, "policy_digest") == get_str(&before, "policy_digest")
+            && get_str(&after, "policy_digest").is_some(),
+        "the victim's policy changed: {before} -> {after}"
+    );
+    expect::policy_rejected(&fx.daemon, |s| s == victim, &["already attached"])?;
     Ok(())
 }
 

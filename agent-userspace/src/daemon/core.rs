@@ -1026,6 +1026,24 @@ impl Core {
                     old.cgroup.display()
                 ));
             }
+            // A runtime's hook attaches a container that is starting: one that names a
+            // running sandbox and is placed in its cgroup (a raw `cgroupsPath`, a shared
+            // cgroup) would otherwise replace that sandbox's policy with its own.
+            if runtime_init.is_some() {
+                let error = format!(
+                    "sandbox {name:?} is already attached to cgroup {}: a starting \
+                     container's hook does not replace a running sandbox's policy (detach it \
+                     first, or run the hook in pod scope to join it)",
+                    cgroup.path.display()
+                );
+                self.policy_rejected(
+                    name.clone(),
+                    &policy_path,
+                    Some(PolicyDigest::of(source.as_bytes())),
+                    error.clone(),
+                );
+                return Err(error);
+            }
         }
         let posture = match &runtime_init {
             Some(init) => {
