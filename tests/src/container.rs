@@ -154,6 +154,9 @@ pub struct ContainerSpec {
     /// Capabilities added to the runtime's default sets (`CAP_SYS_ADMIN`), as a
     /// `privileged` container or a debug one would hold them.
     pub capabilities: Vec<String>,
+    /// The cgroup hierarchy mounted read-write at `/sys/fs/cgroup` (the runtime's
+    /// default spec mounts it read-only, with no cgroup namespace).
+    pub writable_cgroups: bool,
 }
 
 /// runc with a private state directory.
@@ -214,6 +217,19 @@ impl Runc {
         });
         config["linux"]["namespaces"] = json!(namespaces);
         config["linux"]["cgroupsPath"] = json!(spec.cgroups_path);
+        if spec.writable_cgroups {
+            if let Some(mounts) = config["mounts"].as_array_mut() {
+                for m in mounts
+                    .iter_mut()
+                    .filter(|m| m["destination"] == "/sys/fs/cgroup")
+                {
+                    if let Some(options) = m["options"].as_array_mut() {
+                        options.retain(|o| o != "ro");
+                        options.push(json!("rw"));
+                    }
+                }
+            }
+        }
         for set in ["bounding", "effective", "permitted"] {
             if let Some(list) = config["process"]["capabilities"][set].as_array_mut() {
                 list.extend(spec.capabilities.iter().map(|c| json!(c)));

@@ -138,6 +138,7 @@ fn runc_hook_confines_from_the_first_instruction() -> Result<()> {
         annotations: vec![("io.egressd.policy".into(), "web".into())],
         hooks: Some(hook_setup(&fx.daemon, &policies, 5)),
         capabilities: Vec::new(),
+        writable_cgroups: false,
     };
     let out = runc.run(&image, &id, &spec)?;
     container::remove_cgroup(&cgroups_path);
@@ -227,7 +228,7 @@ fn runc_hook_confines_from_the_first_instruction() -> Result<()> {
                 ("io.egressd.policy".into(), "open".into()),
                 ("io.egressd.sandbox".into(), victim.into()),
             ],
-            ..spec
+            ..spec.clone()
         },
     );
     let _ = resident.kill();
@@ -248,6 +249,32 @@ fn runc_hook_confines_from_the_first_instruction() -> Result<()> {
         "the victim's policy changed: {before} -> {after}"
     );
     expect::policy_rejected(&fx.daemon, |s| s == victim, &["already attached"])?;
+
+    // A container with the cgroup hierarchy writable and no cgroup namespace of its own
+    // (its root could write itself out of the sandbox's cgroup) is not created.
+    let cgroups_path = unique_cgroups_path("cgrw");
+    let out = runc.run(
+        &image,
+        &unique_name("cgrw"),
+        &ContainerSpec {
+            args: vec!["echo".into(), "container-ran".into()],
+            cgroups_path: cgroups_path.clone(),
+            annotations: vec![("io.egressd.policy".into(), "web".into())],
+            writable_cgroups: true,
+            ..spec.clone()
+        },
+    )?;
+    container::remove_cgroup(&cgroups_path);
+    ensure!(
+        !out.status.success() && !text(&out).contains("container-ran\n"),
+        "a container with the cgroup hierarchy writable ran: {}",
+        text(&out)
+    );
+    expect::policy_rejected(
+        &fx.daemon,
+        |n| n.starts_with("oci:"),
+        &["OCI hook refused", "cgroup hierarchy writable"],
+    )?;
     Ok(())
 }
 
@@ -288,6 +315,7 @@ fn runc_container_is_not_created_when_the_daemon_is_slow_or_down() -> Result<()>
             annotations: vec![("io.egressd.policy".into(), "web".into())],
             hooks: Some(slow),
             capabilities: Vec::new(),
+            writable_cgroups: false,
         },
     )?;
     let took = started.elapsed();
@@ -317,6 +345,7 @@ fn runc_container_is_not_created_when_the_daemon_is_slow_or_down() -> Result<()>
             annotations: vec![("io.egressd.policy".into(), "web".into())],
             hooks: Some(hook_setup(&fx.daemon, &policies, 3)),
             capabilities: Vec::new(),
+            writable_cgroups: false,
         },
     )?;
     container::remove_cgroup(&cgroups_path);
@@ -424,6 +453,7 @@ fn twenty_containers_in_a_loop_leave_nothing_behind() -> Result<()> {
         annotations: vec![("io.egressd.policy".into(), "passthrough".into())],
         hooks: Some(hook_setup(&fx.daemon, &policies, 5)),
         capabilities: Vec::new(),
+        writable_cgroups: false,
     };
     let started = Instant::now();
     for i in 0..20 {
@@ -669,6 +699,7 @@ fn pod_scope_confines_every_container_of_a_pod() -> Result<()> {
         annotations: k8s(ns),
         hooks: Some(hooks.clone()),
         capabilities: Vec::new(),
+        writable_cgroups: false,
     };
     let result = (|| -> Result<()> {
         let name = format!("k8s/team/{pod}");
@@ -940,6 +971,7 @@ fn runc_container_uses_the_proxy_with_the_ca_in_its_image() -> Result<()> {
             annotations: vec![("io.egressd.policy".into(), "github".into())],
             hooks: Some(hook_setup(&fx.daemon, dir.path(), 5)),
             capabilities: Vec::new(),
+            writable_cgroups: false,
         },
     )?;
     container::remove_cgroup(&cgroups_path);

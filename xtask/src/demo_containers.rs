@@ -87,7 +87,7 @@ pub fn run() -> anyhow::Result<()> {
             cgroups_path: cgroups_path.clone(),
             annotations: vec![("io.egressd.policy".into(), "web".into())],
             hooks: Some(hooks.clone()),
-            capabilities: Vec::new(),
+            ..ContainerSpec::default()
         },
     )?;
     container::remove_cgroup(&cgroups_path);
@@ -115,7 +115,7 @@ pub fn run() -> anyhow::Result<()> {
                 socket: dir.path().join("no-daemon.sock"),
                 ..hooks.clone()
             }),
-            capabilities: Vec::new(),
+            ..ContainerSpec::default()
         },
     )?;
     container::remove_cgroup(&cgroups_path);

@@ -306,6 +306,15 @@ pub fn plan(
                     )
                 })?;
             let policy_path = policy_file(&opts.policy_dir, &policy)?;
+            if let Some(mount) = config.writable_host_cgroups() {
+                bail!(
+                    "container {} mounts the cgroup hierarchy writable ({mount}) without a \
+                     cgroup namespace of its own: its root could move itself out of the \
+                     sandbox's cgroup; refusing (mount it read-only, or give the container a \
+                     cgroup namespace)",
+                    state.id
+                );
+            }
             let pid = state.pid.filter(|p| *p > 0).with_context(|| {
                 format!(
                     "the OCI state of {} has no pid (run the hook at createRuntime)",
@@ -490,6 +499,61 @@ pub fn container_netns(pid: u32, config: &Config) -> anyhow::Result<PathBuf> {
 #[expect(clippy::unwrap_used, reason = "tests fail loudly on unexpected errors")]
 mod tests {
     use super::*;
+
+    /// A writable cgroup hierarchy with no cgroup namespace lets the container's root
+    /// leave its cgroup: refused; read-only, or with a cgroup namespace, it is not.
+    #[test]
+    fn writable_host_cgroups_are_found() {
+        let config = |namespaces: &[&str], mounts: serde_json::Value| -> Config {
+            let ns: Vec<_> = namespaces
+                .iter()
+                .map(|t| serde_json::json!({ "type": t }))
+                .collect();
+            serde_json::from_value(serde_json::json!({
+                "linux": { "namespaces": ns },
+                "mounts": mounts,
+            }))
+            .unwrap()
+        };
+        let cgroup = |options: &[&str]| {
+            serde_json::json!([{ "destination": "/sys/fs/cgroup", "type": "cgroup",
+                                 "source": "cgroup", "options": options }])
+        };
+        let bind = |source: &str, dest: &str, options: &[&str]| {
+            serde_json::json!([{ "destination": dest, "type": "bind",
+                                 "source": source, "options": options }])
+        };
+        let writable = [
+            config(&["network"], cgroup(&["nosuid", "rw"])),
+            config(
+                &["network"],
+                bind("/sys/fs/cgroup", "/host-cgroups", &["rbind"]),
+            ),
+            config(
+                &["network"],
+                bind("/sys/fs/cgroup/unified", "/x", &["bind", "rw"]),
+            ),
+            config(&["network"], bind("/sys", "/host-sys", &["rbind", "rw"])),
+            config(&["network"], bind("/", "/host", &["rbind"])),
+        ];
+        for c in &writable {
+            assert!(c.writable_host_cgroups().is_some(), "{c:?}");
+        }
+        let safe = [
+            config(&["network"], cgroup(&["nosuid", "ro"])),
+            config(&["network", "cgroup"], cgroup(&["rw"])),
+            config(&["network"], bind("/sys", "/host-sys", &["bind", "rw"])),
+            config(&["network"], bind("/srv/data", "/data", &["rbind", "rw"])),
+            config(
+                &["network"],
+                serde_json::json!([{ "destination": "/sys", "type": "sysfs",
+                                                      "source": "sysfs", "options": ["rw"] }]),
+            ),
+        ];
+        for c in &safe {
+            assert!(c.writable_host_cgroups().is_none(), "{c:?}");
+        }
+    }
 
     fn opts(scope: Scope) -> HookOptions {
         HookOptions {

@@ -32,6 +32,21 @@ pub struct Config {
     pub linux: Option<Linux>,
     #[serde(default)]
     pub process: Option<Process>,
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+}
+
+/// `mounts[]`: what the container sees where.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Mount {
+    #[serde(default)]
+    pub destination: PathBuf,
+    #[serde(default, rename = "type")]
+    pub type_: Option<String>,
+    #[serde(default)]
+    pub source: Option<PathBuf>,
+    #[serde(default)]
+    pub options: Vec<String>,
 }
 
 /// `process`: what the container's first process runs with.
@@ -136,6 +151,39 @@ impl Config {
         names.sort();
         names.dedup();
         names
+    }
+
+    /// A writable mount of the cgroup hierarchy in a container that shares the host's
+    /// cgroup namespace: its root can write a `cgroup.procs` outside its own cgroup and
+    /// leave the sandbox (a cgroup namespace confines such writes to its own subtree).
+    /// Names the mount, if there is one.
+    pub fn writable_host_cgroups(&self) -> Option<String> {
+        let own_cgroupns = self
+            .linux
+            .as_ref()
+            .is_some_and(|l| l.namespaces.iter().any(|n| n.type_ == "cgroup"));
+        if own_cgroupns {
+            return None;
+        }
+        let cgroupfs = std::path::Path::new("/sys/fs/cgroup");
+        self.mounts.iter().find_map(|m| {
+            let read_only = m.options.iter().any(|o| o == "ro");
+            let kind = m.type_.as_deref().unwrap_or("");
+            let recursive = m.options.iter().any(|o| o == "rbind");
+            let source = m.source.as_deref();
+            let exposes = matches!(kind, "cgroup" | "cgroup2")
+                || source.is_some_and(|s| s.starts_with(cgroupfs))
+                || (recursive && source.is_some_and(|s| cgroupfs.starts_with(s)))
+                || (matches!(kind, "bind" | "rbind") && m.destination.starts_with(cgroupfs));
+            (exposes && !read_only).then(|| {
+                format!(
+                    "{} ({}{})",
+                    m.destination.display(),
+                    if kind.is_empty() { "bind" } else { kind },
+                    source.map_or(String::new(), |s| format!(" of {}", s.display()))
+                )
+            })
+        })
     }
 
     pub fn cgroups_path(&self) -> Option<&str> {
