@@ -239,8 +239,10 @@ enum ReadEnd {
     Refuse(Response),
     /// The request is over the size limit: this response, then the rest is drained.
     TooLarge(Response),
-    /// Closed to make room for a newer connection, or the client went away.
+    /// The client went away.
     Drop,
+    /// Closed to make room for a newer connection before its request came.
+    Evicted,
 }
 
 async fn read_request(stream: &mut UnixStream) -> std::io::Result<ReadEnd> {
@@ -286,7 +288,7 @@ async fn connection(
     }
     let end = tokio::select! {
         end = read_request(&mut stream) => end?,
-        () = evict.notified() => ReadEnd::Drop,
+        () = evict.notified() => ReadEnd::Evicted,
     };
     // From here on the connection is busy, not idle: it is never evicted.
     slots
@@ -304,6 +306,19 @@ async fn connection(
     }
     let response = match end {
         ReadEnd::Drop => return Ok(()),
+        // Its client (a runtime's hook, say) gets no answer and cannot record anything:
+        // the daemon does, rate-limited per caller like every refusal.
+        ReadEnd::Evicted => {
+            refused(
+                handler,
+                &caller,
+                "closed before its request came: the control socket was full of idle \
+                 connections and this one was the oldest"
+                    .to_owned(),
+            )
+            .await;
+            return Ok(());
+        }
         ReadEnd::TooLarge(r) => {
             // Take (and discard) the rest for a while, so the client finishes sending
             // and reads this answer instead of failing with a broken pipe.
@@ -340,9 +355,31 @@ async fn connection(
             handle(handler.clone(), req, admission).await
         }
     };
-    tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &response))
-        .await
-        .unwrap_or(Ok(()))
+    let sent = match tokio::time::timeout(WRITE_TIMEOUT, respond(&mut stream, &response)).await {
+        Ok(sent) => sent,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client did not read it",
+        )),
+    };
+    if let Err(e) = &sent {
+        // What was done stands (an attach the client gave up waiting for): the trail
+        // says its caller never heard of it.
+        refused(
+            handler,
+            &caller,
+            format!(
+                "its answer was not delivered ({e}); what it asked for {}",
+                if response.ok {
+                    "was done"
+                } else {
+                    "was refused"
+                }
+            ),
+        )
+        .await;
+    }
+    sent
 }
 
 /// Who is calling, as far as the socket tells.
@@ -471,7 +508,11 @@ mod caller_tests {
         #[derive(Default)]
         struct Refusals(std::sync::Mutex<Vec<(Option<std::path::PathBuf>, String)>>);
         impl super::Handler for Refusals {
-            fn handle(&self, _: super::Request, _: &Admission) -> super::Response {
+            fn handle(&self, req: super::Request, _: &Admission) -> super::Response {
+                if matches!(req, super::Request::CaExport) {
+                    // Slow: its client is gone by the time it answers.
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                }
                 super::Response::ok("handled")
             }
             fn refused(&self, cgroup: Option<&std::path::Path>, why: &str, count: u64) {
@@ -511,6 +552,48 @@ mod caller_tests {
         // This test's own cgroup, read the way the socket reads a caller's.
         let own = crate::cgroup::of_pid(std::process::id()).ok();
         assert_eq!(*cgroup, own);
+
+        // A connection closed to make room before its request came, and an answer its
+        // client did not stay for, are put to the handler too: their clients (a runtime's
+        // hook) could not record them.
+        handler.0.lock().unwrap().clear();
+        let mut idle = Vec::new();
+        for _ in 0..super::MAX_CONNECTIONS + 1 {
+            idle.push(tokio::net::UnixStream::connect(&path).await.unwrap());
+        }
+        let evicted = async {
+            loop {
+                let seen = handler.0.lock().unwrap().clone();
+                if let Some((_, why)) = seen.iter().find(|(_, w)| w.contains("closed before")) {
+                    return why.clone();
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        let why = tokio::time::timeout(std::time::Duration::from_secs(5), evicted)
+            .await
+            .unwrap();
+        assert!(why.contains("full of idle connections"), "{why}");
+        drop(idle);
+        handler.0.lock().unwrap().clear();
+        {
+            let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+            stream.write_all(b"{\"op\":\"ca-export\"}\n").await.unwrap();
+            // Gone before the (slow) answer.
+        }
+        let undelivered = async {
+            loop {
+                let seen = handler.0.lock().unwrap().clone();
+                if let Some((_, why)) = seen.iter().find(|(_, w)| w.contains("not delivered")) {
+                    return why.clone();
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        let why = tokio::time::timeout(std::time::Duration::from_secs(5), undelivered)
+            .await
+            .unwrap();
+        assert!(why.contains("was done"), "{why}");
         server.abort();
     }
 }
