@@ -376,6 +376,86 @@ fn learned_address_expires_after_ttl_and_grace() -> Result<()> {
     resolves_and_reaches_the_origin(&fx, sb)
 }
 
+/// Two names with different rules resolve to one address: each rule lives as long as its
+/// own name's answers, however often the other name is resolved (which used to keep the
+/// first name's rule, and its port, open indefinitely), and a decision's record names the
+/// name whose rule decided it.
+#[test]
+fn a_shared_address_keeps_each_names_rules_for_that_names_answers_only() -> Result<()> {
+    require_dns_tools!();
+    // TTL 1, min_ttl 1, grace 1: an answer's rules live two seconds.
+    let fx = DnsFixture::new(1)?;
+    let policy = format!(
+        "version: 1\ndefault: deny\ndns:\n  upstream: [192.0.2.53]\n  min_ttl: 1\n  grace: 1\n\
+         rules:\n  - name: deep\n    to: [{PYPI_DEEP}]\n    ports: [81]\n    protocol: tcp\n    \
+         action: allow\n  - name: files\n    to: [{PYPI_FILES}]\n    ports: [80]\n    \
+         protocol: tcp\n    action: allow\n"
+    );
+    fx.attach(&fx.sandbox, &policy)?;
+    let sb = &fx.sandbox;
+    let pypi = IpAddr::V4(PYPI_V4);
+    for name in [PYPI_DEEP, PYPI_FILES] {
+        let d = dig(sb, &[name])?;
+        ensure!(
+            d.is("NOERROR") && d.addrs() == vec![pypi],
+            "dig {name}: {}",
+            d.describe()
+        );
+    }
+    let resolved = Instant::now();
+    // Both rules are in force: port 81 is not refused (nothing listens there), 80 serves.
+    let p = sb.probe("tcp-connect", pypi, 81, &[])?;
+    ensure!(
+        !p.is_eperm(),
+        "port 81 refused right after resolving: {p:?}"
+    );
+    expect::probe_ok(&sb.probe("tcp-connect", pypi, 80, &[])?)?;
+    let rec = fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::decision("allow", pypi, 81)
+            .sandbox(sb.label())
+            .rule("deep"),
+    )?;
+    ensure!(
+        get_str(&rec, "destination.domain") == Some(PYPI_DEEP),
+        "the record of a connect rule `deep` allowed names another name: {rec}"
+    );
+    // Only `files` is resolved again, over and over: `deep`'s rule goes all the same.
+    let limit = Duration::from_secs(8);
+    let expired = poll(limit, Duration::from_millis(300), || {
+        let d = dig(sb, &[PYPI_FILES])?;
+        ensure!(d.is("NOERROR"), "dig {PYPI_FILES}: {}", d.describe());
+        let p = sb.probe("tcp-connect", pypi, 81, &[])?;
+        Ok(p.is_eperm().then_some(resolved.elapsed()))
+    })?
+    .with_context(|| {
+        format!(
+            "{pypi}:81 still open {limit:?} after the only answer for {PYPI_DEEP}, while \
+             {PYPI_FILES} was resolved again and again; daemon log:\n{}",
+            fx.daemon_tail(30)
+        )
+    })?;
+    ensure!(
+        expired >= Duration::from_secs(1),
+        "rule `deep` went after {expired:?}, before its answer's TTL"
+    );
+    // `files` keeps its own rule (just resolved), and its record names it.
+    let d = dig(sb, &[PYPI_FILES])?;
+    ensure!(d.is("NOERROR"), "dig {PYPI_FILES}: {}", d.describe());
+    expect::probe_ok(&sb.probe("tcp-connect", pypi, 80, &[])?)?;
+    let rec = fx.daemon.wait_for_match(
+        RECORD_TIMEOUT,
+        &Match::decision("allow", pypi, 80)
+            .sandbox(sb.label())
+            .rule("files"),
+    )?;
+    ensure!(
+        get_str(&rec, "destination.domain") == Some(PYPI_FILES),
+        "{rec}"
+    );
+    Ok(())
+}
+
 /// `API_NAME` resolves to the origin again, curl reaches it, and the connect is
 /// recorded as allowed by rule `api`.
 fn resolves_and_reaches_the_origin(fx: &DnsFixture, sb: &Sandbox) -> Result<()> {

@@ -722,7 +722,8 @@ impl Core {
             // An address another name already holds under a rule that sends it another
             // way (directly, or through the proxy): the kernel could not tell the names'
             // connections apart, so one rule would serve both. First come, first served.
-            let held = known.map(|old| old.rule_ids.as_slice()).unwrap_or_default();
+            let held = known.map(LearnedAddr::rule_ids).unwrap_or_default();
+            let held = held.as_slice();
             let fresh: Vec<u16> = ids_now
                 .iter()
                 .copied()
@@ -739,10 +740,10 @@ impl Core {
                 continue;
             }
             // An address several allowed names resolve to gets all their rules.
-            let mut rule_ids = known.map(|old| old.rule_ids.clone()).unwrap_or_default();
-            for id in ids_now {
-                if !rule_ids.contains(&id) {
-                    rule_ids.push(id);
+            let mut rule_ids = known.map(LearnedAddr::rule_ids).unwrap_or_default();
+            for id in &ids_now {
+                if !rule_ids.contains(id) {
+                    rule_ids.push(*id);
                 }
             }
             rule_ids.sort_unstable();
@@ -777,14 +778,22 @@ impl Core {
                 |d| d.lifetime(ttl),
             );
             let expires = std::time::Instant::now() + lifetime;
-            let expires = known.map_or(expires, |old| old.expires.max(expires));
+            // Each of this name's rules lives as long as its answers say; the others keep
+            // the time their own names' answers gave them.
+            let mut rules = known.map(|old| old.rules.clone()).unwrap_or_default();
+            for id in ids_now {
+                let until = rules
+                    .get(&id)
+                    .map_or(expires, |(_, until)| (*until).max(expires));
+                rules.insert(id, (l.name.clone(), until));
+            }
+            debug_assert_eq!(rules.keys().copied().collect::<Vec<_>>(), rule_ids);
             self.dns.learned.insert(
                 key,
                 LearnedAddr {
                     name: l.name.clone(),
-                    rule_ids,
+                    rules,
                     slot: rec.slot,
-                    expires,
                 },
             );
         }
@@ -820,9 +829,36 @@ impl Core {
     /// rules say about the same address.
     pub fn expire_learned(&mut self) {
         self.clear_retired();
-        for (index, addr, l) in self.dns.expired(std::time::Instant::now()) {
+        let now = std::time::Instant::now();
+        for (index, addr, l) in self.dns.expired(now) {
             let net = host_net(addr);
             let name = self.state.by_index(index).map(|r| r.name.clone());
+            // Some of its rules still in force (another name's answers hold them): the
+            // entry is made again of those alone.
+            let left = l.rule_ids_at(now);
+            let policy = name.as_ref().and_then(|n| self.compiled.get(n)).cloned();
+            if let (false, Some(policy)) = (left.is_empty(), policy) {
+                let rebuilt = policy
+                    .learned_entries(addr, &left)
+                    .map_err(|e| e.to_string())
+                    .and_then(|entries| {
+                        self.maps
+                            .set_prefix(l.slot, net, &entries)
+                            .map_err(|e| e.to_string())
+                    });
+                match rebuilt {
+                    Ok(()) => {
+                        if let Some(entry) = self.dns.learned.get_mut(&(index, addr)) {
+                            entry.rules.retain(|_, (_, until)| *until > now);
+                        }
+                        tracing::debug!(%addr, name = %l.name, "Some rules of a learned address expired");
+                    }
+                    Err(e) => {
+                        tracing::warn!(%addr, error = %e, "Removing the expired rules of a learned address failed")
+                    }
+                }
+                continue;
+            }
             let stat = name
                 .as_ref()
                 .and_then(|n| self.compiled.get(n))

@@ -33,11 +33,33 @@ pub type LearnSink =
 /// One address in a sandbox's kernel rules because an allowed name resolved to it.
 #[derive(Debug, Clone)]
 pub struct LearnedAddr {
+    /// The name whose answer held it last.
     pub name: String,
-    /// Rules of every name that resolved to this address (they all apply).
-    pub rule_ids: Vec<u16>,
+    /// The rules of every name that resolved to it (they all apply), each with the name
+    /// that brought it and until when: a rule goes when the answers of the names that
+    /// carry it run out, however long another name's answers keep the address.
+    pub rules: std::collections::BTreeMap<u16, (String, Instant)>,
     pub slot: u32,
-    pub expires: Instant,
+}
+
+impl LearnedAddr {
+    pub fn rule_ids(&self) -> Vec<u16> {
+        self.rules.keys().copied().collect()
+    }
+
+    /// The rules still in force at `now`.
+    pub fn rule_ids_at(&self, now: Instant) -> Vec<u16> {
+        self.rules
+            .iter()
+            .filter(|(_, (_, until))| *until > now)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The name that brought rule `rule` (the last name asked for another rule).
+    pub fn name_for(&self, rule: u16) -> &str {
+        self.rules.get(&rule).map_or(&self.name, |(n, _)| n)
+    }
 }
 
 struct Server {
@@ -256,18 +278,18 @@ impl DnsRuntime {
         DnsStopped { servers }
     }
 
-    /// The name an address of a sandbox was learned from.
-    pub fn name_of(&self, index: u32, ip: IpAddr) -> Option<&str> {
+    /// The name an address of a sandbox was learned from, for a decision by rule `rule`.
+    pub fn name_of(&self, index: u32, ip: IpAddr, rule: u16) -> Option<&str> {
         self.learned
             .get(&(index, crate::net::judged_as(ip)))
-            .map(|l| l.name.as_str())
+            .map(|l| l.name_for(rule))
     }
 
-    /// Learned entries whose time is up.
+    /// Learned entries of which some rule's time is up.
     pub fn expired(&self, now: Instant) -> Vec<(u32, IpAddr, LearnedAddr)> {
         self.learned
             .iter()
-            .filter(|(_, l)| l.expires <= now)
+            .filter(|(_, l)| l.rules.values().any(|(_, until)| *until <= now))
             .map(|((i, a), l)| (*i, *a, l.clone()))
             .collect()
     }

@@ -789,7 +789,7 @@ fn record_events(shared: &Shared, clock: &ClockOffset, batch: Vec<KernelEvent>, 
                         if rec.hook.has_destination() && rec.hook != Hook::SkbEgress {
                             rec.domain = core
                                 .dns
-                                .name_of(ev.sandbox_index, rec.destination_ip)
+                                .name_of(ev.sandbox_index, rec.destination_ip, ev.rule_id)
                                 .map(str::to_string);
                         }
                         // Only counted here; the alert comes later (`flush_alerts`).
