@@ -12,6 +12,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
+/// `ioctl(2)` request answering the kind of namespace an nsfs file is (`linux/nsfs.h`:
+/// `_IO(0xb7, 0x3)`).
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
 /// Identity of a network namespace: (device, inode) of its nsfs file.
 pub type NetnsId = (u64, u64);
 
@@ -32,8 +36,23 @@ pub struct OpenNetns {
 }
 
 impl OpenNetns {
+    /// Opens `path` without blocking (a FIFO put where a namespace was expected would
+    /// otherwise hold the daemon's open for ever) and checks that it is a network
+    /// namespace.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = File::open(path)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+            .open(path)?;
+        // SAFETY: an ioctl on a descriptor this function owns, with no argument.
+        let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
+        if kind != libc::CLONE_NEWNET {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a network namespace", path.display()),
+            ));
+        }
         let m = file.metadata()?;
         Ok(Self {
             id: (m.dev(), m.ino()),
@@ -298,6 +317,36 @@ pub fn netns_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
+    /// Only a network namespace opens: a FIFO where one was expected fails at once
+    /// (instead of holding the open, and the daemon's lock, until a writer comes), as
+    /// does a plain file or another kind of namespace.
+    #[test]
+    fn only_a_network_namespace_opens() {
+        let own = super::OpenNetns::open(std::path::Path::new("/proc/self/ns/net")).unwrap();
+        assert_eq!(
+            own.id(),
+            super::netns_id(std::path::Path::new("/proc/self/ns/net")).unwrap()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "x").unwrap();
+        for not_netns in [
+            fifo.as_path(),
+            plain.as_path(),
+            "/proc/self/ns/uts".as_ref(),
+        ] {
+            assert!(
+                super::OpenNetns::open(not_netns).is_err(),
+                "{}",
+                not_netns.display()
+            );
+        }
+    }
+
     use super::*;
 
     fn addrs() -> Vec<SocketAddr> {
