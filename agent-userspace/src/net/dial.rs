@@ -6,10 +6,11 @@
 use std::{
     fs::File,
     io,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd, OwnedFd},
     path::Path,
-    sync::{mpsc, Mutex},
+    sync::{mpsc, Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
@@ -88,10 +89,52 @@ fn bind_unspecified(fd: &OwnedFd, v6: bool) -> io::Result<()> {
     }
 }
 
+/// The addresses of the calling thread's network namespace's interfaces.
+pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list this function frees below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut at = head;
+    while !at.is_null() {
+        // SAFETY: `at` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*at };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: `ifa_addr` points at a sockaddr whose family says its real type.
+            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+                libc::AF_INET => {
+                    // SAFETY: an AF_INET address is a sockaddr_in.
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                        sin.sin_addr.s_addr,
+                    ))));
+                }
+                libc::AF_INET6 => {
+                    // SAFETY: an AF_INET6 address is a sockaddr_in6.
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                }
+                _ => {}
+            }
+        }
+        at = ifa.ifa_next;
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// How long a reading of the daemon namespace's own addresses is used.
+const OWN_ADDRESSES_FOR: Duration = Duration::from_secs(1);
+
 /// Creates TCP and UDP sockets in a fixed network namespace, or the current one.
 #[derive(Debug, Default)]
 pub struct Dialer {
     factory: Option<Mutex<mpsc::Sender<(Kind, Reply)>>>,
+    /// The current namespace's own addresses, when last read.
+    own: Mutex<Option<(Instant, Arc<Vec<IpAddr>>)>>,
 }
 
 impl Dialer {
@@ -122,7 +165,34 @@ impl Dialer {
             .map_err(|_| io::Error::other("upstream netns thread died"))??;
         Ok(Self {
             factory: Some(Mutex::new(tx)),
+            own: Mutex::default(),
         })
+    }
+
+    /// Whether `ip` is an address of this host, dialled from the daemon's own network
+    /// namespace: a connection to it arrives over loopback, at services bound to any
+    /// address, whatever a firewall does to traffic from outside. Always false for a
+    /// dialer in an upstream namespace of its own (the operator chose where it dials
+    /// from). Read at most once a second.
+    pub fn is_own_address(&self, ip: IpAddr) -> io::Result<bool> {
+        if self.factory.is_some() {
+            return Ok(false);
+        }
+        let ip = ip.to_canonical();
+        let mut own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = own
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < OWN_ADDRESSES_FOR)
+            .map(|(_, list)| list.clone());
+        let list = match fresh {
+            Some(list) => list,
+            None => {
+                let list = Arc::new(local_addresses()?);
+                *own = Some((Instant::now(), list.clone()));
+                list
+            }
+        };
+        Ok(list.contains(&ip))
     }
 
     /// Connects to `addr` from this dialer's namespace.
@@ -160,5 +230,29 @@ impl Dialer {
             .map_err(|_| io::Error::other("upstream netns thread is gone"))?;
         rx.await
             .map_err(|_| io::Error::other("upstream netns thread is gone"))?
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    /// The daemon namespace's own addresses are found (loopback always is; a mapped form
+    /// counts as its IPv4 address); an address of no interface is not one.
+    #[test]
+    fn own_addresses_are_found() {
+        let all = super::local_addresses().unwrap();
+        assert!(all.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)), "{all:?}");
+        let dialer = super::Dialer::default();
+        assert!(dialer
+            .is_own_address(IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .unwrap());
+        assert!(dialer
+            .is_own_address("::ffff:127.0.0.1".parse().unwrap())
+            .unwrap());
+        let elsewhere: IpAddr = "192.0.2.123".parse().unwrap();
+        assert!(!all.contains(&elsewhere));
+        assert!(!dialer.is_own_address(elsewhere).unwrap());
     }
 }

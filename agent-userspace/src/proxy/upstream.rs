@@ -86,6 +86,26 @@ pub async fn dial(
     dialer: &crate::net::Dialer,
 ) -> Result<TcpStream, ProxyError> {
     let addr = check_dial(dst, route)?;
+    // The host's own addresses are special from where the daemon dials: a name whose
+    // answers the sandbox can choose would otherwise reach the host's own services.
+    let own = dialer
+        .is_own_address(addr.ip())
+        .map_err(|source| ProxyError::UpstreamIo {
+            addr,
+            op: "reading the host's own addresses before connecting",
+            source,
+        })?;
+    if own && !(route.explicitly_covers)(addr.ip()) {
+        return Err(ProxyError::UpstreamRefused {
+            addr,
+            reason: format!(
+                "{} is an address of this host (the proxy dials from the daemon's network \
+                 namespace), not covered explicitly by rule `{}`",
+                addr.ip(),
+                route.rule_name
+            ),
+        });
+    }
     let stream = tokio::time::timeout(connect_timeout, dialer.connect(addr))
         .await
         .map_err(|_| ProxyError::UpstreamTimeout {
