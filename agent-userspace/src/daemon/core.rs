@@ -722,7 +722,9 @@ impl Core {
             // An address another name already holds under a rule that sends it another
             // way (directly, or through the proxy): the kernel could not tell the names'
             // connections apart, so one rule would serve both. First come, first served.
-            let held = known.map(LearnedAddr::rule_ids).unwrap_or_default();
+            // Rules whose answers ran out (not yet swept) hold nothing any more.
+            let now = std::time::Instant::now();
+            let held = known.map(|old| old.rule_ids_at(now)).unwrap_or_default();
             let held = held.as_slice();
             let fresh: Vec<u16> = ids_now
                 .iter()
@@ -740,7 +742,7 @@ impl Core {
                 continue;
             }
             // An address several allowed names resolve to gets all their rules.
-            let mut rule_ids = known.map(LearnedAddr::rule_ids).unwrap_or_default();
+            let mut rule_ids = held.to_vec();
             for id in &ids_now {
                 if !rule_ids.contains(id) {
                     rule_ids.push(*id);
@@ -777,10 +779,11 @@ impl Core {
                 },
                 |d| d.lifetime(ttl),
             );
-            let expires = std::time::Instant::now() + lifetime;
+            let expires = now + lifetime;
             // Each of this name's rules lives as long as its answers say; the others keep
             // the time their own names' answers gave them.
             let mut rules = known.map(|old| old.rules.clone()).unwrap_or_default();
+            rules.retain(|_, (_, until)| *until > now);
             for id in ids_now {
                 let until = rules
                     .get(&id)
@@ -788,12 +791,14 @@ impl Core {
                 rules.insert(id, (l.name.clone(), until));
             }
             debug_assert_eq!(rules.keys().copied().collect::<Vec<_>>(), rule_ids);
+            let expires = known.map_or(expires, |old| old.expires.max(expires));
             self.dns.learned.insert(
                 key,
                 LearnedAddr {
                     name: l.name.clone(),
                     rules,
                     slot: rec.slot,
+                    expires,
                 },
             );
         }
@@ -833,11 +838,11 @@ impl Core {
         for (index, addr, l) in self.dns.expired(now) {
             let net = host_net(addr);
             let name = self.state.by_index(index).map(|r| r.name.clone());
-            // Some of its rules still in force (another name's answers hold them): the
-            // entry is made again of those alone.
+            // Still held by an answer whose rules are not all over: the entry is made
+            // again of the rules still in force (maybe none: its static rules alone).
             let left = l.rule_ids_at(now);
             let policy = name.as_ref().and_then(|n| self.compiled.get(n)).cloned();
-            if let (false, Some(policy)) = (left.is_empty(), policy) {
+            if let (true, Some(policy)) = (l.expires > now, policy) {
                 let rebuilt = policy
                     .learned_entries(addr, &left)
                     .map_err(|e| e.to_string())

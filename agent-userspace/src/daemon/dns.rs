@@ -40,13 +40,12 @@ pub struct LearnedAddr {
     /// carry it run out, however long another name's answers keep the address.
     pub rules: std::collections::BTreeMap<u16, (String, Instant)>,
     pub slot: u32,
+    /// Until when any answer holds the address (an answer may carry no name rule: a
+    /// special address only a static rule names): then it goes whole.
+    pub expires: Instant,
 }
 
 impl LearnedAddr {
-    pub fn rule_ids(&self) -> Vec<u16> {
-        self.rules.keys().copied().collect()
-    }
-
     /// The rules still in force at `now`.
     pub fn rule_ids_at(&self, now: Instant) -> Vec<u16> {
         self.rules
@@ -285,11 +284,11 @@ impl DnsRuntime {
             .map(|l| l.name_for(rule))
     }
 
-    /// Learned entries of which some rule's time is up.
+    /// Learned entries whose time, or some rule's, is up.
     pub fn expired(&self, now: Instant) -> Vec<(u32, IpAddr, LearnedAddr)> {
         self.learned
             .iter()
-            .filter(|(_, l)| l.rules.values().any(|(_, until)| *until <= now))
+            .filter(|(_, l)| l.expires <= now || l.rules.values().any(|(_, until)| *until <= now))
             .map(|((i, a), l)| (*i, *a, l.clone()))
             .collect()
     }

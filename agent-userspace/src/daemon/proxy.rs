@@ -501,6 +501,12 @@ pub(crate) fn route_for(policy: &Arc<Policy>, rule_id: u16) -> Option<Route> {
     let rule = policy.proxy_rule(rule_id)?;
     // A special address is named by the rule's static networks or by its `answers`.
     let mut nets: Vec<IpNet> = rule.nets().to_vec();
+    let hosts: Vec<std::net::IpAddr> = rule
+        .nets()
+        .iter()
+        .filter(|n| n.prefix_len() == n.max_prefix_len())
+        .map(|n| crate::net::judged_as(n.addr()))
+        .collect();
     nets.extend(rule.answers().unwrap_or_default());
     let (p1, p2) = (policy.clone(), policy.clone());
     Some(Route {
@@ -516,6 +522,7 @@ pub(crate) fn route_for(policy: &Arc<Policy>, rule_id: u16) -> Option<Route> {
                 .map_or(Err("rule is gone".into()), |r| r.check_request(m, p))
         }),
         explicitly_covers: Box::new(move |ip| crate::net::explicitly_covers(&nets, ip)),
+        names_exactly: Box::new(move |ip| hosts.contains(&crate::net::judged_as(ip))),
         git: rule.git().cloned(),
     })
 }

@@ -124,6 +124,9 @@ pub struct Route {
     /// Whether dialing this upstream IP is explicitly covered by the rule (for loopback,
     /// link-local, private, metadata addresses).
     pub explicitly_covers: AddressCheck,
+    /// Whether a static network in the rule's `to` is this address alone (`/32`,
+    /// `/128`): what the proxy needs to dial an address of its own host.
+    pub names_exactly: AddressCheck,
     /// The rule's `git:` block: when present, only git smart-HTTP requests of its
     /// repositories pass (after `request_allowed`), and pushes have their ref updates
     /// checked before anything is forwarded.

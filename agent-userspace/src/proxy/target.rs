@@ -303,6 +303,7 @@ rules:
             host_allowed: Box::new(|_| true),
             request_allowed: Box::new(move |m, t| p.proxy_rule(id).unwrap().check_request(m, t)),
             explicitly_covers: Box::new(|_| false),
+            names_exactly: Box::new(|_| false),
             git: rule.git().cloned(),
         }
     }

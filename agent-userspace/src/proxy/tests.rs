@@ -365,6 +365,24 @@ impl Harness {
     }
 }
 
+/// From the daemon's own namespace, an address of the host is dialled only where the
+/// rule names it alone: covering it (a wider network, an `answers` entry) is not enough.
+#[test]
+fn the_hosts_own_address_needs_a_rule_naming_it_alone() {
+    let dialer = crate::net::Dialer::default();
+    let dst = SocketAddr::from(([127, 0, 0, 1], 443));
+    let mut r = route(INTERCEPT);
+    r.explicitly_covers = Box::new(|_| true);
+    r.names_exactly = Box::new(|_| false);
+    let refused = super::upstream::check_dial(dst, &r, &dialer).unwrap_err();
+    assert!(
+        refused.to_string().contains("an address of this host"),
+        "{refused}"
+    );
+    r.names_exactly = Box::new(|ip| ip == IpAddr::from([127, 0, 0, 1]));
+    assert_eq!(super::upstream::check_dial(dst, &r, &dialer).unwrap(), dst);
+}
+
 fn route(spec: Spec) -> Route {
     Route {
         rule_name: "test-rule".to_owned(),
@@ -383,6 +401,9 @@ fn route(spec: Spec) -> Route {
             }
         }),
         explicitly_covers: Box::new(move |ip| {
+            spec.covers_loopback && ip == IpAddr::from([127, 0, 0, 1])
+        }),
+        names_exactly: Box::new(move |ip| {
             spec.covers_loopback && ip == IpAddr::from([127, 0, 0, 1])
         }),
         git: None,

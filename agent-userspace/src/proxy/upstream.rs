@@ -59,9 +59,14 @@ const MAX_KEYS: usize = 1024;
 const MAX_KEYS_PER_SANDBOX: usize = MAX_KEYS / 8;
 const MAX_IDLE_H1_PER_SANDBOX: usize = MAX_IDLE_H1_TOTAL / 8;
 
-/// `dst` in canonical form if `route` may dial it: refuses special addresses the rule
-/// does not cover.
-pub fn check_dial(dst: SocketAddr, route: &Route) -> Result<SocketAddr, ProxyError> {
+/// `dst` in canonical form if `route` may dial it from `dialer`: refuses special
+/// addresses the rule does not cover, and the host's own addresses (from the daemon's own
+/// namespace) the rule does not name exactly.
+pub fn check_dial(
+    dst: SocketAddr,
+    route: &Route,
+    dialer: &crate::net::Dialer,
+) -> Result<SocketAddr, ProxyError> {
     let ip = dst.ip().to_canonical();
     let addr = SocketAddr::new(ip, dst.port());
     if let Some(special) = crate::net::special_address(ip) {
@@ -75,6 +80,25 @@ pub fn check_dial(dst: SocketAddr, route: &Route) -> Result<SocketAddr, ProxyErr
             });
         }
     }
+    // The host's own addresses are special from where the daemon dials: a name whose
+    // answers the sandbox can choose would otherwise reach the host's own services.
+    let own = dialer
+        .is_own_address(ip)
+        .map_err(|source| ProxyError::UpstreamIo {
+            addr,
+            op: "reading the host's own addresses before connecting",
+            source,
+        })?;
+    if own && !(route.names_exactly)(ip) {
+        return Err(ProxyError::UpstreamRefused {
+            addr,
+            reason: format!(
+                "{ip} is an address of this host (the proxy dials from the daemon's network \
+                 namespace), not named alone in the `to` of rule `{}`",
+                route.rule_name
+            ),
+        });
+    }
     Ok(addr)
 }
 
@@ -85,27 +109,7 @@ pub async fn dial(
     connect_timeout: Duration,
     dialer: &crate::net::Dialer,
 ) -> Result<TcpStream, ProxyError> {
-    let addr = check_dial(dst, route)?;
-    // The host's own addresses are special from where the daemon dials: a name whose
-    // answers the sandbox can choose would otherwise reach the host's own services.
-    let own = dialer
-        .is_own_address(addr.ip())
-        .map_err(|source| ProxyError::UpstreamIo {
-            addr,
-            op: "reading the host's own addresses before connecting",
-            source,
-        })?;
-    if own && !(route.explicitly_covers)(addr.ip()) {
-        return Err(ProxyError::UpstreamRefused {
-            addr,
-            reason: format!(
-                "{} is an address of this host (the proxy dials from the daemon's network \
-                 namespace), not covered explicitly by rule `{}`",
-                addr.ip(),
-                route.rule_name
-            ),
-        });
-    }
+    let addr = check_dial(dst, route, dialer)?;
     let stream = tokio::time::timeout(connect_timeout, dialer.connect(addr))
         .await
         .map_err(|_| ProxyError::UpstreamTimeout {
@@ -363,7 +367,7 @@ impl UpstreamPool {
         key: &PoolKey,
         params: &DialParams<'_>,
     ) -> Result<Sender, ProxyError> {
-        check_dial(params.dst, params.route)?;
+        check_dial(params.dst, params.route, params.dialer)?;
         // Set once a wait was in vain (the dial failed or took too long): dial then.
         let mut wait_failed = false;
         loop {

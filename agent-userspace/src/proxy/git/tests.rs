@@ -318,6 +318,7 @@ async fn start_proxy_injecting(
         host_allowed: Box::new(|name| name == HOST),
         request_allowed: Box::new(|_, _| Ok(())),
         explicitly_covers: Box::new(|ip| ip.is_loopback()),
+        names_exactly: Box::new(|ip| ip.is_loopback()),
         git: Some(Arc::new(git_rule)),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
