@@ -218,6 +218,10 @@ impl Runc {
         config["linux"]["namespaces"] = json!(namespaces);
         config["linux"]["cgroupsPath"] = json!(spec.cgroups_path);
         if spec.writable_cgroups {
+            // And no cgroup namespace of its own, whatever the runtime's default spec says.
+            if let Some(ns) = config["linux"]["namespaces"].as_array_mut() {
+                ns.retain(|n| n["type"] != "cgroup");
+            }
             if let Some(mounts) = config["mounts"].as_array_mut() {
                 for m in mounts
                     .iter_mut()

@@ -306,7 +306,18 @@ pub fn plan(
                     )
                 })?;
             let policy_path = policy_file(&opts.policy_dir, &policy)?;
-            if let Some(mount) = config.writable_host_cgroups() {
+            let pid = state.pid.filter(|p| *p > 0).with_context(|| {
+                format!(
+                    "the OCI state of {} has no pid (run the hook at createRuntime)",
+                    state.id
+                )
+            })?;
+            // The namespace the container is in, not the one its config asks for (a
+            // `path` can join the host's).
+            let cgroupns = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+            let own_cgroupns =
+                cgroupns(&format!("/proc/{pid}/ns/cgroup")) != cgroupns("/proc/self/ns/cgroup");
+            if let Some(mount) = config.writable_host_cgroups(own_cgroupns) {
                 bail!(
                     "container {} mounts the cgroup hierarchy writable ({mount}) without a \
                      cgroup namespace of its own: its root could move itself out of the \
@@ -315,12 +326,6 @@ pub fn plan(
                     state.id
                 );
             }
-            let pid = state.pid.filter(|p| *p > 0).with_context(|| {
-                format!(
-                    "the OCI state of {} has no pid (run the hook at createRuntime)",
-                    state.id
-                )
-            })?;
             let cgroup = container_cgroup(pid, config.cgroups_path())?;
             let cgroup = match opts.scope {
                 Scope::Container => cgroup,
@@ -504,16 +509,10 @@ mod tests {
     /// leave its cgroup: refused; read-only, or with a cgroup namespace, it is not.
     #[test]
     fn writable_host_cgroups_are_found() {
-        let config = |namespaces: &[&str], mounts: serde_json::Value| -> Config {
-            let ns: Vec<_> = namespaces
-                .iter()
-                .map(|t| serde_json::json!({ "type": t }))
-                .collect();
-            serde_json::from_value(serde_json::json!({
-                "linux": { "namespaces": ns },
-                "mounts": mounts,
-            }))
-            .unwrap()
+        // The namespaces the container is in: `cgroup` when it has one of its own.
+        let config = |namespaces: &[&str], mounts: serde_json::Value| -> (Config, bool) {
+            let config = serde_json::from_value(serde_json::json!({ "mounts": mounts })).unwrap();
+            (config, namespaces.contains(&"cgroup"))
         };
         let cgroup = |options: &[&str]| {
             serde_json::json!([{ "destination": "/sys/fs/cgroup", "type": "cgroup",
@@ -535,23 +534,29 @@ mod tests {
             ),
             config(&["network"], bind("/sys", "/host-sys", &["rbind", "rw"])),
             config(&["network"], bind("/", "/host", &["rbind"])),
+            // `ro` on a recursive bind leaves the mounts below it writable.
+            config(&["network"], bind("/sys", "/host-sys", &["rbind", "ro"])),
+            // The last of `ro` and `rw` counts.
+            config(&["network"], cgroup(&["ro", "rw"])),
         ];
-        for c in &writable {
-            assert!(c.writable_host_cgroups().is_some(), "{c:?}");
+        for (c, own) in &writable {
+            assert!(c.writable_host_cgroups(*own).is_some(), "{c:?}");
         }
         let safe = [
             config(&["network"], cgroup(&["nosuid", "ro"])),
             config(&["network", "cgroup"], cgroup(&["rw"])),
             config(&["network"], bind("/sys", "/host-sys", &["bind", "rw"])),
             config(&["network"], bind("/srv/data", "/data", &["rbind", "rw"])),
+            config(&["network"], bind("/sys", "/host-sys", &["rbind", "rro"])),
+            config(&["network"], cgroup(&["rw", "ro"])),
             config(
                 &["network"],
                 serde_json::json!([{ "destination": "/sys", "type": "sysfs",
                                                       "source": "sysfs", "options": ["rw"] }]),
             ),
         ];
-        for c in &safe {
-            assert!(c.writable_host_cgroups().is_none(), "{c:?}");
+        for (c, own) in &safe {
+            assert!(c.writable_host_cgroups(*own).is_none(), "{c:?}");
         }
     }
 

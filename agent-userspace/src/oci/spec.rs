@@ -154,22 +154,26 @@ impl Config {
     }
 
     /// A writable mount of the cgroup hierarchy in a container that shares the host's
-    /// cgroup namespace: its root can write a `cgroup.procs` outside its own cgroup and
-    /// leave the sandbox (a cgroup namespace confines such writes to its own subtree).
-    /// Names the mount, if there is one.
-    pub fn writable_host_cgroups(&self) -> Option<String> {
-        let own_cgroupns = self
-            .linux
-            .as_ref()
-            .is_some_and(|l| l.namespaces.iter().any(|n| n.type_ == "cgroup"));
+    /// cgroup namespace (`own_cgroupns`: the hook compares the container's with its own):
+    /// its root can write a `cgroup.procs` outside its own cgroup and leave the sandbox (a
+    /// cgroup namespace confines such writes to its own subtree). Names the mount, if
+    /// there is one. A recursive bind is read-only only with `rro` (`ro` makes its top
+    /// mount read-only, not those below it); of `ro` and `rw`, the last counts.
+    pub fn writable_host_cgroups(&self, own_cgroupns: bool) -> Option<String> {
         if own_cgroupns {
             return None;
         }
         let cgroupfs = std::path::Path::new("/sys/fs/cgroup");
         self.mounts.iter().find_map(|m| {
-            let read_only = m.options.iter().any(|o| o == "ro");
             let kind = m.type_.as_deref().unwrap_or("");
             let recursive = m.options.iter().any(|o| o == "rbind");
+            let last_ro = m
+                .options
+                .iter()
+                .rev()
+                .find(|o| *o == "ro" || *o == "rw")
+                .is_some_and(|o| o == "ro");
+            let read_only = m.options.iter().any(|o| o == "rro") || (last_ro && !recursive);
             let source = m.source.as_deref();
             let exposes = matches!(kind, "cgroup" | "cgroup2")
                 || source.is_some_and(|s| s.starts_with(cgroupfs))
