@@ -507,6 +507,12 @@ fn a_late_poststop_does_not_detach_a_running_sandbox() -> Result<()> {
         fx.daemon.status_sandbox(fx.sandbox.label())?.is_some(),
         "the sandbox is gone"
     );
+    // The refusal is in the trail (the hook records nothing at poststop).
+    expect::policy_rejected(
+        &fx.daemon,
+        |s| s == fx.sandbox.label(),
+        &["poststop", "still runs processes"],
+    )?;
     expect::eperm(
         &fx.sandbox
             .probe("tcp-connect", IpAddr::V4(CANARY_V4), 9, &[])?,

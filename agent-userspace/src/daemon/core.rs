@@ -1392,17 +1392,23 @@ impl Core {
                 // and path (created again before the earlier one's hook reached the
                 // daemon), which must stay confined.
                 if reason == DetachReason::Hook {
-                    let live = Cgroup::open(&rec.cgroup)
-                        .ok()
-                        .filter(|c| c.id == rec.cgroup_id)
-                        .and_then(|c| c.populated());
-                    if live == Some(true) {
-                        tracing::warn!(sandbox = %n, "A runtime's poststop for a sandbox whose cgroup still runs processes; not detached");
-                        return Err(format!(
-                            "sandbox {n:?} still runs processes in cgroup {}: this poststop is \
-                             an earlier container's; not detached",
+                    // What cannot be told counts as running: the sandbox stays confined.
+                    let live = match Cgroup::open(&rec.cgroup) {
+                        Ok(c) if c.id == rec.cgroup_id => c.populated() != Some(false),
+                        // Another cgroup at the path: the sandbox's own is gone.
+                        Ok(_) => false,
+                        Err(e) => !e.is_not_found(),
+                    };
+                    if live {
+                        let error = format!(
+                            "a runtime's poststop asked to detach sandbox {n:?}, whose cgroup \
+                             {} still runs processes (or cannot be read): an earlier \
+                             container's poststop; not detached",
                             rec.cgroup.display()
-                        ));
+                        );
+                        tracing::warn!(sandbox = %n, "{error}");
+                        self.policy_rejected(n.clone(), &rec.policy_path, None, error.clone());
+                        return Err(error);
                     }
                 }
                 let id = rec.cgroup_id;
