@@ -364,11 +364,7 @@ async fn connection(
             }
         }
         ReadEnd::Request(req) => {
-            // A caller inside a sandbox reads its own sandbox's status only.
-            let admission = caller
-                .cgroup()
-                .and_then(|cgroup| handler.status_scope(cgroup))
-                .map_or(Admission::Any, Admission::OwnStatus);
+            let admission = caller.status_admission(handler.as_ref());
             handle(handler.clone(), req, admission).await
         }
     };
@@ -435,6 +431,19 @@ impl Caller {
     fn admission(&self, handler: &dyn Handler, joins: Option<&str>) -> Admission {
         handler.admit(self.cgroup(), joins)
     }
+
+    /// Whose status this caller may read: a caller inside a sandbox its own sandbox's
+    /// only; one that cannot be placed (outside the daemon's cgroup namespace, or gone),
+    /// which may be a sandbox's, no sandbox's; any other every sandbox's.
+    fn status_admission(&self, handler: &dyn Handler) -> Admission {
+        match self.cgroup() {
+            Some(cgroup) => handler
+                .status_scope(cgroup)
+                .map_or(Admission::Any, Admission::OwnStatus),
+            // No sandbox is named "": the daemon's own figures only.
+            None => Admission::OwnStatus(String::new()),
+        }
+    }
 }
 
 /// Runs `req` on the handler (off the async threads).
@@ -487,6 +496,33 @@ mod caller_tests {
         assert_eq!(
             *asked.0.lock().unwrap(),
             [None, Some("/sys/fs/cgroup/a".into())]
+        );
+    }
+
+    /// A caller that cannot be placed reads no sandbox's status; a placed one outside
+    /// every sandbox reads them all, one inside a sandbox its own.
+    #[test]
+    fn status_is_scoped_by_caller() {
+        struct Scoped;
+        impl super::Handler for Scoped {
+            fn handle(&self, _: super::Request, _: &Admission) -> super::Response {
+                super::Response::error("unused")
+            }
+            fn status_scope(&self, cgroup: &std::path::Path) -> Option<String> {
+                cgroup.starts_with("/sb").then(|| "sb".to_owned())
+            }
+        }
+        assert_eq!(
+            Caller::Unknown.status_admission(&Scoped),
+            Admission::OwnStatus(String::new())
+        );
+        assert_eq!(
+            Caller::Cgroup("/host".into()).status_admission(&Scoped),
+            Admission::Any
+        );
+        assert_eq!(
+            Caller::Cgroup("/sb/x".into()).status_admission(&Scoped),
+            Admission::OwnStatus("sb".into())
         );
     }
 
