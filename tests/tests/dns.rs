@@ -456,6 +456,64 @@ fn a_shared_address_keeps_each_names_rules_for_that_names_answers_only() -> Resu
     Ok(())
 }
 
+/// A query sent upstream and not answered when the daemon stops is recorded (the name
+/// left the host) before `daemon-stop`, which stays the trail's last record.
+#[test]
+fn a_query_in_flight_at_the_stop_is_recorded_before_it() -> Result<()> {
+    require_dns_tools!();
+    let mut fx = DnsFixture::new(1)?;
+    // An upstream that takes queries and never answers: the query stays in flight.
+    let silent: IpAddr = "192.0.2.54".parse()?;
+    fx.world.add_host(silent)?;
+    let mut cmd = fx.world.netns().spawn_command(
+        "python3",
+        &[
+            "-c",
+            "import socket, sys, time\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.bind((sys.argv[1], 53))\n\
+             while True:\n    s.recv(4096)\n",
+            &silent.to_string(),
+        ],
+    );
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _silent = egress_tests::util::ChildGuard::new(cmd.spawn()?, "silent upstream");
+    std::thread::sleep(Duration::from_millis(300));
+    let policy = NAMES_POLICY.replace("upstream: [192.0.2.53]", &format!("upstream: [{silent}]"));
+    fx.attach(&fx.sandbox, &policy)?;
+    let mut dig = fx
+        .sandbox
+        .command("dig", &["+time=8", "+tries=1", API_NAME])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(700));
+    fx.daemon.terminate(Duration::from_secs(10))?;
+    let _ = dig.kill();
+    let _ = dig.wait();
+    let records = fx.daemon.audit_records()?;
+    let stop = records
+        .iter()
+        .position(|r| get_str(r, "event.action") == Some("daemon-stop"))
+        .context("no daemon-stop record")?;
+    ensure!(
+        stop == records.len() - 1,
+        "records after daemon-stop:{}",
+        summarize(&records[stop..])
+    );
+    ensure!(
+        records[..stop].iter().any(|r| {
+            get_str(r, "event.action") == Some("dns-query")
+                && get_str(r, "dns.question.name") == Some(API_NAME)
+                && get_str(r, "event.reason").is_some_and(|m| m.contains("resolver stopped"))
+        }),
+        "no record of the query in flight before daemon-stop:{}",
+        summarize(&records)
+    );
+    Ok(())
+}
+
 /// `API_NAME` resolves to the origin again, curl reaches it, and the connect is
 /// recorded as allowed by rule `api`.
 fn resolves_and_reaches_the_origin(fx: &DnsFixture, sb: &Sandbox) -> Result<()> {
