@@ -25,8 +25,8 @@ pub use record::{
     EncodeError, EventsLost, GitAudit, Hook, LostBySandbox, NetworkDecision, PolicyChange,
     PolicyDigest, PolicyRejected, ProxyEvent, ProxyRecord, ProxyVerdict, Quarantine, Record,
     RecordKind, RefUpdate, RefusedAnswer, RefusedOption, RuleRef, SandboxLifecycle,
-    SecretDirection, SecretFinding, SocketFamily, StopReason, TlsMode, Verdict, ECS_VERSION,
-    MAX_LINE, PRODUCT, VERSION,
+    SecretDirection, SecretFinding, SocketFamily, StopReason, TlsMode, Verdict, CLIENT_ABORTED,
+    ECS_VERSION, MAX_LINE, PRODUCT, VERSION,
 };
 pub use redact::{FindSecrets, Redactor};
 pub use writer::{

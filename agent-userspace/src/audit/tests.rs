@@ -264,6 +264,18 @@ fn which_refusals_may_be_summarised() {
     };
     assert!(may(&refused));
     assert!(!may(&proxy_request()), "an allowed request");
+    // One its client gave up on before any response (an HTTP/2 stream reset at once),
+    // and not one answered (its client gone after the status).
+    let abandoned = ProxyRecord {
+        status: None,
+        reason: Some(format!("{CLIENT_ABORTED}: the downstream client went away")),
+        ..proxy_request()
+    };
+    assert!(may(&abandoned));
+    assert!(!may(&ProxyRecord {
+        status: Some(200),
+        ..abandoned.clone()
+    }));
     assert!(!may(&proxy_git_push_refused()));
     let fetch = ProxyRecord {
         path: Some("/acme/other.git/info/refs".into()),

@@ -331,7 +331,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let refusals = Arc::new(RefusalRecords::new(
         PROXY_REFUSALS_RECORDED,
         PROXY_REFUSAL_WINDOW,
-        "proxy refusals",
+        "proxy refusals and requests abandoned before a response",
         Arc::new(move |alert| {
             refusal_alerts.raise(alert);
         }),

@@ -10,8 +10,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Prefix of the reason of every request the client gave up on.
-pub const CLIENT_ABORTED: &str = "client aborted";
+pub use crate::audit::CLIENT_ABORTED;
 
 /// Prefix of the reason of every request the daemon cut short by closing its connection.
 pub const CLOSED_BY_DAEMON: &str = "closed by the daemon (the sandbox was quarantined or \

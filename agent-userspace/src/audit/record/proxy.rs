@@ -285,18 +285,28 @@ impl SecretFinding {
     }
 }
 
+/// Prefix of the reason of every request the client gave up on.
+pub const CLIENT_ABORTED: &str = "client aborted";
+
 impl ProxyRecord {
     /// Whether this record (with `alert`, the one it raises) may be counted rather than
-    /// written once its sandbox is past its refusal limit: a refusal, but never one that
-    /// found a secret, a push's with its ref updates (the evidence of what was asked), or
-    /// a refused dial upstream (an address the rule may not reach). A misplaced
+    /// written once its sandbox is past its refusal limit: a refusal, or a request its
+    /// client gave up on before any response (an HTTP/2 client resetting stream after
+    /// stream could otherwise write records without bound), but never one that found a
+    /// secret, a push's with its ref updates (the evidence of what was asked), or a
+    /// refused dial upstream (an address the rule may not reach). A misplaced
     /// placeholder (not a secret) is limited with its alert: the sandbox could repeat it
     /// at will; so are other git requests (a refused fetch costs nothing to repeat).
     pub fn may_be_summarised(&self, alert: Option<&Alert>) -> bool {
         let placeholder_only = alert.is_none_or(|a| a.kind == AlertKind::PlaceholderMisdirected);
         let push = self.git.as_ref().is_some_and(|g| !g.ref_updates.is_empty());
+        let abandoned = self.status.is_none()
+            && self
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with(CLIENT_ABORTED));
         placeholder_only
-            && self.verdict == ProxyVerdict::Deny
+            && (self.verdict == ProxyVerdict::Deny || abandoned)
             && !push
             && !self
                 .reason
