@@ -465,21 +465,29 @@ fn a_query_in_flight_at_the_stop_is_recorded_before_it() -> Result<()> {
     // An upstream that takes queries and never answers: the query stays in flight.
     let silent: IpAddr = "192.0.2.54".parse()?;
     fx.world.add_host(silent)?;
+    let dir = egress_tests::util::TempDir::new("silent-upstream")?;
+    let (listening, received) = (dir.path().join("listening"), dir.path().join("received"));
     let mut cmd = fx.world.netns().spawn_command(
         "python3",
         &[
             "-c",
-            "import socket, sys, time\n\
+            "import socket, sys\n\
              s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
              s.bind((sys.argv[1], 53))\n\
-             while True:\n    s.recv(4096)\n",
+             open(sys.argv[2], 'w').close()\n\
+             while True:\n    s.recv(4096)\n    open(sys.argv[3], 'w').close()\n",
             &silent.to_string(),
+            &listening.display().to_string(),
+            &received.display().to_string(),
         ],
     );
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let _silent = egress_tests::util::ChildGuard::new(cmd.spawn()?, "silent upstream");
-    std::thread::sleep(Duration::from_millis(300));
+    poll(Duration::from_secs(10), Duration::from_millis(20), || {
+        Ok(listening.exists().then_some(()))
+    })?
+    .context("the silent upstream did not listen")?;
     let policy = NAMES_POLICY.replace("upstream: [192.0.2.53]", &format!("upstream: [{silent}]"));
     fx.attach(&fx.sandbox, &policy)?;
     let mut dig = fx
@@ -488,7 +496,11 @@ fn a_query_in_flight_at_the_stop_is_recorded_before_it() -> Result<()> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
-    std::thread::sleep(Duration::from_millis(700));
+    // In flight once the upstream has it.
+    poll(Duration::from_secs(10), Duration::from_millis(20), || {
+        Ok(received.exists().then_some(()))
+    })?
+    .context("the query never reached the upstream")?;
     fx.daemon.terminate(Duration::from_secs(10))?;
     let _ = dig.kill();
     let _ = dig.wait();

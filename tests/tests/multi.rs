@@ -521,6 +521,18 @@ fn a_late_poststop_does_not_detach_a_running_sandbox() -> Result<()> {
     sleeper.kill()?;
     sleeper.wait()?;
     fx.sandbox.cgroup().kill_all()?;
+    // Empty once the last process has finished exiting, a moment after it left the list.
+    let events = fx.sandbox.cgroup().path().join("cgroup.events");
+    egress_tests::util::poll(
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_millis(20),
+        || {
+            Ok(std::fs::read_to_string(&events)?
+                .contains("populated 0")
+                .then_some(()))
+        },
+    )?
+    .context("the sandbox's cgroup stayed populated")?;
     let done = hook_detach()?;
     ensure!(
         done["ok"] == true,

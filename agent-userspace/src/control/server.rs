@@ -117,8 +117,16 @@ pub async fn serve(listener: UnixListener, handler: Arc<dyn Handler>) {
     let slots = Arc::new(Mutex::new(Slots::default()));
     let busy = Arc::new(BusyRefusals::default());
     let evicted = Arc::new(BusyRefusals::default());
+    // Every connection's task (and every busy refusal's) ends with this one: aborted at
+    // the daemon's stop, none goes on with the daemon's state (and its audit trail)
+    // after the stop is recorded.
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        match accepted {
             Ok((stream, _)) => {
                 let (id, evict) = {
                     let mut s = slots.lock().unwrap_or_else(|p| p.into_inner());
@@ -127,7 +135,7 @@ pub async fn serve(listener: UnixListener, handler: Arc<dyn Handler>) {
                             Some((_, oldest)) => oldest.notify_one(),
                             None => {
                                 drop(s);
-                                tokio::spawn(refuse_busy(stream, handler.clone(), busy.clone()));
+                                tasks.spawn(refuse_busy(stream, handler.clone(), busy.clone()));
                                 continue;
                             }
                         }
@@ -142,7 +150,7 @@ pub async fn serve(listener: UnixListener, handler: Arc<dyn Handler>) {
                 let handler = handler.clone();
                 let slots = slots.clone();
                 let evicted = evicted.clone();
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     if let Err(e) = connection(stream, handler, &slots, id, evict, evicted).await {
                         tracing::debug!(error = %e, "Control connection ended with an error");
                     }
@@ -326,14 +334,13 @@ async fn connection(
         // Its client (a runtime's hook, say) gets no answer and cannot record anything:
         // the daemon does, rate-limited per caller like every refusal.
         ReadEnd::Evicted => {
-            // Its slot goes at once; the report, counted per caller, comes after.
+            // Closed at once; the report, counted per caller (one task reports for all
+            // counted meanwhile, the others return at once), comes after.
             drop(stream);
             let cgroup = caller.cgroup().map(Path::to_path_buf);
-            tokio::spawn(async move {
-                let why = "closed before its request came: the control socket was full of \
-                           idle connections and this one was the oldest";
-                count_and_report(&evicted, &handler, cgroup, why).await;
-            });
+            let why = "closed before its request came: the control socket was full of idle \
+                       connections and this one was the oldest";
+            count_and_report(&evicted, &handler, cgroup, why).await;
             return Ok(());
         }
         ReadEnd::TooLarge(r) => {

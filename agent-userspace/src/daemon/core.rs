@@ -1394,7 +1394,11 @@ impl Core {
                 if reason == DetachReason::Hook {
                     // What cannot be told counts as running: the sandbox stays confined.
                     let live = match Cgroup::open(&rec.cgroup) {
-                        Ok(c) if c.id == rec.cgroup_id => c.populated() != Some(false),
+                        // Unreadable: gone meanwhile (removed between the open and the
+                        // read) is not running; anything else is.
+                        Ok(c) if c.id == rec.cgroup_id => {
+                            c.populated().unwrap_or_else(|| c.path.exists())
+                        }
                         // Another cgroup at the path: the sandbox's own is gone.
                         Ok(_) => false,
                         Err(e) => !e.is_not_found(),

@@ -61,6 +61,17 @@ impl LearnedAddr {
     }
 }
 
+impl Server {
+    /// Stops its tasks, and raises the budget window it has open (its timer holds the
+    /// alert sink weakly, so it would not).
+    fn stop(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        dns::raise_budget_alert(&self.budget, &self.alert, self.sandbox);
+    }
+}
+
 struct Server {
     tasks: Vec<tokio::task::AbortHandle>,
     /// The sandbox its records name and the network namespace it listens in: a resolver
@@ -164,9 +175,7 @@ impl DnsRuntime {
         // of another sandbox given the index, or in another namespace (a re-attach with
         // another `--netns`).
         if let Some(server) = self.servers.remove(&index) {
-            for t in server.tasks {
-                t.abort();
-            }
+            server.stop();
         }
         let port = self.port_for(index);
         let addrs = vec![
@@ -250,9 +259,7 @@ impl DnsRuntime {
     /// kernel entries with the policy slot).
     pub fn stop(&mut self, index: u32) {
         if let Some(server) = self.servers.remove(&index) {
-            for t in server.tasks {
-                t.abort();
-            }
+            server.stop();
         }
         self.learned.retain(|(i, _), _| *i != index);
     }

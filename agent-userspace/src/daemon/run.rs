@@ -100,6 +100,8 @@ impl Handler for Shared {
             };
             let mut core = self.lock();
             if core.stopping {
+                // The hook records nothing the daemon refused: the daemon does.
+                core.policy_rejected(name, &policy_path, None, STOPPING.to_owned());
                 return Response::error(STOPPING);
             }
             return match core.join_from_inside(&name, &container, &policy_path, &runtime_init) {
@@ -130,6 +132,19 @@ impl Handler for Shared {
                 | Request::HookRefused { .. }
         );
         if core.stopping && changes {
+            // An attach or join refused so (a runtime's hook, which records nothing the
+            // daemon refused) is recorded.
+            if let Request::Attach {
+                name: Some(name),
+                policy_path,
+                ..
+            }
+            | Request::Join {
+                name, policy_path, ..
+            } = &request
+            {
+                core.policy_rejected(name.clone(), policy_path, None, STOPPING.to_owned());
+            }
             return Response::error(STOPPING);
         }
         let result = match request {
@@ -621,10 +636,18 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             "Credential revocations cut short by the stop (recorded as not revoked)"
         );
     }
-    let (mut stopped_state, saver) = {
+    {
         let mut core = shared.lock();
         core.control_refusals.flush();
         core.flush_alerts();
+    }
+    // The alerts raised since the orders were last read (the refusals and windows
+    // flushed above) still get the response their records say.
+    while let Ok(order) = quarantine_orders.try_recv() {
+        carry_out(&shared, order);
+    }
+    let (mut stopped_state, saver) = {
+        let mut core = shared.lock();
         core.audit.emit(Record::DaemonStop(DaemonStop {
             time: now(),
             pid: std::process::id(),

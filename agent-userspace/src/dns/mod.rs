@@ -718,10 +718,19 @@ fn spend_budget(
         return Ok(());
     };
     if budget.refused(now, &over) {
-        let (state, alert, sandbox) = (ctx.budget.clone(), ctx.alert.clone(), ctx.sandbox.clone());
+        // The timer holds the alert sink weakly: a resolver stopped meanwhile raised the
+        // window's alert itself, and the sink (the audit trail behind it) is not kept
+        // alive past the stop by a timer.
+        let (state, alert, sandbox) = (
+            ctx.budget.clone(),
+            Arc::downgrade(&ctx.alert),
+            ctx.sandbox.clone(),
+        );
         tokio::spawn(async move {
             tokio::time::sleep(ALERT_WINDOW).await;
-            raise_budget_alert(&state, &alert, sandbox);
+            if let Some(alert) = alert.upgrade() {
+                raise_budget_alert(&state, &alert, sandbox);
+            }
         });
     }
     Err(over.reason())

@@ -151,7 +151,7 @@ impl Collector for ScrapeCollector {
             counter(
                 &mut encoder,
                 "kernel_events_lost",
-                "Kernel decision events that did not fit in the ring buffer (each is also reported in an events-lost audit record)",
+                "Kernel decision events not recorded one by one: they did not fit in the ring buffer, could not be decoded, or came while the audit writer was far behind (each is reported in an events-lost audit record)",
                 lost,
             )?;
         }

@@ -538,6 +538,15 @@ mod tests {
             config(&["network"], bind("/sys", "/host-sys", &["rbind", "ro"])),
             // The last of `ro` and `rw` counts.
             config(&["network"], cgroup(&["ro", "rw"])),
+            // The source as the host resolves it.
+            config(
+                &["network"],
+                bind("/proc/self/root/sys/fs/cgroup", "/c", &["bind"]),
+            ),
+            config(
+                &["network"],
+                bind("/sys/../sys/fs/cgroup", "/c", &["bind", "rw"]),
+            ),
         ];
         for (c, own) in &writable {
             assert!(c.writable_host_cgroups(*own).is_some(), "{c:?}");

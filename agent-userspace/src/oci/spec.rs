@@ -174,7 +174,12 @@ impl Config {
                 .find(|o| *o == "ro" || *o == "rw")
                 .is_some_and(|o| o == "ro");
             let read_only = m.options.iter().any(|o| o == "rro") || (last_ro && !recursive);
-            let source = m.source.as_deref();
+            // As the host resolves it (`/proc/1/root/...`, `..`, a symlink).
+            let resolved = m
+                .source
+                .as_deref()
+                .map(|s| std::fs::canonicalize(s).unwrap_or_else(|_| s.to_path_buf()));
+            let source = resolved.as_deref();
             let exposes = matches!(kind, "cgroup" | "cgroup2")
                 || source.is_some_and(|s| s.starts_with(cgroupfs))
                 || (recursive && source.is_some_and(|s| cgroupfs.starts_with(s)))
