@@ -439,6 +439,12 @@ impl InFlight {
         self.permit = requests.clone().try_acquire_owned().ok();
         self.permit.is_some()
     }
+
+    /// The request's permit, for work that outlives its answer (the drain of a refused
+    /// upload): it stays counted among the sandbox's requests until that work ends.
+    pub fn take_permit(&mut self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.permit.take()
+    }
 }
 
 impl Drop for InFlight {

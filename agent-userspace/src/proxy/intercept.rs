@@ -657,7 +657,13 @@ impl ConnCtx {
                         } else {
                             DrainBound::UPLOAD
                         };
-                        tokio::spawn(drain(body, body_end, bound));
+                        // Counted among the sandbox's requests until it ends: a client
+                        // cannot keep refused uploads streaming beyond its share.
+                        let permit = finish.in_flight.take_permit();
+                        tokio::spawn(async move {
+                            let _permit = permit;
+                            drain(body, body_end, bound).await;
+                        });
                     }
                     _ => {}
                 }

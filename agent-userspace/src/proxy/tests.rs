@@ -1611,6 +1611,76 @@ async fn busy_http2_upstream_connections_get_company() {
     .await;
 }
 
+/// A refused upload still streaming in (its body drained after the answer) keeps its
+/// turn among the sandbox's requests until the drain ends: refused uploads cannot be held
+/// open beyond the sandbox's share.
+#[tokio::test]
+async fn a_refused_upload_being_drained_keeps_its_turn() {
+    within(async {
+        let origin = start_origin(true).await;
+        let config = ProxyConfig {
+            max_requests_per_sandbox: 2,
+            ..ProxyConfig::default()
+        };
+        let mut h =
+            start_proxy_with(origin.addr, &origin.ca_pem, config, |_| ("sbx", INTERCEPT)).await;
+        let tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"h2"])
+            .await
+            .unwrap();
+        let (client, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut senders = Vec::new();
+        for i in 0..2 {
+            let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(8);
+            tx.send_data(Bytes::from_static(b"part")).await.unwrap();
+            let req = Request::builder()
+                .method(Method::POST)
+                .uri(format!("https://{NAME}/forbidden/{i}"))
+                .body(body.boxed())
+                .unwrap();
+            let response = client.clone().send_request(req).await.unwrap();
+            assert_eq!(response.status(), StatusCode::FORBIDDEN);
+            assert_eq!(h.record().await.status, Some(403));
+            // The upload goes on: its body is being drained.
+            senders.push(tx);
+        }
+        let get = |i: usize| {
+            let req = Request::builder()
+                .uri(format!("https://{NAME}/after/{i}"))
+                .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+                .unwrap();
+            client.clone().send_request(req)
+        };
+        let refused = get(0).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let record = h.record().await;
+        assert!(
+            record
+                .reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("proxy.max_requests_per_sandbox"),
+            "{record:?}"
+        );
+        // The uploads end: their drains end, their turns come back.
+        drop(senders);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let response = get(1).await.unwrap();
+            let status = response.status();
+            h.record().await;
+            if status == StatusCode::OK {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{status}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_sandboxs_requests_in_flight_are_bounded_over_its_connections() {
     within(async {
