@@ -57,6 +57,9 @@ pub struct Arrival {
 }
 
 pub struct Core {
+    /// Runtime detaches refused while the sandbox's cgroup ran processes, by sandbox name,
+    /// with the cgroup they were for: carried out once it runs none.
+    pub poststops_waiting: std::collections::HashMap<String, u64>,
     /// The daemon is stopping: control requests that would change anything are refused
     /// (their records would follow `daemon-stop`).
     pub stopping: bool,
@@ -805,6 +808,39 @@ impl Core {
         Ok(refused)
     }
 
+    /// Carries out the runtime detaches refused while their sandbox's cgroup ran processes
+    /// ([`Core::detach`]), once it runs none (or is gone); forgets those whose sandbox
+    /// went or now confines another cgroup.
+    pub fn detach_stopped(&mut self) {
+        let waiting: Vec<(String, u64)> = self.poststops_waiting.drain().collect();
+        for (name, cgroup_id) in waiting {
+            let Some(rec) = self.state.sandboxes.get(&name) else {
+                continue;
+            };
+            if rec.cgroup_id != cgroup_id {
+                continue;
+            }
+            let running = match Cgroup::open(&rec.cgroup) {
+                Ok(c) if c.id == cgroup_id => c.populated().unwrap_or(true),
+                Ok(_) => false,
+                Err(e) => !e.is_not_found(),
+            };
+            if running {
+                self.poststops_waiting.insert(name, cgroup_id);
+                continue;
+            }
+            let cgroup = rec.cgroup.clone();
+            match self.detach(Some(name.clone()), Some(cgroup), DetachReason::Hook) {
+                Ok(_) => {
+                    tracing::info!(sandbox = %name, "A runtime's poststop carried out once its cgroup ran nothing")
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %name, error = %e, "Carrying out a runtime's poststop failed")
+                }
+            }
+        }
+    }
+
     /// Detaches sandboxes whose cgroup directory is gone (the container was removed
     /// without `detach`), so their index, slot, links and resolver are freed.
     pub fn reap_vanished(&mut self) {
@@ -1407,11 +1443,15 @@ impl Core {
                         let error = format!(
                             "a runtime's poststop asked to detach sandbox {n:?}, whose cgroup \
                              {} still runs processes (or cannot be read): an earlier \
-                             container's poststop; not detached",
+                             container's poststop; not detached now (it is once the cgroup \
+                             runs none)",
                             rec.cgroup.display()
                         );
                         tracing::warn!(sandbox = %n, "{error}");
                         self.policy_rejected(n.clone(), &rec.policy_path, None, error.clone());
+                        // Kept: once the cgroup runs nothing, the container has stopped
+                        // too, and the detach it asked for is carried out then.
+                        self.poststops_waiting.insert(n.clone(), rec.cgroup_id);
                         return Err(error);
                     }
                 }

@@ -434,6 +434,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         }),
     );
     let mut core = Core {
+        poststops_waiting: Default::default(),
         stopping: false,
         saver: Default::default(),
         revocations: Default::default(),
@@ -544,6 +545,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                 core.flush_alerts();
                 core.expire_learned();
                 core.reap_vanished();
+                core.detach_stopped();
                 core.check_new_processes();
             }
             _ = heartbeat.tick() => {
