@@ -517,15 +517,19 @@ pub struct RecordedBody {
     finish: Option<Box<Finish>>,
     /// The proxy ended the body itself (it could no longer scrub it): recorded as a deny.
     cut: bool,
+    /// How long what it gave the connection has gone untaken (an upstream response's).
+    handed: Option<Arc<super::io::Handed>>,
 }
 
 impl RecordedBody {
-    pub fn upstream(body: ResponseBody, finish: Finish) -> Self {
+    /// The upstream's response, `handed` from when its head goes to the connection.
+    pub fn upstream(body: ResponseBody, finish: Finish, handed: Arc<super::io::Handed>) -> Self {
         Self {
             inner: Inner::Upstream(body),
             bytes_out: 0,
             finish: Some(Box::new(finish)),
             cut: false,
+            handed: Some(handed),
         }
     }
 
@@ -535,6 +539,7 @@ impl RecordedBody {
             bytes_out: 0,
             finish: Some(Box::new(finish)),
             cut: false,
+            handed: None,
         }
     }
 
@@ -612,7 +617,13 @@ impl Body for RecordedBody {
         let this = self.get_mut();
         let poll = match &mut this.inner {
             Inner::Upstream(body) => match Pin::new(body).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // Waiting on the upstream, not on the client.
+                    if let Some(h) = &this.handed {
+                        h.waiting();
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Some(Ok(frame))) => Some(Ok(frame)),
                 Poll::Ready(Some(Err(e))) => Some(Err(e)),
                 Poll::Ready(None) => None,
@@ -626,6 +637,9 @@ impl Body for RecordedBody {
                 }
                 if this.inner_ended() {
                     this.complete(true, None);
+                    this.handed = None;
+                } else if let Some(h) = &this.handed {
+                    h.handed();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -638,10 +652,12 @@ impl Body for RecordedBody {
                     None => format!("upstream server: response body failed: {e}"),
                 };
                 this.complete(false, Some(reason));
+                this.handed = None;
                 Poll::Ready(Some(Err(e)))
             }
             None => {
                 this.complete(true, None);
+                this.handed = None;
                 Poll::Ready(None)
             }
         }

@@ -207,6 +207,7 @@ fn serve(
         target: target(&sni, Some(conn.original_dst.port())),
         sni: sni.clone(),
         in_flight: in_flight.clone(),
+        activity: activity.clone(),
     });
     // Requests given to the handler, and refusals recorded below it: a connection that
     // ends with neither still gets a record.
@@ -467,6 +468,8 @@ struct ConnCtx {
     /// the port the connection was made to (whatever port the request named).
     target: Option<(Authority, HeaderValue)>,
     in_flight: Arc<AtomicUsize>,
+    /// The connection's byte and response clocks.
+    activity: Arc<Activity>,
     /// An HTTP/1 connection's header clock, told when each request's body has ended.
     head_clock: Option<Arc<HeadClock>>,
 }
@@ -637,7 +640,8 @@ impl ConnCtx {
                 parts.version = Version::HTTP_11;
                 finish.record.status = Some(parts.status.as_u16());
                 finish.on_complete = on_complete;
-                Response::from_parts(parts, RecordedBody::upstream(body, finish))
+                let handed = self.activity.response();
+                Response::from_parts(parts, RecordedBody::upstream(body, finish, handed))
             }
             Err(refusal) => {
                 // A body already read from (a push's commands) has had its `100 Continue`.

@@ -140,6 +140,47 @@ pub struct Activity {
     /// 1 + the millisecond (since `origin`) a write began to wait for the peer to read,
     /// while it waits; 0 otherwise.
     blocked_ms: AtomicU64,
+    /// The responses being sent on the connection, each with when it last gave the
+    /// connection something to send that was not taken since ([`Handed`]).
+    responses: std::sync::Mutex<Vec<std::sync::Weak<Handed>>>,
+}
+
+/// One response's clock: 1 + the millisecond (since the connection's origin) it last gave
+/// the connection a frame (or its head) that the connection has not come back for since;
+/// 0 while it waits on its upstream, or is over. An HTTP/2 client that never opens its
+/// receive window leaves it running (no socket write ever waits, so the write clock does
+/// not).
+#[derive(Debug)]
+pub struct Handed {
+    origin: Instant,
+    since_ms: AtomicU64,
+}
+
+impl Handed {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+    }
+
+    /// A frame went to the connection: from now, until it comes back for more.
+    pub fn handed(&self) {
+        self.since_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// The connection came back and the response waits on its upstream (or is over).
+    pub fn waiting(&self) {
+        if self.since_ms.load(Ordering::Relaxed) != 0 {
+            self.since_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn untaken_for(&self) -> Option<Duration> {
+        match self.since_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(self.now_ms().saturating_sub(since))),
+        }
+    }
 }
 
 impl Activity {
@@ -150,7 +191,31 @@ impl Activity {
             read: AtomicU64::new(0),
             written: AtomicU64::new(0),
             blocked_ms: AtomicU64::new(0),
+            responses: std::sync::Mutex::default(),
         })
+    }
+
+    /// A clock for a response whose head goes to the connection now (handed from now).
+    pub fn response(&self) -> Arc<Handed> {
+        let clock = Arc::new(Handed {
+            origin: self.origin,
+            since_ms: AtomicU64::new(0),
+        });
+        clock.handed();
+        let mut responses = self.responses.lock().unwrap_or_else(|p| p.into_inner());
+        responses.retain(|r| r.strong_count() > 0);
+        responses.push(Arc::downgrade(&clock));
+        clock
+    }
+
+    /// The longest a response of the connection has waited for it to take what it gave.
+    pub fn response_untaken_for(&self) -> Option<Duration> {
+        let responses = self.responses.lock().unwrap_or_else(|p| p.into_inner());
+        responses
+            .iter()
+            .filter_map(|r| r.upgrade())
+            .filter_map(|r| r.untaken_for())
+            .max()
     }
 
     fn now_ms(&self) -> u64 {
@@ -324,10 +389,8 @@ pub const STALL_FACTOR: u32 = 5;
 /// request waiting on its upstream) is otherwise never idle.
 pub async fn idle_watch(activity: &Activity, idle: Duration, busy: impl Fn() -> bool) -> Idle {
     loop {
-        if activity
-            .write_blocked_for()
-            .is_some_and(|waited| waited >= idle * STALL_FACTOR)
-        {
+        let stalled = |waited: Option<Duration>| waited.is_some_and(|w| w >= idle * STALL_FACTOR);
+        if stalled(activity.write_blocked_for()) || stalled(activity.response_untaken_for()) {
             return Idle::Stalled;
         }
         let quiet = activity.idle_for();

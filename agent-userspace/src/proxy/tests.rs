@@ -2438,6 +2438,55 @@ async fn a_response_the_client_never_reads_is_cut_after_idle_secs() {
     .await;
 }
 
+/// The same over HTTP/2 from a client that never opens its receive window: no socket
+/// write ever waits (nothing may be sent), but the response it was given goes untaken,
+/// and is cut after five times `idle_secs` too (it held its upstream stream, buffers and
+/// request turn).
+#[tokio::test]
+async fn an_http2_response_behind_a_closed_window_is_cut_after_idle_secs() {
+    within(async {
+        let origin = start_origin(true).await;
+        let mut h = start_timed_proxy(&origin, 1, 1).await;
+        let tls = tls_connect(h.addr, NAME, &h.ca_pem, &[b"h2"])
+            .await
+            .unwrap();
+        let (client, conn) = http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri(format!("https://{NAME}/big"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let asked = tokio::time::Instant::now();
+        let response = client.clone().send_request(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let stalled = loop {
+            let record = tokio::time::timeout(Duration::from_secs(15), h.records.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if record
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("read nothing of what the proxy sent"))
+            {
+                break record;
+            }
+        };
+        let after = asked.elapsed();
+        assert!(
+            after >= Duration::from_secs(5) && after < Duration::from_secs(15),
+            "{after:?}"
+        );
+        assert_eq!(stalled.verdict, Verdict::Deny);
+        drop(response);
+    })
+    .await;
+}
+
 /// HTTP/2's header timer: a header block begun and never finished (CONTINUATION frames
 /// without END_HEADERS, then silence) is cut after `header_secs` and recorded; a whole request
 /// on another connection is answered, and an idle HTTP/2 connection outlives
