@@ -346,25 +346,9 @@ fn the_control_socket_refuses_processes_in_sandboxes() -> Result<()> {
     )?;
     ensure!(flood.status.success(), "the flood: {flood:?}");
     let mut fx = fx;
-    fx.daemon.terminate(std::time::Duration::from_secs(10))?;
-    let records = fx.daemon.audit_records()?;
-    let mine = |r: &&serde_json::Value| {
-        egress_tests::audit::get_str(r, "egress.sandbox.name") == Some(fx.sandbox.label())
-    };
-    let action = |r: &serde_json::Value, want: &str| {
-        egress_tests::audit::get_str(r, "event.action") == Some(want)
-    };
-    let one_by_one = records
-        .iter()
-        .filter(mine)
-        .filter(|r| action(r, "control-socket"))
-        .count() as u64;
-    let counted: u64 = records
-        .iter()
-        .filter(mine)
-        .filter(|r| action(r, "rate-limit"))
-        .filter_map(|r| get_u64(r, "egress.alert.count"))
-        .sum();
+    let (one_by_one, counted) = recorded_and_counted(&mut fx, |r| {
+        egress_tests::audit::action(r) == Some("control-socket")
+    })?;
     // The detach and the first line that was no request came before the flood.
     ensure!(
         one_by_one <= 20 && one_by_one + counted == FLOOD + 2,
@@ -372,6 +356,30 @@ fn the_control_socket_refuses_processes_in_sandboxes() -> Result<()> {
         FLOOD + 2
     );
     Ok(())
+}
+
+/// Stops the daemon (raising what its windows counted), then returns how many of the
+/// sandbox's records `recorded` picks, and how many refusals its `rate-limit` alerts
+/// counted instead.
+fn recorded_and_counted(
+    fx: &mut Fixture,
+    recorded: impl Fn(&serde_json::Value) -> bool,
+) -> Result<(u64, u64)> {
+    fx.daemon.terminate(std::time::Duration::from_secs(10))?;
+    let records = fx.daemon.audit_records()?;
+    let mine: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| {
+            egress_tests::audit::get_str(r, "egress.sandbox.name") == Some(fx.sandbox.label())
+        })
+        .collect();
+    let one_by_one = mine.iter().filter(|r| recorded(r)).count() as u64;
+    let counted = mine
+        .iter()
+        .filter(|r| egress_tests::audit::action(r) == Some("rate-limit"))
+        .filter_map(|r| get_u64(r, "egress.alert.count"))
+        .sum();
+    Ok((one_by_one, counted))
 }
 
 /// Joins a process inside a sandbox asks for and the policy refuses (a loop of them) are
@@ -422,29 +430,11 @@ fn refused_joins_from_inside_a_sandbox_are_rate_limited() -> Result<()> {
         "every join was to be refused: {flood:?}"
     );
     let mut fx = fx;
-    fx.daemon.terminate(std::time::Duration::from_secs(10))?;
-    let records = fx.daemon.audit_records()?;
-    let mine = |r: &&serde_json::Value| {
-        egress_tests::audit::get_str(r, "egress.sandbox.name") == Some(fx.sandbox.label())
-    };
-    let action = |r: &serde_json::Value, want: &str| {
-        egress_tests::audit::get_str(r, "event.action") == Some(want)
-    };
-    let one_by_one = records
-        .iter()
-        .filter(mine)
-        .filter(|r| action(r, "policy-rejected"))
-        .filter(|r| {
-            egress_tests::audit::get_str(r, "error.message")
+    let (one_by_one, counted) = recorded_and_counted(&mut fx, |r| {
+        egress_tests::audit::action(r) == Some("policy-rejected")
+            && egress_tests::audit::get_str(r, "error.message")
                 .is_some_and(|m| m.contains("asked from inside it"))
-        })
-        .count() as u64;
-    let counted: u64 = records
-        .iter()
-        .filter(mine)
-        .filter(|r| action(r, "rate-limit"))
-        .filter_map(|r| get_u64(r, "egress.alert.count"))
-        .sum();
+    })?;
     ensure!(
         (1..=20).contains(&one_by_one) && one_by_one + counted == JOINS,
         "{one_by_one} refusals recorded and {counted} counted for {JOINS}"

@@ -576,6 +576,49 @@ rules:
     action: allow
 "#;
 
+/// Runs `script` with python in the fixture's sandbox and waits (10 s at most) for it to
+/// create `ready`; `what` says what did not happen otherwise.
+fn spawn_until_ready(
+    fx: &egress_tests::fixture::Fixture,
+    script: &str,
+    ready: &std::path::Path,
+    what: &str,
+) -> Result<std::process::Child> {
+    let mut cmd = fx.sandbox.command("python3", &["-c", script]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn()?;
+    let started = std::time::Instant::now();
+    while !ready.exists() {
+        ensure!(started.elapsed() < Duration::from_secs(10), "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+/// Quarantines the fixture's sandbox, then lets `child` go on (it waits for `go`) and
+/// returns its output.
+fn quarantine_then_go(
+    fx: &egress_tests::fixture::Fixture,
+    reason: &str,
+    go: &std::path::Path,
+    child: std::process::Child,
+) -> Result<Output> {
+    let out = fx
+        .daemon
+        .ctl(["quarantine", fx.sandbox.label(), "--reason", reason])?;
+    ensure!(out.status.success(), "quarantine: {}", all_output(&out));
+    std::fs::write(go, "go")?;
+    Ok(child.wait_with_output()?)
+}
+
+/// The `packet` record of a packet the quarantine dropped at egress.
+fn quarantine_drop_record(fx: &egress_tests::fixture::Fixture) -> Result<Value> {
+    fx.daemon.wait_for_record(Duration::from_secs(10), |r| {
+        get_str(r, "event.action") == Some("packet")
+            && r["egress"]["option"]["name"] == "quarantine"
+    })
+}
+
 /// A quarantine also silences what no later connect or send hook sees: a UDP socket
 /// connected, and a TCP connection opened, under an `allow` rule before it. Their packets
 /// are dropped (to anywhere but loopback), with a record.
@@ -610,17 +653,12 @@ time.sleep(1)
         ready = ready.display(),
         go = go.display()
     );
-    let mut cmd = fx.sandbox.command("python3", &["-c", &script]);
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = cmd.spawn()?;
-    let started = std::time::Instant::now();
-    while !ready.exists() {
-        ensure!(
-            started.elapsed() < Duration::from_secs(10),
-            "the sandbox's sockets did not connect"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = spawn_until_ready(
+        &fx,
+        &script,
+        &ready,
+        "the sandbox's sockets did not connect",
+    )?;
     // Positive control: both reached the canary before the quarantine.
     let got =
         |what: &[u8]| -> Result<bool> { Ok(fx.canary.received()?.iter().any(|e| e.data == what)) };
@@ -628,15 +666,7 @@ time.sleep(1)
         Ok((got(b"udp-pre")? && got(b"tcp-pre")?).then_some(()))
     })?
     .context("the canary did not get udp-pre and tcp-pre")?;
-    let out = fx.daemon.ctl([
-        "quarantine",
-        fx.sandbox.label(),
-        "--reason",
-        "test: sockets opened before",
-    ])?;
-    ensure!(out.status.success(), "quarantine: {}", all_output(&out));
-    std::fs::write(&go, "go")?;
-    let out = child.wait_with_output()?;
+    let out = quarantine_then_go(&fx, "test: sockets opened before", &go, child)?;
     let text = String::from_utf8_lossy(&out.stdout);
     // The connected UDP socket's send fails at once; TCP's is buffered, never delivered.
     ensure!(text.contains("udp errno 1"), "{}", all_output(&out));
@@ -646,10 +676,7 @@ time.sleep(1)
         "the canary got data sent after the quarantine: {:?}",
         fx.canary.received()?
     );
-    let rec = fx.daemon.wait_for_record(Duration::from_secs(10), |r| {
-        get_str(r, "event.action") == Some("packet")
-            && r["egress"]["option"]["name"] == "quarantine"
-    })?;
+    let rec = quarantine_drop_record(&fx)?;
     ensure!(
         get_str(&rec, "egress.sandbox.name") == Some(fx.sandbox.label())
             && get_str(&rec, "event.outcome") == Some("failure"),
@@ -764,17 +791,12 @@ time.sleep(1)
         ready = ready.display(),
         go = go.display()
     );
-    let mut cmd = fx.sandbox.command("python3", &["-c", &script]);
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = cmd.spawn()?;
-    let started = std::time::Instant::now();
-    while !ready.exists() {
-        ensure!(
-            started.elapsed() < Duration::from_secs(10),
-            "the sandbox's connection did not open"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = spawn_until_ready(
+        &fx,
+        &script,
+        &ready,
+        "the sandbox's connection did not open",
+    )?;
     // Positive control: before the quarantine the stream reaches the canary, through the
     // relay (the canary sees the relay's address, not the sandbox's).
     let got =
@@ -783,15 +805,7 @@ time.sleep(1)
         Ok(got(b"nat-pre")?.then_some(()))
     })?
     .context("the canary did not get nat-pre through the relay")?;
-    let out = fx.daemon.ctl([
-        "quarantine",
-        fx.sandbox.label(),
-        "--reason",
-        "test: a connection NAT sends to loopback",
-    ])?;
-    ensure!(out.status.success(), "quarantine: {}", all_output(&out));
-    std::fs::write(&go, "go")?;
-    let out = child.wait_with_output()?;
+    let out = quarantine_then_go(&fx, "test: a connection NAT sends to loopback", &go, child)?;
     std::thread::sleep(Duration::from_secs(1));
     ensure!(
         !got(b"nat-post")?,
@@ -799,10 +813,7 @@ time.sleep(1)
         fx.canary.received()?,
         all_output(&out)
     );
-    let rec = fx.daemon.wait_for_record(Duration::from_secs(10), |r| {
-        get_str(r, "event.action") == Some("packet")
-            && r["egress"]["option"]["name"] == "quarantine"
-    })?;
+    let rec = quarantine_drop_record(&fx)?;
     ensure!(
         get_str(&rec, "egress.sandbox.name") == Some(fx.sandbox.label())
             && get_str(&rec, "destination.ip") == Some(canary.as_str()),

@@ -20,17 +20,7 @@ use egress_tests::world::CANARY_V4;
 fn sigterm_stops_promptly_and_confinement_stays() -> Result<()> {
     require_proxy_tools!();
     let mut fx = ProxyFixture::new(ProxyOpts::default())?;
-    let out = fx.curl(&[
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "https://api.github.com/repos/acme/widgets",
-    ])?;
-    ensure!(
-        String::from_utf8_lossy(&out.stdout) == "200",
-        "proxied request failed: {out:?}"
-    );
+    proxied_request_ok(&fx)?;
 
     let took = fx.daemon.terminate(Duration::from_secs(4))?;
     ensure!(
@@ -129,17 +119,7 @@ fn sigterm_records_a_revocation_under_way_before_the_stop() -> Result<()> {
     })?;
     let name = fx.sandbox.label().to_string();
     // The credential is used, so it has a live value to revoke.
-    let out = fx.curl(&[
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "https://api.github.com/repos/acme/widgets",
-    ])?;
-    ensure!(
-        String::from_utf8_lossy(&out.stdout) == "200",
-        "proxied request failed: {out:?}"
-    );
+    proxied_request_ok(&fx)?;
     let out = fx
         .daemon
         .ctl(["quarantine", &name, "--reason", "test: stop mid-revocation"])?;
@@ -179,6 +159,22 @@ fn sigterm_records_a_revocation_under_way_before_the_stop() -> Result<()> {
             && get_str(revokes[0], "event.reason")
                 .is_some_and(|r| r.contains("daemon stopped before the revocation finished")),
         "no record of the revocation cut short, before daemon-stop: {revokes:#?}"
+    );
+    Ok(())
+}
+
+/// A request through the proxy from the sandbox, with the credential injected, answers 200.
+fn proxied_request_ok(fx: &ProxyFixture) -> Result<()> {
+    let out = fx.curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "https://api.github.com/repos/acme/widgets",
+    ])?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout) == "200",
+        "proxied request failed: {out:?}"
     );
     Ok(())
 }

@@ -2414,28 +2414,34 @@ async fn a_response_the_client_never_reads_is_cut_after_idle_secs() {
         let asked = tokio::time::Instant::now();
         // Nothing is read; the proxy's refusal comes once its writes waited 5 s (five
         // times idle_secs).
-        let stalled = loop {
-            let record = tokio::time::timeout(Duration::from_secs(15), h.records.recv())
-                .await
-                .unwrap()
-                .unwrap();
-            if record
-                .reason
-                .as_deref()
-                .is_some_and(|r| r.contains("read nothing of what the proxy sent"))
-            {
-                break record;
-            }
-        };
-        let after = asked.elapsed();
-        assert!(
-            after >= Duration::from_secs(5) && after < Duration::from_secs(15),
-            "{after:?}"
-        );
-        assert_eq!(stalled.verdict, Verdict::Deny);
+        expect_stall_cut(&mut h, asked).await;
         drop(tls);
     })
     .await;
+}
+
+/// Waits for the deny record of a connection cut because its client took nothing for
+/// five times `idle_secs` (1 s in these tests) since `asked`.
+async fn expect_stall_cut(h: &mut Harness, asked: tokio::time::Instant) {
+    let stalled = loop {
+        let record = tokio::time::timeout(Duration::from_secs(15), h.records.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if record
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("read nothing of what the proxy sent"))
+        {
+            break record;
+        }
+    };
+    let after = asked.elapsed();
+    assert!(
+        after >= Duration::from_secs(5) && after < Duration::from_secs(15),
+        "{after:?}"
+    );
+    assert_eq!(stalled.verdict, Verdict::Deny);
 }
 
 /// The same over HTTP/2 from a client that never opens its receive window: no socket
@@ -2463,25 +2469,7 @@ async fn an_http2_response_behind_a_closed_window_is_cut_after_idle_secs() {
         let asked = tokio::time::Instant::now();
         let response = client.clone().send_request(req).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
-        let stalled = loop {
-            let record = tokio::time::timeout(Duration::from_secs(15), h.records.recv())
-                .await
-                .unwrap()
-                .unwrap();
-            if record
-                .reason
-                .as_deref()
-                .is_some_and(|r| r.contains("read nothing of what the proxy sent"))
-            {
-                break record;
-            }
-        };
-        let after = asked.elapsed();
-        assert!(
-            after >= Duration::from_secs(5) && after < Duration::from_secs(15),
-            "{after:?}"
-        );
-        assert_eq!(stalled.verdict, Verdict::Deny);
+        expect_stall_cut(&mut h, asked).await;
         drop(response);
     })
     .await;
