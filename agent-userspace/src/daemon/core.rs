@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use super::{
     dns::{host_net, uses_dns, DnsRuntime, LearnedAddr},
-    netns::{netns_id, netns_of_cgroup, CgroupNetns, NetnsId, OpenNetns},
+    netns::{netns_id, netns_of_cgroup, CgroupNetns, HostNetns, NetnsId, OpenNetns},
     proxy::ProxyRuntime,
     state::{QuarantineState, SandboxRecord, State},
 };
@@ -237,13 +237,12 @@ impl Core {
     /// abstract unix sockets, which no hook judges, are open to them, and its loopback
     /// services as far as the policy's loopback rules allow. Returns the warning to show.
     fn alert_host_netns(&self, sandbox: &str, posture: &Posture, who: &str) -> Option<String> {
-        let ours = netns_id(Path::new("/proc/self/ns/net")).ok();
-        let host = netns_id(Path::new("/proc/1/ns/net")).ok();
+        let hosts = HostNetns::read().ok()?;
         let sharing = posture
             .pids
             .iter()
             .filter_map(|pid| netns_id(Path::new(&format!("/proc/{pid}/ns/net"))).ok())
-            .filter(|id| Some(*id) == ours || Some(*id) == host)
+            .filter(|id| hosts.holds(*id))
             .count();
         if sharing == 0 {
             return None;
@@ -473,12 +472,9 @@ impl Core {
                 theirs.1
             ));
         }
-        let ours = netns_id(Path::new("/proc/self/ns/net"))
-            .map_err(|e| format!("the daemon's own network namespace: {e}"))?;
-        // The host's too, where the daemon runs in one of its own (a pod without
-        // hostNetwork).
-        let host = netns_id(Path::new("/proc/1/ns/net")).ok();
-        if theirs == ours || Some(theirs) == host {
+        let hosts =
+            HostNetns::read().map_err(|e| format!("the daemon's own network namespace: {e}"))?;
+        if hosts.holds(theirs) {
             return Err(format!(
                 "the sandbox shares the daemon's network namespace or the host's ({}): its \
                  proxy listener and resolver would be on the host's loopback, open to every \
@@ -820,12 +816,7 @@ impl Core {
             if rec.cgroup_id != cgroup_id {
                 continue;
             }
-            let running = match Cgroup::open(&rec.cgroup) {
-                Ok(c) if c.id == cgroup_id => c.populated().unwrap_or(true),
-                Ok(_) => false,
-                Err(e) => !e.is_not_found(),
-            };
-            if running {
+            if runs_processes(rec) {
                 self.poststops_waiting.insert(name, cgroup_id);
                 continue;
             }
@@ -1429,17 +1420,7 @@ impl Core {
                 // daemon), which must stay confined.
                 if reason == DetachReason::Hook {
                     // What cannot be told counts as running: the sandbox stays confined.
-                    let live = match Cgroup::open(&rec.cgroup) {
-                        // Unreadable: gone meanwhile (removed between the open and the
-                        // read) is not running; anything else is.
-                        Ok(c) if c.id == rec.cgroup_id => {
-                            c.populated().unwrap_or_else(|| c.path.exists())
-                        }
-                        // Another cgroup at the path: the sandbox's own is gone.
-                        Ok(_) => false,
-                        Err(e) => !e.is_not_found(),
-                    };
-                    if live {
+                    if runs_processes(&rec) {
                         let error = format!(
                             "a runtime's poststop asked to detach sandbox {n:?}, whose cgroup \
                              {} still runs processes (or cannot be read): an earlier \
@@ -2446,6 +2427,19 @@ impl Core {
             compat_setsockopt_note: self.compat_setsockopt.clone().err(),
             sandboxes,
         }
+    }
+}
+
+/// Whether the sandbox's own cgroup (the directory with its id) may still run processes:
+/// what cannot be told counts as running; a cgroup gone, or replaced by another at its
+/// path, does not run the sandbox's.
+fn runs_processes(rec: &SandboxRecord) -> bool {
+    match Cgroup::open(&rec.cgroup) {
+        // Unreadable: gone meanwhile (removed between the open and the read) is not
+        // running; anything else is.
+        Ok(c) if c.id == rec.cgroup_id => c.populated().unwrap_or_else(|| c.path.exists()),
+        Ok(_) => false,
+        Err(e) => !e.is_not_found(),
     }
 }
 

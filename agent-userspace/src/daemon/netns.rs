@@ -24,6 +24,29 @@ pub fn netns_id(path: &Path) -> io::Result<NetnsId> {
     Ok((m.dev(), m.ino()))
 }
 
+/// The daemon's own network namespace and the host's (pid 1's: the daemon may run in one
+/// of its own, a pod without hostNetwork), which no sandbox may share.
+#[derive(Debug, Clone, Copy)]
+pub struct HostNetns {
+    ours: NetnsId,
+    host: Option<NetnsId>,
+}
+
+impl HostNetns {
+    /// An error when the daemon's own cannot be read.
+    pub fn read() -> io::Result<Self> {
+        Ok(Self {
+            ours: netns_id(Path::new("/proc/self/ns/net"))?,
+            host: netns_id(Path::new("/proc/1/ns/net")).ok(),
+        })
+    }
+
+    /// Whether `id` is one of them.
+    pub fn holds(&self, id: NetnsId) -> bool {
+        id == self.ours || Some(id) == self.host
+    }
+}
+
 /// A network namespace opened once. Its identity is read from the open file, and every
 /// bind in it goes through that file: a path checked and then opened again (`/proc/PID/
 /// ns/net` of a process that exits, whose pid is reused, or that moves to another
