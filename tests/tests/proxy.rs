@@ -24,8 +24,8 @@ use anyhow::{bail, ensure, Context, Result};
 use egress_tests::audit::{get_str, get_u64, Match};
 use egress_tests::expect::{self, all_output, RECORD_TIMEOUT};
 use egress_tests::https_origin::{
-    basic, bearer, OriginRequest, API_V4, GIT_V4, ISSUE_BODY, MOVED_PATH, MOVED_TO, PINNED_BODY,
-    PINNED_V4, REPO_BODY, REPO_FILE, UNAUTHORIZED_BODY,
+    basic, bearer, OriginRequest, API_V4, ECHO_PATH, GIT_V4, ISSUE_BODY, MOVED_PATH, MOVED_TO,
+    PINNED_BODY, PINNED_V4, REPO_BODY, REPO_FILE, UNAUTHORIZED_BODY,
 };
 use egress_tests::pki::spki_pin;
 use egress_tests::proxy_fixture::{
@@ -1720,6 +1720,65 @@ fn a_sandbox_attached_without_its_netns_keeps_the_one_seen_at_attach() -> Result
         Ok(std::fs::remove_dir(&inner).is_ok().then_some(()))
     })?
     .context("the child cgroup could not be removed")?;
+    Ok(())
+}
+
+/// A request sent upstream (with the credential) whose client then goes away is written
+/// in full even past the sandbox's refusal limit: a flood of cheap refusals before it
+/// cannot make it one count among abandoned requests.
+#[test]
+fn a_request_abandoned_after_it_was_sent_upstream_is_recorded_past_the_limit() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    // Past the 1,000 refusals recorded one by one per 10 s.
+    const SENT: u64 = 1100;
+    let url = format!("https://api.github.com/repos/other/x[1-{SENT}]");
+    let out = fx.curl(&[
+        "--http2",
+        "-Z",
+        "--parallel-max",
+        "50",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\n",
+        &url,
+    ])?;
+    let refused = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| *l == "403")
+        .count() as u64;
+    ensure!(
+        refused == SENT,
+        "expected {SENT} refusals: {}",
+        all_output(&out)
+    );
+    let before = fx.origin.requests()?.len();
+    // The origin answers after 5 s; the client gives up after 1.
+    let slow = format!("https://api.github.com{ECHO_PATH}slow");
+    let out = fx.curl(&["--http2", "--max-time", "1", "-o", "/dev/null", &slow])?;
+    ensure!(
+        out.status.code() == Some(28),
+        "curl should have timed out: {}",
+        all_output(&out)
+    );
+    // It reached the origin, with the credential.
+    let seen = fx.origin.wait_new(before, RECORD_TIMEOUT)?;
+    ensure!(
+        seen.iter().any(|r| r.uri.ends_with("/slow")),
+        "the slow request did not reach the origin: {seen:?}"
+    );
+    let path = format!("{ECHO_PATH}slow");
+    let record = fx.wait_proxy_record(RECORD_TIMEOUT, "the abandoned request", |r| {
+        is_request(r, "GET", &path)
+    })?;
+    ensure!(
+        get_str(&record, "egress.credential.name") == Some("github")
+            && get_str(&record, "event.reason").is_some_and(|r| {
+                r.starts_with("client aborted") && r.contains("after the request was sent upstream")
+            }),
+        "the record should name the credential and say the request was sent: {record}"
+    );
     Ok(())
 }
 

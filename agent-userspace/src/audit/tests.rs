@@ -204,6 +204,7 @@ fn proxy_request() -> ProxyRecord {
         git: None,
         scrubbed: 0,
         secret: None,
+        forwarded: false,
         credential_use: Some(Box::new(crate::credentials::CredentialUse {
             kind: "header",
             source: "vault",
@@ -251,7 +252,8 @@ fn proxy_git_push_refused() -> ProxyRecord {
 }
 
 /// Past its refusal limit, a sandbox's refusals are counted, not written, but for a
-/// push's (with its ref updates), a secret found, or a refused dial upstream; a refused
+/// push's (with its ref updates), a secret found, a refused dial upstream, or a request
+/// abandoned after it was sent upstream; a refused
 /// fetch and a misplaced placeholder are counted like any other refusal.
 #[test]
 fn which_refusals_may_be_summarised() {
@@ -274,6 +276,12 @@ fn which_refusals_may_be_summarised() {
     assert!(may(&abandoned));
     assert!(!may(&ProxyRecord {
         status: Some(200),
+        ..abandoned.clone()
+    }));
+    // Nor one abandoned after it was sent upstream: it may have been carried out with the
+    // credential, and a flood of cheap refusals before it must not hide it.
+    assert!(!may(&ProxyRecord {
+        forwarded: true,
         ..abandoned.clone()
     }));
     assert!(!may(&proxy_git_push_refused()));

@@ -68,6 +68,7 @@ fn request(verdict: ProxyVerdict, reason: Option<&str>, duration_ms: u64) -> Rec
             git: None,
             scrubbed: 0,
             secret: None,
+            forwarded: false,
             credential_use: None,
         },
     })

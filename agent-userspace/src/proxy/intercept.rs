@@ -441,10 +441,15 @@ impl Drop for Pending {
         let mut record = self.record.clone();
         record.bytes_in = self.bytes_in.load(Ordering::Relaxed);
         record.duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let why = if self.closing.load(Ordering::SeqCst) {
-            format!("{CLOSED_BY_DAEMON} before the response")
+        let sent = if record.forwarded {
+            ", after the request was sent upstream"
         } else {
-            format!("{CLIENT_ABORTED}: the downstream client went away before the response")
+            ""
+        };
+        let why = if self.closing.load(Ordering::SeqCst) {
+            format!("{CLOSED_BY_DAEMON} before the response{sent}")
+        } else {
+            format!("{CLIENT_ABORTED}: the downstream client went away before the response{sent}")
         };
         record.reason = Some(format!(
             "{why}{}",
@@ -1360,6 +1365,9 @@ impl ConnCtx {
         };
         // Last, after every wait: nothing goes out once the daemon closes the connection.
         self.unless_closing()?;
+        // From here the request may reach the origin: its record is written in full
+        // whatever follows (never summarised among a flood of abandoned requests).
+        record.forwarded = true;
         match sender {
             Sender::H2(mut sender, slot) => {
                 let response = tokio::time::timeout(wait, sender.send_request(request))

@@ -731,6 +731,7 @@ fn blank_record(
         git: None,
         scrubbed: 0,
         secret: None,
+        forwarded: false,
         credential_use: None,
     }
 }

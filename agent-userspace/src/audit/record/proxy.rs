@@ -231,6 +231,11 @@ pub struct ProxyRecord {
     /// A secret seen: reflected by the origin (and scrubbed), or carried by the
     /// sandbox's request (which was refused). Raises an alert beside the record.
     pub secret: Option<Box<SecretFinding>>,
+    /// The request was handed to an upstream connection, so what it asked (with the
+    /// credential, if one was injected) may have been done. Not a field of its own in
+    /// the log (the reason of a request abandoned after it says so); such a record is
+    /// never summarised.
+    pub forwarded: bool,
 }
 
 /// Which way a secret was seen.
@@ -292,7 +297,9 @@ impl ProxyRecord {
     /// Whether this record (with `alert`, the one it raises) may be counted rather than
     /// written once its sandbox is past its refusal limit: a refusal, or a request its
     /// client gave up on before any response (an HTTP/2 client resetting stream after
-    /// stream could otherwise write records without bound), but never one that found a
+    /// stream could otherwise write records without bound), but never a request sent
+    /// upstream (abandoned while its response was awaited: it may have been carried out,
+    /// with the credential injected), never one that found a
     /// secret, a push's with its ref updates (the evidence of what was asked), or a
     /// refused dial upstream (an address the rule may not reach). A misplaced
     /// placeholder (not a secret) is limited with its alert: the sandbox could repeat it
@@ -307,6 +314,7 @@ impl ProxyRecord {
                 .is_some_and(|r| r.starts_with(CLIENT_ABORTED));
         placeholder_only
             && (self.verdict == ProxyVerdict::Deny || abandoned)
+            && !self.forwarded
             && !push
             && !self
                 .reason
