@@ -317,6 +317,7 @@ impl Daemon {
             .stdout(log)
             .stderr(log2);
         kill_with_parent(&mut cmd);
+        core_dumps_allowed(&mut cmd);
         let child = cmd.spawn().with_context(|| format!("spawn {cmd:?}"))?;
         self.child = Some(ChildGuard::new(child, "egressd"));
         self.wait_ready()
@@ -564,4 +565,29 @@ impl Drop for Daemon {
 pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Starts the daemon as a service manager or container runtime that allows core dumps
+/// would (containerd's unit sets `LimitCORE=infinity`): the soft core size limit raised to
+/// the hard one, so that the daemon is seen to lower it itself.
+fn core_dumps_allowed(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getrlimit and setrlimit are async-signal-safe and allocate nothing; the
+    // struct lives on this stack across both calls.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_CORE, &mut limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_CORE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }

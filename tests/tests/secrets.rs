@@ -633,3 +633,24 @@ fn a_secret_in_a_request_quarantines_the_sandbox_by_default() -> Result<()> {
     fx.origin_new_exactly(before, 0)?;
     Ok(())
 }
+
+/// The daemon's memory holds the credentials: it dumps no core, and neither does any
+/// program it runs (the core size limit, unlike the dumpable flag, survives `exec`). The
+/// harness starts it with core dumps allowed, as a container runtime may.
+#[test]
+fn the_daemon_and_its_children_dump_no_core() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    let pid = fx.daemon.pid().context("the daemon has no pid")?;
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .context("no core limit in /proc/PID/limits")?;
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    ensure!(
+        fields.get(4..6) == Some(&["0", "0"][..]),
+        "the daemon's core size limit should be 0 (soft and hard): {core}"
+    );
+    Ok(())
+}

@@ -253,6 +253,21 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    // Nor of the programs it runs (a `command` source printing a secret, a revoke hook
+    // reading one): `exec` makes a process dumpable again, but the core size limit is
+    // inherited, whatever the service manager or container runtime set.
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads the struct it is given, which lives across the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) } != 0 {
+        eprintln!(
+            "egressd: cannot turn core dumps off: {}",
+            std::io::Error::last_os_error()
+        );
+        return ExitCode::FAILURE;
+    }
     raise_nofile_limit();
     let result = options(args).and_then(|opts| {
         let runtime = tokio::runtime::Builder::new_multi_thread()

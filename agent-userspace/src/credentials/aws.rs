@@ -439,7 +439,8 @@ impl AwsSts {
             ));
         }
         let parsed: AssumeRoleResponse = quick_xml::de::from_str(text)
-            .map_err(|e| format!("the AssumeRole answer of {url} is not understood: {e}"))?;
+            // Not the parser's words: they may quote the answer, whose values are secret.
+            .map_err(|_| format!("the AssumeRole answer of {url} is not understood"))?;
         let c = parsed.assume_role_result.credentials;
         let expiration = time::OffsetDateTime::parse(
             c.expiration.trim(),
