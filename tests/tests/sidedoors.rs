@@ -707,3 +707,120 @@ fn a_sandbox_in_the_hosts_network_namespace_is_warned_of() -> Result<()> {
     drop(sleeper);
     Ok(())
 }
+
+/// Processes that share the host's PID namespace can trace or take the sockets of
+/// unconfined host processes (sockets no hook of the sandbox's judges), and with its mount
+/// namespace reach the daemon's credential files: the attach warns of both, and a
+/// `risky-posture` alert records it. Positive control: processes in PID and mount
+/// namespaces of their own get neither.
+#[test]
+fn a_sandbox_sharing_the_hosts_pid_and_mount_namespaces_is_warned_of() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    let shared = |text: &str| text.contains("PID namespace") || text.contains("mount namespace");
+    let attach = |cgroup: &egress_tests::cgroup::CgroupGuard, name: &str| -> Result<String> {
+        let policy = fx.policy(&format!("{name}.yaml"), POLICY)?;
+        let out = fx.daemon.ctl([
+            OsStr::new("attach"),
+            OsStr::new("--cgroup"),
+            cgroup.path().as_os_str(),
+            OsStr::new("--policy"),
+            policy.as_os_str(),
+            OsStr::new("--name"),
+            OsStr::new(name),
+        ])?;
+        ensure!(
+            out.status.success(),
+            "attach {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // A process started as the host starts one shares both.
+    let cgroup = egress_tests::cgroup::CgroupGuard::new("hostpid")?;
+    let child = Command::new("sleep")
+        .arg("30")
+        .stdin(Stdio::null())
+        .spawn()
+        .context("spawning sleep")?;
+    let sleeper = ChildGuard::new(child, "sleep");
+    cgroup.add(sleeper.pid().context("sleep has no pid")?)?;
+    let host = format!("{}-host", fx.sandbox.label());
+    let shown = attach(&cgroup, &host)?;
+    ensure!(
+        shown.contains("share the host's PID namespace") && shown.contains("mount namespace"),
+        "the attach did not warn of the shared namespaces: {shown}"
+    );
+    let alert = poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        Ok(fx.daemon.audit_records()?.into_iter().find(|r| {
+            action(r) == Some("risky-posture")
+                && get_str(r, "egress.sandbox.name") == Some(host.as_str())
+                && get_str(r, "event.reason").is_some_and(shared)
+        }))
+    })?
+    .context("no risky-posture alert for the shared namespaces")?;
+    ensure!(
+        get_str(&alert, "event.reason").is_some_and(|m| m.contains("take the sockets")),
+        "{alert}"
+    );
+    fx.daemon.ctl_ok(["detach", "--name", &host])?;
+    drop(sleeper);
+    // A process in PID and mount namespaces of its own: `unshare` stays outside, its
+    // child (pid 1 of the new namespace) goes into the cgroup.
+    let own = egress_tests::cgroup::CgroupGuard::new("ownns")?;
+    let child = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--mount",
+            "--propagation",
+            "private",
+            "sleep",
+            "30",
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .context("spawning unshare")?;
+    let unshare = ChildGuard::new(child, "unshare");
+    let parent = unshare.pid().context("unshare has no pid")?;
+    let inner: u32 = poll(Duration::from_secs(5), Duration::from_millis(20), || {
+        let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default();
+        Ok(children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok()))
+    })?
+    .context("unshare started no child")?;
+    own.add(inner)?;
+    let name = format!("{}-own", fx.sandbox.label());
+    let shown = attach(&own, &name)?;
+    ensure!(
+        !shared(&shown),
+        "attach of processes in namespaces of their own: {shown}"
+    );
+    // Records reach the log in order: the attach's record is there, and no such alert.
+    poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        Ok(fx
+            .daemon
+            .audit_records()?
+            .iter()
+            .any(|r| {
+                action(r) == Some("sandbox-attach")
+                    && get_str(r, "egress.sandbox.name") == Some(name.as_str())
+            })
+            .then_some(()))
+    })?
+    .context("no attach record for the sandbox with its own namespaces")?;
+    ensure!(
+        !fx.daemon.audit_records()?.iter().any(|r| {
+            action(r) == Some("risky-posture")
+                && get_str(r, "egress.sandbox.name") == Some(name.as_str())
+                && get_str(r, "event.reason").is_some_and(shared)
+        }),
+        "processes in namespaces of their own were alerted as sharing the host's"
+    );
+    fx.daemon.ctl_ok(["detach", "--name", &name])?;
+    drop(unshare);
+    Ok(())
+}

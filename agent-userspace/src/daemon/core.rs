@@ -259,6 +259,49 @@ impl Core {
         Some(reason)
     }
 
+    /// Alerts when processes of the sandbox share the host's (or the daemon's) PID or
+    /// mount namespace. With the PID namespace, a process sees the host's processes and
+    /// can trace one of its own user (where Yama's `ptrace_scope` is 0) or take its
+    /// sockets (`pidfd_getfd`): a socket made outside the sandbox's cgroup is judged by
+    /// no program of the sandbox's. With the mount namespace, the daemon's credential
+    /// files and the host's unix sockets are in reach as far as file permissions allow.
+    /// Returns the warning to show.
+    fn alert_host_namespaces(&self, sandbox: &str, posture: &Posture, who: &str) -> Option<String> {
+        let shared: Vec<String> = [
+            (
+                "pid",
+                "PID namespace (they can trace or take the sockets of unconfined host                  processes, which no hook of the sandbox's judges)",
+            ),
+            (
+                "mnt",
+                "mount namespace (the daemon's credential files and the host's unix                  sockets are in reach as far as file permissions allow)",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(kind, what)| {
+            let host = |pid: &str| netns_id(Path::new(&format!("/proc/{pid}/ns/{kind}"))).ok();
+            let hosts = [host("self"), host("1")];
+            let sharing = posture
+                .pids
+                .iter()
+                .filter_map(|pid| host(&pid.to_string()))
+                .filter(|id| hosts.contains(&Some(*id)))
+                .count();
+            (sharing > 0).then(|| format!("{sharing} share the host's {what}"))
+        })
+        .collect();
+        if shared.is_empty() {
+            return None;
+        }
+        let reason = format!(
+            "{who}: {}; give the sandbox namespaces of its own",
+            shared.join("; ")
+        );
+        let alert = Alert::new(now(), AlertKind::RiskyPosture, sandbox, reason.clone());
+        self.alerts.raise(alert);
+        Some(reason)
+    }
+
     /// Raises a risky-posture alert when processes hold capabilities that get around the
     /// kernel programs; `who` says which processes (at attach, or new ones).
     fn alert_posture(&self, sandbox: &str, posture: &Posture, who: &str) {
@@ -1273,6 +1316,7 @@ impl Core {
             .emit(Record::SandboxAttach(self.confined(&rec, &posture)));
         self.alert_posture(&name, &posture, "processes at attach");
         let shared_netns = self.alert_host_netns(&name, &posture, "processes at attach");
+        let shared_ns = self.alert_host_namespaces(&name, &posture, "processes at attach");
         let mut msg = format!(
             "attached sandbox {name:?} (cgroup {}, id {}) with {} rules, default {}",
             rec.cgroup.display(),
@@ -1292,7 +1336,7 @@ impl Core {
                 risky.join(", ")
             ));
         }
-        if let Some(why) = shared_netns {
+        for why in [shared_netns, shared_ns].into_iter().flatten() {
             msg.push_str(&format!("; WARNING: {why}"));
         }
         self.remember(&name, &posture);
@@ -2004,6 +2048,7 @@ impl Core {
                 .emit(Record::SandboxAdopt(self.confined(&rec, &posture)));
             self.alert_posture(&rec.name, &posture, "processes at adoption");
             self.alert_host_netns(&rec.name, &posture, "processes at adoption");
+            self.alert_host_namespaces(&rec.name, &posture, "processes at adoption");
             self.remember(&rec.name, &posture);
             self.compiled.insert(rec.name.clone(), policy);
             adopted += 1;
