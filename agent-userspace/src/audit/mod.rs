@@ -29,7 +29,8 @@ pub use record::{
     ECS_VERSION, MAX_LINE, PRODUCT, VERSION,
 };
 pub use redact::{FindSecrets, Redactor};
+pub use writer::note_unnumbered_at_stop;
 pub use writer::{
     AuditConfig, AuditError, AuditHandle, AuditHealth, AuditLog, AuditSink, AuditSummary,
-    AuditTask, AuditWriter, LogTail, OnFailure, RotateConfig,
+    AuditTask, AuditWriter, LogTail, OnFailure, RotateConfig, Unnumbered,
 };

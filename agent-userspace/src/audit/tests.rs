@@ -2984,6 +2984,41 @@ async fn reopen_follows_a_moved_log_and_numbering_continues() {
     assert_eq!(lines[0]["egress"]["audit_lost"]["first_sequence"], 6);
     assert_eq!(lines[0]["egress"]["audit_lost"]["last_sequence"], 9);
     assert_eq!(lines[0]["egress"]["audit_lost"]["count"], 4);
+
+    // Records a stopping daemon still held unnumbered (its writer did not finish within
+    // the stop's bound) get numbers of their own at the next start, reported lost, once.
+    crate::audit::note_unnumbered_at_stop(&seq_file, 3).unwrap();
+    for _ in 0..2 {
+        let (handle, task) = AuditLog::open_with(
+            AuditSink::File(path.clone()),
+            &AuditConfig::default(),
+            Some(seq_file.clone()),
+        )
+        .unwrap();
+        let writer = tokio::spawn(task.run());
+        handle.emit(denied(7));
+        drop(handle);
+        writer.await.unwrap().unwrap();
+    }
+    let lines = read_lines(&path);
+    assert_eq!(
+        lines.iter().map(sequence).collect::<Vec<_>>(),
+        vec![10, 11, 15, 16, 17]
+    );
+    let lost = &lines[2]["egress"]["audit_lost"];
+    assert_eq!(lines[2]["event"]["action"], "audit-lost");
+    assert_eq!(
+        (
+            &lost["first_sequence"],
+            &lost["last_sequence"],
+            &lost["count"]
+        ),
+        (&12.into(), &14.into(), &3.into())
+    );
+    assert!(lines[2]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("before they were numbered"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

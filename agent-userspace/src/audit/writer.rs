@@ -1083,11 +1083,60 @@ impl SequenceFile {
     }
 }
 
+/// Beside the sequence file: how many records a stopping daemon still held unnumbered
+/// (queued to a writer that did not finish in time). The next start numbers them as lost.
+fn unnumbered_path(sequence_file: &Path) -> PathBuf {
+    let mut name = sequence_file.as_os_str().to_owned();
+    name.push(".unnumbered");
+    PathBuf::from(name)
+}
+
+/// Notes, beside `sequence_file`, that `count` records were still held, never numbered,
+/// when the daemon stopped without waiting for its writer: the next start reports them
+/// in an `audit-lost` record of their own numbers.
+pub fn note_unnumbered_at_stop(sequence_file: &Path, count: u64) -> io::Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    let path = unnumbered_path(sequence_file);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)?;
+    file.write_all(format!("{count}\n").as_bytes())?;
+    file.sync_all()
+}
+
+/// The count [`note_unnumbered_at_stop`] left, taken (the file removed); 0 if none.
+fn take_unnumbered(sequence_file: &Path) -> u64 {
+    let path = unnumbered_path(sequence_file);
+    let count = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    let _ = std::fs::remove_file(&path);
+    count
+}
+
 fn parse_sequence_line(text: &str) -> Option<(u64, u64)> {
     let mut parts = text.split_whitespace();
     let numbered = parts.next()?.parse().ok()?;
     let written = parts.next()?.parse().ok()?;
     (written <= numbered).then_some((numbered, written))
+}
+
+/// Records given to the writer and not numbered yet: queued, kept aside past a full
+/// queue, or counted as not queued.
+pub struct Unnumbered(Arc<Health>);
+
+impl Unnumbered {
+    pub fn count(&self) -> u64 {
+        let overflow = self.0.overflow.lock().map_or(0, |o| o.records.len() as u64);
+        self.0.queued.load(Ordering::Acquire) + self.0.unqueued.load(Ordering::Acquire) + overflow
+    }
 }
 
 /// Entry point of the asynchronous API.
@@ -1117,6 +1166,7 @@ impl AuditLog {
         let sequence_file = match sequence_file {
             None => None,
             Some(path) => {
+                let unnumbered = take_unnumbered(&path);
                 let (file, stored) = SequenceFile::open(path)?;
                 if let Some((numbered, stored_written)) = stored {
                     let in_log = writer.tail().map_or(0, |t| t.sequence);
@@ -1144,6 +1194,32 @@ impl AuditLog {
                         );
                         let _ = writer.encode_next_into(&Record::AuditLost(lost), &mut pending);
                     }
+                }
+                if unnumbered > 0 {
+                    // Numbers of their own, after everything the last run numbered.
+                    let first = writer.next_sequence();
+                    let last = first + unnumbered - 1;
+                    writer.continue_after(last);
+                    let lost = AuditLost {
+                        time: OffsetDateTime::now_utc(),
+                        count: unnumbered,
+                        first_sequence: first,
+                        last_sequence: last,
+                        sandboxes: Vec::new(),
+                        since: None,
+                        error: "held by the previous run of the daemon when it stopped, before \
+                                they were numbered: its writer did not finish within the stop's \
+                                bound; they may not have been written (numbered here to count \
+                                them)"
+                            .to_owned(),
+                    };
+                    error!(
+                        count = unnumbered,
+                        first,
+                        last,
+                        "Audit records held at the previous stop may never have been written"
+                    );
+                    let _ = writer.encode_next_into(&Record::AuditLost(lost), &mut pending);
                 }
                 Some(file)
             }
@@ -1277,6 +1353,11 @@ impl AuditHandle {
     /// while this is high, so a writer that blocks does not grow the daemon without bound.
     pub fn backlog(&self) -> u64 {
         self.health.queued.load(Ordering::Acquire)
+    }
+
+    /// What the writer still holds unnumbered, readable after every handle is gone.
+    pub fn unnumbered(&self) -> Unnumbered {
+        Unnumbered(self.health.clone())
     }
 
     /// Asks the writer to open the log's path again (after logrotate moved the file).
@@ -1635,6 +1716,7 @@ impl AuditTask {
             self.flush();
             self.sync_written();
         }
+        self.store_sequence();
         let unreported = self.dropped.as_ref().map(|d| d.first);
         if let Some(first) = self.pending.first_sequence().or(unreported) {
             let last = self
@@ -1841,9 +1923,16 @@ impl AuditTask {
         }
     }
 
+    /// Stores the last record numbered and the last one known to be on stable storage (a
+    /// file's): after a power loss the log may lack what was written but not synced, and
+    /// those must count as never written.
     fn store_sequence(&mut self) {
         let numbered = self.writer.next_sequence().saturating_sub(1);
-        let written = self.written;
+        // A stream (standard output) has no storage to sync: written is written.
+        let written = match self.writer.sink() {
+            AuditSink::File(_) => self.synced,
+            _ => self.written,
+        };
         if let Some(f) = &mut self.sequence_file {
             self.health.watch(|| f.store(numbered, written));
         }

@@ -666,6 +666,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         (core.state.clone(), core.saver.clone())
     };
     let _ = std::fs::remove_file(&opts.socket);
+    let unnumbered = audit.unnumbered();
     drop(audit);
     drop(shared);
     // Records are written in order as they arrive, so once the stop record is out nothing
@@ -680,10 +681,18 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             }
         }
         Err(_) => {
+            // Records numbered and not written are in the sequence file; those not yet
+            // numbered are counted here, for the next start to report.
+            let held = unnumbered.count();
             tracing::warn!(
+                held,
                 "Audit records still held at shutdown; not waiting for them (the next start \
-                 reports this stop as unclean)"
-            )
+                 reports this stop as unclean, and the records as lost)"
+            );
+            let sequence = opts.state_dir.join(AUDIT_SEQUENCE_FILE);
+            if let Err(e) = crate::audit::note_unnumbered_at_stop(&sequence, held) {
+                tracing::error!(error = %e, held, "Noting the audit records held at the stop failed");
+            }
         }
     }
     crate::collector::flush(Duration::from_secs(2)).await;
