@@ -266,9 +266,26 @@ pub(crate) fn normalise(name: &Name) -> String {
             .collect();
         return labels.join(".");
     }
-    let mut text = name.to_ascii().to_ascii_lowercase();
-    if text.len() > 1 && text.ends_with('.') {
-        text.pop();
+    if name.num_labels() == 0 {
+        return ".".to_owned();
+    }
+    // RFC 1035's presentation escapes, decimal (`\DDD`), which is how a SIEM or `dig`
+    // reads them back.
+    let mut text = String::new();
+    for (i, label) in name.iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        for &b in label {
+            match b {
+                b'.' | b'\\' => {
+                    text.push('\\');
+                    text.push(char::from(b));
+                }
+                b if b.is_ascii_graphic() => text.push(char::from(b.to_ascii_lowercase())),
+                b => text.push_str(&format!("\\{b:03}")),
+            }
+        }
     }
     text
 }
@@ -349,6 +366,11 @@ mod tests {
         // A name refused for its characters is still shown escaped in the record.
         let odd = Name::from_labels(vec![b"a.b".to_vec(), b"c".to_vec()]).unwrap();
         assert_eq!(normalise(&odd), "a\\.b.c");
+        // Bytes outside printable ASCII as decimal escapes, as RFC 1035 writes them (a
+        // newline is 010, not octal 012).
+        let odd = Name::from_labels(vec![&b"a\nB"[..], &b"x y\xff"[..], &b"c"[..]]).unwrap();
+        assert_eq!(normalise(&odd), "a\\010b.x\\032y\\255.c");
+        assert_eq!(normalise(&Name::root()), ".");
     }
 
     #[test]
