@@ -100,8 +100,17 @@ impl Handler for Shared {
             };
             let mut core = self.lock();
             if core.stopping {
-                // The hook records nothing the daemon refused: the daemon does.
-                core.policy_rejected(name, &policy_path, None, STOPPING.to_owned());
+                // The hook records nothing the daemon refused: the daemon does, naming
+                // the sandbox's own policy (not a path the caller sent), within the
+                // control socket's refusals for the window (the rest counted).
+                if core.control_refusals.admit(&name) {
+                    let attached = core
+                        .state
+                        .sandboxes
+                        .get(&name)
+                        .map_or_else(String::new, |r| r.policy_path.clone());
+                    core.policy_rejected(name, &attached, None, STOPPING.to_owned());
+                }
                 return Response::error(STOPPING);
             }
             return match core.join_from_inside(&name, &container, &policy_path, &runtime_init) {
