@@ -641,6 +641,17 @@ fn a_secret_in_a_request_quarantines_the_sandbox_by_default() -> Result<()> {
 fn the_daemon_and_its_children_dump_no_core() -> Result<()> {
     require_proxy_tools!();
     let fx = ProxyFixture::new(ProxyOpts::default())?;
+    // The harness could start it with cores allowed only below a hard limit above 0.
+    let mut own = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given, which lives across the call.
+    ensure!(unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut own) } == 0);
+    ensure!(
+        own.rlim_max > 0,
+        "the test's own hard core limit is 0: the daemon cannot be seen lowering it"
+    );
     let pid = fx.daemon.pid().context("the daemon has no pid")?;
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
     let core = limits

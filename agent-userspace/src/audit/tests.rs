@@ -3019,6 +3019,32 @@ async fn reopen_follows_a_moved_log_and_numbering_continues() {
         .as_str()
         .unwrap()
         .contains("before they were numbered"));
+
+    // The stopping writer went on for a moment and numbered (and wrote) two of the three
+    // counted: only the third is reported, under a number of its own.
+    crate::audit::note_unnumbered_at_stop(&seq_file, 3).unwrap();
+    fs::write(&seq_file, format!("{:020} {:020}\n", 19, 19)).unwrap();
+    let (handle, task) = AuditLog::open_with(
+        AuditSink::File(path.clone()),
+        &AuditConfig::default(),
+        Some(seq_file.clone()),
+    )
+    .unwrap();
+    let writer = tokio::spawn(task.run());
+    drop(handle);
+    writer.await.unwrap().unwrap();
+    let lines = read_lines(&path);
+    let last = lines.last().unwrap();
+    assert_eq!(sequence(last), 21);
+    let lost = &last["egress"]["audit_lost"];
+    assert_eq!(
+        (
+            &lost["first_sequence"],
+            &lost["last_sequence"],
+            &lost["count"]
+        ),
+        (&20.into(), &20.into(), &1.into())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1059,6 +1059,19 @@ impl SequenceFile {
         Ok((this, stored))
     }
 
+    /// Forces what was stored to stable storage.
+    fn sync(&mut self) {
+        let Some(f) = &self.file else {
+            return;
+        };
+        if let Err(e) = f.sync_data() {
+            if !self.warned {
+                self.warned = true;
+                error!(path = %self.path.display(), error = %e, "Syncing the audit sequence file failed");
+            }
+        }
+    }
+
     fn store(&mut self, numbered: u64, written: u64) {
         if self.stored == (numbered, written) {
             return;
@@ -1093,11 +1106,14 @@ fn unnumbered_path(sequence_file: &Path) -> PathBuf {
 
 /// Notes, beside `sequence_file`, that `count` records were still held, never numbered,
 /// when the daemon stopped without waiting for its writer: the next start reports them
-/// in an `audit-lost` record of their own numbers.
+/// in an `audit-lost` record of their own numbers. With the count goes the last number
+/// the sequence file held then: a writer that numbered some of them after the note (it
+/// runs on for a moment) stored a higher one, and those are not counted twice.
 pub fn note_unnumbered_at_stop(sequence_file: &Path, count: u64) -> io::Result<()> {
     if count == 0 {
         return Ok(());
     }
+    let numbered = stored_sequence(sequence_file).map_or(0, |(n, _)| n);
     let path = unnumbered_path(sequence_file);
     let mut file = OpenOptions::new()
         .write(true)
@@ -1106,19 +1122,24 @@ pub fn note_unnumbered_at_stop(sequence_file: &Path, count: u64) -> io::Result<(
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)?;
-    file.write_all(format!("{count}\n").as_bytes())?;
+    file.write_all(format!("{count} {numbered}\n").as_bytes())?;
     file.sync_all()
 }
 
-/// The count [`note_unnumbered_at_stop`] left, taken (the file removed); 0 if none.
-fn take_unnumbered(sequence_file: &Path) -> u64 {
-    let path = unnumbered_path(sequence_file);
-    let count = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(0);
-    let _ = std::fs::remove_file(&path);
-    count
+/// The records [`note_unnumbered_at_stop`] counted that the writer did not number after
+/// all (`numbered`: the last number the sequence file holds now); 0 without a note.
+fn unnumbered_at_last_stop(sequence_file: &Path, numbered: u64) -> u64 {
+    let text = std::fs::read_to_string(unnumbered_path(sequence_file)).unwrap_or_default();
+    let mut parts = text.split_whitespace().map(str::parse::<u64>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(count)), Some(Ok(then))) => count.saturating_sub(numbered.saturating_sub(then)),
+        _ => 0,
+    }
+}
+
+/// The (numbered, written) pair stored in `sequence_file`, if it holds one.
+pub fn stored_sequence(sequence_file: &Path) -> Option<(u64, u64)> {
+    parse_sequence_line(&std::fs::read_to_string(sequence_file).ok()?)
 }
 
 fn parse_sequence_line(text: &str) -> Option<(u64, u64)> {
@@ -1163,11 +1184,15 @@ impl AuditLog {
         let mut writer = AuditWriter::open(sink)?;
         let mut pending = PendingLines::default();
         let mut written = writer.next_sequence().saturating_sub(1);
+        let mut unnumbered_note = None;
         let sequence_file = match sequence_file {
             None => None,
             Some(path) => {
-                let unnumbered = take_unnumbered(&path);
-                let (file, stored) = SequenceFile::open(path)?;
+                let (file, stored) = SequenceFile::open(path.clone())?;
+                let unnumbered =
+                    unnumbered_at_last_stop(&path, stored.map_or(0, |(numbered, _)| numbered));
+                // Removed once the loss record's numbers are stored (see `run_blocking`).
+                unnumbered_note = Some(unnumbered_path(&path));
                 if let Some((numbered, stored_written)) = stored {
                     let in_log = writer.tail().map_or(0, |t| t.sequence);
                     writer.continue_after(numbered);
@@ -1247,6 +1272,7 @@ impl AuditLog {
                 rotate: config.rotate,
                 queue_records: config.queue_records.max(1),
                 sequence_file,
+                unnumbered_note,
                 written,
                 synced: written,
                 last_sync: Instant::now(),
@@ -1577,6 +1603,9 @@ pub struct AuditTask {
     rotate: Option<RotateConfig>,
     queue_records: usize,
     sequence_file: Option<SequenceFile>,
+    /// The count of records the last stop held unnumbered, removed once this run has
+    /// stored the numbers it reported them under.
+    unnumbered_note: Option<PathBuf>,
     /// The last sequence number known written.
     written: u64,
     /// The last sequence number known on stable storage (or written before this run).
@@ -1653,6 +1682,11 @@ impl AuditTask {
         // A loss an earlier run left is reported before anything else.
         if !self.pending.is_empty() {
             self.flush();
+        }
+        // Its numbers are stored: the note of the last stop's unnumbered records may go.
+        self.store_sequence();
+        if let Some(note) = self.unnumbered_note.take() {
+            let _ = std::fs::remove_file(note);
         }
         let mut closed = false;
         loop {
@@ -1747,7 +1781,6 @@ impl AuditTask {
             Message::Record(_) => 1,
             Message::Records(records) => records.len() as u64,
         };
-        self.health.queued.fetch_sub(records, Ordering::AcqRel);
         self.take_unqueued();
         match message {
             Message::Reopen => {
@@ -1758,6 +1791,9 @@ impl AuditTask {
             Message::Record(record) => self.take_record(&record),
             Message::Records(records) => records.iter().for_each(|r| self.take_record(r)),
         }
+        // Off the queue's count once numbered (a stop that stops waiting counts what is
+        // neither: a flush above may block).
+        self.health.queued.fetch_sub(records, Ordering::AcqRel);
         self.take_overflow();
     }
 
@@ -1791,11 +1827,9 @@ impl AuditTask {
         if n == 0 {
             return;
         }
-        // Records already kept are written first when the log is writable, so the range
-        // lost joins only what follows.
-        if self.dropped.is_none() && self.failing_since.is_none() {
-            self.flush();
-        }
+        // Numbered at once (nothing is written in between, so a write that blocks leaves
+        // them counted among the numbered): records already kept were numbered before
+        // them and are written first, the loss record after them.
         let (first, last) = self.writer.skip(n);
         let d = self.dropped.get_or_insert(Dropped::new(first, last));
         d.last = last;
@@ -1928,10 +1962,11 @@ impl AuditTask {
     /// those must count as never written.
     fn store_sequence(&mut self) {
         let numbered = self.writer.next_sequence().saturating_sub(1);
-        // A stream (standard output) has no storage to sync: written is written.
-        let written = match self.writer.sink() {
-            AuditSink::File(_) => self.synced,
-            _ => self.written,
+        // A stream (standard output, a FIFO) has no storage to sync: written is written.
+        let written = if self.writer.file_id().is_some() {
+            self.synced
+        } else {
+            self.written
         };
         if let Some(f) = &mut self.sequence_file {
             self.health.watch(|| f.store(numbered, written));
@@ -2159,6 +2194,12 @@ impl AuditTask {
             Ok(true) => {
                 self.synced = self.written;
                 self.sync_recovered();
+                // The sequence file says so, on stable storage too: after a power loss
+                // it must not be older than the log it describes by more than a sync.
+                self.store_sequence();
+                if let Some(f) = &mut self.sequence_file {
+                    self.health.watch(|| f.sync());
+                }
                 true
             }
             // A closed file is synced once it is open again (or its loss reported then).

@@ -267,14 +267,16 @@ impl Core {
     /// files and the host's unix sockets are in reach as far as file permissions allow.
     /// Returns the warning to show.
     fn alert_host_namespaces(&self, sandbox: &str, posture: &Posture, who: &str) -> Option<String> {
-        let shared: Vec<String> = [
+        let shared: Vec<(usize, String)> = [
             (
                 "pid",
-                "PID namespace (they can trace or take the sockets of unconfined host                  processes, which no hook of the sandbox's judges)",
+                "PID namespace (they can trace or take the sockets of unconfined host \
+                 processes, which no hook of the sandbox's judges)",
             ),
             (
                 "mnt",
-                "mount namespace (the daemon's credential files and the host's unix                  sockets are in reach as far as file permissions allow)",
+                "mount namespace (the daemon's credential files and the host's unix \
+                 sockets are in reach as far as file permissions allow)",
             ),
         ]
         .into_iter()
@@ -287,7 +289,7 @@ impl Core {
                 .filter_map(|pid| host(&pid.to_string()))
                 .filter(|id| hosts.contains(&Some(*id)))
                 .count();
-            (sharing > 0).then(|| format!("{sharing} share the host's {what}"))
+            (sharing > 0).then_some((sharing, format!("{sharing} share the host's {what}")))
         })
         .collect();
         if shared.is_empty() {
@@ -295,9 +297,14 @@ impl Core {
         }
         let reason = format!(
             "{who}: {}; give the sandbox namespaces of its own",
-            shared.join("; ")
+            shared
+                .iter()
+                .map(|(_, s)| s.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
         );
-        let alert = Alert::new(now(), AlertKind::RiskyPosture, sandbox, reason.clone());
+        let mut alert = Alert::new(now(), AlertKind::RiskyPosture, sandbox, reason.clone());
+        alert.count = shared.iter().map(|(n, _)| *n).max().unwrap_or(1) as u64;
         self.alerts.raise(alert);
         Some(reason)
     }

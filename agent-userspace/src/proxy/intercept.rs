@@ -1368,13 +1368,23 @@ impl ConnCtx {
         // From here the request may reach the origin: its record is written in full
         // whatever follows (never summarised among a flood of abandoned requests).
         record.forwarded = true;
+        // A refusal by the body's scan (a secret or a misplaced placeholder in it) aborted
+        // the request before its body was complete: nothing was carried out, and such
+        // refusals stay within the sandbox's refusal limit like any other.
+        let mut failed = |source: hyper::Error| {
+            let refusal = failed(source);
+            if refusal.verdict == Verdict::Deny {
+                record.forwarded = false;
+            }
+            refusal
+        };
         match sender {
             Sender::H2(mut sender, slot) => {
                 let response = tokio::time::timeout(wait, sender.send_request(request))
                     .await
                     .map_err(|_| timed_out())?
                     .map(with_range)
-                    .map_err(failed)?;
+                    .map_err(&mut failed)?;
                 // The request counts as in flight on its connection until its response
                 // has been sent on (or abandoned).
                 Ok((response, Some(Box::new(move || drop(slot)))))
@@ -1384,7 +1394,7 @@ impl ConnCtx {
                     .await
                     .map_err(|_| timed_out())?
                     .map(with_range)
-                    .map_err(failed)?;
+                    .map_err(&mut failed)?;
                 // A response that came before the whole body went out: the origin may
                 // read the rest as a request of its own. The connection is not reused.
                 let reuse = !own_connection && body_sent.load(Ordering::Relaxed);
