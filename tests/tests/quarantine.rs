@@ -821,3 +821,122 @@ time.sleep(1)
     );
     Ok(())
 }
+
+/// The canary refused, the origin's web port allowed: what replaces [`CANARY_ALLOWED`].
+const CANARY_REFUSED: &str = r#"version: 1
+default: deny
+rules:
+  - name: origin-web
+    to: [192.0.2.10]
+    ports: [80]
+    action: allow
+"#;
+
+/// A replaced policy also judges the connections opened under the one before: a TCP
+/// connection and a connected UDP socket to the canary, allowed then and refused now, are
+/// closed (their next sends fail, the canary gets nothing more), each with a
+/// `connection-cut` record. Positive control: a connection to the origin, which the new
+/// policy allows, goes on working.
+#[test]
+fn a_replaced_policy_closes_the_connections_it_refuses() -> Result<()> {
+    egress_tests::require_root!();
+    let fx = egress_tests::fixture::Fixture::new()?;
+    let both = CANARY_ALLOWED.replace(
+        "rules:\n",
+        "rules:\n  - name: origin-web\n    to: [192.0.2.10]\n    ports: [80]\n    action: allow\n",
+    );
+    fx.attach(&both)?;
+    let dir = TempDir::new("policy-cut")?;
+    let (ready, go) = (dir.path().join("ready"), dir.path().join("go"));
+    let script = format!(
+        r#"
+import os, socket, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.connect(("{CANARY_V4}", 9))
+u.send(b"udp-pre")
+t = socket.create_connection(("{CANARY_V4}", 9), timeout=5)
+t.sendall(b"tcp-pre")
+o = socket.create_connection(("192.0.2.10", 80), timeout=5)
+open("{ready}", "w").close()
+for _ in range(400):
+    if os.path.exists("{go}"):
+        break
+    time.sleep(0.05)
+for name, send in (("udp", lambda: u.send(b"udp-post")), ("tcp", lambda: t.sendall(b"tcp-post"))):
+    try:
+        send()
+        print(name, "sent", flush=True)
+    except OSError as e:
+        print(name, "errno", e.errno, flush=True)
+try:
+    o.sendall(b"GET / HTTP/1.0\r\nHost: origin\r\n\r\n")
+    print("origin", o.recv(12).decode(errors="replace"), flush=True)
+except OSError as e:
+    print("origin errno", e.errno, flush=True)
+"#,
+        ready = ready.display(),
+        go = go.display()
+    );
+    let child = spawn_until_ready(
+        &fx,
+        &script,
+        &ready,
+        "the sandbox's sockets did not connect",
+    )?;
+    let got =
+        |what: &[u8]| -> Result<bool> { Ok(fx.canary.received()?.iter().any(|e| e.data == what)) };
+    egress_tests::util::poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        Ok((got(b"udp-pre")? && got(b"tcp-pre")?).then_some(()))
+    })?
+    .context("the canary did not get udp-pre and tcp-pre")?;
+    let replaced = fx.attach(CANARY_REFUSED);
+    std::fs::write(&go, "go")?;
+    replaced?;
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        !text.contains("udp sent") && !text.contains("tcp sent"),
+        "sends on the closed sockets succeeded: {}",
+        all_output(&out)
+    );
+    ensure!(
+        text.contains("origin HTTP/1."),
+        "the connection the new policy allows was cut: {}",
+        all_output(&out)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    ensure!(
+        !got(b"udp-post")? && !got(b"tcp-post")?,
+        "the canary got data sent after the replacement: {:?}",
+        fx.canary.received()?
+    );
+    let cuts = egress_tests::util::poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        let cut: Vec<Value> = fx
+            .daemon
+            .audit_records()?
+            .into_iter()
+            .filter(|r| get_str(r, "event.action") == Some("connection-cut"))
+            .collect();
+        Ok((cut.len() >= 2).then_some(cut))
+    })?
+    .context("no connection-cut records for the two sockets")?;
+    for transport in ["tcp", "udp"] {
+        let rec = cuts
+            .iter()
+            .find(|r| get_str(r, "network.transport") == Some(transport))
+            .with_context(|| format!("no {transport} connection-cut record: {cuts:?}"))?;
+        ensure!(
+            get_str(rec, "destination.ip") == Some(&CANARY_V4.to_string())
+                && get_u64(rec, "destination.port") == Some(9)
+                && get_str(rec, "egress.verdict") == Some("deny")
+                && get_str(rec, "egress.sandbox.name") == Some(fx.sandbox.label())
+                && get_str(rec, "event.reason").is_some_and(|m| m.contains("closed")),
+            "{rec}"
+        );
+    }
+    ensure!(
+        cuts.len() == 2,
+        "only the two canary sockets should be cut: {cuts:?}"
+    );
+    Ok(())
+}

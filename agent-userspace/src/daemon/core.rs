@@ -1,6 +1,8 @@
 //! The daemon's consistent core: kernel maps, pinned links, persistent state and the audit
 //! records of every change to them. Every public method leaves all four in agreement.
 use std::{
+    collections::HashMap,
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -9,6 +11,7 @@ use agent_common::{SandboxInfo, MAX_POLICY_SLOTS, MAX_SANDBOXES};
 use time::OffsetDateTime;
 
 use super::{
+    connections,
     dns::{host_net, uses_dns, DnsRuntime, LearnedAddr},
     netns::{netns_id, netns_of_cgroup, CgroupNetns, HostNetns, NetnsId, OpenNetns},
     proxy::ProxyRuntime,
@@ -17,8 +20,9 @@ use super::{
 use crate::{
     alerts::{Alerts, DenialBursts},
     audit::{
-        Alert, AlertKind, AuditHandle, CredentialRevoke, DetachReason, EventsLost, LostBySandbox,
-        PolicyChange, PolicyDigest, PolicyRejected, Quarantine, Record, RuleRef, SandboxLifecycle,
+        Alert, AlertKind, AuditHandle, CredentialRevoke, DetachReason, EventsLost, Hook,
+        LostBySandbox, NetworkDecision, PolicyChange, PolicyDigest, PolicyRejected, Quarantine,
+        Record, RuleRef, SandboxLifecycle, SocketFamily, Verdict,
     },
     bpf::{attached_cgroups, BpfError, Links, PinLayout, PolicyMaps, Programs, HOOKS},
     cgroup::Cgroup,
@@ -1385,6 +1389,9 @@ impl Core {
         self.set_route(&rec, &policy);
         self.alerts.set_sandbox(&rec.name, policy.alerts().clone());
         self.proxy.close_connections(rec.index);
+        // The names each address was learned from: connections to it are judged again by
+        // what the new policy lets those names reach.
+        let learned = self.learned_names(rec.index);
         // Addresses learned under the old rules go with the old slot; clients re-resolve.
         self.dns.learned.retain(|(i, _), _| *i != rec.index);
         let dns_problem = self.start_dns(&rec, &policy).err();
@@ -1409,12 +1416,20 @@ impl Core {
             previous_digest: PolicyDigest::of(old.policy_source.as_bytes()),
             digest: PolicyDigest::of(rec.policy_source.as_bytes()),
         }));
+        let cut = self.cut_connections(&rec, &policy, learned);
         let mut msg = format!(
             "replaced the policy of sandbox {:?}: {} rules, default {}",
             rec.name,
             policy.rules().len(),
             policy.default_action()
         );
+        match cut {
+            Ok(0) => {}
+            Ok(n) => msg.push_str(&format!(
+                "; closed {n} connection(s) opened under the old policy that the new one refuses"
+            )),
+            Err(e) => msg.push_str(&format!("; WARNING: {e}")),
+        }
         if let Some(e) = dns_problem {
             msg.push_str(&format!("; WARNING: its DNS resolver did not start: {e}"));
         }
@@ -1434,6 +1449,133 @@ impl Core {
         self.state.sandboxes.insert(rec.name.clone(), rec);
         self.save_state();
         Ok((index, msg))
+    }
+
+    /// The names each address sandbox `index` learned was learned from.
+    fn learned_names(&self, index: u32) -> HashMap<IpAddr, Vec<String>> {
+        let mut names: HashMap<IpAddr, Vec<String>> = HashMap::new();
+        for ((i, ip), learned) in &self.dns.learned {
+            if *i != index {
+                continue;
+            }
+            let entry = names.entry(*ip).or_default();
+            for name in learned
+                .rules
+                .values()
+                .map(|(name, _)| name)
+                .chain([&learned.name])
+            {
+                if !entry.contains(name) {
+                    entry.push(name.clone());
+                }
+            }
+        }
+        names
+    }
+
+    /// Judges the sandbox's connections again by its new `policy` and closes those it
+    /// refuses, each recorded (`connection-cut`). Returns how many were closed, or why
+    /// they could not be judged (also logged).
+    fn cut_connections(
+        &self,
+        rec: &SandboxRecord,
+        policy: &Arc<Policy>,
+        learned: HashMap<IpAddr, Vec<String>>,
+    ) -> Result<usize, String> {
+        // Every network namespace the sandbox's processes are in (a process may have
+        // made one of its own), and the one it was attached in.
+        let mut spaces: Vec<OpenNetns> = Vec::new();
+        let paths = rec.netns.iter().cloned().chain(
+            Posture::read(&rec.cgroup)
+                .pids
+                .into_iter()
+                .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net"))),
+        );
+        for path in paths {
+            if let Ok(ns) = OpenNetns::open(&path) {
+                if spaces.iter().all(|s| s.id() != ns.id()) {
+                    spaces.push(ns);
+                }
+            }
+        }
+        let judge = connections::Judge {
+            policy: policy.clone(),
+            learned,
+            daemon_ports: [
+                self.proxy.port,
+                self.dns.port_for(rec.index),
+                self.dns.base_port,
+            ]
+            .into_iter()
+            .filter(|p| *p != 0)
+            .collect(),
+        };
+        let cgroups = connections::cgroup_ids(&rec.cgroup);
+        let mut judged = Vec::new();
+        for ns in &spaces {
+            let found = connections::cut_refused(Some(ns), cgroups.clone(), judge.clone())
+                .map_err(|e| {
+                    tracing::error!(sandbox = %rec.name, error = %e, "Judging connections after a policy change failed");
+                    format!(
+                        "connections opened under the old policy could not be judged again \
+                         (sock_diag in {}: {e}); they stay open until they end",
+                        ns.path().display()
+                    )
+                })?;
+            judged.push(found);
+        }
+        let mut closed = 0;
+        for (netns_cookie, cut) in judged
+            .into_iter()
+            .flat_map(|(cookie, cuts)| cuts.into_iter().map(move |c| (cookie, c)))
+        {
+            let s = &cut.socket;
+            let refuses = if cut.decision.verdict == policy::Verdict::Redirect {
+                "sends such connections to the proxy"
+            } else {
+                "refuses it"
+            };
+            let reason = match &cut.failed {
+                None => {
+                    closed += 1;
+                    format!(
+                        "opened under the sandbox's earlier policy; its new policy {refuses}: closed"
+                    )
+                }
+                Some(e) => format!(
+                    "opened under the sandbox's earlier policy; its new policy {refuses}, but closing \
+                     it failed ({e}): it stays open"
+                ),
+            };
+            self.audit.emit(Record::Network(NetworkDecision {
+                time: now(),
+                sandbox: rec.name.clone(),
+                cgroup_id: s.cgroup_id.unwrap_or(rec.cgroup_id),
+                pid: 0,
+                process_name: String::new(),
+                uid: s.uid,
+                gid: 0,
+                socket_cookie: s.cookie,
+                netns_cookie,
+                hook: Hook::PolicyChange,
+                family: if s.v6 {
+                    SocketFamily::Inet6
+                } else {
+                    SocketFamily::Inet
+                },
+                protocol: if s.tcp { 6 } else { 17 },
+                destination_ip: s.peer.ip(),
+                destination_port: s.peer.port(),
+                verdict: Verdict::Deny,
+                rule: policy
+                    .rule_name(cut.decision.rule_id)
+                    .map_or(RuleRef::Default, |n| RuleRef::Named(n.to_string())),
+                domain: cut.domain.clone(),
+                option: None,
+                reason: Some(reason),
+            }));
+        }
+        Ok(closed)
     }
 
     /// Removes confinement by name or cgroup path (by name, when both are given, only if

@@ -3,6 +3,7 @@
 //!
 //! Lock order: `Core` is one mutex; the event task and control handlers each hold it only
 //! for map and state work, never across an await.
+mod connections;
 mod core;
 mod credentials;
 mod dns;

@@ -162,7 +162,7 @@ pub fn netns_of_cgroup(cgroup: &Path, attached: Option<u64>) -> Result<PathBuf, 
 
 /// Runs `f` on a thread that entered the network namespace `netns`. Sockets `f` creates
 /// belong to that namespace for their whole life; the thread exits when `f` returns.
-fn in_netns<T: Send + 'static>(
+pub(super) fn in_netns<T: Send + 'static>(
     netns: &OpenNetns,
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {

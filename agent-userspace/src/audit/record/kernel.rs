@@ -185,8 +185,9 @@ impl NetworkDecision {
         };
         wire.event.outcome = self.verdict.outcome();
         wire.event.reason = self.reason.as_deref();
-        // A dropped packet may be sent from a timer, where no task is the sender.
-        if self.hook != Hook::SkbEgress {
+        // A dropped packet may be sent from a timer, where no task is the sender; a
+        // connection the daemon closed was not closed by any of the sandbox's tasks.
+        if !matches!(self.hook, Hook::SkbEgress | Hook::PolicyChange) {
             wire.process = Some(WireProcess {
                 pid: self.pid,
                 name: Some(&self.process_name),
@@ -513,6 +514,10 @@ pub enum Hook {
     Bind6,
     /// A write to a guarding network sysctl refused.
     Sysctl,
+    /// Not a kernel hook: a connection opened under a sandbox's earlier policy, which its
+    /// new policy refuses, closed by the daemon when the policy was replaced.
+    #[serde(rename = "policy_change")]
+    PolicyChange,
 }
 
 impl Hook {
@@ -544,7 +549,11 @@ impl Hook {
             Self::Connect6 | Self::Sendmsg6 | Self::SockCreate6 | Self::Bind6 => {
                 Some(SocketFamily::Inet6)
             }
-            Self::Setsockopt | Self::SkbEgress | Self::LsmSocketCreate | Self::Sysctl => None,
+            Self::Setsockopt
+            | Self::SkbEgress
+            | Self::LsmSocketCreate
+            | Self::Sysctl
+            | Self::PolicyChange => None,
         }
     }
 
@@ -567,6 +576,7 @@ impl Hook {
             Self::SkbEgress => action::PACKET,
             Self::Bind4 | Self::Bind6 => action::BIND,
             Self::Sysctl => action::SYSCTL,
+            Self::PolicyChange => action::CONNECTION_CUT,
         }
     }
 
@@ -584,6 +594,7 @@ impl Hook {
             Self::Bind4 => "bind4",
             Self::Bind6 => "bind6",
             Self::Sysctl => "sysctl",
+            Self::PolicyChange => "policy_change",
         }
     }
 }

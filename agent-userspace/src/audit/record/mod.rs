@@ -55,6 +55,8 @@ pub mod action {
     pub const BIND: &str = "bind";
     /// A write to a network sysctl refused.
     pub const SYSCTL: &str = "sysctl";
+    /// A connection the sandbox's new policy refuses, closed by the daemon.
+    pub const CONNECTION_CUT: &str = "connection-cut";
     pub const EVENTS_LOST: &str = "events-lost";
     /// Audit records numbered but never written (the log could not be written).
     pub const AUDIT_LOST: &str = "audit-lost";
