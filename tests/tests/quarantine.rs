@@ -856,6 +856,11 @@ u.connect(("{CANARY_V4}", 9))
 u.send(b"udp-pre")
 t = socket.create_connection(("{CANARY_V4}", 9), timeout=5)
 t.sendall(b"tcp-pre")
+# A listener on the connection's own port: the connection must not pass for one that
+# listener accepted.
+l = socket.socket()
+l.bind(("127.0.0.1", t.getsockname()[1]))
+l.listen(1)
 o = socket.create_connection(("192.0.2.10", 80), timeout=5)
 open("{ready}", "w").close()
 for _ in range(400):

@@ -20,9 +20,8 @@ use super::{
 use crate::{
     alerts::{Alerts, DenialBursts},
     audit::{
-        Alert, AlertKind, AuditHandle, CredentialRevoke, DetachReason, EventsLost, Hook,
-        LostBySandbox, NetworkDecision, PolicyChange, PolicyDigest, PolicyRejected, Quarantine,
-        Record, RuleRef, SandboxLifecycle, SocketFamily, Verdict,
+        Alert, AlertKind, AuditHandle, CredentialRevoke, DetachReason, EventsLost, LostBySandbox,
+        PolicyChange, PolicyDigest, PolicyRejected, Quarantine, Record, RuleRef, SandboxLifecycle,
     },
     bpf::{attached_cgroups, BpfError, Links, PinLayout, PolicyMaps, Programs, HOOKS},
     cgroup::Cgroup,
@@ -64,6 +63,9 @@ pub struct Core {
     /// Runtime detaches refused while the sandbox's cgroup ran processes, by sandbox name,
     /// with the cgroup they were for: carried out once it runs none.
     pub poststops_waiting: std::collections::HashMap<String, u64>,
+    /// The connections of a sandbox whose policy was just replaced, to be judged again
+    /// by the request's handler once it lets the lock go.
+    pub pending_cut: Option<connections::CutJob>,
     /// The daemon is stopping: control requests that would change anything are refused
     /// (their records would follow `daemon-stop`).
     pub stopping: bool,
@@ -1416,20 +1418,32 @@ impl Core {
             previous_digest: PolicyDigest::of(old.policy_source.as_bytes()),
             digest: PolicyDigest::of(rec.policy_source.as_bytes()),
         }));
-        let cut = self.cut_connections(&rec, &policy, learned);
+        // Judged once the daemon's lock is let go (see `connections`).
+        self.pending_cut = Some(connections::CutJob {
+            sandbox: rec.name.clone(),
+            cgroup: rec.cgroup.clone(),
+            cgroup_id: rec.cgroup_id,
+            attached_netns: rec.netns.clone(),
+            judge: connections::Judge {
+                policy: policy.clone(),
+                learned,
+                daemon_ports: [
+                    self.proxy.port,
+                    self.dns.port_for(rec.index),
+                    self.dns.base_port,
+                ]
+                .into_iter()
+                .filter(|p| *p != 0)
+                .collect(),
+            },
+            audit: self.audit.clone(),
+        });
         let mut msg = format!(
             "replaced the policy of sandbox {:?}: {} rules, default {}",
             rec.name,
             policy.rules().len(),
             policy.default_action()
         );
-        match cut {
-            Ok(0) => {}
-            Ok(n) => msg.push_str(&format!(
-                "; closed {n} connection(s) opened under the old policy that the new one refuses"
-            )),
-            Err(e) => msg.push_str(&format!("; WARNING: {e}")),
-        }
         if let Some(e) = dns_problem {
             msg.push_str(&format!("; WARNING: its DNS resolver did not start: {e}"));
         }
@@ -1471,111 +1485,6 @@ impl Core {
             }
         }
         names
-    }
-
-    /// Judges the sandbox's connections again by its new `policy` and closes those it
-    /// refuses, each recorded (`connection-cut`). Returns how many were closed, or why
-    /// they could not be judged (also logged).
-    fn cut_connections(
-        &self,
-        rec: &SandboxRecord,
-        policy: &Arc<Policy>,
-        learned: HashMap<IpAddr, Vec<String>>,
-    ) -> Result<usize, String> {
-        // Every network namespace the sandbox's processes are in (a process may have
-        // made one of its own), and the one it was attached in.
-        let mut spaces: Vec<OpenNetns> = Vec::new();
-        let paths = rec.netns.iter().cloned().chain(
-            Posture::read(&rec.cgroup)
-                .pids
-                .into_iter()
-                .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net"))),
-        );
-        for path in paths {
-            if let Ok(ns) = OpenNetns::open(&path) {
-                if spaces.iter().all(|s| s.id() != ns.id()) {
-                    spaces.push(ns);
-                }
-            }
-        }
-        let judge = connections::Judge {
-            policy: policy.clone(),
-            learned,
-            daemon_ports: [
-                self.proxy.port,
-                self.dns.port_for(rec.index),
-                self.dns.base_port,
-            ]
-            .into_iter()
-            .filter(|p| *p != 0)
-            .collect(),
-        };
-        let cgroups = connections::cgroup_ids(&rec.cgroup);
-        let mut judged = Vec::new();
-        for ns in &spaces {
-            let found = connections::cut_refused(Some(ns), cgroups.clone(), judge.clone())
-                .map_err(|e| {
-                    tracing::error!(sandbox = %rec.name, error = %e, "Judging connections after a policy change failed");
-                    format!(
-                        "connections opened under the old policy could not be judged again \
-                         (sock_diag in {}: {e}); they stay open until they end",
-                        ns.path().display()
-                    )
-                })?;
-            judged.push(found);
-        }
-        let mut closed = 0;
-        for (netns_cookie, cut) in judged
-            .into_iter()
-            .flat_map(|(cookie, cuts)| cuts.into_iter().map(move |c| (cookie, c)))
-        {
-            let s = &cut.socket;
-            let refuses = if cut.decision.verdict == policy::Verdict::Redirect {
-                "sends such connections to the proxy"
-            } else {
-                "refuses it"
-            };
-            let reason = match &cut.failed {
-                None => {
-                    closed += 1;
-                    format!(
-                        "opened under the sandbox's earlier policy; its new policy {refuses}: closed"
-                    )
-                }
-                Some(e) => format!(
-                    "opened under the sandbox's earlier policy; its new policy {refuses}, but closing \
-                     it failed ({e}): it stays open"
-                ),
-            };
-            self.audit.emit(Record::Network(NetworkDecision {
-                time: now(),
-                sandbox: rec.name.clone(),
-                cgroup_id: s.cgroup_id.unwrap_or(rec.cgroup_id),
-                pid: 0,
-                process_name: String::new(),
-                uid: s.uid,
-                gid: 0,
-                socket_cookie: s.cookie,
-                netns_cookie,
-                hook: Hook::PolicyChange,
-                family: if s.v6 {
-                    SocketFamily::Inet6
-                } else {
-                    SocketFamily::Inet
-                },
-                protocol: if s.tcp { 6 } else { 17 },
-                destination_ip: s.peer.ip(),
-                destination_port: s.peer.port(),
-                verdict: Verdict::Deny,
-                rule: policy
-                    .rule_name(cut.decision.rule_id)
-                    .map_or(RuleRef::Default, |n| RuleRef::Named(n.to_string())),
-                domain: cut.domain.clone(),
-                option: None,
-                reason: Some(reason),
-            }));
-        }
-        Ok(closed)
     }
 
     /// Removes confinement by name or cgroup path (by name, when both are given, only if

@@ -230,9 +230,13 @@ impl Handler for Shared {
                 };
             }
         };
-        match result {
-            Ok(m) => Response::ok(m),
-            Err(e) => Response::error(e),
+        // A replaced policy's connections are judged again outside the lock.
+        let cut = core.pending_cut.take();
+        drop(core);
+        match (result, cut.and_then(super::connections::CutJob::run)) {
+            (Ok(m), Some(cut)) => Response::ok(format!("{m}; {cut}")),
+            (Ok(m), None) => Response::ok(m),
+            (Err(e), _) => Response::error(e),
         }
     }
 }
@@ -444,6 +448,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     );
     let mut core = Core {
         poststops_waiting: Default::default(),
+        pending_cut: None,
         stopping: false,
         saver: Default::default(),
         revocations: Default::default(),
