@@ -370,3 +370,77 @@ fn no_secrets_written(
     }
     fx.assert_token_absent(&[])
 }
+
+/// The daemon's own token for the store never leaves through the proxy: one a sandbox
+/// holds (it leaked) is refused in a request like any injected value, with a
+/// `secret-outbound` alert naming the credential it serves, and it is masked wherever the
+/// daemon writes. Positive control: the same request without it is forwarded.
+#[test]
+fn the_daemons_store_token_is_treated_as_a_secret() -> Result<()> {
+    require_proxy_tools!();
+    skip_if!(openbao::missing());
+    let bao = OpenBao::start()?;
+    let ids = egress_tests::util::TempDir::new("openbao-token")?;
+    // Only `configure`'s policy is wanted here; its AppRole is left unused.
+    let _ = configure(&bao, ids.path())?;
+    let created: Value =
+        serde_json::from_str(&bao.ok(&["token", "create", "-policy=egressd", "-format=json"])?)?;
+    let token = get_str(&created, "auth.client_token")
+        .context("no client_token")?
+        .to_owned();
+    let token_file = ids.path().join("daemon-token");
+    std::fs::write(&token_file, &token)?;
+    let source = format!(
+        "{{ vault: {{ address: \"{}\", ca_file: \"{}\", auth: {{ token_file: \"{}\" }}, kv: {{ path: agents/api, field: token, refresh: {REFRESH} }} }} }}",
+        bao.addr(),
+        bao.ca().display(),
+        token_file.display()
+    );
+    let fx = ProxyFixture::new(ProxyOpts {
+        github: GithubSource::Custom(source),
+        policy: format!(
+            "{}alerts:\n  responses: {{secret-outbound: record}}\n",
+            egress_tests::proxy_fixture::PROXY_POLICY
+        ),
+        ..ProxyOpts::default()
+    })?;
+    bao.ok(&[
+        "kv",
+        "put",
+        "secret/agents/api",
+        &format!("token={}", fx.token()),
+    ])?;
+    // Positive control (the daemon logs in with the token and fetches the value).
+    let (status, body) = curl_status(&fx, REPO_URL)?;
+    ensure!(
+        status == 200 && body == REPO_BODY,
+        "plain request: {status} {body:?}"
+    );
+    let before = fx.origin.requests()?.len();
+    let header = format!("X-Debug: {token}");
+    let out = fx.curl(&[REPO_URL, "-H", &header, "-w", "\n@@%{http_code}"])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        text.ends_with("@@403"),
+        "a request carrying the daemon's store token must be refused: {}",
+        all_output(&out)
+    );
+    ensure!(
+        fx.origin.requests()?.len() == before,
+        "the request carrying the store token reached the origin"
+    );
+    let alert =
+        egress_tests::util::poll(Duration::from_secs(5), Duration::from_millis(50), || {
+            Ok(fx
+                .daemon
+                .audit_records()?
+                .into_iter()
+                .find(|r| get_str(r, "event.action") == Some("secret-outbound")))
+        })?
+        .context("no secret-outbound alert for the store token")?;
+    ensure!(
+        alert.to_string().contains("github"),
+        "the alert should name the credential the token serves: {alert}"
+    );
+    no_secrets_written(&fx, &ids, &[&token])
+}

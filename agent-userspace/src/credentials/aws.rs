@@ -477,6 +477,14 @@ impl AwsSts {
         })
     }
 
+    /// The base key's secret parts (the secret access key, and its session token if it
+    /// has one), as read now: never sent by the proxy, masked like any secret.
+    pub(super) fn base_secrets(&self) -> Vec<Secret> {
+        self.base_key()
+            .map(|k| std::iter::once(k.secret).chain(k.token).collect())
+            .unwrap_or_default()
+    }
+
     fn base_key(&self) -> Result<BaseKey, String> {
         match &self.base {
             Base::Env => {

@@ -441,6 +441,22 @@ impl CredentialStore {
         (names.len() - unread.len(), unread)
     }
 
+    /// Notes credential's new `value`, and what its source holds of its own (the daemon's
+    /// token for the store it reads from): the proxy never sends those, so one in a
+    /// request has leaked (refused), one in a response is scrubbed, and the log and
+    /// stderr mask them like any value.
+    fn note_value(&self, credential: &Credential, value: &Arc<Secret>) {
+        self.known.note(&credential.name, value);
+        if let Source::Vault(v) = &credential.source {
+            if let Some(token) = v.daemon_token() {
+                self.known.note(
+                    &format!("{}\0store-token", credential.name),
+                    &Arc::new(token),
+                );
+            }
+        }
+    }
+
     /// Reads the values of credentials `names` ahead (see [`Self::prime`]), each within
     /// [`READ_AHEAD_TIMEOUT`]; returns the names of those not read.
     async fn read_ahead(&self, names: &[String]) -> Vec<String> {
@@ -456,7 +472,7 @@ impl CredentialStore {
         let mut unread = Vec::new();
         for (credential, value) in read {
             match value {
-                Some(secret) => self.known.note(&credential.name, &secret),
+                Some(secret) => self.note_value(credential, &secret),
                 None => unread.push(credential.name.clone()),
             }
         }
@@ -475,7 +491,7 @@ impl CredentialStore {
             .read_ahead_value()
             .await
             .map_err(|e| e.to_string())?;
-        self.known.note(&credential.name, &secret);
+        self.note_value(credential, &secret);
         Ok(())
     }
 
@@ -548,7 +564,7 @@ impl CredentialStore {
         }
         // A value not seen before (first use, rotation, renewal): match it from now on,
         // before it is sent anywhere.
-        self.known.note(&credential.name, &secret);
+        self.note_value(credential, &secret);
         let text: Zeroizing<String> = match &credential.inject {
             Inject::Header { prefix, suffix, .. } => {
                 let mut s = Zeroizing::new(String::with_capacity(
@@ -744,6 +760,11 @@ impl CredentialStore {
         );
         self.known
             .note(&format!("{name}\0{sandbox}\0token"), &session.session_token);
+        // The base key the sessions are asked for with: never sent by the proxy either.
+        for (i, part) in sts.base_secrets().into_iter().enumerate() {
+            self.known
+                .note(&format!("{name}\0base-{i}"), &Arc::new(part));
+        }
         Ok(Some(session))
     }
 

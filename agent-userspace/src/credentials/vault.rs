@@ -469,6 +469,13 @@ impl Vault {
         Some(held)
     }
 
+    /// The daemon's own token, if it holds one now (and is not fetching): never sent by
+    /// the proxy, masked like any secret.
+    pub(super) fn daemon_token(&self) -> Option<Secret> {
+        let state = self.state.try_lock().ok()?;
+        state.login.as_ref().map(|l| l.token.clone())
+    }
+
     /// The daemon's token: the cached one, renewed when due, or a new login.
     async fn login_token(&self, state: &mut State) -> Result<Secret, String> {
         let now = Instant::now();
