@@ -420,7 +420,7 @@ rules:
         );
         let refused = |peer: &str, tcp: bool| j.refuses(peer.parse().unwrap(), tcp).is_some();
         assert!(!refused("192.0.2.10:80", true), "allowed by address");
-        assert!(refused("192.0.2.10:80", false), "allowed for TCP only");
+        assert!(!refused("192.0.2.10:80", false), "no protocol named: UDP too");
         assert!(refused("192.0.2.10:81", true), "another port");
         assert!(refused("192.0.2.11:80", true), "another address");
         assert!(
