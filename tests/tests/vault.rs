@@ -439,7 +439,7 @@ fn the_daemons_store_token_is_treated_as_a_secret() -> Result<()> {
         })?
         .context("no secret-outbound alert for the store token")?;
     ensure!(
-        alert.to_string().contains("github"),
+        get_str(&alert, "egress.credential.name") == Some("github"),
         "the alert should name the credential the token serves: {alert}"
     );
     no_secrets_written(&fx, &ids, &[&token])

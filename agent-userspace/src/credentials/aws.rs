@@ -114,6 +114,8 @@ pub(super) struct AwsSts {
     sessions: tokio::sync::Mutex<HashMap<String, Slot>>,
     mints: AtomicU64,
     failures: AtomicU64,
+    /// The base key's secret parts as last read to ask for a session.
+    base_parts: std::sync::Mutex<Vec<Arc<Secret>>>,
 }
 
 enum Base {
@@ -267,6 +269,7 @@ impl AwsSts {
             sessions: tokio::sync::Mutex::new(HashMap::new()),
             mints: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            base_parts: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -355,6 +358,17 @@ impl AwsSts {
 
     async fn assume_role(&self, sandbox: &str) -> Result<Session, String> {
         let base = self.base_key()?;
+        {
+            let mut parts = self.base_parts.lock().unwrap_or_else(|p| p.into_inner());
+            let same = parts.first().is_some_and(|s| **s == base.secret)
+                && parts.get(1).map(|t| &**t) == base.token.as_ref();
+            if !same {
+                *parts = std::iter::once(base.secret.clone())
+                    .chain(base.token.clone())
+                    .map(Arc::new)
+                    .collect();
+            }
+        }
         let name = session_name(&self.session_name, &self.credential, sandbox);
         let mut pairs: Vec<(String, String)> = vec![
             ("Action".into(), "AssumeRole".into()),
@@ -478,10 +492,12 @@ impl AwsSts {
     }
 
     /// The base key's secret parts (the secret access key, and its session token if it
-    /// has one), as read now: never sent by the proxy, masked like any secret.
-    pub(super) fn base_secrets(&self) -> Vec<Secret> {
-        self.base_key()
-            .map(|k| std::iter::once(k.secret).chain(k.token).collect())
+    /// has one) as last read to ask for a session: never sent by the proxy, masked like
+    /// any secret.
+    pub(super) fn base_secrets(&self) -> Vec<Arc<Secret>> {
+        self.base_parts
+            .lock()
+            .map(|p| p.clone())
             .unwrap_or_default()
     }
 

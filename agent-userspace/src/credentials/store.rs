@@ -170,6 +170,10 @@ impl KnownSecrets {
     }
 }
 
+/// Marks a slot whose values are the daemon's own (its store token, its base key): in
+/// use for as long as the daemon runs, never forgotten for want of use.
+const LONG_LIVED_SLOT: &str = "daemon:";
+
 /// Drops every value of the slots (`credential\0slot`: one sandbox's STS session) none of
 /// whose values was noted within [`KNOWN_FOR`] before `now`: a session is noted at each
 /// use and lasts at most that long, so such a slot's values are all expired (its sandbox
@@ -180,6 +184,7 @@ pub(super) fn forget_idle_slots<T>(
 ) {
     values.retain(|name, list| {
         !name.contains('\0')
+            || name.contains(&format!("\0{LONG_LIVED_SLOT}"))
             || list
                 .iter()
                 .any(|(_, at)| now.saturating_duration_since(*at) <= KNOWN_FOR)
@@ -224,6 +229,8 @@ struct Credential {
     /// while the source still gives one (a file or variable unchanged, a KV secret not
     /// rotated) or gives one back (a replica, a restored backup).
     revoked: std::sync::Mutex<Vec<Arc<Secret>>>,
+    /// The store logins whose token has been noted among the known secrets.
+    noted_login: AtomicU64,
 }
 
 /// A credential's state for metrics: its name and source kind, never its value.
@@ -447,13 +454,23 @@ impl CredentialStore {
     /// stderr mask them like any value.
     fn note_value(&self, credential: &Credential, value: &Arc<Secret>) {
         self.known.note(&credential.name, value);
-        if let Source::Vault(v) = &credential.source {
-            if let Some(token) = v.daemon_token() {
-                self.known.note(
-                    &format!("{}\0store-token", credential.name),
-                    &Arc::new(token),
-                );
-            }
+        self.note_store_token(credential);
+    }
+
+    /// Notes the daemon's token for the store `credential` reads from, once per login.
+    fn note_store_token(&self, credential: &Credential) {
+        let Source::Vault(v) = &credential.source else {
+            return;
+        };
+        if v.logins() == credential.noted_login.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some((logins, token)) = v.daemon_token() {
+            self.known.note(
+                &format!("{}\0{LONG_LIVED_SLOT}store-token", credential.name),
+                &Arc::new(token),
+            );
+            credential.noted_login.store(logins, Ordering::Release);
         }
     }
 
@@ -559,6 +576,8 @@ impl CredentialStore {
             });
         }
         let secret = credential.fetch().await?;
+        // A login since the last noted (its value may be unchanged): two loads otherwise.
+        self.note_store_token(credential);
         if let Some(value) = credential.header.get(&secret) {
             return Ok(Some((header, value)));
         }
@@ -614,6 +633,8 @@ impl CredentialStore {
             return Ok(None);
         }
         let secret = credential.fetch().await?;
+        // A login since the last noted (its value may be unchanged): two loads otherwise.
+        self.note_store_token(credential);
         // Matched (scrubbed, refused outbound) from now on, before it is sent anywhere.
         self.known.note(&credential.name, &secret);
         Ok(Some(secret))
@@ -761,9 +782,9 @@ impl CredentialStore {
         self.known
             .note(&format!("{name}\0{sandbox}\0token"), &session.session_token);
         // The base key the sessions are asked for with: never sent by the proxy either.
-        for (i, part) in sts.base_secrets().into_iter().enumerate() {
+        for (i, part) in sts.base_secrets().iter().enumerate() {
             self.known
-                .note(&format!("{name}\0base-{i}"), &Arc::new(part));
+                .note(&format!("{name}\0{LONG_LIVED_SLOT}base-{i}"), part);
         }
         Ok(Some(session))
     }
@@ -1333,6 +1354,7 @@ fn compile(
         revoke,
         last: LastFetch::default(),
         revoked: std::sync::Mutex::default(),
+        noted_login: AtomicU64::new(0),
     })
 }
 

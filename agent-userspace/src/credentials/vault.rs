@@ -47,6 +47,8 @@ pub(super) struct Vault {
     pub(super) timeout: Duration,
     /// Held across a fetch, so concurrent callers share one.
     state: tokio::sync::Mutex<State>,
+    /// Logins made so far: a new one is a new token for the known secrets.
+    logins: std::sync::atomic::AtomicU64,
 }
 
 enum Auth {
@@ -242,6 +244,7 @@ impl Vault {
             secret,
             timeout: VAULT_TIMEOUT,
             state: tokio::sync::Mutex::new(State::default()),
+            logins: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -469,11 +472,17 @@ impl Vault {
         Some(held)
     }
 
-    /// The daemon's own token, if it holds one now (and is not fetching): never sent by
-    /// the proxy, masked like any secret.
-    pub(super) fn daemon_token(&self) -> Option<Secret> {
+    /// The daemon's own token, if it holds one now (and is not fetching), with the number
+    /// of logins it came from: never sent by the proxy, masked like any secret.
+    pub(super) fn daemon_token(&self) -> Option<(u64, Secret)> {
         let state = self.state.try_lock().ok()?;
-        state.login.as_ref().map(|l| l.token.clone())
+        let logins = self.logins.load(std::sync::atomic::Ordering::Acquire);
+        state.login.as_ref().map(|l| (logins, l.token.clone()))
+    }
+
+    /// Logins made so far.
+    pub(super) fn logins(&self) -> u64 {
+        self.logins.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The daemon's token: the cached one, renewed when due, or a new login.
@@ -513,6 +522,8 @@ impl Vault {
         let login = self.login(now).await?;
         let token = login.token.clone();
         state.login = Some(login);
+        self.logins
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(token)
     }
 

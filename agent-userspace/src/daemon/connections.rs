@@ -21,6 +21,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,9 +35,6 @@ use super::netns::OpenNetns;
 
 /// How long an attach waits for the judging before it answers (the work goes on).
 const WAIT: Duration = Duration::from_secs(10);
-/// Passes over the namespace's sockets: a connect judged under the old policy may be
-/// hashed just after a listing.
-const PASSES: usize = 3;
 
 /// What judging a sandbox's connections needs.
 #[derive(Clone)]
@@ -135,31 +133,115 @@ fn held_sockets(pids: &[u32]) -> HashSet<u64> {
     inodes
 }
 
+/// Which of a sandbox's connections existed when its policy was replaced, by network
+/// namespace: only those are judged again (a later one was judged by the new policy at
+/// its `connect()`, perhaps to an address the new resolver learned).
+pub struct Snapshot {
+    spaces: Vec<(OpenNetns, HashSet<u64>)>,
+    errors: Vec<String>,
+}
+
+impl Snapshot {
+    /// Lists the sandbox's TCP connections and connected UDP sockets (created in its
+    /// cgroup tree or held by its processes) in `attached_netns` and every namespace its
+    /// processes are in. Reads only (no socket's lock is taken): made under the daemon's
+    /// lock, right after the new policy is in force.
+    pub fn take(cgroup: &Path, attached_netns: Option<&Path>) -> Self {
+        let pids: Vec<u32> = crate::posture::Posture::read(cgroup)
+            .pids
+            .into_iter()
+            .collect();
+        let mut opened: Vec<OpenNetns> = Vec::new();
+        let paths = attached_netns.map(Path::to_path_buf).into_iter().chain(
+            pids.iter()
+                .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net"))),
+        );
+        for path in paths {
+            if let Ok(ns) = OpenNetns::open(&path) {
+                if opened.iter().all(|s| s.id() != ns.id()) {
+                    opened.push(ns);
+                }
+            }
+        }
+        let cgroups = cgroup_ids(cgroup);
+        let held = held_sockets(&pids);
+        let mut spaces = Vec::new();
+        let mut errors = Vec::new();
+        for ns in opened {
+            let (cgroups, held) = (cgroups.clone(), held.clone());
+            let listed = super::netns::in_netns(&ns, move || {
+                Ok(sandbox_sockets(&cgroups, &held)?
+                    .into_iter()
+                    .map(|s| s.cookie)
+                    .collect::<HashSet<u64>>())
+            });
+            match listed {
+                Ok(cookies) if cookies.is_empty() => {}
+                Ok(cookies) => spaces.push((ns, cookies)),
+                Err(e) => errors.push(format!("{}: {e}", ns.path().display())),
+            }
+        }
+        Self { spaces, errors }
+    }
+}
+
+/// The sandbox's connections in the calling thread's namespace.
+fn sandbox_sockets(cgroups: &HashSet<u64>, held: &HashSet<u64>) -> io::Result<Vec<InetSocket>> {
+    let mut sockets = sock_diag::list(Listing::TcpConnected)?;
+    sockets.extend(sock_diag::list(Listing::UdpConnected)?);
+    if sockets.iter().any(|s| s.cgroup_id.is_none()) {
+        return Err(io::Error::other(
+            "the kernel does not say which cgroup its sockets were made in",
+        ));
+    }
+    sockets
+        .retain(|s| s.cgroup_id.is_some_and(|id| cgroups.contains(&id)) || held.contains(&s.inode));
+    Ok(sockets)
+}
+
 /// One sandbox's connections to judge again once its policy is replaced.
 pub struct CutJob {
     pub sandbox: String,
-    pub cgroup: PathBuf,
     pub cgroup_id: u64,
-    /// The namespace it was attached in, if known by path.
-    pub attached_netns: Option<PathBuf>,
+    pub snapshot: Snapshot,
     pub judge: Judge,
     pub audit: AuditHandle,
+    /// The sandbox's policy epoch, and its value for this job: a later replacement, a
+    /// detach or the daemon's stop moves it on, and the job stops.
+    pub epoch: Arc<AtomicU64>,
+    pub at: u64,
 }
 
-/// A connection judged again and closed (or not).
-struct Cut {
-    socket: InetSocket,
-    decision: Decision,
-    domain: Option<String>,
-    netns_cookie: u64,
-    outcome: Outcome,
+/// What the job's thread in a namespace needs.
+struct Context {
+    sandbox: String,
+    cgroup_id: u64,
+    judge: Judge,
+    audit: AuditHandle,
+    epoch: Arc<AtomicU64>,
+    at: u64,
 }
 
+impl Context {
+    fn current(&self) -> bool {
+        self.epoch.load(Ordering::Acquire) == self.at
+    }
+}
+
+/// What became of a connection judged again.
 enum Outcome {
     Closed,
     /// Gone before it could be closed.
     Gone,
     Failed(String),
+}
+
+/// Counts over the namespaces.
+#[derive(Default)]
+struct Tally {
+    closed: usize,
+    failed: usize,
+    superseded: bool,
 }
 
 impl CutJob {
@@ -190,60 +272,59 @@ impl CutJob {
     }
 
     fn judge_all(self) -> Option<String> {
-        let pids: Vec<u32> = crate::posture::Posture::read(&self.cgroup)
-            .pids
-            .into_iter()
-            .collect();
-        // Every namespace its processes are in (a process may have made one of its own),
-        // and the one it was attached in.
-        let mut spaces: Vec<OpenNetns> = Vec::new();
-        let paths = self.attached_netns.iter().cloned().chain(
-            pids.iter()
-                .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net"))),
-        );
-        for path in paths {
-            if let Ok(ns) = OpenNetns::open(&path) {
-                if spaces.iter().all(|s| s.id() != ns.id()) {
-                    spaces.push(ns);
+        let Self {
+            sandbox,
+            cgroup_id,
+            snapshot,
+            judge,
+            audit,
+            epoch,
+            at,
+        } = self;
+        let context = Arc::new(Context {
+            sandbox,
+            cgroup_id,
+            judge,
+            audit,
+            epoch,
+            at,
+        });
+        let mut errors = snapshot.errors;
+        let mut tally = Tally::default();
+        for (ns, cookies) in snapshot.spaces {
+            let ctx = context.clone();
+            match super::netns::in_netns(&ns, move || cut_here(&ctx, &cookies)) {
+                Ok(t) => {
+                    tally.closed += t.closed;
+                    tally.failed += t.failed;
+                    tally.superseded |= t.superseded;
                 }
-            }
-        }
-        let cgroups = cgroup_ids(&self.cgroup);
-        let held = held_sockets(&pids);
-        let mut errors = Vec::new();
-        let mut cuts = Vec::new();
-        for ns in &spaces {
-            let (cgroups, held, judge) = (cgroups.clone(), held.clone(), self.judge.clone());
-            match super::netns::in_netns(ns, move || cut_here(&cgroups, &held, &judge)) {
-                Ok(found) => cuts.extend(found),
                 Err(e) => errors.push(format!("{}: {e}", ns.path().display())),
             }
         }
-        let mut closed = 0;
-        let mut failed = 0;
-        for cut in &cuts {
-            match cut.outcome {
-                Outcome::Closed => closed += 1,
-                Outcome::Failed(_) => failed += 1,
-                Outcome::Gone => {}
-            }
-            self.audit.emit(Record::Network(self.record(cut)));
-        }
         if !errors.is_empty() {
-            tracing::error!(sandbox = %self.sandbox, errors = ?errors, "Judging connections after a policy change failed");
+            tracing::error!(sandbox = %context.sandbox, errors = ?errors, "Judging connections after a policy change failed");
         }
         let mut said = Vec::new();
-        if closed > 0 {
+        if tally.closed > 0 {
             said.push(format!(
-                "closed {closed} connection(s) opened under the old policy that the new one \
-                 refuses"
+                "closed {} connection(s) opened under the old policy that the new one refuses",
+                tally.closed
             ));
         }
-        if failed > 0 {
+        if tally.failed > 0 {
             said.push(format!(
-                "WARNING: {failed} connection(s) the new policy refuses could not be closed \
-                 (see their connection-cut records); they stay open until they end"
+                "WARNING: {} connection(s) the new policy refuses could not be closed (see \
+                 their connection-cut records); they stay open until they end",
+                tally.failed
             ));
+        }
+        if tally.superseded {
+            said.push(
+                "the sandbox's policy changed again (or it was detached) meanwhile: the rest \
+                 is judged by what came after"
+                    .to_owned(),
+            );
         }
         if !errors.is_empty() {
             said.push(format!(
@@ -254,120 +335,140 @@ impl CutJob {
         }
         (!said.is_empty()).then(|| said.join("; "))
     }
-
-    fn record(&self, cut: &Cut) -> NetworkDecision {
-        let s = &cut.socket;
-        let refuses = if cut.decision.verdict == policy::Verdict::Redirect {
-            "sends such connections to the proxy"
-        } else {
-            "refuses it"
-        };
-        let what = match &cut.outcome {
-            Outcome::Closed => "closed".to_owned(),
-            Outcome::Gone => "it ended before it could be closed".to_owned(),
-            Outcome::Failed(e) => format!("closing it failed ({e}): it stays open"),
-        };
-        NetworkDecision {
-            time: OffsetDateTime::now_utc(),
-            sandbox: self.sandbox.clone(),
-            cgroup_id: s.cgroup_id.unwrap_or(self.cgroup_id),
-            pid: 0,
-            process_name: String::new(),
-            uid: s.uid,
-            gid: 0,
-            socket_cookie: s.cookie,
-            netns_cookie: cut.netns_cookie,
-            hook: Hook::PolicyChange,
-            family: if s.v6 {
-                SocketFamily::Inet6
-            } else {
-                SocketFamily::Inet
-            },
-            protocol: if s.tcp { 6 } else { 17 },
-            destination_ip: s.peer.ip(),
-            destination_port: s.peer.port(),
-            verdict: Verdict::Deny,
-            rule: self
-                .judge
-                .policy
-                .rule_name(cut.decision.rule_id)
-                .map_or(RuleRef::Default, |n| RuleRef::Named(n.to_string())),
-            domain: cut.domain.clone(),
-            option: None,
-            reason: Some(format!(
-                "connection opened under the sandbox's earlier policy; its new policy \
-                 {refuses}: {what}"
-            )),
-        }
-    }
 }
 
-/// In the calling thread's namespace: the sandbox's connections (created in `cgroups`,
-/// or held by its processes: `held`) that `judge` refuses, each closed.
-fn cut_here(cgroups: &HashSet<u64>, held: &HashSet<u64>, judge: &Judge) -> io::Result<Vec<Cut>> {
-    // An unbound socket: the namespace may have no address up.
-    // SAFETY: plain socket(2); the descriptor is owned from here.
-    let probe = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if probe < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: just opened, owned by nothing else.
-    let probe = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(probe) };
-    let netns_cookie = super::netns::netns_cookie(&probe)?;
-    drop(probe);
-    let mut cuts: Vec<Cut> = Vec::new();
-    // Each judged socket's place in `cuts` (`None`: it may stay).
-    let mut seen: HashMap<u64, Option<usize>> = HashMap::new();
-    for _ in 0..PASSES {
-        let mut sockets = sock_diag::list(Listing::TcpConnected)?;
-        sockets.extend(sock_diag::list(Listing::UdpConnected)?);
-        let mut found = 0;
-        for socket in sockets {
-            if socket.cgroup_id.is_none() {
-                return Err(io::Error::other(
-                    "the kernel does not say which cgroup its sockets were made in",
-                ));
-            }
-            let ours = socket.cgroup_id.is_some_and(|id| cgroups.contains(&id))
-                || held.contains(&socket.inode);
-            if !ours {
-                continue;
-            }
-            if let Some(judged) = seen.get(&socket.cookie) {
-                // Closed (or not found) in an earlier pass, and still connected: the
-                // kernel closed another socket of the same addresses, or none.
-                if let Some(cut) = judged.and_then(|i| cuts.get_mut(i)) {
-                    if !matches!(cut.outcome, Outcome::Failed(_)) {
-                        cut.outcome =
-                            Outcome::Failed("still connected after SOCK_DESTROY".to_owned());
-                    }
-                }
-                continue;
-            }
-            seen.insert(socket.cookie, None);
-            let Some((decision, domain)) = judge.refuses(socket.peer, socket.tcp) else {
-                continue;
-            };
-            found += 1;
-            seen.insert(socket.cookie, Some(cuts.len()));
-            let outcome = match sock_diag::destroy(&socket) {
-                Ok(true) => Outcome::Closed,
-                Ok(false) => Outcome::Gone,
-                Err(e) => Outcome::Failed(e.to_string()),
-            };
-            cuts.push(Cut {
+/// In the calling thread's namespace: of the connections `cookies` names, those the new
+/// policy refuses, each closed and recorded at once; then a look that each is gone.
+fn cut_here(ctx: &Context, cookies: &HashSet<u64>) -> io::Result<Tally> {
+    let netns_cookie = namespace_cookie()?;
+    let mut tally = Tally::default();
+    let mut closed: HashSet<u64> = HashSet::new();
+    let record =
+        |socket: &InetSocket, decision: &Decision, domain: Option<String>, outcome: &Outcome| {
+            ctx.audit.emit(Record::Network(record(
+                ctx,
+                netns_cookie,
                 socket,
                 decision,
                 domain,
-                netns_cookie,
                 outcome,
-            });
-        }
-        if found == 0 {
+            )));
+        };
+    let mut judged = Vec::new();
+    for socket in sock_diag::list(Listing::TcpConnected)?
+        .into_iter()
+        .chain(sock_diag::list(Listing::UdpConnected)?)
+        .filter(|s| cookies.contains(&s.cookie))
+    {
+        if !ctx.current() {
+            tally.superseded = true;
             break;
         }
+        let Some((decision, domain)) = ctx.judge.refuses(socket.peer, socket.tcp) else {
+            continue;
+        };
+        let outcome = match sock_diag::destroy(&socket) {
+            Ok(true) => {
+                tally.closed += 1;
+                closed.insert(socket.cookie);
+                Outcome::Closed
+            }
+            Ok(false) => Outcome::Gone,
+            Err(e) => {
+                tally.failed += 1;
+                Outcome::Failed(e.to_string())
+            }
+        };
+        record(&socket, &decision, domain.clone(), &outcome);
+        judged.push((socket, decision, domain));
     }
-    Ok(cuts)
+    if closed.is_empty() {
+        return Ok(tally);
+    }
+    // The kernel finds a socket by its addresses: where two share them, it may have
+    // closed another (or none). One still connected is said to stay open.
+    let still: HashSet<u64> = sock_diag::list(Listing::TcpConnected)?
+        .into_iter()
+        .chain(sock_diag::list(Listing::UdpConnected)?)
+        .map(|s| s.cookie)
+        .filter(|c| closed.contains(c))
+        .collect();
+    for (socket, decision, domain) in judged.iter().filter(|(s, ..)| still.contains(&s.cookie)) {
+        tally.closed -= 1;
+        tally.failed += 1;
+        record(
+            socket,
+            decision,
+            domain.clone(),
+            &Outcome::Failed("still connected after SOCK_DESTROY".to_owned()),
+        );
+    }
+    Ok(tally)
+}
+
+/// The calling thread's namespace's cookie, from an unbound socket (the namespace may
+/// have no address up).
+fn namespace_cookie() -> io::Result<u64> {
+    // SAFETY: plain socket(2); the descriptor is owned from here.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just opened, owned by nothing else.
+    let probe = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    super::netns::netns_cookie(&probe)
+}
+
+fn record(
+    ctx: &Context,
+    netns_cookie: u64,
+    s: &InetSocket,
+    decision: &Decision,
+    domain: Option<String>,
+    outcome: &Outcome,
+) -> NetworkDecision {
+    let refuses = if decision.verdict == policy::Verdict::Redirect {
+        "sends such connections to the proxy"
+    } else {
+        "refuses it"
+    };
+    let what = match outcome {
+        Outcome::Closed => "closed".to_owned(),
+        Outcome::Gone => "it ended before it could be closed".to_owned(),
+        Outcome::Failed(e) => format!("closing it failed ({e}): it stays open"),
+    };
+    NetworkDecision {
+        time: OffsetDateTime::now_utc(),
+        sandbox: ctx.sandbox.clone(),
+        cgroup_id: s.cgroup_id.unwrap_or(ctx.cgroup_id),
+        pid: 0,
+        process_name: String::new(),
+        uid: s.uid,
+        gid: 0,
+        socket_cookie: s.cookie,
+        netns_cookie,
+        hook: Hook::PolicyChange,
+        family: if s.v6 {
+            SocketFamily::Inet6
+        } else {
+            SocketFamily::Inet
+        },
+        protocol: if s.tcp { 6 } else { 17 },
+        destination_ip: s.peer.ip(),
+        destination_port: s.peer.port(),
+        verdict: Verdict::Deny,
+        rule: ctx
+            .judge
+            .policy
+            .rule_name(decision.rule_id)
+            .map_or(RuleRef::Default, |n| RuleRef::Named(n.to_string())),
+        domain,
+        option: None,
+        reason: Some(format!(
+            "connection opened under the sandbox's earlier policy; its new policy {refuses}: \
+             {what}"
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -420,7 +521,10 @@ rules:
         );
         let refused = |peer: &str, tcp: bool| j.refuses(peer.parse().unwrap(), tcp).is_some();
         assert!(!refused("192.0.2.10:80", true), "allowed by address");
-        assert!(!refused("192.0.2.10:80", false), "no protocol named: UDP too");
+        assert!(
+            !refused("192.0.2.10:80", false),
+            "no protocol named: UDP too"
+        );
         assert!(refused("192.0.2.10:81", true), "another port");
         assert!(refused("192.0.2.11:80", true), "another address");
         assert!(

@@ -66,6 +66,8 @@ pub struct Core {
     /// The connections of a sandbox whose policy was just replaced, to be judged again
     /// by the request's handler once it lets the lock go.
     pub pending_cut: Option<connections::CutJob>,
+    /// Each sandbox's policy epoch, moved on by a replacement, a detach or the stop.
+    pub cut_epochs: HashMap<String, Arc<std::sync::atomic::AtomicU64>>,
     /// The daemon is stopping: control requests that would change anything are refused
     /// (their records would follow `daemon-stop`).
     pub stopping: bool,
@@ -1418,12 +1420,16 @@ impl Core {
             previous_digest: PolicyDigest::of(old.policy_source.as_bytes()),
             digest: PolicyDigest::of(rec.policy_source.as_bytes()),
         }));
-        // Judged once the daemon's lock is let go (see `connections`).
+        // Which connections are the old policy's, listed now (the new one is in force);
+        // judged once the daemon's lock is let go (see `connections`).
+        let epoch = self.cut_epoch(&rec.name);
+        let at = epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
         self.pending_cut = Some(connections::CutJob {
             sandbox: rec.name.clone(),
-            cgroup: rec.cgroup.clone(),
             cgroup_id: rec.cgroup_id,
-            attached_netns: rec.netns.clone(),
+            snapshot: connections::Snapshot::take(&rec.cgroup, rec.netns.as_deref()),
+            epoch,
+            at,
             judge: connections::Judge {
                 policy: policy.clone(),
                 learned,
@@ -1463,6 +1469,25 @@ impl Core {
         self.state.sandboxes.insert(rec.name.clone(), rec);
         self.save_state();
         Ok((index, msg))
+    }
+
+    /// Sandbox `name`'s policy epoch, which a cut job checks before each connection it
+    /// closes (see [`connections::CutJob`]).
+    fn cut_epoch(&mut self, name: &str) -> Arc<std::sync::atomic::AtomicU64> {
+        self.cut_epochs.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Stops the cut jobs of sandbox `name` (all with `None`) before their next
+    /// connection: its policy changed again, it was detached, or the daemon stops.
+    pub fn supersede_cuts(&mut self, name: Option<&str>) {
+        for (sandbox, epoch) in &self.cut_epochs {
+            if name.is_none_or(|n| n == sandbox) {
+                epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            }
+        }
+        if let Some(n) = name {
+            self.cut_epochs.remove(n);
+        }
     }
 
     /// The names each address sandbox `index` learned was learned from.
@@ -1569,6 +1594,7 @@ impl Core {
                 self.alerts.remove_sandbox(&rec.name);
                 self.bursts.forget(rec.index);
                 self.state.sandboxes.remove(&rec.name);
+                self.supersede_cuts(Some(&rec.name));
                 let policy = self.compiled.remove(&rec.name);
                 self.departed.insert(
                     rec.index,
@@ -1965,6 +1991,7 @@ impl Core {
                     DetachReason::CgroupRemoved,
                 )));
                 self.state.sandboxes.remove(&rec.name);
+                self.supersede_cuts(Some(&rec.name));
                 // Its events still queued in the kernel are named by it, not by a sandbox
                 // given its index next.
                 self.departed.insert(

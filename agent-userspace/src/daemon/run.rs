@@ -449,6 +449,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let mut core = Core {
         poststops_waiting: Default::default(),
         pending_cut: None,
+        cut_epochs: std::collections::HashMap::new(),
         stopping: false,
         saver: Default::default(),
         revocations: Default::default(),
@@ -602,7 +603,12 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     }
 
     tracing::info!("Stopping; sandboxes stay confined (pinned links)");
-    shared.lock().stopping = true;
+    {
+        let mut core = shared.lock();
+        core.stopping = true;
+        // Cut jobs still running close nothing more (their records would follow the stop).
+        core.supersede_cuts(None);
+    }
     let _ = super::notify::notify("STOPPING=1");
     server.abort();
     if let Some(m) = metrics_server {
