@@ -1723,16 +1723,10 @@ fn a_sandbox_attached_without_its_netns_keeps_the_one_seen_at_attach() -> Result
     Ok(())
 }
 
-/// A request sent upstream (with the credential) whose client then goes away is written
-/// in full even past the sandbox's refusal limit: a flood of cheap refusals before it
-/// cannot make it one count among abandoned requests.
-#[test]
-fn a_request_abandoned_after_it_was_sent_upstream_is_recorded_past_the_limit() -> Result<()> {
-    require_proxy_tools!();
-    let fx = ProxyFixture::new(ProxyOpts::default())?;
-    // Past the 1,000 refusals recorded one by one per 10 s.
-    const SENT: u64 = 1100;
-    let url = format!("https://api.github.com/repos/other/x[1-{SENT}]");
+/// `sent` requests over one HTTP/2 connection to a path no rule allows, each refused
+/// (403 from the proxy, nothing sent upstream).
+fn refuse_many(fx: &ProxyFixture, sent: u64) -> Result<()> {
+    let url = format!("https://api.github.com/repos/other/x[1-{sent}]");
     let out = fx.curl(&[
         "--http2",
         "-Z",
@@ -1749,10 +1743,22 @@ fn a_request_abandoned_after_it_was_sent_upstream_is_recorded_past_the_limit() -
         .filter(|l| *l == "403")
         .count() as u64;
     ensure!(
-        refused == SENT,
-        "expected {SENT} refusals: {}",
+        refused == sent,
+        "expected {sent} refusals (403), got {refused}: {}",
         all_output(&out)
     );
+    Ok(())
+}
+
+/// A request sent upstream (with the credential) whose client then goes away is written
+/// in full even past the sandbox's refusal limit: a flood of cheap refusals before it
+/// cannot make it one count among abandoned requests.
+#[test]
+fn a_request_abandoned_after_it_was_sent_upstream_is_recorded_past_the_limit() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts::default())?;
+    // Past the 1,000 refusals recorded one by one per 10 s.
+    refuse_many(&fx, 1100)?;
     let before = fx.origin.requests()?.len();
     // The origin answers after 5 s; the client gives up after 1.
     let slow = format!("https://api.github.com{ECHO_PATH}slow");
@@ -1794,25 +1800,7 @@ fn refusals_counted_in_a_window_are_raised_when_the_daemon_stops() -> Result<()>
     const SENT: u64 = 1100;
     let before = fx.origin.requests()?.len();
     let started = Instant::now();
-    let url = format!("https://api.github.com/repos/other/x[1-{SENT}]");
-    let out = fx.curl(&[
-        "--http2",
-        "-Z",
-        "--parallel-max",
-        "50",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}\n",
-        &url,
-    ])?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let refused = stdout.lines().filter(|l| *l == "403").count() as u64;
-    ensure!(
-        refused == SENT,
-        "expected {SENT} refusals (403), got {refused}: {}",
-        all_output(&out)
-    );
+    refuse_many(&fx, SENT)?;
     // Stopped well inside the window that began with the first refusal.
     fx.daemon.terminate(Duration::from_secs(10))?;
     ensure!(

@@ -648,6 +648,20 @@ fn capabilities_gained_after_attach_are_alerted() -> Result<()> {
     Ok(())
 }
 
+/// A new cgroup (its name ending in `name`) holding a `sleep` started as the host starts
+/// a process (in every namespace of the test's own).
+fn sleeper_in(name: &str) -> Result<(egress_tests::cgroup::CgroupGuard, ChildGuard)> {
+    let cgroup = egress_tests::cgroup::CgroupGuard::new(name)?;
+    let child = Command::new("sleep")
+        .arg("30")
+        .stdin(Stdio::null())
+        .spawn()
+        .context("spawning sleep")?;
+    let sleeper = ChildGuard::new(child, "sleep");
+    cgroup.add(sleeper.pid().context("sleep has no pid")?)?;
+    Ok((cgroup, sleeper))
+}
+
 /// A policy without proxy rules or names may be attached to a cgroup whose processes
 /// share the host's network namespace; the host's abstract unix sockets (which no hook
 /// judges) are open to them, so the attach says so, and a `risky-posture` alert records
@@ -663,14 +677,7 @@ fn a_sandbox_in_the_hosts_network_namespace_is_warned_of() -> Result<()> {
         !shown.contains("network namespace"),
         "a sandbox with its own namespace was warned of: {shown}"
     );
-    let cgroup = egress_tests::cgroup::CgroupGuard::new("hostns")?;
-    let child = Command::new("sleep")
-        .arg("30")
-        .stdin(Stdio::null())
-        .spawn()
-        .context("spawning sleep")?;
-    let sleeper = ChildGuard::new(child, "sleep");
-    cgroup.add(sleeper.pid().context("sleep has no pid")?)?;
+    let (cgroup, sleeper) = sleeper_in("hostns")?;
     let policy = fx.policy("host.yaml", POLICY)?;
     let name = format!("{}-host", fx.sandbox.label());
     let out = fx.daemon.ctl([
@@ -742,14 +749,7 @@ fn a_sandbox_sharing_the_hosts_pid_and_mount_namespaces_is_warned_of() -> Result
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
     // A process started as the host starts one shares both.
-    let cgroup = egress_tests::cgroup::CgroupGuard::new("hostpid")?;
-    let child = Command::new("sleep")
-        .arg("30")
-        .stdin(Stdio::null())
-        .spawn()
-        .context("spawning sleep")?;
-    let sleeper = ChildGuard::new(child, "sleep");
-    cgroup.add(sleeper.pid().context("sleep has no pid")?)?;
+    let (cgroup, sleeper) = sleeper_in("hostpid")?;
     let host = format!("{}-host", fx.sandbox.label());
     let shown = attach(&cgroup, &host)?;
     ensure!(
