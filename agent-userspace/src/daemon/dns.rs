@@ -209,11 +209,11 @@ impl DnsRuntime {
                 Some(sink) => sink(index, learned),
                 None => Err("the daemon is still starting".into()),
             }),
-            audit: Arc::new(move |r| {
-                // A refused query counts toward a denial burst as a kernel denial does.
-                let denied = r.verdict == crate::audit::DnsVerdict::Deny;
-                audit.emit(Record::Dns(r));
-                if let Some(count) = denials.get().filter(|_| denied) {
+            audit: Arc::new(move |r| audit.emit(Record::Dns(r))),
+            // A refused query counts toward a denial burst as a kernel denial does, its
+            // record written or counted past the refusal limit.
+            denied: Arc::new(move || {
+                if let Some(count) = denials.get() {
                     count(index);
                 }
             }),

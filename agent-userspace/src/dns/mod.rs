@@ -125,6 +125,9 @@ pub type LearnFn = Arc<dyn Fn(&[Learned]) -> Result<Vec<Refusal>, String> + Send
 pub type DnsAuditSink = Arc<dyn Fn(DnsRecord) + Send + Sync>;
 /// `ResolverCtx::alert`.
 pub type AlertSink = Arc<dyn Fn(Alert) + Send + Sync>;
+/// Told of every query refused by the policy, recorded one by one or counted past the
+/// refusal limit alike (a denial burst counts them all).
+pub type DenialSink = Arc<dyn Fn() + Send + Sync>;
 
 /// Everything one sandbox's resolver needs; shared by its UDP and TCP listeners.
 pub struct ResolverCtx {
@@ -143,6 +146,8 @@ pub struct ResolverCtx {
     pub learn: LearnFn,
     /// Where the records go.
     pub audit: DnsAuditSink,
+    /// Every refusal, whether its record is written or counted.
+    pub denied: DenialSink,
     /// Where budget alerts go (one per [`ALERT_WINDOW`] over budget).
     pub alert: AlertSink,
     /// The sandbox's DNS budget state; limits come from the policy of each query.
@@ -405,6 +410,9 @@ async fn resolve(
         verdict = ?record.verdict,
         "DNS query"
     );
+    if record.verdict == DnsVerdict::Deny {
+        (ctx.denied)();
+    }
     // Only refusals of queries that never left the host are limited: one sent upstream
     // (then refused for its answer) is always recorded, its name having gone out.
     if record.verdict == DnsVerdict::Allow

@@ -223,6 +223,8 @@ struct Harness {
     order: Arc<Mutex<Vec<&'static str>>>,
     records: Arc<Mutex<Vec<DnsRecord>>>,
     alerts: Arc<Mutex<Vec<Alert>>>,
+    /// Refusals the resolver reported for a denial burst.
+    denials: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Harness {
@@ -236,6 +238,7 @@ impl Harness {
         let order: Arc<Mutex<Vec<&'static str>>> = Arc::default();
         let records: Arc<Mutex<Vec<DnsRecord>>> = Arc::default();
         let alerts: Arc<Mutex<Vec<Alert>>> = Arc::default();
+        let denials: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let (l, o, r, a) = (
             learned.clone(),
             order.clone(),
@@ -263,6 +266,12 @@ impl Harness {
                 }
             }),
             audit: Arc::new(move |record| r.lock().unwrap().push(record)),
+            denied: {
+                let d = denials.clone();
+                Arc::new(move || {
+                    d.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                })
+            },
             alert: Arc::new(move |alert| a.lock().unwrap().push(alert)),
             budget: Arc::default(),
             timeout: TIMEOUT,
@@ -286,6 +295,7 @@ impl Harness {
             order,
             records,
             alerts,
+            denials,
         }
     }
 
@@ -1130,6 +1140,12 @@ async fn refused_queries_past_the_limit_are_counted_not_recorded_one_by_one() {
         .filter(|r| r.verdict == DnsVerdict::Deny && r.upstream.is_none())
         .count();
     assert_eq!(refused, REFUSALS_RECORDED as usize);
+    // Every refusal counts toward a denial burst, recorded or counted alike (the refused
+    // answer too).
+    assert_eq!(
+        h.denials.load(std::sync::atomic::Ordering::Relaxed),
+        u64::from(REFUSALS_RECORDED) + over as u64 + 1
+    );
     assert_eq!(
         records.last().map(|r| r.question_name.as_str()),
         Some("api.github.example")
