@@ -941,6 +941,7 @@ fn request_outside_the_http_rules_is_refused_with_403_or_400() -> Result<()> {
     for header in [
         "x-goog-copy-source: /acme/secret/db.dump",
         "X-Ms-Rename-Source: /fs/prod/ledger.csv",
+        "X-Container-Sync-To: //realm/cluster/AUTH_other/c",
     ] {
         let name = header
             .split(':')
@@ -954,6 +955,23 @@ fn request_outside_the_http_rules_is_refused_with_403_or_400() -> Result<()> {
         get_str(&rec, "event.reason").is_some_and(|r| r.contains("second object")),
         "refusal record without its reason: {rec}"
     );
+    // An Elasticsearch multi-get under the allowed prefix, whose body names other
+    // indices (a GET with a body there): 403, the segment named.
+    refused_on_both(
+        &fx,
+        &[
+            "-X",
+            "GET",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"docs":[{"_index":"prod","_id":"1"}]}"#,
+            &format!("{REPO_URL}/_mget"),
+        ],
+        403,
+        "_mget",
+        &mut outs,
+    )?;
     // Objects named in the query and body instead (OpenStack Swift's large-object
     // manifest, bulk delete): 403, the parameter named.
     for (query, key) in [

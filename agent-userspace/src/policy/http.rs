@@ -27,9 +27,27 @@ pub enum MethodPattern {
 /// Methods whose request body names the resources they act on: WebDAV's `BIND` and
 /// `REBIND` (the resource to bind, anywhere on the server), `UNBIND` (the binding to
 /// remove), `SEARCH` (its scope) and `REPORT` (the resources of a multiget, or of a
-/// version tree). Judging the path judges none of those, so a rule allows them only by
-/// name in an `http:` entry: `*` does not match them, nor does a rule without `http:`.
-pub const BODY_TARGET_METHODS: [&str; 5] = ["BIND", "REBIND", "UNBIND", "SEARCH", "REPORT"];
+/// version tree); versioning's (DeltaV, RFC 3253) `UPDATE` and `VERSION-CONTROL` (the
+/// version whose content is copied in), `MERGE` (its source), `CHECKOUT` and `CHECKIN`
+/// (an activity set), `BASELINE-CONTROL` (a baseline); redirect references' (RFC 4437)
+/// `MKREDIRECTREF` and `UPDATEREDIRECTREF` (where they point). Judging the path judges
+/// none of those, so a rule allows them only by name in an `http:` entry: `*` does not
+/// match them, nor does a rule without `http:`.
+pub const BODY_TARGET_METHODS: [&str; 13] = [
+    "BIND",
+    "REBIND",
+    "UNBIND",
+    "SEARCH",
+    "REPORT",
+    "UPDATE",
+    "VERSION-CONTROL",
+    "MERGE",
+    "CHECKOUT",
+    "CHECKIN",
+    "BASELINE-CONTROL",
+    "MKREDIRECTREF",
+    "UPDATEREDIRECTREF",
+];
 
 /// Whether `method` names its targets in its body ([`BODY_TARGET_METHODS`]), in any
 /// case: Django, Werkzeug, Symfony and Radicale upper-case the method they run.
@@ -39,17 +57,28 @@ pub fn names_targets_in_body(method: &str) -> bool {
         .any(|m| m.eq_ignore_ascii_case(method))
 }
 
-/// The segment of `path` (normal form) that makes it a batch endpoint, whose body carries
-/// whole requests the origin runs one by one: Google's `/batch/...` (`multipart/mixed`
-/// of `application/http` parts), OData's and Microsoft Graph's `$batch` (JSON or
-/// multipart). Judging the outer request judges none of the inner ones, so a rule allows
-/// such a path (for any method but GET and HEAD) only where an `http:` path names the
-/// segment itself: a wildcard does not.
-pub fn batch_segment(path: &str) -> Option<&str> {
+/// Segments of Elasticsearch's and OpenSearch's multi-target endpoints, whose body names
+/// other indices and documents (`{"_index": "prod"}`), also in a GET.
+const MULTI_TARGET_SEGMENTS: [&str; 4] = ["_mget", "_msearch", "_bulk", "_mtermvectors"];
+
+/// The segment of `path` (normal form) that makes a `method` request to it a batch
+/// endpoint's, whose body carries whole requests the origin runs one by one, or names
+/// their targets: Google's `/batch/...` (`multipart/mixed` of `application/http` parts),
+/// OData's and Microsoft Graph's `$batch` (JSON or multipart), for any method but GET and
+/// HEAD; Elasticsearch's and OpenSearch's `_mget`, `_msearch`, `_bulk` and
+/// `_mtermvectors` (which read or write the indices their body names), for any method.
+/// Judging the outer request judges none of the inner ones, so a rule allows such a
+/// request only where an `http:` path names the segment itself: a wildcard does not.
+pub fn batch_segment<'a>(method: &str, path: &'a str) -> Option<&'a str> {
+    let reads = method == "GET" || method == "HEAD";
     path.split('/').find(|s| {
-        s.eq_ignore_ascii_case("batch")
+        let batch = s.eq_ignore_ascii_case("batch")
             || s.to_ascii_lowercase().ends_with("$batch")
-            || s.to_ascii_lowercase().ends_with("%24batch")
+            || s.to_ascii_lowercase().ends_with("%24batch");
+        (batch && !reads)
+            || MULTI_TARGET_SEGMENTS
+                .iter()
+                .any(|m| s.eq_ignore_ascii_case(m))
     })
 }
 
@@ -457,7 +486,7 @@ impl HttpRule {
             return false;
         };
         let path = path_only(&target);
-        let batch = batch_segment(path).filter(|_| method != "GET" && method != "HEAD");
+        let batch = batch_segment(method, path);
         self.methods.iter().any(|m| m.matches(method))
             && self.paths.iter().any(|p| {
                 p.matches_canonical(path) && batch.is_none_or(|segment| p.names_segment(segment))

@@ -155,9 +155,7 @@ impl Rule {
                     "; {method} names its targets in its body, which the proxy does not \
                      judge: only an `http:` entry listing {method} by name allows it"
                 )
-            } else if let Some(segment) =
-                batch_segment(path).filter(|_| method != "GET" && method != "HEAD")
-            {
+            } else if let Some(segment) = batch_segment(method, path) {
                 format!(
                     "; `{segment}` requests carry other requests in their body, which the \
                      proxy does not judge: only an `http:` path naming `{segment}` itself \
@@ -658,5 +656,22 @@ rules:
         assert!(named
             .check_request("POST", "/odata/Products/$batch")
             .is_err());
+        // Elasticsearch's multi-target endpoints, whose body names other indices: GET
+        // carries a body there too.
+        for (method, path) in [
+            ("GET", "/logs-agent/_mget"),
+            ("POST", "/logs-agent/_msearch"),
+            ("GET", "/logs-agent/_msearch/template"),
+            ("POST", "/logs-agent/_bulk"),
+            ("POST", "/logs-agent/_MTERMVECTORS"),
+        ] {
+            let refused = broad.check_request(method, path).unwrap_err();
+            assert!(
+                refused.contains("carry other requests in their body"),
+                "{method} {path}: {refused}"
+            );
+        }
+        assert_eq!(broad.check_request("GET", "/logs-agent/_search"), Ok(()));
+        assert_eq!(broad.check_request("GET", "/logs-agent/_doc/1"), Ok(()));
     }
 }

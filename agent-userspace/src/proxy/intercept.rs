@@ -524,10 +524,12 @@ impl ConnCtx {
         // under an upload still being sent, and the client could lose the answer. A client
         // waiting for `100 Continue` is not invited to send a body that goes nowhere.
         let (head, body) = req.into_parts();
+        // Any of its `Expect` fields (hyper answers the last one).
         let waits_for_continue = head
             .headers
-            .get(EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            .get_all(EXPECT)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         // HTTP/1: the header clock learns where this request's body ends.
         let mut body_end = None;
         if let Some(clock) = &self.head_clock {

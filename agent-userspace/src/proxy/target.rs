@@ -106,7 +106,7 @@ pub fn judge_target(route: &Route, method: &str, raw: &str) -> Result<Judged, Ta
 /// a later read of the object reads instead (Swift manifests and symlinks, Alibaba
 /// symlinks). A rule that allows `PUT /mine/*` must not let a request copy, move or
 /// link `/theirs/secret` there, so a request carrying one is refused.
-const SECOND_TARGET_HEADERS: [&str; 16] = [
+const SECOND_TARGET_HEADERS: [&str; 19] = [
     "x-amz-copy-source",
     "x-amz-rename-source",
     "x-oss-symlink-target",
@@ -123,6 +123,11 @@ const SECOND_TARGET_HEADERS: [&str; 16] = [
     "x-object-manifest",
     "x-symlink-target",
     "x-symlink-target-account",
+    // Swift containers: where old versions are written, and where the whole container
+    // is copied to, continuously (another account, another cluster).
+    "x-versions-location",
+    "x-history-location",
+    "x-container-sync-to",
 ];
 
 /// The first header of `headers` that names a second target the policy cannot judge.
@@ -379,6 +384,9 @@ rules:
             "x-copy-from",
             "x-object-manifest",
             "x-symlink-target",
+            "X-Versions-Location",
+            "x-history-location",
+            "x-container-sync-to",
             "X-Amz-Rename-Source",
             "Destination-Account",
             "x-oss-symlink-target",
