@@ -665,3 +665,33 @@ fn the_daemon_and_its_children_dump_no_core() -> Result<()> {
     );
     Ok(())
 }
+
+/// A session token an origin hands out in a response header for a request that carried
+/// the injected credential (Keystone's `X-Subject-Token`, Swift's `X-Auth-Token`) is the
+/// credential's power in a form the scrubber does not know: it never reaches the
+/// sandbox. Positive control: the same answer through a rule without a credential keeps
+/// its headers.
+#[test]
+fn session_tokens_opened_with_the_credential_stay_with_the_proxy() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts {
+        policy: POLICY.to_string(),
+        ..ProxyOpts::default()
+    })?;
+    let lower = |s: &str| s.to_ascii_lowercase();
+    for http in ["--http1.1", "--http2"] {
+        let (code, text, out) = curl_i(&fx, &[http, &echo_url("session")])?;
+        ensure!(code == 200, "{http}: {}", all_output(&out));
+        ensure!(
+            !lower(&text).contains("x-subject-token") && !lower(&text).contains("x-auth-token"),
+            "{http}: a session token reached the sandbox: {text}"
+        );
+        let (code, text, out) = curl_i(&fx, &[http, "https://github.com/echo/session"])?;
+        ensure!(code == 200, "{http} (no credential): {}", all_output(&out));
+        ensure!(
+            lower(&text).contains("x-subject-token: gaaaaasession0123456789"),
+            "{http}: the answer of a rule without a credential lost its headers: {text}"
+        );
+    }
+    Ok(())
+}

@@ -368,6 +368,11 @@ fn serve(
     }
 }
 
+/// Response headers that hand out a session token the request's credential opened
+/// (OpenStack Keystone's `X-Subject-Token`, Swift's v1 auth `X-Auth-Token` and
+/// `X-Storage-Token`): taken out on a route with a credential, as `Set-Cookie` is.
+const SESSION_TOKEN_HEADERS: [&str; 3] = ["x-subject-token", "x-auth-token", "x-storage-token"];
+
 /// Why a request gets a response made by the proxy instead of the upstream's.
 struct Refusal {
     status: StatusCode,
@@ -628,6 +633,9 @@ impl ConnCtx {
             // it stays with the proxy's side, which sends the credential each time.
             if self.conn.route.credential.is_some() {
                 parts.headers.remove(SET_COOKIE);
+                for name in SESSION_TOKEN_HEADERS {
+                    parts.headers.remove(name);
+                }
             }
             Ok((parts, body, on_complete))
         });
