@@ -116,6 +116,8 @@ pub(super) struct AwsSts {
     failures: AtomicU64,
     /// The base key's secret parts as last read to ask for a session.
     base_parts: std::sync::Mutex<Vec<Arc<Secret>>>,
+    /// Times `base_parts` changed: the known secrets note them once per change.
+    base_changes: AtomicU64,
 }
 
 enum Base {
@@ -270,6 +272,7 @@ impl AwsSts {
             mints: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             base_parts: std::sync::Mutex::new(Vec::new()),
+            base_changes: AtomicU64::new(0),
         })
     }
 
@@ -367,6 +370,7 @@ impl AwsSts {
                     .chain(base.token.clone())
                     .map(Arc::new)
                     .collect();
+                self.base_changes.fetch_add(1, Ordering::Release);
             }
         }
         let name = session_name(&self.session_name, &self.credential, sandbox);
@@ -494,11 +498,14 @@ impl AwsSts {
     /// The base key's secret parts (the secret access key, and its session token if it
     /// has one) as last read to ask for a session: never sent by the proxy, masked like
     /// any secret.
-    pub(super) fn base_secrets(&self) -> Vec<Arc<Secret>> {
-        self.base_parts
-            .lock()
-            .map(|p| p.clone())
-            .unwrap_or_default()
+    pub(super) fn base_secrets(&self) -> (u64, Vec<Arc<Secret>>) {
+        let parts = self.base_parts.lock().unwrap_or_else(|p| p.into_inner());
+        (self.base_changes.load(Ordering::Acquire), parts.clone())
+    }
+
+    /// Times the base key's parts changed (one load).
+    pub(super) fn base_changes(&self) -> u64 {
+        self.base_changes.load(Ordering::Acquire)
     }
 
     fn base_key(&self) -> Result<BaseKey, String> {

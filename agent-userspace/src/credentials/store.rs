@@ -229,7 +229,8 @@ struct Credential {
     /// while the source still gives one (a file or variable unchanged, a KV secret not
     /// rotated) or gives one back (a replica, a restored backup).
     revoked: std::sync::Mutex<Vec<Arc<Secret>>>,
-    /// The store logins whose token has been noted among the known secrets.
+    /// The source's own secrets noted among the known secrets so far: its logins (a
+    /// Vault token each) or its base key's changes (AWS).
     noted_login: AtomicU64,
 }
 
@@ -782,9 +783,14 @@ impl CredentialStore {
         self.known
             .note(&format!("{name}\0{sandbox}\0token"), &session.session_token);
         // The base key the sessions are asked for with: never sent by the proxy either.
-        for (i, part) in sts.base_secrets().iter().enumerate() {
-            self.known
-                .note(&format!("{name}\0{LONG_LIVED_SLOT}base-{i}"), part);
+        // Noted once per change (one load otherwise).
+        if sts.base_changes() != credential.noted_login.load(Ordering::Acquire) {
+            let (changes, parts) = sts.base_secrets();
+            for (i, part) in parts.iter().enumerate() {
+                self.known
+                    .note(&format!("{name}\0{LONG_LIVED_SLOT}base-{i}"), part);
+            }
+            credential.noted_login.store(changes, Ordering::Release);
         }
         Ok(Some(session))
     }

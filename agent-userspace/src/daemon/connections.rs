@@ -1,16 +1,17 @@
 //! Connections a replaced policy no longer allows. The kernel judges a connection once,
 //! at `connect()` (and a connected UDP socket's sends without an address not at all), so
 //! a connection opened under a sandbox's earlier policy would outlive it. When a policy is
-//! replaced, the sandbox's TCP connections and connected UDP sockets are judged again by
-//! the new one, and those it refuses, or would send to the proxy, are closed in the kernel
-//! (`SOCK_DESTROY`); each is recorded as a `connection-cut` record.
+//! replaced, the sandbox's TCP connections and connected UDP sockets are judged again:
+//! those the old policy allowed and the new one refuses, or would send to the proxy, are
+//! closed in the kernel (`SOCK_DESTROY`); each is recorded as a `connection-cut` record.
 //!
 //! The sandbox's sockets are those created in its cgroup or below, and those its
 //! processes hold (made elsewhere, or in a cgroup removed since), in the network
-//! namespace it was attached in and every one its processes are in. Connections it
-//! accepted are judged too: a connection carries data out whichever end opened it. Its
-//! connections to the daemon's listeners are left alone (the proxy closes its own when a
-//! policy changes).
+//! namespace it was attached in and every one its processes are in. Which end opened a
+//! connection is not asked (a listener on a connection's own port would pass for its
+//! origin): one the old policy refused could not have been opened under it, so it was
+//! accepted from outside, which the kernel never judges, and stays. Its connections to
+//! the daemon's listeners are left alone (the proxy closes its own when a policy changes).
 //!
 //! The work runs outside the daemon's lock, on a thread of its own: closing a socket
 //! takes the socket's lock, which a sandbox's thread can hold (a send blocked on memory
@@ -40,6 +41,10 @@ const WAIT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Judge {
     pub policy: Arc<Policy>,
+    /// The policy replaced: only a connection it allowed (one the sandbox could have
+    /// opened under it) is cut; one it refuses was accepted from outside (the kernel
+    /// judges connects, not what the sandbox accepts) and is left alone.
+    pub old_policy: Option<Arc<Policy>>,
     /// Names each address was learned from under the old policy (the new one decides
     /// what those names may reach).
     pub learned: HashMap<IpAddr, Vec<String>>,
@@ -57,31 +62,43 @@ impl Judge {
         }
         let protocol = if tcp { Protocol::Tcp } else { Protocol::Udp };
         let names = self.learned.get(&ip);
-        // What the new policy's resolver would let the names make reachable: nothing
-        // where it would refuse to learn the address (a static deny over it, a special
-        // address no rule names), and only the rules that may carry it.
-        let rule_ids: Vec<u16> = names
-            .into_iter()
-            .flatten()
-            .flat_map(|n| {
-                let ids = self.policy.rules_for_name(n);
-                if super::dns::learning_refusal(&self.policy, &ids, ip).is_some() {
-                    Vec::new()
-                } else {
-                    super::dns::rules_carrying(&self.policy, ids, ip)
-                }
-            })
-            .collect();
-        let decision = self
-            .policy
-            .decide_learned(ip, peer.port(), protocol, &rule_ids);
+        let decision = decide(&self.policy, names, ip, peer.port(), protocol);
+        let opened_under_old = self.old_policy.as_ref().is_none_or(|old| {
+            decide(old, names, ip, peer.port(), protocol).verdict != policy::Verdict::Deny
+        });
         match decision.verdict {
             policy::Verdict::Allow | policy::Verdict::Audit => None,
-            policy::Verdict::Deny | policy::Verdict::Redirect => {
+            policy::Verdict::Deny | policy::Verdict::Redirect if opened_under_old => {
                 Some((decision, names.and_then(|n| n.first().cloned())))
             }
+            policy::Verdict::Deny | policy::Verdict::Redirect => None,
         }
     }
+}
+
+/// `policy`'s decision for a connection to `ip`: with the rules that `names` (the names
+/// the address was learned from) carry where its resolver would learn it (not over a
+/// static deny, nor a special address no rule names), as the kernel decides.
+fn decide(
+    policy: &Policy,
+    names: Option<&Vec<String>>,
+    ip: IpAddr,
+    port: u16,
+    protocol: Protocol,
+) -> Decision {
+    let rule_ids: Vec<u16> = names
+        .into_iter()
+        .flatten()
+        .flat_map(|n| {
+            let ids = policy.rules_for_name(n);
+            if super::dns::learning_refusal(policy, &ids, ip).is_some() {
+                Vec::new()
+            } else {
+                super::dns::rules_carrying(policy, ids, ip)
+            }
+        })
+        .collect();
+    policy.decide_learned(ip, port, protocol, &rule_ids)
 }
 
 /// The ids of `cgroup` and every cgroup below it (a cgroup v2 id is its directory's
@@ -189,6 +206,9 @@ impl Snapshot {
 fn sandbox_sockets(cgroups: &HashSet<u64>, held: &HashSet<u64>) -> io::Result<Vec<InetSocket>> {
     let mut sockets = sock_diag::list(Listing::TcpConnected)?;
     sockets.extend(sock_diag::list(Listing::UdpConnected)?);
+    // A handshake half-open to a listener (no socket of its own yet, inode 0) says no
+    // cgroup; any other socket without one means the kernel does not say.
+    sockets.retain(|s| s.inode != 0 || s.cgroup_id.is_some());
     if sockets.iter().any(|s| s.cgroup_id.is_none()) {
         return Err(io::Error::other(
             "the kernel does not say which cgroup its sockets were made in",
@@ -382,7 +402,7 @@ fn cut_here(ctx: &Context, cookies: &HashSet<u64>) -> io::Result<Tally> {
         record(&socket, &decision, domain.clone(), &outcome);
         judged.push((socket, decision, domain));
     }
-    if closed.is_empty() {
+    if closed.is_empty() || !ctx.current() {
         return Ok(tally);
     }
     // The kernel finds a socket by its addresses: where two share them, it may have
@@ -486,6 +506,7 @@ mod tests {
         }
         Judge {
             policy: Arc::new(crate::policy::parse_str(policy, "test.yaml").unwrap()),
+            old_policy: None,
             learned: by_ip,
             daemon_ports: HashSet::from([15001]),
         }
@@ -550,5 +571,29 @@ rules:
         // The daemon's listeners on loopback stay; other loopback ports are judged.
         assert!(!refused("127.0.0.1:15001", true));
         assert!(refused("127.0.0.1:15002", true));
+    }
+
+    /// Only what the replaced policy allowed is cut: a connection it refused was not
+    /// opened under it (one the sandbox accepted from outside, which no hook judges).
+    #[test]
+    fn what_the_old_policy_refused_was_accepted_and_stays() {
+        let old = r#"
+version: 1
+default: deny
+rules:
+  - name: canary
+    to: [203.0.113.66]
+    ports: [9]
+    action: allow
+"#;
+        let mut j = judge(POLICY, &[]);
+        j.old_policy = Some(Arc::new(crate::policy::parse_str(old, "old.yaml").unwrap()));
+        let refused = |peer: &str| j.refuses(peer.parse().unwrap(), true).is_some();
+        assert!(refused("203.0.113.66:9"), "allowed then, refused now");
+        assert!(
+            !refused("198.51.100.200:40000"),
+            "refused then: an accepted connection"
+        );
+        assert!(!refused("192.0.2.10:80"), "allowed now");
     }
 }

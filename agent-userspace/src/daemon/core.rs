@@ -1432,6 +1432,7 @@ impl Core {
             at,
             judge: connections::Judge {
                 policy: policy.clone(),
+                old_policy: self.compiled.get(&rec.name).cloned(),
                 learned,
                 daemon_ports: [
                     self.proxy.port,

@@ -23,8 +23,12 @@ use crate::{
     policy::Policy,
 };
 
-/// Counts a refused query toward the sandbox's `denial-burst` (sandbox index).
-pub type DenialSink = Arc<dyn Fn(u32) + Send + Sync>;
+/// Counts refused queries toward the sandbox's `denial-burst` (sandbox index, how many).
+pub type DenialSink = Arc<dyn Fn(u32, u64) + Send + Sync>;
+
+/// How long a resolver gathers refusals before it hands them to the denial-burst count
+/// (one lock of the daemon's core per batch, not per refused query).
+const DENIALS_GATHERED: Duration = Duration::from_millis(20);
 
 /// Installs addresses a sandbox's resolver learned: (sandbox index, addresses).
 pub type LearnSink =
@@ -211,12 +215,25 @@ impl DnsRuntime {
             }),
             audit: Arc::new(move |r| audit.emit(Record::Dns(r))),
             // A refused query counts toward a denial burst as a kernel denial does, its
-            // record written or counted past the refusal limit.
-            denied: Arc::new(move || {
-                if let Some(count) = denials.get() {
-                    count(index);
-                }
-            }),
+            // record written or counted past the refusal limit; gathered for a moment,
+            // so that a flood of refusals does not take the daemon's lock for each.
+            denied: {
+                let pending = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                Arc::new(move || {
+                    use std::sync::atomic::Ordering;
+                    if pending.fetch_add(1, Ordering::AcqRel) != 0 {
+                        return;
+                    }
+                    let (pending, denials) = (pending.clone(), denials.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(DENIALS_GATHERED).await;
+                        let n = pending.swap(0, Ordering::AcqRel);
+                        if let Some(count) = denials.get() {
+                            count(index, n);
+                        }
+                    });
+                })
+            },
             alert: Arc::new(move |a| {
                 alerts.raise(a);
             }),

@@ -498,9 +498,13 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let shared = Arc::new(Shared(Mutex::new(core)));
     let weak = Arc::downgrade(&shared);
     let denials_to = weak.clone();
-    let _ = dns_denials.set(Arc::new(move |index| {
+    let _ = dns_denials.set(Arc::new(move |index, count| {
         if let Some(shared) = denials_to.upgrade() {
-            shared.lock().note_denial(index, monotonic_ns());
+            let mut core = shared.lock();
+            let at = monotonic_ns();
+            for _ in 0..count {
+                core.note_denial(index, at);
+            }
         }
     }));
     let _ = dns_sink.set(Arc::new(move |index, learned: &[crate::dns::Learned]| {

@@ -51,7 +51,8 @@ pub struct InetSocket {
 #[derive(Clone, Copy, Debug)]
 pub enum Listing {
     /// TCP sockets with a peer (connecting, connected, closing: not listening, not in
-    /// TIME_WAIT, which holds no socket to close).
+    /// TIME_WAIT, which holds no socket to close, not a handshake half-open to a
+    /// listener, which is no socket of its own yet).
     TcpConnected,
     /// Listening TCP sockets.
     TcpListening,
@@ -64,7 +65,13 @@ pub fn list(listing: Listing) -> io::Result<Vec<InetSocket>> {
     let (protocol, states) = match listing {
         Listing::TcpConnected => (
             IPPROTO_TCP,
-            StateFlags::all() - StateFlags::LISTEN - StateFlags::TIME_WAIT - StateFlags::CLOSE,
+            StateFlags::all()
+                - StateFlags::LISTEN
+                - StateFlags::TIME_WAIT
+                - StateFlags::CLOSE
+                // The kernel lists half-open handshakes (`NEW_SYN_RECV`, with no cgroup)
+                // along with `SYN_RECV`.
+                - StateFlags::SYN_RECV,
         ),
         Listing::TcpListening => (IPPROTO_TCP, StateFlags::LISTEN),
         Listing::UdpConnected => (IPPROTO_UDP, StateFlags::ESTABLISHED),
