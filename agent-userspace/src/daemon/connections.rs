@@ -28,7 +28,10 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use crate::audit::{AuditHandle, Hook, NetworkDecision, Record, RuleRef, SocketFamily, Verdict};
+use crate::audit::{
+    AuditHandle, Hook, NetworkDecision, PolicyDigest, PolicyRejected, Record, RuleRef,
+    SocketFamily, Verdict,
+};
 use crate::net::sock_diag::{self, InetSocket, Listing};
 use crate::policy::{self, Decision, Policy, Protocol};
 
@@ -230,6 +233,31 @@ pub struct CutJob {
     /// detach or the daemon's stop moves it on, and the job stops.
     pub epoch: Arc<AtomicU64>,
     pub at: u64,
+    /// The new policy's file and digest, for the record of what could not be judged.
+    pub policy_path: PathBuf,
+    pub policy_digest: PolicyDigest,
+}
+
+/// Records that the sandbox's connections opened under its old policy could not all be
+/// judged again (`why`): a `policy-rejected` record, as for a resolver that did not
+/// start, so that what stays open is in the trail, not only in the attach's answer.
+fn record_unjudged(
+    audit: &AuditHandle,
+    sandbox: &str,
+    policy_path: &Path,
+    policy_digest: &PolicyDigest,
+    why: &str,
+) {
+    audit.emit(Record::PolicyRejected(PolicyRejected {
+        time: OffsetDateTime::now_utc(),
+        sandbox: sandbox.to_owned(),
+        policy_path: policy_path.to_owned(),
+        policy_digest: Some(policy_digest.clone()),
+        error: format!(
+            "the policy is in force, but connections opened under the old policy could not \
+             all be judged again ({why}); those stay open until they end"
+        ),
+    }));
 }
 
 /// What the job's thread in a namespace needs.
@@ -268,6 +296,12 @@ impl CutJob {
     /// Runs the job on a thread of its own; waits for it [`WAIT`] at most. Returns what
     /// the attach should say: how many were closed, or a warning.
     pub fn run(self) -> Option<String> {
+        let unjudged = (
+            self.audit.clone(),
+            self.sandbox.clone(),
+            self.policy_path.clone(),
+            self.policy_digest.clone(),
+        );
         let (tx, rx) = std::sync::mpsc::channel();
         let spawned = std::thread::Builder::new()
             .name("egressd-cut".to_owned())
@@ -276,6 +310,8 @@ impl CutJob {
                 let _ = tx.send(said);
             });
         if let Err(e) = spawned {
+            let (audit, sandbox, path, digest) = unjudged;
+            record_unjudged(&audit, &sandbox, &path, &digest, &format!("no thread: {e}"));
             return Some(format!(
                 "WARNING: connections opened under the old policy were not judged again (no \
                  thread: {e}); they stay open until they end"
@@ -300,6 +336,8 @@ impl CutJob {
             audit,
             epoch,
             at,
+            policy_path,
+            policy_digest,
         } = self;
         let context = Arc::new(Context {
             sandbox,
@@ -324,6 +362,13 @@ impl CutJob {
         }
         if !errors.is_empty() {
             tracing::error!(sandbox = %context.sandbox, errors = ?errors, "Judging connections after a policy change failed");
+            record_unjudged(
+                &context.audit,
+                &context.sandbox,
+                &policy_path,
+                &policy_digest,
+                &errors.join("; "),
+            );
         }
         let mut said = Vec::new();
         if tally.closed > 0 {

@@ -1430,6 +1430,8 @@ impl Core {
             snapshot: connections::Snapshot::take(&rec.cgroup, rec.netns.as_deref()),
             epoch,
             at,
+            policy_path: PathBuf::from(&rec.policy_path),
+            policy_digest: PolicyDigest::of(rec.policy_source.as_bytes()),
             judge: connections::Judge {
                 policy: policy.clone(),
                 old_policy: self.compiled.get(&rec.name).cloned(),
