@@ -32,7 +32,7 @@ use crate::audit::{
     AuditHandle, Hook, NetworkDecision, PolicyDigest, PolicyRejected, Record, RuleRef,
     SocketFamily, Verdict,
 };
-use crate::net::sock_diag::{self, InetSocket, Listing};
+use crate::net::sock_diag::{self, InetSocket};
 use crate::policy::{self, Decision, Policy, Protocol};
 
 use super::netns::OpenNetns;
@@ -207,8 +207,7 @@ impl Snapshot {
 
 /// The sandbox's connections in the calling thread's namespace.
 fn sandbox_sockets(cgroups: &HashSet<u64>, held: &HashSet<u64>) -> io::Result<Vec<InetSocket>> {
-    let mut sockets = sock_diag::list(Listing::TcpConnected)?;
-    sockets.extend(sock_diag::list(Listing::UdpConnected)?);
+    let mut sockets = sock_diag::connected()?;
     // A handshake half-open to a listener (no socket of its own yet, inode 0) says no
     // cgroup; any other socket without one means the kernel does not say.
     sockets.retain(|s| s.inode != 0 || s.cgroup_id.is_some());
@@ -420,9 +419,8 @@ fn cut_here(ctx: &Context, cookies: &HashSet<u64>) -> io::Result<Tally> {
             )));
         };
     let mut judged = Vec::new();
-    for socket in sock_diag::list(Listing::TcpConnected)?
+    for socket in sock_diag::connected()?
         .into_iter()
-        .chain(sock_diag::list(Listing::UdpConnected)?)
         .filter(|s| cookies.contains(&s.cookie))
     {
         if !ctx.current() {
@@ -452,9 +450,8 @@ fn cut_here(ctx: &Context, cookies: &HashSet<u64>) -> io::Result<Tally> {
     }
     // The kernel finds a socket by its addresses: where two share them, it may have
     // closed another (or none). One still connected is said to stay open.
-    let still: HashSet<u64> = sock_diag::list(Listing::TcpConnected)?
+    let still: HashSet<u64> = sock_diag::connected()?
         .into_iter()
-        .chain(sock_diag::list(Listing::UdpConnected)?)
         .map(|s| s.cookie)
         .filter(|c| closed.contains(c))
         .collect();

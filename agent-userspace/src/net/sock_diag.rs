@@ -22,17 +22,12 @@ const SOCK_DESTROY: u16 = 21;
 /// `INET_DIAG_CGROUP_ID` (`linux/inet_diag.h`): the id of the cgroup the socket was
 /// created in.
 const INET_DIAG_CGROUP_ID: u16 = 21;
-/// `TCP_LISTEN`, in the state field of a listing.
-pub const STATE_LISTEN: u8 = 10;
-
 /// One socket of a listing.
 #[derive(Clone, Debug)]
 pub struct InetSocket {
     /// IPv6 (else IPv4).
     pub v6: bool,
     pub tcp: bool,
-    /// The kernel's `TCP_*` state (UDP: 1 connected, 7 not).
-    pub state: u8,
     pub local: SocketAddr,
     pub peer: SocketAddr,
     /// The cgroup it was created in (`None` from a kernel that does not say).
@@ -47,35 +42,24 @@ pub struct InetSocket {
     id: SocketId,
 }
 
-/// Which sockets a listing asks for.
-#[derive(Clone, Copy, Debug)]
-pub enum Listing {
-    /// TCP sockets with a peer (connecting, connected, closing: not listening, not in
-    /// TIME_WAIT, which holds no socket to close, not a handshake half-open to a
-    /// listener, which is no socket of its own yet).
-    TcpConnected,
-    /// Listening TCP sockets.
-    TcpListening,
-    /// Connected UDP sockets.
-    UdpConnected,
+/// The TCP sockets with a peer (connecting, connected, closing: not listening, not in
+/// TIME_WAIT, which holds no socket to close, not a handshake half-open to a listener,
+/// which is no socket of its own yet) and the connected UDP sockets, both families.
+pub fn connected() -> io::Result<Vec<InetSocket>> {
+    let tcp = StateFlags::all()
+        - StateFlags::LISTEN
+        - StateFlags::TIME_WAIT
+        - StateFlags::CLOSE
+        // The kernel lists half-open handshakes (`NEW_SYN_RECV`, with no cgroup) along
+        // with `SYN_RECV`.
+        - StateFlags::SYN_RECV;
+    let mut sockets = list(IPPROTO_TCP, tcp)?;
+    sockets.extend(list(IPPROTO_UDP, StateFlags::ESTABLISHED)?);
+    Ok(sockets)
 }
 
-/// The sockets of `listing`, both families.
-pub fn list(listing: Listing) -> io::Result<Vec<InetSocket>> {
-    let (protocol, states) = match listing {
-        Listing::TcpConnected => (
-            IPPROTO_TCP,
-            StateFlags::all()
-                - StateFlags::LISTEN
-                - StateFlags::TIME_WAIT
-                - StateFlags::CLOSE
-                // The kernel lists half-open handshakes (`NEW_SYN_RECV`, with no cgroup)
-                // along with `SYN_RECV`.
-                - StateFlags::SYN_RECV,
-        ),
-        Listing::TcpListening => (IPPROTO_TCP, StateFlags::LISTEN),
-        Listing::UdpConnected => (IPPROTO_UDP, StateFlags::ESTABLISHED),
-    };
+/// The sockets of `protocol` in `states`, both families.
+fn list(protocol: u8, states: StateFlags) -> io::Result<Vec<InetSocket>> {
     let socket = open()?;
     let mut out = Vec::new();
     for family in [AF_INET, AF_INET6] {
@@ -110,7 +94,6 @@ pub fn list(listing: Listing) -> io::Result<Vec<InetSocket>> {
                 out.push(InetSocket {
                     v6: h.family == AF_INET6,
                     tcp: protocol == IPPROTO_TCP,
-                    state: h.state,
                     local: SocketAddr::new(h.socket_id.source_address, h.socket_id.source_port),
                     peer: SocketAddr::new(
                         h.socket_id.destination_address,
@@ -258,16 +241,14 @@ mod tests {
         let mut client = std::net::TcpStream::connect(addr).unwrap();
         let (mut server, _) = listener.accept().unwrap();
         let local = client.local_addr().unwrap();
-        let all = list(Listing::TcpConnected).unwrap();
+        let all = connected().unwrap();
         let ours = all
             .iter()
             .find(|s| s.local == local && s.peer == addr)
             .unwrap();
         assert!(ours.cgroup_id.is_some(), "{ours:?}");
-        let listening = list(Listing::TcpListening).unwrap();
-        assert!(listening
-            .iter()
-            .any(|s| s.local == addr && s.state == STATE_LISTEN));
+        // The listener has no peer: not a connection.
+        assert!(!all.iter().any(|s| s.local == addr && s.peer.port() == 0));
         assert!(destroy(ours).unwrap());
         // Gone: writing fails, and the other end sees the reset.
         let mut byte = [0u8; 1];
