@@ -648,6 +648,24 @@ fn capabilities_gained_after_attach_are_alerted() -> Result<()> {
     Ok(())
 }
 
+/// `egressctl attach` of `cgroup` as sandbox `name` with [`POLICY`].
+fn attach_cgroup(
+    fx: &Fixture,
+    cgroup: &egress_tests::cgroup::CgroupGuard,
+    name: &str,
+) -> Result<std::process::Output> {
+    let policy = fx.policy(&format!("{name}.yaml"), POLICY)?;
+    fx.daemon.ctl([
+        OsStr::new("attach"),
+        OsStr::new("--cgroup"),
+        cgroup.path().as_os_str(),
+        OsStr::new("--policy"),
+        policy.as_os_str(),
+        OsStr::new("--name"),
+        OsStr::new(name),
+    ])
+}
+
 /// A new cgroup (its name ending in `name`) holding a `sleep` started as the host starts
 /// a process (in every namespace of the test's own).
 fn sleeper_in(name: &str) -> Result<(egress_tests::cgroup::CgroupGuard, ChildGuard)> {
@@ -678,17 +696,8 @@ fn a_sandbox_in_the_hosts_network_namespace_is_warned_of() -> Result<()> {
         "a sandbox with its own namespace was warned of: {shown}"
     );
     let (cgroup, sleeper) = sleeper_in("hostns")?;
-    let policy = fx.policy("host.yaml", POLICY)?;
     let name = format!("{}-host", fx.sandbox.label());
-    let out = fx.daemon.ctl([
-        OsStr::new("attach"),
-        OsStr::new("--cgroup"),
-        cgroup.path().as_os_str(),
-        OsStr::new("--policy"),
-        policy.as_os_str(),
-        OsStr::new("--name"),
-        OsStr::new(&name),
-    ])?;
+    let out = attach_cgroup(&fx, &cgroup, &name)?;
     let shown = String::from_utf8_lossy(&out.stdout).to_string();
     ensure!(
         out.status.success() && shown.contains("share the host's network namespace"),
@@ -731,16 +740,7 @@ fn a_sandbox_sharing_the_hosts_pid_and_mount_namespaces_is_warned_of() -> Result
     let fx = Fixture::new()?;
     let shared = |text: &str| text.contains("PID namespace") || text.contains("mount namespace");
     let attach = |cgroup: &egress_tests::cgroup::CgroupGuard, name: &str| -> Result<String> {
-        let policy = fx.policy(&format!("{name}.yaml"), POLICY)?;
-        let out = fx.daemon.ctl([
-            OsStr::new("attach"),
-            OsStr::new("--cgroup"),
-            cgroup.path().as_os_str(),
-            OsStr::new("--policy"),
-            policy.as_os_str(),
-            OsStr::new("--name"),
-            OsStr::new(name),
-        ])?;
+        let out = attach_cgroup(&fx, cgroup, name)?;
         ensure!(
             out.status.success(),
             "attach {name}: {}",

@@ -92,6 +92,12 @@ path "sys/leases/*" { capabilities = ["update"] }
     Ok((kv, lease))
 }
 
+/// Stores `token` as the KV secret the `github` credential reads.
+fn put_token(bao: &OpenBao, token: &str) -> Result<()> {
+    bao.ok(&["kv", "put", "secret/agents/api", &format!("token={token}")])?;
+    Ok(())
+}
+
 fn curl_status(fx: &ProxyFixture, url: &str) -> Result<(u16, String)> {
     let out = fx.curl(&[url, "-w", "\n@@%{http_code}"])?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -134,12 +140,7 @@ fn openbao_kv_secret_is_injected_follows_versions_and_fails_closed() -> Result<(
     let (bao, ids, fx) = start(Source::Kv)?;
 
     // KV: the origin's token, stored after the daemon started (read on first use).
-    bao.ok(&[
-        "kv",
-        "put",
-        "secret/agents/api",
-        &format!("token={}", fx.token()),
-    ])?;
+    put_token(&bao, fx.token())?;
     let before = fx.origin.requests()?.len();
     let (status, body) = curl_status(&fx, REPO_URL)?;
     ensure!(
@@ -154,12 +155,7 @@ fn openbao_kv_secret_is_injected_follows_versions_and_fails_closed() -> Result<(
 
     // A new version takes effect within `refresh`.
     let rotated = format!("{}-v2", fx.token());
-    bao.ok(&[
-        "kv",
-        "put",
-        "secret/agents/api",
-        &format!("token={rotated}"),
-    ])?;
+    put_token(&bao, &rotated)?;
     std::thread::sleep(Duration::from_secs(REFRESH) + Duration::from_millis(500));
     let before = fx.origin.requests()?.len();
     let _ = curl_status(&fx, REPO_URL)?;
@@ -200,12 +196,7 @@ fn openbao_kv_secret_is_injected_follows_versions_and_fails_closed() -> Result<(
 
     // Back in the store: recovery needs nothing from the operator (at most one retry
     // pause of a second).
-    bao.ok(&[
-        "kv",
-        "put",
-        "secret/agents/api",
-        &format!("token={}", fx.token()),
-    ])?;
+    put_token(&bao, fx.token())?;
     std::thread::sleep(Duration::from_millis(1200));
     let (status, body) = curl_status(&fx, REPO_URL)?;
     ensure!(
@@ -404,12 +395,7 @@ fn the_daemons_store_token_is_treated_as_a_secret() -> Result<()> {
         ),
         ..ProxyOpts::default()
     })?;
-    bao.ok(&[
-        "kv",
-        "put",
-        "secret/agents/api",
-        &format!("token={}", fx.token()),
-    ])?;
+    put_token(&bao, fx.token())?;
     // Positive control (the daemon logs in with the token and fetches the value).
     let (status, body) = curl_status(&fx, REPO_URL)?;
     ensure!(
