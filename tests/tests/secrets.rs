@@ -683,13 +683,21 @@ fn session_tokens_opened_with_the_credential_stay_with_the_proxy() -> Result<()>
         let (code, text, out) = curl_i(&fx, &[http, &echo_url("session")])?;
         ensure!(code == 200, "{http}: {}", all_output(&out));
         ensure!(
-            !lower(&text).contains("x-subject-token") && !lower(&text).contains("x-auth-token"),
+            [
+                "x-subject-token",
+                "x-auth-token",
+                "x-acme-session-id",
+                "api-token"
+            ]
+            .iter()
+            .all(|name| !lower(&text).contains(name)),
             "{http}: a session token reached the sandbox: {text}"
         );
         let (code, text, out) = curl_i(&fx, &[http, "https://github.com/echo/session"])?;
         ensure!(code == 200, "{http} (no credential): {}", all_output(&out));
         ensure!(
-            lower(&text).contains("x-subject-token: gaaaaasession0123456789"),
+            lower(&text).contains("x-subject-token: gaaaaasession0123456789")
+                && lower(&text).contains("x-acme-session-id: acme0123456789session"),
             "{http}: the answer of a rule without a credential lost its headers: {text}"
         );
     }

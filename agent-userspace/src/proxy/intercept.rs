@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{
     ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, EXPECT, HOST,
-    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -368,11 +368,6 @@ fn serve(
     }
 }
 
-/// Response headers that hand out a session token the request's credential opened
-/// (OpenStack Keystone's `X-Subject-Token`, Swift's v1 auth `X-Auth-Token` and
-/// `X-Storage-Token`): taken out on a route with a credential, as `Set-Cookie` is.
-const SESSION_TOKEN_HEADERS: [&str; 3] = ["x-subject-token", "x-auth-token", "x-storage-token"];
-
 /// Why a request gets a response made by the proxy instead of the upstream's.
 struct Refusal {
     status: StatusCode,
@@ -632,10 +627,7 @@ impl ConnCtx {
             // credential is that credential's power in a form the scrubber does not know:
             // it stays with the proxy's side, which sends the credential each time.
             if self.conn.route.credential.is_some() {
-                parts.headers.remove(SET_COOKIE);
-                for name in SESSION_TOKEN_HEADERS {
-                    parts.headers.remove(name);
-                }
+                super::session::strip_sessions(&mut parts.headers);
             }
             Ok((parts, body, on_complete))
         });

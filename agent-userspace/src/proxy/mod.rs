@@ -34,6 +34,7 @@ mod passthrough;
 mod range;
 mod refused;
 mod scrub;
+mod session;
 pub(crate) mod target;
 mod upstream;
 mod workers;

@@ -765,8 +765,8 @@ impl Body for ResponseBody {
 /// Scrubs a response's trailers as its body was: with the secrets known when the response
 /// began (which the store may have forgotten since, after rotations), then with those
 /// known now (`latest`, if it is another matcher). A cookie has no place in trailers (RFC
-/// 9110, 6.5.1), and a session an origin opens there would reach the sandbox past the
-/// head's removal: it goes.
+/// 9110, 6.5.1), and a session or token an origin hands out there would reach the sandbox
+/// past the head's removal: such fields go, on every route.
 fn scrub_trailers(
     trailers: &mut HeaderMap,
     started: &Arc<SecretMatcher>,
@@ -777,7 +777,7 @@ fn scrub_trailers(
     if !Arc::ptr_eq(started, latest) {
         scrub_headers(trailers, latest, tally);
     }
-    trailers.remove(http::header::SET_COOKIE);
+    super::session::strip_sessions(trailers);
 }
 
 /// A response body scrubbed (and decoded, if the origin encoded it) as it streams.
@@ -1085,6 +1085,7 @@ mod tests {
         t.insert("x-echo-new", HeaderValue::from_static(NEWER));
         t.insert("set-cookie", HeaderValue::from_static("session=1"));
         t.insert("x-plain", HeaderValue::from_static("ok"));
+        t.insert("x-subject-token", HeaderValue::from_static("gAAAAsession"));
         let tally = Tally::default();
         scrub_trailers(&mut t, &started, &latest, &tally);
         for name in ["x-echo-old", "x-echo-new"] {
@@ -1096,6 +1097,7 @@ mod tests {
         }
         assert_eq!(t.get("x-plain").unwrap(), "ok");
         assert!(t.get("set-cookie").is_none());
+        assert!(t.get("x-subject-token").is_none());
         assert_eq!(tally.count(), 2);
         // The same matcher twice is one pass.
         let mut t = HeaderMap::new();
