@@ -29,7 +29,7 @@ pub use record::{
     ECS_VERSION, MAX_LINE, PRODUCT, VERSION,
 };
 pub use redact::{FindSecrets, Redactor};
-pub use writer::note_unnumbered_at_stop;
+pub use writer::{lost_by_sandbox, note_unnumbered_at_stop};
 pub use writer::{
     AuditConfig, AuditError, AuditHandle, AuditHealth, AuditLog, AuditSink, AuditSummary,
     AuditTask, AuditWriter, LogTail, OnFailure, RotateConfig, Unnumbered,

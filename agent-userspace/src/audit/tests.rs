@@ -254,7 +254,8 @@ fn proxy_git_push_refused() -> ProxyRecord {
 /// Past its refusal limit, a sandbox's refusals are counted, not written, but for a
 /// push's (with its ref updates), a secret found, a refused dial upstream, or a request
 /// abandoned after it was sent upstream; a refused
-/// fetch and a misplaced placeholder are counted like any other refusal.
+/// fetch and a misplaced placeholder (when only recorded) are counted like any other
+/// refusal.
 #[test]
 fn which_refusals_may_be_summarised() {
     let time = datetime!(2026-11-15 10:00 UTC);
@@ -311,6 +312,13 @@ fn which_refusals_may_be_summarised() {
         ..refused
     };
     assert!(may(&placeholder));
+    // Unless the sandbox's settings answer it with a quarantine: refusals sent first must
+    // not spare the sandbox its response.
+    let mut quarantining = placeholder.alert(time);
+    if let Some(alert) = &mut quarantining {
+        alert.response = AlertResponse::Quarantine;
+    }
+    assert!(!placeholder.may_be_summarised(quarantining.as_ref()));
 }
 
 /// A passthrough relay that ran to its end.

@@ -1501,9 +1501,11 @@ impl Dropped {
 /// the rest are counted together, so the record stays one short line.
 const LOST_SANDBOXES_NAMED: usize = 16;
 
-/// What goes into `egress.audit_lost.sandboxes`: the [`LOST_SANDBOXES_NAMED`] sandboxes
-/// with the most lost, then `other sandboxes` (no sandbox name has a space) for the rest.
-fn lost_by_sandbox(counts: BTreeMap<String, u64>) -> Vec<crate::audit::LostBySandbox> {
+/// What goes into `egress.audit_lost.sandboxes` and `egress.events_lost.sandboxes`: the
+/// [`LOST_SANDBOXES_NAMED`] sandboxes with the most lost, then `other sandboxes` (no
+/// sandbox name has a space) for the rest, so that a loss report stays one short line
+/// however many sandboxes lost records.
+pub fn lost_by_sandbox(counts: BTreeMap<String, u64>) -> Vec<crate::audit::LostBySandbox> {
     let mut counts = counts;
     let others = counts.remove(OTHER_SANDBOXES).unwrap_or(0);
     let mut counts: Vec<(String, u64)> = counts.into_iter().collect();

@@ -2306,13 +2306,12 @@ impl Core {
             return;
         }
         tracing::warn!(layout = %other.root().display(), count, "Events another build could not record and no record reported: reported as lost");
-        let sandboxes = by_index
-            .into_iter()
-            .map(|(index, count)| LostBySandbox {
-                name: format!("{} (build {build})", self.index_name(index)),
-                count,
-            })
-            .collect();
+        let mut sandboxes = std::collections::BTreeMap::<String, u64>::new();
+        for (index, count) in by_index {
+            let name = format!("{} (build {build})", self.index_name(index));
+            *sandboxes.entry(name).or_default() += count;
+        }
+        let sandboxes = crate::audit::lost_by_sandbox(sandboxes);
         self.lost_unread += count;
         self.audit.emit(Record::EventsLost(EventsLost {
             time: now(),

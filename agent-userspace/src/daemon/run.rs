@@ -374,7 +374,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             let time = now();
             // A secret seen in either direction raises an alert beside the request's
             // record, with the response the sandbox's alert settings give it.
-            let alert = record.alert(time);
+            let mut alert = record.alert(time);
+            if let Some(alert) = &mut alert {
+                alert.response = proxy_alerts.response_for(&alert.sandbox, alert.kind);
+            }
             // A sandbox's refusals past the limit are counted, not written one by one.
             if record.may_be_summarised(alert.as_ref()) && !refusals.admit(&record.sandbox) {
                 return;
@@ -925,10 +928,7 @@ fn deliver(core: &mut Core, records: Vec<Record>, keep: bool) {
             time: now(),
             count,
             total: core.lost_total(),
-            sandboxes: by
-                .into_iter()
-                .map(|(name, count)| LostBySandbox { name, count })
-                .collect(),
+            sandboxes: crate::audit::lost_by_sandbox(by),
         }));
     }
     core.audit.emit_all(kept);
@@ -941,7 +941,7 @@ fn report_lost(shared: &Shared) {
         let count = total - core.state.lost_reported;
         // Whose events they were: the per-sandbox counters' increases since the last
         // report (a counter below what was reported was recreated: all of it is new).
-        let mut sandboxes = Vec::new();
+        let mut sandboxes = std::collections::BTreeMap::<String, u64>::new();
         let mut alerts = Vec::new();
         for (index, lost) in core.maps.lost_by_sandbox() {
             let reported = core
@@ -959,7 +959,7 @@ fn report_lost(shared: &Shared) {
             }
             // A sandbox detached since its events were lost is still named.
             let name = core.index_name(index);
-            sandboxes.push(LostBySandbox { name, count: new });
+            *sandboxes.entry(name).or_default() += new;
         }
         for (index, denied) in core.maps.lost_denied_by_sandbox() {
             let seen = core.lost_denied_seen.insert(index, denied).unwrap_or(0);
@@ -979,7 +979,7 @@ fn report_lost(shared: &Shared) {
             time: now(),
             count,
             total: total + core.lost_unread,
-            sandboxes,
+            sandboxes: crate::audit::lost_by_sandbox(sandboxes),
         }));
         for alert in alerts {
             core.alerts.raise(alert);

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use time::OffsetDateTime;
 
 use super::*;
-use crate::audit::AlertKind;
+use crate::audit::{AlertKind, AlertResponse};
 
 /// A request or connection reported by the TLS proxy. `record.kind` decides the action:
 /// `http-request` or `tls-connection`.
@@ -302,10 +302,16 @@ impl ProxyRecord {
     /// with the credential injected), never one that found a
     /// secret, a push's with its ref updates (the evidence of what was asked), or a
     /// refused dial upstream (an address the rule may not reach). A misplaced
-    /// placeholder (not a secret) is limited with its alert: the sandbox could repeat it
-    /// at will; so are other git requests (a refused fetch costs nothing to repeat).
+    /// placeholder (not a secret) is limited with its alert when the alert is only
+    /// recorded (`alert.response`, set by the caller to the response configured): the
+    /// sandbox could repeat it at will; one the sandbox's settings answer with a
+    /// quarantine is always raised (the quarantine ends the flood), so refusals sent
+    /// first cannot spare a sandbox its response. Other git requests are limited too (a
+    /// refused fetch costs nothing to repeat).
     pub fn may_be_summarised(&self, alert: Option<&Alert>) -> bool {
-        let placeholder_only = alert.is_none_or(|a| a.kind == AlertKind::PlaceholderMisdirected);
+        let placeholder_only = alert.is_none_or(|a| {
+            a.kind == AlertKind::PlaceholderMisdirected && a.response == AlertResponse::Record
+        });
         let push = self.git.as_ref().is_some_and(|g| !g.ref_updates.is_empty());
         let abandoned = self.status.is_none()
             && self
