@@ -86,6 +86,10 @@ pub struct OriginRequest {
     /// `Proxy-Authorization` as received ("" when absent).
     pub proxy_authorization: String,
     pub remote_addr: String,
+    /// `Range` as received ("" when absent).
+    pub range: String,
+    /// `x-ms-range` as received ("" when absent).
+    pub x_ms_range: String,
 }
 
 impl OriginRequest {
@@ -102,6 +106,8 @@ impl OriginRequest {
             authorization: s("authorization"),
             proxy_authorization: s("proxy_authorization"),
             remote_addr: s("remote_addr"),
+            range: s("range"),
+            x_ms_range: s("x_ms_range"),
         })
     }
 
@@ -550,7 +556,8 @@ http {{
         '"host":"$host","method":"$request_method","uri":"$request_uri",'
         '"protocol":"$server_protocol","status":"$status",'
         '"authorization":"$http_authorization",'
-        '"proxy_authorization":"$http_proxy_authorization","remote_addr":"$remote_addr"}}';
+        '"proxy_authorization":"$http_proxy_authorization","remote_addr":"$remote_addr",'
+        '"range":"$http_range","x_ms_range":"$http_x_ms_range"}}';
     access_log {d}/logs/access.log egress;
     client_body_temp_path {d}/tmp/body;
     proxy_temp_path {d}/tmp/proxy;

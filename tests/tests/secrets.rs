@@ -62,6 +62,66 @@ fn echo_url(route: &str) -> String {
     format!("https://api.github.com{ECHO_PATH}{route}")
 }
 
+/// A range on a write says which bytes the write touches (Azure's Put Page clears
+/// `bytes=131072-131583` with `x-ms-page-write: clear`): it reaches the origin as the
+/// sandbox sent it, never widened as a read's range is (which would clear 128 KiB more).
+/// Positive control: a read's range is widened.
+#[test]
+fn a_writes_range_reaches_the_origin_as_sent() -> Result<()> {
+    require_proxy_tools!();
+    let fx = ProxyFixture::new(ProxyOpts {
+        policy: POLICY.to_string(),
+        ..ProxyOpts::default()
+    })?;
+    let sink = echo_url("sink");
+    let before = fx.origin.requests()?.len();
+    let (code, _, out) = curl_i(
+        &fx,
+        &[
+            "--http2",
+            "-H",
+            "Range: bytes=131072-131583",
+            "-H",
+            "x-ms-range: bytes=512-1023",
+            "--data-binary",
+            "page",
+            &sink,
+        ],
+    )?;
+    ensure!(
+        code == 200,
+        "the write was not carried out: {}",
+        all_output(&out)
+    );
+    let seen = fx.origin.wait_new(before, Duration::from_secs(10))?;
+    let write = seen
+        .iter()
+        .find(|r| r.method == "POST" && r.uri.ends_with("/sink"))
+        .with_context(|| format!("the write did not reach the origin: {seen:?}"))?;
+    ensure!(
+        write.range == "bytes=131072-131583" && write.x_ms_range == "bytes=512-1023",
+        "the write's ranges were changed on the way: {write:?}"
+    );
+    let before = fx.origin.requests()?.len();
+    let (code, _, out) = curl_i(
+        &fx,
+        &[
+            "--http2",
+            "-H",
+            "Range: bytes=131072-131583",
+            &echo_url("plain"),
+        ],
+    )?;
+    ensure!(code == 206 || code == 200, "{}", all_output(&out));
+    let seen = fx.origin.wait_new(before, Duration::from_secs(10))?;
+    ensure!(
+        seen.iter()
+            .any(|r| r.method == "GET" && !r.range.is_empty() && r.range != "bytes=131072-131583"),
+        "a read's range was not widened: {seen:?}"
+    );
+    Ok(())
+}
+
 /// `curl -i` (headers and body on stdout) plus the status code after `@@`.
 fn curl_i(fx: &ProxyFixture, args: &[&str]) -> Result<(u16, String, Output)> {
     let mut all = vec!["-i"];

@@ -1185,11 +1185,24 @@ impl ConnCtx {
         let mut asked_range = None;
         if let Some(matcher) = self.proxy.secret_matcher() {
             // Responses are scanned as they stream: ask for them unencoded, and for any
-            // byte range with room around it for a whole secret.
+            // byte range with room around it for a whole secret. Only a read's range
+            // selects the answer's bytes: on a write it says which bytes the write touches
+            // (Azure's Put Page and Put Range), and goes as the sandbox sent it (an answer
+            // in part is refused then, as to any request not widened).
             parts
                 .headers
                 .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-            asked_range = range::widen(&mut parts.headers, matcher);
+            scrub::ask_for_scanned_charsets(&mut parts.headers);
+            for name in scrub::MESSAGE_ACCEPT_ENCODINGS {
+                if parts.headers.contains_key(name) {
+                    parts
+                        .headers
+                        .insert(name, HeaderValue::from_static("identity"));
+                }
+            }
+            if range::selects_answer(&parts.method) {
+                asked_range = range::widen(&mut parts.headers, matcher);
+            }
         }
 
         let bad_name = || {

@@ -64,6 +64,14 @@ const MIN_MARGIN: u64 = 64 * 1024;
 #[cfg(test)]
 const MIN_MARGIN: u64 = 1;
 
+/// Whether a range on a request of `method` selects the bytes of the answer (RFC 9110
+/// 14.2: `GET`, and `HEAD` as its head), and so is widened. On another method it is
+/// the request's own meaning (a write's place in a blob) and must reach the origin as the
+/// sandbox sent it.
+pub fn selects_answer(method: &http::Method) -> bool {
+    method == http::Method::GET || method == http::Method::HEAD
+}
+
 /// Rewrites the request's `Range` to one widened by the most bytes one of `matcher`'s
 /// matches covers ([`SecretMatcher::span`]), at least [`MIN_MARGIN`], and returns
 /// what was asked; removes `Range` and `If-Range` when it is not one byte range, and every

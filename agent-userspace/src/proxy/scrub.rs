@@ -465,6 +465,123 @@ impl StreamScrubber {
     }
 }
 
+/// Response headers that declare each message of a body compressed (gRPC, Connect
+/// streaming), whatever its `Content-Encoding`.
+const MESSAGE_ENCODINGS: [&str; 2] = ["grpc-encoding", "connect-content-encoding"];
+
+/// Request headers that ask for compressed messages in the answer: set to `identity` on a
+/// scrubbed route, as `Accept-Encoding` is.
+pub const MESSAGE_ACCEPT_ENCODINGS: [&str; 2] = ["grpc-accept-encoding", "connect-accept-encoding"];
+
+/// Charsets in which the secrets' forms are matched: ASCII and its supersets (an ASCII
+/// secret is the same bytes in them), and UTF-16 (whose forms the matcher has). Another
+/// (UTF-32, UTF-7, EBCDIC, ...) would carry a reflected secret in bytes no scan reads, which
+/// the sandbox's client decodes.
+fn scanned_charset(charset: &str) -> bool {
+    let c = charset.trim().trim_matches('"').to_ascii_lowercase();
+    let single_byte = c
+        .strip_prefix("iso-8859-")
+        .or_else(|| c.strip_prefix("iso8859-"));
+    let windows = c
+        .strip_prefix("windows-125")
+        .or_else(|| c.strip_prefix("cp125"));
+    matches!(
+        c.as_str(),
+        "utf-8"
+            | "utf8"
+            | "us-ascii"
+            | "ascii"
+            | "latin1"
+            | "iso-latin-1"
+            | "koi8-r"
+            | "koi8-u"
+            | "gb2312"
+            | "gbk"
+            | "gb18030"
+            | "big5"
+            | "shift_jis"
+            | "sjis"
+            | "euc-jp"
+            | "euc-kr"
+            | "utf-16"
+            | "utf-16le"
+            | "utf-16be"
+    ) || single_byte.is_some_and(|n| matches!(n.parse::<u8>(), Ok(1..=16)))
+        || windows.is_some_and(|n| n.len() == 1 && n.as_bytes()[0].is_ascii_digit())
+}
+
+/// The `charset` parameters of a `Content-Type` value (RFC 9110 8.3.1), as written.
+fn charsets(value: &str) -> impl Iterator<Item = &str> {
+    value.split(';').skip(1).filter_map(|p| {
+        let (name, v) = p.split_once('=')?;
+        name.trim().eq_ignore_ascii_case("charset").then_some(v)
+    })
+}
+
+/// Refuses a response whose `Content-Type` names a charset the scan does not read.
+fn check_charset(headers: &HeaderMap) -> Result<(), String> {
+    for value in headers.get_all(http::header::CONTENT_TYPE) {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        if charsets(&text).any(|c| !scanned_charset(c)) {
+            return Err(
+                "upstream server: response charset cannot be scanned for reflected secrets \
+                 (not ASCII-compatible, UTF-8 or UTF-16)"
+                    .to_owned(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Takes out of a request what asks an origin for its answer in another charset
+/// (`Accept-Charset`, and `charset` parameters of `Accept`): the answer is scanned in the
+/// charsets [`scanned_charset`] names only.
+pub fn ask_for_scanned_charsets(headers: &mut HeaderMap) {
+    headers.remove(http::header::ACCEPT_CHARSET);
+    let accepts: Vec<HeaderValue> = headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .cloned()
+        .collect();
+    if accepts
+        .iter()
+        .all(|v| charsets_in_accept(v.as_bytes()).is_none())
+    {
+        return;
+    }
+    headers.remove(http::header::ACCEPT);
+    for value in accepts {
+        let kept = charsets_in_accept(value.as_bytes())
+            .unwrap_or_else(|| String::from_utf8_lossy(value.as_bytes()).into_owned());
+        if let Ok(v) = HeaderValue::from_str(&kept) {
+            headers.append(http::header::ACCEPT, v);
+        }
+    }
+}
+
+/// An `Accept` value without its `charset` parameters; `None` when it has none.
+fn charsets_in_accept(value: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(value);
+    let mut found = false;
+    let ranges: Vec<String> = text
+        .split(',')
+        .map(|range| {
+            range
+                .split(';')
+                .filter(|p| {
+                    let charset = p
+                        .split_once('=')
+                        .is_some_and(|(n, _)| n.trim().eq_ignore_ascii_case("charset"));
+                    found |= charset;
+                    !charset
+                })
+                .collect::<Vec<_>>()
+                .join(";")
+        })
+        .collect();
+    found.then(|| ranges.join(","))
+}
+
 /// A response's `Content-Encoding`, as far as scrubbing is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Encoding {
@@ -673,6 +790,30 @@ pub fn scrub_response(
             shown(&codings)
         ));
     }
+    // gRPC and Connect compress each message of a body declared as identity; the proxy
+    // asks for none (`grpc-accept-encoding: identity`), and an answer compressed anyway
+    // would pass the scan unread and be undone by the sandbox's client.
+    for name in MESSAGE_ENCODINGS {
+        let codings: Vec<String> = headers
+            .get_all(name)
+            .iter()
+            .flat_map(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .split(',')
+                    .map(|c| c.trim().to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|c| c != "identity")
+            .collect();
+        if !codings.is_empty() {
+            return Err(format!(
+                "upstream server: response `{name}` `{}` (compressed messages) cannot be \
+                 scanned for reflected secrets",
+                shown(&codings)
+            ));
+        }
+    }
+    check_charset(headers)?;
     scrub_headers(headers, &matcher, &tally);
     // And with the secrets known now, if more are (a byte range's matcher is the one
     // it was widened with).
@@ -1071,6 +1212,50 @@ mod tests {
 
     fn contains(hay: &[u8], needle: &[u8]) -> bool {
         hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// Answers in a charset whose bytes the scan reads pass; another (UTF-32, UTF-7,
+    /// EBCDIC) is refused; a request's wishes for another charset are taken out.
+    #[test]
+    fn charsets_outside_the_scanned_ones_are_neither_asked_for_nor_passed() {
+        for (content_type, ok) in [
+            ("application/json", true),
+            ("text/html; charset=UTF-8", true),
+            ("text/html;charset=\"windows-1252\"", true),
+            ("text/plain; charset=iso-8859-15", true),
+            ("application/json; charset=utf-16le", true),
+            ("application/json; charset=utf-32be", false),
+            ("text/plain; charset=UTF-7", false),
+            ("text/plain; format=flowed; charset=IBM037", false),
+            ("text/plain; charset=iso-8859-99", false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static(content_type),
+            );
+            assert_eq!(check_charset(&h).is_ok(), ok, "{content_type}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::ACCEPT_CHARSET,
+            HeaderValue::from_static("utf-32"),
+        );
+        h.insert(
+            http::header::ACCEPT,
+            HeaderValue::from_static("application/json; charset=utf-32; q=0.9, text/plain"),
+        );
+        ask_for_scanned_charsets(&mut h);
+        assert!(h.get(http::header::ACCEPT_CHARSET).is_none());
+        assert_eq!(
+            h[http::header::ACCEPT],
+            "application/json; q=0.9, text/plain"
+        );
+        // An Accept without charsets is left as it was.
+        let mut h = HeaderMap::new();
+        h.insert(http::header::ACCEPT, HeaderValue::from_static("*/*;q=0.8"));
+        ask_for_scanned_charsets(&mut h);
+        assert_eq!(h[http::header::ACCEPT], "*/*;q=0.8");
     }
 
     /// Trailers are scrubbed with the secrets known when the response began as well as

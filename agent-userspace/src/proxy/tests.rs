@@ -260,6 +260,37 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
             .body(Full::new(Bytes::from(gz.finish().unwrap())))
             .unwrap());
     }
+    if path.starts_with("/grpc-gzip") {
+        // A gRPC origin that sends back the credential it was sent, in a message it
+        // compresses when the client asked for gzip (or always, with `?anyway`), and
+        // says what it was asked in a header.
+        let sent = req
+            .headers()
+            .get(AUTHORIZATION)
+            .map_or(&b""[..], |v| v.as_bytes());
+        let asked = req
+            .headers()
+            .get("grpc-accept-encoding")
+            .map_or(&b""[..], |v| v.as_bytes())
+            .to_vec();
+        let compress = path.ends_with("?anyway") || asked.windows(4).any(|w| w == b"gzip");
+        let (flag, message, encoding) = if compress {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut gz, sent).unwrap();
+            (1u8, gz.finish().unwrap(), "gzip")
+        } else {
+            (0u8, sent.to_vec(), "identity")
+        };
+        let mut framed = vec![flag];
+        framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+        framed.extend_from_slice(&message);
+        return Ok(Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-encoding", encoding)
+            .header("x-asked", asked)
+            .body(Full::new(Bytes::from(framed)))
+            .unwrap());
+    }
     if path == "/te-echo" {
         // An origin that names the credential it was sent as a transfer coding.
         let sent = req
@@ -746,6 +777,47 @@ async fn an_origin_reason_phrase_is_not_sent_back() {
         );
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"denied\n");
+    })
+    .await;
+}
+
+/// gRPC message compression is not asked for, and an answer compressed anyway (its
+/// messages hold bytes no scan reads, which the client undoes) is refused.
+#[tokio::test]
+async fn grpc_messages_compressed_anyway_are_refused() {
+    within(async {
+        let origin = start_origin(false).await;
+        let mut h = start_proxy(origin.addr, &origin.ca_pem, INTERCEPT).await;
+        let mut client = h1_client(h.addr, NAME, &h.ca_pem).await;
+        let accepts = [("grpc-accept-encoding", "gzip, deflate")];
+        // Asked for none: the message comes back plain, scrubbed.
+        let response = client
+            .send_request(request(Method::GET, NAME, "/grpc-gzip", &accepts, ""))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["x-asked"], "identity");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(!String::from_utf8_lossy(&body).contains(TOKEN), "{body:?}");
+        h.record().await;
+        // Compressed anyway: refused.
+        let response = client
+            .send_request(request(
+                Method::GET,
+                NAME,
+                "/grpc-gzip?anyway",
+                &accepts,
+                "",
+            ))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains("grpc-encoding"), "{body}");
+        let record = h.record().await;
+        assert_eq!(record.verdict, Verdict::Deny);
+        assert_eq!(record.status, Some(502));
     })
     .await;
 }
