@@ -66,15 +66,20 @@ const MULTI_TARGET_SEGMENTS: [&str; 4] = ["_mget", "_msearch", "_bulk", "_mtermv
 /// their targets: Google's `/batch/...` (`multipart/mixed` of `application/http` parts),
 /// OData's and Microsoft Graph's `$batch` (JSON or multipart), for any method but GET and
 /// HEAD; Elasticsearch's and OpenSearch's `_mget`, `_msearch`, `_bulk` and
-/// `_mtermvectors` (which read or write the indices their body names), for any method.
-/// Judging the outer request judges none of the inner ones, so a rule allows such a
-/// request only where an `http:` path names the segment itself: a wildcard does not.
+/// `_mtermvectors` (which read or write the indices their body names), for any method;
+/// Google Cloud Storage's `copyTo` and `rewriteTo` (whose path goes on to name a second
+/// bucket and object, written with the credential), for any method but GET and HEAD.
+/// Judging the outer request judges none of the inner ones (nor a wildcard the second
+/// target), so a rule allows such a request only where an `http:` path names the segment
+/// itself: a wildcard does not.
 pub fn batch_segment<'a>(method: &str, path: &'a str) -> Option<&'a str> {
     let reads = method == "GET" || method == "HEAD";
     path.split('/').find(|s| {
         let batch = s.eq_ignore_ascii_case("batch")
             || s.to_ascii_lowercase().ends_with("$batch")
-            || s.to_ascii_lowercase().ends_with("%24batch");
+            || s.to_ascii_lowercase().ends_with("%24batch")
+            || s.eq_ignore_ascii_case("copyTo")
+            || s.eq_ignore_ascii_case("rewriteTo");
         (batch && !reads)
             || MULTI_TARGET_SEGMENTS
                 .iter()

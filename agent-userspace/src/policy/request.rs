@@ -157,9 +157,9 @@ impl Rule {
                 )
             } else if let Some(segment) = batch_segment(method, path) {
                 format!(
-                    "; `{segment}` requests carry other requests in their body, which the \
-                     proxy does not judge: only an `http:` path naming `{segment}` itself \
-                     allows it"
+                    "; `{segment}` requests carry other requests in their body (or name a \
+                     second target), which the proxy does not judge: only an `http:` path \
+                     naming `{segment}` itself allows it"
                 )
             } else {
                 String::new()
@@ -637,6 +637,9 @@ rules:
             "/v1.0/$batch",
             "/odata/Products/$batch",
             "/x/BATCH",
+            // Google Cloud Storage copies: the second bucket is in the path, past `**`.
+            "/storage/v1/b/mine/o/x/rewriteTo/b/theirs/o/y",
+            "/storage/v1/b/mine/o/x/copyTo/b/theirs/o/y",
         ] {
             let refused = broad.check_request("POST", path).unwrap_err();
             assert!(
