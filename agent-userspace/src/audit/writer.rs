@@ -2143,6 +2143,11 @@ impl AuditTask {
                  be in neither file"
             ),
         };
+        // A range being dropped is closed first, with its loss record: the rewrite record
+        // is written, and must not be counted inside a range reported lost.
+        if let Some(range) = self.dropped.take() {
+            self.queue_loss(range);
+        }
         let record = AuditRewritten {
             time: OffsetDateTime::now_utc(),
             count: rewrite.lines,
