@@ -43,6 +43,9 @@ pub struct SecretMatcher {
     /// The bytes a match across line breaks may cover: [`Self::in_pattern`] and those
     /// of the breaks [`joined`] takes out.
     in_joined: ByteSet,
+    /// The bytes a match in a text with escapes decoded may cover: [`Self::in_pattern`]
+    /// and those of the escapes [`decoded`] decodes ([`ESCAPE_BYTES`]).
+    in_decoded: ByteSet,
     /// The shortest pattern (with or without its `=`).
     min_len: usize,
 }
@@ -75,6 +78,7 @@ impl SecretMatcher {
             eq_free_of: Vec::new(),
             in_pattern: ByteSet::default(),
             in_joined: ByteSet::default(),
+            in_decoded: ByteSet::default(),
             min_len: 0,
         }
     }
@@ -110,6 +114,8 @@ impl SecretMatcher {
         }
         let mut in_joined = in_pattern.clone();
         in_joined.add_any_case(BREAK_BYTES);
+        let mut in_decoded = in_pattern.clone();
+        in_decoded.add_any_case(ESCAPE_BYTES);
         let (mut eq_free_patterns, eq_free_of): (Vec<Vec<u8>>, Vec<usize>) = patterns
             .iter()
             .enumerate()
@@ -157,6 +163,7 @@ impl SecretMatcher {
             eq_free_of,
             in_pattern,
             in_joined,
+            in_decoded,
             min_len,
         }
     }
@@ -224,6 +231,12 @@ impl SecretMatcher {
     /// breaks or more is not taken out, nor more than [`LINE_BREAK_MAX`] bytes between
     /// two characters (so no match covers more than [`Self::span`] bytes).
     ///
+    /// Text with escapes is matched whatever mix of styles its encoder writes (Go's
+    /// `encoding/json` writes `\"` and `\u0026`, ASP.NET's HTML encoder `&amp;` and
+    /// `&#x2B;`), and whichever of its symbols it escapes: `hay` is also searched with
+    /// each JSON, HTML and percent escape decoded ([`decoded`]); such a match is reported
+    /// over the bytes it covers, escapes whole.
+    ///
     /// A match is made of bytes the patterns have (and breaks), so only runs of those
     /// bytes at least as long as the shortest pattern are searched ([`Runs`]): most of a
     /// compressed or binary body is skipped, and what is found is what a search of every
@@ -251,7 +264,7 @@ impl SecretMatcher {
     }
 
     /// The matches of [`Self::each_match_cut`] that have something taken out inside (a
-    /// line break, or a `=` in the search without them).
+    /// line break, or a `=` in the search without them) or decoded (an escape).
     fn each_match_across_breaks(
         &self,
         hay: &[u8],
@@ -270,6 +283,46 @@ impl SecretMatcher {
         // not taken for a header there).
         if memchr::memchr3(1, 2, 3, hay).is_some() {
             self.each_joined_match(hay, ac, Join::PktHeaders, f);
+        }
+        self.each_decoded_match(hay, ac, f);
+    }
+
+    /// Matches of `ac` in `hay` with its escapes decoded ([`decoded`]), mapped back to the
+    /// bytes of `hay` they cover (each escape whole); those with nothing decoded inside
+    /// are left out (found by the search of `hay` itself), and so are those covering more
+    /// than [`Self::span`] bytes (a stream scanner would not hold them whole). Only runs
+    /// of the bytes such a match may cover are decoded and searched: one more byte than
+    /// the shortest pattern at least (an escape is longer than what it stands for).
+    fn each_decoded_match(
+        &self,
+        hay: &[u8],
+        ac: &AhoCorasick,
+        f: &mut impl FnMut(Range<usize>, usize, bool, bool),
+    ) {
+        let span = self.span();
+        let runs = Runs::new(hay, &self.in_decoded, self.min_len + 1).unmerged();
+        for run in runs {
+            let offset = run.start;
+            let Some((text, escapes)) = decoded(hay, run) else {
+                continue;
+            };
+            // The bytes of `hay` the byte at `j` of the decoded text stands for.
+            let source = |j: usize| {
+                let i = escapes.partition_point(|(out, _)| out.start <= j);
+                match i.checked_sub(1).map(|i| &escapes[i]) {
+                    Some((out, src)) if j < out.end => src.clone(),
+                    Some((out, src)) => src.end + (j - out.end)..src.end + (j - out.end) + 1,
+                    None => offset + j..offset + j + 1,
+                }
+            };
+            for m in ac.find_overlapping_iter(&text) {
+                let range = source(m.start()).start..source(m.end() - 1).end;
+                if range.len() == m.len() || range.len() > span {
+                    continue;
+                }
+                let pattern = m.pattern().as_usize();
+                f(range, self.owner[pattern], self.cut[pattern], false);
+            }
         }
     }
 
@@ -616,6 +669,137 @@ fn joined(hay: &[u8], within: Range<usize>, join: Join) -> Option<(Vec<u8>, Vec<
     joins.then_some((out, taken))
 }
 
+/// The most bytes of a text an escape [`decoded`] decodes may take per byte it stands
+/// for: as many as a character and the most [`joined`] takes out beside it, so that a
+/// match in a decoded text covers no more than one across line breaks would (`&#x0002B;`
+/// for `+`, `&#x1F600;` for four bytes; not `&#0000043;`).
+const ESCAPE_MAX: usize = 1 + LINE_BREAK_MAX;
+
+/// Every byte of an escape [`decoded`] decodes, in either ASCII case: `\` and the JSON
+/// escapes' (`\"`, `\\`, `\/`, `\'`, `\u` and hex), `&`, `#`, `;` and the letters of
+/// HTML's named references (`&amp;`, `&lt;`, `&gt;`, `&quot;`, `&apos;`) and numeric
+/// ones (`&#x2B;`, `&#43;`), and `%`.
+const ESCAPE_BYTES: &[u8] = b"\\\"/'%&#;0123456789abcdefglmopqstux";
+
+/// The escape at the start of `text`, if it is one: how many bytes it takes, and the
+/// bytes it stands for (UTF-8 for a character). JSON's `\"`, `\\`, `\/` (and `\'`),
+/// `\uXXXX` (a surrogate pair as one character); HTML's `&amp;`, `&lt;`, `&gt;`,
+/// `&quot;`, `&apos;`, `&#xHH;` and `&#DD;`; and `%HH`. Hex digits, `x`, `u` and names
+/// in any case (an origin may upper-case what it echoes). Line breaks (`\n`) are
+/// [`joined`]'s.
+fn escape_at(text: &[u8]) -> Option<(usize, [u8; 4], usize)> {
+    fn number(digits: &[u8], radix: u32) -> Option<u32> {
+        if digits.is_empty() {
+            return None;
+        }
+        digits.iter().try_fold(0u32, |n, &d| {
+            let d = char::from(d).to_digit(radix)?;
+            n.checked_mul(radix)?.checked_add(d)
+        })
+    }
+    fn character(code: u32, len: usize) -> Option<(usize, [u8; 4], usize)> {
+        let c = char::from_u32(code)?;
+        let mut bytes = [0u8; 4];
+        let n = c.encode_utf8(&mut bytes).len();
+        Some((len, bytes, n))
+    }
+    let found = match *text.first()? {
+        b'%' => {
+            let b = u8::try_from(number(text.get(1..3)?, 16)?).ok()?;
+            Some((3, [b, 0, 0, 0], 1))
+        }
+        b'\\' => match *text.get(1)? {
+            b @ (b'"' | b'\\' | b'/' | b'\'') => Some((2, [b, 0, 0, 0], 1)),
+            b'u' | b'U' => {
+                let unit = number(text.get(2..6)?, 16)?;
+                if (0xD800..0xDC00).contains(&unit) {
+                    let low = text
+                        .get(6..12)
+                        .filter(|l| l[0] == b'\\' && l[1].eq_ignore_ascii_case(&b'u'))
+                        .and_then(|l| number(&l[2..], 16))
+                        .filter(|low| (0xDC00..0xE000).contains(low))?;
+                    character(0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00), 12)
+                } else {
+                    // A lone low surrogate is no character: `from_u32` refuses it.
+                    character(unit, 6)
+                }
+            }
+            _ => None,
+        },
+        b'&' => {
+            const NAMED: [(&[u8], u8); 5] = [
+                (b"&amp;", b'&'),
+                (b"&lt;", b'<'),
+                (b"&gt;", b'>'),
+                (b"&quot;", b'"'),
+                (b"&apos;", b'\''),
+            ];
+            let named = NAMED.iter().find(|(name, _)| {
+                text.get(..name.len())
+                    .is_some_and(|t| t.eq_ignore_ascii_case(name))
+            });
+            if let Some(&(name, b)) = named {
+                Some((name.len(), [b, 0, 0, 0], 1))
+            } else if text.get(1) == Some(&b'#') {
+                let hex = matches!(text.get(2), Some(b'x' | b'X'));
+                let from = if hex { 3 } else { 2 };
+                // Seven digits at most (leading zeros included): longer is cut below.
+                let digits = text.get(from..).unwrap_or_default();
+                let semicolon = digits.iter().take(8).position(|&b| b == b';')?;
+                let code = number(&digits[..semicolon], if hex { 16 } else { 10 })?;
+                character(code, from + semicolon + 1)
+            } else {
+                None
+            }
+        }
+        _ => None,
+    };
+    found.filter(|&(len, _, n)| len <= ESCAPE_MAX * n)
+}
+
+/// `hay[within]` with each escape [`escape_at`] reads decoded, left to right (`\\u0026`
+/// is `\` then `u0026`), and where each decoded one is: its bytes in the decoded text and
+/// the bytes of `hay` it was. `None` when nothing is decoded. Within a maximal run of
+/// [`ESCAPE_BYTES`] (and others), what is decoded is what decoding the whole text gives
+/// there: no escape starts before the run and ends in it.
+#[expect(
+    clippy::type_complexity,
+    reason = "a text and its offsets, used together once"
+)]
+fn decoded(
+    hay: &[u8],
+    within: Range<usize>,
+) -> Option<(Vec<u8>, Vec<(Range<usize>, Range<usize>)>)> {
+    let part = hay.get(within.clone())?;
+    // Most runs have no escape: nothing is copied for them.
+    let mut next = memchr::memchr3(b'\\', b'&', b'%', part)?;
+    let mut out = Vec::with_capacity(part.len());
+    let mut escapes = Vec::new();
+    let mut i = 0;
+    loop {
+        out.extend_from_slice(&part[i..next]);
+        i = next;
+        match escape_at(&part[i..]) {
+            Some((len, bytes, n)) => {
+                let start = within.start + i;
+                escapes.push((out.len()..out.len() + n, start..start + len));
+                out.extend_from_slice(&bytes[..n]);
+                i += len;
+            }
+            None => {
+                out.push(part[i]);
+                i += 1;
+            }
+        }
+        match memchr::memchr3(b'\\', b'&', b'%', &part[i..]) {
+            Some(at) => next = i + at,
+            None => break,
+        }
+    }
+    out.extend_from_slice(&part[i..]);
+    (!escapes.is_empty()).then_some((out, escapes))
+}
+
 /// The forms a secret takes on the wire, each at least [`MIN_PATTERN_LEN`] bytes:
 ///
 /// - the value itself (which every header value built from it contains, and `user:secret`
@@ -630,7 +814,10 @@ fn joined(hay: &[u8], within: Range<usize>, join: Join) -> Option<(Vec<u8>, Vec<
 ///   and kept when it has at most [`MAX_ESCAPE_SUBSET`] kinds (encoders differ: Python's
 ///   `quote()` keeps `/`, .NET escapes `+` and keeps `/`), else all of them and all but
 ///   `/`; percent-encoded twice (a URL quoted inside another); JSON-escaped (with and
-///   without `/` as `\/`, non-ASCII as `\uXXXX`, or every symbol as `\u00XX`);
+///   without `/` as `\/`, non-ASCII as `\uXXXX`, or every symbol as `\u00XX`). Each
+///   in one style: a text whose encoder mixes them (Go's `\"` and `\u0026`, ASP.NET's
+///   `&amp;` and `&#x2B;`), or escapes other symbols than these, is searched decoded
+///   instead ([`SecretMatcher::each_match_cut`]);
 /// - the value's bytes in hex: contiguous, space-separated (as in AWS's
 ///   `CanonicalRequestBytes`) and each behind `%`;
 /// - the value and its base64 forms in UTF-16, little- and big-endian (ASCII ones).
@@ -1150,6 +1337,90 @@ mod tests {
         }
     }
 
+    /// The range of the one match that covers the most of `hay`, if any.
+    fn widest(m: &SecretMatcher, hay: &str) -> Option<Range<usize>> {
+        let mut widest: Option<Range<usize>> = None;
+        m.each_match(hay.as_bytes(), |r, _| {
+            if widest.as_ref().is_none_or(|w| r.len() > w.len()) {
+                widest = Some(r);
+            }
+        });
+        widest
+    }
+
+    /// Encoders that escape symbols in more than one style (and only some of them) echo
+    /// a secret in forms no single-style pattern is: found decoded, each echo whole (one
+    /// match over all of it, escapes included), cut short too.
+    #[test]
+    fn mixed_escape_styles_are_found_whole() {
+        let cases: [(&str, &str); 9] = [
+            // Go's `encoding/json`: `\"` and `\\`, but `&<>` (and U+2028/9) as `\u00XX`.
+            ("Xk9\"vQ&7mP2wL8rT4nB6", "Xk9\\\"vQ\\u00267mP2wL8rT4nB6"),
+            (
+                "Xk9\"vQ<7m>P2\\wL8\u{2028}rT4nB6",
+                "Xk9\\\"vQ\\u003c7m\\u003eP2\\\\wL8\\u2028rT4nB6",
+            ),
+            // .NET's System.Text.Json: `+&'"<>` and backtick as `\u00XX` (upper case), `\`
+            // as `\\`.
+            (
+                "Xk9+vQ&7m'P2\"wL8<rT>4`nB6\\",
+                "Xk9\\u002BvQ\\u00267m\\u0027P2\\u0022wL8\\u003CrT\\u003E4\\u0060nB6\\\\",
+            ),
+            // ASP.NET Core's HtmlEncoder: `&<>"` named, others as `&#xHH;`.
+            ("Xk9+vQ&7mP2wL8rT4nB6", "Xk9&#x2B;vQ&amp;7mP2wL8rT4nB6"),
+            (
+                "Xk9+vQ&7m'P2\"wL8<rT4nB6",
+                "Xk9&#x2B;vQ&amp;7m&#x27;P2&quot;wL8&lt;rT4nB6",
+            ),
+            // Python's `html.escape`.
+            (
+                "Xk9<vQ&7m'P2\"wL8>rT4nB6",
+                "Xk9&lt;vQ&amp;7m&#x27;P2&quot;wL8&gt;rT4nB6",
+            ),
+            // Some symbols escaped, others kept, more kinds than every combination is made
+            // for: `+&` escaped, `-_` kept, in each numeric style.
+            (
+                "Xk9+vQ&7m-P2_wL8rT4nB6",
+                "Xk9\\u002bvQ\\u00267m-P2_wL8rT4nB6",
+            ),
+            ("Xk9+vQ&7m-P2_wL8rT4nB6", "Xk9&#43;vQ&#38;7m-P2_wL8rT4nB6"),
+            ("Xk9+vQ&7m-P2_wL8rT4nB6", "Xk9%2BvQ&#x26;7m-P2_wL8rT4nB6"),
+        ];
+        for (secret, echo) in cases {
+            let m = SecretMatcher::new([("c", secret)]);
+            let prefix = "{\"error\":\"bad token ";
+            let hay = format!("{prefix}{echo}\"}}");
+            let whole = prefix.len()..prefix.len() + echo.len();
+            assert_eq!(widest(&m, &hay), Some(whole), "{echo}");
+            assert_eq!(m.find(hay.as_bytes()), Some("c"), "{echo}");
+            // Cut short after a character the origin kept as is.
+            let cut = &echo[..echo.len() - 2];
+            assert_eq!(widest(&m, cut), Some(0..cut.len()), "{cut}");
+        }
+    }
+
+    /// Decoding finds only what is the secret: another value with the same escapes, the
+    /// secret with one character changed, or escapes alone are not a match; an escape too
+    /// long for its byte (past what a stream scanner holds back) is not decoded.
+    #[test]
+    fn decoded_text_that_is_not_the_secret_is_not_a_match() {
+        let secret = "Xk9\"vQ&7mP2wL8rT4nB6";
+        let m = SecretMatcher::new([("c", secret)]);
+        for benign in [
+            "Xk8\\\"vQ\\u00267mP2wL8rT4nB6",
+            "Xk9\\\"vQ\\u00277mP2wL8rT4nB6",
+            "Xk9&quot;vQ&lt;7mP2wL8rT4nB6",
+            "{\"msg\":\"a \\u0026 b \\\"quoted\\\" &amp; &#x2B; %2B \\\\u0026\"}",
+            "Xk9&#00000034;vQ&amp;7mP2wL8rT4nB6",
+        ] {
+            assert!(m.find(benign.as_bytes()).is_none(), "{benign}");
+        }
+        assert_eq!(
+            decoded(b"a\\\\u0026%zz&#x;&#0000043;&#x2b;", 0..31).map(|(t, _)| t),
+            Some(b"a\\u0026%zz&#x;&#0000043;+".to_vec())
+        );
+    }
+
     /// A structured secret shares parts with others of its kind (every HS256 JWT starts
     /// with the same header): only the whole value is a pattern, so another token of the
     /// kind is not taken for it.
@@ -1385,6 +1656,7 @@ mod tests {
         let mut whole = SecretMatcher::new(pairs());
         whole.in_pattern = ByteSet([true; 256]);
         whole.in_joined = ByteSet([true; 256]);
+        whole.in_decoded = ByteSet([true; 256]);
         whole.min_len = 1;
         let forms: Vec<Vec<u8>> = secrets.iter().flat_map(|(_, v)| forms(v)).collect();
         let breaks: [&[u8]; 12] = [
@@ -1436,7 +1708,7 @@ mod tests {
                 }
             }
         }
-        let (mut matched, mut across) = (0, 0);
+        let (mut matched, mut across, mut escaped) = (0, 0, 0);
         for _ in 0..400 {
             let mut hay = Vec::new();
             for _ in 0..1 + rand(8) {
@@ -1446,13 +1718,24 @@ mod tests {
                     _ => {
                         let form = &forms[rand(forms.len())];
                         let form = &form[..form.len() - rand(10).min(form.len())];
+                        // Some forms with some bytes escaped, each in a style of its own.
+                        let escapes = rand(3) == 0;
                         for &b in form {
-                            hay.push(if rand(4) == 0 {
-                                b.to_ascii_uppercase()
+                            let escape = match if escapes { rand(8) } else { 4 } {
+                                0 => format!("%{b:02X}"),
+                                1 => format!("\\u{b:04x}"),
+                                2 => format!("&#x{b:X};"),
+                                3 => format!("&#{b};"),
+                                _ => String::new(),
+                            };
+                            if !escape.is_empty() {
+                                hay.extend_from_slice(escape.as_bytes());
+                            } else if rand(4) == 0 {
+                                hay.push(b.to_ascii_uppercase());
                             } else {
-                                b
-                            });
-                            if rand(12) == 0 {
+                                hay.push(b);
+                            }
+                            if !escapes && rand(12) == 0 {
                                 hay.extend_from_slice(breaks[rand(breaks.len())]);
                             }
                         }
@@ -1472,10 +1755,14 @@ mod tests {
                 .iter()
                 .filter(|(s, e, _, _)| hay[*s..*e].iter().any(|b| matches!(b, b'\n' | b'\r')))
                 .count();
+            escaped += expected
+                .iter()
+                .filter(|(s, e, _, _)| hay[*s..*e].iter().any(|b| matches!(b, b'%' | b';')))
+                .count();
         }
         assert!(
-            matched > 400 && across > 100,
-            "{matched} matches, {across} across breaks"
+            matched > 400 && across > 100 && escaped > 100,
+            "{matched} matches, {across} across breaks, {escaped} with escapes"
         );
     }
 
