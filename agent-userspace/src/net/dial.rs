@@ -173,7 +173,8 @@ impl Dialer {
     /// namespace: a connection to it arrives over loopback, at services bound to any
     /// address, whatever a firewall does to traffic from outside. Always false for a
     /// dialer in an upstream namespace of its own (the operator chose where it dials
-    /// from). Read at most once a second.
+    /// from). The interfaces' addresses are read at most once a second; an address none
+    /// holds is looked up in the routing (a `local` route delivers it here all the same).
     pub fn is_own_address(&self, ip: IpAddr) -> io::Result<bool> {
         if self.factory.is_some() {
             return Ok(false);
@@ -192,7 +193,8 @@ impl Dialer {
                 list
             }
         };
-        Ok(list.contains(&ip))
+        drop(own);
+        Ok(list.contains(&ip) || super::route::is_local(ip)?)
     }
 
     /// Connects to `addr` from this dialer's namespace.

@@ -3,6 +3,7 @@
 //! outgoing connections ([`tls`]), and both together ([`upstream`]). The proxy, the DNS
 //! resolver and the credential sources all dial through here; none imports another.
 pub mod dial;
+pub mod route;
 pub mod sock_diag;
 pub mod special;
 pub mod tls;
