@@ -109,6 +109,13 @@ fn unescape(s: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsStr::from_bytes(&out))
 }
 
+/// Levels of cgroups a sandbox may make below its own ([`Cgroup::bound_tree`]): room
+/// for a container's own systemd (`system.slice/x.service`, `user.slice/...`), and fewer
+/// than the daemon's walk of the tree reads.
+pub const TREE_DEPTH: u32 = 8;
+/// Cgroups a sandbox may make below its own, in all.
+pub const TREE_DESCENDANTS: u32 = 1024;
+
 /// A checked cgroup v2 directory.
 #[derive(Clone, Debug)]
 pub struct Cgroup {
@@ -136,6 +143,35 @@ impl Cgroup {
             path: full,
             id: meta.ino(),
         })
+    }
+
+    /// Bounds the tree a sandbox may build below its cgroup ([`TREE_DEPTH`] levels,
+    /// [`TREE_DESCENDANTS`] cgroups), where the runtime left it unbounded (`max`): the
+    /// daemon walks that tree for the sandbox's processes, and a sandbox with a writable
+    /// cgroup mount could otherwise make each walk take seconds, or hide a process below
+    /// the levels walked. A tighter bound the runtime set stays. Returns what could not
+    /// be set (the caller warns).
+    pub fn bound_tree(&self) -> Vec<String> {
+        let mut failed = Vec::new();
+        for (file, bound) in [
+            ("cgroup.max.depth", TREE_DEPTH),
+            ("cgroup.max.descendants", TREE_DESCENDANTS),
+        ] {
+            let path = self.path.join(file);
+            let outcome = fs::read_to_string(&path).and_then(|now| {
+                let now = now.trim();
+                let tighter = now.parse::<u32>().is_ok_and(|n| n <= bound);
+                if tighter {
+                    Ok(())
+                } else {
+                    fs::write(&path, bound.to_string())
+                }
+            });
+            if let Err(e) = outcome {
+                failed.push(format!("{file}: {e}"));
+            }
+        }
+        failed
     }
 
     /// Whether a process is in it or below (`populated 1` in `cgroup.events`); `None`

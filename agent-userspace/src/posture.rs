@@ -225,11 +225,23 @@ pub fn cgroup_of(pid: u32) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Every pid in `cgroup.procs` of `cgroup` and its descendants (bounded depth).
+/// The most cgroups [`pids_below`] reads: more than a sandbox may make
+/// ([`crate::cgroup::TREE_DESCENDANTS`]), so that a tree a sandbox could build where that
+/// bound could not be set costs each walk tens of milliseconds at most.
+const WALK_BUDGET: usize = 4 * crate::cgroup::TREE_DESCENDANTS as usize;
+
+/// Every pid in `cgroup.procs` of `cgroup` and its descendants (bounded depth, and at most
+/// [`WALK_BUDGET`] cgroups: a larger tree is reported and read in part).
 pub fn pids_below(cgroup: &Path) -> BTreeSet<u32> {
     let mut pids = BTreeSet::new();
     let mut stack: Vec<(PathBuf, u32)> = vec![(cgroup.to_path_buf(), 0)];
+    let mut read = 0usize;
     while let Some((dir, depth)) = stack.pop() {
+        read += 1;
+        if read > WALK_BUDGET {
+            tracing::warn!(cgroup = %cgroup.display(), budget = WALK_BUDGET, "Cgroup tree larger than the walk reads: its processes are listed in part");
+            break;
+        }
         if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
             pids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
         }

@@ -266,3 +266,63 @@ fn the_unspecified_address_from_a_chosen_source_is_refused() -> Result<()> {
     ensure!(egress_tests::audit::verdict(&rec) == Some("deny"), "{rec}");
     Ok(())
 }
+
+/// A sandbox cannot build an unbounded cgroup tree below its own (the daemon walks it for
+/// the sandbox's processes, under its lock, each second): the attach bounds it to 8
+/// levels and 1,024 cgroups, enforced by the kernel whoever creates them. Positive
+/// control: a tree within the bounds is made.
+#[test]
+fn a_sandboxs_cgroup_tree_is_bounded() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    fx.attach(WEB_ORIGIN_DENY)?;
+    let root = fx.sandbox.cgroup().path().to_path_buf();
+    let read = |file: &str| std::fs::read_to_string(root.join(file)).map(|s| s.trim().to_owned());
+    ensure!(
+        read("cgroup.max.depth")? == "8" && read("cgroup.max.descendants")? == "1024",
+        "bounds not set: depth {:?}, descendants {:?}",
+        read("cgroup.max.depth"),
+        read("cgroup.max.descendants")
+    );
+    // Made children are removed whatever happens, deepest first.
+    struct Made(Vec<std::path::PathBuf>);
+    impl Drop for Made {
+        fn drop(&mut self) {
+            for dir in self.0.iter().rev() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+    let mut made = Made(Vec::new());
+    let mut dir = root.clone();
+    for level in 1..=9 {
+        dir = dir.join(format!("l{level}"));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => made.0.push(dir.clone()),
+            Err(e) => {
+                ensure!(level == 9, "level {level} refused: {e}");
+                break;
+            }
+        }
+        ensure!(level < 9, "a ninth level below the sandbox was made");
+    }
+    // 8 made so far; up to 1,024 in all.
+    let mut refused = None;
+    for i in 0..1100 {
+        let wide = root.join(format!("w{i}"));
+        match std::fs::create_dir(&wide) {
+            Ok(()) => made.0.push(wide),
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (i, e) = refused.ok_or_else(|| anyhow::anyhow!("1,108 cgroups made below the sandbox"))?;
+    ensure!(
+        made.0.len() == 1024,
+        "{} cgroups made below the sandbox before the refusal at w{i} ({e})",
+        made.0.len()
+    );
+    Ok(())
+}

@@ -1327,6 +1327,10 @@ impl Core {
             let _ = self.maps.clear_slot(slot);
             return Err(e.to_string());
         }
+        let unbounded = cgroup.bound_tree();
+        for why in &unbounded {
+            tracing::warn!(sandbox = %name, cgroup = %cgroup.path.display(), "The sandbox's cgroup tree could not be bounded: {why}");
+        }
         self.audit
             .emit(Record::SandboxAttach(self.confined(&rec, &posture)));
         self.alert_posture(&name, &posture, "processes at attach");
@@ -1353,6 +1357,12 @@ impl Core {
         }
         for why in [shared_netns, shared_ns].into_iter().flatten() {
             msg.push_str(&format!("; WARNING: {why}"));
+        }
+        if !unbounded.is_empty() {
+            msg.push_str(&format!(
+                "; WARNING: the cgroups it may create below its own are not bounded ({})",
+                unbounded.join("; ")
+            ));
         }
         self.remember(&name, &posture);
         self.set_route(&rec, &policy);
