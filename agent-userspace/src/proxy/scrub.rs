@@ -478,7 +478,11 @@ pub const MESSAGE_ACCEPT_ENCODINGS: [&str; 2] = ["grpc-accept-encoding", "connec
 /// (UTF-32, UTF-7, EBCDIC, ...) would carry a reflected secret in bytes no scan reads, which
 /// the sandbox's client decodes.
 fn scanned_charset(charset: &str) -> bool {
-    let c = charset.trim().trim_matches('"').to_ascii_lowercase();
+    let c = charset
+        .trim()
+        .trim_matches('"')
+        .to_ascii_lowercase()
+        .replace('_', "-");
     let single_byte = c
         .strip_prefix("iso-8859-")
         .or_else(|| c.strip_prefix("iso8859-"));
@@ -489,6 +493,8 @@ fn scanned_charset(charset: &str) -> bool {
         c.as_str(),
         "utf-8"
             | "utf8"
+            | "binary"
+            | "latin-1"
             | "us-ascii"
             | "ascii"
             | "latin1"
@@ -792,10 +798,12 @@ pub fn scrub_response(
     }
     // gRPC and Connect compress each message of a body declared as identity; the proxy
     // asks for none (`grpc-accept-encoding: identity`), and an answer compressed anyway
-    // would pass the scan unread and be undone by the sandbox's client.
-    for name in MESSAGE_ENCODINGS {
+    // would pass the scan unread and be undone by the sandbox's client. (No body, as
+    // to a HEAD or with a 204 or 304: nothing to read.)
+    let bodiless = body.is_end_stream();
+    for name in MESSAGE_ENCODINGS.iter().filter(|_| !bodiless) {
         let codings: Vec<String> = headers
-            .get_all(name)
+            .get_all(*name)
             .iter()
             .flat_map(|v| {
                 String::from_utf8_lossy(v.as_bytes())
@@ -813,7 +821,9 @@ pub fn scrub_response(
             ));
         }
     }
-    check_charset(headers)?;
+    if !bodiless {
+        check_charset(headers)?;
+    }
     scrub_headers(headers, &matcher, &tally);
     // And with the secrets known now, if more are (a byte range's matcher is the one
     // it was widened with).
@@ -1223,6 +1233,8 @@ mod tests {
             ("text/html; charset=UTF-8", true),
             ("text/html;charset=\"windows-1252\"", true),
             ("text/plain; charset=iso-8859-15", true),
+            ("text/plain; charset=ISO_8859-1", true),
+            ("application/octet-stream; charset=binary", true),
             ("application/json; charset=utf-16le", true),
             ("application/json; charset=utf-32be", false),
             ("text/plain; charset=UTF-7", false),

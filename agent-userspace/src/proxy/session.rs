@@ -2,23 +2,44 @@
 //!
 //! A login answer can carry a token of its own (OpenStack Keystone's `X-Subject-Token`,
 //! Swift's v1 `X-Auth-Token` and `X-Storage-Token`, a cookie, an API's own
-//! `X-Session-Token`): that is the credential's power in a form the scrubber does not
-//! know. On a route with a credential such fields stay with the proxy's side, which sends
-//! the credential each time; in trailers they go on every route (no protocol hands a
-//! session out there).
+//! `X-Session-Token`, a sliding session's new `Authorization`): that is the credential's
+//! power in a form the scrubber does not know. On a route with a credential such fields
+//! stay with the proxy's side, which sends the credential each time; in trailers they go
+//! on every route (no protocol hands a session out there).
 
 use http::HeaderMap;
 
-/// Words that mark a field name as carrying a session, a token or a secret.
-/// (`Authorization` is not one: an origin echoing the credential there has it scrubbed,
-/// as anywhere else.)
-const WORDS: [&str; 6] = [
-    "token", "session", "secret", "api-key", "apikey", "password",
+/// Words that, as a whole `-`-separated part of a field's name, mark it as carrying a
+/// session, a token or a secret (`x-api-key` and `x-apikey` alike). Whole parts only:
+/// `x-ratelimit-remaining-tokens` (a count) and `x-ms-continuationtoken` (a page cursor)
+/// are not sessions.
+const WORDS: [&str; 9] = [
+    "token",
+    "session",
+    "secret",
+    "password",
+    "apikey",
+    "authorization",
+    "jwt",
+    "sid",
+    "credential",
 ];
+
+/// Names that hold one of [`WORDS`] but hand out no power: Azure Cosmos DB's session
+/// consistency token (a log position, sent back to read one's own writes).
+const NOT_SESSIONS: [&str; 1] = ["x-ms-session-token"];
 
 /// Whether a field named `name` (lower case, as `http` keeps names) hands out a session.
 pub fn hands_out_session(name: &str) -> bool {
-    name == "set-cookie" || name == "set-cookie2" || WORDS.iter().any(|w| name.contains(w))
+    if name == "set-cookie" || name == "set-cookie2" {
+        return true;
+    }
+    if NOT_SESSIONS.contains(&name) || name.contains("ratelimit") {
+        return false;
+    }
+    let parts: Vec<&str> = name.split(['-', '_']).collect();
+    parts.iter().any(|p| WORDS.contains(p))
+        || parts.windows(2).any(|w| w[0] == "api" && w[1] == "key")
 }
 
 /// Takes out the fields that hand out a session; returns how many names went.
@@ -41,37 +62,49 @@ mod tests {
 
     #[test]
     fn sessions_tokens_and_cookies_go_and_other_fields_stay() {
-        let mut h = HeaderMap::new();
-        for (name, value) in [
-            ("set-cookie", "sid=1"),
-            ("x-subject-token", "gAAAA"),
-            ("x-auth-token", "AUTH_tk"),
-            ("x-storage-token", "AUTH_tk"),
-            ("x-session-token", "s"),
-            ("x-acme-session", "s"),
-            ("x-client-secret", "s"),
-            ("x-api-key", "k"),
-            ("x-echo-authorization", "[egressd:scrubbed]"),
-            ("content-type", "application/json"),
-            ("etag", "\"1\""),
-            ("x-ratelimit-remaining", "10"),
-            ("www-authenticate", "Bearer"),
+        for name in [
+            "set-cookie",
+            "x-subject-token",
+            "x-auth-token",
+            "x-storage-token",
+            "x-session-token",
+            "x-acme-session-id",
+            "x-client-secret",
+            "x-api-key",
+            "x-apikey",
+            "api-token",
+            "authorization",
+            "x-new-authorization",
+            "x-jwt",
+            "x-amz-security-token",
+            "x-vault-token",
+            "x-csrf-token",
         ] {
-            h.append(http::HeaderName::from_static(name), value.parse().unwrap());
+            assert!(hands_out_session(name), "{name}");
         }
-        h.append("set-cookie", "other=2".parse().unwrap());
-        assert_eq!(strip_sessions(&mut h), 8);
-        let mut left: Vec<_> = h.keys().map(|n| n.as_str().to_owned()).collect();
-        left.sort();
-        assert_eq!(
-            left,
-            [
-                "content-type",
-                "etag",
-                "www-authenticate",
-                "x-echo-authorization",
-                "x-ratelimit-remaining"
-            ]
-        );
+        for name in [
+            "content-type",
+            "etag",
+            "www-authenticate",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-limit-tokens",
+            "anthropic-ratelimit-tokens-remaining",
+            "anthropic-ratelimit-input-tokens-limit",
+            "x-ms-continuationtoken",
+            "x-ms-session-token",
+            "x-request-id",
+            "x-tokenizer-version",
+            "x-sessions-count",
+        ] {
+            assert!(!hands_out_session(name), "{name}");
+        }
+        let mut h = HeaderMap::new();
+        h.append("set-cookie", "a=1".parse().unwrap());
+        h.append("set-cookie", "b=2".parse().unwrap());
+        h.append("x-subject-token", "gAAAA".parse().unwrap());
+        h.append("etag", "\"1\"".parse().unwrap());
+        assert_eq!(strip_sessions(&mut h), 2);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["etag"], "\"1\"");
     }
 }
