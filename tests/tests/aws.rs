@@ -26,6 +26,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use egress_tests::audit::{get_str, Match};
 use egress_tests::expect::all_output;
 use egress_tests::moto::{
     self, Moto, AWS_V4, BUCKET_HOST, PATH_STYLE_V4, ROLE_ARN, S3_HOST, STS_HOST,
@@ -618,6 +619,31 @@ fn aws_cli_is_re_signed_within_its_prefix_and_refused_outside() -> Result<()> {
     ensure!(
         before == 1 && minted(&t)? == 2,
         "the re-attached sandbox was not given a new session ({before} before)"
+    );
+    // Quarantine drops the sandbox's session (its traffic may have leaked it): recorded,
+    // and after the release the sandbox signs with a new one.
+    t.fx.daemon
+        .ctl_ok(["quarantine", "aws2", "--reason", "test: a leaked session"])?;
+    let revoked = t.fx.daemon.wait_for_match(
+        Duration::from_secs(10),
+        &Match::lifecycle("credential-revoke").sandbox("aws2"),
+    )?;
+    ensure!(
+        get_str(&revoked, "egress.credential.name") == Some("aws-s3")
+            && get_str(&revoked, "event.outcome") == Some("success")
+            && get_str(&revoked, "event.reason").is_some_and(|r| r.starts_with("1 STS session")),
+        "the quarantine did not drop the sandbox's session: {revoked}"
+    );
+    t.fx.daemon.ctl_ok(["release", "aws2"])?;
+    let released = t.cli(
+        &other.sandbox,
+        false,
+        &["s3", "cp", "s3://acme-data/agent/in/data.txt", "-"],
+    )?;
+    t.ok("after the release", &released)?;
+    ensure!(
+        minted(&t)? == 3,
+        "the released sandbox signed with its dropped session"
     );
 
     // No secret anywhere the sandbox or an auditor looks.

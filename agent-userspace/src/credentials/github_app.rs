@@ -261,6 +261,9 @@ impl GithubApp {
                 Ok(value)
             }
             Err(reason) => {
+                // The attempt may have taken up to its timeout: a token that ended
+                // meanwhile is not sent.
+                let now = Instant::now();
                 if let Some(token) = cache.token.as_ref().filter(|t| now < t.expires) {
                     warn!(credential = %self.credential, %reason, "Could not renew the GitHub App token; using the current one until it expires");
                     let value = token.value.clone();

@@ -853,6 +853,30 @@ impl CredentialStore {
         })
     }
 
+    /// Whether credential `name` is signed with sessions minted per sandbox (an
+    /// `sts_assume_role` source): quarantine drops the sandbox's own (which its traffic may
+    /// have leaked), whoever else uses the credential.
+    pub fn drops_sessions(&self, name: &str) -> bool {
+        self.credentials
+            .get(name)
+            .is_some_and(|c| matches!(c.source, Source::Aws(_)))
+    }
+
+    /// What quarantine does to credential `name` for `sandbox`: its own STS session is
+    /// dropped (the next request mints another; one issued cannot be revoked before it
+    /// ends); anything else is revoked ([`Self::revoke`]).
+    pub async fn revoke_for(&self, name: &str, sandbox: &str) -> Result<String, String> {
+        if let Some(Source::Aws(sts)) = self.credentials.get(name).map(|c| &c.source) {
+            let dropped = sts.forget_sandbox(sandbox).await;
+            return Ok(format!(
+                "{} STS session of this sandbox dropped from the cache (STS sessions cannot \
+                 be revoked before they end; its next request gets a new session)",
+                usize::from(dropped)
+            ));
+        }
+        self.revoke(name).await
+    }
+
     /// Whether credential `name` holds leases from a secret store (revoked when the last
     /// sandbox using it goes).
     pub fn holds_leases(&self, name: &str) -> bool {

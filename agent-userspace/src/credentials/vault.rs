@@ -301,6 +301,9 @@ impl Vault {
                 Ok(value)
             }
             Err(reason) => {
+                // The attempt may have taken up to its timeout: a lease that ended
+                // meanwhile is not used.
+                let now = Instant::now();
                 state.retry_at = Some(now + RETRY_AFTER);
                 state.last_error = Some(reason.clone());
                 if let Some(held) = state

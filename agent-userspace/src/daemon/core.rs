@@ -1771,6 +1771,11 @@ impl Core {
         let mut names = Vec::new();
         let mut shared = Vec::new();
         for name in policy.credential_names() {
+            // A sandbox's own STS session is dropped whoever else signs with the role.
+            if store.drops_sessions(name) {
+                names.push(name.to_string());
+                continue;
+            }
             if !store.can_revoke(name) {
                 continue;
             }

@@ -75,7 +75,7 @@ impl Revocations {
         let (list, left, who) = (names.to_vec(), pending.clone(), sandbox.to_string());
         let task = runtime.spawn(async move {
             for credential in list {
-                let outcome = store.revoke(&credential).await;
+                let outcome = store.revoke_for(&credential, &who).await;
                 let (revoked, reason) = match outcome {
                     Ok(how) => (true, how),
                     Err(why) => (false, why),
