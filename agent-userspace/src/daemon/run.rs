@@ -505,7 +505,13 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         if let Some(shared) = denials_to.upgrade() {
             let mut core = shared.lock();
             let at = monotonic_ns();
-            for _ in 0..count {
+            // As many as complete a burst at most: more at the same instant change
+            // nothing, and a flood must not hold the daemon's lock in proportion.
+            let needed = core
+                .state
+                .by_index(index)
+                .map_or(0, |r| core.alerts.burst_config(&r.name).count);
+            for _ in 0..count.min(u64::from(needed)) {
                 core.note_denial(index, at);
             }
         }

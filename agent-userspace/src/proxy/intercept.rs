@@ -669,12 +669,16 @@ impl ConnCtx {
                             DrainBound::UPLOAD
                         };
                         // Counted among the sandbox's requests until it ends: a client
-                        // cannot keep refused uploads streaming beyond its share.
-                        let permit = finish.in_flight.take_permit();
-                        tokio::spawn(async move {
-                            let _permit = permit;
-                            drain(body, body_end, bound).await;
-                        });
+                        // cannot keep refused uploads streaming beyond its share. One
+                        // refused for being past that share has no permit to count it:
+                        // its body is dropped unread (the stream is reset, or the
+                        // connection closed after the answer), never drained.
+                        if let Some(permit) = finish.in_flight.take_permit() {
+                            tokio::spawn(async move {
+                                let _permit = permit;
+                                drain(body, body_end, bound).await;
+                            });
+                        }
                     }
                     _ => {}
                 }

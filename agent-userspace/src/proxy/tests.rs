@@ -1736,6 +1736,31 @@ async fn a_refused_upload_being_drained_keeps_its_turn() {
                 .contains("proxy.max_requests_per_sandbox"),
             "{record:?}"
         );
+        // An upload refused for being past the sandbox's share is not drained (nothing
+        // would count it): its stream is reset, and its sender finds the body dropped.
+        let (mut over, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(1);
+        over.send_data(Bytes::from_static(b"part")).await.unwrap();
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("https://{NAME}/forbidden/over"))
+            .body(body.boxed())
+            .unwrap();
+        let response = client.clone().send_request(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        h.record().await;
+        // (A drain would read 64 MiB; the flow-control windows hold a few at most.)
+        let mut sent = 0usize;
+        while over
+            .send_data(Bytes::from(vec![b'x'; 16 * 1024]))
+            .await
+            .is_ok()
+        {
+            sent += 16 * 1024;
+            assert!(
+                sent < 8 * 1024 * 1024,
+                "the refused upload is still being read"
+            );
+        }
         // The uploads end: their drains end, their turns come back.
         drop(senders);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

@@ -50,6 +50,11 @@ const MAX_H2_PER_KEY: usize = 16;
 /// Flow-control window of a whole upstream HTTP/2 connection (hyper's default is 5 MiB,
 /// with 2 MiB per stream).
 const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Flow-control window of one upstream HTTP/2 stream (hyper's default is 2 MiB): what a
+/// response whose reader in the sandbox stalls holds in the daemon. With a sandbox's 256
+/// requests in flight, 128 MiB at most (512 MiB with the default); 512 KiB keeps one
+/// stream at 25 MB/s over a 20 ms round trip.
+const H2_STREAM_WINDOW: u32 = 512 * 1024;
 /// Pool keys (sandbox, destination, server name) with connections kept at most per proxy
 /// worker; past this, new connections are used for their request and closed.
 const MAX_KEYS: usize = 1024;
@@ -626,9 +631,10 @@ async fn connect(params: &DialParams<'_>) -> Result<Connected, ProxyError> {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // The connection is shared: a few responses whose readers stall (each may
-            // hold its 2 MiB stream window unread) must not use up the whole
-            // connection's window and hold up every other request on it.
+            // hold its stream window unread) must not use up the whole connection's
+            // window and hold up every other request on it.
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
             .handshake(io)
             .await
             .map_err(http_err)?;
