@@ -704,6 +704,7 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     drop(shared);
     // Records are written in order as they arrive, so once the stop record is out nothing
     // earlier is pending; a task still holding a handle must not hold the stop: bounded.
+    let mut noted = None;
     match tokio::time::timeout(Duration::from_secs(5), audit_task).await {
         Ok(done) => {
             done.context("audit writer task")?
@@ -726,9 +727,21 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             if let Err(e) = crate::audit::note_unnumbered_at_stop(&sequence, held) {
                 tracing::error!(error = %e, held, "Noting the audit records held at the stop failed");
             }
+            noted = Some((sequence, held));
         }
     }
     crate::collector::flush(Duration::from_secs(2)).await;
+    // Tasks ending meanwhile (a DNS query, a proxied request dropped with the runtime's
+    // last steps) may have emitted more records the stuck writer never numbered: the
+    // note counts them too.
+    if let Some((sequence, held)) = noted {
+        let now = unnumbered.count();
+        if now != held {
+            if let Err(e) = crate::audit::note_unnumbered_at_stop(&sequence, now) {
+                tracing::error!(error = %e, held = now, "Noting the audit records held at the stop failed");
+            }
+        }
+    }
     match failed {
         Some(e) => Err(e),
         None => Ok(()),
