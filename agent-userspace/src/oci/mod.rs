@@ -398,7 +398,7 @@ pub fn sandbox_name(
             let ns = annotations.get(ANNOTATION_K8S_NAMESPACE);
             let pod = annotations.get(ANNOTATION_K8S_POD);
             match (ns, pod) {
-                (Some(ns), Some(pod)) => format!("k8s/{ns}/{pod}"),
+                (Some(ns), Some(pod)) => pod_sandbox_name(ns, pod),
                 _ => bail!(
                     "pod scope needs the {ANNOTATION_K8S_NAMESPACE} and {ANNOTATION_K8S_POD} annotations (set by CRI-O), or {ANNOTATION_SANDBOX}"
                 ),
@@ -410,6 +410,29 @@ pub fn sandbox_name(
         bail!("{problem}");
     }
     Ok(name)
+}
+
+/// A pod's sandbox name, `k8s/NAMESPACE/POD`; one longer than a sandbox name may be
+/// (Kubernetes allows 63-character namespaces and 253-character pod names) is cut and
+/// ends in `+` and 12 hex digits of the SHA-256 of the whole, so that every container of
+/// the pod gets the same name and two pods whose names begin alike get two.
+fn pod_sandbox_name(namespace: &str, pod: &str) -> String {
+    use sha2::Digest as _;
+    const MAX: usize = 64;
+    const HASH_HEX: usize = 12;
+    let whole = format!("k8s/{namespace}/{pod}");
+    if whole.len() <= MAX {
+        return whole;
+    }
+    let hash = sha2::Sha256::digest(whole.as_bytes());
+    let hex: String = hash
+        .iter()
+        .flat_map(|b| [b >> 4, b & 0xf])
+        .take(HASH_HEX)
+        .map(|n| char::from_digit(u32::from(n), 16).unwrap_or('0'))
+        .collect();
+    let kept: String = whole.chars().take(MAX - HASH_HEX - 1).collect();
+    format!("{kept}+{hex}")
 }
 
 /// `DIR/NAME.yaml` for a policy name; names with a `/`, `..`, or anything but letters,
@@ -814,6 +837,22 @@ mod tests {
         );
         assert!(sandbox_name(Scope::Pod, id, &ann(&[])).is_err());
         assert!(sandbox_name(Scope::Container, &"x".repeat(65), &ann(&[])).is_err());
+        // Kubernetes' longest names still make a valid name, the same for every
+        // container of the pod, and another for a pod whose name begins alike.
+        let long_pod = |pod: &str| {
+            let ns = "n".repeat(63);
+            sandbox_name(
+                Scope::Pod,
+                id,
+                &ann(&[(ANNOTATION_K8S_NAMESPACE, &ns), (ANNOTATION_K8S_POD, pod)]),
+            )
+            .unwrap()
+        };
+        let a = long_pod(&"p".repeat(253));
+        assert_eq!(a.len(), 64);
+        assert!(a.starts_with("k8s/nnnn"), "{a}");
+        assert_eq!(a, long_pod(&"p".repeat(253)));
+        assert_ne!(a, long_pod(&format!("{}q", "p".repeat(252))));
     }
 
     #[test]
