@@ -110,9 +110,10 @@ fn unescape(s: &str) -> PathBuf {
 }
 
 /// Levels of cgroups a sandbox may make below its own ([`Cgroup::bound_tree`]): room
-/// for a container's own systemd (`system.slice/x.service`, `user.slice/...`), and fewer
-/// than the daemon's walk of the tree reads.
-pub const TREE_DEPTH: u32 = 8;
+/// for nested runtimes and a container's own systemd (`user.slice/user-1000.slice/
+/// user@1000.service/user.slice/libpod-ID.scope/container/system.slice/x.service`), and
+/// fewer than the 16 the daemon's walk of the tree reads.
+pub const TREE_DEPTH: u32 = 12;
 /// Cgroups a sandbox may make below its own, in all.
 pub const TREE_DESCENDANTS: u32 = 1024;
 

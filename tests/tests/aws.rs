@@ -630,8 +630,10 @@ fn aws_cli_is_re_signed_within_its_prefix_and_refused_outside() -> Result<()> {
     )?;
     ensure!(
         get_str(&revoked, "egress.credential.name") == Some("aws-s3")
-            && get_str(&revoked, "event.outcome") == Some("success")
-            && get_str(&revoked, "event.reason").is_some_and(|r| r.starts_with("1 STS session")),
+            && get_str(&revoked, "event.outcome") == Some("failure")
+            && get_str(&revoked, "event.reason").is_some_and(|r| {
+                r.starts_with("not revoked") && r.contains("1 cached session of this sandbox")
+            }),
         "the quarantine did not drop the sandbox's session: {revoked}"
     );
     t.fx.daemon.ctl_ok(["release", "aws2"])?;

@@ -863,14 +863,17 @@ impl CredentialStore {
     }
 
     /// What quarantine does to credential `name` for `sandbox`: its own STS session is
-    /// dropped (the next request mints another; one issued cannot be revoked before it
-    /// ends); anything else is revoked ([`Self::revoke`]).
+    /// dropped (the next request mints another), which is no revocation (one issued stays
+    /// valid until it ends): `Err` saying so; anything else is revoked ([`Self::revoke`]).
     pub async fn revoke_for(&self, name: &str, sandbox: &str) -> Result<String, String> {
         if let Some(Source::Aws(sts)) = self.credentials.get(name).map(|c| &c.source) {
             let dropped = sts.forget_sandbox(sandbox).await;
-            return Ok(format!(
-                "{} STS session of this sandbox dropped from the cache (STS sessions cannot \
-                 be revoked before they end; its next request gets a new session)",
+            // Not a revocation: a session AWS issued stays valid until it ends.
+            return Err(format!(
+                "not revoked: STS sessions cannot be revoked before they end, and stay valid \
+                 at AWS until then; {} cached session of this sandbox dropped, so its next \
+                 request after a release assumes the role anew (deny sessions issued before \
+                 now with aws:TokenIssueTime at the role to end them)",
                 usize::from(dropped)
             ));
         }

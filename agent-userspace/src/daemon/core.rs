@@ -360,8 +360,19 @@ impl Core {
             let alive = crate::posture::pids_below(&cgroup);
             let mut known = self.known_pids.remove(&name).unwrap_or_default();
             let mut escaped = Vec::new();
+            // A process the walk did not list (a tree larger than it reads) but whose
+            // own cgroup is still in the sandbox's tree has not left.
+            let still_inside = |pid: u32| {
+                let mount = crate::cgroup::cgroup2_mount().ok();
+                crate::posture::cgroup_of(pid).is_some_and(|c| {
+                    mount.is_some_and(|m| m.join(c.trim_start_matches('/')).starts_with(&cgroup))
+                })
+            };
             for (pid, k) in &known {
-                if !alive.contains(pid) && crate::posture::start_time(*pid) == Some(k.start) {
+                if !alive.contains(pid)
+                    && crate::posture::start_time(*pid) == Some(k.start)
+                    && !still_inside(*pid)
+                {
                     escaped.push(format!(
                         "pid {pid} now in {}",
                         crate::posture::cgroup_of(*pid).unwrap_or_else(|| "?".into())
@@ -1995,7 +2006,14 @@ impl Core {
                 }
             };
             let alive = match Cgroup::open(&rec.cgroup) {
-                Ok(c) => c.id == rec.cgroup_id,
+                Ok(c) if c.id == rec.cgroup_id => {
+                    // Attached by an earlier version, or bounded since by someone else.
+                    for why in c.bound_tree() {
+                        tracing::warn!(sandbox = %rec.name, "The adopted sandbox's cgroup tree could not be bounded: {why}");
+                    }
+                    true
+                }
+                Ok(_) => false,
                 // Kept (and confined) unless the directory is really gone.
                 Err(e) => !e.is_not_found(),
             };

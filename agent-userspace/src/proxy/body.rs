@@ -360,6 +360,12 @@ impl DrainBound {
         bytes: 64 * 1024 * 1024,
         total: std::time::Duration::from_secs(30),
     };
+    /// An HTTP/1 upload refused for being past the sandbox's share of requests (no
+    /// permit counts it): 1 MiB within 5 s.
+    pub(super) const OVER_SHARE: Self = Self {
+        bytes: 1024 * 1024,
+        total: std::time::Duration::from_secs(5),
+    };
     /// A refused git push, whose client shows the proxy's per-ref report only once it has
     /// sent its whole pack: 1 GiB within 10 minutes.
     pub(super) const PUSH: Self = Self {

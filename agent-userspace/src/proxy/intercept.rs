@@ -671,13 +671,21 @@ impl ConnCtx {
                         // Counted among the sandbox's requests until it ends: a client
                         // cannot keep refused uploads streaming beyond its share. One
                         // refused for being past that share has no permit to count it:
-                        // its body is dropped unread (the stream is reset, or the
-                        // connection closed after the answer), never drained.
-                        if let Some(permit) = finish.in_flight.take_permit() {
-                            tokio::spawn(async move {
-                                let _permit = permit;
-                                drain(body, body_end, bound).await;
-                            });
+                        // over HTTP/2 its body is dropped unread (the stream is reset
+                        // after the answer); over HTTP/1 (one request at a time per
+                        // connection, whose number is bounded) a little is read, so that
+                        // the client sees the answer rather than a reset connection.
+                        match finish.in_flight.take_permit() {
+                            Some(permit) => {
+                                tokio::spawn(async move {
+                                    let _permit = permit;
+                                    drain(body, body_end, bound).await;
+                                });
+                            }
+                            None if body_end.is_some() => {
+                                tokio::spawn(drain(body, body_end, DrainBound::OVER_SHARE));
+                            }
+                            None => {}
                         }
                     }
                     _ => {}
