@@ -1763,10 +1763,20 @@ impl Core {
             rec.name
         );
         msg.push_str(unsaved.as_deref().unwrap_or_default());
-        if !revoking.is_empty() {
+        let store = self.proxy.credentials();
+        let (sessions, revoked): (Vec<String>, Vec<String>) =
+            revoking.into_iter().partition(|n| store.drops_sessions(n));
+        if !revoked.is_empty() {
             msg.push_str(&format!(
                 "; revoking the live values of {} (see the audit log)",
-                revoking.join(", ")
+                revoked.join(", ")
+            ));
+        }
+        if !sessions.is_empty() {
+            msg.push_str(&format!(
+                "; dropping its cached STS session of {} (not revoked: an issued session \
+                 stays valid at AWS until it ends; see the audit log)",
+                sessions.join(", ")
             ));
         }
         Ok(msg)

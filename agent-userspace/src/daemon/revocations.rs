@@ -80,7 +80,9 @@ impl Revocations {
                     Ok(how) => (true, how),
                     Err(why) => (false, why),
                 };
-                if !revoked {
+                if !revoked && store.drops_sessions(&credential) {
+                    tracing::warn!(sandbox = %who, %credential, %reason, "STS session dropped, not revoked");
+                } else if !revoked {
                     tracing::error!(sandbox = %who, %credential, %reason, "Revoking a credential failed");
                 }
                 // The record and the pending list change together (no await between), so

@@ -727,16 +727,18 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             if let Err(e) = crate::audit::note_unnumbered_at_stop(&sequence, held) {
                 tracing::error!(error = %e, held, "Noting the audit records held at the stop failed");
             }
-            noted = Some((sequence, held));
+            noted = Some(sequence);
         }
     }
     crate::collector::flush(Duration::from_secs(2)).await;
     // Tasks ending meanwhile (a DNS query, a proxied request dropped with the runtime's
     // last steps) may have emitted more records the stuck writer never numbered: the
     // note counts them too.
-    if let Some((sequence, held)) = noted {
+    if let Some(sequence) = noted {
+        // Taken again whenever any is held: the count and the number stored beside it
+        // go together (the writer may have numbered some meanwhile).
         let now = unnumbered.count();
-        if now != held {
+        if now > 0 {
             if let Err(e) = crate::audit::note_unnumbered_at_stop(&sequence, now) {
                 tracing::error!(error = %e, held = now, "Noting the audit records held at the stop failed");
             }
