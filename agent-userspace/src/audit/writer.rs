@@ -1978,6 +1978,10 @@ impl AuditTask {
     /// Writes what is pending (then the loss record, if records were dropped); on an
     /// error, notes it and leaves the rest for the next try.
     fn flush(&mut self) {
+        // What is numbered so far is stored before a write that may block: a stop that
+        // stops waiting counts as unnumbered only what is neither stored nor queued (a
+        // flush inside a batch once left the batch's numbered records in neither).
+        self.store_sequence();
         // A reopen whose message found the queue full.
         if self.health.reopen.swap(false, Ordering::AcqRel) {
             self.reopen_wanted = true;
