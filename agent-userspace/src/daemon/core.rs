@@ -346,18 +346,47 @@ impl Core {
         self.alerts.raise(alert);
     }
 
-    /// Reads the posture of processes that appeared in sandboxes since the last pass and
-    /// alerts when they hold risky capabilities; alerts when a process seen in a sandbox is
-    /// still alive but no longer in its cgroup tree (it moved itself, or was moved, out).
-    pub fn check_new_processes(&mut self) {
-        let sandboxes: Vec<(String, PathBuf)> = self
-            .state
+    /// Each sandbox's name and cgroup, for [`Self::walk_sandboxes`] off the lock.
+    pub fn sandbox_cgroups(&self) -> Vec<(String, PathBuf)> {
+        self.state
             .sandboxes
             .values()
             .map(|r| (r.name.clone(), r.cgroup.clone()))
-            .collect();
-        for (name, cgroup) in sandboxes {
-            let alive = crate::posture::pids_below(&cgroup);
+            .collect()
+    }
+
+    /// The processes in each sandbox's cgroup tree: reads the file system only, so the
+    /// caller runs it without the daemon's lock (a tree of many cgroups takes a while).
+    pub fn walk_sandboxes(
+        sandboxes: Vec<(String, PathBuf)>,
+    ) -> Vec<(String, PathBuf, std::collections::BTreeSet<u32>)> {
+        sandboxes
+            .into_iter()
+            .map(|(name, cgroup)| {
+                let alive = crate::posture::pids_below(&cgroup);
+                (name, cgroup, alive)
+            })
+            .collect()
+    }
+
+    /// Reads the posture of processes that appeared in sandboxes since the last pass and
+    /// alerts when they hold risky capabilities; alerts when a process seen in a sandbox is
+    /// still alive but no longer in its cgroup tree (it moved itself, or was moved, out).
+    /// The trees are walked already ([`Self::walk_sandboxes`]); a sandbox detached or
+    /// attached elsewhere meanwhile is skipped (its next walk is the next pass's).
+    pub fn check_walked_processes(
+        &mut self,
+        walked: Vec<(String, PathBuf, std::collections::BTreeSet<u32>)>,
+    ) {
+        for (name, cgroup, alive) in walked {
+            if self
+                .state
+                .sandboxes
+                .get(&name)
+                .is_none_or(|r| r.cgroup != cgroup)
+            {
+                continue;
+            }
             let mut known = self.known_pids.remove(&name).unwrap_or_default();
             let mut escaped = Vec::new();
             // A process the walk did not list (a tree larger than it reads) but whose

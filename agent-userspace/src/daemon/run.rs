@@ -569,12 +569,20 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
                     clock = stepped;
                 }
                 report_lost(&shared);
-                let mut core = shared.lock();
-                core.flush_alerts();
-                core.expire_learned();
-                core.reap_vanished();
-                core.detach_stopped();
-                core.check_new_processes();
+                let sandboxes = {
+                    let mut core = shared.lock();
+                    core.flush_alerts();
+                    core.expire_learned();
+                    core.reap_vanished();
+                    core.detach_stopped();
+                    core.sandbox_cgroups()
+                };
+                // The sandboxes' cgroup trees are walked off the lock (and off the
+                // runtime's threads): DNS answers, attaches and kernel events go on.
+                match tokio::task::spawn_blocking(move || Core::walk_sandboxes(sandboxes)).await {
+                    Ok(walked) => shared.lock().check_walked_processes(walked),
+                    Err(e) => tracing::error!(error = %e, "Walking the sandboxes' cgroups failed"),
+                }
             }
             _ = heartbeat.tick() => {
                 // Written off the daemon's lock and its runtime's threads, one at a time:
