@@ -236,16 +236,7 @@ pub(super) fn take_replaced_headers(
     secret: &Secret,
     extra: &[HeaderName],
 ) -> Result<Vec<(HeaderName, HeaderValue)>, HeaderReplaceError> {
-    let listed: Vec<String> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .flat_map(|v| {
-            String::from_utf8_lossy(v.as_bytes())
-                .split(',')
-                .map(|t| t.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let listed = super::scrub::header_tokens(headers, http::header::CONNECTION);
     let mut out = Vec::new();
     for name in std::iter::once(&http::header::AUTHORIZATION).chain(extra) {
         if framing(name)

@@ -598,18 +598,30 @@ pub enum Encoding {
     Other(String),
 }
 
+/// The comma-separated tokens of every `name` field (codings, connection options),
+/// trimmed, lower-cased, empty ones left out.
+pub(super) fn header_tokens(
+    headers: &HeaderMap,
+    name: impl http::header::AsHeaderName,
+) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|c| c.trim().to_ascii_lowercase())
+                .filter(|c| !c.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 impl Encoding {
     pub fn of(headers: &HeaderMap) -> Self {
-        let codings: Vec<String> = headers
-            .get_all(CONTENT_ENCODING)
-            .iter()
-            .flat_map(|v| {
-                String::from_utf8_lossy(v.as_bytes())
-                    .split(',')
-                    .map(|c| c.trim().to_ascii_lowercase())
-                    .collect::<Vec<_>>()
-            })
-            .filter(|c| !c.is_empty() && c != "identity")
+        let codings: Vec<String> = header_tokens(headers, CONTENT_ENCODING)
+            .into_iter()
+            .filter(|c| c != "identity")
             .collect();
         match codings.as_slice() {
             [] => Self::Identity,
@@ -655,17 +667,7 @@ fn shown(codings: &[String]) -> String {
 
 /// The transfer codings of a response, lower-cased.
 fn transfer_codings(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| {
-            String::from_utf8_lossy(v.as_bytes())
-                .split(',')
-                .map(|c| c.trim().to_ascii_lowercase())
-                .filter(|c| !c.is_empty())
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    header_tokens(headers, http::header::TRANSFER_ENCODING)
 }
 
 /// A streaming decoder for a body the origin encoded although asked not to.
@@ -802,15 +804,8 @@ pub fn scrub_response(
     // to a HEAD or with a 204 or 304: nothing to read.)
     let bodiless = body.is_end_stream();
     for name in MESSAGE_ENCODINGS.iter().filter(|_| !bodiless) {
-        let codings: Vec<String> = headers
-            .get_all(*name)
-            .iter()
-            .flat_map(|v| {
-                String::from_utf8_lossy(v.as_bytes())
-                    .split(',')
-                    .map(|c| c.trim().to_ascii_lowercase())
-                    .collect::<Vec<_>>()
-            })
+        let codings: Vec<String> = header_tokens(headers, *name)
+            .into_iter()
             .filter(|c| c != "identity")
             .collect();
         if !codings.is_empty() {
