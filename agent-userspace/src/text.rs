@@ -107,6 +107,16 @@ pub fn sanitize(s: &str, max: usize) -> String {
     out
 }
 
+/// The SHA-256 of `bytes`, lower-case hex (64 digits).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .flat_map(|b| [b >> 4, b & 0xf])
+        .map(|n| char::from_digit(u32::from(n), 16).unwrap_or('0'))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::{sandbox_name_problem, sanitize};

@@ -572,7 +572,6 @@ fn printable(message: &str) -> String {
 /// fits, so that two sandboxes never share a session name (`k8s/team/a-x` and
 /// `k8s/team-a/x` would both read `k8s-team-a-x`).
 fn session_name(template: &str, credential: &str, sandbox: &str) -> String {
-    use sha2::Digest as _;
     const MAX: usize = 64;
     const HASH_HEX: usize = 12;
     let name = template
@@ -582,20 +581,14 @@ fn session_name(template: &str, credential: &str, sandbox: &str) -> String {
     if name.len() <= MAX && name.chars().all(allowed) {
         return name;
     }
-    let hash = sha2::Sha256::digest(name.as_bytes());
-    let hex: String = hash
-        .iter()
-        .flat_map(|b| [b >> 4, b & 0xf])
-        .take(HASH_HEX)
-        .map(|n| char::from_digit(u32::from(n), 16).unwrap_or('0'))
-        .collect();
+    let hex = &crate::text::sha256_hex(name.as_bytes())[..HASH_HEX];
     let mut out: String = name
         .chars()
         .map(|c| if allowed(c) { c } else { '-' })
         .take(MAX - HASH_HEX - 1)
         .collect();
     out.push('-');
-    out.push_str(&hex);
+    out.push_str(hex);
     out
 }
 

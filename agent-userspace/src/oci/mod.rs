@@ -417,20 +417,13 @@ pub fn sandbox_name(
 /// ends in `+` and 12 hex digits of the SHA-256 of the whole, so that every container of
 /// the pod gets the same name and two pods whose names begin alike get two.
 fn pod_sandbox_name(namespace: &str, pod: &str) -> String {
-    use sha2::Digest as _;
     const MAX: usize = 64;
     const HASH_HEX: usize = 12;
     let whole = format!("k8s/{namespace}/{pod}");
     if whole.len() <= MAX {
         return whole;
     }
-    let hash = sha2::Sha256::digest(whole.as_bytes());
-    let hex: String = hash
-        .iter()
-        .flat_map(|b| [b >> 4, b & 0xf])
-        .take(HASH_HEX)
-        .map(|n| char::from_digit(u32::from(n), 16).unwrap_or('0'))
-        .collect();
+    let hex = &crate::text::sha256_hex(whole.as_bytes())[..HASH_HEX];
     let kept: String = whole.chars().take(MAX - HASH_HEX - 1).collect();
     format!("{kept}+{hex}")
 }

@@ -3,7 +3,6 @@
 use std::fmt;
 
 use serde::{Serialize, Serializer};
-use sha2::{Digest, Sha256};
 
 /// An optional string, with an empty one taken as absent.
 pub(super) fn non_empty(s: &Option<String>) -> Option<&str> {
@@ -35,13 +34,7 @@ pub struct PolicyDigest(String);
 impl PolicyDigest {
     /// Digest of the policy file contents exactly as read.
     pub fn of(contents: &[u8]) -> Self {
-        let hash = Sha256::digest(contents);
-        let mut hex = String::with_capacity(64);
-        for byte in hash.iter() {
-            hex.push(char::from(HEX[usize::from(byte >> 4)]));
-            hex.push(char::from(HEX[usize::from(byte & 0xf)]));
-        }
-        Self(hex)
+        Self(crate::text::sha256_hex(contents))
     }
 
     /// Accepts a digest stored earlier (64 lowercase hex digits).
