@@ -5,7 +5,7 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
@@ -31,7 +31,7 @@ pub fn is_local(ip: IpAddr) -> io::Result<bool> {
     let mut buf = vec![0; packet.buffer_len()];
     packet.serialize(&mut buf);
 
-    let socket = open()?;
+    let socket = super::sock_diag::netlink_socket(libc::NETLINK_ROUTE)?;
     // SAFETY: a buffer of its stated length, live across the call; the socket is not
     // bound, so the kernel (port 0) is the peer.
     let sent = unsafe { libc::send(socket.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
@@ -79,22 +79,6 @@ pub fn is_local(ip: IpAddr) -> io::Result<bool> {
             "unexpected answer to a route lookup",
         )),
     }
-}
-
-fn open() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the descriptor is owned from here.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just opened and is owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 #[cfg(test)]

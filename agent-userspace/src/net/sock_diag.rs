@@ -132,12 +132,18 @@ pub fn destroy(socket: &InetSocket) -> io::Result<bool> {
 }
 
 fn open() -> io::Result<OwnedFd> {
+    netlink_socket(libc::NETLINK_SOCK_DIAG)
+}
+
+/// A netlink socket of `protocol` (`NETLINK_SOCK_DIAG`, `NETLINK_ROUTE`), talking to the
+/// kernel in the calling thread's network namespace.
+pub(super) fn netlink_socket(protocol: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the descriptor is owned from here.
     let fd = unsafe {
         libc::socket(
             libc::AF_NETLINK,
             libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
+            protocol,
         )
     };
     if fd < 0 {
