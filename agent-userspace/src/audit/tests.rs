@@ -717,6 +717,25 @@ fn every_kind() -> Vec<Record> {
             RuleRef::Named("dns-resolver".into()),
         )
         .into(),
+        // A connection the sandbox's new policy refuses, cut by the daemon.
+        NetworkDecision {
+            pid: 0,
+            process_name: String::new(),
+            reason: Some(
+                "connection opened under the sandbox's earlier policy; its new policy \
+                 refuses it: closed"
+                    .into(),
+            ),
+            ..network(
+                Hook::PolicyChange,
+                6,
+                v4,
+                443,
+                Verdict::Deny,
+                RuleRef::Named("github".into()),
+            )
+        }
+        .into(),
         // Raw and ICMP sockets refused at creation: no destination yet.
         network(
             Hook::SockCreate4,
@@ -1068,12 +1087,25 @@ fn every_kind_written_to_a_file_matches_the_schema() {
     for pair in lines.windows(2) {
         assert!(sequence(&pair[1]) > sequence(&pair[0]));
     }
-    // All kinds are represented.
+    // Every kind the schema names is represented, and nothing else.
     let actions: std::collections::BTreeSet<_> = lines
         .iter()
         .map(|l| l["event"]["action"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(actions.len(), 23 + AlertKind::ALL.len(), "{actions:?}");
+    let named: std::collections::BTreeSet<_> = schema()["properties"]["event"]["properties"]
+        ["action"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(actions, named);
+    let listed: std::collections::BTreeSet<_> = crate::audit::action::ALL
+        .iter()
+        .map(|a| (*a).to_owned())
+        .chain(AlertKind::ALL.iter().map(|k| k.as_str().to_owned()))
+        .collect();
+    assert_eq!(actions, listed);
 }
 
 #[test]

@@ -165,8 +165,10 @@ struct AuditArgs {
     #[arg(long, value_parser = observe::parse_verdict)]
     verdict: Option<String>,
     /// Only records of this kind: an event.action (connect, dns-query, http-request,
-    /// secret-outbound, ...), `alert`, or a group: network, dns, proxy, http, lifecycle, policy.
-    #[arg(long, value_name = "K")]
+    /// secret-outbound, ...), `alert`, or a group: network (every kernel decision and
+    /// connection-cut), dns, proxy, http, lifecycle (daemon and sandbox start, stop,
+    /// attach, detach, adopt, quarantine, release; credential-revoke), policy.
+    #[arg(long, value_name = "K", value_parser = observe::parse_kind)]
     kind: Option<String>,
     /// Only records at or after T: RFC 3339 (2026-11-21T22:03:04Z) or a duration ago (30s, 10m, 2h, 1d).
     #[arg(long, value_name = "T")]

@@ -17,6 +17,8 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use serde_json::Value;
+
+use crate::audit::{action, AlertKind};
 use time::{format_description::well_known::Rfc3339, Duration, OffsetDateTime};
 
 pub use follow::{Follower, Start};
@@ -29,8 +31,7 @@ pub struct Filter {
     /// `egress.verdict`: `allow`, `deny`, `audit` or `redirect`.
     pub verdict: Option<String>,
     /// `event.action` (`connect`, `dns-query`, `http-request`, `secret-outbound`, ...),
-    /// `event.kind` (`alert`), or a group: `network` (connect, sendmsg, socket), `dns`,
-    /// `proxy` (http-request, tls-connection), `http`, `lifecycle`, `policy`.
+    /// `event.kind` (`alert`), or a group of [`KIND_GROUPS`]; checked by [`parse_kind`].
     pub kind: Option<String>,
     /// Records at or after this time.
     pub since: Option<OffsetDateTime>,
@@ -46,6 +47,64 @@ pub enum FilterError {
     Since(String),
     #[error("--verdict {0:?}: expected allow, deny, audit or redirect")]
     Verdict(String),
+    #[error(
+        "--kind {0:?}: expected an event.action ({actions}), `alert`, or a group ({groups})",
+        actions = known_actions().collect::<Vec<_>>().join(", "),
+        groups = KIND_GROUPS.iter().map(|(g, _)| *g).collect::<Vec<_>>().join(", ")
+    )]
+    Kind(String),
+}
+
+/// The `--kind` groups and the actions each stands for.
+pub const KIND_GROUPS: [(&str, &[&str]); 6] = [
+    // Every decision of a kernel program, and the connections a new policy cut.
+    (
+        "network",
+        &[
+            action::CONNECT,
+            action::SENDMSG,
+            action::SOCKET,
+            action::SETSOCKOPT,
+            action::PACKET,
+            action::BIND,
+            action::SYSCTL,
+            action::CONNECTION_CUT,
+        ],
+    ),
+    ("dns", &[action::DNS_QUERY]),
+    ("http", &[action::HTTP_REQUEST]),
+    ("proxy", &[action::HTTP_REQUEST, action::TLS_CONNECTION]),
+    (
+        "lifecycle",
+        &[
+            action::DAEMON_START,
+            action::DAEMON_STOP,
+            action::SANDBOX_ATTACH,
+            action::SANDBOX_DETACH,
+            action::SANDBOX_ADOPT,
+            action::SANDBOX_QUARANTINE,
+            action::SANDBOX_RELEASE,
+            action::CREDENTIAL_REVOKE,
+        ],
+    ),
+    ("policy", &[action::POLICY_CHANGE, action::POLICY_REJECTED]),
+];
+
+fn known_actions() -> impl Iterator<Item = &'static str> {
+    action::ALL
+        .into_iter()
+        .chain(AlertKind::ALL.into_iter().map(AlertKind::as_str))
+}
+
+/// Checks `--kind`: a filter that can match nothing is a typo, not an empty log.
+pub fn parse_kind(s: &str) -> Result<String, FilterError> {
+    let known =
+        s == "alert" || KIND_GROUPS.iter().any(|(g, _)| *g == s) || known_actions().any(|a| a == s);
+    if known {
+        Ok(s.to_owned())
+    } else {
+        Err(FilterError::Kind(s.to_owned()))
+    }
 }
 
 /// Parses `--since`: an RFC 3339 time, or a duration back from `now` such as `10m`.
@@ -87,22 +146,11 @@ fn at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
 
 /// Whether `action`/`kind` belong to the `--kind` asked for.
 fn kind_matches(want: &str, action: &str, kind: &str) -> bool {
-    let group: &[&str] = match want {
-        "network" => &["connect", "sendmsg", "socket"],
-        "dns" => &["dns-query"],
-        "http" => &["http-request"],
-        "proxy" => &["http-request", "tls-connection"],
-        "lifecycle" => &[
-            "daemon-start",
-            "daemon-stop",
-            "sandbox-attach",
-            "sandbox-detach",
-            "sandbox-adopt",
-        ],
-        "policy" => &["policy-change", "policy-rejected"],
-        _ => &[],
-    };
-    want == action || want == kind || group.contains(&action)
+    want == action
+        || want == kind
+        || KIND_GROUPS
+            .iter()
+            .any(|(group, actions)| *group == want && actions.contains(&action))
 }
 
 impl Filter {

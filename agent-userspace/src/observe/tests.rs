@@ -162,6 +162,51 @@ fn filters_combine() {
 }
 
 #[test]
+fn groups_take_every_action_of_their_kind() {
+    let with_action = |action: &str| json!({"event": {"kind": "event", "action": action}});
+    let kind = |k: &str| Filter {
+        kind: Some(k.into()),
+        ..Default::default()
+    };
+    for action in [
+        "connect",
+        "sendmsg",
+        "socket",
+        "setsockopt",
+        "packet",
+        "bind",
+        "sysctl",
+        "connection-cut",
+    ] {
+        assert!(kind("network").matches(&with_action(action)), "{action}");
+        assert!(!kind("lifecycle").matches(&with_action(action)), "{action}");
+    }
+    for action in ["sandbox-quarantine", "sandbox-release", "credential-revoke"] {
+        assert!(kind("lifecycle").matches(&with_action(action)), "{action}");
+        assert!(!kind("network").matches(&with_action(action)), "{action}");
+    }
+    assert!(!kind("network").matches(&with_action("dns-query")));
+}
+
+#[test]
+fn kind_argument_is_a_known_action_alert_or_group() {
+    for ok in [
+        "network",
+        "lifecycle",
+        "alert",
+        "connection-cut",
+        "secret-outbound",
+    ] {
+        assert_eq!(parse_kind(ok), Ok(ok.to_owned()));
+    }
+    for typo in ["netwrok", "Network", "dns_query", ""] {
+        assert_eq!(parse_kind(typo), Err(FilterError::Kind(typo.to_owned())));
+        let err = FilterError::Kind(typo.to_owned()).to_string();
+        assert!(err.to_string().contains("network, dns"), "{err}");
+    }
+}
+
+#[test]
 fn since_and_verdict_arguments() {
     let now = datetime!(2026-11-21 22:10:00 UTC);
     assert_eq!(

@@ -75,6 +75,35 @@ pub mod action {
     pub const SANDBOX_QUARANTINE: &str = "sandbox-quarantine";
     pub const SANDBOX_RELEASE: &str = "sandbox-release";
     pub const CREDENTIAL_REVOKE: &str = "credential-revoke";
+
+    /// Every action above: with the alerts' (`AlertKind::ALL`), every `event.action` a
+    /// record can carry (the schema's list, which a test holds them to).
+    pub const ALL: [&str; 24] = [
+        CONNECT,
+        SENDMSG,
+        SOCKET,
+        SETSOCKOPT,
+        PACKET,
+        BIND,
+        SYSCTL,
+        CONNECTION_CUT,
+        EVENTS_LOST,
+        AUDIT_LOST,
+        AUDIT_REWRITTEN,
+        DAEMON_START,
+        DAEMON_STOP,
+        SANDBOX_ATTACH,
+        SANDBOX_DETACH,
+        SANDBOX_ADOPT,
+        POLICY_CHANGE,
+        POLICY_REJECTED,
+        HTTP_REQUEST,
+        TLS_CONNECTION,
+        DNS_QUERY,
+        SANDBOX_QUARANTINE,
+        SANDBOX_RELEASE,
+        CREDENTIAL_REVOKE,
+    ];
 }
 
 /// One audit record. The writer adds `@timestamp` formatting, `event.sequence`, `ecs` and
