@@ -80,8 +80,9 @@ fn two_sandboxes_side_by_side_then_detach() -> Result<()> {
 }
 
 /// A sandbox cannot be attached inside another (both programs would run and re-judge
-/// each other's redirects), deeper than the programs look, or around the daemon itself:
-/// each attach is refused with a message saying why.
+/// each other's redirects), deeper than the programs look, or around the daemon itself,
+/// nor with a policy that does not parse: each attach is refused with a message saying
+/// why, and recorded.
 #[test]
 fn nested_deep_and_daemon_cgroups_are_refused() -> Result<()> {
     require_root!();
@@ -178,12 +179,31 @@ fn nested_deep_and_daemon_cgroups_are_refused() -> Result<()> {
         "a sandbox name in use was given to another cgroup: {out:?}"
     );
 
+    // A policy that does not parse: egressctl could tell at once, but the daemon is asked
+    // all the same, so the refusal is recorded.
+    let unparsable = fx.policy("unparsable.yaml", "version: 1\ndefault: maybe\nrules: []\n")?;
+    let spare = egress_tests::cgroup::CgroupGuard::new("unparsable")?;
+    let out = fx.daemon.ctl([
+        "attach".as_ref(),
+        "--cgroup".as_ref(),
+        spare.path().as_os_str(),
+        "--policy".as_ref(),
+        unparsable.as_os_str(),
+        "--name".as_ref(),
+        "unparsable".as_ref(),
+    ])?;
+    ensure!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("maybe"),
+        "a policy that does not parse was not refused with its error: {out:?}"
+    );
+
     // Every refusal is in the trail, in the name asked for.
     for (name, why) in [
         ("inner", "nested"),
         ("deep", "levels deep"),
         ("daemon-own", "holds egressd itself"),
         (fx.sandbox.label(), "already used"),
+        ("unparsable", "maybe"),
     ] {
         expect::policy_rejected(&fx.daemon, |n| n == name, &[why])
             .with_context(|| format!("refusal of {name}"))?;

@@ -235,8 +235,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let source = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            // Check locally first for a fast, precise error; the daemon checks again.
-            policy::parse_str(&source, &path.display().to_string())?;
+            // The daemon checks the policy and records a refusal (`policy-rejected`),
+            // whatever its reason: a policy that does not parse goes to it too. The local
+            // check speaks only when the daemon cannot be asked.
+            let checked = policy::parse_str(&source, &path.display().to_string());
             let req = Request::Attach {
                 cgroup,
                 name,
@@ -245,7 +247,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 netns: netns.map(|p| std::path::absolute(&p).unwrap_or(p)),
                 runtime_init: None,
             };
-            respond(control::call(&cli.socket, &req)?)
+            match (control::call(&cli.socket, &req), checked) {
+                (Ok(response), _) => respond(response),
+                (Err(e), Ok(_)) => Err(e),
+                (Err(e), Err(refused)) => bail!(
+                    "{refused}\n(the daemon could not be asked, so this refusal is not in \
+                     the audit log: {e:#})"
+                ),
+            }
         }
         Command::Detach { name, cgroup } => respond(control::call(
             &cli.socket,
