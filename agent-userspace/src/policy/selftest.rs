@@ -343,17 +343,31 @@ tests:
         }
     }
 
-    /// The examples in policies/README.md load and pass their tests too.
+    /// The examples in policies/README.md, and the policies in the project's README, load
+    /// and pass their tests too.
     #[test]
     fn readme_examples_pass_their_tests() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/README.md");
-        let readme = std::fs::read_to_string(path).unwrap();
-        let blocks: Vec<&str> = readme
-            .split("```yaml\n")
-            .skip(1)
-            .filter_map(|b| b.split_once("```").map(|(yaml, _)| yaml))
-            .collect();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let policies = std::fs::read_to_string(root.join("policies/README.md")).unwrap();
+        let project = std::fs::read_to_string(root.join("README.md")).unwrap();
+        fn yaml_blocks(text: &str) -> impl Iterator<Item = &str> {
+            text.split("```yaml\n")
+                .skip(1)
+                .filter_map(|b| b.split_once("```").map(|(yaml, _)| yaml))
+        }
+        let mut blocks: Vec<&str> = yaml_blocks(&policies).collect();
         assert!(blocks.len() >= 2);
+        // The project's README also shows daemon configuration.
+        let shown: Vec<&str> = yaml_blocks(&project)
+            .filter(|b| b.starts_with("version: 1"))
+            .collect();
+        assert!(!shown.is_empty());
+        // The one it says is `policies/names.yaml`, shortened, has that file's rules.
+        let names = std::fs::read_to_string(root.join("policies/names.yaml")).unwrap();
+        let names = parse_str(&names, "names.yaml").unwrap();
+        let excerpt = parse_str(shown[0], "README.md").unwrap();
+        assert_eq!(format!("{:?}", excerpt.rules), format!("{:?}", names.rules));
+        blocks.extend(shown);
         for yaml in blocks {
             let policy = parse_str(yaml, "README.md").unwrap_or_else(|e| unreachable!("{e}"));
             let outcomes = policy.run_tests();
