@@ -257,6 +257,14 @@ impl AwsSts {
                 }
             }
         };
+        if session_policy.is_none() {
+            warn!(
+                credential,
+                role = raw.role_arn,
+                "STS sessions are not narrowed by a `session_policy`: each has all of the \
+                 role's rights"
+            );
+        }
         Ok(Self {
             credential: credential.to_owned(),
             client,

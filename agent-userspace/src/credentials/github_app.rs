@@ -213,6 +213,22 @@ impl GithubApp {
             .map_err(|reason| config("source.github_app.api_url", reason))?;
         let client = Client::new(server, &tls, upstream.dialer.clone()).with_deadline(MINT_TIMEOUT);
 
+        // Allowed, as GitHub allows it, but not what a reader of "scoped tokens" expects.
+        let unnarrowed = match (raw.repositories.is_empty(), raw.permissions.is_empty()) {
+            (true, true) => {
+                Some("every repository of the installation, with every permission the App has")
+            }
+            (true, false) => Some("every repository of the installation"),
+            (false, true) => Some("every permission the App has"),
+            (false, false) => None,
+        };
+        if let Some(reach) = unnarrowed {
+            warn!(
+                credential,
+                "GitHub App tokens are not narrowed: each reaches {reach}; list \
+                 `repositories` and `permissions` to limit them"
+            );
+        }
         Ok(Self {
             credential: credential.to_owned(),
             app_id: raw.app_id,

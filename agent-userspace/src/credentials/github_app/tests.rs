@@ -436,6 +436,55 @@ fn config_is_checked_at_load() {
     assert!(serde_yaml_ng::from_str::<RawCredentials>(&text).is_err());
 }
 
+/// What the daemon logs while `f` runs on this thread.
+fn logged(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let sink = Sink::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+    text
+}
+
+#[test]
+fn tokens_not_narrowed_are_warned_of_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = write_key(dir.path());
+    let load = |raw: RawCredentials| logged(|| drop(CredentialStore::from_config(&raw).unwrap()));
+    // Narrowed both ways: nothing said.
+    let said = load(raw("https://api.github.com", &key, ""));
+    assert!(!said.contains("not narrowed"), "{said}");
+    let mut r = raw("https://api.github.com", &key, "");
+    app(&mut r).repositories.clear();
+    let said = load(r.clone());
+    assert!(said.contains("WARN"), "{said}");
+    assert!(
+        said.contains("every repository of the installation"),
+        "{said}"
+    );
+    assert!(!said.contains("every permission"), "{said}");
+    app(&mut r).permissions.clear();
+    let said = load(r);
+    assert!(
+        said.contains("every repository of the installation, with every permission the App has"),
+        "{said}"
+    );
+}
+
 #[test]
 fn jwt_has_the_claims_github_expects() {
     let key = parse_key(app_key().0.as_bytes()).unwrap();
