@@ -550,3 +550,77 @@ fn first_sandbox_count(rec: &serde_json::Value) -> u64 {
         .as_u64()
         .unwrap_or(0)
 }
+
+/// A second `egressd run` beside a running daemon (the unit running, an operator starting
+/// one by hand) is refused before it changes anything: the first keeps its control socket,
+/// its sandboxes and its audit numbering; a file named as the socket by mistake stays.
+#[test]
+fn a_second_daemon_on_the_same_state_is_refused() -> Result<()> {
+    require_root!();
+    let fx = Fixture::new()?;
+    fx.attach(WEB_ORIGIN_DENY)?;
+    let before = fx.daemon.audit_records()?.len();
+    let second = |socket: &std::path::Path, bpffs: &std::path::Path, state: &std::path::Path| {
+        // Bounded: one that is not refused runs until it is stopped.
+        egress_tests::util::bounded(
+            20,
+            egress_tests::daemon::egressd_bin(),
+            &[
+                "run".as_ref(),
+                "--audit-log".as_ref(),
+                fx.daemon.audit_log().as_os_str(),
+                "--socket".as_ref(),
+                socket.as_os_str(),
+                "--bpffs".as_ref(),
+                bpffs.as_os_str(),
+                "--state-dir".as_ref(),
+                state.as_os_str(),
+            ],
+        )
+        .stdin(std::process::Stdio::null())
+        .output()
+    };
+    let bpffs = fx.daemon.bpffs().path().to_path_buf();
+    let out = second(&fx.daemon.socket(), &bpffs, &fx.daemon.state_dir())?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("another egressd") && err.contains("pid"),
+        "a second daemon on the same state directory was not refused: {out:?}"
+    );
+    // Its own state directory, the same pins.
+    let other = egress_tests::util::TempDir::new("second")?;
+    let out = second(
+        &other.path().join("sock"),
+        &bpffs,
+        &other.path().join("state"),
+    )?;
+    ensure!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("pinned programs"),
+        "a second daemon on the same pins was not refused: {out:?}"
+    );
+    // A config file given as the socket: refused, and left as it was.
+    let not_a_socket = other.path().join("egressd.yaml");
+    std::fs::write(&not_a_socket, "proxy_port: 15001\n")?;
+    let own_pins = egress_tests::daemon::BpffsDir::new()?;
+    let out = second(&not_a_socket, own_pins.path(), &other.path().join("state2"))?;
+    ensure!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("not a socket")
+            && std::fs::read_to_string(&not_a_socket)? == "proxy_port: 15001\n",
+        "a file named as the socket was not left alone: {out:?}"
+    );
+
+    // The first daemon still answers, still holds its sandbox, and nothing was numbered
+    // by another writer.
+    ensure!(
+        fx.daemon.status_sandbox(fx.sandbox.label())?.is_some(),
+        "the running daemon lost its sandbox"
+    );
+    let after = fx.daemon.audit_records()?;
+    ensure!(
+        after.len() == before,
+        "the refused daemons wrote to the audit log: {}",
+        summarize(&after[before..])
+    );
+    Ok(())
+}

@@ -9,7 +9,7 @@ pub use protocol::{
     decode_request, DaemonStatus, DetachReason, QuarantineStatus, Request, Response, RuntimeInit,
     SandboxStatus,
 };
-pub use server::{bind, serve, Admission, Handler};
+pub use server::{bind, check_free, serve, Admission, Handler};
 
 /// Default socket path.
 pub const DEFAULT_SOCKET: &str = "/run/egressd/egressd.sock";

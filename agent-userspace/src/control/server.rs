@@ -5,7 +5,7 @@
 use std::{
     collections::VecDeque,
     fs,
-    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
     path::Path,
     sync::{Arc, Mutex},
     time::Duration,
@@ -71,7 +71,32 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
-/// Binds the control socket with mode 0600 in a 0700 directory, replacing a stale socket.
+/// Whether `path` can be the control socket: nothing there (`false`), or a socket a
+/// daemon left behind (`true`: [`bind`] replaces it). Anything else at the path is not
+/// ours to remove, and a socket another daemon still answers on is that daemon's: both
+/// are errors. `egressd run` asks before it changes anything.
+pub fn check_free(path: &Path) -> std::io::Result<bool> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another daemon answers on this socket",
+                ));
+            }
+            Ok(true)
+        }
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "the path exists and is not a socket (left as it is)",
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Binds the control socket with mode 0600 in a 0700 directory, replacing a stale socket
+/// (see [`check_free`]).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         fs::DirBuilder::new()
@@ -79,10 +104,8 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
             .mode(0o700)
             .create(dir)?;
     }
-    match fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    if check_free(path)? {
+        fs::remove_file(path)?;
     }
     // Create the socket with no access for others from the start.
     // SAFETY: umask only changes this process's file creation mask.
@@ -624,5 +647,40 @@ mod caller_tests {
         assert!(why.contains("full of idle connections"), "{why}");
         drop(idle);
         server.abort();
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod socket_path_tests {
+    use super::{bind, check_free};
+
+    #[test]
+    fn only_a_socket_nobody_answers_on_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("egressd.sock");
+        assert!(!check_free(&path).unwrap());
+
+        // A file given as the socket by mistake stays.
+        std::fs::write(&path, "config").unwrap();
+        let err = bind(&path).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "config");
+        std::fs::remove_file(&path).unwrap();
+
+        // A running daemon's socket is that daemon's.
+        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert_eq!(
+            check_free(&path).unwrap_err().kind(),
+            std::io::ErrorKind::AddrInUse
+        );
+        // One left behind is replaced.
+        drop(live);
+        assert!(check_free(&path).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async { drop(bind(&path).unwrap()) });
     }
 }

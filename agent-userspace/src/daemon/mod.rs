@@ -7,6 +7,7 @@ mod connections;
 mod core;
 mod credentials;
 mod dns;
+mod instance;
 mod join;
 pub mod log;
 mod netns;

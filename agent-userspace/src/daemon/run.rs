@@ -256,6 +256,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         anyhow::bail!("refusing to start: {why}");
     }
     ensure_bpffs(&opts.bpffs)?;
+    // Before anything is loaded, adopted or numbered: held until the daemon has stopped.
+    let _instance = super::instance::claim(&opts.state_dir, &opts.bpffs)?;
+    control::check_free(&opts.socket)
+        .with_context(|| format!("control socket {}", opts.socket.display()))?;
     let layout = PinLayout::new(&opts.bpffs);
     // This build's maps made now, not found pinned: loss counts reported so far are
     // another build's (see `State::start_lost_counts`).
