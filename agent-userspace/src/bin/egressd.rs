@@ -120,6 +120,9 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
     file.audit
         .validate()
         .map_err(|e| anyhow::anyhow!("{config_name}: audit: {e}"))?;
+    let proxy_port = file.proxy_port.unwrap_or(15001);
+    let dns_port_base = file.dns_port_base.unwrap_or(15300);
+    check_ports(proxy_port, dns_port_base).map_err(|e| anyhow::anyhow!("{config_name}: {e}"))?;
     Ok(DaemonOptions {
         audit: file.audit,
         audit_log: args
@@ -138,8 +141,8 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
             .state_dir
             .or(file.state_dir)
             .unwrap_or_else(|| "/var/lib/egressd".into()),
-        proxy_port: file.proxy_port.unwrap_or(15001),
-        dns_port_base: file.dns_port_base.unwrap_or(15300),
+        proxy_port,
+        dns_port_base,
         dns_upstream: file.dns_upstream,
         credentials: CredentialStore::from_config_with(
             &file.credentials,
@@ -156,6 +159,32 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
         metrics: args.metrics.or(file.metrics),
         collector: file.collector,
     })
+}
+
+/// The proxy's port and the resolvers' ports (one per sandbox from `dns_port_base`) must
+/// be ports, and apart: the kernel programs read port 0 as "no proxy" or "no resolver
+/// range" (proxy rules would deny everything, resolver ports would go unguarded), and a
+/// resolver's port that is the proxy's fails only when that sandbox is attached.
+fn check_ports(proxy_port: u16, dns_port_base: u16) -> Result<(), String> {
+    if proxy_port == 0 {
+        return Err("proxy_port: 0 is not a port (1 to 65535)".to_owned());
+    }
+    let sandboxes = agent_common::MAX_SANDBOXES;
+    let last = u32::from(dns_port_base) + sandboxes - 1;
+    if dns_port_base == 0 || last > u32::from(u16::MAX) {
+        return Err(format!(
+            "dns_port_base: {dns_port_base} leaves no room for {sandboxes} resolvers' ports \
+             (use 1 to {})",
+            u32::from(u16::MAX) + 1 - sandboxes
+        ));
+    }
+    if (u32::from(dns_port_base)..=last).contains(&u32::from(proxy_port)) {
+        return Err(format!(
+            "proxy_port: {proxy_port} is among the resolvers' ports ({dns_port_base} to \
+             {last}, from dns_port_base)"
+        ));
+    }
+    Ok(())
 }
 
 /// Raises the soft limit on open files as far as it goes: every proxied connection, DNS
@@ -200,12 +229,10 @@ fn raise_nofile_limit() {
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// The runtime's worker threads: `EGRESSD_WORKER_THREADS` (1 to 64), default 2.
-fn worker_threads() -> usize {
-    std::env::var("EGRESSD_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .filter(|n| (1..=64).contains(n))
-        .unwrap_or(2)
+fn worker_threads() -> anyhow::Result<usize> {
+    Ok(egress::proxy::threads_setting("EGRESSD_WORKER_THREADS")
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or(2))
 }
 
 fn main() -> ExitCode {
@@ -271,7 +298,7 @@ fn main() -> ExitCode {
     raise_nofile_limit();
     let result = options(args).and_then(|opts| {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(worker_threads())
+            .worker_threads(worker_threads()?)
             .enable_all()
             .build()?;
         let result = runtime.block_on(daemon::run(opts));
@@ -286,5 +313,22 @@ fn main() -> ExitCode {
             eprintln!("egressd: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_ports;
+
+    #[test]
+    fn ports_are_ports_and_apart() {
+        assert_eq!(check_ports(15001, 15300), Ok(()));
+        assert_eq!(check_ports(16400, 15300), Ok(()));
+        let refused = |proxy, base| check_ports(proxy, base).err().unwrap_or_default();
+        assert!(refused(0, 15300).starts_with("proxy_port: 0 is not a port"));
+        assert!(refused(15001, 0).starts_with("dns_port_base: 0 leaves no room"));
+        assert!(refused(15001, 65000).contains("use 1 to 64512"));
+        assert!(refused(15301, 15300).contains("among the resolvers' ports (15300 to 16323"));
+        assert!(refused(16323, 15300).contains("among the resolvers' ports"));
     }
 }

@@ -116,14 +116,18 @@ pub fn parse_since(s: &str, now: OffsetDateTime) -> Result<OffsetDateTime, Filte
     let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
     let (n, unit) = s.split_at(split);
     let n: i64 = n.parse().map_err(|_| err())?;
-    let back = match unit {
-        "s" => Duration::seconds(n),
-        "m" => Duration::minutes(n),
-        "h" => Duration::hours(n),
-        "d" => Duration::days(n),
+    let unit_secs: i64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         _ => return Err(err()),
     };
-    Ok(now - back)
+    // Further back than a date can be written: everything.
+    let earliest = || time::macros::datetime!(0000-01-01 00:00 UTC);
+    Ok(n.checked_mul(unit_secs)
+        .and_then(|secs| now.checked_sub(Duration::seconds(secs)))
+        .unwrap_or_else(earliest))
 }
 
 /// Checks `--verdict`.

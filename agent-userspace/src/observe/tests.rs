@@ -209,6 +209,14 @@ fn kind_argument_is_a_known_action_alert_or_group() {
 #[test]
 fn since_and_verdict_arguments() {
     let now = datetime!(2026-11-21 22:10:00 UTC);
+    // Too far back to write as a date: from the beginning, not a panic.
+    for far in ["10000000d", "999999999999999999d", "9223372036854775807s"] {
+        assert_eq!(
+            parse_since(far, now),
+            Ok(datetime!(0000-01-01 00:00 UTC)),
+            "{far}"
+        );
+    }
     assert_eq!(
         parse_since("10m", now),
         Ok(datetime!(2026-11-21 22:00:00 UTC))

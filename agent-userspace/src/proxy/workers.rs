@@ -63,10 +63,8 @@ impl Workers {
     /// `EGRESSD_PROXY_THREADS` workers (1 to 64), by default as many as the host has
     /// cores (at most 64).
     pub fn configured() -> std::io::Result<Self> {
-        let threads = std::env::var("EGRESSD_PROXY_THREADS")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .filter(|n| (1..=64).contains(n))
+        let threads = threads_setting("EGRESSD_PROXY_THREADS")
+            .map_err(std::io::Error::other)?
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(64)));
         Self::start(threads)
     }
@@ -77,10 +75,56 @@ impl Workers {
     }
 }
 
+/// A thread count from environment variable `var`: `None` when unset, an error (naming the
+/// variable and what it holds) unless it is 1 to 64.
+pub fn threads_setting(var: &str) -> Result<Option<usize>, String> {
+    let Some(value) = std::env::var_os(var) else {
+        return Ok(None);
+    };
+    let text = value.to_string_lossy();
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=64).contains(&n) => Ok(Some(n)),
+        _ => Err(format!(
+            "{var}={text:?}: expected a number of threads, 1 to 64"
+        )),
+    }
+}
+
 #[cfg(test)]
 #[expect(clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thread_count_out_of_range_is_an_error_not_a_default() {
+        assert_eq!(threads_setting("EGRESSD_TEST_THREADS_UNSET"), Ok(None));
+        for (value, expected) in [
+            ("4", Ok(Some(4))),
+            (" 64 ", Ok(Some(64))),
+            ("0", Err(())),
+            ("65", Err(())),
+            ("two", Err(())),
+            ("", Err(())),
+        ] {
+            let var = format!("EGRESSD_TEST_THREADS_{}", value.trim().len());
+            // SAFETY: a variable of this test's own, set before it is read; nothing else
+            // reads or writes it.
+            unsafe { std::env::set_var(&var, value) };
+            let got = threads_setting(&var);
+            unsafe { std::env::remove_var(&var) };
+            match expected {
+                Ok(n) => assert_eq!(got, Ok(n), "{value:?}"),
+                Err(()) => {
+                    let err = got.unwrap_err();
+                    assert!(
+                        err.contains("expected a number of threads, 1 to 64"),
+                        "{err}"
+                    );
+                    assert!(err.starts_with(&var), "{err}");
+                }
+            }
+        }
+    }
 
     /// What runs on a worker knows its number, and what runs elsewhere gets 0.
     #[test]
