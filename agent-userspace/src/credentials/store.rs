@@ -434,7 +434,7 @@ impl CredentialStore {
     /// request that needs the value to report. Returns how many values were read, and the
     /// names of the credentials whose value was not (which [`Self::read_ahead_unbounded`] tries
     /// again: until then their value is not matched).
-    pub async fn prime(&self) -> (usize, Vec<String>) {
+    pub async fn prime(&self) -> (usize, Vec<(String, String)>) {
         let names: Vec<String> = self
             .credentials
             .values()
@@ -476,22 +476,30 @@ impl CredentialStore {
     }
 
     /// Reads the values of credentials `names` ahead (see [`Self::prime`]), each within
-    /// [`READ_AHEAD_TIMEOUT`]; returns the names of those not read.
-    async fn read_ahead(&self, names: &[String]) -> Vec<String> {
+    /// [`READ_AHEAD_TIMEOUT`]; returns the names of those not read, each with why.
+    async fn read_ahead(&self, names: &[String]) -> Vec<(String, String)> {
         let ahead = names.iter().filter_map(|n| self.credentials.get(n));
         let read = futures_util::future::join_all(ahead.map(|credential| async move {
             let read = credential.read_ahead_value();
             // The proxy waits for this: a store that is away, or a file that blocks (a
             // FIFO, a hung mount), costs at most this, and its value is read on first use.
-            let value = tokio::time::timeout(READ_AHEAD_TIMEOUT, read).await;
-            (credential, value.ok().and_then(Result::ok))
+            let value = match tokio::time::timeout(READ_AHEAD_TIMEOUT, read).await {
+                Ok(value) => value.map_err(|e| e.to_string()),
+                Err(_) => Err(format!(
+                    "not read within {} s",
+                    READ_AHEAD_TIMEOUT.as_secs_f32()
+                )),
+            };
+            // `egressctl credentials` shows the outcome, as it shows a request's.
+            credential.last.note(value.as_ref().map_err(Clone::clone));
+            (credential, value)
         }))
         .await;
         let mut unread = Vec::new();
         for (credential, value) in read {
             match value {
-                Some(secret) => self.note_value(credential, &secret),
-                None => unread.push(credential.name.clone()),
+                Ok(secret) => self.note_value(credential, &secret),
+                Err(why) => unread.push((credential.name.clone(), why)),
             }
         }
         unread
@@ -505,11 +513,12 @@ impl CredentialStore {
             .credentials
             .get(name)
             .ok_or_else(|| CredentialError::Unknown(name.to_owned()).to_string())?;
-        let secret = credential
+        let read = credential
             .read_ahead_value()
             .await
-            .map_err(|e| e.to_string())?;
-        self.note_value(credential, &secret);
+            .map_err(|e| e.to_string());
+        credential.last.note(read.as_ref().map_err(Clone::clone));
+        self.note_value(credential, &read?);
         Ok(())
     }
 

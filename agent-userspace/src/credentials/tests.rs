@@ -251,12 +251,24 @@ async fn a_value_not_read_at_start_is_named_and_read_later() {
         path.display()
     ))
     .unwrap();
-    assert_eq!(s.prime().await, (0, vec!["c".to_owned()]));
+    let (read, unread) = s.prime().await;
+    assert_eq!(read, 0);
+    let [(name, why)] = unread.as_slice() else {
+        unreachable!("{unread:?}")
+    };
+    assert_eq!(name, "c");
+    // Why, with the path: a mistyped one is seen in the warning and in `egressctl
+    // credentials`, not only at the first request.
+    assert!(why.contains(&path.display().to_string()), "{why}");
+    assert!(why.contains("No such file"), "{why}");
+    let state = |s: &CredentialStore| s.states().into_iter().find(|c| c.name == "c").unwrap();
+    assert_eq!(state(&s).last_error.as_deref(), Some(why.as_str()));
     std::fs::write(&path, "late-file-secret-value\n").unwrap();
     assert!(s.matcher().find(b"x late-file-secret-value x").is_none());
     assert!(s.read_ahead_unbounded("nope").await.is_err());
     s.read_ahead_unbounded("c").await.unwrap();
     assert_eq!(s.matcher().find(b"x late-file-secret-value x"), Some("c"));
+    assert_eq!(state(&s).last_error, None);
 }
 
 /// A command's value is read ahead with the files (so that a value a previous run

@@ -320,28 +320,36 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             "Credential values read ahead, so that they are scrubbed and masked from the start"
         );
     }
-    if !unread.is_empty() {
+    // One task per value, each read to its end however long it takes (a file read that
+    // blocks holds one thread, not one more per attempt), again after a failure.
+    for (name, why) in unread {
         tracing::warn!(
-            credentials = %unread.join(", "),
-            "Credential values not read at start: until read (tried again every {} s, and at \
-             the first request that needs one) they are not scrubbed from answers, masked or \
+            credential = %name,
+            error = %why,
+            "Credential value not read at start: until read (tried again every {} s, and at \
+             the first request that needs it) it is not scrubbed from answers, masked or \
              refused on the way out",
             READ_AHEAD_RETRY.as_secs()
         );
-        // One task per value, each read to its end however long it takes (a file read
-        // that blocks holds one thread, not one more per attempt), again after a failure.
-        for name in unread {
-            let credentials = credentials.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(READ_AHEAD_RETRY).await;
-                    if credentials.read_ahead_unbounded(&name).await.is_ok() {
+        let credentials = credentials.clone();
+        tokio::spawn(async move {
+            // Each new reason is said once, not every few seconds.
+            let mut said = why;
+            loop {
+                tokio::time::sleep(READ_AHEAD_RETRY).await;
+                match credentials.read_ahead_unbounded(&name).await {
+                    Ok(()) => {
                         tracing::info!(credential = %name, "Credential value read ahead at last");
                         break;
                     }
+                    Err(why) if why != said => {
+                        tracing::warn!(credential = %name, error = %why, "Credential value still not read");
+                        said = why;
+                    }
+                    Err(_) => {}
                 }
-            });
-        }
+            }
+        });
     }
     // The audit trail's last check: whatever field a secret reached (a ref name a sandbox
     // chose, a DNS name, a reason quoting a request), it is masked before it is written.
