@@ -80,9 +80,10 @@ struct ConfigFile {
     proxy_port: Option<u16>,
     /// A sandbox's DNS resolver listens on this port plus its index (default 15300).
     dns_port_base: Option<u16>,
-    /// Resolvers asked for sandboxes whose policy has no `dns:` section.
+    /// Resolvers asked for sandboxes whose policy has no `dns:` section: addresses, port 53
+    /// unless given (`192.0.2.53`, `192.0.2.53:5353`, `[2001:db8::53]:53`).
     #[serde(default)]
-    dns_upstream: Vec<std::net::SocketAddr>,
+    dns_upstream: Vec<egress::policy::raw::RawUpstream>,
     /// Proxy timeouts, per-sandbox limits and the extra upstream CA bundle.
     #[serde(default)]
     proxy: ProxyConfig,
@@ -143,7 +144,7 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
             .unwrap_or_else(|| "/var/lib/egressd".into()),
         proxy_port,
         dns_port_base,
-        dns_upstream: file.dns_upstream,
+        dns_upstream: file.dns_upstream.into_iter().map(|u| u.0).collect(),
         credentials: CredentialStore::from_config_with(
             &file.credentials,
             &UpstreamOptions::new(
@@ -318,7 +319,25 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::check_ports;
+    use super::{check_ports, ConfigFile};
+
+    #[test]
+    fn dns_upstream_takes_addresses_as_policies_do() {
+        let file: ConfigFile = serde_yaml_ng::from_str(
+            "dns_upstream: [192.0.2.53, \"192.0.2.54:5353\", \"2001:db8::53\"]\n",
+        )
+        .unwrap_or_default();
+        let got: Vec<String> = file.dns_upstream.iter().map(|u| u.0.to_string()).collect();
+        assert_eq!(
+            got,
+            ["192.0.2.53:53", "192.0.2.54:5353", "[2001:db8::53]:53"]
+        );
+        let Err(e) = serde_yaml_ng::from_str::<ConfigFile>("dns_upstream: [resolver.example]\n")
+        else {
+            unreachable!("a name was taken as a resolver")
+        };
+        assert!(e.to_string().contains("is a name"), "{e}");
+    }
 
     #[test]
     fn ports_are_ports_and_apart() {

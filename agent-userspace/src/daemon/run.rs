@@ -301,6 +301,12 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let (alerts, mut quarantine_orders) = Alerts::new(audit.clone(), opts.alerts.clone());
     let mut clock = ClockOffset::sample().context("reading clocks")?;
 
+    if opts.dns_upstream.is_empty() {
+        tracing::warn!(
+            "No dns_upstream: a sandbox whose policy names hosts but gives no dns.upstream \
+             gets SERVFAIL for every name (the audit log says why)"
+        );
+    }
     let ca_dir = opts.state_dir.join("ca");
     let ca = CertAuthority::load_or_create(&ca_dir)
         .with_context(|| format!("loading or creating the local CA in {}", ca_dir.display()))?;
