@@ -197,6 +197,23 @@ fn nested_deep_and_daemon_cgroups_are_refused() -> Result<()> {
         "a policy that does not parse was not refused with its error: {out:?}"
     );
 
+    // No --name, and a cgroup directory whose name is too long to be one (as a runtime's
+    // `docker-<64 hex>.scope` is): the refusal says to give one.
+    let long = egress_tests::cgroup::CgroupGuard::new(&"c".repeat(64))?;
+    let out = fx.daemon.ctl([
+        "attach".as_ref(),
+        "--cgroup".as_ref(),
+        long.path().as_os_str(),
+        "--policy".as_ref(),
+        policy.as_os_str(),
+    ])?;
+    ensure!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("give one with --name"),
+        "a cgroup name too long for a sandbox name was not refused with a hint: {out:?}"
+    );
+    expect::policy_rejected(&fx.daemon, |_| true, &["cccc", "give one with --name"])?;
+
     // Every refusal is in the trail, in the name asked for.
     for (name, why) in [
         ("inner", "nested"),

@@ -1133,16 +1133,24 @@ impl Core {
         // A container re-created at once under the same id gets a new cgroup at the same
         // path: the sandbox of the old one goes now, not at the next housekeeping tick.
         self.reap_vanished();
-        let name = match name {
-            Some(n) => n,
-            None => cgroup
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .ok_or_else(|| "the cgroup root cannot be a sandbox".to_string())?,
+        let (name, named) = match name {
+            Some(n) => (n, true),
+            None => (
+                cgroup
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .ok_or_else(|| "the cgroup root cannot be a sandbox".to_string())?,
+                false,
+            ),
         };
         if let Some(problem) = crate::text::sandbox_name_problem(&name) {
-            return Err(problem);
+            // A runtime's cgroup names (`docker-<64 hex>.scope`) are often too long.
+            return Err(if named {
+                problem
+            } else {
+                format!("{problem} (the name of its cgroup directory: give one with --name)")
+            });
         }
         check_placement(&cgroup.path)?;
         let policy = match parsed {
