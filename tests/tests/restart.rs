@@ -602,7 +602,12 @@ fn a_second_daemon_on_the_same_state_is_refused() -> Result<()> {
     let not_a_socket = other.path().join("egressd.yaml");
     std::fs::write(&not_a_socket, "proxy_port: 15001\n")?;
     let own_pins = egress_tests::daemon::BpffsDir::new()?;
-    let out = second(&not_a_socket, own_pins.path(), &other.path().join("state2"))?;
+    // (Its pins' directory not made yet, as after every boot: bpffs lives in memory.)
+    let out = second(
+        &not_a_socket,
+        &own_pins.path().join("fresh"),
+        &other.path().join("state2"),
+    )?;
     ensure!(
         !out.status.success()
             && String::from_utf8_lossy(&out.stderr).contains("not a socket")

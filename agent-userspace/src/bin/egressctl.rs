@@ -251,8 +251,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (Ok(response), _) => respond(response),
                 (Err(e), Ok(_)) => Err(e),
                 (Err(e), Err(refused)) => bail!(
-                    "{refused}\n(the daemon could not be asked, so this refusal is not in \
-                     the audit log: {e:#})"
+                    "{refused}\n(egressd did not answer, so this refusal may not be in the \
+                     audit log: {e:#})"
                 ),
             }
         }

@@ -298,14 +298,20 @@ fn main() -> ExitCode {
     }
     raise_nofile_limit();
     let result = options(args).and_then(|opts| {
+        let workers = worker_threads()?;
+        egress::proxy::threads_setting("EGRESSD_PROXY_THREADS").map_err(anyhow::Error::msg)?;
+        // Before anything is loaded, adopted or numbered, and held until the last record
+        // is written (past the runtime's shutdown below).
+        let claim = daemon::claim_for(&opts)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(worker_threads()?)
+            .worker_threads(workers)
             .enable_all()
             .build()?;
-        let result = runtime.block_on(daemon::run(opts));
+        let result = runtime.block_on(daemon::run(opts, &claim));
         // The stop waited for the audit writer already (boundedly); a writer still held
         // (its last records then count the stop as unclean) must not hold the exit.
         runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+        drop(claim);
         result
     });
     match result {

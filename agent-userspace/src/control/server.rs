@@ -78,7 +78,7 @@ pub trait Handler: Send + Sync + 'static {
 pub fn check_free(path: &Path) -> std::io::Result<bool> {
     match fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if listened_on(path)? {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::AddrInUse,
                     "another daemon answers on this socket",
@@ -91,6 +91,20 @@ pub fn check_free(path: &Path) -> std::io::Result<bool> {
             "the path exists and is not a socket (left as it is)",
         )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a process listens on the socket at `path`. Asked without waiting: a listener
+/// whose queue is full (a daemon that hangs) answers "try again" at once, and that is a
+/// listener too.
+fn listened_on(path: &Path) -> std::io::Result<bool> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;
+    match socket.connect(&SockAddr::unix(path)?) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(false),
         Err(e) => Err(e),
     }
 }
@@ -674,8 +688,33 @@ mod socket_path_tests {
             check_free(&path).unwrap_err().kind(),
             std::io::ErrorKind::AddrInUse
         );
-        // One left behind is replaced.
+        // A daemon that hangs with its queue full is still that daemon's, and asking does
+        // not wait for it.
         drop(live);
+        std::fs::remove_file(&path).unwrap();
+        let hung =
+            socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        hung.bind(&socket2::SockAddr::unix(&path).unwrap()).unwrap();
+        hung.listen(0).unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..4 {
+            let c = socket2::Socket::new(
+                socket2::Domain::UNIX,
+                socket2::Type::STREAM.nonblocking(),
+                None,
+            )
+            .unwrap();
+            let _ = c.connect(&socket2::SockAddr::unix(&path).unwrap());
+            queued.push(c);
+        }
+        let asked = std::time::Instant::now();
+        assert_eq!(
+            check_free(&path).unwrap_err().kind(),
+            std::io::ErrorKind::AddrInUse
+        );
+        assert!(asked.elapsed() < std::time::Duration::from_secs(1));
+        // One left behind is replaced.
+        drop(hung);
         assert!(check_free(&path).unwrap());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

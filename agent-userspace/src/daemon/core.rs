@@ -2534,7 +2534,9 @@ impl Core {
             sandbox,
             policy_path: PathBuf::from(policy_path),
             policy_digest,
-            error,
+            // A parser's message quotes what it refused, from a file anyone may have
+            // written: escaped and bounded like every other outside text in a record.
+            error: crate::text::sanitize(&error, 2000),
         }));
     }
 

@@ -3,9 +3,11 @@
 //! first one numbers too, and load, pin and detach the same programs: it is refused
 //! before it changes anything.
 //!
-//! Each claim is an exclusive `flock` held for the life of the process (the kernel drops
-//! it when the process ends, however it ends): on `<state_dir>/egressd.lock`, which also
-//! holds the holder's pid for the message, and on the bpffs directory itself.
+//! Each claim is an exclusive `flock` held until the process has stopped (the kernel
+//! drops it when the process ends, however it ends): on `<state_dir>/egressd.lock`, which
+//! also holds the holder's pid for the message, and on the bpffs directory itself. The
+//! control socket's path is checked too: a socket another daemon answers on, or a file
+//! that is not a socket, is refused (see [`crate::control::check_free`]).
 
 use std::{
     fs::{DirBuilder, File, OpenOptions},
@@ -25,8 +27,25 @@ pub struct InstanceLock {
     _bpffs: Option<File>,
 }
 
-/// Claims `state_dir` and `bpffs` for this process, or says which daemon holds them.
-pub fn claim(state_dir: &Path, bpffs: &Path) -> anyhow::Result<InstanceLock> {
+/// Claims what `opts` names for this process (mounting bpffs and making its directory if
+/// need be), or says which daemon holds it. To be held until the process has stopped.
+pub fn claim_for(opts: &super::DaemonOptions) -> anyhow::Result<InstanceLock> {
+    crate::bpf::ensure_bpffs(&opts.bpffs)?;
+    // On bpffs, which lives in memory: gone after every boot.
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&opts.bpffs)
+        .with_context(|| format!("creating {}", opts.bpffs.display()))?;
+    let lock = claim(&opts.state_dir, &opts.bpffs)?;
+    crate::control::check_free(&opts.socket)
+        .with_context(|| format!("control socket {}", opts.socket.display()))?;
+    Ok(lock)
+}
+
+/// Claims `state_dir` and `bpffs` (which must exist) for this process, or says which
+/// daemon holds them.
+fn claim(state_dir: &Path, bpffs: &Path) -> anyhow::Result<InstanceLock> {
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)

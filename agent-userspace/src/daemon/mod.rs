@@ -17,5 +17,6 @@ mod revocations;
 mod run;
 mod state;
 
+pub use instance::{claim_for, InstanceLock};
 pub use run::{run, DaemonOptions};
 pub use state::{QuarantineState, SandboxRecord, State};

@@ -16,8 +16,7 @@ use crate::{
         LostBySandbox, NetworkDecision, OnFailure, ProxyEvent, Record, RefusedOption, StopReason,
     },
     bpf::{
-        active_lsms, attach_lsm, ensure_bpffs, EventReader, KernelEvent, PeerMap, PinLayout,
-        PolicyMaps, Programs,
+        active_lsms, attach_lsm, EventReader, KernelEvent, PeerMap, PinLayout, PolicyMaps, Programs,
     },
     control::{self, Admission, DetachReason, Handler, Request, Response},
     credentials::CredentialStore,
@@ -251,15 +250,12 @@ fn rfc3339(t: OffsetDateTime) -> String {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
+/// Runs the daemon until it is told to stop. `_claim` ([`super::claim_for`] of the same
+/// options) is this process's hold on the state, pins and socket it uses.
+pub async fn run(opts: DaemonOptions, _claim: &super::InstanceLock) -> anyhow::Result<()> {
     if let Some(why) = crate::cgroup::v1_socket_hazard() {
         anyhow::bail!("refusing to start: {why}");
     }
-    ensure_bpffs(&opts.bpffs)?;
-    // Before anything is loaded, adopted or numbered: held until the daemon has stopped.
-    let _instance = super::instance::claim(&opts.state_dir, &opts.bpffs)?;
-    control::check_free(&opts.socket)
-        .with_context(|| format!("control socket {}", opts.socket.display()))?;
     let layout = PinLayout::new(&opts.bpffs);
     // This build's maps made now, not found pinned: loss counts reported so far are
     // another build's (see `State::start_lost_counts`).

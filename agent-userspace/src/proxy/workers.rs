@@ -75,13 +75,17 @@ impl Workers {
     }
 }
 
-/// A thread count from environment variable `var`: `None` when unset, an error (naming the
-/// variable and what it holds) unless it is 1 to 64.
+/// A thread count from environment variable `var`: `None` when unset or empty (a service
+/// manager's `VAR=`), an error (naming the variable and what it holds) unless it is 1 to
+/// 64.
 pub fn threads_setting(var: &str) -> Result<Option<usize>, String> {
     let Some(value) = std::env::var_os(var) else {
         return Ok(None);
     };
     let text = value.to_string_lossy();
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
     match text.trim().parse::<usize>() {
         Ok(n) if (1..=64).contains(&n) => Ok(Some(n)),
         _ => Err(format!(
@@ -104,7 +108,8 @@ mod tests {
             ("0", Err(())),
             ("65", Err(())),
             ("two", Err(())),
-            ("", Err(())),
+            ("", Ok(None)),
+            ("-1", Err(())),
         ] {
             let var = format!("EGRESSD_TEST_THREADS_{}", value.trim().len());
             // SAFETY: a variable of this test's own, set before it is read; nothing else
