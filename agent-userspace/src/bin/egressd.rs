@@ -1,5 +1,8 @@
 //! `egressd`: the privileged daemon that confines sandbox cgroups.
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use clap::{Parser, Subcommand};
 use egress::{
@@ -121,6 +124,28 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
     file.audit
         .validate()
         .map_err(|e| anyhow::anyhow!("{config_name}: audit: {e}"))?;
+    // Relative paths would depend on the directory the daemon was started from, and
+    // `egressctl audit --config` would read another file than the daemon writes.
+    let absolute = |field: &str, path: Option<&Path>| match path {
+        Some(p) if !p.is_absolute() && p != Path::new("-") => Err(anyhow::anyhow!(
+            "{config_name}: {field}: {} is a relative path; give an absolute one",
+            p.display()
+        )),
+        _ => Ok(()),
+    };
+    absolute(
+        "audit_log",
+        args.audit_log
+            .as_deref()
+            .or(file.audit_log.as_deref())
+            .map(Path::new),
+    )?;
+    absolute("socket", args.socket.as_deref().or(file.socket.as_deref()))?;
+    absolute("bpffs", args.bpffs.as_deref().or(file.bpffs.as_deref()))?;
+    absolute(
+        "state_dir",
+        args.state_dir.as_deref().or(file.state_dir.as_deref()),
+    )?;
     let proxy_port = file.proxy_port.unwrap_or(15001);
     let dns_port_base = file.dns_port_base.unwrap_or(15300);
     check_ports(proxy_port, dns_port_base).map_err(|e| anyhow::anyhow!("{config_name}: {e}"))?;

@@ -24,7 +24,9 @@ pub fn call_timeout(
 ) -> anyhow::Result<Response> {
     let mut stream = UnixStream::connect(socket).with_context(|| {
         format!(
-            "connecting to egressd at {} (is `egressd run` running, and are you root?)",
+            "connecting to egressd at {} (is `egressd run` running, are you root, and does \
+             the daemon use this socket? Another is named with --socket or EGRESSD_SOCKET, \
+             as its config's `socket:` says)",
             socket.display()
         )
     })?;

@@ -685,9 +685,15 @@ impl Core {
     ) -> Result<Option<NetnsId>, String> {
         for name in policy.credential_names() {
             if !self.proxy.has_credential(name) {
+                let defined = self.proxy.credential_names();
+                let defined = if defined.is_empty() {
+                    "it defines none: add it under `credentials:` in the config".to_owned()
+                } else {
+                    format!("defined: {}", defined.join(", "))
+                };
                 return Err(format!(
-                    "policy names credential {name:?}, which the daemon's config does not define (defined: {})",
-                    self.proxy.credential_names().join(", ")
+                    "policy names credential {name:?}, which the daemon's config does not \
+                     define ({defined})"
                 ));
             }
         }
