@@ -112,7 +112,8 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
                     .location()
                     .map(|l| format!(":{}:{}", l.line(), l.column()))
                     .unwrap_or_default();
-                anyhow::anyhow!("{}{at}: {e}", path.display())
+                let message = egress::text::strip_positions(&e.to_string());
+                anyhow::anyhow!("{}{at}: {message}", path.display())
             })?
         }
         None => ConfigFile::default(),

@@ -145,50 +145,7 @@ fn bare_message(rendered: &str, field: &str) -> String {
             text = rest;
         }
     }
-    strip_positions(text)
-}
-
-/// Removes every ` at line L column C` and ` at position N`.
-fn strip_positions(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    loop {
-        let Some(at) = rest.find(" at ") else {
-            out.push_str(rest);
-            return out;
-        };
-        let after = &rest[at + 4..];
-        let consumed = position_len(after);
-        out.push_str(&rest[..at]);
-        if consumed == 0 {
-            out.push_str(" at ");
-        }
-        rest = &after[consumed..];
-    }
-}
-
-/// Length of a leading `line L column C` or `position N`, or 0.
-fn position_len(s: &str) -> usize {
-    fn digits(s: &str) -> usize {
-        s.bytes().take_while(u8::is_ascii_digit).count()
-    }
-    if let Some(r) = s.strip_prefix("line ") {
-        let n = digits(r);
-        if n > 0 {
-            if let Some(c) = r[n..].strip_prefix(" column ") {
-                let m = digits(c);
-                if m > 0 {
-                    return "line ".len() + n + " column ".len() + m;
-                }
-            }
-        }
-    } else if let Some(r) = s.strip_prefix("position ") {
-        let n = digits(r);
-        if n > 0 {
-            return "position ".len() + n;
-        }
-    }
-    0
+    crate::text::strip_positions(text)
 }
 
 /// Finds where the value at `path` starts, by walking the document again and failing on
