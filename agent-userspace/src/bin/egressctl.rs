@@ -77,8 +77,10 @@ enum Command {
     /// Remove a sandbox's confinement.
     #[command(group = clap::ArgGroup::new("which").required(true))]
     Detach {
+        /// The sandbox's name (as `egressctl status` lists it).
         #[arg(long, group = "which")]
         name: Option<String>,
+        /// The sandbox's cgroup directory.
         #[arg(long, group = "which")]
         cgroup: Option<PathBuf>,
     },
@@ -194,11 +196,13 @@ enum CaCommand {
 enum PolicyCommand {
     /// Parse and compile each file; report the first error of each.
     Check {
+        /// Policy files (YAML).
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
     /// Run each file's `tests:` section.
     Test {
+        /// Policy files (YAML).
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
