@@ -333,7 +333,20 @@ fn main() -> ExitCode {
             .worker_threads(workers)
             .enable_all()
             .build()?;
-        let result = runtime.block_on(daemon::run(opts, &claim));
+        // A panic of the daemon's own task (not of a connection's or a query's, which the
+        // runtime contains and their records account for) ends the process at once:
+        // unwinding would drop the runtime, which waits for the audit writer, which the
+        // proxy's worker threads keep open, so the process would hang on, still proxying,
+        // with no kernel events read. The pinned programs keep enforcing; the service
+        // manager starts the daemon again, which reports the unclean stop.
+        let run = std::panic::AssertUnwindSafe(|| runtime.block_on(daemon::run(opts, &claim)));
+        let Ok(result) = std::panic::catch_unwind(run) else {
+            eprintln!(
+                "egressd: the daemon's main task panicked (above); exiting now so that it is \
+                 restarted (sandboxes stay confined by their pinned programs)"
+            );
+            std::process::exit(70);
+        };
         // The stop waited for the audit writer already (boundedly); a writer still held
         // (its last records then count the stop as unclean) must not hold the exit.
         runtime.shutdown_timeout(std::time::Duration::from_secs(1));
