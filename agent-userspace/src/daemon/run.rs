@@ -632,6 +632,14 @@ pub async fn run(opts: DaemonOptions, _claim: &super::InstanceLock) -> anyhow::R
                     Err(e) => e.to_string(),
                 };
                 let _ = super::notify::notify("STOPPING=1");
+                // What was queued and never numbered: the next start reports it lost.
+                let held = audit.unnumbered().count();
+                if held > 0 {
+                    let sequence = opts.state_dir.join(AUDIT_SEQUENCE_FILE);
+                    if let Err(e) = crate::audit::note_unnumbered_at_stop(&sequence, held) {
+                        tracing::error!(error = %e, held, "Noting the audit records held at the stop failed");
+                    }
+                }
                 anyhow::bail!("the audit writer stopped ({why}); stopping, sandboxes stay confined");
             }
         }
