@@ -182,6 +182,14 @@ async fn handshake(
 /// 128).
 const MAX_H2_STREAMS: u32 = 100;
 
+/// Flow-control window of one upload stream from a sandbox: the most of its body the
+/// proxy takes before the origin reads it.
+const DOWNSTREAM_STREAM_WINDOW: u32 = 256 * 1024;
+/// Of all upload streams of one sandbox connection together.
+const DOWNSTREAM_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// An answer's bytes queued for a sandbox stream that does not read them.
+const DOWNSTREAM_SEND_BUFFER: usize = 64 * 1024;
+
 /// Serves HTTP on an intercepted connection until it ends, is cut by a timer or is idle
 /// for `idle_secs`. The future returned is what every open connection holds: set up
 /// before it is made, so it keeps no room for the values the setup moves away (an async
@@ -269,6 +277,12 @@ fn serve(
             // Streams in flight on one connection (hyper's default is 200); the
             // sandbox's requests over all its connections are bounded in `handle`.
             .max_concurrent_streams(MAX_H2_STREAMS)
+            // What a sandbox's stalled streams make the daemon hold (hyper's defaults are
+            // a 1 MiB window per upload stream and per connection, and 400 KiB queued
+            // per answer stream): on loopback, smaller ones cost no speed.
+            .initial_stream_window_size(DOWNSTREAM_STREAM_WINDOW)
+            .initial_connection_window_size(DOWNSTREAM_CONNECTION_WINDOW)
+            .max_send_buf_size(DOWNSTREAM_SEND_BUFFER)
             .max_header_list_size(u32::try_from(proxy.config.max_header_bytes).unwrap_or(u32::MAX));
         let timed = H2HeadTimed::new(tls, head_clock.clone(), proxy.timeouts.header);
         let conn = builder.serve_connection(TokioIo::new(H2Watch::new(timed, on_reset)), service);
