@@ -1,5 +1,6 @@
 //! `egressd`: the privileged daemon that confines sandbox cgroups.
 use std::{
+    io::Write as _,
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -128,7 +129,9 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
     // Relative paths would depend on the directory the daemon was started from, and
     // `egressctl audit --config` would read another file than the daemon writes.
     let absolute = |field: &str, path: Option<&Path>| match path {
-        Some(p) if !p.is_absolute() && p != Path::new("-") => Err(anyhow::anyhow!(
+        // `-` is stdout, for the audit log only.
+        Some(p) if field == "audit_log" && p == Path::new("-") => Ok(()),
+        Some(p) if !p.is_absolute() => Err(anyhow::anyhow!(
             "{config_name}: {field}: {} is a relative path; give an absolute one",
             p.display()
         )),
@@ -341,7 +344,9 @@ fn main() -> ExitCode {
         // manager starts the daemon again, which reports the unclean stop.
         let run = std::panic::AssertUnwindSafe(|| runtime.block_on(daemon::run(opts, &claim)));
         let Ok(result) = std::panic::catch_unwind(run) else {
-            eprintln!(
+            // Not `eprintln!`, which panics when stderr is gone.
+            let _ = writeln!(
+                std::io::stderr(),
                 "egressd: the daemon's main task panicked (above); exiting now so that it is \
                  restarted (sandboxes stay confined by their pinned programs)"
             );
