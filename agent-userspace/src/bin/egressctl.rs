@@ -63,8 +63,8 @@ enum Command {
         /// Policy name for containers without the annotation [default: refuse them].
         #[arg(long)]
         default_policy: Option<String>,
-        /// Seconds to wait for the daemon before refusing the container.
-        #[arg(long, default_value_t = 5)]
+        /// Seconds to wait for the daemon before refusing the container (1 to 3600).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
         /// Kubernetes namespace whose containers are not confined (repeatable; the
         /// daemon's own namespace belongs here).
@@ -287,7 +287,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 socket: cli.socket,
                 policy_dir,
                 default_policy,
-                timeout: std::time::Duration::from_secs(timeout.max(1)),
+                timeout: std::time::Duration::from_secs(timeout),
                 exempt_namespaces,
                 scope,
             };

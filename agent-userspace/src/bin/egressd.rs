@@ -150,6 +150,9 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
         "state_dir",
         args.state_dir.as_deref().or(file.state_dir.as_deref()),
     )?;
+    if file.collector.as_ref().is_some_and(|c| c.queue == 0) {
+        anyhow::bail!("{config_name}: collector.queue: 0 holds no record; give at least 1");
+    }
     let proxy_port = file.proxy_port.unwrap_or(15001);
     let dns_port_base = file.dns_port_base.unwrap_or(15300);
     check_ports(proxy_port, dns_port_base).map_err(|e| anyhow::anyhow!("{config_name}: {e}"))?;
