@@ -262,7 +262,10 @@ pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>, limits: Arc<Res
     loop {
         let received = tokio::select! {
             received = socket.recv_from(&mut buf) => received,
-            Some(_) = queries.join_next(), if !queries.is_empty() => continue,
+            Some(done) = queries.join_next(), if !queries.is_empty() => {
+                said_if_panicked(&ctx.sandbox, done);
+                continue;
+            }
         };
         let (len, peer) = match received {
             Ok(x) => x,
@@ -290,6 +293,20 @@ pub async fn serve_udp(socket: UdpSocket, ctx: Arc<ResolverCtx>, limits: Arc<Res
     }
 }
 
+/// A query's (or a TCP connection's) task that panicked got no answer, and may have left
+/// no record: the daemon's log says so, loudly.
+fn said_if_panicked(sandbox: &str, done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            tracing::error!(
+                sandbox,
+                "A DNS query's task panicked: the query got no answer and may have no audit \
+                 record"
+            );
+        }
+    }
+}
+
 /// Serves DNS over TCP (RFC 7766: each message behind a 2-byte length) on `listener`
 /// until the task is aborted, within the resolver's `limits`; one task per connection,
 /// queries on a connection answered in order.
@@ -305,7 +322,10 @@ pub async fn serve_tcp(listener: TcpListener, ctx: Arc<ResolverCtx>, limits: Arc
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            Some(done) = connections.join_next(), if !connections.is_empty() => {
+                said_if_panicked(&ctx.sandbox, done);
+                continue;
+            }
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,
