@@ -25,6 +25,38 @@ struct Running {
     pending: Arc<Mutex<VecDeque<String>>>,
 }
 
+/// Why a revocation whose task failed has no outcome.
+pub const FAILED_BEFORE_REVOKED: &str =
+    "not revoked: the revocation stopped on an internal error (the value may still be live \
+     at its store)";
+
+/// Held by a revocation's task: if the task panics, each credential it had not recorded
+/// yet is recorded as not revoked, since nothing else will (an abort at the stop is not a
+/// panic: [`Revocations::finish`] records those).
+struct PanicRecords {
+    audit: AuditHandle,
+    sandbox: String,
+    pending: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Drop for PanicRecords {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for credential in std::mem::take(&mut *lock(&self.pending)) {
+            tracing::error!(sandbox = %self.sandbox, %credential, "A revocation failed on an internal error");
+            self.audit.emit(Record::CredentialRevoke(CredentialRevoke {
+                time: OffsetDateTime::now_utc(),
+                sandbox: self.sandbox.clone(),
+                credential,
+                revoked: false,
+                reason: FAILED_BEFORE_REVOKED.to_owned(),
+            }));
+        }
+    }
+}
+
 /// The revocations started and not known to have ended.
 #[derive(Default)]
 pub struct Revocations {
@@ -73,7 +105,13 @@ impl Revocations {
         }
         let pending = Arc::new(Mutex::new(names.iter().cloned().collect::<VecDeque<_>>()));
         let (list, left, who) = (names.to_vec(), pending.clone(), sandbox.to_string());
+        let on_panic = PanicRecords {
+            audit: audit.clone(),
+            sandbox: who.clone(),
+            pending: pending.clone(),
+        };
         let task = runtime.spawn(async move {
+            let _on_panic = on_panic;
             for credential in list {
                 let outcome = store.revoke_for(&credential, &who).await;
                 let (revoked, reason) = match outcome {
@@ -151,5 +189,57 @@ impl Revocations {
             }
         }
         cut
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests fail loudly")]
+mod tests {
+    use super::*;
+    use crate::audit::{AuditLog, AuditSink};
+
+    /// A revocation's task that panics leaves a record for each credential it had not
+    /// recorded; one that ends or is aborted leaves none of its own.
+    #[tokio::test]
+    async fn a_panicked_revocation_records_what_it_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (audit, task) = AuditLog::open(AuditSink::File(path.clone())).unwrap();
+        let writer = tokio::spawn(task.run());
+        let guard = |names: &[&str]| PanicRecords {
+            audit: audit.clone(),
+            sandbox: "sb".to_owned(),
+            pending: Arc::new(Mutex::new(names.iter().map(|n| (*n).to_owned()).collect())),
+        };
+        let panicked = guard(&["vault-db", "github"]);
+        let failed = tokio::spawn(async move {
+            let _on_panic = panicked;
+            // An internal error this test stands in for.
+            let empty: Vec<u8> = Vec::new();
+            std::hint::black_box(&empty)[std::hint::black_box(3)]
+        })
+        .await;
+        assert!(failed.unwrap_err().is_panic());
+        let ended = guard(&["other"]);
+        tokio::spawn(async move { drop(ended) }).await.unwrap();
+        drop(audit);
+        writer.await.unwrap().unwrap();
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let records: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let revokes: Vec<_> = records
+            .iter()
+            .filter(|r| r["event"]["action"] == "credential-revoke")
+            .collect();
+        assert_eq!(revokes.len(), 2, "{text}");
+        for (r, name) in revokes.iter().zip(["vault-db", "github"]) {
+            assert_eq!(r["egress"]["sandbox"]["name"], "sb");
+            assert_eq!(r["event"]["outcome"], "failure", "{r}");
+            assert!(text.contains(name));
+            assert!(r.to_string().contains("internal error"), "{r}");
+        }
     }
 }
