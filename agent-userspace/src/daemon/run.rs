@@ -266,7 +266,19 @@ pub async fn run(opts: DaemonOptions, _claim: &super::InstanceLock) -> anyhow::R
     // Before the audit trail opens, so that every record is shipped and counted.
     if let Some(config) = &opts.collector {
         if let Some(task) = crate::collector::start(config) {
-            tokio::spawn(task);
+            let shipping = tokio::spawn(task);
+            // It never ends while the daemon runs: one that does (a panic) ships nothing
+            // more, and nothing else would say so.
+            tokio::spawn(async move {
+                if let Err(e) = shipping.await {
+                    if e.is_panic() {
+                        tracing::error!(
+                            "The collector's task panicked: audit records are no longer \
+                             shipped to the collector (the audit log still has them)"
+                        );
+                    }
+                }
+            });
         }
     }
     let scrape_sources = Arc::new(OnceLock::new());
