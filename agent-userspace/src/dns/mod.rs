@@ -300,8 +300,8 @@ fn said_if_panicked(sandbox: &str, done: Result<(), tokio::task::JoinError>) {
         if e.is_panic() {
             tracing::error!(
                 sandbox,
-                "A DNS query's task panicked: the query got no answer and may have no audit \
-                 record"
+                "A DNS task (a query's, or a TCP connection's) panicked: its queries got no \
+                 answer and may have no audit record"
             );
         }
     }
