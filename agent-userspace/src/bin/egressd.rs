@@ -150,6 +150,8 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
         "state_dir",
         args.state_dir.as_deref().or(file.state_dir.as_deref()),
     )?;
+    absolute("proxy.upstream_ca", file.proxy.upstream_ca.as_deref())?;
+    absolute("proxy.upstream_netns", file.proxy.upstream_netns.as_deref())?;
     if file.collector.as_ref().is_some_and(|c| c.queue == 0) {
         anyhow::bail!("{config_name}: collector.queue: 0 holds no record; give at least 1");
     }
