@@ -193,6 +193,7 @@ fn options(args: RunArgs) -> anyhow::Result<DaemonOptions> {
         proxy: file.proxy,
         metrics: args.metrics.or(file.metrics),
         collector: file.collector,
+        proxy_threads: egress::proxy::configured_threads().map_err(anyhow::Error::msg)?,
     })
 }
 
@@ -333,7 +334,6 @@ fn main() -> ExitCode {
     raise_nofile_limit();
     let result = options(args).and_then(|opts| {
         let workers = worker_threads()?;
-        egress::proxy::threads_setting("EGRESSD_PROXY_THREADS").map_err(anyhow::Error::msg)?;
         // Before anything is loaded, adopted or numbered, and held until the last record
         // is written (past the runtime's shutdown below).
         let claim = daemon::claim_for(&opts)?;

@@ -54,6 +54,8 @@ pub struct DaemonOptions {
     /// The configuration's `alerts:`: responses and burst figures for sandboxes whose
     /// policy does not set them.
     pub alerts: AlertSettings,
+    /// Proxy worker threads ([`crate::proxy::configured_threads`]).
+    pub proxy_threads: usize,
 }
 
 /// The answer to a control request that would change something once the stop began.
@@ -450,7 +452,8 @@ pub async fn run(opts: DaemonOptions, _claim: &super::InstanceLock) -> anyhow::R
         credentials,
         proxy,
         peers,
-        crate::proxy::Workers::configured().context("starting the proxy's worker threads")?,
+        crate::proxy::Workers::start(opts.proxy_threads)
+            .context("starting the proxy's worker threads")?,
     );
 
     let previous = State::load(&opts.state_dir)?;

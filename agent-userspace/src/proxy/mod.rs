@@ -65,7 +65,7 @@ pub use ca::{CaError, CertAuthority, CA_CERT_FILE, CA_COMMON_NAME, CA_KEY_FILE};
 pub use error::{Party, ProxyError};
 pub use held::sandbox_share as held_bodies_share;
 pub use scrub::MARKER as SCRUB_MARKER;
-pub use workers::{threads_setting, Workers};
+pub use workers::{configured_threads, threads_setting, Workers};
 
 use crate::audit::{ProxyRecord, ProxyVerdict as Verdict, RecordKind, TlsMode};
 use crate::credentials::{normalize_host, CredentialStore};

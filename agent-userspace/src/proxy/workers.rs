@@ -60,19 +60,17 @@ impl Workers {
         Ok(Self { handles })
     }
 
-    /// `EGRESSD_PROXY_THREADS` workers (1 to 64), by default as many as the host has
-    /// cores (at most 64).
-    pub fn configured() -> std::io::Result<Self> {
-        let threads = threads_setting("EGRESSD_PROXY_THREADS")
-            .map_err(std::io::Error::other)?
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(64)));
-        Self::start(threads)
-    }
-
     /// Each worker's runtime.
     pub fn handles(&self) -> &[Handle] {
         &self.handles
     }
+}
+
+/// How many proxy workers to start: `EGRESSD_PROXY_THREADS` (1 to 64), by default as many
+/// as the host has cores (at most 64).
+pub fn configured_threads() -> Result<usize, String> {
+    Ok(threads_setting("EGRESSD_PROXY_THREADS")?
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(64))))
 }
 
 /// A thread count from environment variable `var`: `None` when unset or empty (a service
