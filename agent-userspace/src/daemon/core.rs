@@ -378,6 +378,8 @@ impl Core {
         &mut self,
         walked: Vec<(String, PathBuf, std::collections::BTreeSet<u32>)>,
     ) {
+        // Read once for the pass, and only if some process is not where the walk saw it.
+        let mut mount = None;
         for (name, cgroup, alive) in walked {
             if self
                 .state
@@ -391,10 +393,12 @@ impl Core {
             let mut escaped = Vec::new();
             // A process the walk did not list (a tree larger than it reads) but whose
             // own cgroup is still in the sandbox's tree has not left.
-            let still_inside = |pid: u32| {
-                let mount = crate::cgroup::cgroup2_mount().ok();
+            let mut still_inside = |pid: u32| {
+                let mount = mount.get_or_insert_with(|| crate::cgroup::cgroup2_mount().ok());
                 crate::posture::cgroup_of(pid).is_some_and(|c| {
-                    mount.is_some_and(|m| m.join(c.trim_start_matches('/')).starts_with(&cgroup))
+                    mount
+                        .as_ref()
+                        .is_some_and(|m| m.join(c.trim_start_matches('/')).starts_with(&cgroup))
                 })
             };
             for (pid, k) in &known {
