@@ -484,14 +484,13 @@ impl CredentialStore {
             // The proxy waits for this: a store that is away, or a file that blocks (a
             // FIFO, a hung mount), costs at most this, and its value is read on first use.
             let value = match tokio::time::timeout(READ_AHEAD_TIMEOUT, read).await {
-                Ok(value) => value.map_err(|e| e.to_string()),
-                Err(_) => Err(format!(
-                    "not read within {} s",
-                    READ_AHEAD_TIMEOUT.as_secs_f32()
-                )),
+                Ok(value) => value,
+                Err(_) => {
+                    let why = format!("not read within {} s", READ_AHEAD_TIMEOUT.as_secs_f32());
+                    credential.last.note(Err(why.clone()));
+                    Err(why)
+                }
             };
-            // `egressctl credentials` shows the outcome, as it shows a request's.
-            credential.last.note(value.as_ref().map_err(Clone::clone));
             (credential, value)
         }))
         .await;
@@ -513,12 +512,8 @@ impl CredentialStore {
             .credentials
             .get(name)
             .ok_or_else(|| CredentialError::Unknown(name.to_owned()).to_string())?;
-        let read = credential
-            .read_ahead_value()
-            .await
-            .map_err(|e| e.to_string());
-        credential.last.note(read.as_ref().map_err(Clone::clone));
-        self.note_value(credential, &read?);
+        let secret = credential.read_ahead_value().await?;
+        self.note_value(credential, &secret);
         Ok(())
     }
 
@@ -1067,12 +1062,16 @@ impl Credential {
     }
 
     /// The value read ahead of any request: a Vault KV secret read as such, any other
-    /// source's current value.
-    async fn read_ahead_value(&self) -> Result<Arc<Secret>, CredentialError> {
-        match &self.source {
+    /// source's current value. Its outcome is noted, so `egressctl credentials` shows it as it shows a request's;
+    /// an error comes as its text.
+    async fn read_ahead_value(&self) -> Result<Arc<Secret>, String> {
+        let read = match &self.source {
             Source::Vault(v) => Box::pin(v.read_ahead()).await,
             _ => self.value().await,
         }
+        .map_err(|e| e.to_string());
+        self.last.note(read.as_ref().map_err(Clone::clone));
+        read
     }
 
     async fn value(&self) -> Result<Arc<Secret>, CredentialError> {
