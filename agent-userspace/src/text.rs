@@ -117,6 +117,23 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// A name too long for a field of `max` characters, made to fit: the first characters of
+/// `shown` (the name, with characters the field refuses replaced), `sep`, and 12 hex
+/// digits of the SHA-256 of `whole` (the name as it was), so that names beginning alike
+/// stay apart and one name always gives the same.
+pub fn cut_with_digest(
+    whole: &str,
+    shown: impl Iterator<Item = char>,
+    max: usize,
+    sep: char,
+) -> String {
+    const DIGEST_HEX: usize = 12;
+    let mut out: String = shown.take(max.saturating_sub(DIGEST_HEX + 1)).collect();
+    out.push(sep);
+    out.push_str(&sha256_hex(whole.as_bytes())[..DIGEST_HEX]);
+    out
+}
+
 /// Removes every ` at line L column C` and ` at position N` (a YAML or JSON parser's
 /// message, for a caller that names the position itself).
 pub fn strip_positions(text: &str) -> String {

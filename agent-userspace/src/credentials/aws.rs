@@ -581,7 +581,6 @@ fn printable(message: &str) -> String {
 /// `k8s/team-a/x` would both read `k8s-team-a-x`).
 fn session_name(template: &str, credential: &str, sandbox: &str) -> String {
     const MAX: usize = 64;
-    const HASH_HEX: usize = 12;
     let name = template
         .replace("{sandbox}", sandbox)
         .replace("{credential}", credential);
@@ -589,15 +588,8 @@ fn session_name(template: &str, credential: &str, sandbox: &str) -> String {
     if name.len() <= MAX && name.chars().all(allowed) {
         return name;
     }
-    let hex = &crate::text::sha256_hex(name.as_bytes())[..HASH_HEX];
-    let mut out: String = name
-        .chars()
-        .map(|c| if allowed(c) { c } else { '-' })
-        .take(MAX - HASH_HEX - 1)
-        .collect();
-    out.push('-');
-    out.push_str(hex);
-    out
+    let shown = name.chars().map(|c| if allowed(c) { c } else { '-' });
+    crate::text::cut_with_digest(&name, shown, MAX, '-')
 }
 
 /// Reads the daemon's key from an AWS shared-credentials file (`[profile]` sections) or a

@@ -418,14 +418,11 @@ pub fn sandbox_name(
 /// the pod gets the same name and two pods whose names begin alike get two.
 fn pod_sandbox_name(namespace: &str, pod: &str) -> String {
     const MAX: usize = 64;
-    const HASH_HEX: usize = 12;
     let whole = format!("k8s/{namespace}/{pod}");
     if whole.len() <= MAX {
         return whole;
     }
-    let hex = &crate::text::sha256_hex(whole.as_bytes())[..HASH_HEX];
-    let kept: String = whole.chars().take(MAX - HASH_HEX - 1).collect();
-    format!("{kept}+{hex}")
+    crate::text::cut_with_digest(&whole, whole.chars(), MAX, '+')
 }
 
 /// `DIR/NAME.yaml` for a policy name; names with a `/`, `..`, or anything but letters,
