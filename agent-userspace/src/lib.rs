@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod net;
 pub mod observe;
 pub mod oci;
+pub mod own_file;
 pub mod policy;
 pub mod posture;
 pub mod proxy;

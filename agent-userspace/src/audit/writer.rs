@@ -1027,18 +1027,10 @@ impl SequenceFile {
                     source,
                 })?;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|source| AuditError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        let file = crate::own_file::open_rw(&path).map_err(|source| AuditError::Open {
+            path: path.clone(),
+            source,
+        })?;
         let mut text = String::new();
         (&file)
             .read_to_string(&mut text)

@@ -10,9 +10,9 @@
 //! that is not a socket, is refused (see [`crate::control::check_free`]).
 
 use std::{
-    fs::{DirBuilder, File, OpenOptions},
+    fs::{DirBuilder, File},
     io::{Read as _, Seek as _, SeekFrom, Write as _},
-    os::{fd::AsRawFd, unix::fs::DirBuilderExt as _, unix::fs::OpenOptionsExt as _},
+    os::{fd::AsRawFd, unix::fs::DirBuilderExt as _},
     path::Path,
 };
 
@@ -52,15 +52,8 @@ fn claim(state_dir: &Path, bpffs: &Path) -> anyhow::Result<InstanceLock> {
         .create(state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
     let path = state_dir.join(LOCK_FILE);
-    let mut state = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let mut state =
+        crate::own_file::open_rw(&path).with_context(|| format!("opening {}", path.display()))?;
     if !try_lock(&state).with_context(|| format!("locking {}", path.display()))? {
         let mut pid = String::new();
         let _ = state.read_to_string(&mut pid);
